@@ -1,0 +1,33 @@
+"""turnrl: multi-turn reinforcement learning for tool-calling LLM agents.
+
+Per-turn reward tiers, turn-level advantages (GRPO, MT-GRPO, the GTPO
+hybrid), Iterative Reward Calibration and a fused token-level GTPO loss, with
+the hot paths in Rust (``turnrl._core``). ``import turnrl`` needs only numpy.
+"""
+
+from __future__ import annotations
+
+from turnrl._core import __version__
+from turnrl.advantages import (
+    AdvantageBatch,
+    broadcast_to_tokens,
+    compute_advantages,
+    estimator_names,
+    get_estimator,
+    register_estimator,
+)
+from turnrl.exceptions import InvalidInputError, TurnrlError, TurnrlIOError, UnknownNameError
+
+__all__ = [
+    "AdvantageBatch",
+    "InvalidInputError",
+    "TurnrlError",
+    "TurnrlIOError",
+    "UnknownNameError",
+    "__version__",
+    "broadcast_to_tokens",
+    "compute_advantages",
+    "estimator_names",
+    "get_estimator",
+    "register_estimator",
+]

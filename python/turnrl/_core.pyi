@@ -1,0 +1,33 @@
+# Stubs of the Rust extension module turnrl._core, written by hand and
+# checked with mypy.stubtest in the test suite.
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def compute_advantages(
+    estimator: str,
+    outcome: npt.NDArray[np.float64],
+    group: npt.NDArray[np.int64],
+    turn_rewards: npt.NDArray[np.float64],
+    turn_offsets: npt.NDArray[np.int64],
+    *,
+    norm: str = "std",
+    eps: float = 1e-6,
+    gamma: float | None = None,
+    lam: float | None = None,
+    turn_norm: str = "position",
+) -> npt.NDArray[np.float64]: ...
+def validate_batch(
+    outcome: npt.NDArray[np.float64],
+    group: npt.NDArray[np.int64],
+    turn_rewards: npt.NDArray[np.float64],
+    turn_offsets: npt.NDArray[np.int64],
+) -> None: ...
+def broadcast_to_tokens(
+    turn_adv: npt.NDArray[np.float64],
+    turn_offsets: npt.NDArray[np.int64],
+    token_turn: npt.NDArray[np.int64],
+) -> npt.NDArray[np.float64]: ...
+def estimators() -> list[tuple[str, str]]: ...

@@ -1,0 +1,21 @@
+//! PyO3 bindings of turnrl-core, imported as `turnrl._core`.
+//!
+//! Each function borrows numpy buffers without copying, releases the GIL for
+//! the work, and maps core errors onto `turnrl.exceptions`.
+
+mod advantages;
+mod errors;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+mod _core {
+    #[pymodule_export]
+    use crate::advantages::{broadcast_to_tokens, compute_advantages, estimators, validate_batch};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}
