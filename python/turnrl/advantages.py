@@ -31,6 +31,7 @@ __all__ = [
     "compute_advantages",
     "estimator_names",
     "get_estimator",
+    "make_batch",
     "register_estimator",
 ]
 
@@ -109,6 +110,7 @@ def _rust_estimator(name: str) -> EstimatorFn:
         )
 
     run.__name__ = name
+    run._validates_itself = True  # type: ignore[attr-defined]
     run.__doc__ = f"Built-in estimator {name!r} (Rust core)."
     return run
 
@@ -129,6 +131,17 @@ def _as_array(value: ArrayLike, dtype: type, field: str) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _convert(
+    outcome: ArrayLike, group: ArrayLike, turn_rewards: ArrayLike, turn_offsets: ArrayLike
+) -> AdvantageBatch:
+    return AdvantageBatch(
+        outcome=_as_array(outcome, np.float64, "outcome"),
+        group=_as_array(group, np.int64, "group"),
+        turn_rewards=_as_array(turn_rewards, np.float64, "turn_rewards"),
+        turn_offsets=_as_array(turn_offsets, np.int64, "turn_offsets"),
+    )
+
+
 def make_batch(
     outcome: ArrayLike,
     group: ArrayLike,
@@ -140,12 +153,7 @@ def make_batch(
     Raises :class:`~turnrl.exceptions.InvalidInputError` (a ``ValueError``)
     naming the trajectory for mismatched lengths, bad offsets, NaN or inf.
     """
-    batch = AdvantageBatch(
-        outcome=_as_array(outcome, np.float64, "outcome"),
-        group=_as_array(group, np.int64, "group"),
-        turn_rewards=_as_array(turn_rewards, np.float64, "turn_rewards"),
-        turn_offsets=_as_array(turn_offsets, np.int64, "turn_offsets"),
-    )
+    batch = _convert(outcome, group, turn_rewards, turn_offsets)
     _core.validate_batch(batch.outcome, batch.group, batch.turn_rewards, batch.turn_offsets)
     return batch
 
@@ -177,8 +185,10 @@ def compute_advantages(
         and constant sets normalise to 0; no NaN is ever returned.
     """
     fn = get_estimator(estimator)
-    batch = make_batch(outcome, group, turn_rewards, turn_offsets)
-    return fn(batch, **params)
+    if getattr(fn, "_validates_itself", False):
+        # Built-ins validate in Rust as they run: skip a second pass.
+        return fn(_convert(outcome, group, turn_rewards, turn_offsets), **params)
+    return fn(make_batch(outcome, group, turn_rewards, turn_offsets), **params)
 
 
 def broadcast_to_tokens(

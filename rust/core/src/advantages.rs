@@ -138,13 +138,13 @@ impl<'a> Batch<'a> {
             )));
         }
         validate_offsets(self.turn_offsets, b, self.turn_rewards.len())?;
-        if let Some(i) = self.outcome.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = first_non_finite(self.outcome) {
             return Err(Error::invalid(format!(
                 "outcome[{i}] is {} (trajectory {i}); outcomes must be finite",
                 self.outcome[i]
             )));
         }
-        if let Some(j) = self.turn_rewards.iter().position(|v| !v.is_finite()) {
+        if let Some(j) = first_non_finite(self.turn_rewards) {
             let traj = trajectory_of_turn(self.turn_offsets, j);
             let turn = j as i64 - self.turn_offsets[traj];
             return Err(Error::invalid(format!(
@@ -195,6 +195,23 @@ pub fn validate_offsets(turn_offsets: &[i64], trajectories: usize, turns: usize)
     Ok(())
 }
 
+/// Index of the first NaN or infinity. Scans in blocks with a branch-free
+/// reduction (which vectorises) and searches a block only when it has one.
+fn first_non_finite(values: &[f64]) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    values.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+        let bad = block.iter().fold(false, |acc, v| acc | !v.is_finite());
+        if bad {
+            block
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| b * BLOCK + i)
+        } else {
+            None
+        }
+    })
+}
+
 fn trajectory_of_turn(turn_offsets: &[i64], turn: usize) -> usize {
     // The last trajectory whose start is <= turn; empty trajectories share
     // starts, so take the last of equal ones.
@@ -205,10 +222,7 @@ fn trajectory_of_turn(turn_offsets: &[i64], turn: usize) -> usize {
 #[derive(Default)]
 pub struct Scratch {
     outcome_adv: Vec<f64>,
-    count: Vec<usize>,
-    mean: Vec<f64>,
-    scale: Vec<f64>,
-    squares: Vec<f64>,
+    positions: PositionStats,
 }
 
 /// One group's trajectories, as an estimator sees them. `out[m]` is where the
@@ -218,6 +232,14 @@ pub struct GroupView<'g, 'r, 'o> {
     pub rewards: &'g [&'r [f64]],
     pub out: &'g mut [&'o mut [f64]],
     pub scratch: &'g mut Scratch,
+}
+
+/// How a normalised turn value combines with its member's outcome advantage:
+/// `turn * GN_k(value) + outcome * GN(R)`.
+#[derive(Clone, Copy)]
+struct Weights {
+    turn: f64,
+    outcome: f64,
 }
 
 impl GroupView<'_, '_, '_> {
@@ -230,15 +252,138 @@ impl GroupView<'_, '_, '_> {
         normalize_in_place(adv, params.norm, params.eps);
     }
 
-    /// GN_k over the values already written to `out`, in place.
-    fn normalize_turns(&mut self, params: &Params) {
-        match params.turn_norm {
-            TurnNorm::Pooled => normalize_pooled(self.out, params.norm, params.eps),
-            TurnNorm::Position => {
-                normalize_by_position(self.out, params.norm, params.eps, self.scratch)
+    /// Writes `w.turn * GN_k(value[m, k]) + w.outcome * GN(R[m])` for every
+    /// turn. `value[m, k] = value(value[m, k + 1], r[m, k])`, computed from the
+    /// last turn down, starting from `init(m)` (a discounted return, say).
+    fn turn_advantages(
+        &mut self,
+        params: &Params,
+        weights: Weights,
+        init: impl Fn(usize) -> f64,
+        value: impl Fn(f64, f64) -> f64,
+    ) {
+        self.normalize_outcome(params);
+        let Scratch {
+            outcome_adv,
+            positions,
+        } = &mut *self.scratch;
+        // Member-major passes over contiguous slices: each inner loop zips a
+        // member's turns with per-position statistics, so it has no bounds
+        // checks and vectorises (all of a group's data sits in L1).
+        for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
+            let mut carried = init(m);
+            for (v, &r) in turns.iter_mut().zip(rewards.iter()).rev() {
+                carried = value(carried, r);
+                *v = carried;
+            }
+        }
+        let (mean, inv_scale) = match params.turn_norm {
+            TurnNorm::Position => position_stats(self.out, params, positions),
+            TurnNorm::Pooled => {
+                let all = self.out.iter().flat_map(|turns| turns.iter().copied());
+                let (mean, inv_scale) = match stats(all, params.norm, params.eps) {
+                    Some((mean, scale)) => (mean, 1.0 / scale),
+                    None => (0.0, 0.0),
+                };
+                let max_turns = self.out.iter().map(|t| t.len()).max().unwrap_or(0);
+                positions.mean.clear();
+                positions.mean.resize(max_turns, mean);
+                positions.inv_scale.clear();
+                positions.inv_scale.resize(max_turns, inv_scale);
+                (&positions.mean[..], &positions.inv_scale[..])
+            }
+        };
+        for (turns, &adv) in self.out.iter_mut().zip(outcome_adv.iter()) {
+            let outcome_term = weights.outcome * adv;
+            for ((v, &mu), &inv) in turns.iter_mut().zip(mean).zip(inv_scale) {
+                *v = weights.turn * ((*v - mu) * inv) + outcome_term;
             }
         }
     }
+}
+
+/// Per-position statistics of one group (GN_k): mean and reciprocal scale at
+/// each turn index; a zero reciprocal scale marks a set that normalises to 0.
+#[derive(Default)]
+struct PositionStats {
+    count: Vec<f64>,
+    mean: Vec<f64>,
+    min: Vec<f64>,
+    max: Vec<f64>,
+    squares: Vec<f64>,
+    inv_scale: Vec<f64>,
+}
+
+fn position_stats<'s>(
+    out: &[&mut [f64]],
+    params: &Params,
+    stats: &'s mut PositionStats,
+) -> (&'s [f64], &'s [f64]) {
+    let max_turns = out.iter().map(|t| t.len()).max().unwrap_or(0);
+    // Buffers only grow; each call works on the first `max_turns` entries.
+    let prefix = |buf: &'s mut Vec<f64>, init: f64| -> &'s mut [f64] {
+        if buf.len() < max_turns {
+            buf.resize(max_turns, 0.0);
+        }
+        let head = &mut buf[..max_turns];
+        head.fill(init);
+        head
+    };
+    let PositionStats {
+        count,
+        mean,
+        min,
+        max,
+        squares,
+        inv_scale,
+    } = stats;
+    let count = prefix(count, 0.0);
+    let mean = prefix(mean, 0.0);
+    let squares = prefix(squares, 0.0);
+    let inv_scale = prefix(inv_scale, 1.0);
+    let min = prefix(min, f64::INFINITY);
+    let max = prefix(max, f64::NEG_INFINITY);
+    if params.norm == Norm::None {
+        return (mean, inv_scale);
+    }
+    for turns in out {
+        // Slices cut to this member's length let the compiler drop bounds
+        // checks and vectorise across positions.
+        let len = turns.len();
+        let (n, sum) = (&mut count[..len], &mut mean[..len]);
+        let (lo, hi) = (&mut min[..len], &mut max[..len]);
+        for k in 0..len {
+            let v = turns[k];
+            n[k] += 1.0;
+            sum[k] += v;
+            lo[k] = if v < lo[k] { v } else { lo[k] };
+            hi[k] = if v > hi[k] { v } else { hi[k] };
+        }
+    }
+    for k in 0..max_turns {
+        mean[k] /= count[k];
+        // One value, or all values equal: exactly 0, whatever the rounding
+        // of the mean.
+        if count[k] <= 1.0 || max[k] <= min[k] {
+            inv_scale[k] = 0.0;
+        }
+    }
+    if params.norm == Norm::Std {
+        for turns in out {
+            let len = turns.len();
+            let (mu, sq) = (&mean[..len], &mut squares[..len]);
+            for k in 0..len {
+                let d = turns[k] - mu[k];
+                sq[k] += d * d;
+            }
+        }
+        for k in 0..max_turns {
+            if inv_scale[k] != 0.0 {
+                inv_scale[k] = 1.0 / ((squares[k] / (count[k] - 1.0)).sqrt() + params.eps);
+            }
+        }
+    }
+    (mean, inv_scale)
 }
 
 /// Mean and the factor to divide deviations by; `None` when the set
@@ -274,78 +419,6 @@ pub fn normalize_in_place(values: &mut [f64], norm: Norm, eps: f64) {
     match stats(values.iter().copied(), norm, eps) {
         None => values.fill(0.0),
         Some((mean, scale)) => values.iter_mut().for_each(|v| *v = (*v - mean) / scale),
-    }
-}
-
-fn normalize_pooled(out: &mut [&mut [f64]], norm: Norm, eps: f64) {
-    let all = out.iter().flat_map(|turns| turns.iter().copied());
-    match stats(all, norm, eps) {
-        None => out.iter_mut().for_each(|turns| turns.fill(0.0)),
-        Some((mean, scale)) => out
-            .iter_mut()
-            .flat_map(|turns| turns.iter_mut())
-            .for_each(|v| *v = (*v - mean) / scale),
-    }
-}
-
-fn normalize_by_position(out: &mut [&mut [f64]], norm: Norm, eps: f64, scratch: &mut Scratch) {
-    if norm == Norm::None {
-        return;
-    }
-    let max_turns = out.iter().map(|t| t.len()).max().unwrap_or(0);
-    let Scratch {
-        count,
-        mean,
-        scale,
-        squares,
-        ..
-    } = scratch;
-    count.clear();
-    count.resize(max_turns, 0);
-    mean.clear();
-    mean.resize(max_turns, 0.0);
-    scale.clear();
-    scale.resize(max_turns, 0.0);
-    // `scale` first holds each position's first value, to detect constant sets.
-    for turns in out.iter() {
-        for (k, &v) in turns.iter().enumerate() {
-            if count[k] == 0 {
-                scale[k] = v;
-            } else if scale[k] != v {
-                scale[k] = f64::NAN;
-            }
-            count[k] += 1;
-            mean[k] += v;
-        }
-    }
-    for k in 0..max_turns {
-        let constant = !scale[k].is_nan();
-        mean[k] /= count[k] as f64;
-        // A zero scale marks "normalises to 0".
-        scale[k] = if count[k] <= 1 || constant { 0.0 } else { 1.0 };
-    }
-    if norm == Norm::Std {
-        squares.clear();
-        squares.resize(max_turns, 0.0);
-        for turns in out.iter() {
-            for (k, &v) in turns.iter().enumerate() {
-                squares[k] += (v - mean[k]) * (v - mean[k]);
-            }
-        }
-        for k in 0..max_turns {
-            if scale[k] != 0.0 {
-                scale[k] = (squares[k] / (count[k] - 1) as f64).sqrt() + eps;
-            }
-        }
-    }
-    for turns in out.iter_mut() {
-        for (k, v) in turns.iter_mut().enumerate() {
-            *v = if scale[k] == 0.0 {
-                0.0
-            } else {
-                (*v - mean[k]) / scale[k]
-            };
-        }
     }
 }
 
@@ -397,34 +470,28 @@ fn grpo(g: &mut GroupView, params: &Params) {
 }
 
 fn mt_grpo(g: &mut GroupView, params: &Params) {
-    let lam = params.lam.unwrap_or(1.0);
-    g.normalize_outcome(params);
-    for (turns, rewards) in g.out.iter_mut().zip(g.rewards) {
-        turns.copy_from_slice(rewards);
-    }
-    g.normalize_turns(params);
-    for (turns, &adv) in g.out.iter_mut().zip(&g.scratch.outcome_adv) {
-        turns.iter_mut().for_each(|v| *v = adv + lam * *v);
-    }
+    let weights = Weights {
+        turn: params.lam.unwrap_or(1.0),
+        outcome: 1.0,
+    };
+    g.turn_advantages(params, weights, |_| 0.0, |_, r| r);
 }
 
 fn gtpo_hybrid(g: &mut GroupView, params: &Params) {
     let gamma = params.gamma.unwrap_or(0.9);
-    let lam = params.lam.unwrap_or(0.3);
-    g.normalize_outcome(params);
-    for ((turns, rewards), &outcome) in g.out.iter_mut().zip(g.rewards).zip(g.outcome) {
-        // Discounted return with the outcome one step past the last turn:
-        // G[K] = R, G[k] = r[k] + gamma * G[k + 1].
-        let mut ret = outcome;
-        for (v, &r) in turns.iter_mut().zip(rewards.iter()).rev() {
-            ret = r + gamma * ret;
-            *v = ret;
-        }
-    }
-    g.normalize_turns(params);
-    for (turns, &adv) in g.out.iter_mut().zip(&g.scratch.outcome_adv) {
-        turns.iter_mut().for_each(|v| *v += lam * adv);
-    }
+    let weights = Weights {
+        turn: 1.0,
+        outcome: params.lam.unwrap_or(0.3),
+    };
+    // Discounted return with the outcome one step past the last turn:
+    // G[K] = R, G[k] = r[k] + gamma * G[k + 1].
+    let outcome = g.outcome;
+    g.turn_advantages(
+        params,
+        weights,
+        |m| outcome[m],
+        |next_return, r| r + gamma * next_return,
+    );
 }
 
 /// Batches with fewer turns than this run on the calling thread: below it,

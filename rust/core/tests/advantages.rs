@@ -1,0 +1,153 @@
+//! Properties of the estimators that hold for any ragged batch.
+
+use proptest::prelude::*;
+use turnrl_core::advantages::{
+    compute_advantages, Batch, Norm, Params, TurnNorm, ESTIMATORS, PARALLEL_MIN_TURNS,
+};
+
+#[derive(Debug, Clone)]
+struct Owned {
+    outcome: Vec<f64>,
+    group: Vec<i64>,
+    rewards: Vec<Vec<f64>>,
+}
+
+impl Owned {
+    fn flat(&self) -> (Vec<f64>, Vec<i64>) {
+        let mut offsets = vec![0i64];
+        let mut flat = vec![];
+        for r in &self.rewards {
+            flat.extend_from_slice(r);
+            offsets.push(flat.len() as i64);
+        }
+        (flat, offsets)
+    }
+
+    fn run(&self, estimator: &str, params: &Params) -> Vec<Vec<f64>> {
+        let (flat, offsets) = self.flat();
+        let batch = Batch {
+            outcome: &self.outcome,
+            group: &self.group,
+            turn_rewards: &flat,
+            turn_offsets: &offsets,
+        };
+        let adv = compute_advantages(estimator, &batch, params).expect("valid batch");
+        offsets
+            .windows(2)
+            .map(|w| adv[w[0] as usize..w[1] as usize].to_vec())
+            .collect()
+    }
+
+    /// The members of one group, as a batch of its own.
+    fn only_group(&self, id: i64) -> (Owned, Vec<usize>) {
+        let members: Vec<usize> = (0..self.group.len())
+            .filter(|&i| self.group[i] == id)
+            .collect();
+        let sub = Owned {
+            outcome: members.iter().map(|&i| self.outcome[i]).collect(),
+            group: members.iter().map(|_| id).collect(),
+            rewards: members.iter().map(|&i| self.rewards[i].clone()).collect(),
+        };
+        (sub, members)
+    }
+}
+
+fn batches(max_traj: usize, max_turns: usize) -> impl Strategy<Value = Owned> {
+    prop::collection::vec(
+        (
+            0i64..6,
+            prop::sample::select(vec![0.0, 1.0, 0.5]),
+            prop::collection::vec(
+                prop_oneof![
+                    prop::sample::select(vec![0.0, 0.3, -0.1, 1.0]),
+                    -3.0f64..3.0
+                ],
+                0..max_turns,
+            ),
+        ),
+        0..max_traj,
+    )
+    .prop_map(|rows| Owned {
+        group: rows.iter().map(|r| r.0).collect(),
+        outcome: rows.iter().map(|r| r.1).collect(),
+        rewards: rows.into_iter().map(|r| r.2).collect(),
+    })
+}
+
+fn params() -> impl Strategy<Value = Params> {
+    (
+        prop::sample::select(vec![Norm::Std, Norm::Mean, Norm::None]),
+        prop::sample::select(vec![TurnNorm::Position, TurnNorm::Pooled]),
+        prop::option::of(0.0f64..1.0),
+        prop::option::of(-1.0f64..2.0),
+    )
+        .prop_map(|(norm, turn_norm, gamma, lam)| Params {
+            norm,
+            turn_norm,
+            gamma,
+            lam,
+            ..Params::default()
+        })
+}
+
+proptest! {
+    #[test]
+    fn finite_and_shaped_like_the_input(b in batches(40, 30), p in params()) {
+        for est in ESTIMATORS {
+            let adv = b.run(est.name, &p);
+            for (turns, rewards) in adv.iter().zip(&b.rewards) {
+                prop_assert_eq!(turns.len(), rewards.len());
+                prop_assert!(turns.iter().all(|v| v.is_finite()));
+            }
+        }
+    }
+
+    #[test]
+    fn groups_are_independent(b in batches(40, 30), p in params()) {
+        // Each group alone gives the same advantages as inside the batch.
+        for est in ESTIMATORS {
+            let whole = b.run(est.name, &p);
+            for id in 0..6 {
+                let (sub, members) = b.only_group(id);
+                for (alone, &i) in sub.run(est.name, &p).iter().zip(&members) {
+                    prop_assert_eq!(alone, &whole[i]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn parallel_path_equals_group_by_group() {
+    // A batch above the parallel threshold, groups interleaved.
+    let mut state = 7u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    let mut b = Owned {
+        outcome: vec![],
+        group: vec![],
+        rewards: vec![],
+    };
+    let mut turns = 0;
+    while turns < 2 * PARALLEL_MIN_TURNS {
+        let k = 1 + (next() % 40) as usize;
+        b.group.push((next() % 500) as i64);
+        b.outcome.push((next() % 2) as f64);
+        b.rewards
+            .push((0..k).map(|_| (next() % 7) as f64 / 10.0).collect());
+        turns += k;
+    }
+    for est in ESTIMATORS {
+        let whole = b.run(est.name, &Params::default());
+        for id in [0, 17, 499] {
+            let (sub, members) = b.only_group(id);
+            for (alone, &i) in sub.run(est.name, &Params::default()).iter().zip(&members) {
+                assert_eq!(alone, &whole[i], "{} group {id}", est.name);
+            }
+        }
+    }
+}
