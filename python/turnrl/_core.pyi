@@ -31,3 +31,35 @@ def broadcast_to_tokens(
     token_turn: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.float64]: ...
 def estimators() -> list[tuple[str, str]]: ...
+def tier_sums(
+    outcome: npt.NDArray[np.float64],
+    turn_offsets: npt.NDArray[np.int64],
+    turn_tiers: npt.NDArray[np.int64],
+    n_tiers: int,
+    success_threshold: float = 1.0,
+) -> tuple[
+    int,
+    int,
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+]: ...
+def tier_correlations(
+    trajectories: int,
+    successes: int,
+    present: npt.NDArray[np.int64],
+    present_success: npt.NDArray[np.int64],
+    turns: npt.NDArray[np.int64],
+    turns_sq: npt.NDArray[np.int64],
+    turns_success: npt.NDArray[np.int64],
+    *,
+    variable: str = "presence",
+    confidence: float = 0.95,
+) -> npt.NDArray[np.float64]: ...
+def direction_check(
+    advantages: npt.NDArray[np.float64],
+    turn_tiers: npt.NDArray[np.int64],
+    signs: npt.NDArray[np.int8],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...

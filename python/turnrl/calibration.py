@@ -1,0 +1,574 @@
+"""Iterative Reward Calibration (IRC).
+
+Each assistant turn carries a reward tier (gold, soft, read, write, error,
+respond). IRC asks, for each tier, whether trajectories that contain it
+succeed more or less often (the point-biserial correlation r_pb of tier
+presence with success), sets the tier's reward proportional to r_pb (zero
+when it does not discriminate), and checks that after group normalisation
+the advantage on the tier's turns has the sign of r_pb, adjusting until it
+does.
+
+The statistics are integer sums (:class:`TierStats`), so shards of a buffer
+reduce separately and merge exactly (``a + b``); the Rust core computes them
+without the GIL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from turnrl import _core
+from turnrl.advantages import compute_advantages
+from turnrl.exceptions import InvalidInputError, TurnrlIOError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "DEFAULT_TIERS",
+    "PRESETS",
+    "CalibrationReport",
+    "Iteration",
+    "OnlineCalibrator",
+    "TierCorrelation",
+    "TierDirection",
+    "TierStats",
+    "TieredRollouts",
+    "calibrate",
+    "direction_check",
+    "load_tier_rewards",
+    "rewards_from_correlations",
+    "save_tier_rewards",
+]
+
+DEFAULT_TIERS: tuple[str, ...] = ("gold", "soft", "read", "write", "error", "respond")
+
+#: Built-in tier reward tables. ``naive`` holds the paper's dense values for
+#: read (+0.3) and write (+0.1) with the obvious values for the rest; ``sparse``
+#: is outcome-only (every tier 0).
+PRESETS: dict[str, dict[str, float]] = {
+    "naive": {"gold": 1.0, "soft": 0.5, "read": 0.3, "write": 0.1, "error": -0.5, "respond": 0.0},
+    "sparse": dict.fromkeys(DEFAULT_TIERS, 0.0),
+}
+
+
+# --------------------------------------------------------------------------
+# Tier reward files
+
+
+def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> dict[str, float]:
+    """Tier rewards from a preset name (``naive``, ``sparse``), a mapping, or a
+    TOML file with a ``[tiers]`` table (or top-level ``tier = reward`` keys)."""
+    if isinstance(source, Mapping):
+        table: Mapping[str, Any] = source
+        where = "mapping"
+    elif str(source) in PRESETS and not Path(source).exists():
+        return dict(PRESETS[str(source)])
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            with path.open("rb") as fh:
+                document = tomllib.load(fh)
+        except FileNotFoundError:
+            presets = ", ".join(PRESETS)
+            raise TurnrlIOError(f"{path}: no such tier file (or use a preset: {presets})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidInputError(f"{path}: not valid TOML: {err}") from None
+        table = document.get("tiers", document)
+    rewards: dict[str, float] = {}
+    for tier, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"{where}: tier {tier!r} must map to a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{where}: tier {tier!r} has a non-finite reward {value}")
+        rewards[str(tier)] = float(value)
+    if not rewards:
+        raise InvalidInputError(f"{where}: no tier rewards found")
+    return rewards
+
+
+def save_tier_rewards(
+    rewards: Mapping[str, float], path: str | os.PathLike[str], comment: str | None = None
+) -> None:
+    """Write tier rewards as TOML, atomically (a temporary file, then rename)."""
+    path = Path(path)
+    lines = [f"# {line}" for line in (comment or "").splitlines()]
+    lines.append("[tiers]")
+    for tier, value in rewards.items():
+        key = tier if tier.replace("_", "").replace("-", "").isalnum() else f'"{tier}"'
+        lines.append(f"{key} = {float(value)!r}")
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class TieredRollouts:
+    """A ragged batch with one tier code per assistant turn.
+
+    ``turn_tiers[j]`` indexes ``tiers`` (-1: an unlabelled turn);
+    ``turn_offsets`` (length B + 1) delimit each trajectory's turns; ``group``
+    is a dense group id per trajectory.
+    """
+
+    outcome: np.ndarray
+    group: np.ndarray
+    turn_offsets: np.ndarray
+    turn_tiers: np.ndarray
+    tiers: tuple[str, ...] = DEFAULT_TIERS
+
+    def __post_init__(self) -> None:
+        for name, dtype in (
+            ("outcome", np.float64),
+            ("group", np.int64),
+            ("turn_offsets", np.int64),
+            ("turn_tiers", np.int64),
+        ):
+            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=dtype))
+        object.__setattr__(self, "tiers", tuple(self.tiers))
+        if len(self.group) != len(self.outcome):
+            raise InvalidInputError(
+                f"group has length {len(self.group)} but outcome has length {len(self.outcome)}"
+            )
+
+    @property
+    def num_turns(self) -> int:
+        """Number of assistant turns."""
+        return int(self.turn_tiers.shape[0])
+
+    def turn_rewards(self, rewards: Mapping[str, float]) -> np.ndarray:
+        """Per-turn rewards from a tier -> reward table (unknown or unlabelled: 0)."""
+        table = np.array([rewards.get(tier, 0.0) for tier in self.tiers] + [0.0])
+        # Code -1 (no tier) picks the trailing 0.
+        return table[self.turn_tiers]
+
+    def with_tiers(self, tiers: Sequence[str]) -> TieredRollouts:
+        """The same rollouts with codes remapped onto ``tiers`` (a superset)."""
+        tiers = tuple(tiers)
+        missing = [t for t in self.tiers if t not in tiers]
+        if missing:
+            raise InvalidInputError(f"tiers {missing} are not in the target tier list {tiers}")
+        mapping = np.array([tiers.index(t) for t in self.tiers] + [-1], dtype=np.int64)
+        return replace(self, turn_tiers=mapping[self.turn_tiers], tiers=tiers)
+
+
+# --------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass(frozen=True)
+class TierCorrelation:
+    """One tier's relation to task success."""
+
+    tier: str
+    r: float
+    p_value: float
+    ci_low: float
+    ci_high: float
+    support: int
+    success_with: float
+    success_without: float
+
+
+@dataclass(frozen=True, eq=False)
+class TierStats:
+    """Additive per-tier sums; ``a + b`` merges shards exactly."""
+
+    tiers: tuple[str, ...]
+    trajectories: int
+    successes: int
+    present: np.ndarray
+    present_success: np.ndarray
+    turns: np.ndarray
+    turns_sq: np.ndarray
+    turns_success: np.ndarray
+
+    @classmethod
+    def empty(cls, tiers: Sequence[str] = DEFAULT_TIERS) -> TierStats:
+        """No trajectories yet."""
+        zeros = np.zeros(len(tiers), dtype=np.int64)
+        return cls(tuple(tiers), 0, 0, zeros, zeros, zeros, zeros, zeros)
+
+    @classmethod
+    def from_rollouts(cls, rollouts: TieredRollouts, success_threshold: float = 1.0) -> TierStats:
+        """Sums over a batch; a trajectory succeeds when outcome >= threshold."""
+        sums = _core.tier_sums(
+            rollouts.outcome,
+            rollouts.turn_offsets,
+            rollouts.turn_tiers,
+            len(rollouts.tiers),
+            success_threshold,
+        )
+        return cls(rollouts.tiers, int(sums[0]), int(sums[1]), *sums[2:])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TierStats):
+            return NotImplemented
+        return (
+            self.tiers == other.tiers
+            and self.trajectories == other.trajectories
+            and self.successes == other.successes
+            and all(
+                np.array_equal(getattr(self, name), getattr(other, name))
+                for name in ("present", "present_success", "turns", "turns_sq", "turns_success")
+            )
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __add__(self, other: TierStats) -> TierStats:
+        if other.tiers != self.tiers:
+            raise InvalidInputError(
+                f"cannot merge tier statistics over {other.tiers} and {self.tiers}"
+            )
+        return TierStats(
+            self.tiers,
+            self.trajectories + other.trajectories,
+            self.successes + other.successes,
+            self.present + other.present,
+            self.present_success + other.present_success,
+            self.turns + other.turns,
+            self.turns_sq + other.turns_sq,
+            self.turns_success + other.turns_success,
+        )
+
+    def correlations(
+        self, variable: str = "presence", confidence: float = 0.95
+    ) -> list[TierCorrelation]:
+        """Point-biserial r of each tier's presence (or count) with success, its
+        two-sided p-value and Fisher-z interval. A constant variable gives r = 0
+        and p = 1 instead of NaN."""
+        table = _core.tier_correlations(
+            self.trajectories,
+            self.successes,
+            self.present,
+            self.present_success,
+            self.turns,
+            self.turns_sq,
+            self.turns_success,
+            variable=variable,
+            confidence=confidence,
+        )
+        result = []
+        for t, tier in enumerate(self.tiers):
+            with_tier = int(self.present[t])
+            without = self.trajectories - with_tier
+            success_with = int(self.present_success[t]) / with_tier if with_tier else math.nan
+            success_without = (
+                (self.successes - int(self.present_success[t])) / without if without else math.nan
+            )
+            r, p, low, high = (float(v) for v in table[t])
+            result.append(
+                TierCorrelation(tier, r, p, low, high, with_tier, success_with, success_without)
+            )
+        return result
+
+
+def rewards_from_correlations(
+    correlations: Iterable[TierCorrelation],
+    *,
+    target: float = 1.0,
+    alpha: float = 0.05,
+    min_abs_r: float = 0.1,
+) -> dict[str, float]:
+    """A tier's reward is proportional to its r (sign kept), scaled so the
+    largest magnitude is ``target``; zero when p >= alpha or |r| < min_abs_r."""
+    correlations = list(correlations)
+    kept = {c.tier: c.r for c in correlations if c.p_value < alpha and abs(c.r) >= min_abs_r}
+    largest = max((abs(r) for r in kept.values()), default=0.0)
+    return {
+        c.tier: (target * kept[c.tier] / largest if c.tier in kept and largest > 0 else 0.0)
+        for c in correlations
+    }
+
+
+# --------------------------------------------------------------------------
+# Direction check
+
+
+@dataclass(frozen=True)
+class TierDirection:
+    """How the advantages of one tier's turns line up with its correlation."""
+
+    tier: str
+    reward: float
+    r: float
+    turns: int
+    misaligned: int
+    mean_advantage: float
+
+    @property
+    def exempt(self) -> bool:
+        """Tiers with zero reward (or no correlation) are not checked."""
+        return self.reward == 0.0 or self.r == 0.0
+
+    @property
+    def aligned(self) -> bool:
+        """The mean advantage over the tier's turns has the sign of r."""
+        return self.exempt or self.turns == 0 or np.sign(self.mean_advantage) == np.sign(self.r)
+
+
+def direction_check(
+    rollouts: TieredRollouts,
+    rewards: Mapping[str, float],
+    correlations: Sequence[TierCorrelation],
+    estimator: str = "gtpo_hybrid",
+    **params: Any,
+) -> list[TierDirection]:
+    """Run the estimator with ``rewards`` and count, per tier, the turns whose
+    advantage has the opposite sign of the tier's r (zero-reward tiers exempt)."""
+    r_of = {c.tier: c.r for c in correlations}
+    advantages = compute_advantages(
+        estimator,
+        rollouts.outcome,
+        rollouts.group,
+        rollouts.turn_rewards(rewards),
+        rollouts.turn_offsets,
+        **params,
+    )
+    signs = np.array(
+        [
+            0 if rewards.get(t, 0.0) == 0.0 else int(np.sign(r_of.get(t, 0.0)))
+            for t in rollouts.tiers
+        ],
+        dtype=np.int8,
+    )
+    turns, misaligned, advantage_sum = _core.direction_check(advantages, rollouts.turn_tiers, signs)
+    return [
+        TierDirection(
+            tier,
+            rewards.get(tier, 0.0),
+            r_of.get(tier, 0.0),
+            int(turns[t]),
+            int(misaligned[t]),
+            float(advantage_sum[t] / turns[t]) if turns[t] else 0.0,
+        )
+        for t, tier in enumerate(rollouts.tiers)
+    ]
+
+
+# --------------------------------------------------------------------------
+# The calibration loop
+
+
+@dataclass(frozen=True)
+class Iteration:
+    """One round of the loop: the rewards tried and what they did."""
+
+    index: int
+    rewards: dict[str, float]
+    directions: list[TierDirection]
+
+    @property
+    def misaligned(self) -> int:
+        """Misaligned turns over all tiers."""
+        return sum(d.misaligned for d in self.directions)
+
+    @property
+    def aligned(self) -> bool:
+        """Every tier with a non-zero reward is aligned."""
+        return all(d.aligned for d in self.directions)
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """The outcome of :func:`calibrate`: the statistics, every iteration, and
+    the calibrated rewards (those of the last iteration)."""
+
+    stats: TierStats
+    correlations: list[TierCorrelation]
+    initial: Iteration
+    iterations: list[Iteration] = field(default_factory=list)
+    estimator: str = "gtpo_hybrid"
+
+    @property
+    def best(self) -> Iteration:
+        """The chosen iteration: among those with every tier aligned, the one
+        with the fewest misaligned turns (the earliest on a tie); the last one
+        when none is aligned."""
+        aligned = [it for it in self.iterations if it.aligned]
+        if not aligned:
+            return self.iterations[-1] if self.iterations else self.initial
+        return min(aligned, key=lambda it: (it.misaligned, it.index))
+
+    @property
+    def rewards(self) -> dict[str, float]:
+        """The calibrated tier rewards (those of :attr:`best`)."""
+        return self.best.rewards
+
+    @property
+    def converged(self) -> bool:
+        """Every non-zero tier is aligned in the chosen iteration."""
+        return bool(self.iterations) and self.best.aligned
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+
+        def iteration(it: Iteration) -> dict[str, Any]:
+            return {
+                "index": it.index,
+                "rewards": it.rewards,
+                "misaligned": it.misaligned,
+                "aligned": it.aligned,
+                "tiers": [d.__dict__ | {"aligned": d.aligned} for d in it.directions],
+            }
+
+        return {
+            "estimator": self.estimator,
+            "trajectories": self.stats.trajectories,
+            "successes": self.stats.successes,
+            "converged": self.converged,
+            "chosen_iteration": self.best.index,
+            "rewards": self.rewards,
+            "correlations": [c.__dict__ for c in self.correlations],
+            "initial": iteration(self.initial),
+            "iterations": [iteration(it) for it in self.iterations],
+        }
+
+
+def calibrate(
+    rollouts: TieredRollouts,
+    initial_rewards: Mapping[str, float] | str = "naive",
+    *,
+    estimator: str = "gtpo_hybrid",
+    target: float = 1.0,
+    alpha: float = 0.05,
+    min_abs_r: float = 0.1,
+    max_iterations: int = 10,
+    boost: float = 1.5,
+    max_reward: float | None = None,
+    variable: str = "presence",
+    confidence: float = 0.95,
+    success_threshold: float = 1.0,
+    stats: TierStats | None = None,
+    **estimator_params: Any,
+) -> CalibrationReport:
+    """Calibrate tier rewards on a batch of labelled rollouts.
+
+    1. r_pb of each tier with success (``stats`` may be given precomputed,
+       e.g. merged from shards);
+    2. rewards proportional to r_pb (:func:`rewards_from_correlations`);
+    3. direction check with ``estimator``: per tier, the turns whose advantage
+       has the opposite sign of r_pb;
+    4. every tier with misaligned turns gets its reward's magnitude multiplied
+       by ``boost`` (sign kept) while that stays within ``max_reward``
+       (default ``2 * target``); a tier already at the cap whose mean
+       advantage still has the wrong sign is set to 0 (left to the outcome
+       term: it cannot be credited the right way without dominating);
+    5. back to 3 until no turn is misaligned, nothing changes, or
+       ``max_iterations`` rounds have run.
+
+    Every round is reported; the calibrated rewards are those of the aligned
+    round with the fewest misaligned turns (:attr:`CalibrationReport.best`).
+    The paper does not publish its adjustment rule; this one keeps the sign
+    of r_pb, only strengthens or drops a tier, and always stops.
+    """
+    if max_iterations < 1:
+        raise InvalidInputError(f"max_iterations must be >= 1, got {max_iterations}")
+    if boost <= 1.0:
+        raise InvalidInputError(f"boost must be > 1, got {boost}")
+    cap = 2.0 * target if max_reward is None else max_reward
+    start = load_tier_rewards(initial_rewards)
+    stats = stats if stats is not None else TierStats.from_rollouts(rollouts, success_threshold)
+    correlations = stats.correlations(variable=variable, confidence=confidence)
+
+    def check(index: int, rewards: dict[str, float]) -> Iteration:
+        directions = direction_check(rollouts, rewards, correlations, estimator, **estimator_params)
+        return Iteration(index, dict(rewards), directions)
+
+    initial = check(0, start)
+    rewards = rewards_from_correlations(
+        correlations, target=target, alpha=alpha, min_abs_r=min_abs_r
+    )
+    iterations = [check(1, rewards)]
+    while iterations[-1].misaligned > 0 and len(iterations) < max_iterations:
+        rewards = dict(rewards)
+        for d in iterations[-1].directions:
+            if d.exempt or d.misaligned == 0:
+                continue
+            stronger = d.reward * boost
+            if abs(stronger) <= cap:
+                rewards[d.tier] = stronger
+            elif not d.aligned:
+                rewards[d.tier] = 0.0
+        if rewards == iterations[-1].rewards:
+            break
+        iterations.append(check(len(iterations) + 1, rewards))
+    return CalibrationReport(stats, correlations, initial, iterations, estimator)
+
+
+class OnlineCalibrator:
+    """Calibration during training: rolling tier statistics over the last
+    ``window`` steps, tier rewards re-derived every ``every`` steps.
+
+    ``update`` takes each step's labelled rollouts and returns the rewards to
+    use from the next step on (unchanged between re-derivations).
+    """
+
+    def __init__(
+        self,
+        initial_rewards: Mapping[str, float] | str = "naive",
+        *,
+        tiers: Sequence[str] = DEFAULT_TIERS,
+        window: int = 20,
+        every: int = 10,
+        min_trajectories: int = 64,
+        **calibrate_kwargs: Any,
+    ) -> None:
+        if window < 1 or every < 1:
+            raise InvalidInputError(f"window and every must be >= 1, got {window}, {every}")
+        self.tiers = tuple(tiers)
+        self.rewards = load_tier_rewards(initial_rewards)
+        self.every = every
+        self.min_trajectories = min_trajectories
+        self.calibrate_kwargs = calibrate_kwargs
+        self.steps = 0
+        self.history: deque[TierStats] = deque(maxlen=window)
+        self.reports: list[CalibrationReport] = []
+
+    @property
+    def stats(self) -> TierStats:
+        """The merged statistics of the window."""
+        total = TierStats.empty(self.tiers)
+        for step_stats in self.history:
+            total = total + step_stats
+        return total
+
+    def update(self, rollouts: TieredRollouts) -> dict[str, float]:
+        """Add one step; every ``every`` steps recalibrate on the window."""
+        rollouts = rollouts.with_tiers(self.tiers)
+        threshold = self.calibrate_kwargs.get("success_threshold", 1.0)
+        self.history.append(TierStats.from_rollouts(rollouts, threshold))
+        self.steps += 1
+        window_stats = self.stats
+        if self.steps % self.every == 0 and window_stats.trajectories >= self.min_trajectories:
+            # The direction check runs on this step's rollouts: groups must be
+            # whole, and they are within one step.
+            report = calibrate(rollouts, self.rewards, stats=window_stats, **self.calibrate_kwargs)
+            self.reports.append(report)
+            self.rewards = report.rewards
+        return dict(self.rewards)

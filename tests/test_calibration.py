@@ -1,0 +1,216 @@
+"""Iterative Reward Calibration: statistics against scipy, exact sharding,
+planted tiers, the loop, tier files and the online calibrator."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import turnrl
+from turnrl.calibration import (
+    DEFAULT_TIERS,
+    PRESETS,
+    OnlineCalibrator,
+    TieredRollouts,
+    TierStats,
+    calibrate,
+    direction_check,
+    load_tier_rewards,
+    rewards_from_correlations,
+    save_tier_rewards,
+)
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+
+@st.composite
+def tiered_batches(draw, max_traj=60):
+    b = draw(st.integers(0, max_traj))
+    counts = draw(st.lists(st.integers(0, 12), min_size=b, max_size=b))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(offsets[-1])
+    tiers = np.array(draw(st.lists(st.integers(-1, 5), min_size=n, max_size=n)), dtype=np.int64)
+    outcome = np.array(draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=b, max_size=b)))
+    group = np.arange(b) // 4
+    return TieredRollouts(outcome, group, offsets, tiers)
+
+
+def reference_sums(rollouts: TieredRollouts):
+    """Per-trajectory presence and count of each tier, plain loops."""
+    b = len(rollouts.outcome)
+    counts = np.zeros((b, len(rollouts.tiers)), dtype=np.int64)
+    for i in range(b):
+        for j in range(rollouts.turn_offsets[i], rollouts.turn_offsets[i + 1]):
+            if rollouts.turn_tiers[j] >= 0:
+                counts[i, rollouts.turn_tiers[j]] += 1
+    return counts, (rollouts.outcome >= 1.0).astype(np.int64)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rollouts=tiered_batches())
+def test_correlations_equal_scipy_pointbiserialr(rollouts):
+    counts, success = reference_sums(rollouts)
+    stats = TierStats.from_rollouts(rollouts)
+    assert stats.trajectories == len(success) and stats.successes == success.sum()
+    np.testing.assert_array_equal(stats.present, (counts > 0).sum(axis=0))
+    np.testing.assert_array_equal(stats.turns_sq, (counts**2).sum(axis=0))
+    for variable, x_all in (("presence", counts > 0), ("count", counts)):
+        for t, c in enumerate(stats.correlations(variable=variable)):
+            x = x_all[:, t].astype(float)
+            if len(x) < 3 or np.all(x == x[0]) or np.all(success == success[0]):
+                assert (c.r, c.p_value) == (0.0, 1.0)
+                continue
+            want = scipy_stats.pointbiserialr(x, success)
+            assert c.r == pytest.approx(want.statistic, abs=1e-12)
+            if abs(want.statistic) < 1 - 1e-9:
+                assert c.p_value == pytest.approx(want.pvalue, rel=1e-7, abs=1e-13)
+            if len(x) > 3 and abs(c.r) < 1:
+                half = scipy_stats.norm.ppf(0.975) / math.sqrt(len(x) - 3)
+                assert c.ci_low == pytest.approx(math.tanh(math.atanh(c.r) - half), abs=1e-9)
+                assert c.ci_high == pytest.approx(math.tanh(math.atanh(c.r) + half), abs=1e-9)
+
+
+@settings(max_examples=80, deadline=None)
+@given(rollouts=tiered_batches(), cut=st.floats(0, 1))
+def test_sharded_statistics_equal_one_pass_exactly(rollouts, cut):
+    b = len(rollouts.outcome)
+    k = int(cut * b)
+    o = rollouts.turn_offsets
+
+    def part(lo, hi):
+        return TieredRollouts(
+            rollouts.outcome[lo:hi],
+            rollouts.group[lo:hi],
+            o[lo : hi + 1] - o[lo],
+            rollouts.turn_tiers[o[lo] : o[hi]],
+        )
+
+    merged = TierStats.from_rollouts(part(0, k)) + TierStats.from_rollouts(part(k, b))
+    whole = TierStats.from_rollouts(rollouts)
+    assert merged == whole
+    assert merged.correlations() == whole.correlations()
+
+
+def planted(seed=0, tasks=200, group_size=8):
+    """Tier 'good' predicts success, 'bad' predicts failure, 'noise' neither."""
+    rng = np.random.default_rng(seed)
+    b = tasks * group_size
+    outcome = (rng.uniform(size=b) < 0.5).astype(float)
+    tiers = ("good", "bad", "noise", "respond")
+    turn_tiers, offsets = [], [0]
+    for i in range(b):
+        k = rng.integers(2, 8)
+        codes = rng.choice([2, 3], size=k)  # noise and respond everywhere
+        if outcome[i] == 1.0 and rng.uniform() < 0.9:
+            codes[rng.integers(k)] = 0
+        if outcome[i] == 0.0 and rng.uniform() < 0.9:
+            codes[rng.integers(k)] = 1
+        turn_tiers.extend(codes)
+        offsets.append(len(turn_tiers))
+    group = np.arange(b) // group_size
+    return TieredRollouts(outcome, group, np.array(offsets), np.array(turn_tiers), tiers)
+
+
+@pytest.mark.parametrize("estimator", ["gtpo_hybrid", "mt_grpo"])
+def test_planted_tiers_calibrate_to_the_right_signs(estimator):
+    rollouts = planted()
+    start = {"good": 0.3, "bad": 0.3, "noise": 0.3, "respond": 0.0}
+    report = calibrate(rollouts, start, estimator=estimator)
+    r = {c.tier: c.r for c in report.correlations}
+    assert r["good"] > 0.5 and r["bad"] < -0.5
+    assert report.rewards["good"] > 0 > report.rewards["bad"]
+    assert report.rewards["noise"] == 0.0
+    assert (
+        max(abs(v) for v in report.rewards.values()) == pytest.approx(1.0) or report.best.index > 1
+    )
+    assert report.converged
+    assert report.best.misaligned == 0
+    # The naive start credits 'bad' turns positively: misaligned before, not after.
+    assert report.initial.misaligned > 0
+
+
+def test_rewards_proportional_to_r_and_zero_when_not_significant():
+    stats = TierStats.from_rollouts(planted(seed=3))
+    correlations = stats.correlations()
+    rewards = rewards_from_correlations(correlations, target=2.0)
+    by_tier = {c.tier: c for c in correlations}
+    assert max(abs(v) for v in rewards.values()) == pytest.approx(2.0)
+    ratio = rewards["good"] / rewards["bad"]
+    assert ratio == pytest.approx(by_tier["good"].r / by_tier["bad"].r)
+    strict = rewards_from_correlations(correlations, min_abs_r=0.99)
+    assert all(v == 0.0 for v in strict.values())
+
+
+def test_direction_check_counts_match_a_plain_loop():
+    rollouts = planted(seed=5, tasks=20)
+    rewards = {"good": 1.0, "bad": -0.5, "noise": 0.2, "respond": 0.0}
+    correlations = TierStats.from_rollouts(rollouts).correlations()
+    got = {d.tier: d for d in direction_check(rollouts, rewards, correlations)}
+    adv = turnrl.compute_advantages(
+        "gtpo_hybrid",
+        rollouts.outcome,
+        rollouts.group,
+        rollouts.turn_rewards(rewards),
+        rollouts.turn_offsets,
+    )
+    for c in correlations:
+        t = rollouts.tiers.index(c.tier)
+        on = rollouts.turn_tiers == t
+        sign = 0 if rewards[c.tier] == 0 else np.sign(c.r)
+        assert got[c.tier].turns == on.sum()
+        assert got[c.tier].misaligned == np.sum(sign * adv[on] < 0)
+        assert got[c.tier].mean_advantage == pytest.approx(adv[on].mean())
+
+
+def test_tier_files_round_trip_and_presets(tmp_path):
+    path = tmp_path / "sub" / "tiers.toml"
+    save_tier_rewards({"gold": 1.0, "read": -0.1, "odd tier": 0.5}, path, comment="made by test")
+    assert load_tier_rewards(path) == {"gold": 1.0, "read": -0.1, "odd tier": 0.5}
+    assert load_tier_rewards("naive") == PRESETS["naive"]
+    assert PRESETS["naive"]["read"] == 0.3 and PRESETS["naive"]["write"] == 0.1
+    assert set(load_tier_rewards("sparse").values()) == {0.0}
+    assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temp file left
+
+
+def test_tier_file_errors_name_the_file_and_tier(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tiers]\ngold = 'high'\n")
+    with pytest.raises(ValueError, match=r"bad.toml: tier 'gold' must map to a number"):
+        load_tier_rewards(bad)
+    bad.write_text("[tiers\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_tier_rewards(bad)
+    with pytest.raises(OSError, match="no such tier file"):
+        load_tier_rewards(tmp_path / "missing.toml")
+
+
+def test_bad_tier_codes_are_value_errors():
+    rollouts = TieredRollouts([1.0], [0], [0, 2], [0, 9])
+    with pytest.raises(ValueError, match=r"turn_tiers\[1\] = 9"):
+        TierStats.from_rollouts(rollouts)
+
+
+def test_online_calibrator_rederives_every_k_steps():
+    online = OnlineCalibrator(
+        {"good": 0.3, "bad": 0.3, "noise": 0.3, "respond": 0.0},
+        tiers=("good", "bad", "noise", "respond"),
+        window=3,
+        every=2,
+        min_trajectories=10,
+    )
+    first = online.update(planted(seed=10, tasks=30))
+    assert first["bad"] == 0.3 and not online.reports
+    second = online.update(planted(seed=11, tasks=30))
+    assert len(online.reports) == 1 and second["bad"] < 0 < second["good"]
+    for seed in range(12, 16):
+        online.update(planted(seed=seed, tasks=30))
+    assert len(online.history) == 3 and len(online.reports) == 3
+    assert online.stats.trajectories == 3 * 30 * 8
+
+
+def test_default_tiers_match_design():
+    assert DEFAULT_TIERS == ("gold", "soft", "read", "write", "error", "respond")
