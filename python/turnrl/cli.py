@@ -59,6 +59,111 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _expand_inputs(patterns: Sequence[str]) -> list[str]:
+    import glob
+    import os
+
+    paths: list[str] = []
+    for pattern in patterns:
+        if os.path.exists(pattern):
+            paths.append(pattern)
+            continue
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise FileNotFoundError(f"{pattern}: no such file (and no glob match)")
+        paths.extend(matches)
+    return paths
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
+    from turnrl.irc import load_buffers, plot_report, write_json_atomic
+
+    paths = _expand_inputs(args.buffers)
+    initial = load_tier_rewards(args.tiers)
+    total = sum(os.path.getsize(p) for p in paths)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet or None
+    ) as bar:
+        rollouts, stats, shards = load_buffers(
+            paths,
+            workers=args.workers,
+            ray_address=args.ray,
+            success_threshold=args.success_threshold,
+            progress=bar.update,
+        )
+    skipped = sum(s.skipped for s in shards)
+    problems = [p for s in shards for p in s.problems]
+    if skipped:
+        print(f"skipped {skipped} bad line(s):", file=sys.stderr)
+        for line in problems[:20]:
+            print(f"  {line}", file=sys.stderr)
+        if skipped > 20:
+            print(f"  ... and {skipped - 20} more (all listed in --report)", file=sys.stderr)
+    if len(rollouts.outcome) == 0:
+        print(f"error: no trajectories in {len(paths)} input file(s)", file=sys.stderr)
+        return 2
+    report = calibrate(
+        rollouts,
+        initial,
+        estimator=args.estimator,
+        target=args.target,
+        alpha=args.alpha,
+        min_abs_r=args.min_abs_r,
+        max_iterations=args.max_iterations,
+        variable=args.variable,
+        stats=stats,
+        turn_norm=args.turn_norm,
+    )
+    print(
+        f"{stats.trajectories} trajectories, {rollouts.num_turns} assistant turns, "
+        f"success rate {stats.successes / stats.trajectories:.3f}; estimator {args.estimator}"
+    )
+    _print_calibration_table(report)
+    print(
+        f"misaligned turns: {report.initial.misaligned} with the input rewards, "
+        f"{report.best.misaligned} calibrated (round {report.best.index} of "
+        f"{len(report.iterations)}; {'converged' if report.converged else 'NOT converged'})"
+    )
+    if args.out:
+        save_tier_rewards(
+            report.rewards,
+            args.out,
+            comment=f"calibrated by turnrl calibrate ({args.estimator}) from "
+            f"{stats.trajectories} trajectories",
+        )
+        print(f"wrote {args.out}")
+    if args.report:
+        data = report.to_dict()
+        data.update(inputs=paths, skipped_lines=skipped, problems=problems)
+        write_json_atomic(data, args.report)
+        print(f"wrote {args.report}")
+    if args.plot:
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _print_calibration_table(report) -> None:
+    before = {d.tier: d for d in report.initial.directions}
+    after = {d.tier: d for d in report.best.directions}
+    print(
+        f"  {'tier':<10} {'present':>8} {'succ with':>9} {'succ w/o':>8} {'r':>7} {'p':>9}"
+        f" {'old':>7} {'new':>7} {'misaligned':>15}"
+    )
+    for c in report.correlations:
+        old, new = before[c.tier], after[c.tier]
+        print(
+            f"  {c.tier:<10} {c.support:>8} {c.success_with:>9.3f} {c.success_without:>8.3f}"
+            f" {c.r:>+7.3f} {c.p_value:>9.2e} {old.reward:>+7.3f} {new.reward:>+7.3f}"
+            f" {old.misaligned:>7} -> {new.misaligned:<5}"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     parser = argparse.ArgumentParser(
@@ -86,13 +191,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--turn-norm", default="position", choices=["position", "pooled"])
     demo.set_defaults(run=_demo)
+
+    cal = commands.add_parser(
+        "calibrate",
+        help="Iterative Reward Calibration over rollout buffers",
+        description="Correlate each reward tier with task success over turnrl.rollout/1 "
+        "buffers (plain or zstd), set tier rewards from the correlations, and check the "
+        "advantage direction, iterating until no turn is misaligned.",
+    )
+    cal.add_argument("buffers", nargs="+", help="buffer files or glob patterns")
+    cal.add_argument(
+        "--tiers",
+        default="naive",
+        help="starting tier rewards: a TOML file or a preset (naive, sparse)",
+    )
+    cal.add_argument("--estimator", default="gtpo_hybrid", choices=estimator_names())
+    cal.add_argument("--turn-norm", default="position", choices=["position", "pooled"])
+    cal.add_argument(
+        "--variable",
+        default="presence",
+        choices=["presence", "count"],
+        help="correlate tier presence (0/1) or turn count with success",
+    )
+    cal.add_argument("--target", type=float, default=1.0, help="largest |reward| after scaling")
+    cal.add_argument("--alpha", type=float, default=0.05, help="tiers with p >= alpha get reward 0")
+    cal.add_argument(
+        "--min-abs-r", type=float, default=0.1, help="tiers with |r| below this get reward 0"
+    )
+    cal.add_argument("--max-iterations", type=int, default=10)
+    cal.add_argument(
+        "--success-threshold", type=float, default=1.0, help="an outcome >= this counts as success"
+    )
+    cal.add_argument("--out", help="write calibrated tier rewards (TOML)")
+    cal.add_argument("--report", help="write the full report (JSON)")
+    cal.add_argument("--plot", help="write a plot of correlations and rewards (PNG)")
+    cal.add_argument(
+        "--workers", type=int, default=None, help="reader threads (default: every core)"
+    )
+    cal.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="map files over a Ray cluster ('local' starts one)",
+    )
+    cal.add_argument("--quiet", action="store_true", help="no progress bar")
+    cal.set_defaults(run=_calibrate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``turnrl`` command."""
+    """Entry point of the ``turnrl`` command. Errors in the input (missing
+    files, bad tier files, no usable lines) print one line and exit 2."""
+    from turnrl.exceptions import TurnrlError
+
     args = build_parser().parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except (TurnrlError, FileNotFoundError) as err:
+        print(f"turnrl {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,253 @@
+"""Offline IRC over rollout buffers: shards read in parallel (threads in the
+Rust reader, or Ray tasks across a cluster), statistics merged exactly,
+calibration on the merged columns, and the report as JSON and a plot.
+
+Used by ``turnrl calibrate``; callable from Python the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from turnrl.calibration import DEFAULT_TIERS, CalibrationReport, TieredRollouts, TierStats
+from turnrl.exceptions import InvalidInputError
+
+__all__ = [
+    "Shard",
+    "load_buffers",
+    "plot_report",
+    "read_shard",
+    "tiered_from_batch",
+    "write_json_atomic",
+]
+
+
+def tiered_from_batch(batch: Any) -> TieredRollouts:
+    """The tier columns of a :class:`turnrl.RolloutBatch`."""
+    return TieredRollouts(
+        batch.outcome,
+        batch.group_index,
+        batch.turn_offsets,
+        batch.turn_tiers.astype(np.int64),
+        tuple(batch.tier_names),
+    )
+
+
+@dataclass
+class Shard:
+    """What one worker returns for its files: the compact columns, their
+    group names (so groups spanning shards merge), the shard's tier sums,
+    and the bad lines it skipped."""
+
+    rollouts: TieredRollouts
+    group_names: list[str]
+    stats: TierStats
+    files: list[str]
+    bytes_read: int
+    skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def read_shard(
+    paths: Sequence[str], workers: int | None = 1, success_threshold: float = 1.0
+) -> Shard:
+    """Read some buffer files into a :class:`Shard` (runs in a worker)."""
+    from turnrl.rollouts import read_rollouts
+
+    batch = read_rollouts(list(paths), workers=workers)
+    rollouts = tiered_from_batch(batch)
+    return Shard(
+        rollouts=rollouts,
+        group_names=list(batch.group_names),
+        stats=TierStats.from_rollouts(rollouts, success_threshold),
+        files=list(paths),
+        bytes_read=sum(os.path.getsize(p) for p in paths),
+        skipped=batch.skipped,
+        problems=list(batch.problems),
+    )
+
+
+def _merge(shards: Sequence[Shard], tiers: Sequence[str]) -> tuple[TieredRollouts, TierStats]:
+    """Concatenate shard columns onto one tier list and one group numbering;
+    add their statistics (exact, integer sums)."""
+    group_ids: dict[str, int] = {}
+    outcome, group, tier_codes, counts = [], [], [], []
+    stats = TierStats.empty(tiers)
+    for shard in shards:
+        remapped = shard.rollouts.with_tiers(tiers)
+        stats = stats + _remap_stats(shard.stats, tiers)
+        ids = np.array(
+            [group_ids.setdefault(name, len(group_ids)) for name in shard.group_names],
+            dtype=np.int64,
+        )
+        outcome.append(remapped.outcome)
+        group.append(ids[remapped.group] if len(ids) else remapped.group)
+        tier_codes.append(remapped.turn_tiers)
+        counts.append(np.diff(remapped.turn_offsets))
+    all_counts = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(all_counts)]).astype(np.int64)
+    merged = TieredRollouts(
+        np.concatenate(outcome) if outcome else np.zeros(0),
+        np.concatenate(group) if group else np.zeros(0, dtype=np.int64),
+        offsets,
+        np.concatenate(tier_codes) if tier_codes else np.zeros(0, dtype=np.int64),
+        tuple(tiers),
+    )
+    return merged, stats
+
+
+def _remap_stats(stats: TierStats, tiers: Sequence[str]) -> TierStats:
+    if stats.tiers == tuple(tiers):
+        return stats
+    index = [stats.tiers.index(t) if t in stats.tiers else -1 for t in tiers]
+
+    def pick(values: np.ndarray) -> np.ndarray:
+        return np.array([values[i] if i >= 0 else 0 for i in index], dtype=np.int64)
+
+    return TierStats(
+        tuple(tiers),
+        stats.trajectories,
+        stats.successes,
+        pick(stats.present),
+        pick(stats.present_success),
+        pick(stats.turns),
+        pick(stats.turns_sq),
+        pick(stats.turns_success),
+    )
+
+
+def load_buffers(
+    paths: Sequence[str],
+    *,
+    workers: int | None = None,
+    ray_address: str | None = None,
+    success_threshold: float = 1.0,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[TieredRollouts, TierStats, list[Shard]]:
+    """Read every buffer file and merge the shards.
+
+    Locally each file is a shard, read by the Rust reader with ``workers``
+    threads (files and blocks in parallel). With ``ray_address`` each file is
+    a Ray task on the cluster (``"local"`` starts a local instance).
+    ``progress`` is called with the bytes of each finished shard.
+    """
+    if not paths:
+        raise InvalidInputError("no input files")
+    if ray_address is not None:
+        shards = _map_with_ray(paths, ray_address, success_threshold, progress)
+    else:
+        shards = []
+        for path in paths:
+            shard = read_shard([path], workers=workers, success_threshold=success_threshold)
+            shards.append(shard)
+            if progress is not None:
+                progress(shard.bytes_read)
+    tiers = list(DEFAULT_TIERS)
+    for shard in shards:
+        tiers.extend(t for t in shard.rollouts.tiers if t not in tiers)
+    merged, stats = _merge(shards, tiers)
+    return merged, stats, shards
+
+
+def _map_with_ray(
+    paths: Sequence[str],
+    address: str,
+    success_threshold: float,
+    progress: Callable[[int], None] | None,
+) -> list[Shard]:
+    try:
+        import ray
+    except ImportError:
+        raise InvalidInputError("--ray needs the ray package: pip install 'ray[default]'") from None
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    remote_read = ray.remote(read_shard)
+    # Ray schedules the shards; each task reads its file with one thread.
+    pending = {remote_read.remote([p], 1, success_threshold): i for i, p in enumerate(paths)}
+    shards: list[Shard | None] = [None] * len(paths)
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            shard = ray.get(ref)
+            shards[pending.pop(ref)] = shard
+            if progress is not None:
+                progress(shard.bytes_read)
+    return [s for s in shards if s is not None]
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
+    """Write JSON through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None:
+    """Each tier's correlation with its confidence interval, and its reward
+    before and after calibration, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidInputError("--plot needs matplotlib: pip install matplotlib") from None
+    tiers = [c.tier for c in report.correlations]
+    x = np.arange(len(tiers))
+    r = np.array([c.r for c in report.correlations])
+    low = np.array([c.ci_low for c in report.correlations])
+    high = np.array([c.ci_high for c in report.correlations])
+    significant = np.array([c.p_value < 0.05 for c in report.correlations])
+    before = np.array([report.initial.rewards.get(t, 0.0) for t in tiers])
+    after = np.array([report.rewards.get(t, 0.0) for t in tiers])
+
+    fig, (ax_r, ax_w) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = np.where(significant, "tab:blue", "tab:gray")
+    ax_r.bar(x, r, color=colors)
+    ax_r.errorbar(x, r, yerr=[r - low, high - r], fmt="none", ecolor="black", capsize=4)
+    ax_r.axhline(0, color="black", linewidth=0.8)
+    ax_r.set_xticks(x, tiers)
+    ax_r.set_ylabel("point-biserial r with success")
+    ax_r.set_title(f"Tier vs success (n = {report.stats.trajectories}; grey: p >= 0.05)")
+
+    width = 0.38
+    ax_w.bar(x - width / 2, before, width, label="before", color="tab:orange")
+    ax_w.bar(x + width / 2, after, width, label="calibrated", color="tab:green")
+    ax_w.axhline(0, color="black", linewidth=0.8)
+    ax_w.set_xticks(x, tiers)
+    ax_w.set_ylabel("tier reward")
+    ax_w.set_title(
+        f"Rewards ({report.estimator}; misaligned turns "
+        f"{report.initial.misaligned} -> {report.best.misaligned})"
+    )
+    ax_w.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
