@@ -267,19 +267,40 @@ impl GroupView<'_, '_, '_> {
             outcome_adv,
             positions,
         } = &mut *self.scratch;
-        // Member-major passes over contiguous slices: each inner loop zips a
-        // member's turns with per-position statistics, so it has no bounds
-        // checks and vectorises (all of a group's data sits in L1).
-        for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
-            let mut carried = init(m);
-            for (v, &r) in turns.iter_mut().zip(rewards.iter()).rev() {
-                carried = value(carried, r);
-                *v = carried;
-            }
-        }
+        // Member-major passes over contiguous slices cut to each member's
+        // length: no bounds checks, and all of a group's data sits in L1.
         let (mean, inv_scale) = match params.turn_norm {
-            TurnNorm::Position => position_stats(self.out, params, positions),
+            TurnNorm::Position => {
+                let max_turns = self.rewards.iter().map(|r| r.len()).max().unwrap_or(0);
+                let acc = positions.reset(max_turns);
+                for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
+                    let len = turns.len().min(rewards.len());
+                    let (turns, rewards) = (&mut turns[..len], &rewards[..len]);
+                    let (n, sum) = (&mut acc.count[..len], &mut acc.mean[..len]);
+                    let (lo, hi) = (&mut acc.min[..len], &mut acc.max[..len]);
+                    // The recurrence runs backwards; the statistics of each
+                    // value are gathered in the same loop, filling the
+                    // recurrence's latency.
+                    let mut carried = init(m);
+                    for k in (0..len).rev() {
+                        carried = value(carried, rewards[k]);
+                        turns[k] = carried;
+                        n[k] += 1.0;
+                        sum[k] += carried;
+                        lo[k] = if carried < lo[k] { carried } else { lo[k] };
+                        hi[k] = if carried > hi[k] { carried } else { hi[k] };
+                    }
+                }
+                acc.finish(self.out, params)
+            }
             TurnNorm::Pooled => {
+                for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
+                    let mut carried = init(m);
+                    for (v, &r) in turns.iter_mut().zip(rewards.iter()).rev() {
+                        carried = value(carried, r);
+                        *v = carried;
+                    }
+                }
                 let all = self.out.iter().flat_map(|turns| turns.iter().copied());
                 let (mean, inv_scale) = match stats(all, params.norm, params.eps) {
                     Some((mean, scale)) => (mean, 1.0 / scale),
@@ -314,76 +335,79 @@ struct PositionStats {
     inv_scale: Vec<f64>,
 }
 
-fn position_stats<'s>(
-    out: &[&mut [f64]],
-    params: &Params,
-    stats: &'s mut PositionStats,
-) -> (&'s [f64], &'s [f64]) {
-    let max_turns = out.iter().map(|t| t.len()).max().unwrap_or(0);
-    // Buffers only grow; each call works on the first `max_turns` entries.
-    let prefix = |buf: &'s mut Vec<f64>, init: f64| -> &'s mut [f64] {
-        if buf.len() < max_turns {
-            buf.resize(max_turns, 0.0);
+/// The accumulators of [`PositionStats`], cut to one group's longest turn count.
+struct Accumulators<'s> {
+    count: &'s mut [f64],
+    mean: &'s mut [f64],
+    min: &'s mut [f64],
+    max: &'s mut [f64],
+    squares: &'s mut [f64],
+    inv_scale: &'s mut [f64],
+}
+
+impl PositionStats {
+    /// Zeroed accumulators for positions 0..max_turns. Buffers only grow.
+    fn reset(&mut self, max_turns: usize) -> Accumulators<'_> {
+        fn prefix(buf: &mut Vec<f64>, len: usize, init: f64) -> &mut [f64] {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            let head = &mut buf[..len];
+            head.fill(init);
+            head
         }
-        let head = &mut buf[..max_turns];
-        head.fill(init);
-        head
-    };
-    let PositionStats {
-        count,
-        mean,
-        min,
-        max,
-        squares,
-        inv_scale,
-    } = stats;
-    let count = prefix(count, 0.0);
-    let mean = prefix(mean, 0.0);
-    let squares = prefix(squares, 0.0);
-    let inv_scale = prefix(inv_scale, 1.0);
-    let min = prefix(min, f64::INFINITY);
-    let max = prefix(max, f64::NEG_INFINITY);
-    if params.norm == Norm::None {
-        return (mean, inv_scale);
-    }
-    for turns in out {
-        // Slices cut to this member's length let the compiler drop bounds
-        // checks and vectorise across positions.
-        let len = turns.len();
-        let (n, sum) = (&mut count[..len], &mut mean[..len]);
-        let (lo, hi) = (&mut min[..len], &mut max[..len]);
-        for k in 0..len {
-            let v = turns[k];
-            n[k] += 1.0;
-            sum[k] += v;
-            lo[k] = if v < lo[k] { v } else { lo[k] };
-            hi[k] = if v > hi[k] { v } else { hi[k] };
+        Accumulators {
+            count: prefix(&mut self.count, max_turns, 0.0),
+            mean: prefix(&mut self.mean, max_turns, 0.0),
+            min: prefix(&mut self.min, max_turns, f64::INFINITY),
+            max: prefix(&mut self.max, max_turns, f64::NEG_INFINITY),
+            squares: prefix(&mut self.squares, max_turns, 0.0),
+            inv_scale: prefix(&mut self.inv_scale, max_turns, 1.0),
         }
     }
-    for k in 0..max_turns {
-        mean[k] /= count[k];
-        // One value, or all values equal: exactly 0, whatever the rounding
-        // of the mean.
-        if count[k] <= 1.0 || max[k] <= min[k] {
-            inv_scale[k] = 0.0;
+}
+
+impl<'s> Accumulators<'s> {
+    /// Turns the sums gathered over `values` into each position's mean and
+    /// reciprocal scale (0 where the set normalises to 0).
+    fn finish(self, values: &[&mut [f64]], params: &Params) -> (&'s [f64], &'s [f64]) {
+        let Accumulators {
+            count,
+            mean,
+            min,
+            max,
+            squares,
+            inv_scale,
+        } = self;
+        if params.norm == Norm::None {
+            mean.fill(0.0);
+            return (mean, inv_scale);
         }
-    }
-    if params.norm == Norm::Std {
-        for turns in out {
-            let len = turns.len();
-            let (mu, sq) = (&mean[..len], &mut squares[..len]);
-            for k in 0..len {
-                let d = turns[k] - mu[k];
-                sq[k] += d * d;
+        for k in 0..mean.len() {
+            mean[k] /= count[k];
+            // One value, or all values equal: exactly 0, whatever the
+            // rounding of the mean.
+            if count[k] <= 1.0 || max[k] <= min[k] {
+                inv_scale[k] = 0.0;
             }
         }
-        for k in 0..max_turns {
-            if inv_scale[k] != 0.0 {
-                inv_scale[k] = 1.0 / ((squares[k] / (count[k] - 1.0)).sqrt() + params.eps);
+        if params.norm == Norm::Std {
+            for turns in values {
+                let len = turns.len();
+                let (mu, sq) = (&mean[..len], &mut squares[..len]);
+                for k in 0..len {
+                    let d = turns[k] - mu[k];
+                    sq[k] += d * d;
+                }
+            }
+            for k in 0..mean.len() {
+                if inv_scale[k] != 0.0 {
+                    inv_scale[k] = 1.0 / ((squares[k] / (count[k] - 1.0)).sqrt() + params.eps);
+                }
             }
         }
+        (mean, inv_scale)
     }
-    (mean, inv_scale)
 }
 
 /// Mean and the factor to divide deviations by; `None` when the set
