@@ -1,0 +1,158 @@
+"""`turnrl calibrate` end to end on generated buffers (plain, zstd, bad lines)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from turnrl.calibration import TierStats, load_tier_rewards
+from turnrl.cli import main
+from turnrl.irc import load_buffers
+from turnrl.rollouts import RolloutWriter
+
+
+def planted_records(seed: int, tasks: int, step: int = 0):
+    """gold predicts success, error predicts failure, read is noise."""
+    rng = np.random.default_rng(seed)
+    for task in range(tasks):
+        for sample in range(8):
+            success = bool(rng.uniform() < 0.5)
+            tiers = list(rng.choice(["read", "respond"], size=rng.integers(2, 6)))
+            if success and rng.uniform() < 0.9:
+                tiers[rng.integers(len(tiers))] = "gold"
+            if not success and rng.uniform() < 0.9:
+                tiers[rng.integers(len(tiers))] = "error"
+            turns = []
+            for tier in tiers:
+                turns.append(
+                    {
+                        "role": "assistant",
+                        "content": "ok",
+                        "tool_calls": [],
+                        "tier": str(tier),
+                        "reward": 0.0,
+                    }
+                )
+                turns.append({"role": "user", "content": "go on"})
+            yield {
+                "schema": "turnrl.rollout/1",
+                "task_id": f"synthetic/{task}",
+                "group": f"step-{step}/synthetic/{task}",
+                "sample": sample,
+                "outcome": 1.0 if success else 0.0,
+                "turns": turns,
+                "meta": {},
+            }
+
+
+@pytest.fixture()
+def buffers(tmp_path: Path):
+    plain = tmp_path / "step0.jsonl"
+    lines = [json.dumps(r) for r in planted_records(0, 60, step=0)]
+    lines.insert(5, '{"schema": "turnrl.rollout/1", "task_id": ')  # truncated line
+    lines.insert(9, '{"schema": "other/9"}')
+    plain.write_text("\n".join(lines) + "\n")
+    packed = tmp_path / "step1.jsonl.zst"
+    with RolloutWriter(packed, compress="zstd") as writer:
+        for record in planted_records(1, 60, step=1):
+            writer.write(record)
+    return tmp_path, plain, packed
+
+
+def test_calibrate_writes_rewards_report_and_plot(buffers, capsys):
+    folder, plain, packed = buffers
+    out, report, plot = folder / "cal.toml", folder / "report.json", folder / "report.png"
+    code = main(
+        [
+            "calibrate",
+            str(folder / "step*.jsonl*"),
+            "--tiers",
+            "naive",
+            "--out",
+            str(out),
+            "--report",
+            str(report),
+            "--plot",
+            str(plot),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    rewards = load_tier_rewards(out)
+    assert rewards["gold"] > 0 > rewards["error"]
+    assert rewards["read"] == 0.0 and rewards["respond"] == 0.0
+    data = json.loads(report.read_text())
+    assert data["skipped_lines"] == 2
+    assert any(p.startswith(f"{plain}:6:") for p in data["problems"])
+    assert data["trajectories"] == 2 * 60 * 8
+    assert data["iterations"][0]["index"] == 1 and data["converged"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    captured = capsys.readouterr()
+    assert "skipped 2 bad line(s)" in captured.err
+    assert "gold" in captured.out and "misaligned turns:" in captured.out
+
+
+def test_sharded_loading_equals_one_file(buffers, tmp_path: Path):
+    _, plain, packed = buffers
+    merged_rollouts, merged_stats, shards = load_buffers([str(plain), str(packed)], workers=2)
+    assert len(shards) == 2
+    both = tmp_path / "both.jsonl"
+    records = list(planted_records(0, 60, 0)) + list(planted_records(1, 60, 1))
+    both.write_text("".join(json.dumps(r) + "\n" for r in records))
+    single_rollouts, single_stats, _ = load_buffers([str(both)], workers=1)
+    assert merged_stats == single_stats
+    assert merged_stats == TierStats.from_rollouts(single_rollouts)
+    np.testing.assert_array_equal(merged_rollouts.turn_tiers, single_rollouts.turn_tiers)
+    np.testing.assert_array_equal(merged_rollouts.group, single_rollouts.group)
+
+
+def test_groups_spanning_files_are_merged(tmp_path: Path):
+    records = list(planted_records(2, 10, 0))
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in records[::2]))
+    second.write_text("".join(json.dumps(r) + "\n" for r in records[1::2]))
+    rollouts, _, _ = load_buffers([str(first), str(second)])
+    assert len(np.unique(rollouts.group)) == 10
+    assert np.bincount(rollouts.group).tolist() == [8] * 10
+
+
+def test_empty_and_missing_inputs_fail_clearly(tmp_path: Path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["calibrate", str(empty), "--quiet"]) == 2
+    assert "no trajectories" in capsys.readouterr().err
+    assert main(["calibrate", str(tmp_path / "nope*.jsonl"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad_tiers = tmp_path / "t.toml"
+    bad_tiers.write_text("[tiers]\ngold = 'x'\n")
+    assert main(["calibrate", str(empty), "--tiers", str(bad_tiers), "--quiet"]) == 2
+    assert "t.toml: tier 'gold'" in capsys.readouterr().err
+
+
+def test_ray_gives_the_same_answer(buffers, tmp_path: Path):
+    ray = pytest.importorskip("ray")
+    folder, plain, packed = buffers
+    local_out, ray_out = tmp_path / "local.toml", tmp_path / "ray.toml"
+    assert main(["calibrate", str(plain), str(packed), "--out", str(local_out), "--quiet"]) == 0
+    try:
+        assert (
+            main(
+                [
+                    "calibrate",
+                    str(plain),
+                    str(packed),
+                    "--out",
+                    str(ray_out),
+                    "--ray",
+                    "local",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
+    finally:
+        ray.shutdown()
+    assert load_tier_rewards(local_out) == load_tier_rewards(ray_out)
