@@ -63,7 +63,7 @@ def buffers(tmp_path: Path):
 
 
 def test_calibrate_writes_rewards_report_and_plot(buffers, capsys):
-    folder, plain, packed = buffers
+    folder, plain, _ = buffers
     out, report, plot = folder / "cal.toml", folder / "report.json", folder / "report.png"
     code = main(
         [
@@ -134,7 +134,7 @@ def test_empty_and_missing_inputs_fail_clearly(tmp_path: Path, capsys):
 
 def test_ray_gives_the_same_answer(buffers, tmp_path: Path):
     ray = pytest.importorskip("ray")
-    folder, plain, packed = buffers
+    _, plain, packed = buffers
     local_out, ray_out = tmp_path / "local.toml", tmp_path / "ray.toml"
     assert main(["calibrate", str(plain), str(packed), "--out", str(local_out), "--quiet"]) == 0
     try:
