@@ -5,5 +5,6 @@
 
 pub mod advantages;
 pub mod error;
+pub mod parse;
 
 pub use error::{Error, Result};
