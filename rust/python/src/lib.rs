@@ -5,6 +5,7 @@
 
 mod advantages;
 mod errors;
+mod parse;
 
 use pyo3::prelude::*;
 
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::advantages::{broadcast_to_tokens, compute_advantages, estimators, validate_batch};
+    #[pymodule_export]
+    use crate::parse::{parse_tool_calls, parse_tool_calls_batch, ParsedMessage};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
