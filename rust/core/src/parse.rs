@@ -40,7 +40,7 @@
 
 use std::collections::HashMap;
 
-use memchr::{memchr, memmem};
+use memchr::memchr;
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
@@ -236,16 +236,13 @@ pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) 
     let mut out = ParsedMessage::default();
     let mut content = String::with_capacity(text.len());
     let mut reasoning: Option<String> = None;
-    let bytes = text.as_bytes();
     let mut pos = 0usize;
 
     // A leading `</think>` with no `<think>` before it closes reasoning that
     // began in the prompt.
-    if let Some(close) = memmem::find(bytes, THINK_CLOSE.as_bytes()) {
-        if memmem::find(&bytes[..close], THINK_OPEN.as_bytes()).is_none() {
-            reasoning = Some(text[..close].to_string());
-            pos = close + THINK_CLOSE.len();
-        }
+    if let Some((close, 1)) = find_first_tag(text, 0, text.len(), &[THINK_OPEN, THINK_CLOSE]) {
+        reasoning = Some(text[..close].to_string());
+        pos = close + THINK_CLOSE.len();
     }
 
     let tags: &[&str] = if fmt.accepts_xml() {
@@ -258,8 +255,8 @@ pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) 
         match which {
             0 => {
                 let start = at + THINK_OPEN.len();
-                let (end, next) = match memmem::find(&bytes[start..], THINK_CLOSE.as_bytes()) {
-                    Some(rel) => (start + rel, start + rel + THINK_CLOSE.len()),
+                let (end, next) = match find_first_tag(text, start, text.len(), &[THINK_CLOSE]) {
+                    Some((p, _)) => (p, p + THINK_CLOSE.len()),
                     None => (text.len(), text.len()),
                 };
                 let r = reasoning.get_or_insert_with(String::new);

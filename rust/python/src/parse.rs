@@ -4,6 +4,7 @@
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyList, PyString};
 use serde_json::Value;
 use turnrl_core::parse::{self as core, Format, ParamType, ToolSchemas};
@@ -15,65 +16,140 @@ use crate::errors::{detached, to_pyerr};
 const DETACH_MIN_BYTES: usize = 16 * 1024;
 
 /// The parts of one assistant message (see `turnrl.parse_tool_calls`).
+///
+/// Python objects are built on first access of each attribute and cached, so
+/// a caller that reads only `.tool_calls` or `.errors` pays for nothing else.
 #[pyclass(frozen, module = "turnrl._core", name = "ParsedMessage")]
 pub struct ParsedMessage {
-    /// Text outside reasoning and calls, trimmed.
-    #[pyo3(get)]
-    content: Py<PyString>,
-    /// `<think>` text, or None when the message has none.
-    #[pyo3(get)]
-    reasoning: Option<Py<PyString>>,
-    /// `[{"name": str, "arguments": dict}, ...]`, in order.
-    #[pyo3(get)]
-    tool_calls: Py<PyList>,
-    /// One message per call that could not be read.
-    #[pyo3(get)]
-    errors: Py<PyList>,
-    /// Byte offset in the input of each failed call's opening tag.
-    #[pyo3(get)]
-    error_offsets: Py<PyList>,
+    parsed: core::ParsedMessage,
+    content: PyOnceLock<Py<PyString>>,
+    reasoning: PyOnceLock<Option<Py<PyString>>>,
+    tool_calls: PyOnceLock<Py<PyList>>,
+    errors: PyOnceLock<Py<PyList>>,
+    error_offsets: PyOnceLock<Py<PyList>>,
+}
+
+impl ParsedMessage {
+    fn new(parsed: core::ParsedMessage) -> Self {
+        Self {
+            parsed,
+            content: PyOnceLock::new(),
+            reasoning: PyOnceLock::new(),
+            tool_calls: PyOnceLock::new(),
+            errors: PyOnceLock::new(),
+            error_offsets: PyOnceLock::new(),
+        }
+    }
 }
 
 #[pymethods]
 impl ParsedMessage {
+    /// Text outside reasoning and calls, trimmed.
+    #[getter]
+    fn content<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        self.content
+            .get_or_init(py, || PyString::new(py, &self.parsed.content).unbind())
+            .bind(py)
+            .clone()
+    }
+
+    /// `<think>` text, or None when the message has none.
+    #[getter]
+    fn reasoning<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyString>> {
+        self.reasoning
+            .get_or_init(py, || {
+                self.parsed
+                    .reasoning
+                    .as_deref()
+                    .map(|r| PyString::new(py, r).unbind())
+            })
+            .as_ref()
+            .map(|r| r.bind(py).clone())
+    }
+
+    /// `[{"name": str, "arguments": dict}, ...]`, in order.
+    #[getter]
+    fn tool_calls<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.tool_calls.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for call in &self.parsed.tool_calls {
+                let d = PyDict::new(py);
+                d.set_item(pyo3::intern!(py, "name"), PyString::new(py, &call.name))?;
+                d.set_item(
+                    pyo3::intern!(py, "arguments"),
+                    map_to_py(py, &call.arguments)?,
+                )?;
+                list.append(d)?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
+    /// One message per call that could not be read.
+    #[getter]
+    fn errors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.errors.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for e in &self.parsed.errors {
+                list.append(e.to_string())?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
+    /// Byte offset in the input of each failed call's opening tag.
+    #[getter]
+    fn error_offsets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.error_offsets.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for e in &self.parsed.errors {
+                list.append(e.offset)?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "ParsedMessage(content={}, reasoning={}, tool_calls={}, errors={})",
-            self.content.bind(py).repr()?,
-            match &self.reasoning {
-                Some(r) => r.bind(py).repr()?.to_string(),
+            self.content(py).repr()?,
+            match self.reasoning(py) {
+                Some(r) => r.repr()?.to_string(),
                 None => "None".to_string(),
             },
-            self.tool_calls.bind(py).repr()?,
-            self.errors.bind(py).repr()?,
+            self.tool_calls(py)?.repr()?,
+            self.errors(py)?.repr()?,
         ))
     }
 
-    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> PyResult<bool> {
-        let Ok(other) = other.cast::<ParsedMessage>() else {
-            return Ok(false);
-        };
-        let other = other.get();
-        let reasoning_eq = match (&self.reasoning, &other.reasoning) {
-            (None, None) => true,
-            (Some(a), Some(b)) => PyAnyMethods::eq(a.bind(py).as_any(), b.bind(py))?,
-            _ => false,
-        };
-        Ok(reasoning_eq
-            && PyAnyMethods::eq(self.content.bind(py).as_any(), other.content.bind(py))?
-            && self.tool_calls.bind(py).eq(other.tool_calls.bind(py))?
-            && self.errors.bind(py).eq(other.errors.bind(py))?
-            && self.error_offsets.bind(py).eq(other.error_offsets.bind(py))?)
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        match other.cast::<ParsedMessage>() {
+            Ok(other) => {
+                // Call offsets are not attributes, so they take no part.
+                let (a, b) = (&self.parsed, &other.get().parsed);
+                a.content == b.content
+                    && a.reasoning == b.reasoning
+                    && a.errors == b.errors
+                    && a.tool_calls.len() == b.tool_calls.len()
+                    && a.tool_calls.iter().zip(&b.tool_calls).all(|(x, y)| {
+                        x.name == y.name && x.arguments == y.arguments
+                    })
+            }
+            Err(_) => false,
+        }
     }
 
     /// The message as a plain dict (content, reasoning, tool_calls, errors, error_offsets).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        d.set_item("content", self.content.bind(py))?;
-        d.set_item("reasoning", self.reasoning.as_ref().map(|r| r.bind(py)))?;
-        d.set_item("tool_calls", self.tool_calls.bind(py))?;
-        d.set_item("errors", self.errors.bind(py))?;
-        d.set_item("error_offsets", self.error_offsets.bind(py))?;
+        d.set_item("content", self.content(py))?;
+        d.set_item("reasoning", self.reasoning(py))?;
+        d.set_item("tool_calls", self.tool_calls(py)?)?;
+        d.set_item("errors", self.errors(py)?)?;
+        d.set_item("error_offsets", self.error_offsets(py)?)?;
         Ok(d)
     }
 }
@@ -115,33 +191,8 @@ fn map_to_py<'py>(
     Ok(dict)
 }
 
-fn message_to_py(py: Python<'_>, m: &core::ParsedMessage) -> PyResult<Py<ParsedMessage>> {
-    let tool_calls = PyList::empty(py);
-    for call in &m.tool_calls {
-        let d = PyDict::new(py);
-        d.set_item(pyo3::intern!(py, "name"), PyString::new(py, &call.name))?;
-        d.set_item(
-            pyo3::intern!(py, "arguments"),
-            map_to_py(py, &call.arguments)?,
-        )?;
-        tool_calls.append(d)?;
-    }
-    let errors = PyList::empty(py);
-    let offsets = PyList::empty(py);
-    for e in &m.errors {
-        errors.append(e.to_string())?;
-        offsets.append(e.offset)?;
-    }
-    Py::new(
-        py,
-        ParsedMessage {
-            content: PyString::new(py, &m.content).unbind(),
-            reasoning: m.reasoning.as_deref().map(|r| PyString::new(py, r).unbind()),
-            tool_calls: tool_calls.unbind(),
-            errors: errors.unbind(),
-            error_offsets: offsets.unbind(),
-        },
-    )
+fn message_to_py(py: Python<'_>, m: core::ParsedMessage) -> PyResult<Py<ParsedMessage>> {
+    Py::new(py, ParsedMessage::new(m))
 }
 
 /// OpenAI function schemas (`{"type": "function", "function": {...}}` or the
@@ -237,7 +288,7 @@ pub fn parse_tool_calls(
     } else {
         core::parse_tool_calls(text, format, schemas.as_ref())
     };
-    message_to_py(py, &parsed)
+    message_to_py(py, parsed)
 }
 
 /// Parses many messages in parallel without the GIL (see
@@ -258,5 +309,5 @@ pub fn parse_tool_calls_batch(
             schemas.as_ref(),
         ))
     })?;
-    parsed.iter().map(|m| message_to_py(py, m)).collect()
+    parsed.into_iter().map(|m| message_to_py(py, m)).collect()
 }
