@@ -7,9 +7,35 @@ use std::hint::black_box;
 use turnrl_core::parse::{parse_tool_calls, parse_tool_calls_batch, Format};
 
 const WORDS: &[&str] = &[
-    "the", "reservation", "flight", "passenger", "baggage", "policy", "refund", "cabin",
-    "economy", "user", "wants", "to", "change", "cancel", "book", "status", "I", "will",
-    "first", "look", "up", "your", "details", "and", "confirm", "with", "you", ",", ".",
+    "the",
+    "reservation",
+    "flight",
+    "passenger",
+    "baggage",
+    "policy",
+    "refund",
+    "cabin",
+    "economy",
+    "user",
+    "wants",
+    "to",
+    "change",
+    "cancel",
+    "book",
+    "status",
+    "I",
+    "will",
+    "first",
+    "look",
+    "up",
+    "your",
+    "details",
+    "and",
+    "confirm",
+    "with",
+    "you",
+    ",",
+    ".",
 ];
 
 struct Rng(u64);
@@ -35,7 +61,12 @@ fn prose(rng: &mut Rng, bytes: usize, out: &mut String) {
 
 fn hermes_call(rng: &mut Rng) -> String {
     let flights: Vec<String> = (0..1 + rng.below(3))
-        .map(|i| format!("{{\"flight_number\": \"HAT{:03}\", \"date\": \"2024-05-1{i}\"}}", rng.below(1000)))
+        .map(|i| {
+            format!(
+                "{{\"flight_number\": \"HAT{:03}\", \"date\": \"2024-05-1{i}\"}}",
+                rng.below(1000)
+            )
+        })
         .collect();
     format!(
         "<tool_call>\n{{\"name\": \"update_reservation_flights\", \"arguments\": {{\"reservation_id\": \"ZFA04Y\", \"cabin\": \"economy\", \"flights\": [{}], \"passengers\": [{{\"first_name\": \"Mei\", \"dob\": \"1980-01-05\"}}], \"total_baggages\": {}, \"price\": {}.5}}}}\n</tool_call>",
@@ -59,9 +90,17 @@ fn messages(n: usize, xml: bool) -> Vec<String> {
         .map(|_| {
             let target = 200 + rng.below(8000) as usize;
             let calls: Vec<String> = (0..rng.below(4))
-                .map(|_| if xml { xml_call(&mut rng) } else { hermes_call(&mut rng) })
+                .map(|_| {
+                    if xml {
+                        xml_call(&mut rng)
+                    } else {
+                        hermes_call(&mut rng)
+                    }
+                })
                 .collect();
-            let budget = target.saturating_sub(calls.iter().map(String::len).sum()).max(40);
+            let budget = target
+                .saturating_sub(calls.iter().map(String::len).sum())
+                .max(40);
             let mut m = String::from("<think>\n");
             prose(&mut rng, budget * 2 / 3, &mut m);
             m.push_str("\n</think>\n\n");
@@ -89,7 +128,13 @@ fn bench(c: &mut Criterion) {
             })
         });
         group.bench_function("batch_rayon", |b| {
-            b.iter(|| black_box(parse_tool_calls_batch(black_box(&texts), Format::Auto, None)))
+            b.iter(|| {
+                black_box(parse_tool_calls_batch(
+                    black_box(&texts),
+                    Format::Auto,
+                    None,
+                ))
+            })
         });
         group.finish();
     }

@@ -343,7 +343,11 @@ fn parse_call_body(
     }
     // The body's first `<function=` lies where the trimmed body starts.
     let raw = &text[start..end];
-    let mut at = start + (raw.len() - raw.trim_start_matches(|c: char| c.is_ascii() && is_trim_byte(c as u8)).len());
+    let mut at = start
+        + (raw.len()
+            - raw
+                .trim_start_matches(|c: char| c.is_ascii() && is_trim_byte(c as u8))
+                .len());
     let mut first = true;
     while at < end {
         let block = function_block(text, at, end);
@@ -532,9 +536,7 @@ pub fn type_xml_value(value: &str, types: Option<&[ParamType]>) -> Value {
             Some(v) => v,
         };
     };
-    if t == "null"
-        && (types.contains(&ParamType::Null) || !types.contains(&ParamType::String))
-    {
+    if t == "null" && (types.contains(&ParamType::Null) || !types.contains(&ParamType::String)) {
         return Value::Null;
     }
     for ty in types {
@@ -585,7 +587,10 @@ mod tests {
     fn hermes_calls_with_prose_and_reasoning() {
         let text = "<think>plan <tool_call>{\"name\":\"no\"}</tool_call></think>Sure.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}}\n</tool_call>\nthen <tool_call>{\"name\": \"b\", \"arguments\": \"{\\\"y\\\": [1, 2.5]}\"}</tool_call> done";
         let m = parse(text);
-        assert_eq!(m.reasoning.as_deref(), Some("plan <tool_call>{\"name\":\"no\"}</tool_call>"));
+        assert_eq!(
+            m.reasoning.as_deref(),
+            Some("plan <tool_call>{\"name\":\"no\"}</tool_call>")
+        );
         assert_eq!(m.content, "Sure.\n\nthen  done");
         assert_eq!(m.tool_calls.len(), 2);
         assert_eq!(m.tool_calls[0].name, "a");
@@ -600,7 +605,10 @@ mod tests {
         let m = parse(text);
         assert_eq!(m.tool_calls.len(), 1);
         assert_eq!(m.errors.len(), 2);
-        assert_eq!(m.errors[0].offset, text.find("<tool_call>{\"name\": 3").unwrap());
+        assert_eq!(
+            m.errors[0].offset,
+            text.find("<tool_call>{\"name\": 3").unwrap()
+        );
         assert!(m.errors[0].reason.contains("not a string"));
         assert!(m.errors[1].reason.contains("invalid JSON"));
         assert_eq!(m.content, "a");
@@ -628,7 +636,11 @@ mod tests {
             m.tool_calls[0].arguments,
             args(json!({"n": 3, "zip": "01234", "ok": true, "l": [1, "a"], "free": 12}))
         );
-        let bare = parse_tool_calls("hi <function=f><parameter=a>x</function> bye", Format::Qwen3Coder, None);
+        let bare = parse_tool_calls(
+            "hi <function=f><parameter=a>x</function> bye",
+            Format::Qwen3Coder,
+            None,
+        );
         assert_eq!(bare.tool_calls[0].arguments, args(json!({"a": "x"})));
         assert_eq!(bare.content, "hi  bye");
         let cut = parse("<tool_call><function=f><parameter=a>1</parameter><parameter=b>par");
@@ -639,7 +651,10 @@ mod tests {
     #[test]
     fn reasoning_begun_in_prompt() {
         let m = parse("thinking <tool_call>{\"name\":\"n\"}</tool_call></think>answer");
-        assert_eq!(m.reasoning.as_deref(), Some("thinking <tool_call>{\"name\":\"n\"}</tool_call>"));
+        assert_eq!(
+            m.reasoning.as_deref(),
+            Some("thinking <tool_call>{\"name\":\"n\"}</tool_call>")
+        );
         assert_eq!(m.content, "answer");
         assert!(m.tool_calls.is_empty());
     }

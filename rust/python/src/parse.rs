@@ -134,9 +134,10 @@ impl ParsedMessage {
                     && a.reasoning == b.reasoning
                     && a.errors == b.errors
                     && a.tool_calls.len() == b.tool_calls.len()
-                    && a.tool_calls.iter().zip(&b.tool_calls).all(|(x, y)| {
-                        x.name == y.name && x.arguments == y.arguments
-                    })
+                    && a.tool_calls
+                        .iter()
+                        .zip(&b.tool_calls)
+                        .all(|(x, y)| x.name == y.name && x.arguments == y.arguments)
             }
             Err(_) => false,
         }
