@@ -193,9 +193,7 @@ def parse_function_block(
     return name, args
 
 
-def _xml_call(
-    text: str, open_at: int, limit: int, schemas: Any, out: _Out, report_at: int
-) -> int:
+def _xml_call(text: str, open_at: int, limit: int, schemas: Any, out: _Out, report_at: int) -> int:
     inner_end, closed, nxt = function_block(text, open_at, limit)
     try:
         name, args = parse_function_block(text, open_at, inner_end, closed, schemas)
@@ -239,7 +237,9 @@ def _byte_offset(text: str, i: int) -> int:
     return len(text[:i].encode("utf-8"))
 
 
-def parse(text: str, fmt: str = "auto", tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def parse(
+    text: str, fmt: str = "auto", tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The reference parse: dict with content, reasoning, tool_calls, error_offsets."""
     schemas = build_schemas(tools)
     out = _Out()

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from parsing_reference import parse as ref_parse
 
 import turnrl
-from parsing_reference import parse as ref_parse
 
 TOOLS = [
     {
@@ -43,7 +43,7 @@ def strict_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return list(a) == list(b) and all(strict_equal(a[k], b[k]) for k in a)
     if isinstance(a, list):
-        return len(a) == len(b) and all(strict_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(strict_equal(x, y) for x, y in zip(a, b, strict=False))
     if isinstance(a, float) and a == 0.0:
         return str(a) == str(b)
     return bool(a == b)
@@ -60,14 +60,16 @@ def assert_matches_reference(
     assert got.error_offsets == want["error_offsets"]
     assert len(got.errors) == len(got.error_offsets)
     n_bytes = len(text.encode())
-    for msg, off in zip(got.errors, got.error_offsets):
+    for msg, off in zip(got.errors, got.error_offsets, strict=False):
         assert f"byte {off}:" in msg
         assert 0 <= off < n_bytes
     return got
 
 
 def call(name: str, args: Any, **extra: Any) -> str:
-    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args, **extra}) + "\n</tool_call>"
+    return (
+        "<tool_call>\n" + json.dumps({"name": name, "arguments": args, **extra}) + "\n</tool_call>"
+    )
 
 
 # --- explicit cases ---------------------------------------------------------
@@ -115,7 +117,9 @@ def test_final_call_cut_off_mid_json_is_one_error() -> None:
     text = call("good", {"a": 1}) + ' then <tool_call>\n{"name": "f", "arguments": {"a":'
     m = assert_matches_reference(text)
     assert m.tool_calls == [{"name": "good", "arguments": {"a": 1}}]
-    assert m.error_offsets == [len(text.encode()) - len('<tool_call>\n{"name": "f", "arguments": {"a":')]
+    assert m.error_offsets == [
+        len(text.encode()) - len('<tool_call>\n{"name": "f", "arguments": {"a":')
+    ]
     assert "invalid JSON" in m.errors[0]
 
 
@@ -127,19 +131,29 @@ def test_code_fence_inside_the_tags() -> None:
 
 
 def test_arguments_encoded_as_a_string() -> None:
-    text = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 2, \\"b\\": {\\"c\\": true}}"}</tool_call>'
+    text = (
+        '<tool_call>{"name": "f", '
+        '"arguments": "{\\"a\\": 2, \\"b\\": {\\"c\\": true}}"}</tool_call>'
+    )
     m = assert_matches_reference(text)
     assert m.tool_calls == [{"name": "f", "arguments": {"a": 2, "b": {"c": True}}}]
 
 
 def test_arguments_missing_null_or_blank_is_empty() -> None:
-    for body in ('{"name": "f"}', '{"name": "f", "arguments": null}', '{"name": "f", "arguments": " "}'):
+    for body in (
+        '{"name": "f"}',
+        '{"name": "f", "arguments": null}',
+        '{"name": "f", "arguments": " "}',
+    ):
         m = assert_matches_reference(f"<tool_call>{body}</tool_call>")
         assert m.tool_calls == [{"name": "f", "arguments": {}}], body
 
 
 def test_parameters_alias_and_unknown_keys() -> None:
-    text = '<tool_call>{"id": "c1", "type": "function", "name": "f", "parameters": {"a": 1}}</tool_call>'
+    text = (
+        '<tool_call>{"id": "c1", "type": "function", "name": "f", '
+        '"parameters": {"a": 1}}</tool_call>'
+    )
     m = assert_matches_reference(text)
     assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}]
 
@@ -202,7 +216,10 @@ def test_qwen3_coder_xml_typed_by_schema() -> None:
 
 
 def test_qwen3_coder_without_schema_and_without_outer_tags() -> None:
-    text = "x <function=lookup><parameter=id>42</parameter><parameter=q>hi there</parameter></function> y"
+    text = (
+        "x <function=lookup><parameter=id>42</parameter>"
+        "<parameter=q>hi there</parameter></function> y"
+    )
     m = assert_matches_reference(text, fmt="qwen3_coder")
     assert m.tool_calls == [{"name": "lookup", "arguments": {"id": 42, "q": "hi there"}}]
     m = assert_matches_reference(text, fmt="qwen3_coder", tools=TOOLS)
@@ -228,7 +245,7 @@ def test_formats_are_checked() -> None:
 def test_batch_equals_single_and_message_is_frozen() -> None:
     texts = ["", "plain", call("a", {"b": [1, {"c": 2.5}]}), "<tool_call>{", "<think>x</think>y"]
     batch = turnrl.parse_tool_calls_batch(texts * 20, tools=TOOLS)
-    for t, m in zip(texts * 20, batch):
+    for t, m in zip(texts * 20, batch, strict=False):
         single = turnrl.parse_tool_calls(t, tools=TOOLS)
         assert m == single
         assert m.to_dict() == single.to_dict()
@@ -240,7 +257,7 @@ def test_batch_equals_single_and_message_is_frozen() -> None:
 
 PROSE = st.lists(
     st.sampled_from(
-        [*"abc xyz\n\t.,é漢✓{}[]\"<>/=_", "<tool_call>", "</tool_call>", "</think>", "<function="]
+        [*'abc xyz\n\t.,é漢✓{}[]"<>/=_', "<tool_call>", "</tool_call>", "</think>", "<function="]
     ),
     max_size=30,
 ).map("".join)
@@ -253,7 +270,9 @@ SCALARS = (
 )
 JSON_VALUES = st.recursive(
     SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 ARGS = st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4)
@@ -289,7 +308,12 @@ XML_VALUES = st.one_of(
 @st.composite
 def xml_call(draw: st.DrawFn) -> str:
     name = draw(st.sampled_from(["book", "lookup", "x"]))
-    keys = draw(st.lists(st.sampled_from(["count", "price", "zip", "ok", "items", "meta", "maybe", "id", "q"]), max_size=4))
+    keys = draw(
+        st.lists(
+            st.sampled_from(["count", "price", "zip", "ok", "items", "meta", "maybe", "id", "q"]),
+            max_size=4,
+        )
+    )
     params = "".join(f"<parameter={k}>\n{draw(XML_VALUES)}\n</parameter>\n" for k in keys)
     block = f"<function={name}>\n{params}</function>"
     return block if draw(st.booleans()) else "<tool_call>\n" + block + "\n</tool_call>"
