@@ -212,6 +212,18 @@ pub fn trim_ascii_ws(s: &str) -> &str {
     s.trim_matches(|c: char| c.is_ascii() && is_trim_byte(c as u8))
 }
 
+/// Trims without a second allocation.
+fn trim_in_place(mut s: String) -> String {
+    let trimmed = trim_ascii_ws(&s);
+    let (start, len) = (
+        trimmed.as_ptr() as usize - s.as_ptr() as usize,
+        trimmed.len(),
+    );
+    s.truncate(start + len);
+    s.drain(..start);
+    s
+}
+
 /// The first tag from `tags` at or after `from` and before `to`, as
 /// (position, index into `tags`). One memchr pass over `<` bytes.
 fn find_first_tag(text: &str, from: usize, to: usize, tags: &[&str]) -> Option<(usize, usize)> {
@@ -234,7 +246,7 @@ fn find_first_tag(text: &str, from: usize, to: usize, tags: &[&str]) -> Option<(
 /// Parses one assistant message. Never panics; linear in `text`.
 pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) -> ParsedMessage {
     let mut out = ParsedMessage::default();
-    let mut content = String::with_capacity(text.len());
+    let mut content = String::new();
     let mut reasoning: Option<String> = None;
     let mut pos = 0usize;
 
@@ -285,8 +297,8 @@ pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) 
         }
     }
     content.push_str(&text[pos..]);
-    out.content = trim_ascii_ws(&content).to_string();
-    out.reasoning = reasoning.map(|r| trim_ascii_ws(&r).to_string());
+    out.content = trim_in_place(content);
+    out.reasoning = reasoning.map(trim_in_place);
     out
 }
 
