@@ -363,3 +363,15 @@ def test_arbitrary_text_matches_reference(text: str) -> None:
 def test_batch_equals_single(texts: list[str]) -> None:
     batch = turnrl.parse_tool_calls_batch(texts, "auto", TOOLS)
     assert batch == [turnrl.parse_tool_calls(t, "auto", TOOLS) for t in texts]
+
+
+def test_long_message_takes_the_detached_path() -> None:
+    # Messages of 16 KiB and more are parsed with the GIL released.
+    text = ("word " * 4000) + call("f", {"a": "é" * 100}) + "<tool_call>{oops</tool_call>"
+    m = assert_matches_reference(text, tools=TOOLS)
+    assert len(m.tool_calls) == 1 and len(m.errors) == 1
+
+
+def test_lone_surrogates_are_rejected_clearly() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        turnrl.parse_tool_calls("bad \ud800 text")

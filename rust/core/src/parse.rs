@@ -672,6 +672,27 @@ mod tests {
     }
 
     #[test]
+    fn xml_value_typing_rules() {
+        use ParamType::*;
+        let ty = |v: &str, t: &[ParamType]| type_xml_value(v, Some(t));
+        assert_eq!(ty(" 5 ", &[Integer]), json!(5));
+        assert_eq!(ty("5.5", &[Integer]), json!("5.5"));
+        assert_eq!(ty("5.5", &[Integer, Number]), json!(5.5));
+        assert_eq!(ty("null", &[Integer]), Value::Null);
+        assert_eq!(ty("null", &[String]), json!("null"));
+        assert_eq!(ty("null", &[String, Null]), Value::Null);
+        assert_eq!(ty("True", &[Boolean]), json!(true));
+        assert_eq!(ty("yes", &[Boolean]), json!("yes"));
+        assert_eq!(ty("[1]", &[Object]), json!("[1]"));
+        assert_eq!(ty("{\"a\": 1}", &[Object]), json!({"a": 1}));
+        assert_eq!(ty(" 007 ", &[String]), json!(" 007 "));
+        assert_eq!(type_xml_value("007", None), json!("007"));
+        assert_eq!(type_xml_value("\"q\"", None), json!("\"q\""));
+        assert_eq!(type_xml_value("-3", None), json!(-3));
+        assert_eq!(type_xml_value("NaN", None), json!("NaN"));
+    }
+
+    #[test]
     fn unknown_format_is_an_error() {
         assert!(Format::from_name("xml").is_err());
     }
