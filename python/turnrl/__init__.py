@@ -17,10 +17,18 @@ from turnrl.advantages import (
     register_estimator,
 )
 from turnrl.exceptions import InvalidInputError, TurnrlError, TurnrlIOError, UnknownNameError
+from turnrl.parsing import (
+    ParsedMessage,
+    ToolCallFormat,
+    parse_tool_calls,
+    parse_tool_calls_batch,
+)
 
 __all__ = [
     "AdvantageBatch",
     "InvalidInputError",
+    "ParsedMessage",
+    "ToolCallFormat",
     "TurnrlError",
     "TurnrlIOError",
     "UnknownNameError",
@@ -29,5 +37,7 @@ __all__ = [
     "compute_advantages",
     "estimator_names",
     "get_estimator",
+    "parse_tool_calls",
+    "parse_tool_calls_batch",
     "register_estimator",
 ]

@@ -1,6 +1,9 @@
 # Stubs of the Rust extension module turnrl._core, written by hand and
 # checked with mypy.stubtest in the test suite.
 
+from collections.abc import Mapping, Sequence
+from typing import Any, final
+
 import numpy as np
 import numpy.typing as npt
 
@@ -63,3 +66,25 @@ def direction_check(
     turn_tiers: npt.NDArray[np.int64],
     signs: npt.NDArray[np.int8],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float64]]: ...
+
+@final
+class ParsedMessage:
+    @property
+    def content(self) -> str: ...
+    @property
+    def reasoning(self) -> str | None: ...
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]: ...
+    @property
+    def errors(self) -> list[str]: ...
+    @property
+    def error_offsets(self) -> list[int]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+    def __eq__(self, value: object, /) -> bool: ...
+
+def parse_tool_calls(
+    text: str, fmt: str = "auto", tools: Sequence[Mapping[str, Any]] | None = None
+) -> ParsedMessage: ...
+def parse_tool_calls_batch(
+    texts: Sequence[str], fmt: str = "auto", tools: Sequence[Mapping[str, Any]] | None = None
+) -> list[ParsedMessage]: ...

@@ -6,5 +6,6 @@
 pub mod advantages;
 pub mod calibration;
 pub mod error;
+pub mod parse;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@
 mod advantages;
 mod calibration;
 mod errors;
+mod parse;
 
 use pyo3::prelude::*;
 
@@ -15,6 +16,8 @@ mod _core {
     use crate::advantages::{broadcast_to_tokens, compute_advantages, estimators, validate_batch};
     #[pymodule_export]
     use crate::calibration::{direction_check, tier_correlations, tier_sums};
+    #[pymodule_export]
+    use crate::parse::{parse_tool_calls, parse_tool_calls_batch, ParsedMessage};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

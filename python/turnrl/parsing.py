@@ -1,0 +1,76 @@
+"""Reading tool calls out of assistant messages (Rust core).
+
+Two formats are understood: Hermes/Qwen JSON inside ``<tool_call>`` tags and
+Qwen3-Coder XML (``<function=NAME><parameter=KEY>value</parameter></function>``,
+with or without the outer ``<tool_call>`` tags). ``fmt="auto"`` decides per
+call. Real model output is messy, so the parser keeps going: a malformed call
+becomes one entry of ``.errors`` (with the byte offset of its opening tag in
+``.error_offsets``) and every other call is still returned.
+
+Rules, in short (the full list is in ``rust/core/src/parse.rs``):
+
+* ``<think>...</think>`` is reasoning (a block never closed runs to the end;
+  a ``</think>`` with no ``<think>`` before it ends reasoning that began in
+  the prompt). Tags inside reasoning are text: a call there is not a call.
+* A ``<tool_call>`` never closed (generation cut off) ends at the next
+  ``<tool_call>`` or the end of the text; it still parses when its JSON is
+  complete.
+* JSON bodies may sit in a code fence; ``arguments`` (alias ``parameters``)
+  may be an object, a JSON-encoded string, or missing / null / blank (``{}``);
+  other keys are ignored; ``name`` must be a non-empty string.
+* XML values are typed from the tool's JSON schema when ``tools`` is given;
+  without one, a value that reads as a JSON number, boolean, null, object or
+  array takes that type and anything else stays a string.
+* ``.content`` is the text outside reasoning and calls, trimmed of ASCII
+  whitespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from turnrl import _core
+from turnrl._core import ParsedMessage
+
+__all__ = ["ParsedMessage", "ToolCallFormat", "parse_tool_calls", "parse_tool_calls_batch"]
+
+ToolCallFormat = Literal["auto", "hermes", "qwen3_coder"]
+"""Accepted values of ``fmt``."""
+
+
+def parse_tool_calls(
+    text: str,
+    fmt: ToolCallFormat = "auto",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> ParsedMessage:
+    """Splits one assistant message into content, reasoning, tool calls and errors.
+
+    Args:
+        text: the generated assistant text.
+        fmt: ``"auto"``, ``"hermes"`` or ``"qwen3_coder"``.
+        tools: OpenAI function schemas (``{"type": "function", "function":
+            {...}}`` or the inner dict); they type Qwen3-Coder parameter values.
+
+    Returns:
+        A frozen :class:`ParsedMessage` with ``content`` (str), ``reasoning``
+        (str or None), ``tool_calls`` (list of ``{"name", "arguments"}``),
+        ``errors`` (list of str) and ``error_offsets`` (list of byte offsets).
+
+    Raises:
+        UnknownNameError: for an unknown ``fmt``.
+        InvalidInputError: for a malformed ``tools`` list.
+    """
+    return _core.parse_tool_calls(text, fmt, tools)
+
+
+def parse_tool_calls_batch(
+    texts: Sequence[str],
+    fmt: ToolCallFormat = "auto",
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> list[ParsedMessage]:
+    """Parses many messages in parallel (Rust threads, GIL released).
+
+    Gives the same results as ``[parse_tool_calls(t, fmt, tools) for t in texts]``.
+    """
+    return _core.parse_tool_calls_batch(list(texts), fmt, tools)

@@ -1,0 +1,699 @@
+//! Parsing tool calls out of an assistant message.
+//!
+//! One left-to-right scan over the bytes finds the tags that matter
+//! (`<think>`, `<tool_call>` and, for Qwen3-Coder, `<function=`); every other
+//! byte is prose. Each tag search resumes where the previous one stopped, so
+//! the whole parse is linear in the input, whatever the input holds.
+//!
+//! # Rules
+//!
+//! * **Reasoning.** `<think>…</think>` blocks are reasoning; a block without
+//!   `</think>` runs to the end of the text (cut off while thinking). When the
+//!   first `</think>` has no `<think>` before it (chat templates that put
+//!   `<think>` in the prompt), everything before it is reasoning. Reasoning
+//!   blocks are joined with `"\n"` and trimmed; tags inside reasoning are text,
+//!   so a call inside reasoning is never a call. `None` when there is no block.
+//! * **Calls.** `<tool_call>` opens a call; its body ends at the next
+//!   `</tool_call>`, or at the next `<tool_call>` or the end of the text when
+//!   the call was never closed (cut off at the end of generation). With
+//!   `fmt` = `auto` or `qwen3_coder`, a bare `<function=NAME>…</function>` block
+//!   outside `<tool_call>` is a call too.
+//! * **Content** is the text outside reasoning and calls, joined and trimmed
+//!   (trimming removes ASCII whitespace: space, `\t`, `\n`, `\r`, `\x0b`, `\x0c`).
+//! * **Hermes JSON body** (trimmed; an optional ```` ``` ```` / ```` ```json ````
+//!   fence around it is removed) must be exactly one JSON object: `name` a
+//!   non-empty string; `arguments` (or its alias `parameters`) an object, a
+//!   JSON-encoded string holding an object, or missing / null / blank string
+//!   (all `{}`); other keys are ignored. Trailing text after the object is an
+//!   error, like `json.loads`.
+//! * **Qwen3-Coder XML body**: one or more `<function=NAME>` blocks, each
+//!   ending at `</function>`, the next `<function=` or the end of the body.
+//!   `<parameter=KEY>value</parameter>`; a value also ends at the next
+//!   `<parameter=` or `</function>` (a forgotten closer), but a value that runs
+//!   into the end of an unclosed block was cut off and makes the call an error.
+//!   One leading and one trailing `\n` of a value are removed (the template
+//!   puts the value on its own lines). Values are typed by [`ToolSchemas`],
+//!   see [`type_xml_value`].
+//! * `fmt` = `auto` decides per call: an XML body starts with `<function=`.
+//! * **Errors.** A call that cannot be read becomes one [`CallError`] holding
+//!   the byte offset of its opening tag; the other calls are kept.
+
+use std::collections::HashMap;
+
+use memchr::memchr;
+use serde_json::{Map, Value};
+
+use crate::{Error, Result};
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+const CALL_OPEN: &str = "<tool_call>";
+const CALL_CLOSE: &str = "</tool_call>";
+const FUNCTION_OPEN: &str = "<function=";
+const FUNCTION_CLOSE: &str = "</function>";
+const PARAMETER_OPEN: &str = "<parameter=";
+const PARAMETER_CLOSE: &str = "</parameter>";
+
+/// The tool-call syntax to expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Decide per call (`<function=` starts an XML body, anything else is JSON).
+    Auto,
+    /// Hermes / Qwen2.5 / Qwen3: JSON inside `<tool_call>` tags.
+    Hermes,
+    /// Qwen3-Coder: `<function=NAME><parameter=KEY>value</parameter></function>`.
+    Qwen3Coder,
+}
+
+impl Format {
+    pub const NAMES: [&'static str; 3] = ["auto", "hermes", "qwen3_coder"];
+
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "auto" => Ok(Format::Auto),
+            "hermes" => Ok(Format::Hermes),
+            "qwen3_coder" => Ok(Format::Qwen3Coder),
+            _ => Err(Error::UnknownName {
+                what: "tool-call format",
+                name: name.to_string(),
+                valid: Self::NAMES.iter().map(|s| s.to_string()).collect(),
+            }),
+        }
+    }
+
+    fn accepts_xml(self) -> bool {
+        matches!(self, Format::Auto | Format::Qwen3Coder)
+    }
+}
+
+/// One parsed call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: Map<String, Value>,
+    /// Byte offset of the call's opening tag in the input.
+    pub offset: usize,
+}
+
+/// A call that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallError {
+    /// Byte offset of the call's opening tag in the input.
+    pub offset: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tool call at byte {}: {}", self.offset, self.reason)
+    }
+}
+
+/// The parts of one assistant message.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ParsedMessage {
+    pub content: String,
+    pub reasoning: Option<String>,
+    pub tool_calls: Vec<ToolCall>,
+    pub errors: Vec<CallError>,
+}
+
+/// A JSON-schema type a Qwen3-Coder parameter value can be read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    String,
+    Integer,
+    Number,
+    Boolean,
+    Object,
+    Array,
+    Null,
+}
+
+impl ParamType {
+    /// The schema's type name; names outside JSON Schema's set read as strings.
+    pub fn from_schema_name(name: &str) -> Self {
+        match name {
+            "integer" => ParamType::Integer,
+            "number" => ParamType::Number,
+            "boolean" => ParamType::Boolean,
+            "object" => ParamType::Object,
+            "array" => ParamType::Array,
+            "null" => ParamType::Null,
+            _ => ParamType::String,
+        }
+    }
+}
+
+/// Parameter types per tool and parameter name, from OpenAI function schemas.
+#[derive(Debug, Clone, Default)]
+pub struct ToolSchemas {
+    tools: HashMap<String, HashMap<String, Vec<ParamType>>>,
+}
+
+impl ToolSchemas {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a tool (so it is known even with no typed parameters).
+    pub fn add_tool(&mut self, tool: &str) {
+        self.tools.entry(tool.to_string()).or_default();
+    }
+
+    /// Sets the accepted types of one parameter, in the schema's order.
+    pub fn set_param(&mut self, tool: &str, param: &str, types: Vec<ParamType>) {
+        self.tools
+            .entry(tool.to_string())
+            .or_default()
+            .insert(param.to_string(), types);
+    }
+
+    /// Reads `{"type": "function", "function": {...}}` or the inner
+    /// `{"name", "parameters": {"properties": {...}}}` dict.
+    pub fn add_openai_tool(&mut self, tool: &Value) -> Result<()> {
+        let function = tool.get("function").unwrap_or(tool);
+        let name = function
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::invalid("tool schema has no string \"name\""))?;
+        self.add_tool(name);
+        let properties = function
+            .get("parameters")
+            .and_then(|p| p.get("properties"))
+            .and_then(Value::as_object);
+        for (key, spec) in properties.into_iter().flatten() {
+            let types: Vec<ParamType> = match spec.get("type") {
+                Some(Value::String(t)) => vec![ParamType::from_schema_name(t)],
+                Some(Value::Array(ts)) => ts
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(ParamType::from_schema_name)
+                    .collect(),
+                _ => vec![],
+            };
+            self.set_param(name, key, types);
+        }
+        Ok(())
+    }
+
+    fn param_types(&self, tool: &str, param: &str) -> Option<&[ParamType]> {
+        let types = self.tools.get(tool)?.get(param)?;
+        (!types.is_empty()).then_some(types.as_slice())
+    }
+}
+
+fn is_trim_byte(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// Trims ASCII whitespace (the same set as the Python reference).
+pub fn trim_ascii_ws(s: &str) -> &str {
+    s.trim_matches(|c: char| c.is_ascii() && is_trim_byte(c as u8))
+}
+
+/// Trims without a second allocation.
+fn trim_in_place(mut s: String) -> String {
+    let trimmed = trim_ascii_ws(&s);
+    let (start, len) = (
+        trimmed.as_ptr() as usize - s.as_ptr() as usize,
+        trimmed.len(),
+    );
+    s.truncate(start + len);
+    s.drain(..start);
+    s
+}
+
+/// The first tag from `tags` at or after `from` and before `to`, as
+/// (position, index into `tags`). One memchr pass over `<` bytes.
+fn find_first_tag(text: &str, from: usize, to: usize, tags: &[&str]) -> Option<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut at = from;
+    while at < to {
+        let rel = memchr(b'<', &bytes[at..to])?;
+        let pos = at + rel;
+        let rest = &bytes[pos..to];
+        for (i, tag) in tags.iter().enumerate() {
+            if rest.starts_with(tag.as_bytes()) {
+                return Some((pos, i));
+            }
+        }
+        at = pos + 1;
+    }
+    None
+}
+
+/// Parses one assistant message. Never panics; linear in `text`.
+pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) -> ParsedMessage {
+    let mut out = ParsedMessage::default();
+    let mut content = String::new();
+    let mut reasoning: Option<String> = None;
+    let mut pos = 0usize;
+
+    // A leading `</think>` with no `<think>` before it closes reasoning that
+    // began in the prompt.
+    if let Some((close, 1)) = find_first_tag(text, 0, text.len(), &[THINK_OPEN, THINK_CLOSE]) {
+        reasoning = Some(text[..close].to_string());
+        pos = close + THINK_CLOSE.len();
+    }
+
+    let tags: &[&str] = if fmt.accepts_xml() {
+        &[THINK_OPEN, CALL_OPEN, FUNCTION_OPEN]
+    } else {
+        &[THINK_OPEN, CALL_OPEN]
+    };
+    while let Some((at, which)) = find_first_tag(text, pos, text.len(), tags) {
+        content.push_str(&text[pos..at]);
+        match which {
+            0 => {
+                let start = at + THINK_OPEN.len();
+                let (end, next) = match find_first_tag(text, start, text.len(), &[THINK_CLOSE]) {
+                    Some((p, _)) => (p, p + THINK_CLOSE.len()),
+                    None => (text.len(), text.len()),
+                };
+                let r = reasoning.get_or_insert_with(String::new);
+                if !r.is_empty() {
+                    r.push('\n');
+                }
+                r.push_str(&text[start..end]);
+                pos = next;
+            }
+            1 => {
+                let start = at + CALL_OPEN.len();
+                let (end, next) =
+                    match find_first_tag(text, start, text.len(), &[CALL_CLOSE, CALL_OPEN]) {
+                        Some((p, 0)) => (p, p + CALL_CLOSE.len()),
+                        Some((p, _)) => (p, p),
+                        None => (text.len(), text.len()),
+                    };
+                parse_call_body(text, at, start, end, fmt, schemas, &mut out);
+                pos = next;
+            }
+            _ => {
+                let block = function_block(text, at, text.len());
+                push_xml_call(text, &block, schemas, &mut out);
+                pos = block.next;
+            }
+        }
+    }
+    content.push_str(&text[pos..]);
+    out.content = trim_in_place(content);
+    out.reasoning = reasoning.map(trim_in_place);
+    out
+}
+
+/// Parses many messages in parallel (rayon).
+pub fn parse_tool_calls_batch<S: AsRef<str> + Sync>(
+    texts: &[S],
+    fmt: Format,
+    schemas: Option<&ToolSchemas>,
+) -> Vec<ParsedMessage> {
+    use rayon::prelude::*;
+    texts
+        .par_iter()
+        .with_min_len(16)
+        .map(|t| parse_tool_calls(t.as_ref(), fmt, schemas))
+        .collect()
+}
+
+fn parse_call_body(
+    text: &str,
+    tag_at: usize,
+    start: usize,
+    end: usize,
+    fmt: Format,
+    schemas: Option<&ToolSchemas>,
+    out: &mut ParsedMessage,
+) {
+    let body = trim_ascii_ws(&text[start..end]);
+    let fail = |out: &mut ParsedMessage, reason: String| {
+        out.errors.push(CallError {
+            offset: tag_at,
+            reason,
+        })
+    };
+    if body.is_empty() {
+        return fail(out, "empty tool call".to_string());
+    }
+    let xml = match fmt {
+        Format::Hermes => false,
+        Format::Qwen3Coder => true,
+        Format::Auto => body.starts_with(FUNCTION_OPEN),
+    };
+    if !xml {
+        return match parse_json_call(body) {
+            Ok((name, arguments)) => out.tool_calls.push(ToolCall {
+                name,
+                arguments,
+                offset: tag_at,
+            }),
+            Err(reason) => fail(out, reason),
+        };
+    }
+    if !body.starts_with(FUNCTION_OPEN) {
+        return fail(out, "expected <function=NAME> in tool call".to_string());
+    }
+    // The body's first `<function=` lies where the trimmed body starts.
+    let raw = &text[start..end];
+    let mut at = start
+        + (raw.len()
+            - raw
+                .trim_start_matches(|c: char| c.is_ascii() && is_trim_byte(c as u8))
+                .len());
+    let mut first = true;
+    while at < end {
+        let block = function_block(text, at, end);
+        let before = out.tool_calls.len() + out.errors.len();
+        push_xml_call(text, &block, schemas, out);
+        if first {
+            // Errors of the first block carry the `<tool_call>` offset, so one
+            // malformed call reports where the call starts.
+            if out.tool_calls.len() + out.errors.len() > before {
+                if let Some(e) = out.errors.last_mut().filter(|e| e.offset == block.open) {
+                    e.offset = tag_at;
+                }
+                if let Some(c) = out.tool_calls.last_mut().filter(|c| c.offset == block.open) {
+                    c.offset = tag_at;
+                }
+            }
+            first = false;
+        }
+        match find_first_tag(text, block.next, end, &[FUNCTION_OPEN]) {
+            Some((p, _)) => at = p,
+            None => break,
+        }
+    }
+}
+
+/// Removes a ```` ``` ```` or ```` ```lang ```` fence around a JSON body.
+fn strip_fence(body: &str) -> &str {
+    let Some(rest) = body.strip_prefix("```") else {
+        return body;
+    };
+    let rest = rest.trim_start_matches(|c: char| c.is_ascii_alphanumeric());
+    let rest = rest.strip_suffix("```").unwrap_or(rest);
+    trim_ascii_ws(rest)
+}
+
+fn parse_json_call(body: &str) -> std::result::Result<(String, Map<String, Value>), String> {
+    let body = strip_fence(body);
+    let value: Value = serde_json::from_str(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(mut call) = value else {
+        return Err("tool call JSON is not an object".to_string());
+    };
+    let name = match call.get_mut("name") {
+        Some(Value::String(name)) if !name.is_empty() => std::mem::take(name),
+        Some(Value::String(_)) => return Err("\"name\" is empty".to_string()),
+        Some(_) => return Err("\"name\" is not a string".to_string()),
+        None => return Err("missing \"name\"".to_string()),
+    };
+    let args = match call.get_mut("arguments") {
+        Some(v) => std::mem::take(v),
+        None => call
+            .get_mut("parameters")
+            .map(std::mem::take)
+            .unwrap_or(Value::Null),
+    };
+    let arguments = match args {
+        Value::Object(m) => m,
+        Value::Null => Map::new(),
+        Value::String(s) => {
+            let inner = trim_ascii_ws(&s);
+            if inner.is_empty() {
+                Map::new()
+            } else {
+                match serde_json::from_str::<Value>(inner) {
+                    Ok(Value::Object(m)) => m,
+                    Ok(_) => return Err("\"arguments\" string is not a JSON object".to_string()),
+                    Err(e) => return Err(format!("\"arguments\" string is not valid JSON: {e}")),
+                }
+            }
+        }
+        _ => return Err("\"arguments\" is not an object".to_string()),
+    };
+    Ok((name, arguments))
+}
+
+/// Where one `<function=` block lies.
+struct FunctionBlock {
+    /// Offset of `<function=`.
+    open: usize,
+    /// End of the block's inside (at `</function>` or the limit).
+    inner_end: usize,
+    /// Whether `</function>` closed it.
+    closed: bool,
+    /// Where scanning resumes.
+    next: usize,
+}
+
+fn function_block(text: &str, open: usize, limit: usize) -> FunctionBlock {
+    let from = open + FUNCTION_OPEN.len();
+    match find_first_tag(text, from, limit, &[FUNCTION_CLOSE, FUNCTION_OPEN]) {
+        Some((p, 0)) => FunctionBlock {
+            open,
+            inner_end: p,
+            closed: true,
+            next: p + FUNCTION_CLOSE.len(),
+        },
+        Some((p, _)) => FunctionBlock {
+            open,
+            inner_end: p,
+            closed: false,
+            next: p,
+        },
+        None => FunctionBlock {
+            open,
+            inner_end: limit,
+            closed: false,
+            next: limit,
+        },
+    }
+}
+
+fn push_xml_call(
+    text: &str,
+    block: &FunctionBlock,
+    schemas: Option<&ToolSchemas>,
+    out: &mut ParsedMessage,
+) {
+    match parse_function_block(text, block, schemas) {
+        Ok((name, arguments)) => out.tool_calls.push(ToolCall {
+            name,
+            arguments,
+            offset: block.open,
+        }),
+        Err(reason) => out.errors.push(CallError {
+            offset: block.open,
+            reason,
+        }),
+    }
+}
+
+fn parse_function_block(
+    text: &str,
+    block: &FunctionBlock,
+    schemas: Option<&ToolSchemas>,
+) -> std::result::Result<(String, Map<String, Value>), String> {
+    let bytes = text.as_bytes();
+    let name_start = block.open + FUNCTION_OPEN.len();
+    let end = block.inner_end;
+    let gt = memchr(b'>', &bytes[name_start..end])
+        .ok_or_else(|| "unterminated <function= tag".to_string())?;
+    let name = trim_ascii_ws(&text[name_start..name_start + gt]);
+    if name.is_empty() {
+        return Err("empty function name".to_string());
+    }
+    let mut arguments = Map::new();
+    let mut at = name_start + gt + 1;
+    while let Some((p, _)) = find_first_tag(text, at, end, &[PARAMETER_OPEN]) {
+        let key_start = p + PARAMETER_OPEN.len();
+        let gt = memchr(b'>', &bytes[key_start..end])
+            .ok_or_else(|| "unterminated <parameter= tag".to_string())?;
+        let key = trim_ascii_ws(&text[key_start..key_start + gt]);
+        if key.is_empty() {
+            return Err("empty parameter name".to_string());
+        }
+        let value_start = key_start + gt + 1;
+        let (value_end, next) =
+            match find_first_tag(text, value_start, end, &[PARAMETER_CLOSE, PARAMETER_OPEN]) {
+                Some((q, 0)) => (q, q + PARAMETER_CLOSE.len()),
+                Some((q, _)) => (q, q),
+                None if block.closed => (end, end),
+                None => return Err(format!("parameter {key:?} cut off")),
+            };
+        let mut value = &text[value_start..value_end];
+        value = value.strip_prefix('\n').unwrap_or(value);
+        value = value.strip_suffix('\n').unwrap_or(value);
+        let types = schemas.and_then(|s| s.param_types(name, key));
+        arguments.insert(key.to_string(), type_xml_value(value, types));
+        at = next;
+    }
+    Ok((name.to_string(), arguments))
+}
+
+/// Types one Qwen3-Coder parameter value. `t` below is the value trimmed.
+///
+/// With schema types: `t == "null"` gives null when the types list `null` or
+/// lack `string`; else each type is tried in order (`integer`: a JSON integer;
+/// `number`: a JSON number; `boolean`: `true`/`True`/`false`/`False`;
+/// `object`/`array`: JSON of that kind; `null`: `null`; `string` and unknown
+/// names: the value as is), and a value no type accepts stays a string.
+/// Without a schema for this parameter: `t` read as JSON when that gives a
+/// number, boolean, null, object or array; otherwise the value as a string.
+pub fn type_xml_value(value: &str, types: Option<&[ParamType]>) -> Value {
+    let t = trim_ascii_ws(value);
+    let Some(types) = types else {
+        return match parse_json_literal(t) {
+            Some(Value::String(_)) | None => Value::String(value.to_string()),
+            Some(v) => v,
+        };
+    };
+    if t == "null" && (types.contains(&ParamType::Null) || !types.contains(&ParamType::String)) {
+        return Value::Null;
+    }
+    for ty in types {
+        let typed = match ty {
+            ParamType::String => return Value::String(value.to_string()),
+            ParamType::Integer => parse_json_literal(t).filter(|v| v.is_i64() || v.is_u64()),
+            ParamType::Number => parse_json_literal(t).filter(Value::is_number),
+            ParamType::Boolean => match t {
+                "true" | "True" => Some(Value::Bool(true)),
+                "false" | "False" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            ParamType::Object => parse_json_literal(t).filter(Value::is_object),
+            ParamType::Array => parse_json_literal(t).filter(Value::is_array),
+            ParamType::Null => (t == "null").then_some(Value::Null),
+        };
+        if let Some(v) = typed {
+            return v;
+        }
+    }
+    Value::String(value.to_string())
+}
+
+fn parse_json_literal(t: &str) -> Option<Value> {
+    // Cheap first-byte check keeps prose values off the JSON parser.
+    let first = *t.as_bytes().first()?;
+    if !(first.is_ascii_digit() || matches!(first, b'-' | b'{' | b'[' | b't' | b'f' | b'n' | b'"'))
+    {
+        return None;
+    }
+    serde_json::from_str(t).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(text: &str) -> ParsedMessage {
+        parse_tool_calls(text, Format::Auto, None)
+    }
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn hermes_calls_with_prose_and_reasoning() {
+        let text = "<think>plan <tool_call>{\"name\":\"no\"}</tool_call></think>Sure.\n<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}}\n</tool_call>\nthen <tool_call>{\"name\": \"b\", \"arguments\": \"{\\\"y\\\": [1, 2.5]}\"}</tool_call> done";
+        let m = parse(text);
+        assert_eq!(
+            m.reasoning.as_deref(),
+            Some("plan <tool_call>{\"name\":\"no\"}</tool_call>")
+        );
+        assert_eq!(m.content, "Sure.\n\nthen  done");
+        assert_eq!(m.tool_calls.len(), 2);
+        assert_eq!(m.tool_calls[0].name, "a");
+        assert_eq!(m.tool_calls[0].arguments, args(json!({"x": 1})));
+        assert_eq!(m.tool_calls[1].arguments, args(json!({"y": [1, 2.5]})));
+        assert!(m.errors.is_empty());
+    }
+
+    #[test]
+    fn one_bad_call_keeps_the_others() {
+        let text = "a<tool_call>{\"name\": \"x\"}</tool_call><tool_call>{\"name\": 3}</tool_call><tool_call>{\"name\":\"y\",\"arguments\":{\"k\":";
+        let m = parse(text);
+        assert_eq!(m.tool_calls.len(), 1);
+        assert_eq!(m.errors.len(), 2);
+        assert_eq!(
+            m.errors[0].offset,
+            text.find("<tool_call>{\"name\": 3").unwrap()
+        );
+        assert!(m.errors[0].reason.contains("not a string"));
+        assert!(m.errors[1].reason.contains("invalid JSON"));
+        assert_eq!(m.content, "a");
+    }
+
+    #[test]
+    fn cut_off_complete_json_and_fences() {
+        let m = parse("x <tool_call>```json\n{\"name\": \"f\", \"parameters\": {\"a\": \"b\"}, \"id\": 7}\n```");
+        assert_eq!(m.tool_calls.len(), 1);
+        assert_eq!(m.tool_calls[0].arguments, args(json!({"a": "b"})));
+        let m = parse("<tool_call>{\"name\": \"f\"}");
+        assert_eq!(m.tool_calls[0].arguments, Map::new());
+    }
+
+    #[test]
+    fn qwen3_coder_xml_typed_by_schema() {
+        let mut s = ToolSchemas::new();
+        s.add_openai_tool(&json!({"type": "function", "function": {"name": "book", "parameters": {"properties": {
+            "n": {"type": "integer"}, "zip": {"type": "string"}, "ok": {"type": "boolean"}, "l": {"type": "array"}}}}}))
+            .unwrap();
+        let text = "<tool_call>\n<function=book>\n<parameter=n>\n3\n</parameter>\n<parameter=zip>\n01234\n</parameter>\n<parameter=ok>\ntrue\n</parameter>\n<parameter=l>\n[1, \"a\"]\n</parameter>\n<parameter=free>\n12\n</parameter>\n</function>\n</tool_call>";
+        let m = parse_tool_calls(text, Format::Auto, Some(&s));
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(
+            m.tool_calls[0].arguments,
+            args(json!({"n": 3, "zip": "01234", "ok": true, "l": [1, "a"], "free": 12}))
+        );
+        let bare = parse_tool_calls(
+            "hi <function=f><parameter=a>x</function> bye",
+            Format::Qwen3Coder,
+            None,
+        );
+        assert_eq!(bare.tool_calls[0].arguments, args(json!({"a": "x"})));
+        assert_eq!(bare.content, "hi  bye");
+        let cut = parse("<tool_call><function=f><parameter=a>1</parameter><parameter=b>par");
+        assert_eq!(cut.errors.len(), 1);
+        assert_eq!(cut.errors[0].offset, 0);
+    }
+
+    #[test]
+    fn reasoning_begun_in_prompt() {
+        let m = parse("thinking <tool_call>{\"name\":\"n\"}</tool_call></think>answer");
+        assert_eq!(
+            m.reasoning.as_deref(),
+            Some("thinking <tool_call>{\"name\":\"n\"}</tool_call>")
+        );
+        assert_eq!(m.content, "answer");
+        assert!(m.tool_calls.is_empty());
+    }
+
+    #[test]
+    fn xml_value_typing_rules() {
+        use ParamType::*;
+        let ty = |v: &str, t: &[ParamType]| type_xml_value(v, Some(t));
+        assert_eq!(ty(" 5 ", &[Integer]), json!(5));
+        assert_eq!(ty("5.5", &[Integer]), json!("5.5"));
+        assert_eq!(ty("5.5", &[Integer, Number]), json!(5.5));
+        assert_eq!(ty("null", &[Integer]), Value::Null);
+        assert_eq!(ty("null", &[String]), json!("null"));
+        assert_eq!(ty("null", &[String, Null]), Value::Null);
+        assert_eq!(ty("True", &[Boolean]), json!(true));
+        assert_eq!(ty("yes", &[Boolean]), json!("yes"));
+        assert_eq!(ty("[1]", &[Object]), json!("[1]"));
+        assert_eq!(ty("{\"a\": 1}", &[Object]), json!({"a": 1}));
+        assert_eq!(ty(" 007 ", &[String]), json!(" 007 "));
+        assert_eq!(type_xml_value("007", None), json!("007"));
+        assert_eq!(type_xml_value("\"q\"", None), json!("\"q\""));
+        assert_eq!(type_xml_value("-3", None), json!(-3));
+        assert_eq!(type_xml_value("NaN", None), json!("NaN"));
+    }
+
+    #[test]
+    fn unknown_format_is_an_error() {
+        assert!(Format::from_name("xml").is_err());
+    }
+}

@@ -1,0 +1,314 @@
+//! Bindings of `turnrl_core::parse`: one message, or many in parallel with
+//! the GIL released.
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedStr;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyList, PyString};
+use serde_json::Value;
+use turnrl_core::parse::{self as core, Format, ParamType, ToolSchemas};
+use turnrl_core::Error;
+
+use crate::errors::{detached, to_pyerr};
+
+/// Below this many bytes one message parses faster than the GIL round trip.
+const DETACH_MIN_BYTES: usize = 16 * 1024;
+
+/// The parts of one assistant message (see `turnrl.parse_tool_calls`).
+///
+/// Python objects are built on first access of each attribute and cached, so
+/// a caller that reads only `.tool_calls` or `.errors` pays for nothing else.
+#[pyclass(frozen, module = "turnrl._core", name = "ParsedMessage")]
+pub struct ParsedMessage {
+    parsed: core::ParsedMessage,
+    content: PyOnceLock<Py<PyString>>,
+    reasoning: PyOnceLock<Option<Py<PyString>>>,
+    tool_calls: PyOnceLock<Py<PyList>>,
+    errors: PyOnceLock<Py<PyList>>,
+    error_offsets: PyOnceLock<Py<PyList>>,
+}
+
+impl ParsedMessage {
+    fn new(parsed: core::ParsedMessage) -> Self {
+        Self {
+            parsed,
+            content: PyOnceLock::new(),
+            reasoning: PyOnceLock::new(),
+            tool_calls: PyOnceLock::new(),
+            errors: PyOnceLock::new(),
+            error_offsets: PyOnceLock::new(),
+        }
+    }
+}
+
+#[pymethods]
+impl ParsedMessage {
+    /// Text outside reasoning and calls, trimmed.
+    #[getter]
+    fn content<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
+        self.content
+            .get_or_init(py, || PyString::new(py, &self.parsed.content).unbind())
+            .bind(py)
+            .clone()
+    }
+
+    /// `<think>` text, or None when the message has none.
+    #[getter]
+    fn reasoning<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyString>> {
+        self.reasoning
+            .get_or_init(py, || {
+                self.parsed
+                    .reasoning
+                    .as_deref()
+                    .map(|r| PyString::new(py, r).unbind())
+            })
+            .as_ref()
+            .map(|r| r.bind(py).clone())
+    }
+
+    /// `[{"name": str, "arguments": dict}, ...]`, in order.
+    #[getter]
+    fn tool_calls<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.tool_calls.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for call in &self.parsed.tool_calls {
+                let d = PyDict::new(py);
+                d.set_item(pyo3::intern!(py, "name"), PyString::new(py, &call.name))?;
+                d.set_item(
+                    pyo3::intern!(py, "arguments"),
+                    map_to_py(py, &call.arguments)?,
+                )?;
+                list.append(d)?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
+    /// One message per call that could not be read.
+    #[getter]
+    fn errors<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.errors.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for e in &self.parsed.errors {
+                list.append(e.to_string())?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
+    /// Byte offset in the input of each failed call's opening tag.
+    #[getter]
+    fn error_offsets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.error_offsets.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for e in &self.parsed.errors {
+                list.append(e.offset)?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "ParsedMessage(content={}, reasoning={}, tool_calls={}, errors={})",
+            self.content(py).repr()?,
+            match self.reasoning(py) {
+                Some(r) => r.repr()?.to_string(),
+                None => "None".to_string(),
+            },
+            self.tool_calls(py)?.repr()?,
+            self.errors(py)?.repr()?,
+        ))
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        match other.cast::<ParsedMessage>() {
+            Ok(other) => {
+                // Call offsets are not attributes, so they take no part.
+                let (a, b) = (&self.parsed, &other.get().parsed);
+                a.content == b.content
+                    && a.reasoning == b.reasoning
+                    && a.errors == b.errors
+                    && a.tool_calls.len() == b.tool_calls.len()
+                    && a.tool_calls
+                        .iter()
+                        .zip(&b.tool_calls)
+                        .all(|(x, y)| x.name == y.name && x.arguments == y.arguments)
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The message as a plain dict (content, reasoning, tool_calls, errors, error_offsets).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("content", self.content(py))?;
+        d.set_item("reasoning", self.reasoning(py))?;
+        d.set_item("tool_calls", self.tool_calls(py)?)?;
+        d.set_item("errors", self.errors(py)?)?;
+        d.set_item("error_offsets", self.error_offsets(py)?)?;
+        Ok(d)
+    }
+}
+
+/// serde_json value -> Python object (ints stay ints, floats stay floats).
+fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any()
+            } else {
+                PyFloat::new(py, n.as_f64().unwrap_or(f64::NAN)).into_any()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(value_to_py(py, item)?)?;
+            }
+            list.into_any()
+        }
+        Value::Object(map) => map_to_py(py, map)?.into_any(),
+    })
+}
+
+fn map_to_py<'py>(
+    py: Python<'py>,
+    map: &serde_json::Map<String, Value>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    for (k, v) in map {
+        dict.set_item(PyString::new(py, k), value_to_py(py, v)?)?;
+    }
+    Ok(dict)
+}
+
+fn message_to_py(py: Python<'_>, m: core::ParsedMessage) -> PyResult<Py<ParsedMessage>> {
+    Py::new(py, ParsedMessage::new(m))
+}
+
+/// OpenAI function schemas (`{"type": "function", "function": {...}}` or the
+/// inner dict) -> parameter types per tool.
+fn read_tools(py: Python<'_>, tools: &Bound<'_, PyAny>) -> PyResult<ToolSchemas> {
+    let mut schemas = ToolSchemas::new();
+    for (i, tool) in tools.try_iter()?.enumerate() {
+        let tool = tool?;
+        let bad = |what: &str| to_pyerr(py, Error::invalid(format!("tools[{i}]: {what}")));
+        let tool = tool
+            .cast::<PyDict>()
+            .map_err(|_| bad("expected a dict (OpenAI function schema)"))?;
+        let function = match tool.get_item("function")? {
+            Some(f) => f
+                .cast_into::<PyDict>()
+                .map_err(|_| bad("\"function\" is not a dict"))?,
+            None => tool.clone(),
+        };
+        let name: String = function
+            .get_item("name")?
+            .and_then(|n| n.extract().ok())
+            .ok_or_else(|| bad("no string \"name\""))?;
+        schemas.add_tool(&name);
+        let Some(params) = function.get_item("parameters")? else {
+            continue;
+        };
+        let Ok(params) = params.cast_into::<PyDict>() else {
+            return Err(bad("\"parameters\" is not a dict"));
+        };
+        let Some(props) = params.get_item("properties")? else {
+            continue;
+        };
+        let Ok(props) = props.cast_into::<PyDict>() else {
+            return Err(bad("\"parameters.properties\" is not a dict"));
+        };
+        for (key, spec) in props.iter() {
+            let key: String = key
+                .extract()
+                .map_err(|_| bad("a property name is not a string"))?;
+            let ty = match spec.cast::<PyDict>() {
+                Ok(spec) => spec.get_item("type")?,
+                Err(_) => None,
+            };
+            let types: Vec<ParamType> = match ty {
+                None => vec![],
+                Some(t) => {
+                    if let Ok(s) = t.extract::<String>() {
+                        vec![ParamType::from_schema_name(&s)]
+                    } else if let Ok(list) = t.extract::<Vec<String>>() {
+                        list.iter()
+                            .map(|s| ParamType::from_schema_name(s))
+                            .collect()
+                    } else {
+                        return Err(PyTypeError::new_err(format!(
+                            "tools[{i}]: type of parameter {key:?} must be a string or a list of strings"
+                        )));
+                    }
+                }
+            };
+            schemas.set_param(&name, &key, types);
+        }
+    }
+    Ok(schemas)
+}
+
+fn read_options(
+    py: Python<'_>,
+    fmt: &str,
+    tools: Option<&Bound<'_, PyAny>>,
+) -> PyResult<(Format, Option<ToolSchemas>)> {
+    let format = Format::from_name(fmt).map_err(|e| to_pyerr(py, e))?;
+    let schemas = match tools {
+        Some(t) if !t.is_none() => Some(read_tools(py, t)?),
+        _ => None,
+    };
+    Ok((format, schemas))
+}
+
+/// Parses one assistant message (see `turnrl.parse_tool_calls`).
+#[pyfunction]
+#[pyo3(signature = (text, fmt="auto", tools=None))]
+pub fn parse_tool_calls(
+    py: Python<'_>,
+    text: &str,
+    fmt: &str,
+    tools: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Py<ParsedMessage>> {
+    let (format, schemas) = read_options(py, fmt, tools)?;
+    let parsed = if text.len() >= DETACH_MIN_BYTES {
+        detached(py, || {
+            Ok(core::parse_tool_calls(text, format, schemas.as_ref()))
+        })?
+    } else {
+        core::parse_tool_calls(text, format, schemas.as_ref())
+    };
+    message_to_py(py, parsed)
+}
+
+/// Parses many messages in parallel without the GIL (see
+/// `turnrl.parse_tool_calls_batch`).
+#[pyfunction]
+#[pyo3(signature = (texts, fmt="auto", tools=None))]
+pub fn parse_tool_calls_batch(
+    py: Python<'_>,
+    texts: Vec<PyBackedStr>,
+    fmt: &str,
+    tools: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Vec<Py<ParsedMessage>>> {
+    let (format, schemas) = read_options(py, fmt, tools)?;
+    let parsed = detached(py, || {
+        Ok(core::parse_tool_calls_batch(
+            &texts,
+            format,
+            schemas.as_ref(),
+        ))
+    })?;
+    parsed.into_iter().map(|m| message_to_py(py, m)).collect()
+}

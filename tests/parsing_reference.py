@@ -1,0 +1,290 @@
+"""Plain Python reference of turnrl's tool-call parser, with the same rules
+(see rust/core/src/parse.rs): str.find scans, json.loads, no regex.
+
+Error offsets are byte offsets into the UTF-8 input, as in the Rust parser.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+WS = " \t\n\r\x0b\x0c"
+ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+KNOWN_TYPES = {"integer", "number", "boolean", "object", "array", "null"}
+MISSING = object()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _int(literal: str) -> int | float:
+    # serde_json reads the literal -0 as the float -0.0.
+    return -0.0 if literal == "-0" else int(literal)
+
+
+def loads(text: str) -> Any:
+    """json.loads restricted to what serde_json accepts."""
+    return json.loads(text, parse_constant=_reject_constant, parse_int=_int)
+
+
+def find_first(text: str, start: int, end: int, tags: list[str]) -> tuple[int, int] | None:
+    best: tuple[int, int] | None = None
+    for i, tag in enumerate(tags):
+        p = text.find(tag, start, end)
+        if p >= 0 and (best is None or p < best[0]):
+            best = (p, i)
+    return best
+
+
+def build_schemas(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, list[str]]] | None:
+    if tools is None:
+        return None
+    out: dict[str, dict[str, list[str]]] = {}
+    for tool in tools:
+        fn = tool.get("function", tool)
+        params = out.setdefault(fn["name"], {})
+        props = (fn.get("parameters") or {}).get("properties") or {}
+        for key, spec in props.items():
+            ty = spec.get("type") if isinstance(spec, dict) else None
+            names = [] if ty is None else [ty] if isinstance(ty, str) else list(ty)
+            params[key] = [n if n in KNOWN_TYPES else "string" for n in names]
+    return out
+
+
+def json_literal(t: str) -> Any:
+    if not t:
+        return MISSING
+    first = t[0]
+    if not ("0" <= first <= "9" or first in '-{[tfn"'):
+        return MISSING
+    try:
+        return loads(t)
+    except ValueError:
+        return MISSING
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def type_value(value: str, types: list[str] | None) -> Any:
+    t = value.strip(WS)
+    if not types:
+        v = json_literal(t)
+        return value if v is MISSING or isinstance(v, str) else v
+    if t == "null" and ("null" in types or "string" not in types):
+        return None
+    for ty in types:
+        v = json_literal(t) if ty in ("integer", "number", "object", "array") else MISSING
+        if ty == "string":
+            return value
+        if ty == "integer" and _is_int(v):
+            return v
+        if ty == "number" and (_is_int(v) or isinstance(v, float)):
+            return v
+        if ty == "boolean" and t in ("true", "True", "false", "False"):
+            return t in ("true", "True")
+        if ty == "object" and isinstance(v, dict):
+            return v
+        if ty == "array" and isinstance(v, list):
+            return v
+        if ty == "null" and t == "null":
+            return None
+    return value
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[str, Any]]] = []
+        self.errors: list[tuple[int, str]] = []
+
+
+def strip_fence(body: str) -> str:
+    if not body.startswith("```"):
+        return body
+    rest = body[3:].lstrip(ALNUM)
+    if rest.endswith("```"):
+        rest = rest[:-3]
+    return rest.strip(WS)
+
+
+def parse_json_call(body: str) -> tuple[str, dict[str, Any]]:
+    try:
+        call = loads(strip_fence(body))
+    except ValueError as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(call, dict):
+        raise ValueError("not an object")
+    name = call.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError("bad name")
+    args = call["arguments"] if "arguments" in call else call.get("parameters")
+    if args is None:
+        return name, {}
+    if isinstance(args, dict):
+        return name, args
+    if isinstance(args, str):
+        inner = args.strip(WS)
+        if not inner:
+            return name, {}
+        try:
+            decoded = loads(inner)
+        except ValueError:
+            raise ValueError("arguments string is not JSON") from None
+        if isinstance(decoded, dict):
+            return name, decoded
+    raise ValueError("arguments is not an object")
+
+
+def function_block(text: str, open_at: int, limit: int) -> tuple[int, bool, int]:
+    """(inner_end, closed, next)."""
+    hit = find_first(text, open_at + len("<function="), limit, ["</function>", "<function="])
+    if hit is None:
+        return limit, False, limit
+    p, which = hit
+    if which == 0:
+        return p, True, p + len("</function>")
+    return p, False, p
+
+
+def parse_function_block(
+    text: str, open_at: int, end: int, closed: bool, schemas: Any
+) -> tuple[str, dict[str, Any]]:
+    name_start = open_at + len("<function=")
+    gt = text.find(">", name_start, end)
+    if gt < 0:
+        raise ValueError("unterminated function tag")
+    name = text[name_start:gt].strip(WS)
+    if not name:
+        raise ValueError("empty function name")
+    args: dict[str, Any] = {}
+    at = gt + 1
+    while True:
+        hit = find_first(text, at, end, ["<parameter="])
+        if hit is None:
+            break
+        key_start = hit[0] + len("<parameter=")
+        gt = text.find(">", key_start, end)
+        if gt < 0:
+            raise ValueError("unterminated parameter tag")
+        key = text[key_start:gt].strip(WS)
+        if not key:
+            raise ValueError("empty parameter name")
+        vstart = gt + 1
+        hit = find_first(text, vstart, end, ["</parameter>", "<parameter="])
+        if hit is None:
+            if not closed:
+                raise ValueError("parameter cut off")
+            vend, nxt = end, end
+        elif hit[1] == 0:
+            vend, nxt = hit[0], hit[0] + len("</parameter>")
+        else:
+            vend, nxt = hit[0], hit[0]
+        value = text[vstart:vend]
+        if value.startswith("\n"):
+            value = value[1:]
+        if value.endswith("\n"):
+            value = value[:-1]
+        types = None if schemas is None else schemas.get(name, {}).get(key)
+        args[key] = type_value(value, types)
+        at = nxt
+    return name, args
+
+
+def _xml_call(text: str, open_at: int, limit: int, schemas: Any, out: _Out, report_at: int) -> int:
+    inner_end, closed, nxt = function_block(text, open_at, limit)
+    try:
+        name, args = parse_function_block(text, open_at, inner_end, closed, schemas)
+        out.calls.append((report_at, {"name": name, "arguments": args}))
+    except ValueError as e:
+        out.errors.append((report_at, str(e)))
+    return nxt
+
+
+def parse_body(
+    text: str, tag_at: int, start: int, end: int, fmt: str, schemas: Any, out: _Out
+) -> None:
+    raw = text[start:end]
+    body = raw.strip(WS)
+    if not body:
+        out.errors.append((tag_at, "empty tool call"))
+        return
+    xml = fmt == "qwen3_coder" or (fmt == "auto" and body.startswith("<function="))
+    if not xml:
+        try:
+            name, args = parse_json_call(body)
+            out.calls.append((tag_at, {"name": name, "arguments": args}))
+        except ValueError as e:
+            out.errors.append((tag_at, str(e)))
+        return
+    if not body.startswith("<function="):
+        out.errors.append((tag_at, "expected <function=NAME>"))
+        return
+    at = start + (len(raw) - len(raw.lstrip(WS)))
+    first = True
+    while at < end:
+        nxt = _xml_call(text, at, end, schemas, out, tag_at if first else at)
+        first = False
+        hit = find_first(text, nxt, end, ["<function="])
+        if hit is None:
+            break
+        at = hit[0]
+
+
+def _byte_offset(text: str, i: int) -> int:
+    return len(text[:i].encode("utf-8"))
+
+
+def parse(
+    text: str, fmt: str = "auto", tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The reference parse: dict with content, reasoning, tool_calls, error_offsets."""
+    schemas = build_schemas(tools)
+    out = _Out()
+    content: list[str] = []
+    reasoning: str | None = None
+    pos = 0
+    n = len(text)
+    hit = find_first(text, 0, n, ["<think>", "</think>"])
+    if hit is not None and hit[1] == 1:
+        reasoning = text[: hit[0]]
+        pos = hit[0] + len("</think>")
+    tags = ["<think>", "<tool_call>"] + (["<function="] if fmt != "hermes" else [])
+    while True:
+        hit = find_first(text, pos, n, tags)
+        if hit is None:
+            break
+        at, which = hit
+        content.append(text[pos:at])
+        if which == 0:
+            start = at + len("<think>")
+            close = find_first(text, start, n, ["</think>"])
+            end, nxt = (close[0], close[0] + len("</think>")) if close else (n, n)
+            if reasoning is None:
+                reasoning = ""
+            if reasoning:
+                reasoning += "\n"
+            reasoning += text[start:end]
+            pos = nxt
+        elif which == 1:
+            start = at + len("<tool_call>")
+            close = find_first(text, start, n, ["</tool_call>", "<tool_call>"])
+            if close is None:
+                end, nxt = n, n
+            elif close[1] == 0:
+                end, nxt = close[0], close[0] + len("</tool_call>")
+            else:
+                end, nxt = close[0], close[0]
+            parse_body(text, at, start, end, fmt, schemas, out)
+            pos = nxt
+        else:
+            pos = _xml_call(text, at, n, schemas, out, at)
+    content.append(text[pos:])
+    return {
+        "content": "".join(content).strip(WS),
+        "reasoning": None if reasoning is None else reasoning.strip(WS),
+        "tool_calls": [c for _, c in out.calls],
+        "error_offsets": [_byte_offset(text, i) for i, _ in out.errors],
+    }

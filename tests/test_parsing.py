@@ -1,0 +1,377 @@
+"""turnrl.parse_tool_calls against the plain Python reference in
+parsing_reference.py, plus explicit cases for each kind of messy output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from parsing_reference import parse as ref_parse
+
+import turnrl
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "count": {"type": "integer"},
+                    "price": {"type": "number"},
+                    "zip": {"type": "string"},
+                    "ok": {"type": "boolean"},
+                    "items": {"type": "array"},
+                    "meta": {"type": "object"},
+                    "maybe": {"type": ["integer", "null"]},
+                },
+            },
+        },
+    },
+    {"name": "lookup", "parameters": {"properties": {"id": {"type": "string"}}}},
+]
+
+
+def strict_equal(a: Any, b: Any) -> bool:
+    """Equality that tells 1, 1.0 and True apart."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(strict_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(strict_equal(x, y) for x, y in zip(a, b, strict=False))
+    if isinstance(a, float) and a == 0.0:
+        return str(a) == str(b)
+    return bool(a == b)
+
+
+def assert_matches_reference(
+    text: str, fmt: str = "auto", tools: list[dict[str, Any]] | None = None
+) -> turnrl.ParsedMessage:
+    got = turnrl.parse_tool_calls(text, fmt, tools)
+    want = ref_parse(text, fmt, tools)
+    assert got.content == want["content"]
+    assert got.reasoning == want["reasoning"]
+    assert strict_equal(got.tool_calls, want["tool_calls"]), (got.tool_calls, want["tool_calls"])
+    assert got.error_offsets == want["error_offsets"]
+    assert len(got.errors) == len(got.error_offsets)
+    n_bytes = len(text.encode())
+    for msg, off in zip(got.errors, got.error_offsets, strict=False):
+        assert f"byte {off}:" in msg
+        assert 0 <= off < n_bytes
+    return got
+
+
+def call(name: str, args: Any, **extra: Any) -> str:
+    return (
+        "<tool_call>\n" + json.dumps({"name": name, "arguments": args, **extra}) + "\n</tool_call>"
+    )
+
+
+# --- explicit cases ---------------------------------------------------------
+
+
+def test_several_calls_with_prose_around() -> None:
+    text = "I'll look.\n" + call("a", {"x": 1}) + "\nand\n" + call("b", {"y": [1.5, None]}) + " end"
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [
+        {"name": "a", "arguments": {"x": 1}},
+        {"name": "b", "arguments": {"y": [1.5, None]}},
+    ]
+    assert m.content == "I'll look.\n\nand\n end"
+    assert m.reasoning is None
+    assert m.errors == []
+
+
+def test_reasoning_is_apart_and_calls_inside_it_are_not_calls() -> None:
+    text = "<think>maybe " + call("hidden", {}) + "</think>\nSure. " + call("shown", {"k": "v"})
+    m = assert_matches_reference(text)
+    assert [c["name"] for c in m.tool_calls] == ["shown"]
+    assert m.reasoning is not None and "hidden" in m.reasoning
+    assert m.content == "Sure."
+
+
+def test_reasoning_opened_in_the_prompt() -> None:
+    m = assert_matches_reference("plan it</think>\n\nanswer")
+    assert m.reasoning == "plan it"
+    assert m.content == "answer"
+
+
+def test_reasoning_cut_off() -> None:
+    m = assert_matches_reference("<think>still thinking " + call("x", {}))
+    assert m.tool_calls == [] and m.errors == []
+    assert m.reasoning is not None and m.reasoning.startswith("still thinking")
+
+
+def test_final_call_cut_off_with_complete_json_parses() -> None:
+    m = assert_matches_reference('ok <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n')
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}]
+    assert m.content == "ok"
+
+
+def test_final_call_cut_off_mid_json_is_one_error() -> None:
+    text = call("good", {"a": 1}) + ' then <tool_call>\n{"name": "f", "arguments": {"a":'
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [{"name": "good", "arguments": {"a": 1}}]
+    assert m.error_offsets == [
+        len(text.encode()) - len('<tool_call>\n{"name": "f", "arguments": {"a":')
+    ]
+    assert "invalid JSON" in m.errors[0]
+
+
+def test_code_fence_inside_the_tags() -> None:
+    for fence in ("```json\n", "```\n", "```JSON "):
+        text = "<tool_call>" + fence + '{"name": "f", "arguments": {"a": [1]}}\n```</tool_call>'
+        m = assert_matches_reference(text)
+        assert m.tool_calls == [{"name": "f", "arguments": {"a": [1]}}], fence
+
+
+def test_arguments_encoded_as_a_string() -> None:
+    text = (
+        '<tool_call>{"name": "f", '
+        '"arguments": "{\\"a\\": 2, \\"b\\": {\\"c\\": true}}"}</tool_call>'
+    )
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": 2, "b": {"c": True}}}]
+
+
+def test_arguments_missing_null_or_blank_is_empty() -> None:
+    for body in (
+        '{"name": "f"}',
+        '{"name": "f", "arguments": null}',
+        '{"name": "f", "arguments": " "}',
+    ):
+        m = assert_matches_reference(f"<tool_call>{body}</tool_call>")
+        assert m.tool_calls == [{"name": "f", "arguments": {}}], body
+
+
+def test_parameters_alias_and_unknown_keys() -> None:
+    text = (
+        '<tool_call>{"id": "c1", "type": "function", "name": "f", '
+        '"parameters": {"a": 1}}</tool_call>'
+    )
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"arguments": {}}',
+        '{"name": 3}',
+        '{"name": ""}',
+        '["f", {}]',
+        '{"name": "f", "arguments": [1]}',
+        '{"name": "f", "arguments": "not json"}',
+        '{"name": "f", "arguments": "[1]"}',
+        '{"name": "f"}}',
+        "",
+    ],
+)
+def test_one_malformed_call_among_good_ones(body: str) -> None:
+    good = call("ok", {"n": 1})
+    text = good + " <tool_call>" + body + "</tool_call> " + good
+    m = assert_matches_reference(text)
+    assert len(m.tool_calls) == 2
+    assert m.error_offsets == [len(good.encode()) + 1]
+    assert len(m.errors) == 1
+
+
+def test_error_offsets_are_bytes_not_characters() -> None:
+    text = "héllo ✓ <tool_call>{bad}</tool_call>"
+    m = assert_matches_reference(text)
+    assert m.error_offsets == [text.encode().index(b"<tool_call>")]
+
+
+def test_qwen3_coder_xml_typed_by_schema() -> None:
+    text = (
+        "Booking now.\n<tool_call>\n<function=book>\n"
+        "<parameter=count>\n2\n</parameter>\n<parameter=price>\n10\n</parameter>\n"
+        "<parameter=zip>\n01234\n</parameter>\n<parameter=ok>\nTrue\n</parameter>\n"
+        '<parameter=items>\n["a", 1]\n</parameter>\n<parameter=meta>\n{"k": null}\n</parameter>\n'
+        "<parameter=maybe>\nnull\n</parameter>\n<parameter=other>\n7\n</parameter>\n"
+        "</function>\n</tool_call>"
+    )
+    m = assert_matches_reference(text, tools=TOOLS)
+    assert m.tool_calls == [
+        {
+            "name": "book",
+            "arguments": {
+                "count": 2,
+                "price": 10,
+                "zip": "01234",
+                "ok": True,
+                "items": ["a", 1],
+                "meta": {"k": None},
+                "maybe": None,
+                "other": 7,
+            },
+        }
+    ]
+    assert m.content == "Booking now."
+
+
+def test_qwen3_coder_without_schema_and_without_outer_tags() -> None:
+    text = (
+        "x <function=lookup><parameter=id>42</parameter>"
+        "<parameter=q>hi there</parameter></function> y"
+    )
+    m = assert_matches_reference(text, fmt="qwen3_coder")
+    assert m.tool_calls == [{"name": "lookup", "arguments": {"id": 42, "q": "hi there"}}]
+    m = assert_matches_reference(text, fmt="qwen3_coder", tools=TOOLS)
+    assert m.tool_calls == [{"name": "lookup", "arguments": {"id": "42", "q": "hi there"}}]
+    assert m.content == "x  y"
+    # Hermes mode does not read bare XML blocks.
+    assert turnrl.parse_tool_calls(text, "hermes").tool_calls == []
+
+
+def test_qwen3_coder_cut_off_parameter_is_an_error() -> None:
+    text = "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\npart"
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [] and m.error_offsets == [0]
+
+
+def test_formats_are_checked() -> None:
+    with pytest.raises(turnrl.UnknownNameError):
+        turnrl.parse_tool_calls("x", "xml")  # type: ignore[arg-type]
+    with pytest.raises(turnrl.InvalidInputError):
+        turnrl.parse_tool_calls("x", tools=[{"parameters": {}}])
+
+
+def test_batch_equals_single_and_message_is_frozen() -> None:
+    texts = ["", "plain", call("a", {"b": [1, {"c": 2.5}]}), "<tool_call>{", "<think>x</think>y"]
+    batch = turnrl.parse_tool_calls_batch(texts * 20, tools=TOOLS)
+    for t, m in zip(texts * 20, batch, strict=False):
+        single = turnrl.parse_tool_calls(t, tools=TOOLS)
+        assert m == single
+        assert m.to_dict() == single.to_dict()
+    with pytest.raises(AttributeError):
+        batch[0].content = "changed"  # type: ignore[misc]
+
+
+# --- generated messages against the reference ---------------------------------
+
+PROSE = st.lists(
+    st.sampled_from(
+        [*'abc xyz\n\t.,é漢✓{}[]"<>/=_', "<tool_call>", "</tool_call>", "</think>", "<function="]
+    ),
+    max_size=30,
+).map("".join)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+ARGS = st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4)
+
+
+@st.composite
+def hermes_call(draw: st.DrawFn) -> str:
+    name = draw(st.sampled_from(["book", "lookup", "x"]))
+    args = draw(ARGS)
+    style = draw(st.sampled_from(["plain", "string_args", "missing", "alias", "extra", "fence"]))
+    obj: dict[str, Any] = {"name": name}
+    if style == "string_args":
+        obj["arguments"] = json.dumps(args)
+    elif style == "alias":
+        obj["parameters"] = args
+    elif style != "missing":
+        obj["arguments"] = args
+    if style == "extra":
+        obj["id"] = draw(JSON_VALUES)
+    body = json.dumps(obj, ensure_ascii=draw(st.booleans()))
+    if style == "fence":
+        body = "```json\n" + body + "\n```"
+    return "<tool_call>\n" + body + "\n</tool_call>"
+
+
+XML_VALUES = st.one_of(
+    st.integers(-1000, 1000).map(str),
+    st.sampled_from(["true", "False", "null", "1.5", "[1, 2]", '{"a": 1}', "01234", " x "]),
+    st.text(alphabet="ab c\n", max_size=8),
+)
+
+
+@st.composite
+def xml_call(draw: st.DrawFn) -> str:
+    name = draw(st.sampled_from(["book", "lookup", "x"]))
+    keys = draw(
+        st.lists(
+            st.sampled_from(["count", "price", "zip", "ok", "items", "meta", "maybe", "id", "q"]),
+            max_size=4,
+        )
+    )
+    params = "".join(f"<parameter={k}>\n{draw(XML_VALUES)}\n</parameter>\n" for k in keys)
+    block = f"<function={name}>\n{params}</function>"
+    return block if draw(st.booleans()) else "<tool_call>\n" + block + "\n</tool_call>"
+
+
+@st.composite
+def message(draw: st.DrawFn) -> str:
+    parts: list[str] = []
+    think = draw(st.sampled_from(["none", "block", "prompt_opened", "unclosed"]))
+    if think == "block":
+        parts.append("<think>" + draw(PROSE) + "</think>")
+    elif think == "prompt_opened":
+        parts.append(draw(PROSE).replace("<think>", "") + "</think>")
+    parts.append(draw(PROSE))
+    for _ in range(draw(st.integers(0, 3))):
+        parts.append(draw(hermes_call() | xml_call()))
+        parts.append(draw(PROSE))
+    if think == "unclosed":
+        parts.insert(draw(st.integers(0, len(parts))), "<think>")
+    text = "".join(parts)
+    mutation = draw(st.sampled_from(["none", "none", "truncate", "break_one"]))
+    if mutation == "truncate" and text:
+        text = text[: draw(st.integers(0, len(text)))]
+    elif mutation == "break_one" and "<tool_call>" in text:
+        at = text.index("<tool_call>") + len("<tool_call>") + draw(st.integers(0, 30))
+        text = text[:at] + draw(st.sampled_from(["{", "}", '"', "<", "x"])) + text[at:]
+    return text
+
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(message(), st.sampled_from(["auto", "hermes", "qwen3_coder"]), st.booleans())
+def test_generated_messages_match_reference(text: str, fmt: str, with_tools: bool) -> None:
+    assert_matches_reference(text, fmt, TOOLS if with_tools else None)
+
+
+@FAST
+@given(st.text(max_size=200))
+def test_arbitrary_text_matches_reference(text: str) -> None:
+    assert_matches_reference(text)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(message(), max_size=40))
+def test_batch_equals_single(texts: list[str]) -> None:
+    batch = turnrl.parse_tool_calls_batch(texts, "auto", TOOLS)
+    assert batch == [turnrl.parse_tool_calls(t, "auto", TOOLS) for t in texts]
+
+
+def test_long_message_takes_the_detached_path() -> None:
+    # Messages of 16 KiB and more are parsed with the GIL released.
+    text = ("word " * 4000) + call("f", {"a": "é" * 100}) + "<tool_call>{oops</tool_call>"
+    m = assert_matches_reference(text, tools=TOOLS)
+    assert len(m.tool_calls) == 1 and len(m.errors) == 1
+
+
+def test_lone_surrogates_are_rejected_clearly() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        turnrl.parse_tool_calls("bad \ud800 text")
