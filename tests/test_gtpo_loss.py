@@ -52,23 +52,49 @@ def test_torch_backend_matches_reference_moderate(agg, dtype, rtol):
     dual_clip=st.sampled_from([None, 2.0]),
 )
 def test_torch_backend_matches_reference_ragged(
-    seed, batch, length, hidden_size, vocab, chunk, agg, flat, temperature, beta, entropy_coef,
+    seed,
+    batch,
+    length,
+    hidden_size,
+    vocab,
+    chunk,
+    agg,
+    flat,
+    temperature,
+    beta,
+    entropy_coef,
     dual_clip,
-):  # fmt: skip
+):
     shape = (batch * length,) if flat else (batch, length)
     case = make_case(
-        seed, shape, hidden_size, vocab, torch.float32, agg,
-        beta=beta, entropy_coef=entropy_coef, temperature=temperature, dual_clip=dual_clip,
-    )  # fmt: skip
+        seed,
+        shape,
+        hidden_size,
+        vocab,
+        torch.float32,
+        agg,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        dual_clip=dual_clip,
+    )
     assert_close_to_reference(case, 1e-5, eager_slack=True, backend="torch", chunk_size=chunk)
 
 
 def test_stats_are_masked_means():
     case = make_case(SEED, (3, 20), 16, 97, torch.float64, "token_mean")
     _, stats = gtpo_loss(
-        case.hidden, case.weight, case.targets, case.advantages, case.old, case.mask, case.ref,
-        backend="torch", chunk_size=10, **case.kwargs,
-    )  # fmt: skip
+        case.hidden,
+        case.weight,
+        case.targets,
+        case.advantages,
+        case.old,
+        case.mask,
+        case.ref,
+        backend="torch",
+        chunk_size=10,
+        **case.kwargs,
+    )
     t = case.kwargs["temperature"]
     logp_all = torch.log_softmax(case.hidden @ case.weight.T / t, -1)
     lp = logp_all.gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
@@ -120,9 +146,16 @@ def _loss_and_grads(case):
     hidden = case.hidden.clone().requires_grad_(True)
     weight = case.weight.clone().requires_grad_(True)
     loss, _ = gtpo_loss(
-        hidden, weight, case.targets, case.advantages, case.old, case.mask, case.ref,
-        backend="torch", **case.kwargs,
-    )  # fmt: skip
+        hidden,
+        weight,
+        case.targets,
+        case.advantages,
+        case.old,
+        case.mask,
+        case.ref,
+        backend="torch",
+        **case.kwargs,
+    )
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
 
@@ -132,8 +165,17 @@ def test_frozen_inputs_get_no_gradient():
     adv = case.advantages.clone().requires_grad_(True)
     old = case.old.clone().requires_grad_(True)
     hidden = case.hidden.clone().requires_grad_(True)
-    loss, _ = gtpo_loss(hidden, case.weight, case.targets, adv, old, case.mask, case.ref,
-                        backend="torch", **case.kwargs)  # fmt: skip
+    loss, _ = gtpo_loss(
+        hidden,
+        case.weight,
+        case.targets,
+        adv,
+        old,
+        case.mask,
+        case.ref,
+        backend="torch",
+        **case.kwargs,
+    )
     loss.backward()
     assert hidden.grad is not None
     assert adv.grad is None and old.grad is None and case.weight.grad is None
@@ -157,10 +199,15 @@ def test_aggregation_weights_by_hand():
 def _bad_call(**overrides):
     case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
     args = dict(
-        hidden=case.hidden, weight=case.weight, target_ids=case.targets,
-        advantages=case.advantages, old_logprobs=case.old, mask=case.mask,
-        ref_logprobs=case.ref, backend="torch",
-    )  # fmt: skip
+        hidden=case.hidden,
+        weight=case.weight,
+        target_ids=case.targets,
+        advantages=case.advantages,
+        old_logprobs=case.old,
+        mask=case.mask,
+        ref_logprobs=case.ref,
+        backend="torch",
+    )
     args.update(overrides)
     return gtpo_loss(**args)
 
@@ -205,8 +252,14 @@ def test_reference_is_independent_of_the_chunked_path():
     weight = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     lp = 2.0 - torch.log(torch.exp(torch.tensor(2.0, dtype=torch.float64)) + 1)
     old = lp - torch.log(torch.tensor(2.0, dtype=torch.float64))  # ratio 2: clipped at 1.2
-    args = (hidden, weight, torch.tensor([0]), torch.tensor([1.5], dtype=torch.float64),
-            old.reshape(1), torch.tensor([True]))  # fmt: skip
+    args = (
+        hidden,
+        weight,
+        torch.tensor([0]),
+        torch.tensor([1.5], dtype=torch.float64),
+        old.reshape(1),
+        torch.tensor([True]),
+    )
     assert float(torch_gtpo_loss(*args)) == pytest.approx(-1.5 * 1.2)
     assert float(gtpo_loss(*args, backend="torch")[0]) == pytest.approx(-1.5 * 1.2)
 
@@ -217,3 +270,21 @@ def test_importing_turnrl_kernels_does_not_import_torch():
         "assert 'torch' not in sys.modules and 'triton' not in sys.modules, 'imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_package_exports_the_functions_in_either_import_order():
+    import turnrl.kernels
+
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
+    args = (case.hidden, case.weight, case.targets, case.advantages, case.old, case.mask)
+    want = float(gtpo_loss(*args, backend="torch")[0])
+    assert float(turnrl.kernels.gtpo_loss(*args, backend="torch")[0]) == want
+    assert turnrl.kernels.fused_logprobs is fused_logprobs
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_gpu_benchmark_fails_clearly_without_cuda():
+    bench = os.path.join(os.path.dirname(__file__), "..", "benches", "gpu_loss.py")
+    out = subprocess.run([sys.executable, bench], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "needs a CUDA GPU" in out.stderr

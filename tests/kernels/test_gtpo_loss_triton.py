@@ -47,8 +47,18 @@ def test_triton_backend_matches_reference(agg, dtype, rtol):
 
 
 def test_triton_flat_input_without_kl_or_entropy():
-    case = make_case(SEED, (11,), 8, 33, torch.float32, "token_mean", beta=0.0,
-                     entropy_coef=0.0, temperature=1.0, dual_clip=None)  # fmt: skip
+    case = make_case(
+        SEED,
+        (11,),
+        8,
+        33,
+        torch.float32,
+        "token_mean",
+        beta=0.0,
+        entropy_coef=0.0,
+        temperature=1.0,
+        dual_clip=None,
+    )
     assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=32)
 
 

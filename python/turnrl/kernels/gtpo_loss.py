@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -339,7 +341,11 @@ def stream_grad_triton(
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
         w_c = weight[start:stop]
         logits = _mm_f32(hidden, w_c.T)
-        dlogits = logits if hidden.dtype == torch.float32 else torch.empty_like(logits, dtype=hidden.dtype)
+        dlogits = (
+            logits
+            if hidden.dtype == torch.float32
+            else torch.empty_like(logits, dtype=hidden.dtype)
+        )
         width = stop - start
         _gtpo_backward_chunk_kernel[(n,)](
             logits,
@@ -516,17 +522,42 @@ class GTPOLossFunction(torch.autograd.Function):
         used = agg_weights != 0
         loss = torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
         ctx.save_for_backward(
-            hidden, weight, targets, advantages, old_logprobs, ref_logprobs, agg_weights,
-            lse, mean_logit, logprob, entropy,
-        )  # fmt: skip
-        ctx.cfg, ctx.temperature, ctx.backend, ctx.chunk_size = cfg, temperature, backend, chunk_size
+            hidden,
+            weight,
+            targets,
+            advantages,
+            old_logprobs,
+            ref_logprobs,
+            agg_weights,
+            lse,
+            mean_logit,
+            logprob,
+            entropy,
+        )
+        ctx.cfg, ctx.temperature, ctx.backend, ctx.chunk_size = (
+            cfg,
+            temperature,
+            backend,
+            chunk_size,
+        )
         ctx.mark_non_differentiable(logprob, entropy)
         return loss, logprob, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any):
-        (hidden, weight, targets, advantages, old, ref, agg_weights,
-         lse, mean_logit, logprob, entropy) = ctx.saved_tensors  # fmt: skip
+        (
+            hidden,
+            weight,
+            targets,
+            advantages,
+            old,
+            ref,
+            agg_weights,
+            lse,
+            mean_logit,
+            logprob,
+            entropy,
+        ) = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
             return (None,) * 11
@@ -550,9 +581,18 @@ class GTPOLossFunction(torch.autograd.Function):
         g_h = torch.zeros_like(entropy) if g_h is None else g_h * scale
         _, grad_fn = _STREAMS[ctx.backend]
         grad_h, grad_w = grad_fn(
-            hidden, weight, targets, lse, mean_logit, g_l, g_h,
-            ctx.temperature, ctx.chunk_size, need_hidden, need_weight,
-        )  # fmt: skip
+            hidden,
+            weight,
+            targets,
+            lse,
+            mean_logit,
+            g_l,
+            g_h,
+            ctx.temperature,
+            ctx.chunk_size,
+            need_hidden,
+            need_weight,
+        )
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         return (grad_h, grad_w) + (None,) * 9
@@ -570,7 +610,9 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if (HAS_TRITON and device.type == "cuda") else "torch"
     if backend == "triton":
         if not HAS_TRITON:
-            raise InvalidInputError("backend='triton' needs the triton package; it is not installed")
+            raise InvalidInputError(
+                "backend='triton' needs the triton package; it is not installed"
+            )
         if device.type != "cuda" and not _interpreting():
             raise InvalidInputError(
                 f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
@@ -590,8 +632,7 @@ def _check_token_tensor(name: str, tensor: torch.Tensor | None, shape, device) -
         raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != tuple(shape):
         raise InvalidInputError(
-            f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} "
-            "(hidden.shape[:-1])"
+            f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} (hidden.shape[:-1])"
         )
     if tensor.device != device:
         raise InvalidInputError(f"{name} is on {tensor.device}, hidden is on {device}")
@@ -618,8 +659,12 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) 
         raise InvalidInputError(f"weight dtype {weight.dtype} differs from hidden {hidden.dtype}")
     if weight.device != hidden.device:
         raise InvalidInputError(f"weight is on {weight.device}, hidden is on {hidden.device}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-        raise InvalidInputError(f"temperature must be a positive finite number, got {temperature!r}")
+    if not (
+        isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)
+    ):
+        raise InvalidInputError(
+            f"temperature must be a positive finite number, got {temperature!r}"
+        )
 
 
 def _check_finite_hidden(hidden: torch.Tensor) -> None:
@@ -822,12 +867,18 @@ def torch_gtpo_loss(
     agg: str = "token_mean",
     max_len: int | None = None,
 ) -> torch.Tensor:
-    """Unfused reference: the whole [N, V] logits in ``hidden``'s dtype, eager autograd.
+    """Unfused reference: the whole [N, V] logits, eager autograd.
+
+    Logits are computed in ``hidden``'s dtype and upcast to fp32 when that is
+    bf16/fp16 (the usual eager recipe); fp64 inputs stay fp64.
 
     Written independently of the chunked path (log_softmax, gather, softmax
     entropy, verl's max/min clipping) so the tests compare two derivations.
     """
-    logits = (hidden @ weight.T) / temperature
+    logits = hidden @ weight.T
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # what eager trainers (verl, TRL) do before log_softmax
+    logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     valid = mask != 0
     safe_targets = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
@@ -863,3 +914,14 @@ def torch_gtpo_loss(
     if agg == "dr_grpo":
         return (loss_t * m).sum() / (m.shape[0] * (m.shape[1] if max_len is None else max_len))
     raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``turnrl.kernels.gtpo_loss(...)`` work even when the package
+    attribute is this module (it was imported as a submodule first)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return gtpo_loss(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
