@@ -28,7 +28,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from turnrl.kernels.gtpo_loss import gtpo_loss, torch_gtpo_loss
+from turnrl.kernels.gtpo_loss import fused_logprobs, gtpo_loss, torch_gtpo_loss
 
 def rss_kib():
     with open("/proc/self/status") as f:
@@ -44,8 +44,11 @@ hidden = (torch.randn(n, h, generator=g)).requires_grad_(True)
 weight = (torch.randn(v, h, generator=g) / h**0.5).requires_grad_(True)
 targets = torch.randint(0, v, (n,), generator=g)
 adv = torch.randn(n, generator=g)
-old = -torch.rand(n, generator=g) * 10
-ref = -torch.rand(n, generator=g) * 10
+# Old/ref log-probs near the current ones, as in training (small tiles: this
+# pass must not set the high-water mark).
+lp = fused_logprobs(hidden.detach(), weight.detach(), targets, 0.9, backend="torch", chunk_size=256)
+old = lp + 0.3 * torch.randn(n, generator=g)
+ref = lp + 0.3 * torch.randn(n, generator=g)
 mask = torch.rand(n, generator=g) > 0.1
 kw = dict(beta=0.04, entropy_coef=0.01, dual_clip=3.0, temperature=0.9)
 
