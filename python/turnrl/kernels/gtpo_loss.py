@@ -459,6 +459,30 @@ def aggregation_weights(
     raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
 
 
+def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> torch.Tensor:
+    """``sum_t w_t * loss_t`` in the accumulation dtype of ``logprob``.
+
+    Inputs at weight-0 tokens are replaced by zeros first, so garbage there
+    (NaN or inf old log-probs, padding) reaches neither the loss nor, through
+    ``0 * NaN``, the gradients.
+    """
+    acc = logprob.dtype
+    used = agg_weights != 0
+
+    def clean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(used, x.to(acc), 0.0)
+
+    terms = token_terms(
+        logprob,
+        entropy,
+        clean(old),
+        clean(advantages),
+        None if ref is None else clean(ref),
+        cfg,
+    )
+    return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     x = torch.where(mask, x.to(torch.float32), 0.0)
     return (x.sum() / mask.sum().clamp(min=1)).detach()
@@ -508,19 +532,11 @@ class GTPOLossFunction(torch.autograd.Function):
     ):
         stats_fn, _ = _STREAMS[backend]
         lse, target_logit, mean_logit = stats_fn(hidden, weight, targets, temperature, chunk_size)
-        acc = lse.dtype
         logprob = target_logit - lse
         entropy = lse - mean_logit
-        terms = token_terms(
-            logprob,
-            entropy,
-            old_logprobs.to(acc),
-            advantages.to(acc),
-            None if ref_logprobs is None else ref_logprobs.to(acc),
-            cfg,
+        loss = _weighted_loss(
+            logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg
         )
-        used = agg_weights != 0
-        loss = torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
         ctx.save_for_backward(
             hidden,
             weight,
@@ -561,22 +577,12 @@ class GTPOLossFunction(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_hidden or need_weight):
             return (None,) * 11
-        acc = lse.dtype
         with torch.enable_grad():
             l_var = logprob.detach().requires_grad_(True)
             h_var = entropy.detach().requires_grad_(True)
-            terms = token_terms(
-                l_var,
-                h_var,
-                old.to(acc),
-                advantages.to(acc),
-                None if ref is None else ref.to(acc),
-                ctx.cfg,
-            )
-            used = agg_weights != 0
-            total = torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
+            total = _weighted_loss(l_var, h_var, old, advantages, ref, agg_weights, ctx.cfg)
             g_l, g_h = torch.autograd.grad(total, (l_var, h_var), allow_unused=True)
-        scale = grad_loss.to(acc)
+        scale = grad_loss.to(lse.dtype)
         g_l = torch.zeros_like(logprob) if g_l is None else g_l * scale
         g_h = torch.zeros_like(entropy) if g_h is None else g_h * scale
         _, grad_fn = _STREAMS[ctx.backend]
