@@ -70,3 +70,10 @@ def test_triton_and_torch_backends_agree_on_logprobs():
     a = fused_logprobs(hidden, weight, targets, 0.8, backend="triton", chunk_size=16)
     b = fused_logprobs(hidden, weight, targets, 0.8, backend="torch", chunk_size=16)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not ON_GPU or INTERPRETING, reason="needs a CUDA GPU (compiled kernels)")
+@pytest.mark.parametrize("agg", AGGS)
+def test_triton_backend_on_gpu_at_moderate_shape(agg):
+    case = _to_device(make_case(SEED, (4, 256), 256, 8192, torch.bfloat16, agg))
+    assert_close_to_reference(case, 1e-2, backend="triton", chunk_size=3000)

@@ -191,16 +191,26 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Rounding the logits to bf16 costs ~1e-2 in log-probs, so low-precision
     operands go through cuBLAS with an fp32 output (``out_dtype``) on CUDA
-    and through an fp32 upcast elsewhere (the CPU, the interpreter).
+    and through an fp32 upcast elsewhere (the CPU, the interpreter). A torch
+    without ``mm(out_dtype=)`` gets the eager recipe on CUDA instead: a
+    low-precision product upcast afterwards (fast, bf16-rounded).
     """
+    global _MM_OUT_DTYPE
     if a.dtype == torch.float32:
         return a @ b
     if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
-            pass
+        if _MM_OUT_DTYPE is not False:
+            try:
+                out = torch.mm(a, b, out_dtype=torch.float32)
+                _MM_OUT_DTYPE = True
+                return out
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+        return (a @ b).float()
     return a.float() @ b.float()
+
+
+_MM_OUT_DTYPE: bool | None = None  # whether torch.mm(out_dtype=) works here; None: untried
 
 
 def stream_stats_torch(
