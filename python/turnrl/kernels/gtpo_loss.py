@@ -27,12 +27,18 @@ chunks of ``chunk_size`` columns:
 
 Two implementations of the chunk work sit behind one autograd Function:
 
-* ``"triton"``: the matmuls are torch (cuBLAS on a GPU) in the input dtype,
-  the per-row reductions and the in-place dlogits run as Triton kernels
-  (Liger-Kernel's fused-linear-cross-entropy split). No ``tl.dot`` is used, so
-  the interpreter's bf16 ``tl.dot`` bug (triton issue 11584) cannot bite.
+* ``"triton"``: the matmuls are torch (cuBLAS on a GPU; bf16/fp16 operands
+  with an fp32 logits tile, see :func:`_mm_f32`), the per-row online
+  reductions and the dlogits (written in the input dtype, so the gradient
+  matmuls use the tensor cores) are Triton kernels, one program per row
+  (Liger-Kernel's fused-linear-cross-entropy split). No ``tl.dot`` is used,
+  so the interpreter's bf16 ``tl.dot`` bug (triton issue 11584) cannot bite.
 * ``"torch"``: the same loop in plain torch with fp32 (fp64 for fp64 inputs)
   tiles; the CPU fallback.
+
+Cost: four [N, H] x [H, V] matmuls (the backward recomputes the logits),
+one more than an eager forward+backward; in exchange only one [N, Vc] tile
+(plus its low-precision dlogits copy) is alive at a time.
 
 The per-token terms on [N] vectors are shared by both and differentiated by
 autograd in the backward (cheap: no vocabulary dimension).
@@ -173,7 +179,8 @@ if HAS_TRITON:
 
 
 def _block_v(chunk_width: int) -> int:
-    cap = 256 if _interpreting() else 4096
+    # Small blocks in the interpreter keep it quick and exercise the multi-block loop.
+    cap = 16 if _interpreting() else 4096
     return min(cap, triton.next_power_of_2(chunk_width))
 
 
