@@ -95,3 +95,32 @@ def test_triton_and_torch_backends_agree_on_logprobs():
 def test_triton_backend_on_gpu_at_moderate_shape(agg):
     case = _to_device(make_case(SEED, (4, 256), 256, 8192, torch.bfloat16, agg))
     assert_close_to_reference(case, 1e-2, backend="triton", chunk_size=3000)
+
+
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_triton_frozen_head_or_hidden(frozen):
+    """Only the tensor that requires grad gets one, and it matches the torch backend."""
+    from turnrl.kernels.gtpo_loss import gtpo_loss
+
+    case = _to_device(make_case(SEED, (2, 5), 8, 37, torch.float32, "token_mean"))
+    grads = {}
+    for backend in ("triton", "torch"):
+        hidden = case.hidden.clone().requires_grad_(frozen != "hidden")
+        weight = case.weight.clone().requires_grad_(frozen != "weight")
+        loss, _ = gtpo_loss(
+            hidden,
+            weight,
+            case.targets,
+            case.advantages,
+            case.old,
+            case.mask,
+            case.ref,
+            backend=backend,
+            chunk_size=16,
+            **case.kwargs,
+        )
+        loss.backward()
+        assert (hidden.grad is None) == (frozen == "hidden")
+        assert (weight.grad is None) == (frozen == "weight")
+        grads[backend] = hidden.grad if frozen == "weight" else weight.grad
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-6)

@@ -352,7 +352,11 @@ def stream_grad_triton(
     tensor cores with bf16/fp16 operands, as an eager backward would.
     """
     n = hidden.shape[0]
-    grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_h = (
+        torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        if need_hidden
+        else None
+    )
     grad_w = torch.empty_like(weight) if need_weight else None
     lse = lse.float().contiguous()
     mean_logit = mean_logit.float().contiguous()
@@ -383,12 +387,12 @@ def stream_grad_triton(
             BLOCK_V=_block_v(width),
         )
         del logits
-        if need_hidden:
+        if grad_h is not None:
             grad_h += _mm_f32(dlogits, w_c)
         if grad_w is not None:
             torch.mm(dlogits.T, hidden, out=grad_w[start:stop])
         del dlogits
-    return (grad_h if need_hidden else None), grad_w
+    return grad_h, grad_w
 
 
 _STREAMS = {
