@@ -12,7 +12,7 @@ bf16 hidden states and LM head, times forward+backward with
   given per-sequence advantages (it takes no per-token ones).
 
 Every variant computes gradients for hidden and weight. A variant that
-runs out of memory is reported as OOM. Prints a table with ratios against
+runs out of memory (or fails, with the error on stderr) is reported as OOM. Prints a table with ratios against
 eager and writes a CSV (--csv, default benches/results/gpu_loss.csv).
 
 Run: ``python benches/gpu_loss.py [--tokens 8192 32768] [--seq-len 1024]``.
@@ -134,6 +134,11 @@ def _measure(fn, x, torch, triton):
         peak = torch.cuda.max_memory_allocated() - base
         ms = triton.testing.do_bench(step, warmup=3, rep=20)
     except torch.OutOfMemoryError:
+        hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        return None, None
+    except Exception as exc:  # e.g. a Liger version with another signature
+        print(f"{getattr(fn, '__name__', fn)} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         hidden.grad = weight.grad = None
         torch.cuda.empty_cache()
         return None, None
