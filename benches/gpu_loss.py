@@ -12,8 +12,9 @@ bf16 hidden states and LM head, times forward+backward with
   given per-sequence advantages (it takes no per-token ones).
 
 Every variant computes gradients for hidden and weight. A variant that
-runs out of memory (or fails, with the error on stderr) is reported as OOM. Prints a table with ratios against
-eager and writes a CSV (--csv, default benches/results/gpu_loss.csv).
+runs out of memory (or fails, with the error on stderr) is reported as
+OOM. Prints a table with ratios against eager and writes a CSV (--csv,
+default benches/results/gpu_loss.csv).
 
 Run: ``python benches/gpu_loss.py [--tokens 8192 32768] [--seq-len 1024]``.
 Without CUDA it exits with status 2 and says so.
