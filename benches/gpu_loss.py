@@ -1,0 +1,216 @@
+"""GPU benchmark of the fused GTPO loss at Qwen3-4B shapes (needs CUDA).
+
+For each N in --tokens (default 8192 and 32768), with H=2560, V=151936 and
+bf16 hidden states and LM head, times forward+backward with
+``triton.testing.do_bench`` (median ms) and records the peak of
+``torch.cuda.max_memory_allocated`` beyond the inputs, for:
+
+* ``turnrl``: ``gtpo_loss(backend="triton")`` (per-token advantages);
+* ``eager``: ``torch_gtpo_loss``, the whole [N, V] logits upcast to fp32;
+* ``compile``: ``torch.compile`` of the same eager loss;
+* ``liger``: ``LigerFusedLinearGRPOLoss`` when liger-kernel is installed,
+  given per-sequence advantages (it takes no per-token ones).
+
+Every variant computes gradients for hidden and weight. A variant that
+runs out of memory (or fails, with the error on stderr) is reported as
+OOM. Prints a table with ratios against eager and writes a CSV (--csv,
+default benches/results/gpu_loss.csv).
+
+Run: ``python benches/gpu_loss.py [--tokens 8192 32768] [--seq-len 1024]``.
+Without CUDA it exits with status 2 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import sys
+from pathlib import Path
+
+HIDDEN, VOCAB = 2560, 151936
+
+
+def _inputs(n: int, seq_len: int, torch):
+    if n % seq_len:
+        raise SystemExit(f"--tokens {n} is not a multiple of --seq-len {seq_len}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b = n // seq_len
+    dev, bf16 = "cuda", torch.bfloat16
+    hidden = torch.randn(b, seq_len, HIDDEN, device=dev, dtype=bf16, generator=g)
+    weight = (torch.randn(VOCAB, HIDDEN, device=dev, generator=g) / HIDDEN**0.5).to(bf16)
+    targets = torch.randint(0, VOCAB, (b, seq_len), device=dev, generator=g)
+    mask = torch.rand(b, seq_len, device=dev, generator=g) > 0.1
+    seq_adv = torch.randn(b, device=dev, generator=g)
+    # Per-token advantages: the sequence's value varied per turn-sized block.
+    advantages = seq_adv[:, None] + 0.1 * torch.randn(b, seq_len, device=dev, generator=g)
+    from turnrl.kernels.fused_linear_gtpo import fused_logprobs
+
+    old = fused_logprobs(hidden, weight, targets, backend="triton")
+    old = old + 0.05 * torch.randn(old.shape, device=dev, generator=g)
+    return dict(
+        hidden=hidden,
+        weight=weight,
+        targets=targets,
+        mask=mask,
+        advantages=advantages,
+        seq_adv=seq_adv,
+        old=old,
+    )
+
+
+def _variants(torch):
+    from turnrl.kernels.fused_linear_gtpo import gtpo_loss, torch_gtpo_loss
+
+    def ours(x, h, w):
+        loss, _ = gtpo_loss(
+            h,
+            w,
+            x["targets"],
+            x["advantages"],
+            x["old"],
+            x["mask"],
+            backend="triton",
+            check_inputs=False,
+        )
+        return loss
+
+    def eager(x, h, w):
+        return torch_gtpo_loss(h, w, x["targets"], x["advantages"], x["old"], x["mask"])
+
+    compiled = torch.compile(torch_gtpo_loss)
+
+    def compiled_eager(x, h, w):
+        return compiled(h, w, x["targets"], x["advantages"], x["old"], x["mask"])
+
+    variants = {"turnrl": ours, "eager": eager, "compile": compiled_eager}
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        print("liger-kernel not installed: skipping LigerFusedLinearGRPOLoss")
+        return variants
+    wanted = dict(
+        beta=0.0,
+        use_ref_model=False,
+        loss_type="dapo",
+        epsilon_low=0.2,
+        epsilon_high=0.2,
+        compiled=True,
+    )
+    accepted = inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters
+    liger = LigerFusedLinearGRPOLoss(**{k: v for k, v in wanted.items() if k in accepted})
+
+    def liger_loss(x, h, w):
+        out = liger(
+            _input=h,
+            lin_weight=w,
+            selected_token_ids=x["targets"],
+            attention_mask=x["mask"].long(),
+            advantages=x["seq_adv"],
+            old_per_token_logps=x["old"],
+        )
+        return out[0] if isinstance(out, tuple) else out
+
+    variants["liger"] = liger_loss
+    return variants
+
+
+def _measure(fn, x, torch, triton):
+    hidden = x["hidden"].detach().requires_grad_(True)
+    weight = x["weight"].detach().requires_grad_(True)
+
+    def step():
+        hidden.grad = weight.grad = None
+        fn(x, hidden, weight).backward()
+
+    try:
+        step()  # compile / autotune outside the measurement
+        torch.cuda.synchronize()
+        hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = triton.testing.do_bench(step, warmup=3, rep=20)
+    except torch.OutOfMemoryError:
+        hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        return None, None
+    except Exception as exc:  # e.g. a Liger version with another signature
+        print(f"{getattr(fn, '__name__', fn)} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        hidden.grad = weight.grad = None
+        torch.cuda.empty_cache()
+        return None, None
+    return ms, peak / 2**30
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument(
+        "--csv", type=Path, default=Path(__file__).parent / "results" / "gpu_loss.csv"
+    )
+    args = parser.parse_args()
+    try:
+        import torch
+        import triton
+        import triton.testing
+    except ImportError as exc:
+        print(f"gpu_loss.py needs torch and triton: {exc}", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print(
+            "gpu_loss.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+            "CPU figures come from benches/bench_gtpo_loss_memory.py",
+            file=sys.stderr,
+        )
+        return 2
+    device = torch.cuda.get_device_name()
+    variants = _variants(torch)
+    rows = []
+    for n in args.tokens:
+        x = _inputs(n, args.seq_len, torch)
+        results = {name: _measure(fn, x, torch, triton) for name, fn in variants.items()}
+        eager_ms, eager_gib = results["eager"]
+        for name, (ms, gib) in results.items():
+            rows.append(
+                {
+                    "device": device,
+                    "tokens": n,
+                    "hidden": HIDDEN,
+                    "vocab": VOCAB,
+                    "variant": name,
+                    "ms": ms,
+                    "peak_gib": gib,
+                    "speedup_vs_eager": (eager_ms / ms) if (ms and eager_ms) else None,
+                    "memory_vs_eager": (gib / eager_gib) if (gib and eager_gib) else None,
+                }
+            )
+        del x
+        torch.cuda.empty_cache()
+
+    def fmt(v, spec):
+        return "OOM" if v is None else format(v, spec)
+
+    print(f"{device}; H={HIDDEN} V={VOCAB} bf16, forward+backward")
+    print(f"{'N':>6} {'variant':>8} {'ms':>9} {'peak GiB':>9} {'x eager':>8} {'mem/eager':>9}")
+    for r in rows:
+        print(
+            f"{r['tokens']:>6} {r['variant']:>8} {fmt(r['ms'], '9.1f')} "
+            f"{fmt(r['peak_gib'], '9.2f')} {fmt(r['speedup_vs_eager'], '8.2f')} "
+            f"{fmt(r['memory_vs_eager'], '9.3f')}"
+        )
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with args.csv.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,952 @@
+"""Fused token-level GTPO loss: linear head, log-softmax, clipped surrogate, KL, entropy.
+
+Per token ``t`` (``z = hidden @ weight.T / temperature``)::
+
+    l_t      = log_softmax(z_t)[target_t]
+    H_t      = entropy of softmax(z_t)                      (whole vocabulary)
+    p_t      = exp(clamp(l_t - old_t, -20, 20))
+    pg_t     = max(-A_t * p_t, -A_t * clip(p_t, 1 - eps_low, 1 + eps_high))
+    pg_t     = min(pg_t, -A_t * dual_clip)   where A_t < 0   (only with dual_clip, as verl)
+    kl_t     = exp(d) - d - 1,  d = clamp(ref_t - l_t, -20, 20)      (k3, "low_var_kl")
+    loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
+
+and the loss is ``sum_t w_t * loss_t`` with aggregation weights ``w`` that only
+depend on the mask (see :func:`aggregation_weights`).
+
+The [N, V] logits never exist at once. Both passes stream the vocabulary in
+chunks of ``chunk_size`` columns:
+
+* forward: per chunk, a [N, Vc] logits tile; per row an online logsumexp
+  (running max ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) * z``) and
+  the target logit. ``lse = m + log s``, ``E[z] = u / s``, ``H = lse - E[z]``.
+* backward: per chunk, the tile again, turned in place into
+  ``dz_j = g_l * [j == y] - p_j * (g_l + g_H * (z_j - E[z]))`` (``g_l``,
+  ``g_H``: derivatives of the loss by ``l_t`` and ``H_t``), then
+  ``grad_hidden += dz @ W_c / temperature`` and
+  ``grad_weight[c] = dz.T @ hidden / temperature``.
+
+Two implementations of the chunk work sit behind one autograd Function:
+
+* ``"triton"``: the matmuls are torch (cuBLAS on a GPU; bf16/fp16 operands
+  with an fp32 logits tile, see :func:`_mm_f32`), the per-row online
+  reductions and the dlogits (written in the input dtype, so the gradient
+  matmuls use the tensor cores) are Triton kernels, one program per row
+  (Liger-Kernel's fused-linear-cross-entropy split). No ``tl.dot`` is used,
+  so the interpreter's bf16 ``tl.dot`` bug (triton issue 11584) cannot bite.
+* ``"torch"``: the same loop in plain torch with fp32 (fp64 for fp64 inputs)
+  tiles; the CPU fallback.
+
+Cost: four [N, H] x [H, V] matmuls (the backward recomputes the logits),
+one more than an eager forward+backward; in exchange only one [N, Vc] tile
+(plus its low-precision dlogits copy) is alive at a time.
+
+The per-token terms on [N] vectors are shared by both and differentiated by
+autograd in the backward (cheap: no vocabulary dimension).
+
+Layout follows Liger-Kernel: kernels, launchers, the autograd Function, then
+the functional wrapper; ``torch_gtpo_loss`` (unfused, whole logits) is the
+reference the tests and benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from turnrl.exceptions import InvalidInputError, UnknownNameError
+
+try:  # Triton is optional: the torch backend needs only torch.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = [
+    "AGGREGATIONS",
+    "BACKENDS",
+    "GTPOLossFunction",
+    "aggregation_weights",
+    "fused_logprobs",
+    "gtpo_loss",
+    "torch_gtpo_loss",
+]
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo")
+BACKENDS = ("auto", "triton", "torch")
+
+# Log-ratios are clamped before exp, as verl does, so a stale old log-prob cannot overflow.
+LOG_RATIO_CLAMP = 20.0
+# Default tile budget: chunk_size * N elements per [N, Vc] logits tile. Every
+# chunk adds its share into grad_hidden ([N, H] fp32 read + written once per
+# chunk), so fewer, wider chunks save memory traffic on a GPU: 2**26 elements
+# is a 256 MiB fp32 tile + a 128 MiB bf16 dlogits tile. The CPU keeps 2**24.
+TILE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 24}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gtpo_forward_chunk_kernel(
+        logits_ptr,
+        logits_stride,
+        targets_ptr,
+        max_ptr,
+        sumexp_ptr,
+        sumexpz_ptr,
+        target_logit_ptr,
+        chunk_start,
+        chunk_width,
+        inv_temperature,
+        BLOCK_V: tl.constexpr,
+    ):
+        """Fold one [N, Vc] logits tile into each row's online logsumexp state."""
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_stride
+        target = tl.load(targets_ptr + row) - chunk_start
+        m = tl.load(max_ptr + row)
+        s = tl.load(sumexp_ptr + row)
+        u = tl.load(sumexpz_ptr + row)
+        target_logit = tl.load(target_logit_ptr + row)
+        for block in range(0, chunk_width, BLOCK_V):
+            cols = block + tl.arange(0, BLOCK_V)
+            valid = cols < chunk_width
+            z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
+            m_new = tl.maximum(m, tl.max(tl.where(valid, z, float("-inf")), axis=0))
+            scale = tl.exp(m - m_new)
+            e = tl.where(valid, tl.exp(z - m_new), 0.0)
+            s = s * scale + tl.sum(e, axis=0)
+            u = u * scale + tl.sum(e * z, axis=0)
+            m = m_new
+            target_logit += tl.sum(tl.where(valid & (cols == target), z, 0.0), axis=0)
+        tl.store(max_ptr + row, m)
+        tl.store(sumexp_ptr + row, s)
+        tl.store(sumexpz_ptr + row, u)
+        tl.store(target_logit_ptr + row, target_logit)
+
+    @triton.jit
+    def _gtpo_backward_chunk_kernel(
+        logits_ptr,
+        logits_stride,
+        dlogits_ptr,
+        dlogits_stride,
+        targets_ptr,
+        lse_ptr,
+        mean_logit_ptr,
+        grad_logprob_ptr,
+        grad_entropy_ptr,
+        chunk_start,
+        chunk_width,
+        inv_temperature,
+        BLOCK_V: tl.constexpr,
+    ):
+        """Write d loss / d raw logits of one [N, Vc] fp32 logits tile (may alias it)."""
+        row = tl.program_id(0).to(tl.int64)
+        row_ptr = logits_ptr + row * logits_stride
+        out_ptr = dlogits_ptr + row * dlogits_stride
+        target = tl.load(targets_ptr + row) - chunk_start
+        lse = tl.load(lse_ptr + row)
+        mean_z = tl.load(mean_logit_ptr + row)
+        g_l = tl.load(grad_logprob_ptr + row)
+        g_h = tl.load(grad_entropy_ptr + row)
+        for block in range(0, chunk_width, BLOCK_V):
+            cols = block + tl.arange(0, BLOCK_V)
+            valid = cols < chunk_width
+            z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
+            p = tl.exp(z - lse)
+            dz = -p * (g_l + g_h * (z - mean_z))
+            dz = tl.where(cols == target, dz + g_l, dz) * inv_temperature
+            tl.store(out_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+
+
+# ---------------------------------------------------------------------------
+# Launchers: the vocabulary loops
+# ---------------------------------------------------------------------------
+
+
+def _block_v(chunk_width: int) -> int:
+    # Small blocks in the interpreter keep it quick and exercise the multi-block loop.
+    cap = 16 if _interpreting() else 4096
+    return min(cap, triton.next_power_of_2(chunk_width))
+
+
+def _chunk_bounds(vocab: int, chunk_size: int):
+    for start in range(0, vocab, chunk_size):
+        yield start, min(start + chunk_size, vocab)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as fp32 with fp32 accumulation, whatever the (equal) input dtypes.
+
+    Rounding the logits to bf16 costs ~1e-2 in log-probs, so low-precision
+    operands go through cuBLAS with an fp32 output (``out_dtype``) on CUDA
+    and through an fp32 upcast elsewhere (the CPU, the interpreter). A torch
+    without ``mm(out_dtype=)`` gets the eager recipe on CUDA instead: a
+    low-precision product upcast afterwards (fast, bf16-rounded).
+    """
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        if _MM_OUT_DTYPE is not False:
+            try:
+                out = torch.mm(a, b, out_dtype=torch.float32)
+                _MM_OUT_DTYPE = True
+                return out
+            except (TypeError, RuntimeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+        return (a @ b).float()
+    return a.float() @ b.float()
+
+
+_MM_OUT_DTYPE: bool | None = None  # whether torch.mm(out_dtype=) works here; None: untried
+
+
+def stream_stats_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(lse, target_logit, mean_logit)`` of ``hidden @ weight.T / T``, chunked."""
+    dtype = _compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    h = hidden.to(dtype)
+    m = torch.full((n,), -math.inf, dtype=dtype, device=hidden.device)
+    s = torch.zeros(n, dtype=dtype, device=hidden.device)
+    u = torch.zeros(n, dtype=dtype, device=hidden.device)
+    target_logit = torch.zeros(n, dtype=dtype, device=hidden.device)
+    rows = torch.arange(n, device=hidden.device)
+    for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
+        z = h @ weight[start:stop].to(dtype).T
+        z.mul_(1.0 / temperature)
+        m_new = torch.maximum(m, z.amax(dim=1))
+        scale = torch.exp(m - m_new)
+        e = torch.sub(z, m_new[:, None]).exp_()
+        s = s * scale + e.sum(dim=1)
+        u = u * scale + e.mul_(z).sum(dim=1)
+        m = m_new
+        local = targets - start
+        inside = (local >= 0) & (local < stop - start)
+        picked = z[rows, local.clamp(0, stop - start - 1)]
+        target_logit = torch.where(inside, picked, target_logit)
+        del z, e
+    return m + torch.log(s), target_logit, u / s
+
+
+def stream_grad_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor,
+    grad_logprob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Chunked ``(grad_hidden, grad_weight)`` for per-row loss derivatives by l and H."""
+    dtype = _compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    h = hidden.to(dtype)
+    grad_h = torch.zeros_like(h) if need_hidden else None
+    grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+    rows = torch.arange(n, device=hidden.device)
+    lse_c, mean_c = lse.to(dtype)[:, None], mean_logit.to(dtype)[:, None]
+    g_l, g_h = grad_logprob.to(dtype), grad_entropy.to(dtype)
+    inv_t = 1.0 / temperature
+    for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
+        w_c = weight[start:stop].to(dtype)
+        z = h @ w_c.T
+        z.mul_(inv_t)
+        p = torch.sub(z, lse_c).exp_()
+        dz = z.sub_(mean_c).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
+        del p
+        local = targets - start
+        inside = (local >= 0) & (local < stop - start)
+        dz[rows[inside], local[inside]] += g_l[inside]
+        dz.mul_(inv_t)
+        if grad_h is not None:
+            grad_h.addmm_(dz, w_c)
+        if grad_w is not None:
+            torch.mm(dz.T, h, out=grad_w[start:stop])
+        del dz
+    return grad_h, grad_w
+
+
+def stream_stats_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`stream_stats_torch`: fp32 tiles from :func:`_mm_f32`."""
+    n = hidden.shape[0]
+    dev = hidden.device
+    m = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
+    s = torch.zeros(n, dtype=torch.float32, device=dev)
+    u = torch.zeros(n, dtype=torch.float32, device=dev)
+    target_logit = torch.zeros(n, dtype=torch.float32, device=dev)
+    for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
+        logits = _mm_f32(hidden, weight[start:stop].T)
+        width = stop - start
+        _gtpo_forward_chunk_kernel[(n,)](
+            logits,
+            logits.stride(0),
+            targets,
+            m,
+            s,
+            u,
+            target_logit,
+            start,
+            width,
+            1.0 / temperature,
+            BLOCK_V=_block_v(width),
+        )
+        del logits
+    return m + torch.log(s), target_logit, u / s
+
+
+def stream_grad_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor,
+    grad_logprob: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Triton twin of :func:`stream_grad_torch`.
+
+    The kernel reads an fp32 logits tile and writes dlogits in the input
+    dtype (in place for fp32), so the two gradient matmuls run on the
+    tensor cores with bf16/fp16 operands, as an eager backward would.
+    """
+    n = hidden.shape[0]
+    grad_h = (
+        torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        if need_hidden
+        else None
+    )
+    grad_w = torch.empty_like(weight) if need_weight else None
+    lse = lse.float().contiguous()
+    mean_logit = mean_logit.float().contiguous()
+    g_l = grad_logprob.float().contiguous()
+    g_h = grad_entropy.float().contiguous()
+    for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
+        w_c = weight[start:stop]
+        logits = _mm_f32(hidden, w_c.T)
+        dlogits = (
+            logits
+            if hidden.dtype == torch.float32
+            else torch.empty_like(logits, dtype=hidden.dtype)
+        )
+        width = stop - start
+        _gtpo_backward_chunk_kernel[(n,)](
+            logits,
+            logits.stride(0),
+            dlogits,
+            dlogits.stride(0),
+            targets,
+            lse,
+            mean_logit,
+            g_l,
+            g_h,
+            start,
+            width,
+            1.0 / temperature,
+            BLOCK_V=_block_v(width),
+        )
+        del logits
+        if grad_h is not None:
+            grad_h += _mm_f32(dlogits, w_c)
+        if grad_w is not None:
+            torch.mm(dlogits.T, hidden, out=grad_w[start:stop])
+        del dlogits
+    return grad_h, grad_w
+
+
+_STREAMS = {
+    "torch": (stream_stats_torch, stream_grad_torch),
+    "triton": (stream_stats_triton, stream_grad_triton),
+}
+
+
+# ---------------------------------------------------------------------------
+# Per-token terms and aggregation (shared by both backends and the reference)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Scalar hyper-parameters of the per-token GTPO loss."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    beta: float = 0.0
+    entropy_coef: float = 0.0
+
+
+def token_terms(
+    logprob: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    cfg: LossConfig,
+) -> dict[str, torch.Tensor]:
+    """Per-token loss and its parts; differentiable in ``logprob`` and ``entropy``."""
+    log_ratio = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    pg = torch.maximum(unclipped, clipped)
+    terms = {"ratio": ratio, "clipped": clipped > unclipped}
+    if cfg.dual_clip is not None:
+        floor = -advantages * cfg.dual_clip
+        terms["dual_clipped"] = (advantages < 0) & (pg > floor)
+        pg = torch.where(advantages < 0, torch.minimum(pg, floor), pg)
+    loss = pg
+    if ref_logprobs is not None:
+        d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.exp(d) - d - 1.0
+        terms["ref_kl"] = kl
+        if cfg.beta != 0.0:
+            loss = loss + cfg.beta * kl
+    if cfg.entropy_coef != 0.0:
+        loss = loss - cfg.entropy_coef * entropy
+    terms["loss"] = loss
+    return terms
+
+
+def aggregation_weights(
+    mask: torch.Tensor, agg: str, max_len: int | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Weights ``w`` [B, T] with ``loss = sum(w * loss_t)`` for aggregation ``agg``.
+
+    ``mask`` is [B, T] (rows are sequences). With ``n_b`` valid tokens in
+    sequence ``b`` and ``S`` the number of sequences with ``n_b > 0``:
+
+    * ``token_mean``: ``1 / sum_b n_b`` (verl ``token-mean``, DAPO).
+    * ``seq_mean_token_mean``: ``1 / (S * n_b)`` (verl ``seq-mean-token-mean``,
+      GRPO); empty sequences neither contribute nor count.
+    * ``seq_mean_token_sum``: ``1 / S`` (verl ``seq-mean-token-sum``).
+    * ``dr_grpo``: ``1 / (B * max_len)`` with ``max_len`` defaulting to the
+      padded length ``T`` (TRL's ``dr_grpo``: a constant, not the token count).
+
+    Degenerate denominators (no valid token at all) are clamped to 1 so the
+    loss is 0, never NaN.
+    """
+    valid = mask.to(dtype)
+    if agg == "token_mean":
+        return valid / valid.sum().clamp(min=1.0)
+    if agg == "seq_mean_token_mean":
+        per_seq = valid.sum(dim=-1, keepdim=True)
+        nonempty = (per_seq > 0).to(dtype).sum().clamp(min=1.0)
+        return valid / per_seq.clamp(min=1.0) / nonempty
+    if agg == "seq_mean_token_sum":
+        nonempty = (valid.sum(dim=-1) > 0).to(dtype).sum().clamp(min=1.0)
+        return valid / nonempty
+    if agg == "dr_grpo":
+        length = mask.shape[-1] if max_len is None else max_len
+        return valid / float(mask.shape[0] * length)
+    raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
+
+
+def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> torch.Tensor:
+    """``sum_t w_t * loss_t`` in the accumulation dtype of ``logprob``.
+
+    Inputs at weight-0 tokens are replaced by zeros first, so garbage there
+    (NaN or inf old log-probs, padding) reaches neither the loss nor, through
+    ``0 * NaN``, the gradients.
+    """
+    acc = logprob.dtype
+    used = agg_weights != 0
+
+    def clean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(used, x.to(acc), 0.0)
+
+    terms = token_terms(
+        logprob,
+        entropy,
+        clean(old),
+        clean(advantages),
+        None if ref is None else clean(ref),
+        cfg,
+    )
+    return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    x = torch.where(mask, x.to(torch.float32), 0.0)
+    return (x.sum() / mask.sum().clamp(min=1)).detach()
+
+
+def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[str, torch.Tensor]:
+    stats = {
+        "clip_frac": _masked_mean(terms["clipped"], mask),
+        "approx_kl": _masked_mean(old - logprob, mask),
+        "entropy": _masked_mean(entropy, mask),
+        "ratio_mean": _masked_mean(terms["ratio"], mask),
+    }
+    if "dual_clipped" in terms:
+        stats["dual_clip_frac"] = _masked_mean(terms["dual_clipped"], mask)
+    if "ref_kl" in terms:
+        stats["ref_kl"] = _masked_mean(terms["ref_kl"], mask)
+    return stats
+
+
+# ---------------------------------------------------------------------------
+# Autograd Function
+# ---------------------------------------------------------------------------
+
+
+class GTPOLossFunction(torch.autograd.Function):
+    """Streams the vocabulary twice: statistics forward, dlogits backward.
+
+    Inputs are flat: ``hidden`` [N, H], ``weight`` [V, H], per-token [N]
+    tensors (``agg_weights`` already holds the mask and the aggregation).
+    Returns the scalar loss, then detached per-token log-probs and entropies.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor | None,
+        agg_weights: torch.Tensor,
+        cfg: LossConfig,
+        temperature: float,
+        backend: str,
+        chunk_size: int,
+    ):
+        stats_fn, _ = _STREAMS[backend]
+        lse, target_logit, mean_logit = stats_fn(hidden, weight, targets, temperature, chunk_size)
+        logprob = target_logit - lse
+        entropy = lse - mean_logit
+        loss = _weighted_loss(
+            logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg
+        )
+        ctx.save_for_backward(
+            hidden,
+            weight,
+            targets,
+            advantages,
+            old_logprobs,
+            ref_logprobs,
+            agg_weights,
+            lse,
+            mean_logit,
+            logprob,
+            entropy,
+        )
+        ctx.cfg, ctx.temperature, ctx.backend, ctx.chunk_size = (
+            cfg,
+            temperature,
+            backend,
+            chunk_size,
+        )
+        ctx.mark_non_differentiable(logprob, entropy)
+        return loss, logprob, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any):
+        (
+            hidden,
+            weight,
+            targets,
+            advantages,
+            old,
+            ref,
+            agg_weights,
+            lse,
+            mean_logit,
+            logprob,
+            entropy,
+        ) = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_hidden or need_weight):
+            return (None,) * 11
+        with torch.enable_grad():
+            l_var = logprob.detach().requires_grad_(True)
+            h_var = entropy.detach().requires_grad_(True)
+            total = _weighted_loss(l_var, h_var, old, advantages, ref, agg_weights, ctx.cfg)
+            g_l, g_h = torch.autograd.grad(total, (l_var, h_var), allow_unused=True)
+        scale = grad_loss.to(lse.dtype)
+        g_l = torch.zeros_like(logprob) if g_l is None else g_l * scale
+        g_h = torch.zeros_like(entropy) if g_h is None else g_h * scale
+        _, grad_fn = _STREAMS[ctx.backend]
+        grad_h, grad_w = grad_fn(
+            hidden,
+            weight,
+            targets,
+            lse,
+            mean_logit,
+            g_l,
+            g_h,
+            ctx.temperature,
+            ctx.chunk_size,
+            need_hidden,
+            need_weight,
+        )
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        return (grad_h, grad_w) + (None,) * 9
+
+
+# ---------------------------------------------------------------------------
+# Functional wrappers
+# ---------------------------------------------------------------------------
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise UnknownNameError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if (HAS_TRITON and device.type == "cuda") else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise InvalidInputError(
+                "backend='triton' needs the triton package; it is not installed"
+            )
+        if device.type != "cuda" and not _interpreting():
+            raise InvalidInputError(
+                f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
+                "triton is imported; use backend='torch' on the CPU"
+            )
+    return backend
+
+
+def _default_chunk(n: int, vocab: int, device: torch.device) -> int:
+    budget = TILE_ELEMENTS.get(device.type, TILE_ELEMENTS["cpu"])
+    return int(max(64, min(vocab, budget // max(n, 1))))
+
+
+def _check_token_tensor(name: str, tensor: torch.Tensor | None, shape, device) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != tuple(shape):
+        raise InvalidInputError(
+            f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} (hidden.shape[:-1])"
+        )
+    if tensor.device != device:
+        raise InvalidInputError(f"{name} is on {tensor.device}, hidden is on {device}")
+
+
+def _check_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise InvalidInputError(f"{name} must be floating point, got {t.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise InvalidInputError(
+            f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}"
+        )
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise InvalidInputError(
+            f"weight has shape {tuple(weight.shape)}, expected [V, {hidden.shape[-1]}] "
+            f"(hidden has shape {tuple(hidden.shape)})"
+        )
+    if weight.shape[0] == 0:
+        raise InvalidInputError("weight has an empty vocabulary (shape[0] == 0)")
+    if weight.dtype != hidden.dtype:
+        raise InvalidInputError(f"weight dtype {weight.dtype} differs from hidden {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise InvalidInputError(f"weight is on {weight.device}, hidden is on {hidden.device}")
+    if not (
+        isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)
+    ):
+        raise InvalidInputError(
+            f"temperature must be a positive finite number, got {temperature!r}"
+        )
+
+
+def _check_finite_hidden(hidden: torch.Tensor) -> None:
+    finite = torch.isfinite(hidden).all(dim=-1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite)[0].tolist()
+        raise InvalidInputError(f"hidden has a non-finite value at token index {tuple(bad)}")
+
+
+def _check_targets(targets: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise InvalidInputError(f"target_ids must be an integer tensor, got {targets.dtype}")
+    bad = (targets < 0) | (targets >= vocab)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        where = tuple(torch.nonzero(bad)[0].tolist())
+        raise InvalidInputError(
+            f"target_ids[{', '.join(map(str, where))}] = {int(targets[where])} is outside the "
+            f"vocabulary [0, {vocab})"
+        )
+    # Masked-out positions may hold padding ids (-100): point them at token 0.
+    return torch.where(bad | (targets < 0) | (targets >= vocab), 0, targets).to(torch.int64)
+
+
+def gtpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    agg: str = "token_mean",
+    max_len: int | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    check_inputs: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
+
+    Args:
+        hidden: final hidden states, [N, H] (one sequence) or [B, T, H].
+        weight: LM head, [V, H]; same dtype and device as ``hidden``.
+        target_ids: sampled token per position, ``hidden.shape[:-1]``; masked-out
+            positions may hold any id (e.g. -100).
+        advantages, old_logprobs, mask: per token, ``hidden.shape[:-1]``;
+            ``mask`` nonzero where the token is trained on.
+        ref_logprobs: reference-policy log-probs for the k3 KL term (needed when
+            ``beta != 0``; when given, ``stats["ref_kl"]`` is reported).
+        eps_low, eps_high: ratio clip range ``[1 - eps_low, 1 + eps_high]``.
+        dual_clip: verl's ``clip_ratio_c`` (> 1): caps the loss of negative
+            advantages at ``-A * dual_clip``. ``None`` turns it off.
+        beta: k3 KL coefficient. entropy_coef: entropy bonus coefficient.
+        temperature: logits are divided by it (match the sampler's).
+        agg: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum``
+            | ``dr_grpo`` (see :func:`aggregation_weights`). An [N, H] input is
+            one sequence.
+        max_len: the constant length for ``dr_grpo`` (default: padded ``T``).
+        backend: ``auto`` (Triton on CUDA, torch otherwise) | ``triton`` | ``torch``.
+        chunk_size: vocabulary columns per tile (default: ``2**26 // N`` on
+            CUDA, ``2**24 // N`` elsewhere).
+        check_inputs: validate target ids and finiteness of ``hidden`` (one
+            device sync each); shapes are always checked.
+
+    Returns:
+        ``(loss, stats)``: a scalar fp32 (fp64 for fp64 inputs) loss with
+        gradients for ``hidden`` and ``weight``, and detached scalar tensors
+        ``clip_frac``, ``approx_kl`` (mean ``old - new`` log-prob, as verl's
+        ``ppo_kl``), ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``,
+        ``ref_kl``), all masked means over trained tokens.
+    """
+    _check_head(hidden, weight, temperature)
+    token_shape = tuple(hidden.shape[:-1])
+    for name, t in (
+        ("target_ids", target_ids),
+        ("advantages", advantages),
+        ("old_logprobs", old_logprobs),
+        ("mask", mask),
+        ("ref_logprobs", ref_logprobs),
+    ):
+        _check_token_tensor(name, t, token_shape, hidden.device)
+    if agg not in AGGREGATIONS:
+        raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
+    if eps_low < 0 or eps_high < 0:
+        raise InvalidInputError(f"eps_low/eps_high must be >= 0, got {eps_low}, {eps_high}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise InvalidInputError(f"dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
+    if beta != 0.0 and ref_logprobs is None:
+        raise InvalidInputError("beta != 0 needs ref_logprobs")
+    if max_len is not None and max_len <= 0:
+        raise InvalidInputError(f"max_len must be positive, got {max_len}")
+    resolved = _resolve_backend(backend, hidden.device)
+
+    mask_b = mask != 0
+    if check_inputs:
+        _check_finite_hidden(hidden)
+    targets = _check_targets(target_ids, mask_b if check_inputs else None, weight.shape[0])
+    mask2d = mask_b if mask_b.dim() == 2 else mask_b[None, :]
+    agg_weights = aggregation_weights(mask2d, agg, max_len, dtype=_compute_dtype(hidden.dtype))
+
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    if not h2.is_contiguous():
+        h2 = h2.contiguous()
+    n = h2.shape[0]
+    chunk = (
+        _default_chunk(n, weight.shape[0], hidden.device) if chunk_size is None else int(chunk_size)
+    )
+    if chunk <= 0:
+        raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
+    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef)
+    flat = dict(
+        targets=targets.reshape(-1).contiguous(),
+        advantages=advantages.reshape(-1),
+        old=old_logprobs.reshape(-1),
+        ref=None if ref_logprobs is None else ref_logprobs.reshape(-1),
+    )
+    loss, logprob, entropy = _apply(
+        h2, weight.contiguous(), flat, agg_weights.reshape(-1), cfg, temperature, resolved, chunk
+    )
+    with torch.no_grad():
+        acc = logprob.dtype
+        terms = token_terms(
+            logprob,
+            entropy,
+            flat["old"].to(acc),
+            flat["advantages"].to(acc),
+            None if flat["ref"] is None else flat["ref"].to(acc),
+            cfg,
+        )
+        stats = _stats(terms, logprob, entropy, flat["old"].to(acc), mask_b.reshape(-1))
+    return loss, stats
+
+
+def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk):
+    return GTPOLossFunction.apply(
+        h2,
+        weight,
+        flat["targets"],
+        flat["advantages"],
+        flat["old"],
+        flat["ref"],
+        agg_weights,
+        cfg,
+        temperature,
+        backend,
+        chunk,
+    )
+
+
+def fused_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Log-probs of ``target_ids`` under ``hidden @ weight.T / temperature``, chunked.
+
+    For old-policy and reference log-probs: no autograd graph, no [N, V]
+    logits. Returns fp32 (fp64 for fp64 inputs) of shape ``hidden.shape[:-1]``.
+    Every target id must lie in ``[0, V)``.
+    """
+    _check_head(hidden, weight, temperature)
+    _check_token_tensor("target_ids", target_ids, tuple(hidden.shape[:-1]), hidden.device)
+    resolved = _resolve_backend(backend, hidden.device)
+    _check_finite_hidden(hidden)
+    targets = _check_targets(target_ids, None, weight.shape[0]).reshape(-1).contiguous()
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    chunk = (
+        _default_chunk(h2.shape[0], weight.shape[0], hidden.device)
+        if chunk_size is None
+        else chunk_size
+    )
+    if chunk <= 0:
+        raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
+    stats_fn, _ = _STREAMS[resolved]
+    with torch.no_grad():
+        lse, target_logit, _ = stats_fn(h2, weight.contiguous(), targets, temperature, chunk)
+    return (target_logit - lse).reshape(hidden.shape[:-1])
+
+
+def torch_gtpo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target_ids: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    beta: float = 0.0,
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    agg: str = "token_mean",
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Unfused reference: the whole [N, V] logits, eager autograd.
+
+    Logits are computed in ``hidden``'s dtype and upcast to fp32 when that is
+    bf16/fp16 (the usual eager recipe); fp64 inputs stay fp64.
+
+    Written independently of the chunked path (log_softmax, gather, softmax
+    entropy, verl's max/min clipping) so the tests compare two derivations.
+    """
+    logits = hidden @ weight.T
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()  # what eager trainers (verl, TRL) do before log_softmax
+    logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    valid = mask != 0
+    safe_targets = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
+    logprob = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    log_ratio = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    clip_pg = torch.maximum(pg_losses1, pg_losses2)
+    if dual_clip is not None:
+        pg_losses3 = -advantages * dual_clip
+        clip_pg = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_pg), clip_pg)
+    loss_t = clip_pg
+    if beta != 0.0:
+        d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        loss_t = loss_t + beta * (d.exp() - d - 1)
+    if entropy_coef != 0.0:
+        loss_t = loss_t - entropy_coef * entropy
+    loss_t = torch.where(valid, loss_t, torch.zeros_like(loss_t))
+    m = valid.to(loss_t.dtype)
+    if m.dim() == 1:
+        m, loss_t = m[None], loss_t[None]
+    if agg == "token_mean":
+        return (loss_t * m).sum() / m.sum().clamp(min=1)
+    if agg == "seq_mean_token_mean":
+        counts = m.sum(-1)
+        per_seq = (loss_t * m).sum(-1) / counts.clamp(min=1)
+        return per_seq.sum() / (counts > 0).sum().clamp(min=1)
+    if agg == "seq_mean_token_sum":
+        counts = m.sum(-1)
+        return (loss_t * m).sum() / (counts > 0).sum().clamp(min=1)
+    if agg == "dr_grpo":
+        return (loss_t * m).sum() / (m.shape[0] * (m.shape[1] if max_len is None else max_len))
+    raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
