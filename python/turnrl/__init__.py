@@ -16,18 +16,32 @@ from turnrl.advantages import (
     get_estimator,
     register_estimator,
 )
+from turnrl.args import (
+    ArgComparison,
+    TierLabels,
+    compare_args,
+    compare_args_batch,
+    label_tiers,
+    normalize_args,
+)
 from turnrl.exceptions import InvalidInputError, TurnrlError, TurnrlIOError, UnknownNameError
 
 __all__ = [
     "AdvantageBatch",
+    "ArgComparison",
     "InvalidInputError",
+    "TierLabels",
     "TurnrlError",
     "TurnrlIOError",
     "UnknownNameError",
     "__version__",
     "broadcast_to_tokens",
+    "compare_args",
+    "compare_args_batch",
     "compute_advantages",
     "estimator_names",
     "get_estimator",
+    "label_tiers",
+    "normalize_args",
     "register_estimator",
 ]

@@ -1,6 +1,8 @@
 # Stubs of the Rust extension module turnrl._core, written by hand and
 # checked with mypy.stubtest in the test suite.
 
+from typing import Any, final
+
 import numpy as np
 import numpy.typing as npt
 
@@ -31,3 +33,59 @@ def broadcast_to_tokens(
     token_turn: npt.NDArray[np.int64],
 ) -> npt.NDArray[np.float64]: ...
 def estimators() -> list[tuple[str, str]]: ...
+
+# Argument comparison and tier labelling (turnrl.args).
+
+@final
+class ArgComparison:
+    @property
+    def kind(self) -> str: ...
+    @property
+    def diffs(self) -> list[str]: ...
+    @property
+    def differing_leaves(self) -> int: ...
+    @property
+    def gold_leaves(self) -> int: ...
+    @property
+    def structural(self) -> bool: ...
+
+@final
+class TierLabels:
+    @property
+    def tiers(self) -> list[str | None]: ...
+    @property
+    def call_tiers(self) -> list[list[str]]: ...
+    @property
+    def matched_gold(self) -> list[int]: ...
+    @property
+    def soft_gold(self) -> list[int]: ...
+    @property
+    def gold_turn(self) -> list[int | None]: ...
+
+def normalize_args(
+    obj: Any, *, case_fold: bool = False, unordered_keys: list[str] | None = None
+) -> Any: ...
+def compare_args(
+    pred: Any,
+    gold: Any,
+    *,
+    case_fold: bool = False,
+    unordered_keys: list[str] | None = None,
+    soft_max_fraction: float = 0.5,
+) -> ArgComparison: ...
+def compare_args_batch(
+    pairs: Any,
+    *,
+    case_fold: bool = False,
+    unordered_keys: list[str] | None = None,
+    soft_max_fraction: float = 0.5,
+) -> list[ArgComparison]: ...
+def label_tiers(
+    turns: Any,
+    gold_actions: Any,
+    tool_kinds: dict[str, str],
+    *,
+    case_fold: bool = False,
+    unordered_keys: list[str] | None = None,
+    soft_max_fraction: float = 0.5,
+) -> TierLabels: ...

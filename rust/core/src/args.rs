@@ -886,6 +886,23 @@ pub fn compare(pred: &Value, gold: &Value, policy: &Policy) -> Result<Comparison
     Ok(compare_canon(&p, &g, policy.soft_max_fraction))
 }
 
+/// [`compare`] over many `(pred, gold)` pairs, in parallel above a few
+/// hundred pairs (smaller batches are not worth waking the thread pool).
+pub fn compare_many(pairs: &[(Value, Value)], policy: &Policy) -> Result<Vec<Comparison>> {
+    use rayon::prelude::*;
+    policy.validate()?;
+    let one = |(i, (pred, gold)): (usize, &(Value, Value))| -> Result<Comparison> {
+        let p = canonical(pred, policy, &format!("pairs[{i}].pred"))?;
+        let g = canonical(gold, policy, &format!("pairs[{i}].gold"))?;
+        Ok(compare_canon(&p, &g, policy.soft_max_fraction))
+    };
+    if pairs.len() >= 512 {
+        pairs.par_iter().enumerate().map(one).collect()
+    } else {
+        pairs.iter().enumerate().map(one).collect()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Reward tiers
 
@@ -1179,10 +1196,11 @@ fn label_call(
                 gold_turn[g] = Some(turn);
                 return Tier::Gold;
             }
-            MatchKind::Soft if !soft_claimed[g] => {
-                if best_soft.map_or(true, |(_, d)| cmp.differing_leaves < d) {
-                    best_soft = Some((g, cmp.differing_leaves));
-                }
+            MatchKind::Soft
+                if !soft_claimed[g]
+                    && best_soft.map_or(true, |(_, d)| cmp.differing_leaves < d) =>
+            {
+                best_soft = Some((g, cmp.differing_leaves));
             }
             _ => {}
         }
