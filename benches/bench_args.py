@@ -19,6 +19,7 @@ import argparse
 import ast
 import copy
 import json
+import os
 import random
 import sys
 import time
@@ -26,11 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# numpy (imported by turnrl) would otherwise start OpenBLAS threads that spin
+# and steal cycles from both sides of the comparison.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import turnrl
 from turnrl import _core
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import args_reference as ref  # noqa: E402
+import args_reference as ref
 
 
 def gold_arguments(tau_bench: Path) -> list[dict[str, Any]]:

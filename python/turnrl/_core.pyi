@@ -63,19 +63,17 @@ class TierLabels:
     def gold_turn(self) -> list[int | None]: ...
 
 def normalize_args(
-    obj: Any, *, case_fold: bool = False, unordered_keys: list[str] | None = None
+    obj: Any, case_fold: bool = False, unordered_keys: list[str] | None = None
 ) -> Any: ...
 def compare_args(
     pred: Any,
     gold: Any,
-    *,
     case_fold: bool = False,
     unordered_keys: list[str] | None = None,
     soft_max_fraction: float = 0.5,
 ) -> ArgComparison: ...
 def compare_args_batch(
     pairs: Any,
-    *,
     case_fold: bool = False,
     unordered_keys: list[str] | None = None,
     soft_max_fraction: float = 0.5,

@@ -115,8 +115,54 @@ impl Policy {
 struct Dec {
     neg: bool,
     exp: i64,
-    digits: Vec<u8>,
+    digits: Digits,
 }
+
+/// The significant digits of a [`Dec`], inline up to 22 (every `i64`, `u64`
+/// and float fits), on the heap beyond: numbers cost no allocation.
+#[derive(Debug, Clone)]
+enum Digits {
+    Inline { len: u8, buf: [u8; 22] },
+    Heap(Box<[u8]>),
+}
+
+impl Digits {
+    fn new(digits: &[u8]) -> Self {
+        if digits.len() <= 22 {
+            let mut buf = [0u8; 22];
+            buf[..digits.len()].copy_from_slice(digits);
+            Digits::Inline {
+                len: digits.len() as u8,
+                buf,
+            }
+        } else {
+            Digits::Heap(digits.into())
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            Digits::Inline { len, buf } => &buf[..*len as usize],
+            Digits::Heap(b) => b,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.as_bytes().len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.as_bytes().is_empty()
+    }
+}
+
+impl PartialEq for Digits {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for Digits {}
 
 impl Dec {
     /// From `neg`, the digits of the significand and a power of ten.
@@ -134,13 +180,13 @@ impl Dec {
             return Dec {
                 neg: false,
                 exp: 0,
-                digits: Vec::new(),
+                digits: Digits::new(b""),
             };
         }
         Dec {
             neg,
             exp: exp + (significant.len() - end) as i64,
-            digits: significant[..end].to_vec(),
+            digits: Digits::new(&significant[..end]),
         }
     }
 
@@ -159,20 +205,14 @@ impl Dec {
     }
 
     fn from_f64(x: f64) -> Dec {
+        // Integral floats below 2^53 are exact integers: skip the formatting.
+        if x.fract() == 0.0 && x.abs() < 9_007_199_254_740_992.0 {
+            return Dec::from_u64(x < 0.0, x.abs() as u64);
+        }
         // `{:e}` prints the shortest digits that read back as `x`.
         let mut text = StackText::default();
         let _ = write!(text, "{x:e}");
         Dec::parse_scientific(text.as_str()).unwrap_or(Dec::build(false, b"", 0))
-    }
-
-    fn from_number(n: &Number) -> Dec {
-        if let Some(u) = n.as_u64() {
-            Dec::from_u64(false, u)
-        } else if let Some(i) = n.as_i64() {
-            Dec::from_u64(i < 0, i.unsigned_abs())
-        } else {
-            Dec::from_f64(n.as_f64().unwrap_or(0.0))
-        }
     }
 
     /// `-?d(.d+)?e-?d+` as printed by `{:e}`.
@@ -184,10 +224,14 @@ impl Dec {
             None => (false, mantissa),
         };
         let (int_part, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-        let mut digits = Vec::with_capacity(int_part.len() + frac.len());
-        digits.extend_from_slice(int_part.as_bytes());
-        digits.extend_from_slice(frac.as_bytes());
-        Some(Dec::build(neg, &digits, exp - frac.len() as i64))
+        let mut digits = [0u8; 24];
+        let total = int_part.len() + frac.len();
+        if total > digits.len() {
+            return None;
+        }
+        digits[..int_part.len()].copy_from_slice(int_part.as_bytes());
+        digits[int_part.len()..total].copy_from_slice(frac.as_bytes());
+        Some(Dec::build(neg, &digits[..total], exp - frac.len() as i64))
     }
 
     /// A string that is a plain decimal: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
@@ -211,10 +255,18 @@ impl Dec {
         if dot.is_some() && (frac.is_empty() || !frac.iter().all(u8::is_ascii_digit)) {
             return None;
         }
-        let mut digits = Vec::with_capacity(int_part.len() + frac.len());
+        let total = int_part.len() + frac.len();
+        let exp = -(frac.len() as i64);
+        if total <= 64 {
+            let mut digits = [0u8; 64];
+            digits[..int_part.len()].copy_from_slice(int_part);
+            digits[int_part.len()..total].copy_from_slice(frac);
+            return Some(Dec::build(neg, &digits[..total], exp));
+        }
+        let mut digits = Vec::with_capacity(total);
         digits.extend_from_slice(int_part);
         digits.extend_from_slice(frac);
-        Some(Dec::build(neg, &digits, -(frac.len() as i64)))
+        Some(Dec::build(neg, &digits, exp))
     }
 
     fn is_zero(&self) -> bool {
@@ -234,7 +286,7 @@ impl Dec {
         if self.neg {
             out.push('-');
         }
-        let digits = std::str::from_utf8(&self.digits).unwrap_or("0");
+        let digits = std::str::from_utf8(self.digits.as_bytes()).unwrap_or("0");
         if self.exp >= 0 {
             out.push_str(digits);
             out.extend(std::iter::repeat('0').take(self.exp as usize));
@@ -292,7 +344,7 @@ impl Dec {
         let adj_other = other.digits.len() as i64 + other.exp;
         adj_self
             .cmp(&adj_other)
-            .then_with(|| self.digits.cmp(&other.digits))
+            .then_with(|| self.digits.as_bytes().cmp(other.digits.as_bytes()))
     }
 }
 
@@ -509,15 +561,119 @@ fn format_path(segs: &[Seg<'_>]) -> String {
     out
 }
 
+/// What a node of an argument tree is, as told by an [`ArgSource`].
+#[derive(Debug, Clone, Copy)]
+pub enum SourceKind<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    /// Must be finite.
+    Float(f64),
+    /// An integer beyond 64 bits, as decimal text (`-?[0-9]+`).
+    BigInt(&'a str),
+    Str(&'a str),
+    /// A list with this many items.
+    List(usize),
+    /// An object with this many entries.
+    Map(usize),
+}
+
+/// Why a tree could not be normalised: a message, and the path to where,
+/// filled in (innermost segment first) on the way out of the recursion.
+#[derive(Debug, Clone)]
+pub struct SourceError {
+    segs: Vec<String>,
+    message: String,
+}
+
+impl SourceError {
+    pub fn new(message: impl Into<String>) -> Self {
+        SourceError {
+            segs: Vec::new(),
+            message: message.into(),
+        }
+    }
+
+    /// `{what}{path}: {message}`, e.g. `pred.passengers[0].dob: NaN is not a
+    /// finite number`.
+    pub fn into_error(self, what: &str) -> Error {
+        let mut path = what.to_string();
+        for seg in self.segs.iter().rev() {
+            path.push_str(seg);
+        }
+        Error::invalid(format!("{path}: {}", self.message))
+    }
+}
+
+/// A JSON-like tree the normaliser can read without first copying it into a
+/// [`serde_json::Value`] (the Python bindings read Python objects this way).
+/// Strings are borrowed for `'a`.
+pub trait ArgSource<'a>: Sized {
+    fn kind(&self) -> std::result::Result<SourceKind<'a>, SourceError>;
+    /// Calls `f` on each list item in order (only for [`SourceKind::List`]).
+    fn each_item(
+        &self,
+        f: &mut dyn FnMut(usize, Self) -> std::result::Result<(), SourceError>,
+    ) -> std::result::Result<(), SourceError>;
+    /// Calls `f` on each object entry (only for [`SourceKind::Map`]).
+    fn each_entry(
+        &self,
+        f: &mut dyn FnMut(&'a str, Self) -> std::result::Result<(), SourceError>,
+    ) -> std::result::Result<(), SourceError>;
+}
+
+impl<'a> ArgSource<'a> for &'a Value {
+    fn kind(&self) -> std::result::Result<SourceKind<'a>, SourceError> {
+        Ok(match *self {
+            Value::Null => SourceKind::Null,
+            Value::Bool(b) => SourceKind::Bool(*b),
+            Value::Number(n) => {
+                if let Some(u) = n.as_u64() {
+                    SourceKind::UInt(u)
+                } else if let Some(i) = n.as_i64() {
+                    SourceKind::Int(i)
+                } else {
+                    SourceKind::Float(n.as_f64().unwrap_or(0.0))
+                }
+            }
+            Value::String(s) => SourceKind::Str(s),
+            Value::Array(items) => SourceKind::List(items.len()),
+            Value::Object(map) => SourceKind::Map(map.len()),
+        })
+    }
+
+    fn each_item(
+        &self,
+        f: &mut dyn FnMut(usize, Self) -> std::result::Result<(), SourceError>,
+    ) -> std::result::Result<(), SourceError> {
+        if let Value::Array(items) = *self {
+            for (i, item) in items.iter().enumerate() {
+                f(i, item)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn each_entry(
+        &self,
+        f: &mut dyn FnMut(&'a str, Self) -> std::result::Result<(), SourceError>,
+    ) -> std::result::Result<(), SourceError> {
+        if let Value::Object(map) = *self {
+            for (k, v) in map {
+                f(k, v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Normalizer<'p> {
     policy: &'p Policy,
     /// The current path with `[*]` indices, kept only when the policy names
     /// lists by path.
     wildcard_path: Option<String>,
 }
-
-/// Too deep: the path (innermost segment first) is filled in on the way out.
-struct TooDeep(Vec<String>);
 
 impl<'p> Normalizer<'p> {
     fn new(policy: &'p Policy) -> Self {
@@ -546,8 +702,8 @@ impl<'p> Normalizer<'p> {
     fn descend<T>(
         &mut self,
         seg: Seg<'_>,
-        f: impl FnOnce(&mut Self) -> std::result::Result<T, TooDeep>,
-    ) -> std::result::Result<T, TooDeep> {
+        f: impl FnOnce(&mut Self) -> std::result::Result<T, SourceError>,
+    ) -> std::result::Result<T, SourceError> {
         let mark = self.wildcard_path.as_ref().map(String::len);
         if let Some(path) = self.wildcard_path.as_mut() {
             push_segment(path, seg, true);
@@ -556,36 +712,55 @@ impl<'p> Normalizer<'p> {
         if let (Some(path), Some(mark)) = (self.wildcard_path.as_mut(), mark) {
             path.truncate(mark);
         }
-        out.map_err(|TooDeep(mut segs)| {
+        out.map_err(|mut e| {
+            // Always written as it follows a name: `.key`, `["odd key"]`, `[3]`.
             let mut text = String::new();
-            push_segment(&mut text, seg, false);
-            segs.push(text);
-            TooDeep(segs)
+            match seg {
+                Seg::Key(k) if is_identifier(k) => {
+                    text.push('.');
+                    text.push_str(k);
+                }
+                _ => push_segment(&mut text, seg, false),
+            }
+            e.segs.push(text);
+            e
         })
     }
 
-    fn canon<'a>(
+    fn canon<'a, S: ArgSource<'a>>(
         &mut self,
-        value: &'a Value,
+        src: &S,
         key: Option<&str>,
         depth: usize,
-    ) -> std::result::Result<Canon<'a>, TooDeep> {
-        match value {
-            Value::Null => Ok(Canon::Null),
-            Value::Bool(b) => Ok(Canon::Bool(*b)),
-            Value::Number(n) => Ok(Canon::Num(Dec::from_number(n))),
-            Value::String(s) => Ok(self.canon_str(s)),
-            Value::Array(items) => {
+    ) -> std::result::Result<Canon<'a>, SourceError> {
+        match src.kind()? {
+            SourceKind::Null => Ok(Canon::Null),
+            SourceKind::Bool(b) => Ok(Canon::Bool(b)),
+            SourceKind::Int(i) => Ok(Canon::Num(Dec::from_u64(i < 0, i.unsigned_abs()))),
+            SourceKind::UInt(u) => Ok(Canon::Num(Dec::from_u64(false, u))),
+            SourceKind::Float(x) if x.is_finite() => Ok(Canon::Num(Dec::from_f64(x))),
+            SourceKind::Float(x) => Err(SourceError::new(format!("{x} is not a finite number"))),
+            SourceKind::BigInt(text) => Dec::parse_plain(text)
+                .map(Canon::Num)
+                .ok_or_else(|| SourceError::new(format!("{text:?} is not an integer"))),
+            SourceKind::Str(s) => Ok(self.canon_str(s)),
+            SourceKind::List(len) => {
                 if depth >= MAX_DEPTH {
-                    return Err(TooDeep(Vec::new()));
+                    return Err(SourceError::new(format!(
+                        "nested deeper than {MAX_DEPTH} levels"
+                    )));
                 }
-                if items.is_empty() {
+                if len == 0 {
                     return Ok(Canon::Null);
                 }
                 let unordered = self.list_is_unordered(key);
-                let mut out = Vec::with_capacity(items.len());
-                for (i, item) in items.iter().enumerate() {
-                    out.push(self.descend(Seg::Index(i), |me| me.canon(item, None, depth + 1))?);
+                let mut out = Vec::with_capacity(len);
+                src.each_item(&mut |i, item| {
+                    out.push(self.descend(Seg::Index(i), |me| me.canon(&item, None, depth + 1))?);
+                    Ok(())
+                })?;
+                if out.is_empty() {
+                    return Ok(Canon::Null);
                 }
                 if unordered {
                     let mut bag: Vec<(usize, Canon<'a>)> = out.into_iter().enumerate().collect();
@@ -595,21 +770,34 @@ impl<'p> Normalizer<'p> {
                     Ok(Canon::List(out))
                 }
             }
-            Value::Object(map) => {
+            SourceKind::Map(len) => {
                 if depth >= MAX_DEPTH {
-                    return Err(TooDeep(Vec::new()));
+                    return Err(SourceError::new(format!(
+                        "nested deeper than {MAX_DEPTH} levels"
+                    )));
                 }
-                let mut entries = Vec::with_capacity(map.len());
-                for (k, v) in map {
-                    let c = self.descend(Seg::Key(k), |me| me.canon(v, Some(k), depth + 1))?;
+                let mut entries = Vec::with_capacity(len);
+                src.each_entry(&mut |k, v| {
+                    let c = self.descend(Seg::Key(k), |me| me.canon(&v, Some(k), depth + 1))?;
                     if !matches!(c, Canon::Null) {
-                        entries.push((k.as_str(), c));
+                        entries.push((k, c));
                     }
-                }
+                    Ok(())
+                })?;
                 if entries.is_empty() {
                     return Ok(Canon::Null);
                 }
                 entries.sort_unstable_by(|(a, _), (b, _)| a.as_bytes().cmp(b.as_bytes()));
+                // Sources whose keys may repeat (not JSON objects, not dicts)
+                // keep the last value, as a JSON parser would.
+                entries.dedup_by(|later, earlier| {
+                    if later.0 == earlier.0 {
+                        std::mem::swap(later, earlier);
+                        true
+                    } else {
+                        false
+                    }
+                });
                 Ok(Canon::Map(entries))
             }
         }
@@ -643,25 +831,37 @@ impl<'p> Normalizer<'p> {
     }
 }
 
+/// A normalised argument tree, borrowing the strings of its source: build it
+/// once with [`canonicalize`], then compare it with [`compare_canonical`] as
+/// often as needed (it holds no reference to the source tree itself, only to
+/// its strings).
+#[derive(Debug, Clone)]
+pub struct Canonical<'a>(Canon<'a>);
+
+impl Canonical<'_> {
+    /// The canonical form as JSON (see [`normalize`]).
+    pub fn to_value(&self) -> Value {
+        self.0.to_value()
+    }
+}
+
+/// Normalises any [`ArgSource`]; errors read `{what}{path}: {reason}`.
+pub fn canonicalize<'a, S: ArgSource<'a>>(
+    src: S,
+    policy: &Policy,
+    what: &str,
+) -> Result<Canonical<'a>> {
+    policy.validate()?;
+    Normalizer::new(policy)
+        .canon(&src, None, 0)
+        .map(Canonical)
+        .map_err(|e| e.into_error(what))
+}
+
 fn canonical<'a>(value: &'a Value, policy: &Policy, what: &str) -> Result<Canon<'a>> {
     Normalizer::new(policy)
-        .canon(value, None, 0)
-        .map_err(|TooDeep(segs)| {
-            let mut path = String::new();
-            for seg in segs.iter().rev() {
-                if path.is_empty() {
-                    path.push_str(seg.strip_prefix('.').unwrap_or(seg));
-                } else {
-                    path.push_str(seg);
-                }
-            }
-            if path.is_empty() {
-                path.push('$');
-            }
-            Error::invalid(format!(
-                "{what} is nested deeper than {MAX_DEPTH} levels at {path}"
-            ))
-        })
+        .canon(&value, None, 0)
+        .map_err(|e| e.into_error(what))
 }
 
 /// The canonical form of `value` as JSON: keys sorted, empty values dropped
@@ -878,6 +1078,15 @@ fn compare_canon<'a>(
     }
 }
 
+/// Compares two trees normalised with the same `policy` by [`canonicalize`].
+pub fn compare_canonical(
+    pred: &Canonical<'_>,
+    gold: &Canonical<'_>,
+    policy: &Policy,
+) -> Comparison {
+    compare_canon(&pred.0, &gold.0, policy.soft_max_fraction)
+}
+
 /// Compares a predicted argument value with the gold one under `policy`.
 pub fn compare(pred: &Value, gold: &Value, policy: &Policy) -> Result<Comparison> {
     policy.validate()?;
@@ -886,21 +1095,16 @@ pub fn compare(pred: &Value, gold: &Value, policy: &Policy) -> Result<Comparison
     Ok(compare_canon(&p, &g, policy.soft_max_fraction))
 }
 
-/// [`compare`] over many `(pred, gold)` pairs, in parallel above a few
-/// hundred pairs (smaller batches are not worth waking the thread pool).
-pub fn compare_many(pairs: &[(Value, Value)], policy: &Policy) -> Result<Vec<Comparison>> {
-    use rayon::prelude::*;
-    policy.validate()?;
-    let one = |(i, (pred, gold)): (usize, &(Value, Value))| -> Result<Comparison> {
-        let p = canonical(pred, policy, &format!("pairs[{i}].pred"))?;
-        let g = canonical(gold, policy, &format!("pairs[{i}].gold"))?;
-        Ok(compare_canon(&p, &g, policy.soft_max_fraction))
-    };
-    if pairs.len() >= 512 {
-        pairs.par_iter().enumerate().map(one).collect()
-    } else {
-        pairs.iter().enumerate().map(one).collect()
-    }
+/// [`compare_canonical`] over many pairs. Sequential: reading the source
+/// trees costs far more than comparing them, so threads gain little here.
+pub fn compare_canonical_many(
+    pairs: &[(Canonical<'_>, Canonical<'_>)],
+    policy: &Policy,
+) -> Vec<Comparison> {
+    pairs
+        .iter()
+        .map(|(pred, gold)| compare_canonical(pred, gold, policy))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -1400,8 +1604,8 @@ mod tests {
         }
         let v = json!({ "outer": v });
         let err = normalize(&v, &Policy::default()).unwrap_err().to_string();
-        assert!(err.contains("deeper than 256"), "{err}");
-        assert!(err.contains("outer[0][0]"), "{err}");
+        assert!(err.contains("nested deeper than 256 levels"), "{err}");
+        assert!(err.contains("value.outer[0][0]"), "{err}");
         // serde_json's recursive Drop would overflow on deeper values; this
         // depth is safe.
     }

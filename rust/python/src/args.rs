@@ -1,12 +1,16 @@
 //! Argument comparison and tier labelling: Python objects become
 //! `serde_json::Value`s here (with the GIL), the work runs without it.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
-use turnrl_core::args::{self as core_args, Comparison, Policy, Tier, ToolKind, MAX_DEPTH};
+use turnrl_core::args::{
+    self as core_args, canonicalize, compare_canonical, compare_canonical_many, ArgSource,
+    Canonical, Comparison, Policy, SourceError, SourceKind, Tier, ToolKind, MAX_DEPTH,
+};
 use turnrl_core::Error;
 
 use crate::errors::{detached, to_pyerr};
@@ -252,24 +256,191 @@ impl ArgComparison {
     }
 }
 
+/// Keeps every Python string whose UTF-8 text a [`Canonical`] borrows alive
+/// for as long as the arena lives.
+#[derive(Default)]
+struct Arena<'py> {
+    held: RefCell<Vec<Bound<'py, PyAny>>>,
+}
+
+impl<'py> Arena<'py> {
+    fn hold_str<'a>(&'a self, s: &Bound<'py, PyString>) -> Result<&'a str, SourceError> {
+        let text: *const str = s
+            .to_str()
+            .map_err(|e| SourceError::new(format!("string is not valid UTF-8 ({e})")))?;
+        self.held.borrow_mut().push(s.clone().into_any());
+        // SAFETY: with the abi3-py310 API `to_str` returns the UTF-8 buffer
+        // that CPython caches inside the (immutable) str object and frees only
+        // with it. The arena holds a strong reference to that object until the
+        // arena is dropped, which outlives 'a, so the text stays valid even if
+        // another thread drops its own references meanwhile.
+        Ok(unsafe { &*text })
+    }
+}
+
+/// A Python object read in place as an [`ArgSource`]: no `serde_json::Value`
+/// copy, strings borrowed.
+struct PySource<'a, 'py> {
+    obj: Bound<'py, PyAny>,
+    arena: &'a Arena<'py>,
+}
+
+impl<'a, 'py> PySource<'a, 'py> {
+    fn child(&self, obj: Bound<'py, PyAny>) -> Self {
+        PySource {
+            obj,
+            arena: self.arena,
+        }
+    }
+
+    fn int_kind(&self, obj: &Bound<'py, PyAny>) -> Result<SourceKind<'a>, SourceError> {
+        if let Ok(i) = obj.extract::<i64>() {
+            return Ok(SourceKind::Int(i));
+        }
+        if let Ok(u) = obj.extract::<u64>() {
+            return Ok(SourceKind::UInt(u));
+        }
+        let text = obj
+            .str()
+            .map_err(|e| SourceError::new(format!("integer has no decimal form ({e})")))?;
+        Ok(SourceKind::BigInt(self.arena.hold_str(&text)?))
+    }
+}
+
+impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
+    fn kind(&self) -> Result<SourceKind<'a>, SourceError> {
+        let obj = &self.obj;
+        if obj.is_none() {
+            return Ok(SourceKind::Null);
+        }
+        // Exact types first: a pointer comparison each, where the subclass
+        // checks below cost a call into the interpreter each under abi3.
+        if obj.is_exact_instance_of::<PyString>() {
+            let s = obj
+                .cast::<PyString>()
+                .map_err(|e| SourceError::new(e.to_string()))?;
+            return Ok(SourceKind::Str(self.arena.hold_str(s)?));
+        }
+        if obj.is_exact_instance_of::<PyDict>() {
+            return Ok(SourceKind::Map(obj.len().unwrap_or(0)));
+        }
+        if obj.is_exact_instance_of::<PyList>() {
+            return Ok(SourceKind::List(obj.len().unwrap_or(0)));
+        }
+        if obj.is_exact_instance_of::<PyInt>() {
+            return self.int_kind(obj);
+        }
+        if obj.is_exact_instance_of::<PyFloat>() {
+            let x: f64 = obj
+                .extract()
+                .map_err(|e: PyErr| SourceError::new(e.to_string()))?;
+            return Ok(SourceKind::Float(x));
+        }
+        if let Ok(s) = obj.cast::<PyString>() {
+            return Ok(SourceKind::Str(self.arena.hold_str(s)?));
+        }
+        if let Ok(b) = obj.cast::<PyBool>() {
+            return Ok(SourceKind::Bool(b.is_true()));
+        }
+        if obj.cast::<PyInt>().is_ok() {
+            return self.int_kind(obj);
+        }
+        if let Ok(f) = obj.cast::<PyFloat>() {
+            return Ok(SourceKind::Float(f.value()));
+        }
+        if let Ok(dict) = obj.cast::<PyDict>() {
+            return Ok(SourceKind::Map(dict.len()));
+        }
+        if let Ok(list) = obj.cast::<PyList>() {
+            return Ok(SourceKind::List(list.len()));
+        }
+        if let Ok(tuple) = obj.cast::<PyTuple>() {
+            return Ok(SourceKind::List(tuple.len()));
+        }
+        if obj.hasattr("__index__").unwrap_or(false) {
+            if let Ok(index) = obj.call_method0("__index__") {
+                return self.int_kind(&index);
+            }
+        }
+        Err(SourceError::new(format!(
+            "a {} is not JSON (expected dict, list, tuple, str, int, float, bool or None)",
+            type_name(obj)
+        )))
+    }
+
+    fn each_item(
+        &self,
+        f: &mut dyn FnMut(usize, Self) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        if let Ok(list) = self.obj.cast::<PyList>() {
+            for (i, item) in list.iter().enumerate() {
+                f(i, self.child(item))?;
+            }
+        } else if let Ok(tuple) = self.obj.cast::<PyTuple>() {
+            for (i, item) in tuple.iter().enumerate() {
+                f(i, self.child(item))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn each_entry(
+        &self,
+        f: &mut dyn FnMut(&'a str, Self) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        if let Ok(dict) = self.obj.cast::<PyDict>() {
+            for (k, v) in dict.iter() {
+                let Ok(key) = k.cast::<PyString>() else {
+                    let shown = k.repr().map(|r| r.to_string()).unwrap_or_default();
+                    return Err(SourceError::new(format!(
+                        "key {shown} of type {} is not a string (JSON object keys are strings)",
+                        type_name(&k)
+                    )));
+                };
+                let key = self.arena.hold_str(key)?;
+                f(key, self.child(v))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn canonical_of<'a, 'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    arena: &'a Arena<'py>,
+    policy: &Policy,
+    what: &str,
+) -> PyResult<Canonical<'a>> {
+    let source = PySource {
+        obj: obj.clone(),
+        arena,
+    };
+    canonicalize(source, policy, what).map_err(|e| to_pyerr(py, e))
+}
+
 /// Canonical form of a JSON-like object (see `turnrl.normalize_args`).
 #[pyfunction]
-#[pyo3(signature = (obj, *, case_fold=false, unordered_keys=None))]
+#[pyo3(signature = (obj, case_fold=false, unordered_keys=None))]
 pub fn normalize_args<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     case_fold: bool,
     unordered_keys: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let value = convert(py, obj, "obj")?;
     let policy = policy(case_fold, unordered_keys, 0.5);
-    let out = detached(py, || core_args::normalize(&value, &policy))?;
-    to_py(py, &out)
+    let arena = Arena::default();
+    let canonical = canonical_of(py, obj, &arena, &policy, "obj")?;
+    to_py(py, &canonical.to_value())
 }
 
 /// Deep comparison of predicted and gold arguments (see `turnrl.compare_args`).
+///
+/// Reads the Python objects in place and compares under the GIL: one
+/// comparison takes a few microseconds, less than releasing and retaking
+/// the GIL would cost. `compare_args_batch` releases it.
 #[pyfunction]
-#[pyo3(signature = (pred, gold, *, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
+#[pyo3(signature = (pred, gold, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
 pub fn compare_args(
     py: Python<'_>,
     pred: &Bound<'_, PyAny>,
@@ -278,17 +449,19 @@ pub fn compare_args(
     unordered_keys: Option<Vec<String>>,
     soft_max_fraction: f64,
 ) -> PyResult<ArgComparison> {
-    let pred = convert(py, pred, "pred")?;
-    let gold = convert(py, gold, "gold")?;
     let policy = policy(case_fold, unordered_keys, soft_max_fraction);
-    let inner = detached(py, || core_args::compare(&pred, &gold, &policy))?;
-    Ok(ArgComparison { inner })
+    let arena = Arena::default();
+    let pred = canonical_of(py, pred, &arena, &policy, "pred")?;
+    let gold = canonical_of(py, gold, &arena, &policy, "gold")?;
+    Ok(ArgComparison {
+        inner: compare_canonical(&pred, &gold, &policy),
+    })
 }
 
-/// Many comparisons at once: converts every pair, then compares them without
-/// the GIL (in parallel for large batches).
+/// Many comparisons at once: normalises pairs with the GIL, 256 at a time,
+/// and compares each chunk without it.
 #[pyfunction]
-#[pyo3(signature = (pairs, *, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
+#[pyo3(signature = (pairs, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
 pub fn compare_args_batch(
     py: Python<'_>,
     pairs: &Bound<'_, PyAny>,
@@ -296,26 +469,53 @@ pub fn compare_args_batch(
     unordered_keys: Option<Vec<String>>,
     soft_max_fraction: f64,
 ) -> PyResult<Vec<ArgComparison>> {
-    let mut values = Vec::new();
-    for (i, pair) in pairs.try_iter()?.enumerate() {
-        let pair = pair?;
-        let (pred, gold): (Bound<'_, PyAny>, Bound<'_, PyAny>) = pair.extract().map_err(|_| {
-            to_pyerr(
-                py,
-                Error::invalid(format!("pairs[{i}] must be a (pred, gold) pair")),
-            )
-        })?;
-        values.push((
-            convert(py, &pred, &format!("pairs[{i}].pred"))?,
-            convert(py, &gold, &format!("pairs[{i}].gold"))?,
-        ));
-    }
     let policy = policy(case_fold, unordered_keys, soft_max_fraction);
-    let out = detached(py, || core_args::compare_many(&values, &policy))?;
-    Ok(out
-        .into_iter()
-        .map(|inner| ArgComparison { inner })
-        .collect())
+    policy.validate().map_err(|e| to_pyerr(py, e))?;
+    // Chunks keep the normalised trees in cache between building them (with
+    // the GIL) and comparing them (without it).
+    const CHUNK: usize = 256;
+    let mut out = Vec::new();
+    let mut iter = pairs.try_iter()?.enumerate().peekable();
+    while iter.peek().is_some() {
+        let arena = Arena::default();
+        let mut canonical = Vec::with_capacity(CHUNK);
+        for (i, pair) in iter.by_ref().take(CHUNK) {
+            let pair = pair?;
+            let (pred, gold): (Bound<'_, PyAny>, Bound<'_, PyAny>) =
+                pair.extract().map_err(|_| {
+                    to_pyerr(
+                        py,
+                        Error::invalid(format!("pairs[{i}] must be a (pred, gold) pair")),
+                    )
+                })?;
+            let p = canonicalize(
+                PySource {
+                    obj: pred,
+                    arena: &arena,
+                },
+                &policy,
+                "pred",
+            )
+            .map_err(|e| to_pyerr(py, prefix_pair(e, i)))?;
+            let g = canonicalize(
+                PySource {
+                    obj: gold,
+                    arena: &arena,
+                },
+                &policy,
+                "gold",
+            )
+            .map_err(|e| to_pyerr(py, prefix_pair(e, i)))?;
+            canonical.push((p, g));
+        }
+        let chunk = detached(py, || Ok(compare_canonical_many(&canonical, &policy)))?;
+        out.extend(chunk.into_iter().map(|inner| ArgComparison { inner }));
+    }
+    Ok(out)
+}
+
+fn prefix_pair(err: Error, i: usize) -> Error {
+    Error::invalid(format!("pairs[{i}].{err}"))
 }
 
 /// Tiers of one trajectory (see `turnrl.label_tiers`).
