@@ -96,12 +96,15 @@ def make_pred(gold: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     return pred
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    best = float("inf")
+def best_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best wall time of each function; the functions take turns in every
+    round so that all of them see the same background load."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -127,15 +130,14 @@ def run(name: str, pairs: list[tuple[dict, dict]], repeats: int) -> list[tuple[s
     def turnrl_batch() -> None:
         turnrl.compare_args_batch(pairs)
 
-    rows = []
-    for label, fn in [
+    impls = [
         ("python reference (loop)", python_loop),
         ("turnrl.compare_args (loop)", turnrl_loop),
         ("turnrl._core.compare_args (loop, no wrapper)", core_loop),
         ("turnrl.compare_args_batch", turnrl_batch),
-    ]:
-        rows.append((name, label, best_time(fn, repeats) / len(pairs)))
-    return rows
+    ]
+    times = best_times([fn for _, fn in impls], repeats)
+    return [(name, label, t / len(pairs)) for (label, _), t in zip(impls, times, strict=True)]
 
 
 def main() -> None:
@@ -143,7 +145,7 @@ def main() -> None:
     default_tau = Path(__file__).resolve().parents[1] / ".." / "shared" / "tau-bench"
     parser.add_argument("--tau-bench", type=Path, default=default_tau)
     parser.add_argument("--pairs", type=int, default=4000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
 
     rng = random.Random(0)

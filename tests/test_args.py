@@ -290,7 +290,7 @@ def test_diff_paths() -> None:
     assert c.diffs == ["b.c", "b.d"]
     c = turnrl.compare_args({"a": [1, [2, 3]]}, {"a": [1, [2, 4]]})
     assert c.diffs == ["a[1][1]"]
-    assert repr(c) == 'ArgComparison(kind="soft", diffs=["a[1][1]"])'
+    assert repr(c) == "ArgComparison(kind='soft', diffs=['a[1][1]'])"
 
 
 def test_soft_threshold() -> None:
@@ -552,3 +552,9 @@ def _cached_tasks() -> list[list[dict[str, Any]]]:
     if not _TASKS:
         _TASKS.extend(t for t in airline_tasks() if t)
     return _TASKS
+
+
+def test_tier_labels_repr() -> None:
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "hi"}]
+    labels = turnrl.label_tiers(turns, [], {})
+    assert repr(labels) == "TierLabels(tiers=[None, 'respond'], matched_gold=[])"

@@ -247,12 +247,10 @@ impl ArgComparison {
         self.inner.structural
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "ArgComparison(kind={:?}, diffs={:?})",
-            self.inner.kind.as_str(),
-            self.inner.diffs
-        )
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let kind = PyString::new(py, self.inner.kind.as_str()).repr()?;
+        let diffs = PyList::new(py, &self.inner.diffs)?.repr()?;
+        Ok(format!("ArgComparison(kind={kind}, diffs={diffs})"))
     }
 }
 
@@ -568,12 +566,10 @@ impl TierLabels {
         self.inner.gold_turn.clone()
     }
 
-    fn __repr__(&self) -> String {
-        format!(
-            "TierLabels(tiers={:?}, matched_gold={:?})",
-            self.tiers(),
-            self.inner.matched_gold
-        )
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let tiers = self.tiers().into_pyobject(py)?.repr()?;
+        let matched = PyList::new(py, &self.inner.matched_gold)?.repr()?;
+        Ok(format!("TierLabels(tiers={tiers}, matched_gold={matched})"))
     }
 }
 
