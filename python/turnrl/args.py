@@ -111,7 +111,8 @@ def compare_args(
     'exact'
     """
     # Positional: the cheapest call into the extension on this hot path.
-    return _core.compare_args(pred, gold, case_fold, _keys(unordered_keys), soft_max_fraction)
+    keys = _keys(unordered_keys) if unordered_keys else None
+    return _core.compare_args(pred, gold, case_fold, keys, soft_max_fraction)
 
 
 def compare_args_batch(

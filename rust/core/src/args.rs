@@ -237,6 +237,10 @@ impl Dec {
     /// A string that is a plain decimal: `-?(0|[1-9][0-9]*)(\.[0-9]+)?`.
     fn parse_plain(s: &str) -> Option<Dec> {
         let bytes = s.as_bytes();
+        // Most strings are names and ids: reject them on the first byte.
+        if !matches!(bytes.first(), Some(b'-' | b'0'..=b'9')) {
+            return None;
+        }
         let (neg, body) = match bytes.first() {
             Some(b'-') => (true, &bytes[1..]),
             _ => (false, bytes),

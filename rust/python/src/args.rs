@@ -256,12 +256,18 @@ impl ArgComparison {
 
 /// Keeps every Python string whose UTF-8 text a [`Canonical`] borrows alive
 /// for as long as the arena lives.
-#[derive(Default)]
 struct Arena<'py> {
     held: RefCell<Vec<Bound<'py, PyAny>>>,
 }
 
 impl<'py> Arena<'py> {
+    fn new() -> Self {
+        // Room for the strings of typical tool arguments without regrowing.
+        Arena {
+            held: RefCell::new(Vec::with_capacity(64)),
+        }
+    }
+
     fn hold_str<'a>(&'a self, s: &Bound<'py, PyString>) -> Result<&'a str, SourceError> {
         let text: *const str = s
             .to_str()
@@ -427,7 +433,7 @@ pub fn normalize_args<'py>(
     unordered_keys: Option<Vec<String>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let policy = policy(case_fold, unordered_keys, 0.5);
-    let arena = Arena::default();
+    let arena = Arena::new();
     let canonical = canonical_of(py, obj, &arena, &policy, "obj")?;
     to_py(py, &canonical.to_value())
 }
@@ -448,7 +454,7 @@ pub fn compare_args(
     soft_max_fraction: f64,
 ) -> PyResult<ArgComparison> {
     let policy = policy(case_fold, unordered_keys, soft_max_fraction);
-    let arena = Arena::default();
+    let arena = Arena::new();
     let pred = canonical_of(py, pred, &arena, &policy, "pred")?;
     let gold = canonical_of(py, gold, &arena, &policy, "gold")?;
     Ok(ArgComparison {
@@ -475,7 +481,7 @@ pub fn compare_args_batch(
     let mut out = Vec::new();
     let mut iter = pairs.try_iter()?.enumerate().peekable();
     while iter.peek().is_some() {
-        let arena = Arena::default();
+        let arena = Arena::new();
         let mut canonical = Vec::with_capacity(CHUNK);
         for (i, pair) in iter.by_ref().take(CHUNK) {
             let pair = pair?;
