@@ -558,3 +558,24 @@ def test_tier_labels_repr() -> None:
     turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "hi"}]
     labels = turnrl.label_tiers(turns, [], {})
     assert repr(labels) == "TierLabels(tiers=[None, 'respond'], matched_gold=[])"
+
+
+@pytest.mark.parametrize("depth", [50, 150, 255])
+def test_deep_values_match_reference(depth: int) -> None:
+    """Alternating dict/list nesting close to the depth limit, with a numeric
+    string, padding and a changed leaf at the bottom."""
+
+    def build(leaf: Any, n: int) -> Any:
+        value = leaf
+        for level in range(n):
+            value = {"k": value, "n": level} if level % 2 else [value, " x "]
+        return value
+
+    gold = build({"a": 1, "b": "B", "c": 3}, depth)
+    pred = build({"a": "1", "b": "b", "c": 4}, depth)
+    got = as_dict(turnrl.compare_args(pred, gold))
+    want = ref.compare(pred, gold)
+    assert got == want
+    assert got["kind"] == "soft" and len(got["diffs"]) == 2
+    folded = turnrl.compare_args(pred, gold, case_fold=True)
+    assert folded.diffs == [want["diffs"][1]]
