@@ -198,7 +198,7 @@ def test_batch_equals_single_calls(data: st.DataObject, policy: dict[str, Any]) 
     ]
 
 
-def test_batch_runs_in_parallel_path() -> None:
+def test_batch_spans_several_chunks() -> None:
     gold = {"a": [1, 2, {"b": "x"}], "c": "5"}
     pairs = [({"a": [1, 2, {"b": "x"}], "c": i % 7}, gold) for i in range(2000)]
     kinds = [c.kind for c in turnrl.compare_args_batch(pairs)]
