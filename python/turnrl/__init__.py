@@ -16,6 +16,14 @@ from turnrl.advantages import (
     get_estimator,
     register_estimator,
 )
+from turnrl.args import (
+    ArgComparison,
+    TierLabels,
+    compare_args,
+    compare_args_batch,
+    label_tiers,
+    normalize_args,
+)
 from turnrl.exceptions import InvalidInputError, TurnrlError, TurnrlIOError, UnknownNameError
 from turnrl.parsing import (
     ParsedMessage,
@@ -26,17 +34,23 @@ from turnrl.parsing import (
 
 __all__ = [
     "AdvantageBatch",
+    "ArgComparison",
     "InvalidInputError",
     "ParsedMessage",
+    "TierLabels",
     "ToolCallFormat",
     "TurnrlError",
     "TurnrlIOError",
     "UnknownNameError",
     "__version__",
     "broadcast_to_tokens",
+    "compare_args",
+    "compare_args_batch",
     "compute_advantages",
     "estimator_names",
     "get_estimator",
+    "label_tiers",
+    "normalize_args",
     "parse_tool_calls",
     "parse_tool_calls_batch",
     "register_estimator",

@@ -88,3 +88,57 @@ def parse_tool_calls(
 def parse_tool_calls_batch(
     texts: Sequence[str], fmt: str = "auto", tools: Sequence[Mapping[str, Any]] | None = None
 ) -> list[ParsedMessage]: ...
+
+# Argument comparison and tier labelling (turnrl.args).
+
+@final
+class ArgComparison:
+    @property
+    def kind(self) -> str: ...
+    @property
+    def diffs(self) -> list[str]: ...
+    @property
+    def differing_leaves(self) -> int: ...
+    @property
+    def gold_leaves(self) -> int: ...
+    @property
+    def structural(self) -> bool: ...
+
+@final
+class TierLabels:
+    @property
+    def tiers(self) -> list[str | None]: ...
+    @property
+    def call_tiers(self) -> list[list[str]]: ...
+    @property
+    def matched_gold(self) -> list[int]: ...
+    @property
+    def soft_gold(self) -> list[int]: ...
+    @property
+    def gold_turn(self) -> list[int | None]: ...
+
+def normalize_args(
+    obj: Any, case_fold: bool = False, unordered_keys: list[str] | None = None
+) -> Any: ...
+def compare_args(
+    pred: Any,
+    gold: Any,
+    case_fold: bool = False,
+    unordered_keys: list[str] | None = None,
+    soft_max_fraction: float = 0.5,
+) -> ArgComparison: ...
+def compare_args_batch(
+    pairs: Any,
+    case_fold: bool = False,
+    unordered_keys: list[str] | None = None,
+    soft_max_fraction: float = 0.5,
+) -> list[ArgComparison]: ...
+def label_tiers(
+    turns: Any,
+    gold_actions: Any,
+    tool_kinds: dict[str, str],
+    *,
+    case_fold: bool = False,
+    unordered_keys: list[str] | None = None,
+    soft_max_fraction: float = 0.5,
+) -> TierLabels: ...

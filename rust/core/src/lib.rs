@@ -4,6 +4,7 @@
 //! and releases the GIL around these functions.
 
 pub mod advantages;
+pub mod args;
 pub mod calibration;
 pub mod error;
 pub mod parse;

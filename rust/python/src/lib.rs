@@ -4,6 +4,7 @@
 //! the work, and maps core errors onto `turnrl.exceptions`.
 
 mod advantages;
+mod args;
 mod calibration;
 mod errors;
 mod parse;
@@ -18,6 +19,11 @@ mod _core {
     use crate::calibration::{direction_check, tier_correlations, tier_sums};
     #[pymodule_export]
     use crate::parse::{parse_tool_calls, parse_tool_calls_batch, ParsedMessage};
+
+    #[pymodule_export]
+    use crate::args::{
+        compare_args, compare_args_batch, label_tiers, normalize_args, ArgComparison, TierLabels,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -1,0 +1,645 @@
+//! Argument comparison and tier labelling: Python objects become
+//! `serde_json::Value`s here (with the GIL), the work runs without it.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use serde_json::{Map, Value};
+use turnrl_core::args::{
+    self as core_args, canonicalize, compare_canonical, compare_canonical_many, ArgSource,
+    Canonical, Comparison, Policy, SourceError, SourceKind, Tier, ToolKind, MAX_DEPTH,
+};
+use turnrl_core::Error;
+
+use crate::errors::{detached, to_pyerr};
+
+/// Why a Python object is not JSON; the path is filled in on the way out
+/// (innermost segment first).
+struct ConvertError {
+    segs: Vec<String>,
+    message: String,
+}
+
+impl ConvertError {
+    fn new(message: String) -> Self {
+        ConvertError {
+            segs: Vec::new(),
+            message,
+        }
+    }
+
+    fn into_pyerr(self, py: Python<'_>, what: &str) -> PyErr {
+        let mut path = what.to_string();
+        for seg in self.segs.iter().rev() {
+            path.push_str(seg);
+        }
+        to_pyerr(py, Error::invalid(format!("{path}: {}", self.message)))
+    }
+}
+
+fn key_segment(key: &str) -> String {
+    let plain = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain {
+        format!(".{key}")
+    } else {
+        format!("[{}]", serde_json::to_string(key).unwrap_or_default())
+    }
+}
+
+type Converted = std::result::Result<Value, ConvertError>;
+
+/// A Python object as JSON: dict (string keys), list, tuple, str, int, float
+/// (finite), bool, None. Integers beyond 64 bits become their decimal string,
+/// which the comparison treats as the same number.
+fn to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Converted {
+    if obj.is_none() {
+        return Ok(Value::Null);
+    }
+    if let Ok(s) = obj.cast::<PyString>() {
+        let text = s
+            .to_str()
+            .map_err(|e| ConvertError::new(format!("string is not valid UTF-8 ({e})")))?;
+        return Ok(Value::String(text.to_owned()));
+    }
+    if let Ok(b) = obj.cast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if obj.cast::<PyInt>().is_ok() {
+        return int_to_json(obj);
+    }
+    if let Ok(f) = obj.cast::<PyFloat>() {
+        let x = f.value();
+        return serde_json::Number::from_f64(x)
+            .map(Value::Number)
+            .ok_or_else(|| ConvertError::new(format!("{x} is not a finite number")));
+    }
+    if let Ok(dict) = obj.cast::<PyDict>() {
+        if depth >= MAX_DEPTH {
+            return Err(too_deep());
+        }
+        let mut map = Map::with_capacity(dict.len());
+        for (k, v) in dict.iter() {
+            let key = match k.cast::<PyString>() {
+                Ok(s) => s
+                    .to_str()
+                    .map_err(|e| ConvertError::new(format!("key is not valid UTF-8 ({e})")))?
+                    .to_owned(),
+                Err(_) => {
+                    let shown = k.repr().map(|r| r.to_string()).unwrap_or_default();
+                    let ty = type_name(&k);
+                    return Err(ConvertError::new(format!(
+                        "key {shown} of type {ty} is not a string (JSON object keys are strings)"
+                    )));
+                }
+            };
+            let value = to_json(&v, depth + 1).map_err(|mut e| {
+                e.segs.push(key_segment(&key));
+                e
+            })?;
+            map.insert(key, value);
+        }
+        return Ok(Value::Object(map));
+    }
+    if let Ok(list) = obj.cast::<PyList>() {
+        return seq_to_json(list.iter(), list.len(), depth);
+    }
+    if let Ok(tuple) = obj.cast::<PyTuple>() {
+        return seq_to_json(tuple.iter(), tuple.len(), depth);
+    }
+    // numpy integers and other integer-likes.
+    if obj.hasattr("__index__").unwrap_or(false) {
+        if let Ok(index) = obj.call_method0("__index__") {
+            return int_to_json(&index);
+        }
+    }
+    Err(ConvertError::new(format!(
+        "a {} is not JSON (expected dict, list, tuple, str, int, float, bool or None)",
+        type_name(obj)
+    )))
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn too_deep() -> ConvertError {
+    ConvertError::new(format!("nested deeper than {MAX_DEPTH} levels"))
+}
+
+fn int_to_json(obj: &Bound<'_, PyAny>) -> Converted {
+    if let Ok(i) = obj.extract::<i64>() {
+        return Ok(Value::from(i));
+    }
+    if let Ok(u) = obj.extract::<u64>() {
+        return Ok(Value::from(u));
+    }
+    let text = obj
+        .str()
+        .map_err(|e| ConvertError::new(format!("integer has no decimal form ({e})")))?;
+    Ok(Value::String(text.to_string()))
+}
+
+fn seq_to_json<'py>(
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    len: usize,
+    depth: usize,
+) -> Converted {
+    if depth >= MAX_DEPTH {
+        return Err(too_deep());
+    }
+    let mut out = Vec::with_capacity(len);
+    for (i, item) in items.enumerate() {
+        out.push(to_json(&item, depth + 1).map_err(|mut e| {
+            e.segs.push(format!("[{i}]"));
+            e
+        })?);
+    }
+    Ok(Value::Array(out))
+}
+
+fn convert(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value> {
+    to_json(obj, 0).map_err(|e| e.into_pyerr(py, what))
+}
+
+fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any()
+            } else {
+                n.as_f64().unwrap_or(0.0).into_pyobject(py)?.into_any()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(to_py(py, item)?)?;
+            }
+            list.into_any()
+        }
+        Value::Object(map) => {
+            let dict = PyDict::new(py);
+            for (k, v) in map {
+                dict.set_item(k, to_py(py, v)?)?;
+            }
+            dict.into_any()
+        }
+    })
+}
+
+fn policy(case_fold: bool, unordered_keys: Option<Vec<String>>, soft_max_fraction: f64) -> Policy {
+    Policy {
+        case_fold,
+        unordered_keys: unordered_keys.unwrap_or_default(),
+        soft_max_fraction,
+    }
+}
+
+/// The result of `compare_args`.
+#[pyclass(frozen, module = "turnrl._core", name = "ArgComparison")]
+pub struct ArgComparison {
+    inner: Comparison,
+}
+
+#[pymethods]
+impl ArgComparison {
+    /// "exact", "soft" or "mismatch".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.inner.kind.as_str()
+    }
+
+    /// Paths that differ, such as ``passengers[0].dob``; ``$`` is the root.
+    #[getter]
+    fn diffs(&self) -> Vec<String> {
+        self.inner.diffs.clone()
+    }
+
+    /// Leaves (scalars) whose values differ.
+    #[getter]
+    fn differing_leaves(&self) -> usize {
+        self.inner.differing_leaves
+    }
+
+    /// Leaves of the normalised gold value.
+    #[getter]
+    fn gold_leaves(&self) -> usize {
+        self.inner.gold_leaves
+    }
+
+    /// Whether key sets, list lengths or container kinds differ.
+    #[getter]
+    fn structural(&self) -> bool {
+        self.inner.structural
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let kind = PyString::new(py, self.inner.kind.as_str()).repr()?;
+        let diffs = PyList::new(py, &self.inner.diffs)?.repr()?;
+        Ok(format!("ArgComparison(kind={kind}, diffs={diffs})"))
+    }
+}
+
+/// Keeps every Python string whose UTF-8 text a [`Canonical`] borrows alive
+/// for as long as the arena lives.
+struct Arena<'py> {
+    held: RefCell<Vec<Bound<'py, PyAny>>>,
+}
+
+impl<'py> Arena<'py> {
+    fn new() -> Self {
+        // Room for the strings of typical tool arguments without regrowing.
+        Arena {
+            held: RefCell::new(Vec::with_capacity(64)),
+        }
+    }
+
+    fn hold_str<'a>(&'a self, s: &Bound<'py, PyString>) -> Result<&'a str, SourceError> {
+        let text: *const str = s
+            .to_str()
+            .map_err(|e| SourceError::new(format!("string is not valid UTF-8 ({e})")))?;
+        self.held.borrow_mut().push(s.clone().into_any());
+        // SAFETY: with the abi3-py310 API `to_str` returns the UTF-8 buffer
+        // that CPython caches inside the (immutable) str object and frees only
+        // with it. The arena holds a strong reference to that object until the
+        // arena is dropped, which outlives 'a, so the text stays valid even if
+        // another thread drops its own references meanwhile.
+        Ok(unsafe { &*text })
+    }
+}
+
+/// A Python object read in place as an [`ArgSource`]: no `serde_json::Value`
+/// copy, strings borrowed.
+struct PySource<'a, 'py> {
+    obj: Bound<'py, PyAny>,
+    arena: &'a Arena<'py>,
+}
+
+impl<'a, 'py> PySource<'a, 'py> {
+    fn child(&self, obj: Bound<'py, PyAny>) -> Self {
+        PySource {
+            obj,
+            arena: self.arena,
+        }
+    }
+
+    fn int_kind(&self, obj: &Bound<'py, PyAny>) -> Result<SourceKind<'a>, SourceError> {
+        if let Ok(i) = obj.extract::<i64>() {
+            return Ok(SourceKind::Int(i));
+        }
+        if let Ok(u) = obj.extract::<u64>() {
+            return Ok(SourceKind::UInt(u));
+        }
+        let text = obj
+            .str()
+            .map_err(|e| SourceError::new(format!("integer has no decimal form ({e})")))?;
+        Ok(SourceKind::BigInt(self.arena.hold_str(&text)?))
+    }
+}
+
+impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
+    fn kind(&self) -> Result<SourceKind<'a>, SourceError> {
+        let obj = &self.obj;
+        if obj.is_none() {
+            return Ok(SourceKind::Null);
+        }
+        // Exact types first: a pointer comparison each, where the subclass
+        // checks below cost a call into the interpreter each under abi3.
+        if obj.is_exact_instance_of::<PyString>() {
+            let s = obj
+                .cast::<PyString>()
+                .map_err(|e| SourceError::new(e.to_string()))?;
+            return Ok(SourceKind::Str(self.arena.hold_str(s)?));
+        }
+        if obj.is_exact_instance_of::<PyDict>() {
+            return Ok(SourceKind::Map(obj.len().unwrap_or(0)));
+        }
+        if obj.is_exact_instance_of::<PyList>() {
+            return Ok(SourceKind::List(obj.len().unwrap_or(0)));
+        }
+        if obj.is_exact_instance_of::<PyInt>() {
+            return self.int_kind(obj);
+        }
+        if obj.is_exact_instance_of::<PyFloat>() {
+            let x: f64 = obj
+                .extract()
+                .map_err(|e: PyErr| SourceError::new(e.to_string()))?;
+            return Ok(SourceKind::Float(x));
+        }
+        if let Ok(s) = obj.cast::<PyString>() {
+            return Ok(SourceKind::Str(self.arena.hold_str(s)?));
+        }
+        if let Ok(b) = obj.cast::<PyBool>() {
+            return Ok(SourceKind::Bool(b.is_true()));
+        }
+        if obj.cast::<PyInt>().is_ok() {
+            return self.int_kind(obj);
+        }
+        if let Ok(f) = obj.cast::<PyFloat>() {
+            return Ok(SourceKind::Float(f.value()));
+        }
+        if let Ok(dict) = obj.cast::<PyDict>() {
+            return Ok(SourceKind::Map(dict.len()));
+        }
+        if let Ok(list) = obj.cast::<PyList>() {
+            return Ok(SourceKind::List(list.len()));
+        }
+        if let Ok(tuple) = obj.cast::<PyTuple>() {
+            return Ok(SourceKind::List(tuple.len()));
+        }
+        if obj.hasattr("__index__").unwrap_or(false) {
+            if let Ok(index) = obj.call_method0("__index__") {
+                return self.int_kind(&index);
+            }
+        }
+        Err(SourceError::new(format!(
+            "a {} is not JSON (expected dict, list, tuple, str, int, float, bool or None)",
+            type_name(obj)
+        )))
+    }
+
+    fn each_item(
+        &self,
+        f: &mut dyn FnMut(usize, Self) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        if let Ok(list) = self.obj.cast::<PyList>() {
+            for (i, item) in list.iter().enumerate() {
+                f(i, self.child(item))?;
+            }
+        } else if let Ok(tuple) = self.obj.cast::<PyTuple>() {
+            for (i, item) in tuple.iter().enumerate() {
+                f(i, self.child(item))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn each_entry(
+        &self,
+        f: &mut dyn FnMut(&'a str, Self) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        if let Ok(dict) = self.obj.cast::<PyDict>() {
+            for (k, v) in dict.iter() {
+                let Ok(key) = k.cast::<PyString>() else {
+                    let shown = k.repr().map(|r| r.to_string()).unwrap_or_default();
+                    return Err(SourceError::new(format!(
+                        "key {shown} of type {} is not a string (JSON object keys are strings)",
+                        type_name(&k)
+                    )));
+                };
+                let key = self.arena.hold_str(key)?;
+                f(key, self.child(v))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn canonical_of<'a, 'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    arena: &'a Arena<'py>,
+    policy: &Policy,
+    what: &str,
+) -> PyResult<Canonical<'a>> {
+    let source = PySource {
+        obj: obj.clone(),
+        arena,
+    };
+    canonicalize(source, policy, what).map_err(|e| to_pyerr(py, e))
+}
+
+/// Canonical form of a JSON-like object (see `turnrl.normalize_args`).
+#[pyfunction]
+#[pyo3(signature = (obj, case_fold=false, unordered_keys=None))]
+pub fn normalize_args<'py>(
+    py: Python<'py>,
+    obj: &Bound<'py, PyAny>,
+    case_fold: bool,
+    unordered_keys: Option<Vec<String>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let policy = policy(case_fold, unordered_keys, 0.5);
+    let arena = Arena::new();
+    let canonical = canonical_of(py, obj, &arena, &policy, "obj")?;
+    to_py(py, &canonical.to_value())
+}
+
+/// Deep comparison of predicted and gold arguments (see `turnrl.compare_args`).
+///
+/// Reads the Python objects in place and compares under the GIL: one
+/// comparison takes a few microseconds, less than releasing and retaking
+/// the GIL would cost. `compare_args_batch` releases it.
+#[pyfunction]
+#[pyo3(signature = (pred, gold, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
+pub fn compare_args(
+    py: Python<'_>,
+    pred: &Bound<'_, PyAny>,
+    gold: &Bound<'_, PyAny>,
+    case_fold: bool,
+    unordered_keys: Option<Vec<String>>,
+    soft_max_fraction: f64,
+) -> PyResult<ArgComparison> {
+    let policy = policy(case_fold, unordered_keys, soft_max_fraction);
+    let arena = Arena::new();
+    let pred = canonical_of(py, pred, &arena, &policy, "pred")?;
+    let gold = canonical_of(py, gold, &arena, &policy, "gold")?;
+    Ok(ArgComparison {
+        inner: compare_canonical(&pred, &gold, &policy),
+    })
+}
+
+/// Many comparisons at once: normalises pairs with the GIL, 256 at a time,
+/// and compares each chunk without it.
+#[pyfunction]
+#[pyo3(signature = (pairs, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
+pub fn compare_args_batch(
+    py: Python<'_>,
+    pairs: &Bound<'_, PyAny>,
+    case_fold: bool,
+    unordered_keys: Option<Vec<String>>,
+    soft_max_fraction: f64,
+) -> PyResult<Vec<ArgComparison>> {
+    let policy = policy(case_fold, unordered_keys, soft_max_fraction);
+    policy.validate().map_err(|e| to_pyerr(py, e))?;
+    // Chunks keep the normalised trees in cache between building them (with
+    // the GIL) and comparing them (without it).
+    const CHUNK: usize = 256;
+    let mut out = Vec::new();
+    let mut iter = pairs.try_iter()?.enumerate().peekable();
+    while iter.peek().is_some() {
+        let arena = Arena::new();
+        let mut canonical = Vec::with_capacity(CHUNK);
+        for (i, pair) in iter.by_ref().take(CHUNK) {
+            let pair = pair?;
+            let (pred, gold): (Bound<'_, PyAny>, Bound<'_, PyAny>) =
+                pair.extract().map_err(|_| {
+                    to_pyerr(
+                        py,
+                        Error::invalid(format!("pairs[{i}] must be a (pred, gold) pair")),
+                    )
+                })?;
+            let p = canonicalize(
+                PySource {
+                    obj: pred,
+                    arena: &arena,
+                },
+                &policy,
+                "pred",
+            )
+            .map_err(|e| to_pyerr(py, prefix_pair(e, i)))?;
+            let g = canonicalize(
+                PySource {
+                    obj: gold,
+                    arena: &arena,
+                },
+                &policy,
+                "gold",
+            )
+            .map_err(|e| to_pyerr(py, prefix_pair(e, i)))?;
+            canonical.push((p, g));
+        }
+        let chunk = detached(py, || Ok(compare_canonical_many(&canonical, &policy)))?;
+        out.extend(chunk.into_iter().map(|inner| ArgComparison { inner }));
+    }
+    Ok(out)
+}
+
+fn prefix_pair(err: Error, i: usize) -> Error {
+    Error::invalid(format!("pairs[{i}].{err}"))
+}
+
+/// Tiers of one trajectory (see `turnrl.label_tiers`).
+#[pyclass(frozen, module = "turnrl._core", name = "TierLabels")]
+pub struct TierLabels {
+    inner: core_args::TierLabels,
+}
+
+fn tier_names(tiers: &[Tier]) -> Vec<&'static str> {
+    tiers.iter().map(|t| t.as_str()).collect()
+}
+
+#[pymethods]
+impl TierLabels {
+    /// Per input turn: the tier of an assistant turn, None for other roles.
+    #[getter]
+    fn tiers(&self) -> Vec<Option<&'static str>> {
+        self.inner
+            .tiers
+            .iter()
+            .map(|t| t.map(Tier::as_str))
+            .collect()
+    }
+
+    /// Per input turn: the tier of each of its tool calls.
+    #[getter]
+    fn call_tiers(&self) -> Vec<Vec<&'static str>> {
+        self.inner
+            .call_tiers
+            .iter()
+            .map(|c| tier_names(c))
+            .collect()
+    }
+
+    /// Indices of the gold actions matched exactly, ascending.
+    #[getter]
+    fn matched_gold(&self) -> Vec<usize> {
+        self.inner.matched_gold.clone()
+    }
+
+    /// Indices of the gold actions that earned a soft match, ascending.
+    #[getter]
+    fn soft_gold(&self) -> Vec<usize> {
+        self.inner.soft_gold.clone()
+    }
+
+    /// Per gold action, the index of the turn that matched it exactly.
+    #[getter]
+    fn gold_turn(&self) -> Vec<Option<usize>> {
+        self.inner.gold_turn.clone()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let tiers = self.tiers().into_pyobject(py)?.repr()?;
+        let matched = PyList::new(py, &self.inner.matched_gold)?.repr()?;
+        Ok(format!("TierLabels(tiers={tiers}, matched_gold={matched})"))
+    }
+}
+
+/// The fields of a turn the labelling reads; anything else (token ids,
+/// metadata) is never converted.
+const TURN_FIELDS: [&str; 5] = ["role", "content", "name", "tool_calls", "errors"];
+
+/// Tier of every assistant turn of a `turnrl.rollout/1` trajectory.
+#[pyfunction]
+#[pyo3(signature = (turns, gold_actions, tool_kinds, *, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
+pub fn label_tiers(
+    py: Python<'_>,
+    turns: &Bound<'_, PyAny>,
+    gold_actions: &Bound<'_, PyAny>,
+    tool_kinds: HashMap<String, String>,
+    case_fold: bool,
+    unordered_keys: Option<Vec<String>>,
+    soft_max_fraction: f64,
+) -> PyResult<TierLabels> {
+    let mut kinds = HashMap::with_capacity(tool_kinds.len());
+    for (name, kind) in tool_kinds {
+        let parsed = ToolKind::from_name(&kind).map_err(|_| {
+            to_pyerr(
+                py,
+                Error::invalid(format!(
+                    "tool_kinds[{name:?}] must be \"read\" or \"write\", got {kind:?}"
+                )),
+            )
+        })?;
+        kinds.insert(name, parsed);
+    }
+    let mut turn_values = Vec::new();
+    for (t, turn) in turns.try_iter()?.enumerate() {
+        let turn = turn?;
+        let Ok(dict) = turn.cast::<PyDict>() else {
+            return Err(to_pyerr(
+                py,
+                Error::invalid(format!(
+                    "turns[{t}] must be a dict, got {}",
+                    type_name(&turn)
+                )),
+            ));
+        };
+        let mut map = Map::new();
+        for field in TURN_FIELDS {
+            if let Some(v) = dict.get_item(field)? {
+                let value = convert(py, &v, &format!("turns[{t}].{field}"))?;
+                map.insert(field.to_string(), value);
+            }
+        }
+        turn_values.push(Value::Object(map));
+    }
+    let gold = match convert(py, gold_actions, "gold_actions")? {
+        Value::Array(items) => items,
+        _ => {
+            return Err(to_pyerr(
+                py,
+                Error::invalid("gold_actions must be a list of {name, arguments} dicts"),
+            ))
+        }
+    };
+    let policy = policy(case_fold, unordered_keys, soft_max_fraction);
+    let inner = detached(py, || {
+        core_args::label_tiers(&turn_values, &gold, &kinds, &policy)
+    })?;
+    Ok(TierLabels { inner })
+}

@@ -1,0 +1,581 @@
+"""turnrl.compare_args / normalize_args / label_tiers against the plain Python
+reference in tests/args_reference.py, plus explicit cases on tau-bench's
+airline gold actions."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import args_reference as ref
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import turnrl
+from turnrl.exceptions import InvalidInputError
+
+TASKS_FILE = Path(__file__).resolve().parents[1] / ".." / "shared" / "tau-bench"
+TASKS_FILE = TASKS_FILE / "tau_bench" / "envs" / "airline" / "tasks_test.py"
+
+AIRLINE_TOOLS = {
+    "get_user_details": "read",
+    "get_reservation_details": "read",
+    "search_direct_flight": "read",
+    "search_onestop_flight": "read",
+    "list_all_airports": "read",
+    "calculate": "read",
+    "think": "read",
+    "book_reservation": "write",
+    "cancel_reservation": "write",
+    "update_reservation_baggages": "write",
+    "update_reservation_flights": "write",
+    "update_reservation_passengers": "write",
+    "send_certificate": "write",
+    "transfer_to_human_agents": "write",
+}
+
+# ---------------------------------------------------------------------------
+# Strategies
+
+TEXT = st.text(alphabet="abcXYZ 09.-_\u00e9\t\u03a3\u03c3\u0130\u00df\u00a0\u2003", max_size=6)
+NUMERIC_TEXT = st.sampled_from(
+    ["5", " 5 ", "05", "1e3", "5.", ".5", "+5", "-0", "0.50", "-1.000", "", "  ",
+     "12345678901234567890123", "0.1", "1.00000000000000000001", "007", "18446744073709551616"]
+)  # fmt: skip
+LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-10, 10),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.1, 5.0, -0.0, 1e16, 1e20, 2.5]),
+    TEXT,
+    NUMERIC_TEXT,
+    st.from_regex(r"-?(0|[1-9][0-9]{0,22})(\.[0-9]{1,22})?", fullmatch=True),
+)
+KEYS = st.sampled_from(["a", "b", "c", "tags", "A", "x y", "dob", "_k1", ""])
+
+
+def json_values(max_leaves: int = 30) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        LEAVES,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4),
+            st.dictionaries(KEYS, inner, max_size=4),
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+POLICIES = st.fixed_dictionaries(
+    {
+        "case_fold": st.booleans(),
+        "unordered_keys": st.sampled_from(
+            [(), ("tags",), ("tags", "a"), ("a[*]", "$"), ("b.tags", "c")]
+        ),
+        "soft_max_fraction": st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0]),
+    }
+)
+
+
+@st.composite
+def perturbed(draw: st.DrawFn, value: Any, rate: float = 0.15) -> Any:
+    """A variant of `value`: same meaning mostly (key order, numeric strings,
+    padding, case, empties, reordered lists), sometimes a changed leaf."""
+    roll = draw(st.floats(0, 1))
+    if isinstance(value, dict):
+        keys = draw(st.permutations(list(value)))
+        out = {k: draw(perturbed(value[k], rate)) for k in keys}
+        if draw(st.booleans()):
+            out[draw(KEYS)] = draw(st.sampled_from([None, "", [], {}, " "]))
+        return out
+    if isinstance(value, list):
+        items = [draw(perturbed(x, rate)) for x in value]
+        if roll < 0.3:
+            items = list(draw(st.permutations(items)))
+        return items
+    if roll < rate:
+        return draw(LEAVES)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return draw(st.sampled_from([value, str(value), f" {value} ", float(value)]))
+    if isinstance(value, str):
+        return draw(st.sampled_from([value, value.upper(), f" {value}\n", value.lower()]))
+    return value
+
+
+def strict_eq(a: Any, b: Any) -> bool:
+    """Equality that also checks types and dict key order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(strict_eq(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(strict_eq(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def as_dict(c: turnrl.ArgComparison) -> dict[str, Any]:
+    return {
+        "kind": c.kind,
+        "diffs": c.diffs,
+        "differing_leaves": c.differing_leaves,
+        "gold_leaves": c.gold_leaves,
+        "structural": c.structural,
+    }
+
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ---------------------------------------------------------------------------
+# Against the reference
+
+
+@FAST
+@given(value=json_values(), policy=POLICIES)
+def test_normalize_matches_reference(value: Any, policy: dict[str, Any]) -> None:
+    del policy["soft_max_fraction"]
+    got = turnrl.normalize_args(value, **policy)
+    want = ref.normalize(value, policy["case_fold"], policy["unordered_keys"])
+    assert strict_eq(got, want), (got, want)
+    # Idempotent, and the normal form compares exact with the original.
+    assert strict_eq(turnrl.normalize_args(got, **policy), got)
+    assert turnrl.compare_args(value, got, **policy).kind == "exact"
+
+
+@FAST
+@given(data=st.data(), gold=json_values(), policy=POLICIES)
+def test_compare_matches_reference_on_perturbations(
+    data: st.DataObject, gold: Any, policy: dict[str, Any]
+) -> None:
+    pred = data.draw(perturbed(gold))
+    got = as_dict(turnrl.compare_args(pred, gold, **policy))
+    want = ref.compare(
+        pred, gold, policy["case_fold"], policy["unordered_keys"], policy["soft_max_fraction"]
+    )
+    assert got == want
+
+
+@FAST
+@given(pred=json_values(12), gold=json_values(12), policy=POLICIES)
+def test_compare_matches_reference_on_unrelated_values(
+    pred: Any, gold: Any, policy: dict[str, Any]
+) -> None:
+    got = as_dict(turnrl.compare_args(pred, gold, **policy))
+    want = ref.compare(
+        pred, gold, policy["case_fold"], policy["unordered_keys"], policy["soft_max_fraction"]
+    )
+    assert got == want
+    back = turnrl.compare_args(gold, pred, **policy)
+    # What is symmetric: exactness, structure and the count of differing leaves
+    # (not the soft verdict, whose threshold counts the gold leaves).
+    assert (back.kind == "exact") == (got["kind"] == "exact")
+    assert back.structural == got["structural"]
+    assert back.differing_leaves == got["differing_leaves"]
+    assert len(back.diffs) == len(got["diffs"])
+
+
+@FAST
+@given(value=json_values(), policy=POLICIES)
+def test_self_comparison_is_exact(value: Any, policy: dict[str, Any]) -> None:
+    c = turnrl.compare_args(value, value, **policy)
+    assert c.kind == "exact" and c.diffs == []
+
+
+@FAST
+@given(data=st.data(), policy=POLICIES)
+def test_batch_equals_single_calls(data: st.DataObject, policy: dict[str, Any]) -> None:
+    golds = data.draw(st.lists(json_values(10), max_size=6))
+    pairs = [(data.draw(perturbed(g)), g) for g in golds]
+    batch = turnrl.compare_args_batch(pairs, **policy)
+    assert [as_dict(c) for c in batch] == [
+        as_dict(turnrl.compare_args(p, g, **policy)) for p, g in pairs
+    ]
+
+
+def test_batch_spans_several_chunks() -> None:
+    gold = {"a": [1, 2, {"b": "x"}], "c": "5"}
+    pairs = [({"a": [1, 2, {"b": "x"}], "c": i % 7}, gold) for i in range(2000)]
+    kinds = [c.kind for c in turnrl.compare_args_batch(pairs)]
+    assert kinds == ["exact" if i % 7 == 5 else "soft" for i in range(2000)]
+
+
+# ---------------------------------------------------------------------------
+# Explicit rules
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "kind"),
+    [
+        ({"n": "5"}, {"n": 5}, "exact"),
+        ({"n": 5.0}, {"n": "5"}, "exact"),
+        ({"n": " 5 "}, {"n": 5}, "exact"),
+        ({"n": "-0"}, {"n": 0.0}, "exact"),
+        ({"n": "0.50"}, {"n": 0.5}, "exact"),
+        ({"n": "05"}, {"n": 5}, "mismatch"),
+        ({"n": "1e3"}, {"n": 1000}, "mismatch"),
+        ({"n": 1e3}, {"n": 1000}, "exact"),
+        ({"n": "5."}, {"n": 5}, "mismatch"),
+        ({"n": True}, {"n": 1}, "mismatch"),
+        ({"n": "true"}, {"n": True}, "mismatch"),
+        ({"n": 10**30}, {"n": "1" + "0" * 30}, "exact"),
+        ({"n": 10**30 + 1}, {"n": 10**30}, "mismatch"),
+        ({"n": 2**64}, {"n": str(2**64)}, "exact"),
+        ({"n": 0.1}, {"n": "0.1"}, "exact"),
+        ({"n": 0.1 + 0.2}, {"n": 0.3}, "mismatch"),
+        ({"a": 1, "b": None}, {"a": 1}, "exact"),
+        ({"a": 1, "b": ""}, {"a": 1, "c": []}, "exact"),
+        ({"a": 1, "b": {"c": {}}}, {"a": 1}, "exact"),
+        ({"a": 1, "b": "  "}, {"a": 1}, "exact"),
+        ({"s": " JFK "}, {"s": "JFK"}, "exact"),
+        ({"s": "jfk"}, {"s": "JFK"}, "mismatch"),
+        ({"l": [1, 2]}, {"l": [2, 1]}, "mismatch"),
+        ({"l": [None]}, {"l": []}, "mismatch"),
+        ({}, {}, "exact"),
+    ],
+)
+def test_rules(pred: dict, gold: dict, kind: str) -> None:
+    assert turnrl.compare_args(pred, gold).kind == kind
+    assert ref.compare(pred, gold)["kind"] == kind
+
+
+def test_case_fold_and_unordered_keys() -> None:
+    assert turnrl.compare_args({"s": "jfk"}, {"s": "JFK"}, case_fold=True).kind == "exact"
+    # Keys are never folded.
+    assert turnrl.compare_args({"S": "x"}, {"s": "x"}, case_fold=True).kind == "mismatch"
+    pred = {"payment_methods": [{"id": "b"}, {"id": "a"}], "x": {"tags": [2, 1]}}
+    gold = {"payment_methods": [{"id": "a"}, {"id": "b"}], "x": {"tags": [1, 2]}}
+    assert turnrl.compare_args(pred, gold).diffs == [
+        "payment_methods[0].id",
+        "payment_methods[1].id",
+        "x.tags[0]",
+        "x.tags[1]",
+    ]
+    assert turnrl.compare_args(pred, gold, unordered_keys=["payment_methods", "tags"]).kind == (
+        "exact"
+    )
+    # A path entry matches only that place.
+    c = turnrl.compare_args(pred, gold, unordered_keys=["x.tags"])
+    assert c.diffs == ["payment_methods[0].id", "payment_methods[1].id"]
+    assert turnrl.compare_args([2, 1], [1, 2], unordered_keys={"$"}).kind == "exact"
+
+
+def test_diff_paths() -> None:
+    gold = {
+        "user_id": "mia_li_3668",
+        "passengers": [{"first_name": "Mia", "dob": "1990-04-05"}],
+        "payment_methods": [{"payment_id": "a", "amount": 1}] * 3,
+        "odd key": {"k.1": 1},
+    }
+    pred = {
+        "user_id": "mia_li_3669",
+        "passengers": [{"first_name": "Mia", "dob": "1990-04-06"}],
+        "payment_methods": [{"payment_id": "a", "amount": 1}] * 2,
+        "odd key": {"k.1": 2},
+    }
+    c = turnrl.compare_args(pred, gold)
+    assert c.diffs == [
+        '["odd key"]["k.1"]',
+        "passengers[0].dob",
+        "payment_methods[2]",
+        "user_id",
+    ]
+    assert c.kind == "mismatch" and c.structural
+    c = turnrl.compare_args({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"d": 2}})
+    assert c.diffs == ["b.c", "b.d"]
+    c = turnrl.compare_args({"a": [1, [2, 3]]}, {"a": [1, [2, 4]]})
+    assert c.diffs == ["a[1][1]"]
+    assert repr(c) == "ArgComparison(kind='soft', diffs=['a[1][1]'])"
+
+
+def test_soft_threshold() -> None:
+    gold = {"a": 1, "b": 2, "c": 3, "d": 4}
+    one_off = {**gold, "d": 5}
+    two_off = {**gold, "c": 0, "d": 5}
+    assert turnrl.compare_args(one_off, gold).kind == "soft"
+    # Two of four is not "fewer than half".
+    assert turnrl.compare_args(two_off, gold).kind == "mismatch"
+    assert turnrl.compare_args(two_off, gold, soft_max_fraction=0.75).kind == "soft"
+    assert turnrl.compare_args(one_off, gold, soft_max_fraction=0.0).kind == "mismatch"
+    # A missing key is structural: never soft.
+    assert turnrl.compare_args({"a": 1, "b": 2, "c": 3}, gold).kind == "mismatch"
+    with pytest.raises(InvalidInputError, match="soft_max_fraction"):
+        turnrl.compare_args(gold, gold, soft_max_fraction=1.5)
+    with pytest.raises(InvalidInputError, match="soft_max_fraction"):
+        turnrl.compare_args(gold, gold, soft_max_fraction=math.nan)
+
+
+def test_normalize_examples() -> None:
+    out = turnrl.normalize_args(
+        {"b": " X ", "a": "5", "e": "", "f": 10**30, "g": "0.12345678901234567890", "h": [3.0]},
+        case_fold=True,
+    )
+    assert strict_eq(
+        out,
+        {"a": 5, "b": "x", "f": "1" + "0" * 30, "g": "0.1234567890123456789", "h": [3]},
+    )
+    assert turnrl.normalize_args({"x": [None, {}]}) == {"x": [None, None]}
+    assert turnrl.normalize_args({"x": {"y": None}}) is None
+    assert turnrl.normalize_args({"t": ["b", "a"]}, unordered_keys=["t"]) == {"t": ["a", "b"]}
+
+
+def test_bad_input_names_the_path() -> None:
+    with pytest.raises(InvalidInputError, match=r"pred\.a\[1\]\.b: NaN is not a finite number"):
+        turnrl.compare_args({"a": [0, {"b": math.nan}]}, {})
+    with pytest.raises(InvalidInputError, match=r"gold\.x: inf is not a finite number"):
+        turnrl.compare_args({}, {"x": math.inf})
+    with pytest.raises(InvalidInputError, match=r"gold\.x: key 3 of type int is not a string"):
+        turnrl.compare_args({}, {"x": {3: 1}})
+    with pytest.raises(InvalidInputError, match=r"obj\.s: a set is not JSON"):
+        turnrl.normalize_args({"s": {1, 2}})
+    with pytest.raises(InvalidInputError, match="unordered_keys must be an iterable"):
+        turnrl.compare_args({}, {}, unordered_keys="tags")
+    assert isinstance(InvalidInputError("x"), ValueError)
+
+
+def test_deep_nesting_is_a_clear_error() -> None:
+    deep: Any = 1
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidInputError, match=r"pred\.a(\[0\])+: nested deeper than 256"):
+        turnrl.compare_args({"a": deep}, {})
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    with pytest.raises(InvalidInputError, match="nested deeper"):
+        turnrl.normalize_args(cyclic)
+    ok: Any = "x"
+    for _ in range(200):
+        ok = {"k": ok}
+    assert turnrl.compare_args(ok, ok).kind == "exact"
+
+
+def test_numpy_scalars_are_numbers() -> None:
+    np = pytest.importorskip("numpy")
+    assert turnrl.compare_args({"n": np.int64(5)}, {"n": "5"}).kind == "exact"
+    assert turnrl.compare_args({"n": np.float64(2.5)}, {"n": "2.5"}).kind == "exact"
+
+
+# ---------------------------------------------------------------------------
+# Tiers on tau-bench airline gold actions
+
+
+def airline_tasks() -> list[list[dict[str, Any]]]:
+    """Gold actions of tau-bench's airline test tasks, read with ast (never executed)."""
+    if not TASKS_FILE.exists():
+        pytest.skip(f"{TASKS_FILE} not available")
+    tree = ast.parse(TASKS_FILE.read_text())
+    tasks = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Task":
+            actions_node = next(k.value for k in node.keywords if k.arg == "actions")
+            actions = []
+            for call in actions_node.elts:
+                kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+                actions.append({"name": kw["name"], "arguments": kw["kwargs"]})
+            tasks.append(actions)
+    assert len(tasks) == 50
+    return tasks
+
+
+def trajectory(calls: list[dict[str, Any]], results: list[str] | None = None) -> list[dict]:
+    """A rollout's turns: user, then one assistant turn per call with its result."""
+    turns: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
+    for i, call in enumerate(calls):
+        turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        content = results[i] if results else "{}"
+        turns.append({"role": "tool", "name": call["name"], "content": content})
+    turns.append({"role": "assistant", "content": "Done."})
+    return turns
+
+
+def test_every_gold_action_called_is_gold() -> None:
+    for gold in airline_tasks():
+        labels = turnrl.label_tiers(trajectory(gold), gold, AIRLINE_TOOLS)
+        assistant = [t for t in labels.tiers if t is not None]
+        assert assistant == ["gold"] * len(gold) + ["respond"]
+        assert labels.matched_gold == list(range(len(gold)))
+        assert labels.gold_turn == [1 + 2 * i for i in range(len(gold))]
+
+
+def _booking_task() -> list[dict[str, Any]]:
+    return next(
+        g for g in airline_tasks() if g and g[0]["name"] == "book_reservation" and len(g) == 1
+    )
+
+
+def test_reordered_keys_and_numeric_strings_still_gold() -> None:
+    gold = _booking_task()
+    args = gold[0]["arguments"]
+    reordered = dict(reversed(list(args.items())))
+    reordered["total_baggages"] = str(args["total_baggages"])
+    reordered["payment_methods"] = [
+        {"amount": f" {p['amount']} ", "payment_id": p["payment_id"]}
+        for p in args["payment_methods"]
+    ]
+    call = {"name": "book_reservation", "arguments": reordered}
+    labels = turnrl.label_tiers(trajectory([call]), gold, AIRLINE_TOOLS)
+    assert labels.tiers[1] == "gold"
+    # Also as a JSON string, as OpenAI-style messages carry it.
+    call = {"name": "book_reservation", "arguments": json.dumps(reordered)}
+    assert turnrl.label_tiers(trajectory([call]), gold, AIRLINE_TOOLS).tiers[1] == "gold"
+
+
+def test_changed_dob_is_soft_or_mismatch_by_policy() -> None:
+    gold = _booking_task()
+    args = gold[0]["arguments"]
+    changed = {**args, "passengers": [{**args["passengers"][0], "dob": "1990-04-06"}]}
+    c = turnrl.compare_args(changed, args)
+    assert c.diffs == ["passengers[0].dob"]
+    assert c.kind == "soft"
+    call = {"name": "book_reservation", "arguments": changed}
+    labels = turnrl.label_tiers(trajectory([call]), gold, AIRLINE_TOOLS)
+    assert labels.tiers[1] == "soft"
+    assert labels.soft_gold == [0] and labels.matched_gold == []
+    strict = turnrl.label_tiers(trajectory([call]), gold, AIRLINE_TOOLS, soft_max_fraction=0.0)
+    assert strict.tiers[1] == "write"
+    # A soft match does not consume the gold action: the corrected call is gold.
+    labels = turnrl.label_tiers(trajectory([call, gold[0]]), gold, AIRLINE_TOOLS)
+    assert [t for t in labels.tiers if t] == ["soft", "gold", "respond"]
+
+
+def test_errors_unknown_tools_and_repeats() -> None:
+    gold = [{"name": "cancel_reservation", "arguments": {"reservation_id": "Z7GOZK"}}]
+    calls = [
+        {"name": "get_user_details", "arguments": {"user_id": "olivia_gonzalez_2305"}},
+        {"name": "cancel_flight", "arguments": {"reservation_id": "Z7GOZK"}},
+        {"name": "cancel_reservation", "arguments": {"reservation_id": "Z7GOZK"}},
+        {"name": "cancel_reservation", "arguments": {"reservation_id": "Z7GOZK"}},
+        {"name": "cancel_reservation", "arguments": {"reservation_id": "XXXXXX"}},
+        {"name": "get_reservation_details", "arguments": {"reservation_id": "NOPE"}},
+    ]
+    results = [
+        "{}",
+        "Unknown action cancel_flight",
+        "{}",
+        "{}",
+        "{}",
+        "Error: reservation not found",
+    ]
+    labels = turnrl.label_tiers(trajectory(calls, results), gold, AIRLINE_TOOLS)
+    assert [t for t in labels.tiers if t] == [
+        "read", "error", "gold", "write", "write", "error", "respond"
+    ]  # fmt: skip
+    assert labels.matched_gold == [0] and labels.gold_turn == [5]
+    # A gold call whose tool failed matches nothing.
+    failed = trajectory(calls[2:3], ["Error: reservation not found"])
+    labels = turnrl.label_tiers(failed, gold, AIRLINE_TOOLS)
+    assert labels.tiers[1] == "error" and labels.matched_gold == []
+
+
+def test_precedence_within_one_turn() -> None:
+    gold = [
+        {"name": "cancel_reservation", "arguments": {"reservation_id": "Z7GOZK"}},
+        {"name": "send_certificate", "arguments": {"user_id": "u", "amount": 50, "x": 1}},
+    ]
+    read = {"name": "get_user_details", "arguments": {"user_id": "u"}}
+    write = {"name": "update_reservation_baggages", "arguments": {"reservation_id": "A"}}
+    exact = gold[0]
+    soft = {"name": "send_certificate", "arguments": {"user_id": "u", "amount": 50, "x": 2}}
+    unknown = {"name": "nope", "arguments": {}}
+
+    def tier(calls: list[dict], errors: list[str] | None = None) -> str | None:
+        turn: dict[str, Any] = {"role": "assistant", "content": "", "tool_calls": calls}
+        if errors:
+            turn["errors"] = errors
+        turns = [turn] + [{"role": "tool", "content": "ok"} for _ in calls]
+        return turnrl.label_tiers(turns, gold, AIRLINE_TOOLS).tiers[0]
+
+    assert tier([read, write]) == "write"
+    assert tier([write, soft, read]) == "soft"
+    assert tier([soft, exact, write]) == "gold"
+    assert tier([exact, unknown]) == "error"
+    assert tier([exact], errors=["unterminated <tool_call> at byte 120"]) == "error"
+    assert tier([], errors=["bad json at byte 0"]) == "error"
+    assert tier([]) == "respond"
+    assert tier([read]) == "read"
+
+
+def test_label_tiers_bad_input() -> None:
+    with pytest.raises(InvalidInputError, match=r"tool_kinds\[\"x\"\] must be"):
+        turnrl.label_tiers([], [], {"x": "delete"})
+    with pytest.raises(InvalidInputError, match=r"turns\[0\]\.role must be a string"):
+        turnrl.label_tiers([{"content": "x"}], [], {})
+    with pytest.raises(InvalidInputError, match=r"turns\[1\] must be a dict"):
+        turnrl.label_tiers([{"role": "user"}, "oops"], [], {})
+    with pytest.raises(InvalidInputError, match=r"tool_calls\[0\]\.name must be a string"):
+        turnrl.label_tiers([{"role": "assistant", "tool_calls": [{"arguments": {}}]}], [], {})
+    with pytest.raises(InvalidInputError, match=r"gold_actions\[0\]\.name"):
+        turnrl.label_tiers([], [{"arguments": {}}], {})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_label_tiers_matches_reference(data: st.DataObject) -> None:
+    tasks = _cached_tasks()
+    gold = data.draw(st.sampled_from(tasks))
+    pool = [
+        *gold,
+        {"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}},
+        {"name": "nope", "arguments": {}},
+    ]
+    calls = data.draw(
+        st.lists(
+            st.sampled_from(pool).flatmap(
+                lambda a: perturbed(a["arguments"], 0.05).map(
+                    lambda args, a=a: {"name": a["name"], "arguments": args}
+                )
+            ),
+            max_size=8,
+        )
+    )
+    results = data.draw(
+        st.lists(
+            st.sampled_from(["{}", "ok", "Error: x"]), min_size=len(calls), max_size=len(calls)
+        )
+    )
+    turns = trajectory(calls, results)
+    labels = turnrl.label_tiers(turns, gold, AIRLINE_TOOLS)
+    want_tiers, want_matched = ref.label_tiers(turns, gold, AIRLINE_TOOLS)
+    assert labels.tiers == want_tiers
+    assert labels.matched_gold == want_matched
+
+
+_TASKS: list[list[dict[str, Any]]] = []
+
+
+def _cached_tasks() -> list[list[dict[str, Any]]]:
+    if not _TASKS:
+        _TASKS.extend(t for t in airline_tasks() if t)
+    return _TASKS
+
+
+def test_tier_labels_repr() -> None:
+    turns = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "hi"}]
+    labels = turnrl.label_tiers(turns, [], {})
+    assert repr(labels) == "TierLabels(tiers=[None, 'respond'], matched_gold=[])"
+
+
+@pytest.mark.parametrize("depth", [50, 150, 255])
+def test_deep_values_match_reference(depth: int) -> None:
+    """Alternating dict/list nesting close to the depth limit, with a numeric
+    string, padding and a changed leaf at the bottom."""
+
+    def build(leaf: Any, n: int) -> Any:
+        value = leaf
+        for level in range(n):
+            value = {"k": value, "n": level} if level % 2 else [value, " x "]
+        return value
+
+    gold = build({"a": 1, "b": "B", "c": 3}, depth)
+    pred = build({"a": "1", "b": "b", "c": 4}, depth)
+    got = as_dict(turnrl.compare_args(pred, gold))
+    want = ref.compare(pred, gold)
+    assert got == want
+    assert got["kind"] == "soft" and len(got["diffs"]) == 2
+    folded = turnrl.compare_args(pred, gold, case_fold=True)
+    assert folded.diffs == [want["diffs"][1]]
