@@ -28,5 +28,6 @@ where
     F: FnOnce() -> turnrl_core::Result<T> + Send,
     T: Send,
 {
-    py.detach(f).map_err(|e| to_pyerr(py, e))
+    py.detach(|| crate::fork::run(f))
+        .map_err(|e| to_pyerr(py, e))
 }

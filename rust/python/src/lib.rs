@@ -7,6 +7,7 @@ mod advantages;
 mod args;
 mod calibration;
 mod errors;
+mod fork;
 mod parse;
 
 use pyo3::prelude::*;
@@ -28,6 +29,7 @@ mod _core {
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
+        crate::fork::register();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }
 }
