@@ -4,6 +4,7 @@
 //! and releases the GIL around these functions.
 
 pub mod advantages;
+pub mod buffer;
 pub mod error;
 
 pub use error::{Error, Result};
