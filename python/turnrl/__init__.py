@@ -17,10 +17,21 @@ from turnrl.advantages import (
     register_estimator,
 )
 from turnrl.exceptions import InvalidInputError, TurnrlError, TurnrlIOError, UnknownNameError
+from turnrl.rollouts import (
+    RolloutBatch,
+    RolloutWriter,
+    iter_rollout_records,
+    read_rollouts,
+    read_taubench_results,
+    rollout_record,
+    write_taubench_buffer,
+)
 
 __all__ = [
     "AdvantageBatch",
     "InvalidInputError",
+    "RolloutBatch",
+    "RolloutWriter",
     "TurnrlError",
     "TurnrlIOError",
     "UnknownNameError",
@@ -29,5 +40,10 @@ __all__ = [
     "compute_advantages",
     "estimator_names",
     "get_estimator",
+    "iter_rollout_records",
+    "read_rollouts",
+    "read_taubench_results",
     "register_estimator",
+    "rollout_record",
+    "write_taubench_buffer",
 ]

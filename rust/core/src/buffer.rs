@@ -38,6 +38,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
@@ -134,34 +135,197 @@ impl RolloutColumns {
 // ---------------------------------------------------------------------------
 // One line
 
-#[derive(Deserialize)]
+// The two structs below are deserialised by hand rather than derived: a
+// derived struct also accepts a JSON array (fields by position), which the
+// format does not allow. Only objects are taken; strings are borrowed from
+// the line when they hold no escapes; every other key is skipped unparsed.
+
 struct RecordHead<'a> {
-    #[serde(borrow)]
     schema: Cow<'a, str>,
-    #[serde(borrow)]
     task_id: Cow<'a, str>,
-    #[serde(borrow)]
     group: Cow<'a, str>,
     sample: i64,
     outcome: f64,
-    #[serde(borrow)]
     turns: Vec<TurnHead<'a>>,
 }
 
-#[derive(Deserialize)]
 struct TurnHead<'a> {
-    #[serde(borrow)]
     role: Cow<'a, str>,
-    #[serde(default, borrow)]
     tier: Option<Cow<'a, str>>,
-    #[serde(default)]
     reward: Option<f64>,
+}
+
+/// A string borrowed from the input when possible.
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Str<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Str<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Keys of a record or a turn that the reader looks at; `Other` is skipped.
+#[derive(Clone, Copy)]
+enum Key {
+    Schema,
+    TaskId,
+    Group,
+    Sample,
+    Outcome,
+    Turns,
+    Role,
+    Tier,
+    Reward,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Key, E> {
+                Ok(match v {
+                    "schema" => Key::Schema,
+                    "task_id" => Key::TaskId,
+                    "group" => Key::Group,
+                    "sample" => Key::Sample,
+                    "outcome" => Key::Outcome,
+                    "turns" => Key::Turns,
+                    "role" => Key::Role,
+                    "tier" => Key::Tier,
+                    "reward" => Key::Reward,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+fn put<T, E: de::Error>(
+    slot: &mut Option<T>,
+    value: T,
+    name: &'static str,
+) -> std::result::Result<(), E> {
+    if slot.is_some() {
+        return Err(E::duplicate_field(name));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn need<T, E: de::Error>(slot: Option<T>, name: &'static str) -> std::result::Result<T, E> {
+    slot.ok_or_else(|| E::missing_field(name))
+}
+
+impl<'de> Deserialize<'de> for RecordHead<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RecordHead<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a rollout record (a JSON object)")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let (mut schema, mut task_id, mut group) = (None, None, None);
+                let (mut sample, mut outcome, mut turns) = (None, None, None);
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Schema => put(&mut schema, map.next_value::<Str>()?.0, "schema")?,
+                        Key::TaskId => put(&mut task_id, map.next_value::<Str>()?.0, "task_id")?,
+                        Key::Group => put(&mut group, map.next_value::<Str>()?.0, "group")?,
+                        Key::Sample => put(&mut sample, map.next_value::<i64>()?, "sample")?,
+                        Key::Outcome => put(&mut outcome, map.next_value::<f64>()?, "outcome")?,
+                        Key::Turns => put(&mut turns, map.next_value::<Vec<TurnHead>>()?, "turns")?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(RecordHead {
+                    schema: need(schema, "schema")?,
+                    task_id: need(task_id, "task_id")?,
+                    group: need(group, "group")?,
+                    sample: need(sample, "sample")?,
+                    outcome: need(outcome, "outcome")?,
+                    turns: need(turns, "turns")?,
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TurnHead<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TurnHead<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a turn (a JSON object)")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let (mut role, mut tier, mut reward) = (None, None, None);
+                while let Some(key) = map.next_key::<Key>()? {
+                    match key {
+                        Key::Role => put(&mut role, map.next_value::<Str>()?.0, "role")?,
+                        Key::Tier => put(
+                            &mut tier,
+                            map.next_value::<Option<Str>>()?.map(|s| s.0),
+                            "tier",
+                        )?,
+                        Key::Reward => {
+                            put(&mut reward, map.next_value::<Option<f64>>()?, "reward")?
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(TurnHead {
+                    role: need(role, "role")?,
+                    tier: tier.flatten(),
+                    reward: reward.flatten(),
+                })
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 fn parse_head(line: &[u8]) -> std::result::Result<RecordHead<'_>, String> {
     let text = std::str::from_utf8(line)
         .map_err(|e| format!("not valid UTF-8 (byte {})", e.valid_up_to()))?;
-    let head: RecordHead<'_> = serde_json::from_str(text).map_err(describe_json_error)?;
+    let head: RecordHead<'_> = match serde_json::from_str(text) {
+        Ok(head) => head,
+        Err(e) => return Err(describe_json_error(text, e)),
+    };
     if head.schema != SCHEMA {
         return Err(format!(
             "schema is {:?}, expected {SCHEMA:?}",
@@ -181,15 +345,23 @@ fn parse_head(line: &[u8]) -> std::result::Result<RecordHead<'_>, String> {
     Ok(head)
 }
 
-fn describe_json_error(e: serde_json::Error) -> String {
+/// The reason a line failed, naming the field for data errors: the line is
+/// parsed a second time with path tracking, which only bad lines pay for.
+fn describe_json_error(text: &str, e: serde_json::Error) -> String {
     use serde_json::error::Category;
-    let what = match e.classify() {
-        Category::Eof => "truncated JSON",
-        Category::Syntax => "invalid JSON",
-        Category::Data => "bad record",
-        Category::Io => "I/O",
-    };
-    format!("{what}: {e}")
+    match e.classify() {
+        Category::Eof => format!("truncated JSON: {e}"),
+        Category::Syntax | Category::Io => format!("invalid JSON: {e}"),
+        Category::Data => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            match serde_path_to_error::deserialize::<_, RecordHead<'_>>(&mut de) {
+                Err(traced) if traced.path().iter().next().is_some() => {
+                    format!("bad record: {}: {}", traced.path(), traced.inner())
+                }
+                _ => format!("bad record: {e}"),
+            }
+        }
+    }
 }
 
 /// Checks one line against the `turnrl.rollout/1` contract; `Err` holds the
@@ -910,9 +1082,54 @@ mod tests {
         assert_eq!(at, vec![1, 2, 3, 4, 5, 6, 7, 8]);
         assert!(c.problems[0].reason.contains("schema"));
         assert!(c.problems[5].reason.contains("group"));
+        for p in &c.problems {
+            eprintln!("{p}");
+        }
+        assert!(
+            c.problems[1].reason.contains("turns[0].reward"),
+            "{}",
+            c.problems[1]
+        );
+        assert!(
+            c.problems[6].reason.contains("turns[0].reward"),
+            "{}",
+            c.problems[6]
+        );
+        assert!(c.problems[3].reason.contains("sample"), "{}", c.problems[3]);
         assert!(c.problems[0]
             .to_string()
             .starts_with(&format!("{}:1: ", p.display())));
+    }
+
+    #[test]
+    fn arrays_are_not_records_or_turns() {
+        assert!(check_line(br#"["turnrl.rollout/1","t","g",0,1.0,[]]"#).is_err());
+        let turn_as_array = record("t", "g", 0, 1.0, r#"["assistant",null,0.5]"#);
+        assert!(check_line(turn_as_array.as_bytes()).is_err());
+        let dup = record("t", "g", 0, 1.0, "").replace("\"sample\":0", "\"sample\":0,\"sample\":1");
+        let reason = check_line(dup.as_bytes()).unwrap_err();
+        assert!(reason.contains("duplicate field `sample`"), "{reason}");
+        let escaped = record("t\\u00e9\\n", "g", 0, 1.0, A_GOLD);
+        assert!(check_line(escaped.as_bytes()).is_ok(), "{escaped}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = check_line(&bytes);
+            let block = Block { first_line: 1, data: bytes };
+            let part = parse_block(&block);
+            proptest::prop_assert_eq!(part.line.len() + part.skipped as usize <= block.data.len() + 1, true);
+        }
+
+        #[test]
+        fn mutated_records_never_panic(cut in 0usize..400, byte in proptest::num::u8::ANY, at in 0usize..400) {
+            let mut line = record("t", "g", 3, 0.5, &[A_READ.to_string(), TOOL.replace("\"ignored?\"", "0"), USER.to_string()].join(",")).into_bytes();
+            let at = at % line.len();
+            line[at] = byte;
+            line.truncate(cut.min(line.len()));
+            let _ = check_line(&line);
+        }
     }
 
     #[test]

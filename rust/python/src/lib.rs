@@ -4,6 +4,7 @@
 //! the work, and maps core errors onto `turnrl.exceptions`.
 
 mod advantages;
+mod buffer;
 mod errors;
 
 use pyo3::prelude::*;
@@ -12,6 +13,8 @@ use pyo3::prelude::*;
 mod _core {
     #[pymodule_export]
     use crate::advantages::{broadcast_to_tokens, compute_advantages, estimators, validate_batch};
+    #[pymodule_export]
+    use crate::buffer::{check_rollout_line, read_rollouts, RolloutFileWriter, RolloutLineReader};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
