@@ -86,7 +86,7 @@ def make_record(rng: random.Random, index: int, results: list[str]) -> dict:
 
 def generate(folder: Path, megabytes: int) -> tuple[Path, Path]:
     rng = random.Random(0)
-    results = [tool_result(rng) for _ in range(256)]
+    results = [tool_result(rng) for _ in range(4096)]
     plain, packed = folder / "rollouts.jsonl", folder / "rollouts.jsonl.zst"
     target = megabytes << 20
     with turnrl.RolloutWriter(plain, None) as wp, turnrl.RolloutWriter(packed, "zstd") as wz:

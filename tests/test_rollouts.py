@@ -35,10 +35,14 @@ def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def reference_check(raw: bytes):
     """The record of a line, or None when the line must be skipped."""
     try:
-        obj = json.loads(raw.decode("utf-8"))
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except ValueError:
         return None
     if not isinstance(obj, dict):

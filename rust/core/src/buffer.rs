@@ -10,9 +10,10 @@
 //! stream is cut into blocks of whole lines that are parsed side by side while
 //! the next blocks are being read.
 //!
-//! A line is parsed with serde into borrowed fields; everything the columns do
-//! not need (contents, tool calls, `meta`, unknown keys) is skipped without
-//! being materialised.
+//! A line is read by a lazy scanner (`scan`) that borrows the few fields the
+//! columns need and skips everything else (contents, tool calls, `meta`,
+//! unknown keys) without building values, while still checking that the line
+//! is valid JSON.
 //!
 //! Validation, the same for the reader and the writer:
 //! - the line is UTF-8 and one JSON object; blank lines are ignored (they
@@ -30,18 +31,17 @@
 //! Anything else makes the line a [`Problem`] (file, line, reason): it is
 //! skipped and counted, and reading goes on.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+mod scan;
 
 /// The value of every record's `schema` field.
 pub const SCHEMA: &str = "turnrl.rollout/1";
@@ -135,233 +135,19 @@ impl RolloutColumns {
 // ---------------------------------------------------------------------------
 // One line
 
-// The two structs below are deserialised by hand rather than derived: a
-// derived struct also accepts a JSON array (fields by position), which the
-// format does not allow. Only objects are taken; strings are borrowed from
-// the line when they hold no escapes; every other key is skipped unparsed.
-
-struct RecordHead<'a> {
-    schema: Cow<'a, str>,
-    task_id: Cow<'a, str>,
-    group: Cow<'a, str>,
-    sample: i64,
-    outcome: f64,
-    turns: Vec<TurnHead<'a>>,
-}
-
-struct TurnHead<'a> {
-    role: Cow<'a, str>,
-    tier: Option<Cow<'a, str>>,
-    reward: Option<f64>,
-}
-
-/// A string borrowed from the input when possible.
-struct Str<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Str<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Str<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: de::Error>(
-                self,
-                v: &'de str,
-            ) -> std::result::Result<Self::Value, E> {
-                Ok(Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
-                Ok(Str(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// Keys of a record or a turn that the reader looks at; `Other` is skipped.
-#[derive(Clone, Copy)]
-enum Key {
-    Schema,
-    TaskId,
-    Group,
-    Sample,
-    Outcome,
-    Turns,
-    Role,
-    Tier,
-    Reward,
-    Other,
-}
-
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Key;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a key")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Key, E> {
-                Ok(match v {
-                    "schema" => Key::Schema,
-                    "task_id" => Key::TaskId,
-                    "group" => Key::Group,
-                    "sample" => Key::Sample,
-                    "outcome" => Key::Outcome,
-                    "turns" => Key::Turns,
-                    "role" => Key::Role,
-                    "tier" => Key::Tier,
-                    "reward" => Key::Reward,
-                    _ => Key::Other,
-                })
-            }
-        }
-        d.deserialize_identifier(V)
-    }
-}
-
-fn put<T, E: de::Error>(
-    slot: &mut Option<T>,
-    value: T,
-    name: &'static str,
-) -> std::result::Result<(), E> {
-    if slot.is_some() {
-        return Err(E::duplicate_field(name));
-    }
-    *slot = Some(value);
-    Ok(())
-}
-
-fn need<T, E: de::Error>(slot: Option<T>, name: &'static str) -> std::result::Result<T, E> {
-    slot.ok_or_else(|| E::missing_field(name))
-}
-
-impl<'de> Deserialize<'de> for RecordHead<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RecordHead<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a rollout record (a JSON object)")
-            }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Self::Value, A::Error> {
-                let (mut schema, mut task_id, mut group) = (None, None, None);
-                let (mut sample, mut outcome, mut turns) = (None, None, None);
-                while let Some(key) = map.next_key::<Key>()? {
-                    match key {
-                        Key::Schema => put(&mut schema, map.next_value::<Str>()?.0, "schema")?,
-                        Key::TaskId => put(&mut task_id, map.next_value::<Str>()?.0, "task_id")?,
-                        Key::Group => put(&mut group, map.next_value::<Str>()?.0, "group")?,
-                        Key::Sample => put(&mut sample, map.next_value::<i64>()?, "sample")?,
-                        Key::Outcome => put(&mut outcome, map.next_value::<f64>()?, "outcome")?,
-                        Key::Turns => put(&mut turns, map.next_value::<Vec<TurnHead>>()?, "turns")?,
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(RecordHead {
-                    schema: need(schema, "schema")?,
-                    task_id: need(task_id, "task_id")?,
-                    group: need(group, "group")?,
-                    sample: need(sample, "sample")?,
-                    outcome: need(outcome, "outcome")?,
-                    turns: need(turns, "turns")?,
-                })
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for TurnHead<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TurnHead<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a turn (a JSON object)")
-            }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> std::result::Result<Self::Value, A::Error> {
-                let (mut role, mut tier, mut reward) = (None, None, None);
-                while let Some(key) = map.next_key::<Key>()? {
-                    match key {
-                        Key::Role => put(&mut role, map.next_value::<Str>()?.0, "role")?,
-                        Key::Tier => put(
-                            &mut tier,
-                            map.next_value::<Option<Str>>()?.map(|s| s.0),
-                            "tier",
-                        )?,
-                        Key::Reward => {
-                            put(&mut reward, map.next_value::<Option<f64>>()?, "reward")?
-                        }
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(TurnHead {
-                    role: need(role, "role")?,
-                    tier: tier.flatten(),
-                    reward: reward.flatten(),
-                })
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
+use scan::{Cursor, RecordHead};
 
 fn parse_head(line: &[u8]) -> std::result::Result<RecordHead<'_>, String> {
     let text = std::str::from_utf8(line)
         .map_err(|e| format!("not valid UTF-8 (byte {})", e.valid_up_to()))?;
-    let head: RecordHead<'_> = match serde_json::from_str(text) {
-        Ok(head) => head,
-        Err(e) => return Err(describe_json_error(text, e)),
-    };
+    let head = Cursor::new(text).record()?;
     if head.schema != SCHEMA {
         return Err(format!(
             "schema is {:?}, expected {SCHEMA:?}",
             head.schema.as_ref()
         ));
     }
-    if !head.outcome.is_finite() {
-        return Err("outcome is not finite".into());
-    }
-    for (k, turn) in head.turns.iter().enumerate() {
-        if let Some(r) = turn.reward {
-            if !r.is_finite() {
-                return Err(format!("turns[{k}].reward is not finite"));
-            }
-        }
-    }
     Ok(head)
-}
-
-/// The reason a line failed, naming the field for data errors: the line is
-/// parsed a second time with path tracking, which only bad lines pay for.
-fn describe_json_error(text: &str, e: serde_json::Error) -> String {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Eof => format!("truncated JSON: {e}"),
-        Category::Syntax | Category::Io => format!("invalid JSON: {e}"),
-        Category::Data => {
-            let mut de = serde_json::Deserializer::from_str(text);
-            match serde_path_to_error::deserialize::<_, RecordHead<'_>>(&mut de) {
-                Err(traced) if traced.path().iter().next().is_some() => {
-                    format!("bad record: {}: {}", traced.path(), traced.inner())
-                }
-                _ => format!("bad record: {e}"),
-            }
-        }
-    }
 }
 
 /// Checks one line against the `turnrl.rollout/1` contract; `Err` holds the
@@ -445,6 +231,7 @@ struct BlockReader<R> {
     next_line: u64,
     done: bool,
     block_bytes: usize,
+    spare: Vec<Vec<u8>>,
 }
 
 impl<R: Read> BlockReader<R> {
@@ -455,27 +242,56 @@ impl<R: Read> BlockReader<R> {
             next_line: 1,
             done: false,
             block_bytes,
+            spare: vec![],
         }
+    }
+
+    /// Reads until `data` holds `want` bytes; false at end of input. Reads go
+    /// straight into `data` (no intermediate buffer, no small probe reads).
+    fn fill(&mut self, data: &mut Vec<u8>, want: usize) -> io::Result<bool> {
+        let mut filled = data.len();
+        data.resize(want, 0);
+        while filled < want {
+            match self.inner.read(&mut data[filled..]) {
+                Ok(0) => {
+                    data.truncate(filled);
+                    return Ok(false);
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    data.truncate(filled);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Hands back a parsed block's buffer for reuse.
+    fn recycle(&mut self, block: Block) {
+        self.spare.push(block.data);
     }
 
     fn next_block(&mut self) -> io::Result<Option<Block>> {
         if self.done {
             return Ok(None);
         }
-        let mut data = std::mem::take(&mut self.carry);
+        // Blocks come back through `recycle`, so steady-state reading
+        // touches no fresh pages.
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.clear();
+        data.extend_from_slice(&self.carry);
+        self.carry.clear();
         let mut want = self.block_bytes;
         loop {
-            if data.len() < want {
-                let need = (want - data.len()) as u64;
-                let got = (&mut self.inner).take(need).read_to_end(&mut data)?;
-                if (got as u64) < need {
-                    self.done = true;
-                    break;
-                }
+            if data.len() < want && !self.fill(&mut data, want)? {
+                self.done = true;
+                break;
             }
             match memchr::memrchr(b'\n', &data) {
                 Some(end) => {
-                    self.carry = data[end + 1..].to_vec();
+                    self.carry.extend_from_slice(&data[end + 1..]);
                     data.truncate(end + 1);
                     break;
                 }
@@ -496,11 +312,26 @@ impl<R: Read> BlockReader<R> {
 fn lines(block: &Block) -> impl Iterator<Item = (u64, &[u8])> {
     let data = &block.data[..];
     let body = data.strip_suffix(b"\n").unwrap_or(data);
-    body.split(|&b| b == b'\n').enumerate().map(move |(i, l)| {
-        (
-            block.first_line + i as u64,
-            l.strip_suffix(b"\r").unwrap_or(l),
-        )
+    let mut start = 0;
+    let mut number = block.first_line;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let rest = &body[start..];
+        let line = match memchr::memchr(b'\n', rest) {
+            Some(k) => {
+                start += k + 1;
+                &rest[..k]
+            }
+            None => {
+                done = true;
+                rest
+            }
+        };
+        number += 1;
+        Some((number - 1, line.strip_suffix(b"\r").unwrap_or(line)))
     })
 }
 
@@ -513,15 +344,23 @@ fn io_error(path: &Path, e: io::Error) -> Error {
 
 /// Opens a buffer file and decodes zstd when its first bytes are a zstd frame.
 fn open_decoded(path: &Path) -> Result<Box<dyn Read + Send>> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let head = reader.fill_buf().map_err(|e| io_error(path, e))?;
-    if head.starts_with(&ZSTD_MAGIC) {
-        let decoder =
-            zstd::stream::read::Decoder::with_buffer(reader).map_err(|e| io_error(path, e))?;
+    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, e)),
+        }
+    }
+    let stream = io::Cursor::new(head).take(got as u64).chain(file);
+    if head[..got] == ZSTD_MAGIC {
+        let decoder = zstd::stream::read::Decoder::new(stream).map_err(|e| io_error(path, e))?;
         Ok(Box::new(decoder))
     } else {
-        Ok(Box::new(reader))
+        Ok(Box::new(stream))
     }
 }
 
@@ -705,7 +544,9 @@ fn read_file_parts(path: &Path, block_bytes: usize) -> Result<Vec<Part>> {
             || read_batch(&mut reader, path, per_batch),
         );
         parts.extend(parsed);
-        current = next?;
+        for block in std::mem::replace(&mut current, next?) {
+            reader.recycle(block);
+        }
     }
     Ok(parts)
 }
@@ -1108,7 +949,7 @@ mod tests {
         assert!(check_line(turn_as_array.as_bytes()).is_err());
         let dup = record("t", "g", 0, 1.0, "").replace("\"sample\":0", "\"sample\":0,\"sample\":1");
         let reason = check_line(dup.as_bytes()).unwrap_err();
-        assert!(reason.contains("duplicate field `sample`"), "{reason}");
+        assert!(reason.contains("sample: duplicate field"), "{reason}");
         let escaped = record("t\\u00e9\\n", "g", 0, 1.0, A_GOLD);
         assert!(check_line(escaped.as_bytes()).is_ok(), "{escaped}");
     }
