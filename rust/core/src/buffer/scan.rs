@@ -3,9 +3,12 @@
 //! It reads the few fields the columns need and skips everything else
 //! (contents, tool calls, `meta`) without building values, while still
 //! checking that the whole line is valid JSON. Strings are skipped 64 bytes
-//! at a time: a bitmask marks quotes, backslashes and control characters, and
-//! only those positions are looked at, which matters for tool results that
-//! are JSON text themselves (an escaped quote every few bytes).
+//! at a time with bitmasks of quotes, backslashes and control characters; the
+//! bytes that backslashes escape are found without a branch per escape, so
+//! escaped quotes and backslashes cost nothing extra. That matters for tool
+//! results that are JSON text themselves (an escaped quote every few bytes):
+//! on such a buffer it runs about half the instructions of looking at every
+//! special byte in turn.
 //!
 //! Strictness follows RFC 8259 as serde_json applies it: no NaN/Infinity, no
 //! control characters in strings, escapes `\" \\ \/ \b \f \n \r \t \uXXXX`,
@@ -38,10 +41,17 @@ pub(super) struct Cursor<'a> {
     i: usize,
 }
 
-/// Bit j is set when `chunk[j]` is `"`, `\` or a control character.
+/// Bitmasks of one 64-byte window: bit j says `chunk[j]` is a quote, a
+/// backslash, or a control character.
+struct Masks {
+    quote: u64,
+    backslash: u64,
+    control: u64,
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn special_mask64(chunk: &[u8; 64]) -> u64 {
+fn masks64(chunk: &[u8; 64]) -> Masks {
     use std::arch::x86_64::*;
     // SAFETY: SSE2 is part of the x86_64 baseline; the four unaligned
     // 16-byte loads stay inside the 64-byte array.
@@ -49,28 +59,57 @@ fn special_mask64(chunk: &[u8; 64]) -> u64 {
         let quote = _mm_set1_epi8(b'"' as i8);
         let backslash = _mm_set1_epi8(b'\\' as i8);
         let control_max = _mm_set1_epi8(0x1F);
-        let mut mask = 0u64;
+        let mut m = Masks {
+            quote: 0,
+            backslash: 0,
+            control: 0,
+        };
         for j in 0..4 {
             let v = _mm_loadu_si128(chunk.as_ptr().add(16 * j) as *const __m128i);
-            let q = _mm_cmpeq_epi8(v, quote);
-            let b = _mm_cmpeq_epi8(v, backslash);
+            let bits = |x: __m128i| ((_mm_movemask_epi8(x) as u32 & 0xFFFF) as u64) << (16 * j);
+            m.quote |= bits(_mm_cmpeq_epi8(v, quote));
+            m.backslash |= bits(_mm_cmpeq_epi8(v, backslash));
             // v <= 0x1F (unsigned) exactly when min(v, 0x1F) == v.
-            let c = _mm_cmpeq_epi8(_mm_min_epu8(v, control_max), v);
-            let bits = _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(q, b), c)) as u32 & 0xFFFF;
-            mask |= (bits as u64) << (16 * j);
+            m.control |= bits(_mm_cmpeq_epi8(_mm_min_epu8(v, control_max), v));
         }
-        mask
+        m
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
 #[inline]
-fn special_mask64(chunk: &[u8; 64]) -> u64 {
-    let mut mask = 0u64;
+fn masks64(chunk: &[u8; 64]) -> Masks {
+    let mut m = Masks {
+        quote: 0,
+        backslash: 0,
+        control: 0,
+    };
     for (j, &b) in chunk.iter().enumerate() {
-        mask |= ((b == b'"' || b == b'\\' || b < 0x20) as u64) << j;
+        m.quote |= ((b == b'"') as u64) << j;
+        m.backslash |= ((b == b'\\') as u64) << j;
+        m.control |= ((b < 0x20) as u64) << j;
     }
-    mask
+    m
+}
+
+/// Bits of the bytes that a backslash escapes, i.e. that follow an odd run
+/// of backslashes. `carry` comes in as 1 when the window's first byte is
+/// escaped by the previous window and goes out the same way for the next.
+///
+/// Runs starting on an odd bit are found with a carry-propagating add: adding
+/// a run's start bit to the run carries past its end, and whether the bit
+/// after the run flips depends on the parity of the run's start and length.
+#[inline]
+fn escaped_bits(backslash: u64, carry: &mut u64) -> u64 {
+    const EVEN: u64 = 0x5555_5555_5555_5555;
+    // A backslash that is itself escaped escapes nothing.
+    let backslash = backslash & !*carry;
+    let follows_backslash = (backslash << 1) | *carry;
+    let odd_starts = backslash & !EVEN & !follows_backslash;
+    let (even_sequences, overflow) = odd_starts.overflowing_add(backslash);
+    *carry = overflow as u64;
+    let invert = even_sequences << 1;
+    (EVEN ^ invert) & follows_backslash
 }
 
 impl<'a> Cursor<'a> {
@@ -132,34 +171,54 @@ impl<'a> Cursor<'a> {
         let s = self.s;
         let mut i = self.i;
         let mut escaped = false;
-        'windows: while let Some(chunk) = s.get(i..i + 64) {
+        let mut carry = 0u64;
+        while let Some(chunk) = s.get(i..i + 64) {
             let chunk: &[u8; 64] = chunk.try_into().map_err(|_| self.syntax("string"))?;
-            let mut mask = special_mask64(chunk);
-            while mask != 0 {
-                let k = mask.trailing_zeros() as usize;
-                match s[i + k] {
-                    b'"' => {
-                        self.i = i + k + 1;
-                        return Ok(escaped);
-                    }
-                    b'\\' => {
-                        escaped = true;
-                        let end = k + self.escape_len(i + k)?;
-                        if end >= 64 {
-                            i += end;
-                            continue 'windows;
+            let m = masks64(chunk);
+            let escaped_here = escaped_bits(m.backslash, &mut carry);
+            let quotes = m.quote & !escaped_here;
+            // Bytes of this window that belong to the string.
+            let inside = match quotes {
+                0 => u64::MAX,
+                q => (1u64 << q.trailing_zeros()) - 1,
+            };
+            let control = m.control & inside;
+            if control != 0 {
+                return Err(format!(
+                    "invalid JSON at byte {}: control character in a string",
+                    i + control.trailing_zeros() as usize
+                ));
+            }
+            let escapes_here = escaped_here & inside;
+            escaped |= escapes_here != 0;
+            // Escaped quotes and backslashes are valid; only the other
+            // escaped bytes (rare: \n, \t, \uXXXX, ...) need a look.
+            let mut escapes = escapes_here & !(m.quote | m.backslash);
+            while escapes != 0 {
+                let k = escapes.trailing_zeros() as usize;
+                match chunk[k] {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                    b'u' => match s.get(i + k + 1..i + k + 5) {
+                        Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+                        Some(_) => {
+                            return Err(format!("invalid JSON at byte {}: bad \\u escape", i + k))
                         }
-                        mask &= u64::MAX << end;
-                    }
-                    _ => {
-                        return Err(format!(
-                            "invalid JSON at byte {}: control character in a string",
-                            i + k
-                        ))
-                    }
+                        None => return Err("truncated JSON: the line ends inside a string".into()),
+                    },
+                    _ => return Err(format!("invalid JSON at byte {}: bad escape", i + k - 1)),
                 }
+                escapes &= escapes - 1;
+            }
+            if quotes != 0 {
+                self.i = i + quotes.trailing_zeros() as usize + 1;
+                return Ok(escaped);
             }
             i += 64;
+        }
+        if carry != 0 {
+            // The last window ended in a backslash that escapes byte i.
+            escaped = true;
+            i = i - 1 + self.escape_len(i - 1)?;
         }
         while let Some(&b) = s.get(i) {
             match b {
@@ -599,6 +658,18 @@ mod tests {
     }
 
     #[test]
+    fn backslash_runs_across_window_edges() {
+        for pad in 0..140 {
+            for run in 1..7 {
+                for after in ["\"", "\"x\"", "n\"", "u00e9\"", "x\""] {
+                    let text = format!("\"{}{}{after}", "a".repeat(pad), "\\".repeat(run));
+                    assert_eq!(ours_accepts(&text), serde_accepts(&text), "{text:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn reads_fields_with_escapes_and_unicode() {
         let line = r#"{"schema":"turnrl.rollout/1","t\u0061sk_id":"a\"b","group":"✈","sample":-2,"outcome":1e-3,"turns":[{"role":"assistant","tier":null,"reward":null},{"role":"tool","content":"x"}]}"#;
         let head = Cursor::new(line).record().unwrap();
@@ -607,5 +678,40 @@ mod tests {
         assert_eq!((head.sample, head.outcome), (-2, 1e-3));
         assert_eq!(head.turns.len(), 2);
         assert!(head.turns[0].tier.is_none() && head.turns[0].reward.is_none());
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escaped_bits;
+    use proptest::prelude::*;
+
+    /// One byte at a time: a byte is escaped when the byte before it is an
+    /// unescaped backslash.
+    fn escaped_naive(backslash: u64, carry_in: u64) -> (u64, u64) {
+        let mut escaped = 0u64;
+        let mut next_escaped = carry_in == 1;
+        for j in 0..64 {
+            if next_escaped {
+                escaped |= 1 << j;
+                next_escaped = false;
+            } else {
+                next_escaped = backslash >> j & 1 == 1;
+            }
+        }
+        (escaped, next_escaped as u64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20000))]
+        #[test]
+        fn branchless_escapes_match_naive(backslash in any::<u64>(), dense in any::<u64>(), carry in 0u64..2) {
+            // `dense` makes long runs of backslashes common.
+            for bs in [backslash, backslash | dense, !backslash & dense, u64::MAX, 0] {
+                let mut c = carry;
+                let got = escaped_bits(bs, &mut c);
+                prop_assert_eq!((got, c), escaped_naive(bs, carry), "bs={:064b} carry={}", bs, carry);
+            }
+        }
     }
 }
