@@ -246,26 +246,32 @@ impl<R: Read> BlockReader<R> {
         }
     }
 
-    /// Reads until `data` holds `want` bytes; false at end of input. Reads go
+    /// Reads until `filled` reaches `want`; false at end of input. Reads go
     /// straight into `data` (no intermediate buffer, no small probe reads).
-    fn fill(&mut self, data: &mut Vec<u8>, want: usize) -> io::Result<bool> {
-        let mut filled = data.len();
-        data.resize(want, 0);
-        while filled < want {
-            match self.inner.read(&mut data[filled..]) {
+    /// Bytes of `data` past `filled` are stale but initialised, so a recycled
+    /// buffer is read over without zeroing it first; on return `data` is cut
+    /// to `filled`.
+    fn fill(&mut self, data: &mut Vec<u8>, filled: &mut usize, want: usize) -> io::Result<bool> {
+        if data.len() < want {
+            data.resize(want, 0);
+        }
+        let mut more = true;
+        while *filled < want {
+            match self.inner.read(&mut data[*filled..want]) {
                 Ok(0) => {
-                    data.truncate(filled);
-                    return Ok(false);
+                    more = false;
+                    break;
                 }
-                Ok(n) => filled += n,
+                Ok(n) => *filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    data.truncate(filled);
+                    data.truncate(*filled);
                     return Err(e);
                 }
             }
         }
-        Ok(true)
+        data.truncate(*filled);
+        Ok(more)
     }
 
     /// Hands back a parsed block's buffer for reuse.
@@ -280,15 +286,19 @@ impl<R: Read> BlockReader<R> {
         // Blocks come back through `recycle`, so steady-state reading
         // touches no fresh pages.
         let mut data = self.spare.pop().unwrap_or_default();
-        data.clear();
-        data.extend_from_slice(&self.carry);
+        let mut filled = self.carry.len();
+        if data.len() < filled {
+            data.resize(filled, 0);
+        }
+        data[..filled].copy_from_slice(&self.carry);
         self.carry.clear();
         let mut want = self.block_bytes;
         loop {
-            if data.len() < want && !self.fill(&mut data, want)? {
+            if filled < want && !self.fill(&mut data, &mut filled, want)? {
                 self.done = true;
                 break;
             }
+            data.truncate(filled);
             match memchr::memrchr(b'\n', &data) {
                 Some(end) => {
                     self.carry.extend_from_slice(&data[end + 1..]);
@@ -970,6 +980,40 @@ mod tests {
             line[at] = byte;
             line.truncate(cut.min(line.len()));
             let _ = check_line(&line);
+        }
+
+        // Recycled block buffers are read over without zeroing: any block
+        // size, with lines shorter and longer than a block, blank and bad
+        // lines, and with or without a final newline, gives the same columns
+        // and line numbers as one big block.
+        #[test]
+        fn block_size_does_not_change_columns(
+            shapes in proptest::collection::vec((0usize..6, 0usize..4), 1..40),
+            block in 1usize..300,
+            final_newline in proptest::bool::ANY,
+        ) {
+            let d = tempdir("blocks");
+            let mut text = String::new();
+            for (i, &(turns, kind)) in shapes.iter().enumerate() {
+                let line = match kind {
+                    0 => String::new(),
+                    1 => "{\"schema\":".to_string(),
+                    _ => record(&format!("t{i}"), &format!("g{}", i % 3), i as i64, 0.5, &vec![A_GOLD; turns].join(",")),
+                };
+                text.push_str(&line);
+                if i + 1 < shapes.len() || final_newline {
+                    text.push('\n');
+                }
+            }
+            let path = write_plain(&d, "b.jsonl", &text);
+            let whole = read_columns_with_block(&[&path], 1 << 20).unwrap();
+            let small = read_columns_with_block(&[&path], block).unwrap();
+            let _ = std::fs::remove_dir_all(&d);
+            proptest::prop_assert_eq!(&small.line, &whole.line);
+            proptest::prop_assert_eq!(&small.turn_offsets, &whole.turn_offsets);
+            proptest::prop_assert_eq!(&small.group_index, &whole.group_index);
+            proptest::prop_assert_eq!(&small.problems, &whole.problems);
+            proptest::prop_assert_eq!(small.skipped, whole.skipped);
         }
     }
 
