@@ -219,7 +219,9 @@ fn tier_code(tiers: &mut Dict, name: &str) -> i16 {
 
 /// A run of whole lines of one file.
 struct Block {
-    /// Line number of the block's first line (1-based).
+    /// Line number of the block's first line (1-based), or 1 when the
+    /// reader does not count lines (numbers are then block-relative and the
+    /// caller shifts them once the blocks before are parsed).
     first_line: u64,
     data: Vec<u8>,
 }
@@ -229,6 +231,7 @@ struct BlockReader<R> {
     inner: R,
     carry: Vec<u8>,
     next_line: u64,
+    count_lines: bool,
     done: bool,
     block_bytes: usize,
     spare: Vec<Vec<u8>>,
@@ -240,6 +243,7 @@ impl<R: Read> BlockReader<R> {
             inner,
             carry: vec![],
             next_line: 1,
+            count_lines: true,
             done: false,
             block_bytes,
             spare: vec![],
@@ -313,7 +317,9 @@ impl<R: Read> BlockReader<R> {
             return Ok(None);
         }
         let first_line = self.next_line;
-        self.next_line += memchr::memchr_iter(b'\n', &data).count() as u64;
+        if self.count_lines {
+            self.next_line += memchr::memchr_iter(b'\n', &data).count() as u64;
+        }
         Ok(Some(Block { first_line, data }))
     }
 }
@@ -392,6 +398,20 @@ struct Part {
     tiers: Dict,
     skipped: u64,
     problems: Vec<(u64, String)>,
+    /// Lines in the block, blank and bad ones included.
+    lines: u64,
+}
+
+impl Part {
+    /// Turns block-relative line numbers into file line numbers.
+    fn shift_lines(&mut self, lines_before: u64) {
+        for line in &mut self.line {
+            *line += lines_before as i64;
+        }
+        for (line, _) in &mut self.problems {
+            *line += lines_before;
+        }
+    }
 }
 
 fn parse_block(block: &Block) -> Part {
@@ -409,8 +429,10 @@ fn parse_block(block: &Block) -> Part {
         tiers: Dict::seeded(&DEFAULT_TIERS),
         skipped: 0,
         problems: vec![],
+        lines: 0,
     };
     for (number, text) in lines(block) {
+        p.lines += 1;
         if is_blank(text) {
             continue;
         }
@@ -545,6 +567,9 @@ fn read_batch<R: Read>(
 /// the current one, and the blocks of a batch are parsed in parallel.
 fn read_file_parts(path: &Path, block_bytes: usize) -> Result<Vec<Part>> {
     let mut reader = BlockReader::new(open_decoded(path)?, block_bytes);
+    // Parsing numbers the lines of a block anyway; counting them up front
+    // as well would be a second pass over every byte.
+    reader.count_lines = false;
     let per_batch = 2 * rayon::current_num_threads().max(1);
     let mut parts = vec![];
     let mut current = read_batch(&mut reader, path, per_batch)?;
@@ -581,7 +606,10 @@ fn read_columns_with_block<P: AsRef<Path> + Sync>(
         .collect();
     let mut merger = Merger::new(files);
     for (file, parts) in per_file.into_iter().enumerate() {
-        for part in parts {
+        let mut lines_before = 0;
+        for mut part in parts {
+            part.shift_lines(lines_before);
+            lines_before += part.lines;
             merger.push(file, part);
         }
     }
