@@ -769,7 +769,12 @@ impl RolloutWriter {
         tmp_name.push(name);
         tmp_name.push(format!(".tmp-{}", std::process::id()));
         let tmp = path.with_file_name(tmp_name);
-        let file = File::create(&tmp).map_err(|e| io_error(&tmp, e))?;
+        // Named after the file asked for; the temporary name means nothing
+        // to the caller but says where the write was tried.
+        let file = File::create(&tmp).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: format!("cannot create {}: {e}", tmp.display()),
+        })?;
         let out = BufWriter::with_capacity(1 << 20, file);
         let sink = match compression {
             Compression::None => Sink::Plain(out),
@@ -1043,6 +1048,19 @@ mod tests {
             proptest::prop_assert_eq!(&small.problems, &whole.problems);
             proptest::prop_assert_eq!(small.skipped, whole.skipped);
         }
+    }
+
+    #[test]
+    fn writer_in_a_missing_folder_names_the_path() {
+        let target = std::env::temp_dir().join("turnrl-no-such-folder/x.jsonl");
+        let Err(err) = RolloutWriter::create(&target, Compression::None) else {
+            panic!("created a file in a missing folder");
+        };
+        assert!(matches!(err, Error::Io { .. }));
+        assert!(
+            err.to_string().contains(&target.display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]
