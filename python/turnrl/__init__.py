@@ -31,12 +31,23 @@ from turnrl.parsing import (
     parse_tool_calls,
     parse_tool_calls_batch,
 )
+from turnrl.rollouts import (
+    RolloutBatch,
+    RolloutWriter,
+    iter_rollout_records,
+    read_rollouts,
+    read_taubench_results,
+    rollout_record,
+    write_taubench_buffer,
+)
 
 __all__ = [
     "AdvantageBatch",
     "ArgComparison",
     "InvalidInputError",
     "ParsedMessage",
+    "RolloutBatch",
+    "RolloutWriter",
     "TierLabels",
     "ToolCallFormat",
     "TurnrlError",
@@ -49,9 +60,14 @@ __all__ = [
     "compute_advantages",
     "estimator_names",
     "get_estimator",
+    "iter_rollout_records",
     "label_tiers",
     "normalize_args",
     "parse_tool_calls",
     "parse_tool_calls_batch",
+    "read_rollouts",
+    "read_taubench_results",
     "register_estimator",
+    "rollout_record",
+    "write_taubench_buffer",
 ]

@@ -375,6 +375,10 @@ def direction_check(
 # The calibration loop
 
 
+def _finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+
+
 @dataclass(frozen=True)
 class Iteration:
     """One round of the loop: the rewards tried and what they did."""
@@ -426,7 +430,7 @@ class CalibrationReport:
         return bool(self.iterations) and self.best.aligned
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready summary."""
+        """A JSON-ready summary (undefined rates, NaN, become ``None``)."""
 
         def iteration(it: Iteration) -> dict[str, Any]:
             return {
@@ -444,7 +448,7 @@ class CalibrationReport:
             "converged": self.converged,
             "chosen_iteration": self.best.index,
             "rewards": self.rewards,
-            "correlations": [c.__dict__ for c in self.correlations],
+            "correlations": [_finite_or_none(c.__dict__) for c in self.correlations],
             "initial": iteration(self.initial),
             "iterations": [iteration(it) for it in self.iterations],
         }

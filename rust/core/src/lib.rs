@@ -5,6 +5,7 @@
 
 pub mod advantages;
 pub mod args;
+pub mod buffer;
 pub mod calibration;
 pub mod error;
 pub mod parse;

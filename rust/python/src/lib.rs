@@ -5,6 +5,7 @@
 
 mod advantages;
 mod args;
+mod buffer;
 mod calibration;
 mod errors;
 mod fork;
@@ -25,6 +26,8 @@ mod _core {
     use crate::args::{
         compare_args, compare_args_batch, label_tiers, normalize_args, ArgComparison, TierLabels,
     };
+    #[pymodule_export]
+    use crate::buffer::{check_rollout_line, read_rollouts, RolloutFileWriter, RolloutLineReader};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -1,0 +1,1157 @@
+//! Rollout buffer files: `turnrl.rollout/1` JSONL, one trajectory per line,
+//! plain or zstd-compressed (detected by the frame's magic bytes, whatever the
+//! file is called).
+//!
+//! The reader's product is columnar ([`RolloutColumns`]): per trajectory the
+//! outcome, sample, dictionary-encoded task id and group, and per assistant
+//! turn the reward and tier in CSR layout, which is what the advantage
+//! estimators and reward calibration consume. Gigabyte buffers are read in
+//! parallel twice over: files run side by side, and each file's decompressed
+//! stream is cut into blocks of whole lines that are parsed side by side while
+//! the next blocks are being read.
+//!
+//! A line is read by a lazy scanner (`scan`) that borrows the few fields the
+//! columns need and skips everything else (contents, tool calls, `meta`,
+//! unknown keys) without building values, while still checking that the line
+//! is valid JSON.
+//!
+//! Validation, the same for the reader and the writer:
+//! - the line is UTF-8 and one JSON object; blank lines are ignored (they
+//!   still count for line numbers) and are not counted as skipped;
+//! - `schema` is `"turnrl.rollout/1"`; `task_id` and `group` are strings;
+//!   `sample` is an integer (i64); `outcome` is a finite number; `turns` is a
+//!   list of objects, each with a string `role`;
+//! - on any turn, `tier` is a string or null and `reward` a finite number or
+//!   null when present. An assistant turn without `tier` has no tier (code
+//!   [`NO_TIER`]); one without `reward` has reward 0;
+//! - keys appear once; other keys (`meta`, `content`, `tool_calls`, unknown
+//!   extras) are not checked by the columnar reader and are kept verbatim by
+//!   the record reader.
+//!
+//! Anything else makes the line a [`Problem`] (file, line, reason): it is
+//! skipped and counted, and reading goes on.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+mod scan;
+
+/// The value of every record's `schema` field.
+pub const SCHEMA: &str = "turnrl.rollout/1";
+/// Tier names that always hold codes 0..6, so codes agree between reads.
+pub const DEFAULT_TIERS: [&str; 6] = ["gold", "soft", "read", "write", "error", "respond"];
+/// Tier code of an assistant turn with no (or a null) tier.
+pub const NO_TIER: i16 = -1;
+/// How many problems are kept with their text; all of them are counted.
+pub const MAX_PROBLEMS: usize = 1000;
+
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+/// Decoded bytes per parse block: big enough to amortise the hand-off, small
+/// enough that a batch of blocks per worker stays a few tens of MB.
+const BLOCK_BYTES: usize = 2 << 20;
+
+/// One skipped line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based line number in the decoded file.
+    pub line: u64,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.reason)
+    }
+}
+
+/// Everything the reader keeps of a buffer, as columns.
+///
+/// Trajectory `i` owns turns `turn_offsets[i]..turn_offsets[i + 1]`; only
+/// assistant turns are turns. Task ids, groups and tiers are dictionary
+/// encoded: `task_names[task_index[i]]`, `group_names[group_index[i]]`,
+/// `tier_names[turn_tiers[j]]` (or no tier when the code is [`NO_TIER`]).
+/// Task and group codes follow first appearance in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutColumns {
+    pub files: Vec<String>,
+    /// Index into `files` of each trajectory's file.
+    pub file_index: Vec<i32>,
+    /// 1-based line of each trajectory in its (decoded) file.
+    pub line: Vec<i64>,
+    pub task_index: Vec<i64>,
+    pub task_names: Vec<String>,
+    pub group_index: Vec<i64>,
+    pub group_names: Vec<String>,
+    pub sample: Vec<i64>,
+    pub outcome: Vec<f64>,
+    pub turn_offsets: Vec<i64>,
+    pub turn_rewards: Vec<f64>,
+    pub turn_tiers: Vec<i16>,
+    pub tier_names: Vec<String>,
+    /// Lines skipped as bad (all of them, even beyond `MAX_PROBLEMS`).
+    pub skipped: u64,
+    /// The first `MAX_PROBLEMS` skipped lines, in file and line order.
+    pub problems: Vec<Problem>,
+}
+
+impl RolloutColumns {
+    fn empty(files: Vec<String>) -> Self {
+        RolloutColumns {
+            files,
+            file_index: vec![],
+            line: vec![],
+            task_index: vec![],
+            task_names: vec![],
+            group_index: vec![],
+            group_names: vec![],
+            sample: vec![],
+            outcome: vec![],
+            turn_offsets: vec![0],
+            turn_rewards: vec![],
+            turn_tiers: vec![],
+            tier_names: DEFAULT_TIERS.iter().map(|s| s.to_string()).collect(),
+            skipped: 0,
+            problems: vec![],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.outcome.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outcome.is_empty()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One line
+
+use scan::{Cursor, RecordHead};
+
+fn parse_head(line: &[u8]) -> std::result::Result<RecordHead<'_>, String> {
+    let text = std::str::from_utf8(line)
+        .map_err(|e| format!("not valid UTF-8 (byte {})", e.valid_up_to()))?;
+    let head = Cursor::new(text).record()?;
+    if head.schema != SCHEMA {
+        return Err(format!(
+            "schema is {:?}, expected {SCHEMA:?}",
+            head.schema.as_ref()
+        ));
+    }
+    Ok(head)
+}
+
+/// Checks one line against the `turnrl.rollout/1` contract; `Err` holds the
+/// reason. Blank lines are accepted (readers ignore them).
+pub fn check_line(line: &[u8]) -> std::result::Result<(), String> {
+    if is_blank(line) {
+        return Ok(());
+    }
+    parse_head(line).map(|_| ())
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter()
+        .all(|&b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+}
+
+// ---------------------------------------------------------------------------
+// Dictionaries
+
+/// Strings to dense codes in first-seen order.
+#[derive(Default)]
+struct Dict {
+    names: Vec<String>,
+    codes: HashMap<String, u32>,
+    last: Option<u32>,
+}
+
+impl Dict {
+    fn seeded(names: &[&str]) -> Self {
+        let mut d = Dict::default();
+        for n in names {
+            d.code(n);
+        }
+        d.last = None;
+        d
+    }
+
+    fn code(&mut self, name: &str) -> u32 {
+        // Trajectories of one group usually sit next to each other.
+        if let Some(last) = self.last {
+            if self.names[last as usize] == name {
+                return last;
+            }
+        }
+        let code = match self.codes.get(name) {
+            Some(&c) => c,
+            None => {
+                let c = self.names.len() as u32;
+                self.names.push(name.to_string());
+                self.codes.insert(name.to_string(), c);
+                c
+            }
+        };
+        self.last = Some(code);
+        code
+    }
+}
+
+fn tier_code(tiers: &mut Dict, name: &str) -> i16 {
+    if let Some(i) = DEFAULT_TIERS.iter().position(|t| *t == name) {
+        return i as i16;
+    }
+    // i16 holds 32k distinct tiers; past that the name is still reported.
+    i16::try_from(tiers.code(name)).unwrap_or(i16::MAX)
+}
+
+// ---------------------------------------------------------------------------
+// Blocks of whole lines
+
+/// A run of whole lines of one file.
+struct Block {
+    /// Line number of the block's first line (1-based), or 1 when the
+    /// reader does not count lines (numbers are then block-relative and the
+    /// caller shifts them once the blocks before are parsed).
+    first_line: u64,
+    data: Vec<u8>,
+}
+
+/// Cuts a byte stream into blocks that end at a newline (or at EOF).
+struct BlockReader<R> {
+    inner: R,
+    carry: Vec<u8>,
+    next_line: u64,
+    count_lines: bool,
+    done: bool,
+    block_bytes: usize,
+    spare: Vec<Vec<u8>>,
+}
+
+impl<R: Read> BlockReader<R> {
+    fn new(inner: R, block_bytes: usize) -> Self {
+        BlockReader {
+            inner,
+            carry: vec![],
+            next_line: 1,
+            count_lines: true,
+            done: false,
+            block_bytes,
+            spare: vec![],
+        }
+    }
+
+    /// Reads until `filled` reaches `want`; false at end of input. Reads go
+    /// straight into `data` (no intermediate buffer, no small probe reads).
+    /// Bytes of `data` past `filled` are stale but initialised, so a recycled
+    /// buffer is read over without zeroing it first; on return `data` is cut
+    /// to `filled`.
+    fn fill(&mut self, data: &mut Vec<u8>, filled: &mut usize, want: usize) -> io::Result<bool> {
+        if data.len() < want {
+            data.resize(want, 0);
+        }
+        let mut more = true;
+        while *filled < want {
+            match self.inner.read(&mut data[*filled..want]) {
+                Ok(0) => {
+                    more = false;
+                    break;
+                }
+                Ok(n) => *filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    data.truncate(*filled);
+                    return Err(e);
+                }
+            }
+        }
+        data.truncate(*filled);
+        Ok(more)
+    }
+
+    /// Hands back a parsed block's buffer for reuse.
+    fn recycle(&mut self, block: Block) {
+        self.spare.push(block.data);
+    }
+
+    fn next_block(&mut self) -> io::Result<Option<Block>> {
+        if self.done {
+            return Ok(None);
+        }
+        // Blocks come back through `recycle`, so steady-state reading
+        // touches no fresh pages.
+        let mut data = self.spare.pop().unwrap_or_default();
+        let mut filled = self.carry.len();
+        if data.len() < filled {
+            data.resize(filled, 0);
+        }
+        data[..filled].copy_from_slice(&self.carry);
+        self.carry.clear();
+        let mut want = self.block_bytes;
+        loop {
+            if filled < want && !self.fill(&mut data, &mut filled, want)? {
+                self.done = true;
+                break;
+            }
+            data.truncate(filled);
+            match memchr::memrchr(b'\n', &data) {
+                Some(end) => {
+                    self.carry.extend_from_slice(&data[end + 1..]);
+                    data.truncate(end + 1);
+                    break;
+                }
+                // One line longer than a block: read on until it ends.
+                None => want = data.len() * 2,
+            }
+        }
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let first_line = self.next_line;
+        if self.count_lines {
+            self.next_line += memchr::memchr_iter(b'\n', &data).count() as u64;
+        }
+        Ok(Some(Block { first_line, data }))
+    }
+}
+
+/// Lines of a block with their numbers; the trailing `\r` of CRLF is dropped.
+fn lines(block: &Block) -> impl Iterator<Item = (u64, &[u8])> {
+    let data = &block.data[..];
+    let body = data.strip_suffix(b"\n").unwrap_or(data);
+    let mut start = 0;
+    let mut number = block.first_line;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let rest = &body[start..];
+        let line = match memchr::memchr(b'\n', rest) {
+            Some(k) => {
+                start += k + 1;
+                &rest[..k]
+            }
+            None => {
+                done = true;
+                rest
+            }
+        };
+        number += 1;
+        Some((number - 1, line.strip_suffix(b"\r").unwrap_or(line)))
+    })
+}
+
+fn io_error(path: &Path, e: io::Error) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Opens a buffer file and decodes zstd when its first bytes are a zstd frame.
+fn open_decoded(path: &Path) -> Result<Box<dyn Read + Send>> {
+    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, e)),
+        }
+    }
+    let stream = io::Cursor::new(head).take(got as u64).chain(file);
+    if head[..got] == ZSTD_MAGIC {
+        let decoder = zstd::stream::read::Decoder::new(stream).map_err(|e| io_error(path, e))?;
+        Ok(Box::new(decoder))
+    } else {
+        Ok(Box::new(stream))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Columnar reading
+
+/// Columns of one block with block-local dictionaries.
+struct Part {
+    line: Vec<i64>,
+    task: Vec<u32>,
+    tasks: Dict,
+    group: Vec<u32>,
+    groups: Dict,
+    sample: Vec<i64>,
+    outcome: Vec<f64>,
+    turn_counts: Vec<u32>,
+    turn_rewards: Vec<f64>,
+    turn_tiers: Vec<i16>,
+    tiers: Dict,
+    skipped: u64,
+    problems: Vec<(u64, String)>,
+    /// Lines in the block, blank and bad ones included.
+    lines: u64,
+}
+
+impl Part {
+    /// Turns block-relative line numbers into file line numbers.
+    fn shift_lines(&mut self, lines_before: u64) {
+        for line in &mut self.line {
+            *line += lines_before as i64;
+        }
+        for (line, _) in &mut self.problems {
+            *line += lines_before;
+        }
+    }
+}
+
+fn parse_block(block: &Block) -> Part {
+    let mut p = Part {
+        line: vec![],
+        task: vec![],
+        tasks: Dict::default(),
+        group: vec![],
+        groups: Dict::default(),
+        sample: vec![],
+        outcome: vec![],
+        turn_counts: vec![],
+        turn_rewards: vec![],
+        turn_tiers: vec![],
+        tiers: Dict::seeded(&DEFAULT_TIERS),
+        skipped: 0,
+        problems: vec![],
+        lines: 0,
+    };
+    for (number, text) in lines(block) {
+        p.lines += 1;
+        if is_blank(text) {
+            continue;
+        }
+        match parse_head(text) {
+            Ok(head) => {
+                p.line.push(number as i64);
+                p.task.push(p.tasks.code(&head.task_id));
+                p.group.push(p.groups.code(&head.group));
+                p.sample.push(head.sample);
+                p.outcome.push(head.outcome);
+                let mut count = 0u32;
+                for turn in head.turns.iter().filter(|t| t.role == "assistant") {
+                    p.turn_rewards.push(turn.reward.unwrap_or(0.0));
+                    p.turn_tiers.push(match &turn.tier {
+                        Some(name) => tier_code(&mut p.tiers, name),
+                        None => NO_TIER,
+                    });
+                    count += 1;
+                }
+                p.turn_counts.push(count);
+            }
+            Err(reason) => {
+                p.skipped += 1;
+                if p.problems.len() < MAX_PROBLEMS {
+                    p.problems.push((number, reason));
+                }
+            }
+        }
+    }
+    p
+}
+
+/// Appends block parts to the output, remapping their dictionaries.
+struct Merger {
+    out: RolloutColumns,
+    tasks: Dict,
+    groups: Dict,
+    tiers: Dict,
+}
+
+impl Merger {
+    fn new(files: Vec<String>) -> Self {
+        Merger {
+            out: RolloutColumns::empty(files),
+            tasks: Dict::default(),
+            groups: Dict::default(),
+            tiers: Dict::seeded(&DEFAULT_TIERS),
+        }
+    }
+
+    fn push(&mut self, file: usize, part: Part) {
+        let out = &mut self.out;
+        let task_map: Vec<i64> = part
+            .tasks
+            .names
+            .iter()
+            .map(|n| self.tasks.code(n) as i64)
+            .collect();
+        let group_map: Vec<i64> = part
+            .groups
+            .names
+            .iter()
+            .map(|n| self.groups.code(n) as i64)
+            .collect();
+        let tier_map: Vec<i16> = part
+            .tiers
+            .names
+            .iter()
+            .map(|n| tier_code(&mut self.tiers, n))
+            .collect();
+        out.file_index
+            .extend(std::iter::repeat(file as i32).take(part.line.len()));
+        out.line.extend_from_slice(&part.line);
+        out.task_index
+            .extend(part.task.iter().map(|&c| task_map[c as usize]));
+        out.group_index
+            .extend(part.group.iter().map(|&c| group_map[c as usize]));
+        out.sample.extend_from_slice(&part.sample);
+        out.outcome.extend_from_slice(&part.outcome);
+        let mut end = *out.turn_offsets.last().unwrap_or(&0);
+        for &k in &part.turn_counts {
+            end += k as i64;
+            out.turn_offsets.push(end);
+        }
+        out.turn_rewards.extend_from_slice(&part.turn_rewards);
+        out.turn_tiers.extend(part.turn_tiers.iter().map(|&c| {
+            if c == NO_TIER || (c as usize) < DEFAULT_TIERS.len() {
+                c
+            } else {
+                tier_map.get(c as usize).copied().unwrap_or(i16::MAX)
+            }
+        }));
+        out.skipped += part.skipped;
+        let room = MAX_PROBLEMS.saturating_sub(out.problems.len());
+        let file_name = &out.files[file];
+        out.problems.extend(
+            part.problems
+                .into_iter()
+                .take(room)
+                .map(|(line, reason)| Problem {
+                    file: file_name.clone(),
+                    line,
+                    reason,
+                }),
+        );
+    }
+
+    fn finish(mut self) -> RolloutColumns {
+        self.out.task_names = self.tasks.names;
+        self.out.group_names = self.groups.names;
+        self.out.tier_names = self.tiers.names;
+        self.out
+    }
+}
+
+fn read_batch<R: Read>(
+    reader: &mut BlockReader<R>,
+    path: &Path,
+    blocks: usize,
+) -> Result<Vec<Block>> {
+    let mut batch = Vec::with_capacity(blocks);
+    while batch.len() < blocks {
+        match reader.next_block().map_err(|e| io_error(path, e))? {
+            Some(block) => batch.push(block),
+            None => break,
+        }
+    }
+    Ok(batch)
+}
+
+/// Parses one file: reading the next batch of blocks overlaps with parsing
+/// the current one, and the blocks of a batch are parsed in parallel.
+fn read_file_parts(path: &Path, block_bytes: usize) -> Result<Vec<Part>> {
+    let mut reader = BlockReader::new(open_decoded(path)?, block_bytes);
+    // Parsing numbers the lines of a block anyway; counting them up front
+    // as well would be a second pass over every byte.
+    reader.count_lines = false;
+    let per_batch = 2 * rayon::current_num_threads().max(1);
+    let mut parts = vec![];
+    let mut current = read_batch(&mut reader, path, per_batch)?;
+    while !current.is_empty() {
+        let (parsed, next) = rayon::join(
+            || current.par_iter().map(parse_block).collect::<Vec<_>>(),
+            || read_batch(&mut reader, path, per_batch),
+        );
+        parts.extend(parsed);
+        for block in std::mem::replace(&mut current, next?) {
+            reader.recycle(block);
+        }
+    }
+    Ok(parts)
+}
+
+/// Reads buffer files into columns, in the order given (files in parallel,
+/// each file in parallel blocks) on the current rayon pool.
+pub fn read_columns<P: AsRef<Path> + Sync>(paths: &[P]) -> Result<RolloutColumns> {
+    read_columns_with_block(paths, BLOCK_BYTES)
+}
+
+fn read_columns_with_block<P: AsRef<Path> + Sync>(
+    paths: &[P],
+    block_bytes: usize,
+) -> Result<RolloutColumns> {
+    let per_file: Vec<Vec<Part>> = paths
+        .par_iter()
+        .map(|p| read_file_parts(p.as_ref(), block_bytes))
+        .collect::<Result<_>>()?;
+    let files = paths
+        .iter()
+        .map(|p| p.as_ref().display().to_string())
+        .collect();
+    let mut merger = Merger::new(files);
+    for (file, parts) in per_file.into_iter().enumerate() {
+        let mut lines_before = 0;
+        for mut part in parts {
+            part.shift_lines(lines_before);
+            lines_before += part.lines;
+            merger.push(file, part);
+        }
+    }
+    Ok(merger.finish())
+}
+
+/// [`read_columns`] on a pool of `workers` threads (`None`: rayon's global
+/// pool, one thread per core).
+pub fn read_columns_with_workers<P: AsRef<Path> + Sync>(
+    paths: &[P],
+    workers: Option<usize>,
+) -> Result<RolloutColumns> {
+    match workers {
+        None => read_columns(paths),
+        Some(0) => Err(Error::invalid("workers must be at least 1")),
+        Some(n) => rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::invalid(format!("cannot start {n} workers: {e}")))?
+            .install(|| read_columns(paths)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Record reading
+
+/// Streams the valid lines (whole JSON text) of buffer files in order, for
+/// callers who want full records. Bad lines are skipped and reported exactly
+/// as by [`read_columns`].
+pub struct LineReader {
+    paths: Vec<PathBuf>,
+    next_file: usize,
+    current: Option<(usize, BlockReader<Box<dyn Read + Send>>)>,
+    pub skipped: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// One valid line and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourcedLine {
+    pub file: usize,
+    pub line: u64,
+    pub text: String,
+}
+
+impl LineReader {
+    pub fn new(paths: Vec<PathBuf>) -> Self {
+        LineReader {
+            paths,
+            next_file: 0,
+            current: None,
+            skipped: 0,
+            problems: vec![],
+        }
+    }
+
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
+    /// The valid lines of the next block (about a MB of text); empty once
+    /// every file is read.
+    pub fn next_lines(&mut self) -> Result<Vec<SourcedLine>> {
+        loop {
+            if self.current.is_none() {
+                if self.next_file == self.paths.len() {
+                    return Ok(vec![]);
+                }
+                let index = self.next_file;
+                self.next_file += 1;
+                let reader = BlockReader::new(open_decoded(&self.paths[index])?, 1 << 20);
+                self.current = Some((index, reader));
+            }
+            let Some((file, reader)) = self.current.as_mut() else {
+                continue;
+            };
+            let file = *file;
+            let path = &self.paths[file];
+            let Some(block) = reader.next_block().map_err(|e| io_error(path, e))? else {
+                self.current = None;
+                continue;
+            };
+            let mut out = vec![];
+            for (number, text) in lines(&block) {
+                if is_blank(text) {
+                    continue;
+                }
+                match parse_head(text) {
+                    Ok(_) => out.push(SourcedLine {
+                        file,
+                        line: number,
+                        // parse_head has checked UTF-8.
+                        text: String::from_utf8_lossy(text).into_owned(),
+                    }),
+                    Err(reason) => {
+                        self.skipped += 1;
+                        if self.problems.len() < MAX_PROBLEMS {
+                            self.problems.push(Problem {
+                                file: path.display().to_string(),
+                                line: number,
+                                reason,
+                            });
+                        }
+                    }
+                }
+            }
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Writing
+
+/// How a written buffer is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    /// zstd at the given level (1..=22; 3 is zstd's default).
+    Zstd(i32),
+}
+
+enum Sink {
+    Plain(BufWriter<File>),
+    Zstd(zstd::stream::write::Encoder<'static, BufWriter<File>>),
+}
+
+impl Sink {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::Plain(w) => w,
+            Sink::Zstd(w) => w,
+        }
+    }
+}
+
+/// Writes a buffer atomically: lines go to a temporary file next to the
+/// target, which replaces the target on [`RolloutWriter::finish`]. A writer
+/// dropped unfinished removes its temporary file and leaves the target as it
+/// was.
+pub struct RolloutWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    sink: Option<Sink>,
+    written: u64,
+}
+
+impl RolloutWriter {
+    pub fn create(path: impl AsRef<Path>, compression: Compression) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let name = path
+            .file_name()
+            .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        // Named after the file asked for; the temporary name means nothing
+        // to the caller but says where the write was tried.
+        let file = File::create(&tmp).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            message: format!("cannot create {}: {e}", tmp.display()),
+        })?;
+        let out = BufWriter::with_capacity(1 << 20, file);
+        let sink = match compression {
+            Compression::None => Sink::Plain(out),
+            Compression::Zstd(level) => {
+                let encoder = zstd::stream::write::Encoder::new(out, level);
+                match encoder {
+                    Ok(e) => Sink::Zstd(e),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(io_error(&path, e));
+                    }
+                }
+            }
+        };
+        Ok(RolloutWriter {
+            path,
+            tmp,
+            sink: Some(sink),
+            written: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends one record given as JSON text (one line, no newline). The
+    /// record is checked against the schema first; a bad one is refused with
+    /// the reason and nothing is written.
+    pub fn write_line(&mut self, line: &str) -> Result<()> {
+        if line.contains('\n') {
+            return Err(Error::invalid(format!(
+                "record {}: contains a raw newline; a record is one JSON line",
+                self.written
+            )));
+        }
+        if is_blank(line.as_bytes()) {
+            return Err(Error::invalid(format!("record {}: empty", self.written)));
+        }
+        parse_head(line.as_bytes())
+            .map_err(|reason| Error::invalid(format!("record {}: {reason}", self.written)))?;
+        let sink = self
+            .sink
+            .as_mut()
+            .ok_or_else(|| Error::invalid("the writer is closed"))?;
+        let w = sink.writer();
+        w.write_all(line.as_bytes())
+            .and_then(|_| w.write_all(b"\n"))
+            .map_err(|e| io_error(&self.tmp, e))?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Flushes, syncs and moves the file into place.
+    pub fn finish(&mut self) -> Result<()> {
+        let Some(sink) = self.sink.take() else {
+            return Ok(());
+        };
+        let result = (|| -> io::Result<()> {
+            let out = match sink {
+                Sink::Plain(w) => w,
+                Sink::Zstd(e) => e.finish()?,
+            };
+            let file = out.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(io_error(&self.tmp, e));
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&self.tmp);
+            io_error(&self.path, e)
+        })
+    }
+
+    /// Drops what was written; the target is left untouched.
+    pub fn abort(&mut self) {
+        if self.sink.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.sink.is_some()
+    }
+}
+
+impl Drop for RolloutWriter {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(task: &str, group: &str, sample: i64, outcome: f64, turns: &str) -> String {
+        format!(
+            r#"{{"schema":"turnrl.rollout/1","task_id":"{task}","group":"{group}","sample":{sample},"outcome":{outcome},"turns":[{turns}],"meta":{{}}}}"#
+        )
+    }
+
+    const A_READ: &str = r#"{"role":"assistant","content":"x","tool_calls":[{"name":"f","arguments":{"a":1}}],"tier":"read","reward":0.5}"#;
+    const A_GOLD: &str = r#"{"role":"assistant","content":"y\n\"q\"","tier":"gold","reward":1}"#;
+    const A_BARE: &str = r#"{"role":"assistant","content":"z"}"#;
+    const TOOL: &str =
+        r#"{"role":"tool","name":"f","content":"{\"ok\":true}","reward":"ignored?"}"#;
+    const USER: &str = r#"{"role":"user","content":"héllo ✈"}"#;
+
+    fn write_plain(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("turnrl-buffer-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn columns_of_a_small_buffer() {
+        let d = tempdir("small");
+        let text = [
+            record("t1", "g1", 0, 1.0, &[A_READ, USER, A_GOLD].join(",")),
+            String::new(),
+            record("t1", "g1", 1, 0.0, ""),
+            "{\"schema\":\"turnrl.rollout/1\"".to_string(),
+            record(
+                "t2",
+                "g2",
+                0,
+                0.5,
+                &[USER, A_BARE, &A_READ.replace("read", "probe")].join(","),
+            ),
+        ]
+        .join("\n");
+        let p = write_plain(&d, "a.jsonl", &text);
+        let c = read_columns(&[&p]).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.line, vec![1, 3, 5]);
+        assert_eq!(c.turn_offsets, vec![0, 2, 2, 4]);
+        assert_eq!(c.turn_rewards, vec![0.5, 1.0, 0.0, 0.5]);
+        assert_eq!(c.turn_tiers, vec![2, 0, NO_TIER, 6]);
+        assert_eq!(c.tier_names[6], "probe");
+        assert_eq!(c.group_index, vec![0, 0, 1]);
+        assert_eq!(c.task_names, vec!["t1", "t2"]);
+        assert_eq!(c.skipped, 1);
+        assert_eq!(c.problems[0].line, 4);
+        assert!(
+            c.problems[0].reason.contains("truncated"),
+            "{}",
+            c.problems[0]
+        );
+    }
+
+    #[test]
+    fn bad_lines_are_reported_and_skipped() {
+        let d = tempdir("bad");
+        let bad_reward = record("t", "g", 0, 1.0, &A_READ.replace("0.5", "\"high\""));
+        let bad_tool_reward = record("t", "g", 0, 1.0, TOOL);
+        let lines = [
+            record("t", "g", 0, 1.0, A_READ).replace("rollout/1", "rollout/2"),
+            bad_reward,
+            "[1,2]".to_string(),
+            record("t", "g", 0, 1.0, A_READ).replace("\"sample\":0", "\"sample\":1.5"),
+            record("t", "g", 0, 1.0, A_READ).replace("\"outcome\":1", "\"outcome\":1e999"),
+            r#"{"schema":"turnrl.rollout/1","task_id":"t","sample":0,"outcome":1,"turns":[]}"#
+                .to_string(),
+            bad_tool_reward,
+            record("t", "g", 0, 1.0, "1"),
+            record("t", "g", 0, 1.0, A_BARE),
+        ];
+        let p = write_plain(&d, "bad.jsonl", &lines.join("\r\n"));
+        let c = read_columns(&[&p]).unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.line, vec![9]);
+        assert_eq!(c.skipped, 8);
+        let at: Vec<u64> = c.problems.iter().map(|p| p.line).collect();
+        assert_eq!(at, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        assert!(c.problems[0].reason.contains("schema"));
+        assert!(c.problems[5].reason.contains("group"));
+        for p in &c.problems {
+            eprintln!("{p}");
+        }
+        assert!(
+            c.problems[1].reason.contains("turns[0].reward"),
+            "{}",
+            c.problems[1]
+        );
+        assert!(
+            c.problems[6].reason.contains("turns[0].reward"),
+            "{}",
+            c.problems[6]
+        );
+        assert!(c.problems[3].reason.contains("sample"), "{}", c.problems[3]);
+        assert!(c.problems[0]
+            .to_string()
+            .starts_with(&format!("{}:1: ", p.display())));
+    }
+
+    #[test]
+    fn arrays_are_not_records_or_turns() {
+        assert!(check_line(br#"["turnrl.rollout/1","t","g",0,1.0,[]]"#).is_err());
+        let turn_as_array = record("t", "g", 0, 1.0, r#"["assistant",null,0.5]"#);
+        assert!(check_line(turn_as_array.as_bytes()).is_err());
+        let dup = record("t", "g", 0, 1.0, "").replace("\"sample\":0", "\"sample\":0,\"sample\":1");
+        let reason = check_line(dup.as_bytes()).unwrap_err();
+        assert!(reason.contains("sample: duplicate field"), "{reason}");
+        let escaped = record("t\\u00e9\\n", "g", 0, 1.0, A_GOLD);
+        assert!(check_line(escaped.as_bytes()).is_ok(), "{escaped}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let _ = check_line(&bytes);
+            let block = Block { first_line: 1, data: bytes };
+            let part = parse_block(&block);
+            proptest::prop_assert_eq!(part.line.len() + part.skipped as usize <= block.data.len() + 1, true);
+        }
+
+        #[test]
+        fn mutated_records_never_panic(cut in 0usize..400, byte in proptest::num::u8::ANY, at in 0usize..400) {
+            let mut line = record("t", "g", 3, 0.5, &[A_READ.to_string(), TOOL.replace("\"ignored?\"", "0"), USER.to_string()].join(",")).into_bytes();
+            let at = at % line.len();
+            line[at] = byte;
+            line.truncate(cut.min(line.len()));
+            let _ = check_line(&line);
+        }
+
+        // Recycled block buffers are read over without zeroing: any block
+        // size, with lines shorter and longer than a block, blank and bad
+        // lines, and with or without a final newline, gives the same columns
+        // and line numbers as one big block.
+        #[test]
+        fn block_size_does_not_change_columns(
+            shapes in proptest::collection::vec((0usize..6, 0usize..4), 1..40),
+            block in 1usize..300,
+            final_newline in proptest::bool::ANY,
+        ) {
+            let d = tempdir("blocks");
+            let mut text = String::new();
+            for (i, &(turns, kind)) in shapes.iter().enumerate() {
+                let line = match kind {
+                    0 => String::new(),
+                    1 => "{\"schema\":".to_string(),
+                    _ => record(&format!("t{i}"), &format!("g{}", i % 3), i as i64, 0.5, &vec![A_GOLD; turns].join(",")),
+                };
+                text.push_str(&line);
+                if i + 1 < shapes.len() || final_newline {
+                    text.push('\n');
+                }
+            }
+            let path = write_plain(&d, "b.jsonl", &text);
+            let whole = read_columns_with_block(&[&path], 1 << 20).unwrap();
+            let small = read_columns_with_block(&[&path], block).unwrap();
+            let _ = std::fs::remove_dir_all(&d);
+            proptest::prop_assert_eq!(&small.line, &whole.line);
+            proptest::prop_assert_eq!(&small.turn_offsets, &whole.turn_offsets);
+            proptest::prop_assert_eq!(&small.group_index, &whole.group_index);
+            proptest::prop_assert_eq!(&small.problems, &whole.problems);
+            proptest::prop_assert_eq!(small.skipped, whole.skipped);
+        }
+    }
+
+    #[test]
+    fn writer_in_a_missing_folder_names_the_path() {
+        let target = std::env::temp_dir().join("turnrl-no-such-folder/x.jsonl");
+        let Err(err) = RolloutWriter::create(&target, Compression::None) else {
+            panic!("created a file in a missing folder");
+        };
+        assert!(matches!(err, Error::Io { .. }));
+        assert!(
+            err.to_string().contains(&target.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = read_columns(&["/nonexistent/x.jsonl"]).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }));
+        assert!(err.to_string().contains("/nonexistent/x.jsonl"));
+    }
+
+    #[test]
+    fn zstd_and_plain_agree_and_blocks_do_not_matter() {
+        let d = tempdir("zstd");
+        let mut lines = vec![];
+        for i in 0..500 {
+            let turns = vec![A_READ; i % 7].join(",");
+            lines.push(record(
+                &format!("t{}", i % 13),
+                &format!("g{}", i % 5),
+                i as i64,
+                1.0,
+                &turns,
+            ));
+            if i % 50 == 0 {
+                lines.push("not json".into());
+            }
+        }
+        let plain = d.join("p.jsonl");
+        let packed = d.join("p.bin");
+        for (path, comp) in [(&plain, Compression::None), (&packed, Compression::Zstd(3))] {
+            let mut w = RolloutWriter::create(path, comp).unwrap();
+            for l in &lines {
+                if l != "not json" {
+                    w.write_line(l).unwrap();
+                }
+            }
+            assert!(w.write_line("not json").is_err());
+            w.finish().unwrap();
+        }
+        std::fs::write(&plain, lines.join("\n")).unwrap();
+        let a = read_columns(&[&plain]).unwrap();
+        let b = read_columns_with_block(&[&plain], 97).unwrap();
+        assert_eq!(a.turn_offsets, b.turn_offsets);
+        assert_eq!(a.line, b.line);
+        assert_eq!(a.problems, b.problems);
+        assert_eq!(a.group_index, b.group_index);
+        assert_eq!(a.skipped, 10);
+        let z = read_columns(&[&packed]).unwrap();
+        assert_eq!(z.len(), a.len());
+        assert_eq!(z.turn_rewards, a.turn_rewards);
+        assert_eq!(z.skipped, 0);
+        let both = read_columns(&[&packed, &plain]).unwrap();
+        assert_eq!(both.len(), 1000);
+        assert_eq!(both.file_index[999], 1);
+        assert_eq!(both.task_names.len(), 13);
+    }
+
+    #[test]
+    fn unfinished_writer_leaves_nothing() {
+        let d = tempdir("abort");
+        let p = d.join("never.jsonl");
+        {
+            let mut w = RolloutWriter::create(&p, Compression::None).unwrap();
+            w.write_line(&record("t", "g", 0, 1.0, "")).unwrap();
+        }
+        assert!(!p.exists());
+        let leftovers = std::fs::read_dir(&d).unwrap().count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn line_reader_yields_valid_lines_in_order() {
+        let d = tempdir("lines");
+        let p1 = write_plain(
+            &d,
+            "1.jsonl",
+            &format!("{}\nbad\n", record("a", "g", 0, 1.0, "")),
+        );
+        let p2 = write_plain(&d, "2.jsonl", &record("b", "g", 0, 1.0, USER));
+        let mut r = LineReader::new(vec![p1, p2]);
+        let mut got = vec![];
+        loop {
+            let batch = r.next_lines().unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch);
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!((got[0].file, got[0].line), (0, 1));
+        assert_eq!((got[1].file, got[1].line), (1, 1));
+        assert_eq!(r.skipped, 1);
+        assert_eq!(r.problems[0].line, 2);
+    }
+}

@@ -1,0 +1,717 @@
+//! A lazy, validating scanner for one `turnrl.rollout/1` line.
+//!
+//! It reads the few fields the columns need and skips everything else
+//! (contents, tool calls, `meta`) without building values, while still
+//! checking that the whole line is valid JSON. Strings are skipped 64 bytes
+//! at a time with bitmasks of quotes, backslashes and control characters; the
+//! bytes that backslashes escape are found without a branch per escape, so
+//! escaped quotes and backslashes cost nothing extra. That matters for tool
+//! results that are JSON text themselves (an escaped quote every few bytes):
+//! on such a buffer it runs about half the instructions of looking at every
+//! special byte in turn.
+//!
+//! Strictness follows RFC 8259 as serde_json applies it: no NaN/Infinity, no
+//! control characters in strings, escapes `\" \\ \/ \b \f \n \r \t \uXXXX`,
+//! nesting at most 128 deep. A known key given twice is an error.
+
+use std::borrow::Cow;
+
+pub(super) struct TurnHead<'a> {
+    pub role: Cow<'a, str>,
+    pub tier: Option<Cow<'a, str>>,
+    pub reward: Option<f64>,
+}
+
+pub(super) struct RecordHead<'a> {
+    pub schema: Cow<'a, str>,
+    pub task_id: Cow<'a, str>,
+    pub group: Cow<'a, str>,
+    pub sample: i64,
+    pub outcome: f64,
+    pub turns: Vec<TurnHead<'a>>,
+}
+
+const MAX_DEPTH: usize = 128;
+
+type Scan<T> = std::result::Result<T, String>;
+
+pub(super) struct Cursor<'a> {
+    text: &'a str,
+    s: &'a [u8],
+    i: usize,
+}
+
+/// Bitmasks of one 64-byte window: bit j says `chunk[j]` is a quote, a
+/// backslash, or a control character.
+struct Masks {
+    quote: u64,
+    backslash: u64,
+    control: u64,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn masks64(chunk: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::*;
+    // SAFETY: SSE2 is part of the x86_64 baseline; the four unaligned
+    // 16-byte loads stay inside the 64-byte array.
+    unsafe {
+        let quote = _mm_set1_epi8(b'"' as i8);
+        let backslash = _mm_set1_epi8(b'\\' as i8);
+        let control_max = _mm_set1_epi8(0x1F);
+        let mut m = Masks {
+            quote: 0,
+            backslash: 0,
+            control: 0,
+        };
+        for j in 0..4 {
+            let v = _mm_loadu_si128(chunk.as_ptr().add(16 * j) as *const __m128i);
+            let bits = |x: __m128i| ((_mm_movemask_epi8(x) as u32 & 0xFFFF) as u64) << (16 * j);
+            m.quote |= bits(_mm_cmpeq_epi8(v, quote));
+            m.backslash |= bits(_mm_cmpeq_epi8(v, backslash));
+            // v <= 0x1F (unsigned) exactly when min(v, 0x1F) == v.
+            m.control |= bits(_mm_cmpeq_epi8(_mm_min_epu8(v, control_max), v));
+        }
+        m
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[inline]
+fn masks64(chunk: &[u8; 64]) -> Masks {
+    let mut m = Masks {
+        quote: 0,
+        backslash: 0,
+        control: 0,
+    };
+    for (j, &b) in chunk.iter().enumerate() {
+        m.quote |= ((b == b'"') as u64) << j;
+        m.backslash |= ((b == b'\\') as u64) << j;
+        m.control |= ((b < 0x20) as u64) << j;
+    }
+    m
+}
+
+/// Bits of the bytes that a backslash escapes, i.e. that follow an odd run
+/// of backslashes. `carry` comes in as 1 when the window's first byte is
+/// escaped by the previous window and goes out the same way for the next.
+///
+/// Runs starting on an odd bit are found with a carry-propagating add: adding
+/// a run's start bit to the run carries past its end, and whether the bit
+/// after the run flips depends on the parity of the run's start and length.
+#[inline]
+fn escaped_bits(backslash: u64, carry: &mut u64) -> u64 {
+    const EVEN: u64 = 0x5555_5555_5555_5555;
+    // A backslash that is itself escaped escapes nothing.
+    let backslash = backslash & !*carry;
+    let follows_backslash = (backslash << 1) | *carry;
+    let odd_starts = backslash & !EVEN & !follows_backslash;
+    let (even_sequences, overflow) = odd_starts.overflowing_add(backslash);
+    *carry = overflow as u64;
+    let invert = even_sequences << 1;
+    (EVEN ^ invert) & follows_backslash
+}
+
+impl<'a> Cursor<'a> {
+    pub(super) fn new(text: &'a str) -> Self {
+        Cursor {
+            text,
+            s: text.as_bytes(),
+            i: 0,
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.i).copied()
+    }
+
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    /// A syntax error at the cursor (or a truncation when the line ended).
+    fn syntax(&self, what: &str) -> String {
+        if self.i >= self.s.len() {
+            format!("truncated JSON: the line ends inside a value ({what})")
+        } else {
+            format!("invalid JSON at byte {}: {what}", self.i)
+        }
+    }
+
+    fn expect(&mut self, byte: u8, what: &str) -> Scan<()> {
+        self.ws();
+        if self.peek() == Some(byte) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(self.syntax(what))
+        }
+    }
+
+    /// Length of the escape sequence starting with the backslash at `at`.
+    #[inline(always)]
+    fn escape_len(&self, at: usize) -> Scan<usize> {
+        match self.s.get(at + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => Ok(2),
+            Some(b'u') => match self.s.get(at + 2..at + 6) {
+                Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => Ok(6),
+                Some(_) => Err(format!("invalid JSON at byte {at}: bad \\u escape")),
+                None => Err("truncated JSON: the line ends inside a string".into()),
+            },
+            Some(_) => Err(format!("invalid JSON at byte {at}: bad escape")),
+            None => Err("truncated JSON: the line ends inside a string".into()),
+        }
+    }
+
+    /// With the cursor just past an opening quote: moves past the closing
+    /// quote and tells whether the string holds escapes.
+    fn skip_string(&mut self) -> Scan<bool> {
+        let s = self.s;
+        let mut i = self.i;
+        let mut escaped = false;
+        let mut carry = 0u64;
+        while let Some(chunk) = s.get(i..i + 64) {
+            let chunk: &[u8; 64] = chunk.try_into().map_err(|_| self.syntax("string"))?;
+            let m = masks64(chunk);
+            let escaped_here = escaped_bits(m.backslash, &mut carry);
+            let quotes = m.quote & !escaped_here;
+            // Bytes of this window that belong to the string.
+            let inside = match quotes {
+                0 => u64::MAX,
+                q => (1u64 << q.trailing_zeros()) - 1,
+            };
+            let control = m.control & inside;
+            if control != 0 {
+                return Err(format!(
+                    "invalid JSON at byte {}: control character in a string",
+                    i + control.trailing_zeros() as usize
+                ));
+            }
+            let escapes_here = escaped_here & inside;
+            escaped |= escapes_here != 0;
+            // Escaped quotes and backslashes are valid; only the other
+            // escaped bytes (rare: \n, \t, \uXXXX, ...) need a look.
+            let mut escapes = escapes_here & !(m.quote | m.backslash);
+            while escapes != 0 {
+                let k = escapes.trailing_zeros() as usize;
+                match chunk[k] {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                    b'u' => match s.get(i + k + 1..i + k + 5) {
+                        Some(hex) if hex.iter().all(u8::is_ascii_hexdigit) => {}
+                        Some(_) => {
+                            return Err(format!("invalid JSON at byte {}: bad \\u escape", i + k))
+                        }
+                        None => return Err("truncated JSON: the line ends inside a string".into()),
+                    },
+                    _ => return Err(format!("invalid JSON at byte {}: bad escape", i + k - 1)),
+                }
+                escapes &= escapes - 1;
+            }
+            if quotes != 0 {
+                self.i = i + quotes.trailing_zeros() as usize + 1;
+                return Ok(escaped);
+            }
+            i += 64;
+        }
+        if carry != 0 {
+            // The last window ended in a backslash that escapes byte i.
+            escaped = true;
+            i = i - 1 + self.escape_len(i - 1)?;
+        }
+        while let Some(&b) = s.get(i) {
+            match b {
+                b'"' => {
+                    self.i = i + 1;
+                    return Ok(escaped);
+                }
+                b'\\' => {
+                    escaped = true;
+                    i += self.escape_len(i)?;
+                }
+                0..=0x1F => {
+                    return Err(format!(
+                        "invalid JSON at byte {i}: control character in a string"
+                    ))
+                }
+                _ => i += 1,
+            }
+        }
+        self.i = s.len();
+        Err("truncated JSON: the line ends inside a string".into())
+    }
+
+    /// A string value, borrowed from the line unless it has escapes.
+    fn string(&mut self, field: &dyn Fn() -> String) -> Scan<Cow<'a, str>> {
+        self.ws();
+        if self.peek() != Some(b'"') {
+            return Err(self.type_error(field, "a string"));
+        }
+        let start = self.i;
+        self.i += 1;
+        let escaped = self.skip_string()?;
+        if !escaped {
+            return Ok(Cow::Borrowed(&self.text[start + 1..self.i - 1]));
+        }
+        // Rare for the fields read here; serde_json decodes the escapes
+        // (surrogate pairs included).
+        serde_json::from_str::<String>(&self.text[start..self.i])
+            .map(Cow::Owned)
+            .map_err(|e| format!("invalid JSON at byte {start}: {e}"))
+    }
+
+    /// The type error for a field, or the syntax error if what sits there is
+    /// not JSON at all.
+    fn type_error(&mut self, field: &dyn Fn() -> String, expected: &str) -> String {
+        let at = self.i;
+        match self.skip_value(1) {
+            Err(e) => e,
+            Ok(()) => {
+                let mut end = self.i.min(at + 40);
+                while !self.text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                format!(
+                    "bad record: {}: expected {expected}, got {}",
+                    field(),
+                    &self.text[at..end]
+                )
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Scan<()> {
+        if self.s[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else if word.starts_with(&self.s[self.i..]) {
+            self.i = self.s.len();
+            Err(self.syntax("literal"))
+        } else {
+            Err(self.syntax("expected a value"))
+        }
+    }
+
+    /// Validates a number and returns its text.
+    fn number(&mut self) -> Scan<&'a str> {
+        let s = self.s;
+        let start = self.i;
+        let mut i = start;
+        let digits = |i: &mut usize| {
+            let from = *i;
+            while s.get(*i).is_some_and(u8::is_ascii_digit) {
+                *i += 1;
+            }
+            *i > from
+        };
+        if s.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match s.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                digits(&mut i);
+            }
+            _ => {
+                self.i = i;
+                return Err(self.syntax("bad number"));
+            }
+        }
+        if s.get(i) == Some(&b'.') {
+            i += 1;
+            if !digits(&mut i) {
+                self.i = i;
+                return Err(self.syntax("bad number"));
+            }
+        }
+        if let Some(b'e' | b'E') = s.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = s.get(i) {
+                i += 1;
+            }
+            if !digits(&mut i) {
+                self.i = i;
+                return Err(self.syntax("bad number"));
+            }
+        }
+        self.i = i;
+        Ok(&self.text[start..i])
+    }
+
+    fn is_number_start(&self) -> bool {
+        matches!(self.peek(), Some(b'-' | b'0'..=b'9'))
+    }
+
+    fn float(&mut self, field: &dyn Fn() -> String) -> Scan<f64> {
+        self.ws();
+        if !self.is_number_start() {
+            return Err(self.type_error(field, "a number"));
+        }
+        let text = self.number()?;
+        match text.parse::<f64>() {
+            Ok(v) if v.is_finite() => Ok(v),
+            _ => Err(format!("bad record: {}: number out of range", field())),
+        }
+    }
+
+    fn nullable<T>(&mut self, value: impl FnOnce(&mut Self) -> Scan<T>) -> Scan<Option<T>> {
+        self.ws();
+        if self.peek() == Some(b'n') {
+            return self.literal(b"null").map(|_| None);
+        }
+        value(self).map(Some)
+    }
+
+    fn integer(&mut self, field: &dyn Fn() -> String) -> Scan<i64> {
+        self.ws();
+        if !self.is_number_start() {
+            return Err(self.type_error(field, "an integer"));
+        }
+        let text = self.number()?;
+        if text.contains(['.', 'e', 'E']) {
+            return Err(format!(
+                "bad record: {}: expected an integer, got {text}",
+                field()
+            ));
+        }
+        text.parse::<i64>()
+            .map_err(|_| format!("bad record: {}: integer out of range", field()))
+    }
+
+    /// Skips one JSON value, checking it.
+    fn skip_value(&mut self, depth: usize) -> Scan<()> {
+        self.ws();
+        match self.peek() {
+            Some(b'"') => {
+                self.i += 1;
+                self.skip_string().map(|_| ())
+            }
+            Some(open @ (b'{' | b'[')) => {
+                if depth > MAX_DEPTH {
+                    return Err(self.syntax("nesting deeper than 128"));
+                }
+                self.i += 1;
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.ws();
+                if self.peek() == Some(close) {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    if open == b'{' {
+                        self.expect(b'"', "expected a key")?;
+                        self.skip_string()?;
+                        self.expect(b':', "expected ':'")?;
+                    }
+                    self.skip_value(depth + 1)?;
+                    self.ws();
+                    match self.peek() {
+                        Some(b',') => self.i += 1,
+                        Some(b) if b == close => {
+                            self.i += 1;
+                            return Ok(());
+                        }
+                        _ => return Err(self.syntax("expected ',' or a closing bracket")),
+                    }
+                }
+            }
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            Some(b'-' | b'0'..=b'9') => self.number().map(|_| ()),
+            _ => Err(self.syntax("expected a value")),
+        }
+    }
+
+    /// Iterates the members of an object, handing each key to `member`
+    /// with the cursor on the value.
+    fn object(
+        &mut self,
+        what: &dyn Fn() -> String,
+        mut member: impl FnMut(&mut Self, Cow<'a, str>) -> Scan<()>,
+    ) -> Scan<()> {
+        self.ws();
+        if self.peek() != Some(b'{') {
+            return Err(self.type_error(what, "an object"));
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(self.syntax("expected a key"));
+            }
+            let key = self.string(&|| "key".to_string())?;
+            self.expect(b':', "expected ':'")?;
+            member(self, key)?;
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return Err(self.syntax("expected ',' or '}'")),
+            }
+        }
+    }
+
+    fn turn(&mut self, k: usize) -> Scan<TurnHead<'a>> {
+        let (mut role, mut tier, mut reward) = (None, None, None);
+        let here = || format!("turns[{k}]");
+        self.object(&here, |c, key| {
+            let name = || format!("turns[{k}].{key}");
+            match key.as_ref() {
+                "role" => put(&mut role, c.string(&name)?, &name),
+                "tier" => put(&mut tier, c.nullable(|c| c.string(&name))?, &name),
+                "reward" => put(&mut reward, c.nullable(|c| c.float(&name))?, &name),
+                _ => c.skip_value(2),
+            }
+        })?;
+        Ok(TurnHead {
+            role: role.ok_or_else(|| format!("bad record: turns[{k}]: missing field `role`"))?,
+            tier: tier.flatten(),
+            reward: reward.flatten(),
+        })
+    }
+
+    fn turns(&mut self) -> Scan<Vec<TurnHead<'a>>> {
+        self.ws();
+        if self.peek() != Some(b'[') {
+            return Err(self.type_error(&|| "turns".into(), "a list"));
+        }
+        self.i += 1;
+        let mut out = Vec::new();
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(out);
+        }
+        loop {
+            out.push(self.turn(out.len())?);
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b']') => {
+                    self.i += 1;
+                    return Ok(out);
+                }
+                _ => return Err(self.syntax("expected ',' or ']'")),
+            }
+        }
+    }
+
+    /// Reads a whole line as a record head.
+    pub(super) fn record(mut self) -> Scan<RecordHead<'a>> {
+        let (mut schema, mut task_id, mut group) = (None, None, None);
+        let (mut sample, mut outcome, mut turns) = (None, None, None);
+        self.object(&|| "the line".into(), |c, key| {
+            let name = || key.to_string();
+            match key.as_ref() {
+                "schema" => put(&mut schema, c.string(&name)?, &name),
+                "task_id" => put(&mut task_id, c.string(&name)?, &name),
+                "group" => put(&mut group, c.string(&name)?, &name),
+                "sample" => put(&mut sample, c.integer(&name)?, &name),
+                "outcome" => put(&mut outcome, c.float(&name)?, &name),
+                "turns" => put(&mut turns, c.turns()?, &name),
+                _ => c.skip_value(1),
+            }
+        })?;
+        self.ws();
+        if self.i < self.s.len() {
+            return Err(self.syntax("trailing characters after the record"));
+        }
+        let missing = |f: &str| format!("bad record: missing field `{f}`");
+        Ok(RecordHead {
+            schema: schema.ok_or_else(|| missing("schema"))?,
+            task_id: task_id.ok_or_else(|| missing("task_id"))?,
+            group: group.ok_or_else(|| missing("group"))?,
+            sample: sample.ok_or_else(|| missing("sample"))?,
+            outcome: outcome.ok_or_else(|| missing("outcome"))?,
+            turns: turns.ok_or_else(|| missing("turns"))?,
+        })
+    }
+
+    /// Checks that the whole text is one JSON value (for tests).
+    #[cfg(test)]
+    pub(super) fn validate_value(mut self) -> Scan<()> {
+        self.skip_value(1)?;
+        self.ws();
+        if self.i < self.s.len() {
+            return Err(self.syntax("trailing characters"));
+        }
+        Ok(())
+    }
+}
+
+fn put<T>(slot: &mut Option<T>, value: T, name: &dyn Fn() -> String) -> Scan<()> {
+    if slot.is_some() {
+        return Err(format!("bad record: {}: duplicate field", name()));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn serde_accepts(text: &str) -> bool {
+        serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+    }
+
+    fn ours_accepts(text: &str) -> bool {
+        Cursor::new(text).validate_value().is_ok()
+    }
+
+    fn from_alphabet(
+        alphabet: &'static [&'static str],
+        max: usize,
+    ) -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(alphabet), 0..max)
+            .prop_map(|v| v.concat())
+    }
+
+    // No 'd' or '8' among the hex digits: serde_json rejects lone surrogates
+    // when it decodes, which this scanner (like Python's json) does not check.
+    const STRING_PARTS: &[&str] = &[
+        "a",
+        "b",
+        " ",
+        "\"",
+        "\\",
+        "\\\"",
+        "\\\\",
+        "u",
+        "0",
+        "1",
+        "F",
+        "n",
+        "/",
+        "\u{1f}",
+        "\t",
+        "é",
+        "✈",
+        "xxxxxxxxxxxxxxxx",
+        "\\u00e9",
+    ];
+    const VALUE_PARTS: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        ",",
+        "\"",
+        "\"k\"",
+        "\\",
+        " ",
+        "true",
+        "fals",
+        "null",
+        "0",
+        "-",
+        "1",
+        "2.5",
+        ".",
+        "e",
+        "E",
+        "+",
+        "é",
+        "\"x\\\"y\"",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn strings_agree_with_serde(body in from_alphabet(STRING_PARTS, 120)) {
+            let text = format!("\"{body}\"");
+            prop_assert_eq!(ours_accepts(&text), serde_accepts(&text), "{:?}", text);
+        }
+
+        #[test]
+        fn values_agree_with_serde(text in from_alphabet(VALUE_PARTS, 40)) {
+            prop_assert_eq!(ours_accepts(&text), serde_accepts(&text), "{:?}", text);
+        }
+
+        #[test]
+        fn numbers_agree_with_serde(text in from_alphabet(&["-", "+", "0", "1", "9", ".", "e", "E"], 8)) {
+            prop_assert_eq!(ours_accepts(&text), serde_accepts(&text), "{:?}", text);
+        }
+    }
+
+    #[test]
+    fn escapes_across_window_edges() {
+        for pad in 0..140 {
+            for tail in ["\\\"", "\\\\", "\\u00e9", "\\n", "\\x", "\\u12", "\u{1}"] {
+                let text = format!("\"{}{tail}end\"", "a".repeat(pad));
+                assert_eq!(ours_accepts(&text), serde_accepts(&text), "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backslash_runs_across_window_edges() {
+        for pad in 0..140 {
+            for run in 1..7 {
+                for after in ["\"", "\"x\"", "n\"", "u00e9\"", "x\""] {
+                    let text = format!("\"{}{}{after}", "a".repeat(pad), "\\".repeat(run));
+                    assert_eq!(ours_accepts(&text), serde_accepts(&text), "{text:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_fields_with_escapes_and_unicode() {
+        let line = r#"{"schema":"turnrl.rollout/1","t\u0061sk_id":"a\"b","group":"✈","sample":-2,"outcome":1e-3,"turns":[{"role":"assistant","tier":null,"reward":null},{"role":"tool","content":"x"}]}"#;
+        let head = Cursor::new(line).record().unwrap();
+        assert_eq!(head.task_id, "a\"b");
+        assert_eq!(head.group, "✈");
+        assert_eq!((head.sample, head.outcome), (-2, 1e-3));
+        assert_eq!(head.turns.len(), 2);
+        assert!(head.turns[0].tier.is_none() && head.turns[0].reward.is_none());
+    }
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escaped_bits;
+    use proptest::prelude::*;
+
+    /// One byte at a time: a byte is escaped when the byte before it is an
+    /// unescaped backslash.
+    fn escaped_naive(backslash: u64, carry_in: u64) -> (u64, u64) {
+        let mut escaped = 0u64;
+        let mut next_escaped = carry_in == 1;
+        for j in 0..64 {
+            if next_escaped {
+                escaped |= 1 << j;
+                next_escaped = false;
+            } else {
+                next_escaped = backslash >> j & 1 == 1;
+            }
+        }
+        (escaped, next_escaped as u64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20000))]
+        #[test]
+        fn branchless_escapes_match_naive(backslash in any::<u64>(), dense in any::<u64>(), carry in 0u64..2) {
+            // `dense` makes long runs of backslashes common.
+            for bs in [backslash, backslash | dense, !backslash & dense, u64::MAX, 0] {
+                let mut c = carry;
+                let got = escaped_bits(bs, &mut c);
+                prop_assert_eq!((got, c), escaped_naive(bs, carry), "bs={:064b} carry={}", bs, carry);
+            }
+        }
+    }
+}

@@ -1,0 +1,555 @@
+"""Rollout buffers: the Rust reader against a plain json-module reader."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import turnrl
+from turnrl.exceptions import InvalidInputError, TurnrlIOError
+from turnrl.rollouts import DEFAULT_TIERS, NO_TIER, SCHEMA
+
+from reference import reference_advantages
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+# ---------------------------------------------------------------------------
+# Reference reader: the contract of DESIGN.md "Rollout buffer file", written
+# plainly with the json module.
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool) and -(2**63) <= x < 2**63
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def reference_check(raw: bytes):
+    """The record of a line, or None when the line must be skipped."""
+    try:
+        obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("schema") != SCHEMA:
+        return None
+    if not isinstance(obj.get("task_id"), str) or not isinstance(obj.get("group"), str):
+        return None
+    if not _is_int(obj.get("sample")) or not _is_number(obj.get("outcome")):
+        return None
+    turns = obj.get("turns")
+    if not isinstance(turns, list):
+        return None
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            return None
+        if turn.get("tier") is not None and not isinstance(turn["tier"], str):
+            return None
+        if turn.get("reward") is not None and not _is_number(turn["reward"]):
+            return None
+    return obj
+
+
+def reference_lines(path: Path):
+    data = path.read_bytes()
+    if data.startswith(ZSTD_MAGIC):
+        data = zstandard.ZstdDecompressor().stream_reader(data).read()
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if raw.strip(b" \t\r\n"):
+            yield number, raw
+
+
+def reference_read(paths):
+    cols = {
+        "task_id": [],
+        "group": [],
+        "sample": [],
+        "outcome": [],
+        "turn_offsets": [0],
+        "turn_rewards": [],
+        "turn_tiers": [],
+        "line": [],
+        "file_index": [],
+    }
+    problems = []
+    for file_index, path in enumerate(paths):
+        for number, raw in reference_lines(Path(path)):
+            rec = reference_check(raw)
+            if rec is None:
+                problems.append((str(path), number))
+                continue
+            cols["task_id"].append(rec["task_id"])
+            cols["group"].append(rec["group"])
+            cols["sample"].append(rec["sample"])
+            cols["outcome"].append(float(rec["outcome"]))
+            cols["line"].append(number)
+            cols["file_index"].append(file_index)
+            for turn in rec["turns"]:
+                if turn["role"] == "assistant":
+                    reward = turn.get("reward")
+                    cols["turn_rewards"].append(0.0 if reward is None else float(reward))
+                    cols["turn_tiers"].append(turn.get("tier"))
+            cols["turn_offsets"].append(len(cols["turn_rewards"]))
+    return cols, problems
+
+
+def assert_same_as_reference(batch: turnrl.RolloutBatch, paths):
+    ref, problems = reference_read(paths)
+    assert batch.task_id == ref["task_id"]
+    assert batch.group == ref["group"]
+    np.testing.assert_array_equal(batch.sample, np.array(ref["sample"], dtype=np.int64))
+    np.testing.assert_array_equal(batch.outcome, np.array(ref["outcome"], dtype=np.float64))
+    np.testing.assert_array_equal(batch.turn_offsets, np.array(ref["turn_offsets"]))
+    np.testing.assert_array_equal(batch.turn_rewards, np.array(ref["turn_rewards"], dtype=float))
+    np.testing.assert_array_equal(batch.line, np.array(ref["line"]))
+    np.testing.assert_array_equal(batch.file_index, np.array(ref["file_index"]))
+    tiers = [None if c == NO_TIER else batch.tier_names[c] for c in batch.turn_tiers.tolist()]
+    assert tiers == ref["turn_tiers"]
+    assert tuple(batch.tier_names[:6]) == DEFAULT_TIERS
+    # group_index is dense in first-seen order.
+    first_seen = list(dict.fromkeys(ref["group"]))
+    assert batch.group_names == first_seen
+    np.testing.assert_array_equal(batch.group_index, [first_seen.index(g) for g in ref["group"]])
+    assert batch.skipped == len(problems)
+    got = [re.match(r"^(.*?):(\d+): \S", p) for p in batch.problems]
+    assert [(m.group(1), int(m.group(2))) for m in got if m] == problems[:1000]
+    assert batch.turn_offsets.dtype == np.int64 and batch.turn_rewards.dtype == np.float64
+    assert batch.group_index.dtype == np.int64 and batch.outcome.dtype == np.float64
+
+
+# ---------------------------------------------------------------------------
+# Generated buffers
+
+texts = st.text(max_size=12)
+tiers = st.one_of(st.sampled_from([*DEFAULT_TIERS, "probe", "ünïcode ✈"]), st.none())
+rewards = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.integers(-5, 5),
+    st.none(),
+)
+
+
+@st.composite
+def turn(draw):
+    role = draw(st.sampled_from(["assistant", "assistant", "tool", "user"]))
+    t = {"role": role, "content": draw(texts)}
+    if role == "assistant":
+        if draw(st.booleans()):
+            t["tool_calls"] = [{"name": draw(texts), "arguments": {"k": draw(texts)}}]
+        if draw(st.booleans()):
+            t["tier"] = draw(tiers)
+        if draw(st.booleans()):
+            t["reward"] = draw(rewards)
+    elif role == "tool":
+        t["name"] = draw(texts)
+    return t
+
+
+@st.composite
+def record(draw):
+    rec = {
+        "schema": SCHEMA,
+        "task_id": draw(st.sampled_from(["a/1", "a/2", "ü/3"])),
+        "group": draw(st.sampled_from(["g1", "g2", "g✈", ""])),
+        "sample": draw(st.integers(-3, 2**40)),
+        "outcome": draw(st.floats(allow_nan=False, allow_infinity=False, width=64)),
+        "turns": draw(st.lists(turn(), max_size=6)),
+        "meta": {"note": draw(texts)},
+    }
+    if draw(st.booleans()):
+        rec["extra"] = [1, {"x": None}]
+    return rec
+
+
+def dumps(rec, ascii_: bool) -> str:
+    return json.dumps(rec, ensure_ascii=ascii_)
+
+
+@st.composite
+def line(draw):
+    rec = draw(record())
+    text = dumps(rec, draw(st.booleans()))
+    kind = draw(
+        st.sampled_from(
+            ["ok"] * 6
+            + ["truncated", "schema", "reward", "blank", "array", "missing", "float_sample"]
+            + ["nan", "tier", "turn_not_object", "garbage"]
+        )
+    )
+    if kind == "truncated":
+        return text[: draw(st.integers(1, len(text) - 1))]
+    if kind == "schema":
+        return dumps(
+            {**rec, "schema": draw(st.sampled_from(["turnrl.rollout/2", "", None]))}, False
+        )
+    if kind == "reward":
+        turns = [*rec["turns"], {"role": "assistant", "reward": draw(st.sampled_from(["1", []]))}]
+        return dumps({**rec, "turns": turns}, False)
+    if kind == "blank":
+        return draw(st.sampled_from(["", "   ", "\t"]))
+    if kind == "array":
+        return "[1, 2]"
+    if kind == "missing":
+        key = draw(st.sampled_from(["task_id", "group", "sample", "outcome", "turns", "schema"]))
+        return dumps({k: v for k, v in rec.items() if k != key}, False)
+    if kind == "float_sample":
+        return dumps({**rec, "sample": 1.5}, False)
+    if kind == "nan":
+        return dumps({**rec, "outcome": float("nan")}, False)
+    if kind == "tier":
+        return dumps({**rec, "turns": [{"role": "assistant", "tier": 3}]}, False)
+    if kind == "turn_not_object":
+        return dumps({**rec, "turns": ["assistant"]}, False)
+    if kind == "garbage":
+        return draw(st.sampled_from(["{", "}", "null", '"x"', "{}", "é"]))
+    return text
+
+
+def write_file(path: Path, lines, *, compress: bool, crlf: bool, final_newline: bool) -> Path:
+    sep = "\r\n" if crlf else "\n"
+    data = sep.join(lines) + (sep if final_newline else "")
+    raw = data.encode("utf-8")
+    if compress:
+        raw = zstandard.ZstdCompressor().compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    files=st.lists(
+        st.tuples(
+            st.lists(line(), max_size=12),
+            st.booleans(),
+            st.booleans(),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    workers=st.sampled_from([None, 1, 2]),
+)
+def test_reader_matches_reference(tmp_path_factory, files, workers):
+    d = tmp_path_factory.mktemp("buf")
+    paths = [
+        write_file(d / f"f{i}.jsonl", lines, compress=z, crlf=crlf, final_newline=nl)
+        for i, (lines, z, crlf, nl) in enumerate(files)
+    ]
+    batch = turnrl.read_rollouts(paths, workers=workers)
+    assert_same_as_reference(batch, paths)
+    # The record reader keeps and skips the same lines.
+    it = turnrl.iter_rollout_records(paths)
+    records = list(it)
+    assert [r["task_id"] for r in records] == batch.task_id
+    assert it.skipped == batch.skipped
+    assert it.problems == batch.problems
+
+
+def test_big_file_is_read_in_parallel_blocks_like_the_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3000):
+        turns = []
+        for k in range(int(rng.integers(0, 12))):
+            turns.append({"role": "assistant", "tier": DEFAULT_TIERS[k % 6], "reward": k / 10})
+            turns.append({"role": "tool", "name": "t", "content": "x" * int(rng.integers(0, 3000))})
+        rec = {
+            "schema": SCHEMA,
+            "task_id": f"t{i % 50}",
+            "group": f"g{i // 8}",
+            "sample": i % 8,
+            "outcome": float(i % 2),
+            "turns": turns,
+        }
+        lines.append(json.dumps(rec) if i % 97 else json.dumps(rec)[:-3])
+    path = write_file(tmp_path / "big.jsonl", lines, compress=False, crlf=False, final_newline=True)
+    assert path.stat().st_size > 6 << 20  # more than two blocks
+    zpath = write_file(tmp_path / "big.bin", lines, compress=True, crlf=False, final_newline=True)
+    for p in (path, zpath):
+        for workers in (1, None):
+            assert_same_as_reference(turnrl.read_rollouts(p, workers=workers), [p])
+
+
+def test_problem_text_names_file_line_and_reason(tmp_path):
+    rec = turnrl.rollout_record("t", "g", 0, 1.0, [{"role": "assistant", "reward": "high"}])
+    lines = [
+        json.dumps(rec),
+        '{"schema": "turnrl.rollout/1"',
+        json.dumps({**rec, "schema": "x", "turns": []}),
+    ]
+    path = write_file(tmp_path / "p.jsonl", lines, compress=False, crlf=False, final_newline=False)
+    batch = turnrl.read_rollouts(str(path))
+    assert batch.num_trajectories == 0 and batch.skipped == 3
+    assert batch.problems[0].startswith(f"{path}:1: bad record")
+    assert "reward" in batch.problems[0]
+    assert batch.problems[1].startswith(f"{path}:2: truncated JSON")
+    assert batch.problems[2].startswith(f"{path}:3: schema is")
+
+
+def test_problems_are_capped_but_all_counted(tmp_path):
+    path = write_file(
+        tmp_path / "bad.jsonl", ["oops"] * 1500, compress=False, crlf=False, final_newline=True
+    )
+    batch = turnrl.read_rollouts(path)
+    assert batch.skipped == 1500
+    assert len(batch.problems) == 1000
+    assert batch.problems[-1].startswith(f"{path}:1000: ")
+
+
+def test_missing_and_corrupt_files_raise_io_errors_naming_the_path(tmp_path):
+    with pytest.raises(TurnrlIOError, match=r"nope\.jsonl"):
+        turnrl.read_rollouts(tmp_path / "nope.jsonl")
+    with pytest.raises(TurnrlIOError, match=r"no file matches"):
+        turnrl.read_rollouts(str(tmp_path / "*.jsonl"))
+    bad = tmp_path / "bad.zst"
+    good = zstandard.ZstdCompressor().compress(b'{"a": 1}\n' * 1000)
+    bad.write_bytes(good[: len(good) // 2])
+    with pytest.raises(TurnrlIOError, match=r"bad\.zst"):
+        turnrl.read_rollouts(bad)
+    with pytest.raises(InvalidInputError):
+        turnrl.read_rollouts([])
+    with pytest.raises(InvalidInputError):
+        turnrl.read_rollouts(bad, workers=0)
+
+
+def test_globs_expand_sorted_and_order_is_kept(tmp_path):
+    for i in (2, 0, 1):
+        with turnrl.RolloutWriter(tmp_path / f"part-{i}.jsonl") as w:
+            w.write(turnrl.rollout_record(f"task{i}", "g", i, 1.0, []))
+    batch = turnrl.read_rollouts(str(tmp_path / "part-*.jsonl"))
+    assert batch.task_id == ["task0", "task1", "task2"]
+    batch = turnrl.read_rollouts([tmp_path / "part-2.jsonl", tmp_path / "part-0.jsonl"])
+    assert batch.task_id == ["task2", "task0"]
+    assert batch.files == [str(tmp_path / "part-2.jsonl"), str(tmp_path / "part-0.jsonl")]
+
+
+# ---------------------------------------------------------------------------
+# Writer
+
+
+def _records(n):
+    out = []
+    for i in range(n):
+        turns = [
+            {"role": "user", "content": "réserve ✈"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"name": "get_user_details", "arguments": {"user_id": f"u{i}"}}],
+                "tier": "read",
+                "reward": 0.1 * i,
+            },
+            {"role": "tool", "name": "get_user_details", "content": '{"name": "x"}'},
+            {"role": "assistant", "content": "done", "tier": "respond", "reward": 0.0},
+        ][: i % 5]
+        out.append(turnrl.rollout_record(f"t{i % 3}", f"g{i % 3}", i, float(i % 2), turns))
+    return out
+
+
+@pytest.mark.parametrize(("name", "compress"), [("a.jsonl", None), ("a.jsonl.zst", "auto")])
+def test_writer_round_trip(tmp_path, name, compress):
+    records = _records(40)
+    path = tmp_path / name
+    with turnrl.RolloutWriter(path, compress) as w:
+        assert w.write_many(records) == 40
+    assert path.read_bytes().startswith(ZSTD_MAGIC) == name.endswith(".zst")
+    assert list(turnrl.iter_rollout_records(path)) == records
+    batch = turnrl.read_rollouts(path)
+    assert batch.skipped == 0
+    assert_same_as_reference(batch, [path])
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left
+
+
+def test_zstd_is_detected_by_magic_not_name(tmp_path):
+    path = tmp_path / "plain-looking.jsonl"
+    with turnrl.RolloutWriter(path, "zstd") as w:
+        w.write_many(_records(5))
+    assert path.read_bytes().startswith(ZSTD_MAGIC)
+    assert turnrl.read_rollouts(path).num_trajectories == 5
+
+
+def test_writer_refuses_bad_records_and_is_atomic(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("old\n")
+    w = turnrl.RolloutWriter(path)
+    w.write(_records(1)[0])
+    with pytest.raises(InvalidInputError, match=r"record 1: .*outcome"):
+        w.write({**_records(1)[0], "outcome": "1"})
+    with pytest.raises(InvalidInputError, match="record 1"):
+        w.write({**_records(1)[0], "outcome": math.inf})
+    with pytest.raises(InvalidInputError, match=r"record 1: .*schema"):
+        w.write({**_records(1)[0], "schema": "other"})
+    assert path.read_text() == "old\n"  # nothing replaced before close
+    w.close()
+    assert w.closed and turnrl.read_rollouts(path).num_trajectories == 1
+    with pytest.raises(RuntimeError), turnrl.RolloutWriter(path) as w2:
+        w2.write(_records(1)[0])
+        raise RuntimeError("boom")
+    assert turnrl.read_rollouts(path).num_trajectories == 1
+    assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
+
+
+# ---------------------------------------------------------------------------
+# Advantages on the columns
+
+
+def test_compute_advantages_runs_on_the_columns(tmp_path):
+    path = tmp_path / "a.jsonl"
+    with turnrl.RolloutWriter(path) as w:
+        w.write_many(_records(60))
+    b = turnrl.read_rollouts(path)
+    for est in ("grpo", "mt_grpo", "gtpo_hybrid"):
+        got = turnrl.compute_advantages(
+            est, b.outcome, b.group_index, b.turn_rewards, b.turn_offsets
+        )
+        want = reference_advantages(est, b.outcome, b.group_index, b.turn_rewards, b.turn_offsets)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(b.advantages(est), got)
+
+
+# ---------------------------------------------------------------------------
+# tau-bench results (format of tau_bench.types.EnvRunResult, model_dump'ed)
+
+SYSTEM = "# Airline Agent Policy\nThe current time is 2024-05-15 15:00:00 EST."
+
+
+def _tau_entry(task_id, trial, reward, *, args='{"user_id": "mia_li_3668"}'):
+    return {
+        "task_id": task_id,
+        "reward": reward,
+        "info": {
+            "task": {
+                "user_id": "mia_li_3668",
+                "actions": [
+                    {"name": "get_user_details", "kwargs": {"user_id": "mia_li_3668"}},
+                ],
+                "instruction": "You are mia_li_3668.",
+                "outputs": [],
+            },
+            "source": "user",
+            "user_cost": 0.0012,
+            "reward_info": {
+                "reward": reward,
+                "info": {"r_actions": reward, "gt_data_hash": "abc"},
+                "actions": [],
+            },
+        },
+        "traj": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Hi, I want to book a flight."},
+            {
+                "content": None,
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "function": {"arguments": args, "name": "get_user_details"},
+                        "id": "call_abc",
+                        "type": "function",
+                    }
+                ],
+                "function_call": None,
+            },
+            {
+                "role": "tool",
+                "tool_call_id": "call_abc",
+                "name": "get_user_details",
+                "content": '{"user_id": "mia_li_3668", "name": {"first_name": "Mia"}}',
+            },
+            {
+                "content": "Which flight would you like?",
+                "role": "assistant",
+                "tool_calls": None,
+                "function_call": None,
+            },
+            {"role": "user", "content": "###STOP###"},
+        ],
+        "trial": trial,
+    }
+
+
+def test_taubench_results_convert_to_rollout_records(tmp_path):
+    results = [
+        _tau_entry(3, 0, 1.0),
+        _tau_entry(5, 0, 0.0, args="{not json"),
+        _tau_entry(3, 1, 0.0),
+        {"task_id": 7, "reward": 0.0, "info": {"error": "boom", "traceback": "..."}, "traj": []},
+    ]
+    src = tmp_path / "tool-calling-gpt-4o-0.0_range_0--1_user-gpt-4o-llm_0315.json"
+    src.write_text(json.dumps(results, indent=2))
+    records = turnrl.read_taubench_results(src, env="airline", split="test")
+    assert [r["task_id"] for r in records] == [
+        "airline/test/3",
+        "airline/test/5",
+        "airline/test/3",
+        "airline/test/7",
+    ]
+    assert [r["group"] for r in records] == [r["task_id"] for r in records]
+    assert [r["sample"] for r in records] == [0, 0, 1, 0]
+    assert [r["outcome"] for r in records] == [1.0, 0.0, 0.0, 0.0]
+    first = records[0]
+    assert [t["role"] for t in first["turns"]] == ["user", "assistant", "tool", "assistant", "user"]
+    call = first["turns"][1]["tool_calls"][0]
+    assert call == {
+        "id": "call_abc",
+        "name": "get_user_details",
+        "arguments": {"user_id": "mia_li_3668"},
+    }
+    assert first["turns"][1]["tier"] is None and first["turns"][1]["reward"] == 0.0
+    assert "tool_calls" not in first["turns"][3]
+    assert first["turns"][2]["tool_call_id"] == "call_abc"
+    assert first["meta"]["info"]["task"]["actions"][0]["name"] == "get_user_details"
+    assert "system_prompt" not in first["meta"]
+    assert records[1]["turns"][1]["tool_calls"][0]["arguments"] == "{not json"
+    assert records[3]["turns"] == [] and records[3]["meta"]["info"]["error"] == "boom"
+    kept = turnrl.read_taubench_results(src, keep_system=True)
+    assert kept[0]["meta"]["system_prompt"] == SYSTEM and kept[0]["task_id"] == "3"
+
+    out = tmp_path / "tau.jsonl.zst"
+    assert turnrl.write_taubench_buffer(src, out, env="airline", split="test") == 4
+    batch = turnrl.read_rollouts(out)
+    assert batch.skipped == 0
+    assert batch.task_id == [r["task_id"] for r in records]
+    np.testing.assert_array_equal(batch.turn_offsets, [0, 2, 4, 6, 6])
+    np.testing.assert_array_equal(batch.turn_tiers, [NO_TIER] * 6)
+    np.testing.assert_array_equal(batch.group_index, [0, 1, 0, 2])
+    assert list(turnrl.iter_rollout_records(out)) == records
+
+
+def test_taubench_sample_falls_back_to_order_of_appearance():
+    entries = [_tau_entry(1, 0, 1.0) for _ in range(3)]
+    for e in entries:
+        del e["trial"]
+    records = turnrl.rollouts.taubench_to_records(entries)
+    assert [r["sample"] for r in records] == [0, 1, 2]
+
+
+def test_taubench_bad_input_names_the_entry(tmp_path):
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps([_tau_entry(1, 0, 1.0), {"task_id": 2, "reward": "x"}]))
+    with pytest.raises(InvalidInputError, match=r"r.json: entry 1: 'reward'"):
+        turnrl.read_taubench_results(src)
+    src.write_text('[{"task_id": 1,')
+    with pytest.raises(InvalidInputError, match=r"r.json:1:\d+: invalid JSON"):
+        turnrl.read_taubench_results(src)
+    with pytest.raises(TurnrlIOError, match=r"missing\.json"):
+        turnrl.read_taubench_results(tmp_path / "missing.json")
