@@ -106,9 +106,8 @@ def run_reference(case: Case, dtype: torch.dtype = torch.float64):
 def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-2) -> float:
     """max |actual - expected| / max(max |expected|, floor).
 
-    For the loss, the floor keeps a value that cancels to nearly 0
-    (advantages of both signs) from turning rounding noise into a huge
-    relative error; losses here are O(0.1..1).
+    The floor keeps a value that cancels to nearly 0 (advantages of both
+    signs) from turning rounding noise into a huge relative error.
     """
     scale = max(float(expected.abs().max()), floor)
     return float((actual - expected).abs().max()) / scale
@@ -116,7 +115,11 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-2) -
 
 def _errors(got, want) -> dict[str, float]:
     return {
-        "loss": rel_err(got[0], want[0]),
+        # The loss is a mean of O(1) per-token terms of both signs that can
+        # cancel to ~1e-3: fp32 rounding of the terms (~1e-7 each) is then
+        # ~1e-4 of the total however exact the kernel. Relative to the size
+        # of the terms (floor 1.0) the check stays meaningful.
+        "loss": rel_err(got[0], want[0], floor=1.0),
         "grad_hidden": rel_err(got[1], want[1], floor=1e-12),
         "grad_weight": rel_err(got[2], want[2], floor=1e-12),
     }
