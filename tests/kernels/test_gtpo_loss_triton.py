@@ -61,7 +61,8 @@ def test_triton_backend_matches_reference(agg, dtype, rtol):
 def test_triton_backend_ragged_shapes(seed, batch, length, hidden_size, vocab, chunk, agg):
     """Vocabularies and chunks of any width, including 1 and widths past BLOCK_V."""
     case = _to_device(make_case(seed, (batch, length), hidden_size, vocab, torch.float32, agg))
-    assert_close_to_reference(case, 1e-4, eager_slack=True, backend="triton", chunk_size=chunk)
+    # Degenerate shapes: the same 1e-3 bound as the torch backend's ragged test.
+    assert_close_to_reference(case, 1e-3, eager_slack=True, backend="triton", chunk_size=chunk)
 
 
 def test_triton_flat_input_without_kl_or_entropy():
