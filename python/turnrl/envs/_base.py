@@ -206,7 +206,6 @@ class Domain:
         policy: str,
         terminate_tools: Iterable[str] = ("transfer_to_human_agents",),
         unknown_tool: Callable[[str], str] = lambda name: f"Unknown action {name}",
-        communicate_normalize: Callable[[str], str] = _normalize_taubench,
     ) -> None:
         self.name = name
         self.tables = tables
@@ -215,7 +214,6 @@ class Domain:
         self.terminate_tools = frozenset(terminate_tools)
         self._specs = {t.name: t for t in tools}
         self._unknown_tool = unknown_tool
-        self._communicate_normalize = communicate_normalize
         self._gold: dict[str, Store] = {}
 
     @property
@@ -298,16 +296,15 @@ class Domain:
             db_match = store.same_as(self.gold_state(task))
             if not db_match:
                 reward = 0.0
-        outputs: dict[str, bool] = {}
+        # tau-bench (outputs) and tau2 (communicate_info) match alike: the
+        # string lower-cased, inside a lower-cased message with commas removed.
+        required: list[str] = []
         if "OUTPUTS" in task.reward_basis:
-            said = [_normalize_taubench(m) for m in agent_messages]
-            for out in task.outputs:
-                outputs[out] = any(out.lower() in m for m in said)
+            required += task.outputs
         if "COMMUNICATE" in task.reward_basis:
-            said = [self._communicate_normalize(m) for m in agent_messages]
-            for info in task.communicate_info:
-                key = self._communicate_normalize(info)
-                outputs[info] = any(key in m for m in said)
+            required += task.communicate_info
+        said = [_normalize_taubench(m) for m in agent_messages]
+        outputs = {out: any(out.lower() in m for m in said) for out in required}
         missing = [o for o, found in outputs.items() if not found]
         if missing:
             reward = 0.0
