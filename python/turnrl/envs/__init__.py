@@ -24,18 +24,24 @@ from turnrl.envs._base import (
     ToolSpec,
     pass_hat_k,
 )
+from turnrl.envs.runner import run_episode
+from turnrl.envs.users import LLMUser, ScriptedUser, UserSimulatorError
 from turnrl.exceptions import InvalidInputError, UnknownNameError
 
 __all__ = [
     "Action",
     "Domain",
     "Episode",
+    "LLMUser",
     "RewardResult",
+    "ScriptedUser",
     "Task",
     "ToolSpec",
+    "UserSimulatorError",
     "domain_names",
     "load",
     "pass_hat_k",
+    "run_episode",
 ]
 
 _NAMES = (
