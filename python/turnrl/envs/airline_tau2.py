@@ -60,14 +60,81 @@ def _instance(store: Store, number: Any, date: Any) -> dict[str, Any]:
     return flight["dates"][date]
 
 
-def _leg(value: Any, fields: tuple[str, ...], model: str) -> dict[str, Any]:
-    """Validate one argument object the way tau2's pydantic model would (required fields)."""
+def _coerce(model: str, field: str, kind: type, value: Any) -> Any:
+    """Lax validation of one field as tau2's pydantic models do it (str strict, int lax)."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ToolError(
+            f"1 validation error for {model}\n{field}\n  Input should be a valid string "
+            f"[type=string_type, input_value={value!r}, input_type={type(value).__name__}]"
+        )
+    if isinstance(value, bool) or (isinstance(value, int)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ToolError(
+        f"1 validation error for {model}\n{field}\n  Input should be a valid integer "
+        f"[type=int_type, input_value={value!r}, input_type={type(value).__name__}]"
+    )
+
+
+_MODELS: dict[str, tuple[tuple[str, type], ...]] = {
+    "FlightInfo": (("flight_number", str), ("date", str)),
+    "Passenger": (("first_name", str), ("last_name", str), ("dob", str)),
+    "Payment": (("payment_id", str), ("amount", int)),
+}
+
+
+def _literal(model: str, field: str, allowed: tuple[str, ...], value: Any) -> Any:
+    if value in allowed and isinstance(value, str):
+        return value
+    quoted = [f"'{a}'" for a in allowed]
+    text = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
+    raise ToolError(
+        f"1 validation error for {model}\n{field}\n  Input should be {text} "
+        f"[type=literal_error, input_value={value!r}, input_type={type(value).__name__}]"
+    )
+
+
+def _coerce_float(model: str, field: str, value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ToolError(
+        f"1 validation error for {model}\n{field}\n  Input should be a valid number "
+        f"[type=float_type, input_value={value!r}, input_type={type(value).__name__}]"
+    )
+
+
+def _leg(value: Any, model: str) -> Any:
+    """One argument object validated into a tau2 model's field order (extra keys dropped)."""
     if not isinstance(value, dict):
-        raise ToolError(f"1 validation error for {model}: expected an object")
-    missing = [f for f in fields if f not in value]
-    if missing:
-        raise ToolError(f"1 validation error for {model}\n{missing[0]}\n  Field required")
-    return {f: value[f] for f in fields}
+        return value  # tau2 converts only when every item is a dict
+    out = {}
+    for field, kind in _MODELS[model]:
+        if field not in value:
+            raise ToolError(
+                f"1 validation error for {model}\n{field}\n  Field required "
+                f"[type=missing, input_value={value!r}, input_type=dict]"
+            )
+        out[field] = _coerce(model, field, kind, value[field])
+    return out
+
+
+def _legs(values: Any, model: str) -> Any:
+    if all(isinstance(v, dict) for v in values):
+        return [_leg(v, model) for v in values]
+    return values
 
 
 def _payment_for_update(
@@ -102,15 +169,23 @@ def book_reservation(
     nonfree_baggages: Any,
     insurance: Any,
 ) -> str:
-    flights = [_leg(f, ("flight_number", "date"), "FlightInfo") for f in flights]
-    passengers = [_leg(p, ("first_name", "last_name", "dob"), "Passenger") for p in passengers]
-    payment_methods = [_leg(p, ("payment_id", "amount"), "Payment") for p in payment_methods]
+    flights = _legs(flights, "FlightInfo")
+    passengers = _legs(passengers, "Passenger")
+    payment_methods = _legs(payment_methods, "Payment")
     user = _user(store, user_id)
     reservation_id = next(
         (r for r in NEW_RESERVATION_IDS if not store.has("reservations", r)), None
     )
     if reservation_id is None:
         raise ToolError("Too many reservations")
+    # tau2 builds its Reservation model here, which validates these fields.
+    for field, value in (("user_id", user_id), ("origin", origin), ("destination", destination)):
+        _coerce("Reservation", field, str, value)
+    _literal("Reservation", "flight_type", ("round_trip", "one_way"), flight_type)
+    _literal("Reservation", "cabin", ("business", "economy", "basic_economy"), cabin)
+    stored_total = _coerce("Reservation", "total_baggages", int, total_baggages)
+    stored_nonfree = _coerce("Reservation", "nonfree_baggages", int, nonfree_baggages)
+    _literal("Reservation", "insurance", ("yes", "no"), insurance)
     legs = []
     total_price = 0
     for info in flights:
@@ -172,8 +247,8 @@ def book_reservation(
         "passengers": passengers,
         "payment_history": payment_methods,
         "created_at": BOOKING_TIME,
-        "total_baggages": total_baggages,
-        "nonfree_baggages": nonfree_baggages,
+        "total_baggages": stored_total,
+        "nonfree_baggages": stored_nonfree,
         "insurance": insurance,
         "status": None,
     }
@@ -265,7 +340,7 @@ def send_certificate(store: Store, user_id: Any, amount: Any) -> str:
             store.mut("users", user_id)["payment_methods"][payment_id] = {
                 "source": "certificate",
                 "id": payment_id,
-                "amount": amount,
+                "amount": _coerce_float("Certificate", "amount", amount),
             }
             return f"Certificate {payment_id} added to user {user_id} with amount {amount}."
     raise ToolError("Too many certificates")
@@ -293,7 +368,7 @@ def update_reservation_baggages(
 def update_reservation_flights(
     store: Store, reservation_id: Any, cabin: Any, flights: Any, payment_id: Any
 ) -> str:
-    flights = [_leg(f, ("flight_number", "date"), "FlightInfo") for f in flights]
+    flights = _legs(flights, "FlightInfo")
     reservation = _reservation(store, reservation_id)
     _user(store, reservation["user_id"])
     n = len(reservation["passengers"])
@@ -340,7 +415,7 @@ def update_reservation_flights(
 
 
 def update_reservation_passengers(store: Store, reservation_id: Any, passengers: Any) -> str:
-    passengers = [_leg(p, ("first_name", "last_name", "dob"), "Passenger") for p in passengers]
+    passengers = _legs(passengers, "Passenger")
     reservation = _reservation(store, reservation_id)
     if len(passengers) != len(reservation["passengers"]):
         raise ToolError("Number of passengers does not match")
@@ -361,7 +436,7 @@ def _spec(fn: Any, kind: str, description: str, **params: Any) -> ToolSpec:
         description=description,
         params=params,
         required=tuple(params),
-        invoke_name=fn.__name__,
+        invoke_name=f"AirlineTools.{fn.__name__}",
     )
 
 

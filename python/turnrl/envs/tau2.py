@@ -22,6 +22,42 @@ SPLITS = ("train", "test", "base")
 _DB_CACHE: dict[str, dict[str, Any]] = {}
 
 
+_LEG_ORDER = ("flight_number", "origin", "destination", "date", "price")
+_METHOD_ORDER = {
+    "credit_card": ("source", "id", "brand", "last_four"),
+    "gift_card": ("source", "id", "amount"),
+    "certificate": ("source", "id", "amount"),
+}
+
+
+def _ordered(record: dict[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    out = {k: record[k] for k in order if k in record}
+    out.update((k, v) for k, v in record.items() if k not in out)
+    return out
+
+
+def _airline_model_shape(tables: dict[str, Any]) -> dict[str, Any]:
+    """Records in the field order and defaults of tau2's data models (as it dumps them)."""
+    reservations = {}
+    for rid, r in tables.get("reservations", {}).items():
+        r = dict(r)
+        r["flights"] = [_ordered(f, _LEG_ORDER) for f in r.get("flights", [])]
+        r.setdefault("status", None)
+        reservations[rid] = r
+    users = {}
+    for uid, u in tables.get("users", {}).items():
+        u = dict(u)
+        methods = {}
+        for k, m in u.get("payment_methods", {}).items():
+            m = _ordered(m, _METHOD_ORDER.get(m.get("source"), ()))
+            if m.get("source") in ("gift_card", "certificate") and isinstance(m.get("amount"), int):
+                m["amount"] = float(m["amount"])  # tau2's model types these amounts float
+            methods[k] = m
+        u["payment_methods"] = methods
+        users[uid] = u
+    return {**tables, "reservations": reservations, "users": users}
+
+
 def _instruction(scenario: dict[str, Any]) -> str:
     """The user simulator's instruction text from a tau2 ``user_scenario``."""
     inst = scenario.get("instructions")
@@ -98,6 +134,8 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
         tables = read_json(db_path)
         if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
             raise InvalidInputError(f"{db_path}: expected an object of tables keyed by id")
+        if domain == "airline":
+            tables = _airline_model_shape(tables)
         _DB_CACHE[key] = tables
     raw_tasks = read_json(base / "tasks.json")
     if not isinstance(raw_tasks, list):
