@@ -6,6 +6,12 @@ equal to the gold actions' replay) and ``COMMUNICATE`` (each
 ``communicate_info`` string in some agent message, lower-cased, commas
 stripped from the message). ``NL_ASSERTION`` checks need an LLM judge and
 are not scored here (recorded in the task's ``facts``).
+
+``tau2:airline`` runs tau2's airline tool semantics (checked against tau2's
+own tools: same observations and states). ``tau2:retail`` runs tau-bench
+v1's retail tools on tau2's retail data: the gold replays score 1, but tau2's
+retail error texts, its ``get_item_details`` tool and its pydantic coercions
+are not reproduced.
 """
 
 from __future__ import annotations
