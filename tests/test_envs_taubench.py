@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -298,3 +301,67 @@ def test_task_file_is_parsed_not_executed(tmp_path):
     (base / "tasks_test.py").write_text("TASKS = [Task(user_id=f(), instruction='i')]\n")
     with pytest.raises(ValueError, match=r"tasks_test.py:1: Task user_id is not a literal"):
         envs.load("taubench:airline", root=tmp_path)
+
+
+class _InPlaceStore(envs._db.Store):
+    """Reference: tau-bench's way, every write in place on a full private copy."""
+
+    def __init__(self, base_json):
+        super().__init__(json.loads(base_json))
+
+    def mut(self, table, key):
+        return self.base[table][key]
+
+    def put(self, table, key, record):
+        self.base[table][key] = record
+
+
+def _reference_hash(tables) -> str:
+    def hashable(x):
+        if isinstance(x, dict):
+            return tuple((k, hashable(v)) for k, v in sorted(x.items()))
+        if isinstance(x, list):
+            return tuple(hashable(v) for v in x)
+        return x
+
+    return hashlib.sha256(str(hashable(tables)).encode()).hexdigest()
+
+
+def _perturbed_calls(rng, task, pool):
+    calls = []
+    for a in [*task.actions, rng.choice(task.actions)] if task.actions else []:
+        args = copy.deepcopy(dict(a.kwargs))
+        if args and rng.random() < 0.5:
+            key = rng.choice(sorted(args))
+            args[key] = rng.choice(pool.get(key, [None]))
+        calls.append((a.name, args))
+    return calls
+
+
+@needs_tau
+@pytest.mark.parametrize("name,split", [("taubench:airline", "test"), ("taubench:retail", "dev")])
+def test_copy_on_write_matches_in_place_reference(name, split):
+    d = envs.load(name, root=TAU, split=split)
+    pool: dict = {}
+    for t in d.tasks:
+        for a in t.actions:
+            for k, v in a.kwargs.items():
+                pool.setdefault(k, []).append(v)
+    rng = random.Random(7)
+    gold_hash = {}
+    base_json = json.dumps(d.tables)
+    for task in d.tasks[::3]:
+        ref_gold = _InPlaceStore(base_json)
+        for a in task.actions:
+            if a.name not in d.terminate_tools:
+                d._invoke(ref_gold, a.name, copy.deepcopy(dict(a.kwargs)))
+        gold_hash[task.id] = _reference_hash(ref_gold.base)
+        for _ in range(2):
+            calls = _perturbed_calls(rng, task, pool)
+            ep = d.new_episode(task)
+            ref = _InPlaceStore(base_json)
+            for n, args in calls:
+                assert ep.call(n, args) == d._invoke(ref, n, copy.deepcopy(args))[0]
+            assert json.dumps(ep.store.materialize()) == json.dumps(ref.base)
+            expected = _reference_hash(ref.base) == gold_hash[task.id]
+            assert ep.reward().db_match is expected, task.id
