@@ -64,7 +64,9 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
     ``root`` is a tau-bench checkout for ``taubench:*`` and a tau2-bench
     checkout for ``tau2:*`` (required for both; nothing is bundled). ``split``
     defaults to ``"test"``. ``synthetic:airline`` takes ``seed`` and the sizes
-    documented in :func:`turnrl.envs.synthetic.generate`.
+    documented in :func:`turnrl.envs.synthetic.generate`. ``taubench:*``
+    takes ``schemas="auto"`` (use the checkout's own tool schemas when its
+    ``tools/*.py`` are present) or ``"builtin"``.
     """
     family, _, domain = name.partition(":")
     if name not in _NAMES:
@@ -73,6 +75,7 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
         from turnrl.envs import synthetic
 
         return synthetic.load(split=split, **kw)
+    schemas = kw.pop("schemas", "auto")
     if kw:
         raise InvalidInputError(f"{name}: unexpected options {sorted(kw)}")
     if root is None:
@@ -83,7 +86,7 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
     if family == "taubench":
         from turnrl.envs import taubench
 
-        return taubench.load(domain, root, split)
+        return taubench.load(domain, root, split, schemas=schemas)
     from turnrl.envs import tau2
 
     return tau2.load(domain, root, split)

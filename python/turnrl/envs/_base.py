@@ -106,9 +106,16 @@ class ToolSpec:
     params: Mapping[str, Mapping[str, Any]]
     required: tuple[str, ...]
     invoke_name: str
+    checkout_schema: Mapping[str, Any] | None = None
 
     def schema(self) -> dict[str, Any]:
-        """OpenAI function schema, with the read/write tag as ``kind`` beside it."""
+        """OpenAI function schema, with the read/write tag as ``kind`` beside it.
+
+        The schema read from the user's checkout when there was one (the exact
+        text the benchmark shows its agents), else our own.
+        """
+        if self.checkout_schema is not None:
+            return {**copy_json(dict(self.checkout_schema)), "kind": self.kind}
         return {
             "type": "function",
             "function": {
@@ -397,6 +404,36 @@ def _call_name(node: ast.AST) -> str | None:
         if isinstance(node.func, ast.Attribute):
             return node.func.attr
     return None
+
+
+def read_tool_schemas(tools_dir: Path) -> dict[str, dict[str, Any]]:
+    """Tool schemas from a tau-bench checkout's ``tools/*.py`` (``get_info``'s literal).
+
+    Read with ``ast``; a file whose ``get_info`` does not return a literal
+    dict is skipped. Empty when the folder is absent.
+    """
+    schemas: dict[str, dict[str, Any]] = {}
+    if not tools_dir.is_dir():
+        return schemas
+    for path in sorted(tools_dir.glob("*.py")):
+        try:
+            tree = ast.parse(read_text(path), filename=str(path))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name == "get_info":
+                for stmt in node.body:
+                    if isinstance(stmt, ast.Return) and stmt.value is not None:
+                        try:
+                            info = ast.literal_eval(stmt.value)
+                        except ValueError:
+                            continue
+                        name = (
+                            info.get("function", {}).get("name") if isinstance(info, dict) else None
+                        )
+                        if isinstance(name, str):
+                            schemas[name] = info
+    return schemas
 
 
 def read_task_file(path: Path, prefix: str) -> list[Task]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from turnrl.envs import airline, retail
-from turnrl.envs._base import Domain, read_json, read_task_file, read_text
+from turnrl.envs._base import Domain, read_json, read_task_file, read_text, read_tool_schemas
 from turnrl.exceptions import InvalidInputError
 
 SPLITS = {"airline": ("test",), "retail": ("train", "dev", "test")}
@@ -34,8 +35,15 @@ def load_tables(data_dir: Path, names: tuple[str, ...]) -> dict:
     return tables
 
 
-def load(domain: str, root: Path, split: str | None) -> Domain:
-    """``taubench:<domain>`` from ``root`` (a tau-bench checkout)."""
+def load(domain: str, root: Path, split: str | None, schemas: str = "auto") -> Domain:
+    """``taubench:<domain>`` from ``root`` (a tau-bench checkout).
+
+    ``schemas="auto"`` shows the agent the tool schemas of the checkout's
+    ``tools/*.py`` when it has them (tau-bench's exact wording), else ours;
+    ``"builtin"`` always uses ours. Tool behaviour is ours either way.
+    """
+    if schemas not in ("auto", "builtin"):
+        raise InvalidInputError(f"taubench: schemas must be 'auto' or 'builtin', not {schemas!r}")
     if domain not in SPLITS:
         raise InvalidInputError(f"taubench: unknown domain {domain!r}; known: {sorted(SPLITS)}")
     split = split or "test"
@@ -46,10 +54,14 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
     base = root / "tau_bench" / "envs" / domain
     tables = load_tables(base / "data", TABLES[domain])
     tasks = read_task_file(base / f"tasks_{split}.py", f"{domain}/{split}")
+    tools = TOOLS[domain]
+    if schemas == "auto":
+        found = read_tool_schemas(base / "tools")
+        tools = [dataclasses.replace(t, checkout_schema=found.get(t.name)) for t in tools]
     return Domain(
         name=f"taubench:{domain}",
         tables=tables,
-        tools=TOOLS[domain],
+        tools=tools,
         tasks=tasks,
         policy=read_text(base / "wiki.md"),
     )
