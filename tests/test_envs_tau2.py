@@ -106,3 +106,47 @@ def test_tau2_airline_fixes():
             "payment_id": cert,
         },
     ) == ("Error: Certificate cannot be used to update reservation")
+
+
+def test_tau2_retail_semantics():
+    d = envs.load("tau2:retail", root=TAU2, split="test")
+    kinds = d.tool_kinds
+    assert "think" not in kinds and kinds["get_item_details"] == "read"
+    ep = d.new_episode(0)
+    assert ep.call("get_order_details", {"order_id": "#W0"}) == "Error: Order not found"
+    assert ep.call("find_user_id_by_email", {"email": "no@x"}) == "Error: User not found"
+    product = next(iter(d.tables["products"].values()))
+    item_id, variant = next(iter(product["variants"].items()))
+    assert json.loads(ep.call("get_item_details", {"item_id": item_id})) == variant
+    assert isinstance(variant["price"], float)  # tau2's model types prices as floats
+    pending = next(k for k, o in d.tables["orders"].items() if o["status"] == "pending")
+    order = d.tables["orders"][pending]
+    same = order["items"][0]["item_id"]
+    assert (
+        ep.call(
+            "modify_pending_order_items",
+            {
+                "order_id": pending,
+                "item_ids": [same],
+                "new_item_ids": [same],
+                "payment_method_id": order["payment_history"][0]["payment_method_id"],
+            },
+        )
+        == "Error: The new item id should be different from the old item id"
+    )
+    assert order["cancel_reason"] is None  # optional fields present, as tau2 dumps them
+    out = json.loads(
+        ep.call(
+            "modify_pending_order_address",
+            {
+                "order_id": pending,
+                "address1": "1 A St",
+                "address2": "",
+                "city": "X",
+                "state": "NY",
+                "country": "USA",
+                "zip": "10001",
+            },
+        )
+    )
+    assert list(out["address"]) == ["address1", "address2", "city", "country", "state", "zip"]

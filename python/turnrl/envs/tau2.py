@@ -7,11 +7,8 @@ equal to the gold actions' replay) and ``COMMUNICATE`` (each
 stripped from the message). ``NL_ASSERTION`` checks need an LLM judge and
 are not scored here (recorded in the task's ``facts``).
 
-``tau2:airline`` runs tau2's airline tool semantics (checked against tau2's
-own tools: same observations and states). ``tau2:retail`` runs tau-bench
-v1's retail tools on tau2's retail data: the gold replays score 1, but tau2's
-retail error texts, its ``get_item_details`` tool and its pydantic coercions
-are not reproduced.
+Both domains run tau2's own tool semantics (:mod:`turnrl.envs.airline_tau2`,
+:mod:`turnrl.envs.retail_tau2`) on records shaped as tau2's models dump them.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from turnrl.envs import retail
+from turnrl.envs import retail_tau2
 from turnrl.envs._base import Action, Domain, Task, read_json, read_text
 from turnrl.envs.airline_tau2 import TAU2_TOOLS
 from turnrl.exceptions import InvalidInputError
@@ -142,6 +139,8 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
             raise InvalidInputError(f"{db_path}: expected an object of tables keyed by id")
         if domain == "airline":
             tables = _airline_model_shape(tables)
+        else:
+            tables = retail_tau2.shape_tables(tables)
         _DB_CACHE[key] = tables
     raw_tasks = read_json(base / "tasks.json")
     if not isinstance(raw_tasks, list):
@@ -159,7 +158,7 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
         raise InvalidInputError(
             f"{base / 'split_tasks.json'}: {split} names unknown tasks {missing}"
         )
-    tools = TAU2_TOOLS if domain == "airline" else retail.V1_TOOLS
+    tools = TAU2_TOOLS if domain == "airline" else retail_tau2.TAU2_TOOLS
     return Domain(
         name=f"tau2:{domain}",
         tables=tables,
