@@ -175,6 +175,8 @@ class Episode:
 
     def call(self, name: str, arguments: Mapping[str, Any] | None = None) -> str:
         """Run tool ``name``; the caller's ``arguments`` are never modified."""
+        if arguments is None:
+            arguments = {}
         args = copy_json(dict(arguments)) if isinstance(arguments, Mapping) else arguments
         self.actions.append(Action(name, args if isinstance(args, dict) else {}))
         obs, self.last_error = self.domain._invoke(self.store, name, args)
