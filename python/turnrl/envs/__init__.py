@@ -1,0 +1,92 @@
+"""tau-bench compatible environments for tool-calling agents.
+
+``load("taubench:airline", root=...)`` gives a :class:`Domain`: its policy
+text, tool schemas (each tagged read/write), tasks with gold actions, and
+``new_episode(task)``. An :class:`Episode` runs tools on its own copy-on-write
+view of the database and scores itself exactly as tau-bench does.
+
+Domains: ``taubench:airline`` (split test), ``taubench:retail`` (train, dev,
+test), ``tau2:airline`` and ``tau2:retail`` (train, test, base), and
+``synthetic:airline`` (generated from a seed; needs no data).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from turnrl.envs._base import (
+    Action,
+    Domain,
+    Episode,
+    RewardResult,
+    Task,
+    ToolSpec,
+    pass_hat_k,
+)
+from turnrl.envs.runner import run_episode
+from turnrl.envs.users import LLMUser, ScriptedUser, UserSimulatorError
+from turnrl.exceptions import InvalidInputError, UnknownNameError
+
+__all__ = [
+    "Action",
+    "Domain",
+    "Episode",
+    "LLMUser",
+    "RewardResult",
+    "ScriptedUser",
+    "Task",
+    "ToolSpec",
+    "UserSimulatorError",
+    "domain_names",
+    "load",
+    "pass_hat_k",
+    "run_episode",
+]
+
+_NAMES = (
+    "taubench:airline",
+    "taubench:retail",
+    "tau2:airline",
+    "tau2:retail",
+    "synthetic:airline",
+)
+
+
+def domain_names() -> list[str]:
+    """Names ``load`` accepts."""
+    return list(_NAMES)
+
+
+def load(name: str, root: str | Path | None = None, split: str | None = None, **kw: Any) -> Domain:
+    """Load a domain by name.
+
+    ``root`` is a tau-bench checkout for ``taubench:*`` and a tau2-bench
+    checkout for ``tau2:*`` (required for both; nothing is bundled). ``split``
+    defaults to ``"test"``. ``synthetic:airline`` takes ``seed`` and the sizes
+    documented in :func:`turnrl.envs.synthetic.generate`. ``taubench:*``
+    takes ``schemas="auto"`` (use the checkout's own tool schemas when its
+    ``tools/*.py`` are present) or ``"builtin"``.
+    """
+    family, _, domain = name.partition(":")
+    if name not in _NAMES:
+        raise UnknownNameError(f"unknown environment {name!r}; known: {list(_NAMES)}")
+    if family == "synthetic":
+        from turnrl.envs import synthetic
+
+        return synthetic.load(split=split, **kw)
+    schemas = kw.pop("schemas", "auto")
+    if kw:
+        raise InvalidInputError(f"{name}: unexpected options {sorted(kw)}")
+    if root is None:
+        raise InvalidInputError(f"{name}: root (the path of a {family} checkout) is required")
+    root = Path(root)
+    if not root.is_dir():
+        raise InvalidInputError(f"{name}: root {root} is not a directory")
+    if family == "taubench":
+        from turnrl.envs import taubench
+
+        return taubench.load(domain, root, split, schemas=schemas)
+    from turnrl.envs import tau2
+
+    return tau2.load(domain, root, split)

@@ -1,0 +1,61 @@
+"""Arithmetic for the ``calculate`` tool, without ``eval``.
+
+tau-bench filters the expression to digits, ``+-*/().`` and spaces, then
+evaluates it as Python and returns ``str(round(float(result), 2))``. The same
+characters admit ``**`` and ``//``, so both are supported; the expression is
+parsed with :mod:`ast` and walked, and only numeric literals and the four
+operators (plus power and floor division) are accepted. Python's own
+operators do the arithmetic, so results and error texts match upstream.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from typing import Any
+
+_ALLOWED_CHARS = frozenset("0123456789+-*/(). ")
+_BINOPS: dict[type, Any] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: operator.pow,
+}
+# Upstream would compute 9**9**9 for minutes; refuse exponents that large.
+_MAX_EXPONENT = 10_000
+
+
+class CalcError(Exception):
+    """An expression the evaluator refuses; the text becomes ``Error: <text>``."""
+
+
+def _eval(node: ast.AST) -> Any:
+    if isinstance(node, ast.Expression):
+        return _eval(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        v = _eval(node.operand)
+        return +v if isinstance(node.op, ast.UAdd) else -v
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left = _eval(node.left)
+        right = _eval(node.right)
+        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT and abs(left) > 1:
+            raise CalcError("exponent too large")
+        return _BINOPS[type(node.op)](left, right)
+    if isinstance(node, ast.Tuple):
+        return tuple(_eval(e) for e in node.elts)
+    raise CalcError("unsupported expression")
+
+
+def calculate(expression: str) -> str:
+    """Evaluate ``expression`` as tau-bench's ``calculate`` tool does."""
+    if not all(ch in _ALLOWED_CHARS for ch in expression):
+        return "Error: invalid characters in expression"
+    try:
+        tree = ast.parse(expression, filename="<string>", mode="eval")
+        return str(round(float(_eval(tree)), 2))
+    except Exception as e:
+        return f"Error: {e}"

@@ -1,0 +1,169 @@
+"""Run an agent against a domain and a simulated user; return a rollout record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from turnrl.envs._base import STOP_TOKEN, Domain, Task
+from turnrl.envs.users import User
+
+__all__ = ["Agent", "Labeler", "run_episode"]
+
+Agent = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Mapping[str, Any]]
+Labeler = Callable[[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]], list[Any]]
+
+
+def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
+    """(name, arguments, id, problem) from an OpenAI or plain ``{name, arguments}`` call."""
+    if not isinstance(call, Mapping):
+        return "", {}, None, "tool call is not an object"
+    fn = call.get("function") if isinstance(call.get("function"), Mapping) else call
+    name = fn.get("name")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            return str(name or ""), {}, call.get("id"), f"arguments are not valid JSON ({e})"
+    if not isinstance(name, str) or not name:
+        return "", args, call.get("id"), "tool call has no name"
+    return name, args, call.get("id"), None
+
+
+def _default_labeler() -> Labeler | None:
+    try:
+        from turnrl import label_tiers  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+
+    def label(turns: list[dict], gold: list[dict], kinds: dict[str, str]) -> list[Any]:
+        return list(label_tiers(turns, gold, kinds).tiers)
+
+    return label
+
+
+def run_episode(
+    agent: Agent,
+    domain: Domain,
+    task: int | str | Task,
+    user: User,
+    max_steps: int = 30,
+    labeler: Labeler | None = None,
+    *,
+    tier_rewards: Mapping[str, float] | None = None,
+    group: str | None = None,
+    sample: int = 0,
+) -> dict[str, Any]:
+    """Run one episode and return it as a ``turnrl.rollout/1`` record.
+
+    ``agent(messages, tools)`` gets the chat so far (system prompt = the
+    domain's policy) and the OpenAI tool schemas, and returns an assistant
+    message: ``content`` and optional ``tool_calls`` (OpenAI shape or
+    ``{"name", "arguments"}``). Every tool call in a message is run, in order.
+    A message without tool calls goes to the user. The episode stops when the
+    user says ``###STOP###``, after a transfer to a human agent, or after
+    ``max_steps`` assistant messages. As in tau-bench, an episode that did not
+    finish scores 0; the reward parts are in ``meta``.
+
+    Tiers come from ``labeler(turns, gold_actions, tool_kinds)`` (one entry per
+    turn, None for non-assistant turns), else from ``turnrl.label_tiers`` when
+    it exists, else stay None. ``tier_rewards`` maps a tier to the per-turn
+    reward written beside it.
+    """
+    task = domain.task(task)
+    episode = domain.new_episode(task)
+    tools = domain.openai_tools()
+    opening = user.reset(task)
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": domain.policy},
+        {"role": "user", "content": opening},
+    ]
+    turns: list[dict[str, Any]] = [{"role": "user", "content": opening}]
+    stop_reason = "max_steps"
+    steps = 0
+    if STOP_TOKEN in opening:
+        episode.hear(opening)
+        stop_reason = "user_stop"
+    while not episode.done and steps < max_steps:
+        steps += 1
+        reply = agent(messages, tools)
+        content = reply.get("content") or ""
+        raw_calls = list(reply.get("tool_calls") or [])
+        calls = []
+        record_calls = []
+        for i, raw in enumerate(raw_calls):
+            name, args, call_id, problem = _parse_call(raw)
+            call_id = call_id or f"call_{steps}_{i}"
+            calls.append((name, args, call_id, problem))
+            record_calls.append({"name": name, "arguments": args})
+        turn: dict[str, Any] = {"role": "assistant", "content": content}
+        if record_calls:
+            turn["tool_calls"] = record_calls
+        turn["tier"] = None
+        turn["reward"] = None
+        turns.append(turn)
+        assistant_msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            assistant_msg["tool_calls"] = [
+                {
+                    "id": cid,
+                    "type": "function",
+                    "function": {"name": n, "arguments": json.dumps(a)},
+                }
+                for n, a, cid, _ in calls
+            ]
+        messages.append(assistant_msg)
+        if calls:
+            for name, args, call_id, problem in calls:
+                if problem is not None:
+                    obs, error = f"Error: {problem}", True
+                else:
+                    obs = episode.call(name, args)
+                    error = episode.last_error
+                turns.append({"role": "tool", "name": name, "content": obs, "error": error})
+                messages.append(
+                    {"role": "tool", "tool_call_id": call_id, "name": name, "content": obs}
+                )
+                if episode.done:
+                    stop_reason = "transfer"
+                    break
+            continue
+        episode.say(content)
+        answer = user.step(content)
+        episode.hear(answer)
+        turns.append({"role": "user", "content": answer})
+        messages.append({"role": "user", "content": answer})
+        if episode.done:
+            stop_reason = "user_stop"
+
+    result = episode.reward()
+    outcome = result.reward if episode.done else 0.0
+
+    label = labeler if labeler is not None else _default_labeler()
+    if label is not None:
+        tiers = list(label(turns, task.gold_actions, domain.tool_kinds))
+        if len(tiers) != len(turns):
+            raise ValueError(f"labeler returned {len(tiers)} tiers for {len(turns)} turns")
+        for turn, tier in zip(turns, tiers, strict=True):
+            if turn["role"] == "assistant":
+                turn["tier"] = tier
+    for turn in turns:
+        if turn["role"] == "assistant" and tier_rewards is not None and turn["tier"] is not None:
+            turn["reward"] = float(tier_rewards.get(turn["tier"], 0.0))
+
+    return {
+        "schema": "turnrl.rollout/1",
+        "task_id": task.id,
+        "group": group if group is not None else task.id,
+        "sample": sample,
+        "outcome": float(outcome),
+        "turns": turns,
+        "meta": {
+            "domain": domain.name,
+            "steps": steps,
+            "stop_reason": stop_reason,
+            "reward_info": result.as_dict(),
+        },
+    }

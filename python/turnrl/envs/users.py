@@ -1,0 +1,199 @@
+"""Simulated users: a deterministic scripted one and an LLM one.
+
+A user has ``reset(task) -> str`` (the opening message) and
+``step(agent_message) -> str`` (the reply). A reply containing ``###STOP###``
+ends the episode.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from turnrl.envs._base import STOP_TOKEN, Task
+from turnrl.exceptions import InvalidInputError, TurnrlError
+
+__all__ = ["STOP_TOKEN", "LLMUser", "ScriptedUser", "User", "UserSimulatorError"]
+
+
+class UserSimulatorError(TurnrlError, RuntimeError):
+    """The user simulator's model could not be reached or kept failing."""
+
+
+class User(Protocol):
+    """What the episode runner needs from a simulated user."""
+
+    def reset(self, task: Task) -> str:
+        """Start a conversation on ``task``; return the user's first message."""
+        ...
+
+    def step(self, agent_message: str) -> str:
+        """Reply to the agent's message."""
+        ...
+
+
+_CONFIRM = re.compile(
+    r"\b(confirm|proceed|go ahead|shall i|should i|would you like|do you want|yes/no|"
+    r"is that correct|is this correct|okay to)\b",
+    re.IGNORECASE,
+)
+_ASKS_ID = re.compile(r"\buser[ _]?id\b", re.IGNORECASE)
+
+
+class ScriptedUser:
+    """A deterministic user that answers from the task's facts.
+
+    It opens with the first of ``task.facts["user_lines"]`` (or a line built
+    from the user id), then says the remaining lines in order, one per agent
+    message. After that it answers a confirmation question with "Yes", a
+    question for the user id with the id, and otherwise ends with
+    ``###STOP###``. ``max_replies`` bounds the conversation.
+    """
+
+    def __init__(self, max_replies: int = 12) -> None:
+        self.max_replies = max_replies
+        self._lines: list[str] = []
+        self._task: Task | None = None
+        self._replies = 0
+
+    def reset(self, task: Task) -> str:
+        self._task = task
+        self._replies = 0
+        lines = list(task.facts.get("user_lines") or [])
+        if not lines:
+            lines = [f"Hi, I need help with my booking. My user id is {task.user_id}."]
+        self._lines = lines[1:]
+        return lines[0]
+
+    def step(self, agent_message: str) -> str:
+        if self._task is None:
+            raise InvalidInputError("ScriptedUser.step called before reset")
+        self._replies += 1
+        if self._replies > self.max_replies:
+            return STOP_TOKEN
+        if self._lines:
+            return self._lines.pop(0)
+        text = agent_message or ""
+        if _CONFIRM.search(text):
+            return "Yes, please go ahead."
+        if _ASKS_ID.search(text):
+            return f"My user id is {self._task.user_id}."
+        return STOP_TOKEN
+
+
+DEFAULT_SYSTEM_PROMPT = """You are playing a customer who talks with a customer service agent.
+
+Instruction: {instruction}
+
+Rules:
+- Write one line at a time, as the customer's next message.
+- Reveal the instruction bit by bit; give only what the current step needs.
+- Never invent facts the instruction does not give. If the agent asks for something
+  you were not told (an order id, a date), say you don't remember or don't have it.
+- When the instruction's goal is met, reply with '###STOP###' alone to end the chat.
+- Don't recite the instruction; say things in your own words.
+- Keep the conversation natural and true to the personality in the instruction."""
+
+OPENING = "Hi! How can I help you today?"
+
+
+class LLMUser:
+    """A user simulated by a chat model behind any OpenAI-compatible endpoint.
+
+    Prompted as tau-bench's user simulator works: a system prompt with the task
+    instruction and the rules (one line at a time, no invented facts,
+    ``###STOP###`` when done); the agent's messages are the "user" side of
+    that conversation, starting with "Hi! How can I help you today?".
+    ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and the
+    environment variable named by ``api_key_env`` (``OPENAI_API_KEY``).
+    Transient failures (connection, timeout, rate limit, 5xx) are retried
+    ``max_retries`` times with exponential backoff; then
+    :class:`UserSimulatorError` says which endpoint failed. ``openai`` is
+    imported only when the user is created (``pip install turnrl[training]``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        timeout: float = 60.0,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            import openai
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(
+                "LLMUser needs the openai package: pip install 'turnrl[training]'"
+            ) from e
+        self._openai = openai
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        key = api_key or os.environ.get(api_key_env) or "EMPTY"
+        self.temperature = temperature
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.system_prompt = system_prompt
+        self.extra_body = extra_body
+        # Retries are ours (with our backoff and error text), not the client's.
+        self.client = openai.OpenAI(
+            base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout
+        )
+        self.messages: list[dict[str, str]] = []
+
+    def _complete(self, messages: Sequence[dict[str, str]]) -> str:
+        oa = self._openai
+        transient = (
+            oa.APIConnectionError,
+            oa.APITimeoutError,
+            oa.RateLimitError,
+            oa.InternalServerError,
+        )
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                res = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    temperature=self.temperature,
+                    extra_body=self.extra_body,
+                )
+                return res.choices[0].message.content or ""
+            except transient as e:
+                last = e
+                if attempt < self.max_retries:
+                    time.sleep(self.backoff * 2**attempt)
+            except oa.APIStatusError as e:
+                raise UserSimulatorError(
+                    f"user simulator at {self.client.base_url} (model {self.model}) "
+                    f"answered HTTP {e.status_code}: {e.message}"
+                ) from e
+        raise UserSimulatorError(
+            f"user simulator at {self.client.base_url} (model {self.model}) unreachable after "
+            f"{self.max_retries + 1} attempts: {type(last).__name__}: {last}"
+        ) from last
+
+    def reset(self, task: Task) -> str:
+        self.messages = [
+            {"role": "system", "content": self.system_prompt.format(instruction=task.instruction)},
+            {"role": "user", "content": OPENING},
+        ]
+        return self._reply()
+
+    def step(self, agent_message: str) -> str:
+        self.messages.append({"role": "user", "content": agent_message or ""})
+        return self._reply()
+
+    def _reply(self) -> str:
+        text = self._complete(self.messages)
+        self.messages.append({"role": "assistant", "content": text})
+        return text

@@ -1,0 +1,257 @@
+"""Synthetic domain, simulated users and the episode runner (no external data)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from turnrl import envs
+
+
+def test_synthetic_is_seeded_and_solvable():
+    for seed in range(8):
+        d = envs.load("synthetic:airline", seed=seed)
+        again = envs.load("synthetic:airline", seed=seed)
+        assert json.dumps(d.tables, sort_keys=True) == json.dumps(again.tables, sort_keys=True)
+        assert [t.gold_actions for t in d.tasks] == [t.gold_actions for t in again.tasks]
+        assert len(d.tasks) == 24 and d.policy
+        for task in d.tasks:
+            _, observations = d.replay(task)
+            assert not any(o.startswith("Error") for o in observations), (seed, task.id)
+            ep = d.new_episode(task)
+            for a in task.actions:
+                ep.call(a.name, a.kwargs)
+            for out in task.outputs:
+                ep.say(f"It is {out}.")
+            assert ep.reward().reward == 1.0
+            if task.facts["kind"] != "balance":
+                idle = d.new_episode(task)
+                idle.say("hello")
+                assert idle.reward().reward == 0.0
+    other = envs.load("synthetic:airline", seed=1)
+    assert json.dumps(other.tables, sort_keys=True) != json.dumps(
+        envs.load("synthetic:airline", seed=2).tables, sort_keys=True
+    )
+
+
+def _gold_agent(task):
+    """Calls each gold action once, then tells the user every required output."""
+    pending = list(task.gold_actions)
+
+    def agent(messages, tools):
+        assert messages[0]["role"] == "system" and tools
+        if pending:
+            call = pending.pop(0)
+            return {"content": "", "tool_calls": [call]}
+        return {"content": "All done. " + " ".join(task.outputs)}
+
+    return agent
+
+
+def simple_labeler(turns, gold, kinds):
+    """gold if a call matches a gold action exactly, else read/write/respond."""
+    gold_set = [json.dumps(g, sort_keys=True) for g in gold]
+    tiers = []
+    for t in turns:
+        if t["role"] != "assistant":
+            tiers.append(None)
+        elif not t.get("tool_calls"):
+            tiers.append("respond")
+        else:
+            c = t["tool_calls"][0]
+            if json.dumps(c, sort_keys=True) in gold_set:
+                tiers.append("gold")
+            else:
+                tiers.append(kinds.get(c["name"], "error"))
+    return tiers
+
+
+def test_runner_with_scripted_user_scores_gold_agent():
+    d = envs.load("synthetic:airline", seed=3)
+    for task in d.tasks[:6]:
+        rec = envs.run_episode(
+            _gold_agent(task),
+            d,
+            task,
+            envs.ScriptedUser(),
+            labeler=simple_labeler,
+            tier_rewards={"gold": 1.0, "read": 0.0},
+        )
+        assert rec["schema"] == "turnrl.rollout/1" and rec["task_id"] == task.id
+        assert rec["outcome"] == 1.0, rec["meta"]
+        assert rec["meta"]["stop_reason"] == "user_stop"
+        roles = [t["role"] for t in rec["turns"]]
+        assert roles[0] == "user" and roles[-1] == "user"
+        assert rec["turns"][-1]["content"] == "###STOP###"
+        asst = [t for t in rec["turns"] if t["role"] == "assistant"]
+        assert asst[0]["tier"] == "gold" and asst[0]["reward"] == 1.0
+        assert asst[-1]["tier"] == "respond" and asst[-1]["reward"] == 0.0
+        assert all("tier" not in t for t in rec["turns"] if t["role"] != "assistant")
+        json.dumps(rec)  # a JSONL line
+
+
+def test_runner_stops_on_transfer_and_on_step_limit():
+    d = envs.load("synthetic:airline", seed=0)
+    task = d.tasks[0]
+
+    def transfer(messages, tools):
+        return {"tool_calls": [{"name": "transfer_to_human_agents", "arguments": {"summary": "x"}}]}
+
+    rec = envs.run_episode(transfer, d, task, envs.ScriptedUser(), labeler=simple_labeler)
+    assert rec["meta"]["stop_reason"] == "transfer" and rec["outcome"] == 0.0
+    assert rec["turns"][-1] == {
+        "role": "tool",
+        "name": "transfer_to_human_agents",
+        "content": "Transfer successful",
+        "error": False,
+    }
+
+    def looper(messages, tools):
+        return {
+            "tool_calls": [
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "list_all_airports", "arguments": "{"},
+                }
+            ]
+        }
+
+    rec = envs.run_episode(
+        looper, d, task, envs.ScriptedUser(), max_steps=3, labeler=lambda t, g, k: [None] * len(t)
+    )
+    assert rec["meta"]["stop_reason"] == "max_steps" and rec["meta"]["steps"] == 3
+    assert rec["outcome"] == 0.0
+    assert rec["turns"][2]["content"].startswith("Error: arguments are not valid JSON")
+
+
+def test_scripted_user_answers_from_facts():
+    d = envs.load("synthetic:airline", seed=0)
+    task = d.tasks[0]
+    u = envs.ScriptedUser()
+    first = u.reset(task)
+    assert task.user_id in first
+    assert u.step("Can you confirm you want to proceed?") == "Yes, please go ahead."
+    assert u.step("What is your user id?") == f"My user id is {task.user_id}."
+    assert u.step("Anything else?") == "###STOP###"
+
+
+# --- OpenAI-compatible endpoint, served for real on 127.0.0.1 -----------------
+
+
+class _ChatServer(ThreadingHTTPServer):
+    def __init__(self, replies, fail_first=0):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.replies = list(replies)
+        self.requests = []
+        self.fail_first = fail_first
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server.requests.append((self.path, body))
+        if server.fail_first > 0:
+            server.fail_first -= 1
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "busy"}}')
+            return
+        text = server.replies.pop(0) if server.replies else "###STOP###"
+        out = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        data = json.dumps(out).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def chat_server():
+    servers = []
+
+    def start(replies, fail_first=0):
+        srv = _ChatServer(replies, fail_first)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_llm_user_end_to_end_over_http(chat_server):
+    pytest.importorskip("openai")
+    d = envs.load("synthetic:airline", seed=5)
+    task = d.tasks[0]
+    srv, url = chat_server(
+        [f"Hi, please cancel my reservation. My user id is {task.user_id}.", "Yes.", "###STOP###"],
+        fail_first=1,
+    )
+    user = envs.LLMUser("sim-model", base_url=url, api_key="k", backoff=0.01, temperature=0.7)
+    rec = envs.run_episode(_gold_agent(task), d, task, user, labeler=simple_labeler)
+    assert rec["outcome"] == 1.0
+    assert rec["meta"]["stop_reason"] == "user_stop"
+    paths = {p for p, _ in srv.requests}
+    assert paths == {"/v1/chat/completions"}
+    first = srv.requests[1][1]  # the 503 was retried
+    assert first["model"] == "sim-model" and first["temperature"] == 0.7
+    assert first["messages"][0]["role"] == "system"
+    assert task.instruction in first["messages"][0]["content"]
+    assert "###STOP###" in first["messages"][0]["content"]
+    assert first["messages"][1] == {"role": "user", "content": "Hi! How can I help you today?"}
+    last = srv.requests[-1][1]["messages"]
+    assert last[-1]["role"] == "user" and last[-2]["role"] == "assistant"
+
+
+def test_llm_user_unreachable_is_a_clear_error():
+    pytest.importorskip("openai")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    user = envs.LLMUser(
+        "m",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        api_key="k",
+        max_retries=1,
+        backoff=0.01,
+        timeout=2,
+    )
+    d = envs.load("synthetic:airline", seed=0)
+    with pytest.raises(envs.UserSimulatorError, match=rf"127\.0\.0\.1:{port}.*unreachable after 2"):
+        user.reset(d.tasks[0])
+
+
+def test_import_turnrl_does_not_import_openai():
+    import subprocess
+    import sys
+
+    code = "import sys, turnrl, turnrl.envs; print('openai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

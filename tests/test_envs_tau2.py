@@ -1,0 +1,152 @@
+"""tau2-bench domains on the shared data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from turnrl import envs
+
+SHARED = Path(__file__).parents[1].parent / "shared"
+TAU2 = SHARED / "tau2-bench"
+pytestmark = pytest.mark.skipif(
+    not (TAU2 / "data" / "tau2").is_dir(), reason=f"tau2-bench data not found at {TAU2}"
+)
+
+SIZES = {("airline", "train"): 30, ("airline", "test"): 20, ("airline", "base"): 50}
+
+
+@pytest.mark.parametrize("domain_name", ["airline", "retail"])
+@pytest.mark.parametrize("split", ["train", "test", "base"])
+def test_gold_replays_score_one_and_talking_scores_zero(domain_name, split):
+    d = envs.load(f"tau2:{domain_name}", root=TAU2, split=split)
+    if (domain_name, split) in SIZES:
+        assert len(d.tasks) == SIZES[(domain_name, split)]
+    writes = 0
+    for task in d.tasks:
+        ep = d.new_episode(task)
+        for a in task.actions:
+            obs = ep.call(a.name, a.kwargs)
+            if domain_name == "airline":
+                assert not obs.startswith("Error"), (task.id, a.name, obs)
+        for info in task.communicate_info:
+            ep.say(f"FYI: {info}")
+        assert ep.reward().reward == 1.0, task.id
+        talker = d.new_episode(task)
+        talker.say(" ".join(task.communicate_info))
+        if not d.replay(task)[0].same_as(talker.store):
+            writes += 1
+            assert talker.reward().reward == 0.0
+    assert writes > 0
+
+
+def test_tau2_airline_fixes():
+    d = envs.load("tau2:airline", root=TAU2, split="base")
+    assert "think" not in d.tool_kinds and d.tool_kinds["get_flight_status"] == "read"
+    ep = d.new_episode(0)
+    assert ep.call("get_user_details", {"user_id": "x"}) == "Error: User x not found"
+    assert ep.call("cancel_reservation", {"reservation_id": "X"}) == (
+        "Error: Reservation X not found"
+    )
+    assert ep.call("get_flight_status", {"flight_number": "HAT001", "date": "2024-05-01"}) == (
+        "landed"
+    )
+    assert ep.call("calculate", {"expression": "a"}) == "Error: Invalid characters in expression"
+    assert ep.call("nope", {}) == "Error: Tool 'nope' not found."
+    # booking takes seats off the flight
+    flight = d.tables["flights"]["HAT136"]["dates"]["2024-05-20"]
+    seats = flight["available_seats"]["economy"]
+    user = d.tables["users"]["mia_li_3668"]
+    cert = next(k for k, v in user["payment_methods"].items() if v["source"] == "certificate")
+    card = next(k for k, v in user["payment_methods"].items() if v["source"] == "credit_card")
+    price = flight["prices"]["economy"]
+    out = ep.call(
+        "book_reservation",
+        {
+            "user_id": "mia_li_3668",
+            "origin": "JFK",
+            "destination": "SEA",
+            "flight_type": "one_way",
+            "cabin": "economy",
+            "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}],
+            "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+            "payment_methods": [{"payment_id": card, "amount": price}],
+            "total_baggages": 0,
+            "nonfree_baggages": 0,
+            "insurance": "no",
+        },
+    )
+    assert json.loads(out)["reservation_id"] == "HATHAT", out
+    booked = ep.store.get("flights", "HAT136")["dates"]["2024-05-20"]
+    assert booked["available_seats"]["economy"] == seats - 1
+    assert (
+        d.tables["flights"]["HAT136"]["dates"]["2024-05-20"]["available_seats"]["economy"] == seats
+    )
+    # a flight change also sets the cabin
+    res = json.loads(
+        ep.call(
+            "update_reservation_flights",
+            {
+                "reservation_id": "HATHAT",
+                "cabin": "business",
+                "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}],
+                "payment_id": card,
+            },
+        )
+    )
+    assert res["cabin"] == "business"
+    assert ep.call(
+        "update_reservation_baggages",
+        {
+            "reservation_id": "HATHAT",
+            "total_baggages": 1,
+            "nonfree_baggages": 1,
+            "payment_id": cert,
+        },
+    ) == ("Error: Certificate cannot be used to update reservation")
+
+
+def test_tau2_retail_semantics():
+    d = envs.load("tau2:retail", root=TAU2, split="test")
+    kinds = d.tool_kinds
+    assert "think" not in kinds and kinds["get_item_details"] == "read"
+    ep = d.new_episode(0)
+    assert ep.call("get_order_details", {"order_id": "#W0"}) == "Error: Order not found"
+    assert ep.call("find_user_id_by_email", {"email": "no@x"}) == "Error: User not found"
+    product = next(iter(d.tables["products"].values()))
+    item_id, variant = next(iter(product["variants"].items()))
+    assert json.loads(ep.call("get_item_details", {"item_id": item_id})) == variant
+    assert isinstance(variant["price"], float)  # tau2's model types prices as floats
+    pending = next(k for k, o in d.tables["orders"].items() if o["status"] == "pending")
+    order = d.tables["orders"][pending]
+    same = order["items"][0]["item_id"]
+    assert (
+        ep.call(
+            "modify_pending_order_items",
+            {
+                "order_id": pending,
+                "item_ids": [same],
+                "new_item_ids": [same],
+                "payment_method_id": order["payment_history"][0]["payment_method_id"],
+            },
+        )
+        == "Error: The new item id should be different from the old item id"
+    )
+    assert order["cancel_reason"] is None  # optional fields present, as tau2 dumps them
+    out = json.loads(
+        ep.call(
+            "modify_pending_order_address",
+            {
+                "order_id": pending,
+                "address1": "1 A St",
+                "address2": "",
+                "city": "X",
+                "state": "NY",
+                "country": "USA",
+                "zip": "10001",
+            },
+        )
+    )
+    assert list(out["address"]) == ["address1", "address2", "city", "country", "state", "zip"]
