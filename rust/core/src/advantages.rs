@@ -199,7 +199,7 @@ pub fn validate_offsets(turn_offsets: &[i64], trajectories: usize, turns: usize)
 /// reduction (which vectorises) and searches a block only when it has one.
 fn first_non_finite(values: &[f64]) -> Option<usize> {
     const BLOCK: usize = 1024;
-    values.chunks(BLOCK).enumerate().find_map(|(b, block)| {
+    let check = |(b, block): (usize, &[f64])| {
         let bad = block.iter().fold(false, |acc, v| acc | !v.is_finite());
         if bad {
             block
@@ -209,7 +209,12 @@ fn first_non_finite(values: &[f64]) -> Option<usize> {
         } else {
             None
         }
-    })
+    };
+    if values.len() >= PARALLEL_MIN_TURNS {
+        values.par_chunks(BLOCK).enumerate().find_map_first(check)
+    } else {
+        values.chunks(BLOCK).enumerate().find_map(check)
+    }
 }
 
 fn trajectory_of_turn(turn_offsets: &[i64], turn: usize) -> usize {
@@ -548,10 +553,43 @@ pub fn compute_advantages(name: &str, batch: &Batch, params: &Params) -> Result<
     let est = estimator(name)?;
     params.validate()?;
     batch.validate()?;
-    let mut out = vec![0.0; batch.turn_rewards.len()];
+    let mut out = zeroed(batch.turn_rewards.len());
     run_estimator(est.run, batch, params, &mut out);
     Ok(out)
 }
+
+/// A zeroed output buffer; large ones are zeroed by all threads (the buffer
+/// is written once per call and zeroing it serially cost as much as GRPO).
+fn zeroed(len: usize) -> Vec<f64> {
+    if len < PARALLEL_MIN_TURNS * 8 {
+        return vec![0.0; len];
+    }
+    let mut out: Vec<f64> = Vec::with_capacity(len);
+    advise_huge_pages(&out);
+    out.par_extend(rayon::iter::repeat_n(0.0, len));
+    out
+}
+
+/// A fresh multi-megabyte buffer costs a page fault per 4 KiB on first touch;
+/// asking for transparent huge pages turns 512 of them into one.
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(buf: &Vec<f64>) {
+    const HUGE: usize = 2 << 20;
+    let start = buf.as_ptr() as usize;
+    let end = start + buf.capacity() * std::mem::size_of::<f64>();
+    let aligned = start.next_multiple_of(HUGE);
+    if end > aligned + HUGE {
+        let len = (end - aligned) / HUGE * HUGE;
+        // SAFETY: the range lies inside this Vec's allocation; MADV_HUGEPAGE
+        // is advice only and never changes its contents.
+        unsafe {
+            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge_pages(_buf: &Vec<f64>) {}
 
 /// The driver behind [`compute_advantages`] for an already validated batch:
 /// gathers each group and runs `run` on it, in parallel for large batches.
