@@ -255,3 +255,14 @@ def test_import_turnrl_does_not_import_openai():
     code = "import sys, turnrl, turnrl.envs; print('openai' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_runner_labels_with_the_rust_labeller_by_default():
+    # No labeler given: the runner uses turnrl.label_tiers (deep comparison
+    # against the task's gold actions) and agrees with the simple one here.
+    d = envs.load("synthetic:airline", seed=5)
+    for task in d.tasks[:4]:
+        rec = envs.run_episode(_gold_agent(task), d, task, envs.ScriptedUser())
+        tiers = [t.get("tier") for t in rec["turns"]]
+        assert tiers == simple_labeler(rec["turns"], task.gold_actions, d.tool_kinds)
+        assert "gold" in tiers

@@ -164,6 +164,20 @@ def _print_calibration_table(report) -> None:
         )
 
 
+def _import_taubench(args: argparse.Namespace) -> int:
+    from turnrl.importers import import_taubench
+
+    summary = import_taubench(
+        args.results, args.out, args.env, root=args.root, split=args.split, tiers=args.tiers
+    )
+    counts = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
+    print(
+        f"wrote {summary.records} rollouts to {args.out}; assistant turns by tier: {counts}"
+        + (f"; {summary.unlabelled} unlabelled" if summary.unlabelled else "")
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     parser = argparse.ArgumentParser(
@@ -236,6 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--quiet", action="store_true", help="no progress bar")
     cal.set_defaults(run=_calibrate)
+
+    rollouts = commands.add_parser("rollouts", help="convert and inspect rollout buffers")
+    rollout_commands = rollouts.add_subparsers(dest="rollouts_command", required=True)
+    imp = rollout_commands.add_parser(
+        "import-taubench",
+        help="label tau-bench results with reward tiers and write a rollout buffer",
+        description="Convert tau-bench's results JSON into a turnrl.rollout/1 buffer, labelling "
+        "every assistant turn with its tier against the task's gold actions.",
+    )
+    imp.add_argument("results", help="tau-bench results JSON (a list of task runs)")
+    imp.add_argument(
+        "--env", required=True, help="domain of the run, e.g. taubench:airline (see turnrl.envs)"
+    )
+    imp.add_argument("--root", help="the tau-bench or tau2-bench checkout with the data")
+    imp.add_argument("--split", help="task split of the run (default: the domain's)")
+    imp.add_argument(
+        "--tiers", default="naive", help="tier rewards to write on each turn: TOML file or preset"
+    )
+    imp.add_argument("--out", required=True, help="buffer to write (.zst compresses)")
+    imp.set_defaults(run=_import_taubench)
     return parser
 
 

@@ -1,0 +1,98 @@
+"""Bring rollouts people already have into turnrl's buffer format, with tiers.
+
+tau-bench writes its runs as a JSON list of ``{task_id, reward, info, traj}``.
+:func:`import_taubench` converts each entry to a ``turnrl.rollout/1`` record,
+labels every assistant turn with its reward tier against the task's gold
+actions (deep argument comparison, each gold action matched once), and sets
+the turn's reward from a tier table, so Iterative Reward Calibration can run
+on existing results.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from turnrl.calibration import load_tier_rewards
+from turnrl.exceptions import InvalidInputError
+
+__all__ = ["ImportSummary", "import_taubench"]
+
+
+@dataclass
+class ImportSummary:
+    """What an import did: records written and tier counts over their turns."""
+
+    records: int = 0
+    tiers: Counter[str] = field(default_factory=Counter)
+    unlabelled: int = 0
+
+
+def import_taubench(
+    results_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    env: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    split: str | None = None,
+    tiers: Mapping[str, float] | str = "naive",
+    compress: str = "auto",
+) -> ImportSummary:
+    """Label a tau-bench results file and write it as a rollout buffer.
+
+    Args:
+        results_path: tau-bench's results JSON.
+        out_path: the buffer to write (``.zst`` compresses with ``"auto"``),
+            atomically.
+        env: the domain the results come from (``taubench:airline``, ...);
+            its tools say which calls are reads and writes and its tasks
+            hold the gold actions.
+        root: the tau-bench (or tau2-bench) checkout the domain loads from.
+        split: the task split the run used (the domain's default if None).
+        tiers: tier rewards (a preset name, a TOML file or a mapping) that
+            set each assistant turn's ``reward``.
+
+    Raises:
+        InvalidInputError: an entry whose task index is not in the split, or
+            a malformed results file (the message names the entry).
+    """
+    from turnrl import envs
+    from turnrl.args import label_tiers
+    from turnrl.rollouts import RolloutWriter, read_taubench_results
+
+    domain = envs.load(env, root=root, split=split)
+    rewards = load_tier_rewards(tiers)
+    tool_kinds = domain.tool_kinds
+    records = read_taubench_results(results_path, env=env.split(":")[-1], split=split)
+    summary = ImportSummary()
+    with RolloutWriter(out_path, compress=compress) as writer:
+        for index, record in enumerate(records):
+            task_ref: Any = record["meta"].get("task_index")
+            try:
+                task = domain.task(int(task_ref))
+            except (TypeError, ValueError):
+                raise InvalidInputError(
+                    f"{results_path}: entry {index}: task_id {task_ref!r} is not a task index"
+                ) from None
+            except InvalidInputError as err:
+                raise InvalidInputError(f"{results_path}: entry {index}: {err}") from None
+            # The domain's own id names the split ("airline/test/12"); trials
+            # of one task form its group.
+            record["task_id"] = record["group"] = task.id
+            labels = label_tiers(record["turns"], task.gold_actions, tool_kinds)
+            for turn, tier in zip(record["turns"], labels.tiers, strict=True):
+                if turn.get("role") != "assistant":
+                    continue
+                if tier is None:
+                    summary.unlabelled += 1
+                    continue
+                turn["tier"] = tier
+                turn["reward"] = rewards.get(tier, 0.0)
+                summary.tiers[tier] += 1
+            record["meta"]["gold_matched"] = list(labels.matched_gold)
+            writer.write(record)
+            summary.records += 1
+    return summary
