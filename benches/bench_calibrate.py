@@ -50,7 +50,29 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> None:
     """Write about ``megabytes`` MB: groups of 8, 2-16 assistant turns, tool
     results of 0.2-3 KB, gold predictive of success, error of failure."""
     rng = random.Random(seed)
-    filler = "".join(rng.choice("abcdefghij klmnopqrstuvwxyz0123456789") for _ in range(4096))
+    # Tool results are JSON text (as tau-bench's tools return), so inside a
+    # rollout line they are strings full of escaped quotes.
+    filler = orjson.dumps(
+        [
+            {
+                "reservation_id": f"R{k:05d}",
+                "user_id": f"user_{k}",
+                "origin": "JFK",
+                "destination": "SEA",
+                "flight_type": "one_way",
+                "cabin": "economy",
+                "flights": [
+                    {
+                        "flight_number": f"HAT{k % 300:03d}",
+                        "date": "2024-05-20",
+                        "price": 100 + k % 50,
+                    }
+                ],
+                "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+            }
+            for k in range(40)
+        ]
+    ).decode()
     target = megabytes * 1_000_000
     written = 0
     index = 0
@@ -152,7 +174,7 @@ def main() -> None:
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"irc-{args.megabytes}mb.jsonl"
+    path = folder / f"irc-{args.megabytes}mb-v2.jsonl"
     if not path.exists():
         start = time.perf_counter()
         generate(path, args.megabytes)
