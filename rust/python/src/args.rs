@@ -170,37 +170,6 @@ fn convert(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value
     to_json(obj, 0).map_err(|e| e.into_pyerr(py, what))
 }
 
-fn to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
-    Ok(match value {
-        Value::Null => py.None().into_bound(py),
-        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
-        Value::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                i.into_pyobject(py)?.into_any()
-            } else if let Some(u) = n.as_u64() {
-                u.into_pyobject(py)?.into_any()
-            } else {
-                n.as_f64().unwrap_or(0.0).into_pyobject(py)?.into_any()
-            }
-        }
-        Value::String(s) => PyString::new(py, s).into_any(),
-        Value::Array(items) => {
-            let list = PyList::empty(py);
-            for item in items {
-                list.append(to_py(py, item)?)?;
-            }
-            list.into_any()
-        }
-        Value::Object(map) => {
-            let dict = PyDict::new(py);
-            for (k, v) in map {
-                dict.set_item(k, to_py(py, v)?)?;
-            }
-            dict.into_any()
-        }
-    })
-}
-
 fn policy(case_fold: bool, unordered_keys: Option<Vec<String>>, soft_max_fraction: f64) -> Policy {
     Policy {
         case_fold,
@@ -435,7 +404,7 @@ pub fn normalize_args<'py>(
     let policy = policy(case_fold, unordered_keys, 0.5);
     let arena = Arena::new();
     let canonical = canonical_of(py, obj, &arena, &policy, "obj")?;
-    to_py(py, &canonical.to_value())
+    crate::parse::value_to_py(py, &canonical.to_value())
 }
 
 /// Deep comparison of predicted and gold arguments (see `turnrl.compare_args`).
