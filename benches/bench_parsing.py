@@ -165,6 +165,15 @@ def main() -> None:
         for t in texts:
             parse(t)
 
+    # The batch returns every message at once, so its objects all live
+    # together; this loop keeps its results too, for a like-for-like row.
+    def run_single_kept() -> None:
+        kept = []
+        for t in texts:
+            m = parse(t)
+            m.content, m.reasoning, m.tool_calls, m.errors  # noqa: B018
+            kept.append(m)
+
     def run_batch() -> None:
         for m in turnrl.parse_tool_calls_batch(texts):
             m.content, m.reasoning, m.tool_calls, m.errors  # noqa: B018
@@ -175,6 +184,7 @@ def main() -> None:
         ("python regex + json.loads (vLLM-style)", run_baseline, True),
         ("turnrl.parse_tool_calls, fields read", run_single, True),
         ("turnrl.parse_tool_calls, fields unread", run_single_lazy, True),
+        ("turnrl.parse_tool_calls, read, all kept", run_single_kept, True),
         ("turnrl.parse_tool_calls_batch, read", run_batch, False),
     ]
     rows = []
