@@ -156,3 +156,14 @@ def test_ray_gives_the_same_answer(buffers, tmp_path: Path):
     finally:
         ray.shutdown()
     assert load_tier_rewards(local_out) == load_tier_rewards(ray_out)
+
+
+def test_read_progress_adds_up_to_the_input_bytes(buffers):
+    from turnrl.rollouts import read_rollouts
+
+    _, plain, packed = buffers
+    deltas: list[int] = []
+    batch = read_rollouts([plain, packed], workers=2, on_progress=deltas.append)
+    assert batch.num_trajectories == 2 * 60 * 8
+    assert all(d > 0 for d in deltas)
+    assert sum(deltas) == plain.stat().st_size + packed.stat().st_size

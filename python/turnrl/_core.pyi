@@ -143,8 +143,18 @@ def label_tiers(
     unordered_keys: list[str] | None = None,
     soft_max_fraction: float = 0.5,
 ) -> TierLabels: ...
+
+@final
+class ReadProgress:
+    def __new__(cls) -> ReadProgress: ...
+    @property
+    def bytes(self) -> int: ...
+
 def read_rollouts(
-    paths: list[str | PathLike[str]], *, workers: int | None = None
+    paths: list[str | PathLike[str]],
+    *,
+    workers: int | None = None,
+    progress: ReadProgress | None = None,
 ) -> dict[str, Any]: ...
 def check_rollout_line(line: str) -> None: ...
 

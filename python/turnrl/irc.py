@@ -57,12 +57,15 @@ class Shard:
 
 
 def read_shard(
-    paths: Sequence[str], workers: int | None = 1, success_threshold: float = 1.0
+    paths: Sequence[str],
+    workers: int | None = 1,
+    success_threshold: float = 1.0,
+    on_progress: Callable[[int], object] | None = None,
 ) -> Shard:
     """Read some buffer files into a :class:`Shard` (runs in a worker)."""
     from turnrl.rollouts import read_rollouts
 
-    batch = read_rollouts(list(paths), workers=workers)
+    batch = read_rollouts(list(paths), workers=workers, on_progress=on_progress)
     rollouts = tiered_from_batch(batch)
     return Shard(
         rollouts=rollouts,
@@ -135,9 +138,10 @@ def load_buffers(
     """Read every buffer file and merge the shards.
 
     Locally each file is a shard, read by the Rust reader with ``workers``
-    threads (files and blocks in parallel). With ``ray_address`` each file is
-    a Ray task on the cluster (``"local"`` starts a local instance).
-    ``progress`` is called with the bytes of each finished shard.
+    threads (files and blocks in parallel); ``progress`` gets input bytes as
+    they are read. With ``ray_address`` each file is a Ray task on the
+    cluster (``"local"`` starts a local instance) and ``progress`` gets the
+    bytes of each finished shard.
     """
     if not paths:
         raise InvalidInputError("no input files")
@@ -146,10 +150,7 @@ def load_buffers(
     else:
         shards = []
         for path in paths:
-            shard = read_shard([path], workers=workers, success_threshold=success_threshold)
-            shards.append(shard)
-            if progress is not None:
-                progress(shard.bytes_read)
+            shards.append(read_shard([path], workers, success_threshold, on_progress=progress))
     tiers = list(DEFAULT_TIERS)
     for shard in shards:
         tiers.extend(t for t in shard.rollouts.tiers if t not in tiers)

@@ -32,7 +32,8 @@ import glob
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -175,7 +176,12 @@ class RolloutBatch:
         )
 
 
-def read_rollouts(paths: Paths, *, workers: int | None = None) -> RolloutBatch:
+def read_rollouts(
+    paths: Paths,
+    *,
+    workers: int | None = None,
+    on_progress: Callable[[int], object] | None = None,
+) -> RolloutBatch:
     """Read rollout buffers into columns.
 
     Args:
@@ -184,6 +190,11 @@ def read_rollouts(paths: Paths, *, workers: int | None = None) -> RolloutBatch:
             Trajectories keep the order of the files and of their lines.
         workers: threads to use; ``None`` uses every core, ``1`` reads on
             the calling thread's single worker.
+        on_progress: called with the number of input bytes (compressed bytes
+            for zstd files) read since its last call, about ten times a
+            second from a watcher thread and once at the end, so
+            ``tqdm(...).update`` can be passed as is. The calls add up to
+            the total size of the files.
 
     Returns:
         A :class:`RolloutBatch`. Bad lines are skipped, counted in
@@ -195,7 +206,33 @@ def read_rollouts(paths: Paths, *, workers: int | None = None) -> RolloutBatch:
     """
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    columns = _core.read_rollouts(_expand_paths(paths), workers=workers)
+    files = _expand_paths(paths)
+    if on_progress is None:
+        return RolloutBatch(**_core.read_rollouts(files, workers=workers))
+    progress = _core.ReadProgress()
+    finished = threading.Event()
+    reported = 0
+
+    def report() -> None:
+        nonlocal reported
+        now = progress.bytes
+        if now > reported:
+            on_progress(now - reported)
+            reported = now
+
+    def watch() -> None:
+        # The reader runs without the GIL, so this thread can report.
+        while not finished.wait(0.1):
+            report()
+
+    watcher = threading.Thread(target=watch, name="turnrl-read-progress", daemon=True)
+    watcher.start()
+    try:
+        columns = _core.read_rollouts(files, workers=workers, progress=progress)
+    finally:
+        finished.set()
+        watcher.join()
+    report()
     return RolloutBatch(**columns)
 
 

@@ -359,8 +359,35 @@ fn io_error(path: &Path, e: io::Error) -> Error {
 }
 
 /// Opens a buffer file and decodes zstd when its first bytes are a zstd frame.
-fn open_decoded(path: &Path) -> Result<Box<dyn Read + Send>> {
-    let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+/// Input bytes read so far, shared with whoever shows progress.
+pub type Progress = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// A reader that adds every byte it reads to a [`Progress`] counter.
+struct Counted<R> {
+    inner: R,
+    progress: Progress,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn open_decoded(path: &Path, progress: Option<&Progress>) -> Result<Box<dyn Read + Send>> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    // Counting the file's own bytes (before decompression) makes progress a
+    // fraction of the input sizes, plain or zstd.
+    let mut file: Box<dyn Read + Send> = match progress {
+        Some(progress) => Box::new(Counted {
+            inner: file,
+            progress: progress.clone(),
+        }),
+        None => Box::new(file),
+    };
     let mut head = [0u8; 4];
     let mut got = 0;
     while got < head.len() {
@@ -565,8 +592,12 @@ fn read_batch<R: Read>(
 
 /// Parses one file: reading the next batch of blocks overlaps with parsing
 /// the current one, and the blocks of a batch are parsed in parallel.
-fn read_file_parts(path: &Path, block_bytes: usize) -> Result<Vec<Part>> {
-    let mut reader = BlockReader::new(open_decoded(path)?, block_bytes);
+fn read_file_parts(
+    path: &Path,
+    block_bytes: usize,
+    progress: Option<&Progress>,
+) -> Result<Vec<Part>> {
+    let mut reader = BlockReader::new(open_decoded(path, progress)?, block_bytes);
     // Parsing numbers the lines of a block anyway; counting them up front
     // as well would be a second pass over every byte.
     reader.count_lines = false;
@@ -589,16 +620,17 @@ fn read_file_parts(path: &Path, block_bytes: usize) -> Result<Vec<Part>> {
 /// Reads buffer files into columns, in the order given (files in parallel,
 /// each file in parallel blocks) on the current rayon pool.
 pub fn read_columns<P: AsRef<Path> + Sync>(paths: &[P]) -> Result<RolloutColumns> {
-    read_columns_with_block(paths, BLOCK_BYTES)
+    read_columns_with_block(paths, BLOCK_BYTES, None)
 }
 
 fn read_columns_with_block<P: AsRef<Path> + Sync>(
     paths: &[P],
     block_bytes: usize,
+    progress: Option<&Progress>,
 ) -> Result<RolloutColumns> {
     let per_file: Vec<Vec<Part>> = paths
         .par_iter()
-        .map(|p| read_file_parts(p.as_ref(), block_bytes))
+        .map(|p| read_file_parts(p.as_ref(), block_bytes, progress))
         .collect::<Result<_>>()?;
     let files = paths
         .iter()
@@ -622,14 +654,26 @@ pub fn read_columns_with_workers<P: AsRef<Path> + Sync>(
     paths: &[P],
     workers: Option<usize>,
 ) -> Result<RolloutColumns> {
+    read_columns_with_progress(paths, workers, None)
+}
+
+/// [`read_columns_with_workers`] that also adds every input byte it reads
+/// (compressed bytes for zstd files) to `progress`, which another thread may
+/// watch while this one works.
+pub fn read_columns_with_progress<P: AsRef<Path> + Sync>(
+    paths: &[P],
+    workers: Option<usize>,
+    progress: Option<&Progress>,
+) -> Result<RolloutColumns> {
+    let read = || read_columns_with_block(paths, BLOCK_BYTES, progress);
     match workers {
-        None => read_columns(paths),
+        None => read(),
         Some(0) => Err(Error::invalid("workers must be at least 1")),
         Some(n) => rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
             .map_err(|e| Error::invalid(format!("cannot start {n} workers: {e}")))?
-            .install(|| read_columns(paths)),
+            .install(read),
     }
 }
 
@@ -680,7 +724,7 @@ impl LineReader {
                 }
                 let index = self.next_file;
                 self.next_file += 1;
-                let reader = BlockReader::new(open_decoded(&self.paths[index])?, 1 << 20);
+                let reader = BlockReader::new(open_decoded(&self.paths[index], None)?, 1 << 20);
                 self.current = Some((index, reader));
             }
             let Some((file, reader)) = self.current.as_mut() else {
@@ -877,6 +921,35 @@ impl Drop for RolloutWriter {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn progress_counts_input_bytes_plain_and_zstd() {
+        let dir = std::env::temp_dir().join(format!("turnrl-progress-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = r#"{"schema": "turnrl.rollout/1", "task_id": "t", "group": "g", "sample": 0, "outcome": 1.0, "turns": []}"#;
+        let mut paths = vec![];
+        for (name, compression) in [
+            ("p.jsonl", Compression::None),
+            ("z.jsonl.zst", Compression::Zstd(3)),
+        ] {
+            let path = dir.join(name);
+            let mut w = RolloutWriter::create(&path, compression).unwrap();
+            for _ in 0..500 {
+                w.write_line(line).unwrap();
+            }
+            w.finish().unwrap();
+            paths.push(path);
+        }
+        let progress = Progress::default();
+        let c = read_columns_with_progress(&paths, Some(2), Some(&progress)).unwrap();
+        assert_eq!(c.outcome.len(), 1000);
+        let sizes: u64 = paths
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(progress.load(std::sync::atomic::Ordering::Relaxed), sizes);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     use super::*;
 
     fn record(task: &str, group: &str, sample: i64, outcome: f64, turns: &str) -> String {
@@ -1039,8 +1112,8 @@ mod tests {
                 }
             }
             let path = write_plain(&d, "b.jsonl", &text);
-            let whole = read_columns_with_block(&[&path], 1 << 20).unwrap();
-            let small = read_columns_with_block(&[&path], block).unwrap();
+            let whole = read_columns_with_block(&[&path], 1 << 20, None).unwrap();
+            let small = read_columns_with_block(&[&path], block, None).unwrap();
             let _ = std::fs::remove_dir_all(&d);
             proptest::prop_assert_eq!(&small.line, &whole.line);
             proptest::prop_assert_eq!(&small.turn_offsets, &whole.turn_offsets);
@@ -1101,7 +1174,7 @@ mod tests {
         }
         std::fs::write(&plain, lines.join("\n")).unwrap();
         let a = read_columns(&[&plain]).unwrap();
-        let b = read_columns_with_block(&[&plain], 97).unwrap();
+        let b = read_columns_with_block(&[&plain], 97, None).unwrap();
         assert_eq!(a.turn_offsets, b.turn_offsets);
         assert_eq!(a.line, b.line);
         assert_eq!(a.problems, b.problems);

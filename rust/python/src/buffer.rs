@@ -13,16 +13,42 @@ use turnrl_core::Error;
 
 use crate::errors::{detached, to_pyerr};
 
+/// A counter of input bytes read, which a Python thread can watch while
+/// `read_rollouts` works without the GIL.
+#[pyclass(frozen)]
+#[derive(Default)]
+pub struct ReadProgress {
+    bytes: core::Progress,
+}
+
+#[pymethods]
+impl ReadProgress {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// Input bytes read so far (compressed bytes for zstd files).
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// Reads buffer files into columns; returns a dict of numpy arrays and lists
 /// (see `turnrl.read_rollouts`).
 #[pyfunction]
-#[pyo3(signature = (paths, *, workers=None))]
+#[pyo3(signature = (paths, *, workers=None, progress=None))]
 pub fn read_rollouts<'py>(
     py: Python<'py>,
     paths: Vec<PathBuf>,
     workers: Option<usize>,
+    progress: Option<Py<ReadProgress>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let c = detached(py, || core::read_columns_with_workers(&paths, workers))?;
+    let counter = progress.map(|p| p.get().bytes.clone());
+    let c = detached(py, || {
+        core::read_columns_with_progress(&paths, workers, counter.as_ref())
+    })?;
     let problems: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
     let d = PyDict::new(py);
     d.set_item("files", c.files)?;

@@ -27,7 +27,9 @@ mod _core {
         compare_args, compare_args_batch, label_tiers, normalize_args, ArgComparison, TierLabels,
     };
     #[pymodule_export]
-    use crate::buffer::{check_rollout_line, read_rollouts, RolloutFileWriter, RolloutLineReader};
+    use crate::buffer::{
+        check_rollout_line, read_rollouts, ReadProgress, RolloutFileWriter, RolloutLineReader,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
