@@ -44,12 +44,11 @@ def tiered_from_batch(batch: Any) -> TieredRollouts:
 @dataclass
 class Shard:
     """What one worker returns for its files: the compact columns, their
-    group names (so groups spanning shards merge), the shard's tier sums,
-    and the bad lines it skipped."""
+    group names (so groups spanning shards merge), and the bad lines it
+    skipped."""
 
     rollouts: TieredRollouts
     group_names: list[str]
-    stats: TierStats
     files: list[str]
     bytes_read: int
     skipped: int = 0
@@ -59,7 +58,6 @@ class Shard:
 def read_shard(
     paths: Sequence[str],
     workers: int | None = 1,
-    success_threshold: float = 1.0,
     on_progress: Callable[[int], object] | None = None,
 ) -> Shard:
     """Read some buffer files into a :class:`Shard` (runs in a worker)."""
@@ -70,7 +68,6 @@ def read_shard(
     return Shard(
         rollouts=rollouts,
         group_names=list(batch.group_names),
-        stats=TierStats.from_rollouts(rollouts, success_threshold),
         files=list(paths),
         bytes_read=sum(os.path.getsize(p) for p in paths),
         skipped=batch.skipped,
@@ -78,15 +75,12 @@ def read_shard(
     )
 
 
-def _merge(shards: Sequence[Shard], tiers: Sequence[str]) -> tuple[TieredRollouts, TierStats]:
-    """Concatenate shard columns onto one tier list and one group numbering;
-    add their statistics (exact, integer sums)."""
+def _merge(shards: Sequence[Shard], tiers: Sequence[str]) -> TieredRollouts:
+    """Concatenate shard columns onto one tier list and one group numbering."""
     group_ids: dict[str, int] = {}
     outcome, group, tier_codes, counts = [], [], [], []
-    stats = TierStats.empty(tiers)
     for shard in shards:
         remapped = shard.rollouts.with_tiers(tiers)
-        stats = stats + _remap_stats(shard.stats, tiers)
         ids = np.array(
             [group_ids.setdefault(name, len(group_ids)) for name in shard.group_names],
             dtype=np.int64,
@@ -104,27 +98,7 @@ def _merge(shards: Sequence[Shard], tiers: Sequence[str]) -> tuple[TieredRollout
         np.concatenate(tier_codes) if tier_codes else np.zeros(0, dtype=np.int64),
         tuple(tiers),
     )
-    return merged, stats
-
-
-def _remap_stats(stats: TierStats, tiers: Sequence[str]) -> TierStats:
-    if stats.tiers == tuple(tiers):
-        return stats
-    index = [stats.tiers.index(t) if t in stats.tiers else -1 for t in tiers]
-
-    def pick(values: np.ndarray) -> np.ndarray:
-        return np.array([values[i] if i >= 0 else 0 for i in index], dtype=np.int64)
-
-    return TierStats(
-        tuple(tiers),
-        stats.trajectories,
-        stats.successes,
-        pick(stats.present),
-        pick(stats.present_success),
-        pick(stats.turns),
-        pick(stats.turns_sq),
-        pick(stats.turns_success),
-    )
+    return merged
 
 
 def load_buffers(
@@ -146,22 +120,23 @@ def load_buffers(
     if not paths:
         raise InvalidInputError("no input files")
     if ray_address is not None:
-        shards = _map_with_ray(paths, ray_address, success_threshold, progress)
+        shards = _map_with_ray(paths, ray_address, progress)
     else:
         shards = []
         for path in paths:
-            shards.append(read_shard([path], workers, success_threshold, on_progress=progress))
+            shards.append(read_shard([path], workers, on_progress=progress))
     tiers = list(DEFAULT_TIERS)
     for shard in shards:
         tiers.extend(t for t in shard.rollouts.tiers if t not in tiers)
-    merged, stats = _merge(shards, tiers)
-    return merged, stats, shards
+    merged = _merge(shards, tiers)
+    # The columns come back whole anyway, so the (integer, exact) tier sums
+    # are taken once over them rather than per shard and added.
+    return merged, TierStats.from_rollouts(merged, success_threshold), shards
 
 
 def _map_with_ray(
     paths: Sequence[str],
     address: str,
-    success_threshold: float,
     progress: Callable[[int], None] | None,
 ) -> list[Shard]:
     try:
@@ -175,7 +150,7 @@ def _map_with_ray(
             ray.init(address=address, log_to_driver=False)
     remote_read = ray.remote(read_shard)
     # Ray schedules the shards; each task reads its file with one thread.
-    pending = {remote_read.remote([p], 1, success_threshold): i for i, p in enumerate(paths)}
+    pending = {remote_read.remote([p], 1): i for i, p in enumerate(paths)}
     shards: list[Shard | None] = [None] * len(paths)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
