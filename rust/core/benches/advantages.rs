@@ -5,41 +5,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use std::hint::black_box;
 use turnrl_core::advantages::{compute_advantages, Batch, Params, ESTIMATORS};
 
-struct Owned {
-    outcome: Vec<f64>,
-    group: Vec<i64>,
-    turn_rewards: Vec<f64>,
-    turn_offsets: Vec<i64>,
-}
-
-/// A deterministic batch of about `turns` turns (xorshift, no rand crate).
-fn make_batch(turns: usize) -> Owned {
-    let mut state = 0x9E3779B97F4A7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let mut b = Owned {
-        outcome: vec![],
-        group: vec![],
-        turn_rewards: vec![],
-        turn_offsets: vec![0],
-    };
-    while b.turn_rewards.len() < turns {
-        let traj = b.outcome.len();
-        let k = 1 + (next() % 40) as usize;
-        b.outcome.push((next() % 2) as f64);
-        b.group.push((traj / 8) as i64);
-        for _ in 0..k {
-            b.turn_rewards
-                .push([0.0, 0.3, -0.1, 1.0][(next() % 4) as usize]);
-        }
-        b.turn_offsets.push(b.turn_rewards.len() as i64);
-    }
-    b
-}
+#[path = "support/batch.rs"]
+mod batch;
+use batch::make_batch;
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("advantages");
