@@ -59,22 +59,6 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_inputs(patterns: Sequence[str]) -> list[str]:
-    import glob
-    import os
-
-    paths: list[str] = []
-    for pattern in patterns:
-        if os.path.exists(pattern):
-            paths.append(pattern)
-            continue
-        matches = sorted(glob.glob(pattern))
-        if not matches:
-            raise FileNotFoundError(f"{pattern}: no such file (and no glob match)")
-        paths.extend(matches)
-    return paths
-
-
 def _calibrate(args: argparse.Namespace) -> int:
     import os
 
@@ -82,8 +66,9 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
     from turnrl.irc import load_buffers, plot_report, write_json_atomic
+    from turnrl.rollouts import expand_paths
 
-    paths = _expand_inputs(args.buffers)
+    paths = expand_paths(args.buffers)
     initial = load_tier_rewards(args.tiers)
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(

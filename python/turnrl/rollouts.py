@@ -49,6 +49,7 @@ __all__ = [
     "RolloutBatch",
     "RolloutRecordIterator",
     "RolloutWriter",
+    "expand_paths",
     "iter_rollout_records",
     "read_rollouts",
     "read_taubench_results",
@@ -70,7 +71,7 @@ PathArg = str | os.PathLike[str]
 Paths = PathArg | Sequence[PathArg]
 
 
-def _expand_paths(paths: Paths) -> list[str]:
+def expand_paths(paths: Paths) -> list[str]:
     """File names in the given order; glob patterns expand to sorted matches."""
     items: Sequence[PathArg] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     out: list[str] = []
@@ -79,7 +80,7 @@ def _expand_paths(paths: Paths) -> list[str]:
         if any(c in name for c in "*?[") and not os.path.exists(name):
             matches = sorted(glob.glob(name))
             if not matches:
-                raise TurnrlIOError(f"{name}: no file matches this pattern")
+                raise TurnrlIOError(f"{name}: no such file: no file matches this pattern")
             out.extend(matches)
         else:
             out.append(name)
@@ -206,7 +207,7 @@ def read_rollouts(
     """
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    files = _expand_paths(paths)
+    files = expand_paths(paths)
     if on_progress is None:
         return RolloutBatch(**_core.read_rollouts(files, workers=workers))
     progress = _core.ReadProgress()
@@ -244,7 +245,7 @@ class RolloutRecordIterator(Iterator[dict[str, Any]]):
     """
 
     def __init__(self, paths: Paths, *, with_source: bool = False) -> None:
-        self._reader = _core.RolloutLineReader(_expand_paths(paths))
+        self._reader = _core.RolloutLineReader(expand_paths(paths))
         self._with_source = with_source
         self._pending: list[tuple[int, int, str]] = []
         self._pos = 0
