@@ -138,12 +138,7 @@ impl<'a> Batch<'a> {
             )));
         }
         validate_offsets(self.turn_offsets, b, self.turn_rewards.len())?;
-        if let Some(i) = first_non_finite(self.outcome) {
-            return Err(Error::invalid(format!(
-                "outcome[{i}] is {} (trajectory {i}); outcomes must be finite",
-                self.outcome[i]
-            )));
-        }
+        validate_outcome(self.outcome)?;
         if let Some(j) = first_non_finite(self.turn_rewards) {
             let traj = trajectory_of_turn(self.turn_offsets, j);
             let turn = j as i64 - self.turn_offsets[traj];
@@ -157,6 +152,17 @@ impl<'a> Batch<'a> {
 
     fn turns(&self, traj: usize) -> std::ops::Range<usize> {
         self.turn_offsets[traj] as usize..self.turn_offsets[traj + 1] as usize
+    }
+}
+
+/// Checks that every outcome is finite; the error names the trajectory.
+pub fn validate_outcome(outcome: &[f64]) -> Result<()> {
+    match first_non_finite(outcome) {
+        Some(i) => Err(Error::invalid(format!(
+            "outcome[{i}] is {} (trajectory {i}); outcomes must be finite",
+            outcome[i]
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -7,7 +7,7 @@
 //! separately and merge exactly: the same code serves one file, many files
 //! across cores, or many machines.
 
-use crate::advantages::validate_offsets;
+use crate::advantages::{validate_offsets, validate_outcome};
 use crate::error::{Error, Result};
 use rayon::prelude::*;
 
@@ -83,12 +83,7 @@ impl TierSums {
     ) -> Result<()> {
         let tiers = self.tiers();
         validate_offsets(turn_offsets, outcome.len(), turn_tiers.len())?;
-        if let Some(i) = outcome.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid(format!(
-                "outcome[{i}] is {} (trajectory {i}); outcomes must be finite",
-                outcome[i]
-            )));
-        }
+        validate_outcome(outcome)?;
         if let Some(j) = turn_tiers
             .iter()
             .position(|&t| t < NO_TIER || t >= tiers as i64)
