@@ -859,9 +859,9 @@ mod tests {
                 *n = members;
             }
             let (mean, inv) = if baseline {
-                acc.finish_lanes(&mut views, params)
+                acc.finish_lanes(&views, params)
             } else {
-                acc.finish(&mut views, params)
+                acc.finish(&views, params)
             };
             (mean.to_vec(), inv.to_vec())
         })
