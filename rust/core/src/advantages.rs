@@ -841,7 +841,7 @@ mod tests {
     /// the same code compiled for the baseline target.
     fn finish_both(values: &mut [Vec<f64>], params: &Params) -> [(Vec<f64>, Vec<f64>); 2] {
         let max_turns = values.iter().map(Vec::len).max().unwrap_or(0);
-        let mut views: Vec<&mut [f64]> = values.iter_mut().map(|v| &mut v[..]).collect();
+        let views: Vec<&mut [f64]> = values.iter_mut().map(|v| &mut v[..]).collect();
         [false, true].map(|baseline| {
             let mut stats = PositionStats::default();
             let acc = stats.reset(max_turns);
