@@ -293,12 +293,12 @@ impl Dec {
         let digits = std::str::from_utf8(self.digits.as_bytes()).unwrap_or("0");
         if self.exp >= 0 {
             out.push_str(digits);
-            out.extend(std::iter::repeat('0').take(self.exp as usize));
+            out.extend(std::iter::repeat_n('0', self.exp as usize));
         } else {
             let frac_len = (-self.exp) as usize;
             if frac_len >= digits.len() {
                 out.push_str("0.");
-                out.extend(std::iter::repeat('0').take(frac_len - digits.len()));
+                out.extend(std::iter::repeat_n('0', frac_len - digits.len()));
                 out.push_str(digits);
             } else {
                 let split = digits.len() - frac_len;
@@ -1405,8 +1405,7 @@ fn label_call(
                 return Tier::Gold;
             }
             MatchKind::Soft
-                if !soft_claimed[g]
-                    && best_soft.map_or(true, |(_, d)| cmp.differing_leaves < d) =>
+                if !soft_claimed[g] && best_soft.is_none_or(|(_, d)| cmp.differing_leaves < d) =>
             {
                 best_soft = Some((g, cmp.differing_leaves));
             }

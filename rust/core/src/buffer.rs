@@ -531,7 +531,7 @@ impl Merger {
             .map(|n| tier_code(&mut self.tiers, n))
             .collect();
         out.file_index
-            .extend(std::iter::repeat(file as i32).take(part.line.len()));
+            .extend(std::iter::repeat_n(file as i32, part.line.len()));
         out.line.extend_from_slice(&part.line);
         out.task_index
             .extend(part.task.iter().map(|&c| task_map[c as usize]));

@@ -123,7 +123,7 @@ fn check_invariants(text: &str) {
                 );
                 assert!(text.is_char_boundary(e.offset));
                 assert!(starts_a_call(&text[e.offset..]));
-                assert!(last.map_or(true, |l| l < e.offset), "errors out of order");
+                assert!(last.is_none_or(|l| l < e.offset), "errors out of order");
                 last = Some(e.offset);
             }
             for c in &m.tool_calls {

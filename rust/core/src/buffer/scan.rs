@@ -50,7 +50,7 @@ struct Masks {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[inline]
+#[inline(always)]
 fn masks64(chunk: &[u8; 64]) -> Masks {
     use std::arch::x86_64::*;
     // SAFETY: SSE2 is part of the x86_64 baseline; the four unaligned
@@ -77,7 +77,7 @@ fn masks64(chunk: &[u8; 64]) -> Masks {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[inline]
+#[inline(always)]
 fn masks64(chunk: &[u8; 64]) -> Masks {
     let mut m = Masks {
         quote: 0,
@@ -90,6 +90,56 @@ fn masks64(chunk: &[u8; 64]) -> Masks {
         m.control |= ((b < 0x20) as u64) << j;
     }
     m
+}
+
+/// [`masks64`] in one 64-byte register: a compare gives the bitmask directly.
+///
+/// # Safety
+/// The CPU must support AVX-512BW; only called from functions compiled for it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn masks64_avx512(chunk: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees AVX-512BW; the load reads exactly the
+    // 64-byte array.
+    unsafe {
+        let v = _mm512_loadu_si512(chunk.as_ptr() as *const __m512i);
+        Masks {
+            quote: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'"' as i8)),
+            backslash: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'\\' as i8)),
+            control: _mm512_cmple_epu8_mask(v, _mm512_set1_epi8(0x1F)),
+        }
+    }
+}
+
+/// [`masks64`] in two 32-byte registers.
+///
+/// # Safety
+/// The CPU must support AVX2; only called from functions compiled for it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn masks64_avx2(chunk: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller guarantees AVX2; the two loads stay inside the
+    // 64-byte array.
+    unsafe {
+        let quote = _mm256_set1_epi8(b'"' as i8);
+        let backslash = _mm256_set1_epi8(b'\\' as i8);
+        let control_max = _mm256_set1_epi8(0x1F);
+        let mut m = Masks {
+            quote: 0,
+            backslash: 0,
+            control: 0,
+        };
+        for j in 0..2 {
+            let v = _mm256_loadu_si256(chunk.as_ptr().add(32 * j) as *const __m256i);
+            let bits = |x: __m256i| (_mm256_movemask_epi8(x) as u32 as u64) << (32 * j);
+            m.quote |= bits(_mm256_cmpeq_epi8(v, quote));
+            m.backslash |= bits(_mm256_cmpeq_epi8(v, backslash));
+            m.control |= bits(_mm256_cmpeq_epi8(_mm256_min_epu8(v, control_max), v));
+        }
+        m
+    }
 }
 
 /// Bits of the bytes that a backslash escapes, i.e. that follow an odd run
@@ -167,7 +217,41 @@ impl<'a> Cursor<'a> {
 
     /// With the cursor just past an opening quote: moves past the closing
     /// quote and tells whether the string holds escapes.
+    ///
+    /// Long strings (tool results, contents) are most of a buffer's bytes, so
+    /// the window masks use the widest vectors the CPU has.
+    #[inline]
     fn skip_string(&mut self) -> Scan<bool> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: the CPU supports AVX-512BW, checked just above.
+                return unsafe { self.skip_string_avx512() };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { self.skip_string_avx2() };
+            }
+        }
+        self.skip_string_with(masks64)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn skip_string_avx512(&mut self) -> Scan<bool> {
+        // SAFETY: this function only runs on CPUs with AVX-512BW.
+        self.skip_string_with(|chunk| unsafe { masks64_avx512(chunk) })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn skip_string_avx2(&mut self) -> Scan<bool> {
+        // SAFETY: this function only runs on CPUs with AVX2.
+        self.skip_string_with(|chunk| unsafe { masks64_avx2(chunk) })
+    }
+
+    #[inline(always)]
+    fn skip_string_with(&mut self, masks64: impl Fn(&[u8; 64]) -> Masks) -> Scan<bool> {
         let s = self.s;
         let mut i = self.i;
         let mut escaped = false;
@@ -683,7 +767,9 @@ mod tests {
 
 #[cfg(test)]
 mod escape_tests {
-    use super::escaped_bits;
+    use super::{escaped_bits, masks64, Masks};
+    #[cfg(target_arch = "x86_64")]
+    use super::{masks64_avx2, masks64_avx512};
     use proptest::prelude::*;
 
     /// One byte at a time: a byte is escaped when the byte before it is an
@@ -700,6 +786,66 @@ mod escape_tests {
             }
         }
         (escaped, next_escaped as u64)
+    }
+
+    fn masks_naive(chunk: &[u8; 64]) -> (u64, u64, u64) {
+        let bits = |f: &dyn Fn(u8) -> bool| {
+            chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |acc, (j, &b)| acc | ((f(b) as u64) << j))
+        };
+        (
+            bits(&|b| b == b'"'),
+            bits(&|b| b == b'\\'),
+            bits(&|b| b < 0x20),
+        )
+    }
+
+    /// Every mask width the CPU supports, as (quote, backslash, control).
+    fn masks_every_width(chunk: &[u8; 64]) -> Vec<(&'static str, (u64, u64, u64))> {
+        let triple = |m: Masks| (m.quote, m.backslash, m.control);
+        #[allow(unused_mut)]
+        let mut out = vec![("baseline", triple(masks64(chunk)))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            fn avx2(chunk: &[u8; 64]) -> Masks {
+                // SAFETY: compiled for AVX2 and called only when detected.
+                unsafe { masks64_avx2(chunk) }
+            }
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn avx512(chunk: &[u8; 64]) -> Masks {
+                // SAFETY: compiled for AVX-512BW and called only when detected.
+                unsafe { masks64_avx512(chunk) }
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 detected just above.
+                out.push(("avx2", triple(unsafe { avx2(chunk) })));
+            }
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: AVX-512BW detected just above.
+                out.push(("avx512", triple(unsafe { avx512(chunk) })));
+            }
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn every_mask_width_matches_bytewise(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'"'), Just(b'\\'), Just(0x1Fu8), Just(0x20u8), Just(0x7Fu8), Just(0x80u8), any::<u8>()],
+                64,
+            ),
+        ) {
+            let chunk: [u8; 64] = bytes.try_into().unwrap();
+            let want = masks_naive(&chunk);
+            for (width, got) in masks_every_width(&chunk) {
+                prop_assert_eq!(got, want, "{} masks differ for {:?}", width, chunk);
+            }
+        }
     }
 
     proptest! {
