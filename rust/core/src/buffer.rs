@@ -324,13 +324,14 @@ impl<R: Read> BlockReader<R> {
     }
 }
 
-/// Lines of a block with their numbers; the trailing `\r` of CRLF is dropped.
-fn lines(block: &Block) -> impl Iterator<Item = (u64, &[u8])> {
-    let data = &block.data[..];
+/// Lines of a block with their numbers, the first being `first_line`; the
+/// trailing `\r` of CRLF is dropped.
+fn lines(first_line: u64, data: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
     let body = data.strip_suffix(b"\n").unwrap_or(data);
     let mut start = 0;
-    let mut number = block.first_line;
-    let mut done = false;
+    let mut number = first_line;
+    // No bytes, no lines (a block inside one long line is empty).
+    let mut done = data.is_empty();
     std::iter::from_fn(move || {
         if done {
             return None;
@@ -442,6 +443,11 @@ impl Part {
 }
 
 fn parse_block(block: &Block) -> Part {
+    parse_lines(block.first_line, &block.data)
+}
+
+/// Columns of the lines in `data`, numbered from `first_line`.
+fn parse_lines(first_line: u64, data: &[u8]) -> Part {
     let mut p = Part {
         line: vec![],
         task: vec![],
@@ -458,7 +464,7 @@ fn parse_block(block: &Block) -> Part {
         problems: vec![],
         lines: 0,
     };
-    for (number, text) in lines(block) {
+    for (number, text) in lines(first_line, data) {
         p.lines += 1;
         if is_blank(text) {
             continue;
@@ -596,7 +602,16 @@ fn read_file_parts(
     path: &Path,
     block_bytes: usize,
     progress: Option<&Progress>,
+    blockwise: bool,
 ) -> Result<Vec<Part>> {
+    #[cfg(unix)]
+    if blockwise {
+        if let Some(file) = open_plain_file(path)? {
+            return read_plain_parts(path, &file, block_bytes, progress);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = blockwise;
     let mut reader = BlockReader::new(open_decoded(path, progress)?, block_bytes);
     // Parsing numbers the lines of a block anyway; counting them up front
     // as well would be a second pass over every byte.
@@ -617,20 +632,155 @@ fn read_file_parts(
     Ok(parts)
 }
 
+/// The file, when it is a regular file that is not zstd-compressed (so its
+/// blocks can be read independently); `None` sends it down the stream path.
+#[cfg(unix)]
+fn open_plain_file(path: &Path) -> Result<Option<File>> {
+    let file = File::open(path).map_err(|e| io_error(path, e))?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let mut head = [0u8; 4];
+    let got = read_full_at(&file, &mut head, 0).map_err(|e| io_error(path, e))?;
+    if head[..got] == ZSTD_MAGIC {
+        return Ok(None);
+    }
+    Ok(Some(file))
+}
+
+/// Reads at `offset` until `buf` is full or the file ends; the byte count.
+#[cfg(unix)]
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Parses a plain file in blocks of `block_bytes`, each read and parsed by
+/// the same worker, all in parallel. A block holds the lines that start
+/// inside its byte range: it reads one byte before the range to see whether
+/// a line starts there, and past the range until its last line ends.
+///
+/// Reading on every worker (rather than one thread reading ahead for all)
+/// spreads the copy out of the page cache over the cores, and each block is
+/// parsed while still in the cache of the core that read it.
+#[cfg(unix)]
+fn read_plain_parts(
+    path: &Path,
+    file: &File,
+    block_bytes: usize,
+    progress: Option<&Progress>,
+) -> Result<Vec<Part>> {
+    let size = file.metadata().map_err(|e| io_error(path, e))?.len();
+    let block = block_bytes.max(1) as u64;
+    let blocks = size.div_ceil(block);
+    (0..blocks)
+        .into_par_iter()
+        .map_init(Vec::new, |buf: &mut Vec<u8>, k| {
+            let (from, to) = (k * block, ((k + 1) * block).min(size));
+            let lines = block_lines(file, buf, from, to, size).map_err(|e| io_error(path, e))?;
+            let part = parse_lines(1, lines);
+            if let Some(progress) = progress {
+                progress.fetch_add(to - from, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(part)
+        })
+        .collect()
+}
+
+/// The lines of `file` that start in `from..to`, read into `buf`. Bytes of
+/// `buf` past what this call reads are stale but initialised, so a recycled
+/// buffer is read over without zeroing it first.
+#[cfg(unix)]
+fn block_lines<'b>(
+    file: &File,
+    buf: &'b mut Vec<u8>,
+    from: u64,
+    to: u64,
+    size: u64,
+) -> io::Result<&'b [u8]> {
+    // Slack past the range for the tail of its last line; a longer tail is
+    // read on in steps that double.
+    const SLACK: u64 = 64 << 10;
+    let read_from = from.saturating_sub(1);
+    let mut filled = 0usize;
+    let mut want = (to + SLACK).min(size) - read_from;
+    let start = loop {
+        if buf.len() < want as usize {
+            buf.resize(want as usize, 0);
+        }
+        filled += read_full_at(
+            file,
+            &mut buf[filled..want as usize],
+            read_from + filled as u64,
+        )?;
+        let at_end = read_from + filled as u64 >= size;
+        let data = &buf[..filled];
+        // The first line start at or after `from`: 0 for the file's first
+        // block, else just past the first newline at or after `from - 1`.
+        let start = if from == 0 {
+            Some(0)
+        } else {
+            memchr::memchr(b'\n', data).map(|j| j + 1)
+        };
+        match start {
+            Some(j) => break j,
+            None if at_end => return Ok(&[]),
+            None => want = (want * 2).min(size - read_from),
+        }
+    };
+    if read_from + start as u64 >= to {
+        // A line that began before this range covers all of it.
+        return Ok(&[]);
+    }
+    // The end: just past the first newline at or after `to - 1`.
+    let tail_from = (to - 1 - read_from) as usize;
+    let end = loop {
+        if let Some(j) = memchr::memchr(b'\n', &buf[tail_from.max(start)..filled]) {
+            break tail_from.max(start) + j + 1;
+        }
+        if read_from + filled as u64 >= size {
+            break filled;
+        }
+        want = (want * 2).min(size - read_from);
+        if buf.len() < want as usize {
+            buf.resize(want as usize, 0);
+        }
+        filled += read_full_at(
+            file,
+            &mut buf[filled..want as usize],
+            read_from + filled as u64,
+        )?;
+    };
+    Ok(&buf[start..end])
+}
+
 /// Reads buffer files into columns, in the order given (files in parallel,
 /// each file in parallel blocks) on the current rayon pool.
 pub fn read_columns<P: AsRef<Path> + Sync>(paths: &[P]) -> Result<RolloutColumns> {
-    read_columns_with_block(paths, BLOCK_BYTES, None)
+    read_columns_with_block(paths, BLOCK_BYTES, None, true)
 }
 
+/// `blockwise` lets plain files be read block by block in parallel; without
+/// it every file is streamed (tests compare the two).
 fn read_columns_with_block<P: AsRef<Path> + Sync>(
     paths: &[P],
     block_bytes: usize,
     progress: Option<&Progress>,
+    blockwise: bool,
 ) -> Result<RolloutColumns> {
     let per_file: Vec<Vec<Part>> = paths
         .par_iter()
-        .map(|p| read_file_parts(p.as_ref(), block_bytes, progress))
+        .map(|p| read_file_parts(p.as_ref(), block_bytes, progress, blockwise))
         .collect::<Result<_>>()?;
     let files = paths
         .iter()
@@ -665,7 +815,7 @@ pub fn read_columns_with_progress<P: AsRef<Path> + Sync>(
     workers: Option<usize>,
     progress: Option<&Progress>,
 ) -> Result<RolloutColumns> {
-    let read = || read_columns_with_block(paths, BLOCK_BYTES, progress);
+    let read = || read_columns_with_block(paths, BLOCK_BYTES, progress, true);
     match workers {
         None => read(),
         Some(0) => Err(Error::invalid("workers must be at least 1")),
@@ -737,7 +887,7 @@ impl LineReader {
                 continue;
             };
             let mut out = vec![];
-            for (number, text) in lines(&block) {
+            for (number, text) in lines(block.first_line, &block.data) {
                 if is_blank(text) {
                     continue;
                 }
@@ -1112,14 +1262,17 @@ mod tests {
                 }
             }
             let path = write_plain(&d, "b.jsonl", &text);
-            let whole = read_columns_with_block(&[&path], 1 << 20, None).unwrap();
-            let small = read_columns_with_block(&[&path], block, None).unwrap();
+            let whole = read_columns_with_block(&[&path], 1 << 20, None, false).unwrap();
+            // Streamed in small blocks, and read block by block in parallel.
+            for blockwise in [false, true] {
+                let small = read_columns_with_block(&[&path], block, None, blockwise).unwrap();
+                proptest::prop_assert_eq!(&small.line, &whole.line);
+                proptest::prop_assert_eq!(&small.turn_offsets, &whole.turn_offsets);
+                proptest::prop_assert_eq!(&small.group_index, &whole.group_index);
+                proptest::prop_assert_eq!(&small.problems, &whole.problems);
+                proptest::prop_assert_eq!(small.skipped, whole.skipped);
+            }
             let _ = std::fs::remove_dir_all(&d);
-            proptest::prop_assert_eq!(&small.line, &whole.line);
-            proptest::prop_assert_eq!(&small.turn_offsets, &whole.turn_offsets);
-            proptest::prop_assert_eq!(&small.group_index, &whole.group_index);
-            proptest::prop_assert_eq!(&small.problems, &whole.problems);
-            proptest::prop_assert_eq!(small.skipped, whole.skipped);
         }
     }
 
@@ -1174,7 +1327,7 @@ mod tests {
         }
         std::fs::write(&plain, lines.join("\n")).unwrap();
         let a = read_columns(&[&plain]).unwrap();
-        let b = read_columns_with_block(&[&plain], 97, None).unwrap();
+        let b = read_columns_with_block(&[&plain], 97, None, false).unwrap();
         assert_eq!(a.turn_offsets, b.turn_offsets);
         assert_eq!(a.line, b.line);
         assert_eq!(a.problems, b.problems);
