@@ -32,7 +32,6 @@ from typing import Any
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import turnrl
-from turnrl import _core
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import args_reference as ref
@@ -127,17 +126,12 @@ def run(
         for pred, gold in pairs:
             turnrl.compare_args(pred, gold)
 
-    def core_loop() -> None:
-        for pred, gold in pairs:
-            _core.compare_args(pred, gold)
-
     def turnrl_batch() -> None:
         turnrl.compare_args_batch(pairs)
 
     impls = [
         ("python reference (loop)", python_loop),
         ("turnrl.compare_args (loop)", turnrl_loop),
-        ("turnrl._core.compare_args (loop, no wrapper)", core_loop),
         ("turnrl.compare_args_batch", turnrl_batch),
     ]
     times = best_times([fn for _, fn in impls], repeats, clock)

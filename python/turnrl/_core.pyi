@@ -1,7 +1,7 @@
 # Stubs of the Rust extension module turnrl._core, written by hand and
 # checked with mypy.stubtest in the test suite.
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
 from typing import Any, final
 
@@ -124,8 +124,9 @@ def normalize_args(
 def compare_args(
     pred: Any,
     gold: Any,
+    *,
     case_fold: bool = False,
-    unordered_keys: list[str] | None = None,
+    unordered_keys: Iterable[str] | None = None,
     soft_max_fraction: float = 0.5,
 ) -> ArgComparison: ...
 def compare_args_batch(
