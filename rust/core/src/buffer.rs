@@ -714,52 +714,49 @@ fn block_lines<'b>(
     let read_from = from.saturating_sub(1);
     let mut filled = 0usize;
     let mut want = (to + SLACK).min(size) - read_from;
-    let start = loop {
+    // Reads on until `filled` reaches `want`; true once the file has no more
+    // bytes (at its size, or shorter than it was: it shrank meanwhile).
+    let read_on = |buf: &mut Vec<u8>, filled: &mut usize, want: u64| -> io::Result<bool> {
         if buf.len() < want as usize {
             buf.resize(want as usize, 0);
         }
-        filled += read_full_at(
+        let asked = want as usize - *filled;
+        let got = read_full_at(
             file,
-            &mut buf[filled..want as usize],
-            read_from + filled as u64,
+            &mut buf[*filled..want as usize],
+            read_from + *filled as u64,
         )?;
-        let at_end = read_from + filled as u64 >= size;
-        let data = &buf[..filled];
-        // The first line start at or after `from`: 0 for the file's first
-        // block, else just past the first newline at or after `from - 1`.
-        let start = if from == 0 {
-            Some(0)
-        } else {
-            memchr::memchr(b'\n', data).map(|j| j + 1)
-        };
-        match start {
-            Some(j) => break j,
-            None if at_end => return Ok(&[]),
-            None => want = (want * 2).min(size - read_from),
+        *filled += got;
+        Ok(got < asked || read_from + *filled as u64 >= size)
+    };
+    let mut at_end = read_on(buf, &mut filled, want)?;
+    // The first line start at or after `from`: 0 for the file's first block,
+    // else just past the first newline in `from - 1..to`. None there means a
+    // line that began before the range covers all of it (and reading on to
+    // find where it ends would make a long line cost once per block).
+    let start = if from == 0 {
+        0
+    } else {
+        let range = ((to - read_from) as usize).min(filled);
+        match memchr::memchr(b'\n', &buf[..range]) {
+            Some(j) => j + 1,
+            None => return Ok(&[]),
         }
     };
     if read_from + start as u64 >= to {
-        // A line that began before this range covers all of it.
         return Ok(&[]);
     }
     // The end: just past the first newline at or after `to - 1`.
-    let tail_from = (to - 1 - read_from) as usize;
+    let tail_from = ((to - 1 - read_from) as usize).max(start);
     let end = loop {
-        if let Some(j) = memchr::memchr(b'\n', &buf[tail_from.max(start)..filled]) {
-            break tail_from.max(start) + j + 1;
+        if let Some(j) = memchr::memchr(b'\n', &buf[tail_from..filled]) {
+            break tail_from + j + 1;
         }
-        if read_from + filled as u64 >= size {
+        if at_end {
             break filled;
         }
         want = (want * 2).min(size - read_from);
-        if buf.len() < want as usize {
-            buf.resize(want as usize, 0);
-        }
-        filled += read_full_at(
-            file,
-            &mut buf[filled..want as usize],
-            read_from + filled as u64,
-        )?;
+        at_end = read_on(buf, &mut filled, want)?;
     };
     Ok(&buf[start..end])
 }
@@ -1274,6 +1271,39 @@ mod tests {
             }
             let _ = std::fs::remove_dir_all(&d);
         }
+    }
+
+    #[test]
+    fn blockwise_reading_handles_lines_longer_than_blocks_and_slack() {
+        // Lines of 200 KB: longer than a block and than the 64 KB read past
+        // each block's end, so the tail is read on and the blocks inside a
+        // line come out empty.
+        let d = tempdir("long-lines");
+        let long = format!(
+            r#"{{"role":"assistant","content":"{}","tier":"gold"}}"#,
+            "x".repeat(200_000)
+        );
+        let lines = [
+            record("a", "g", 0, 1.0, &long),
+            record("b", "g", 1, 0.0, A_READ),
+            "not json".to_string(),
+            record("c", "g", 2, 1.0, &[long.as_str(), A_GOLD].join(",")),
+        ];
+        let path = write_plain(&d, "long.jsonl", &lines.join("\n"));
+        let streamed = read_columns_with_block(&[&path], 1 << 20, None, false).unwrap();
+        for block in [100, 70_000, 150_000, 1 << 20] {
+            let blockwise = read_columns_with_block(&[&path], block, None, true).unwrap();
+            assert_eq!(blockwise.line, streamed.line, "block {block}");
+            assert_eq!(
+                blockwise.turn_offsets, streamed.turn_offsets,
+                "block {block}"
+            );
+            assert_eq!(blockwise.turn_tiers, streamed.turn_tiers, "block {block}");
+            assert_eq!(blockwise.problems, streamed.problems, "block {block}");
+        }
+        assert_eq!(streamed.line, vec![1, 2, 4]);
+        assert_eq!(streamed.skipped, 1);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
