@@ -106,7 +106,8 @@ def main(archs: list[int]) -> int:
                     f" {registers.group(1) if registers else '?'} registers,"
                     f" {sum(spills)} bytes spilled"
                 )
-                if registers is None or sum(spills):
+                # (A Triton without the ptxas report gives no counts: not a failure.)
+                if sum(spills):
                     failed += 1
                     print(f"FAIL  {report}\n{log.getvalue()}")
                 else:
