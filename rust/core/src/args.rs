@@ -585,28 +585,35 @@ pub enum SourceKind<'a> {
 
 /// Why a tree could not be normalised: a message, and the path to where,
 /// filled in (innermost segment first) on the way out of the recursion.
+///
+/// Boxed: every level of the recursion returns a `Result` holding one, and
+/// an unboxed error made each of those results, moved at every return, half
+/// again as large as the value it carries.
 #[derive(Debug, Clone)]
-pub struct SourceError {
+pub struct SourceError(Box<SourceErrorInner>);
+
+#[derive(Debug, Clone)]
+struct SourceErrorInner {
     segs: Vec<String>,
     message: String,
 }
 
 impl SourceError {
     pub fn new(message: impl Into<String>) -> Self {
-        SourceError {
+        SourceError(Box::new(SourceErrorInner {
             segs: Vec::new(),
             message: message.into(),
-        }
+        }))
     }
 
     /// `{what}{path}: {message}`, e.g. `pred.passengers[0].dob: NaN is not a
     /// finite number`.
     pub fn into_error(self, what: &str) -> Error {
         let mut path = what.to_string();
-        for seg in self.segs.iter().rev() {
+        for seg in self.0.segs.iter().rev() {
             path.push_str(seg);
         }
-        Error::invalid(format!("{path}: {}", self.message))
+        Error::invalid(format!("{path}: {}", self.0.message))
     }
 }
 
@@ -726,7 +733,7 @@ impl<'p> Normalizer<'p> {
                 }
                 _ => push_segment(&mut text, seg, false),
             }
-            e.segs.push(text);
+            e.0.segs.push(text);
             e
         })
     }
