@@ -479,6 +479,19 @@ impl Canon<'_> {
 
 /// A total order on canonical values: by kind (null, bool, number, string,
 /// list, object), then numerically / by code point / lexicographically.
+/// Byte order of two keys, as `a.as_bytes().cmp(b.as_bytes())`. The keys
+/// of one object usually differ in their first byte, which is compared
+/// inline; a call to `memcmp` per comparison was a tenth of a comparison of
+/// two records.
+#[inline]
+fn key_cmp(a: &str, b: &str) -> Ordering {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    match a.first().cmp(&b.first()) {
+        Ordering::Equal => a.cmp(b),
+        unequal => unequal,
+    }
+}
+
 fn canon_cmp(a: &Canon<'_>, b: &Canon<'_>) -> Ordering {
     match (a, b) {
         (Canon::Bool(x), Canon::Bool(y)) => x.cmp(y),
@@ -798,7 +811,7 @@ impl<'p> Normalizer<'p> {
                 if entries.is_empty() {
                     return Ok(Canon::Null);
                 }
-                entries.sort_unstable_by(|(a, _), (b, _)| a.as_bytes().cmp(b.as_bytes()));
+                entries.sort_unstable_by(|(a, _), (b, _)| key_cmp(a, b));
                 // Sources whose keys may repeat (not JSON objects, not dicts)
                 // keep the last value, as a JSON parser would.
                 entries.dedup_by(|later, earlier| {
@@ -985,7 +998,7 @@ fn diff_maps<'a>(
     let (mut i, mut j) = (0, 0);
     while i < p.len() || j < g.len() {
         let ord = match (p.get(i), g.get(j)) {
-            (Some((kp, _)), Some((kg, _))) => kp.as_bytes().cmp(kg.as_bytes()),
+            (Some((kp, _)), Some((kg, _))) => key_cmp(kp, kg),
             (Some(_), None) => Ordering::Less,
             _ => Ordering::Greater,
         };
@@ -1437,6 +1450,13 @@ mod tests {
 
     fn cmp(p: Value, g: Value) -> Comparison {
         compare(&p, &g, &Policy::default()).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn key_order_is_byte_order(a in "[ab\\x00é]{0,6}", b in "[ab\\x00é]{0,6}") {
+            prop_assert_eq!(key_cmp(&a, &b), a.as_bytes().cmp(b.as_bytes()));
+        }
     }
 
     #[test]
