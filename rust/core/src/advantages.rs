@@ -264,20 +264,15 @@ impl GroupView<'_, '_, '_> {
     }
 
     /// Writes `w.turn * GN_k(value[m, k]) + w.outcome * GN(R[m])` for every
-    /// turn. `value[m, k] = value(value[m, k + 1], r[m, k])`, computed from the
-    /// last turn down, starting from `init(m)` (a discounted return, say).
-    /// `value2(v, r1, r2)` is two such steps at once, `(value(v, r1),
-    /// value(value(v, r1), r2))`, written so that the second does not wait
-    /// for the first: a discounted return is a chain of dependent multiplies
-    /// and adds, and taking it two turns at a time halves that chain (the
-    /// results differ from one step at a time by rounding only).
+    /// turn, where `value[m, k] = r[m, k] + gamma * value[m, k + 1]` from the
+    /// last turn down, starting from `init(m)` (a discounted return; with
+    /// `gamma = 0` the reward itself).
     fn turn_advantages(
         &mut self,
         params: &Params,
         weights: Weights,
         init: impl Fn(usize) -> f64,
-        value: impl Fn(f64, f64) -> f64,
-        value2: impl Fn(f64, f64, f64) -> (f64, f64),
+        gamma: f64,
     ) {
         self.normalize_outcome(params);
         let Scratch {
@@ -289,10 +284,16 @@ impl GroupView<'_, '_, '_> {
         let (mean, inv_scale) = match params.turn_norm {
             TurnNorm::Position => {
                 let max_turns = self.rewards.iter().map(|r| r.len()).max().unwrap_or(0);
-                let acc = positions.reset(max_turns);
+                let mut acc = positions.reset(max_turns);
                 // Only the sums ride along with the recurrence: every store
                 // in this scalar loop costs, while counts come from the
                 // lengths and the extremes from a vectorised pass later.
+                // A discounted return is a chain of dependent multiplies and
+                // adds; taken two turns at a time, `v[k-2] = (r[k-2] + g
+                // r[k-1]) + g^2 v[k]` does not wait for `v[k-1]`, which halves
+                // the chain (results differ from one step at a time by
+                // rounding only).
+                let gamma2 = gamma * gamma;
                 for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
                     let len = turns.len().min(rewards.len());
                     let (turns, rewards) = (&mut turns[..len], &rewards[..len]);
@@ -301,12 +302,14 @@ impl GroupView<'_, '_, '_> {
                     let mut k = len;
                     if k % 2 == 1 {
                         k -= 1;
-                        carried = value(carried, rewards[k]);
+                        carried = rewards[k] + gamma * carried;
                         turns[k] = carried;
                         sum[k] += carried;
                     }
                     while k >= 2 {
-                        let (first, second) = value2(carried, rewards[k - 1], rewards[k - 2]);
+                        let (r1, r2) = (rewards[k - 1], rewards[k - 2]);
+                        let first = r1 + gamma * carried;
+                        let second = (r2 + gamma * r1) + gamma2 * carried;
                         turns[k - 1] = first;
                         turns[k - 2] = second;
                         sum[k - 1] += first;
@@ -314,23 +317,15 @@ impl GroupView<'_, '_, '_> {
                         carried = second;
                         k -= 2;
                     }
-                    if let Some(last) = len.checked_sub(1) {
-                        acc.count[last] += 1.0;
-                    }
                 }
-                // Members that end at position k or later: a suffix sum.
-                let mut members = 0.0;
-                for n in acc.count.iter_mut().rev() {
-                    members += *n;
-                    *n = members;
-                }
+                acc.count_members(self.out.iter().map(|turns| turns.len()));
                 acc.finish(self.out, params)
             }
             TurnNorm::Pooled => {
                 for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
                     let mut carried = init(m);
                     for (v, &r) in turns.iter_mut().zip(rewards.iter()).rev() {
-                        carried = value(carried, r);
+                        carried = r + gamma * carried;
                         *v = carried;
                     }
                 }
@@ -401,6 +396,21 @@ impl PositionStats {
 }
 
 impl<'s> Accumulators<'s> {
+    /// Each position's count: the members whose turn counts (`lengths`)
+    /// reach past it, from one tally per member and a suffix sum.
+    fn count_members(&mut self, lengths: impl Iterator<Item = usize>) {
+        for len in lengths {
+            if let Some(last) = len.checked_sub(1) {
+                self.count[last] += 1.0;
+            }
+        }
+        let mut members = 0.0;
+        for n in self.count.iter_mut().rev() {
+            members += *n;
+            *n = members;
+        }
+    }
+
     /// Turns the sums gathered over `values` into each position's mean and
     /// reciprocal scale (0 where the set normalises to 0).
     fn finish(self, values: &[&mut [f64]], params: &Params) -> (&'s [f64], &'s [f64]) {
@@ -561,7 +571,8 @@ fn mt_grpo(g: &mut GroupView, params: &Params) {
         turn: params.lam.unwrap_or(1.0),
         outcome: 1.0,
     };
-    g.turn_advantages(params, weights, |_| 0.0, |_, r| r, |_, r1, r2| (r1, r2));
+    // gamma = 0: each turn's value is its own reward.
+    g.turn_advantages(params, weights, |_| 0.0, 0.0);
 }
 
 fn gtpo_hybrid(g: &mut GroupView, params: &Params) {
@@ -573,18 +584,7 @@ fn gtpo_hybrid(g: &mut GroupView, params: &Params) {
     // Discounted return with the outcome one step past the last turn:
     // G[K] = R, G[k] = r[k] + gamma * G[k + 1].
     let outcome = g.outcome;
-    g.turn_advantages(
-        params,
-        weights,
-        |m| outcome[m],
-        |next_return, r| r + gamma * next_return,
-        |next_return, r1, r2| {
-            (
-                r1 + gamma * next_return,
-                (r2 + gamma * r1) + (gamma * gamma) * next_return,
-            )
-        },
-    );
+    g.turn_advantages(params, weights, |m| outcome[m], gamma);
 }
 
 /// Batches with fewer turns than this run on the calling thread: below it,
@@ -886,20 +886,13 @@ mod tests {
         let views: Vec<&mut [f64]> = values.iter_mut().map(|v| &mut v[..]).collect();
         [false, true].map(|baseline| {
             let mut stats = PositionStats::default();
-            let acc = stats.reset(max_turns);
+            let mut acc = stats.reset(max_turns);
             for turns in views.iter() {
                 for (sum, &v) in acc.mean.iter_mut().zip(turns.iter()) {
                     *sum += v;
                 }
-                if let Some(last) = turns.len().checked_sub(1) {
-                    acc.count[last] += 1.0;
-                }
             }
-            let mut members = 0.0;
-            for n in acc.count.iter_mut().rev() {
-                members += *n;
-                *n = members;
-            }
+            acc.count_members(views.iter().map(|turns| turns.len()));
             let (mean, inv) = if baseline {
                 acc.finish_lanes(&views, params)
             } else {
