@@ -119,7 +119,7 @@ class TierLabels:
     def gold_turn(self) -> list[int | None]: ...
 
 def normalize_args(
-    obj: Any, case_fold: bool = False, unordered_keys: list[str] | None = None
+    obj: Any, case_fold: bool = False, unordered_keys: Iterable[str] | None = None
 ) -> Any: ...
 def compare_args(
     pred: Any,
@@ -132,7 +132,7 @@ def compare_args(
 def compare_args_batch(
     pairs: Any,
     case_fold: bool = False,
-    unordered_keys: list[str] | None = None,
+    unordered_keys: Iterable[str] | None = None,
     soft_max_fraction: float = 0.5,
 ) -> list[ArgComparison]: ...
 def label_tiers(
@@ -141,7 +141,7 @@ def label_tiers(
     tool_kinds: dict[str, str],
     *,
     case_fold: bool = False,
-    unordered_keys: list[str] | None = None,
+    unordered_keys: Iterable[str] | None = None,
     soft_max_fraction: float = 0.5,
 ) -> TierLabels: ...
 

@@ -40,7 +40,6 @@ from typing import Any, Literal
 
 from turnrl import _core
 from turnrl._core import ArgComparison, TierLabels
-from turnrl.exceptions import InvalidInputError
 
 __all__ = [
     "ArgComparison",
@@ -55,17 +54,6 @@ __all__ = [
 
 MatchKind = Literal["exact", "soft", "mismatch"]
 Tier = Literal["gold", "soft", "read", "write", "error", "respond"]
-
-
-def _keys(unordered_keys: Iterable[str]) -> list[str] | None:
-    if not unordered_keys:
-        return None
-    if isinstance(unordered_keys, str):
-        raise InvalidInputError(
-            f"unordered_keys must be an iterable of key names, not the string {unordered_keys!r}"
-        )
-    keys = list(unordered_keys)
-    return keys or None
 
 
 def normalize_args(obj: Any, *, case_fold: bool = False, unordered_keys: Iterable[str] = ()) -> Any:
@@ -85,7 +73,7 @@ def normalize_args(obj: Any, *, case_fold: bool = False, unordered_keys: Iterabl
             inf, a non-string key, a set, ...) or nests deeper than 256
             levels; the message names the path.
     """
-    return _core.normalize_args(obj, case_fold, _keys(unordered_keys))
+    return _core.normalize_args(obj, case_fold, unordered_keys)
 
 
 # The extension function itself: a Python layer around it cost a sixth of a
@@ -107,7 +95,7 @@ def compare_args_batch(
     GIL, so this is about as fast as a loop of :func:`compare_args` calls;
     use it to let other Python threads run meanwhile.
     """
-    return _core.compare_args_batch(pairs, case_fold, _keys(unordered_keys), soft_max_fraction)
+    return _core.compare_args_batch(pairs, case_fold, unordered_keys, soft_max_fraction)
 
 
 def label_tiers(
@@ -155,6 +143,6 @@ def label_tiers(
         gold_actions,
         dict(tool_kinds),
         case_fold=case_fold,
-        unordered_keys=_keys(unordered_keys),
+        unordered_keys=unordered_keys,
         soft_max_fraction=soft_max_fraction,
     )

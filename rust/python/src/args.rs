@@ -170,12 +170,42 @@ fn convert(py: Python<'_>, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Value
     to_json(obj, 0).map_err(|e| e.into_pyerr(py, what))
 }
 
-fn policy(case_fold: bool, unordered_keys: Option<Vec<String>>, soft_max_fraction: f64) -> Policy {
-    Policy {
+/// The comparison policy from the keywords every function here takes.
+fn policy(
+    py: Python<'_>,
+    case_fold: bool,
+    unordered_keys: Option<&Bound<'_, PyAny>>,
+    soft_max_fraction: f64,
+) -> PyResult<Policy> {
+    Ok(Policy {
         case_fold,
-        unordered_keys: unordered_keys.unwrap_or_default(),
+        unordered_keys: match unordered_keys {
+            Some(keys) => key_names(py, keys)?,
+            None => Vec::new(),
+        },
         soft_max_fraction,
+    })
+}
+
+/// `unordered_keys` as a caller gives it: any iterable of names (empty, or
+/// an empty string, meaning none); a non-empty string is refused, since it
+/// would iterate as letters.
+fn key_names(py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+    if let Ok(text) = keys.cast::<PyString>() {
+        if text.to_str()?.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Err(to_pyerr(
+            py,
+            Error::invalid(format!(
+                "unordered_keys must be an iterable of key names, not the string {}",
+                text.repr()?
+            )),
+        ));
     }
+    keys.try_iter()?
+        .map(|key| key?.extract::<String>())
+        .collect()
 }
 
 /// The result of `compare_args`.
@@ -399,9 +429,9 @@ pub fn normalize_args<'py>(
     py: Python<'py>,
     obj: &Bound<'py, PyAny>,
     case_fold: bool,
-    unordered_keys: Option<Vec<String>>,
+    unordered_keys: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let policy = policy(case_fold, unordered_keys, 0.5);
+    let policy = policy(py, case_fold, unordered_keys, 0.5)?;
     let arena = Arena::new();
     let canonical = canonical_of(py, obj, &arena, &policy, "obj")?;
     crate::parse::value_to_py(py, &canonical.to_value())
@@ -436,36 +466,13 @@ pub fn compare_args(
     unordered_keys: Option<&Bound<'_, PyAny>>,
     soft_max_fraction: f64,
 ) -> PyResult<ArgComparison> {
-    let unordered_keys = match unordered_keys {
-        Some(keys) => key_names(py, keys)?,
-        None => None,
-    };
-    let policy = policy(case_fold, unordered_keys, soft_max_fraction);
+    let policy = policy(py, case_fold, unordered_keys, soft_max_fraction)?;
     let arena = Arena::new();
     let pred = canonical_of(py, pred, &arena, &policy, "pred")?;
     let gold = canonical_of(py, gold, &arena, &policy, "gold")?;
     Ok(ArgComparison {
         inner: compare_canonical(&pred, &gold, &policy),
     })
-}
-
-/// `unordered_keys` as given by a caller: any iterable of names, empty
-/// meaning none; a bare string is refused (it would iterate as letters).
-fn key_names(py: Python<'_>, keys: &Bound<'_, PyAny>) -> PyResult<Option<Vec<String>>> {
-    if let Ok(text) = keys.cast::<PyString>() {
-        return Err(to_pyerr(
-            py,
-            Error::invalid(format!(
-                "unordered_keys must be an iterable of key names, not the string {}",
-                text.repr()?
-            )),
-        ));
-    }
-    let mut names = Vec::new();
-    for key in keys.try_iter()? {
-        names.push(key?.extract::<String>()?);
-    }
-    Ok((!names.is_empty()).then_some(names))
 }
 
 /// Many comparisons at once: normalises pairs with the GIL, 256 at a time,
@@ -476,10 +483,10 @@ pub fn compare_args_batch(
     py: Python<'_>,
     pairs: &Bound<'_, PyAny>,
     case_fold: bool,
-    unordered_keys: Option<Vec<String>>,
+    unordered_keys: Option<&Bound<'_, PyAny>>,
     soft_max_fraction: f64,
 ) -> PyResult<Vec<ArgComparison>> {
-    let policy = policy(case_fold, unordered_keys, soft_max_fraction);
+    let policy = policy(py, case_fold, unordered_keys, soft_max_fraction)?;
     policy.validate().map_err(|e| to_pyerr(py, e))?;
     // Chunks keep the normalised trees in cache between building them (with
     // the GIL) and comparing them (without it).
@@ -598,7 +605,7 @@ pub fn label_tiers(
     gold_actions: &Bound<'_, PyAny>,
     tool_kinds: HashMap<String, String>,
     case_fold: bool,
-    unordered_keys: Option<Vec<String>>,
+    unordered_keys: Option<&Bound<'_, PyAny>>,
     soft_max_fraction: f64,
 ) -> PyResult<TierLabels> {
     let mut kinds = HashMap::with_capacity(tool_kinds.len());
@@ -643,7 +650,7 @@ pub fn label_tiers(
             ))
         }
     };
-    let policy = policy(case_fold, unordered_keys, soft_max_fraction);
+    let policy = policy(py, case_fold, unordered_keys, soft_max_fraction)?;
     let inner = detached(py, || {
         core_args::label_tiers(&turn_values, &gold, &kinds, &policy)
     })?;
