@@ -378,8 +378,16 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-fn open_decoded(path: &Path, progress: Option<&Progress>) -> Result<Box<dyn Read + Send>> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
+fn open_file(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| io_error(path, e))
+}
+
+/// `file` (at its start) as a stream of decoded bytes.
+fn open_decoded(
+    path: &Path,
+    file: File,
+    progress: Option<&Progress>,
+) -> Result<Box<dyn Read + Send>> {
     // Counting the file's own bytes (before decompression) makes progress a
     // fraction of the input sizes, plain or zstd.
     let mut file: Box<dyn Read + Send> = match progress {
@@ -604,15 +612,16 @@ fn read_file_parts(
     progress: Option<&Progress>,
     blockwise: bool,
 ) -> Result<Vec<Part>> {
+    let file = open_file(path)?;
     #[cfg(unix)]
     if blockwise {
-        if let Some(file) = open_plain_file(path)? {
-            return read_plain_parts(path, &file, block_bytes, progress);
+        if let Some(size) = plain_file_size(&file).map_err(|e| io_error(path, e))? {
+            return read_plain_parts(path, &file, size, block_bytes, progress);
         }
     }
     #[cfg(not(unix))]
     let _ = blockwise;
-    let mut reader = BlockReader::new(open_decoded(path, progress)?, block_bytes);
+    let mut reader = BlockReader::new(open_decoded(path, file, progress)?, block_bytes);
     // Parsing numbers the lines of a block anyway; counting them up front
     // as well would be a second pass over every byte.
     reader.count_lines = false;
@@ -632,21 +641,18 @@ fn read_file_parts(
     Ok(parts)
 }
 
-/// The file, when it is a regular file that is not zstd-compressed (so its
-/// blocks can be read independently); `None` sends it down the stream path.
+/// The file's size, when it is a regular file that is not zstd-compressed
+/// (so its blocks can be read independently); `None` sends it down the
+/// stream path. Reads at an offset: the file's position stays at its start.
 #[cfg(unix)]
-fn open_plain_file(path: &Path) -> Result<Option<File>> {
-    let file = File::open(path).map_err(|e| io_error(path, e))?;
-    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+fn plain_file_size(file: &File) -> io::Result<Option<u64>> {
+    let meta = file.metadata()?;
     if !meta.is_file() {
         return Ok(None);
     }
     let mut head = [0u8; 4];
-    let got = read_full_at(&file, &mut head, 0).map_err(|e| io_error(path, e))?;
-    if head[..got] == ZSTD_MAGIC {
-        return Ok(None);
-    }
-    Ok(Some(file))
+    let got = read_full_at(file, &mut head, 0)?;
+    Ok((head[..got] != ZSTD_MAGIC).then_some(meta.len()))
 }
 
 /// Reads at `offset` until `buf` is full or the file ends; the byte count.
@@ -677,10 +683,10 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 fn read_plain_parts(
     path: &Path,
     file: &File,
+    size: u64,
     block_bytes: usize,
     progress: Option<&Progress>,
 ) -> Result<Vec<Part>> {
-    let size = file.metadata().map_err(|e| io_error(path, e))?.len();
     let block = block_bytes.max(1) as u64;
     let blocks = size.div_ceil(block);
     (0..blocks)
@@ -871,7 +877,8 @@ impl LineReader {
                 }
                 let index = self.next_file;
                 self.next_file += 1;
-                let reader = BlockReader::new(open_decoded(&self.paths[index], None)?, 1 << 20);
+                let path = &self.paths[index];
+                let reader = BlockReader::new(open_decoded(path, open_file(path)?, None)?, 1 << 20);
                 self.current = Some((index, reader));
             }
             let Some((file, reader)) = self.current.as_mut() else {
