@@ -142,6 +142,37 @@ unsafe fn masks64_avx2(chunk: &[u8; 64]) -> Masks {
     }
 }
 
+/// With `at` just past an opening quote: just past the closing quote when
+/// it lies in the next 32 bytes with no backslash or control character
+/// before it; `None` sends the string down the full path.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn short_string_end(s: &[u8], at: usize) -> Option<usize> {
+    use std::arch::x86_64::*;
+    let window: &[u8; 32] = s.get(at..at.checked_add(32)?)?.try_into().ok()?;
+    // SAFETY: SSE2 is part of the x86_64 baseline; the two loads read
+    // exactly the 32-byte array.
+    let (quote, special) = unsafe {
+        let mut quote = 0u32;
+        let mut special = 0u32;
+        for half in 0..2 {
+            let v = _mm_loadu_si128(window.as_ptr().add(16 * half) as *const __m128i);
+            let q = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            // v <= 0x1F (unsigned) exactly when min(v, 0x1F) == v.
+            let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1F)), v);
+            quote |= (_mm_movemask_epi8(q) as u32) << (16 * half);
+            special |= (_mm_movemask_epi8(_mm_or_si128(backslash, control)) as u32) << (16 * half);
+        }
+        (quote, special)
+    };
+    if quote == 0 {
+        return None;
+    }
+    let first = quote.trailing_zeros();
+    (special & ((1u32 << first) - 1) == 0).then_some(at + first as usize + 1)
+}
+
 /// Bits of the bytes that a backslash escapes, i.e. that follow an odd run
 /// of backslashes. `carry` comes in as 1 when the window's first byte is
 /// escaped by the previous window and goes out the same way for the next.
@@ -224,6 +255,13 @@ impl<'a> Cursor<'a> {
     fn skip_string(&mut self) -> Scan<bool> {
         #[cfg(target_arch = "x86_64")]
         {
+            // Keys and most values are short: one 32-byte look, inlined in
+            // the caller, finds where they end, saving the wide path's call
+            // and escape arithmetic (a rollout line has hundreds of them).
+            if let Some(end) = short_string_end(self.s, self.i) {
+                self.i = end;
+                return Ok(false);
+            }
             if std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the CPU supports AVX-512BW, checked just above.
                 return unsafe { self.skip_string_avx512() };
