@@ -138,9 +138,8 @@ impl RolloutColumns {
 use scan::{Cursor, RecordHead};
 
 fn parse_head(line: &[u8]) -> std::result::Result<RecordHead<'_>, String> {
-    let text = std::str::from_utf8(line)
-        .map_err(|e| format!("not valid UTF-8 (byte {})", e.valid_up_to()))?;
-    let head = Cursor::new(text).record()?;
+    // The scan checks UTF-8 as it goes (see `Cursor`).
+    let head = Cursor::new(line).record()?;
     if head.schema != SCHEMA {
         return Err(format!(
             "schema is {:?}, expected {SCHEMA:?}",

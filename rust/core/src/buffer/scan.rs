@@ -35,18 +35,22 @@ const MAX_DEPTH: usize = 128;
 
 type Scan<T> = std::result::Result<T, String>;
 
+/// Reads a line's bytes without checking them as UTF-8 first: outside
+/// strings it accepts only ASCII, and a string with a byte above 0x7F is
+/// checked when it is skipped, so the line is valid UTF-8 exactly when the
+/// scan succeeds (one pass over the bytes instead of two).
 pub(super) struct Cursor<'a> {
-    text: &'a str,
     s: &'a [u8],
     i: usize,
 }
 
 /// Bitmasks of one 64-byte window: bit j says `chunk[j]` is a quote, a
-/// backslash, or a control character.
+/// backslash, a control character, or not ASCII.
 struct Masks {
     quote: u64,
     backslash: u64,
     control: u64,
+    high: u64,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -63,10 +67,12 @@ fn masks64(chunk: &[u8; 64]) -> Masks {
             quote: 0,
             backslash: 0,
             control: 0,
+            high: 0,
         };
         for j in 0..4 {
             let v = _mm_loadu_si128(chunk.as_ptr().add(16 * j) as *const __m128i);
             let bits = |x: __m128i| ((_mm_movemask_epi8(x) as u32 & 0xFFFF) as u64) << (16 * j);
+            m.high |= bits(v);
             m.quote |= bits(_mm_cmpeq_epi8(v, quote));
             m.backslash |= bits(_mm_cmpeq_epi8(v, backslash));
             // v <= 0x1F (unsigned) exactly when min(v, 0x1F) == v.
@@ -83,8 +89,10 @@ fn masks64(chunk: &[u8; 64]) -> Masks {
         quote: 0,
         backslash: 0,
         control: 0,
+        high: 0,
     };
     for (j, &b) in chunk.iter().enumerate() {
+        m.high |= ((b >= 0x80) as u64) << j;
         m.quote |= ((b == b'"') as u64) << j;
         m.backslash |= ((b == b'\\') as u64) << j;
         m.control |= ((b < 0x20) as u64) << j;
@@ -108,6 +116,7 @@ unsafe fn masks64_avx512(chunk: &[u8; 64]) -> Masks {
             quote: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'"' as i8)),
             backslash: _mm512_cmpeq_epi8_mask(v, _mm512_set1_epi8(b'\\' as i8)),
             control: _mm512_cmple_epu8_mask(v, _mm512_set1_epi8(0x1F)),
+            high: _mm512_movepi8_mask(v),
         }
     }
 }
@@ -130,10 +139,12 @@ unsafe fn masks64_avx2(chunk: &[u8; 64]) -> Masks {
             quote: 0,
             backslash: 0,
             control: 0,
+            high: 0,
         };
         for j in 0..2 {
             let v = _mm256_loadu_si256(chunk.as_ptr().add(32 * j) as *const __m256i);
             let bits = |x: __m256i| (_mm256_movemask_epi8(x) as u32 as u64) << (32 * j);
+            m.high |= bits(v);
             m.quote |= bits(_mm256_cmpeq_epi8(v, quote));
             m.backslash |= bits(_mm256_cmpeq_epi8(v, backslash));
             m.control |= bits(_mm256_cmpeq_epi8(_mm256_min_epu8(v, control_max), v));
@@ -143,8 +154,8 @@ unsafe fn masks64_avx2(chunk: &[u8; 64]) -> Masks {
 }
 
 /// With `at` just past an opening quote: just past the closing quote when
-/// it lies in the next 32 bytes with no backslash or control character
-/// before it; `None` sends the string down the full path.
+/// it lies in the next 32 bytes with only printable ASCII other than a
+/// backslash before it; `None` sends the string down the full path.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn short_string_end(s: &[u8], at: usize) -> Option<usize> {
@@ -162,7 +173,9 @@ fn short_string_end(s: &[u8], at: usize) -> Option<usize> {
             // v <= 0x1F (unsigned) exactly when min(v, 0x1F) == v.
             let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1F)), v);
             quote |= (_mm_movemask_epi8(q) as u32) << (16 * half);
-            special |= (_mm_movemask_epi8(_mm_or_si128(backslash, control)) as u32) << (16 * half);
+            // The sign bit marks the bytes above 0x7F.
+            let special_here = _mm_or_si128(_mm_or_si128(backslash, control), v);
+            special |= (_mm_movemask_epi8(special_here) as u32) << (16 * half);
         }
         (quote, special)
     };
@@ -171,6 +184,17 @@ fn short_string_end(s: &[u8], at: usize) -> Option<usize> {
     }
     let first = quote.trailing_zeros();
     (special & ((1u32 << first) - 1) == 0).then_some(at + first as usize + 1)
+}
+
+/// Checks the string `s[start..end]` as UTF-8 when it has a byte above 0x7F.
+#[inline(always)]
+fn check_utf8(s: &[u8], start: usize, end: usize, non_ascii: bool) -> Scan<()> {
+    if !non_ascii {
+        return Ok(());
+    }
+    std::str::from_utf8(&s[start..end])
+        .map(|_| ())
+        .map_err(|e| format!("not valid UTF-8 (byte {})", start + e.valid_up_to()))
 }
 
 /// Bits of the bytes that a backslash escapes, i.e. that follow an odd run
@@ -194,12 +218,19 @@ fn escaped_bits(backslash: u64, carry: &mut u64) -> u64 {
 }
 
 impl<'a> Cursor<'a> {
-    pub(super) fn new(text: &'a str) -> Self {
-        Cursor {
-            text,
-            s: text.as_bytes(),
-            i: 0,
-        }
+    pub(super) fn new(line: &'a [u8]) -> Self {
+        Cursor { s: line, i: 0 }
+    }
+
+    /// `s[from..to]` as text, for ranges this scanner has read: ASCII
+    /// outside strings, and strings checked by [`Cursor::skip_string`].
+    fn text(&self, from: usize, to: usize) -> &'a str {
+        let bytes = &self.s[from..to];
+        debug_assert!(std::str::from_utf8(bytes).is_ok());
+        // SAFETY: the scanner accepts only ASCII outside strings and checks
+        // every string holding a byte above 0x7F with `from_utf8` (see
+        // `skip_string_with`), so a range it has read is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
     }
 
     fn peek(&self) -> Option<u8> {
@@ -291,8 +322,10 @@ impl<'a> Cursor<'a> {
     #[inline(always)]
     fn skip_string_with(&mut self, masks64: impl Fn(&[u8; 64]) -> Masks) -> Scan<bool> {
         let s = self.s;
-        let mut i = self.i;
+        let start = self.i;
+        let mut i = start;
         let mut escaped = false;
+        let mut high = 0u64;
         let mut carry = 0u64;
         while let Some(chunk) = s.get(i..i + 64) {
             let chunk: &[u8; 64] = chunk.try_into().map_err(|_| self.syntax("string"))?;
@@ -311,6 +344,7 @@ impl<'a> Cursor<'a> {
                     i + control.trailing_zeros() as usize
                 ));
             }
+            high |= m.high & inside;
             let escapes_here = escaped_here & inside;
             escaped |= escapes_here != 0;
             // Escaped quotes and backslashes are valid; only the other
@@ -332,8 +366,9 @@ impl<'a> Cursor<'a> {
                 escapes &= escapes - 1;
             }
             if quotes != 0 {
-                self.i = i + quotes.trailing_zeros() as usize + 1;
-                return Ok(escaped);
+                let end = i + quotes.trailing_zeros() as usize;
+                self.i = end + 1;
+                return check_utf8(s, start, end, high != 0).map(|()| escaped);
             }
             i += 64;
         }
@@ -346,7 +381,7 @@ impl<'a> Cursor<'a> {
             match b {
                 b'"' => {
                     self.i = i + 1;
-                    return Ok(escaped);
+                    return check_utf8(s, start, i, high != 0).map(|()| escaped);
                 }
                 b'\\' => {
                     escaped = true;
@@ -356,6 +391,10 @@ impl<'a> Cursor<'a> {
                     return Err(format!(
                         "invalid JSON at byte {i}: control character in a string"
                     ))
+                }
+                0x80.. => {
+                    high = 1;
+                    i += 1;
                 }
                 _ => i += 1,
             }
@@ -374,11 +413,11 @@ impl<'a> Cursor<'a> {
         self.i += 1;
         let escaped = self.skip_string()?;
         if !escaped {
-            return Ok(Cow::Borrowed(&self.text[start + 1..self.i - 1]));
+            return Ok(Cow::Borrowed(self.text(start + 1, self.i - 1)));
         }
         // Rare for the fields read here; serde_json decodes the escapes
         // (surrogate pairs included).
-        serde_json::from_str::<String>(&self.text[start..self.i])
+        serde_json::from_str::<String>(self.text(start, self.i))
             .map(Cow::Owned)
             .map_err(|e| format!("invalid JSON at byte {start}: {e}"))
     }
@@ -391,13 +430,14 @@ impl<'a> Cursor<'a> {
             Err(e) => e,
             Ok(()) => {
                 let mut end = self.i.min(at + 40);
-                while !self.text.is_char_boundary(end) {
+                // Back to a character boundary (not a continuation byte).
+                while end > at && end < self.s.len() && (self.s[end] as i8) < -0x40 {
                     end -= 1;
                 }
                 format!(
                     "bad record: {}: expected {expected}, got {}",
                     field(),
-                    &self.text[at..end]
+                    self.text(at, end)
                 )
             }
         }
@@ -458,7 +498,7 @@ impl<'a> Cursor<'a> {
             }
         }
         self.i = i;
-        Ok(&self.text[start..i])
+        Ok(self.text(start, i))
     }
 
     fn is_number_start(&self) -> bool {
@@ -683,14 +723,71 @@ fn put<T>(slot: &mut Option<T>, value: T, name: &dyn Fn() -> String) -> Scan<()>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use serde_json::Value;
 
     fn serde_accepts(text: &str) -> bool {
         serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
     }
 
     fn ours_accepts(text: &str) -> bool {
-        Cursor::new(text).validate_value().is_ok()
+        Cursor::new(text.as_bytes()).validate_value().is_ok()
     }
+
+    /// serde_json decodes every string into a `String`, so it rejects bytes
+    /// that are not UTF-8 wherever they are.
+    fn serde_accepts_bytes(bytes: &[u8]) -> bool {
+        serde_json::from_slice::<Value>(bytes).is_ok()
+    }
+
+    fn ours_accept_bytes(bytes: &[u8]) -> bool {
+        Cursor::new(bytes).validate_value().is_ok()
+    }
+
+    fn bytes_from_alphabet(
+        alphabet: &'static [&'static [u8]],
+        max: usize,
+    ) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(proptest::sample::select(alphabet), 0..max)
+            .prop_map(|v| v.concat())
+    }
+
+    // Valid sequences of every length, and the ways UTF-8 goes wrong: a lone
+    // lead or continuation byte, a truncated sequence, an overlong form, an
+    // encoded surrogate, a byte that never occurs.
+    const UTF8_PARTS: &[&[u8]] = &[
+        b"a",
+        b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        b"\\\"",
+        b"\\n",
+        "é".as_bytes(),
+        "✈".as_bytes(),
+        "😀".as_bytes(),
+        b"\xc3",
+        b"\xa9",
+        b"\xe2\x9c",
+        b"\xf0\x9f\x98",
+        b"\xc0\xaf",
+        b"\xed\xa0\x80",
+        b"\xff",
+    ];
+    const UTF8_VALUE_PARTS: &[&[u8]] = &[
+        b"{",
+        b"}",
+        b"[",
+        b"]",
+        b":",
+        b",",
+        b"\"",
+        b"\"k\"",
+        b" ",
+        b"1",
+        b"null",
+        "é".as_bytes(),
+        b"\xa9",
+        b"\xff",
+        b"\xc3",
+        b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    ];
 
     fn from_alphabet(
         alphabet: &'static [&'static str],
@@ -753,6 +850,17 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(3000))]
 
         #[test]
+        fn utf8_in_strings_agrees_with_serde(body in bytes_from_alphabet(UTF8_PARTS, 40)) {
+            let text = [&b"\""[..], &body, b"\""].concat();
+            prop_assert_eq!(ours_accept_bytes(&text), serde_accepts_bytes(&text), "{:?}", text);
+        }
+
+        #[test]
+        fn utf8_anywhere_agrees_with_serde(text in bytes_from_alphabet(UTF8_VALUE_PARTS, 40)) {
+            prop_assert_eq!(ours_accept_bytes(&text), serde_accepts_bytes(&text), "{:?}", text);
+        }
+
+        #[test]
         fn strings_agree_with_serde(body in from_alphabet(STRING_PARTS, 120)) {
             let text = format!("\"{body}\"");
             prop_assert_eq!(ours_accepts(&text), serde_accepts(&text), "{:?}", text);
@@ -794,7 +902,7 @@ mod tests {
     #[test]
     fn reads_fields_with_escapes_and_unicode() {
         let line = r#"{"schema":"turnrl.rollout/1","t\u0061sk_id":"a\"b","group":"✈","sample":-2,"outcome":1e-3,"turns":[{"role":"assistant","tier":null,"reward":null},{"role":"tool","content":"x"}]}"#;
-        let head = Cursor::new(line).record().unwrap();
+        let head = Cursor::new(line.as_bytes()).record().unwrap();
         assert_eq!(head.task_id, "a\"b");
         assert_eq!(head.group, "✈");
         assert_eq!((head.sample, head.outcome), (-2, 1e-3));
@@ -826,7 +934,10 @@ mod escape_tests {
         (escaped, next_escaped as u64)
     }
 
-    fn masks_naive(chunk: &[u8; 64]) -> (u64, u64, u64) {
+    /// (quote, backslash, control, high) bits of one window.
+    type MaskBits = (u64, u64, u64, u64);
+
+    fn masks_naive(chunk: &[u8; 64]) -> MaskBits {
         let bits = |f: &dyn Fn(u8) -> bool| {
             chunk
                 .iter()
@@ -837,14 +948,15 @@ mod escape_tests {
             bits(&|b| b == b'"'),
             bits(&|b| b == b'\\'),
             bits(&|b| b < 0x20),
+            bits(&|b| b >= 0x80),
         )
     }
 
-    /// Every mask width the CPU supports, as (quote, backslash, control).
-    fn masks_every_width(chunk: &[u8; 64]) -> Vec<(&'static str, (u64, u64, u64))> {
-        let triple = |m: Masks| (m.quote, m.backslash, m.control);
+    /// Every mask width the CPU supports, as (quote, backslash, control, high).
+    fn masks_every_width(chunk: &[u8; 64]) -> Vec<(&'static str, MaskBits)> {
+        let all_masks = |m: Masks| (m.quote, m.backslash, m.control, m.high);
         #[allow(unused_mut)]
-        let mut out = vec![("baseline", triple(masks64(chunk)))];
+        let mut out = vec![("baseline", all_masks(masks64(chunk)))];
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx2")]
@@ -859,11 +971,11 @@ mod escape_tests {
             }
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 detected just above.
-                out.push(("avx2", triple(unsafe { avx2(chunk) })));
+                out.push(("avx2", all_masks(unsafe { avx2(chunk) })));
             }
             if std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: AVX-512BW detected just above.
-                out.push(("avx512", triple(unsafe { avx512(chunk) })));
+                out.push(("avx512", all_masks(unsafe { avx512(chunk) })));
             }
         }
         out
