@@ -280,19 +280,24 @@ impl<'a> Cursor<'a> {
     /// With the cursor just past an opening quote: moves past the closing
     /// quote and tells whether the string holds escapes.
     ///
+    /// Keys and most values are short: one 32-byte look, inlined in the
+    /// caller, finds where they end (a rollout line has hundreds of them).
     /// Long strings (tool results, contents) are most of a buffer's bytes, so
-    /// the window masks use the widest vectors the CPU has.
-    #[inline]
+    /// their window masks use the widest vectors the CPU has.
+    #[inline(always)]
     fn skip_string(&mut self) -> Scan<bool> {
         #[cfg(target_arch = "x86_64")]
+        if let Some(end) = short_string_end(self.s, self.i) {
+            self.i = end;
+            return Ok(false);
+        }
+        self.skip_long_string()
+    }
+
+    #[inline(never)]
+    fn skip_long_string(&mut self) -> Scan<bool> {
+        #[cfg(target_arch = "x86_64")]
         {
-            // Keys and most values are short: one 32-byte look, inlined in
-            // the caller, finds where they end, saving the wide path's call
-            // and escape arithmetic (a rollout line has hundreds of them).
-            if let Some(end) = short_string_end(self.s, self.i) {
-                self.i = end;
-                return Ok(false);
-            }
             if std::arch::is_x86_feature_detected!("avx512bw") {
                 // SAFETY: the CPU supports AVX-512BW, checked just above.
                 return unsafe { self.skip_string_avx512() };
