@@ -372,6 +372,19 @@ def test_long_message_takes_the_detached_path() -> None:
     assert len(m.tool_calls) == 1 and len(m.errors) == 1
 
 
+def test_json_arguments_are_decoded_like_json_loads() -> None:
+    # JSON arguments are decoded straight from the message into Python
+    # objects on first access: same types, key order, escapes and repeated
+    # keys (last value, first position) as json.loads.
+    args = (
+        '{"b": 1, "a": -2, "big": 18446744073709551615, "f": 2.50, "e": 1e5, "zero": -0.0,'
+        ' "s": "\\u00e9\\ud83d\\ude00\\" x", "n": null, "l": [true, {"k": []}], "b": 3}'
+    )
+    m = turnrl.parse_tool_calls(f'<tool_call>{{"name": "f", "arguments": {args}}}</tool_call>')
+    assert strict_equal(m.tool_calls[0]["arguments"], json.loads(args))
+    assert m == turnrl.parse_tool_calls(f'<tool_call>{{"arguments": {args}, "name": "f"}}</tool_call>')
+
+
 def test_lone_surrogates_are_rejected_clearly() -> None:
     with pytest.raises(UnicodeEncodeError):
         turnrl.parse_tool_calls("bad \ud800 text")

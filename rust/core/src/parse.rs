@@ -38,9 +38,13 @@
 //! * **Errors.** A call that cannot be read becomes one [`CallError`] holding
 //!   the byte offset of its opening tag; the other calls are kept.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Range;
 
 use memchr::memchr;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::{Error, Result};
@@ -116,6 +120,82 @@ pub struct ParsedMessage {
     pub reasoning: Option<String>,
     pub tool_calls: Vec<ToolCall>,
     pub errors: Vec<CallError>,
+}
+
+/// A call's arguments as [`parse_tool_call_spans`] leaves them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arguments {
+    /// A JSON object written in the message, at this byte range of the
+    /// input. It is known to decode into a `Map` exactly as written.
+    Json(Range<usize>),
+    /// Arguments the parser built: Qwen3-Coder parameters, an object given
+    /// as a JSON-encoded string, or none given (empty).
+    Built(Map<String, Value>),
+}
+
+impl Arguments {
+    /// The arguments as a map; `text` is the parsed input.
+    pub fn to_map(&self, text: &str) -> std::result::Result<Map<String, Value>, String> {
+        match self {
+            Arguments::Built(map) => Ok(map.clone()),
+            Arguments::Json(range) => text
+                .get(range.clone())
+                .ok_or_else(|| format!("arguments span {range:?} is outside the text"))
+                .and_then(|json| serde_json::from_str(json).map_err(|e| e.to_string())),
+        }
+    }
+}
+
+/// One parsed call whose JSON arguments are still text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpannedCall {
+    pub name: String,
+    pub arguments: Arguments,
+    /// Byte offset of the call's opening tag in the input.
+    pub offset: usize,
+}
+
+/// [`ParsedMessage`] with each call's JSON arguments left in the input
+/// (see [`parse_tool_call_spans`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpannedMessage {
+    pub content: String,
+    pub reasoning: Option<String>,
+    pub tool_calls: Vec<SpannedCall>,
+    pub errors: Vec<CallError>,
+}
+
+impl SpannedMessage {
+    /// Decodes every call's arguments; `text` is the parsed input.
+    pub fn into_message(self, text: &str) -> ParsedMessage {
+        let mut errors = self.errors;
+        let errors_before = errors.len();
+        let mut tool_calls = Vec::with_capacity(self.tool_calls.len());
+        for call in self.tool_calls {
+            match call.arguments.to_map(text) {
+                Ok(arguments) => tool_calls.push(ToolCall {
+                    name: call.name,
+                    arguments,
+                    offset: call.offset,
+                }),
+                // Not reachable for spans this parser returned (they were
+                // checked to decode); kept as an error rather than a panic.
+                Err(reason) => errors.push(CallError {
+                    offset: call.offset,
+                    reason,
+                }),
+            }
+        }
+        if errors.len() > errors_before {
+            errors.sort_by_key(|e| e.offset);
+        }
+        ParsedMessage {
+            content: self.content,
+            reasoning: self.reasoning,
+            tool_calls,
+            errors,
+        }
+    }
 }
 
 /// A JSON-schema type a Qwen3-Coder parameter value can be read as.
@@ -245,7 +325,18 @@ fn find_first_tag(text: &str, from: usize, to: usize, tags: &[&str]) -> Option<(
 
 /// Parses one assistant message. Never panics; linear in `text`.
 pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) -> ParsedMessage {
-    let mut out = ParsedMessage::default();
+    parse_tool_call_spans(text, fmt, schemas).into_message(text)
+}
+
+/// [`parse_tool_calls`] without decoding JSON arguments: each is checked
+/// and left as a span of `text`, for callers that build their own values
+/// from it (or never look at it).
+pub fn parse_tool_call_spans(
+    text: &str,
+    fmt: Format,
+    schemas: Option<&ToolSchemas>,
+) -> SpannedMessage {
+    let mut out = SpannedMessage::default();
     let mut content = String::new();
     let mut reasoning: Option<String> = None;
     let mut pos = 0usize;
@@ -316,6 +407,20 @@ pub fn parse_tool_calls_batch<S: AsRef<str> + Sync>(
         .collect()
 }
 
+/// [`parse_tool_call_spans`] of many messages in parallel (rayon).
+pub fn parse_tool_call_spans_batch<S: AsRef<str> + Sync>(
+    texts: &[S],
+    fmt: Format,
+    schemas: Option<&ToolSchemas>,
+) -> Vec<SpannedMessage> {
+    use rayon::prelude::*;
+    texts
+        .par_iter()
+        .with_min_len(16)
+        .map(|t| parse_tool_call_spans(t.as_ref(), fmt, schemas))
+        .collect()
+}
+
 fn parse_call_body(
     text: &str,
     tag_at: usize,
@@ -323,10 +428,10 @@ fn parse_call_body(
     end: usize,
     fmt: Format,
     schemas: Option<&ToolSchemas>,
-    out: &mut ParsedMessage,
+    out: &mut SpannedMessage,
 ) {
     let body = trim_ascii_ws(&text[start..end]);
-    let fail = |out: &mut ParsedMessage, reason: String| {
+    let fail = |out: &mut SpannedMessage, reason: String| {
         out.errors.push(CallError {
             offset: tag_at,
             reason,
@@ -341,8 +446,8 @@ fn parse_call_body(
         Format::Auto => body.starts_with(FUNCTION_OPEN),
     };
     if !xml {
-        return match parse_json_call(body) {
-            Ok((name, arguments)) => out.tool_calls.push(ToolCall {
+        return match parse_json_call(text, body) {
+            Ok((name, arguments)) => out.tool_calls.push(SpannedCall {
                 name,
                 arguments,
                 offset: tag_at,
@@ -395,8 +500,189 @@ fn strip_fence(body: &str) -> &str {
     trim_ascii_ws(rest)
 }
 
-fn parse_json_call(body: &str) -> std::result::Result<(String, Map<String, Value>), String> {
+/// Reads a Hermes JSON body (`body` lies inside `text`). The usual body is
+/// checked in one pass that builds nothing and leaves the arguments as a
+/// span; anything else (and every error) goes through [`decode_json_call`],
+/// whose messages and results the fast path must equal where it answers.
+fn parse_json_call(text: &str, body: &str) -> std::result::Result<(String, Arguments), String> {
     let body = strip_fence(body);
+    if let Some(call) = checked_json_call(text, body) {
+        return Ok(call);
+    }
+    decode_json_call(body).map(|(name, map)| (name, Arguments::Built(map)))
+}
+
+/// The fast path of [`parse_json_call`]: `None` when it cannot answer.
+fn checked_json_call(text: &str, body: &str) -> Option<(String, Arguments)> {
+    if !body.starts_with('{') {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_str(body);
+    let fields = CallFields::deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    let name = match fields.name {
+        Some(raw) if raw.get().starts_with('"') => {
+            serde_json::from_str::<String>(raw.get()).ok()?
+        }
+        _ => return None,
+    };
+    if name.is_empty() {
+        return None;
+    }
+    let arguments = match fields.arguments.or(fields.parameters) {
+        None => Arguments::Built(Map::new()),
+        Some(raw) => match raw.get().as_bytes().first() {
+            Some(b'n') => Arguments::Built(Map::new()),
+            Some(b'{') => {
+                let from = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+                Arguments::Json(from..from + raw.get().len())
+            }
+            Some(b'"') => {
+                let encoded = serde_json::from_str::<Cow<'_, str>>(raw.get()).ok()?;
+                Arguments::Built(decode_string_arguments(&encoded).ok()?)
+            }
+            _ => return None,
+        },
+    };
+    Some((name, arguments))
+}
+
+/// The fields of a call object that matter, each left as JSON text; every
+/// value (the ignored ones too) is checked to decode, as reading the whole
+/// body into a `Value` would. A repeated key keeps its last value.
+struct CallFields<'a> {
+    name: Option<&'a RawValue>,
+    arguments: Option<&'a RawValue>,
+    parameters: Option<&'a RawValue>,
+}
+
+impl<'de> Deserialize<'de> for CallFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct CallVisitor;
+        impl<'de> Visitor<'de> for CallVisitor {
+            type Value = CallFields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a tool call object")
+            }
+            fn visit_map<M: MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> std::result::Result<Self::Value, M::Error> {
+                let mut fields = CallFields {
+                    name: None,
+                    arguments: None,
+                    parameters: None,
+                };
+                while let Some(key) = map.next_key::<CallKey>()? {
+                    let slot = match key {
+                        CallKey::Name => &mut fields.name,
+                        CallKey::Arguments => &mut fields.arguments,
+                        CallKey::Parameters => &mut fields.parameters,
+                        CallKey::Other => {
+                            map.next_value::<Checked>()?;
+                            continue;
+                        }
+                    };
+                    let raw: &'de RawValue = map.next_value()?;
+                    serde_json::from_str::<Checked>(raw.get()).map_err(de::Error::custom)?;
+                    *slot = Some(raw);
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(CallVisitor)
+    }
+}
+
+/// A key of a call object, decoded (so checked) without being kept.
+enum CallKey {
+    Name,
+    Arguments,
+    Parameters,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for CallKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = CallKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> std::result::Result<CallKey, E> {
+                Ok(match key {
+                    "name" => CallKey::Name,
+                    "arguments" => CallKey::Arguments,
+                    "parameters" => CallKey::Parameters,
+                    _ => CallKey::Other,
+                })
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Decodes a JSON value and keeps nothing: accepts exactly what decoding it
+/// into a `Value` accepts (escapes, surrogate pairs, number ranges, depth).
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<Checked, S::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<Checked, M::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+}
+
+/// `arguments` given as a JSON-encoded string: blank means none.
+fn decode_string_arguments(encoded: &str) -> std::result::Result<Map<String, Value>, String> {
+    let inner = trim_ascii_ws(encoded);
+    if inner.is_empty() {
+        return Ok(Map::new());
+    }
+    match serde_json::from_str::<Value>(inner) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err("\"arguments\" string is not a JSON object".to_string()),
+        Err(e) => Err(format!("\"arguments\" string is not valid JSON: {e}")),
+    }
+}
+
+/// Reads a Hermes JSON body by decoding all of it into a `Value`.
+fn decode_json_call(body: &str) -> std::result::Result<(String, Map<String, Value>), String> {
     let value: Value = serde_json::from_str(body).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(mut call) = value else {
         return Err("tool call JSON is not an object".to_string());
@@ -417,18 +703,7 @@ fn parse_json_call(body: &str) -> std::result::Result<(String, Map<String, Value
     let arguments = match args {
         Value::Object(m) => m,
         Value::Null => Map::new(),
-        Value::String(s) => {
-            let inner = trim_ascii_ws(&s);
-            if inner.is_empty() {
-                Map::new()
-            } else {
-                match serde_json::from_str::<Value>(inner) {
-                    Ok(Value::Object(m)) => m,
-                    Ok(_) => return Err("\"arguments\" string is not a JSON object".to_string()),
-                    Err(e) => return Err(format!("\"arguments\" string is not valid JSON: {e}")),
-                }
-            }
-        }
+        Value::String(s) => decode_string_arguments(&s)?,
         _ => return Err("\"arguments\" is not an object".to_string()),
     };
     Ok((name, arguments))
@@ -474,12 +749,12 @@ fn push_xml_call(
     text: &str,
     block: &FunctionBlock,
     schemas: Option<&ToolSchemas>,
-    out: &mut ParsedMessage,
+    out: &mut SpannedMessage,
 ) {
     match parse_function_block(text, block, schemas) {
-        Ok((name, arguments)) => out.tool_calls.push(ToolCall {
+        Ok((name, arguments)) => out.tool_calls.push(SpannedCall {
             name,
-            arguments,
+            arguments: Arguments::Built(arguments),
             offset: block.open,
         }),
         Err(reason) => out.errors.push(CallError {
@@ -585,6 +860,7 @@ fn parse_json_literal(t: &str) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
 
     fn parse(text: &str) -> ParsedMessage {
@@ -593,6 +869,90 @@ mod tests {
 
     fn args(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
+    }
+
+    const BODY_PARTS: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        ":",
+        ",",
+        " ",
+        "\"name\"",
+        "\"arguments\"",
+        "\"parameters\"",
+        "\"x\"",
+        "\"f\"",
+        "\"\"",
+        "\"{\\\"a\\\": 1}\"",
+        "\"  \"",
+        "\"\\ud800\"",
+        "\"\\ud83d\\ude00\"",
+        "\"\\u00e9\"",
+        "null",
+        "true",
+        "1",
+        "-2.5e3",
+        "1e400",
+        "18446744073709551616",
+        "\"é\"",
+        "tail",
+    ];
+
+    fn body_from_parts() -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(BODY_PARTS), 0..24)
+            .prop_map(|v| v.concat())
+    }
+
+    fn call_body() -> impl Strategy<Value = String> {
+        // Mostly well-formed calls (the fast path's case), each with random
+        // extra members and values; also free-form bodies.
+        let value = proptest::sample::select(BODY_PARTS);
+        prop_oneof![
+            (value.clone(), value.clone(), value, any::<bool>()).prop_map(
+                |(n, a, extra, alias)| {
+                    let key = if alias { "parameters" } else { "arguments" };
+                    format!("{{\"name\": {n}, \"{key}\": {{\"k\": {a}}}, \"extra\": {extra}}}")
+                }
+            ),
+            body_from_parts().prop_map(|b| format!("{{\"name\": \"f\", \"arguments\": {b}}}")),
+            body_from_parts(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+        /// Where the fast path answers, it answers what decoding the whole
+        /// body into a `Value` gives, and its spans decode.
+        #[test]
+        fn json_call_fast_path_equals_decoding(body in call_body()) {
+            let slow = decode_json_call(&body);
+            if let Some((name, arguments)) = checked_json_call(&body, &body) {
+                let map = arguments.to_map(&body);
+                prop_assert!(map.is_ok(), "{:?}", body);
+                prop_assert_eq!(Ok((name, map.unwrap())), slow.clone(), "{:?}", body);
+            }
+            let (name, arguments) = match parse_json_call(&body, &body) {
+                Ok((name, arguments)) => (name, arguments.to_map(&body)),
+                Err(e) => return {
+                    prop_assert_eq!(Err(e), slow, "{:?}", body);
+                    Ok(())
+                },
+            };
+            prop_assert_eq!(Ok((name, arguments.unwrap())), slow, "{:?}", body);
+        }
+    }
+
+    #[test]
+    fn usual_calls_take_the_fast_path_and_keep_a_span() {
+        let text = "x <tool_call>{\"name\": \"f\", \"arguments\": {\"a\": [1, {\"b\": null}]}}</tool_call>";
+        let m = parse_tool_call_spans(text, Format::Auto, None);
+        let Arguments::Json(span) = &m.tool_calls[0].arguments else {
+            panic!("expected a span: {m:?}");
+        };
+        assert_eq!(&text[span.clone()], "{\"a\": [1, {\"b\": null}]}");
+        assert_eq!(m.into_message(text), parse(text));
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Bindings of `turnrl_core::parse`: one message, or many in parallel with
 //! the GIL released.
 
+use std::cell::RefCell;
+
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyList, PyString};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
-use turnrl_core::parse::{self as core, Format, ParamType, ToolSchemas};
+use turnrl_core::parse::{self as core, Arguments, Format, ParamType, ToolSchemas};
 use turnrl_core::Error;
 
 use crate::errors::{detached, to_pyerr};
@@ -19,9 +22,13 @@ const DETACH_MIN_BYTES: usize = 16 * 1024;
 ///
 /// Python objects are built on first access of each attribute and cached, so
 /// a caller that reads only `.tool_calls` or `.errors` pays for nothing else.
+/// JSON arguments stay text in the message (which this object keeps alive)
+/// until `.tool_calls` is read, and are then decoded straight into Python
+/// objects.
 #[pyclass(frozen, module = "turnrl._core", name = "ParsedMessage")]
 pub struct ParsedMessage {
-    parsed: core::ParsedMessage,
+    text: PyBackedStr,
+    parsed: core::SpannedMessage,
     content: PyOnceLock<Py<PyString>>,
     reasoning: PyOnceLock<Option<Py<PyString>>>,
     tool_calls: PyOnceLock<Py<PyList>>,
@@ -30,8 +37,9 @@ pub struct ParsedMessage {
 }
 
 impl ParsedMessage {
-    fn new(parsed: core::ParsedMessage) -> Self {
+    fn new(text: PyBackedStr, parsed: core::SpannedMessage) -> Self {
         Self {
+            text,
             parsed,
             content: PyOnceLock::new(),
             reasoning: PyOnceLock::new(),
@@ -75,10 +83,11 @@ impl ParsedMessage {
             for call in &self.parsed.tool_calls {
                 let d = PyDict::new(py);
                 d.set_item(pyo3::intern!(py, "name"), PyString::new(py, &call.name))?;
-                d.set_item(
-                    pyo3::intern!(py, "arguments"),
-                    map_to_py(py, &call.arguments)?,
-                )?;
+                let arguments = match &call.arguments {
+                    Arguments::Json(span) => json_to_py(py, &self.text[span.clone()])?,
+                    Arguments::Built(map) => map_to_py(py, map)?.into_any(),
+                };
+                d.set_item(pyo3::intern!(py, "arguments"), arguments)?;
                 list.append(d)?;
             }
             Ok(list.unbind())
@@ -129,15 +138,22 @@ impl ParsedMessage {
         match other.cast::<ParsedMessage>() {
             Ok(other) => {
                 // Call offsets are not attributes, so they take no part.
-                let (a, b) = (&self.parsed, &other.get().parsed);
+                let other = other.get();
+                let (a, b) = (&self.parsed, &other.parsed);
                 a.content == b.content
                     && a.reasoning == b.reasoning
                     && a.errors == b.errors
                     && a.tool_calls.len() == b.tool_calls.len()
-                    && a.tool_calls
-                        .iter()
-                        .zip(&b.tool_calls)
-                        .all(|(x, y)| x.name == y.name && x.arguments == y.arguments)
+                    && a.tool_calls.iter().zip(&b.tool_calls).all(|(x, y)| {
+                        x.name == y.name
+                            && match (
+                                x.arguments.to_map(&self.text),
+                                y.arguments.to_map(&other.text),
+                            ) {
+                                (Ok(p), Ok(q)) => p == q,
+                                _ => false,
+                            }
+                    })
             }
             Err(_) => false,
         }
@@ -192,8 +208,105 @@ fn map_to_py<'py>(
     Ok(dict)
 }
 
-fn message_to_py(py: Python<'_>, m: core::ParsedMessage) -> PyResult<Py<ParsedMessage>> {
-    Py::new(py, ParsedMessage::new(m))
+/// JSON text (checked by the parser) -> Python objects, built as serde_json
+/// reads it, with the same types as [`value_to_py`] gives.
+fn json_to_py<'py>(py: Python<'py>, json: &str) -> PyResult<Bound<'py, PyAny>> {
+    let failure = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_str(json);
+    match (PyJson {
+        py,
+        failure: &failure,
+    })
+    .deserialize(&mut de)
+    {
+        Ok(obj) => Ok(obj),
+        Err(e) => Err(failure
+            .into_inner()
+            .unwrap_or_else(|| to_pyerr(py, Error::invalid(format!("arguments: {e}"))))),
+    }
+}
+
+/// Builds one JSON value as a Python object; a Python error met on the way
+/// is kept in `failure` (serde's error type cannot carry it).
+#[derive(Clone, Copy)]
+struct PyJson<'py, 'f> {
+    py: Python<'py>,
+    failure: &'f RefCell<Option<PyErr>>,
+}
+
+impl PyJson<'_, '_> {
+    fn fail<E: de::Error>(&self, err: PyErr) -> E {
+        let message = err.to_string();
+        *self.failure.borrow_mut() = Some(err);
+        E::custom(message)
+    }
+}
+
+impl<'de, 'py> DeserializeSeed<'de> for PyJson<'py, '_> {
+    type Value = Bound<'py, PyAny>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, 'py> Visitor<'de> for PyJson<'py, '_> {
+    type Value = Bound<'py, PyAny>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<Self::Value, E> {
+        Ok(PyBool::new(self.py, b).to_owned().into_any())
+    }
+
+    fn visit_i64<E: de::Error>(self, i: i64) -> Result<Self::Value, E> {
+        let Ok(int) = i.into_pyobject(self.py);
+        Ok(int.into_any())
+    }
+
+    fn visit_u64<E: de::Error>(self, u: u64) -> Result<Self::Value, E> {
+        let Ok(int) = u.into_pyobject(self.py);
+        Ok(int.into_any())
+    }
+
+    fn visit_f64<E: de::Error>(self, x: f64) -> Result<Self::Value, E> {
+        Ok(PyFloat::new(self.py, x).into_any())
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(PyString::new(self.py, s).into_any())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(self.py.None().into_bound(self.py))
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+        let list = PyList::empty(self.py);
+        while let Some(item) = seq.next_element_seed(self)? {
+            list.append(item).map_err(|e| self.fail(e))?;
+        }
+        Ok(list.into_any())
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+        let dict = PyDict::new(self.py);
+        while let Some(key) = map.next_key_seed(self)? {
+            let value = map.next_value_seed(self)?;
+            dict.set_item(key, value).map_err(|e| self.fail(e))?;
+        }
+        Ok(dict.into_any())
+    }
+}
+
+fn message_to_py(
+    py: Python<'_>,
+    text: PyBackedStr,
+    m: core::SpannedMessage,
+) -> PyResult<Py<ParsedMessage>> {
+    Py::new(py, ParsedMessage::new(text, m))
 }
 
 /// OpenAI function schemas (`{"type": "function", "function": {...}}` or the
@@ -277,19 +390,19 @@ fn read_options(
 #[pyo3(signature = (text, fmt="auto", tools=None))]
 pub fn parse_tool_calls(
     py: Python<'_>,
-    text: &str,
+    text: PyBackedStr,
     fmt: &str,
     tools: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<Py<ParsedMessage>> {
     let (format, schemas) = read_options(py, fmt, tools)?;
     let parsed = if text.len() >= DETACH_MIN_BYTES {
         detached(py, || {
-            Ok(core::parse_tool_calls(text, format, schemas.as_ref()))
+            Ok(core::parse_tool_call_spans(&text, format, schemas.as_ref()))
         })?
     } else {
-        core::parse_tool_calls(text, format, schemas.as_ref())
+        core::parse_tool_call_spans(&text, format, schemas.as_ref())
     };
-    message_to_py(py, parsed)
+    message_to_py(py, text, parsed)
 }
 
 /// Parses many messages in parallel without the GIL (see
@@ -304,11 +417,15 @@ pub fn parse_tool_calls_batch(
 ) -> PyResult<Vec<Py<ParsedMessage>>> {
     let (format, schemas) = read_options(py, fmt, tools)?;
     let parsed = detached(py, || {
-        Ok(core::parse_tool_calls_batch(
+        Ok(core::parse_tool_call_spans_batch(
             &texts,
             format,
             schemas.as_ref(),
         ))
     })?;
-    parsed.into_iter().map(|m| message_to_py(py, m)).collect()
+    texts
+        .into_iter()
+        .zip(parsed)
+        .map(|(text, m)| message_to_py(py, text, m))
+        .collect()
 }
