@@ -382,7 +382,8 @@ def test_json_arguments_are_decoded_like_json_loads() -> None:
     )
     m = turnrl.parse_tool_calls(f'<tool_call>{{"name": "f", "arguments": {args}}}</tool_call>')
     assert strict_equal(m.tool_calls[0]["arguments"], json.loads(args))
-    assert m == turnrl.parse_tool_calls(f'<tool_call>{{"arguments": {args}, "name": "f"}}</tool_call>')
+    reordered = f'<tool_call>{{"arguments": {args}, "name": "f"}}</tool_call>'
+    assert m == turnrl.parse_tool_calls(reordered)
 
 
 def test_lone_surrogates_are_rejected_clearly() -> None:
