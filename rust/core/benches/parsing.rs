@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
-use turnrl_core::parse::{parse_tool_calls, parse_tool_calls_batch, Format};
+use turnrl_core::parse::{parse_tool_call_spans, parse_tool_calls, parse_tool_calls_batch, Format};
 
 const WORDS: &[&str] = &[
     "the",
@@ -124,6 +124,15 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 for t in &texts {
                     black_box(parse_tool_calls(black_box(t), Format::Auto, None));
+                }
+            })
+        });
+        // JSON arguments checked and left as spans (what the Python
+        // bindings call; they decode a span when `.tool_calls` is read).
+        group.bench_function("spans_single_thread", |b| {
+            b.iter(|| {
+                for t in &texts {
+                    black_box(parse_tool_call_spans(black_box(t), Format::Auto, None));
                 }
             })
         });

@@ -138,13 +138,30 @@ impl Arguments {
     pub fn to_map(&self, text: &str) -> std::result::Result<Map<String, Value>, String> {
         match self {
             Arguments::Built(map) => Ok(map.clone()),
-            Arguments::Json(range) => text
-                .get(range.clone())
-                .ok_or_else(|| format!("arguments span {range:?} is outside the text"))
-                .and_then(|json| serde_json::from_str(json).map_err(|e| e.to_string())),
+            Arguments::Json(range) => decode_span(text, range),
+        }
+    }
+
+    /// [`Arguments::to_map`] that moves a built map instead of copying it.
+    pub fn into_map(self, text: &str) -> std::result::Result<Map<String, Value>, String> {
+        match self {
+            Arguments::Built(map) => Ok(map),
+            Arguments::Json(range) => decode_span(text, &range),
         }
     }
 }
+
+fn decode_span(
+    text: &str,
+    range: &Range<usize>,
+) -> std::result::Result<Map<String, Value>, String> {
+    let json = text
+        .get(range.clone())
+        .ok_or_else(|| format!("arguments span {range:?} is outside the text"))?;
+    serde_json::from_str(json).map_err(|e| e.to_string())
+}
+
+impl Arguments {}
 
 /// One parsed call whose JSON arguments are still text.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,7 +189,7 @@ impl SpannedMessage {
         let errors_before = errors.len();
         let mut tool_calls = Vec::with_capacity(self.tool_calls.len());
         for call in self.tool_calls {
-            match call.arguments.to_map(text) {
+            match call.arguments.into_map(text) {
                 Ok(arguments) => tool_calls.push(ToolCall {
                     name: call.name,
                     arguments,
@@ -325,7 +342,12 @@ fn find_first_tag(text: &str, from: usize, to: usize, tags: &[&str]) -> Option<(
 
 /// Parses one assistant message. Never panics; linear in `text`.
 pub fn parse_tool_calls(text: &str, fmt: Format, schemas: Option<&ToolSchemas>) -> ParsedMessage {
-    parse_tool_call_spans(text, fmt, schemas).into_message(text)
+    let options = Options {
+        fmt,
+        schemas,
+        json_spans: false,
+    };
+    parse_message(text, options).into_message(text)
 }
 
 /// [`parse_tool_calls`] without decoding JSON arguments: each is checked
@@ -336,6 +358,25 @@ pub fn parse_tool_call_spans(
     fmt: Format,
     schemas: Option<&ToolSchemas>,
 ) -> SpannedMessage {
+    let options = Options {
+        fmt,
+        schemas,
+        json_spans: true,
+    };
+    parse_message(text, options)
+}
+
+#[derive(Clone, Copy)]
+struct Options<'s> {
+    fmt: Format,
+    schemas: Option<&'s ToolSchemas>,
+    /// Leave JSON arguments as spans (else decode them while parsing, in
+    /// one pass, for callers that want `Value`s).
+    json_spans: bool,
+}
+
+fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
+    let Options { fmt, schemas, .. } = options;
     let mut out = SpannedMessage::default();
     let mut content = String::new();
     let mut reasoning: Option<String> = None;
@@ -377,7 +418,7 @@ pub fn parse_tool_call_spans(
                         Some((p, _)) => (p, p),
                         None => (text.len(), text.len()),
                     };
-                parse_call_body(text, at, start, end, fmt, schemas, &mut out);
+                parse_call_body(text, at, start, end, options, &mut out);
                 pos = next;
             }
             _ => {
@@ -426,10 +467,10 @@ fn parse_call_body(
     tag_at: usize,
     start: usize,
     end: usize,
-    fmt: Format,
-    schemas: Option<&ToolSchemas>,
+    options: Options<'_>,
     out: &mut SpannedMessage,
 ) {
+    let Options { fmt, schemas, .. } = options;
     let body = trim_ascii_ws(&text[start..end]);
     let fail = |out: &mut SpannedMessage, reason: String| {
         out.errors.push(CallError {
@@ -446,7 +487,7 @@ fn parse_call_body(
         Format::Auto => body.starts_with(FUNCTION_OPEN),
     };
     if !xml {
-        return match parse_json_call(text, body) {
+        return match parse_json_call(text, body, options.json_spans) {
             Ok((name, arguments)) => out.tool_calls.push(SpannedCall {
                 name,
                 arguments,
@@ -500,14 +541,21 @@ fn strip_fence(body: &str) -> &str {
     trim_ascii_ws(rest)
 }
 
-/// Reads a Hermes JSON body (`body` lies inside `text`). The usual body is
-/// checked in one pass that builds nothing and leaves the arguments as a
-/// span; anything else (and every error) goes through [`decode_json_call`],
-/// whose messages and results the fast path must equal where it answers.
-fn parse_json_call(text: &str, body: &str) -> std::result::Result<(String, Arguments), String> {
+/// Reads a Hermes JSON body (`body` lies inside `text`). With `json_spans`
+/// the usual body is checked in one pass that builds nothing and leaves the
+/// arguments as a span; anything else (and every error) goes through
+/// [`decode_json_call`], whose messages and results the fast path must equal
+/// where it answers.
+fn parse_json_call(
+    text: &str,
+    body: &str,
+    json_spans: bool,
+) -> std::result::Result<(String, Arguments), String> {
     let body = strip_fence(body);
-    if let Some(call) = checked_json_call(text, body) {
-        return Ok(call);
+    if json_spans {
+        if let Some(call) = checked_json_call(text, body) {
+            return Ok(call);
+        }
     }
     decode_json_call(body).map(|(name, map)| (name, Arguments::Built(map)))
 }
@@ -933,7 +981,7 @@ mod tests {
                 prop_assert!(map.is_ok(), "{:?}", body);
                 prop_assert_eq!(Ok((name, map.unwrap())), slow.clone(), "{:?}", body);
             }
-            let (name, arguments) = match parse_json_call(&body, &body) {
+            let (name, arguments) = match parse_json_call(&body, &body, true) {
                 Ok((name, arguments)) => (name, arguments.to_map(&body)),
                 Err(e) => return {
                     prop_assert_eq!(Err(e), slow, "{:?}", body);
@@ -952,7 +1000,18 @@ mod tests {
             panic!("expected a span: {m:?}");
         };
         assert_eq!(&text[span.clone()], "{\"a\": [1, {\"b\": null}]}");
-        assert_eq!(m.into_message(text), parse(text));
+        assert_eq!(m.clone().into_message(text), parse(text));
+        let copied: Vec<_> = m
+            .tool_calls
+            .iter()
+            .map(|c| c.arguments.to_map(text))
+            .collect();
+        let moved: Vec<_> = m
+            .tool_calls
+            .into_iter()
+            .map(|c| c.arguments.into_map(text))
+            .collect();
+        assert_eq!(copied, moved);
     }
 
     #[test]
