@@ -42,6 +42,9 @@ type Scan<T> = std::result::Result<T, String>;
 pub(super) struct Cursor<'a> {
     s: &'a [u8],
     i: usize,
+    /// False when `s` runs on past the line (a block read line by line in
+    /// one pass): a newline then ends the record instead of being space.
+    newline_is_space: bool,
 }
 
 /// Bitmasks of one 64-byte window: bit j says `chunk[j]` is a quote, a
@@ -219,7 +222,21 @@ fn escaped_bits(backslash: u64, carry: &mut u64) -> u64 {
 
 impl<'a> Cursor<'a> {
     pub(super) fn new(line: &'a [u8]) -> Self {
-        Cursor { s: line, i: 0 }
+        Cursor {
+            s: line,
+            i: 0,
+            newline_is_space: true,
+        }
+    }
+
+    /// A cursor at the start of a line within `rest`, which runs on to the
+    /// end of the block.
+    pub(super) fn at_line_start(rest: &'a [u8]) -> Self {
+        Cursor {
+            s: rest,
+            i: 0,
+            newline_is_space: false,
+        }
     }
 
     /// `s[from..to]` as text, for ranges this scanner has read: ASCII
@@ -238,8 +255,12 @@ impl<'a> Cursor<'a> {
     }
 
     fn ws(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
-            self.i += 1;
+        loop {
+            match self.peek() {
+                Some(b' ' | b'\t' | b'\r') => self.i += 1,
+                Some(b'\n') if self.newline_is_space => self.i += 1,
+                _ => return,
+            }
         }
     }
 
@@ -675,6 +696,30 @@ impl<'a> Cursor<'a> {
 
     /// Reads a whole line as a record head.
     pub(super) fn record(mut self) -> Scan<RecordHead<'a>> {
+        let head = self.record_fields()?;
+        self.ws();
+        if self.i < self.s.len() {
+            return Err(self.syntax("trailing characters after the record"));
+        }
+        Ok(head)
+    }
+
+    /// The line at the start of the block rest this cursor reads: `Some` with
+    /// its record head (`None` for a blank line) and the line's length, when
+    /// the line is a record that ends where the line ends; `None` when the
+    /// caller must find the line's end and read it on its own (a bad line,
+    /// whose error message is written from the line alone).
+    pub(super) fn line_in_block(mut self) -> Option<(Option<RecordHead<'a>>, usize)> {
+        self.ws();
+        if matches!(self.peek(), None | Some(b'\n')) {
+            return Some((None, self.i));
+        }
+        let head = self.record_fields().ok()?;
+        self.ws();
+        matches!(self.peek(), None | Some(b'\n')).then_some((Some(head), self.i))
+    }
+
+    fn record_fields(&mut self) -> Scan<RecordHead<'a>> {
         let (mut schema, mut task_id, mut group) = (None, None, None);
         let (mut sample, mut outcome, mut turns) = (None, None, None);
         self.object(&|| "the line".into(), |c, key| {
@@ -689,10 +734,6 @@ impl<'a> Cursor<'a> {
                 _ => c.skip_value(1),
             }
         })?;
-        self.ws();
-        if self.i < self.s.len() {
-            return Err(self.syntax("trailing characters after the record"));
-        }
         let missing = |f: &str| format!("bad record: missing field `{f}`");
         Ok(RecordHead {
             schema: schema.ok_or_else(|| missing("schema"))?,
