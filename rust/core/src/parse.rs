@@ -440,12 +440,7 @@ pub fn parse_tool_calls_batch<S: AsRef<str> + Sync>(
     fmt: Format,
     schemas: Option<&ToolSchemas>,
 ) -> Vec<ParsedMessage> {
-    use rayon::prelude::*;
-    texts
-        .par_iter()
-        .with_min_len(16)
-        .map(|t| parse_tool_calls(t.as_ref(), fmt, schemas))
-        .collect()
+    in_parallel(texts, |t| parse_tool_calls(t, fmt, schemas))
 }
 
 /// [`parse_tool_call_spans`] of many messages in parallel (rayon).
@@ -454,11 +449,19 @@ pub fn parse_tool_call_spans_batch<S: AsRef<str> + Sync>(
     fmt: Format,
     schemas: Option<&ToolSchemas>,
 ) -> Vec<SpannedMessage> {
+    in_parallel(texts, |t| parse_tool_call_spans(t, fmt, schemas))
+}
+
+fn in_parallel<S: AsRef<str> + Sync, T: Send>(
+    texts: &[S],
+    parse: impl Fn(&str) -> T + Sync,
+) -> Vec<T> {
     use rayon::prelude::*;
+    // Messages are small: a task per message would cost more than it parses.
     texts
         .par_iter()
         .with_min_len(16)
-        .map(|t| parse_tool_call_spans(t.as_ref(), fmt, schemas))
+        .map(|t| parse(t.as_ref()))
         .collect()
 }
 
