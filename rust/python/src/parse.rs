@@ -84,7 +84,17 @@ impl ParsedMessage {
                 let d = PyDict::new(py);
                 d.set_item(pyo3::intern!(py, "name"), PyString::new(py, &call.name))?;
                 let arguments = match &call.arguments {
-                    Arguments::Json(span) => json_to_py(py, &self.text[span.clone()])?,
+                    Arguments::Json(span) => {
+                        let json = self.text.get(span.clone()).ok_or_else(|| {
+                            to_pyerr(
+                                py,
+                                Error::invalid(format!(
+                                    "arguments span {span:?} is outside the message"
+                                )),
+                            )
+                        })?;
+                        json_to_py(py, json)?
+                    }
                     Arguments::Built(map) => map_to_py(py, map)?.into_any(),
                 };
                 d.set_item(pyo3::intern!(py, "arguments"), arguments)?;
