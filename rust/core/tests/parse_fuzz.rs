@@ -1,9 +1,13 @@
 //! No input may panic or hang the tool-call parser: arbitrary bytes and
 //! strings, and valid messages mutated (truncated, bytes flipped, tags
-//! inserted), checked against invariants that hold for any input.
+//! inserted), checked against invariants that hold for any input. The span
+//! form (what the Python bindings call) must give the same message once its
+//! spans are decoded.
 
 use proptest::prelude::*;
-use turnrl_core::parse::{parse_tool_calls, Format, ParamType, ToolSchemas};
+use turnrl_core::parse::{
+    parse_tool_call_spans, parse_tool_calls, Arguments, Format, ParamType, ToolSchemas,
+};
 
 const TAGS: &[&str] = &[
     "<tool_call>",
@@ -112,6 +116,14 @@ fn check_invariants(text: &str) {
     for fmt in FORMATS {
         for s in [None, Some(&schemas)] {
             let m = parse_tool_calls(text, fmt, s);
+            let spans = parse_tool_call_spans(text, fmt, s);
+            for c in &spans.tool_calls {
+                if let Arguments::Json(span) = &c.arguments {
+                    let json = text.get(span.clone()).expect("span inside the text");
+                    assert!(json.starts_with('{') && json.ends_with('}'), "{json:?}");
+                }
+            }
+            assert_eq!(spans.into_message(text), m, "{text:?}");
             assert!(m.content.len() <= text.len());
             let mut last = None;
             for e in &m.errors {
