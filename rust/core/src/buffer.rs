@@ -1301,7 +1301,7 @@ mod tests {
         #[test]
         fn one_pass_equals_line_by_line(
             pieces in proptest::collection::vec(0usize..14, 0..30),
-            cut in 0usize..2000,
+            cut in 0usize..64,
         ) {
             let good = record("t", "g", 1, 1.0, &[A_READ, A_GOLD, USER].join(","));
             let mut data = Vec::new();
@@ -1323,7 +1323,8 @@ mod tests {
                     _ => data.extend_from_slice(record("u", "g2", 3, 0.0, TOOL).as_bytes()),
                 }
             }
-            data.truncate(cut.max(data.len().saturating_sub(cut)));
+            // Up to 63 bytes off the end: the last line cut anywhere.
+            data.truncate(data.len().saturating_sub(cut));
             let (fused, reference) = (parse_lines(7, &data), parse_lines_one_by_one(7, &data));
             let columns = |p: &Part| {
                 let names = |d: &Dict, codes: &[u32]| -> Vec<String> {
