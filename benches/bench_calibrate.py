@@ -1,11 +1,14 @@
 """Offline IRC over a large rollout buffer: turnrl vs a Python pipeline.
 
     python benches/bench_calibrate.py [--megabytes 1024] [--workers 2] [--dir /tmp/x]
+                                      [--line-writes]
 
-Generates a turnrl.rollout/1 buffer with planted tiers (kept in --dir, reused
-when present), then times the same job both ways: read every line, per-tier
-sums, point-biserial correlations, rewards from them, and one direction
-check of the GTPO hybrid with those rewards.
+Generates a turnrl.rollout/1 buffer with planted tiers, written by
+turnrl.RolloutWriter as a training run writes one (kept in --dir, reused
+when present; ``--line-writes`` writes the same bytes one write() per line,
+which the page cache keeps in small pages), then times the same job both
+ways: read every line, per-tier sums, point-biserial correlations, rewards
+from them, and one direction check of the GTPO hybrid with those rewards.
 
 - turnrl: ``turnrl.irc.load_buffers`` (Rust reader, ``--workers`` threads),
   ``TierStats`` in Rust, ``compute_advantages`` in Rust;
@@ -19,6 +22,7 @@ Both must agree on every correlation before any time is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -32,6 +36,7 @@ from scipy import stats as scipy_stats
 sys.path.insert(0, str(Path(__file__).parent))
 from advantage_baselines import numpy_gtpo_hybrid
 
+from turnrl import RolloutWriter
 from turnrl.calibration import DEFAULT_TIERS, direction_check, rewards_from_correlations
 from turnrl.irc import load_buffers
 
@@ -46,9 +51,16 @@ TOOLS = [
 TIER_CODE = {name: code for code, name in enumerate(DEFAULT_TIERS)}
 
 
-def generate(path: Path, megabytes: int, seed: int = 0) -> None:
+def generate(path: Path, megabytes: int, seed: int = 0, line_writes: bool = False) -> None:
     """Write about ``megabytes`` MB: groups of 8, 2-16 assistant turns, tool
-    results of 0.2-3 KB, gold predictive of success, error of failure."""
+    results of 0.2-3 KB, gold predictive of success, error of failure.
+
+    The buffer is written by ``turnrl.RolloutWriter``, as a training run
+    writes one. With ``line_writes`` it is written one ``write()`` per line
+    instead: the same bytes, but the page cache then keeps the file in small
+    pages, which makes copying it back out of the cache about twice as slow
+    for any reader (see benches/RESULTS.md).
+    """
     rng = random.Random(seed)
     # Tool results are JSON text (as tau-bench's tools return), so inside a
     # rollout line they are strings full of escaped quotes.
@@ -77,7 +89,8 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> None:
     written = 0
     index = 0
     tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as fh:
+    writer = None if line_writes else RolloutWriter(path, compress=None)
+    with tmp.open("wb") if line_writes else contextlib.nullcontext() as fh:
         while written < target:
             task = index // 8
             success = rng.random() < 0.45
@@ -121,10 +134,16 @@ def generate(path: Path, megabytes: int, seed: int = 0) -> None:
                 "meta": {},
             }
             line = orjson.dumps(record) + b"\n"
-            fh.write(line)
+            if fh is not None:
+                fh.write(line)
+            else:
+                writer.write(record)
             written += len(line)
             index += 1
-    tmp.rename(path)
+    if writer is not None:
+        writer.close()
+    else:
+        tmp.rename(path)
 
 
 def turnrl_pipeline(path: Path, workers: int):
@@ -170,14 +189,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--dir", default="/tmp/turnrl-bench")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--line-writes",
+        action="store_true",
+        help="write the buffer one write() per line instead of with turnrl.RolloutWriter",
+    )
     args = parser.parse_args()
 
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"irc-{args.megabytes}mb-v2.jsonl"
+    layout = "-line-writes" if args.line_writes else ""
+    path = folder / f"irc-{args.megabytes}mb-v3{layout}.jsonl"
     if not path.exists():
         start = time.perf_counter()
-        generate(path, args.megabytes)
+        generate(path, args.megabytes, line_writes=args.line_writes)
         print(f"generated {path} in {time.perf_counter() - start:.1f} s")
     size_mb = path.stat().st_size / 1e6
 
@@ -201,7 +226,8 @@ def main() -> None:
     t_turnrl = best(lambda: turnrl_pipeline(path, args.workers))
     t_one = best(lambda: turnrl_pipeline(path, 1))
     t_python = best(lambda: python_pipeline(path))
-    print(f"buffer {size_mb:.0f} MB, {os.cpu_count()} cores")
+    how = "one write() per line" if args.line_writes else "written by turnrl.RolloutWriter"
+    print(f"buffer {size_mb:.0f} MB ({how}), {os.cpu_count()} cores")
     print(f"{'pipeline':<28} {'seconds':>8} {'MB/s':>8} {'x python':>9}")
     for name, t in (
         (f"turnrl ({args.workers} workers)", t_turnrl),
