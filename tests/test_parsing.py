@@ -265,6 +265,7 @@ SCALARS = (
     st.none()
     | st.booleans()
     | st.integers(-(2**53), 2**53)
+    | st.integers()  # beyond 64 bits too: ints stay exact
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12)
 )

@@ -23,10 +23,14 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
   array takes that type and anything else stays a string.
 * ``.content`` is the text outside reasoning and calls, trimmed of ASCII
   whitespace.
+* JSON numbers keep their type: integers are ints, exact at any size (as
+  ``json.loads`` reads them), and everything else is a float (``-0`` reads
+  as ``-0.0``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +41,20 @@ __all__ = ["ParsedMessage", "ToolCallFormat", "parse_tool_calls", "parse_tool_ca
 
 ToolCallFormat = Literal["auto", "hermes", "qwen3_coder"]
 """Accepted values of ``fmt``."""
+
+
+def _json_int(literal: str) -> int | float:
+    # The Rust side reads the literal -0 as the float -0.0 (serde_json does).
+    return -0.0 if literal == "-0" else int(literal)
+
+
+def _loads_exact(text: str) -> Any:
+    """Arguments holding an integer beyond 64 bits, decoded with exact ints.
+
+    Called by the extension for the rare JSON text whose integers its own
+    decoder would turn into floats; the text has been checked already.
+    """
+    return json.loads(text, parse_int=_json_int)
 
 
 def parse_tool_calls(

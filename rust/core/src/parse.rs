@@ -128,8 +128,11 @@ pub enum Arguments {
     /// A JSON object written in the message, at this byte range of the
     /// input. It is known to decode into a `Map` exactly as written.
     Json(Range<usize>),
-    /// Arguments the parser built: Qwen3-Coder parameters, an object given
-    /// as a JSON-encoded string, or none given (empty).
+    /// A JSON object given as a JSON-encoded string, decoded to its text
+    /// (trimmed); known to decode into a `Map` like [`Arguments::Json`].
+    Encoded(String),
+    /// Arguments the parser built: Qwen3-Coder parameters, or none given
+    /// (empty).
     Built(Map<String, Value>),
 }
 
@@ -139,6 +142,7 @@ impl Arguments {
         match self {
             Arguments::Built(map) => Ok(map.clone()),
             Arguments::Json(range) => decode_span(text, range),
+            Arguments::Encoded(json) => decode_object(json),
         }
     }
 
@@ -147,6 +151,7 @@ impl Arguments {
         match self {
             Arguments::Built(map) => Ok(map),
             Arguments::Json(range) => decode_span(text, &range),
+            Arguments::Encoded(json) => decode_object(&json),
         }
     }
 }
@@ -158,6 +163,10 @@ fn decode_span(
     let json = text
         .get(range.clone())
         .ok_or_else(|| format!("arguments span {range:?} is outside the text"))?;
+    decode_object(json)
+}
+
+fn decode_object(json: &str) -> std::result::Result<Map<String, Value>, String> {
     serde_json::from_str(json).map_err(|e| e.to_string())
 }
 
@@ -590,7 +599,14 @@ fn checked_json_call(text: &str, body: &str) -> Option<(String, Arguments)> {
             }
             Some(b'"') => {
                 let encoded = serde_json::from_str::<Cow<'_, str>>(raw.get()).ok()?;
-                Arguments::Built(decode_string_arguments(&encoded).ok()?)
+                let inner = trim_ascii_ws(&encoded);
+                if inner.is_empty() {
+                    Arguments::Built(Map::new())
+                } else if inner.starts_with('{') && serde_json::from_str::<Checked>(inner).is_ok() {
+                    Arguments::Encoded(inner.to_string())
+                } else {
+                    return None;
+                }
             }
             _ => return None,
         },

@@ -1,7 +1,7 @@
 //! Bindings of `turnrl_core::parse`: one message, or many in parallel with
 //! the GIL released.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
@@ -95,6 +95,7 @@ impl ParsedMessage {
                         })?;
                         json_to_py(py, json)?
                     }
+                    Arguments::Encoded(json) => json_to_py(py, json)?,
                     Arguments::Built(map) => map_to_py(py, map)?.into_any(),
                 };
                 d.set_item(pyo3::intern!(py, "arguments"), arguments)?;
@@ -219,16 +220,27 @@ fn map_to_py<'py>(
 }
 
 /// JSON text (checked by the parser) -> Python objects, built as serde_json
-/// reads it, with the same types as [`value_to_py`] gives.
+/// reads it: the types of [`value_to_py`], except that an integer beyond 64
+/// bits stays an exact int (serde_json reads it as a float).
 fn json_to_py<'py>(py: Python<'py>, json: &str) -> PyResult<Bound<'py, PyAny>> {
     let failure = RefCell::new(None);
+    let maybe_big_int = Cell::new(false);
     let mut de = serde_json::Deserializer::from_str(json);
-    match (PyJson {
+    let built = PyJson {
         py,
         failure: &failure,
-    })
-    .deserialize(&mut de)
-    {
+        maybe_big_int: &maybe_big_int,
+    }
+    .deserialize(&mut de);
+    match built {
+        // Rare: the text is read again by Python's json module, whose ints
+        // are exact (`turnrl.parsing._loads_exact`).
+        Ok(_) if maybe_big_int.get() => {
+            static LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+            LOADS
+                .import(py, "turnrl.parsing", "_loads_exact")?
+                .call1((json,))
+        }
         Ok(obj) => Ok(obj),
         Err(e) => Err(failure
             .into_inner()
@@ -242,6 +254,9 @@ fn json_to_py<'py>(py: Python<'py>, json: &str) -> PyResult<Bound<'py, PyAny>> {
 struct PyJson<'py, 'f> {
     py: Python<'py>,
     failure: &'f RefCell<Option<PyErr>>,
+    /// Set on an integral float of 2^63 or more: it may have been an
+    /// integer literal too long for 64 bits.
+    maybe_big_int: &'f Cell<bool>,
 }
 
 impl PyJson<'_, '_> {
@@ -282,6 +297,9 @@ impl<'de, 'py> Visitor<'de> for PyJson<'py, '_> {
     }
 
     fn visit_f64<E: de::Error>(self, x: f64) -> Result<Self::Value, E> {
+        if x.abs() >= 9.2e18 && x.fract() == 0.0 {
+            self.maybe_big_int.set(true);
+        }
         Ok(PyFloat::new(self.py, x).into_any())
     }
 
