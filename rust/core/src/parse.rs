@@ -37,6 +37,10 @@
 //! * `fmt` = `auto` decides per call: an XML body starts with `<function=`.
 //! * **Errors.** A call that cannot be read becomes one [`CallError`] holding
 //!   the byte offset of its opening tag; the other calls are kept.
+//! * **Numbers** in [`ToolCall::arguments`] are serde_json's: an integer
+//!   beyond 64 bits becomes a float. [`parse_tool_call_spans`] leaves JSON
+//!   arguments as text, so a caller can read them exactly (the Python
+//!   bindings keep such integers as ints).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
