@@ -381,7 +381,7 @@ fn erfc(x: f64) -> f64 {
     (-x * x).exp() / std::f64::consts::PI.sqrt() / tail
 }
 
-/// The standard normal quantile, by Newton's method on [`normal_cdf`].
+/// The standard normal quantile, by Newton's method on `normal_cdf`.
 pub fn normal_quantile(p: f64) -> f64 {
     if p <= 0.0 {
         return f64::NEG_INFINITY;
