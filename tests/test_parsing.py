@@ -301,6 +301,8 @@ def hermes_call(draw: st.DrawFn) -> str:
 
 XML_VALUES = st.one_of(
     st.integers(-1000, 1000).map(str),
+    st.integers().map(str),  # beyond 64 bits too
+    st.integers().map(lambda n: json.dumps({"n": n})),
     st.sampled_from(["true", "False", "null", "1.5", "[1, 2]", '{"a": 1}', "01234", " x "]),
     st.text(alphabet="ab c\n", max_size=8),
 )
@@ -385,6 +387,22 @@ def test_json_arguments_are_decoded_like_json_loads() -> None:
     assert strict_equal(m.tool_calls[0]["arguments"], json.loads(args))
     reordered = f'<tool_call>{{"arguments": {args}, "name": "f"}}</tool_call>'
     assert m == turnrl.parse_tool_calls(reordered)
+
+
+def test_integers_beyond_64_bits_stay_exact() -> None:
+    # serde_json reads such integers as floats; Python (and vLLM) keep them.
+    big = 123456789012345678901234567890
+    hermes = call("f", {"a": big, "b": -(2**63) - 1, "c": [{"d": 2**64}], "e": 1e20})
+    encoded = call("f", json.dumps({"a": big}))
+    xml = (
+        f"<function=book><parameter=count>{big}</parameter>"
+        f'<parameter=meta>{{"n": {big}}}</parameter><parameter=q>{big}</parameter></function>'
+    )
+    for text in (hermes, encoded, xml):
+        got = assert_matches_reference(text, tools=TOOLS)
+        assert got.tool_calls and not got.errors, got
+    assert turnrl.parse_tool_calls(hermes).tool_calls[0]["arguments"]["a"] == big
+    assert type(turnrl.parse_tool_calls(xml, tools=TOOLS).tool_calls[0]["arguments"]["q"]) is int
 
 
 def test_lone_surrogates_are_rejected_clearly() -> None:

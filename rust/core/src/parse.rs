@@ -132,11 +132,13 @@ pub enum Arguments {
     /// A JSON object written in the message, at this byte range of the
     /// input. It is known to decode into a `Map` exactly as written.
     Json(Range<usize>),
-    /// A JSON object given as a JSON-encoded string, decoded to its text
-    /// (trimmed); known to decode into a `Map` like [`Arguments::Json`].
+    /// The JSON text of an object, known to decode into a `Map` like
+    /// [`Arguments::Json`]: one given as a JSON-encoded string (decoded,
+    /// trimmed), or Qwen3-Coder parameters written as an object, each
+    /// value read as JSON kept as written.
     Encoded(String),
-    /// Arguments the parser built: Qwen3-Coder parameters, or none given
-    /// (empty).
+    /// Arguments the parser built as values: none given (empty), or
+    /// Qwen3-Coder parameters when [`parse_tool_calls`] decodes everything.
     Built(Map<String, Value>),
 }
 
@@ -389,7 +391,7 @@ struct Options<'s> {
 }
 
 fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
-    let Options { fmt, schemas, .. } = options;
+    let Options { fmt, .. } = options;
     let mut out = SpannedMessage::default();
     let mut content = String::new();
     let mut reasoning: Option<String> = None;
@@ -436,7 +438,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
             }
             _ => {
                 let block = function_block(text, at, text.len());
-                push_xml_call(text, &block, schemas, &mut out);
+                push_xml_call(text, &block, options, &mut out);
                 pos = block.next;
             }
         }
@@ -486,7 +488,7 @@ fn parse_call_body(
     options: Options<'_>,
     out: &mut SpannedMessage,
 ) {
-    let Options { fmt, schemas, .. } = options;
+    let Options { fmt, .. } = options;
     let body = trim_ascii_ws(&text[start..end]);
     let fail = |out: &mut SpannedMessage, reason: String| {
         out.errors.push(CallError {
@@ -526,7 +528,7 @@ fn parse_call_body(
     while at < end {
         let block = function_block(text, at, end);
         let before = out.tool_calls.len() + out.errors.len();
-        push_xml_call(text, &block, schemas, out);
+        push_xml_call(text, &block, options, out);
         if first {
             // Errors of the first block carry the `<tool_call>` offset, so one
             // malformed call reports where the call starts.
@@ -819,13 +821,13 @@ fn function_block(text: &str, open: usize, limit: usize) -> FunctionBlock {
 fn push_xml_call(
     text: &str,
     block: &FunctionBlock,
-    schemas: Option<&ToolSchemas>,
+    options: Options<'_>,
     out: &mut SpannedMessage,
 ) {
-    match parse_function_block(text, block, schemas) {
-        Ok((name, arguments)) => out.tool_calls.push(SpannedCall {
+    match parse_function_block(text, block, options.schemas) {
+        Ok((name, parameters)) => out.tool_calls.push(SpannedCall {
             name,
-            arguments: Arguments::Built(arguments),
+            arguments: xml_arguments(parameters, options.json_spans),
             offset: block.open,
         }),
         Err(reason) => out.errors.push(CallError {
@@ -835,11 +837,38 @@ fn push_xml_call(
     }
 }
 
-fn parse_function_block(
-    text: &str,
+/// A function block's name and its parameters, typed, in order.
+type XmlCall<'a> = (String, Vec<(&'a str, XmlTyped<'a>)>);
+
+/// Typed parameters as arguments: a map, or (with `json_text`) the JSON text
+/// of that map, values that were read as JSON written as they were. A
+/// repeated parameter keeps its last value, in either form.
+fn xml_arguments(parameters: Vec<(&str, XmlTyped<'_>)>, json_text: bool) -> Arguments {
+    if !json_text {
+        let mut map = Map::new();
+        for (key, typed) in parameters {
+            map.insert(key.to_string(), typed.into_value());
+        }
+        return Arguments::Built(map);
+    }
+    let mut json = String::from("{");
+    for (i, (key, typed)) in parameters.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        push_json_string(&mut json, key);
+        json.push(':');
+        typed.write_json(&mut json);
+    }
+    json.push('}');
+    Arguments::Encoded(json)
+}
+
+fn parse_function_block<'a>(
+    text: &'a str,
     block: &FunctionBlock,
     schemas: Option<&ToolSchemas>,
-) -> std::result::Result<(String, Map<String, Value>), String> {
+) -> std::result::Result<XmlCall<'a>, String> {
     let bytes = text.as_bytes();
     let name_start = block.open + FUNCTION_OPEN.len();
     let end = block.inner_end;
@@ -849,7 +878,7 @@ fn parse_function_block(
     if name.is_empty() {
         return Err("empty function name".to_string());
     }
-    let mut arguments = Map::new();
+    let mut arguments = Vec::new();
     let mut at = name_start + gt + 1;
     while let Some((p, _)) = find_first_tag(text, at, end, &[PARAMETER_OPEN]) {
         let key_start = p + PARAMETER_OPEN.len();
@@ -871,7 +900,7 @@ fn parse_function_block(
         value = value.strip_prefix('\n').unwrap_or(value);
         value = value.strip_suffix('\n').unwrap_or(value);
         let types = schemas.and_then(|s| s.param_types(name, key));
-        arguments.insert(key.to_string(), type_xml_value(value, types));
+        arguments.push((key, type_xml(value, types)));
         at = next;
     }
     Ok((name.to_string(), arguments))
@@ -887,35 +916,84 @@ fn parse_function_block(
 /// Without a schema for this parameter: `t` read as JSON when that gives a
 /// number, boolean, null, object or array; otherwise the value as a string.
 pub fn type_xml_value(value: &str, types: Option<&[ParamType]>) -> Value {
+    type_xml(value, types).into_value()
+}
+
+/// A Qwen3-Coder value as typed: a JSON literal (kept as written too, so a
+/// caller can read its numbers exactly), a string, a boolean or null.
+enum XmlTyped<'a> {
+    Json(&'a str, Value),
+    Text(&'a str),
+    Bool(bool),
+    Null,
+}
+
+impl XmlTyped<'_> {
+    fn into_value(self) -> Value {
+        match self {
+            XmlTyped::Json(_, v) => v,
+            XmlTyped::Text(s) => Value::String(s.to_string()),
+            XmlTyped::Bool(b) => Value::Bool(b),
+            XmlTyped::Null => Value::Null,
+        }
+    }
+
+    /// The value as JSON text.
+    fn write_json(&self, out: &mut String) {
+        match self {
+            XmlTyped::Json(text, _) => out.push_str(text),
+            XmlTyped::Text(s) => push_json_string(out, s),
+            XmlTyped::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            XmlTyped::Null => out.push_str("null"),
+        }
+    }
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    // Writing a str as JSON cannot fail.
+    out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "null".to_string()));
+}
+
+/// Whether `t`, already read as a JSON number, is written as an integer
+/// (serde_json reads one beyond 64 bits as a float).
+fn is_integer_literal(t: &str) -> bool {
+    !t.contains(['.', 'e', 'E'])
+}
+
+fn type_xml<'a>(value: &'a str, types: Option<&[ParamType]>) -> XmlTyped<'a> {
     let t = trim_ascii_ws(value);
+    let literal = |keep: &dyn Fn(&Value) -> bool| {
+        parse_json_literal(t)
+            .filter(|v| keep(v))
+            .map(|v| XmlTyped::Json(t, v))
+    };
     let Some(types) = types else {
-        return match parse_json_literal(t) {
-            Some(Value::String(_)) | None => Value::String(value.to_string()),
-            Some(v) => v,
-        };
+        return literal(&|v| !v.is_string()).unwrap_or(XmlTyped::Text(value));
     };
     if t == "null" && (types.contains(&ParamType::Null) || !types.contains(&ParamType::String)) {
-        return Value::Null;
+        return XmlTyped::Null;
     }
     for ty in types {
         let typed = match ty {
-            ParamType::String => return Value::String(value.to_string()),
-            ParamType::Integer => parse_json_literal(t).filter(|v| v.is_i64() || v.is_u64()),
-            ParamType::Number => parse_json_literal(t).filter(Value::is_number),
+            ParamType::String => return XmlTyped::Text(value),
+            ParamType::Integer => {
+                literal(&|v| v.is_i64() || v.is_u64() || (v.is_f64() && is_integer_literal(t)))
+            }
+            ParamType::Number => literal(&Value::is_number),
             ParamType::Boolean => match t {
-                "true" | "True" => Some(Value::Bool(true)),
-                "false" | "False" => Some(Value::Bool(false)),
+                "true" | "True" => Some(XmlTyped::Bool(true)),
+                "false" | "False" => Some(XmlTyped::Bool(false)),
                 _ => None,
             },
-            ParamType::Object => parse_json_literal(t).filter(Value::is_object),
-            ParamType::Array => parse_json_literal(t).filter(Value::is_array),
-            ParamType::Null => (t == "null").then_some(Value::Null),
+            ParamType::Object => literal(&Value::is_object),
+            ParamType::Array => literal(&Value::is_array),
+            ParamType::Null => (t == "null").then_some(XmlTyped::Null),
         };
         if let Some(v) = typed {
             return v;
         }
     }
-    Value::String(value.to_string())
+    XmlTyped::Text(value)
 }
 
 fn parse_json_literal(t: &str) -> Option<Value> {
