@@ -94,14 +94,17 @@ impl Format {
     }
 }
 
-/// One parsed call.
+/// One parsed call, its arguments as `A`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
+pub struct Call<A> {
     pub name: String,
-    pub arguments: Map<String, Value>,
+    pub arguments: A,
     /// Byte offset of the call's opening tag in the input.
     pub offset: usize,
 }
+
+/// One parsed call.
+pub type ToolCall = Call<Map<String, Value>>;
 
 /// A call that could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,14 +120,29 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// The parts of one assistant message.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ParsedMessage {
+/// The parts of one assistant message, with calls of type `C`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message<C> {
     pub content: String,
     pub reasoning: Option<String>,
-    pub tool_calls: Vec<ToolCall>,
+    pub tool_calls: Vec<C>,
     pub errors: Vec<CallError>,
 }
+
+// Not derived: a derive would ask `C: Default`.
+impl<C> Default for Message<C> {
+    fn default() -> Self {
+        Message {
+            content: String::new(),
+            reasoning: None,
+            tool_calls: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+/// The parts of one assistant message.
+pub type ParsedMessage = Message<ToolCall>;
 
 /// A call's arguments as [`parse_tool_call_spans`] leaves them.
 #[derive(Debug, Clone, PartialEq)]
@@ -179,23 +197,11 @@ fn decode_object(json: &str) -> std::result::Result<Map<String, Value>, String> 
 impl Arguments {}
 
 /// One parsed call whose JSON arguments are still text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SpannedCall {
-    pub name: String,
-    pub arguments: Arguments,
-    /// Byte offset of the call's opening tag in the input.
-    pub offset: usize,
-}
+pub type SpannedCall = Call<Arguments>;
 
-/// [`ParsedMessage`] with each call's JSON arguments left in the input
-/// (see [`parse_tool_call_spans`]).
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SpannedMessage {
-    pub content: String,
-    pub reasoning: Option<String>,
-    pub tool_calls: Vec<SpannedCall>,
-    pub errors: Vec<CallError>,
-}
+/// [`ParsedMessage`] with each call's JSON arguments left as text (see
+/// [`parse_tool_call_spans`]).
+pub type SpannedMessage = Message<SpannedCall>;
 
 impl SpannedMessage {
     /// Decodes every call's arguments; `text` is the parsed input.
