@@ -7,6 +7,8 @@ use turnrl_core::advantages::{compute_advantages, Batch, Params, ESTIMATORS};
 
 #[path = "support/batch.rs"]
 mod batch;
+#[path = "support/xorshift.rs"]
+mod xorshift;
 use batch::make_batch;
 
 fn bench(c: &mut Criterion) {

@@ -7,14 +7,11 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use turnrl_core::buffer::{read_columns_with_workers, Compression, RolloutWriter};
 
+#[path = "support/xorshift.rs"]
+mod xorshift;
+
 fn make_buffer(dir: &std::path::Path, target_bytes: usize) -> (PathBuf, PathBuf, u64) {
-    let mut state = 0x9E3779B97F4A7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift::xorshift();
     let plain = dir.join("bench.jsonl");
     let packed = dir.join("bench.jsonl.zst");
     let mut wp = RolloutWriter::create(&plain, Compression::None).expect("create");

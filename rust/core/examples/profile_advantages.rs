@@ -5,6 +5,8 @@ use turnrl_core::advantages::{compute_advantages, Batch, Params};
 
 #[path = "../benches/support/batch.rs"]
 mod batch;
+#[path = "../benches/support/xorshift.rs"]
+mod xorshift;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -11,13 +11,7 @@ pub struct Owned {
 
 /// A deterministic batch of about `turns` turns (xorshift, no rand crate).
 pub fn make_batch(turns: usize) -> Owned {
-    let mut state = 0x9E3779B97F4A7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = crate::xorshift::xorshift();
     let mut b = Owned {
         outcome: vec![],
         group: vec![],
