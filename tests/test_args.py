@@ -14,6 +14,7 @@ import args_reference as ref
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strict import strict_equal
 
 import turnrl
 from turnrl.exceptions import InvalidInputError
@@ -109,17 +110,6 @@ def perturbed(draw: st.DrawFn, value: Any, rate: float = 0.15) -> Any:
     return value
 
 
-def strict_eq(a: Any, b: Any) -> bool:
-    """Equality that also checks types and dict key order."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(strict_eq(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(strict_eq(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
-
-
 def as_dict(c: turnrl.ArgComparison) -> dict[str, Any]:
     return {
         "kind": c.kind,
@@ -142,9 +132,9 @@ def test_normalize_matches_reference(value: Any, policy: dict[str, Any]) -> None
     del policy["soft_max_fraction"]
     got = turnrl.normalize_args(value, **policy)
     want = ref.normalize(value, policy["case_fold"], policy["unordered_keys"])
-    assert strict_eq(got, want), (got, want)
+    assert strict_equal(got, want), (got, want)
     # Idempotent, and the normal form compares exact with the original.
-    assert strict_eq(turnrl.normalize_args(got, **policy), got)
+    assert strict_equal(turnrl.normalize_args(got, **policy), got)
     assert turnrl.compare_args(value, got, **policy).kind == "exact"
 
 
@@ -315,7 +305,7 @@ def test_normalize_examples() -> None:
         {"b": " X ", "a": "5", "e": "", "f": 10**30, "g": "0.12345678901234567890", "h": [3.0]},
         case_fold=True,
     )
-    assert strict_eq(
+    assert strict_equal(
         out,
         {"a": 5, "b": "x", "f": "1" + "0" * 30, "g": "0.1234567890123456789", "h": [3]},
     )

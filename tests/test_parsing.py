@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from parsing_reference import parse as ref_parse
+from strict import strict_equal
 
 import turnrl
 
@@ -34,19 +35,6 @@ TOOLS = [
     },
     {"name": "lookup", "parameters": {"properties": {"id": {"type": "string"}}}},
 ]
-
-
-def strict_equal(a: Any, b: Any) -> bool:
-    """Equality that tells 1, 1.0 and True apart."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(strict_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(strict_equal(x, y) for x, y in zip(a, b, strict=False))
-    if isinstance(a, float) and a == 0.0:
-        return str(a) == str(b)
-    return bool(a == b)
 
 
 def assert_matches_reference(
