@@ -830,10 +830,10 @@ fn push_xml_call(
     options: Options<'_>,
     out: &mut SpannedMessage,
 ) {
-    match parse_function_block(text, block, options.schemas) {
-        Ok((name, parameters)) => out.tool_calls.push(SpannedCall {
+    match parse_function_block(text, block, options) {
+        Ok((name, arguments)) => out.tool_calls.push(SpannedCall {
             name,
-            arguments: xml_arguments(parameters, options.json_spans),
+            arguments,
             offset: block.open,
         }),
         Err(reason) => out.errors.push(CallError {
@@ -843,38 +843,55 @@ fn push_xml_call(
     }
 }
 
-/// A function block's name and its parameters, typed, in order.
-type XmlCall<'a> = (String, Vec<(&'a str, XmlTyped<'a>)>);
-
-/// Typed parameters as arguments: a map, or (with `json_text`) the JSON text
-/// of that map, values that were read as JSON written as they were. A
-/// repeated parameter keeps its last value, in either form.
-fn xml_arguments(parameters: Vec<(&str, XmlTyped<'_>)>, json_text: bool) -> Arguments {
-    if !json_text {
-        let mut map = Map::new();
-        for (key, typed) in parameters {
-            map.insert(key.to_string(), typed.into_value());
-        }
-        return Arguments::Built(map);
-    }
-    let mut json = String::from("{");
-    for (i, (key, typed)) in parameters.iter().enumerate() {
-        if i > 0 {
-            json.push(',');
-        }
-        push_json_string(&mut json, key);
-        json.push(':');
-        typed.write_json(&mut json);
-    }
-    json.push('}');
-    Arguments::Encoded(json)
+/// Typed parameters gathered as arguments: a map, or (for the span form)
+/// the JSON text of that map, values that were read as JSON written as they
+/// were. A repeated parameter keeps its last value, in either form.
+enum XmlArguments {
+    Values(Map<String, Value>),
+    Json(String),
 }
 
-fn parse_function_block<'a>(
-    text: &'a str,
+impl XmlArguments {
+    fn new(json_text: bool) -> Self {
+        if json_text {
+            XmlArguments::Json(String::from("{"))
+        } else {
+            XmlArguments::Values(Map::new())
+        }
+    }
+
+    fn push(&mut self, key: &str, typed: XmlTyped<'_>) {
+        match self {
+            XmlArguments::Values(map) => {
+                map.insert(key.to_string(), typed.into_value());
+            }
+            XmlArguments::Json(json) => {
+                if json.len() > 1 {
+                    json.push(',');
+                }
+                push_json_string(json, key);
+                json.push(':');
+                typed.write_json(json);
+            }
+        }
+    }
+
+    fn finish(self) -> Arguments {
+        match self {
+            XmlArguments::Values(map) => Arguments::Built(map),
+            XmlArguments::Json(mut json) => {
+                json.push('}');
+                Arguments::Encoded(json)
+            }
+        }
+    }
+}
+
+fn parse_function_block(
+    text: &str,
     block: &FunctionBlock,
-    schemas: Option<&ToolSchemas>,
-) -> std::result::Result<XmlCall<'a>, String> {
+    options: Options<'_>,
+) -> std::result::Result<(String, Arguments), String> {
     let bytes = text.as_bytes();
     let name_start = block.open + FUNCTION_OPEN.len();
     let end = block.inner_end;
@@ -884,7 +901,7 @@ fn parse_function_block<'a>(
     if name.is_empty() {
         return Err("empty function name".to_string());
     }
-    let mut arguments = Vec::new();
+    let mut arguments = XmlArguments::new(options.json_spans);
     let mut at = name_start + gt + 1;
     while let Some((p, _)) = find_first_tag(text, at, end, &[PARAMETER_OPEN]) {
         let key_start = p + PARAMETER_OPEN.len();
@@ -905,11 +922,11 @@ fn parse_function_block<'a>(
         let mut value = &text[value_start..value_end];
         value = value.strip_prefix('\n').unwrap_or(value);
         value = value.strip_suffix('\n').unwrap_or(value);
-        let types = schemas.and_then(|s| s.param_types(name, key));
-        arguments.push((key, type_xml(value, types)));
+        let types = options.schemas.and_then(|s| s.param_types(name, key));
+        arguments.push(key, type_xml(value, types));
         at = next;
     }
-    Ok((name.to_string(), arguments))
+    Ok((name.to_string(), arguments.finish()))
 }
 
 /// Types one Qwen3-Coder parameter value. `t` below is the value trimmed.
