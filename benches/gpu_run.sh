@@ -5,7 +5,7 @@
 #   bash benches/gpu_run.sh device    # there: run(command="bash benches/gpu_run.sh device",
 #                                     #            carry=[".whl"])
 #
-# `prepare` builds the turnrl wheel (abi3, so the GPU machine's Python 3.12
+# `prepare` builds the turnrl wheel (the abi3 feature, so the GPU machine's Python 3.12
 # takes it) and downloads liger-kernel, the one package the GPU image lacks
 # for benches/gpu_loss.py. `device` installs both into /tmp/site, then runs,
 # in order, with every log under $OUT: the Triton compile check, the Triton
@@ -19,7 +19,7 @@ case "${1:-}" in
 prepare)
     set -e
     rm -rf .whl && mkdir -p .whl
-    python -m maturin build --release --out .whl
+    python -m maturin build --release --features abi3 --out .whl
     python -m pip download -q --no-deps --only-binary=:all: -d .whl "liger-kernel==0.8.5"
     du -sh .whl && ls .whl
     ;;

@@ -272,10 +272,11 @@ impl<'py> Arena<'py> {
             .to_str()
             .map_err(|e| SourceError::new(format!("string is not valid UTF-8 ({e})")))?;
         self.held.borrow_mut().push(s.clone().into_any());
-        // SAFETY: with the abi3-py310 API `to_str` returns the UTF-8 buffer
-        // that CPython caches inside the (immutable) str object and frees only
-        // with it. The arena holds a strong reference to that object until the
-        // arena is dropped, which outlives 'a, so the text stays valid even if
+        // SAFETY: `to_str` returns the UTF-8 buffer that CPython caches
+        // inside the (immutable) str object and frees only with it (in both
+        // builds: the default one and the stable ABI from 3.10 on). The
+        // arena holds a strong reference to that object until the arena is
+        // dropped, which outlives 'a, so the text stays valid even if
         // another thread drops its own references meanwhile.
         Ok(unsafe { &*text })
     }
@@ -317,7 +318,8 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
             return Ok(SourceKind::Null);
         }
         // Exact types first: a pointer comparison each, where the subclass
-        // checks below cost a call into the interpreter each under abi3.
+        // checks below cost a call into the interpreter each in the abi3
+        // build (and read the type's flags in the default one).
         if obj.is_exact_instance_of::<PyString>() {
             let s = obj
                 .cast::<PyString>()
