@@ -4,6 +4,7 @@ parsing_reference.py, plus explicit cases for each kind of messy output."""
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -396,3 +397,38 @@ def test_integers_beyond_64_bits_stay_exact() -> None:
 def test_lone_surrogates_are_rejected_clearly() -> None:
     with pytest.raises(UnicodeEncodeError):
         turnrl.parse_tool_calls("bad \ud800 text")
+
+
+def test_repeated_keys_and_names_are_shared_str_objects() -> None:
+    # Keys and tool names come from a per-thread cache: the same str object
+    # in every message, with its hash already computed.
+    first = turnrl.parse_tool_calls(call("lookup", {"reservation_id": "A", "n": 1}))
+    second = turnrl.parse_tool_calls(call("lookup", {"n": 2, "reservation_id": "B"}))
+    (a,), (b,) = first.tool_calls, second.tool_calls
+    assert a["name"] is b["name"]
+    key_a = next(k for k in a["arguments"] if k == "reservation_id")
+    key_b = next(k for k in b["arguments"] if k == "reservation_id")
+    assert key_a is key_b
+
+
+def test_key_cache_evictions_and_odd_keys_keep_results_exact() -> None:
+    # Far more distinct keys than the cache has slots, each met several
+    # times, plus keys the cache does not hold (long) or that need decoding.
+    rng = random.Random(7)
+    names = [f"k{i}" for i in range(3000)] + ["x" * 65, "x" * 64, "é", 'a"b', "", "\u2028"]
+    for _ in range(300):
+        keys = rng.sample(names, 12)
+        args = {k: rng.choice([1, "v", None, [k], {k: k}]) for k in keys}
+        m = turnrl.parse_tool_calls(call(rng.choice(names) or "f", args))
+        assert strict_equal(m.tool_calls[0]["arguments"], args)
+        assert [*m.tool_calls[0]["arguments"]] == keys
+
+
+def test_threads_parse_the_same_as_one_thread() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [call(f"tool{i % 7}", {f"key{i % 50}": i, "shared": [i]}) for i in range(2000)]
+    want = [json.loads(json.dumps(m.tool_calls)) for m in map(turnrl.parse_tool_calls, texts)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda t: turnrl.parse_tool_calls(t).tool_calls, texts))
+    assert got == want

@@ -9,6 +9,7 @@ mod buffer;
 mod calibration;
 mod errors;
 mod fork;
+mod keys;
 mod parse;
 
 use pyo3::prelude::*;

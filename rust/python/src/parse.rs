@@ -14,6 +14,7 @@ use turnrl_core::parse::{self as core, Arguments, Format, ParamType, ToolSchemas
 use turnrl_core::Error;
 
 use crate::errors::{detached, to_pyerr};
+use crate::keys::key;
 
 /// Below this many bytes one message parses faster than the GIL round trip.
 const DETACH_MIN_BYTES: usize = 16 * 1024;
@@ -82,7 +83,7 @@ impl ParsedMessage {
             let list = PyList::empty(py);
             for call in &self.parsed.tool_calls {
                 let d = PyDict::new(py);
-                d.set_item(pyo3::intern!(py, "name"), PyString::new(py, &call.name))?;
+                d.set_item(pyo3::intern!(py, "name"), key(py, &call.name))?;
                 let arguments = match &call.arguments {
                     Arguments::Json(span) => {
                         let json = self.text.get(span.clone()).ok_or_else(|| {
@@ -214,7 +215,7 @@ fn map_to_py<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let dict = PyDict::new(py);
     for (k, v) in map {
-        dict.set_item(PyString::new(py, k), value_to_py(py, v)?)?;
+        dict.set_item(key(py, k), value_to_py(py, v)?)?;
     }
     Ok(dict)
 }
@@ -321,11 +322,34 @@ impl<'de, 'py> Visitor<'de> for PyJson<'py, '_> {
 
     fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
         let dict = PyDict::new(self.py);
-        while let Some(key) = map.next_key_seed(self)? {
+        while let Some(key) = map.next_key_seed(PyKey(self.py))? {
             let value = map.next_value_seed(self)?;
             dict.set_item(key, value).map_err(|e| self.fail(e))?;
         }
         Ok(dict.into_any())
+    }
+}
+
+/// Builds an object key through the key cache ([`crate::keys`]).
+struct PyKey<'py>(Python<'py>);
+
+impl<'de, 'py> DeserializeSeed<'de> for PyKey<'py> {
+    type Value = Bound<'py, PyString>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de, 'py> Visitor<'de> for PyKey<'py> {
+    type Value = Bound<'py, PyString>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+        Ok(key(self.0, s))
     }
 }
 
