@@ -46,7 +46,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Range;
 
-use memchr::memchr;
+use memchr::{memchr, memchr2_iter};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -658,12 +658,13 @@ impl<'de> Deserialize<'de> for CallFields<'de> {
                         CallKey::Arguments => &mut fields.arguments,
                         CallKey::Parameters => &mut fields.parameters,
                         CallKey::Other => {
-                            map.next_value::<Checked>()?;
+                            let raw: &'de RawValue = map.next_value()?;
+                            check_skipped(raw).map_err(de::Error::custom)?;
                             continue;
                         }
                     };
                     let raw: &'de RawValue = map.next_value()?;
-                    serde_json::from_str::<Checked>(raw.get()).map_err(de::Error::custom)?;
+                    check_skipped(raw).map_err(de::Error::custom)?;
                     *slot = Some(raw);
                 }
                 Ok(fields)
@@ -671,6 +672,37 @@ impl<'de> Deserialize<'de> for CallFields<'de> {
         }
         deserializer.deserialize_map(CallVisitor)
     }
+}
+
+/// Checks that a value serde_json skipped (to capture it as a `RawValue`)
+/// also decodes as part of the call object. Skipping accepts a little more
+/// than decoding: lone surrogate escapes, numbers beyond the range of
+/// `f64`, and nesting deeper than serde_json's limit of 128 levels (the call
+/// object itself being one). Text with no backslash, no exponent after a
+/// digit, no long digit run and fewer than 127 brackets can hold none of
+/// these, so only the rare other text is decoded a second time. Deep text
+/// is refused: decoding the value alone would not see the level of the
+/// object around it, so the whole body is left to the full decoder.
+fn check_skipped(raw: &RawValue) -> serde_json::Result<()> {
+    // The integer part of a finite f64 has at most 309 digits.
+    const LONGEST_SAFE_DIGIT_RUN: usize = 300;
+    const FEWEST_UNSAFE_BRACKETS: usize = 127;
+    let text = raw.get().as_bytes();
+    if text.iter().filter(|&&b| b == b'[' || b == b'{').count() >= FEWEST_UNSAFE_BRACKETS {
+        return Err(de::Error::custom("deeply nested: left to the full decoder"));
+    }
+    let escaped = memchr(b'\\', text).is_some();
+    let exponent = || memchr2_iter(b'e', b'E', text).any(|i| i > 0 && text[i - 1].is_ascii_digit());
+    let long_digit_run = || {
+        text.iter().filter(|b| b.is_ascii_digit()).count() > LONGEST_SAFE_DIGIT_RUN
+            && text
+                .split(|b| !b.is_ascii_digit())
+                .any(|run| run.len() > LONGEST_SAFE_DIGIT_RUN)
+    };
+    if escaped || exponent() || long_digit_run() {
+        serde_json::from_str::<Checked>(raw.get())?;
+    }
+    Ok(())
 }
 
 /// A key of a call object, decoded (so checked) without being kept.
@@ -1114,6 +1146,55 @@ mod tests {
             };
             prop_assert_eq!(Ok((name, arguments.unwrap())), slow, "{:?}", body);
         }
+    }
+
+    /// The shapes that skipping accepts and decoding may not, at their
+    /// limits: nesting around serde_json's 128 levels (inside the arguments
+    /// and in an ignored member), long digit runs, exponents of both cases.
+    #[test]
+    fn fast_path_equals_decoding_at_the_limits_of_skipping() {
+        let mut bodies = Vec::new();
+        for levels in 120..=132 {
+            let arrays = format!("{}1{}", "[".repeat(levels), "]".repeat(levels));
+            let objects = format!("{}1{}", "{\"k\":".repeat(levels), "}".repeat(levels));
+            for deep in [arrays, objects] {
+                bodies.push(format!(
+                    "{{\"name\": \"f\", \"arguments\": {{\"a\": {deep}}}}}"
+                ));
+                bodies.push(format!(
+                    "{{\"name\": \"f\", \"arguments\": {{}}, \"x\": {deep}}}"
+                ));
+                bodies.push(format!("{{\"name\": \"f\", \"arguments\": {deep}}}"));
+            }
+        }
+        for digits in [299, 300, 301, 308, 309, 310, 400] {
+            let run = "9".repeat(digits);
+            for value in [
+                run.clone(),
+                format!("-{run}"),
+                format!("{run}.5"),
+                format!("\"{run}\""),
+            ] {
+                bodies.push(format!(
+                    "{{\"name\": \"f\", \"arguments\": {{\"n\": {value}}}}}"
+                ));
+            }
+        }
+        for number in ["1e400", "1E400", "1e308", "-1E-400", "2.5e+3", "\"1e400\""] {
+            bodies.push(format!(
+                "{{\"name\": \"f\", \"arguments\": {{\"n\": {number}}}, \"e\": {number}}}"
+            ));
+        }
+        let mut fast = 0;
+        for body in &bodies {
+            let slow = decode_json_call(body);
+            let got = parse_json_call(body, body, true)
+                .map(|(name, arguments)| (name, arguments.to_map(body).expect("span decodes")));
+            assert_eq!(got, slow, "{body}");
+            fast += usize::from(checked_json_call(body, body).is_some());
+        }
+        // The usual shapes among them still take the fast path.
+        assert!(fast > bodies.len() / 3, "{fast} of {}", bodies.len());
     }
 
     #[test]
