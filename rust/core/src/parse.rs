@@ -120,23 +120,57 @@ impl std::fmt::Display for CallError {
     }
 }
 
-/// The parts of one assistant message, with calls of type `C`.
+/// The parts of one assistant message, with calls of type `C` and text of
+/// type `T`.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Message<C> {
-    pub content: String,
-    pub reasoning: Option<String>,
+pub struct Message<C, T = String> {
+    pub content: T,
+    pub reasoning: Option<T>,
     pub tool_calls: Vec<C>,
     pub errors: Vec<CallError>,
 }
 
 // Not derived: a derive would ask `C: Default`.
-impl<C> Default for Message<C> {
+impl<C, T: Default> Default for Message<C, T> {
     fn default() -> Self {
         Message {
-            content: String::new(),
+            content: T::default(),
             reasoning: None,
             tool_calls: Vec::new(),
             errors: Vec::new(),
+        }
+    }
+}
+
+/// Content or reasoning as [`parse_tool_call_spans`] leaves it: usually one
+/// piece of the input, kept as its byte range; built only when it joins
+/// several pieces (text between calls, several `<think>` blocks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Text {
+    Span(Range<usize>),
+    Owned(String),
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text::Span(0..0)
+    }
+}
+
+impl Text {
+    /// The text; `input` is the parsed input (`None` if the span is not in
+    /// it).
+    pub fn get<'t>(&'t self, input: &'t str) -> Option<&'t str> {
+        match self {
+            Text::Span(range) => input.get(range.clone()),
+            Text::Owned(text) => Some(text),
+        }
+    }
+
+    fn into_string(self, input: &str) -> String {
+        match self {
+            Text::Span(range) => input.get(range).unwrap_or_default().to_string(),
+            Text::Owned(text) => text,
         }
     }
 }
@@ -199,9 +233,10 @@ impl Arguments {}
 /// One parsed call whose JSON arguments are still text.
 pub type SpannedCall = Call<Arguments>;
 
-/// [`ParsedMessage`] with each call's JSON arguments left as text (see
+/// [`ParsedMessage`] with each call's JSON arguments, its content and its
+/// reasoning left as spans of the input where they can be (see
 /// [`parse_tool_call_spans`]).
-pub type SpannedMessage = Message<SpannedCall>;
+pub type SpannedMessage = Message<SpannedCall, Text>;
 
 impl SpannedMessage {
     /// Decodes every call's arguments; `text` is the parsed input.
@@ -228,8 +263,8 @@ impl SpannedMessage {
             errors.sort_by_key(|e| e.offset);
         }
         ParsedMessage {
-            content: self.content,
-            reasoning: self.reasoning,
+            content: self.content.into_string(text),
+            reasoning: self.reasoning.map(|r| r.into_string(text)),
             tool_calls,
             errors,
         }
@@ -399,14 +434,16 @@ struct Options<'s> {
 fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
     let Options { fmt, .. } = options;
     let mut out = SpannedMessage::default();
-    let mut content = String::new();
-    let mut reasoning: Option<String> = None;
+    // Pieces of the input that make up the content and the reasoning; most
+    // messages have one non-blank piece of each, kept as a span.
+    let mut content: Vec<Range<usize>> = Vec::new();
+    let mut reasoning: Option<Vec<Range<usize>>> = None;
     let mut pos = 0usize;
 
     // A leading `</think>` with no `<think>` before it closes reasoning that
     // began in the prompt.
     if let Some((close, 1)) = find_first_tag(text, 0, text.len(), &[THINK_OPEN, THINK_CLOSE]) {
-        reasoning = Some(text[..close].to_string());
+        reasoning.get_or_insert_with(Vec::new).push(0..close);
         pos = close + THINK_CLOSE.len();
     }
 
@@ -416,7 +453,9 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
         &[THINK_OPEN, CALL_OPEN]
     };
     while let Some((at, which)) = find_first_tag(text, pos, text.len(), tags) {
-        content.push_str(&text[pos..at]);
+        if at > pos {
+            content.push(pos..at);
+        }
         match which {
             0 => {
                 let start = at + THINK_OPEN.len();
@@ -424,11 +463,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
                     Some((p, _)) => (p, p + THINK_CLOSE.len()),
                     None => (text.len(), text.len()),
                 };
-                let r = reasoning.get_or_insert_with(String::new);
-                if !r.is_empty() {
-                    r.push('\n');
-                }
-                r.push_str(&text[start..end]);
+                reasoning.get_or_insert_with(Vec::new).push(start..end);
                 pos = next;
             }
             1 => {
@@ -449,10 +484,42 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
             }
         }
     }
-    content.push_str(&text[pos..]);
-    out.content = trim_in_place(content);
-    out.reasoning = reasoning.map(trim_in_place);
+    if pos < text.len() {
+        content.push(pos..text.len());
+    }
+    out.content = gather(text, &content, "");
+    out.reasoning = reasoning.map(|pieces| gather(text, &pieces, "\n"));
     out
+}
+
+/// The pieces joined (with `separator` after each non-empty prefix, as the
+/// reasoning of several `<think>` blocks is), then trimmed. The separators
+/// are whitespace, so with at most one non-blank piece the result is that
+/// piece trimmed: a span of the input.
+fn gather(text: &str, pieces: &[Range<usize>], separator: &str) -> Text {
+    let piece = |range: &Range<usize>| text.get(range.clone()).unwrap_or_default();
+    let mut nonblank = pieces
+        .iter()
+        .filter(|r| !trim_ascii_ws(piece(r)).is_empty());
+    match (nonblank.next(), nonblank.next()) {
+        (None, _) => Text::default(),
+        (Some(range), None) => {
+            let whole = piece(range);
+            let trimmed = trim_ascii_ws(whole);
+            let start = range.start + (trimmed.as_ptr() as usize - whole.as_ptr() as usize);
+            Text::Span(start..start + trimmed.len())
+        }
+        _ => {
+            let mut joined = String::new();
+            for range in pieces {
+                if !joined.is_empty() {
+                    joined.push_str(separator);
+                }
+                joined.push_str(piece(range));
+            }
+            Text::Owned(trim_in_place(joined))
+        }
+    }
 }
 
 /// Parses many messages in parallel (rayon).
@@ -1145,6 +1212,50 @@ mod tests {
                 },
             };
             prop_assert_eq!(Ok((name, arguments.unwrap())), slow, "{:?}", body);
+        }
+    }
+
+    fn text_and_pieces() -> impl Strategy<Value = (String, Vec<Range<usize>>)> {
+        let chunk = proptest::sample::select(&["", " ", "\n", "\t ", "a", "b c", "é", " d\n"][..]);
+        proptest::collection::vec(chunk, 0..12).prop_flat_map(|chunks| {
+            let text = chunks.concat();
+            let mut bounds = vec![0];
+            for c in &chunks {
+                bounds.push(bounds.last().copied().unwrap_or(0) + c.len());
+            }
+            let n = bounds.len();
+            (
+                Just(text),
+                proptest::collection::vec((0..n, 0..n), 0..6).prop_map(move |pairs| {
+                    // Disjoint, ordered, on character boundaries: as the
+                    // parser's pieces are.
+                    let mut cuts: Vec<usize> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
+                    cuts.sort_unstable();
+                    cuts.chunks_exact(2)
+                        .map(|c| bounds[c[0]]..bounds[c[1]])
+                        .collect::<Vec<_>>()
+                }),
+            )
+        })
+    }
+
+    proptest! {
+        /// Gathering pieces equals joining them and trimming, as the
+        /// parser did before content and reasoning became spans.
+        #[test]
+        fn gather_equals_join_then_trim((text, pieces) in text_and_pieces(), newline in any::<bool>()) {
+            let separator = if newline { "\n" } else { "" };
+            let mut joined = String::new();
+            for r in &pieces {
+                if !joined.is_empty() {
+                    joined.push_str(separator);
+                }
+                joined.push_str(&text[r.clone()]);
+            }
+            let got = gather(&text, &pieces, separator);
+            prop_assert_eq!(got.get(&text), Some(trim_ascii_ws(&joined)));
+            let nonblank = pieces.iter().filter(|r| !trim_ascii_ws(&text[(*r).clone()]).is_empty());
+            prop_assert_eq!(matches!(got, Text::Span(_)), nonblank.count() <= 1);
         }
     }
 

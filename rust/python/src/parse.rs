@@ -57,7 +57,9 @@ impl ParsedMessage {
     #[getter]
     fn content<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
         self.content
-            .get_or_init(py, || PyString::new(py, &self.parsed.content).unbind())
+            .get_or_init(py, || {
+                PyString::new(py, self.parsed.content.get(&self.text).unwrap_or_default()).unbind()
+            })
             .bind(py)
             .clone()
     }
@@ -69,8 +71,8 @@ impl ParsedMessage {
             .get_or_init(py, || {
                 self.parsed
                     .reasoning
-                    .as_deref()
-                    .map(|r| PyString::new(py, r).unbind())
+                    .as_ref()
+                    .map(|r| PyString::new(py, r.get(&self.text).unwrap_or_default()).unbind())
             })
             .as_ref()
             .map(|r| r.bind(py).clone())
@@ -152,8 +154,10 @@ impl ParsedMessage {
                 // Call offsets are not attributes, so they take no part.
                 let other = other.get();
                 let (a, b) = (&self.parsed, &other.parsed);
-                a.content == b.content
-                    && a.reasoning == b.reasoning
+                let text = |t: &core::Text, input| t.get(input).map(str::to_owned);
+                text(&a.content, &self.text) == text(&b.content, &other.text)
+                    && a.reasoning.as_ref().map(|r| text(r, &self.text))
+                        == b.reasoning.as_ref().map(|r| text(r, &other.text))
                     && a.errors == b.errors
                     && a.tool_calls.len() == b.tool_calls.len()
                     && a.tool_calls.iter().zip(&b.tool_calls).all(|(x, y)| {
