@@ -432,3 +432,14 @@ def test_threads_parse_the_same_as_one_thread() -> None:
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda t: turnrl.parse_tool_calls(t).tool_calls, texts))
     assert got == want
+
+
+def test_exact_integers_survive_many_brackets_and_escapes() -> None:
+    # Arguments that the parser checks a second time (many brackets, an
+    # escape, an exponent) still keep integers beyond 64 bits exact.
+    big = 123456789012345678901234567890
+    for extra in ([{"a": [i]} for i in range(200)], "tab\there", 1e300):
+        args = {"items": extra, "big": big}
+        got = assert_matches_reference(call("f", args))
+        assert got.tool_calls[0]["arguments"]["big"] == big
+        assert type(got.tool_calls[0]["arguments"]["big"]) is int

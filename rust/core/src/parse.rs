@@ -47,7 +47,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use memchr::{memchr, memchr2_iter};
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -744,20 +744,14 @@ impl<'de> Deserialize<'de> for CallFields<'de> {
 /// Checks that a value serde_json skipped (to capture it as a `RawValue`)
 /// also decodes as part of the call object. Skipping accepts a little more
 /// than decoding: lone surrogate escapes, numbers beyond the range of
-/// `f64`, and nesting deeper than serde_json's limit of 128 levels (the call
-/// object itself being one). Text with no backslash, no exponent after a
-/// digit, no long digit run and fewer than 127 brackets can hold none of
-/// these, so only the rare other text is decoded a second time. Deep text
-/// is refused: decoding the value alone would not see the level of the
-/// object around it, so the whole body is left to the full decoder.
+/// `f64`, and nesting deeper than serde_json's limit. Text with no
+/// backslash, no exponent after a digit, no long digit run and fewer
+/// brackets than the limit can hold none of these, so only the rare other
+/// text is decoded a second time.
 fn check_skipped(raw: &RawValue) -> serde_json::Result<()> {
     // The integer part of a finite f64 has at most 309 digits.
     const LONGEST_SAFE_DIGIT_RUN: usize = 300;
-    const FEWEST_UNSAFE_BRACKETS: usize = 127;
     let text = raw.get().as_bytes();
-    if text.iter().filter(|&&b| b == b'[' || b == b'{').count() >= FEWEST_UNSAFE_BRACKETS {
-        return Err(de::Error::custom("deeply nested: left to the full decoder"));
-    }
     let escaped = memchr(b'\\', text).is_some();
     let exponent = || memchr2_iter(b'e', b'E', text).any(|i| i > 0 && text[i - 1].is_ascii_digit());
     let long_digit_run = || {
@@ -766,10 +760,81 @@ fn check_skipped(raw: &RawValue) -> serde_json::Result<()> {
                 .split(|b| !b.is_ascii_digit())
                 .any(|run| run.len() > LONGEST_SAFE_DIGIT_RUN)
     };
-    if escaped || exponent() || long_digit_run() {
-        serde_json::from_str::<Checked>(raw.get())?;
+    let deep = || text.iter().filter(|&&b| b == b'[' || b == b'{').count() >= MEMBER_LEVELS;
+    if escaped || exponent() || long_digit_run() || deep() {
+        CheckedMember {
+            levels_left: MEMBER_LEVELS,
+        }
+        .deserialize(&mut serde_json::Deserializer::from_str(raw.get()))?;
     }
     Ok(())
+}
+
+/// Containers a member of the call object may nest: serde_json decodes at
+/// most 127 levels, and the call object is the first.
+const MEMBER_LEVELS: usize = 126;
+
+/// [`Checked`] for a member of the call object: decoding the member alone
+/// would allow it one level more than decoding it inside the object does.
+#[derive(Clone, Copy)]
+struct CheckedMember {
+    levels_left: usize,
+}
+
+impl CheckedMember {
+    fn inner<E: de::Error>(self) -> std::result::Result<Self, E> {
+        match self.levels_left.checked_sub(1) {
+            Some(levels_left) => Ok(CheckedMember { levels_left }),
+            None => Err(E::custom("recursion limit exceeded")),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for CheckedMember {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CheckedMember {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<(), S::Error> {
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<(), M::Error> {
+        let inner = self.inner()?;
+        while map.next_key::<Checked>()?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
+    }
 }
 
 /// A key of a call object, decoded (so checked) without being kept.
@@ -1278,6 +1343,16 @@ mod tests {
                 bodies.push(format!("{{\"name\": \"f\", \"arguments\": {deep}}}"));
             }
         }
+        // Nesting alone: the fast path answers exactly where decoding
+        // succeeds (a stricter limit would also pass the check below, but
+        // would hand good calls to the full decoder).
+        for body in &bodies {
+            assert_eq!(
+                checked_json_call(body, body).is_some(),
+                decode_json_call(body).is_ok(),
+                "{body}"
+            );
+        }
         for digits in [299, 300, 301, 308, 309, 310, 400] {
             let run = "9".repeat(digits);
             for value in [
@@ -1306,6 +1381,16 @@ mod tests {
         }
         // The usual shapes among them still take the fast path.
         assert!(fast > bodies.len() / 3, "{fast} of {}", bodies.len());
+        // Many brackets but little depth: checked, and still a span (the
+        // full decoder would turn integers beyond 64 bits into floats).
+        let wide = format!(
+            "{{\"name\": \"f\", \"arguments\": {{\"items\": [{}], \"big\": 123456789012345678901234567890}}}}",
+            vec!["{\"a\": [1]}"; 200].join(", ")
+        );
+        assert!(matches!(
+            checked_json_call(&wide, &wide),
+            Some((_, Arguments::Json(_)))
+        ));
     }
 
     #[test]
