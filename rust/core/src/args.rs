@@ -1231,7 +1231,7 @@ fn read_call<'a>(call: &'a Value, at: &str) -> Result<CallIn<'a>> {
     static EMPTY: Value = Value::Null;
     let arguments = match field(obj, "arguments") {
         None => Some(Cow::Borrowed(&EMPTY)),
-        Some(Value::String(text)) => match serde_json::from_str::<Value>(text) {
+        Some(Value::String(text)) => match crate::json::value_from_str(text) {
             Ok(v @ (Value::Object(_) | Value::Null)) => Some(Cow::Owned(v)),
             _ => None,
         },

@@ -8,6 +8,7 @@ pub mod args;
 pub mod buffer;
 pub mod calibration;
 pub mod error;
+pub mod json;
 pub mod parse;
 
 pub use error::{Error, Result};

@@ -225,7 +225,7 @@ fn decode_span(
 }
 
 fn decode_object(json: &str) -> std::result::Result<Map<String, Value>, String> {
-    serde_json::from_str(json).map_err(|e| e.to_string())
+    crate::json::map_from_str(json).map_err(|e| e.to_string())
 }
 
 impl Arguments {}
@@ -500,13 +500,12 @@ fn gather(text: &str, pieces: &[Range<usize>], separator: &str) -> Text {
     let piece = |range: &Range<usize>| text.get(range.clone()).unwrap_or_default();
     let mut nonblank = pieces
         .iter()
-        .filter(|r| !trim_ascii_ws(piece(r)).is_empty());
+        .map(|range| trim_ascii_ws(piece(range)))
+        .filter(|trimmed| !trimmed.is_empty());
     match (nonblank.next(), nonblank.next()) {
         (None, _) => Text::default(),
-        (Some(range), None) => {
-            let whole = piece(range);
-            let trimmed = trim_ascii_ws(whole);
-            let start = range.start + (trimmed.as_ptr() as usize - whole.as_ptr() as usize);
+        (Some(trimmed), None) => {
+            let start = trimmed.as_ptr() as usize - text.as_ptr() as usize;
             Text::Span(start..start + trimmed.len())
         }
         _ => {
@@ -867,7 +866,8 @@ impl<'de> Deserialize<'de> for CallKey {
 }
 
 /// Decodes a JSON value and keeps nothing: accepts exactly what decoding it
-/// into a `Value` accepts (escapes, surrogate pairs, number ranges, depth).
+/// into a `Value` with [`crate::json`] accepts (escapes, surrogate pairs,
+/// number ranges, depth).
 struct Checked;
 
 impl<'de> Deserialize<'de> for Checked {
@@ -917,7 +917,7 @@ fn decode_string_arguments(encoded: &str) -> std::result::Result<Map<String, Val
     if inner.is_empty() {
         return Ok(Map::new());
     }
-    match serde_json::from_str::<Value>(inner) {
+    match crate::json::value_from_str(inner) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err("\"arguments\" string is not a JSON object".to_string()),
         Err(e) => Err(format!("\"arguments\" string is not valid JSON: {e}")),
@@ -926,7 +926,7 @@ fn decode_string_arguments(encoded: &str) -> std::result::Result<Map<String, Val
 
 /// Reads a Hermes JSON body by decoding all of it into a `Value`.
 fn decode_json_call(body: &str) -> std::result::Result<(String, Map<String, Value>), String> {
-    let value: Value = serde_json::from_str(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let value = crate::json::value_from_str(body).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(mut call) = value else {
         return Err("tool call JSON is not an object".to_string());
     };
@@ -1190,7 +1190,7 @@ fn parse_json_literal(t: &str) -> Option<Value> {
     {
         return None;
     }
-    serde_json::from_str(t).ok()
+    crate::json::value_from_str(t).ok()
 }
 
 #[cfg(test)]
@@ -1391,6 +1391,36 @@ mod tests {
             checked_json_call(&wide, &wide),
             Some((_, Arguments::Json(_)))
         ));
+    }
+
+    /// serde_json's `Value` decoder would read an object whose first key is
+    /// this one as the JSON inside its string; every path here keeps it a key.
+    #[test]
+    fn the_raw_value_key_is_an_ordinary_key_on_every_path() {
+        let t = "$serde_json::private::RawValue";
+        let bodies = [
+            format!(r#"{{"name":"f","arguments":{{"{t}":1}}}}"#),
+            format!(r#"{{"name":"f","arguments":{{}},"x":{{"{t}":"[1,"}}}}"#),
+            format!(r#"{{"name":"f","arguments":"{{\"{t}\": \"{{}}\"}}"}}"#),
+            format!(r#"{{"{t}":"{{\"name\":\"f\",\"arguments\":{{}}}}"}}"#),
+        ];
+        for (i, body) in bodies.iter().enumerate() {
+            let text = format!("<tool_call>{body}</tool_call>");
+            let values = parse(&text);
+            let spans = parse_tool_call_spans(&text, Format::Auto, None).into_message(&text);
+            assert_eq!(values, spans, "{text}");
+            if i == 3 {
+                assert!(
+                    values.tool_calls.is_empty() && values.errors.len() == 1,
+                    "{values:?}"
+                );
+            } else {
+                assert_eq!(values.tool_calls.len(), 1, "{values:?}");
+            }
+        }
+        let xml = format!("<function=f><parameter=m>{{\"{t}\": \"[1]\"}}</parameter></function>");
+        let m = parse(&xml);
+        assert_eq!(m.tool_calls[0].arguments["m"], json!({t: "[1]"}));
     }
 
     #[test]
