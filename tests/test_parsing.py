@@ -443,3 +443,42 @@ def test_exact_integers_survive_many_brackets_and_escapes() -> None:
         got = assert_matches_reference(call("f", args))
         assert got.tool_calls[0]["arguments"]["big"] == big
         assert type(got.tool_calls[0]["arguments"]["big"]) is int
+
+
+def test_serde_json_raw_value_key_is_an_ordinary_key() -> None:
+    # serde_json would read an object whose first key is this one as the JSON
+    # in its string, so a call could hide inside a string; json.loads (and
+    # the reference) keep it a key.
+    key = "$serde_json::private::RawValue"
+    hidden = json.dumps({key: json.dumps({"name": "f", "arguments": {}})})
+    got = assert_matches_reference(f"<tool_call>{hidden}</tool_call>")
+    assert not got.tool_calls and len(got.errors) == 1
+    got = assert_matches_reference(call("f", {key: 1}) + call("g", {"x": {key: "[1,"}}))
+    assert [c["arguments"] for c in got.tool_calls] == [{key: 1}, {"x": {key: "[1,"}}]
+    xml = f'<function=book><parameter=meta>{{"{key}": "[1]"}}</parameter></function>'
+    got = assert_matches_reference(xml, tools=TOOLS)
+    assert got.tool_calls[0]["arguments"]["meta"] == {key: "[1]"}
+
+
+def test_a_finished_thread_releases_its_cached_keys() -> None:
+    import sys
+    import threading
+
+    text = call("f", {"key_only_this_test_uses": 1})
+    seen: list[str] = []
+    parsed, finish = threading.Event(), threading.Event()
+
+    def work() -> None:
+        seen.extend(turnrl.parse_tool_calls(text).tool_calls[0]["arguments"])
+        parsed.set()
+        finish.wait()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    parsed.wait()
+    (key,) = seen
+    held_by_the_cache = sys.getrefcount(key)
+    finish.set()
+    thread.join()
+    turnrl.parse_tool_calls("")  # releases references left by exited threads
+    assert sys.getrefcount(key) == held_by_the_cache - 1

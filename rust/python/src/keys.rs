@@ -9,7 +9,6 @@
 //! held its slot) and per thread, so it needs no lock.
 
 use std::cell::RefCell;
-use std::mem::ManuallyDrop;
 
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -18,12 +17,13 @@ const SLOTS: usize = 1024;
 /// Longer keys are rare and are built each time.
 const MAX_LEN: usize = 64;
 
+/// When a thread exits, its keys are released through PyO3's deferred
+/// reference pool (the thread is no longer attached to the interpreter then),
+/// so threads that come and go leave nothing behind; an evicted key is
+/// released at once, with the thread attached.
 struct Slot {
     text: Box<str>,
-    /// Never dropped at thread exit, when the interpreter may be gone: a
-    /// thread leaves at most `SLOTS` small strings behind. An evicted key is
-    /// released at once (with the GIL held).
-    key: ManuallyDrop<Py<PyString>>,
+    key: Py<PyString>,
 }
 
 struct KeyCache {
@@ -73,12 +73,10 @@ pub(crate) fn key<'py>(py: Python<'py>, text: &str) -> Bound<'py, PyString> {
         let _ = key.hash();
         let evicted = slot.replace(Slot {
             text: text.into(),
-            key: ManuallyDrop::new(key.clone().unbind()),
+            key: key.clone().unbind(),
         });
         drop(cache);
-        if let Some(old) = evicted {
-            drop(ManuallyDrop::into_inner(old.key));
-        }
+        drop(evicted);
         Some(key)
     });
     match cached {

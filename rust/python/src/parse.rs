@@ -53,6 +53,9 @@ impl ParsedMessage {
 
 #[pymethods]
 impl ParsedMessage {
+    // The spans in `parsed` come from parsing `text` itself, so `Text::get`
+    // finds them; `unwrap_or_default` below never applies.
+
     /// Text outside reasoning and calls, trimmed.
     #[getter]
     fn content<'py>(&self, py: Python<'py>) -> Bound<'py, PyString> {
@@ -154,10 +157,9 @@ impl ParsedMessage {
                 // Call offsets are not attributes, so they take no part.
                 let other = other.get();
                 let (a, b) = (&self.parsed, &other.parsed);
-                let text = |t: &core::Text, input| t.get(input).map(str::to_owned);
-                text(&a.content, &self.text) == text(&b.content, &other.text)
-                    && a.reasoning.as_ref().map(|r| text(r, &self.text))
-                        == b.reasoning.as_ref().map(|r| text(r, &other.text))
+                a.content.get(&self.text) == b.content.get(&other.text)
+                    && a.reasoning.as_ref().map(|r| r.get(&self.text))
+                        == b.reasoning.as_ref().map(|r| r.get(&other.text))
                     && a.errors == b.errors
                     && a.tool_calls.len() == b.tool_calls.len()
                     && a.tool_calls.iter().zip(&b.tool_calls).all(|(x, y)| {
