@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 NULL = None
@@ -181,7 +182,8 @@ def compare_canon(p, g, soft_max_fraction: float = 0.5) -> dict[str, Any]:
         kind = "mismatch"
     elif acc["differing"] == 0:
         kind = "exact"
-    elif acc["differing"] < soft_max_fraction * leaves:
+    # The fraction as the decimal it prints as (0.28 is 28/100).
+    elif acc["differing"] < Fraction(repr(soft_max_fraction)) * leaves:
         kind = "soft"
     else:
         kind = "mismatch"

@@ -497,10 +497,85 @@ def test_label_tiers_bad_input() -> None:
         turnrl.label_tiers([{"content": "x"}], [], {})
     with pytest.raises(InvalidInputError, match=r"turns\[1\] must be a dict"):
         turnrl.label_tiers([{"role": "user"}, "oops"], [], {})
-    with pytest.raises(InvalidInputError, match=r"tool_calls\[0\]\.name must be a string"):
-        turnrl.label_tiers([{"role": "assistant", "tool_calls": [{"arguments": {}}]}], [], {})
     with pytest.raises(InvalidInputError, match=r"gold_actions\[0\]\.name"):
         turnrl.label_tiers([], [{"arguments": {}}], {})
+
+
+def test_unreadable_calls_are_error_calls_and_the_rest_is_labelled() -> None:
+    # One call the labelling cannot read makes that call `error`, never the
+    # whole trajectory an exception (a tau-bench import holds thousands).
+    deep: dict = {}
+    for _ in range(300):
+        deep = {"x": deep}
+    gold = [{"name": "get", "arguments": {"id": "a"}}]
+    good = {"name": "get", "arguments": {"id": "a"}}
+    for bad in (
+        {"arguments": {}},
+        {"name": None, "arguments": {}},
+        {"name": "get", "arguments": {"n": float("nan")}},
+        {"name": "get", "arguments": {"n": float("inf")}},
+        {"name": "get", "arguments": {1: "a"}},
+        {"name": "get", "arguments": deep},
+        {"name": "get", "arguments": '{"n": NaN}'},
+        {"name": "get", "arguments": "not json"},
+        {"name": "get", "arguments": object()},
+        "get",
+    ):
+        turns = [{"role": "assistant", "tool_calls": [bad, good]}]
+        labels = turnrl.label_tiers(turns, gold, {"get": "read"})
+        assert labels.call_tiers == [["error", "gold"]], bad
+        assert labels.tiers == ["error"] and labels.matched_gold == [0], bad
+
+
+def test_json_string_arguments_keep_big_integers_exact() -> None:
+    big = 12345678901234567890123
+    gold = [{"name": "book", "arguments": {"a": big}}]
+    for arguments in (json.dumps({"a": big}), {"a": big}):
+        turns = [{"role": "assistant", "tool_calls": [{"name": "book", "arguments": arguments}]}]
+        assert turnrl.label_tiers(turns, gold, {"book": "write"}).tiers == ["gold"]
+    off_by_one = json.dumps({"a": big + 1})
+    turns = [{"role": "assistant", "tool_calls": [{"name": "book", "arguments": off_by_one}]}]
+    assert turnrl.label_tiers(turns, gold, {"book": "write"}).tiers == ["write"]
+
+
+@pytest.mark.parametrize(
+    ("differing", "leaves", "fraction", "kind"),
+    [
+        (7, 25, 0.28, "mismatch"),
+        (6, 25, 0.28, "soft"),
+        (7, 100, 0.07, "mismatch"),
+        (6, 100, 0.07, "soft"),
+        (7, 50, 0.14, "mismatch"),
+        (14, 25, 0.56, "mismatch"),
+    ],
+)
+def test_the_soft_limit_is_the_decimal_fraction(
+    differing: int, leaves: int, fraction: float, kind: str
+) -> None:
+    # In floats 0.28 * 25 is 7.000000000000001; the rule is "fewer than".
+    gold = {f"k{i}": i for i in range(leaves)}
+    pred = {k: (v + 1000 if i < differing else v) for i, (k, v) in enumerate(gold.items())}
+    got = turnrl.compare_args(pred, gold, soft_max_fraction=fraction)
+    assert (got.kind, got.differing_leaves, got.gold_leaves) == (kind, differing, leaves)
+    assert ref.compare(pred, gold, soft_max_fraction=fraction)["kind"] == kind
+
+
+def test_floats_compare_by_their_python_repr() -> None:
+    # 1000000000000000.25 lies halfway between two 17-digit decimals that
+    # both read back as it; Python prints the even one, and so a model that
+    # copies Python's output must match.
+    for x in (1e15 + 0.25, -(1e15 + 0.25), 1801514316094494.25, 1e15 + 0.75):
+        assert turnrl.compare_args(repr(x), x).kind == "exact", x
+        assert turnrl.compare_args({"p": repr(x)}, {"p": x}).kind == "exact", x
+        assert turnrl.normalize_args([repr(x)]) == [x] == ref.normalize([repr(x)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(10**15, 2**50 - 1), st.sampled_from([0.25, 0.75]), st.booleans())
+def test_halfway_floats_match_the_reference(whole: int, frac: float, negative: bool) -> None:
+    x = (whole + frac) * (-1 if negative else 1)
+    assert turnrl.normalize_args({"x": x}) == ref.normalize({"x": x})
+    assert turnrl.compare_args(repr(x), x).kind == "exact"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -120,9 +120,12 @@ def label_tiers(
             (tau-bench's ``"kwargs"`` is accepted too).
         tool_kinds: every tool of the domain, ``"read"`` or ``"write"``.
 
-    Each call is labelled, in this order: ``error`` (tool not in
-    ``tool_kinds``, arguments not a JSON object, or the tool's result starts
-    with ``"Error"`` as tau-bench's do); ``gold`` (exact match to a gold
+    Each call is labelled, in this order: ``error`` (a call that cannot be
+    read: not a dict, no string name, arguments that are not a JSON object
+    or hold NaN, infinity, non-string keys or too deep nesting; a tool not
+    in ``tool_kinds``; or a result that starts with ``"Error"`` as
+    tau-bench's do; such a call never stops the labelling of the others);
+    ``gold`` (exact match to a gold
     action of the same name not yet matched: the first in task order is
     consumed, so each gold action is matched once); ``soft`` (soft match to
     a gold action not matched exactly and not yet soft-matched; it does not
@@ -131,6 +134,9 @@ def label_tiers(
     calls' tiers by ``error > gold > soft > write > read``; a turn with
     parse ``errors`` is ``error``; one with neither calls nor errors is
     ``respond``.
+
+    JSON-string arguments are read by Python's ``json``, so integers of any
+    size keep every digit, as in dict arguments.
 
     Returns:
         :class:`TierLabels`: ``.tiers`` (one per turn, ``None`` for

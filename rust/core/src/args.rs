@@ -59,7 +59,8 @@ pub struct Policy {
     /// of differing leaves is strictly less than `soft_max_fraction` times
     /// the number of leaves of the gold value. The default 0.5 means
     /// "strictly fewer than half of the gold leaves differ"; 0 turns soft
-    /// matches off. Must lie in [0, 1].
+    /// matches off. Must lie in [0, 1]. The product is exact, with the
+    /// fraction read as the decimal it prints as (0.28 × 25 is 7).
     pub soft_max_fraction: f64,
 }
 
@@ -212,7 +213,52 @@ impl Dec {
         // `{:e}` prints the shortest digits that read back as `x`.
         let mut text = StackText::default();
         let _ = write!(text, "{x:e}");
-        Dec::parse_scientific(text.as_str()).unwrap_or(Dec::build(false, b"", 0))
+        let shortest = Dec::parse_scientific(text.as_str()).unwrap_or(Dec::build(false, b"", 0));
+        if shortest.digits.len() == 17 {
+            if let Some(even) = Dec::even_of_tie(x) {
+                return even;
+            }
+        }
+        shortest
+    }
+
+    /// Where `x` lies exactly halfway between two 17-digit decimals, both
+    /// of which read back as `x`, the one with an even last digit (as
+    /// Python's `repr` and `json.dumps` choose; Rust's formatting takes the
+    /// upper one). Only 17-digit shortest forms can tie: with fewer digits
+    /// the two candidates lie more than one float apart.
+    #[cold]
+    fn even_of_tie(x: f64) -> Option<Dec> {
+        // A tie has exactly 18 significant digits, the last a 5; rounding
+        // to 18 digits ends in 5 for a tenth of other values, which the
+        // exact expansion (at most 767 significant digits) then rules out.
+        let eighteen = format!("{:.17e}", x.abs());
+        if !eighteen.split_once('e')?.0.ends_with('5') {
+            return None;
+        }
+        let exact = format!("{:.800e}", x.abs());
+        let (mantissa, exponent) = exact.split_once('e')?;
+        let exp: i64 = exponent.parse().ok()?;
+        let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
+        let (lower, rest) = digits.split_at(17);
+        if rest.first() != Some(&b'5') || rest[1..].iter().any(|&d| d != b'0') {
+            return None;
+        }
+        let mut even = [0u8; 18];
+        even[1..].copy_from_slice(lower);
+        if (even[17] - b'0') % 2 == 1 {
+            // The upper candidate: add one in the last place.
+            for d in even.iter_mut().rev() {
+                if *d == b'9' {
+                    *d = b'0';
+                } else {
+                    *d = if *d == 0 { b'1' } else { *d + 1 };
+                    break;
+                }
+            }
+        }
+        let start = usize::from(even[0] == 0);
+        Some(Dec::build(x < 0.0, &even[start..], exp - 16))
     }
 
     /// `-?d(.d+)?e-?d+` as printed by `{:e}`.
@@ -1075,6 +1121,38 @@ fn diff_bags<'a>(
     }
 }
 
+/// Whether `count < fraction × total`, with `fraction` taken as the decimal
+/// it prints as: 0.28 is 28/100, not the double just above it, so 7 of 25
+/// is not fewer than 0.28 of them (in floats, 0.28 × 25 is 7.000000000000001).
+fn fewer_than_fraction(count: usize, total: usize, fraction: f64) -> bool {
+    let fraction = Dec::from_f64(fraction);
+    if fraction.is_zero() || fraction.neg {
+        return false;
+    }
+    if count == 0 {
+        return total > 0;
+    }
+    // At most 17 digits: below 10^17, and times a usize within u128.
+    let digits = fraction
+        .digits
+        .as_bytes()
+        .iter()
+        .fold(0u128, |n, d| n * 10 + u128::from(d - b'0'));
+    let scale = |n: u128, exp: i64| {
+        u32::try_from(exp)
+            .ok()
+            .and_then(|e| 10u128.checked_pow(e))
+            .and_then(|p| n.checked_mul(p))
+    };
+    let (count, total) = (count as u128, total as u128);
+    if fraction.exp >= 0 {
+        scale(digits * total, fraction.exp).is_none_or(|limit| count < limit)
+    } else {
+        // An overflowing left side exceeds any right side.
+        scale(count, -fraction.exp).is_some_and(|scaled| scaled < digits * total)
+    }
+}
+
 fn compare_canon<'a>(
     pred: &'a Canon<'a>,
     gold: &'a Canon<'a>,
@@ -1088,7 +1166,7 @@ fn compare_canon<'a>(
         MatchKind::Mismatch
     } else if acc.differing == 0 {
         MatchKind::Exact
-    } else if (acc.differing as f64) < soft_max_fraction * gold_leaves as f64 {
+    } else if fewer_than_fraction(acc.differing, gold_leaves, soft_max_fraction) {
         MatchKind::Soft
     } else {
         MatchKind::Mismatch
@@ -1202,7 +1280,8 @@ pub struct TierLabels {
 
 /// One call of an assistant turn, as read from the record.
 struct CallIn<'a> {
-    name: &'a str,
+    /// `None` when the call is not an object or has no string `name`.
+    name: Option<&'a str>,
     /// `None` when `arguments` was a string that is not a JSON object.
     arguments: Option<Cow<'a, Value>>,
 }
@@ -1216,18 +1295,21 @@ fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
 
-fn read_call<'a>(call: &'a Value, at: &str) -> Result<CallIn<'a>> {
-    let obj = call
-        .as_object()
-        .ok_or_else(|| Error::invalid(format!("{at} must be an object")))?;
+/// A call that cannot be read (not an object, no string name, arguments
+/// that are not a JSON object) is still a call: it gets the `error` tier.
+fn read_call(call: &Value) -> CallIn<'_> {
+    let Some(obj) = call.as_object() else {
+        return CallIn {
+            name: None,
+            arguments: None,
+        };
+    };
     // OpenAI style nests the call under "function".
     let obj = match field(obj, "function").and_then(Value::as_object) {
         Some(inner) if !obj.contains_key("name") => inner,
         _ => obj,
     };
-    let name = field(obj, "name")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Error::invalid(format!("{at}.name must be a string")))?;
+    let name = field(obj, "name").and_then(Value::as_str);
     static EMPTY: Value = Value::Null;
     let arguments = match field(obj, "arguments") {
         None => Some(Cow::Borrowed(&EMPTY)),
@@ -1238,7 +1320,7 @@ fn read_call<'a>(call: &'a Value, at: &str) -> Result<CallIn<'a>> {
         Some(v @ Value::Object(_)) => Some(Cow::Borrowed(v)),
         Some(_) => None,
     };
-    Ok(CallIn { name, arguments })
+    CallIn { name, arguments }
 }
 
 /// Labels every assistant turn of a trajectory with a reward tier.
@@ -1252,9 +1334,12 @@ fn read_call<'a>(call: &'a Value, at: &str) -> Result<CallIn<'a>> {
 /// tau-bench's `"kwargs"`).
 ///
 /// Each call gets a tier, checked in this order:
-/// 1. `error`: the tool is not in `tool_kinds`, its arguments are not a JSON
-///    object (or nest too deep), or its result starts with `Error` (tau-bench
-///    tools report failures that way). An erroring call matches nothing.
+/// 1. `error`: the call is not an object or has no string `name`, the tool
+///    is not in `tool_kinds`, its arguments are not a JSON object (or nest
+///    too deep, or hold what the comparison cannot read), or its result
+///    starts with `Error` (tau-bench tools report failures that way). An
+///    erroring call matches nothing; the rest of the trajectory is labelled
+///    as usual.
 /// 2. `gold`: the arguments equal (after normalisation) those of a gold
 ///    action of the same name not yet matched exactly; the first such gold
 ///    action in task order is consumed. Each gold action matches once, so a
@@ -1313,11 +1398,7 @@ pub fn label_tiers(
             "assistant" => {
                 let calls = match field(obj, "tool_calls") {
                     None => Vec::new(),
-                    Some(Value::Array(items)) => items
-                        .iter()
-                        .enumerate()
-                        .map(|(c, call)| read_call(call, &format!("turns[{t}].tool_calls[{c}]")))
-                        .collect::<Result<Vec<_>>>()?,
+                    Some(Value::Array(items)) => items.iter().map(read_call).collect(),
                     Some(_) => {
                         return Err(Error::invalid(format!(
                             "turns[{t}].tool_calls must be a list"
@@ -1401,7 +1482,10 @@ fn label_call(
     gold_turn: &mut [Option<usize>],
     soft_claimed: &mut [bool],
 ) -> Tier {
-    let Some(&kind) = tool_kinds.get(call.name) else {
+    let Some(name) = call.name else {
+        return Tier::Error;
+    };
+    let Some(&kind) = tool_kinds.get(name) else {
         return Tier::Error;
     };
     if result.is_some_and(|r| r.trim_start().starts_with("Error")) {
@@ -1415,7 +1499,7 @@ fn label_call(
     };
     let mut best_soft: Option<(usize, usize)> = None;
     for (g, action) in gold.iter().enumerate() {
-        if action.name != call.name || gold_turn[g].is_some() {
+        if action.name != name || gold_turn[g].is_some() {
             continue;
         }
         let cmp = compare_canon(&args, &action.args, policy.soft_max_fraction);
@@ -1452,7 +1536,101 @@ mod tests {
         compare(&p, &g, &Policy::default()).unwrap()
     }
 
+    /// The 17 significant digits nearest to `x`, ties to even, from its
+    /// exact decimal expansion: what Python's `repr` gives when 17 digits
+    /// are needed.
+    fn nearest_17_digits(x: f64) -> Dec {
+        let exact = format!("{:.800e}", x.abs());
+        let (mantissa, exponent) = exact.split_once('e').unwrap();
+        let exp: i64 = exponent.parse().unwrap();
+        let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
+        let mut kept: u64 = std::str::from_utf8(&digits[..17]).unwrap().parse().unwrap();
+        let rest = &digits[17..];
+        let half = rest[0] == b'5' && rest[1..].iter().all(|&d| d == b'0');
+        if rest[0] > b'5' || (rest[0] == b'5' && !half) || (half && kept % 2 == 1) {
+            kept += 1;
+        }
+        let text = kept.to_string();
+        Dec::build(
+            x < 0.0,
+            text.as_bytes(),
+            exp - 16 - (text.len() as i64 - 17),
+        )
+    }
+
+    #[test]
+    fn floats_halfway_between_two_shortest_forms_take_the_even_one() {
+        // 1000000000000000.25 reads back from ...0.2 and from ...0.3;
+        // Python prints ...0.2.
+        let x = 1e15 + 0.25;
+        assert_eq!(
+            Dec::from_f64(x),
+            Dec::parse_plain("1000000000000000.2").unwrap()
+        );
+        assert_eq!(
+            Dec::from_f64(-x),
+            Dec::parse_plain("-1000000000000000.2").unwrap()
+        );
+        let mut ties = 0;
+        for k in 0..2000u64 {
+            for (int, frac) in [
+                (1_000_000_000_000_000u64, 0.25),
+                (1_000_000_000_000_000, 0.75),
+            ] {
+                let x = (int + 7919 * k) as f64 + frac;
+                assert_eq!(Dec::from_f64(x), nearest_17_digits(x), "{x:e}");
+                ties += 1;
+            }
+            for eighths in [1.0, 3.0, 5.0, 7.0] {
+                let x = (100_000_000_000_000 + 7919 * k) as f64 + eighths / 8.0;
+                assert_eq!(Dec::from_f64(x), nearest_17_digits(x), "{x:e}");
+            }
+        }
+        assert!(ties > 0);
+    }
+
+    #[test]
+    fn the_soft_limit_is_the_decimal_fraction() {
+        // 0.28 × 25 is 7.000000000000001 in floats.
+        assert!(!fewer_than_fraction(7, 25, 0.28));
+        assert!(fewer_than_fraction(6, 25, 0.28));
+        assert!(!fewer_than_fraction(0, 25, 0.0));
+        assert!(fewer_than_fraction(24, 25, 1.0));
+        assert!(!fewer_than_fraction(25, 25, 1.0));
+        assert!(!fewer_than_fraction(1, 10, 5e-324));
+        assert!(fewer_than_fraction(0, 10, 5e-324));
+    }
+
     proptest! {
+        #[test]
+        fn soft_limit_matches_exact_arithmetic(
+            numerator in 0u64..=1000,
+            scale in prop_oneof![Just(10u64), Just(100), Just(1000)],
+            total in 0usize..2000,
+            count_part in 0usize..2000,
+        ) {
+            prop_assume!(numerator <= scale);
+            let count = count_part % (total + 1);
+            let fraction = numerator as f64 / scale as f64;
+            let want = (count as u128) * u128::from(scale) < u128::from(numerator) * total as u128;
+            prop_assert_eq!(fewer_than_fraction(count, total, fraction), want);
+        }
+
+        /// Wherever the shortest form has 17 digits it is the nearest
+        /// 17-digit decimal, ties to even; elsewhere it reads back as `x`.
+        #[test]
+        fn floats_take_python_repr_digits(bits in any::<u64>()) {
+            let x = f64::from_bits(bits);
+            prop_assume!(x.is_finite() && x != 0.0);
+            let dec = Dec::from_f64(x);
+            if dec.digits.len() == 17 {
+                prop_assert_eq!(dec, nearest_17_digits(x));
+            } else {
+                prop_assert!(dec.digits.len() < 17);
+                prop_assert_eq!(dec.to_plain().parse::<f64>().ok(), Some(x));
+            }
+        }
+
         #[test]
         fn key_order_is_byte_order(a in "[ab\\x00é]{0,6}", b in "[ab\\x00é]{0,6}") {
             prop_assert_eq!(key_cmp(&a, &b), a.as_bytes().cmp(b.as_bytes()));
@@ -1734,16 +1912,6 @@ mod tests {
         );
         assert!(e.unwrap_err().to_string().contains("turns[0].role"));
         let e = label_tiers(
-            &[assistant(json!([{"arguments": {}}]))],
-            &gold,
-            &kinds(),
-            &Policy::default(),
-        );
-        assert!(e
-            .unwrap_err()
-            .to_string()
-            .contains("turns[0].tool_calls[0].name"));
-        let e = label_tiers(
             &[],
             &[json!({"name": "x", "arguments": 3})],
             &kinds(),
@@ -1753,6 +1921,32 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("gold_actions[0].arguments"));
+    }
+
+    /// A call that cannot be read is an `error` call; the trajectory's other
+    /// calls and turns are labelled as usual.
+    #[test]
+    fn unreadable_calls_are_error_calls() {
+        let gold = vec![json!({"name": "get", "arguments": {"id": "a"}})];
+        let good = json!({"name": "get", "arguments": {"id": "a"}});
+        for bad in [
+            json!({"arguments": {}}),
+            json!({"name": null, "arguments": {}}),
+            json!({"name": 3}),
+            json!("get"),
+            json!({"name": "get", "arguments": "not json"}),
+            json!({"name": "get", "arguments": [1]}),
+        ] {
+            let labels = label_tiers(
+                &[assistant(json!([bad.clone(), good.clone()]))],
+                &gold,
+                &kinds(),
+                &Policy::default(),
+            )
+            .unwrap();
+            assert_eq!(labels.call_tiers[0], vec![Tier::Error, Tier::Gold], "{bad}");
+            assert_eq!(labels.matched_gold, vec![0], "{bad}");
+        }
     }
 
     fn arb_json() -> impl Strategy<Value = Value> {

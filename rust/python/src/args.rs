@@ -5,6 +5,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 use turnrl_core::args::{
@@ -598,6 +599,55 @@ impl TierLabels {
 /// metadata) is never converted.
 const TURN_FIELDS: [&str; 5] = ["role", "content", "name", "tool_calls", "errors"];
 
+/// One tool call as JSON, never failing: whatever cannot be read (a field
+/// that is not JSON, arguments holding NaN or nested too deep, arguments text
+/// that is not JSON) is left in a form the labelling reads as an unreadable
+/// call, which makes that call `error` and no other.
+fn call_to_json(py: Python<'_>, call: &Bound<'_, PyAny>) -> Value {
+    let Ok(dict) = call.cast::<PyDict>() else {
+        return to_json(call, 0).unwrap_or(Value::Null);
+    };
+    let mut map = Map::new();
+    for (key, value) in dict.iter() {
+        let Ok(key) = key.extract::<String>() else {
+            continue;
+        };
+        let converted = match key.as_str() {
+            "arguments" => arguments_to_json(py, &value),
+            "function" if value.cast::<PyDict>().is_ok() => call_to_json(py, &value),
+            _ => match to_json(&value, 0) {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+        };
+        map.insert(key, converted);
+    }
+    Value::Object(map)
+}
+
+/// Arguments as JSON. Text is decoded by Python's `json`, so integers of any
+/// size keep every digit (as they do in dict arguments); what cannot be read
+/// becomes text that is not a JSON object.
+fn arguments_to_json(py: Python<'_>, arguments: &Bound<'_, PyAny>) -> Value {
+    static LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    let unreadable = |why: String| Value::String(format!("unreadable arguments: {why}"));
+    let decoded = match arguments.cast::<PyString>() {
+        Ok(text) => {
+            let loads = match LOADS.import(py, "json", "loads") {
+                Ok(loads) => loads,
+                Err(e) => return unreadable(e.to_string()),
+            };
+            match loads.call1((text,)) {
+                Ok(value) => value,
+                // Not JSON: the text itself, which the labelling cannot read.
+                Err(_) => return to_json(arguments, 0).unwrap_or(Value::Null),
+            }
+        }
+        Err(_) => arguments.clone(),
+    };
+    to_json(&decoded, 0).unwrap_or_else(|e| unreadable(e.message))
+}
+
 /// Tier of every assistant turn of a `turnrl.rollout/1` trajectory.
 #[pyfunction]
 #[pyo3(signature = (turns, gold_actions, tool_kinds, *, case_fold=false, unordered_keys=None, soft_max_fraction=0.5))]
@@ -637,7 +687,12 @@ pub fn label_tiers(
         let mut map = Map::new();
         for field in TURN_FIELDS {
             if let Some(v) = dict.get_item(field)? {
-                let value = convert(py, &v, &format!("turns[{t}].{field}"))?;
+                let value = match v.cast::<PyList>() {
+                    Ok(calls) if field == "tool_calls" => {
+                        Value::Array(calls.iter().map(|c| call_to_json(py, &c)).collect())
+                    }
+                    _ => convert(py, &v, &format!("turns[{t}].{field}"))?,
+                };
                 map.insert(field.to_string(), value);
             }
         }
