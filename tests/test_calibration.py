@@ -4,6 +4,8 @@ planted tiers, the loop, tier files and the online calibrator."""
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from turnrl.calibration import (
     rewards_from_correlations,
     save_tier_rewards,
 )
+from turnrl.exceptions import InvalidInputError
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -189,6 +192,84 @@ def test_tier_file_errors_name_the_file_and_tier(tmp_path):
         load_tier_rewards(bad)
     with pytest.raises(OSError, match="no such tier file"):
         load_tier_rewards(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "tier",
+    [
+        "café",
+        "x²",
+        "日本",
+        'a"b',
+        "a\\b",
+        "",
+        "a.b",
+        "tiers",
+        "\x7f\x00\t\n\r\x08\x1f",
+        "😀",
+        "-_9",
+    ],
+)
+def test_tier_file_keys_follow_toml(tmp_path, tier):
+    path = tmp_path / "t.toml"
+    save_tier_rewards({tier: 0.25, "gold": 1.0}, path)
+    assert load_tier_rewards(path) == {tier: 0.25, "gold": 1.0}
+    assert "gold = 1.0" in path.read_text(encoding="utf-8").splitlines()  # bare when allowed
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rewards=st.dictionaries(
+        st.text(), st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=6
+    ),
+    comment=st.one_of(
+        st.none(), st.text(st.characters(codec="utf-8", exclude_categories=["Cc"]) | st.just("\n"))
+    ),
+)
+def test_tier_files_round_trip_any_tier_name(rewards, comment):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiers.toml"
+        save_tier_rewards(rewards, path, comment=comment)
+        loaded = load_tier_rewards(path)
+    assert loaded == rewards and list(loaded) == list(rewards)
+
+
+def test_tier_file_save_refuses_what_it_cannot_write(tmp_path):
+    path = tmp_path / "t.toml"
+    for rewards, message in [
+        ({}, "no tier rewards"),
+        ({"gold": math.inf}, r"tier 'gold' has a non-finite reward"),
+        ({"gold": math.nan}, r"tier 'gold' has a non-finite reward"),
+        ({"gold": True}, r"tier 'gold' must map to a number"),
+        ({"gold": "1"}, r"tier 'gold' must map to a number"),
+        ({1: 1.0}, "tier names must be strings"),
+        ({"a\ud800": 1.0}, "lone surrogate"),
+    ]:
+        with pytest.raises(InvalidInputError, match=rf"t\.toml: .*{message}"):
+            save_tier_rewards(rewards, path)
+    with pytest.raises(
+        InvalidInputError, match=r"t\.toml: the comment holds control character U\+0000"
+    ):
+        save_tier_rewards({"gold": 1.0}, path, comment="a\x00b")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
+
+
+@pytest.mark.parametrize("value", ["0.5", "[1.0]", "'gold'", "true"])
+def test_tier_file_tiers_must_be_a_table(tmp_path, value):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f"tiers = {value}\n")
+    with pytest.raises(InvalidInputError, match=r"bad\.toml: key 'tiers' must be a table"):
+        load_tier_rewards(bad)
+
+
+def test_tier_file_keys_outside_the_tiers_table_are_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("gold = 1.0\n[tiers]\nread = 0.3\n")
+    with pytest.raises(InvalidInputError, match=r"bad\.toml: top-level keys \['gold'\]"):
+        load_tier_rewards(bad)
+    bad.write_text("gold = 1.0\n[extra]\nread = 0.3\n")
+    with pytest.raises(InvalidInputError, match=r"bad\.toml: tier 'extra' must map to a number"):
+        load_tier_rewards(bad)
 
 
 def test_bad_tier_codes_are_value_errors():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import tempfile
 from collections import deque
@@ -70,9 +71,17 @@ PRESETS: dict[str, dict[str, float]] = {
 
 def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> dict[str, float]:
     """Tier rewards from a preset name (``naive``, ``sparse``), a mapping, or a
-    TOML file with a ``[tiers]`` table (or top-level ``tier = reward`` keys)."""
+    TOML file with a ``[tiers]`` table (or top-level ``tier = reward`` keys).
+
+    Raises:
+        TurnrlIOError: the file does not exist.
+        InvalidInputError: the file is not TOML, ``tiers`` is not a table, a
+            file with a ``[tiers]`` table has other top-level keys, a tier name
+            is not a string, a reward is not a finite number, or there are no
+            tiers (the message names the file, or ``mapping``, and the key).
+    """
     if isinstance(source, Mapping):
-        table: Mapping[str, Any] = source
+        table: Mapping[Any, Any] = source
         where = "mapping"
     elif str(source) in PRESETS and not Path(source).exists():
         return dict(PRESETS[str(source)])
@@ -87,29 +96,109 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
             raise TurnrlIOError(f"{path}: no such tier file (or use a preset: {presets})") from None
         except tomllib.TOMLDecodeError as err:
             raise InvalidInputError(f"{path}: not valid TOML: {err}") from None
-        table = document.get("tiers", document)
+        if "tiers" in document:
+            tiers = document["tiers"]
+            if not isinstance(tiers, dict):
+                raise InvalidInputError(
+                    f"{path}: key 'tiers' must be a table of tier = reward "
+                    f"(a [tiers] section), got {type(tiers).__name__} {tiers!r}"
+                )
+            others = [key for key in document if key != "tiers"]
+            if others:
+                raise InvalidInputError(
+                    f"{path}: top-level keys {others} are outside the [tiers] table "
+                    "(put every tier in [tiers], or drop the [tiers] header)"
+                )
+            table = tiers
+        else:
+            table = document
     rewards: dict[str, float] = {}
     for tier, value in table.items():
+        if not isinstance(tier, str):
+            raise InvalidInputError(f"{where}: tier names must be strings, got {tier!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInputError(f"{where}: tier {tier!r} must map to a number, got {value!r}")
         if not math.isfinite(value):
             raise InvalidInputError(f"{where}: tier {tier!r} has a non-finite reward {value}")
-        rewards[str(tier)] = float(value)
+        rewards[tier] = float(value)
     if not rewards:
         raise InvalidInputError(f"{where}: no tier rewards found")
     return rewards
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# The characters a TOML basic string must escape: the quote, the backslash and
+# the control characters U+0000-U+001F and U+007F (tab is escaped too).
+_TOML_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+_TOML_SPECIAL = re.compile(r'["\\\x00-\x1f\x7f]')
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_COMMENT_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    return _TOML_ESCAPES.get(char) or f"\\u{ord(char):04X}"
+
+
+def _toml_key(name: str) -> str:
+    """``name`` as a TOML key: bare when TOML allows (A-Za-z0-9_-, non-empty),
+    else a basic string with ``"``, ``\\`` and control characters escaped."""
+    if _BARE_KEY.fullmatch(name):
+        return name
+    return '"' + _TOML_SPECIAL.sub(_escape_char, name) + '"'
+
+
 def save_tier_rewards(
     rewards: Mapping[str, float], path: str | os.PathLike[str], comment: str | None = None
 ) -> None:
-    """Write tier rewards as TOML, atomically (a temporary file, then rename)."""
+    """Write tier rewards as TOML, atomically (a temporary file, then rename).
+
+    Any tier name a string can hold round-trips through :func:`load_tier_rewards`
+    (names that are not bare TOML keys are written quoted and escaped), except
+    those with lone surrogates, which TOML cannot represent. ``comment`` lines
+    are written as ``#`` comments at the top.
+
+    Raises:
+        InvalidInputError: no tiers, a tier name that is not a string or holds
+            a lone surrogate, a reward that is not a finite number, or a
+            comment with control characters other than tab and line breaks
+            (the message names the file and the tier); nothing is written.
+    """
     path = Path(path)
-    lines = [f"# {line}" for line in (comment or "").splitlines()]
+    if not rewards:
+        raise InvalidInputError(f"{path}: no tier rewards to save")
+    lines = []
+    for line in (comment or "").splitlines():
+        bad = _COMMENT_FORBIDDEN.search(line)
+        if bad:
+            raise InvalidInputError(
+                f"{path}: the comment holds control character U+{ord(bad.group()):04X}, "
+                "which a TOML comment cannot"
+            )
+        if _SURROGATE.search(line):
+            raise InvalidInputError(f"{path}: the comment holds a lone surrogate")
+        lines.append(f"# {line}")
     lines.append("[tiers]")
     for tier, value in rewards.items():
-        key = tier if tier.replace("_", "").replace("-", "").isalnum() else f'"{tier}"'
-        lines.append(f"{key} = {float(value)!r}")
+        if not isinstance(tier, str):
+            raise InvalidInputError(f"{path}: tier names must be strings, got {tier!r}")
+        if _SURROGATE.search(tier):
+            raise InvalidInputError(
+                f"{path}: tier {tier!r} holds a lone surrogate, which TOML cannot represent"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInputError(f"{path}: tier {tier!r} must map to a number, got {value!r}")
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{path}: tier {tier!r} has a non-finite reward {value}")
+        lines.append(f"{_toml_key(tier)} = {float(value)!r}")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
