@@ -1,17 +1,27 @@
-"""`turnrl rollouts import-taubench`: tau-bench results in, labelled buffer out."""
+"""`turnrl rollouts import-taubench`: tau-bench results in, labelled buffer out;
+and the conversion under it (`taubench_to_records`) on malformed entries."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from turnrl.cli import main
-from turnrl.rollouts import iter_rollout_records, read_rollouts
+from turnrl.exceptions import InvalidInputError
+from turnrl.importers import import_taubench
+from turnrl.rollouts import (
+    iter_rollout_records,
+    read_rollouts,
+    read_taubench_results,
+    taubench_to_records,
+    write_taubench_buffer,
+)
 
 TAU_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "tau-bench"
-pytestmark = pytest.mark.skipif(not TAU_BENCH.is_dir(), reason="needs ../shared/tau-bench")
+needs_tau_bench = pytest.mark.skipif(not TAU_BENCH.is_dir(), reason="needs ../shared/tau-bench")
 
 
 def call(call_id: str, name: str, arguments: dict) -> dict:
@@ -42,6 +52,7 @@ def entry(task_id: int, reward: float, trial: int, assistant_calls: list[list[di
     return {"task_id": task_id, "reward": reward, "info": {}, "traj": traj, "trial": trial}
 
 
+@needs_tau_bench
 def test_import_labels_tiers_against_gold(tmp_path: Path):
     from turnrl import envs
 
@@ -96,6 +107,7 @@ def test_import_labels_tiers_against_gold(tmp_path: Path):
     assert batch.num_trajectories == 2 and batch.skipped == 0
 
 
+@needs_tau_bench
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(999, 1.0, 0, [[]])]))
@@ -115,3 +127,126 @@ def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     assert code == 2
     assert "entry 0" in capsys.readouterr().err
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def raw_call(call_id: str, name: str, arguments_text: str) -> dict:
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments_text},
+    }
+
+
+@pytest.mark.parametrize(
+    ("tool_calls", "where"),
+    [
+        (["x"], r"tool_calls\[0\]: expected an object, got str"),
+        ({"id": "a", "function": {}}, r"'tool_calls' must be a list, got dict"),
+        ("get_user_details", r"'tool_calls' must be a list, got str"),
+        (
+            [raw_call("a", "f", "{}"), {"id": "b", "function": "get_user_details"}],
+            r"tool_calls\[1\]: 'function' must be an object, got str",
+        ),
+    ],
+)
+def test_malformed_tool_calls_name_the_entry_message_and_call(tmp_path, tool_calls, where):
+    good = entry(4, 1.0, 0, [[]])
+    bad = entry(7, 0.0, 0, [[]])
+    bad["traj"][2]["tool_calls"] = tool_calls
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([good, bad]))
+    pattern = rf"results\.json: entry 1 \(task_id 7\): traj\[2\]: {where}"
+    with pytest.raises(InvalidInputError, match=pattern):
+        read_taubench_results(path)
+    with pytest.raises(InvalidInputError, match=pattern):
+        write_taubench_buffer(path, tmp_path / "b.jsonl")
+    assert not (tmp_path / "b.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"x": NaN}',
+        '{"x": Infinity}',
+        '{"x": -Infinity}',
+        '{"x": 1e999}',
+        '{"x": [1, -1e400]}',
+        '{"x": "\\ud800"}',  # a lone surrogate, which no UTF-8 buffer can hold
+        "{not json",
+    ],
+)
+def test_arguments_that_are_not_strict_json_stay_raw(tmp_path, text):
+    calls = [raw_call("a", "f", text), raw_call("b", "f", '{"y": 1.5, "z": [1e300]}')]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([entry(0, 1.0, 0, [calls, []])]))
+    (record,) = read_taubench_results(path)
+    arguments = [c["arguments"] for c in record["turns"][1]["tool_calls"]]
+    assert arguments == [text, {"y": 1.5, "z": [1e300]}]
+    out = tmp_path / "b.jsonl"
+    assert write_taubench_buffer(path, out) == 1
+    assert list(iter_rollout_records(out)) == [record]
+
+
+def test_arguments_objects_a_record_cannot_hold_become_their_json_text():
+    nan_args = {"x": math.nan}
+    results = [entry(0, 1.0, 0, [[raw_call("a", "f", "{}")]])]
+    results[0]["traj"][2]["tool_calls"][0]["function"]["arguments"] = nan_args
+    (record,) = taubench_to_records(results)
+    assert record["turns"][1]["tool_calls"][0]["arguments"] == '{"x": NaN}'
+
+
+def test_task_id_must_be_an_index_or_a_name():
+    for task_id in (None, True, 1.5, [1], ""):
+        bad = entry(0, 1.0, 0, [[]])
+        bad["task_id"] = task_id
+        with pytest.raises(InvalidInputError, match=r"entry 1: 'task_id' must be an integer"):
+            taubench_to_records([entry(0, 1.0, 0, [[]]), bad])
+    assert taubench_to_records([entry(0, 1.0, 0, [[]])], "airline")[0]["task_id"] == "airline/0"
+
+
+def test_every_trajectory_of_a_task_gets_a_distinct_sample():
+    def no_trial(task_id: int) -> dict:
+        e = entry(task_id, 0.0, 0, [[]])
+        del e["trial"]
+        return e
+
+    results = [
+        entry(1, 1.0, 0, [[]]),
+        no_trial(1),  # 0 is taken by a trial, 1 by a later one: 2
+        entry(1, 1.0, 1, [[]]),
+        entry(1, 1.0, 1, [[]]),  # trial 1 again: the next free number, 3
+        no_trial(2),
+        entry(2, 1.0, 0, [[]]),  # trial 0 is free: the entry without a trial took 1
+        entry(3, 1.0, 2**63, [[]]),  # a trial no buffer can hold is no trial
+    ]
+    records = taubench_to_records(results)
+    assert [(r["task_id"], r["sample"]) for r in records] == [
+        ("1", 0),
+        ("1", 2),
+        ("1", 1),
+        ("1", 3),
+        ("2", 1),
+        ("2", 0),
+        ("3", 0),
+    ]
+    assert [r["meta"]["trial"] for r in records] == [0, None, 1, 1, None, 0, None]
+
+
+@needs_tau_bench
+def test_import_keeps_every_trajectory_when_a_call_has_nan_arguments(tmp_path: Path):
+    results = [
+        entry(0, 1.0, 0, [[call("a", "get_user_details", {"user_id": "mia_li_3668"})], []]),
+        entry(0, 0.0, 1, [[raw_call("b", "get_user_details", '{"user_id": NaN}')], []]),
+        entry(1, 0.0, 0, [[raw_call("c", "get_reservation_details", '{"x": 1e999}')], []]),
+    ]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "buffer.jsonl"
+    summary = import_taubench(path, out, "taubench:airline", root=TAU_BENCH)
+    assert summary.records == 3
+    records = list(iter_rollout_records(out))
+    assert [r["task_id"] for r in records] == ["airline/test/0"] * 2 + ["airline/test/1"]
+    assert [r["sample"] for r in records] == [0, 1, 0]
+    odd = [r["turns"][1]["tool_calls"][0]["arguments"] for r in records[1:]]
+    assert odd == ['{"user_id": NaN}', '{"x": 1e999}']
+    assert read_rollouts(out).skipped == 0

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import re
+import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -316,20 +318,89 @@ def test_problems_are_capped_but_all_counted(tmp_path):
     assert batch.problems[-1].startswith(f"{path}:1000: ")
 
 
-def test_missing_and_corrupt_files_raise_io_errors_naming_the_path(tmp_path):
+def test_missing_files_raise_io_errors_naming_the_path(tmp_path):
     with pytest.raises(TurnrlIOError, match=r"nope\.jsonl"):
         turnrl.read_rollouts(tmp_path / "nope.jsonl")
+    with pytest.raises(TurnrlIOError, match=r"nope\.jsonl"):
+        next(turnrl.iter_rollout_records(tmp_path / "nope.jsonl"))
     with pytest.raises(TurnrlIOError, match=r"no file matches"):
         turnrl.read_rollouts(str(tmp_path / "*.jsonl"))
-    bad = tmp_path / "bad.zst"
-    good = zstandard.ZstdCompressor().compress(b'{"a": 1}\n' * 1000)
-    bad.write_bytes(good[: len(good) // 2])
-    with pytest.raises(TurnrlIOError, match=r"bad\.zst"):
-        turnrl.read_rollouts(bad)
     with pytest.raises(InvalidInputError):
         turnrl.read_rollouts([])
     with pytest.raises(InvalidInputError):
-        turnrl.read_rollouts(bad, workers=0)
+        turnrl.read_rollouts(tmp_path / "nope.jsonl", workers=0)
+
+
+def _frames(records, per_frame):
+    """zstd frames of ``per_frame`` records each, one JSON line per record."""
+    frames = []
+    for i in range(0, len(records), per_frame):
+        text = "".join(json.dumps(r) + "\n" for r in records[i : i + per_frame])
+        frames.append(zstandard.ZstdCompressor().compress(text.encode()))
+    return frames
+
+
+def test_a_leading_skippable_frame_is_zstd(tmp_path):
+    # pzstd starts its files with a skippable frame: magic 0x184D2A50..5F,
+    # a 4-byte little-endian length, then that many bytes of payload.
+    records = _records(30)
+    for magic in (0x184D2A50, 0x184D2A5F):
+        payload = b"\x00pzstd\xff" * 3
+        skippable = struct.pack("<II", magic, len(payload)) + payload
+        path = tmp_path / f"pzstd-{magic:x}.jsonl.zst"
+        path.write_bytes(skippable + b"".join(_frames(records, 7)))
+        for workers in (1, None):
+            batch = turnrl.read_rollouts(path, workers=workers)
+            assert batch.skipped == 0, batch.problems
+            assert batch.num_trajectories == 30
+            assert batch.task_id == [r["task_id"] for r in records]
+        it = turnrl.iter_rollout_records(path)
+        assert list(it) == records
+        assert it.skipped == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "trailing garbage", "short garbage"])
+def test_damaged_zstd_keeps_the_records_before_the_damage(tmp_path, damage):
+    records = _records(30)
+    frames = _frames(records, 10)
+    if damage == "truncated":
+        # Two whole frames, then half of the third: a frame's block is only
+        # decoded whole, so the records of the first two survive.
+        data, kept = frames[0] + frames[1] + frames[2][: len(frames[2]) // 2], 20
+    elif damage == "trailing garbage":
+        data, kept = b"".join(frames) + b"not a zstd frame\n", 30
+    else:
+        data, kept = b"".join(frames) + b"\x00\x01", 30
+    path = tmp_path / "damaged.jsonl.zst"
+    path.write_bytes(data)
+    # A plain file cut inside its last line loses just that line, reported
+    # at its number; damaged zstd is reported the same way.
+    plain = tmp_path / "cut.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in records[:kept])
+    plain.write_text(text + json.dumps(records[kept % 30])[:25])
+    for workers in (1, None):
+        for p in (path, plain):
+            batch = turnrl.read_rollouts(p, workers=workers)
+            assert batch.num_trajectories == kept
+            assert batch.task_id == [r["task_id"] for r in records[:kept]]
+            np.testing.assert_array_equal(batch.line, np.arange(1, kept + 1))
+            assert batch.skipped == 1
+            assert len(batch.problems) == 1
+            assert batch.problems[0].startswith(f"{p}:{kept + 1}: ")
+            if p == path:
+                assert "zstd data truncated or damaged" in batch.problems[0]
+    damaged = turnrl.read_rollouts(path).problems[0]
+    # Files after the damaged one are read as usual.
+    good = tmp_path / "good.jsonl"
+    good.write_text(text)
+    batch = turnrl.read_rollouts([path, good, path])
+    assert batch.num_trajectories == 3 * kept and batch.skipped == 2
+    assert [p.split(": ")[0] for p in batch.problems] == [f"{path}:{kept + 1}"] * 2
+    it = turnrl.iter_rollout_records([path, good], with_source=True)
+    got = list(it)
+    assert [{k: v for k, v in r.items() if k != "_source"} for r in got] == 2 * records[:kept]
+    assert it.skipped == 1
+    assert it.problems == [damaged]
 
 
 def test_globs_expand_sorted_and_order_is_kept(tmp_path):
@@ -380,6 +451,32 @@ def test_writer_round_trip(tmp_path, name, compress):
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left
 
 
+def test_two_writers_to_one_path_each_have_their_own_temporary_file(tmp_path):
+    path = tmp_path / "shared.jsonl"
+    records = _records(12)
+    first, second = records[:6], records[6:]
+    a = turnrl.RolloutWriter(path)
+    b = turnrl.RolloutWriter(path, "zstd")
+    for x, y in zip(first, second, strict=True):
+        a.write(x)
+        b.write(y)
+    a.close()
+    assert list(turnrl.iter_rollout_records(path)) == first
+    b.close()  # closes last: its records are the file's
+    assert list(turnrl.iter_rollout_records(path)) == second
+    assert os.listdir(tmp_path) == ["shared.jsonl"]
+    # A writer dropped unclosed removes its own temporary file only.
+    kept = turnrl.RolloutWriter(path)
+    dropped = turnrl.RolloutWriter(path)
+    dropped.write(first[0])
+    kept.write(first[1])
+    del dropped
+    kept.write(first[2])
+    kept.close()
+    assert list(turnrl.iter_rollout_records(path)) == first[1:3]
+    assert os.listdir(tmp_path) == ["shared.jsonl"]
+
+
 def test_zstd_is_detected_by_magic_not_name(tmp_path):
     path = tmp_path / "plain-looking.jsonl"
     with turnrl.RolloutWriter(path, "zstd") as w:
@@ -407,6 +504,68 @@ def test_writer_refuses_bad_records_and_is_atomic(tmp_path):
         raise RuntimeError("boom")
     assert turnrl.read_rollouts(path).num_trajectories == 1
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
+
+
+def test_writer_refuses_lone_surrogates_naming_the_record_and_field(tmp_path):
+    path = tmp_path / "s.jsonl"
+    good = _records(2)[1]
+    with turnrl.RolloutWriter(path) as w:
+        w.write(good)
+        cases = [
+            ({**good, "meta": {"note": "\ud800"}}, r"meta\.note"),
+            ({**good, "turns": [{"role": "user", "content": "a\udfffb"}]}, r"turns\[0\]\.content"),
+            ({**good, "meta": {"k\udc80": 1}}, r"meta: key 'k.udc80'"),
+        ]
+        for bad, where in cases:
+            with pytest.raises(InvalidInputError, match=rf"^record 1: {where}: .*lone surrogate"):
+                w.write(bad)
+        assert w.written == 1
+    assert list(turnrl.iter_rollout_records(path)) == [good]
+    # What the writer refuses, the readers take: the escape decodes to one.
+    line = json.dumps({**good, "meta": {"note": "\ud800"}})
+    assert "\\ud800" in line
+    path.write_text(line + "\n")
+    assert turnrl.read_rollouts(path).skipped == 0
+    (record,) = turnrl.iter_rollout_records(path)
+    assert record["meta"]["note"] == "\ud800"
+
+
+@pytest.fixture
+def unlimited_int_digits():
+    """Lifts Python's limit on int/str conversion for the test's own use."""
+    if not hasattr(sys, "set_int_max_str_digits"):
+        pytest.skip("this Python has no limit on integer string conversion")
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)
+    yield
+    sys.set_int_max_str_digits(old)
+
+
+def test_record_iterator_reads_integers_past_the_digit_limit(tmp_path, unlimited_int_digits):
+    # read_rollouts does not look into `meta` and keeps such lines; the record
+    # iterator must keep the same lines, with the integers exact.
+    digits = {n: "".join(str((7 * i + 3) % 10) for i in range(n)) for n in (641, 4301, 30000)}
+    big = {n: int(d) for n, d in digits.items()}
+    sys.set_int_max_str_digits(4300)  # Python's default, whatever this run had
+    records = _records(4)
+    lines = [json.dumps(records[0])]
+    for d in digits.values():
+        lines.append(
+            json.dumps({**records[1], "meta": {"n": "BIG", "list": ["NEG"]}})
+            .replace('"BIG"', d)
+            .replace('"NEG"', "-" + d)
+        )
+    lines.append(json.dumps(records[2]))
+    path = write_file(tmp_path / "big.jsonl", lines, compress=False, crlf=False, final_newline=True)
+    batch = turnrl.read_rollouts(path)
+    assert batch.num_trajectories == 5 and batch.skipped == 0
+    it = turnrl.iter_rollout_records(path, with_source=True)
+    got = list(it)
+    assert it.skipped == 0
+    assert [r["_source"]["line"] for r in got] == [1, 2, 3, 4, 5]
+    assert got[0]["meta"] == records[0]["meta"] and got[-1]["turns"] == records[2]["turns"]
+    for r, n in zip(got[1:4], digits, strict=True):
+        assert r["meta"] == {"n": big[n], "list": [-big[n]]}
 
 
 # ---------------------------------------------------------------------------

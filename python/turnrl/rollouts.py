@@ -1,8 +1,9 @@
 """Rollout buffers: ``turnrl.rollout/1`` JSONL files, one trajectory per line.
 
 Reading is done by the Rust core, without the GIL, plain or zstd-compressed
-(recognised by the zstd magic bytes, whatever the file is called), several
-files in parallel and each big file in parallel blocks. The main product is a
+(recognised by the magic bytes of the first frame, a zstd frame or a skippable
+frame as pzstd writes, whatever the file is called), several files in
+parallel and each big file in parallel blocks. The main product is a
 columnar :class:`RolloutBatch` that feeds :func:`turnrl.compute_advantages`
 directly::
 
@@ -16,7 +17,15 @@ field, a non-finite number) is skipped and counted, and reported as
 ``"file:line: reason"``; every other line is kept. Blank lines are ignored
 (they still count for line numbers). Keys the columns do not need (``meta``,
 ``content``, ``tool_calls``, unknown extras) are not checked by the columnar
-reader; :func:`iter_rollout_records` returns them unchanged.
+reader; :func:`iter_rollout_records` returns them unchanged (integers of any
+length included, see :class:`RolloutRecordIterator`).
+
+zstd data that is truncated, corrupt or followed by bytes that are not a zstd
+frame is reported the way a plain file's truncated last line is: every line
+decoded before the damage is kept, and the damage is one problem
+(``"file:line: zstd data truncated or damaged here (...)"``, at the line it
+cut), counted in ``skipped``. Only a file that cannot be opened or read
+raises.
 
 Only assistant turns are turns: an assistant turn without ``reward`` has
 reward 0, one without ``tier`` has tier code -1.
@@ -202,8 +211,9 @@ def read_rollouts(
         ``skipped`` and described in ``problems``.
 
     Raises:
-        TurnrlIOError: a file is missing, unreadable, or not a valid zstd
-            stream; the message names the path.
+        TurnrlIOError: a file is missing or unreadable; the message names
+            the path. (Damaged zstd data is a problem, not an error: see the
+            module's notes.)
     """
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
@@ -237,11 +247,55 @@ def read_rollouts(
     return RolloutBatch(**columns)
 
 
+# Digits that ``int()`` always converts: Python's limit on decimal string
+# conversion (``sys.set_int_max_str_digits``) cannot be set below 640.
+_SAFE_INT_DIGITS = 640
+
+
+def _exact_int(text: str) -> int:
+    """The integer written in ``text`` (JSON syntax), however many digits it has.
+
+    ``int()`` refuses more than ``sys.get_int_max_str_digits()`` digits (4300
+    by default); this converts pieces it accepts and joins them exactly, by
+    halves so that long numbers cost about as much as the multiplications.
+    """
+    if text.startswith("-"):
+        return -_exact_int(text[1:])
+    if len(text) <= _SAFE_INT_DIGITS:
+        return int(text)
+    low_digits = len(text) // 2
+    high, low = text[:-low_digits], text[-low_digits:]
+    return _exact_int(high) * 10**low_digits + _exact_int(low)
+
+
+def _decode_record(text: str) -> dict[str, Any]:
+    """Decode a line that the Rust reader has checked.
+
+    The Rust reader accepts integers of any length where it does not read
+    the value (``meta``, ``content``, tool arguments, extras), so
+    ``json.loads`` alone would raise ``ValueError`` on an integer longer than
+    Python's string conversion limit. Such a line is decoded again with
+    integers converted exactly, and kept: the records match the lines
+    :func:`read_rollouts` keeps.
+    """
+    try:
+        record: dict[str, Any] = json.loads(text)
+    except ValueError:
+        # Only the integer limit makes a checked line fail here; the common
+        # path keeps json's own (faster) integer parsing.
+        record = json.loads(text, parse_int=_exact_int)
+    return record
+
+
 class RolloutRecordIterator(Iterator[dict[str, Any]]):
     """Full records (dicts) of rollout buffers, in file and line order.
 
     The same lines are kept and skipped as by :func:`read_rollouts`;
-    ``skipped`` and ``problems`` grow as reading goes on.
+    ``skipped`` and ``problems`` grow as reading goes on. Integers longer
+    than Python's string conversion limit (4300 digits by default, see
+    ``sys.set_int_max_str_digits``) are read exactly; note that
+    ``json.dumps``, and so :class:`RolloutWriter`, cannot write them back
+    while that limit is in force.
     """
 
     def __init__(self, paths: Paths, *, with_source: bool = False) -> None:
@@ -261,7 +315,7 @@ class RolloutRecordIterator(Iterator[dict[str, Any]]):
                 raise StopIteration
         file, line, text = self._pending[self._pos]
         self._pos += 1
-        record: dict[str, Any] = json.loads(text)
+        record = _decode_record(text)
         if self._with_source:
             record["_source"] = {"file": self._reader.files[file], "line": line}
         return record
@@ -312,12 +366,17 @@ Compress = Literal["auto", "zstd"] | None
 class RolloutWriter:
     """Write a rollout buffer atomically.
 
-    Records go to a temporary file next to ``path``, which replaces ``path``
-    on :meth:`close`; used as a context manager, an exception inside the
-    block aborts instead, leaving ``path`` as it was. Every record is checked
-    against ``turnrl.rollout/1`` (the reader's own rules) before it is
-    written; a bad one raises :class:`~turnrl.exceptions.InvalidInputError`
-    and is not written.
+    Records go to a temporary file of this writer's own next to ``path``
+    (``.NAME.tmp-PID-N``), which replaces ``path`` on :meth:`close`; used as
+    a context manager, an exception inside the block aborts instead, leaving
+    ``path`` as it was. Several writers may write to the same ``path``: the
+    last to close leaves its records, and one dropped unclosed removes only
+    its own temporary file. Every record is checked against
+    ``turnrl.rollout/1`` (the reader's own rules) before it is written; a bad
+    one raises :class:`~turnrl.exceptions.InvalidInputError` and is not
+    written. So does a string holding a lone surrogate (``"\\ud800"``): it
+    is not Unicode text and has no UTF-8 form, although ``json.loads`` (and
+    so :func:`iter_rollout_records`) produces one from the escape.
 
     Args:
         path: the target file.
@@ -337,7 +396,17 @@ class RolloutWriter:
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record (a mapping in the ``turnrl.rollout/1`` layout)."""
-        self._writer.write_line(self._encode(record))
+        text = self._encode(record)
+        try:
+            self._writer.write_line(text)
+        except UnicodeEncodeError as e:
+            # Only a lone surrogate in one of the record's strings gets here.
+            where = _surrogate_path(record, "") or f"character {e.start} of its JSON text"
+            bad = text[e.start : e.end]
+            raise InvalidInputError(
+                f"record {self._writer.written}: {where}: holds a lone surrogate {bad!r} "
+                "(not valid Unicode; it cannot be written as UTF-8)"
+            ) from None
 
     def write_many(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Append records in order; returns how many were written."""
@@ -384,8 +453,79 @@ class RolloutWriter:
             self.abort()
 
 
+def _has_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a code point of the surrogate range."""
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _surrogate_path(value: object, path: str) -> str | None:
+    """Where in ``value`` the first string with a lone surrogate sits.
+
+    A path such as ``meta.note`` or ``turns[0].content`` (``<record>`` for
+    the record itself), ending in ``key ...`` when the string is a key;
+    ``None`` when there is none.
+    """
+    if isinstance(value, str):
+        return (path or "<record>") if _has_surrogate(value) else None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and _has_surrogate(key):
+                return f"{path or '<record>'}: key {key!r}"
+            found = _surrogate_path(item, f"{path}.{key}" if path else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _surrogate_path(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 # ---------------------------------------------------------------------------
 # tau-bench results
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
+
+
+def _writable(value: Any) -> bool:
+    """Whether ``value`` can go into a rollout record: no NaN or infinity, no
+    lone surrogate (the rules :class:`RolloutWriter` applies)."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _taubench_arguments(arguments: Any) -> Any:
+    """A call's arguments: JSON text decoded strictly (no NaN, Infinity,
+    out-of-range floats or lone surrogates); text that is not such JSON stays
+    the raw string, and an object that a record cannot hold becomes its JSON
+    text, so one odd call never stops a conversion."""
+    if isinstance(arguments, str):
+        try:
+            decoded = json.loads(
+                arguments, parse_constant=_reject_constant, parse_float=_finite_float
+            )
+        except (ValueError, RecursionError):
+            return arguments  # kept as the raw string: a malformed call is data too
+        return decoded if _writable(decoded) else arguments
+    if _writable(arguments):
+        return arguments
+    try:
+        return json.dumps(arguments)
+    except (TypeError, ValueError, RecursionError):
+        return repr(arguments)
 
 
 def _taubench_turn(message: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -395,17 +535,29 @@ def _taubench_turn(message: Mapping[str, Any], where: str) -> dict[str, Any]:
     content = message.get("content")
     turn: dict[str, Any] = {"role": role, "content": "" if content is None else content}
     if role == "assistant":
+        tool_calls = message.get("tool_calls") or []
+        if not isinstance(tool_calls, list):
+            raise InvalidInputError(
+                f"{where}: 'tool_calls' must be a list, got {type(tool_calls).__name__}"
+            )
         calls = []
-        for call in message.get("tool_calls") or []:
+        for j, call in enumerate(tool_calls):
+            if not isinstance(call, Mapping):
+                raise InvalidInputError(
+                    f"{where}: tool_calls[{j}]: expected an object, got {type(call).__name__}"
+                )
             function = call.get("function") or {}
-            arguments = function.get("arguments")
-            if isinstance(arguments, str):
-                try:
-                    arguments = json.loads(arguments)
-                except ValueError:
-                    pass  # kept as the raw string: a malformed call is data too
+            if not isinstance(function, Mapping):
+                raise InvalidInputError(
+                    f"{where}: tool_calls[{j}]: 'function' must be an object, "
+                    f"got {type(function).__name__}"
+                )
             calls.append(
-                {"id": call.get("id"), "name": function.get("name"), "arguments": arguments}
+                {
+                    "id": call.get("id"),
+                    "name": function.get("name"),
+                    "arguments": _taubench_arguments(function.get("arguments")),
+                }
             )
         if calls:
             turn["tool_calls"] = calls
@@ -425,6 +577,9 @@ def _taubench_turn(message: Mapping[str, Any], where: str) -> dict[str, Any]:
     return turn
 
 
+_I64 = range(-(2**63), 2**63)
+
+
 def taubench_to_records(
     results: Sequence[Mapping[str, Any]],
     env: str | None = None,
@@ -437,27 +592,43 @@ def taubench_to_records(
 
     - ``task_id``: ``"{env}/{split}/{task_id}"`` (the prefixes that are given);
       ``group`` is the same string, since tau-bench reruns a task in trials;
-    - ``sample``: the entry's ``trial`` (or ``info["trial"]``), else the
-      order of appearance among entries of the same task;
+    - ``sample``: the entry's ``trial`` (or ``info["trial"]``); an entry
+      without one, or whose trial an earlier entry of the same task already
+      has, gets the smallest number no entry of its task uses, in order of
+      appearance, so the trajectories of a task have distinct samples;
     - ``outcome``: the entry's ``reward``;
     - ``turns``: the messages of ``traj`` without the system prompt (it is
       the same policy text in every entry; ``keep_system=True`` keeps it in
       ``meta["system_prompt"]``). Assistant turns get ``tool_calls`` as
       ``{"id", "name", "arguments"}`` with the arguments decoded from their
-      JSON string (kept as the string when it is not valid JSON), and
+      JSON string (kept as the string when it is not strict JSON: NaN,
+      Infinity, a float out of range or a lone surrogate keep it raw), and
       ``tier``/``reward`` from the message when present, else ``None``/0;
     - ``meta``: ``{"source": "tau-bench", "task_index", "trial", "info"}``;
       ``info`` holds tau-bench's task (with its gold actions) and reward info.
+
+    Raises:
+        InvalidInputError: an entry that is not tau-bench's format: not an
+            object, a ``task_id`` that is not an integer or a non-empty
+            string, a ``reward`` that is not a finite number, ``info`` or
+            ``traj`` of the wrong type, a message that is not an object or
+            has no string ``role``, ``tool_calls`` that is not a list of
+            objects or a ``function`` that is not an object. The message
+            names the entry, its task id, the message and the call.
     """
     prefix = "/".join(p for p in (env, split) if p)
-    seen: dict[str, int] = {}
-    records = []
+    converted: list[tuple[str, int | None, float, list[dict[str, Any]], dict[str, Any]]] = []
     for index, entry in enumerate(results):
         where = f"{source}: entry {index}"
         if not isinstance(entry, Mapping):
             raise InvalidInputError(f"{where}: expected an object, got {type(entry).__name__}")
         if "task_id" not in entry:
             raise InvalidInputError(f"{where}: missing 'task_id'")
+        task_ref = entry["task_id"]
+        if isinstance(task_ref, bool) or not isinstance(task_ref, (int, str)) or task_ref == "":
+            raise InvalidInputError(
+                f"{where}: 'task_id' must be an integer or a non-empty string, got {task_ref!r}"
+            )
         reward = entry.get("reward")
         if isinstance(reward, bool) or not isinstance(reward, (int, float)):
             raise InvalidInputError(f"{where}: 'reward' must be a number, got {reward!r}")
@@ -469,29 +640,49 @@ def taubench_to_records(
         traj = entry.get("traj") or []
         if not isinstance(traj, list):
             raise InvalidInputError(f"{where}: 'traj' must be a list")
-        task = str(entry["task_id"])
+        task = str(task_ref)
         task_id = f"{prefix}/{task}" if prefix else task
         trial = entry.get("trial", info.get("trial"))
-        if isinstance(trial, bool) or not isinstance(trial, int):
+        if isinstance(trial, bool) or not isinstance(trial, int) or trial not in _I64:
             trial = None
-        sample = trial if trial is not None else seen.get(task_id, 0)
-        seen[task_id] = seen.get(task_id, 0) + 1
         meta: dict[str, Any] = {
             "source": "tau-bench",
-            "task_index": entry["task_id"],
+            "task_index": task_ref,
             "trial": trial,
             "info": dict(info),
         }
         turns = []
         for k, message in enumerate(traj):
+            at = f"{where} (task_id {task_ref!r}): traj[{k}]"
             if not isinstance(message, Mapping):
-                raise InvalidInputError(f"{where}: traj[{k}] is not an object")
+                raise InvalidInputError(f"{at} is not an object")
             if message.get("role") == "system":
                 if keep_system:
                     meta["system_prompt"] = message.get("content")
                 continue
-            turns.append(_taubench_turn(message, f"{where}: traj[{k}]"))
-        records.append(rollout_record(task_id, task_id, sample, float(reward), turns, meta))
+            turns.append(_taubench_turn(message, at))
+        converted.append((task_id, trial, float(reward), turns, meta))
+    # Samples: an entry's own trial when no earlier entry of its task has it,
+    # else the smallest number none of the task's entries uses.
+    given: dict[str, set[int]] = {}
+    for task_id, trial, *_ in converted:
+        if trial is not None:
+            given.setdefault(task_id, set()).add(trial)
+    used: dict[str, set[int]] = {}
+    next_free: dict[str, int] = {}
+    records = []
+    for task_id, trial, reward, turns, meta in converted:
+        taken = used.setdefault(task_id, set())
+        if trial is not None and trial not in taken:
+            sample = trial
+        else:
+            sample = next_free.get(task_id, 0)
+            reserved = given.get(task_id, set())
+            while sample in taken or sample in reserved:
+                sample += 1
+            next_free[task_id] = sample + 1
+        taken.add(sample)
+        records.append(rollout_record(task_id, task_id, sample, reward, turns, meta))
     return records
 
 
@@ -519,6 +710,8 @@ def read_taubench_results(
         raise InvalidInputError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise InvalidInputError(f"{name}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise InvalidInputError(f"{name}: JSON nested too deeply to read") from None
     if not isinstance(data, list):
         raise InvalidInputError(
             f"{name}: expected a JSON list of results, got {type(data).__name__}"

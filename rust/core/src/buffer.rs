@@ -1,6 +1,7 @@
 //! Rollout buffer files: `turnrl.rollout/1` JSONL, one trajectory per line,
-//! plain or zstd-compressed (detected by the frame's magic bytes, whatever the
-//! file is called).
+//! plain or zstd-compressed (detected by the magic bytes of the file's first
+//! frame, a zstd frame or a skippable one as pzstd writes, whatever the file
+//! is called).
 //!
 //! The reader's product is columnar ([`RolloutColumns`]): per trajectory the
 //! outcome, sample, dictionary-encoded task id and group, and per assistant
@@ -30,6 +31,12 @@
 //!
 //! Anything else makes the line a [`Problem`] (file, line, reason): it is
 //! skipped and counted, and reading goes on.
+//!
+//! zstd data that is truncated, corrupt or followed by bytes that are not a
+//! frame is one problem too, like a plain file's truncated last line: every
+//! line decoded before the damage is read, and the damage is reported at the
+//! line it cut (the line after the last whole one), counted as skipped. Only
+//! a file that cannot be opened or read raises an error.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -53,6 +60,17 @@ pub const NO_TIER: i16 = -1;
 pub const MAX_PROBLEMS: usize = 1000;
 
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+/// A skippable frame's magic is 0x184D2A50..=0x184D2A5F, little endian.
+const SKIPPABLE_MAGIC_TAIL: [u8; 3] = [0x2A, 0x4D, 0x18];
+
+/// Whether a file whose first bytes are `head` is zstd: it starts with a zstd
+/// frame or with a skippable frame (pzstd puts one first; zstd itself skips
+/// such frames when decoding).
+fn is_zstd(head: &[u8]) -> bool {
+    head == ZSTD_MAGIC
+        || (head.len() == 4 && head[0] & 0xF0 == 0x50 && head[1..] == SKIPPABLE_MAGIC_TAIL)
+}
+
 /// Decoded bytes per parse block: big enough to amortise the hand-off, small
 /// enough that a batch of blocks per worker stays a few tens of MB.
 const BLOCK_BYTES: usize = 2 << 20;
@@ -223,6 +241,20 @@ struct Block {
     /// caller shifts them once the blocks before are parsed).
     first_line: u64,
     data: Vec<u8>,
+    /// Set on the last block of a zstd stream that broke off: why. `data`
+    /// then holds the lines decoded before the damage, and the damage sits
+    /// on the line after them.
+    damage: Option<String>,
+}
+
+impl Block {
+    /// Line number (in the block's numbering) of the line after the
+    /// block's lines: where the damage of a broken-off stream is reported.
+    fn line_after(&self) -> u64 {
+        let newlines = memchr::memchr_iter(b'\n', &self.data).count() as u64;
+        let unterminated = !self.data.is_empty() && !self.data.ends_with(b"\n");
+        self.first_line + newlines + u64::from(unterminated)
+    }
 }
 
 /// Cuts a byte stream into blocks that end at a newline (or at EOF).
@@ -296,10 +328,31 @@ impl<R: Read> BlockReader<R> {
         data[..filled].copy_from_slice(&self.carry);
         self.carry.clear();
         let mut want = self.block_bytes;
+        let mut damage = None;
         loop {
-            if filled < want && !self.fill(&mut data, &mut filled, want)? {
-                self.done = true;
-                break;
+            if filled < want {
+                match self.fill(&mut data, &mut filled, want) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        // The decoder broke off: keep the lines before the
+                        // damage. The line it cut is lost with the rest (and
+                        // the damage reported in its place), unless what came
+                        // of it is a whole record: then the damage came
+                        // right after it, as with a last line of a plain
+                        // file that has no newline.
+                        damage = Some(damage_reason(&e).ok_or(e)?);
+                        self.done = true;
+                        let start = memchr::memrchr(b'\n', &data).map_or(0, |k| k + 1);
+                        if is_blank(&data[start..]) || check_line(&data[start..]).is_err() {
+                            data.truncate(start);
+                        }
+                        break;
+                    }
+                }
             }
             data.truncate(filled);
             match memchr::memrchr(b'\n', &data) {
@@ -312,14 +365,18 @@ impl<R: Read> BlockReader<R> {
                 None => want = data.len() * 2,
             }
         }
-        if data.is_empty() {
+        if data.is_empty() && damage.is_none() {
             return Ok(None);
         }
         let first_line = self.next_line;
         if self.count_lines {
             self.next_line += memchr::memchr_iter(b'\n', &data).count() as u64;
         }
-        Ok(Some(Block { first_line, data }))
+        Ok(Some(Block {
+            first_line,
+            data,
+            damage,
+        }))
     }
 }
 
@@ -358,7 +415,6 @@ fn io_error(path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// Opens a buffer file and decodes zstd when its first bytes are a zstd frame.
 /// Input bytes read so far, shared with whoever shows progress.
 pub type Progress = std::sync::Arc<std::sync::atomic::AtomicU64>;
 
@@ -377,11 +433,77 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+/// An error of the file under a zstd decoder, wrapped so that it can be told
+/// apart from the decoder's own errors once it comes out of the decoder.
+#[derive(Debug)]
+struct SourceError(io::Error);
+
+impl fmt::Display for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// An error of the zstd decoder itself: the data is truncated, corrupt, or
+/// followed by bytes that are not a frame.
+#[derive(Debug)]
+struct Damaged(String);
+
+impl fmt::Display for Damaged {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Damaged {}
+
+/// The problem text for a decoder error; `None` for any other error.
+fn damage_reason(e: &io::Error) -> Option<String> {
+    let damaged = e.get_ref()?.downcast_ref::<Damaged>()?;
+    Some(format!(
+        "zstd data truncated or damaged here ({damaged}): nothing after this point can be read"
+    ))
+}
+
+/// The file under a decoder: its errors come wrapped in [`SourceError`].
+struct TagSource<R>(R);
+
+impl<R: Read> Read for TagSource<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0
+            .read(buf)
+            .map_err(|e| io::Error::new(e.kind(), SourceError(e)))
+    }
+}
+
+/// Decoded zstd: the file's own errors come out as they were, the decoder's
+/// as [`Damaged`].
+struct ZstdStream<R: Read>(zstd::stream::read::Decoder<'static, io::BufReader<TagSource<R>>>);
+
+impl<R: Read> Read for ZstdStream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| {
+            let kind = e.kind();
+            if !e.get_ref().is_some_and(|r| r.is::<SourceError>()) {
+                return io::Error::new(kind, Damaged(e.to_string()));
+            }
+            match e.into_inner().map(|r| r.downcast::<SourceError>()) {
+                Some(Ok(source)) => source.0,
+                _ => io::Error::from(kind),
+            }
+        })
+    }
+}
+
 fn open_file(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| io_error(path, e))
 }
 
-/// `file` (at its start) as a stream of decoded bytes.
+/// `file` (at its start) as a stream of decoded bytes: zstd is decoded when
+/// the file starts with a zstd or a skippable frame. Errors of the decoder
+/// come out as [`Damaged`] (see [`damage_reason`]).
 fn open_decoded(
     path: &Path,
     file: File,
@@ -407,9 +529,10 @@ fn open_decoded(
         }
     }
     let stream = io::Cursor::new(head).take(got as u64).chain(file);
-    if head[..got] == ZSTD_MAGIC {
-        let decoder = zstd::stream::read::Decoder::new(stream).map_err(|e| io_error(path, e))?;
-        Ok(Box::new(decoder))
+    if is_zstd(&head[..got]) {
+        let decoder =
+            zstd::stream::read::Decoder::new(TagSource(stream)).map_err(|e| io_error(path, e))?;
+        Ok(Box::new(ZstdStream(decoder)))
     } else {
         Ok(Box::new(stream))
     }
@@ -450,7 +573,12 @@ impl Part {
 }
 
 fn parse_block(block: &Block) -> Part {
-    parse_lines(block.first_line, &block.data)
+    let mut part = parse_lines(block.first_line, &block.data);
+    if let Some(reason) = &block.damage {
+        part.push_problem(block.line_after(), reason.clone());
+        part.lines += 1;
+    }
+    part
 }
 
 impl Part {
@@ -498,12 +626,15 @@ impl Part {
         }
         match parse_head(text) {
             Ok(head) => self.push_head(number, head),
-            Err(reason) => {
-                self.skipped += 1;
-                if self.problems.len() < MAX_PROBLEMS {
-                    self.problems.push((number, reason));
-                }
-            }
+            Err(reason) => self.push_problem(number, reason),
+        }
+    }
+
+    /// Counts a skipped line and keeps its reason (the first ones).
+    fn push_problem(&mut self, number: u64, reason: String) {
+        self.skipped += 1;
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push((number, reason));
         }
     }
 }
@@ -694,8 +825,9 @@ fn read_file_parts(
 }
 
 /// The file's size, when it is a regular file that is not zstd-compressed
-/// (so its blocks can be read independently); `None` sends it down the
-/// stream path. Reads at an offset: the file's position stays at its start.
+/// (see [`is_zstd`]), so its blocks can be read independently; `None` sends
+/// it down the stream path. Reads at an offset: the file's position stays at
+/// its start.
 #[cfg(unix)]
 fn plain_file_size(file: &File) -> io::Result<Option<u64>> {
     let meta = file.metadata()?;
@@ -704,7 +836,7 @@ fn plain_file_size(file: &File) -> io::Result<Option<u64>> {
     }
     let mut head = [0u8; 4];
     let got = read_full_at(file, &mut head, 0)?;
-    Ok((head[..got] != ZSTD_MAGIC).then_some(meta.len()))
+    Ok((!is_zstd(&head[..got])).then_some(meta.len()))
 }
 
 /// Reads at `offset` until `buf` is full or the file ends; the byte count.
@@ -919,8 +1051,21 @@ impl LineReader {
         &self.paths
     }
 
+    /// Counts a skipped line of file `file` and keeps it (the first ones).
+    fn push_problem(&mut self, file: usize, line: u64, reason: String) {
+        self.skipped += 1;
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(Problem {
+                file: self.paths[file].display().to_string(),
+                line,
+                reason,
+            });
+        }
+    }
+
     /// The valid lines of the next block (about a MB of text); empty once
-    /// every file is read.
+    /// every file is read (a zstd stream that breaks off is a problem, see
+    /// the module's notes).
     pub fn next_lines(&mut self) -> Result<Vec<SourcedLine>> {
         loop {
             if self.current.is_none() {
@@ -938,7 +1083,7 @@ impl LineReader {
             };
             let file = *file;
             let path = &self.paths[file];
-            let Some(block) = reader.next_block().map_err(|e| io_error(path, e))? else {
+            let Some(mut block) = reader.next_block().map_err(|e| io_error(path, e))? else {
                 self.current = None;
                 continue;
             };
@@ -954,17 +1099,11 @@ impl LineReader {
                         // parse_head has checked UTF-8.
                         text: String::from_utf8_lossy(text).into_owned(),
                     }),
-                    Err(reason) => {
-                        self.skipped += 1;
-                        if self.problems.len() < MAX_PROBLEMS {
-                            self.problems.push(Problem {
-                                file: path.display().to_string(),
-                                line: number,
-                                reason,
-                            });
-                        }
-                    }
+                    Err(reason) => self.push_problem(file, number, reason),
                 }
+            }
+            if let Some(reason) = block.damage.take() {
+                self.push_problem(file, block.line_after(), reason);
             }
             if !out.is_empty() {
                 return Ok(out);
@@ -1054,9 +1193,49 @@ impl Sink {
     }
 }
 
-/// Writes a buffer atomically: lines go to a temporary file next to the
-/// target, which replaces the target on [`RolloutWriter::finish`]. A writer
-/// dropped unfinished removes its temporary file and leaves the target as it
+/// Numbers the temporary files of this process's writers.
+static NEXT_TEMPORARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Creates a temporary file of its own for a writer of `path` (whose file
+/// name is `name`): `.NAME.tmp-PID-N` in the target's folder, so that the
+/// final rename is atomic, with N counting this process's writers. It is
+/// created new, never opened over an existing file (a leftover of an earlier
+/// process with the same id is passed over).
+fn create_temporary(path: &Path, name: &std::ffi::OsStr) -> Result<(PathBuf, File)> {
+    const TRIES: usize = 100;
+    let mut tries = 0;
+    loop {
+        let n = NEXT_TEMPORARY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = path.with_file_name(tmp_name);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries + 1 < TRIES => {
+                tries += 1;
+            }
+            // Named after the file asked for; the temporary name means
+            // nothing to the caller but says where the write was tried.
+            Err(e) => {
+                return Err(Error::Io {
+                    path: path.display().to_string(),
+                    message: format!("cannot create {}: {e}", tmp.display()),
+                })
+            }
+        }
+    }
+}
+
+/// Writes a buffer atomically: lines go to a temporary file of its own next
+/// to the target (see [`create_temporary`]), which replaces the target on
+/// [`RolloutWriter::finish`]. Writers to the same target do not disturb each
+/// other: the last one to finish leaves its file. A writer dropped
+/// unfinished removes its own temporary file and leaves the target as it
 /// was.
 pub struct RolloutWriter {
     path: PathBuf,
@@ -1071,16 +1250,7 @@ impl RolloutWriter {
         let name = path
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        // Named after the file asked for; the temporary name means nothing
-        // to the caller but says where the write was tried.
-        let file = File::create(&tmp).map_err(|e| Error::Io {
-            path: path.display().to_string(),
-            message: format!("cannot create {}: {e}", tmp.display()),
-        })?;
+        let (tmp, file) = create_temporary(&path, name)?;
         let out = ChunkedWriter::new(file, WRITE_CHUNK);
         let sink = match compression {
             Compression::None => Sink::Plain(out),
@@ -1233,6 +1403,12 @@ mod tests {
         p
     }
 
+    fn write_bytes(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
     fn tempdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("turnrl-buffer-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
@@ -1336,7 +1512,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
             let _ = check_line(&bytes);
-            let block = Block { first_line: 1, data: bytes };
+            let block = Block { first_line: 1, data: bytes, damage: None };
             let part = parse_block(&block);
             proptest::prop_assert_eq!(part.line.len() + part.skipped as usize <= block.data.len() + 1, true);
         }
@@ -1579,6 +1755,179 @@ mod tests {
         assert!(!p.exists());
         let leftovers = std::fs::read_dir(&d).unwrap().count();
         assert_eq!(leftovers, 0);
+    }
+
+    /// `records` as one zstd frame, after a skippable frame as pzstd writes.
+    fn skippable_then_zstd(records: &[String]) -> Vec<u8> {
+        let payload = [7u8, 0, 0, 0, 1, 2, 3];
+        let mut bytes = vec![0x5E, 0x2A, 0x4D, 0x18];
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&payload);
+        let text = records.join("\n") + "\n";
+        bytes.extend(zstd::encode_all(text.as_bytes(), 3).unwrap());
+        bytes
+    }
+
+    fn all_lines(paths: Vec<PathBuf>) -> (Vec<SourcedLine>, LineReader) {
+        let mut r = LineReader::new(paths);
+        let mut got = vec![];
+        loop {
+            let batch = r.next_lines().unwrap();
+            if batch.is_empty() {
+                return (got, r);
+            }
+            got.extend(batch);
+        }
+    }
+
+    #[test]
+    fn a_leading_skippable_frame_is_zstd() {
+        let d = tempdir("skippable");
+        let records: Vec<String> = (0..20).map(|i| record("t", "g", i, 1.0, A_READ)).collect();
+        let p = d.join("pzstd.jsonl.zst");
+        std::fs::write(&p, skippable_then_zstd(&records)).unwrap();
+        for blockwise in [false, true] {
+            let c = read_columns_with_block(&[&p], BLOCK_BYTES, None, blockwise).unwrap();
+            assert_eq!(c.len(), 20, "{:?}", c.problems);
+            assert_eq!(c.skipped, 0);
+        }
+        let (lines, r) = all_lines(vec![p]);
+        assert_eq!(lines.len(), 20);
+        assert_eq!(r.skipped, 0);
+        // Every skippable magic, and nothing else that looks like one.
+        for low in 0x50..=0x5F {
+            assert!(is_zstd(&[low, 0x2A, 0x4D, 0x18]));
+        }
+        assert!(!is_zstd(&[0x60, 0x2A, 0x4D, 0x18]));
+        assert!(!is_zstd(b"{\"sc"));
+        assert!(!is_zstd(&[0x50, 0x2A, 0x4D]));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn broken_zstd_keeps_the_lines_before_the_damage() {
+        let d = tempdir("broken-zstd");
+        let records: Vec<String> = (0..400)
+            .map(|i| record(&format!("t{i}"), "g", i, 1.0, &[A_READ, USER].join(",")))
+            .collect();
+        let text = records.join("\n") + "\n";
+        // Several frames, so a cut can fall on a frame boundary too.
+        let mut packed = vec![];
+        for chunk in records.chunks(100) {
+            packed.extend(zstd::encode_all((chunk.join("\n") + "\n").as_bytes(), 3).unwrap());
+        }
+        let whole = read_columns(&[write_bytes(&d, "whole.zst", &packed)]).unwrap();
+        assert_eq!((whole.len(), whole.skipped), (400, 0));
+        let mut garbage = packed.clone();
+        garbage.extend_from_slice(b"trailing garbage, not a frame\n");
+        // A whole record without its newline just before the damage is kept,
+        // as a plain file's last line without a newline is.
+        let unterminated = zstd::encode_all(records.join("\n").as_bytes(), 3).unwrap();
+        let first = zstd::encode_all(records[..100].join("\n").as_bytes(), 3).unwrap();
+        let rest =
+            zstd::encode_all(format!("\n{}\n", records[100..].join("\n")).as_bytes(), 3).unwrap();
+        // (name, bytes, fewest and most records before the damage)
+        let cases = [
+            ("cut.zst", packed[..packed.len() * 2 / 3].to_vec(), 200, 300),
+            ("cut-early.zst", packed[..12].to_vec(), 0, 0),
+            ("garbage.zst", garbage, 400, 400),
+            ("short-garbage.zst", [&packed[..], b"ab"].concat(), 400, 400),
+            (
+                "no-newline.zst",
+                [&unterminated[..], b"junk"].concat(),
+                400,
+                400,
+            ),
+            (
+                "cut-at-newline.zst",
+                [&first[..], &rest[..rest.len() / 2]].concat(),
+                100,
+                100,
+            ),
+            // A record cut inside: its start is not a record.
+            (
+                "cut-record.zst",
+                [&first[..first.len() - 9], b"junk"].concat(),
+                0,
+                99,
+            ),
+        ];
+        for (name, bytes, fewest, most) in cases {
+            let p = write_bytes(&d, name, &bytes);
+            // The whole lines a streaming decoder gets out before it stops.
+            let mut decoded = vec![];
+            let stopped = zstd::stream::read::Decoder::new(&bytes[..])
+                .unwrap()
+                .read_to_end(&mut decoded);
+            assert!(stopped.is_err(), "{name}");
+            assert!(text.as_bytes().starts_with(&decoded));
+            let tail = &decoded[memchr::memrchr(b'\n', &decoded).map_or(0, |k| k + 1)..];
+            let whole_tail = !is_blank(tail) && check_line(tail).is_ok();
+            let good = memchr::memchr_iter(b'\n', &decoded).count() + usize::from(whole_tail);
+            assert!((fewest..=most).contains(&good), "{name}: {good}");
+            for block in [97, BLOCK_BYTES] {
+                let c = read_columns_with_block(&[&p], block, None, true).unwrap();
+                assert_eq!(c.len(), good, "{name}");
+                assert_eq!(c.line, (1..=good as i64).collect::<Vec<_>>(), "{name}");
+                assert_eq!(c.skipped, 1, "{name}");
+                let problem = &c.problems[0];
+                assert_eq!(problem.line, good as u64 + 1, "{name}");
+                assert_eq!(problem.file, p.display().to_string());
+                assert!(problem.reason.contains("zstd"), "{problem}");
+            }
+            let (lines, r) = all_lines(vec![p.clone(), p.clone()]);
+            assert_eq!(lines.len(), 2 * good, "{name}");
+            assert_eq!(r.skipped, 2);
+            assert_eq!(r.problems[0].line, good as u64 + 1, "{name}");
+            assert_eq!(r.problems[1].line, good as u64 + 1, "{name}");
+        }
+        assert!(matches!(
+            read_columns(&[d.join("missing.zst")]),
+            Err(Error::Io { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn writers_to_one_target_have_their_own_temporary_files() {
+        let d = tempdir("two-writers");
+        let p = d.join("same.jsonl");
+        let mut a = RolloutWriter::create(&p, Compression::None).unwrap();
+        let mut b = RolloutWriter::create(&p, Compression::Zstd(3)).unwrap();
+        assert_ne!(a.tmp, b.tmp);
+        assert_eq!(a.tmp.parent(), p.parent());
+        for i in 0..5 {
+            a.write_line(&record("a", "g", i, 1.0, "")).unwrap();
+            b.write_line(&record("b", "g", i, 0.0, "")).unwrap();
+        }
+        a.finish().unwrap();
+        b.finish().unwrap();
+        let c = read_columns(&[&p]).unwrap();
+        assert_eq!(c.task_names, vec!["b"]);
+        assert_eq!(c.len(), 5);
+        // An unfinished writer dropped takes only its own file with it.
+        let mut kept = RolloutWriter::create(&p, Compression::None).unwrap();
+        {
+            let mut dropped = RolloutWriter::create(&p, Compression::None).unwrap();
+            dropped.write_line(&record("x", "g", 0, 1.0, "")).unwrap();
+        }
+        kept.write_line(&record("k", "g", 0, 1.0, "")).unwrap();
+        kept.finish().unwrap();
+        assert_eq!(read_columns(&[&p]).unwrap().task_names, vec!["k"]);
+        let names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("same.jsonl")]);
+        // A leftover with the next temporary name is passed over, not reused.
+        let next = NEXT_TEMPORARY.load(std::sync::atomic::Ordering::Relaxed);
+        let squatter = d.join(format!(".same.jsonl.tmp-{}-{next}", std::process::id()));
+        std::fs::write(&squatter, "left over").unwrap();
+        let mut w = RolloutWriter::create(&p, Compression::None).unwrap();
+        w.write_line(&record("w", "g", 0, 1.0, "")).unwrap();
+        w.finish().unwrap();
+        assert_eq!(std::fs::read_to_string(&squatter).unwrap(), "left over");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
