@@ -261,6 +261,19 @@ def normalize(v: Any, case_fold: bool = False, unordered_keys: tuple[str, ...] =
 TIER_RANK = {"respond": 0, "read": 1, "write": 2, "soft": 3, "gold": 4, "error": 5}
 
 
+def _result_text(content: Any) -> str:
+    """A tool result's text: a string, or the text of OpenAI content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [
+            p if isinstance(p, str) else p.get("text") if isinstance(p, dict) else None
+            for p in content
+        ]
+        return "".join(t for t in texts if isinstance(t, str))
+    return ""
+
+
 def label_tiers(turns, gold_actions, tool_kinds, soft_max_fraction=0.5):
     """Reference of turnrl.label_tiers (dict arguments only): (tiers, matched_gold)."""
     gold = [(a["name"], canon(a.get("arguments", a.get("kwargs")))) for a in gold_actions]
@@ -274,7 +287,7 @@ def label_tiers(turns, gold_actions, tool_kinds, soft_max_fraction=0.5):
             current = t
             results[t] = []
         elif turn["role"] == "tool" and current is not None:
-            results[current].append(turn.get("content") or "")
+            results[current].append(_result_text(turn.get("content")))
         else:
             current = None
     tiers: list[str | None] = [None] * len(turns)

@@ -644,3 +644,39 @@ def test_deep_values_match_reference(depth: int) -> None:
     assert got["kind"] == "soft" and len(got["diffs"]) == 2
     folded = turnrl.compare_args(pred, gold, case_fold=True)
     assert folded.diffs == [want["diffs"][1]]
+
+
+def test_numpy_values_compare_as_the_python_values_numpy_gives() -> None:
+    import numpy as np
+
+    gold = {"ok": True, "price": 0.5, "n": 3, "seats": [1, 2], "flag": False}
+    pred = {
+        "ok": np.bool_(True),
+        "price": np.float32(0.5),
+        "n": np.int16(3),
+        "seats": np.array([1, 2]),
+        "flag": np.False_,
+    }
+    assert turnrl.compare_args(pred, gold).kind == "exact"
+    assert turnrl.normalize_args(pred) == turnrl.normalize_args(gold)
+    turns = [{"role": "assistant", "tool_calls": [{"name": "book", "arguments": pred}]}]
+    labels = turnrl.label_tiers(turns, [{"name": "book", "arguments": gold}], {"book": "write"})
+    assert labels.tiers == ["gold"]
+    with pytest.raises(InvalidInputError, match=r"a decimal\.Decimal is not JSON"):
+        turnrl.compare_args({"x": __import__("decimal").Decimal(1)}, {})
+
+
+def test_tool_results_given_as_content_parts_are_read_as_text() -> None:
+    call = {"name": "get", "arguments": {"id": "a"}}
+    for content, tier in (
+        ([{"type": "text", "text": "Error: no such user"}], "error"),
+        ([{"type": "text", "text": "  "}, {"type": "text", "text": "Error"}], "error"),
+        ([{"type": "text", "text": '{"name": "Mia"}'}], "read"),
+        ([], "read"),
+    ):
+        turns = [
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "name": "get", "content": content},
+        ]
+        assert turnrl.label_tiers(turns, [], {"get": "read"}).tiers == [tier, None]
+        assert ref.label_tiers(turns, [], {"get": "read"})[0] == [tier, None]

@@ -10,8 +10,10 @@ work, without the GIL):
 * strings are trimmed (Unicode white space) and, with ``case_fold=True``,
   lower-cased;
 * ``5``, ``5.0``, ``"5"`` and ``" 5 "`` are equal, as exact decimals: a float
-  counts as its shortest round-trip decimal, integers of any size keep every
-  digit. A string is numeric only as a plain decimal
+  counts as its shortest round-trip decimal, the one Python's ``repr``
+  prints (ties go to the even digit), integers of any size keep every
+  digit; numpy scalars and arrays count as the values their ``tolist()``
+  gives. A string is numeric only as a plain decimal
   ``-?(0|[1-9][0-9]*)(\\.[0-9]+)?``: ``"05"``, ``"1e3"``, ``"5."``, ``".5"``,
   ``"+5"`` stay strings. Booleans are not numbers;
 * list order matters, except for the lists named in ``unordered_keys``;
@@ -29,8 +31,10 @@ Policy keywords (the same for every function here):
 ``soft_max_fraction`` (float in [0, 1], default 0.5)
     A comparison whose structure agrees (key sets at every depth, list
     lengths, container kinds) is *soft* when strictly fewer than
-    ``soft_max_fraction`` x (number of gold leaves) leaves differ. 0.5 means
-    "fewer than half of the gold values are wrong"; 0 disables soft matches.
+    ``soft_max_fraction`` x (number of gold leaves) leaves differ, computed
+    exactly with the fraction as the decimal it prints as (7 of 25 leaves is
+    not fewer than 0.28 of them). 0.5 means "fewer than half of the gold
+    values are wrong"; 0 disables soft matches.
 """
 
 from __future__ import annotations
@@ -114,8 +118,9 @@ def label_tiers(
             turns carry ``tool_calls`` (``[{"name", "arguments"}]``;
             arguments as a dict, a JSON string or missing) and optionally
             ``errors`` (parse errors). The ``tool`` turns right after an
-            assistant turn are the results of its calls, in call order.
-            Other fields are ignored.
+            assistant turn are the results of its calls, in call order;
+            their ``content`` is a string or OpenAI content parts (whose
+            text parts are read). Other fields are ignored.
         gold_actions: the task's gold actions, ``{"name", "arguments"}``
             (tau-bench's ``"kwargs"`` is accepted too).
         tool_kinds: every tool of the domain, ``"read"`` or ``"write"``.

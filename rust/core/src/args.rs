@@ -1291,6 +1291,32 @@ struct GoldIn<'a> {
     args: Canon<'a>,
 }
 
+/// A tool turn's result as text: a string, or the text parts of an
+/// OpenAI-style list of content parts (`[{"type": "text", "text": ...}]`)
+/// joined; anything else reads as empty.
+fn result_text(content: Option<&Value>) -> Cow<'_, str> {
+    match content {
+        Some(Value::String(text)) => Cow::Borrowed(text),
+        Some(Value::Array(parts)) => {
+            let mut texts = parts.iter().filter_map(|part| match part {
+                Value::String(text) => Some(text.as_str()),
+                Value::Object(part) => part.get("text").and_then(Value::as_str),
+                _ => None,
+            });
+            match (texts.next(), texts.clone().next()) {
+                (None, _) => Cow::Borrowed(""),
+                (Some(only), None) => Cow::Borrowed(only),
+                (Some(first), Some(_)) => {
+                    let mut joined = first.to_string();
+                    texts.for_each(|t| joined.push_str(t));
+                    Cow::Owned(joined)
+                }
+            }
+        }
+        _ => Cow::Borrowed(""),
+    }
+}
+
 fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key).filter(|v| !v.is_null())
 }
@@ -1383,7 +1409,7 @@ pub fn label_tiers(
         turn: usize,
         calls: Vec<CallIn<'a>>,
         has_errors: bool,
-        results: Vec<&'a str>,
+        results: Vec<Cow<'a, str>>,
     }
     let mut assistants: Vec<AssistantIn<'_>> = Vec::new();
     let mut collecting_results = false;
@@ -1422,12 +1448,7 @@ pub fn label_tiers(
             }
             "tool" => {
                 if let (true, Some(last)) = (collecting_results, assistants.last_mut()) {
-                    let content = match field(obj, "content") {
-                        None => "",
-                        Some(Value::String(s)) => s.as_str(),
-                        Some(_) => "",
-                    };
-                    last.results.push(content);
+                    last.results.push(result_text(field(obj, "content")));
                 }
             }
             _ => collecting_results = false,
@@ -1447,7 +1468,7 @@ pub fn label_tiers(
         for (c, call) in turn.calls.iter().enumerate() {
             let tier = label_call(
                 call,
-                turn.results.get(c).copied(),
+                turn.results.get(c).map(|r| r.as_ref()),
                 turn.turn,
                 &gold,
                 tool_kinds,
@@ -1946,6 +1967,37 @@ mod tests {
             .unwrap();
             assert_eq!(labels.call_tiers[0], vec![Tier::Error, Tier::Gold], "{bad}");
             assert_eq!(labels.matched_gold, vec![0], "{bad}");
+        }
+    }
+
+    /// OpenAI-style tool results given as content parts are read as their
+    /// text, so an `Error...` result in parts still makes the call `error`.
+    #[test]
+    fn tool_results_as_content_parts() {
+        let call = json!([{"name": "get", "arguments": {"id": "a"}}]);
+        for (content, tier) in [
+            (
+                json!([{"type": "text", "text": "Error: no such user"}]),
+                Tier::Error,
+            ),
+            (
+                json!([{"type": "text", "text": "  "}, {"type": "text", "text": "Error"}]),
+                Tier::Error,
+            ),
+            (json!(["Error: plain string part"]), Tier::Error),
+            (
+                json!([{"type": "text", "text": "{\"name\": \"Mia\"}"}]),
+                Tier::Read,
+            ),
+            (json!([]), Tier::Read),
+            (json!({"text": "Error"}), Tier::Read),
+        ] {
+            let turns = [
+                assistant(call.clone()),
+                json!({"role": "tool", "content": content}),
+            ];
+            let labels = label_tiers(&turns, &[], &kinds(), &Policy::default()).unwrap();
+            assert_eq!(labels.tiers[0], Some(tier), "{content}");
         }
     }
 

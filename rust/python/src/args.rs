@@ -113,7 +113,10 @@ fn to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Converted {
     if let Ok(tuple) = obj.cast::<PyTuple>() {
         return seq_to_json(tuple.iter(), tuple.len(), depth);
     }
-    // numpy integers and other integer-likes.
+    if let Some(plain) = numpy_to_python(obj) {
+        return to_json(&plain, depth);
+    }
+    // Other integer-likes.
     if obj.hasattr("__index__").unwrap_or(false) {
         if let Ok(index) = obj.call_method0("__index__") {
             return int_to_json(&index);
@@ -121,8 +124,29 @@ fn to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Converted {
     }
     Err(ConvertError::new(format!(
         "a {} is not JSON (expected dict, list, tuple, str, int, float, bool or None)",
-        type_name(obj)
+        qualified_type_name(obj)
     )))
+}
+
+/// A numpy scalar or array as the plain Python value numpy gives for it
+/// (`tolist()`: `numpy.bool` becomes bool, `numpy.float32` float, an array
+/// nested lists); `None` for anything else. Reached only for objects that
+/// are none of the plain types, so it costs the usual case nothing.
+fn numpy_to_python<'py>(obj: &Bound<'py, PyAny>) -> Option<Bound<'py, PyAny>> {
+    let module = obj.get_type().module().ok()?;
+    if module.to_str().ok()? != "numpy" {
+        return None;
+    }
+    obj.call_method0("tolist").ok()
+}
+
+/// `module.Name` for types outside builtins (`numpy.bool`, not `bool`).
+fn qualified_type_name(obj: &Bound<'_, PyAny>) -> String {
+    let name = type_name(obj);
+    match obj.get_type().module() {
+        Ok(module) if module.to_str().is_ok_and(|m| m != "builtins") => format!("{module}.{name}"),
+        _ => name,
+    }
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -363,6 +387,9 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
         if let Ok(tuple) = obj.cast::<PyTuple>() {
             return Ok(SourceKind::List(tuple.len()));
         }
+        if let Some(plain) = numpy_to_python(obj) {
+            return self.child(plain).kind();
+        }
         if obj.hasattr("__index__").unwrap_or(false) {
             if let Ok(index) = obj.call_method0("__index__") {
                 return self.int_kind(&index);
@@ -370,7 +397,7 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
         }
         Err(SourceError::new(format!(
             "a {} is not JSON (expected dict, list, tuple, str, int, float, bool or None)",
-            type_name(obj)
+            qualified_type_name(obj)
         )))
     }
 
@@ -386,6 +413,8 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
             for (i, item) in tuple.iter().enumerate() {
                 f(i, self.child(item))?;
             }
+        } else if let Some(plain) = numpy_to_python(&self.obj) {
+            return self.child(plain).each_item(f);
         }
         Ok(())
     }
