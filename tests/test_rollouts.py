@@ -403,6 +403,67 @@ def test_damaged_zstd_keeps_the_records_before_the_damage(tmp_path, damage):
     assert it.problems == [damaged]
 
 
+def _tier_buffer(path, names, per_line=100):
+    """Tiny records whose assistant turns carry ``names`` in order, ``per_line`` a line."""
+    lines = []
+    for i in range(0, len(names), per_line):
+        turns = [{"role": "assistant", "tier": n} for n in names[i : i + per_line]]
+        lines.append(json.dumps(turnrl.rollout_record("t", "g", i, 1.0, turns)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_more_tier_names_than_int16_codes_is_an_error_not_a_merge(tmp_path):
+    # Codes are int16: the 6 default tiers and 32,762 more fit, each with its
+    # own code; one more distinct name is an error naming it and its line.
+    room = 2**15 - len(DEFAULT_TIERS)
+    names = [f"t{k}" for k in range(room + 1)]
+    fits = _tier_buffer(tmp_path / "fits.jsonl", names[:room])
+    batch = turnrl.read_rollouts(fits)
+    assert batch.tier_names == [*DEFAULT_TIERS, *names[:room]]
+    np.testing.assert_array_equal(batch.turn_tiers, np.arange(6, 2**15, dtype=np.int16))
+    over = _tier_buffer(tmp_path / "over.jsonl", names)
+    for workers in (1, None):
+        with pytest.raises(InvalidInputError, match=r"tier \"t32762\" .*int16") as e:
+            turnrl.read_rollouts(over, workers=workers)
+        assert str(e.value).startswith(f"{over}:328: ")
+    # Across files too: the name past the limit is in the second file.
+    more = _tier_buffer(tmp_path / "more.jsonl", ["read", "t0", "new"], per_line=2)
+    with pytest.raises(InvalidInputError, match=rf"^{re.escape(str(more))}:2: tier \"new\""):
+        turnrl.read_rollouts([fits, more])
+
+
+def test_a_leading_byte_order_mark_is_skipped(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    records = _records(7)
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    plain = tmp_path / "bom.jsonl"
+    plain.write_bytes(bom + text)
+    packed = tmp_path / "bom.jsonl.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(bom + text))
+    blank_first = tmp_path / "bom-blank.jsonl"
+    blank_first.write_bytes(bom + b"\n" + text)
+    for workers in (1, None):
+        for p in (plain, packed):
+            batch = turnrl.read_rollouts(p, workers=workers)
+            assert batch.skipped == 0, batch.problems
+            assert batch.task_id == [r["task_id"] for r in records]
+            np.testing.assert_array_equal(batch.line, np.arange(1, 8))
+        batch = turnrl.read_rollouts(blank_first, workers=workers)
+        assert batch.skipped == 0
+        np.testing.assert_array_equal(batch.line, np.arange(2, 9))
+    it = turnrl.iter_rollout_records([plain, packed, blank_first], with_source=True)
+    got = list(it)
+    assert it.skipped == 0
+    assert [{k: v for k, v in r.items() if k != "_source"} for r in got] == 3 * records
+    # A BOM anywhere else is not skipped: its line is bad.
+    inside = tmp_path / "bom-inside.jsonl"
+    inside.write_bytes(text + bom + text)
+    batch = turnrl.read_rollouts(inside)
+    assert batch.num_trajectories == 13
+    assert batch.problems[0].startswith(f"{inside}:8: ")
+
+
 def test_globs_expand_sorted_and_order_is_kept(tmp_path):
     for i in (2, 0, 1):
         with turnrl.RolloutWriter(tmp_path / f"part-{i}.jsonl") as w:
@@ -504,6 +565,22 @@ def test_writer_refuses_bad_records_and_is_atomic(tmp_path):
         raise RuntimeError("boom")
     assert turnrl.read_rollouts(path).num_trajectories == 1
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl"]
+
+
+def test_writer_refuses_zstd_levels_outside_zstd_range(tmp_path):
+    path = tmp_path / "out.jsonl.zst"
+    for level in (100, 23, -(2**17) - 1, 2**31, 2**70, -(2**70)):
+        for compress in ("zstd", None):
+            with pytest.raises(InvalidInputError, match=rf"zstd level {level} .* to 22"):
+                turnrl.RolloutWriter(path, compress, level=level)
+    for level in (3.0, True, "3"):
+        with pytest.raises(InvalidInputError, match="level must be an integer"):
+            turnrl.RolloutWriter(path, level=level)
+    assert os.listdir(tmp_path) == []
+    for level in (-5, 0, 1, 22):
+        with turnrl.RolloutWriter(path, level=level) as w:
+            w.write_many(_records(3))
+        assert list(turnrl.iter_rollout_records(path)) == _records(3)
 
 
 def test_writer_refuses_lone_surrogates_naming_the_record_and_field(tmp_path):

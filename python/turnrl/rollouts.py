@@ -15,10 +15,12 @@ directly::
 A bad line (invalid or truncated JSON, wrong schema, a missing or ill-typed
 field, a non-finite number) is skipped and counted, and reported as
 ``"file:line: reason"``; every other line is kept. Blank lines are ignored
-(they still count for line numbers). Keys the columns do not need (``meta``,
-``content``, ``tool_calls``, unknown extras) are not checked by the columnar
-reader; :func:`iter_rollout_records` returns them unchanged (integers of any
-length included, see :class:`RolloutRecordIterator`).
+(they still count for line numbers), and so is a UTF-8 byte-order mark at the
+very start of a file (plain, or of the decoded zstd data). Keys the columns
+do not need (``meta``, ``content``, ``tool_calls``, unknown extras) are not
+checked by the columnar reader; :func:`iter_rollout_records` returns them
+unchanged (integers of any length included, see
+:class:`RolloutRecordIterator`).
 
 zstd data that is truncated, corrupt or followed by bytes that are not a zstd
 frame is reported the way a plain file's truncated last line is: every line
@@ -214,6 +216,11 @@ def read_rollouts(
         TurnrlIOError: a file is missing or unreadable; the message names
             the path. (Damaged zstd data is a problem, not an error: see the
             module's notes.)
+        InvalidInputError: the files hold more than 32,768 distinct tier
+            names (the 6 default tiers included): tier codes are int16. The
+            message names the first name past the limit and its file and
+            line. (Two tiers never share a code, and no line is dropped for
+            it.)
     """
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
@@ -382,7 +389,11 @@ class RolloutWriter:
         path: the target file.
         compress: ``"zstd"``, ``None`` (plain), or ``"auto"`` (zstd when the
             name ends in ``.zst`` or ``.zstd``, plain otherwise).
-        level: zstd level (1 to 22).
+        level: zstd level, within zstd's range (``-131072`` to ``22`` with
+            zstd 1.5; 3 is zstd's default, 0 stands for it, negative levels
+            are faster). Any other raises
+            :class:`~turnrl.exceptions.InvalidInputError` naming the level and
+            the range (also for a plain file, which does not use it).
     """
 
     def __init__(self, path: PathArg, compress: Compress = "auto", *, level: int = 3) -> None:
@@ -391,6 +402,8 @@ class RolloutWriter:
             compress = "zstd" if name.endswith((".zst", ".zstd")) else None
         if compress not in (None, "zstd"):
             raise InvalidInputError(f"compress must be None, 'zstd' or 'auto', got {compress!r}")
+        if isinstance(level, bool) or not isinstance(level, int):
+            raise InvalidInputError(f"level must be an integer, got {level!r}")
         self.path = name
         self._writer = _core.RolloutFileWriter(name, compress or "none", level)
 
@@ -436,7 +449,11 @@ class RolloutWriter:
         return not self._writer.is_open
 
     def close(self) -> None:
-        """Flush, sync and move the file into place (idempotent)."""
+        """Flush, sync and move the file into place (idempotent).
+
+        The folder is synced after the rename (on unix), so a crash right
+        after ``close`` does not lose the new file.
+        """
         self._writer.finish()
 
     def abort(self) -> None:

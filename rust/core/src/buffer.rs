@@ -18,7 +18,9 @@
 //!
 //! Validation, the same for the reader and the writer:
 //! - the line is UTF-8 and one JSON object; blank lines are ignored (they
-//!   still count for line numbers) and are not counted as skipped;
+//!   still count for line numbers) and are not counted as skipped; a UTF-8
+//!   byte-order mark at the very start of a file (plain, or of the decoded
+//!   zstd data) is skipped, anywhere else it makes its line bad;
 //! - `schema` is `"turnrl.rollout/1"`; `task_id` and `group` are strings;
 //!   `sample` is an integer (i64); `outcome` is a finite number; `turns` is a
 //!   list of objects, each with a string `role`;
@@ -36,7 +38,9 @@
 //! frame is one problem too, like a plain file's truncated last line: every
 //! line decoded before the damage is read, and the damage is reported at the
 //! line it cut (the line after the last whole one), counted as skipped. Only
-//! a file that cannot be opened or read raises an error.
+//! a file that cannot be opened or read raises an error, and so does a read
+//! with more than [`MAX_TIERS`] distinct tier names (tier codes are int16):
+//! that is no bad line, and two tiers are never given one code.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -223,12 +227,37 @@ impl Dict {
     }
 }
 
-fn tier_code(tiers: &mut Dict, name: &str) -> i16 {
-    if let Some(i) = DEFAULT_TIERS.iter().position(|t| *t == name) {
-        return i as i16;
+/// Tier names a read can hold: codes are int16, so 0..=32767, the
+/// [`DEFAULT_TIERS`] included. A buffer with more distinct names is an error
+/// (see [`tier_overflow`]), never two names under one code.
+pub const MAX_TIERS: usize = i16::MAX as usize + 1;
+
+/// The code of tier `name` in `tiers` (seeded with [`DEFAULT_TIERS`], whose
+/// codes need no lookup). Codes are u32, so a block never runs out; the
+/// merger turns them into the int16 codes of the read.
+fn tier_code(tiers: &mut Dict, name: &str) -> u32 {
+    match DEFAULT_TIERS.iter().position(|t| *t == name) {
+        Some(i) => i as u32,
+        None => tiers.code(name),
     }
-    // i16 holds 32k distinct tiers; past that the name is still reported.
-    i16::try_from(tiers.code(name)).unwrap_or(i16::MAX)
+}
+
+/// A block's code for an assistant turn without a tier.
+const PART_NO_TIER: u32 = u32::MAX;
+
+/// The error for a buffer with more than [`MAX_TIERS`] distinct tier names:
+/// `name`, first seen at `file:line`, would be name number `MAX_TIERS + 1`.
+/// This is no bad line (each line is fine on its own, and which one crosses
+/// the limit depends on the order of the files), so the whole read stops:
+/// skipping every later line with a new tier would quietly drop data.
+fn tier_overflow(file: &str, line: i64, name: &str) -> Error {
+    Error::invalid(format!(
+        "{file}:{line}: tier {name:?} is distinct tier name number {}, but tier codes \
+         are int16: a read holds at most {MAX_TIERS} tier names, the {} default tiers \
+         included (is `tier` holding per-turn labels rather than tiers?)",
+        MAX_TIERS + 1,
+        DEFAULT_TIERS.len()
+    ))
 }
 
 // ---------------------------------------------------------------------------
@@ -501,9 +530,80 @@ fn open_file(path: &Path) -> Result<File> {
     File::open(path).map_err(|e| io_error(path, e))
 }
 
-/// `file` (at its start) as a stream of decoded bytes: zstd is decoded when
-/// the file starts with a zstd or a skippable frame. Errors of the decoder
-/// come out as [`Damaged`] (see [`damage_reason`]).
+/// The UTF-8 byte-order mark, which some editors and Windows tools put at
+/// the start of a text file. Skipped at the very start of a file (plain, or
+/// of the decoded zstd data); anywhere else it is part of its line.
+const BOM: &[u8; 3] = b"\xEF\xBB\xBF";
+
+/// A stream without its leading [`BOM`], when it has one.
+struct SkipBom<R> {
+    inner: R,
+    /// The stream's first bytes, up to 3, once looked at; served before the
+    /// rest unless they were the BOM.
+    head: [u8; 3],
+    head_len: usize,
+    head_pos: usize,
+    looked: bool,
+    /// An error that came while the first bytes were read, after some of
+    /// them: handed out once those bytes are.
+    pending: Option<io::Error>,
+}
+
+impl<R: Read> SkipBom<R> {
+    fn new(inner: R) -> Self {
+        SkipBom {
+            inner,
+            head: [0; 3],
+            head_len: 0,
+            head_pos: 0,
+            looked: false,
+            pending: None,
+        }
+    }
+
+    fn look(&mut self) -> io::Result<()> {
+        self.looked = true;
+        while self.head_len < BOM.len() {
+            match self.inner.read(&mut self.head[self.head_len..]) {
+                Ok(0) => break,
+                Ok(n) => self.head_len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if self.head_len == 0 => return Err(e),
+                Err(e) => {
+                    self.pending = Some(e);
+                    break;
+                }
+            }
+        }
+        if self.head[..self.head_len] == BOM[..] {
+            self.head_pos = self.head_len;
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for SkipBom<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.looked {
+            self.look()?;
+        }
+        if self.head_pos < self.head_len {
+            let n = (self.head_len - self.head_pos).min(buf.len());
+            buf[..n].copy_from_slice(&self.head[self.head_pos..self.head_pos + n]);
+            self.head_pos += n;
+            return Ok(n);
+        }
+        if let Some(e) = self.pending.take() {
+            return Err(e);
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// `file` (at its start) as a stream of decoded bytes, without a leading
+/// [`BOM`]: zstd is decoded when the file starts with a zstd or a skippable
+/// frame. Errors of the decoder come out as [`Damaged`] (see
+/// [`damage_reason`]).
 fn open_decoded(
     path: &Path,
     file: File,
@@ -532,9 +632,9 @@ fn open_decoded(
     if is_zstd(&head[..got]) {
         let decoder =
             zstd::stream::read::Decoder::new(TagSource(stream)).map_err(|e| io_error(path, e))?;
-        Ok(Box::new(ZstdStream(decoder)))
+        Ok(Box::new(SkipBom::new(ZstdStream(decoder))))
     } else {
-        Ok(Box::new(stream))
+        Ok(Box::new(SkipBom::new(stream)))
     }
 }
 
@@ -552,7 +652,8 @@ struct Part {
     outcome: Vec<f64>,
     turn_counts: Vec<u32>,
     turn_rewards: Vec<f64>,
-    turn_tiers: Vec<i16>,
+    /// Block-local tier codes ([`PART_NO_TIER`] for none).
+    turn_tiers: Vec<u32>,
     tiers: Dict,
     skipped: u64,
     problems: Vec<(u64, String)>,
@@ -612,7 +713,7 @@ impl Part {
             self.turn_rewards.push(turn.reward.unwrap_or(0.0));
             self.turn_tiers.push(match &turn.tier {
                 Some(name) => tier_code(&mut self.tiers, name),
-                None => NO_TIER,
+                None => PART_NO_TIER,
             });
             count += 1;
         }
@@ -628,6 +729,22 @@ impl Part {
             Ok(head) => self.push_head(number, head),
             Err(reason) => self.push_problem(number, reason),
         }
+    }
+
+    /// The line of the first trajectory with a turn of block tier code
+    /// `code` (0 when none has it, which the callers rule out).
+    fn first_line_with_tier(&self, code: u32) -> i64 {
+        let Some(turn) = self.turn_tiers.iter().position(|&c| c == code) else {
+            return 0;
+        };
+        let mut end = 0usize;
+        for (trajectory, &count) in self.turn_counts.iter().enumerate() {
+            end += count as usize;
+            if turn < end {
+                return self.line.get(trajectory).copied().unwrap_or(0);
+            }
+        }
+        0
     }
 
     /// Counts a skipped line and keeps its reason (the first ones).
@@ -707,7 +824,19 @@ impl Merger {
         }
     }
 
-    fn push(&mut self, file: usize, part: Part) {
+    /// Appends `part` of file `file`; an error when its tiers take the read
+    /// past [`MAX_TIERS`] names (nothing of the part is appended then).
+    fn push(&mut self, file: usize, part: Part) -> Result<()> {
+        let mut tier_map: Vec<i16> = Vec::with_capacity(part.tiers.names.len());
+        for (local, name) in part.tiers.names.iter().enumerate() {
+            match i16::try_from(tier_code(&mut self.tiers, name)) {
+                Ok(code) => tier_map.push(code),
+                Err(_) => {
+                    let line = part.first_line_with_tier(local as u32);
+                    return Err(tier_overflow(&self.out.files[file], line, name));
+                }
+            }
+        }
         let out = &mut self.out;
         let task_map: Vec<i64> = part
             .tasks
@@ -720,12 +849,6 @@ impl Merger {
             .names
             .iter()
             .map(|n| self.groups.code(n) as i64)
-            .collect();
-        let tier_map: Vec<i16> = part
-            .tiers
-            .names
-            .iter()
-            .map(|n| tier_code(&mut self.tiers, n))
             .collect();
         out.file_index
             .extend(std::iter::repeat_n(file as i32, part.line.len()));
@@ -742,13 +865,12 @@ impl Merger {
             out.turn_offsets.push(end);
         }
         out.turn_rewards.extend_from_slice(&part.turn_rewards);
-        out.turn_tiers.extend(part.turn_tiers.iter().map(|&c| {
-            if c == NO_TIER || (c as usize) < DEFAULT_TIERS.len() {
-                c
-            } else {
-                tier_map.get(c as usize).copied().unwrap_or(i16::MAX)
-            }
-        }));
+        // A block code is an index of `tier_map`, or PART_NO_TIER (no index).
+        out.turn_tiers.extend(
+            part.turn_tiers
+                .iter()
+                .map(|&c| tier_map.get(c as usize).copied().unwrap_or(NO_TIER)),
+        );
         out.skipped += part.skipped;
         let room = MAX_PROBLEMS.saturating_sub(out.problems.len());
         let file_name = &out.files[file];
@@ -762,6 +884,7 @@ impl Merger {
                     reason,
                 }),
         );
+        Ok(())
     }
 
     fn finish(mut self) -> RolloutColumns {
@@ -878,6 +1001,12 @@ fn read_plain_parts(
         .map_init(Vec::new, |buf: &mut Vec<u8>, k| {
             let (from, to) = (k * block, ((k + 1) * block).min(size));
             let lines = block_lines(file, buf, from, to, size).map_err(|e| io_error(path, e))?;
+            // The first block holds the file's first line, BOM and all (a
+            // line starts where the file does, whatever the block size).
+            let lines = match k {
+                0 => lines.strip_prefix(BOM).unwrap_or(lines),
+                _ => lines,
+            };
             let part = parse_lines(1, lines);
             if let Some(progress) = progress {
                 progress.fetch_add(to - from, std::sync::atomic::Ordering::Relaxed);
@@ -979,7 +1108,7 @@ fn read_columns_with_block<P: AsRef<Path> + Sync>(
         for mut part in parts {
             part.shift_lines(lines_before);
             lines_before += part.lines;
-            merger.push(file, part);
+            merger.push(file, part)?;
         }
     }
     Ok(merger.finish())
@@ -1119,8 +1248,33 @@ impl LineReader {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
-    /// zstd at the given level (1..=22; 3 is zstd's default).
+    /// zstd at the given level, one of [`zstd::compression_level_range`]
+    /// (-131072 to 22 with zstd 1.5: 3 is zstd's default, 0 stands for it,
+    /// and negative levels trade ratio for speed). [`RolloutWriter::create`]
+    /// refuses any other.
     Zstd(i32),
+}
+
+impl Compression {
+    /// zstd at `level`, checked: an error names a level outside the range
+    /// zstd takes (which zstd itself would quietly clamp).
+    pub fn zstd(level: i64) -> Result<Self> {
+        match i32::try_from(level) {
+            Ok(l) if zstd::compression_level_range().contains(&l) => Ok(Compression::Zstd(l)),
+            _ => Err(Self::zstd_level_error(level)),
+        }
+    }
+
+    /// The error for a zstd level outside zstd's range (`level` as the
+    /// caller wrote it, which may be too big for any integer type here).
+    pub fn zstd_level_error(level: impl fmt::Display) -> Error {
+        let range = zstd::compression_level_range();
+        Error::invalid(format!(
+            "zstd level {level} is out of range: zstd takes {} to {} (3 is its default)",
+            range.start(),
+            range.end()
+        ))
+    }
 }
 
 enum Sink {
@@ -1193,6 +1347,45 @@ impl Sink {
     }
 }
 
+/// The folder that holds `path` ("." for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// Syncs the folder that holds `path`, so that a rename into it is on disk.
+/// Where that is not possible (not unix; a folder that cannot be opened for
+/// reading; a file system that cannot sync folders) it does nothing; an
+/// error of the sync itself (EIO) is returned.
+fn sync_folder(path: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        let Ok(folder) = File::open(folder_of(path)) else {
+            return Ok(());
+        };
+        match folder.sync_all() {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput
+                        | io::ErrorKind::Unsupported
+                        | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                Ok(())
+            }
+            other => other,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = folder_of(path);
+        Ok(())
+    }
+}
+
 /// Numbers the temporary files of this process's writers.
 static NEXT_TEMPORARY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -1247,6 +1440,9 @@ pub struct RolloutWriter {
 impl RolloutWriter {
     pub fn create(path: impl AsRef<Path>, compression: Compression) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        if let Compression::Zstd(level) = compression {
+            Compression::zstd(level.into())?;
+        }
         let name = path
             .file_name()
             .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
@@ -1309,7 +1505,8 @@ impl RolloutWriter {
         Ok(())
     }
 
-    /// Flushes, syncs and moves the file into place.
+    /// Flushes, syncs and moves the file into place, then syncs the folder
+    /// so that the rename itself survives a crash.
     pub fn finish(&mut self) -> Result<()> {
         let Some(sink) = self.sink.take() else {
             return Ok(());
@@ -1330,6 +1527,10 @@ impl RolloutWriter {
         std::fs::rename(&self.tmp, &self.path).map_err(|e| {
             let _ = std::fs::remove_file(&self.tmp);
             io_error(&self.path, e)
+        })?;
+        sync_folder(&self.path).map_err(|e| Error::Io {
+            path: self.path.display().to_string(),
+            message: format!("moved into place, but syncing its folder failed: {e}"),
         })
     }
 
@@ -1595,7 +1796,7 @@ mod tests {
                     codes.iter().map(|&c| d.names[c as usize].clone()).collect()
                 };
                 let tiers: Vec<String> = p.turn_tiers.iter().map(|&t| {
-                    if t < 0 { String::new() } else { p.tiers.names[t as usize].clone() }
+                    if t == PART_NO_TIER { String::new() } else { p.tiers.names[t as usize].clone() }
                 }).collect();
                 (
                     p.line.clone(), names(&p.tasks, &p.task), names(&p.groups, &p.group),
@@ -1953,5 +2154,214 @@ mod tests {
         assert_eq!((got[1].file, got[1].line), (1, 1));
         assert_eq!(r.skipped, 1);
         assert_eq!(r.problems[0].line, 2);
+    }
+
+    /// Tier codes are int16: a read holds the 6 default tiers and 32,762
+    /// more. One more distinct name is an error that names it and where it
+    /// first appears, whatever the blocks, never a code shared with another
+    /// tier.
+    #[test]
+    fn more_tier_names_than_codes_is_an_error_not_a_merge() {
+        let d = tempdir("many-tiers");
+        let room = i16::MAX as usize + 1 - DEFAULT_TIERS.len();
+        // `n` distinct tiers t0, t1, ..., 100 assistant turns a line.
+        let buffer = |n: usize| -> String {
+            let names: Vec<usize> = (0..n).collect();
+            let lines: Vec<String> = names
+                .chunks(100)
+                .enumerate()
+                .map(|(i, chunk)| {
+                    let turns: Vec<String> = chunk
+                        .iter()
+                        .map(|k| format!(r#"{{"role":"assistant","tier":"t{k}"}}"#))
+                        .collect();
+                    record("t", "g", i as i64, 1.0, &turns.join(","))
+                })
+                .collect();
+            lines.join("\n") + "\n"
+        };
+        let fits = write_plain(&d, "fits.jsonl", &buffer(room));
+        for blockwise in [false, true] {
+            let c = read_columns_with_block(&[&fits], 4096, None, blockwise).unwrap();
+            assert_eq!(c.tier_names.len(), i16::MAX as usize + 1);
+            let want: Vec<i16> = (DEFAULT_TIERS.len()..=i16::MAX as usize)
+                .map(|c| c as i16)
+                .collect();
+            assert_eq!(c.turn_tiers, want);
+            assert_eq!(c.tier_names[i16::MAX as usize], format!("t{}", room - 1));
+        }
+        // The first name past the range sits in line 328 (turn 62 of it).
+        let over = write_plain(&d, "over.jsonl", &buffer(room + 1));
+        for (block, blockwise) in [(4096, false), (4096, true), (BLOCK_BYTES, true)] {
+            let Err(err) = read_columns_with_block(&[&over], block, None, blockwise) else {
+                panic!("read {} tier names", room + 1 + DEFAULT_TIERS.len());
+            };
+            assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!("{}:328: ", over.display())),
+                "{message}"
+            );
+            assert!(message.contains(&format!("\"t{room}\"")), "{message}");
+            assert!(message.contains("32768"), "{message}");
+        }
+        // Across files: the name that does not fit is in the second file.
+        let more = write_plain(
+            &d,
+            "more.jsonl",
+            &[
+                record("t", "g", 0, 1.0, r#"{"role":"assistant","tier":"t5"}"#),
+                record("t", "g", 1, 1.0, r#"{"role":"assistant","tier":"new"}"#),
+            ]
+            .join("\n"),
+        );
+        let Err(err) = read_columns(&[&fits, &more]) else {
+            panic!("read one tier name too many");
+        };
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("{}:2: ", more.display())),
+            "{message}"
+        );
+        assert!(message.contains("\"new\""), "{message}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A UTF-8 byte-order mark at the very start of a file (plain, or of
+    /// decoded zstd data) is skipped; anywhere else it is part of its line.
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        const BOM: &[u8] = b"\xEF\xBB\xBF";
+        let d = tempdir("bom");
+        let records: Vec<String> = (0..5)
+            .map(|i| record(&format!("t{i}"), "g", i, 1.0, A_READ))
+            .collect();
+        let text = records.join("\n") + "\n";
+        let with_bom = [BOM, text.as_bytes()].concat();
+        let plain = write_bytes(&d, "bom.jsonl", &with_bom);
+        let packed = write_bytes(
+            &d,
+            "bom.jsonl.zst",
+            &zstd::encode_all(&with_bom[..], 3).unwrap(),
+        );
+        let blank_first = write_bytes(
+            &d,
+            "bom-blank.jsonl",
+            &[BOM, b"\n", text.as_bytes()].concat(),
+        );
+        let only = write_bytes(&d, "bom-only.jsonl", BOM);
+        let part = write_bytes(&d, "bom-part.jsonl", &[&BOM[..2], text.as_bytes()].concat());
+        let inside = write_bytes(
+            &d,
+            "bom-inside.jsonl",
+            &[text.as_bytes(), BOM, records[0].as_bytes()].concat(),
+        );
+        let twice = write_bytes(&d, "bom-twice.jsonl", &[BOM, &with_bom].concat());
+        let numbers = |from: i64, to: i64| (from..=to).collect::<Vec<_>>();
+        for block in [1, 2, 3, 4, 97, BLOCK_BYTES] {
+            for blockwise in [false, true] {
+                let read =
+                    |p: &PathBuf| read_columns_with_block(&[p], block, None, blockwise).unwrap();
+                for p in [&plain, &packed] {
+                    let c = read(p);
+                    assert_eq!(
+                        (c.len(), c.skipped),
+                        (5, 0),
+                        "{p:?} {block} {:?}",
+                        c.problems
+                    );
+                    assert_eq!(c.line, numbers(1, 5));
+                    assert_eq!(c.task_names[0], "t0");
+                }
+                let c = read(&blank_first);
+                assert_eq!((c.line.clone(), c.skipped), (numbers(2, 6), 0));
+                let c = read(&only);
+                assert_eq!((c.len(), c.skipped), (0, 0));
+                // Part of a BOM, a second one, a BOM inside: the line is bad.
+                for (p, good, bad_line) in [(&part, 4, 1), (&twice, 4, 1), (&inside, 5, 6)] {
+                    let c = read(p);
+                    assert_eq!((c.len(), c.skipped), (good, 1), "{p:?} {block}");
+                    assert_eq!(c.problems[0].line, bad_line, "{p:?} {block}");
+                }
+            }
+        }
+        let (lines, r) = all_lines(vec![plain, packed, blank_first, only, twice]);
+        assert_eq!(lines.len(), 19);
+        assert_eq!(
+            (lines[0].line, lines[0].text.as_str()),
+            (1, records[0].as_str())
+        );
+        assert_eq!(
+            (lines[5].line, lines[5].text.as_str()),
+            (1, records[0].as_str())
+        );
+        assert_eq!(
+            (lines[10].line, lines[10].text.as_str()),
+            (2, records[0].as_str())
+        );
+        assert_eq!(r.skipped, 1);
+        assert_eq!(
+            (
+                r.problems[0].file.ends_with("bom-twice.jsonl"),
+                r.problems[0].line
+            ),
+            (true, 1)
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn zstd_levels_outside_zstd_range_are_refused() {
+        let d = tempdir("levels");
+        let p = d.join("x.jsonl.zst");
+        let range = zstd::compression_level_range();
+        let (low, high) = (*range.start(), *range.end());
+        for level in [100, high + 1, low - 1, i32::MIN, i32::MAX] {
+            let Err(err) = RolloutWriter::create(&p, Compression::Zstd(level)) else {
+                panic!("zstd level {level} was taken");
+            };
+            assert!(matches!(err, Error::InvalidInput(_)), "{err:?}");
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("zstd level {level}")),
+                "{message}"
+            );
+            assert!(message.contains(&format!("{low} to {high}")), "{message}");
+        }
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0);
+        for level in [low, -1, 0, 1, high] {
+            let mut w = RolloutWriter::create(&p, Compression::Zstd(level)).unwrap();
+            w.write_line(&record("t", "g", 0, 1.0, A_READ)).unwrap();
+            w.finish().unwrap();
+            assert_eq!(read_columns(&[&p]).unwrap().len(), 1, "level {level}");
+        }
+        // Levels as the bindings get them (any integer).
+        assert_eq!(Compression::zstd(19).unwrap(), Compression::Zstd(19));
+        for level in [i64::from(high) + 1, i64::from(i32::MAX) + 1, i64::MIN] {
+            let message = Compression::zstd(level).unwrap_err().to_string();
+            assert!(
+                message.contains(&format!("zstd level {level} ")),
+                "{message}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn finish_syncs_the_folder_of_the_target() {
+        assert_eq!(folder_of(Path::new("x.jsonl")), Path::new("."));
+        assert_eq!(folder_of(Path::new("a/b/x.jsonl")), Path::new("a/b"));
+        assert_eq!(folder_of(Path::new("/x.jsonl")), Path::new("/"));
+        let d = tempdir("sync-folder");
+        let p = d.join("x.jsonl");
+        sync_folder(&p).unwrap();
+        sync_folder(Path::new("x.jsonl")).unwrap();
+        // A folder that is gone cannot be synced: nothing to do, no error.
+        sync_folder(&d.join("missing/x.jsonl")).unwrap();
+        let mut w = RolloutWriter::create(&p, Compression::None).unwrap();
+        w.write_line(&record("t", "g", 0, 1.0, "")).unwrap();
+        w.finish().unwrap();
+        assert_eq!(read_columns(&[&p]).unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use numpy::IntoPyArray;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyInt};
 use turnrl_core::buffer as core;
 use turnrl_core::Error;
 
@@ -140,11 +140,26 @@ pub struct RolloutFileWriter {
 #[pymethods]
 impl RolloutFileWriter {
     #[new]
-    #[pyo3(signature = (path, compression="none", level=3))]
-    fn new(py: Python<'_>, path: PathBuf, compression: &str, level: i32) -> PyResult<Self> {
+    #[pyo3(signature = (path, compression="none", level=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        compression: &str,
+        level: Option<&Bound<'_, PyInt>>,
+    ) -> PyResult<Self> {
+        // Any integer; one outside zstd's range (however big) is an error
+        // naming it, for a plain file too (where the level is not used).
+        let zstd = match level {
+            None => core::Compression::zstd(3),
+            Some(level) => match level.extract::<i64>() {
+                Ok(l) => core::Compression::zstd(l),
+                Err(_) => Err(core::Compression::zstd_level_error(level)),
+            },
+        }
+        .map_err(|e| to_pyerr(py, e))?;
         let compression = match compression {
             "none" => core::Compression::None,
-            "zstd" => core::Compression::Zstd(level),
+            "zstd" => zstd,
             other => {
                 return Err(to_pyerr(
                     py,
@@ -177,7 +192,7 @@ impl RolloutFileWriter {
         })
     }
 
-    /// Flushes, syncs and moves the file into place.
+    /// Flushes, syncs and moves the file into place, then syncs its folder.
     fn finish(&self, py: Python<'_>) -> PyResult<()> {
         detached(py, || locked(&self.inner).finish())
     }
