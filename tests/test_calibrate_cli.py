@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from turnrl.calibration import TierStats, load_tier_rewards
+from turnrl.calibration import DEFAULT_TIERS, TierStats, load_tier_rewards
 from turnrl.cli import main
-from turnrl.irc import load_buffers
+from turnrl.exceptions import InvalidInputError, TurnrlIOError
+from turnrl.irc import load_buffers, read_shard
 from turnrl.rollouts import RolloutWriter
 
 
@@ -167,3 +170,120 @@ def test_read_progress_adds_up_to_the_input_bytes(buffers):
     assert batch.num_trajectories == 2 * 60 * 8
     assert all(d > 0 for d in deltas)
     assert sum(deltas) == plain.stat().st_size + packed.stat().st_size
+
+
+def _write_buffer(path: Path, records: list[dict], compress: str | None) -> None:
+    with RolloutWriter(path, compress=compress) as writer:
+        for record in records:
+            writer.write(record)
+
+
+@pytest.fixture()
+def many_buffers(tmp_path: Path) -> list[str]:
+    """Five files, plain and zstd mixed, with groups that span files, bad
+    lines, an empty file and tiers outside the defaults."""
+    records = list(planted_records(3, 12, step=0))
+    records[3]["turns"][0]["tier"] = "zeta"
+    records[40]["turns"][0]["tier"] = "alpha"
+    records[70]["turns"][0]["tier"] = "zeta"
+    paths = []
+    for i, compress in enumerate(["zstd", None, "zstd", None]):
+        path = tmp_path / (f"part{i}.jsonl" + (".zst" if compress else ""))
+        _write_buffer(path, records[i::4], compress)
+        paths.append(path)
+    with paths[1].open("a") as fh:
+        fh.write('{"schema": "turnrl.rollout/1", "task_id": \n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    paths.insert(2, empty)
+    return [str(p) for p in paths]
+
+
+def _assert_same_rollouts(a, b) -> None:
+    assert a.tiers == b.tiers
+    for name in ("outcome", "group", "turn_offsets", "turn_tiers"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def _assert_same_shards(got, want) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert (a.files, a.group_names, a.bytes_read, a.skipped, a.problems) == (
+            b.files,
+            b.group_names,
+            b.bytes_read,
+            b.skipped,
+            b.problems,
+        )
+        _assert_same_rollouts(a.rollouts, b.rollouts)
+
+
+@pytest.mark.parametrize("workers", [None, 2, 3, 8])
+def test_concurrent_loading_equals_reading_files_one_at_a_time(many_buffers, workers):
+    one_by_one = [read_shard([p], 1) for p in many_buffers]
+    sequential, sequential_stats, sequential_shards = load_buffers(many_buffers, workers=1)
+    _assert_same_shards(sequential_shards, one_by_one)
+    deltas: list[int] = []
+    merged, stats, shards = load_buffers(many_buffers, workers=workers, progress=deltas.append)
+    _assert_same_shards(shards, one_by_one)
+    _assert_same_rollouts(merged, sequential)
+    assert stats == sequential_stats
+    assert merged.tiers == (*DEFAULT_TIERS, "alpha", "zeta")  # first seen in file order
+    assert sum(s.skipped for s in shards) == 1 and shards[1].problems
+    assert sum(deltas) == sum(Path(p).stat().st_size for p in many_buffers)
+
+
+def test_files_are_read_concurrently_and_kept_in_input_order(many_buffers, monkeypatch):
+    """The first file's read waits for the second one's to finish: it passes
+    only when reads overlap, and the second shard finishing first must still
+    come back second."""
+    import turnrl.irc
+
+    real = turnrl.irc.read_shard
+    second_done = threading.Event()
+    lock = threading.Lock()
+    state = {"in_flight": 0, "most": 0, "waited": None, "threads": set()}
+    progress_lock = threading.Lock()
+    overlapping_progress: list[int] = []
+
+    def slow_read(paths, workers=1, on_progress=None):
+        with lock:
+            state["in_flight"] += 1
+            state["most"] = max(state["most"], state["in_flight"])
+            state["threads"].add(threading.get_ident())
+        try:
+            if paths == [many_buffers[0]]:
+                state["waited"] = second_done.wait(timeout=5)
+            shard = real(paths, workers, on_progress)
+            if paths == [many_buffers[1]]:
+                second_done.set()
+            return shard
+        finally:
+            with lock:
+                state["in_flight"] -= 1
+
+    def progress(delta: int) -> None:
+        if not progress_lock.acquire(blocking=False):
+            overlapping_progress.append(delta)
+            return
+        try:
+            time.sleep(0.001)
+        finally:
+            progress_lock.release()
+
+    monkeypatch.setattr(turnrl.irc, "read_shard", slow_read)
+    _, _, shards = load_buffers(many_buffers, workers=2, progress=progress)
+    assert state["waited"] is True, "the files were read one after another"
+    assert state["most"] == 2 and len(state["threads"]) == 2
+    assert [s.files for s in shards] == [[p] for p in many_buffers]
+    assert overlapping_progress == []
+
+
+def test_concurrent_loading_reports_the_first_bad_file_in_input_order(many_buffers, tmp_path):
+    missing = [str(tmp_path / "missing-a.jsonl"), str(tmp_path / "missing-b.jsonl")]
+    paths = [many_buffers[0], missing[0], many_buffers[1], missing[1]]
+    for workers in (1, 4, None):
+        with pytest.raises(TurnrlIOError, match="missing-a"):
+            load_buffers(paths, workers=workers)
+    with pytest.raises(InvalidInputError, match="workers must be at least 1, got 0"):
+        load_buffers(many_buffers, workers=0)

@@ -273,9 +273,115 @@ def test_tier_file_keys_outside_the_tiers_table_are_errors(tmp_path):
 
 
 def test_bad_tier_codes_are_value_errors():
-    rollouts = TieredRollouts([1.0], [0], [0, 2], [0, 9])
     with pytest.raises(ValueError, match=r"turn_tiers\[1\] = 9"):
-        TierStats.from_rollouts(rollouts)
+        TieredRollouts([1.0], [0], [0, 2], [0, 9])
+
+
+@pytest.mark.parametrize(
+    ("codes", "message"),
+    [
+        # len(tiers) used to get reward 0 and -2 the last tier's reward.
+        (
+            [0, -1, 6, 6],
+            r"turn_tiers\[2\] = 6 but a tier code must be -1 \(no tier\) or in \[0, 6\)",
+        ),
+        ([5, -2, 0, -2], r"turn_tiers\[1\] = -2 but a tier code must be -1"),
+        ([0, 1, 2, -7], r"turn_tiers\[3\] = -7"),
+    ],
+)
+def test_tier_codes_out_of_range_are_refused_at_construction(codes, message):
+    with pytest.raises(InvalidInputError, match=message):
+        TieredRollouts([1.0, 0.0], [0, 0], [0, 2, 4], codes)
+
+
+def test_tier_codes_are_checked_against_custom_tiers():
+    TieredRollouts([1.0], [0], [0, 2], [1, -1], ("a", "b"))
+    with pytest.raises(InvalidInputError, match=r"turn_tiers\[0\] = 2 .* \[0, 2\) for 2 tiers"):
+        TieredRollouts([1.0], [0], [0, 2], [2, -1], ("a", "b"))
+
+
+@pytest.mark.parametrize(
+    ("outcome", "group", "offsets", "codes", "message"),
+    [
+        (
+            [1.0, 0.0],
+            [0, 0],
+            [0, 2],
+            [0, 1],
+            r"turn_offsets has length 2 but must have length len\(outcome\) \+ 1 = 3",
+        ),
+        ([1.0, 0.0], [0, 0], [1, 2, 2], [0, 1], r"turn_offsets\[0\] must be 0, got 1"),
+        (
+            [1.0, 0.0, 1.0],
+            [0, 0, 0],
+            [0, 2, 1, 3],
+            [0, 1, 2],
+            r"turn_offsets is not monotone at trajectory 1: turn_offsets\[1\] = 2 > "
+            r"turn_offsets\[2\] = 1",
+        ),
+        ([1.0], [0], [0, 1], [0, 1], r"turn_offsets\[-1\] = 1 but len\(turn_tiers\) = 2"),
+        ([1.0], [0, 0], [0, 1], [0], r"group has length 2 but outcome has length 1"),
+        ([[1.0]], [0], [0, 1], [0], r"outcome must be one-dimensional, got shape \(1, 1\)"),
+        ([1.0], [0], [0, 1], [[0]], r"turn_tiers must be one-dimensional"),
+    ],
+)
+def test_ragged_layout_is_checked_at_construction(outcome, group, offsets, codes, message):
+    with pytest.raises(InvalidInputError, match=message):
+        TieredRollouts(outcome, group, offsets, codes)
+
+
+def test_empty_rollouts_are_valid():
+    empty = TieredRollouts([], [], [0], [])
+    assert empty.num_turns == 0 and TierStats.from_rollouts(empty).trajectories == 0
+
+
+def test_empty_stats_have_one_array_per_field():
+    stats = TierStats.empty(("a", "b", "c"))
+    fields = [
+        stats.present,
+        stats.present_success,
+        stats.turns,
+        stats.turns_sq,
+        stats.turns_success,
+    ]
+    for i, first in enumerate(fields):
+        assert first.shape == (3,) and first.dtype == np.int64 and not first.any()
+        for second in fields[i + 1 :]:
+            assert not np.shares_memory(first, second)
+    stats.present[0] += 1  # the arrays are writable; the others stay zero
+    assert stats.turns.tolist() == [0, 0, 0] and stats.turns_sq.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("x", "success"),
+    [
+        ([1, 1, 0], [1, 1, 0]),
+        ([1, 0, 0], [1, 0, 0]),
+        ([0, 1, 1], [1, 0, 0]),
+        ([1, 1, 0, 0, 0], [1, 1, 0, 0, 0]),
+        ([0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0]),
+        ([2, 2, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]),
+        ([1] * 3 + [0] * 8, [1] * 3 + [0] * 8),
+        ([0] * 40 + [3] * 23, [1] * 40 + [0] * 23),
+    ],
+)
+def test_perfect_correlations_are_exact_like_scipy(x, success):
+    """A tier whose presence (or count) is success, or its complement, up to
+    scale: |r| = 1 and p = 0 exactly (r was 0.9999999999999998, p 1.3e-8)."""
+    codes: list[int] = []
+    offsets = [0]
+    for count in x:
+        codes.extend([0] * count + [-1])
+        offsets.append(len(codes))
+    rollouts = TieredRollouts(
+        np.array(success, dtype=float), np.zeros(len(x)), offsets, codes, ("t",)
+    )
+    variable = "count" if max(x) > 1 else "presence"
+    (got,) = TierStats.from_rollouts(rollouts).correlations(variable=variable)
+    want = scipy_stats.pointbiserialr(x, success)
+    assert got.r == pytest.approx(want.statistic, abs=1e-15)
+    assert abs(got.r) == 1.0 and got.p_value == 0.0
+    assert want.pvalue < 1e-60
 
 
 def test_online_calibrator_rederives_every_k_steps():

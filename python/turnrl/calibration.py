@@ -222,6 +222,14 @@ class TieredRollouts:
     ``turn_tiers[j]`` indexes ``tiers`` (-1: an unlabelled turn);
     ``turn_offsets`` (length B + 1) delimit each trajectory's turns; ``group``
     is a dense group id per trajectory.
+
+    Raises:
+        InvalidInputError: a column is not one-dimensional, ``group`` and
+            ``outcome`` differ in length, ``turn_offsets`` does not have
+            length B + 1, start at 0, rise monotonically and end at the number
+            of turns, or a tier code is neither -1 nor in
+            ``[0, len(tiers))`` (the message names the field and the first
+            bad position).
     """
 
     outcome: np.ndarray
@@ -239,10 +247,16 @@ class TieredRollouts:
         ):
             object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=dtype))
         object.__setattr__(self, "tiers", tuple(self.tiers))
+        for name in ("outcome", "group", "turn_offsets", "turn_tiers"):
+            shape = getattr(self, name).shape
+            if len(shape) != 1:
+                raise InvalidInputError(f"{name} must be one-dimensional, got shape {shape}")
         if len(self.group) != len(self.outcome):
             raise InvalidInputError(
                 f"group has length {len(self.group)} but outcome has length {len(self.outcome)}"
             )
+        _check_offsets(self.turn_offsets, len(self.outcome), len(self.turn_tiers))
+        _check_tier_codes(self.turn_tiers, len(self.tiers))
 
     @property
     def num_turns(self) -> int:
@@ -263,6 +277,42 @@ class TieredRollouts:
             raise InvalidInputError(f"tiers {missing} are not in the target tier list {tiers}")
         mapping = np.array([tiers.index(t) for t in self.tiers] + [-1], dtype=np.int64)
         return replace(self, turn_tiers=mapping[self.turn_tiers], tiers=tiers)
+
+
+def _check_offsets(turn_offsets: np.ndarray, trajectories: int, turns: int) -> None:
+    """``turn_offsets`` has length ``trajectories + 1``, starts at 0, never
+    decreases and ends at ``turns``; else an error naming the first bad entry."""
+    if len(turn_offsets) != trajectories + 1:
+        raise InvalidInputError(
+            f"turn_offsets has length {len(turn_offsets)} but must have length "
+            f"len(outcome) + 1 = {trajectories + 1}"
+        )
+    if turn_offsets[0] != 0:
+        raise InvalidInputError(f"turn_offsets[0] must be 0, got {turn_offsets[0]}")
+    falls = np.flatnonzero(turn_offsets[1:] < turn_offsets[:-1])
+    if len(falls):
+        i = int(falls[0])
+        raise InvalidInputError(
+            f"turn_offsets is not monotone at trajectory {i}: turn_offsets[{i}] = "
+            f"{turn_offsets[i]} > turn_offsets[{i + 1}] = {turn_offsets[i + 1]}"
+        )
+    if turn_offsets[-1] != turns:
+        raise InvalidInputError(
+            f"turn_offsets[-1] = {turn_offsets[-1]} but len(turn_tiers) = {turns}; "
+            "the last offset must equal the number of turns"
+        )
+
+
+def _check_tier_codes(turn_tiers: np.ndarray, tiers: int) -> None:
+    """Every code is -1 (unlabelled) or in ``[0, tiers)``; else an error naming
+    the first bad turn."""
+    bad = np.flatnonzero((turn_tiers < -1) | (turn_tiers >= tiers))
+    if len(bad):
+        j = int(bad[0])
+        raise InvalidInputError(
+            f"turn_tiers[{j}] = {turn_tiers[j]} but a tier code must be -1 (no tier) "
+            f"or in [0, {tiers}) for {tiers} tiers"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -299,8 +349,9 @@ class TierStats:
     @classmethod
     def empty(cls, tiers: Sequence[str] = DEFAULT_TIERS) -> TierStats:
         """No trajectories yet."""
-        zeros = np.zeros(len(tiers), dtype=np.int64)
-        return cls(tuple(tiers), 0, 0, zeros, zeros, zeros, zeros, zeros)
+        # One array per field: a shared one would alias them.
+        counts = (np.zeros(len(tiers), dtype=np.int64) for _ in range(5))
+        return cls(tuple(tiers), 0, 0, *counts)
 
     @classmethod
     def from_rollouts(cls, rollouts: TieredRollouts, success_threshold: float = 1.0) -> TierStats:

@@ -225,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--report", help="write the full report (JSON)")
     cal.add_argument("--plot", help="write a plot of correlations and rewards (PNG)")
     cal.add_argument(
-        "--workers", type=int, default=None, help="reader threads (default: every core)"
+        "--workers",
+        type=int,
+        default=None,
+        help="reader threads, shared by the files read at once (default: every core)",
     )
     cal.add_argument(
         "--ray",

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,20 +113,29 @@ def load_buffers(
 ) -> tuple[TieredRollouts, TierStats, list[Shard]]:
     """Read every buffer file and merge the shards.
 
-    Locally each file is a shard, read by the Rust reader with ``workers``
-    threads (files and blocks in parallel); ``progress`` gets input bytes as
-    they are read. With ``ray_address`` each file is a Ray task on the
-    cluster (``"local"`` starts a local instance) and ``progress`` gets the
-    bytes of each finished shard.
+    Locally each file is a shard (one per file, in input order). Up to
+    ``workers`` files are read at once, each by the Rust reader on its own
+    thread (it releases the GIL), so single-threaded zstd decompression of
+    several files overlaps; the ``workers`` threads are shared out among the
+    files in flight (with ``workers=None`` they share every core through the
+    reader's common thread pool). ``progress`` gets input bytes as they are
+    read, one call at a time. With ``ray_address`` each file is a Ray task on
+    the cluster (``"local"`` starts a local instance) and ``progress`` gets
+    the bytes of each finished shard.
+
+    Raises:
+        InvalidInputError: no paths, or ``workers`` below 1.
+        TurnrlIOError: a file is missing or unreadable; when several are,
+            the first in input order is reported.
     """
     if not paths:
         raise InvalidInputError("no input files")
+    if workers is not None and workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, got {workers}")
     if ray_address is not None:
         shards = _map_with_ray(paths, ray_address, progress)
     else:
-        shards = []
-        for path in paths:
-            shards.append(read_shard([path], workers, on_progress=progress))
+        shards = _read_concurrently(paths, workers, progress)
     tiers = list(DEFAULT_TIERS)
     for shard in shards:
         tiers.extend(t for t in shard.rollouts.tiers if t not in tiers)
@@ -132,6 +143,60 @@ def load_buffers(
     # The columns come back whole anyway, so the (integer, exact) tier sums
     # are taken once over them rather than per shard and added.
     return merged, TierStats.from_rollouts(merged, success_threshold), shards
+
+
+def _available_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _one_call_at_a_time(callback: Callable[[int], None]) -> Callable[[int], None]:
+    """``callback`` behind a lock, for calls from several threads."""
+    lock = threading.Lock()
+
+    def locked(value: int) -> None:
+        with lock:
+            callback(value)
+
+    return locked
+
+
+def _read_concurrently(
+    paths: Sequence[str],
+    workers: int | None,
+    progress: Callable[[int], None] | None,
+) -> list[Shard]:
+    """One :func:`read_shard` per file, up to the worker budget at once.
+
+    With ``workers = n`` at most ``n`` files are in flight and each reads
+    with ``n // in_flight`` threads (at least 1), so the reader never runs
+    more than about ``n`` threads. With ``workers = None`` as many files as
+    there are cores are in flight and every read uses the reader's shared
+    pool of one thread per core. Shards come back in input order; the first
+    failing file in input order raises, and reads not yet started are
+    cancelled.
+    """
+    budget = workers if workers is not None else _available_cores()
+    in_flight = min(len(paths), budget)
+    per_file = None if workers is None else max(1, workers // in_flight)
+    report = progress
+    if progress is not None and in_flight > 1:
+        # Each read reports from its own watcher thread: one call at a time.
+        report = _one_call_at_a_time(progress)
+    if in_flight == 1:
+        return [read_shard([path], per_file, on_progress=report) for path in paths]
+    executor = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="turnrl-read")
+    try:
+        futures = [
+            executor.submit(read_shard, [path], per_file, on_progress=report) for path in paths
+        ]
+        return [future.result() for future in futures]
+    finally:
+        # On an error (or an interrupt) the reads not yet started are dropped;
+        # those running finish, since the Rust reader cannot be stopped.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _map_with_ray(

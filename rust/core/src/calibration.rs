@@ -152,10 +152,23 @@ impl TierSums {
         let var_y = n * sy - sy * sy;
         let r = if var_x <= 0 || var_y <= 0 {
             0.0
+        } else if perfect(cov, var_x, var_y) {
+            // Rounding in the square roots would give 0.9999999999999998 and
+            // a tiny but non-zero p-value; a perfect relation is exact here.
+            cov.signum() as f64
         } else {
             (cov as f64 / ((var_x as f64).sqrt() * (var_y as f64).sqrt())).clamp(-1.0, 1.0)
         };
         Correlation::new(r, self.trajectories, self.present[tier], confidence)
+    }
+}
+
+/// Whether cov^2 = var_x * var_y exactly (Cauchy-Schwarz equality: x is an
+/// exact linear function of y, so |r| = 1); false when a product overflows.
+fn perfect(cov: i128, var_x: i128, var_y: i128) -> bool {
+    match (cov.checked_mul(cov), var_x.checked_mul(var_y)) {
+        (Some(lhs), Some(rhs)) => lhs == rhs,
+        _ => false,
     }
 }
 
@@ -436,6 +449,26 @@ mod tests {
         assert_eq!(left, whole);
         assert_eq!(whole.present, vec![2, 2, 1]);
         assert_eq!(whole.turns_sq, vec![1 + 4, 1 + 1, 1]);
+    }
+
+    #[test]
+    fn perfect_correlations_are_exact() {
+        // Presence equal to success (n = 3), its complement, and a count that
+        // is twice success: |r| = 1 and p = 0 exactly, as scipy gives.
+        let mut sums = TierSums::new(3);
+        sums.accumulate(&[1.0, 1.0, 0.0], &[0, 3, 6, 6], &[0, 2, 2, 0, 2, 2], 1.0)
+            .unwrap();
+        let presence = sums.correlation(0, Variable::Presence, 0.95);
+        assert_eq!((presence.r, presence.p_value), (1.0, 0.0));
+        let count = sums.correlation(2, Variable::Count, 0.95);
+        assert_eq!((count.r, count.p_value), (1.0, 0.0));
+        let mut complement = TierSums::new(1);
+        complement
+            .accumulate(&[1.0, 0.0, 0.0], &[0, 0, 1, 2], &[0, 0], 1.0)
+            .unwrap();
+        let c = complement.correlation(0, Variable::Presence, 0.95);
+        assert_eq!((c.r, c.p_value), (-1.0, 0.0));
+        assert!(!perfect(i128::MAX, 1, 1));
     }
 
     #[test]
