@@ -1125,6 +1125,13 @@ fn diff_bags<'a>(
 /// it prints as: 0.28 is 28/100, not the double just above it, so 7 of 25
 /// is not fewer than 0.28 of them (in floats, 0.28 × 25 is 7.000000000000001).
 fn fewer_than_fraction(count: usize, total: usize, fraction: f64) -> bool {
+    // Away from the boundary the float product decides (its error is a few
+    // ulps); only near it is the fraction's decimal worked out, which costs
+    // formatting the float.
+    let (count_f, product) = (count as f64, fraction * total as f64);
+    if (count_f - product).abs() > 1e-9 * product.abs().max(1.0) {
+        return count_f < product;
+    }
     let fraction = Dec::from_f64(fraction);
     if fraction.is_zero() || fraction.neg {
         return false;

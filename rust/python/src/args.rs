@@ -336,36 +336,14 @@ impl<'a, 'py> PySource<'a, 'py> {
     }
 }
 
-impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
-    fn kind(&self) -> Result<SourceKind<'a>, SourceError> {
+impl<'a, 'py> PySource<'a, 'py> {
+    /// [`ArgSource::kind`] for anything but the exact plain types:
+    /// subclasses, tuples, numpy values, integer-likes. Out of line, so the
+    /// usual case stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn other_kind(&self) -> Result<SourceKind<'a>, SourceError> {
         let obj = &self.obj;
-        if obj.is_none() {
-            return Ok(SourceKind::Null);
-        }
-        // Exact types first: a pointer comparison each, where the subclass
-        // checks below cost a call into the interpreter each in the abi3
-        // build (and read the type's flags in the default one).
-        if obj.is_exact_instance_of::<PyString>() {
-            let s = obj
-                .cast::<PyString>()
-                .map_err(|e| SourceError::new(e.to_string()))?;
-            return Ok(SourceKind::Str(self.arena.hold_str(s)?));
-        }
-        if obj.is_exact_instance_of::<PyDict>() {
-            return Ok(SourceKind::Map(obj.len().unwrap_or(0)));
-        }
-        if obj.is_exact_instance_of::<PyList>() {
-            return Ok(SourceKind::List(obj.len().unwrap_or(0)));
-        }
-        if obj.is_exact_instance_of::<PyInt>() {
-            return self.int_kind(obj);
-        }
-        if obj.is_exact_instance_of::<PyFloat>() {
-            let x: f64 = obj
-                .extract()
-                .map_err(|e: PyErr| SourceError::new(e.to_string()))?;
-            return Ok(SourceKind::Float(x));
-        }
         if let Ok(s) = obj.cast::<PyString>() {
             return Ok(SourceKind::Str(self.arena.hold_str(s)?));
         }
@@ -401,6 +379,60 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
         )))
     }
 
+    /// [`ArgSource::each_item`] for tuples and numpy arrays.
+    #[cold]
+    #[inline(never)]
+    fn other_items(
+        &self,
+        f: &mut dyn FnMut(usize, Self) -> Result<(), SourceError>,
+    ) -> Result<(), SourceError> {
+        if let Ok(tuple) = self.obj.cast::<PyTuple>() {
+            for (i, item) in tuple.iter().enumerate() {
+                f(i, self.child(item))?;
+            }
+        } else if let Some(plain) = numpy_to_python(&self.obj) {
+            return self.child(plain).each_item(f);
+        }
+        Ok(())
+    }
+}
+
+impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
+    fn kind(&self) -> Result<SourceKind<'a>, SourceError> {
+        let obj = &self.obj;
+        if obj.is_none() {
+            return Ok(SourceKind::Null);
+        }
+        // Exact types first: a pointer comparison each, where the subclass
+        // checks below cost a call into the interpreter each in the abi3
+        // build (and read the type's flags in the default one).
+        if obj.is_exact_instance_of::<PyString>() {
+            let s = obj
+                .cast::<PyString>()
+                .map_err(|e| SourceError::new(e.to_string()))?;
+            return Ok(SourceKind::Str(self.arena.hold_str(s)?));
+        }
+        if obj.is_exact_instance_of::<PyDict>() {
+            return Ok(SourceKind::Map(obj.len().unwrap_or(0)));
+        }
+        if obj.is_exact_instance_of::<PyList>() {
+            return Ok(SourceKind::List(obj.len().unwrap_or(0)));
+        }
+        if obj.is_exact_instance_of::<PyInt>() {
+            return self.int_kind(obj);
+        }
+        if obj.is_exact_instance_of::<PyFloat>() {
+            let x: f64 = obj
+                .extract()
+                .map_err(|e: PyErr| SourceError::new(e.to_string()))?;
+            return Ok(SourceKind::Float(x));
+        }
+        if obj.is_exact_instance_of::<PyBool>() {
+            return Ok(SourceKind::Bool(obj.is_truthy().unwrap_or(false)));
+        }
+        self.other_kind()
+    }
+
     fn each_item(
         &self,
         f: &mut dyn FnMut(usize, Self) -> Result<(), SourceError>,
@@ -409,12 +441,8 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
             for (i, item) in list.iter().enumerate() {
                 f(i, self.child(item))?;
             }
-        } else if let Ok(tuple) = self.obj.cast::<PyTuple>() {
-            for (i, item) in tuple.iter().enumerate() {
-                f(i, self.child(item))?;
-            }
-        } else if let Some(plain) = numpy_to_python(&self.obj) {
-            return self.child(plain).each_item(f);
+        } else {
+            self.other_items(f)?;
         }
         Ok(())
     }
