@@ -254,6 +254,42 @@ def test_non_finite_hidden_is_an_error():
         fused_logprobs(case.hidden, case.weight, case.targets.clamp(min=0), backend="torch")
 
 
+def test_unchecked_inputs_still_take_padding_ids():
+    # check_inputs=False skips the checks (and their device syncs); masked
+    # padding ids such as -100 are allowed either way.
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
+    assert bool((case.targets == -100).any())
+    checked, _ = _bad_call()
+    unchecked, _ = _bad_call(check_inputs=False)
+    assert torch.equal(checked, unchecked)
+
+
+@pytest.mark.parametrize("name", ["advantages", "old_logprobs", "ref_logprobs"])
+def test_non_finite_per_token_inputs_on_trained_tokens_are_errors(name):
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
+    values = {"advantages": case.advantages, "old_logprobs": case.old, "ref_logprobs": case.ref}
+    trained = tuple(torch.nonzero(case.mask)[0].tolist())
+    untrained = tuple(torch.nonzero(~case.mask)[0].tolist())
+    bad = values[name].clone()
+    bad[untrained] = float("nan")
+    loss, _ = _bad_call(**{name: bad, "beta": 0.05})
+    assert torch.isfinite(loss)
+    bad[trained] = float("inf")
+    where = ", ".join(map(str, trained))
+    with pytest.raises(InvalidInputError, match=rf"{name}\[{where}\] = inf is not finite"):
+        _bad_call(**{name: bad, "beta": 0.05})
+
+
+def test_fp64_never_runs_on_the_fp32_triton_kernels():
+    from turnrl.kernels.fused_linear_gtpo import _resolve_backend
+
+    cuda = torch.device("cuda")
+    assert _resolve_backend("auto", cuda, torch.float64) == "torch"
+    assert _resolve_backend("auto", torch.device("cpu"), torch.float32) == "torch"
+    with pytest.raises(InvalidInputError, match="computes in fp32"):
+        _resolve_backend("triton", cuda, torch.float64)
+
+
 def test_reference_is_independent_of_the_chunked_path():
     """torch_gtpo_loss agrees with a hand-derived value on a 1-token example."""
     hidden = torch.tensor([[1.0, 0.0]], dtype=torch.float64)

@@ -638,11 +638,19 @@ class GTPOLossFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise UnknownNameError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    # The Triton kernels compute in fp32: fp64 inputs, whose results are
+    # promised in fp64, go to the torch backend.
     if backend == "auto":
-        return "triton" if (HAS_TRITON and device.type == "cuda") else "torch"
+        use_triton = HAS_TRITON and device.type == "cuda" and dtype != torch.float64
+        return "triton" if use_triton else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        raise InvalidInputError(
+            "backend='triton' computes in fp32 and cannot give the fp64 results fp64 inputs "
+            "ask for; use backend='torch' (or 'auto') for fp64"
+        )
     if backend == "triton":
         if not HAS_TRITON:
             raise InvalidInputError(
@@ -710,6 +718,26 @@ def _check_finite_hidden(hidden: torch.Tensor) -> None:
         raise InvalidInputError(f"hidden has a non-finite value at token index {tuple(bad)}")
 
 
+def _check_finite_on_mask(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Per-token inputs must be finite where a token is trained on (one sync)."""
+    for name, t in tensors.items():
+        bad = ~torch.isfinite(t) & mask
+        if bool(bad.any()):
+            where = tuple(torch.nonzero(bad)[0].tolist())
+            raise InvalidInputError(
+                f"{name}[{', '.join(map(str, where))}] = {float(t[where])} is not finite "
+                "on a trained token (mask is nonzero there)"
+            )
+
+
+def _padding_to_token_0(targets: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Target ids outside the vocabulary (padding such as -100) point at token
+    0, without checking them or syncing the device."""
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise InvalidInputError(f"target_ids must be an integer tensor, got {targets.dtype}")
+    return torch.where((targets < 0) | (targets >= vocab), 0, targets).to(torch.int64)
+
+
 def _check_targets(targets: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise InvalidInputError(f"target_ids must be an integer tensor, got {targets.dtype}")
@@ -770,8 +798,14 @@ def gtpo_loss(
         backend: ``auto`` (Triton on CUDA, torch otherwise) | ``triton`` | ``torch``.
         chunk_size: vocabulary columns per tile (default: ``2**26 // N`` on
             CUDA, ``2**24 // N`` elsewhere).
-        check_inputs: validate target ids and finiteness of ``hidden`` (one
-            device sync each); shapes are always checked.
+        check_inputs: validate target ids of trained tokens, finiteness of
+            ``hidden``, and of ``advantages``, ``old_logprobs`` (and
+            ``ref_logprobs`` when ``beta != 0``) on trained tokens (one device
+            sync each); shapes are always checked. Off, masked-out ids are
+            still allowed and nothing syncs.
+
+    fp64 inputs always run on the torch backend (``auto``); the Triton
+    kernels compute in fp32, and ``backend="triton"`` refuses fp64.
 
     Returns:
         ``(loss, stats)``: a scalar fp32 (fp64 for fp64 inputs) loss with
@@ -800,12 +834,17 @@ def gtpo_loss(
         raise InvalidInputError("beta != 0 needs ref_logprobs")
     if max_len is not None and max_len <= 0:
         raise InvalidInputError(f"max_len must be positive, got {max_len}")
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
 
     mask_b = mask != 0
     if check_inputs:
         _check_finite_hidden(hidden)
-    targets = _check_targets(target_ids, mask_b if check_inputs else None, weight.shape[0])
+        _check_finite_on_mask(mask_b, advantages=advantages, old_logprobs=old_logprobs)
+        if ref_logprobs is not None and beta != 0.0:
+            _check_finite_on_mask(mask_b, ref_logprobs=ref_logprobs)
+        targets = _check_targets(target_ids, mask_b, weight.shape[0])
+    else:
+        targets = _padding_to_token_0(target_ids, weight.shape[0])
     mask2d = mask_b if mask_b.dim() == 2 else mask_b[None, :]
     agg_weights = aggregation_weights(mask2d, agg, max_len, dtype=_compute_dtype(hidden.dtype))
 
@@ -875,7 +914,7 @@ def fused_logprobs(
     """
     _check_head(hidden, weight, temperature)
     _check_token_tensor("target_ids", target_ids, tuple(hidden.shape[:-1]), hidden.device)
-    resolved = _resolve_backend(backend, hidden.device)
+    resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
     _check_finite_hidden(hidden)
     targets = _check_targets(target_ids, None, weight.shape[0]).reshape(-1).contiguous()
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
