@@ -176,7 +176,8 @@ def compute_advantages(
         turn_rewards: reward r[i, k] of every turn, trajectories concatenated.
         turn_offsets: length B + 1, from 0 to ``len(turn_rewards)``.
         **params: ``norm`` (``"std"`` | ``"mean"`` | ``"none"``), ``eps``
-            (1e-6), ``gamma`` (``gtpo_hybrid``: 0.9), ``lam`` (``mt_grpo``:
+            (1e-6), ``gamma`` (``gtpo_hybrid``: 0.9; a discount factor in
+            [0, 1]), ``lam`` (``mt_grpo``:
             1.0, ``gtpo_hybrid``: 0.3), ``turn_norm`` (``"position"`` |
             ``"pooled"``).
 

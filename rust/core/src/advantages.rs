@@ -106,6 +106,13 @@ impl Params {
                 }
             }
         }
+        // A discount factor: beyond 1 the returns grow with the horizon
+        // (and overflow to NaN for large values).
+        if let Some(gamma) = self.gamma.filter(|g| !(0.0..=1.0).contains(g)) {
+            return Err(Error::invalid(format!(
+                "gamma is a discount factor and must lie in [0, 1], got {gamma}"
+            )));
+        }
         Ok(())
     }
 }
@@ -796,6 +803,26 @@ mod tests {
         let z = 0.5 / (0.5f64.sqrt() + 1e-6);
         assert!((adv[0] - z).abs() < 1e-12 && (adv[1] - z).abs() < 1e-12);
         assert!((adv[2] + z).abs() < 1e-12);
+    }
+
+    #[test]
+    fn gamma_must_be_a_discount_factor() {
+        let b = batch(&[1.0], &[0], &[0.5, 0.25], &[0, 2]);
+        for gamma in [-0.1, 1.5, 1e200] {
+            let params = Params {
+                gamma: Some(gamma),
+                ..Params::default()
+            };
+            let err = compute_advantages("gtpo_hybrid", &b, &params).unwrap_err();
+            assert!(err.to_string().contains("must lie in [0, 1]"), "{err}");
+        }
+        for gamma in [0.0, 1.0] {
+            let params = Params {
+                gamma: Some(gamma),
+                ..Params::default()
+            };
+            assert!(compute_advantages("gtpo_hybrid", &b, &params).is_ok());
+        }
     }
 
     #[test]
