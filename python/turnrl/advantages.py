@@ -183,7 +183,9 @@ def compute_advantages(
 
     Returns:
         float64 array with one advantage per turn. Groups of one trajectory
-        and constant sets normalise to 0; no NaN is ever returned.
+        and constant sets normalise to 0; no NaN is ever returned (rewards
+        and outcomes must be finite and at most 1e100 in size, so that the
+        normalisation cannot overflow).
     """
     fn = get_estimator(estimator)
     if getattr(fn, "_validates_itself", False):

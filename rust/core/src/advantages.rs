@@ -146,11 +146,12 @@ impl<'a> Batch<'a> {
         }
         validate_offsets(self.turn_offsets, b, self.turn_rewards.len())?;
         validate_outcome(self.outcome)?;
-        if let Some(j) = first_non_finite(self.turn_rewards) {
+        if let Some(j) = first_unusable(self.turn_rewards) {
             let traj = trajectory_of_turn(self.turn_offsets, j);
             let turn = j as i64 - self.turn_offsets[traj];
             return Err(Error::invalid(format!(
-                "turn_rewards[{j}] is {} (trajectory {traj}, turn {turn}); rewards must be finite",
+                "turn_rewards[{j}] is {:?} (trajectory {traj}, turn {turn}); rewards must be finite \
+                 and at most {MAX_REWARD:e} in size",
                 self.turn_rewards[j]
             )));
         }
@@ -162,11 +163,13 @@ impl<'a> Batch<'a> {
     }
 }
 
-/// Checks that every outcome is finite; the error names the trajectory.
+/// Checks that every outcome is finite and at most [`MAX_REWARD`] in size;
+/// the error names the trajectory.
 pub fn validate_outcome(outcome: &[f64]) -> Result<()> {
-    match first_non_finite(outcome) {
+    match first_unusable(outcome) {
         Some(i) => Err(Error::invalid(format!(
-            "outcome[{i}] is {} (trajectory {i}); outcomes must be finite",
+            "outcome[{i}] is {:?} (trajectory {i}); outcomes must be finite and at most \
+             {MAX_REWARD:e} in size",
             outcome[i]
         ))),
         None => Ok(()),
@@ -210,15 +213,18 @@ pub fn validate_offsets(turn_offsets: &[i64], trajectories: usize, turns: usize)
 
 /// Index of the first NaN or infinity. Scans in blocks with a branch-free
 /// reduction (which vectorises) and searches a block only when it has one.
-fn first_non_finite(values: &[f64]) -> Option<usize> {
+/// Rewards and outcomes beyond this size overflow the sums of squares of
+/// the normalisation (and would come out as NaN or 0).
+pub const MAX_REWARD: f64 = 1e100;
+
+/// The first value that is not finite or exceeds [`MAX_REWARD`] in size.
+fn first_unusable(values: &[f64]) -> Option<usize> {
     const BLOCK: usize = 1024;
+    let unusable = |v: &f64| v.is_nan() || v.abs() > MAX_REWARD;
     let check = |(b, block): (usize, &[f64])| {
-        let bad = block.iter().fold(false, |acc, v| acc | !v.is_finite());
+        let bad = block.iter().fold(false, |acc, v| acc | unusable(v));
         if bad {
-            block
-                .iter()
-                .position(|v| !v.is_finite())
-                .map(|i| b * BLOCK + i)
+            block.iter().position(unusable).map(|i| b * BLOCK + i)
         } else {
             None
         }
@@ -823,6 +829,29 @@ mod tests {
             };
             assert!(compute_advantages("gtpo_hybrid", &b, &params).is_ok());
         }
+    }
+
+    #[test]
+    fn rewards_too_large_to_normalise_are_refused() {
+        // The sum of 1e308, 1e308 and -1e308 overflows: the mean was inf and
+        // every advantage NaN.
+        let b = batch(
+            &[1e308, 1e308, -1e308],
+            &[0, 0, 0],
+            &[0.0; 3],
+            &[0, 1, 2, 3],
+        );
+        let err = compute_advantages("grpo", &b, &Params::default()).unwrap_err();
+        assert!(err.to_string().contains("outcome[0] is 1e308"), "{err}");
+        let b = batch(&[1.0, 0.0], &[0, 0], &[0.0, -1e101], &[0, 1, 2]);
+        let err = compute_advantages("gtpo_hybrid", &b, &Params::default()).unwrap_err();
+        assert!(err.to_string().contains("turn_rewards[1]"), "{err}");
+        let b = batch(&[MAX_REWARD, -MAX_REWARD], &[0, 0], &[0.0, 0.0], &[0, 1, 2]);
+        let adv = compute_advantages("grpo", &b, &Params::default()).unwrap();
+        assert!(
+            adv.iter().all(|a| a.is_finite() && a.abs() > 0.5),
+            "{adv:?}"
+        );
     }
 
     #[test]
