@@ -139,6 +139,32 @@ def test_caller_arguments_are_not_mutated():
 
 
 @needs_tau
+def test_the_record_of_a_call_is_not_the_database():
+    # Tools keep parts of their arguments (a booking's payment list); the
+    # episode's record of the call must not change with the database.
+    d = envs.load("taubench:airline", root=TAU)
+    ep = d.new_episode(0)
+    args = d.tasks[0].gold_actions[0]["arguments"]
+    assert not ep.call("book_reservation", args).startswith("Error")
+    recorded = json.dumps(ep.actions[0].as_call(), sort_keys=True)
+    ep.call("cancel_reservation", {"reservation_id": "HATHAT"})
+    assert json.dumps(ep.actions[0].as_call(), sort_keys=True) == recorded
+    assert ep.actions[0].kwargs == args
+
+
+@needs_tau
+def test_a_tool_call_named_respond_is_an_unknown_tool_not_a_message():
+    d = envs.load("taubench:airline", root=TAU)
+    ep = d.new_episode(0)
+    for arguments in ({}, {"content": 5}, {"content": "hello"}):
+        assert ep.call("respond", arguments).startswith("Unknown action")
+    assert ep.agent_messages == []
+    ep.say("hi")
+    assert ep.agent_messages == ["hi"]
+    assert ep.reward().reward in (0.0, 1.0)
+
+
+@needs_tau
 def test_episodes_are_isolated_and_base_untouched():
     d = envs.load("taubench:airline", root=TAU)
     base_user = json.dumps(d.tables["users"]["mia_li_3668"])
@@ -241,6 +267,9 @@ def test_calculate_matches_python_on_safe_inputs():
         ("10 / 3", "3.33"),
         ("1.0 / 0", "Error: float division by zero"),
         ("2 +", "Error: invalid syntax (<string>, line 1)"),
+        # eval strips leading spaces, and models write them.
+        (" 1+1", "2.0"),
+        ("   3 * 4 ", "12.0"),
     ]:
         assert calculate(expr) == expected, expr
     assert calculate("9 ** 9 ** 9").startswith("Error")

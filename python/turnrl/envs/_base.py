@@ -170,6 +170,7 @@ class Episode:
         self.task = task
         self.store = Store(domain.tables)
         self.actions: list[Action] = []
+        self._said: list[str] = []
         self.done = False
         self.last_error = False
 
@@ -179,14 +180,20 @@ class Episode:
             arguments = {}
         args = copy_json(dict(arguments)) if isinstance(arguments, Mapping) else arguments
         self.actions.append(Action(name, args if isinstance(args, dict) else {}))
-        obs, self.last_error = self.domain._invoke(self.store, name, args)
+        # The tool gets its own copy: tools keep parts of their arguments in
+        # the database (a booking's payment list), which must not alias the
+        # record of the call.
+        tool_args = copy_json(args) if isinstance(args, dict) else args
+        obs, self.last_error = self.domain._invoke(self.store, name, tool_args)
         if name in self.domain.terminate_tools:
             self.done = True
         return obs
 
     def say(self, text: str) -> None:
         """Record an agent message to the user (checked for required outputs)."""
-        self.actions.append(Action(RESPOND, {"content": "" if text is None else str(text)}))
+        message = "" if text is None else str(text)
+        self.actions.append(Action(RESPOND, {"content": message}))
+        self._said.append(message)
 
     def hear(self, text: str) -> None:
         """Record the user's reply; ``###STOP###`` in it ends the episode."""
@@ -196,7 +203,9 @@ class Episode:
     @property
     def agent_messages(self) -> list[str]:
         """Everything the agent said to the user, in order."""
-        return [a.kwargs["content"] for a in self.actions if a.name == RESPOND]
+        # Only what `say` recorded: a tool call that happens to be named
+        # "respond" was answered "Unknown action" and said nothing.
+        return list(self._said)
 
     def reward(self) -> RewardResult:
         """tau-bench's reward: database equal to the gold replay, and every output said."""

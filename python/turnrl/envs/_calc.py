@@ -55,7 +55,8 @@ def calculate(expression: str) -> str:
     if not all(ch in _ALLOWED_CHARS for ch in expression):
         return "Error: invalid characters in expression"
     try:
-        tree = ast.parse(expression, filename="<string>", mode="eval")
+        # eval, which tau-bench uses, strips leading spaces and tabs.
+        tree = ast.parse(expression.lstrip(" \t"), filename="<string>", mode="eval")
         return str(round(float(_eval(tree)), 2))
     except Exception as e:
         return f"Error: {e}"
