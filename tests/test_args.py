@@ -680,3 +680,18 @@ def test_tool_results_given_as_content_parts_are_read_as_text() -> None:
         ]
         assert turnrl.label_tiers(turns, [], {"get": "read"}).tiers == [tier, None]
         assert ref.label_tiers(turns, [], {"get": "read"})[0] == [tier, None]
+
+
+def test_unordered_paths_that_can_never_match_are_errors() -> None:
+    # A mistyped path used to be ignored, leaving its lists ordered.
+    for entry, hint in (("$.reservation.flights", "reservation.flights"), ("legs[0].seats", None)):
+        with pytest.raises(InvalidInputError, match="can never match") as info:
+            turnrl.compare_args({}, {}, unordered_keys=[entry])
+        if hint:
+            assert f'did you mean "{hint}"' in str(info.value)
+    with pytest.raises(InvalidInputError, match="is not a path"):
+        turnrl.normalize_args({}, unordered_keys=["a..b"])
+    ok = turnrl.compare_args(
+        {"legs": [{"s": [2, 1]}]}, {"legs": [{"s": [1, 2]}]}, unordered_keys=["legs[*].s"]
+    )
+    assert ok.kind == "exact"

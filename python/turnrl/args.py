@@ -28,6 +28,8 @@ Policy keywords (the same for every function here):
     a list under that key at any depth; an entry with ``.`` or ``[`` is a
     path in diff syntax with indices written ``[*]``
     (``"reservation.flights"``, ``"legs[*].seats"``); ``"$"`` is the root.
+    A path written any other way (``"$.a"``, ``"legs[0]"``) could never
+    match and is an error that suggests the right spelling.
 ``soft_max_fraction`` (float in [0, 1], default 0.5)
     A comparison whose structure agrees (key sets at every depth, list
     lengths, container kinds) is *soft* when strictly fewer than

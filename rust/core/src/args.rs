@@ -82,6 +82,30 @@ impl Policy {
                 self.soft_max_fraction
             )));
         }
+        // A path entry that is not written as the comparison writes paths
+        // would never match, and its lists would silently stay ordered.
+        for entry in self
+            .unordered_keys
+            .iter()
+            .filter(|e| Self::is_path_entry(e))
+        {
+            match canonical_path_entry(entry) {
+                Some(canonical) if canonical == *entry => {}
+                Some(canonical) => {
+                    return Err(Error::invalid(format!(
+                        "unordered_keys entry {entry:?} can never match: paths are written as \
+                         diffs show them, every list index as [*]; did you mean {canonical:?}?"
+                    )))
+                }
+                None => {
+                    return Err(Error::invalid(format!(
+                        "unordered_keys entry {entry:?} is not a path: give a key name, or a \
+                         path such as \"reservation.flights\" or \"legs[*].seats\" (\"$\" is \
+                         the root)"
+                    )))
+                }
+            }
+        }
         Ok(())
     }
 
@@ -610,6 +634,54 @@ fn push_segment(out: &mut String, seg: Seg<'_>, wildcard: bool) {
             let _ = write!(out, "[{i}]");
         }
     }
+}
+
+/// An `unordered_keys` path entry read leniently (a leading `$.`, concrete
+/// indices, `["key"]` for identifiers) and written back as the comparison
+/// writes wildcard paths; `None` when it is not a path at all.
+fn canonical_path_entry(entry: &str) -> Option<String> {
+    if entry == "$" {
+        return Some(entry.to_string());
+    }
+    let mut rest = entry.strip_prefix('$').unwrap_or(entry);
+    let mut out = String::new();
+    let mut first = true;
+    while !rest.is_empty() {
+        if let Some(inside) = rest.strip_prefix('[') {
+            if let Some(after) = inside.strip_prefix("*]") {
+                push_segment(&mut out, Seg::Index(0), true);
+                rest = after;
+            } else if inside.starts_with('"') {
+                let mut strings = serde_json::Deserializer::from_str(inside).into_iter::<String>();
+                let key = strings.next()?.ok()?;
+                let after = inside[strings.byte_offset()..].strip_prefix(']')?;
+                push_segment(&mut out, Seg::Key(&key), true);
+                rest = after;
+            } else {
+                let close = inside.find(']')?;
+                let index = &inside[..close];
+                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                push_segment(&mut out, Seg::Index(0), true);
+                rest = &inside[close + 1..];
+            }
+        } else {
+            let named = match rest.strip_prefix('.') {
+                Some(after) => after,
+                None if first => rest,
+                None => return None,
+            };
+            let end = named.find(['.', '[']).unwrap_or(named.len());
+            if end == 0 {
+                return None;
+            }
+            push_segment(&mut out, Seg::Key(&named[..end]), true);
+            rest = &named[end..];
+        }
+        first = false;
+    }
+    (!out.is_empty()).then_some(out)
 }
 
 /// A path in diff syntax; the root is `$`.
@@ -1949,6 +2021,51 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("gold_actions[0].arguments"));
+    }
+
+    #[test]
+    fn unordered_path_entries_must_be_written_as_paths_are() {
+        for good in [
+            "$",
+            "a.b",
+            "legs[*].seats",
+            "[*]",
+            "[*].x",
+            "[\"odd key\"].x",
+            "a[*][*]",
+        ] {
+            let policy = Policy {
+                unordered_keys: vec![good.to_string()],
+                ..Policy::default()
+            };
+            assert!(policy.validate().is_ok(), "{good}");
+        }
+        for (bad, hint) in [
+            ("$.a.b", Some("a.b")),
+            ("p[0].x", Some("p[*].x")),
+            ("a[\"b\"]", Some("a.b")),
+            ("odd key.x", Some("[\"odd key\"].x")),
+            ("a..b", None),
+            ("a.", None),
+            ("a[x]", None),
+            ("a[\"b\"", None),
+        ] {
+            let policy = Policy {
+                unordered_keys: vec![bad.to_string()],
+                ..Policy::default()
+            };
+            let err = policy.validate().unwrap_err().to_string();
+            match hint {
+                Some(hint) => assert!(err.contains(&format!("did you mean {hint:?}")), "{err}"),
+                None => assert!(err.contains("is not a path"), "{err}"),
+            }
+        }
+        // Bare names match a key at any depth and are never paths.
+        let policy = Policy {
+            unordered_keys: vec!["odd key".to_string()],
+            ..Policy::default()
+        };
+        assert!(policy.validate().is_ok());
     }
 
     /// A call that cannot be read is an `error` call; the trajectory's other
