@@ -270,6 +270,12 @@ def test_calculate_matches_python_on_safe_inputs():
         # eval strips leading spaces, and models write them.
         (" 1+1", "2.0"),
         ("   3 * 4 ", "12.0"),
+        # Large powers as upstream: float powers compute, integer ones fail
+        # in the float conversion.
+        ("1.00001 ** 100000", "2.72"),
+        ("2.0 ** -20000", "0.0"),
+        ("2 ** 20000", "Error: int too large to convert to float"),
+        ("10.0 ** 400", "Error: (34, 'Numerical result out of range')"),
     ]:
         assert calculate(expr) == expected, expr
     assert calculate("9 ** 9 ** 9").startswith("Error")

@@ -11,6 +11,7 @@ operators do the arithmetic, so results and error texts match upstream.
 from __future__ import annotations
 
 import ast
+import math
 import operator
 from typing import Any
 
@@ -23,8 +24,11 @@ _BINOPS: dict[type, Any] = {
     ast.FloorDiv: operator.floordiv,
     ast.Pow: operator.pow,
 }
-# Upstream would compute 9**9**9 for minutes; refuse exponents that large.
-_MAX_EXPONENT = 10_000
+# Upstream would compute 9**9**9 for minutes. Only integer powers can take
+# that long (float powers are one operation, and overflow raises), so those
+# whose result would exceed this many bits are refused; smaller ones run and,
+# like upstream, fail in the float conversion when too large for a float.
+_MAX_POWER_BITS = 1_000_000
 
 
 class CalcError(Exception):
@@ -42,7 +46,14 @@ def _eval(node: ast.AST) -> Any:
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         left = _eval(node.left)
         right = _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT and abs(left) > 1:
+        if (
+            isinstance(node.op, ast.Pow)
+            and type(left) is int
+            and type(right) is int
+            and right > 0
+            and abs(left) > 1
+            and right * math.log2(abs(left)) > _MAX_POWER_BITS
+        ):
             raise CalcError("exponent too large")
         return _BINOPS[type(node.op)](left, right)
     if isinstance(node, ast.Tuple):
