@@ -250,3 +250,11 @@ def test_import_keeps_every_trajectory_when_a_call_has_nan_arguments(tmp_path: P
     odd = [r["turns"][1]["tool_calls"][0]["arguments"] for r in records[1:]]
     assert odd == ['{"user_id": NaN}', '{"x": 1e999}']
     assert read_rollouts(out).skipped == 0
+
+
+def test_a_results_file_with_a_byte_order_mark_reads(tmp_path: Path):
+    results = [entry(0, 1.0, 0, [[raw_call("a", "f", '{"x": 1}')]])]
+    plain, marked = tmp_path / "plain.json", tmp_path / "marked.json"
+    plain.write_text(json.dumps(results), encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_taubench_results(marked) == read_taubench_results(plain)

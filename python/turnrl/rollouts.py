@@ -719,7 +719,9 @@ def read_taubench_results(
     """
     name = os.fspath(path)
     try:
-        with open(name, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (some editors write one) is skipped,
+        # as the rollout readers skip it.
+        with open(name, encoding="utf-8-sig") as f:
             data = json.load(f)
     except OSError as e:
         raise TurnrlIOError(f"{name}: {e.strerror or e}") from None
