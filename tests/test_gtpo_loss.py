@@ -280,6 +280,40 @@ def test_non_finite_per_token_inputs_on_trained_tokens_are_errors(name):
         _bad_call(**{name: bad, "beta": 0.05})
 
 
+def test_the_kl_of_one_token_is_capped_at_10_as_verl_caps_it():
+    # ref - logprob = 15 gives k3 = e**15 - 16 (3.3e6) uncapped; verl's
+    # low_var_kl caps it at 10, and the capped term has no gradient.
+    hidden = torch.tensor([[1.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    weight = torch.tensor([[0.3, -0.2], [0.1, 0.4], [-0.5, 0.2]], dtype=torch.float64)
+    weight.requires_grad_(True)
+    target = torch.tensor([1])
+    with torch.no_grad():
+        logprob = torch.log_softmax(hidden @ weight.T, -1)[0, 1]
+    args = dict(
+        advantages=torch.tensor([0.7], dtype=torch.float64),
+        old_logprobs=logprob.reshape(1).clone(),
+        mask=torch.ones(1, dtype=torch.bool),
+        ref_logprobs=(logprob + 15.0).reshape(1),
+        backend="torch",
+    )
+    with_kl, stats = gtpo_loss(hidden, weight, target, beta=0.5, **args)
+    grads = torch.autograd.grad(with_kl, (hidden, weight))
+    without, _ = gtpo_loss(hidden, weight, target, beta=0.0, **args)
+    grads0 = torch.autograd.grad(without, (hidden, weight))
+    assert float(stats["ref_kl"]) == 10.0
+    assert float((with_kl - without).detach()) == pytest.approx(0.5 * 10.0, rel=1e-12)
+    for g, g0 in zip(grads, grads0, strict=True):
+        assert torch.allclose(g, g0, rtol=0, atol=1e-12)
+    ref = torch_gtpo_loss(
+        hidden,
+        weight,
+        target.reshape(1),
+        beta=0.5,
+        **{k: v for k, v in args.items() if k != "backend"},
+    )
+    assert float(ref.detach()) == pytest.approx(float(with_kl.detach()), rel=1e-12)
+
+
 def test_fp64_never_runs_on_the_fp32_triton_kernels():
     from turnrl.kernels.fused_linear_gtpo import _resolve_backend
 

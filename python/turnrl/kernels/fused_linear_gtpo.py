@@ -7,7 +7,7 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     p_t      = exp(clamp(l_t - old_t, -20, 20))
     pg_t     = max(-A_t * p_t, -A_t * clip(p_t, 1 - eps_low, 1 + eps_high))
     pg_t     = min(pg_t, -A_t * dual_clip)   where A_t < 0   (only with dual_clip, as verl)
-    kl_t     = exp(d) - d - 1,  d = clamp(ref_t - l_t, -20, 20)      (k3, "low_var_kl")
+    kl_t     = min(exp(d) - d - 1, 10),  d = clamp(ref_t - l_t, -20, 20)   (k3, verl's "low_var_kl")
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
 and the loss is ``sum_t w_t * loss_t`` with aggregation weights ``w`` that only
@@ -84,6 +84,9 @@ BACKENDS = ("auto", "triton", "torch")
 
 # Log-ratios are clamped before exp, as verl does, so a stale old log-prob cannot overflow.
 LOG_RATIO_CLAMP = 20.0
+# The k3 KL of one token is capped, as verl's low_var_kl caps it: at the
+# log-ratio clamp alone one token could add e**20 (about 5e8) to the loss.
+KL_CLAMP = 10.0
 # Default tile budget: chunk_size * N elements per [N, Vc] logits tile. Every
 # chunk adds its share into grad_hidden ([N, H] fp32 read + written once per
 # chunk), so fewer, wider chunks save memory traffic on a GPU: 2**26 elements
@@ -444,7 +447,7 @@ def token_terms(
     loss = pg
     if ref_logprobs is not None:
         d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.exp(d) - d - 1.0
+        kl = torch.clamp(torch.exp(d) - d - 1.0, max=KL_CLAMP)
         terms["ref_kl"] = kl
         if cfg.beta != 0.0:
             loss = loss + cfg.beta * kl
@@ -977,7 +980,7 @@ def torch_gtpo_loss(
     loss_t = clip_pg
     if beta != 0.0:
         d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        loss_t = loss_t + beta * (d.exp() - d - 1)
+        loss_t = loss_t + beta * torch.clamp(d.exp() - d - 1, max=KL_CLAMP)
     if entropy_coef != 0.0:
         loss_t = loss_t - entropy_coef * entropy
     loss_t = torch.where(valid, loss_t, torch.zeros_like(loss_t))
