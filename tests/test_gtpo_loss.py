@@ -314,6 +314,48 @@ def test_the_kl_of_one_token_is_capped_at_10_as_verl_caps_it():
     assert float(ref.detach()) == pytest.approx(float(with_kl.detach()), rel=1e-12)
 
 
+@pytest.mark.parametrize("agg", AGGS)
+def test_micro_batch_losses_add_up_to_the_whole_batch(agg):
+    # Gradient accumulation: with the whole batch's counts, the losses (and
+    # gradients) of micro-batches sum to those of the whole batch.
+    case = make_case(SEED, (4, 6), 8, 30, torch.float64, agg)
+    kwargs = dict(beta=0.05, entropy_coef=0.01, temperature=0.7, agg=agg, backend="torch")
+    if agg == "dr_grpo":
+        kwargs["max_len"] = 6
+
+    def run(rows, **extra):
+        hidden = case.hidden[rows].detach().requires_grad_(True)
+        weight = case.weight.detach().requires_grad_(True)
+        loss, _ = gtpo_loss(
+            hidden,
+            weight,
+            case.targets[rows],
+            case.advantages[rows].double(),
+            case.old[rows].double(),
+            case.mask[rows],
+            case.ref[rows].double(),
+            **kwargs,
+            **extra,
+        )
+        loss.backward()
+        return loss.detach(), hidden.grad, weight.grad
+
+    whole, grad_h, grad_w = run(slice(0, 4))
+    per_seq = case.mask.sum(dim=-1)
+    totals = dict(
+        global_tokens=int(case.mask.sum()),
+        global_sequences=4 if agg == "dr_grpo" else int((per_seq > 0).sum()),
+    )
+    parts = [run(slice(0, 1), **totals), run(slice(1, 4), **totals)]
+    assert torch.allclose(parts[0][0] + parts[1][0], whole, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(torch.cat([parts[0][1], parts[1][1]]), grad_h, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(parts[0][2] + parts[1][2], grad_w, rtol=1e-10, atol=1e-14)
+    if agg == "dr_grpo":
+        with pytest.raises(InvalidInputError, match="needs max_len"):
+            kwargs.pop("max_len")
+            run(slice(0, 1), **totals)
+
+
 def test_fp64_never_runs_on_the_fp32_triton_kernels():
     from turnrl.kernels.fused_linear_gtpo import _resolve_backend
 

@@ -458,7 +458,13 @@ def token_terms(
 
 
 def aggregation_weights(
-    mask: torch.Tensor, agg: str, max_len: int | None = None, dtype: torch.dtype = torch.float32
+    mask: torch.Tensor,
+    agg: str,
+    max_len: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    global_tokens: int | None = None,
+    global_sequences: int | None = None,
 ) -> torch.Tensor:
     """Weights ``w`` [B, T] with ``loss = sum(w * loss_t)`` for aggregation ``agg``.
 
@@ -474,20 +480,34 @@ def aggregation_weights(
 
     Degenerate denominators (no valid token at all) are clamped to 1 so the
     loss is 0, never NaN.
+
+    For a batch split into micro-batches (gradient accumulation), give the
+    whole batch's counts: ``global_tokens`` (trained tokens, for
+    ``token_mean``) and ``global_sequences`` (sequences with a trained token
+    for the ``seq_mean`` modes; all sequences for ``dr_grpo``, which then
+    needs ``max_len``). The micro-batch losses then add up to the whole
+    batch's loss; a mean of per-micro-batch losses would not.
     """
     valid = mask.to(dtype)
     if agg == "token_mean":
+        if global_tokens is not None:
+            return valid / max(float(global_tokens), 1.0)
         return valid / valid.sum().clamp(min=1.0)
     if agg == "seq_mean_token_mean":
         per_seq = valid.sum(dim=-1, keepdim=True)
         nonempty = (per_seq > 0).to(dtype).sum().clamp(min=1.0)
+        if global_sequences is not None:
+            nonempty = torch.tensor(max(float(global_sequences), 1.0), dtype=dtype)
         return valid / per_seq.clamp(min=1.0) / nonempty
     if agg == "seq_mean_token_sum":
         nonempty = (valid.sum(dim=-1) > 0).to(dtype).sum().clamp(min=1.0)
+        if global_sequences is not None:
+            nonempty = torch.tensor(max(float(global_sequences), 1.0), dtype=dtype)
         return valid / nonempty
     if agg == "dr_grpo":
         length = mask.shape[-1] if max_len is None else max_len
-        return valid / float(mask.shape[0] * length)
+        sequences = mask.shape[0] if global_sequences is None else global_sequences
+        return valid / float(max(sequences, 1) * length)
     raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
 
 
@@ -777,6 +797,8 @@ def gtpo_loss(
     backend: str = "auto",
     chunk_size: int | None = None,
     check_inputs: bool = True,
+    global_tokens: int | None = None,
+    global_sequences: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -797,7 +819,12 @@ def gtpo_loss(
         agg: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum``
             | ``dr_grpo`` (see :func:`aggregation_weights`). An [N, H] input is
             one sequence.
-        max_len: the constant length for ``dr_grpo`` (default: padded ``T``).
+        max_len: the constant length for ``dr_grpo`` (default: padded ``T``;
+            give it when micro-batches are padded to different lengths).
+        global_tokens, global_sequences: the whole batch's counts when this
+            call sees one micro-batch of it (gradient accumulation), so that
+            the micro-batch losses add up to the whole batch's loss; see
+            :func:`aggregation_weights`. ``dr_grpo`` then needs ``max_len``.
         backend: ``auto`` (Triton on CUDA, torch otherwise) | ``triton`` | ``torch``.
         chunk_size: vocabulary columns per tile (default: ``2**26 // N`` on
             CUDA, ``2**24 // N`` elsewhere).
@@ -837,6 +864,15 @@ def gtpo_loss(
         raise InvalidInputError("beta != 0 needs ref_logprobs")
     if max_len is not None and max_len <= 0:
         raise InvalidInputError(f"max_len must be positive, got {max_len}")
+    for name, count in (("global_tokens", global_tokens), ("global_sequences", global_sequences)):
+        if count is not None and (
+            isinstance(count, bool) or not isinstance(count, int) or count < 0
+        ):
+            raise InvalidInputError(f"{name} must be a non-negative int, got {count!r}")
+    if agg == "dr_grpo" and global_sequences is not None and max_len is None:
+        raise InvalidInputError(
+            "dr_grpo over micro-batches needs max_len: each micro-batch's padded length differs"
+        )
     resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
 
     mask_b = mask != 0
@@ -849,7 +885,14 @@ def gtpo_loss(
     else:
         targets = _padding_to_token_0(target_ids, weight.shape[0])
     mask2d = mask_b if mask_b.dim() == 2 else mask_b[None, :]
-    agg_weights = aggregation_weights(mask2d, agg, max_len, dtype=_compute_dtype(hidden.dtype))
+    agg_weights = aggregation_weights(
+        mask2d,
+        agg,
+        max_len,
+        dtype=_compute_dtype(hidden.dtype),
+        global_tokens=global_tokens,
+        global_sequences=global_sequences,
+    )
 
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if not h2.is_contiguous():
