@@ -202,6 +202,10 @@ def broadcast_to_tokens(
     ``token_turn[b, t]`` is the index (from 0) of the turn of trajectory b
     that generated token t, or -1 for tokens the model did not generate
     (prompt, tool results, user messages, padding), which get 0.
+
+    The grid is per token; :func:`turnrl.kernels.gtpo_loss` takes values per
+    position (``hidden[t]`` predicts token ``t + 1``), so pass it
+    ``advantages[:, 1:]`` (and the mask and ids shifted the same way).
     """
     grid = np.asarray(token_turn)
     if grid.ndim != 2:

@@ -806,8 +806,13 @@ def gtpo_loss(
         hidden: final hidden states, [N, H] (one sequence) or [B, T, H].
         weight: LM head, [V, H]; same dtype and device as ``hidden``.
         target_ids: sampled token per position, ``hidden.shape[:-1]``; masked-out
-            positions may hold any id (e.g. -100).
-        advantages, old_logprobs, mask: per token, ``hidden.shape[:-1]``;
+            positions may hold any id (e.g. -100). Everything here is per
+            *position*: ``hidden[t]`` predicts ``target_ids[t]``, which is
+            the sequence's token ``t + 1``. Per-token values (such as
+            :func:`turnrl.broadcast_to_tokens` gives) shift left by one:
+            pass ``hidden[:, :-1]`` with ``ids[:, 1:]``, ``adv[:, 1:]`` and
+            ``mask[:, 1:]``.
+        advantages, old_logprobs, mask: per position, ``hidden.shape[:-1]``;
             ``mask`` nonzero where the token is trained on.
         ref_logprobs: reference-policy log-probs for the k3 KL term (needed when
             ``beta != 0``; when given, ``stats["ref_kl"]`` is reported).
