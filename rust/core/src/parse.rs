@@ -680,7 +680,7 @@ fn checked_json_call(text: &str, body: &str) -> Option<(String, Arguments)> {
                 let inner = trim_ascii_ws(&encoded);
                 if inner.is_empty() {
                     Arguments::Built(Map::new())
-                } else if inner.starts_with('{') && serde_json::from_str::<Checked>(inner).is_ok() {
+                } else if inner.starts_with('{') && Checked::ANY.decodes(inner).is_ok() {
                     Arguments::Encoded(inner.to_string())
                 } else {
                     return None;
@@ -761,10 +761,7 @@ fn check_skipped(raw: &RawValue) -> serde_json::Result<()> {
     };
     let deep = || text.iter().filter(|&&b| b == b'[' || b == b'{').count() >= MEMBER_LEVELS;
     if escaped || exponent() || long_digit_run() || deep() {
-        CheckedMember {
-            levels_left: MEMBER_LEVELS,
-        }
-        .deserialize(&mut serde_json::Deserializer::from_str(raw.get()))?;
+        Checked::MEMBER.decodes(raw.get())?;
     }
     Ok(())
 }
@@ -772,69 +769,6 @@ fn check_skipped(raw: &RawValue) -> serde_json::Result<()> {
 /// Containers a member of the call object may nest: serde_json decodes at
 /// most 127 levels, and the call object is the first.
 const MEMBER_LEVELS: usize = 126;
-
-/// [`Checked`] for a member of the call object: decoding the member alone
-/// would allow it one level more than decoding it inside the object does.
-#[derive(Clone, Copy)]
-struct CheckedMember {
-    levels_left: usize,
-}
-
-impl CheckedMember {
-    fn inner<E: de::Error>(self) -> std::result::Result<Self, E> {
-        match self.levels_left.checked_sub(1) {
-            Some(levels_left) => Ok(CheckedMember { levels_left }),
-            None => Err(E::custom("recursion limit exceeded")),
-        }
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for CheckedMember {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(
-        self,
-        deserializer: D,
-    ) -> std::result::Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for CheckedMember {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
-        Ok(())
-    }
-    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> std::result::Result<(), E> {
-        Ok(())
-    }
-    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<(), S::Error> {
-        let inner = self.inner()?;
-        while seq.next_element_seed(inner)?.is_some() {}
-        Ok(())
-    }
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<(), M::Error> {
-        let inner = self.inner()?;
-        while map.next_key::<Checked>()?.is_some() {
-            map.next_value_seed(inner)?;
-        }
-        Ok(())
-    }
-}
 
 /// A key of a call object, decoded (so checked) without being kept.
 enum CallKey {
@@ -867,47 +801,83 @@ impl<'de> Deserialize<'de> for CallKey {
 
 /// Decodes a JSON value and keeps nothing: accepts exactly what decoding it
 /// into a `Value` with [`crate::json`] accepts (escapes, surrogate pairs,
-/// number ranges, depth).
-struct Checked;
+/// number ranges, depth), with at most `levels_left` containers nested in
+/// it besides serde_json's own limit.
+#[derive(Clone, Copy)]
+struct Checked {
+    levels_left: usize,
+}
 
-impl<'de> Deserialize<'de> for Checked {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        deserializer.deserialize_any(CheckedVisitor)
+impl Checked {
+    /// A whole JSON text: serde_json's limit alone.
+    const ANY: Checked = Checked {
+        levels_left: usize::MAX,
+    };
+    /// A member of the call object: decoding the member alone would allow
+    /// it one level more than decoding it inside the object does.
+    const MEMBER: Checked = Checked {
+        levels_left: MEMBER_LEVELS,
+    };
+
+    /// Whether `text` is exactly one such value (whitespace around it aside).
+    fn decodes(self, text: &str) -> serde_json::Result<()> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        self.deserialize(&mut de)?;
+        de.end()
+    }
+
+    fn inner<E: de::Error>(self) -> std::result::Result<Self, E> {
+        match self.levels_left.checked_sub(1) {
+            Some(levels_left) => Ok(Checked { levels_left }),
+            None => Err(E::custom("recursion limit exceeded")),
+        }
     }
 }
 
-struct CheckedVisitor;
+impl<'de> DeserializeSeed<'de> for Checked {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
 
-impl<'de> Visitor<'de> for CheckedVisitor {
-    type Value = Checked;
+impl<'de> Visitor<'de> for Checked {
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<Checked, E> {
-        Ok(Checked)
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<Checked, E> {
-        Ok(Checked)
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<Checked, E> {
-        Ok(Checked)
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<Checked, E> {
-        Ok(Checked)
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> std::result::Result<Checked, E> {
-        Ok(Checked)
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
     }
-    fn visit_unit<E>(self) -> std::result::Result<Checked, E> {
-        Ok(Checked)
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
     }
-    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<Checked, S::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(Checked)
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> std::result::Result<(), S::Error> {
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
     }
-    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<Checked, M::Error> {
-        while map.next_entry::<Checked, Checked>()?.is_some() {}
-        Ok(Checked)
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> std::result::Result<(), M::Error> {
+        let inner = self.inner()?;
+        while map.next_key_seed(Checked::ANY)?.is_some() {
+            map.next_value_seed(inner)?;
+        }
+        Ok(())
     }
 }
 
