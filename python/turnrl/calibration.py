@@ -69,6 +69,21 @@ PRESETS: dict[str, dict[str, float]] = {
 # Tier reward files
 
 
+def _check_tier_name(where: object, tier: object) -> None:
+    if not isinstance(tier, str):
+        raise InvalidInputError(f"{where}: tier names must be strings, got {tier!r}")
+
+
+def _checked_reward(where: object, tier: str, value: object) -> float:
+    """``value`` as a reward: a finite number (not a bool), or a clear error
+    naming ``where`` (the file or ``mapping``) and the tier."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidInputError(f"{where}: tier {tier!r} must map to a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{where}: tier {tier!r} has a non-finite reward {value}")
+    return float(value)
+
+
 def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> dict[str, float]:
     """Tier rewards from a preset name (``naive``, ``sparse``), a mapping, or a
     TOML file with a ``[tiers]`` table (or top-level ``tier = reward`` keys).
@@ -114,13 +129,8 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
             table = document
     rewards: dict[str, float] = {}
     for tier, value in table.items():
-        if not isinstance(tier, str):
-            raise InvalidInputError(f"{where}: tier names must be strings, got {tier!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInputError(f"{where}: tier {tier!r} must map to a number, got {value!r}")
-        if not math.isfinite(value):
-            raise InvalidInputError(f"{where}: tier {tier!r} has a non-finite reward {value}")
-        rewards[tier] = float(value)
+        _check_tier_name(where, tier)
+        rewards[tier] = _checked_reward(where, tier, value)
     if not rewards:
         raise InvalidInputError(f"{where}: no tier rewards found")
     return rewards
@@ -188,17 +198,12 @@ def save_tier_rewards(
         lines.append(f"# {line}")
     lines.append("[tiers]")
     for tier, value in rewards.items():
-        if not isinstance(tier, str):
-            raise InvalidInputError(f"{path}: tier names must be strings, got {tier!r}")
+        _check_tier_name(path, tier)
         if _SURROGATE.search(tier):
             raise InvalidInputError(
                 f"{path}: tier {tier!r} holds a lone surrogate, which TOML cannot represent"
             )
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInputError(f"{path}: tier {tier!r} must map to a number, got {value!r}")
-        if not math.isfinite(value):
-            raise InvalidInputError(f"{path}: tier {tier!r} has a non-finite reward {value}")
-        lines.append(f"{_toml_key(tier)} = {float(value)!r}")
+        lines.append(f"{_toml_key(tier)} = {_checked_reward(path, tier, value)!r}")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
