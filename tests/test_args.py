@@ -695,3 +695,86 @@ def test_unordered_paths_that_can_never_match_are_errors() -> None:
         {"legs": [{"s": [2, 1]}]}, {"legs": [{"s": [1, 2]}]}, unordered_keys=["legs[*].s"]
     )
     assert ok.kind == "exact"
+
+
+# ---------------------------------------------------------------------------
+# Reading without holding references (plain types) and the fallback that
+# holds them (everything else): same answers, and nothing read after Python
+# code ran can dangle.
+
+
+class _Tag(str):
+    pass
+
+
+class _Count(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("unusual", "plain"),
+    [
+        ({"n": 2**63}, {"n": 2**63}),
+        ({"n": -(2**63)}, {"n": str(-(2**63))}),
+        ({"n": 2**64 - 1}, {"n": str(2**64 - 1)}),
+        ({"n": -(2**100)}, {"n": str(-(2**100))}),
+        ({"n": -1}, {"n": "-1"}),
+        ({"t": ("a", 1)}, {"t": ["a", 1]}),
+        (__import__("collections").OrderedDict(b=1, a="x"), {"a": "x", "b": 1}),
+        ({"s": _Tag(" JFK ")}, {"s": "JFK"}),
+        ({_Tag("k"): 1}, {"k": 1}),
+        ({"c": _Count(7)}, {"c": 7}),
+        ({"e": __import__("enum").IntEnum("E", "A B").B}, {"e": 2}),
+    ],
+)
+def test_unusual_types_compare_as_their_plain_values(unusual: Any, plain: dict) -> None:
+    # A plain part before and after the unusual one: reading gives up midway.
+    pred = {"before": "x" * 40, "v": unusual, "after": [1, "y"]}
+    gold = {"before": "x" * 40, "v": plain, "after": [1, "y"]}
+    assert as_dict(turnrl.compare_args(pred, gold)) == as_dict(turnrl.compare_args(gold, gold))
+    assert turnrl.compare_args(gold, pred).kind == "exact"
+    assert turnrl.normalize_args(pred) == turnrl.normalize_args(gold)
+    changed = {**gold, "after": [2, "y"]}
+    assert turnrl.compare_args(pred, changed).diffs == ["after[0]"]
+
+
+def test_errors_after_giving_up_still_name_the_path() -> None:
+    with pytest.raises(InvalidInputError, match=r"pred\.a\[1\]: string is not valid UTF-8"):
+        turnrl.compare_args({"a": ["ok", "\ud800"]}, {})
+    with pytest.raises(InvalidInputError, match=r"gold\.x\.y: key 3 of type int is not a string"):
+        turnrl.compare_args({"z": 1}, {"x": {"y": {"b": 1, 3: 1}}})
+    with pytest.raises(InvalidInputError, match=r"gold\.n: a set is not JSON"):
+        turnrl.compare_args({"n": 1}, {"n": {1}})
+
+
+class _Mutating:
+    """An integer-like whose conversion replaces the strings read before it
+    (the only references to them) and collects garbage: text borrowed from
+    them without a reference would be freed memory by the time it is
+    compared."""
+
+    def __init__(self, holder: list[Any]) -> None:
+        self.holder = holder
+
+    def __index__(self) -> int:
+        for i, item in enumerate(self.holder):
+            if isinstance(item, str):
+                self.holder[i] = None
+        import gc
+
+        gc.collect()
+        # Reuse the freed memory with different bytes.
+        self.garbage = ["#" * 3000 + str(i) for i in range(200)]
+        return 5
+
+
+def test_python_code_run_while_reading_cannot_free_what_was_read() -> None:
+    for _ in range(20):
+        texts = ["".join(["q"] * 3000) + str(i) for i in range(8)]
+        gold = [*(t[:] for t in texts), 5]
+        pred: list[Any] = [*("".join(t) for t in texts)]
+        pred.append(_Mutating(pred))
+        got = turnrl.compare_args(pred, gold)
+        # The strings were read before the conversion replaced them.
+        assert got.kind == "exact", got.diffs
+        assert pred[:8] == [None] * 8

@@ -727,6 +727,7 @@ pub struct SourceError(Box<SourceErrorInner>);
 struct SourceErrorInner {
     segs: Vec<String>,
     message: String,
+    retry: bool,
 }
 
 impl SourceError {
@@ -734,7 +735,23 @@ impl SourceError {
         SourceError(Box::new(SourceErrorInner {
             segs: Vec::new(),
             message: message.into(),
+            retry: false,
         }))
+    }
+
+    /// The source cannot be read this way and will be read again another
+    /// way (see [`try_canonicalize`]). The normaliser unwinds at once: it
+    /// reads nothing more of the source, not even the keys of the path.
+    pub fn retry() -> Self {
+        SourceError(Box::new(SourceErrorInner {
+            segs: Vec::new(),
+            message: "the source gave up reading this value".to_string(),
+            retry: true,
+        }))
+    }
+
+    pub fn is_retry(&self) -> bool {
+        self.0.retry
     }
 
     /// `{what}{path}: {message}`, e.g. `pred.passengers[0].dob: NaN is not a
@@ -855,6 +872,9 @@ impl<'p> Normalizer<'p> {
             path.truncate(mark);
         }
         out.map_err(|mut e| {
+            if e.is_retry() {
+                return e;
+            }
             // Always written as it follows a name: `.key`, `["odd key"]`, `[3]`.
             let mut text = String::new();
             match seg {
@@ -998,6 +1018,21 @@ pub fn canonicalize<'a, S: ArgSource<'a>>(
         .canon(&src, None, 0)
         .map(Canonical)
         .map_err(|e| e.into_error(what))
+}
+
+/// [`canonicalize`] for a source that may give up ([`SourceError::retry`]):
+/// `Ok(None)` then, and the caller reads the value again another way.
+pub fn try_canonicalize<'a, S: ArgSource<'a>>(
+    src: S,
+    policy: &Policy,
+    what: &str,
+) -> Result<Option<Canonical<'a>>> {
+    policy.validate()?;
+    match Normalizer::new(policy).canon(&src, None, 0) {
+        Ok(canon) => Ok(Some(Canonical(canon))),
+        Err(e) if e.is_retry() => Ok(None),
+        Err(e) => Err(e.into_error(what)),
+    }
 }
 
 fn canonical<'a>(value: &'a Value, policy: &Policy, what: &str) -> Result<Canon<'a>> {
@@ -1916,6 +1951,56 @@ mod tests {
         assert!(err.contains("value.outer[0][0]"), "{err}");
         // serde_json's recursive Drop would overflow on deeper values; this
         // depth is safe.
+    }
+
+    /// A `Value` source that gives up at strings equal to "give up".
+    struct GivesUp<'a>(&'a Value);
+
+    impl<'a> ArgSource<'a> for GivesUp<'a> {
+        fn kind(&self) -> std::result::Result<SourceKind<'a>, SourceError> {
+            match self.0 {
+                Value::String(s) if s == "give up" => Err(SourceError::retry()),
+                other => other.kind(),
+            }
+        }
+        fn each_item(
+            &self,
+            f: &mut dyn FnMut(usize, Self) -> std::result::Result<(), SourceError>,
+        ) -> std::result::Result<(), SourceError> {
+            self.0.each_item(&mut |i, v| f(i, GivesUp(v)))
+        }
+        fn each_entry(
+            &self,
+            f: &mut dyn FnMut(&'a str, Self) -> std::result::Result<(), SourceError>,
+        ) -> std::result::Result<(), SourceError> {
+            self.0.each_entry(&mut |k, v| f(k, GivesUp(v)))
+        }
+    }
+
+    #[test]
+    fn a_source_that_gives_up_is_read_again() {
+        let policy = Policy::default();
+        let v = json!({"a": [1, {"b": "give up"}], "c": "x"});
+        assert!(try_canonicalize(GivesUp(&v), &policy, "v")
+            .unwrap()
+            .is_none());
+        let plain = json!({"a": [1, {"b": "fine"}], "c": "x"});
+        let tree = try_canonicalize(GivesUp(&plain), &policy, "v")
+            .unwrap()
+            .unwrap();
+        assert_eq!(tree.to_value(), normalize(&plain, &policy).unwrap());
+        // Real errors are still errors, with their path.
+        let mut deep = json!(1);
+        for _ in 0..(MAX_DEPTH + 1) {
+            deep = json!([deep]);
+        }
+        let deep = json!({"d": deep});
+        let err = try_canonicalize(GivesUp(&deep), &policy, "v")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("v.d[0]"), "{err}");
+        // `canonicalize` reports a source that gives up as an error.
+        assert!(canonicalize(GivesUp(&v), &policy, "v").is_err());
     }
 
     #[test]

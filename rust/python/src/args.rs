@@ -4,13 +4,14 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Value};
 use turnrl_core::args::{
-    self as core_args, canonicalize, compare_canonical, compare_canonical_many, ArgSource,
-    Canonical, Comparison, Policy, SourceError, SourceKind, Tier, ToolKind, MAX_DEPTH,
+    self as core_args, canonicalize, compare_canonical, compare_canonical_many, try_canonicalize,
+    ArgSource, Canonical, Comparison, Policy, SourceError, SourceKind, Tier, ToolKind, MAX_DEPTH,
 };
 use turnrl_core::Error;
 
@@ -278,31 +279,65 @@ impl ArgComparison {
     }
 }
 
-/// Keeps every Python string whose UTF-8 text a [`Canonical`] borrows alive
-/// for as long as the arena lives.
+/// Where the UTF-8 text a [`Canonical`] borrows comes from, and what keeps
+/// it alive.
+///
+/// Holding: every Python string read is held (a strong reference) until the
+/// arena is dropped, so the text stays valid whatever code runs meanwhile:
+/// other threads while the GIL is released, `__index__` or numpy
+/// conversions, a garbage collection's finalizers.
+///
+/// Borrowing (GIL builds only): nothing is held. The source reads only exact
+/// `dict`, `list`, `str`, `int`, `float`, `bool` and `None`, through calls
+/// that run no Python code and allocate no object the garbage collector
+/// tracks (type checks, `PyDict_Next`, list items, `PyUnicode_AsUTF8AndSize`,
+/// `PyLong_AsLongLongAndOverflow`, the float's value); with the GIL held
+/// throughout, nothing else runs, so the caller's containers keep their
+/// items and the strings they hold stay alive until the comparison returns.
+/// Anything else (another type, an integer beyond 64 bits, a string that is
+/// not UTF-8) gives up at once ([`SourceError::retry`]), before any
+/// borrowed text is read again, and the caller starts over holding. Holding
+/// cost compare_args about 5% of its time (benches/RESULTS.md).
 struct Arena<'py> {
     held: RefCell<Vec<Bound<'py, PyAny>>>,
+    holds: bool,
 }
 
 impl<'py> Arena<'py> {
-    fn new() -> Self {
+    fn holding() -> Self {
         // Room for the strings of typical tool arguments without regrowing.
         Arena {
             held: RefCell::new(Vec::with_capacity(64)),
+            holds: true,
+        }
+    }
+
+    /// Only where the GIL serialises all Python code: under free threading
+    /// another thread could change the containers while they are read.
+    #[cfg(not(Py_GIL_DISABLED))]
+    fn borrowing() -> Self {
+        Arena {
+            held: RefCell::new(Vec::new()),
+            holds: false,
         }
     }
 
     fn hold_str<'a>(&'a self, s: &Bound<'py, PyString>) -> Result<&'a str, SourceError> {
-        let text: *const str = s
-            .to_str()
-            .map_err(|e| SourceError::new(format!("string is not valid UTF-8 ({e})")))?;
-        self.held.borrow_mut().push(s.clone().into_any());
+        let text: *const str = match s.to_str() {
+            Ok(text) => text,
+            Err(_) if !self.holds => return Err(SourceError::retry()),
+            Err(e) => return Err(SourceError::new(format!("string is not valid UTF-8 ({e})"))),
+        };
+        if self.holds {
+            self.held.borrow_mut().push(s.clone().into_any());
+        }
         // SAFETY: `to_str` returns the UTF-8 buffer that CPython caches
         // inside the (immutable) str object and frees only with it (in both
-        // builds: the default one and the stable ABI from 3.10 on). The
-        // arena holds a strong reference to that object until the arena is
-        // dropped, which outlives 'a, so the text stays valid even if
-        // another thread drops its own references meanwhile.
+        // builds: the default one and the stable ABI from 3.10 on). Holding,
+        // the arena holds a strong reference to that object until it is
+        // dropped, which outlives 'a. Borrowing, the caller's containers
+        // hold it for as long as no Python code runs (see [`Arena`]), and
+        // the trees are dropped before any does.
         Ok(unsafe { &*text })
     }
 }
@@ -323,6 +358,23 @@ impl<'a, 'py> PySource<'a, 'py> {
     }
 
     fn int_kind(&self, obj: &Bound<'py, PyAny>) -> Result<SourceKind<'a>, SourceError> {
+        if !self.arena.holds {
+            // `extract` would raise OverflowError beyond 64 bits, and an
+            // exception is an object the garbage collector tracks.
+            let mut overflow = 0;
+            // SAFETY: `obj` is an exact int (checked by the caller), for
+            // which this reads the value and sets no exception.
+            let value = unsafe { ffi::PyLong_AsLongLongAndOverflow(obj.as_ptr(), &mut overflow) };
+            if value == -1 && PyErr::occurred(obj.py()) {
+                drop(PyErr::take(obj.py()));
+                return Err(SourceError::retry());
+            }
+            return if overflow == 0 {
+                Ok(SourceKind::Int(value))
+            } else {
+                Err(SourceError::retry())
+            };
+        }
         if let Ok(i) = obj.extract::<i64>() {
             return Ok(SourceKind::Int(i));
         }
@@ -343,6 +395,9 @@ impl<'a, 'py> PySource<'a, 'py> {
     #[cold]
     #[inline(never)]
     fn other_kind(&self) -> Result<SourceKind<'a>, SourceError> {
+        if !self.arena.holds {
+            return Err(SourceError::retry());
+        }
         let obj = &self.obj;
         if let Ok(s) = obj.cast::<PyString>() {
             return Ok(SourceKind::Str(self.arena.hold_str(s)?));
@@ -386,6 +441,9 @@ impl<'a, 'py> PySource<'a, 'py> {
         &self,
         f: &mut dyn FnMut(usize, Self) -> Result<(), SourceError>,
     ) -> Result<(), SourceError> {
+        if !self.arena.holds {
+            return Err(SourceError::retry());
+        }
         if let Ok(tuple) = self.obj.cast::<PyTuple>() {
             for (i, item) in tuple.iter().enumerate() {
                 f(i, self.child(item))?;
@@ -454,6 +512,9 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
         if let Ok(dict) = self.obj.cast::<PyDict>() {
             for (k, v) in dict.iter() {
                 let Ok(key) = k.cast::<PyString>() else {
+                    if !self.arena.holds {
+                        return Err(SourceError::retry());
+                    }
                     let shown = k.repr().map(|r| r.to_string()).unwrap_or_default();
                     return Err(SourceError::new(format!(
                         "key {shown} of type {} is not a string (JSON object keys are strings)",
@@ -474,12 +535,47 @@ fn canonical_of<'a, 'py>(
     arena: &'a Arena<'py>,
     policy: &Policy,
     what: &str,
-) -> PyResult<Canonical<'a>> {
+) -> PyResult<Option<Canonical<'a>>> {
     let source = PySource {
         obj: obj.clone(),
         arena,
     };
-    canonicalize(source, policy, what).map_err(|e| to_pyerr(py, e))
+    try_canonicalize(source, policy, what).map_err(|e| to_pyerr(py, e))
+}
+
+/// Canonical forms of `objs`, read borrowing where that works (see
+/// [`Arena`]), else holding, and handed to `f`.
+fn with_canonical<'py, T, const N: usize>(
+    py: Python<'py>,
+    objs: [(&Bound<'py, PyAny>, &str); N],
+    policy: &Policy,
+    f: impl Fn([Canonical<'_>; N]) -> PyResult<T>,
+) -> PyResult<T> {
+    #[cfg(not(Py_GIL_DISABLED))]
+    {
+        let arena = Arena::borrowing();
+        let mut trees: [Option<Canonical<'_>>; N] = std::array::from_fn(|_| None);
+        for (tree, (obj, what)) in trees.iter_mut().zip(objs) {
+            *tree = canonical_of(py, obj, &arena, policy, what)?;
+            if tree.is_none() {
+                break;
+            }
+        }
+        if trees.iter().all(Option::is_some) {
+            // No Python code may run before the trees are dropped: `f` only
+            // compares them or copies them into Rust values.
+            return f(trees.map(|tree| tree.expect("checked above")));
+        }
+    }
+    let arena = Arena::holding();
+    let mut trees: [Option<Canonical<'_>>; N] = std::array::from_fn(|_| None);
+    for (tree, (obj, what)) in trees.iter_mut().zip(objs) {
+        *tree = Some(
+            canonical_of(py, obj, &arena, policy, what)?
+                .ok_or_else(|| to_pyerr(py, Error::invalid(format!("{what}: unreadable"))))?,
+        );
+    }
+    f(trees.map(|tree| tree.expect("every tree was read")))
 }
 
 /// Canonical form of a JSON-like object (see `turnrl.normalize_args`).
@@ -492,9 +588,8 @@ pub fn normalize_args<'py>(
     unordered_keys: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let policy = policy(py, case_fold, unordered_keys, 0.5)?;
-    let arena = Arena::new();
-    let canonical = canonical_of(py, obj, &arena, &policy, "obj")?;
-    crate::parse::value_to_py(py, &canonical.to_value())
+    let value = with_canonical(py, [(obj, "obj")], &policy, |[tree]| Ok(tree.to_value()))?;
+    crate::parse::value_to_py(py, &value)
 }
 
 /// Compare predicted tool-call arguments with the gold ones.
@@ -527,12 +622,10 @@ pub fn compare_args(
     soft_max_fraction: f64,
 ) -> PyResult<ArgComparison> {
     let policy = policy(py, case_fold, unordered_keys, soft_max_fraction)?;
-    let arena = Arena::new();
-    let pred = canonical_of(py, pred, &arena, &policy, "pred")?;
-    let gold = canonical_of(py, gold, &arena, &policy, "gold")?;
-    Ok(ArgComparison {
-        inner: compare_canonical(&pred, &gold, &policy),
-    })
+    let inner = with_canonical(py, [(pred, "pred"), (gold, "gold")], &policy, |[p, g]| {
+        Ok(compare_canonical(&p, &g, &policy))
+    })?;
+    Ok(ArgComparison { inner })
 }
 
 /// Many comparisons at once: normalises pairs with the GIL, 256 at a time,
@@ -554,7 +647,8 @@ pub fn compare_args_batch(
     let mut out = Vec::new();
     let mut iter = pairs.try_iter()?.enumerate().peekable();
     while iter.peek().is_some() {
-        let arena = Arena::new();
+        // Holding: the GIL is released while the chunk is compared.
+        let arena = Arena::holding();
         let mut canonical = Vec::with_capacity(CHUNK);
         for (i, pair) in iter.by_ref().take(CHUNK) {
             let pair = pair?;
