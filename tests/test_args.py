@@ -778,3 +778,20 @@ def test_python_code_run_while_reading_cannot_free_what_was_read() -> None:
         # The strings were read before the conversion replaced them.
         assert got.kind == "exact", got.diffs
         assert pred[:8] == [None] * 8
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "a", "JFK", "x\x00y", "caf\u00e9", "\u03a3\u03c3", "\U0001f600 ok", "abc" * 1000],
+)
+def test_every_string_representation_reads_the_same(text: str) -> None:
+    # CPython stores ASCII, Latin-1, UCS-2 and UCS-4 text differently (and
+    # subclasses apart from their header); all must read as the same text.
+    forms = [text, f" {text} ".strip(), _Tag(text), json.loads(json.dumps(text))]
+    gold = {"k": text, "n": [text]}
+    for form in forms:
+        pred = {"k": form, "n": [form]}
+        assert turnrl.normalize_args(pred) == ref.normalize(gold)
+        assert turnrl.compare_args(pred, gold).kind == "exact"
+        other = {"k": form + "!", "n": [form]}
+        assert turnrl.compare_args(other, gold).diffs == ["k"]

@@ -323,7 +323,7 @@ impl<'py> Arena<'py> {
     }
 
     fn hold_str<'a>(&'a self, s: &Bound<'py, PyString>) -> Result<&'a str, SourceError> {
-        let text: *const str = match s.to_str() {
+        let text: *const str = match compact_ascii(s).map_or_else(|| s.to_str(), Ok) {
             Ok(text) => text,
             Err(_) if !self.holds => return Err(SourceError::retry()),
             Err(e) => return Err(SourceError::new(format!("string is not valid UTF-8 ({e})"))),
@@ -340,6 +340,36 @@ impl<'py> Arena<'py> {
         // the trees are dropped before any does.
         Ok(unsafe { &*text })
     }
+}
+
+/// The text of a compact ASCII string (nearly every key and value), read
+/// from the object's header: `PyUnicode_AsUTF8AndSize` was a sixteenth of
+/// compare_args on whole records. `None` for other strings, and where the
+/// header is not ours to read (the stable ABI, CPython 3.14's opaque
+/// bit-fields, other interpreters).
+#[cfg(not(any(Py_LIMITED_API, Py_3_14, PyPy, GraalPy)))]
+#[inline]
+fn compact_ascii<'s>(s: &'s Bound<'_, PyString>) -> Option<&'s str> {
+    let op = s.as_ptr();
+    // SAFETY: `op` is a live str. A compact ASCII str (always "ready") keeps
+    // its `length` ASCII bytes right after its `PyASCIIObject` header, for
+    // as long as the object lives, which `s` guarantees for 's.
+    unsafe {
+        if ffi::PyUnicode_IS_COMPACT_ASCII(op) == 0 {
+            return None;
+        }
+        let len = usize::try_from(ffi::PyUnicode_GET_LENGTH(op)).ok()?;
+        let data = op.cast::<ffi::PyASCIIObject>().add(1).cast::<u8>();
+        Some(std::str::from_utf8_unchecked(std::slice::from_raw_parts(
+            data, len,
+        )))
+    }
+}
+
+#[cfg(any(Py_LIMITED_API, Py_3_14, PyPy, GraalPy))]
+#[inline]
+fn compact_ascii<'s>(_: &'s Bound<'_, PyString>) -> Option<&'s str> {
+    None
 }
 
 /// A Python object read in place as an [`ArgSource`]: no `serde_json::Value`
