@@ -38,3 +38,26 @@ def test_console_script_is_installed():
     exe = shutil.which("turnrl") or str(Path(sys.executable).parent / "turnrl")
     done = subprocess.run([exe, "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("turnrl ")
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from turnrl.cli import build_parser
+
+    def parsers(parser: argparse.ArgumentParser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    missing = []
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            quiet = action.default in (None, False, argparse.SUPPRESS)
+            if not action.option_strings or quiet or action.help == argparse.SUPPRESS:
+                continue
+            if "default" not in (action.help or ""):
+                missing.append(f"{parser.prog} {action.option_strings[0]}")
+    assert not missing, missing

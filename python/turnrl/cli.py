@@ -163,6 +163,12 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
+TURN_NORM_HELP = (
+    "group-normalise each turn against the same turn of the other rollouts (position) or "
+    "against all turns of the group (pooled) (default: %(default)s)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     parser = argparse.ArgumentParser(
@@ -179,16 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
         "success, then, per estimator, the turns whose advantage has the wrong sign under the "
         "naive dense rewards and under the calibrated ones.",
     )
-    demo.add_argument("--tasks", type=int, default=256)
-    demo.add_argument("--group-size", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--tasks", type=int, default=256, help="synthetic tasks (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--group-size", type=int, default=8, help="rollouts per task (default: %(default)s)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument(
         "--estimators",
         nargs="+",
         default=["grpo", "mt_grpo", "gtpo_hybrid"],
         choices=estimator_names(),
+        help="advantage estimators to compare (default: all three built-in ones)",
     )
-    demo.add_argument("--turn-norm", default="position", choices=["position", "pooled"])
+    demo.add_argument(
+        "--turn-norm", default="position", choices=["position", "pooled"], help=TURN_NORM_HELP
+    )
     demo.set_defaults(run=_demo)
 
     cal = commands.add_parser(
@@ -202,24 +215,52 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--tiers",
         default="naive",
-        help="starting tier rewards: a TOML file or a preset (naive, sparse)",
+        help="starting tier rewards: a TOML file or a preset (naive, sparse; default: %(default)s)",
     )
-    cal.add_argument("--estimator", default="gtpo_hybrid", choices=estimator_names())
-    cal.add_argument("--turn-norm", default="position", choices=["position", "pooled"])
+    cal.add_argument(
+        "--estimator",
+        default="gtpo_hybrid",
+        choices=estimator_names(),
+        help="advantage estimator for the direction check (default: %(default)s)",
+    )
+    cal.add_argument(
+        "--turn-norm", default="position", choices=["position", "pooled"], help=TURN_NORM_HELP
+    )
     cal.add_argument(
         "--variable",
         default="presence",
         choices=["presence", "count"],
-        help="correlate tier presence (0/1) or turn count with success",
+        help="correlate tier presence (0/1) or turn count with success (default: %(default)s)",
     )
-    cal.add_argument("--target", type=float, default=1.0, help="largest |reward| after scaling")
-    cal.add_argument("--alpha", type=float, default=0.05, help="tiers with p >= alpha get reward 0")
     cal.add_argument(
-        "--min-abs-r", type=float, default=0.1, help="tiers with |r| below this get reward 0"
+        "--target",
+        type=float,
+        default=1.0,
+        help="largest |reward| after scaling (default: %(default)s)",
     )
-    cal.add_argument("--max-iterations", type=int, default=10)
     cal.add_argument(
-        "--success-threshold", type=float, default=1.0, help="an outcome >= this counts as success"
+        "--alpha",
+        type=float,
+        default=0.05,
+        help="tiers with p >= alpha get reward 0 (default: %(default)s)",
+    )
+    cal.add_argument(
+        "--min-abs-r",
+        type=float,
+        default=0.1,
+        help="tiers with |r| below this get reward 0 (default: %(default)s)",
+    )
+    cal.add_argument(
+        "--max-iterations",
+        type=int,
+        default=10,
+        help="calibration rounds at most (default: %(default)s)",
+    )
+    cal.add_argument(
+        "--success-threshold",
+        type=float,
+        default=1.0,
+        help="an outcome >= this counts as success (default: %(default)s)",
     )
     cal.add_argument("--out", help="write calibrated tier rewards (TOML)")
     cal.add_argument("--report", help="write the full report (JSON)")
@@ -254,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--root", help="the tau-bench or tau2-bench checkout with the data")
     imp.add_argument("--split", help="task split of the run (default: the domain's)")
     imp.add_argument(
-        "--tiers", default="naive", help="tier rewards to write on each turn: TOML file or preset"
+        "--tiers",
+        default="naive",
+        help="tier rewards to write on each turn: TOML file or preset (default: %(default)s)",
     )
     imp.add_argument("--out", required=True, help="buffer to write (.zst compresses)")
     imp.set_defaults(run=_import_taubench)
