@@ -795,3 +795,49 @@ def test_every_string_representation_reads_the_same(text: str) -> None:
         assert turnrl.compare_args(pred, gold).kind == "exact"
         other = {"k": form + "!", "n": [form]}
         assert turnrl.compare_args(other, gold).diffs == ["k"]
+
+
+def test_a_garbage_collection_while_giving_up_reads_the_changed_inputs_afresh() -> None:
+    # Reading a lone surrogate raises inside CPython, and allocating that
+    # exception may start a collection, whose callbacks run in the middle of
+    # the read: here one frees every string read so far (their only
+    # references) and changes the input. What was read before must be
+    # dropped unread, and the comparison must see the inputs as they now are.
+    import gc
+
+    state: dict[str, Any] = {}
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase != "start" or "pred" not in state:
+            return
+        pred, gold = state.pop("pred"), state.pop("gold")
+        pred[:] = [None] * len(pred)
+        gold[-1] = "fixed"
+        state["junk"] = ["#" * 3000 + str(i) for i in range(200)]
+        state["ran"] = True
+
+    gc.callbacks.append(callback)
+    threshold = gc.get_threshold()
+    try:
+        ran = 0
+        for _ in range(20):
+            pred: list[Any] = ["".join(["q"] * 3000) + str(i) for i in range(8)]
+            gold: list[Any] = [text[:] for text in pred] + ["\ud800"]
+            state.clear()
+            state.update(pred=pred, gold=gold)
+            gc.set_threshold(1)
+            try:
+                got = turnrl.compare_args(pred, gold)
+            except InvalidInputError as err:
+                # No collection started before the surrogate was read.
+                assert "not valid UTF-8" in str(err)
+                continue
+            finally:
+                gc.set_threshold(*threshold)
+            ran += state.get("ran", False)
+            assert pred == [None] * 8
+            want = ref.compare([None] * 8, [*gold[:8], "fixed"])
+            assert (got.kind, got.diffs) == (want["kind"], want["diffs"])
+        assert ran, "no collection ran while reading: the test did not test anything"
+    finally:
+        gc.callbacks.remove(callback)

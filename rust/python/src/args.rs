@@ -287,16 +287,21 @@ impl ArgComparison {
 /// other threads while the GIL is released, `__index__` or numpy
 /// conversions, a garbage collection's finalizers.
 ///
-/// Borrowing (GIL builds only): nothing is held. The source reads only exact
-/// `dict`, `list`, `str`, `int`, `float`, `bool` and `None`, through calls
-/// that run no Python code and allocate no object the garbage collector
-/// tracks (type checks, `PyDict_Next`, list items, `PyUnicode_AsUTF8AndSize`,
-/// `PyLong_AsLongLongAndOverflow`, the float's value); with the GIL held
-/// throughout, nothing else runs, so the caller's containers keep their
-/// items and the strings they hold stay alive until the comparison returns.
-/// Anything else (another type, an integer beyond 64 bits, a string that is
-/// not UTF-8) gives up at once ([`SourceError::retry`]), before any
-/// borrowed text is read again, and the caller starts over holding. Holding
+/// Borrowing (CPython with the GIL only): nothing is held. The source reads
+/// only exact `dict`, `list`, `str`, `int`, `float`, `bool` and `None`,
+/// through calls that run no Python code and allocate no object the garbage
+/// collector tracks when they succeed (type checks, `PyDict_Next`, list
+/// items, `PyUnicode_AsUTF8AndSize`, `PyLong_AsLongLongAndOverflow`, the
+/// float's value); with the GIL held throughout, nothing else runs, so the
+/// caller's containers keep their items and the strings they hold stay
+/// alive while the trees are compared. Anything else (another type, an
+/// integer beyond 64 bits, a string that is not UTF-8) gives up
+/// ([`SourceError::retry`]), and the caller starts over holding. Giving up
+/// can itself run Python code (the failed UTF-8 read raises, and allocating
+/// the exception can start a garbage collection, with its callbacks and
+/// finalizers), so after a retry nothing of the partial trees is read: the
+/// normaliser unwinds without formatting paths, and they are dropped unread.
+/// Errors become Python exceptions only after the trees are dropped. Holding
 /// cost compare_args about 5% of its time (benches/RESULTS.md).
 struct Arena<'py> {
     held: RefCell<Vec<Bound<'py, PyAny>>>,
@@ -314,7 +319,7 @@ impl<'py> Arena<'py> {
 
     /// Only where the GIL serialises all Python code: under free threading
     /// another thread could change the containers while they are read.
-    #[cfg(not(Py_GIL_DISABLED))]
+    #[cfg(not(any(Py_GIL_DISABLED, PyPy, GraalPy)))]
     fn borrowing() -> Self {
         Arena {
             held: RefCell::new(Vec::new()),
@@ -559,18 +564,20 @@ impl<'a, 'py> ArgSource<'a> for PySource<'a, 'py> {
     }
 }
 
-fn canonical_of<'a, 'py>(
-    py: Python<'py>,
+/// The canonical form of `obj`; `None` where a borrowing read gave up. The
+/// error is turnrl's own, not yet a Python exception: making one runs Python
+/// code, which must wait until borrowed trees are dropped.
+fn read_tree<'a, 'py>(
     obj: &Bound<'py, PyAny>,
     arena: &'a Arena<'py>,
     policy: &Policy,
     what: &str,
-) -> PyResult<Option<Canonical<'a>>> {
+) -> turnrl_core::Result<Option<Canonical<'a>>> {
     let source = PySource {
         obj: obj.clone(),
         arena,
     };
-    try_canonicalize(source, policy, what).map_err(|e| to_pyerr(py, e))
+    try_canonicalize(source, policy, what)
 }
 
 /// Canonical forms of `objs`, read borrowing where that works (see
@@ -579,33 +586,40 @@ fn with_canonical<'py, T, const N: usize>(
     py: Python<'py>,
     objs: [(&Bound<'py, PyAny>, &str); N],
     policy: &Policy,
-    f: impl Fn([Canonical<'_>; N]) -> PyResult<T>,
+    f: impl Fn([Canonical<'_>; N]) -> T,
 ) -> PyResult<T> {
-    #[cfg(not(Py_GIL_DISABLED))]
+    #[cfg(not(any(Py_GIL_DISABLED, PyPy, GraalPy)))]
     {
         let arena = Arena::borrowing();
-        let mut trees: [Option<Canonical<'_>>; N] = std::array::from_fn(|_| None);
-        for (tree, (obj, what)) in trees.iter_mut().zip(objs) {
-            *tree = canonical_of(py, obj, &arena, policy, what)?;
-            if tree.is_none() {
-                break;
+        // `f` only compares the trees or copies them into Rust values, and
+        // the trees are dropped when this returns, before any error becomes
+        // a Python exception.
+        let borrowed = || -> turnrl_core::Result<Option<T>> {
+            let mut trees: [Option<Canonical<'_>>; N] = std::array::from_fn(|_| None);
+            for (tree, (obj, what)) in trees.iter_mut().zip(objs) {
+                *tree = read_tree(obj, &arena, policy, what)?;
+                if tree.is_none() {
+                    return Ok(None);
+                }
             }
-        }
-        if trees.iter().all(Option::is_some) {
-            // No Python code may run before the trees are dropped: `f` only
-            // compares them or copies them into Rust values.
-            return f(trees.map(|tree| tree.expect("checked above")));
+            Ok(Some(
+                f(trees.map(|tree| tree.expect("every tree was read"))),
+            ))
+        };
+        match borrowed() {
+            Ok(Some(out)) => return Ok(out),
+            Ok(None) => {}
+            Err(e) => return Err(to_pyerr(py, e)),
         }
     }
     let arena = Arena::holding();
     let mut trees: [Option<Canonical<'_>>; N] = std::array::from_fn(|_| None);
     for (tree, (obj, what)) in trees.iter_mut().zip(objs) {
-        *tree = Some(
-            canonical_of(py, obj, &arena, policy, what)?
-                .ok_or_else(|| to_pyerr(py, Error::invalid(format!("{what}: unreadable"))))?,
-        );
+        let read = read_tree(obj, &arena, policy, what).map_err(|e| to_pyerr(py, e))?;
+        *tree =
+            Some(read.ok_or_else(|| to_pyerr(py, Error::invalid(format!("{what}: unreadable"))))?);
     }
-    f(trees.map(|tree| tree.expect("every tree was read")))
+    Ok(f(trees.map(|tree| tree.expect("every tree was read"))))
 }
 
 /// Canonical form of a JSON-like object (see `turnrl.normalize_args`).
@@ -618,7 +632,7 @@ pub fn normalize_args<'py>(
     unordered_keys: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let policy = policy(py, case_fold, unordered_keys, 0.5)?;
-    let value = with_canonical(py, [(obj, "obj")], &policy, |[tree]| Ok(tree.to_value()))?;
+    let value = with_canonical(py, [(obj, "obj")], &policy, |[tree]| tree.to_value())?;
     crate::parse::value_to_py(py, &value)
 }
 
@@ -653,7 +667,7 @@ pub fn compare_args(
 ) -> PyResult<ArgComparison> {
     let policy = policy(py, case_fold, unordered_keys, soft_max_fraction)?;
     let inner = with_canonical(py, [(pred, "pred"), (gold, "gold")], &policy, |[p, g]| {
-        Ok(compare_canonical(&p, &g, &policy))
+        compare_canonical(&p, &g, &policy)
     })?;
     Ok(ArgComparison { inner })
 }
