@@ -402,5 +402,72 @@ def test_online_calibrator_rederives_every_k_steps():
     assert online.stats.trajectories == 3 * 30 * 8
 
 
+def _online(**kwargs):
+    settings_ = dict(tiers=("good", "bad", "noise", "respond"), window=3, every=2)
+    settings_.update(min_trajectories=10, estimator="mt_grpo", alpha=0.01)
+    settings_.update(kwargs)
+    return OnlineCalibrator({"good": 0.3, "bad": 0.3, "noise": 0.3, "respond": 0.0}, **settings_)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 5])
+def test_a_restored_online_calibrator_goes_on_exactly_as_the_original(tmp_path, stop_after):
+    import json
+
+    steps = [planted(seed=20 + i, tasks=12) for i in range(9)]
+    original = _online()
+    for rollouts in steps[:stop_after]:
+        original.update(rollouts)
+    reports_before = len(original.reports)
+    path = tmp_path / "ckpt" / "online.json"
+    original.save(path)
+    assert json.loads(path.read_text())["format"] == "turnrl.online_calibrator/1"
+    restored = OnlineCalibrator.load(path)
+    in_place = _online(window=7, every=5)  # other settings: replaced by the state's
+    in_place.load_state_dict(original.state_dict())
+    for rollouts in steps[stop_after:]:
+        want = original.update(rollouts)
+        assert restored.update(rollouts) == want
+        assert in_place.update(rollouts) == want
+        assert restored.stats == original.stats == in_place.stats
+    assert restored.steps == original.steps == len(steps)
+    assert restored.calibrate_kwargs == original.calibrate_kwargs
+    # Rewards were re-derived after the restore, at the same steps.
+    assert len(restored.reports) == len(original.reports) - reports_before > 0
+    assert restored.rewards == original.rewards != _online().rewards
+    assert restored.state_dict() == original.state_dict()
+    assert [p.name for p in path.parent.iterdir()] == ["online.json"]  # no temporary left
+
+
+def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
+    online = _online()
+    online.update(planted(seed=1, tasks=12))
+    good = online.state_dict()
+
+    def broken(**changes):
+        return {**good, **changes}
+
+    cases = [
+        (broken(format="turnrl.online_calibrator/0"), r"state\['format'\] must be"),
+        (broken(steps="3"), r"state\['steps'\] must be a int"),
+        (broken(window=True), r"state\['window'\] must be a int"),
+        (broken(steps=0), r"state\['history'\] holds 1 steps, more than state\['steps'\]"),
+        (broken(history=[{**good["history"][0], "turns": [1, 2]}]),
+         r"state\['history'\]\[0\]\['turns'\] must be 4 counts"),
+        (broken(history=[{**good["history"][0], "successes": -1}]),
+         r"state\['history'\]\[0\]\['successes'\] must be a count"),
+        (broken(rewards={"good": float("nan")}), "finite"),
+        (broken(tiers=["good", 3]), r"state\['tiers'\] must be a list of tier names"),
+    ]  # fmt: skip
+    for state, message in cases:
+        with pytest.raises(InvalidInputError, match=message):
+            OnlineCalibrator.from_state_dict(state)
+    path = tmp_path / "online.json"
+    path.write_text("{not json")
+    with pytest.raises(InvalidInputError, match=r"online\.json: not JSON"):
+        OnlineCalibrator.load(path)
+    with pytest.raises(turnrl.TurnrlIOError, match="no such calibrator state file"):
+        OnlineCalibrator.load(tmp_path / "missing.json")
+
+
 def test_default_tiers_match_design():
     assert DEFAULT_TIERS == ("gold", "soft", "read", "write", "error", "respond")

@@ -670,12 +670,59 @@ def calibrate(
     return CalibrationReport(stats, correlations, initial, iterations, estimator)
 
 
+STATE_FORMAT = "turnrl.online_calibrator/1"
+_STATS_ARRAYS = ("present", "present_success", "turns", "turns_sq", "turns_success")
+
+
+def _state_field(state: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = state.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InvalidInputError(
+            f"state[{name!r}] must be a {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _stats_state(stats: TierStats) -> dict[str, Any]:
+    out: dict[str, Any] = {"trajectories": stats.trajectories, "successes": stats.successes}
+    for name in _STATS_ARRAYS:
+        out[name] = [int(v) for v in getattr(stats, name)]
+    return out
+
+
+def _stats_from_state(item: Any, tiers: tuple[str, ...], where: str) -> TierStats:
+    if not isinstance(item, Mapping):
+        raise InvalidInputError(f"{where} must be a mapping, got {type(item).__name__}")
+    counts = []
+    for name in ("trajectories", "successes"):
+        value = item.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInputError(f"{where}[{name!r}] must be a count, got {value!r}")
+        counts.append(value)
+    arrays = []
+    for name in _STATS_ARRAYS:
+        values = item.get(name)
+        if (
+            not isinstance(values, list)
+            or len(values) != len(tiers)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+        ):
+            raise InvalidInputError(
+                f"{where}[{name!r}] must be {len(tiers)} counts (one per tier), got {values!r}"
+            )
+        arrays.append(np.array(values, dtype=np.int64))
+    return TierStats(tiers, counts[0], counts[1], *arrays)
+
+
 class OnlineCalibrator:
     """Calibration during training: rolling tier statistics over the last
     ``window`` steps, tier rewards re-derived every ``every`` steps.
 
     ``update`` takes each step's labelled rollouts and returns the rewards to
     use from the next step on (unchanged between re-derivations).
+    ``state_dict``/``load_state_dict`` (or ``save``/``load``, atomic JSON)
+    checkpoint it with the rest of training, so a resumed run re-derives
+    rewards at the same steps from the same window.
     """
 
     def __init__(
@@ -706,6 +753,101 @@ class OnlineCalibrator:
         for step_stats in self.history:
             total = total + step_stats
         return total
+
+    # -- checkpoints ------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to go on exactly where this calibrator is: the
+        settings, the current rewards, the step count and the window's
+        statistics, as plain JSON-compatible values (format
+        ``turnrl.online_calibrator/1``). ``reports`` are not included: they
+        describe past decisions, and a restored calibrator starts a new list.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "tiers": list(self.tiers),
+            "rewards": dict(self.rewards),
+            "window": self.history.maxlen,
+            "every": self.every,
+            "min_trajectories": self.min_trajectories,
+            "calibrate_kwargs": dict(self.calibrate_kwargs),
+            "steps": self.steps,
+            "history": [_stats_state(step_stats) for step_stats in self.history],
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> OnlineCalibrator:
+        """A calibrator restored from :meth:`state_dict`'s output.
+
+        Raises:
+            InvalidInputError: the state is not ``turnrl.online_calibrator/1``
+                or a field is missing or malformed (the message names it).
+        """
+        if not isinstance(state, Mapping):
+            raise InvalidInputError(f"state must be a mapping, got {type(state).__name__}")
+        if state.get("format") != STATE_FORMAT:
+            raise InvalidInputError(
+                f"state['format'] must be {STATE_FORMAT!r}, got {state.get('format')!r}"
+            )
+        tiers = _state_field(state, "tiers", list)
+        if not all(isinstance(t, str) for t in tiers):
+            raise InvalidInputError("state['tiers'] must be a list of tier names")
+        kwargs = _state_field(state, "calibrate_kwargs", Mapping)
+        online = cls(
+            dict(_state_field(state, "rewards", Mapping)),
+            tiers=tiers,
+            window=_state_field(state, "window", int),
+            every=_state_field(state, "every", int),
+            min_trajectories=_state_field(state, "min_trajectories", int),
+            **kwargs,
+        )
+        steps = _state_field(state, "steps", int)
+        history = _state_field(state, "history", list)
+        if steps < len(history) or len(history) > (online.history.maxlen or 0):
+            raise InvalidInputError(
+                f"state['history'] holds {len(history)} steps, more than "
+                f"state['steps'] ({steps}) or state['window'] ({online.history.maxlen})"
+            )
+        online.steps = steps
+        online.history.extend(
+            _stats_from_state(item, online.tiers, f"state['history'][{i}]")
+            for i, item in enumerate(history)
+        )
+        return online
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace this calibrator's settings and state with ``state``'s."""
+        self.__dict__.update(type(self).from_state_dict(state).__dict__)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` as JSON, atomically (a temporary file,
+        then a rename), so a crash never leaves half a checkpoint."""
+        from turnrl.irc import write_json_atomic
+
+        write_json_atomic(self.state_dict(), path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> OnlineCalibrator:
+        """A calibrator restored from a file written by :meth:`save`.
+
+        Raises:
+            TurnrlIOError: the file does not exist.
+            InvalidInputError: it is not JSON or not a calibrator state (the
+                message names the file and the field).
+        """
+        import json
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise TurnrlIOError(f"{path}: no such calibrator state file") from None
+        try:
+            return cls.from_state_dict(json.loads(text))
+        except json.JSONDecodeError as err:
+            raise InvalidInputError(f"{path}: not JSON ({err})") from None
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{path}: {err}") from None
 
     def update(self, rollouts: TieredRollouts) -> dict[str, float]:
         """Add one step; every ``every`` steps recalibrate on the window."""
