@@ -150,3 +150,75 @@ def test_tau2_retail_semantics():
         )
     )
     assert list(out["address"]) == ["address1", "address2", "city", "country", "state", "zip"]
+
+
+def _mia_booking(d):
+    flight = d.tables["flights"]["HAT136"]["dates"]["2024-05-20"]
+    user = d.tables["users"]["mia_li_3668"]
+    card = next(k for k, v in user["payment_methods"].items() if v["source"] == "credit_card")
+    return {
+        "user_id": "mia_li_3668",
+        "origin": "JFK",
+        "destination": "SEA",
+        "flight_type": "one_way",
+        "cabin": "economy",
+        "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}],
+        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+        "payment_methods": [{"payment_id": card, "amount": flight["prices"]["economy"]}],
+        "total_baggages": 0,
+        "nonfree_baggages": 0,
+        "insurance": "no",
+    }
+
+
+def test_tau2_airline_booking_validates_like_tau2s_models():
+    """Upstream's Reservation model checks every field at once, lists included."""
+    d = envs.load("tau2:airline", root=TAU2, split="base")
+    args = _mia_booking(d)
+    ep = d.new_episode(0)
+    # passengers that are not objects are refused (tau2 validates List[Passenger])
+    out = ep.call("book_reservation", {**args, "passengers": ["Mia Li"]})
+    assert out == (
+        "Error: 1 validation error for Reservation\npassengers.0\n  Input should be a valid "
+        "dictionary or instance of Passenger [type=model_type, input_value='Mia Li', "
+        "input_type=str]\n    For further information visit "
+        "https://errors.pydantic.dev/2.12/v/model_type"
+    )
+    assert not ep.store.has("reservations", "HATHAT")
+    out = ep.call("book_reservation", {**args, "payment_methods": "abc", "total_baggages": 2.5})
+    assert out.startswith("Error: 2 validation errors for Reservation\npayment_history\n")
+    assert "got a number with a fractional part [type=int_from_float" in out
+    # pydantic's lax int: "1.0" is 1
+    booked = json.loads(ep.call("book_reservation", {**args, "total_baggages": "1.0"}))
+    assert booked["total_baggages"] == 1
+    # a list tau2 leaves unconverted fails on the attribute read
+    assert ep.call("book_reservation", {**args, "flights": "HAT136"}) == (
+        "Error: 'str' object has no attribute 'flight_number'"
+    )
+    long = "x" * 60
+    assert f"input_value='{'x' * 24}...{'x' * 23}'," in ep.call(
+        "send_certificate", {"user_id": "mia_li_3668", "amount": long}
+    )
+    assert ep.call("calculate", {"expression": []}) == (
+        "Error: eval() arg 1 must be a string, bytes or code object"
+    )
+
+
+def test_tau2_retail_address_reports_every_field():
+    d = envs.load("tau2:retail", root=TAU2, split="test")
+    ep = d.new_episode(0)
+    user = next(iter(d.tables["users"]))
+    out = ep.call(
+        "modify_user_address",
+        {
+            "user_id": user,
+            "address1": 7,
+            "address2": "",
+            "city": "X",
+            "state": None,
+            "country": "USA",
+            "zip": "1",
+        },
+    )
+    assert out.startswith("Error: 2 validation errors for UserAddress\naddress1\n"), out
+    assert "\nstate\n  Input should be a valid string [type=string_type" in out

@@ -11,6 +11,8 @@ tau2's data models.
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 from turnrl.envs._base import ToolSpec
@@ -60,28 +62,84 @@ def _instance(store: Store, number: Any, date: Any) -> dict[str, Any]:
     return flight["dates"][date]
 
 
-def _coerce(model: str, field: str, kind: type, value: Any) -> Any:
-    """Lax validation of one field as tau2's pydantic models do it (str strict, int lax)."""
+# The pydantic release upstream's uv.lock pins; its error texts link to its docs.
+_PYDANTIC_DOCS = "https://errors.pydantic.dev/2.12/v/"
+_INT_TEXT = re.compile(r"[+-]?[0-9_]+(?:\.0+)?")
+
+
+def _input_repr(value: Any) -> str:
+    """``input_value`` as pydantic prints it: the repr, cut in the middle past 50 characters."""
+    text = repr(value)
+    return text if len(text) <= 50 else f"{text[:25]}...{text[-24:]}"
+
+
+def _invalid(model: str, errors: list[tuple[str, str, str, Any]]) -> ToolError:
+    """pydantic's ValidationError text for ``(loc, message, type, input)`` errors."""
+    plural = "error" if len(errors) == 1 else "errors"
+    lines = [f"{len(errors)} validation {plural} for {model}"]
+    for loc, msg, kind, value in errors:
+        lines.append(loc)
+        lines.append(
+            f"  {msg} [type={kind}, input_value={_input_repr(value)}, "
+            f"input_type={type(value).__name__}]"
+        )
+        lines.append(f"    For further information visit {_PYDANTIC_DOCS}{kind}")
+    return ToolError("\n".join(lines))
+
+
+def _check(kind: type, value: Any) -> tuple[Any, tuple[str, str, Any] | None]:
+    """Lax validation of one value as pydantic does it: (value, None) or (None, error)."""
     if kind is str:
         if isinstance(value, str):
-            return value
-        raise ToolError(
-            f"1 validation error for {model}\n{field}\n  Input should be a valid string "
-            f"[type=string_type, input_value={value!r}, input_type={type(value).__name__}]"
+            return value, None
+        return None, ("Input should be a valid string", "string_type", value)
+    if kind is float:
+        if isinstance(value, (int, float)):
+            return float(value), None
+        if isinstance(value, str):
+            try:
+                return float(value.strip()), None
+            except ValueError:
+                pass
+            return None, (
+                "Input should be a valid number, unable to parse string as a number",
+                "float_parsing",
+                value,
+            )
+        return None, ("Input should be a valid number", "float_type", value)
+    if isinstance(value, int):  # bool included, as pydantic's lax mode allows
+        return int(value), None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None, ("Input should be a finite number", "finite_number", value)
+        if value.is_integer():
+            return int(value), None
+        return None, (
+            "Input should be a valid integer, got a number with a fractional part",
+            "int_from_float",
+            value,
         )
-    if isinstance(value, bool) or (isinstance(value, int)):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
     if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ToolError(
-        f"1 validation error for {model}\n{field}\n  Input should be a valid integer "
-        f"[type=int_type, input_value={value!r}, input_type={type(value).__name__}]"
-    )
+        text = value.strip()
+        if _INT_TEXT.fullmatch(text):
+            try:
+                return int(text.split(".")[0]), None
+            except ValueError:
+                pass
+        return None, (
+            "Input should be a valid integer, unable to parse string as an integer",
+            "int_parsing",
+            value,
+        )
+    return None, ("Input should be a valid integer", "int_type", value)
+
+
+def _coerce(model: str, field: str, kind: type, value: Any) -> Any:
+    """Lax validation of one field as tau2's pydantic models do it (str strict, int lax)."""
+    out, error = _check(kind, value)
+    if error is not None:
+        raise _invalid(model, [(field, *error)])
+    return out
 
 
 _MODELS: dict[str, tuple[tuple[str, type], ...]] = {
@@ -91,50 +149,71 @@ _MODELS: dict[str, tuple[tuple[str, type], ...]] = {
 }
 
 
-def _literal(model: str, field: str, allowed: tuple[str, ...], value: Any) -> Any:
+def _literal_error(allowed: tuple[str, ...], value: Any) -> tuple[str, str, Any] | None:
     if value in allowed and isinstance(value, str):
-        return value
+        return None
     quoted = [f"'{a}'" for a in allowed]
     text = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f" or {quoted[-1]}"
-    raise ToolError(
-        f"1 validation error for {model}\n{field}\n  Input should be {text} "
-        f"[type=literal_error, input_value={value!r}, input_type={type(value).__name__}]"
-    )
+    return f"Input should be {text}", "literal_error", value
 
 
 def _coerce_float(model: str, field: str, value: Any) -> float:
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise ToolError(
-        f"1 validation error for {model}\n{field}\n  Input should be a valid number "
-        f"[type=float_type, input_value={value!r}, input_type={type(value).__name__}]"
-    )
+    return _coerce(model, field, float, value)
+
+
+def _model_errors(
+    value: dict[str, Any], model: str, loc: str = ""
+) -> list[tuple[str, str, str, Any]]:
+    errors = []
+    for field, kind in _MODELS[model]:
+        if field not in value:
+            errors.append((f"{loc}{field}", "Field required", "missing", value))
+            continue
+        error = _check(kind, value[field])[1]
+        if error is not None:
+            errors.append((f"{loc}{field}", *error))
+    return errors
 
 
 def _leg(value: Any, model: str) -> Any:
     """One argument object validated into a tau2 model's field order (extra keys dropped)."""
     if not isinstance(value, dict):
         return value  # tau2 converts only when every item is a dict
-    out = {}
-    for field, kind in _MODELS[model]:
-        if field not in value:
-            raise ToolError(
-                f"1 validation error for {model}\n{field}\n  Field required "
-                f"[type=missing, input_value={value!r}, input_type=dict]"
-            )
-        out[field] = _coerce(model, field, kind, value[field])
-    return out
+    errors = _model_errors(value, model)
+    if errors:
+        raise _invalid(model, errors)
+    return {field: _check(kind, value[field])[0] for field, kind in _MODELS[model]}
 
 
 def _legs(values: Any, model: str) -> Any:
     if all(isinstance(v, dict) for v in values):
         return [_leg(v, model) for v in values]
     return values
+
+
+def _list_errors(field: str, values: Any, model: str) -> list[tuple[str, str, str, Any]]:
+    """Errors of a ``List[model]`` field of a tau2 model built from ``values``."""
+    if not isinstance(values, list):
+        return [(field, "Input should be a valid list", "list_type", values)]
+    errors = []
+    for i, v in enumerate(values):
+        if isinstance(v, dict):
+            errors += _model_errors(v, model, f"{field}.{i}.")
+        else:
+            errors.append(
+                (
+                    f"{field}.{i}",
+                    f"Input should be a valid dictionary or instance of {model}",
+                    "model_type",
+                    v,
+                )
+            )
+    return errors
+
+
+def _no_attribute(item: Any, field: str) -> ToolError:
+    """What tau2 raises reading ``item.<field>`` off an argument it left unconverted."""
+    return ToolError(f"'{type(item).__name__}' object has no attribute '{field}'")
 
 
 def _payment_for_update(
@@ -178,16 +257,32 @@ def book_reservation(
     )
     if reservation_id is None:
         raise ToolError("Too many reservations")
-    # tau2 builds its Reservation model here, which validates these fields.
+    # tau2 builds its Reservation model here, which validates these fields (all
+    # errors at once, in the model's field order).
+    errors = []
     for field, value in (("user_id", user_id), ("origin", origin), ("destination", destination)):
-        _coerce("Reservation", field, str, value)
-    _literal("Reservation", "flight_type", ("round_trip", "one_way"), flight_type)
-    _literal("Reservation", "cabin", ("business", "economy", "basic_economy"), cabin)
-    stored_total = _coerce("Reservation", "total_baggages", int, total_baggages)
-    stored_nonfree = _coerce("Reservation", "nonfree_baggages", int, nonfree_baggages)
-    _literal("Reservation", "insurance", ("yes", "no"), insurance)
+        error = _check(str, value)[1]
+        errors += [(field, *error)] if error else []
+    for field, allowed, value in (
+        ("flight_type", ("round_trip", "one_way"), flight_type),
+        ("cabin", ("business", "economy", "basic_economy"), cabin),
+    ):
+        error = _literal_error(allowed, value)
+        errors += [(field, *error)] if error else []
+    errors += _list_errors("passengers", passengers, "Passenger")
+    errors += _list_errors("payment_history", payment_methods, "Payment")
+    stored_total, error = _check(int, total_baggages)
+    errors += [("total_baggages", *error)] if error else []
+    stored_nonfree, error = _check(int, nonfree_baggages)
+    errors += [("nonfree_baggages", *error)] if error else []
+    error = _literal_error(("yes", "no"), insurance)
+    errors += [("insurance", *error)] if error else []
+    if errors:
+        raise _invalid("Reservation", errors)
     legs = []
     total_price = 0
+    if not all(isinstance(info, dict) for info in flights):
+        raise _no_attribute(next(iter(flights)), "flight_number")
     for info in flights:
         number = info["flight_number"]
         flight = _flight(store, number)
@@ -258,6 +353,8 @@ def book_reservation(
 
 
 def calculate_tool(store: Store, expression: Any) -> str:
+    if not isinstance(expression, str) and all(ch in "0123456789+-*/(). " for ch in expression):
+        raise ToolError("eval() arg 1 must be a string, bytes or code object")
     out = calculate(expression)
     if out == "Error: invalid characters in expression":
         raise ToolError("Invalid characters in expression")
@@ -374,6 +471,8 @@ def update_reservation_flights(
     n = len(reservation["passengers"])
     total_price = 0
     legs = []
+    if not all(isinstance(info, dict) for info in flights):
+        raise _no_attribute(next(iter(flights)), "flight_number")
     for info in flights:
         kept = next(
             (

@@ -16,7 +16,14 @@ from typing import Any
 from turnrl.envs import retail
 from turnrl.envs._base import ToolSpec
 from turnrl.envs._db import Store
-from turnrl.envs.airline_tau2 import ToolError, _coerce, _coerce_float, calculate_tool
+from turnrl.envs.airline_tau2 import (
+    ToolError,
+    _check,
+    _coerce,
+    _coerce_float,
+    _invalid,
+    calculate_tool,
+)
 from turnrl.envs.airline_tau2 import _spec as _spec_airline
 
 _ORDER_DEFAULTS = (
@@ -223,7 +230,10 @@ _ADDRESS_FIELDS = ("address1", "address2", "city", "country", "state", "zip")
 
 def _address(**fields: Any) -> dict[str, Any]:
     """A UserAddress in tau2's field order (country before state)."""
-    return {k: _coerce("UserAddress", k, str, fields[k]) for k in _ADDRESS_FIELDS}
+    errors = [(k, *e) for k in _ADDRESS_FIELDS if (e := _check(str, fields[k])[1])]
+    if errors:
+        raise _invalid("UserAddress", errors)
+    return {k: fields[k] for k in _ADDRESS_FIELDS}
 
 
 def modify_pending_order_address(
