@@ -222,3 +222,33 @@ def test_tau2_retail_address_reports_every_field():
     )
     assert out.startswith("Error: 2 validation errors for UserAddress\naddress1\n"), out
     assert "\nstate\n  Input should be a valid string [type=string_type" in out
+
+
+def test_text_sent_with_tool_calls_counts_for_the_communicate_check():
+    # tau2-bench's communicate check reads every assistant message with text,
+    # those that also call tools included (tau-bench v1 reads respond actions
+    # only, tests/test_envs_taubench.py).
+    d = envs.load("tau2:airline", root=TAU2, split="base")
+    task = next(t for t in d.tasks if t.communicate_info and "COMMUNICATE" in t.reward_basis)
+    script = [
+        {
+            "content": "Note: " + ", ".join(task.communicate_info),
+            "tool_calls": [{"name": a.name, "arguments": a.kwargs} for a in task.actions],
+        },
+        {"content": "Is there anything else?"},
+    ]
+
+    def agent(messages, tools):
+        return script.pop(0) if script else {"content": "Goodbye."}
+
+    record = envs.run_episode(agent, d, task, envs.ScriptedUser(), max_steps=4)
+    assert record["outcome"] == 1.0, record["meta"]
+    ep = d.new_episode(task)
+    for a in task.actions:
+        ep.call(a.name, a.kwargs)
+    assert ep.reward().reward == 0.0  # nothing communicated
+    ep.say_with_calls(" ".join(task.communicate_info))
+    assert ep.reward().reward == 1.0
+    v1 = envs.load("synthetic:airline", seed=0).new_episode(0)
+    v1.say_with_calls("anything")
+    assert v1.agent_messages == []

@@ -195,6 +195,13 @@ class Episode:
         self.actions.append(Action(RESPOND, {"content": message}))
         self._said.append(message)
 
+    def say_with_calls(self, text: str) -> None:
+        """Record text the agent sent together with tool calls. It is not a
+        message to the user and adds no action, but where the domain's reward
+        reads every agent text (tau2-bench's communicate check) it counts."""
+        if text and self.domain.text_with_calls_counts:
+            self._said.append(str(text))
+
     def hear(self, text: str) -> None:
         """Record the user's reply; ``###STOP###`` in it ends the episode."""
         if STOP_TOKEN in (text or ""):
@@ -202,7 +209,8 @@ class Episode:
 
     @property
     def agent_messages(self) -> list[str]:
-        """Everything the agent said to the user, in order."""
+        """Everything the agent said to the user, in order (and, in tau2-bench
+        domains, the text it sent together with tool calls)."""
         # Only what `say` recorded: a tool call that happens to be named
         # "respond" was answered "Unknown action" and said nothing.
         return list(self._said)
@@ -224,8 +232,13 @@ class Domain:
         policy: str,
         terminate_tools: Iterable[str] = ("transfer_to_human_agents",),
         unknown_tool: Callable[[str], str] = lambda name: f"Unknown action {name}",
+        text_with_calls_counts: bool = False,
     ) -> None:
         self.name = name
+        # tau2-bench checks every assistant message with text for the
+        # information to communicate, those that also call tools included;
+        # tau-bench only its respond actions.
+        self.text_with_calls_counts = text_with_calls_counts
         self.tables = tables
         self.policy = policy
         self.tasks = list(tasks)

@@ -116,6 +116,7 @@ def run_episode(
             ]
         messages.append(assistant_msg)
         if calls:
+            episode.say_with_calls(content)
             for name, args, call_id, problem in calls:
                 if problem is not None:
                     obs, error = f"Error: {problem}", True

@@ -166,4 +166,5 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
         tasks=[by_id[i] for i in wanted],
         policy=read_text(base / "policy.md"),
         unknown_tool=lambda name: f"Error: Tool '{name}' not found.",
+        text_with_calls_counts=True,
     )
