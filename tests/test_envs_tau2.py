@@ -42,6 +42,25 @@ def test_gold_replays_score_one_and_talking_scores_zero(domain_name, split):
     assert writes > 0
 
 
+def _mia_booking(d):
+    flight = d.tables["flights"]["HAT136"]["dates"]["2024-05-20"]
+    user = d.tables["users"]["mia_li_3668"]
+    card = next(k for k, v in user["payment_methods"].items() if v["source"] == "credit_card")
+    return {
+        "user_id": "mia_li_3668",
+        "origin": "JFK",
+        "destination": "SEA",
+        "flight_type": "one_way",
+        "cabin": "economy",
+        "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}],
+        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
+        "payment_methods": [{"payment_id": card, "amount": flight["prices"]["economy"]}],
+        "total_baggages": 0,
+        "nonfree_baggages": 0,
+        "insurance": "no",
+    }
+
+
 def test_tau2_airline_fixes():
     d = envs.load("tau2:airline", root=TAU2, split="base")
     assert "think" not in d.tool_kinds and d.tool_kinds["get_flight_status"] == "read"
@@ -61,23 +80,7 @@ def test_tau2_airline_fixes():
     user = d.tables["users"]["mia_li_3668"]
     cert = next(k for k, v in user["payment_methods"].items() if v["source"] == "certificate")
     card = next(k for k, v in user["payment_methods"].items() if v["source"] == "credit_card")
-    price = flight["prices"]["economy"]
-    out = ep.call(
-        "book_reservation",
-        {
-            "user_id": "mia_li_3668",
-            "origin": "JFK",
-            "destination": "SEA",
-            "flight_type": "one_way",
-            "cabin": "economy",
-            "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}],
-            "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
-            "payment_methods": [{"payment_id": card, "amount": price}],
-            "total_baggages": 0,
-            "nonfree_baggages": 0,
-            "insurance": "no",
-        },
-    )
+    out = ep.call("book_reservation", _mia_booking(d))
     assert json.loads(out)["reservation_id"] == "HATHAT", out
     booked = ep.store.get("flights", "HAT136")["dates"]["2024-05-20"]
     assert booked["available_seats"]["economy"] == seats - 1
@@ -150,25 +153,6 @@ def test_tau2_retail_semantics():
         )
     )
     assert list(out["address"]) == ["address1", "address2", "city", "country", "state", "zip"]
-
-
-def _mia_booking(d):
-    flight = d.tables["flights"]["HAT136"]["dates"]["2024-05-20"]
-    user = d.tables["users"]["mia_li_3668"]
-    card = next(k for k, v in user["payment_methods"].items() if v["source"] == "credit_card")
-    return {
-        "user_id": "mia_li_3668",
-        "origin": "JFK",
-        "destination": "SEA",
-        "flight_type": "one_way",
-        "cabin": "economy",
-        "flights": [{"flight_number": "HAT136", "date": "2024-05-20"}],
-        "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}],
-        "payment_methods": [{"payment_id": card, "amount": flight["prices"]["economy"]}],
-        "total_baggages": 0,
-        "nonfree_baggages": 0,
-        "insurance": "no",
-    }
 
 
 def test_tau2_airline_booking_validates_like_tau2s_models():
