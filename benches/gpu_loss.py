@@ -5,13 +5,19 @@ bf16 hidden states and LM head, times forward+backward with
 ``triton.testing.do_bench`` (median ms) and records the peak of
 ``torch.cuda.max_memory_allocated`` beyond the inputs, for:
 
-* ``turnrl``: ``gtpo_loss(backend="triton")`` (per-token advantages);
+* ``turnrl``: ``gtpo_loss(backend="triton")`` (per-token advantages), its
+  default schedule (``rows``); ``vocab``: the ``vocab`` schedule;
+  ``rowsR``: the ``rows`` schedule with R rows per block (``--row-blocks``);
 * ``eager``: ``torch_gtpo_loss``, the whole [N, V] logits upcast to fp32;
 * ``compile``: ``torch.compile`` of the same eager loss;
 * ``liger``: ``LigerFusedLinearGRPOLoss`` when liger-kernel is installed,
-  given per-sequence advantages (it takes no per-token ones).
+  given per-sequence advantages (it takes no per-token ones), with its
+  defaults; ``liger-nc`` without torch.compile; ``liger-b`` with the whole
+  batch in one chunk.
 
-Every variant computes gradients for hidden and weight. A variant that
+Every variant computes gradients for hidden and weight. Two reference rows
+follow: ``matmul``, one [N, H] x [H, V] bf16 product (any loss with both
+gradients needs three), and ``fwd-only``, turnrl's forward without autograd. A variant that
 runs out of memory (or fails, with the error on stderr) is reported as
 OOM. Prints a table with ratios against eager and writes a CSV (--csv,
 default benches/results/gpu_loss.csv).
@@ -59,21 +65,28 @@ def _inputs(n: int, seq_len: int, torch):
     )
 
 
-def _variants(torch):
-    from turnrl.kernels.fused_linear_gtpo import gtpo_loss, torch_gtpo_loss
+def _turnrl_loss(x, h, w, **options):
+    from turnrl.kernels.fused_linear_gtpo import gtpo_loss
 
-    def ours(x, h, w):
-        loss, _ = gtpo_loss(
-            h,
-            w,
-            x["targets"],
-            x["advantages"],
-            x["old"],
-            x["mask"],
-            backend="triton",
-            check_inputs=False,
-        )
-        return loss
+    loss, _ = gtpo_loss(
+        h,
+        w,
+        x["targets"],
+        x["advantages"],
+        x["old"],
+        x["mask"],
+        backend="triton",
+        check_inputs=False,
+        **options,
+    )
+    return loss
+
+
+def _variants(torch, row_blocks):
+    from turnrl.kernels.fused_linear_gtpo import torch_gtpo_loss
+
+    def turnrl(schedule="auto", chunk_size=None):
+        return lambda x, h, w: _turnrl_loss(x, h, w, schedule=schedule, chunk_size=chunk_size)
 
     def eager(x, h, w):
         return torch_gtpo_loss(h, w, x["targets"], x["advantages"], x["old"], x["mask"])
@@ -83,7 +96,10 @@ def _variants(torch):
     def compiled_eager(x, h, w):
         return compiled(h, w, x["targets"], x["advantages"], x["old"], x["mask"])
 
-    variants = {"turnrl": ours, "eager": eager, "compile": compiled_eager}
+    variants = {"turnrl": turnrl(), "vocab": turnrl("vocab")}
+    for rows in row_blocks:
+        variants[f"rows{rows}"] = turnrl("rows", rows)
+    variants.update(eager=eager, compile=compiled_eager)
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except ImportError:
@@ -98,20 +114,30 @@ def _variants(torch):
         compiled=True,
     )
     accepted = inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters
-    liger = LigerFusedLinearGRPOLoss(**{k: v for k, v in wanted.items() if k in accepted})
 
-    def liger_loss(x, h, w):
-        out = liger(
-            _input=h,
-            lin_weight=w,
-            selected_token_ids=x["targets"],
-            attention_mask=x["mask"].long(),
-            advantages=x["seq_adv"],
-            old_per_token_logps=x["old"],
-        )
-        return out[0] if isinstance(out, tuple) else out
+    def liger_variant(**overrides):
+        options = {**wanted, **overrides}
+        liger = LigerFusedLinearGRPOLoss(**{k: v for k, v in options.items() if k in accepted})
 
-    variants["liger"] = liger_loss
+        def liger_loss(x, h, w):
+            out = liger(
+                _input=h,
+                lin_weight=w,
+                selected_token_ids=x["targets"],
+                attention_mask=x["mask"].long(),
+                advantages=x["seq_adv"],
+                old_per_token_logps=x["old"],
+            )
+            return out[0] if isinstance(out, tuple) else out
+
+        return liger_loss
+
+    # Liger's defaults (torch.compile on, one sequence per chunk), then
+    # without compile (torch 2.11 failed to compile it at N = 32768 on an
+    # H100) and with all sequences in one chunk.
+    variants["liger"] = liger_variant()
+    variants["liger-nc"] = liger_variant(compiled=False)
+    variants["liger-b"] = liger_variant(chunk_size=1 << 20)
     return variants
 
 
@@ -146,10 +172,39 @@ def _measure(fn, x, torch, triton):
     return ms, peak / 2**30
 
 
+def _floors(x, torch, triton):
+    """Reference points: one [N, H] x [H, V] bf16 product (a loss with gradients
+    needs at least three) and turnrl's forward alone, without autograd."""
+    h2 = x["hidden"].reshape(-1, HIDDEN)
+    w = x["weight"]
+    out = {}
+    try:
+        ms = triton.testing.do_bench(lambda: torch.mm(h2, w.T), warmup=3, rep=20)
+        out["matmul"] = (ms, None)
+    except torch.OutOfMemoryError:
+        out["matmul"] = (None, None)
+    torch.cuda.empty_cache()
+
+    def forward():
+        with torch.no_grad():
+            _turnrl_loss(x, x["hidden"], w)
+
+    forward()
+    out["fwd-only"] = (triton.testing.do_bench(forward, warmup=3, rep=20), None)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument(
+        "--row-blocks",
+        type=int,
+        nargs="*",
+        default=[512, 1024, 2048, 4096],
+        help="also time the rows schedule with these rows per block",
+    )
     parser.add_argument(
         "--csv", type=Path, default=Path(__file__).parent / "results" / "gpu_loss.csv"
     )
@@ -169,11 +224,12 @@ def main() -> int:
         )
         return 2
     device = torch.cuda.get_device_name()
-    variants = _variants(torch)
+    variants = _variants(torch, args.row_blocks)
     rows = []
     for n in args.tokens:
         x = _inputs(n, args.seq_len, torch)
         results = {name: _measure(fn, x, torch, triton) for name, fn in variants.items()}
+        results.update(_floors(x, torch, triton))
         eager_ms, eager_gib = results["eager"]
         for name, (ms, gib) in results.items():
             rows.append(

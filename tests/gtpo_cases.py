@@ -63,7 +63,9 @@ def make_case(
     return Case(hidden, weight, targets, advantages, old, mask, ref, kwargs)
 
 
-def run_fused(case: Case, **extra):
+def run_fused(case: Case, *, combine=None, backward_rounds: int = 1, **extra):
+    """The fused loss and gradients of ``combine(loss)`` (default: the loss),
+    after ``backward_rounds`` backward passes through one retained graph."""
     from turnrl.kernels.fused_linear_gtpo import gtpo_loss
 
     hidden = case.hidden.clone().requires_grad_(True)
@@ -79,7 +81,9 @@ def run_fused(case: Case, **extra):
         **case.kwargs,
         **extra,
     )
-    loss.backward()
+    out = loss if combine is None else combine(loss)
+    for _ in range(backward_rounds):
+        out.backward(retain_graph=backward_rounds > 1)
     return loss.detach().double(), hidden.grad.double(), weight.grad.double(), stats
 
 

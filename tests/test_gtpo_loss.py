@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from gtpo_cases import AGGS, assert_close_to_reference, make_case  # noqa: E402
+from gtpo_cases import AGGS, assert_close_to_reference, make_case, run_fused  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -25,14 +25,22 @@ from turnrl.kernels.fused_linear_gtpo import (  # noqa: E402
 SEED = int.from_bytes(os.urandom(4), "little")
 
 
+# Chunk sizes per schedule: vocabulary columns (V = 1000: three full tiles and
+# a ragged one) or rows (192 rows: three full blocks and a ragged one).
+SCHEDULE_CHUNKS = [("vocab", 300), ("rows", 50)]
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize(
     ("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"]
 )
-def test_torch_backend_matches_reference_moderate(agg, dtype, rtol):
+def test_torch_backend_matches_reference_moderate(agg, dtype, rtol, schedule, chunk):
     seed = SEED + AGGS.index(agg)
     case = make_case(seed, (4, 48), 64, 1000, dtype, agg)
-    stats = assert_close_to_reference(case, rtol, backend="torch", chunk_size=300)
+    stats = assert_close_to_reference(
+        case, rtol, backend="torch", chunk_size=chunk, schedule=schedule
+    )
     assert 0.0 < float(stats["clip_frac"]) < 1.0, f"seed {seed}: no clipping exercised"
 
 
@@ -50,6 +58,7 @@ def test_torch_backend_matches_reference_moderate(agg, dtype, rtol):
     beta=st.sampled_from([0.0, 0.2]),
     entropy_coef=st.sampled_from([0.0, 0.05]),
     dual_clip=st.sampled_from([None, 2.0]),
+    schedule=st.sampled_from(["rows", "vocab"]),
 )
 def test_torch_backend_matches_reference_ragged(
     seed,
@@ -64,6 +73,7 @@ def test_torch_backend_matches_reference_ragged(
     beta,
     entropy_coef,
     dual_clip,
+    schedule,
 ):
     shape = (batch * length,) if flat else (batch, length)
     case = make_case(
@@ -86,7 +96,7 @@ def test_torch_backend_matches_reference_ragged(
     # 1e-5) differed by 1.6e-3 relative while eager fp32 differed by 3.5e-4;
     # in float64 both agree to 1e-12. The fp32 bound (1e-5) is held by the
     # moderate-shape test above.
-    assert_close_to_reference(case, 1e-8, backend="torch", chunk_size=chunk)
+    assert_close_to_reference(case, 1e-8, backend="torch", chunk_size=chunk, schedule=schedule)
 
 
 def test_stats_are_masked_means():
@@ -171,6 +181,86 @@ def _loss_and_grads(case):
     return loss.detach(), hidden.grad, weight.grad
 
 
+def _schedule_grads(case, schedule, combine, retain_rounds=1):
+    """Gradients of ``combine(loss)`` after ``retain_rounds`` backward passes."""
+    _, g_hidden, g_weight, _ = run_fused(
+        case,
+        combine=combine,
+        backward_rounds=retain_rounds,
+        backend="torch",
+        schedule=schedule,
+        chunk_size=3,
+    )
+    return g_hidden, g_weight
+
+
+@pytest.mark.parametrize(
+    "combine",
+    [lambda x: x, lambda x: -2.5 * x, lambda x: 2 * x + 3 * x, lambda x: x * x],
+    ids=["identity", "scaled", "used-twice", "squared"],
+)
+def test_row_schedule_gradients_follow_the_upstream_gradient(combine):
+    """The row schedule's gradients are computed in the forward for d loss = 1;
+    the backward must scale them by whatever reaches the loss."""
+    case = make_case(SEED, (3, 5), 8, 30, torch.float64, "seq_mean_token_mean")
+    got = _schedule_grads(case, "rows", combine)
+    want = _schedule_grads(case, "vocab", combine)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_row_schedule_survives_repeated_backward_on_a_retained_graph():
+    """A second and third backward add the same gradient again: the buffers the
+    first call handed to autograd (which may adopt them as .grad) are not reused."""
+    case = make_case(SEED, (3, 5), 8, 30, torch.float64, "token_mean")
+    once = _schedule_grads(case, "rows", lambda x: x)
+    thrice = _schedule_grads(case, "rows", lambda x: x, retain_rounds=3)
+    for g1, g3 in zip(once, thrice, strict=True):
+        torch.testing.assert_close(g3, 3 * g1, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["auto", "rows", "vocab"])
+def test_schedules_agree_without_gradients(schedule):
+    """Under no_grad (or with nothing requiring grad) the loss and stats are
+    the same whatever the schedule, and nothing asks for a backward."""
+    case = make_case(SEED, (3, 5), 8, 30, torch.float64, "token_mean")
+    args = (case.hidden, case.weight, case.targets, case.advantages, case.old, case.mask, case.ref)
+    want, want_stats = gtpo_loss(*args, backend="torch", schedule="vocab", **case.kwargs)
+    with torch.no_grad():
+        got, stats = gtpo_loss(
+            *(a.clone().requires_grad_(a.is_floating_point()) for a in args[:2]),
+            *args[2:],
+            backend="torch",
+            schedule=schedule,
+            chunk_size=4,
+            **case.kwargs,
+        )
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for name, value in want_stats.items():
+        torch.testing.assert_close(stats[name], value, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_schedule_is_rows_with_gradients_and_vocab_without(monkeypatch):
+    from turnrl.kernels import fused_linear_gtpo as gtpo
+
+    calls = []
+    real = dict(gtpo._ROWS)
+    monkeypatch.setitem(
+        gtpo._ROWS, "torch", lambda *a, **k: calls.append("rows") or real["torch"](*a, **k)
+    )
+    case = make_case(SEED, (2, 4), 8, 30, torch.float32, "token_mean")
+    hidden = case.hidden.clone().requires_grad_(True)
+    args = (case.weight, case.targets, case.advantages, case.old, case.mask, case.ref)
+    with torch.no_grad():
+        gtpo_loss(hidden, *args, backend="torch", **case.kwargs)
+    gtpo_loss(case.hidden, *args, backend="torch", **case.kwargs)  # nothing requires grad
+    assert calls == []
+    gtpo_loss(hidden, *args, backend="torch", **case.kwargs)[0].backward()
+    assert calls == ["rows"]
+    assert hidden.grad is not None
+
+
 def test_frozen_inputs_get_no_gradient():
     case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
     adv = case.advantages.clone().requires_grad_(True)
@@ -234,6 +324,7 @@ def _bad_call(**overrides):
         ({"target_ids": torch.full((2, 5), -1)}, InvalidInputError, "target_ids[0, 0] = -1"),
         ({"agg": "sum"}, UnknownNameError, "valid: token_mean"),
         ({"backend": "cuda"}, UnknownNameError, "unknown backend"),
+        ({"schedule": "cols"}, UnknownNameError, "valid: auto, rows, vocab"),
         ({"ref_logprobs": None, "beta": 0.1}, InvalidInputError, "needs ref_logprobs"),
         ({"dual_clip": 0.5}, InvalidInputError, "dual_clip must be > 1"),
         ({"temperature": 0.0}, InvalidInputError, "temperature"),

@@ -21,7 +21,8 @@ import traceback
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("aot_compile.py must run without TRITON_INTERPRET")
-# Triton 3.9 warns when this is unset; fusion is what launched kernels get.
+# Triton 3.9 warns when this is unset; the launch options (KERNEL_OPTIONS,
+# passed below as the launchers pass them) decide.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # Run ptxas every time (not from the cache) and print its report.
 os.environ["TRITON_ALWAYS_COMPILE"] = "1"
@@ -92,6 +93,7 @@ def main(archs: list[int]) -> int:
                                 fn=kernel, signature=signature, constexprs={"BLOCK_V": block_v}
                             ),
                             target=target,
+                            options=dict(gtpo.KERNEL_OPTIONS),
                         )
                 except Exception:  # report every variant, then fail
                     failed += 1

@@ -13,19 +13,29 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
 and the loss is ``sum_t w_t * loss_t`` with aggregation weights ``w`` that only
 depend on the mask (see :func:`aggregation_weights`).
 
-The [N, V] logits never exist at once. Both passes stream the vocabulary in
-chunks of ``chunk_size`` columns:
+The [N, V] logits never exist at once. Two schedules share the kernels:
 
-* forward: per chunk, a [N, Vc] logits tile; per row an online logsumexp
-  (running max ``m``, ``s = sum exp(z - m)``, ``u = sum exp(z - m) * z``) and
-  the target logit. ``lse = m + log s``, ``E[z] = u / s``, ``H = lse - E[z]``.
-* backward: per chunk, the tile again, turned in place into
+* ``rows`` (the default when gradients are taken): blocks of ``R`` rows over
+  the whole vocabulary. Per block, one [R, V] fp32 logits tile; the forward
+  kernel folds each row into an online logsumexp (running max ``m``,
+  ``s = sum exp(z - m)``, ``u = sum exp(z - m) * z``) and picks the target
+  logit: ``lse = m + log s``, ``E[z] = u / s``, ``H = lse - E[z]``. The
+  block's per-token loss derivatives follow at once, so the backward kernel
+  turns the same tile into
   ``dz_j = g_l * [j == y] - p_j * (g_l + g_H * (z_j - E[z]))`` (``g_l``,
-  ``g_H``: derivatives of the loss by ``l_t`` and ``H_t``), then
-  ``grad_hidden += dz @ W_c / temperature`` and
-  ``grad_weight[c] = dz.T @ hidden / temperature``.
+  ``g_H``: derivatives of the loss by ``l_t`` and ``H_t``), and
+  ``grad_hidden[block] = dz @ W / temperature``,
+  ``grad_weight += dz.T @ hidden[block] / temperature``. Both gradients are
+  done in the forward (as Liger-Kernel's fused cross-entropy does); the
+  backward scales them. Three [N, H] x [H, V] matmuls, as eager.
+* ``vocab``: chunks of ``Vc`` vocabulary columns over all rows. The forward
+  streams [N, Vc] tiles through the same online logsumexp; the backward
+  recomputes each tile for the gradients (``grad_weight[c]`` written once,
+  ``grad_hidden`` accumulated). Four matmuls, in exchange for the smallest
+  tile and nothing but [N] vectors held between forward and backward; also
+  the forward-only path (:func:`fused_logprobs`, no-grad calls).
 
-Two implementations of the chunk work sit behind one autograd Function:
+Two implementations of the tile work sit behind one autograd Function:
 
 * ``"triton"``: the matmuls are torch (cuBLAS on a GPU; bf16/fp16 operands
   with an fp32 logits tile, see :func:`_mm_f32`), the per-row online
@@ -33,15 +43,11 @@ Two implementations of the chunk work sit behind one autograd Function:
   matmuls use the tensor cores) are Triton kernels, one program per row
   (Liger-Kernel's fused-linear-cross-entropy split). No ``tl.dot`` is used,
   so the interpreter's bf16 ``tl.dot`` bug (triton issue 11584) cannot bite.
-* ``"torch"``: the same loop in plain torch with fp32 (fp64 for fp64 inputs)
-  tiles; the CPU fallback.
-
-Cost: four [N, H] x [H, V] matmuls (the backward recomputes the logits),
-one more than an eager forward+backward; in exchange only one [N, Vc] tile
-(plus its low-precision dlogits copy) is alive at a time.
+* ``"torch"``: the same schedules in plain torch with fp32 (fp64 for fp64
+  inputs) tiles; the CPU fallback.
 
 The per-token terms on [N] vectors are shared by both and differentiated by
-autograd in the backward (cheap: no vocabulary dimension).
+autograd (cheap: no vocabulary dimension), per block in the ``rows`` schedule.
 
 Layout follows Liger-Kernel: kernels, launchers, the autograd Function, then
 the functional wrapper; ``torch_gtpo_loss`` (unfused, whole logits) is the
@@ -72,6 +78,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "AGGREGATIONS",
     "BACKENDS",
+    "SCHEDULES",
     "GTPOLossFunction",
     "aggregation_weights",
     "fused_logprobs",
@@ -81,6 +88,7 @@ __all__ = [
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo")
 BACKENDS = ("auto", "triton", "torch")
+SCHEDULES = ("auto", "rows", "vocab")
 
 # Log-ratios are clamped before exp, as verl does, so a stale old log-prob cannot overflow.
 LOG_RATIO_CLAMP = 20.0
@@ -92,6 +100,20 @@ KL_CLAMP = 10.0
 # chunk), so fewer, wider chunks save memory traffic on a GPU: 2**26 elements
 # is a 256 MiB fp32 tile + a 128 MiB bf16 dlogits tile. The CPU keeps 2**24.
 TILE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 24}
+
+
+# Row schedule: rows per block = budget // V, so one [R, V] fp32 tile holds
+# about this many elements (1 GiB on CUDA: R = 1766 at V = 151936). Every
+# block adds its share into grad_weight ([V, H] read + written once per
+# block), so blocks must be tall: at R = 441 that traffic alone rivals a
+# matmul (H100 figures in benches/RESULTS.md).
+ROW_TILE_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 24}
+# Launch options of both kernels. No fused multiply-add: the backward
+# recomputes ``z - lse`` and ``z - E[z]`` from the same fp32 tile, and with
+# fma contraction it would not round ``z`` as the forward did, so a gradient
+# that is exactly zero (a one-token vocabulary, a one-hot row) came out as
+# rounding noise on a GPU (the interpreter never fuses).
+KERNEL_OPTIONS = {"enable_fp_fusion": False}
 
 
 def _interpreting() -> bool:
@@ -191,6 +213,49 @@ def _block_v(chunk_width: int) -> int:
 def _chunk_bounds(vocab: int, chunk_size: int):
     for start in range(0, vocab, chunk_size):
         yield start, min(start + chunk_size, vocab)
+
+
+def _row_state(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Fresh online-logsumexp state per row: ``(m, s, u, target_logit)``."""
+    m = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
+    return m, *(torch.zeros(n, dtype=torch.float32, device=device) for _ in range(3))
+
+
+def _fold_tile(logits, targets, state, chunk_start: int, temperature: float) -> None:
+    """Fold an fp32 logits tile (columns ``chunk_start`` on) into ``state``, in place."""
+    width = logits.shape[1]
+    _gtpo_forward_chunk_kernel[(logits.shape[0],)](
+        logits,
+        logits.stride(0),
+        targets,
+        *state,
+        chunk_start,
+        width,
+        1.0 / temperature,
+        BLOCK_V=_block_v(width),
+        **KERNEL_OPTIONS,
+    )
+
+
+def _tile_dlogits(logits, dlogits, targets, lse, mean_logit, g_l, g_h, chunk_start, temperature):
+    """Write d loss / d raw logits of an fp32 tile into ``dlogits`` (may be ``logits``)."""
+    width = logits.shape[1]
+    _gtpo_backward_chunk_kernel[(logits.shape[0],)](
+        logits,
+        logits.stride(0),
+        dlogits,
+        dlogits.stride(0),
+        targets,
+        lse,
+        mean_logit,
+        g_l,
+        g_h,
+        chunk_start,
+        width,
+        1.0 / temperature,
+        BLOCK_V=_block_v(width),
+        **KERNEL_OPTIONS,
+    )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -307,29 +372,12 @@ def stream_stats_triton(
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`stream_stats_torch`: fp32 tiles from :func:`_mm_f32`."""
-    n = hidden.shape[0]
-    dev = hidden.device
-    m = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
-    s = torch.zeros(n, dtype=torch.float32, device=dev)
-    u = torch.zeros(n, dtype=torch.float32, device=dev)
-    target_logit = torch.zeros(n, dtype=torch.float32, device=dev)
+    state = _row_state(hidden.shape[0], hidden.device)
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
         logits = _mm_f32(hidden, weight[start:stop].T)
-        width = stop - start
-        _gtpo_forward_chunk_kernel[(n,)](
-            logits,
-            logits.stride(0),
-            targets,
-            m,
-            s,
-            u,
-            target_logit,
-            start,
-            width,
-            1.0 / temperature,
-            BLOCK_V=_block_v(width),
-        )
+        _fold_tile(logits, targets, state, start, temperature)
         del logits
+    m, s, u, target_logit = state
     return m + torch.log(s), target_logit, u / s
 
 
@@ -353,7 +401,6 @@ def stream_grad_triton(
     tensor cores with bf16/fp16 operands, as an eager backward would; off
     CUDA it writes fp32 in place.
     """
-    n = hidden.shape[0]
     grad_h = (
         torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         if need_hidden
@@ -372,22 +419,7 @@ def stream_grad_triton(
         # put grad_weight at the edge of the 1e-2 bound on 1% of seeds.
         low_precision = hidden.dtype != torch.float32 and hidden.is_cuda
         dlogits = torch.empty_like(logits, dtype=hidden.dtype) if low_precision else logits
-        width = stop - start
-        _gtpo_backward_chunk_kernel[(n,)](
-            logits,
-            logits.stride(0),
-            dlogits,
-            dlogits.stride(0),
-            targets,
-            lse,
-            mean_logit,
-            g_l,
-            g_h,
-            start,
-            width,
-            1.0 / temperature,
-            BLOCK_V=_block_v(width),
-        )
+        _tile_dlogits(logits, dlogits, targets, lse, mean_logit, g_l, g_h, start, temperature)
         del logits
         if low_precision:
             if grad_h is not None:
@@ -402,6 +434,164 @@ def stream_grad_triton(
         del dlogits
     return grad_h, grad_w
 
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """The per-token [N] inputs of the loss terms, flat."""
+
+    old: torch.Tensor
+    advantages: torch.Tensor
+    ref: torch.Tensor | None
+    agg_weights: torch.Tensor
+    cfg: LossConfig
+
+    def block(self, start: int, stop: int) -> TokenInputs:
+        return TokenInputs(
+            self.old[start:stop],
+            self.advantages[start:stop],
+            None if self.ref is None else self.ref[start:stop],
+            self.agg_weights[start:stop],
+            self.cfg,
+        )
+
+
+@dataclass(frozen=True)
+class RowsResult:
+    """What the row schedule computes in one forward."""
+
+    loss: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+    grad_hidden: torch.Tensor | None
+    grad_weight: torch.Tensor | None
+
+
+def _row_blocks(n: int, rows: int):
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+
+
+def rows_torch(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_inputs: TokenInputs,
+    temperature: float,
+    rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> RowsResult:
+    """Loss, log-probs, entropies and both gradients, one block of rows at a time.
+
+    Each block's whole-vocabulary logits are one [R, V] tile, so its
+    log-softmax is exact at once and its dlogits follow in the same pass:
+    three [N, H] x [H, V] matmuls in all, the fewest a loss with both
+    gradients can do. The gradients are for a loss gradient of 1; the
+    autograd Function scales them in the backward.
+    """
+    dtype = _compute_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    w = weight.to(dtype)
+    inv_t = 1.0 / temperature
+    logprob = torch.empty(n, dtype=dtype, device=hidden.device)
+    entropy = torch.empty(n, dtype=dtype, device=hidden.device)
+    loss = torch.zeros((), dtype=dtype, device=hidden.device)
+    grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+    for start, stop in _row_blocks(n, rows):
+        h = hidden[start:stop].to(dtype)
+        local = torch.arange(stop - start, device=hidden.device)
+        z = h @ w.T
+        z.mul_(inv_t)
+        lse = torch.logsumexp(z, dim=1)
+        p = torch.sub(z, lse[:, None]).exp_()
+        mean_z = (p * z).sum(dim=1)
+        block_logprob = z[local, targets[start:stop]] - lse
+        block_entropy = lse - mean_z
+        logprob[start:stop], entropy[start:stop] = block_logprob, block_entropy
+        block_loss, g_l, g_h = _token_grads(
+            block_logprob, block_entropy, token_inputs.block(start, stop)
+        )
+        loss += block_loss
+        if not (need_hidden or need_weight):
+            continue
+        dz = z.sub_(mean_z[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
+        del p
+        dz[local, targets[start:stop]] += g_l
+        dz.mul_(inv_t)
+        if grad_h is not None:
+            grad_h[start:stop] = dz @ w
+        if grad_w is not None:
+            grad_w.addmm_(dz.T, h)
+        del dz, z
+    return RowsResult(loss, logprob, entropy, grad_h, grad_w)
+
+
+def rows_triton(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_inputs: TokenInputs,
+    temperature: float,
+    rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> RowsResult:
+    """Triton twin of :func:`rows_torch`: the two row kernels on an fp32 tile.
+
+    On CUDA with low-precision inputs the dlogits are written in the input
+    dtype and ``grad_weight`` accumulates in it, block by block, through
+    cuBLAS (fp32 inside, one rounding per block), as Liger-Kernel's chunked
+    losses accumulate; an fp32 accumulator would cost a [V, H] fp32 buffer.
+    """
+    n = hidden.shape[0]
+    dev = hidden.device
+    low_precision = hidden.dtype != torch.float32 and hidden.is_cuda
+    logprob = torch.empty(n, dtype=torch.float32, device=dev)
+    entropy = torch.empty(n, dtype=torch.float32, device=dev)
+    loss = torch.zeros((), dtype=torch.float32, device=dev)
+    grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_hidden else None
+    grad_w_dtype = weight.dtype if low_precision else torch.float32
+    grad_w = torch.zeros(weight.shape, dtype=grad_w_dtype, device=dev) if need_weight else None
+    w_f32 = None if low_precision or weight.dtype == torch.float32 else weight.float()
+    for start, stop in _row_blocks(n, rows):
+        h = hidden[start:stop]
+        block_targets = targets[start:stop]
+        logits = _mm_f32(h, weight.T)
+        state = _row_state(stop - start, dev)
+        _fold_tile(logits, block_targets, state, 0, temperature)
+        m, s, u, target_logit = state
+        lse = m + torch.log(s)
+        mean_z = u / s
+        block_logprob = target_logit - lse
+        block_entropy = lse - mean_z
+        logprob[start:stop], entropy[start:stop] = block_logprob, block_entropy
+        block_loss, g_l, g_h = _token_grads(
+            block_logprob, block_entropy, token_inputs.block(start, stop)
+        )
+        loss += block_loss
+        if not (need_hidden or need_weight):
+            continue
+        dlogits = torch.empty_like(logits, dtype=hidden.dtype) if low_precision else logits
+        g_l, g_h = g_l.float().contiguous(), g_h.float().contiguous()
+        _tile_dlogits(logits, dlogits, block_targets, lse, mean_z, g_l, g_h, 0, temperature)
+        del logits
+        if low_precision:
+            if grad_h is not None:
+                grad_h[start:stop] = _mm_f32(dlogits, weight)
+            if grad_w is not None:
+                grad_w.addmm_(dlogits.T, h)
+        else:
+            h32 = h.float()
+            if grad_h is not None:
+                grad_h[start:stop] = dlogits @ (weight if w_f32 is None else w_f32)
+            if grad_w is not None:
+                grad_w.addmm_(dlogits.T, h32)
+        del dlogits
+    return RowsResult(loss, logprob, entropy, grad_h, grad_w)
+
+
+_ROWS = {"torch": rows_torch, "triton": rows_triton}
 
 _STREAMS = {
     "torch": (stream_stats_torch, stream_grad_torch),
@@ -535,6 +725,28 @@ def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> 
     return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
 
 
+def _token_grads(
+    logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weighted loss of these tokens and its derivatives by each ``l_t`` and ``H_t``."""
+    with torch.enable_grad():
+        l_var = logprob.detach().requires_grad_(True)
+        h_var = entropy.detach().requires_grad_(True)
+        total = _weighted_loss(
+            l_var,
+            h_var,
+            inputs.old,
+            inputs.advantages,
+            inputs.ref,
+            inputs.agg_weights,
+            inputs.cfg,
+        )
+        g_l, g_h = torch.autograd.grad(total, (l_var, h_var), allow_unused=True)
+    g_l = torch.zeros_like(logprob) if g_l is None else g_l
+    g_h = torch.zeros_like(entropy) if g_h is None else g_h
+    return total.detach(), g_l, g_h
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     x = torch.where(mask, x.to(torch.float32), 0.0)
     return (x.sum() / mask.sum().clamp(min=1)).detach()
@@ -560,10 +772,19 @@ def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[
 
 
 class GTPOLossFunction(torch.autograd.Function):
-    """Streams the vocabulary twice: statistics forward, dlogits backward.
+    """The fused loss under one of two schedules (see the module docstring).
+
+    * ``"rows"``: blocks of ``chunk_size`` rows over the whole vocabulary;
+      both gradients are computed in the forward (three matmuls) and the
+      backward only scales them.
+    * ``"vocab"``: chunks of ``chunk_size`` vocabulary columns over all rows;
+      statistics in the forward, the logits recomputed for the gradients in
+      the backward (four matmuls, the smallest tile).
 
     Inputs are flat: ``hidden`` [N, H], ``weight`` [V, H], per-token [N]
     tensors (``agg_weights`` already holds the mask and the aggregation).
+    ``want_grads`` is whether autograd will ask for gradients (grad mode was
+    on at the call), which a Function cannot see inside its forward.
     Returns the scalar loss, then detached per-token log-probs and entropies.
     """
 
@@ -581,7 +802,37 @@ class GTPOLossFunction(torch.autograd.Function):
         temperature: float,
         backend: str,
         chunk_size: int,
+        schedule: str = "vocab",
+        want_grads: bool = True,
     ):
+        ctx.schedule = schedule
+        ctx.cfg, ctx.temperature, ctx.backend = cfg, temperature, backend
+        inputs = (hidden, weight, targets, advantages, old_logprobs, ref_logprobs, agg_weights)
+        if schedule == "rows":
+            need_hidden = want_grads and ctx.needs_input_grad[0]
+            need_weight = want_grads and ctx.needs_input_grad[1]
+            token_inputs = TokenInputs(old_logprobs, advantages, ref_logprobs, agg_weights, cfg)
+            result = _ROWS[backend](
+                hidden,
+                weight,
+                targets,
+                token_inputs,
+                temperature,
+                chunk_size,
+                need_hidden,
+                need_weight,
+            )
+            grad_h, grad_w = result.grad_hidden, result.grad_weight
+            ctx.grads = (
+                None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype),
+            )
+            # Only for a second backward through a retained graph (below).
+            ctx.save_for_backward(*inputs)
+            ctx.chunk_size = _default_chunk(hidden.shape[0], weight.shape[0], hidden.device)
+            ctx.mark_non_differentiable(result.logprob, result.entropy)
+            return result.loss, result.logprob, result.entropy
+
         stats_fn, _ = _STREAMS[backend]
         lse, target_logit, mean_logit = stats_fn(hidden, weight, targets, temperature, chunk_size)
         logprob = target_logit - lse
@@ -589,63 +840,50 @@ class GTPOLossFunction(torch.autograd.Function):
         loss = _weighted_loss(
             logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg
         )
-        ctx.save_for_backward(
-            hidden,
-            weight,
-            targets,
-            advantages,
-            old_logprobs,
-            ref_logprobs,
-            agg_weights,
-            lse,
-            mean_logit,
-            logprob,
-            entropy,
-        )
-        ctx.cfg, ctx.temperature, ctx.backend, ctx.chunk_size = (
-            cfg,
-            temperature,
-            backend,
-            chunk_size,
-        )
+        ctx.save_for_backward(*inputs, lse, mean_logit, logprob, entropy)
+        ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(logprob, entropy)
         return loss, logprob, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any):
-        (
-            hidden,
-            weight,
-            targets,
-            advantages,
-            old,
-            ref,
-            agg_weights,
-            lse,
-            mean_logit,
-            logprob,
-            entropy,
-        ) = ctx.saved_tensors
+        nones = (None,) * 11
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.schedule == "rows" and ctx.grads is not None:
+            # The gradients computed in the forward are for d loss = 1. They
+            # are handed over once and forgotten: autograd may adopt them (or
+            # a view of them) as .grad and add into them later, so a second
+            # backward through a retained graph recomputes instead (below).
+            grad_h, grad_w = ctx.grads
+            ctx.grads = None
+            if not bool(grad_loss == 1):
+                for grad in (grad_h, grad_w):
+                    if grad is not None:
+                        grad.mul_(grad_loss.to(grad.dtype))
+            return (grad_h, grad_w, *nones)
         if not (need_hidden or need_weight):
-            return (None,) * 11
-        with torch.enable_grad():
-            l_var = logprob.detach().requires_grad_(True)
-            h_var = entropy.detach().requires_grad_(True)
-            total = _weighted_loss(l_var, h_var, old, advantages, ref, agg_weights, ctx.cfg)
-            g_l, g_h = torch.autograd.grad(total, (l_var, h_var), allow_unused=True)
+            return (None, None, *nones)
+
+        hidden, weight, targets, advantages, old, ref, agg_weights, *saved = ctx.saved_tensors
+        stats_fn, grad_fn = _STREAMS[ctx.backend]
+        if saved:
+            lse, mean_logit, logprob, entropy = saved
+        else:
+            lse, target_logit, mean_logit = stats_fn(
+                hidden, weight, targets, ctx.temperature, ctx.chunk_size
+            )
+            logprob, entropy = target_logit - lse, lse - mean_logit
+        inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg)
+        _, g_l, g_h = _token_grads(logprob, entropy, inputs)
         scale = grad_loss.to(lse.dtype)
-        g_l = torch.zeros_like(logprob) if g_l is None else g_l * scale
-        g_h = torch.zeros_like(entropy) if g_h is None else g_h * scale
-        _, grad_fn = _STREAMS[ctx.backend]
         grad_h, grad_w = grad_fn(
             hidden,
             weight,
             targets,
             lse,
             mean_logit,
-            g_l,
-            g_h,
+            g_l * scale,
+            g_h * scale,
             ctx.temperature,
             ctx.chunk_size,
             need_hidden,
@@ -653,7 +891,7 @@ class GTPOLossFunction(torch.autograd.Function):
         )
         grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
-        return (grad_h, grad_w) + (None,) * 9
+        return (grad_h, grad_w, *nones)
 
 
 # ---------------------------------------------------------------------------
@@ -799,6 +1037,7 @@ def gtpo_loss(
     check_inputs: bool = True,
     global_tokens: int | None = None,
     global_sequences: int | None = None,
+    schedule: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -831,8 +1070,18 @@ def gtpo_loss(
             the micro-batch losses add up to the whole batch's loss; see
             :func:`aggregation_weights`. ``dr_grpo`` then needs ``max_len``.
         backend: ``auto`` (Triton on CUDA, torch otherwise) | ``triton`` | ``torch``.
-        chunk_size: vocabulary columns per tile (default: ``2**26 // N`` on
-            CUDA, ``2**24 // N`` elsewhere).
+        schedule: ``auto`` (``rows`` when gradients will be taken, else
+            ``vocab``) | ``rows`` | ``vocab``. ``rows`` streams blocks of rows
+            over the whole vocabulary and computes both gradients in the
+            forward: three matmuls, one [R, V] fp32 tile (Liger-Kernel's
+            choice). ``vocab`` streams vocabulary chunks over all rows and
+            recomputes the logits in the backward: four matmuls, the smallest
+            tile, and nothing held between forward and backward but [N]
+            vectors.
+        chunk_size: rows per block (``rows``; default ``2**28 // V`` on CUDA,
+            ``2**24 // V`` elsewhere) or vocabulary columns per tile
+            (``vocab``; default ``2**26 // N`` on CUDA, ``2**24 // N``
+            elsewhere).
         check_inputs: validate target ids of trained tokens, finiteness of
             ``hidden``, and of ``advantages``, ``old_logprobs`` (and
             ``ref_logprobs`` when ``beta != 0``) on trained tokens (one device
@@ -879,6 +1128,7 @@ def gtpo_loss(
             "dr_grpo over micro-batches needs max_len: each micro-batch's padded length differs"
         )
     resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
+    resolved_schedule = _resolve_schedule(schedule, hidden, weight)
 
     mask_b = mask != 0
     if check_inputs:
@@ -903,8 +1153,9 @@ def gtpo_loss(
     if not h2.is_contiguous():
         h2 = h2.contiguous()
     n = h2.shape[0]
+    default_chunk = _default_rows if resolved_schedule == "rows" else _default_chunk
     chunk = (
-        _default_chunk(n, weight.shape[0], hidden.device) if chunk_size is None else int(chunk_size)
+        default_chunk(n, weight.shape[0], hidden.device) if chunk_size is None else int(chunk_size)
     )
     if chunk <= 0:
         raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
@@ -916,7 +1167,15 @@ def gtpo_loss(
         ref=None if ref_logprobs is None else ref_logprobs.reshape(-1),
     )
     loss, logprob, entropy = _apply(
-        h2, weight.contiguous(), flat, agg_weights.reshape(-1), cfg, temperature, resolved, chunk
+        h2,
+        weight.contiguous(),
+        flat,
+        agg_weights.reshape(-1),
+        cfg,
+        temperature,
+        resolved,
+        chunk,
+        resolved_schedule,
     )
     with torch.no_grad():
         acc = logprob.dtype
@@ -932,7 +1191,7 @@ def gtpo_loss(
     return loss, stats
 
 
-def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk):
+def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, schedule):
     return GTPOLossFunction.apply(
         h2,
         weight,
@@ -945,7 +1204,25 @@ def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk):
         temperature,
         backend,
         chunk,
+        schedule,
+        torch.is_grad_enabled(),
     )
+
+
+def _resolve_schedule(schedule: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+    if schedule not in SCHEDULES:
+        raise UnknownNameError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule != "auto":
+        return schedule
+    # Without gradients both schedules do one matmul; the vocabulary one has
+    # the smaller tile.
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return "rows" if grads else "vocab"
+
+
+def _default_rows(n: int, vocab: int, device: torch.device) -> int:
+    budget = ROW_TILE_ELEMENTS.get(device.type, ROW_TILE_ELEMENTS["cpu"])
+    return int(max(1, min(n, budget // max(vocab, 1))))
 
 
 def fused_logprobs(
