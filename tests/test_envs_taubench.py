@@ -282,6 +282,45 @@ def test_calculate_matches_python_on_safe_inputs():
     assert calculate("__import__('os')") == "Error: invalid characters in expression"
 
 
+EVAL_NEEDS_A_STRING = "Error: eval() arg 1 must be a string, bytes or code object"
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ([], EVAL_NEEDS_A_STRING),
+        (["1", "+", "2"], EVAL_NEEDS_A_STRING),
+        # Upstream's test is `item in "0123456789+-*/(). "`: a substring test.
+        (["12"], EVAL_NEEDS_A_STRING),
+        ([""], EVAL_NEEDS_A_STRING),
+        ({"1": 2}, EVAL_NEEDS_A_STRING),
+        (["1+2"], "Error: invalid characters in expression"),
+        (["x"], "Error: invalid characters in expression"),
+    ],
+)
+def test_calculate_on_json_that_is_not_a_string_answers_as_upstream(expression, expected):
+    """tau-bench v1 hands a list or object to its character test and then to
+    eval; the texts follow from that (checked against upstream's tool)."""
+    assert calculate(expression) == expected
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ([1, 2], "'in <string>' requires string as left operand, not int"),
+        ([["1"]], "'in <string>' requires string as left operand, not list"),
+        (5, "'int' object is not iterable"),
+        (None, "'NoneType' object is not iterable"),
+    ],
+)
+def test_calculate_raises_where_upstream_raises(expression, message):
+    """Upstream's character test raises outside its try; the episode turns the
+    exception into an ``Error: ...`` observation, as tau-bench's step does."""
+    with pytest.raises(TypeError) as raised:
+        calculate(expression)
+    assert str(raised.value) == message
+
+
 def test_state_equality_follows_the_hash():
     assert same_state({"a": 1, "b": [1, 2]}, {"b": [1, 2], "a": 1})
     assert not same_state({"a": 1}, {"a": 1.0})

@@ -15,7 +15,7 @@ import math
 import operator
 from typing import Any
 
-_ALLOWED_CHARS = frozenset("0123456789+-*/(). ")
+_ALLOWED_TEXT = "0123456789+-*/(). "
 _BINOPS: dict[type, Any] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -61,10 +61,19 @@ def _eval(node: ast.AST) -> Any:
     raise CalcError("unsupported expression")
 
 
-def calculate(expression: str) -> str:
-    """Evaluate ``expression`` as tau-bench's ``calculate`` tool does."""
-    if not all(ch in _ALLOWED_CHARS for ch in expression):
+def calculate(expression: Any) -> str:
+    """Evaluate ``expression`` as tau-bench's ``calculate`` tool does.
+
+    Models do send other JSON than a string. Upstream tests each item of
+    whatever it got with ``item in "0123456789+-*/(). "`` (a substring test
+    for strings, a TypeError for anything else, and iterating a number is
+    one too; those raise here as there, for the episode to report), then
+    hands what passed to ``eval``, which takes only strings.
+    """
+    if not all(item in _ALLOWED_TEXT for item in expression):
         return "Error: invalid characters in expression"
+    if not isinstance(expression, str):
+        return "Error: eval() arg 1 must be a string, bytes or code object"
     try:
         # eval, which tau-bench uses, strips leading spaces and tabs.
         tree = ast.parse(expression.lstrip(" \t"), filename="<string>", mode="eval")
