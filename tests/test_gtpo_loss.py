@@ -497,8 +497,9 @@ def test_package_exports_the_functions_in_either_import_order():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_gpu_benchmark_fails_clearly_without_cuda():
-    bench = os.path.join(os.path.dirname(__file__), "..", "benches", "gpu_loss.py")
+@pytest.mark.parametrize("script", ["gpu_loss.py", "gpu_row_kernels.py"])
+def test_gpu_benchmark_fails_clearly_without_cuda(script):
+    bench = os.path.join(os.path.dirname(__file__), "..", "benches", script)
     out = subprocess.run([sys.executable, bench], capture_output=True, text=True)
     assert out.returncode == 2
     assert "needs a CUDA GPU" in out.stderr
