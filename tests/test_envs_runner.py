@@ -7,6 +7,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from turnrl import envs
 
@@ -266,3 +268,144 @@ def test_runner_labels_with_the_rust_labeller_by_default():
         tiers = [t.get("tier") for t in rec["turns"]]
         assert tiers == simple_labeler(rec["turns"], task.gold_actions, d.tool_kinds)
         assert "gold" in tiers
+
+
+# --- tau2-bench's episode loop -------------------------------------------------
+#
+# A plain model of tau2-bench's half-duplex orchestrator (its step and
+# termination checks, restated): every user message, agent message and
+# execution of an agent message's tool calls is a step; after each step that
+# does not wait for tools, reaching max_steps or max_errors ends the episode,
+# overriding a user stop in the same step.
+
+
+def _tau2_loop_model(opening, user_replies, agent_moves, max_steps, max_errors=10):
+    stop_tokens = ("###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###")
+    replies, moves = iter(user_replies), iter(agent_moves)
+    steps = errors = 0
+    reason = None
+    to, pending_errors = "user", 0
+    first = True
+    while reason is None or reason == "user_stop_pending":
+        if reason == "user_stop_pending":
+            reason = "user_stop"
+            break
+        if to == "user":
+            text = opening if first else next(replies)
+            first = False
+            to = "agent"
+            stopped = any(t in text for t in stop_tokens)
+        elif to == "agent":
+            move = next(moves)
+            stopped = False
+            if move[0] == "calls":
+                to, pending_errors = "env", move[2]
+            else:
+                to = "user"
+        else:
+            errors += pending_errors
+            to, stopped = "agent", False
+        steps += 1
+        if stopped:
+            reason = "user_stop_pending"
+        if to != "env":
+            if steps >= max_steps:
+                reason = "max_steps"
+            if errors >= max_errors:
+                reason = "too_many_errors"
+    return reason, steps, errors
+
+
+class _ListUser:
+    def __init__(self, opening, replies):
+        self.opening, self.replies = opening, list(replies)
+
+    def reset(self, task):
+        return self.opening
+
+    def step(self, agent_message):
+        return self.replies.pop(0)
+
+
+def _moves_agent(moves):
+    moves = list(moves)
+
+    def agent(messages, tools):
+        move = moves.pop(0)
+        if move[0] == "text":
+            return {"content": "How can I help?"}
+        _, ok, bad = move
+        calls = [{"name": "calculate", "arguments": {"expression": "1+1"}}] * ok
+        calls += [{"name": "no_such_tool", "arguments": {}}] * bad
+        return {"tool_calls": calls}
+
+    return agent
+
+
+USER_TEXTS = ["Hello.", "Yes.", "###STOP###", "ok ###TRANSFER###", "###OUT-OF-SCOPE### bye"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    opening=st.sampled_from(USER_TEXTS),
+    replies=st.lists(st.sampled_from(USER_TEXTS), min_size=60, max_size=60),
+    moves=st.lists(
+        st.one_of(
+            st.just(("text",)),
+            st.tuples(st.just("calls"), st.integers(0, 2), st.integers(0, 3)).filter(
+                lambda m: m[1] + m[2] > 0
+            ),
+        ),
+        min_size=60,
+        max_size=60,
+    ),
+    max_steps=st.integers(1, 40),
+)
+def test_tau2_rules_end_episodes_as_tau2s_orchestrator(opening, replies, moves, max_steps):
+    from turnrl.envs._base import TAU2_BENCH_RULES
+
+    domain = envs.load("synthetic:airline", seed=0)
+    domain.rules = TAU2_BENCH_RULES
+    domain.terminate_tools = frozenset()
+    want_reason, want_steps, want_errors = _tau2_loop_model(opening, replies, moves, max_steps)
+    rec = envs.run_episode(
+        _moves_agent(moves),
+        domain,
+        0,
+        _ListUser(opening, replies),
+        max_steps=max_steps,
+        labeler=lambda t, g, k: [None] * len(t),
+    )
+    meta = rec["meta"]
+    assert (meta["stop_reason"], meta["steps"], meta["tool_errors"]) == (
+        want_reason,
+        want_steps,
+        want_errors,
+    )
+    if want_reason != "user_stop":
+        assert rec["outcome"] == 0.0
+
+
+def test_tau2_rules_limits_zero_a_solved_task():
+    """A task solved but with 10 failed tool calls, or past the step limit,
+    scores 0 under tau2-bench's rules and 1 under tau-bench's."""
+    from turnrl.envs._base import TAU2_BENCH_RULES
+
+    domain = envs.load("synthetic:airline", seed=0)
+    task = next(t for t in domain.tasks if t.gold_actions)
+    say = {"content": "Done: " + ", ".join(task.outputs)} if task.outputs else {"content": "Done."}
+    gold = [{"tool_calls": [a.as_call()]} for a in task.actions]
+    failing = [{"tool_calls": [{"name": "no_such_tool", "arguments": {}}]}] * 10
+    for rules, want in ((domain.rules, 1.0), (TAU2_BENCH_RULES, 0.0)):
+        domain.rules = rules
+        script = failing + gold + [say]
+
+        def agent(messages, tools, script=script):
+            return script.pop(0) if script else {"content": "Bye."}
+
+        user = _ListUser("Hi.", ["###STOP###"] * 5)
+        rec = envs.run_episode(agent, domain, task, user, max_steps=200)
+        assert rec["outcome"] == want, (rules, rec["meta"])
+        if want == 0.0:
+            assert rec["meta"]["stop_reason"] == "too_many_errors"
+            assert rec["meta"]["tool_errors"] == 10

@@ -225,7 +225,7 @@ def test_text_sent_with_tool_calls_counts_for_the_communicate_check():
     def agent(messages, tools):
         return script.pop(0) if script else {"content": "Goodbye."}
 
-    record = envs.run_episode(agent, d, task, envs.ScriptedUser(), max_steps=4)
+    record = envs.run_episode(agent, d, task, envs.ScriptedUser())
     assert record["outcome"] == 1.0, record["meta"]
     ep = d.new_episode(task)
     for a in task.actions:
@@ -236,3 +236,24 @@ def test_text_sent_with_tool_calls_counts_for_the_communicate_check():
     v1 = envs.load("synthetic:airline", seed=0).new_episode(0)
     v1.say_with_calls("anything")
     assert v1.agent_messages == []
+
+
+def test_a_transfer_is_a_tool_call_and_the_user_ends_the_episode():
+    """tau2-bench's orchestrator does not stop at transfer_to_human_agents:
+    the user simulator says ###TRANSFER### after it (tau-bench v1 stops)."""
+    d = envs.load("tau2:airline", root=TAU2, split="base")
+    task = d.tasks[0]
+    script = [
+        {"tool_calls": [{"name": "transfer_to_human_agents", "arguments": {"summary": "s"}}]},
+        {"content": "You are being transferred to a human agent."},
+    ]
+
+    class TransferredUser(envs.ScriptedUser):
+        def step(self, agent_message):
+            return "###TRANSFER###"
+
+    record = envs.run_episode(lambda m, t: script.pop(0), d, task, TransferredUser())
+    assert record["meta"]["stop_reason"] == "user_stop"
+    roles = [turn["role"] for turn in record["turns"]]
+    assert roles == ["user", "assistant", "tool", "assistant", "user"]
+    assert record["meta"]["steps"] == 5 and record["meta"]["tool_errors"] == 0

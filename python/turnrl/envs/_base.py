@@ -17,6 +17,7 @@ __all__ = [
     "Action",
     "Domain",
     "Episode",
+    "EpisodeRules",
     "RewardResult",
     "Task",
     "ToolSpec",
@@ -25,7 +26,41 @@ __all__ = [
 
 RESPOND = "respond"
 STOP_TOKEN = "###STOP###"
+# tau2-bench's user simulator also ends a conversation with these.
+TRANSFER_TOKEN = "###TRANSFER###"
+OUT_OF_SCOPE_TOKEN = "###OUT-OF-SCOPE###"
 ToolKind = Literal["read", "write"]
+
+
+@dataclass(frozen=True)
+class EpisodeRules:
+    """How an episode of a domain ends, as its benchmark's own loop ends it.
+
+    * ``max_steps``: the default step limit of :func:`turnrl.envs.run_episode`.
+    * ``step_unit``: what a step is. ``"assistant"`` (tau-bench): one assistant
+      message. ``"message"`` (tau2-bench's orchestrator): every user message,
+      every assistant message, and every execution of an assistant message's
+      tool calls; the limits are checked after each step that does not wait
+      for tools, and a limit reached there ends the episode with reward 0,
+      even when the user stopped in that same step.
+    * ``max_errors``: tool errors after which the episode ends with reward 0
+      (tau2-bench: 10); None for no limit.
+    * ``stop_tokens``: a user message holding one ends the episode.
+    """
+
+    max_steps: int = 30
+    step_unit: Literal["assistant", "message"] = "assistant"
+    max_errors: int | None = None
+    stop_tokens: tuple[str, ...] = (STOP_TOKEN,)
+
+
+TAU_BENCH_RULES = EpisodeRules()
+TAU2_BENCH_RULES = EpisodeRules(
+    max_steps=100,
+    step_unit="message",
+    max_errors=10,
+    stop_tokens=(STOP_TOKEN, TRANSFER_TOKEN, OUT_OF_SCOPE_TOKEN),
+)
 
 
 @dataclass(frozen=True)
@@ -162,7 +197,8 @@ class Episode:
 
     ``call`` runs a tool and returns its observation; errors come back as text.
     ``say`` records a message to the user. ``done`` turns true after a
-    terminating tool (a transfer to a human) or ``hear`` of ``###STOP###``.
+    terminating tool (tau-bench's transfer to a human) or ``hear`` of a stop
+    token of the domain's :class:`EpisodeRules`.
     """
 
     def __init__(self, domain: Domain, task: Task) -> None:
@@ -203,8 +239,10 @@ class Episode:
             self._said.append(str(text))
 
     def hear(self, text: str) -> None:
-        """Record the user's reply; ``###STOP###`` in it ends the episode."""
-        if STOP_TOKEN in (text or ""):
+        """Record the user's reply; a stop token of the domain's rules in it
+        (``###STOP###``; in tau2-bench domains also ``###TRANSFER###`` and
+        ``###OUT-OF-SCOPE###``) ends the episode."""
+        if any(token in (text or "") for token in self.domain.rules.stop_tokens):
             self.done = True
 
     @property
@@ -233,8 +271,10 @@ class Domain:
         terminate_tools: Iterable[str] = ("transfer_to_human_agents",),
         unknown_tool: Callable[[str], str] = lambda name: f"Unknown action {name}",
         text_with_calls_counts: bool = False,
+        rules: EpisodeRules = TAU_BENCH_RULES,
     ) -> None:
         self.name = name
+        self.rules = rules
         # tau2-bench checks every assistant message with text for the
         # information to communicate, those that also call tools included;
         # tau-bench only its respond actions.

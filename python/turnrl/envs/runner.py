@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from turnrl.envs._base import STOP_TOKEN, Domain, Task
+from turnrl.envs._base import Domain, Task
 from turnrl.envs.users import User
 
 __all__ = ["Agent", "Labeler", "run_episode"]
@@ -49,7 +49,7 @@ def run_episode(
     domain: Domain,
     task: int | str | Task,
     user: User,
-    max_steps: int = 30,
+    max_steps: int | None = None,
     labeler: Labeler | None = None,
     *,
     tier_rewards: Mapping[str, float] | None = None,
@@ -62,10 +62,20 @@ def run_episode(
     domain's policy) and the OpenAI tool schemas, and returns an assistant
     message: ``content`` and optional ``tool_calls`` (OpenAI shape or
     ``{"name", "arguments"}``). Every tool call in a message is run, in order.
-    A message without tool calls goes to the user. The episode stops when the
-    user says ``###STOP###``, after a transfer to a human agent, or after
-    ``max_steps`` assistant messages. As in tau-bench, an episode that did not
-    finish scores 0; the reward parts are in ``meta``.
+    A message without tool calls goes to the user.
+
+    The episode ends as the domain's benchmark ends it (``domain.rules``,
+    :class:`~turnrl.envs.EpisodeRules`):
+
+    * tau-bench: the user says ``###STOP###``, the agent transfers to a
+      human agent, or ``max_steps`` assistant messages (default 30) pass;
+    * tau2-bench: the user says ``###STOP###``, ``###TRANSFER###`` or
+      ``###OUT-OF-SCOPE###``, ``max_steps`` steps pass (default 100,
+      counting user messages, assistant messages and tool executions, as
+      tau2's orchestrator does), or 10 tool calls have failed.
+
+    An episode that did not finish, or hit a limit, scores 0, as in both
+    benchmarks; ``meta`` says why it stopped and holds the reward parts.
 
     Tiers come from ``labeler(turns, gold_actions, tool_kinds)`` (one entry per
     turn, None for non-assistant turns), else from ``turnrl.label_tiers`` when
@@ -73,6 +83,9 @@ def run_episode(
     reward written beside it.
     """
     task = domain.task(task)
+    rules = domain.rules
+    limit = rules.max_steps if max_steps is None else max_steps
+    by_message = rules.step_unit == "message"
     episode = domain.new_episode(task)
     tools = domain.openai_tools()
     opening = user.reset(task)
@@ -82,11 +95,25 @@ def run_episode(
     ]
     turns: list[dict[str, Any]] = [{"role": "user", "content": opening}]
     stop_reason = "max_steps"
-    steps = 0
-    if STOP_TOKEN in opening:
-        episode.hear(opening)
+    steps = tool_errors = 0
+    limit_hit: str | None = None
+
+    def check_limits() -> None:
+        # tau2's orchestrator checks both limits after every step that does
+        # not wait for tools, and the last check wins, a user's stop included.
+        nonlocal limit_hit
+        if steps >= limit:
+            limit_hit = "max_steps"
+        if rules.max_errors is not None and tool_errors >= rules.max_errors:
+            limit_hit = "too_many_errors"
+
+    episode.hear(opening)
+    if episode.done:
         stop_reason = "user_stop"
-    while not episode.done and steps < max_steps:
+    if by_message:
+        steps += 1
+        check_limits()
+    while not episode.done and limit_hit is None and (by_message or steps < limit):
         steps += 1
         reply = agent(messages, tools)
         content = reply.get("content") or ""
@@ -123,6 +150,7 @@ def run_episode(
                 else:
                     obs = episode.call(name, args)
                     error = episode.last_error
+                tool_errors += bool(error)
                 turns.append({"role": "tool", "name": name, "content": obs, "error": error})
                 messages.append(
                     {"role": "tool", "tool_call_id": call_id, "name": name, "content": obs}
@@ -130,17 +158,29 @@ def run_episode(
                 if episode.done:
                     stop_reason = "transfer"
                     break
+            if by_message:
+                steps += 1
+                check_limits()
             continue
         episode.say(content)
+        if by_message:
+            check_limits()
+            if limit_hit is not None:
+                break
         answer = user.step(content)
         episode.hear(answer)
         turns.append({"role": "user", "content": answer})
         messages.append({"role": "user", "content": answer})
         if episode.done:
             stop_reason = "user_stop"
+        if by_message:
+            steps += 1
+            check_limits()
 
+    if limit_hit is not None:
+        stop_reason = limit_hit
     result = episode.reward()
-    outcome = result.reward if episode.done else 0.0
+    outcome = result.reward if episode.done and limit_hit is None else 0.0
 
     label = labeler if labeler is not None else _default_labeler()
     if label is not None:
@@ -164,6 +204,7 @@ def run_episode(
         "meta": {
             "domain": domain.name,
             "steps": steps,
+            "tool_errors": tool_errors,
             "stop_reason": stop_reason,
             "reward_info": result.as_dict(),
         },

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from turnrl.envs import retail_tau2
-from turnrl.envs._base import Action, Domain, Task, read_json, read_text
+from turnrl.envs._base import TAU2_BENCH_RULES, Action, Domain, Task, read_json, read_text
 from turnrl.envs.airline_tau2 import TAU2_TOOLS
 from turnrl.exceptions import InvalidInputError
 
@@ -167,4 +167,8 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
         policy=read_text(base / "policy.md"),
         unknown_tool=lambda name: f"Error: Tool '{name}' not found.",
         text_with_calls_counts=True,
+        # tau2-bench's orchestrator: a transfer is an ordinary tool call (the
+        # user simulator then says ###TRANSFER###), 100 steps, 10 tool errors.
+        terminate_tools=(),
+        rules=TAU2_BENCH_RULES,
     )

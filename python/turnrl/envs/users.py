@@ -16,7 +16,15 @@ from typing import Any, Protocol
 from turnrl.envs._base import STOP_TOKEN, Task
 from turnrl.exceptions import InvalidInputError, TurnrlError
 
-__all__ = ["STOP_TOKEN", "LLMUser", "ScriptedUser", "User", "UserSimulatorError"]
+__all__ = [
+    "DEFAULT_SYSTEM_PROMPT",
+    "STOP_TOKEN",
+    "TAU2_SYSTEM_PROMPT",
+    "LLMUser",
+    "ScriptedUser",
+    "User",
+    "UserSimulatorError",
+]
 
 
 class UserSimulatorError(TurnrlError, RuntimeError):
@@ -97,6 +105,16 @@ Rules:
 - Don't recite the instruction; say things in your own words.
 - Keep the conversation natural and true to the personality in the instruction."""
 
+# tau2-bench's user simulator also ends the chat when transferred to a human
+# (###TRANSFER###) or when its scenario cannot go on (###OUT-OF-SCOPE###);
+# tau2 domains end an episode on either (turnrl.envs.EpisodeRules).
+TAU2_SYSTEM_PROMPT = (
+    DEFAULT_SYSTEM_PROMPT
+    + """
+- If the agent transfers you to another agent, reply with '###TRANSFER###' alone.
+- If the instruction gives you too little to go on, reply with '###OUT-OF-SCOPE###' alone."""
+)
+
 OPENING = "Hi! How can I help you today?"
 
 
@@ -106,7 +124,9 @@ class LLMUser:
     Prompted as tau-bench's user simulator works: a system prompt with the task
     instruction and the rules (one line at a time, no invented facts,
     ``###STOP###`` when done); the agent's messages are the "user" side of
-    that conversation, starting with "Hi! How can I help you today?".
+    that conversation, starting with "Hi! How can I help you today?". For
+    tau2-bench domains pass ``system_prompt=TAU2_SYSTEM_PROMPT``, which adds
+    tau2's ``###TRANSFER###`` and ``###OUT-OF-SCOPE###`` endings.
     ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and the
     environment variable named by ``api_key_env`` (``OPENAI_API_KEY``).
     Transient failures (connection, timeout, rate limit, 5xx) are retried
