@@ -10,3 +10,5 @@ import shutil
 # compiled kernels unless the caller sets TRITON_INTERPRET itself.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from chat_server import chat_server  # noqa: F401  (the fixture, for every test module)

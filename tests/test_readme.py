@@ -192,7 +192,7 @@ FILES: dict[str, Callable[[Path], None]] = {
 }
 
 # Section title -> why it is skipped. None is: no block needs a network or a
-# GPU (the LLMUser endpoint is in a comment; the fused loss runs on torch on
+# GPU (the LLMUser and LLMJudge endpoints are in comments; the fused loss runs on torch on
 # the CPU).
 SKIPPED: dict[str, str] = {}
 

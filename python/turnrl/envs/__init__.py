@@ -25,6 +25,7 @@ from turnrl.envs._base import (
     ToolSpec,
     pass_hat_k,
 )
+from turnrl.envs.judge import JudgeError, LLMJudge, NLJudge
 from turnrl.envs.runner import run_episode
 from turnrl.envs.users import LLMUser, ScriptedUser, UserSimulatorError
 from turnrl.exceptions import InvalidInputError, UnknownNameError
@@ -34,7 +35,10 @@ __all__ = [
     "Domain",
     "Episode",
     "EpisodeRules",
+    "JudgeError",
+    "LLMJudge",
     "LLMUser",
+    "NLJudge",
     "RewardResult",
     "ScriptedUser",
     "Task",

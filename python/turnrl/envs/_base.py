@@ -111,15 +111,21 @@ class RewardResult:
     db_match: bool | None
     outputs: dict[str, bool]
     missing_outputs: list[str]
+    #: tau2-bench's natural-language assertions and whether a judge found each
+    #: met; None where none were judged.
+    nl_assertions: dict[str, bool] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict form, for logs and rollout records."""
-        return {
+        out: dict[str, Any] = {
             "reward": self.reward,
             "db_match": self.db_match,
             "outputs": dict(self.outputs),
             "missing_outputs": list(self.missing_outputs),
         }
+        if self.nl_assertions is not None:
+            out["nl_assertions"] = dict(self.nl_assertions)
+        return out
 
 
 ToolFn = Callable[..., str]

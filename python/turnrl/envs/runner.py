@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from turnrl.envs._base import Domain, Task
+from turnrl.envs.judge import JudgeError, NLJudge
 from turnrl.envs.users import User
 
 __all__ = ["Agent", "Labeler", "run_episode"]
@@ -55,6 +57,7 @@ def run_episode(
     tier_rewards: Mapping[str, float] | None = None,
     group: str | None = None,
     sample: int = 0,
+    nl_judge: NLJudge | None = None,
 ) -> dict[str, Any]:
     """Run one episode and return it as a ``turnrl.rollout/1`` record.
 
@@ -76,6 +79,12 @@ def run_episode(
 
     An episode that did not finish, or hit a limit, scores 0, as in both
     benchmarks; ``meta`` says why it stopped and holds the reward parts.
+
+    tau2-bench tasks whose reward basis holds ``NL_ASSERTION`` (most of
+    retail) also need every natural-language assertion met. ``nl_judge``
+    (:class:`turnrl.envs.LLMJudge`, or any ``judge(turns, assertions) ->
+    list[bool]``) decides them; it is asked only when the rest of the reward
+    is 1, since the reward is their product. Without one they are not scored.
 
     Tiers come from ``labeler(turns, gold_actions, tool_kinds)`` (one entry per
     turn, None for non-assistant turns), else from ``turnrl.label_tiers`` when
@@ -181,6 +190,19 @@ def run_episode(
         stop_reason = limit_hit
     result = episode.reward()
     outcome = result.reward if episode.done and limit_hit is None else 0.0
+    assertions = (
+        list(task.facts.get("nl_assertions") or []) if "NL_ASSERTION" in task.reward_basis else []
+    )
+    if nl_judge is not None and assertions and outcome == 1.0:
+        met = [bool(m) for m in nl_judge(turns, assertions)]
+        if len(met) != len(assertions):
+            raise JudgeError(f"the judge gave {len(met)} verdicts for {len(assertions)} assertions")
+        result = dataclasses.replace(
+            result,
+            reward=result.reward * float(all(met)),
+            nl_assertions=dict(zip(assertions, met, strict=True)),
+        )
+        outcome = result.reward
 
     label = labeler if labeler is not None else _default_labeler()
     if label is not None:

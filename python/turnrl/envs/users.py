@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "STOP_TOKEN",
     "TAU2_SYSTEM_PROMPT",
+    "ChatEndpoint",
     "LLMUser",
     "ScriptedUser",
     "User",
@@ -118,6 +119,85 @@ TAU2_SYSTEM_PROMPT = (
 OPENING = "Hi! How can I help you today?"
 
 
+class ChatEndpoint:
+    """A chat model behind an OpenAI-compatible endpoint, with retries.
+
+    ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and the
+    environment variable named by ``api_key_env``. Transient failures
+    (connection, timeout, rate limit, 5xx) are retried ``max_retries`` times
+    with exponential backoff; then ``error`` (an exception type) says which
+    endpoint failed, as ``what`` (for example "user simulator"). ``openai``
+    is imported only when an endpoint is created.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.0,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        timeout: float = 60.0,
+        extra_body: dict[str, Any] | None = None,
+        what: str = "chat model",
+        error: type[Exception] = RuntimeError,
+    ) -> None:
+        try:
+            import openai
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise ImportError(
+                f"the {what} needs the openai package: pip install 'turnrl[training]'"
+            ) from e
+        self._openai = openai
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        key = api_key or os.environ.get(api_key_env) or "EMPTY"
+        self.temperature = temperature
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.extra_body = extra_body
+        self.what = what
+        self.error = error
+        # Retries are ours (with our backoff and error text), not the client's.
+        self.client = openai.OpenAI(
+            base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout
+        )
+
+    def complete(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's reply to ``messages`` (its text; empty if it gave none)."""
+        oa = self._openai
+        transient = (
+            oa.APIConnectionError,
+            oa.APITimeoutError,
+            oa.RateLimitError,
+            oa.InternalServerError,
+        )
+        where = f"{self.what} at {self.client.base_url} (model {self.model})"
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                res = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    temperature=self.temperature,
+                    extra_body=self.extra_body,
+                )
+                return res.choices[0].message.content or ""
+            except transient as e:
+                last = e
+                if attempt < self.max_retries:
+                    time.sleep(self.backoff * 2**attempt)
+            except oa.APIStatusError as e:
+                raise self.error(f"{where} answered HTTP {e.status_code}: {e.message}") from e
+        raise self.error(
+            f"{where} unreachable after {self.max_retries + 1} attempts: "
+            f"{type(last).__name__}: {last}"
+        ) from last
+
+
 class LLMUser:
     """A user simulated by a chat model behind any OpenAI-compatible endpoint.
 
@@ -149,58 +229,27 @@ class LLMUser:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
-        try:
-            import openai
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise ImportError(
-                "LLMUser needs the openai package: pip install 'turnrl[training]'"
-            ) from e
-        self._openai = openai
-        self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        key = api_key or os.environ.get(api_key_env) or "EMPTY"
-        self.temperature = temperature
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.system_prompt = system_prompt
-        self.extra_body = extra_body
-        # Retries are ours (with our backoff and error text), not the client's.
-        self.client = openai.OpenAI(
-            base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout
+        self.endpoint = ChatEndpoint(
+            model,
+            base_url,
+            api_key,
+            api_key_env=api_key_env,
+            temperature=temperature,
+            max_retries=max_retries,
+            backoff=backoff,
+            timeout=timeout,
+            extra_body=extra_body,
+            what="user simulator",
+            error=UserSimulatorError,
         )
+        self.model = model
+        self.base_url = self.endpoint.base_url
+        self.system_prompt = system_prompt
+        self.client = self.endpoint.client
         self.messages: list[dict[str, str]] = []
 
     def _complete(self, messages: Sequence[dict[str, str]]) -> str:
-        oa = self._openai
-        transient = (
-            oa.APIConnectionError,
-            oa.APITimeoutError,
-            oa.RateLimitError,
-            oa.InternalServerError,
-        )
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
-            try:
-                res = self.client.chat.completions.create(
-                    model=self.model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    temperature=self.temperature,
-                    extra_body=self.extra_body,
-                )
-                return res.choices[0].message.content or ""
-            except transient as e:
-                last = e
-                if attempt < self.max_retries:
-                    time.sleep(self.backoff * 2**attempt)
-            except oa.APIStatusError as e:
-                raise UserSimulatorError(
-                    f"user simulator at {self.client.base_url} (model {self.model}) "
-                    f"answered HTTP {e.status_code}: {e.message}"
-                ) from e
-        raise UserSimulatorError(
-            f"user simulator at {self.client.base_url} (model {self.model}) unreachable after "
-            f"{self.max_retries + 1} attempts: {type(last).__name__}: {last}"
-        ) from last
+        return self.endpoint.complete(messages)
 
     def reset(self, task: Task) -> str:
         self.messages = [

@@ -1,0 +1,78 @@
+"""A fake OpenAI-compatible chat endpoint, served for real on 127.0.0.1.
+
+Tests that talk to chat models (simulated users, judges) use the
+``chat_server`` fixture (registered in conftest.py): ``chat_server(replies,
+fail_first=0)`` starts a server that answers each request with the next of
+``replies`` (then ``###STOP###``), after ``fail_first`` 503s, and returns it
+with its ``/v1`` URL; ``server.requests`` holds every (path, body) received.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+
+class _ChatServer(ThreadingHTTPServer):
+    def __init__(self, replies, fail_first=0):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.replies = list(replies)
+        self.requests = []
+        self.fail_first = fail_first
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        server = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        server.requests.append((self.path, body))
+        if server.fail_first > 0:
+            server.fail_first -= 1
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "busy"}}')
+            return
+        text = server.replies.pop(0) if server.replies else "###STOP###"
+        out = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+        data = json.dumps(out).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def chat_server():
+    servers = []
+
+    def start(replies, fail_first=0):
+        srv = _ChatServer(replies, fail_first)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
