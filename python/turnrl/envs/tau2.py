@@ -4,8 +4,10 @@ Layout: ``data/tau2/domains/<domain>/{db.json, tasks.json, split_tasks.json,
 policy.md}``. The reward follows the task's ``reward_basis``: ``DB`` (state
 equal to the gold actions' replay) and ``COMMUNICATE`` (each
 ``communicate_info`` string in some agent message, lower-cased, commas
-stripped from the message). ``NL_ASSERTION`` checks need an LLM judge and
-are not scored here (recorded in the task's ``facts``).
+stripped from the message). ``NL_ASSERTION`` checks need an LLM judge:
+the assertions are in the task's ``facts``, and
+:func:`turnrl.envs.run_episode` scores them when given ``nl_judge``
+(:mod:`turnrl.envs.judge`); ``Episode.reward`` alone leaves them out.
 
 Both domains run tau2's own tool semantics (:mod:`turnrl.envs.airline_tau2`,
 :mod:`turnrl.envs.retail_tau2`) on records shaped as tau2's models dump them.
