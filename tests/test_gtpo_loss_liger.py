@@ -17,6 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 chunked_loss = pytest.importorskip("liger_kernel.chunked_loss")
 
+from gtpo_cases import rel_err  # noqa: E402
+
 from turnrl.kernels import gtpo_loss  # noqa: E402
 
 LOSS_TYPES = {"dapo": "token_mean", "grpo": "seq_mean_token_mean", "dr_grpo": "dr_grpo"}
@@ -104,8 +106,13 @@ def test_matches_liger_grpo_loss(loss_type: str, beta: float, backend: str) -> N
     )
     got.backward()
 
-    # Liger computes in float32 whatever its inputs.
-    tol = dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got.double(), want.double(), **tol)
-    torch.testing.assert_close(h_ours.grad.double(), h_liger.grad.double(), **tol)
-    torch.testing.assert_close(w_ours.grad.double(), w_liger.grad.double(), **tol)
+    # Liger computes in float32 whatever its inputs. Relative to each
+    # tensor's largest entry, as the reference tests measure (gtpo_cases):
+    # elementwise, two fp32 sums in different orders differ by 1e-6 on entries
+    # of 1e-2 now and then (seen once in CI), which says nothing about either.
+    errors = {
+        "loss": rel_err(got.double(), want.double(), floor=1.0),
+        "grad_hidden": rel_err(h_ours.grad.double(), h_liger.grad.double(), floor=1e-12),
+        "grad_weight": rel_err(w_ours.grad.double(), w_liger.grad.double(), floor=1e-12),
+    }
+    assert all(e <= 1e-5 for e in errors.values()), (seed, errors)
