@@ -2,8 +2,9 @@
 
 Tests that talk to chat models (simulated users, judges) use the
 ``chat_server`` fixture (registered in conftest.py): ``chat_server(replies,
-fail_first=0)`` starts a server that answers each request with the next of
-``replies`` (then ``###STOP###``), after ``fail_first`` 503s, and returns it
+fail_first=0, default="###STOP###")`` starts a server that answers each
+request with the next of ``replies`` (a text, or a message dict with
+``tool_calls``), then ``default``, after ``fail_first`` 503s, and returns it
 with its ``/v1`` URL; ``server.requests`` holds every (path, body) received.
 """
 
@@ -17,9 +18,10 @@ import pytest
 
 
 class _ChatServer(ThreadingHTTPServer):
-    def __init__(self, replies, fail_first=0):
+    def __init__(self, replies, fail_first=0, default="###STOP###"):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.replies = list(replies)
+        self.default = default
         self.requests = []
         self.fail_first = fail_first
 
@@ -39,7 +41,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"error": {"message": "busy"}}')
             return
-        text = server.replies.pop(0) if server.replies else "###STOP###"
+        reply = server.replies.pop(0) if server.replies else server.default
+        message = {"role": "assistant", "content": reply}
+        if isinstance(reply, dict):  # a whole message: content and tool_calls
+            message = {"role": "assistant", "content": None, **reply}
         out = {
             "id": "chatcmpl-1",
             "object": "chat.completion",
@@ -48,7 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "finish_reason": "stop",
                 }
             ],
@@ -66,8 +71,8 @@ class _Handler(BaseHTTPRequestHandler):
 def chat_server():
     servers = []
 
-    def start(replies, fail_first=0):
-        srv = _ChatServer(replies, fail_first)
+    def start(replies, fail_first=0, default="###STOP###"):
+        srv = _ChatServer(replies, fail_first, default)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         servers.append(srv)
         return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"

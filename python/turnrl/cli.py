@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from turnrl import __version__
 from turnrl.advantages import estimator_names
@@ -163,6 +164,68 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(args: argparse.Namespace) -> int:
+    from turnrl import envs
+    from turnrl.collect import collect_rollouts, select_tasks
+    from turnrl.envs._base import TRANSFER_TOKEN
+    from turnrl.envs.users import DEFAULT_SYSTEM_PROMPT, TAU2_SYSTEM_PROMPT
+    from turnrl.exceptions import InvalidInputError
+
+    extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
+    domain = envs.load(args.env, root=args.root, split=args.split, **extra)
+    tasks = select_tasks(domain, args.tasks)
+
+    def make_agent() -> envs.OpenAIAgent:
+        return envs.OpenAIAgent(
+            args.agent_model,
+            args.agent_url,
+            temperature=args.agent_temperature,
+            max_tokens=args.max_tokens,
+        )
+
+    if args.user == "scripted":
+        make_user: Any = envs.ScriptedUser
+    else:
+        if not args.user_model:
+            raise InvalidInputError("--user llm needs --user-model (or use --user scripted)")
+        tau2 = TRANSFER_TOKEN in domain.rules.stop_tokens
+        prompt = TAU2_SYSTEM_PROMPT if tau2 else DEFAULT_SYSTEM_PROMPT
+
+        def make_user() -> envs.LLMUser:
+            return envs.LLMUser(args.user_model, args.user_url, system_prompt=prompt)
+
+    judge = envs.LLMJudge(args.judge_model, args.judge_url) if args.judge_model else None
+    summary = collect_rollouts(
+        domain,
+        make_agent,
+        make_user,
+        args.out,
+        tasks=tasks,
+        samples=args.samples,
+        tiers=args.tiers,
+        max_steps=args.max_steps,
+        nl_judge=judge,
+        workers=args.workers,
+        progress=not args.quiet,
+    )
+    tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common()) or "none"
+    stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common()) or "none"
+    print(
+        f"wrote {summary.records} rollouts to {args.out}: success {summary.success_rate:.3f}; "
+        f"stops: {stops}; assistant turns by tier: {tiers}"
+    )
+    for task_id, sample, error in summary.failures:
+        print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
+    if summary.failures:
+        print(
+            f"{len(summary.failures)} of {summary.records + len(summary.failures)} episodes "
+            "failed and were not written",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 TURN_NORM_HELP = (
     "group-normalise each turn against the same turn of the other rollouts (position) or "
     "against all turns of the group (pooled) (default: %(default)s)"
@@ -301,6 +364,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--out", required=True, help="buffer to write (.zst compresses)")
     imp.set_defaults(run=_import_taubench)
+
+    col = rollout_commands.add_parser(
+        "collect",
+        help="run a served policy against a domain and write the episodes as a buffer",
+        description="Run episodes of a policy behind an OpenAI-compatible endpoint (vllm serve, "
+        "SGLang, a hosted API) with a simulated user, label every assistant turn with its tier, "
+        "and write a turnrl.rollout/1 buffer. API keys come from OPENAI_API_KEY. Exits 1 when "
+        "some episodes failed (the others are written).",
+    )
+    col.add_argument("--env", required=True, help="domain, e.g. tau2:airline (see turnrl.envs)")
+    col.add_argument("--root", help="the tau-bench or tau2-bench checkout with the data")
+    col.add_argument("--split", help="task split (default: the domain's)")
+    col.add_argument(
+        "--seed", type=int, default=0, help="seed of a synthetic domain (default: %(default)s)"
+    )
+    col.add_argument(
+        "--tasks",
+        default="all",
+        help="all, START:STOP (indices) or comma-separated indices and ids (default: %(default)s)",
+    )
+    col.add_argument(
+        "--samples", type=int, default=4, help="episodes per task, one group (default: %(default)s)"
+    )
+    col.add_argument("--agent-model", required=True, help="the policy's model name")
+    col.add_argument("--agent-url", help="the policy's base URL (default: OPENAI_BASE_URL)")
+    col.add_argument(
+        "--agent-temperature",
+        type=float,
+        default=1.0,
+        help="sampling temperature of the policy (default: %(default)s)",
+    )
+    col.add_argument("--max-tokens", type=int, help="cap on each policy reply's tokens")
+    col.add_argument(
+        "--user",
+        choices=["llm", "scripted"],
+        default="llm",
+        help="simulated user: a chat model, or the deterministic scripted one "
+        "(default: %(default)s)",
+    )
+    col.add_argument("--user-model", help="the user simulator's model name (--user llm)")
+    col.add_argument("--user-url", help="the user simulator's base URL (default: OPENAI_BASE_URL)")
+    col.add_argument(
+        "--judge-model", help="judge tau2-bench's natural-language assertions with this model"
+    )
+    col.add_argument("--judge-url", help="the judge's base URL (default: OPENAI_BASE_URL)")
+    col.add_argument(
+        "--tiers",
+        default="naive",
+        help="tier rewards to write on each turn: TOML file or preset (default: %(default)s)",
+    )
+    col.add_argument(
+        "--max-steps",
+        type=int,
+        help="step limit in the domain's own unit (default: the benchmark's; see README)",
+    )
+    col.add_argument(
+        "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+    )
+    col.add_argument("--quiet", action="store_true", help="no progress bar")
+    col.add_argument("--out", required=True, help="buffer to write (.zst compresses)")
+    col.set_defaults(run=_collect)
     return parser
 
 

@@ -25,6 +25,7 @@ from turnrl.envs._base import (
     ToolSpec,
     pass_hat_k,
 )
+from turnrl.envs.agents import AgentError, OpenAIAgent
 from turnrl.envs.judge import JudgeError, LLMJudge, NLJudge
 from turnrl.envs.runner import run_episode
 from turnrl.envs.users import LLMUser, ScriptedUser, UserSimulatorError
@@ -32,6 +33,7 @@ from turnrl.exceptions import InvalidInputError, UnknownNameError
 
 __all__ = [
     "Action",
+    "AgentError",
     "Domain",
     "Episode",
     "EpisodeRules",
@@ -39,6 +41,7 @@ __all__ = [
     "LLMJudge",
     "LLMUser",
     "NLJudge",
+    "OpenAIAgent",
     "RewardResult",
     "ScriptedUser",
     "Task",

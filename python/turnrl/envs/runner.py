@@ -21,6 +21,9 @@ def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
     """(name, arguments, id, problem) from an OpenAI or plain ``{name, arguments}`` call."""
     if not isinstance(call, Mapping):
         return "", {}, None, "tool call is not an object"
+    if "error" in call and "name" not in call and "function" not in call:
+        # A call the agent's parser could not read (OpenAIAgent's text calls).
+        return "", {}, call.get("id"), f"malformed tool call: {call['error']}"
     fn = call.get("function") if isinstance(call.get("function"), Mapping) else call
     name = fn.get("name")
     args = fn.get("arguments", {})
@@ -63,9 +66,12 @@ def run_episode(
 
     ``agent(messages, tools)`` gets the chat so far (system prompt = the
     domain's policy) and the OpenAI tool schemas, and returns an assistant
-    message: ``content`` and optional ``tool_calls`` (OpenAI shape or
-    ``{"name", "arguments"}``). Every tool call in a message is run, in order.
-    A message without tool calls goes to the user.
+    message: ``content`` and optional ``tool_calls`` (OpenAI shape,
+    ``{"name", "arguments"}``, or ``{"error": reason}`` for a call that could
+    not be read, which the agent gets back as an error).
+    :class:`turnrl.envs.OpenAIAgent` is such an agent for a policy served
+    behind an OpenAI-compatible endpoint (vLLM). Every tool call in a message
+    is run, in order. A message without tool calls goes to the user.
 
     The episode ends as the domain's benchmark ends it (``domain.rules``,
     :class:`~turnrl.envs.EpisodeRules`):

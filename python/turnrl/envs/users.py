@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from turnrl.envs._base import STOP_TOKEN, Task
@@ -168,6 +168,12 @@ class ChatEndpoint:
 
     def complete(self, messages: Sequence[dict[str, str]]) -> str:
         """The model's reply to ``messages`` (its text; empty if it gave none)."""
+        return self.respond(messages).content or ""
+
+    def respond(self, messages: Sequence[Mapping[str, Any]], **params: Any) -> Any:
+        """The model's whole reply message (``openai``'s object: ``content``,
+        ``tool_calls``, ...) to ``messages``; ``params`` go to the request
+        (``tools``, ``max_tokens``, ...)."""
         oa = self._openai
         transient = (
             oa.APIConnectionError,
@@ -184,8 +190,11 @@ class ChatEndpoint:
                     messages=list(messages),  # type: ignore[arg-type]
                     temperature=self.temperature,
                     extra_body=self.extra_body,
+                    **params,
                 )
-                return res.choices[0].message.content or ""
+                if not res.choices:
+                    raise self.error(f"{where} answered with no choices")
+                return res.choices[0].message
             except transient as e:
                 last = e
                 if attempt < self.max_retries:

@@ -1,0 +1,150 @@
+"""Collect rollouts: episodes of a policy with a simulated user, written as a buffer.
+
+The policy and the user are usually chat models behind OpenAI-compatible
+endpoints (a ``vllm serve`` policy, any user model): episodes wait on the
+network, so several run at once on threads. Each record carries its turns'
+reward tiers and tier rewards, ready for ``turnrl calibrate`` and the
+advantage estimators. ``turnrl rollouts collect`` is the command line form.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from turnrl.envs._base import Domain, Task
+from turnrl.envs.judge import NLJudge
+from turnrl.envs.runner import Agent, run_episode
+from turnrl.envs.users import User
+from turnrl.exceptions import InvalidInputError
+
+__all__ = ["CollectSummary", "collect_rollouts", "select_tasks"]
+
+
+@dataclass
+class CollectSummary:
+    """What :func:`collect_rollouts` wrote and what failed."""
+
+    records: int = 0
+    outcomes: list[float] = field(default_factory=list)
+    tiers: Counter[str] = field(default_factory=Counter)
+    stop_reasons: Counter[str] = field(default_factory=Counter)
+    #: (task id, sample, error) of each episode that raised; none of them is written.
+    failures: list[tuple[str, int, str]] = field(default_factory=list)
+
+    @property
+    def success_rate(self) -> float:
+        """Mean outcome of the written episodes (0 when none)."""
+        return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 0.0
+
+
+def select_tasks(domain: Domain, spec: str) -> list[Task]:
+    """Tasks by a spec: ``all``, ``START:STOP`` (indices, either side optional)
+    or comma-separated indices and task ids."""
+    spec = spec.strip()
+    if spec in ("", "all"):
+        return list(domain.tasks)
+    if ":" in spec and "," not in spec:
+        start_text, _, stop_text = spec.partition(":")
+        try:
+            start = int(start_text) if start_text.strip() else None
+            stop = int(stop_text) if stop_text.strip() else None
+        except ValueError:
+            raise InvalidInputError(
+                f"tasks {spec!r}: a range is START:STOP with integers"
+            ) from None
+        chosen = domain.tasks[start:stop]
+        if not chosen:
+            raise InvalidInputError(
+                f"tasks {spec!r} selects none of {domain.name}'s {len(domain.tasks)} tasks"
+            )
+        return list(chosen)
+    chosen = []
+    for part in spec.split(","):
+        part = part.strip()
+        chosen.append(domain.task(int(part) if part.lstrip("-").isdigit() else part))
+    return chosen
+
+
+def collect_rollouts(
+    domain: Domain,
+    make_agent: Callable[[], Agent],
+    make_user: Callable[[], User],
+    out: str | os.PathLike[str],
+    *,
+    tasks: Sequence[int | str | Task] | None = None,
+    samples: int = 1,
+    tiers: str | os.PathLike[str] | Mapping[str, float] = "naive",
+    max_steps: int | None = None,
+    nl_judge: NLJudge | None = None,
+    workers: int = 4,
+    progress: bool = True,
+) -> CollectSummary:
+    """Run ``samples`` episodes of each task and write them to the buffer ``out``.
+
+    ``make_agent()`` and ``make_user()`` give a fresh agent and user per
+    episode (users keep the conversation). Episodes run on ``workers``
+    threads; each task's samples form one group (the task id). ``tiers``
+    (a preset, TOML file or mapping) gives the per-turn rewards written
+    beside the tiers. An episode that raises (an endpoint down, a judge's
+    unusable reply) is counted in ``failures`` with its error and not
+    written; the others are. The buffer is written atomically (see
+    :class:`turnrl.RolloutWriter`), its folder created if need be.
+    """
+    from turnrl.calibration import load_tier_rewards
+    from turnrl.rollouts import RolloutWriter
+
+    if samples < 1:
+        raise InvalidInputError(f"samples must be at least 1, got {samples}")
+    if workers < 1:
+        raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    rewards = load_tier_rewards(tiers)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    chosen = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
+    jobs = [(task, sample) for task in chosen for sample in range(samples)]
+    summary = CollectSummary()
+
+    def episode(task: Task, sample: int) -> dict[str, Any]:
+        return run_episode(
+            make_agent(),
+            domain,
+            task,
+            make_user(),
+            max_steps,
+            tier_rewards=rewards,
+            sample=sample,
+            nl_judge=nl_judge,
+        )
+
+    bar: Any = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="episode", desc=f"collect {domain.name}")
+    with RolloutWriter(out) as writer, ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(episode, task, sample): (task.id, sample) for task, sample in jobs}
+        for future in as_completed(futures):
+            task_id, sample = futures[future]
+            try:
+                record = future.result()
+            except Exception as e:  # any episode's failure is reported, the others kept
+                summary.failures.append((task_id, sample, f"{type(e).__name__}: {e}"))
+            else:
+                writer.write(record)
+                summary.records += 1
+                summary.outcomes.append(float(record["outcome"]))
+                summary.stop_reasons[record["meta"]["stop_reason"]] += 1
+                for turn in record["turns"]:
+                    if turn["role"] == "assistant" and turn.get("tier") is not None:
+                        summary.tiers[str(turn["tier"])] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(success=f"{summary.success_rate:.2f}", failed=len(summary.failures))
+    if bar is not None:
+        bar.close()
+    return summary

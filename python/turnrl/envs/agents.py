@@ -1,0 +1,105 @@
+"""A policy served behind an OpenAI-compatible endpoint, as a ``run_episode`` agent.
+
+``vllm serve MODEL`` (or SGLang, or a hosted API) puts a policy behind
+``/v1/chat/completions``; :class:`OpenAIAgent` sends it the chat and the
+domain's tool schemas and hands the reply to :func:`turnrl.envs.run_episode`.
+Servers started with a tool-call parser (vLLM's ``--enable-auto-tool-choice
+--tool-call-parser hermes``) return structured ``tool_calls``; servers
+without one return the calls as text, which is parsed here with
+:func:`turnrl.parse_tool_calls` (Hermes/Qwen ``<tool_call>`` JSON and
+Qwen3-Coder XML). A call that does not parse becomes an error observation
+for the agent, naming the problem; the calls around it still run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from turnrl.envs.users import ChatEndpoint
+from turnrl.exceptions import TurnrlError
+
+__all__ = ["AgentError", "OpenAIAgent"]
+
+
+class AgentError(TurnrlError, RuntimeError):
+    """The policy's endpoint could not be reached or answered an error."""
+
+
+class OpenAIAgent:
+    """A ``run_episode`` agent asking a chat model behind an OpenAI-compatible endpoint.
+
+    Endpoint options as :class:`turnrl.envs.LLMUser`'s (retries with
+    backoff, then :class:`AgentError` naming the endpoint). ``max_tokens``
+    caps each reply; ``parse_text_calls`` parses tool calls the server left
+    in the text (``fmt`` as :func:`turnrl.parse_tool_calls`). The reply's
+    reasoning (``reasoning_content`` from a server's reasoning parser, or
+    ``<think>`` text) is returned as ``reasoning``; it is not sent back.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 1.0,
+        max_tokens: int | None = None,
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        timeout: float = 300.0,
+        parse_text_calls: bool = True,
+        fmt: str = "auto",
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        self.endpoint = ChatEndpoint(
+            model,
+            base_url,
+            api_key,
+            api_key_env=api_key_env,
+            temperature=temperature,
+            max_retries=max_retries,
+            backoff=backoff,
+            timeout=timeout,
+            extra_body=extra_body,
+            what="agent policy",
+            error=AgentError,
+        )
+        self.max_tokens = max_tokens
+        self.parse_text_calls = parse_text_calls
+        self.fmt = fmt
+
+    def __call__(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The assistant's next message: ``content``, ``tool_calls``, ``reasoning``."""
+        params: dict[str, Any] = {}
+        if tools:
+            params["tools"] = list(tools)
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        reply = self.endpoint.respond(messages, **params)
+        content = reply.content or ""
+        reasoning = getattr(reply, "reasoning_content", None) or None
+        calls: list[dict[str, Any]] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": call.function.arguments},
+            }
+            for call in (reply.tool_calls or [])
+        ]
+        if not calls and self.parse_text_calls and content:
+            from turnrl import parse_tool_calls
+
+            parsed = parse_tool_calls(content, fmt=self.fmt, tools=list(tools) or None)
+            if parsed.tool_calls or parsed.errors:
+                content = parsed.content
+                reasoning = reasoning or parsed.reasoning or None
+                calls = [
+                    {"name": c["name"], "arguments": c.get("arguments", {})}
+                    for c in parsed.tool_calls
+                ]
+                calls += [{"error": str(e)} for e in parsed.errors]
+        return {"content": content, "tool_calls": calls, "reasoning": reasoning}

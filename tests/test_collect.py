@@ -1,0 +1,169 @@
+"""A served policy as an agent, and collecting its episodes into a buffer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import turnrl
+from turnrl import envs
+from turnrl.calibration import load_tier_rewards
+from turnrl.cli import main
+from turnrl.collect import collect_rollouts, select_tasks
+
+pytest.importorskip("openai")
+
+
+def _call(call_id, name, arguments):
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments)},
+    }
+
+
+def test_openai_agent_sends_tools_and_returns_structured_calls(chat_server):
+    d = envs.load("synthetic:airline", seed=0)
+    srv, url = chat_server(
+        [{"content": "", "tool_calls": [_call("c1", "calculate", {"expression": "1+1"})]}]
+    )
+    agent = envs.OpenAIAgent("policy", url, api_key="k", max_tokens=64, temperature=0.5)
+    reply = agent([{"role": "user", "content": "hi"}], d.openai_tools())
+    assert reply["tool_calls"] == [_call("c1", "calculate", {"expression": "1+1"})]
+    body = srv.requests[-1][1]
+    assert body["model"] == "policy" and body["max_tokens"] == 64 and body["temperature"] == 0.5
+    assert [t["function"]["name"] for t in body["tools"]] == [
+        t["function"]["name"] for t in d.openai_tools()
+    ]
+
+
+def test_openai_agent_parses_calls_left_in_the_text(chat_server):
+    text = (
+        "<think>look the user up</think>Checking. "
+        '<tool_call>{"name": "get_user_details", "arguments": {"user_id": "u1"}}</tool_call>'
+        "<tool_call>{not json</tool_call>"
+    )
+    _, url = chat_server([text])
+    reply = envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
+    assert reply["content"] == "Checking."
+    assert reply["reasoning"] == "look the user up"
+    assert reply["tool_calls"][0] == {"name": "get_user_details", "arguments": {"user_id": "u1"}}
+    assert "invalid JSON" in reply["tool_calls"][1]["error"]
+
+
+def test_a_malformed_call_is_an_error_observation_and_the_episode_goes_on(chat_server):
+    d = envs.load("synthetic:airline", seed=0)
+    task = d.tasks[0]
+    _, url = chat_server(
+        [
+            '<tool_call>{"name": "calculate", "arguments": {"expression": "2*3"}}</tool_call>'
+            "<tool_call>{oops</tool_call>",
+            "Anything else?",
+        ],
+        default="Goodbye.",
+    )
+    rec = envs.run_episode(envs.OpenAIAgent("p", url, api_key="k"), d, task, envs.ScriptedUser())
+    tools = [t for t in rec["turns"] if t["role"] == "tool"]
+    assert tools[0]["content"] == "6.0"
+    assert tools[1]["error"] and tools[1]["content"].startswith("Error: malformed tool call:")
+    assert rec["meta"]["tool_errors"] == 1
+
+
+def test_agent_endpoint_failure_names_it(chat_server):
+    _, url = chat_server([], fail_first=9)
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.01)
+    with pytest.raises(envs.AgentError, match=r"agent policy at .* \(model p\) unreachable"):
+        agent([{"role": "user", "content": "hi"}], [])
+
+
+def test_select_tasks():
+    d = envs.load("synthetic:airline", seed=0)
+    assert select_tasks(d, "all") == d.tasks
+    assert select_tasks(d, "2:5") == d.tasks[2:5]
+    assert select_tasks(d, ":2") == d.tasks[:2]
+    assert select_tasks(d, f"0,{d.tasks[3].id}") == [d.tasks[0], d.tasks[3]]
+    with pytest.raises(turnrl.InvalidInputError, match="selects none"):
+        select_tasks(d, "90:")
+    with pytest.raises(turnrl.InvalidInputError, match="START:STOP"):
+        select_tasks(d, "a:b")
+
+
+def test_collect_writes_every_episode_with_tiers(chat_server, tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([], default="How can I help?")
+    out = tmp_path / "runs" / "step.jsonl.zst"
+    summary = collect_rollouts(
+        d,
+        lambda: envs.OpenAIAgent("p", url, api_key="k"),
+        envs.ScriptedUser,
+        out,
+        tasks=d.tasks[:3],
+        samples=2,
+        workers=3,
+        progress=False,
+    )
+    assert summary.records == 6 and not summary.failures
+    records = list(turnrl.iter_rollout_records(out))
+    assert sorted((r["task_id"], r["sample"]) for r in records) == sorted(
+        (t.id, s) for t in d.tasks[:3] for s in range(2)
+    )
+    assert all(r["group"] == r["task_id"] for r in records)
+    # Every assistant turn only talked: tier "respond", with the naive preset's reward.
+    naive = load_tier_rewards("naive")
+    turns = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
+    assert turns and all(t["tier"] == "respond" for t in turns)
+    assert all(t["reward"] == naive["respond"] for t in turns)
+    assert summary.tiers["respond"] == len(turns)
+
+
+def test_collect_keeps_the_episodes_that_did_not_fail(chat_server, tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([], default="Hello.")
+    calls = []
+
+    def make_agent():
+        agent = envs.OpenAIAgent("p", url, api_key="k")
+        calls.append(agent)
+        if len(calls) == 2:
+            agent.endpoint.client.base_url = "http://127.0.0.1:9/v1"  # nothing listens
+            agent.endpoint.max_retries = 0
+        return agent
+
+    out = tmp_path / "b.jsonl"
+    summary = collect_rollouts(
+        d, make_agent, envs.ScriptedUser, out, tasks=d.tasks[:3], workers=1, progress=False
+    )
+    assert summary.records == 2 and len(summary.failures) == 1
+    task_id, sample, error = summary.failures[0]
+    assert task_id == d.tasks[1].id and sample == 0 and error.startswith("AgentError: ")
+    assert len(list(turnrl.iter_rollout_records(out))) == 2
+
+
+def test_cli_collect(chat_server, tmp_path, capsys):
+    _, url = chat_server([], default="How can I help?")
+    out = tmp_path / "c.jsonl"
+    argv = [
+        "rollouts",
+        "collect",
+        "--env",
+        "synthetic:airline",
+        "--tasks",
+        "0:2",
+        "--samples",
+        "2",
+        "--agent-model",
+        "p",
+        "--agent-url",
+        url,
+        "--user",
+        "scripted",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "wrote 4 rollouts" in capsys.readouterr().out
+    assert len(list(turnrl.iter_rollout_records(out))) == 4
+    assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
+    assert "--user llm needs --user-model" in capsys.readouterr().err
