@@ -503,3 +503,57 @@ def test_gpu_benchmark_fails_clearly_without_cuda(script):
     out = subprocess.run([sys.executable, bench], capture_output=True, text=True)
     assert out.returncode == 2
     assert "needs a CUDA GPU" in out.stderr
+
+
+def test_row_schedule_scales_bf16_gradients_with_one_rounding():
+    """loss / 3 (an averaged micro-batch): the stored bf16 gradients times 1/3
+    in fp32, rounded once; the loss gradient rounded to bf16 first (0.333984)
+    had biased every gradient by 0.2%."""
+    case = make_case(SEED, (2, 6), 16, 40, torch.bfloat16, "token_mean")
+    _, h1, w1, _ = run_fused(case, backend="torch", schedule="rows", chunk_size=5)
+    _, h3, w3, _ = run_fused(
+        case, combine=lambda x: x / 3, backend="torch", schedule="rows", chunk_size=5
+    )
+    for one, third in ((h1, h3), (w1, w3)):
+        want = (one.float() * (1 / 3)).to(torch.bfloat16).double()
+        assert torch.equal(third, want)
+
+
+def test_fp16_never_takes_the_row_schedule(monkeypatch):
+    """fp16 gradients need the loss scale before rounding; the rows schedule
+    computes them before it is known, so auto takes vocab and rows refuses."""
+    from turnrl.kernels import fused_linear_gtpo as gtpo
+
+    calls = []
+    real = dict(gtpo._ROWS)
+    monkeypatch.setitem(
+        gtpo._ROWS, "torch", lambda *a, **k: calls.append("rows") or real["torch"](*a, **k)
+    )
+    case = make_case(SEED, (2, 4), 8, 30, torch.float16, "token_mean")
+    hidden = case.hidden.clone().requires_grad_(True)
+    args = (case.weight, case.targets, case.advantages, case.old, case.mask, case.ref)
+    loss, _ = gtpo_loss(hidden, *args, backend="torch", **case.kwargs)
+    (loss * 65536.0).backward()
+    assert calls == [] and torch.isfinite(hidden.grad).all()
+    with pytest.raises(InvalidInputError, match="schedule='rows' computes fp16 gradients"):
+        gtpo_loss(hidden, *args, backend="torch", schedule="rows", **case.kwargs)
+
+
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
+def test_inference_mode_and_double_backward(schedule):
+    case = make_case(SEED, (2, 4), 8, 30, torch.float64, "token_mean")
+    args = (case.targets, case.advantages, case.old, case.mask, case.ref)
+    want, _ = gtpo_loss(case.hidden, case.weight, *args, backend="torch", **case.kwargs)
+    hidden = case.hidden.clone().requires_grad_(True)
+    with torch.inference_mode():
+        got, _ = gtpo_loss(
+            hidden, case.weight, *args, backend="torch", schedule=schedule, **case.kwargs
+        )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Second-order gradients are not supported: differentiating the gradient
+    # is an error, not a silent zero.
+    scale = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    loss, _ = gtpo_loss(hidden, case.weight, *args, backend="torch", schedule=schedule)
+    (g,) = torch.autograd.grad(loss * scale, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from turnrl.exceptions import InvalidInputError, UnknownNameError
 
@@ -509,12 +510,12 @@ def rows_torch(
         block_logprob = z[local, targets[start:stop]] - lse
         block_entropy = lse - mean_z
         logprob[start:stop], entropy[start:stop] = block_logprob, block_entropy
-        block_loss, g_l, g_h = _token_grads(
-            block_logprob, block_entropy, token_inputs.block(start, stop)
-        )
-        loss += block_loss
+        block_inputs = token_inputs.block(start, stop)
         if not (need_hidden or need_weight):
+            loss += _block_loss(block_logprob, block_entropy, block_inputs)
             continue
+        block_loss, g_l, g_h = _token_grads(block_logprob, block_entropy, block_inputs)
+        loss += block_loss
         dz = z.sub_(mean_z[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
         del p
         dz[local, targets[start:stop]] += g_l
@@ -566,12 +567,12 @@ def rows_triton(
         block_logprob = target_logit - lse
         block_entropy = lse - mean_z
         logprob[start:stop], entropy[start:stop] = block_logprob, block_entropy
-        block_loss, g_l, g_h = _token_grads(
-            block_logprob, block_entropy, token_inputs.block(start, stop)
-        )
-        loss += block_loss
+        block_inputs = token_inputs.block(start, stop)
         if not (need_hidden or need_weight):
+            loss += _block_loss(block_logprob, block_entropy, block_inputs)
             continue
+        block_loss, g_l, g_h = _token_grads(block_logprob, block_entropy, block_inputs)
+        loss += block_loss
         dlogits = torch.empty_like(logits, dtype=hidden.dtype) if low_precision else logits
         g_l, g_h = g_l.float().contiguous(), g_h.float().contiguous()
         _tile_dlogits(logits, dlogits, block_targets, lse, mean_z, g_l, g_h, 0, temperature)
@@ -725,6 +726,19 @@ def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> 
     return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
 
 
+def _block_loss(logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs) -> torch.Tensor:
+    """The weighted loss of these tokens, without gradients (any grad mode)."""
+    return _weighted_loss(
+        logprob,
+        entropy,
+        inputs.old,
+        inputs.advantages,
+        inputs.ref,
+        inputs.agg_weights,
+        inputs.cfg,
+    )
+
+
 def _token_grads(
     logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -846,6 +860,7 @@ class GTPOLossFunction(torch.autograd.Function):
         return loss, logprob, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any):
         nones = (None,) * 11
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -856,10 +871,14 @@ class GTPOLossFunction(torch.autograd.Function):
             # backward through a retained graph recomputes instead (below).
             grad_h, grad_w = ctx.grads
             ctx.grads = None
-            if not bool(grad_loss == 1):
+            # A Python float multiplies in fp32 and rounds once: the loss
+            # gradient rounded to bf16 first (1/3 as 0.333984) biased every
+            # gradient of an averaged micro-batch loss by 0.2%.
+            scale = float(grad_loss)
+            if scale != 1.0:
                 for grad in (grad_h, grad_w):
                     if grad is not None:
-                        grad.mul_(grad_loss.to(grad.dtype))
+                        grad.mul_(scale)
             return (grad_h, grad_w, *nones)
         if not (need_hidden or need_weight):
             return (None, None, *nones)
@@ -1070,8 +1089,10 @@ def gtpo_loss(
             the micro-batch losses add up to the whole batch's loss; see
             :func:`aggregation_weights`. ``dr_grpo`` then needs ``max_len``.
         backend: ``auto`` (Triton on CUDA, torch otherwise) | ``triton`` | ``torch``.
-        schedule: ``auto`` (``rows`` when gradients will be taken, else
-            ``vocab``) | ``rows`` | ``vocab``. ``rows`` streams blocks of rows
+        schedule: ``auto`` (``rows`` when gradients will be taken, except
+            for fp16; else ``vocab``) | ``rows`` (not for fp16: its gradients
+            would be rounded before the loss scale is applied) | ``vocab``.
+            ``rows`` streams blocks of rows
             over the whole vocabulary and computes both gradients in the
             forward: three matmuls, one [R, V] fp32 tile (Liger-Kernel's
             choice). ``vocab`` streams vocabulary chunks over all rows and
@@ -1212,12 +1233,20 @@ def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, sche
 def _resolve_schedule(schedule: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
     if schedule not in SCHEDULES:
         raise UnknownNameError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    # fp16 gradients need the loss scale (GradScaler's 65536) applied before
+    # they are rounded, or small ones underflow; the rows schedule computes
+    # them in the forward, before the scale is known.
+    if schedule == "rows" and hidden.dtype == torch.float16:
+        raise InvalidInputError(
+            "schedule='rows' computes fp16 gradients before the loss scale is known, so small "
+            "ones underflow; use schedule='vocab' (what 'auto' picks for fp16) or bf16"
+        )
     if schedule != "auto":
         return schedule
     # Without gradients both schedules do one matmul; the vocabulary one has
     # the smaller tile.
     grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return "rows" if grads else "vocab"
+    return "rows" if grads and hidden.dtype != torch.float16 else "vocab"
 
 
 def _default_rows(n: int, vocab: int, device: torch.device) -> int:
