@@ -10,7 +10,7 @@ import turnrl
 from turnrl import envs
 from turnrl.calibration import load_tier_rewards
 from turnrl.cli import main
-from turnrl.collect import collect_rollouts, select_tasks
+from turnrl.collect import CollectSummary, collect_rollouts, select_tasks
 
 pytest.importorskip("openai")
 
@@ -167,3 +167,101 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     assert len(list(turnrl.iter_rollout_records(out))) == 4
     assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
     assert "--user llm needs --user-model" in capsys.readouterr().err
+
+
+def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):
+    d = envs.load("synthetic:airline", seed=0)
+    task = d.tasks[0]
+    _, url = chat_server(["<think>the answer is 42</think>How can I help?"], default="Bye.")
+    reply = envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
+    want = {"content": "How can I help?", "tool_calls": [], "reasoning": "the answer is 42"}
+    assert reply == want
+    _, url = chat_server(["<think>the answer is 42</think>How can I help?"], default="Bye.")
+    rec = envs.run_episode(envs.OpenAIAgent("p", url, api_key="k"), d, task, envs.ScriptedUser())
+    first = next(t for t in rec["turns"] if t["role"] == "assistant")
+    assert first["content"] == "How can I help?" and first["reasoning"] == "the answer is 42"
+    with pytest.raises(turnrl.InvalidInputError, match="max_steps must be a positive integer"):
+        envs.run_episode(envs.OpenAIAgent("p", url, api_key="k"), d, task, envs.ScriptedUser(), 0)
+
+
+def _down_agent():
+    agent = envs.OpenAIAgent("p", "http://127.0.0.1:9/v1", api_key="k", max_retries=0)
+    return agent
+
+
+def test_nothing_written_over_when_every_episode_fails(tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    out = tmp_path / "kept.jsonl"
+    out.write_text("old contents\n")
+    summary = collect_rollouts(
+        d, _down_agent, envs.ScriptedUser, out, tasks=d.tasks[:2], workers=1, progress=False
+    )
+    assert summary.records == 0 and len(summary.failures) == 2
+    assert out.read_text() == "old contents\n"
+
+
+def test_consecutive_failures_cancel_the_rest(tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    summary = collect_rollouts(
+        d,
+        _down_agent,
+        envs.ScriptedUser,
+        tmp_path / "x.jsonl",
+        tasks=d.tasks[:10],
+        workers=1,
+        max_consecutive_failures=3,
+        progress=False,
+    )
+    assert summary.aborted == "3 episodes failed in a row"
+    # The episode already running when the third failed may finish too.
+    assert len(summary.failures) in (3, 4) and summary.records == 0
+
+
+def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([], default="How can I help?")
+    made = []
+
+    def make_agent():
+        made.append(1)
+        if len(made) == 3:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the third episode ran
+        return envs.OpenAIAgent("p", url, api_key="k")
+
+    out = tmp_path / "partial.jsonl"
+    summary = CollectSummary()
+    with pytest.raises(KeyboardInterrupt):
+        collect_rollouts(
+            d,
+            make_agent,
+            envs.ScriptedUser,
+            out,
+            tasks=d.tasks[:8],
+            workers=1,
+            progress=False,
+            summary=summary,
+        )
+    # The two before it are written, and the one already running when the
+    # interrupt arrived, if it finished; the queued ones never start.
+    assert summary.aborted == "interrupted" and summary.records in (2, 3)
+    assert len(made) <= 4
+    written = [r["task_id"] for r in turnrl.iter_rollout_records(out)]
+    assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
+
+
+def test_group_prefix_keeps_runs_apart(chat_server, tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([], default="Hi.")
+    out = tmp_path / "g.jsonl"
+    collect_rollouts(
+        d,
+        lambda: envs.OpenAIAgent("p", url, api_key="k"),
+        envs.ScriptedUser,
+        out,
+        tasks=d.tasks[:1],
+        samples=2,
+        group_prefix="step-0007/",
+        progress=False,
+    )
+    groups = {r["group"] for r in turnrl.iter_rollout_records(out)}
+    assert groups == {f"step-0007/{d.tasks[0].id}"}

@@ -166,7 +166,7 @@ def _import_taubench(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from turnrl import envs
-    from turnrl.collect import collect_rollouts, select_tasks
+    from turnrl.collect import CollectSummary, collect_rollouts, select_tasks
     from turnrl.envs._base import TRANSFER_TOKEN
     from turnrl.envs.users import DEFAULT_SYSTEM_PROMPT, TAU2_SYSTEM_PROMPT
     from turnrl.exceptions import InvalidInputError
@@ -195,31 +195,48 @@ def _collect(args: argparse.Namespace) -> int:
             return envs.LLMUser(args.user_model, args.user_url, system_prompt=prompt)
 
     judge = envs.LLMJudge(args.judge_model, args.judge_url) if args.judge_model else None
-    summary = collect_rollouts(
-        domain,
-        make_agent,
-        make_user,
-        args.out,
-        tasks=tasks,
-        samples=args.samples,
-        tiers=args.tiers,
-        max_steps=args.max_steps,
-        nl_judge=judge,
-        workers=args.workers,
-        progress=not args.quiet,
-    )
-    tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common()) or "none"
-    stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common()) or "none"
-    print(
-        f"wrote {summary.records} rollouts to {args.out}: success {summary.success_rate:.3f}; "
-        f"stops: {stops}; assistant turns by tier: {tiers}"
-    )
+    summary = CollectSummary()
+    try:
+        summary = collect_rollouts(
+            domain,
+            make_agent,
+            make_user,
+            args.out,
+            tasks=tasks,
+            samples=args.samples,
+            tiers=args.tiers,
+            max_steps=args.max_steps,
+            nl_judge=judge,
+            workers=args.workers,
+            group_prefix=args.group_prefix,
+            max_consecutive_failures=args.max_consecutive_failures or None,
+            progress=not args.quiet,
+            summary=summary,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: {summary.records} finished rollouts written to {args.out}"
+            if summary.records
+            else f"interrupted: nothing finished; {args.out} left as it was",
+            file=sys.stderr,
+        )
+        return 130
+    if summary.records:
+        tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
+        stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common())
+        print(
+            f"wrote {summary.records} rollouts to {args.out}: success "
+            f"{summary.success_rate:.3f}; stops: {stops}; assistant turns by tier: {tiers}"
+        )
     for task_id, sample, error in summary.failures:
         print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
-    if summary.failures:
+    if summary.aborted:
+        print(f"stopped early: {summary.aborted}", file=sys.stderr)
+    if not summary.records:
+        print(f"no episode finished; {args.out} left as it was", file=sys.stderr)
+    if summary.failures or summary.aborted:
         print(
-            f"{len(summary.failures)} of {summary.records + len(summary.failures)} episodes "
-            "failed and were not written",
+            f"{len(summary.failures)} episodes failed and were not written",
             file=sys.stderr,
         )
         return 1
@@ -421,6 +438,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+    )
+    col.add_argument(
+        "--group-prefix",
+        default="",
+        help="prefix of every group name, e.g. step-0001/ to keep steps' groups apart when "
+        "buffers are read together (default: none)",
+    )
+    col.add_argument(
+        "--max-consecutive-failures",
+        type=int,
+        default=16,
+        help="cancel the episodes not yet started after this many failures in a row; 0 never "
+        "(default: %(default)s)",
     )
     col.add_argument("--quiet", action="store_true", help="no progress bar")
     col.add_argument("--out", required=True, help="buffer to write (.zst compresses)")

@@ -36,6 +36,8 @@ class CollectSummary:
     stop_reasons: Counter[str] = field(default_factory=Counter)
     #: (task id, sample, error) of each episode that raised; none of them is written.
     failures: list[tuple[str, int, str]] = field(default_factory=list)
+    #: Why the episodes not yet started were cancelled; None if all ran.
+    aborted: str | None = None
 
     @property
     def success_rate(self) -> float:
@@ -83,18 +85,39 @@ def collect_rollouts(
     max_steps: int | None = None,
     nl_judge: NLJudge | None = None,
     workers: int = 4,
+    group_prefix: str = "",
+    max_consecutive_failures: int | None = 16,
     progress: bool = True,
+    summary: CollectSummary | None = None,
 ) -> CollectSummary:
     """Run ``samples`` episodes of each task and write them to the buffer ``out``.
 
     ``make_agent()`` and ``make_user()`` give a fresh agent and user per
     episode (users keep the conversation). Episodes run on ``workers``
-    threads; each task's samples form one group (the task id). ``tiers``
-    (a preset, TOML file or mapping) gives the per-turn rewards written
-    beside the tiers. An episode that raises (an endpoint down, a judge's
-    unusable reply) is counted in ``failures`` with its error and not
-    written; the others are. The buffer is written atomically (see
-    :class:`turnrl.RolloutWriter`), its folder created if need be.
+    threads; each task's samples form one group, ``group_prefix`` + the task
+    id (a prefix such as ``"step-0001/"`` keeps different policies' samples
+    of a task apart when buffers are read together). ``tiers`` (a preset,
+    TOML file or mapping) gives the per-turn rewards written beside the tiers.
+
+    Nothing finished is lost, and nothing is written over for nothing:
+
+    * An episode that raises (an endpoint down, a judge's unusable reply) is
+      counted in ``failures`` with its error and not written; the others are.
+      A judge is asked only about otherwise successful episodes, so its
+      failures leave out successes: check ``failures`` before trusting the
+      success rate.
+    * After ``max_consecutive_failures`` failures in a row (None: never) the
+      episodes not yet started are cancelled (``aborted`` says why); those
+      finished are written.
+    * An interrupt (Ctrl-C) cancels the episodes not yet started, waits for
+      those running, writes those finished and raises again.
+    * With no episode to write, ``out`` is left as it was.
+
+    ``summary`` (optional) is filled in place, so a caller still has it when
+    an interrupt propagates.
+
+    The buffer is written atomically (see :class:`turnrl.RolloutWriter`), its
+    folder created if need be.
     """
     from turnrl.calibration import load_tier_rewards
     from turnrl.rollouts import RolloutWriter
@@ -103,11 +126,14 @@ def collect_rollouts(
         raise InvalidInputError(f"samples must be at least 1, got {samples}")
     if workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    if max_consecutive_failures is not None and max_consecutive_failures < 1:
+        raise InvalidInputError(
+            f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}"
+        )
     rewards = load_tier_rewards(tiers)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
     chosen = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
     jobs = [(task, sample) for task in chosen for sample in range(samples)]
-    summary = CollectSummary()
+    summary = CollectSummary() if summary is None else summary
 
     def episode(task: Task, sample: int) -> dict[str, Any]:
         return run_episode(
@@ -117,34 +143,81 @@ def collect_rollouts(
             make_user(),
             max_steps,
             tier_rewards=rewards,
+            group=group_prefix + task.id,
             sample=sample,
             nl_judge=nl_judge,
         )
 
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    writer = RolloutWriter(out)
+    pool = ThreadPoolExecutor(max_workers=workers)
     bar: Any = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), unit="episode", desc=f"collect {domain.name}")
-    with RolloutWriter(out) as writer, ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(episode, task, sample): (task.id, sample) for task, sample in jobs}
+    taken: set[Any] = set()
+
+    def take(future: Any) -> bool:
+        """Write or count one finished episode; True if it failed."""
+        taken.add(future)
+        task_id, sample = futures[future]
+        try:
+            record = future.result()
+        except Exception as e:  # any episode's failure is reported, the others kept
+            summary.failures.append((task_id, sample, f"{type(e).__name__}: {e}"))
+            return True
+        try:
+            writer.write(record)
+        except InvalidInputError as e:  # a record the buffer format refuses
+            summary.failures.append((task_id, sample, f"not written: {e}"))
+            return True
+        summary.records += 1
+        summary.outcomes.append(float(record["outcome"]))
+        summary.stop_reasons[record["meta"]["stop_reason"]] += 1
+        for turn in record["turns"]:
+            if turn["role"] == "assistant" and turn.get("tier") is not None:
+                summary.tiers[str(turn["tier"])] += 1
+        return False
+
+    futures: dict[Any, tuple[str, int]] = {}
+    in_a_row = 0
+    try:
+        for task, sample in jobs:
+            futures[pool.submit(episode, task, sample)] = (task.id, sample)
         for future in as_completed(futures):
-            task_id, sample = futures[future]
-            try:
-                record = future.result()
-            except Exception as e:  # any episode's failure is reported, the others kept
-                summary.failures.append((task_id, sample, f"{type(e).__name__}: {e}"))
-            else:
-                writer.write(record)
-                summary.records += 1
-                summary.outcomes.append(float(record["outcome"]))
-                summary.stop_reasons[record["meta"]["stop_reason"]] += 1
-                for turn in record["turns"]:
-                    if turn["role"] == "assistant" and turn.get("tier") is not None:
-                        summary.tiers[str(turn["tier"])] += 1
+            if future.cancelled():
+                continue
+            in_a_row = in_a_row + 1 if take(future) else 0
+            if (
+                summary.aborted is None
+                and max_consecutive_failures is not None
+                and in_a_row >= max_consecutive_failures
+            ):
+                summary.aborted = f"{in_a_row} episodes failed in a row"
+                for other in futures:
+                    other.cancel()
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(success=f"{summary.success_rate:.2f}", failed=len(summary.failures))
-    if bar is not None:
-        bar.close()
+    except BaseException:
+        summary.aborted = "interrupted"
+        pool.shutdown(wait=True, cancel_futures=True)
+        for future in futures:
+            if future.done() and not future.cancelled() and future not in taken:
+                take(future)
+        _finish(writer, summary)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    pool.shutdown(wait=True)
+    _finish(writer, summary)
     return summary
+
+
+def _finish(writer: Any, summary: CollectSummary) -> None:
+    if summary.records:
+        writer.close()
+    else:
+        writer.abort()

@@ -34,7 +34,8 @@ class OpenAIAgent:
     caps each reply; ``parse_text_calls`` parses tool calls the server left
     in the text (``fmt`` as :func:`turnrl.parse_tool_calls`). The reply's
     reasoning (``reasoning_content`` from a server's reasoning parser, or
-    ``<think>`` text) is returned as ``reasoning``; it is not sent back.
+    ``<think>`` text, taken out of ``content``) is returned as ``reasoning``:
+    ``run_episode`` keeps it in the turn's record and sends it to no one.
     """
 
     def __init__(
@@ -94,7 +95,8 @@ class OpenAIAgent:
             from turnrl import parse_tool_calls
 
             parsed = parse_tool_calls(content, fmt=self.fmt, tools=list(tools) or None)
-            if parsed.tool_calls or parsed.errors:
+            if parsed.tool_calls or parsed.errors or parsed.reasoning:
+                # <think> text never reaches the user or the reward's checks.
                 content = parsed.content
                 reasoning = reasoning or parsed.reasoning or None
                 calls = [

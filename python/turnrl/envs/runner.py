@@ -10,6 +10,7 @@ from typing import Any
 from turnrl.envs._base import Domain, Task
 from turnrl.envs.judge import JudgeError, NLJudge
 from turnrl.envs.users import User
+from turnrl.exceptions import InvalidInputError
 
 __all__ = ["Agent", "Labeler", "run_episode"]
 
@@ -100,6 +101,8 @@ def run_episode(
     task = domain.task(task)
     rules = domain.rules
     limit = rules.max_steps if max_steps is None else max_steps
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidInputError(f"max_steps must be a positive integer, got {max_steps!r}")
     by_message = rules.step_unit == "message"
     episode = domain.new_episode(task)
     tools = domain.openai_tools()
@@ -141,6 +144,9 @@ def run_episode(
             calls.append((name, args, call_id, problem))
             record_calls.append({"name": name, "arguments": args})
         turn: dict[str, Any] = {"role": "assistant", "content": content}
+        if reply.get("reasoning"):
+            # Kept in the record; not sent back to the agent or to the user.
+            turn["reasoning"] = reply["reasoning"]
         if record_calls:
             turn["tool_calls"] = record_calls
         turn["tier"] = None
