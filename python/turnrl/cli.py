@@ -175,13 +175,17 @@ def _collect(args: argparse.Namespace) -> int:
     domain = envs.load(args.env, root=args.root, split=args.split, **extra)
     tasks = select_tasks(domain, args.tasks)
 
+    # An OpenAIAgent keeps no conversation, and its HTTP client is
+    # thread-safe: every episode shares one (and its connection pool).
+    agent = envs.OpenAIAgent(
+        args.agent_model,
+        args.agent_url,
+        temperature=args.agent_temperature,
+        max_tokens=args.max_tokens,
+    )
+
     def make_agent() -> envs.OpenAIAgent:
-        return envs.OpenAIAgent(
-            args.agent_model,
-            args.agent_url,
-            temperature=args.agent_temperature,
-            max_tokens=args.max_tokens,
-        )
+        return agent
 
     if args.user == "scripted":
         make_user: Any = envs.ScriptedUser

@@ -29,6 +29,9 @@ class AgentError(TurnrlError, RuntimeError):
 class OpenAIAgent:
     """A ``run_episode`` agent asking a chat model behind an OpenAI-compatible endpoint.
 
+    It keeps no conversation (``run_episode`` sends the whole chat each
+    turn), so one agent can serve concurrent episodes.
+
     Endpoint options as :class:`turnrl.envs.LLMUser`'s (retries with
     backoff, then :class:`AgentError` naming the endpoint). ``max_tokens``
     caps each reply; ``parse_text_calls`` parses tool calls the server left
