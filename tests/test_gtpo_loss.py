@@ -557,3 +557,23 @@ def test_inference_mode_and_double_backward(schedule):
     (g,) = torch.autograd.grad(loss * scale, hidden, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
+def test_no_tokens_gives_zero_loss_and_zero_gradients(schedule):
+    hidden = torch.randn(0, 4, requires_grad=True)
+    weight = torch.randn(7, 4, requires_grad=True)
+    empty = torch.zeros(0)
+    loss, _ = gtpo_loss(
+        hidden,
+        weight,
+        torch.zeros(0, dtype=torch.long),
+        empty,
+        empty,
+        torch.zeros(0, dtype=torch.bool),
+        backend="torch",
+        schedule=schedule,
+    )
+    loss.backward()
+    assert float(loss) == 0.0 and hidden.grad.shape == (0, 4)
+    assert torch.count_nonzero(weight.grad) == 0 and torch.isfinite(weight.grad).all()
