@@ -48,33 +48,17 @@ def main() -> int:
     header = ("BLOCK_V", "warps", "fwd ms", "fwd GB/s", "bwd ms", "bwd GB/s")
     print(" ".join(f"{h:>8}" for h in header))
     for block_v, warps in itertools.product(args.block_v, args.num_warps):
-        options = dict(BLOCK_V=block_v, num_warps=warps, **gtpo.KERNEL_OPTIONS)
+        options = dict(BLOCK_V=block_v, num_warps=warps)
         state = gtpo._row_state(rows, logits.device)
 
         def forward(state=state, options=options):
             state[0].fill_(float("-inf"))
             for t in state[1:]:
                 t.zero_()
-            gtpo._gtpo_forward_chunk_kernel[(rows,)](
-                logits, logits.stride(0), targets, *state, 0, vocab, 1.0, **options
-            )
+            gtpo._fold_tile(logits, targets, state, 0, 1.0, **options)
 
         def backward(options=options):
-            gtpo._gtpo_backward_chunk_kernel[(rows,)](
-                logits,
-                logits.stride(0),
-                dlogits,
-                dlogits.stride(0),
-                targets,
-                lse,
-                mean,
-                g_l,
-                g_h,
-                0,
-                vocab,
-                1.0,
-                **options,
-            )
+            gtpo._tile_dlogits(logits, dlogits, targets, lse, mean, g_l, g_h, 0, 1.0, **options)
 
         try:
             dlogits.fill_(float("nan"))

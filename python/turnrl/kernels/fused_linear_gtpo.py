@@ -211,9 +211,10 @@ def _block_v(chunk_width: int) -> int:
     return min(cap, triton.next_power_of_2(chunk_width))
 
 
-def _chunk_bounds(vocab: int, chunk_size: int):
-    for start in range(0, vocab, chunk_size):
-        yield start, min(start + chunk_size, vocab)
+def _chunk_bounds(size: int, chunk_size: int):
+    """``(start, stop)`` of consecutive chunks of ``range(size)`` (vocabulary columns or rows)."""
+    for start in range(0, size, chunk_size):
+        yield start, min(start + chunk_size, size)
 
 
 def _row_state(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -222,7 +223,15 @@ def _row_state(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     return m, *(torch.zeros(n, dtype=torch.float32, device=device) for _ in range(3))
 
 
-def _fold_tile(logits, targets, state, chunk_start: int, temperature: float) -> None:
+def _launch_options(width: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Launch options of the row kernels; ``overrides`` (``BLOCK_V``, ``num_warps``)
+    are for benches/gpu_row_kernels.py's tuning sweep."""
+    return {"BLOCK_V": _block_v(width), **KERNEL_OPTIONS, **overrides}
+
+
+def _fold_tile(
+    logits, targets, state, chunk_start: int, temperature: float, **overrides: Any
+) -> None:
     """Fold an fp32 logits tile (columns ``chunk_start`` on) into ``state``, in place."""
     width = logits.shape[1]
     _gtpo_forward_chunk_kernel[(logits.shape[0],)](
@@ -233,12 +242,13 @@ def _fold_tile(logits, targets, state, chunk_start: int, temperature: float) -> 
         chunk_start,
         width,
         1.0 / temperature,
-        BLOCK_V=_block_v(width),
-        **KERNEL_OPTIONS,
+        **_launch_options(width, overrides),
     )
 
 
-def _tile_dlogits(logits, dlogits, targets, lse, mean_logit, g_l, g_h, chunk_start, temperature):
+def _tile_dlogits(
+    logits, dlogits, targets, lse, mean_logit, g_l, g_h, chunk_start, temperature, **overrides: Any
+) -> None:
     """Write d loss / d raw logits of an fp32 tile into ``dlogits`` (may be ``logits``)."""
     width = logits.shape[1]
     _gtpo_backward_chunk_kernel[(logits.shape[0],)](
@@ -254,8 +264,7 @@ def _tile_dlogits(logits, dlogits, targets, lse, mean_logit, g_l, g_h, chunk_sta
         chunk_start,
         width,
         1.0 / temperature,
-        BLOCK_V=_block_v(width),
-        **KERNEL_OPTIONS,
+        **_launch_options(width, overrides),
     )
 
 
@@ -467,11 +476,6 @@ class RowsResult:
     grad_weight: torch.Tensor | None
 
 
-def _row_blocks(n: int, rows: int):
-    for start in range(0, n, rows):
-        yield start, min(start + rows, n)
-
-
 def rows_torch(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -498,10 +502,9 @@ def rows_torch(
     entropy = torch.empty(n, dtype=dtype, device=hidden.device)
     loss = torch.zeros((), dtype=dtype, device=hidden.device)
     grad_h = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if need_hidden else None
-    # Written by the first block's product, then added to: no zero fill.
+    # Written by the first block's product (beta 0), then added to: no zero fill.
     grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
-    grad_w_written = False
-    for start, stop in _row_blocks(n, rows):
+    for start, stop in _chunk_bounds(n, rows):
         h = hidden[start:stop].to(dtype)
         local = torch.arange(stop - start, device=hidden.device)
         z = h @ w.T
@@ -525,11 +528,10 @@ def rows_torch(
         if grad_h is not None:
             grad_h[start:stop] = dz @ w
         if grad_w is not None:
-            grad_w.addmm_(dz.T, h, beta=float(grad_w_written))
-            grad_w_written = True
+            grad_w.addmm_(dz.T, h, beta=float(start > 0))
         del dz, z
-    if grad_w is not None and not grad_w_written:
-        grad_w.zero_()  # no rows
+    if grad_w is not None and n == 0:
+        grad_w.zero_()
     return RowsResult(loss, logprob, entropy, grad_h, grad_w)
 
 
@@ -558,12 +560,11 @@ def rows_triton(
     loss = torch.zeros((), dtype=torch.float32, device=dev)
     grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_hidden else None
     grad_w_dtype = weight.dtype if low_precision else torch.float32
-    # Written by the first block's product, then added to: no zero fill (on
-    # an H100 the fill and its re-read were about 1.5% of the loss).
+    # Written by the first block's product (beta 0), then added to: no zero
+    # fill (the fill and its re-read: under 1% on an H200, benches/RESULTS.md).
     grad_w = torch.empty(weight.shape, dtype=grad_w_dtype, device=dev) if need_weight else None
-    grad_w_written = False
     w_f32 = None if low_precision or weight.dtype == torch.float32 else weight.float()
-    for start, stop in _row_blocks(n, rows):
+    for start, stop in _chunk_bounds(n, rows):
         h = hidden[start:stop]
         block_targets = targets[start:stop]
         logits = _mm_f32(h, weight.T)
@@ -585,22 +586,18 @@ def rows_triton(
         g_l, g_h = g_l.float().contiguous(), g_h.float().contiguous()
         _tile_dlogits(logits, dlogits, block_targets, lse, mean_z, g_l, g_h, 0, temperature)
         del logits
-        if low_precision:
-            if grad_h is not None:
-                grad_h[start:stop] = _mm_f32(dlogits, weight)
-            if grad_w is not None:
-                grad_w.addmm_(dlogits.T, h, beta=float(grad_w_written))
-                grad_w_written = True
-        else:
-            h32 = h.float()
-            if grad_h is not None:
-                grad_h[start:stop] = dlogits @ (weight if w_f32 is None else w_f32)
-            if grad_w is not None:
-                grad_w.addmm_(dlogits.T, h32, beta=float(grad_w_written))
-                grad_w_written = True
+        if grad_h is not None:
+            grad_h[start:stop] = (
+                _mm_f32(dlogits, weight)
+                if low_precision
+                else dlogits @ (weight if w_f32 is None else w_f32)
+            )
+        if grad_w is not None:
+            # dlogits are in the input dtype on CUDA, fp32 elsewhere.
+            grad_w.addmm_(dlogits.T, h if low_precision else h.float(), beta=float(start > 0))
         del dlogits
-    if grad_w is not None and not grad_w_written:
-        grad_w.zero_()  # no rows
+    if grad_w is not None and n == 0:
+        grad_w.zero_()
     return RowsResult(loss, logprob, entropy, grad_h, grad_w)
 
 
@@ -739,7 +736,7 @@ def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> 
 
 
 def _block_loss(logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs) -> torch.Tensor:
-    """The weighted loss of these tokens, without gradients (any grad mode)."""
+    """The weighted loss of these tokens."""
     return _weighted_loss(
         logprob,
         entropy,
@@ -758,15 +755,7 @@ def _token_grads(
     with torch.enable_grad():
         l_var = logprob.detach().requires_grad_(True)
         h_var = entropy.detach().requires_grad_(True)
-        total = _weighted_loss(
-            l_var,
-            h_var,
-            inputs.old,
-            inputs.advantages,
-            inputs.ref,
-            inputs.agg_weights,
-            inputs.cfg,
-        )
+        total = _block_loss(l_var, h_var, inputs)
         g_l, g_h = torch.autograd.grad(total, (l_var, h_var), allow_unused=True)
     g_l = torch.zeros_like(logprob) if g_l is None else g_l
     g_h = torch.zeros_like(entropy) if g_h is None else g_h
@@ -1104,13 +1093,12 @@ def gtpo_loss(
         schedule: ``auto`` (``rows`` when gradients will be taken, except
             for fp16; else ``vocab``) | ``rows`` (not for fp16: its gradients
             would be rounded before the loss scale is applied) | ``vocab``.
-            ``rows`` streams blocks of rows
-            over the whole vocabulary and computes both gradients in the
-            forward: three matmuls, one [R, V] fp32 tile (Liger-Kernel's
-            choice). ``vocab`` streams vocabulary chunks over all rows and
-            recomputes the logits in the backward: four matmuls, the smallest
-            tile, and nothing held between forward and backward but [N]
-            vectors.
+            ``rows`` streams blocks of rows over the whole vocabulary and
+            computes both gradients in the forward: three matmuls, one
+            [R, V] fp32 tile (Liger-Kernel's choice). ``vocab`` streams
+            vocabulary chunks over all rows and recomputes the logits in the
+            backward: four matmuls, the smallest tile, and nothing held
+            between forward and backward but [N] vectors.
         chunk_size: rows per block (``rows``; default ``2**28 // V`` on CUDA,
             ``2**24 // V`` elsewhere) or vocabulary columns per tile
             (``vocab``; default ``2**26 // N`` on CUDA, ``2**24 // N``
