@@ -201,7 +201,7 @@ def _collect(args: argparse.Namespace) -> int:
     judge = envs.LLMJudge(args.judge_model, args.judge_url) if args.judge_model else None
     summary = CollectSummary()
     try:
-        summary = collect_rollouts(
+        collect_rollouts(
             domain,
             make_agent,
             make_user,
@@ -215,7 +215,7 @@ def _collect(args: argparse.Namespace) -> int:
             group_prefix=args.group_prefix,
             max_consecutive_failures=args.max_consecutive_failures or None,
             progress=not args.quiet,
-            summary=summary,
+            summary=summary,  # filled in place, so an interrupt still reports it
         )
     except KeyboardInterrupt:
         print(

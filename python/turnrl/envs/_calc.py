@@ -31,6 +31,10 @@ _BINOPS: dict[type, Any] = {
 _MAX_POWER_BITS = 1_000_000
 
 
+# What upstream's eval says of anything but a string, as its tool answers it.
+EVAL_NEEDS_A_STRING = "Error: eval() arg 1 must be a string, bytes or code object"
+
+
 class CalcError(Exception):
     """An expression the evaluator refuses; the text becomes ``Error: <text>``."""
 
@@ -73,7 +77,7 @@ def calculate(expression: Any) -> str:
     if not all(item in _ALLOWED_TEXT for item in expression):
         return "Error: invalid characters in expression"
     if not isinstance(expression, str):
-        return "Error: eval() arg 1 must be a string, bytes or code object"
+        return EVAL_NEEDS_A_STRING
     try:
         # eval, which tau-bench uses, strips leading spaces and tabs.
         tree = ast.parse(expression.lstrip(" \t"), filename="<string>", mode="eval")

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from turnrl.envs._base import ToolSpec
-from turnrl.envs._calc import calculate
+from turnrl.envs._calc import EVAL_NEEDS_A_STRING, calculate
 from turnrl.envs._db import Store
 from turnrl.envs.airline import (
     _CABIN,
@@ -353,11 +353,12 @@ def book_reservation(
 
 
 def calculate_tool(store: Store, expression: Any) -> str:
-    if not isinstance(expression, str) and all(ch in "0123456789+-*/(). " for ch in expression):
-        raise ToolError("eval() arg 1 must be a string, bytes or code object")
     out = calculate(expression)
+    # tau2's tool raises where tau-bench's answers these two with text.
     if out == "Error: invalid characters in expression":
         raise ToolError("Invalid characters in expression")
+    if out == EVAL_NEEDS_A_STRING:
+        raise ToolError(out.removeprefix("Error: "))
     return out
 
 

@@ -257,9 +257,6 @@ class LLMUser:
         self.client = self.endpoint.client
         self.messages: list[dict[str, str]] = []
 
-    def _complete(self, messages: Sequence[dict[str, str]]) -> str:
-        return self.endpoint.complete(messages)
-
     def reset(self, task: Task) -> str:
         self.messages = [
             {"role": "system", "content": self.system_prompt.format(instruction=task.instruction)},
@@ -272,6 +269,6 @@ class LLMUser:
         return self._reply()
 
     def _reply(self) -> str:
-        text = self._complete(self.messages)
+        text = self.endpoint.complete(self.messages)
         self.messages.append({"role": "assistant", "content": text})
         return text
