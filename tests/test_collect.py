@@ -174,12 +174,19 @@ def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):
     task = d.tasks[0]
     _, url = chat_server(["<think>the answer is 42</think>How can I help?"], default="Bye.")
     reply = envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
-    want = {"content": "How can I help?", "tool_calls": [], "reasoning": "the answer is 42"}
+    want = {
+        "content": "How can I help?",
+        "tool_calls": [],
+        "reasoning": "the answer is 42",
+        # What the policy generated, for training on it.
+        "completion": "<think>the answer is 42</think>How can I help?",
+    }
     assert reply == want
     _, url = chat_server(["<think>the answer is 42</think>How can I help?"], default="Bye.")
     rec = envs.run_episode(envs.OpenAIAgent("p", url, api_key="k"), d, task, envs.ScriptedUser())
     first = next(t for t in rec["turns"] if t["role"] == "assistant")
     assert first["content"] == "How can I help?" and first["reasoning"] == "the answer is 42"
+    assert first["completion"] == want["completion"]
     with pytest.raises(turnrl.InvalidInputError, match="max_steps must be a positive integer"):
         envs.run_episode(envs.OpenAIAgent("p", url, api_key="k"), d, task, envs.ScriptedUser(), 0)
 

@@ -19,7 +19,7 @@ from typing import Any
 from turnrl.envs.users import ChatEndpoint
 from turnrl.exceptions import TurnrlError
 
-__all__ = ["AgentError", "OpenAIAgent"]
+__all__ = ["AgentError", "OpenAIAgent", "reply_from_text"]
 
 
 class AgentError(TurnrlError, RuntimeError):
@@ -95,16 +95,42 @@ class OpenAIAgent:
             for call in (reply.tool_calls or [])
         ]
         if not calls and self.parse_text_calls and content:
-            from turnrl import parse_tool_calls
-
-            parsed = parse_tool_calls(content, fmt=self.fmt, tools=list(tools) or None)
-            if parsed.tool_calls or parsed.errors or parsed.reasoning:
-                # <think> text never reaches the user or the reward's checks.
-                content = parsed.content
-                reasoning = reasoning or parsed.reasoning or None
-                calls = [
-                    {"name": c["name"], "arguments": c.get("arguments", {})}
-                    for c in parsed.tool_calls
-                ]
-                calls += [{"error": str(e)} for e in parsed.errors]
+            parsed = reply_from_text(content, tools, fmt=self.fmt, reasoning=reasoning)
+            if reasoning is not None:
+                # The server's reasoning parser took the reasoning out of the
+                # text: what is left is not what the model generated.
+                del parsed["completion"]
+            return parsed
         return {"content": content, "tool_calls": calls, "reasoning": reasoning}
+
+
+def reply_from_text(
+    text: str,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    fmt: str = "auto",
+    reasoning: str | None = None,
+) -> dict[str, Any]:
+    """A ``run_episode`` reply from a model's raw text: content, tool calls, reasoning.
+
+    Calls are parsed with :func:`turnrl.parse_tool_calls` (typed by the
+    ``tools`` schemas for XML calls); one that does not parse becomes
+    ``{"error": reason}``, which the agent gets back as an error observation.
+    ``<think>`` text becomes ``reasoning`` and never reaches the user or the
+    reward's checks. ``completion`` keeps the raw text, which is what
+    :func:`turnrl.train.tokenize_rollout` trains on.
+    """
+    from turnrl import parse_tool_calls
+
+    parsed = parse_tool_calls(text, fmt=fmt, tools=list(tools or []) or None)
+    calls: list[dict[str, Any]] = [
+        {"name": c["name"], "arguments": c.get("arguments", {})} for c in parsed.tool_calls
+    ]
+    calls += [{"error": str(e)} for e in parsed.errors]
+    found = bool(calls or parsed.reasoning)
+    return {
+        "content": parsed.content if found else text,
+        "tool_calls": calls,
+        "reasoning": reasoning or parsed.reasoning or None,
+        "completion": text,
+    }

@@ -147,6 +147,9 @@ def run_episode(
         if reply.get("reasoning"):
             # Kept in the record; not sent back to the agent or to the user.
             turn["reasoning"] = reply["reasoning"]
+        if isinstance(reply.get("completion"), str):
+            # The raw text the policy generated: what training tokenizes.
+            turn["completion"] = reply["completion"]
         if record_calls:
             turn["tool_calls"] = record_calls
         turn["tier"] = None

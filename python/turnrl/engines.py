@@ -1,0 +1,265 @@
+"""Generation engines for the policy being trained, and the agent that uses them.
+
+An engine turns chats into completions: ``engine.generate(conversations,
+tools) -> list[str]``, one raw completion text per chat (the tokens after
+the chat template's generation prompt, up to and without the end-of-turn
+token). Two engines share that interface:
+
+* :class:`TransformersEngine`: the training model itself (``model.generate``),
+  so rollouts always come from the current weights; for small models, tests
+  and CPUs.
+* :class:`VLLMEngine`: vLLM's offline ``LLM`` on the same base weights, with
+  the trained LoRA adapter loaded after each update (:meth:`VLLMEngine.load_adapter`).
+
+:class:`EngineAgent` makes an engine a :func:`turnrl.envs.run_episode`
+agent. Episodes run on threads (:func:`turnrl.collect.collect_rollouts`)
+each ask for one completion at a time; the agent batches the requests that
+arrive while a generation is running into the next ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from turnrl.envs.agents import reply_from_text
+from turnrl.exceptions import InvalidInputError
+
+__all__ = ["Engine", "EngineAgent", "TransformersEngine", "VLLMEngine"]
+
+Chat = Sequence[Mapping[str, Any]]
+Tools = Sequence[Mapping[str, Any]] | None
+
+
+class Engine(Protocol):
+    """Anything that completes a batch of chats."""
+
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[str]:
+        """One raw completion per chat, without the end-of-turn token."""
+        ...
+
+
+class TransformersEngine:
+    """Sampling from a Hugging Face causal LM (a PEFT model included) with ``generate``.
+
+    Chats are rendered with the tokenizer's chat template
+    (``chat_template_kwargs`` as for training), left-padded into one batch,
+    and sampled with ``temperature`` and ``top_p`` (greedy at temperature 0).
+    Special tokens stay in the text (tool-call tags can be special tokens);
+    the completion stops before the tokenizer's end-of-turn (``eos_token``)
+    or pad token. The model is put in eval mode while generating (no
+    dropout) and back in its mode after.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+
+    def prompt(self, conversation: Chat, tools: Tools = None) -> str:
+        """The text the model is given for ``conversation``."""
+        return str(
+            self.tokenizer.apply_chat_template(
+                [dict(m) for m in conversation],
+                tools=list(tools) if tools else None,
+                add_generation_prompt=True,
+                tokenize=False,
+                **self.chat_template_kwargs,
+            )
+        )
+
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[str]:
+        """Sample one completion per chat, in one padded batch."""
+        import torch
+
+        if not conversations:
+            return []
+        tok = self.tokenizer
+        prompts = [self.prompt(c, tools) for c in conversations]
+        stops = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(e) for e in encoded)
+        device = next(self.model.parameters()).device
+        ids = torch.full((len(encoded), width), int(pad), dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            attention[row, width - len(e) :] = 1
+        sampling: dict[str, Any] = {"do_sample": self.temperature > 0}
+        if self.temperature > 0:
+            sampling.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=attention.to(device),
+                    max_new_tokens=self.max_new_tokens,
+                    eos_token_id=sorted(stops) or None,
+                    pad_token_id=int(pad),
+                    **sampling,
+                )
+        finally:
+            self.model.train(was_training)
+        texts = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(tok.decode(row[:end], skip_special_tokens=False))
+        return texts
+
+
+class VLLMEngine:
+    """vLLM's offline engine (``vllm.LLM``), with the trained LoRA adapter hot-loaded.
+
+    ``model`` is the base model's path; ``llm_kwargs`` go to ``vllm.LLM``
+    (``gpu_memory_utilization``, ``tensor_parallel_size``, ...). With
+    ``enable_lora`` (the default), :meth:`load_adapter` points generation at a
+    saved adapter (:func:`turnrl.train.save_adapter`'s folder) under a fresh
+    LoRA id, so vLLM does not serve a stale cached copy. Special tokens are
+    kept in the text, as :class:`TransformersEngine` keeps them.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_new_tokens: int = 1024,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        enable_lora: bool = True,
+        max_lora_rank: int = 64,
+        **llm_kwargs: Any,
+    ) -> None:
+        from vllm import LLM, SamplingParams
+
+        if enable_lora:
+            llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        self.llm = LLM(model=model, **llm_kwargs)
+        self.sampling = SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            skip_special_tokens=False,
+        )
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.lora: Any = None
+        self._lora_id = 0
+
+    def load_adapter(self, path: str) -> None:
+        """Generate with the adapter saved at ``path`` from now on."""
+        from vllm.lora.request import LoRARequest
+
+        self._lora_id += 1
+        self.lora = LoRARequest(f"turnrl-{self._lora_id}", self._lora_id, str(path))
+
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[str]:
+        """Complete all chats in one ``LLM.chat`` call."""
+        if not conversations:
+            return []
+        outputs = self.llm.chat(
+            [[dict(m) for m in c] for c in conversations],
+            self.sampling,
+            use_tqdm=False,
+            lora_request=self.lora,
+            tools=list(tools) if tools else None,
+            chat_template_kwargs=self.chat_template_kwargs or None,
+        )
+        return [o.outputs[0].text for o in outputs]
+
+
+class _Request:
+    __slots__ = ("conversation", "done", "error", "result", "tools")
+
+    def __init__(self, conversation: Chat, tools: Tools) -> None:
+        self.conversation = conversation
+        self.tools = tools
+        self.done = threading.Event()
+        self.result: str | None = None
+        self.error: BaseException | None = None
+
+
+class EngineAgent:
+    """A ``run_episode`` agent on an :class:`Engine`, batching concurrent episodes.
+
+    Each call renders nothing itself: the engine gets the chat and the tool
+    schemas, and the completion is parsed with
+    :func:`turnrl.envs.agents.reply_from_text` (``fmt`` as
+    :func:`turnrl.parse_tool_calls`); the raw completion is kept in the
+    reply for training. Calls from several threads are gathered: while one
+    ``generate`` runs, the requests that arrive wait and go together into
+    the next one (at most ``max_batch``). An engine error is raised in every
+    episode whose request was in that batch.
+    """
+
+    def __init__(self, engine: Engine, *, fmt: str = "auto", max_batch: int = 64) -> None:
+        if max_batch < 1:
+            raise InvalidInputError(f"max_batch must be at least 1, got {max_batch}")
+        self.engine = engine
+        self.fmt = fmt
+        self.max_batch = max_batch
+        self._pending: list[_Request] = []
+        self._queue_lock = threading.Lock()
+        self._engine_lock = threading.Lock()
+        self.batches: list[int] = []
+        """The size of every ``generate`` call made, in order."""
+
+    def __call__(self, messages: Chat, tools: Tools) -> dict[str, Any]:
+        """The assistant's next message, parsed from the engine's completion."""
+        request = _Request([dict(m) for m in messages], tools)
+        with self._queue_lock:
+            self._pending.append(request)
+        while not request.done.is_set():
+            with self._engine_lock:
+                if request.done.is_set():
+                    break
+                with self._queue_lock:
+                    batch = self._pending[: self.max_batch]
+                    del self._pending[: self.max_batch]
+                self._run(batch)
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return reply_from_text(request.result, tools, fmt=self.fmt)
+
+    def _run(self, batch: list[_Request]) -> None:
+        by_tools: dict[str, list[_Request]] = {}
+        for request in batch:
+            key = json.dumps(list(request.tools or []), sort_keys=True, default=str)
+            by_tools.setdefault(key, []).append(request)
+        for requests in by_tools.values():
+            try:
+                texts = self.engine.generate([r.conversation for r in requests], requests[0].tools)
+                if len(texts) != len(requests):
+                    raise RuntimeError(
+                        f"the engine returned {len(texts)} completions for {len(requests)} chats"
+                    )
+                self.batches.append(len(requests))
+                for request, text in zip(requests, texts, strict=True):
+                    request.result = text
+            except Exception as e:  # every episode in the batch hears of it
+                for request in requests:
+                    request.error = e
+            finally:
+                for request in requests:
+                    request.done.set()

