@@ -21,7 +21,31 @@ prepare)
     rm -rf .whl && mkdir -p .whl
     python -m maturin build --release --features abi3 --out .whl
     python -m pip download -q --no-deps --only-binary=:all: -d .whl "liger-kernel==0.8.5"
-    du -sh .whl && ls .whl
+    # benches/gpu_train_step.py's model: transformers + PEFT and all they require (pinned
+    # to the versions tested here),
+    # for the GPU image's Python 3.12 (torch and triton are there already).
+    python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux_2_28_x86_64 -d .whl/train \
+         "accelerate==1.15.0" "annotated-doc==0.0.7" "annotated-types==0.8.0" \
+        "anyio==4.16.0" "click==8.5.1" "filelock==4.2.11" "fsspec==2026.9.0" "h11==0.16.0" \
+        "hf-xet==1.8.0" "httpcore2==2.16.2" "httpx2==2.16.2" "huggingface-hub==2.4.0" \
+        "idna==3.20" "markdown-it-py==4.3.0" "mdurl==0.1.2" "peft==0.21.2" "psutil==7.2.2" \
+        "pydantic==2.14.3" "pydantic-core==2.50.4" "pygments==2.21.0" "pyyaml==6.0.3" \
+        "regex==2026.11.15" "rich==15.0.0" "safetensors==0.8.0" "shellingham==1.5.4" \
+        "tokenizers==0.23.3" "tqdm==4.70.1" "transformers==5.23.0" "truststore==0.10.5" \
+        "typer==0.29.2" "typing-inspection==0.4.5"
+    du -sh .whl && ls .whl .whl/train
+    ;;
+train)
+    # there: run(command="bash benches/gpu_run.sh train", carry=[".whl"])
+    out="${OUT:-/tmp/gpu-out}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
+    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
     ;;
 device)
     out="${OUT:-/tmp/gpu-out}"
@@ -44,7 +68,7 @@ device)
     step gpu-loss python3 benches/gpu_loss.py --csv "$out/gpu_loss.csv"
     ;;
 *)
-    echo "usage: bash benches/gpu_run.sh prepare|device" >&2
+    echo "usage: bash benches/gpu_run.sh prepare|device|train" >&2
     exit 2
     ;;
 esac
