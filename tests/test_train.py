@@ -453,6 +453,32 @@ def test_engine_agent_errors_reach_every_episode_of_the_batch(engine, message):
     assert agent.batches == []  # no batch completed
 
 
+def test_engine_agent_fails_instead_of_hanging_on_tools_it_cannot_group():
+    import time
+
+    circular: dict = {"type": "function"}
+    circular["self"] = circular
+    agent = EngineAgent(_FakeEngine())
+    errors: list[Exception] = []
+
+    def ask(tools):
+        try:
+            agent([{"role": "user", "content": "hi"}], tools)
+        except ValueError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(t,), daemon=True) for t in (TOOLS, [circular])]
+    with agent._engine_lock:  # both requests queue up and go out in one batch
+        for t in threads:
+            t.start()
+        while len(agent._pending) < 2:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 2 and all("ircular" in str(e) for e in errors)
+
+
 def test_engine_agent_parses_calls_and_keeps_the_raw_completion():
     class Scripted:
         def generate(self, conversations, tools=None):

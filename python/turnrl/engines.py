@@ -243,12 +243,12 @@ class EngineAgent:
         return reply_from_text(request.result, tools, fmt=self.fmt)
 
     def _run(self, batch: list[_Request]) -> None:
-        by_tools: dict[str, list[_Request]] = {}
-        for request in batch:
-            key = json.dumps(list(request.tools or []), sort_keys=True, default=str)
-            by_tools.setdefault(key, []).append(request)
-        for requests in by_tools.values():
-            try:
+        try:
+            by_tools: dict[str, list[_Request]] = {}
+            for request in batch:
+                key = json.dumps(list(request.tools or []), sort_keys=True, default=str)
+                by_tools.setdefault(key, []).append(request)
+            for requests in by_tools.values():
                 texts = self.engine.generate([r.conversation for r in requests], requests[0].tools)
                 if len(texts) != len(requests):
                     raise RuntimeError(
@@ -257,9 +257,12 @@ class EngineAgent:
                 self.batches.append(len(requests))
                 for request, text in zip(requests, texts, strict=True):
                     request.result = text
-            except Exception as e:  # every episode in the batch hears of it
-                for request in requests:
-                    request.error = e
-            finally:
-                for request in requests:
                     request.done.set()
+        except Exception as e:  # every episode still waiting in the batch hears of it
+            for request in batch:
+                if not request.done.is_set():
+                    request.error = e
+        finally:
+            # Nobody may wait for ever on a request that was taken off the queue.
+            for request in batch:
+                request.done.set()

@@ -405,6 +405,8 @@ class GTPOConfig:
     temperature: float = 1.0
     """The sampler's temperature."""
     agg: str = "token_mean"
+    """Loss aggregation. A sequence is a row: a whole conversation when it is
+    packed, one assistant turn otherwise (see :func:`tokenize_rollout`)."""
     max_grad_norm: float | None = 1.0
     backend: str = "auto"
 
