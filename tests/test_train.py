@@ -622,3 +622,57 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     assert any(
         not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad
     )
+
+
+def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsys):
+    from turnrl.cli import main
+
+    pytest.importorskip("matplotlib")
+    folder = tmp_path / "tiny"
+    base_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    argv = [
+        "train",
+        "--model",
+        str(folder),
+        "--env",
+        "synthetic:airline",
+        "--tasks",
+        "0:2",
+        "--user",
+        "scripted",
+        "--steps",
+        "1",
+        "--tasks-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--workers",
+        "2",
+        "--quiet",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    assert main(argv) == 0
+    assert "trained 1 steps" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_config.json").exists()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    assert [p.name for p in (run / "rollouts").iterdir()] == ["step-0.jsonl"]
+    assert main([*argv, "--resume", "--plot"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+    assert (run / "metrics.png").stat().st_size > 0
+    bad = [a if a != "float32" else "float33" for a in argv]
+    assert main(bad) == 2
+    assert "unknown dtype 'float33'" in capsys.readouterr().err

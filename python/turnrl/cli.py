@@ -167,9 +167,6 @@ def _import_taubench(args: argparse.Namespace) -> int:
 def _collect(args: argparse.Namespace) -> int:
     from turnrl import envs
     from turnrl.collect import CollectSummary, collect_rollouts, select_tasks
-    from turnrl.envs._base import TRANSFER_TOKEN
-    from turnrl.envs.users import DEFAULT_SYSTEM_PROMPT, TAU2_SYSTEM_PROMPT
-    from turnrl.exceptions import InvalidInputError
 
     extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
     domain = envs.load(args.env, root=args.root, split=args.split, **extra)
@@ -187,16 +184,7 @@ def _collect(args: argparse.Namespace) -> int:
     def make_agent() -> envs.OpenAIAgent:
         return agent
 
-    if args.user == "scripted":
-        make_user: Any = envs.ScriptedUser
-    else:
-        if not args.user_model:
-            raise InvalidInputError("--user llm needs --user-model (or use --user scripted)")
-        tau2 = TRANSFER_TOKEN in domain.rules.stop_tokens
-        prompt = TAU2_SYSTEM_PROMPT if tau2 else DEFAULT_SYSTEM_PROMPT
-
-        def make_user() -> envs.LLMUser:
-            return envs.LLMUser(args.user_model, args.user_url, system_prompt=prompt)
+    make_user = _make_user(args, domain)
 
     judge = envs.LLMJudge(args.judge_model, args.judge_url) if args.judge_model else None
     summary = CollectSummary()
@@ -244,6 +232,140 @@ def _collect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _make_user(args: argparse.Namespace, domain: Any) -> Any:
+    """The simulated user factory the --user options ask for."""
+    from turnrl import envs
+    from turnrl.envs._base import TRANSFER_TOKEN
+    from turnrl.envs.users import DEFAULT_SYSTEM_PROMPT, TAU2_SYSTEM_PROMPT
+    from turnrl.exceptions import InvalidInputError
+
+    if args.user == "scripted":
+        return envs.ScriptedUser
+    if not args.user_model:
+        raise InvalidInputError("--user llm needs --user-model (or use --user scripted)")
+    tau2 = TRANSFER_TOKEN in domain.rules.stop_tokens
+    prompt = TAU2_SYSTEM_PROMPT if tau2 else DEFAULT_SYSTEM_PROMPT
+
+    def make_user() -> envs.LLMUser:
+        return envs.LLMUser(args.user_model, args.user_url, system_prompt=prompt)
+
+    return make_user
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from turnrl import envs
+    from turnrl.collect import select_tasks
+    from turnrl.engines import EngineAgent, TransformersEngine
+    from turnrl.train import GTPOConfig, GTPOTrainer, load_policy, plot_history, train_loop
+
+    extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
+    domain = envs.load(args.env, root=args.root, split=args.split, **extra)
+    tasks = select_tasks(domain, args.tasks)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = out / "adapter"
+    resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
+    model, tokenizer = load_policy(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        target_modules=args.lora_targets.split(",")
+        if "," in args.lora_targets
+        else args.lora_targets,
+        adapter=resume,
+    )
+    template = {"enable_thinking": False} if args.no_thinking else {}
+    after_update = None
+    if args.engine == "vllm":
+        from turnrl.engines import VLLMEngine
+
+        engine: Any = VLLMEngine(
+            args.model,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            chat_template_kwargs=template,
+            max_lora_rank=max(args.lora_rank, 8),
+            gpu_memory_utilization=args.vllm_gpu_memory,
+        )
+        if resume is not None:
+            engine.load_adapter(str(adapter))
+
+        def after_update() -> None:
+            engine.load_adapter(str(adapter))
+
+    else:
+        engine = TransformersEngine(
+            model,
+            tokenizer,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            chat_template_kwargs=template,
+        )
+    agent = EngineAgent(engine)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
+        GTPOConfig(
+            micro_batch_size=args.micro_batch_size,
+            ppo_epochs=args.ppo_epochs,
+            eps_low=args.eps_low,
+            eps_high=args.eps_high,
+            beta=args.beta,
+            temperature=args.temperature,
+            agg=args.agg,
+        ),
+    )
+    metrics = out / "metrics.jsonl"
+    first_step = 0
+    if resume is not None and metrics.exists():
+        first_step = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+
+    def on_step(step: int, stats: dict[str, float]) -> None:
+        with metrics.open("a") as f:
+            f.write(json.dumps({"step": first_step + step, **stats}) + "\n")
+
+    history = train_loop(
+        trainer,
+        domain,
+        lambda: agent,
+        _make_user(args, domain),
+        tokenizer,
+        tasks=tasks,
+        steps=args.steps,
+        tasks_per_step=args.tasks_per_step,
+        group_size=args.group_size,
+        tiers=args.tiers,
+        estimator=args.estimator,
+        max_length=args.max_length,
+        chat_template_kwargs=template,
+        workers=args.workers,
+        buffer_dir=out / "rollouts",
+        checkpoint=adapter,
+        after_update=after_update,
+        on_step=on_step,
+        seed=args.seed + first_step,
+        progress=not args.quiet,
+    )
+    everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if args.plot:
+        plot_history(everything, out / "metrics.png")
+    last = history[-1]
+    print(
+        f"trained {len(history)} steps: last success {last['success_rate']:.3f}, loss "
+        f"{last['loss']:.4f}; adapter in {adapter}, metrics in {metrics}"
+        + (f", plot in {out / 'metrics.png'}" if args.plot else "")
+    )
     return 0
 
 
@@ -459,6 +581,89 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--quiet", action="store_true", help="no progress bar")
     col.add_argument("--out", required=True, help="buffer to write (.zst compresses)")
     col.set_defaults(run=_collect)
+
+    tr = commands.add_parser(
+        "train",
+        help="train a LoRA policy with GTPO on a domain (rollouts, advantages, updates)",
+        description="Each step: run --group-size episodes of --tasks-per-step tasks with the "
+        "policy being trained (transformers generate, or vLLM with the adapter reloaded after "
+        "each update) and a simulated user, label the turns with tiers, compute per-turn "
+        "advantages, and take a GTPO step with the fused loss. Writes OUT/rollouts/step-N.jsonl "
+        "(for turnrl calibrate), OUT/adapter (after every step), OUT/metrics.jsonl and, with "
+        "--plot, OUT/metrics.png.",
+    )
+    tr.add_argument("--model", required=True, help="base model: a local folder or hub name")
+    tr.add_argument("--env", required=True, help="domain, e.g. tau2:airline (see turnrl.envs)")
+    tr.add_argument("--root", help="the tau-bench or tau2-bench checkout with the data")
+    tr.add_argument("--split", help="task split (default: the domain's)")
+    tr.add_argument("--tasks", default="all", help="tasks to draw from, as for collect")
+    tr.add_argument("--seed", type=int, default=0, help="task order and synthetic domain seed")
+    tr.add_argument("--steps", type=int, default=10, help="updates (default: %(default)s)")
+    tr.add_argument(
+        "--tasks-per-step", type=int, default=8, help="tasks per step (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--group-size", type=int, default=8, help="rollouts per task (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="rollout engine (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--vllm-gpu-memory",
+        type=float,
+        default=0.4,
+        help="share of GPU memory vLLM may take, beside the trained model (default: %(default)s)",
+    )
+    tr.add_argument("--max-new-tokens", type=int, default=512, help="per policy reply")
+    tr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    tr.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="render chats with enable_thinking=False (Qwen3's non-thinking mode)",
+    )
+    tr.add_argument("--user", choices=["llm", "scripted"], default="llm", help="simulated user")
+    tr.add_argument("--user-model", help="the user simulator's model name (--user llm)")
+    tr.add_argument("--user-url", help="the user simulator's base URL (default: OPENAI_BASE_URL)")
+    tr.add_argument("--tiers", default="naive", help="tier rewards: TOML file or preset")
+    tr.add_argument(
+        "--estimator",
+        default="gtpo_hybrid",
+        choices=estimator_names(),
+        help="advantage estimator (default: %(default)s)",
+    )
+    tr.add_argument("--lora-rank", type=int, default=16)
+    tr.add_argument("--lora-alpha", type=int, help="default: twice the rank")
+    tr.add_argument(
+        "--lora-targets",
+        default="all-linear",
+        help="modules to adapt, comma-separated, or all-linear (default: %(default)s)",
+    )
+    tr.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    tr.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward")
+    tr.add_argument("--ppo-epochs", type=int, default=1)
+    tr.add_argument("--eps-low", type=float, default=0.2)
+    tr.add_argument("--eps-high", type=float, default=0.28)
+    tr.add_argument("--beta", type=float, default=0.0, help="KL to the base model")
+    tr.add_argument(
+        "--agg",
+        default="token_mean",
+        choices=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo"],
+        help="loss aggregation (default: %(default)s)",
+    )
+    tr.add_argument("--max-length", type=int, help="cut token rows longer than this")
+    tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
+    tr.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    tr.add_argument("--workers", type=int, default=8, help="episodes run at once")
+    tr.add_argument(
+        "--resume", action="store_true", help="continue from OUT/adapter and OUT/metrics.jsonl"
+    )
+    tr.add_argument("--plot", action="store_true", help="write OUT/metrics.png at the end")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.add_argument("--out", required=True, help="output folder")
+    tr.set_defaults(run=_train)
     return parser
 
 

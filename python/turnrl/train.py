@@ -56,6 +56,8 @@ __all__ = [
     "TokenizedRollout",
     "TrainBatch",
     "build_batch",
+    "load_policy",
+    "plot_history",
     "rollout_messages",
     "save_adapter",
     "tokenize_rollout",
@@ -748,3 +750,75 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def load_policy(
+    model: str | os.PathLike[str],
+    *,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    lora_rank: int = 16,
+    lora_alpha: int | None = None,
+    target_modules: str | Sequence[str] = "all-linear",
+    adapter: str | os.PathLike[str] | None = None,
+) -> tuple[Any, Any]:
+    """A Hugging Face causal LM with a trainable LoRA adapter, and its tokenizer.
+
+    ``model`` is a local folder or a hub name (loaded with
+    ``AutoModelForCausalLM``/``AutoTokenizer``); ``device`` defaults to CUDA
+    when there is one. ``adapter`` continues from a saved adapter (a
+    :func:`save_adapter` folder) instead of a fresh one (``lora_alpha``
+    defaults to twice the rank).
+    """
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise InvalidInputError(f"unknown dtype {dtype!r}; try bfloat16, float16 or float32")
+    where = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    if tokenizer.chat_template is None:
+        raise InvalidInputError(f"the tokenizer of {model} has no chat template")
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype).to(where)
+    if adapter is not None:
+        policy = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    else:
+        config = peft.LoraConfig(
+            r=lora_rank,
+            lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
+            target_modules=target_modules
+            if isinstance(target_modules, str)
+            else list(target_modules),
+            task_type="CAUSAL_LM",
+        )
+        policy = peft.get_peft_model(base, config)
+    return policy, tokenizer
+
+
+def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
+    """Success rate, loss and KL per step of a :func:`train_loop` run, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InvalidInputError("plotting needs matplotlib: pip install matplotlib") from None
+    steps = np.arange(len(history))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, title in zip(
+        axes,
+        ("success_rate", "loss", "approx_kl"),
+        ("success rate of the step's rollouts", "GTPO loss", "approx. KL to the behaviour policy"),
+        strict=True,
+    ):
+        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+    fig.tight_layout()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
