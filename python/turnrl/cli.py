@@ -596,8 +596,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--env", required=True, help="domain, e.g. tau2:airline (see turnrl.envs)")
     tr.add_argument("--root", help="the tau-bench or tau2-bench checkout with the data")
     tr.add_argument("--split", help="task split (default: the domain's)")
-    tr.add_argument("--tasks", default="all", help="tasks to draw from, as for collect")
-    tr.add_argument("--seed", type=int, default=0, help="task order and synthetic domain seed")
+    tr.add_argument(
+        "--tasks", default="all", help="tasks to draw from, as for collect (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="task order and synthetic domain seed (default: %(default)s)",
+    )
     tr.add_argument("--steps", type=int, default=10, help="updates (default: %(default)s)")
     tr.add_argument(
         "--tasks-per-step", type=int, default=8, help="tasks per step (default: %(default)s)"
@@ -617,36 +624,68 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="share of GPU memory vLLM may take, beside the trained model (default: %(default)s)",
     )
-    tr.add_argument("--max-new-tokens", type=int, default=512, help="per policy reply")
-    tr.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    tr.add_argument(
+        "--max-new-tokens", type=int, default=512, help="per policy reply (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)"
+    )
     tr.add_argument(
         "--no-thinking",
         action="store_true",
         help="render chats with enable_thinking=False (Qwen3's non-thinking mode)",
     )
-    tr.add_argument("--user", choices=["llm", "scripted"], default="llm", help="simulated user")
+    tr.add_argument(
+        "--user",
+        choices=["llm", "scripted"],
+        default="llm",
+        help="simulated user (default: %(default)s)",
+    )
     tr.add_argument("--user-model", help="the user simulator's model name (--user llm)")
     tr.add_argument("--user-url", help="the user simulator's base URL (default: OPENAI_BASE_URL)")
-    tr.add_argument("--tiers", default="naive", help="tier rewards: TOML file or preset")
+    tr.add_argument(
+        "--tiers", default="naive", help="tier rewards: TOML file or preset (default: %(default)s)"
+    )
     tr.add_argument(
         "--estimator",
         default="gtpo_hybrid",
         choices=estimator_names(),
         help="advantage estimator (default: %(default)s)",
     )
-    tr.add_argument("--lora-rank", type=int, default=16)
+    tr.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     tr.add_argument("--lora-alpha", type=int, help="default: twice the rank")
     tr.add_argument(
         "--lora-targets",
         default="all-linear",
         help="modules to adapt, comma-separated, or all-linear (default: %(default)s)",
     )
-    tr.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
-    tr.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward")
-    tr.add_argument("--ppo-epochs", type=int, default=1)
-    tr.add_argument("--eps-low", type=float, default=0.2)
-    tr.add_argument("--eps-high", type=float, default=0.28)
-    tr.add_argument("--beta", type=float, default=0.0, help="KL to the base model")
+    tr.add_argument(
+        "--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=4,
+        help="rows per forward/backward (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--ppo-epochs",
+        type=int,
+        default=1,
+        help="optimizer steps per batch of rollouts (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--eps-low", type=float, default=0.2, help="ratio clip below 1 (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--eps-high",
+        type=float,
+        default=0.28,
+        help="ratio clip above 1, DAPO's clip-higher (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--beta", type=float, default=0.0, help="KL to the base model (default: %(default)s)"
+    )
     tr.add_argument(
         "--agg",
         default="token_mean",
@@ -656,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-length", type=int, help="cut token rows longer than this")
     tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
     tr.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
-    tr.add_argument("--workers", type=int, default=8, help="episodes run at once")
+    tr.add_argument(
+        "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+    )
     tr.add_argument(
         "--resume", action="store_true", help="continue from OUT/adapter and OUT/metrics.jsonl"
     )
