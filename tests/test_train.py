@@ -676,3 +676,32 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     bad = [a if a != "float32" else "float33" for a in argv]
     assert main(bad) == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_step_and_modes_are_restored(tok, base_model):
+    rng = random.Random(19)
+    records = [_record(rng, float(i % 2), "g") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    cfg = GTPOConfig(micro_batch_size=2, max_grad_norm=None, backend="torch")
+    plain, checkpointed = _lora(base_model), _lora(base_model)
+    checkpointed.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    calls = []
+    for layer in checkpointed.get_base_model().model.layers:
+        # Inside the checkpointed forward, so the recompute calls it again
+        # (torch stops recomputing once it has what the backward needs).
+        layer.input_layernorm.register_forward_hook(lambda *_: calls.append(1))
+    results = []
+    for model in (plain, checkpointed):
+        model.eval()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        results.append(GTPOTrainer(model, opt, cfg).step(batch))
+        assert not model.training  # put back as it was
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
+    # Checkpointed layers run their forward again in the backward.
+    layers = len(checkpointed.get_base_model().model.layers)
+    micro = 2  # micro-batches of the update; the log-probs pass runs once per micro-batch too
+    assert len(calls) == layers * micro * 3
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)

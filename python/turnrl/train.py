@@ -526,41 +526,21 @@ class GTPOTrainer:
                 hidden, head, micro.targets, self.config.temperature, backend=self.config.backend
             )
 
-    def step(self, batch: TrainBatch) -> dict[str, float]:
-        """Update the policy on one batch; returns mean loss and loss statistics.
-
-        Statistics are token-weighted over the batch (``clip_frac``,
-        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term)
-        plus ``grad_norm`` (before clipping) and ``loss`` of the last epoch.
-
-        The LM head runs only at the positions that predict a trained token
-        (the decoder still sees every token): prompts, tool results and user
-        messages, most of a multi-turn sequence, cost no [tokens, vocab] work.
-        """
+    def _update(
+        self,
+        micro: list[_MicroBatch],
+        old: list[torch.Tensor],
+        ref: list[torch.Tensor | None],
+        batch: TrainBatch,
+        global_tokens: int,
+        global_sequences: int,
+    ) -> dict[str, float]:
+        """``ppo_epochs`` optimizer steps, each accumulating every micro-batch's gradients."""
         import torch
 
         from turnrl.kernels import gtpo_loss
 
         cfg = self.config
-        global_tokens = int(batch.loss_mask[:, 1:].sum())
-        global_sequences = int(batch.loss_mask[:, 1:].any(dim=1).sum())
-        if global_tokens == 0:
-            raise InvalidInputError("the batch has no trained tokens")
-        micro = self._micro_batches(batch)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            old = [self._logprobs(self.model, m) for m in micro]
-            ref: list[torch.Tensor | None] = [None] * len(micro)
-            if cfg.beta:
-                for j, m in enumerate(micro):
-                    if self.ref_model is not None:
-                        ref[j] = self._logprobs(self.ref_model, m)
-                    else:
-                        with self.model.disable_adapter():
-                            ref[j] = self._logprobs(self.model, m)
-        finally:
-            self.model.train(was_training)
         totals: dict[str, float] = {}
         for _ in range(cfg.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -606,6 +586,45 @@ class GTPOTrainer:
             self.optimizer.step()
             totals["loss"] = loss_sum
             totals["grad_norm"] = float(norm)
+        return totals
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        """Update the policy on one batch; returns mean loss and loss statistics.
+
+        Statistics are token-weighted over the batch (``clip_frac``,
+        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term)
+        plus ``grad_norm`` (before clipping) and ``loss`` of the last epoch.
+
+        The LM head runs only at the positions that predict a trained token
+        (the decoder still sees every token): prompts, tool results and user
+        messages, most of a multi-turn sequence, cost no [tokens, vocab] work.
+        """
+
+        cfg = self.config
+        global_tokens = int(batch.loss_mask[:, 1:].sum())
+        global_sequences = int(batch.loss_mask[:, 1:].any(dim=1).sum())
+        if global_tokens == 0:
+            raise InvalidInputError("the batch has no trained tokens")
+        micro = self._micro_batches(batch)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            old = [self._logprobs(self.model, m) for m in micro]
+            ref: list[torch.Tensor | None] = [None] * len(micro)
+            if cfg.beta:
+                for j, m in enumerate(micro):
+                    if self.ref_model is not None:
+                        ref[j] = self._logprobs(self.ref_model, m)
+                    else:
+                        with self.model.disable_adapter():
+                            ref[j] = self._logprobs(self.model, m)
+            # Train mode for the update: gradient checkpointing runs only
+            # there. Dropout should be off (Qwen3's and PEFT's defaults), or
+            # the ratio to the behaviour log-probs is not 1 on-policy.
+            self.model.train()
+            totals = self._update(micro, old, ref, batch, global_tokens, global_sequences)
+        finally:
+            self.model.train(was_training)
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         totals["trained_tokens"] = float(global_tokens)
