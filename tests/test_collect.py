@@ -272,3 +272,14 @@ def test_group_prefix_keeps_runs_apart(chat_server, tmp_path):
     )
     groups = {r["group"] for r in turnrl.iter_rollout_records(out)}
     assert groups == {f"step-0007/{d.tasks[0].id}"}
+
+
+def test_no_completion_is_kept_when_the_server_took_the_reasoning_out(chat_server):
+    # vLLM's reasoning parser returns the reasoning apart: the content alone is
+    # not what the model generated, so training falls back to the template.
+    _, url = chat_server([{"content": "Done.", "reasoning_content": "plan"}, "Plain text."])
+    agent = envs.OpenAIAgent("p", url, api_key="k")
+    split = agent([{"role": "user", "content": "hi"}], [])
+    assert split["reasoning"] == "plan" and split["content"] == "Done."
+    assert "completion" not in split
+    assert agent([{"role": "user", "content": "hi"}], [])["completion"] == "Plain text."
