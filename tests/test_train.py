@@ -11,6 +11,7 @@ import copy
 import json
 import random
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 
 import turnrl  # noqa: E402
 from turnrl import envs  # noqa: E402
-from turnrl.engines import EngineAgent, TransformersEngine  # noqa: E402
+from turnrl.engines import Completion, EngineAgent, TransformersEngine  # noqa: E402
 from turnrl.exceptions import InvalidInputError  # noqa: E402
 from turnrl.train import (  # noqa: E402
     GTPOConfig,
@@ -68,7 +69,10 @@ def _lora(model, seed=1):
 
 
 def _record(rng: random.Random, outcome: float, group: str, reasoning: bool = False) -> dict:
-    """A random multi-turn record: calls (several per turn), tool results, user replies."""
+    """A random multi-turn record: calls (several per turn), tool results, user replies.
+
+    Contents may open with blank lines, which BPE merges with what comes
+    before them when a prompt is encoded whole."""
     turns: list[dict] = [{"role": "user", "content": f"Hi, I am user_{rng.randint(1, 99)}."}]
     for k in range(rng.randint(1, 4)):
         calls = [
@@ -77,7 +81,9 @@ def _record(rng: random.Random, outcome: float, group: str, reasoning: bool = Fa
         ]
         turn = {
             "role": "assistant",
-            "content": "" if calls and rng.random() < 0.5 else f"Step {k}: checking.",
+            "content": ""
+            if calls and rng.random() < 0.5
+            else rng.choice(["", "\n\n", " "]) + f"Step {k}: checking.",
             "tier": rng.choice(["read", "respond", "gold", None]),
             "reward": rng.choice([0.0, 0.3, -0.1, None]),
         }
@@ -95,7 +101,7 @@ def _record(rng: random.Random, outcome: float, group: str, reasoning: bool = Fa
             turns.append({"role": "user", "content": rng.choice(["Yes.", "No, thanks."])})
     return {
         "schema": "turnrl.rollout/1",
-        "task_id": group,
+        "task_id": f"task/{group}/{rng.randint(0, 10**6)}",  # not the group
         "group": group,
         "sample": 0,
         "outcome": outcome,
@@ -116,8 +122,21 @@ def _prompt(tok, record, k, template_kwargs=None):
     )
 
 
+def _rendered_turn(tok, record, k):
+    """The text the template gives assistant turn k (with its reasoning) in a full rendering."""
+    messages = rollout_messages(record, SYSTEM)
+    at = [i for i, m in enumerate(messages) if m["role"] == "assistant"][k]
+    turn = [t for t in record["turns"] if t["role"] == "assistant"][k]
+    shown = dict(messages[at])
+    if turn.get("reasoning"):
+        shown["reasoning_content"] = turn["reasoning"]
+    whole = tok.apply_chat_template([*messages[:at], shown], tools=TOOLS, tokenize=False)
+    start = whole.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
+    return whole[start:].removesuffix("\n")
+
+
 def _check_rows(tok, record, tokens):
-    """Each turn's tokens follow exactly its prompt and decode to what the turn generated."""
+    """Each turn's tokens follow exactly its prompt's ids and decode to what the turn generated."""
     n_turns = sum(t["role"] == "assistant" for t in record["turns"])
     seen = set()
     for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
@@ -125,26 +144,28 @@ def _check_rows(tok, record, tokens):
         for k in sorted(set(owner) - {-1}):
             where = [i for i, o in enumerate(owner) if o == k]
             assert where == list(range(where[0], where[-1] + 1)), "a turn's tokens are contiguous"
-            assert tok.decode(ids[: where[0]]) == _prompt(tok, record, k)
+            prompt = _prompt(tok, record, k)
+            assert ids[: where[0]] == tok(prompt, add_special_tokens=False)["input_ids"]
             body = tok.decode(ids[where[0] : where[-1] + 1])
+            assert body == _rendered_turn(tok, record, k)
             assert body.endswith("<|im_end|>") and body.count("<|im_end|>") == 1
             seen.add(k)
     assert seen == set(range(n_turns))
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_tokenized_turns_follow_their_prompts(tok, seed):
     rng = random.Random(seed)
     record = _record(rng, 1.0, "t", reasoning=seed % 3 == 0)
     tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
     _check_rows(tok, record, tokens)
-    has_reasoning = any(t.get("reasoning") for t in record["turns"][:-2])
-    if not any(t.get("reasoning") for t in record["turns"]):
-        # A template that renders a chat as its prefixes gives one row.
-        assert tokens.packed and len(tokens.input_ids) == 1
-    elif has_reasoning:
+    assistant = [t for t in record["turns"] if t["role"] == "assistant"]
+    if any(t.get("reasoning") for t in assistant[:-1]):
         # The agent was not shown its earlier reasoning: one row per turn.
         assert not tokens.packed
+    elif not any(t.get("reasoning") or t["content"][:1].isspace() for t in assistant):
+        # A template that renders a chat as its prefixes gives one row.
+        assert tokens.packed and len(tokens.input_ids) == 1
     unpacked = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=False)
     _check_rows(tok, record, unpacked)
     assert len(unpacked.input_ids) == sum(t["role"] == "assistant" for t in record["turns"])
@@ -170,6 +191,23 @@ def test_trained_text_is_the_rendered_turn_or_the_raw_completion(tok):
     (ids,), (owner,) = tokens.input_ids, tokens.token_turn
     texts = [tok.decode([i for i, o in zip(ids, owner, strict=True) if o == k]) for k in (0, 1)]
     assert texts == ["Let me look.<|im_end|>", '<tool_call>{"name": broken</tool_call><|im_end|>']
+
+
+def test_a_row_is_packed_only_when_its_tokens_are_each_prompts_tokens(tok):
+    # "\n" closing the generation prompt and "\n\n" opening the reply are one
+    # token when the next prompt is encoded whole, two when encoded in pieces.
+    record = _record(random.Random(0), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "\n\nLet me check.", "tier": None, "reward": None},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Done.", "tier": None, "reward": None},
+    ]
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+    assert not tokens.packed
+    _check_rows(tok, record, tokens)
+    record["turns"][1]["content"] = "Let me check."
+    assert tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS).packed
 
 
 def test_a_template_that_changes_earlier_turns_gets_one_row_per_turn(tok):
@@ -319,6 +357,12 @@ def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, bet
 
     loss = _reference_loss(reference, batch, cfg)
     loss.backward()
+    with torch.no_grad():  # statistics are means over the batch's trained tokens
+        logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float() / cfg.temperature, -1)
+        entropy = -(logp.exp() * logp).sum(-1)[batch.loss_mask[:, 1:]].mean()
+    assert stats["entropy"] == pytest.approx(float(entropy), rel=1e-4)
+    assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_frac"] == 0.0
     assert stats["loss"] == pytest.approx(float(loss), rel=1e-4, abs=1e-7)
     grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
     assert set(grads) == set(trained) and any(g.abs().max() > 0 for g in grads.values())
@@ -378,6 +422,37 @@ def test_save_adapter_never_leaves_a_half_written_checkpoint(tmp_path):
     save_adapter(_Saveable('{"step": 3}'), target)
     assert json.loads((target / "adapter.json").read_text()) == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_save_adapter_keeps_the_old_one_when_the_swap_fails_and_recovers_a_kill(
+    tmp_path, monkeypatch
+):
+    import os
+
+    from turnrl.train import recover_adapter
+
+    target = tmp_path / "ckpt"
+    save_adapter(_Saveable('{"step": 1}'), target)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # not a temporary folder's 0700
+    real_replace = os.replace
+
+    def fail_into_place(src, dst):
+        if str(src).count(".new-"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_into_place)
+    with pytest.raises(OSError, match="rename failed"):
+        save_adapter(_Saveable('{"step": 2}'), target)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # Killed between the two renames: the old checkpoint is aside, none in place.
+    real_replace(target, tmp_path / ".ckpt.old-0000")
+    assert recover_adapter(target) and not recover_adapter(target)
+    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
 
 
 def test_peft_adapter_round_trips(tmp_path, base_model):
@@ -468,11 +543,14 @@ def test_engine_agent_fails_instead_of_hanging_on_tools_it_cannot_group():
             errors.append(e)
 
     threads = [threading.Thread(target=ask, args=(t,), daemon=True) for t in (TOOLS, [circular])]
-    with agent._engine_lock:  # both requests queue up and go out in one batch
-        for t in threads:
-            t.start()
-        while len(agent._pending) < 2:
-            time.sleep(0.01)
+    agent._busy = True  # as if a generate were running: both requests queue up
+    for t in threads:
+        t.start()
+    while len(agent._pending) < 2:
+        time.sleep(0.01)
+    with agent._changed:  # the generate ends; the next leader takes both
+        agent._busy = False
+        agent._changed.notify_all()
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
@@ -495,7 +573,11 @@ def test_engine_agent_parses_calls_and_keeps_the_raw_completion():
 
 
 def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
-    engine = TransformersEngine(base_model, tok, max_new_tokens=6, temperature=0.0)
+    model = copy.deepcopy(base_model)
+    # The model's generation config must not reach the rollouts.
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 1
+    engine = TransformersEngine(model, tok, max_new_tokens=6, temperature=0.0)
     chats = [
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
         [
@@ -511,11 +593,12 @@ def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
     generated = []
     with torch.no_grad():
         for _ in range(6):
-            nxt = int(base_model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
+            nxt = int(model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
             if nxt in (tok.eos_token_id, tok.pad_token_id):
                 break
             generated.append(nxt)
-    assert alone[1] == tok.decode(generated)
+    assert alone[1].text == tok.decode(generated)
+    assert alone[1].truncated == (len(generated) == 6)
 
 
 def test_vllm_engine_calls_vllms_public_api(monkeypatch):
@@ -530,8 +613,13 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
 
         def chat(self, messages, sampling, **kwargs):
             seen["chat"] = (messages, sampling, kwargs)
-            out = types.SimpleNamespace(text="hello")
-            return [types.SimpleNamespace(outputs=[out]) for _ in messages]
+            reasons = ["stop", "length"]
+            return [
+                types.SimpleNamespace(
+                    outputs=[types.SimpleNamespace(text="hello", finish_reason=reasons[i % 2])]
+                )
+                for i in range(len(messages))
+            ]
 
     class SamplingParams:
         def __init__(self, **kwargs):
@@ -553,7 +641,11 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
 
     engine = VLLMEngine("/models/base", max_new_tokens=32, temperature=0.8, max_lora_rank=16)
     assert seen["init"] == {"model": "/models/base", "enable_lora": True, "max_lora_rank": 16}
-    assert engine.generate([[{"role": "user", "content": "a"}]], TOOLS) == ["hello"]
+    chat = [{"role": "user", "content": "a"}]
+    assert engine.generate([chat, chat], TOOLS) == [
+        Completion("hello"),
+        Completion("hello", truncated=True),  # finish_reason "length"
+    ]
     _, sampling, kwargs = seen["chat"]
     assert sampling.kwargs["skip_special_tokens"] is False and sampling.kwargs["max_tokens"] == 32
     assert kwargs["lora_request"] is None and kwargs["tools"] == TOOLS
@@ -669,9 +761,15 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert (run / "adapter" / "adapter_config.json").exists()
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert [p.name for p in (run / "rollouts").iterdir()] == ["step-0.jsonl"]
+    first = (run / "rollouts" / "step-0.jsonl").read_bytes()
     assert main([*argv, "--resume", "--plot"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]
+    # The resumed run numbers on: its buffer and groups do not take the first run's names.
+    assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step-0.jsonl", "step-1.jsonl"]
+    assert (run / "rollouts" / "step-0.jsonl").read_bytes() == first
+    groups = {r["group"] for r in turnrl.iter_rollout_records(run / "rollouts" / "step-1.jsonl")}
+    assert all(g.startswith("step-1/") for g in groups)
     assert (run / "metrics.png").stat().st_size > 0
     bad = [a if a != "float32" else "float33" for a in argv]
     assert main(bad) == 2
@@ -701,7 +799,155 @@ def test_gradient_checkpointing_gives_the_same_step_and_modes_are_restored(tok, 
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
     # Checkpointed layers run their forward again in the backward.
     layers = len(checkpointed.get_base_model().model.layers)
-    micro = 2  # micro-batches of the update; the log-probs pass runs once per micro-batch too
+    # Micro-batches of 2 rows: each runs forward for the log-probs, forward
+    # for the update, and again in the update's backward.
+    micro = -(-batch.num_rows // 2)
     assert len(calls) == layers * micro * 3
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_truncated_turns_get_no_end_token_and_can_be_left_out(tok, base_model):
+    rng = random.Random(23)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
+    cut = records[0]
+    turn = next(t for t in cut["turns"] if t["role"] == "assistant")
+    turn.update(completion="I will look that u", truncated=True)
+    tokens = tokenize_rollout(cut, tok, system=SYSTEM, tools=TOOLS, pack=False)
+    body = [i for i, o in zip(tokens.input_ids[0], tokens.token_turn[0], strict=True) if o == 0]
+    assert tok.decode(body) == "I will look that u"  # never sampled its end
+    for record in records:  # every turn of the first record cut: a row with nothing trained
+        for t in record["turns"]:
+            if record is cut and t["role"] == "assistant":
+                t["truncated"] = True
+    plain = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False)
+    masked = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False, mask_truncated=True)
+    mine = torch.from_numpy(masked.row_trajectory == 0)
+    assert plain.loss_mask[mine].any() and not masked.loss_mask[mine].any()
+    assert torch.equal(plain.loss_mask[~mine], masked.loss_mask[~mine])
+    # dr_grpo divides by every sequence, trained or not (as the reference does).
+    cfg = GTPOConfig(micro_batch_size=3, agg="dr_grpo", max_grad_norm=None, backend="torch")
+    model = _lora(base_model)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    stats = GTPOTrainer(model, opt, cfg).step(masked)
+    assert stats["loss"] == pytest.approx(float(_reference_loss(reference, masked, cfg)), rel=1e-4)
+
+
+def test_dropout_is_off_in_the_update_so_the_first_epoch_is_on_policy(tok, base_model):
+    rng = random.Random(29)
+    records = [_record(rng, float(i % 2), "g") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    torch.manual_seed(0)
+    config = peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.3, init_lora_weights=False
+    )
+    model = peft.get_peft_model(copy.deepcopy(base_model), config)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    stats = GTPOTrainer(model, opt, GTPOConfig(backend="torch")).step(batch)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and stats["clip_frac"] == 0.0
+    assert model.training and all(m.training for m in model.modules())  # put back
+
+
+def test_templates_get_dict_arguments_and_unreadable_ones_stay_text(tok):
+    # A template that walks the arguments, as Qwen3-Coder's does.
+    walker = copy.copy(tok)
+    walker.chat_template = tok.chat_template.replace(
+        '{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments '
+        "if call.function.arguments is string else call.function.arguments | tojson }}}",
+        "<function={{ call.function.name }}>{% for k, v in call.function.arguments | items %}"
+        "<parameter={{ k }}>{{ v }}</parameter>{% endfor %}</function>",
+    )
+    assert walker.chat_template != tok.chat_template
+    record = _record(random.Random(31), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "josé"}}],
+        },
+        {"role": "tool", "name": "get_user_details", "content": "{}"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    tokens = tokenize_rollout(record, walker, system=SYSTEM, tools=TOOLS, pack=False)
+    first = [i for i, o in zip(tokens.input_ids[0], tokens.token_turn[0], strict=True) if o == 0]
+    assert "<parameter=user_id>josé</parameter>" in walker.decode(first)
+    # The engine renders the runner's OpenAI-style messages (JSON text) the same way.
+    engine = TransformersEngine(None, walker)
+    sent = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1_0",
+                    "type": "function",
+                    "function": {"name": "get_user_details", "arguments": '{"user_id": "josé"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1_0", "name": "get_user_details", "content": "{}"},
+    ]
+    second_prompt = walker.decode(tokens.input_ids[1][: tokens.token_turn[1].index(1)])
+    assert engine.prompt(sent, TOOLS) == second_prompt
+    # Arguments kept as text (a call that was not JSON) render as that text.
+    record["turns"][1]["tool_calls"][0]["arguments"] = '{"user_id": "u1"'
+    plain = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=False)
+    body = [i for i, o in zip(plain.input_ids[0], plain.token_turn[0], strict=True) if o == 0]
+    assert '"arguments": {"user_id": "u1"}' in tok.decode(body)
+
+
+class _RecordingModel(torch.nn.Module):
+    """Stands in for a causal LM: records what generate gets, answers from a script."""
+
+    def __init__(self, answers, eos_in_config=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answers = answers
+        self.generation_config = types.SimpleNamespace(eos_token_id=eos_in_config)
+        self.seen = {}
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        self.seen = {"ids": input_ids, "mask": attention_mask, "config": generation_config}
+        width = max(len(a) for a in self.answers)
+        pad = generation_config.pad_token_id
+        new = torch.tensor([a + [pad] * (width - len(a)) for a in self.answers])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_transformers_engine_pads_left_stops_and_reports_truncation(tok):
+    hello = tok("Hello there", add_special_tokens=False)["input_ids"]
+    im_end, eot = tok.eos_token_id, tok.convert_tokens_to_ids("<|endoftext|>")
+    model = _RecordingModel([[*hello, im_end, *hello], [*hello, 151668, *hello]], [151668])
+    engine = TransformersEngine(model, tok, max_new_tokens=8, temperature=0.7, top_p=0.9)
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "A much longer question about my booking, please."}],
+    ]
+    out = engine.generate(chats)
+    # Stops at the tokenizer's end token, or at one the model's config names.
+    assert [c.text for c in out] == ["Hello there", "Hello there"]
+    assert not any(c.truncated for c in out)
+    ids, mask = model.seen["ids"], model.seen["mask"]
+    lengths = [len(tok(engine.prompt(c), add_special_tokens=False)["input_ids"]) for c in chats]
+    for row, n in enumerate(lengths):  # left-padded: the prompt ends where generation starts
+        assert mask[row].tolist() == [0] * (ids.shape[1] - n) + [1] * n
+        assert (
+            ids[row, ids.shape[1] - n :].tolist()
+            == tok(engine.prompt(chats[row]), add_special_tokens=False)["input_ids"]
+        )
+        assert set(ids[row, : ids.shape[1] - n].tolist()) <= {eot}
+    config = model.seen["config"]
+    assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9
+    assert config.top_k == 0 and config.repetition_penalty == 1.0 and config.min_p == 0.0
+    assert config.no_repeat_ngram_size == 0
+    assert set(config.eos_token_id) == {im_end, eot, 151668}
+    model.answers = [hello * 4]
+    (cut,) = engine.generate(chats[:1])
+    assert cut.truncated and cut.text == "Hello there" * 4
+    reply = EngineAgent(engine)(chats[0], None)
+    assert reply["truncated"] and reply["completion"] == cut.text

@@ -264,7 +264,14 @@ def _train(args: argparse.Namespace) -> int:
     from turnrl import envs
     from turnrl.collect import select_tasks
     from turnrl.engines import EngineAgent, TransformersEngine
-    from turnrl.train import GTPOConfig, GTPOTrainer, load_policy, plot_history, train_loop
+    from turnrl.train import (
+        GTPOConfig,
+        GTPOTrainer,
+        load_policy,
+        plot_history,
+        recover_adapter,
+        train_loop,
+    )
 
     extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
     domain = envs.load(args.env, root=args.root, split=args.split, **extra)
@@ -272,6 +279,8 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / "adapter"
+    if args.resume:
+        recover_adapter(adapter)  # a run killed while saving left it aside
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
     model, tokenizer = load_policy(
         args.model,
@@ -333,7 +342,7 @@ def _train(args: argparse.Namespace) -> int:
 
     def on_step(step: int, stats: dict[str, float]) -> None:
         with metrics.open("a") as f:
-            f.write(json.dumps({"step": first_step + step, **stats}) + "\n")
+            f.write(json.dumps({"step": step, **stats}) + "\n")
 
     history = train_loop(
         trainer,
@@ -354,7 +363,8 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint=adapter,
         after_update=after_update,
         on_step=on_step,
-        seed=args.seed + first_step,
+        seed=args.seed,
+        first_step=first_step,
         progress=not args.quiet,
     )
     everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]

@@ -1,9 +1,10 @@
 """Generation engines for the policy being trained, and the agent that uses them.
 
 An engine turns chats into completions: ``engine.generate(conversations,
-tools) -> list[str]``, one raw completion text per chat (the tokens after
-the chat template's generation prompt, up to and without the end-of-turn
-token). Two engines share that interface:
+tools) -> list[Completion]`` (or plain strings), one raw completion text per
+chat (the tokens after the chat template's generation prompt, up to and
+without the end-of-turn token), and whether the generation was cut at the
+token limit. Two engines share that interface:
 
 * :class:`TransformersEngine`: the training model itself (``model.generate``),
   so rollouts always come from the current weights; for small models, tests
@@ -19,6 +20,7 @@ arrive while a generation is running into the next ``generate`` call.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -26,18 +28,27 @@ from typing import Any, Protocol
 
 from turnrl.envs.agents import reply_from_text
 from turnrl.exceptions import InvalidInputError
+from turnrl.train import template_messages
 
-__all__ = ["Engine", "EngineAgent", "TransformersEngine", "VLLMEngine"]
+__all__ = ["Completion", "Engine", "EngineAgent", "TransformersEngine", "VLLMEngine"]
 
 Chat = Sequence[Mapping[str, Any]]
 Tools = Sequence[Mapping[str, Any]] | None
 
 
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """One generation: its raw text, and whether it stopped at the token limit."""
+
+    text: str
+    truncated: bool = False
+
+
 class Engine(Protocol):
     """Anything that completes a batch of chats."""
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[str]:
-        """One raw completion per chat, without the end-of-turn token."""
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> Sequence[Any]:
+        """One :class:`Completion` (or raw text) per chat, without the end-of-turn token."""
         ...
 
 
@@ -48,9 +59,12 @@ class TransformersEngine:
     (``chat_template_kwargs`` as for training), left-padded into one batch,
     and sampled with ``temperature`` and ``top_p`` (greedy at temperature 0).
     Special tokens stay in the text (tool-call tags can be special tokens);
-    the completion stops before the tokenizer's end-of-turn (``eos_token``)
-    or pad token. The model is put in eval mode while generating (no
-    dropout) and back in its mode after.
+    the completion stops before the tokenizer's end-of-turn (``eos_token``),
+    the pad token or an end token of the model's generation config. Nothing
+    else of the model's generation config applies (no repetition penalty,
+    top-k or min-p): rollouts come from the softmax the loss models. The
+    model is put in eval mode while generating (no dropout) and back in its
+    mode after.
     """
 
     def __init__(
@@ -78,7 +92,7 @@ class TransformersEngine:
         """The text the model is given for ``conversation``."""
         return str(
             self.tokenizer.apply_chat_template(
-                [dict(m) for m in conversation],
+                template_messages(conversation),
                 tools=list(tools) if tools else None,
                 add_generation_prompt=True,
                 tokenize=False,
@@ -86,15 +100,27 @@ class TransformersEngine:
             )
         )
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[str]:
+    def stop_ids(self) -> set[int]:
+        """Token ids that end a completion."""
+        tok = self.tokenizer
+        stops = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(configured, int):
+            stops.add(configured)
+        elif configured is not None:
+            stops.update(int(i) for i in configured)
+        return stops
+
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
         """Sample one completion per chat, in one padded batch."""
         import torch
+        from transformers import GenerationConfig
 
         if not conversations:
             return []
         tok = self.tokenizer
         prompts = [self.prompt(c, tools) for c in conversations]
-        stops = {i for i in (tok.eos_token_id, tok.pad_token_id) if i is not None}
+        stops = self.stop_ids()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(len(e) for e in encoded)
@@ -106,7 +132,26 @@ class TransformersEngine:
             attention[row, width - len(e) :] = 1
         sampling: dict[str, Any] = {"do_sample": self.temperature > 0}
         if self.temperature > 0:
-            sampling.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+            sampling.update(temperature=self.temperature, top_p=self.top_p)
+        # Every filter and penalty set to "off": generate fills what is left
+        # unset from the model's own generation config, which may carry them.
+        sampling.update(
+            top_k=0,
+            min_p=0.0,
+            typical_p=1.0,
+            epsilon_cutoff=0.0,
+            eta_cutoff=0.0,
+            repetition_penalty=1.0,
+            encoder_repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
+        config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            eos_token_id=sorted(stops) or None,
+            pad_token_id=int(pad),
+            **sampling,
+        )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -114,18 +159,16 @@ class TransformersEngine:
                 out = self.model.generate(
                     input_ids=ids.to(device),
                     attention_mask=attention.to(device),
-                    max_new_tokens=self.max_new_tokens,
-                    eos_token_id=sorted(stops) or None,
-                    pad_token_id=int(pad),
-                    **sampling,
+                    generation_config=config,
                 )
         finally:
             self.model.train(was_training)
-        texts = []
+        completions = []
         for row in out[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), len(row))
-            texts.append(tok.decode(row[:end], skip_special_tokens=False))
-        return texts
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            text = tok.decode(row[: len(row) if end is None else end], skip_special_tokens=False)
+            completions.append(Completion(text, truncated=end is None))
+        return completions
 
 
 class VLLMEngine:
@@ -173,7 +216,7 @@ class VLLMEngine:
         self._lora_id += 1
         self.lora = LoRARequest(f"turnrl-{self._lora_id}", self._lora_id, str(path))
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[str]:
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
         """Complete all chats in one ``LLM.chat`` call."""
         if not conversations:
             return []
@@ -185,7 +228,10 @@ class VLLMEngine:
             tools=list(tools) if tools else None,
             chat_template_kwargs=self.chat_template_kwargs or None,
         )
-        return [o.outputs[0].text for o in outputs]
+        return [
+            Completion(o.outputs[0].text, truncated=o.outputs[0].finish_reason == "length")
+            for o in outputs
+        ]
 
 
 class _Request:
@@ -194,8 +240,8 @@ class _Request:
     def __init__(self, conversation: Chat, tools: Tools) -> None:
         self.conversation = conversation
         self.tools = tools
-        self.done = threading.Event()
-        self.result: str | None = None
+        self.done = False
+        self.result: Completion | None = None
         self.error: BaseException | None = None
 
 
@@ -206,10 +252,12 @@ class EngineAgent:
     schemas, and the completion is parsed with
     :func:`turnrl.envs.agents.reply_from_text` (``fmt`` as
     :func:`turnrl.parse_tool_calls`); the raw completion is kept in the
-    reply for training. Calls from several threads are gathered: while one
-    ``generate`` runs, the requests that arrive wait and go together into
-    the next one (at most ``max_batch``). An engine error is raised in every
-    episode whose request was in that batch.
+    reply for training, with ``truncated`` when the generation hit the
+    token limit. Calls from several threads are gathered: while one
+    ``generate`` runs, the requests that arrive wait, and the first of them
+    to wake takes them all (at most ``max_batch``) into the next one; a
+    request that is answered returns at once. An engine error is raised in
+    every episode whose request was in that batch.
     """
 
     def __init__(self, engine: Engine, *, fmt: str = "auto", max_batch: int = 64) -> None:
@@ -219,28 +267,39 @@ class EngineAgent:
         self.fmt = fmt
         self.max_batch = max_batch
         self._pending: list[_Request] = []
-        self._queue_lock = threading.Lock()
-        self._engine_lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._busy = False
         self.batches: list[int] = []
         """The size of every ``generate`` call made, in order."""
 
     def __call__(self, messages: Chat, tools: Tools) -> dict[str, Any]:
         """The assistant's next message, parsed from the engine's completion."""
         request = _Request([dict(m) for m in messages], tools)
-        with self._queue_lock:
+        with self._changed:
             self._pending.append(request)
-        while not request.done.is_set():
-            with self._engine_lock:
-                if request.done.is_set():
+        while True:
+            with self._changed:
+                while self._busy and not request.done:
+                    self._changed.wait()
+                if request.done:
                     break
-                with self._queue_lock:
-                    batch = self._pending[: self.max_batch]
-                    del self._pending[: self.max_batch]
+                # This thread leads the next batch: everything waiting, in order.
+                self._busy = True
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+            try:
                 self._run(batch)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
         if request.error is not None:
             raise request.error
         assert request.result is not None
-        return reply_from_text(request.result, tools, fmt=self.fmt)
+        reply = reply_from_text(request.result.text, tools, fmt=self.fmt)
+        if request.result.truncated:
+            reply["truncated"] = True
+        return reply
 
     def _run(self, batch: list[_Request]) -> None:
         try:
@@ -249,20 +308,26 @@ class EngineAgent:
                 key = json.dumps(list(request.tools or []), sort_keys=True, default=str)
                 by_tools.setdefault(key, []).append(request)
             for requests in by_tools.values():
-                texts = self.engine.generate([r.conversation for r in requests], requests[0].tools)
-                if len(texts) != len(requests):
+                outputs = list(
+                    self.engine.generate([r.conversation for r in requests], requests[0].tools)
+                )
+                if len(outputs) != len(requests):
                     raise RuntimeError(
-                        f"the engine returned {len(texts)} completions for {len(requests)} chats"
+                        f"the engine returned {len(outputs)} completions for {len(requests)} chats"
                     )
                 self.batches.append(len(requests))
-                for request, text in zip(requests, texts, strict=True):
-                    request.result = text
-                    request.done.set()
-        except Exception as e:  # every episode still waiting in the batch hears of it
+                for request, output in zip(requests, outputs, strict=True):
+                    if not isinstance(output, Completion):
+                        output = Completion(str(output))
+                    request.result = output
+                    request.done = True
+        except BaseException as e:  # every episode still waiting in the batch hears of it
             for request in batch:
-                if not request.done.is_set():
+                if not request.done:
                     request.error = e
+            if not isinstance(e, Exception):
+                raise  # an interrupt still stops the leading thread
         finally:
             # Nobody may wait for ever on a request that was taken off the queue.
             for request in batch:
-                request.done.set()
+                request.done = True

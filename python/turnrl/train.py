@@ -58,8 +58,10 @@ __all__ = [
     "build_batch",
     "load_policy",
     "plot_history",
+    "recover_adapter",
     "rollout_messages",
     "save_adapter",
+    "template_messages",
     "tokenize_rollout",
     "train_loop",
 ]
@@ -71,6 +73,8 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
     ``system`` is the system prompt (the domain's policy: records do not hold
     it). Tool calls get the ids :func:`turnrl.envs.run_episode` gives them;
     reasoning is left out, as the agent was never sent its earlier reasoning.
+    Arguments are dicts (as :func:`template_messages` gives), or the recorded
+    text when a call's arguments were kept as text.
     """
     turns = record.get("turns")
     if not isinstance(turns, list):
@@ -96,7 +100,7 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
                         "type": "function",
                         "function": {
                             "name": call.get("name") or "",
-                            "arguments": json.dumps(call.get("arguments") or {}),
+                            "arguments": call.get("arguments") or {},
                         },
                     }
                     for i, call in enumerate(calls)
@@ -114,6 +118,36 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
         else:
             messages.append({"role": "user", "content": _text(turn.get("content"))})
     return messages
+
+
+def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as chat templates expect them: tool-call arguments as dicts.
+
+    OpenAI-style messages carry arguments as JSON text; vLLM decodes them
+    before templating, and templates that iterate over arguments (Qwen3-Coder's
+    ``arguments|items``) need a dict. Arguments that are not a JSON object stay
+    text, so a malformed call renders as it was written.
+    """
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        message = dict(message)
+        calls = message.get("tool_calls")
+        if message.get("role") == "assistant" and calls:
+            decoded = []
+            for call in calls:
+                call = dict(call)
+                fn = call.get("function")
+                if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str):
+                    try:
+                        value = json.loads(fn["arguments"])
+                    except ValueError:
+                        value = None
+                    if isinstance(value, dict):
+                        call["function"] = {**fn, "arguments": value}
+                decoded.append(call)
+            message["tool_calls"] = decoded
+        out.append(message)
+    return out
 
 
 def _text(value: Any) -> str:
@@ -184,7 +218,7 @@ def tokenize_rollout(
     def render(upto: int, generation: bool, last: dict[str, Any] | None = None) -> str:
         chat = messages[:upto] + ([last] if last is not None else [])
         text = tokenizer.apply_chat_template(
-            chat,
+            template_messages(chat),
             tools=list(tools) if tools else None,
             add_generation_prompt=generation,
             tokenize=False,
@@ -204,7 +238,9 @@ def tokenize_rollout(
         prompt = render(at, True)
         turn = turns[k]
         if isinstance(turn.get("completion"), str):
-            completion = turn["completion"] + (eos or "")
+            # A generation cut at the token limit never sampled its end.
+            end = "" if turn.get("truncated") else (eos or "")
+            completion = turn["completion"] + end
         else:
             shown = dict(messages[at])
             if turn.get("reasoning"):
@@ -225,21 +261,9 @@ def tokenize_rollout(
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     if pack and prompts:
-        so_far = ""
-        pieces: list[tuple[str, int]] = []
-        for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-            if not prompt.startswith(so_far):
-                break
-            pieces += [(prompt[len(so_far) :], -1), (completion, k)]
-            so_far = prompt + completion
-        else:
-            ids: list[int] = []
-            owner: list[int] = []
-            for text, k in pieces:
-                piece = encode(text)
-                ids += piece
-                owner += [k] * len(piece)
-            return TokenizedRollout([ids], [owner], packed=True)
+        packed = _pack(prompts, completions, encode)
+        if packed is not None:
+            return TokenizedRollout([packed[0]], [packed[1]], packed=True)
     rows: list[list[int]] = []
     owners: list[list[int]] = []
     for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
@@ -247,6 +271,29 @@ def tokenize_rollout(
         rows.append(head + body)
         owners.append([-1] * len(head) + [k] * len(body))
     return TokenizedRollout(rows, owners, packed=False)
+
+
+def _pack(
+    prompts: list[str], completions: list[str], encode: Callable[[str], list[int]]
+) -> tuple[list[int], list[int]] | None:
+    """One row for the whole conversation, or None when some turn's context in it
+    would not be the token ids its prompt encodes to."""
+    so_far = ""
+    ids: list[int] = []
+    owner: list[int] = []
+    for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        if not prompt.startswith(so_far):
+            return None  # the template rewrote an earlier turn
+        ids += encode(prompt[len(so_far) :])
+        # The text matches; the tokens must too: the policy was given its
+        # prompt encoded whole, and BPE can merge across a piece boundary.
+        if k > 0 and ids != encode(prompt):
+            return None
+        body = encode(completion)
+        owner += [-1] * (len(ids) - len(owner)) + [k] * len(body)
+        ids += body
+        so_far = prompt + completion
+    return ids, owner
 
 
 @dataclasses.dataclass
@@ -301,6 +348,7 @@ def build_batch(
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     pack: bool = True,
+    mask_truncated: bool = False,
 ) -> TrainBatch:
     """Tokenize rollouts and give every generated token its turn's advantage.
 
@@ -308,7 +356,9 @@ def build_batch(
     applied to an old buffer), else each turn's recorded ``reward`` (None
     counts 0). Groups are the records' ``group`` strings. ``system`` is the
     system prompt, or a function of the record giving it. Rows longer than
-    ``max_length`` are cut (counted in ``truncated_rows``).
+    ``max_length`` are cut (counted in ``truncated_rows``). With
+    ``mask_truncated``, turns whose generation hit the token limit (``truncated``
+    on the turn) are not trained (TRL's ``mask_truncated_completions``).
     """
     import torch
 
@@ -352,7 +402,14 @@ def build_batch(
             chat_template_kwargs=chat_template_kwargs,
             pack=pack,
         )
+        cut_turns = {
+            k
+            for k, t in enumerate(t for t in record["turns"] if t["role"] == "assistant")
+            if mask_truncated and t.get("truncated")
+        }
         for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+            if cut_turns:
+                owner = [-1 if o in cut_turns else o for o in owner]
             if max_length is not None and len(ids) > max_length:
                 ids, owner = ids[:max_length], owner[:max_length]
                 truncated += 1
@@ -411,6 +468,9 @@ class GTPOConfig:
     packed, one assistant turn otherwise (see :func:`tokenize_rollout`)."""
     max_grad_norm: float | None = 1.0
     backend: str = "auto"
+    max_len: int | None = None
+    """``dr_grpo``'s constant length (TRL: the completion limit); default: each
+    batch's padded length."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
@@ -437,18 +497,20 @@ class _MicroBatch:
     def take(cls, batch: TrainBatch, rows: slice, device: torch.device) -> _MicroBatch:
         import torch
 
-        ids = batch.input_ids[rows]
-        trained = batch.loss_mask[rows, 1:]
+        # Rows are right-padded to the batch's longest: cut to this micro-batch's.
+        length = max(int(batch.attention_mask[rows].sum(dim=1).max()), 2)
+        ids = batch.input_ids[rows, :length]
+        trained = batch.loss_mask[rows, 1:length]
         counts = trained.sum(dim=1)
         width = max(int(counts.max()), 1)
         # A stable sort on "not trained" lists each row's trained positions first, in order.
         positions = torch.argsort((~trained).to(torch.int8), dim=1, stable=True)[:, :width]
         valid = torch.arange(width)[None, :] < counts[:, None]
         targets = torch.where(valid, ids[:, 1:].gather(1, positions), 0)
-        advantages = torch.where(valid, batch.advantages[rows, 1:].gather(1, positions), 0.0)
+        advantages = torch.where(valid, batch.advantages[rows, 1:length].gather(1, positions), 0.0)
         return cls(
             input_ids=ids.to(device),
-            attention_mask=batch.attention_mask[rows].to(device),
+            attention_mask=batch.attention_mask[rows, :length].to(device),
             positions=positions.to(device),
             valid=valid.to(device),
             targets=targets.to(device),
@@ -563,8 +625,8 @@ class GTPOTrainer:
                     entropy_coef=cfg.entropy_coef,
                     temperature=cfg.temperature,
                     agg=cfg.agg,
-                    # dr_grpo divides by the padded length of the sequences.
-                    max_len=batch.input_ids.shape[1] - 1,
+                    # dr_grpo divides by a constant length, not the token count.
+                    max_len=cfg.max_len or batch.input_ids.shape[1] - 1,
                     backend=cfg.backend,
                     global_tokens=global_tokens,
                     global_sequences=global_sequences,
@@ -599,10 +661,15 @@ class GTPOTrainer:
         (the decoder still sees every token): prompts, tool results and user
         messages, most of a multi-turn sequence, cost no [tokens, vocab] work.
         """
+        import torch
 
         cfg = self.config
         global_tokens = int(batch.loss_mask[:, 1:].sum())
-        global_sequences = int(batch.loss_mask[:, 1:].any(dim=1).sum())
+        global_sequences = (
+            batch.num_rows  # dr_grpo counts every sequence, the seq_mean modes those trained
+            if cfg.agg == "dr_grpo"
+            else int(batch.loss_mask[:, 1:].any(dim=1).sum())
+        )
         if global_tokens == 0:
             raise InvalidInputError("the batch has no trained tokens")
         micro = self._micro_batches(batch)
@@ -619,9 +686,12 @@ class GTPOTrainer:
                         with self.model.disable_adapter():
                             ref[j] = self._logprobs(self.model, m)
             # Train mode for the update: gradient checkpointing runs only
-            # there. Dropout should be off (Qwen3's and PEFT's defaults), or
-            # the ratio to the behaviour log-probs is not 1 on-policy.
+            # there. Dropout (LoRA's included) stays off, as it was for the
+            # behaviour log-probs, so that the first epoch's ratio is 1.
             self.model.train()
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.eval()
             totals = self._update(micro, old, ref, batch, global_tokens, global_sequences)
         finally:
             self.model.train(was_training)
@@ -638,15 +708,23 @@ class GTPOTrainer:
 def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
     """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
 
-    The checkpoint is written into a new folder beside ``path`` and renamed
+    The checkpoint is written into a new folder beside ``path`` (with the
+    permissions a new folder gets, not a temporary folder's 0700) and renamed
     into place; a previous checkpoint at ``path`` is moved aside first and
-    removed only once the new one is there. A failed write leaves ``path``
-    as it was.
+    removed only once the new one is there. A failed write, or a failed
+    rename, leaves ``path`` as it was; a process killed between the two
+    renames leaves the previous checkpoint aside, where
+    :func:`recover_adapter` (called here and by ``turnrl train --resume``)
+    puts it back.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    recover_adapter(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         model.save_pretrained(str(staging))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -655,10 +733,32 @@ def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
     had_previous = target.exists()
     if had_previous:
         os.replace(target, previous)
-    os.replace(staging, target)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if had_previous:
+            os.replace(previous, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if had_previous:
         shutil.rmtree(previous, ignore_errors=True)
     return target
+
+
+def recover_adapter(path: str | os.PathLike[str]) -> bool:
+    """Put back a checkpoint :func:`save_adapter` had moved aside when it was killed.
+
+    Returns True when ``path`` was missing and the newest moved-aside copy
+    took its place.
+    """
+    target = Path(path)
+    if target.exists() or not target.parent.is_dir():
+        return False
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], target)
+    return True
 
 
 def train_loop(
@@ -684,6 +784,8 @@ def train_loop(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     seed: int = 0,
     progress: bool = True,
+    first_step: int = 0,
+    mask_truncated: bool = False,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -696,8 +798,11 @@ def train_loop(
     (for IRC) when ``buffer_dir`` is given, and the adapter is saved to
     ``checkpoint`` after every step. ``after_update`` runs after each update
     (to load the new adapter into a vLLM engine). Failed episodes are left
-    out of the batch and counted. Returns each step's stats, with
-    ``success_rate``, ``episodes`` and ``failed_episodes`` added.
+    out of the batch and counted. Steps are numbered from ``first_step``
+    (a resumed run continues its numbering, so its buffers and groups do not
+    take the earlier run's names). ``mask_truncated`` as :func:`build_batch`.
+    Returns each step's stats, with ``success_rate``, ``episodes`` and
+    ``failed_episodes`` added.
     """
     from turnrl.collect import collect_rollouts
     from turnrl.rollouts import iter_rollout_records
@@ -707,7 +812,9 @@ def train_loop(
     pool = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
     if not pool:
         raise InvalidInputError("train_loop needs at least one task")
-    rng = np.random.default_rng(seed)
+    if first_step < 0:
+        raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    rng = np.random.default_rng([seed, first_step])
     order: list[Any] = []
     history: list[dict[str, float]] = []
     bar: Any = None
@@ -716,7 +823,7 @@ def train_loop(
 
         bar = tqdm(total=steps, unit="step", desc=f"train {domain.name}")
     try:
-        for step in range(steps):
+        for step in range(first_step, first_step + steps):
             chosen = []
             for _ in range(tasks_per_step):
                 if not order:
@@ -750,6 +857,7 @@ def train_loop(
                 estimator_params=estimator_params,
                 max_length=max_length,
                 chat_template_kwargs=chat_template_kwargs,
+                mask_truncated=mask_truncated,
             )
             stats = trainer.step(batch)
             stats["success_rate"] = summary.success_rate

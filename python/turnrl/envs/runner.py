@@ -150,6 +150,9 @@ def run_episode(
         if isinstance(reply.get("completion"), str):
             # The raw text the policy generated: what training tokenizes.
             turn["completion"] = reply["completion"]
+            if reply.get("truncated"):
+                # Cut at the token limit: trained without an end-of-turn token.
+                turn["truncated"] = True
         if record_calls:
             turn["tool_calls"] = record_calls
         turn["tier"] = None
