@@ -951,3 +951,19 @@ def test_transformers_engine_pads_left_stops_and_reports_truncation(tok):
     assert cut.truncated and cut.text == "Hello there" * 4
     reply = EngineAgent(engine)(chats[0], None)
     assert reply["truncated"] and reply["completion"] == cut.text
+
+
+def test_a_separate_reference_model_is_used_in_eval_mode(tok, base_model):
+    rng = random.Random(37)
+    records = [_record(rng, float(i % 2), "g") for i in range(3)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    model = _lora(base_model)
+    ref = peft.get_peft_model(
+        copy.deepcopy(base_model),
+        peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False),
+    ).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    cfg = GTPOConfig(beta=0.1, backend="torch")
+    first = GTPOTrainer(model, opt, cfg, ref_model=ref).step(batch)["ref_kl"]
+    second = GTPOTrainer(model, opt, cfg, ref_model=ref).step(batch)["ref_kl"]
+    assert first > 0 and first == second  # no dropout noise in the reference

@@ -681,6 +681,7 @@ class GTPOTrainer:
             if cfg.beta:
                 for j, m in enumerate(micro):
                     if self.ref_model is not None:
+                        self.ref_model.eval()  # a reference with dropout gives a noisy KL
                         ref[j] = self._logprobs(self.ref_model, m)
                     else:
                         with self.model.disable_adapter():
