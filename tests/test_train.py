@@ -967,3 +967,45 @@ def test_a_separate_reference_model_is_used_in_eval_mode(tok, base_model):
     first = GTPOTrainer(model, opt, cfg, ref_model=ref).step(batch)["ref_kl"]
     second = GTPOTrainer(model, opt, cfg, ref_model=ref).step(batch)["ref_kl"]
     assert first > 0 and first == second  # no dropout noise in the reference
+
+
+def test_rendered_packing_trains_earlier_turns_on_their_rendering_in_one_row(tok):
+    record = _record(random.Random(41), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "u1"}}],
+            "reasoning": "look them up",
+            "completion": '<think>look them up</think><tool_call>{"name": "get_user_details", '
+            '"arguments": {"user_id": "u1"}}</tool_call>',
+        },
+        {"role": "tool", "name": "get_user_details", "content": "{}"},
+        {"role": "assistant", "content": "Done.", "completion": "<think>ok</think>Done."},
+    ]
+    exact = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+    assert not exact.packed and len(exact.input_ids) == 2  # the raw text is not what turn 1 saw
+    rendered = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack="rendered")
+    assert rendered.packed and len(rendered.input_ids) == 1
+    (ids,), (owner,) = rendered.input_ids, rendered.token_turn
+    first = tok.decode([i for i, o in zip(ids, owner, strict=True) if o == 0])
+    last_at = owner.index(1)
+    # Turn 0 as the next prompt shows it; the last turn as generated, after its exact prompt.
+    assert first == _rendered_turn(
+        tok,
+        {
+            **record,
+            "turns": [
+                {**t, "reasoning": None} if t["role"] == "assistant" else t for t in record["turns"]
+            ],
+        },
+        0,
+    )
+    assert tok.decode(ids[:last_at]) == _prompt(tok, record, 1)
+    assert tok.decode(ids[last_at:]) == "<think>ok</think>Done.<|im_end|>"
+    # Never: one row per turn, each with its own completion.
+    never = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack="never")
+    assert never.input_ids == exact.input_ids and never.token_turn == exact.token_turn
+    with pytest.raises(InvalidInputError, match="pack must be"):
+        tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack="sometimes")

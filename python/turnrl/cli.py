@@ -365,6 +365,8 @@ def _train(args: argparse.Namespace) -> int:
         on_step=on_step,
         seed=args.seed,
         first_step=first_step,
+        pack=args.pack,
+        mask_truncated=args.mask_truncated,
         progress=not args.quiet,
     )
     everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -703,6 +705,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss aggregation (default: %(default)s)",
     )
     tr.add_argument("--max-length", type=int, help="cut token rows longer than this")
+    tr.add_argument(
+        "--pack",
+        choices=["exact", "rendered", "never"],
+        default="exact",
+        help="one token row per episode only when every turn's context is its prompt "
+        "(exact), whenever the template appends (rendered: earlier turns trained on their "
+        "rendering), or one row per turn (never) (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--mask-truncated",
+        action="store_true",
+        help="do not train on replies cut at --max-new-tokens",
+    )
     tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
     tr.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
     tr.add_argument(

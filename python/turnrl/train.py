@@ -187,7 +187,7 @@ def tokenize_rollout(
     system: str | None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    pack: bool = True,
+    pack: bool | str = True,
 ) -> TokenizedRollout:
     """Token ids of a rollout as the policy saw and generated them.
 
@@ -198,8 +198,17 @@ def tokenize_rollout(
         tools: the OpenAI tool schemas it was given (``domain.openai_tools()``).
         chat_template_kwargs: passed to ``apply_chat_template`` (for example
             ``{"enable_thinking": False}``), as they were when generating.
-        pack: allow the one-row form (see the module's notes); False gives
-            one row per assistant turn always.
+        pack: ``"exact"`` (True): one row for the conversation when every
+            turn's context in it is exactly its prompt, else one row per
+            assistant turn; ``"never"`` (False): one row per assistant turn;
+            ``"rendered"``: one row whenever the template renders the chat
+            by appending, training every turn but the last on the template's
+            rendering of it (what later turns were shown: without reasoning
+            under Qwen3's template, calls re-serialised) instead of the text
+            generated. Per-turn rows cost about K/2 times the tokens of one
+            row for K turns; ``"rendered"`` trades that for training earlier
+            turns on text the policy did not sample, as re-rendering
+            trainers do.
 
     An assistant turn's tokens are its ``completion`` (the raw text the
     policy generated, which :class:`turnrl.envs.OpenAIAgent` and
@@ -260,8 +269,12 @@ def tokenize_rollout(
     def encode(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    if pack and prompts:
-        packed = _pack(prompts, completions, encode)
+    mode = {True: "exact", False: "never"}.get(pack, pack) if isinstance(pack, bool) else pack
+    if mode not in ("exact", "never", "rendered"):
+        raise InvalidInputError(f"pack must be exact, never or rendered, got {pack!r}")
+    if mode != "never" and prompts:
+        trained = _rendered_turns(prompts, completions, eos) if mode == "rendered" else completions
+        packed = _pack(prompts, trained, encode, check_tokens=mode == "exact")
         if packed is not None:
             return TokenizedRollout([packed[0]], [packed[1]], packed=True)
     rows: list[list[int]] = []
@@ -273,8 +286,23 @@ def tokenize_rollout(
     return TokenizedRollout(rows, owners, packed=False)
 
 
+def _rendered_turns(prompts: list[str], completions: list[str], eos: str | None) -> list[str]:
+    """Each turn but the last as the next prompt shows it (up to its end token)."""
+    out = []
+    for k, completion in enumerate(completions):
+        if k + 1 < len(prompts) and eos and prompts[k + 1].startswith(prompts[k]):
+            shown = prompts[k + 1][len(prompts[k]) :]
+            if eos in shown:
+                completion = shown[: shown.index(eos) + len(eos)]
+        out.append(completion)
+    return out
+
+
 def _pack(
-    prompts: list[str], completions: list[str], encode: Callable[[str], list[int]]
+    prompts: list[str],
+    completions: list[str],
+    encode: Callable[[str], list[int]],
+    check_tokens: bool = True,
 ) -> tuple[list[int], list[int]] | None:
     """One row for the whole conversation, or None when some turn's context in it
     would not be the token ids its prompt encodes to."""
@@ -287,7 +315,7 @@ def _pack(
         ids += encode(prompt[len(so_far) :])
         # The text matches; the tokens must too: the policy was given its
         # prompt encoded whole, and BPE can merge across a piece boundary.
-        if k > 0 and ids != encode(prompt):
+        if check_tokens and k > 0 and ids != encode(prompt):
             return None
         body = encode(completion)
         owner += [-1] * (len(ids) - len(owner)) + [k] * len(body)
@@ -347,7 +375,7 @@ def build_batch(
     tier_rewards: Mapping[str, float] | None = None,
     max_length: int | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
-    pack: bool = True,
+    pack: bool | str = True,
     mask_truncated: bool = False,
 ) -> TrainBatch:
     """Tokenize rollouts and give every generated token its turn's advantage.
@@ -787,6 +815,7 @@ def train_loop(
     progress: bool = True,
     first_step: int = 0,
     mask_truncated: bool = False,
+    pack: bool | str = True,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -801,7 +830,8 @@ def train_loop(
     (to load the new adapter into a vLLM engine). Failed episodes are left
     out of the batch and counted. Steps are numbered from ``first_step``
     (a resumed run continues its numbering, so its buffers and groups do not
-    take the earlier run's names). ``mask_truncated`` as :func:`build_batch`.
+    take the earlier run's names). ``mask_truncated`` and ``pack`` as
+    :func:`build_batch`.
     Returns each step's stats, with ``success_rate``, ``episodes`` and
     ``failed_episodes`` added.
     """
@@ -859,8 +889,10 @@ def train_loop(
                 max_length=max_length,
                 chat_template_kwargs=chat_template_kwargs,
                 mask_truncated=mask_truncated,
+                pack=pack,
             )
             stats = trainer.step(batch)
+            stats["rows_per_episode"] = batch.num_rows / len(records)
             stats["success_rate"] = summary.success_rate
             stats["episodes"] = float(summary.records)
             stats["failed_episodes"] = float(len(summary.failures))
