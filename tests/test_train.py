@@ -25,7 +25,7 @@ from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 
 import turnrl  # noqa: E402
 from turnrl import envs  # noqa: E402
-from turnrl.engines import Completion, EngineAgent, TransformersEngine  # noqa: E402
+from turnrl.engines import Completion, EngineAgent, TransformersEngine, _Request  # noqa: E402
 from turnrl.exceptions import InvalidInputError  # noqa: E402
 from turnrl.train import (  # noqa: E402
     GTPOConfig,
@@ -405,7 +405,7 @@ class _Saveable:
         self.payload, self.fail = payload, fail
 
     def save_pretrained(self, folder):
-        with open(f"{folder}/adapter.json", "w") as f:
+        with open(f"{folder}/adapter_config.json", "w") as f:
             f.write(self.payload[:5])
             if self.fail:
                 raise OSError("disk full")
@@ -415,12 +415,12 @@ class _Saveable:
 def test_save_adapter_never_leaves_a_half_written_checkpoint(tmp_path):
     target = tmp_path / "ckpt"
     save_adapter(_Saveable('{"step": 1}'), target)
-    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    assert json.loads((target / "adapter_config.json").read_text()) == {"step": 1}
     with pytest.raises(OSError, match="disk full"):
         save_adapter(_Saveable('{"step": 2}', fail=True), target)
-    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    assert json.loads((target / "adapter_config.json").read_text()) == {"step": 1}
     save_adapter(_Saveable('{"step": 3}'), target)
-    assert json.loads((target / "adapter.json").read_text()) == {"step": 3}
+    assert json.loads((target / "adapter_config.json").read_text()) == {"step": 3}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
@@ -447,12 +447,18 @@ def test_save_adapter_keeps_the_old_one_when_the_swap_fails_and_recovers_a_kill(
     with pytest.raises(OSError, match="rename failed"):
         save_adapter(_Saveable('{"step": 2}'), target)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    assert json.loads((target / "adapter_config.json").read_text()) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    # Killed between the two renames: the old checkpoint is aside, none in place.
-    real_replace(target, tmp_path / ".ckpt.old-0000")
+    # Killed between the two renames: the old checkpoint is aside, none in place;
+    # an older copy, half deleted by an earlier kill, was touched later.
+    real_replace(target, tmp_path / ".ckpt.old-00000000000000000002-aaaaaa")
+    gutted = tmp_path / ".ckpt.old-00000000000000000001-bbbbbb"
+    gutted.mkdir()
+    (gutted / "adapter_model.safetensors").write_text("half")
     assert recover_adapter(target) and not recover_adapter(target)
-    assert json.loads((target / "adapter.json").read_text()) == {"step": 1}
+    assert json.loads((target / "adapter_config.json").read_text()) == {"step": 1}
+    save_adapter(_Saveable('{"step": 4}'), target)  # and a good save clears the leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_peft_adapter_round_trips(tmp_path, base_model):
@@ -912,7 +918,12 @@ class _RecordingModel(torch.nn.Module):
         self.seen = {}
 
     def generate(self, input_ids, attention_mask, generation_config):
-        self.seen = {"ids": input_ids, "mask": attention_mask, "config": generation_config}
+        self.seen = {
+            "ids": input_ids,
+            "mask": attention_mask,
+            "config": generation_config,
+            "own": self.generation_config,  # what generate would fill unset values from
+        }
         width = max(len(a) for a in self.answers)
         pad = generation_config.pad_token_id
         new = torch.tensor([a + [pad] * (width - len(a)) for a in self.answers])
@@ -943,14 +954,22 @@ def test_transformers_engine_pads_left_stops_and_reports_truncation(tok):
         assert set(ids[row, : ids.shape[1] - n].tolist()) <= {eot}
     config = model.seen["config"]
     assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9
-    assert config.top_k == 0 and config.repetition_penalty == 1.0 and config.min_p == 0.0
-    assert config.no_repeat_ngram_size == 0
+    assert config.top_k == 0
+    # The model's own generation config is stood in for by a bare one, then put back.
+    own = model.seen["own"]
+    assert own.repetition_penalty is None and own.suppress_tokens is None
+    assert own.eos_token_id is None and model.generation_config.eos_token_id == [151668]
+    # A stop on another end token than eos is reported, to be trained as generated.
+    assert out[0].stop is None and out[1].stop == "</think>"
     assert set(config.eos_token_id) == {im_end, eot, 151668}
     model.answers = [hello * 4]
     (cut,) = engine.generate(chats[:1])
     assert cut.truncated and cut.text == "Hello there" * 4
     reply = EngineAgent(engine)(chats[0], None)
     assert reply["truncated"] and reply["completion"] == cut.text
+    model.answers = [[*hello, 151668]]
+    reply = EngineAgent(engine)(chats[0], None)
+    assert reply["completion_end"] == "</think>" and "truncated" not in reply
 
 
 def test_a_separate_reference_model_is_used_in_eval_mode(tok, base_model):
@@ -1009,3 +1028,97 @@ def test_rendered_packing_trains_earlier_turns_on_their_rendering_in_one_row(tok
     assert never.input_ids == exact.input_ids and never.token_turn == exact.token_turn
     with pytest.raises(InvalidInputError, match="pack must be"):
         tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack="sometimes")
+
+
+def test_other_end_tokens_are_trained_and_rendered_packing_keeps_truncation(tok):
+    record = _record(random.Random(43), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {
+            "role": "assistant",
+            "content": "I will look that u",
+            "completion": "I will look that u",
+            "truncated": True,
+        },
+        {"role": "user", "content": "ok?"},
+        {
+            "role": "assistant",
+            "content": "Done.",
+            "completion": "Done.",
+            "completion_end": "<|endoftext|>",
+        },
+    ]
+    for pack in ("exact", "rendered", "never"):
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+        trained = {
+            k: tok.decode(
+                [
+                    i
+                    for r, o in zip(tokens.input_ids, tokens.token_turn, strict=True)
+                    for i, t in zip(r, o, strict=True)
+                    if t == k
+                ]
+            )
+            for k in (0, 1)
+        }
+        assert trained == {0: "I will look that u", 1: "Done.<|endoftext|>"}, pack
+
+
+def test_rendered_packing_falls_back_when_the_last_turns_tokens_would_differ(tok):
+    record = _record(random.Random(47), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "\n\nSure.", "completion": "\n\nSure."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Done.", "completion": "Done."},
+    ]
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack="rendered")
+    assert not tokens.packed
+    _check_rows(tok, record, tokens)
+
+
+def test_attention_dropout_is_off_in_the_update_and_put_back(tok, base_model):
+    rng = random.Random(53)
+    records = [_record(rng, float(i % 2), "g") for i in range(3)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    model = _lora(base_model)
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert attention
+    for m in attention:
+        m.attention_dropout = 0.3
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    stats = GTPOTrainer(model, opt, GTPOConfig(backend="torch")).step(batch)
+    assert stats["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert all(m.attention_dropout == 0.3 for m in attention)
+
+
+def test_an_interrupted_leader_leaves_no_request_behind():
+    class Interrupting:
+        def __init__(self):
+            self.seen = []
+
+        def generate(self, conversations, tools=None):
+            self.seen.append([c[-1]["content"] for c in conversations])
+            raise KeyboardInterrupt
+
+    engine = Interrupting()
+    agent = EngineAgent(engine, max_batch=1)
+    other = _Request([{"role": "user", "content": "other"}], None)
+    agent._pending.append(other)  # queued first: the leader runs it, not its own
+    with pytest.raises(KeyboardInterrupt):
+        agent([{"role": "user", "content": "mine"}], None)
+    assert engine.seen == [["other"]] and agent._pending == [] and not agent._busy
+    assert isinstance(other.error, KeyboardInterrupt)
+
+
+def test_config_and_resume_refusals(tmp_path, capsys):
+    from turnrl.cli import main
+
+    with pytest.raises(InvalidInputError, match="max_len"):
+        GTPOConfig(max_len=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    argv = ["train", "--model", "nowhere", "--env", "synthetic:airline", "--user", "scripted"]
+    assert main([*argv, "--resume", "--out", str(run)]) == 2
+    assert "has metrics but no adapter" in capsys.readouterr().err

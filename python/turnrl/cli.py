@@ -264,6 +264,7 @@ def _train(args: argparse.Namespace) -> int:
     from turnrl import envs
     from turnrl.collect import select_tasks
     from turnrl.engines import EngineAgent, TransformersEngine
+    from turnrl.exceptions import InvalidInputError
     from turnrl.train import (
         GTPOConfig,
         GTPOTrainer,
@@ -282,6 +283,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         recover_adapter(adapter)  # a run killed while saving left it aside
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
+    if args.resume and resume is None and (out / "metrics.jsonl").exists():
+        raise InvalidInputError(
+            f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
+        )
     model, tokenizer = load_policy(
         args.model,
         dtype=args.dtype,
@@ -333,6 +338,7 @@ def _train(args: argparse.Namespace) -> int:
             beta=args.beta,
             temperature=args.temperature,
             agg=args.agg,
+            max_len=args.max_length,  # dr_grpo's constant length, when there is one
         ),
     )
     metrics = out / "metrics.jsonl"

@@ -38,10 +38,13 @@ Tools = Sequence[Mapping[str, Any]] | None
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    """One generation: its raw text, and whether it stopped at the token limit."""
+    """One generation: its raw text, whether it stopped at the token limit, and
+    the end token it stopped on when that was not the tokenizer's ``eos_token``
+    (Llama 3's ``<|eom_id|>``; None otherwise), which training appends."""
 
     text: str
     truncated: bool = False
+    stop: str | None = None
 
 
 class Engine(Protocol):
@@ -132,29 +135,27 @@ class TransformersEngine:
             attention[row, width - len(e) :] = 1
         sampling: dict[str, Any] = {"do_sample": self.temperature > 0}
         if self.temperature > 0:
-            sampling.update(temperature=self.temperature, top_p=self.top_p)
-        # Every filter and penalty set to "off": generate fills what is left
-        # unset from the model's own generation config, which may carry them.
-        sampling.update(
-            top_k=0,
-            min_p=0.0,
-            typical_p=1.0,
-            epsilon_cutoff=0.0,
-            eta_cutoff=0.0,
-            repetition_penalty=1.0,
-            encoder_repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            min_new_tokens=0,
-        )
+            # top_k=0: transformers' own default would keep the top 50 only.
+            sampling.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             eos_token_id=sorted(stops) or None,
             pad_token_id=int(pad),
             **sampling,
         )
+        # generate fills whatever the config leaves unset from the model's own
+        # generation config (penalties, suppressed tokens, forced end tokens):
+        # a bare one stands in for it meanwhile, so rollouts come from the
+        # softmax the loss models.
+        holder = (
+            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        )
+        own = getattr(holder, "generation_config", None)
         was_training = self.model.training
         self.model.eval()
         try:
+            if own is not None:
+                holder.generation_config = GenerationConfig()
             with torch.no_grad():
                 out = self.model.generate(
                     input_ids=ids.to(device),
@@ -162,12 +163,19 @@ class TransformersEngine:
                     generation_config=config,
                 )
         finally:
+            if own is not None:
+                holder.generation_config = own
             self.model.train(was_training)
         completions = []
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
-            text = tok.decode(row[: len(row) if end is None else end], skip_special_tokens=False)
-            completions.append(Completion(text, truncated=end is None))
+            if end is None:
+                text = tok.decode(row, skip_special_tokens=False)
+                completions.append(Completion(text, truncated=True))
+                continue
+            text = tok.decode(row[:end], skip_special_tokens=False)
+            stop = tok.decode([row[end]], skip_special_tokens=False)
+            completions.append(Completion(text, stop=None if stop == tok.eos_token else stop))
         return completions
 
 
@@ -228,10 +236,18 @@ class VLLMEngine:
             tools=list(tools) if tools else None,
             chat_template_kwargs=self.chat_template_kwargs or None,
         )
-        return [
-            Completion(o.outputs[0].text, truncated=o.outputs[0].finish_reason == "length")
-            for o in outputs
-        ]
+        return [self._completion(o.outputs[0]) for o in outputs]
+
+    def _completion(self, output: Any) -> Completion:
+        if output.finish_reason == "length":
+            return Completion(output.text, truncated=True)
+        # stop_reason: None for the end-of-sequence token, else the stop
+        # token's id (or a stop string, which is not generated text).
+        reason = getattr(output, "stop_reason", None)
+        stop = None
+        if isinstance(reason, int):
+            stop = self.llm.get_tokenizer().decode([reason], skip_special_tokens=False)
+        return Completion(output.text, stop=stop)
 
 
 class _Request:
@@ -284,13 +300,22 @@ class EngineAgent:
                 if request.done:
                     break
                 # This thread leads the next batch: everything waiting, in order.
-                self._busy = True
-                batch = self._pending[: self.max_batch]
-                del self._pending[: self.max_batch]
-            try:
-                self._run(batch)
-            finally:
-                with self._changed:
+                try:
+                    self._busy = True
+                    batch = self._pending[: self.max_batch]
+                    del self._pending[: self.max_batch]
+                    self._changed.release()
+                    try:
+                        self._run(batch)
+                    finally:
+                        self._changed.acquire()
+                except BaseException:
+                    # An interrupt: this episode is over, its request must not
+                    # linger for a later batch to generate.
+                    if request in self._pending:
+                        self._pending.remove(request)
+                    raise
+                finally:
                     self._busy = False
                     self._changed.notify_all()
         if request.error is not None:
@@ -299,6 +324,8 @@ class EngineAgent:
         reply = reply_from_text(request.result.text, tools, fmt=self.fmt)
         if request.result.truncated:
             reply["truncated"] = True
+        if request.result.stop is not None:
+            reply["completion_end"] = request.result.stop
         return reply
 
     def _run(self, batch: list[_Request]) -> None:

@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -247,8 +248,10 @@ def tokenize_rollout(
         prompt = render(at, True)
         turn = turns[k]
         if isinstance(turn.get("completion"), str):
-            # A generation cut at the token limit never sampled its end.
-            end = "" if turn.get("truncated") else (eos or "")
+            # A generation cut at the token limit never sampled its end; one
+            # that stopped on another end token than eos (Llama's <|eom_id|>)
+            # is trained with that token.
+            end = "" if turn.get("truncated") else (turn.get("completion_end") or eos or "")
             completion = turn["completion"] + end
         else:
             shown = dict(messages[at])
@@ -273,8 +276,14 @@ def tokenize_rollout(
     if mode not in ("exact", "never", "rendered"):
         raise InvalidInputError(f"pack must be exact, never or rendered, got {pack!r}")
     if mode != "never" and prompts:
-        trained = _rendered_turns(prompts, completions, eos) if mode == "rendered" else completions
-        packed = _pack(prompts, trained, encode, check_tokens=mode == "exact")
+        cut = [bool(t.get("truncated")) for t in turns]
+        trained = (
+            _rendered_turns(prompts, completions, eos, cut) if mode == "rendered" else completions
+        )
+        # exact: every turn's context must be its prompt's ids; rendered: the last one's.
+        packed = _pack(
+            prompts, trained, encode, check_from=1 if mode == "exact" else len(prompts) - 1
+        )
         if packed is not None:
             return TokenizedRollout([packed[0]], [packed[1]], packed=True)
     rows: list[list[int]] = []
@@ -286,14 +295,18 @@ def tokenize_rollout(
     return TokenizedRollout(rows, owners, packed=False)
 
 
-def _rendered_turns(prompts: list[str], completions: list[str], eos: str | None) -> list[str]:
-    """Each turn but the last as the next prompt shows it (up to its end token)."""
+def _rendered_turns(
+    prompts: list[str], completions: list[str], eos: str | None, truncated: list[bool]
+) -> list[str]:
+    """Each turn but the last as the next prompt shows it, up to its end token
+    (without it for a turn cut at the token limit, which never sampled one)."""
     out = []
     for k, completion in enumerate(completions):
         if k + 1 < len(prompts) and eos and prompts[k + 1].startswith(prompts[k]):
             shown = prompts[k + 1][len(prompts[k]) :]
             if eos in shown:
-                completion = shown[: shown.index(eos) + len(eos)]
+                end = shown.index(eos) + (0 if truncated[k] else len(eos))
+                completion = shown[:end]
         out.append(completion)
     return out
 
@@ -302,7 +315,7 @@ def _pack(
     prompts: list[str],
     completions: list[str],
     encode: Callable[[str], list[int]],
-    check_tokens: bool = True,
+    check_from: int = 1,
 ) -> tuple[list[int], list[int]] | None:
     """One row for the whole conversation, or None when some turn's context in it
     would not be the token ids its prompt encodes to."""
@@ -315,7 +328,7 @@ def _pack(
         ids += encode(prompt[len(so_far) :])
         # The text matches; the tokens must too: the policy was given its
         # prompt encoded whole, and BPE can merge across a piece boundary.
-        if check_tokens and k > 0 and ids != encode(prompt):
+        if k >= max(check_from, 1) and ids != encode(prompt):
             return None
         body = encode(completion)
         owner += [-1] * (len(ids) - len(owner)) + [k] * len(body)
@@ -503,6 +516,8 @@ class GTPOConfig:
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
             raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
+        if self.max_len is not None and self.max_len < 1:
+            raise InvalidInputError(f"max_len must be at least 1, got {self.max_len}")
 
 
 @dataclasses.dataclass
@@ -654,7 +669,9 @@ class GTPOTrainer:
                     temperature=cfg.temperature,
                     agg=cfg.agg,
                     # dr_grpo divides by a constant length, not the token count.
-                    max_len=cfg.max_len or batch.input_ids.shape[1] - 1,
+                    max_len=cfg.max_len
+                    if cfg.max_len is not None
+                    else batch.input_ids.shape[1] - 1,
                     backend=cfg.backend,
                     global_tokens=global_tokens,
                     global_sequences=global_sequences,
@@ -702,6 +719,7 @@ class GTPOTrainer:
             raise InvalidInputError("the batch has no trained tokens")
         micro = self._micro_batches(batch)
         was_training = self.model.training
+        attention_dropout: list[tuple[Any, float]] = []
         self.model.eval()
         try:
             old = [self._logprobs(self.model, m) for m in micro]
@@ -715,14 +733,21 @@ class GTPOTrainer:
                         with self.model.disable_adapter():
                             ref[j] = self._logprobs(self.model, m)
             # Train mode for the update: gradient checkpointing runs only
-            # there. Dropout (LoRA's included) stays off, as it was for the
-            # behaviour log-probs, so that the first epoch's ratio is 1.
+            # there. Dropout (LoRA's and attention's) stays off, as it was for
+            # the behaviour log-probs, so that the first epoch's ratio is 1.
             self.model.train()
             for module in self.model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.eval()
+                # Attention dropout is functional, keyed on the module's mode.
+                rate = getattr(module, "attention_dropout", None)
+                if isinstance(rate, float) and rate > 0:
+                    attention_dropout.append((module, rate))
+                    module.attention_dropout = 0.0
             totals = self._update(micro, old, ref, batch, global_tokens, global_sequences)
         finally:
+            for module, rate in attention_dropout:
+                module.attention_dropout = rate
             self.model.train(was_training)
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
@@ -737,28 +762,28 @@ class GTPOTrainer:
 def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
     """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
 
-    The checkpoint is written into a new folder beside ``path`` (with the
-    permissions a new folder gets, not a temporary folder's 0700) and renamed
-    into place; a previous checkpoint at ``path`` is moved aside first and
-    removed only once the new one is there. A failed write, or a failed
-    rename, leaves ``path`` as it was; a process killed between the two
-    renames leaves the previous checkpoint aside, where
-    :func:`recover_adapter` (called here and by ``turnrl train --resume``)
-    puts it back.
+    The checkpoint is written into a new folder beside ``path`` (created as
+    any new folder is, under the umask) and renamed into place; a previous
+    checkpoint at ``path`` is moved aside first and removed only once the
+    new one is there. A failed write, or a failed rename, leaves ``path`` as
+    it was; a process killed between the two renames leaves the previous
+    checkpoint aside, where :func:`recover_adapter` (called here and by
+    ``turnrl train --resume``) puts it back. Leftovers of killed saves are
+    removed after a successful one.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_adapter(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    # Names carry a clock stamp: recover_adapter takes the newest moved aside.
+    stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
+    staging = target.with_name(f".{target.name}.new-{stamp}")
+    staging.mkdir()
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)
         model.save_pretrained(str(staging))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    previous = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    previous = target.with_name(f".{target.name}.old-{stamp}")
     had_previous = target.exists()
     if had_previous:
         os.replace(target, previous)
@@ -769,24 +794,29 @@ def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
             os.replace(previous, target)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if had_previous:
-        shutil.rmtree(previous, ignore_errors=True)
+    for leftover in (
+        *target.parent.glob(f".{target.name}.old-*"),
+        *target.parent.glob(f".{target.name}.new-*"),
+    ):
+        shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 
 def recover_adapter(path: str | os.PathLike[str]) -> bool:
     """Put back a checkpoint :func:`save_adapter` had moved aside when it was killed.
 
-    Returns True when ``path`` was missing and the newest moved-aside copy
-    took its place.
+    Returns True when ``path`` was missing and the copy moved aside last
+    (by the stamp in its name, not its modification time) that still holds
+    a ``*config.json`` took its place.
     """
     target = Path(path)
     if target.exists() or not target.parent.is_dir():
         return False
-    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if not aside:
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.name)
+    complete = [p for p in aside if p.is_dir() and any(p.glob("*config.json"))]
+    if not complete:
         return False
-    os.replace(aside[-1], target)
+    os.replace(complete[-1], target)
     return True
 
 

@@ -153,6 +153,9 @@ def run_episode(
             if reply.get("truncated"):
                 # Cut at the token limit: trained without an end-of-turn token.
                 turn["truncated"] = True
+            if isinstance(reply.get("completion_end"), str):
+                # Stopped on another end token than the tokenizer's eos.
+                turn["completion_end"] = reply["completion_end"]
         if record_calls:
             turn["tool_calls"] = record_calls
         turn["tier"] = None
