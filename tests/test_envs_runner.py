@@ -107,6 +107,7 @@ def test_runner_stops_on_transfer_and_on_step_limit():
         "name": "transfer_to_human_agents",
         "content": "Transfer successful",
         "error": False,
+        "tool_call_id": "call_1_0",  # the id the agent was shown
     }
 
     def looper(messages, tools):

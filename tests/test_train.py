@@ -1122,3 +1122,27 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     argv = ["train", "--model", "nowhere", "--env", "synthetic:airline", "--user", "scripted"]
     assert main([*argv, "--resume", "--out", str(run)]) == 2
     assert "has metrics but no adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tau2", [False, True])
+def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2):
+    from turnrl.envs._base import TAU2_BENCH_RULES
+    from turnrl.train import template_messages
+
+    domain = envs.load("synthetic:airline", seed=0)
+    if tau2:  # steps count user messages and tool runs too: call ids differ
+        domain.rules = TAU2_BENCH_RULES
+    task = domain.tasks[0]
+    sent: list[list[dict]] = []
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(list(messages)))
+        if len(sent) == 1:
+            call = {"name": "get_user_details", "arguments": {"user_id": task.user_id}}
+            return {"content": "", "tool_calls": [call, dict(call)]}
+        return {"content": "Anything else?"}
+
+    record = envs.run_episode(agent, domain, task, envs.ScriptedUser(max_replies=2))
+    rebuilt = rollout_messages(record, domain.policy)
+    for chat in sent:
+        assert template_messages(rebuilt[: len(chat)]) == template_messages(chat)

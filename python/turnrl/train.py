@@ -72,7 +72,8 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
     """The chat of a rollout record as OpenAI-style messages, as the agent was sent it.
 
     ``system`` is the system prompt (the domain's policy: records do not hold
-    it). Tool calls get the ids :func:`turnrl.envs.run_episode` gives them;
+    it). Tool calls and results carry the ids the agent was shown (recorded
+    by :func:`turnrl.envs.run_episode`; older records get ``call_{turn}_{i}``);
     reasoning is left out, as the agent was never sent its earlier reasoning.
     Arguments are dicts (as :func:`template_messages` gives), or the recorded
     text when a call's arguments were kept as text.
@@ -94,10 +95,11 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
             step += 1
             message: dict[str, Any] = {"role": "assistant", "content": turn.get("content") or ""}
             calls = turn.get("tool_calls") or []
+            ids = [str(i) for i in turn.get("tool_call_ids") or []]
             if calls:
                 message["tool_calls"] = [
                     {
-                        "id": f"call_{step}_{i}",
+                        "id": ids[i] if i < len(ids) else f"call_{step}_{i}",
                         "type": "function",
                         "function": {
                             "name": call.get("name") or "",
@@ -111,7 +113,7 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
             messages.append(
                 {
                     "role": "tool",
-                    "tool_call_id": "",
+                    "tool_call_id": turn.get("tool_call_id") or "",
                     "name": turn.get("name") or "",
                     "content": _text(turn.get("content")),
                 }

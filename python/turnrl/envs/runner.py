@@ -158,6 +158,8 @@ def run_episode(
                 turn["completion_end"] = reply["completion_end"]
         if record_calls:
             turn["tool_calls"] = record_calls
+            # The ids the agent is shown, so training re-renders the same chat.
+            turn["tool_call_ids"] = [call_id for _, _, call_id, _ in calls]
         turn["tier"] = None
         turn["reward"] = None
         turns.append(turn)
@@ -181,7 +183,15 @@ def run_episode(
                     obs = episode.call(name, args)
                     error = episode.last_error
                 tool_errors += bool(error)
-                turns.append({"role": "tool", "name": name, "content": obs, "error": error})
+                turns.append(
+                    {
+                        "role": "tool",
+                        "name": name,
+                        "content": obs,
+                        "error": error,
+                        "tool_call_id": call_id,
+                    }
+                )
                 messages.append(
                     {"role": "tool", "tool_call_id": call_id, "name": name, "content": obs}
                 )
