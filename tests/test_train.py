@@ -768,9 +768,13 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert [p.name for p in (run / "rollouts").iterdir()] == ["step-0.jsonl"]
     first = (run / "rollouts" / "step-0.jsonl").read_bytes()
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 0}
+    # Killed after the save, before the metrics line: the adapter says where to go on.
+    (run / "metrics.jsonl").write_text("")
     assert main([*argv, "--resume", "--plot"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1]
+    assert steps == [1]
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 1}
     # The resumed run numbers on: its buffer and groups do not take the first run's names.
     assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step-0.jsonl", "step-1.jsonl"]
     assert (run / "rollouts" / "step-0.jsonl").read_bytes() == first

@@ -266,6 +266,7 @@ def _train(args: argparse.Namespace) -> int:
     from turnrl.engines import EngineAgent, TransformersEngine
     from turnrl.exceptions import InvalidInputError
     from turnrl.train import (
+        STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
         load_policy,
@@ -343,8 +344,16 @@ def _train(args: argparse.Namespace) -> int:
     )
     metrics = out / "metrics.jsonl"
     first_step = 0
-    if resume is not None and metrics.exists():
-        first_step = sum(1 for line in metrics.read_text().splitlines() if line.strip())
+    if resume is not None:
+        # The adapter knows the step it was saved after; the metrics file may
+        # lack that step's line if a run was killed just after the save.
+        try:
+            state = json.loads((adapter / STATE_FILE).read_text(encoding="utf-8"))
+            first_step = int(state["step"]) + 1
+        except (OSError, ValueError, KeyError, TypeError):
+            raise InvalidInputError(
+                f"--resume: {adapter / STATE_FILE} is missing or unreadable"
+            ) from None
 
     def on_step(step: int, stats: dict[str, float]) -> None:
         with metrics.open("a") as f:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "STATE_FILE",
     "GTPOConfig",
     "GTPOTrainer",
     "TokenizedRollout",
@@ -756,12 +757,17 @@ class GTPOTrainer:
         totals["trained_tokens"] = float(global_tokens)
         return totals
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], state: Mapping[str, Any] | None = None) -> Path:
         """Write the model (the adapter alone for a PEFT model) with :func:`save_adapter`."""
-        return save_adapter(self.model, path)
+        return save_adapter(self.model, path, state=state)
 
 
-def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
+STATE_FILE = "turnrl_state.json"
+
+
+def save_adapter(
+    model: Any, path: str | os.PathLike[str], *, state: Mapping[str, Any] | None = None
+) -> Path:
     """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
 
     The checkpoint is written into a new folder beside ``path`` (created as
@@ -771,7 +777,9 @@ def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
     it was; a process killed between the two renames leaves the previous
     checkpoint aside, where :func:`recover_adapter` (called here and by
     ``turnrl train --resume``) puts it back. Leftovers of killed saves are
-    removed after a successful one.
+    removed after a successful one. ``state`` (JSON) is written beside the
+    weights as ``turnrl_state.json``, in the same swap (:func:`train_loop`
+    keeps the step there, which ``--resume`` continues from).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -782,6 +790,8 @@ def save_adapter(model: Any, path: str | os.PathLike[str]) -> Path:
     staging.mkdir()
     try:
         model.save_pretrained(str(staging))
+        if state is not None:
+            (staging / STATE_FILE).write_text(json.dumps(dict(state)), encoding="utf-8")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -929,7 +939,7 @@ def train_loop(
             stats["episodes"] = float(summary.records)
             stats["failed_episodes"] = float(len(summary.failures))
             if checkpoint is not None:
-                trainer.save(checkpoint)
+                trainer.save(checkpoint, state={"step": step})
             if after_update is not None:
                 after_update()
             history.append(stats)
