@@ -29,25 +29,29 @@ import time
 
 import torch
 
+DEVICE = "cuda"
 
-def build(layers: int, checkpointing: bool, seed: int = 0):
+
+def build(layers: int, checkpointing: bool, hidden: int = 2560, seed: int = 0):
     import peft
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
+        hidden_size=hidden,
+        intermediate_size=hidden * 19 // 5,
         num_hidden_layers=layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
+        # Qwen3-4B's attention at its width; a small one for CPU runs.
+        num_attention_heads=32 if hidden >= 1024 else 8,
+        num_key_value_heads=8 if hidden >= 1024 else 2,
+        head_dim=128 if hidden >= 1024 else 32,
         max_position_embeddings=32768,
         tie_word_embeddings=True,
     )
-    with torch.device("cuda"):
-        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    with torch.device(DEVICE):
+        model = Qwen3ForCausalLM(config).to(dtype)
     lora = peft.LoraConfig(
         r=16,
         lora_alpha=32,
@@ -95,15 +99,15 @@ def eager_step(model, optimizer, data, micro: int, eps: float = 0.2) -> None:
         model.eval()
         olds = []
         for s in range(0, data.num_rows, micro):
-            ids = data.input_ids[s : s + micro].cuda()
+            ids = data.input_ids[s : s + micro].to(DEVICE)
             logits = model(input_ids=ids).logits[:, :-1].float()
             olds.append(torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0])
             del logits
     model.train()
     for j, s in enumerate(range(0, data.num_rows, micro)):
-        ids = data.input_ids[s : s + micro].cuda()
-        mask = data.loss_mask[s : s + micro, 1:].cuda().float()
-        adv = data.advantages[s : s + micro, 1:].cuda()
+        ids = data.input_ids[s : s + micro].to(DEVICE)
+        mask = data.loss_mask[s : s + micro, 1:].to(DEVICE).float()
+        adv = data.advantages[s : s + micro, 1:].to(DEVICE)
         logits = model(input_ids=ids).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         ratio = torch.exp(logp - olds[j])
@@ -121,18 +125,27 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     }
 
 
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median seconds per call after a warm-up, and CUDA's peak memory in GiB
+    (nan on the CPU, where no per-recipe peak is measured)."""
     fn()  # warm-up (and Triton compiles)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    _sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    return statistics.median(times), peak
 
 
 def main() -> None:
@@ -146,21 +159,29 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing", action="store_true", help="gradient checkpointing, both recipes"
     )
+    parser.add_argument("--hidden", type=int, default=2560, help="hidden size (Qwen3-4B's)")
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: fp32, torch backend"
+    )
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
 
     from turnrl.train import GTPOConfig, GTPOTrainer
 
     data = batch(args.rows, args.tokens, args.trained)
     print(
-        f"{torch.cuda.get_device_name()}: {args.layers} layers, hidden 2560, V 151936, bf16, "
+        f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'CPU, fp32'}: "
+        f"{args.layers} layers, hidden {args.hidden}, V 151936, "
         f"{args.rows} rows x {args.tokens} tokens, {data.num_trained_tokens} trained "
         f"({args.trained:.0%}), micro-batches of {args.micro}"
         + (", gradient checkpointing" if args.checkpointing else "")
     )
 
     # Agreement: one step each from the same weights, LoRA gradients compared.
-    model = build(args.layers, args.checkpointing)
-    cfg = GTPOConfig(micro_batch_size=args.micro, max_grad_norm=None, backend="triton")
+    model = build(args.layers, args.checkpointing, args.hidden)
+    backend = "triton" if DEVICE == "cuda" else "torch"
+    cfg = GTPOConfig(micro_batch_size=args.micro, max_grad_norm=None, backend=backend)
     sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     trainer = GTPOTrainer(model, sgd, cfg)
     # Keep the gradients: step() zeroes them at the end, so read them in a hook.
@@ -186,7 +207,7 @@ def main() -> None:
     trainer = GTPOTrainer(model, adam, cfg)
     rows = []
     t_ours, m_ours = timed(lambda: trainer.step(data), args.repeats)
-    rows.append(("turnrl GTPOTrainer (triton)", t_ours, m_ours))
+    rows.append((f"turnrl GTPOTrainer ({backend})", t_ours, m_ours))
     try:
         t_eager, m_eager = timed(lambda: eager_step(model, adam, data, args.micro), args.repeats)
         rows.append(("eager full logits", t_eager, m_eager))
