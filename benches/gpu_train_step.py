@@ -1,4 +1,4 @@
-"""One LoRA training step on a GPU: GTPOTrainer against the eager recipe.
+"""One LoRA training step, GTPOTrainer against the eager recipe, on a GPU (or the CPU).
 
 The model is a random Qwen3 with Qwen3-4B's width, head and vocabulary
 (hidden 2560, vocabulary 151,936) and ``--layers`` decoder layers (36 is
