@@ -1150,3 +1150,18 @@ def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2):
     rebuilt = rollout_messages(record, domain.policy)
     for chat in sent:
         assert template_messages(rebuilt[: len(chat)]) == template_messages(chat)
+
+
+def test_records_without_a_group_are_grouped_by_task(tok):
+    rng = random.Random(59)
+    records = [_record(rng, float(i % 2), "g") for i in range(4)]
+    for i, record in enumerate(records):
+        record["task_id"] = f"task-{i // 2}"
+        record["group"] = None if i % 2 else f"task-{i // 2}"  # None: the task's group
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="grpo")
+    rewards = [0.0] * int(batch.turn_offsets[-1])
+    expected = turnrl.compute_advantages(
+        "grpo", [r["outcome"] for r in records], [0, 0, 1, 1], rewards, batch.turn_offsets
+    )
+    np.testing.assert_allclose(batch.turn_advantages, expected)
+    assert np.abs(expected).max() > 0

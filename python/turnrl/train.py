@@ -420,9 +420,9 @@ def build_batch(
             outcome[i] = float(record["outcome"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInputError(f"record {i} ({_where(record)}): bad outcome ({e})") from None
-        group[i] = group_ids.setdefault(
-            str(record.get("group", record.get("task_id"))), len(group_ids)
-        )
+        # A record without a group (or with group None) is its task's group.
+        name = str(record.get("group") or record.get("task_id"))
+        group[i] = group_ids.setdefault(name, len(group_ids))
         turn_rewards += [
             _turn_reward(t, tier_rewards) for t in record["turns"] if t.get("role") == "assistant"
         ]
