@@ -26,7 +26,9 @@ last assistant turn only. So the whole conversation is one sequence only when
 that sequence, cut before each assistant turn, is exactly the prompt the
 policy was given for it; otherwise each assistant turn becomes its own row
 (its prompt, untrained, then its completion). Either way every trained token
-is trained in the context it was generated in.
+is trained in the context it was generated in. (``pack="rendered"`` gives that
+up for earlier turns, for one row per conversation; see
+:func:`tokenize_rollout`.)
 """
 
 from __future__ import annotations
@@ -217,9 +219,11 @@ def tokenize_rollout(
     An assistant turn's tokens are its ``completion`` (the raw text the
     policy generated, which :class:`turnrl.envs.OpenAIAgent` and
     :class:`turnrl.engines.EngineAgent` keep when they parsed calls from
-    text) followed by the end-of-turn token; without one, what the chat
-    template renders for the turn (content, reasoning, tool calls) up to and
-    including the tokenizer's ``eos_token``.
+    text) followed by its end token: the tokenizer's ``eos_token``, the
+    turn's ``completion_end`` when it stopped on another, none when it was
+    ``truncated``. Without a completion, it is what the chat template renders
+    for the turn (content, reasoning, tool calls) up to and including the
+    tokenizer's ``eos_token``.
     """
     messages = rollout_messages(record, system)
     kwargs = dict(chat_template_kwargs or {})
@@ -272,10 +276,16 @@ def tokenize_rollout(
         prompts.append(prompt)
         completions.append(completion)
 
-    def encode(text: str) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    encoded: dict[str, list[int]] = {}
 
-    mode = {True: "exact", False: "never"}.get(pack, pack) if isinstance(pack, bool) else pack
+    def encode(text: str) -> list[int]:
+        # Prompts are encoded whole to check a packed row, and again for
+        # per-turn rows when that check fails: tokenize each text once.
+        if text not in encoded:
+            encoded[text] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encoded[text]
+
+    mode = ("exact" if pack else "never") if isinstance(pack, bool) else pack
     if mode not in ("exact", "never", "rendered"):
         raise InvalidInputError(f"pack must be exact, never or rendered, got {pack!r}")
     if mode != "never" and prompts:
@@ -411,6 +421,7 @@ def build_batch(
     if max_length is not None and max_length < 2:
         raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
     group_ids: dict[str, int] = {}
+    cut_turns: list[set[int]] = []  # per record, with mask_truncated
     outcome = np.empty(len(records), dtype=np.float64)
     group = np.empty(len(records), dtype=np.int64)
     turn_rewards: list[float] = []
@@ -423,10 +434,11 @@ def build_batch(
         # A record without a group (or with group None) is its task's group.
         name = str(record.get("group") or record.get("task_id"))
         group[i] = group_ids.setdefault(name, len(group_ids))
-        turn_rewards += [
-            _turn_reward(t, tier_rewards) for t in record["turns"] if t.get("role") == "assistant"
-        ]
+        assistant = [t for t in record["turns"] if t.get("role") == "assistant"]
+        turn_rewards += [_turn_reward(t, tier_rewards) for t in assistant]
         turn_offsets.append(len(turn_rewards))
+        if mask_truncated:
+            cut_turns.append({k for k, t in enumerate(assistant) if t.get("truncated")})
     offsets = np.asarray(turn_offsets, dtype=np.int64)
     turn_adv = compute_advantages(
         estimator, outcome, group, np.asarray(turn_rewards), offsets, **dict(estimator_params or {})
@@ -446,14 +458,10 @@ def build_batch(
             chat_template_kwargs=chat_template_kwargs,
             pack=pack,
         )
-        cut_turns = {
-            k
-            for k, t in enumerate(t for t in record["turns"] if t["role"] == "assistant")
-            if mask_truncated and t.get("truncated")
-        }
+        cut = cut_turns[i] if mask_truncated else set()
         for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
-            if cut_turns:
-                owner = [-1 if o in cut_turns else o for o in owner]
+            if cut:
+                owner = [-1 if o in cut else o for o in owner]
             if max_length is not None and len(ids) > max_length:
                 ids, owner = ids[:max_length], owner[:max_length]
                 truncated += 1
