@@ -164,13 +164,21 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _collect(args: argparse.Namespace) -> int:
+def _domain_and_tasks(args: argparse.Namespace) -> tuple[Any, list[Any]]:
+    """The --env domain (--root, --split, --seed) and its --tasks."""
     from turnrl import envs
-    from turnrl.collect import CollectSummary, collect_rollouts, select_tasks
+    from turnrl.collect import select_tasks
 
     extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
     domain = envs.load(args.env, root=args.root, split=args.split, **extra)
-    tasks = select_tasks(domain, args.tasks)
+    return domain, select_tasks(domain, args.tasks)
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from turnrl import envs
+    from turnrl.collect import CollectSummary, collect_rollouts
+
+    domain, tasks = _domain_and_tasks(args)
 
     # An OpenAIAgent keeps no conversation, and its HTTP client is
     # thread-safe: every episode shares one (and its connection pool).
@@ -261,8 +269,6 @@ def _train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from turnrl import envs
-    from turnrl.collect import select_tasks
     from turnrl.engines import EngineAgent, TransformersEngine
     from turnrl.exceptions import InvalidInputError
     from turnrl.train import (
@@ -275,16 +281,14 @@ def _train(args: argparse.Namespace) -> int:
         train_loop,
     )
 
-    extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
-    domain = envs.load(args.env, root=args.root, split=args.split, **extra)
-    tasks = select_tasks(domain, args.tasks)
+    domain, tasks = _domain_and_tasks(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    adapter = out / "adapter"
+    adapter, metrics = out / "adapter", out / "metrics.jsonl"
     if args.resume:
         recover_adapter(adapter)  # a run killed while saving left it aside
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
-    if args.resume and resume is None and (out / "metrics.jsonl").exists():
+    if args.resume and resume is None and metrics.exists():
         raise InvalidInputError(
             f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
         )
@@ -342,7 +346,6 @@ def _train(args: argparse.Namespace) -> int:
             max_len=args.max_length,  # dr_grpo's constant length, when there is one
         ),
     )
-    metrics = out / "metrics.jsonl"
     first_step = 0
     if resume is not None:
         # The adapter knows the step it was saved after; the metrics file may

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from turnrl.envs.agents import reply_from_text
 from turnrl.exceptions import InvalidInputError
-from turnrl.train import template_messages
+from turnrl.train import _base_model, template_messages
 
 __all__ = ["Completion", "Engine", "EngineAgent", "TransformersEngine", "VLLMEngine"]
 
@@ -147,9 +147,7 @@ class TransformersEngine:
         # generation config (penalties, suppressed tokens, forced end tokens):
         # a bare one stands in for it meanwhile, so rollouts come from the
         # softmax the loss models.
-        holder = (
-            self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        )
+        holder = _base_model(self.model)
         own = getattr(holder, "generation_config", None)
         was_training = self.model.training
         self.model.eval()

@@ -33,6 +33,7 @@ up for earlier turns, for one row per conversation; see
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -647,7 +648,7 @@ class GTPOTrainer:
         micro: list[_MicroBatch],
         old: list[torch.Tensor],
         ref: list[torch.Tensor | None],
-        batch: TrainBatch,
+        max_len: int,
         global_tokens: int,
         global_sequences: int,
     ) -> dict[str, float]:
@@ -679,10 +680,7 @@ class GTPOTrainer:
                     entropy_coef=cfg.entropy_coef,
                     temperature=cfg.temperature,
                     agg=cfg.agg,
-                    # dr_grpo divides by a constant length, not the token count.
-                    max_len=cfg.max_len
-                    if cfg.max_len is not None
-                    else batch.input_ids.shape[1] - 1,
+                    max_len=max_len,
                     backend=cfg.backend,
                     global_tokens=global_tokens,
                     global_sequences=global_sequences,
@@ -755,7 +753,9 @@ class GTPOTrainer:
                 if isinstance(rate, float) and rate > 0:
                     attention_dropout.append((module, rate))
                     module.attention_dropout = 0.0
-            totals = self._update(micro, old, ref, batch, global_tokens, global_sequences)
+            # dr_grpo divides by a constant length, not the token count.
+            max_len = cfg.max_len if cfg.max_len is not None else batch.input_ids.shape[1] - 1
+            totals = self._update(micro, old, ref, max_len, global_tokens, global_sequences)
         finally:
             for module, rate in attention_dropout:
                 module.attention_dropout = rate
@@ -910,9 +910,13 @@ def train_loop(
                 if not order:
                     order = [pool[i] for i in rng.permutation(len(pool))]
                 chosen.append(order.pop())
-            with tempfile.TemporaryDirectory() as scratch:
-                folder = Path(scratch) if buffer_dir is None else Path(buffer_dir)
-                out = folder / f"step-{step}.jsonl"
+            keep: Any = (
+                tempfile.TemporaryDirectory()
+                if buffer_dir is None
+                else contextlib.nullcontext(str(buffer_dir))
+            )
+            with keep as folder:
+                out = Path(folder) / f"step-{step}.jsonl"
                 summary = collect_rollouts(
                     domain,
                     make_agent,
