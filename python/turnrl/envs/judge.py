@@ -157,6 +157,4 @@ class LLMJudge:
         reply = self.endpoint.complete(
             [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
         )
-        endpoint = self.endpoint
-        where = f"NL-assertion judge at {endpoint.client.base_url} (model {endpoint.model})"
-        return parse_verdicts(reply, len(assertions), where)
+        return parse_verdicts(reply, len(assertions), self.endpoint.where)

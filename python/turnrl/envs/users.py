@@ -166,6 +166,11 @@ class ChatEndpoint:
             base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout
         )
 
+    @property
+    def where(self) -> str:
+        """Which endpoint this is, for error messages."""
+        return f"{self.what} at {self.client.base_url} (model {self.model})"
+
     def complete(self, messages: Sequence[dict[str, str]]) -> str:
         """The model's reply to ``messages`` (its text; empty if it gave none)."""
         return self.respond(messages).content or ""
@@ -181,7 +186,7 @@ class ChatEndpoint:
             oa.RateLimitError,
             oa.InternalServerError,
         )
-        where = f"{self.what} at {self.client.base_url} (model {self.model})"
+        where = self.where
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             try:
