@@ -264,6 +264,42 @@ def _make_user(args: argparse.Namespace, domain: Any) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    rank, device, started_group = _start_data_parallel(args.device)
+    try:
+        return _train_on_rank(args, rank, device)
+    finally:
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _start_data_parallel(device: str | None) -> tuple[int, str | None, bool]:
+    """Join torchrun's process group when there is one: (rank, device, whether we started it).
+
+    NCCL on the rank's GPU (``cuda:LOCAL_RANK``), or gloo for ``--device cpu``
+    and machines without CUDA.
+    """
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, device, False
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if cuda and device in (None, "cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if cuda:
+        torch.cuda.set_device(torch.device(device or "cuda"))
+    if dist.is_initialized():
+        return dist.get_rank(), device, False
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), device, True
+
+
+def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> int:
     import json
     from pathlib import Path
 
@@ -285,8 +321,10 @@ def _train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     adapter, metrics = out / "adapter", out / "metrics.jsonl"
-    if args.resume:
+    if args.resume and rank == 0:
         recover_adapter(adapter)  # a run killed while saving left it aside
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other ranks wait for the recovery
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
     if args.resume and resume is None and metrics.exists():
         raise InvalidInputError(
@@ -295,7 +333,7 @@ def _train(args: argparse.Namespace) -> int:
     model, tokenizer = load_policy(
         args.model,
         dtype=args.dtype,
-        device=args.device,
+        device=device,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
         target_modules=args.lora_targets.split(",")
@@ -359,6 +397,8 @@ def _train(args: argparse.Namespace) -> int:
             ) from None
 
     def on_step(step: int, stats: dict[str, float]) -> None:
+        if rank != 0:  # every rank has the same figures
+            return
         with metrics.open("a") as f:
             f.write(json.dumps({"step": step, **stats}) + "\n")
 
@@ -387,6 +427,8 @@ def _train(args: argparse.Namespace) -> int:
         mask_truncated=args.mask_truncated,
         progress=not args.quiet,
     )
+    if rank != 0:
+        return 0
     everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if args.plot:
         plot_history(everything, out / "metrics.png")
@@ -620,7 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
         "each update) and a simulated user, label the turns with tiers, compute per-turn "
         "advantages, and take a GTPO step with the fused loss. Writes OUT/rollouts/step-N.jsonl "
         "(for turnrl calibrate), OUT/adapter (after every step), OUT/metrics.jsonl and, with "
-        "--plot, OUT/metrics.png.",
+        "--plot, OUT/metrics.png. Under torchrun (for example torchrun --nproc-per-node 8 -m "
+        "turnrl.cli train ...) every rank trains a replica on its share of each step's tasks "
+        "and writes OUT/rollouts/step-N.rank-R.jsonl; OUT must be one folder for all ranks.",
     )
     tr.add_argument("--model", required=True, help="base model: a local folder or hub name")
     tr.add_argument("--env", required=True, help="domain, e.g. tau2:airline (see turnrl.envs)")
@@ -737,7 +781,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not train on replies cut at --max-new-tokens",
     )
     tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
-    tr.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    tr.add_argument(
+        "--device",
+        help="cuda or cpu (default: cuda when there is one; under torchrun, the rank's "
+        "cuda:LOCAL_RANK)",
+    )
     tr.add_argument(
         "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
     )

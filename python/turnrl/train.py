@@ -17,6 +17,13 @@ A training step, top to bottom:
 4. :func:`save_adapter` writes the (PEFT) weights without ever leaving a
    half-written checkpoint where the previous one was.
 
+Data parallel: under ``torchrun`` (any initialised ``torch.distributed``
+default group) every rank holds a replica of the model, collects and
+tokenizes its own share of the step's tasks (whole groups, so group
+normalisation needs nothing from other ranks), and :class:`GTPOTrainer`
+sums token counts and gradients over the ranks, so that one step over N
+ranks is the step one process would take on the N batches together.
+
 :func:`train_loop` strings collection (:func:`turnrl.collect.collect_rollouts`
 with an :class:`turnrl.engines.EngineAgent`) and these steps together.
 
@@ -373,6 +380,23 @@ class TrainBatch:
     truncated_rows: int
     """Rows cut at ``max_length`` (their later tokens are not trained)."""
 
+    @classmethod
+    def empty(cls) -> TrainBatch:
+        """A batch of no rows: what a data-parallel rank whose episodes all failed steps with."""
+        import torch
+
+        return cls(
+            input_ids=torch.zeros((0, 2), dtype=torch.long),
+            attention_mask=torch.zeros((0, 2), dtype=torch.long),
+            loss_mask=torch.zeros((0, 2), dtype=torch.bool),
+            advantages=torch.zeros((0, 2), dtype=torch.float32),
+            row_trajectory=np.zeros(0, dtype=np.int64),
+            turn_advantages=np.zeros(0, dtype=np.float64),
+            turn_offsets=np.zeros(1, dtype=np.int64),
+            outcome=np.zeros(0, dtype=np.float64),
+            truncated_rows=0,
+        )
+
     @property
     def num_rows(self) -> int:
         """Token rows (one per trajectory when packed)."""
@@ -577,6 +601,59 @@ def _base_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed's default group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(values: Sequence[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Sum (or max) a few numbers over the ranks, in float64 (exact for counts below 2**53)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return [float(v) for v in tensor.tolist()]
+
+
+# Gradients are summed in flat buckets of at most this many elements: few
+# collectives, and a bounded extra copy for full fine-tuning.
+_BUCKET_ELEMENTS = 1 << 25
+
+
+def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum every parameter's gradient over the ranks (a missing one counts as zeros)."""
+    import torch
+    import torch.distributed as dist
+
+    def flush(bucket: list[torch.Tensor]) -> None:
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in bucket:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    buckets: dict[tuple[torch.dtype, torch.device], tuple[list[torch.Tensor], list[int]]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        bucket, size = buckets.setdefault((p.grad.dtype, p.grad.device), ([], [0]))
+        if bucket and size[0] + p.grad.numel() > _BUCKET_ELEMENTS:
+            flush(bucket)
+            bucket.clear()
+            size[0] = 0
+        bucket.append(p.grad)
+        size[0] += p.grad.numel()
+    for bucket, _ in buckets.values():
+        if bucket:
+            flush(bucket)
+
+
 class GTPOTrainer:
     """Policy updates with the fused token-level GTPO loss.
 
@@ -587,6 +664,17 @@ class GTPOTrainer:
     refused). Adapters that inject layers (LoRA and its kin) are applied
     inside the decoder. With ``beta > 0`` the reference log-probs come from
     ``ref_model``, or from ``model`` with its adapter disabled.
+
+    Under an initialised ``torch.distributed`` group, every rank passes its
+    own replica (not wrapped in ``DistributedDataParallel``) and its own
+    batch, holding whole groups; the trainable weights are broadcast from
+    rank 0 here, token and sequence counts and gradients are summed over the
+    ranks in :meth:`step`, and every rank takes the same optimizer step: the
+    step one process would take on all the ranks' rows. A rank may bring an
+    empty batch (:meth:`TrainBatch.empty`). Gradients are summed once per
+    optimizer step, after the micro-batches (for LoRA they are a few
+    megabytes); the frozen weights must be the same everywhere (the same
+    base model).
     """
 
     def __init__(
@@ -601,6 +689,11 @@ class GTPOTrainer:
         self.optimizer = optimizer
         self.config = config or GTPOConfig()
         self.ref_model = ref_model
+        if type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+            raise InvalidInputError(
+                f"pass the model itself, not a {type(model).__name__} wrapper: GTPOTrainer "
+                "runs the decoder directly and sums gradients over the ranks itself"
+            )
         base = _base_model(model)
         for field in ("final_logit_softcapping", "logit_scale"):
             if getattr(base.config, field, None) not in (None, 0, 1, 1.0):
@@ -609,6 +702,14 @@ class GTPOTrainer:
                 )
         if self.config.beta and ref_model is None and not hasattr(model, "disable_adapter"):
             raise InvalidInputError("beta > 0 needs ref_model, or a PEFT model to disable")
+        self.rank, self.world_size = _world()
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            # Replicas start apart (a fresh LoRA adapter is random per process).
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
         self.steps = 0
 
     def _device(self) -> torch.device:
@@ -691,6 +792,15 @@ class GTPOTrainer:
                 for name, value in stats.items():
                     totals[name] = totals.get(name, 0.0) + weight * float(value)
             params = [p for p in self.model.parameters() if p.requires_grad]
+            if self.world_size > 1:
+                # Each rank's loss is already divided by the global counts, so
+                # the sum of the ranks' gradients is the whole batch's gradient.
+                _all_reduce_grads(params)
+                names = self._stat_names()
+                summed = _all_reduce(
+                    [loss_sum, *(totals.get(n, 0.0) for n in names)], self._device()
+                )
+                loss_sum, totals = summed[0], dict(zip(names, summed[1:], strict=True))
             if cfg.max_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             else:
@@ -704,12 +814,23 @@ class GTPOTrainer:
             totals["grad_norm"] = float(norm)
         return totals
 
+    def _stat_names(self) -> list[str]:
+        """The statistics :func:`turnrl.kernels.gtpo_loss` reports under this config."""
+        names = ["clip_frac", "approx_kl", "entropy", "ratio_mean"]
+        if self.config.dual_clip is not None:
+            names.append("dual_clip_frac")
+        if self.config.beta:
+            names.append("ref_kl")
+        return names
+
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """Update the policy on one batch; returns mean loss and loss statistics.
 
         Statistics are token-weighted over the batch (``clip_frac``,
         ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term)
-        plus ``grad_norm`` (before clipping) and ``loss`` of the last epoch.
+        plus ``grad_norm`` (before clipping), ``loss`` of the last epoch and
+        ``trained_tokens``; under data parallelism, over every rank's batch
+        (each rank gets the same figures).
 
         The LM head runs only at the positions that predict a trained token
         (the decoder still sees every token): prompts, tool results and user
@@ -724,6 +845,12 @@ class GTPOTrainer:
             if cfg.agg == "dr_grpo"
             else int(batch.loss_mask[:, 1:].any(dim=1).sum())
         )
+        padded = batch.input_ids.shape[1]
+        if self.world_size > 1:
+            tokens, sequences = _all_reduce([global_tokens, global_sequences], self._device())
+            global_tokens, global_sequences = int(tokens), int(sequences)
+            # dr_grpo's default length is that of the rows of all ranks padded together.
+            padded = int(_all_reduce([padded], self._device(), op="max")[0])
         if global_tokens == 0:
             raise InvalidInputError("the batch has no trained tokens")
         micro = self._micro_batches(batch)
@@ -754,7 +881,7 @@ class GTPOTrainer:
                     attention_dropout.append((module, rate))
                     module.attention_dropout = 0.0
             # dr_grpo divides by a constant length, not the token count.
-            max_len = cfg.max_len if cfg.max_len is not None else batch.input_ids.shape[1] - 1
+            max_len = cfg.max_len if cfg.max_len is not None else padded - 1
             totals = self._update(micro, old, ref, max_len, global_tokens, global_sequences)
         finally:
             for module, rate in attention_dropout:
@@ -884,6 +1011,15 @@ def train_loop(
     :func:`build_batch`.
     Returns each step's stats, with ``success_rate``, ``episodes`` and
     ``failed_episodes`` added.
+
+    Data parallel (every rank of a ``torchrun`` job calls this with its own
+    replica and engine): every rank draws the same tasks and collects the
+    groups of its share (task ``j`` of the step goes to rank ``j % world
+    size``, so ``tasks_per_step`` must be at least the world size), writes
+    them to ``buffer_dir/step-N.rank-R.jsonl``, and the trainer sums the
+    update over the ranks. Stats are the whole step's on every rank (and
+    ``on_step`` runs on every rank: write files from one). Rank 0 alone
+    saves the checkpoint; every rank waits for it before ``after_update``.
     """
     from turnrl.collect import collect_rollouts
     from turnrl.rollouts import iter_rollout_records
@@ -895,11 +1031,19 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    rank, world = _world()
+    if tasks_per_step < world:
+        raise InvalidInputError(
+            f"tasks_per_step ({tasks_per_step}) must be at least the number of ranks ({world}): "
+            "each rank collects whole groups"
+        )
+    device = trainer._device()
+    # The same seed on every rank: the ranks agree on the tasks of each step.
     rng = np.random.default_rng([seed, first_step])
     order: list[Any] = []
     history: list[dict[str, float]] = []
     bar: Any = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", desc=f"train {domain.name}")
@@ -916,42 +1060,61 @@ def train_loop(
                 else contextlib.nullcontext(str(buffer_dir))
             )
             with keep as folder:
-                out = Path(folder) / f"step-{step}.jsonl"
+                name = f"step-{step}.jsonl" if world == 1 else f"step-{step}.rank-{rank}.jsonl"
+                out = Path(folder) / name
                 summary = collect_rollouts(
                     domain,
                     make_agent,
                     make_user,
                     out,
-                    tasks=chosen,
+                    tasks=chosen[rank::world],
                     samples=group_size,
                     tiers=tiers,
                     workers=workers,
                     group_prefix=f"step-{step}/",
                     progress=False,
                 )
-                if not summary.records:
-                    first = summary.failures[0][2] if summary.failures else "none ran"
-                    raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
-                records = list(iter_rollout_records(out))
-            batch = build_batch(
-                records,
-                tokenizer,
-                system=domain.policy,
-                tools=domain.openai_tools(),
-                estimator=estimator,
-                estimator_params=estimator_params,
-                max_length=max_length,
-                chat_template_kwargs=chat_template_kwargs,
-                mask_truncated=mask_truncated,
-                pack=pack,
+                records = list(iter_rollout_records(out)) if summary.records else []
+            episodes, failed, successes = (
+                float(summary.records),
+                float(len(summary.failures)),
+                float(sum(summary.outcomes)),
+            )
+            if world > 1:
+                episodes, failed, successes = _all_reduce([episodes, failed, successes], device)
+            if not episodes:
+                first = summary.failures[0][2] if summary.failures else "none ran here"
+                raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
+            batch = (
+                build_batch(
+                    records,
+                    tokenizer,
+                    system=domain.policy,
+                    tools=domain.openai_tools(),
+                    estimator=estimator,
+                    estimator_params=estimator_params,
+                    max_length=max_length,
+                    chat_template_kwargs=chat_template_kwargs,
+                    mask_truncated=mask_truncated,
+                    pack=pack,
+                )
+                if records
+                else TrainBatch.empty()
             )
             stats = trainer.step(batch)
-            stats["rows_per_episode"] = batch.num_rows / len(records)
-            stats["success_rate"] = summary.success_rate
-            stats["episodes"] = float(summary.records)
-            stats["failed_episodes"] = float(len(summary.failures))
-            if checkpoint is not None:
+            rows = float(batch.num_rows)
+            if world > 1:
+                (rows,) = _all_reduce([rows], device)
+            stats["rows_per_episode"] = rows / episodes
+            stats["success_rate"] = successes / episodes
+            stats["episodes"] = episodes
+            stats["failed_episodes"] = failed
+            if checkpoint is not None and rank == 0:
                 trainer.save(checkpoint, state={"step": step})
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()  # after_update may load the checkpoint on every rank
             if after_update is not None:
                 after_update()
             history.append(stats)

