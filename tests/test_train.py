@@ -605,6 +605,9 @@ def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
             generated.append(nxt)
     assert alone[1].text == tok.decode(generated)
     assert alone[1].truncated == (len(generated) == 6)
+    # The sampled ids, with the end token the generation stopped on.
+    assert alone[1].token_ids == tuple(generated + ([] if alone[1].truncated else [nxt]))
+    assert all(c.token_ids is not None for c in together)
 
 
 def test_vllm_engine_calls_vllms_public_api(monkeypatch):
@@ -622,7 +625,11 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
             reasons = ["stop", "length"]
             return [
                 types.SimpleNamespace(
-                    outputs=[types.SimpleNamespace(text="hello", finish_reason=reasons[i % 2])]
+                    outputs=[
+                        types.SimpleNamespace(
+                            text="hello", finish_reason=reasons[i % 2], token_ids=[7, i]
+                        )
+                    ]
                 )
                 for i in range(len(messages))
             ]
@@ -649,8 +656,8 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
     assert seen["init"] == {"model": "/models/base", "enable_lora": True, "max_lora_rank": 16}
     chat = [{"role": "user", "content": "a"}]
     assert engine.generate([chat, chat], TOOLS) == [
-        Completion("hello"),
-        Completion("hello", truncated=True),  # finish_reason "length"
+        Completion("hello", token_ids=(7, 0)),
+        Completion("hello", truncated=True, token_ids=(7, 1)),  # finish_reason "length"
     ]
     _, sampling, kwargs = seen["chat"]
     assert sampling.kwargs["skip_special_tokens"] is False and sampling.kwargs["max_tokens"] == 32
@@ -1165,3 +1172,136 @@ def test_records_without_a_group_are_grouped_by_task(tok):
     )
     np.testing.assert_allclose(batch.turn_advantages, expected)
     assert np.abs(expected).max() > 0
+
+
+def _char_ids(tok, text: str) -> list[int]:
+    """Ids of ``text`` one character at a time: a tokenization a sampler can draw,
+    not the one encoding the text gives."""
+    return [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
+
+
+def _turn_ids(tokens, k):
+    return [
+        i
+        for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True)
+        for i, o in zip(ids, owner, strict=True)
+        if o == k
+    ]
+
+
+@pytest.mark.parametrize("pack", ["exact", "never", "rendered"])
+def test_turns_are_trained_on_their_sampled_ids(tok, pack):
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    texts = ["Let me\n\n check that.", "Done:\n\n all   set."]
+    record = _record(random.Random(4), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": texts[0], "completion": texts[0]},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": texts[1], "completion": texts[1]},
+    ]
+    sampled = [[*_char_ids(tok, t), end] for t in texts]
+    assert all(s != tok(t + "<|im_end|>")["input_ids"] for s, t in zip(sampled, texts, strict=True))
+    plain = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+    for turn, ids in zip(record["turns"][1::2], sampled, strict=True):
+        turn["completion_ids"] = ids
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+    # Rendered packing trains the first turn on its rendering, which has no sampled ids.
+    own = [pack != "rendered", True]
+    for k in (0, 1):
+        assert _turn_ids(tokens, k) == (sampled[k] if own[k] else _turn_ids(plain, k))
+    assert (tokens.sampled_turns, tokens.refused_ids) == (sum(own), 0)
+    # Each turn still follows exactly its prompt's ids: with the first turn's
+    # ids off the encoding, the conversation cannot be one exact row.
+    for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+        for k in sorted(set(owner) - {-1}):
+            if k == 1 or not tokens.packed:
+                start = owner.index(k)
+                assert ids[:start] == tok(_prompt(tok, record, k), add_special_tokens=False)[
+                    "input_ids"
+                ] or (pack == "rendered" and k == 1)
+    if pack == "exact":
+        assert not tokens.packed and plain.packed
+
+
+def test_sampled_ids_that_are_not_the_text_are_refused(tok):
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    record = _record(random.Random(4), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Sure.", "completion": "Sure."},
+    ]
+    expected = tok("Sure.<|im_end|>", add_special_tokens=False)["input_ids"]
+    for wrong in (
+        _char_ids(tok, "Sure."),  # the end token missing
+        [*_char_ids(tok, "Sure!"), end],
+        [10**9],  # not in the vocabulary
+        ["S", end],
+    ):
+        record["turns"][1]["completion_ids"] = wrong
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+        assert _turn_ids(tokens, 0) == expected
+        assert (tokens.sampled_turns, tokens.refused_ids) == (0, 1)
+    # Truncated: no end token was sampled, and none is expected.
+    record["turns"][1].update(truncated=True, completion_ids=_char_ids(tok, "Sure."))
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+    assert _turn_ids(tokens, 0) == _char_ids(tok, "Sure.") and tokens.sampled_turns == 1
+
+
+def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, tok, base_model):
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    call = {"name": "get_user_details", "arguments": {"user_id": task.user_id}}
+    reply = f"<tool_call>{json.dumps(call)}</tool_call>"
+
+    class CharSampler:
+        """Samples a call, then an answer, one character per token."""
+
+        def generate(self, conversations, tools=None):
+            out = []
+            for c in conversations:
+                text = reply if c[-1]["role"] == "user" else "Found  you.\n\nAnything else?"
+                out.append(Completion(text, token_ids=tuple([*_char_ids(tok, text), end])))
+            return out
+
+    batches = []
+
+    class Recording(GTPOTrainer):
+        def step(self, batch):
+            batches.append(batch)
+            return super().step(batch)
+
+    model = _lora(base_model)
+    trainer = Recording(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+    history = train_loop(
+        trainer,
+        domain,
+        lambda: EngineAgent(CharSampler()),
+        envs.ScriptedUser,
+        tok,
+        tasks=[task.id],
+        steps=1,
+        tasks_per_step=1,
+        group_size=2,
+        buffer_dir=tmp_path / "buffers",
+        progress=False,
+    )
+    (batch,) = batches
+    records = list(turnrl.iter_rollout_records(tmp_path / "buffers" / "step-0.jsonl"))
+    turns = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
+    assert turns and all("completion_ids" not in t for t in turns)  # buffers hold text
+    assert batch.sampled_turns == len(turns) and history[0]["refused_completion_ids"] == 0
+    trained = [
+        [int(i) for i, m in zip(row, mask, strict=True) if m]
+        for row, mask in zip(batch.input_ids, batch.loss_mask, strict=True)
+    ]
+    # Every trained token is one the sampler drew: the char-level ids, which
+    # encoding the same texts would have merged.
+    drawn = [[*_char_ids(tok, reply), end], [*_char_ids(tok, "Found  you.\n\nAnything else?"), end]]
+    flat = [i for row in trained for i in row]
+    assert sorted(flat) == sorted(i for t in turns for i in drawn[0 if t.get("tool_calls") else 1])

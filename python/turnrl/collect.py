@@ -38,6 +38,9 @@ class CollectSummary:
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     #: Why the episodes not yet started were cancelled; None if all ran.
     aborted: str | None = None
+    #: The written records as they were in memory, sampled token ids
+    #: (``completion_ids``) included, when ``keep_records`` was asked for.
+    kept: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def success_rate(self) -> float:
@@ -89,6 +92,7 @@ def collect_rollouts(
     max_consecutive_failures: int | None = 16,
     progress: bool = True,
     summary: CollectSummary | None = None,
+    keep_records: bool = False,
 ) -> CollectSummary:
     """Run ``samples`` episodes of each task and write them to the buffer ``out``.
 
@@ -115,6 +119,11 @@ def collect_rollouts(
 
     ``summary`` (optional) is filled in place, so a caller still has it when
     an interrupt propagates.
+
+    The sampled token ids an agent keeps on its turns (``completion_ids``)
+    are not written: buffers hold text. With ``keep_records``, the records
+    written are also kept in ``summary.kept`` with their ids, for training
+    on them in the same process (:func:`turnrl.train.train_loop`).
 
     The buffer is written atomically (see :class:`turnrl.RolloutWriter`), its
     folder created if need be.
@@ -168,10 +177,12 @@ def collect_rollouts(
             summary.failures.append((task_id, sample, f"{type(e).__name__}: {e}"))
             return True
         try:
-            writer.write(record)
+            writer.write(_without_token_ids(record))
         except InvalidInputError as e:  # a record the buffer format refuses
             summary.failures.append((task_id, sample, f"not written: {e}"))
             return True
+        if keep_records:
+            summary.kept.append(record)
         summary.records += 1
         summary.outcomes.append(float(record["outcome"]))
         summary.stop_reasons[record["meta"]["stop_reason"]] += 1
@@ -214,6 +225,14 @@ def collect_rollouts(
     pool.shutdown(wait=True)
     _finish(writer, summary)
     return summary
+
+
+def _without_token_ids(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without its turns' ``completion_ids`` (a copy only when it has some)."""
+    if not any("completion_ids" in t for t in record["turns"]):
+        return record
+    turns = [{k: v for k, v in t.items() if k != "completion_ids"} for t in record["turns"]]
+    return {**record, "turns": turns}
 
 
 def _finish(writer: Any, summary: CollectSummary) -> None:

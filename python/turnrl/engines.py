@@ -3,8 +3,8 @@
 An engine turns chats into completions: ``engine.generate(conversations,
 tools) -> list[Completion]`` (or plain strings), one raw completion text per
 chat (the tokens after the chat template's generation prompt, up to and
-without the end-of-turn token), and whether the generation was cut at the
-token limit. Two engines share that interface:
+without the end-of-turn token), whether the generation was cut at the
+token limit, and the token ids it sampled. Two engines share that interface:
 
 * :class:`TransformersEngine`: the training model itself (``model.generate``),
   so rollouts always come from the current weights; for small models, tests
@@ -38,13 +38,20 @@ Tools = Sequence[Mapping[str, Any]] | None
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-    """One generation: its raw text, whether it stopped at the token limit, and
+    """One generation: its raw text, whether it stopped at the token limit,
     the end token it stopped on when that was not the tokenizer's ``eos_token``
-    (Llama 3's ``<|eom_id|>``; None otherwise), which training appends."""
+    (Llama 3's ``<|eom_id|>``; None otherwise), which training appends, and
+    the token ids sampled (the end token included; None when unknown).
+
+    Training uses ``token_ids`` instead of encoding the text again, which can
+    give other ids: a sampler may draw ``"\n"`` twice where the tokenizer
+    encodes ``"\n\n"`` as one token.
+    """
 
     text: str
     truncated: bool = False
     stop: str | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 class Engine(Protocol):
@@ -169,11 +176,17 @@ class TransformersEngine:
             end = next((i for i, t in enumerate(row) if t in stops), None)
             if end is None:
                 text = tok.decode(row, skip_special_tokens=False)
-                completions.append(Completion(text, truncated=True))
+                completions.append(Completion(text, truncated=True, token_ids=tuple(row)))
                 continue
             text = tok.decode(row[:end], skip_special_tokens=False)
             stop = tok.decode([row[end]], skip_special_tokens=False)
-            completions.append(Completion(text, stop=None if stop == tok.eos_token else stop))
+            completions.append(
+                Completion(
+                    text,
+                    stop=None if stop == tok.eos_token else stop,
+                    token_ids=tuple(row[: end + 1]),
+                )
+            )
         return completions
 
 
@@ -237,15 +250,19 @@ class VLLMEngine:
         return [self._completion(o.outputs[0]) for o in outputs]
 
     def _completion(self, output: Any) -> Completion:
+        # Training checks that the ids decode to the text and its end token
+        # before it uses them (turnrl.train.tokenize_rollout).
+        ids = getattr(output, "token_ids", None)
+        token_ids = tuple(int(i) for i in ids) if ids is not None else None
         if output.finish_reason == "length":
-            return Completion(output.text, truncated=True)
+            return Completion(output.text, truncated=True, token_ids=token_ids)
         # stop_reason: None for the end-of-sequence token, else the stop
         # token's id (or a stop string, which is not generated text).
         reason = getattr(output, "stop_reason", None)
         stop = None
         if isinstance(reason, int):
             stop = self.llm.get_tokenizer().decode([reason], skip_special_tokens=False)
-        return Completion(output.text, stop=stop)
+        return Completion(output.text, stop=stop, token_ids=token_ids)
 
 
 class _Request:
@@ -262,16 +279,14 @@ class _Request:
 class EngineAgent:
     """A ``run_episode`` agent on an :class:`Engine`, batching concurrent episodes.
 
-    Each call renders nothing itself: the engine gets the chat and the tool
-    schemas, and the completion is parsed with
-    :func:`turnrl.envs.agents.reply_from_text` (``fmt`` as
-    :func:`turnrl.parse_tool_calls`); the raw completion is kept in the
-    reply for training, with ``truncated`` when the generation hit the
-    token limit. Calls from several threads are gathered: while one
-    ``generate`` runs, the requests that arrive wait, and the first of them
-    to wake takes them all (at most ``max_batch``) into the next one; a
-    request that is answered returns at once. An engine error is raised in
-    every episode whose request was in that batch.
+    Each call renders nothing itself: the engine gets the chat and the tool schemas, and the
+    completion is parsed with :func:`turnrl.envs.agents.reply_from_text` (``fmt`` as
+    :func:`turnrl.parse_tool_calls`); the raw completion is kept in the reply for training, with
+    ``truncated`` when the generation hit the token limit and ``completion_ids`` when the engine
+    gave its ids. Calls from several threads are gathered: while one ``generate`` runs, the
+    requests that arrive wait, and the first of them to wake takes them all (at most
+    ``max_batch``) into the next one; a request that is answered returns at once. An engine
+    error is raised in every episode whose request was in that batch.
     """
 
     def __init__(self, engine: Engine, *, fmt: str = "auto", max_batch: int = 64) -> None:
@@ -324,6 +339,8 @@ class EngineAgent:
             reply["truncated"] = True
         if request.result.stop is not None:
             reply["completion_end"] = request.result.stop
+        if request.result.token_ids is not None:
+            reply["completion_ids"] = list(request.result.token_ids)
         return reply
 
     def _run(self, batch: list[_Request]) -> None:

@@ -182,11 +182,16 @@ class TokenizedRollout:
     ``input_ids[r]`` is row r; ``token_turn[r][t]`` the assistant turn (index
     among the record's assistant turns) that generated token t, or -1.
     ``packed`` is True when the whole conversation is one row.
+    ``sampled_turns`` counts the turns trained on the token ids the policy
+    sampled (``completion_ids``); ``refused_ids`` those whose ids did not
+    decode to their text, which were encoded from the text instead.
     """
 
     input_ids: list[list[int]]
     token_turn: list[list[int]]
     packed: bool
+    sampled_turns: int = 0
+    refused_ids: int = 0
 
     @property
     def num_trained(self) -> int:
@@ -232,6 +237,14 @@ def tokenize_rollout(
     ``truncated``. Without a completion, it is what the chat template renders
     for the turn (content, reasoning, tool calls) up to and including the
     tokenizer's ``eos_token``.
+
+    A turn's ``completion_ids`` (the ids the policy sampled, which
+    :class:`turnrl.engines.EngineAgent` keeps on records in memory) are its
+    tokens when they decode to that text, end token included: encoding the
+    text again can give other ids than were sampled (``"\n\n"`` as one
+    token where two ``"\n"`` were drawn), which would train the policy on a
+    sequence it did not generate. A conversation is packed into one row only
+    when the next prompt's ids still follow the sampled ones.
     """
     messages = rollout_messages(record, system)
     kwargs = dict(chat_template_kwargs or {})
@@ -284,6 +297,21 @@ def tokenize_rollout(
         prompts.append(prompt)
         completions.append(completion)
 
+    sampled: list[list[int] | None] = [None] * len(turns)
+    refused = 0
+    for k, turn in enumerate(turns):
+        ids = turn.get("completion_ids")
+        if not isinstance(turn.get("completion"), str) or not isinstance(ids, list) or not ids:
+            continue
+        try:
+            decoded = tokenizer.decode(ids, skip_special_tokens=False)
+        except (TypeError, ValueError, OverflowError):
+            decoded = None
+        if decoded == completions[k] and all(type(i) is int for i in ids):
+            sampled[k] = ids
+        else:
+            refused += 1
+
     encoded: dict[str, list[int]] = {}
 
     def encode(text: str) -> list[int]:
@@ -301,19 +329,36 @@ def tokenize_rollout(
         trained = (
             _rendered_turns(prompts, completions, eos, cut) if mode == "rendered" else completions
         )
+        # Rendered packing trains earlier turns on the tokens later prompts show
+        # them as, which are the text's encoding, not what was sampled.
+        last = len(prompts) - 1
+        own = [
+            ids is not None and (mode == "exact" or k == last) and t == c
+            for k, (ids, t, c) in enumerate(zip(sampled, trained, completions, strict=True))
+        ]
+        bodies = [
+            ids if mine and ids is not None else encode(text)
+            for ids, text, mine in zip(sampled, trained, own, strict=True)
+        ]
         # exact: every turn's context must be its prompt's ids; rendered: the last one's.
         packed = _pack(
-            prompts, trained, encode, check_from=1 if mode == "exact" else len(prompts) - 1
+            prompts,
+            trained,
+            bodies,
+            encode,
+            check_from=1 if mode == "exact" else last,
         )
         if packed is not None:
-            return TokenizedRollout([packed[0]], [packed[1]], packed=True)
+            return TokenizedRollout([packed[0]], [packed[1]], True, sum(own), refused)
     rows: list[list[int]] = []
     owners: list[list[int]] = []
     for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        head, body = encode(prompt), encode(completion)
+        head = encode(prompt)
+        body = sampled[k] if sampled[k] is not None else encode(completion)
         rows.append(head + body)
         owners.append([-1] * len(head) + [k] * len(body))
-    return TokenizedRollout(rows, owners, packed=False)
+    used = sum(ids is not None for ids in sampled)
+    return TokenizedRollout(rows, owners, False, used, refused)
 
 
 def _rendered_turns(
@@ -335,11 +380,13 @@ def _rendered_turns(
 def _pack(
     prompts: list[str],
     completions: list[str],
+    bodies: list[list[int]],
     encode: Callable[[str], list[int]],
     check_from: int = 1,
 ) -> tuple[list[int], list[int]] | None:
     """One row for the whole conversation, or None when some turn's context in it
-    would not be the token ids its prompt encodes to."""
+    would not be the token ids its prompt encodes to. ``bodies`` are the
+    completions' ids."""
     so_far = ""
     ids: list[int] = []
     owner: list[int] = []
@@ -351,7 +398,7 @@ def _pack(
         # prompt encoded whole, and BPE can merge across a piece boundary.
         if k >= max(check_from, 1) and ids != encode(prompt):
             return None
-        body = encode(completion)
+        body = bodies[k]
         owner += [-1] * (len(ids) - len(owner)) + [k] * len(body)
         ids += body
         so_far = prompt + completion
@@ -379,6 +426,10 @@ class TrainBatch:
     outcome: np.ndarray
     truncated_rows: int
     """Rows cut at ``max_length`` (their later tokens are not trained)."""
+    sampled_turns: int = 0
+    """Turns trained on their sampled token ids (see :func:`tokenize_rollout`)."""
+    refused_ids: int = 0
+    """Turns whose sampled ids did not decode to their text (encoded from text instead)."""
 
     @classmethod
     def empty(cls) -> TrainBatch:
@@ -472,7 +523,7 @@ def build_batch(
     rows: list[list[int]] = []
     row_turns: list[list[int]] = []
     row_trajectory: list[int] = []
-    truncated = 0
+    truncated = sampled_turns = refused_ids = 0
     for i, record in enumerate(records):
         prompt = system(record) if callable(system) else system
         tokens = tokenize_rollout(
@@ -483,6 +534,8 @@ def build_batch(
             chat_template_kwargs=chat_template_kwargs,
             pack=pack,
         )
+        sampled_turns += tokens.sampled_turns
+        refused_ids += tokens.refused_ids
         cut = cut_turns[i] if mask_truncated else set()
         for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
             if cut:
@@ -521,6 +574,8 @@ def build_batch(
         turn_offsets=offsets,
         outcome=outcome,
         truncated_rows=truncated,
+        sampled_turns=sampled_turns,
+        refused_ids=refused_ids,
     )
 
 
@@ -1009,8 +1064,12 @@ def train_loop(
     (a resumed run continues its numbering, so its buffers and groups do not
     take the earlier run's names). ``mask_truncated`` and ``pack`` as
     :func:`build_batch`.
-    Returns each step's stats, with ``success_rate``, ``episodes`` and
-    ``failed_episodes`` added.
+    Returns each step's stats, with ``success_rate``, ``episodes``,
+    ``failed_episodes``, ``rows_per_episode`` and ``refused_completion_ids``
+    added. The batch is built from the records in memory, so turns are
+    trained on the token ids the engine sampled (the buffer files hold text
+    only); ``refused_completion_ids`` counts turns whose ids did not decode
+    to their text and were encoded from it instead.
 
     Data parallel (every rank of a ``torchrun`` job calls this with its own
     replica and engine): every rank draws the same tasks and collects the
@@ -1022,7 +1081,6 @@ def train_loop(
     saves the checkpoint; every rank waits for it before ``after_update``.
     """
     from turnrl.collect import collect_rollouts
-    from turnrl.rollouts import iter_rollout_records
 
     if steps < 1 or tasks_per_step < 1 or group_size < 1:
         raise InvalidInputError("steps, tasks_per_step and group_size must be at least 1")
@@ -1073,8 +1131,9 @@ def train_loop(
                     workers=workers,
                     group_prefix=f"step-{step}/",
                     progress=False,
+                    keep_records=True,  # with the sampled token ids the buffer leaves out
                 )
-                records = list(iter_rollout_records(out)) if summary.records else []
+                records = summary.kept
             episodes, failed, successes = (
                 float(summary.records),
                 float(len(summary.failures)),
@@ -1102,10 +1161,12 @@ def train_loop(
                 else TrainBatch.empty()
             )
             stats = trainer.step(batch)
-            rows = float(batch.num_rows)
+            rows, refused = float(batch.num_rows), float(batch.refused_ids)
             if world > 1:
-                (rows,) = _all_reduce([rows], device)
+                rows, refused = _all_reduce([rows, refused], device)
             stats["rows_per_episode"] = rows / episodes
+            # Sampled ids that did not decode to their text: an engine to look at.
+            stats["refused_completion_ids"] = refused
             stats["success_rate"] = successes / episodes
             stats["episodes"] = episodes
             stats["failed_episodes"] = failed

@@ -97,6 +97,12 @@ def run_episode(
     turn, None for non-assistant turns), else from ``turnrl.label_tiers`` when
     it exists, else stay None. ``tier_rewards`` maps a tier to the per-turn
     reward written beside it.
+
+    Assistant turns keep what an agent gives for training: the raw
+    ``completion`` text, ``truncated``, ``completion_end`` and the sampled
+    ``completion_ids`` (:class:`turnrl.engines.EngineAgent`). The ids are for
+    training on the record in memory (:func:`turnrl.train.train_loop`);
+    :func:`turnrl.collect.collect_rollouts` leaves them out of buffers.
     """
     task = domain.task(task)
     rules = domain.rules
@@ -156,6 +162,10 @@ def run_episode(
             if isinstance(reply.get("completion_end"), str):
                 # Stopped on another end token than the tokenizer's eos.
                 turn["completion_end"] = reply["completion_end"]
+            ids = reply.get("completion_ids")
+            if isinstance(ids, list) and all(type(i) is int for i in ids):
+                # The sampled ids, for training in memory; buffers leave them out.
+                turn["completion_ids"] = ids
         if record_calls:
             turn["tool_calls"] = record_calls
             # The ids the agent is shown, so training re-renders the same chat.
