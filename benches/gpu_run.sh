@@ -4,6 +4,8 @@
 #   bash benches/gpu_run.sh prepare   # here: the wheels to carry, into .whl/ (ignored by git)
 #   bash benches/gpu_run.sh device    # there: run(command="bash benches/gpu_run.sh device",
 #                                     #            carry=[".whl"])
+#   bash benches/gpu_run.sh train ... # there: benches/gpu_train_step.py (a LoRA step)
+#   bash benches/gpu_run.sh micro ... # there: benches/bench_micro_batches.py --device cuda
 #
 # `prepare` builds the turnrl wheel (the abi3 feature, so the GPU machine's Python 3.12
 # takes it) and downloads liger-kernel, the one package the GPU image lacks
@@ -46,6 +48,16 @@ train)
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
     python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
+    ;;
+micro)
+    # there: run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"])
+    out="${OUT:-/tmp/gpu-out}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
+    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    python3 benches/bench_micro_batches.py --device cuda "${@:2}" 2>&1 | tee "$out/micro.log"
     ;;
 device)
     out="${OUT:-/tmp/gpu-out}"

@@ -15,6 +15,8 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -31,6 +33,7 @@ from turnrl.train import (  # noqa: E402
     GTPOConfig,
     GTPOTrainer,
     build_batch,
+    plan_micro_batches,
     rollout_messages,
     save_adapter,
     tokenize_rollout,
@@ -332,14 +335,22 @@ def _reference_loss(model, batch, cfg):
         ("token_mean", 5, 0.05, 0.01),
         ("seq_mean_token_mean", 2, 0.0, 0.01),
         ("dr_grpo", 3, 0.05, 0.0),
+        ("token_mean", "tokens", 0.0, 0.01),  # micro-batches by a padded-token budget
+        ("dr_grpo", "tokens", 0.0, 0.0),
     ],
 )
 def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, beta, entropy_coef):
     rng = random.Random(13)
     records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    # A row with nothing to train (all its turns masked) still counts for dr_grpo.
+    batch.loss_mask[1] = False
+    batch.advantages[1] = 0.0
+    lengths = batch.attention_mask.sum(dim=1)
+    budget = int(lengths.max()) + int(lengths.min())  # rows of different counts per micro-batch
     cfg = GTPOConfig(
-        micro_batch_size=micro,
+        micro_batch_size=micro if isinstance(micro, int) else 4,
+        micro_batch_tokens=budget if micro == "tokens" else None,
         beta=beta,
         entropy_coef=entropy_coef,
         temperature=0.7,
@@ -1305,3 +1316,27 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
     drawn = [[*_char_ids(tok, reply), end], [*_char_ids(tok, "Found  you.\n\nAnything else?"), end]]
     flat = [i for row in trained for i in row]
     assert sorted(flat) == sorted(i for t in turns for i in drawn[0 if t.get("tool_calls") else 1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(2, 50), st.integers(0, 3)), max_size=12),
+    st.integers(1, 5),
+    st.one_of(st.none(), st.integers(1, 120)),
+)
+def test_micro_batches_hold_every_trained_row_once_within_their_budget(rows, size, tokens):
+    lengths = [n for n, _ in rows]
+    trained = [t for _, t in rows]
+    plan = plan_micro_batches(lengths, trained, rows=size, tokens=tokens)
+    placed = [r for group in plan for r in group]
+    assert sorted(placed) == [r for r in range(len(rows)) if trained[r] > 0]
+    for group in plan:
+        longest = max(lengths[r] for r in group)
+        assert lengths[group[0]] == longest
+        if tokens is None:
+            assert len(group) <= size
+        else:
+            assert len(group) == 1 or len(group) * longest <= tokens
+    # Longest first: no later micro-batch holds a longer row than an earlier one's first.
+    firsts = [lengths[g[0]] for g in plan]
+    assert firsts == sorted(firsts, reverse=True)

@@ -391,6 +391,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
         GTPOConfig(
             micro_batch_size=args.micro_batch_size,
+            micro_batch_tokens=args.micro_batch_tokens,
             ppo_epochs=args.ppo_epochs,
             eps_low=args.eps_low,
             eps_high=args.eps_high,
@@ -757,6 +758,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="rows per forward/backward (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--micro-batch-tokens",
+        type=int,
+        help="instead of --micro-batch-size: padded tokens per forward/backward (rows x the "
+        "longest), rows grouped longest first",
     )
     tr.add_argument(
         "--ppo-epochs",

@@ -69,6 +69,7 @@ __all__ = [
     "TrainBatch",
     "build_batch",
     "load_policy",
+    "plan_micro_batches",
     "plot_history",
     "recover_adapter",
     "rollout_messages",
@@ -585,6 +586,10 @@ class GTPOConfig:
 
     micro_batch_size: int = 4
     """Rows per forward/backward; gradients accumulate over the batch."""
+    micro_batch_tokens: int | None = None
+    """Instead of ``micro_batch_size``: at most this many padded tokens (rows x
+    the longest of them) per forward/backward, as verl's dynamic batch size
+    (a row longer than this is a micro-batch of its own)."""
     ppo_epochs: int = 1
     """Optimizer steps on one batch (the first is on-policy: ratio 1)."""
     eps_low: float = 0.2
@@ -607,6 +612,10 @@ class GTPOConfig:
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
             raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise InvalidInputError(
+                f"micro_batch_tokens must be at least 1, got {self.micro_batch_tokens}"
+            )
         if self.max_len is not None and self.max_len < 1:
             raise InvalidInputError(f"max_len must be at least 1, got {self.max_len}")
 
@@ -628,9 +637,10 @@ class _MicroBatch:
     advantages: torch.Tensor
 
     @classmethod
-    def take(cls, batch: TrainBatch, rows: slice, device: torch.device) -> _MicroBatch:
+    def take(cls, batch: TrainBatch, row_list: Sequence[int], device: torch.device) -> _MicroBatch:
         import torch
 
+        rows = torch.as_tensor(list(row_list), dtype=torch.long)
         # Rows are right-padded to the batch's longest: cut to this micro-batch's.
         length = max(int(batch.attention_mask[rows].sum(dim=1).max()), 2)
         ids = batch.input_ids[rows, :length]
@@ -650,6 +660,40 @@ class _MicroBatch:
             targets=targets.to(device),
             advantages=advantages.to(device),
         )
+
+
+def plan_micro_batches(
+    lengths: Sequence[int],
+    trained: Sequence[int],
+    *,
+    rows: int = 4,
+    tokens: int | None = None,
+) -> list[list[int]]:
+    """Which rows go through the model together: lists of row indices.
+
+    Rows with no trained token are left out (their loss is zero, and every
+    aggregation's denominator is counted over the whole batch beforehand).
+    The others go longest first, so each micro-batch pads to rows of about
+    its own length: ``rows`` at a time, or with ``tokens``, as many as fit in
+    that many padded tokens (rows x the longest), at least one. The order
+    changes no sum but for floating-point rounding.
+    """
+    if len(lengths) != len(trained):
+        raise InvalidInputError("lengths and trained counts must have one entry per row")
+    order = sorted((r for r in range(len(lengths)) if trained[r] > 0), key=lambda r: -lengths[r])
+    plan: list[list[int]] = []
+    for r in order:
+        current = plan[-1] if plan else None
+        fits = current is not None and (
+            len(current) < rows
+            if tokens is None
+            else (len(current) + 1) * lengths[current[0]] <= tokens
+        )
+        if fits and current is not None:
+            current.append(r)
+        else:
+            plan.append([r])
+    return plan
 
 
 def _base_model(model: Any) -> Any:
@@ -806,12 +850,14 @@ class GTPOTrainer:
         return next(self.model.parameters()).device
 
     def _micro_batches(self, batch: TrainBatch) -> list[_MicroBatch]:
-        size = self.config.micro_batch_size
+        plan = plan_micro_batches(
+            batch.attention_mask.sum(dim=1).tolist(),
+            batch.loss_mask[:, 1:].sum(dim=1).tolist(),
+            rows=self.config.micro_batch_size,
+            tokens=self.config.micro_batch_tokens,
+        )
         device = self._device()
-        return [
-            _MicroBatch.take(batch, slice(s, min(s + size, batch.num_rows)), device)
-            for s in range(0, batch.num_rows, size)
-        ]
+        return [_MicroBatch.take(batch, rows, device) for rows in plan]
 
     def _trained_hidden(self, model: Any, micro: _MicroBatch) -> tuple[Any, Any]:
         """Hidden states at the trained positions ([R, T', H]) and the LM head."""
