@@ -324,6 +324,8 @@ def _reference_loss(model, batch, cfg):
     if cfg.agg == "seq_mean_token_mean":
         has = mask.sum(1) > 0
         return (loss.sum(1)[has] / mask.sum(1)[has]).mean()
+    if cfg.agg == "seq_mean_token_sum":
+        return loss.sum(1)[mask.sum(1) > 0].mean()
     assert cfg.agg == "dr_grpo"
     return loss.sum() / (mask.shape[0] * mask.shape[1])
 
@@ -337,16 +339,19 @@ def _reference_loss(model, batch, cfg):
         ("dr_grpo", 3, 0.05, 0.0),
         ("token_mean", "tokens", 0.0, 0.01),  # micro-batches by a padded-token budget
         ("dr_grpo", "tokens", 0.0, 0.0),
+        ("seq_mean_token_sum", "tokens", 0.05, 0.0),
     ],
 )
 def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, beta, entropy_coef):
     rng = random.Random(13)
     records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
-    # A row with nothing to train (all its turns masked) still counts for dr_grpo.
-    batch.loss_mask[1] = False
-    batch.advantages[1] = 0.0
+    # A row with nothing to train (all its turns masked) still counts for dr_grpo,
+    # and as the longest row it sets dr_grpo's padded length.
     lengths = batch.attention_mask.sum(dim=1)
+    longest = int(lengths.argmax())
+    batch.loss_mask[longest] = False
+    batch.advantages[longest] = 0.0
     budget = int(lengths.max()) + int(lengths.min())  # rows of different counts per micro-batch
     cfg = GTPOConfig(
         micro_batch_size=micro if isinstance(micro, int) else 4,
@@ -740,10 +745,19 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     )
 
 
-def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsys):
+def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsys, monkeypatch):
+    import turnrl.train
     from turnrl.cli import main
 
     pytest.importorskip("matplotlib")
+    configs = []
+
+    class Recorded(GTPOConfig):
+        def __post_init__(self):
+            configs.append(self)
+            super().__post_init__()
+
+    monkeypatch.setattr(turnrl.train, "GTPOConfig", Recorded)
     folder = tmp_path / "tiny"
     base_model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -775,12 +789,15 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         "cpu",
         "--workers",
         "2",
+        "--micro-batch-tokens",
+        "3000",
         "--quiet",
         "--out",
         str(tmp_path / "run"),
     ]
     assert main(argv) == 0
     assert "trained 1 steps" in capsys.readouterr().out
+    assert configs[-1].micro_batch_tokens == 3000
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_config.json").exists()
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
@@ -1243,20 +1260,110 @@ def test_sampled_ids_that_are_not_the_text_are_refused(tok):
         {"role": "assistant", "content": "Sure.", "completion": "Sure."},
     ]
     expected = tok("Sure.<|im_end|>", add_special_tokens=False)["input_ids"]
+    chars = _char_ids(tok, "Sure.")
     for wrong in (
-        _char_ids(tok, "Sure."),  # the end token missing
+        chars,  # the end token missing
         [*_char_ids(tok, "Sure!"), end],
         [10**9],  # not in the vocabulary
+        [*chars, 200_000, end],  # one unknown id, which decoding skips
+        [*chars, -1, end],
         ["S", end],
+        [],
+        "Sure.",
     ):
         record["turns"][1]["completion_ids"] = wrong
         tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
         assert _turn_ids(tokens, 0) == expected
         assert (tokens.sampled_turns, tokens.refused_ids) == (0, 1)
+    # Any integral ids in any sequence: numpy's, a tuple.
+    for right in (tuple([*chars, end]), list(np.array([*chars, end]))):
+        record["turns"][1]["completion_ids"] = right
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+        assert _turn_ids(tokens, 0) == [*chars, end] and tokens.sampled_turns == 1
+    # A turn that stopped on another end token was sampled with that one.
+    other = tok.convert_tokens_to_ids("<|endoftext|>")
+    record["turns"][1]["completion_end"] = "<|endoftext|>"
+    for ids, used in (([*chars, other], True), ([*chars, end], False)):
+        record["turns"][1]["completion_ids"] = ids
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+        assert tokens.sampled_turns == used and tokens.refused_ids == (not used)
+    del record["turns"][1]["completion_end"]
     # Truncated: no end token was sampled, and none is expected.
-    record["turns"][1].update(truncated=True, completion_ids=_char_ids(tok, "Sure."))
+    record["turns"][1].update(truncated=True, completion_ids=chars)
     tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
-    assert _turn_ids(tokens, 0) == _char_ids(tok, "Sure.") and tokens.sampled_turns == 1
+    assert _turn_ids(tokens, 0) == chars and tokens.sampled_turns == 1
+
+
+def test_a_generation_cut_inside_a_character_keeps_its_sampled_ids(tok):
+    whole = tok("ok \U0001d518 fine", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(whole)) if tok.decode(whole[:n]).endswith("\ufffd"))
+    ids = whole[:cut]
+    record = _record(random.Random(4), 1.0, "t")
+    for text in (tok.decode(ids), tok.decode(ids).rstrip("\ufffd")):  # the partial bytes held back
+        turn = {"role": "assistant", "content": text, "completion": text, "completion_ids": ids}
+        record["turns"] = [{"role": "user", "content": "Hi"}, {**turn, "truncated": True}]
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS)
+        assert _turn_ids(tokens, 0) == ids and tokens.sampled_turns == 1
+    # Only a truncated turn can end inside a character.
+    record["turns"][1]["truncated"] = False
+    record["turns"][1]["completion_ids"] = [*ids, tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS).refused_ids == 1
+
+
+def test_engine_agent_ids_of_any_integer_type_reach_the_record(tok):
+    domain = envs.load("synthetic:airline", seed=0)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    text = "Hello there."
+
+    class NumpyIds:
+        def generate(self, conversations, tools=None):
+            ids = np.array([*_char_ids(tok, text), end])
+            return [Completion(text, token_ids=tuple(ids)) for _ in conversations]
+
+    record = envs.run_episode(
+        EngineAgent(NumpyIds()), domain, domain.tasks[0], envs.ScriptedUser(), 2
+    )
+    turns = [t for t in record["turns"] if t["role"] == "assistant"]
+    assert all(type(i) is int for t in turns for i in t["completion_ids"])
+    tokens = tokenize_rollout(record, tok, system=domain.policy, tools=domain.openai_tools())
+    assert tokens.sampled_turns == len(turns) and tokens.refused_ids == 0
+
+
+def test_kept_records_are_the_written_ones(tmp_path, monkeypatch):
+    import turnrl.rollouts
+    from turnrl.collect import collect_rollouts
+
+    class Refusing(turnrl.rollouts.RolloutWriter):
+        def write(self, record):
+            if record["sample"] == 1:
+                raise InvalidInputError("refused for the test")
+            return super().write(record)
+
+    monkeypatch.setattr(turnrl.rollouts, "RolloutWriter", Refusing)
+    domain = envs.load("synthetic:airline", seed=0)
+
+    def agent(messages, tools):
+        return {"content": "Hi.", "completion": "Hi.", "completion_ids": [1, 2]}
+
+    summary = collect_rollouts(
+        domain,
+        lambda: agent,
+        envs.ScriptedUser,
+        tmp_path / "b.jsonl",
+        tasks=[0],
+        samples=3,
+        max_steps=2,
+        workers=1,
+        progress=False,
+        keep_records=True,
+    )
+    written = list(turnrl.iter_rollout_records(tmp_path / "b.jsonl"))
+    assert (
+        sorted(r["sample"] for r in summary.kept) == [0, 2] == sorted(r["sample"] for r in written)
+    )
+    assert len(summary.failures) == 1
+    assert all(t.get("completion_ids") == [1, 2] for r in summary.kept for t in r["turns"][1::2])
+    assert not any("completion_ids" in t for r in written for t in r["turns"])
 
 
 def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, tok, base_model):

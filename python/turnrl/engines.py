@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -265,6 +266,14 @@ class VLLMEngine:
         return Completion(output.text, stop=stop, token_ids=token_ids)
 
 
+def _as_id(value: Any) -> Any:
+    """An int for anything integral (numpy, 0-d tensors); other values unchanged."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
 class _Request:
     __slots__ = ("conversation", "done", "error", "result", "tools")
 
@@ -340,7 +349,8 @@ class EngineAgent:
         if request.result.stop is not None:
             reply["completion_end"] = request.result.stop
         if request.result.token_ids is not None:
-            reply["completion_ids"] = list(request.result.token_ids)
+            # As given (numpy or tensor ids included); training checks them.
+            reply["completion_ids"] = [_as_id(i) for i in request.result.token_ids]
         return reply
 
     def _run(self, batch: list[_Request]) -> None:

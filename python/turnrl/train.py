@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import operator
 import os
 import shutil
 import tempfile
@@ -300,15 +301,18 @@ def tokenize_rollout(
 
     sampled: list[list[int] | None] = [None] * len(turns)
     refused = 0
+    vocabulary = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     for k, turn in enumerate(turns):
-        ids = turn.get("completion_ids")
-        if not isinstance(turn.get("completion"), str) or not isinstance(ids, list) or not ids:
+        if "completion_ids" not in turn or not isinstance(turn.get("completion"), str):
             continue
-        try:
-            decoded = tokenizer.decode(ids, skip_special_tokens=False)
-        except (TypeError, ValueError, OverflowError):
-            decoded = None
-        if decoded == completions[k] and all(type(i) is int for i in ids):
+        ids = _sampled_ids(turn["completion_ids"], vocabulary)
+        decoded = None
+        if ids:
+            try:
+                decoded = tokenizer.decode(ids, skip_special_tokens=False)
+            except (TypeError, ValueError, OverflowError, IndexError, KeyError):
+                decoded = None
+        if decoded is not None and _decodes_to(decoded, completions[k], turn.get("truncated")):
             sampled[k] = ids
         else:
             refused += 1
@@ -360,6 +364,35 @@ def tokenize_rollout(
         owners.append([-1] * len(head) + [k] * len(body))
     used = sum(ids is not None for ids in sampled)
     return TokenizedRollout(rows, owners, False, used, refused)
+
+
+def _sampled_ids(value: Any, vocabulary: int | None) -> list[int] | None:
+    """A turn's ``completion_ids`` as a list of ids in the vocabulary, or None.
+
+    Fast tokenizers decode an id they do not know as nothing, so the range is
+    checked here: such an id would pass the text check and reach the embedding.
+    """
+    if not isinstance(value, (list, tuple)):
+        return None
+    try:
+        ids = [operator.index(i) for i in value]
+    except TypeError:
+        return None
+    top = vocabulary if vocabulary is not None else float("inf")
+    return ids if all(0 <= i < top for i in ids) else None
+
+
+def _decodes_to(decoded: str, text: str, truncated: Any) -> bool:
+    """Whether sampled ids decoded to ``decoded`` are the turn whose text is ``text``.
+
+    A generation cut inside a multi-byte character may have its partial
+    bytes held back from the text (vLLM's detokenizer does); they decode to
+    U+FFFD, and the ids are still what was sampled.
+    """
+    if decoded == text:
+        return True
+    rest = decoded[len(text) :]
+    return bool(truncated) and decoded.startswith(text) and rest.strip("\ufffd") == ""
 
 
 def _rendered_turns(

@@ -163,9 +163,10 @@ def run_episode(
                 # Stopped on another end token than the tokenizer's eos.
                 turn["completion_end"] = reply["completion_end"]
             ids = reply.get("completion_ids")
-            if isinstance(ids, list) and all(type(i) is int for i in ids):
-                # The sampled ids, for training in memory; buffers leave them out.
-                turn["completion_ids"] = ids
+            if isinstance(ids, (list, tuple)):
+                # The sampled ids, for training in memory (which checks them);
+                # buffers leave them out.
+                turn["completion_ids"] = list(ids)
         if record_calls:
             turn["tool_calls"] = record_calls
             # The ids the agent is shown, so training re-renders the same chat.
