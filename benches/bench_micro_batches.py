@@ -89,7 +89,7 @@ def multi_turn_rows(args: argparse.Namespace) -> TrainBatch:
 class InOrder(GTPOTrainer):
     """Fixed row count in the batch's order: the plan before longest-first."""
 
-    def _micro_batches(self, batch):
+    def _micro_batches(self, batch, run=None):
         from turnrl.train import _MicroBatch
 
         size, device = self.config.micro_batch_size, self._device()

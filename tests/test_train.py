@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import threading
 import types
@@ -1447,3 +1448,62 @@ def test_micro_batches_hold_every_trained_row_once_within_their_budget(rows, siz
     # Longest first: no later micro-batch holds a longer row than an earlier one's first.
     firsts = [lengths[g[0]] for g in plan]
     assert firsts == sorted(firsts, reverse=True)
+
+
+def _zeroed_batch(tok, rows):
+    rng = random.Random(31)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", pack=False)
+    for r in rows:
+        batch.advantages[r] = 0.0
+    return batch
+
+
+def _trainer(model, optimizer="sgd", **config):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1.0) if optimizer == "sgd" else torch.optim.AdamW(params, 1e-2)
+    return GTPOTrainer(model, opt, GTPOConfig(backend="torch", max_grad_norm=None, **config))
+
+
+def test_rows_without_signal_are_skipped_and_the_step_is_the_same(tok, base_model):
+    batch = _zeroed_batch(tok, rows=[0, 2])
+    assert batch.loss_mask[[0, 2], 1:].any(dim=1).all()
+    steps, stats = [], []
+    for skip in (True, False):
+        model = _lora(base_model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        stats.append(_trainer(model, micro_batch_size=2, skip_zero_advantage=skip).step(batch))
+        steps.append(
+            {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
+        )
+    trained = batch.loss_mask[:, 1:]
+    silent = trained.any(dim=1) & ~(trained & (batch.advantages[:, 1:] != 0)).any(dim=1)
+    assert silent[[0, 2]].all() and not silent.all()
+    assert (stats[0]["skipped_rows"], stats[1]["skipped_rows"]) == (float(silent.sum()), 0.0)
+    assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-5, abs=1e-8)
+    for n, step in steps[1].items():
+        scale = float(step.abs().max().clamp(min=1e-12))
+        assert float((steps[0][n] - step).abs().max()) <= 1e-4 * scale, n
+    # A KL or entropy term gives those rows a gradient: they run.
+    kl = _trainer(_lora(base_model), micro_batch_size=2, beta=0.05).step(batch)
+    assert kl["skipped_rows"] == 0.0
+
+
+def test_a_batch_without_signal_takes_no_step(tok, base_model):
+    signal, nothing = _zeroed_batch(tok, rows=[]), _zeroed_batch(tok, rows=[])
+    nothing.advantages.zero_()
+    for skip in (True, False):
+        model = _lora(base_model)
+        trainer = _trainer(model, "adamw", skip_zero_advantage=skip)
+        trainer.step(signal)  # AdamW now has momentum
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        stats = trainer.step(nothing)
+        moved = any(
+            not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before
+        )
+        # Without the skip, momentum alone moves the weights on a batch with no signal.
+        assert moved == (not skip)
+    assert stats["loss"] == 0.0 and stats["skipped_rows"] == 0.0
+    skipped = _trainer(_lora(base_model), "adamw").step(nothing)
+    assert skipped["skipped_rows"] == float(nothing.loss_mask[:, 1:].any(dim=1).sum())
+    assert math.isnan(skipped["entropy"]) and skipped["grad_norm"] == 0.0

@@ -641,6 +641,12 @@ class GTPOConfig:
     max_len: int | None = None
     """``dr_grpo``'s constant length (TRL: the completion limit); default: each
     batch's padded length."""
+    skip_zero_advantage: bool = True
+    """Without a KL or entropy term, a row whose trained tokens all have
+    advantage 0 adds exactly 0 to the loss and its gradient: it is not run
+    (statistics are then over the rows that ran), and a batch with no other
+    row takes no optimizer step at all (AdamW's momentum would otherwise
+    move the weights on no signal)."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
@@ -882,10 +888,11 @@ class GTPOTrainer:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _micro_batches(self, batch: TrainBatch) -> list[_MicroBatch]:
+    def _micro_batches(self, batch: TrainBatch, run: torch.Tensor) -> list[_MicroBatch]:
+        """Micro-batches of the rows to ``run`` (a [R] bool mask)."""
         plan = plan_micro_batches(
             batch.attention_mask.sum(dim=1).tolist(),
-            batch.loss_mask[:, 1:].sum(dim=1).tolist(),
+            (batch.loss_mask[:, 1:].sum(dim=1) * run).tolist(),
             rows=self.config.micro_batch_size,
             tokens=self.config.micro_batch_tokens,
         )
@@ -921,6 +928,7 @@ class GTPOTrainer:
         max_len: int,
         global_tokens: int,
         global_sequences: int,
+        ran_tokens: int,
     ) -> dict[str, float]:
         """``ppo_epochs`` optimizer steps, each accumulating every micro-batch's gradients."""
         import torch
@@ -961,7 +969,7 @@ class GTPOTrainer:
                     )
                     loss.backward()
                     loss_sum += float(loss.detach())
-                    weight = float(m.valid.sum()) / global_tokens
+                    weight = float(m.valid.sum()) / ran_tokens
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + weight * float(value)
             except Exception as e:
@@ -1004,11 +1012,13 @@ class GTPOTrainer:
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """Update the policy on one batch; returns mean loss and loss statistics.
 
-        Statistics are token-weighted over the batch (``clip_frac``,
-        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term)
-        plus ``grad_norm`` (before clipping), ``loss`` of the last epoch and
-        ``trained_tokens``; under data parallelism, over every rank's batch
-        (each rank gets the same figures).
+        Statistics are token-weighted over the rows that ran (``clip_frac``,
+        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term;
+        NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
+        the last epoch, ``trained_tokens`` and ``skipped_rows`` (rows left out
+        for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);
+        under data parallelism, over every rank's batch (each rank gets the
+        same figures).
 
         The LM head runs only at the positions that predict a trained token
         (the decoder still sees every token): prompts, tool results and user
@@ -1017,21 +1027,38 @@ class GTPOTrainer:
         import torch
 
         cfg = self.config
-        global_tokens = int(batch.loss_mask[:, 1:].sum())
+        trained = batch.loss_mask[:, 1:]
+        global_tokens = int(trained.sum())
         global_sequences = (
             batch.num_rows  # dr_grpo counts every sequence, the seq_mean modes those trained
             if cfg.agg == "dr_grpo"
-            else int(batch.loss_mask[:, 1:].any(dim=1).sum())
+            else int(trained.any(dim=1).sum())
         )
+        run = trained.any(dim=1)
+        if cfg.skip_zero_advantage and not cfg.beta and not cfg.entropy_coef:
+            run = (trained & (batch.advantages[:, 1:] != 0)).any(dim=1)
+        ran_tokens = int(trained[run].sum())
+        skipped_rows = int((trained.any(dim=1) & ~run).sum())
         padded = batch.input_ids.shape[1]
         if self.world_size > 1:
-            tokens, sequences = _all_reduce([global_tokens, global_sequences], self._device())
-            global_tokens, global_sequences = int(tokens), int(sequences)
+            counts = [global_tokens, global_sequences, ran_tokens, skipped_rows]
+            summed = [int(c) for c in _all_reduce(counts, self._device())]
+            global_tokens, global_sequences, ran_tokens, skipped_rows = summed
             # dr_grpo's default length is that of the rows of all ranks padded together.
             padded = int(_all_reduce([padded], self._device(), op="max")[0])
         if global_tokens == 0:
             raise InvalidInputError("the batch has no trained tokens")
-        micro = self._micro_batches(batch)
+        if ran_tokens == 0:  # no signal anywhere: nothing to run, no step to take
+            self.steps += 1
+            nothing = dict.fromkeys(self._stat_names(), float("nan"))
+            return {
+                **nothing,
+                "loss": 0.0,
+                "grad_norm": 0.0,
+                "trained_tokens": float(global_tokens),
+                "skipped_rows": float(skipped_rows),
+            }
+        micro = self._micro_batches(batch, run)
         was_training = self.model.training
         attention_dropout: list[tuple[Any, float]] = []
         self.model.eval()
@@ -1066,7 +1093,9 @@ class GTPOTrainer:
                     module.attention_dropout = 0.0
             # dr_grpo divides by a constant length, not the token count.
             max_len = cfg.max_len if cfg.max_len is not None else padded - 1
-            totals = self._update(micro, old, ref, max_len, global_tokens, global_sequences)
+            totals = self._update(
+                micro, old, ref, max_len, global_tokens, global_sequences, ran_tokens
+            )
         finally:
             for module, rate in attention_dropout:
                 module.attention_dropout = rate
@@ -1074,6 +1103,7 @@ class GTPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         totals["trained_tokens"] = float(global_tokens)
+        totals["skipped_rows"] = float(skipped_rows)
         return totals
 
     def save(self, path: str | os.PathLike[str], state: Mapping[str, Any] | None = None) -> Path:
