@@ -13,6 +13,10 @@ log-probs, then the update), three ways, from the same weights:
 * ``token budget``: ``micro_batch_tokens`` = ``--micro`` x the mean row length,
   rows longest first (verl's dynamic batch size).
 
+With ``--zero-share``, that share of the conversations has advantage 0 on
+every token (a group whose rollouts all scored alike): ``in order`` runs
+them, as before; the other two skip them, as they add nothing to the loss.
+
 Prints the padded tokens each way runs through the model, the time per step
 (best of ``--repeats`` after a warm-up) and its ratio to ``in order``, and
 how far the LoRA gradients agree with ``in order``'s.
@@ -119,11 +123,19 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=60)
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--zero-share",
+        type=float,
+        default=0.0,
+        help="share of conversations whose advantages are all 0 (a group that scored alike)",
+    )
     args = parser.parse_args()
 
     batch = multi_turn_rows(args)
+    silent = round(args.zero_share * args.records) * args.turns
+    batch.advantages[:silent] = 0.0  # "in order" runs them; the others skip them
     lengths = batch.attention_mask.sum(dim=1).tolist()
-    trained = batch.loss_mask[:, 1:].sum(dim=1).tolist()
+    trained = ((batch.advantages[:, 1:] != 0) & batch.loss_mask[:, 1:]).sum(dim=1).tolist()
     budget = int(args.micro * np.mean(lengths))
     ways = {
         "in order": (InOrder, GTPOConfig(micro_batch_size=args.micro)),
