@@ -39,25 +39,20 @@ prepare)
         "typer==0.29.2" "typing-inspection==0.4.5"
     du -sh .whl && ls .whl .whl/train
     ;;
-train)
-    # there: run(command="bash benches/gpu_run.sh train", carry=[".whl"])
+train | micro)
+    # there: run(command="bash benches/gpu_run.sh train", carry=[".whl"]), or
+    #        run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"])
     out="${OUT:-/tmp/gpu-out}"
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-    python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
-    ;;
-micro)
-    # there: run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"])
-    out="${OUT:-/tmp/gpu-out}"
-    mkdir -p "$out"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
-    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-    python3 benches/bench_micro_batches.py --device cuda "${@:2}" 2>&1 | tee "$out/micro.log"
+    if [ "$1" = train ]; then
+        python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
+    else
+        python3 benches/bench_micro_batches.py --device cuda "${@:2}" 2>&1 | tee "$out/micro.log"
+    fi
     ;;
 device)
     out="${OUT:-/tmp/gpu-out}"
