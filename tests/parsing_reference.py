@@ -287,4 +287,5 @@ def parse(
         "reasoning": None if reasoning is None else reasoning.strip(WS),
         "tool_calls": [c for _, c in out.calls],
         "error_offsets": [_byte_offset(text, i) for i, _ in out.errors],
+        "call_offsets": [_byte_offset(text, i) for i, _ in out.calls],
     }

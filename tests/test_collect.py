@@ -70,6 +70,26 @@ def test_a_malformed_call_is_an_error_observation_and_the_episode_goes_on(chat_s
     assert rec["meta"]["tool_errors"] == 1
 
 
+def test_calls_run_in_the_order_written_whether_or_not_they_parse(chat_server):
+    d = envs.load("synthetic:airline", seed=0)
+    good = '<tool_call>{"name": "calculate", "arguments": {"expression": "%s"}}</tool_call>'
+    xml = "<tool_call><function=calculate><parameter=expression>5*5</parameter></function>"
+    _, url = chat_server(
+        [
+            "<tool_call>{oops</tool_call>" + good % "2*3" + xml + "</tool_call>"
+            "<tool_call>[1]</tool_call>" + good % "1+1",
+            "Anything else?",
+        ],
+        default="Goodbye.",
+    )
+    rec = envs.run_episode(
+        envs.OpenAIAgent("p", url, api_key="k"), d, d.tasks[0], envs.ScriptedUser()
+    )
+    results = [t for t in rec["turns"] if t["role"] == "tool"][:5]
+    shown = [("error" if t.get("error") else t["content"]) for t in results]
+    assert shown == ["error", "6.0", "25.0", "error", "2.0"]
+
+
 def test_agent_endpoint_failure_names_it(chat_server):
     _, url = chat_server([], fail_first=9)
     agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.01)

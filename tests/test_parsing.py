@@ -48,6 +48,7 @@ def assert_matches_reference(
     assert got.reasoning == want["reasoning"]
     assert strict_equal(got.tool_calls, want["tool_calls"]), (got.tool_calls, want["tool_calls"])
     assert got.error_offsets == want["error_offsets"]
+    assert got.call_offsets == want["call_offsets"]
     assert len(got.errors) == len(got.error_offsets)
     n_bytes = len(text.encode())
     for msg, off in zip(got.errors, got.error_offsets, strict=False):

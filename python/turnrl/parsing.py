@@ -73,7 +73,9 @@ def parse_tool_calls(
     Returns:
         A frozen :class:`ParsedMessage` with ``content`` (str), ``reasoning``
         (str or None), ``tool_calls`` (list of ``{"name", "arguments"}``),
-        ``errors`` (list of str) and ``error_offsets`` (list of byte offsets).
+        ``errors`` (list of str), ``error_offsets`` and ``call_offsets``
+        (byte offsets of the failed and of the parsed calls' opening tags,
+        which together give the order the message wrote its calls in).
 
     Raises:
         UnknownNameError: for an unknown ``fmt``.

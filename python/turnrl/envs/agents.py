@@ -115,7 +115,8 @@ def reply_from_text(
 
     Calls are parsed with :func:`turnrl.parse_tool_calls` (typed by the
     ``tools`` schemas for XML calls); one that does not parse becomes
-    ``{"error": reason}``, which the agent gets back as an error observation.
+    ``{"error": reason}``, which the agent gets back as an error observation,
+    in its place among the others (calls keep the order they were written in).
     ``<think>`` text becomes ``reasoning`` and never reaches the user or the
     reward's checks. ``completion`` keeps the raw text, which is what
     :func:`turnrl.train.tokenize_rollout` trains on.
@@ -123,10 +124,16 @@ def reply_from_text(
     from turnrl import parse_tool_calls
 
     parsed = parse_tool_calls(text, fmt=fmt, tools=list(tools or []) or None)
-    calls: list[dict[str, Any]] = [
-        {"name": c["name"], "arguments": c.get("arguments", {})} for c in parsed.tool_calls
+    # Calls, read or not, in the order the message wrote them: that is the
+    # order they run in and the order their results come back.
+    written: list[tuple[int, dict[str, Any]]] = [
+        (at, {"name": c["name"], "arguments": c.get("arguments", {})})
+        for at, c in zip(parsed.call_offsets, parsed.tool_calls, strict=True)
     ]
-    calls += [{"error": str(e)} for e in parsed.errors]
+    written += [
+        (at, {"error": str(e)}) for at, e in zip(parsed.error_offsets, parsed.errors, strict=True)
+    ]
+    calls = [call for _, call in sorted(written, key=lambda pair: pair[0])]
     found = bool(calls or parsed.reasoning)
     return {
         "content": parsed.content if found else text,

@@ -35,6 +35,7 @@ pub struct ParsedMessage {
     tool_calls: PyOnceLock<Py<PyList>>,
     errors: PyOnceLock<Py<PyList>>,
     error_offsets: PyOnceLock<Py<PyList>>,
+    call_offsets: PyOnceLock<Py<PyList>>,
 }
 
 impl ParsedMessage {
@@ -47,6 +48,7 @@ impl ParsedMessage {
             tool_calls: PyOnceLock::new(),
             errors: PyOnceLock::new(),
             error_offsets: PyOnceLock::new(),
+            call_offsets: PyOnceLock::new(),
         }
     }
 }
@@ -138,6 +140,20 @@ impl ParsedMessage {
         Ok(list.bind(py).clone())
     }
 
+    /// Byte offset in the input of each parsed call's opening tag: with
+    /// `error_offsets`, the order in which the message wrote its calls.
+    #[getter]
+    fn call_offsets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self.call_offsets.get_or_try_init(py, || -> PyResult<_> {
+            let list = PyList::empty(py);
+            for call in &self.parsed.tool_calls {
+                list.append(call.offset)?;
+            }
+            Ok(list.unbind())
+        })?;
+        Ok(list.bind(py).clone())
+    }
+
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
         Ok(format!(
             "ParsedMessage(content={}, reasoning={}, tool_calls={}, errors={})",
@@ -154,7 +170,7 @@ impl ParsedMessage {
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
         match other.cast::<ParsedMessage>() {
             Ok(other) => {
-                // Call offsets are not attributes, so they take no part.
+                // Offsets say where, not what: they take no part.
                 let other = other.get();
                 let (a, b) = (&self.parsed, &other.parsed);
                 a.content.get(&self.text) == b.content.get(&other.text)
@@ -177,7 +193,8 @@ impl ParsedMessage {
         }
     }
 
-    /// The message as a plain dict (content, reasoning, tool_calls, errors, error_offsets).
+    /// The message as a plain dict (content, reasoning, tool_calls, errors,
+    /// error_offsets, call_offsets).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("content", self.content(py))?;
@@ -185,6 +202,7 @@ impl ParsedMessage {
         d.set_item("tool_calls", self.tool_calls(py)?)?;
         d.set_item("errors", self.errors(py)?)?;
         d.set_item("error_offsets", self.error_offsets(py)?)?;
+        d.set_item("call_offsets", self.call_offsets(py)?)?;
         Ok(d)
     }
 }
