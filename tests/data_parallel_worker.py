@@ -45,6 +45,12 @@ SCENARIOS = {
         [2, 4],
         [slice(0, 2), slice(2, 6)],
     ),
+    "one_rank_without_signal": (
+        # Rank 0's rows all have advantage 0: it runs nothing, rank 1 everything.
+        dict(micro_batch_size=2, silent=3),
+        [3, 3],
+        [slice(0, 3), slice(3, 6)],
+    ),
     "one_rank_empty_and_a_weight_without_gradient": (
         dict(micro_batch_size=3, max_grad_norm=None, unused=True),
         [3, 3],
@@ -62,16 +68,20 @@ def scenario_records(group_sizes: list[int]) -> list[dict]:
     return records
 
 
-def batch_of(records: list[dict], tok) -> TrainBatch:
+def batch_of(records: list[dict], tok, silent: int = 0) -> TrainBatch:
+    """The records' batch, the first ``silent`` records' advantages set to 0."""
     if not records:
         return TrainBatch.empty()
-    return build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    batch.advantages[torch.from_numpy(batch.row_trajectory < silent)] = 0.0
+    return batch
 
 
 def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
     """A LoRA policy (random, from ``seed``) and its trainer (AdamW, weight decay on)."""
     settings = dict(scenario)
     settings.pop("bucket", None)
+    settings.pop("silent", None)
     torch.manual_seed(seed)
     model = peft.get_peft_model(
         copy.deepcopy(base),
@@ -103,7 +113,8 @@ def main(out: Path) -> None:
         turnrl.train._BUCKET_ELEMENTS = scenario.get("bucket", default_bucket)
         records = scenario_records(sizes)
         trainer = trainer_for(base, scenario, seed=1 + rank)
-        stats = trainer.step(batch_of(records[slices[rank]], tok))
+        silent = scenario.get("silent", 0) - slices[rank].start
+        stats = trainer.step(batch_of(records[slices[rank]], tok, silent=silent))
         trained = {
             n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
         }

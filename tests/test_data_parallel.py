@@ -59,7 +59,8 @@ def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, nam
     trainer = trainer_for(tiny_qwen3(seed=0), scenario, seed=1)  # rank 0's initialisation
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    stats = trainer.step(batch_of(scenario_records(sizes), qwen_tokenizer()))
+    batch = batch_of(scenario_records(sizes), qwen_tokenizer(), silent=scenario.get("silent", 0))
+    stats = trainer.step(batch)
 
     ranks = two_rank_steps[name]["trained"]
     for n in before:
@@ -75,6 +76,8 @@ def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, nam
     if "unused" in scenario:
         assert torch.equal(ranks[0]["unused"], before["unused"])  # no gradient: not decayed
     theirs = two_rank_steps[name]["stats"]
+    if "silent" in scenario:
+        assert theirs["skipped_rows"] > 0
     assert set(theirs) == set(stats)
     for key, value in stats.items():
         assert theirs[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key

@@ -792,13 +792,14 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         "2",
         "--micro-batch-tokens",
         "3000",
+        "--no-skip-zero-advantage",
         "--quiet",
         "--out",
         str(tmp_path / "run"),
     ]
     assert main(argv) == 0
     assert "trained 1 steps" in capsys.readouterr().out
-    assert configs[-1].micro_batch_tokens == 3000
+    assert configs[-1].micro_batch_tokens == 3000 and not configs[-1].skip_zero_advantage
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_config.json").exists()
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
@@ -1459,20 +1460,35 @@ def _zeroed_batch(tok, rows):
     return batch
 
 
-def _trainer(model, optimizer="sgd", **config):
+def _trainer(model, optimizer="sgd", lr=None, **config):
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1.0) if optimizer == "sgd" else torch.optim.AdamW(params, 1e-2)
-    return GTPOTrainer(model, opt, GTPOConfig(backend="torch", max_grad_norm=None, **config))
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=1.0 if lr is None else lr)
+    else:
+        opt = torch.optim.AdamW(params, 1e-2 if lr is None else lr)
+    config = {"max_grad_norm": None, **config}
+    return GTPOTrainer(model, opt, GTPOConfig(backend="torch", **config))
 
 
-def test_rows_without_signal_are_skipped_and_the_step_is_the_same(tok, base_model):
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"agg": "token_mean"},
+        {"agg": "seq_mean_token_mean", "dual_clip": 3.0},
+        {"agg": "seq_mean_token_sum", "ppo_epochs": 2, "eps_low": 0.01, "eps_high": 0.01},
+        {"agg": "dr_grpo", "max_grad_norm": 1e-3, "ppo_epochs": 2},
+    ],
+)
+def test_rows_without_signal_are_skipped_and_the_step_is_the_same(tok, base_model, config):
     batch = _zeroed_batch(tok, rows=[0, 2])
+    batch.advantages[2] = -0.0
     assert batch.loss_mask[[0, 2], 1:].any(dim=1).all()
     steps, stats = [], []
     for skip in (True, False):
         model = _lora(base_model)
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        stats.append(_trainer(model, micro_batch_size=2, skip_zero_advantage=skip).step(batch))
+        trainer = _trainer(model, lr=0.1, micro_batch_size=2, skip_zero_advantage=skip, **config)
+        stats.append(trainer.step(batch))
         steps.append(
             {n: before[n] - p.detach() for n, p in model.named_parameters() if n in before}
         )
@@ -1480,10 +1496,11 @@ def test_rows_without_signal_are_skipped_and_the_step_is_the_same(tok, base_mode
     silent = trained.any(dim=1) & ~(trained & (batch.advantages[:, 1:] != 0)).any(dim=1)
     assert silent[[0, 2]].all() and not silent.all()
     assert (stats[0]["skipped_rows"], stats[1]["skipped_rows"]) == (float(silent.sum()), 0.0)
-    assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-5, abs=1e-8)
+    assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-4, abs=1e-8)
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-4)
     for n, step in steps[1].items():
         scale = float(step.abs().max().clamp(min=1e-12))
-        assert float((steps[0][n] - step).abs().max()) <= 1e-4 * scale, n
+        assert float((steps[0][n] - step).abs().max()) <= 1e-3 * scale, n
     # A KL or entropy term gives those rows a gradient: they run.
     kl = _trainer(_lora(base_model), micro_batch_size=2, beta=0.05).step(batch)
     assert kl["skipped_rows"] == 0.0
@@ -1507,3 +1524,19 @@ def test_a_batch_without_signal_takes_no_step(tok, base_model):
     skipped = _trainer(_lora(base_model), "adamw").step(nothing)
     assert skipped["skipped_rows"] == float(nothing.loss_mask[:, 1:].any(dim=1).sum())
     assert math.isnan(skipped["entropy"]) and skipped["grad_norm"] == 0.0
+
+
+def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path):
+    from turnrl.cli import metrics_line
+    from turnrl.train import plot_history
+
+    line = metrics_line(3, {"loss": 0.0, "entropy": float("nan"), "episodes": 4.0})
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    row = json.loads(line, parse_constant=refuse)
+    assert row == {"step": 3, "loss": 0.0, "entropy": None, "episodes": 4.0}
+    pytest.importorskip("matplotlib")
+    plot_history([row, {**row, "approx_kl": 0.1, "success_rate": 0.5}], tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0

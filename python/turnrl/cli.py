@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from turnrl import __version__
@@ -274,6 +274,16 @@ def _train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def metrics_line(step: int, stats: Mapping[str, float]) -> str:
+    """One step's line of ``metrics.jsonl``: strict JSON, a statistic that was not
+    measured (NaN: no row ran) written as null."""
+    import json
+    import math
+
+    row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in stats.items()}
+    return json.dumps({"step": step, **row}, allow_nan=False)
+
+
 def _start_data_parallel(args: argparse.Namespace) -> tuple[int, str | None, bool]:
     """Join torchrun's process group when there is one: (rank, device, whether we started it).
 
@@ -392,6 +402,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         GTPOConfig(
             micro_batch_size=args.micro_batch_size,
             micro_batch_tokens=args.micro_batch_tokens,
+            skip_zero_advantage=args.skip_zero_advantage,
             ppo_epochs=args.ppo_epochs,
             eps_low=args.eps_low,
             eps_high=args.eps_high,
@@ -417,7 +428,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         if rank != 0:  # every rank has the same figures
             return
         with metrics.open("a") as f:
-            f.write(json.dumps({"step": step, **stats}) + "\n")
+            f.write(metrics_line(step, stats) + "\n")
 
     history = train_loop(
         trainer,
@@ -758,6 +769,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=4,
         help="rows per forward/backward (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--no-skip-zero-advantage",
+        dest="skip_zero_advantage",
+        action="store_false",
+        help="run rows whose advantages are all 0 too (without a KL or entropy term they add "
+        "nothing to the loss, so by default they are skipped, and a step with nothing else "
+        "takes no optimizer step)",
     )
     tr.add_argument(
         "--micro-batch-tokens",

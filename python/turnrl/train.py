@@ -1438,7 +1438,8 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         ("success rate of the step's rollouts", "GTPO loss", "approx. KL to the behaviour policy"),
         strict=True,
     ):
-        ax.plot(steps, [h.get(key, float("nan")) for h in history], marker="o")
+        values = [h.get(key) for h in history]  # None: not measured that step
+        ax.plot(steps, [float("nan") if v is None else v for v in values], marker="o")
         ax.set_xlabel("step")
         ax.set_title(title)
     fig.tight_layout()

@@ -163,10 +163,13 @@ def run_episode(
                 # Stopped on another end token than the tokenizer's eos.
                 turn["completion_end"] = reply["completion_end"]
             ids = reply.get("completion_ids")
-            if isinstance(ids, (list, tuple)):
-                # The sampled ids, for training in memory (which checks them);
-                # buffers leave them out.
-                turn["completion_ids"] = list(ids)
+            if ids is not None and not isinstance(ids, (str, bytes, Mapping)):
+                # The sampled ids (a list, tuple or array), for training in
+                # memory, which checks them; buffers leave them out.
+                try:
+                    turn["completion_ids"] = list(ids)
+                except TypeError:
+                    turn["completion_ids"] = [ids]  # not a sequence: refused later
         if record_calls:
             turn["tool_calls"] = record_calls
             # The ids the agent is shown, so training re-renders the same chat.
