@@ -486,6 +486,39 @@ def test_peft_adapter_round_trips(tmp_path, base_model):
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_a_resumed_trainer_continues_the_optimizer_exactly(tmp_path, tok, base_model):
+    first, second = _zeroed_batch(tok, rows=[]), _zeroed_batch(tok, rows=[1])
+
+    def trainer_on(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        return GTPOTrainer(model, torch.optim.AdamW(params, lr=1e-2), GTPOConfig(backend="torch"))
+
+    running = trainer_on(_lora(base_model))
+    running.step(first)
+    running.save(tmp_path / "adapter", state={"step": 0})
+    running.step(second)
+    want = {n: p.detach() for n, p in running.model.named_parameters() if p.requires_grad}
+
+    for restore in (True, False):
+        model = peft.PeftModel.from_pretrained(
+            copy.deepcopy(base_model), tmp_path / "adapter", is_trainable=True
+        )
+        resumed = trainer_on(model)
+        if restore:
+            assert resumed.load_optimizer(tmp_path / "adapter")
+        resumed.step(second)
+        got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        assert got.keys() == want.keys()
+        same = all(torch.allclose(got[n], want[n], rtol=1e-6, atol=1e-9) for n in want)
+        # Without AdamW's moments the second step is another step.
+        assert same == restore
+
+    (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"not a state")
+    with pytest.raises(InvalidInputError, match=r"optimizer\.pt: not this optimizer's state"):
+        resumed.load_optimizer(tmp_path / "adapter")
+    assert not resumed.load_optimizer(tmp_path / "nowhere")
+
+
 class _FakeEngine:
     """Completions that name the chat's last message, optionally slow, optionally failing."""
 
@@ -808,7 +841,9 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 0}
     # Killed after the save, before the metrics line: the adapter says where to go on.
     (run / "metrics.jsonl").write_text("")
+    assert (run / "adapter" / "optimizer.pt").exists()
     assert main([*argv, "--resume", "--plot"]) == 0
+    assert "no optimizer state" not in capsys.readouterr().err
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]
     assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 1}

@@ -423,6 +423,11 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             raise InvalidInputError(
                 f"--resume: {adapter / STATE_FILE} is missing or unreadable"
             ) from None
+        if not trainer.load_optimizer(adapter):
+            print(
+                f"--resume: {adapter} has no optimizer state; AdamW starts its moments afresh",
+                file=sys.stderr,
+            )
 
     def on_step(step: int, stats: dict[str, float]) -> None:
         if rank != 0:  # every rank has the same figures

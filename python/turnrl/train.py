@@ -46,6 +46,7 @@ import json
 import math
 import operator
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "OPTIMIZER_FILE",
     "STATE_FILE",
     "GTPOConfig",
     "GTPOTrainer",
@@ -1107,15 +1109,40 @@ class GTPOTrainer:
         return totals
 
     def save(self, path: str | os.PathLike[str], state: Mapping[str, Any] | None = None) -> Path:
-        """Write the model (the adapter alone for a PEFT model) with :func:`save_adapter`."""
-        return save_adapter(self.model, path, state=state)
+        """Write the model (the adapter alone for a PEFT model) and the optimizer's
+        state (``optimizer.pt``) with :func:`save_adapter`, in one swap."""
+        return save_adapter(self.model, path, state=state, optimizer=self.optimizer)
+
+    def load_optimizer(self, path: str | os.PathLike[str]) -> bool:
+        """Continue the optimizer from the state :meth:`save` wrote at ``path``.
+
+        Returns False when the checkpoint has none (one written without it).
+        The model must have the same trainable parameters in the same order
+        (the same adapter config), as the state is matched by position.
+        """
+        import torch
+
+        file = Path(path) / OPTIMIZER_FILE
+        if not file.exists():
+            return False
+        try:
+            saved = torch.load(file, map_location=self._device(), weights_only=True)
+            self.optimizer.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as e:
+            raise InvalidInputError(f"{file}: not this optimizer's state ({e})") from None
+        return True
 
 
 STATE_FILE = "turnrl_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def save_adapter(
-    model: Any, path: str | os.PathLike[str], *, state: Mapping[str, Any] | None = None
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    state: Mapping[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
 
@@ -1128,7 +1155,9 @@ def save_adapter(
     ``turnrl train --resume``) puts it back. Leftovers of killed saves are
     removed after a successful one. ``state`` (JSON) is written beside the
     weights as ``turnrl_state.json``, in the same swap (:func:`train_loop`
-    keeps the step there, which ``--resume`` continues from).
+    keeps the step there, which ``--resume`` continues from), and so is the
+    ``optimizer``'s state as ``optimizer.pt`` (AdamW's moments: without them
+    a resumed run restarts them from zero).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -1141,6 +1170,10 @@ def save_adapter(
         model.save_pretrained(str(staging))
         if state is not None:
             (staging / STATE_FILE).write_text(json.dumps(dict(state)), encoding="utf-8")
+        if optimizer is not None:
+            import torch
+
+            torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
