@@ -34,6 +34,7 @@ from turnrl.train import (  # noqa: E402
     GTPOConfig,
     GTPOTrainer,
     build_batch,
+    lr_schedule,
     plan_micro_batches,
     rollout_messages,
     save_adapter,
@@ -491,7 +492,9 @@ def test_a_resumed_trainer_continues_the_optimizer_exactly(tmp_path, tok, base_m
 
     def trainer_on(model):
         params = [p for p in model.parameters() if p.requires_grad]
-        return GTPOTrainer(model, torch.optim.AdamW(params, lr=1e-2), GTPOConfig(backend="torch"))
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        schedule = lr_schedule(optimizer, "cosine", warmup_steps=1, total_steps=4)
+        return GTPOTrainer(model, optimizer, GTPOConfig(backend="torch"), scheduler=schedule)
 
     running = trainer_on(_lora(base_model))
     running.step(first)
@@ -506,6 +509,7 @@ def test_a_resumed_trainer_continues_the_optimizer_exactly(tmp_path, tok, base_m
         resumed = trainer_on(model)
         if restore:
             assert resumed.load_optimizer(tmp_path / "adapter")
+        assert resumed.scheduler.last_epoch == (1 if restore else 0)
         resumed.step(second)
         got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
         assert got.keys() == want.keys()
@@ -825,7 +829,9 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         "2",
         "--micro-batch-tokens",
         "3000",
-        "--no-skip-zero-advantage",
+        "--no-skip-zero-advantage",  # every step is an optimizer step
+        "--lr-schedule",
+        "cosine",
         "--quiet",
         "--out",
         str(tmp_path / "run"),
@@ -841,9 +847,15 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 0}
     # Killed after the save, before the metrics line: the adapter says where to go on.
     (run / "metrics.jsonl").write_text("")
-    assert (run / "adapter" / "optimizer.pt").exists()
+
+    def scheduled_steps():
+        saved = torch.load(run / "adapter" / "optimizer.pt", weights_only=True)
+        return saved["scheduler"]["last_epoch"]
+
+    assert scheduled_steps() == 1
     assert main([*argv, "--resume", "--plot"]) == 0
     assert "no optimizer state" not in capsys.readouterr().err
+    assert scheduled_steps() == 2  # the resumed run went on from the saved schedule
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]
     assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 1}
@@ -1575,3 +1587,37 @@ def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path)
     pytest.importorskip("matplotlib")
     plot_history([row, {**row, "approx_kl": 0.1, "success_rate": 0.5}], tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
+    def rates(kind, warmup, total, steps):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        schedule = lr_schedule(optimizer, kind, warmup_steps=warmup, total_steps=total)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    assert rates("constant", 2, None, 4) == pytest.approx([1.0, 2.0, 2.0, 2.0])
+    cosine = [2.0 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)]
+    assert rates("cosine", 2, 6, 7) == pytest.approx([1.0, 2.0, *cosine])
+    assert rates("constant", 0, None, 2) == pytest.approx([2.0, 2.0])
+    with pytest.raises(InvalidInputError, match="constant or cosine"):
+        rates("linear", 0, 3, 1)
+    with pytest.raises(InvalidInputError, match="total_steps beyond"):
+        rates("cosine", 3, 3, 1)
+    # The trainer steps it with the optimizer: each epoch, never on a step with no signal.
+    model = _lora(base_model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    schedule = lr_schedule(optimizer, "constant", warmup_steps=10)
+    trainer = GTPOTrainer(
+        model, optimizer, GTPOConfig(backend="torch", ppo_epochs=2), scheduler=schedule
+    )
+    trainer.step(_zeroed_batch(tok, rows=[]))
+    assert schedule.last_epoch == 2
+    nothing = _zeroed_batch(tok, rows=[])
+    nothing.advantages.zero_()
+    trainer.step(nothing)
+    assert schedule.last_epoch == 2

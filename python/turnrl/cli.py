@@ -338,6 +338,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         GTPOConfig,
         GTPOTrainer,
         load_policy,
+        lr_schedule,
         plot_history,
         recover_adapter,
         train_loop,
@@ -423,6 +424,14 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             raise InvalidInputError(
                 f"--resume: {adapter / STATE_FILE} is missing or unreadable"
             ) from None
+    # The schedule runs to the last step of this run (a resumed run's included).
+    trainer.scheduler = lr_schedule(
+        trainer.optimizer,
+        args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        total_steps=(first_step + args.steps) * args.ppo_epochs,
+    )
+    if resume is not None:
         if not trainer.load_optimizer(adapter):
             print(
                 f"--resume: {adapter} has no optimizer state; AdamW starts its moments afresh",
@@ -768,6 +777,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--lr-schedule",
+        choices=["constant", "cosine"],
+        default="constant",
+        help="after the warmup: constant, or cosine down to 0 at the last step "
+        "(default: %(default)s)",
+    )
+    tr.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="optimizer steps of linear learning-rate warmup (default: %(default)s)",
     )
     tr.add_argument(
         "--micro-batch-size",

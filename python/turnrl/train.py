@@ -72,6 +72,7 @@ __all__ = [
     "TrainBatch",
     "build_batch",
     "load_policy",
+    "lr_schedule",
     "plan_micro_batches",
     "plot_history",
     "recover_adapter",
@@ -852,11 +853,13 @@ class GTPOTrainer:
         config: GTPOConfig | None = None,
         *,
         ref_model: Any = None,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.config = config or GTPOConfig()
         self.ref_model = ref_model
+        self.scheduler = scheduler
         if type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
             raise InvalidInputError(
                 f"pass the model itself, not a {type(model).__name__} wrapper: GTPOTrainer "
@@ -998,6 +1001,9 @@ class GTPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError(f"gradient norm is {float(norm)}; the step was skipped")
             self.optimizer.step()
+            if self.scheduler is not None:
+                # Per optimizer step: a step skipped for lack of signal does not count.
+                self.scheduler.step()
             totals["loss"] = loss_sum
             totals["grad_norm"] = float(norm)
         return totals
@@ -1110,8 +1116,10 @@ class GTPOTrainer:
 
     def save(self, path: str | os.PathLike[str], state: Mapping[str, Any] | None = None) -> Path:
         """Write the model (the adapter alone for a PEFT model) and the optimizer's
-        state (``optimizer.pt``) with :func:`save_adapter`, in one swap."""
-        return save_adapter(self.model, path, state=state, optimizer=self.optimizer)
+        and scheduler's state (``optimizer.pt``) with :func:`save_adapter`, in one swap."""
+        return save_adapter(
+            self.model, path, state=state, optimizer=self.optimizer, scheduler=self.scheduler
+        )
 
     def load_optimizer(self, path: str | os.PathLike[str]) -> bool:
         """Continue the optimizer from the state :meth:`save` wrote at ``path``.
@@ -1127,8 +1135,18 @@ class GTPOTrainer:
             return False
         try:
             saved = torch.load(file, map_location=self._device(), weights_only=True)
-            self.optimizer.load_state_dict(saved)
-        except (RuntimeError, ValueError, KeyError, EOFError, OSError, pickle.UnpicklingError) as e:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            if self.scheduler is not None and saved.get("scheduler") is not None:
+                self.scheduler.load_state_dict(saved["scheduler"])
+        except (
+            RuntimeError,
+            ValueError,
+            KeyError,
+            TypeError,
+            EOFError,
+            OSError,
+            pickle.UnpicklingError,
+        ) as e:
             raise InvalidInputError(f"{file}: not this optimizer's state ({e})") from None
         return True
 
@@ -1143,6 +1161,7 @@ def save_adapter(
     *,
     state: Mapping[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> Path:
     """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
 
@@ -1155,9 +1174,9 @@ def save_adapter(
     ``turnrl train --resume``) puts it back. Leftovers of killed saves are
     removed after a successful one. ``state`` (JSON) is written beside the
     weights as ``turnrl_state.json``, in the same swap (:func:`train_loop`
-    keeps the step there, which ``--resume`` continues from), and so is the
-    ``optimizer``'s state as ``optimizer.pt`` (AdamW's moments: without them
-    a resumed run restarts them from zero).
+    keeps the step there, which ``--resume`` continues from), and so are the
+    ``optimizer``'s and ``scheduler``'s states as ``optimizer.pt`` (AdamW's
+    moments: without them a resumed run restarts them from zero).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -1173,7 +1192,11 @@ def save_adapter(
         if optimizer is not None:
             import torch
 
-            torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+            states = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+            }
+            torch.save(states, staging / OPTIMIZER_FILE)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -1407,6 +1430,41 @@ def _rank_share(chosen: Sequence[Any], rank: int, world: int) -> list[Any]:
     distinct = list(dict.fromkeys(t.id for t in chosen))
     mine = {task_id for j, task_id in enumerate(distinct) if j % world == rank}
     return [t for t in chosen if t.id in mine]
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer,
+    kind: str = "constant",
+    *,
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate per optimizer step, as a factor of the optimizer's own.
+
+    Linear warmup over ``warmup_steps`` (the first step at ``1 / warmup_steps``
+    of the rate), then ``constant``, or ``cosine`` down to 0 at
+    ``total_steps``, as TRL's and verl's schedules. Give it to
+    :class:`GTPOTrainer`, which steps it with the optimizer.
+    """
+    import torch
+
+    if kind not in ("constant", "cosine"):
+        raise InvalidInputError(f"lr schedule must be constant or cosine, got {kind!r}")
+    if warmup_steps < 0:
+        raise InvalidInputError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
+        raise InvalidInputError("a cosine schedule needs total_steps beyond warmup_steps")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant":
+            return 1.0
+        assert total_steps is not None
+        done = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * done))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def load_policy(
