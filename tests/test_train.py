@@ -517,8 +517,28 @@ def test_a_resumed_trainer_continues_the_optimizer_exactly(tmp_path, tok, base_m
         # Without AdamW's moments the second step is another step.
         assert same == restore
 
-    (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"not a state")
-    with pytest.raises(InvalidInputError, match=r"optimizer\.pt: not this optimizer's state"):
+    # Another adapter's state is refused, even where the shapes would fit.
+    for targets in (["q_proj", "k_proj"], ["q_proj"]):
+        other = peft.get_peft_model(
+            copy.deepcopy(base_model), peft.LoraConfig(r=4, target_modules=targets)
+        )
+        with pytest.raises(InvalidInputError, match="other trainable parameters"):
+            trainer_on(other).load_optimizer(tmp_path / "adapter")
+    file = tmp_path / "adapter" / "optimizer.pt"
+    good = torch.load(file, weights_only=True)
+    broken_group = {**good["optimizer"], "param_groups": [{"params": [0]}]}
+    for foreign in (
+        torch.zeros(3),
+        {**good, "scheduler": "x"},
+        {**good, "optimizer": {**good["optimizer"], "state": [1]}},
+        {**good, "optimizer": broken_group},
+        [good],
+    ):
+        torch.save(foreign, file)
+        with pytest.raises(InvalidInputError, match=r"optimizer\.pt: not a"):
+            resumed.load_optimizer(tmp_path / "adapter")
+    file.write_bytes(b"not a state")
+    with pytest.raises(InvalidInputError, match=r"optimizer\.pt: not an optimizer state"):
         resumed.load_optimizer(tmp_path / "adapter")
     assert not resumed.load_optimizer(tmp_path / "nowhere")
 

@@ -782,8 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-schedule",
         choices=["constant", "cosine"],
         default="constant",
-        help="after the warmup: constant, or cosine down to 0 at the last step "
-        "(default: %(default)s)",
+        help="after the warmup: constant, or half a cosine towards 0 over the run's steps "
+        "(--steps more after a --resume) (default: %(default)s)",
     )
     tr.add_argument(
         "--warmup-steps",

@@ -46,7 +46,6 @@ import json
 import math
 import operator
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -1122,11 +1121,12 @@ class GTPOTrainer:
         )
 
     def load_optimizer(self, path: str | os.PathLike[str]) -> bool:
-        """Continue the optimizer from the state :meth:`save` wrote at ``path``.
+        """Continue the optimizer (and scheduler) from the state :meth:`save` wrote at ``path``.
 
         Returns False when the checkpoint has none (one written without it).
-        The model must have the same trainable parameters in the same order
-        (the same adapter config), as the state is matched by position.
+        The state names the parameters it belongs to, with their shapes; a
+        model whose trainable parameters differ (another adapter config) is
+        refused, as is a file that is not such a state.
         """
         import torch
 
@@ -1134,21 +1134,52 @@ class GTPOTrainer:
         if not file.exists():
             return False
         try:
-            saved = torch.load(file, map_location=self._device(), weights_only=True)
-            self.optimizer.load_state_dict(saved["optimizer"])
-            if self.scheduler is not None and saved.get("scheduler") is not None:
-                self.scheduler.load_state_dict(saved["scheduler"])
-        except (
-            RuntimeError,
-            ValueError,
-            KeyError,
-            TypeError,
-            EOFError,
-            OSError,
-            pickle.UnpicklingError,
-        ) as e:
+            # weights_only: tensors and plain containers, never code. On the
+            # CPU: load_state_dict moves each moment to its parameter.
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InvalidInputError(f"{file}: not an optimizer state ({e})") from None
+        state = saved.get("optimizer") if isinstance(saved, dict) else None
+        groups = state.get("param_groups") if isinstance(state, dict) else None
+        schedule = saved.get("scheduler") if isinstance(saved, dict) else None
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("state"), dict)
+            or not isinstance(groups, list)
+            or not all(
+                isinstance(g, dict) and set(self.optimizer.defaults) <= set(g) for g in groups
+            )
+            or not (schedule is None or isinstance(schedule, dict))
+        ):
+            raise InvalidInputError(f"{file}: not a state of this kind of optimizer")
+        mine = _optimizer_parameters(self.model, self.optimizer)
+        if saved.get("parameters") != mine:
+            theirs = saved.get("parameters") or []
+            differ = next(
+                (f"{a} against {b}" for a, b in zip(theirs, mine, strict=False) if a != b),
+                f"{len(theirs)} parameters against {len(mine)}",
+            )
+            raise InvalidInputError(
+                f"{file}: the state is for other trainable parameters ({differ}); "
+                "the adapter config must be the one it was saved with"
+            )
+        try:
+            self.optimizer.load_state_dict(state)
+            if self.scheduler is not None and schedule is not None:
+                self.scheduler.load_state_dict(schedule)
+        except Exception as e:
             raise InvalidInputError(f"{file}: not this optimizer's state ({e})") from None
         return True
+
+
+def _optimizer_parameters(model: Any, optimizer: torch.optim.Optimizer) -> list[list[Any]]:
+    """[name, shape] of every parameter the optimizer updates, in its order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        [names.get(id(p), "?"), list(p.shape)]
+        for group in optimizer.param_groups
+        for p in group["params"]
+    ]
 
 
 STATE_FILE = "turnrl_state.json"
@@ -1195,6 +1226,7 @@ def save_adapter(
             states = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "parameters": _optimizer_parameters(model, optimizer),
             }
             torch.save(states, staging / OPTIMIZER_FILE)
     except BaseException:
@@ -1442,9 +1474,11 @@ def lr_schedule(
     """The learning rate per optimizer step, as a factor of the optimizer's own.
 
     Linear warmup over ``warmup_steps`` (the first step at ``1 / warmup_steps``
-    of the rate), then ``constant``, or ``cosine`` down to 0 at
-    ``total_steps``, as TRL's and verl's schedules. Give it to
-    :class:`GTPOTrainer`, which steps it with the optimizer.
+    of the rate, the last at the full rate), then ``constant``, or half a
+    cosine from the full rate towards 0, which it would reach at step
+    ``total_steps`` (so the last of ``total_steps`` steps runs just above 0),
+    as Hugging Face's cosine schedule does. Give it to :class:`GTPOTrainer`,
+    which steps it with the optimizer.
     """
     import torch
 
