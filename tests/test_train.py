@@ -38,6 +38,7 @@ from turnrl.train import (  # noqa: E402
     plan_micro_batches,
     rollout_messages,
     save_adapter,
+    step_tasks,
     tokenize_rollout,
     train_loop,
 )
@@ -1641,3 +1642,16 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
     nothing.advantages.zero_()
     trainer.step(nothing)
     assert schedule.last_epoch == 2
+
+
+@given(st.integers(1, 9), st.integers(1, 7), st.integers(0, 3), st.integers(0, 12))
+def test_step_tasks_are_a_function_of_seed_and_step_covering_every_pass(n, per_step, seed, step):
+    pool = [f"task-{i}" for i in range(n)]
+    drawn = [t for s in range(step + 1) for t in step_tasks(pool, s, per_step, seed)]
+    # Every whole pass over the pool holds each task once.
+    for start in range(0, len(drawn) - n + 1, n):
+        assert sorted(drawn[start : start + n]) == sorted(pool)
+    # A resumed run (no earlier steps drawn) gets the same tasks for its step.
+    assert step_tasks(pool, step, per_step, seed) == drawn[step * per_step :]
+    ten = list(range(10))
+    assert step_tasks(ten, 0, 10, seed) != step_tasks(ten, 0, 10, seed + 1)  # seeds differ

@@ -77,6 +77,7 @@ __all__ = [
     "recover_adapter",
     "rollout_messages",
     "save_adapter",
+    "step_tasks",
     "template_messages",
     "tokenize_rollout",
     "train_loop",
@@ -1299,7 +1300,8 @@ def train_loop(
     """Collect groups of rollouts with the current policy, update it, repeat.
 
     Each step draws ``tasks_per_step`` tasks (cycling through ``tasks``, or
-    all the domain's, shuffled), runs ``group_size`` episodes of each with
+    all the domain's, shuffled anew each pass; :func:`step_tasks`, so a
+    resumed run draws what an unbroken one would have), runs ``group_size`` episodes of each with
     agents from ``make_agent`` (an :class:`turnrl.engines.EngineAgent` on the
     policy being trained) through :func:`turnrl.collect.collect_rollouts`,
     whose ``tiers`` set the turn rewards, builds a batch and calls
@@ -1360,9 +1362,6 @@ def train_loop(
         _raise_together(error, device)
         return result
 
-    # The same seed on every rank: the ranks agree on the tasks of each step.
-    rng = np.random.default_rng([seed, first_step])
-    order: list[Any] = []
     history: list[dict[str, float]] = []
     bar: Any = None
     if progress and rank == 0:
@@ -1371,11 +1370,9 @@ def train_loop(
         bar = tqdm(total=steps, unit="step", desc=f"train {domain.name}")
     try:
         for step in range(first_step, first_step + steps):
-            chosen = []
-            for _ in range(tasks_per_step):
-                if not order:
-                    order = [pool[i] for i in rng.permutation(len(pool))]
-                chosen.append(order.pop())
+            # A function of (seed, step) alone: every rank draws the same tasks,
+            # and a resumed run the ones an unbroken run would have.
+            chosen = step_tasks(pool, step, tasks_per_step, seed)
             keep: Any = (
                 tempfile.TemporaryDirectory()
                 if buffer_dir is None
@@ -1454,6 +1451,20 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def step_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int = 0) -> list[Any]:
+    """The tasks of a :func:`train_loop` step: the ``step``-th ``per_step`` of an
+    endless sequence of shuffles of ``pool``, each shuffle seeded by ``(seed, its
+    index)``, so every pass over the pool holds each task once."""
+    shuffles: dict[int, np.ndarray] = {}
+    chosen = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, at = divmod(position, len(pool))
+        if epoch not in shuffles:
+            shuffles[epoch] = np.random.default_rng([seed, epoch]).permutation(len(pool))
+        chosen.append(pool[int(shuffles[epoch][at])])
+    return chosen
 
 
 def _rank_share(chosen: Sequence[Any], rank: int, world: int) -> list[Any]:
