@@ -311,10 +311,9 @@ def tokenize_rollout(
         ids = _sampled_ids(turn["completion_ids"], vocabulary)
         decoded = None
         if ids:
-            try:
+            # A slow tokenizer may raise on an id a fast one would skip.
+            with contextlib.suppress(TypeError, ValueError, OverflowError, IndexError, KeyError):
                 decoded = tokenizer.decode(ids, skip_special_tokens=False)
-            except (TypeError, ValueError, OverflowError, IndexError, KeyError):
-                decoded = None
         if decoded is not None and _decodes_to(decoded, completions[k], turn.get("truncated")):
             sampled[k] = ids
         else:
@@ -725,13 +724,9 @@ def plan_micro_batches(
     order = sorted((r for r in range(len(lengths)) if trained[r] > 0), key=lambda r: -lengths[r])
     plan: list[list[int]] = []
     for r in order:
-        current = plan[-1] if plan else None
-        fits = current is not None and (
-            len(current) < rows
-            if tokens is None
-            else (len(current) + 1) * lengths[current[0]] <= tokens
-        )
-        if fits and current is not None:
+        current = plan[-1] if plan else []
+        grown = len(current) + 1  # rows, were r to join; current[0] is its longest
+        if current and (grown <= rows if tokens is None else grown * lengths[current[0]] <= tokens):
             current.append(r)
         else:
             plan.append([r])
@@ -771,9 +766,7 @@ def _raise_together(error: Exception | None, device: torch.device) -> None:
 
     The failed rank raises its own error; the others say that another rank failed.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world()[1] == 1:
         if error is not None:
             raise error
         return
@@ -978,12 +971,10 @@ class GTPOTrainer:
                     for name, value in stats.items():
                         totals[name] = totals.get(name, 0.0) + weight * float(value)
             except Exception as e:
-                if self.world_size == 1:
-                    raise
                 error = e
+            _raise_together(error, self._device())
             params = [p for p in self.model.parameters() if p.requires_grad]
             if self.world_size > 1:
-                _raise_together(error, self._device())
                 # Each rank's loss is already divided by the global counts, so
                 # the sum of the ranks' gradients is the whole batch's gradient.
                 _all_reduce_grads(params)
@@ -1036,17 +1027,18 @@ class GTPOTrainer:
 
         cfg = self.config
         trained = batch.loss_mask[:, 1:]
+        has_tokens = trained.any(dim=1)
         global_tokens = int(trained.sum())
         global_sequences = (
             batch.num_rows  # dr_grpo counts every sequence, the seq_mean modes those trained
             if cfg.agg == "dr_grpo"
-            else int(trained.any(dim=1).sum())
+            else int(has_tokens.sum())
         )
-        run = trained.any(dim=1)
+        run = has_tokens
         if cfg.skip_zero_advantage and not cfg.beta and not cfg.entropy_coef:
             run = (trained & (batch.advantages[:, 1:] != 0)).any(dim=1)
         ran_tokens = int(trained[run].sum())
-        skipped_rows = int((trained.any(dim=1) & ~run).sum())
+        skipped_rows = int((has_tokens & ~run).sum())
         padded = batch.input_ids.shape[1]
         if self.world_size > 1:
             counts = [global_tokens, global_sequences, ran_tokens, skipped_rows]
