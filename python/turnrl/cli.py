@@ -278,10 +278,10 @@ def metrics_line(step: int, stats: Mapping[str, float]) -> str:
     """One step's line of ``metrics.jsonl``: strict JSON, a statistic that was not
     measured (NaN: no row ran) written as null."""
     import json
-    import math
 
-    row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in stats.items()}
-    return json.dumps({"step": step, **row}, allow_nan=False)
+    from turnrl.calibration import _finite_or_none
+
+    return json.dumps({"step": step, **_finite_or_none(dict(stats))}, allow_nan=False)
 
 
 def _start_data_parallel(args: argparse.Namespace) -> tuple[int, str | None, bool]:
