@@ -36,8 +36,10 @@ def main() -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = 3 * torch.randn(rows, vocab, device="cuda", generator=g)
     targets = torch.randint(0, vocab, (rows,), device="cuda", generator=g)
-    lse = torch.logsumexp(logits, dim=1)
-    mean = (torch.softmax(logits, dim=1) * logits).sum(dim=1)
+    row_max = logits.amax(dim=1)
+    log_sumexp = torch.logsumexp(logits - row_max[:, None], dim=1)
+    mean_gap = (torch.softmax(logits, dim=1) * (row_max[:, None] - logits)).sum(dim=1)
+    stats = (row_max, log_sumexp, mean_gap)
     g_l = torch.randn(rows, device="cuda", generator=g)
     g_h = torch.randn(rows, device="cuda", generator=g)
     dlogits = torch.empty(rows, vocab, device="cuda", dtype=torch.bfloat16)
@@ -58,7 +60,7 @@ def main() -> int:
             gtpo._fold_tile(logits, targets, state, 0, 1.0, **options)
 
         def backward(options=options):
-            gtpo._tile_dlogits(logits, dlogits, targets, lse, mean, g_l, g_h, 0, 1.0, **options)
+            gtpo._tile_dlogits(logits, dlogits, targets, stats, g_l, g_h, 0, 1.0, **options)
 
         try:
             dlogits.fill_(float("nan"))

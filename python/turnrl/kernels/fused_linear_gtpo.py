@@ -18,12 +18,14 @@ The [N, V] logits never exist at once. Two schedules share the kernels:
 * ``rows`` (the default when gradients are taken): blocks of ``R`` rows over
   the whole vocabulary. Per block, one [R, V] fp32 logits tile; the forward
   kernel folds each row into an online logsumexp (running max ``m``,
-  ``s = sum exp(z - m)``, ``u = sum exp(z - m) * z``) and picks the target
-  logit: ``lse = m + log s``, ``E[z] = u / s``, ``H = lse - E[z]``. The
+  ``r = s - 1`` where ``s = sum exp(z - m)``, ``t = sum exp(z - m) * (m - z)``)
+  and picks the target logit: ``l = (z_y - m) - log1p(r)``,
+  ``H = log1p(r) + t / s``. The
   block's per-token loss derivatives follow at once, so the backward kernel
   turns the same tile into
-  ``dz_j = g_l * [j == y] - p_j * (g_l + g_H * (z_j - E[z]))`` (``g_l``,
-  ``g_H``: derivatives of the loss by ``l_t`` and ``H_t``), and
+  ``dz_j = g_l * [j == y] - p_j * (g_l + g_H * ((z_j - m) + t / s))``
+  (``g_l``, ``g_H``: derivatives of the loss by ``l_t`` and ``H_t``;
+  ``(z_j - m) + t / s`` is ``z_j - E[z]``), and
   ``grad_hidden[block] = dz @ W / temperature``,
   ``grad_weight += dz.T @ hidden[block] / temperature``. Both gradients are
   done in the forward (as Liger-Kernel's fused cross-entropy does); the
@@ -59,7 +61,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -109,8 +111,19 @@ TILE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 24}
 # block), so blocks must be tall: at R = 441 that traffic alone rivals a
 # matmul (H100 figures in benches/RESULTS.md).
 ROW_TILE_ELEMENTS = {"cuda": 1 << 28, "cpu": 1 << 24}
+# Every quantity is kept relative to the row's max ``m`` (``z - m``, the mean
+# gap ``t / s = E[m - z] >= 0``), never as ``lse`` or ``E[z]``: on a
+# near-one-hot row ``l = z_y - lse`` and ``z_j - E[z]`` are tiny differences
+# of O(|z|) numbers, and forming them from fp32 ``lse`` and ``E[z]`` lost
+# about 1e-6 absolute each, a 1e-3 to 1e-2 relative error in the entropy and
+# KL gradients (tests/gtpo_cases.py: make_peaked_case). For the same reason
+# the sum ``s = 1 + r`` is kept as ``r``, the mass of every token but one top
+# token (which adds exactly 1): ``s - 1`` in fp32 is off by 1e-7, and so
+# were ``l`` and ``1 - p_y`` at the top token, by 1e-3 relative at
+# ``1 - p_y = 1e-4``. No sum here has a negative term, so nothing cancels.
+#
 # Launch options of both kernels. No fused multiply-add: the backward
-# recomputes ``z - lse`` and ``z - E[z]`` from the same fp32 tile, and with
+# recomputes ``z - m`` and ``p`` from the same fp32 tile, and with
 # fma contraction it would not round ``z`` as the forward did, so a gradient
 # that is exactly zero (a one-token vocabulary, a one-hot row) came out as
 # rounding noise on a GPU (the interpreter never fuses).
@@ -133,8 +146,8 @@ if HAS_TRITON:
         logits_stride,
         targets_ptr,
         max_ptr,
-        sumexp_ptr,
-        sumexpz_ptr,
+        rest_ptr,
+        sumexpgap_ptr,
         target_logit_ptr,
         chunk_start,
         chunk_width,
@@ -146,8 +159,8 @@ if HAS_TRITON:
         row_ptr = logits_ptr + row * logits_stride
         target = tl.load(targets_ptr + row) - chunk_start
         m = tl.load(max_ptr + row)
-        s = tl.load(sumexp_ptr + row)
-        u = tl.load(sumexpz_ptr + row)
+        r = tl.load(rest_ptr + row)
+        t = tl.load(sumexpgap_ptr + row)
         target_logit = tl.load(target_logit_ptr + row)
         for block in range(0, chunk_width, BLOCK_V):
             cols = block + tl.arange(0, BLOCK_V)
@@ -156,13 +169,22 @@ if HAS_TRITON:
             m_new = tl.maximum(m, tl.max(tl.where(valid, z, float("-inf")), axis=0))
             scale = tl.exp(m - m_new)
             e = tl.where(valid, tl.exp(z - m_new), 0.0)
-            s = s * scale + tl.sum(e, axis=0)
-            u = u * scale + tl.sum(e * z, axis=0)
+            # Moving the max from m to m_new adds (m_new - m) to every old gap;
+            # before the first element there is nothing to move (and -inf * 0).
+            seen = m > float("-inf")
+            t = tl.where(seen, (t + (m_new - m) * (1.0 + r)) * scale, 0.0)
+            t += tl.sum(e * (m_new - z), axis=0)
+            # A new top token in this block: the old mass (1 + r) shrinks and
+            # every element of the block but one top one joins r.
+            at_top = valid & (z == m_new)
+            tops = tl.sum(at_top.to(tl.float32), axis=0)
+            block_rest = tl.sum(tl.where(at_top, 0.0, e), axis=0) + (tops - 1.0)
+            r = tl.where(m_new > m, (1.0 + r) * scale + block_rest, r + tl.sum(e, axis=0))
             m = m_new
             target_logit += tl.sum(tl.where(valid & (cols == target), z, 0.0), axis=0)
         tl.store(max_ptr + row, m)
-        tl.store(sumexp_ptr + row, s)
-        tl.store(sumexpz_ptr + row, u)
+        tl.store(rest_ptr + row, r)
+        tl.store(sumexpgap_ptr + row, t)
         tl.store(target_logit_ptr + row, target_logit)
 
     @triton.jit
@@ -172,8 +194,10 @@ if HAS_TRITON:
         dlogits_ptr,
         dlogits_stride,
         targets_ptr,
-        lse_ptr,
-        mean_logit_ptr,
+        max_ptr,
+        log_sumexp_ptr,
+        mean_gap_ptr,
+        tail_mass_ptr,
         grad_logprob_ptr,
         grad_entropy_ptr,
         chunk_start,
@@ -186,17 +210,25 @@ if HAS_TRITON:
         row_ptr = logits_ptr + row * logits_stride
         out_ptr = dlogits_ptr + row * dlogits_stride
         target = tl.load(targets_ptr + row) - chunk_start
-        lse = tl.load(lse_ptr + row)
-        mean_z = tl.load(mean_logit_ptr + row)
+        m = tl.load(max_ptr + row)
+        log_s = tl.load(log_sumexp_ptr + row)
+        mean_gap = tl.load(mean_gap_ptr + row)
+        tail_mass = tl.load(tail_mass_ptr + row)
         g_l = tl.load(grad_logprob_ptr + row)
         g_h = tl.load(grad_entropy_ptr + row)
         for block in range(0, chunk_width, BLOCK_V):
             cols = block + tl.arange(0, BLOCK_V)
             valid = cols < chunk_width
             z = tl.load(row_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
-            p = tl.exp(z - lse)
-            dz = -p * (g_l + g_h * (z - mean_z))
-            dz = tl.where(cols == target, dz + g_l, dz) * inv_temperature
+            shifted = z - m
+            p = tl.exp(shifted - log_s)
+            centered = shifted + mean_gap
+            dz = -p * (g_l + g_h * centered)
+            # At the target, g_l * (1 - p): 1 - p cancels where p is near 1,
+            # which only a top token can be, and there it is the tail mass.
+            one_minus_p = tl.where(shifted == 0.0, tail_mass, 1.0 - p)
+            dz = tl.where(cols == target, g_l * one_minus_p - p * g_h * centered, dz)
+            dz = dz * inv_temperature
             tl.store(out_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
 
 
@@ -218,9 +250,73 @@ def _chunk_bounds(size: int, chunk_size: int):
 
 
 def _row_state(n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Fresh online-logsumexp state per row: ``(m, s, u, target_logit)``."""
+    """Fresh online-logsumexp state per row: ``(m, r, t, target_logit)``."""
     m = torch.full((n,), -math.inf, dtype=torch.float32, device=device)
     return m, *(torch.zeros(n, dtype=torch.float32, device=device) for _ in range(3))
+
+
+class RowStats(NamedTuple):
+    """Per-row log-softmax statistics of the logits ``z``, relative to the row max.
+
+    ``log_sumexp`` is ``log sum_j exp(z_j - row_max)``, ``mean_gap`` is
+    ``E_p[row_max - z] >= 0`` and ``tail_mass`` is ``1 - p`` of a top token,
+    so ``lse = row_max + log_sumexp`` and ``E[z] = row_max - mean_gap``; they
+    are not formed, as they cancel (see the note above ``KERNEL_OPTIONS``).
+    """
+
+    row_max: torch.Tensor
+    log_sumexp: torch.Tensor
+    mean_gap: torch.Tensor
+    tail_mass: torch.Tensor
+    logprob: torch.Tensor
+    entropy: torch.Tensor
+
+    def for_grads(self) -> tuple[torch.Tensor, ...]:
+        """What the gradient needs: ``(row_max, log_sumexp, mean_gap, tail_mass)``."""
+        return self[:4]
+
+
+def _row_stats(m, r, t, target_shift) -> RowStats:
+    """:class:`RowStats` from the online state ``(m, r, t)`` and ``z_y - m``."""
+    s = 1.0 + r
+    log_s = torch.log1p(r)
+    mean_gap = t / s
+    return RowStats(m, log_s, mean_gap, r / s, target_shift - log_s, log_s + mean_gap)
+
+
+def _state_stats(state: tuple[torch.Tensor, ...]) -> RowStats:
+    """:class:`RowStats` of a folded :func:`_row_state`."""
+    m, r, t, target_logit = state
+    return _row_stats(m, r, t, target_logit - m)
+
+
+def _fold_tile_torch(z, m, r, t):
+    """Fold an fp32/fp64 logits tile into ``(m, r, t)``; torch twin of the forward kernel."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    block_max, block_top = z.max(dim=1)
+    m_new = torch.maximum(m, block_max)
+    scale = torch.exp(m - m_new)
+    gap = torch.sub(m_new[:, None], z)
+    e = torch.neg(gap).exp_()
+    seen = m > -math.inf
+    t = torch.where(seen, (t + (m_new - m) * (1.0 + r)) * scale, 0.0) + gap.mul_(e).sum(dim=1)
+    del gap
+    # The block's top element leaves the sum (it is the new top token's 1 where
+    # the max moved into this block) and comes back where it did not.
+    top_mass = e[rows, block_top]
+    e[rows, block_top] = 0.0
+    rest = e.sum(dim=1)
+    r = torch.where(m_new > m, (1.0 + r) * scale + rest, r + rest + top_mass)
+    return m_new, r, t
+
+
+def _target_dlogits(shifted_y, stats, g_l, g_h) -> torch.Tensor:
+    """d loss / d z at the target column (before 1/T), with ``1 - p_y`` kept exact
+    at a top token: ``g_l * (1 - p_y) - p_y * g_h * (z_y - E[z])``."""
+    _, log_s, mean_gap, tail_mass = stats
+    p_y = torch.exp(shifted_y - log_s)
+    one_minus_p = torch.where(shifted_y == 0, tail_mass, 1.0 - p_y)
+    return g_l * one_minus_p - p_y * g_h * (shifted_y + mean_gap)
 
 
 def _launch_options(width: int, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -247,18 +343,24 @@ def _fold_tile(
 
 
 def _tile_dlogits(
-    logits, dlogits, targets, lse, mean_logit, g_l, g_h, chunk_start, temperature, **overrides: Any
+    logits, dlogits, targets, stats, g_l, g_h, chunk_start, temperature, **overrides: Any
 ) -> None:
-    """Write d loss / d raw logits of an fp32 tile into ``dlogits`` (may be ``logits``)."""
+    """Write d loss / d raw logits of an fp32 tile into ``dlogits`` (may be ``logits``).
+
+    ``stats`` holds fp32 contiguous ``RowStats.for_grads()``.
+    """
     width = logits.shape[1]
+    row_max, log_sumexp, mean_gap, tail_mass = stats
     _gtpo_backward_chunk_kernel[(logits.shape[0],)](
         logits,
         logits.stride(0),
         dlogits,
         dlogits.stride(0),
         targets,
-        lse,
-        mean_logit,
+        row_max,
+        log_sumexp,
+        mean_gap,
+        tail_mass,
         g_l,
         g_h,
         chunk_start,
@@ -305,39 +407,33 @@ def stream_stats_torch(
     targets: torch.Tensor,
     temperature: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(lse, target_logit, mean_logit)`` of ``hidden @ weight.T / T``, chunked."""
+) -> RowStats:
+    """Per-row :class:`RowStats` of ``hidden @ weight.T / T``, chunked."""
     dtype = _compute_dtype(hidden.dtype)
     n = hidden.shape[0]
     h = hidden.to(dtype)
     m = torch.full((n,), -math.inf, dtype=dtype, device=hidden.device)
-    s = torch.zeros(n, dtype=dtype, device=hidden.device)
-    u = torch.zeros(n, dtype=dtype, device=hidden.device)
+    r = torch.zeros(n, dtype=dtype, device=hidden.device)
+    t = torch.zeros(n, dtype=dtype, device=hidden.device)
     target_logit = torch.zeros(n, dtype=dtype, device=hidden.device)
     rows = torch.arange(n, device=hidden.device)
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
         z = h @ weight[start:stop].to(dtype).T
         z.mul_(1.0 / temperature)
-        m_new = torch.maximum(m, z.amax(dim=1))
-        scale = torch.exp(m - m_new)
-        e = torch.sub(z, m_new[:, None]).exp_()
-        s = s * scale + e.sum(dim=1)
-        u = u * scale + e.mul_(z).sum(dim=1)
-        m = m_new
+        m, r, t = _fold_tile_torch(z, m, r, t)
         local = targets - start
         inside = (local >= 0) & (local < stop - start)
         picked = z[rows, local.clamp(0, stop - start - 1)]
         target_logit = torch.where(inside, picked, target_logit)
-        del z, e
-    return m + torch.log(s), target_logit, u / s
+        del z
+    return _state_stats((m, r, t, target_logit))
 
 
 def stream_grad_torch(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    mean_logit: torch.Tensor,
+    stats: RowStats,
     grad_logprob: torch.Tensor,
     grad_entropy: torch.Tensor,
     temperature: float,
@@ -352,19 +448,24 @@ def stream_grad_torch(
     grad_h = torch.zeros_like(h) if need_hidden else None
     grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
     rows = torch.arange(n, device=hidden.device)
-    lse_c, mean_c = lse.to(dtype)[:, None], mean_logit.to(dtype)[:, None]
+    row_stats = tuple(v.to(dtype) for v in stats.for_grads())
+    max_c, log_s_c, gap_c = (v[:, None] for v in row_stats[:3])
     g_l, g_h = grad_logprob.to(dtype), grad_entropy.to(dtype)
     inv_t = 1.0 / temperature
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
         w_c = weight[start:stop].to(dtype)
         z = h @ w_c.T
-        z.mul_(inv_t)
-        p = torch.sub(z, lse_c).exp_()
-        dz = z.sub_(mean_c).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
-        del p
+        z.mul_(inv_t).sub_(max_c)
         local = targets - start
         inside = (local >= 0) & (local < stop - start)
-        dz[rows[inside], local[inside]] += g_l[inside]
+        shifted_y = z[rows[inside], local[inside]]
+        p = torch.sub(z, log_s_c).exp_()
+        dz = z.add_(gap_c).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
+        del p
+        inside_stats = tuple(v[inside] for v in row_stats)
+        dz[rows[inside], local[inside]] = _target_dlogits(
+            shifted_y, inside_stats, g_l[inside], g_h[inside]
+        )
         dz.mul_(inv_t)
         if grad_h is not None:
             grad_h.addmm_(dz, w_c)
@@ -380,23 +481,21 @@ def stream_stats_triton(
     targets: torch.Tensor,
     temperature: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> RowStats:
     """Triton twin of :func:`stream_stats_torch`: fp32 tiles from :func:`_mm_f32`."""
     state = _row_state(hidden.shape[0], hidden.device)
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
         logits = _mm_f32(hidden, weight[start:stop].T)
         _fold_tile(logits, targets, state, start, temperature)
         del logits
-    m, s, u, target_logit = state
-    return m + torch.log(s), target_logit, u / s
+    return _state_stats(state)
 
 
 def stream_grad_triton(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
-    mean_logit: torch.Tensor,
+    stats: RowStats,
     grad_logprob: torch.Tensor,
     grad_entropy: torch.Tensor,
     temperature: float,
@@ -417,8 +516,7 @@ def stream_grad_triton(
         else None
     )
     grad_w = torch.empty_like(weight) if need_weight else None
-    lse = lse.float().contiguous()
-    mean_logit = mean_logit.float().contiguous()
+    row_stats = tuple(v.float().contiguous() for v in stats.for_grads())
     g_l = grad_logprob.float().contiguous()
     g_h = grad_entropy.float().contiguous()
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
@@ -429,7 +527,7 @@ def stream_grad_triton(
         # put grad_weight at the edge of the 1e-2 bound on 1% of seeds.
         low_precision = hidden.dtype != torch.float32 and hidden.is_cuda
         dlogits = torch.empty_like(logits, dtype=hidden.dtype) if low_precision else logits
-        _tile_dlogits(logits, dlogits, targets, lse, mean_logit, g_l, g_h, start, temperature)
+        _tile_dlogits(logits, dlogits, targets, row_stats, g_l, g_h, start, temperature)
         del logits
         if low_precision:
             if grad_h is not None:
@@ -506,14 +604,22 @@ def rows_torch(
     grad_w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
     for start, stop in _chunk_bounds(n, rows):
         h = hidden[start:stop].to(dtype)
+        block_targets = targets[start:stop]
         local = torch.arange(stop - start, device=hidden.device)
         z = h @ w.T
         z.mul_(inv_t)
-        lse = torch.logsumexp(z, dim=1)
-        p = torch.sub(z, lse[:, None]).exp_()
-        mean_z = (p * z).sum(dim=1)
-        block_logprob = z[local, targets[start:stop]] - lse
-        block_entropy = lse - mean_z
+        row_max, top = z.max(dim=1)
+        z.sub_(row_max[:, None])  # z - m from here on: see RowStats
+        e = z.exp()
+        gap_mass = -(e * z).sum(dim=1)
+        # Every token's mass but one top token's (exactly 1: exp(0)).
+        e[local, top] = 0.0
+        rest = e.sum(dim=1)
+        e[local, top] = 1.0
+        stats = _row_stats(row_max, rest, gap_mass, z[local, block_targets])
+        p = e.div_(1.0 + rest[:, None])
+        del e
+        block_logprob, block_entropy = stats.logprob, stats.entropy
         logprob[start:stop], entropy[start:stop] = block_logprob, block_entropy
         block_inputs = token_inputs.block(start, stop)
         if not (need_hidden or need_weight):
@@ -521,9 +627,10 @@ def rows_torch(
             continue
         block_loss, g_l, g_h = _token_grads(block_logprob, block_entropy, block_inputs)
         loss += block_loss
-        dz = z.sub_(mean_z[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
+        shifted_y = z[local, block_targets]
+        dz = z.add_(stats.mean_gap[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
         del p
-        dz[local, targets[start:stop]] += g_l
+        dz[local, block_targets] = _target_dlogits(shifted_y, stats.for_grads(), g_l, g_h)
         dz.mul_(inv_t)
         if grad_h is not None:
             grad_h[start:stop] = dz @ w
@@ -570,11 +677,8 @@ def rows_triton(
         logits = _mm_f32(h, weight.T)
         state = _row_state(stop - start, dev)
         _fold_tile(logits, block_targets, state, 0, temperature)
-        m, s, u, target_logit = state
-        lse = m + torch.log(s)
-        mean_z = u / s
-        block_logprob = target_logit - lse
-        block_entropy = lse - mean_z
+        stats = _state_stats(state)
+        block_logprob, block_entropy = stats.logprob, stats.entropy
         logprob[start:stop], entropy[start:stop] = block_logprob, block_entropy
         block_inputs = token_inputs.block(start, stop)
         if not (need_hidden or need_weight):
@@ -584,7 +688,8 @@ def rows_triton(
         loss += block_loss
         dlogits = torch.empty_like(logits, dtype=hidden.dtype) if low_precision else logits
         g_l, g_h = g_l.float().contiguous(), g_h.float().contiguous()
-        _tile_dlogits(logits, dlogits, block_targets, lse, mean_z, g_l, g_h, 0, temperature)
+        grad_stats = tuple(v.contiguous() for v in stats.for_grads())
+        _tile_dlogits(logits, dlogits, block_targets, grad_stats, g_l, g_h, 0, temperature)
         del logits
         if grad_h is not None:
             grad_h[start:stop] = (
@@ -849,13 +954,12 @@ class GTPOLossFunction(torch.autograd.Function):
             return result.loss, result.logprob, result.entropy
 
         stats_fn, _ = _STREAMS[backend]
-        lse, target_logit, mean_logit = stats_fn(hidden, weight, targets, temperature, chunk_size)
-        logprob = target_logit - lse
-        entropy = lse - mean_logit
+        stats = stats_fn(hidden, weight, targets, temperature, chunk_size)
+        logprob, entropy = stats.logprob, stats.entropy
         loss = _weighted_loss(
             logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg
         )
-        ctx.save_for_backward(*inputs, lse, mean_logit, logprob, entropy)
+        ctx.save_for_backward(*inputs, *stats)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(logprob, entropy)
         return loss, logprob, entropy
@@ -887,21 +991,17 @@ class GTPOLossFunction(torch.autograd.Function):
         hidden, weight, targets, advantages, old, ref, agg_weights, *saved = ctx.saved_tensors
         stats_fn, grad_fn = _STREAMS[ctx.backend]
         if saved:
-            lse, mean_logit, logprob, entropy = saved
+            stats = RowStats(*saved)
         else:
-            lse, target_logit, mean_logit = stats_fn(
-                hidden, weight, targets, ctx.temperature, ctx.chunk_size
-            )
-            logprob, entropy = target_logit - lse, lse - mean_logit
+            stats = stats_fn(hidden, weight, targets, ctx.temperature, ctx.chunk_size)
         inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg)
-        _, g_l, g_h = _token_grads(logprob, entropy, inputs)
-        scale = grad_loss.to(lse.dtype)
+        _, g_l, g_h = _token_grads(stats.logprob, stats.entropy, inputs)
+        scale = grad_loss.to(stats.row_max.dtype)
         grad_h, grad_w = grad_fn(
             hidden,
             weight,
             targets,
-            lse,
-            mean_logit,
+            stats,
             g_l * scale,
             g_h * scale,
             ctx.temperature,
@@ -1284,8 +1384,8 @@ def fused_logprobs(
         raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     stats_fn, _ = _STREAMS[resolved]
     with torch.no_grad():
-        lse, target_logit, _ = stats_fn(h2, weight.contiguous(), targets, temperature, chunk)
-    return (target_logit - lse).reshape(hidden.shape[:-1])
+        stats = stats_fn(h2, weight.contiguous(), targets, temperature, chunk)
+    return stats.logprob.reshape(hidden.shape[:-1])
 
 
 def torch_gtpo_loss(
