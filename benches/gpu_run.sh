@@ -12,7 +12,8 @@
 # for benches/gpu_loss.py. `device` installs both into /tmp/site, then runs,
 # in order, with every log under $OUT: the Triton compile check, the Triton
 # backend's tests on CUDA (compiled kernels against the float64 reference),
-# and benches/gpu_loss.py at Qwen3-4B shapes. Each step's status is printed;
+# benches/gpu_loss.py at Qwen3-4B shapes and the row kernels' sweep
+# (benches/gpu_row_kernels.py). Each step's status is printed;
 # a failing step does not stop the later ones.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +74,7 @@ device)
     step compile python3 tests/kernels/aot_compile.py 90
     step kernel-tests python3 -m pytest -q -p no:cacheprovider tests/kernels
     step gpu-loss python3 benches/gpu_loss.py --csv "$out/gpu_loss.csv"
+    step row-kernels python3 benches/gpu_row_kernels.py
     ;;
 *)
     echo "usage: bash benches/gpu_run.sh prepare|device|train" >&2
