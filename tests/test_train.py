@@ -510,6 +510,7 @@ def test_a_resumed_trainer_continues_the_optimizer_exactly(tmp_path, tok, base_m
         resumed = trainer_on(model)
         if restore:
             assert resumed.load_optimizer(tmp_path / "adapter")
+            assert resumed.resume_changes == []
         assert resumed.scheduler.last_epoch == (1 if restore else 0)
         resumed.step(second)
         got = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -542,6 +543,52 @@ def test_a_resumed_trainer_continues_the_optimizer_exactly(tmp_path, tok, base_m
     with pytest.raises(InvalidInputError, match=r"optimizer\.pt: not an optimizer state"):
         resumed.load_optimizer(tmp_path / "adapter")
     assert not resumed.load_optimizer(tmp_path / "nowhere")
+
+
+def test_a_resumed_trainer_keeps_its_own_hyperparameters(tmp_path, tok, base_model):
+    """Moments and the schedule's position come from the checkpoint; the learning
+    rate, weight decay and schedule shape from the resumed run (a lower --lr on
+    --resume must take effect), each change listed."""
+    first = _zeroed_batch(tok, rows=[])
+    model = _lora(base_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    schedule = lr_schedule(optimizer, "cosine", warmup_steps=1, total_steps=4)
+    running = GTPOTrainer(model, optimizer, GTPOConfig(backend="torch"), scheduler=schedule)
+    running.step(first)
+    running.save(tmp_path / "adapter", state={"step": 0})
+    saved_moments = [running.optimizer.state[p]["exp_avg"].clone() for p in params]
+
+    def resumed_with(lr, weight_decay, kind):
+        model = peft.PeftModel.from_pretrained(
+            copy.deepcopy(base_model), tmp_path / "adapter", is_trainable=True
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        schedule = (
+            None if kind is None else lr_schedule(optimizer, kind, warmup_steps=1, total_steps=8)
+        )
+        trainer = GTPOTrainer(model, optimizer, GTPOConfig(backend="torch"), scheduler=schedule)
+        assert trainer.load_optimizer(tmp_path / "adapter")
+        moments = [trainer.optimizer.state[p]["exp_avg"] for p in params]
+        assert all(torch.equal(a, b) for a, b in zip(moments, saved_moments, strict=True))
+        return trainer
+
+    trainer = resumed_with(5e-3, 0.1, "cosine")
+    assert sorted(trainer.resume_changes) == ["lr: 0.01 -> 0.005", "weight_decay: 0.01 -> 0.1"]
+    group = trainer.optimizer.param_groups[0]
+    # Step 1 of this run's cosine (warmup 1, 8 steps) at this run's rate.
+    want = 5e-3 * 0.5 * (1 + math.cos(math.pi * 0 / 7))
+    assert trainer.scheduler.last_epoch == 1
+    assert group["lr"] == pytest.approx(want) and group["weight_decay"] == 0.1
+    assert trainer.scheduler.get_last_lr() == [group["lr"]]
+    trainer.step(first)
+    assert group["lr"] == pytest.approx(5e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 7)))
+
+    # Without a scheduler: the optimizer's own rate, not the checkpoint's scheduled one.
+    trainer = resumed_with(1e-3, 0.01, None)
+    assert trainer.resume_changes == ["lr: 0.01 -> 0.001"]
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
 
 
 class _FakeEngine:
@@ -874,8 +921,11 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         return saved["scheduler"]["last_epoch"]
 
     assert scheduled_steps() == 1
-    assert main([*argv, "--resume", "--plot"]) == 0
-    assert "no optimizer state" not in capsys.readouterr().err
+    # Resumed at a lower rate: the moments continue, the rate is this run's.
+    assert main([*argv, "--resume", "--plot", "--lr", "5e-6"]) == 0
+    err = capsys.readouterr().err
+    assert "no optimizer state" not in err
+    assert "this run's settings replace the checkpoint's: lr: 1e-05 -> 5e-06" in err
     assert scheduled_steps() == 2  # the resumed run went on from the saved schedule
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]

@@ -437,6 +437,12 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 f"--resume: {adapter} has no optimizer state; AdamW starts its moments afresh",
                 file=sys.stderr,
             )
+        elif trainer.resume_changes and rank == 0:
+            print(
+                "--resume: this run's settings replace the checkpoint's: "
+                + "; ".join(trainer.resume_changes),
+                file=sys.stderr,
+            )
 
     def on_step(step: int, stats: dict[str, float]) -> None:
         if rank != 0:  # every rank has the same figures

@@ -853,6 +853,7 @@ class GTPOTrainer:
         self.config = config or GTPOConfig()
         self.ref_model = ref_model
         self.scheduler = scheduler
+        self.resume_changes: list[str] = []  # set by load_optimizer
         if type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
             raise InvalidInputError(
                 f"pass the model itself, not a {type(model).__name__} wrapper: GTPOTrainer "
@@ -1116,10 +1117,17 @@ class GTPOTrainer:
     def load_optimizer(self, path: str | os.PathLike[str]) -> bool:
         """Continue the optimizer (and scheduler) from the state :meth:`save` wrote at ``path``.
 
-        Returns False when the checkpoint has none (one written without it).
-        The state names the parameters it belongs to, with their shapes; a
-        model whose trainable parameters differ (another adapter config) is
-        refused, as is a file that is not such a state.
+        What continues is what the run has learnt: AdamW's moments and step
+        counts, and the scheduler's position. The hyper-parameters stay this
+        trainer's (learning rate, weight decay, betas, the schedule's shape):
+        a run resumed with a lower ``--lr`` runs at it, from the schedule's
+        position, rather than silently at the checkpoint's. Each one that
+        differs from the checkpoint's is listed in :attr:`resume_changes`
+        (``"lr: 2e-05 -> 1e-05"``). Returns False when the checkpoint has no
+        state (one written without it). The state names the parameters it
+        belongs to, with their shapes; a model whose trainable parameters
+        differ (another adapter config) is refused, as is a file that is not
+        such a state.
         """
         import torch
 
@@ -1156,13 +1164,67 @@ class GTPOTrainer:
                 f"{file}: the state is for other trainable parameters ({differ}); "
                 "the adapter config must be the one it was saved with"
             )
+        mine_groups = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        ]
+        base_lrs = None if self.scheduler is None else list(self.scheduler.base_lrs)
         try:
             self.optimizer.load_state_dict(state)
             if self.scheduler is not None and schedule is not None:
                 self.scheduler.load_state_dict(schedule)
         except Exception as e:
             raise InvalidInputError(f"{file}: not this optimizer's state ({e})") from None
+        self.resume_changes = _restore_hyperparameters(
+            self.optimizer, mine_groups, groups, self.scheduler, base_lrs
+        )
         return True
+
+
+def _restore_hyperparameters(
+    optimizer: torch.optim.Optimizer,
+    mine: list[dict[str, Any]],
+    saved: list[dict[str, Any]],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    base_lrs: list[float] | None,
+) -> list[str]:
+    """Put this run's hyper-parameters back after a loaded state replaced them;
+    the learning rate at the loaded schedule position. Returns what differed."""
+    changes = []
+    # The scheduler's base rate is the run's rate; the group's "lr" is the
+    # scheduled one at save time, so it is compared through the base.
+    saved_base = [g.get("initial_lr", g.get("lr")) for g in saved]
+    for index, (group, own, theirs) in enumerate(
+        zip(optimizer.param_groups, mine, saved, strict=True)
+    ):
+        suffix = f" (group {index})" if len(mine) > 1 else ""
+        for key, value in own.items():
+            if key == "lr":
+                continue
+            if key != "initial_lr" and key in theirs and theirs[key] != value:
+                changes.append(f"{key}: {theirs[key]} -> {value}{suffix}")
+            group[key] = value
+        own_base = own.get("initial_lr", own.get("lr"))
+        if own_base != saved_base[index]:
+            changes.append(f"lr: {saved_base[index]} -> {own_base}{suffix}")
+    if scheduler is None or base_lrs is None:
+        for group, own in zip(optimizer.param_groups, mine, strict=True):
+            group["lr"] = own["lr"]
+        return changes
+    scheduler.base_lrs = base_lrs
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is not None:  # LambdaLR (lr_schedule): the rate at the loaded position
+        rates = [
+            base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, lambdas, strict=True)
+        ]
+    else:  # another scheduler: its loaded rate, scaled from the saved base to this run's
+        rates = [
+            group["lr"] * own / theirs if theirs else own
+            for group, own, theirs in zip(optimizer.param_groups, base_lrs, saved_base, strict=True)
+        ]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = list(rates)  # what get_last_lr() reports
+    return changes
 
 
 def _optimizer_parameters(model: Any, optimizer: torch.optim.Optimizer) -> list[list[Any]]:
