@@ -291,16 +291,17 @@ def _state_stats(state: tuple[torch.Tensor, ...]) -> RowStats:
 
 
 def _fold_tile_torch(z, m, r, t):
-    """Fold an fp32/fp64 logits tile into ``(m, r, t)``; torch twin of the forward kernel."""
+    """Fold an fp32/fp64 logits tile into ``(m, r, t)``; torch twin of the forward kernel.
+
+    Overwrites ``z`` (two tiles in all: ``z`` and its exponentials).
+    """
     rows = torch.arange(z.shape[0], device=z.device)
     block_max, block_top = z.max(dim=1)
     m_new = torch.maximum(m, block_max)
     scale = torch.exp(m - m_new)
-    gap = torch.sub(m_new[:, None], z)
-    e = torch.neg(gap).exp_()
+    e = z.sub_(m_new[:, None]).exp()
     seen = m > -math.inf
-    t = torch.where(seen, (t + (m_new - m) * (1.0 + r)) * scale, 0.0) + gap.mul_(e).sum(dim=1)
-    del gap
+    t = torch.where(seen, (t + (m_new - m) * (1.0 + r)) * scale, 0.0) - z.mul_(e).sum(dim=1)
     # The block's top element leaves the sum (it is the new top token's 1 where
     # the max moved into this block) and comes back where it did not.
     top_mass = e[rows, block_top]
@@ -420,11 +421,11 @@ def stream_stats_torch(
     for start, stop in _chunk_bounds(weight.shape[0], chunk_size):
         z = h @ weight[start:stop].to(dtype).T
         z.mul_(1.0 / temperature)
-        m, r, t = _fold_tile_torch(z, m, r, t)
         local = targets - start
         inside = (local >= 0) & (local < stop - start)
         picked = z[rows, local.clamp(0, stop - start - 1)]
         target_logit = torch.where(inside, picked, target_logit)
+        m, r, t = _fold_tile_torch(z, m, r, t)
         del z
     return _state_stats((m, r, t, target_logit))
 
