@@ -199,6 +199,33 @@ def test_trained_text_is_the_rendered_turn_or_the_raw_completion(tok):
     assert texts == ["Let me look.<|im_end|>", '<tool_call>{"name": broken</tool_call><|im_end|>']
 
 
+@pytest.mark.parametrize("raw", ["null", "[]", "0"])
+def test_a_served_calls_non_object_arguments_are_rebuilt_as_the_policy_saw_them(tok, raw):
+    """A server-parsed call (OpenAIAgent) may carry arguments that are JSON but not
+    an object; the episode sends them back as they were, so the next turn's
+    context must show them so too, not as {}."""
+    domain = envs.load("synthetic:airline", seed=0)
+    sent = []
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(list(messages)))
+        if len(sent) == 1:
+            call = {"name": "get_user_details", "arguments": raw}
+            return {
+                "content": "",
+                "tool_calls": [{"id": "c1", "type": "function", "function": call}],
+            }
+        return {"content": "Anything else?"}
+
+    record = envs.run_episode(agent, domain, domain.tasks[0], envs.ScriptedUser(max_replies=1))
+    tools = domain.openai_tools()
+    seen = TransformersEngine(None, tok).prompt(sent[1], tools)
+    rows = tokenize_rollout(record, tok, system=domain.policy, tools=tools, pack="never")
+    ids, owner = rows.input_ids[1], rows.token_turn[1]
+    assert tok.decode(ids[: owner.index(1)]) == seen
+    assert f'"arguments": {raw}' in seen
+
+
 def test_a_row_is_packed_only_when_its_tokens_are_each_prompts_tokens(tok):
     # "\n" closing the generation prompt and "\n\n" opening the reply are one
     # token when the next prompt is encoded whole, two when encoded in pieces.

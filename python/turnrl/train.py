@@ -119,7 +119,9 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
                         "type": "function",
                         "function": {
                             "name": call.get("name") or "",
-                            "arguments": call.get("arguments") or {},
+                            # As recorded: a served call's null or [] arguments were
+                            # shown to the policy as such, not as {}.
+                            "arguments": call.get("arguments", {}),
                         },
                     }
                     for i, call in enumerate(calls)
