@@ -14,7 +14,7 @@ from turnrl.calibration import DEFAULT_TIERS, TierStats, load_tier_rewards
 from turnrl.cli import main
 from turnrl.exceptions import InvalidInputError, TurnrlIOError
 from turnrl.irc import load_buffers, read_shard
-from turnrl.rollouts import RolloutWriter
+from turnrl.rollouts import RolloutWriter, expand_paths
 
 
 def planted_records(seed: int, tasks: int, step: int = 0):
@@ -133,6 +133,115 @@ def test_empty_and_missing_inputs_fail_clearly(tmp_path: Path, capsys):
     bad_tiers.write_text("[tiers]\ngold = 'x'\n")
     assert main(["calibrate", str(empty), "--tiers", str(bad_tiers), "--quiet"]) == 2
     assert "t.toml: tier 'gold'" in capsys.readouterr().err
+
+
+def test_a_file_named_twice_is_read_once(buffers, capsys):
+    """Read twice, every trajectory would count twice and shrink every p-value."""
+    folder, plain, packed = buffers
+    once, _, _ = load_buffers([str(plain), str(packed)])
+    link = folder / "again.jsonl"
+    link.symlink_to(plain)
+    argv = ["calibrate", str(plain), str(folder / "step*.jsonl*"), str(link), "--quiet"]
+    assert main(argv) == 0
+    assert f"{len(once.outcome)} trajectories" in capsys.readouterr().out
+    assert expand_paths([plain, str(folder / "step0.*"), link]) == [str(plain)]
+
+
+def test_a_number_the_estimators_cannot_take_is_a_bad_line(tmp_path: Path, capsys):
+    """1e101 is finite JSON, but beyond what the estimators' sums take: its line
+    is skipped with file:line and the run goes on (it used to stop the run)."""
+    records = [json.dumps(r) for r in planted_records(3, 10)]
+    records[4] = (
+        records[4]
+        .replace('"outcome": 1.0', '"outcome": 1e101')
+        .replace('"outcome": 0.0', '"outcome": -1e101')
+    )
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(records) + "\n")
+    assert main(["calibrate", str(path), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert f"{path}:5: bad record: outcome: number out of range" in captured.err
+    assert f"{10 * 8 - 1} trajectories" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--target", "-1", "--target: must be above 0"),
+        ("--target", "nan", "--target: must be a finite number"),
+        ("--alpha", "0", "--alpha: must be above 0"),
+        ("--min-abs-r", "-0.1", "--min-abs-r: must be at least 0"),
+        ("--success-threshold", "nan", "--success-threshold: must be a finite number"),
+    ],
+)
+def test_option_values_are_checked(buffers, capsys, option, value, message):
+    _, plain, _ = buffers
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(plain), option, value, "--quiet"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_outputs_that_cannot_be_written_fail_in_one_line(buffers, tmp_path: Path, capsys):
+    _, plain, _ = buffers
+    for option in ("--out", "--report", "--plot"):
+        assert main(["calibrate", str(plain), option, str(tmp_path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"{option} {tmp_path}: is a folder" in err and "Traceback" not in err
+    under_a_file = str(plain / "x.toml")
+    assert main(["calibrate", str(plain), "--out", under_a_file, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert f"{plain} is a file, not a folder" in captured.err
+    assert captured.out == ""  # refused before the calibration, not after it
+    # A plot is a PNG at exactly the name given, whatever its suffix.
+    for name in ("plot", "plot.txt"):
+        assert main(["calibrate", str(plain), "--plot", str(tmp_path / name), "--quiet"]) == 0
+        assert f"wrote {tmp_path / name}" in capsys.readouterr().out
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_misaligned_counts_do_not_depend_on_file_order(tmp_path: Path, capsys):
+    """A turn whose return equals its group's mean has advantage 0 in exact
+    arithmetic; rounding gave it a sign that depended on the group's order."""
+
+    def turns(*tiers):
+        return [{"role": "assistant", "content": "", "tier": t, "reward": 0.0} for t in tiers]
+
+    def record(task, sample, outcome, tiers):
+        return {
+            "schema": "turnrl.rollout/1",
+            "task_id": task,
+            "group": task,
+            "sample": sample,
+            "outcome": outcome,
+            "turns": turns(*tiers),
+            "meta": {},
+        }
+
+    # An all-fail group whose hybrid returns at turn 1 are 1.0, 0.9 and 0.95
+    # (naive rewards): sample 4's soft turn sits exactly on the mean.
+    failed = [
+        ("read",),
+        ("write", "gold"),
+        ("write",),
+        ("soft", "respond", "gold"),
+        ("respond", "soft", "soft"),
+    ]
+    first = [record("t0", s, 0.0, failed[s]) for s in (0, 2, 4)]
+    second = [record("t0", s, 0.0, failed[s]) for s in (1, 3)]
+    for k in range(1, 13):  # soft against success
+        first += [record(f"t{k}", 0, 1.0, ("gold",)), record(f"t{k}", 1, 0.0, ("soft",))]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in first))
+    b.write_text("".join(json.dumps(r) + "\n" for r in second))
+    outputs = []
+    for order in ([a, b], [b, a]):
+        assert main(["calibrate", *map(str, order), "--quiet"]) == 0
+        out = capsys.readouterr().out
+        outputs.append(
+            [line for line in out.splitlines() if "misaligned" in line or "soft" in line]
+        )
+    assert outputs[0] == outputs[1]
 
 
 def test_ray_gives_the_same_answer(buffers, tmp_path: Path):

@@ -34,7 +34,9 @@ def _is_int(x):
 
 
 def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    """A finite number the estimators take: at most 1e100 in size."""
+    number = isinstance(x, (int, float)) and not isinstance(x, bool)
+    return number and math.isfinite(x) and abs(x) <= 1e100
 
 
 def _reject_constant(name):
@@ -393,9 +395,14 @@ def test_damaged_zstd_keeps_the_records_before_the_damage(tmp_path, damage):
     # Files after the damaged one are read as usual.
     good = tmp_path / "good.jsonl"
     good.write_text(text)
-    batch = turnrl.read_rollouts([path, good, path])
+    again = tmp_path / "again.jsonl.zst"
+    again.write_bytes(path.read_bytes())
+    batch = turnrl.read_rollouts([path, good, again])
     assert batch.num_trajectories == 3 * kept and batch.skipped == 2
-    assert [p.split(": ")[0] for p in batch.problems] == [f"{path}:{kept + 1}"] * 2
+    assert [p.split(": ")[0] for p in batch.problems] == [
+        f"{path}:{kept + 1}",
+        f"{again}:{kept + 1}",
+    ]
     it = turnrl.iter_rollout_records([path, good], with_source=True)
     got = list(it)
     assert [{k: v for k, v in r.items() if k != "_source"} for r in got] == 2 * records[:kept]

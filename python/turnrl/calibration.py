@@ -361,6 +361,10 @@ class TierStats:
     @classmethod
     def from_rollouts(cls, rollouts: TieredRollouts, success_threshold: float = 1.0) -> TierStats:
         """Sums over a batch; a trajectory succeeds when outcome >= threshold."""
+        if not (isinstance(success_threshold, (int, float)) and math.isfinite(success_threshold)):
+            raise InvalidInputError(
+                f"success_threshold must be a finite number, got {success_threshold!r}"
+            )
         sums = _core.tier_sums(
             rollouts.outcome,
             rollouts.turn_offsets,
@@ -433,6 +437,11 @@ class TierStats:
         return result
 
 
+def _check_positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def rewards_from_correlations(
     correlations: Iterable[TierCorrelation],
     *,
@@ -442,6 +451,10 @@ def rewards_from_correlations(
 ) -> dict[str, float]:
     """A tier's reward is proportional to its r (sign kept), scaled so the
     largest magnitude is ``target``; zero when p >= alpha or |r| < min_abs_r."""
+    _check_positive("target", target)
+    _check_positive("alpha", alpha)
+    if not (math.isfinite(min_abs_r) and min_abs_r >= 0):
+        raise InvalidInputError(f"min_abs_r must be a finite number >= 0, got {min_abs_r!r}")
     correlations = list(correlations)
     kept = {c.tier: c.r for c in correlations if c.p_value < alpha and abs(c.r) >= min_abs_r}
     largest = max((abs(r) for r in kept.values()), default=0.0)
@@ -638,8 +651,11 @@ def calibrate(
     """
     if max_iterations < 1:
         raise InvalidInputError(f"max_iterations must be >= 1, got {max_iterations}")
-    if boost <= 1.0:
-        raise InvalidInputError(f"boost must be > 1, got {boost}")
+    if not (math.isfinite(boost) and boost > 1.0):
+        raise InvalidInputError(f"boost must be a finite number > 1, got {boost}")
+    _check_positive("target", target)
+    if max_reward is not None:
+        _check_positive("max_reward", max_reward)
     cap = 2.0 * target if max_reward is None else max_reward
     start = load_tier_rewards(initial_rewards)
     stats = stats if stats is not None else TierStats.from_rollouts(rollouts, success_threshold)

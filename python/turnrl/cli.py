@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -66,11 +67,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
+    from turnrl.exceptions import InvalidInputError
     from turnrl.irc import load_buffers, plot_report, write_json_atomic
     from turnrl.rollouts import expand_paths
 
     paths = expand_paths(args.buffers)
     initial = load_tier_rewards(args.tiers)
+    # Checked before the (possibly long) calibration, not after it.
+    for option, target in (("--out", args.out), ("--report", args.report), ("--plot", args.plot)):
+        if target is None:
+            continue
+        if os.path.isdir(target):
+            raise InvalidInputError(f"{option} {target}: is a folder; give a file name")
+        parent = os.path.dirname(os.path.abspath(target))
+        while not os.path.exists(parent):  # folders that do not exist yet are made
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise InvalidInputError(f"{option} {target}: {parent} is a file, not a folder")
+    if args.plot:
+        _require_matplotlib()
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet or None
@@ -132,6 +147,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from turnrl.exceptions import InvalidInputError
+
+        raise InvalidInputError("--plot needs matplotlib: pip install matplotlib") from None
 
 
 def _print_calibration_table(report) -> None:
@@ -495,6 +519,33 @@ TURN_NORM_HELP = (
 )
 
 
+def _finite_number(text: str) -> float:
+    """argparse type: a finite float (NaN and infinities are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    """argparse type: a finite float above 0."""
+    value = _finite_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    """argparse type: a finite float of at least 0."""
+    value = _finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     parser = argparse.ArgumentParser(
@@ -560,19 +611,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--target",
-        type=float,
+        type=_positive_number,
         default=1.0,
         help="largest |reward| after scaling (default: %(default)s)",
     )
     cal.add_argument(
         "--alpha",
-        type=float,
+        type=_positive_number,
         default=0.05,
         help="tiers with p >= alpha get reward 0 (default: %(default)s)",
     )
     cal.add_argument(
         "--min-abs-r",
-        type=float,
+        type=_non_negative_number,
         default=0.1,
         help="tiers with |r| below this get reward 0 (default: %(default)s)",
     )
@@ -584,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--success-threshold",
-        type=float,
+        type=_finite_number,
         default=1.0,
         help="an outcome >= this counts as success (default: %(default)s)",
     )
@@ -883,13 +934,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``turnrl`` command. Errors in the input (missing
-    files, bad tier files, no usable lines) print one line and exit 2."""
+    files, bad tier files, no usable lines) and outputs that cannot be
+    written print one line and exit 2."""
     from turnrl.exceptions import TurnrlError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (TurnrlError, FileNotFoundError) as err:
+    except (TurnrlError, OSError) as err:  # OSError: an output that cannot be written
         print(f"turnrl {args.command}: error: {err}", file=sys.stderr)
         return 2
 

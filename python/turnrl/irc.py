@@ -8,6 +8,7 @@ Used by ``turnrl calibrate``; callable from Python the same way.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -132,6 +133,10 @@ def load_buffers(
         raise InvalidInputError("no input files")
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    if not (isinstance(success_threshold, (int, float)) and math.isfinite(success_threshold)):
+        raise InvalidInputError(
+            f"success_threshold must be a finite number, got {success_threshold!r}"
+        )
     if ray_address is not None:
         shards = _map_with_ray(paths, ray_address, progress)
     else:
@@ -294,5 +299,7 @@ def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # PNG whatever the name ends with: matplotlib would pick the format from
+    # the suffix, refuse an unknown one, and add ".png" to a name without.
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

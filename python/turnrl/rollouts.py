@@ -83,18 +83,32 @@ Paths = PathArg | Sequence[PathArg]
 
 
 def expand_paths(paths: Paths) -> list[str]:
-    """File names in the given order; glob patterns expand to sorted matches."""
+    """File names in the given order; glob patterns expand to sorted matches.
+
+    A file named again (twice, or by a name and a pattern, or through another
+    path to it) is kept once, at its first place: read twice, its
+    trajectories would count twice in every statistic.
+    """
     items: Sequence[PathArg] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     out: list[str] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        key = os.path.realpath(name)
+        if key not in seen:
+            seen.add(key)
+            out.append(name)
+
     for item in items:
         name = os.fspath(item)
         if any(c in name for c in "*?[") and not os.path.exists(name):
             matches = sorted(glob.glob(name))
             if not matches:
                 raise TurnrlIOError(f"{name}: no such file: no file matches this pattern")
-            out.extend(matches)
+            for match in matches:
+                add(match)
         else:
-            out.append(name)
+            add(name)
     if not out:
         raise InvalidInputError("no rollout files given")
     return out

@@ -22,9 +22,10 @@
 //!   byte-order mark at the very start of a file (plain, or of the decoded
 //!   zstd data) is skipped, anywhere else it makes its line bad;
 //! - `schema` is `"turnrl.rollout/1"`; `task_id` and `group` are strings;
-//!   `sample` is an integer (i64); `outcome` is a finite number; `turns` is a
-//!   list of objects, each with a string `role`;
-//! - on any turn, `tier` is a string or null and `reward` a finite number or
+//!   `sample` is an integer (i64); `outcome` is a finite number of at most
+//!   [`MAX_REWARD`](crate::advantages::MAX_REWARD) (1e100) in size, as the
+//!   estimators take; `turns` is a list of objects, each with a string `role`;
+//! - on any turn, `tier` is a string or null and `reward` such a number or
 //!   null when present. An assistant turn without `tier` has no tier (code
 //!   [`NO_TIER`]); one without `reward` has reward 0;
 //! - keys appear once; other keys (`meta`, `content`, `tool_calls`, unknown
@@ -1650,6 +1651,33 @@ mod tests {
             "{}",
             c.problems[0]
         );
+    }
+
+    #[test]
+    fn numbers_beyond_what_the_estimators_take_are_bad_lines() {
+        let d = tempdir("big");
+        let lines = [
+            record("t", "g", 0, 1e100, A_READ),
+            record("t", "g", 1, -1e100, &A_READ.replace("0.5", "-1e100")),
+            record("t", "g", 2, 1.0, A_READ).replace("\"outcome\":1", "\"outcome\":1e101"),
+            record(
+                "t",
+                "g",
+                3,
+                1.0,
+                &A_READ.replace("0.5", "-1.0000000000000001e101"),
+            ),
+        ];
+        let p = write_plain(&d, "big.jsonl", &lines.join("\n"));
+        let c = read_columns(&[&p]).unwrap();
+        assert_eq!(c.outcome, vec![1e100, -1e100]);
+        assert_eq!(c.turn_rewards, vec![0.5, -1e100]);
+        let at: Vec<u64> = c.problems.iter().map(|p| p.line).collect();
+        assert_eq!(at, vec![3, 4]);
+        assert!(c
+            .problems
+            .iter()
+            .all(|p| p.reason.contains("at most 1e100")));
     }
 
     #[test]

@@ -248,10 +248,17 @@ pub struct Direction {
     pub advantage_sum: Vec<f64>,
 }
 
+/// Advantages within this fraction of the batch's largest magnitude count as
+/// 0 in [`direction_check`]: a turn whose return equals its group's mean has
+/// an advantage of 0 in exact arithmetic, but of about ±1e-15 after rounding,
+/// with a sign that depends on the order of the group's members (and so of
+/// the input files).
+pub const ZERO_ADVANTAGE: f64 = 1e-9;
+
 /// Counts the turns whose advantage has the opposite sign of their tier's
 /// correlation. `signs[t]` is -1, 0 or +1; a tier with sign 0 (a zero reward,
-/// or no correlation) has no misaligned turns. An advantage of exactly 0 is
-/// not misaligned.
+/// or no correlation) has no misaligned turns. An advantage of 0, or within
+/// [`ZERO_ADVANTAGE`] of the largest |advantage| from it, is not misaligned.
 pub fn direction_check(advantages: &[f64], turn_tiers: &[i64], signs: &[i8]) -> Result<Direction> {
     if advantages.len() != turn_tiers.len() {
         return Err(Error::invalid(format!(
@@ -266,6 +273,11 @@ pub fn direction_check(advantages: &[f64], turn_tiers: &[i64], signs: &[i8]) -> 
         misaligned: vec![0; tiers],
         advantage_sum: vec![0.0; tiers],
     };
+    let largest = advantages
+        .iter()
+        .filter(|a| a.is_finite())
+        .fold(0.0_f64, |m, a| m.max(a.abs()));
+    let zero = ZERO_ADVANTAGE * largest;
     for (j, (&adv, &tier)) in advantages.iter().zip(turn_tiers).enumerate() {
         if tier == NO_TIER {
             continue;
@@ -280,7 +292,7 @@ pub fn direction_check(advantages: &[f64], turn_tiers: &[i64], signs: &[i8]) -> 
         out.turns[t] += 1;
         out.advantage_sum[t] += adv;
         let sign = signs[t] as f64;
-        if sign * adv < 0.0 {
+        if sign * adv < -zero {
             out.misaligned[t] += 1;
         }
     }
@@ -484,5 +496,16 @@ mod tests {
         let d = direction_check(&[0.5, -0.2, -0.1, 0.0, 0.3], &[0, 0, 1, 0, -1], &[1, 0]).unwrap();
         assert_eq!(d.turns, vec![3, 1]);
         assert_eq!(d.misaligned, vec![1, 0]);
+    }
+
+    #[test]
+    fn rounding_noise_around_zero_is_not_misaligned() {
+        // -2e-15 next to advantages of order 1 is a zero that rounding signed.
+        let d = direction_check(&[1.0, -2e-15, -1e-8, -1.0], &[-1, 0, 0, -1], &[1]).unwrap();
+        assert_eq!(d.turns, vec![2]);
+        assert_eq!(d.misaligned, vec![1]);
+        // The tolerance follows the batch's scale: alone, -2e-15 is a sign.
+        let d = direction_check(&[-2e-15, 1e-15], &[0, -1], &[1]).unwrap();
+        assert_eq!(d.misaligned, vec![1]);
     }
 }

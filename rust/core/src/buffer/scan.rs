@@ -18,6 +18,8 @@
 
 use std::borrow::Cow;
 
+use crate::advantages::MAX_REWARD;
+
 pub(super) struct TurnHead<'a> {
     pub role: Cow<'a, str>,
     pub tier: Option<Cow<'a, str>>,
@@ -539,9 +541,15 @@ impl<'a> Cursor<'a> {
             return Err(self.type_error(field, "a number"));
         }
         let text = self.number()?;
+        // Beyond MAX_REWARD the estimators' sums of squares overflow: such a
+        // line is skipped here, with its file and line, not refused later
+        // for the whole buffer at an index into the merged columns.
         match text.parse::<f64>() {
-            Ok(v) if v.is_finite() => Ok(v),
-            _ => Err(format!("bad record: {}: number out of range", field())),
+            Ok(v) if v.is_finite() && v.abs() <= MAX_REWARD => Ok(v),
+            _ => Err(format!(
+                "bad record: {}: number out of range (at most {MAX_REWARD:e} in size)",
+                field()
+            )),
         }
     }
 
