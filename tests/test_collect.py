@@ -276,6 +276,49 @@ def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
     assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
 
 
+def test_a_second_interrupt_while_waiting_still_writes_the_finished_episodes(
+    chat_server, tmp_path, monkeypatch
+):
+    """The first Ctrl-C waits for the running episodes; a second one there
+    used to skip the write, losing every finished episode."""
+    import turnrl.collect
+
+    class SecondInterrupt(turnrl.collect.ThreadPoolExecutor):
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            if wait and cancel_futures:  # the wait after the first interrupt
+                super().shutdown(wait=False, cancel_futures=True)
+                raise KeyboardInterrupt
+            super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    monkeypatch.setattr(turnrl.collect, "ThreadPoolExecutor", SecondInterrupt)
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([], default="How can I help?")
+    made = []
+
+    def make_agent():
+        made.append(1)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return envs.OpenAIAgent("p", url, api_key="k")
+
+    out = tmp_path / "partial.jsonl"
+    summary = CollectSummary()
+    with pytest.raises(KeyboardInterrupt):
+        collect_rollouts(
+            d,
+            make_agent,
+            envs.ScriptedUser,
+            out,
+            tasks=d.tasks[:8],
+            workers=1,
+            progress=False,
+            summary=summary,
+        )
+    assert summary.aborted == "interrupted" and summary.records >= 2
+    written = [r["task_id"] for r in turnrl.iter_rollout_records(out)]
+    assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
+
+
 def test_group_prefix_keeps_runs_apart(chat_server, tmp_path):
     d = envs.load("synthetic:airline", seed=0)
     _, url = chat_server([], default="Hi.")

@@ -213,11 +213,22 @@ def collect_rollouts(
                 bar.set_postfix(success=f"{summary.success_rate:.2f}", failed=len(summary.failures))
     except BaseException:
         summary.aborted = "interrupted"
-        pool.shutdown(wait=True, cancel_futures=True)
-        for future in futures:
-            if future.done() and not future.cancelled() and future not in taken:
-                take(future)
-        _finish(writer, summary)
+        running = sum(not f.done() for f in futures)
+        if running and bar is not None:
+            bar.write(
+                f"interrupted: waiting for {running} running episode(s) to finish, "
+                "to keep them too; interrupt again to stop now"
+            )
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:  # interrupted again: keep what has finished, wait no more
+            pool.shutdown(wait=False, cancel_futures=True)
+        finally:
+            # Whatever happens, the finished episodes are written.
+            for future in futures:
+                if future.done() and not future.cancelled() and future not in taken:
+                    take(future)
+            _finish(writer, summary)
         raise
     finally:
         if bar is not None:
