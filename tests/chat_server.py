@@ -6,6 +6,9 @@ fail_first=0, default="###STOP###")`` starts a server that answers each
 request with the next of ``replies`` (a text, or a message dict with
 ``tool_calls``), then ``default``, after ``fail_first`` 503s, and returns it
 with its ``/v1`` URL; ``server.requests`` holds every (path, body) received.
+A reply that is ``bytes`` is sent as the whole body with status 200, and a
+``(status, bytes)`` pair with that status: answers that are not chat
+completions.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b'{"error": {"message": "busy"}}')
             return
         reply = server.replies.pop(0) if server.replies else server.default
+        if isinstance(reply, (bytes, tuple)):
+            status, raw = (200, reply) if isinstance(reply, bytes) else reply
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+            return
         message = {"role": "assistant", "content": reply}
         if isinstance(reply, dict):  # a whole message: content and tool_calls
             message = {"role": "assistant", "content": None, **reply}

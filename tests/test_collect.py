@@ -97,6 +97,53 @@ def test_agent_endpoint_failure_names_it(chat_server):
         agent([{"role": "user", "content": "hi"}], [])
 
 
+def test_answers_that_are_not_chat_completions_are_retried_then_named(chat_server):
+    broken = [
+        b'{"choices": [ {"index": 0, "mess',  # cut off
+        b"<html>proxy error</html>",
+        b'{"error": {"message": "model overloaded"}}',
+        b'{"id": "x", "object": "chat.completion", "created": 0, "model": "p", '
+        b'"choices": [{"index": 0, "message": null, "finish_reason": "stop"}]}',
+        (408, b'{"error": {"message": "timeout"}}'),
+    ]
+    server, url = chat_server([*broken, "fine"])
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=5, backoff=0.0)
+    assert agent([{"role": "user", "content": "hi"}], [])["content"] == "fine"
+    assert len(server.requests) == 6
+    _, url = chat_server(broken[2:3] * 2)
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.0)
+    with pytest.raises(
+        envs.AgentError,
+        match=r"agent policy at .* \(model p\) answered no chat completion after 2 attempts: "
+        r".*model overloaded",
+    ):
+        agent([{"role": "user", "content": "hi"}], [])
+
+
+def test_think_text_beside_server_parsed_calls_is_reasoning(chat_server):
+    """A hermes tool parser without a reasoning parser leaves Qwen3's thinking
+    in the content next to the calls it parsed."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    _, url = chat_server(
+        [
+            {"content": "<think>secret plan</think>\n\n", "tool_calls": [call]},
+            {"content": "<think>more</think>", "reasoning_content": "parsed", "tool_calls": [call]},
+        ]
+    )
+    agent = envs.OpenAIAgent("p", url, api_key="k")
+    reply = agent([{"role": "user", "content": "hi"}], [])
+    assert reply["content"] == "" and reply["reasoning"] == "secret plan"
+    assert reply["tool_calls"][0]["function"]["name"] == "f"
+    assert agent([{"role": "user", "content": "hi"}], [])["reasoning"] == "parsed\n\nmore"
+
+
+def test_the_reasoning_field_of_current_vllm_is_read(chat_server):
+    _, url = chat_server([{"content": "Done.", "reasoning": "plan"}])
+    reply = envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
+    assert reply["reasoning"] == "plan" and reply["content"] == "Done."
+    assert "completion" not in reply  # the content alone is not what was generated
+
+
 def test_select_tasks():
     d = envs.load("synthetic:airline", seed=0)
     assert select_tasks(d, "all") == d.tasks

@@ -164,6 +164,18 @@ def test_llm_user_end_to_end_over_http(chat_server):
     assert last[-1]["role"] == "user" and last[-2]["role"] == "assistant"
 
 
+def test_llm_user_keeps_its_thinking_to_itself(chat_server):
+    """A thinking model as the user: the agent gets its reply without the
+    reasoning, and a stop marker it only thought about does not stop."""
+    d = envs.load("synthetic:airline", seed=0)
+    thought = "<think>I must not say ###STOP### yet.</think>\n\nHi, I want to change a flight."
+    _, url = chat_server([thought, "<think>done now</think>###STOP###"])
+    user = envs.LLMUser("u", url, api_key="k")
+    assert user.reset(d.tasks[0]) == "Hi, I want to change a flight."
+    assert user.step("Sure, which one?") == "###STOP###"
+    assert user.messages[-1]["content"] == "###STOP###"
+
+
 def test_llm_user_unreachable_is_a_clear_error():
     pytest.importorskip("openai")
     import socket

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from turnrl.envs.users import ChatEndpoint
+from turnrl.envs.users import ChatEndpoint, split_reasoning
 from turnrl.exceptions import TurnrlError
 
 __all__ = ["AgentError", "OpenAIAgent", "reply_from_text"]
@@ -36,8 +36,10 @@ class OpenAIAgent:
     backoff, then :class:`AgentError` naming the endpoint). ``max_tokens``
     caps each reply; ``parse_text_calls`` parses tool calls the server left
     in the text (``fmt`` as :func:`turnrl.parse_tool_calls`). The reply's
-    reasoning (``reasoning_content`` from a server's reasoning parser, or
-    ``<think>`` text, taken out of ``content``) is returned as ``reasoning``:
+    reasoning (``reasoning``, or ``reasoning_content`` in older servers, from
+    a server's reasoning parser, or ``<think>`` text, taken out of
+    ``content`` whether or not the server parsed the calls) is returned as
+    ``reasoning``:
     ``run_episode`` keeps it in the turn's record and sends it to no one.
     """
 
@@ -85,7 +87,13 @@ class OpenAIAgent:
             params["max_tokens"] = self.max_tokens
         reply = self.endpoint.respond(messages, **params)
         content = reply.content or ""
-        reasoning = getattr(reply, "reasoning_content", None) or None
+        # A reasoning parser's output: "reasoning" in current vLLM (which
+        # renamed and then dropped "reasoning_content"), the old name elsewhere.
+        reasoning = (
+            getattr(reply, "reasoning", None) or getattr(reply, "reasoning_content", None) or None
+        )
+        if not isinstance(reasoning, str):
+            reasoning = None
         calls: list[dict[str, Any]] = [
             {
                 "id": call.id,
@@ -101,6 +109,11 @@ class OpenAIAgent:
                 # text: what is left is not what the model generated.
                 del parsed["completion"]
             return parsed
+        thought, content = split_reasoning(content)
+        if thought is not None:
+            # Calls the server parsed, but thinking left in the text (no
+            # reasoning parser): it must reach neither the user nor the reward.
+            reasoning = "\n\n".join(r for r in (reasoning, thought) if r)
         return {"content": content, "tool_calls": calls, "reasoning": reasoning}
 
 

@@ -124,7 +124,9 @@ class ChatEndpoint:
 
     ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and the
     environment variable named by ``api_key_env``. Transient failures
-    (connection, timeout, rate limit, 5xx) are retried ``max_retries`` times
+    (connection, timeout, rate limit, 5xx, 408 and 409, and an answer that is
+    not a chat completion: cut-off JSON, a proxy's HTML page, a choice without
+    a message) are retried ``max_retries`` times
     with exponential backoff; then ``error`` (an exception type) says which
     endpoint failed, as ``what`` (for example "user simulator"). ``openai``
     is imported only when an endpoint is created.
@@ -197,19 +199,64 @@ class ChatEndpoint:
                     extra_body=self.extra_body,
                     **params,
                 )
-                if not res.choices:
-                    raise self.error(f"{where} answered with no choices")
-                return res.choices[0].message
-            except transient as e:
-                last = e
-                if attempt < self.max_retries:
-                    time.sleep(self.backoff * 2**attempt)
+                return _first_message(res)
             except oa.APIStatusError as e:
-                raise self.error(f"{where} answered HTTP {e.status_code}: {e.message}") from e
+                # 408 and 409 are worth another try (as the openai client's own
+                # retries judge); any other status is the request's fault.
+                if isinstance(e, transient) or e.status_code in (408, 409):
+                    last = e
+                else:
+                    raise self.error(f"{where} answered HTTP {e.status_code}: {e.message}") from e
+            except (*transient, _MalformedAnswer, ValueError) as e:
+                # ValueError: a body cut off mid-JSON (json.JSONDecodeError).
+                last = e
+            if attempt < self.max_retries:
+                time.sleep(self.backoff * 2**attempt)
+        failed = (
+            "answered no chat completion"
+            if isinstance(last, (_MalformedAnswer, ValueError))
+            else "unreachable"
+        )
         raise self.error(
-            f"{where} unreachable after {self.max_retries + 1} attempts: "
-            f"{type(last).__name__}: {last}"
+            f"{where} {failed} after {self.max_retries + 1} attempts: {type(last).__name__}: {last}"
         ) from last
+
+
+class _MalformedAnswer(Exception):
+    """A 200 answer that is not a chat completion."""
+
+
+def _first_message(res: Any) -> Any:
+    """The first choice's message of a chat completion, or :class:`_MalformedAnswer`."""
+    choices = getattr(res, "choices", None)
+    error = getattr(res, "error", None)  # {"error": ...} with status 200, as some proxies send
+    if not choices and error:
+        raise _MalformedAnswer(f"an error instead of a completion: {error}")
+    if not isinstance(choices, list):
+        shown = res if isinstance(res, str) else type(res).__name__
+        raise _MalformedAnswer(f"not a chat completion: {str(shown)[:200]!r}")
+    if not choices:
+        raise _MalformedAnswer("a chat completion with no choices")
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise _MalformedAnswer("a choice without a message")
+    return message
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """``(reasoning, rest)`` of a reply that thinks in ``<think>...</think>``
+    first (Qwen3's form, the opening tag optional, as a chat template may put
+    it in the prompt); ``(None, text)`` when it has no such block. An
+    unclosed block (cut off by the token limit) is all reasoning."""
+    head = text.lstrip()
+    if head.startswith("<think>"):
+        head = head[len("<think>") :]
+        if "</think>" not in head:
+            return head.strip(), ""
+    elif "</think>" not in text:
+        return None, text
+    reasoning, _, rest = head.partition("</think>")
+    return reasoning.replace("<think>", "", 1).strip(), rest.strip()
 
 
 class LLMUser:
@@ -274,6 +321,8 @@ class LLMUser:
         return self._reply()
 
     def _reply(self) -> str:
-        text = self.endpoint.complete(self.messages)
+        # A thinking model's reasoning is its own: the agent gets the rest,
+        # and a stop marker it only thought about does not end the episode.
+        _, text = split_reasoning(self.endpoint.complete(self.messages))
         self.messages.append({"role": "assistant", "content": text})
         return text
