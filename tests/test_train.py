@@ -199,11 +199,11 @@ def test_trained_text_is_the_rendered_turn_or_the_raw_completion(tok):
     assert texts == ["Let me look.<|im_end|>", '<tool_call>{"name": broken</tool_call><|im_end|>']
 
 
-@pytest.mark.parametrize("raw", ["null", "[]", "0"])
+@pytest.mark.parametrize("raw", ["null", "[]", "0", '{"user_id": "mia'])
 def test_a_served_calls_non_object_arguments_are_rebuilt_as_the_policy_saw_them(tok, raw):
     """A server-parsed call (OpenAIAgent) may carry arguments that are JSON but not
-    an object; the episode sends them back as they were, so the next turn's
-    context must show them so too, not as {}."""
+    an object, or not JSON at all; the episode sends them back as they were, so
+    the next turn's context must show them so too, not as {}."""
     domain = envs.load("synthetic:airline", seed=0)
     sent = []
 
@@ -224,6 +224,11 @@ def test_a_served_calls_non_object_arguments_are_rebuilt_as_the_policy_saw_them(
     ids, owner = rows.input_ids[1], rows.token_turn[1]
     assert tok.decode(ids[: owner.index(1)]) == seen
     assert f'"arguments": {raw}' in seen
+    first = next(t for t in record["turns"] if t["role"] == "assistant")
+    recorded = first["tool_calls"][0]["arguments"]
+    assert recorded == (raw if raw.startswith("{") else json.loads(raw))
+    if raw.startswith("{"):  # not JSON at all: an error turn
+        assert first["tier"] == "error"
 
 
 def test_a_row_is_packed_only_when_its_tokens_are_each_prompts_tokens(tok):

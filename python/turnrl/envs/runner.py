@@ -18,6 +18,10 @@ Agent = Callable[[list[dict[str, Any]], list[dict[str, Any]]], Mapping[str, Any]
 Labeler = Callable[[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]], list[Any]]
 
 
+class _RawArguments(str):
+    """Arguments text that is not JSON, kept as the agent wrote it."""
+
+
 def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
     """(name, arguments, id, problem) from an OpenAI or plain ``{name, arguments}`` call."""
     if not isinstance(call, Mapping):
@@ -32,7 +36,10 @@ def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
         try:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as e:
-            return str(name or ""), {}, call.get("id"), f"arguments are not valid JSON ({e})"
+            # Kept as written: the record, the agent's next prompt and training
+            # then show the call the policy made, not a valid-looking {}.
+            problem = f"arguments are not valid JSON ({e})"
+            return str(name or ""), _RawArguments(args), call.get("id"), problem
     if not isinstance(name, str) or not name:
         return "", args, call.get("id"), "tool call has no name"
     return name, args, call.get("id"), None
@@ -148,7 +155,9 @@ def run_episode(
             name, args, call_id, problem = _parse_call(raw)
             call_id = call_id or f"call_{steps}_{i}"
             calls.append((name, args, call_id, problem))
-            record_calls.append({"name": name, "arguments": args})
+            record_calls.append(
+                {"name": name, "arguments": str(args) if isinstance(args, _RawArguments) else args}
+            )
         turn: dict[str, Any] = {"role": "assistant", "content": content}
         if reply.get("reasoning"):
             # Kept in the record; not sent back to the agent or to the user.
@@ -183,7 +192,10 @@ def run_episode(
                 {
                     "id": cid,
                     "type": "function",
-                    "function": {"name": n, "arguments": json.dumps(a)},
+                    "function": {
+                        "name": n,
+                        "arguments": str(a) if isinstance(a, _RawArguments) else json.dumps(a),
+                    },
                 }
                 for n, a, cid, _ in calls
             ]
