@@ -282,6 +282,21 @@ def test_calculate_matches_python_on_safe_inputs():
     assert calculate("__import__('os')") == "Error: invalid characters in expression"
 
 
+def test_calculate_takes_long_sums_as_upstreams_eval_does():
+    """A sum of 1,000 terms nests 1,000 deep: a recursive walk hit Python's
+    recursion limit where upstream's eval answers."""
+    rng = random.Random(7)
+    terms = [rng.randint(0, 99) for _ in range(1500)]
+    signs = [rng.choice((1, -1)) for _ in terms]
+    signs[0] = 1
+    expression = " ".join(
+        f"{'+' if sign > 0 else '-'} {t}" for sign, t in zip(signs, terms, strict=True)
+    )
+    want = sum(sign * t for sign, t in zip(signs, terms, strict=True))
+    assert calculate(expression.removeprefix("+ ")) == str(round(float(want), 2))
+    assert calculate("-" * 2000 + "5") == "5.0"
+
+
 EVAL_NEEDS_A_STRING = "Error: eval() arg 1 must be a string, bytes or code object"
 
 

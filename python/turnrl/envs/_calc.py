@@ -39,30 +39,58 @@ class CalcError(Exception):
     """An expression the evaluator refuses; the text becomes ``Error: <text>``."""
 
 
-def _eval(node: ast.AST) -> Any:
-    if isinstance(node, ast.Expression):
-        return _eval(node.body)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        v = _eval(node.operand)
-        return +v if isinstance(node.op, ast.UAdd) else -v
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        left = _eval(node.left)
-        right = _eval(node.right)
-        if (
-            isinstance(node.op, ast.Pow)
-            and type(left) is int
-            and type(right) is int
-            and right > 0
-            and abs(left) > 1
-            and right * math.log2(abs(left)) > _MAX_POWER_BITS
-        ):
-            raise CalcError("exponent too large")
-        return _BINOPS[type(node.op)](left, right)
-    if isinstance(node, ast.Tuple):
-        return tuple(_eval(e) for e in node.elts)
-    raise CalcError("unsupported expression")
+def _power(left: Any, right: Any) -> Any:
+    if (
+        type(left) is int
+        and type(right) is int
+        and right > 0
+        and abs(left) > 1
+        and right * math.log2(abs(left)) > _MAX_POWER_BITS
+    ):
+        raise CalcError("exponent too large")
+    return operator.pow(left, right)
+
+
+def _eval(root: ast.AST) -> Any:
+    """The value of ``root``, walked with a stack of its own: a sum of a
+    thousand terms nests a thousand deep, past Python's recursion limit,
+    and upstream's ``eval`` computes it."""
+    # (node, children_done): a node is pushed once to visit its children
+    # (left before right, as Python evaluates) and once to combine them.
+    stack: list[tuple[ast.AST, bool]] = [(root, False)]
+    values: list[Any] = []
+    while stack:
+        node, children_done = stack.pop()
+        if isinstance(node, ast.Expression):
+            stack.append((node.body, False))
+        elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            values.append(node.value)
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            if not children_done:
+                stack += [(node, True), (node.operand, False)]
+            else:
+                v = values.pop()
+                values.append(+v if isinstance(node.op, ast.UAdd) else -v)
+        elif isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            if not children_done:
+                stack += [(node, True), (node.right, False), (node.left, False)]
+            else:
+                right = values.pop()
+                left = values.pop()
+                op = _power if isinstance(node.op, ast.Pow) else _BINOPS[type(node.op)]
+                values.append(op(left, right))
+        elif isinstance(node, ast.Tuple):
+            if not children_done:
+                stack.append((node, True))
+                stack += [(e, False) for e in reversed(node.elts)]
+            else:
+                count = len(node.elts)
+                items = tuple(values[len(values) - count :])
+                del values[len(values) - count :]
+                values.append(items)
+        else:
+            raise CalcError("unsupported expression")
+    return values[0]
 
 
 def calculate(expression: Any) -> str:
