@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -141,7 +142,9 @@ def test_a_file_named_twice_is_read_once(buffers, capsys):
     once, _, _ = load_buffers([str(plain), str(packed)])
     link = folder / "again.jsonl"
     link.symlink_to(plain)
-    argv = ["calibrate", str(plain), str(folder / "step*.jsonl*"), str(link), "--quiet"]
+    hard = folder / "hard.jsonl"
+    os.link(plain, hard)
+    argv = ["calibrate", str(plain), str(folder / "step*.jsonl*"), str(link), str(hard), "--quiet"]
     assert main(argv) == 0
     assert f"{len(once.outcome)} trajectories" in capsys.readouterr().out
     assert expand_paths([plain, str(folder / "step0.*"), link]) == [str(plain)]

@@ -139,6 +139,22 @@ def test_planted_tiers_calibrate_to_the_right_signs(estimator):
     assert report.initial.misaligned > 0
 
 
+def test_numpy_numbers_are_numbers():
+    rollouts = planted()
+    want = calibrate(rollouts, "naive").rewards
+    got = calibrate(
+        rollouts,
+        "naive",
+        target=np.float32(1.0),
+        alpha=np.float64(0.05),
+        min_abs_r=np.float32(0.1),
+        success_threshold=np.int64(1),
+    ).rewards
+    assert got == pytest.approx(want)
+    with pytest.raises(InvalidInputError, match="target must be a finite number > 0"):
+        calibrate(rollouts, "naive", target=np.float32("nan"))
+
+
 def test_rewards_proportional_to_r_and_zero_when_not_significant():
     stats = TierStats.from_rollouts(planted(seed=3))
     correlations = stats.correlations()

@@ -137,6 +137,24 @@ def test_think_text_beside_server_parsed_calls_is_reasoning(chat_server):
     assert agent([{"role": "user", "content": "hi"}], [])["reasoning"] == "parsed\n\nmore"
 
 
+def test_errors_before_any_request_are_not_retried(chat_server):
+    server, url = chat_server(["fine"])
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_tokens=float("nan"), backoff=10.0)
+    with pytest.raises(ValueError, match="JSON"):
+        agent([{"role": "user", "content": "hi"}], [])
+    assert server.requests == []
+
+
+def test_think_text_in_the_middle_is_taken_out_as_the_text_parser_does(chat_server):
+    text = "Let me check your reservation. <think>need the user id</think> One moment."
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    _, url = chat_server([{"content": text, "tool_calls": [call]}])
+    reply = envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
+    parsed = turnrl.parse_tool_calls(text)
+    assert (reply["content"], reply["reasoning"]) == (parsed.content, parsed.reasoning)
+    assert reply["content"].startswith("Let me check") and reply["reasoning"] == "need the user id"
+
+
 def test_the_reasoning_field_of_current_vllm_is_read(chat_server):
     _, url = chat_server([{"content": "Done.", "reasoning": "plan"}])
     reply = envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])

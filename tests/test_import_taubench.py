@@ -108,6 +108,14 @@ def test_import_labels_tiers_against_gold(tmp_path: Path):
 
 
 @needs_tau_bench
+def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([entry(0, 1.0, 0, [[]]), entry(1, 1e101, 0, [[]])]))
+    with pytest.raises(InvalidInputError, match=r"entry 1 \(task 1\): 'reward' 1e\+101"):
+        import_taubench(path, tmp_path / "b.jsonl", "taubench:airline", root=TAU_BENCH)
+    assert not (tmp_path / "b.jsonl").exists()
+
+
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(999, 1.0, 0, [[]])]))

@@ -224,6 +224,9 @@ def test_a_served_calls_non_object_arguments_are_rebuilt_as_the_policy_saw_them(
     ids, owner = rows.input_ids[1], rows.token_turn[1]
     assert tok.decode(ids[: owner.index(1)]) == seen
     assert f'"arguments": {raw}' in seen
+    # What goes back to the agent is JSON (vLLM answers 400 to arguments that are not).
+    sent_call = next(m for m in sent[1] if m.get("tool_calls"))["tool_calls"][0]
+    json.loads(sent_call["function"]["arguments"])
     first = next(t for t in record["turns"] if t["role"] == "assistant")
     recorded = first["tool_calls"][0]["arguments"]
     assert recorded == (raw if raw.startswith("{") else json.loads(raw))
@@ -621,6 +624,65 @@ def test_a_resumed_trainer_keeps_its_own_hyperparameters(tmp_path, tok, base_mod
     trainer = resumed_with(1e-3, 0.01, None)
     assert trainer.resume_changes == ["lr: 0.01 -> 0.001"]
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_resuming_under_other_schedulers_keeps_their_whole_state(tmp_path, tok, base_model):
+    """Only a LambdaLR's shape is plainly this run's; StepLR, SequentialLR and
+    the like resume as load_state_dict leaves them (they raised before)."""
+    first = _zeroed_batch(tok, rows=[])
+    lr_scheduler = torch.optim.lr_scheduler
+
+    def step_lr(optimizer):
+        return lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+
+    def sequential(optimizer):
+        warm = lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
+        return lr_scheduler.SequentialLR(optimizer, [warm, step_lr(optimizer)], milestones=[2])
+
+    class Linear:  # a callable object: load_state_dict copies its attributes
+        def __init__(self, total):
+            self.total = total
+
+        def __call__(self, step):
+            return 1.0 - step / self.total
+
+    for make, lr in (
+        (step_lr, 1e-3),
+        (sequential, 1e-3),
+        (lambda o: lr_scheduler.LambdaLR(o, Linear(10)), 1e-3),
+    ):
+        model = _lora(base_model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        running = GTPOTrainer(
+            model, optimizer, GTPOConfig(backend="torch"), scheduler=make(optimizer)
+        )
+        for _ in range(3):
+            running.step(first)
+        running.save(tmp_path / "adapter", state={"step": 2})
+        want = running.optimizer.param_groups[0]["lr"]
+        model = peft.PeftModel.from_pretrained(
+            copy.deepcopy(base_model), tmp_path / "adapter", is_trainable=True
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr / 2)
+        if make in (step_lr, sequential):
+            scheduler = make(optimizer)
+            trainer = GTPOTrainer(
+                model, optimizer, GTPOConfig(backend="torch"), scheduler=scheduler
+            )
+            assert trainer.load_optimizer(tmp_path / "adapter")
+            assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(want)
+            assert trainer.resume_changes == []
+        else:
+            scheduler = lr_scheduler.LambdaLR(optimizer, Linear(100))
+            trainer = GTPOTrainer(
+                model, optimizer, GTPOConfig(backend="torch"), scheduler=scheduler
+            )
+            assert trainer.load_optimizer(tmp_path / "adapter")
+            # This run's rate and schedule (100 steps), at the loaded position (3).
+            assert scheduler.lr_lambdas[0].total == 100
+            assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr / 2 * (1 - 3 / 100))
 
 
 class _FakeEngine:

@@ -16,6 +16,7 @@ without the GIL.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import sys
@@ -361,7 +362,7 @@ class TierStats:
     @classmethod
     def from_rollouts(cls, rollouts: TieredRollouts, success_threshold: float = 1.0) -> TierStats:
         """Sums over a batch; a trajectory succeeds when outcome >= threshold."""
-        if not (isinstance(success_threshold, (int, float)) and math.isfinite(success_threshold)):
+        if not _is_finite_number(success_threshold):
             raise InvalidInputError(
                 f"success_threshold must be a finite number, got {success_threshold!r}"
             )
@@ -437,8 +438,13 @@ class TierStats:
         return result
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A real number (numpy's too) that is not NaN or infinite."""
+    return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (_is_finite_number(value) and value > 0):
         raise InvalidInputError(f"{name} must be a finite number > 0, got {value!r}")
 
 
@@ -453,7 +459,7 @@ def rewards_from_correlations(
     largest magnitude is ``target``; zero when p >= alpha or |r| < min_abs_r."""
     _check_positive("target", target)
     _check_positive("alpha", alpha)
-    if not (math.isfinite(min_abs_r) and min_abs_r >= 0):
+    if not (_is_finite_number(min_abs_r) and min_abs_r >= 0):
         raise InvalidInputError(f"min_abs_r must be a finite number >= 0, got {min_abs_r!r}")
     correlations = list(correlations)
     kept = {c.tier: c.r for c in correlations if c.p_value < alpha and abs(c.r) >= min_abs_r}
@@ -651,7 +657,7 @@ def calibrate(
     """
     if max_iterations < 1:
         raise InvalidInputError(f"max_iterations must be >= 1, got {max_iterations}")
-    if not (math.isfinite(boost) and boost > 1.0):
+    if not (_is_finite_number(boost) and boost > 1.0):
         raise InvalidInputError(f"boost must be a finite number > 1, got {boost}")
     _check_positive("target", target)
     if max_reward is not None:

@@ -213,11 +213,12 @@ def collect_rollouts(
                 bar.set_postfix(success=f"{summary.success_rate:.2f}", failed=len(summary.failures))
     except BaseException:
         summary.aborted = "interrupted"
-        running = sum(not f.done() for f in futures)
+        running = sum(f.running() for f in futures)
         if running and bar is not None:
             bar.write(
-                f"interrupted: waiting for {running} running episode(s) to finish, "
-                "to keep them too; interrupt again to stop now"
+                f"interrupted: waiting for {running} running episode(s) to finish, to keep "
+                "them too; interrupt again to write the finished ones now (the running "
+                "ones still end before the process does, and are not kept)"
             )
         try:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 import threading
@@ -133,7 +134,7 @@ def load_buffers(
         raise InvalidInputError("no input files")
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    if not (isinstance(success_threshold, (int, float)) and math.isfinite(success_threshold)):
+    if not (isinstance(success_threshold, numbers.Real) and math.isfinite(success_threshold)):
         raise InvalidInputError(
             f"success_threshold must be a finite number, got {success_threshold!r}"
         )

@@ -91,10 +91,14 @@ def expand_paths(paths: Paths) -> list[str]:
     """
     items: Sequence[PathArg] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     out: list[str] = []
-    seen: set[str] = set()
+    seen: set[Any] = set()
 
     def add(name: str) -> None:
-        key = os.path.realpath(name)
+        try:  # one file under two names (a hard link too): the same inode
+            info = os.stat(name)
+            key: Any = (info.st_dev, info.st_ino)
+        except OSError:  # not there: the reader reports it
+            key = os.path.realpath(name)
         if key not in seen:
             seen.add(key)
             out.append(name)
@@ -641,7 +645,7 @@ def taubench_to_records(
     Raises:
         InvalidInputError: an entry that is not tau-bench's format: not an
             object, a ``task_id`` that is not an integer or a non-empty
-            string, a ``reward`` that is not a finite number, ``info`` or
+            string, a ``reward`` that is not a finite number of at most 1e100 in size, ``info`` or
             ``traj`` of the wrong type, a message that is not an object or
             has no string ``role``, ``tool_calls`` that is not a list of
             objects or a ``function`` that is not an object. The message
@@ -663,8 +667,12 @@ def taubench_to_records(
         reward = entry.get("reward")
         if isinstance(reward, bool) or not isinstance(reward, (int, float)):
             raise InvalidInputError(f"{where}: 'reward' must be a number, got {reward!r}")
-        if not math.isfinite(reward):
-            raise InvalidInputError(f"{where}: 'reward' is not finite")
+        if not math.isfinite(reward) or abs(reward) > 1e100:
+            # The buffer's limit (the estimators' sums of squares overflow past it).
+            raise InvalidInputError(
+                f"{where} (task {task_ref!r}): 'reward' {reward!r} is not a finite number "
+                "of at most 1e100 in size"
+            )
         info = entry.get("info") or {}
         if not isinstance(info, Mapping):
             raise InvalidInputError(f"{where}: 'info' must be an object")

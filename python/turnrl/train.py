@@ -146,8 +146,10 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
 
     OpenAI-style messages carry arguments as JSON text; vLLM decodes them
     before templating, and templates that iterate over arguments (Qwen3-Coder's
-    ``arguments|items``) need a dict. Arguments that are not a JSON object stay
-    text, so a malformed call renders as it was written.
+    ``arguments|items``) need a dict. A JSON string is decoded too, as vLLM
+    does (a call whose arguments were not JSON goes back to the agent that
+    way, and renders as it was written); other values that are not a JSON
+    object stay text.
     """
     out: list[dict[str, Any]] = []
     for message in messages:
@@ -163,7 +165,7 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
                         value = json.loads(fn["arguments"])
                     except ValueError:
                         value = None
-                    if isinstance(value, dict):
+                    if isinstance(value, (dict, str)):
                         call["function"] = {**fn, "arguments": value}
                 decoded.append(call)
             message["tool_calls"] = decoded
@@ -1120,8 +1122,11 @@ class GTPOTrainer:
         """Continue the optimizer (and scheduler) from the state :meth:`save` wrote at ``path``.
 
         What continues is what the run has learnt: AdamW's moments and step
-        counts, and the scheduler's position. The hyper-parameters stay this
-        trainer's (learning rate, weight decay, betas, the schedule's shape):
+        counts, and the scheduler's position. With no scheduler or a
+        ``LambdaLR`` (:func:`lr_schedule`, Hugging Face's schedules), the
+        hyper-parameters stay this trainer's (learning rate, weight decay,
+        betas, the schedule's shape); another scheduler keeps the
+        checkpoint's state whole, as ``load_state_dict`` gives it:
         a run resumed with a lower ``--lr`` runs at it, from the schedule's
         position, rather than silently at the checkpoint's. Each one that
         differs from the checkpoint's is listed in :attr:`resume_changes`
@@ -1169,16 +1174,32 @@ class GTPOTrainer:
         mine_groups = [
             {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
         ]
-        base_lrs = None if self.scheduler is None else list(self.scheduler.base_lrs)
+        # Only a LambdaLR (lr_schedule, Hugging Face's schedules) has a shape
+        # that is plainly this run's; other schedulers (StepLR, OneCycleLR,
+        # chains) keep their own state, hyper-parameters and all.
+        own_settings = (
+            self.scheduler is None or type(self.scheduler) is torch.optim.lr_scheduler.LambdaLR
+        )
+        base_lrs = list(self.scheduler.base_lrs) if own_settings and self.scheduler else None
+        lambdas = list(self.scheduler.lr_lambdas) if own_settings and self.scheduler else []
+        # load_state_dict copies a callable object's attributes from the
+        # checkpoint: this run's schedule (its total steps) would be lost.
+        lambda_state = [dict(vars(fn)) if hasattr(fn, "__dict__") else None for fn in lambdas]
         try:
             self.optimizer.load_state_dict(state)
             if self.scheduler is not None and schedule is not None:
                 self.scheduler.load_state_dict(schedule)
         except Exception as e:
             raise InvalidInputError(f"{file}: not this optimizer's state ({e})") from None
-        self.resume_changes = _restore_hyperparameters(
-            self.optimizer, mine_groups, groups, self.scheduler, base_lrs
-        )
+        self.resume_changes = []
+        if own_settings:
+            for fn, attributes in zip(lambdas, lambda_state, strict=True):
+                if attributes is not None:
+                    vars(fn).clear()
+                    vars(fn).update(attributes)
+            self.resume_changes = _restore_hyperparameters(
+                self.optimizer, mine_groups, groups, self.scheduler, base_lrs
+            )
         return True
 
 
@@ -1212,17 +1233,10 @@ def _restore_hyperparameters(
         for group, own in zip(optimizer.param_groups, mine, strict=True):
             group["lr"] = own["lr"]
         return changes
+    # A LambdaLR: this run's base rates at the loaded position of its schedule.
     scheduler.base_lrs = base_lrs
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is not None:  # LambdaLR (lr_schedule): the rate at the loaded position
-        rates = [
-            base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, lambdas, strict=True)
-        ]
-    else:  # another scheduler: its loaded rate, scaled from the saved base to this run's
-        rates = [
-            group["lr"] * own / theirs if theirs else own
-            for group, own, theirs in zip(optimizer.param_groups, base_lrs, saved_base, strict=True)
-        ]
+    lambdas = scheduler.lr_lambdas  # type: ignore[attr-defined]
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, lambdas, strict=True)]
     for group, rate in zip(optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = list(rates)  # what get_last_lr() reports

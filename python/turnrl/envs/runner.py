@@ -194,7 +194,10 @@ def run_episode(
                     "type": "function",
                     "function": {
                         "name": n,
-                        "arguments": str(a) if isinstance(a, _RawArguments) else json.dumps(a),
+                        # Raw text goes back as a JSON string: servers decode
+                        # arguments (vLLM answers 400 to text that is not JSON)
+                        # and templates render a string as it is, as written.
+                        "arguments": json.dumps(str(a) if isinstance(a, _RawArguments) else a),
                     },
                 }
                 for n, a, cid, _ in calls

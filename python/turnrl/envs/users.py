@@ -7,6 +7,7 @@ ends the episode.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -207,14 +208,15 @@ class ChatEndpoint:
                     last = e
                 else:
                     raise self.error(f"{where} answered HTTP {e.status_code}: {e.message}") from e
-            except (*transient, _MalformedAnswer, ValueError) as e:
-                # ValueError: a body cut off mid-JSON (json.JSONDecodeError).
+            except (*transient, _MalformedAnswer, json.JSONDecodeError) as e:
+                # JSONDecodeError: a body cut off mid-JSON. (Other ValueErrors,
+                # a key that is not ASCII for one, come before any request.)
                 last = e
             if attempt < self.max_retries:
                 time.sleep(self.backoff * 2**attempt)
         failed = (
             "answered no chat completion"
-            if isinstance(last, (_MalformedAnswer, ValueError))
+            if isinstance(last, (_MalformedAnswer, json.JSONDecodeError))
             else "unreachable"
         )
         raise self.error(
@@ -244,19 +246,23 @@ def _first_message(res: Any) -> Any:
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
-    """``(reasoning, rest)`` of a reply that thinks in ``<think>...</think>``
-    first (Qwen3's form, the opening tag optional, as a chat template may put
-    it in the prompt); ``(None, text)`` when it has no such block. An
-    unclosed block (cut off by the token limit) is all reasoning."""
-    head = text.lstrip()
-    if head.startswith("<think>"):
-        head = head[len("<think>") :]
-        if "</think>" not in head:
-            return head.strip(), ""
-    elif "</think>" not in text:
+    """``(reasoning, rest)`` of a reply that thinks in ``<think>...</think>``,
+    by the rules of :func:`turnrl.parse_tool_calls`: a ``</think>`` with no
+    ``<think>`` before it closes reasoning opened in the prompt (everything
+    before it); a ``<think>`` block elsewhere is taken out of the text around
+    it; an unclosed one (cut off by the token limit) runs to the end.
+    ``(None, text)`` when there is no such block."""
+    start = text.find("<think>")
+    close = text.find("</think>")
+    if close >= 0 and (start < 0 or start > close):
+        return text[:close].strip(), text[close + len("</think>") :].strip()
+    if start < 0:
         return None, text
-    reasoning, _, rest = head.partition("</think>")
-    return reasoning.replace("<think>", "", 1).strip(), rest.strip()
+    end = text.find("</think>", start)
+    if end < 0:
+        return text[start + len("<think>") :].strip(), text[:start].strip()
+    reasoning = text[start + len("<think>") : end]
+    return reasoning.strip(), (text[:start] + text[end + len("</think>") :]).strip()
 
 
 class LLMUser:
