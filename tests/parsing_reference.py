@@ -47,10 +47,37 @@ def build_schemas(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, lis
         params = out.setdefault(fn["name"], {})
         props = (fn.get("parameters") or {}).get("properties") or {}
         for key, spec in props.items():
-            ty = spec.get("type") if isinstance(spec, dict) else None
-            names = [] if ty is None else [ty] if isinstance(ty, str) else list(ty)
-            params[key] = [n if n in KNOWN_TYPES else "string" for n in names]
+            names = _spec_types(spec) if isinstance(spec, dict) else []
+            params[key] = list(dict.fromkeys(n if n in KNOWN_TYPES else "string" for n in names))
     return out
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if value is None:
+        return "null"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _spec_types(spec: dict[str, Any]) -> list[str]:
+    """`type`, else the anyOf/oneOf branches' types, else the enum/const kinds."""
+    ty = spec.get("type")
+    if ty is not None:
+        return [ty] if isinstance(ty, str) else [t for t in ty if isinstance(t, str)]
+    names: list[str] = []
+    for union in ("anyOf", "oneOf"):
+        for branch in spec.get(union) or []:
+            t = branch.get("type") if isinstance(branch, dict) else None
+            names += [t] if isinstance(t, str) else [x for x in t or [] if isinstance(x, str)]
+    values = spec["enum"] if isinstance(spec.get("enum"), list) else []
+    if not values and "const" in spec:
+        values = [spec["const"]]
+    return names + [_json_kind(v) for v in values]
 
 
 def json_literal(t: str) -> Any:

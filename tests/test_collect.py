@@ -384,6 +384,24 @@ def test_a_second_interrupt_while_waiting_still_writes_the_finished_episodes(
     assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
 
 
+def test_a_task_listed_twice_gets_twice_the_samples_in_one_group(tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    out = tmp_path / "twice.jsonl"
+    twice, once = d.tasks[0], d.tasks[1]
+    collect_rollouts(
+        d,
+        lambda: lambda messages, tools: {"content": "Done."},
+        envs.ScriptedUser,
+        out,
+        tasks=[twice, once, twice.id],
+        samples=2,
+        workers=2,
+        progress=False,
+    )
+    pairs = sorted((r["group"], r["sample"]) for r in turnrl.iter_rollout_records(out))
+    assert pairs == sorted([(twice.id, s) for s in range(4)] + [(once.id, s) for s in range(2)])
+
+
 def test_group_prefix_keeps_runs_apart(chat_server, tmp_path):
     d = envs.load("synthetic:airline", seed=0)
     _, url = chat_server([], default="Hi.")

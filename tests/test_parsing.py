@@ -206,6 +206,49 @@ def test_qwen3_coder_xml_typed_by_schema() -> None:
     assert m.content == "Booking now."
 
 
+def test_qwen3_coder_types_from_any_of_and_enum_schemas() -> None:
+    """pydantic writes Optional[str] as anyOf, and enums need no "type": a
+    number-looking value of such a string parameter stays a string."""
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "find",
+                "parameters": {
+                    "properties": {
+                        "zip": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                        "count": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                        "cabin": {"enum": ["1", "2"]},
+                        "level": {"enum": [1, 2]},
+                        "kind": {"const": "x"},
+                    }
+                },
+            },
+        }
+    ]
+    text = (
+        "<tool_call>\n<function=find>\n<parameter=zip>\n12345\n</parameter>\n"
+        "<parameter=count>\n5\n</parameter>\n<parameter=cabin>\n1\n</parameter>\n"
+        "<parameter=level>\n2\n</parameter>\n<parameter=kind>\n7\n</parameter>\n"
+        "</function>\n</tool_call>"
+    )
+    m = assert_matches_reference(text, tools=tools)
+    assert m.tool_calls[0]["arguments"] == {
+        "zip": "12345",
+        "count": 5,
+        "cabin": "1",
+        "level": 2,
+        "kind": "7",
+    }
+    nothing = (
+        "<tool_call>\n<function=find>\n<parameter=zip>\nnull\n</parameter>\n"
+        "</function>\n</tool_call>"
+    )
+    assert assert_matches_reference(nothing, tools=tools).tool_calls[0]["arguments"] == {
+        "zip": None
+    }
+
+
 def test_qwen3_coder_without_schema_and_without_outer_tags() -> None:
     text = (
         "x <function=lookup><parameter=id>42</parameter>"

@@ -100,7 +100,8 @@ def collect_rollouts(
     episode (users keep the conversation). Episodes run on ``workers``
     threads; each task's samples form one group, ``group_prefix`` + the task
     id (a prefix such as ``"step-0001/"`` keeps different policies' samples
-    of a task apart when buffers are read together). ``tiers`` (a preset,
+    of a task apart when buffers are read together); a task listed ``k``
+    times gets ``k * samples``, numbered on in its group. ``tiers`` (a preset,
     TOML file or mapping) gives the per-turn rewards written beside the tiers.
 
     Nothing finished is lost, and nothing is written over for nothing:
@@ -140,8 +141,14 @@ def collect_rollouts(
             f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}"
         )
     rewards = load_tier_rewards(tiers)
-    chosen = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
-    jobs = [(task, sample) for task in chosen for sample in range(samples)]
+    # A task listed twice (a training step's draw across two passes over the
+    # pool) gets twice the samples, numbered on in its one group: two runs of
+    # sample 0 would be two records with the same (group, sample).
+    listed: dict[str, tuple[Task, int]] = {}
+    for ref in domain.tasks if tasks is None else tasks:
+        task = domain.task(ref)
+        listed[task.id] = (task, listed[task.id][1] + 1 if task.id in listed else 1)
+    jobs = [(task, sample) for task, times in listed.values() for sample in range(times * samples)]
     summary = CollectSummary() if summary is None else summary
 
     def episode(task: Task, sample: int) -> dict[str, Any]:

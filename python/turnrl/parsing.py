@@ -18,8 +18,10 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
 * JSON bodies may sit in a code fence; ``arguments`` (alias ``parameters``)
   may be an object, a JSON-encoded string, or missing / null / blank (``{}``);
   other keys are ignored; ``name`` must be a non-empty string.
-* XML values are typed from the tool's JSON schema when ``tools`` is given;
-  without one, a value that reads as a JSON number, boolean, null, object or
+* XML values are typed from the tool's JSON schema when ``tools`` is given
+  (a parameter's ``type``, else the types of its ``anyOf``/``oneOf``
+  branches, else the kinds of its ``enum``/``const`` values); without one,
+  a value that reads as a JSON number, boolean, null, object or
   array takes that type and anything else stays a string.
 * ``.content`` is the text outside reasoning and calls, trimmed of ASCII
   whitespace.

@@ -283,6 +283,62 @@ pub enum ParamType {
     Null,
 }
 
+/// The types a property's JSON schema allows: its `type` (a name or a
+/// list), else the union of its `anyOf`/`oneOf` branches' types (pydantic
+/// writes `Optional[str]` as `{"anyOf": [{"type": "string"}, {"type":
+/// "null"}]}`), else the kinds of its `enum` or `const` values. Empty when
+/// none says (the value is then typed as a JSON literal).
+pub fn types_of_spec(spec: &Value) -> Vec<ParamType> {
+    let mut types = Vec::new();
+    let mut add = |t: ParamType| {
+        if !types.contains(&t) {
+            types.push(t);
+        }
+    };
+    match spec.get("type") {
+        Some(Value::String(t)) => return vec![ParamType::from_schema_name(t)],
+        Some(Value::Array(ts)) => {
+            return ts
+                .iter()
+                .filter_map(Value::as_str)
+                .map(ParamType::from_schema_name)
+                .collect()
+        }
+        _ => {}
+    }
+    for union in ["anyOf", "oneOf"] {
+        if let Some(Value::Array(branches)) = spec.get(union) {
+            for branch in branches {
+                match branch.get("type") {
+                    Some(Value::String(t)) => add(ParamType::from_schema_name(t)),
+                    Some(Value::Array(ts)) => ts
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .for_each(|t| add(ParamType::from_schema_name(t))),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let values = match (spec.get("enum"), spec.get("const")) {
+        (Some(Value::Array(values)), _) => values.as_slice(),
+        (_, Some(value)) => std::slice::from_ref(value),
+        _ => &[],
+    };
+    for value in values {
+        add(match value {
+            Value::String(_) => ParamType::String,
+            Value::Bool(_) => ParamType::Boolean,
+            Value::Number(n) if n.is_f64() => ParamType::Number,
+            Value::Number(_) => ParamType::Integer,
+            Value::Null => ParamType::Null,
+            Value::Array(_) => ParamType::Array,
+            Value::Object(_) => ParamType::Object,
+        });
+    }
+    types
+}
+
 impl ParamType {
     /// The schema's type name; names outside JSON Schema's set read as strings.
     pub fn from_schema_name(name: &str) -> Self {
@@ -336,16 +392,7 @@ impl ToolSchemas {
             .and_then(|p| p.get("properties"))
             .and_then(Value::as_object);
         for (key, spec) in properties.into_iter().flatten() {
-            let types: Vec<ParamType> = match spec.get("type") {
-                Some(Value::String(t)) => vec![ParamType::from_schema_name(t)],
-                Some(Value::Array(ts)) => ts
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .map(ParamType::from_schema_name)
-                    .collect(),
-                _ => vec![],
-            };
-            self.set_param(name, key, types);
+            self.set_param(name, key, types_of_spec(spec));
         }
         Ok(())
     }
@@ -1453,6 +1500,32 @@ mod tests {
         assert_eq!(m.tool_calls[0].arguments, args(json!({"a": "b"})));
         let m = parse("<tool_call>{\"name\": \"f\"}");
         assert_eq!(m.tool_calls[0].arguments, Map::new());
+    }
+
+    #[test]
+    fn schema_types_come_from_type_unions_and_enums() {
+        use ParamType::*;
+        let t = |v: Value| types_of_spec(&v);
+        assert_eq!(t(json!({"type": "integer"})), vec![Integer]);
+        assert_eq!(t(json!({"type": ["integer", "null"]})), vec![Integer, Null]);
+        // pydantic's Optional[str]; a $ref branch says nothing.
+        assert_eq!(
+            t(json!({"anyOf": [{"type": "string"}, {"type": "null"}, {"$ref": "#/x"}]})),
+            vec![String, Null]
+        );
+        assert_eq!(
+            t(json!({"oneOf": [{"type": ["number", "string"]}]})),
+            vec![Number, String]
+        );
+        assert_eq!(t(json!({"enum": ["1", "2"]})), vec![String]);
+        assert_eq!(
+            t(json!({"enum": [1, 2.5, null, true]})),
+            vec![Integer, Number, Null, Boolean]
+        );
+        assert_eq!(t(json!({"const": "x"})), vec![String]);
+        assert_eq!(t(json!({"description": "free"})), Vec::<ParamType>::new());
+        // "type" wins over the rest, as before.
+        assert_eq!(t(json!({"type": "string", "enum": [1]})), vec![String]);
     }
 
     #[test]

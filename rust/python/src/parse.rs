@@ -422,12 +422,30 @@ fn read_tools(py: Python<'_>, tools: &Bound<'_, PyAny>) -> PyResult<ToolSchemas>
             let key: String = key
                 .extract()
                 .map_err(|_| bad("a property name is not a string"))?;
-            let ty = match spec.cast::<PyDict>() {
-                Ok(spec) => spec.get_item("type")?,
-                Err(_) => None,
+            let spec = spec.cast::<PyDict>().ok();
+            let ty = match spec {
+                Some(spec) => spec.get_item("type")?,
+                None => None,
             };
             let types: Vec<ParamType> = match ty {
-                None => vec![],
+                // No "type": the core reads anyOf/oneOf/enum/const from the
+                // spec as JSON (rare, so the round trip through text is fine).
+                None => match spec {
+                    Some(spec)
+                        if ["anyOf", "oneOf", "enum", "const"]
+                            .iter()
+                            .any(|k| spec.contains(*k).unwrap_or(false)) =>
+                    {
+                        let json = py.import("json")?.call_method1("dumps", (spec,));
+                        match json.ok().and_then(|t| t.extract::<String>().ok()) {
+                            Some(text) => serde_json::from_str::<Value>(&text)
+                                .map(|v| core::types_of_spec(&v))
+                                .unwrap_or_default(),
+                            None => vec![],
+                        }
+                    }
+                    _ => vec![],
+                },
                 Some(t) => {
                     if let Ok(s) = t.extract::<String>() {
                         vec![ParamType::from_schema_name(&s)]
