@@ -309,7 +309,9 @@ def test_consecutive_failures_cancel_the_rest(tmp_path):
     assert len(summary.failures) in (3, 4) and summary.records == 0
 
 
-def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
+def _collect_interrupted_at_the_third_episode(chat_server, tmp_path):
+    """Collect 8 episodes on one worker, with Ctrl-C arriving as the third
+    starts: (domain, summary, buffer path, agents made)."""
     d = envs.load("synthetic:airline", seed=0)
     _, url = chat_server([], default="How can I help?")
     made = []
@@ -333,6 +335,11 @@ def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
             progress=False,
             summary=summary,
         )
+    return d, summary, out, made
+
+
+def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
+    d, summary, out, made = _collect_interrupted_at_the_third_episode(chat_server, tmp_path)
     # The two before it are written, and the one already running when the
     # interrupt arrived, if it finished; the queued ones never start.
     assert summary.aborted == "interrupted" and summary.records in (2, 3)
@@ -356,29 +363,7 @@ def test_a_second_interrupt_while_waiting_still_writes_the_finished_episodes(
             super().shutdown(wait=wait, cancel_futures=cancel_futures)
 
     monkeypatch.setattr(turnrl.collect, "ThreadPoolExecutor", SecondInterrupt)
-    d = envs.load("synthetic:airline", seed=0)
-    _, url = chat_server([], default="How can I help?")
-    made = []
-
-    def make_agent():
-        made.append(1)
-        if len(made) == 3:
-            raise KeyboardInterrupt
-        return envs.OpenAIAgent("p", url, api_key="k")
-
-    out = tmp_path / "partial.jsonl"
-    summary = CollectSummary()
-    with pytest.raises(KeyboardInterrupt):
-        collect_rollouts(
-            d,
-            make_agent,
-            envs.ScriptedUser,
-            out,
-            tasks=d.tasks[:8],
-            workers=1,
-            progress=False,
-            summary=summary,
-        )
+    d, summary, out, _ = _collect_interrupted_at_the_third_episode(chat_server, tmp_path)
     assert summary.aborted == "interrupted" and summary.records >= 2
     written = [r["task_id"] for r in turnrl.iter_rollout_records(out)]
     assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
