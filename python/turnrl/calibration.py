@@ -362,10 +362,7 @@ class TierStats:
     @classmethod
     def from_rollouts(cls, rollouts: TieredRollouts, success_threshold: float = 1.0) -> TierStats:
         """Sums over a batch; a trajectory succeeds when outcome >= threshold."""
-        if not _is_finite_number(success_threshold):
-            raise InvalidInputError(
-                f"success_threshold must be a finite number, got {success_threshold!r}"
-            )
+        check_success_threshold(success_threshold)
         sums = _core.tier_sums(
             rollouts.outcome,
             rollouts.turn_offsets,
@@ -441,6 +438,12 @@ class TierStats:
 def _is_finite_number(value: Any) -> bool:
     """A real number (numpy's too) that is not NaN or infinite."""
     return isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def check_success_threshold(value: float) -> None:
+    """:class:`~turnrl.exceptions.InvalidInputError` unless ``value`` is a finite number."""
+    if not _is_finite_number(value):
+        raise InvalidInputError(f"success_threshold must be a finite number, got {value!r}")
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -68,7 +68,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
     from turnrl.exceptions import InvalidInputError
-    from turnrl.irc import load_buffers, plot_report, write_json_atomic
+    from turnrl.irc import load_buffers, plot_report, pyplot, write_json_atomic
     from turnrl.rollouts import expand_paths
 
     paths = expand_paths(args.buffers)
@@ -85,7 +85,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         if not os.path.isdir(parent):
             raise InvalidInputError(f"{option} {target}: {parent} is a file, not a folder")
     if args.plot:
-        _require_matplotlib()
+        pyplot()
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet or None
@@ -147,15 +147,6 @@ def _calibrate(args: argparse.Namespace) -> int:
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def _require_matplotlib() -> None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        from turnrl.exceptions import InvalidInputError
-
-        raise InvalidInputError("--plot needs matplotlib: pip install matplotlib") from None
 
 
 def _print_calibration_table(report) -> None:

@@ -8,8 +8,6 @@ Used by ``turnrl calibrate``; callable from Python the same way.
 from __future__ import annotations
 
 import json
-import math
-import numbers
 import os
 import tempfile
 import threading
@@ -21,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from turnrl.calibration import DEFAULT_TIERS, CalibrationReport, TieredRollouts, TierStats
+from turnrl.calibration import (
+    DEFAULT_TIERS,
+    CalibrationReport,
+    TieredRollouts,
+    TierStats,
+    check_success_threshold,
+)
 from turnrl.exceptions import InvalidInputError
 
 __all__ = [
@@ -134,10 +138,7 @@ def load_buffers(
         raise InvalidInputError("no input files")
     if workers is not None and workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
-    if not (isinstance(success_threshold, numbers.Real) and math.isfinite(success_threshold)):
-        raise InvalidInputError(
-            f"success_threshold must be a finite number, got {success_threshold!r}"
-        )
+    check_success_threshold(success_threshold)  # before the reading, not after it
     if ray_address is not None:
         shards = _map_with_ray(paths, ray_address, progress)
     else:
@@ -254,9 +255,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None:
-    """Each tier's correlation with its confidence interval, and its reward
-    before and after calibration, as a PNG."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a clear error
+    when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -264,6 +265,13 @@ def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None
         import matplotlib.pyplot as plt
     except ImportError:
         raise InvalidInputError("--plot needs matplotlib: pip install matplotlib") from None
+    return plt
+
+
+def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None:
+    """Each tier's correlation with its confidence interval, and its reward
+    before and after calibration, as a PNG."""
+    plt = pyplot()
     tiers = [c.tier for c in report.correlations]
     x = np.arange(len(tiers))
     r = np.array([c.r for c in report.correlations])

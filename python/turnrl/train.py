@@ -1180,7 +1180,6 @@ class GTPOTrainer:
         own_settings = (
             self.scheduler is None or type(self.scheduler) is torch.optim.lr_scheduler.LambdaLR
         )
-        base_lrs = list(self.scheduler.base_lrs) if own_settings and self.scheduler else None
         lambdas = list(self.scheduler.lr_lambdas) if own_settings and self.scheduler else []
         # load_state_dict copies a callable object's attributes from the
         # checkpoint: this run's schedule (its total steps) would be lost.
@@ -1198,7 +1197,7 @@ class GTPOTrainer:
                     vars(fn).clear()
                     vars(fn).update(attributes)
             self.resume_changes = _restore_hyperparameters(
-                self.optimizer, mine_groups, groups, self.scheduler, base_lrs
+                self.optimizer, mine_groups, groups, self.scheduler
             )
         return True
 
@@ -1208,7 +1207,6 @@ def _restore_hyperparameters(
     mine: list[dict[str, Any]],
     saved: list[dict[str, Any]],
     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    base_lrs: list[float] | None,
 ) -> list[str]:
     """Put this run's hyper-parameters back after a loaded state replaced them;
     the learning rate at the loaded schedule position. Returns what differed."""
@@ -1229,11 +1227,13 @@ def _restore_hyperparameters(
         own_base = own.get("initial_lr", own.get("lr"))
         if own_base != saved_base[index]:
             changes.append(f"lr: {saved_base[index]} -> {own_base}{suffix}")
-    if scheduler is None or base_lrs is None:
+    if scheduler is None:
         for group, own in zip(optimizer.param_groups, mine, strict=True):
             group["lr"] = own["lr"]
         return changes
-    # A LambdaLR: this run's base rates at the loaded position of its schedule.
+    # A LambdaLR: this run's base rates (its "initial_lr", put back above, as
+    # the scheduler took them when made) at the loaded position of its schedule.
+    base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     scheduler.base_lrs = base_lrs
     lambdas = scheduler.lr_lambdas  # type: ignore[attr-defined]
     rates = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, lambdas, strict=True)]

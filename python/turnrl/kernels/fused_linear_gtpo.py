@@ -617,7 +617,8 @@ def rows_torch(
         e[local, top] = 0.0
         rest = e.sum(dim=1)
         e[local, top] = 1.0
-        stats = _row_stats(row_max, rest, gap_mass, z[local, block_targets])
+        shifted_y = z[local, block_targets]
+        stats = _row_stats(row_max, rest, gap_mass, shifted_y)
         p = e.div_(1.0 + rest[:, None])
         del e
         block_logprob, block_entropy = stats.logprob, stats.entropy
@@ -628,7 +629,6 @@ def rows_torch(
             continue
         block_loss, g_l, g_h = _token_grads(block_logprob, block_entropy, block_inputs)
         loss += block_loss
-        shifted_y = z[local, block_targets]
         dz = z.add_(stats.mean_gap[:, None]).mul_(g_h[:, None]).add_(g_l[:, None]).mul_(p).neg_()
         del p
         dz[local, block_targets] = _target_dlogits(shifted_y, stats.for_grads(), g_l, g_h)

@@ -19,7 +19,7 @@ use crate::errors::{detached, to_pyerr};
 
 /// Why a Python object is not JSON; the path is filled in on the way out
 /// (innermost segment first).
-struct ConvertError {
+pub(crate) struct ConvertError {
     segs: Vec<String>,
     message: String,
 }
@@ -54,12 +54,12 @@ fn key_segment(key: &str) -> String {
     }
 }
 
-type Converted = std::result::Result<Value, ConvertError>;
+pub(crate) type Converted = std::result::Result<Value, ConvertError>;
 
 /// A Python object as JSON: dict (string keys), list, tuple, str, int, float
 /// (finite), bool, None. Integers beyond 64 bits become their decimal string,
 /// which the comparison treats as the same number.
-fn to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Converted {
+pub(crate) fn to_json(obj: &Bound<'_, PyAny>, depth: usize) -> Converted {
     if obj.is_none() {
         return Ok(Value::Null);
     }

@@ -429,20 +429,17 @@ fn read_tools(py: Python<'_>, tools: &Bound<'_, PyAny>) -> PyResult<ToolSchemas>
             };
             let types: Vec<ParamType> = match ty {
                 // No "type": the core reads anyOf/oneOf/enum/const from the
-                // spec as JSON (rare, so the round trip through text is fine).
+                // spec, converted as compare_args converts arguments (a spec
+                // it cannot convert says nothing).
                 None => match spec {
                     Some(spec)
                         if ["anyOf", "oneOf", "enum", "const"]
                             .iter()
                             .any(|k| spec.contains(*k).unwrap_or(false)) =>
                     {
-                        let json = py.import("json")?.call_method1("dumps", (spec,));
-                        match json.ok().and_then(|t| t.extract::<String>().ok()) {
-                            Some(text) => serde_json::from_str::<Value>(&text)
-                                .map(|v| core::types_of_spec(&v))
-                                .unwrap_or_default(),
-                            None => vec![],
-                        }
+                        crate::args::to_json(spec.as_any(), 0)
+                            .map(|spec| core::types_of_spec(&spec))
+                            .unwrap_or_default()
                     }
                     _ => vec![],
                 },
