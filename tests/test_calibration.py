@@ -487,3 +487,59 @@ def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
 
 def test_default_tiers_match_design():
     assert DEFAULT_TIERS == ("gold", "soft", "read", "write", "error", "respond")
+
+
+@st.composite
+def labelled_records(draw):
+    """Records as run_episode writes them: groups in any order, tier names
+    known, new or None, user and tool turns between the assistant turns."""
+    names = [*DEFAULT_TIERS, "custom", "x²", None]
+    records = []
+    for i in range(draw(st.integers(0, 12))):
+        turns = []
+        for _ in range(draw(st.integers(0, 6))):
+            role = draw(st.sampled_from(["assistant", "assistant", "user", "tool"]))
+            turn = {"role": role, "content": "."}
+            if role == "assistant":
+                turn["tier"], turn["reward"] = draw(st.sampled_from(names)), 0.0
+            turns.append(turn)
+        group = draw(st.sampled_from(["g/a", "g/b", "g/c"]))
+        task = draw(st.sampled_from(["t1", "t2"]))
+        outcome = draw(st.sampled_from([0.0, 0.5, 1.0]))
+        records.append(turnrl.rollout_record(task, group, i, outcome, turns))
+    return records
+
+
+@settings(max_examples=60, deadline=None)
+@given(records=labelled_records())
+def test_records_in_memory_give_the_tier_columns_the_buffer_reader_gives(records):
+    from turnrl.irc import tiered_from_batch, tiered_from_records
+
+    mine = tiered_from_records(records)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step.jsonl"
+        with turnrl.RolloutWriter(path) as writer:
+            writer.write_many(records)
+        batch = turnrl.read_rollouts(path)
+        theirs = tiered_from_batch(batch)
+    assert mine.tiers[: len(DEFAULT_TIERS)] == DEFAULT_TIERS
+    np.testing.assert_array_equal(mine.outcome, theirs.outcome)
+    np.testing.assert_array_equal(mine.turn_offsets, theirs.turn_offsets)
+    # Same partition into groups, same tier of every turn, whatever the codes.
+    np.testing.assert_array_equal(
+        np.unique(mine.group, return_inverse=True)[1],
+        np.unique(theirs.group, return_inverse=True)[1],
+    )
+    names = lambda t: [None if c < 0 else t.tiers[c] for c in t.turn_tiers]  # noqa: E731
+    assert names(mine) == names(theirs)
+
+
+def test_records_without_usable_outcomes_or_tiers_are_named():
+    from turnrl.irc import tiered_from_records
+
+    good = turnrl.rollout_record("t", "g", 0, 1.0, [{"role": "assistant", "tier": "read"}])
+    with pytest.raises(InvalidInputError, match=r"record 1 \(task 't', sample 0\).*outcome"):
+        tiered_from_records([good, {**good, "outcome": None}])
+    bad_tier = {**good, "turns": [{"role": "assistant", "tier": 3}]}
+    with pytest.raises(InvalidInputError, match=r"record 0 .*tier must be a string, got 3"):
+        tiered_from_records([bad_tier])

@@ -29,7 +29,9 @@ from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 import turnrl  # noqa: E402
 import turnrl.train  # noqa: E402
 from turnrl import envs  # noqa: E402
+from turnrl.calibration import calibrate, load_tier_rewards  # noqa: E402
 from turnrl.exceptions import InvalidInputError  # noqa: E402
+from turnrl.irc import tiered_from_batch  # noqa: E402
 from turnrl.train import GTPOConfig, GTPOTrainer, _rank_share, train_loop  # noqa: E402
 
 TESTS = Path(__file__).parent
@@ -103,6 +105,8 @@ def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
     tiny_qwen3(seed=0).save_pretrained(folder)
     qwen_tokenizer().save_pretrained(folder)
     run = tmp_path / "run"
+    tiers_file = tmp_path / "tiers.toml"
+    tiers_file.write_text("[tiers]\nrespond = 0.25\nerror = -0.5\n")
     argv = [
         "-m",
         "turnrl.cli",
@@ -131,27 +135,62 @@ def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
         "float32",
         "--device",
         "cpu",
+        "--tiers",
+        str(tiers_file),
+        "--calibrate-every",
+        "1",
+        "--calibrate-min-trajectories",
+        "1",
         "--quiet",
         "--out",
         str(run),
     ]
-    first = torchrun(*argv)
-    assert first.stdout.count("trained 1 steps") == 1  # rank 0 reports
+    first = torchrun(*argv, "--steps", "2")
+    assert first.stdout.count("trained 2 steps") == 1  # rank 0 reports
     buffers = sorted(p.name for p in (run / "rollouts").iterdir())
-    assert buffers == ["step-0.rank-0.jsonl", "step-0.rank-1.jsonl"]
+    assert buffers == [f"step-{s}.rank-{r}.jsonl" for s in (0, 1) for r in (0, 1)]
     tasks = [
-        {r["task_id"] for r in turnrl.iter_rollout_records(run / "rollouts" / b)} for b in buffers
+        {r["task_id"] for r in turnrl.iter_rollout_records(run / "rollouts" / b)}
+        for b in buffers[:2]
     ]
     assert len(tasks[0]) == 2 and len(tasks[1]) == 1 and not tasks[0] & tasks[1]
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0]
+    assert [line["step"] for line in lines] == [0, 1]
     assert lines[0]["episodes"] == 6.0  # the whole step's, not rank 0's
-    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 0}
+    state = json.loads((run / "adapter" / "turnrl_state.json").read_text())
+    assert state["step"] == 1
+    # Calibrated on the whole step: both ranks' rollouts.
+    assert [h["trajectories"] for h in state["calibrator"]["history"]] == [6, 6]
+
+    def rewards_given(step: int, rank: int) -> list[tuple[str, float]]:
+        records = turnrl.iter_rollout_records(run / "rollouts" / f"step-{step}.rank-{rank}.jsonl")
+        return [
+            (t["tier"], t["reward"])
+            for r in records
+            for t in r["turns"]
+            if t["role"] == "assistant"
+        ]
+
+    # Every rank rewarded step 0 with --tiers and step 1 with what IRC made of step 0.
+    step0 = turnrl.read_rollouts([run / "rollouts" / f"step-0.rank-{r}.jsonl" for r in (0, 1)])
+    calibrated = calibrate(tiered_from_batch(step0), tiers_file)
+    assert calibrated.rewards != load_tier_rewards(tiers_file)
+    for rank in (0, 1):
+        assert rewards_given(0, rank)
+        assert all(
+            reward == load_tier_rewards(tiers_file).get(tier, 0.0)
+            for tier, reward in rewards_given(0, rank)
+        )
+        assert rewards_given(1, rank)
+        assert all(
+            reward == calibrated.rewards.get(tier, 0.0) for tier, reward in rewards_given(1, rank)
+        )
     torchrun(*argv, "--resume")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0, 1]
-    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 1}
-    assert len(list((run / "rollouts").iterdir())) == 4
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    state = json.loads((run / "adapter" / "turnrl_state.json").read_text())
+    assert state["step"] == 2 and state["calibrator"]["steps"] == 3
+    assert len(list((run / "rollouts").iterdir())) == 6
 
 
 def test_what_data_parallel_training_refuses(monkeypatch, tmp_path):

@@ -945,23 +945,98 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     )
 
 
-def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsys, monkeypatch):
-    import turnrl.train
-    from turnrl.cli import main
+class _HalfGold:
+    """Every other episode makes the task's gold call first (and succeeds); the
+    others only answer. Exactly half of each group succeeds."""
 
-    pytest.importorskip("matplotlib")
-    configs = []
+    def __init__(self, task):
+        action = task.actions[0]
+        self.call = json.dumps({"name": action.name, "arguments": dict(action.kwargs)})
+        self.first_turns = 0
+        self.lock = threading.Lock()
 
-    class Recorded(GTPOConfig):
-        def __post_init__(self):
-            configs.append(self)
-            super().__post_init__()
+    def generate(self, conversations, tools=None):
+        replies = []
+        for chat in conversations:
+            if chat[-1]["role"] == "tool":
+                replies.append("Done.")
+                continue
+            gold = False
+            if not any(m["role"] == "assistant" for m in chat):
+                with self.lock:
+                    gold, self.first_turns = self.first_turns % 2 == 0, self.first_turns + 1
+            replies.append(f"<tool_call>{self.call}</tool_call>" if gold else "How can I help?")
+        return replies
 
-    monkeypatch.setattr(turnrl.train, "GTPOConfig", Recorded)
+
+def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model):
+    from turnrl.calibration import OnlineCalibrator, calibrate, load_tier_rewards
+    from turnrl.irc import tiered_from_batch
+
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    engine = _HalfGold(task)
+    start = {"gold": 0.2, "read": 0.3, "respond": 0.4, "error": -0.5}
+    online = OnlineCalibrator(start, every=1, window=2, min_trajectories=1)
+    model = _lora(base_model)
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+    history = train_loop(
+        trainer,
+        domain,
+        lambda: EngineAgent(engine),
+        envs.ScriptedUser,
+        tok,
+        tasks=[task.id],
+        steps=2,
+        tasks_per_step=1,
+        group_size=6,
+        workers=2,
+        tiers=online,
+        buffer_dir=tmp_path / "buffers",
+        checkpoint=tmp_path / "ckpt",
+        progress=False,
+    )
+
+    def rewards_given(step):
+        records = list(turnrl.iter_rollout_records(tmp_path / "buffers" / f"step-{step}.jsonl"))
+        turns = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
+        return records, {t["tier"]: t["reward"] for t in turns}, len(turns)
+
+    records, given, turns = rewards_given(0)
+    assert sorted(r["outcome"] for r in records) == [0.0] * 3 + [1.0] * 3
+    assert {"gold", "respond"} <= set(given) and turns > len(given)
+    assert given == {tier: load_tier_rewards(start).get(tier, 0.0) for tier in given}
+    # After step 0 the rewards are what IRC derives from step 0's rollouts.
+    step0 = tiered_from_batch(turnrl.read_rollouts(tmp_path / "buffers" / "step-0.jsonl"))
+    derived = calibrate(step0, start).rewards
+    assert derived["gold"] > 0 and derived != load_tier_rewards(start)
+    _, given, _ = rewards_given(1)
+    assert given == {tier: derived.get(tier, 0.0) for tier in given}
+    assert [h["recalibrated"] for h in history] == [1.0, 1.0]
+    assert {k: v for k, v in history[0].items() if k.startswith("tier_reward/")} == {
+        f"tier_reward/{tier}": value for tier, value in load_tier_rewards(start).items()
+    }
+    assert history[1]["tier_reward/gold"] == derived["gold"]
+    # The checkpoint holds the calibrator, in the same swap as the adapter.
+    state = json.loads((tmp_path / "ckpt" / "turnrl_state.json").read_text())
+    assert state == {"step": 1, "calibrator": online.state_dict()}
+    assert online.steps == 2 and [h["trajectories"] for h in state["calibrator"]["history"]] == [
+        6,
+        6,
+    ]
+
+
+def _train_argv(tmp_path, tok, base_model, *extra: str) -> list[str]:
+    """``turnrl train`` for one quick step of the tiny model on two synthetic tasks,
+    writing to ``tmp_path / "run"``."""
     folder = tmp_path / "tiny"
     base_model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    argv = [
+    return [
         "train",
         "--model",
         str(folder),
@@ -989,15 +1064,36 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         "cpu",
         "--workers",
         "2",
+        *extra,
+        "--quiet",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+
+
+def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsys, monkeypatch):
+    import turnrl.train
+    from turnrl.cli import main
+
+    pytest.importorskip("matplotlib")
+    configs = []
+
+    class Recorded(GTPOConfig):
+        def __post_init__(self):
+            configs.append(self)
+            super().__post_init__()
+
+    monkeypatch.setattr(turnrl.train, "GTPOConfig", Recorded)
+    argv = _train_argv(
+        tmp_path,
+        tok,
+        base_model,
         "--micro-batch-tokens",
         "3000",
         "--no-skip-zero-advantage",  # every step is an optimizer step
         "--lr-schedule",
         "cosine",
-        "--quiet",
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    )
     assert main(argv) == 0
     assert "trained 1 steps" in capsys.readouterr().out
     assert configs[-1].micro_batch_tokens == 3000 and not configs[-1].skip_zero_advantage
@@ -1033,6 +1129,54 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     bad = [a if a != "float32" else "float33" for a in argv]
     assert main(bad) == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
+
+
+def test_train_command_calibrates_and_resumes_its_calibrator(tmp_path, tok, base_model, capsys):
+    from turnrl.calibration import PRESETS
+    from turnrl.cli import main
+
+    pytest.importorskip("matplotlib")
+    argv = _train_argv(tmp_path, tok, base_model, "--calibrate-min-trajectories", "1")
+    run = tmp_path / "run"
+
+    def state():
+        return json.loads((run / "adapter" / "turnrl_state.json").read_text())
+
+    def metrics():
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert main([*argv, "--calibrate-every", "1"]) == 0
+    assert (
+        "tier rewards after 1 calibrated steps (1 re-derived in this run)"
+        in capsys.readouterr().out
+    )
+    first = state()["calibrator"]
+    assert state()["step"] == 0 and first["steps"] == 1 and first["window"] == 20
+    assert [h["trajectories"] for h in first["history"]] == [4]
+    line = metrics()[0]
+    assert line["recalibrated"] == 1.0
+    assert {k: v for k, v in line.items() if k.startswith("tier_reward/")} == {
+        f"tier_reward/{tier}": reward for tier, reward in PRESETS["naive"].items()
+    }
+    # Resumed with a smaller window: the rewards and statistics go on, this run's settings rule.
+    argv_resumed = [*argv, "--resume", "--calibrate-every", "1", "--calibrate-window", "5"]
+    assert main([*argv_resumed, "--plot"]) == 0
+    assert "calibrator window 20 -> 5" in capsys.readouterr().err
+    second = state()["calibrator"]
+    assert state()["step"] == 1 and second["steps"] == 2 and second["window"] == 5
+    assert second["history"][0] == first["history"][0]
+    assert {
+        k.removeprefix("tier_reward/"): v for k, v in metrics()[1].items() if "tier_reward/" in k
+    } == first["rewards"]
+    assert (run / "metrics.png").stat().st_size > 0
+    # Without --calibrate-every the saved rewards are not used, and the run says so.
+    assert main([*argv, "--resume"]) == 0
+    assert "without --calibrate-every this run uses --tiers naive" in capsys.readouterr().err
+    assert "calibrator" not in state() and metrics()[2]["tier_reward/read"] == 0.3
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--calibrate-every", "0"])
+    assert exited.value.code == 2
+    assert "--calibrate-every: must be at least 1, got '0'" in capsys.readouterr().err
 
 
 def test_gradient_checkpointing_gives_the_same_step_and_modes_are_restored(tok, base_model):

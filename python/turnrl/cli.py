@@ -6,10 +6,13 @@ import argparse
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from turnrl import __version__
 from turnrl.advantages import estimator_names
+
+if TYPE_CHECKING:
+    from turnrl.calibration import OnlineCalibrator
 
 
 def _print_correlations(correlations) -> None:
@@ -429,6 +432,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         ),
     )
     first_step = 0
+    state: dict[str, Any] = {}
     if resume is not None:
         # The adapter knows the step it was saved after; the metrics file may
         # lack that step's line if a run was killed just after the save.
@@ -439,6 +443,15 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             raise InvalidInputError(
                 f"--resume: {adapter / STATE_FILE} is missing or unreadable"
             ) from None
+    tiers: Any = args.tiers
+    if args.calibrate_every is not None:
+        tiers = _online_calibrator(args, state.get("calibrator"), adapter / STATE_FILE, rank)
+    elif "calibrator" in state and rank == 0:
+        print(
+            "--resume: the checkpoint was calibrating its tier rewards; without "
+            f"--calibrate-every this run uses --tiers {args.tiers} as they are",
+            file=sys.stderr,
+        )
     # The schedule runs to the last step of this run (a resumed run's included).
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
@@ -475,7 +488,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         steps=args.steps,
         tasks_per_step=args.tasks_per_step,
         group_size=args.group_size,
-        tiers=args.tiers,
+        tiers=tiers,
         estimator=args.estimator,
         max_length=args.max_length,
         chat_template_kwargs=template,
@@ -501,7 +514,55 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         f"{last['loss']:.4f}; adapter in {adapter}, metrics in {metrics}"
         + (f", plot in {out / 'metrics.png'}" if args.plot else "")
     )
+    if not isinstance(tiers, str):
+        print(
+            f"tier rewards after {tiers.steps} calibrated steps ({len(tiers.reports)} "
+            "re-derived in this run): "
+            + ", ".join(f"{tier} {reward:+.3f}" for tier, reward in tiers.rewards.items())
+        )
     return 0
+
+
+def _online_calibrator(
+    args: argparse.Namespace, saved: Any, where: Any, rank: int
+) -> OnlineCalibrator:
+    """``turnrl train``'s calibrator: a new one starting from ``--tiers``, or the
+    checkpoint's (its rewards and window) run with this run's settings."""
+    from turnrl.calibration import OnlineCalibrator
+    from turnrl.exceptions import InvalidInputError
+
+    settings = {
+        "every": args.calibrate_every,
+        "window": args.calibrate_window,
+        "min_trajectories": args.calibrate_min_trajectories,
+    }
+    if saved is None:
+        return OnlineCalibrator(args.tiers, estimator=args.estimator, **settings)
+    if not isinstance(saved, Mapping):
+        raise InvalidInputError(f"--resume: {where}: 'calibrator' is not a calibrator state")
+    state = dict(saved)
+    changes = []
+    for key, value in settings.items():
+        if state.get(key) != value:
+            changes.append(f"calibrator {key} {state.get(key)} -> {value}")
+            state[key] = value
+    kwargs = dict(state.get("calibrate_kwargs") or {})
+    if kwargs.get("estimator", "gtpo_hybrid") != args.estimator:
+        changes.append(f"calibrator estimator {kwargs.get('estimator')} -> {args.estimator}")
+    state["calibrate_kwargs"] = {**kwargs, "estimator": args.estimator}
+    if isinstance(state.get("history"), list):
+        # A smaller window keeps the most recent steps.
+        state["history"] = state["history"][-args.calibrate_window :]
+    try:
+        online = OnlineCalibrator.from_state_dict(state)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"--resume: {where}: {e}") from None
+    if changes and rank == 0:
+        print(
+            "--resume: this run's settings replace the checkpoint's: " + "; ".join(changes),
+            file=sys.stderr,
+        )
+    return online
 
 
 TURN_NORM_HELP = (
@@ -518,6 +579,17 @@ def _finite_number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
     return value
 
 
@@ -808,7 +880,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--user-model", help="the user simulator's model name (--user llm)")
     tr.add_argument("--user-url", help="the user simulator's base URL (default: OPENAI_BASE_URL)")
     tr.add_argument(
-        "--tiers", default="naive", help="tier rewards: TOML file or preset (default: %(default)s)"
+        "--tiers",
+        default="naive",
+        help="tier rewards (the starting ones with --calibrate-every): TOML file or preset "
+        "(default: %(default)s)",
+    )
+    tr.add_argument(
+        "--calibrate-every",
+        type=_positive_int,
+        metavar="N",
+        help="Iterative Reward Calibration during training: re-derive the tier rewards every N "
+        "steps from the rollouts of the last --calibrate-window steps (default: fixed --tiers)",
+    )
+    tr.add_argument(
+        "--calibrate-window",
+        type=_positive_int,
+        default=20,
+        metavar="W",
+        help="steps of rollouts the calibration reads (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--calibrate-min-trajectories",
+        type=_positive_int,
+        default=64,
+        metavar="M",
+        help="calibrate only once the window holds M trajectories (default: %(default)s)",
     )
     tr.add_argument(
         "--estimator",

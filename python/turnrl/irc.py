@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ __all__ = [
     "plot_report",
     "read_shard",
     "tiered_from_batch",
+    "tiered_from_records",
     "write_json_atomic",
 ]
 
@@ -46,6 +47,59 @@ def tiered_from_batch(batch: Any) -> TieredRollouts:
         batch.turn_offsets,
         batch.turn_tiers.astype(np.int64),
         tuple(batch.tier_names),
+    )
+
+
+def tiered_from_records(
+    records: Sequence[Mapping[str, Any]], tiers: Sequence[str] = DEFAULT_TIERS
+) -> TieredRollouts:
+    """The tier columns of ``turnrl.rollout/1`` records held in memory.
+
+    As the buffer reader reads them: one trajectory per record, groups in
+    first-seen order (a record without a group is its task's group), each
+    assistant turn's ``tier`` as a code into ``tiers`` (None: unlabelled). A
+    tier name not in ``tiers`` is appended, in the order first met.
+
+    Raises:
+        InvalidInputError: a record has no usable outcome or turns, or a tier
+            that is not a string (the message names the record).
+    """
+    names = list(tiers)
+    code_of = {name: code for code, name in enumerate(names)}
+    group_of: dict[str, int] = {}
+    outcome = np.empty(len(records), dtype=np.float64)
+    group = np.empty(len(records), dtype=np.int64)
+    offsets = [0]
+    codes: list[int] = []
+    for i, record in enumerate(records):
+        where = f"record {i} (task {record.get('task_id')!r}, sample {record.get('sample')!r})"
+        try:
+            outcome[i] = float(record["outcome"])
+            turns = list(record["turns"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInputError(f"{where}: no usable outcome or turns ({e!r})") from None
+        name = str(record.get("group") or record.get("task_id"))
+        group[i] = group_of.setdefault(name, len(group_of))
+        for turn in turns:
+            if not isinstance(turn, Mapping) or turn.get("role") != "assistant":
+                continue
+            tier = turn.get("tier")
+            if tier is None:
+                codes.append(-1)
+                continue
+            if not isinstance(tier, str):
+                raise InvalidInputError(f"{where}: a tier must be a string, got {tier!r}")
+            if tier not in code_of:
+                code_of[tier] = len(names)
+                names.append(tier)
+            codes.append(code_of[tier])
+        offsets.append(len(codes))
+    return TieredRollouts(
+        outcome,
+        group,
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(codes, dtype=np.int64),
+        tuple(names),
     )
 
 

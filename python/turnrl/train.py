@@ -62,6 +62,8 @@ from turnrl.exceptions import InvalidInputError
 if TYPE_CHECKING:
     import torch
 
+    from turnrl.calibration import OnlineCalibrator
+
 __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
@@ -1351,7 +1353,7 @@ def train_loop(
     tasks_per_step: int,
     group_size: int,
     tasks: Sequence[Any] | None = None,
-    tiers: str | os.PathLike[str] | Mapping[str, float] = "naive",
+    tiers: str | os.PathLike[str] | Mapping[str, float] | OnlineCalibrator = "naive",
     estimator: str = "gtpo_hybrid",
     estimator_params: Mapping[str, Any] | None = None,
     max_length: int | None = None,
@@ -1383,9 +1385,22 @@ def train_loop(
     (a resumed run continues its numbering, so its buffers and groups do not
     take the earlier run's names). ``mask_truncated`` and ``pack`` as
     :func:`build_batch`.
+
+    ``tiers`` is a fixed tier -> reward table (a preset, TOML file or
+    mapping), or an :class:`turnrl.calibration.OnlineCalibrator`: Iterative
+    Reward Calibration during training. Each step's rollouts are then
+    rewarded with the calibrator's current rewards, and after the update
+    their tiers go to ``calibrator.update`` (on every rank, the whole step's
+    rollouts), which re-derives the rewards for the steps after it every
+    ``every`` steps. Its state is saved in the checkpoint's
+    ``turnrl_state.json`` (``"calibrator"``), in the same swap as the
+    adapter, so a resumed run re-derives at the same steps.
+
     Returns each step's stats, with ``success_rate``, ``episodes``,
-    ``failed_episodes``, ``rows_per_episode`` and ``refused_completion_ids``
-    added. The batch is built from the records in memory, so turns are
+    ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
+    ``tier_reward/<tier>`` (the rewards the step's turns were given) and,
+    with a calibrator, ``recalibrated`` (1.0 when the rewards were re-derived
+    after the step) added. The batch is built from the records in memory, so turns are
     trained on the token ids the engine sampled (the buffer files hold text
     only); ``refused_completion_ids`` counts turns whose ids did not decode
     to their text and were encoded from it instead.
@@ -1399,8 +1414,16 @@ def train_loop(
     ``on_step`` runs on every rank: write files from one). Rank 0 alone
     saves the checkpoint; every rank waits for it before ``after_update``.
     """
+    from turnrl.calibration import OnlineCalibrator, load_tier_rewards
     from turnrl.collect import collect_rollouts
+    from turnrl.irc import tiered_from_records
 
+    calibrator: OnlineCalibrator | None = None
+    fixed_rewards: dict[str, float] = {}
+    if isinstance(tiers, OnlineCalibrator):
+        calibrator = tiers
+    else:
+        fixed_rewards = load_tier_rewards(tiers)
     if steps < 1 or tasks_per_step < 1 or group_size < 1:
         raise InvalidInputError("steps, tasks_per_step and group_size must be at least 1")
     pool = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
@@ -1443,6 +1466,7 @@ def train_loop(
             # A function of (seed, step) alone: every rank draws the same tasks,
             # and a resumed run the ones an unbroken run would have.
             chosen = step_tasks(pool, step, tasks_per_step, seed)
+            rewards = dict(calibrator.rewards) if calibrator is not None else fixed_rewards
             keep: Any = (
                 tempfile.TemporaryDirectory()
                 if buffer_dir is None
@@ -1459,7 +1483,7 @@ def train_loop(
                     out,
                     tasks=_rank_share(chosen, rank, world),
                     samples=group_size,
-                    tiers=tiers,
+                    tiers=rewards,
                     workers=workers,
                     group_prefix=f"step-{step}/",
                     progress=False,
@@ -1503,10 +1527,19 @@ def train_loop(
             stats["success_rate"] = successes / episodes
             stats["episodes"] = episodes
             stats["failed_episodes"] = failed
+            stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
+            state: dict[str, Any] = {"step": step}
+            if calibrator is not None:
+                # Every rank calibrates on the whole step, so all derive the same rewards.
+                step_tiers = _gather_records_tiers(records, world)
+                calibrations = len(calibrator.reports)
+                together(calibrator.update, tiered_from_records(step_tiers, calibrator.tiers))
+                stats["recalibrated"] = float(len(calibrator.reports) > calibrations)
+                state["calibrator"] = calibrator.state_dict()
             if checkpoint is not None:
                 # Rank 0 writes; the others wait for it (after_update may load it).
                 if rank == 0:
-                    together(trainer.save, checkpoint, state={"step": step})
+                    together(trainer.save, checkpoint, state=state)
                 else:
                     together(lambda: None)
             if after_update is not None:
@@ -1521,6 +1554,32 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def _gather_records_tiers(records: Sequence[Mapping[str, Any]], world: int) -> list[dict[str, Any]]:
+    """What calibration reads of this rank's records (group, outcome, turn tiers),
+    gathered from every rank in rank order: the same list on all of them."""
+    light = [
+        {
+            "task_id": record.get("task_id"),
+            "sample": record.get("sample"),
+            "group": record.get("group"),
+            "outcome": record.get("outcome"),
+            "turns": [
+                {"role": "assistant", "tier": turn.get("tier")}
+                for turn in record.get("turns") or []
+                if isinstance(turn, Mapping) and turn.get("role") == "assistant"
+            ],
+        }
+        for record in records
+    ]
+    if world == 1:
+        return light
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, light)
+    return [record for share in gathered for record in share]
 
 
 def step_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int = 0) -> list[Any]:
@@ -1628,7 +1687,8 @@ def load_policy(
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
-    """Success rate, loss and KL per step of a :func:`train_loop` run, as a PNG."""
+    """Success rate, loss and KL per step of a :func:`train_loop` run, as a PNG,
+    and each tier's reward when the history has them (``tier_reward/<tier>``)."""
     try:
         import matplotlib
 
@@ -1637,17 +1697,30 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     except ImportError:
         raise InvalidInputError("plotting needs matplotlib: pip install matplotlib") from None
     steps = np.arange(len(history))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    tier_keys = list(dict.fromkeys(k for h in history for k in h if k.startswith("tier_reward/")))
+    fig, axes = plt.subplots(1, 4 if tier_keys else 3, figsize=(17 if tier_keys else 13, 3.8))
+
+    def series(key: str) -> list[float]:
+        values = [h.get(key) for h in history]  # None: not measured that step
+        return [float("nan") if v is None else v for v in values]
+
     for ax, key, title in zip(
         axes,
         ("success_rate", "loss", "approx_kl"),
         ("success rate of the step's rollouts", "GTPO loss", "approx. KL to the behaviour policy"),
-        strict=True,
+        strict=False,
     ):
-        values = [h.get(key) for h in history]  # None: not measured that step
-        ax.plot(steps, [float("nan") if v is None else v for v in values], marker="o")
+        ax.plot(steps, series(key), marker="o")
         ax.set_xlabel("step")
         ax.set_title(title)
+    if tier_keys:
+        ax = axes[3]
+        for key in tier_keys:
+            ax.plot(steps, series(key), marker=".", label=key.removeprefix("tier_reward/"))
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("step")
+        ax.set_title("tier rewards the step's turns got")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
