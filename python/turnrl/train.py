@@ -1366,6 +1366,7 @@ def train_loop(
     first_step: int = 0,
     mask_truncated: bool = False,
     pack: bool | str = True,
+    calls_per_message: int | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -1382,7 +1383,9 @@ def train_loop(
     out of the batch and counted. Steps are numbered from ``first_step``
     (a resumed run continues its numbering, so its buffers and groups do not
     take the earlier run's names). ``mask_truncated`` and ``pack`` as
-    :func:`build_batch`.
+    :func:`build_batch`; ``calls_per_message`` as
+    :func:`turnrl.envs.run_episode` (1: only the first tool call of a
+    message runs, as in tau-bench's tool-calling agent).
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode`` and ``refused_completion_ids``
     added. The batch is built from the records in memory, so turns are
@@ -1400,6 +1403,7 @@ def train_loop(
     saves the checkpoint; every rank waits for it before ``after_update``.
     """
     from turnrl.collect import collect_rollouts
+    from turnrl.envs.runner import _check_calls_per_message
 
     if steps < 1 or tasks_per_step < 1 or group_size < 1:
         raise InvalidInputError("steps, tasks_per_step and group_size must be at least 1")
@@ -1408,6 +1412,7 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    _check_calls_per_message(calls_per_message)
     rank, world = _world()
     if tasks_per_step < world:
         raise InvalidInputError(
@@ -1460,6 +1465,7 @@ def train_loop(
                     tasks=_rank_share(chosen, rank, world),
                     samples=group_size,
                     tiers=tiers,
+                    calls_per_message=calls_per_message,
                     workers=workers,
                     group_prefix=f"step-{step}/",
                     progress=False,
