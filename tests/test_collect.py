@@ -254,6 +254,44 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     assert "--user llm needs --user-model" in capsys.readouterr().err
 
 
+def test_cli_collect_runs_only_the_first_calls_per_message(chat_server, tmp_path, capsys):
+    calls = [_call(f"c{i}", "calculate", {"expression": f"{i}+1"}) for i in range(3)]
+    _, url = chat_server([{"content": "", "tool_calls": calls}], default="Anything else?")
+    out = tmp_path / "first.jsonl"
+    argv = [
+        *("rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0", "--samples", "1"),
+        *("--agent-model", "p", "--agent-url", url, "--user", "scripted", "--workers", "1"),
+        *("--quiet", "--out", str(out)),
+    ]
+    assert main([*argv, "--calls-per-message", "1"]) == 0
+    assert "2 tool calls dropped by --calls-per-message" in capsys.readouterr().out
+    (record,) = turnrl.iter_rollout_records(out)
+    first = record["turns"][1]
+    assert first["tool_calls"] == [{"name": "calculate", "arguments": {"expression": "0+1"}}]
+    assert first["tool_call_ids"] == ["c0"] and first["dropped_calls"] == 2
+    assert [t["content"] for t in record["turns"] if t["role"] == "tool"] == ["1.0"]
+    assert record["meta"]["dropped_calls"] == 2
+    for bad, why in (("0", "must be at least 1"), ("x", "not an integer")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--calls-per-message", bad])
+        assert f"argument --calls-per-message: {why}" in capsys.readouterr().err
+
+
+def test_collect_refuses_a_bad_calls_per_message_before_any_episode(tmp_path):
+    d = envs.load("synthetic:airline", seed=0)
+    made = []
+    with pytest.raises(turnrl.InvalidInputError, match="calls_per_message must be"):
+        collect_rollouts(
+            d,
+            lambda: made.append(1),
+            envs.ScriptedUser,
+            tmp_path / "none.jsonl",
+            calls_per_message=0,
+            progress=False,
+        )
+    assert made == [] and not (tmp_path / "none.jsonl").exists()
+
+
 def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):
     d = envs.load("synthetic:airline", seed=0)
     task = d.tasks[0]

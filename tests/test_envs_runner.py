@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from turnrl import envs
+from turnrl.exceptions import InvalidInputError
 
 
 def test_synthetic_is_seeded_and_solvable():
@@ -355,3 +358,86 @@ def test_tau2_rules_limits_zero_a_solved_task():
         if want == 0.0:
             assert rec["meta"]["stop_reason"] == "too_many_errors"
             assert rec["meta"]["tool_errors"] == 10
+
+
+# --- calls_per_message: tau-bench's tool-calling agent runs one call a message
+
+CALCULATIONS = [
+    {"name": "calculate", "arguments": {"expression": e}} for e in ("1+1", "2*3", "5*5")
+]
+
+
+def _one_message_agent(calls):
+    """Sends ``calls`` in one message, then text: (agent, the chats it was sent)."""
+    sent: list[list[dict]] = []
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(messages))
+        if len(sent) == 1:
+            return {"content": "On it.", "tool_calls": calls, "completion": "raw calls text"}
+        return {"content": "Anything else?"}
+
+    return agent, sent
+
+
+@pytest.mark.parametrize("cap", [None, 1, 2, 3, 4])
+def test_calls_per_message_runs_records_and_shows_only_the_first_calls(cap):
+    d = envs.load("synthetic:airline", seed=0)
+    agent, sent = _one_message_agent(CALCULATIONS)
+    rec = envs.run_episode(agent, d, 0, envs.ScriptedUser(), calls_per_message=cap)
+    kept = 3 if cap is None else min(cap, 3)
+    first = rec["turns"][1]
+    assert first["tool_calls"] == CALCULATIONS[:kept]
+    assert first["tool_call_ids"] == [f"call_1_{i}" for i in range(kept)]
+    assert first.get("dropped_calls", 0) == 3 - kept  # only there when some were
+    assert first["completion"] == "raw calls text"  # what the policy generated, kept whole
+    results = [t["content"] for t in rec["turns"] if t["role"] == "tool"]
+    assert results == ["2.0", "6.0", "25.0"][:kept]
+    assert rec["meta"]["dropped_calls"] == 3 - kept
+    # The agent's next chat shows the kept calls and their results, nothing of the others.
+    shown = sent[1][2:]
+    assert [m["role"] for m in shown] == ["assistant"] + ["tool"] * kept
+    assert [
+        (c["function"]["name"], json.loads(c["function"]["arguments"]))
+        for c in shown[0]["tool_calls"]
+    ] == [(c["name"], c["arguments"]) for c in CALCULATIONS[:kept]]
+
+
+def test_first_call_only_leaves_a_later_write_undone_and_labelled_by_what_ran():
+    d = envs.load("synthetic:airline", seed=0)
+    task = d.tasks[0]
+    calls = [{"name": "get_user_details", "arguments": {"user_id": task.user_id}}]
+    calls += [a.as_call() for a in task.actions]
+    assert task.facts["kind"] == "cancel" and not task.outputs
+    outcomes, tiers = {}, {}
+    for cap in (None, 1):
+        agent, _ = _one_message_agent(calls)
+        rec = envs.run_episode(agent, d, task, envs.ScriptedUser(), calls_per_message=cap)
+        outcomes[cap] = (rec["outcome"], rec["meta"]["reward_info"]["db_match"])
+        tiers[cap] = rec["turns"][1]["tier"]
+    assert outcomes == {None: (1.0, True), 1: (0.0, False)}
+    assert tiers == {None: "gold", 1: "read"}
+
+
+def test_a_malformed_first_call_is_the_one_kept():
+    d = envs.load("synthetic:airline", seed=0)
+    agent, sent = _one_message_agent([{"error": "invalid JSON"}, *CALCULATIONS[:2]])
+    rec = envs.run_episode(agent, d, 0, envs.ScriptedUser(), calls_per_message=1)
+    first = rec["turns"][1]
+    assert first["tool_calls"] == [{"name": "", "arguments": {}}]
+    assert first["dropped_calls"] == 2
+    tools = [t for t in rec["turns"] if t["role"] == "tool"]
+    assert len(tools) == 1 and tools[0]["error"]
+    assert tools[0]["content"] == "Error: malformed tool call: invalid JSON"
+    assert (rec["meta"]["tool_errors"], rec["meta"]["dropped_calls"]) == (1, 2)
+    assert len(sent[1][2]["tool_calls"]) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, False, 1.0, "1"])
+def test_calls_per_message_must_be_a_positive_integer(bad):
+    d = envs.load("synthetic:airline", seed=0)
+    agent, sent = _one_message_agent(CALCULATIONS)
+    message = rf"calls_per_message must be a positive integer or None .*got {re.escape(repr(bad))}"
+    with pytest.raises(InvalidInputError, match=message):
+        envs.run_episode(agent, d, 0, envs.ScriptedUser(), calls_per_message=bad)
+    assert sent == []

@@ -165,6 +165,34 @@ def test_a_tool_call_named_respond_is_an_unknown_tool_not_a_message():
 
 
 @needs_tau
+def test_all_gold_actions_in_one_message_score_as_the_readme_says():
+    """README, Environments: every call run, all 50 airline test tasks score 1;
+    the first call only (tau-bench's tool-calling agent), 23 of them score 0."""
+    d = envs.load("taubench:airline", root=TAU, split="test")
+
+    def one_message_agent(task):
+        def agent(messages, tools):
+            if len(messages) == 2 and task.actions:
+                return {"content": "", "tool_calls": [a.as_call() for a in task.actions]}
+            return {"content": "Done. " + " ".join(task.outputs)}
+
+        return agent
+
+    scores = {
+        cap: [
+            envs.run_episode(
+                one_message_agent(t), d, t, envs.ScriptedUser(), calls_per_message=cap
+            )["outcome"]
+            for t in d.tasks
+        ]
+        for cap in (None, 1)
+    }
+    assert len(d.tasks) == 50 and scores[None] == [1.0] * 50
+    assert scores[1].count(0.0) == 23
+    assert all(s == 1.0 for t, s in zip(d.tasks, scores[1], strict=True) if len(t.actions) < 2)
+
+
+@needs_tau
 def test_episodes_are_isolated_and_base_untouched():
     d = envs.load("taubench:airline", root=TAU)
     base_user = json.dumps(d.tables["users"]["mia_li_3668"])

@@ -945,6 +945,73 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     )
 
 
+def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_model):
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "%d+1"}}</tool_call>'
+    text = "".join(call % i for i in range(3))
+    lock = threading.Lock()
+    after_tools: list[list[dict]] = []
+
+    class ThreeCalls:
+        def generate(self, conversations, tools=None):
+            with lock:
+                after_tools.extend(c for c in conversations if c[-1]["role"] == "tool")
+            return [text if c[-1]["role"] == "user" else "Anything else?" for c in conversations]
+
+    model = _lora(base_model)
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        GTPOConfig(micro_batch_size=4, backend="torch", skip_zero_advantage=False),
+    )
+    common = dict(tasks=[task.id], steps=1, tasks_per_step=1, group_size=2, progress=False)
+    with pytest.raises(InvalidInputError, match="calls_per_message must be"):
+        train_loop(trainer, domain, None, None, tok, calls_per_message=0, **common)
+    (stats,) = train_loop(
+        trainer,
+        domain,
+        lambda: EngineAgent(ThreeCalls()),
+        envs.ScriptedUser,
+        tok,
+        buffer_dir=tmp_path,
+        calls_per_message=1,
+        **common,
+    )
+    assert stats["episodes"] == 2 and stats["trained_tokens"] > 0
+    records = list(turnrl.iter_rollout_records(tmp_path / "step-0.jsonl"))
+    firsts = [r["turns"][1] for r in records]
+    assert all(len(t["tool_calls"]) == 1 and t["dropped_calls"] == 2 for t in firsts)
+    assert all(t["completion"] == text for t in firsts)  # trained on what was generated
+    assert len(after_tools) == 2
+    assert all(len(c[-2]["tool_calls"]) == 1 and c[-3]["role"] == "user" for c in after_tools)
+
+
+def test_train_command_passes_calls_per_message_on(tmp_path, tok, base_model, monkeypatch):
+    import turnrl.train
+    from turnrl.cli import main
+
+    class Reached(Exception):
+        pass
+
+    passed = []
+
+    def train_loop(*args, **kwargs):
+        passed.append(kwargs["calls_per_message"])
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "load_policy", lambda *a, **k: (_lora(base_model), tok))
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
+    argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
+    for more in ([], ["--calls-per-message", "1"]):
+        with pytest.raises(Reached):
+            main([*argv, *more])
+    assert passed == [None, 1]
+    with pytest.raises(SystemExit):
+        main([*argv, "--calls-per-message", "0"])
+
+
 class _HalfGold:
     """Every other episode makes the task's gold call first (and succeeds); the
     others only answer. Exactly half of each group succeeds."""
@@ -1521,8 +1588,9 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     assert "has metrics but no adapter" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("calls_per_message", [None, 1, 2])
 @pytest.mark.parametrize("tau2", [False, True])
-def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2):
+def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2, calls_per_message):
     from turnrl.envs._base import TAU2_BENCH_RULES
     from turnrl.train import template_messages
 
@@ -1536,11 +1604,19 @@ def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2):
         sent.append(copy.deepcopy(list(messages)))
         if len(sent) == 1:
             call = {"name": "get_user_details", "arguments": {"user_id": task.user_id}}
-            return {"content": "", "tool_calls": [call, dict(call)]}
+            bad = {"error": "invalid JSON"}  # dropped or kept, as the good ones
+            return {"content": "", "tool_calls": [call, bad, dict(call)]}
         return {"content": "Anything else?"}
 
-    record = envs.run_episode(agent, domain, task, envs.ScriptedUser(max_replies=2))
+    record = envs.run_episode(
+        agent,
+        domain,
+        task,
+        envs.ScriptedUser(max_replies=2),
+        calls_per_message=calls_per_message,
+    )
     rebuilt = rollout_messages(record, domain.policy)
+    assert len(sent[1][2]["tool_calls"]) == (calls_per_message or 3)
     for chat in sent:
         assert template_messages(rebuilt[: len(chat)]) == template_messages(chat)
 

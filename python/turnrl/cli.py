@@ -224,6 +224,7 @@ def _collect(args: argparse.Namespace) -> int:
             samples=args.samples,
             tiers=args.tiers,
             max_steps=args.max_steps,
+            calls_per_message=args.calls_per_message,
             nl_judge=judge,
             workers=args.workers,
             group_prefix=args.group_prefix,
@@ -242,9 +243,15 @@ def _collect(args: argparse.Namespace) -> int:
     if summary.records:
         tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
         stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common())
+        dropped = (
+            f"; {summary.dropped_calls} tool calls dropped by --calls-per-message"
+            if summary.dropped_calls
+            else ""
+        )
         print(
             f"wrote {summary.records} rollouts to {args.out}: success "
             f"{summary.success_rate:.3f}; stops: {stops}; assistant turns by tier: {tiers}"
+            + dropped
         )
     for task_id, sample, error in summary.failures:
         print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
@@ -501,6 +508,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         first_step=first_step,
         pack=args.pack,
         mask_truncated=args.mask_truncated,
+        calls_per_message=args.calls_per_message,
         progress=not args.quiet,
     )
     if rank != 0:
@@ -568,6 +576,12 @@ def _online_calibrator(
 TURN_NORM_HELP = (
     "group-normalise each turn against the same turn of the other rollouts (position) or "
     "against all turns of the group (pooled) (default: %(default)s)"
+)
+
+
+CALLS_PER_MESSAGE_HELP = (
+    "run only the first N tool calls of each assistant message; the rest are dropped and "
+    "counted (1 = tau-bench's tool-calling agent; default: all)"
 )
 
 
@@ -797,6 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="step limit in the domain's own unit (default: the benchmark's; see README)",
     )
     col.add_argument(
+        "--calls-per-message", type=_positive_int, metavar="N", help=CALLS_PER_MESSAGE_HELP
+    )
+    col.add_argument(
         "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
     )
     col.add_argument(
@@ -879,6 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--user-model", help="the user simulator's model name (--user llm)")
     tr.add_argument("--user-url", help="the user simulator's base URL (default: OPENAI_BASE_URL)")
+    tr.add_argument(
+        "--calls-per-message", type=_positive_int, metavar="N", help=CALLS_PER_MESSAGE_HELP
+    )
     tr.add_argument(
         "--tiers",
         default="naive",

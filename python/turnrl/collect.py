@@ -19,7 +19,7 @@ from typing import Any
 
 from turnrl.envs._base import Domain, Task
 from turnrl.envs.judge import NLJudge
-from turnrl.envs.runner import Agent, run_episode
+from turnrl.envs.runner import Agent, _check_calls_per_message, run_episode
 from turnrl.envs.users import User
 from turnrl.exceptions import InvalidInputError
 
@@ -34,6 +34,8 @@ class CollectSummary:
     outcomes: list[float] = field(default_factory=list)
     tiers: Counter[str] = field(default_factory=Counter)
     stop_reasons: Counter[str] = field(default_factory=Counter)
+    #: Tool calls left unrun by ``calls_per_message``, over the written episodes.
+    dropped_calls: int = 0
     #: (task id, sample, error) of each episode that raised; none of them is written.
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     #: Why the episodes not yet started were cancelled; None if all ran.
@@ -86,6 +88,7 @@ def collect_rollouts(
     samples: int = 1,
     tiers: str | os.PathLike[str] | Mapping[str, float] = "naive",
     max_steps: int | None = None,
+    calls_per_message: int | None = None,
     nl_judge: NLJudge | None = None,
     workers: int = 4,
     group_prefix: str = "",
@@ -103,6 +106,9 @@ def collect_rollouts(
     of a task apart when buffers are read together); a task listed ``k``
     times gets ``k * samples``, numbered on in its group. ``tiers`` (a preset,
     TOML file or mapping) gives the per-turn rewards written beside the tiers.
+    ``max_steps`` and ``calls_per_message`` are passed to
+    :func:`turnrl.envs.run_episode` (``calls_per_message=1`` runs only the
+    first call of a message, as tau-bench's tool-calling agent does).
 
     Nothing finished is lost, and nothing is written over for nothing:
 
@@ -136,6 +142,9 @@ def collect_rollouts(
         raise InvalidInputError(f"samples must be at least 1, got {samples}")
     if workers < 1:
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
+    # Checked before any episode starts: in run_episode it would fail each
+    # episode in turn, counted as failures, rather than raise.
+    _check_calls_per_message(calls_per_message)
     if max_consecutive_failures is not None and max_consecutive_failures < 1:
         raise InvalidInputError(
             f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}"
@@ -162,6 +171,7 @@ def collect_rollouts(
             group=group_prefix + task.id,
             sample=sample,
             nl_judge=nl_judge,
+            calls_per_message=calls_per_message,
         )
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +203,7 @@ def collect_rollouts(
         summary.records += 1
         summary.outcomes.append(float(record["outcome"]))
         summary.stop_reasons[record["meta"]["stop_reason"]] += 1
+        summary.dropped_calls += record["meta"]["dropped_calls"]
         for turn in record["turns"]:
             if turn["role"] == "assistant" and turn.get("tier") is not None:
                 summary.tiers[str(turn["tier"])] += 1

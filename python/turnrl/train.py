@@ -1368,6 +1368,7 @@ def train_loop(
     first_step: int = 0,
     mask_truncated: bool = False,
     pack: bool | str = True,
+    calls_per_message: int | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -1384,7 +1385,9 @@ def train_loop(
     out of the batch and counted. Steps are numbered from ``first_step``
     (a resumed run continues its numbering, so its buffers and groups do not
     take the earlier run's names). ``mask_truncated`` and ``pack`` as
-    :func:`build_batch`.
+    :func:`build_batch`; ``calls_per_message`` as
+    :func:`turnrl.envs.run_episode` (1: only the first tool call of a
+    message runs, as in tau-bench's tool-calling agent).
 
     ``tiers`` is a fixed tier -> reward table (a preset, TOML file or
     mapping), or an :class:`turnrl.calibration.OnlineCalibrator`: Iterative
@@ -1416,6 +1419,7 @@ def train_loop(
     """
     from turnrl.calibration import OnlineCalibrator, load_tier_rewards
     from turnrl.collect import collect_rollouts
+    from turnrl.envs.runner import _check_calls_per_message
     from turnrl.irc import tiered_from_records
 
     calibrator: OnlineCalibrator | None = None
@@ -1431,6 +1435,7 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    _check_calls_per_message(calls_per_message)
     rank, world = _world()
     if tasks_per_step < world:
         raise InvalidInputError(
@@ -1484,6 +1489,7 @@ def train_loop(
                     tasks=_rank_share(chosen, rank, world),
                     samples=group_size,
                     tiers=rewards,
+                    calls_per_message=calls_per_message,
                     workers=workers,
                     group_prefix=f"step-{step}/",
                     progress=False,

@@ -45,6 +45,22 @@ def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
     return name, args, call.get("id"), None
 
 
+def _check_calls_per_message(calls_per_message: Any) -> None:
+    """Raise :class:`~turnrl.exceptions.InvalidInputError` unless the value is
+    None or a positive integer (``calls_per_message`` of :func:`run_episode`)."""
+    if calls_per_message is None:
+        return
+    if (
+        isinstance(calls_per_message, bool)
+        or not isinstance(calls_per_message, int)
+        or calls_per_message < 1
+    ):
+        raise InvalidInputError(
+            "calls_per_message must be a positive integer or None (every call), "
+            f"got {calls_per_message!r}"
+        )
+
+
 def _default_labeler() -> Labeler | None:
     try:
         from turnrl import label_tiers  # type: ignore[attr-defined]
@@ -69,6 +85,7 @@ def run_episode(
     group: str | None = None,
     sample: int = 0,
     nl_judge: NLJudge | None = None,
+    calls_per_message: int | None = None,
 ) -> dict[str, Any]:
     """Run one episode and return it as a ``turnrl.rollout/1`` record.
 
@@ -79,7 +96,11 @@ def run_episode(
     not be read, which the agent gets back as an error).
     :class:`turnrl.envs.OpenAIAgent` is such an agent for a policy served
     behind an OpenAI-compatible endpoint (vLLM). Every tool call in a message
-    is run, in order. A message without tool calls goes to the user.
+    is run, in order, or only the first ``calls_per_message`` of them
+    (``1`` is what tau-bench's tool-calling agent does). The calls left out
+    are neither run nor recorded nor shown to the agent again; the turn's
+    ``dropped_calls`` and ``meta["dropped_calls"]`` count them, and the raw
+    ``completion`` keeps them. A message without tool calls goes to the user.
 
     The episode ends as the domain's benchmark ends it (``domain.rules``,
     :class:`~turnrl.envs.EpisodeRules`):
@@ -116,6 +137,7 @@ def run_episode(
     limit = rules.max_steps if max_steps is None else max_steps
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise InvalidInputError(f"max_steps must be a positive integer, got {max_steps!r}")
+    _check_calls_per_message(calls_per_message)
     by_message = rules.step_unit == "message"
     episode = domain.new_episode(task)
     tools = domain.openai_tools()
@@ -126,7 +148,7 @@ def run_episode(
     ]
     turns: list[dict[str, Any]] = [{"role": "user", "content": opening}]
     stop_reason = "max_steps"
-    steps = tool_errors = 0
+    steps = tool_errors = dropped_calls = 0
     limit_hit: str | None = None
 
     def check_limits() -> None:
@@ -148,7 +170,12 @@ def run_episode(
         steps += 1
         reply = agent(messages, tools)
         content = reply.get("content") or ""
-        raw_calls = list(reply.get("tool_calls") or [])
+        written = list(reply.get("tool_calls") or [])
+        # The calls past the cap are gone from the record and the chat alike,
+        # so that training re-renders the chat the agent was shown.
+        raw_calls = written if calls_per_message is None else written[:calls_per_message]
+        dropped = len(written) - len(raw_calls)
+        dropped_calls += dropped
         calls = []
         record_calls = []
         for i, raw in enumerate(raw_calls):
@@ -183,6 +210,8 @@ def run_episode(
             turn["tool_calls"] = record_calls
             # The ids the agent is shown, so training re-renders the same chat.
             turn["tool_call_ids"] = [call_id for _, _, call_id, _ in calls]
+        if dropped:
+            turn["dropped_calls"] = dropped
         turn["tier"] = None
         turn["reward"] = None
         turns.append(turn)
@@ -287,6 +316,7 @@ def run_episode(
             "domain": domain.name,
             "steps": steps,
             "tool_errors": tool_errors,
+            "dropped_calls": dropped_calls,
             "stop_reason": stop_reason,
             "reward_info": result.as_dict(),
         },
