@@ -982,6 +982,7 @@ def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_mo
     records = list(turnrl.iter_rollout_records(tmp_path / "step-0.jsonl"))
     firsts = [r["turns"][1] for r in records]
     assert all(len(t["tool_calls"]) == 1 and t["dropped_calls"] == 2 for t in firsts)
+    assert stats["dropped_calls"] == sum(r["meta"]["dropped_calls"] for r in records) >= 4
     assert all(t["completion"] == text for t in firsts)  # trained on what was generated
     assert len(after_tools) == 2
     assert all(len(c[-2]["tool_calls"]) == 1 and c[-3]["role"] == "user" for c in after_tools)

@@ -1401,9 +1401,10 @@ def train_loop(
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
-    ``tier_reward/<tier>`` (the rewards the step's turns were given) and,
-    with a calibrator, ``recalibrated`` (1.0 when the rewards were re-derived
-    after the step) added. The batch is built from the records in memory, so turns are
+    ``tier_reward/<tier>`` (the rewards the step's turns were given),
+    with a calibrator ``recalibrated`` (1.0 when the rewards were re-derived
+    after the step), and with ``calls_per_message`` ``dropped_calls`` (tool
+    calls left out) added. The batch is built from the records in memory, so turns are
     trained on the token ids the engine sampled (the buffer files hold text
     only); ``refused_completion_ids`` counts turns whose ids did not decode
     to their text and were encoded from it instead.
@@ -1496,13 +1497,16 @@ def train_loop(
                     keep_records=True,  # with the sampled token ids the buffer leaves out
                 )
                 records = summary.kept
-            episodes, failed, successes = (
+            episodes, failed, successes, dropped = (
                 float(summary.records),
                 float(len(summary.failures)),
                 float(sum(summary.outcomes)),
+                float(summary.dropped_calls),
             )
             if world > 1:
-                episodes, failed, successes = _all_reduce([episodes, failed, successes], device)
+                episodes, failed, successes, dropped = _all_reduce(
+                    [episodes, failed, successes, dropped], device
+                )
             if not episodes:
                 first = summary.failures[0][2] if summary.failures else "none ran here"
                 raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
@@ -1533,6 +1537,8 @@ def train_loop(
             stats["success_rate"] = successes / episodes
             stats["episodes"] = episodes
             stats["failed_episodes"] = failed
+            if calls_per_message is not None:
+                stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
             state: dict[str, Any] = {"step": step}
             if calibrator is not None:
