@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import turnrl
 from turnrl import envs
@@ -190,6 +193,7 @@ def test_collect_writes_every_episode_with_tiers(chat_server, tmp_path):
     )
     assert summary.records == 6 and not summary.failures
     records = list(turnrl.iter_rollout_records(out))
+    assert summary.task_outcomes == {t.id: [0.0, 0.0] for t in d.tasks[:3]}
     assert sorted((r["task_id"], r["sample"]) for r in records) == sorted(
         (t.id, s) for t in d.tasks[:3] for s in range(2)
     )
@@ -248,7 +252,9 @@ def test_cli_collect(chat_server, tmp_path, capsys):
         str(out),
     ]
     assert main(argv) == 0
-    assert "wrote 4 rollouts" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote 4 rollouts" in printed
+    assert "pass^1 0.000, pass^2 0.000 (2 tasks x 2 episodes)" in printed
     assert len(list(turnrl.iter_rollout_records(out))) == 4
     assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
     assert "--user llm needs --user-model" in capsys.readouterr().err
@@ -452,3 +458,33 @@ def test_no_completion_is_kept_when_the_server_took_the_reasoning_out(chat_serve
     assert split["reasoning"] == "plan" and split["content"] == "Done."
     assert "completion" not in split
     assert agent([{"role": "user", "content": "hi"}], [])["completion"] == "Plain text."
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tasks=st.integers(1, 6),
+    episodes=st.integers(1, 8),
+    data=st.data(),
+)
+def test_summary_pass_hat_k_is_tau_benchs(tasks, episodes, data):
+    summary = CollectSummary()
+    for t in range(tasks):
+        outcomes = data.draw(
+            st.lists(st.sampled_from([0.0, 1.0]), min_size=episodes, max_size=episodes)
+        )
+        summary.task_outcomes[f"task-{t}"] = outcomes
+    for k in range(1, episodes + 1):
+        # The chance that k of a task's episodes, drawn without replacement, all succeed.
+        expected = (
+            sum(
+                math.comb(int(sum(outs)), k) / math.comb(episodes, k)
+                for outs in summary.task_outcomes.values()
+            )
+            / tasks
+        )
+        assert summary.pass_hat_k(k) == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(turnrl.InvalidInputError, match=r"k=.* must be in"):
+        summary.pass_hat_k(episodes + 1)
+    summary.task_outcomes["extra"] = [1.0] * (episodes + 1)
+    with pytest.raises(turnrl.InvalidInputError, match="different numbers of results"):
+        summary.pass_hat_k(1)

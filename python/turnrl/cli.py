@@ -253,6 +253,7 @@ def _collect(args: argparse.Namespace) -> int:
             f"{summary.success_rate:.3f}; stops: {stops}; assistant turns by tier: {tiers}"
             + dropped
         )
+        _print_pass_hat_k(summary)
     for task_id, sample, error in summary.failures:
         print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
     if summary.aborted:
@@ -266,6 +267,24 @@ def _collect(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _print_pass_hat_k(summary: Any) -> None:
+    """tau-bench's pass^k at k = 1, 2, 4, ... and the number of episodes per task,
+    when every task has that many written episodes."""
+    counts = {len(outcomes) for outcomes in summary.task_outcomes.values()}
+    if len(counts) > 1:
+        print(
+            f"pass^k not shown: tasks have from {min(counts)} to {max(counts)} written episodes",
+            file=sys.stderr,
+        )
+        return
+    episodes = counts.pop()
+    if episodes < 2:
+        return
+    ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
+    shown = ", ".join(f"pass^{k} {summary.pass_hat_k(k):.3f}" for k in ks)
+    print(f"{shown} ({len(summary.task_outcomes)} tasks x {episodes} episodes)")
 
 
 def _make_user(args: argparse.Namespace, domain: Any) -> Any:

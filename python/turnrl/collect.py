@@ -32,6 +32,8 @@ class CollectSummary:
 
     records: int = 0
     outcomes: list[float] = field(default_factory=list)
+    #: The written episodes' outcomes by task id, in the order they finished.
+    task_outcomes: dict[str, list[float]] = field(default_factory=dict)
     tiers: Counter[str] = field(default_factory=Counter)
     stop_reasons: Counter[str] = field(default_factory=Counter)
     #: Tool calls left unrun by ``calls_per_message``, over the written episodes.
@@ -48,6 +50,19 @@ class CollectSummary:
     def success_rate(self) -> float:
         """Mean outcome of the written episodes (0 when none)."""
         return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 0.0
+
+    def pass_hat_k(self, k: int) -> float:
+        """tau-bench's pass^k of the written episodes (:func:`turnrl.envs.pass_hat_k`):
+        the chance that k episodes of a task all succeed, averaged over tasks.
+
+        Raises:
+            InvalidInputError: no episode was written, tasks have different
+                numbers of written episodes, or k is not in 1..that number.
+        """
+        from turnrl.envs import pass_hat_k
+
+        results = [(task, o) for task, outs in self.task_outcomes.items() for o in outs]
+        return pass_hat_k(results, k)
 
 
 def select_tasks(domain: Domain, spec: str) -> list[Task]:
@@ -202,6 +217,7 @@ def collect_rollouts(
             summary.kept.append(record)
         summary.records += 1
         summary.outcomes.append(float(record["outcome"]))
+        summary.task_outcomes.setdefault(str(task_id), []).append(float(record["outcome"]))
         summary.stop_reasons[record["meta"]["stop_reason"]] += 1
         summary.dropped_calls += record["meta"]["dropped_calls"]
         for turn in record["turns"]:
