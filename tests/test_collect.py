@@ -283,17 +283,25 @@ def test_cli_collect_runs_only_the_first_calls_per_message(chat_server, tmp_path
         assert f"argument --calls-per-message: {why}" in capsys.readouterr().err
 
 
-def test_collect_refuses_a_bad_calls_per_message_before_any_episode(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"calls_per_message": 0}, "calls_per_message must be"),
+        ({"max_steps": 0}, "max_steps must be a positive integer, got 0"),
+        ({"max_steps": 2.5}, "max_steps must be a positive integer, got 2.5"),
+    ],
+)
+def test_collect_refuses_bad_episode_options_before_any_episode(tmp_path, option, message):
     d = envs.load("synthetic:airline", seed=0)
     made = []
-    with pytest.raises(turnrl.InvalidInputError, match="calls_per_message must be"):
+    with pytest.raises(turnrl.InvalidInputError, match=message):
         collect_rollouts(
             d,
             lambda: made.append(1),
             envs.ScriptedUser,
             tmp_path / "none.jsonl",
-            calls_per_message=0,
             progress=False,
+            **option,
         )
     assert made == [] and not (tmp_path / "none.jsonl").exists()
 

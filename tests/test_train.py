@@ -945,7 +945,9 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     )
 
 
-def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_model):
+def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_model, monkeypatch):
+    import turnrl.collect
+
     domain = envs.load("synthetic:airline", seed=0)
     task = domain.tasks[0]
     call = '<tool_call>{"name": "calculate", "arguments": {"expression": "%d+1"}}</tool_call>'
@@ -968,6 +970,15 @@ def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_mo
     common = dict(tasks=[task.id], steps=1, tasks_per_step=1, group_size=2, progress=False)
     with pytest.raises(InvalidInputError, match="calls_per_message must be"):
         train_loop(trainer, domain, None, None, tok, calls_per_message=0, **common)
+    with pytest.raises(InvalidInputError, match="max_steps must be"):
+        train_loop(trainer, domain, None, None, tok, max_steps=0, **common)
+    collect, limits = turnrl.collect.collect_rollouts, []
+
+    def collect_spy(*args, **kwargs):
+        limits.append(kwargs["max_steps"])
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(turnrl.collect, "collect_rollouts", collect_spy)
     (stats,) = train_loop(
         trainer,
         domain,
@@ -976,19 +987,21 @@ def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_mo
         tok,
         buffer_dir=tmp_path,
         calls_per_message=1,
+        max_steps=9,
         **common,
     )
     assert stats["episodes"] == 2 and stats["trained_tokens"] > 0
     records = list(turnrl.iter_rollout_records(tmp_path / "step-0.jsonl"))
     firsts = [r["turns"][1] for r in records]
     assert all(len(t["tool_calls"]) == 1 and t["dropped_calls"] == 2 for t in firsts)
+    assert limits == [9]
     assert stats["dropped_calls"] == sum(r["meta"]["dropped_calls"] for r in records) >= 4
     assert all(t["completion"] == text for t in firsts)  # trained on what was generated
     assert len(after_tools) == 2
     assert all(len(c[-2]["tool_calls"]) == 1 and c[-3]["role"] == "user" for c in after_tools)
 
 
-def test_train_command_passes_calls_per_message_on(tmp_path, tok, base_model, monkeypatch):
+def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monkeypatch):
     import turnrl.train
     from turnrl.cli import main
 
@@ -998,19 +1011,20 @@ def test_train_command_passes_calls_per_message_on(tmp_path, tok, base_model, mo
     passed = []
 
     def train_loop(*args, **kwargs):
-        passed.append(kwargs["calls_per_message"])
+        passed.append((kwargs["calls_per_message"], kwargs["max_steps"]))
         raise Reached
 
     monkeypatch.setattr(turnrl.train, "load_policy", lambda *a, **k: (_lora(base_model), tok))
     monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
     argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
     argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
-    for more in ([], ["--calls-per-message", "1"]):
+    for more in ([], ["--calls-per-message", "1", "--max-steps", "7"]):
         with pytest.raises(Reached):
             main([*argv, *more])
-    assert passed == [None, 1]
-    with pytest.raises(SystemExit):
-        main([*argv, "--calls-per-message", "0"])
+    assert passed == [(None, None), (1, 7)]
+    for bad in (["--calls-per-message", "0"], ["--max-steps", "0"]):
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
 
 
 class _HalfGold:

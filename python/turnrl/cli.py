@@ -528,6 +528,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         pack=args.pack,
         mask_truncated=args.mask_truncated,
         calls_per_message=args.calls_per_message,
+        max_steps=args.max_steps,
         progress=not args.quiet,
     )
     if rank != 0:
@@ -826,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--max-steps",
-        type=int,
+        type=_positive_int,
         help="step limit in the domain's own unit (default: the benchmark's; see README)",
     )
     col.add_argument(
@@ -917,6 +918,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--user-url", help="the user simulator's base URL (default: OPENAI_BASE_URL)")
     tr.add_argument(
         "--calls-per-message", type=_positive_int, metavar="N", help=CALLS_PER_MESSAGE_HELP
+    )
+    tr.add_argument(
+        "--max-steps",
+        type=_positive_int,
+        help="step limit of an episode in the domain's own unit (default: the benchmark's; "
+        "see README)",
     )
     tr.add_argument(
         "--tiers",

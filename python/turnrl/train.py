@@ -1369,6 +1369,7 @@ def train_loop(
     mask_truncated: bool = False,
     pack: bool | str = True,
     calls_per_message: int | None = None,
+    max_steps: int | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -1385,9 +1386,9 @@ def train_loop(
     out of the batch and counted. Steps are numbered from ``first_step``
     (a resumed run continues its numbering, so its buffers and groups do not
     take the earlier run's names). ``mask_truncated`` and ``pack`` as
-    :func:`build_batch`; ``calls_per_message`` as
-    :func:`turnrl.envs.run_episode` (1: only the first tool call of a
-    message runs, as in tau-bench's tool-calling agent).
+    :func:`build_batch`; ``calls_per_message`` and ``max_steps`` as
+    :func:`turnrl.envs.run_episode` (``calls_per_message=1``: only the first
+    tool call of a message runs, as in tau-bench's tool-calling agent).
 
     ``tiers`` is a fixed tier -> reward table (a preset, TOML file or
     mapping), or an :class:`turnrl.calibration.OnlineCalibrator`: Iterative
@@ -1420,7 +1421,7 @@ def train_loop(
     """
     from turnrl.calibration import OnlineCalibrator, load_tier_rewards
     from turnrl.collect import collect_rollouts
-    from turnrl.envs.runner import _check_calls_per_message
+    from turnrl.envs.runner import _check_calls_per_message, _check_max_steps
     from turnrl.irc import tiered_from_records
 
     calibrator: OnlineCalibrator | None = None
@@ -1437,6 +1438,7 @@ def train_loop(
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
     _check_calls_per_message(calls_per_message)
+    _check_max_steps(max_steps)
     rank, world = _world()
     if tasks_per_step < world:
         raise InvalidInputError(
@@ -1491,6 +1493,7 @@ def train_loop(
                     samples=group_size,
                     tiers=rewards,
                     calls_per_message=calls_per_message,
+                    max_steps=max_steps,
                     workers=workers,
                     group_prefix=f"step-{step}/",
                     progress=False,

@@ -45,6 +45,16 @@ def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
     return name, args, call.get("id"), None
 
 
+def _check_max_steps(max_steps: Any) -> None:
+    """Raise :class:`~turnrl.exceptions.InvalidInputError` unless the value is
+    None (the benchmark's limit) or a positive integer (``max_steps`` of
+    :func:`run_episode`)."""
+    if max_steps is not None and (
+        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+    ):
+        raise InvalidInputError(f"max_steps must be a positive integer, got {max_steps!r}")
+
+
 def _check_calls_per_message(calls_per_message: Any) -> None:
     """Raise :class:`~turnrl.exceptions.InvalidInputError` unless the value is
     None or a positive integer (``calls_per_message`` of :func:`run_episode`)."""
@@ -134,9 +144,8 @@ def run_episode(
     """
     task = domain.task(task)
     rules = domain.rules
+    _check_max_steps(max_steps)
     limit = rules.max_steps if max_steps is None else max_steps
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidInputError(f"max_steps must be a positive integer, got {max_steps!r}")
     _check_calls_per_message(calls_per_message)
     by_message = rules.step_unit == "message"
     episode = domain.new_episode(task)
