@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rollout_cases import labelled_records
 
 import turnrl
 from turnrl.calibration import (
@@ -487,27 +488,6 @@ def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
 
 def test_default_tiers_match_design():
     assert DEFAULT_TIERS == ("gold", "soft", "read", "write", "error", "respond")
-
-
-@st.composite
-def labelled_records(draw):
-    """Records as run_episode writes them: groups in any order, tier names
-    known, new or None, user and tool turns between the assistant turns."""
-    names = [*DEFAULT_TIERS, "custom", "x²", None]
-    records = []
-    for i in range(draw(st.integers(0, 12))):
-        turns = []
-        for _ in range(draw(st.integers(0, 6))):
-            role = draw(st.sampled_from(["assistant", "assistant", "user", "tool"]))
-            turn = {"role": role, "content": "."}
-            if role == "assistant":
-                turn["tier"], turn["reward"] = draw(st.sampled_from(names)), 0.0
-            turns.append(turn)
-        group = draw(st.sampled_from(["g/a", "g/b", "g/c"]))
-        task = draw(st.sampled_from(["t1", "t2"]))
-        outcome = draw(st.sampled_from([0.0, 0.5, 1.0]))
-        records.append(turnrl.rollout_record(task, group, i, outcome, turns))
-    return records
 
 
 @settings(max_examples=60, deadline=None)

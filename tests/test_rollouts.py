@@ -796,3 +796,118 @@ def test_taubench_bad_input_names_the_entry(tmp_path):
         turnrl.read_taubench_results(src)
     with pytest.raises(TurnrlIOError, match=r"missing\.json"):
         turnrl.read_taubench_results(tmp_path / "missing.json")
+
+
+def _stats_from_records(records: list[dict], threshold: float) -> dict:
+    """buffer_stats' figures, worked out record by record."""
+    from collections import Counter
+
+    success = [r["outcome"] >= threshold for r in records]
+    per_task = Counter(r["task_id"] for r in records)
+    per_group = Counter(r["group"] for r in records)
+    counts = [sum(t["role"] == "assistant" for t in r["turns"]) for r in records]
+    tiers: dict[str, list] = {}
+    for i, r in enumerate(records):
+        for t in r["turns"]:
+            if t["role"] == "assistant" and t.get("tier") is not None:
+                tiers.setdefault(t["tier"], []).append((i, t["reward"]))
+    total = sum(counts)
+    pass_hat = None
+    if len(set(per_task.values())) == 1:
+        n = next(iter(per_task.values()))
+        wins = Counter(r["task_id"] for r in records if abs(r["outcome"] - 1) <= 1e-6)
+        pass_hat = {
+            k: sum(math.comb(wins[t], k) / math.comb(n, k) for t in per_task) / len(per_task)
+            for k in range(1, n + 1)
+        }
+    return {
+        "trajectories": len(records),
+        "tasks": len(per_task),
+        "groups": len(per_group),
+        "group_size": (min(per_group.values()), max(per_group.values())),
+        "mean_outcome": sum(r["outcome"] for r in records) / len(records),
+        "success_rate": sum(success) / len(records),
+        "pass_hat": pass_hat,
+        "assistant_turns": total,
+        "turns": (total / len(records), max(counts)),
+        "unlabelled": total - sum(len(v) for v in tiers.values()),
+        "tiers": {
+            name: (
+                len(v),
+                len(v) / total,
+                sum(reward for _, reward in v) / len(v),
+                len({i for i, _ in v}),
+                sum(success[i] for i in {i for i, _ in v}) / len({i for i, _ in v}),
+            )
+            for name, v in tiers.items()
+        },
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    records=st.deferred(lambda: __import__("test_calibration").labelled_records()),
+    threshold=st.sampled_from([0.5, 1.0]),
+)
+def test_buffer_stats_are_the_records_figures(tmp_path_factory, records, threshold):
+    from turnrl.rollouts import buffer_stats
+
+    path = tmp_path_factory.mktemp("stats") / "b.jsonl"
+    with turnrl.RolloutWriter(path) as writer:
+        writer.write_many(records)
+    stats = buffer_stats(turnrl.read_rollouts(path), threshold)
+    assert json.loads(json.dumps(stats)) == stats  # plain JSON values
+    assert stats["files"] == 1 and stats["skipped_lines"] == 0
+    if not records:
+        assert stats["trajectories"] == 0 and stats["success_rate"] is None
+        return
+    want = _stats_from_records(records, threshold)
+    for key in ("trajectories", "tasks", "groups", "assistant_turns"):
+        assert stats[key] == want[key], key
+    assert (stats["group_size"]["min"], stats["group_size"]["max"]) == want["group_size"]
+    assert stats["mean_outcome"] == pytest.approx(want["mean_outcome"])
+    assert stats["success_rate"] == pytest.approx(want["success_rate"])
+    assert stats["unlabelled_turns"] == want["unlabelled"]
+    turns = stats["turns_per_trajectory"]
+    assert (turns["mean"], turns["max"]) == pytest.approx(want["turns"])
+    if want["pass_hat"] is None:
+        assert stats["pass_hat_k"] is None
+    else:
+        n = max(want["pass_hat"])
+        ks = sorted({1, n} | {2**i for i in range(1, n.bit_length())})
+        assert list(stats["pass_hat_k"]) == [str(k) for k in ks]
+        for k in ks:
+            assert stats["pass_hat_k"][str(k)] == pytest.approx(want["pass_hat"][k])
+    assert set(stats["tiers"]) == set(want["tiers"])
+    for name, row in stats["tiers"].items():
+        got = (row["turns"], row["turn_share"], row["mean_reward"], row["trajectories"])
+        assert got == pytest.approx(want["tiers"][name][:4]), name
+        assert row["success_rate"] == pytest.approx(want["tiers"][name][4]), name
+
+
+def test_rollouts_stats_command(tmp_path, capsys):
+    from turnrl.cli import main
+    from turnrl.rollouts import buffer_stats
+
+    path = tmp_path / "b.jsonl"
+    turn = {"role": "assistant", "content": "x", "tier": "gold", "reward": 1.0}
+    records = [
+        turnrl.rollout_record(f"t{i % 2}", f"g{i % 2}", i // 2, float(i % 3 == 0), [turn])
+        for i in range(4)
+    ]
+    with turnrl.RolloutWriter(path) as writer:
+        writer.write_many(records)
+    with open(path, "a") as f:
+        f.write("{not json\n")
+    assert main(["rollouts", "stats", str(path), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert f"skipped {path}:5:" in err
+    assert "4 trajectories in 1 file(s) (1 bad lines skipped); 2 tasks, 2 groups of 2" in out
+    assert "mean outcome 0.500, success rate 0.500; pass^1 0.500, pass^2 0.000" in out
+    assert "4 assistant turns, 1.0 per trajectory (at most 1)" in out
+    assert re.search(r"gold +4 +100\.0% +\+1\.000 +4 +0\.500", out)
+    assert main(["rollouts", "stats", str(path), "--json", "--quiet"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == buffer_stats(turnrl.read_rollouts(path))
+    with pytest.raises(SystemExit):
+        main(["rollouts", "stats", str(path), "--success-threshold", "nan"])

@@ -182,6 +182,63 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from tqdm import tqdm
+
+    from turnrl.calibration import check_success_threshold
+    from turnrl.rollouts import buffer_stats, expand_paths, read_rollouts
+
+    check_success_threshold(args.success_threshold)
+    paths = expand_paths(args.buffers)
+    total = sum(os.path.getsize(p) for p in paths)
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet or None
+    ) as bar:
+        batch = read_rollouts(paths, workers=args.workers, on_progress=bar.update)
+    for problem in batch.problems[:20]:
+        print(f"skipped {problem}", file=sys.stderr)
+    if batch.skipped > 20:
+        print(f"skipped {batch.skipped - 20} more bad line(s)", file=sys.stderr)
+    stats = buffer_stats(batch, args.success_threshold)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+    print(
+        f"{stats['trajectories']} trajectories in {stats['files']} file(s)"
+        + (f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else "")
+        + f"; {stats['tasks']} tasks, {stats['groups']} groups of "
+        + (
+            f"{stats['group_size']['min']}"
+            if stats["group_size"]["min"] == stats["group_size"]["max"]
+            else f"{stats['group_size']['min']} to {stats['group_size']['max']}"
+        )
+    )
+    if not stats["trajectories"]:
+        return 0
+    line = f"mean outcome {stats['mean_outcome']:.3f}, success rate {stats['success_rate']:.3f}"
+    if stats["pass_hat_k"]:
+        line += "; " + ", ".join(f"pass^{k} {v:.3f}" for k, v in stats["pass_hat_k"].items())
+    print(line)
+    turns = stats["turns_per_trajectory"]
+    print(
+        f"{stats['assistant_turns']} assistant turns, {turns['mean']:.1f} per trajectory "
+        f"(at most {turns['max']})"
+        + (f", {stats['unlabelled_turns']} without a tier" if stats["unlabelled_turns"] else "")
+    )
+    if stats["tiers"]:
+        header = ("tier", "turns", "share", "mean reward", "traj.", "success")
+        print("{:<12} {:>8} {:>6} {:>11} {:>7} {:>7}".format(*header))
+        for tier, row in stats["tiers"].items():
+            print(
+                f"{tier:<12} {row['turns']:>8} {row['turn_share']:>6.1%} "
+                f"{row['mean_reward']:>+11.3f} {row['trajectories']:>7} {row['success_rate']:>7.3f}"
+            )
+    return 0
+
+
 def _domain_and_tasks(args: argparse.Namespace) -> tuple[Any, list[Any]]:
     """The --env domain (--root, --split, --seed) and its --tasks."""
     from turnrl import envs
@@ -775,6 +832,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("--out", required=True, help="buffer to write (.zst compresses)")
     imp.set_defaults(run=_import_taubench)
+
+    sts = rollout_commands.add_parser(
+        "stats",
+        help="what rollout buffers hold: trajectories, success, pass^k, turns and tiers",
+        description="Read rollout buffers (files or glob patterns, plain or zstd) and print "
+        "their trajectories, tasks and groups, the success rate and tau-bench's pass^k (when "
+        "every task has as many trajectories), assistant turns, and per tier its turns, mean "
+        "reward and the success rate of the trajectories holding it.",
+    )
+    sts.add_argument("buffers", nargs="+", help="buffer files or glob patterns")
+    sts.add_argument(
+        "--success-threshold",
+        type=_finite_number,
+        default=1.0,
+        help="an outcome at or above this is a success (default: %(default)s)",
+    )
+    sts.add_argument("--json", action="store_true", help="print the figures as JSON")
+    sts.add_argument("--workers", type=_positive_int, help="reading threads (default: all cores)")
+    sts.add_argument("--quiet", action="store_true", help="no progress bar")
+    sts.set_defaults(run=_stats)
 
     col = rollout_commands.add_parser(
         "collect",

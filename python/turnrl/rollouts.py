@@ -60,6 +60,7 @@ __all__ = [
     "RolloutBatch",
     "RolloutRecordIterator",
     "RolloutWriter",
+    "buffer_stats",
     "expand_paths",
     "iter_rollout_records",
     "read_rollouts",
@@ -204,6 +205,72 @@ class RolloutBatch:
             self.turn_offsets,
             **params,
         )
+
+
+def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[str, Any]:
+    """What a buffer holds, as plain JSON values (``turnrl rollouts stats``).
+
+    Trajectories, tasks, groups and their sizes, skipped lines, the mean
+    outcome and the success rate (``outcome >= success_threshold``),
+    tau-bench's pass^k at k = 1, 2, 4, ... when every task has the same
+    number of trajectories (else ``None``), assistant turns per trajectory,
+    and per tier: its turns, their share of all turns and mean reward, the
+    trajectories holding it and their success rate. Turns without a tier
+    are counted as ``unlabelled_turns``.
+    """
+    from turnrl.calibration import check_success_threshold
+
+    check_success_threshold(success_threshold)
+    trajectories = batch.num_trajectories
+    success = batch.outcome >= success_threshold
+    group_sizes = np.bincount(batch.group_index, minlength=len(batch.group_names))
+    task_sizes = np.bincount(batch.task_index, minlength=len(batch.task_names))
+    pass_hat: dict[str, float] | None = None
+    sizes = set(task_sizes.tolist()) - {0}
+    if len(sizes) == 1:
+        from turnrl.envs import pass_hat_k
+
+        episodes = sizes.pop()
+        results = list(zip(batch.task_index.tolist(), batch.outcome.tolist(), strict=True))
+        ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
+        pass_hat = {str(k): pass_hat_k(results, k) for k in ks}
+    counts = batch.turn_counts
+    owner = np.repeat(np.arange(trajectories), counts)
+    tiers: dict[str, dict[str, float | int]] = {}
+    for code, name in enumerate(batch.tier_names):
+        at = batch.turn_tiers == code
+        turns = int(at.sum())
+        if not turns:
+            continue
+        holders = np.unique(owner[at])
+        tiers[name] = {
+            "turns": turns,
+            "turn_share": turns / batch.num_turns,
+            "mean_reward": float(batch.turn_rewards[at].mean()),
+            "trajectories": int(holders.size),
+            "success_rate": float(success[holders].mean()),
+        }
+    return {
+        "files": len(batch.files),
+        "trajectories": trajectories,
+        "skipped_lines": batch.skipped,
+        "tasks": int((task_sizes > 0).sum()),
+        "groups": int((group_sizes > 0).sum()),
+        "group_size": {
+            "min": int(group_sizes.min()) if trajectories else 0,
+            "max": int(group_sizes.max()) if trajectories else 0,
+        },
+        "mean_outcome": float(batch.outcome.mean()) if trajectories else None,
+        "success_rate": float(success.mean()) if trajectories else None,
+        "pass_hat_k": pass_hat,
+        "assistant_turns": batch.num_turns,
+        "turns_per_trajectory": {
+            "mean": float(counts.mean()) if trajectories else None,
+            "max": int(counts.max()) if trajectories else 0,
+        },
+        "unlabelled_turns": int((batch.turn_tiers == NO_TIER).sum()),
+        "tiers": tiers,
+    }
 
 
 def read_rollouts(
