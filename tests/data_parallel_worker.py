@@ -3,8 +3,11 @@
 Every scenario: the same records on every rank, each rank stepping on its
 slice of them, its LoRA adapter initialised with its own seed (the trainer
 must broadcast rank 0's). Rank 0 saves the trained weights and the stats.
-Last, rank 1 fails in the middle of a step: both ranks must raise (rank 0
-must not wait for ever for rank 1's gradients); each writes what it raised.
+Then two steps of ``train_loop`` calibrating its tier rewards as it goes,
+each rank's share of a step succeeding in other proportions (one task always
+succeeds): rank 0 saves every rank's calibrator. Last, rank 1 fails in the
+middle of a step: both ranks must raise (rank 0 must not wait for ever for
+rank 1's gradients); each writes what it raised.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \
         tests/data_parallel_worker.py OUT_DIR
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import random
 import sys
 from pathlib import Path
@@ -21,11 +25,14 @@ from pathlib import Path
 import peft
 import torch
 import torch.distributed as dist
-from test_train import SYSTEM, TOOLS, _record
+from test_train import SYSTEM, TOOLS, _HalfGold, _record
 from tiny_qwen import qwen_tokenizer, tiny_qwen3
 
 import turnrl.train
-from turnrl.train import GTPOConfig, GTPOTrainer, TrainBatch, build_batch
+from turnrl import envs
+from turnrl.calibration import OnlineCalibrator
+from turnrl.engines import EngineAgent
+from turnrl.train import GTPOConfig, GTPOTrainer, TrainBatch, build_batch, train_loop
 
 # name: (config, records per group, each rank's slice of the records)
 SCENARIOS = {
@@ -103,6 +110,32 @@ def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
     )
 
 
+def calibrating_loop(out: Path, rank: int, tok, base) -> None:
+    """Two steps of train_loop with an OnlineCalibrator re-deriving after each."""
+    domain = envs.load("synthetic:airline", seed=0)
+    tasks = [task.id for task in domain.tasks[:2]]
+    engine = _HalfGold(domain, always=tasks[:1])
+    online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1)
+    train_loop(
+        trainer_for(base, {"micro_batch_size": 4}, seed=1 + rank),
+        domain,
+        lambda: EngineAgent(engine),
+        envs.ScriptedUser,
+        tok,
+        tasks=tasks,
+        steps=2,
+        tasks_per_step=2,
+        group_size=4,
+        tiers=online,
+        buffer_dir=out / "calibrating",
+        progress=False,
+    )
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, online.state_dict())
+    if rank == 0:
+        (out / "calibrators.json").write_text(json.dumps(states))
+
+
 def main(out: Path) -> None:
     # A short timeout: a rank left waiting fails the test instead of hanging it.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -122,6 +155,8 @@ def main(out: Path) -> None:
         dist.all_gather_object(gathered, trained)
         if rank == 0:
             torch.save({"stats": stats, "trained": gathered}, out / f"{name}.pt")
+
+    calibrating_loop(out, rank, tok, base)
 
     trainer = trainer_for(base, {"micro_batch_size": 2}, seed=1)
     batch = batch_of(scenario_records([3, 3])[3 * rank : 3 * rank + 3], tok)

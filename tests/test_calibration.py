@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -484,6 +485,62 @@ def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
         OnlineCalibrator.load(path)
     with pytest.raises(turnrl.TurnrlIOError, match="no such calibrator state file"):
         OnlineCalibrator.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("outcome", [0.0, 1.0])
+def test_a_window_of_equal_outcomes_holds_the_rewards_back(outcome):
+    """All failing (early training) or all succeeding: no tier tells them
+    apart, and zeroing every reward would leave the groups with no signal."""
+    start = {"good": 0.3, "bad": 0.3, "noise": 0.3, "respond": 0.0}
+    online = _online(window=2, every=1)
+    flat = planted(seed=3, tasks=12)
+    flat = TieredRollouts(np.full_like(flat.outcome, outcome), *astuple(flat)[1:])
+    assert online.update(flat) == start and online.held == 1 and not online.reports
+    assert online.update(flat) == start and online.held == 2
+    # Once the window holds both, rewards are derived: from the whole window.
+    mixed = planted(seed=4, tasks=12)
+    rewards = online.update(mixed)
+    assert len(online.reports) == 1 and online.held == 2 and rewards != start
+    window = TierStats.from_rollouts(flat) + TierStats.from_rollouts(mixed)
+    assert online.reports[0].stats == window
+
+
+def test_tiers_first_seen_later_join_the_calibrator_exactly():
+    first = planted(seed=5, tasks=12)
+    only_good = TieredRollouts(
+        first.outcome,
+        first.group,
+        first.turn_offsets,
+        np.where(first.turn_tiers == 0, 0, -1),
+        ("good",),
+    )
+    online = OnlineCalibrator({"good": 0.5}, tiers=("good",), window=3, every=5)
+    online.update(only_good)
+    second = planted(seed=6, tasks=12)  # good, bad, noise, respond
+    online.update(second)
+    assert online.tiers == ("good", "bad", "noise", "respond")
+    full = online.tiers
+    want = TierStats.from_rollouts(only_good.with_tiers(full)) + TierStats.from_rollouts(second)
+    assert online.stats == want
+    restored = OnlineCalibrator.from_state_dict(online.state_dict())
+    assert restored.stats == want and restored.tiers == full
+    with pytest.raises(InvalidInputError, match=r"tiers \['bad', 'noise', 'respond'\] are not in"):
+        TierStats.from_rollouts(second).with_tiers(("good",))
+
+
+@pytest.mark.parametrize(
+    ("settings_", "message"),
+    [
+        ({"estimator": "gtpo_hybird"}, "gtpo_hybird"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"target": 0.0}, "target"),
+        ({"success_threshold": float("nan")}, "success_threshold"),
+        ({"gama": 0.9}, "gama"),
+    ],
+)
+def test_online_calibrator_settings_are_checked_when_it_is_made(settings_, message):
+    with pytest.raises((InvalidInputError, turnrl.UnknownNameError, TypeError), match=message):
+        OnlineCalibrator("naive", **settings_)
 
 
 def test_default_tiers_match_design():

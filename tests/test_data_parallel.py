@@ -29,7 +29,7 @@ from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 import turnrl  # noqa: E402
 import turnrl.train  # noqa: E402
 from turnrl import envs  # noqa: E402
-from turnrl.calibration import calibrate, load_tier_rewards  # noqa: E402
+from turnrl.calibration import load_tier_rewards  # noqa: E402
 from turnrl.exceptions import InvalidInputError  # noqa: E402
 from turnrl.irc import tiered_from_batch  # noqa: E402
 from turnrl.train import GTPOConfig, GTPOTrainer, _rank_share, train_loop  # noqa: E402
@@ -83,6 +83,23 @@ def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, nam
     assert set(theirs) == set(stats)
     for key, value in stats.items():
         assert theirs[key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+
+
+def test_ranks_calibrate_alike_on_the_whole_step(two_rank_steps):
+    from turnrl.calibration import PRESETS, OnlineCalibrator
+
+    out = two_rank_steps["folder"]
+    states = json.loads((out / "calibrators.json").read_text())
+    assert states[0] == states[1]
+    # What one calibrator makes of each whole step, both ranks' buffers read together.
+    online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1)
+    for step in (0, 1):
+        shares = [out / "calibrating" / f"step-{step}.rank-{rank}.jsonl" for rank in (0, 1)]
+        batch = turnrl.read_rollouts(shares)
+        assert len(set(batch.task_id)) == 2 and 0 < batch.outcome.sum() < batch.num_trajectories
+        online.update(tiered_from_batch(batch))
+    assert online.state_dict() == states[0]
+    assert len(online.reports) == 2 and online.rewards != PRESETS["naive"]
 
 
 def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):
@@ -171,19 +188,16 @@ def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
             if t["role"] == "assistant"
         ]
 
-    # Every rank rewarded step 0 with --tiers and step 1 with what IRC made of step 0.
-    step0 = turnrl.read_rollouts([run / "rollouts" / f"step-0.rank-{r}.jsonl" for r in (0, 1)])
-    calibrated = calibrate(tiered_from_batch(step0), tiers_file)
-    assert calibrated.rewards != load_tier_rewards(tiers_file)
-    for rank in (0, 1):
-        assert rewards_given(0, rank)
+    # The tiny policy never succeeds: calibration is held back on every rank
+    # (zero rewards would leave no signal), both steps keep --tiers' rewards.
+    assert "2 held back because every outcome in the window was the same" in first.stdout
+    assert [line["recalibrated"] for line in lines] == [0.0, 0.0]
+    assert state["calibrator"]["rewards"] == load_tier_rewards(tiers_file)
+    for step, rank in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        assert rewards_given(step, rank)
         assert all(
             reward == load_tier_rewards(tiers_file).get(tier, 0.0)
-            for tier, reward in rewards_given(0, rank)
-        )
-        assert rewards_given(1, rank)
-        assert all(
-            reward == calibrated.rewards.get(tier, 0.0) for tier, reward in rewards_given(1, rank)
+            for tier, reward in rewards_given(step, rank)
         )
     torchrun(*argv, "--resume")
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1028,26 +1028,36 @@ def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monk
 
 
 class _HalfGold:
-    """Every other episode makes the task's gold call first (and succeeds); the
-    others only answer. Exactly half of each group succeeds."""
+    """An engine for synthetic tasks: every other episode of a task makes the
+    task's gold calls first and then says its outputs (and succeeds), the
+    others only answer (and fail). Exactly half of each even group succeeds.
+    Tasks are told apart by the scripted user's opening line."""
 
-    def __init__(self, task):
-        action = task.actions[0]
-        self.call = json.dumps({"name": action.name, "arguments": dict(action.kwargs)})
-        self.first_turns = 0
+    def __init__(self, domain, always=()):
+        self.tasks = {}
+        for task in domain.tasks:
+            self.tasks.setdefault(envs.ScriptedUser().reset(task), task)
+        self.always = set(always)  # task ids whose every episode succeeds
+        self.first_turns: dict[str, int] = {}
         self.lock = threading.Lock()
 
     def generate(self, conversations, tools=None):
         replies = []
         for chat in conversations:
+            task = self.tasks[chat[1]["content"]]
             if chat[-1]["role"] == "tool":
-                replies.append("Done.")
+                replies.append(" ".join(task.outputs) or "Done.")
                 continue
             gold = False
             if not any(m["role"] == "assistant" for m in chat):
                 with self.lock:
-                    gold, self.first_turns = self.first_turns % 2 == 0, self.first_turns + 1
-            replies.append(f"<tool_call>{self.call}</tool_call>" if gold else "How can I help?")
+                    seen = self.first_turns.get(task.id, 0)
+                    self.first_turns[task.id] = seen + 1
+                gold = task.id in self.always or seen % 2 == 0
+            calls = "".join(
+                f"<tool_call>{json.dumps(a.as_call())}</tool_call>" for a in task.actions
+            )
+            replies.append(calls if gold else "How can I help?")
         return replies
 
 
@@ -1057,7 +1067,7 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
 
     domain = envs.load("synthetic:airline", seed=0)
     task = domain.tasks[0]
-    engine = _HalfGold(task)
+    engine = _HalfGold(domain)
     start = {"gold": 0.2, "read": 0.3, "respond": 0.4, "error": -0.5}
     online = OnlineCalibrator(start, every=1, window=2, min_trajectories=1)
     model = _lora(base_model)
@@ -1066,6 +1076,16 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
         GTPOConfig(micro_batch_size=4, backend="torch"),
     )
+    # The direction check must be about the advantages trained on.
+    quick = dict(steps=1, tasks_per_step=1, group_size=1, progress=False)
+    with pytest.raises(InvalidInputError, match=r"estimator 'grpo' \(trained: 'gtpo_hybrid'\)"):
+        train_loop(
+            trainer, domain, None, None, tok, tiers=OnlineCalibrator(estimator="grpo"), **quick
+        )
+    with pytest.raises(InvalidInputError, match=r"gamma None \(trained: 0.5\)"):
+        train_loop(
+            trainer, domain, None, None, tok, tiers=online, estimator_params={"gamma": 0.5}, **quick
+        )
     history = train_loop(
         trainer,
         domain,
@@ -1213,11 +1233,18 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert "unknown dtype 'float33'" in capsys.readouterr().err
 
 
-def test_train_command_calibrates_and_resumes_its_calibrator(tmp_path, tok, base_model, capsys):
-    from turnrl.calibration import PRESETS
+def test_train_command_calibrates_and_resumes_its_calibrator(
+    tmp_path, tok, base_model, capsys, monkeypatch
+):
+    import turnrl.engines
+    from turnrl.calibration import PRESETS, calibrate
     from turnrl.cli import main
+    from turnrl.irc import tiered_from_batch
 
     pytest.importorskip("matplotlib")
+    # Half of each task's episodes succeed, so there is something to calibrate on.
+    domain = envs.load("synthetic:airline", seed=0)
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: _HalfGold(domain))
     argv = _train_argv(tmp_path, tok, base_model, "--calibrate-min-trajectories", "1")
     run = tmp_path / "run"
 
@@ -1234,7 +1261,9 @@ def test_train_command_calibrates_and_resumes_its_calibrator(tmp_path, tok, base
     )
     first = state()["calibrator"]
     assert state()["step"] == 0 and first["steps"] == 1 and first["window"] == 20
-    assert [h["trajectories"] for h in first["history"]] == [4]
+    assert [(h["trajectories"], h["successes"]) for h in first["history"]] == [(4, 2)]
+    step0 = tiered_from_batch(turnrl.read_rollouts(run / "rollouts" / "step-0.jsonl"))
+    assert first["rewards"] == calibrate(step0, "naive").rewards != PRESETS["naive"]
     line = metrics()[0]
     assert line["recalibrated"] == 1.0
     assert {k: v for k, v in line.items() if k.startswith("tier_reward/")} == {
@@ -1242,8 +1271,10 @@ def test_train_command_calibrates_and_resumes_its_calibrator(tmp_path, tok, base
     }
     # Resumed with a smaller window: the rewards and statistics go on, this run's settings rule.
     argv_resumed = [*argv, "--resume", "--calibrate-every", "1", "--calibrate-window", "5"]
-    assert main([*argv_resumed, "--plot"]) == 0
-    assert "calibrator window 20 -> 5" in capsys.readouterr().err
+    assert main([*argv_resumed, "--plot", "--tiers", "sparse"]) == 0
+    err = capsys.readouterr().err
+    assert "calibrator window 20 -> 5" in err
+    assert "--tiers sparse is not used: the rewards go on from the checkpoint's calibrator" in err
     second = state()["calibrator"]
     assert state()["step"] == 1 and second["steps"] == 2 and second["window"] == 5
     assert second["history"][0] == first["history"][0]
@@ -1255,6 +1286,15 @@ def test_train_command_calibrates_and_resumes_its_calibrator(tmp_path, tok, base
     assert main([*argv, "--resume"]) == 0
     assert "without --calibrate-every this run uses --tiers naive" in capsys.readouterr().err
     assert "calibrator" not in state() and metrics()[2]["tier_reward/read"] == 0.3
+    # A checkpoint without a calibrator: calibration starts afresh, and says so.
+    assert main([*argv, "--resume", "--calibrate-every", "1"]) == 0
+    assert "the checkpoint holds no calibrator" in capsys.readouterr().err
+    assert state()["calibrator"]["steps"] == 1
+    broken = state()
+    broken["calibrator"]["calibrate_kwargs"] = ["estimator"]
+    (run / "adapter" / "turnrl_state.json").write_text(json.dumps(broken))
+    assert main([*argv, "--resume", "--calibrate-every", "1"]) == 2
+    assert "turnrl_state.json: 'calibrator' is not a calibrator state" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main([*argv, "--calibrate-every", "0"])
     assert exited.value.code == 2

@@ -403,6 +403,22 @@ class TierStats:
             self.turns_success + other.turns_success,
         )
 
+    def with_tiers(self, tiers: Sequence[str]) -> TierStats:
+        """The same sums over ``tiers`` (a superset of these): a tier these
+        statistics never saw has zero sums, which is exact, since they add."""
+        tiers = tuple(tiers)
+        missing = [t for t in self.tiers if t not in tiers]
+        if missing:
+            raise InvalidInputError(f"tiers {missing} are not in the target tier list {tiers}")
+        at = {tier: i for i, tier in enumerate(self.tiers)}
+        arrays = []
+        for name in _STATS_ARRAYS:
+            values = getattr(self, name)
+            arrays.append(
+                np.array([values[at[t]] if t in at else 0 for t in tiers], dtype=np.int64)
+            )
+        return TierStats(tiers, self.trajectories, self.successes, *arrays)
+
     def correlations(
         self, variable: str = "presence", confidence: float = 0.95
     ) -> list[TierCorrelation]:
@@ -744,7 +760,18 @@ class OnlineCalibrator:
     ``window`` steps, tier rewards re-derived every ``every`` steps.
 
     ``update`` takes each step's labelled rollouts and returns the rewards to
-    use from the next step on (unchanged between re-derivations).
+    use from the next step on (unchanged between re-derivations). A
+    re-derivation takes the correlations from the window's statistics and
+    runs the direction check on the latest step's rollouts (groups are whole
+    within a step). It is held back, the rewards kept, while the window
+    holds fewer than ``min_trajectories`` trajectories, or while every one of
+    them succeeded or every one failed (``held`` counts the latter): no tier
+    can then tell success from failure, and zero rewards would leave groups
+    with no signal at all, early in training when nothing succeeds yet. A
+    tier name first seen in a step joins ``tiers`` (the earlier steps' sums
+    for it are zero). ``calibrate_kwargs`` (``estimator``, ``target``,
+    ``alpha``, ...) are :func:`calibrate`'s and are checked when the
+    calibrator is made.
     ``state_dict``/``load_state_dict`` (or ``save``/``load``, atomic JSON)
     checkpoint it with the rest of training, so a resumed run re-derives
     rewards at the same steps from the same window.
@@ -770,6 +797,17 @@ class OnlineCalibrator:
         self.steps = 0
         self.history: deque[TierStats] = deque(maxlen=window)
         self.reports: list[CalibrationReport] = []
+        self.held = 0
+        """Re-derivations due but held back: the window's outcomes were all equal."""
+        # Checked now, not at the first re-derivation ``every`` steps in.
+        probe = TieredRollouts(
+            np.array([0.0, 1.0]),
+            np.zeros(2, dtype=np.int64),
+            np.array([0, 1, 2]),
+            np.array([-1, -1]),
+            self.tiers,
+        )
+        calibrate(probe, self.rewards, **self.calibrate_kwargs)
 
     @property
     def stats(self) -> TierStats:
@@ -876,12 +914,22 @@ class OnlineCalibrator:
 
     def update(self, rollouts: TieredRollouts) -> dict[str, float]:
         """Add one step; every ``every`` steps recalibrate on the window."""
+        new_tiers = [t for t in rollouts.tiers if t not in self.tiers]
+        if new_tiers:
+            self.tiers = (*self.tiers, *new_tiers)
+            self.history = deque(
+                (step_stats.with_tiers(self.tiers) for step_stats in self.history),
+                maxlen=self.history.maxlen,
+            )
         rollouts = rollouts.with_tiers(self.tiers)
         threshold = self.calibrate_kwargs.get("success_threshold", 1.0)
         self.history.append(TierStats.from_rollouts(rollouts, threshold))
         self.steps += 1
         window_stats = self.stats
         if self.steps % self.every == 0 and window_stats.trajectories >= self.min_trajectories:
+            if not 0 < window_stats.successes < window_stats.trajectories:
+                self.held += 1
+                return dict(self.rewards)
             # The direction check runs on this step's rollouts: groups must be
             # whole, and they are within one step.
             report = calibrate(rollouts, self.rewards, stats=window_stats, **self.calibrate_kwargs)

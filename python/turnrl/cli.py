@@ -526,13 +526,13 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             raise InvalidInputError(
                 f"--resume: {adapter / STATE_FILE} is missing or unreadable"
             ) from None
-    tiers: Any = args.tiers
+    tiers: Any = args.tiers or "naive"
     if args.calibrate_every is not None:
-        tiers = _online_calibrator(args, state.get("calibrator"), adapter / STATE_FILE, rank)
+        tiers = _online_calibrator(args, state, adapter / STATE_FILE, resume is not None, rank)
     elif "calibrator" in state and rank == 0:
         print(
             "--resume: the checkpoint was calibrating its tier rewards; without "
-            f"--calibrate-every this run uses --tiers {args.tiers} as they are",
+            f"--calibrate-every this run uses --tiers {tiers} as they are",
             file=sys.stderr,
         )
     # The schedule runs to the last step of this run (a resumed run's included).
@@ -600,16 +600,21 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         + (f", plot in {out / 'metrics.png'}" if args.plot else "")
     )
     if not isinstance(tiers, str):
+        held = (
+            f", {tiers.held} held back because every outcome in the window was the same"
+            if tiers.held
+            else ""
+        )
         print(
             f"tier rewards after {tiers.steps} calibrated steps ({len(tiers.reports)} "
-            "re-derived in this run): "
+            f"re-derived in this run{held}): "
             + ", ".join(f"{tier} {reward:+.3f}" for tier, reward in tiers.rewards.items())
         )
     return 0
 
 
 def _online_calibrator(
-    args: argparse.Namespace, saved: Any, where: Any, rank: int
+    args: argparse.Namespace, checkpoint: Mapping[str, Any], where: Any, resuming: bool, rank: int
 ) -> OnlineCalibrator:
     """``turnrl train``'s calibrator: a new one starting from ``--tiers``, or the
     checkpoint's (its rewards and window) run with this run's settings."""
@@ -621,10 +626,23 @@ def _online_calibrator(
         "window": args.calibrate_window,
         "min_trajectories": args.calibrate_min_trajectories,
     }
+    saved = checkpoint.get("calibrator")
     if saved is None:
-        return OnlineCalibrator(args.tiers, estimator=args.estimator, **settings)
-    if not isinstance(saved, Mapping):
+        if resuming and rank == 0:
+            print(
+                "--resume: the checkpoint holds no calibrator; calibration starts afresh from "
+                f"--tiers {args.tiers or 'naive'}, its steps counted from here",
+                file=sys.stderr,
+            )
+        return OnlineCalibrator(args.tiers or "naive", estimator=args.estimator, **settings)
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("calibrate_kwargs", {}), Mapping):
         raise InvalidInputError(f"--resume: {where}: 'calibrator' is not a calibrator state")
+    if args.tiers is not None and rank == 0:
+        print(
+            f"--resume: --tiers {args.tiers} is not used: the rewards go on from the "
+            "checkpoint's calibrator",
+            file=sys.stderr,
+        )
     state = dict(saved)
     changes = []
     for key, value in settings.items():
@@ -1004,9 +1022,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--tiers",
-        default="naive",
         help="tier rewards (the starting ones with --calibrate-every): TOML file or preset "
-        "(default: %(default)s)",
+        "(default: naive)",
     )
     tr.add_argument(
         "--calibrate-every",

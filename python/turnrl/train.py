@@ -1428,6 +1428,22 @@ def train_loop(
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):
         calibrator = tiers
+        # Its direction check must be about the advantages this loop trains on.
+        checked = calibrator.calibrate_kwargs
+        differ = [
+            f"{key} {checked.get(key, default)!r} (trained: {value!r})"
+            for key, value, default in [
+                ("estimator", estimator, "gtpo_hybrid"),
+                *((k, v, None) for k, v in (estimator_params or {}).items()),
+            ]
+            if checked.get(key, default) != value
+        ]
+        if differ:
+            raise InvalidInputError(
+                "the calibrator checks advantage directions with other estimator settings "
+                f"than train_loop trains with: {', '.join(differ)}; make it with "
+                "OnlineCalibrator(..., estimator=..., **estimator_params) as given to train_loop"
+            )
     else:
         fixed_rewards = load_tier_rewards(tiers)
     if steps < 1 or tasks_per_step < 1 or group_size < 1:
@@ -1546,7 +1562,7 @@ def train_loop(
             state: dict[str, Any] = {"step": step}
             if calibrator is not None:
                 # Every rank calibrates on the whole step, so all derive the same rewards.
-                step_tiers = _gather_records_tiers(records, world)
+                step_tiers = _gather_records_tiers(records, world, device)
                 calibrations = len(calibrator.reports)
                 together(calibrator.update, tiered_from_records(step_tiers, calibrator.tiers))
                 stats["recalibrated"] = float(len(calibrator.reports) > calibrations)
@@ -1571,7 +1587,9 @@ def train_loop(
     return history
 
 
-def _gather_records_tiers(records: Sequence[Mapping[str, Any]], world: int) -> list[dict[str, Any]]:
+def _gather_records_tiers(
+    records: Sequence[Mapping[str, Any]], world: int, device: torch.device
+) -> list[dict[str, Any]]:
     """What calibration reads of this rank's records (group, outcome, turn tiers),
     gathered from every rank in rank order: the same list on all of them."""
     light = [
@@ -1590,10 +1608,14 @@ def _gather_records_tiers(records: Sequence[Mapping[str, Any]], world: int) -> l
     ]
     if world == 1:
         return light
+    import torch
     import torch.distributed as dist
 
     gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, light)
+    # NCCL gathers objects through the current CUDA device: the rank's own.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        dist.all_gather_object(gathered, light)
     return [record for share in gathered for record in share]
 
 

@@ -109,8 +109,10 @@ def run_episode(
     is run, in order, or only the first ``calls_per_message`` of them
     (``1`` is what tau-bench's tool-calling agent does). The calls left out
     are neither run nor recorded nor shown to the agent again; the turn's
-    ``dropped_calls`` and ``meta["dropped_calls"]`` count them, and the raw
-    ``completion`` keeps them. A message without tool calls goes to the user.
+    ``dropped_calls`` and ``meta["dropped_calls"]`` count them, and a raw
+    ``completion`` (from agents that parse calls from text) still holds them;
+    of calls a server parsed, only the count is kept. A message without tool
+    calls goes to the user.
 
     The episode ends as the domain's benchmark ends it (``domain.rules``,
     :class:`~turnrl.envs.EpisodeRules`):
