@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import turnrl
 from turnrl.calibration import DEFAULT_TIERS, TierStats, load_tier_rewards
 from turnrl.cli import main
 from turnrl.exceptions import InvalidInputError, TurnrlIOError
@@ -165,6 +166,37 @@ def test_a_number_the_estimators_cannot_take_is_a_bad_line(tmp_path: Path, capsy
     captured = capsys.readouterr()
     assert f"{path}:5: bad record: outcome: number out of range" in captured.err
     assert f"{10 * 8 - 1} trajectories" in captured.out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"gamma": 0.5},
+        {"lam": 2.0, "norm": "mean"},
+        {"norm": "none", "turn_norm": "pooled", "estimator": "mt_grpo"},
+    ],
+)
+def test_estimator_options_reach_the_direction_check(buffers, tmp_path: Path, options):
+    from turnrl.calibration import calibrate
+    from turnrl.irc import tiered_from_batch
+
+    _, plain, packed = buffers
+    argv = ["calibrate", str(plain), str(packed), "--quiet"]
+    for name, value in options.items():
+        argv += [f"--{name.replace('_', '-')}", str(value)]
+    assert main([*argv, "--report", str(tmp_path / "with.json")]) == 0
+    assert main([*argv[:4], "--report", str(tmp_path / "without.json")]) == 0
+    batch = turnrl.read_rollouts([plain, packed])
+    want = calibrate(tiered_from_batch(batch), **options)
+    got = json.loads((tmp_path / "with.json").read_text())
+    default = json.loads((tmp_path / "without.json").read_text())
+
+    def advantages(report: dict) -> list[float]:
+        return [d["mean_advantage"] for d in report["initial"]["tiers"]]
+
+    assert advantages(got) == pytest.approx([d.mean_advantage for d in want.initial.directions])
+    assert advantages(got) != pytest.approx(advantages(default))
+    assert got["rewards"] == want.rewards
 
 
 @pytest.mark.parametrize(

@@ -1012,16 +1012,19 @@ def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monk
 
     def train_loop(*args, **kwargs):
         passed.append((kwargs["calls_per_message"], kwargs["max_steps"]))
+        passed.append(kwargs["estimator_params"])
         raise Reached
 
     monkeypatch.setattr(turnrl.train, "load_policy", lambda *a, **k: (_lora(base_model), tok))
     monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
     argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
     argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
-    for more in ([], ["--calls-per-message", "1", "--max-steps", "7"]):
+    more = ["--calls-per-message", "1", "--max-steps", "7", "--gamma", "0.95", "--norm", "mean"]
+    for extra in ([], [*more, "--turn-norm", "pooled"]):
         with pytest.raises(Reached):
-            main([*argv, *more])
-    assert passed == [(None, None), (1, 7)]
+            main([*argv, *extra])
+    params = {"gamma": 0.95, "norm": "mean", "turn_norm": "pooled"}
+    assert passed == [(None, None), {}, (1, 7), params]
     for bad in (["--calls-per-message", "0"], ["--max-steps", "0"]):
         with pytest.raises(SystemExit):
             main([*argv, *bad])
@@ -1086,6 +1089,8 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
         train_loop(
             trainer, domain, None, None, tok, tiers=online, estimator_params={"gamma": 0.5}, **quick
         )
+    with pytest.raises(InvalidInputError, match=r"lam 0.5 \(trained: None\)"):
+        train_loop(trainer, domain, None, None, tok, tiers=OnlineCalibrator(lam=0.5), **quick)
     history = train_loop(
         trainer,
         domain,
@@ -1271,9 +1276,10 @@ def test_train_command_calibrates_and_resumes_its_calibrator(
     }
     # Resumed with a smaller window: the rewards and statistics go on, this run's settings rule.
     argv_resumed = [*argv, "--resume", "--calibrate-every", "1", "--calibrate-window", "5"]
-    assert main([*argv_resumed, "--plot", "--tiers", "sparse"]) == 0
+    assert main([*argv_resumed, "--plot", "--tiers", "sparse", "--gamma", "0.8"]) == 0
     err = capsys.readouterr().err
-    assert "calibrator window 20 -> 5" in err
+    assert "calibrator window 20 -> 5; calibrator gamma None -> 0.8" in err
+    assert state()["calibrator"]["calibrate_kwargs"] == {"estimator": "gtpo_hybrid", "gamma": 0.8}
     assert "--tiers sparse is not used: the rewards go on from the checkpoint's calibrator" in err
     second = state()["calibrator"]
     assert state()["step"] == 1 and second["steps"] == 2 and second["window"] == 5

@@ -121,7 +121,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         max_iterations=args.max_iterations,
         variable=args.variable,
         stats=stats,
-        turn_norm=args.turn_norm,
+        **_estimator_params(args),
     )
     print(
         f"{stats.trajectories} trajectories, {rollouts.num_turns} assistant turns, "
@@ -573,6 +573,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         group_size=args.group_size,
         tiers=tiers,
         estimator=args.estimator,
+        estimator_params=_estimator_params(args),
         max_length=args.max_length,
         chat_template_kwargs=template,
         workers=args.workers,
@@ -634,7 +635,9 @@ def _online_calibrator(
                 f"--tiers {args.tiers or 'naive'}, its steps counted from here",
                 file=sys.stderr,
             )
-        return OnlineCalibrator(args.tiers or "naive", estimator=args.estimator, **settings)
+        return OnlineCalibrator(
+            args.tiers or "naive", estimator=args.estimator, **_estimator_params(args), **settings
+        )
     if not isinstance(saved, Mapping) or not isinstance(saved.get("calibrate_kwargs", {}), Mapping):
         raise InvalidInputError(f"--resume: {where}: 'calibrator' is not a calibrator state")
     if args.tiers is not None and rank == 0:
@@ -650,9 +653,15 @@ def _online_calibrator(
             changes.append(f"calibrator {key} {state.get(key)} -> {value}")
             state[key] = value
     kwargs = dict(state.get("calibrate_kwargs") or {})
-    if kwargs.get("estimator", "gtpo_hybrid") != args.estimator:
-        changes.append(f"calibrator estimator {kwargs.get('estimator')} -> {args.estimator}")
-    state["calibrate_kwargs"] = {**kwargs, "estimator": args.estimator}
+    # The direction check follows this run's estimator and its parameters.
+    wanted = {"estimator": args.estimator, **_estimator_params(args)}
+    for key in ("estimator", *ESTIMATOR_OPTIONS, "turn_norm"):
+        if kwargs.get(key) != wanted.get(key) and not (
+            key == "estimator" and kwargs.get(key) is None and wanted[key] == "gtpo_hybrid"
+        ):
+            changes.append(f"calibrator {key} {kwargs.get(key)} -> {wanted.get(key)}")
+        kwargs.pop(key, None)
+    state["calibrate_kwargs"] = {**kwargs, **wanted}
     if isinstance(state.get("history"), list):
         # A smaller window keeps the most recent steps.
         state["history"] = state["history"][-args.calibrate_window :]
@@ -672,6 +681,37 @@ TURN_NORM_HELP = (
     "group-normalise each turn against the same turn of the other rollouts (position) or "
     "against all turns of the group (pooled) (default: %(default)s)"
 )
+
+
+ESTIMATOR_OPTIONS = ("gamma", "lam", "norm")
+
+
+def _add_estimator_options(parser: argparse.ArgumentParser) -> None:
+    """--gamma, --lam and --norm: the estimator's parameters, left at its defaults
+    unless given."""
+    parser.add_argument(
+        "--gamma",
+        type=_finite_number,
+        help="discount of later turns' rewards, in [0, 1] (gtpo_hybrid; default 0.9)",
+    )
+    parser.add_argument(
+        "--lam",
+        type=_finite_number,
+        help="weight of the outcome term (gtpo_hybrid, default 0.3) or of the turn term "
+        "(mt_grpo, default 1.0)",
+    )
+    parser.add_argument(
+        "--norm",
+        choices=["std", "mean", "none"],
+        help="group normalisation: subtract the mean and divide by the std (default), only "
+        "subtract the mean (Dr. GRPO), or neither",
+    )
+
+
+def _estimator_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The estimator parameters given on the command line (turn_norm included)."""
+    given = {name: getattr(args, name) for name in (*ESTIMATOR_OPTIONS, "turn_norm")}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 CALLS_PER_MESSAGE_HELP = (
@@ -775,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument(
         "--turn-norm", default="position", choices=["position", "pooled"], help=TURN_NORM_HELP
     )
+    _add_estimator_options(cal)
     cal.add_argument(
         "--variable",
         default="presence",
@@ -1052,6 +1093,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=estimator_names(),
         help="advantage estimator (default: %(default)s)",
     )
+    tr.add_argument(
+        "--turn-norm",
+        choices=["position", "pooled"],
+        help=TURN_NORM_HELP.replace("%(default)s", "position"),
+    )
+    _add_estimator_options(tr)
     tr.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
     tr.add_argument("--lora-alpha", type=int, help="default: twice the rank")
     tr.add_argument(

@@ -1430,11 +1430,13 @@ def train_loop(
         calibrator = tiers
         # Its direction check must be about the advantages this loop trains on.
         checked = calibrator.calibrate_kwargs
+        trained = dict(estimator_params or {})
+        params = sorted(set(trained) | (set(checked) & _ESTIMATOR_PARAMS))
         differ = [
             f"{key} {checked.get(key, default)!r} (trained: {value!r})"
             for key, value, default in [
                 ("estimator", estimator, "gtpo_hybrid"),
-                *((k, v, None) for k, v in (estimator_params or {}).items()),
+                *((k, trained.get(k), None) for k in params),
             ]
             if checked.get(key, default) != value
         ]
@@ -1585,6 +1587,10 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+# The built-in estimators' parameters (compute_advantages' **params).
+_ESTIMATOR_PARAMS = {"gamma", "lam", "norm", "eps", "turn_norm"}
 
 
 def _gather_records_tiers(
