@@ -1636,6 +1636,33 @@ def test_an_interrupted_leader_leaves_no_request_behind():
     assert isinstance(other.error, KeyboardInterrupt)
 
 
+def test_a_gguf_file_is_loaded_from_its_folder(tmp_path, tok, base_model, monkeypatch):
+    import transformers
+
+    from turnrl.train import load_policy
+
+    gguf = tmp_path / "models" / "tiny.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    asked = []
+
+    def loader(result):
+        def from_pretrained(source, **kwargs):
+            asked.append((source, kwargs.get("gguf_file")))
+            return result
+
+        return from_pretrained
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", loader(tok))
+    model = copy.deepcopy(base_model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loader(model))
+    policy, _ = load_policy(gguf, dtype="float32", device="cpu", lora_rank=2)
+    assert asked == [(str(gguf.parent), "tiny.Q4_1.gguf")] * 2
+    assert any(p.requires_grad for p in policy.parameters())
+    load_policy(tmp_path / "models", dtype="float32", device="cpu", lora_rank=2)
+    assert asked[2:] == [(str(tmp_path / "models"), None)] * 2
+
+
 def test_config_and_resume_refusals(tmp_path, capsys):
     from turnrl.cli import main
 

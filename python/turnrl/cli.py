@@ -1001,7 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
         "turnrl.cli train ...) every rank trains a replica on its share of each step's tasks "
         "and writes OUT/rollouts/step-N.rank-R.jsonl; OUT must be one folder for all ranks.",
     )
-    tr.add_argument("--model", required=True, help="base model: a local folder or hub name")
+    tr.add_argument(
+        "--model", required=True, help="base model: a local folder, a hub name or a .gguf file"
+    )
     tr.add_argument("--env", required=True, help="domain, e.g. tau2:airline (see turnrl.envs)")
     tr.add_argument("--root", help="the tau-bench or tau2-bench checkout with the data")
     tr.add_argument("--split", help="task split (default: the domain's)")

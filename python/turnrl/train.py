@@ -1697,7 +1697,9 @@ def load_policy(
     """A Hugging Face causal LM with a trainable LoRA adapter, and its tokenizer.
 
     ``model`` is a local folder or a hub name (loaded with
-    ``AutoModelForCausalLM``/``AutoTokenizer``); ``device`` defaults to CUDA
+    ``AutoModelForCausalLM``/``AutoTokenizer``), or a ``.gguf`` file, which
+    transformers de-quantizes (it needs the ``gguf`` package; the weights
+    are trained in ``dtype`` from then on); ``device`` defaults to CUDA
     when there is one. ``adapter`` continues from a saved adapter (a
     :func:`save_adapter` folder) instead of a fresh one (``lora_alpha``
     defaults to twice the rank).
@@ -1710,10 +1712,14 @@ def load_policy(
     if not isinstance(torch_dtype, torch.dtype):
         raise InvalidInputError(f"unknown dtype {dtype!r}; try bfloat16, float16 or float32")
     where = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    source, extra = str(model), {}
+    if source.endswith(".gguf") and os.path.isfile(source):
+        # transformers reads a GGUF file as a file name within a folder.
+        source, extra = os.path.dirname(os.path.abspath(source)), {"gguf_file": Path(source).name}
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     if tokenizer.chat_template is None:
         raise InvalidInputError(f"the tokenizer of {model} has no chat template")
-    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype).to(where)
+    base = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra).to(where)
     if adapter is not None:
         policy = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
     else:
