@@ -226,6 +226,10 @@ def test_collect_keeps_the_episodes_that_did_not_fail(chat_server, tmp_path):
     assert summary.records == 2 and len(summary.failures) == 1
     task_id, sample, error = summary.failures[0]
     assert task_id == d.tasks[1].id and sample == 0 and error.startswith("AgentError: ")
+    # The failed task keeps its place: pass^k is not taken over the others alone.
+    assert summary.task_outcomes[d.tasks[1].id] == []
+    with pytest.raises(turnrl.InvalidInputError, match="tasks have from 0 to 1 written episodes"):
+        summary.pass_hat_k(1)
     assert len(list(turnrl.iter_rollout_records(out))) == 2
 
 
@@ -494,5 +498,5 @@ def test_summary_pass_hat_k_is_tau_benchs(tasks, episodes, data):
     with pytest.raises(turnrl.InvalidInputError, match=r"k=.* must be in"):
         summary.pass_hat_k(episodes + 1)
     summary.task_outcomes["extra"] = [1.0] * (episodes + 1)
-    with pytest.raises(turnrl.InvalidInputError, match="different numbers of results"):
+    with pytest.raises(turnrl.InvalidInputError, match=r"tasks have from .* written episodes"):
         summary.pass_hat_k(1)

@@ -190,7 +190,7 @@ def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
 
     # The tiny policy never succeeds: calibration is held back on every rank
     # (zero rewards would leave no signal), both steps keep --tiers' rewards.
-    assert "2 held back because every outcome in the window was the same" in first.stdout
+    assert "2 held back: no trajectory in the window succeeded, or every one did" in first.stdout
     assert [line["recalibrated"] for line in lines] == [0.0, 0.0]
     assert state["calibrator"]["rewards"] == load_tier_rewards(tiers_file)
     for step, rank in [(0, 0), (0, 1), (1, 0), (1, 1)]:

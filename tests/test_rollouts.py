@@ -815,7 +815,7 @@ def _stats_from_records(records: list[dict], threshold: float) -> dict:
     pass_hat = None
     if len(set(per_task.values())) == 1:
         n = next(iter(per_task.values()))
-        wins = Counter(r["task_id"] for r in records if abs(r["outcome"] - 1) <= 1e-6)
+        wins = Counter(r["task_id"] for r in records if r["outcome"] >= threshold)
         pass_hat = {
             k: sum(math.comb(wins[t], k) / math.comb(n, k) for t in per_task) / len(per_task)
             for k in range(1, n + 1)
@@ -911,3 +911,7 @@ def test_rollouts_stats_command(tmp_path, capsys):
     assert shown == buffer_stats(turnrl.read_rollouts(path))
     with pytest.raises(SystemExit):
         main(["rollouts", "stats", str(path), "--success-threshold", "nan"])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["rollouts", "stats", str(empty), "--quiet"]) == 0
+    assert capsys.readouterr().out == "no trajectories in 1 file(s)\n"

@@ -33,6 +33,7 @@ from turnrl.exceptions import InvalidInputError  # noqa: E402
 from turnrl.train import (  # noqa: E402
     GTPOConfig,
     GTPOTrainer,
+    _same_advantages,
     build_batch,
     lr_schedule,
     plan_micro_batches,
@@ -1081,16 +1082,28 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     )
     # The direction check must be about the advantages trained on.
     quick = dict(steps=1, tasks_per_step=1, group_size=1, progress=False)
-    with pytest.raises(InvalidInputError, match=r"estimator 'grpo' \(trained: 'gtpo_hybrid'\)"):
-        train_loop(
-            trainer, domain, None, None, tok, tiers=OnlineCalibrator(estimator="grpo"), **quick
-        )
-    with pytest.raises(InvalidInputError, match=r"gamma None \(trained: 0.5\)"):
-        train_loop(
-            trainer, domain, None, None, tok, tiers=online, estimator_params={"gamma": 0.5}, **quick
-        )
-    with pytest.raises(InvalidInputError, match=r"lam 0.5 \(trained: None\)"):
-        train_loop(trainer, domain, None, None, tok, tiers=OnlineCalibrator(lam=0.5), **quick)
+    refused = [
+        ({"estimator": "grpo"}, {}, r"grpo \{\} \(trained: gtpo_hybrid \{\}\)"),
+        ({}, {"gamma": 0.5}, r"gtpo_hybrid \{\} \(trained: gtpo_hybrid \{'gamma': 0.5\}\)"),
+        ({"lam": 0.5}, {}, r"\{'lam': 0.5\} \(trained"),
+        ({"turn_norm": "pooled"}, {}, "turn_norm"),
+    ]
+    for calibrator_settings, estimator_params, message in refused:
+        with pytest.raises(InvalidInputError, match=message):
+            train_loop(
+                trainer,
+                domain,
+                None,
+                None,
+                tok,
+                tiers=OnlineCalibrator(**calibrator_settings),
+                estimator_params=estimator_params,
+                **quick,
+            )
+    # The same advantages are the same settings: explicit defaults, ignored parameters.
+    assert _same_advantages(("gtpo_hybrid", {"gamma": 0.9, "lam": 0.3}), ("gtpo_hybrid", {}))
+    assert _same_advantages(("grpo", {"gamma": 0.5}), ("grpo", {}))
+    assert not _same_advantages(("gtpo_hybrid", {"norm": "mean"}), ("gtpo_hybrid", {}))
     history = train_loop(
         trainer,
         domain,

@@ -764,10 +764,12 @@ class OnlineCalibrator:
     re-derivation takes the correlations from the window's statistics and
     runs the direction check on the latest step's rollouts (groups are whole
     within a step). It is held back, the rewards kept, while the window
-    holds fewer than ``min_trajectories`` trajectories, or while every one of
-    them succeeded or every one failed (``held`` counts the latter): no tier
-    can then tell success from failure, and zero rewards would leave groups
-    with no signal at all, early in training when nothing succeeds yet. A
+    holds fewer than ``min_trajectories`` trajectories, or while no
+    trajectory in it succeeded or every one did (``held`` counts the
+    latter): no tier can then tell success from failure, and zero rewards
+    would leave groups with no signal at all, early in training when nothing
+    succeeds yet. A held-back re-derivation is tried again at every step
+    until it happens. A
     tier name first seen in a step joins ``tiers`` (the earlier steps' sums
     for it are zero). ``calibrate_kwargs`` (``estimator``, ``target``,
     ``alpha``, ...) are :func:`calibrate`'s and are checked when the
@@ -798,7 +800,12 @@ class OnlineCalibrator:
         self.history: deque[TierStats] = deque(maxlen=window)
         self.reports: list[CalibrationReport] = []
         self.held = 0
-        """Re-derivations due but held back: the window's outcomes were all equal."""
+        """Tries held back because no trajectory in the window succeeded, or every one did."""
+        self.pending = False
+        """A re-derivation is due and was held back: it is tried at every step."""
+        reserved = {"stats", "initial_rewards", "rollouts"} & set(calibrate_kwargs)
+        if reserved:
+            raise InvalidInputError(f"calibrate_kwargs cannot set {sorted(reserved)}")
         # Checked now, not at the first re-derivation ``every`` steps in.
         probe = TieredRollouts(
             np.array([0.0, 1.0]),
@@ -807,7 +814,12 @@ class OnlineCalibrator:
             np.array([-1, -1]),
             self.tiers,
         )
-        calibrate(probe, self.rewards, **self.calibrate_kwargs)
+        try:
+            calibrate(probe, self.rewards, **self.calibrate_kwargs)
+        except (TypeError, ValueError) as e:  # UnknownNameError included
+            if isinstance(e, InvalidInputError):
+                raise
+            raise InvalidInputError(f"calibrate_kwargs: {e}") from None
 
     @property
     def stats(self) -> TierStats:
@@ -835,6 +847,7 @@ class OnlineCalibrator:
             "min_trajectories": self.min_trajectories,
             "calibrate_kwargs": dict(self.calibrate_kwargs),
             "steps": self.steps,
+            "pending": self.pending,
             "history": [_stats_state(step_stats) for step_stats in self.history],
         }
 
@@ -872,6 +885,10 @@ class OnlineCalibrator:
                 f"state['steps'] ({steps}) or state['window'] ({online.history.maxlen})"
             )
         online.steps = steps
+        pending = state.get("pending", False)  # states written before it was kept
+        if not isinstance(pending, bool):
+            raise InvalidInputError(f"state['pending'] must be a bool, got {pending!r}")
+        online.pending = pending
         online.history.extend(
             _stats_from_state(item, online.tiers, f"state['history'][{i}]")
             for i, item in enumerate(history)
@@ -926,13 +943,18 @@ class OnlineCalibrator:
         self.history.append(TierStats.from_rollouts(rollouts, threshold))
         self.steps += 1
         window_stats = self.stats
-        if self.steps % self.every == 0 and window_stats.trajectories >= self.min_trajectories:
-            if not 0 < window_stats.successes < window_stats.trajectories:
-                self.held += 1
-                return dict(self.rewards)
-            # The direction check runs on this step's rollouts: groups must be
-            # whole, and they are within one step.
-            report = calibrate(rollouts, self.rewards, stats=window_stats, **self.calibrate_kwargs)
-            self.reports.append(report)
-            self.rewards = report.rewards
+        if self.steps % self.every != 0 and not self.pending:
+            return dict(self.rewards)
+        self.pending = True
+        if window_stats.trajectories < self.min_trajectories:
+            return dict(self.rewards)
+        if not 0 < window_stats.successes < window_stats.trajectories:
+            self.held += 1
+            return dict(self.rewards)
+        # The direction check runs on this step's rollouts: groups must be
+        # whole, and they are within one step.
+        report = calibrate(rollouts, self.rewards, stats=window_stats, **self.calibrate_kwargs)
+        self.reports.append(report)
+        self.rewards = report.rewards
+        self.pending = False
         return dict(self.rewards)

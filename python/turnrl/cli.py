@@ -206,21 +206,25 @@ def _stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
+    skipped = f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else ""
+    if not stats["trajectories"]:
+        print(f"no trajectories in {stats['files']} file(s){skipped}")
+        return 0
+    sizes = stats["group_size"]
     print(
-        f"{stats['trajectories']} trajectories in {stats['files']} file(s)"
-        + (f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else "")
-        + f"; {stats['tasks']} tasks, {stats['groups']} groups of "
+        f"{stats['trajectories']} trajectories in {stats['files']} file(s){skipped}; "
+        f"{stats['tasks']} tasks, {stats['groups']} groups of "
         + (
-            f"{stats['group_size']['min']}"
-            if stats["group_size"]["min"] == stats["group_size"]["max"]
-            else f"{stats['group_size']['min']} to {stats['group_size']['max']}"
+            f"{sizes['min']}"
+            if sizes["min"] == sizes["max"]
+            else f"{sizes['min']} to {sizes['max']}"
         )
     )
-    if not stats["trajectories"]:
-        return 0
     line = f"mean outcome {stats['mean_outcome']:.3f}, success rate {stats['success_rate']:.3f}"
     if stats["pass_hat_k"]:
         line += "; " + ", ".join(f"pass^{k} {v:.3f}" for k, v in stats["pass_hat_k"].items())
+    else:
+        line += "; pass^k not shown: tasks have different numbers of trajectories"
     print(line)
     turns = stats["turns_per_trajectory"]
     print(
@@ -229,11 +233,12 @@ def _stats(args: argparse.Namespace) -> int:
         + (f", {stats['unlabelled_turns']} without a tier" if stats["unlabelled_turns"] else "")
     )
     if stats["tiers"]:
+        width = max(12, *(len(tier) for tier in stats["tiers"]))
         header = ("tier", "turns", "share", "mean reward", "traj.", "success")
-        print("{:<12} {:>8} {:>6} {:>11} {:>7} {:>7}".format(*header))
+        print(f"{header[0]:<{width}} " + "{:>8} {:>6} {:>11} {:>7} {:>7}".format(*header[1:]))
         for tier, row in stats["tiers"].items():
             print(
-                f"{tier:<12} {row['turns']:>8} {row['turn_share']:>6.1%} "
+                f"{tier:<{width}} {row['turns']:>8} {row['turn_share']:>6.1%} "
                 f"{row['mean_reward']:>+11.3f} {row['trajectories']:>7} {row['success_rate']:>7.3f}"
             )
     return 0
@@ -332,7 +337,8 @@ def _print_pass_hat_k(summary: Any) -> None:
     counts = {len(outcomes) for outcomes in summary.task_outcomes.values()}
     if len(counts) > 1:
         print(
-            f"pass^k not shown: tasks have from {min(counts)} to {max(counts)} written episodes",
+            f"pass^k not shown: tasks have from {min(counts)} to {max(counts)} written episodes "
+            "(failed episodes are not written)",
             file=sys.stderr,
         )
         return
@@ -602,7 +608,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     )
     if not isinstance(tiers, str):
         held = (
-            f", {tiers.held} held back because every outcome in the window was the same"
+            f", {tiers.held} held back: no trajectory in the window succeeded, or every one did"
             if tiers.held
             else ""
         )

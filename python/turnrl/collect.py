@@ -32,7 +32,8 @@ class CollectSummary:
 
     records: int = 0
     outcomes: list[float] = field(default_factory=list)
-    #: The written episodes' outcomes by task id, in the order they finished.
+    #: The written episodes' outcomes by task id, in the order they finished;
+    #: every task asked for has an entry, empty when none of its episodes was written.
     task_outcomes: dict[str, list[float]] = field(default_factory=dict)
     tiers: Counter[str] = field(default_factory=Counter)
     stop_reasons: Counter[str] = field(default_factory=Counter)
@@ -61,6 +62,12 @@ class CollectSummary:
         """
         from turnrl.envs import pass_hat_k
 
+        counts = {len(outs) for outs in self.task_outcomes.values()}
+        if len(counts) > 1:
+            raise InvalidInputError(
+                f"pass_hat_k: tasks have from {min(counts)} to {max(counts)} written episodes "
+                "(failed episodes are not written); pass^k needs as many for every task"
+            )
         results = [(task, o) for task, outs in self.task_outcomes.items() for o in outs]
         return pass_hat_k(results, k)
 
@@ -175,6 +182,8 @@ def collect_rollouts(
         listed[task.id] = (task, listed[task.id][1] + 1 if task.id in listed else 1)
     jobs = [(task, sample) for task, times in listed.values() for sample in range(times * samples)]
     summary = CollectSummary() if summary is None else summary
+    for task_id in listed:
+        summary.task_outcomes.setdefault(task_id, [])
 
     def episode(task: Task, sample: int) -> dict[str, Any]:
         return run_episode(

@@ -213,7 +213,8 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     Trajectories, tasks, groups and their sizes, skipped lines, the mean
     outcome and the success rate (``outcome >= success_threshold``),
     tau-bench's pass^k at k = 1, 2, 4, ... when every task has the same
-    number of trajectories (else ``None``), assistant turns per trajectory,
+    number of trajectories (else ``None``; a success as for the success
+    rate), assistant turns per trajectory,
     and per tier: its turns, their share of all turns and mean reward, the
     trajectories holding it and their success rate. Turns without a tier
     are counted as ``unlabelled_turns``.
@@ -231,7 +232,8 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
         from turnrl.envs import pass_hat_k
 
         episodes = sizes.pop()
-        results = list(zip(batch.task_index.tolist(), batch.outcome.tolist(), strict=True))
+        # Successes as the success rate counts them (tau-bench's rule is outcome 1).
+        results = list(zip(batch.task_index.tolist(), success.astype(float).tolist(), strict=True))
         ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
         pass_hat = {str(k): pass_hat_k(results, k) for k in ks}
     counts = batch.turn_counts

@@ -1429,22 +1429,14 @@ def train_loop(
     if isinstance(tiers, OnlineCalibrator):
         calibrator = tiers
         # Its direction check must be about the advantages this loop trains on.
-        checked = calibrator.calibrate_kwargs
-        trained = dict(estimator_params or {})
-        params = sorted(set(trained) | (set(checked) & _ESTIMATOR_PARAMS))
-        differ = [
-            f"{key} {checked.get(key, default)!r} (trained: {value!r})"
-            for key, value, default in [
-                ("estimator", estimator, "gtpo_hybrid"),
-                *((k, trained.get(k), None) for k in params),
-            ]
-            if checked.get(key, default) != value
-        ]
-        if differ:
+        checked = _estimator_settings(calibrator.calibrate_kwargs)
+        trained = (estimator, dict(estimator_params or {}))
+        if not _same_advantages(checked, trained):
             raise InvalidInputError(
-                "the calibrator checks advantage directions with other estimator settings "
-                f"than train_loop trains with: {', '.join(differ)}; make it with "
-                "OnlineCalibrator(..., estimator=..., **estimator_params) as given to train_loop"
+                "the calibrator checks advantage directions with other estimator settings than "
+                f"train_loop trains with: {checked[0]} {checked[1]} (trained: {trained[0]} "
+                f"{trained[1]}); make it with OnlineCalibrator(..., estimator=..., "
+                "**estimator_params) as given to train_loop"
             )
     else:
         fixed_rewards = load_tier_rewards(tiers)
@@ -1589,8 +1581,36 @@ def train_loop(
     return history
 
 
-# The built-in estimators' parameters (compute_advantages' **params).
-_ESTIMATOR_PARAMS = {"gamma", "lam", "norm", "eps", "turn_norm"}
+def _estimator_settings(calibrate_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The estimator and its parameters among :func:`turnrl.calibration.calibrate`'s
+    keyword arguments (those it does not take itself go to the estimator)."""
+    import inspect
+
+    from turnrl.calibration import calibrate
+
+    own = set(inspect.signature(calibrate).parameters)
+    params = {k: v for k, v in calibrate_kwargs.items() if k not in own}
+    return str(calibrate_kwargs.get("estimator", "gtpo_hybrid")), params
+
+
+def _same_advantages(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]) -> bool:
+    """Whether two (estimator, parameters) settings give the same advantages on a
+    ragged probe batch: an explicit default, or a parameter an estimator ignores,
+    changes nothing; any real difference shows."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 5, size=12)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    probe = (
+        rng.integers(0, 2, size=12).astype(np.float64),
+        np.repeat(np.arange(4), 3),
+        rng.normal(size=int(offsets[-1])),
+        offsets,
+    )
+    return bool(
+        np.array_equal(
+            compute_advantages(a[0], *probe, **a[1]), compute_advantages(b[0], *probe, **b[1])
+        )
+    )
 
 
 def _gather_records_tiers(
