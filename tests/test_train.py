@@ -1676,6 +1676,45 @@ def test_a_gguf_file_is_loaded_from_its_folder(tmp_path, tok, base_model, monkey
     assert asked[2:] == [(str(tmp_path / "models"), None)] * 2
 
 
+def test_a_trained_adapter_is_evaluated_by_rollouts_collect(tmp_path, tok, base_model, capsys):
+    from turnrl.cli import main
+    from turnrl.train import load_model, save_adapter
+
+    folder = tmp_path / "tiny"
+    base_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    trained = _lora(base_model)
+    with torch.no_grad():  # an adapter that changes the outputs
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    save_adapter(trained, tmp_path / "adapter")
+    model, _ = load_model(folder, dtype="float32", device="cpu", adapter=tmp_path / "adapter")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([tok.encode("Hello there, my user id is")])
+    trained.eval()
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+        plain, _ = load_model(folder, dtype="float32", device="cpu")
+        assert not torch.allclose(plain(input_ids=ids).logits, want, atol=1e-3)
+
+    out = tmp_path / "eval.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0:2", "--samples"]
+    argv += ["2", "--user", "scripted", "--agent-model", str(folder), "--engine", "transformers"]
+    argv += ["--max-tokens", "8", "--dtype", "float32", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 4 rollouts" in printed and "pass^1 0.000, pass^2 0.000" in printed
+    records = list(turnrl.iter_rollout_records(out))
+    assert len(records) == 4
+    assert all(isinstance(t["completion"], str) for r in records for t in r["turns"][1:2])
+    assert main([*argv, "--adapter", str(tmp_path), "--out", str(out)]) == 2
+    assert "no adapter_config.json there" in capsys.readouterr().err
+    assert main([*argv, "--agent-url", "http://x/v1", "--out", str(out)]) == 2
+    assert "with --engine leave it out" in capsys.readouterr().err
+
+
 def test_config_and_resume_refusals(tmp_path, capsys):
     from turnrl.cli import main
 

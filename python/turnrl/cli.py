@@ -260,16 +260,21 @@ def _collect(args: argparse.Namespace) -> int:
 
     domain, tasks = _domain_and_tasks(args)
 
-    # An OpenAIAgent keeps no conversation, and its HTTP client is
-    # thread-safe: every episode shares one (and its connection pool).
-    agent = envs.OpenAIAgent(
-        args.agent_model,
-        args.agent_url,
-        temperature=args.agent_temperature,
-        max_tokens=args.max_tokens,
-    )
+    # One agent for every episode: an OpenAIAgent keeps no conversation and
+    # its HTTP client is thread-safe; an EngineAgent batches the episodes'
+    # requests into one generate call.
+    agent: Any
+    if args.engine is None:
+        agent = envs.OpenAIAgent(
+            args.agent_model,
+            args.agent_url,
+            temperature=args.agent_temperature,
+            max_tokens=args.max_tokens,
+        )
+    else:
+        agent = _local_agent(args)
 
-    def make_agent() -> envs.OpenAIAgent:
+    def make_agent() -> Any:
         return agent
 
     make_user = _make_user(args, domain)
@@ -348,6 +353,47 @@ def _print_pass_hat_k(summary: Any) -> None:
     ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
     shown = ", ".join(f"pass^{k} {summary.pass_hat_k(k):.3f}" for k in ks)
     print(f"{shown} ({len(summary.task_outcomes)} tasks x {episodes} episodes)")
+
+
+def _local_agent(args: argparse.Namespace) -> Any:
+    """An EngineAgent on the --agent-model run here (--engine), with --adapter on it."""
+    import json
+    from pathlib import Path
+
+    from turnrl.engines import EngineAgent, TransformersEngine, VLLMEngine
+    from turnrl.exceptions import InvalidInputError
+    from turnrl.train import load_model
+
+    if args.agent_url:
+        raise InvalidInputError("--agent-url is for a served policy; with --engine leave it out")
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise InvalidInputError(f"--adapter {args.adapter}: no adapter_config.json there")
+    template = {"enable_thinking": False} if args.no_thinking else {}
+    options = {
+        "max_new_tokens": args.max_tokens or 1024,
+        "temperature": args.agent_temperature,
+        "chat_template_kwargs": template,
+    }
+    if args.engine == "vllm":
+        rank = 8
+        if args.adapter is not None:
+            config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
+            rank = int(config.get("r", rank))
+        engine: Any = VLLMEngine(
+            args.agent_model,
+            enable_lora=args.adapter is not None,
+            max_lora_rank=max(rank, 8),
+            gpu_memory_utilization=args.vllm_gpu_memory,
+            **options,
+        )
+        if args.adapter is not None:
+            engine.load_adapter(str(args.adapter))
+    else:
+        model, tokenizer = load_model(
+            args.agent_model, dtype=args.dtype, device=args.device, adapter=args.adapter
+        )
+        engine = TransformersEngine(model, tokenizer, **options)
+    return EngineAgent(engine)
 
 
 def _make_user(args: argparse.Namespace, domain: Any) -> Any:
@@ -720,6 +766,8 @@ def _estimator_params(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in given.items() if value is not None}
 
 
+NO_THINKING_HELP = "render chats with enable_thinking=False (Qwen3's non-thinking mode)"
+
 CALLS_PER_MESSAGE_HELP = (
     "run only the first N tool calls of each assistant message; the rest are dropped and "
     "counted (1 = tau-bench's tool-calling agent; default: all)"
@@ -922,7 +970,8 @@ def build_parser() -> argparse.ArgumentParser:
         "collect",
         help="run a served policy against a domain and write the episodes as a buffer",
         description="Run episodes of a policy behind an OpenAI-compatible endpoint (vllm serve, "
-        "SGLang, a hosted API) with a simulated user, label every assistant turn with its tier, "
+        "SGLang, a hosted API), or of a model run here (--engine, with a trained --adapter), "
+        "with a simulated user, label every assistant turn with its tier, "
         "and write a turnrl.rollout/1 buffer. API keys come from OPENAI_API_KEY. Exits 1 when "
         "some episodes failed (the others are written).",
     )
@@ -940,15 +989,46 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument(
         "--samples", type=int, default=4, help="episodes per task, one group (default: %(default)s)"
     )
-    col.add_argument("--agent-model", required=True, help="the policy's model name")
+    col.add_argument(
+        "--agent-model",
+        required=True,
+        help="the policy's model name at the endpoint; with --engine, a local folder, hub name "
+        "or .gguf file",
+    )
     col.add_argument("--agent-url", help="the policy's base URL (default: OPENAI_BASE_URL)")
+    col.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        help="run --agent-model here instead of asking an endpoint (to evaluate a trained "
+        "adapter: --adapter OUT/adapter)",
+    )
+    col.add_argument("--adapter", help="with --engine: a LoRA adapter folder to put on the model")
+    col.add_argument("--no-thinking", action="store_true", help=NO_THINKING_HELP)
+    col.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="with --engine transformers: model dtype (default: %(default)s)",
+    )
+    col.add_argument(
+        "--device", help="with --engine transformers: cuda or cpu (default: cuda when there is one)"
+    )
+    col.add_argument(
+        "--vllm-gpu-memory",
+        type=float,
+        default=0.9,
+        help="with --engine vllm: share of GPU memory vLLM may take (default: %(default)s)",
+    )
     col.add_argument(
         "--agent-temperature",
         type=float,
         default=1.0,
         help="sampling temperature of the policy (default: %(default)s)",
     )
-    col.add_argument("--max-tokens", type=int, help="cap on each policy reply's tokens")
+    col.add_argument(
+        "--max-tokens",
+        type=_positive_int,
+        help="cap on each policy reply's tokens (with --engine: default 1024)",
+    )
     col.add_argument(
         "--user",
         choices=["llm", "scripted"],
@@ -1050,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--no-thinking",
         action="store_true",
-        help="render chats with enable_thinking=False (Qwen3's non-thinking mode)",
+        help=NO_THINKING_HELP,
     )
     tr.add_argument(
         "--user",

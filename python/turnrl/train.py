@@ -72,6 +72,7 @@ __all__ = [
     "TokenizedRollout",
     "TrainBatch",
     "build_batch",
+    "load_model",
     "load_policy",
     "lr_schedule",
     "plan_micro_batches",
@@ -1725,6 +1726,46 @@ def load_policy(
     defaults to twice the rank).
     """
     import peft
+
+    base, tokenizer = _load_base(model, dtype, device)
+    if adapter is not None:
+        policy = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    else:
+        config = peft.LoraConfig(
+            r=lora_rank,
+            lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
+            target_modules=target_modules
+            if isinstance(target_modules, str)
+            else list(target_modules),
+            task_type="CAUSAL_LM",
+        )
+        policy = peft.get_peft_model(base, config)
+    return policy, tokenizer
+
+
+def load_model(
+    model: str | os.PathLike[str],
+    *,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+) -> tuple[Any, Any]:
+    """A causal LM to generate with (in eval mode, nothing trainable), with a
+    saved LoRA adapter on it when ``adapter`` is given, and its tokenizer.
+    ``model``, ``dtype`` and ``device`` as :func:`load_policy`'s."""
+    base, tokenizer = _load_base(model, dtype, device)
+    if adapter is not None:
+        import peft
+
+        base = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
+    base.eval()
+    for parameter in base.parameters():
+        parameter.requires_grad_(False)
+    return base, tokenizer
+
+
+def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) -> tuple[Any, Any]:
+    """The Hugging Face model and tokenizer of a folder, hub name or ``.gguf`` file."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1740,19 +1781,7 @@ def load_policy(
     if tokenizer.chat_template is None:
         raise InvalidInputError(f"the tokenizer of {model} has no chat template")
     base = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra).to(where)
-    if adapter is not None:
-        policy = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
-    else:
-        config = peft.LoraConfig(
-            r=lora_rank,
-            lora_alpha=2 * lora_rank if lora_alpha is None else lora_alpha,
-            target_modules=target_modules
-            if isinstance(target_modules, str)
-            else list(target_modules),
-            task_type="CAUSAL_LM",
-        )
-        policy = peft.get_peft_model(base, config)
-    return policy, tokenizer
+    return base, tokenizer
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
