@@ -61,3 +61,17 @@ def test_every_option_with_a_default_says_it_in_its_help():
             if "default" not in (action.help or ""):
                 missing.append(f"{parser.prog} {action.option_strings[0]}")
     assert not missing, missing
+
+
+def test_vllm_gets_a_lora_rank_it_takes():
+    import pytest
+
+    from turnrl.cli import VLLM_LORA_RANKS, vllm_lora_rank
+    from turnrl.exceptions import InvalidInputError
+
+    for rank in range(1, 513):
+        got = vllm_lora_rank(rank)
+        assert got in VLLM_LORA_RANKS and got >= rank
+        assert all(r < rank for r in VLLM_LORA_RANKS if r < got)  # the smallest that fits
+    with pytest.raises(InvalidInputError, match="LoRA rank 600 is above vLLM's largest, 512"):
+        vllm_lora_rank(600)

@@ -234,7 +234,7 @@ def test_collect_keeps_the_episodes_that_did_not_fail(chat_server, tmp_path):
 
 
 def test_cli_collect(chat_server, tmp_path, capsys):
-    _, url = chat_server([], default="How can I help?")
+    server, url = chat_server([], default="How can I help?")
     out = tmp_path / "c.jsonl"
     argv = [
         "rollouts",
@@ -259,6 +259,12 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote 4 rollouts" in printed
     assert "pass^1 0.000, pass^2 0.000 (2 tasks x 2 episodes)" in printed
+    assert all("chat_template_kwargs" not in body for _, body in server.requests)
+    served = len(server.requests)
+    assert main([*argv, "--no-thinking"]) == 0
+    # The server renders the chat: it is told to leave thinking out.
+    sent = [body for _, body in server.requests[served:]]
+    assert sent and all(b["chat_template_kwargs"] == {"enable_thinking": False} for b in sent)
     assert len(list(turnrl.iter_rollout_records(out))) == 4
     assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
     assert "--user llm needs --user-model" in capsys.readouterr().err

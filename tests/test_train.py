@@ -1031,6 +1031,17 @@ def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monk
             main([*argv, *bad])
 
 
+@turnrl.register_estimator("test_cut")
+def _cut_outcomes(batch, *, cut=0.5, nan=False):
+    """Outcome-only advantages of outcomes cut into success and failure at ``cut``
+    (NaN everywhere with ``nan``)."""
+    from turnrl.advantages import compute_advantages
+
+    success = (batch.outcome >= cut).astype(np.float64)
+    adv = compute_advantages("grpo", success, batch.group, batch.turn_rewards, batch.turn_offsets)
+    return np.full_like(adv, np.nan) if nan else adv
+
+
 class _HalfGold:
     """An engine for synthetic tasks: every other episode of a task makes the
     task's gold calls first and then says its outputs (and succeeds), the
@@ -1104,6 +1115,14 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     assert _same_advantages(("gtpo_hybrid", {"gamma": 0.9, "lam": 0.3}), ("gtpo_hybrid", {}))
     assert _same_advantages(("grpo", {"gamma": 0.5}), ("grpo", {}))
     assert not _same_advantages(("gtpo_hybrid", {"norm": "mean"}), ("gtpo_hybrid", {}))
+    # Parameters that only matter for partial credit, or NaN advantages, are told right.
+    assert not _same_advantages(("test_cut", {"cut": 0.3}), ("test_cut", {"cut": 0.7}))
+    assert _same_advantages(
+        ("test_cut", {"cut": 0.3, "nan": True}), ("test_cut", {"cut": 0.3, "nan": True})
+    )
+    # Estimator settings that cannot run are refused before any rollout.
+    with pytest.raises(InvalidInputError, match="gamma"):
+        train_loop(trainer, domain, None, None, tok, estimator_params={"gamma": 1.5}, **quick)
     history = train_loop(
         trainer,
         domain,
@@ -1143,7 +1162,11 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     assert history[1]["tier_reward/gold"] == derived["gold"]
     # The checkpoint holds the calibrator, in the same swap as the adapter.
     state = json.loads((tmp_path / "ckpt" / "turnrl_state.json").read_text())
-    assert state == {"step": 1, "calibrator": online.state_dict()}
+    assert state == {
+        "step": 1,
+        "estimator": {"estimator": "gtpo_hybrid"},
+        "calibrator": online.state_dict(),
+    }
     assert online.steps == 2 and [h["trajectories"] for h in state["calibrator"]["history"]] == [
         6,
         6,
@@ -1222,7 +1245,10 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert [p.name for p in (run / "rollouts").iterdir()] == ["step-0.jsonl"]
     first = (run / "rollouts" / "step-0.jsonl").read_bytes()
-    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 0}
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {
+        "step": 0,
+        "estimator": {"estimator": "gtpo_hybrid"},
+    }
     # Killed after the save, before the metrics line: the adapter says where to go on.
     (run / "metrics.jsonl").write_text("")
 
@@ -1239,7 +1265,7 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert scheduled_steps() == 2  # the resumed run went on from the saved schedule
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]
-    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {"step": 1}
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text())["step"] == 1
     # The resumed run numbers on: its buffer and groups do not take the first run's names.
     assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step-0.jsonl", "step-1.jsonl"]
     assert (run / "rollouts" / "step-0.jsonl").read_bytes() == first
@@ -1291,7 +1317,8 @@ def test_train_command_calibrates_and_resumes_its_calibrator(
     argv_resumed = [*argv, "--resume", "--calibrate-every", "1", "--calibrate-window", "5"]
     assert main([*argv_resumed, "--plot", "--tiers", "sparse", "--gamma", "0.8"]) == 0
     err = capsys.readouterr().err
-    assert "calibrator window 20 -> 5; calibrator gamma None -> 0.8" in err
+    assert "calibrator window 20 -> 5; calibrator gamma default -> 0.8" in err
+    assert "this run's estimator settings replace the checkpoint's: gamma default -> 0.8" in err
     assert state()["calibrator"]["calibrate_kwargs"] == {"estimator": "gtpo_hybrid", "gamma": 0.8}
     assert "--tiers sparse is not used: the rewards go on from the checkpoint's calibrator" in err
     second = state()["calibrator"]
@@ -1676,7 +1703,10 @@ def test_a_gguf_file_is_loaded_from_its_folder(tmp_path, tok, base_model, monkey
     assert asked[2:] == [(str(tmp_path / "models"), None)] * 2
 
 
-def test_a_trained_adapter_is_evaluated_by_rollouts_collect(tmp_path, tok, base_model, capsys):
+def test_a_trained_adapter_is_evaluated_by_rollouts_collect(
+    tmp_path, tok, base_model, capsys, monkeypatch
+):
+    import turnrl.train
     from turnrl.cli import main
     from turnrl.train import load_model, save_adapter
 
@@ -1703,7 +1733,20 @@ def test_a_trained_adapter_is_evaluated_by_rollouts_collect(tmp_path, tok, base_
     argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0:2", "--samples"]
     argv += ["2", "--user", "scripted", "--agent-model", str(folder), "--engine", "transformers"]
     argv += ["--max-tokens", "8", "--dtype", "float32", "--device", "cpu", "--quiet"]
+    loaded = []
+
+    def load_model_spy(*args, **kwargs):
+        loaded.append((args, kwargs))
+        return load_model(*args, **kwargs)
+
+    monkeypatch.setattr(turnrl.train, "load_model", load_model_spy)
     assert main([*argv, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    assert loaded == [
+        (
+            (str(folder),),
+            {"dtype": "float32", "device": "cpu", "adapter": str(tmp_path / "adapter")},
+        )
+    ]
     printed = capsys.readouterr().out
     assert "wrote 4 rollouts" in printed and "pass^1 0.000, pass^2 0.000" in printed
     records = list(turnrl.iter_rollout_records(out))
@@ -1713,6 +1756,12 @@ def test_a_trained_adapter_is_evaluated_by_rollouts_collect(tmp_path, tok, base_
     assert "no adapter_config.json there" in capsys.readouterr().err
     assert main([*argv, "--agent-url", "http://x/v1", "--out", str(out)]) == 2
     assert "with --engine leave it out" in capsys.readouterr().err
+    assert main([*argv, "--vllm-gpu-memory", "0.5", "--out", str(out)]) == 2
+    assert "--vllm-gpu-memory is for --engine vllm" in capsys.readouterr().err
+    # Without --engine they would be ignored: the base model scored as the adapter.
+    served = [a for a in argv if a not in ("--engine", "transformers")]
+    assert main([*served, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 2
+    assert "--adapter, --dtype, --device run a model here: add --engine" in capsys.readouterr().err
 
 
 def test_config_and_resume_refusals(tmp_path, capsys):

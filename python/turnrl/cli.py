@@ -257,6 +257,7 @@ def _domain_and_tasks(args: argparse.Namespace) -> tuple[Any, list[Any]]:
 def _collect(args: argparse.Namespace) -> int:
     from turnrl import envs
     from turnrl.collect import CollectSummary, collect_rollouts
+    from turnrl.exceptions import InvalidInputError
 
     domain, tasks = _domain_and_tasks(args)
 
@@ -265,11 +266,21 @@ def _collect(args: argparse.Namespace) -> int:
     # requests into one generate call.
     agent: Any
     if args.engine is None:
+        local = {"--adapter": args.adapter, "--dtype": args.dtype, "--device": args.device}
+        given = [option for option, value in local.items() if value is not None]
+        if given:
+            raise InvalidInputError(
+                f"{', '.join(given)} run a model here: add --engine transformers (or vllm)"
+            )
         agent = envs.OpenAIAgent(
             args.agent_model,
             args.agent_url,
             temperature=args.agent_temperature,
             max_tokens=args.max_tokens,
+            # vLLM and SGLang pass these to the chat template.
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+            if args.no_thinking
+            else None,
         )
     else:
         agent = _local_agent(args)
@@ -343,7 +354,7 @@ def _print_pass_hat_k(summary: Any) -> None:
     if len(counts) > 1:
         print(
             f"pass^k not shown: tasks have from {min(counts)} to {max(counts)} written episodes "
-            "(failed episodes are not written)",
+            "(failed episodes are not written; a task listed twice has twice the samples)",
             file=sys.stderr,
         )
         return
@@ -353,6 +364,20 @@ def _print_pass_hat_k(summary: Any) -> None:
     ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
     shown = ", ".join(f"pass^{k} {summary.pass_hat_k(k):.3f}" for k in ks)
     print(f"{shown} ({len(summary.task_outcomes)} tasks x {episodes} episodes)")
+
+
+# The LoRA ranks vLLM's engine takes as max_lora_rank.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM takes that holds an adapter of ``rank``."""
+    from turnrl.exceptions import InvalidInputError
+
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise InvalidInputError(f"LoRA rank {rank} is above vLLM's largest, {VLLM_LORA_RANKS[-1]}")
 
 
 def _local_agent(args: argparse.Namespace) -> Any:
@@ -375,22 +400,34 @@ def _local_agent(args: argparse.Namespace) -> Any:
         "chat_template_kwargs": template,
     }
     if args.engine == "vllm":
+        if args.dtype is not None or args.device is not None:
+            raise InvalidInputError("--dtype and --device are for --engine transformers")
         rank = 8
         if args.adapter is not None:
             config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
-            rank = int(config.get("r", rank))
+            ranks = [config.get("r", rank), *(config.get("rank_pattern") or {}).values()]
+            rank = max(int(r) for r in ranks)
         engine: Any = VLLMEngine(
             args.agent_model,
             enable_lora=args.adapter is not None,
-            max_lora_rank=max(rank, 8),
-            gpu_memory_utilization=args.vllm_gpu_memory,
+            max_lora_rank=vllm_lora_rank(rank),
             **options,
+            **(
+                {}
+                if args.vllm_gpu_memory is None
+                else {"gpu_memory_utilization": args.vllm_gpu_memory}
+            ),
         )
         if args.adapter is not None:
             engine.load_adapter(str(args.adapter))
     else:
+        if args.vllm_gpu_memory is not None:
+            raise InvalidInputError("--vllm-gpu-memory is for --engine vllm")
         model, tokenizer = load_model(
-            args.agent_model, dtype=args.dtype, device=args.device, adapter=args.adapter
+            args.agent_model,
+            dtype=args.dtype or "bfloat16",
+            device=args.device,
+            adapter=args.adapter,
         )
         engine = TransformersEngine(model, tokenizer, **options)
     return EngineAgent(engine)
@@ -531,7 +568,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             chat_template_kwargs=template,
-            max_lora_rank=max(args.lora_rank, 8),
+            max_lora_rank=vllm_lora_rank(args.lora_rank),
             gpu_memory_utilization=args.vllm_gpu_memory,
         )
         if resume is not None:
@@ -578,6 +615,20 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             raise InvalidInputError(
                 f"--resume: {adapter / STATE_FILE} is missing or unreadable"
             ) from None
+    saved_estimator = state.get("estimator")
+    if isinstance(saved_estimator, Mapping) and rank == 0:
+        now = {"estimator": args.estimator, **_estimator_params(args)}
+        changed = [
+            f"{key} {saved_estimator.get(key, 'default')} -> {now.get(key, 'default')}"
+            for key in sorted(set(saved_estimator) | set(now))
+            if saved_estimator.get(key) != now.get(key)
+        ]
+        if changed:
+            print(
+                "--resume: this run's estimator settings replace the checkpoint's: "
+                + "; ".join(changed),
+                file=sys.stderr,
+            )
     tiers: Any = args.tiers or "naive"
     if args.calibrate_every is not None:
         tiers = _online_calibrator(args, state, adapter / STATE_FILE, resume is not None, rank)
@@ -711,7 +762,8 @@ def _online_calibrator(
         if kwargs.get(key) != wanted.get(key) and not (
             key == "estimator" and kwargs.get(key) is None and wanted[key] == "gtpo_hybrid"
         ):
-            changes.append(f"calibrator {key} {kwargs.get(key)} -> {wanted.get(key)}")
+            was, now_ = kwargs.get(key, "default"), wanted.get(key, "default")
+            changes.append(f"calibrator {key} {was} -> {now_}")
         kwargs.pop(key, None)
     state["calibrate_kwargs"] = {**kwargs, **wanted}
     if isinstance(state.get("history"), list):
@@ -1004,23 +1056,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument("--adapter", help="with --engine: a LoRA adapter folder to put on the model")
     col.add_argument("--no-thinking", action="store_true", help=NO_THINKING_HELP)
-    col.add_argument(
-        "--dtype",
-        default="bfloat16",
-        help="with --engine transformers: model dtype (default: %(default)s)",
-    )
+    col.add_argument("--dtype", help="with --engine transformers: model dtype (default: bfloat16)")
     col.add_argument(
         "--device", help="with --engine transformers: cuda or cpu (default: cuda when there is one)"
     )
     col.add_argument(
         "--vllm-gpu-memory",
-        type=float,
-        default=0.9,
-        help="with --engine vllm: share of GPU memory vLLM may take (default: %(default)s)",
+        type=_positive_number,
+        help="with --engine vllm: share of GPU memory vLLM may take (default: vLLM's, 0.9)",
     )
     col.add_argument(
         "--agent-temperature",
-        type=float,
+        type=_non_negative_number,
         default=1.0,
         help="sampling temperature of the policy (default: %(default)s)",
     )

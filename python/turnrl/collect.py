@@ -66,7 +66,8 @@ class CollectSummary:
         if len(counts) > 1:
             raise InvalidInputError(
                 f"pass_hat_k: tasks have from {min(counts)} to {max(counts)} written episodes "
-                "(failed episodes are not written); pass^k needs as many for every task"
+                "(failed episodes are not written; a task listed twice has twice the samples); "
+                "pass^k needs as many for every task"
             )
         results = [(task, o) for task, outs in self.task_outcomes.items() for o in outs]
         return pass_hat_k(results, k)
@@ -227,7 +228,7 @@ def collect_rollouts(
             summary.kept.append(record)
         summary.records += 1
         summary.outcomes.append(float(record["outcome"]))
-        summary.task_outcomes.setdefault(str(task_id), []).append(float(record["outcome"]))
+        summary.task_outcomes.setdefault(task_id, []).append(float(record["outcome"]))
         summary.stop_reasons[record["meta"]["stop_reason"]] += 1
         summary.dropped_calls += record["meta"]["dropped_calls"]
         for turn in record["turns"]:

@@ -214,7 +214,12 @@ class VLLMEngine:
         max_lora_rank: int = 64,
         **llm_kwargs: Any,
     ) -> None:
-        from vllm import LLM, SamplingParams
+        try:
+            from vllm import LLM, SamplingParams
+        except ImportError:
+            raise InvalidInputError(
+                "VLLMEngine needs vLLM (pip install 'turnrl[vllm]', on a machine with CUDA)"
+            ) from None
 
         if enable_lora:
             llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)

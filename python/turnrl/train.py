@@ -1399,7 +1399,9 @@ def train_loop(
     rollouts), which re-derives the rewards for the steps after it every
     ``every`` steps. Its state is saved in the checkpoint's
     ``turnrl_state.json`` (``"calibrator"``), in the same swap as the
-    adapter, so a resumed run re-derives at the same steps.
+    adapter, so a resumed run re-derives at the same steps. The estimator
+    and its parameters are saved there too (``"estimator"``), when they are
+    plain JSON values, and checked on a small batch before any rollout.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
@@ -1425,6 +1427,14 @@ def train_loop(
     from turnrl.envs.runner import _check_calls_per_message, _check_max_steps
     from turnrl.irc import tiered_from_records
 
+    # Estimator settings a checkpoint can hold (plain JSON values) are saved in it.
+    settings: dict[str, Any] = {"estimator": estimator, **dict(estimator_params or {})}
+    try:
+        json.dumps(settings, allow_nan=False)
+    except (TypeError, ValueError):
+        settings = {}
+    # Refused now, not after a whole step of rollouts.
+    compute_advantages(estimator, *_probe_batch(), **dict(estimator_params or {}))
     calibrator: OnlineCalibrator | None = None
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):
@@ -1555,6 +1565,8 @@ def train_loop(
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
             state: dict[str, Any] = {"step": step}
+            if settings:
+                state["estimator"] = settings
             if calibrator is not None:
                 # Every rank calibrates on the whole step, so all derive the same rewards.
                 step_tiers = _gather_records_tiers(records, world, device)
@@ -1594,22 +1606,29 @@ def _estimator_settings(calibrate_kwargs: Mapping[str, Any]) -> tuple[str, dict[
     return str(calibrate_kwargs.get("estimator", "gtpo_hybrid")), params
 
 
-def _same_advantages(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]) -> bool:
-    """Whether two (estimator, parameters) settings give the same advantages on a
-    ragged probe batch: an explicit default, or a parameter an estimator ignores,
-    changes nothing; any real difference shows."""
+def _probe_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small ragged batch (outcome, group, turn rewards, turn offsets): groups of
+    4 to 6, outcomes of 0, 1 and in between, one to four turns."""
     rng = np.random.default_rng(0)
-    counts = rng.integers(1, 5, size=12)
+    group = np.repeat(np.arange(3), [4, 5, 6])
+    counts = rng.integers(1, 5, size=group.size)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    probe = (
-        rng.integers(0, 2, size=12).astype(np.float64),
-        np.repeat(np.arange(4), 3),
-        rng.normal(size=int(offsets[-1])),
-        offsets,
-    )
+    outcome = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=group.size)
+    return outcome, group, rng.normal(size=int(offsets[-1])), offsets
+
+
+def _same_advantages(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]) -> bool:
+    """Whether two (estimator, parameters) settings are the same: written alike,
+    or giving the same advantages on a ragged probe batch (an explicit default,
+    or a parameter an estimator ignores, changes nothing)."""
+    if a == b:
+        return True
+    probe = _probe_batch()
     return bool(
         np.array_equal(
-            compute_advantages(a[0], *probe, **a[1]), compute_advantages(b[0], *probe, **b[1])
+            compute_advantages(a[0], *probe, **a[1]),
+            compute_advantages(b[0], *probe, **b[1]),
+            equal_nan=True,
         )
     )
 
@@ -1774,7 +1793,9 @@ def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) ->
         raise InvalidInputError(f"unknown dtype {dtype!r}; try bfloat16, float16 or float32")
     where = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source, extra = str(model), {}
-    if source.endswith(".gguf") and os.path.isfile(source):
+    if source.endswith(".gguf") and not os.path.isfile(source):
+        raise InvalidInputError(f"{source}: no such .gguf file")
+    if source.endswith(".gguf"):
         # transformers reads a GGUF file as a file name within a folder.
         source, extra = os.path.dirname(os.path.abspath(source)), {"gguf_file": Path(source).name}
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
