@@ -1031,7 +1031,6 @@ def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monk
             main([*argv, *bad])
 
 
-@turnrl.register_estimator("test_cut")
 def _cut_outcomes(batch, *, cut=0.5, nan=False):
     """Outcome-only advantages of outcomes cut into success and failure at ``cut``
     (NaN everywhere with ``nan``)."""
@@ -1076,7 +1075,7 @@ class _HalfGold:
         return replies
 
 
-def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model):
+def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model, monkeypatch):
     from turnrl.calibration import OnlineCalibrator, calibrate, load_tier_rewards
     from turnrl.irc import tiered_from_batch
 
@@ -1116,6 +1115,7 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     assert _same_advantages(("grpo", {"gamma": 0.5}), ("grpo", {}))
     assert not _same_advantages(("gtpo_hybrid", {"norm": "mean"}), ("gtpo_hybrid", {}))
     # Parameters that only matter for partial credit, or NaN advantages, are told right.
+    monkeypatch.setitem(turnrl.advantages._REGISTRY, "test_cut", _cut_outcomes)
     assert not _same_advantages(("test_cut", {"cut": 0.3}), ("test_cut", {"cut": 0.7}))
     assert _same_advantages(
         ("test_cut", {"cut": 0.3, "nan": True}), ("test_cut", {"cut": 0.3, "nan": True})
