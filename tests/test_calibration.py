@@ -539,6 +539,7 @@ def test_tiers_first_seen_later_join_the_calibrator_exactly():
         ({"variable": "x"}, "calibrate_kwargs: .*variable"),
         ({"confidence": 2.0}, "calibrate_kwargs: .*confidence"),
         ({"stats": None}, r"calibrate_kwargs cannot set \['stats'\]"),
+        ({"gamma": 1.5}, "calibrate_kwargs: gamma is a discount factor"),
     ],
 )
 def test_online_calibrator_settings_are_checked_when_it_is_made(settings_, message):
@@ -608,3 +609,16 @@ def test_records_without_usable_outcomes_or_tiers_are_named():
     bad_tier = {**good, "turns": [{"role": "assistant", "tier": 3}]}
     with pytest.raises(InvalidInputError, match=r"record 0 .*tier must be a string, got 3"):
         tiered_from_records([bad_tier])
+
+
+def test_a_custom_estimator_needing_bigger_groups_is_taken(monkeypatch):
+    import turnrl.advantages
+
+    def four_or_more(batch):
+        if min(np.bincount(batch.group)) < 4:
+            raise InvalidInputError("groups must have at least 4 trajectories")
+        return np.zeros(len(batch.turn_rewards))
+
+    monkeypatch.setitem(turnrl.advantages._REGISTRY, "four_or_more", four_or_more)
+    online = OnlineCalibrator("naive", estimator="four_or_more")
+    assert online.calibrate_kwargs == {"estimator": "four_or_more"}

@@ -32,6 +32,7 @@ __all__ = [
     "estimator_names",
     "get_estimator",
     "make_batch",
+    "probe_batch",
     "register_estimator",
 ]
 
@@ -219,3 +220,15 @@ def broadcast_to_tokens(
         _as_array(turn_offsets, np.int64, "turn_offsets"),
         np.ascontiguousarray(grid),
     )
+
+
+def probe_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A small fixed ragged batch (outcome, group, turn rewards, turn offsets) to
+    try estimator settings on before real work: groups of 4 to 6, outcomes of
+    0, 1 and in between, one to four turns per trajectory."""
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(3), [4, 5, 6])
+    counts = rng.integers(1, 5, size=group.size)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    outcome = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=group.size)
+    return outcome, group, rng.normal(size=int(offsets[-1])), offsets

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from turnrl import _core
-from turnrl.advantages import compute_advantages
+from turnrl.advantages import compute_advantages, probe_batch
 from turnrl.exceptions import InvalidInputError, TurnrlIOError
 
 if sys.version_info >= (3, 11):
@@ -807,18 +807,13 @@ class OnlineCalibrator:
         if reserved:
             raise InvalidInputError(f"calibrate_kwargs cannot set {sorted(reserved)}")
         # Checked now, not at the first re-derivation ``every`` steps in.
+        outcome, group, turn_rewards, turn_offsets = probe_batch()
         probe = TieredRollouts(
-            np.array([0.0, 1.0]),
-            np.zeros(2, dtype=np.int64),
-            np.array([0, 1, 2]),
-            np.array([-1, -1]),
-            self.tiers,
+            outcome, group, turn_offsets, np.full(turn_rewards.size, -1), self.tiers
         )
         try:
             calibrate(probe, self.rewards, **self.calibrate_kwargs)
-        except (TypeError, ValueError) as e:  # UnknownNameError included
-            if isinstance(e, InvalidInputError):
-                raise
+        except (TypeError, ValueError) as e:  # InvalidInputError, UnknownNameError included
             raise InvalidInputError(f"calibrate_kwargs: {e}") from None
 
     @property

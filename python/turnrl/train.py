@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from turnrl.advantages import compute_advantages
+from turnrl.advantages import compute_advantages, probe_batch
 from turnrl.exceptions import InvalidInputError
 
 if TYPE_CHECKING:
@@ -1434,7 +1434,7 @@ def train_loop(
     except (TypeError, ValueError):
         settings = {}
     # Refused now, not after a whole step of rollouts.
-    compute_advantages(estimator, *_probe_batch(), **dict(estimator_params or {}))
+    compute_advantages(estimator, *probe_batch(), **dict(estimator_params or {}))
     calibrator: OnlineCalibrator | None = None
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):
@@ -1606,24 +1606,13 @@ def _estimator_settings(calibrate_kwargs: Mapping[str, Any]) -> tuple[str, dict[
     return str(calibrate_kwargs.get("estimator", "gtpo_hybrid")), params
 
 
-def _probe_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """A small ragged batch (outcome, group, turn rewards, turn offsets): groups of
-    4 to 6, outcomes of 0, 1 and in between, one to four turns."""
-    rng = np.random.default_rng(0)
-    group = np.repeat(np.arange(3), [4, 5, 6])
-    counts = rng.integers(1, 5, size=group.size)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    outcome = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], size=group.size)
-    return outcome, group, rng.normal(size=int(offsets[-1])), offsets
-
-
 def _same_advantages(a: tuple[str, dict[str, Any]], b: tuple[str, dict[str, Any]]) -> bool:
     """Whether two (estimator, parameters) settings are the same: written alike,
     or giving the same advantages on a ragged probe batch (an explicit default,
     or a parameter an estimator ignores, changes nothing)."""
     if a == b:
         return True
-    probe = _probe_batch()
+    probe = probe_batch()
     return bool(
         np.array_equal(
             compute_advantages(a[0], *probe, **a[1]),
