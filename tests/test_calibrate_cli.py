@@ -197,6 +197,10 @@ def test_estimator_options_reach_the_direction_check(buffers, tmp_path: Path, op
     assert advantages(got) == pytest.approx([d.mean_advantage for d in want.initial.directions])
     assert advantages(got) != pytest.approx(advantages(default))
     assert got["rewards"] == want.rewards
+    # The report says which settings it was made with.
+    given = {k: v for k, v in options.items() if k != "estimator"}
+    assert got["estimator_params"] == {"turn_norm": "position", **given}
+    assert got["estimator"] == options.get("estimator", "gtpo_hybrid")
 
 
 @pytest.mark.parametrize(

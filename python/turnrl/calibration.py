@@ -591,6 +591,8 @@ class CalibrationReport:
     initial: Iteration
     iterations: list[Iteration] = field(default_factory=list)
     estimator: str = "gtpo_hybrid"
+    estimator_params: dict[str, Any] = field(default_factory=dict)
+    """The estimator's parameters the direction check ran with (beyond its defaults)."""
 
     @property
     def best(self) -> Iteration:
@@ -626,6 +628,7 @@ class CalibrationReport:
 
         return {
             "estimator": self.estimator,
+            "estimator_params": dict(self.estimator_params),
             "trajectories": self.stats.trajectories,
             "successes": self.stats.successes,
             "converged": self.converged,
@@ -708,7 +711,9 @@ def calibrate(
         if rewards == iterations[-1].rewards:
             break
         iterations.append(check(len(iterations) + 1, rewards))
-    return CalibrationReport(stats, correlations, initial, iterations, estimator)
+    return CalibrationReport(
+        stats, correlations, initial, iterations, estimator, dict(estimator_params)
+    )
 
 
 STATE_FORMAT = "turnrl.online_calibrator/1"
