@@ -358,11 +358,12 @@ def _print_pass_hat_k(summary: Any) -> None:
             file=sys.stderr,
         )
         return
+    from turnrl.envs._base import pass_hat_ks
+
     episodes = counts.pop()
     if episodes < 2:
         return
-    ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
-    shown = ", ".join(f"pass^{k} {summary.pass_hat_k(k):.3f}" for k in ks)
+    shown = ", ".join(f"pass^{k} {summary.pass_hat_k(k):.3f}" for k in pass_hat_ks(episodes))
     print(f"{shown} ({len(summary.task_outcomes)} tasks x {episodes} episodes)")
 
 
@@ -618,11 +619,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     saved_estimator = state.get("estimator")
     if isinstance(saved_estimator, Mapping) and rank == 0:
         now = {"estimator": args.estimator, **_estimator_params(args)}
-        changed = [
-            f"{key} {saved_estimator.get(key, 'default')} -> {now.get(key, 'default')}"
-            for key in sorted(set(saved_estimator) | set(now))
-            if saved_estimator.get(key) != now.get(key)
-        ]
+        changed = _setting_changes(saved_estimator, now)
         if changed:
             print(
                 "--resume: this run's estimator settings replace the checkpoint's: "
@@ -750,21 +747,15 @@ def _online_calibrator(
             file=sys.stderr,
         )
     state = dict(saved)
-    changes = []
-    for key, value in settings.items():
-        if state.get(key) != value:
-            changes.append(f"calibrator {key} {state.get(key)} -> {value}")
-            state[key] = value
-    kwargs = dict(state.get("calibrate_kwargs") or {})
+    changes = _setting_changes({key: state.get(key) for key in settings}, settings, "calibrator ")
+    state.update(settings)
     # The direction check follows this run's estimator and its parameters.
+    kwargs = dict(state.get("calibrate_kwargs") or {})
+    estimator_keys = ("estimator", *ESTIMATOR_OPTIONS, "turn_norm")
+    had = {key: kwargs.pop(key) for key in estimator_keys if key in kwargs}
+    had.setdefault("estimator", "gtpo_hybrid")
     wanted = {"estimator": args.estimator, **_estimator_params(args)}
-    for key in ("estimator", *ESTIMATOR_OPTIONS, "turn_norm"):
-        if kwargs.get(key) != wanted.get(key) and not (
-            key == "estimator" and kwargs.get(key) is None and wanted[key] == "gtpo_hybrid"
-        ):
-            was, now_ = kwargs.get(key, "default"), wanted.get(key, "default")
-            changes.append(f"calibrator {key} {was} -> {now_}")
-        kwargs.pop(key, None)
+    changes += _setting_changes(had, wanted, "calibrator ")
     state["calibrate_kwargs"] = {**kwargs, **wanted}
     if isinstance(state.get("history"), list):
         # A smaller window keeps the most recent steps.
@@ -779,6 +770,18 @@ def _online_calibrator(
             file=sys.stderr,
         )
     return online
+
+
+def _setting_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = ""
+) -> list[str]:
+    """``"<prefix><key> <before> -> <after>"`` for every key whose value differs
+    (a key left out is the default)."""
+    return [
+        f"{prefix}{key} {before.get(key, 'default')} -> {after.get(key, 'default')}"
+        for key in dict.fromkeys([*before, *after])
+        if before.get(key) != after.get(key)
+    ]
 
 
 TURN_NORM_HELP = (

@@ -19,7 +19,7 @@ from typing import Any
 
 from turnrl.envs._base import Domain, Task
 from turnrl.envs.judge import NLJudge
-from turnrl.envs.runner import Agent, _check_calls_per_message, _check_max_steps, run_episode
+from turnrl.envs.runner import Agent, _check_episode_options, run_episode
 from turnrl.envs.users import User
 from turnrl.exceptions import InvalidInputError
 
@@ -167,8 +167,7 @@ def collect_rollouts(
         raise InvalidInputError(f"workers must be at least 1, got {workers}")
     # Checked before any episode starts: in run_episode it would fail each
     # episode in turn, counted as failures, rather than raise.
-    _check_calls_per_message(calls_per_message)
-    _check_max_steps(max_steps)
+    _check_episode_options(max_steps, calls_per_message)
     if max_consecutive_failures is not None and max_consecutive_failures < 1:
         raise InvalidInputError(
             f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}"

@@ -230,12 +230,12 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     sizes = set(task_sizes.tolist()) - {0}
     if len(sizes) == 1:
         from turnrl.envs import pass_hat_k
+        from turnrl.envs._base import pass_hat_ks
 
         episodes = sizes.pop()
         # Successes as the success rate counts them (tau-bench's rule is outcome 1).
         results = list(zip(batch.task_index.tolist(), success.astype(float).tolist(), strict=True))
-        ks = sorted({1, episodes} | {2**i for i in range(1, episodes.bit_length())})
-        pass_hat = {str(k): pass_hat_k(results, k) for k in ks}
+        pass_hat = {str(k): pass_hat_k(results, k) for k in pass_hat_ks(episodes)}
     counts = batch.turn_counts
     owner = np.repeat(np.arange(trajectories), counts)
     tiers: dict[str, dict[str, float | int]] = {}

@@ -1424,24 +1424,25 @@ def train_loop(
     """
     from turnrl.calibration import OnlineCalibrator, load_tier_rewards
     from turnrl.collect import collect_rollouts
-    from turnrl.envs.runner import _check_calls_per_message, _check_max_steps
+    from turnrl.envs.runner import _check_episode_options
     from turnrl.irc import tiered_from_records
 
+    params = dict(estimator_params or {})
     # Estimator settings a checkpoint can hold (plain JSON values) are saved in it.
-    settings: dict[str, Any] = {"estimator": estimator, **dict(estimator_params or {})}
+    settings: dict[str, Any] = {"estimator": estimator, **params}
     try:
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError):
         settings = {}
     # Refused now, not after a whole step of rollouts.
-    compute_advantages(estimator, *probe_batch(), **dict(estimator_params or {}))
+    compute_advantages(estimator, *probe_batch(), **params)
     calibrator: OnlineCalibrator | None = None
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):
         calibrator = tiers
         # Its direction check must be about the advantages this loop trains on.
         checked = _estimator_settings(calibrator.calibrate_kwargs)
-        trained = (estimator, dict(estimator_params or {}))
+        trained = (estimator, params)
         if not _same_advantages(checked, trained):
             raise InvalidInputError(
                 "the calibrator checks advantage directions with other estimator settings than "
@@ -1458,8 +1459,7 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
-    _check_calls_per_message(calls_per_message)
-    _check_max_steps(max_steps)
+    _check_episode_options(max_steps, calls_per_message)
     rank, world = _world()
     if tasks_per_step < world:
         raise InvalidInputError(

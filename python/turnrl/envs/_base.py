@@ -436,6 +436,11 @@ def pass_hat_k(results: Iterable[Any], k: int) -> float:
     return sum(comb(c, k) / comb(n, k) for c in successes.values()) / len(successes)
 
 
+def pass_hat_ks(trials: int) -> list[int]:
+    """The k to show pass^k at for ``trials`` trials per task: 1, 2, 4, ... and ``trials``."""
+    return sorted({1, trials} | {2**i for i in range(1, trials.bit_length())})
+
+
 # --- reading data -------------------------------------------------------------
 
 

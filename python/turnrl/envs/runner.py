@@ -45,30 +45,18 @@ def _parse_call(call: Any) -> tuple[str, Any, str | None, str | None]:
     return name, args, call.get("id"), None
 
 
-def _check_max_steps(max_steps: Any) -> None:
-    """Raise :class:`~turnrl.exceptions.InvalidInputError` unless the value is
-    None (the benchmark's limit) or a positive integer (``max_steps`` of
-    :func:`run_episode`)."""
-    if max_steps is not None and (
-        isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+def _check_episode_options(max_steps: Any, calls_per_message: Any) -> None:
+    """Raise :class:`~turnrl.exceptions.InvalidInputError` unless ``max_steps``
+    and ``calls_per_message`` of :func:`run_episode` are each None (the
+    benchmark's limit; every call) or a positive integer."""
+    for name, value, none_means in (
+        ("max_steps", max_steps, ""),
+        ("calls_per_message", calls_per_message, " or None (every call)"),
     ):
-        raise InvalidInputError(f"max_steps must be a positive integer, got {max_steps!r}")
-
-
-def _check_calls_per_message(calls_per_message: Any) -> None:
-    """Raise :class:`~turnrl.exceptions.InvalidInputError` unless the value is
-    None or a positive integer (``calls_per_message`` of :func:`run_episode`)."""
-    if calls_per_message is None:
-        return
-    if (
-        isinstance(calls_per_message, bool)
-        or not isinstance(calls_per_message, int)
-        or calls_per_message < 1
-    ):
-        raise InvalidInputError(
-            "calls_per_message must be a positive integer or None (every call), "
-            f"got {calls_per_message!r}"
-        )
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InvalidInputError(f"{name} must be a positive integer{none_means}, got {value!r}")
 
 
 def _default_labeler() -> Labeler | None:
@@ -146,9 +134,8 @@ def run_episode(
     """
     task = domain.task(task)
     rules = domain.rules
-    _check_max_steps(max_steps)
+    _check_episode_options(max_steps, calls_per_message)
     limit = rules.max_steps if max_steps is None else max_steps
-    _check_calls_per_message(calls_per_message)
     by_message = rules.step_unit == "message"
     episode = domain.new_episode(task)
     tools = domain.openai_tools()
