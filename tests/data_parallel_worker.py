@@ -32,7 +32,14 @@ import turnrl.train
 from turnrl import envs
 from turnrl.calibration import OnlineCalibrator
 from turnrl.engines import EngineAgent
-from turnrl.train import GTPOConfig, GTPOTrainer, TrainBatch, build_batch, train_loop
+from turnrl.train import (
+    Evaluation,
+    GTPOConfig,
+    GTPOTrainer,
+    TrainBatch,
+    build_batch,
+    train_loop,
+)
 
 # name: (config, records per group, each rank's slice of the records)
 SCENARIOS = {
@@ -111,12 +118,19 @@ def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
 
 
 def calibrating_loop(out: Path, rank: int, tok, base) -> None:
-    """Two steps of train_loop with an OnlineCalibrator re-deriving after each."""
+    """Two steps of train_loop with an OnlineCalibrator re-deriving after each, and
+    an evaluation on three other tasks (two on one rank, one on the other) after the last."""
     domain = envs.load("synthetic:airline", seed=0)
     tasks = [task.id for task in domain.tasks[:2]]
     engine = _HalfGold(domain, always=tasks[:1])
     online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1)
-    train_loop(
+    evaluation = Evaluation(
+        tasks=[task.id for task in domain.tasks[2:5]],
+        every=5,
+        samples=2,
+        buffer_dir=out / "evaluating",
+    )
+    history = train_loop(
         trainer_for(base, {"micro_batch_size": 4}, seed=1 + rank),
         domain,
         lambda: EngineAgent(engine),
@@ -128,12 +142,17 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
         group_size=4,
         tiers=online,
         buffer_dir=out / "calibrating",
+        evaluation=evaluation,
         progress=False,
     )
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, online.state_dict())
+    evaluated = [{k: v for k, v in h.items() if k.startswith("eval/")} for h in history]
+    evaluations: list = [None] * dist.get_world_size()
+    dist.all_gather_object(evaluations, evaluated)
     if rank == 0:
         (out / "calibrators.json").write_text(json.dumps(states))
+        (out / "evaluations.json").write_text(json.dumps(evaluations))
 
 
 def main(out: Path) -> None:

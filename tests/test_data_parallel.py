@@ -102,6 +102,32 @@ def test_ranks_calibrate_alike_on_the_whole_step(two_rank_steps):
     assert len(online.reports) == 2 and online.rewards != PRESETS["naive"]
 
 
+def test_ranks_evaluate_their_share_and_report_the_whole(two_rank_steps):
+    out = two_rank_steps["folder"]
+    ranks = json.loads((out / "evaluations.json").read_text())
+    assert ranks[0] == ranks[1]  # every rank has the figures of all the evaluation tasks
+    assert [sorted(step) for step in ranks[0]] == [
+        [],  # step 0: not due (every 5)
+        [
+            "eval/episodes",
+            "eval/failed_episodes",
+            "eval/pass^1",
+            "eval/pass^2",
+            "eval/success_rate",
+        ],
+    ]
+    shares = [out / "evaluating" / f"step-1.rank-{rank}.jsonl" for rank in (0, 1)]
+    per_rank = [list(turnrl.iter_rollout_records(share)) for share in shares]
+    assert sorted(len({r["task_id"] for r in records}) for records in per_rank) == [1, 2]
+    records = per_rank[0] + per_rank[1]
+    results = [(r["task_id"], r["outcome"]) for r in records]
+    figures = ranks[0][1]
+    assert figures["eval/episodes"] == len(records) == 6
+    assert figures["eval/success_rate"] == pytest.approx(sum(o for _, o in results) / 6)
+    assert figures["eval/pass^1"] == pytest.approx(envs.pass_hat_k(results, 1))
+    assert figures["eval/pass^2"] == pytest.approx(envs.pass_hat_k(results, 2))
+
+
 def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):
     out = two_rank_steps["folder"]
     failed = (out / "error-rank-1.txt").read_text()

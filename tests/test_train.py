@@ -883,6 +883,17 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
     engine.load_adapter("/ckpt")
     engine.generate([[{"role": "user", "content": "a"}]])
     assert seen["chat"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
+    # An evaluation engine: the same LLM and adapter, its own temperature.
+    greedy = engine.with_temperature(0.0)
+    greedy.generate([chat])
+    assert seen["chat"][1].kwargs == {**sampling.kwargs, "temperature": 0.0}
+    assert seen["chat"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
+    engine.load_adapter("/ckpt-3")  # the trainer's engine loads; evaluation follows it
+    greedy.generate([chat])
+    assert seen["chat"][2]["lora_request"].args == ("turnrl-3", 3, "/ckpt-3")
+    engine.generate([chat])
+    assert seen["chat"][1].kwargs["temperature"] == 0.8
+    assert greedy.llm is engine.llm
 
 
 def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
@@ -944,6 +955,139 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     assert any(
         not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad
     )
+
+
+def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(tmp_path, tok, base_model):
+    import math
+
+    from turnrl.train import Evaluation
+
+    domain = envs.load("synthetic:airline", seed=0)
+    held_out = list(domain.tasks[1:9])
+    opening = {envs.ScriptedUser().reset(t): t for t in held_out}
+    assert len(opening) == len(held_out)  # the agent knows its task by the user's first line
+    lock = threading.Lock()
+    calls: dict[str, int] = {}
+    broken: set[str] = set()
+
+    def evaluation_agent(messages, tools):
+        """Plays a task's gold actions on every other task, and every other time on one more."""
+        task = opening[next(m["content"] for m in messages if m["role"] == "user")]
+        if task.id in broken:
+            raise RuntimeError("endpoint down")
+        if messages[-1]["role"] != "user" or sum(m["role"] == "user" for m in messages) > 1:
+            return {"content": "Anything else?"}
+        with lock:
+            calls[task.id] = calls.get(task.id, 0) + 1
+            nth = calls[task.id]
+        index = held_out.index(task)
+        if index % 2 == 0 or (index == 1 and nth % 2 == 0):
+            return {"tool_calls": task.gold_actions}
+        return {"content": "Sorry, I cannot do that."}
+
+    def training_agent(messages, tools):
+        return {"content": "How can I help?"}
+
+    lines: list[tuple[int, dict]] = []
+
+    def on_step(step, stats):
+        lines.append((step, dict(stats)))
+        if step == 1:
+            broken.add(held_out[3].id)  # the last evaluation loses one task's episodes
+
+    model = _lora(base_model)
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+    evaluation = Evaluation(
+        tasks=[t.id for t in held_out],
+        every=2,
+        samples=2,
+        make_agent=lambda: evaluation_agent,
+        before_training=True,
+        buffer_dir=tmp_path / "eval",
+    )
+    history = train_loop(
+        trainer,
+        domain,
+        lambda: training_agent,
+        envs.ScriptedUser,
+        tok,
+        tasks=[domain.tasks[0].id],
+        steps=3,
+        tasks_per_step=1,
+        group_size=2,
+        workers=2,
+        buffer_dir=tmp_path / "train",
+        on_step=on_step,
+        evaluation=evaluation,
+        progress=False,
+    )
+    # Before the first step (its own line), after step 1 (every 2nd) and after the last.
+    assert [step for step, _ in lines] == [-1, 0, 1, 2]
+    assert all(key.startswith("eval/") for key in lines[0][1])
+    assert ["eval/success_rate" in h for h in history] == [False, True, True]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "before-step-0.jsonl",
+        "step-1.jsonl",
+        "step-2.jsonl",
+    ]
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == [
+        "step-0.jsonl",
+        "step-1.jsonl",
+        "step-2.jsonl",
+    ]
+    for name, stats in (
+        ("before-step-0", lines[0][1]),
+        ("step-1", history[1]),
+        ("step-2", history[2]),
+    ):
+        records = list(turnrl.iter_rollout_records(tmp_path / "eval" / f"{name}.jsonl"))
+        assert {r["group"] for r in records} == {
+            f"eval-{name}/{t.id}" for t in held_out if name != "step-2" or t.id not in broken
+        }
+        outcomes = [r["outcome"] for r in records]
+        assert stats["eval/episodes"] == len(records)
+        assert stats["eval/success_rate"] == pytest.approx(sum(outcomes) / len(outcomes))
+        assert 0 < stats["eval/success_rate"] < 1
+        results = [(r["task_id"], r["outcome"]) for r in records]
+        if name == "step-2":
+            # A task without its episodes: pass^k would be over the others only.
+            assert stats["eval/failed_episodes"] == 2
+            assert math.isnan(stats["eval/pass^1"]) and math.isnan(stats["eval/pass^2"])
+        else:
+            assert stats["eval/failed_episodes"] == 0
+            assert stats["eval/pass^1"] == pytest.approx(envs.pass_hat_k(results, 1))
+            assert stats["eval/pass^2"] == pytest.approx(envs.pass_hat_k(results, 2))
+            assert stats["eval/pass^2"] < stats["eval/pass^1"]  # the task solved every other time
+    with pytest.raises(InvalidInputError, match="at least 1"):
+        Evaluation(every=0)
+    with pytest.raises(InvalidInputError, match="evaluation needs at least one task"):
+        train_loop(
+            trainer,
+            domain,
+            None,
+            None,
+            tok,
+            steps=1,
+            tasks_per_step=1,
+            group_size=1,
+            evaluation=Evaluation(tasks=[]),
+        )
+    with pytest.raises(InvalidInputError):
+        train_loop(
+            trainer,
+            domain,
+            None,
+            None,
+            tok,
+            steps=1,
+            tasks_per_step=1,
+            group_size=1,
+            evaluation=Evaluation(tasks=["no-such-task"]),
+        )
 
 
 def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_model, monkeypatch):
@@ -1275,6 +1419,59 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     bad = [a if a != "float32" else "float33" for a in argv]
     assert main(bad) == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
+
+
+def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model, capsys):
+    from turnrl.cli import main
+
+    pytest.importorskip("matplotlib")
+    argv = _train_argv(tmp_path, tok, base_model, "--steps", "2", "--plot")
+    assert main([*argv, "--eval-tasks", "2:4", "--eval-samples", "2"]) == 2
+    assert "--eval-tasks, --eval-samples set up evaluation: add --eval-every N" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()  # refused before anything ran
+    evaluate = ["--eval-every", "2", "--eval-tasks", "2:4", "--eval-samples", "2", "--eval-before"]
+    assert main([*argv, *evaluate]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [-1, 0, 1]
+    assert ["eval/pass^2" in line for line in lines] == [True, False, True]
+    assert set(lines[0]) == {
+        "step",
+        "eval/success_rate",
+        "eval/episodes",
+        "eval/failed_episodes",
+        "eval/pass^1",
+        "eval/pass^2",
+    }
+    assert sorted(p.name for p in (run / "eval").iterdir()) == [
+        "before-step-0.jsonl",
+        "step-1.jsonl",
+    ]
+    assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step-0.jsonl", "step-1.jsonl"]
+    domain = envs.load("synthetic:airline", seed=0)
+    for name in ("before-step-0", "step-1"):
+        records = list(turnrl.iter_rollout_records(run / "eval" / f"{name}.jsonl"))
+        assert sorted(r["task_id"] for r in records) == sorted(
+            [t.id for t in domain.tasks[2:4]] * 2
+        )
+        # Greedy at the default --eval-temperature 0: a task's two episodes are one.
+        by_task: dict[str, list] = {}
+        for r in records:
+            by_task.setdefault(r["task_id"], []).append(
+                [t.get("completion") for t in r["turns"] if t["role"] == "assistant"]
+            )
+        assert all(first == second for first, second in by_task.values())
+    # The training rollouts sample at --temperature 1: the tiny model's replies differ.
+    training = list(turnrl.iter_rollout_records(run / "rollouts" / "step-0.jsonl"))
+    replies = [r["turns"][1].get("completion") for r in training]
+    assert len(set(replies)) > 1
+    assert (
+        f"evaluation after step 1 (4 episodes): success {lines[-1]['eval/success_rate']:.3f}" in out
+    )
+    assert (run / "metrics.png").stat().st_size > 0
 
 
 def test_train_command_calibrates_and_resumes_its_calibrator(

@@ -13,6 +13,7 @@ from turnrl.advantages import estimator_names
 
 if TYPE_CHECKING:
     from turnrl.calibration import OnlineCalibrator
+    from turnrl.train import Evaluation
 
 
 def _print_correlations(correlations) -> None:
@@ -455,6 +456,18 @@ def _make_user(args: argparse.Namespace, domain: Any) -> Any:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from turnrl.exceptions import InvalidInputError
+
+    evaluation_options = {
+        "--eval-split": args.eval_split,
+        "--eval-tasks": args.eval_tasks,
+        "--eval-samples": args.eval_samples,
+        "--eval-temperature": args.eval_temperature,
+        "--eval-before": args.eval_before or None,
+    }
+    given = [option for option, value in evaluation_options.items() if value is not None]
+    if given and args.eval_every is None:
+        raise InvalidInputError(f"{', '.join(given)} set up evaluation: add --eval-every N")
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -587,6 +600,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             chat_template_kwargs=template,
         )
     agent = EngineAgent(engine)
+    evaluation = _evaluation(args, domain, engine, out) if args.eval_every is not None else None
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = GTPOTrainer(
         model,
@@ -687,6 +701,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         mask_truncated=args.mask_truncated,
         calls_per_message=args.calls_per_message,
         max_steps=args.max_steps,
+        evaluation=evaluation,
         progress=not args.quiet,
     )
     if rank != 0:
@@ -700,6 +715,21 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         f"{last['loss']:.4f}; adapter in {adapter}, metrics in {metrics}"
         + (f", plot in {out / 'metrics.png'}" if args.plot else "")
     )
+    evaluated = [line for line in everything if "eval/success_rate" in line]
+    if evaluation is not None and evaluated:
+        latest = evaluated[-1]
+        figures = [f"success {_figure(latest['eval/success_rate'])}"] + [
+            f"{key.removeprefix('eval/')} {_figure(value)}"
+            for key, value in latest.items()
+            if key.startswith("eval/pass^") and key != "eval/pass^1"
+        ]
+        failed = latest.get("eval/failed_episodes") or 0
+        print(
+            f"evaluation after step {latest['step']} ({int(latest['eval/episodes'] or 0)} "
+            f"episodes{f', {int(failed)} failed to run' if failed else ''}): "
+            + ", ".join(figures)
+            + f"; episodes in {out / 'eval'}"
+        )
     if not isinstance(tiers, str):
         held = (
             f", {tiers.held} held back: no trajectory in the window succeeded, or every one did"
@@ -712,6 +742,38 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             + ", ".join(f"{tier} {reward:+.3f}" for tier, reward in tiers.rewards.items())
         )
     return 0
+
+
+def _figure(value: float | None) -> str:
+    """A metrics.jsonl figure for people: 3 decimals, or "n/a" where it was not measured."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _evaluation(args: argparse.Namespace, domain: Any, engine: Any, out: Any) -> Evaluation:
+    """``turnrl train``'s held-out evaluation: --eval-split's --eval-tasks, run by
+    the policy being trained on an engine sampling at --eval-temperature."""
+    from turnrl import envs
+    from turnrl.collect import select_tasks
+    from turnrl.engines import EngineAgent
+    from turnrl.train import Evaluation
+
+    split = args.eval_split if args.eval_split is not None else args.split
+    if split == args.split:
+        where = domain
+    else:
+        extra = {"seed": args.seed} if args.env.startswith("synthetic:") else {}
+        where = envs.load(args.env, root=args.root, split=split, **extra)
+    temperature = 0.0 if args.eval_temperature is None else args.eval_temperature
+    agent = EngineAgent(engine.with_temperature(temperature))
+    return Evaluation(
+        tasks=select_tasks(where, args.eval_tasks or "all"),
+        every=args.eval_every,
+        samples=args.eval_samples or 1,
+        domain=where,
+        make_agent=lambda: agent,
+        before_training=args.eval_before,
+        buffer_dir=out / "eval",
+    )
 
 
 def _online_calibrator(
@@ -1335,6 +1397,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        metavar="N",
+        help="held-out evaluation: run the policy on the evaluation tasks after every N-th step "
+        "and after the last, adding eval/success_rate and eval/pass^k to metrics.jsonl and the "
+        "episodes to OUT/eval/step-N.jsonl (default: no evaluation)",
+    )
+    tr.add_argument(
+        "--eval-split", help="split of the evaluation tasks (default: --split, the domain's)"
+    )
+    tr.add_argument(
+        "--eval-tasks", help="evaluation tasks, as for collect (default: all of --eval-split)"
+    )
+    tr.add_argument(
+        "--eval-samples",
+        type=_positive_int,
+        metavar="K",
+        help="episodes per evaluation task; pass^k is reported for k = 1, 2, 4, ... and K "
+        "(default: 1)",
+    )
+    tr.add_argument(
+        "--eval-temperature",
+        type=_non_negative_number,
+        help="the policy's sampling temperature in evaluation (default: 0, greedy, as "
+        "tau-bench's run.py)",
+    )
+    tr.add_argument(
+        "--eval-before",
+        action="store_true",
+        help="evaluate the starting policy too, before the first step (its metrics line has "
+        "the step before)",
     )
     tr.add_argument(
         "--resume", action="store_true", help="continue from OUT/adapter and OUT/metrics.jsonl"

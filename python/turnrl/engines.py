@@ -20,6 +20,7 @@ arrive while a generation is running into the next ``generate`` call.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import operator
@@ -98,6 +99,18 @@ class TransformersEngine:
         self.temperature = temperature
         self.top_p = top_p
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
+
+    def with_temperature(self, temperature: float) -> TransformersEngine:
+        """The same engine on the same model, sampling at ``temperature`` (0: greedy);
+        for evaluating the policy being trained as it is trained."""
+        return TransformersEngine(
+            self.model,
+            self.tokenizer,
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            top_p=self.top_p,
+            chat_template_kwargs=self.chat_template_kwargs,
+        )
 
     def prompt(self, conversation: Chat, tools: Tools = None) -> str:
         """The text the model is given for ``conversation``."""
@@ -224,22 +237,41 @@ class VLLMEngine:
         if enable_lora:
             llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
         self.llm = LLM(model=model, **llm_kwargs)
-        self.sampling = SamplingParams(
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_new_tokens,
-            skip_special_tokens=False,
-        )
+        self._sampling_kwargs = {
+            "top_p": top_p,
+            "max_tokens": max_new_tokens,
+            "skip_special_tokens": False,
+        }
+        self.sampling = SamplingParams(temperature=temperature, **self._sampling_kwargs)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
-        self.lora: Any = None
-        self._lora_id = 0
+        # Shared with the engines with_temperature makes, so that they generate
+        # with whichever adapter was loaded last into any of them.
+        self._adapter = _AdapterSlot()
+
+    @property
+    def lora(self) -> Any:
+        """The ``LoRARequest`` of the adapter generation uses (None: the base model)."""
+        return self._adapter.request
 
     def load_adapter(self, path: str) -> None:
         """Generate with the adapter saved at ``path`` from now on."""
         from vllm.lora.request import LoRARequest
 
-        self._lora_id += 1
-        self.lora = LoRARequest(f"turnrl-{self._lora_id}", self._lora_id, str(path))
+        slot = self._adapter
+        slot.last_id += 1
+        slot.request = LoRARequest(f"turnrl-{slot.last_id}", slot.last_id, str(path))
+
+    def with_temperature(self, temperature: float) -> VLLMEngine:
+        """The same ``vllm.LLM`` and adapter, sampling at ``temperature`` (0: greedy).
+
+        Loading an adapter into either engine switches both."""
+        if temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        from vllm import SamplingParams
+
+        other = copy.copy(self)
+        other.sampling = SamplingParams(temperature=temperature, **self._sampling_kwargs)
+        return other
 
     def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
         """Complete all chats in one ``LLM.chat`` call."""
@@ -277,6 +309,16 @@ def _as_id(value: Any) -> Any:
         return operator.index(value)
     except TypeError:
         return value
+
+
+class _AdapterSlot:
+    """The LoRA adapter a :class:`VLLMEngine` (and its copies) generates with."""
+
+    __slots__ = ("last_id", "request")
+
+    def __init__(self) -> None:
+        self.request: Any = None
+        self.last_id = 0
 
 
 class _Request:

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
+    "Evaluation",
     "GTPOConfig",
     "GTPOTrainer",
     "TokenizedRollout",
@@ -1343,6 +1344,130 @@ def recover_adapter(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """Held-out evaluation of the policy during :func:`train_loop`.
+
+    The policy is evaluated after every step ``s`` with ``(s + 1) % every == 0``
+    (absolute step numbers, so a resumed run evaluates where an unbroken one
+    would), after the run's last step, and, with ``before_training``, once
+    before the run's first step. Each evaluation runs ``samples`` episodes of
+    every task in ``tasks`` (ids or tasks of ``domain``; None: all of them)
+    and adds to that step's stats ``eval/success_rate`` (mean outcome),
+    ``eval/pass^k`` (tau-bench's pass^k, for k = 1, 2, 4, ... up to
+    ``samples``; NaN when an episode of some task failed to run, as pass^k
+    needs every task's episodes), ``eval/episodes`` and
+    ``eval/failed_episodes``.
+
+    ``domain`` defaults to the training domain (load another split of it for
+    held-out tasks), ``make_agent`` to the training agent (give one on a
+    greedy engine to evaluate as tau-bench does, at temperature 0). With
+    ``buffer_dir`` the episodes are kept as ``buffer_dir/step-N.jsonl``
+    (``before-step-N.jsonl`` for the evaluation before step N), in groups
+    ``eval-step-N/<task>``, apart from the training buffers, so that ``turnrl
+    calibrate`` over those does not read them. Evaluation episodes train
+    nothing and do not reach an :class:`turnrl.calibration.OnlineCalibrator`.
+    """
+
+    tasks: Sequence[Any] | None = None
+    every: int = 1
+    samples: int = 1
+    domain: Any = None
+    make_agent: Callable[[], Any] | None = None
+    before_training: bool = False
+    buffer_dir: str | os.PathLike[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise InvalidInputError(f"Evaluation.every must be at least 1, got {self.every}")
+        if self.samples < 1:
+            raise InvalidInputError(f"Evaluation.samples must be at least 1, got {self.samples}")
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether the policy is evaluated after ``step`` of a run ending at ``last_step``."""
+        return (step + 1) % self.every == 0 or step == last_step
+
+
+def _evaluate(
+    evaluation: Evaluation,
+    where: Any,
+    pool: Sequence[Any],
+    make_agent: Callable[[], Any],
+    make_user: Callable[[], Any],
+    name: str,
+    *,
+    tiers: Mapping[str, float],
+    calls_per_message: int | None,
+    max_steps: int | None,
+    workers: int,
+    device: torch.device,
+    together: Callable[..., Any],
+) -> dict[str, float]:
+    """One :class:`Evaluation`: this rank's share of ``pool`` (tasks of the domain
+    ``where``) run, figures of the whole pool returned.
+
+    ``name`` is the buffer's stem and the groups' prefix (``step-3``)."""
+    from turnrl.collect import CollectSummary, collect_rollouts
+    from turnrl.envs._base import pass_hat_ks
+
+    rank, world = _world()
+    share = _rank_share(pool, rank, world)
+    summary = CollectSummary()
+    if share:
+        keep: Any = (
+            tempfile.TemporaryDirectory()
+            if evaluation.buffer_dir is None
+            else contextlib.nullcontext(str(evaluation.buffer_dir))
+        )
+        with keep as folder:
+            suffix = ".jsonl" if world == 1 else f".rank-{rank}.jsonl"
+            together(
+                collect_rollouts,
+                where,
+                evaluation.make_agent or make_agent,
+                make_user,
+                Path(folder) / (name + suffix),
+                tasks=share,
+                samples=evaluation.samples,
+                tiers=tiers,
+                calls_per_message=calls_per_message,
+                max_steps=max_steps,
+                workers=workers,
+                group_prefix=f"eval-{name}/",
+                progress=False,
+                summary=summary,
+            )
+    else:
+        together(lambda: None)  # the other ranks' collection may raise
+    ks = pass_hat_ks(evaluation.samples)
+    # Sums over this rank's tasks, added up over the ranks: pass^k is a mean over tasks.
+    complete = [o for o in summary.task_outcomes.values() if len(o) == evaluation.samples]
+    sums = [
+        float(len(summary.outcomes)),
+        float(len(summary.failures)),
+        float(sum(summary.outcomes)),
+        float(len(complete)),
+        float(len(summary.task_outcomes) - len(complete)),
+    ]
+    for k in ks:
+        chance = 0.0
+        for outcomes in complete:
+            successes = sum(1 for o in outcomes if abs(o - 1.0) <= 1e-6)
+            chance += math.comb(successes, k) / math.comb(len(outcomes), k)
+        sums.append(chance)
+    if world > 1:
+        sums = _all_reduce(sums, device)
+    episodes, failed, outcome_sum, whole, partial = sums[:5]
+    stats = {
+        "eval/success_rate": outcome_sum / episodes if episodes else math.nan,
+        "eval/episodes": episodes,
+        "eval/failed_episodes": failed,
+    }
+    for k, chance in zip(ks, sums[5:], strict=True):
+        stats[f"eval/pass^{k}"] = chance / whole if whole and not partial else math.nan
+    return stats
+
+
 def train_loop(
     trainer: GTPOTrainer,
     domain: Any,
@@ -1371,6 +1496,7 @@ def train_loop(
     pack: bool | str = True,
     calls_per_message: int | None = None,
     max_steps: int | None = None,
+    evaluation: Evaluation | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -1402,6 +1528,12 @@ def train_loop(
     adapter, so a resumed run re-derives at the same steps. The estimator
     and its parameters are saved there too (``"estimator"``), when they are
     plain JSON values, and checked on a small batch before any rollout.
+
+    ``evaluation`` (an :class:`Evaluation`) runs held-out episodes with the
+    updated policy every few steps and adds their figures (``eval/...``) to
+    those steps' stats; the evaluation before training, when asked for, goes
+    to ``on_step`` alone, as step ``first_step - 1`` with only ``eval/``
+    figures.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
@@ -1460,6 +1592,15 @@ def train_loop(
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
     _check_episode_options(max_steps, calls_per_message)
+    eval_domain, eval_pool = domain, list[Any]()
+    if evaluation is not None:
+        # Task ids are checked now, not at the first evaluation.
+        if evaluation.domain is not None:
+            eval_domain = evaluation.domain
+        listed = eval_domain.tasks if evaluation.tasks is None else evaluation.tasks
+        eval_pool = [eval_domain.task(t) for t in listed]
+        if not eval_pool:
+            raise InvalidInputError("the evaluation needs at least one task")
     rank, world = _world()
     if tasks_per_step < world:
         raise InvalidInputError(
@@ -1490,7 +1631,32 @@ def train_loop(
         from tqdm import tqdm
 
         bar = tqdm(total=steps, unit="step", desc=f"train {domain.name}")
+    last_step = first_step + steps - 1
+
+    def evaluate(name: str) -> dict[str, float]:
+        assert evaluation is not None
+        if bar is not None:
+            bar.set_postfix_str(f"evaluating ({name})")
+        return _evaluate(
+            evaluation,
+            eval_domain,
+            eval_pool,
+            make_agent,
+            make_user,
+            name,
+            tiers=dict(calibrator.rewards) if calibrator is not None else fixed_rewards,
+            calls_per_message=calls_per_message,
+            max_steps=max_steps,
+            workers=workers,
+            device=device,
+            together=together,
+        )
+
     try:
+        if evaluation is not None and evaluation.before_training:
+            before = evaluate(f"before-step-{first_step}")
+            if on_step is not None:
+                on_step(first_step - 1, before)
         for step in range(first_step, first_step + steps):
             # A function of (seed, step) alone: every rank draws the same tasks,
             # and a resumed run the ones an unbroken run would have.
@@ -1582,6 +1748,8 @@ def train_loop(
                     together(lambda: None)
             if after_update is not None:
                 together(after_update)
+            if evaluation is not None and evaluation.due(step, last_step):
+                stats.update(evaluate(f"step-{step}"))
             history.append(stats)
             if on_step is not None:
                 on_step(step, stats)
@@ -1796,41 +1964,71 @@ def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) ->
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
     """Success rate, loss and KL per step of a :func:`train_loop` run, as a PNG,
-    and each tier's reward when the history has them (``tier_reward/<tier>``)."""
+    each tier's reward when the history has them (``tier_reward/<tier>``), and
+    the held-out evaluations when there were some (``eval/...``). Entries are
+    placed at their ``"step"`` (a ``metrics.jsonl`` line), else at their index."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise InvalidInputError("plotting needs matplotlib: pip install matplotlib") from None
-    steps = np.arange(len(history))
     tier_keys = list(dict.fromkeys(k for h in history for k in h if k.startswith("tier_reward/")))
-    fig, axes = plt.subplots(1, 4 if tier_keys else 3, figsize=(17 if tier_keys else 13, 3.8))
+    eval_keys = sorted(
+        {k for h in history for k in h if k == "eval/success_rate" or k.startswith("eval/pass^")},
+        key=lambda k: (k != "eval/success_rate", int(k.partition("^")[2] or 0)),
+    )
+    panels = 3 + bool(tier_keys) + bool(eval_keys)
+    fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.8))
 
-    def series(key: str) -> list[float]:
-        values = [h.get(key) for h in history]  # None: not measured that step
-        return [float("nan") if v is None else v for v in values]
+    def series(key: str) -> tuple[list[float], list[float]]:
+        """Where ``key`` is plotted: every step for a step figure (NaN where not
+        measured), the entries that have it for the others."""
+        steps, values = [], []
+        for i, h in enumerate(history):
+            evaluation_only = all(k == "step" or k.startswith("eval/") for k in h)
+            if (key not in h) if key not in _STEP_PLOTS else evaluation_only:
+                continue
+            value = h.get(key)
+            steps.append(float(h.get("step", i)))
+            values.append(float("nan") if value is None else float(value))
+        return steps, values
 
-    for ax, key, title in zip(
-        axes,
-        ("success_rate", "loss", "approx_kl"),
-        ("success rate of the step's rollouts", "GTPO loss", "approx. KL to the behaviour policy"),
-        strict=False,
-    ):
-        ax.plot(steps, series(key), marker="o")
+    for ax, key in zip(axes, _STEP_PLOTS, strict=False):
+        ax.plot(*series(key), marker="o")
         ax.set_xlabel("step")
-        ax.set_title(title)
+        ax.set_title(_STEP_PLOTS[key])
+    panel = 3
     if tier_keys:
-        ax = axes[3]
+        ax = axes[panel]
         for key in tier_keys:
-            ax.plot(steps, series(key), marker=".", label=key.removeprefix("tier_reward/"))
+            ax.plot(*series(key), marker=".", label=key.removeprefix("tier_reward/"))
         ax.axhline(0.0, color="grey", linewidth=0.5)
         ax.set_xlabel("step")
         ax.set_title("tier rewards the step's turns got")
         ax.legend(fontsize="small")
+        panel += 1
+    if eval_keys:
+        ax = axes[panel]
+        for key in eval_keys:
+            ax.plot(*series(key), marker="o", label=key.removeprefix("eval/"))
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("step")
+        ax.set_title("held-out evaluation after the step")
+        ax.legend(fontsize="small")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     fig.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=120)
     plt.close(fig)
+
+
+_STEP_PLOTS = {
+    "success_rate": "success rate of the step's rollouts",
+    "loss": "GTPO loss",
+    "approx_kl": "approx. KL to the behaviour policy",
+}
