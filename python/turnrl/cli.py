@@ -488,6 +488,24 @@ def metrics_line(step: int, stats: Mapping[str, float]) -> str:
     return json.dumps({"step": step, **_finite_or_none(dict(stats))}, allow_nan=False)
 
 
+def run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options as a JSON-safe dict: the config a tracker gets for the run."""
+
+    def json_safe(value: Any) -> Any:
+        if value is None or isinstance(value, (bool, int, str)):
+            return value
+        if isinstance(value, float):  # JSON has no NaN or infinity
+            return value if math.isfinite(value) else str(value)
+        if isinstance(value, (list, tuple)):
+            return [json_safe(v) for v in value]
+        if isinstance(value, Mapping):
+            return {str(k): json_safe(v) for k, v in value.items()}
+        return str(value)
+
+    # "run" is the subcommand's function, not a setting.
+    return {key: json_safe(value) for key, value in vars(args).items() if key != "run"}
+
+
 def _start_data_parallel(args: argparse.Namespace) -> tuple[int, str | None, bool]:
     """Join torchrun's process group when there is one: (rank, device, whether we started it).
 
@@ -531,12 +549,14 @@ def _start_data_parallel(args: argparse.Namespace) -> tuple[int, str | None, boo
 
 def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> int:
     import json
+    import os
     from pathlib import Path
 
     import torch
 
     from turnrl.engines import EngineAgent, TransformersEngine
     from turnrl.exceptions import InvalidInputError
+    from turnrl.loggers import close_loggers, make_loggers, require_loggers
     from turnrl.train import (
         STATE_FILE,
         GTPOConfig,
@@ -548,6 +568,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         train_loop,
     )
 
+    if rank == 0:  # a missing tracker package fails now, not after the model loads
+        require_loggers(args.report_to)
     domain, tasks = _domain_and_tasks(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -669,41 +691,62 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 file=sys.stderr,
             )
 
+    make_user = _make_user(args, domain)
+    # Made here, after the checks above, so that a refused run leaves no
+    # tracker run behind.
+    loggers = (
+        make_loggers(
+            args.report_to,
+            out,
+            run_config(args),
+            run_name=args.run_name or out.resolve().name,
+            project=args.wandb_project or os.environ.get("WANDB_PROJECT") or "turnrl",
+            resume=args.resume,
+        )
+        if rank == 0  # every rank has the same figures
+        else []
+    )
+
     def on_step(step: int, stats: dict[str, float]) -> None:
-        if rank != 0:  # every rank has the same figures
+        if rank != 0:
             return
         with metrics.open("a") as f:
             f.write(metrics_line(step, stats) + "\n")
+        for logger in loggers:
+            logger.log(step, stats)
 
-    history = train_loop(
-        trainer,
-        domain,
-        lambda: agent,
-        _make_user(args, domain),
-        tokenizer,
-        tasks=tasks,
-        steps=args.steps,
-        tasks_per_step=args.tasks_per_step,
-        group_size=args.group_size,
-        tiers=tiers,
-        estimator=args.estimator,
-        estimator_params=_estimator_params(args),
-        max_length=args.max_length,
-        chat_template_kwargs=template,
-        workers=args.workers,
-        buffer_dir=out / "rollouts",
-        checkpoint=adapter,
-        after_update=after_update,
-        on_step=on_step,
-        seed=args.seed,
-        first_step=first_step,
-        pack=args.pack,
-        mask_truncated=args.mask_truncated,
-        calls_per_message=args.calls_per_message,
-        max_steps=args.max_steps,
-        evaluation=evaluation,
-        progress=not args.quiet,
-    )
+    try:
+        history = train_loop(
+            trainer,
+            domain,
+            lambda: agent,
+            make_user,
+            tokenizer,
+            tasks=tasks,
+            steps=args.steps,
+            tasks_per_step=args.tasks_per_step,
+            group_size=args.group_size,
+            tiers=tiers,
+            estimator=args.estimator,
+            estimator_params=_estimator_params(args),
+            max_length=args.max_length,
+            chat_template_kwargs=template,
+            workers=args.workers,
+            buffer_dir=out / "rollouts",
+            checkpoint=adapter,
+            after_update=after_update,
+            on_step=on_step,
+            seed=args.seed,
+            first_step=first_step,
+            pack=args.pack,
+            mask_truncated=args.mask_truncated,
+            calls_per_message=args.calls_per_message,
+            max_steps=args.max_steps,
+            evaluation=evaluation,
+            progress=not args.quiet,
+        )
+    finally:
+        close_loggers(loggers)
     if rank != 0:
         return 0
     everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -900,6 +943,22 @@ def _finite_number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def _logger_names(text: str) -> list[str]:
+    """argparse type: comma-separated logger names, or none."""
+    from turnrl.loggers import logger_names
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return []
+    unknown = [name for name in names if name not in logger_names()]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown logger {', '.join(map(repr, unknown))}; "
+            f"known: {', '.join(logger_names())} (or none)"
+        )
+    return list(dict.fromkeys(names))
 
 
 def _positive_int(text: str) -> int:
@@ -1435,6 +1494,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from OUT/adapter and OUT/metrics.jsonl"
     )
     tr.add_argument("--plot", action="store_true", help="write OUT/metrics.png at the end")
+    tr.add_argument(
+        "--report-to",
+        type=_logger_names,
+        default="none",
+        metavar="LOGGERS",
+        help="also log each step's metrics to these trackers, comma-separated: tensorboard "
+        "(OUT/tensorboard), wandb (the run's id kept in OUT/wandb_run_id, so --resume goes on "
+        "with it) (default: %(default)s)",
+    )
+    tr.add_argument("--run-name", help="the run's name in W&B (default: OUT's folder name)")
+    tr.add_argument(
+        "--wandb-project",
+        help="the W&B project (default: WANDB_PROJECT if set, else turnrl)",
+    )
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--out", required=True, help="output folder")
     tr.set_defaults(run=_train)
