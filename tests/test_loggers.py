@@ -200,7 +200,7 @@ def test_a_missing_tracker_package_is_named_with_its_install(
     assert not (tmp_path / "run").exists()
 
 
-def test_loggers_started_before_one_that_fails_are_closed(monkeypatch, tmp_path):
+def test_loggers_started_before_one_that_fails_are_closed(monkeypatch, tmp_path, fake_wandb):
     import turnrl.loggers
 
     closed = []
