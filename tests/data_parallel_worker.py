@@ -147,12 +147,11 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
     )
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, online.state_dict())
-    evaluated = [{k: v for k, v in h.items() if k.startswith("eval/")} for h in history]
-    evaluations: list = [None] * dist.get_world_size()
-    dist.all_gather_object(evaluations, evaluated)
+    histories: list = [None] * dist.get_world_size()
+    dist.all_gather_object(histories, history)
     if rank == 0:
         (out / "calibrators.json").write_text(json.dumps(states))
-        (out / "evaluations.json").write_text(json.dumps(evaluations))
+        (out / "histories.json").write_text(json.dumps(histories))
 
 
 def main(out: Path) -> None:

@@ -104,7 +104,8 @@ def test_ranks_calibrate_alike_on_the_whole_step(two_rank_steps):
 
 def test_ranks_evaluate_their_share_and_report_the_whole(two_rank_steps):
     out = two_rank_steps["folder"]
-    ranks = json.loads((out / "evaluations.json").read_text())
+    histories = json.loads((out / "histories.json").read_text())
+    ranks = [[{k: v for k, v in h.items() if k.startswith("eval/")} for h in r] for r in histories]
     assert ranks[0] == ranks[1]  # every rank has the figures of all the evaluation tasks
     assert [sorted(step) for step in ranks[0]] == [
         [],  # step 0: not due (every 5)
@@ -126,6 +127,23 @@ def test_ranks_evaluate_their_share_and_report_the_whole(two_rank_steps):
     assert figures["eval/success_rate"] == pytest.approx(sum(o for _, o in results) / 6)
     assert figures["eval/pass^1"] == pytest.approx(envs.pass_hat_k(results, 1))
     assert figures["eval/pass^2"] == pytest.approx(envs.pass_hat_k(results, 2))
+
+
+def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
+    from turnrl.train import rollout_figures
+
+    out = two_rank_steps["folder"]
+    histories = json.loads((out / "histories.json").read_text())
+    for step in (0, 1):
+        shares = [out / "calibrating" / f"step-{step}.rank-{rank}.jsonl" for rank in (0, 1)]
+        records = [r for share in shares for r in turnrl.iter_rollout_records(share)]
+        assert {len(list(turnrl.iter_rollout_records(share))) for share in shares} == {4}
+        tiers = [k.removeprefix("tier_reward/") for k in histories[0][step] if "tier_reward/" in k]
+        for name, total, count in rollout_figures(records, tiers):
+            if name == "completion_tokens_per_turn":  # buffers hold no token ids
+                continue
+            for history in histories:
+                assert history[step][name] == pytest.approx(total / count), name
 
 
 def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):

@@ -952,6 +952,15 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     assert all(isinstance(t["completion"], str) for t in assistant)
     assert {t["tier"] for t in assistant} >= {"respond"}
     assert all(h["grad_norm"] > 0 for h in history)  # reads and replies got different advantages
+    # What the step's episodes looked like, from the records it wrote.
+    for step, stats in enumerate(history):
+        written = list(turnrl.iter_rollout_records(tmp_path / "buffers" / f"step-{step}.jsonl"))
+        replies = [t for r in written for t in r["turns"] if t["role"] == "assistant"]
+        assert stats["turns_per_episode"] == len(replies) / len(written)
+        reads = sum(t["tier"] == "read" for t in replies)
+        assert stats["tier_share/read"] == reads / len(replies)
+        assert sum(stats[f"tier_share/{tier}"] for tier in ("read", "respond")) == 1.0
+        assert stats["stop_reason/user_stop"] == 1.0 and stats["truncated_turns"] == 0.0
     assert any(
         not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad
     )
@@ -2342,6 +2351,77 @@ def test_a_batch_without_signal_takes_no_step(tok, base_model):
     skipped = _trainer(_lora(base_model), "adamw").step(nothing)
     assert skipped["skipped_rows"] == float(nothing.loss_mask[:, 1:].any(dim=1).sum())
     assert math.isnan(skipped["entropy"]) and skipped["grad_norm"] == 0.0
+
+
+assistant_turns = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.just("assistant")},
+        optional={
+            "tier": st.sampled_from(["gold", "read", "error", "respond", "custom", None]),
+            "tool_calls": st.lists(st.just({"name": "f", "arguments": {}}), max_size=3),
+            "truncated": st.booleans(),
+            "completion_ids": st.lists(st.integers(0, 9), max_size=6),
+        },
+    ),
+    max_size=4,
+)
+episode_records = st.lists(
+    st.fixed_dictionaries(
+        {
+            "turns": st.lists(
+                st.one_of(assistant_turns, st.just([{"role": "user", "content": "hi"}])),
+                max_size=3,
+            ).map(lambda chunks: [turn for chunk in chunks for turn in chunk]),
+            "meta": st.fixed_dictionaries(
+                {
+                    "tool_errors": st.integers(0, 3),
+                    "stop_reason": st.sampled_from(["user_stop", "max_steps", "transfer", "odd"]),
+                }
+            ),
+        }
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(episode_records, st.integers(0, 6))
+def test_rollout_figures_add_up_over_any_split_of_the_episodes(records, cut):
+    from turnrl.train import STOP_REASONS, rollout_figures
+
+    tiers = ["gold", "read", "error", "respond"]
+    figures = {name: (total, count) for name, total, count in rollout_figures(records, tiers)}
+    # The same figures from one table of every assistant turn.
+    table = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
+    with_ids = [t for t in table if "completion_ids" in t]
+    expected = {
+        "turns_per_episode": (len(table), len(records)),
+        "tool_calls_per_turn": (sum(len(t.get("tool_calls", [])) for t in table), len(table)),
+        "tool_errors_per_episode": (sum(r["meta"]["tool_errors"] for r in records), len(records)),
+        "truncated_turns": (sum(t.get("truncated", False) for t in table), len(table)),
+        "completion_tokens_per_turn": (
+            sum(len(t["completion_ids"]) for t in with_ids),
+            len(with_ids),
+        ),
+        **{
+            f"tier_share/{tier}": (sum(t.get("tier") == tier for t in table), len(table))
+            for tier in tiers
+        },
+        **{
+            f"stop_reason/{reason}": (
+                sum(r["meta"]["stop_reason"] == reason for r in records),
+                len(records),
+            )
+            for reason in STOP_REASONS
+        },
+    }
+    assert figures == expected
+    # Two ranks' shares add up to the whole (train_loop all-reduces them).
+    shares = [rollout_figures(records[:cut], tiers), rollout_figures(records[cut:], tiers)]
+    for (name, total, count), (_, a, b), (_, c, d) in zip(
+        rollout_figures(records, tiers), *shares, strict=True
+    ):
+        assert (total, count) == (a + c, b + d), name
 
 
 def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path):

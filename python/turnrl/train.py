@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
+    "STOP_REASONS",
     "Evaluation",
     "GTPOConfig",
     "GTPOTrainer",
@@ -79,6 +80,7 @@ __all__ = [
     "plan_micro_batches",
     "plot_history",
     "recover_adapter",
+    "rollout_figures",
     "rollout_messages",
     "save_adapter",
     "step_tasks",
@@ -1388,6 +1390,57 @@ class Evaluation:
         return (step + 1) % self.every == 0 or step == last_step
 
 
+#: How run_episode can end an episode (``meta["stop_reason"]``).
+STOP_REASONS: tuple[str, ...] = ("user_stop", "transfer", "max_steps", "too_many_errors")
+
+
+def rollout_figures(
+    records: Sequence[Mapping[str, Any]], tiers: Sequence[str]
+) -> list[tuple[str, float, float]]:
+    """What a step's episodes looked like, as ``(name, total, count)``: the figure
+    is ``total / count``, and totals and counts add up over the ranks' shares.
+
+    ``turns_per_episode`` (assistant turns), ``tool_calls_per_turn`` (calls
+    run), ``tool_errors_per_episode``, ``truncated_turns`` (the share of turns
+    cut at the token limit, verl's response clip ratio),
+    ``completion_tokens_per_turn`` (sampled ids, over the turns that have
+    them), ``tier_share/<tier>`` for each of ``tiers`` (the share of turns
+    labelled so) and ``stop_reason/<reason>`` for each of
+    :data:`STOP_REASONS` (the share of episodes that ended so).
+    """
+    episodes = float(len(records))
+    turns = calls = errors = truncated = tokens = with_ids = 0.0
+    tier_turns = dict.fromkeys(tiers, 0.0)
+    stops = dict.fromkeys(STOP_REASONS, 0.0)
+    for record in records:
+        meta = record.get("meta") or {}
+        errors += float(meta.get("tool_errors") or 0)
+        reason = meta.get("stop_reason")
+        if reason in stops:
+            stops[reason] += 1
+        for turn in record["turns"]:
+            if turn.get("role") != "assistant":
+                continue
+            turns += 1
+            calls += len(turn.get("tool_calls") or ())
+            truncated += bool(turn.get("truncated"))
+            ids = turn.get("completion_ids")
+            if isinstance(ids, list):
+                tokens += len(ids)
+                with_ids += 1
+            if turn.get("tier") in tier_turns:
+                tier_turns[turn["tier"]] += 1
+    return [
+        ("turns_per_episode", turns, episodes),
+        ("tool_calls_per_turn", calls, turns),
+        ("tool_errors_per_episode", errors, episodes),
+        ("truncated_turns", truncated, turns),
+        ("completion_tokens_per_turn", tokens, with_ids),
+        *((f"tier_share/{tier}", count, turns) for tier, count in tier_turns.items()),
+        *((f"stop_reason/{reason}", count, episodes) for reason, count in stops.items()),
+    ]
+
+
 def _evaluate(
     evaluation: Evaluation,
     where: Any,
@@ -1537,7 +1590,9 @@ def train_loop(
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
-    ``tier_reward/<tier>`` (the rewards the step's turns were given),
+    ``tier_reward/<tier>`` (the rewards the step's turns were given), the
+    figures of :func:`rollout_figures` (turns, calls, errors, truncation,
+    tokens, each tier's and each stop reason's share),
     with a calibrator ``recalibrated`` (1.0 when the rewards were re-derived
     after the step), and with ``calls_per_message`` ``dropped_calls`` (tool
     calls left out) added. The batch is built from the records in memory, so turns are
@@ -1730,6 +1785,14 @@ def train_loop(
             if calls_per_message is not None:
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
+            # Every rank names the same figures: the tiers of the reward table.
+            figures = rollout_figures(records, tiers=list(rewards))
+            sums = [value for _, total, count in figures for value in (total, count)]
+            if world > 1:
+                sums = _all_reduce(sums, device)
+            for at, (name, _, _) in enumerate(figures):
+                total, count = sums[2 * at], sums[2 * at + 1]
+                stats[name] = total / count if count else math.nan
             state: dict[str, Any] = {"step": step}
             if settings:
                 state["estimator"] = settings
@@ -1963,10 +2026,11 @@ def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) ->
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
-    """Success rate, loss and KL per step of a :func:`train_loop` run, as a PNG,
-    each tier's reward when the history has them (``tier_reward/<tier>``), and
-    the held-out evaluations when there were some (``eval/...``). Entries are
-    placed at their ``"step"`` (a ``metrics.jsonl`` line), else at their index."""
+    """A :func:`train_loop` run as a PNG: success rate, loss and KL per step;
+    when the history has them, each tier's reward (``tier_reward/<tier>``) and
+    share of the turns (``tier_share/<tier>``), and the held-out evaluations
+    (``eval/...``). Entries are placed at their ``"step"`` (a ``metrics.jsonl``
+    line), else at their index."""
     try:
         import matplotlib
 
@@ -1975,13 +2039,25 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise InvalidInputError("plotting needs matplotlib: pip install matplotlib") from None
-    tier_keys = list(dict.fromkeys(k for h in history for k in h if k.startswith("tier_reward/")))
-    eval_keys = sorted(
-        {k for h in history for k in h if k == "eval/success_rate" or k.startswith("eval/pass^")},
+
+    def keys(prefix: str) -> list[str]:
+        return list(dict.fromkeys(k for h in history for k in h if k.startswith(prefix)))
+
+    evaluated = sorted(
+        [k for k in keys("eval/") if k == "eval/success_rate" or k.startswith("eval/pass^")],
         key=lambda k: (k != "eval/success_rate", int(k.partition("^")[2] or 0)),
     )
-    panels = 3 + bool(tier_keys) + bool(eval_keys)
-    fig, axes = plt.subplots(1, panels, figsize=(4.3 * panels, 3.8))
+    # (title, keys, legend labels' prefix, y from 0 to 1); a panel without keys is left out.
+    panels = [
+        *((title, [key], None, False) for key, title in _STEP_PLOTS.items()),
+        ("tier rewards the step's turns got", keys("tier_reward/"), "tier_reward/", False),
+        ("share of the step's turns in each tier", keys("tier_share/"), "tier_share/", True),
+        ("held-out evaluation after the step", evaluated, "eval/", True),
+    ]
+    panels = [panel for panel in panels if panel[1]]
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.8 * rows), squeeze=False)
 
     def series(key: str) -> tuple[list[float], list[float]]:
         """Where ``key`` is plotted: every step for a step figure (NaN where not
@@ -1996,30 +2072,21 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
             values.append(float("nan") if value is None else float(value))
         return steps, values
 
-    for ax, key in zip(axes, _STEP_PLOTS, strict=False):
-        ax.plot(*series(key), marker="o")
+    for ax, (title, panel_keys, prefix, unit_range) in zip(axes.flat, panels, strict=False):
+        for key in panel_keys:
+            label = None if prefix is None else key.removeprefix(prefix)
+            ax.plot(*series(key), marker="o" if len(panel_keys) == 1 else ".", label=label)
+        if prefix == "tier_reward/":
+            ax.axhline(0.0, color="grey", linewidth=0.5)
+        if unit_range:
+            ax.set_ylim(-0.05, 1.05)
+        if prefix is not None:
+            ax.legend(fontsize="small")
+        ax.set_title(title)
         ax.set_xlabel("step")
-        ax.set_title(_STEP_PLOTS[key])
-    panel = 3
-    if tier_keys:
-        ax = axes[panel]
-        for key in tier_keys:
-            ax.plot(*series(key), marker=".", label=key.removeprefix("tier_reward/"))
-        ax.axhline(0.0, color="grey", linewidth=0.5)
-        ax.set_xlabel("step")
-        ax.set_title("tier rewards the step's turns got")
-        ax.legend(fontsize="small")
-        panel += 1
-    if eval_keys:
-        ax = axes[panel]
-        for key in eval_keys:
-            ax.plot(*series(key), marker="o", label=key.removeprefix("eval/"))
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel("step")
-        ax.set_title("held-out evaluation after the step")
-        ax.legend(fontsize="small")
-    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
