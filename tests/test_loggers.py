@@ -79,8 +79,8 @@ class FakeWandb(types.ModuleType):
         data = dict(data)
         self.calls.append(("log", data.pop("step"), data))
 
-    def finish(self) -> None:
-        self.calls.append(("finish",))
+    def finish(self, exit_code: int | None = None) -> None:
+        self.calls.append(("finish", exit_code))
 
     def named(self, name: str) -> list[tuple[Any, ...]]:
         return [call for call in self.calls if call[0] == name]
@@ -155,7 +155,7 @@ def test_wandb_logger_inits_logs_at_the_step_and_finishes(fake_wandb, tmp_path):
         ("log", -1, {"eval/success_rate": 0.25}),
         ("log", 7, {"loss": 0.5, "tier_reward/gold": 1.0}),
         ("log", 8, {"loss": 0.25}),
-        ("finish",),
+        ("finish", 0),
     ]
 
 
@@ -288,7 +288,7 @@ def test_train_reports_to_tensorboard_and_wandb_and_resumes_the_wandb_run(
 
     # W&B: two inits, the second continuing the first run with the new settings.
     inits = [call[1] for call in fake_wandb.named("init")]
-    assert len(inits) == 2 and len(fake_wandb.named("finish")) == 2
+    assert len(inits) == 2 and fake_wandb.named("finish") == [("finish", 0)] * 2
     assert inits[0]["project"] == "turnrl" and inits[0]["name"] == "run"
     assert inits[0]["dir"] == str(run) and "id" not in inits[0]
     config = inits[0]["config"]
@@ -339,6 +339,7 @@ def test_train_closes_its_loggers_when_training_fails(
     assert [call[0] for call in calls] == ["init", "log", "finish"]
     assert calls[0][1]["project"] == "proj" and calls[0][1]["name"] == "x"
     assert calls[1][1] == 3
+    assert calls[2] == ("finish", 1)  # W&B shows the run as crashed, not finished
 
 
 def test_only_rank_0_reports(tmp_path, tiny_argv_parts, fake_wandb, monkeypatch):

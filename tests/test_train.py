@@ -966,10 +966,22 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     )
 
 
-def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(tmp_path, tok, base_model):
+def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(
+    tmp_path, tok, base_model, monkeypatch
+):
     import math
 
+    import turnrl.collect
     from turnrl.train import Evaluation
+
+    collect, stops_after = turnrl.collect.collect_rollouts, []
+
+    def collect_spy(*args, **kwargs):
+        if kwargs["group_prefix"].startswith("eval-"):
+            stops_after.append(kwargs.get("max_consecutive_failures", 16))
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(turnrl.collect, "collect_rollouts", collect_spy)
 
     domain = envs.load("synthetic:airline", seed=0)
     held_out = list(domain.tasks[1:9])
@@ -1001,7 +1013,7 @@ def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(tmp_path, tok, b
 
     def on_step(step, stats):
         lines.append((step, dict(stats)))
-        if step == 1:
+        if step == 1 and any(key.startswith("eval/") for key in stats):
             broken.add(held_out[3].id)  # the last evaluation loses one task's episodes
 
     model = _lora(base_model)
@@ -1011,7 +1023,7 @@ def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(tmp_path, tok, b
         GTPOConfig(micro_batch_size=4, backend="torch"),
     )
     evaluation = Evaluation(
-        tasks=[t.id for t in held_out],
+        tasks=[t.id for t in held_out] + [held_out[0].id],  # listed twice, evaluated once
         every=2,
         samples=2,
         make_agent=lambda: evaluation_agent,
@@ -1034,9 +1046,19 @@ def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(tmp_path, tok, b
         evaluation=evaluation,
         progress=False,
     )
-    # Before the first step (its own line), after step 1 (every 2nd) and after the last.
-    assert [step for step, _ in lines] == [-1, 0, 1, 2]
-    assert all(key.startswith("eval/") for key in lines[0][1])
+    # Before the first step, after step 1 (every 2nd) and after the last, each
+    # evaluation reported on its own after its step.
+    assert [step for step, _ in lines] == [-1, 0, 1, 1, 2, 2]
+    assert [all(key.startswith("eval/") for key in stats) for _, stats in lines] == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert lines[3][1] == {k: v for k, v in history[1].items() if k.startswith("eval/")}
+    assert stops_after == [None] * 3  # an evaluation tries every task, whatever fails
     assert ["eval/success_rate" in h for h in history] == [False, True, True]
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
         "before-step-0.jsonl",
@@ -1439,14 +1461,24 @@ def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model
     assert "--eval-tasks, --eval-samples set up evaluation: add --eval-every N" in (
         capsys.readouterr().err
     )
+    assert main([*argv, "--run-name", "x"]) == 2
+    assert "--run-name name the W&B run: add --report-to wandb" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything ran
     evaluate = ["--eval-every", "2", "--eval-tasks", "2:4", "--eval-samples", "2", "--eval-before"]
     assert main([*argv, *evaluate]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "evaluation tasks are training tasks too" not in err  # held out: 2:4 against 0:2
     run = tmp_path / "run"
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [-1, 0, 1]
-    assert ["eval/pass^2" in line for line in lines] == [True, False, True]
+
+    def metrics_lines():
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    lines = metrics_lines()
+    # An evaluation is a line of its own, after its step's: a run stopped
+    # during one has still recorded the step its checkpoint holds.
+    assert [line["step"] for line in lines] == [-1, 0, 1, 1]
+    assert ["eval/pass^2" in line for line in lines] == [True, False, False, True]
+    assert (set(lines[1]) - {"step"}).isdisjoint(lines[0])
     assert set(lines[0]) == {
         "step",
         "eval/success_rate",
@@ -1481,6 +1513,24 @@ def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model
         f"evaluation after step 1 (4 episodes): success {lines[-1]['eval/success_rate']:.3f}" in out
     )
     assert (run / "metrics.png").stat().st_size > 0
+
+    # Stopped during the evaluation after step 1: a resumed run evaluates step 1 first.
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:-1]))
+    resumed = [*argv, "--steps", "1"]  # the last --steps counts
+    evaluate = ["--eval-every", "2", "--eval-tasks", "0:3", "--eval-samples", "2"]
+    assert main([*resumed, *evaluate, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "the evaluation after step 1 is missing" in err
+    assert "note: 2 of the 3 evaluation tasks are training tasks too" in err
+    lines = metrics_lines()
+    assert [line["step"] for line in lines] == [-1, 0, 1, 1, 2, 2]
+    assert [bool(set(line) & {"eval/success_rate"}) for line in lines] == [1, 0, 0, 1, 0, 1]
+    assert (run / "eval" / "before-step-2.jsonl").exists()
+    # Evaluated already: --eval-before does not run it again.
+    assert main([*resumed, *evaluate, "--resume", "--eval-before"]) == 0
+    assert "the adapter of step 2 was evaluated already" in capsys.readouterr().err
+    assert not (run / "eval" / "before-step-3.jsonl").exists()
+    assert [line["step"] for line in metrics_lines()][6:] == [3, 3]
 
 
 def test_train_command_calibrates_and_resumes_its_calibrator(

@@ -468,6 +468,10 @@ def _train(args: argparse.Namespace) -> int:
     given = [option for option, value in evaluation_options.items() if value is not None]
     if given and args.eval_every is None:
         raise InvalidInputError(f"{', '.join(given)} set up evaluation: add --eval-every N")
+    wandb_options = {"--run-name": args.run_name, "--wandb-project": args.wandb_project}
+    given = [option for option, value in wandb_options.items() if value is not None]
+    if given and "wandb" not in args.report_to:
+        raise InvalidInputError(f"{', '.join(given)} name the W&B run: add --report-to wandb")
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -622,7 +626,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             chat_template_kwargs=template,
         )
     agent = EngineAgent(engine)
-    evaluation = _evaluation(args, domain, engine, out) if args.eval_every is not None else None
+    evaluation = (
+        _evaluation(args, domain, tasks, engine, out, rank) if args.eval_every is not None else None
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = GTPOTrainer(
         model,
@@ -662,6 +668,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 + "; ".join(changed),
                 file=sys.stderr,
             )
+    if evaluation is not None and resume is not None:
+        evaluation = _resumed_evaluation(evaluation, args.eval_every, first_step, metrics, rank)
     tiers: Any = args.tiers or "naive"
     if args.calibrate_every is not None:
         tiers = _online_calibrator(args, state, adapter / STATE_FILE, resume is not None, rank)
@@ -715,6 +723,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         for logger in loggers:
             logger.log(step, stats)
 
+    failed = True
     try:
         history = train_loop(
             trainer,
@@ -745,8 +754,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             evaluation=evaluation,
             progress=not args.quiet,
         )
+        failed = False
     finally:
-        close_loggers(loggers)
+        close_loggers(loggers, failed=failed)
     if rank != 0:
         return 0
     everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -792,9 +802,11 @@ def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def _evaluation(args: argparse.Namespace, domain: Any, engine: Any, out: Any) -> Evaluation:
+def _evaluation(
+    args: argparse.Namespace, domain: Any, tasks: Sequence[Any], engine: Any, out: Any, rank: int
+) -> Evaluation:
     """``turnrl train``'s held-out evaluation: --eval-split's --eval-tasks, run by
-    the policy being trained on an engine sampling at --eval-temperature."""
+    the policy being trained (on ``tasks``) on an engine sampling at --eval-temperature."""
     from turnrl import envs
     from turnrl.collect import select_tasks
     from turnrl.engines import EngineAgent
@@ -808,8 +820,18 @@ def _evaluation(args: argparse.Namespace, domain: Any, engine: Any, out: Any) ->
         where = envs.load(args.env, root=args.root, split=split, **extra)
     temperature = 0.0 if args.eval_temperature is None else args.eval_temperature
     agent = EngineAgent(engine.with_temperature(temperature))
+    chosen = select_tasks(where, args.eval_tasks or "all")
+    # Some domains have one split only (tau-bench airline), and synthetic ones ignore it.
+    trained = {(t.id, t.instruction) for t in tasks}
+    seen = {(t.id, t.instruction) for t in chosen} & trained
+    if seen and rank == 0:
+        print(
+            f"note: {len(seen)} of the {len({t.id for t in chosen})} evaluation tasks are "
+            "training tasks too (--eval-split, --eval-tasks and --tasks choose held-out ones)",
+            file=sys.stderr,
+        )
     return Evaluation(
-        tasks=select_tasks(where, args.eval_tasks or "all"),
+        tasks=chosen,
         every=args.eval_every,
         samples=args.eval_samples or 1,
         domain=where,
@@ -817,6 +839,45 @@ def _evaluation(args: argparse.Namespace, domain: Any, engine: Any, out: Any) ->
         before_training=args.eval_before,
         buffer_dir=out / "eval",
     )
+
+
+def _resumed_evaluation(
+    evaluation: Evaluation, every: int, first_step: int, metrics: Any, rank: int
+) -> Evaluation:
+    """The evaluation of a resumed run: the checkpoint's step (the one before
+    ``first_step``) is evaluated first when it was due and ``metrics`` has no
+    evaluation of it (the run stopped during it), and never twice."""
+    import dataclasses
+    import json
+
+    saved = first_step - 1
+    evaluated = False
+    if metrics.exists():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill
+            evaluated |= (
+                isinstance(row, dict) and row.get("step") == saved and ("eval/success_rate" in row)
+            )
+    if evaluated and evaluation.before_training:
+        if rank == 0:
+            print(
+                f"--eval-before: the adapter of step {saved} was evaluated already "
+                f"({metrics}); it is not evaluated again",
+                file=sys.stderr,
+            )
+        return dataclasses.replace(evaluation, before_training=False)
+    if not evaluated and not evaluation.before_training and (saved + 1) % every == 0:
+        if rank == 0:
+            print(
+                f"--resume: the evaluation after step {saved} is missing from {metrics} (the "
+                "run stopped during it?); it runs before the first step",
+                file=sys.stderr,
+            )
+        return dataclasses.replace(evaluation, before_training=True)
+    return evaluation
 
 
 def _online_calibrator(

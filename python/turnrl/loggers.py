@@ -144,6 +144,7 @@ class WandbLogger:
             options.update(id=resume_id, resume="allow", allow_val_change=True)
         self._run = self._wandb.init(**options)
         self.run_id: str = str(self._run.id)
+        self._exit_code = 0
         # W&B's own step must only go up from 0, and drops what is logged
         # below it: the evaluation before training is logged at step -1, and
         # a resumed run's at its last saved step. So every chart is drawn
@@ -156,9 +157,13 @@ class WandbLogger:
         their x-axis (:data:`STEP_METRIC`)."""
         self._wandb.log({STEP_METRIC: step, **measured_stats(stats)})
 
+    def mark_failed(self) -> None:
+        """Record the run as failed when it is closed (W&B shows it crashed)."""
+        self._exit_code = 1
+
     def close(self) -> None:
-        """Finish the W&B run (uploads what is left)."""
-        self._wandb.finish()
+        """Finish the W&B run (uploads what is left), failed or not."""
+        self._wandb.finish(exit_code=self._exit_code)
 
 
 @dataclass(frozen=True)
@@ -271,12 +276,16 @@ def make_loggers(
     return made
 
 
-def close_loggers(loggers: Sequence[StepLogger]) -> None:
+def close_loggers(loggers: Sequence[StepLogger], *, failed: bool = False) -> None:
     """Close every logger, even when one fails to; the first error is raised
-    after the others are closed."""
+    after the others are closed. ``failed``: the run ended in an error, which
+    loggers that can record it are told first (``mark_failed``)."""
     first: BaseException | None = None
     for logger in loggers:
         try:
+            mark_failed = getattr(logger, "mark_failed", None)
+            if failed and mark_failed is not None:
+                mark_failed()
             logger.close()
         except BaseException as e:
             first = first or e

@@ -1354,8 +1354,9 @@ class Evaluation:
     (absolute step numbers, so a resumed run evaluates where an unbroken one
     would), after the run's last step, and, with ``before_training``, once
     before the run's first step. Each evaluation runs ``samples`` episodes of
-    every task in ``tasks`` (ids or tasks of ``domain``; None: all of them)
-    and adds to that step's stats ``eval/success_rate`` (mean outcome),
+    every task in ``tasks`` (ids or tasks of ``domain``, each taken once;
+    None: all of them), with no early stop after failures, and adds to that
+    step's stats ``eval/success_rate`` (mean outcome),
     ``eval/pass^k`` (tau-bench's pass^k, for k = 1, 2, 4, ... up to
     ``samples``; NaN when an episode of some task failed to run, as pass^k
     needs every task's episodes), ``eval/episodes`` and
@@ -1487,6 +1488,8 @@ def _evaluate(
                 max_steps=max_steps,
                 workers=workers,
                 group_prefix=f"eval-{name}/",
+                # Every task is tried, so that the figures say how many failed.
+                max_consecutive_failures=None,
                 progress=False,
                 summary=summary,
             )
@@ -1584,9 +1587,10 @@ def train_loop(
 
     ``evaluation`` (an :class:`Evaluation`) runs held-out episodes with the
     updated policy every few steps and adds their figures (``eval/...``) to
-    those steps' stats; the evaluation before training, when asked for, goes
-    to ``on_step`` alone, as step ``first_step - 1`` with only ``eval/``
-    figures.
+    those steps' stats. ``on_step`` gets them in a call of their own, after
+    the step's (so that a run stopped during an evaluation has reported the
+    step its checkpoint holds); the evaluation before training, when asked
+    for, is such a call for step ``first_step - 1``.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
@@ -1653,7 +1657,8 @@ def train_loop(
         if evaluation.domain is not None:
             eval_domain = evaluation.domain
         listed = eval_domain.tasks if evaluation.tasks is None else evaluation.tasks
-        eval_pool = [eval_domain.task(t) for t in listed]
+        # Each task once: pass^k needs the same number of episodes of every task.
+        eval_pool = list({t.id: t for t in map(eval_domain.task, listed)}.values())
         if not eval_pool:
             raise InvalidInputError("the evaluation needs at least one task")
     rank, world = _world()
@@ -1811,11 +1816,16 @@ def train_loop(
                     together(lambda: None)
             if after_update is not None:
                 together(after_update)
-            if evaluation is not None and evaluation.due(step, last_step):
-                stats.update(evaluate(f"step-{step}"))
             history.append(stats)
+            # Reported before the evaluation: a run stopped during a long
+            # evaluation has still recorded the step its checkpoint holds.
             if on_step is not None:
-                on_step(step, stats)
+                on_step(step, dict(stats))
+            if evaluation is not None and evaluation.due(step, last_step):
+                evaluated = evaluate(f"step-{step}")
+                stats.update(evaluated)
+                if on_step is not None:
+                    on_step(step, evaluated)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(success=f"{stats['success_rate']:.2f}", loss=f"{stats['loss']:.4f}")
