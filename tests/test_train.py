@@ -516,6 +516,52 @@ def test_save_adapter_keeps_the_old_one_when_the_swap_fails_and_recovers_a_kill(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_snapshot_adapter_copies_a_checkpoint_whole_or_not_at_all(tmp_path, monkeypatch):
+    import shutil
+
+    from turnrl.train import snapshot_adapter
+
+    source, snaps = tmp_path / "adapter", tmp_path / "snaps"
+    save_adapter(_Saveable('{"step": 1}'), source, state={"step": 1})
+    (source / "optimizer.pt").write_bytes(b"moments")
+    copy = snapshot_adapter(source, snaps / "step-1", files={"best.json": '{"step": 1}'})
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "adapter_config.json",
+        "best.json",
+        "turnrl_state.json",
+    ]
+    assert json.loads((copy / "best.json").read_text()) == {"step": 1}
+    full = snapshot_adapter(source, tmp_path / "full", optimizer=True)
+    assert (full / "optimizer.pt").read_bytes() == b"moments"
+    # A copy that fails after its first file leaves the folder in place as it was.
+    save_adapter(_Saveable('{"step": 2}'), source, state={"step": 2})
+    real_copytree = shutil.copytree
+
+    def copy_one_file_then_fail(src, dst, *args, **kwargs):
+        copied = []
+
+        def copy(a, b):
+            if copied:
+                raise OSError("disk full")
+            copied.append(b)
+            return shutil.copy2(a, b)
+
+        return real_copytree(src, dst, *args, **{**kwargs, "copy_function": copy})
+
+    monkeypatch.setattr(shutil, "copytree", copy_one_file_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        snapshot_adapter(source, snaps / "step-1")
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-1"]
+    assert json.loads((snaps / "step-1" / "adapter_config.json").read_text()) == {"step": 1}
+    snapshot_adapter(source, snaps / "step-1")  # replaced whole
+    assert json.loads((snaps / "step-1" / "adapter_config.json").read_text()) == {"step": 2}
+    assert not (snaps / "step-1" / "best.json").exists()
+    with pytest.raises(InvalidInputError, match="no checkpoint to copy"):
+        snapshot_adapter(tmp_path / "snaps", tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_peft_adapter_round_trips(tmp_path, base_model):
     model = _lora(base_model)
     save_adapter(model, tmp_path / "adapter")
