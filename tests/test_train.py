@@ -516,6 +516,52 @@ def test_save_adapter_keeps_the_old_one_when_the_swap_fails_and_recovers_a_kill(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_snapshot_adapter_copies_a_checkpoint_whole_or_not_at_all(tmp_path, monkeypatch):
+    import shutil
+
+    from turnrl.train import snapshot_adapter
+
+    source, snaps = tmp_path / "adapter", tmp_path / "snaps"
+    save_adapter(_Saveable('{"step": 1}'), source, state={"step": 1})
+    (source / "optimizer.pt").write_bytes(b"moments")
+    copy = snapshot_adapter(source, snaps / "step-1", files={"best.json": '{"step": 1}'})
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "adapter_config.json",
+        "best.json",
+        "turnrl_state.json",
+    ]
+    assert json.loads((copy / "best.json").read_text()) == {"step": 1}
+    full = snapshot_adapter(source, tmp_path / "full", optimizer=True)
+    assert (full / "optimizer.pt").read_bytes() == b"moments"
+    # A copy that fails after its first file leaves the folder in place as it was.
+    save_adapter(_Saveable('{"step": 2}'), source, state={"step": 2})
+    real_copytree = shutil.copytree
+
+    def copy_one_file_then_fail(src, dst, *args, **kwargs):
+        copied = []
+
+        def copy(a, b):
+            if copied:
+                raise OSError("disk full")
+            copied.append(b)
+            return shutil.copy2(a, b)
+
+        return real_copytree(src, dst, *args, **{**kwargs, "copy_function": copy})
+
+    monkeypatch.setattr(shutil, "copytree", copy_one_file_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        snapshot_adapter(source, snaps / "step-1")
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-1"]
+    assert json.loads((snaps / "step-1" / "adapter_config.json").read_text()) == {"step": 1}
+    snapshot_adapter(source, snaps / "step-1")  # replaced whole
+    assert json.loads((snaps / "step-1" / "adapter_config.json").read_text()) == {"step": 2}
+    assert not (snaps / "step-1" / "best.json").exists()
+    with pytest.raises(InvalidInputError, match="no checkpoint to copy"):
+        snapshot_adapter(tmp_path / "snaps", tmp_path / "nothing")
+    assert not (tmp_path / "nothing").exists()
+
+
 def test_peft_adapter_round_trips(tmp_path, base_model):
     model = _lora(base_model)
     save_adapter(model, tmp_path / "adapter")
@@ -1450,6 +1496,216 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     bad = [a if a != "float32" else "float33" for a in argv]
     assert main(bad) == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
+
+
+def _keep_each_saved_adapter(monkeypatch, folder):
+    """Copy OUT/adapter to ``folder / "step-N"`` after each save: the adapter as step N left it."""
+    import shutil
+
+    real_save = GTPOTrainer.save
+
+    def save(self, path, state=None):
+        saved = real_save(self, path, state=state)
+        shutil.copytree(saved, folder / f"step-{state['step']}")
+        return saved
+
+    monkeypatch.setattr(GTPOTrainer, "save", save)
+
+
+def _lora_weights(model_folder, adapter):
+    """The LoRA weights of ``adapter`` as load_model (rollouts collect's loader) loads them."""
+    from turnrl.train import load_model
+
+    model, _ = load_model(model_folder, dtype="float32", device="cpu", adapter=adapter)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_train_command_snapshots_every_n_steps_and_keeps_the_newest(
+    tmp_path, tok, base_model, capsys, monkeypatch
+):
+    import turnrl.engines
+    import turnrl.train
+    from turnrl.cli import main
+
+    # Half of each task's episodes succeed: every step changes the adapter.
+    domain = envs.load("synthetic:airline", seed=0)
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: _HalfGold(domain))
+    seen = tmp_path / "seen"
+    _keep_each_saved_adapter(monkeypatch, seen)
+    run = tmp_path / "run"
+    listed = []
+    real_snapshot = turnrl.train.snapshot_adapter
+
+    def snapshot(source, target, **kwargs):
+        made = real_snapshot(source, target, **kwargs)
+        listed.append(sorted(p.name for p in (run / "checkpoints").iterdir()))
+        return made
+
+    monkeypatch.setattr(turnrl.train, "snapshot_adapter", snapshot)
+    argv = _train_argv(tmp_path, tok, base_model, "--steps", "3", "--save-every", "2")
+    assert main([*argv, "--save-total-limit", "1"]) == 0
+    assert f"snapshots in {run / 'checkpoints'}: step-2" in capsys.readouterr().out
+    # After step 1 (the 2nd) and step 2 (the run's last); step-1 was removed
+    # only once step-2 was complete.
+    assert listed == [["step-1"], ["step-1", "step-2"]]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    snap = run / "checkpoints" / "step-2"
+    assert sorted(p.name for p in snap.iterdir()) == sorted(
+        p.name for p in (run / "adapter").iterdir() if p.name != "optimizer.pt"
+    )
+    assert json.loads((snap / "turnrl_state.json").read_text())["step"] == 2
+    weights = _lora_weights(tmp_path / "tiny", snap)
+    assert _same_weights(weights, _lora_weights(tmp_path / "tiny", seen / "step-2"))
+    # The steps changed the adapter, so the comparison tells steps apart.
+    assert not _same_weights(weights, _lora_weights(tmp_path / "tiny", seen / "step-1"))
+    assert main(_train_argv(tmp_path, tok, base_model, "--save-total-limit", "2")) == 2
+    assert "--save-total-limit keeps --save-every's snapshots: add --save-every N" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        main([*argv, "--save-every", "0"])
+    assert "--save-every: must be at least 1, got '0'" in capsys.readouterr().err
+
+
+def test_a_snapshot_cut_short_leaves_none_under_its_name_and_the_next_run_makes_it(
+    tmp_path, tok, base_model, capsys, monkeypatch
+):
+    import shutil
+    from pathlib import Path
+
+    import turnrl.engines
+    from turnrl.cli import main
+
+    domain = envs.load("synthetic:airline", seed=0)
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: _HalfGold(domain))
+    seen = tmp_path / "seen"
+    _keep_each_saved_adapter(monkeypatch, seen)
+    run = tmp_path / "run"
+    real_copytree = shutil.copytree
+
+    def copy_one_file_then_fail(src, dst, *args, **kwargs):
+        if run / "checkpoints" not in Path(dst).parents:
+            return real_copytree(src, dst, *args, **kwargs)
+        copied = []
+
+        def copy(a, b):
+            if copied:
+                raise OSError("disk full")
+            copied.append(b)
+            return shutil.copy2(a, b)
+
+        return real_copytree(src, dst, *args, **{**kwargs, "copy_function": copy})
+
+    monkeypatch.setattr(shutil, "copytree", copy_one_file_then_fail)
+    argv = _train_argv(tmp_path, tok, base_model, "--save-every", "2", "--steps", "2")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "turnrl train: error:" in err and "disk full" in err
+    assert list((run / "checkpoints").iterdir()) == []  # neither step-1 nor its partial copy
+    assert json.loads((run / "adapter" / "turnrl_state.json").read_text())["step"] == 1
+    monkeypatch.setattr(shutil, "copytree", real_copytree)
+    # A copy killed outright leaves its partial folder, under a hidden name.
+    partial = run / "checkpoints" / ".step-5.new-00000000000000000001-abcdef"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text("{")
+    assert main([*argv, "--resume"]) == 0
+    # step-1, owed by the run cut short, at the start; step-3 after the last step.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-3"]
+    for step in (1, 3):
+        snap = run / "checkpoints" / f"step-{step}"
+        assert json.loads((snap / "turnrl_state.json").read_text())["step"] == step
+        assert not (snap / "optimizer.pt").exists()
+        assert _same_weights(
+            _lora_weights(tmp_path / "tiny", snap),
+            _lora_weights(tmp_path / "tiny", seen / f"step-{step}"),
+        )
+
+
+def test_train_command_keeps_the_best_evaluated_adapter_across_resumes(
+    tmp_path, tok, base_model, capsys, monkeypatch
+):
+    import turnrl.engines
+    import turnrl.train
+    from turnrl.cli import main
+
+    domain = envs.load("synthetic:airline", seed=0)
+    engine = _HalfGold(domain)
+    engine.with_temperature = lambda temperature: engine  # evaluation is faked below
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: engine)
+    seen = tmp_path / "seen"
+    _keep_each_saved_adapter(monkeypatch, seen)
+    # Each evaluation's success rate, by the name train_loop gives it.
+    successes = {
+        "before-step-0": 1.0,  # the fresh adapter, never saved: not a candidate
+        "step-0": math.nan,  # no episode ran: never the best
+        "step-1": 0.5,
+        "step-2": 0.5,  # a tie keeps the earlier
+        "before-step-3": 0.25,  # resumed (evaluation missing): worse than the saved best
+        "step-3": 0.5,
+        "before-step-4": 0.75,  # resumed: the adapter of step 3 becomes the best
+        "step-4": 0.5,
+    }
+
+    def evaluate(evaluation, where, pool, make_agent, make_user, name, **_):
+        success = successes[name]
+        return {
+            "eval/success_rate": success,
+            "eval/episodes": 0.0 if math.isnan(success) else 4.0,
+            "eval/failed_episodes": 0.0,
+        }
+
+    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
+    argv = _train_argv(tmp_path, tok, base_model, "--eval-every", "1", "--eval-before")
+    best = tmp_path / "run" / "best"
+
+    def best_json():
+        return json.loads((best / "best.json").read_text())
+
+    def best_is_the_adapter_of(step):
+        return json.loads((best / "turnrl_state.json").read_text())["step"] == step and (
+            _same_weights(
+                _lora_weights(tmp_path / "tiny", best),
+                _lora_weights(tmp_path / "tiny", seen / f"step-{step}"),
+            )
+        )
+
+    assert main([*argv, "--steps", "3"]) == 0
+    assert f"best adapter in {best}: step 1, eval success 0.500" in capsys.readouterr().out
+    assert best_json() == {
+        "step": 1,
+        "eval/success_rate": 0.5,
+        "eval/episodes": 4.0,
+        "eval/failed_episodes": 0.0,
+    }
+    assert best_is_the_adapter_of(1) and not (best / "optimizer.pt").exists()
+    assert not _same_weights(  # the steps changed the adapter
+        _lora_weights(tmp_path / "tiny", seen / "step-1"),
+        _lora_weights(tmp_path / "tiny", seen / "step-2"),
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+
+    def stop_during_the_last_evaluation():
+        """What a run stopped during its last evaluation leaves: no line of it, so
+        a resumed run evaluates the checkpoint before its first step."""
+        lines = metrics.read_text().splitlines(keepends=True)
+        assert "eval/success_rate" in lines[-1]
+        metrics.write_text("".join(lines[:-1]))
+
+    stop_during_the_last_evaluation()
+    assert main([*argv, "--resume"]) == 0  # step 3
+    assert best_json()["step"] == 1 and best_is_the_adapter_of(1)
+    stop_during_the_last_evaluation()
+    assert main([*argv, "--resume"]) == 0  # step 4
+    assert f"best adapter in {best}: step 3, eval success 0.750" in capsys.readouterr().out
+    assert best_json()["step"] == 3 and best_json()["eval/success_rate"] == 0.75
+    assert best_is_the_adapter_of(3)
+    (best / "best.json").write_text("{")
+    assert main([*argv, "--resume"]) == 2
+    assert f"--resume: {best / 'best.json'} is missing or unreadable" in capsys.readouterr().err
 
 
 def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model, capsys):

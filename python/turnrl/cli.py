@@ -12,6 +12,8 @@ from turnrl import __version__
 from turnrl.advantages import estimator_names
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from turnrl.calibration import OnlineCalibrator
     from turnrl.train import Evaluation
 
@@ -472,6 +474,10 @@ def _train(args: argparse.Namespace) -> int:
     given = [option for option, value in wandb_options.items() if value is not None]
     if given and "wandb" not in args.report_to:
         raise InvalidInputError(f"{', '.join(given)} name the W&B run: add --report-to wandb")
+    if args.save_total_limit is not None and args.save_every is None:
+        raise InvalidInputError(
+            "--save-total-limit keeps --save-every's snapshots: add --save-every N"
+        )
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -699,6 +705,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 file=sys.stderr,
             )
 
+    snapshots = (
+        _Snapshots(
+            out,
+            every=args.save_every,
+            total_limit=args.save_total_limit,
+            keep_best=evaluation is not None,
+            first_step=first_step,
+            last_step=first_step + args.steps - 1,
+            resumed=resume is not None,
+        )
+        if rank == 0 and (args.save_every is not None or evaluation is not None)
+        else None
+    )
     make_user = _make_user(args, domain)
     # Made here, after the checks above, so that a refused run leaves no
     # tracker run behind.
@@ -722,6 +741,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             f.write(metrics_line(step, stats) + "\n")
         for logger in loggers:
             logger.log(step, stats)
+        if snapshots is not None:
+            snapshots.after_step(step, stats)
 
     failed = True
     try:
@@ -783,6 +804,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             + ", ".join(figures)
             + f"; episodes in {out / 'eval'}"
         )
+    if snapshots is not None:
+        for line in snapshots.report():
+            print(line)
     if not isinstance(tiers, str):
         held = (
             f", {tiers.held} held back: no trajectory in the window succeeded, or every one did"
@@ -795,6 +819,151 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             + ", ".join(f"{tier} {reward:+.3f}" for tier, reward in tiers.rewards.items())
         )
     return 0
+
+
+BEST_FILE = "best.json"
+
+
+class _Snapshots:
+    """``turnrl train``'s copies of OUT/adapter, made by rank 0 alone.
+
+    With ``every``: OUT/checkpoints/step-S after every step S with
+    ``(S + 1) % every == 0`` and after the run's last, the ``total_limit``
+    newest kept. With ``keep_best``: OUT/best, the adapter whose evaluation
+    had the highest ``eval/success_rate`` so far (the earlier one on a tie;
+    an evaluation with no figure never), with the step and its ``eval/``
+    figures in OUT/best/best.json. Copies leave out the optimizer's state
+    (:func:`turnrl.train.snapshot_adapter`). OUT/best lies outside
+    OUT/checkpoints, so ``total_limit`` never removes it.
+
+    A resumed run goes on from the saved best, and its evaluation before
+    training (of the adapter it resumed from) competes too; a new run's
+    does not (its starting adapter was never saved) and its best starts
+    over.
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        every: int | None,
+        total_limit: int | None,
+        keep_best: bool,
+        first_step: int,
+        last_step: int,
+        resumed: bool,
+    ) -> None:
+        import json
+
+        from turnrl.exceptions import InvalidInputError
+        from turnrl.train import recover_adapter
+
+        self.adapter, self.folder, self.best = out / "adapter", out / "checkpoints", out / "best"
+        self.every, self.total_limit, self.keep_best = every, total_limit, keep_best
+        self.first_step, self.last_step, self.resumed = first_step, last_step, resumed
+        self.best_step: int | None = None
+        self.best_success = -math.inf
+        self._clear_leftovers()
+        if keep_best and resumed:
+            recover_adapter(self.best)  # a run killed while replacing it left it aside
+            if self.best.exists():
+                where = self.best / BEST_FILE
+                try:
+                    saved = json.loads(where.read_text(encoding="utf-8"))
+                    self.best_step = int(saved["step"])
+                    self.best_success = float(saved["eval/success_rate"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    raise InvalidInputError(
+                        f"--resume: {where} is missing or unreadable (move {self.best} away "
+                        "to start the best over)"
+                    ) from None
+        resumed_step = first_step - 1
+        if resumed and every is not None and first_step % every == 0:
+            # The snapshot a killed run may not have made after its last save.
+            if not (self.folder / f"step-{resumed_step}").exists():
+                self._snapshot(resumed_step)
+
+    def after_step(self, step: int, stats: Mapping[str, float]) -> None:
+        """Snapshot and keep the best after ``step`` (``turnrl train``'s on_step)."""
+        from turnrl.train import snapshot_adapter
+
+        due = self.every is not None and ((step + 1) % self.every == 0 or step == self.last_step)
+        # A step's evaluation comes in a call of its own, after the step's.
+        evaluation_only = all(key.startswith("eval/") for key in stats)
+        if step >= self.first_step and due and not evaluation_only:
+            self._snapshot(step)
+        success = stats.get("eval/success_rate")
+        # OUT/adapter holds the evaluated policy after a step of this run, and
+        # before the first step of a resumed one.
+        saved = step >= self.first_step or self.resumed
+        if (
+            self.keep_best
+            and saved
+            and success is not None
+            and math.isfinite(success)
+            and success > self.best_success
+        ):
+            figures = {k: v for k, v in stats.items() if k.startswith("eval/")}
+            snapshot_adapter(
+                self.adapter, self.best, files={BEST_FILE: metrics_line(step, figures) + "\n"}
+            )
+            self.best_step, self.best_success = step, float(success)
+
+    def report(self) -> list[str]:
+        """Where the snapshots and the best adapter are, for the end of the run."""
+        lines = []
+        if self.every is not None:
+            steps = ", ".join(f"step-{s}" for s in sorted(self._steps()))
+            lines.append(f"snapshots in {self.folder}: {steps or 'none'}")
+        if self.keep_best and self.best_step is not None:
+            lines.append(
+                f"best adapter in {self.best}: step {self.best_step}, eval success "
+                f"{self.best_success:.3f}"
+            )
+        return lines
+
+    def _snapshot(self, step: int) -> None:
+        import os
+        import shutil
+        import uuid
+
+        from turnrl.train import snapshot_adapter
+
+        snapshot_adapter(self.adapter, self.folder / f"step-{step}")
+        if self.total_limit is None:
+            return
+        # Later steps than this one are an earlier run's, left in a folder
+        # reused without --resume: not this run's to count or remove.
+        older = sorted(s for s in self._steps() if s <= step)[: -self.total_limit]
+        for old in older:
+            path = self.folder / f"step-{old}"
+            # Renamed away first: a removal cut short leaves no partial
+            # snapshot under a snapshot's name.
+            doomed = path.with_name(f".{path.name}.removed-{uuid.uuid4().hex[:6]}")
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+
+    def _steps(self) -> list[int]:
+        """The steps of the snapshots in OUT/checkpoints."""
+        import re
+
+        if not self.folder.is_dir():
+            return []
+        found = (re.fullmatch(r"step-(\d+)", p.name) for p in self.folder.iterdir())
+        return [int(m[1]) for m in found if m is not None]
+
+    def _clear_leftovers(self) -> None:
+        """Put back snapshots a killed run had moved aside, and remove its partial copies."""
+        import shutil
+
+        from turnrl.train import recover_adapter
+
+        if not self.folder.is_dir():
+            return
+        for aside in self.folder.glob(".step-*.old-*"):
+            recover_adapter(self.folder / aside.name[1:].split(".old-")[0])
+        for leftover in self.folder.glob(".step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _figure(value: float | None) -> str:
@@ -1317,7 +1486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "re-derive the tier rewards from the recent steps' rollouts (Iterative Reward "
         "Calibration) as it goes. Writes OUT/rollouts/step-N.jsonl "
         "(for turnrl calibrate), OUT/adapter (after every step), OUT/metrics.jsonl and, with "
-        "--plot, OUT/metrics.png. Under torchrun (for example torchrun --nproc-per-node 8 -m "
+        "--plot, OUT/metrics.png; with --save-every, OUT/checkpoints/step-S, and with "
+        "--eval-every, OUT/best. Under torchrun (for example torchrun --nproc-per-node 8 -m "
         "turnrl.cli train ...) every rank trains a replica on its share of each step's tasks "
         "and writes OUT/rollouts/step-N.rank-R.jsonl; OUT must be one folder for all ranks.",
     )
@@ -1524,7 +1694,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="held-out evaluation: run the policy on the evaluation tasks after every N-th step "
         "and after the last, adding eval/success_rate and eval/pass^k to metrics.jsonl and the "
-        "episodes to OUT/eval/step-N.jsonl (default: no evaluation)",
+        "episodes to OUT/eval/step-N.jsonl, and keeping the adapter of the best "
+        "eval/success_rate as OUT/best (default: no evaluation)",
     )
     tr.add_argument(
         "--eval-split", help="split of the evaluation tasks (default: --split, the domain's)"
@@ -1550,6 +1721,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="evaluate the starting policy too, before the first step (its metrics line has "
         "the step before)",
+    )
+    tr.add_argument(
+        "--save-every",
+        type=_positive_int,
+        metavar="N",
+        help="also keep a copy of OUT/adapter as OUT/checkpoints/step-S after every N-th step "
+        "and after the last, without the optimizer's state (a --resume from one starts AdamW "
+        "afresh) (default: OUT/adapter alone, overwritten every step)",
+    )
+    tr.add_argument(
+        "--save-total-limit",
+        type=_positive_int,
+        metavar="K",
+        help="keep only the K newest of --save-every's snapshots; OUT/best (with --eval-every, "
+        "the adapter of the best eval/success_rate) is apart and stays (default: keep all)",
     )
     tr.add_argument(
         "--resume", action="store_true", help="continue from OUT/adapter and OUT/metrics.jsonl"

@@ -15,7 +15,8 @@ A training step, top to bottom:
    [N, V] logits), accumulating gradients so that the micro-batch losses add
    up to the whole batch's, and steps the optimizer.
 4. :func:`save_adapter` writes the (PEFT) weights without ever leaving a
-   half-written checkpoint where the previous one was.
+   half-written checkpoint where the previous one was; :func:`snapshot_adapter`
+   copies one (to keep it beside the next) the same way.
 
 Data parallel: under ``torchrun`` (any initialised ``torch.distributed``
 default group) every rank holds a replica of the model, collects and
@@ -83,6 +84,7 @@ __all__ = [
     "rollout_figures",
     "rollout_messages",
     "save_adapter",
+    "snapshot_adapter",
     "step_tasks",
     "template_messages",
     "tokenize_rollout",
@@ -1287,13 +1289,8 @@ def save_adapter(
     moments: without them a resumed run restarts them from zero).
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    recover_adapter(target)
-    # Names carry a clock stamp: recover_adapter takes the newest moved aside.
-    stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
-    staging = target.with_name(f".{target.name}.new-{stamp}")
-    staging.mkdir()
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(str(staging))
         if state is not None:
             (staging / STATE_FILE).write_text(json.dumps(dict(state)), encoding="utf-8")
@@ -1306,6 +1303,28 @@ def save_adapter(
                 "parameters": _optimizer_parameters(model, optimizer),
             }
             torch.save(states, staging / OPTIMIZER_FILE)
+
+    _write_folder(target, write)
+    return target
+
+
+def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(staging)`` into a new folder beside ``target``, then swapped into place.
+
+    A folder already at ``target`` is moved aside first and removed once the
+    new one is there; a failed ``write`` or rename leaves ``target`` as it
+    was, and a process killed between the two renames leaves the previous
+    folder aside for :func:`recover_adapter`. Leftovers of killed writes of
+    ``target`` are removed after a successful one.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_adapter(target)
+    # Names carry a clock stamp: recover_adapter takes the newest moved aside.
+    stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
+    staging = target.with_name(f".{target.name}.new-{stamp}")
+    staging.mkdir()
+    try:
+        write(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -1325,6 +1344,40 @@ def save_adapter(
         *target.parent.glob(f".{target.name}.new-*"),
     ):
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def snapshot_adapter(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    optimizer: bool = False,
+    files: Mapping[str, str] | None = None,
+) -> Path:
+    """Copy the checkpoint folder ``source`` (a :func:`save_adapter` folder) to
+    ``target`` without a moment where ``target`` is half written.
+
+    The copy is made in a new folder beside ``target`` and renamed into place
+    as :func:`save_adapter` does: a copy that fails (or is killed) leaves
+    ``target`` as it was, or absent, never partly copied; a folder already
+    at ``target`` is replaced. ``optimizer.pt`` (the optimizer's state: AdamW
+    keeps two float32 moments per weight) is left out unless ``optimizer``:
+    the copy loads with :func:`load_model` and :func:`load_policy`
+    (``adapter=``), but a run resumed from it starts AdamW's moments afresh.
+    ``files`` (name -> text) are written into the copy, in the same swap.
+    """
+    origin, target = Path(source), Path(target)
+    if not origin.is_dir() or not any(origin.glob("*config.json")):
+        raise InvalidInputError(f"{origin}: no checkpoint to copy (no *config.json there)")
+    left_out = [] if optimizer else [OPTIMIZER_FILE]
+
+    def write(staging: Path) -> None:
+        shutil.copytree(
+            origin, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*left_out)
+        )
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
+
+    _write_folder(target, write)
     return target
 
 
