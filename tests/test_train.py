@@ -13,6 +13,7 @@ import math
 import random
 import threading
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1494,8 +1495,11 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert all(g.startswith("step-1/") for g in groups)
     assert (run / "metrics.png").stat().st_size > 0
     bad = [a if a != "float32" else "float33" for a in argv]
-    assert main(bad) == 2
+    assert main([*bad, "--resume"]) == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
+    # A second run into the same OUT would mix its lines, snapshots and best with these.
+    assert main(argv) == 2
+    assert f"{run} holds a run already (metrics.jsonl, adapter)" in capsys.readouterr().err
 
 
 def _keep_each_saved_adapter(monkeypatch, folder):
@@ -1706,6 +1710,115 @@ def test_train_command_keeps_the_best_evaluated_adapter_across_resumes(
     (best / "best.json").write_text("{")
     assert main([*argv, "--resume"]) == 2
     assert f"--resume: {best / 'best.json'} is missing or unreadable" in capsys.readouterr().err
+
+
+def _faked_evaluations(monkeypatch, tmp_path, successes):
+    """``turnrl train`` on the tiny model with each evaluation's figures taken
+    from ``successes`` by its name (an exception there is raised); returns the
+    folder where every saved adapter is kept by step."""
+    import turnrl.engines
+    import turnrl.train
+
+    domain = envs.load("synthetic:airline", seed=0)
+    engine = _HalfGold(domain)
+    engine.with_temperature = lambda temperature: engine
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: engine)
+    seen = tmp_path / "seen"
+    _keep_each_saved_adapter(monkeypatch, seen)
+
+    def evaluate(evaluation, where, pool, make_agent, make_user, name, **_):
+        figure = successes[name]
+        if isinstance(figure, BaseException):
+            raise figure
+        return {"eval/success_rate": figure, "eval/episodes": 4.0, "eval/failed_episodes": 0.0}
+
+    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
+    return seen
+
+
+def test_a_stop_while_the_best_is_replaced_leaves_that_evaluation_to_redo(
+    tmp_path, tok, base_model, monkeypatch
+):
+    import turnrl.train
+    from turnrl.cli import main
+
+    successes = {"step-0": 0.25, "step-1": 0.75, "before-step-2": 0.75, "step-2": 0.5}
+    seen = _faked_evaluations(monkeypatch, tmp_path, successes)
+    copy = turnrl.train.snapshot_adapter
+
+    def stopped_while_copying_step_1(source, target, **kwargs):
+        if Path(target).name == "best" and '"step": 1' in kwargs["files"]["best.json"]:
+            raise KeyboardInterrupt
+        return copy(source, target, **kwargs)
+
+    monkeypatch.setattr(turnrl.train, "snapshot_adapter", stopped_while_copying_step_1)
+    argv = _train_argv(tmp_path, tok, base_model, "--eval-every", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--steps", "2"])
+    run = tmp_path / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 0, 1]  # step 1's evaluation line waits for OUT/best
+    monkeypatch.setattr(turnrl.train, "snapshot_adapter", copy)
+    assert main([*argv, "--steps", "1", "--resume"]) == 0
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["step"] == 1 and best["eval/success_rate"] == 0.75
+    assert _same_weights(
+        _lora_weights(tmp_path / "tiny", run / "best"),
+        _lora_weights(tmp_path / "tiny", seen / "step-1"),
+    )
+
+
+def test_a_line_cut_by_a_stop_is_dropped_and_the_last_steps_evaluation_redone(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    from turnrl.cli import main
+
+    successes = {"step-0": 0.5, "before-step-1": 0.25, "step-1": 0.5}
+    _faked_evaluations(monkeypatch, tmp_path, successes)
+    # Every 5th step: step 0 is evaluated as the run's last, not as a 5th.
+    argv = _train_argv(tmp_path, tok, base_model, "--eval-every", "5")
+    assert main(argv) == 0
+    run = tmp_path / "run"
+    state = json.loads((run / "adapter" / "turnrl_state.json").read_text())
+    assert state["evaluation_due"] is True
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_text()
+    metrics.write_text(text[:-20])  # stopped while writing the evaluation's line
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert f"the last line of {metrics} was cut short" in err
+    assert "the evaluation after step 0 is missing" in err
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [(row["step"], row.get("eval/success_rate")) for row in rows] == [
+        (0, None),
+        (0, 0.25),  # the redone evaluation of step 0
+        (1, None),
+        (1, 0.5),
+    ]
+
+
+def test_an_evaluation_with_episodes_that_failed_to_run_never_becomes_the_best(tmp_path):
+    from turnrl.cli import _Snapshots
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    snapshots = _Snapshots(
+        tmp_path,
+        every=None,
+        total_limit=None,
+        keep_best=True,
+        first_step=0,
+        last_step=2,
+        resumed=False,
+    )
+    snapshots.after_step(0, {"eval/success_rate": 0.5, "eval/failed_episodes": 0.0})
+    # One episode of 16 ran and succeeded: 1.0 of the episodes that ran.
+    snapshots.after_step(1, {"eval/success_rate": 1.0, "eval/failed_episodes": 15.0})
+    snapshots.after_step(2, {"eval/success_rate": 0.4, "eval/failed_episodes": 0.0})
+    assert snapshots.best_step == 0
+    assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 0
 
 
 def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model, capsys):

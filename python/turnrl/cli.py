@@ -571,6 +571,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
+        _raise_together,
         load_policy,
         lr_schedule,
         plot_history,
@@ -586,12 +587,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     adapter, metrics = out / "adapter", out / "metrics.jsonl"
     if args.resume and rank == 0:
         recover_adapter(adapter)  # a run killed while saving left it aside
+        _drop_cut_line(metrics)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks wait for the recovery
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
     if args.resume and resume is None and metrics.exists():
         raise InvalidInputError(
             f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
+        )
+    if not args.resume and (metrics.exists() or (adapter / "adapter_config.json").exists()):
+        # A second run's lines, snapshots and best would mix with the first's.
+        raise InvalidInputError(
+            f"{out} holds a run already ({metrics.name}, {adapter.name}): continue it with "
+            "--resume, or give another --out"
         )
     model, tokenizer = load_policy(
         args.model,
@@ -675,7 +683,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 file=sys.stderr,
             )
     if evaluation is not None and resume is not None:
-        evaluation = _resumed_evaluation(evaluation, args.eval_every, first_step, metrics, rank)
+        evaluation = _resumed_evaluation(evaluation, state, first_step, metrics, rank)
     tiers: Any = args.tiers or "naive"
     if args.calibrate_every is not None:
         tiers = _online_calibrator(args, state, adapter / STATE_FILE, resume is not None, rank)
@@ -705,19 +713,22 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 file=sys.stderr,
             )
 
-    snapshots = (
-        _Snapshots(
-            out,
-            every=args.save_every,
-            total_limit=args.save_total_limit,
-            keep_best=evaluation is not None,
-            first_step=first_step,
-            last_step=first_step + args.steps - 1,
-            resumed=resume is not None,
-        )
-        if rank == 0 and (args.save_every is not None or evaluation is not None)
-        else None
-    )
+    snapshots: _Snapshots | None = None
+    refused: Exception | None = None
+    try:
+        if rank == 0 and (args.save_every is not None or evaluation is not None):
+            snapshots = _Snapshots(
+                out,
+                every=args.save_every,
+                total_limit=args.save_total_limit,
+                keep_best=evaluation is not None,
+                first_step=first_step,
+                last_step=first_step + args.steps - 1,
+                resumed=resume is not None,
+            )
+    except Exception as e:  # an unreadable best.json: every rank stops, not rank 0 alone
+        refused = e
+    _raise_together(refused, trainer._device())
     make_user = _make_user(args, domain)
     # Made here, after the checks above, so that a refused run leaves no
     # tracker run behind.
@@ -737,11 +748,16 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     def on_step(step: int, stats: dict[str, float]) -> None:
         if rank != 0:
             return
+        # An evaluation's line is written after OUT/best is updated: a run
+        # stopped in between leaves no line, and a resumed run evaluates again.
+        evaluation_only = all(key.startswith("eval/") for key in stats)
+        if snapshots is not None and evaluation_only:
+            snapshots.after_step(step, stats)
         with metrics.open("a") as f:
             f.write(metrics_line(step, stats) + "\n")
         for logger in loggers:
             logger.log(step, stats)
-        if snapshots is not None:
+        if snapshots is not None and not evaluation_only:
             snapshots.after_step(step, stats)
 
     failed = True
@@ -780,7 +796,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         close_loggers(loggers, failed=failed)
     if rank != 0:
         return 0
-    everything = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    everything = _metrics_rows(metrics)
     if args.plot:
         plot_history(everything, out / "metrics.png")
     last = history[-1]
@@ -901,6 +917,8 @@ class _Snapshots:
             and saved
             and success is not None
             and math.isfinite(success)
+            # An evaluation with episodes that failed to run scored the others only.
+            and not stats.get("eval/failed_episodes")
             and success > self.best_success
         ):
             figures = {k: v for k, v in stats.items() if k.startswith("eval/")}
@@ -1010,26 +1028,59 @@ def _evaluation(
     )
 
 
-def _resumed_evaluation(
-    evaluation: Evaluation, every: int, first_step: int, metrics: Any, rank: int
-) -> Evaluation:
-    """The evaluation of a resumed run: the checkpoint's step (the one before
-    ``first_step``) is evaluated first when it was due and ``metrics`` has no
-    evaluation of it (the run stopped during it), and never twice."""
-    import dataclasses
+def _metrics_rows(metrics: Any) -> list[dict[str, Any]]:
+    """The readable lines of ``metrics.jsonl`` (none when it is missing)."""
     import json
 
-    saved = first_step - 1
-    evaluated = False
+    rows = []
     if metrics.exists():
         for line in metrics.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
             except ValueError:
                 continue  # a line cut by a kill
-            evaluated |= (
-                isinstance(row, dict) and row.get("step") == saved and ("eval/success_rate" in row)
-            )
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _drop_cut_line(metrics: Any) -> None:
+    """Drop the end of ``metrics.jsonl`` that a kill cut off mid-line, so that
+    the resumed run's first line starts a line of its own."""
+    if not metrics.exists():
+        return
+    data = metrics.read_bytes()
+    if data and not data.endswith(b"\n"):
+        whole = data.rfind(b"\n") + 1
+        print(
+            f"--resume: the last line of {metrics} was cut short ({len(data) - whole} bytes, "
+            "not JSON); it is dropped",
+            file=sys.stderr,
+        )
+        with metrics.open("r+b") as f:
+            f.truncate(whole)
+
+
+def _resumed_evaluation(
+    evaluation: Evaluation,
+    checkpoint: Mapping[str, Any],
+    first_step: int,
+    metrics: Any,
+    rank: int,
+) -> Evaluation:
+    """The evaluation of a resumed run: the checkpoint's step (the one before
+    ``first_step``) is evaluated first when an evaluation was due after it
+    (``checkpoint["evaluation_due"]``; else when it was an every-N-th step) and
+    ``metrics`` has none of it (the run stopped during it), and never twice."""
+    import dataclasses
+
+    saved = first_step - 1
+    evaluated = any(
+        row.get("step") == saved and "eval/success_rate" in row for row in _metrics_rows(metrics)
+    )
+    due = checkpoint.get("evaluation_due")
+    if not isinstance(due, bool):  # a checkpoint of a run without evaluation
+        due = (saved + 1) % evaluation.every == 0
     if evaluated and evaluation.before_training:
         if rank == 0:
             print(
@@ -1038,7 +1089,7 @@ def _resumed_evaluation(
                 file=sys.stderr,
             )
         return dataclasses.replace(evaluation, before_training=False)
-    if not evaluated and not evaluation.before_training and (saved + 1) % every == 0:
+    if not evaluated and not evaluation.before_training and due:
         if rank == 0:
             print(
                 f"--resume: the evaluation after step {saved} is missing from {metrics} (the "

@@ -53,7 +53,8 @@ _EXTRA = "pip install 'turnrl[tracking]'"
 
 @runtime_checkable
 class StepLogger(Protocol):
-    """What a tracker gets from training: one call per step, then ``close``."""
+    """What a tracker gets from training: a call per step, one more per
+    evaluation (its ``eval/`` figures, at the step it followed), then ``close``."""
 
     def log(self, step: int, stats: Mapping[str, float]) -> None:
         """Record one step's statistics at ``step`` (the run's absolute step)."""
@@ -158,7 +159,7 @@ class WandbLogger:
         self._wandb.log({STEP_METRIC: step, **measured_stats(stats)})
 
     def mark_failed(self) -> None:
-        """Record the run as failed when it is closed (W&B shows it crashed)."""
+        """Record the run as failed when it is closed (W&B's "Failed" state)."""
         self._exit_code = 1
 
     def close(self) -> None:

@@ -1854,6 +1854,9 @@ def train_loop(
             state: dict[str, Any] = {"step": step}
             if settings:
                 state["estimator"] = settings
+            if evaluation is not None:
+                # A resumed run runs an evaluation that a stop cut short.
+                state["evaluation_due"] = evaluation.due(step, last_step)
             if calibrator is not None:
                 # Every rank calibrates on the whole step, so all derive the same rewards.
                 step_tiers = _gather_records_tiers(records, world, device)
