@@ -1528,6 +1528,34 @@ def _same_weights(a, b):
     return a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def _faked_evaluations(monkeypatch, tmp_path, successes):
+    """``turnrl train`` on the tiny model with each evaluation's figures taken
+    from ``successes`` by its name (an exception there is raised); returns the
+    folder where every saved adapter is kept by step."""
+    import turnrl.engines
+    import turnrl.train
+
+    domain = envs.load("synthetic:airline", seed=0)
+    engine = _HalfGold(domain)
+    engine.with_temperature = lambda temperature: engine
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: engine)
+    seen = tmp_path / "seen"
+    _keep_each_saved_adapter(monkeypatch, seen)
+
+    def evaluate(evaluation, where, pool, make_agent, make_user, name, **_):
+        figure = successes[name]
+        if isinstance(figure, BaseException):
+            raise figure
+        return {
+            "eval/success_rate": figure,
+            "eval/episodes": 0.0 if math.isnan(figure) else 4.0,  # NaN: none ran
+            "eval/failed_episodes": 0.0,
+        }
+
+    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
+    return seen
+
+
 def test_train_command_snapshots_every_n_steps_and_keeps_the_newest(
     tmp_path, tok, base_model, capsys, monkeypatch
 ):
@@ -1632,16 +1660,8 @@ def test_a_snapshot_cut_short_leaves_none_under_its_name_and_the_next_run_makes_
 def test_train_command_keeps_the_best_evaluated_adapter_across_resumes(
     tmp_path, tok, base_model, capsys, monkeypatch
 ):
-    import turnrl.engines
-    import turnrl.train
     from turnrl.cli import main
 
-    domain = envs.load("synthetic:airline", seed=0)
-    engine = _HalfGold(domain)
-    engine.with_temperature = lambda temperature: engine  # evaluation is faked below
-    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: engine)
-    seen = tmp_path / "seen"
-    _keep_each_saved_adapter(monkeypatch, seen)
     # Each evaluation's success rate, by the name train_loop gives it.
     successes = {
         "before-step-0": 1.0,  # the fresh adapter, never saved: not a candidate
@@ -1653,16 +1673,7 @@ def test_train_command_keeps_the_best_evaluated_adapter_across_resumes(
         "before-step-4": 0.75,  # resumed: the adapter of step 3 becomes the best
         "step-4": 0.5,
     }
-
-    def evaluate(evaluation, where, pool, make_agent, make_user, name, **_):
-        success = successes[name]
-        return {
-            "eval/success_rate": success,
-            "eval/episodes": 0.0 if math.isnan(success) else 4.0,
-            "eval/failed_episodes": 0.0,
-        }
-
-    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
+    seen = _faked_evaluations(monkeypatch, tmp_path, successes)
     argv = _train_argv(tmp_path, tok, base_model, "--eval-every", "1", "--eval-before")
     best = tmp_path / "run" / "best"
 
@@ -1710,30 +1721,6 @@ def test_train_command_keeps_the_best_evaluated_adapter_across_resumes(
     (best / "best.json").write_text("{")
     assert main([*argv, "--resume"]) == 2
     assert f"--resume: {best / 'best.json'} is missing or unreadable" in capsys.readouterr().err
-
-
-def _faked_evaluations(monkeypatch, tmp_path, successes):
-    """``turnrl train`` on the tiny model with each evaluation's figures taken
-    from ``successes`` by its name (an exception there is raised); returns the
-    folder where every saved adapter is kept by step."""
-    import turnrl.engines
-    import turnrl.train
-
-    domain = envs.load("synthetic:airline", seed=0)
-    engine = _HalfGold(domain)
-    engine.with_temperature = lambda temperature: engine
-    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: engine)
-    seen = tmp_path / "seen"
-    _keep_each_saved_adapter(monkeypatch, seen)
-
-    def evaluate(evaluation, where, pool, make_agent, make_user, name, **_):
-        figure = successes[name]
-        if isinstance(figure, BaseException):
-            raise figure
-        return {"eval/success_rate": figure, "eval/episodes": 4.0, "eval/failed_episodes": 0.0}
-
-    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
-    return seen
 
 
 def test_a_stop_while_the_best_is_replaced_leaves_that_evaluation_to_redo(
