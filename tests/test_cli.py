@@ -75,3 +75,140 @@ def test_vllm_gets_a_lora_rank_it_takes():
         assert all(r < rank for r in VLLM_LORA_RANKS if r < got)  # the smallest that fits
     with pytest.raises(InvalidInputError, match="LoRA rank 600 is above vLLM's largest, 512"):
         vllm_lora_rank(600)
+
+
+CONFIG_OPTIONS = {
+    "model": "some/model",
+    "env": "synthetic:airline",
+    "lr": 2e-5,  # a float
+    "steps": 3,  # an int
+    "estimator": "mt_grpo",  # a choice
+    "eval_every": 2,  # underscores stand for dashes
+    "no-thinking": True,  # a switch
+    "mask_truncated": False,  # a switch left off
+    "no_skip_zero_advantage": True,  # a switch that stores False
+    "report_to": ["tensorboard", "wandb"],  # a comma-separated option as a list
+    "tasks": [0, 2, 5],
+    "lora-targets": "q_proj,v_proj",
+}
+SAME_ON_THE_COMMAND_LINE = [
+    "--model",
+    "some/model",
+    "--env",
+    "synthetic:airline",
+    "--lr",
+    "2e-5",
+    "--steps",
+    "3",
+    "--estimator",
+    "mt_grpo",
+    "--eval-every",
+    "2",
+    "--no-thinking",
+    "--no-skip-zero-advantage",
+    "--report-to",
+    "tensorboard,wandb",
+    "--tasks",
+    "0,2,5",
+    "--lora-targets",
+    "q_proj,v_proj",
+]
+
+
+def _config_file(tmp_path: Path, suffix: str, values: dict) -> Path:
+    import json
+
+    path = tmp_path / f"run{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(values))
+    elif suffix == ".yaml":
+        yaml = __import__("pytest").importorskip("yaml")
+        path.write_text(yaml.safe_dump(values))
+    else:  # TOML by hand: no writer in the standard library
+        lines = []
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, list):
+                items = ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in value)
+                lines.append(f"{key} = [{items}]")
+            else:
+                lines.append(f"{key} = {value!r}")
+        path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _parsed(argv: list[str]):
+    from turnrl.cli import build_parser, expand_config
+
+    parser = build_parser()
+    return parser.parse_args(expand_config(parser, argv))
+
+
+def test_a_config_file_gives_what_the_same_command_line_gives(tmp_path):
+    import pytest
+
+    for suffix in (".toml", ".yaml", ".json"):
+        path = _config_file(tmp_path, suffix, CONFIG_OPTIONS)
+        from_file = vars(_parsed(["train", "--config", str(path), "--out", "o"]))
+        by_hand = vars(_parsed(["train", *SAME_ON_THE_COMMAND_LINE, "--out", "o"]))
+        assert from_file.pop("config") == str(path) and by_hand.pop("config") is None
+        assert from_file == by_hand, suffix
+    # The command line wins, before or after --config.
+    for argv in (
+        ["train", "--lr", "7e-6", f"--config={path}", "--out", "o"],
+        ["train", "--config", str(path), "--out", "o", "--lr", "7e-6"],
+    ):
+        assert _parsed(argv).lr == pytest.approx(7e-6)
+    # A command under a group, and a list for an option that takes several values.
+    demo = _config_file(tmp_path, ".toml", {"estimators": ["grpo", "mt_grpo"], "tasks": 16})
+    parsed = _parsed(["demo", "--config", str(demo)])
+    assert parsed.estimators == ["grpo", "mt_grpo"] and parsed.tasks == 16
+    collect = _config_file(
+        tmp_path, ".json", {"env": "synthetic:airline", "samples": 3, "agent_model": "m"}
+    )
+    parsed = _parsed(["rollouts", "collect", "--config", str(collect), "--out", "x.jsonl"])
+    assert parsed.samples == 3 and parsed.env == "synthetic:airline"
+
+
+def test_config_files_that_cannot_be_used_say_why(tmp_path, capsys):
+    def refused(values_or_text, suffix=".toml", command=("train",)):
+        if isinstance(values_or_text, str):
+            path = tmp_path / f"bad{suffix}"
+            path.write_text(values_or_text)
+        else:
+            path = _config_file(tmp_path, suffix, values_or_text)
+        assert main([*command, "--config", str(path), "--out", "o"]) == 2
+        return capsys.readouterr().err
+
+    err = refused({"lrr": 1e-5})
+    assert "'lrr' is not an option of turnrl train (did you mean 'lr'?)" in err
+    assert "no_thinking is a switch, true or false; got 'yes'" in refused({"no_thinking": "yes"})
+    assert "lr takes a value like the command line's; got True" in refused({"lr": True})
+    assert "line 2" in refused("lr = 1e-5\nsteps = = 3\n")  # the parser's own position
+    assert "holds a list, not a mapping" in refused("[1, 2]", ".json")
+    assert "give a .toml, .yaml, .yml or .json file, not .ini" in refused("lr=1", ".ini")
+    assert "'config' is not an option" in refused({"config": "other.toml"})
+    assert main(["train", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "bad.toml"), "train"]) == 2
+    assert "--config goes after a command" in capsys.readouterr().err
+    assert main(["rollouts", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "--config goes after a command" in capsys.readouterr().err
+
+
+def test_the_readmes_config_file_is_one(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```toml\n# run.toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "run.toml"
+    path.write_text(block)
+    parsed = _parsed(["train", "--config", str(path), "--lr", "5e-6"])
+    assert (parsed.model, parsed.steps, parsed.lr, parsed.no_thinking) == (
+        "Qwen/Qwen3-4B",
+        100,
+        5e-6,
+        True,
+    )
+    assert parsed.report_to == ["tensorboard", "wandb"] and parsed.out == "runs/qwen3-4b"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -1809,7 +1810,170 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--out", required=True, help="output folder")
     tr.set_defaults(run=_train)
+
+    def commands_of(parent: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+        below = _subparsers(parent)
+        if below is None:
+            return [parent]
+        return [leaf for child in below.choices.values() for leaf in commands_of(child)]
+
+    for command in commands_of(parser):
+        # Read before parsing (expand_config); here for --help and the recorded options.
+        command.add_argument(
+            "--config",
+            metavar="FILE",
+            help="options from a TOML, YAML or JSON file (option names as keys, e.g. "
+            "lr = 1e-5); those given on the command line win (default: none)",
+        )
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def _command(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[list[str], argparse.ArgumentParser]:
+    """The command words that start ``argv`` (``["rollouts", "collect"]``) and the
+    parser of that command's options."""
+    words: list[str] = []
+    for token in argv:
+        commands = _subparsers(parser)
+        if commands is None or token not in commands.choices:
+            break
+        words.append(token)
+        parser = commands.choices[token]
+    return words, parser
+
+
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The options in a ``--config`` file: a TOML, YAML or JSON mapping of option
+    names (``lr``, ``eval-every`` or ``eval_every``) to values."""
+    import json
+    from pathlib import Path
+
+    from turnrl.exceptions import InvalidInputError, TurnrlIOError
+
+    where = Path(path)
+    try:
+        text = where.read_text(encoding="utf-8")
+    except OSError as e:
+        raise TurnrlIOError(f"--config {where}: {e.strerror or e}") from None
+    suffix = where.suffix.lower()
+    try:
+        if suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise InvalidInputError(
+                    f"--config {where}: YAML needs the pyyaml package (pip install pyyaml)"
+                ) from None
+            values = yaml.safe_load(text)
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise InvalidInputError(
+                f"--config {where}: give a .toml, .yaml, .yml or .json file, not {suffix or 'none'}"
+            )
+    except InvalidInputError:
+        raise
+    except Exception as e:  # the parsers' errors name the line and column
+        raise InvalidInputError(f"--config {where}: {e}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise InvalidInputError(
+            f"--config {where}: the file holds a {type(values).__name__}, not a mapping of "
+            "option names to values"
+        )
+    return values
+
+
+def _config_tokens(
+    command: argparse.ArgumentParser, values: Mapping[str, Any], where: str, name: str
+) -> list[str]:
+    """Command-line tokens for the options in a config file, checked against the
+    command's own options."""
+    import difflib
+
+    from turnrl.exceptions import InvalidInputError
+
+    actions = {
+        option[2:]: action
+        for action in command._actions
+        for option in action.option_strings
+        if option.startswith("--") and option not in ("--help", "--config", "--version")
+    }
+    tokens: list[str] = []
+    for key, value in values.items():
+        option = str(key).replace("_", "-")
+        action = actions.get(option)
+        if action is None:
+            close = difflib.get_close_matches(option, list(actions), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidInputError(f"--config {where}: {key!r} is not an option of {name}{hint}")
+        flag = f"--{option}"
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise InvalidInputError(
+                    f"--config {where}: {key} is a switch, true or false; got {value!r}"
+                )
+            if value:
+                tokens.append(flag)
+            continue
+        if isinstance(value, (bool, dict)) or value is None:
+            raise InvalidInputError(
+                f"--config {where}: {key} takes a value like the command line's; got {value!r}"
+            )
+        if isinstance(value, list):
+            if action.nargs in ("+", "*"):
+                tokens += [flag, *(str(v) for v in value)]
+            else:  # the comma-separated options (--tasks, --report-to, --lora-targets)
+                tokens += [flag, ",".join(str(v) for v in value)]
+        else:
+            tokens += [flag, str(value)]
+    return tokens
+
+
+def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config FILE`` replaced by the file's options, put right
+    after the command words so that options given on the command line win."""
+    from turnrl.exceptions import InvalidInputError
+
+    argv = list(argv)
+    at = next(
+        (i for i, token in enumerate(argv) if token == "--config" or token.startswith("--config=")),
+        None,
+    )
+    if at is None:
+        return argv
+    if argv[at] == "--config":
+        if at + 1 >= len(argv):
+            raise InvalidInputError("--config needs a file")
+        path, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
+    else:
+        path, rest = argv[at].partition("=")[2], argv[:at] + argv[at + 1 :]
+    if any(token == "--config" or token.startswith("--config=") for token in rest):
+        raise InvalidInputError("give --config once")
+    words, command = _command(parser, argv)  # they stop at --config when it comes first
+    if not words or _subparsers(command) is not None:
+        raise InvalidInputError(
+            "--config goes after a command, e.g. turnrl train --config run.toml"
+        )
+    name = "turnrl " + " ".join(words)
+    tokens = _config_tokens(command, read_config(path), path, name)
+    # --config stays, so that the run's recorded options name the file.
+    return [*words, *tokens, *rest[len(words) :], "--config", path]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1818,7 +1982,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     written print one line and exit 2."""
     from turnrl.exceptions import TurnrlError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    given = list(sys.argv[1:] if argv is None else argv)
+    try:
+        expanded = expand_config(parser, given)
+    except TurnrlError as err:
+        print(f"turnrl: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(expanded)
     try:
         return int(args.run(args))
     except (TurnrlError, OSError) as err:  # OSError: an output that cannot be written
