@@ -212,3 +212,60 @@ def test_the_readmes_config_file_is_one(tmp_path):
         True,
     )
     assert parsed.report_to == ["tensorboard", "wandb"] and parsed.out == "runs/qwen3-4b"
+
+
+def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys):
+    import pytest
+
+    # Values that start with "-" are values, not options.
+    path = _config_file(tmp_path, ".toml", {"lr": -1e-5, "tasks": "-5:", "run_name": "-exp"})
+    parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
+    assert (parsed.lr, parsed.tasks, parsed.run_name) == (-1e-5, "-5:", "-exp")
+    # YAML's plain scalars as YAML 1.2 reads them: 5:10 is a range, not base-60 310.
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "run.yaml"
+    path.write_text("tasks: 5:10\neval_tasks: 1:30\nsplit: off\nsteps: 1e3\nlr: 1.5e-5\n")
+    parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
+    assert (parsed.tasks, parsed.eval_tasks, parsed.split) == ("5:10", "1:30", "off")
+    assert (parsed.steps, parsed.lr) == (1000, 1.5e-5)
+    assert yaml.safe_load("tasks: 5:10")["tasks"] == 310  # what plain pyyaml would have given
+    # A file starting with a byte-order mark.
+    path = tmp_path / "bom.json"
+    path.write_bytes(b'\xef\xbb\xbf{"lr": 3e-5}')
+    assert (
+        _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"]).lr
+        == 3e-5
+    )
+
+
+def test_config_values_the_options_refuse_name_the_file_and_key(tmp_path, capsys):
+    def refused(values, *extra):
+        path = _config_file(tmp_path, ".json", values)
+        assert main(["train", "--config", str(path), "--out", "o", *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err
+        return err
+
+    assert "steps: invalid int value: '2.5'" in refused({"steps": 2.5})
+    assert "estimator: 'foo' is not one of grpo" in refused({"estimator": "foo"})
+    assert "model takes one value, not a list" in refused({"model": ["a", "b"]})
+    assert "tasks is an empty list" in refused({"tasks": []})
+    assert "'eval_every' and 'eval-every' are one option" in refused(
+        {"eval_every": 2, "eval-every": 5}
+    )
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('run_name = "caf\xe9"\n'.encode("latin-1"))
+    assert main(["train", "--config", str(latin), "--out", "o"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    # An abbreviation argparse would take, but whose file would go unread.
+    good = _config_file(tmp_path, ".toml", {"model": "m", "env": "e"})
+    assert main(["train", "--conf", str(good), "--out", "o"]) == 2
+    assert "spell --config in full" in capsys.readouterr().err
+
+
+def test_help_needs_no_config_file(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--config", str(tmp_path / "missing.toml"), "--help"])
+    assert done.value.code == 0 and "--config FILE" in capsys.readouterr().out

@@ -1850,6 +1850,35 @@ def _command(
     return words, parser
 
 
+def _yaml_loader(yaml: Any) -> Any:
+    """pyyaml's safe loader with YAML 1.2's plain numbers and booleans: YAML 1.1
+    reads ``tasks: 5:10`` as the base-60 number 310 and ``split: off`` as False."""
+    import re
+
+    integer, decimal, boolean = (f"tag:yaml.org,2002:{t}" for t in ("int", "float", "bool"))
+
+    class Loader(yaml.SafeLoader):  # type: ignore[misc,name-defined]
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (integer, decimal, boolean)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        boolean, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    Loader.add_implicit_resolver(integer, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        decimal,
+        re.compile(
+            r"^[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"
+            r"|^[-+]?[0-9]+[eE][-+]?[0-9]+$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
 def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The options in a ``--config`` file: a TOML, YAML or JSON mapping of option
     names (``lr``, ``eval-every`` or ``eval_every``) to values."""
@@ -1860,9 +1889,13 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     where = Path(path)
     try:
-        text = where.read_text(encoding="utf-8")
+        text = where.read_text(encoding="utf-8-sig")  # a byte-order mark is no content
     except OSError as e:
         raise TurnrlIOError(f"--config {where}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(
+            f"--config {where}: not UTF-8 text (byte {e.start}: {e.reason})"
+        ) from None
     suffix = where.suffix.lower()
     try:
         if suffix == ".toml":
@@ -1878,7 +1911,7 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
                 raise InvalidInputError(
                     f"--config {where}: YAML needs the pyyaml package (pip install pyyaml)"
                 ) from None
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_yaml_loader(yaml))  # a SafeLoader subclass
         elif suffix == ".json":
             values = json.loads(text)
         else:
@@ -1899,11 +1932,15 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return values
 
 
+# Options that take a comma-separated list, which a config file may give as a list.
+_COMMA_OPTIONS = frozenset({"tasks", "eval-tasks", "report-to", "lora-targets"})
+
+
 def _config_tokens(
     command: argparse.ArgumentParser, values: Mapping[str, Any], where: str, name: str
 ) -> list[str]:
-    """Command-line tokens for the options in a config file, checked against the
-    command's own options."""
+    """Command-line tokens for the options in a config file, each value checked
+    against the command's option as the command line would check it."""
     import difflib
 
     from turnrl.exceptions import InvalidInputError
@@ -1915,6 +1952,7 @@ def _config_tokens(
         if option.startswith("--") and option not in ("--help", "--config", "--version")
     }
     tokens: list[str] = []
+    given: dict[str, str] = {}
     for key, value in values.items():
         option = str(key).replace("_", "-")
         action = actions.get(option)
@@ -1922,7 +1960,33 @@ def _config_tokens(
             close = difflib.get_close_matches(option, list(actions), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InvalidInputError(f"--config {where}: {key!r} is not an option of {name}{hint}")
+        if option in given:
+            raise InvalidInputError(
+                f"--config {where}: {given[option]!r} and {key!r} are one option"
+            )
+        given[option] = str(key)
         flag = f"--{option}"
+
+        def checked(text: str, action: argparse.Action = action, key: Any = key) -> str:
+            """``text`` once the option's own type and choices take it."""
+            value: Any = text
+            if action.type is not None:
+                try:
+                    value = action.type(text)  # type: ignore[operator]
+                except argparse.ArgumentTypeError as e:
+                    raise InvalidInputError(f"--config {where}: {key}: {e}") from None
+                except (ValueError, TypeError):  # argparse's own wording
+                    kind = getattr(action.type, "__name__", "")
+                    raise InvalidInputError(
+                        f"--config {where}: {key}: invalid {kind} value: {text!r}"
+                    ) from None
+            if action.choices is not None and value not in action.choices:
+                choices = ", ".join(map(str, action.choices))
+                raise InvalidInputError(
+                    f"--config {where}: {key}: {text!r} is not one of {choices}"
+                )
+            return text
+
         if action.nargs == 0:  # a switch
             if not isinstance(value, bool):
                 raise InvalidInputError(
@@ -1935,13 +1999,20 @@ def _config_tokens(
             raise InvalidInputError(
                 f"--config {where}: {key} takes a value like the command line's; got {value!r}"
             )
+        if isinstance(value, float) and value.is_integer() and action.type in (int, _positive_int):
+            value = int(value)  # 1e3 for --steps
         if isinstance(value, list):
-            if action.nargs in ("+", "*"):
-                tokens += [flag, *(str(v) for v in value)]
-            else:  # the comma-separated options (--tasks, --report-to, --lora-targets)
-                tokens += [flag, ",".join(str(v) for v in value)]
-        else:
-            tokens += [flag, str(value)]
+            several = action.nargs in ("+", "*")
+            if not several and option not in _COMMA_OPTIONS:
+                raise InvalidInputError(f"--config {where}: {key} takes one value, not a list")
+            if not value and option != "report-to":  # --tasks "" would mean all of them
+                raise InvalidInputError(f"--config {where}: {key} is an empty list")
+            if several:
+                tokens += [flag, *(checked(str(v)) for v in value)]
+                continue
+            value = ",".join(str(v) for v in value)
+        # One token, so that a value starting with "-" (-1e-05, -5:) is not read as an option.
+        tokens.append(f"{flag}={checked(str(value))}")
     return tokens
 
 
@@ -1951,6 +2022,13 @@ def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
     from turnrl.exceptions import InvalidInputError
 
     argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        return argv  # help needs no file, even a broken one
+    for token in argv:
+        # argparse would take --conf for --config, and the file would go unread.
+        written = token.partition("=")[0]
+        if written != "--config" and len(written) > 3 and "--config".startswith(written):
+            raise InvalidInputError(f"{written}: spell --config in full")
     at = next(
         (i for i, token in enumerate(argv) if token == "--config" or token.startswith("--config=")),
         None,
