@@ -114,6 +114,7 @@ def test_ranks_evaluate_their_share_and_report_the_whole(two_rank_steps):
             "eval/failed_episodes",
             "eval/pass^1",
             "eval/pass^2",
+            "eval/seconds",  # the slowest rank's, so the same on both
             "eval/success_rate",
         ],
     ]
@@ -144,6 +145,10 @@ def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
                 continue
             for history in histories:
                 assert history[step][name] == pytest.approx(total / count), name
+        # Timings are the slowest rank's, so every rank reports the same.
+        for part in ("rollouts", "batch", "update", "checkpoint"):
+            seconds = [history[step][f"time/{part}"] for history in histories]
+            assert seconds[0] == seconds[1] > 0
 
 
 def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import threading
+import time
 import types
 from pathlib import Path
 
@@ -972,6 +973,7 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
         GTPOConfig(micro_batch_size=4, backend="torch"),
     )
     updates = []
+    started = time.perf_counter()
     history = train_loop(
         trainer,
         domain,
@@ -988,7 +990,11 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
         after_update=lambda: updates.append(1),
         progress=False,
     )
+    took = time.perf_counter() - started
     assert len(history) == 2 and updates == [1, 1]
+    parts = ["rollouts", "batch", "update", "checkpoint"]
+    assert all(h[f"time/{part}"] > 0 for h in history for part in parts)
+    assert sum(h[f"time/{part}"] for h in history for part in parts) <= took
     assert all(h["episodes"] == 4 and h["trained_tokens"] > 0 for h in history)
     assert (tmp_path / "ckpt" / "adapter_config.json").exists()
     buffers = sorted(p.name for p in (tmp_path / "buffers").iterdir())
@@ -1842,7 +1848,9 @@ def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model
         "eval/failed_episodes",
         "eval/pass^1",
         "eval/pass^2",
+        "eval/seconds",
     }
+    assert lines[0]["eval/seconds"] > 0 and lines[1]["time/rollouts"] > 0
     assert sorted(p.name for p in (run / "eval").iterdir()) == [
         "before-step-0.jsonl",
         "step-1.jsonl",

@@ -1412,8 +1412,8 @@ class Evaluation:
     step's stats ``eval/success_rate`` (mean outcome),
     ``eval/pass^k`` (tau-bench's pass^k, for k = 1, 2, 4, ... up to
     ``samples``; NaN when an episode of some task failed to run, as pass^k
-    needs every task's episodes), ``eval/episodes`` and
-    ``eval/failed_episodes``.
+    needs every task's episodes), ``eval/episodes``,
+    ``eval/failed_episodes`` and ``eval/seconds`` (wall time).
 
     ``domain`` defaults to the training domain (load another split of it for
     held-out tasks), ``make_agent`` to the training agent (give one on a
@@ -1517,6 +1517,7 @@ def _evaluate(
     from turnrl.collect import CollectSummary, collect_rollouts
     from turnrl.envs._base import pass_hat_ks
 
+    started = time.perf_counter()
     rank, world = _world()
     share = _rank_share(pool, rank, world)
     summary = CollectSummary()
@@ -1574,6 +1575,10 @@ def _evaluate(
     }
     for k, chance in zip(ks, sums[5:], strict=True):
         stats[f"eval/pass^{k}"] = chance / whole if whole and not partial else math.nan
+    seconds = time.perf_counter() - started
+    if world > 1:
+        (seconds,) = _all_reduce([seconds], device, op="max")
+    stats["eval/seconds"] = seconds
     return stats
 
 
@@ -1649,7 +1654,9 @@ def train_loop(
     ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
     ``tier_reward/<tier>`` (the rewards the step's turns were given), the
     figures of :func:`rollout_figures` (turns, calls, errors, truncation,
-    tokens, each tier's and each stop reason's share),
+    tokens, each tier's and each stop reason's share), ``time/rollouts``,
+    ``time/batch``, ``time/update`` and ``time/checkpoint`` (wall seconds of
+    each part of the step, the slowest rank's),
     with a calibrator ``recalibrated`` (1.0 when the rewards were re-derived
     after the step), and with ``calls_per_message`` ``dropped_calls`` (tool
     calls left out) added. The batch is built from the records in memory, so turns are
@@ -1775,6 +1782,7 @@ def train_loop(
             # and a resumed run the ones an unbroken run would have.
             chosen = step_tasks(pool, step, tasks_per_step, seed)
             rewards = dict(calibrator.rewards) if calibrator is not None else fixed_rewards
+            started = time.perf_counter()
             keep: Any = (
                 tempfile.TemporaryDirectory()
                 if buffer_dir is None
@@ -1800,6 +1808,7 @@ def train_loop(
                     keep_records=True,  # with the sampled token ids the buffer leaves out
                 )
                 records = summary.kept
+            collected = time.perf_counter()
             episodes, failed, successes, dropped = (
                 float(summary.records),
                 float(len(summary.failures)),
@@ -1830,7 +1839,9 @@ def train_loop(
                 if records
                 else together(TrainBatch.empty)
             )
+            batched = time.perf_counter()
             stats = trainer.step(batch)
+            updated = time.perf_counter()
             rows, refused = float(batch.num_rows), float(batch.refused_ids)
             if world > 1:
                 rows, refused = _all_reduce([rows, refused], device)
@@ -1872,6 +1883,19 @@ def train_loop(
                     together(lambda: None)
             if after_update is not None:
                 together(after_update)
+            # Wall seconds of each part, the slowest rank's: it holds the others up.
+            parts = [
+                collected - started,
+                batched - collected,
+                updated - batched,
+                time.perf_counter() - updated,
+            ]
+            if world > 1:
+                parts = _all_reduce(parts, device, op="max")
+            for part, seconds in zip(
+                ("rollouts", "batch", "update", "checkpoint"), parts, strict=True
+            ):
+                stats[f"time/{part}"] = seconds
             history.append(stats)
             # Reported before the evaluation: a run stopped during a long
             # evaluation has still recorded the step its checkpoint holds.
