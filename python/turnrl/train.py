@@ -2118,9 +2118,10 @@ def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) ->
 def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
     """A :func:`train_loop` run as a PNG: success rate, loss and KL per step;
     when the history has them, each tier's reward (``tier_reward/<tier>``) and
-    share of the turns (``tier_share/<tier>``), and the held-out evaluations
-    (``eval/...``). Entries are placed at their ``"step"`` (a ``metrics.jsonl``
-    line), else at their index."""
+    share of the turns (``tier_share/<tier>``), the held-out evaluations
+    (``eval/...``) and the time each part of a step took (``time/...``).
+    Entries are placed at their ``"step"`` (a ``metrics.jsonl`` line), else at
+    their index."""
     try:
         import matplotlib
 
@@ -2143,6 +2144,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         ("tier rewards the step's turns got", keys("tier_reward/"), "tier_reward/", False),
         ("share of the step's turns in each tier", keys("tier_share/"), "tier_share/", True),
         ("held-out evaluation after the step", evaluated, "eval/", True),
+        ("seconds each part of the step took", keys("time/"), "time/", False),
     ]
     panels = [panel for panel in panels if panel[1]]
     columns = min(len(panels), 3)
@@ -2163,9 +2165,14 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         return steps, values
 
     for ax, (title, panel_keys, prefix, unit_range) in zip(axes.flat, panels, strict=False):
+        measured = False
         for key in panel_keys:
             label = None if prefix is None else key.removeprefix(prefix)
-            ax.plot(*series(key), marker="o" if len(panel_keys) == 1 else ".", label=label)
+            steps, values = series(key)
+            ax.plot(steps, values, marker="o" if len(panel_keys) == 1 else ".", label=label)
+            measured |= any(math.isfinite(v) for v in values)
+        if not measured:  # say so, rather than draw an empty frame
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         if prefix == "tier_reward/":
             ax.axhline(0.0, color="grey", linewidth=0.5)
         if unit_range:
