@@ -518,6 +518,30 @@ def test_save_adapter_keeps_the_old_one_when_the_swap_fails_and_recovers_a_kill(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def _copytree_full_after_one_file(monkeypatch, under=None):
+    """``shutil.copytree`` replaced by one whose copies (those into ``under``; None:
+    all) stop with "disk full" after their first file; returns the real one."""
+    import shutil
+
+    real_copytree = shutil.copytree
+
+    def copy_one_file_then_fail(src, dst, *args, **kwargs):
+        if under is not None and under not in Path(dst).parents:
+            return real_copytree(src, dst, *args, **kwargs)
+        copied = []
+
+        def copy(a, b):
+            if copied:
+                raise OSError("disk full")
+            copied.append(b)
+            return shutil.copy2(a, b)
+
+        return real_copytree(src, dst, *args, **{**kwargs, "copy_function": copy})
+
+    monkeypatch.setattr(shutil, "copytree", copy_one_file_then_fail)
+    return real_copytree
+
+
 def test_snapshot_adapter_copies_a_checkpoint_whole_or_not_at_all(tmp_path, monkeypatch):
     import shutil
 
@@ -537,20 +561,7 @@ def test_snapshot_adapter_copies_a_checkpoint_whole_or_not_at_all(tmp_path, monk
     assert (full / "optimizer.pt").read_bytes() == b"moments"
     # A copy that fails after its first file leaves the folder in place as it was.
     save_adapter(_Saveable('{"step": 2}'), source, state={"step": 2})
-    real_copytree = shutil.copytree
-
-    def copy_one_file_then_fail(src, dst, *args, **kwargs):
-        copied = []
-
-        def copy(a, b):
-            if copied:
-                raise OSError("disk full")
-            copied.append(b)
-            return shutil.copy2(a, b)
-
-        return real_copytree(src, dst, *args, **{**kwargs, "copy_function": copy})
-
-    monkeypatch.setattr(shutil, "copytree", copy_one_file_then_fail)
+    real_copytree = _copytree_full_after_one_file(monkeypatch)
     with pytest.raises(OSError, match="disk full"):
         snapshot_adapter(source, snaps / "step-1")
     monkeypatch.setattr(shutil, "copytree", real_copytree)
@@ -1148,30 +1159,20 @@ def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(
             assert stats["eval/pass^2"] < stats["eval/pass^1"]  # the task solved every other time
     with pytest.raises(InvalidInputError, match="at least 1"):
         Evaluation(every=0)
-    with pytest.raises(InvalidInputError, match="evaluation needs at least one task"):
-        train_loop(
-            trainer,
-            domain,
-            None,
-            None,
-            tok,
-            steps=1,
-            tasks_per_step=1,
-            group_size=1,
-            evaluation=Evaluation(tasks=[]),
-        )
-    with pytest.raises(InvalidInputError):
-        train_loop(
-            trainer,
-            domain,
-            None,
-            None,
-            tok,
-            steps=1,
-            tasks_per_step=1,
-            group_size=1,
-            evaluation=Evaluation(tasks=["no-such-task"]),
-        )
+    # Refused before any rollout: no task, or one the domain does not have.
+    for tasks, message in (([], "evaluation needs at least one task"), (["no-such-task"], None)):
+        with pytest.raises(InvalidInputError, match=message):
+            train_loop(
+                trainer,
+                domain,
+                None,
+                None,
+                tok,
+                steps=1,
+                tasks_per_step=1,
+                group_size=1,
+                evaluation=Evaluation(tasks=tasks),
+            )
 
 
 def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_model, monkeypatch):
@@ -1534,19 +1535,33 @@ def _same_weights(a, b):
     return a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[n], b[n]) for n in a)
 
 
+def _train_on_half_gold(monkeypatch, tmp_path):
+    """``turnrl train`` generating with :class:`_HalfGold` (half of each task's
+    episodes succeed, so every step changes the adapter; a fresh one per run,
+    evaluating as it trains), every saved adapter kept by step in the folder
+    returned."""
+    import turnrl.engines
+
+    domain = envs.load("synthetic:airline", seed=0)
+
+    def engine(*args, **kwargs):
+        made = _HalfGold(domain)
+        made.with_temperature = lambda temperature: made
+        return made
+
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", engine)
+    seen = tmp_path / "seen"
+    _keep_each_saved_adapter(monkeypatch, seen)
+    return seen
+
+
 def _faked_evaluations(monkeypatch, tmp_path, successes):
     """``turnrl train`` on the tiny model with each evaluation's figures taken
     from ``successes`` by its name (an exception there is raised); returns the
     folder where every saved adapter is kept by step."""
-    import turnrl.engines
     import turnrl.train
 
-    domain = envs.load("synthetic:airline", seed=0)
-    engine = _HalfGold(domain)
-    engine.with_temperature = lambda temperature: engine
-    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: engine)
-    seen = tmp_path / "seen"
-    _keep_each_saved_adapter(monkeypatch, seen)
+    seen = _train_on_half_gold(monkeypatch, tmp_path)
 
     def evaluate(evaluation, where, pool, make_agent, make_user, name, **_):
         figure = successes[name]
@@ -1565,15 +1580,10 @@ def _faked_evaluations(monkeypatch, tmp_path, successes):
 def test_train_command_snapshots_every_n_steps_and_keeps_the_newest(
     tmp_path, tok, base_model, capsys, monkeypatch
 ):
-    import turnrl.engines
     import turnrl.train
     from turnrl.cli import main
 
-    # Half of each task's episodes succeed: every step changes the adapter.
-    domain = envs.load("synthetic:airline", seed=0)
-    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: _HalfGold(domain))
-    seen = tmp_path / "seen"
-    _keep_each_saved_adapter(monkeypatch, seen)
+    seen = _train_on_half_gold(monkeypatch, tmp_path)
     run = tmp_path / "run"
     listed = []
     real_snapshot = turnrl.train.snapshot_adapter
@@ -1613,32 +1623,12 @@ def test_a_snapshot_cut_short_leaves_none_under_its_name_and_the_next_run_makes_
     tmp_path, tok, base_model, capsys, monkeypatch
 ):
     import shutil
-    from pathlib import Path
 
-    import turnrl.engines
     from turnrl.cli import main
 
-    domain = envs.load("synthetic:airline", seed=0)
-    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: _HalfGold(domain))
-    seen = tmp_path / "seen"
-    _keep_each_saved_adapter(monkeypatch, seen)
+    seen = _train_on_half_gold(monkeypatch, tmp_path)
     run = tmp_path / "run"
-    real_copytree = shutil.copytree
-
-    def copy_one_file_then_fail(src, dst, *args, **kwargs):
-        if run / "checkpoints" not in Path(dst).parents:
-            return real_copytree(src, dst, *args, **kwargs)
-        copied = []
-
-        def copy(a, b):
-            if copied:
-                raise OSError("disk full")
-            copied.append(b)
-            return shutil.copy2(a, b)
-
-        return real_copytree(src, dst, *args, **{**kwargs, "copy_function": copy})
-
-    monkeypatch.setattr(shutil, "copytree", copy_one_file_then_fail)
+    real_copytree = _copytree_full_after_one_file(monkeypatch, under=run / "checkpoints")
     argv = _train_argv(tmp_path, tok, base_model, "--save-every", "2", "--steps", "2")
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -1806,10 +1796,10 @@ def test_an_evaluation_with_episodes_that_failed_to_run_never_becomes_the_best(t
         last_step=2,
         resumed=False,
     )
-    snapshots.after_step(0, {"eval/success_rate": 0.5, "eval/failed_episodes": 0.0})
+    snapshots.after_evaluation(0, {"eval/success_rate": 0.5, "eval/failed_episodes": 0.0})
     # One episode of 16 ran and succeeded: 1.0 of the episodes that ran.
-    snapshots.after_step(1, {"eval/success_rate": 1.0, "eval/failed_episodes": 15.0})
-    snapshots.after_step(2, {"eval/success_rate": 0.4, "eval/failed_episodes": 0.0})
+    snapshots.after_evaluation(1, {"eval/success_rate": 1.0, "eval/failed_episodes": 15.0})
+    snapshots.after_evaluation(2, {"eval/success_rate": 0.4, "eval/failed_episodes": 0.0})
     assert snapshots.best_step == 0
     assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 0
 

@@ -573,6 +573,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         GTPOConfig,
         GTPOTrainer,
         _raise_together,
+        evaluation_only,
         load_policy,
         lr_schedule,
         plot_history,
@@ -749,17 +750,17 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     def on_step(step: int, stats: dict[str, float]) -> None:
         if rank != 0:
             return
+        evaluated = evaluation_only(stats)
         # An evaluation's line is written after OUT/best is updated: a run
         # stopped in between leaves no line, and a resumed run evaluates again.
-        evaluation_only = all(key.startswith("eval/") for key in stats)
-        if snapshots is not None and evaluation_only:
-            snapshots.after_step(step, stats)
+        if snapshots is not None and evaluated:
+            snapshots.after_evaluation(step, stats)
         with metrics.open("a") as f:
             f.write(metrics_line(step, stats) + "\n")
         for logger in loggers:
             logger.log(step, stats)
-        if snapshots is not None and not evaluation_only:
-            snapshots.after_step(step, stats)
+        if snapshots is not None and not evaluated:
+            snapshots.after_step(step)
 
     failed = True
     try:
@@ -814,10 +815,10 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             for key, value in latest.items()
             if key.startswith("eval/pass^") and key != "eval/pass^1"
         ]
-        failed = latest.get("eval/failed_episodes") or 0
+        not_run = latest.get("eval/failed_episodes") or 0
         print(
             f"evaluation after step {latest['step']} ({int(latest['eval/episodes'] or 0)} "
-            f"episodes{f', {int(failed)} failed to run' if failed else ''}): "
+            f"episodes{f', {int(not_run)} failed to run' if not_run else ''}): "
             + ", ".join(figures)
             + f"; episodes in {out / 'eval'}"
         )
@@ -900,15 +901,16 @@ class _Snapshots:
             if not (self.folder / f"step-{resumed_step}").exists():
                 self._snapshot(resumed_step)
 
-    def after_step(self, step: int, stats: Mapping[str, float]) -> None:
-        """Snapshot and keep the best after ``step`` (``turnrl train``'s on_step)."""
+    def after_step(self, step: int) -> None:
+        """Snapshot OUT/adapter after ``step`` when one is due."""
+        due = self.every is not None and ((step + 1) % self.every == 0 or step == self.last_step)
+        if step >= self.first_step and due:
+            self._snapshot(step)
+
+    def after_evaluation(self, step: int, stats: Mapping[str, float]) -> None:
+        """Keep OUT/adapter as the best when the evaluation after ``step`` beats it."""
         from turnrl.train import snapshot_adapter
 
-        due = self.every is not None and ((step + 1) % self.every == 0 or step == self.last_step)
-        # A step's evaluation comes in a call of its own, after the step's.
-        evaluation_only = all(key.startswith("eval/") for key in stats)
-        if step >= self.first_step and due and not evaluation_only:
-            self._snapshot(step)
         success = stats.get("eval/success_rate")
         # OUT/adapter holds the evaluated policy after a step of this run, and
         # before the first step of a resumed one.

@@ -75,6 +75,7 @@ __all__ = [
     "TokenizedRollout",
     "TrainBatch",
     "build_batch",
+    "evaluation_only",
     "load_model",
     "load_policy",
     "lr_schedule",
@@ -1444,6 +1445,13 @@ class Evaluation:
         return (step + 1) % self.every == 0 or step == last_step
 
 
+def evaluation_only(stats: Mapping[str, Any]) -> bool:
+    """Whether ``stats`` (an ``on_step`` call, a ``metrics.jsonl`` line) holds an
+    evaluation's figures alone: :func:`train_loop` reports each evaluation in a
+    call of its own, after its step's."""
+    return all(key == "step" or key.startswith("eval/") for key in stats)
+
+
 #: How run_episode can end an episode (``meta["stop_reason"]``).
 STOP_REASONS: tuple[str, ...] = ("user_stop", "transfer", "max_steps", "too_many_errors")
 
@@ -1515,7 +1523,7 @@ def _evaluate(
 
     ``name`` is the buffer's stem and the groups' prefix (``step-3``)."""
     from turnrl.collect import CollectSummary, collect_rollouts
-    from turnrl.envs._base import pass_hat_ks
+    from turnrl.envs._base import pass_hat_k, pass_hat_ks
 
     started = time.perf_counter()
     rank, world = _world()
@@ -1551,20 +1559,21 @@ def _evaluate(
         together(lambda: None)  # the other ranks' collection may raise
     ks = pass_hat_ks(evaluation.samples)
     # Sums over this rank's tasks, added up over the ranks: pass^k is a mean over tasks.
-    complete = [o for o in summary.task_outcomes.values() if len(o) == evaluation.samples]
+    complete = {
+        task: outcomes
+        for task, outcomes in summary.task_outcomes.items()
+        if len(outcomes) == evaluation.samples
+    }
+    results = [(task, o) for task, outcomes in complete.items() for o in outcomes]
     sums = [
         float(len(summary.outcomes)),
         float(len(summary.failures)),
         float(sum(summary.outcomes)),
         float(len(complete)),
         float(len(summary.task_outcomes) - len(complete)),
+        # pass^k's mean over this rank's tasks, times their number: a sum.
+        *(pass_hat_k(results, k) * len(complete) if complete else 0.0 for k in ks),
     ]
-    for k in ks:
-        chance = 0.0
-        for outcomes in complete:
-            successes = sum(1 for o in outcomes if abs(o - 1.0) <= 1e-6)
-            chance += math.comb(successes, k) / math.comb(len(outcomes), k)
-        sums.append(chance)
     if world > 1:
         sums = _all_reduce(sums, device)
     episodes, failed, outcome_sum, whole, partial = sums[:5]
@@ -1842,9 +1851,19 @@ def train_loop(
             batched = time.perf_counter()
             stats = trainer.step(batch)
             updated = time.perf_counter()
-            rows, refused = float(batch.num_rows), float(batch.refused_ids)
+            # Every rank names the same figures: the tiers of the reward table.
+            figures = rollout_figures(records, tiers=list(rewards))
+            sums = [
+                float(batch.num_rows),
+                float(batch.refused_ids),
+                *(value for _, total, count in figures for value in (total, count)),
+            ]
             if world > 1:
-                rows, refused = _all_reduce([rows, refused], device)
+                sums = _all_reduce(sums, device)
+            rows, refused = sums[:2]
+            for at, (name, _, _) in enumerate(figures):
+                total, count = sums[2 + 2 * at], sums[3 + 2 * at]
+                stats[name] = total / count if count else math.nan
             stats["rows_per_episode"] = rows / episodes
             # Sampled ids that did not decode to their text: an engine to look at.
             stats["refused_completion_ids"] = refused
@@ -1854,14 +1873,6 @@ def train_loop(
             if calls_per_message is not None:
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
-            # Every rank names the same figures: the tiers of the reward table.
-            figures = rollout_figures(records, tiers=list(rewards))
-            sums = [value for _, total, count in figures for value in (total, count)]
-            if world > 1:
-                sums = _all_reduce(sums, device)
-            for at, (name, _, _) in enumerate(figures):
-                total, count = sums[2 * at], sums[2 * at + 1]
-                stats[name] = total / count if count else math.nan
             state: dict[str, Any] = {"step": step}
             if settings:
                 state["estimator"] = settings
@@ -2156,8 +2167,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         measured), the entries that have it for the others."""
         steps, values = [], []
         for i, h in enumerate(history):
-            evaluation_only = all(k == "step" or k.startswith("eval/") for k in h)
-            if (key not in h) if key not in _STEP_PLOTS else evaluation_only:
+            if (key not in h) if key not in _STEP_PLOTS else evaluation_only(h):
                 continue
             value = h.get(key)
             steps.append(float(h.get("step", i)))
