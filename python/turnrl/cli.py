@@ -458,6 +458,21 @@ def _make_user(args: argparse.Namespace, domain: Any) -> Any:
     return make_user
 
 
+def _merge_adapter(args: argparse.Namespace) -> int:
+    from turnrl.train import merge_adapter
+
+    out = merge_adapter(
+        args.adapter,
+        args.out,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}: the base model with the adapter folded into its weights")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from turnrl.exceptions import InvalidInputError
 
@@ -1812,6 +1827,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.add_argument("--out", required=True, help="output folder")
     tr.set_defaults(run=_train)
+
+    merge = commands.add_parser(
+        "merge-adapter",
+        help="fold a trained LoRA adapter into its base model, for serving",
+        description="Load the base model, put the adapter on it and merge its weights in, then "
+        "save the whole model (safetensors, config, tokenizer) as a plain Hugging Face folder "
+        "that vllm serve and --agent-model load without PEFT. Written beside --out and renamed "
+        "into place.",
+    )
+    merge.add_argument("adapter", help="adapter folder, e.g. OUT/best or OUT/adapter")
+    merge.add_argument(
+        "--model",
+        help="the base model: folder, hub name or .gguf file (default: the one the adapter's "
+        "adapter_config.json names)",
+    )
+    merge.add_argument(
+        "--dtype", default="bfloat16", help="dtype of the merged weights (default: %(default)s)"
+    )
+    merge.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    merge.add_argument("--out", required=True, help="folder of the merged model")
+    merge.set_defaults(run=_merge_adapter)
 
     def commands_of(parent: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
         below = _subparsers(parent)

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     from turnrl.calibration import OnlineCalibrator
 
 __all__ = [
+    "MERGE_FILE",
     "OPTIMIZER_FILE",
     "STATE_FILE",
     "STOP_REASONS",
@@ -79,6 +80,7 @@ __all__ = [
     "load_model",
     "load_policy",
     "lr_schedule",
+    "merge_adapter",
     "plan_micro_batches",
     "plot_history",
     "recover_adapter",
@@ -2080,6 +2082,10 @@ def load_policy(
             task_type="CAUSAL_LM",
         )
         policy = peft.get_peft_model(base, config)
+        if str(model).endswith(".gguf"):
+            # PEFT would record the GGUF file's folder, which loads as no model;
+            # merge_adapter reads the base from here.
+            policy.peft_config["default"].base_model_name_or_path = os.path.abspath(model)
     return policy, tokenizer
 
 
@@ -2102,6 +2108,98 @@ def load_model(
     for parameter in base.parameters():
         parameter.requires_grad_(False)
     return base, tokenizer
+
+
+MERGE_FILE = "turnrl_merge.json"
+
+
+def merge_adapter(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    dtype: str = "bfloat16",
+    device: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Fold a saved LoRA adapter into its base model and save the whole model at ``out``.
+
+    The result is a plain Hugging Face model folder (safetensors weights,
+    config, tokenizer with its chat template) that ``vllm serve``,
+    ``AutoModelForCausalLM`` or ``turnrl rollouts collect --engine`` load
+    with no PEFT and no adapter, as verl's model merger and PEFT's
+    ``merge_and_unload`` give. ``model`` is the base (a folder, hub name or
+    ``.gguf`` file, as :func:`load_policy`'s); by default the one the
+    adapter's ``adapter_config.json`` names. The weights are merged and
+    saved in ``dtype``. ``turnrl_merge.json`` records the base, the adapter
+    and the training step the adapter was saved after. The folder is
+    written beside ``out`` and renamed into place (as :func:`save_adapter`),
+    so a failed or killed merge leaves no partial model under that name; an
+    existing ``out`` is refused unless ``overwrite``.
+    """
+    import peft
+
+    source, target = Path(adapter), Path(out)
+    config_file = source / "adapter_config.json"
+    if not config_file.is_file():
+        raise InvalidInputError(f"{source}: not a LoRA adapter folder (no adapter_config.json)")
+    if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
+        raise InvalidInputError(f"{target}: the merged model cannot go into the adapter's folder")
+    if target.exists() and not overwrite:
+        raise InvalidInputError(f"{target} already exists; give another path or overwrite it")
+    if model is None:
+        try:
+            named = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise InvalidInputError(f"{config_file}: unreadable ({err})") from err
+        model = named.get("base_model_name_or_path") if isinstance(named, dict) else None
+        if not isinstance(model, str) or not model:
+            raise InvalidInputError(
+                f"{config_file} does not name its base model (base_model_name_or_path); "
+                "give the base model"
+            )
+    step = None
+    with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, AttributeError):
+        step = json.loads((source / STATE_FILE).read_text(encoding="utf-8")).get("step")
+    base, tokenizer = _load_base(model, dtype, device)
+    merged = peft.PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    merged.eval()
+    _forget_gguf(merged, model)
+    provenance = {
+        "base": str(model),
+        "adapter": str(source.resolve()),
+        "step": step if isinstance(step, int) else None,
+        "dtype": dtype,
+    }
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / MERGE_FILE).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+
+    _write_folder(target, write)
+    return target
+
+
+def _forget_gguf(model: Any, source: str | os.PathLike[str]) -> None:
+    """Let a model read from a ``.gguf`` file be saved as plain weights.
+
+    transformers keeps such a model marked as GGUF-quantized, which it
+    refuses to save, even when it de-quantized every weight into a plain
+    tensor (without GGUF kernels it does). Weights still in GGUF blocks
+    cannot be merged into and are refused.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return
+    packed = [type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Gguf")]
+    if packed or not all(p.is_floating_point() for p in model.parameters()):
+        raise InvalidInputError(
+            f"{source}: the base model's weights are quantized ({', '.join(sorted(set(packed)))}); "
+            "give an unquantized base model"
+        )
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) -> tuple[Any, Any]:
