@@ -54,7 +54,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(raw)
             return
         message = {"role": "assistant", "content": reply}
+        finish = "stop"
         if isinstance(reply, dict):  # a whole message: content and tool_calls
+            reply = dict(reply)
+            finish = reply.pop("finish_reason", finish)  # the choice's, not the message's
             message = {"role": "assistant", "content": None, **reply}
         out = {
             "id": "chatcmpl-1",
@@ -65,7 +68,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                 }
             ],
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},

@@ -41,6 +41,32 @@ def test_openai_agent_sends_tools_and_returns_structured_calls(chat_server):
     ]
 
 
+def test_replies_cut_at_max_tokens_are_recorded_as_truncated(chat_server):
+    d = envs.load("synthetic:airline", seed=0)
+    cut_call = _call("c1", "get_user_details", {"user_id": d.tasks[0].user_id})
+    _, url = chat_server(
+        [
+            {"content": "I will look that u", "finish_reason": "length"},
+            {"content": "", "tool_calls": [cut_call], "finish_reason": "length"},
+            {"content": "All done."},
+        ]
+    )
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_tokens=8)
+    chat = [{"role": "user", "content": "hi"}]
+    # Text the agent parsed keeps its completion, trained without an end token.
+    text = agent(chat, d.openai_tools())
+    assert text["truncated"] is True and text["completion"] == "I will look that u"
+    assert agent(chat, d.openai_tools())["truncated"] is True  # calls the server parsed
+    assert "truncated" not in agent(chat, d.openai_tools())
+
+    # The episode's record says so, for training (no end token; --mask-truncated).
+    _, url = chat_server([{"content": "Let me chec", "finish_reason": "length"}])
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_tokens=8)
+    record = envs.run_episode(agent, d, d.tasks[0], envs.ScriptedUser(max_replies=1))
+    first = next(t for t in record["turns"] if t["role"] == "assistant")
+    assert first["truncated"] is True and first["completion"] == "Let me chec"
+
+
 def test_openai_agent_parses_calls_left_in_the_text(chat_server):
     text = (
         "<think>look the user up</think>Checking. "

@@ -41,6 +41,8 @@ class OpenAIAgent:
     ``content`` whether or not the server parsed the calls) is returned as
     ``reasoning``:
     ``run_episode`` keeps it in the turn's record and sends it to no one.
+    A reply the server cut at ``max_tokens`` (``finish_reason`` "length") is
+    marked ``truncated``, so that training adds no end token it never sampled.
     """
 
     def __init__(
@@ -85,7 +87,8 @@ class OpenAIAgent:
             params["tools"] = list(tools)
         if self.max_tokens is not None:
             params["max_tokens"] = self.max_tokens
-        reply = self.endpoint.respond(messages, **params)
+        reply, finish = self.endpoint.respond_finished(messages, **params)
+        cut = finish == "length"
         content = reply.content or ""
         # A reasoning parser's output: "reasoning" in current vLLM (which
         # renamed and then dropped "reasoning_content"), the old name elsewhere.
@@ -108,13 +111,17 @@ class OpenAIAgent:
                 # The server's reasoning parser took the reasoning out of the
                 # text: what is left is not what the model generated.
                 del parsed["completion"]
+            elif cut:
+                # Cut at max_tokens: trained without an end token it never sampled.
+                parsed["truncated"] = True
             return parsed
         thought, content = split_reasoning(content)
         if thought is not None:
             # Calls the server parsed, but thinking left in the text (no
             # reasoning parser): it must reach neither the user nor the reward.
             reasoning = "\n\n".join(r for r in (reasoning, thought) if r)
-        return {"content": content, "tool_calls": calls, "reasoning": reasoning}
+        answer = {"content": content, "tool_calls": calls, "reasoning": reasoning}
+        return {**answer, "truncated": True} if cut else answer
 
 
 def reply_from_text(

@@ -190,9 +190,6 @@ def run_episode(
         if isinstance(reply.get("completion"), str):
             # The raw text the policy generated: what training tokenizes.
             turn["completion"] = reply["completion"]
-            if reply.get("truncated"):
-                # Cut at the token limit: trained without an end-of-turn token.
-                turn["truncated"] = True
             if isinstance(reply.get("completion_end"), str):
                 # Stopped on another end token than the tokenizer's eos.
                 turn["completion_end"] = reply["completion_end"]
@@ -204,6 +201,10 @@ def run_episode(
                     turn["completion_ids"] = list(ids)
                 except TypeError:
                     turn["completion_ids"] = [ids]  # not a sequence: refused later
+        if reply.get("truncated"):
+            # Cut at the token limit: a completion is trained without an
+            # end-of-turn token, and mask_truncated can leave the turn out.
+            turn["truncated"] = True
         if record_calls:
             turn["tool_calls"] = record_calls
             # The ids the agent is shown, so training re-renders the same chat.

@@ -182,6 +182,14 @@ class ChatEndpoint:
         """The model's whole reply message (``openai``'s object: ``content``,
         ``tool_calls``, ...) to ``messages``; ``params`` go to the request
         (``tools``, ``max_tokens``, ...)."""
+        return self.respond_finished(messages, **params)[0]
+
+    def respond_finished(
+        self, messages: Sequence[Mapping[str, Any]], **params: Any
+    ) -> tuple[Any, str | None]:
+        """:meth:`respond`'s message and why the generation ended: the choice's
+        ``finish_reason`` (``"length"`` when cut at ``max_tokens``; None when
+        the server gives none)."""
         oa = self._openai
         transient = (
             oa.APIConnectionError,
@@ -200,7 +208,7 @@ class ChatEndpoint:
                     extra_body=self.extra_body,
                     **params,
                 )
-                return _first_message(res)
+                return _first_choice(res)
             except oa.APIStatusError as e:
                 # 408 and 409 are worth another try (as the openai client's own
                 # retries judge); any other status is the request's fault.
@@ -228,8 +236,9 @@ class _MalformedAnswer(Exception):
     """A 200 answer that is not a chat completion."""
 
 
-def _first_message(res: Any) -> Any:
-    """The first choice's message of a chat completion, or :class:`_MalformedAnswer`."""
+def _first_choice(res: Any) -> tuple[Any, str | None]:
+    """The first choice's message of a chat completion and its ``finish_reason``,
+    or :class:`_MalformedAnswer`."""
     choices = getattr(res, "choices", None)
     error = getattr(res, "error", None)  # {"error": ...} with status 200, as some proxies send
     if not choices and error:
@@ -242,7 +251,8 @@ def _first_message(res: Any) -> Any:
     message = getattr(choices[0], "message", None)
     if message is None:
         raise _MalformedAnswer("a choice without a message")
-    return message
+    finish = getattr(choices[0], "finish_reason", None)
+    return message, finish if isinstance(finish, str) else None
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
