@@ -2420,6 +2420,35 @@ def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2, calls_per_me
         assert template_messages(rebuilt[: len(chat)]) == template_messages(chat)
 
 
+def test_arguments_that_are_not_an_object_are_rebuilt_as_the_agent_was_sent_them(tok):
+    from turnrl.train import template_messages
+
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    inner = json.dumps({"user_id": task.user_id}, separators=(",", ":"))
+    written = [json.dumps(inner), "null", "[]", "{not json", inner]  # doubly encoded first
+    sent: list[list[dict]] = []
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(list(messages)))
+        if len(sent) == 1:
+            calls = [
+                {"id": f"c{i}", "function": {"name": "get_user_details", "arguments": raw}}
+                for i, raw in enumerate(written)
+            ]
+            return {"content": "", "tool_calls": calls}
+        return {"content": "Anything else?"}
+
+    record = envs.run_episode(agent, domain, task, envs.ScriptedUser(max_replies=1))
+    rebuilt = rollout_messages(record, domain.policy)
+    assert template_messages(rebuilt[: len(sent[1])]) == template_messages(sent[1])
+    # The doubly encoded call renders as the string the policy saw, not re-serialised.
+    engine = TransformersEngine(None, tok)
+    tools = domain.openai_tools()
+    shown = engine.prompt(sent[1], tools)
+    assert inner in shown and engine.prompt(rebuilt[: len(sent[1])], tools) == shown
+
+
 def test_records_without_a_group_are_grouped_by_task(tok):
     rng = random.Random(59)
     records = [_record(rng, float(i % 2), "g") for i in range(4)]

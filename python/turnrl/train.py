@@ -102,8 +102,8 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
     it). Tool calls and results carry the ids the agent was shown (recorded
     by :func:`turnrl.envs.run_episode`; older records get ``call_{turn}_{i}``);
     reasoning is left out, as the agent was never sent its earlier reasoning.
-    Arguments are dicts (as :func:`template_messages` gives), or the recorded
-    text when a call's arguments were kept as text.
+    Arguments are dicts, or JSON text as the agent was sent them (a call's
+    arguments kept as written, a JSON string, null).
     """
     turns = record.get("turns")
     if not isinstance(turns, list):
@@ -130,9 +130,7 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
                         "type": "function",
                         "function": {
                             "name": call.get("name") or "",
-                            # As recorded: a served call's null or [] arguments were
-                            # shown to the policy as such, not as {}.
-                            "arguments": call.get("arguments", {}),
+                            "arguments": _sent_arguments(call.get("arguments", {})),
                         },
                     }
                     for i, call in enumerate(calls)
@@ -150,6 +148,18 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
         else:
             messages.append({"role": "user", "content": _text(turn.get("content"))})
     return messages
+
+
+def _sent_arguments(recorded: Any) -> Any:
+    """A call's recorded arguments as :func:`turnrl.envs.run_episode` sent them
+    back to the agent: a dict as it is, anything else as its JSON text.
+
+    Text kept as written, a JSON string decoded from doubly encoded
+    arguments, and a served call's null or [] all went back as JSON text,
+    which :func:`template_messages` decodes once, as the agent's side did:
+    passing a recorded string on as it is would decode it a second time.
+    """
+    return recorded if isinstance(recorded, Mapping) else json.dumps(recorded)
 
 
 def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
