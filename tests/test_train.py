@@ -886,11 +886,12 @@ def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
     assert all(c.token_ids is not None for c in together)
 
 
-def test_vllm_engine_calls_vllms_public_api(monkeypatch):
+def _fake_vllm(monkeypatch, seen: dict, logprobs_mode: bool = False) -> None:
+    """A ``vllm`` module with the public names VLLMEngine uses, recording its calls.
+    Completions are ``hello`` as ids [7, i], with log-probs when asked for."""
+    import dataclasses
     import sys
     import types
-
-    seen: dict = {}
 
     class LLM:
         def __init__(self, **kwargs):
@@ -899,11 +900,21 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
         def chat(self, messages, sampling, **kwargs):
             seen["chat"] = (messages, sampling, kwargs)
             reasons = ["stop", "length"]
+            asked = "logprobs" in sampling.kwargs
             return [
                 types.SimpleNamespace(
                     outputs=[
                         types.SimpleNamespace(
-                            text="hello", finish_reason=reasons[i % 2], token_ids=[7, i]
+                            text="hello",
+                            finish_reason=reasons[i % 2],
+                            token_ids=[7, i],
+                            # One dict per token: id -> Logprob, the sampled one alone.
+                            logprobs=[
+                                {7: types.SimpleNamespace(logprob=-0.25)},
+                                {i: types.SimpleNamespace(logprob=-1.5 - i)},
+                            ]
+                            if asked
+                            else None,
                         )
                     ]
                 )
@@ -923,8 +934,25 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = LoRARequest
-    for name, module in {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}.items():
+    modules = {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}
+    if logprobs_mode:  # vLLM 0.10.2 and later
+        arg_utils = types.ModuleType("vllm.engine.arg_utils")
+        arg_utils.EngineArgs = dataclasses.make_dataclass(
+            "EngineArgs", [("model", str), ("logprobs_mode", str, "raw_logprobs")]
+        )
+        modules.update(
+            {"vllm.engine": types.ModuleType("vllm.engine"), "vllm.engine.arg_utils": arg_utils}
+        )
+    else:
+        for name in ("vllm.engine", "vllm.engine.arg_utils"):
+            monkeypatch.setitem(sys.modules, name, None)  # an import of it fails
+    for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_vllm_engine_calls_vllms_public_api(monkeypatch):
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
 
     from turnrl.engines import VLLMEngine
 
@@ -953,6 +981,42 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
     engine.generate([chat])
     assert seen["chat"][1].kwargs["temperature"] == 0.8
     assert greedy.llm is engine.llm
+
+
+def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monkeypatch):
+    from turnrl.engines import VLLMEngine
+
+    chat = [{"role": "user", "content": "a"}]
+    seen: dict = {}
+    # A vLLM with logprobs_mode: log-probs after temperature and top-p, at any setting.
+    _fake_vllm(monkeypatch, seen, logprobs_mode=True)
+    engine = VLLMEngine("/m", temperature=0.7, top_p=0.9, enable_lora=False)
+    assert seen["init"] == {"model": "/m", "logprobs_mode": "processed_logprobs"}
+    assert engine.generate([chat, chat]) == [
+        Completion("hello", token_ids=(7, 0), logprobs=(-0.25, -1.5)),
+        Completion("hello", truncated=True, token_ids=(7, 1), logprobs=(-0.25, -2.5)),
+    ]
+    assert seen["chat"][1].kwargs["logprobs"] == 0
+    # Asked not to, or told another mode: no log-probs that are not the sampler's.
+    VLLMEngine("/m", enable_lora=False, logprobs=False).generate([chat])
+    assert "logprobs_mode" not in seen["init"] and "logprobs" not in seen["chat"][1].kwargs
+    VLLMEngine("/m", temperature=0.7, enable_lora=False, logprobs_mode="raw_logprobs").generate(
+        [chat]
+    )
+    assert "logprobs" not in seen["chat"][1].kwargs
+
+    # An older vLLM gives log-probs before temperature and top-p: asked for at 1 and 1 only.
+    _fake_vllm(monkeypatch, seen)
+    engine = VLLMEngine("/m", temperature=0.7, enable_lora=False)
+    assert "logprobs_mode" not in seen["init"]
+    assert engine.generate([chat])[0].logprobs is None
+    assert engine.with_temperature(1.0).generate([chat])[0].logprobs == (-0.25, -1.5)
+    assert VLLMEngine("/m", top_p=0.9, enable_lora=False).generate([chat])[0].logprobs is None
+
+    # Through the agent onto the episode's record, never into a buffer.
+    agent = EngineAgent(engine.with_temperature(1.0))
+    reply = agent([{"role": "user", "content": "a"}], None)
+    assert reply["completion_ids"] == [7, 0] and reply["completion_logprobs"] == [-0.25, -1.5]
 
 
 def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
@@ -2385,6 +2449,12 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     argv = ["train", "--model", "nowhere", "--env", "synthetic:airline", "--user", "scripted"]
     assert main([*argv, "--resume", "--out", str(run)]) == 2
     assert "has metrics but no adapter" in capsys.readouterr().err
+    # Refused before any model loads.
+    assert main([*argv, "--rollout-correction", "token_mask", "--out", str(run)]) == 2
+    assert "--rollout-correction corrects for vLLM's sampling" in capsys.readouterr().err
+    bad_cap = ["--engine", "vllm", "--rollout-correction-cap", "0.5", "--out", str(run)]
+    assert main([*argv, *bad_cap]) == 2
+    assert "--rollout-correction-cap must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("calls_per_message", [None, 1, 2])
@@ -2642,7 +2712,8 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
             out = []
             for c in conversations:
                 text = reply if c[-1]["role"] == "user" else "Found  you.\n\nAnything else?"
-                out.append(Completion(text, token_ids=tuple([*_char_ids(tok, text), end])))
+                ids = tuple([*_char_ids(tok, text), end])
+                out.append(Completion(text, token_ids=ids, logprobs=(-0.5,) * len(ids)))
             return out
 
     batches = []
@@ -2656,7 +2727,8 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
     trainer = Recording(
         model,
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-        GTPOConfig(micro_batch_size=4, backend="torch"),
+        # Both episodes are alike (no signal): run them anyway, to measure the sampler.
+        GTPOConfig(micro_batch_size=4, backend="torch", skip_zero_advantage=False),
     )
     history = train_loop(
         trainer,
@@ -2675,7 +2747,13 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
     records = list(turnrl.iter_rollout_records(tmp_path / "buffers" / "step-0.jsonl"))
     turns = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
     assert turns and all("completion_ids" not in t for t in turns)  # buffers hold text
+    assert all("completion_logprobs" not in t for t in turns)
     assert batch.sampled_turns == len(turns) and history[0]["refused_completion_ids"] == 0
+    # The sampler's log-probs reach every trained token, and the step measures the gap.
+    assert batch.sampler_logprobs is not None
+    assert (batch.sampler_logprobs[batch.loss_mask] == -0.5).all()
+    assert batch.sampler_logprobs[~batch.loss_mask].isnan().all()
+    assert history[0]["mismatch/token_share"] == 1.0 and history[0]["mismatch/k3_kl"] > 0
     trained = [
         [int(i) for i, m in zip(row, mask, strict=True) if m]
         for row, mask in zip(batch.input_ids, batch.loss_mask, strict=True)
@@ -3005,6 +3083,170 @@ def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, c
     assert json.loads((tmp_path / "m" / "turnrl_merge.json").read_text())["base"] == str(
         base_folder
     )
+
+
+def _row_logprobs(tokens, k):
+    """The sampler log-probs ``tokenize_rollout`` put on turn k's tokens."""
+    assert tokens.sampler_logprobs is not None
+    return [
+        lp
+        for owner, lps in zip(tokens.token_turn, tokens.sampler_logprobs, strict=True)
+        for o, lp in zip(owner, lps, strict=True)
+        if o == k
+    ]
+
+
+@pytest.mark.parametrize("pack", ["exact", "never", "rendered"])
+def test_sampler_logprobs_go_with_the_sampled_ids_they_belong_to(tok, pack):
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    texts = ["Let me\n\n check that.", "Done:\n\n all   set.", "Bye."]
+    record = _record(random.Random(4), 1.0, "t")
+    record["turns"] = [
+        turn
+        for text in texts
+        for turn in (
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": text, "completion": text},
+        )
+    ]
+    assistant = record["turns"][1::2]
+    sampled = [[*_char_ids(tok, t), end] for t in texts]
+    for k, (turn, ids) in enumerate(zip(assistant, sampled, strict=True)):
+        turn["completion_ids"] = ids
+        turn["completion_logprobs"] = [-(k + 1) - j / 100 for j in range(len(ids))]
+    assistant[1]["completion_logprobs"].pop()  # one short: not the ids' log-probs
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+    assert len(tokens.sampler_logprobs) == len(tokens.input_ids)
+    for ids, lps in zip(tokens.input_ids, tokens.sampler_logprobs, strict=True):
+        assert len(lps) == len(ids)
+    # Rendered packing trains earlier turns on their rendering: no sampled ids, no log-probs.
+    own = [pack != "rendered", pack != "rendered", True]
+    for k in range(3):
+        got = _row_logprobs(tokens, k)
+        if own[k] and k != 1:
+            assert got == assistant[k]["completion_logprobs"]
+        else:
+            assert all(math.isnan(lp) for lp in got)
+    untrained = [
+        lp
+        for owner, lps in zip(tokens.token_turn, tokens.sampler_logprobs, strict=True)
+        for o, lp in zip(owner, lps, strict=True)
+        if o < 0
+    ]
+    assert untrained and all(math.isnan(lp) for lp in untrained)
+
+    # Ids refused (not the text) take their log-probs with them; none known: None.
+    for turn in assistant:
+        turn["completion_ids"] = turn["completion_ids"][1:]
+    tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+    assert tokens.refused_ids == 3 and tokens.sampler_logprobs is None
+    for bad in (["x"], [math.nan], [True], "-1"):
+        assert turnrl.train._sampler_logprobs(bad, 1) is None
+
+
+def _plain_logprobs(model, batch, temperature):
+    """Each trained token's log-prob under ``model``, by its whole forward ([R, T-1])."""
+    targets = torch.where(batch.loss_mask[:, 1:], batch.input_ids[:, 1:], 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+    return logp.gather(-1, targets[..., None])[..., 0]
+
+
+def _reference_weights(log_ratio, known, turn, mode, cap):
+    """Per-token importance weights from log(pi_train / pi_sampler), plainly."""
+    ratios = np.ones_like(log_ratio)
+    for r in range(log_ratio.shape[0]):
+        if mode.startswith("turn"):
+            for k in set(turn[r][known[r]].tolist()):
+                at = known[r] & (turn[r] == k)
+                ratios[r][at] = math.exp(log_ratio[r][at].sum())
+        else:
+            ratios[r][known[r]] = np.exp(log_ratio[r][known[r]])
+    over = known & (ratios > cap)
+    if mode.endswith("truncate"):
+        weights = np.minimum(ratios, cap)
+    else:
+        weights = np.where(over, 0.0, ratios)
+    return np.where(known, weights, 1.0), ratios
+
+
+@pytest.mark.parametrize(
+    "mode, pack",
+    [
+        (None, False),
+        ("token_truncate", False),
+        ("token_mask", True),
+        ("turn_truncate", True),
+        ("turn_mask", False),
+    ],
+)
+def test_rollout_correction_weights_advantages_as_the_plain_formula(tok, base_model, mode, pack):
+    rng = random.Random(41)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", pack=pack)
+    cap, temperature = 1.5, 0.9
+    model = _lora(base_model)
+    old = _plain_logprobs(model, batch, temperature).numpy()
+    trained = batch.loss_mask[:, 1:].numpy()
+    # Sampler log-probs off the trainer's by random amounts; one row's unknown.
+    noise = np.random.default_rng(3).normal(0.0, 0.5, size=old.shape)
+    known = trained.copy()
+    known[1] = False
+    sampler = np.full(batch.input_ids.shape, np.nan, dtype=np.float32)
+    sampler[:, 1:] = np.where(known, old - noise, np.nan)
+    batch.sampler_logprobs = torch.from_numpy(sampler)
+    turn = batch.token_turn[:, 1:].numpy()
+    log_ratio = np.where(known, noise, 0.0)
+    weights, ratios = _reference_weights(log_ratio, known, turn, mode or "token_mask", cap)
+    if mode is None:
+        weights = np.ones_like(weights)
+    # No ratio within rounding of the cap, where the two sides could disagree.
+    assert np.all(np.abs(np.log(ratios[known]) - math.log(cap)) > 1e-3)
+
+    plain = copy.deepcopy(batch)
+    plain.sampler_logprobs = None
+    plain.advantages[:, 1:] = plain.advantages[:, 1:] * torch.from_numpy(weights).float()
+    steps, stats = [], []
+    for b, config in ((batch, {"rollout_correction": mode}), (plain, {})):
+        lora = copy.deepcopy(model)
+        before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
+        trainer = _trainer(
+            lora, micro_batch_size=2, temperature=temperature, rollout_correction_cap=cap, **config
+        )
+        stats.append(trainer.step(b))
+        steps.append({n: before[n] - p.detach() for n, p in lora.named_parameters() if n in before})
+    for n, step in steps[1].items():
+        scale = float(step.abs().max().clamp(min=1e-12))
+        assert float((steps[0][n] - step).abs().max()) <= 1e-3 * scale, n
+    assert any(float(s.abs().max()) > 0 for s in steps[1].values())
+
+    # Figures are over the rows that ran (those with some advantage).
+    ran = trained & (batch.advantages[:, 1:].numpy() != 0).any(axis=1, keepdims=True)
+    measured = known & ran
+    assert 0 < measured.sum() < ran.sum()
+    x = noise[measured]
+    got = stats[0]
+    assert got["mismatch/k3_kl"] == pytest.approx(float(np.mean(np.expm1(x) - x)), rel=1e-3)
+    assert got["mismatch/abs_logprob_diff"] == pytest.approx(float(np.abs(x).mean()), rel=1e-3)
+    assert got["mismatch/max_abs_logprob_diff"] == pytest.approx(float(np.abs(x).max()), rel=1e-3)
+    assert got["mismatch/token_share"] == pytest.approx(measured.sum() / ran.sum())
+    assert "mismatch/k3_kl" not in stats[1]
+    if mode is None:
+        assert "rollout_is/weight_mean" not in got
+    else:
+        capped = int((measured & (ratios > cap)).sum())
+        assert got["rollout_is/weight_mean"] == pytest.approx(weights[measured].mean(), rel=1e-3)
+        assert got["rollout_is/capped_share"] == pytest.approx(capped / measured.sum())
+        assert 0 < capped < measured.sum()  # the cap matters in this case
+
+
+def test_rollout_correction_settings_are_checked():
+    with pytest.raises(InvalidInputError, match="token_truncate, token_mask, turn_truncate"):
+        GTPOConfig(rollout_correction="sequence")
+    for cap in (0.5, math.nan):
+        with pytest.raises(InvalidInputError, match="at least 1"):
+            GTPOConfig(rollout_correction="token_mask", rollout_correction_cap=cap)
 
 
 def test_a_base_read_from_gguf_is_merged_into_plain_weights(tmp_path, tok, base_model, monkeypatch):

@@ -494,6 +494,15 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             "--save-total-limit keeps --save-every's snapshots: add --save-every N"
         )
+    if args.rollout_correction is not None and args.engine != "vllm":
+        raise InvalidInputError(
+            "--rollout-correction corrects for vLLM's sampling: add --engine vllm (the "
+            "transformers engine samples from the trained model itself)"
+        )
+    if not args.rollout_correction_cap >= 1:
+        raise InvalidInputError(
+            f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
+        )
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -675,6 +684,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             temperature=args.temperature,
             agg=args.agg,
             max_len=args.max_length,  # dr_grpo's constant length, when there is one
+            rollout_correction=args.rollout_correction,
+            rollout_correction_cap=args.rollout_correction_cap,
         ),
     )
     first_step = 0
@@ -1289,6 +1300,8 @@ def _non_negative_number(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
+    from turnrl.train import ROLLOUT_CORRECTIONS
+
     parser = argparse.ArgumentParser(
         prog="turnrl",
         description="Multi-turn RL for tool-calling agents: advantages, calibration, training.",
@@ -1740,6 +1753,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-truncated",
         action="store_true",
         help="do not train on replies cut at --max-new-tokens",
+    )
+    tr.add_argument(
+        "--rollout-correction",
+        choices=ROLLOUT_CORRECTIONS,
+        help="with --engine vllm: weight each token's advantage by pi_train / pi_vllm of the "
+        "token or of its turn, capped (truncate) or zeroed above the cap (mask), as TRL's "
+        "vllm_importance_sampling_mode (default: none; the mismatch is reported either way)",
+    )
+    tr.add_argument(
+        "--rollout-correction-cap",
+        type=_finite_number,
+        default=2.0,
+        help="the cap of --rollout-correction, at least 1 (default: %(default)s)",
     )
     tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
     tr.add_argument(

@@ -150,8 +150,9 @@ def collect_rollouts(
     ``summary`` (optional) is filled in place, so a caller still has it when
     an interrupt propagates.
 
-    The sampled token ids an agent keeps on its turns (``completion_ids``)
-    are not written: buffers hold text. With ``keep_records``, the records
+    The sampled token ids an agent keeps on its turns (``completion_ids``,
+    and the sampler's ``completion_logprobs``) are not written: buffers hold
+    text. With ``keep_records``, the records
     written are also kept in ``summary.kept`` with their ids, for training
     on them in the same process (:func:`turnrl.train.train_loop`).
 
@@ -283,11 +284,15 @@ def collect_rollouts(
     return summary
 
 
+_IN_MEMORY_ONLY = ("completion_ids", "completion_logprobs")
+
+
 def _without_token_ids(record: dict[str, Any]) -> dict[str, Any]:
-    """The record without its turns' ``completion_ids`` (a copy only when it has some)."""
-    if not any("completion_ids" in t for t in record["turns"]):
+    """The record without its turns' ``completion_ids`` and ``completion_logprobs``
+    (a copy only when it has some)."""
+    if not any(key in t for t in record["turns"] for key in _IN_MEMORY_ONLY):
         return record
-    turns = [{k: v for k, v in t.items() if k != "completion_ids"} for t in record["turns"]]
+    turns = [{k: v for k, v in t.items() if k not in _IN_MEMORY_ONLY} for t in record["turns"]]
     return {**record, "turns": turns}
 
 

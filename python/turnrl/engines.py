@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import operator
 import threading
 from collections.abc import Mapping, Sequence
@@ -42,18 +43,22 @@ Tools = Sequence[Mapping[str, Any]] | None
 class Completion:
     """One generation: its raw text, whether it stopped at the token limit,
     the end token it stopped on when that was not the tokenizer's ``eos_token``
-    (Llama 3's ``<|eom_id|>``; None otherwise), which training appends, and
-    the token ids sampled (the end token included; None when unknown).
+    (Llama 3's ``<|eom_id|>``; None otherwise), which training appends, the
+    token ids sampled (the end token included; None when unknown), and the
+    sampler's log-probability of each of them (None when unknown).
 
     Training uses ``token_ids`` instead of encoding the text again, which can
     give other ids: a sampler may draw ``"\n"`` twice where the tokenizer
-    encodes ``"\n\n"`` as one token.
+    encodes ``"\n\n"`` as one token. ``logprobs`` measure how far the sampler
+    (vLLM's kernels, in bfloat16) is from the trained model on the same
+    tokens, and correct for it (:attr:`turnrl.train.GTPOConfig.rollout_correction`).
     """
 
     text: str
     truncated: bool = False
     stop: str | None = None
     token_ids: tuple[int, ...] | None = None
+    logprobs: tuple[float, ...] | None = None
 
 
 class Engine(Protocol):
@@ -213,6 +218,13 @@ class VLLMEngine:
     saved adapter (:func:`turnrl.train.save_adapter`'s folder) under a fresh
     LoRA id, so vLLM does not serve a stale cached copy. Special tokens are
     kept in the text, as :class:`TransformersEngine` keeps them.
+
+    With ``logprobs`` (the default), each completion carries vLLM's
+    log-probability of every sampled token, from the distribution it sampled
+    (``logprobs_mode="processed_logprobs"``: after temperature and top-p).
+    A vLLM too old for that mode gives log-probs before temperature, which
+    are the sampler's only at temperature 1 and top-p 1; at other settings
+    none are asked for.
     """
 
     def __init__(
@@ -225,10 +237,11 @@ class VLLMEngine:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         enable_lora: bool = True,
         max_lora_rank: int = 64,
+        logprobs: bool = True,
         **llm_kwargs: Any,
     ) -> None:
         try:
-            from vllm import LLM, SamplingParams
+            from vllm import LLM
         except ImportError:
             raise InvalidInputError(
                 "VLLMEngine needs vLLM (pip install 'turnrl[vllm]', on a machine with CUDA)"
@@ -236,13 +249,17 @@ class VLLMEngine:
 
         if enable_lora:
             llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if logprobs and "logprobs_mode" not in llm_kwargs and _takes_logprobs_mode():
+            llm_kwargs["logprobs_mode"] = "processed_logprobs"
+        self._logprobs = logprobs
+        self._processed = llm_kwargs.get("logprobs_mode") == "processed_logprobs"
         self.llm = LLM(model=model, **llm_kwargs)
         self._sampling_kwargs = {
             "top_p": top_p,
             "max_tokens": max_new_tokens,
             "skip_special_tokens": False,
         }
-        self.sampling = SamplingParams(temperature=temperature, **self._sampling_kwargs)
+        self.sampling = self._sampling(temperature)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         # Shared with the engines with_temperature makes, so that they generate
         # with whichever adapter was loaded last into any of them.
@@ -267,11 +284,19 @@ class VLLMEngine:
         Loading an adapter into either engine switches both."""
         if temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        other = copy.copy(self)
+        other.sampling = self._sampling(temperature)
+        return other
+
+    def _sampling(self, temperature: float) -> Any:
         from vllm import SamplingParams
 
-        other = copy.copy(self)
-        other.sampling = SamplingParams(temperature=temperature, **self._sampling_kwargs)
-        return other
+        kwargs = dict(self._sampling_kwargs)
+        # Raw log-probs (before temperature and top-p) are the sampler's only here.
+        plain = temperature == 1 and kwargs["top_p"] == 1
+        if self._logprobs and (self._processed or plain):
+            kwargs["logprobs"] = 0  # the sampled token's alone
+        return SamplingParams(temperature=temperature, **kwargs)
 
     def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
         """Complete all chats in one ``LLM.chat`` call."""
@@ -292,15 +317,47 @@ class VLLMEngine:
         # before it uses them (turnrl.train.tokenize_rollout).
         ids = getattr(output, "token_ids", None)
         token_ids = tuple(int(i) for i in ids) if ids is not None else None
+        logprobs = _sampled_logprobs(getattr(output, "logprobs", None), token_ids)
         if output.finish_reason == "length":
-            return Completion(output.text, truncated=True, token_ids=token_ids)
+            return Completion(output.text, truncated=True, token_ids=token_ids, logprobs=logprobs)
         # stop_reason: None for the end-of-sequence token, else the stop
         # token's id (or a stop string, which is not generated text).
         reason = getattr(output, "stop_reason", None)
         stop = None
         if isinstance(reason, int):
             stop = self.llm.get_tokenizer().decode([reason], skip_special_tokens=False)
-        return Completion(output.text, stop=stop, token_ids=token_ids)
+        return Completion(output.text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+
+
+def _takes_logprobs_mode() -> bool:
+    """Whether this vLLM has ``logprobs_mode`` (0.10.2 and later)."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except ImportError:
+        return False
+    return dataclasses.is_dataclass(EngineArgs) and any(
+        field.name == "logprobs_mode" for field in dataclasses.fields(EngineArgs)
+    )
+
+
+def _sampled_logprobs(entries: Any, token_ids: tuple[int, ...] | None) -> tuple[float, ...] | None:
+    """vLLM's log-probability of each sampled token (its per-position dicts of
+    id -> ``Logprob``), or None when any is missing or not finite."""
+    if entries is None or token_ids is None:
+        return None
+    try:
+        if len(entries) != len(token_ids):
+            return None
+        values = []
+        for entry, token in zip(entries, token_ids, strict=True):
+            found = entry.get(token) if isinstance(entry, Mapping) else None
+            value = float(getattr(found, "logprob", found))
+            if not math.isfinite(value):
+                return None
+            values.append(value)
+    except (TypeError, ValueError):
+        return None
+    return tuple(values)
 
 
 def _as_id(value: Any) -> Any:
@@ -398,6 +455,8 @@ class EngineAgent:
         if request.result.token_ids is not None:
             # As given (numpy or tensor ids included); training checks them.
             reply["completion_ids"] = [_as_id(i) for i in request.result.token_ids]
+            if request.result.logprobs is not None:
+                reply["completion_logprobs"] = list(request.result.logprobs)
         return reply
 
     def _run(self, batch: list[_Request]) -> None:

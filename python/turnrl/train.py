@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MERGE_FILE",
     "OPTIMIZER_FILE",
+    "ROLLOUT_CORRECTIONS",
     "STATE_FILE",
     "STOP_REASONS",
     "Evaluation",
@@ -215,6 +216,9 @@ class TokenizedRollout:
     ``sampled_turns`` counts the turns trained on the token ids the policy
     sampled (``completion_ids``); ``refused_ids`` those whose ids did not
     decode to their text, which were encoded from the text instead.
+    ``sampler_logprobs[r][t]`` is the sampler's log-probability of token t
+    (the turn's ``completion_logprobs``), NaN where unknown; None when no
+    token has one.
     """
 
     input_ids: list[list[int]]
@@ -222,6 +226,7 @@ class TokenizedRollout:
     packed: bool
     sampled_turns: int = 0
     refused_ids: int = 0
+    sampler_logprobs: list[list[float]] | None = None
 
     @property
     def num_trained(self) -> int:
@@ -274,7 +279,9 @@ def tokenize_rollout(
     text again can give other ids than were sampled (``"\n\n"`` as one
     token where two ``"\n"`` were drawn), which would train the policy on a
     sequence it did not generate. A conversation is packed into one row only
-    when the next prompt's ids still follow the sampled ones.
+    when the next prompt's ids still follow the sampled ones. The turn's
+    ``completion_logprobs`` (one finite float per sampled id) go with the
+    ids it is trained on, and are dropped with them.
     """
     messages = rollout_messages(record, system)
     kwargs = dict(chat_template_kwargs or {})
@@ -328,6 +335,7 @@ def tokenize_rollout(
         completions.append(completion)
 
     sampled: list[list[int] | None] = [None] * len(turns)
+    logprobs: list[list[float] | None] = [None] * len(turns)
     refused = 0
     vocabulary = len(tokenizer) if hasattr(tokenizer, "__len__") else None
     for k, turn in enumerate(turns):
@@ -341,6 +349,7 @@ def tokenize_rollout(
                 decoded = tokenizer.decode(ids, skip_special_tokens=False)
         if decoded is not None and _decodes_to(decoded, completions[k], turn.get("truncated")):
             sampled[k] = ids
+            logprobs[k] = _sampler_logprobs(turn.get("completion_logprobs"), len(ids))
         else:
             refused += 1
 
@@ -381,16 +390,46 @@ def tokenize_rollout(
             check_from=1 if mode == "exact" else last,
         )
         if packed is not None:
-            return TokenizedRollout([packed[0]], [packed[1]], True, sum(own), refused)
+            row_logprobs = [math.nan] * len(packed[0])
+            for k, known in enumerate(logprobs):
+                if own[k] and known is not None:
+                    start = packed[1].index(k)  # a turn's tokens are one run of the row
+                    row_logprobs[start : start + len(known)] = known
+            return TokenizedRollout(
+                [packed[0]],
+                [packed[1]],
+                True,
+                sum(own),
+                refused,
+                [row_logprobs] if any(own[k] and lp for k, lp in enumerate(logprobs)) else None,
+            )
     rows: list[list[int]] = []
     owners: list[list[int]] = []
+    rows_logprobs: list[list[float]] = []
     for k, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
         head = encode(prompt)
         body = sampled[k] if sampled[k] is not None else encode(completion)
         rows.append(head + body)
         owners.append([-1] * len(head) + [k] * len(body))
+        rows_logprobs.append([math.nan] * len(head) + (logprobs[k] or [math.nan] * len(body)))
     used = sum(ids is not None for ids in sampled)
-    return TokenizedRollout(rows, owners, False, used, refused)
+    known_any = any(lp is not None for lp in logprobs)
+    return TokenizedRollout(
+        rows, owners, False, used, refused, rows_logprobs if known_any else None
+    )
+
+
+def _sampler_logprobs(value: Any, count: int) -> list[float] | None:
+    """A turn's ``completion_logprobs``: ``count`` finite floats, or None."""
+    if not isinstance(value, (list, tuple)) or len(value) != count:
+        return None
+    try:
+        out = [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+    if any(isinstance(v, bool) for v in value) or not all(math.isfinite(v) for v in out):
+        return None
+    return out
 
 
 def _sampled_ids(value: Any, vocabulary: int | None) -> list[int] | None:
@@ -491,6 +530,12 @@ class TrainBatch:
     """Turns trained on their sampled token ids (see :func:`tokenize_rollout`)."""
     refused_ids: int = 0
     """Turns whose sampled ids did not decode to their text (encoded from text instead)."""
+    sampler_logprobs: torch.Tensor | None = None
+    """float32 [R, T]: the sampler's log-prob of each trained token, NaN where
+    unknown (see :attr:`GTPOConfig.rollout_correction`); None when none is known."""
+    token_turn: torch.Tensor | None = None
+    """int64 [R, T]: each token's assistant turn in its record, -1 where untrained
+    (needed by the per-turn rollout corrections)."""
 
     @classmethod
     def empty(cls) -> TrainBatch:
@@ -583,6 +628,7 @@ def build_batch(
 
     rows: list[list[int]] = []
     row_turns: list[list[int]] = []
+    row_logprobs: list[list[float] | None] = []
     row_trajectory: list[int] = []
     truncated = sampled_turns = refused_ids = 0
     for i, record in enumerate(records):
@@ -598,14 +644,17 @@ def build_batch(
         sampled_turns += tokens.sampled_turns
         refused_ids += tokens.refused_ids
         cut = cut_turns[i] if mask_truncated else set()
-        for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+        known = tokens.sampler_logprobs or [None] * len(tokens.input_ids)
+        for ids, owner, logprobs in zip(tokens.input_ids, tokens.token_turn, known, strict=True):
             if cut:
                 owner = [-1 if o in cut else o for o in owner]
             if max_length is not None and len(ids) > max_length:
                 ids, owner = ids[:max_length], owner[:max_length]
+                logprobs = None if logprobs is None else logprobs[:max_length]
                 truncated += 1
             rows.append(ids)
             row_turns.append(owner)
+            row_logprobs.append(logprobs)
             row_trajectory.append(i)
     if not rows:
         raise InvalidInputError("no record has an assistant turn to train on")
@@ -625,11 +674,21 @@ def build_batch(
     trained = turn_grid >= 0
     flat_turn = offsets[trajectory][:, None] + np.where(trained, turn_grid, 0)
     token_adv = np.where(trained, turn_adv[flat_turn], 0.0)
+    sampler = None
+    if any(lp is not None for lp in row_logprobs):
+        sampler_grid = np.full((len(rows), width), np.nan, dtype=np.float32)
+        for r, logprobs in enumerate(row_logprobs):
+            if logprobs is not None:
+                sampler_grid[r, : len(logprobs)] = logprobs
+        # Only trained tokens are compared with the trainer's log-probs.
+        sampler = torch.from_numpy(np.where(trained, sampler_grid, np.nan).astype(np.float32))
     return TrainBatch(
         input_ids=input_ids,
         attention_mask=attention,
         loss_mask=torch.from_numpy(trained),
         advantages=torch.from_numpy(token_adv.astype(np.float32)),
+        sampler_logprobs=sampler,
+        token_turn=torch.from_numpy(turn_grid),
         row_trajectory=trajectory,
         turn_advantages=turn_adv,
         turn_offsets=offsets,
@@ -638,6 +697,9 @@ def build_batch(
         sampled_turns=sampled_turns,
         refused_ids=refused_ids,
     )
+
+
+ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "turn_truncate", "turn_mask")
 
 
 @dataclasses.dataclass
@@ -668,6 +730,17 @@ class GTPOConfig:
     max_len: int | None = None
     """``dr_grpo``'s constant length (TRL: the completion limit); default: each
     batch's padded length."""
+    rollout_correction: str | None = None
+    """Importance sampling for the gap between the sampler and the trained
+    model (vLLM's bfloat16 kernels are not the trainer's), on the tokens
+    whose sampler log-probs are known (``TrainBatch.sampler_logprobs``), as
+    TRL's ``vllm_importance_sampling_mode`` and verl's rollout correction:
+    each token's advantage is weighted by w, the ratio ``pi_train / pi_sampler``
+    of the token (``"token_*"``) or of its whole turn, the unit one
+    generation sampled (``"turn_*"``, TRL's and verl's "sequence"), and
+    ``*_truncate`` caps w at ``rollout_correction_cap``, ``*_mask`` sets w
+    above the cap to 0. None: no weighting (the mismatch is still reported)."""
+    rollout_correction_cap: float = 2.0
     skip_zero_advantage: bool = True
     """Without a KL or entropy term, a row whose trained tokens all have
     advantage 0 adds exactly 0 to the loss and its gradient: it is not run
@@ -684,6 +757,15 @@ class GTPOConfig:
             )
         if self.max_len is not None and self.max_len < 1:
             raise InvalidInputError(f"max_len must be at least 1, got {self.max_len}")
+        if self.rollout_correction not in (None, *ROLLOUT_CORRECTIONS):
+            raise InvalidInputError(
+                f"rollout_correction must be one of {', '.join(ROLLOUT_CORRECTIONS)} or None, "
+                f"got {self.rollout_correction!r}"
+            )
+        if not self.rollout_correction_cap >= 1:  # also refuses NaN
+            raise InvalidInputError(
+                f"rollout_correction_cap must be at least 1, got {self.rollout_correction_cap}"
+            )
 
 
 @dataclasses.dataclass
@@ -692,7 +774,8 @@ class _MicroBatch:
 
     ``positions[r, j]`` is the j-th position of row r whose next token is
     trained (``valid`` is False past the row's count); ``targets``,
-    ``advantages`` are gathered at them: [R, T'] with T' the most any row has.
+    ``advantages``, ``sampler_logprobs`` (NaN where unknown) and ``turns``
+    are gathered at them: [R, T'] with T' the most any row has.
     """
 
     input_ids: torch.Tensor
@@ -701,6 +784,8 @@ class _MicroBatch:
     valid: torch.Tensor
     targets: torch.Tensor
     advantages: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None
+    turns: torch.Tensor | None = None
 
     @classmethod
     def take(cls, batch: TrainBatch, row_list: Sequence[int], device: torch.device) -> _MicroBatch:
@@ -718,6 +803,13 @@ class _MicroBatch:
         valid = torch.arange(width)[None, :] < counts[:, None]
         targets = torch.where(valid, ids[:, 1:].gather(1, positions), 0)
         advantages = torch.where(valid, batch.advantages[rows, 1:length].gather(1, positions), 0.0)
+        sampler = turns = None
+        if batch.sampler_logprobs is not None:
+            known = batch.sampler_logprobs[rows, 1:length].gather(1, positions)
+            sampler = torch.where(valid, known, math.nan).to(device)
+        if batch.token_turn is not None:
+            owner = batch.token_turn[rows, 1:length].gather(1, positions)
+            turns = torch.where(valid, owner, -1).to(device)
         return cls(
             input_ids=ids.to(device),
             attention_mask=batch.attention_mask[rows, :length].to(device),
@@ -725,6 +817,8 @@ class _MicroBatch:
             valid=valid.to(device),
             targets=targets.to(device),
             advantages=advantages.to(device),
+            sampler_logprobs=sampler,
+            turns=turns,
         )
 
 
@@ -1117,6 +1211,7 @@ class GTPOTrainer:
                 if isinstance(rate, float) and rate > 0:
                     attention_dropout.append((module, rate))
                     module.attention_dropout = 0.0
+            mismatch = self._correct_for_sampler(micro, old, ran_tokens)
             # dr_grpo divides by a constant length, not the token count.
             max_len = cfg.max_len if cfg.max_len is not None else padded - 1
             totals = self._update(
@@ -1128,9 +1223,83 @@ class GTPOTrainer:
             self.model.train(was_training)
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
+        totals.update(mismatch)
         totals["trained_tokens"] = float(global_tokens)
         totals["skipped_rows"] = float(skipped_rows)
         return totals
+
+    def _correct_for_sampler(
+        self, micro: list[_MicroBatch], old: list[torch.Tensor], ran_tokens: int
+    ) -> dict[str, float]:
+        """Weight the micro-batches' advantages by the rollout correction (in
+        place), and measure how far the sampler's log-probs are from ``old``,
+        the trained model's, on the tokens where they are known.
+
+        With x = log(pi_train / pi_sampler) per token: ``mismatch/k3_kl`` is
+        the mean of exp(x) - 1 - x (the k3 estimate of KL(sampler || trained)
+        from the sampler's own tokens), ``mismatch/abs_logprob_diff`` the mean
+        and ``mismatch/max_abs_logprob_diff`` the largest |x|, and
+        ``mismatch/token_share`` the share of the tokens that ran with a known
+        sampler log-prob. With a correction, ``rollout_is/weight_mean`` is the
+        mean weight and ``rollout_is/capped_share`` the share of those tokens
+        whose ratio passed the cap. Empty when no rank knows any.
+        """
+        import torch
+
+        cfg = self.config
+        cap = cfg.rollout_correction_cap
+        known_tokens = k3_sum = abs_sum = weight_sum = capped = 0.0
+        abs_max = 0.0
+        for j, m in enumerate(micro):
+            if m.sampler_logprobs is None:
+                continue
+            known = m.valid & ~torch.isnan(m.sampler_logprobs)
+            if not bool(known.any()):
+                continue
+            log_ratio = torch.where(known, old[j].float() - m.sampler_logprobs, 0.0)
+            known_tokens += float(known.sum())
+            k3_sum += float(torch.where(known, torch.expm1(log_ratio) - log_ratio, 0.0).sum())
+            abs_sum += float(log_ratio.abs().sum())
+            abs_max = max(abs_max, float(log_ratio.abs().max()))
+            if cfg.rollout_correction is None:
+                continue
+            if cfg.rollout_correction.startswith("turn"):
+                if m.turns is None:
+                    raise InvalidInputError("turn-level rollout corrections need batch.token_turn")
+                # One ratio per (row, turn): the product of its tokens' ratios.
+                keys = torch.arange(m.turns.shape[0], device=m.turns.device)[:, None]
+                keys = keys * (int(m.turns.max()) + 2) + (m.turns + 1)
+                sums = torch.zeros(int(keys.max()) + 1, dtype=log_ratio.dtype, device=keys.device)
+                sums.scatter_add_(0, keys.flatten(), log_ratio.flatten())
+                log_ratio = sums[keys]
+            ratio = torch.exp(log_ratio)
+            over = known & (ratio > cap)
+            if cfg.rollout_correction.endswith("truncate"):
+                weight = torch.clamp(ratio, max=cap)
+            else:
+                weight = torch.where(over, 0.0, ratio)
+            weight = torch.where(known, weight, 1.0)
+            m.advantages = m.advantages * weight.to(m.advantages.dtype)
+            weight_sum += float(torch.where(known, weight, 0.0).sum())
+            capped += float(over.sum())
+        if self.world_size > 1:
+            device = self._device()
+            known_tokens, k3_sum, abs_sum, weight_sum, capped = _all_reduce(
+                [known_tokens, k3_sum, abs_sum, weight_sum, capped], device
+            )
+            abs_max = _all_reduce([abs_max], device, op="max")[0]
+        if known_tokens == 0:
+            return {}
+        stats = {
+            "mismatch/k3_kl": k3_sum / known_tokens,
+            "mismatch/abs_logprob_diff": abs_sum / known_tokens,
+            "mismatch/max_abs_logprob_diff": abs_max,
+            "mismatch/token_share": known_tokens / ran_tokens,
+        }
+        if cfg.rollout_correction is not None:
+            stats["rollout_is/weight_mean"] = weight_sum / known_tokens
+            stats["rollout_is/capped_share"] = capped / known_tokens
+        return stats
 
     def save(self, path: str | os.PathLike[str], state: Mapping[str, Any] | None = None) -> Path:
         """Write the model (the adapter alone for a PEFT model) and the optimizer's
@@ -2238,7 +2407,8 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     """A :func:`train_loop` run as a PNG: success rate, loss and KL per step;
     when the history has them, each tier's reward (``tier_reward/<tier>``) and
     share of the turns (``tier_share/<tier>``), the held-out evaluations
-    (``eval/...``) and the time each part of a step took (``time/...``).
+    (``eval/...``), the time each part of a step took (``time/...``) and
+    the sampler's gap to the trained model (``mismatch/...``).
     Entries are placed at their ``"step"`` (a ``metrics.jsonl`` line), else at
     their index."""
     try:
@@ -2264,6 +2434,12 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         ("share of the step's turns in each tier", keys("tier_share/"), "tier_share/", True),
         ("held-out evaluation after the step", evaluated, "eval/", True),
         ("seconds each part of the step took", keys("time/"), "time/", False),
+        (
+            "sampler (vLLM) vs trainer on trained tokens",
+            [k for k in ("mismatch/k3_kl", "mismatch/abs_logprob_diff") if k in keys("mismatch/")],
+            "mismatch/",
+            False,
+        ),
     ]
     panels = [panel for panel in panels if panel[1]]
     columns = min(len(panels), 3)

@@ -127,8 +127,9 @@ def run_episode(
     reward written beside it.
 
     Assistant turns keep what an agent gives for training: the raw
-    ``completion`` text, ``truncated``, ``completion_end`` and the sampled
-    ``completion_ids`` (:class:`turnrl.engines.EngineAgent`). The ids are for
+    ``completion`` text, ``truncated``, ``completion_end``, the sampled
+    ``completion_ids`` and the sampler's ``completion_logprobs`` of them
+    (:class:`turnrl.engines.EngineAgent`). Ids and log-probs are for
     training on the record in memory (:func:`turnrl.train.train_loop`);
     :func:`turnrl.collect.collect_rollouts` leaves them out of buffers.
     """
@@ -201,6 +202,13 @@ def run_episode(
                     turn["completion_ids"] = list(ids)
                 except TypeError:
                     turn["completion_ids"] = [ids]  # not a sequence: refused later
+                logprobs = reply.get("completion_logprobs")
+                if logprobs is not None and not isinstance(logprobs, (str, bytes, Mapping)):
+                    # The sampler's log-prob of each id, checked the same way.
+                    try:
+                        turn["completion_logprobs"] = list(logprobs)
+                    except TypeError:
+                        turn["completion_logprobs"] = [logprobs]
         if reply.get("truncated"):
             # Cut at the token limit: a completion is trained without an
             # end-of-turn token, and mask_truncated can leave the turn out.
