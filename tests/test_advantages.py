@@ -194,3 +194,15 @@ def test_broadcast_rejects_turns_out_of_range():
         turnrl.broadcast_to_tokens([0.5], [0, 1], [[-2]])
     with pytest.raises(InvalidInputError, match="2 trajectories"):
         turnrl.broadcast_to_tokens([0.5, 0.2, 0.1], [0, 2, 3], [[0, 1, -1]])
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (5, 0), (1, 0), (0, 0)])
+def test_broadcast_rejects_a_grid_with_the_wrong_rows_whatever_its_width(shape):
+    # Two trajectories: the row count is checked even when the grid has no
+    # columns (a (5, 0) grid was accepted and came back as (5, 0)).
+    with pytest.raises(InvalidInputError, match=f"{shape[0]} rows but .* 2 trajectories"):
+        turnrl.broadcast_to_tokens([1.0, 2.0, 3.0, 4.0], [0, 3, 4], np.zeros(shape, np.int64))
+    assert turnrl.broadcast_to_tokens([1.0, 2.0, 3.0, 4.0], [0, 3, 4], np.zeros((2, 0))).shape == (
+        2,
+        0,
+    )

@@ -204,6 +204,9 @@ def broadcast_to_tokens(
     that generated token t, or -1 for tokens the model did not generate
     (prompt, tool results, user messages, padding), which get 0.
 
+    It must have one row per trajectory (B = ``len(turn_offsets) - 1``),
+    whatever its width, T = 0 included.
+
     The grid is per token; :func:`turnrl.kernels.gtpo_loss` takes values per
     position (``hidden[t]`` predicts token ``t + 1``), so pass it
     ``advantages[:, 1:]`` (and the mask and ids shifted the same way).

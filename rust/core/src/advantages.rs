@@ -724,14 +724,16 @@ pub fn run_estimator(run: EstimatorFn, batch: &Batch, params: &Params, out: &mut
     }
 }
 
-/// Spreads per-turn advantages onto a row-major [B, T] token grid.
-/// `token_turn[b * T + t]` is the turn that generated token t of trajectory b,
-/// or -1 for tokens the model did not generate (prompt, tool output, padding),
-/// which get 0.
+/// Spreads per-turn advantages onto a row-major [B, T] token grid of `rows`
+/// rows of `tokens_per_row` tokens. `token_turn[b * T + t]` is the turn that
+/// generated token t of trajectory b, or -1 for tokens the model did not
+/// generate (prompt, tool output, padding), which get 0. The grid must have
+/// one row per trajectory, whatever T (0 included).
 pub fn broadcast_to_tokens(
     turn_adv: &[f64],
     turn_offsets: &[i64],
     token_turn: &[i64],
+    rows: usize,
     tokens_per_row: usize,
 ) -> Result<Vec<f64>> {
     let trajectories = turn_offsets.len().saturating_sub(1);
@@ -741,10 +743,15 @@ pub fn broadcast_to_tokens(
         ));
     }
     validate_offsets(turn_offsets, trajectories, turn_adv.len())?;
-    if token_turn.len() != trajectories * tokens_per_row {
+    if rows != trajectories {
         return Err(Error::invalid(format!(
-            "token_turn has {} rows but turn_offsets describes {trajectories} trajectories",
-            token_turn.len().checked_div(tokens_per_row).unwrap_or(0)
+            "token_turn has {rows} rows but turn_offsets describes {trajectories} trajectories"
+        )));
+    }
+    if rows.checked_mul(tokens_per_row) != Some(token_turn.len()) {
+        return Err(Error::invalid(format!(
+            "token_turn has {} values, not {rows} rows of {tokens_per_row}",
+            token_turn.len()
         )));
     }
     let mut out = vec![0.0; token_turn.len()];
@@ -982,9 +989,31 @@ mod tests {
     #[test]
     fn broadcast_checks_turn_range() {
         let adv = [1.0, 2.0, 3.0];
-        let out = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 0, 0, -1], 3).unwrap();
+        let out = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 0, 0, -1], 2, 3).unwrap();
         assert_eq!(out, vec![0.0, 1.0, 2.0, 3.0, 3.0, 0.0]);
-        let err = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 1, 0, -1], 3).unwrap_err();
+        let err = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 1, 0, -1], 2, 3).unwrap_err();
         assert!(err.to_string().contains("token_turn[1, 0]"), "{err}");
+    }
+
+    #[test]
+    fn broadcast_checks_rows_whatever_the_columns() {
+        // Two trajectories: a grid of 5 rows is refused with 6 columns and
+        // with none (its flat length, 0, says nothing about its rows).
+        let adv = [1.0, 2.0, 3.0, 4.0];
+        for cols in [6, 0] {
+            let grid = vec![-1; 5 * cols];
+            let err = broadcast_to_tokens(&adv, &[0, 3, 4], &grid, 5, cols).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("token_turn has 5 rows but turn_offsets describes 2 trajectories"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            broadcast_to_tokens(&adv, &[0, 3, 4], &[], 2, 0).unwrap(),
+            Vec::<f64>::new()
+        );
+        let err = broadcast_to_tokens(&adv, &[0, 3, 4], &[-1; 5], 2, 3).unwrap_err();
+        assert!(err.to_string().contains("not 2 rows of 3"), "{err}");
     }
 }
