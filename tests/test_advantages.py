@@ -74,6 +74,40 @@ def test_matches_numpy_reference(batch, estimator, params):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=ragged_batches(),
+    estimator=st.sampled_from(ESTIMATORS),
+    params=params_strategy,
+    exponent=st.sampled_from([-320, -300, -170, -160]),
+)
+def test_eps_zero_is_finite_when_squares_underflow(batch, estimator, params, exponent):
+    """eps = 0 and values so small that their squared deviations underflow:
+    the std is 0, and dividing by it gave inf and NaN. Such a set normalises to
+    0, as a set of equal values does."""
+    outcome, group, rewards, offsets = batch
+    scale = 10.0**exponent
+    outcome, rewards = outcome * scale, rewards * scale
+    params = {**params, "eps": 0.0}
+    got = turnrl.compute_advantages(estimator, outcome, group, rewards, offsets, **params)
+    assert np.all(np.isfinite(got))
+    if exponent <= -170:  # every square underflows: no rounding left to differ in
+        want = reference_advantages(estimator, outcome, group, rewards, offsets, **params)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("turn_norm", ["position", "pooled"])
+def test_eps_zero_with_distinct_tiny_values_gives_zero(estimator, turn_norm):
+    tiny = np.array([0.0, 1e-170, 2e-170])
+    offsets = np.arange(4)
+    for outcome, rewards in ((tiny, np.zeros(3)), (np.ones(3), tiny)):
+        got = turnrl.compute_advantages(
+            estimator, outcome, [0, 0, 0], rewards, offsets, eps=0.0, turn_norm=turn_norm
+        )
+        assert np.array_equal(got, np.zeros(3)), got
+
+
 def test_parallel_path_matches_reference():
     # Above the core's parallel threshold (32k turns), groups out of order.
     rng = np.random.default_rng(0)

@@ -485,12 +485,19 @@ impl<'s> Accumulators<'s> {
         {
             // One value, or all values equal: exactly 0, whatever the
             // rounding of the mean. (The scale is NaN where n is 1; the
-            // select drops it.)
+            // select drops it.) So is a set whose squared deviations all
+            // underflow (values of 1e-170 with eps = 0): its std is 0 and
+            // the reciprocal infinite, which would give inf and NaN.
             let scale = match params.norm {
                 Norm::Std => 1.0 / ((sq / (n - 1.0)).sqrt() + params.eps),
                 _ => 1.0,
             };
-            *inv = if (n <= 1.0) | (hi <= lo) { 0.0 } else { scale };
+            let usable = scale < f64::INFINITY;
+            *inv = if (n <= 1.0) | (hi <= lo) | !usable {
+                0.0
+            } else {
+                scale
+            };
         }
         (mean, inv_scale)
     }
@@ -519,7 +526,11 @@ fn stats(values: impl Iterator<Item = f64> + Clone, norm: Norm, eps: f64) -> Opt
         Norm::Std => {
             let mean = sum / n as f64;
             let ss: f64 = values.map(|v| (v - mean) * (v - mean)).sum();
-            Some((mean, (ss / (n - 1) as f64).sqrt() + eps))
+            let scale = (ss / (n - 1) as f64).sqrt() + eps;
+            // Distinct values whose squared deviations all underflow (1e-170
+            // apart, eps = 0) have a std of 0: normalise them to 0, as a set
+            // of equal values, rather than divide by it.
+            (scale > 0.0).then_some((mean, scale))
         }
     }
 }
