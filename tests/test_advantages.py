@@ -108,6 +108,26 @@ def test_eps_zero_with_distinct_tiny_values_gives_zero(estimator, turn_norm):
         assert np.array_equal(got, np.zeros(3)), got
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_lam_too_large_to_stay_finite_is_refused(estimator):
+    outcome, group, offsets = [1.0, 0, 0, 0, 0, 0], [0] * 6, np.arange(7)
+    for lam in (1e101, 1e308, -1e308):
+        with pytest.raises(InvalidInputError, match=r"lam must be at most 1e100 in size"):
+            turnrl.compute_advantages(estimator, outcome, group, np.zeros(6), offsets, lam=lam)
+    for lam in (1e100, -1e100):
+        for norm in ("std", "mean", "none"):
+            got = turnrl.compute_advantages(
+                estimator,
+                outcome,
+                group,
+                [1e100, -1e100, 0, 0, 0, 1e100],
+                offsets,
+                lam=lam,
+                norm=norm,
+            )
+            assert np.all(np.isfinite(got))
+
+
 def test_parallel_path_matches_reference():
     # Above the core's parallel threshold (32k turns), groups out of order.
     rng = np.random.default_rng(0)

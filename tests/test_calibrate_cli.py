@@ -221,6 +221,26 @@ def test_option_values_are_checked(buffers, capsys, option, value, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--lam", "1e308", "lam must be at most 1e100 in size"),
+        ("--gamma", "2", "gamma is a discount factor"),
+    ],
+)
+def test_estimator_settings_it_refuses_fail_in_one_line(
+    buffers, tmp_path: Path, capsys, option, value, message
+):
+    """--lam 1e308 gave inf advantages and died in json.dump with a traceback."""
+    _, plain, _ = buffers
+    report = tmp_path / "r.json"
+    assert main(["calibrate", str(plain), option, value, "--report", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert "trajectories" not in captured.out  # refused before the buffers are read
+    assert not report.exists()
+
+
 def test_outputs_that_cannot_be_written_fail_in_one_line(buffers, tmp_path: Path, capsys):
     _, plain, _ = buffers
     for option in ("--out", "--report", "--plot"):

@@ -179,16 +179,16 @@ def compute_advantages(
         **params: ``norm`` (``"std"`` | ``"mean"`` | ``"none"``), ``eps``
             (1e-6; finite, >= 0), ``gamma`` (``gtpo_hybrid``: 0.9; a
             discount factor in [0, 1]), ``lam`` (``mt_grpo``: 1.0,
-            ``gtpo_hybrid``: 0.3), ``turn_norm`` (``"position"`` |
-            ``"pooled"``).
+            ``gtpo_hybrid``: 0.3; at most 1e100 in size), ``turn_norm``
+            (``"position"`` | ``"pooled"``).
 
     Returns:
         float64 array with one advantage per turn. Groups of one trajectory
         and constant sets normalise to 0, and so does a set whose std is 0
         although its values differ (``eps=0`` and deviations whose squares
         underflow); no NaN or infinity is ever returned (rewards and
-        outcomes must be finite and at most 1e100 in size, so that the
-        normalisation cannot overflow).
+        outcomes must be finite and at most 1e100 in size, and ``lam`` at
+        most 1e100, so that nothing can overflow).
     """
     fn = get_estimator(estimator)
     if getattr(fn, "_validates_itself", False):

@@ -106,6 +106,15 @@ impl Params {
                 }
             }
         }
+        // A weight beyond MAX_REWARD can overflow: lam = 1e308 times an
+        // advantage of 1 or more is inf. Within it, lam times a normalised
+        // value (or a return of rewards up to MAX_REWARD) stays finite.
+        if let Some(lam) = self.lam.filter(|l| l.abs() > MAX_REWARD) {
+            return Err(Error::invalid(format!(
+                "lam must be at most {MAX_REWARD:e} in size (larger weights overflow the \
+                 advantages to inf), got {lam:e}"
+            )));
+        }
         // A discount factor: beyond 1 the returns grow with the horizon
         // (and overflow to NaN for large values).
         if let Some(gamma) = self.gamma.filter(|g| !(0.0..=1.0).contains(g)) {

@@ -152,6 +152,22 @@ fn parallel_path_equals_group_by_group() {
     }
 }
 
+fn all_params(eps: f64, lam: Option<f64>) -> Vec<Params> {
+    let mut out = vec![];
+    for norm in [Norm::Std, Norm::Mean, Norm::None] {
+        for turn_norm in [TurnNorm::Position, TurnNorm::Pooled] {
+            out.push(Params {
+                norm,
+                turn_norm,
+                eps,
+                lam,
+                ..Params::default()
+            });
+        }
+    }
+    out
+}
+
 #[test]
 fn eps_zero_with_underflowing_deviations_normalises_to_zero() {
     // Distinct values 1e-170 apart: their squared deviations underflow, so
@@ -201,6 +217,52 @@ proptest! {
             for turns in b.run(est.name, &p) {
                 prop_assert!(turns.iter().all(|v| v.is_finite()), "{}: {:?}", est.name, turns);
             }
+        }
+    }
+}
+
+#[test]
+fn lam_is_bounded_so_advantages_stay_finite() {
+    // Rewards and outcomes at the largest accepted size, lam at its bound:
+    // every estimator, norm and turn_norm gives finite advantages.
+    let big = turnrl_core::advantages::MAX_REWARD;
+    let b = Owned {
+        outcome: vec![big, -big, 0.0, big],
+        group: vec![0, 0, 0, 1],
+        rewards: vec![vec![big, -big, big], vec![-big], vec![], vec![big; 4]],
+    };
+    for lam in [big, -big] {
+        for p in all_params(0.0, Some(lam)) {
+            for est in ESTIMATORS {
+                for turns in b.run(est.name, &p) {
+                    assert!(
+                        turns.iter().all(|v| v.is_finite()),
+                        "{} {p:?}: {turns:?}",
+                        est.name
+                    );
+                }
+            }
+        }
+    }
+    // Beyond it (1e308 gave inf): an error naming lam.
+    let (flat, offsets) = b.flat();
+    let batch = Batch {
+        outcome: &b.outcome,
+        group: &b.group,
+        turn_rewards: &flat,
+        turn_offsets: &offsets,
+    };
+    for lam in [1e101, -1e308, f64::MAX] {
+        let p = Params {
+            lam: Some(lam),
+            ..Params::default()
+        };
+        for est in ESTIMATORS {
+            let err = compute_advantages(est.name, &batch, &p).unwrap_err();
+            assert!(
+                err.to_string().contains("lam must be at most 1e100"),
+                "{err}"
+            );
         }
     }
 }
