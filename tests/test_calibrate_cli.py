@@ -455,3 +455,51 @@ def test_concurrent_loading_reports_the_first_bad_file_in_input_order(many_buffe
             load_buffers(paths, workers=workers)
     with pytest.raises(InvalidInputError, match="workers must be at least 1, got 0"):
         load_buffers(many_buffers, workers=0)
+
+
+def test_a_perfect_correlation_has_a_degenerate_interval_and_plots(tmp_path: Path, capsys):
+    """gold present exactly when the rollout succeeds (r = 1, n = 40): its
+    interval is [1, 1]. It was [0.9999999999999981, 0.9999999999999994],
+    which excludes r, and --plot died on the negative error bar."""
+    path = tmp_path / "perfect.jsonl"
+    with path.open("w") as fh:
+        for g in range(10):
+            for s in range(4):
+                ok = s < 2
+                turn = {"role": "assistant", "content": "", "tier": "gold" if ok else "error"}
+                record = {
+                    "schema": "turnrl.rollout/1",
+                    "task_id": f"t{g}",
+                    "group": f"t{g}",
+                    "sample": s,
+                    "outcome": 1.0 if ok else 0.0,
+                    "turns": [turn],
+                    "meta": {},
+                }
+                fh.write(json.dumps(record) + "\n")
+    report, plot = tmp_path / "report.json", tmp_path / "report.png"
+    argv = ["calibrate", str(path), "--quiet", "--report", str(report), "--plot", str(plot)]
+    assert main(argv) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_tier = {c["tier"]: c for c in json.loads(report.read_text())["correlations"]}
+    for tier, r in (("gold", 1.0), ("error", -1.0)):
+        assert (by_tier[tier]["r"], by_tier[tier]["ci_low"], by_tier[tier]["ci_high"]) == (r, r, r)
+
+
+def test_plot_never_passes_negative_error_bars(tmp_path: Path):
+    """Whatever interval a report holds, the plot draws it."""
+    import dataclasses
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
+    # An interval that misses r on either side.
+    shifted = [
+        dataclasses.replace(c, ci_low=c.r + 0.01, ci_high=c.r - 0.01) for c in report.correlations
+    ]
+    plot_report(dataclasses.replace(report, correlations=shifted), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

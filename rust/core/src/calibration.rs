@@ -222,8 +222,12 @@ impl Correlation {
         };
         let (ci_low, ci_high) = if n <= 3 {
             (-1.0, 1.0)
+        } else if r.abs() >= 1.0 {
+            // A perfect relation: z is infinite and the interval degenerate.
+            // (Clamping r below 1 gave an interval that excluded r itself.)
+            (r, r)
         } else {
-            let z = r.clamp(-1.0 + 1e-15, 1.0 - 1e-15).atanh();
+            let z = r.atanh();
             let half = normal_quantile(0.5 + confidence / 2.0) / ((n - 3) as f64).sqrt();
             ((z - half).tanh(), (z + half).tanh())
         };
@@ -481,6 +485,31 @@ mod tests {
         let c = complement.correlation(0, Variable::Presence, 0.95);
         assert_eq!((c.r, c.p_value), (-1.0, 0.0));
         assert!(!perfect(i128::MAX, 1, 1));
+    }
+
+    #[test]
+    fn intervals_contain_r_even_when_perfect() {
+        // n > 3 with |r| = 1: the interval is [r, r]; it used to be
+        // [0.9999999999999981, 0.9999999999999994], which excludes r = 1.
+        for r in [1.0, -1.0] {
+            let c = Correlation::new(r, 40, 20, 0.95);
+            assert_eq!((c.ci_low, c.ci_high), (r, r));
+        }
+        let mut sums = TierSums::new(1);
+        let outcome: Vec<f64> = (0..40).map(|i| (i % 2) as f64).collect();
+        let offsets: Vec<i64> = (0..=40).collect();
+        let tiers: Vec<i64> = (0..40).map(|i| if i % 2 == 1 { 0 } else { -1 }).collect();
+        sums.accumulate(&outcome, &offsets, &tiers, 1.0).unwrap();
+        let c = sums.correlation(0, Variable::Presence, 0.95);
+        assert_eq!((c.r, c.ci_low, c.ci_high), (1.0, 1.0, 1.0));
+        // Everywhere else the interval holds r, and close to 1 it tightens
+        // towards it.
+        for r in [-0.999_999_999, -0.5, 0.0, 0.3, 0.999_999_999_999] {
+            for n in [4, 5, 40, 100_000] {
+                let c = Correlation::new(r, n, 1, 0.95);
+                assert!(c.ci_low <= r && r <= c.ci_high, "{r} {n}: {c:?}");
+            }
+        }
     }
 
     #[test]
