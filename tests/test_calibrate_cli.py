@@ -303,6 +303,47 @@ def test_misaligned_counts_do_not_depend_on_file_order(tmp_path: Path, capsys):
     assert outputs[0] == outputs[1]
 
 
+def test_calibrated_rewards_do_not_depend_on_file_order(tmp_path: Path, capsys):
+    """Groups whose read turns' mean advantage is 0 in exact arithmetic (every
+    member makes one read call; mt_grpo), split over two files: `a b` wrote
+    read = 1.5 and `b a` read = 0.0, the mean's sign being rounding noise."""
+
+    def record(g, sample, outcome, tier):
+        turn = {"role": "assistant", "content": "x", "tier": tier, "reward": 0.0}
+        return {
+            "schema": "turnrl.rollout/1",
+            "task_id": f"t{g}",
+            "group": f"s/t{g}",
+            "sample": sample,
+            "outcome": outcome,
+            "turns": [turn],
+            "meta": {},
+        }
+
+    first, second = [], []
+    for g in range(10):
+        for m, outcome in enumerate((0.0, 0.2, 0.1, 0.5, 0.3)):
+            (first if m in (0, 1, 3) else second).append(record(g, m, outcome, "read"))
+    for g in range(10, 20):
+        first += [record(g, m, o, "write") for m, o in enumerate((0.0, 0.0, 0.1))]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in first))
+    b.write_text("".join(json.dumps(r) + "\n" for r in second))
+    written = []
+    for name, order in (("ab", [a, b]), ("ba", [b, a])):
+        out, report = tmp_path / f"{name}.toml", tmp_path / f"{name}.json"
+        argv = ["calibrate", *map(str, order), "--estimator", "mt_grpo"]
+        argv += ["--success-threshold", "0.3", "--quiet", "--out", str(out)]
+        assert main([*argv, "--report", str(report)]) == 0
+        data = json.loads(report.read_text())
+        del data["inputs"]
+        written.append((out.read_text(), data))
+    capsys.readouterr()
+    assert written[0] == written[1]
+    assert load_tier_rewards(tmp_path / "ab.toml")["read"] == 0.0
+    assert written[0][1]["converged"]
+
+
 def test_ray_gives_the_same_answer(buffers, tmp_path: Path):
     ray = pytest.importorskip("ray")
     _, plain, packed = buffers

@@ -190,6 +190,80 @@ def test_direction_check_counts_match_a_plain_loop():
         assert got[c.tier].mean_advantage == pytest.approx(adv[on].mean())
 
 
+def zero_mean_read_groups(order) -> TieredRollouts:
+    """Ten groups in which every member makes one read call, with outcomes in
+    ``order``, and ten failed groups of write calls. Under mt_grpo the read
+    turns' mean advantage is 0 in exact arithmetic whatever the read reward:
+    the turn term is constant within each group and the outcome term sums to
+    0 over it."""
+    outcome, group, codes = [], [], []
+    for g in range(10):
+        outcome += order
+        group += [g] * len(order)
+        codes += [2] * len(order)  # read
+    for g in range(10, 20):
+        outcome += [0.0, 0.0, 0.1]
+        group += [g] * 3
+        codes += [3] * 3  # write
+    offsets = np.arange(len(codes) + 1)
+    return TieredRollouts(np.array(outcome), np.array(group), offsets, np.array(codes))
+
+
+def test_a_zero_mean_advantage_is_zero_whatever_the_member_order():
+    """The mean came out as -1e-16 or +7e-17 depending on the order of a
+    group's members, so the same data was aligned or not, and calibrated to
+    read = 1.5 or read = 0."""
+    reports = [
+        calibrate(zero_mean_read_groups(order), "naive", estimator="mt_grpo", success_threshold=0.3)
+        for order in (
+            [0.0, 0.2, 0.1, 0.5, 0.3],
+            [0.0, 0.2, 0.5, 0.1, 0.3],
+            [0.3, 0.5, 0.2, 0.1, 0.0],
+        )
+    ]
+    assert all(report.to_dict() == reports[0].to_dict() for report in reports)
+    report = reports[0]
+    for it in [report.initial, *report.iterations]:
+        read = next(d for d in it.directions if d.tier == "read")
+        assert read.mean_advantage == 0.0 and read.turns == 50
+        # 0 is not r's sign: not aligned while read has a reward.
+        assert read.aligned == (read.reward == 0.0)
+    # Boosted to the cap and, still not aligned there, dropped: its reward
+    # does not move its turns at all.
+    assert [it.rewards["read"] for it in report.iterations] == [1.0, 1.5, 0.0]
+    assert report.converged and report.best.index == 3 and report.rewards["read"] == 0.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(rollouts=tiered_batches(), data=st.data())
+def test_mean_advantages_are_plain_means_with_zero_tolerance(rollouts, data):
+    rewards = dict(
+        zip(
+            DEFAULT_TIERS,
+            data.draw(st.lists(st.sampled_from([0.0, 0.3, -0.5, 1.0]), min_size=6, max_size=6)),
+            strict=True,
+        )
+    )
+    correlations = TierStats.from_rollouts(rollouts).correlations()
+    adv = turnrl.compute_advantages(
+        "gtpo_hybrid",
+        rollouts.outcome,
+        rollouts.group,
+        rollouts.turn_rewards(rewards),
+        rollouts.turn_offsets,
+    )
+    zero = 1e-9 * np.abs(adv).max(initial=0.0)
+    for d, c in zip(direction_check(rollouts, rewards, correlations), correlations, strict=True):
+        on = rollouts.turn_tiers == rollouts.tiers.index(d.tier)
+        plain = adv[on].mean() if on.any() else 0.0
+        if abs(plain) <= zero:
+            assert d.mean_advantage == 0.0
+        else:
+            assert d.mean_advantage == pytest.approx(plain, rel=1e-9, abs=zero)
+        want = d.exempt or d.turns == 0 or (abs(plain) > zero and np.sign(plain) == np.sign(c.r))
+        assert d.aligned == want
+
+
 def test_tier_files_round_trip_and_presets(tmp_path):
     path = tmp_path / "sub" / "tiers.toml"
     save_tier_rewards({"gold": 1.0, "read": -0.1, "odd tier": 0.5}, path, comment="made by test")
