@@ -851,8 +851,8 @@ class OnlineCalibrator:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to go on exactly where this calibrator is: the
-        settings, the current rewards, the step count and the window's
-        statistics, as plain JSON-compatible values (format
+        settings, the current rewards, the step count, the held-back count
+        and the window's statistics, as plain JSON-compatible values (format
         ``turnrl.online_calibrator/1``). ``reports`` are not included: they
         describe past decisions, and a restored calibrator starts a new list.
         """
@@ -865,6 +865,7 @@ class OnlineCalibrator:
             "min_trajectories": self.min_trajectories,
             "calibrate_kwargs": dict(self.calibrate_kwargs),
             "steps": self.steps,
+            "held": self.held,
             "pending": self.pending,
             "history": [_stats_state(step_stats) for step_stats in self.history],
         }
@@ -907,6 +908,12 @@ class OnlineCalibrator:
         if not isinstance(pending, bool):
             raise InvalidInputError(f"state['pending'] must be a bool, got {pending!r}")
         online.pending = pending
+        held = state.get("held", 0)  # states written before it was kept: 0, as they restored
+        if not isinstance(held, int) or isinstance(held, bool) or not 0 <= held <= steps:
+            raise InvalidInputError(
+                f"state['held'] must be a count of at most state['steps'] ({steps}), got {held!r}"
+            )
+        online.held = held
         online.history.extend(
             _stats_from_state(item, online.tiers, f"state['history'][{i}]")
             for i, item in enumerate(history)
