@@ -18,7 +18,10 @@ def group_normalize(values: np.ndarray, norm: str, eps: float) -> np.ndarray:
     centered = values - values.mean()
     if norm == "mean":
         return centered
-    return centered / (values.std(ddof=1) + eps)
+    scale = values.std(ddof=1) + eps
+    if scale == 0:  # eps = 0 and squared deviations that all underflow (1e-170 apart)
+        return np.zeros_like(values)
+    return centered / scale
 
 
 def turn_normalize(per_traj: list[np.ndarray], norm: str, eps: float, turn_norm: str):

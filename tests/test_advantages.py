@@ -74,6 +74,60 @@ def test_matches_numpy_reference(batch, estimator, params):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=ragged_batches(),
+    estimator=st.sampled_from(ESTIMATORS),
+    params=params_strategy,
+    exponent=st.sampled_from([-320, -300, -170, -160]),
+)
+def test_eps_zero_is_finite_when_squares_underflow(batch, estimator, params, exponent):
+    """eps = 0 and values so small that their squared deviations underflow:
+    the std is 0, and dividing by it gave inf and NaN. Such a set normalises to
+    0, as a set of equal values does."""
+    outcome, group, rewards, offsets = batch
+    scale = 10.0**exponent
+    outcome, rewards = outcome * scale, rewards * scale
+    params = {**params, "eps": 0.0}
+    got = turnrl.compute_advantages(estimator, outcome, group, rewards, offsets, **params)
+    assert np.all(np.isfinite(got))
+    if exponent <= -170:  # every square underflows: no rounding left to differ in
+        want = reference_advantages(estimator, outcome, group, rewards, offsets, **params)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("turn_norm", ["position", "pooled"])
+def test_eps_zero_with_distinct_tiny_values_gives_zero(estimator, turn_norm):
+    tiny = np.array([0.0, 1e-170, 2e-170])
+    offsets = np.arange(4)
+    for outcome, rewards in ((tiny, np.zeros(3)), (np.ones(3), tiny)):
+        got = turnrl.compute_advantages(
+            estimator, outcome, [0, 0, 0], rewards, offsets, eps=0.0, turn_norm=turn_norm
+        )
+        assert np.array_equal(got, np.zeros(3)), got
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_lam_too_large_to_stay_finite_is_refused(estimator):
+    outcome, group, offsets = [1.0, 0, 0, 0, 0, 0], [0] * 6, np.arange(7)
+    for lam in (1e101, 1e308, -1e308):
+        with pytest.raises(InvalidInputError, match=r"lam must be at most 1e100 in size"):
+            turnrl.compute_advantages(estimator, outcome, group, np.zeros(6), offsets, lam=lam)
+    for lam in (1e100, -1e100):
+        for norm in ("std", "mean", "none"):
+            got = turnrl.compute_advantages(
+                estimator,
+                outcome,
+                group,
+                [1e100, -1e100, 0, 0, 0, 1e100],
+                offsets,
+                lam=lam,
+                norm=norm,
+            )
+            assert np.all(np.isfinite(got))
+
+
 def test_parallel_path_matches_reference():
     # Above the core's parallel threshold (32k turns), groups out of order.
     rng = np.random.default_rng(0)
@@ -194,3 +248,15 @@ def test_broadcast_rejects_turns_out_of_range():
         turnrl.broadcast_to_tokens([0.5], [0, 1], [[-2]])
     with pytest.raises(InvalidInputError, match="2 trajectories"):
         turnrl.broadcast_to_tokens([0.5, 0.2, 0.1], [0, 2, 3], [[0, 1, -1]])
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (5, 0), (1, 0), (0, 0)])
+def test_broadcast_rejects_a_grid_with_the_wrong_rows_whatever_its_width(shape):
+    # Two trajectories: the row count is checked even when the grid has no
+    # columns (a (5, 0) grid was accepted and came back as (5, 0)).
+    with pytest.raises(InvalidInputError, match=f"{shape[0]} rows but .* 2 trajectories"):
+        turnrl.broadcast_to_tokens([1.0, 2.0, 3.0, 4.0], [0, 3, 4], np.zeros(shape, np.int64))
+    assert turnrl.broadcast_to_tokens([1.0, 2.0, 3.0, 4.0], [0, 3, 4], np.zeros((2, 0))).shape == (
+        2,
+        0,
+    )

@@ -221,6 +221,26 @@ def test_option_values_are_checked(buffers, capsys, option, value, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--lam", "1e308", "lam must be at most 1e100 in size"),
+        ("--gamma", "2", "gamma is a discount factor"),
+    ],
+)
+def test_estimator_settings_it_refuses_fail_in_one_line(
+    buffers, tmp_path: Path, capsys, option, value, message
+):
+    """--lam 1e308 gave inf advantages and died in json.dump with a traceback."""
+    _, plain, _ = buffers
+    report = tmp_path / "r.json"
+    assert main(["calibrate", str(plain), option, value, "--report", str(report)]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert "trajectories" not in captured.out  # refused before the buffers are read
+    assert not report.exists()
+
+
 def test_outputs_that_cannot_be_written_fail_in_one_line(buffers, tmp_path: Path, capsys):
     _, plain, _ = buffers
     for option in ("--out", "--report", "--plot"):
@@ -281,6 +301,47 @@ def test_misaligned_counts_do_not_depend_on_file_order(tmp_path: Path, capsys):
             [line for line in out.splitlines() if "misaligned" in line or "soft" in line]
         )
     assert outputs[0] == outputs[1]
+
+
+def test_calibrated_rewards_do_not_depend_on_file_order(tmp_path: Path, capsys):
+    """Groups whose read turns' mean advantage is 0 in exact arithmetic (every
+    member makes one read call; mt_grpo), split over two files: `a b` wrote
+    read = 1.5 and `b a` read = 0.0, the mean's sign being rounding noise."""
+
+    def record(g, sample, outcome, tier):
+        turn = {"role": "assistant", "content": "x", "tier": tier, "reward": 0.0}
+        return {
+            "schema": "turnrl.rollout/1",
+            "task_id": f"t{g}",
+            "group": f"s/t{g}",
+            "sample": sample,
+            "outcome": outcome,
+            "turns": [turn],
+            "meta": {},
+        }
+
+    first, second = [], []
+    for g in range(10):
+        for m, outcome in enumerate((0.0, 0.2, 0.1, 0.5, 0.3)):
+            (first if m in (0, 1, 3) else second).append(record(g, m, outcome, "read"))
+    for g in range(10, 20):
+        first += [record(g, m, o, "write") for m, o in enumerate((0.0, 0.0, 0.1))]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in first))
+    b.write_text("".join(json.dumps(r) + "\n" for r in second))
+    written = []
+    for name, order in (("ab", [a, b]), ("ba", [b, a])):
+        out, report = tmp_path / f"{name}.toml", tmp_path / f"{name}.json"
+        argv = ["calibrate", *map(str, order), "--estimator", "mt_grpo"]
+        argv += ["--success-threshold", "0.3", "--quiet", "--out", str(out)]
+        assert main([*argv, "--report", str(report)]) == 0
+        data = json.loads(report.read_text())
+        del data["inputs"]
+        written.append((out.read_text(), data))
+    capsys.readouterr()
+    assert written[0] == written[1]
+    assert load_tier_rewards(tmp_path / "ab.toml")["read"] == 0.0
+    assert written[0][1]["converged"]
 
 
 def test_ray_gives_the_same_answer(buffers, tmp_path: Path):
@@ -435,3 +496,51 @@ def test_concurrent_loading_reports_the_first_bad_file_in_input_order(many_buffe
             load_buffers(paths, workers=workers)
     with pytest.raises(InvalidInputError, match="workers must be at least 1, got 0"):
         load_buffers(many_buffers, workers=0)
+
+
+def test_a_perfect_correlation_has_a_degenerate_interval_and_plots(tmp_path: Path, capsys):
+    """gold present exactly when the rollout succeeds (r = 1, n = 40): its
+    interval is [1, 1]. It was [0.9999999999999981, 0.9999999999999994],
+    which excludes r, and --plot died on the negative error bar."""
+    path = tmp_path / "perfect.jsonl"
+    with path.open("w") as fh:
+        for g in range(10):
+            for s in range(4):
+                ok = s < 2
+                turn = {"role": "assistant", "content": "", "tier": "gold" if ok else "error"}
+                record = {
+                    "schema": "turnrl.rollout/1",
+                    "task_id": f"t{g}",
+                    "group": f"t{g}",
+                    "sample": s,
+                    "outcome": 1.0 if ok else 0.0,
+                    "turns": [turn],
+                    "meta": {},
+                }
+                fh.write(json.dumps(record) + "\n")
+    report, plot = tmp_path / "report.json", tmp_path / "report.png"
+    argv = ["calibrate", str(path), "--quiet", "--report", str(report), "--plot", str(plot)]
+    assert main(argv) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    by_tier = {c["tier"]: c for c in json.loads(report.read_text())["correlations"]}
+    for tier, r in (("gold", 1.0), ("error", -1.0)):
+        assert (by_tier[tier]["r"], by_tier[tier]["ci_low"], by_tier[tier]["ci_high"]) == (r, r, r)
+
+
+def test_plot_never_passes_negative_error_bars(tmp_path: Path):
+    """Whatever interval a report holds, the plot draws it."""
+    import dataclasses
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
+    # An interval that misses r on either side.
+    shifted = [
+        dataclasses.replace(c, ci_low=c.r + 0.01, ci_high=c.r - 0.01) for c in report.correlations
+    ]
+    plot_report(dataclasses.replace(report, correlations=shifted), tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -177,16 +177,18 @@ def compute_advantages(
         turn_rewards: reward r[i, k] of every turn, trajectories concatenated.
         turn_offsets: length B + 1, from 0 to ``len(turn_rewards)``.
         **params: ``norm`` (``"std"`` | ``"mean"`` | ``"none"``), ``eps``
-            (1e-6), ``gamma`` (``gtpo_hybrid``: 0.9; a discount factor in
-            [0, 1]), ``lam`` (``mt_grpo``:
-            1.0, ``gtpo_hybrid``: 0.3), ``turn_norm`` (``"position"`` |
-            ``"pooled"``).
+            (1e-6; finite, >= 0), ``gamma`` (``gtpo_hybrid``: 0.9; a
+            discount factor in [0, 1]), ``lam`` (``mt_grpo``: 1.0,
+            ``gtpo_hybrid``: 0.3; at most 1e100 in size), ``turn_norm``
+            (``"position"`` | ``"pooled"``).
 
     Returns:
         float64 array with one advantage per turn. Groups of one trajectory
-        and constant sets normalise to 0; no NaN is ever returned (rewards
-        and outcomes must be finite and at most 1e100 in size, so that the
-        normalisation cannot overflow).
+        and constant sets normalise to 0, and so does a set whose std is 0
+        although its values differ (``eps=0`` and deviations whose squares
+        underflow); no NaN or infinity is ever returned (rewards and
+        outcomes must be finite and at most 1e100 in size, and ``lam`` at
+        most 1e100, so that nothing can overflow).
     """
     fn = get_estimator(estimator)
     if getattr(fn, "_validates_itself", False):
@@ -203,6 +205,9 @@ def broadcast_to_tokens(
     ``token_turn[b, t]`` is the index (from 0) of the turn of trajectory b
     that generated token t, or -1 for tokens the model did not generate
     (prompt, tool results, user messages, padding), which get 0.
+
+    It must have one row per trajectory (B = ``len(turn_offsets) - 1``),
+    whatever its width, T = 0 included.
 
     The grid is per token; :func:`turnrl.kernels.gtpo_loss` takes values per
     position (``hidden[t]`` predicts token ``t + 1``), so pass it

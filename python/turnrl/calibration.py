@@ -503,6 +503,10 @@ class TierDirection:
     turns: int
     misaligned: int
     mean_advantage: float
+    """The mean advantage over the tier's turns; 0 when within 1e-9 of the
+    batch's largest |advantage| from 0 (the tolerance of the misaligned
+    count), since rounding gives a mean that is 0 in exact arithmetic a sign
+    set by the order of the turns."""
 
     @property
     def exempt(self) -> bool:
@@ -511,7 +515,10 @@ class TierDirection:
 
     @property
     def aligned(self) -> bool:
-        """The mean advantage over the tier's turns has the sign of r."""
+        """The mean advantage over the tier's turns has the sign of r. A mean
+        of 0 has no sign: the tier's reward does not credit its turns the way
+        r says on average, so it is not aligned (exempt tiers and tiers
+        without turns are)."""
         return self.exempt or self.turns == 0 or np.sign(self.mean_advantage) == np.sign(self.r)
 
 
@@ -523,7 +530,10 @@ def direction_check(
     **params: Any,
 ) -> list[TierDirection]:
     """Run the estimator with ``rewards`` and count, per tier, the turns whose
-    advantage has the opposite sign of the tier's r (zero-reward tiers exempt)."""
+    advantage has the opposite sign of the tier's r (zero-reward tiers exempt).
+    Advantages, and a tier's mean advantage, within 1e-9 of the batch's
+    largest |advantage| from 0 count as 0, so the verdicts do not depend on
+    the order of the input."""
     r_of = {c.tier: c.r for c in correlations}
     advantages = compute_advantages(
         estimator,
@@ -540,7 +550,7 @@ def direction_check(
         ],
         dtype=np.int8,
     )
-    turns, misaligned, advantage_sum = _core.direction_check(advantages, rollouts.turn_tiers, signs)
+    turns, misaligned, mean = _core.direction_check(advantages, rollouts.turn_tiers, signs)
     return [
         TierDirection(
             tier,
@@ -548,7 +558,7 @@ def direction_check(
             r_of.get(tier, 0.0),
             int(turns[t]),
             int(misaligned[t]),
-            float(advantage_sum[t] / turns[t]) if turns[t] else 0.0,
+            float(mean[t]),
         )
         for t, tier in enumerate(rollouts.tiers)
     ]
@@ -667,10 +677,18 @@ def calibrate(
     4. every tier with misaligned turns gets its reward's magnitude multiplied
        by ``boost`` (sign kept) while that stays within ``max_reward``
        (default ``2 * target``); a tier already at the cap whose mean
-       advantage still has the wrong sign is set to 0 (left to the outcome
-       term: it cannot be credited the right way without dominating);
+       advantage is not of r_pb's sign (the wrong sign, or 0) is set to 0
+       (left to the outcome term: it cannot be credited the right way without
+       dominating);
     5. back to 3 until no turn is misaligned, nothing changes, or
        ``max_iterations`` rounds have run.
+
+    A tier is aligned when its mean advantage has r_pb's sign; a mean within
+    1e-9 of the batch's largest advantage from 0 is 0, which is not. A tier
+    whose turns all get (about) 0, e.g. in groups of one rollout, is then
+    not aligned, but has no misaligned turns: the loop leaves its reward as
+    it is (nothing it could be changed to would move those turns) and the
+    report says not converged.
 
     Every round is reported; the calibrated rewards are those of the aligned
     round with the fewest misaligned turns (:attr:`CalibrationReport.best`).
@@ -833,8 +851,8 @@ class OnlineCalibrator:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to go on exactly where this calibrator is: the
-        settings, the current rewards, the step count and the window's
-        statistics, as plain JSON-compatible values (format
+        settings, the current rewards, the step count, the held-back count
+        and the window's statistics, as plain JSON-compatible values (format
         ``turnrl.online_calibrator/1``). ``reports`` are not included: they
         describe past decisions, and a restored calibrator starts a new list.
         """
@@ -847,6 +865,7 @@ class OnlineCalibrator:
             "min_trajectories": self.min_trajectories,
             "calibrate_kwargs": dict(self.calibrate_kwargs),
             "steps": self.steps,
+            "held": self.held,
             "pending": self.pending,
             "history": [_stats_state(step_stats) for step_stats in self.history],
         }
@@ -889,6 +908,12 @@ class OnlineCalibrator:
         if not isinstance(pending, bool):
             raise InvalidInputError(f"state['pending'] must be a bool, got {pending!r}")
         online.pending = pending
+        held = state.get("held", 0)  # states written before it was kept: 0, as they restored
+        if not isinstance(held, int) or isinstance(held, bool) or not 0 <= held <= steps:
+            raise InvalidInputError(
+                f"state['held'] must be a count of at most state['steps'] ({steps}), got {held!r}"
+            )
+        online.held = held
         online.history.extend(
             _stats_from_state(item, online.tiers, f"state['history'][{i}]")
             for i, item in enumerate(history)

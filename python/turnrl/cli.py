@@ -73,6 +73,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from turnrl.advantages import compute_advantages, probe_batch
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
     from turnrl.exceptions import InvalidInputError
     from turnrl.irc import load_buffers, plot_report, pyplot, write_json_atomic
@@ -93,6 +94,9 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"{option} {target}: {parent} is a file, not a folder")
     if args.plot:
         pyplot()
+    # Estimator settings it refuses (--gamma 2, --lam 1e308) are found before
+    # the buffers are read, on a small batch.
+    compute_advantages(args.estimator, *probe_batch(), **_estimator_params(args))
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet or None

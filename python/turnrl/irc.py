@@ -342,7 +342,10 @@ def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None
     fig, (ax_r, ax_w) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = np.where(significant, "tab:blue", "tab:gray")
     ax_r.bar(x, r, color=colors)
-    ax_r.errorbar(x, r, yerr=[r - low, high - r], fmt="none", ecolor="black", capsize=4)
+    # Error bars are never negative (matplotlib refuses them): an interval
+    # that does not reach r, were one ever computed, is drawn as reaching it.
+    yerr = np.clip([r - low, high - r], 0.0, None)
+    ax_r.errorbar(x, r, yerr=yerr, fmt="none", ecolor="black", capsize=4)
     ax_r.axhline(0, color="black", linewidth=0.8)
     ax_r.set_xticks(x, tiers)
     ax_r.set_ylabel("point-biserial r with success")

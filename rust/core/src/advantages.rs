@@ -106,6 +106,15 @@ impl Params {
                 }
             }
         }
+        // A weight beyond MAX_REWARD can overflow: lam = 1e308 times an
+        // advantage of 1 or more is inf. Within it, lam times a normalised
+        // value (or a return of rewards up to MAX_REWARD) stays finite.
+        if let Some(lam) = self.lam.filter(|l| l.abs() > MAX_REWARD) {
+            return Err(Error::invalid(format!(
+                "lam must be at most {MAX_REWARD:e} in size (larger weights overflow the \
+                 advantages to inf), got {lam:e}"
+            )));
+        }
         // A discount factor: beyond 1 the returns grow with the horizon
         // (and overflow to NaN for large values).
         if let Some(gamma) = self.gamma.filter(|g| !(0.0..=1.0).contains(g)) {
@@ -485,12 +494,19 @@ impl<'s> Accumulators<'s> {
         {
             // One value, or all values equal: exactly 0, whatever the
             // rounding of the mean. (The scale is NaN where n is 1; the
-            // select drops it.)
+            // select drops it.) So is a set whose squared deviations all
+            // underflow (values of 1e-170 with eps = 0): its std is 0 and
+            // the reciprocal infinite, which would give inf and NaN.
             let scale = match params.norm {
                 Norm::Std => 1.0 / ((sq / (n - 1.0)).sqrt() + params.eps),
                 _ => 1.0,
             };
-            *inv = if (n <= 1.0) | (hi <= lo) { 0.0 } else { scale };
+            let usable = scale < f64::INFINITY;
+            *inv = if (n <= 1.0) | (hi <= lo) | !usable {
+                0.0
+            } else {
+                scale
+            };
         }
         (mean, inv_scale)
     }
@@ -519,7 +535,11 @@ fn stats(values: impl Iterator<Item = f64> + Clone, norm: Norm, eps: f64) -> Opt
         Norm::Std => {
             let mean = sum / n as f64;
             let ss: f64 = values.map(|v| (v - mean) * (v - mean)).sum();
-            Some((mean, (ss / (n - 1) as f64).sqrt() + eps))
+            let scale = (ss / (n - 1) as f64).sqrt() + eps;
+            // Distinct values whose squared deviations all underflow (1e-170
+            // apart, eps = 0) have a std of 0: normalise them to 0, as a set
+            // of equal values, rather than divide by it.
+            (scale > 0.0).then_some((mean, scale))
         }
     }
 }
@@ -724,14 +744,16 @@ pub fn run_estimator(run: EstimatorFn, batch: &Batch, params: &Params, out: &mut
     }
 }
 
-/// Spreads per-turn advantages onto a row-major [B, T] token grid.
-/// `token_turn[b * T + t]` is the turn that generated token t of trajectory b,
-/// or -1 for tokens the model did not generate (prompt, tool output, padding),
-/// which get 0.
+/// Spreads per-turn advantages onto a row-major [B, T] token grid of `rows`
+/// rows of `tokens_per_row` tokens. `token_turn[b * T + t]` is the turn that
+/// generated token t of trajectory b, or -1 for tokens the model did not
+/// generate (prompt, tool output, padding), which get 0. The grid must have
+/// one row per trajectory, whatever T (0 included).
 pub fn broadcast_to_tokens(
     turn_adv: &[f64],
     turn_offsets: &[i64],
     token_turn: &[i64],
+    rows: usize,
     tokens_per_row: usize,
 ) -> Result<Vec<f64>> {
     let trajectories = turn_offsets.len().saturating_sub(1);
@@ -741,10 +763,15 @@ pub fn broadcast_to_tokens(
         ));
     }
     validate_offsets(turn_offsets, trajectories, turn_adv.len())?;
-    if token_turn.len() != trajectories * tokens_per_row {
+    if rows != trajectories {
         return Err(Error::invalid(format!(
-            "token_turn has {} rows but turn_offsets describes {trajectories} trajectories",
-            token_turn.len().checked_div(tokens_per_row).unwrap_or(0)
+            "token_turn has {rows} rows but turn_offsets describes {trajectories} trajectories"
+        )));
+    }
+    if rows.checked_mul(tokens_per_row) != Some(token_turn.len()) {
+        return Err(Error::invalid(format!(
+            "token_turn has {} values, not {rows} rows of {tokens_per_row}",
+            token_turn.len()
         )));
     }
     let mut out = vec![0.0; token_turn.len()];
@@ -982,9 +1009,31 @@ mod tests {
     #[test]
     fn broadcast_checks_turn_range() {
         let adv = [1.0, 2.0, 3.0];
-        let out = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 0, 0, -1], 3).unwrap();
+        let out = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 0, 0, -1], 2, 3).unwrap();
         assert_eq!(out, vec![0.0, 1.0, 2.0, 3.0, 3.0, 0.0]);
-        let err = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 1, 0, -1], 3).unwrap_err();
+        let err = broadcast_to_tokens(&adv, &[0, 2, 3], &[-1, 0, 1, 1, 0, -1], 2, 3).unwrap_err();
         assert!(err.to_string().contains("token_turn[1, 0]"), "{err}");
+    }
+
+    #[test]
+    fn broadcast_checks_rows_whatever_the_columns() {
+        // Two trajectories: a grid of 5 rows is refused with 6 columns and
+        // with none (its flat length, 0, says nothing about its rows).
+        let adv = [1.0, 2.0, 3.0, 4.0];
+        for cols in [6, 0] {
+            let grid = vec![-1; 5 * cols];
+            let err = broadcast_to_tokens(&adv, &[0, 3, 4], &grid, 5, cols).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("token_turn has 5 rows but turn_offsets describes 2 trajectories"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            broadcast_to_tokens(&adv, &[0, 3, 4], &[], 2, 0).unwrap(),
+            Vec::<f64>::new()
+        );
+        let err = broadcast_to_tokens(&adv, &[0, 3, 4], &[-1; 5], 2, 3).unwrap_err();
+        assert!(err.to_string().contains("not 2 rows of 3"), "{err}");
     }
 }

@@ -222,8 +222,12 @@ impl Correlation {
         };
         let (ci_low, ci_high) = if n <= 3 {
             (-1.0, 1.0)
+        } else if r.abs() >= 1.0 {
+            // A perfect relation: z is infinite and the interval degenerate.
+            // (Clamping r below 1 gave an interval that excluded r itself.)
+            (r, r)
         } else {
-            let z = r.clamp(-1.0 + 1e-15, 1.0 - 1e-15).atanh();
+            let z = r.atanh();
             let half = normal_quantile(0.5 + confidence / 2.0) / ((n - 3) as f64).sqrt();
             ((z - half).tanh(), (z + half).tanh())
         };
@@ -239,13 +243,18 @@ impl Correlation {
 }
 
 /// Per tier: how many turns, how many have an advantage of the wrong sign,
-/// and the sum of their advantages. Additive across shards whose groups do
-/// not straddle shards.
+/// the sum of their advantages and their mean. The first three are additive
+/// across shards whose groups do not straddle shards.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Direction {
     pub turns: Vec<u64>,
     pub misaligned: Vec<u64>,
     pub advantage_sum: Vec<f64>,
+    /// The mean advantage over the tier's turns, 0 when it lies within
+    /// [`ZERO_ADVANTAGE`] of the batch's largest |advantage| from 0 (or the
+    /// tier has no turns): a mean that is 0 in exact arithmetic comes out of
+    /// the sum as about ±1e-16 with a sign set by the order of the turns.
+    pub mean_advantage: Vec<f64>,
 }
 
 /// Advantages within this fraction of the batch's largest magnitude count as
@@ -258,7 +267,8 @@ pub const ZERO_ADVANTAGE: f64 = 1e-9;
 /// Counts the turns whose advantage has the opposite sign of their tier's
 /// correlation. `signs[t]` is -1, 0 or +1; a tier with sign 0 (a zero reward,
 /// or no correlation) has no misaligned turns. An advantage of 0, or within
-/// [`ZERO_ADVANTAGE`] of the largest |advantage| from it, is not misaligned.
+/// [`ZERO_ADVANTAGE`] of the largest |advantage| from it, is not misaligned,
+/// and a tier's mean advantage within that tolerance is reported as 0.
 pub fn direction_check(advantages: &[f64], turn_tiers: &[i64], signs: &[i8]) -> Result<Direction> {
     if advantages.len() != turn_tiers.len() {
         return Err(Error::invalid(format!(
@@ -272,6 +282,7 @@ pub fn direction_check(advantages: &[f64], turn_tiers: &[i64], signs: &[i8]) -> 
         turns: vec![0; tiers],
         misaligned: vec![0; tiers],
         advantage_sum: vec![0.0; tiers],
+        mean_advantage: vec![0.0; tiers],
     };
     let largest = advantages
         .iter()
@@ -295,6 +306,15 @@ pub fn direction_check(advantages: &[f64], turn_tiers: &[i64], signs: &[i8]) -> 
         if sign * adv < -zero {
             out.misaligned[t] += 1;
         }
+    }
+    for ((mean, &sum), &turns) in out
+        .mean_advantage
+        .iter_mut()
+        .zip(&out.advantage_sum)
+        .zip(&out.turns)
+    {
+        let m = if turns == 0 { 0.0 } else { sum / turns as f64 };
+        *mean = if m.abs() <= zero { 0.0 } else { m };
     }
     Ok(out)
 }
@@ -484,6 +504,31 @@ mod tests {
     }
 
     #[test]
+    fn intervals_contain_r_even_when_perfect() {
+        // n > 3 with |r| = 1: the interval is [r, r]; it used to be
+        // [0.9999999999999981, 0.9999999999999994], which excludes r = 1.
+        for r in [1.0, -1.0] {
+            let c = Correlation::new(r, 40, 20, 0.95);
+            assert_eq!((c.ci_low, c.ci_high), (r, r));
+        }
+        let mut sums = TierSums::new(1);
+        let outcome: Vec<f64> = (0..40).map(|i| (i % 2) as f64).collect();
+        let offsets: Vec<i64> = (0..=40).collect();
+        let tiers: Vec<i64> = (0..40).map(|i| if i % 2 == 1 { 0 } else { -1 }).collect();
+        sums.accumulate(&outcome, &offsets, &tiers, 1.0).unwrap();
+        let c = sums.correlation(0, Variable::Presence, 0.95);
+        assert_eq!((c.r, c.ci_low, c.ci_high), (1.0, 1.0, 1.0));
+        // Everywhere else the interval holds r, and close to 1 it tightens
+        // towards it.
+        for r in [-0.999_999_999, -0.5, 0.0, 0.3, 0.999_999_999_999] {
+            for n in [4, 5, 40, 100_000] {
+                let c = Correlation::new(r, n, 1, 0.95);
+                assert!(c.ci_low <= r && r <= c.ci_high, "{r} {n}: {c:?}");
+            }
+        }
+    }
+
+    #[test]
     fn bad_tier_codes_name_the_turn() {
         let err = TierSums::new(2)
             .accumulate(&[1.0], &[0, 2], &[0, 5], 1.0)
@@ -507,5 +552,28 @@ mod tests {
         // The tolerance follows the batch's scale: alone, -2e-15 is a sign.
         let d = direction_check(&[-2e-15, 1e-15], &[0, -1], &[1]).unwrap();
         assert_eq!(d.misaligned, vec![1]);
+    }
+
+    #[test]
+    fn a_mean_advantage_of_rounding_noise_is_zero_in_any_order() {
+        // 0.2, 0.3, 0.4 and -0.9 sum to 0, +1.1e-16 or -1.1e-16 depending
+        // on their order: a mean of 0 whose sign was set by the order.
+        let orders = [
+            [0.2, 0.3, 0.4, -0.9],
+            [0.2, 0.4, 0.3, -0.9],
+            [0.3, 0.4, 0.2, -0.9],
+        ];
+        let mut signs = vec![];
+        for order in orders {
+            let adv: Vec<f64> = order.iter().copied().chain([1.0]).collect();
+            let d = direction_check(&adv, &[0, 0, 0, 0, -1], &[1]).unwrap();
+            signs.push(d.advantage_sum[0].partial_cmp(&0.0));
+            assert_eq!(d.mean_advantage, vec![0.0], "{order:?}");
+        }
+        use std::cmp::Ordering::*;
+        assert_eq!(signs, vec![Some(Equal), Some(Greater), Some(Less)]);
+        // A mean beyond the tolerance keeps its value; no turns, 0.
+        let d = direction_check(&[1e-8, 1.0], &[0, -1], &[1, -1]).unwrap();
+        assert_eq!(d.mean_advantage, vec![1e-8, 0.0]);
     }
 }

@@ -151,3 +151,118 @@ fn parallel_path_equals_group_by_group() {
         }
     }
 }
+
+fn all_params(eps: f64, lam: Option<f64>) -> Vec<Params> {
+    let mut out = vec![];
+    for norm in [Norm::Std, Norm::Mean, Norm::None] {
+        for turn_norm in [TurnNorm::Position, TurnNorm::Pooled] {
+            out.push(Params {
+                norm,
+                turn_norm,
+                eps,
+                lam,
+                ..Params::default()
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn eps_zero_with_underflowing_deviations_normalises_to_zero() {
+    // Distinct values 1e-170 apart: their squared deviations underflow, so
+    // the std is 0. With eps = 0 that was a division by 0: [-inf, NaN, inf].
+    let tiny = [0.0, 1e-170, 2e-170];
+    let outcome_varies = Owned {
+        outcome: tiny.to_vec(),
+        group: vec![0; 3],
+        rewards: vec![vec![0.0]; 3],
+    };
+    let turns_vary = Owned {
+        outcome: vec![1.0; 3],
+        group: vec![0; 3],
+        rewards: tiny.iter().map(|&r| vec![r]).collect(),
+    };
+    for b in [&outcome_varies, &turns_vary] {
+        for turn_norm in [TurnNorm::Position, TurnNorm::Pooled] {
+            let p = Params {
+                eps: 0.0,
+                turn_norm,
+                ..Params::default()
+            };
+            for est in ESTIMATORS {
+                let adv = b.run(est.name, &p);
+                assert_eq!(adv, vec![vec![0.0]; 3], "{} {turn_norm:?}", est.name);
+            }
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn eps_zero_gives_finite_advantages_at_any_scale(
+        b in batches(12, 6),
+        exponent in prop::sample::select(vec![-320i32, -300, -200, -170, -160, -100, 0]),
+        p in params(),
+    ) {
+        // The same batches scaled down until squares underflow, eps = 0.
+        let scale = 10f64.powi(exponent);
+        let b = Owned {
+            outcome: b.outcome.iter().map(|v| v * scale).collect(),
+            group: b.group,
+            rewards: b.rewards.iter().map(|r| r.iter().map(|v| v * scale).collect()).collect(),
+        };
+        let p = Params { eps: 0.0, ..p };
+        for est in ESTIMATORS {
+            for turns in b.run(est.name, &p) {
+                prop_assert!(turns.iter().all(|v| v.is_finite()), "{}: {:?}", est.name, turns);
+            }
+        }
+    }
+}
+
+#[test]
+fn lam_is_bounded_so_advantages_stay_finite() {
+    // Rewards and outcomes at the largest accepted size, lam at its bound:
+    // every estimator, norm and turn_norm gives finite advantages.
+    let big = turnrl_core::advantages::MAX_REWARD;
+    let b = Owned {
+        outcome: vec![big, -big, 0.0, big],
+        group: vec![0, 0, 0, 1],
+        rewards: vec![vec![big, -big, big], vec![-big], vec![], vec![big; 4]],
+    };
+    for lam in [big, -big] {
+        for p in all_params(0.0, Some(lam)) {
+            for est in ESTIMATORS {
+                for turns in b.run(est.name, &p) {
+                    assert!(
+                        turns.iter().all(|v| v.is_finite()),
+                        "{} {p:?}: {turns:?}",
+                        est.name
+                    );
+                }
+            }
+        }
+    }
+    // Beyond it (1e308 gave inf): an error naming lam.
+    let (flat, offsets) = b.flat();
+    let batch = Batch {
+        outcome: &b.outcome,
+        group: &b.group,
+        turn_rewards: &flat,
+        turn_offsets: &offsets,
+    };
+    for lam in [1e101, -1e308, f64::MAX] {
+        let p = Params {
+            lam: Some(lam),
+            ..Params::default()
+        };
+        for est in ESTIMATORS {
+            let err = compute_advantages(est.name, &batch, &p).unwrap_err();
+            assert!(
+                err.to_string().contains("lam must be at most 1e100"),
+                "{err}"
+            );
+        }
+    }
+}

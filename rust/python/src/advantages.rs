@@ -56,7 +56,7 @@ pub fn broadcast_to_tokens<'py>(
     let turn_offsets = turn_offsets.as_slice()?;
     let token_turn = token_turn.as_slice()?;
     let out = detached(py, || {
-        adv::broadcast_to_tokens(turn_adv, turn_offsets, token_turn, cols)
+        adv::broadcast_to_tokens(turn_adv, turn_offsets, token_turn, rows, cols)
     })?;
     out.into_pyarray(py).reshape([rows, cols])
 }

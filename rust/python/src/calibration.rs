@@ -119,7 +119,8 @@ type DirectionArrays<'py> = (
     Bound<'py, PyArray1<f64>>,
 );
 
-/// Per tier: (turns, misaligned turns, sum of advantages).
+/// Per tier: (turns, misaligned turns, mean advantage; 0 within the
+/// zero tolerance of the batch's largest |advantage|).
 #[pyfunction]
 pub fn direction_check<'py>(
     py: Python<'py>,
@@ -134,6 +135,6 @@ pub fn direction_check<'py>(
     Ok((
         to_i64(d.turns).into_pyarray(py),
         to_i64(d.misaligned).into_pyarray(py),
-        d.advantage_sum.into_pyarray(py),
+        d.mean_advantage.into_pyarray(py),
     ))
 }
