@@ -65,6 +65,12 @@ SCENARIOS = {
         [3, 3],
         [slice(0, 3), slice(3, 6)],
     ),
+    "rollout_correction_with_sampler_logprobs": (
+        # Sampler log-probs on every token: weights, and the gap's figures (a max among them).
+        dict(micro_batch_size=2, rollout_correction="token_truncate", sampler=True),
+        [2, 4],
+        [slice(0, 2), slice(2, 6)],
+    ),
     "one_rank_empty_and_a_weight_without_gradient": (
         dict(micro_batch_size=3, max_grad_norm=None, unused=True),
         [3, 3],
@@ -82,12 +88,18 @@ def scenario_records(group_sizes: list[int]) -> list[dict]:
     return records
 
 
-def batch_of(records: list[dict], tok, silent: int = 0) -> TrainBatch:
-    """The records' batch, the first ``silent`` records' advantages set to 0."""
+def batch_of(records: list[dict], tok, silent: int = 0, sampler: bool = False) -> TrainBatch:
+    """The records' batch, the first ``silent`` records' advantages set to 0; with
+    ``sampler``, sampler log-probs on the trained tokens near the tiny model's
+    (about -12), a function of each token and its place in its row."""
     if not records:
         return TrainBatch.empty()
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
     batch.advantages[torch.from_numpy(batch.row_trajectory < silent)] = 0.0
+    if sampler:
+        place = torch.arange(batch.input_ids.shape[1])[None, :]
+        offset = ((batch.input_ids * 7 + place) % 9).float() * 0.1
+        batch.sampler_logprobs = torch.where(batch.loss_mask, -12.4 + offset, torch.nan)
     return batch
 
 
@@ -96,6 +108,7 @@ def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
     settings = dict(scenario)
     settings.pop("bucket", None)
     settings.pop("silent", None)
+    settings.pop("sampler", None)
     torch.manual_seed(seed)
     model = peft.get_peft_model(
         copy.deepcopy(base),
@@ -165,7 +178,8 @@ def main(out: Path) -> None:
         records = scenario_records(sizes)
         trainer = trainer_for(base, scenario, seed=1 + rank)
         silent = scenario.get("silent", 0) - slices[rank].start
-        stats = trainer.step(batch_of(records[slices[rank]], tok, silent=silent))
+        sampler = scenario.get("sampler", False)
+        stats = trainer.step(batch_of(records[slices[rank]], tok, silent=silent, sampler=sampler))
         trained = {
             n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
         }

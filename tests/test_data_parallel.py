@@ -61,8 +61,15 @@ def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, nam
     trainer = trainer_for(tiny_qwen3(seed=0), scenario, seed=1)  # rank 0's initialisation
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    batch = batch_of(scenario_records(sizes), qwen_tokenizer(), silent=scenario.get("silent", 0))
+    batch = batch_of(
+        scenario_records(sizes),
+        qwen_tokenizer(),
+        silent=scenario.get("silent", 0),
+        sampler=scenario.get("sampler", False),
+    )
     stats = trainer.step(batch)
+    if "rollout_correction" in scenario:  # the figures are there, and the cap mattered
+        assert 0 < stats["rollout_is/capped_share"] < 1 and stats["mismatch/token_share"] == 1
 
     ranks = two_rank_steps[name]["trained"]
     for n in before:
