@@ -533,3 +533,20 @@ def test_a_finished_thread_releases_its_cached_keys() -> None:
         time.sleep(0.005)
         turnrl.parse_tool_calls("")
     assert sys.getrefcount(key) == held_by_the_cache - 1
+
+
+def test_reply_from_text_drops_an_empty_think_block_from_the_content() -> None:
+    from turnrl.envs.agents import reply_from_text
+
+    # Qwen3 with thinking off writes an empty block; its tags are not content.
+    for text in [
+        "<think>\n\n</think>\n\nYour flight is on time.",
+        "<think></think>Your flight is on time.",
+    ]:
+        assert turnrl.parse_tool_calls(text).reasoning == ""
+        reply = reply_from_text(text)
+        assert reply["content"] == "Your flight is on time."
+        assert reply["reasoning"] is None and reply["tool_calls"] == []
+        assert reply["completion"] == text
+    # No block at all: the raw text is the content, untrimmed.
+    assert reply_from_text(" hi\n")["content"] == " hi\n"
