@@ -230,6 +230,19 @@ def _xml_call(text: str, open_at: int, limit: int, schemas: Any, out: _Out, repo
     return nxt
 
 
+def _bare_xml_call(text: str, open_at: int, schemas: Any, out: _Out) -> int:
+    """A `<function=` block outside `<tool_call>`: one not closed by
+    `</function>` must not run over a `<tool_call>` or `<think>`; it is then
+    an error and ends at that tag."""
+    inner_end, closed, _ = function_block(text, open_at, len(text))
+    if not closed:
+        hit = find_first(text, open_at + len("<function="), inner_end, ["<tool_call>", "<think>"])
+        if hit is not None:
+            out.errors.append((open_at, "function block not closed"))
+            return hit[0]
+    return _xml_call(text, open_at, len(text), schemas, out, open_at)
+
+
 def parse_body(
     text: str, tag_at: int, start: int, end: int, fmt: str, schemas: Any, out: _Out
 ) -> None:
@@ -307,7 +320,7 @@ def parse(
             parse_body(text, at, start, end, fmt, schemas, out)
             pos = nxt
         else:
-            pos = _xml_call(text, at, n, schemas, out, at)
+            pos = _bare_xml_call(text, at, schemas, out)
     content.append(text[pos:])
     return {
         "content": "".join(content).strip(WS),

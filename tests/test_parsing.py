@@ -269,6 +269,29 @@ def test_qwen3_coder_cut_off_parameter_is_an_error() -> None:
     assert m.tool_calls == [] and m.error_offsets == [0]
 
 
+def test_bare_function_block_left_open_does_not_swallow_later_calls() -> None:
+    json_call = call("get_user_details", {"user_id": "mia_li_3668"})
+    # Prose naming the tag: one error at the tag, no call named "NAME", and
+    # the real call after it survives.
+    text = "The model writes <function=NAME> tags; I will use JSON instead.\n" + json_call
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}]
+    assert m.error_offsets == [text.index("<function=")]
+    assert "not closed before <tool_call>" in m.errors[0]
+    # A forgotten </function> before a JSON call, or before reasoning.
+    text = "<function=cancel>\n<parameter=id>\nZFA04Y\n</parameter>\n" + json_call
+    m = assert_matches_reference(text, tools=TOOLS)
+    assert [c["name"] for c in m.tool_calls] == ["get_user_details"] and m.error_offsets == [0]
+    m = assert_matches_reference("<function=f><parameter=a>1</parameter>\n<think>r</think>done")
+    assert (m.tool_calls, m.error_offsets, m.reasoning, m.content) == ([], [0], "r", "done")
+    # Cut off at the end of generation: read as before (a call when its
+    # parameters are whole), and so is a closer forgotten before <function=.
+    m = assert_matches_reference("<function=f><parameter=a>1</parameter>")
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}] and m.errors == []
+    m = assert_matches_reference("<function=f><parameter=a>1</parameter><function=g></function>")
+    assert [c["name"] for c in m.tool_calls] == ["f", "g"] and m.errors == []
+
+
 def test_formats_are_checked() -> None:
     with pytest.raises(turnrl.UnknownNameError):
         turnrl.parse_tool_calls("x", "xml")  # type: ignore[arg-type]
@@ -291,7 +314,15 @@ def test_batch_equals_single_and_message_is_frozen() -> None:
 
 PROSE = st.lists(
     st.sampled_from(
-        [*'abc xyz\n\t.,é漢✓{}[]"<>/=_', "<tool_call>", "</tool_call>", "</think>", "<function="]
+        [
+            *'abc xyz\n\t.,é漢✓{}[]"<>/=_',
+            "<tool_call>",
+            "</tool_call>",
+            "<think>",
+            "</think>",
+            "<function=",
+            "</function>",
+        ]
     ),
     max_size=30,
 ).map("".join)

@@ -15,6 +15,12 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
 * A ``<tool_call>`` never closed (generation cut off) ends at the next
   ``<tool_call>`` or the end of the text; it still parses when its JSON is
   complete.
+* A bare ``<function=NAME>`` block (no ``<tool_call>`` around it) never
+  closed ends at the next ``<function=`` or the end of the text and is read
+  like a closed one (an XML value it cuts off is an error); but when a
+  ``<tool_call>`` or ``<think>`` comes first, the block ends there and is an
+  error (prose naming the tag, or a forgotten ``</function>``): the call or
+  reasoning after it is read as usual.
 * JSON bodies may sit in a code fence; ``arguments`` (alias ``parameters``)
   may be an object, a JSON-encoded string, or missing / null / blank (``{}``);
   other keys are ignored; ``name`` must be a non-empty string.

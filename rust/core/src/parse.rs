@@ -17,7 +17,12 @@
 //!   `</tool_call>`, or at the next `<tool_call>` or the end of the text when
 //!   the call was never closed (cut off at the end of generation). With
 //!   `fmt` = `auto` or `qwen3_coder`, a bare `<function=NAME>…</function>` block
-//!   outside `<tool_call>` is a call too.
+//!   outside `<tool_call>` is a call too. A bare block that `</function>`
+//!   does not close ends at the next `<function=` (a forgotten closer) or
+//!   the end of the text (cut off), read as the XML body rules say; but one
+//!   that meets a `<tool_call>` or `<think>` first ends there and is an
+//!   error (prose naming the tag, or a forgotten closer before another
+//!   call), so the call or reasoning after it is read as usual.
 //! * **Content** is the text outside reasoning and calls, joined and trimmed
 //!   (trimming removes ASCII whitespace: space, `\t`, `\n`, `\r`, `\x0b`, `\x0c`).
 //! * **Hermes JSON body** (trimmed; an optional ```` ``` ```` / ```` ```json ````
@@ -525,9 +530,19 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
                 pos = next;
             }
             _ => {
-                let block = function_block(text, at, text.len());
-                push_xml_call(text, &block, options, &mut out);
-                pos = block.next;
+                pos = match bare_function_block(text, at) {
+                    Ok(block) => {
+                        push_xml_call(text, &block, options, &mut out);
+                        block.next
+                    }
+                    Err((next, tag)) => {
+                        out.errors.push(CallError {
+                            offset: at,
+                            reason: format!("{FUNCTION_OPEN} block not closed before {tag}"),
+                        });
+                        next
+                    }
+                };
             }
         }
     }
@@ -1002,6 +1017,28 @@ fn function_block(text: &str, open: usize, limit: usize) -> FunctionBlock {
             closed: false,
             next: limit,
         },
+    }
+}
+
+/// A bare `<function=` block (outside `<tool_call>`): [`function_block`]
+/// over the rest of the text, except that a block `</function>` does not
+/// close must not run over a `<tool_call>` or `<think>`: then it was not a
+/// call cut off at the end of generation (it is prose naming the tag, or a
+/// call whose `</function>` was forgotten) and the answer is `Err` with
+/// where the first such tag lies and which it is, the tag starting a call or
+/// reasoning of its own. Linear: the second scan covers part of the first's.
+fn bare_function_block(
+    text: &str,
+    open: usize,
+) -> std::result::Result<FunctionBlock, (usize, &'static str)> {
+    let block = function_block(text, open, text.len());
+    if block.closed {
+        return Ok(block);
+    }
+    let tags = [CALL_OPEN, THINK_OPEN];
+    match find_first_tag(text, open + FUNCTION_OPEN.len(), block.inner_end, &tags) {
+        Some((p, which)) => Err((p, tags[which])),
+        None => Ok(block),
     }
 }
 
@@ -1551,6 +1588,64 @@ mod tests {
         let cut = parse("<tool_call><function=f><parameter=a>1</parameter><parameter=b>par");
         assert_eq!(cut.errors.len(), 1);
         assert_eq!(cut.errors[0].offset, 0);
+    }
+
+    #[test]
+    fn bare_unclosed_function_block_stops_at_a_later_call_or_reasoning() {
+        let names = |m: &ParsedMessage| {
+            m.tool_calls
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let offsets = |m: &ParsedMessage| m.errors.iter().map(|e| e.offset).collect::<Vec<_>>();
+        let json_call =
+            "<tool_call>{\"name\": \"get\", \"arguments\": {\"id\": \"x\"}}</tool_call>";
+        // Prose naming the tag: an error, not a call named "NAME" that
+        // swallows the real call after it.
+        let text = format!("Models write <function=NAME> tags; I use JSON.\n{json_call} ok");
+        let m = parse(&text);
+        assert_eq!(offsets(&m), vec![text.find("<function=").unwrap()]);
+        assert!(m.errors[0].reason.contains("not closed before <tool_call>"));
+        assert_eq!(names(&m), vec!["get"]);
+        assert_eq!(m.tool_calls[0].arguments, args(json!({"id": "x"})));
+        assert_eq!(m.content, "Models write  ok");
+        // (Qwen3-Coder reads the JSON call as a malformed XML one.)
+        let m = parse_tool_calls(&text, Format::Qwen3Coder, None);
+        assert_eq!(offsets(&m), vec![13, text.find("<tool_call>").unwrap()]);
+        // A forgotten `</function>` before a JSON call, or before reasoning.
+        let text = format!("<function=cancel>\n<parameter=id>\nZFA04Y\n</parameter>\n{json_call}");
+        let m = parse(&text);
+        assert_eq!((names(&m), offsets(&m)), (vec!["get".to_string()], vec![0]));
+        let m = parse("a <function=f><parameter=x>1</parameter> <think>why</think> b");
+        assert_eq!(offsets(&m), vec![2]);
+        assert!(m.errors[0].reason.contains("not closed before <think>"));
+        assert_eq!(m.reasoning.as_deref(), Some("why"));
+        assert_eq!(m.content, "a  b");
+        // A block cut off at the end of the text is read as before: a call
+        // when its parameters are whole, else an error.
+        let m = parse("<function=f><parameter=x>1</parameter>");
+        assert_eq!(
+            (names(&m), m.tool_calls[0].arguments.clone()),
+            (vec!["f".to_string()], args(json!({"x": 1})))
+        );
+        assert_eq!(offsets(&parse("<function=f><parameter=x>1")), vec![0]);
+        // So is a forgotten `</function>` before the next `<function=`, and
+        // a closed block keeps the tags in its values.
+        let m = parse("<function=f><parameter=x>1</parameter><function=g></function>");
+        assert_eq!(
+            (names(&m), offsets(&m)),
+            (vec!["f".to_string(), "g".to_string()], vec![])
+        );
+        let m = parse("<function=f><parameter=x><tool_call><think></parameter></function> b");
+        assert_eq!(
+            m.tool_calls[0].arguments,
+            args(json!({"x": "<tool_call><think>"}))
+        );
+        assert_eq!(
+            (m.errors.len(), m.content.as_str(), m.reasoning.clone()),
+            (0, "b", None)
+        );
     }
 
     #[test]
