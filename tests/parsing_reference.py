@@ -80,6 +80,14 @@ def _spec_types(spec: dict[str, Any]) -> list[str]:
     return names + [_json_kind(v) for v in values]
 
 
+def _nesting(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_nesting, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_nesting, value.values()), default=0)
+    return 0
+
+
 def json_literal(t: str) -> Any:
     if not t:
         return MISSING
@@ -87,9 +95,12 @@ def json_literal(t: str) -> Any:
     if not ("0" <= first <= "9" or first in '-{[tfn"'):
         return MISSING
     try:
-        return loads(t)
-    except ValueError:
+        value = loads(t)
+    except (ValueError, RecursionError):
         return MISSING
+    # Written into the arguments object, the value must stay within
+    # serde_json's 127 levels: at most 126 of its own.
+    return value if _nesting(value) <= 126 else MISSING
 
 
 def _is_int(v: Any) -> bool:

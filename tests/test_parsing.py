@@ -292,6 +292,27 @@ def test_bare_function_block_left_open_does_not_swallow_later_calls() -> None:
     assert [c["name"] for c in m.tool_calls] == ["f", "g"] and m.errors == []
 
 
+def test_xml_values_nested_too_deep_for_the_arguments_stay_strings() -> None:
+    # A value is written into its call's arguments, one level deeper, which
+    # must read back within serde_json's 127 levels: reading .tool_calls never
+    # raises, and the other calls are kept.
+    tools = [{"name": "f", "parameters": {"properties": {"a": {"type": "array"}}}}]
+    for depth in (126, 127, 128):
+        value = "[" * depth + "]" * depth
+        text = call("ok", {}) + "<function=f><parameter=a>" + value + "</parameter></function>"
+        want: Any = json.loads(value) if depth <= 126 else value
+        for schemas in (None, tools):
+            m = assert_matches_reference(text, tools=schemas)
+            assert m.tool_calls == [
+                {"name": "ok", "arguments": {}},
+                {"name": "f", "arguments": {"a": want}},
+            ], depth
+            assert m.errors == [] and len(repr(m)) > depth
+            assert m.to_dict()["tool_calls"] == m.tool_calls
+            batch = turnrl.parse_tool_calls_batch([text] * 20, tools=schemas)
+            assert all(b.tool_calls == m.tool_calls for b in batch)
+
+
 def test_formats_are_checked() -> None:
     with pytest.raises(turnrl.UnknownNameError):
         turnrl.parse_tool_calls("x", "xml")  # type: ignore[arg-type]

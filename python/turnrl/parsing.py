@@ -28,7 +28,9 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
   (a parameter's ``type``, else the types of its ``anyOf``/``oneOf``
   branches, else the kinds of its ``enum``/``const`` values); without one,
   a value that reads as a JSON number, boolean, null, object or
-  array takes that type and anything else stays a string.
+  array takes that type and anything else stays a string. JSON nested more
+  than 126 levels deep stays a string (inside the arguments it would pass
+  the JSON reader's limit of 127).
 * ``.content`` is the text outside reasoning and calls, trimmed of ASCII
   whitespace.
 * JSON numbers keep their type: integers are ints, exact at any size (as

@@ -1156,6 +1156,8 @@ fn parse_function_block(
 /// names: the value as is), and a value no type accepts stays a string.
 /// Without a schema for this parameter: `t` read as JSON when that gives a
 /// number, boolean, null, object or array; otherwise the value as a string.
+/// JSON nested more than 126 levels deep is not read (see
+/// [`XML_VALUE_MAX_DEPTH`]): such a value stays a string.
 pub fn type_xml_value(value: &str, types: Option<&[ParamType]>) -> Value {
     type_xml(value, types).into_value()
 }
@@ -1237,6 +1239,13 @@ fn type_xml<'a>(value: &'a str, types: Option<&[ParamType]>) -> XmlTyped<'a> {
     XmlTyped::Text(value)
 }
 
+/// The deepest nesting of arrays and objects a value read as JSON may have.
+/// serde_json reads at most 127 levels (its recursion limit), and the value
+/// is written into its call's arguments object, one level deeper, which must
+/// read back (the span form and the Python bindings decode that text), so
+/// 126. A deeper value stays a string.
+const XML_VALUE_MAX_DEPTH: usize = 126;
+
 fn parse_json_literal(t: &str) -> Option<Value> {
     // Cheap first-byte check keeps prose values off the JSON parser.
     let first = *t.as_bytes().first()?;
@@ -1244,7 +1253,18 @@ fn parse_json_literal(t: &str) -> Option<Value> {
     {
         return None;
     }
-    crate::json::value_from_str(t).ok()
+    let value = crate::json::value_from_str(t).ok()?;
+    (!matches!(first, b'{' | b'[') || nesting(&value) <= XML_VALUE_MAX_DEPTH).then_some(value)
+}
+
+/// Levels of arrays and objects in `value` (0 for a scalar). Recursive: only
+/// called on values serde_json read, at most 127 levels deep.
+fn nesting(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
@@ -1678,6 +1698,46 @@ mod tests {
         assert_eq!(type_xml_value("\"q\"", None), json!("\"q\""));
         assert_eq!(type_xml_value("-3", None), json!(-3));
         assert_eq!(type_xml_value("NaN", None), json!("NaN"));
+    }
+
+    #[test]
+    fn xml_values_nested_too_deep_for_the_arguments_stay_strings() {
+        let mut s = ToolSchemas::new();
+        s.set_param("f", "a", vec![ParamType::Array]);
+        for (depth, kept) in [(1, true), (126, true), (127, false), (128, false)] {
+            let value = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let text = format!("<tool_call>{{\"name\": \"ok\"}}</tool_call><function=f><parameter=a>{value}</parameter></function>");
+            for schemas in [None, Some(&s)] {
+                let want = if kept {
+                    crate::json::value_from_str(&value).unwrap()
+                } else {
+                    Value::String(value.clone())
+                };
+                let m = parse_tool_calls(&text, Format::Auto, schemas);
+                assert_eq!(m.errors, vec![], "{depth}");
+                assert_eq!(
+                    m.tool_calls[1].arguments,
+                    args(json!({"a": want})),
+                    "{depth}"
+                );
+                // The span form writes the value into the arguments' JSON
+                // text, one level deeper: that text must read back.
+                let spans = parse_tool_call_spans(&text, Format::Auto, schemas);
+                let Arguments::Encoded(json) = &spans.tool_calls[1].arguments else {
+                    panic!("{depth}: {:?}", spans.tool_calls[1].arguments)
+                };
+                assert_eq!(
+                    crate::json::map_from_str(json).ok(),
+                    Some(m.tool_calls[1].arguments.clone()),
+                    "{depth}"
+                );
+                assert_eq!(spans.into_message(&text), m, "{depth}");
+            }
+        }
+        // An object counts as a level, like an array.
+        let nested = |n: usize| format!("{{\"a\": {}1{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(type_xml_value(&nested(125), None).is_object());
+        assert!(type_xml_value(&nested(126), None).is_string());
     }
 
     #[test]
