@@ -12,6 +12,9 @@ from typing import Any
 WS = " \t\n\r\x0b\x0c"
 ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 KNOWN_TYPES = {"integer", "number", "boolean", "object", "array", "null"}
+# A union branch whose types are not known (a $ref): any value there. Not a
+# JSON Schema type name (those outside KNOWN_TYPES read as "string").
+ANY = None
 MISSING = object()
 
 
@@ -48,7 +51,9 @@ def build_schemas(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, lis
         props = (fn.get("parameters") or {}).get("properties") or {}
         for key, spec in props.items():
             names = _spec_types(spec) if isinstance(spec, dict) else []
-            params[key] = list(dict.fromkeys(n if n in KNOWN_TYPES else "string" for n in names))
+            params[key] = list(
+                dict.fromkeys(n if n in KNOWN_TYPES or n is ANY else "string" for n in names)
+            )
     return out
 
 
@@ -64,16 +69,19 @@ def _json_kind(value: Any) -> str:
     return {str: "string", list: "array", dict: "object"}[type(value)]
 
 
-def _spec_types(spec: dict[str, Any]) -> list[str]:
-    """`type`, else the anyOf/oneOf branches' types, else the enum/const kinds."""
+def _spec_types(spec: dict[str, Any], depth: int = 0) -> list[str | None]:
+    """`type`, else the anyOf/oneOf branches' types (each branch read by
+    these rules, ANY for one they say nothing of), else the enum/const kinds."""
     ty = spec.get("type")
     if ty is not None:
         return [ty] if isinstance(ty, str) else [t for t in ty if isinstance(t, str)]
-    names: list[str] = []
+    names: list[str | None] = []
     for union in ("anyOf", "oneOf"):
         for branch in spec.get(union) or []:
-            t = branch.get("type") if isinstance(branch, dict) else None
-            names += [t] if isinstance(t, str) else [x for x in t or [] if isinstance(x, str)]
+            known = (
+                _spec_types(branch, depth + 1) if isinstance(branch, dict) and depth < 32 else []
+            )
+            names += known or [ANY]
     values = spec["enum"] if isinstance(spec.get("enum"), list) else []
     if not values and "const" in spec:
         values = [spec["const"]]
@@ -107,7 +115,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def type_value(value: str, types: list[str] | None) -> Any:
+def type_value(value: str, types: list[str | None] | None) -> Any:
     t = value.strip(WS)
     if not types:
         v = json_literal(t)
@@ -130,6 +138,10 @@ def type_value(value: str, types: list[str] | None) -> Any:
             return v
         if ty == "null" and t == "null":
             return None
+        if ty is ANY:
+            v = json_literal(t)
+            if v is not MISSING and not isinstance(v, str):
+                return v
     return value
 
 

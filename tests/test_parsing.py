@@ -249,6 +249,32 @@ def test_qwen3_coder_types_from_any_of_and_enum_schemas() -> None:
     }
 
 
+def test_qwen3_coder_optional_model_is_not_typed_as_null_only() -> None:
+    """pydantic's Optional[Model]: {"anyOf": [{"$ref": ...}, {"type": "null"}]}.
+    The $ref branch allows any value, so an object reads as a dict, as it
+    would with no schema, instead of staying a string."""
+    address = {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}], "default": None}
+    tools = [
+        {
+            "name": "update",
+            "parameters": {
+                "properties": {"address": address, "tag": {"anyOf": [{"type": "string"}, {}]}},
+                "$defs": {"Address": {"type": "object"}},
+            },
+        }
+    ]
+
+    def typed(value: str, key: str = "address") -> Any:
+        text = f"<function=update><parameter={key}>\n{value}\n</parameter></function>"
+        return assert_matches_reference(text, tools=tools).tool_calls[0]["arguments"][key]
+
+    assert typed('{"city": "Paris", "zip": "75001"}') == {"city": "Paris", "zip": "75001"}
+    assert typed("null") is None
+    assert typed("Paris") == "Paris"
+    # A string branch listed first still takes every value.
+    assert typed("12", key="tag") == "12"
+
+
 def test_qwen3_coder_without_schema_and_without_outer_tags() -> None:
     text = (
         "x <function=lookup><parameter=id>42</parameter>"

@@ -26,7 +26,8 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
   other keys are ignored; ``name`` must be a non-empty string.
 * XML values are typed from the tool's JSON schema when ``tools`` is given
   (a parameter's ``type``, else the types of its ``anyOf``/``oneOf``
-  branches, else the kinds of its ``enum``/``const`` values); without one,
+  branches, else the kinds of its ``enum``/``const`` values; a branch that
+  names no type, such as a ``$ref``, allows any value there); without one,
   a value that reads as a JSON number, boolean, null, object or
   array takes that type and anything else stays a string. JSON nested more
   than 126 levels deep stays a string (inside the arguments it would pass

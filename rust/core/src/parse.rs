@@ -286,14 +286,29 @@ pub enum ParamType {
     Object,
     Array,
     Null,
+    /// Any value: a union branch whose types are not known (a `$ref`, a
+    /// branch with no `type`). Typed as with no schema: read as JSON when
+    /// that gives a number, boolean, null, object or array.
+    Any,
 }
 
+/// How deep [`types_of_spec`] reads union branches nested in branches;
+/// deeper ones count as unknown ([`ParamType::Any`]).
+const SPEC_MAX_DEPTH: usize = 32;
+
 /// The types a property's JSON schema allows: its `type` (a name or a
-/// list), else the union of its `anyOf`/`oneOf` branches' types (pydantic
-/// writes `Optional[str]` as `{"anyOf": [{"type": "string"}, {"type":
-/// "null"}]}`), else the kinds of its `enum` or `const` values. Empty when
-/// none says (the value is then typed as a JSON literal).
+/// list), else the union of its `anyOf`/`oneOf` branches' types, each
+/// branch read by these rules (pydantic writes `Optional[str]` as
+/// `{"anyOf": [{"type": "string"}, {"type": "null"}]}`), else the kinds of
+/// its `enum` or `const` values. A branch these rules say nothing of (a
+/// `$ref`: pydantic's `Optional[Model]` is `{"anyOf": [{"$ref": ...},
+/// {"type": "null"}]}`) allows any value in its place ([`ParamType::Any`]).
+/// Empty when none says (the value is then typed as a JSON literal).
 pub fn types_of_spec(spec: &Value) -> Vec<ParamType> {
+    types_of_spec_within(spec, 0)
+}
+
+fn types_of_spec_within(spec: &Value, depth: usize) -> Vec<ParamType> {
     let mut types = Vec::new();
     let mut add = |t: ParamType| {
         if !types.contains(&t) {
@@ -314,14 +329,15 @@ pub fn types_of_spec(spec: &Value) -> Vec<ParamType> {
     for union in ["anyOf", "oneOf"] {
         if let Some(Value::Array(branches)) = spec.get(union) {
             for branch in branches {
-                match branch.get("type") {
-                    Some(Value::String(t)) => add(ParamType::from_schema_name(t)),
-                    Some(Value::Array(ts)) => ts
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .for_each(|t| add(ParamType::from_schema_name(t))),
-                    _ => {}
+                let known = if depth < SPEC_MAX_DEPTH {
+                    types_of_spec_within(branch, depth + 1)
+                } else {
+                    Vec::new()
+                };
+                if known.is_empty() {
+                    add(ParamType::Any);
                 }
+                known.into_iter().for_each(&mut add);
             }
         }
     }
@@ -1153,7 +1169,8 @@ fn parse_function_block(
 /// lack `string`; else each type is tried in order (`integer`: a JSON integer;
 /// `number`: a JSON number; `boolean`: `true`/`True`/`false`/`False`;
 /// `object`/`array`: JSON of that kind; `null`: `null`; `string` and unknown
-/// names: the value as is), and a value no type accepts stays a string.
+/// names: the value as is; [`ParamType::Any`]: as without a schema, but
+/// never a string), and a value no type accepts stays a string.
 /// Without a schema for this parameter: `t` read as JSON when that gives a
 /// number, boolean, null, object or array; otherwise the value as a string.
 /// JSON nested more than 126 levels deep is not read (see
@@ -1231,6 +1248,7 @@ fn type_xml<'a>(value: &'a str, types: Option<&[ParamType]>) -> XmlTyped<'a> {
             ParamType::Object => literal(&Value::is_object),
             ParamType::Array => literal(&Value::is_array),
             ParamType::Null => (t == "null").then_some(XmlTyped::Null),
+            ParamType::Any => literal(&|v| !v.is_string()),
         };
         if let Some(v) = typed {
             return v;
@@ -1565,11 +1583,26 @@ mod tests {
         let t = |v: Value| types_of_spec(&v);
         assert_eq!(t(json!({"type": "integer"})), vec![Integer]);
         assert_eq!(t(json!({"type": ["integer", "null"]})), vec![Integer, Null]);
-        // pydantic's Optional[str]; a $ref branch says nothing.
+        // pydantic's Optional[str]; a $ref branch allows any value there.
         assert_eq!(
             t(json!({"anyOf": [{"type": "string"}, {"type": "null"}, {"$ref": "#/x"}]})),
-            vec![String, Null]
+            vec![String, Null, Any]
         );
+        // pydantic's Optional[Model]: not null only.
+        assert_eq!(
+            t(json!({"anyOf": [{"$ref": "#/$defs/M"}, {"type": "null"}]})),
+            vec![Any, Null]
+        );
+        // Branches are read like specs: enums, nested unions, no type.
+        assert_eq!(
+            t(json!({"oneOf": [{"enum": ["a"]}, {"anyOf": [{"type": "integer"}, {}]}]})),
+            vec![String, Integer, Any]
+        );
+        let mut deep = json!({"type": "integer"});
+        for _ in 0..40 {
+            deep = json!({"anyOf": [deep]});
+        }
+        assert_eq!(t(deep), vec![Any]);
         assert_eq!(
             t(json!({"oneOf": [{"type": ["number", "string"]}]})),
             vec![Number, String]
@@ -1698,6 +1731,18 @@ mod tests {
         assert_eq!(type_xml_value("\"q\"", None), json!("\"q\""));
         assert_eq!(type_xml_value("-3", None), json!(-3));
         assert_eq!(type_xml_value("NaN", None), json!("NaN"));
+        // Optional[Model]: an object, null, or a string when neither reads.
+        let model = [Any, Null];
+        assert_eq!(
+            ty("{\"city\": \"Paris\"}", &model),
+            json!({"city": "Paris"})
+        );
+        assert_eq!(ty("null", &model), Value::Null);
+        assert_eq!(ty("Paris", &model), json!("Paris"));
+        assert_eq!(ty("\"q\"", &model), json!("\"q\""));
+        // In its place: a string branch first still takes everything.
+        assert_eq!(ty("12", &[String, Any]), json!("12"));
+        assert_eq!(ty("12", &[Any, String]), json!(12));
     }
 
     #[test]
