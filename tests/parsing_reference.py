@@ -254,15 +254,17 @@ def _xml_call(text: str, open_at: int, limit: int, schemas: Any, out: _Out, repo
 
 
 def _bare_xml_call(text: str, open_at: int, schemas: Any, out: _Out) -> int:
-    """A `<function=` block outside `<tool_call>`: one not closed by
-    `</function>` must not run over a `<tool_call>` or `<think>`; it is then
-    an error and ends at that tag."""
-    inner_end, closed, _ = function_block(text, open_at, len(text))
-    if not closed:
-        hit = find_first(text, open_at + len("<function="), inner_end, ["<tool_call>", "<think>"])
-        if hit is not None:
+    """A `<function=` block outside `<tool_call>`: it must not run over a
+    `<tool_call>`, nor, when `</function>` does not close it, over a
+    `<think>`; it is then an error and ends at that tag."""
+    start = open_at + len("<function=")
+    hit = find_first(text, start, len(text), ["</function>", "<function=", "<tool_call>"])
+    if hit is None or hit[1] != 0:
+        end = len(text) if hit is None else hit[0]
+        tag = hit if hit is not None and hit[1] == 2 else find_first(text, start, end, ["<think>"])
+        if tag is not None:
             out.errors.append((open_at, "function block not closed"))
-            return hit[0]
+            return tag[0]
     return _xml_call(text, open_at, len(text), schemas, out, open_at)
 
 

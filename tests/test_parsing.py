@@ -316,6 +316,32 @@ def test_bare_function_block_left_open_does_not_swallow_later_calls() -> None:
     assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}] and m.errors == []
     m = assert_matches_reference("<function=f><parameter=a>1</parameter><function=g></function>")
     assert [c["name"] for c in m.tool_calls] == ["f", "g"] and m.errors == []
+    # No call runs over a <tool_call>, even one a later </function> would
+    # close; a closed block keeps a <think> in a value as text.
+    m = assert_matches_reference("<function=f>\n" + json_call + "\n</function>")
+    assert [c["name"] for c in m.tool_calls] == ["get_user_details"] and m.error_offsets == [0]
+    m = assert_matches_reference("<function=f><parameter=a><think></parameter></function>")
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": "<think>"}}] and m.reasoning is None
+
+
+def test_every_tool_call_tag_outside_reasoning_is_a_call_or_an_error() -> None:
+    # Fragments that mix both formats: no <tool_call> may vanish into
+    # another call (each becomes a call or an error at its own offset).
+    frags = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<function=f>", "</function>"]
+    frags += ["<parameter=a>1", "</parameter>", '{"name": "f", "arguments": {"a": 1}}', "\n", "x"]
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.sampled_from(frags), max_size=12))
+    def check(parts: list[str]) -> None:
+        text = "".join(parts)
+        m = assert_matches_reference(text)
+        outside = text.count("<tool_call>") - (m.reasoning or "").count("<tool_call>")
+        outside -= m.content.count("<tool_call>")
+        raw = text.encode()
+        read = [o for o in m.call_offsets + m.error_offsets if raw.startswith(b"<tool_call>", o)]
+        assert len(read) == outside, (text, m.to_dict())
+
+    check()
 
 
 def test_xml_values_nested_too_deep_for_the_arguments_stay_strings() -> None:

@@ -17,10 +17,11 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
   complete.
 * A bare ``<function=NAME>`` block (no ``<tool_call>`` around it) never
   closed ends at the next ``<function=`` or the end of the text and is read
-  like a closed one (an XML value it cuts off is an error); but when a
-  ``<tool_call>`` or ``<think>`` comes first, the block ends there and is an
-  error (prose naming the tag, or a forgotten ``</function>``): the call or
-  reasoning after it is read as usual.
+  like a closed one (an XML value it cuts off is an error). But no call runs
+  over a ``<tool_call>``, nor an unclosed block over a ``<think>``: such a
+  block ends at that tag and is an error (prose naming the tag, or a
+  forgotten ``</function>``), and the call or reasoning after it is read as
+  usual.
 * JSON bodies may sit in a code fence; ``arguments`` (alias ``parameters``)
   may be an object, a JSON-encoded string, or missing / null / blank (``{}``);
   other keys are ignored; ``name`` must be a non-empty string.

@@ -19,10 +19,13 @@
 //!   `fmt` = `auto` or `qwen3_coder`, a bare `<function=NAME>…</function>` block
 //!   outside `<tool_call>` is a call too. A bare block that `</function>`
 //!   does not close ends at the next `<function=` (a forgotten closer) or
-//!   the end of the text (cut off), read as the XML body rules say; but one
-//!   that meets a `<tool_call>` or `<think>` first ends there and is an
-//!   error (prose naming the tag, or a forgotten closer before another
-//!   call), so the call or reasoning after it is read as usual.
+//!   the end of the text (cut off), read as the XML body rules say. But no
+//!   call runs over a `<tool_call>`, nor a block left open over a `<think>`:
+//!   a bare block that meets one before its `</function>` (or, for
+//!   `<think>`, with none) ends there and is an error (prose naming the
+//!   tag, or a forgotten closer before another call), and the call or
+//!   reasoning after it is read as usual. A closed block keeps a `<think>`
+//!   in a value as text.
 //! * **Content** is the text outside reasoning and calls, joined and trimmed
 //!   (trimming removes ASCII whitespace: space, `\t`, `\n`, `\r`, `\x0b`, `\x0c`).
 //! * **Hermes JSON body** (trimmed; an optional ```` ``` ```` / ```` ```json ````
@@ -1037,25 +1040,42 @@ fn function_block(text: &str, open: usize, limit: usize) -> FunctionBlock {
 }
 
 /// A bare `<function=` block (outside `<tool_call>`): [`function_block`]
-/// over the rest of the text, except that a block `</function>` does not
-/// close must not run over a `<tool_call>` or `<think>`: then it was not a
+/// over the rest of the text, except that no call runs over a `<tool_call>`
+/// (as a `<tool_call>` body ends at the next one), and a block `</function>`
+/// does not close does not run over a `<think>` either (a closed block
+/// keeps one in its values as text). Meeting either, the block was not a
 /// call cut off at the end of generation (it is prose naming the tag, or a
-/// call whose `</function>` was forgotten) and the answer is `Err` with
-/// where the first such tag lies and which it is, the tag starting a call or
-/// reasoning of its own. Linear: the second scan covers part of the first's.
+/// call whose `</function>` was forgotten): the answer is `Err` with where
+/// the tag lies and which it is, the tag starting a call or reasoning of its
+/// own. Linear: the second scan covers part of the first's.
 fn bare_function_block(
     text: &str,
     open: usize,
 ) -> std::result::Result<FunctionBlock, (usize, &'static str)> {
-    let block = function_block(text, open, text.len());
-    if block.closed {
-        return Ok(block);
+    let from = open + FUNCTION_OPEN.len();
+    let tags = [FUNCTION_CLOSE, FUNCTION_OPEN, CALL_OPEN];
+    let (inner_end, next) = match find_first_tag(text, from, text.len(), &tags) {
+        Some((p, 0)) => {
+            return Ok(FunctionBlock {
+                open,
+                inner_end: p,
+                closed: true,
+                next: p + FUNCTION_CLOSE.len(),
+            })
+        }
+        Some((p, 1)) => (p, p),
+        Some((p, _)) => return Err((p, CALL_OPEN)),
+        None => (text.len(), text.len()),
+    };
+    if let Some((p, _)) = find_first_tag(text, from, inner_end, &[THINK_OPEN]) {
+        return Err((p, THINK_OPEN));
     }
-    let tags = [CALL_OPEN, THINK_OPEN];
-    match find_first_tag(text, open + FUNCTION_OPEN.len(), block.inner_end, &tags) {
-        Some((p, which)) => Err((p, tags[which])),
-        None => Ok(block),
-    }
+    Ok(FunctionBlock {
+        open,
+        inner_end,
+        closed: false,
+        next,
+    })
 }
 
 fn push_xml_call(
@@ -1690,15 +1710,18 @@ mod tests {
             (names(&m), offsets(&m)),
             (vec!["f".to_string(), "g".to_string()], vec![])
         );
-        let m = parse("<function=f><parameter=x><tool_call><think></parameter></function> b");
-        assert_eq!(
-            m.tool_calls[0].arguments,
-            args(json!({"x": "<tool_call><think>"}))
-        );
+        let m = parse("<function=f><parameter=x><think></parameter></function> b");
+        assert_eq!(m.tool_calls[0].arguments, args(json!({"x": "<think>"})));
         assert_eq!(
             (m.errors.len(), m.content.as_str(), m.reasoning.clone()),
             (0, "b", None)
         );
+        // No call runs over a `<tool_call>`, even one a later `</function>`
+        // would close.
+        let text = format!("<function=f>{json_call}</function>");
+        let m = parse(&text);
+        assert_eq!((names(&m), offsets(&m)), (vec!["get".to_string()], vec![0]));
+        assert_eq!(m.content, "</function>");
     }
 
     #[test]
