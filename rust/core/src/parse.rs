@@ -1292,7 +1292,9 @@ fn parse_json_literal(t: &str) -> Option<Value> {
         return None;
     }
     let value = crate::json::value_from_str(t).ok()?;
-    (!matches!(first, b'{' | b'[') || nesting(&value) <= XML_VALUE_MAX_DEPTH).then_some(value)
+    // Each level takes two bytes: short values need no walk.
+    let shallow = t.len() < 2 * (XML_VALUE_MAX_DEPTH + 1);
+    (shallow || nesting(&value) <= XML_VALUE_MAX_DEPTH).then_some(value)
 }
 
 /// Levels of arrays and objects in `value` (0 for a scalar). Recursive: only
