@@ -12,6 +12,9 @@ from typing import Any
 WS = " \t\n\r\x0b\x0c"
 ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 KNOWN_TYPES = {"integer", "number", "boolean", "object", "array", "null"}
+# A union branch whose types are not known (a $ref): any value there. Not a
+# JSON Schema type name (those outside KNOWN_TYPES read as "string").
+ANY = None
 MISSING = object()
 
 
@@ -48,7 +51,9 @@ def build_schemas(tools: list[dict[str, Any]] | None) -> dict[str, dict[str, lis
         props = (fn.get("parameters") or {}).get("properties") or {}
         for key, spec in props.items():
             names = _spec_types(spec) if isinstance(spec, dict) else []
-            params[key] = list(dict.fromkeys(n if n in KNOWN_TYPES else "string" for n in names))
+            params[key] = list(
+                dict.fromkeys(n if n in KNOWN_TYPES or n is ANY else "string" for n in names)
+            )
     return out
 
 
@@ -64,20 +69,31 @@ def _json_kind(value: Any) -> str:
     return {str: "string", list: "array", dict: "object"}[type(value)]
 
 
-def _spec_types(spec: dict[str, Any]) -> list[str]:
-    """`type`, else the anyOf/oneOf branches' types, else the enum/const kinds."""
+def _spec_types(spec: dict[str, Any], depth: int = 0) -> list[str | None]:
+    """`type`, else the anyOf/oneOf branches' types (each branch read by
+    these rules, ANY for one they say nothing of), else the enum/const kinds."""
     ty = spec.get("type")
     if ty is not None:
         return [ty] if isinstance(ty, str) else [t for t in ty if isinstance(t, str)]
-    names: list[str] = []
+    names: list[str | None] = []
     for union in ("anyOf", "oneOf"):
         for branch in spec.get(union) or []:
-            t = branch.get("type") if isinstance(branch, dict) else None
-            names += [t] if isinstance(t, str) else [x for x in t or [] if isinstance(x, str)]
+            known = (
+                _spec_types(branch, depth + 1) if isinstance(branch, dict) and depth < 32 else []
+            )
+            names += known or [ANY]
     values = spec["enum"] if isinstance(spec.get("enum"), list) else []
     if not values and "const" in spec:
         values = [spec["const"]]
     return names + [_json_kind(v) for v in values]
+
+
+def _nesting(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_nesting, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_nesting, value.values()), default=0)
+    return 0
 
 
 def json_literal(t: str) -> Any:
@@ -87,16 +103,19 @@ def json_literal(t: str) -> Any:
     if not ("0" <= first <= "9" or first in '-{[tfn"'):
         return MISSING
     try:
-        return loads(t)
-    except ValueError:
+        value = loads(t)
+    except (ValueError, RecursionError):
         return MISSING
+    # Written into the arguments object, the value must stay within
+    # serde_json's 127 levels: at most 126 of its own.
+    return value if _nesting(value) <= 126 else MISSING
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def type_value(value: str, types: list[str] | None) -> Any:
+def type_value(value: str, types: list[str | None] | None) -> Any:
     t = value.strip(WS)
     if not types:
         v = json_literal(t)
@@ -119,6 +138,10 @@ def type_value(value: str, types: list[str] | None) -> Any:
             return v
         if ty == "null" and t == "null":
             return None
+        if ty is ANY:
+            v = json_literal(t)
+            if v is not MISSING and not isinstance(v, str):
+                return v
     return value
 
 
@@ -230,6 +253,21 @@ def _xml_call(text: str, open_at: int, limit: int, schemas: Any, out: _Out, repo
     return nxt
 
 
+def _bare_xml_call(text: str, open_at: int, schemas: Any, out: _Out) -> int:
+    """A `<function=` block outside `<tool_call>`: it must not run over a
+    `<tool_call>`, nor, when `</function>` does not close it, over a
+    `<think>`; it is then an error and ends at that tag."""
+    start = open_at + len("<function=")
+    hit = find_first(text, start, len(text), ["</function>", "<function=", "<tool_call>"])
+    if hit is None or hit[1] != 0:
+        end = len(text) if hit is None else hit[0]
+        tag = hit if hit is not None and hit[1] == 2 else find_first(text, start, end, ["<think>"])
+        if tag is not None:
+            out.errors.append((open_at, "function block not closed"))
+            return tag[0]
+    return _xml_call(text, open_at, len(text), schemas, out, open_at)
+
+
 def parse_body(
     text: str, tag_at: int, start: int, end: int, fmt: str, schemas: Any, out: _Out
 ) -> None:
@@ -307,7 +345,7 @@ def parse(
             parse_body(text, at, start, end, fmt, schemas, out)
             pos = nxt
         else:
-            pos = _xml_call(text, at, n, schemas, out, at)
+            pos = _bare_xml_call(text, at, schemas, out)
     content.append(text[pos:])
     return {
         "content": "".join(content).strip(WS),

@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import json
 import math
+import struct
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -576,6 +578,48 @@ def test_halfway_floats_match_the_reference(whole: int, frac: float, negative: b
     x = (whole + frac) * (-1 if negative else 1)
     assert turnrl.normalize_args({"x": x}) == ref.normalize({"x": x})
     assert turnrl.compare_args(repr(x), x).kind == "exact"
+
+
+def test_floats_halfway_between_two_shorter_forms_take_the_even_one() -> None:
+    # 8 + 2**-16 is 8.0000152587890625: 8.000015258789062 and ...063 both
+    # read back as it, and Python prints the even one (ties happen at every
+    # length, not only with 17 digits).
+    x = 8 + 1 / 65536
+    assert repr(x) == "8.000015258789062"
+    for value in (x, -x, -607150627375807.2):
+        assert turnrl.compare_args({"a": value}, {"a": repr(value)}).kind == "exact"
+        assert turnrl.normalize_args([repr(value)]) == [value]
+    assert turnrl.compare_args({"a": x}, {"a": "8.000015258789063"}).kind == "mismatch"
+    turns = [
+        {
+            "role": "assistant",
+            "tool_calls": [{"name": "pay", "arguments": json.dumps({"amount": x})}],
+        },
+        {"role": "tool", "content": "ok"},
+    ]
+    gold = [{"name": "pay", "arguments": {"amount": repr(x)}}]
+    assert turnrl.label_tiers(turns, gold, {"pay": "write"}).tiers == ["gold", None]
+
+
+def _halfway_float(p: int, r: int) -> float:
+    """k / 2**(p+1), odd k: halfway between two decimals with p fraction
+    digits, both of which read back as it when k >= 2**53 / 5**p."""
+    lo = 2**53 // 5**p
+    return ((lo + r % (2**53 - lo)) | 1) / 2 ** (p + 1)
+
+
+FLOAT_BITS = st.integers(0, 2**64 - 1).map(lambda b: struct.unpack("<d", struct.pack("<Q", b))[0])
+TIE_PRONE = st.builds(_halfway_float, st.integers(1, 24), st.integers(0, 2**53))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(FLOAT_BITS | TIE_PRONE | TIE_PRONE.map(lambda x: -x))
+def test_floats_compare_by_the_digits_python_prints(x: float) -> None:
+    if not math.isfinite(x):
+        return
+    printed = format(Decimal(repr(x)), "f")  # repr's digits, without an exponent
+    assert turnrl.compare_args({"a": x}, {"a": printed}).kind == "exact", repr(x)
+    assert turnrl.compare_args(printed, x).kind == "exact", repr(x)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -249,6 +249,32 @@ def test_qwen3_coder_types_from_any_of_and_enum_schemas() -> None:
     }
 
 
+def test_qwen3_coder_optional_model_is_not_typed_as_null_only() -> None:
+    """pydantic's Optional[Model]: {"anyOf": [{"$ref": ...}, {"type": "null"}]}.
+    The $ref branch allows any value, so an object reads as a dict, as it
+    would with no schema, instead of staying a string."""
+    address = {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}], "default": None}
+    tools = [
+        {
+            "name": "update",
+            "parameters": {
+                "properties": {"address": address, "tag": {"anyOf": [{"type": "string"}, {}]}},
+                "$defs": {"Address": {"type": "object"}},
+            },
+        }
+    ]
+
+    def typed(value: str, key: str = "address") -> Any:
+        text = f"<function=update><parameter={key}>\n{value}\n</parameter></function>"
+        return assert_matches_reference(text, tools=tools).tool_calls[0]["arguments"][key]
+
+    assert typed('{"city": "Paris", "zip": "75001"}') == {"city": "Paris", "zip": "75001"}
+    assert typed("null") is None
+    assert typed("Paris") == "Paris"
+    # A string branch listed first still takes every value.
+    assert typed("12", key="tag") == "12"
+
+
 def test_qwen3_coder_without_schema_and_without_outer_tags() -> None:
     text = (
         "x <function=lookup><parameter=id>42</parameter>"
@@ -267,6 +293,76 @@ def test_qwen3_coder_cut_off_parameter_is_an_error() -> None:
     text = "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\npart"
     m = assert_matches_reference(text)
     assert m.tool_calls == [] and m.error_offsets == [0]
+
+
+def test_bare_function_block_left_open_does_not_swallow_later_calls() -> None:
+    json_call = call("get_user_details", {"user_id": "mia_li_3668"})
+    # Prose naming the tag: one error at the tag, no call named "NAME", and
+    # the real call after it survives.
+    text = "The model writes <function=NAME> tags; I will use JSON instead.\n" + json_call
+    m = assert_matches_reference(text)
+    assert m.tool_calls == [{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}]
+    assert m.error_offsets == [text.index("<function=")]
+    assert "not closed before <tool_call>" in m.errors[0]
+    # A forgotten </function> before a JSON call, or before reasoning.
+    text = "<function=cancel>\n<parameter=id>\nZFA04Y\n</parameter>\n" + json_call
+    m = assert_matches_reference(text, tools=TOOLS)
+    assert [c["name"] for c in m.tool_calls] == ["get_user_details"] and m.error_offsets == [0]
+    m = assert_matches_reference("<function=f><parameter=a>1</parameter>\n<think>r</think>done")
+    assert (m.tool_calls, m.error_offsets, m.reasoning, m.content) == ([], [0], "r", "done")
+    # Cut off at the end of generation: read as before (a call when its
+    # parameters are whole), and so is a closer forgotten before <function=.
+    m = assert_matches_reference("<function=f><parameter=a>1</parameter>")
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}] and m.errors == []
+    m = assert_matches_reference("<function=f><parameter=a>1</parameter><function=g></function>")
+    assert [c["name"] for c in m.tool_calls] == ["f", "g"] and m.errors == []
+    # No call runs over a <tool_call>, even one a later </function> would
+    # close; a closed block keeps a <think> in a value as text.
+    m = assert_matches_reference("<function=f>\n" + json_call + "\n</function>")
+    assert [c["name"] for c in m.tool_calls] == ["get_user_details"] and m.error_offsets == [0]
+    m = assert_matches_reference("<function=f><parameter=a><think></parameter></function>")
+    assert m.tool_calls == [{"name": "f", "arguments": {"a": "<think>"}}] and m.reasoning is None
+
+
+def test_every_tool_call_tag_outside_reasoning_is_a_call_or_an_error() -> None:
+    # Fragments that mix both formats: no <tool_call> may vanish into
+    # another call (each becomes a call or an error at its own offset).
+    frags = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<function=f>", "</function>"]
+    frags += ["<parameter=a>1", "</parameter>", '{"name": "f", "arguments": {"a": 1}}', "\n", "x"]
+
+    @settings(max_examples=1500, deadline=None)
+    @given(st.lists(st.sampled_from(frags), max_size=12))
+    def check(parts: list[str]) -> None:
+        text = "".join(parts)
+        m = assert_matches_reference(text)
+        outside = text.count("<tool_call>") - (m.reasoning or "").count("<tool_call>")
+        outside -= m.content.count("<tool_call>")
+        raw = text.encode()
+        read = [o for o in m.call_offsets + m.error_offsets if raw.startswith(b"<tool_call>", o)]
+        assert len(read) == outside, (text, m.to_dict())
+
+    check()
+
+
+def test_xml_values_nested_too_deep_for_the_arguments_stay_strings() -> None:
+    # A value is written into its call's arguments, one level deeper, which
+    # must read back within serde_json's 127 levels: reading .tool_calls never
+    # raises, and the other calls are kept.
+    tools = [{"name": "f", "parameters": {"properties": {"a": {"type": "array"}}}}]
+    for depth in (126, 127, 128):
+        value = "[" * depth + "]" * depth
+        text = call("ok", {}) + "<function=f><parameter=a>" + value + "</parameter></function>"
+        want: Any = json.loads(value) if depth <= 126 else value
+        for schemas in (None, tools):
+            m = assert_matches_reference(text, tools=schemas)
+            assert m.tool_calls == [
+                {"name": "ok", "arguments": {}},
+                {"name": "f", "arguments": {"a": want}},
+            ], depth
+            assert m.errors == [] and len(repr(m)) > depth
+            assert m.to_dict()["tool_calls"] == m.tool_calls
+            batch = turnrl.parse_tool_calls_batch([text] * 20, tools=schemas)
+            assert all(b.tool_calls == m.tool_calls for b in batch)
 
 
 def test_formats_are_checked() -> None:
@@ -291,7 +387,15 @@ def test_batch_equals_single_and_message_is_frozen() -> None:
 
 PROSE = st.lists(
     st.sampled_from(
-        [*'abc xyz\n\t.,é漢✓{}[]"<>/=_', "<tool_call>", "</tool_call>", "</think>", "<function="]
+        [
+            *'abc xyz\n\t.,é漢✓{}[]"<>/=_',
+            "<tool_call>",
+            "</tool_call>",
+            "<think>",
+            "</think>",
+            "<function=",
+            "</function>",
+        ]
     ),
     max_size=30,
 ).map("".join)
@@ -533,3 +637,20 @@ def test_a_finished_thread_releases_its_cached_keys() -> None:
         time.sleep(0.005)
         turnrl.parse_tool_calls("")
     assert sys.getrefcount(key) == held_by_the_cache - 1
+
+
+def test_reply_from_text_drops_an_empty_think_block_from_the_content() -> None:
+    from turnrl.envs.agents import reply_from_text
+
+    # Qwen3 with thinking off writes an empty block; its tags are not content.
+    for text in [
+        "<think>\n\n</think>\n\nYour flight is on time.",
+        "<think></think>Your flight is on time.",
+    ]:
+        assert turnrl.parse_tool_calls(text).reasoning == ""
+        reply = reply_from_text(text)
+        assert reply["content"] == "Your flight is on time."
+        assert reply["reasoning"] is None and reply["tool_calls"] == []
+        assert reply["completion"] == text
+    # No block at all: the raw text is the content, untrimmed.
+    assert reply_from_text(" hi\n")["content"] == " hi\n"

@@ -15,14 +15,24 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
 * A ``<tool_call>`` never closed (generation cut off) ends at the next
   ``<tool_call>`` or the end of the text; it still parses when its JSON is
   complete.
+* A bare ``<function=NAME>`` block (no ``<tool_call>`` around it) never
+  closed ends at the next ``<function=`` or the end of the text and is read
+  like a closed one (an XML value it cuts off is an error). But no call runs
+  over a ``<tool_call>``, nor an unclosed block over a ``<think>``: such a
+  block ends at that tag and is an error (prose naming the tag, or a
+  forgotten ``</function>``), and the call or reasoning after it is read as
+  usual.
 * JSON bodies may sit in a code fence; ``arguments`` (alias ``parameters``)
   may be an object, a JSON-encoded string, or missing / null / blank (``{}``);
   other keys are ignored; ``name`` must be a non-empty string.
 * XML values are typed from the tool's JSON schema when ``tools`` is given
   (a parameter's ``type``, else the types of its ``anyOf``/``oneOf``
-  branches, else the kinds of its ``enum``/``const`` values); without one,
+  branches, else the kinds of its ``enum``/``const`` values; a branch that
+  names no type, such as a ``$ref``, allows any value there); without one,
   a value that reads as a JSON number, boolean, null, object or
-  array takes that type and anything else stays a string.
+  array takes that type and anything else stays a string. JSON nested more
+  than 126 levels deep stays a string (inside the arguments it would pass
+  the JSON reader's limit of 127).
 * ``.content`` is the text outside reasoning and calls, trimmed of ASCII
   whitespace.
 * JSON numbers keep their type: integers are ints, exact at any size (as

@@ -154,7 +154,8 @@ def reply_from_text(
         (at, {"error": str(e)}) for at, e in zip(parsed.error_offsets, parsed.errors, strict=True)
     ]
     calls = [call for _, call in sorted(written, key=lambda pair: pair[0])]
-    found = bool(calls or parsed.reasoning)
+    # An empty `<think></think>` block is still a block: its tags are not content.
+    found = bool(calls) or parsed.reasoning is not None
     return {
         "content": parsed.content if found else text,
         "tool_calls": calls,

@@ -133,6 +133,11 @@ impl Policy {
 // ---------------------------------------------------------------------------
 // Exact decimals
 
+/// 2^`e` for `e` in the normal range (`-1022..=1023`): the float's bits.
+fn pow2(e: i64) -> f64 {
+    f64::from_bits(((e + 1023) as u64) << 52)
+}
+
 /// An exact decimal `(-1)^neg * digits * 10^exp`. Canonical: `digits` holds
 /// ASCII digits with no leading or trailing zero; zero has no digits, is not
 /// negative and has exponent 0. Equal numbers are therefore equal structs.
@@ -229,60 +234,87 @@ impl Dec {
         Dec::build(neg, &buf[at..], 0)
     }
 
+    /// The decimal Python's `repr` prints for `x` (finite): the shortest
+    /// that reads back as `x`, of those the nearest to it, and of two
+    /// equally near the one with an even last digit.
     fn from_f64(x: f64) -> Dec {
         // Integral floats below 2^53 are exact integers: skip the formatting.
         if x.fract() == 0.0 && x.abs() < 9_007_199_254_740_992.0 {
             return Dec::from_u64(x < 0.0, x.abs() as u64);
         }
-        // `{:e}` prints the shortest digits that read back as `x`.
+        // `{:e}` prints the shortest digits that read back as `x`, the
+        // nearest of them, but the upper one of a tie: only an odd last
+        // digit can be the wrong one.
         let mut text = StackText::default();
         let _ = write!(text, "{x:e}");
         let shortest = Dec::parse_scientific(text.as_str()).unwrap_or(Dec::build(false, b"", 0));
-        if shortest.digits.len() == 17 {
-            if let Some(even) = Dec::even_of_tie(x) {
+        if shortest
+            .digits
+            .as_bytes()
+            .last()
+            .is_some_and(|d| (d - b'0') % 2 == 1)
+        {
+            if let Some(even) = Dec::even_of_tie(x, &shortest) {
                 return even;
             }
         }
         shortest
     }
 
-    /// Where `x` lies exactly halfway between two 17-digit decimals, both
-    /// of which read back as `x`, the one with an even last digit (as
-    /// Python's `repr` and `json.dumps` choose; Rust's formatting takes the
-    /// upper one). Only 17-digit shortest forms can tie: with fewer digits
-    /// the two candidates lie more than one float apart.
+    /// Where `x` lies exactly halfway between `shortest` (odd last digit)
+    /// and a neighbour of the same length that also reads back as `x`, that
+    /// neighbour, whose last digit is even. Ties happen at every length (8 +
+    /// 2^-16 = 8.0000152587890625 reads back from ...062 and ...063).
+    ///
+    /// With `shortest` = D·10^q, a tie is x = c·10^q/2 for c = 2D ± 1: odd,
+    /// below 2^58. As a float, x = m·2^e with m odd below 2^53, so c·5^q
+    /// (q ≥ 0) or c/5^-q (q < 0) must be that odd m, and x must equal
+    /// m·2^(q-1); all of it exact in integers and one float product.
+    fn even_of_tie(x: f64, shortest: &Dec) -> Option<Dec> {
+        let digits = shortest.digits.as_bytes();
+        if digits.len() > 17 {
+            return None;
+        }
+        let d = digits
+            .iter()
+            .fold(0u64, |n, &b| n * 10 + u64::from(b - b'0'));
+        let q = shortest.exp;
+        let ax = x.abs();
+        let halfway = |c: u64| -> bool {
+            let m = if q >= 0 {
+                u32::try_from(q)
+                    .ok()
+                    .and_then(|q| 5u64.checked_pow(q))
+                    .and_then(|p| c.checked_mul(p))
+            } else {
+                u32::try_from(-q)
+                    .ok()
+                    .and_then(|p| 5u64.checked_pow(p))
+                    .filter(|&p| c.is_multiple_of(p))
+                    .map(|p| c / p)
+            };
+            // m < 2^53 and |q - 1| small: m·2^(q-1) is exact.
+            m.is_some_and(|m| m < 1 << 53 && (m as f64) * pow2(q - 1) == ax)
+        };
+        let other = if halfway(2 * d - 1) {
+            d - 1
+        } else if halfway(2 * d + 1) {
+            d + 1
+        } else {
+            return None;
+        };
+        Dec::even_neighbour(x, other, q)
+    }
+
+    /// `n`·10^`q` with the sign of `x`, if it reads back as `x`.
     #[cold]
-    fn even_of_tie(x: f64) -> Option<Dec> {
-        // A tie has exactly 18 significant digits, the last a 5; rounding
-        // to 18 digits ends in 5 for a tenth of other values, which the
-        // exact expansion (at most 767 significant digits) then rules out.
-        let eighteen = format!("{:.17e}", x.abs());
-        if !eighteen.split_once('e')?.0.ends_with('5') {
+    fn even_neighbour(x: f64, n: u64, q: i64) -> Option<Dec> {
+        let text = format!("{n}e{q}");
+        if text.parse::<f64>().ok()? != x.abs() {
             return None;
         }
-        let exact = format!("{:.800e}", x.abs());
-        let (mantissa, exponent) = exact.split_once('e')?;
-        let exp: i64 = exponent.parse().ok()?;
-        let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
-        let (lower, rest) = digits.split_at(17);
-        if rest.first() != Some(&b'5') || rest[1..].iter().any(|&d| d != b'0') {
-            return None;
-        }
-        let mut even = [0u8; 18];
-        even[1..].copy_from_slice(lower);
-        if (even[17] - b'0') % 2 == 1 {
-            // The upper candidate: add one in the last place.
-            for d in even.iter_mut().rev() {
-                if *d == b'9' {
-                    *d = b'0';
-                } else {
-                    *d = if *d == 0 { b'1' } else { *d + 1 };
-                    break;
-                }
-            }
-        }
-        let start = usize::from(even[0] == 0);
-        Some(Dec::build(x < 0.0, &even[start..], exp - 16))
+        let dec = Dec::from_u64(false, n);
+        Some(Dec::build(x < 0.0, dec.digits.as_bytes(), dec.exp + q))
     }
 
     /// `-?d(.d+)?e-?d+` as printed by `{:e}`.
@@ -1671,26 +1703,88 @@ mod tests {
         compare(&p, &g, &Policy::default()).unwrap()
     }
 
-    /// The 17 significant digits nearest to `x`, ties to even, from its
-    /// exact decimal expansion: what Python's `repr` gives when 17 digits
-    /// are needed.
-    fn nearest_17_digits(x: f64) -> Dec {
+    /// Python's `repr` of `x` (finite, not 0) by its definition, from the
+    /// exact decimal expansion (at most 767 significant digits, so 801 are
+    /// exact): for n = 1, 2, …, the n-digit decimals just below and just
+    /// above `x`; the first n where one reads back as `x` gives it, the
+    /// nearer if both do, the even one if they are equally near.
+    fn python_repr(x: f64) -> Dec {
         let exact = format!("{:.800e}", x.abs());
         let (mantissa, exponent) = exact.split_once('e').unwrap();
         let exp: i64 = exponent.parse().unwrap();
         let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).collect();
-        let mut kept: u64 = std::str::from_utf8(&digits[..17]).unwrap().parse().unwrap();
-        let rest = &digits[17..];
-        let half = rest[0] == b'5' && rest[1..].iter().all(|&d| d == b'0');
-        if rest[0] > b'5' || (rest[0] == b'5' && !half) || (half && kept % 2 == 1) {
-            kept += 1;
+        for n in 1..=17 {
+            let below: u64 = std::str::from_utf8(&digits[..n]).unwrap().parse().unwrap();
+            let scale = exp - (n as i64 - 1);
+            let reads_back = |k: u64| format!("{k}e{scale}").parse::<f64>().unwrap() == x.abs();
+            let rest = &digits[n..];
+            let at = |k: u64| Dec::build(x < 0.0, k.to_string().as_bytes(), scale);
+            if rest.iter().all(|&d| d == b'0') {
+                if reads_back(below) {
+                    return at(below);
+                }
+                continue;
+            }
+            let nearer = match rest[0].cmp(&b'5') {
+                Ordering::Less => below,
+                Ordering::Greater => below + 1,
+                Ordering::Equal if rest[1..].iter().any(|&d| d != b'0') => below + 1,
+                Ordering::Equal => below + below % 2,
+            };
+            let farther = if nearer == below { below + 1 } else { below };
+            for k in [nearer, farther] {
+                if reads_back(k) {
+                    return at(k);
+                }
+            }
         }
-        let text = kept.to_string();
-        Dec::build(
-            x < 0.0,
-            text.as_bytes(),
-            exp - 16 - (text.len() as i64 - 17),
-        )
+        unreachable!("17 digits always read back: {x:e}")
+    }
+
+    /// Floats where ties between two shortest forms are common: k/2^(p+1)
+    /// for odd k lies halfway between two decimals with p fraction digits,
+    /// both of which read back when k ≥ 2^53/5^p (8 + 2^-16 is one); and
+    /// an integer of up to 53 bits times a power of two.
+    fn tie_prone_float() -> impl Strategy<Value = f64> {
+        let halfway = (1u32..=24, any::<u64>()).prop_map(|(p, r)| {
+            let lo = (1u64 << 53) / 5u64.pow(p);
+            let k = (lo + r % ((1 << 53) - lo)) | 1;
+            k as f64 * pow2(-i64::from(p) - 1)
+        });
+        let short = (1u64..1 << 53, 0u32..53, -80i32..40)
+            .prop_map(|(m, drop, e)| (m >> drop) as f64 * 2f64.powi(e));
+        (prop_oneof![halfway, short], any::<bool>()).prop_map(|(x, neg)| if neg { -x } else { x })
+    }
+
+    #[test]
+    fn floats_halfway_between_two_shorter_forms_take_the_even_one() {
+        // 8 + 2^-16 = 8.0000152587890625 reads back from ...062 and ...063:
+        // Python prints ...062, Rust's `{:e}` ...063.
+        let x = 8.0 + 1.0 / 65536.0;
+        let even = Dec::parse_plain("8.000015258789062").unwrap();
+        assert_eq!(Dec::from_f64(x), even);
+        assert_eq!(python_repr(x), even);
+        assert_eq!(
+            Dec::from_f64(-x),
+            Dec::parse_plain("-8.000015258789062").unwrap()
+        );
+        assert_eq!(
+            Dec::from_f64(-607150627375807.2),
+            Dec::parse_plain("-607150627375807.2").unwrap()
+        );
+        // Through the comparison: the float equals the string Python prints.
+        let c = compare(
+            &json!({"a": x}),
+            &json!({"a": "8.000015258789062"}),
+            &Policy::default(),
+        );
+        assert_eq!(c.unwrap().kind, MatchKind::Exact);
+        let c = compare(
+            &json!({"a": x}),
+            &json!({"a": "8.000015258789063"}),
+            &Policy::default(),
+        );
+        assert_eq!(c.unwrap().kind, MatchKind::Mismatch);
     }
 
     #[test]
@@ -1713,12 +1807,12 @@ mod tests {
                 (1_000_000_000_000_000, 0.75),
             ] {
                 let x = (int + 7919 * k) as f64 + frac;
-                assert_eq!(Dec::from_f64(x), nearest_17_digits(x), "{x:e}");
+                assert_eq!(Dec::from_f64(x), python_repr(x), "{x:e}");
                 ties += 1;
             }
             for eighths in [1.0, 3.0, 5.0, 7.0] {
                 let x = (100_000_000_000_000 + 7919 * k) as f64 + eighths / 8.0;
-                assert_eq!(Dec::from_f64(x), nearest_17_digits(x), "{x:e}");
+                assert_eq!(Dec::from_f64(x), python_repr(x), "{x:e}");
             }
         }
         assert!(ties > 0);
@@ -1751,19 +1845,19 @@ mod tests {
             prop_assert_eq!(fewer_than_fraction(count, total, fraction), want);
         }
 
-        /// Wherever the shortest form has 17 digits it is the nearest
-        /// 17-digit decimal, ties to even; elsewhere it reads back as `x`.
+        /// Every float takes the digits Python's `repr` prints.
         #[test]
         fn floats_take_python_repr_digits(bits in any::<u64>()) {
             let x = f64::from_bits(bits);
             prop_assume!(x.is_finite() && x != 0.0);
-            let dec = Dec::from_f64(x);
-            if dec.digits.len() == 17 {
-                prop_assert_eq!(dec, nearest_17_digits(x));
-            } else {
-                prop_assert!(dec.digits.len() < 17);
-                prop_assert_eq!(dec.to_plain().parse::<f64>().ok(), Some(x));
-            }
+            prop_assert_eq!(Dec::from_f64(x), python_repr(x), "{:e}", x);
+        }
+
+        /// Likewise where ties are common, at every length.
+        #[test]
+        fn tie_prone_floats_take_python_repr_digits(x in tie_prone_float()) {
+            prop_assume!(x != 0.0);
+            prop_assert_eq!(Dec::from_f64(x), python_repr(x), "{:e}", x);
         }
 
         #[test]

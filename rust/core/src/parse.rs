@@ -17,7 +17,15 @@
 //!   `</tool_call>`, or at the next `<tool_call>` or the end of the text when
 //!   the call was never closed (cut off at the end of generation). With
 //!   `fmt` = `auto` or `qwen3_coder`, a bare `<function=NAME>…</function>` block
-//!   outside `<tool_call>` is a call too.
+//!   outside `<tool_call>` is a call too. A bare block that `</function>`
+//!   does not close ends at the next `<function=` (a forgotten closer) or
+//!   the end of the text (cut off), read as the XML body rules say. But no
+//!   call runs over a `<tool_call>`, nor a block left open over a `<think>`:
+//!   a bare block that meets one before its `</function>` (or, for
+//!   `<think>`, with none) ends there and is an error (prose naming the
+//!   tag, or a forgotten closer before another call), and the call or
+//!   reasoning after it is read as usual. A closed block keeps a `<think>`
+//!   in a value as text.
 //! * **Content** is the text outside reasoning and calls, joined and trimmed
 //!   (trimming removes ASCII whitespace: space, `\t`, `\n`, `\r`, `\x0b`, `\x0c`).
 //! * **Hermes JSON body** (trimmed; an optional ```` ``` ```` / ```` ```json ````
@@ -281,14 +289,29 @@ pub enum ParamType {
     Object,
     Array,
     Null,
+    /// Any value: a union branch whose types are not known (a `$ref`, a
+    /// branch with no `type`). Typed as with no schema: read as JSON when
+    /// that gives a number, boolean, null, object or array.
+    Any,
 }
 
+/// How deep [`types_of_spec`] reads union branches nested in branches;
+/// deeper ones count as unknown ([`ParamType::Any`]).
+const SPEC_MAX_DEPTH: usize = 32;
+
 /// The types a property's JSON schema allows: its `type` (a name or a
-/// list), else the union of its `anyOf`/`oneOf` branches' types (pydantic
-/// writes `Optional[str]` as `{"anyOf": [{"type": "string"}, {"type":
-/// "null"}]}`), else the kinds of its `enum` or `const` values. Empty when
-/// none says (the value is then typed as a JSON literal).
+/// list), else the union of its `anyOf`/`oneOf` branches' types, each
+/// branch read by these rules (pydantic writes `Optional[str]` as
+/// `{"anyOf": [{"type": "string"}, {"type": "null"}]}`), else the kinds of
+/// its `enum` or `const` values. A branch these rules say nothing of (a
+/// `$ref`: pydantic's `Optional[Model]` is `{"anyOf": [{"$ref": ...},
+/// {"type": "null"}]}`) allows any value in its place ([`ParamType::Any`]).
+/// Empty when none says (the value is then typed as a JSON literal).
 pub fn types_of_spec(spec: &Value) -> Vec<ParamType> {
+    types_of_spec_within(spec, 0)
+}
+
+fn types_of_spec_within(spec: &Value, depth: usize) -> Vec<ParamType> {
     let mut types = Vec::new();
     let mut add = |t: ParamType| {
         if !types.contains(&t) {
@@ -309,14 +332,15 @@ pub fn types_of_spec(spec: &Value) -> Vec<ParamType> {
     for union in ["anyOf", "oneOf"] {
         if let Some(Value::Array(branches)) = spec.get(union) {
             for branch in branches {
-                match branch.get("type") {
-                    Some(Value::String(t)) => add(ParamType::from_schema_name(t)),
-                    Some(Value::Array(ts)) => ts
-                        .iter()
-                        .filter_map(Value::as_str)
-                        .for_each(|t| add(ParamType::from_schema_name(t))),
-                    _ => {}
+                let known = if depth < SPEC_MAX_DEPTH {
+                    types_of_spec_within(branch, depth + 1)
+                } else {
+                    Vec::new()
+                };
+                if known.is_empty() {
+                    add(ParamType::Any);
                 }
+                known.into_iter().for_each(&mut add);
             }
         }
     }
@@ -525,9 +549,19 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
                 pos = next;
             }
             _ => {
-                let block = function_block(text, at, text.len());
-                push_xml_call(text, &block, options, &mut out);
-                pos = block.next;
+                pos = match bare_function_block(text, at) {
+                    Ok(block) => {
+                        push_xml_call(text, &block, options, &mut out);
+                        block.next
+                    }
+                    Err((next, tag)) => {
+                        out.errors.push(CallError {
+                            offset: at,
+                            reason: format!("{FUNCTION_OPEN} block not closed before {tag}"),
+                        });
+                        next
+                    }
+                };
             }
         }
     }
@@ -1005,6 +1039,45 @@ fn function_block(text: &str, open: usize, limit: usize) -> FunctionBlock {
     }
 }
 
+/// A bare `<function=` block (outside `<tool_call>`): [`function_block`]
+/// over the rest of the text, except that no call runs over a `<tool_call>`
+/// (as a `<tool_call>` body ends at the next one), and a block `</function>`
+/// does not close does not run over a `<think>` either (a closed block
+/// keeps one in its values as text). Meeting either, the block was not a
+/// call cut off at the end of generation (it is prose naming the tag, or a
+/// call whose `</function>` was forgotten): the answer is `Err` with where
+/// the tag lies and which it is, the tag starting a call or reasoning of its
+/// own. Linear: the second scan covers part of the first's.
+fn bare_function_block(
+    text: &str,
+    open: usize,
+) -> std::result::Result<FunctionBlock, (usize, &'static str)> {
+    let from = open + FUNCTION_OPEN.len();
+    let tags = [FUNCTION_CLOSE, FUNCTION_OPEN, CALL_OPEN];
+    let (inner_end, next) = match find_first_tag(text, from, text.len(), &tags) {
+        Some((p, 0)) => {
+            return Ok(FunctionBlock {
+                open,
+                inner_end: p,
+                closed: true,
+                next: p + FUNCTION_CLOSE.len(),
+            })
+        }
+        Some((p, 1)) => (p, p),
+        Some((p, _)) => return Err((p, CALL_OPEN)),
+        None => (text.len(), text.len()),
+    };
+    if let Some((p, _)) = find_first_tag(text, from, inner_end, &[THINK_OPEN]) {
+        return Err((p, THINK_OPEN));
+    }
+    Ok(FunctionBlock {
+        open,
+        inner_end,
+        closed: false,
+        next,
+    })
+}
+
 fn push_xml_call(
     text: &str,
     block: &FunctionBlock,
@@ -1116,9 +1189,12 @@ fn parse_function_block(
 /// lack `string`; else each type is tried in order (`integer`: a JSON integer;
 /// `number`: a JSON number; `boolean`: `true`/`True`/`false`/`False`;
 /// `object`/`array`: JSON of that kind; `null`: `null`; `string` and unknown
-/// names: the value as is), and a value no type accepts stays a string.
+/// names: the value as is; [`ParamType::Any`]: as without a schema, but
+/// never a string), and a value no type accepts stays a string.
 /// Without a schema for this parameter: `t` read as JSON when that gives a
 /// number, boolean, null, object or array; otherwise the value as a string.
+/// JSON nested more than 126 levels deep is not read (see
+/// [`XML_VALUE_MAX_DEPTH`]): such a value stays a string.
 pub fn type_xml_value(value: &str, types: Option<&[ParamType]>) -> Value {
     type_xml(value, types).into_value()
 }
@@ -1192,6 +1268,7 @@ fn type_xml<'a>(value: &'a str, types: Option<&[ParamType]>) -> XmlTyped<'a> {
             ParamType::Object => literal(&Value::is_object),
             ParamType::Array => literal(&Value::is_array),
             ParamType::Null => (t == "null").then_some(XmlTyped::Null),
+            ParamType::Any => literal(&|v| !v.is_string()),
         };
         if let Some(v) = typed {
             return v;
@@ -1200,6 +1277,13 @@ fn type_xml<'a>(value: &'a str, types: Option<&[ParamType]>) -> XmlTyped<'a> {
     XmlTyped::Text(value)
 }
 
+/// The deepest nesting of arrays and objects a value read as JSON may have.
+/// serde_json reads at most 127 levels (its recursion limit), and the value
+/// is written into its call's arguments object, one level deeper, which must
+/// read back (the span form and the Python bindings decode that text), so
+/// 126. A deeper value stays a string.
+const XML_VALUE_MAX_DEPTH: usize = 126;
+
 fn parse_json_literal(t: &str) -> Option<Value> {
     // Cheap first-byte check keeps prose values off the JSON parser.
     let first = *t.as_bytes().first()?;
@@ -1207,7 +1291,20 @@ fn parse_json_literal(t: &str) -> Option<Value> {
     {
         return None;
     }
-    crate::json::value_from_str(t).ok()
+    let value = crate::json::value_from_str(t).ok()?;
+    // Each level takes two bytes: short values need no walk.
+    let shallow = t.len() < 2 * (XML_VALUE_MAX_DEPTH + 1);
+    (shallow || nesting(&value) <= XML_VALUE_MAX_DEPTH).then_some(value)
+}
+
+/// Levels of arrays and objects in `value` (0 for a scalar). Recursive: only
+/// called on values serde_json read, at most 127 levels deep.
+fn nesting(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(nesting).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
@@ -1508,11 +1605,26 @@ mod tests {
         let t = |v: Value| types_of_spec(&v);
         assert_eq!(t(json!({"type": "integer"})), vec![Integer]);
         assert_eq!(t(json!({"type": ["integer", "null"]})), vec![Integer, Null]);
-        // pydantic's Optional[str]; a $ref branch says nothing.
+        // pydantic's Optional[str]; a $ref branch allows any value there.
         assert_eq!(
             t(json!({"anyOf": [{"type": "string"}, {"type": "null"}, {"$ref": "#/x"}]})),
-            vec![String, Null]
+            vec![String, Null, Any]
         );
+        // pydantic's Optional[Model]: not null only.
+        assert_eq!(
+            t(json!({"anyOf": [{"$ref": "#/$defs/M"}, {"type": "null"}]})),
+            vec![Any, Null]
+        );
+        // Branches are read like specs: enums, nested unions, no type.
+        assert_eq!(
+            t(json!({"oneOf": [{"enum": ["a"]}, {"anyOf": [{"type": "integer"}, {}]}]})),
+            vec![String, Integer, Any]
+        );
+        let mut deep = json!({"type": "integer"});
+        for _ in 0..40 {
+            deep = json!({"anyOf": [deep]});
+        }
+        assert_eq!(t(deep), vec![Any]);
         assert_eq!(
             t(json!({"oneOf": [{"type": ["number", "string"]}]})),
             vec![Number, String]
@@ -1554,6 +1666,67 @@ mod tests {
     }
 
     #[test]
+    fn bare_unclosed_function_block_stops_at_a_later_call_or_reasoning() {
+        let names = |m: &ParsedMessage| {
+            m.tool_calls
+                .iter()
+                .map(|c| c.name.clone())
+                .collect::<Vec<_>>()
+        };
+        let offsets = |m: &ParsedMessage| m.errors.iter().map(|e| e.offset).collect::<Vec<_>>();
+        let json_call =
+            "<tool_call>{\"name\": \"get\", \"arguments\": {\"id\": \"x\"}}</tool_call>";
+        // Prose naming the tag: an error, not a call named "NAME" that
+        // swallows the real call after it.
+        let text = format!("Models write <function=NAME> tags; I use JSON.\n{json_call} ok");
+        let m = parse(&text);
+        assert_eq!(offsets(&m), vec![text.find("<function=").unwrap()]);
+        assert!(m.errors[0].reason.contains("not closed before <tool_call>"));
+        assert_eq!(names(&m), vec!["get"]);
+        assert_eq!(m.tool_calls[0].arguments, args(json!({"id": "x"})));
+        assert_eq!(m.content, "Models write  ok");
+        // (Qwen3-Coder reads the JSON call as a malformed XML one.)
+        let m = parse_tool_calls(&text, Format::Qwen3Coder, None);
+        assert_eq!(offsets(&m), vec![13, text.find("<tool_call>").unwrap()]);
+        // A forgotten `</function>` before a JSON call, or before reasoning.
+        let text = format!("<function=cancel>\n<parameter=id>\nZFA04Y\n</parameter>\n{json_call}");
+        let m = parse(&text);
+        assert_eq!((names(&m), offsets(&m)), (vec!["get".to_string()], vec![0]));
+        let m = parse("a <function=f><parameter=x>1</parameter> <think>why</think> b");
+        assert_eq!(offsets(&m), vec![2]);
+        assert!(m.errors[0].reason.contains("not closed before <think>"));
+        assert_eq!(m.reasoning.as_deref(), Some("why"));
+        assert_eq!(m.content, "a  b");
+        // A block cut off at the end of the text is read as before: a call
+        // when its parameters are whole, else an error.
+        let m = parse("<function=f><parameter=x>1</parameter>");
+        assert_eq!(
+            (names(&m), m.tool_calls[0].arguments.clone()),
+            (vec!["f".to_string()], args(json!({"x": 1})))
+        );
+        assert_eq!(offsets(&parse("<function=f><parameter=x>1")), vec![0]);
+        // So is a forgotten `</function>` before the next `<function=`, and
+        // a closed block keeps the tags in its values.
+        let m = parse("<function=f><parameter=x>1</parameter><function=g></function>");
+        assert_eq!(
+            (names(&m), offsets(&m)),
+            (vec!["f".to_string(), "g".to_string()], vec![])
+        );
+        let m = parse("<function=f><parameter=x><think></parameter></function> b");
+        assert_eq!(m.tool_calls[0].arguments, args(json!({"x": "<think>"})));
+        assert_eq!(
+            (m.errors.len(), m.content.as_str(), m.reasoning.clone()),
+            (0, "b", None)
+        );
+        // No call runs over a `<tool_call>`, even one a later `</function>`
+        // would close.
+        let text = format!("<function=f>{json_call}</function>");
+        let m = parse(&text);
+        assert_eq!((names(&m), offsets(&m)), (vec!["get".to_string()], vec![0]));
+        assert_eq!(m.content, "</function>");
+    }
+
+    #[test]
     fn reasoning_begun_in_prompt() {
         let m = parse("thinking <tool_call>{\"name\":\"n\"}</tool_call></think>answer");
         assert_eq!(
@@ -1583,6 +1756,58 @@ mod tests {
         assert_eq!(type_xml_value("\"q\"", None), json!("\"q\""));
         assert_eq!(type_xml_value("-3", None), json!(-3));
         assert_eq!(type_xml_value("NaN", None), json!("NaN"));
+        // Optional[Model]: an object, null, or a string when neither reads.
+        let model = [Any, Null];
+        assert_eq!(
+            ty("{\"city\": \"Paris\"}", &model),
+            json!({"city": "Paris"})
+        );
+        assert_eq!(ty("null", &model), Value::Null);
+        assert_eq!(ty("Paris", &model), json!("Paris"));
+        assert_eq!(ty("\"q\"", &model), json!("\"q\""));
+        // In its place: a string branch first still takes everything.
+        assert_eq!(ty("12", &[String, Any]), json!("12"));
+        assert_eq!(ty("12", &[Any, String]), json!(12));
+    }
+
+    #[test]
+    fn xml_values_nested_too_deep_for_the_arguments_stay_strings() {
+        let mut s = ToolSchemas::new();
+        s.set_param("f", "a", vec![ParamType::Array]);
+        for (depth, kept) in [(1, true), (126, true), (127, false), (128, false)] {
+            let value = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            let text = format!("<tool_call>{{\"name\": \"ok\"}}</tool_call><function=f><parameter=a>{value}</parameter></function>");
+            for schemas in [None, Some(&s)] {
+                let want = if kept {
+                    crate::json::value_from_str(&value).unwrap()
+                } else {
+                    Value::String(value.clone())
+                };
+                let m = parse_tool_calls(&text, Format::Auto, schemas);
+                assert_eq!(m.errors, vec![], "{depth}");
+                assert_eq!(
+                    m.tool_calls[1].arguments,
+                    args(json!({"a": want})),
+                    "{depth}"
+                );
+                // The span form writes the value into the arguments' JSON
+                // text, one level deeper: that text must read back.
+                let spans = parse_tool_call_spans(&text, Format::Auto, schemas);
+                let Arguments::Encoded(json) = &spans.tool_calls[1].arguments else {
+                    panic!("{depth}: {:?}", spans.tool_calls[1].arguments)
+                };
+                assert_eq!(
+                    crate::json::map_from_str(json).ok(),
+                    Some(m.tool_calls[1].arguments.clone()),
+                    "{depth}"
+                );
+                assert_eq!(spans.into_message(&text), m, "{depth}");
+            }
+        }
+        // An object counts as a level, like an array.
+        let nested = |n: usize| format!("{{\"a\": {}1{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(type_xml_value(&nested(125), None).is_object());
+        assert!(type_xml_value(&nested(126), None).is_string());
     }
 
     #[test]
