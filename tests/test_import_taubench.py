@@ -116,6 +116,35 @@ def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path
     assert not (tmp_path / "b.jsonl").exists()
 
 
+@needs_tau_bench
+def test_an_integer_reward_too_big_for_a_float_names_its_entry(tmp_path: Path, capsys):
+    # JSON integers have no limit; math.isfinite raised OverflowError on them.
+    good = json.dumps(entry(0, 1.0, 0, [[]]))
+    huge = "1" + "0" * 400
+    bad = json.dumps(entry(1, 0.0, 0, [[]])).replace('"reward": 0.0', f'"reward": {huge}')
+    path = tmp_path / "results.json"
+    path.write_text(f"[{good}, {bad}]")
+    out = tmp_path / "b.jsonl"
+    args = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json: entry 1 (task 1): 'reward' 10000000000" in err, err
+    assert "is not a finite number of at most 1e100 in size" in err
+    assert not out.exists()
+    # More digits than Python converts to an int: refused as JSON.
+    path.write_text(f"[{good}, {bad.replace(huge, '1' + '0' * 5000)}]")
+    assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
+    assert "results.json: invalid JSON: Exceeds the limit" in capsys.readouterr().err
+    # A message's reward too.
+    for reward in (10**400, -(10**400), 1e101, math.inf, math.nan):
+        message = {"role": "assistant", "content": "x", "reward": reward}
+        with pytest.raises(InvalidInputError, match=r"entry 0 \(task_id 3\): traj\[0\]: 'reward'"):
+            taubench_to_records([{"task_id": 3, "reward": 1.0, "traj": [message]}])
+    message = {"role": "assistant", "content": "x", "reward": 10**100}
+    (record,) = taubench_to_records([{"task_id": 3, "reward": 1.0, "traj": [message]}])
+    assert record["turns"][0]["reward"] == 1e100
+
+
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(999, 1.0, 0, [[]])]))
