@@ -145,6 +145,23 @@ def test_an_integer_reward_too_big_for_a_float_names_its_entry(tmp_path: Path, c
     assert record["turns"][0]["reward"] == 1e100
 
 
+@needs_tau_bench
+def test_a_message_the_labelling_refuses_names_the_file_and_entry(tmp_path: Path, capsys):
+    results = [
+        entry(t, 1.0, 0, [[call("a", "get_user_details", {"user_id": "x"})], []]) for t in range(5)
+    ]
+    results[2]["traj"][1]["content"] = "PLACEHOLDER"
+    # A lone surrogate escape: valid JSON, but no UTF-8 text (nor buffer) can hold it.
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results).replace("PLACEHOLDER", "broken emoji \\ud83d"))
+    out = tmp_path / "b.jsonl"
+    args = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: entry 2 (task_id 2): turns[0].content: string is not valid UTF-8" in err, err
+    assert not out.exists()
+
+
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(999, 1.0, 0, [[]])]))

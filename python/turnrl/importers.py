@@ -57,7 +57,9 @@ def import_taubench(
 
     Raises:
         InvalidInputError: an entry whose task index is not in the split, or
-            a malformed results file (the message names the entry).
+            a malformed results file or entry (one whose turns the labelling
+            refuses, e.g. text with a lone surrogate, included): the message
+            names the file and the entry, and nothing is written.
     """
     from turnrl import envs
     from turnrl.args import label_tiers
@@ -82,7 +84,15 @@ def import_taubench(
             # The domain's own id names the split ("airline/test/12"); trials
             # of one task form its group.
             record["task_id"] = record["group"] = task.id
-            labels = label_tiers(record["turns"], task.gold_actions, tool_kinds)
+            # An entry the labelling refuses (text with a lone surrogate,
+            # which no buffer can hold) stops the import like any other
+            # malformed entry: named, and nothing written.
+            try:
+                labels = label_tiers(record["turns"], task.gold_actions, tool_kinds)
+            except InvalidInputError as err:
+                raise InvalidInputError(
+                    f"{results_path}: entry {index} (task_id {task_ref!r}): {err}"
+                ) from None
             for turn, tier in zip(record["turns"], labels.tiers, strict=True):
                 if turn.get("role") != "assistant":
                     continue
