@@ -1066,8 +1066,11 @@ fn block_lines<'b>(
     if read_from + start as u64 >= to {
         return Ok(&[]);
     }
-    // The end: just past the first newline at or after `to - 1`.
-    let tail_from = ((to - 1 - read_from) as usize).max(start);
+    // The end: just past the first newline at or after `to - 1`. A file
+    // that shrank since `size` was taken may end before `to - 1` (or even
+    // before the range): the block then holds what is left of its lines,
+    // the last one cut where the file now ends.
+    let tail_from = ((to - 1 - read_from) as usize).max(start).min(filled);
     let end = loop {
         if let Some(j) = memchr::memchr(b'\n', &buf[tail_from..filled]) {
             break tail_from + j + 1;
@@ -1615,6 +1618,44 @@ mod tests {
         let d = std::env::temp_dir().join(format!("turnrl-buffer-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// A plain file that shrinks while it is read: a block is read with the
+    /// size taken before, and ends where the file now ends (before the
+    /// block's range, or inside it) instead of slicing past what was read.
+    #[cfg(unix)]
+    #[test]
+    fn a_block_of_a_file_that_shrank_ends_where_the_file_ends() {
+        let d = tempdir("shrank");
+        let p = d.join("shrank.jsonl");
+        let line = format!("{}\n", record("t", "g", 0, 1.0, ""));
+        std::fs::write(&p, line.repeat(100)).unwrap();
+        let size = std::fs::metadata(&p).unwrap().len();
+        let len = line.len() as u64;
+        // Cut inside the 3rd line; the size still says 100 lines.
+        let cut = 2 * len + 5;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let file = File::open(&p).unwrap();
+        let mut buf = vec![];
+        // A block whose range starts inside the file that is left, and
+        // whose end lies past it.
+        let got = block_lines(&file, &mut buf, len, 10 * len, size).unwrap();
+        assert_eq!(got, &line.repeat(3).as_bytes()[len as usize..cut as usize]);
+        // Blocks that start past the new end are empty.
+        for from in [cut, cut + 1, 5 * len, 50 * len] {
+            let got = block_lines(&file, &mut buf, from, from + 3 * len, size).unwrap();
+            assert!(got.is_empty(), "from {from}: {got:?}");
+        }
+        // The whole read: the two whole lines, the cut one a problem.
+        let cols = read_columns_with_block(&[&p], len as usize * 3, None, true).unwrap();
+        assert_eq!(cols.outcome.len(), 2);
+        assert_eq!(cols.skipped, 1);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
