@@ -545,6 +545,45 @@ def test_two_writers_to_one_path_each_have_their_own_temporary_file(tmp_path):
     assert os.listdir(tmp_path) == ["shared.jsonl"]
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("name", ["out.jsonl", "out.jsonl.zst"])
+def test_a_forked_child_leaves_the_parent_writer_alone(tmp_path, name):
+    # A child that exits drops its copy of the writer; that used to remove
+    # the parent's temporary file, so the parent's close() failed and every
+    # record was lost.
+    path = tmp_path / name
+    records = _records(8)
+    w = turnrl.RolloutWriter(path)
+    w.write_many(records[:3])
+    (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.tmp-")]
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 0
+        try:
+            for attempt in (lambda: w.write(records[7]), w.close):
+                try:
+                    attempt()
+                    code = 10
+                except InvalidInputError as e:
+                    if "forked copy" not in str(e):
+                        code = 11
+            w.abort()
+            del w
+            import gc
+
+            gc.collect()
+        except BaseException:
+            code = 12
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tmp.exists()
+    w.write_many(records[3:5])
+    w.close()
+    assert list(turnrl.iter_rollout_records(path)) == records[:5]
+    assert os.listdir(tmp_path) == [name]
+
+
 def test_zstd_is_detected_by_magic_not_name(tmp_path):
     path = tmp_path / "plain-looking.jsonl"
     with turnrl.RolloutWriter(path, "zstd") as w:

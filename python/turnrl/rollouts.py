@@ -465,8 +465,12 @@ class RolloutWriter:
     a context manager, an exception inside the block aborts instead, leaving
     ``path`` as it was. Several writers may write to the same ``path``: the
     last to close leaves its records, and one dropped unclosed removes only
-    its own temporary file. Every record is checked against
-    ``turnrl.rollout/1`` (the reader's own rules) before it is written; a bad
+    its own temporary file. The temporary file is the creating process's:
+    in a forked child, :meth:`write` and :meth:`close` raise
+    :class:`~turnrl.exceptions.InvalidInputError`, and :meth:`abort` (or
+    the child dropping its copy) leaves the file to the parent. Every record
+    is checked against ``turnrl.rollout/1`` (the reader's own rules) before
+    it is written; a bad
     one raises :class:`~turnrl.exceptions.InvalidInputError` and is not
     written. So does a string holding a lone surrogate (``"\\ud800"``): it
     is not Unicode text and has no UTF-8 form, although ``json.loads`` (and

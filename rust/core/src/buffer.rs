@@ -1434,11 +1434,19 @@ fn create_temporary(path: &Path, name: &std::ffi::OsStr) -> Result<(PathBuf, Fil
 /// other: the last one to finish leaves its file. A writer dropped
 /// unfinished removes its own temporary file and leaves the target as it
 /// was.
+///
+/// The temporary file belongs to the process that created the writer. A
+/// forked child holds a copy of the writer (and of its unwritten bytes):
+/// there it refuses to write or finish, and dropping or aborting it leaves
+/// the file alone, so a child that exits does not take the parent's
+/// records with it.
 pub struct RolloutWriter {
     path: PathBuf,
     tmp: PathBuf,
     sink: Option<Sink>,
     written: u64,
+    /// The process that created the writer (and its temporary file).
+    pid: u32,
 }
 
 impl RolloutWriter {
@@ -1470,7 +1478,24 @@ impl RolloutWriter {
             tmp,
             sink: Some(sink),
             written: 0,
+            pid: std::process::id(),
         })
+    }
+
+    /// An error unless this is the process that created the writer: a
+    /// forked child's copy shares the temporary file (and the file offset)
+    /// with the parent's, so its writes would land in the parent's file.
+    fn check_owner(&self) -> Result<()> {
+        let here = std::process::id();
+        if here == self.pid {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "{}: this writer belongs to process {} (this is process {here}, a forked \
+             copy): only that process can write to or finish it",
+            self.path.display(),
+            self.pid
+        )))
     }
 
     pub fn path(&self) -> &Path {
@@ -1497,6 +1522,7 @@ impl RolloutWriter {
         }
         parse_head(line.as_bytes())
             .map_err(|reason| Error::invalid(format!("record {}: {reason}", self.written)))?;
+        self.check_owner()?;
         let sink = self
             .sink
             .as_mut()
@@ -1512,6 +1538,10 @@ impl RolloutWriter {
     /// Flushes, syncs and moves the file into place, then syncs the folder
     /// so that the rename itself survives a crash.
     pub fn finish(&mut self) -> Result<()> {
+        if self.sink.is_none() {
+            return Ok(());
+        }
+        self.check_owner()?;
         let Some(sink) = self.sink.take() else {
             return Ok(());
         };
@@ -1538,9 +1568,11 @@ impl RolloutWriter {
         })
     }
 
-    /// Drops what was written; the target is left untouched.
+    /// Drops what was written; the target is left untouched. In a process
+    /// other than the writer's (a forked child) only this copy is dropped:
+    /// the temporary file is the creating process's to finish or remove.
     pub fn abort(&mut self) {
-        if self.sink.take().is_some() {
+        if self.sink.take().is_some() && std::process::id() == self.pid {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
