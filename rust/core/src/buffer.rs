@@ -76,6 +76,19 @@ fn is_zstd(head: &[u8]) -> bool {
         || (head.len() == 4 && head[0] & 0xF0 == 0x50 && head[1..] == SKIPPABLE_MAGIC_TAIL)
 }
 
+/// The largest zstd window the reader takes, as a power of two: zstd's own
+/// limit (2 GiB on 64-bit targets, 1 GiB on 32-bit), so every valid frame
+/// reads, `zstd --long=31` ones included. The decoder's default stops at
+/// 128 MiB (`--long=27`), and a frame that asks for more was reported as
+/// damaged ("Frame requires too much memory for decoding"). The decoder
+/// holds a frame's window, up to the frame's size, in memory while it reads
+/// it: a long-window file costs up to that much per file read at once.
+const WINDOW_LOG_MAX: u32 = if cfg!(target_pointer_width = "64") {
+    31
+} else {
+    30
+};
+
 /// Decoded bytes per parse block: big enough to amortise the hand-off, small
 /// enough that a batch of blocks per worker stays a few tens of MB.
 const BLOCK_BYTES: usize = 2 << 20;
@@ -631,8 +644,11 @@ fn open_decoded(
     }
     let stream = io::Cursor::new(head).take(got as u64).chain(file);
     if is_zstd(&head[..got]) {
-        let decoder =
+        let mut decoder =
             zstd::stream::read::Decoder::new(TagSource(stream)).map_err(|e| io_error(path, e))?;
+        decoder
+            .window_log_max(WINDOW_LOG_MAX)
+            .map_err(|e| io_error(path, e))?;
         Ok(Box::new(SkipBom::new(ZstdStream(decoder))))
     } else {
         Ok(Box::new(SkipBom::new(stream)))
@@ -2103,6 +2119,31 @@ mod tests {
         assert!(!is_zstd(&[0x60, 0x2A, 0x4D, 0x18]));
         assert!(!is_zstd(b"{\"sc"));
         assert!(!is_zstd(&[0x50, 0x2A, 0x4D]));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A frame with a window over the decoder's default limit (128 MiB), as
+    /// `zstd --long=30` writes from a pipe: it reads, it is not damage.
+    #[test]
+    fn a_long_window_zstd_frame_reads() {
+        let d = tempdir("long-window");
+        let records: Vec<String> = (0..200)
+            .map(|i| record(&format!("t{i}"), "g", i, 1.0, A_READ))
+            .collect();
+        let text = records.join("\n") + "\n";
+        let mut encoder = zstd::stream::write::Encoder::new(vec![], 3).unwrap();
+        encoder.long_distance_matching(true).unwrap();
+        encoder.window_log(30).unwrap();
+        encoder.write_all(text.as_bytes()).unwrap();
+        let bytes = encoder.finish().unwrap();
+        // The frame asks for a 1 GiB window (no content size: streamed).
+        let mut plain = zstd::stream::read::Decoder::new(&bytes[..]).unwrap();
+        assert!(plain.read_to_end(&mut vec![]).is_err());
+        let p = write_bytes(&d, "long.jsonl.zst", &bytes);
+        let cols = read_columns(&[&p]).unwrap();
+        assert_eq!((cols.len(), cols.skipped), (200, 0), "{:?}", cols.problems);
+        let (lines, r) = all_lines(vec![p]);
+        assert_eq!((lines.len(), r.skipped), (200, 0));
         let _ = std::fs::remove_dir_all(&d);
     }
 
