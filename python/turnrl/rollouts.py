@@ -23,11 +23,16 @@ unchanged (integers of any length included, see
 :class:`RolloutRecordIterator`).
 
 zstd data that is truncated, corrupt or followed by bytes that are not a zstd
-frame is reported the way a plain file's truncated last line is: every line
-decoded before the damage is kept, and the damage is one problem
-(``"file:line: zstd data truncated or damaged here (...)"``, at the line it
-cut), counted in ``skipped``. Only a file that cannot be opened or read
-raises.
+frame is reported the way a plain file's truncated last line is: the damage is
+one problem (``"file:line: zstd data truncated or damaged here (...)"``, at the
+line it cut), counted in ``skipped``, and nothing after it is read.
+:class:`RolloutWriter` gives every zstd frame (one per 2 MiB of records) a
+content checksum, which zstd checks at the frame's end; the reader holds a
+checksummed frame's lines (up to 8 MiB) until then, so a frame that fails its
+check gives no line. Lines decoded from a damaged frame before the damage
+showed are kept only when the frame has no checksum, holds over 8 MiB, or is
+cut short by the end of the file; the problem then names them (``"lines from
+N on ..."``). Only a file that cannot be opened or read raises.
 
 Only assistant turns are turns: an assistant turn without ``reward`` has
 reward 0, one without ``tier`` has tier code -1.
