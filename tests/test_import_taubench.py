@@ -22,6 +22,8 @@ from turnrl.rollouts import (
 
 TAU_BENCH = Path(__file__).resolve().parents[1].parent / "shared" / "tau-bench"
 needs_tau_bench = pytest.mark.skipif(not TAU_BENCH.is_dir(), reason="needs ../shared/tau-bench")
+TAU2_BENCH = TAU_BENCH.parent / "tau2-bench"
+needs_tau2_bench = pytest.mark.skipif(not TAU2_BENCH.is_dir(), reason="needs ../shared/tau2-bench")
 
 
 def call(call_id: str, name: str, arguments: dict) -> dict:
@@ -114,6 +116,102 @@ def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path
     with pytest.raises(InvalidInputError, match=r"entry 1 \(task 1\): 'reward' 1e\+101"):
         import_taubench(path, tmp_path / "b.jsonl", "taubench:airline", root=TAU_BENCH)
     assert not (tmp_path / "b.jsonl").exists()
+
+
+@needs_tau_bench
+def test_an_integer_reward_too_big_for_a_float_names_its_entry(tmp_path: Path, capsys):
+    # JSON integers have no limit; math.isfinite raised OverflowError on them.
+    good = json.dumps(entry(0, 1.0, 0, [[]]))
+    huge = "1" + "0" * 400
+    bad = json.dumps(entry(1, 0.0, 0, [[]])).replace('"reward": 0.0', f'"reward": {huge}')
+    path = tmp_path / "results.json"
+    path.write_text(f"[{good}, {bad}]")
+    out = tmp_path / "b.jsonl"
+    args = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json: entry 1 (task 1): 'reward' 10000000000" in err, err
+    assert "is not a finite number of at most 1e100 in size" in err
+    assert not out.exists()
+    # More digits than Python converts to an int: refused as JSON.
+    path.write_text(f"[{good}, {bad.replace(huge, '1' + '0' * 5000)}]")
+    assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
+    assert "results.json: invalid JSON: Exceeds the limit" in capsys.readouterr().err
+    # A message's reward too.
+    for reward in (10**400, -(10**400), 1e101, math.inf, math.nan):
+        message = {"role": "assistant", "content": "x", "reward": reward}
+        with pytest.raises(InvalidInputError, match=r"entry 0 \(task_id 3\): traj\[0\]: 'reward'"):
+            taubench_to_records([{"task_id": 3, "reward": 1.0, "traj": [message]}])
+    message = {"role": "assistant", "content": "x", "reward": 10**100}
+    (record,) = taubench_to_records([{"task_id": 3, "reward": 1.0, "traj": [message]}])
+    assert record["turns"][0]["reward"] == 1e100
+
+
+@needs_tau_bench
+def test_a_message_the_labelling_refuses_names_the_file_and_entry(tmp_path: Path, capsys):
+    results = [
+        entry(t, 1.0, 0, [[call("a", "get_user_details", {"user_id": "x"})], []]) for t in range(5)
+    ]
+    results[2]["traj"][1]["content"] = "PLACEHOLDER"
+    # A lone surrogate escape: valid JSON, but no UTF-8 text (nor buffer) can hold it.
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results).replace("PLACEHOLDER", "broken emoji \\ud83d"))
+    out = tmp_path / "b.jsonl"
+    args = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: entry 2 (task_id 2): turns[0].content: string is not valid UTF-8" in err, err
+    assert not out.exists()
+
+
+@needs_tau2_bench
+def test_tau2_results_name_tasks_by_id_not_position(tmp_path: Path):
+    from turnrl import envs
+
+    domain = envs.load("tau2:airline", root=TAU2_BENCH, split="test")
+    ids = [t.facts["tau2_id"] for t in domain.tasks]
+    assert ids[:3] == ["2", "6", "8"]  # ids are not positions
+    # Task "6"'s gold call; the split's task at position 6 ("19") has others.
+    (gold,) = domain.task("airline/test/6").gold_actions
+    assert gold not in domain.tasks[6].gold_actions
+    results = [entry(0, 1.0, 0, [[call("a", gold["name"], gold["arguments"])], []])]
+    results += [entry(0, 1.0, 0, [[]]) for _ in range(2)]
+    for e, task_id in zip(results, ["6", "2", "22"], strict=True):
+        e["task_id"] = task_id
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    out = tmp_path / "b.jsonl"
+    import_taubench(path, out, "tau2:airline", root=TAU2_BENCH, split="test")
+    records = list(iter_rollout_records(out))
+    assert [r["task_id"] for r in records] == [
+        "airline/test/6",
+        "airline/test/2",
+        "airline/test/22",
+    ]
+    # Labelled against that task's gold actions.
+    assert [t["tier"] for t in records[0]["turns"] if t["role"] == "assistant"] == [
+        "gold",
+        "respond",
+    ]
+    # An id that is not in the split (tau2's task 0 is in train), and an
+    # integer that is the id of one task and the position of another.
+    for task_id, message in [
+        ("0", r"entry 0: task_id '0' is not the id of a task in tau2:airline's split"),
+        (
+            6,
+            r"entry 0: task_id 6 is ambiguous: tau2 task '6' is airline/test/6, but the "
+            r"split's task at position 6 is airline/test/19",
+        ),
+    ]:
+        results[0]["task_id"] = task_id
+        path.write_text(json.dumps(results))
+        with pytest.raises(InvalidInputError, match=message):
+            import_taubench(path, out, "tau2:airline", root=TAU2_BENCH, split="test")
+    # An integer that is no position of the split is the id it names.
+    results[0]["task_id"] = 22
+    path.write_text(json.dumps(results[:1]))
+    import_taubench(path, out, "tau2:airline", root=TAU2_BENCH, split="test")
+    assert [r["task_id"] for r in iter_rollout_records(out)] == ["airline/test/22"]
 
 
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):

@@ -342,6 +342,94 @@ def _frames(records, per_frame):
     return frames
 
 
+def _frame_texts(data):
+    """The decoded text of each zstd frame of ``data``, and whether it has a checksum."""
+    out = []
+    while data:
+        dobj = zstandard.ZstdDecompressor().decompressobj()
+        text = dobj.decompress(data)
+        checksum = zstandard.get_frame_parameters(data).has_checksum
+        consumed = len(data) - len(dobj.unused_data)
+        out.append((text, checksum))
+        data = data[consumed:]
+    return out
+
+
+def test_writer_zstd_frames_carry_checksums_and_damage_drops_the_frame(tmp_path):
+    # Without a content checksum one changed byte read as changed outcomes
+    # with no problem reported. Frames now end every 2 MiB of records, each
+    # with a checksum, and a frame that fails it gives no line.
+    records = [
+        turnrl.rollout_record(f"task/{i}", f"g/{i}", i, float(i % 2), [], meta={"pad": "x" * 300})
+        for i in range(12_000)
+    ]
+    path = tmp_path / "framed.jsonl.zst"
+    with turnrl.RolloutWriter(path) as w:
+        w.write_many(records)
+    raw = path.read_bytes()
+    frames = _frame_texts(raw)
+    assert len(frames) >= 2 and all(checksum for _, checksum in frames)
+    assert all(text.endswith(b"\n") for text, _ in frames)  # frames end at a record
+    first = frames[0][0].count(b"\n")
+    # The last byte is the last frame's checksum: its content decodes as
+    # it was, only the check fails.
+    bad = tmp_path / "damaged.jsonl.zst"
+    bad.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))
+    kept = sum(text.count(b"\n") for text, _ in frames[:-1])
+    assert kept >= first
+    for workers in (1, None):
+        batch = turnrl.read_rollouts(bad, workers=workers)
+        assert batch.num_trajectories == kept
+        np.testing.assert_array_equal(batch.sample, np.arange(kept))
+        assert batch.skipped == 1
+        (problem,) = batch.problems
+        assert problem.startswith(f"{bad}:{kept + 1}: zstd data truncated or damaged here (")
+        assert "the frame that begins in this line fails zstd's checks" in problem
+    it = turnrl.iter_rollout_records(bad)
+    assert [r["sample"] for r in it] == list(range(kept))
+    assert it.problems == batch.problems
+
+
+def _valid_lines(text: bytes) -> int:
+    """How many lines of ``text`` are records the reference reader keeps."""
+    return sum(reference_check(line) is not None for line in text.splitlines())
+
+
+def test_a_damaged_zstd_tool_frame_with_a_checksum_gives_no_line(tmp_path):
+    # The zstd tool writes one frame with a checksum; it was checked only at
+    # the frame's end, after every (wrong) line of it had been read.
+    records = _records(200)
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    raw = zstandard.ZstdCompressor(write_checksum=True).compress(text)
+    path = tmp_path / "tool.jsonl.zst"
+    # A damaged byte that only the checksum catches: the same frame without
+    # its checksum decodes, to other records that are still valid (which
+    # the reader took as they were).
+    unchecked = bytearray(raw[:-4])
+    unchecked[4] &= ~0x04  # the frame header's checksum flag
+    bad = None
+    for pos in range(len(unchecked) - 1, 20, -1):
+        for delta in (1, 2, 4, 8, 16, 32, 64, 128):
+            candidate = bytearray(unchecked)
+            candidate[pos] ^= delta
+            try:
+                out = zstandard.ZstdDecompressor().decompressobj().decompress(bytes(candidate))
+            except zstandard.ZstdError:
+                continue
+            if out != text and _valid_lines(out) == len(records):
+                bad = bytearray(raw)
+                bad[pos] ^= delta
+                break
+        if bad is not None:
+            break
+    assert bad is not None
+    path.write_bytes(bytes(bad))
+    batch = turnrl.read_rollouts(path)
+    assert batch.num_trajectories == 0 and batch.skipped == 1
+    assert batch.problems[0].startswith(f"{path}:1: zstd data truncated or damaged here (")
+    assert list(turnrl.iter_rollout_records(path)) == []
+
+
 def test_a_leading_skippable_frame_is_zstd(tmp_path):
     # pzstd starts its files with a skippable frame: magic 0x184D2A50..5F,
     # a 4-byte little-endian length, then that many bytes of payload.
@@ -543,6 +631,45 @@ def test_two_writers_to_one_path_each_have_their_own_temporary_file(tmp_path):
     kept.close()
     assert list(turnrl.iter_rollout_records(path)) == first[1:3]
     assert os.listdir(tmp_path) == ["shared.jsonl"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("name", ["out.jsonl", "out.jsonl.zst"])
+def test_a_forked_child_leaves_the_parent_writer_alone(tmp_path, name):
+    # A child that exits drops its copy of the writer; that used to remove
+    # the parent's temporary file, so the parent's close() failed and every
+    # record was lost.
+    path = tmp_path / name
+    records = _records(8)
+    w = turnrl.RolloutWriter(path)
+    w.write_many(records[:3])
+    (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}.tmp-")]
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        code = 0
+        try:
+            for attempt in (lambda: w.write(records[7]), w.close):
+                try:
+                    attempt()
+                    code = 10
+                except InvalidInputError as e:
+                    if "forked copy" not in str(e):
+                        code = 11
+            w.abort()
+            del w
+            import gc
+
+            gc.collect()
+        except BaseException:
+            code = 12
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert tmp.exists()
+    w.write_many(records[3:5])
+    w.close()
+    assert list(turnrl.iter_rollout_records(path)) == records[:5]
+    assert os.listdir(tmp_path) == [name]
 
 
 def test_zstd_is_detected_by_magic_not_name(tmp_path):

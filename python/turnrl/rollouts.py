@@ -23,11 +23,16 @@ unchanged (integers of any length included, see
 :class:`RolloutRecordIterator`).
 
 zstd data that is truncated, corrupt or followed by bytes that are not a zstd
-frame is reported the way a plain file's truncated last line is: every line
-decoded before the damage is kept, and the damage is one problem
-(``"file:line: zstd data truncated or damaged here (...)"``, at the line it
-cut), counted in ``skipped``. Only a file that cannot be opened or read
-raises.
+frame is reported the way a plain file's truncated last line is: the damage is
+one problem (``"file:line: zstd data truncated or damaged here (...)"``, at the
+line it cut), counted in ``skipped``, and nothing after it is read.
+:class:`RolloutWriter` gives every zstd frame (one per 2 MiB of records) a
+content checksum, which zstd checks at the frame's end; the reader holds a
+checksummed frame's lines (up to 8 MiB) until then, so a frame that fails its
+check gives no line. Lines decoded from a damaged frame before the damage
+showed are kept only when the frame has no checksum, holds over 8 MiB, or is
+cut short by the end of the file; the problem then names them (``"lines from
+N on ..."``). Only a file that cannot be opened or read raises.
 
 Only assistant turns are turns: an assistant turn without ``reward`` has
 reward 0, one without ``tier`` has tier code -1.
@@ -465,8 +470,12 @@ class RolloutWriter:
     a context manager, an exception inside the block aborts instead, leaving
     ``path`` as it was. Several writers may write to the same ``path``: the
     last to close leaves its records, and one dropped unclosed removes only
-    its own temporary file. Every record is checked against
-    ``turnrl.rollout/1`` (the reader's own rules) before it is written; a bad
+    its own temporary file. The temporary file is the creating process's:
+    in a forked child, :meth:`write` and :meth:`close` raise
+    :class:`~turnrl.exceptions.InvalidInputError`, and :meth:`abort` (or
+    the child dropping its copy) leaves the file to the parent. Every record
+    is checked against ``turnrl.rollout/1`` (the reader's own rules) before
+    it is written; a bad
     one raises :class:`~turnrl.exceptions.InvalidInputError` and is not
     written. So does a string holding a lone surrogate (``"\\ud800"``): it
     is not Unicode text and has no UTF-8 form, although ``json.loads`` (and
@@ -668,13 +677,15 @@ def _taubench_turn(message: Mapping[str, Any], where: str) -> dict[str, Any]:
         tier = message.get("tier")
         reward = message.get("reward")
         turn["tier"] = tier if isinstance(tier, str) else None
-        turn["reward"] = (
-            float(reward)
-            if isinstance(reward, (int, float))
-            and not isinstance(reward, bool)
-            and math.isfinite(reward)
-            else 0.0
-        )
+        if isinstance(reward, (int, float)) and not isinstance(reward, bool):
+            if not _holdable_reward(reward):
+                raise InvalidInputError(
+                    f"{where}: 'reward' {_short_number(reward)} is not a finite number "
+                    "of at most 1e100 in size"
+                )
+            turn["reward"] = float(reward)
+        else:
+            turn["reward"] = 0.0
     elif role == "tool":
         turn["name"] = message.get("name")
         turn["tool_call_id"] = message.get("tool_call_id")
@@ -682,6 +693,20 @@ def _taubench_turn(message: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 _I64 = range(-(2**63), 2**63)
+
+
+def _holdable_reward(value: int | float) -> bool:
+    """Whether a reward fits a buffer: finite and at most 1e100 in size (the
+    estimators' sums of squares overflow past it). The size is compared first:
+    an integer too big for a float (JSON has no limit) makes ``math.isfinite``
+    raise OverflowError, while the comparison is exact."""
+    return abs(value) <= 1e100 and math.isfinite(value)
+
+
+def _short_number(value: int | float) -> str:
+    """``value`` for a message, a huge integer cut to its first digits."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def taubench_to_records(
@@ -707,15 +732,19 @@ def taubench_to_records(
       ``{"id", "name", "arguments"}`` with the arguments decoded from their
       JSON string (kept as the string when it is not strict JSON: NaN,
       Infinity, a float out of range or a lone surrogate keep it raw), and
-      ``tier``/``reward`` from the message when present, else ``None``/0;
+      ``tier``/``reward`` from the message when present (a ``tier`` that
+      is not a string counts as absent, so does a ``reward`` that is not a
+      number), else ``None``/0;
     - ``meta``: ``{"source": "tau-bench", "task_index", "trial", "info"}``;
       ``info`` holds tau-bench's task (with its gold actions) and reward info.
 
     Raises:
         InvalidInputError: an entry that is not tau-bench's format: not an
             object, a ``task_id`` that is not an integer or a non-empty
-            string, a ``reward`` that is not a finite number of at most 1e100 in size, ``info`` or
-            ``traj`` of the wrong type, a message that is not an object or
+            string, a ``reward`` that is not a finite number of at most 1e100
+            in size (an integer too big for a float included; so for a
+            message's numeric ``reward``), ``info`` or ``traj`` of the wrong
+            type, a message that is not an object or
             has no string ``role``, ``tool_calls`` that is not a list of
             objects or a ``function`` that is not an object. The message
             names the entry, its task id, the message and the call.
@@ -736,11 +765,10 @@ def taubench_to_records(
         reward = entry.get("reward")
         if isinstance(reward, bool) or not isinstance(reward, (int, float)):
             raise InvalidInputError(f"{where}: 'reward' must be a number, got {reward!r}")
-        if not math.isfinite(reward) or abs(reward) > 1e100:
-            # The buffer's limit (the estimators' sums of squares overflow past it).
+        if not _holdable_reward(reward):
             raise InvalidInputError(
-                f"{where} (task {task_ref!r}): 'reward' {reward!r} is not a finite number "
-                "of at most 1e100 in size"
+                f"{where} (task {task_ref!r}): 'reward' {_short_number(reward)} is not a "
+                "finite number of at most 1e100 in size"
             )
         info = entry.get("info") or {}
         if not isinstance(info, Mapping):
@@ -822,6 +850,9 @@ def read_taubench_results(
         raise InvalidInputError(f"{name}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
     except RecursionError:
         raise InvalidInputError(f"{name}: JSON nested too deeply to read") from None
+    except ValueError as e:
+        # An integer of more digits than Python converts (4300 by default).
+        raise InvalidInputError(f"{name}: invalid JSON: {e}") from None
     if not isinstance(data, list):
         raise InvalidInputError(
             f"{name}: expected a JSON list of results, got {type(data).__name__}"

@@ -36,9 +36,15 @@
 //! skipped and counted, and reading goes on.
 //!
 //! zstd data that is truncated, corrupt or followed by bytes that are not a
-//! frame is one problem too, like a plain file's truncated last line: every
-//! line decoded before the damage is read, and the damage is reported at the
-//! line it cut (the line after the last whole one), counted as skipped. Only
+//! frame is one problem too, like a plain file's truncated last line: the
+//! damage is reported at the line it cut (the line after the last whole one
+//! read), counted as skipped, and nothing after it is read. The writer gives
+//! each zstd frame (one per [`FRAME_BYTES`] of records) a content checksum,
+//! and the reader hands out a checksummed frame's lines only once the check
+//! at its end has passed, so a frame that fails it gives no line; which
+//! lines of a damaged frame are read otherwise (no checksum, a frame too big
+//! to hold back, a file cut short) is said in [`ZstdStream`] and named in
+//! the problem. Only
 //! a file that cannot be opened or read raises an error, and so does a read
 //! with more than [`MAX_TIERS`] distinct tier names (tier codes are int16):
 //! that is no bad line, and two tiers are never given one code.
@@ -75,6 +81,19 @@ fn is_zstd(head: &[u8]) -> bool {
     head == ZSTD_MAGIC
         || (head.len() == 4 && head[0] & 0xF0 == 0x50 && head[1..] == SKIPPABLE_MAGIC_TAIL)
 }
+
+/// The largest zstd window the reader takes, as a power of two: zstd's own
+/// limit (2 GiB on 64-bit targets, 1 GiB on 32-bit), so every valid frame
+/// reads, `zstd --long=31` ones included. The decoder's default stops at
+/// 128 MiB (`--long=27`), and a frame that asks for more was reported as
+/// damaged ("Frame requires too much memory for decoding"). The decoder
+/// holds a frame's window, up to the frame's size, in memory while it reads
+/// it: a long-window file costs up to that much per file read at once.
+const WINDOW_LOG_MAX: u32 = if cfg!(target_pointer_width = "64") {
+    31
+} else {
+    30
+};
 
 /// Decoded bytes per parse block: big enough to amortise the hand-off, small
 /// enough that a batch of blocks per worker stays a few tens of MB.
@@ -463,21 +482,9 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
-/// An error of the file under a zstd decoder, wrapped so that it can be told
-/// apart from the decoder's own errors once it comes out of the decoder.
-#[derive(Debug)]
-struct SourceError(io::Error);
-
-impl fmt::Display for SourceError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for SourceError {}
-
 /// An error of the zstd decoder itself: the data is truncated, corrupt, or
-/// followed by bytes that are not a frame.
+/// followed by bytes that are not a frame. The text says what it is and
+/// which lines it may have touched.
 #[derive(Debug)]
 struct Damaged(String);
 
@@ -492,38 +499,253 @@ impl std::error::Error for Damaged {}
 /// The problem text for a decoder error; `None` for any other error.
 fn damage_reason(e: &io::Error) -> Option<String> {
     let damaged = e.get_ref()?.downcast_ref::<Damaged>()?;
-    Some(format!(
-        "zstd data truncated or damaged here ({damaged}): nothing after this point can be read"
-    ))
+    Some(damaged.to_string())
 }
 
-/// The file under a decoder: its errors come wrapped in [`SourceError`].
-struct TagSource<R>(R);
+/// Decoded bytes of a frame with a checksum that [`ZstdStream`] holds back
+/// until the frame's end has checked them. [`RolloutWriter`]'s frames end
+/// after the record that brings them to [`FRAME_BYTES`], so they fit unless
+/// one record is over 6 MiB; a bigger frame (one record that big, or a file
+/// compressed by the zstd tool, which writes one frame) is handed out in
+/// pieces of this size before its end can vouch for them.
+const HOLD_BYTES: usize = 8 << 20;
 
-impl<R: Read> Read for TagSource<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0
-            .read(buf)
-            .map_err(|e| io::Error::new(e.kind(), SourceError(e)))
+/// Compressed bytes read from the file at a time.
+const ZSTD_IN_BYTES: usize = 256 << 10;
+
+/// Whether the frame whose first bytes are `head` carries a content
+/// checksum (bit 2 of the frame header's descriptor byte; a skippable frame
+/// has none). Needs 5 bytes; fewer say no.
+fn frame_has_checksum(head: &[u8]) -> bool {
+    head.len() >= 5 && head[..4] == ZSTD_MAGIC && head[4] & 0x04 != 0
+}
+
+/// Decoded zstd, frame by frame: the file's own errors come out as they
+/// were, the decoder's as [`Damaged`].
+///
+/// zstd checks a frame's content checksum only at the frame's end, after
+/// every byte of it has been decoded. So the decoded bytes of a frame that
+/// has a checksum are held back (up to [`HOLD_BYTES`]) until the frame ends:
+/// a frame that turns out damaged gives no line at all, and the damage is
+/// reported at the line the frame begins in. Frames without a checksum
+/// (`zstd --no-check`, or turnrl's writer before it wrote checksums) cannot
+/// be checked: their bytes are handed out as they are decoded. A stream
+/// that just ends inside a frame (a truncated file) keeps what was decoded
+/// before the cut, as a plain file keeps the lines before its truncated
+/// last one. The problem text names the lines read from a damaged frame.
+struct ZstdStream<R: Read> {
+    source: R,
+    decoder: zstd::stream::raw::Decoder<'static>,
+    input: Vec<u8>,
+    /// `input[in_pos..]` is not yet given to the decoder.
+    in_pos: usize,
+    source_done: bool,
+    /// Decoded bytes: `out[out_pos..]` is ready to be handed out (held
+    /// bytes are only ever in it while `decode` runs).
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Inside a frame (its header has been seen, its end has not).
+    in_frame: bool,
+    /// The current frame carries a checksum.
+    checksum: bool,
+    /// Part of the current frame was handed out before its end (it is
+    /// bigger than [`HOLD_BYTES`], or has no checksum).
+    frame_released: bool,
+    /// Bytes the current frame has decoded to so far.
+    frame_bytes: u64,
+    /// The decoder filled the output space it was given: it may have more.
+    flushing: bool,
+    /// Newlines handed out, and the line the current frame begins in.
+    newlines: u64,
+    frame_line: u64,
+    /// The damage, handed out once the bytes before it are.
+    failed: Option<io::Error>,
+    done: bool,
+}
+
+impl<R: Read> ZstdStream<R> {
+    fn new(source: R) -> io::Result<Self> {
+        let mut decoder = zstd::stream::raw::Decoder::new()?;
+        decoder.set_parameter(zstd::stream::raw::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+        Ok(ZstdStream {
+            source,
+            decoder,
+            input: Vec::with_capacity(ZSTD_IN_BYTES),
+            in_pos: 0,
+            source_done: false,
+            out: vec![],
+            out_pos: 0,
+            in_frame: false,
+            checksum: false,
+            frame_released: false,
+            frame_bytes: 0,
+            flushing: false,
+            newlines: 0,
+            frame_line: 1,
+            failed: None,
+            done: false,
+        })
+    }
+
+    /// Reads more of the file into `input` (keeping what is not yet
+    /// decoded) until it holds `want` bytes not yet decoded or the file ends.
+    fn read_input(&mut self, want: usize) -> io::Result<()> {
+        if self.in_pos > 0 {
+            self.input.drain(..self.in_pos);
+            self.in_pos = 0;
+        }
+        while self.input.len() < want && !self.source_done {
+            let have = self.input.len();
+            self.input.resize(have.max(want).max(ZSTD_IN_BYTES), 0);
+            let read = self.source.read(&mut self.input[have..]);
+            self.input.truncate(have + *read.as_ref().unwrap_or(&0));
+            match read {
+                Ok(0) => self.source_done = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands out what the current frame decoded so far.
+    fn release(&mut self) {
+        self.newlines += memchr::memchr_iter(b'\n', &self.out[self.out_pos..]).count() as u64;
+        if self.in_frame && !self.out.is_empty() {
+            self.frame_released = true;
+        }
+    }
+
+    /// The stream breaks off: `what` went wrong, and `cut` says whether the
+    /// data just ended inside a frame. Which of the frame's decoded bytes
+    /// are handed out, and which lines the text names, follows the notes on
+    /// [`ZstdStream`].
+    fn fail(&mut self, what: String, cut: bool) {
+        let line = self.frame_line;
+        let here = "zstd data truncated or damaged here";
+        let text = if cut || !self.checksum {
+            // What was decoded is kept: cut off, it is what the intact
+            // bytes gave; without a checksum, nothing can check it.
+            self.release();
+            if self.frame_bytes == 0 {
+                format!("{here} ({what}): nothing after this point can be read")
+            } else if cut {
+                let check = if self.checksum {
+                    "; the checksum at the frame's end is missing, so they are unchecked"
+                } else {
+                    ""
+                };
+                format!(
+                    "{here} ({what}): lines from {line} on were decoded from the cut frame and \
+                     are read{check}; nothing after this point can be read"
+                )
+            } else {
+                format!(
+                    "{here} ({what}; the frame has no checksum): lines from {line} on were \
+                     decoded from the damaged frame before the damage showed and are read, \
+                     possibly wrong; nothing after this point can be read"
+                )
+            }
+        } else if self.frame_released {
+            self.out.clear();
+            format!(
+                "{here} ({what}): the damaged frame begins in line {line} and is too big to hold \
+                 back until its checksum is checked (over {} MiB decoded), so lines from {line} \
+                 on were read from it and may be wrong; nothing after this point can be read",
+                HOLD_BYTES >> 20
+            )
+        } else {
+            self.out.clear();
+            format!(
+                "{here} ({what}): the frame that begins in this line fails zstd's checks, so \
+                 none of its lines is read; nothing after this point can be read"
+            )
+        };
+        self.failed = Some(io::Error::other(Damaged(text)));
+    }
+
+    /// Decodes until there are bytes to hand out, the stream ends, or it
+    /// breaks off (`failed`).
+    fn decode(&mut self) -> io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        self.out.clear();
+        self.out_pos = 0;
+        loop {
+            if !self.in_frame {
+                self.read_input(5)?;
+                if self.input.len() == self.in_pos {
+                    // The file ends between frames: a clean end.
+                    self.done = true;
+                    return Ok(());
+                }
+                self.in_frame = true;
+                self.checksum = frame_has_checksum(&self.input[self.in_pos..]);
+                self.frame_released = false;
+                self.frame_bytes = 0;
+                self.frame_line = self.newlines + 1;
+            }
+            // With no input left, the decoder may still have output to
+            // flush when it filled the space it was given last time.
+            if self.in_pos == self.input.len() && !self.flushing {
+                self.read_input(1)?;
+                if self.in_pos == self.input.len() {
+                    self.fail("the data ends inside a frame".to_string(), true);
+                    return Ok(());
+                }
+            }
+            let held = self.out.len();
+            self.out.reserve(zstd::zstd_safe::DCtx::out_size());
+            let mut src = InBuffer::around(&self.input[self.in_pos..]);
+            let mut dst = OutBuffer::around_pos(&mut self.out, held);
+            let result = self.decoder.run(&mut src, &mut dst);
+            self.flushing = dst.pos() == dst.capacity();
+            self.in_pos += src.pos();
+            self.frame_bytes += (self.out.len() - held) as u64;
+            match result {
+                Err(e) => {
+                    self.fail(e.to_string(), false);
+                    return Ok(());
+                }
+                Ok(0) => {
+                    // The frame's end: its checksum, if it has one, matched.
+                    self.in_frame = false;
+                    self.flushing = false;
+                    self.release();
+                    if !self.out.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Ok(_) if !self.checksum || self.out.len() >= HOLD_BYTES => {
+                    self.release();
+                    if !self.out.is_empty() {
+                        return Ok(());
+                    }
+                }
+                Ok(_) => {}
+            }
+        }
     }
 }
 
-/// Decoded zstd: the file's own errors come out as they were, the decoder's
-/// as [`Damaged`].
-struct ZstdStream<R: Read>(zstd::stream::read::Decoder<'static, io::BufReader<TagSource<R>>>);
-
 impl<R: Read> Read for ZstdStream<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.read(buf).map_err(|e| {
-            let kind = e.kind();
-            if !e.get_ref().is_some_and(|r| r.is::<SourceError>()) {
-                return io::Error::new(kind, Damaged(e.to_string()));
+        loop {
+            if self.out_pos < self.out.len() {
+                let n = (self.out.len() - self.out_pos).min(buf.len());
+                buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
+                self.out_pos += n;
+                return Ok(n);
             }
-            match e.into_inner().map(|r| r.downcast::<SourceError>()) {
-                Some(Ok(source)) => source.0,
-                _ => io::Error::from(kind),
+            if let Some(e) = self.failed.take() {
+                self.done = true;
+                return Err(e);
             }
-        })
+            if self.done || buf.is_empty() {
+                return Ok(0);
+            }
+            self.decode()?;
+        }
     }
 }
 
@@ -631,9 +853,8 @@ fn open_decoded(
     }
     let stream = io::Cursor::new(head).take(got as u64).chain(file);
     if is_zstd(&head[..got]) {
-        let decoder =
-            zstd::stream::read::Decoder::new(TagSource(stream)).map_err(|e| io_error(path, e))?;
-        Ok(Box::new(SkipBom::new(ZstdStream(decoder))))
+        let decoder = ZstdStream::new(stream).map_err(|e| io_error(path, e))?;
+        Ok(Box::new(SkipBom::new(decoder)))
     } else {
         Ok(Box::new(SkipBom::new(stream)))
     }
@@ -1066,8 +1287,11 @@ fn block_lines<'b>(
     if read_from + start as u64 >= to {
         return Ok(&[]);
     }
-    // The end: just past the first newline at or after `to - 1`.
-    let tail_from = ((to - 1 - read_from) as usize).max(start);
+    // The end: just past the first newline at or after `to - 1`. A file
+    // that shrank since `size` was taken may end before `to - 1` (or even
+    // before the range): the block then holds what is left of its lines,
+    // the last one cut where the file now ends.
+    let tail_from = ((to - 1 - read_from) as usize).max(start).min(filled);
     let end = loop {
         if let Some(j) = memchr::memchr(b'\n', &buf[tail_from..filled]) {
             break tail_from + j + 1;
@@ -1280,7 +1504,90 @@ impl Compression {
 
 enum Sink {
     Plain(ChunkedWriter<File>),
-    Zstd(zstd::stream::write::Encoder<'static, ChunkedWriter<File>>),
+    Zstd(FramedZstd),
+}
+
+/// Decoded bytes after which [`RolloutWriter`] ends a zstd frame, at the end
+/// of the record that reaches it. Each frame carries a content checksum,
+/// which zstd checks at the frame's end: small frames let the reader hold a
+/// frame back until it is checked (see [`ZstdStream`]), and damage costs
+/// the lines of one frame, not of the rest of the file. 2 MiB is the window
+/// of zstd's default level, so the frames lose little compression.
+const FRAME_BYTES: usize = 2 << 20;
+
+/// zstd frames of about [`FRAME_BYTES`] of whole records each, with
+/// content checksums, written through one compression context.
+struct FramedZstd {
+    encoder: zstd::stream::raw::Encoder<'static>,
+    out: ChunkedWriter<File>,
+    /// Compressed bytes on their way to `out`.
+    buf: Vec<u8>,
+    /// Bytes given to the current frame.
+    frame_in: usize,
+}
+
+impl FramedZstd {
+    fn new(out: ChunkedWriter<File>, level: i32) -> io::Result<Self> {
+        let mut encoder = zstd::stream::raw::Encoder::new(level)?;
+        encoder.set_parameter(zstd::stream::raw::CParameter::ChecksumFlag(true))?;
+        Ok(FramedZstd {
+            encoder,
+            out,
+            buf: Vec::with_capacity(zstd::zstd_safe::CCtx::out_size()),
+            frame_in: 0,
+        })
+    }
+
+    /// Compresses `data` into the current frame.
+    fn compress(&mut self, data: &[u8]) -> io::Result<()> {
+        use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
+        let mut src = InBuffer::around(data);
+        while src.pos() < data.len() {
+            self.buf.clear();
+            let mut dst = OutBuffer::around(&mut self.buf);
+            self.encoder.run(&mut src, &mut dst)?;
+            self.out.write_all(&self.buf)?;
+        }
+        self.frame_in += data.len();
+        Ok(())
+    }
+
+    /// Ends the current frame (writing its checksum) unless it is empty;
+    /// the next bytes start a new one.
+    fn end_frame(&mut self) -> io::Result<()> {
+        use zstd::stream::raw::{Operation, OutBuffer};
+        if self.frame_in == 0 {
+            return Ok(());
+        }
+        loop {
+            self.buf.clear();
+            let mut dst = OutBuffer::around(&mut self.buf);
+            let left = self.encoder.finish(&mut dst, true)?;
+            self.out.write_all(&self.buf)?;
+            if left == 0 {
+                break;
+            }
+        }
+        self.encoder.reinit()?;
+        self.frame_in = 0;
+        Ok(())
+    }
+
+    /// Writes one record's line (the newline included), ending the frame
+    /// once it holds [`FRAME_BYTES`].
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        self.compress(line)?;
+        self.compress(b"\n")?;
+        if self.frame_in >= FRAME_BYTES {
+            self.end_frame()?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<ChunkedWriter<File>> {
+        self.end_frame()?;
+        Ok(self.out)
+    }
 }
 
 /// Bytes of each write a [`RolloutWriter`] makes to its file.
@@ -1340,10 +1647,11 @@ impl<W: Write> Write for ChunkedWriter<W> {
 }
 
 impl Sink {
-    fn writer(&mut self) -> &mut dyn Write {
+    /// Writes one record's line (the newline included).
+    fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
         match self {
-            Sink::Plain(w) => w,
-            Sink::Zstd(w) => w,
+            Sink::Plain(w) => w.write_all(line).and_then(|_| w.write_all(b"\n")),
+            Sink::Zstd(z) => z.write_line(line),
         }
     }
 }
@@ -1431,11 +1739,19 @@ fn create_temporary(path: &Path, name: &std::ffi::OsStr) -> Result<(PathBuf, Fil
 /// other: the last one to finish leaves its file. A writer dropped
 /// unfinished removes its own temporary file and leaves the target as it
 /// was.
+///
+/// The temporary file belongs to the process that created the writer. A
+/// forked child holds a copy of the writer (and of its unwritten bytes):
+/// there it refuses to write or finish, and dropping or aborting it leaves
+/// the file alone, so a child that exits does not take the parent's
+/// records with it.
 pub struct RolloutWriter {
     path: PathBuf,
     tmp: PathBuf,
     sink: Option<Sink>,
     written: u64,
+    /// The process that created the writer (and its temporary file).
+    pid: u32,
 }
 
 impl RolloutWriter {
@@ -1452,7 +1768,7 @@ impl RolloutWriter {
         let sink = match compression {
             Compression::None => Sink::Plain(out),
             Compression::Zstd(level) => {
-                let encoder = zstd::stream::write::Encoder::new(out, level);
+                let encoder = FramedZstd::new(out, level);
                 match encoder {
                     Ok(e) => Sink::Zstd(e),
                     Err(e) => {
@@ -1467,7 +1783,24 @@ impl RolloutWriter {
             tmp,
             sink: Some(sink),
             written: 0,
+            pid: std::process::id(),
         })
+    }
+
+    /// An error unless this is the process that created the writer: a
+    /// forked child's copy shares the temporary file (and the file offset)
+    /// with the parent's, so its writes would land in the parent's file.
+    fn check_owner(&self) -> Result<()> {
+        let here = std::process::id();
+        if here == self.pid {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "{}: this writer belongs to process {} (this is process {here}, a forked \
+             copy): only that process can write to or finish it",
+            self.path.display(),
+            self.pid
+        )))
     }
 
     pub fn path(&self) -> &Path {
@@ -1494,13 +1827,12 @@ impl RolloutWriter {
         }
         parse_head(line.as_bytes())
             .map_err(|reason| Error::invalid(format!("record {}: {reason}", self.written)))?;
+        self.check_owner()?;
         let sink = self
             .sink
             .as_mut()
             .ok_or_else(|| Error::invalid("the writer is closed"))?;
-        let w = sink.writer();
-        w.write_all(line.as_bytes())
-            .and_then(|_| w.write_all(b"\n"))
+        sink.write_line(line.as_bytes())
             .map_err(|e| io_error(&self.tmp, e))?;
         self.written += 1;
         Ok(())
@@ -1509,6 +1841,10 @@ impl RolloutWriter {
     /// Flushes, syncs and moves the file into place, then syncs the folder
     /// so that the rename itself survives a crash.
     pub fn finish(&mut self) -> Result<()> {
+        if self.sink.is_none() {
+            return Ok(());
+        }
+        self.check_owner()?;
         let Some(sink) = self.sink.take() else {
             return Ok(());
         };
@@ -1535,9 +1871,11 @@ impl RolloutWriter {
         })
     }
 
-    /// Drops what was written; the target is left untouched.
+    /// Drops what was written; the target is left untouched. In a process
+    /// other than the writer's (a forked child) only this copy is dropped:
+    /// the temporary file is the creating process's to finish or remove.
     pub fn abort(&mut self) {
-        if self.sink.take().is_some() {
+        if self.sink.take().is_some() && std::process::id() == self.pid {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -1615,6 +1953,44 @@ mod tests {
         let d = std::env::temp_dir().join(format!("turnrl-buffer-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// A plain file that shrinks while it is read: a block is read with the
+    /// size taken before, and ends where the file now ends (before the
+    /// block's range, or inside it) instead of slicing past what was read.
+    #[cfg(unix)]
+    #[test]
+    fn a_block_of_a_file_that_shrank_ends_where_the_file_ends() {
+        let d = tempdir("shrank");
+        let p = d.join("shrank.jsonl");
+        let line = format!("{}\n", record("t", "g", 0, 1.0, ""));
+        std::fs::write(&p, line.repeat(100)).unwrap();
+        let size = std::fs::metadata(&p).unwrap().len();
+        let len = line.len() as u64;
+        // Cut inside the 3rd line; the size still says 100 lines.
+        let cut = 2 * len + 5;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let file = File::open(&p).unwrap();
+        let mut buf = vec![];
+        // A block whose range starts inside the file that is left, and
+        // whose end lies past it.
+        let got = block_lines(&file, &mut buf, len, 10 * len, size).unwrap();
+        assert_eq!(got, &line.repeat(3).as_bytes()[len as usize..cut as usize]);
+        // Blocks that start past the new end are empty.
+        for from in [cut, cut + 1, 5 * len, 50 * len] {
+            let got = block_lines(&file, &mut buf, from, from + 3 * len, size).unwrap();
+            assert!(got.is_empty(), "from {from}: {got:?}");
+        }
+        // The whole read: the two whole lines, the cut one a problem.
+        let cols = read_columns_with_block(&[&p], len as usize * 3, None, true).unwrap();
+        assert_eq!(cols.outcome.len(), 2);
+        assert_eq!(cols.skipped, 1);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -2030,6 +2406,206 @@ mod tests {
         assert!(!is_zstd(&[0x60, 0x2A, 0x4D, 0x18]));
         assert!(!is_zstd(b"{\"sc"));
         assert!(!is_zstd(&[0x50, 0x2A, 0x4D]));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A frame with a window over the decoder's default limit (128 MiB), as
+    /// `zstd --long=30` writes from a pipe: it reads, it is not damage.
+    #[test]
+    fn a_long_window_zstd_frame_reads() {
+        let d = tempdir("long-window");
+        let records: Vec<String> = (0..200)
+            .map(|i| record(&format!("t{i}"), "g", i, 1.0, A_READ))
+            .collect();
+        let text = records.join("\n") + "\n";
+        let mut encoder = zstd::stream::write::Encoder::new(vec![], 3).unwrap();
+        encoder.long_distance_matching(true).unwrap();
+        encoder.window_log(30).unwrap();
+        encoder.write_all(text.as_bytes()).unwrap();
+        let bytes = encoder.finish().unwrap();
+        // The frame asks for a 1 GiB window (no content size: streamed).
+        let mut plain = zstd::stream::read::Decoder::new(&bytes[..]).unwrap();
+        assert!(plain.read_to_end(&mut vec![]).is_err());
+        let p = write_bytes(&d, "long.jsonl.zst", &bytes);
+        let cols = read_columns(&[&p]).unwrap();
+        assert_eq!((cols.len(), cols.skipped), (200, 0), "{:?}", cols.problems);
+        let (lines, r) = all_lines(vec![p]);
+        assert_eq!((lines.len(), r.skipped), (200, 0));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// `records` in zstd frames of `per_frame` records, each with a content
+    /// checksum (as the zstd tool and [`RolloutWriter`] write them), and
+    /// where each frame sits in the bytes.
+    fn checksummed_frames(
+        records: &[String],
+        per_frame: usize,
+    ) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
+        let mut bytes = vec![];
+        let mut frames = vec![];
+        for chunk in records.chunks(per_frame) {
+            let mut encoder = zstd::stream::write::Encoder::new(vec![], 3).unwrap();
+            encoder.include_checksum(true).unwrap();
+            encoder
+                .write_all((chunk.join("\n") + "\n").as_bytes())
+                .unwrap();
+            let frame = encoder.finish().unwrap();
+            assert!(frame_has_checksum(&frame));
+            frames.push(bytes.len()..bytes.len() + frame.len());
+            bytes.extend(frame);
+        }
+        (bytes, frames)
+    }
+
+    /// Frames with checksums are handed out only once checked: one whose
+    /// check fails (its content damaged, or its checksum) gives no line, and
+    /// the damage is reported at the line it begins in, as one problem.
+    #[test]
+    fn a_damaged_frame_with_a_checksum_gives_no_line() {
+        let d = tempdir("checksum");
+        // Frames of many blocks (zstd decodes 128 KiB blocks), so that
+        // decoding one hands out lines long before its end is checked.
+        let pad = "z".repeat(5000);
+        let records: Vec<String> = (0..300)
+            .map(|i| {
+                let r = record(&format!("t{i}"), "g", i, (i % 2) as f64, A_READ);
+                format!("{},\"meta\":{{\"pad\":\"{pad}{i}\"}}}}", &r[..r.len() - 1])
+            })
+            .collect();
+        let (bytes, frames) = checksummed_frames(&records, 100);
+        let whole = write_bytes(&d, "whole.zst", &bytes);
+        assert_eq!(read_columns(&[&whole]).unwrap().len(), 300);
+        // The second frame's stored checksum: its content decodes as it
+        // was (zstd's own read stops only at the frame's end).
+        let mut bad_sum = bytes.clone();
+        bad_sum[frames[1].end - 2] ^= 0x01;
+        // A byte inside the second frame's data, one that changes what it
+        // decodes to (or breaks it).
+        let mut bad_data = bytes.clone();
+        let mut at = frames[1].start + (frames[1].end - frames[1].start) / 2;
+        loop {
+            bad_data[at] ^= 0x55;
+            if zstd::decode_all(&bad_data[..]).is_err() {
+                break;
+            }
+            bad_data[at] ^= 0x55;
+            at += 1;
+        }
+        for (name, damaged) in [("sum.zst", bad_sum), ("data.zst", bad_data)] {
+            let p = write_bytes(&d, name, &damaged);
+            for block in [97, BLOCK_BYTES] {
+                let c = read_columns_with_block(&[&p], block, None, true).unwrap();
+                assert_eq!(c.len(), 100, "{name}");
+                assert_eq!(c.line, (1..=100).collect::<Vec<_>>(), "{name}");
+                assert_eq!(c.skipped, 1, "{name}");
+                let problem = &c.problems[0];
+                assert_eq!(problem.line, 101, "{name}: {problem}");
+                assert!(
+                    problem
+                        .reason
+                        .starts_with("zstd data truncated or damaged here (")
+                        && problem.reason.contains(
+                            "the frame that begins in this line fails zstd's checks, so none \
+                             of its lines is read; nothing after this point can be read"
+                        ),
+                    "{problem}"
+                );
+            }
+            let (lines, r) = all_lines(vec![p.clone()]);
+            assert_eq!(lines.len(), 100, "{name}");
+            assert_eq!((r.skipped, r.problems[0].line), (1, 101), "{name}");
+        }
+        // A cut frame keeps its whole blocks before the cut, and says so.
+        let cut = write_bytes(&d, "cut.zst", &bytes[..frames[1].end - 20]);
+        let c = read_columns(&[&cut]).unwrap();
+        assert!((101..200).contains(&c.len()), "{}", c.len());
+        let reason = &c.problems[0].reason;
+        assert!(
+            reason.contains("(the data ends inside a frame): lines from 101 on were decoded"),
+            "{reason}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A frame too big to hold back (over [`HOLD_BYTES`]) is handed out in
+    /// pieces; when its check then fails, the problem names the line it
+    /// began in: the lines from there on were read and may be wrong.
+    #[test]
+    fn damage_in_a_frame_too_big_to_hold_names_its_lines() {
+        let d = tempdir("big-frame");
+        let pad = "x".repeat(2000);
+        let records: Vec<String> = (0..10_000)
+            .map(|i| {
+                let r = record(&format!("t{i}"), "g", i, 1.0, "");
+                format!("{},\"meta\":{{\"pad\":\"{pad}\"}}}}", &r[..r.len() - 1])
+            })
+            .collect();
+        let (mut bytes, _) = checksummed_frames(&records[..5_000], 5_000);
+        let (big, _) = checksummed_frames(&records[5_000..], 5_000);
+        assert!(records[5_000..].iter().map(|r| r.len() + 1).sum::<usize>() > HOLD_BYTES);
+        bytes.extend(big);
+        *bytes.last_mut().unwrap() ^= 0x01;
+        let p = write_bytes(&d, "big.zst", &bytes);
+        let c = read_columns(&[&p]).unwrap();
+        assert!(c.len() >= 5_000 + HOLD_BYTES / 2200, "{}", c.len());
+        assert!(c.len() < 10_000, "{}", c.len());
+        let reason = &c.problems[0].reason;
+        assert!(
+            reason.contains("the damaged frame begins in line 5001 and is too big to hold back"),
+            "{reason}"
+        );
+        // Cut short, its blocks before the cut are read, unchecked.
+        bytes.truncate(bytes.len() - 1000);
+        let p = write_bytes(&d, "cut.zst", &bytes);
+        let c = read_columns(&[&p]).unwrap();
+        assert!(c.len() > 9_000 && c.len() < 10_000, "{}", c.len());
+        let reason = &c.problems[0].reason;
+        assert!(
+            reason.contains(
+                "(the data ends inside a frame): lines from 5001 on were decoded from the cut \
+                 frame and are read; the checksum at the frame's end is missing"
+            ),
+            "{reason}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// [`RolloutWriter`]'s zstd: frames of about [`FRAME_BYTES`] of whole
+    /// records, each with a content checksum.
+    #[test]
+    fn written_zstd_frames_hold_whole_records_and_a_checksum() {
+        let d = tempdir("frames");
+        let p = d.join("framed.jsonl.zst");
+        let pad = "y".repeat(2000);
+        let mut w = RolloutWriter::create(&p, Compression::Zstd(1)).unwrap();
+        let records: Vec<String> = (0..3_000)
+            .map(|i| {
+                let r = record(&format!("t{i}"), "g", i, 1.0, "");
+                format!("{},\"meta\":{{\"pad\":\"{pad}{i}\"}}}}", &r[..r.len() - 1])
+            })
+            .collect();
+        for r in &records {
+            w.write_line(r).unwrap();
+        }
+        w.finish().unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let mut rest = &bytes[..];
+        let mut decoded = vec![];
+        while !rest.is_empty() {
+            let size = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            let frame = &rest[..size];
+            assert!(frame_has_checksum(frame));
+            let text = zstd::decode_all(frame).unwrap();
+            assert!(text.ends_with(b"\n"));
+            assert!(text.len() >= FRAME_BYTES || size == rest.len());
+            assert!(text.len() < FRAME_BYTES + 2100);
+            decoded.push(text);
+            rest = &rest[size..];
+        }
+        assert!(decoded.len() >= 2, "{} frames", decoded.len());
+        assert_eq!(decoded.concat(), (records.join("\n") + "\n").into_bytes());
+        let (lines, r) = all_lines(vec![p.clone()]);
+        assert_eq!((lines.len(), r.skipped), (3_000, 0));
         let _ = std::fs::remove_dir_all(&d);
     }
 
