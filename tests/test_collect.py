@@ -59,6 +59,13 @@ def test_replies_cut_at_max_tokens_are_recorded_as_truncated(chat_server):
     assert agent(chat, d.openai_tools())["truncated"] is True  # calls the server parsed
     assert "truncated" not in agent(chat, d.openai_tools())
 
+    # Behind a reasoning parser too (the server took the thinking out of the text).
+    _, url = chat_server(
+        [{"content": "I will look that u", "reasoning": "look up", "finish_reason": "length"}]
+    )
+    reply = envs.OpenAIAgent("p", url, api_key="k")(chat, d.openai_tools())
+    assert reply["truncated"] is True and "completion" not in reply
+
     # The episode's record says so, for training (no end token; --mask-truncated).
     _, url = chat_server([{"content": "Let me chec", "finish_reason": "length"}])
     agent = envs.OpenAIAgent("p", url, api_key="k", max_tokens=8)

@@ -2303,6 +2303,32 @@ def test_other_end_tokens_are_trained_and_rendered_packing_keeps_truncation(tok)
         assert trained == {0: "I will look that u", 1: "Done.<|endoftext|>"}, pack
 
 
+def test_a_truncated_turn_without_its_completion_gets_no_end_token(tok):
+    # A served reply cut at max_tokens whose text a reasoning parser took apart:
+    # rendered by the template, trained without the end token it never sampled.
+    record = _record(random.Random(43), 1.0, "t")
+    record["turns"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "I will look that u", "truncated": True},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Done."},
+    ]
+    for pack in ("exact", "rendered", "never"):
+        tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+        trained = [
+            tok.decode(
+                [
+                    i
+                    for r, o in zip(tokens.input_ids, tokens.token_turn, strict=True)
+                    for i, t in zip(r, o, strict=True)
+                    if t == k
+                ]
+            )
+            for k in (0, 1)
+        ]
+        assert trained == ["I will look that u", "Done.<|im_end|>"], pack
+
+
 def test_rendered_packing_falls_back_when_the_last_turns_tokens_would_differ(tok):
     record = _record(random.Random(47), 1.0, "t")
     record["turns"] = [

@@ -330,7 +330,9 @@ def tokenize_rollout(
                 )
             completion = full[len(prompt) :]
             if eos and eos in completion:
-                completion = completion[: completion.rindex(eos) + len(eos)]
+                # A turn cut at the token limit never sampled its end token.
+                end = 0 if turn.get("truncated") else len(eos)
+                completion = completion[: completion.rindex(eos) + end]
         prompts.append(prompt)
         completions.append(completion)
 

@@ -111,7 +111,7 @@ class OpenAIAgent:
                 # The server's reasoning parser took the reasoning out of the
                 # text: what is left is not what the model generated.
                 del parsed["completion"]
-            elif cut:
+            if cut:
                 # Cut at max_tokens: trained without an end token it never sampled.
                 parsed["truncated"] = True
             return parsed
