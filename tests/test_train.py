@@ -2543,6 +2543,19 @@ def test_arguments_that_are_not_an_object_are_rebuilt_as_the_agent_was_sent_them
     tools = domain.openai_tools()
     shown = engine.prompt(sent[1], tools)
     assert inner in shown and engine.prompt(rebuilt[: len(sent[1])], tools) == shown
+    # A template that writes every value with tojson (as Llama 3's) shows null as
+    # null, as vLLM renders it (it decodes any JSON text), not as the text "null".
+    tojson = copy.copy(tok)
+    tojson.chat_template = tok.chat_template.replace(
+        "{{ call.function.arguments if call.function.arguments is string else "
+        "call.function.arguments | tojson }}",
+        "{{ call.function.arguments | tojson }}",
+    )
+    assert tojson.chat_template != tok.chat_template
+    engine = TransformersEngine(None, tojson)
+    shown = engine.prompt(sent[1], tools)
+    assert '"arguments": null}' in shown and '"arguments": []}' in shown
+    assert engine.prompt(rebuilt[: len(sent[1])], tools) == shown
 
 
 def test_records_without_a_group_are_grouped_by_task(tok):

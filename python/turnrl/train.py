@@ -167,11 +167,12 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     """Messages as chat templates expect them: tool-call arguments as dicts.
 
     OpenAI-style messages carry arguments as JSON text; vLLM decodes them
-    before templating, and templates that iterate over arguments (Qwen3-Coder's
-    ``arguments|items``) need a dict. A JSON string is decoded too, as vLLM
-    does (a call whose arguments were not JSON goes back to the agent that
-    way, and renders as it was written); other values that are not a JSON
-    object stay text.
+    before templating, whatever JSON value they hold, and templates that
+    iterate over arguments (Qwen3-Coder's ``arguments|items``) need a dict.
+    Any JSON text is decoded, as vLLM does (a JSON string, null or a list
+    too: a call whose arguments were not JSON goes back to the agent as a
+    JSON string, and renders as it was written); text that is not JSON
+    stays text.
     """
     out: list[dict[str, Any]] = []
     for message in messages:
@@ -186,8 +187,8 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
                     try:
                         value = json.loads(fn["arguments"])
                     except ValueError:
-                        value = None
-                    if isinstance(value, (dict, str)):
+                        pass  # not JSON: rendered as written
+                    else:
                         call["function"] = {**fn, "arguments": value}
                 decoded.append(call)
             message["tool_calls"] = decoded
