@@ -364,3 +364,34 @@ def test_a_results_file_with_a_byte_order_mark_reads(tmp_path: Path):
     plain.write_text(json.dumps(results), encoding="utf-8")
     marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
     assert read_taubench_results(marked) == read_taubench_results(plain)
+
+
+def test_imported_calls_keep_their_ids_in_the_rebuilt_chat():
+    # tau-bench keeps each call's id in the call; its result names it.
+    from turnrl.train import rollout_messages
+
+    entry = {
+        "task_id": 0,
+        "reward": 1.0,
+        "info": {},
+        "trial": 0,
+        "traj": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_XYZ",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"a": 1}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_XYZ", "name": "f", "content": "ok"},
+            {"role": "assistant", "content": "done"},
+        ],
+    }
+    chat = rollout_messages(taubench_to_records([entry])[0], "S")
+    assert chat[2]["tool_calls"][0]["id"] == chat[3]["tool_call_id"] == "call_XYZ"

@@ -101,7 +101,8 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
 
     ``system`` is the system prompt (the domain's policy: records do not hold
     it). Tool calls and results carry the ids the agent was shown (recorded
-    by :func:`turnrl.envs.run_episode`; older records get ``call_{turn}_{i}``);
+    by :func:`turnrl.envs.run_episode`, or each call's own ``id`` as tau-bench
+    imports keep it; older records get ``call_{turn}_{i}``);
     reasoning is left out, as the agent was never sent its earlier reasoning.
     Arguments are dicts, or JSON text as the agent was sent them (a call's
     arguments kept as written, a JSON string, null).
@@ -127,7 +128,8 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
             if calls:
                 message["tool_calls"] = [
                     {
-                        "id": ids[i] if i < len(ids) else f"call_{step}_{i}",
+                        # tau-bench imports keep each call's id in the call.
+                        "id": ids[i] if i < len(ids) else str(call.get("id") or f"call_{step}_{i}"),
                         "type": "function",
                         "function": {
                             "name": call.get("name") or "",
