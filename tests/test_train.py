@@ -3103,10 +3103,24 @@ def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, c
     base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
     with pytest.raises(InvalidInputError, match="not a LoRA adapter folder"):
         merge_adapter(base_folder, tmp_path / "m")
-    with pytest.raises(InvalidInputError, match="cannot go into the adapter's folder"):
-        merge_adapter(adapter, adapter / "merged", overwrite=True)
-    with pytest.raises(InvalidInputError, match="cannot go into the adapter's folder"):
-        merge_adapter(adapter, adapter, overwrite=True)
+    # Never into the adapter's folder, nor over one that holds it (the run) or the base.
+    for out in (adapter / "merged", adapter, adapter.parent, tmp_path):
+        with pytest.raises(InvalidInputError, match="neither into the adapter's folder nor"):
+            merge_adapter(adapter, out, overwrite=True)
+    with pytest.raises(InvalidInputError, match="cannot replace its base model"):
+        merge_adapter(adapter, base_folder, overwrite=True)
+    assert (adapter / "adapter_config.json").exists() and (base_folder / "config.json").exists()
+    # An adapter trained on another base (other shapes) is refused, naming both.
+    other = tmp_path / "other"
+    tiny_qwen3(seed=1, tie=False).save_pretrained(other)
+    tok.save_pretrained(other)
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(other)
+    config.intermediate_size = 96
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    with pytest.raises(InvalidInputError, match="does not fit the base model"):
+        merge_adapter(adapter, tmp_path / "m", model=other, dtype="float32", device="cpu")
 
     # An adapter config without its base: the base must be given.
     config_file = adapter / "adapter_config.json"

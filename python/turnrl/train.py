@@ -2327,8 +2327,13 @@ def merge_adapter(
     config_file = source / "adapter_config.json"
     if not config_file.is_file():
         raise InvalidInputError(f"{source}: not a LoRA adapter folder (no adapter_config.json)")
-    if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
-        raise InvalidInputError(f"{target}: the merged model cannot go into the adapter's folder")
+    where, adapter_at = target.resolve(), source.resolve()
+    if where == adapter_at or adapter_at in where.parents or where in adapter_at.parents:
+        # Replacing a folder that holds the adapter would remove it (and its run).
+        raise InvalidInputError(
+            f"{target}: the merged model can go neither into the adapter's folder nor over "
+            "a folder that holds it"
+        )
     if target.exists() and not overwrite:
         raise InvalidInputError(f"{target} already exists; give another path or overwrite it")
     if model is None:
@@ -2342,11 +2347,22 @@ def merge_adapter(
                 f"{config_file} does not name its base model (base_model_name_or_path); "
                 "give the base model"
             )
+    base_at = Path(model).resolve()
+    if where == base_at or where in base_at.parents:
+        raise InvalidInputError(
+            f"{target}: the merged model cannot replace its base model ({model})"
+        )
     step = None
     with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, AttributeError):
         step = json.loads((source / STATE_FILE).read_text(encoding="utf-8")).get("step")
     base, tokenizer = _load_base(model, dtype, device)
-    merged = peft.PeftModel.from_pretrained(base, str(source)).merge_and_unload()
+    try:
+        adapted = peft.PeftModel.from_pretrained(base, str(source))
+    except (RuntimeError, ValueError, KeyError) as err:  # shapes or modules of another base
+        raise InvalidInputError(
+            f"{source}: the adapter does not fit the base model {model}: {err}"
+        ) from err
+    merged = adapted.merge_and_unload()
     merged.eval()
     _forget_gguf(merged, model)
     provenance = {
