@@ -988,15 +988,18 @@ def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monk
 
     chat = [{"role": "user", "content": "a"}]
     seen: dict = {}
-    # A vLLM with logprobs_mode: log-probs after temperature and top-p, at any setting.
+    # A vLLM with logprobs_mode: log-probs after temperature, at any temperature.
     _fake_vllm(monkeypatch, seen, logprobs_mode=True)
-    engine = VLLMEngine("/m", temperature=0.7, top_p=0.9, enable_lora=False)
+    engine = VLLMEngine("/m", temperature=0.7, enable_lora=False)
     assert seen["init"] == {"model": "/m", "logprobs_mode": "processed_logprobs"}
     assert engine.generate([chat, chat]) == [
         Completion("hello", token_ids=(7, 0), logprobs=(-0.25, -1.5)),
         Completion("hello", truncated=True, token_ids=(7, 1), logprobs=(-0.25, -2.5)),
     ]
     assert seen["chat"][1].kwargs["logprobs"] == 0
+    # Under top-p the nucleus is renormalised, which the trainer's softmax never is.
+    VLLMEngine("/m", temperature=0.7, top_p=0.9, enable_lora=False).generate([chat])
+    assert "logprobs" not in seen["chat"][1].kwargs
     # Asked not to, or told another mode: no log-probs that are not the sampler's.
     VLLMEngine("/m", enable_lora=False, logprobs=False).generate([chat])
     assert "logprobs_mode" not in seen["init"] and "logprobs" not in seen["chat"][1].kwargs
@@ -3292,6 +3295,22 @@ def test_rollout_correction_weights_advantages_as_the_plain_formula(tok, base_mo
         assert got["rollout_is/weight_mean"] == pytest.approx(weights[measured].mean(), rel=1e-3)
         assert got["rollout_is/capped_share"] == pytest.approx(capped / measured.sum())
         assert 0 < capped < measured.sum()  # the cap matters in this case
+
+
+def test_a_correction_with_no_sampler_logprobs_says_so_once(tok, base_model):
+    rng = random.Random(41)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    assert batch.sampler_logprobs is None
+    trainer = _trainer(_lora(base_model), rollout_correction="turn_mask")
+    with pytest.warns(UserWarning, match="no trained token has a sampler log-prob"):
+        stats = trainer.step(batch)
+    assert "mismatch/k3_kl" not in stats and "rollout_is/weight_mean" not in stats
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.step(batch)  # once per trainer
 
 
 def test_rollout_correction_settings_are_checked():

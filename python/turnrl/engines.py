@@ -221,10 +221,11 @@ class VLLMEngine:
 
     With ``logprobs`` (the default), each completion carries vLLM's
     log-probability of every sampled token, from the distribution it sampled
-    (``logprobs_mode="processed_logprobs"``: after temperature and top-p).
-    A vLLM too old for that mode gives log-probs before temperature, which
-    are the sampler's only at temperature 1 and top-p 1; at other settings
-    none are asked for.
+    (``logprobs_mode="processed_logprobs"``: after temperature), which the
+    trainer's (the softmax at the same temperature) is compared with. None
+    are asked for under ``top_p`` < 1 (the nucleus is renormalised, which
+    the trainer's softmax is not), nor, with a vLLM too old for that mode
+    (its log-probs are before temperature), at a temperature other than 1.
     """
 
     def __init__(
@@ -292,9 +293,11 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         kwargs = dict(self._sampling_kwargs)
-        # Raw log-probs (before temperature and top-p) are the sampler's only here.
-        plain = temperature == 1 and kwargs["top_p"] == 1
-        if self._logprobs and (self._processed or plain):
+        # Under top-p the sampler draws from a renormalised nucleus, which the
+        # trainer's softmax never is: every ratio would be below 1 (a turn's
+        # product near 0) with no mismatch at all. Raw log-probs (before
+        # temperature) are the sampler's only at temperature 1.
+        if self._logprobs and kwargs["top_p"] == 1 and (self._processed or temperature == 1):
             kwargs["logprobs"] = 0  # the sampled token's alone
         return SamplingParams(temperature=temperature, **kwargs)
 

@@ -51,6 +51,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1007,6 +1008,7 @@ class GTPOTrainer:
                 if p.requires_grad:
                     dist.broadcast(p.data, src=0)
         self.steps = 0
+        self._warned_no_sampler = False
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -1294,6 +1296,14 @@ class GTPOTrainer:
             )
             abs_max = _all_reduce([abs_max], device, op="max")[0]
         if known_tokens == 0:
+            if cfg.rollout_correction is not None and not self._warned_no_sampler:
+                self._warned_no_sampler = True
+                warnings.warn(
+                    f"rollout_correction={cfg.rollout_correction!r} is set, but no trained token "
+                    "has a sampler log-prob (an engine that gives none, or a vLLM before 0.10.2 "
+                    "at a temperature other than 1): the step is not corrected",
+                    stacklevel=3,
+                )
             return {}
         stats = {
             "mismatch/k3_kl": k3_sum / known_tokens,
