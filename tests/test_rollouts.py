@@ -390,6 +390,28 @@ def test_writer_zstd_frames_carry_checksums_and_damage_drops_the_frame(tmp_path)
     assert it.problems == batch.problems
 
 
+def test_an_empty_zstd_buffer_is_one_empty_frame_zstd_reads(tmp_path):
+    path = tmp_path / "empty.jsonl.zst"
+    turnrl.RolloutWriter(path).close()
+    raw = path.read_bytes()
+    assert _frame_texts(raw) == [(b"", True)]  # not a 0-byte file, which zstd refuses
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(raw) == b""
+    assert turnrl.read_rollouts(path).num_trajectories == 0
+
+
+def test_a_file_of_one_frame_per_record_reads_whole(tmp_path):
+    # What an appender compressing each record on its own writes: many tiny frames.
+    records = [
+        turnrl.rollout_record(f"t/{i}", f"g/{i % 7}", i, float(i % 2), []) for i in range(3000)
+    ]
+    compressor = zstandard.ZstdCompressor(write_checksum=True)
+    path = tmp_path / "tiny-frames.jsonl.zst"
+    path.write_bytes(b"".join(compressor.compress(json.dumps(r).encode() + b"\n") for r in records))
+    batch = turnrl.read_rollouts(path, workers=1)
+    assert batch.skipped == 0
+    np.testing.assert_array_equal(batch.sample, np.arange(3000))
+
+
 def _valid_lines(text: bytes) -> int:
     """How many lines of ``text`` are records the reference reader keeps."""
     return sum(reference_check(line) is not None for line in text.splitlines())

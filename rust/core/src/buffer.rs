@@ -590,6 +590,11 @@ impl<R: Read> ZstdStream<R> {
     /// Reads more of the file into `input` (keeping what is not yet
     /// decoded) until it holds `want` bytes not yet decoded or the file ends.
     fn read_input(&mut self, want: usize) -> io::Result<()> {
+        if self.input.len() - self.in_pos >= want {
+            // Called at every frame's start: moving the rest of the buffer each
+            // time made files of many small frames quadratic.
+            return Ok(());
+        }
         if self.in_pos > 0 {
             self.input.drain(..self.in_pos);
             self.in_pos = 0;
@@ -1524,6 +1529,8 @@ struct FramedZstd {
     buf: Vec<u8>,
     /// Bytes given to the current frame.
     frame_in: usize,
+    /// Frames written so far.
+    frames: usize,
 }
 
 impl FramedZstd {
@@ -1535,6 +1542,7 @@ impl FramedZstd {
             out,
             buf: Vec::with_capacity(zstd::zstd_safe::CCtx::out_size()),
             frame_in: 0,
+            frames: 0,
         })
     }
 
@@ -1555,10 +1563,15 @@ impl FramedZstd {
     /// Ends the current frame (writing its checksum) unless it is empty;
     /// the next bytes start a new one.
     fn end_frame(&mut self) -> io::Result<()> {
-        use zstd::stream::raw::{Operation, OutBuffer};
         if self.frame_in == 0 {
             return Ok(());
         }
+        self.close_frame()
+    }
+
+    /// Ends the current frame, written even when empty.
+    fn close_frame(&mut self) -> io::Result<()> {
+        use zstd::stream::raw::{Operation, OutBuffer};
         loop {
             self.buf.clear();
             let mut dst = OutBuffer::around(&mut self.buf);
@@ -1570,6 +1583,7 @@ impl FramedZstd {
         }
         self.encoder.reinit()?;
         self.frame_in = 0;
+        self.frames += 1;
         Ok(())
     }
 
@@ -1585,7 +1599,13 @@ impl FramedZstd {
     }
 
     fn finish(mut self) -> io::Result<ChunkedWriter<File>> {
-        self.end_frame()?;
+        if self.frames == 0 {
+            // A buffer of no records is still a zstd file (one empty frame),
+            // which zstd's own tools read, as the writer's files always were.
+            self.close_frame()?;
+        } else {
+            self.end_frame()?;
+        }
         Ok(self.out)
     }
 }
