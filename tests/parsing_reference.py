@@ -12,8 +12,9 @@ from typing import Any
 WS = " \t\n\r\x0b\x0c"
 ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 KNOWN_TYPES = {"integer", "number", "boolean", "object", "array", "null"}
-# A union branch whose types are not known (a $ref): any value there. Not a
-# JSON Schema type name (those outside KNOWN_TYPES read as "string").
+# A union branch whose types are not known (a $ref): a JSON object or array
+# there (a scalar stays a string: the $ref may be a string enum). Not a JSON
+# Schema type name (those outside KNOWN_TYPES read as "string").
 ANY = None
 MISSING = object()
 
@@ -140,7 +141,7 @@ def type_value(value: str, types: list[str | None] | None) -> Any:
             return None
         if ty is ANY:
             v = json_literal(t)
-            if v is not MISSING and not isinstance(v, str):
+            if isinstance(v, (dict, list)):
                 return v
     return value
 

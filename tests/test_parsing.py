@@ -251,8 +251,9 @@ def test_qwen3_coder_types_from_any_of_and_enum_schemas() -> None:
 
 def test_qwen3_coder_optional_model_is_not_typed_as_null_only() -> None:
     """pydantic's Optional[Model]: {"anyOf": [{"$ref": ...}, {"type": "null"}]}.
-    The $ref branch allows any value, so an object reads as a dict, as it
-    would with no schema, instead of staying a string."""
+    The $ref branch allows an object or array, so an object reads as a dict,
+    as it would with no schema, instead of staying a string; a scalar stays
+    a string (the $ref may be a string enum)."""
     address = {"anyOf": [{"$ref": "#/$defs/Address"}, {"type": "null"}], "default": None}
     tools = [
         {
@@ -271,6 +272,7 @@ def test_qwen3_coder_optional_model_is_not_typed_as_null_only() -> None:
     assert typed('{"city": "Paris", "zip": "75001"}') == {"city": "Paris", "zip": "75001"}
     assert typed("null") is None
     assert typed("Paris") == "Paris"
+    assert typed("5") == "5" and typed("true") == "true"
     # A string branch listed first still takes every value.
     assert typed("12", key="tag") == "12"
 

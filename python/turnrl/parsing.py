@@ -28,7 +28,8 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
 * XML values are typed from the tool's JSON schema when ``tools`` is given
   (a parameter's ``type``, else the types of its ``anyOf``/``oneOf``
   branches, else the kinds of its ``enum``/``const`` values; a branch that
-  names no type, such as a ``$ref``, allows any value there); without one,
+  names no type, such as a ``$ref``, allows a JSON object or array there);
+  without one,
   a value that reads as a JSON number, boolean, null, object or
   array takes that type and anything else stays a string. JSON nested more
   than 126 levels deep stays a string (inside the arguments it would pass

@@ -289,9 +289,9 @@ pub enum ParamType {
     Object,
     Array,
     Null,
-    /// Any value: a union branch whose types are not known (a `$ref`, a
-    /// branch with no `type`). Typed as with no schema: read as JSON when
-    /// that gives a number, boolean, null, object or array.
+    /// A union branch whose types are not known (a `$ref`, a branch with
+    /// no `type`): an object or an array read as JSON. Not a scalar: the
+    /// `$ref` may be a string enum, whose "5" must stay a string.
     Any,
 }
 
@@ -305,7 +305,8 @@ const SPEC_MAX_DEPTH: usize = 32;
 /// `{"anyOf": [{"type": "string"}, {"type": "null"}]}`), else the kinds of
 /// its `enum` or `const` values. A branch these rules say nothing of (a
 /// `$ref`: pydantic's `Optional[Model]` is `{"anyOf": [{"$ref": ...},
-/// {"type": "null"}]}`) allows any value in its place ([`ParamType::Any`]).
+/// {"type": "null"}]}`) allows a JSON object or array in its place
+/// ([`ParamType::Any`]).
 /// Empty when none says (the value is then typed as a JSON literal).
 pub fn types_of_spec(spec: &Value) -> Vec<ParamType> {
     types_of_spec_within(spec, 0)
@@ -1189,8 +1190,8 @@ fn parse_function_block(
 /// lack `string`; else each type is tried in order (`integer`: a JSON integer;
 /// `number`: a JSON number; `boolean`: `true`/`True`/`false`/`False`;
 /// `object`/`array`: JSON of that kind; `null`: `null`; `string` and unknown
-/// names: the value as is; [`ParamType::Any`]: as without a schema, but
-/// never a string), and a value no type accepts stays a string.
+/// names: the value as is; [`ParamType::Any`]: a JSON object or array),
+/// and a value no type accepts stays a string.
 /// Without a schema for this parameter: `t` read as JSON when that gives a
 /// number, boolean, null, object or array; otherwise the value as a string.
 /// JSON nested more than 126 levels deep is not read (see
@@ -1268,7 +1269,7 @@ fn type_xml<'a>(value: &'a str, types: Option<&[ParamType]>) -> XmlTyped<'a> {
             ParamType::Object => literal(&Value::is_object),
             ParamType::Array => literal(&Value::is_array),
             ParamType::Null => (t == "null").then_some(XmlTyped::Null),
-            ParamType::Any => literal(&|v| !v.is_string()),
+            ParamType::Any => literal(&|v| v.is_object() || v.is_array()),
         };
         if let Some(v) = typed {
             return v;
@@ -1765,9 +1766,14 @@ mod tests {
         assert_eq!(ty("null", &model), Value::Null);
         assert_eq!(ty("Paris", &model), json!("Paris"));
         assert_eq!(ty("\"q\"", &model), json!("\"q\""));
+        assert_eq!(ty("[1, 2]", &model), json!([1, 2]));
+        // A $ref may be a string enum: scalars stay strings.
+        assert_eq!(ty("5", &model), json!("5"));
+        assert_eq!(ty("true", &model), json!("true"));
         // In its place: a string branch first still takes everything.
-        assert_eq!(ty("12", &[String, Any]), json!("12"));
-        assert_eq!(ty("12", &[Any, String]), json!(12));
+        assert_eq!(ty("[12]", &[String, Any]), json!("[12]"));
+        assert_eq!(ty("[12]", &[Any, String]), json!([12]));
+        assert_eq!(ty("12", &[Any, Integer]), json!(12));
     }
 
     #[test]
