@@ -138,13 +138,16 @@ def test_an_integer_reward_too_big_for_a_float_names_its_entry(tmp_path: Path, c
     assert main([*args, "--root", str(TAU_BENCH), "--out", str(out)]) == 2
     assert "results.json: invalid JSON: Exceeds the limit" in capsys.readouterr().err
     # A message's reward too.
-    for reward in (10**400, -(10**400), 1e101, math.inf, math.nan):
+    # 10**5000 has more digits than Python writes: the message must not need them.
+    for reward in (10**400, -(10**400), 10**5000, 1e101, math.inf, math.nan):
         message = {"role": "assistant", "content": "x", "reward": reward}
         with pytest.raises(InvalidInputError, match=r"entry 0 \(task_id 3\): traj\[0\]: 'reward'"):
             taubench_to_records([{"task_id": 3, "reward": 1.0, "traj": [message]}])
     message = {"role": "assistant", "content": "x", "reward": 10**100}
     (record,) = taubench_to_records([{"task_id": 3, "reward": 1.0, "traj": [message]}])
     assert record["turns"][0]["reward"] == 1e100
+    with pytest.raises(InvalidInputError, match="an integer of about 5001 digits"):
+        taubench_to_records([{"task_id": 3, "reward": 10**5000, "traj": []}])
 
 
 @needs_tau_bench

@@ -705,6 +705,9 @@ def _holdable_reward(value: int | float) -> bool:
 
 def _short_number(value: int | float) -> str:
     """``value`` for a message, a huge integer cut to its first digits."""
+    if isinstance(value, int) and value.bit_length() > 4000:
+        # Python refuses to write an integer of more than 4300 digits.
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
