@@ -2292,17 +2292,7 @@ def test_other_end_tokens_are_trained_and_rendered_packing_keeps_truncation(tok)
     ]
     for pack in ("exact", "rendered", "never"):
         tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
-        trained = {
-            k: tok.decode(
-                [
-                    i
-                    for r, o in zip(tokens.input_ids, tokens.token_turn, strict=True)
-                    for i, t in zip(r, o, strict=True)
-                    if t == k
-                ]
-            )
-            for k in (0, 1)
-        }
+        trained = {k: tok.decode(_turn_ids(tokens, k)) for k in (0, 1)}
         assert trained == {0: "I will look that u", 1: "Done.<|endoftext|>"}, pack
 
 
@@ -2318,17 +2308,7 @@ def test_a_truncated_turn_without_its_completion_gets_no_end_token(tok):
     ]
     for pack in ("exact", "rendered", "never"):
         tokens = tokenize_rollout(record, tok, system=SYSTEM, tools=TOOLS, pack=pack)
-        trained = [
-            tok.decode(
-                [
-                    i
-                    for r, o in zip(tokens.input_ids, tokens.token_turn, strict=True)
-                    for i, t in zip(r, o, strict=True)
-                    if t == k
-                ]
-            )
-            for k in (0, 1)
-        ]
+        trained = [tok.decode(_turn_ids(tokens, k)) for k in (0, 1)]
         assert trained == ["I will look that u", "Done.<|im_end|>"], pack
 
 
@@ -2582,13 +2562,18 @@ def _char_ids(tok, text: str) -> list[int]:
     return [i for ch in text for i in tok(ch, add_special_tokens=False)["input_ids"]]
 
 
-def _turn_ids(tokens, k):
+def _of_turn(rows, token_turn, k):
+    """The entries of ``rows`` (ids, log-probs, ...) at turn k's tokens."""
     return [
-        i
-        for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True)
-        for i, o in zip(ids, owner, strict=True)
+        value
+        for row, owner in zip(rows, token_turn, strict=True)
+        for value, o in zip(row, owner, strict=True)
         if o == k
     ]
+
+
+def _turn_ids(tokens, k):
+    return _of_turn(tokens.input_ids, tokens.token_turn, k)
 
 
 @pytest.mark.parametrize("pack", ["exact", "never", "rendered"])
@@ -3144,12 +3129,7 @@ def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, c
 def _row_logprobs(tokens, k):
     """The sampler log-probs ``tokenize_rollout`` put on turn k's tokens."""
     assert tokens.sampler_logprobs is not None
-    return [
-        lp
-        for owner, lps in zip(tokens.token_turn, tokens.sampler_logprobs, strict=True)
-        for o, lp in zip(owner, lps, strict=True)
-        if o == k
-    ]
+    return _of_turn(tokens.sampler_logprobs, tokens.token_turn, k)
 
 
 @pytest.mark.parametrize("pack", ["exact", "never", "rendered"])
@@ -3183,12 +3163,7 @@ def test_sampler_logprobs_go_with_the_sampled_ids_they_belong_to(tok, pack):
             assert got == assistant[k]["completion_logprobs"]
         else:
             assert all(math.isnan(lp) for lp in got)
-    untrained = [
-        lp
-        for owner, lps in zip(tokens.token_turn, tokens.sampler_logprobs, strict=True)
-        for o, lp in zip(owner, lps, strict=True)
-        if o < 0
-    ]
+    untrained = _of_turn(tokens.sampler_logprobs, tokens.token_turn, -1)
     assert untrained and all(math.isnan(lp) for lp in untrained)
 
     # Ids refused (not the text) take their log-probs with them; none known: None.
