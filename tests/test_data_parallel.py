@@ -15,6 +15,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -147,11 +148,24 @@ def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
         records = [r for share in shares for r in turnrl.iter_rollout_records(share)]
         assert {len(list(turnrl.iter_rollout_records(share))) for share in shares} == {4}
         tiers = [k.removeprefix("tier_reward/") for k in histories[0][step] if "tier_reward/" in k]
-        for name, total, count in rollout_figures(records, tiers):
-            if name == "completion_tokens_per_turn":  # buffers hold no token ids
+        # The whole step's turn advantages (train_loop's default estimator, the
+        # recorded rewards), for each tier's mean advantage.
+        groups = {name: i for i, name in enumerate(dict.fromkeys(r["group"] for r in records))}
+        turns = [[t for t in r["turns"] if t["role"] == "assistant"] for r in records]
+        advantages = turnrl.compute_advantages(
+            "gtpo_hybrid",
+            np.array([r["outcome"] for r in records], dtype=np.float64),
+            np.array([groups[r["group"]] for r in records], dtype=np.int64),
+            np.array([t["reward"] for ts in turns for t in ts], dtype=np.float64),
+            np.cumsum([0] + [len(ts) for ts in turns]).astype(np.int64),
+        )
+        figures = rollout_figures(records, tiers, advantages)
+        assert any(name.startswith("tier_advantage/") and count for name, _, count in figures)
+        for name, total, count in figures:
+            if name == "completion_tokens_per_turn" or not count:  # buffers hold no token ids
                 continue
             for history in histories:
-                assert history[step][name] == pytest.approx(total / count), name
+                assert history[step][name] == pytest.approx(total / count, abs=1e-9), name
         # Timings are the slowest rank's, so every rank reports the same.
         for part in ("rollouts", "batch", "update", "checkpoint"):
             seconds = [history[step][f"time/{part}"] for history in histories]

@@ -2928,9 +2928,13 @@ def test_rollout_figures_add_up_over_any_split_of_the_episodes(records, cut):
     from turnrl.train import STOP_REASONS, rollout_figures
 
     tiers = ["gold", "read", "error", "respond"]
-    figures = {name: (total, count) for name, total, count in rollout_figures(records, tiers)}
     # The same figures from one table of every assistant turn.
     table = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
+    advantages = [round((k * 0.37) % 1 - 0.5, 2) for k in range(len(table))]
+    figures = {
+        name: (total, count)
+        for name, total, count in rollout_figures(records, tiers, np.asarray(advantages))
+    }
     with_ids = [t for t in table if "completion_ids" in t]
     expected = {
         "turns_per_episode": (len(table), len(records)),
@@ -2952,14 +2956,29 @@ def test_rollout_figures_add_up_over_any_split_of_the_episodes(records, cut):
             )
             for reason in STOP_REASONS
         },
+        **{
+            f"tier_advantage/{tier}": (
+                pytest.approx(
+                    sum(a for t, a in zip(table, advantages, strict=True) if t.get("tier") == tier)
+                ),
+                sum(t.get("tier") == tier for t in table),
+            )
+            for tier in tiers
+        },
     }
     assert figures == expected
     # Two ranks' shares add up to the whole (train_loop all-reduces them).
-    shares = [rollout_figures(records[:cut], tiers), rollout_figures(records[cut:], tiers)]
+    before = sum(t["role"] == "assistant" for r in records[:cut] for t in r["turns"])
+    shares = [
+        rollout_figures(records[:cut], tiers, advantages[:before]),
+        rollout_figures(records[cut:], tiers, advantages[before:]),
+    ]
     for (name, total, count), (_, a, b), (_, c, d) in zip(
-        rollout_figures(records, tiers), *shares, strict=True
+        rollout_figures(records, tiers, advantages), *shares, strict=True
     ):
-        assert (total, count) == (a + c, b + d), name
+        assert (total, count) == (pytest.approx(a + c), b + d), name
+    with pytest.raises(InvalidInputError, match=f"has {len(table) + 1} entries for {len(table)} "):
+        rollout_figures(records, tiers, [0.0] * (len(table) + 1))
 
 
 def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path):

@@ -1653,7 +1653,9 @@ STOP_REASONS: tuple[str, ...] = ("user_stop", "transfer", "max_steps", "too_many
 
 
 def rollout_figures(
-    records: Sequence[Mapping[str, Any]], tiers: Sequence[str]
+    records: Sequence[Mapping[str, Any]],
+    tiers: Sequence[str],
+    turn_advantages: Sequence[float] | np.ndarray | None = None,
 ) -> list[tuple[str, float, float]]:
     """What a step's episodes looked like, as ``(name, total, count)``: the figure
     is ``total / count``, and totals and counts add up over the ranks' shares.
@@ -1664,9 +1666,16 @@ def rollout_figures(
     ``completion_tokens_per_turn`` (sampled ids, over the turns that have
     them), ``tier_share/<tier>`` for each of ``tiers`` (the share of turns
     labelled so) and ``stop_reason/<reason>`` for each of
-    :data:`STOP_REASONS` (the share of episodes that ended so).
+    :data:`STOP_REASONS` (the share of episodes that ended so). With
+    ``turn_advantages`` (one per assistant turn, in the records' order, as
+    :attr:`TrainBatch.turn_advantages`), also ``tier_advantage/<tier>``: the
+    mean advantage the step gave that tier's turns, IRC's direction check
+    (a tier that tells success should be credited, one that tells failure
+    blamed) as training goes.
     """
     episodes = float(len(records))
+    advantages = None if turn_advantages is None else np.asarray(turn_advantages, np.float64)
+    tier_advantage = dict.fromkeys(tiers, 0.0)
     turns = calls = errors = truncated = tokens = with_ids = 0.0
     tier_turns = dict.fromkeys(tiers, 0.0)
     stops = dict.fromkeys(STOP_REASONS, 0.0)
@@ -1688,6 +1697,20 @@ def rollout_figures(
                 with_ids += 1
             if turn.get("tier") in tier_turns:
                 tier_turns[turn["tier"]] += 1
+                if advantages is not None and turns <= len(advantages):
+                    tier_advantage[turn["tier"]] += float(advantages[int(turns) - 1])
+    if advantages is not None and len(advantages) != turns:
+        raise InvalidInputError(
+            f"turn_advantages has {len(advantages)} entries for {int(turns)} assistant turns"
+        )
+    advantage_figures = (
+        []
+        if advantages is None
+        else [
+            (f"tier_advantage/{tier}", total, tier_turns[tier])
+            for tier, total in tier_advantage.items()
+        ]
+    )
     return [
         ("turns_per_episode", turns, episodes),
         ("tool_calls_per_turn", calls, turns),
@@ -1696,6 +1719,7 @@ def rollout_figures(
         ("completion_tokens_per_turn", tokens, with_ids),
         *((f"tier_share/{tier}", count, turns) for tier, count in tier_turns.items()),
         *((f"stop_reason/{reason}", count, episodes) for reason, count in stops.items()),
+        *advantage_figures,
     ]
 
 
@@ -2048,7 +2072,7 @@ def train_loop(
             stats = trainer.step(batch)
             updated = time.perf_counter()
             # Every rank names the same figures: the tiers of the reward table.
-            figures = rollout_figures(records, tiers=list(rewards))
+            figures = rollout_figures(records, list(rewards), batch.turn_advantages)
             sums = [
                 float(batch.num_rows),
                 float(batch.refused_ids),
@@ -2436,8 +2460,9 @@ def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) ->
 
 def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike[str]) -> None:
     """A :func:`train_loop` run as a PNG: success rate, loss and KL per step;
-    when the history has them, each tier's reward (``tier_reward/<tier>``) and
-    share of the turns (``tier_share/<tier>``), the held-out evaluations
+    when the history has them, each tier's reward (``tier_reward/<tier>``),
+    share of the turns (``tier_share/<tier>``) and mean advantage
+    (``tier_advantage/<tier>``), the held-out evaluations
     (``eval/...``), the time each part of a step took (``time/...``) and
     the sampler's gap to the trained model (``mismatch/...``).
     Entries are placed at their ``"step"`` (a ``metrics.jsonl`` line), else at
@@ -2463,6 +2488,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         *((title, [key], None, False) for key, title in _STEP_PLOTS.items()),
         ("tier rewards the step's turns got", keys("tier_reward/"), "tier_reward/", False),
         ("share of the step's turns in each tier", keys("tier_share/"), "tier_share/", True),
+        ("mean advantage of each tier's turns", keys("tier_advantage/"), "tier_advantage/", False),
         ("held-out evaluation after the step", evaluated, "eval/", True),
         ("seconds each part of the step took", keys("time/"), "time/", False),
         (
@@ -2498,7 +2524,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
             measured |= any(math.isfinite(v) for v in values)
         if not measured:  # say so, rather than draw an empty frame
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-        if prefix == "tier_reward/":
+        if prefix in ("tier_reward/", "tier_advantage/"):
             ax.axhline(0.0, color="grey", linewidth=0.5)
         if unit_range:
             ax.set_ylim(-0.05, 1.05)
