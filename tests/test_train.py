@@ -3344,3 +3344,18 @@ def test_a_base_read_from_gguf_is_merged_into_plain_weights(tmp_path, tok, base_
     with pytest.raises(InvalidInputError, match="quantized \\(GgufLinear\\)"):
         train_module.merge_adapter(adapter, tmp_path / "m2", model="x.gguf", dtype="float32")
     assert not (tmp_path / "m2").exists()
+
+
+def test_a_hub_name_base_is_no_folder_to_protect(tmp_path, tok, base_model, monkeypatch):
+    import turnrl.train as train_module
+
+    base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
+    real_load = train_module._load_base
+    monkeypatch.setattr(
+        train_module, "_load_base", lambda m, d, dev: real_load(base_folder, d, dev)
+    )
+    monkeypatch.chdir(tmp_path)
+    # "Qwen" holds no base here: the hub name resolves to a path that does not exist.
+    out = train_module.merge_adapter(adapter, "Qwen", model="Qwen/Qwen3-4B", dtype="float32")
+    assert (out / "config.json").exists()
+    assert json.loads((out / "turnrl_merge.json").read_text())["base"] == "Qwen/Qwen3-4B"

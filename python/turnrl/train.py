@@ -2381,8 +2381,8 @@ def merge_adapter(
                 f"{config_file} does not name its base model (base_model_name_or_path); "
                 "give the base model"
             )
-    base_at = Path(model).resolve()
-    if where == base_at or where in base_at.parents:
+    base_at = Path(model).resolve()  # a hub name is no local folder to protect
+    if Path(model).exists() and (where == base_at or where in base_at.parents):
         raise InvalidInputError(
             f"{target}: the merged model cannot replace its base model ({model})"
         )
