@@ -2930,7 +2930,11 @@ def test_rollout_figures_add_up_over_any_split_of_the_episodes(records, cut):
     tiers = ["gold", "read", "error", "respond"]
     # The same figures from one table of every assistant turn.
     table = [t for r in records for t in r["turns"] if t["role"] == "assistant"]
-    advantages = [round((k * 0.37) % 1 - 0.5, 2) for k in range(len(table))]
+    # Every third turn untrained (NaN): left out of its tier's mean advantage.
+    advantages = [
+        math.nan if k % 3 == 2 else round((k * 0.37) % 1 - 0.5, 2) for k in range(len(table))
+    ]
+    trained = [not math.isnan(a) for a in advantages]
     figures = {
         name: (total, count)
         for name, total, count in rollout_figures(records, tiers, np.asarray(advantages))
@@ -2959,9 +2963,13 @@ def test_rollout_figures_add_up_over_any_split_of_the_episodes(records, cut):
         **{
             f"tier_advantage/{tier}": (
                 pytest.approx(
-                    sum(a for t, a in zip(table, advantages, strict=True) if t.get("tier") == tier)
+                    sum(
+                        a
+                        for t, a, ok in zip(table, advantages, trained, strict=True)
+                        if ok and t.get("tier") == tier
+                    )
                 ),
-                sum(t.get("tier") == tier for t in table),
+                sum(ok and t.get("tier") == tier for t, ok in zip(table, trained, strict=True)),
             )
             for tier in tiers
         },
@@ -3359,3 +3367,36 @@ def test_a_hub_name_base_is_no_folder_to_protect(tmp_path, tok, base_model, monk
     out = train_module.merge_adapter(adapter, "Qwen", model="Qwen/Qwen3-4B", dtype="float32")
     assert (out / "config.json").exists()
     assert json.loads((out / "turnrl_merge.json").read_text())["base"] == "Qwen/Qwen3-4B"
+
+
+def test_turns_left_untrained_have_no_advantage_in_the_steps_figures(tok):
+    from turnrl.train import _trained_turn_advantages
+
+    rng = random.Random(61)
+    records = [_record(rng, float(i % 2), "g") for i in range(3)]
+    records[1]["turns"][1]["truncated"] = True  # its first assistant turn
+    for pack in (True, False):
+        batch = build_batch(
+            records, tok, system=SYSTEM, tools=TOOLS, mask_truncated=True, pack=pack
+        )
+        got = _trained_turn_advantages(batch)
+        masked = int(batch.turn_offsets[1])  # record 1's first turn
+        assert math.isnan(got[masked])
+        rest = np.delete(np.arange(len(got)), masked)
+        np.testing.assert_array_equal(got[rest], batch.turn_advantages[rest])
+    # Rows cut at max_length: the turns past the cut are not trained either
+    # (cut at the middle prompt length, so about half the per-turn rows keep none).
+    full = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False)
+    prompts = sorted(int(row.tolist().index(True)) for row in full.loss_mask)
+    cut = prompts[len(prompts) // 2]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False, max_length=cut)
+    got = _trained_turn_advantages(batch)
+    seen = {
+        (int(batch.row_trajectory[r]), k)
+        for r in range(batch.num_rows)
+        for k in set(batch.token_turn[r].tolist()) - {-1}
+    }
+    for i in range(len(records)):
+        for k in range(int(batch.turn_offsets[i + 1] - batch.turn_offsets[i])):
+            assert math.isnan(got[batch.turn_offsets[i] + k]) == ((i, k) not in seen)
+    assert np.isnan(got).any() and not np.isnan(got).all()

@@ -1300,8 +1300,9 @@ class GTPOTrainer:
                 self._warned_no_sampler = True
                 warnings.warn(
                     f"rollout_correction={cfg.rollout_correction!r} is set, but no trained token "
-                    "has a sampler log-prob (an engine that gives none, or a vLLM before 0.10.2 "
-                    "at a temperature other than 1): the step is not corrected",
+                    "has a sampler log-prob (an engine that gives none, VLLMEngine under "
+                    "top_p < 1, or a vLLM before 0.10.2 at a temperature other than 1): the "
+                    "step is not corrected",
                     stacklevel=3,
                 )
             return {}
@@ -1668,14 +1669,16 @@ def rollout_figures(
     labelled so) and ``stop_reason/<reason>`` for each of
     :data:`STOP_REASONS` (the share of episodes that ended so). With
     ``turn_advantages`` (one per assistant turn, in the records' order, as
-    :attr:`TrainBatch.turn_advantages`), also ``tier_advantage/<tier>``: the
-    mean advantage the step gave that tier's turns, IRC's direction check
-    (a tier that tells success should be credited, one that tells failure
-    blamed) as training goes.
+    :attr:`TrainBatch.turn_advantages`; NaN for a turn that was not trained,
+    which is left out), also ``tier_advantage/<tier>``: the mean advantage
+    the step gave that tier's trained turns, IRC's direction check (a tier
+    that tells success should be credited, one that tells failure blamed) as
+    training goes.
     """
     episodes = float(len(records))
     advantages = None if turn_advantages is None else np.asarray(turn_advantages, np.float64)
     tier_advantage = dict.fromkeys(tiers, 0.0)
+    tier_trained = dict.fromkeys(tiers, 0.0)
     turns = calls = errors = truncated = tokens = with_ids = 0.0
     tier_turns = dict.fromkeys(tiers, 0.0)
     stops = dict.fromkeys(STOP_REASONS, 0.0)
@@ -1698,7 +1701,10 @@ def rollout_figures(
             if turn.get("tier") in tier_turns:
                 tier_turns[turn["tier"]] += 1
                 if advantages is not None and turns <= len(advantages):
-                    tier_advantage[turn["tier"]] += float(advantages[int(turns) - 1])
+                    value = float(advantages[int(turns) - 1])
+                    if not math.isnan(value):
+                        tier_advantage[turn["tier"]] += value
+                        tier_trained[turn["tier"]] += 1
     if advantages is not None and len(advantages) != turns:
         raise InvalidInputError(
             f"turn_advantages has {len(advantages)} entries for {int(turns)} assistant turns"
@@ -1707,7 +1713,7 @@ def rollout_figures(
         []
         if advantages is None
         else [
-            (f"tier_advantage/{tier}", total, tier_turns[tier])
+            (f"tier_advantage/{tier}", total, tier_trained[tier])
             for tier, total in tier_advantage.items()
         ]
     )
@@ -1721,6 +1727,21 @@ def rollout_figures(
         *((f"stop_reason/{reason}", count, episodes) for reason, count in stops.items()),
         *advantage_figures,
     ]
+
+
+def _trained_turn_advantages(batch: TrainBatch) -> np.ndarray:
+    """The batch's turn advantages, NaN for turns none of whose tokens is
+    trained (left out by ``mask_truncated`` or cut at ``max_length``)."""
+    advantages = np.array(batch.turn_advantages, dtype=np.float64)
+    if batch.token_turn is None or not len(advantages):
+        return advantages
+    grid = batch.token_turn.numpy()
+    rows, _ = np.nonzero(grid >= 0)
+    flat = batch.turn_offsets[batch.row_trajectory[rows]] + grid[grid >= 0]
+    trained = np.zeros(len(advantages), dtype=bool)
+    trained[flat] = True
+    advantages[~trained] = np.nan
+    return advantages
 
 
 def _evaluate(
@@ -2065,14 +2086,15 @@ def train_loop(
                     mask_truncated=mask_truncated,
                     pack=pack,
                 )
-                if records
+                # Episodes a user ended before any reply leave nothing to train here.
+                if any(t.get("role") == "assistant" for r in records for t in r["turns"])
                 else together(TrainBatch.empty)
             )
             batched = time.perf_counter()
             stats = trainer.step(batch)
             updated = time.perf_counter()
             # Every rank names the same figures: the tiers of the reward table.
-            figures = rollout_figures(records, list(rewards), batch.turn_advantages)
+            figures = rollout_figures(records, list(rewards), _trained_turn_advantages(batch))
             sums = [
                 float(batch.num_rows),
                 float(batch.refused_ids),
