@@ -167,6 +167,36 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
         (out / "histories.json").write_text(json.dumps(histories))
 
 
+class _SilentUser(envs.ScriptedUser):
+    """Ends every episode before the agent says anything."""
+
+    def reset(self, task):
+        super().reset(task)
+        return "###STOP###"
+
+
+def silent_rank_loop(out: Path, rank: int, tok, base) -> None:
+    """One step of train_loop in which rank 0's episodes all end before any reply:
+    it has no turn to train, the other rank has."""
+    domain = envs.load("synthetic:airline", seed=0)
+    tasks = [task.id for task in domain.tasks[:2]]
+    history = train_loop(
+        trainer_for(base, {"micro_batch_size": 4}, seed=1 + rank),
+        domain,
+        lambda: EngineAgent(_HalfGold(domain, always=tasks[:1])),
+        _SilentUser if rank == 0 else envs.ScriptedUser,
+        tok,
+        tasks=tasks,
+        steps=1,
+        tasks_per_step=2,
+        group_size=2,
+        buffer_dir=out / "silent",
+        progress=False,
+    )
+    if rank == 0:
+        (out / "silent.json").write_text(json.dumps(history))
+
+
 def main(out: Path) -> None:
     # A short timeout: a rank left waiting fails the test instead of hanging it.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -189,6 +219,7 @@ def main(out: Path) -> None:
             torch.save({"stats": stats, "trained": gathered}, out / f"{name}.pt")
 
     calibrating_loop(out, rank, tok, base)
+    silent_rank_loop(out, rank, tok, base)
 
     trainer = trainer_for(base, {"micro_batch_size": 2}, seed=1)
     batch = batch_of(scenario_records([3, 3])[3 * rank : 3 * rank + 3], tok)

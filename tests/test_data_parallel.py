@@ -172,6 +172,13 @@ def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
             assert seconds[0] == seconds[1] > 0
 
 
+def test_a_rank_whose_episodes_all_end_before_any_reply_still_steps(two_rank_steps):
+    (stats,) = json.loads((two_rank_steps["folder"] / "silent.json").read_text())
+    assert stats["episodes"] == 4 and stats["trained_tokens"] > 0
+    # Rank 0's two episodes have no assistant turn; rank 1's have some.
+    assert stats["stop_reason/user_stop"] >= 0.5 and stats["turns_per_episode"] > 0
+
+
 def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):
     out = two_rank_steps["folder"]
     failed = (out / "error-rank-1.txt").read_text()
