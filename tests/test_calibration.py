@@ -169,18 +169,24 @@ def test_rewards_proportional_to_r_and_zero_when_not_significant():
     assert all(v == 0.0 for v in strict.values())
 
 
-def test_direction_check_counts_match_a_plain_loop():
-    rollouts = planted(seed=5, tasks=20)
-    rewards = {"good": 1.0, "bad": -0.5, "noise": 0.2, "respond": 0.0}
-    correlations = TierStats.from_rollouts(rollouts).correlations()
-    got = {d.tier: d for d in direction_check(rollouts, rewards, correlations)}
-    adv = turnrl.compute_advantages(
+def _hybrid_advantages(rollouts, rewards):
+    """The GTPO hybrid's turn advantages of ``rollouts`` under ``rewards``, as
+    direction_check computes them."""
+    return turnrl.compute_advantages(
         "gtpo_hybrid",
         rollouts.outcome,
         rollouts.group,
         rollouts.turn_rewards(rewards),
         rollouts.turn_offsets,
     )
+
+
+def test_direction_check_counts_match_a_plain_loop():
+    rollouts = planted(seed=5, tasks=20)
+    rewards = {"good": 1.0, "bad": -0.5, "noise": 0.2, "respond": 0.0}
+    correlations = TierStats.from_rollouts(rollouts).correlations()
+    got = {d.tier: d for d in direction_check(rollouts, rewards, correlations)}
+    adv = _hybrid_advantages(rollouts, rewards)
     for c in correlations:
         t = rollouts.tiers.index(c.tier)
         on = rollouts.turn_tiers == t
@@ -245,13 +251,7 @@ def test_mean_advantages_are_plain_means_with_zero_tolerance(rollouts, data):
         )
     )
     correlations = TierStats.from_rollouts(rollouts).correlations()
-    adv = turnrl.compute_advantages(
-        "gtpo_hybrid",
-        rollouts.outcome,
-        rollouts.group,
-        rollouts.turn_rewards(rewards),
-        rollouts.turn_offsets,
-    )
+    adv = _hybrid_advantages(rollouts, rewards)
     zero = 1e-9 * np.abs(adv).max(initial=0.0)
     for d, c in zip(direction_check(rollouts, rewards, correlations), correlations, strict=True):
         on = rollouts.turn_tiers == rollouts.tiers.index(d.tier)

@@ -397,17 +397,19 @@ def tokenize_rollout(
         )
         if packed is not None:
             row_logprobs = [math.nan] * len(packed[0])
+            known_any = False
             for k, known in enumerate(logprobs):
                 if own[k] and known is not None:
                     start = packed[1].index(k)  # a turn's tokens are one run of the row
                     row_logprobs[start : start + len(known)] = known
+                    known_any = True
             return TokenizedRollout(
                 [packed[0]],
                 [packed[1]],
                 True,
                 sum(own),
                 refused,
-                [row_logprobs] if any(own[k] and lp for k, lp in enumerate(logprobs)) else None,
+                [row_logprobs] if known_any else None,
             )
     rows: list[list[int]] = []
     owners: list[list[int]] = []
@@ -2423,7 +2425,7 @@ def merge_adapter(
     _forget_gguf(merged, model)
     provenance = {
         "base": str(model),
-        "adapter": str(source.resolve()),
+        "adapter": str(adapter_at),
         "step": step if isinstance(step, int) else None,
         "dtype": dtype,
     }

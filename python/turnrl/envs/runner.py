@@ -194,21 +194,17 @@ def run_episode(
             if isinstance(reply.get("completion_end"), str):
                 # Stopped on another end token than the tokenizer's eos.
                 turn["completion_end"] = reply["completion_end"]
-            ids = reply.get("completion_ids")
-            if ids is not None and not isinstance(ids, (str, bytes, Mapping)):
-                # The sampled ids (a list, tuple or array), for training in
-                # memory, which checks them; buffers leave them out.
+            # The sampled ids and the sampler's log-prob of each (a list, tuple
+            # or array), for training in memory, which checks them; buffers
+            # leave them out. Log-probs only go with ids.
+            for key in ("completion_ids", "completion_logprobs"):
+                value = reply.get(key)
+                if value is None or isinstance(value, (str, bytes, Mapping)):
+                    break
                 try:
-                    turn["completion_ids"] = list(ids)
+                    turn[key] = list(value)
                 except TypeError:
-                    turn["completion_ids"] = [ids]  # not a sequence: refused later
-                logprobs = reply.get("completion_logprobs")
-                if logprobs is not None and not isinstance(logprobs, (str, bytes, Mapping)):
-                    # The sampler's log-prob of each id, checked the same way.
-                    try:
-                        turn["completion_logprobs"] = list(logprobs)
-                    except TypeError:
-                        turn["completion_logprobs"] = [logprobs]
+                    turn[key] = [value]  # not a sequence: refused later
         if reply.get("truncated"):
             # Cut at the token limit: a completion is trained without an
             # end-of-turn token, and mask_truncated can leave the turn out.
