@@ -62,7 +62,8 @@ cli)
     # (hidden 256, 2 layers) on Qwen's real vocabulary, built there, trained two steps on the
     # synthetic domain with the scripted user: once in one process, once under torchrun
     # (one rank, so the NCCL code paths run), with a KL term and no zero-advantage
-    # skipping so that every update runs the fused loss; then merged and reloaded.
+    # skipping so that every update runs the fused loss (the first run with gradient
+    # checkpointing); then merged and reloaded.
     out="${OUT:-/tmp/gpu-out}"
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -88,7 +89,8 @@ PY
         --tasks-per-step 2 --group-size 2 --max-new-tokens 32 --device cuda --lora-rank 8
         --beta 0.04 --no-skip-zero-advantage --quiet)
     status=0
-    python3 -m turnrl.cli train "${common[@]}" --plot --out /tmp/run-one 2>&1 \
+    python3 -m turnrl.cli train "${common[@]}" --plot --gradient-checkpointing --out /tmp/run-one \
+        2>&1 \
         | tee "$out/train_one.log" || status=1
     torchrun --nproc-per-node 1 -m turnrl.cli train "${common[@]}" --out /tmp/run-dist 2>&1 \
         | tee "$out/train_dist.log" || status=1

@@ -1327,6 +1327,98 @@ def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monk
             main([*argv, *bad])
 
 
+def test_train_command_passes_training_options_on(tmp_path, tok, base_model, monkeypatch):
+    import turnrl.train
+    from turnrl.cli import main
+
+    class Reached(Exception):
+        pass
+
+    loaded, trainers = [], []
+
+    def load_policy(*args, **kwargs):
+        loaded.append(kwargs["gradient_checkpointing"])
+        return _lora(base_model), tok
+
+    def train_loop(trainer, *args, **kwargs):
+        trainers.append(trainer)
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "load_policy", load_policy)
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
+    argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
+    more = ["--entropy-coef", "0.01", "--dual-clip", "3", "--max-grad-norm", "none"]
+    more += ["--weight-decay", "0.1", "--gradient-checkpointing"]
+    for extra in ([], more):
+        with pytest.raises(Reached):
+            main([*argv, *extra])
+    assert loaded == [False, True]
+    defaults, given = (t.config for t in trainers)
+    assert (defaults.entropy_coef, defaults.dual_clip, defaults.max_grad_norm) == (0.0, None, 1.0)
+    assert (given.entropy_coef, given.dual_clip, given.max_grad_norm) == (0.01, 3.0, None)
+    decays = [t.optimizer.param_groups[0]["weight_decay"] for t in trainers]
+    assert decays == [0.0, 0.1]
+    # Refused by argparse, before the model loads.
+    for bad in (
+        ["--dual-clip", "1"],
+        ["--max-grad-norm", "0"],
+        ["--weight-decay", "-0.1"],
+        ["--beta", "nan"],
+        ["--eps-low", "-0.2"],
+        ["--entropy-coef", "inf"],
+    ):
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
+    assert len(loaded) == 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("eps_low", -0.1),
+        ("eps_high", math.nan),
+        ("dual_clip", 1.0),
+        ("dual_clip", math.inf),
+        ("beta", -0.04),
+        ("beta", math.nan),
+        ("entropy_coef", math.inf),
+        ("temperature", 0.0),
+        ("max_grad_norm", 0.0),
+        ("max_grad_norm", math.nan),
+    ],
+)
+def test_loss_settings_are_checked_when_the_config_is_made(field, value):
+    with pytest.raises(InvalidInputError, match=field):
+        GTPOConfig(**{field: value})
+
+
+def test_load_policy_turns_gradient_checkpointing_on(tmp_path, tok, base_model):
+    from turnrl.train import load_policy
+
+    folder = tmp_path / "tiny"
+    base_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    kw = dict(dtype="float32", device="cpu", lora_rank=2, target_modules=["q_proj"])
+    for wanted in (False, True):
+        policy, _ = load_policy(folder, gradient_checkpointing=wanted, **kw)
+        on = getattr(policy.get_base_model(), "is_activation_checkpointing", None)
+        if on is None:  # transformers 4
+            on = policy.get_base_model().is_gradient_checkpointing
+        assert on is wanted
+        layers = policy.get_base_model().model.layers
+        assert all(layer.gradient_checkpointing is wanted for layer in layers)
+        # Non-reentrant: the frozen embeddings' output needs no gradient for the
+        # LoRA weights inside the layers to get theirs.
+        embeddings = policy.get_base_model().model.embed_tokens
+        assert not any(p.requires_grad for p in embeddings.parameters())
+        ids = torch.tensor([tok.encode("Hello there, tools.")])
+        policy.train()
+        policy(input_ids=ids).logits.float().square().mean().backward()
+        grads = [p.grad for n, p in policy.named_parameters() if "lora_B" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def _cut_outcomes(batch, *, cut=0.5, nan=False):
     """Outcome-only advantages of outcomes cut into success and failure at ``cut``
     (NaN everywhere with ``nan``)."""

@@ -641,6 +641,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         if "," in args.lora_targets
         else args.lora_targets,
         adapter=resume,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     template = {"enable_thinking": False} if args.no_thinking else {}
     after_update = None
@@ -676,7 +677,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = GTPOTrainer(
         model,
-        torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0),
+        torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay),
         GTPOConfig(
             micro_batch_size=args.micro_batch_size,
             micro_batch_tokens=args.micro_batch_tokens,
@@ -685,6 +686,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             eps_low=args.eps_low,
             eps_high=args.eps_high,
             beta=args.beta,
+            entropy_coef=args.entropy_coef,
+            dual_clip=args.dual_clip,
+            max_grad_norm=args.max_grad_norm,
             temperature=args.temperature,
             agg=args.agg,
             max_len=args.max_length,  # dr_grpo's constant length, when there is one
@@ -1302,6 +1306,21 @@ def _non_negative_number(text: str) -> float:
     return value
 
 
+def _above_one(text: str) -> float:
+    """argparse type: a finite float above 1."""
+    value = _finite_number(text)
+    if value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 1, got {text!r}")
+    return value
+
+
+def _grad_norm(text: str) -> float | None:
+    """argparse type: a finite float above 0, or ``none`` (no clipping)."""
+    if text.strip().lower() == "none":
+        return None
+    return _positive_number(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     from turnrl.train import ROLLOUT_CORRECTIONS
@@ -1727,16 +1746,52 @@ def build_parser() -> argparse.ArgumentParser:
         help="optimizer steps per batch of rollouts (default: %(default)s)",
     )
     tr.add_argument(
-        "--eps-low", type=float, default=0.2, help="ratio clip below 1 (default: %(default)s)"
+        "--eps-low",
+        type=_non_negative_number,
+        default=0.2,
+        help="ratio clip below 1 (default: %(default)s)",
     )
     tr.add_argument(
         "--eps-high",
-        type=float,
+        type=_non_negative_number,
         default=0.28,
         help="ratio clip above 1, DAPO's clip-higher (default: %(default)s)",
     )
     tr.add_argument(
-        "--beta", type=float, default=0.0, help="KL to the base model (default: %(default)s)"
+        "--beta",
+        type=_non_negative_number,
+        default=0.0,
+        help="KL to the base model (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--entropy-coef",
+        type=_finite_number,
+        default=0.0,
+        help="weight of the entropy bonus, as verl's entropy_coeff (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--dual-clip",
+        type=_above_one,
+        help="verl's clip_ratio_c: the loss of a token with a negative advantage is capped "
+        "at this many times the advantage's size (default: no cap)",
+    )
+    tr.add_argument(
+        "--max-grad-norm",
+        type=_grad_norm,
+        default=1.0,
+        help="clip the gradients to this global norm, or none (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--weight-decay",
+        type=_non_negative_number,
+        default=0.0,
+        help="AdamW's weight decay on the trained weights (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each decoder layer's activations in the backward instead of keeping "
+        "them: less memory for long rows, for about a third more decoder time",
     )
     tr.add_argument(
         "--agg",

@@ -723,17 +723,24 @@ class GTPOConfig:
     ppo_epochs: int = 1
     """Optimizer steps on one batch (the first is on-policy: ratio 1)."""
     eps_low: float = 0.2
+    """The ratio is clipped to ``[1 - eps_low, 1 + eps_high]``."""
     eps_high: float = 0.2
+    """Above ``eps_low`` for DAPO's clip-higher."""
     dual_clip: float | None = None
+    """verl's ``clip_ratio_c`` (> 1): the loss of a token with a negative
+    advantage is capped at ``dual_clip`` times its advantage's size."""
     beta: float = 0.0
     """k3 KL to the reference policy (the base model under a PEFT adapter)."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus, as verl's ``entropy_coeff``."""
     temperature: float = 1.0
     """The sampler's temperature."""
     agg: str = "token_mean"
     """Loss aggregation. A sequence is a row: a whole conversation when it is
     packed, one assistant turn otherwise (see :func:`tokenize_rollout`)."""
     max_grad_norm: float | None = 1.0
+    """Gradients are clipped to this global norm before each optimizer step;
+    None: not clipped."""
     backend: str = "auto"
     max_len: int | None = None
     """``dr_grpo``'s constant length (TRL: the completion limit); default: each
@@ -765,6 +772,25 @@ class GTPOConfig:
             )
         if self.max_len is not None and self.max_len < 1:
             raise InvalidInputError(f"max_len must be at least 1, got {self.max_len}")
+        # Checked here rather than by the loss, which first sees them after a
+        # step's rollouts have been collected. ``not x >= 0`` refuses NaN too.
+        for name, value in (("eps_low", self.eps_low), ("eps_high", self.eps_high)):
+            if not 0 <= value < math.inf:
+                raise InvalidInputError(f"{name} must be finite and >= 0, got {value}")
+        if self.dual_clip is not None and not 1 < self.dual_clip < math.inf:
+            raise InvalidInputError(
+                f"dual_clip must be finite and > 1 (verl's clip_ratio_c), got {self.dual_clip}"
+            )
+        if not 0 <= self.beta < math.inf:
+            raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta}")
+        if not math.isfinite(self.entropy_coef):
+            raise InvalidInputError(f"entropy_coef must be finite, got {self.entropy_coef}")
+        if not 0 < self.temperature < math.inf:
+            raise InvalidInputError(f"temperature must be finite and > 0, got {self.temperature}")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise InvalidInputError(
+                f"max_grad_norm must be finite and > 0, or None, got {self.max_grad_norm}"
+            )
         if self.rollout_correction not in (None, *ROLLOUT_CORRECTIONS):
             raise InvalidInputError(
                 f"rollout_correction must be one of {', '.join(ROLLOUT_CORRECTIONS)} or None, "
@@ -2298,6 +2324,7 @@ def load_policy(
     lora_alpha: int | None = None,
     target_modules: str | Sequence[str] = "all-linear",
     adapter: str | os.PathLike[str] | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any]:
     """A Hugging Face causal LM with a trainable LoRA adapter, and its tokenizer.
 
@@ -2307,7 +2334,10 @@ def load_policy(
     are trained in ``dtype`` from then on); ``device`` defaults to CUDA
     when there is one. ``adapter`` continues from a saved adapter (a
     :func:`save_adapter` folder) instead of a fresh one (``lora_alpha``
-    defaults to twice the rank).
+    defaults to twice the rank). ``gradient_checkpointing`` keeps only each
+    decoder layer's input during the update and recomputes the rest in the
+    backward (non-reentrant, so the frozen embeddings need no gradient):
+    less activation memory for about a third more decoder time.
     """
     import peft
 
@@ -2328,6 +2358,18 @@ def load_policy(
             # PEFT would record the GGUF file's folder, which loads as no model;
             # merge_adapter reads the base from here.
             policy.peft_config["default"].base_model_name_or_path = os.path.abspath(model)
+    if gradient_checkpointing:
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise InvalidInputError(
+                f"{model}: {type(base).__name__} does not support gradient checkpointing"
+            )
+        # Newer transformers renamed it; the old name warns there.
+        enable = getattr(base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            kwargs = {"use_reentrant": False}
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return policy, tokenizer
 
 
