@@ -896,8 +896,21 @@ def _fake_vllm(monkeypatch, seen: dict, logprobs_mode: bool = False) -> None:
     class LLM:
         def __init__(self, **kwargs):
             seen["init"] = kwargs
+            self.asleep = False
+
+        def sleep(self, level=1):
+            assert not self.asleep
+            self.asleep = True
+            seen.setdefault("events", []).append(f"sleep {level}")
+
+        def wake_up(self, tags=None):
+            assert self.asleep
+            self.asleep = False
+            seen.setdefault("events", []).append("wake")
 
         def chat(self, messages, sampling, **kwargs):
+            assert not self.asleep, "generating while asleep"
+            seen.setdefault("events", []).append("chat")
             seen["chat"] = (messages, sampling, kwargs)
             reasons = ["stop", "length"]
             asked = "logprobs" in sampling.kwargs
@@ -983,6 +996,36 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
     assert greedy.llm is engine.llm
 
 
+def test_vllm_engine_sleeps_during_updates_and_wakes_to_generate(monkeypatch):
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+
+    from turnrl.engines import VLLMEngine
+
+    awake = VLLMEngine("/models/base")
+    assert "enable_sleep_mode" not in seen["init"]
+    with pytest.raises(InvalidInputError, match="sleep_mode=True"):
+        awake.sleep()
+    engine = VLLMEngine("/models/base", sleep_mode=True)
+    assert seen["init"]["enable_sleep_mode"] is True
+    seen["events"] = []
+    chat = [{"role": "user", "content": "a"}]
+    engine.generate([chat])
+    engine.sleep()
+    engine.sleep()  # asleep already: nothing more
+    assert engine.asleep
+    # An evaluation engine shares the LLM: whichever generates first wakes it, once.
+    greedy = engine.with_temperature(0.0)
+    greedy.generate([chat])
+    engine.generate([chat])
+    assert not engine.asleep and not greedy.asleep
+    engine.wake_up()  # awake already: nothing
+    greedy.sleep()
+    assert engine.asleep
+    engine.generate([])  # no chats, no wake-up
+    assert seen["events"] == ["chat", "sleep 1", "wake", "chat", "chat", "sleep 1"]
+
+
 def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monkeypatch):
     from turnrl.engines import VLLMEngine
 
@@ -1051,6 +1094,13 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
         GTPOConfig(micro_batch_size=4, backend="torch"),
     )
     updates = []
+    stepped = trainer.step
+
+    def step(batch):  # before_update must come between the rollouts and the update
+        updates.append("step")
+        return stepped(batch)
+
+    trainer.step = step
     started = time.perf_counter()
     history = train_loop(
         trainer,
@@ -1065,11 +1115,12 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
         workers=2,
         buffer_dir=tmp_path / "buffers",
         checkpoint=tmp_path / "ckpt",
-        after_update=lambda: updates.append(1),
+        after_update=lambda: updates.append("after"),
+        before_update=lambda: updates.append("before"),
         progress=False,
     )
     took = time.perf_counter() - started
-    assert len(history) == 2 and updates == [1, 1]
+    assert len(history) == 2 and updates == ["before", "step", "after"] * 2
     parts = ["rollouts", "batch", "update", "checkpoint"]
     assert all(h[f"time/{part}"] > 0 for h in history for part in parts)
     assert sum(h[f"time/{part}"] for h in history for part in parts) <= took
@@ -1371,6 +1422,40 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         with pytest.raises(SystemExit):
             main([*argv, *bad])
     assert len(loaded) == 2
+
+
+def test_train_command_puts_vllm_to_sleep_for_updates(tmp_path, tok, base_model, monkeypatch):
+    import turnrl.train
+    from turnrl.cli import main
+
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+
+    class Reached(Exception):
+        pass
+
+    hooks = []
+
+    def train_loop(*args, **kwargs):
+        hooks.append((kwargs["before_update"], kwargs["after_update"]))
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "load_policy", lambda *a, **k: (_lora(base_model), tok))
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
+    argv += ["--engine", "vllm", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
+    inits = []
+    for extra in ([], ["--vllm-sleep"]):
+        with pytest.raises(Reached):
+            main([*argv, *extra])
+        inits.append(seen["init"])
+    assert hooks[0][0] is None and "enable_sleep_mode" not in inits[0]
+    before, after = hooks[1]
+    assert inits[1]["enable_sleep_mode"] is True
+    seen["events"] = []
+    before()  # the update's turn: vLLM sleeps, and wakes to generate again
+    after()
+    assert seen["events"] == ["sleep 1"]
 
 
 @pytest.mark.parametrize(
@@ -2556,6 +2641,10 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     bad_cap = ["--engine", "vllm", "--rollout-correction-cap", "0.5", "--out", str(run)]
     assert main([*argv, *bad_cap]) == 2
     assert "--rollout-correction-cap must be at least 1" in capsys.readouterr().err
+    assert main([*argv, "--vllm-sleep", "--out", str(run)]) == 2
+    assert "--vllm-sleep puts vLLM to sleep during updates: add --engine vllm" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize("calls_per_message", [None, 1, 2])

@@ -507,6 +507,8 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
         )
+    if args.vllm_sleep and args.engine != "vllm":
+        raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -644,7 +646,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         gradient_checkpointing=args.gradient_checkpointing,
     )
     template = {"enable_thinking": False} if args.no_thinking else {}
-    after_update = None
+    after_update = before_update = None
     if args.engine == "vllm":
         from turnrl.engines import VLLMEngine
 
@@ -655,9 +657,12 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             chat_template_kwargs=template,
             max_lora_rank=vllm_lora_rank(args.lora_rank),
             gpu_memory_utilization=args.vllm_gpu_memory,
+            sleep_mode=args.vllm_sleep,
         )
         if resume is not None:
             engine.load_adapter(str(adapter))
+        if args.vllm_sleep:
+            before_update = engine.sleep
 
         def after_update() -> None:
             engine.load_adapter(str(adapter))
@@ -817,6 +822,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             buffer_dir=out / "rollouts",
             checkpoint=adapter,
             after_update=after_update,
+            before_update=before_update,
             on_step=on_step,
             seed=args.seed,
             first_step=first_step,
@@ -1629,6 +1635,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.4,
         help="share of GPU memory vLLM may take, beside the trained model (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--vllm-sleep",
+        action="store_true",
+        help="with --engine vllm: put vLLM to sleep during each update (its KV cache dropped, "
+        "its weights in CPU memory), so the trainer has the GPU memory it held; it wakes for "
+        "the next rollouts",
     )
     tr.add_argument(
         "--max-new-tokens", type=int, default=512, help="per policy reply (default: %(default)s)"

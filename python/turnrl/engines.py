@@ -226,6 +226,13 @@ class VLLMEngine:
     are asked for under ``top_p`` < 1 (the nucleus is renormalised, which
     the trainer's softmax is not), nor, with a vLLM too old for that mode
     (its log-probs are before temperature), at a temperature other than 1.
+
+    With ``sleep_mode``, vLLM is made with ``enable_sleep_mode`` and
+    :meth:`sleep` gives its GPU memory back while the trainer runs: the KV
+    cache is dropped and the base weights wait in CPU memory (vLLM's level
+    1, since a LoRA run never changes them). The next :meth:`generate`
+    wakes it, as TRL's ``vllm_enable_sleep_mode`` and verl's cache freeing
+    do for an engine that shares the trainer's GPU.
     """
 
     def __init__(
@@ -239,6 +246,7 @@ class VLLMEngine:
         enable_lora: bool = True,
         max_lora_rank: int = 64,
         logprobs: bool = True,
+        sleep_mode: bool = False,
         **llm_kwargs: Any,
     ) -> None:
         try:
@@ -250,6 +258,8 @@ class VLLMEngine:
 
         if enable_lora:
             llm_kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank)
+        if sleep_mode:
+            llm_kwargs["enable_sleep_mode"] = True
         if logprobs and "logprobs_mode" not in llm_kwargs and _takes_logprobs_mode():
             llm_kwargs["logprobs_mode"] = "processed_logprobs"
         self._logprobs = logprobs
@@ -263,8 +273,36 @@ class VLLMEngine:
         self.sampling = self._sampling(temperature)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         # Shared with the engines with_temperature makes, so that they generate
-        # with whichever adapter was loaded last into any of them.
+        # with whichever adapter was loaded last into any of them, and wake the
+        # one vLLM they share.
         self._adapter = _AdapterSlot()
+        self._sleep = _SleepState(bool(llm_kwargs.get("enable_sleep_mode")))
+
+    @property
+    def asleep(self) -> bool:
+        """Whether :meth:`sleep` has given vLLM's GPU memory back (until the next generate)."""
+        return self._sleep.asleep
+
+    def sleep(self) -> None:
+        """Give vLLM's GPU memory back until the next :meth:`generate`: its KV
+        cache is dropped (with the prefix cache) and the weights go to CPU
+        memory. Needs ``sleep_mode=True``; asleep already, it does nothing."""
+        state = self._sleep
+        if not state.enabled:
+            raise InvalidInputError("VLLMEngine.sleep needs VLLMEngine(..., sleep_mode=True)")
+        with state.lock:
+            if not state.asleep:
+                self.llm.sleep(level=1)
+                state.asleep = True
+
+    def wake_up(self) -> None:
+        """Bring the weights back and allocate the KV cache again (generate does
+        this itself); awake already, it does nothing."""
+        state = self._sleep
+        with state.lock:
+            if state.asleep:
+                self.llm.wake_up()
+                state.asleep = False
 
     @property
     def lora(self) -> Any:
@@ -302,9 +340,10 @@ class VLLMEngine:
         return SamplingParams(temperature=temperature, **kwargs)
 
     def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
-        """Complete all chats in one ``LLM.chat`` call."""
+        """Complete all chats in one ``LLM.chat`` call (waking vLLM first if it sleeps)."""
         if not conversations:
             return []
+        self.wake_up()
         outputs = self.llm.chat(
             [[dict(m) for m in c] for c in conversations],
             self.sampling,
@@ -379,6 +418,17 @@ class _AdapterSlot:
     def __init__(self) -> None:
         self.request: Any = None
         self.last_id = 0
+
+
+class _SleepState:
+    """Whether the ``vllm.LLM`` a :class:`VLLMEngine` and its copies share is asleep."""
+
+    __slots__ = ("asleep", "enabled", "lock")
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.asleep = False
+        self.lock = threading.Lock()
 
 
 class _Request:

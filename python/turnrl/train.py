@@ -1880,6 +1880,7 @@ def train_loop(
     buffer_dir: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     after_update: Callable[[], None] | None = None,
+    before_update: Callable[[], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -1900,12 +1901,15 @@ def train_loop(
     whose ``tiers`` set the turn rewards, builds a batch and calls
     ``trainer.step``. The rollouts are kept as ``buffer_dir/step-N.jsonl``
     (for IRC) when ``buffer_dir`` is given, and the adapter is saved to
-    ``checkpoint`` after every step. ``after_update`` runs after each update
-    (to load the new adapter into a vLLM engine). Failed episodes are left
-    out of the batch and counted. Steps are numbered from ``first_step``
-    (a resumed run continues its numbering, so its buffers and groups do not
-    take the earlier run's names). ``mask_truncated`` and ``pack`` as
-    :func:`build_batch`; ``calls_per_message`` and ``max_steps`` as
+    ``checkpoint`` after every step. ``before_update`` runs after each step's
+    rollouts, just before the update (to put a vLLM engine to sleep, freeing
+    its GPU memory for the trainer: :meth:`turnrl.engines.VLLMEngine.sleep`),
+    and ``after_update`` after it (to load the new adapter into that
+    engine). Failed episodes are left out of the batch and counted. Steps
+    are numbered from ``first_step`` (a resumed run continues its numbering,
+    so its buffers and groups do not take the earlier run's names).
+    ``mask_truncated`` and ``pack`` as :func:`build_batch`;
+    ``calls_per_message`` and ``max_steps`` as
     :func:`turnrl.envs.run_episode` (``calls_per_message=1``: only the first
     tool call of a message runs, as in tau-bench's tool-calling agent).
 
@@ -2119,6 +2123,8 @@ def train_loop(
                 else together(TrainBatch.empty)
             )
             batched = time.perf_counter()
+            if before_update is not None:
+                together(before_update)
             stats = trainer.step(batch)
             updated = time.perf_counter()
             # Every rank names the same figures: the tiers of the reward table.
