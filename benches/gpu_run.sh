@@ -8,6 +8,7 @@
 #   bash benches/gpu_run.sh micro ... # there: benches/bench_micro_batches.py --device cuda
 #   bash benches/gpu_run.sh cli       # there: `turnrl train` end to end on the GPU, plain and
 #                                     #        under torchrun (NCCL), then merge-adapter
+#   bash benches/gpu_run.sh cli-4b    # there: `turnrl train` on a Qwen3-4B-shaped random model
 #
 # `prepare` builds the turnrl wheel (the abi3 feature, so the GPU machine's Python 3.12
 # takes it) and downloads liger-kernel, the one package the GPU image lacks
@@ -103,6 +104,46 @@ PY
 m = M.from_pretrained('/tmp/merged'); print('merged reloads:', type(m).__name__)" || status=1
     exit $status
     ;;
+cli-4b)
+    # there: run(command="bash benches/gpu_run.sh cli-4b", carry=[".whl"]). A random model of
+    # Qwen3-4B's shape (36 layers, hidden 2560), trained one step by `turnrl train` with the
+    # transformers engine, without and with --gradient-checkpointing; metrics.jsonl has each
+    # step's peak GPU memory (memory/max_allocated_gib).
+    out="${OUT:-/tmp/gpu-out}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    python3 - <<'PY' || exit 1
+import torch
+from tiny_qwen import qwen_tokenizer
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+torch.manual_seed(0)
+config = Qwen3Config(
+    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+    max_position_embeddings=40960, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+)
+with torch.device("cuda"):
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained("/tmp/qwen-4b-random")
+qwen_tokenizer().save_pretrained("/tmp/qwen-4b-random")
+PY
+    common=(--model /tmp/qwen-4b-random --env synthetic:airline --user scripted --steps 1
+        --tasks-per-step 2 --group-size 2 --max-new-tokens 512 --max-steps 6 --device cuda
+        --beta 0.04 --no-skip-zero-advantage --quiet)
+    status=0
+    for checkpointing in "" --gradient-checkpointing; do
+        name="run${checkpointing:+-checkpointed}"
+        python3 -m turnrl.cli train "${common[@]}" $checkpointing --out "/tmp/$name" 2>&1 \
+            | tee "$out/$name.log" || status=1
+        cp "/tmp/$name/metrics.jsonl" "$out/$name.jsonl"
+    done
+    exit $status
+    ;;
 device)
     out="${OUT:-/tmp/gpu-out}"
     mkdir -p "$out"
@@ -125,7 +166,7 @@ device)
     step row-kernels python3 benches/gpu_row_kernels.py
     ;;
 *)
-    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|cli" >&2
+    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|cli|cli-4b" >&2
     exit 2
     ;;
 esac

@@ -1124,6 +1124,7 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
     parts = ["rollouts", "batch", "update", "checkpoint"]
     assert all(h[f"time/{part}"] > 0 for h in history for part in parts)
     assert sum(h[f"time/{part}"] for h in history for part in parts) <= took
+    assert not any(k.startswith("memory/") for h in history for k in h)  # CUDA only
     assert all(h["episodes"] == 4 and h["trained_tokens"] > 0 for h in history)
     assert (tmp_path / "ckpt" / "adapter_config.json").exists()
     buffers = sorted(p.name for p in (tmp_path / "buffers").iterdir())
@@ -3183,6 +3184,34 @@ def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path)
     assert row == {"step": 3, "loss": 0.0, "entropy": None, "episodes": 4.0}
     pytest.importorskip("matplotlib")
     plot_history([row, {**row, "approx_kl": 0.1, "success_rate": 0.5}], tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_peak_memory_is_the_cuda_allocators_high_water_mark_in_gib(monkeypatch, tmp_path):
+    from turnrl.train import _peak_memory, plot_history
+
+    asked = []
+
+    def mark(name, value):
+        def read(device):
+            asked.append((name, str(device)))
+            return value
+
+        return read
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", mark("allocated", 3 * 2**30))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", mark("reserved", 2**29))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", mark("reset", None))
+    assert _peak_memory(torch.device("cpu")) == _peak_memory(torch.device("cpu"), reset=True) == {}
+    assert asked == []
+    assert _peak_memory(torch.device("cuda", 1), reset=True) == {}
+    assert asked.pop() == ("reset", "cuda:1") and not asked
+    memory = _peak_memory(torch.device("cuda", 1))
+    assert memory == {"memory/max_allocated_gib": 3.0, "memory/max_reserved_gib": 0.5}
+    assert asked == [("allocated", "cuda:1"), ("reserved", "cuda:1")]
+    pytest.importorskip("matplotlib")
+    rows = [{"step": i, "loss": 0.0, **memory} for i in range(2)]
+    plot_history(rows, tmp_path / "m.png")
     assert (tmp_path / "m.png").stat().st_size > 0
 
 

@@ -1860,6 +1860,25 @@ def _evaluate(
     return stats
 
 
+def _peak_memory(device: torch.device, reset: bool = False) -> dict[str, float]:
+    """The CUDA caching allocator's high-water marks on ``device`` since they
+    were last reset, in GiB, as verl's ``perf/max_memory_*_gb`` (with
+    ``reset``: start them afresh and return nothing); nothing on other
+    devices."""
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+        return {}
+    gib = float(2**30)
+    return {
+        "memory/max_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+        "memory/max_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+    }
+
+
 def train_loop(
     trainer: GTPOTrainer,
     domain: Any,
@@ -1938,7 +1957,10 @@ def train_loop(
     figures of :func:`rollout_figures` (turns, calls, errors, truncation,
     tokens, each tier's and each stop reason's share), ``time/rollouts``,
     ``time/batch``, ``time/update`` and ``time/checkpoint`` (wall seconds of
-    each part of the step, the slowest rank's),
+    each part of the step, the slowest rank's), on CUDA
+    ``memory/max_allocated_gib`` and ``memory/max_reserved_gib`` (the
+    trainer process's peak PyTorch memory over the step, the largest
+    rank's; a vLLM engine's own process is not counted),
     with a calibrator ``recalibrated`` (1.0 when the rewards were re-derived
     after the step), and with ``calls_per_message`` ``dropped_calls`` (tool
     calls left out) added. The batch is built from the records in memory, so turns are
@@ -2064,6 +2086,7 @@ def train_loop(
             # and a resumed run the ones an unbroken run would have.
             chosen = step_tasks(pool, step, tasks_per_step, seed)
             rewards = dict(calibrator.rewards) if calibrator is not None else fixed_rewards
+            _peak_memory(device, reset=True)
             started = time.perf_counter()
             keep: Any = (
                 tempfile.TemporaryDirectory()
@@ -2171,18 +2194,21 @@ def train_loop(
             if after_update is not None:
                 together(after_update)
             # Wall seconds of each part, the slowest rank's: it holds the others up.
+            memory = _peak_memory(device)
             parts = [
                 collected - started,
                 batched - collected,
                 updated - batched,
                 time.perf_counter() - updated,
+                *memory.values(),
             ]
             if world > 1:
                 parts = _all_reduce(parts, device, op="max")
             for part, seconds in zip(
-                ("rollouts", "batch", "update", "checkpoint"), parts, strict=True
+                ("rollouts", "batch", "update", "checkpoint"), parts[:4], strict=True
             ):
                 stats[f"time/{part}"] = seconds
+            stats.update(zip(memory, parts[4:], strict=True))
             history.append(stats)
             # Reported before the evaluation: a run stopped during a long
             # evaluation has still recorded the step its checkpoint holds.
@@ -2535,8 +2561,9 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     when the history has them, each tier's reward (``tier_reward/<tier>``),
     share of the turns (``tier_share/<tier>``) and mean advantage
     (``tier_advantage/<tier>``), the held-out evaluations
-    (``eval/...``), the time each part of a step took (``time/...``) and
-    the sampler's gap to the trained model (``mismatch/...``).
+    (``eval/...``), the time each part of a step took (``time/...``), its
+    peak GPU memory (``memory/...``) and the sampler's gap to the trained
+    model (``mismatch/...``).
     Entries are placed at their ``"step"`` (a ``metrics.jsonl`` line), else at
     their index."""
     try:
@@ -2563,6 +2590,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         ("mean advantage of each tier's turns", keys("tier_advantage/"), "tier_advantage/", False),
         ("held-out evaluation after the step", evaluated, "eval/", True),
         ("seconds each part of the step took", keys("time/"), "time/", False),
+        ("peak GPU memory of the step (GiB)", keys("memory/"), "memory/", False),
         (
             "sampler (vLLM) vs trainer on trained tokens",
             [k for k in ("mismatch/k3_kl", "mismatch/abs_logprob_diff") if k in keys("mismatch/")],
