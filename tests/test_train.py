@@ -784,6 +784,34 @@ def test_engine_agent_batches_concurrent_episodes_and_keeps_answers_apart():
     assert agent.batches == engine.calls
 
 
+def test_engine_agent_gathers_requests_on_their_way_into_one_batch():
+    engine = _FakeEngine()
+    # A window far longer than the threads take to start: all six land in one batch.
+    agent = EngineAgent(engine, gather_window=0.5)
+    start = threading.Barrier(6)
+
+    def ask(i):
+        start.wait()
+        agent([{"role": "user", "content": f"q{i}"}], TOOLS)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert agent.batches == engine.calls == [6]
+    # A full batch does not wait out the window; a lone request waits one quiet window.
+    full = EngineAgent(_FakeEngine(), max_batch=1, gather_window=60.0)
+    began = time.perf_counter()
+    full([{"role": "user", "content": "alone"}], TOOLS)
+    alone = EngineAgent(_FakeEngine(), gather_window=0.2)
+    alone([{"role": "user", "content": "alone"}], TOOLS)
+    assert time.perf_counter() - began < 10.0
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(InvalidInputError, match="gather_window"):
+            EngineAgent(engine, gather_window=bad)
+
+
 @pytest.mark.parametrize(
     "engine, message",
     [

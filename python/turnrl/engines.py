@@ -26,6 +26,7 @@ import json
 import math
 import operator
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -453,14 +454,33 @@ class EngineAgent:
     requests that arrive wait, and the first of them to wake takes them all (at most
     ``max_batch``) into the next one; a request that is answered returns at once. An engine
     error is raised in every episode whose request was in that batch.
+
+    Before a batch starts, its leader waits for requests still on their way: until none
+    has come for ``gather_window`` seconds, the batch is full, or ten windows have passed.
+    Without this the episodes split into cohorts that take turns at the engine (the first
+    request of a step runs alone while the others queue behind it, and so on every turn),
+    and decoding, which costs about as much for one chat as for many on a GPU, runs twice
+    as often as it needs to. 0 starts every batch at once.
     """
 
-    def __init__(self, engine: Engine, *, fmt: str = "auto", max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        fmt: str = "auto",
+        max_batch: int = 64,
+        gather_window: float = 0.01,
+    ) -> None:
         if max_batch < 1:
             raise InvalidInputError(f"max_batch must be at least 1, got {max_batch}")
+        if not 0 <= gather_window < math.inf:
+            raise InvalidInputError(
+                f"gather_window must be finite and >= 0 seconds, got {gather_window}"
+            )
         self.engine = engine
         self.fmt = fmt
         self.max_batch = max_batch
+        self.gather_window = gather_window
         self._pending: list[_Request] = []
         self._changed = threading.Condition()
         self._busy = False
@@ -472,6 +492,7 @@ class EngineAgent:
         request = _Request([dict(m) for m in messages], tools)
         with self._changed:
             self._pending.append(request)
+            self._changed.notify_all()  # a leader gathering a batch counts arrivals
         while True:
             with self._changed:
                 while self._busy and not request.done:
@@ -481,6 +502,7 @@ class EngineAgent:
                 # This thread leads the next batch: everything waiting, in order.
                 try:
                     self._busy = True
+                    self._gather()
                     batch = self._pending[: self.max_batch]
                     del self._pending[: self.max_batch]
                     self._changed.release()
@@ -511,6 +533,22 @@ class EngineAgent:
             if request.result.logprobs is not None:
                 reply["completion_logprobs"] = list(request.result.logprobs)
         return reply
+
+    def _gather(self) -> None:
+        """Wait, holding the lead, for the requests of episodes that are about to ask."""
+        window = self.gather_window
+        if window <= 0:
+            return
+        deadline = time.monotonic() + 10 * window
+        arrived = len(self._pending)
+        while arrived < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._changed.wait(min(window, left))
+            if len(self._pending) == arrived:
+                return  # a quiet window: nobody else is on the way
+            arrived = len(self._pending)
 
     def _run(self, batch: list[_Request]) -> None:
         try:
