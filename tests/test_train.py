@@ -1438,6 +1438,8 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--beta", "nan"],
         ["--eps-low", "-0.2"],
         ["--entropy-coef", "inf"],
+        ["--temperature", "0"],
+        ["--temperature", "nan"],
     ):
         with pytest.raises(SystemExit):
             main([*argv, *bad])

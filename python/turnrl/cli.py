@@ -1647,7 +1647,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=512, help="per policy reply (default: %(default)s)"
     )
     tr.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)"
+        "--temperature",
+        type=_positive_number,
+        default=1.0,
+        help="sampling temperature (default: %(default)s)",
     )
     tr.add_argument(
         "--no-thinking",
