@@ -1440,6 +1440,8 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--entropy-coef", "inf"],
         ["--temperature", "0"],
         ["--temperature", "nan"],
+        ["--lr", "nan"],
+        ["--lr=-1e-5"],
     ):
         with pytest.raises(SystemExit):
             main([*argv, *bad])

@@ -1720,7 +1720,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="modules to adapt, comma-separated, or all-linear (default: %(default)s)",
     )
     tr.add_argument(
-        "--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=_non_negative_number,
+        default=1e-5,
+        help="AdamW learning rate (default: %(default)s)",
     )
     tr.add_argument(
         "--lr-schedule",
