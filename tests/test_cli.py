@@ -218,9 +218,10 @@ def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys
     import pytest
 
     # Values that start with "-" are values, not options.
-    path = _config_file(tmp_path, ".toml", {"lr": -1e-5, "tasks": "-5:", "run_name": "-exp"})
+    values = {"entropy_coef": -1e-5, "tasks": "-5:", "run_name": "-exp"}
+    path = _config_file(tmp_path, ".toml", values)
     parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
-    assert (parsed.lr, parsed.tasks, parsed.run_name) == (-1e-5, "-5:", "-exp")
+    assert (parsed.entropy_coef, parsed.tasks, parsed.run_name) == (-1e-5, "-5:", "-exp")
     # YAML's plain scalars as YAML 1.2 reads them: 5:10 is a range, not base-60 310.
     yaml = pytest.importorskip("yaml")
     path = tmp_path / "run.yaml"

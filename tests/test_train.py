@@ -1054,6 +1054,26 @@ def test_vllm_engine_sleeps_during_updates_and_wakes_to_generate(monkeypatch):
     assert seen["events"] == ["chat", "sleep 1", "wake", "chat", "chat", "sleep 1"]
 
 
+def test_vllm_engine_empties_the_cuda_cache_before_it_wakes(monkeypatch):
+    """The update's freed activations stay in PyTorch's cache, out of the reach
+    of vLLM, which maps its KV cache and weights again when it wakes."""
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+
+    from turnrl.engines import VLLMEngine
+
+    engine = VLLMEngine("/models/base", sleep_mode=True)
+    seen["events"] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: seen["events"].append("empty"))
+    chat = [{"role": "user", "content": "a"}]
+    engine.generate([chat])  # awake: nothing to free
+    engine.sleep()
+    engine.generate([chat])
+    assert seen["events"] == ["chat", "sleep 1", "empty", "wake", "chat"]
+
+
 def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monkeypatch):
     from turnrl.engines import VLLMEngine
 
@@ -1447,6 +1467,10 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--beta", "nan"],
         ["--eps-low", "-0.2"],
         ["--entropy-coef", "inf"],
+        ["--temperature", "0"],
+        ["--temperature", "nan"],
+        ["--lr", "nan"],
+        ["--lr=-1e-5"],
     ):
         with pytest.raises(SystemExit):
             main([*argv, *bad])

@@ -1647,7 +1647,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=512, help="per policy reply (default: %(default)s)"
     )
     tr.add_argument(
-        "--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)"
+        "--temperature",
+        type=_positive_number,
+        default=1.0,
+        help="sampling temperature (default: %(default)s)",
     )
     tr.add_argument(
         "--no-thinking",
@@ -1717,7 +1720,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="modules to adapt, comma-separated, or all-linear (default: %(default)s)",
     )
     tr.add_argument(
-        "--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=_non_negative_number,
+        default=1e-5,
+        help="AdamW learning rate (default: %(default)s)",
     )
     tr.add_argument(
         "--lr-schedule",

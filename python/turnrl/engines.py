@@ -298,10 +298,14 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         """Bring the weights back and allocate the KV cache again (generate does
-        this itself); awake already, it does nothing."""
+        this itself); awake already, it does nothing. The GPU memory this
+        process's PyTorch holds cached (what the update freed) is given back
+        first: vLLM maps its memory outside that cache, so memory the trainer
+        took over while vLLM slept would otherwise stay out of its reach."""
         state = self._sleep
         with state.lock:
             if state.asleep:
+                _release_cached_gpu_memory()
                 self.llm.wake_up()
                 state.asleep = False
 
@@ -370,6 +374,18 @@ class VLLMEngine:
         if isinstance(reason, int):
             stop = self.llm.get_tokenizer().decode([reason], skip_special_tokens=False)
         return Completion(output.text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+
+
+def _release_cached_gpu_memory() -> None:
+    """Free this process's unused cached CUDA blocks (torch.cuda.empty_cache),
+    when CUDA is in use here."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()  # tensors only a reference cycle still holds
+        torch.cuda.empty_cache()
 
 
 def _takes_logprobs_mode() -> bool:
