@@ -2368,7 +2368,7 @@ def load_policy(
     :func:`save_adapter` folder) instead of a fresh one (``lora_alpha``
     defaults to twice the rank). ``gradient_checkpointing`` keeps only each
     decoder layer's input during the update and recomputes the rest in the
-    backward (non-reentrant, so the frozen embeddings need no gradient):
+    backward (non-reentrant, as TRL and PEFT recommend for adapters):
     less activation memory for about a third more decoder time.
     """
     import peft
