@@ -1449,7 +1449,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
     argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
     argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
     more = ["--entropy-coef", "0.01", "--dual-clip", "3", "--max-grad-norm", "none"]
-    more += ["--weight-decay", "0.1", "--gradient-checkpointing"]
+    more += ["--weight-decay", "0.1", "--gradient-checkpointing", "--eps-high", "inf"]
     for extra in ([], more):
         with pytest.raises(Reached):
             main([*argv, *extra])
@@ -1457,6 +1457,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
     defaults, given = (t.config for t in trainers)
     assert (defaults.entropy_coef, defaults.dual_clip, defaults.max_grad_norm) == (0.0, None, 1.0)
     assert (given.entropy_coef, given.dual_clip, given.max_grad_norm) == (0.01, 3.0, None)
+    assert (defaults.eps_high, given.eps_high) == (0.28, math.inf)
     decays = [t.optimizer.param_groups[0]["weight_decay"] for t in trainers]
     assert decays == [0.0, 0.1]
     # Refused by argparse, before the model loads.
@@ -1466,6 +1467,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--weight-decay", "-0.1"],
         ["--beta", "nan"],
         ["--eps-low", "-0.2"],
+        ["--eps-high", "nan"],
         ["--entropy-coef", "inf"],
         ["--temperature", "0"],
         ["--temperature", "nan"],
@@ -1516,6 +1518,7 @@ def test_train_command_puts_vllm_to_sleep_for_updates(tmp_path, tok, base_model,
     [
         ("eps_low", -0.1),
         ("eps_high", math.nan),
+        ("eps_high", -math.inf),
         ("dual_clip", 1.0),
         ("dual_clip", math.inf),
         ("beta", -0.04),
@@ -1529,6 +1532,7 @@ def test_train_command_puts_vllm_to_sleep_for_updates(tmp_path, tok, base_model,
 def test_loss_settings_are_checked_when_the_config_is_made(field, value):
     with pytest.raises(InvalidInputError, match=field):
         GTPOConfig(**{field: value})
+    GTPOConfig(eps_low=math.inf, eps_high=math.inf)  # no clip on either side
 
 
 def test_load_policy_turns_gradient_checkpointing_on(tmp_path, tok, base_model):

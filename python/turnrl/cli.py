@@ -1312,6 +1312,17 @@ def _non_negative_number(text: str) -> float:
     return value
 
 
+def _clip_width(text: str) -> float:
+    """argparse type: a float of at least 0, inf included (no clip on that side)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (inf: no clip), got {text!r}")
+    return value
+
+
 def _above_one(text: str) -> float:
     """argparse type: a finite float above 1."""
     value = _finite_number(text)
@@ -1766,13 +1777,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--eps-low",
-        type=_non_negative_number,
+        type=_clip_width,
         default=0.2,
         help="ratio clip below 1 (default: %(default)s)",
     )
     tr.add_argument(
         "--eps-high",
-        type=_non_negative_number,
+        type=_clip_width,
         default=0.28,
         help="ratio clip above 1, DAPO's clip-higher (default: %(default)s)",
     )

@@ -775,8 +775,8 @@ class GTPOConfig:
         # Checked here rather than by the loss, which first sees them after a
         # step's rollouts have been collected. ``not x >= 0`` refuses NaN too.
         for name, value in (("eps_low", self.eps_low), ("eps_high", self.eps_high)):
-            if not 0 <= value < math.inf:
-                raise InvalidInputError(f"{name} must be finite and >= 0, got {value}")
+            if not value >= 0:  # inf: no clip on that side
+                raise InvalidInputError(f"{name} must be >= 0, got {value}")
         if self.dual_clip is not None and not 1 < self.dual_clip < math.inf:
             raise InvalidInputError(
                 f"dual_clip must be finite and > 1 (verl's clip_ratio_c), got {self.dual_clip}"
