@@ -218,9 +218,9 @@ def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys
     import pytest
 
     # Values that start with "-" are values, not options.
-    path = _config_file(tmp_path, ".toml", {"lr": -1e-5, "tasks": "-5:", "run_name": "-exp"})
+    path = _config_file(tmp_path, ".toml", {"seed": -3, "tasks": "-5:", "run_name": "-exp"})
     parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
-    assert (parsed.lr, parsed.tasks, parsed.run_name) == (-1e-5, "-5:", "-exp")
+    assert (parsed.seed, parsed.tasks, parsed.run_name) == (-3, "-5:", "-exp")
     # YAML's plain scalars as YAML 1.2 reads them: 5:10 is a range, not base-60 310.
     yaml = pytest.importorskip("yaml")
     path = tmp_path / "run.yaml"
@@ -246,7 +246,7 @@ def test_config_values_the_options_refuse_name_the_file_and_key(tmp_path, capsys
         assert str(path) in err
         return err
 
-    assert "steps: invalid int value: '2.5'" in refused({"steps": 2.5})
+    assert "steps: not an integer: '2.5'" in refused({"steps": 2.5})
     assert "estimator: 'foo' is not one of grpo" in refused({"estimator": "foo"})
     assert "model takes one value, not a list" in refused({"model": ["a", "b"]})
     assert "tasks is an empty list" in refused({"tasks": []})

@@ -267,6 +267,7 @@ def _collect(args: argparse.Namespace) -> int:
     from turnrl.collect import CollectSummary, collect_rollouts
     from turnrl.exceptions import InvalidInputError
 
+    _check_user_and_device(args, args.device if args.engine == "transformers" else None)
     domain, tasks = _domain_and_tasks(args)
 
     # One agent for every episode: an OpenAIAgent keeps no conversation and
@@ -442,6 +443,22 @@ def _local_agent(args: argparse.Namespace) -> Any:
     return EngineAgent(engine)
 
 
+def _check_user_and_device(args: argparse.Namespace, device: str | None) -> None:
+    """Refuse a missing --user-model and a --device cuda that torch cannot see
+    before any model loads (loading a large one takes minutes)."""
+    from turnrl.exceptions import InvalidInputError
+
+    if getattr(args, "user", None) == "llm" and not args.user_model:
+        raise InvalidInputError("--user llm needs --user-model (or use --user scripted)")
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidInputError(
+                f"--device {device}: torch sees no CUDA device on this machine; use --device cpu"
+            )
+
+
 def _make_user(args: argparse.Namespace, domain: Any) -> Any:
     """The simulated user factory the --user options ask for."""
     from turnrl import envs
@@ -465,6 +482,7 @@ def _make_user(args: argparse.Namespace, domain: Any) -> Any:
 def _merge_adapter(args: argparse.Namespace) -> int:
     from turnrl.train import merge_adapter
 
+    _check_user_and_device(args, args.device)
     out = merge_adapter(
         args.adapter,
         args.out,
@@ -509,6 +527,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
+    _check_user_and_device(args, args.device)
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -1504,7 +1523,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="all, START:STOP (indices) or comma-separated indices and ids (default: %(default)s)",
     )
     col.add_argument(
-        "--samples", type=int, default=4, help="episodes per task, one group (default: %(default)s)"
+        "--samples",
+        type=_positive_int,
+        default=4,
+        help="episodes per task, one group (default: %(default)s)",
     )
     col.add_argument(
         "--agent-model",
@@ -1568,7 +1590,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calls-per-message", type=_positive_int, metavar="N", help=CALLS_PER_MESSAGE_HELP
     )
     col.add_argument(
-        "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="episodes run at once (default: %(default)s)",
     )
     col.add_argument(
         "--group-prefix",
@@ -1617,12 +1642,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="task order and synthetic domain seed (default: %(default)s)",
     )
-    tr.add_argument("--steps", type=int, default=10, help="updates (default: %(default)s)")
     tr.add_argument(
-        "--tasks-per-step", type=int, default=8, help="tasks per step (default: %(default)s)"
+        "--steps", type=_positive_int, default=10, help="updates (default: %(default)s)"
     )
     tr.add_argument(
-        "--group-size", type=int, default=8, help="rollouts per task (default: %(default)s)"
+        "--tasks-per-step",
+        type=_positive_int,
+        default=8,
+        help="tasks per step (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=8,
+        help="rollouts per task (default: %(default)s)",
     )
     tr.add_argument(
         "--engine",
@@ -1644,7 +1677,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the next rollouts",
     )
     tr.add_argument(
-        "--max-new-tokens", type=int, default=512, help="per policy reply (default: %(default)s)"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=512,
+        help="per policy reply (default: %(default)s)",
     )
     tr.add_argument(
         "--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)"
@@ -1709,15 +1745,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=TURN_NORM_HELP.replace("%(default)s", "position"),
     )
     _add_estimator_options(tr)
-    tr.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    tr.add_argument("--lora-alpha", type=int, help="default: twice the rank")
+    tr.add_argument(
+        "--lora-rank", type=_positive_int, default=16, help="LoRA rank (default: %(default)s)"
+    )
+    tr.add_argument("--lora-alpha", type=_positive_int, help="default: twice the rank")
     tr.add_argument(
         "--lora-targets",
         default="all-linear",
         help="modules to adapt, comma-separated, or all-linear (default: %(default)s)",
     )
     tr.add_argument(
-        "--lr", type=float, default=1e-5, help="AdamW learning rate (default: %(default)s)"
+        "--lr",
+        type=_non_negative_number,
+        default=1e-5,
+        help="AdamW learning rate (default: %(default)s)",
     )
     tr.add_argument(
         "--lr-schedule",
@@ -1734,7 +1775,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--micro-batch-size",
-        type=int,
+        type=_positive_int,
         default=4,
         help="rows per forward/backward (default: %(default)s)",
     )
@@ -1754,7 +1795,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--ppo-epochs",
-        type=int,
+        type=_positive_int,
         default=1,
         help="optimizer steps per batch of rollouts (default: %(default)s)",
     )
@@ -1853,7 +1894,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cuda:LOCAL_RANK)",
     )
     tr.add_argument(
-        "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="episodes run at once (default: %(default)s)",
     )
     tr.add_argument(
         "--eval-every",
