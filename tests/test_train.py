@@ -3336,6 +3336,9 @@ def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, c
     base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
     with pytest.raises(InvalidInputError, match="not a LoRA adapter folder"):
         merge_adapter(base_folder, tmp_path / "m")
+    # A run's output folder instead of its adapter: the error names the adapter in it.
+    with pytest.raises(InvalidInputError, match=r"turnrl train output folder: give .*adapter"):
+        merge_adapter(adapter.parent, tmp_path / "m")
     # Never into the adapter's folder, nor over one that holds it (the run) or the base.
     for out in (adapter / "merged", adapter, adapter.parent, tmp_path):
         with pytest.raises(InvalidInputError, match="neither into the adapter's folder nor"):

@@ -397,12 +397,14 @@ def _local_agent(args: argparse.Namespace) -> Any:
 
     from turnrl.engines import EngineAgent, TransformersEngine, VLLMEngine
     from turnrl.exceptions import InvalidInputError
-    from turnrl.train import load_model
+    from turnrl.train import load_model, run_folder_hint
 
     if args.agent_url:
         raise InvalidInputError("--agent-url is for a served policy; with --engine leave it out")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise InvalidInputError(f"--adapter {args.adapter}: no adapter_config.json there")
+        raise InvalidInputError(
+            f"--adapter {args.adapter}: no adapter_config.json there{run_folder_hint(args.adapter)}"
+        )
     template = {"enable_thinking": False} if args.no_thinking else {}
     options = {
         "max_new_tokens": args.max_tokens or 1024,
