@@ -117,7 +117,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         if skipped > 20:
             print(f"  ... and {skipped - 20} more (all listed in --report)", file=sys.stderr)
     if len(rollouts.outcome) == 0:
-        print(f"error: no trajectories in {len(paths)} input file(s)", file=sys.stderr)
+        print(
+            f"error: no trajectories in {len(paths)} input file(s){_results_hint(problems)}",
+            file=sys.stderr,
+        )
         return 2
     report = calibrate(
         rollouts,
@@ -190,6 +193,21 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results_hint(problems: Sequence[str]) -> str:
+    """When a buffer's bad lines are JSON lists, as a tau-bench results file
+    (one list of runs) is, the command that converts such a file."""
+    import re
+
+    found = (re.match(r"(.+):\d+: bad record: .*expected an object, got \[", p) for p in problems)
+    listed = sorted({m.group(1) for m in found if m})
+    if not listed:
+        return ""
+    return (
+        f"; {', '.join(listed)} holds a JSON list, as tau-bench's results files do: convert "
+        "one with turnrl rollouts import-taubench RESULTS --env ... --out BUFFER"
+    )
+
+
 def _stats(args: argparse.Namespace) -> int:
     import json
     import os
@@ -216,7 +234,9 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
     skipped = f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else ""
     if not stats["trajectories"]:
-        print(f"no trajectories in {stats['files']} file(s){skipped}")
+        print(
+            f"no trajectories in {stats['files']} file(s){skipped}{_results_hint(batch.problems)}"
+        )
         return 0
     sizes = stats["group_size"]
     print(
