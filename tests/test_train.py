@@ -2662,7 +2662,10 @@ def test_user_device_and_counts_are_refused_before_the_model_loads(tmp_path, cap
     assert "--user llm needs --user-model" in capsys.readouterr().err
     collect = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "nowhere"]
     assert main([*collect, "--engine", "transformers", "--out", out + ".jsonl"]) == 2
-    assert "--user llm needs --user-model" in capsys.readouterr().err
+    # The error names the subcommand in full.
+    assert "turnrl rollouts collect: error: --user llm needs --user-model" in (
+        capsys.readouterr().err
+    )
     scripted = [*argv, "--user", "scripted"]
     for option, value in [
         ("--steps", "0"),

@@ -117,8 +117,9 @@ def _calibrate(args: argparse.Namespace) -> int:
         if skipped > 20:
             print(f"  ... and {skipped - 20} more (all listed in --report)", file=sys.stderr)
     if len(rollouts.outcome) == 0:
+        hint = _results_hint(problems)
         print(
-            f"error: no trajectories in {len(paths)} input file(s){_results_hint(problems)}",
+            f"turnrl calibrate: error: no trajectories in {len(paths)} input file(s){hint}",
             file=sys.stderr,
         )
         return 2
@@ -1387,10 +1388,13 @@ def build_parser() -> argparse.ArgumentParser:
         "naive dense rewards and under the calibrated ones.",
     )
     demo.add_argument(
-        "--tasks", type=int, default=256, help="synthetic tasks (default: %(default)s)"
+        "--tasks", type=_positive_int, default=256, help="synthetic tasks (default: %(default)s)"
     )
     demo.add_argument(
-        "--group-size", type=int, default=8, help="rollouts per task (default: %(default)s)"
+        "--group-size",
+        type=_positive_int,
+        default=8,
+        help="rollouts per task (default: %(default)s)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument(
@@ -2274,7 +2278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (TurnrlError, OSError) as err:  # OSError: an output that cannot be written
-        print(f"turnrl {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "rollouts_command", None))))
+        print(f"turnrl {command}: error: {err}", file=sys.stderr)
         return 2
 
 
