@@ -274,6 +274,26 @@ def test_tier_files_round_trip_and_presets(tmp_path):
     assert list(tmp_path.joinpath("sub").iterdir()) == [path]  # no temp file left
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umask_mode_not_mkstemps(tmp_path, umask):
+    import os
+    import stat
+
+    from turnrl.irc import write_json_atomic
+
+    old = os.umask(umask)
+    try:
+        save_tier_rewards({"gold": 1.0}, tmp_path / "tiers.toml")
+        write_json_atomic({"a": 1}, tmp_path / "report.json")
+        with open(tmp_path / "plain", "w"):  # what any other output gets
+            pass
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for name in ("tiers.toml", "report.json", "plain"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
 def test_tier_file_errors_name_the_file_and_tier(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[tiers]\ngold = 'high'\n")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from turnrl.calibration import DEFAULT_TIERS, TierStats, calibrate
 from turnrl.cli import main
@@ -32,6 +33,10 @@ def test_cli_demo_prints_naive_and_calibrated(capsys):
     assert out.count("calibrated (round") == 2
     for tier in DEFAULT_TIERS:
         assert f"  {tier} " in out
+    for option in ("--tasks", "--group-size"):  # no rollouts: NaN figures and numpy warnings
+        with pytest.raises(SystemExit):
+            main(["demo", option, "0"])
+        assert f"argument {option}: must be at least 1, got '0'" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():
@@ -247,7 +252,7 @@ def test_config_values_the_options_refuse_name_the_file_and_key(tmp_path, capsys
         assert str(path) in err
         return err
 
-    assert "steps: invalid int value: '2.5'" in refused({"steps": 2.5})
+    assert "steps: not an integer: '2.5'" in refused({"steps": 2.5})
     assert "estimator: 'foo' is not one of grpo" in refused({"estimator": "foo"})
     assert "model takes one value, not a list" in refused({"model": ["a", "b"]})
     assert "tasks is an empty list" in refused({"tasks": []})

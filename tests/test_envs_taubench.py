@@ -395,8 +395,10 @@ def test_pass_hat_k_matches_the_definition():
 def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown environment"):
         envs.load("taubench:bank", root=tmp_path)
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(ValueError, match=r"root .*a tau-bench checkout; --root of the turnrl"):
         envs.load("taubench:airline")
+    with pytest.raises(ValueError, match="a tau2-bench checkout"):
+        envs.load("tau2:retail")
     with pytest.raises(OSError, match=r"flights\.json"):
         envs.load("taubench:airline", root=tmp_path)
 

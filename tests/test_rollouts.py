@@ -1064,3 +1064,11 @@ def test_rollouts_stats_command(tmp_path, capsys):
     empty.write_text("")
     assert main(["rollouts", "stats", str(empty), "--quiet"]) == 0
     assert capsys.readouterr().out == "no trajectories in 1 file(s)\n"
+    # A tau-bench results file (one JSON list) instead of a buffer: the command to convert it.
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"task_id": 0, "reward": 1.0, "info": {}, "traj": []}]))
+    hint = f"{results} holds a JSON list, as tau-bench's results files do: convert one with "
+    assert main(["rollouts", "stats", str(results), "--quiet"]) == 0
+    assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().out
+    assert main(["calibrate", str(results), "--quiet"]) == 2
+    assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().err

@@ -2704,6 +2704,46 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     )
 
 
+def test_user_device_and_counts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import turnrl.train
+    from turnrl.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(turnrl.train, "load_policy", no_load)
+    monkeypatch.setattr(turnrl.train, "load_model", no_load)
+    out = str(tmp_path / "run")
+    argv = ["train", "--model", "nowhere", "--env", "synthetic:airline", "--out", out]
+    assert main(argv) == 2  # --user llm is the default
+    assert "--user llm needs --user-model" in capsys.readouterr().err
+    collect = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "nowhere"]
+    assert main([*collect, "--engine", "transformers", "--out", out + ".jsonl"]) == 2
+    # The error names the subcommand in full.
+    assert "turnrl rollouts collect: error: --user llm needs --user-model" in (
+        capsys.readouterr().err
+    )
+    scripted = [*argv, "--user", "scripted"]
+    for option, value in [
+        ("--steps", "0"),
+        ("--tasks-per-step", "0"),
+        ("--group-size", "-1"),
+        ("--max-new-tokens", "0"),
+        ("--micro-batch-size", "0"),
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+    ]:
+        with pytest.raises(SystemExit) as done:
+            main([*scripted, option, value])
+        assert done.value.code == 2
+        assert f"argument {option}:" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*scripted, "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+    assert main(["merge-adapter", str(tmp_path), "--device", "cuda:0", "--out", out]) == 2
+    assert "--device cuda:0: torch sees no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("calls_per_message", [None, 1, 2])
 @pytest.mark.parametrize("tau2", [False, True])
 def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2, calls_per_message):
@@ -3384,6 +3424,9 @@ def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, c
     base_folder, adapter = _saved_adapter(tmp_path, tok, base_model)
     with pytest.raises(InvalidInputError, match="not a LoRA adapter folder"):
         merge_adapter(base_folder, tmp_path / "m")
+    # A run's output folder instead of its adapter: the error names the adapter in it.
+    with pytest.raises(InvalidInputError, match=r"turnrl train output folder: give .*adapter"):
+        merge_adapter(adapter.parent, tmp_path / "m")
     # Never into the adapter's folder, nor over one that holds it (the run) or the base.
     for out in (adapter / "merged", adapter, adapter.parent, tmp_path):
         with pytest.raises(InvalidInputError, match="neither into the adapter's folder nor"):

@@ -117,7 +117,11 @@ def _calibrate(args: argparse.Namespace) -> int:
         if skipped > 20:
             print(f"  ... and {skipped - 20} more (all listed in --report)", file=sys.stderr)
     if len(rollouts.outcome) == 0:
-        print(f"error: no trajectories in {len(paths)} input file(s)", file=sys.stderr)
+        hint = _results_hint(problems)
+        print(
+            f"turnrl calibrate: error: no trajectories in {len(paths)} input file(s){hint}",
+            file=sys.stderr,
+        )
         return 2
     report = calibrate(
         rollouts,
@@ -190,6 +194,21 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results_hint(problems: Sequence[str]) -> str:
+    """When a buffer's bad lines are JSON lists, as a tau-bench results file
+    (one list of runs) is, the command that converts such a file."""
+    import re
+
+    found = (re.match(r"(.+):\d+: bad record: .*expected an object, got \[", p) for p in problems)
+    listed = sorted({m.group(1) for m in found if m})
+    if not listed:
+        return ""
+    return (
+        f"; {', '.join(listed)} holds a JSON list, as tau-bench's results files do: convert "
+        "one with turnrl rollouts import-taubench RESULTS --env ... --out BUFFER"
+    )
+
+
 def _stats(args: argparse.Namespace) -> int:
     import json
     import os
@@ -216,7 +235,9 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
     skipped = f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else ""
     if not stats["trajectories"]:
-        print(f"no trajectories in {stats['files']} file(s){skipped}")
+        print(
+            f"no trajectories in {stats['files']} file(s){skipped}{_results_hint(batch.problems)}"
+        )
         return 0
     sizes = stats["group_size"]
     print(
@@ -267,6 +288,7 @@ def _collect(args: argparse.Namespace) -> int:
     from turnrl.collect import CollectSummary, collect_rollouts
     from turnrl.exceptions import InvalidInputError
 
+    _check_user_and_device(args, args.device if args.engine == "transformers" else None)
     domain, tasks = _domain_and_tasks(args)
 
     # One agent for every episode: an OpenAIAgent keeps no conversation and
@@ -396,12 +418,14 @@ def _local_agent(args: argparse.Namespace) -> Any:
 
     from turnrl.engines import EngineAgent, TransformersEngine, VLLMEngine
     from turnrl.exceptions import InvalidInputError
-    from turnrl.train import load_model
+    from turnrl.train import load_model, run_folder_hint
 
     if args.agent_url:
         raise InvalidInputError("--agent-url is for a served policy; with --engine leave it out")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise InvalidInputError(f"--adapter {args.adapter}: no adapter_config.json there")
+        raise InvalidInputError(
+            f"--adapter {args.adapter}: no adapter_config.json there{run_folder_hint(args.adapter)}"
+        )
     template = {"enable_thinking": False} if args.no_thinking else {}
     options = {
         "max_new_tokens": args.max_tokens or 1024,
@@ -442,6 +466,22 @@ def _local_agent(args: argparse.Namespace) -> Any:
     return EngineAgent(engine)
 
 
+def _check_user_and_device(args: argparse.Namespace, device: str | None) -> None:
+    """Refuse a missing --user-model and a --device cuda that torch cannot see
+    before any model loads (loading a large one takes minutes)."""
+    from turnrl.exceptions import InvalidInputError
+
+    if getattr(args, "user", None) == "llm" and not args.user_model:
+        raise InvalidInputError("--user llm needs --user-model (or use --user scripted)")
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidInputError(
+                f"--device {device}: torch sees no CUDA device on this machine; use --device cpu"
+            )
+
+
 def _make_user(args: argparse.Namespace, domain: Any) -> Any:
     """The simulated user factory the --user options ask for."""
     from turnrl import envs
@@ -465,6 +505,7 @@ def _make_user(args: argparse.Namespace, domain: Any) -> Any:
 def _merge_adapter(args: argparse.Namespace) -> int:
     from turnrl.train import merge_adapter
 
+    _check_user_and_device(args, args.device)
     out = merge_adapter(
         args.adapter,
         args.out,
@@ -509,6 +550,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
+    _check_user_and_device(args, args.device)
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -1357,10 +1399,13 @@ def build_parser() -> argparse.ArgumentParser:
         "naive dense rewards and under the calibrated ones.",
     )
     demo.add_argument(
-        "--tasks", type=int, default=256, help="synthetic tasks (default: %(default)s)"
+        "--tasks", type=_positive_int, default=256, help="synthetic tasks (default: %(default)s)"
     )
     demo.add_argument(
-        "--group-size", type=int, default=8, help="rollouts per task (default: %(default)s)"
+        "--group-size",
+        type=_positive_int,
+        default=8,
+        help="rollouts per task (default: %(default)s)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument(
@@ -1515,7 +1560,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="all, START:STOP (indices) or comma-separated indices and ids (default: %(default)s)",
     )
     col.add_argument(
-        "--samples", type=int, default=4, help="episodes per task, one group (default: %(default)s)"
+        "--samples",
+        type=_positive_int,
+        default=4,
+        help="episodes per task, one group (default: %(default)s)",
     )
     col.add_argument(
         "--agent-model",
@@ -1579,7 +1627,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calls-per-message", type=_positive_int, metavar="N", help=CALLS_PER_MESSAGE_HELP
     )
     col.add_argument(
-        "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="episodes run at once (default: %(default)s)",
     )
     col.add_argument(
         "--group-prefix",
@@ -1628,12 +1679,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="task order and synthetic domain seed (default: %(default)s)",
     )
-    tr.add_argument("--steps", type=int, default=10, help="updates (default: %(default)s)")
     tr.add_argument(
-        "--tasks-per-step", type=int, default=8, help="tasks per step (default: %(default)s)"
+        "--steps", type=_positive_int, default=10, help="updates (default: %(default)s)"
     )
     tr.add_argument(
-        "--group-size", type=int, default=8, help="rollouts per task (default: %(default)s)"
+        "--tasks-per-step",
+        type=_positive_int,
+        default=8,
+        help="tasks per step (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--group-size",
+        type=_positive_int,
+        default=8,
+        help="rollouts per task (default: %(default)s)",
     )
     tr.add_argument(
         "--engine",
@@ -1655,7 +1714,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the next rollouts",
     )
     tr.add_argument(
-        "--max-new-tokens", type=int, default=512, help="per policy reply (default: %(default)s)"
+        "--max-new-tokens",
+        type=_positive_int,
+        default=512,
+        help="per policy reply (default: %(default)s)",
     )
     tr.add_argument(
         "--temperature",
@@ -1723,8 +1785,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=TURN_NORM_HELP.replace("%(default)s", "position"),
     )
     _add_estimator_options(tr)
-    tr.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: %(default)s)")
-    tr.add_argument("--lora-alpha", type=int, help="default: twice the rank")
+    tr.add_argument(
+        "--lora-rank", type=_positive_int, default=16, help="LoRA rank (default: %(default)s)"
+    )
+    tr.add_argument("--lora-alpha", type=_positive_int, help="default: twice the rank")
     tr.add_argument(
         "--lora-targets",
         default="all-linear",
@@ -1751,7 +1815,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--micro-batch-size",
-        type=int,
+        type=_positive_int,
         default=4,
         help="rows per forward/backward (default: %(default)s)",
     )
@@ -1771,7 +1835,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--ppo-epochs",
-        type=int,
+        type=_positive_int,
         default=1,
         help="optimizer steps per batch of rollouts (default: %(default)s)",
     )
@@ -1870,7 +1934,10 @@ def build_parser() -> argparse.ArgumentParser:
         "cuda:LOCAL_RANK)",
     )
     tr.add_argument(
-        "--workers", type=int, default=8, help="episodes run at once (default: %(default)s)"
+        "--workers",
+        type=_positive_int,
+        default=8,
+        help="episodes run at once (default: %(default)s)",
     )
     tr.add_argument(
         "--eval-every",
@@ -2225,7 +2292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (TurnrlError, OSError) as err:  # OSError: an output that cannot be written
-        print(f"turnrl {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "rollouts_command", None))))
+        print(f"turnrl {command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ from turnrl.calibration import (
     CalibrationReport,
     TieredRollouts,
     TierStats,
+    _new_file_mode,
     check_success_threshold,
 )
 from turnrl.exceptions import InvalidInputError
@@ -294,6 +295,7 @@ def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _new_file_mode())  # mkstemp's 0o600 would outlive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
             fh.write("\n")

@@ -2429,6 +2429,19 @@ def load_model(
 MERGE_FILE = "turnrl_merge.json"
 
 
+def run_folder_hint(folder: str | os.PathLike[str]) -> str:
+    """For an error about a folder that is not an adapter: when it is a
+    ``turnrl train`` output folder, the adapters it holds ("" otherwise)."""
+    inside = [
+        str(Path(folder) / name)
+        for name in ("best", "adapter")
+        if (Path(folder) / name / "adapter_config.json").is_file()
+    ]
+    if not inside:
+        return ""
+    return f"; it is a turnrl train output folder: give {' or '.join(inside)}"
+
+
 def merge_adapter(
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -2458,7 +2471,9 @@ def merge_adapter(
     source, target = Path(adapter), Path(out)
     config_file = source / "adapter_config.json"
     if not config_file.is_file():
-        raise InvalidInputError(f"{source}: not a LoRA adapter folder (no adapter_config.json)")
+        raise InvalidInputError(
+            f"{source}: not a LoRA adapter folder (no adapter_config.json){run_folder_hint(source)}"
+        )
     where, adapter_at = target.resolve(), source.resolve()
     if where == adapter_at or adapter_at in where.parents or where in adapter_at.parents:
         # Replacing a folder that holds the adapter would remove it (and its run).
@@ -2467,7 +2482,9 @@ def merge_adapter(
             "a folder that holds it"
         )
     if target.exists() and not overwrite:
-        raise InvalidInputError(f"{target} already exists; give another path or overwrite it")
+        raise InvalidInputError(
+            f"{target} already exists; give another path or overwrite it (--overwrite)"
+        )
     if model is None:
         try:
             named = json.loads(config_file.read_text(encoding="utf-8"))

@@ -88,7 +88,11 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
     if kw:
         raise InvalidInputError(f"{name}: unexpected options {sorted(kw)}")
     if root is None:
-        raise InvalidInputError(f"{name}: root (the path of a {family} checkout) is required")
+        checkout = {"taubench": "tau-bench", "tau2": "tau2-bench"}.get(family, family)
+        raise InvalidInputError(
+            f"{name}: root (the path of a {checkout} checkout; --root of the turnrl commands) "
+            "is required"
+        )
     root = Path(root)
     if not root.is_dir():
         raise InvalidInputError(f"{name}: root {root} is not a directory")
