@@ -214,6 +214,7 @@ def test_collect_writes_every_episode_with_tiers(chat_server, tmp_path):
     d = envs.load("synthetic:airline", seed=0)
     _, url = chat_server([], default="How can I help?")
     out = tmp_path / "runs" / "step.jsonl.zst"
+    seen: list[tuple[int, int]] = []
     summary = collect_rollouts(
         d,
         lambda: envs.OpenAIAgent("p", url, api_key="k"),
@@ -223,8 +224,10 @@ def test_collect_writes_every_episode_with_tiers(chat_server, tmp_path):
         samples=2,
         workers=3,
         progress=False,
+        on_episode=lambda finished, total: seen.append((finished, total)),
     )
     assert summary.records == 6 and not summary.failures
+    assert seen == [(n, 6) for n in range(1, 7)]
     records = list(turnrl.iter_rollout_records(out))
     assert summary.task_outcomes == {t.id: [0.0, 0.0] for t in d.tasks[:3]}
     assert sorted((r["task_id"], r["sample"]) for r in records) == sorted(

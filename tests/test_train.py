@@ -1113,7 +1113,7 @@ def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monk
     assert reply["completion_ids"] == [7, 0] and reply["completion_logprobs"] == [-0.25, -1.5]
 
 
-def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
+def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model, monkeypatch):
     domain = envs.load("synthetic:airline", seed=0)
     task = domain.tasks[0]
     user_id = task.user_id
@@ -1141,6 +1141,16 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
         GTPOConfig(micro_batch_size=4, backend="torch"),
     )
+    import tqdm
+
+    shown = []  # what the progress bar said between steps
+
+    class Bar(tqdm.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            shown.append(s)
+            super().set_postfix_str(s, refresh)
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
     updates = []
     stepped = trainer.step
 
@@ -1165,10 +1175,11 @@ def test_train_loop_collects_updates_and_checkpoints(tmp_path, tok, base_model):
         checkpoint=tmp_path / "ckpt",
         after_update=lambda: updates.append("after"),
         before_update=lambda: updates.append("before"),
-        progress=False,
+        progress=True,
     )
     took = time.perf_counter() - started
     assert len(history) == 2 and updates == ["before", "step", "after"] * 2
+    assert shown == [*(f"episodes {n}/4" for n in range(1, 5)), "updating"] * 2
     parts = ["rollouts", "batch", "update", "checkpoint"]
     assert all(h[f"time/{part}"] > 0 for h in history for part in parts)
     assert sum(h[f"time/{part}"] for h in history for part in parts) <= took

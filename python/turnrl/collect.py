@@ -119,6 +119,7 @@ def collect_rollouts(
     progress: bool = True,
     summary: CollectSummary | None = None,
     keep_records: bool = False,
+    on_episode: Callable[[int, int], None] | None = None,
 ) -> CollectSummary:
     """Run ``samples`` episodes of each task and write them to the buffer ``out``.
 
@@ -155,6 +156,10 @@ def collect_rollouts(
     text. With ``keep_records``, the records
     written are also kept in ``summary.kept`` with their ids, for training
     on them in the same process (:func:`turnrl.train.train_loop`).
+
+    ``on_episode(finished, total)`` is called after each episode ends,
+    written or failed (:func:`turnrl.train.train_loop` shows it in its
+    progress bar).
 
     The buffer is written atomically (see :class:`turnrl.RolloutWriter`), its
     folder created if need be.
@@ -256,6 +261,8 @@ def collect_rollouts(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(success=f"{summary.success_rate:.2f}", failed=len(summary.failures))
+            if on_episode is not None:
+                on_episode(len(taken), len(jobs))
     except BaseException:
         summary.aborted = "interrupted"
         running = sum(f.running() for f in futures)

@@ -1860,6 +1860,16 @@ def _evaluate(
     return stats
 
 
+def _show_episodes(bar: Any, world: int) -> Callable[[int, int], None]:
+    """A ``collect_rollouts`` callback that shows the step's episodes in ``bar``."""
+    whose = "" if world == 1 else " (rank 0's)"
+
+    def show(finished: int, total: int) -> None:
+        bar.set_postfix_str(f"episodes {finished}/{total}{whose}")
+
+    return show
+
+
 def _peak_memory(device: torch.device, reset: bool = False) -> dict[str, float]:
     """The CUDA caching allocator's high-water marks on ``device`` since they
     were last reset, in GiB, as verl's ``perf/max_memory_*_gb`` (with
@@ -2111,7 +2121,10 @@ def train_loop(
                     group_prefix=f"step-{step}/",
                     progress=False,
                     keep_records=True,  # with the sampled token ids the buffer leaves out
+                    on_episode=None if bar is None else _show_episodes(bar, world),
                 )
+                if bar is not None:
+                    bar.set_postfix_str("updating")
                 records = summary.kept
             collected = time.perf_counter()
             episodes, failed, successes, dropped = (
