@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
     make_case,
@@ -555,6 +556,14 @@ def test_fp16_never_takes_the_row_schedule(monkeypatch):
     assert torch.equal(grads[1][normal], grads[0][normal] * scale)
     with pytest.raises(InvalidInputError, match="schedule='rows' computes fp16 gradients"):
         gtpo_loss(hidden, *args, backend="torch", schedule="rows", **case.kwargs)
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 3), ("vocab", 7)])
+def test_autocast_does_not_round_the_logits(schedule, chunk):
+    """A caller's autocast made the row schedule fail (its bf16 logits met an
+    fp32 matmul) and the vocabulary schedule lose ~1e-3 to bf16 logits."""
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "seq_mean_token_mean")
+    assert_autocast_changes_nothing(case, backend="torch", schedule=schedule, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("schedule", ["rows", "vocab"])

@@ -58,6 +58,7 @@ reference the tests and benchmarks compare against.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -132,6 +133,23 @@ KERNEL_OPTIONS = {"enable_fp_fusion": False}
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context with autocast off on ``device_type``.
+
+    The fused loss picks its own precisions (an fp32 logits tile from
+    operands in the inputs' dtype). Under a caller's ``torch.autocast`` the
+    tile's matmul would come out in bf16/fp16 instead: the row schedule's
+    gradient matmuls then mixed dtypes and failed, the vocabulary schedule's
+    log-probs and entropies lost about 1e-3 to the rounded logits, and its
+    backward failed where it ran inside the autocast region.
+    """
+    available = getattr(torch.amp, "is_autocast_available", None)
+    supported = available(device_type) if available else device_type in ("cpu", "cuda")
+    if not supported:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # ---------------------------------------------------------------------------
@@ -968,6 +986,12 @@ class GTPOLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any):
+        # A backward called inside the caller's autocast region runs under it too.
+        with _autocast_off(grad_loss.device.type):
+            return GTPOLossFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_loss: torch.Tensor):
         nones = (None,) * 11
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.schedule == "rows" and ctx.grads is not None:
@@ -1211,7 +1235,9 @@ def gtpo_loss(
             still allowed and nothing syncs.
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
-    kernels compute in fp32, and ``backend="triton"`` refuses fp64.
+    kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
+    caller's ``torch.autocast`` does not reach inside: the precision follows
+    the dtypes of ``hidden`` and ``weight`` (cast them to run in bf16).
 
     Returns:
         ``(loss, stats)``: a scalar fp32 (fp64 for fp64 inputs) loss with
@@ -1314,21 +1340,22 @@ def gtpo_loss(
 
 
 def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, schedule):
-    return GTPOLossFunction.apply(
-        h2,
-        weight,
-        flat["targets"],
-        flat["advantages"],
-        flat["old"],
-        flat["ref"],
-        agg_weights,
-        cfg,
-        temperature,
-        backend,
-        chunk,
-        schedule,
-        torch.is_grad_enabled(),
-    )
+    with _autocast_off(h2.device.type):
+        return GTPOLossFunction.apply(
+            h2,
+            weight,
+            flat["targets"],
+            flat["advantages"],
+            flat["old"],
+            flat["ref"],
+            agg_weights,
+            cfg,
+            temperature,
+            backend,
+            chunk,
+            schedule,
+            torch.is_grad_enabled(),
+        )
 
 
 def _resolve_schedule(schedule: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
@@ -1384,7 +1411,7 @@ def fused_logprobs(
     if chunk <= 0:
         raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     stats_fn, _ = _STREAMS[resolved]
-    with torch.no_grad():
+    with torch.no_grad(), _autocast_off(hidden.device.type):
         stats = stats_fn(h2, weight.contiguous(), targets, temperature, chunk)
     return stats.logprob.reshape(hidden.shape[:-1])
 
