@@ -727,6 +727,30 @@ def rows_triton(
 
 _ROWS = {"torch": rows_torch, "triton": rows_triton}
 
+
+def _rows_pass(
+    inputs, cfg, temperature, backend, rows, need_hidden, need_weight
+) -> tuple[RowsResult, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The row schedule over ``inputs`` (the Function's tensor inputs, in
+    order) and its gradients for d loss = 1, in the inputs' dtypes."""
+    hidden, weight, targets, advantages, old, ref, agg_weights = inputs
+    result = _ROWS[backend](
+        hidden,
+        weight,
+        targets,
+        TokenInputs(old, advantages, ref, agg_weights, cfg),
+        temperature,
+        rows,
+        need_hidden,
+        need_weight,
+    )
+    grad_h, grad_w = result.grad_hidden, result.grad_weight
+    return result, (
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+    )
+
+
 _STREAMS = {
     "torch": (stream_stats_torch, stream_grad_torch),
     "triton": (stream_stats_triton, stream_grad_triton),
@@ -950,25 +974,12 @@ class GTPOLossFunction(torch.autograd.Function):
         if schedule == "rows":
             need_hidden = want_grads and ctx.needs_input_grad[0]
             need_weight = want_grads and ctx.needs_input_grad[1]
-            token_inputs = TokenInputs(old_logprobs, advantages, ref_logprobs, agg_weights, cfg)
-            result = _ROWS[backend](
-                hidden,
-                weight,
-                targets,
-                token_inputs,
-                temperature,
-                chunk_size,
-                need_hidden,
-                need_weight,
-            )
-            grad_h, grad_w = result.grad_hidden, result.grad_weight
-            ctx.grads = (
-                None if grad_h is None else grad_h.to(hidden.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
+            result, ctx.grads = _rows_pass(
+                inputs, cfg, temperature, backend, chunk_size, need_hidden, need_weight
             )
             # Only for a second backward through a retained graph (below).
             ctx.save_for_backward(*inputs)
-            ctx.chunk_size = _default_chunk(hidden.shape[0], weight.shape[0], hidden.device)
+            ctx.chunk_size = chunk_size
             ctx.mark_non_differentiable(result.logprob, result.entropy)
             return result.loss, result.logprob, result.entropy
 
@@ -994,13 +1005,27 @@ class GTPOLossFunction(torch.autograd.Function):
     def _backward(ctx: Any, grad_loss: torch.Tensor):
         nones = (None,) * 11
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.schedule == "rows" and ctx.grads is not None:
+        if ctx.schedule == "rows":
             # The gradients computed in the forward are for d loss = 1. They
             # are handed over once and forgotten: autograd may adopt them (or
             # a view of them) as .grad and add into them later, so a second
-            # backward through a retained graph recomputes instead (below).
-            grad_h, grad_w = ctx.grads
+            # backward through a retained graph recomputes them, block by
+            # block as the forward did, so that it adds exactly what the
+            # first added (the vocabulary schedule's recompute differed in
+            # the last bits: gradcheck called that non-reentrant).
+            grads = ctx.grads
             ctx.grads = None
+            if grads is None:
+                grads = _rows_pass(
+                    ctx.saved_tensors,
+                    ctx.cfg,
+                    ctx.temperature,
+                    ctx.backend,
+                    ctx.chunk_size,
+                    need_hidden,
+                    need_weight,
+                )[1]
+            grad_h, grad_w = grads
             # A Python float multiplies in fp32 and rounds once: the loss
             # gradient rounded to bf16 first (1/3 as 0.333984) biased every
             # gradient of an averaged micro-batch loss by 0.2%.
@@ -1014,11 +1039,8 @@ class GTPOLossFunction(torch.autograd.Function):
             return (None, None, *nones)
 
         hidden, weight, targets, advantages, old, ref, agg_weights, *saved = ctx.saved_tensors
-        stats_fn, grad_fn = _STREAMS[ctx.backend]
-        if saved:
-            stats = RowStats(*saved)
-        else:
-            stats = stats_fn(hidden, weight, targets, ctx.temperature, ctx.chunk_size)
+        _, grad_fn = _STREAMS[ctx.backend]
+        stats = RowStats(*saved)
         inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg)
         _, g_l, g_h = _token_grads(stats.logprob, stats.entropy, inputs)
         scale = grad_loss.to(stats.row_max.dtype)
