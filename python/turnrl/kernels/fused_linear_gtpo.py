@@ -1280,8 +1280,13 @@ def gtpo_loss(
         _check_token_tensor(name, t, token_shape, hidden.device)
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
-    if eps_low < 0 or eps_high < 0:
+    # Written so that NaN fails too: a NaN clip range or coefficient made the
+    # loss NaN while its gradients stayed finite.
+    if not (eps_low >= 0 and eps_high >= 0):
         raise InvalidInputError(f"eps_low/eps_high must be >= 0, got {eps_low}, {eps_high}")
+    for name, coef in (("beta", beta), ("entropy_coef", entropy_coef)):
+        if not math.isfinite(coef):
+            raise InvalidInputError(f"{name} must be finite, got {coef}")
     if dual_clip is not None and not dual_clip > 1.0:
         raise InvalidInputError(f"dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
     if beta != 0.0 and ref_logprobs is None:
