@@ -367,6 +367,11 @@ def _bad_call(**overrides):
         ({"entropy_coef": math.inf}, InvalidInputError, "entropy_coef must be finite"),
         ({"temperature": 0.0}, InvalidInputError, "temperature"),
         ({"weight": torch.zeros(30, 8, dtype=torch.float64)}, InvalidInputError, "dtype"),
+        (
+            {"weight": torch.zeros(30, 8, dtype=torch.bfloat16)},
+            InvalidInputError,
+            "weight.to(hidden.dtype)",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(overrides, error, message):

@@ -1128,7 +1128,13 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) 
     if weight.shape[0] == 0:
         raise InvalidInputError("weight has an empty vocabulary (shape[0] == 0)")
     if weight.dtype != hidden.dtype:
-        raise InvalidInputError(f"weight dtype {weight.dtype} differs from hidden {hidden.dtype}")
+        # The usual cause: fp32 master weights under autocast, whose last
+        # hidden state is bf16. The loss does not cast for the caller.
+        raise InvalidInputError(
+            f"weight dtype {weight.dtype} differs from hidden {hidden.dtype}; cast one to "
+            f"the other's (weight.to(hidden.dtype) computes in {hidden.dtype} and still "
+            "sends the gradient to the original weight)"
+        )
     if weight.device != hidden.device:
         raise InvalidInputError(f"weight is on {weight.device}, hidden is on {hidden.device}")
     if not (
