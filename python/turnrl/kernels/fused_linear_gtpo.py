@@ -910,22 +910,28 @@ def _token_grads(
     return total.detach(), g_l, g_h
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    x = torch.where(mask, x.to(torch.float32), 0.0)
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.where(mask, x.to(dtype), 0.0)
     return (x.sum() / mask.sum().clamp(min=1)).detach()
 
 
 def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[str, torch.Tensor]:
+    # In the loss's dtype: fp64 inputs get fp64 statistics, as they get an fp64 loss.
+    dtype = logprob.dtype
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return _masked_mean(x, mask, dtype)
+
     stats = {
-        "clip_frac": _masked_mean(terms["clipped"], mask),
-        "approx_kl": _masked_mean(old - logprob, mask),
-        "entropy": _masked_mean(entropy, mask),
-        "ratio_mean": _masked_mean(terms["ratio"], mask),
+        "clip_frac": mean(terms["clipped"]),
+        "approx_kl": mean(old - logprob),
+        "entropy": mean(entropy),
+        "ratio_mean": mean(terms["ratio"]),
     }
     if "dual_clipped" in terms:
-        stats["dual_clip_frac"] = _masked_mean(terms["dual_clipped"], mask)
+        stats["dual_clip_frac"] = mean(terms["dual_clipped"])
     if "ref_kl" in terms:
-        stats["ref_kl"] = _masked_mean(terms["ref_kl"], mask)
+        stats["ref_kl"] = mean(terms["ref_kl"])
     return stats
 
 
