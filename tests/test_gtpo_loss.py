@@ -18,6 +18,7 @@ from gtpo_cases import (  # noqa: E402
     assert_peaked_rows_keep_precision,
     make_case,
     run_fused,
+    run_reference,
 )
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -171,6 +172,19 @@ def test_masked_tokens_do_not_matter_and_all_masked_is_zero():
         loss, g_hidden, g_weight = _loss_and_grads(case)
         assert float(loss) == 0.0
         assert not g_hidden.any() and not g_weight.any()
+
+
+def test_masked_tokens_do_not_matter_to_the_reference_either():
+    """torch_gtpo_loss dropped a NaN or inf advantage at a masked-out token
+    from its loss but not from its gradients (0 * NaN through the ratio):
+    they came out NaN. (A NaN old log-prob there was stopped by the clamp.)"""
+    case = make_case(SEED, (2, 6), 8, 30, torch.float32, "seq_mean_token_mean")
+    base = run_reference(case)
+    padding = torch.tensor([math.nan, math.inf]).repeat(6)[: case.old.numel()].view_as(case.old)
+    case.advantages = torch.where(case.mask, case.advantages, padding)
+    again = run_reference(case)
+    for a, b in zip(again, base, strict=True):
+        assert torch.equal(a, b)
 
 
 def _loss_and_grads(case):

@@ -1490,6 +1490,13 @@ def torch_gtpo_loss(
     safe_targets = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
     logprob = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # Padding values at masked-out tokens (NaN, inf) would reach the gradients
+    # through 0 * NaN even though torch.where drops them from the loss below.
+    zero = torch.zeros((), dtype=logprob.dtype, device=logprob.device)
+    advantages = torch.where(valid, advantages, zero)
+    old_logprobs = torch.where(valid, old_logprobs, zero)
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(valid, ref_logprobs, zero)
     log_ratio = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     pg_losses1 = -advantages * ratio
