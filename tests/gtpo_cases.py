@@ -211,3 +211,26 @@ def assert_peaked_rows_keep_precision(seed: int, device: str = "cpu", **extra) -
     got = fused_logprobs(case.hidden, case.weight, case.targets, backend=backend, chunk_size=3)
     want = log_p.gather(-1, case.targets[..., None])[..., 0]
     assert float(((got.double() - want) / want).abs().max()) <= 1e-5, (seed, got, want)
+
+
+def assert_autocast_changes_nothing(case: Case, device: str = "cpu", **extra) -> None:
+    """Under a caller's ``torch.autocast`` (bf16), fp32 inputs give the same
+    loss, gradients, statistics and log-probs as without it, the backward run
+    inside the autocast region too: the fused loss chooses its own precision."""
+    from turnrl.kernels.fused_linear_gtpo import fused_logprobs
+
+    want = run_fused(case, **extra)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = run_fused(case, **extra)
+        got_logprobs = fused_logprobs(
+            case.hidden, case.weight, case.targets.clamp(min=0), backend=extra["backend"]
+        )
+    want_logprobs = fused_logprobs(
+        case.hidden, case.weight, case.targets.clamp(min=0), backend=extra["backend"]
+    )
+    for name, g, w in zip(("loss", "grad_hidden", "grad_weight"), got, want, strict=False):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7, msg=name)
+    for name, value in want[3].items():
+        torch.testing.assert_close(got[3][name], value, rtol=1e-6, atol=1e-7, msg=name)
+    assert got_logprobs.dtype == torch.float32
+    torch.testing.assert_close(got_logprobs, want_logprobs, rtol=1e-6, atol=1e-7)

@@ -13,10 +13,12 @@ torch = pytest.importorskip("torch")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
     make_case,
     run_fused,
+    run_reference,
 )
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -135,8 +137,10 @@ def test_stats_are_masked_means():
         "entropy": ent[m].mean(),
         "clip_frac": clipped[m].double().mean(),
     }
+    # fp64 inputs, fp64 statistics (they were rounded to fp32: ~5e-7 off).
     for key, value in expected.items():
-        assert float(stats[key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+        assert float(stats[key]) == pytest.approx(float(value), rel=1e-12, abs=1e-14), key
+        assert stats[key].dtype == torch.float64, key
         assert not stats[key].requires_grad
 
 
@@ -168,6 +172,19 @@ def test_masked_tokens_do_not_matter_and_all_masked_is_zero():
         loss, g_hidden, g_weight = _loss_and_grads(case)
         assert float(loss) == 0.0
         assert not g_hidden.any() and not g_weight.any()
+
+
+def test_masked_tokens_do_not_matter_to_the_reference_either():
+    """torch_gtpo_loss dropped a NaN or inf advantage at a masked-out token
+    from its loss but not from its gradients (0 * NaN through the ratio):
+    they came out NaN. (A NaN old log-prob there was stopped by the clamp.)"""
+    case = make_case(SEED, (2, 6), 8, 30, torch.float32, "seq_mean_token_mean")
+    base = run_reference(case)
+    padding = torch.tensor([math.nan, math.inf]).repeat(6)[: case.old.numel()].view_as(case.old)
+    case.advantages = torch.where(case.mask, case.advantages, padding)
+    again = run_reference(case)
+    for a, b in zip(again, base, strict=True):
+        assert torch.equal(a, b)
 
 
 def _loss_and_grads(case):
@@ -224,6 +241,31 @@ def test_row_schedule_survives_repeated_backward_on_a_retained_graph():
     thrice = _schedule_grads(case, "rows", lambda x: x, retain_rounds=3)
     for g1, g3 in zip(once, thrice, strict=True):
         torch.testing.assert_close(g3, 3 * g1, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 2), ("vocab", 3)])
+def test_gradcheck_in_float64(schedule, chunk):
+    """Analytic against numerical gradients, and a repeated backward with the
+    same upstream gradient gives bitwise the same gradients (gradcheck's
+    reentrancy check, tolerance 0): the row schedule's second backward once
+    recomputed through the vocabulary schedule and differed in the last bits."""
+    case = make_case(SEED, (2, 3), 4, 7, torch.float64, "seq_mean_token_mean")
+    # Ratios well inside the clip range: the loss is smooth around the inputs.
+    with torch.no_grad():
+        logits = case.hidden @ case.weight.T / case.kwargs["temperature"]
+        lp = torch.log_softmax(logits, -1).gather(-1, case.targets.clamp(min=0)[..., None])
+    g = torch.Generator().manual_seed(SEED)
+    old = lp[..., 0] + 0.05 * torch.randn(case.old.shape, generator=g, dtype=torch.float64)
+    kwargs = {**case.kwargs, "eps_low": 0.5, "eps_high": 0.5, "dual_clip": None}
+
+    def loss(hidden, weight):
+        args = (case.targets, case.advantages.double(), old, case.mask, case.ref.double())
+        return gtpo_loss(
+            hidden, weight, *args, backend="torch", schedule=schedule, chunk_size=chunk, **kwargs
+        )[0]
+
+    inputs = (case.hidden.clone().requires_grad_(True), case.weight.clone().requires_grad_(True))
+    assert torch.autograd.gradcheck(loss, inputs)
 
 
 @pytest.mark.parametrize("schedule", ["auto", "rows", "vocab"])
@@ -334,8 +376,18 @@ def _bad_call(**overrides):
         ({"schedule": "cols"}, UnknownNameError, "valid: auto, rows, vocab"),
         ({"ref_logprobs": None, "beta": 0.1}, InvalidInputError, "needs ref_logprobs"),
         ({"dual_clip": 0.5}, InvalidInputError, "dual_clip must be > 1"),
+        ({"dual_clip": math.nan}, InvalidInputError, "dual_clip must be > 1"),
+        ({"eps_low": math.nan}, InvalidInputError, "eps_low/eps_high must be >= 0"),
+        ({"eps_high": math.nan}, InvalidInputError, "eps_low/eps_high must be >= 0"),
+        ({"beta": math.nan}, InvalidInputError, "beta must be finite"),
+        ({"entropy_coef": math.inf}, InvalidInputError, "entropy_coef must be finite"),
         ({"temperature": 0.0}, InvalidInputError, "temperature"),
         ({"weight": torch.zeros(30, 8, dtype=torch.float64)}, InvalidInputError, "dtype"),
+        (
+            {"weight": torch.zeros(30, 8, dtype=torch.bfloat16)},
+            InvalidInputError,
+            "weight.to(hidden.dtype)",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(overrides, error, message):
@@ -555,6 +607,14 @@ def test_fp16_never_takes_the_row_schedule(monkeypatch):
     assert torch.equal(grads[1][normal], grads[0][normal] * scale)
     with pytest.raises(InvalidInputError, match="schedule='rows' computes fp16 gradients"):
         gtpo_loss(hidden, *args, backend="torch", schedule="rows", **case.kwargs)
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 3), ("vocab", 7)])
+def test_autocast_does_not_round_the_logits(schedule, chunk):
+    """A caller's autocast made the row schedule fail (its bf16 logits met an
+    fp32 matmul) and the vocabulary schedule lose ~1e-3 to bf16 logits."""
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "seq_mean_token_mean")
+    assert_autocast_changes_nothing(case, backend="torch", schedule=schedule, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("schedule", ["rows", "vocab"])

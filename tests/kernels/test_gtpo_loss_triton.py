@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
     make_case,
@@ -174,3 +175,11 @@ def test_triton_frozen_head_or_hidden(frozen, schedule):
         assert (weight.grad is None) == (frozen == "weight")
         grads[backend] = hidden.grad if frozen == "weight" else weight.grad
     torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 3), ("vocab", 16)])
+def test_triton_under_autocast_keeps_fp32_logits(schedule, chunk):
+    case = _to_device(make_case(SEED, (2, 5), 8, 37, torch.float32, "token_mean"))
+    assert_autocast_changes_nothing(
+        case, DEVICE, backend="triton", schedule=schedule, chunk_size=chunk
+    )

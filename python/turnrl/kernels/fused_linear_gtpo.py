@@ -58,6 +58,7 @@ reference the tests and benchmarks compare against.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -132,6 +133,23 @@ KERNEL_OPTIONS = {"enable_fp_fusion": False}
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context with autocast off on ``device_type``.
+
+    The fused loss picks its own precisions (an fp32 logits tile from
+    operands in the inputs' dtype). Under a caller's ``torch.autocast`` the
+    tile's matmul would come out in bf16/fp16 instead: the row schedule's
+    gradient matmuls then mixed dtypes and failed, the vocabulary schedule's
+    log-probs and entropies lost about 1e-3 to the rounded logits, and its
+    backward failed where it ran inside the autocast region.
+    """
+    available = getattr(torch.amp, "is_autocast_available", None)
+    supported = available(device_type) if available else device_type in ("cpu", "cuda")
+    if not supported:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # ---------------------------------------------------------------------------
@@ -709,6 +727,30 @@ def rows_triton(
 
 _ROWS = {"torch": rows_torch, "triton": rows_triton}
 
+
+def _rows_pass(
+    inputs, cfg, temperature, backend, rows, need_hidden, need_weight
+) -> tuple[RowsResult, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """The row schedule over ``inputs`` (the Function's tensor inputs, in
+    order) and its gradients for d loss = 1, in the inputs' dtypes."""
+    hidden, weight, targets, advantages, old, ref, agg_weights = inputs
+    result = _ROWS[backend](
+        hidden,
+        weight,
+        targets,
+        TokenInputs(old, advantages, ref, agg_weights, cfg),
+        temperature,
+        rows,
+        need_hidden,
+        need_weight,
+    )
+    grad_h, grad_w = result.grad_hidden, result.grad_weight
+    return result, (
+        None if grad_h is None else grad_h.to(hidden.dtype),
+        None if grad_w is None else grad_w.to(weight.dtype),
+    )
+
+
 _STREAMS = {
     "torch": (stream_stats_torch, stream_grad_torch),
     "triton": (stream_stats_triton, stream_grad_triton),
@@ -868,22 +910,28 @@ def _token_grads(
     return total.detach(), g_l, g_h
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    x = torch.where(mask, x.to(torch.float32), 0.0)
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = torch.where(mask, x.to(dtype), 0.0)
     return (x.sum() / mask.sum().clamp(min=1)).detach()
 
 
 def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[str, torch.Tensor]:
+    # In the loss's dtype: fp64 inputs get fp64 statistics, as they get an fp64 loss.
+    dtype = logprob.dtype
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return _masked_mean(x, mask, dtype)
+
     stats = {
-        "clip_frac": _masked_mean(terms["clipped"], mask),
-        "approx_kl": _masked_mean(old - logprob, mask),
-        "entropy": _masked_mean(entropy, mask),
-        "ratio_mean": _masked_mean(terms["ratio"], mask),
+        "clip_frac": mean(terms["clipped"]),
+        "approx_kl": mean(old - logprob),
+        "entropy": mean(entropy),
+        "ratio_mean": mean(terms["ratio"]),
     }
     if "dual_clipped" in terms:
-        stats["dual_clip_frac"] = _masked_mean(terms["dual_clipped"], mask)
+        stats["dual_clip_frac"] = mean(terms["dual_clipped"])
     if "ref_kl" in terms:
-        stats["ref_kl"] = _masked_mean(terms["ref_kl"], mask)
+        stats["ref_kl"] = mean(terms["ref_kl"])
     return stats
 
 
@@ -932,25 +980,12 @@ class GTPOLossFunction(torch.autograd.Function):
         if schedule == "rows":
             need_hidden = want_grads and ctx.needs_input_grad[0]
             need_weight = want_grads and ctx.needs_input_grad[1]
-            token_inputs = TokenInputs(old_logprobs, advantages, ref_logprobs, agg_weights, cfg)
-            result = _ROWS[backend](
-                hidden,
-                weight,
-                targets,
-                token_inputs,
-                temperature,
-                chunk_size,
-                need_hidden,
-                need_weight,
-            )
-            grad_h, grad_w = result.grad_hidden, result.grad_weight
-            ctx.grads = (
-                None if grad_h is None else grad_h.to(hidden.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
+            result, ctx.grads = _rows_pass(
+                inputs, cfg, temperature, backend, chunk_size, need_hidden, need_weight
             )
             # Only for a second backward through a retained graph (below).
             ctx.save_for_backward(*inputs)
-            ctx.chunk_size = _default_chunk(hidden.shape[0], weight.shape[0], hidden.device)
+            ctx.chunk_size = chunk_size
             ctx.mark_non_differentiable(result.logprob, result.entropy)
             return result.loss, result.logprob, result.entropy
 
@@ -968,15 +1003,35 @@ class GTPOLossFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_loss: torch.Tensor, *_unused: Any):
+        # A backward called inside the caller's autocast region runs under it too.
+        with _autocast_off(grad_loss.device.type):
+            return GTPOLossFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_loss: torch.Tensor):
         nones = (None,) * 11
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.schedule == "rows" and ctx.grads is not None:
+        if ctx.schedule == "rows":
             # The gradients computed in the forward are for d loss = 1. They
             # are handed over once and forgotten: autograd may adopt them (or
             # a view of them) as .grad and add into them later, so a second
-            # backward through a retained graph recomputes instead (below).
-            grad_h, grad_w = ctx.grads
+            # backward through a retained graph recomputes them, block by
+            # block as the forward did, so that it adds exactly what the
+            # first added (the vocabulary schedule's recompute differed in
+            # the last bits: gradcheck called that non-reentrant).
+            grads = ctx.grads
             ctx.grads = None
+            if grads is None:
+                grads = _rows_pass(
+                    ctx.saved_tensors,
+                    ctx.cfg,
+                    ctx.temperature,
+                    ctx.backend,
+                    ctx.chunk_size,
+                    need_hidden,
+                    need_weight,
+                )[1]
+            grad_h, grad_w = grads
             # A Python float multiplies in fp32 and rounds once: the loss
             # gradient rounded to bf16 first (1/3 as 0.333984) biased every
             # gradient of an averaged micro-batch loss by 0.2%.
@@ -990,11 +1045,8 @@ class GTPOLossFunction(torch.autograd.Function):
             return (None, None, *nones)
 
         hidden, weight, targets, advantages, old, ref, agg_weights, *saved = ctx.saved_tensors
-        stats_fn, grad_fn = _STREAMS[ctx.backend]
-        if saved:
-            stats = RowStats(*saved)
-        else:
-            stats = stats_fn(hidden, weight, targets, ctx.temperature, ctx.chunk_size)
+        _, grad_fn = _STREAMS[ctx.backend]
+        stats = RowStats(*saved)
         inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg)
         _, g_l, g_h = _token_grads(stats.logprob, stats.entropy, inputs)
         scale = grad_loss.to(stats.row_max.dtype)
@@ -1082,7 +1134,13 @@ def _check_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) 
     if weight.shape[0] == 0:
         raise InvalidInputError("weight has an empty vocabulary (shape[0] == 0)")
     if weight.dtype != hidden.dtype:
-        raise InvalidInputError(f"weight dtype {weight.dtype} differs from hidden {hidden.dtype}")
+        # The usual cause: fp32 master weights under autocast, whose last
+        # hidden state is bf16. The loss does not cast for the caller.
+        raise InvalidInputError(
+            f"weight dtype {weight.dtype} differs from hidden {hidden.dtype}; cast one to "
+            f"the other's (weight.to(hidden.dtype) computes in {hidden.dtype} and still "
+            "sends the gradient to the original weight)"
+        )
     if weight.device != hidden.device:
         raise InvalidInputError(f"weight is on {weight.device}, hidden is on {hidden.device}")
     if not (
@@ -1211,7 +1269,9 @@ def gtpo_loss(
             still allowed and nothing syncs.
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
-    kernels compute in fp32, and ``backend="triton"`` refuses fp64.
+    kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
+    caller's ``torch.autocast`` does not reach inside: the precision follows
+    the dtypes of ``hidden`` and ``weight`` (cast them to run in bf16).
 
     Returns:
         ``(loss, stats)``: a scalar fp32 (fp64 for fp64 inputs) loss with
@@ -1232,8 +1292,13 @@ def gtpo_loss(
         _check_token_tensor(name, t, token_shape, hidden.device)
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
-    if eps_low < 0 or eps_high < 0:
+    # Written so that NaN fails too: a NaN clip range or coefficient made the
+    # loss NaN while its gradients stayed finite.
+    if not (eps_low >= 0 and eps_high >= 0):
         raise InvalidInputError(f"eps_low/eps_high must be >= 0, got {eps_low}, {eps_high}")
+    for name, coef in (("beta", beta), ("entropy_coef", entropy_coef)):
+        if not math.isfinite(coef):
+            raise InvalidInputError(f"{name} must be finite, got {coef}")
     if dual_clip is not None and not dual_clip > 1.0:
         raise InvalidInputError(f"dual_clip must be > 1 (verl's clip_ratio_c), got {dual_clip}")
     if beta != 0.0 and ref_logprobs is None:
@@ -1314,21 +1379,22 @@ def gtpo_loss(
 
 
 def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, schedule):
-    return GTPOLossFunction.apply(
-        h2,
-        weight,
-        flat["targets"],
-        flat["advantages"],
-        flat["old"],
-        flat["ref"],
-        agg_weights,
-        cfg,
-        temperature,
-        backend,
-        chunk,
-        schedule,
-        torch.is_grad_enabled(),
-    )
+    with _autocast_off(h2.device.type):
+        return GTPOLossFunction.apply(
+            h2,
+            weight,
+            flat["targets"],
+            flat["advantages"],
+            flat["old"],
+            flat["ref"],
+            agg_weights,
+            cfg,
+            temperature,
+            backend,
+            chunk,
+            schedule,
+            torch.is_grad_enabled(),
+        )
 
 
 def _resolve_schedule(schedule: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
@@ -1384,7 +1450,7 @@ def fused_logprobs(
     if chunk <= 0:
         raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     stats_fn, _ = _STREAMS[resolved]
-    with torch.no_grad():
+    with torch.no_grad(), _autocast_off(hidden.device.type):
         stats = stats_fn(h2, weight.contiguous(), targets, temperature, chunk)
     return stats.logprob.reshape(hidden.shape[:-1])
 
@@ -1424,6 +1490,13 @@ def torch_gtpo_loss(
     safe_targets = torch.where(valid, target_ids, torch.zeros_like(target_ids)).long()
     logprob = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
+    # Padding values at masked-out tokens (NaN, inf) would reach the gradients
+    # through 0 * NaN even though torch.where drops them from the loss below.
+    zero = torch.zeros((), dtype=logprob.dtype, device=logprob.device)
+    advantages = torch.where(valid, advantages, zero)
+    old_logprobs = torch.where(valid, old_logprobs, zero)
+    if ref_logprobs is not None:
+        ref_logprobs = torch.where(valid, ref_logprobs, zero)
     log_ratio = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     pg_losses1 = -advantages * ratio
