@@ -304,6 +304,17 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     assert len(list(turnrl.iter_rollout_records(out))) == 4
     assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
     assert "--user llm needs --user-model" in capsys.readouterr().err
+    # A local folder as --agent-model, without --engine, is asked for by name at the
+    # endpoint; when nothing comes back, the command says how to run it here instead.
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    _, refusing = chat_server([(404, b'{"error": "model not found"}')] * 8)
+    local = [*argv, "--agent-model", str(folder), "--agent-url", refusing]
+    assert main(local) == 1
+    err = capsys.readouterr().err
+    assert f"--agent-model {folder} is a local path" in err and "add --engine" in err
+    assert main([*local, "--agent-model", "remote-name"]) == 1
+    assert "is a local path" not in capsys.readouterr().err
 
 
 def test_cli_collect_runs_only_the_first_calls_per_message(chat_server, tmp_path, capsys):

@@ -368,6 +368,14 @@ def _collect(args: argparse.Namespace) -> int:
         print(f"stopped early: {summary.aborted}", file=sys.stderr)
     if not summary.records:
         print(f"no episode finished; {args.out} left as it was", file=sys.stderr)
+        if args.engine is None and os.path.exists(args.agent_model):
+            # Without --engine the model is asked for at --agent-url, by name.
+            print(
+                f"--agent-model {args.agent_model} is a local path, asked for by name at "
+                f"{args.agent_url or 'OPENAI_BASE_URL'}: to run it here, add --engine "
+                "transformers (or vllm)",
+                file=sys.stderr,
+            )
     if summary.failures or summary.aborted:
         print(
             f"{len(summary.failures)} episodes failed and were not written",
