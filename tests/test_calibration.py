@@ -294,6 +294,22 @@ def test_written_files_get_the_umask_mode_not_mkstemps(tmp_path, umask):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
 
 
+def test_written_files_leave_the_process_umask_alone(tmp_path, monkeypatch):
+    # Setting the umask to read it changes it for every thread: a file another
+    # thread created meanwhile got 0o644 under a private umask of 0o077.
+    import os
+
+    from turnrl.irc import write_json_atomic
+
+    def umask(mask):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", umask)
+    save_tier_rewards({"gold": 1.0}, tmp_path / "tiers.toml")
+    write_json_atomic({"a": 1}, tmp_path / "report.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "tiers.toml"]
+
+
 def test_tier_file_errors_name_the_file_and_tier(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[tiers]\ngold = 'high'\n")

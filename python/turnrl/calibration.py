@@ -19,8 +19,8 @@ import math
 import numbers
 import os
 import re
+import secrets
 import sys
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -207,9 +207,8 @@ def save_tier_rewards(
         lines.append(f"{_toml_key(tier)} = {_checked_reward(path, tier, value)!r}")
     text = "\n".join(lines) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp_file(path)
     try:
-        os.chmod(tmp, _new_file_mode())  # mkstemp's 0o600 would outlive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
@@ -218,13 +217,20 @@ def save_tier_rewards(
         raise
 
 
-def _new_file_mode() -> int:
-    """The mode ``open()`` gives a new file, 0o666 less the umask: what a file
-    written through a private temporary file (``mkstemp``, 0o600) gets before
-    its rename, so that it is as readable as any other output."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
+def _new_temp_file(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, open for writing: its descriptor
+    and name. It gets the mode ``open()`` gives a new file (0o666 less the
+    umask, applied by the kernel), not ``mkstemp``'s 0o600, which would
+    outlive the rename; reading the umask would mean setting it, for every
+    thread of the process at once."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{path.parent}: no free temporary file name for {path.name}")
 
 
 # --------------------------------------------------------------------------

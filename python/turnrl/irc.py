@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,7 @@ from turnrl.calibration import (
     CalibrationReport,
     TieredRollouts,
     TierStats,
-    _new_file_mode,
+    _new_temp_file,
     check_success_threshold,
 )
 from turnrl.exceptions import InvalidInputError
@@ -293,9 +292,8 @@ def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp_file(path)
     try:
-        os.chmod(tmp, _new_file_mode())  # mkstemp's 0o600 would outlive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
             fh.write("\n")
