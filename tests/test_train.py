@@ -812,6 +812,48 @@ def test_engine_agent_gathers_requests_on_their_way_into_one_batch():
             EngineAgent(engine, gather_window=bad)
 
 
+@pytest.mark.parametrize("where", ["after the take", "after the release"])
+def test_engine_agent_interrupted_leader_leaves_no_request_stranded(where):
+    # A KeyboardInterrupt (the main thread leads) just after the batch was taken
+    # off the queue, before it ran: its other requests were never answered and
+    # their threads led empty batches for ever.
+    agent = EngineAgent(_FakeEngine(), gather_window=0.3)
+    armed = [True]
+
+    def interrupt():
+        if armed[0] and len(agent._pending) == 0 and where == "after the take":
+            armed[0] = False
+            raise KeyboardInterrupt
+
+    class Pending(list):
+        def __delitem__(self, key):
+            super().__delitem__(key)
+            interrupt()
+
+    agent._pending = Pending()
+    if where == "after the release":
+        release = agent._changed.release
+
+        def release_then_interrupt():
+            release()
+            if armed[0] and not agent._pending:
+                armed[0] = False
+                raise KeyboardInterrupt
+
+        agent._changed.release = release_then_interrupt
+    replies: list[dict] = []
+    other = threading.Thread(
+        target=lambda: replies.append(agent([{"role": "user", "content": "other"}], TOOLS)),
+        daemon=True,
+    )
+    threading.Timer(0.05, other.start).start()  # arrives while the leader gathers
+    with pytest.raises(KeyboardInterrupt):
+        agent([{"role": "user", "content": "main"}], TOOLS)
+    other.join(timeout=10)
+    assert not other.is_alive() and [r["content"] for r in replies] == ["echo other"]
+    assert agent.engine.calls == [1] and not agent._pending and not agent._busy
+
+
 @pytest.mark.parametrize(
     "engine, message",
     [

@@ -516,6 +516,7 @@ class EngineAgent:
                 if request.done:
                     break
                 # This thread leads the next batch: everything waiting, in order.
+                batch: list[_Request] = []
                 try:
                     self._busy = True
                     self._gather()
@@ -529,8 +530,18 @@ class EngineAgent:
                 except BaseException:
                     # An interrupt: this episode is over, its request must not
                     # linger for a later batch to generate.
+                    # It may have come just after the release: hold the lock again.
+                    if not self._changed._is_owned():  # type: ignore[attr-defined]
+                        self._changed.acquire()
                     if request in self._pending:
                         self._pending.remove(request)
+                    # The other requests it took but did not start go back to the
+                    # front of the queue; nobody would answer them otherwise.
+                    self._pending[:0] = [
+                        r
+                        for r in batch
+                        if r is not request and not r.done and r not in self._pending
+                    ]
                     raise
                 finally:
                     self._busy = False
