@@ -235,6 +235,11 @@ def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys
     assert (parsed.tasks, parsed.eval_tasks, parsed.split) == ("5:10", "1:30", "off")
     assert (parsed.steps, parsed.lr) == (1000, 1.5e-5)
     assert yaml.safe_load("tasks: 5:10")["tasks"] == 310  # what plain pyyaml would have given
+    # null for the options that take none.
+    path = tmp_path / "null.json"
+    path.write_text('{"max_grad_norm": null, "report_to": null}')
+    parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
+    assert (parsed.max_grad_norm, parsed.report_to) == (None, [])
     # A file starting with a byte-order mark.
     path = tmp_path / "bom.json"
     path.write_bytes(b'\xef\xbb\xbf{"lr": 3e-5}')

@@ -2224,6 +2224,8 @@ def _config_tokens(
             if value:
                 tokens.append(flag)
             continue
+        if value is None and action.type in (_grad_norm, _logger_names):
+            value = "none"  # JSON's and YAML's null for an option that takes none
         if isinstance(value, (bool, dict)) or value is None:
             raise InvalidInputError(
                 f"--config {where}: {key} takes a value like the command line's; got {value!r}"
