@@ -223,7 +223,8 @@ def _new_temp_file(path: Path) -> tuple[int, str]:
     umask, applied by the kernel), not ``mkstemp``'s 0o600, which would
     outlive the rename; reading the umask would mean setting it, for every
     thread of the process at once."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # O_EXCL: a link there is not followed
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)  # as mkstemp's
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:
