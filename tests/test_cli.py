@@ -280,3 +280,12 @@ def test_help_needs_no_config_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         main(["train", "--config", str(tmp_path / "missing.toml"), "--help"])
     assert done.value.code == 0 and "--config FILE" in capsys.readouterr().out
+
+
+def test_max_grad_norm_zero_is_refused_naming_none(capsys):
+    import pytest
+
+    # Hugging Face's Trainer takes 0 for no clipping; here that is none.
+    with pytest.raises(SystemExit):
+        _parsed(["train", "--model", "m", "--env", "e", "--out", "o", "--max-grad-norm", "0"])
+    assert "must be above 0, got '0' (none: no clipping)" in capsys.readouterr().err

@@ -1385,7 +1385,11 @@ def _grad_norm(text: str) -> float | None:
     """argparse type: a finite float above 0, or ``none`` (no clipping)."""
     if text.strip().lower() == "none":
         return None
-    return _positive_number(text)
+    try:
+        return _positive_number(text)
+    except argparse.ArgumentTypeError as e:
+        # 0 turns clipping off in the Hugging Face Trainer; here it is none.
+        raise argparse.ArgumentTypeError(f"{e} (none: no clipping)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
