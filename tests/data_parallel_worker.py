@@ -143,6 +143,12 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
         samples=2,
         buffer_dir=out / "evaluating",
     )
+    # Peak GPU memory as a CUDA rank would report it, each rank its own
+    # (rank 1 the larger allocated, rank 0 the larger reserved): every rank
+    # must report the largest of each.
+    peaks = {"memory/max_allocated_gib": 1.0 + rank, "memory/max_reserved_gib": 4.0 - rank}
+    peak_memory = turnrl.train._peak_memory
+    turnrl.train._peak_memory = lambda device, reset=False: {} if reset else dict(peaks)
     history = train_loop(
         trainer_for(base, {"micro_batch_size": 4}, seed=1 + rank),
         domain,
@@ -158,6 +164,7 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
         evaluation=evaluation,
         progress=False,
     )
+    turnrl.train._peak_memory = peak_memory
     states: list = [None] * dist.get_world_size()
     dist.all_gather_object(states, online.state_dict())
     histories: list = [None] * dist.get_world_size()

@@ -170,6 +170,10 @@ def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
         for part in ("rollouts", "batch", "update", "checkpoint"):
             seconds = [history[step][f"time/{part}"] for history in histories]
             assert seconds[0] == seconds[1] > 0
+        # Peak memory is the largest rank's (the worker gives each rank its own).
+        for history in histories:
+            assert history[step]["memory/max_allocated_gib"] == 2.0
+            assert history[step]["memory/max_reserved_gib"] == 4.0
 
 
 def test_a_rank_whose_episodes_all_end_before_any_reply_still_steps(two_rank_steps):
