@@ -22,6 +22,32 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# random_qwen FOLDER HIDDEN INTERMEDIATE LAYERS HEADS KV_HEADS HEAD_DIM: a random bf16 Qwen3
+# on Qwen's vocabulary (tests/tiny_qwen.py's tokenizer), built on the GPU and saved there.
+random_qwen() {
+    python3 - "$@" <<'PY'
+import sys
+
+import torch
+from tiny_qwen import qwen_tokenizer
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+folder, hidden, intermediate, layers, heads, kv_heads, head_dim = sys.argv[1:]
+torch.manual_seed(0)
+config = Qwen3Config(
+    vocab_size=151936, hidden_size=int(hidden), intermediate_size=int(intermediate),
+    num_hidden_layers=int(layers), num_attention_heads=int(heads),
+    num_key_value_heads=int(kv_heads), head_dim=int(head_dim),
+    max_position_embeddings=40960, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+)
+with torch.device("cuda"):
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(folder)
+qwen_tokenizer().save_pretrained(folder)
+PY
+}
+
 case "${1:-}" in
 prepare)
     set -e
@@ -75,21 +101,7 @@ cli)
         --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
     export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-    python3 - <<'PY' || exit 1
-import torch
-from tiny_qwen import qwen_tokenizer
-from transformers import Qwen3Config, Qwen3ForCausalLM
-
-torch.manual_seed(0)
-config = Qwen3Config(
-    vocab_size=151936, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-    max_position_embeddings=8192, tie_word_embeddings=True,
-    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-)
-Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained("/tmp/qwen-random")
-qwen_tokenizer().save_pretrained("/tmp/qwen-random")
-PY
+    random_qwen /tmp/qwen-random 256 768 2 4 2 64 || exit 1
     common=(--model /tmp/qwen-random --env synthetic:airline --user scripted --steps 2
         --tasks-per-step 2 --group-size 2 --max-new-tokens 32 --device cuda --lora-rank 8
         --beta 0.04 --no-skip-zero-advantage --quiet)
@@ -119,23 +131,7 @@ cli-4b)
         --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
     export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-    python3 - <<'PY' || exit 1
-import torch
-from tiny_qwen import qwen_tokenizer
-from transformers import Qwen3Config, Qwen3ForCausalLM
-
-torch.manual_seed(0)
-config = Qwen3Config(
-    vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-    max_position_embeddings=40960, tie_word_embeddings=True,
-    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-)
-with torch.device("cuda"):
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-model.save_pretrained("/tmp/qwen-4b-random")
-qwen_tokenizer().save_pretrained("/tmp/qwen-4b-random")
-PY
+    random_qwen /tmp/qwen-4b-random 2560 9728 36 32 8 128 || exit 1
     common=(--model /tmp/qwen-4b-random --env synthetic:airline --user scripted --steps 1
         --tasks-per-step 2 --group-size 2 --max-new-tokens 512 --max-steps 6 --device cuda
         --beta 0.04 --no-skip-zero-advantage --quiet)

@@ -59,13 +59,10 @@ def build(layers: int, checkpointing: bool, hidden: int = 2560, seed: int = 0):
         init_lora_weights=False,
     )
     policy = peft.get_peft_model(model, lora)
-    if checkpointing:  # as turnrl.train.load_policy(gradient_checkpointing=True)
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            kwargs = {"use_reentrant": False}
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if checkpointing:
+        from turnrl.train import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     return policy
 
 

@@ -2317,9 +2317,9 @@ def test_gradient_checkpointing_gives_the_same_step_and_modes_are_restored(tok, 
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
     cfg = GTPOConfig(micro_batch_size=2, max_grad_norm=None, backend="torch")
     plain, checkpointed = _lora(base_model), _lora(base_model)
-    checkpointed.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-    )
+    from turnrl.train import enable_gradient_checkpointing
+
+    enable_gradient_checkpointing(checkpointed.get_base_model())
     calls = []
     for layer in checkpointed.get_base_model().model.layers:
         # Inside the checkpointed forward, so the recompute calls it again

@@ -78,6 +78,7 @@ __all__ = [
     "TokenizedRollout",
     "TrainBatch",
     "build_batch",
+    "enable_gradient_checkpointing",
     "evaluation_only",
     "load_model",
     "load_policy",
@@ -2408,14 +2409,21 @@ def load_policy(
             raise InvalidInputError(
                 f"{model}: {type(base).__name__} does not support gradient checkpointing"
             )
-        # Newer transformers renamed it; the old name warns there.
-        enable = getattr(base, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            kwargs = {"use_reentrant": False}
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_gradient_checkpointing(base)
     return policy, tokenizer
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Non-reentrant gradient checkpointing on a Hugging Face model's decoder
+    layers (what ``load_policy(gradient_checkpointing=True)`` does), for a
+    model built by hand."""
+    # Newer transformers renamed it; the old name warns there.
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        kwargs = {"use_reentrant": False}
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_model(
