@@ -1756,8 +1756,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--max-steps",
         type=_positive_int,
-        help="step limit of an episode in the domain's own unit (default: the benchmark's; "
-        "see README)",
+        help="step limit of one episode in the domain's own unit, as tau-bench's "
+        "max_num_steps (not TRL's max_steps: training steps are --steps) (default: the "
+        "benchmark's; see README)",
     )
     tr.add_argument(
         "--tiers",
