@@ -22,10 +22,10 @@ import re
 import secrets
 import sys
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -206,11 +206,18 @@ def save_tier_rewards(
             )
         lines.append(f"{_toml_key(tier)} = {_checked_reward(path, tier, value)!r}")
     text = "\n".join(lines) + "\n"
+    _write_text_atomic(path, lambda fh: fh.write(text))
+
+
+def _write_text_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
+    """A text file written by ``write(fh)`` into a temporary file beside
+    ``path`` (its folder made if need be) and renamed over it: ``path`` holds
+    the old contents or the whole new ones, never part of them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+            write(fh)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

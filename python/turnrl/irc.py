@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from turnrl.calibration import (
     CalibrationReport,
     TieredRollouts,
     TierStats,
-    _new_temp_file,
+    _write_text_atomic,
     check_success_threshold,
 )
 from turnrl.exceptions import InvalidInputError
@@ -290,17 +290,12 @@ def _map_with_ray(
 
 def write_json_atomic(data: Any, path: str | os.PathLike[str]) -> None:
     """Write JSON through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_temp_file(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(fh: TextIO) -> None:
+        json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
+        fh.write("\n")
+
+    _write_text_atomic(Path(path), write)
 
 
 def _json_default(value: Any) -> Any:
