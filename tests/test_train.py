@@ -1451,62 +1451,65 @@ def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_mo
     assert all(len(c[-2]["tool_calls"]) == 1 and c[-3]["role"] == "user" for c in after_tools)
 
 
-def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monkeypatch):
+_TRAIN_ARGV = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
+_TRAIN_ARGV += ["--device", "cpu", "--quiet"]
+
+
+def _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, variants):
+    """``turnrl train`` with each extra argv of ``variants``, run until it calls
+    train_loop (the model is the tiny one, the loop a stand-in): per variant,
+    the keywords load_policy got and the arguments train_loop got."""
     import turnrl.train
     from turnrl.cli import main
 
     class Reached(Exception):
         pass
 
-    passed = []
-
-    def train_loop(*args, **kwargs):
-        passed.append((kwargs["calls_per_message"], kwargs["max_steps"]))
-        passed.append(kwargs["estimator_params"])
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "load_policy", lambda *a, **k: (_lora(base_model), tok))
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
-    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
-    argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
-    more = ["--calls-per-message", "1", "--max-steps", "7", "--gamma", "0.95", "--norm", "mean"]
-    for extra in ([], [*more, "--turn-norm", "pooled"]):
-        with pytest.raises(Reached):
-            main([*argv, *extra])
-    params = {"gamma": 0.95, "norm": "mean", "turn_norm": "pooled"}
-    assert passed == [(None, None), {}, (1, 7), params]
-    for bad in (["--calls-per-message", "0"], ["--max-steps", "0"]):
-        with pytest.raises(SystemExit):
-            main([*argv, *bad])
-
-
-def test_train_command_passes_training_options_on(tmp_path, tok, base_model, monkeypatch):
-    import turnrl.train
-    from turnrl.cli import main
-
-    class Reached(Exception):
-        pass
-
-    loaded, trainers = [], []
+    calls: list[dict] = []
 
     def load_policy(*args, **kwargs):
-        loaded.append(kwargs["gradient_checkpointing"])
+        calls.append({"load": kwargs})
         return _lora(base_model), tok
 
-    def train_loop(trainer, *args, **kwargs):
-        trainers.append(trainer)
+    def train_loop(*args, **kwargs):
+        calls[-1].update(args=args, kwargs=kwargs)
         raise Reached
 
     monkeypatch.setattr(turnrl.train, "load_policy", load_policy)
     monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
-    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
-    argv += ["--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
+    for extra in variants:
+        with pytest.raises(Reached):
+            main([*_TRAIN_ARGV, "--out", str(tmp_path / "run"), *extra])
+    return calls
+
+
+def test_train_command_passes_episode_options_on(tmp_path, tok, base_model, monkeypatch):
+    from turnrl.cli import main
+
+    more = ["--calls-per-message", "1", "--max-steps", "7", "--gamma", "0.95", "--norm", "mean"]
+    calls = _train_command_up_to_the_loop(
+        monkeypatch, tmp_path, tok, base_model, [[], [*more, "--turn-norm", "pooled"]]
+    )
+    passed = []
+    for call in calls:
+        kwargs = call["kwargs"]
+        passed.append((kwargs["calls_per_message"], kwargs["max_steps"]))
+        passed.append(kwargs["estimator_params"])
+    params = {"gamma": 0.95, "norm": "mean", "turn_norm": "pooled"}
+    assert passed == [(None, None), {}, (1, 7), params]
+    for bad in (["--calls-per-message", "0"], ["--max-steps", "0"]):
+        with pytest.raises(SystemExit):
+            main([*_TRAIN_ARGV, "--out", str(tmp_path / "run"), *bad])
+
+
+def test_train_command_passes_training_options_on(tmp_path, tok, base_model, monkeypatch):
+    from turnrl.cli import main
+
     more = ["--entropy-coef", "0.01", "--dual-clip", "3", "--max-grad-norm", "none"]
     more += ["--weight-decay", "0.1", "--gradient-checkpointing", "--eps-high", "inf"]
-    for extra in ([], more):
-        with pytest.raises(Reached):
-            main([*argv, *extra])
-    assert loaded == [False, True]
+    calls = _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, [[], more])
+    assert [call["load"]["gradient_checkpointing"] for call in calls] == [False, True]
+    trainers = [call["args"][0] for call in calls]
     defaults, given = (t.config for t in trainers)
     assert (defaults.entropy_coef, defaults.dual_clip, defaults.max_grad_norm) == (0.0, None, 1.0)
     assert (given.entropy_coef, given.dual_clip, given.max_grad_norm) == (0.01, 3.0, None)
@@ -1528,35 +1531,18 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--lr=-1e-5"],
     ):
         with pytest.raises(SystemExit):
-            main([*argv, *bad])
-    assert len(loaded) == 2
+            main([*_TRAIN_ARGV, "--out", str(tmp_path / "run"), *bad])
+    assert len(calls) == 2
 
 
 def test_train_command_puts_vllm_to_sleep_for_updates(tmp_path, tok, base_model, monkeypatch):
-    import turnrl.train
-    from turnrl.cli import main
-
     seen: dict = {}
     _fake_vllm(monkeypatch, seen)
-
-    class Reached(Exception):
-        pass
-
-    hooks = []
-
-    def train_loop(*args, **kwargs):
-        hooks.append((kwargs["before_update"], kwargs["after_update"]))
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "load_policy", lambda *a, **k: (_lora(base_model), tok))
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
-    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
-    argv += ["--engine", "vllm", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
-    inits = []
-    for extra in ([], ["--vllm-sleep"]):
-        with pytest.raises(Reached):
-            main([*argv, *extra])
+    inits, hooks = [], []
+    for extra in (["--engine", "vllm"], ["--engine", "vllm", "--vllm-sleep"]):
+        (call,) = _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, [extra])
         inits.append(seen["init"])
+        hooks.append((call["kwargs"]["before_update"], call["kwargs"]["after_update"]))
     assert hooks[0][0] is None and "enable_sleep_mode" not in inits[0]
     before, after = hooks[1]
     assert inits[1]["enable_sleep_mode"] is True
