@@ -204,8 +204,14 @@ def test_select_tasks():
     assert select_tasks(d, "2:5") == d.tasks[2:5]
     assert select_tasks(d, ":2") == d.tasks[:2]
     assert select_tasks(d, f"0,{d.tasks[3].id}") == [d.tasks[0], d.tasks[3]]
+    assert select_tasks(d, "-3:") == d.tasks[-3:]
+    assert select_tasks(d, f"0:{len(d.tasks)}") == d.tasks
     with pytest.raises(turnrl.InvalidInputError, match="selects none"):
-        select_tasks(d, "90:")
+        select_tasks(d, "5:2")
+    # Python's slicing would clip these silently.
+    for spec in ("0:99", "90:", f"-{len(d.tasks) + 1}:"):
+        with pytest.raises(turnrl.InvalidInputError, match=f"has {len(d.tasks)} tasks"):
+            select_tasks(d, spec)
     with pytest.raises(turnrl.InvalidInputError, match="START:STOP"):
         select_tasks(d, "a:b")
 

@@ -74,8 +74,9 @@ class CollectSummary:
 
 
 def select_tasks(domain: Domain, spec: str) -> list[Task]:
-    """Tasks by a spec: ``all``, ``START:STOP`` (indices, either side optional)
-    or comma-separated indices and task ids."""
+    """Tasks by a spec: ``all``, ``START:STOP`` (indices, either side optional,
+    negative ones counted from the end, within the domain's task count) or
+    comma-separated indices and task ids."""
     spec = spec.strip()
     if spec in ("", "all"):
         return list(domain.tasks)
@@ -88,6 +89,15 @@ def select_tasks(domain: Domain, spec: str) -> list[Task]:
             raise InvalidInputError(
                 f"tasks {spec!r}: a range is START:STOP with integers"
             ) from None
+        count = len(domain.tasks)
+        for bound in (start, stop):
+            # Python would clip silently, and a run would train on fewer
+            # tasks than it names.
+            if bound is not None and not -count <= bound <= count:
+                raise InvalidInputError(
+                    f"tasks {spec!r}: {domain.name} has {count} tasks, so a range's bounds "
+                    f"lie in -{count}..{count} (leave STOP out to run to the last task)"
+                )
         chosen = domain.tasks[start:stop]
         if not chosen:
             raise InvalidInputError(
