@@ -249,6 +249,19 @@ def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys
     )
 
 
+def test_collect_and_train_take_each_others_names_for_shared_settings(tmp_path):
+    # A command line moved from one command to the other keeps working.
+    collect = ["rollouts", "collect", "--env", "e", "--agent-model", "m", "--out", "o"]
+    parsed = _parsed([*collect, "--group-size", "3", "--max-new-tokens", "7", "--temperature", "0"])
+    assert (parsed.samples, parsed.max_tokens, parsed.agent_temperature) == (3, 7, 0.0)
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    parsed = _parsed([*train, "--samples", "3", "--max-tokens", "7", "--agent-temperature", "0.5"])
+    assert (parsed.group_size, parsed.max_new_tokens, parsed.temperature) == (3, 7, 0.5)
+    path = _config_file(tmp_path, ".toml", {"samples": 2, "max_tokens": 9})
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.group_size, parsed.max_new_tokens) == (2, 9)
+
+
 def test_config_values_the_options_refuse_name_the_file_and_key(tmp_path, capsys):
     def refused(values, *extra):
         path = _config_file(tmp_path, ".json", values)
@@ -264,6 +277,7 @@ def test_config_values_the_options_refuse_name_the_file_and_key(tmp_path, capsys
     assert "'eval_every' and 'eval-every' are one option" in refused(
         {"eval_every": 2, "eval-every": 5}
     )
+    assert "'group_size' and 'samples' are one option" in refused({"group_size": 2, "samples": 5})
     latin = tmp_path / "latin.toml"
     latin.write_bytes('run_name = "caf\xe9"\n'.encode("latin-1"))
     assert main(["train", "--config", str(latin), "--out", "o"]) == 2

@@ -1573,6 +1573,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--samples",
+        "--group-size",
         type=_positive_int,
         default=4,
         help="episodes per task, one group (default: %(default)s)",
@@ -1603,12 +1604,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--agent-temperature",
+        "--temperature",
         type=_non_negative_number,
         default=1.0,
         help="sampling temperature of the policy (default: %(default)s)",
     )
     col.add_argument(
         "--max-tokens",
+        "--max-new-tokens",
         type=_positive_int,
         help="cap on each policy reply's tokens (with --engine: default 1024)",
     )
@@ -1702,6 +1705,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--group-size",
+        "--samples",
         type=_positive_int,
         default=8,
         help="rollouts per task (default: %(default)s)",
@@ -1727,12 +1731,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--max-new-tokens",
+        "--max-tokens",
         type=_positive_int,
         default=512,
         help="per policy reply (default: %(default)s)",
     )
     tr.add_argument(
         "--temperature",
+        "--agent-temperature",
         type=_positive_number,
         default=1.0,
         help="sampling temperature (default: %(default)s)",
@@ -2186,7 +2192,7 @@ def _config_tokens(
         if option.startswith("--") and option not in ("--help", "--config", "--version")
     }
     tokens: list[str] = []
-    given: dict[str, str] = {}
+    given: dict[int, str] = {}  # by action, as an option may have two names
     for key, value in values.items():
         option = str(key).replace("_", "-")
         action = actions.get(option)
@@ -2194,11 +2200,11 @@ def _config_tokens(
             close = difflib.get_close_matches(option, list(actions), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InvalidInputError(f"--config {where}: {key!r} is not an option of {name}{hint}")
-        if option in given:
+        if id(action) in given:
             raise InvalidInputError(
-                f"--config {where}: {given[option]!r} and {key!r} are one option"
+                f"--config {where}: {given[id(action)]!r} and {key!r} are one option"
             )
-        given[option] = str(key)
+        given[id(action)] = str(key)
         flag = f"--{option}"
 
         def checked(text: str, action: argparse.Action = action, key: Any = key) -> str:
