@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -405,6 +406,33 @@ def test_non_finite_hidden_is_an_error():
         _bad_call(hidden=case.hidden)
     with pytest.raises(InvalidInputError, match="non-finite"):
         fused_logprobs(case.hidden, case.weight, case.targets.clamp(min=0), backend="torch")
+
+
+@pytest.mark.parametrize("chunk_size", [0, -4, 2.5, 0.5, True, "8", math.inf])
+def test_a_chunk_size_that_is_not_a_positive_integer_is_refused(chunk_size):
+    # int() would have taken 2.5 as 2 and True as 1, silently another size.
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
+    with pytest.raises(InvalidInputError, match="chunk_size must be a positive integer"):
+        _bad_call(chunk_size=chunk_size)
+    with pytest.raises(InvalidInputError, match="chunk_size must be a positive integer"):
+        fused_logprobs(
+            case.hidden,
+            case.weight,
+            case.targets.clamp(min=0),
+            backend="torch",
+            chunk_size=chunk_size,
+        )
+
+
+def test_integral_chunk_sizes_of_any_type_give_the_same_loss():
+    case = make_case(SEED, (2, 5), 8, 30, torch.float32, "token_mean")
+    targets = case.targets.clamp(min=0)
+    want = fused_logprobs(case.hidden, case.weight, targets, backend="torch", chunk_size=7)
+    losses = [_bad_call(chunk_size=size)[0] for size in (7, 7.0, np.int64(7), torch.tensor(7))]
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+    for size in (7.0, np.int32(7)):
+        got = fused_logprobs(case.hidden, case.weight, targets, backend="torch", chunk_size=size)
+        assert torch.equal(got, want)
 
 
 def test_unchecked_inputs_still_take_padding_ids():

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -1342,10 +1343,10 @@ def gtpo_loss(
     n = h2.shape[0]
     default_chunk = _default_rows if resolved_schedule == "rows" else _default_chunk
     chunk = (
-        default_chunk(n, weight.shape[0], hidden.device) if chunk_size is None else int(chunk_size)
+        default_chunk(n, weight.shape[0], hidden.device)
+        if chunk_size is None
+        else _checked_chunk_size(chunk_size)
     )
-    if chunk <= 0:
-        raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef)
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
@@ -1421,6 +1422,21 @@ def _default_rows(n: int, vocab: int, device: torch.device) -> int:
     return int(max(1, min(n, budget // max(vocab, 1))))
 
 
+def _checked_chunk_size(chunk_size: Any) -> int:
+    """``chunk_size`` as an int; a fraction would be truncated into another size."""
+    if isinstance(chunk_size, float) and chunk_size.is_integer():
+        chunk_size = int(chunk_size)
+    try:
+        if isinstance(chunk_size, bool):
+            raise TypeError
+        chunk = operator.index(chunk_size)  # ints, numpy's and torch's included
+    except TypeError:
+        chunk = 0
+    if chunk <= 0:
+        raise InvalidInputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return chunk
+
+
 def fused_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -1445,10 +1461,8 @@ def fused_logprobs(
     chunk = (
         _default_chunk(h2.shape[0], weight.shape[0], hidden.device)
         if chunk_size is None
-        else chunk_size
+        else _checked_chunk_size(chunk_size)
     )
-    if chunk <= 0:
-        raise InvalidInputError(f"chunk_size must be positive, got {chunk_size}")
     stats_fn, _ = _STREAMS[resolved]
     with torch.no_grad(), _autocast_off(hidden.device.type):
         stats = stats_fn(h2, weight.contiguous(), targets, temperature, chunk)
