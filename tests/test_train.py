@@ -977,6 +977,16 @@ def test_transformers_engine_static_cache_decodes_as_the_dynamic_one(tok, base_m
         TransformersEngine(policy, tok, cache_implementation="statc")
 
 
+def test_transformers_engine_refuses_an_offloaded_cache_off_cuda(tok, base_model):
+    # transformers offloads the cache from a CUDA device (CUDA streams): on the CPU
+    # generate failed deep inside with a CUDA error rather than naming the option.
+    chats = [[{"role": "user", "content": "Hi"}]]
+    for name in ("offloaded", "offloaded_static"):
+        engine = TransformersEngine(base_model, tok, max_new_tokens=2, cache_implementation=name)
+        with pytest.raises(turnrl.InvalidInputError, match=f"{name!r} needs the model on CUDA"):
+            engine.generate(chats)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers compiles only on a GPU")
 def test_compiled_static_generation_sees_weights_updated_in_place(tok, base_model):
     # The optimizer updates the adapter in place between rollouts; the compiled
@@ -2830,7 +2840,19 @@ def test_user_device_and_counts_are_refused_before_the_model_loads(tmp_path, cap
         assert done.value.code == 2
         # argparse names an option with its other name too (--group-size/--samples).
         assert re.search(rf"argument {option}(/--[a-z-]+)?:", capsys.readouterr().err)
+    # The offloaded caches need CUDA, which --device cpu (or no GPU) does not give.
+    offloaded = ["--cache-implementation", "offloaded"]
+    assert main([*scripted, "--device", "cpu", *offloaded]) == 2
+    assert "--cache-implementation offloaded needs --device cuda" in capsys.readouterr().err
+    engine = [*collect, "--engine", "transformers", "--user", "scripted", "--out", out + ".jsonl"]
+    static = ["--cache-implementation", "offloaded_static"]
+    assert main([*engine, "--device", "cpu", *static]) == 2
+    assert "--cache-implementation offloaded_static needs --device cuda" in (
+        capsys.readouterr().err
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*scripted, *offloaded]) == 2  # the default device is the CPU then
+    assert "--cache-implementation offloaded needs --device cuda" in capsys.readouterr().err
     assert main([*scripted, "--device", "cuda"]) == 2
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
     assert main(["merge-adapter", str(tmp_path), "--device", "cuda:0", "--out", out]) == 2

@@ -471,6 +471,7 @@ def _local_agent(args: argparse.Namespace) -> Any:
     else:
         if args.vllm_gpu_memory is not None:
             raise InvalidInputError("--vllm-gpu-memory is for --engine vllm")
+        _check_cache_device(args)
         model, tokenizer = load_model(
             args.agent_model,
             dtype=args.dtype or "bfloat16",
@@ -497,6 +498,27 @@ def _check_user_and_device(args: argparse.Namespace, device: str | None) -> None
             raise InvalidInputError(
                 f"--device {device}: torch sees no CUDA device on this machine; use --device cpu"
             )
+
+
+def _check_cache_device(args: argparse.Namespace) -> None:
+    """Refuse an offloaded KV cache (transformers moves it off a CUDA device)
+    where the model will not be on CUDA, before any model loads."""
+    from turnrl.exceptions import InvalidInputError
+
+    name = args.cache_implementation
+    if name is None or "offloaded" not in name:
+        return
+    if args.device is None:
+        import torch
+
+        on_cuda = torch.cuda.is_available()  # the default device
+    else:
+        on_cuda = args.device.startswith("cuda")
+    if not on_cuda:
+        raise InvalidInputError(
+            f"--cache-implementation {name} needs --device cuda (it offloads the KV cache "
+            "from the GPU)"
+        )
 
 
 def _make_user(args: argparse.Namespace, domain: Any) -> Any:
@@ -581,6 +603,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.cache_implementation is not None and args.engine != "transformers":
         raise InvalidInputError("--cache-implementation is for --engine transformers")
     _check_user_and_device(args, args.device)
+    _check_cache_device(args)
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)

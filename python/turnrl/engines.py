@@ -105,7 +105,8 @@ class TransformersEngine:
     size; the compiled decoder is kept on the model. transformers keeps the
     cache as long as the longest call so far (prompt plus
     ``max_new_tokens``), for every row of a batch. Any of transformers'
-    cache implementations may be named.
+    cache implementations may be named; the offloaded ones need the model on
+    CUDA.
     """
 
     def __init__(
@@ -173,6 +174,13 @@ class TransformersEngine:
         encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
         width = max(len(e) for e in encoded)
         device = next(self.model.parameters()).device
+        if "offloaded" in (self.cache_implementation or "") and device.type != "cuda":
+            # transformers moves the cache between CUDA streams; anywhere else
+            # generate fails inside with a CUDA error.
+            raise InvalidInputError(
+                f"cache_implementation {self.cache_implementation!r} needs the model on CUDA "
+                f"(it offloads the cache from the GPU); the model is on {device}"
+            )
         ids = torch.full((len(encoded), width), int(pad), dtype=torch.long)
         attention = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, e in enumerate(encoded):
