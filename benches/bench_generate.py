@@ -113,6 +113,19 @@ def main() -> None:
         "first compile is already the one for changing shapes",
     )
     parser.add_argument(
+        "--agent-steps",
+        type=int,
+        default=0,
+        help="then this many steps of EngineAgent calls from new threads each step, through a "
+        "static-cache engine: seconds and reserved GPU memory per step",
+    )
+    parser.add_argument(
+        "--caller-threads",
+        action="store_true",
+        help="with --agent-steps: generate on whichever thread leads each batch, not on "
+        "turnrl's one generation thread",
+    )
+    parser.add_argument(
         "--sequence",
         action="store_true",
         help="then time lora against lora-static on six calls of changing batch and prompt "
@@ -211,6 +224,39 @@ def main() -> None:
             f"{'all':<6} {'':>5} {'':>6} {totals[0]:>7.2f} {totals[1]:>8.2f} "
             f"{totals[0] / totals[1]:>5.2f}x"
         )
+
+    if args.agent_steps:
+        # As turnrl train calls it: EngineAgent batching the requests of new
+        # episode threads every step, at changing batch sizes and lengths.
+        from concurrent.futures import ThreadPoolExecutor
+
+        import turnrl.engines
+
+        if args.caller_threads:  # as before turnrl ran them all on one thread
+            turnrl.engines._is_static_cache = lambda name: False
+
+        from turnrl.engines import EngineAgent
+
+        agent = EngineAgent(
+            TransformersEngine(
+                policy,
+                tokenizer,
+                max_new_tokens=args.new_tokens,
+                temperature=0.0,
+                cache_implementation="static",
+            )
+        )
+        print(f"{'step':<5} {'chats':>5} {'seconds':>8} {'reserved GiB':>13}")
+        for step in range(args.agent_steps):
+            batch = 4 + (step * 3) % 9
+            convs = chats(batch, args.prompt_tokens + 64 * step)
+            sync()
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=batch) as pool:
+                list(pool.map(lambda c: agent(c, None), convs))
+            sync()
+            reserved = torch.cuda.memory_reserved() / 2**30 if args.device != "cpu" else 0.0
+            print(f"{step:<5} {batch:>5} {time.perf_counter() - start:>8.2f} {reserved:>13.2f}")
 
     base_time = results.get("base")
     print(f"{'variant':<12} {'s/call':>8} {'ms/token':>9} {'vs base':>8}")

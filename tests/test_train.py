@@ -977,6 +977,35 @@ def test_transformers_engine_static_cache_decodes_as_the_dynamic_one(tok, base_m
         TransformersEngine(policy, tok, cache_implementation="statc")
 
 
+def test_static_cache_generation_runs_on_one_thread_whoever_calls(tok, base_model, monkeypatch):
+    # torch keeps a compiled model's CUDA graphs per thread; EngineAgent's
+    # leading thread changes between batches and its threads are new each step.
+    policy = _lora(copy.deepcopy(base_model))
+    ran_on = []
+    generate = policy.generate
+
+    def recording(*args, **kwargs):
+        ran_on.append(threading.current_thread())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "generate", recording)
+    chat = [{"role": "user", "content": "Hi"}]
+    static = TransformersEngine(
+        policy, tok, max_new_tokens=2, temperature=0.0, cache_implementation="static"
+    )
+    for engine in (static, static.with_temperature(0.5)):
+        callers = [threading.Thread(target=engine.generate, args=([chat],)) for _ in range(3)]
+        for t in callers:
+            t.start()
+            t.join()
+    assert len(ran_on) == 6 and len(set(ran_on)) == 1
+    assert ran_on[0].name.startswith("turnrl-generate") and ran_on[0] not in callers
+    # The default cache runs where it is called.
+    ran_on.clear()
+    TransformersEngine(policy, tok, max_new_tokens=2, temperature=0.0).generate([chat])
+    assert ran_on == [threading.current_thread()]
+
+
 def test_transformers_engine_refuses_an_offloaded_cache_off_cuda(tok, base_model):
     # transformers offloads the cache from a CUDA device (CUDA streams): on the CPU
     # generate failed deep inside with a CUDA error rather than naming the option.

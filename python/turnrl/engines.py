@@ -23,6 +23,7 @@ arrive while a generation is running into the next ``generate`` call.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -162,6 +163,15 @@ class TransformersEngine:
 
     def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
         """Sample one completion per chat, in one padded batch."""
+        if _is_static_cache(self.cache_implementation):
+            # torch keeps the CUDA graphs of a compiled model per thread, and
+            # EngineAgent's leading thread changes from batch to batch (its
+            # threads are new every step): one thread runs every static-cache
+            # generate, so the graphs are recorded once, in one memory pool.
+            return _generation_thread().submit(self._generate, conversations, tools).result()
+        return self._generate(conversations, tools)
+
+    def _generate(self, conversations: Sequence[Chat], tools: Tools) -> list[Completion]:
         import torch
         from transformers import GenerationConfig
 
@@ -235,6 +245,32 @@ class TransformersEngine:
                 )
             )
         return completions
+
+
+_generation_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_generation_pool_lock = threading.Lock()
+
+
+def _generation_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's one thread for static-cache generation (made on first use)."""
+    global _generation_pool
+    with _generation_pool_lock:
+        if _generation_pool is None:
+            _generation_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="turnrl-generate"
+            )
+        return _generation_pool
+
+
+def _is_static_cache(name: str | None) -> bool:
+    """Whether transformers compiles the decoder for this cache (CUDA graphs on a GPU)."""
+    if name is None:
+        return False
+    try:
+        from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS
+    except ImportError:
+        return "static" in name
+    return name in ALL_STATIC_CACHE_IMPLEMENTATIONS
 
 
 def _checked_cache_implementation(name: str | None) -> str | None:
