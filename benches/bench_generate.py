@@ -181,17 +181,23 @@ def main() -> None:
     )
     policy = peft.get_peft_model(model, config)
     lora = TransformersEngine(policy, tokenizer, max_new_tokens=args.new_tokens, temperature=0.0)
-    if "lora" in args.variants:
-        lora.generate(conversations[:1])
-        results["lora"] = timed(lora, conversations, args.repeats, sync)
-    if "lora-static" in args.variants:
-        static = TransformersEngine(
+
+    def static_engine() -> TransformersEngine:
+        """A fresh engine on the LoRA model with the static cache (whose compiled
+        decoder transformers keeps on the model, not the engine)."""
+        return TransformersEngine(
             policy,
             tokenizer,
             max_new_tokens=args.new_tokens,
             temperature=0.0,
             cache_implementation="static",
         )
+
+    if "lora" in args.variants:
+        lora.generate(conversations[:1])
+        results["lora"] = timed(lora, conversations, args.repeats, sync)
+    if "lora-static" in args.variants:
+        static = static_engine()
         sync()
         start = time.perf_counter()
         static.generate(conversations)  # compiles
@@ -204,13 +210,7 @@ def main() -> None:
         # Rollout-like calls: batches of changing size, prompts that grow.
         shapes = [(8, 1.0), (5, 1.3), (8, 1.6), (3, 1.9), (16, 1.2), (8, 2.2)]
         print(f"{'call':<6} {'batch':>5} {'prompt':>6} {'lora s':>7} {'static s':>8} {'ratio':>6}")
-        static = TransformersEngine(
-            policy,
-            tokenizer,
-            max_new_tokens=args.new_tokens,
-            temperature=0.0,
-            cache_implementation="static",
-        )
+        static = static_engine()
         totals = [0.0, 0.0]
         for call, (batch, scale) in enumerate(shapes):
             convs = chats(batch, int(args.prompt_tokens * scale))
@@ -237,15 +237,7 @@ def main() -> None:
 
         from turnrl.engines import EngineAgent
 
-        agent = EngineAgent(
-            TransformersEngine(
-                policy,
-                tokenizer,
-                max_new_tokens=args.new_tokens,
-                temperature=0.0,
-                cache_implementation="static",
-            )
-        )
+        agent = EngineAgent(static_engine())
         print(f"{'step':<5} {'chats':>5} {'seconds':>8} {'reserved GiB':>13}")
         for step in range(args.agent_steps):
             batch = 4 + (step * 3) % 9
