@@ -561,6 +561,12 @@ class ServerEngine:
             "skip_special_tokens": False,
             "spaces_between_special_tokens": False,
             "return_tokens_as_token_ids": True,
+            # What a request leaves out, vLLM takes from the model's
+            # generation_config.json (``--generation-config auto``, its
+            # default): Qwen's top_k 20, min_p, a repetition penalty. Rollouts
+            # come from the softmax the loss models, as TransformersEngine's.
+            # top_k -1 (off): vLLM before 0.10 refuses 0.
+            **_NEUTRAL_SAMPLING,
         }
         client, model = self.endpoint.client, self.model
 
@@ -611,16 +617,19 @@ class ServerEngine:
         slot.count += 1
         name = name or f"{self.adapter_prefix}-{slot.count}"
         previous = slot.name
-        if register:
-            self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-        slot.name = name
         if register and previous is not None and previous != name:
+            # The old one goes first: vLLM keeps --max-cpu-loras adapters
+            # (--max-loras, 1 by default) and drops the oldest to load
+            # another, after which unloading it fails (HTTP 500). Nothing
+            # samples between the two calls.
             try:
                 self._post("unload_lora_adapter", {"lora_name": previous})
             except AgentError as e:
-                # The new adapter is in place; an old one left loaded only
-                # takes one of the server's adapter slots.
+                # Left loaded, it only takes one of the server's adapter slots.
                 warnings.warn(f"could not unload adapter {previous!r}: {e}", stacklevel=2)
+        if register:
+            self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        slot.name = name
         return name
 
     def _post(self, route: str, body: dict[str, Any]) -> None:
@@ -635,7 +644,10 @@ class ServerEngine:
             client.post(f"/{route}", body=body, cast_to=str)
         except oa.APIStatusError as e:
             hint = ""
-            if e.status_code == 404 and "lora" in route:
+            said = e.body
+            # FastAPI's 404 for a route it lacks has no vLLM error message
+            # (vLLM's own 404s: an adapter not loaded, a folder not found).
+            if e.status_code == 404 and not (isinstance(said, Mapping) and "message" in said):
                 hint = (
                     " (start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
                     "--enable-lora)"
@@ -643,6 +655,10 @@ class ServerEngine:
             raise AgentError(f"{where} answered HTTP {e.status_code}: {e.message}{hint}") from e
         except oa.APIError as e:
             raise AgentError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+# Sent with every ServerEngine request, over the server's defaults.
+_NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class _ServedAdapter:
