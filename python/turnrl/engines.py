@@ -461,22 +461,30 @@ class ServerEngine:
     The chat template is rendered here, with ``tokenizer`` (the trained
     model's, as :class:`TransformersEngine` renders it), and sent as token
     ids, so the server samples after exactly the prompt training will see.
-    All chats of a batch go in one request. The answer is the raw text with
-    special tokens (no tool-call or reasoning parser on the server's side),
-    parsed by :class:`EngineAgent` as for the other engines, and, through
-    vLLM's ``return_tokens_as_token_ids``, the sampled token ids; at
-    temperature 1 and ``top_p`` 1, where the returned log-probs are the
-    sampler's whatever the server's ``--logprobs-mode``, their log-probs
-    too
-    (for :attr:`turnrl.train.GTPOConfig.rollout_correction`). A server that
-    gives no ids costs nothing but the ids: training encodes the text again.
+    All chats of a batch go in one request, which fails as a whole where
+    one prompt and ``max_new_tokens`` exceed the server's
+    ``--max-model-len`` (HTTP 400). Each request sets ``top_k``, ``min_p``
+    and the repetition penalty to off, over the defaults vLLM otherwise
+    takes from the model's ``generation_config.json``. The answer is the
+    raw text with special tokens (no tool-call or reasoning parser on the
+    server's side), without the end token it stopped on, parsed by
+    :class:`EngineAgent` as for the other engines, and, through vLLM's
+    ``return_tokens_as_token_ids``, the sampled token ids, end token
+    included; at temperature 1 and ``top_p`` 1, their log-probs too (for
+    :attr:`turnrl.train.GTPOConfig.rollout_correction`): there vLLM's
+    default ``--logprobs-mode raw_logprobs`` (before temperature) and
+    ``processed_logprobs`` are the sampler's (the ``*_logits`` modes give
+    logits, which would be taken for log-probs: not for this engine). A
+    server that gives no ids costs nothing but the ids: training encodes
+    the text again.
 
     :meth:`load_adapter` registers a saved adapter with the server
     (``POST /v1/load_lora_adapter``; the server needs
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, ``--enable-lora`` and a
     ``--max-lora-rank`` of at least the adapter's, and must see the
     adapter's folder at the same path), samples with it from then on, and
-    unloads the one before. ``model`` is the base model's name at the
+    unloads the one before (first: one adapter slot, vLLM's default
+    ``--max-loras 1``, is enough). ``model`` is the base model's name at the
     server (``--served-model-name``, by default what ``vllm serve`` was
     given). Endpoint options (``base_url``, ``api_key``, retries) as
     :class:`turnrl.envs.OpenAIAgent`'s.
