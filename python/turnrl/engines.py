@@ -573,7 +573,7 @@ class ServerEngine:
             # generation_config.json (``--generation-config auto``, its
             # default): Qwen's top_k 20, min_p, a repetition penalty. Rollouts
             # come from the softmax the loss models, as TransformersEngine's.
-            # top_k -1 (off): vLLM before 0.10 refuses 0.
+            # top_k -1 (off): older vLLM (0.8 included) refuses 0.
             **_NEUTRAL_SAMPLING,
         }
         client, model = self.endpoint.client, self.model
