@@ -1,19 +1,26 @@
 """ServerEngine against a stand-in for vLLM's OpenAI-compatible server.
 
 The stand-in serves, for real on 127.0.0.1, the three routes the engine
-uses as vLLM documents them: ``/v1/completions`` (token-id prompts, raw text
-with special tokens, ``return_tokens_as_token_ids`` tokens and the sampled
-token's log-prob, ``finish_reason`` and vLLM's ``stop_reason``), and the
-runtime LoRA routes ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``
-(400 for a name loaded twice, 404 for one not loaded, 404 for a model it
-does not serve). Each completion is a scripted reply, encoded with the real
-Qwen tokenizer and ended with ``<|im_end|>``.
+uses as vLLM's source has them (vllm/entrypoints/openai/completion/ and
+models/serving.py, serve/lora/api_router.py): ``/v1/completions``
+(token-id prompts, one choice per prompt indexed in prompt order, the text
+without the end token it stopped on while ``return_tokens_as_token_ids``
+tokens and the sampled token's log-prob include it, ``finish_reason`` and
+``stop_reason``, and the model's generation config filling whatever
+sampling parameter a request leaves out), and the runtime LoRA routes
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (plain-text
+success; vLLM's JSON errors: 400 for a name loaded twice, 404 for a folder
+without an adapter, for a name not loaded and for a model not served; 500
+for unloading an adapter the engine already dropped to make room, holding
+``max_cpu_loras`` of them). Each completion is a scripted reply, encoded
+with the real Qwen tokenizer and ended with ``<|im_end|>``.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -35,14 +42,23 @@ CALL = (
 )
 
 
+# Qwen2.5-Instruct's generation_config.json, which vLLM applies by default,
+# and vLLM's own defaults for what neither the request nor it sets.
+GENERATION_CONFIG = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+SAMPLING_DEFAULTS = {"temperature": 1, "top_p": 1, "top_k": 0, "min_p": 0, "repetition_penalty": 1}
+
+
 class FakeVLLM(ThreadingHTTPServer):
-    def __init__(self, tokenizer, replies, base="base-model", routes=True):
+    def __init__(self, tokenizer, replies, base="base-model", routes=True, max_cpu_loras=1):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.tokenizer = tokenizer
         self.replies = list(replies)
         self.models = {base}
         self.routes = routes  # False: a server without runtime LoRA updating
+        self.max_cpu_loras = max_cpu_loras
+        self.engine_loras: list[str] = []  # what the engine holds, oldest first
         self.requests: list[tuple[str, dict]] = []
+        self.sampling: list[dict] = []  # the parameters each completion ran with
         self.fail_first = 0
         self.lock = threading.Lock()
 
@@ -58,10 +74,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status, body):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if not isinstance(body, bytes):
+            self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _error(self, status, kind, message):
+        # vLLM's ErrorResponse.
+        error = {"message": message, "type": kind, "param": None, "code": status}
+        return self._send(status, {"error": error})
 
     def do_POST(self):
         server: FakeVLLM = self.server  # type: ignore[assignment]
@@ -75,40 +97,65 @@ class _Handler(BaseHTTPRequestHandler):
                 if not server.routes:
                     return self._send(404, {"detail": "Not Found"})
                 name = body["lora_name"]
+                lora = f"The lora adapter '{name}'"
                 if self.path.endswith("/load_lora_adapter"):
                     if name in server.models:
-                        return self._send(400, {"message": f"'{name}' has already been loaded"})
-                    if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
-                        return self._send(400, {"message": "no adapter there"})
+                        twice = f"{lora} has already been loaded."
+                        return self._error(400, "InvalidUserInput", twice)
+                    path = body["lora_path"]
+                    if not (Path(path) / "adapter_config.json").is_file():
+                        missing = f"Loading lora {name} failed: No adapter found for {path}"
+                        return self._error(404, "NotFoundError", missing)
+                    # The engine loads it at once, dropping its oldest adapter if full.
+                    if len(server.engine_loras) >= server.max_cpu_loras:
+                        server.engine_loras.pop(0)
+                    server.engine_loras.append(name)
                     server.models.add(name)
-                elif name in server.models:
-                    server.models.discard(name)
-                else:
-                    return self._send(404, {"message": f"'{name}' not found"})
-                return self._send(200, b'"Success"')
+                    # Plain text, as vLLM answers (no JSON content type).
+                    return self._send(200, f"Success: LoRA adapter '{name}' added.".encode())
+                if name not in server.models:
+                    return self._error(404, "NotFoundError", f"{lora} cannot be found.")
+                if name not in server.engine_loras:
+                    failed = f"Failed to remove lora adapter '{name}' from the engine."
+                    return self._error(500, "InternalServerError", failed)
+                server.engine_loras.remove(name)
+                server.models.discard(name)
+                return self._send(200, f"Success: LoRA adapter '{name}' removed.".encode())
             if body["model"] not in server.models:
-                return self._send(404, {"message": f"The model `{body['model']}` does not exist."})
+                missing = f"The model `{body['model']}` does not exist."
+                return self._error(404, "NotFoundError", missing)
+            # The request's, else the model's generation config's, else vLLM's.
+            given = {k: v for k, v in body.items() if v is not None}
+            server.sampling.append(
+                {k: given.get(k, GENERATION_CONFIG.get(k, v)) for k, v in SAMPLING_DEFAULTS.items()}
+            )
             choices = []
             for index, prompt in enumerate(body["prompt"]):
                 assert all(isinstance(i, int) for i in prompt)
                 reply = server.replies.pop(0) if server.replies else "Done."
+                # A (text, token) reply stops on a stop token other than the
+                # tokenizer's eos (one of generation_config.json's eos ids).
+                reply, end = reply if isinstance(reply, tuple) else (reply, "<|im_end|>")
                 tok = server.tokenizer
                 ids = tok(reply, add_special_tokens=False)["input_ids"]
-                cut = len(ids) > body["max_tokens"]
+                end_id = tok.convert_tokens_to_ids(end)
+                # max_tokens counts the end token too.
+                cut = len(ids) >= body["max_tokens"]
                 ids = ids[: body["max_tokens"]]
-                tokens = ids if cut else [*ids, tok.convert_tokens_to_ids("<|im_end|>")]
+                tokens = ids if cut else [*ids, end_id]
                 choices.append(
                     {
                         "index": index,
+                        # The token it stopped on is not detokenized.
                         "text": tok.decode(ids, skip_special_tokens=False),
                         "logprobs": {
                             "tokens": [f"token_id:{t}" for t in tokens],
                             "token_logprobs": [-0.5] * len(tokens),
-                            "top_logprobs": None,
+                            "top_logprobs": [{f"token_id:{t}": -0.5} for t in tokens],
                             "text_offset": [0] * len(tokens),
                         },
                         "finish_reason": "length" if cut else "stop",
-                        "stop_reason": None,
+                        "stop_reason": None if cut or end == "<|im_end|>" else end_id,
                     }
                 )
             choices.reverse()  # the engine orders them by index
@@ -168,6 +215,21 @@ def test_one_request_per_batch_with_the_prompt_rendered_here(tok, fake_vllm):
     assert first.token_ids == (*tok(CALL, add_special_tokens=False)["input_ids"], end)
     assert first.logprobs == (-0.5,) * len(first.token_ids)
     assert not first.truncated and first.stop is None
+    # Nothing of the model's generation config (top_k 20, a repetition
+    # penalty) reaches the sampler: rollouts come from the plain softmax.
+    assert server.sampling == [
+        {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+    ]
+
+
+def test_a_stop_token_other_than_eos_is_the_completions_end(tok, fake_vllm):
+    server = fake_vllm(tok, [("All done.", "<|endoftext|>")])
+    engine = ServerEngine("base-model", tok, server.url, backoff=0)
+    (done,) = engine.generate([_chat("Thanks.")])
+    end = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert done.text == "All done." and done.stop == "<|endoftext|>" and done.token_ids[-1] == end
+    # What training checks before it uses the ids: text and end token.
+    assert tok.decode(done.token_ids, skip_special_tokens=False) == done.text + done.stop
 
 
 def test_cut_replies_and_logprobs_away_from_temperature_one(tok, fake_vllm):
@@ -197,14 +259,19 @@ def test_adapters_are_registered_switched_to_and_the_old_one_unloaded(tok, fake_
     folder = tmp_path / "adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text("{}")
-    assert engine.load_adapter(str(folder)) == "run-1"
-    assert engine.load_adapter(str(folder)) == "run-2"
-    assert server.models == {"base-model", "run-2"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.load_adapter(str(folder)) == "run-1"
+        assert engine.load_adapter(str(folder)) == "run-2"
+    assert server.models == {"base-model", "run-2"} and server.engine_loras == ["run-2"]
     posted = [(p.rsplit("/", 1)[1], b["lora_name"]) for p, b in server.requests]
+    # The old one is unloaded first: a server that holds one adapter (vLLM's
+    # default --max-loras 1) has dropped it once the next one is loaded, and
+    # answers its unloading with HTTP 500.
     assert posted == [
         ("load_lora_adapter", "run-1"),
-        ("load_lora_adapter", "run-2"),
         ("unload_lora_adapter", "run-1"),
+        ("load_lora_adapter", "run-2"),
     ]
     assert server.requests[0][1]["lora_path"] == str(folder)
     # Both engines (training's and evaluation's) sample with the new adapter.
@@ -224,6 +291,12 @@ def test_server_errors_name_the_server_and_what_it_needs(tok, fake_vllm, tmp_pat
     with pytest.raises(AgentError, match=r"404.*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
         engine.load_adapter(str(tmp_path))
     assert engine.model == "base-model"  # still the base model
+    # vLLM's own 404s say what is wrong; the hint is for a missing route only.
+    served = fake_vllm(tok, [])
+    other = ServerEngine("base-model", tok, served.url, backoff=0, max_retries=1)
+    with pytest.raises(AgentError, match="No adapter found for") as e:
+        other.load_adapter(str(tmp_path / "nothing"))
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in str(e.value)
     with pytest.raises(AgentError, match="model `nobody` does not exist"):
         ServerEngine("nobody", tok, server.url, backoff=0).generate([_chat("hi")])
     # Busy answers are retried.
@@ -279,7 +352,7 @@ def test_train_command_samples_from_the_server_and_registers_each_adapter(
     asked = [name for route, name in routes if route == "completions"]
     before = [name for route, name in routes[:first_load] if route == "completions"]
     assert set(before) == {"served-base"} and set(asked[len(before) :]) == {loads[0]}
-    assert routes[-1] == ("unload_lora_adapter", loads[0])
+    assert routes[-2:] == [("unload_lora_adapter", loads[0]), ("load_lora_adapter", loads[1])]
     assert server.models == {"served-base", loads[1]}
     # The sampled ids and log-probs reached the trainer (the fake's -0.5 each).
     steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

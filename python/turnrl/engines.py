@@ -461,22 +461,30 @@ class ServerEngine:
     The chat template is rendered here, with ``tokenizer`` (the trained
     model's, as :class:`TransformersEngine` renders it), and sent as token
     ids, so the server samples after exactly the prompt training will see.
-    All chats of a batch go in one request. The answer is the raw text with
-    special tokens (no tool-call or reasoning parser on the server's side),
-    parsed by :class:`EngineAgent` as for the other engines, and, through
-    vLLM's ``return_tokens_as_token_ids``, the sampled token ids; at
-    temperature 1 and ``top_p`` 1, where the returned log-probs are the
-    sampler's whatever the server's ``--logprobs-mode``, their log-probs
-    too
-    (for :attr:`turnrl.train.GTPOConfig.rollout_correction`). A server that
-    gives no ids costs nothing but the ids: training encodes the text again.
+    All chats of a batch go in one request, which fails as a whole where
+    one prompt and ``max_new_tokens`` exceed the server's
+    ``--max-model-len`` (HTTP 400). Each request sets ``top_k``, ``min_p``
+    and the repetition penalty to off, over the defaults vLLM otherwise
+    takes from the model's ``generation_config.json``. The answer is the
+    raw text with special tokens (no tool-call or reasoning parser on the
+    server's side), without the end token it stopped on, parsed by
+    :class:`EngineAgent` as for the other engines, and, through vLLM's
+    ``return_tokens_as_token_ids``, the sampled token ids, end token
+    included; at temperature 1 and ``top_p`` 1, their log-probs too (for
+    :attr:`turnrl.train.GTPOConfig.rollout_correction`): there vLLM's
+    default ``--logprobs-mode raw_logprobs`` (before temperature) and
+    ``processed_logprobs`` are the sampler's (the ``*_logits`` modes give
+    logits, which would be taken for log-probs: not for this engine). A
+    server that gives no ids costs nothing but the ids: training encodes
+    the text again.
 
     :meth:`load_adapter` registers a saved adapter with the server
     (``POST /v1/load_lora_adapter``; the server needs
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, ``--enable-lora`` and a
     ``--max-lora-rank`` of at least the adapter's, and must see the
     adapter's folder at the same path), samples with it from then on, and
-    unloads the one before. ``model`` is the base model's name at the
+    unloads the one before (first: one adapter slot, vLLM's default
+    ``--max-loras 1``, is enough). ``model`` is the base model's name at the
     server (``--served-model-name``, by default what ``vllm serve`` was
     given). Endpoint options (``base_url``, ``api_key``, retries) as
     :class:`turnrl.envs.OpenAIAgent`'s.
@@ -561,6 +569,12 @@ class ServerEngine:
             "skip_special_tokens": False,
             "spaces_between_special_tokens": False,
             "return_tokens_as_token_ids": True,
+            # What a request leaves out, vLLM takes from the model's
+            # generation_config.json (``--generation-config auto``, its
+            # default): Qwen's top_k 20, min_p, a repetition penalty. Rollouts
+            # come from the softmax the loss models, as TransformersEngine's.
+            # top_k -1 (off): older vLLM (0.8 included) refuses 0.
+            **_NEUTRAL_SAMPLING,
         }
         client, model = self.endpoint.client, self.model
 
@@ -611,16 +625,19 @@ class ServerEngine:
         slot.count += 1
         name = name or f"{self.adapter_prefix}-{slot.count}"
         previous = slot.name
-        if register:
-            self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
-        slot.name = name
         if register and previous is not None and previous != name:
+            # The old one goes first: vLLM keeps --max-cpu-loras adapters
+            # (--max-loras, 1 by default) and drops the oldest to load
+            # another, after which unloading it fails (HTTP 500). Nothing
+            # samples between the two calls.
             try:
                 self._post("unload_lora_adapter", {"lora_name": previous})
             except AgentError as e:
-                # The new adapter is in place; an old one left loaded only
-                # takes one of the server's adapter slots.
+                # Left loaded, it only takes one of the server's adapter slots.
                 warnings.warn(f"could not unload adapter {previous!r}: {e}", stacklevel=2)
+        if register:
+            self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
+        slot.name = name
         return name
 
     def _post(self, route: str, body: dict[str, Any]) -> None:
@@ -635,7 +652,10 @@ class ServerEngine:
             client.post(f"/{route}", body=body, cast_to=str)
         except oa.APIStatusError as e:
             hint = ""
-            if e.status_code == 404 and "lora" in route:
+            said = e.body
+            # FastAPI's 404 for a route it lacks has no vLLM error message
+            # (vLLM's own 404s: an adapter not loaded, a folder not found).
+            if e.status_code == 404 and not (isinstance(said, Mapping) and "message" in said):
                 hint = (
                     " (start the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and "
                     "--enable-lora)"
@@ -643,6 +663,10 @@ class ServerEngine:
             raise AgentError(f"{where} answered HTTP {e.status_code}: {e.message}{hint}") from e
         except oa.APIError as e:
             raise AgentError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+# Sent with every ServerEngine request, over the server's defaults.
+_NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
 class _ServedAdapter:
