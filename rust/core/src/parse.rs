@@ -13,6 +13,17 @@
 //!   `<think>` in the prompt), everything before it is reasoning. Reasoning
 //!   blocks are joined with `"\n"` and trimmed; tags inside reasoning are text,
 //!   so a call inside reasoning is never a call. `None` when there is no block.
+//!   A `</think>` (or `<think>`) inside a call is text of the call, not a
+//!   reasoning tag: reasoning ends at the first `</think>` outside calls. A
+//!   call here is a `<tool_call>` closed by `</tool_call>`, or one never
+//!   closed that runs to the end of the text (cut off); with `fmt` = `auto`
+//!   or `qwen3_coder`, also a bare `<function=` block that `</function>`
+//!   closes or that is cut off, as read below. So a call written in reasoning
+//!   stays reasoning when its `</think>` follows it, and a call with
+//!   `</think>` in its arguments is read as a call when no reasoning comes
+//!   before it. A `<tool_call>` or bare block whose closer never comes but
+//!   which a later `<tool_call>` or `<function=` ends (likely prose naming
+//!   the tag) holds no call here: a `</think>` in it ends reasoning.
 //! * **Calls.** `<tool_call>` opens a call; its body ends at the next
 //!   `</tool_call>`, or at the next `<tool_call>` or the end of the text when
 //!   the call was never closed (cut off at the end of generation). With
@@ -514,7 +525,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
 
     // A leading `</think>` with no `<think>` before it closes reasoning that
     // began in the prompt.
-    if let Some((close, 1)) = find_first_tag(text, 0, text.len(), &[THINK_OPEN, THINK_CLOSE]) {
+    if let Some((close, Tag::ThinkClose)) = reasoning_end(text, 0, fmt, true) {
         reasoning.get_or_insert_with(Vec::new).push(0..close);
         pos = close + THINK_CLOSE.len();
     }
@@ -531,7 +542,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
         match which {
             0 => {
                 let start = at + THINK_OPEN.len();
-                let (end, next) = match find_first_tag(text, start, text.len(), &[THINK_CLOSE]) {
+                let (end, next) = match reasoning_end(text, start, fmt, false) {
                     Some((p, _)) => (p, p + THINK_CLOSE.len()),
                     None => (text.len(), text.len()),
                 };
@@ -572,6 +583,82 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
     out.content = gather(text, &content, "");
     out.reasoning = reasoning.map(|pieces| gather(text, &pieces, "\n"));
     out
+}
+
+/// A tag that ends reasoning, as [`reasoning_end`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    ThinkClose,
+    ThinkOpen,
+}
+
+/// Where reasoning that runs from `from` ends: the first `</think>` that
+/// lies in no call, or (with `leading`, for reasoning begun in the prompt)
+/// a `<think>` outside calls that comes first, after which no reasoning was
+/// begun in the prompt. `None` when neither comes: the reasoning runs to the
+/// end of the text.
+///
+/// A call here is a `<tool_call>` closed by its `</tool_call>`, or one that
+/// `</tool_call>` never closes and no later `<tool_call>` ends (cut off at
+/// the end of generation, so the reasoning can end only after it); with an
+/// XML format, also a bare `<function=` block that [`bare_function_block`]
+/// reads as closed or cut off. Tags inside a call are its text. A call
+/// whose closer was forgotten (a `<tool_call>` that the next one ends, a
+/// bare block that the next `<function=` ends, or one that is an error) is
+/// no call here: more likely prose in the reasoning naming the tag, its
+/// tags are read as usual. Each byte is scanned at most three times.
+fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<(usize, Tag)> {
+    let think: &[&str] = if leading {
+        &[THINK_CLOSE, THINK_OPEN]
+    } else {
+        &[THINK_CLOSE]
+    };
+    let tags: &[&str] = match (leading, fmt.accepts_xml()) {
+        (true, true) => &[THINK_CLOSE, THINK_OPEN, CALL_OPEN, FUNCTION_OPEN],
+        (true, false) => &[THINK_CLOSE, THINK_OPEN, CALL_OPEN],
+        (false, true) => &[THINK_CLOSE, CALL_OPEN, FUNCTION_OPEN],
+        (false, false) => &[THINK_CLOSE, CALL_OPEN],
+    };
+    let as_tag = |(at, which): (usize, usize)| {
+        let tag = if which == 0 {
+            Tag::ThinkClose
+        } else {
+            Tag::ThinkOpen
+        };
+        (at, tag)
+    };
+    let mut pos = from;
+    loop {
+        let (at, which) = find_first_tag(text, pos, text.len(), tags)?;
+        let (body, unclosed_end) = match tags[which] {
+            CALL_OPEN => {
+                let start = at + CALL_OPEN.len();
+                match find_first_tag(text, start, text.len(), &[CALL_CLOSE, CALL_OPEN]) {
+                    Some((p, 0)) => {
+                        pos = p + CALL_CLOSE.len();
+                        continue;
+                    }
+                    Some((p, _)) => (start, p),
+                    None => return None,
+                }
+            }
+            FUNCTION_OPEN => match bare_function_block(text, at) {
+                Ok(block) if block.closed => {
+                    pos = block.next;
+                    continue;
+                }
+                Ok(block) if block.next == text.len() => return None,
+                Ok(block) => (at + FUNCTION_OPEN.len(), block.next),
+                Err((p, _)) => (at + FUNCTION_OPEN.len(), p),
+            },
+            _ => return Some(as_tag((at, which))),
+        };
+        // Not a call: its reasoning tags count, its call tags are text.
+        if let Some(hit) = find_first_tag(text, body, unclosed_end, think) {
+            return Some(as_tag(hit));
+        }
+        pos = unclosed_end;
+    }
 }
 
 /// The pieces joined (with `separator` after each non-empty prefix, as the
@@ -1736,6 +1823,129 @@ mod tests {
         );
         assert_eq!(m.content, "answer");
         assert!(m.tool_calls.is_empty());
+    }
+
+    /// (reasoning, content, call names, error offsets) of `text`, `fmt`.
+    fn parts(text: &str, fmt: Format) -> (Option<String>, String, Vec<String>, Vec<usize>) {
+        let m = parse_tool_calls(text, fmt, None);
+        let spans = parse_tool_call_spans(text, fmt, None).into_message(text);
+        assert_eq!(m, spans, "{text}");
+        let names = m.tool_calls.iter().map(|c| c.name.clone()).collect();
+        let offsets = m.errors.iter().map(|e| e.offset).collect();
+        (m.reasoning, m.content, names, offsets)
+    }
+
+    #[test]
+    fn think_close_inside_a_call_does_not_end_reasoning() {
+        let s = |x: &str| x.to_string();
+        let call = "<tool_call>{\"name\": \"note\", \"arguments\": {\"text\": \"a </think> b\"}}</tool_call>";
+        for fmt in [Format::Auto, Format::Hermes] {
+            // No reasoning at all: the call is read, `</think>` and all.
+            let m = parse_tool_calls(call, fmt, None);
+            assert_eq!(m.reasoning, None);
+            assert_eq!((m.content.as_str(), m.errors.len()), ("", 0));
+            assert_eq!(
+                m.tool_calls[0].arguments,
+                args(json!({"text": "a </think> b"}))
+            );
+            // Reasoning begun in the prompt ends at the `</think>` after it.
+            let text = format!("plan <tool_call>x</think>y</tool_call> more</think>ok {call}");
+            assert_eq!(
+                parts(&text, fmt),
+                (
+                    Some(s("plan <tool_call>x</think>y</tool_call> more")),
+                    s("ok"),
+                    vec![s("note")],
+                    vec![]
+                )
+            );
+            // Or, in an explicit block, at the `</think>` outside its calls.
+            let text = format!("<think>plan {call} more</think>ok");
+            assert_eq!(
+                parts(&text, fmt),
+                (Some(format!("plan {call} more")), s("ok"), vec![], vec![])
+            );
+            // A call cut off at the end of generation: its `</think>` is
+            // text too, and the call is an error at its own offset.
+            let cut = &call[..call.find(" b").unwrap() + 2];
+            let text = format!("Sure. {cut}");
+            assert_eq!(parts(&text, fmt), (None, s("Sure."), vec![], vec![6]));
+            let text = format!("<think>plan {cut}");
+            assert_eq!(parts(&text, fmt).0, Some(format!("plan {cut}")));
+            // A `<tool_call>` that the next one ends (a forgotten closer, or
+            // prose naming the tag) holds no call: its `</think>` counts.
+            let text = format!("I will use <tool_call> now.</think>{call}");
+            assert_eq!(
+                parts(&text, fmt),
+                (
+                    Some(s("I will use <tool_call> now.")),
+                    s(""),
+                    vec![s("note")],
+                    vec![]
+                )
+            );
+            // A `<think>` inside a call is text as well.
+            let text = "<tool_call>{\"name\": \"n\", \"arguments\": {\"t\": \"<think>\"}}</tool_call> r</think>c";
+            let (reasoning, content, _, _) = parts(text, fmt);
+            assert_eq!(
+                (reasoning.unwrap().ends_with(" r"), content),
+                (true, s("c"))
+            );
+        }
+    }
+
+    #[test]
+    fn think_close_inside_an_xml_block_does_not_end_reasoning() {
+        let s = |x: &str| x.to_string();
+        let block = "<function=note><parameter=text>a </think> b</parameter></function>";
+        for fmt in [Format::Auto, Format::Qwen3Coder] {
+            for call in [
+                block.to_string(),
+                format!("<tool_call>\n{block}\n</tool_call>"),
+            ] {
+                let m = parse_tool_calls(&call, fmt, None);
+                assert_eq!((m.reasoning, m.errors.len()), (None, 0), "{call}");
+                assert_eq!(
+                    m.tool_calls[0].arguments,
+                    args(json!({"text": "a </think> b"}))
+                );
+                let text = format!("plan</think>{call}");
+                assert_eq!(
+                    parts(&text, fmt),
+                    (Some(s("plan")), s(""), vec![s("note")], vec![])
+                );
+                let text = format!("<think>x {call}</think>y");
+                assert_eq!(
+                    parts(&text, fmt),
+                    (Some(format!("x {call}")), s("y"), vec![], vec![])
+                );
+            }
+            // Cut off inside a bare block: no reasoning ends there.
+            let cut = "ok <function=note><parameter=text>a </think> b";
+            assert_eq!(parts(cut, fmt), (None, s("ok"), vec![], vec![3]));
+            // A bare block that the next `<function=` ends, or that meets a
+            // `<tool_call>`, holds no call here.
+            let text = format!("use <function=NAME> tags</think>{block}");
+            assert_eq!(
+                parts(&text, fmt),
+                (
+                    Some(s("use <function=NAME> tags")),
+                    s(""),
+                    vec![s("note")],
+                    vec![]
+                )
+            );
+        }
+        // Hermes reads no bare blocks: their `</think>` ends reasoning.
+        let (reasoning, content, names, _) = parts(block, Format::Hermes);
+        assert_eq!(
+            (reasoning.as_deref(), content.as_str(), names.len()),
+            (
+                Some("<function=note><parameter=text>a"),
+                "b</parameter></function>",
+                0
+            )
+        );
     }
 
     #[test]
