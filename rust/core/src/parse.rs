@@ -525,7 +525,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
 
     // A leading `</think>` with no `<think>` before it closes reasoning that
     // began in the prompt.
-    if let Some((close, Tag::ThinkClose)) = reasoning_end(text, 0, fmt, true) {
+    if let Some(close) = reasoning_end(text, 0, fmt, true) {
         reasoning.get_or_insert_with(Vec::new).push(0..close);
         pos = close + THINK_CLOSE.len();
     }
@@ -543,7 +543,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
             0 => {
                 let start = at + THINK_OPEN.len();
                 let (end, next) = match reasoning_end(text, start, fmt, false) {
-                    Some((p, _)) => (p, p + THINK_CLOSE.len()),
+                    Some(p) => (p, p + THINK_CLOSE.len()),
                     None => (text.len(), text.len()),
                 };
                 reasoning.get_or_insert_with(Vec::new).push(start..end);
@@ -585,18 +585,10 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
     out
 }
 
-/// A tag that ends reasoning, as [`reasoning_end`] finds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Tag {
-    ThinkClose,
-    ThinkOpen,
-}
-
-/// Where reasoning that runs from `from` ends: the first `</think>` that
-/// lies in no call, or (with `leading`, for reasoning begun in the prompt)
-/// a `<think>` outside calls that comes first, after which no reasoning was
-/// begun in the prompt. `None` when neither comes: the reasoning runs to the
-/// end of the text.
+/// Where reasoning that runs from `from` ends: at the first `</think>` that
+/// lies in no call. `None` when there is none, or (with `leading`, for
+/// reasoning begun in the prompt) when a `<think>` outside calls comes
+/// first, so that no reasoning was begun in the prompt.
 ///
 /// A call here is a `<tool_call>` closed by its `</tool_call>`, or one that
 /// `</tool_call>` never closes and no later `<tool_call>` ends (cut off at
@@ -607,7 +599,7 @@ enum Tag {
 /// bare block that the next `<function=` ends, or one that is an error) is
 /// no call here: more likely prose in the reasoning naming the tag, its
 /// tags are read as usual. Each byte is scanned at most three times.
-fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<(usize, Tag)> {
+fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<usize> {
     let think: &[&str] = if leading {
         &[THINK_CLOSE, THINK_OPEN]
     } else {
@@ -619,45 +611,41 @@ fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<
         (false, true) => &[THINK_CLOSE, CALL_OPEN, FUNCTION_OPEN],
         (false, false) => &[THINK_CLOSE, CALL_OPEN],
     };
-    let as_tag = |(at, which): (usize, usize)| {
-        let tag = if which == 0 {
-            Tag::ThinkClose
-        } else {
-            Tag::ThinkOpen
-        };
-        (at, tag)
-    };
-    let mut pos = from;
+    let close = |(at, which): (usize, usize)| (which == 0).then_some(at);
+    let (mut at, mut which) = find_first_tag(text, from, text.len(), tags)?;
+    if tags[which] != THINK_CLOSE && tags[which] != THINK_OPEN {
+        // Most messages with calls before any reasoning tag have no
+        // `</think>` at all: one search answers for them.
+        memchr::memmem::find(&text.as_bytes()[at..], THINK_CLOSE.as_bytes())?;
+    }
     loop {
-        let (at, which) = find_first_tag(text, pos, text.len(), tags)?;
         let (body, unclosed_end) = match tags[which] {
             CALL_OPEN => {
                 let start = at + CALL_OPEN.len();
                 match find_first_tag(text, start, text.len(), &[CALL_CLOSE, CALL_OPEN]) {
-                    Some((p, 0)) => {
-                        pos = p + CALL_CLOSE.len();
-                        continue;
-                    }
-                    Some((p, _)) => (start, p),
+                    Some((p, 0)) => (p + CALL_CLOSE.len(), None),
+                    Some((p, _)) => (start, Some(p)),
                     None => return None,
                 }
             }
             FUNCTION_OPEN => match bare_function_block(text, at) {
-                Ok(block) if block.closed => {
-                    pos = block.next;
-                    continue;
-                }
+                Ok(block) if block.closed => (block.next, None),
                 Ok(block) if block.next == text.len() => return None,
-                Ok(block) => (at + FUNCTION_OPEN.len(), block.next),
-                Err((p, _)) => (at + FUNCTION_OPEN.len(), p),
+                Ok(block) => (at + FUNCTION_OPEN.len(), Some(block.next)),
+                Err((p, _)) => (at + FUNCTION_OPEN.len(), Some(p)),
             },
-            _ => return Some(as_tag((at, which))),
+            _ => return close((at, which)),
         };
-        // Not a call: its reasoning tags count, its call tags are text.
-        if let Some(hit) = find_first_tag(text, body, unclosed_end, think) {
-            return Some(as_tag(hit));
-        }
-        pos = unclosed_end;
+        let pos = match unclosed_end {
+            // Not a call: its reasoning tags count, its call tags are text.
+            Some(end) => match find_first_tag(text, body, end, think) {
+                Some(hit) => return close(hit),
+                None => end,
+            },
+            // A call: skip it.
+            None => body,
+        };
+        (at, which) = find_first_tag(text, pos, text.len(), tags)?;
     }
 }
 
