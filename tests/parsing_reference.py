@@ -269,6 +269,12 @@ def _bare_xml_call(text: str, open_at: int, schemas: Any, out: _Out) -> int:
     return _xml_call(text, open_at, len(text), schemas, out, open_at)
 
 
+def starts_like_a_call(body: str) -> bool:
+    """A JSON object, a code fence or a `<function=` block (or nothing yet)."""
+    body = body.lstrip(" \t\n\r")
+    return not body or body.startswith(("{", "```", "<function="))
+
+
 def _call_reach(text: str, at: int, tag: str) -> tuple[str, int]:
     """How far the call opening at `at` (a `<tool_call>` or a bare
     `<function=`) keeps reasoning tags as its text: ("closed", end of the
@@ -278,7 +284,8 @@ def _call_reach(text: str, at: int, tag: str) -> tuple[str, int]:
     if tag == "<tool_call>":
         hit = find_first(text, at + len(tag), n, ["</tool_call>", "<tool_call>"])
         if hit is None:
-            return "cut", n
+            # A call cut off at the end if it starts as one; else prose naming the tag.
+            return ("cut" if starts_like_a_call(text[at + len(tag) :]) else "open"), n
         if hit[1] == 0:
             return "closed", hit[0] + len("</tool_call>")
         return "open", hit[0]

@@ -714,6 +714,18 @@ def test_reply_from_text_drops_an_empty_think_block_from_the_content() -> None:
     assert reply_from_text(" hi\n")["content"] == " hi\n"
 
 
+def test_a_call_tag_named_in_reasoning_leaves_the_answer_alone() -> None:
+    text = "Just thanks; no <tool_call> needed</think>You're welcome!"
+    for fmt in ("auto", "hermes", "qwen3_coder"):
+        got = turnrl.parse_tool_calls(text, fmt)
+        assert got.reasoning == "Just thanks; no <tool_call> needed", fmt
+        assert (got.content, got.tool_calls, got.errors) == ("You're welcome!", [], [])
+        assert ref_parse(text, fmt)["reasoning"] == got.reasoning
+    # A call cut off at the end that starts as one still hides its `</think>`.
+    cut = '<tool_call>\n{"name": "note", "arguments": {"text": "a </think>'
+    assert turnrl.parse_tool_calls(cut).reasoning is None
+
+
 def test_split_reasoning_ends_reasoning_where_the_parser_does() -> None:
     from turnrl.envs.users import split_reasoning
 
@@ -724,6 +736,8 @@ def test_split_reasoning_ends_reasoning_where_the_parser_does() -> None:
         "<think>plan</think>",
         "<think>plan ",
         "I use <tool_call> tags</think>",
+        "no <tool_call> needed</think>",
+        "<think>no <tool_call>\n needed</think>",
     ]
     for lead in leads:
         for tail in [

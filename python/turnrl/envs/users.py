@@ -271,12 +271,18 @@ def _think_tag(text: str, pos: int, tags: tuple[str, ...]) -> tuple[int, str] | 
         close, reopen = text.find("</tool_call>", body), text.find("<tool_call>", body)
         if close >= 0 and (reopen < 0 or close < reopen):
             pos = close + len("</tool_call>")
-        elif reopen < 0:
+        elif reopen < 0 and text[body:].lstrip(" \t\n\r").startswith(("{", "```", "<function=")):
             return None  # cut off inside the call
+        elif reopen < 0 and not text[body:].strip(" \t\n\r"):
+            return None  # cut off right after the tag
         else:
-            inner = [(p, t) for t in tags if 0 <= (p := text.find(t, body, reopen))]
+            # A tag named in prose, or a call whose closer was forgotten.
+            stop = len(text) if reopen < 0 else reopen
+            inner = [(p, t) for t in tags if 0 <= (p := text.find(t, body, stop))]
             if inner:
                 return min(inner)
+            if reopen < 0:
+                return None
             pos = reopen
 
 

@@ -599,6 +599,16 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
 /// bare block that the next `<function=` ends, or one that is an error) is
 /// no call here: more likely prose in the reasoning naming the tag, its
 /// tags are read as usual. Each byte is scanned at most three times.
+/// Whether the text after a `<tool_call>` begins as a call body does: a JSON
+/// object, a code fence or a Qwen3-Coder `<function=` block (or nothing yet).
+fn starts_like_a_call(body: &str) -> bool {
+    let body = body.trim_start_matches([' ', '\t', '\n', '\r']);
+    body.is_empty()
+        || body.starts_with('{')
+        || body.starts_with("```")
+        || body.starts_with(FUNCTION_OPEN)
+}
+
 fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<usize> {
     let think: &[&str] = if leading {
         &[THINK_CLOSE, THINK_OPEN]
@@ -625,7 +635,10 @@ fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<
                 match find_first_tag(text, start, text.len(), &[CALL_CLOSE, CALL_OPEN]) {
                     Some((p, 0)) => (p + CALL_CLOSE.len(), None),
                     Some((p, _)) => (start, Some(p)),
-                    None => return None,
+                    // Cut off at the end: a call if it starts as one, else a
+                    // tag named in prose ("no <tool_call> needed</think>").
+                    None if starts_like_a_call(&text[start..]) => return None,
+                    None => (start, Some(text.len())),
                 }
             }
             FUNCTION_OPEN => match bare_function_block(text, at) {
@@ -1821,6 +1834,29 @@ mod tests {
         let names = m.tool_calls.iter().map(|c| c.name.clone()).collect();
         let offsets = m.errors.iter().map(|e| e.offset).collect();
         (m.reasoning, m.content, names, offsets)
+    }
+
+    #[test]
+    fn a_call_tag_named_in_reasoning_hides_no_think_close() {
+        let s = |x: &str| x.to_string();
+        for fmt in [Format::Auto, Format::Hermes, Format::Qwen3Coder] {
+            // Prose naming the tag, then a text answer: nothing is cut off.
+            let text = "Just thanks; no <tool_call> needed</think>You're welcome!";
+            assert_eq!(
+                parts(text, fmt),
+                (
+                    Some(s("Just thanks; no <tool_call> needed")),
+                    s("You're welcome!"),
+                    vec![],
+                    vec![]
+                )
+            );
+            let text = "<think>no <tool_call>\n needed</think>Bye.";
+            assert_eq!(parts(text, fmt).0, Some(s("no <tool_call>\n needed")));
+        }
+        // A cut-off call that starts as one still keeps its `</think>`.
+        let cut = "<tool_call>\n{\"name\": \"note\", \"arguments\": {\"text\": \"a </think>";
+        assert_eq!(parse_tool_calls(cut, Format::Auto, None).reasoning, None);
     }
 
     #[test]
