@@ -269,6 +269,63 @@ def _bare_xml_call(text: str, open_at: int, schemas: Any, out: _Out) -> int:
     return _xml_call(text, open_at, len(text), schemas, out, open_at)
 
 
+def starts_like_a_call(body: str) -> bool:
+    """A JSON object, a code fence or a `<function=` block (or nothing yet)."""
+    body = body.lstrip(" \t\n\r")
+    return not body or body.startswith(("{", "```", "<function="))
+
+
+def _call_reach(text: str, at: int, tag: str) -> tuple[str, int]:
+    """How far the call opening at `at` (a `<tool_call>` or a bare
+    `<function=`) keeps reasoning tags as its text: ("closed", end of the
+    call), ("cut", end of the text) or ("open", where the tag ended) when the
+    call's closer was forgotten and its tags count."""
+    n = len(text)
+    if tag == "<tool_call>":
+        hit = find_first(text, at + len(tag), n, ["</tool_call>", "<tool_call>"])
+        if hit is None:
+            # A call cut off at the end if it starts as one; else prose naming the tag.
+            return ("cut" if starts_like_a_call(text[at + len(tag) :]) else "open"), n
+        if hit[1] == 0:
+            return "closed", hit[0] + len("</tool_call>")
+        return "open", hit[0]
+    start = at + len(tag)
+    hit = find_first(text, start, n, ["</function>", "<function=", "<tool_call>"])
+    if hit is not None and hit[1] == 0:
+        return "closed", hit[0] + len("</function>")
+    end = n if hit is None else hit[0]
+    think = find_first(text, start, end, ["<think>"])
+    if think is not None:
+        return "open", think[0]
+    if hit is None:
+        return "cut", n
+    return "open", end
+
+
+def reasoning_end(text: str, start: int, fmt: str, leading: bool) -> tuple[int, int] | None:
+    """The first `</think>` (0) from `start` outside calls, or with
+    `leading` a `<think>` (1) before it; None when reasoning runs to the end."""
+    think = ["</think>", "<think>"] if leading else ["</think>"]
+    calls = ["<tool_call>"] + (["<function="] if fmt != "hermes" else [])
+    pos = start
+    while True:
+        hit = find_first(text, pos, len(text), think + calls)
+        if hit is None:
+            return None
+        at, which = hit
+        if which < len(think):
+            return at, which
+        tag = calls[which - len(think)]
+        how, end = _call_reach(text, at, tag)
+        if how == "cut":
+            return None
+        if how == "open":
+            inner = find_first(text, at + len(tag), end, think)
+            if inner is not None:
+                return inner
+        pos = end
+
+
 def parse_body(
     text: str, tag_at: int, start: int, end: int, fmt: str, schemas: Any, out: _Out
 ) -> None:
@@ -313,8 +370,8 @@ def parse(
     reasoning: str | None = None
     pos = 0
     n = len(text)
-    hit = find_first(text, 0, n, ["<think>", "</think>"])
-    if hit is not None and hit[1] == 1:
+    hit = reasoning_end(text, 0, fmt, True)
+    if hit is not None and hit[1] == 0:
         reasoning = text[: hit[0]]
         pos = hit[0] + len("</think>")
     tags = ["<think>", "<tool_call>"] + (["<function="] if fmt != "hermes" else [])
@@ -326,7 +383,7 @@ def parse(
         content.append(text[pos:at])
         if which == 0:
             start = at + len("<think>")
-            close = find_first(text, start, n, ["</think>"])
+            close = reasoning_end(text, start, fmt, False)
             end, nxt = (close[0], close[0] + len("</think>")) if close else (n, n)
             if reasoning is None:
                 reasoning = ""

@@ -98,6 +98,54 @@ def test_reasoning_cut_off() -> None:
     assert m.reasoning is not None and m.reasoning.startswith("still thinking")
 
 
+def test_think_close_inside_a_call_is_text_of_the_call() -> None:
+    """Reasoning ends at the first </think> outside calls: one in a call's
+    arguments neither ends reasoning begun in the prompt nor loses the call."""
+    note = {"name": "note", "arguments": {"text": "a </think> b"}}
+    text = "<tool_call>" + json.dumps(note) + "</tool_call>"
+    for fmt in ["auto", "hermes"]:
+        m = assert_matches_reference(text, fmt)
+        assert (m.content, m.reasoning, m.tool_calls, m.errors) == ("", None, [note], [])
+        assert m.call_offsets == [0]
+        # Reasoning before the call, begun in the prompt or in a block.
+        for lead in ["plan</think>", "<think>plan</think>"]:
+            m = assert_matches_reference(lead + "Sure. " + text, fmt)
+            assert (m.reasoning, m.content, m.tool_calls) == ("plan", "Sure.", [note])
+        # A call written in reasoning stays reasoning, whole.
+        for lead in ["", "<think>"]:
+            m = assert_matches_reference(lead + "maybe " + text + " no</think>Done.", fmt)
+            assert m.reasoning == "maybe " + text + " no"
+            assert (m.content, m.tool_calls, m.errors) == ("Done.", [], [])
+        # Cut off at the end of generation: still a call (an error), and its
+        # offset is where it starts.
+        cut = "ok " + text[: text.index(" b")]
+        m = assert_matches_reference(cut, fmt)
+        assert (m.content, m.reasoning, m.tool_calls, m.error_offsets) == ("ok", None, [], [3])
+        # A <tool_call> that the next one ends holds no call: its </think> counts.
+        m = assert_matches_reference("I use <tool_call> tags.</think>" + text, fmt)
+        assert (m.reasoning, m.tool_calls) == ("I use <tool_call> tags.", [note])
+    # Qwen3-Coder XML, with or without the <tool_call> tags around it.
+    block = "<function=note><parameter=text>a </think> b</parameter></function>"
+    for call_text in [block, "<tool_call>\n" + block + "\n</tool_call>"]:
+        for fmt in ["auto", "qwen3_coder"]:
+            m = assert_matches_reference(call_text, fmt)
+            assert (m.reasoning, m.tool_calls, m.errors) == (None, [note], [])
+            m = assert_matches_reference("plan</think>" + call_text, fmt)
+            assert (m.reasoning, m.tool_calls) == ("plan", [note])
+    # The batch form reads the same.
+    texts = [text, "plan</think>" + text, block, "x " + text[:-5]]
+    assert turnrl.parse_tool_calls_batch(texts) == [turnrl.parse_tool_calls(t) for t in texts]
+
+
+def test_reply_from_text_keeps_a_call_with_think_close_in_its_arguments() -> None:
+    from turnrl.envs.agents import reply_from_text
+
+    text = '<tool_call>{"name": "note", "arguments": {"text": "a </think> b"}}</tool_call>'
+    reply = reply_from_text(text)
+    assert reply["tool_calls"] == [{"name": "note", "arguments": {"text": "a </think> b"}}]
+    assert (reply["content"], reply["reasoning"], reply["completion"]) == ("", None, text)
+
+
 def test_final_call_cut_off_with_complete_json_parses() -> None:
     m = assert_matches_reference('ok <tool_call>\n{"name": "f", "arguments": {"a": 1}}\n')
     assert m.tool_calls == [{"name": "f", "arguments": {"a": 1}}]
@@ -462,6 +510,14 @@ def xml_call(draw: st.DrawFn) -> str:
     return block if draw(st.booleans()) else "<tool_call>\n" + block + "\n</tool_call>"
 
 
+# Calls with reasoning tags in their values, which are text of the call.
+THINK_CALLS = [
+    '<tool_call>{"name": "x", "arguments": {"t": "a </think> <think> b"}}</tool_call>',
+    "<tool_call>\n<function=x>\n<parameter=t>\n</think>\n</parameter>\n</function>\n</tool_call>",
+    "<function=x><parameter=t></think></parameter></function>",
+]
+
+
 @st.composite
 def message(draw: st.DrawFn) -> str:
     parts: list[str] = []
@@ -472,7 +528,7 @@ def message(draw: st.DrawFn) -> str:
         parts.append(draw(PROSE).replace("<think>", "") + "</think>")
     parts.append(draw(PROSE))
     for _ in range(draw(st.integers(0, 3))):
-        parts.append(draw(hermes_call() | xml_call()))
+        parts.append(draw(hermes_call() | xml_call() | st.sampled_from(THINK_CALLS)))
         parts.append(draw(PROSE))
     if think == "unclosed":
         parts.insert(draw(st.integers(0, len(parts))), "<think>")
@@ -656,3 +712,45 @@ def test_reply_from_text_drops_an_empty_think_block_from_the_content() -> None:
         assert reply["completion"] == text
     # No block at all: the raw text is the content, untrimmed.
     assert reply_from_text(" hi\n")["content"] == " hi\n"
+
+
+def test_a_call_tag_named_in_reasoning_leaves_the_answer_alone() -> None:
+    text = "Just thanks; no <tool_call> needed</think>You're welcome!"
+    for fmt in ("auto", "hermes", "qwen3_coder"):
+        got = turnrl.parse_tool_calls(text, fmt)
+        assert got.reasoning == "Just thanks; no <tool_call> needed", fmt
+        assert (got.content, got.tool_calls, got.errors) == ("You're welcome!", [], [])
+        assert ref_parse(text, fmt)["reasoning"] == got.reasoning
+    # A call cut off at the end that starts as one still hides its `</think>`.
+    cut = '<tool_call>\n{"name": "note", "arguments": {"text": "a </think>'
+    assert turnrl.parse_tool_calls(cut).reasoning is None
+
+
+def test_split_reasoning_ends_reasoning_where_the_parser_does() -> None:
+    from turnrl.envs.users import split_reasoning
+
+    call_text = '<tool_call>{"name": "x", "arguments": {"t": "a </think> <think> b"}}</tool_call>'
+    leads = [
+        "",
+        "plan</think>",
+        "<think>plan</think>",
+        "<think>plan ",
+        "I use <tool_call> tags</think>",
+        "no <tool_call> needed</think>",
+        "<think>no <tool_call>\n needed</think>",
+    ]
+    for lead in leads:
+        for tail in [
+            "",
+            call_text,
+            call_text + " ok",
+            " so " + call_text[:-20],
+            call_text + "</think>",
+        ]:
+            text = lead + tail
+            reasoning, rest = split_reasoning(text)
+            assert reasoning == turnrl.parse_tool_calls(text, "hermes").reasoning, text
+            if reasoning is None:
+                assert rest == text
+    assert split_reasoning("a " + call_text + " b</think> c") == ("a " + call_text + " b", "c")
+    assert split_reasoning(call_text) == (None, call_text)

@@ -12,6 +12,14 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
 * ``<think>...</think>`` is reasoning (a block never closed runs to the end;
   a ``</think>`` with no ``<think>`` before it ends reasoning that began in
   the prompt). Tags inside reasoning are text: a call there is not a call.
+  Reasoning ends at the first ``</think>`` outside calls: one inside a
+  ``<tool_call>`` that ``</tool_call>`` closes, inside a call cut off at the
+  end of the text, or (XML formats) inside a bare ``<function=`` block that
+  ``</function>`` closes or that is cut off, is text of that call. So a call
+  with ``</think>`` in its arguments is still a call, and one written in
+  reasoning before its ``</think>`` is still reasoning. A ``<tool_call>``
+  that a later ``<tool_call>`` ends (a forgotten closer, or prose naming the
+  tag) does not hide a ``</think>`` in it.
 * A ``<tool_call>`` never closed (generation cut off) ends at the next
   ``<tool_call>`` or the end of the text; it still parses when its JSON is
   complete.

@@ -266,22 +266,56 @@ def _first_choice(res: Any) -> tuple[Any, str | None]:
     return message, finish if isinstance(finish, str) else None
 
 
+def _think_tag(text: str, pos: int, tags: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first of ``tags`` at or after ``pos`` that lies in no
+    ``<tool_call>`` (one that ``</tool_call>`` closes, or that runs to the
+    end of the text), as :func:`turnrl.parse_tool_calls` reads reasoning
+    tags; a ``<tool_call>`` that the next one ends hides nothing."""
+    while True:
+        found = [(at, tag) for tag in (*tags, "<tool_call>") if (at := text.find(tag, pos)) >= 0]
+        if not found:
+            return None
+        at, tag = min(found)
+        if tag != "<tool_call>":
+            return at, tag
+        body = at + len("<tool_call>")
+        close, reopen = text.find("</tool_call>", body), text.find("<tool_call>", body)
+        if close >= 0 and (reopen < 0 or close < reopen):
+            pos = close + len("</tool_call>")
+        elif reopen < 0 and text[body:].lstrip(" \t\n\r").startswith(("{", "```", "<function=")):
+            return None  # cut off inside the call
+        elif reopen < 0 and not text[body:].strip(" \t\n\r"):
+            return None  # cut off right after the tag
+        else:
+            # A tag named in prose, or a call whose closer was forgotten.
+            stop = len(text) if reopen < 0 else reopen
+            inner = [(p, t) for t in tags if 0 <= (p := text.find(t, body, stop))]
+            if inner:
+                return min(inner)
+            if reopen < 0:
+                return None
+            pos = reopen
+
+
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """``(reasoning, rest)`` of a reply that thinks in ``<think>...</think>``,
-    by the rules of :func:`turnrl.parse_tool_calls`: a ``</think>`` with no
-    ``<think>`` before it closes reasoning opened in the prompt (everything
-    before it); a ``<think>`` block elsewhere is taken out of the text around
-    it; an unclosed one (cut off by the token limit) runs to the end.
+    by the rules of :func:`turnrl.parse_tool_calls` (``fmt="hermes"``): a
+    ``</think>`` with no ``<think>`` before it closes reasoning opened in the
+    prompt (everything before it); a ``<think>`` block elsewhere is taken out
+    of the text around it; an unclosed one (cut off by the token limit) runs
+    to the end. Reasoning tags inside a ``<tool_call>`` are text of the call.
     ``(None, text)`` when there is no such block."""
-    start = text.find("<think>")
-    close = text.find("</think>")
-    if close >= 0 and (start < 0 or start > close):
+    first = _think_tag(text, 0, ("<think>", "</think>"))
+    if first is not None and first[1] == "</think>":
+        close = first[0]
         return text[:close].strip(), text[close + len("</think>") :].strip()
-    if start < 0:
+    if first is None:
         return None, text
-    end = text.find("</think>", start)
-    if end < 0:
+    start = first[0]
+    last = _think_tag(text, start + len("<think>"), ("</think>",))
+    if last is None:
         return text[start + len("<think>") :].strip(), text[:start].strip()
+    end = last[0]
     reasoning = text[start + len("<think>") : end]
     return reasoning.strip(), (text[:start] + text[end + len("</think>") :]).strip()
 

@@ -13,6 +13,17 @@
 //!   `<think>` in the prompt), everything before it is reasoning. Reasoning
 //!   blocks are joined with `"\n"` and trimmed; tags inside reasoning are text,
 //!   so a call inside reasoning is never a call. `None` when there is no block.
+//!   A `</think>` (or `<think>`) inside a call is text of the call, not a
+//!   reasoning tag: reasoning ends at the first `</think>` outside calls. A
+//!   call here is a `<tool_call>` closed by `</tool_call>`, or one never
+//!   closed that runs to the end of the text (cut off); with `fmt` = `auto`
+//!   or `qwen3_coder`, also a bare `<function=` block that `</function>`
+//!   closes or that is cut off, as read below. So a call written in reasoning
+//!   stays reasoning when its `</think>` follows it, and a call with
+//!   `</think>` in its arguments is read as a call when no reasoning comes
+//!   before it. A `<tool_call>` or bare block whose closer never comes but
+//!   which a later `<tool_call>` or `<function=` ends (likely prose naming
+//!   the tag) holds no call here: a `</think>` in it ends reasoning.
 //! * **Calls.** `<tool_call>` opens a call; its body ends at the next
 //!   `</tool_call>`, or at the next `<tool_call>` or the end of the text when
 //!   the call was never closed (cut off at the end of generation). With
@@ -514,7 +525,7 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
 
     // A leading `</think>` with no `<think>` before it closes reasoning that
     // began in the prompt.
-    if let Some((close, 1)) = find_first_tag(text, 0, text.len(), &[THINK_OPEN, THINK_CLOSE]) {
+    if let Some(close) = reasoning_end(text, 0, fmt, true) {
         reasoning.get_or_insert_with(Vec::new).push(0..close);
         pos = close + THINK_CLOSE.len();
     }
@@ -531,8 +542,8 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
         match which {
             0 => {
                 let start = at + THINK_OPEN.len();
-                let (end, next) = match find_first_tag(text, start, text.len(), &[THINK_CLOSE]) {
-                    Some((p, _)) => (p, p + THINK_CLOSE.len()),
+                let (end, next) = match reasoning_end(text, start, fmt, false) {
+                    Some(p) => (p, p + THINK_CLOSE.len()),
                     None => (text.len(), text.len()),
                 };
                 reasoning.get_or_insert_with(Vec::new).push(start..end);
@@ -572,6 +583,83 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
     out.content = gather(text, &content, "");
     out.reasoning = reasoning.map(|pieces| gather(text, &pieces, "\n"));
     out
+}
+
+/// Where reasoning that runs from `from` ends: at the first `</think>` that
+/// lies in no call. `None` when there is none, or (with `leading`, for
+/// reasoning begun in the prompt) when a `<think>` outside calls comes
+/// first, so that no reasoning was begun in the prompt.
+///
+/// A call here is a `<tool_call>` closed by its `</tool_call>`, or one that
+/// `</tool_call>` never closes and no later `<tool_call>` ends (cut off at
+/// the end of generation, so the reasoning can end only after it); with an
+/// XML format, also a bare `<function=` block that [`bare_function_block`]
+/// reads as closed or cut off. Tags inside a call are its text. A call
+/// whose closer was forgotten (a `<tool_call>` that the next one ends, a
+/// bare block that the next `<function=` ends, or one that is an error) is
+/// no call here: more likely prose in the reasoning naming the tag, its
+/// tags are read as usual. Each byte is scanned at most three times.
+/// Whether the text after a `<tool_call>` begins as a call body does: a JSON
+/// object, a code fence or a Qwen3-Coder `<function=` block (or nothing yet).
+fn starts_like_a_call(body: &str) -> bool {
+    let body = body.trim_start_matches([' ', '\t', '\n', '\r']);
+    body.is_empty()
+        || body.starts_with('{')
+        || body.starts_with("```")
+        || body.starts_with(FUNCTION_OPEN)
+}
+
+fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<usize> {
+    let think: &[&str] = if leading {
+        &[THINK_CLOSE, THINK_OPEN]
+    } else {
+        &[THINK_CLOSE]
+    };
+    let tags: &[&str] = match (leading, fmt.accepts_xml()) {
+        (true, true) => &[THINK_CLOSE, THINK_OPEN, CALL_OPEN, FUNCTION_OPEN],
+        (true, false) => &[THINK_CLOSE, THINK_OPEN, CALL_OPEN],
+        (false, true) => &[THINK_CLOSE, CALL_OPEN, FUNCTION_OPEN],
+        (false, false) => &[THINK_CLOSE, CALL_OPEN],
+    };
+    let close = |(at, which): (usize, usize)| (which == 0).then_some(at);
+    let (mut at, mut which) = find_first_tag(text, from, text.len(), tags)?;
+    if tags[which] != THINK_CLOSE && tags[which] != THINK_OPEN {
+        // Most messages with calls before any reasoning tag have no
+        // `</think>` at all: one search answers for them.
+        memchr::memmem::find(&text.as_bytes()[at..], THINK_CLOSE.as_bytes())?;
+    }
+    loop {
+        let (body, unclosed_end) = match tags[which] {
+            CALL_OPEN => {
+                let start = at + CALL_OPEN.len();
+                match find_first_tag(text, start, text.len(), &[CALL_CLOSE, CALL_OPEN]) {
+                    Some((p, 0)) => (p + CALL_CLOSE.len(), None),
+                    Some((p, _)) => (start, Some(p)),
+                    // Cut off at the end: a call if it starts as one, else a
+                    // tag named in prose ("no <tool_call> needed</think>").
+                    None if starts_like_a_call(&text[start..]) => return None,
+                    None => (start, Some(text.len())),
+                }
+            }
+            FUNCTION_OPEN => match bare_function_block(text, at) {
+                Ok(block) if block.closed => (block.next, None),
+                Ok(block) if block.next == text.len() => return None,
+                Ok(block) => (at + FUNCTION_OPEN.len(), Some(block.next)),
+                Err((p, _)) => (at + FUNCTION_OPEN.len(), Some(p)),
+            },
+            _ => return close((at, which)),
+        };
+        let pos = match unclosed_end {
+            // Not a call: its reasoning tags count, its call tags are text.
+            Some(end) => match find_first_tag(text, body, end, think) {
+                Some(hit) => return close(hit),
+                None => end,
+            },
+            // A call: skip it.
+            None => body,
+        };
+        (at, which) = find_first_tag(text, pos, text.len(), tags)?;
+    }
 }
 
 /// The pieces joined (with `separator` after each non-empty prefix, as the
@@ -1736,6 +1824,152 @@ mod tests {
         );
         assert_eq!(m.content, "answer");
         assert!(m.tool_calls.is_empty());
+    }
+
+    /// (reasoning, content, call names, error offsets) of `text`, `fmt`.
+    fn parts(text: &str, fmt: Format) -> (Option<String>, String, Vec<String>, Vec<usize>) {
+        let m = parse_tool_calls(text, fmt, None);
+        let spans = parse_tool_call_spans(text, fmt, None).into_message(text);
+        assert_eq!(m, spans, "{text}");
+        let names = m.tool_calls.iter().map(|c| c.name.clone()).collect();
+        let offsets = m.errors.iter().map(|e| e.offset).collect();
+        (m.reasoning, m.content, names, offsets)
+    }
+
+    #[test]
+    fn a_call_tag_named_in_reasoning_hides_no_think_close() {
+        let s = |x: &str| x.to_string();
+        for fmt in [Format::Auto, Format::Hermes, Format::Qwen3Coder] {
+            // Prose naming the tag, then a text answer: nothing is cut off.
+            let text = "Just thanks; no <tool_call> needed</think>You're welcome!";
+            assert_eq!(
+                parts(text, fmt),
+                (
+                    Some(s("Just thanks; no <tool_call> needed")),
+                    s("You're welcome!"),
+                    vec![],
+                    vec![]
+                )
+            );
+            let text = "<think>no <tool_call>\n needed</think>Bye.";
+            assert_eq!(parts(text, fmt).0, Some(s("no <tool_call>\n needed")));
+        }
+        // A cut-off call that starts as one still keeps its `</think>`.
+        let cut = "<tool_call>\n{\"name\": \"note\", \"arguments\": {\"text\": \"a </think>";
+        assert_eq!(parse_tool_calls(cut, Format::Auto, None).reasoning, None);
+    }
+
+    #[test]
+    fn think_close_inside_a_call_does_not_end_reasoning() {
+        let s = |x: &str| x.to_string();
+        let call = "<tool_call>{\"name\": \"note\", \"arguments\": {\"text\": \"a </think> b\"}}</tool_call>";
+        for fmt in [Format::Auto, Format::Hermes] {
+            // No reasoning at all: the call is read, `</think>` and all.
+            let m = parse_tool_calls(call, fmt, None);
+            assert_eq!(m.reasoning, None);
+            assert_eq!((m.content.as_str(), m.errors.len()), ("", 0));
+            assert_eq!(
+                m.tool_calls[0].arguments,
+                args(json!({"text": "a </think> b"}))
+            );
+            // Reasoning begun in the prompt ends at the `</think>` after it.
+            let text = format!("plan <tool_call>x</think>y</tool_call> more</think>ok {call}");
+            assert_eq!(
+                parts(&text, fmt),
+                (
+                    Some(s("plan <tool_call>x</think>y</tool_call> more")),
+                    s("ok"),
+                    vec![s("note")],
+                    vec![]
+                )
+            );
+            // Or, in an explicit block, at the `</think>` outside its calls.
+            let text = format!("<think>plan {call} more</think>ok");
+            assert_eq!(
+                parts(&text, fmt),
+                (Some(format!("plan {call} more")), s("ok"), vec![], vec![])
+            );
+            // A call cut off at the end of generation: its `</think>` is
+            // text too, and the call is an error at its own offset.
+            let cut = &call[..call.find(" b").unwrap() + 2];
+            let text = format!("Sure. {cut}");
+            assert_eq!(parts(&text, fmt), (None, s("Sure."), vec![], vec![6]));
+            let text = format!("<think>plan {cut}");
+            assert_eq!(parts(&text, fmt).0, Some(format!("plan {cut}")));
+            // A `<tool_call>` that the next one ends (a forgotten closer, or
+            // prose naming the tag) holds no call: its `</think>` counts.
+            let text = format!("I will use <tool_call> now.</think>{call}");
+            assert_eq!(
+                parts(&text, fmt),
+                (
+                    Some(s("I will use <tool_call> now.")),
+                    s(""),
+                    vec![s("note")],
+                    vec![]
+                )
+            );
+            // A `<think>` inside a call is text as well.
+            let text = "<tool_call>{\"name\": \"n\", \"arguments\": {\"t\": \"<think>\"}}</tool_call> r</think>c";
+            let (reasoning, content, _, _) = parts(text, fmt);
+            assert_eq!(
+                (reasoning.unwrap().ends_with(" r"), content),
+                (true, s("c"))
+            );
+        }
+    }
+
+    #[test]
+    fn think_close_inside_an_xml_block_does_not_end_reasoning() {
+        let s = |x: &str| x.to_string();
+        let block = "<function=note><parameter=text>a </think> b</parameter></function>";
+        for fmt in [Format::Auto, Format::Qwen3Coder] {
+            for call in [
+                block.to_string(),
+                format!("<tool_call>\n{block}\n</tool_call>"),
+            ] {
+                let m = parse_tool_calls(&call, fmt, None);
+                assert_eq!((m.reasoning, m.errors.len()), (None, 0), "{call}");
+                assert_eq!(
+                    m.tool_calls[0].arguments,
+                    args(json!({"text": "a </think> b"}))
+                );
+                let text = format!("plan</think>{call}");
+                assert_eq!(
+                    parts(&text, fmt),
+                    (Some(s("plan")), s(""), vec![s("note")], vec![])
+                );
+                let text = format!("<think>x {call}</think>y");
+                assert_eq!(
+                    parts(&text, fmt),
+                    (Some(format!("x {call}")), s("y"), vec![], vec![])
+                );
+            }
+            // Cut off inside a bare block: no reasoning ends there.
+            let cut = "ok <function=note><parameter=text>a </think> b";
+            assert_eq!(parts(cut, fmt), (None, s("ok"), vec![], vec![3]));
+            // A bare block that the next `<function=` ends, or that meets a
+            // `<tool_call>`, holds no call here.
+            let text = format!("use <function=NAME> tags</think>{block}");
+            assert_eq!(
+                parts(&text, fmt),
+                (
+                    Some(s("use <function=NAME> tags")),
+                    s(""),
+                    vec![s("note")],
+                    vec![]
+                )
+            );
+        }
+        // Hermes reads no bare blocks: their `</think>` ends reasoning.
+        let (reasoning, content, names, _) = parts(block, Format::Hermes);
+        assert_eq!(
+            (reasoning.as_deref(), content.as_str(), names.len()),
+            (
+                Some("<function=note><parameter=text>a"),
+                "b</parameter></function>",
+                0
+            )
+        );
     }
 
     #[test]

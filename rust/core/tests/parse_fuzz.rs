@@ -42,20 +42,45 @@ const STRING_ARGS: &str =
 const FENCED: &str = "<tool_call>```json\n{\"name\": \"h\"}\n```</tool_call>";
 const XML: &str = "<tool_call>\n<function=f>\n<parameter=n>\n3\n</parameter>\n<parameter=o>\n{\"a\": 1}\n</parameter>\n</function>\n</tool_call>";
 const BARE: &str = "<function=f><parameter=b>true</parameter></function>";
+// Reasoning tags in argument values are text.
+const HERMES_THINK: &str =
+    "<tool_call>{\"name\": \"f\", \"arguments\": {\"s\": \"a </think> <think> b\"}}</tool_call>";
+const XML_THINK: &str = "<tool_call>\n<function=f>\n<parameter=s>\na </think> b\n</parameter>\n</function>\n</tool_call>";
+const BARE_THINK: &str = "<function=f><parameter=s></think> <think></parameter></function>";
+const CALLS: [&str; 8] = [
+    HERMES,
+    STRING_ARGS,
+    FENCED,
+    XML,
+    BARE,
+    HERMES_THINK,
+    XML_THINK,
+    BARE_THINK,
+];
 
+/// Reasoning in a `<think>` block (`Some(true)`), begun in the prompt
+/// (`Some(false)`: only its `</think>` is written) or none, then calls
+/// among prose.
 fn valid_message() -> impl Strategy<Value = String> {
-    let call = prop::sample::select(vec![HERMES, STRING_ARGS, FENCED, XML, BARE]);
+    valid_message_and_reasoning().prop_map(|(m, _)| m)
+}
+
+/// [`valid_message`] and the reasoning it holds.
+fn valid_message_and_reasoning() -> impl Strategy<Value = (String, Option<String>)> {
+    let call = prop::sample::select(CALLS.to_vec());
     let prose = "[a-z .,\\n漢]{0,20}";
     (
-        prop::option::of(prose),
+        prop::option::of((prose, any::<bool>())),
         prose,
         prop::collection::vec((call, prose), 0..4),
     )
         .prop_map(|(think, lead, calls)| {
             let mut m = String::new();
-            if let Some(t) = think {
-                m.push_str("<think>");
-                m.push_str(&t);
+            if let Some((t, block)) = &think {
+                if *block {
+                    m.push_str("<think>");
+                }
+                m.push_str(t);
                 m.push_str("</think>");
             }
             m.push_str(&lead);
@@ -63,7 +88,11 @@ fn valid_message() -> impl Strategy<Value = String> {
                 m.push_str(c);
                 m.push_str(&p);
             }
-            m
+            let reasoning = think.map(|(t, _)| {
+                t.trim_matches(|c: char| c.is_ascii_whitespace())
+                    .to_string()
+            });
+            (m, reasoning)
         })
 }
 
@@ -183,16 +212,15 @@ proptest! {
     }
 
     #[test]
-    fn valid_messages_parse_every_call(text in valid_message()) {
+    fn valid_messages_parse_every_call((text, reasoning) in valid_message_and_reasoning()) {
         let m = parse_tool_calls(&text, Format::Auto, Some(&schemas()));
         prop_assert!(m.errors.is_empty(), "{:?}", m.errors);
-        let expected = text.matches(HERMES).count()
-            + text.matches(STRING_ARGS).count()
-            + text.matches(FENCED).count()
-            + text.matches(XML).count()
-            + text.matches(BARE).count();
+        let expected: usize = CALLS.iter().map(|c| text.matches(c).count()).sum();
         prop_assert_eq!(m.tool_calls.len(), expected);
         prop_assert!(!m.content.contains("<tool_call>"));
+        prop_assert!(!m.content.contains("think>"), "{:?}", m.content);
+        // `</think>` in a call's arguments never ends reasoning.
+        prop_assert_eq!(m.reasoning, reasoning);
     }
 }
 
@@ -208,6 +236,13 @@ fn adversarial_inputs_stay_linear() {
         "<think>".repeat(n / 7),
         "<".repeat(n),
         "<tool_call>{\"name\": \"f\", \"arguments\": ".to_string() + &"[".repeat(n),
+        // Reasoning that must look past calls for its `</think>`.
+        "<tool_call>x".repeat(n / 12) + "</think>",
+        "<function=x".repeat(n / 11) + "</think>",
+        "<tool_call></tool_call>".repeat(n / 23) + "</think>",
+        "<function=f></function>".repeat(n / 23) + "</think>",
+        "<think>".to_string() + &"<tool_call><function=".repeat(n / 21),
+        "<function=f>".to_string() + &"<think>".repeat(n / 7),
     ];
     for text in &cases {
         let start = std::time::Instant::now();
