@@ -14,7 +14,9 @@ Rules, in short (the full list is in ``rust/core/src/parse.rs``):
   the prompt). Tags inside reasoning are text: a call there is not a call.
   Reasoning ends at the first ``</think>`` outside calls: one inside a
   ``<tool_call>`` that ``</tool_call>`` closes, inside a call cut off at the
-  end of the text, or (XML formats) inside a bare ``<function=`` block that
+  end of the text that starts as one (a JSON object, a code fence or a
+  ``<function=`` block: "no ``<tool_call>`` needed``</think>``" is prose
+  naming the tag), or (XML formats) inside a bare ``<function=`` block that
   ``</function>`` closes or that is cut off, is text of that call. So a call
   with ``</think>`` in its arguments is still a call, and one written in
   reasoning before its ``</think>`` is still reasoning. A ``<tool_call>``

@@ -269,7 +269,8 @@ def _first_choice(res: Any) -> tuple[Any, str | None]:
 def _think_tag(text: str, pos: int, tags: tuple[str, ...]) -> tuple[int, str] | None:
     """The first of ``tags`` at or after ``pos`` that lies in no
     ``<tool_call>`` (one that ``</tool_call>`` closes, or that runs to the
-    end of the text), as :func:`turnrl.parse_tool_calls` reads reasoning
+    end of the text and starts as a call: JSON, a code fence or
+    ``<function=``), as :func:`turnrl.parse_tool_calls` reads reasoning
     tags; a ``<tool_call>`` that the next one ends hides nothing."""
     while True:
         found = [(at, tag) for tag in (*tags, "<tool_call>") if (at := text.find(tag, pos)) >= 0]

@@ -16,7 +16,9 @@
 //!   A `</think>` (or `<think>`) inside a call is text of the call, not a
 //!   reasoning tag: reasoning ends at the first `</think>` outside calls. A
 //!   call here is a `<tool_call>` closed by `</tool_call>`, or one never
-//!   closed that runs to the end of the text (cut off); with `fmt` = `auto`
+//!   closed that runs to the end of the text (cut off) and starts as a call
+//!   (a JSON object, a code fence or `<function=`; "no `<tool_call>`
+//!   needed" in reasoning is prose); with `fmt` = `auto`
 //!   or `qwen3_coder`, also a bare `<function=` block that `</function>`
 //!   closes or that is cut off, as read below. So a call written in reasoning
 //!   stays reasoning when its `</think>` follows it, and a call with
