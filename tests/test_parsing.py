@@ -754,3 +754,24 @@ def test_split_reasoning_ends_reasoning_where_the_parser_does() -> None:
                 assert rest == text
     assert split_reasoning("a " + call_text + " b</think> c") == ("a " + call_text + " b", "c")
     assert split_reasoning(call_text) == (None, call_text)
+
+
+def test_split_reasoning_takes_no_think_block_out_of_a_call() -> None:
+    from turnrl.envs.users import split_reasoning
+
+    # The parser reads a `<tool_call>` to its `</tool_call>`, the next
+    # `<tool_call>` or the end of the text, whether or not it starts as a
+    # call: a `<think>` in it is text of the call (an error), not a block.
+    good = '<tool_call>{"name": "a"}</tool_call>'
+    for text in [
+        "no <tool_call> needed <think>hmm</think> bye",
+        "<tool_call>x <think>y</think> z" + good,
+        "<tool_call>oops <think>y",
+    ]:
+        want = turnrl.parse_tool_calls(text, "hermes").reasoning
+        assert want is None, text
+        assert split_reasoning(text) == (None, text), text
+    # Reasoning is trimmed as the parser trims it: ASCII whitespace only.
+    text = "<think>\u00a0plan\u2003</think>\u00a0answer"
+    assert turnrl.parse_tool_calls(text, "hermes").reasoning == "\u00a0plan\u2003"
+    assert split_reasoning(text) == ("\u00a0plan\u2003", "\u00a0answer")

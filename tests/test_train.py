@@ -1006,6 +1006,63 @@ def test_static_cache_generation_runs_on_one_thread_whoever_calls(tok, base_mode
     assert ran_on == [threading.current_thread()]
 
 
+def test_static_cache_generate_inside_a_static_generate_runs_there(tok, base_model, monkeypatch):
+    # A static-cache generate called from the generation thread itself (a
+    # model whose generate asks another static engine, say) waited on its own
+    # thread for ever.
+    policy = _lora(copy.deepcopy(base_model))
+    chat = [{"role": "user", "content": "Hi"}]
+    inner = TransformersEngine(
+        base_model, tok, max_new_tokens=2, temperature=0.0, cache_implementation="static"
+    )
+    generate = policy.generate
+    nested = []
+
+    def asking(*args, **kwargs):
+        nested.append(inner.generate([chat]))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "generate", asking)
+    outer = TransformersEngine(
+        policy, tok, max_new_tokens=2, temperature=0.0, cache_implementation="static"
+    )
+    caller = threading.Thread(target=outer.generate, args=([chat],), daemon=True)
+    caller.start()
+    caller.join(timeout=120)
+    assert not caller.is_alive(), "deadlocked"
+    assert len(nested) == 1 and len(nested[0]) == 1
+
+
+def _answer_on_the_generation_thread() -> None:
+    import os
+
+    from turnrl import engines
+
+    try:
+        ok = engines._generation_thread().submit(lambda: 2).result(timeout=20) == 2
+    except Exception:
+        ok = False
+    os._exit(0 if ok else 1)
+
+
+def test_static_generation_thread_serves_a_forked_child():
+    # The thread exists in the parent only: a process forked after it (a
+    # DataLoader worker, a multiprocessing pool) queued its generate for a
+    # thread it does not have and waited for ever.
+    import multiprocessing
+
+    from turnrl import engines
+
+    assert engines._generation_thread().submit(lambda: 1).result(timeout=20) == 1
+    child = multiprocessing.get_context("fork").Process(target=_answer_on_the_generation_thread)
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0
+
+
 def test_transformers_engine_refuses_an_offloaded_cache_off_cuda(tok, base_model):
     # transformers offloads the cache from a CUDA device (CUDA streams): on the CPU
     # generate failed deep inside with a CUDA error rather than naming the option.

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import operator
+import os
 import threading
 import time
 import warnings
@@ -168,7 +169,10 @@ class TransformersEngine:
             # EngineAgent's leading thread changes from batch to batch (its
             # threads are new every step): one thread runs every static-cache
             # generate, so the graphs are recorded once, in one memory pool.
-            return _generation_thread().submit(self._generate, conversations, tools).result()
+            # A generate asked from that thread (from inside a model's
+            # generate) runs there: queued behind itself it would wait for ever.
+            if not getattr(_on_generation_thread, "yes", False):
+                return _generation_thread().submit(self._generate, conversations, tools).result()
         return self._generate(conversations, tools)
 
     def _generate(self, conversations: Sequence[Chat], tools: Tools) -> list[Completion]:
@@ -249,6 +253,11 @@ class TransformersEngine:
 
 _generation_pool: concurrent.futures.ThreadPoolExecutor | None = None
 _generation_pool_lock = threading.Lock()
+_on_generation_thread = threading.local()
+
+
+def _mark_generation_thread() -> None:
+    _on_generation_thread.yes = True
 
 
 def _generation_thread() -> concurrent.futures.ThreadPoolExecutor:
@@ -257,9 +266,23 @@ def _generation_thread() -> concurrent.futures.ThreadPoolExecutor:
     with _generation_pool_lock:
         if _generation_pool is None:
             _generation_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="turnrl-generate"
+                max_workers=1,
+                thread_name_prefix="turnrl-generate",
+                initializer=_mark_generation_thread,
             )
         return _generation_pool
+
+
+def _forget_generation_thread() -> None:
+    # A forked child has none of its parent's threads: the pool's worker is
+    # gone, and work queued for it would wait for ever. The child makes its own.
+    global _generation_pool, _generation_pool_lock
+    _generation_pool = None
+    _generation_pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_generation_thread)
 
 
 def _is_static_cache(name: str | None) -> bool:

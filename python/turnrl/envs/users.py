@@ -266,59 +266,79 @@ def _first_choice(res: Any) -> tuple[Any, str | None]:
     return message, finish if isinstance(finish, str) else None
 
 
+_WS = " \t\n\r\x0b\x0c"  # what turnrl.parse_tool_calls trims: ASCII whitespace
+
+
+def _call_end(text: str, at: int) -> tuple[int, bool]:
+    """Where the ``<tool_call>`` at ``at`` ends as :func:`turnrl.parse_tool_calls`
+    reads calls (after its ``</tool_call>``, at the next ``<tool_call>``, or
+    at the end of the text), and whether it hides the reasoning tags in it:
+    a closed call does, and one cut off at the end if it starts as a call
+    (JSON, a code fence, ``<function=`` or nothing yet); one that the next
+    ``<tool_call>`` ends (a forgotten closer, or prose naming the tag) and
+    one cut off that starts as prose do not."""
+    body = at + len("<tool_call>")
+    close, reopen = text.find("</tool_call>", body), text.find("<tool_call>", body)
+    if close >= 0 and (reopen < 0 or close < reopen):
+        return close + len("</tool_call>"), True
+    if reopen >= 0:
+        return reopen, False
+    rest = text[body:].lstrip(" \t\n\r")
+    return len(text), not rest or rest.startswith(("{", "```", "<function="))
+
+
+def _first(text: str, tags: tuple[str, ...], start: int, end: int) -> tuple[int, str] | None:
+    found = [(at, tag) for tag in tags if 0 <= (at := text.find(tag, start, end))]
+    return min(found) if found else None
+
+
 def _think_tag(text: str, pos: int, tags: tuple[str, ...]) -> tuple[int, str] | None:
-    """The first of ``tags`` at or after ``pos`` that lies in no
-    ``<tool_call>`` (one that ``</tool_call>`` closes, or that runs to the
-    end of the text and starts as a call: JSON, a code fence or
-    ``<function=``), as :func:`turnrl.parse_tool_calls` reads reasoning
-    tags; a ``<tool_call>`` that the next one ends hides nothing."""
+    """The first of ``tags`` at or after ``pos`` that lies in no call, as
+    :func:`turnrl.parse_tool_calls` ends reasoning (see :func:`_call_end`)."""
     while True:
-        found = [(at, tag) for tag in (*tags, "<tool_call>") if (at := text.find(tag, pos)) >= 0]
-        if not found:
-            return None
-        at, tag = min(found)
-        if tag != "<tool_call>":
-            return at, tag
-        body = at + len("<tool_call>")
-        close, reopen = text.find("</tool_call>", body), text.find("<tool_call>", body)
-        if close >= 0 and (reopen < 0 or close < reopen):
-            pos = close + len("</tool_call>")
-        elif reopen < 0 and text[body:].lstrip(" \t\n\r").startswith(("{", "```", "<function=")):
-            return None  # cut off inside the call
-        elif reopen < 0 and not text[body:].strip(" \t\n\r"):
-            return None  # cut off right after the tag
-        else:
-            # A tag named in prose, or a call whose closer was forgotten.
-            stop = len(text) if reopen < 0 else reopen
-            inner = [(p, t) for t in tags if 0 <= (p := text.find(t, body, stop))]
-            if inner:
-                return min(inner)
-            if reopen < 0:
-                return None
-            pos = reopen
+        hit = _first(text, (*tags, "<tool_call>"), pos, len(text))
+        if hit is None or hit[1] != "<tool_call>":
+            return hit
+        end, hides = _call_end(text, hit[0])
+        if not hides and (inner := _first(text, tags, hit[0] + len("<tool_call>"), end)):
+            return inner
+        pos = end
+
+
+def _think_open(text: str) -> int | None:
+    """Where the first ``<think>`` block opens outside calls, as the parser
+    reads the text: every ``<tool_call>`` runs to where :func:`_call_end`
+    says, and a ``<think>`` in it is text of the call."""
+    pos = 0
+    while (hit := _first(text, ("<think>", "<tool_call>"), pos, len(text))) is not None:
+        if hit[1] == "<think>":
+            return hit[0]
+        pos = _call_end(text, hit[0])[0]
+    return None
 
 
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """``(reasoning, rest)`` of a reply that thinks in ``<think>...</think>``,
     by the rules of :func:`turnrl.parse_tool_calls` (``fmt="hermes"``): a
     ``</think>`` with no ``<think>`` before it closes reasoning opened in the
-    prompt (everything before it); a ``<think>`` block elsewhere is taken out
-    of the text around it; an unclosed one (cut off by the token limit) runs
-    to the end. Reasoning tags inside a ``<tool_call>`` are text of the call.
+    prompt (everything before it); else the first ``<think>`` block is taken
+    out of the text around it; an unclosed one (cut off by the token limit)
+    runs to the end. Reasoning tags inside a ``<tool_call>`` are text of the
+    call. Both parts are trimmed of ASCII whitespace, as the parser trims.
     ``(None, text)`` when there is no such block."""
     first = _think_tag(text, 0, ("<think>", "</think>"))
     if first is not None and first[1] == "</think>":
         close = first[0]
-        return text[:close].strip(), text[close + len("</think>") :].strip()
-    if first is None:
+        return text[:close].strip(_WS), text[close + len("</think>") :].strip(_WS)
+    start = _think_open(text)
+    if start is None:
         return None, text
-    start = first[0]
     last = _think_tag(text, start + len("<think>"), ("</think>",))
     if last is None:
-        return text[start + len("<think>") :].strip(), text[:start].strip()
+        return text[start + len("<think>") :].strip(_WS), text[:start].strip(_WS)
     end = last[0]
     reasoning = text[start + len("<think>") : end]
-    return reasoning.strip(), (text[:start] + text[end + len("</think>") :]).strip()
+    return reasoning.strip(_WS), (text[:start] + text[end + len("</think>") :]).strip(_WS)
 
 
 class LLMUser:
