@@ -271,7 +271,7 @@ def _bare_xml_call(text: str, open_at: int, schemas: Any, out: _Out) -> int:
 
 def starts_like_a_call(body: str) -> bool:
     """A JSON object, a code fence or a `<function=` block (or nothing yet)."""
-    body = body.lstrip(" \t\n\r")
+    body = body.lstrip(" \t\n\r\x0b\x0c")
     return not body or body.startswith(("{", "```", "<function="))
 
 

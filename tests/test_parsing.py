@@ -722,8 +722,12 @@ def test_a_call_tag_named_in_reasoning_leaves_the_answer_alone() -> None:
         assert (got.content, got.tool_calls, got.errors) == ("You're welcome!", [], [])
         assert ref_parse(text, fmt)["reasoning"] == got.reasoning
     # A call cut off at the end that starts as one still hides its `</think>`.
-    cut = '<tool_call>\n{"name": "note", "arguments": {"text": "a </think>'
-    assert turnrl.parse_tool_calls(cut).reasoning is None
+    from turnrl.envs.users import split_reasoning
+
+    for gap in ("\n", "\x0b", "\x0c", " \t\r"):  # what the parser trims from a call body
+        cut = f'<tool_call>{gap}{{"name": "note", "arguments": {{"text": "a </think>'
+        assert turnrl.parse_tool_calls(cut).reasoning is None, repr(gap)
+        assert ref_parse(cut)["reasoning"] is None and split_reasoning(cut) == (None, cut)
 
 
 def test_split_reasoning_ends_reasoning_where_the_parser_does() -> None:

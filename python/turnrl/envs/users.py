@@ -283,7 +283,7 @@ def _call_end(text: str, at: int) -> tuple[int, bool]:
         return close + len("</tool_call>"), True
     if reopen >= 0:
         return reopen, False
-    rest = text[body:].lstrip(" \t\n\r")
+    rest = text[body:].lstrip(_WS)
     return len(text), not rest or rest.startswith(("{", "```", "<function="))
 
 

@@ -587,6 +587,16 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
     out
 }
 
+/// Whether the text after a `<tool_call>` begins as a call body does: a JSON
+/// object, a code fence or a Qwen3-Coder `<function=` block (or nothing yet).
+fn starts_like_a_call(body: &str) -> bool {
+    let body = body.trim_start_matches(|c: char| c.is_ascii() && is_trim_byte(c as u8));
+    body.is_empty()
+        || body.starts_with('{')
+        || body.starts_with("```")
+        || body.starts_with(FUNCTION_OPEN)
+}
+
 /// Where reasoning that runs from `from` ends: at the first `</think>` that
 /// lies in no call. `None` when there is none, or (with `leading`, for
 /// reasoning begun in the prompt) when a `<think>` outside calls comes
@@ -601,16 +611,6 @@ fn parse_message(text: &str, options: Options<'_>) -> SpannedMessage {
 /// bare block that the next `<function=` ends, or one that is an error) is
 /// no call here: more likely prose in the reasoning naming the tag, its
 /// tags are read as usual. Each byte is scanned at most three times.
-/// Whether the text after a `<tool_call>` begins as a call body does: a JSON
-/// object, a code fence or a Qwen3-Coder `<function=` block (or nothing yet).
-fn starts_like_a_call(body: &str) -> bool {
-    let body = body.trim_start_matches([' ', '\t', '\n', '\r']);
-    body.is_empty()
-        || body.starts_with('{')
-        || body.starts_with("```")
-        || body.starts_with(FUNCTION_OPEN)
-}
-
 fn reasoning_end(text: &str, from: usize, fmt: Format, leading: bool) -> Option<usize> {
     let think: &[&str] = if leading {
         &[THINK_CLOSE, THINK_OPEN]
