@@ -1045,6 +1045,28 @@ def _answer_on_the_generation_thread() -> None:
     os._exit(0 if ok else 1)
 
 
+def test_the_generation_thread_neither_holds_up_exit_nor_loses_errors():
+    import subprocess
+    import sys
+
+    from turnrl import engines
+
+    worker = engines._generation_thread()
+    assert worker.thread.daemon and worker.thread.name == "turnrl-generate"
+    with pytest.raises(KeyboardInterrupt):
+        worker.submit(lambda: (_ for _ in ()).throw(KeyboardInterrupt)).result(timeout=20)
+    assert worker.submit(lambda x: x + 1, 1).result(timeout=20) == 2  # still serving
+    # A program ending while a generate runs ends at once.
+    script = (
+        "import time; from turnrl import engines; "
+        "engines._generation_thread().submit(time.sleep, 600); time.sleep(0.2); print('done')"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == b"done"
+    assert time.monotonic() - started < 30
+
+
 def test_static_generation_thread_serves_a_forked_child():
     # The thread exists in the parent only: a process forked after it (a
     # DataLoader worker, a multiprocessing pool) queued its generate for a

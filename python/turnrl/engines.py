@@ -30,10 +30,11 @@ import json
 import math
 import operator
 import os
+import queue
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from turnrl.envs.agents import reply_from_text
@@ -251,31 +252,52 @@ class TransformersEngine:
         return completions
 
 
-_generation_pool: concurrent.futures.ThreadPoolExecutor | None = None
+class _GenerationThread:
+    """One daemon thread that runs what is submitted to it, in order. A daemon,
+    so that Ctrl-C or the end of the program does not wait for a generate in
+    progress (minutes while transformers compiles)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="turnrl-generate", daemon=True)
+        self.thread.start()
+
+    def submit(self, work: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """``work(*args)`` on the thread; its result (or exception) in the future."""
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, work, args))
+        return future
+
+    def _serve(self) -> None:
+        _on_generation_thread.yes = True
+        while True:
+            future, work, args = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work(*args))
+            except BaseException as e:  # whatever it is, the caller waiting gets it
+                future.set_exception(e)
+            del future, work, args  # nothing of a finished call kept alive
+
+
+_generation_pool: _GenerationThread | None = None
 _generation_pool_lock = threading.Lock()
 _on_generation_thread = threading.local()
 
 
-def _mark_generation_thread() -> None:
-    _on_generation_thread.yes = True
-
-
-def _generation_thread() -> concurrent.futures.ThreadPoolExecutor:
+def _generation_thread() -> _GenerationThread:
     """The process's one thread for static-cache generation (made on first use)."""
     global _generation_pool
     with _generation_pool_lock:
         if _generation_pool is None:
-            _generation_pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="turnrl-generate",
-                initializer=_mark_generation_thread,
-            )
+            _generation_pool = _GenerationThread()
         return _generation_pool
 
 
 def _forget_generation_thread() -> None:
-    # A forked child has none of its parent's threads: the pool's worker is
-    # gone, and work queued for it would wait for ever. The child makes its own.
+    # A forked child has none of its parent's threads: the worker is gone,
+    # and work queued for it would wait for ever. The child makes its own.
     global _generation_pool, _generation_pool_lock
     _generation_pool = None
     _generation_pool_lock = threading.Lock()
