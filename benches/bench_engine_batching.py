@@ -62,32 +62,14 @@ def make_engine(args: argparse.Namespace):
     if args.engine == "fake":
         return DecodeLikeEngine(args.calls, args.decode_ms / 1e3, args.per_chat_ms / 1e3)
     import torch
-    from tiny_qwen import qwen_tokenizer, tiny_qwen3
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from tiny_qwen import QWEN3_4B, qwen_tokenizer, random_qwen3, tiny_qwen3
 
     from turnrl.engines import TransformersEngine
 
     if args.engine == "tiny":
         model = tiny_qwen3()
     else:
-        torch.manual_seed(0)
-        config = Qwen3Config(
-            vocab_size=151936,
-            hidden_size=2560,
-            intermediate_size=9728,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=40960,
-            tie_word_embeddings=True,
-            bos_token_id=151643,
-            eos_token_id=151645,
-            pad_token_id=151643,
-        )
-        with torch.device("cuda"):
-            model = Qwen3ForCausalLM(config).to(torch.bfloat16)
-        model.eval()
+        model = random_qwen3(**QWEN3_4B, device="cuda", dtype=torch.bfloat16)
     return TransformersEngine(model, qwen_tokenizer(), max_new_tokens=args.max_new_tokens)
 
 

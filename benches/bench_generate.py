@@ -35,37 +35,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-SHAPES = {
-    # hidden, intermediate, layers, heads, kv heads, head dim
-    "tiny": (64, 128, 2, 4, 2, 16),
-    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 128),
-    "qwen3-4b": (2560, 9728, 36, 32, 8, 128),
-}
-
 
 def random_model(shape: str, device: str):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from tiny_qwen import QWEN3_4B, random_qwen3
 
-    hidden, intermediate, layers, heads, kv_heads, head_dim = SHAPES[shape]
-    torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=40960,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=151643,
-    )
+    shapes = {
+        "tiny": {},
+        "qwen3-0.6b": dict(
+            hidden=1024, intermediate=3072, layers=28, heads=16, kv_heads=8, head_dim=128
+        ),
+        "qwen3-4b": QWEN3_4B,
+    }
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    with torch.device(device):
-        return Qwen3ForCausalLM(config).to(dtype)
+    return random_qwen3(**{"max_positions": 40960, **shapes[shape]}, device=device, dtype=dtype)
 
 
 def chats(batch: int, prompt_tokens: int) -> list[list[dict[str, str]]]:
@@ -95,7 +78,7 @@ def timed(engine, conversations, repeats: int, sync) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--shape", choices=["qwen3-0.6b", "qwen3-4b", "tiny"], default="tiny")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1024)

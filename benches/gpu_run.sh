@@ -24,29 +24,34 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # random_qwen FOLDER HIDDEN INTERMEDIATE LAYERS HEADS KV_HEADS HEAD_DIM: a random bf16 Qwen3
-# on Qwen's vocabulary (tests/tiny_qwen.py's tokenizer), built on the GPU and saved there.
+# on Qwen's vocabulary (tests/tiny_qwen.py's random_qwen3 and tokenizer), built on the GPU
+# and saved there.
 random_qwen() {
     python3 - "$@" <<'PY'
 import sys
 
 import torch
-from tiny_qwen import qwen_tokenizer
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from tiny_qwen import qwen_tokenizer, random_qwen3
 
 folder, hidden, intermediate, layers, heads, kv_heads, head_dim = sys.argv[1:]
-torch.manual_seed(0)
-config = Qwen3Config(
-    vocab_size=151936, hidden_size=int(hidden), intermediate_size=int(intermediate),
-    num_hidden_layers=int(layers), num_attention_heads=int(heads),
-    num_key_value_heads=int(kv_heads), head_dim=int(head_dim),
-    max_position_embeddings=40960, tie_word_embeddings=True,
-    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-)
-with torch.device("cuda"):
-    model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+shape = dict(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads,
+             kv_heads=kv_heads, head_dim=head_dim)
+model = random_qwen3(**{k: int(v) for k, v in shape.items()}, max_positions=40960,
+                     device="cuda", dtype=torch.bfloat16)
 model.save_pretrained(folder)
 qwen_tokenizer().save_pretrained(folder)
 PY
+}
+
+# set_up_there: on the GPU machine, $out made, .whl/ and .whl/train/ installed into
+# /tmp/site, that and tests/ on PYTHONPATH, and the GPU named in $out/gpu.txt.
+set_up_there() {
+    out="${OUT:-/tmp/gpu-out}"
+    mkdir -p "$out"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl .whl/train/*.whl || return 1
+    export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
 }
 
 case "${1:-}" in
@@ -75,12 +80,7 @@ train | micro | batching | generate)
     # there: run(command="bash benches/gpu_run.sh train", carry=[".whl"]), or
     #        run(command="bash benches/gpu_run.sh micro --hidden 2560 --layers 4", carry=[".whl"]),
     #        run(command="bash benches/gpu_run.sh batching --engine qwen3-4b", carry=[".whl"])
-    out="${OUT:-/tmp/gpu-out}"
-    mkdir -p "$out"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
-    export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    set_up_there || exit 1
     if [ "$1" = train ]; then
         python3 benches/gpu_train_step.py "${@:2}" 2>&1 | tee "$out/train_step.log"
     elif [ "$1" = batching ]; then
@@ -99,12 +99,7 @@ cli)
     # skipping so that every update runs the fused loss (the first run with gradient
     # checkpointing), and once more with --cache-implementation static (and the engine's
     # CUDA tests); then merged and reloaded.
-    out="${OUT:-/tmp/gpu-out}"
-    mkdir -p "$out"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    set_up_there || exit 1
     random_qwen /tmp/qwen-random 256 768 2 4 2 64 || exit 1
     common=(--model /tmp/qwen-random --env synthetic:airline --user scripted --steps 2
         --tasks-per-step 2 --group-size 2 --max-new-tokens 32 --device cuda --lora-rank 8
@@ -135,12 +130,7 @@ cli-4b)
     # Qwen3-4B's shape (36 layers, hidden 2560), trained one step by `turnrl train` with the
     # transformers engine, without and with --gradient-checkpointing; metrics.jsonl has each
     # step's peak GPU memory (memory/max_allocated_gib).
-    out="${OUT:-/tmp/gpu-out}"
-    mkdir -p "$out"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl .whl/train/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:tests PYTHONUNBUFFERED=1
-    nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+    set_up_there || exit 1
     random_qwen /tmp/qwen-4b-random 2560 9728 36 32 8 128 || exit 1
     common=(--model /tmp/qwen-4b-random --env synthetic:airline --user scripted --steps 1
         --tasks-per-step 2 --group-size 2 --max-new-tokens 512 --max-steps 6 --device cuda

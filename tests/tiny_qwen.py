@@ -113,26 +113,60 @@ def qwen_tokenizer() -> Any:
     return tokenizer
 
 
-def tiny_qwen3(seed: int = 0, tie: bool = True) -> Any:
-    """A random ``Qwen3ForCausalLM``: hidden 64, 2 layers, Qwen's vocabulary."""
+def random_qwen3(
+    *,
+    hidden: int = 64,
+    intermediate: int = 128,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 16,
+    max_positions: int = 4096,
+    tie: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: Any = None,
+) -> Any:
+    """A random ``Qwen3ForCausalLM`` of the given shape on Qwen's vocabulary and
+    special token ids, built on ``device`` (in ``dtype`` when given), in eval mode."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=4096,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=tie,
         bos_token_id=151643,
         eos_token_id=151645,
         pad_token_id=151643,
     )
-    model = Qwen3ForCausalLM(config)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
     model.eval()
     return model
+
+
+# Qwen3-4B's shape (random_qwen3's keywords), for benchmarks at real sizes.
+QWEN3_4B = dict(
+    hidden=2560,
+    intermediate=9728,
+    layers=36,
+    heads=32,
+    kv_heads=8,
+    head_dim=128,
+    max_positions=40960,
+)
+
+
+def tiny_qwen3(seed: int = 0, tie: bool = True) -> Any:
+    """A random ``Qwen3ForCausalLM``: hidden 64, 2 layers, Qwen's vocabulary."""
+    return random_qwen3(seed=seed, tie=tie)
