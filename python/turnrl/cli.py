@@ -448,8 +448,7 @@ def _local_agent(args: argparse.Namespace) -> Any:
     if args.engine == "vllm":
         if args.dtype is not None or args.device is not None:
             raise InvalidInputError("--dtype and --device are for --engine transformers")
-        if args.cache_implementation is not None:
-            raise InvalidInputError("--cache-implementation is for --engine transformers")
+        _check_cache_implementation(args, args.engine)
         rank = 8
         if args.adapter is not None:
             config = json.loads((Path(args.adapter) / "adapter_config.json").read_text())
@@ -471,7 +470,7 @@ def _local_agent(args: argparse.Namespace) -> Any:
     else:
         if args.vllm_gpu_memory is not None:
             raise InvalidInputError("--vllm-gpu-memory is for --engine vllm")
-        _check_cache_device(args)
+        _check_cache_implementation(args, args.engine)
         model, tokenizer = load_model(
             args.agent_model,
             dtype=args.dtype or "bfloat16",
@@ -500,13 +499,18 @@ def _check_user_and_device(args: argparse.Namespace, device: str | None) -> None
             )
 
 
-def _check_cache_device(args: argparse.Namespace) -> None:
-    """Refuse an offloaded KV cache (transformers moves it off a CUDA device)
-    where the model will not be on CUDA, before any model loads."""
+def _check_cache_implementation(args: argparse.Namespace, engine: str) -> None:
+    """Refuse --cache-implementation for an engine other than transformers, and
+    an offloaded KV cache (transformers moves it off a CUDA device) where the
+    model will not be on CUDA, before any model loads."""
     from turnrl.exceptions import InvalidInputError
 
     name = args.cache_implementation
-    if name is None or "offloaded" not in name:
+    if name is None:
+        return
+    if engine != "transformers":
+        raise InvalidInputError("--cache-implementation is for --engine transformers")
+    if "offloaded" not in name:
         return
     if args.device is None:
         import torch
@@ -600,10 +604,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
-    if args.cache_implementation is not None and args.engine != "transformers":
-        raise InvalidInputError("--cache-implementation is for --engine transformers")
+    _check_cache_implementation(args, args.engine)
     _check_user_and_device(args, args.device)
-    _check_cache_device(args)
     rank, device, started_group = _start_data_parallel(args)
     try:
         return _train_on_rank(args, rank, device)
@@ -1696,9 +1698,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument(
         "--cache-implementation",
         choices=_CACHE_IMPLEMENTATIONS,
-        help="with --engine transformers: generate's KV cache; static is compiled into CUDA graphs "
-        "on a GPU, several times faster decoding after a few minutes of compiling (default: "
-        "dynamic)",
+        help=_CACHE_IMPLEMENTATION_HELP,
     )
     col.add_argument(
         "--agent-temperature",
@@ -1833,9 +1833,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--cache-implementation",
         choices=_CACHE_IMPLEMENTATIONS,
-        help="with --engine transformers: generate's KV cache; static is compiled into CUDA graphs "
-        "on a GPU, several times faster decoding after a few minutes of compiling (default: "
-        "dynamic)",
+        help=_CACHE_IMPLEMENTATION_HELP,
     )
     tr.add_argument(
         "--vllm-sleep",
@@ -2290,6 +2288,10 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 # generate's KV caches that need no configuration of their own (transformers'
 # names; TransformersEngine checks any other against its list).
 _CACHE_IMPLEMENTATIONS = ("dynamic", "static", "offloaded", "offloaded_static")
+_CACHE_IMPLEMENTATION_HELP = (
+    "with --engine transformers: generate's KV cache; static is compiled into CUDA graphs on a "
+    "GPU, several times faster decoding after a few minutes of compiling (default: dynamic)"
+)
 
 # Options that take a comma-separated list, which a config file may give as a list.
 _COMMA_OPTIONS = frozenset({"tasks", "eval-tasks", "report-to", "lora-targets"})
