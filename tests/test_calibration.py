@@ -234,10 +234,90 @@ def test_a_zero_mean_advantage_is_zero_whatever_the_member_order():
         assert read.mean_advantage == 0.0 and read.turns == 50
         # 0 is not r's sign: not aligned while read has a reward.
         assert read.aligned == (read.reward == 0.0)
-    # Boosted to the cap and, still not aligned there, dropped: its reward
-    # does not move its turns at all.
-    assert [it.rewards["read"] for it in report.iterations] == [1.0, 1.5, 0.0]
-    assert report.converged and report.best.index == 3 and report.rewards["read"] == 0.0
+    # Boosted to the cap (2 x target, tried itself) and, still not aligned
+    # there, dropped: its reward does not move its turns at all.
+    assert [it.rewards["read"] for it in report.iterations] == [1.0, 1.5, 2.0, 0.0]
+    assert report.converged and report.best.index == 4 and report.rewards["read"] == 0.0
+
+
+def aligned_only_above(mixed=22, clean=8, flip=False) -> TieredRollouts:
+    """Read turns whose mean mt_grpo advantage (norm="mean") has r's sign only
+    when |read reward| > (mixed - clean) / clean.
+
+    ``mixed`` groups: [read, read] fails, [read] succeeds (position 0 is read
+    in both, so its turn term is 0; position 1 is alone, so 0 too); outcome
+    terms -1/2, -1/2 and +1/2. ``clean`` groups: [read] succeeds, [no tier]
+    fails; outcome +1/2, turn term w/2. The read turns' advantages sum to
+    (clean - mixed + clean * w) / 2. ``flip`` swaps success and failure:
+    r < 0, and everything changes sign."""
+    outcome, group, offsets, codes = [], [], [0], []
+    members = [([2, 2], 0.0), ([2], 1.0)] * mixed + [([2], 1.0), ([-1], 0.0)] * clean
+    for i, (turns, result) in enumerate(members):
+        outcome.append(1.0 - result if flip else result)
+        group.append(i // 2)
+        codes += turns
+        offsets.append(len(codes))
+    return TieredRollouts(np.array(outcome), np.array(group), np.array(offsets), np.array(codes))
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize(
+    ("boost", "max_reward", "magnitudes"),
+    [
+        # Aligned above 1.75: 1.5 is not, 2.25 passed the cap of 2 and the
+        # tier was dropped; the cap itself is tried.
+        (1.5, None, [1.0, 1.5, 2.0]),
+        # One boost overshoots the cap: clamped to it, not dropped.
+        (3.0, 2.5, [1.0, 2.5]),
+        # Overshooting by a hair is clamped too.
+        (2.0, 2.0 - 1e-12, [1.0, 2.0 - 1e-12]),
+    ],
+)
+def test_a_tier_aligned_only_at_the_cap_is_tried_there(flip, boost, max_reward, magnitudes):
+    report = calibrate(
+        aligned_only_above(flip=flip),
+        "naive",
+        estimator="mt_grpo",
+        norm="mean",
+        boost=boost,
+        max_reward=max_reward,
+    )
+    sign = -1.0 if flip else 1.0
+    assert [it.rewards["read"] for it in report.iterations] == [sign * m for m in magnitudes]
+    read = [next(d for d in it.directions if d.tier == "read") for it in report.iterations]
+    assert [d.aligned for d in read] == [False] * (len(magnitudes) - 1) + [True]
+    # Aligned at the cap with misaligned turns left: it stays there, and the
+    # loop stops since nothing changes.
+    assert read[-1].misaligned > 0
+    assert report.converged and report.rewards["read"] == sign * magnitudes[-1]
+
+
+@pytest.mark.parametrize("max_reward", [0.5, 1.0 + 1e-12])
+def test_a_tier_at_or_above_the_cap_is_dropped_not_moved(max_reward):
+    # target 1: read starts at 1, beyond the cap of 0.5 or within rounding of
+    # 1 + 1e-12, and is not aligned there. It is dropped: the loop never
+    # weakens a tier, nor spends a round on a boost by a rounding error.
+    report = calibrate(
+        aligned_only_above(), "naive", estimator="mt_grpo", norm="mean", max_reward=max_reward
+    )
+    assert [it.rewards["read"] for it in report.iterations] == [1.0, 0.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts=tiered_batches(), boost=st.sampled_from([1.1, 1.5, 3.0]))
+def test_the_loop_only_strengthens_up_to_the_cap_or_drops_and_always_stops(rollouts, boost):
+    report = calibrate(rollouts, "naive", estimator="mt_grpo", boost=boost, max_iterations=200)
+    # Rewards start at most 1 (target) and at least 0.1 (min_abs_r) in
+    # magnitude: ceil(log(20) / log(boost)) boosts reach the cap, then one
+    # round may drop the tier, and one more finds nothing to change.
+    assert len(report.iterations) <= math.ceil(math.log(20) / math.log(boost)) + 3
+    for before, after in zip(report.iterations[:-1], report.iterations[1:], strict=True):
+        for tier, value in after.rewards.items():
+            old = before.rewards[tier]
+            assert abs(value) <= 2.0
+            assert value == 0.0 or (np.sign(value) == np.sign(old) and abs(value) >= abs(old))
+            if old == 0.0:
+                assert value == 0.0
 
 
 @settings(max_examples=100, deadline=None)

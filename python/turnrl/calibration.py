@@ -674,6 +674,11 @@ class CalibrationReport:
         }
 
 
+#: A tier reward within this fraction of the cap counts as at the cap in
+#: :func:`calibrate` (a cap of ``2 * target`` may be written as 1.9999999999).
+_AT_CAP = 1e-9
+
+
 def calibrate(
     rollouts: TieredRollouts,
     initial_rewards: Mapping[str, float] | str = "naive",
@@ -699,11 +704,12 @@ def calibrate(
     3. direction check with ``estimator``: per tier, the turns whose advantage
        has the opposite sign of r_pb;
     4. every tier with misaligned turns gets its reward's magnitude multiplied
-       by ``boost`` (sign kept) while that stays within ``max_reward``
-       (default ``2 * target``); a tier already at the cap whose mean
-       advantage is not of r_pb's sign (the wrong sign, or 0) is set to 0
-       (left to the outcome term: it cannot be credited the right way without
-       dominating);
+       by ``boost`` and clamped to ``max_reward`` (default ``2 * target``),
+       sign kept, so the cap itself is always tried (target 1: 1, 1.5, 2);
+       a tier already at the cap (within a relative 1e-9, or above it) keeps
+       its reward when its mean advantage has r_pb's sign and is set to 0
+       when it does not (the wrong sign, or 0: left to the outcome term, it
+       cannot be credited the right way without dominating);
     5. back to 3 until no turn is misaligned, nothing changes, or
        ``max_iterations`` rounds have run.
 
@@ -717,7 +723,9 @@ def calibrate(
     Every round is reported; the calibrated rewards are those of the aligned
     round with the fewest misaligned turns (:attr:`CalibrationReport.best`).
     The paper does not publish its adjustment rule; this one keeps the sign
-    of r_pb, only strengthens or drops a tier, and always stops.
+    of r_pb, only strengthens or drops a tier, and always stops: a tier's
+    magnitude rises to the cap in finitely many rounds, then stays or drops
+    to 0 for good.
     """
     if max_iterations < 1:
         raise InvalidInputError(f"max_iterations must be >= 1, got {max_iterations}")
@@ -745,9 +753,10 @@ def calibrate(
         for d in iterations[-1].directions:
             if d.exempt or d.misaligned == 0:
                 continue
-            stronger = d.reward * boost
-            if abs(stronger) <= cap:
-                rewards[d.tier] = stronger
+            if abs(d.reward) < cap * (1.0 - _AT_CAP):
+                # Below the cap: stronger, at most the cap (reached in finitely
+                # many rounds, since boost > 1).
+                rewards[d.tier] = math.copysign(min(abs(d.reward) * boost, cap), d.reward)
             elif not d.aligned:
                 rewards[d.tier] = 0.0
         if rewards == iterations[-1].rewards:
