@@ -67,8 +67,9 @@ def test_correlations_equal_scipy_pointbiserialr(rollouts):
         for t, c in enumerate(stats.correlations(variable=variable)):
             x = x_all[:, t].astype(float)
             if len(x) < 2 or np.all(x == x[0]) or np.all(success == success[0]):
-                # scipy gives NaN for a constant variable; we give "no relation".
-                assert (c.r, c.p_value) == (0.0, 1.0)
+                # scipy gives NaN for a constant variable; we give "no relation"
+                # and an interval that rules nothing out.
+                assert (c.r, c.p_value, c.ci_low, c.ci_high) == (0.0, 1.0, -1.0, 1.0)
                 continue
             want = scipy_stats.pointbiserialr(x, success)
             assert c.r == pytest.approx(want.statistic, abs=1e-12)

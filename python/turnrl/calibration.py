@@ -447,8 +447,9 @@ class TierStats:
         self, variable: str = "presence", confidence: float = 0.95
     ) -> list[TierCorrelation]:
         """Point-biserial r of each tier's presence (or count) with success, its
-        two-sided p-value and Fisher-z interval. A constant variable gives r = 0
-        and p = 1 instead of NaN."""
+        two-sided p-value and Fisher-z interval. A constant variable (an
+        undefined r) gives r = 0, p = 1 and the interval [-1, 1] instead of
+        NaN."""
         table = _core.tier_correlations(
             self.trajectories,
             self.successes,

@@ -131,6 +131,9 @@ impl TierSums {
     }
 
     /// Point-biserial correlation of a tier's presence (or count) with success.
+    /// An undefined one (a constant variable: the tier in no trajectory or
+    /// in all, the same count everywhere, no success or no failure) is
+    /// reported as r = 0, p = 1 and the interval [-1, 1], rather than NaN.
     pub fn correlation(&self, tier: usize, variable: Variable, confidence: f64) -> Correlation {
         let n = self.trajectories as i128;
         let sy = self.successes as i128;
@@ -150,9 +153,18 @@ impl TierSums {
         let cov = n * sxy - sx * sy;
         let var_x = n * sxx - sx * sx;
         let var_y = n * sy - sy * sy;
-        let r = if var_x <= 0 || var_y <= 0 {
-            0.0
-        } else if perfect(cov, var_x, var_y) {
+        if var_x <= 0 || var_y <= 0 {
+            // Undefined (a constant variable): reported as r = 0, p = 1, and
+            // an interval that rules nothing out, not the one of an r of 0
+            // measured on n pairs (+-0.196 at n = 100 claimed a relation
+            // near 0 when no trajectory succeeded, say).
+            return Correlation {
+                ci_low: -1.0,
+                ci_high: 1.0,
+                ..Correlation::new(0.0, self.trajectories, self.present[tier], confidence)
+            };
+        }
+        let r = if perfect(cov, var_x, var_y) {
             // Rounding in the square roots would give 0.9999999999999998 and
             // a tiny but non-zero p-value; a perfect relation is exact here.
             cov.signum() as f64
@@ -207,9 +219,8 @@ pub struct Correlation {
 
 impl Correlation {
     /// r from n pairs: the t-test p-value (n - 2 degrees of freedom, as
-    /// scipy.stats.pearsonr) and the Fisher-z interval (needs n > 3).
-    /// An undefined correlation (a constant variable) is reported as r = 0,
-    /// p = 1 rather than NaN.
+    /// scipy.stats.pearsonr) and the Fisher-z interval (needs n > 3; [-1, 1]
+    /// otherwise).
     pub fn new(r: f64, n: u64, support: u64, confidence: f64) -> Self {
         let p_value = if n < 3 {
             1.0
@@ -526,6 +537,50 @@ mod tests {
                 assert!(c.ci_low <= r && r <= c.ci_high, "{r} {n}: {c:?}");
             }
         }
+    }
+
+    #[test]
+    fn an_undefined_correlation_has_the_whole_interval() {
+        // 100 trajectories, none succeeded (or all did): tier 0 in 40 of
+        // them, tier 1 in every one, once (a constant count too), tier 2 in
+        // none. Every correlation is undefined: r = 0, p = 1 and an interval
+        // of [-1, 1]; it was [-0.196, 0.196], the interval of r = 0 measured.
+        for outcome in [0.0, 1.0] {
+            let outcome = vec![outcome; 100];
+            let offsets: Vec<i64> = (0..=100).map(|i| i * 2).collect();
+            let tiers: Vec<i64> = (0..100)
+                .flat_map(|i| [if i < 40 { 0 } else { -1 }, 1])
+                .collect();
+            let mut sums = TierSums::new(3);
+            sums.accumulate(&outcome, &offsets, &tiers, 1.0).unwrap();
+            for tier in 0..3 {
+                for variable in [Variable::Presence, Variable::Count] {
+                    let c = sums.correlation(tier, variable, 0.95);
+                    assert_eq!((c.r, c.p_value, c.ci_low, c.ci_high), (0.0, 1.0, -1.0, 1.0));
+                    assert_eq!((c.n, c.support), (100, [40, 100, 0][tier]));
+                }
+            }
+        }
+        // Mixed outcomes, tier 1 in every trajectory: presence is constant,
+        // its count need not be.
+        let mut sums = TierSums::new(2);
+        sums.accumulate(
+            &[1.0, 0.0, 1.0, 0.0, 1.0],
+            &[0, 2, 3, 4, 6, 7],
+            &[1, 1, 1, 1, 1, 1, 1],
+            1.0,
+        )
+        .unwrap();
+        let presence = sums.correlation(1, Variable::Presence, 0.95);
+        assert_eq!(
+            (presence.r, presence.ci_low, presence.ci_high),
+            (0.0, -1.0, 1.0)
+        );
+        let count = sums.correlation(1, Variable::Count, 0.95);
+        assert!(
+            count.r < 0.0 && count.ci_low > -1.0 && count.ci_high < 1.0,
+            "{count:?}"
+        );
     }
 
     #[test]
