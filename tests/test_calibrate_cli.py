@@ -544,3 +544,33 @@ def test_plot_never_passes_negative_error_bars(tmp_path: Path):
     ]
     plot_report(dataclasses.replace(report, correlations=shifted), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("outcome", [0.0, 1.0])
+def test_plot_draws_no_interval_when_no_rollout_succeeded_or_all_did(
+    tmp_path: Path, monkeypatch, outcome
+):
+    """No success (early training) or no failure: every r is undefined (0).
+    The plot drew the interval of an r of 0 measured on n rollouts around
+    each tier, +-0.2 at n = 100, as if the data said the relation was small."""
+    import matplotlib.axes
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "flat.jsonl"
+    records = [{**r, "outcome": outcome} for r in planted_records(0, 20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
+    assert {c.r for c in report.correlations} == {0.0}
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        drawn.append(np.asarray(yerr))
+        return real(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    plot_report(report, tmp_path / "p.png")
+    (yerr,) = drawn
+    assert yerr.shape == (2, len(report.correlations)) and not yerr.any()

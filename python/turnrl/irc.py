@@ -327,8 +327,13 @@ def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None
     low = np.array([c.ci_low for c in report.correlations])
     high = np.array([c.ci_high for c in report.correlations])
     significant = np.array([c.p_value < 0.05 for c in report.correlations])
-    # A tier that never occurs has no correlation to show an interval for.
-    observed = np.array([0 < c.support < report.stats.trajectories for c in report.correlations])
+    # A tier that never occurs (or occurs everywhere), or a buffer in which
+    # nothing succeeded (or everything did), has no correlation to show an
+    # interval for.
+    n, successes = report.stats.trajectories, report.stats.successes
+    observed = np.array(
+        [0 < c.support < n and 0 < successes < n for c in report.correlations], dtype=bool
+    )
     low = np.where(observed, low, r)
     high = np.where(observed, high, r)
     before = np.array([report.initial.rewards.get(t, 0.0) for t in tiers])
