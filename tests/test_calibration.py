@@ -812,6 +812,32 @@ def test_records_in_memory_give_the_tier_columns_the_buffer_reader_gives(records
     assert names(mine) == names(theirs)
 
 
+def test_an_empty_group_name_is_a_group_as_the_buffer_reader_reads_it(tmp_path):
+    """Group "" was taken for "no group" and replaced by the task id: two
+    tasks' records in group "" were two groups, and "" of task "t" joined
+    group "t", where the buffer reader (and the estimators) see one group,
+    and two."""
+    from turnrl.irc import tiered_from_batch, tiered_from_records
+
+    turns = [{"role": "assistant", "content": ".", "tier": "read"}]
+    records = [
+        turnrl.rollout_record("a", "", 0, 1.0, turns),
+        turnrl.rollout_record("b", "", 1, 0.0, turns),
+        turnrl.rollout_record("t", "", 2, 1.0, turns),
+        turnrl.rollout_record("t", "t", 3, 0.0, turns),
+    ]
+    path = tmp_path / "step.jsonl"
+    with turnrl.RolloutWriter(path) as writer:
+        writer.write_many(records)
+    batch = turnrl.read_rollouts(path)
+    assert batch.skipped == 0
+    assert tiered_from_batch(batch).group.tolist() == [0, 0, 0, 1]
+    assert tiered_from_records(records).group.tolist() == [0, 0, 0, 1]
+    # A record without a group (the reader refuses it) is its task's group.
+    loose = [{k: v for k, v in r.items() if k != "group"} for r in records]
+    assert tiered_from_records(loose).group.tolist() == [0, 1, 2, 2]
+
+
 def test_records_without_usable_outcomes_or_tiers_are_named():
     from turnrl.irc import tiered_from_records
 

@@ -56,9 +56,10 @@ def tiered_from_records(
     """The tier columns of ``turnrl.rollout/1`` records held in memory.
 
     As the buffer reader reads them: one trajectory per record, groups in
-    first-seen order (a record without a group is its task's group), each
-    assistant turn's ``tier`` as a code into ``tiers`` (None: unlabelled). A
-    tier name not in ``tiers`` is appended, in the order first met.
+    first-seen order (the group ``""`` too; a record without a group, which
+    the reader refuses, is its task's group), each assistant turn's ``tier``
+    as a code into ``tiers`` (None: unlabelled). A tier name not in
+    ``tiers`` is appended, in the order first met.
 
     Raises:
         InvalidInputError: a record has no usable outcome or turns, or a tier
@@ -78,7 +79,8 @@ def tiered_from_records(
             turns = list(record["turns"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInputError(f"{where}: no usable outcome or turns ({e!r})") from None
-        name = str(record.get("group") or record.get("task_id"))
+        name = record.get("group")
+        name = str(record.get("task_id") if name is None else name)
         group[i] = group_of.setdefault(name, len(group_of))
         for turn in turns:
             if not isinstance(turn, Mapping) or turn.get("role") != "assistant":
