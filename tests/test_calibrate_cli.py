@@ -211,6 +211,8 @@ def test_estimator_options_reach_the_direction_check(buffers, tmp_path: Path, op
         ("--alpha", "0", "--alpha: must be above 0"),
         ("--min-abs-r", "-0.1", "--min-abs-r: must be at least 0"),
         ("--success-threshold", "nan", "--success-threshold: must be a finite number"),
+        # Was refused only after every buffer had been read, however large.
+        ("--max-iterations", "0", "--max-iterations: must be at least 1"),
     ],
 )
 def test_option_values_are_checked(buffers, capsys, option, value, message):

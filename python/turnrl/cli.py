@@ -1574,7 +1574,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--max-iterations",
-        type=int,
+        type=_positive_int,
         default=10,
         help="calibration rounds at most (default: %(default)s)",
     )
