@@ -576,3 +576,22 @@ def test_plot_draws_no_interval_when_no_rollout_succeeded_or_all_did(
     plot_report(report, tmp_path / "p.png")
     (yerr,) = drawn
     assert yerr.shape == (2, len(report.correlations)) and not yerr.any()
+
+
+@pytest.mark.parametrize(("outcome", "which"), [(0.0, "no trajectory"), (1.0, "every trajectory")])
+def test_calibrate_warns_when_success_does_not_vary(tmp_path: Path, capsys, outcome, which):
+    """With one outcome throughout, every r_pb is undefined and every reward
+    comes out 0: said on stderr, with the threshold that decided success,
+    while the rewards are still written."""
+    path = tmp_path / "flat.jsonl"
+    records = [{**r, "outcome": outcome} for r in planted_records(0, 5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "tiers.toml"
+    assert main(["calibrate", str(path), "--quiet", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {which} of 40 succeeded" in err and "--success-threshold 1" in err
+    assert set(load_tier_rewards(str(out)).values()) == {0.0}
+    # Mixed outcomes: no warning.
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 5)))
+    assert main(["calibrate", str(path), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err

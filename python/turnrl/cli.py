@@ -123,6 +123,18 @@ def _calibrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if stats.successes in (0, stats.trajectories):
+        # Nothing to correlate with: every r_pb is undefined (0), so every
+        # calibrated reward comes out 0. Said, not refused: it is what the
+        # method gives, but rarely what was meant.
+        which = "no trajectory" if stats.successes == 0 else "every trajectory"
+        print(
+            f"turnrl calibrate: warning: {which} of {stats.trajectories} succeeded (outcome >= "
+            f"--success-threshold {args.success_threshold:g}): tier presence cannot be "
+            "correlated with success, and every calibrated tier reward is 0; calibrate on "
+            "rollouts with both outcomes",
+            file=sys.stderr,
+        )
     report = calibrate(
         rollouts,
         initial,
