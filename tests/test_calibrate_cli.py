@@ -595,3 +595,32 @@ def test_calibrate_warns_when_success_does_not_vary(tmp_path: Path, capsys, outc
     path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 5)))
     assert main(["calibrate", str(path), "--quiet"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_plot_greys_correlations_by_the_calibration_alpha(tmp_path: Path, monkeypatch):
+    """The bars' colours follow --alpha: a tier significant at 0.05 but not
+    at 1e-60 was blue in a plot of a calibration run at --alpha 1e-60."""
+    import matplotlib.axes
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
+    p_values = [c.p_value for c in report.correlations]
+    colours = []
+    real = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, color=None, **kwargs):
+        colours.append(color)
+        return real(self, x, height, *args, color=color, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    for alpha in (0.05, 1e-60, 1.0):
+        colours.clear()
+        plot_report(report, tmp_path / "p.png", alpha=alpha)
+        expected = ["tab:blue" if p < alpha else "tab:gray" for p in p_values]
+        assert list(colours[0]) == expected
+    # Some tier tells the two levels apart.
+    assert any(1e-60 <= p < 0.05 for p in p_values)

@@ -171,7 +171,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         write_json_atomic(data, args.report)
         print(f"wrote {args.report}")
     if args.plot:
-        plot_report(report, args.plot)
+        plot_report(report, args.plot, alpha=args.alpha)
         print(f"wrote {args.plot}")
     return 0
 

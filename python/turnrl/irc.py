@@ -319,16 +319,19 @@ def pyplot() -> Any:
     return plt
 
 
-def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None:
+def plot_report(
+    report: CalibrationReport, path: str | os.PathLike[str], *, alpha: float = 0.05
+) -> None:
     """Each tier's correlation with its confidence interval, and its reward
-    before and after calibration, as a PNG."""
+    before and after calibration, as a PNG. Correlations with a p-value of
+    ``alpha`` or more (the significance level the calibration used) are grey."""
     plt = pyplot()
     tiers = [c.tier for c in report.correlations]
     x = np.arange(len(tiers))
     r = np.array([c.r for c in report.correlations])
     low = np.array([c.ci_low for c in report.correlations])
     high = np.array([c.ci_high for c in report.correlations])
-    significant = np.array([c.p_value < 0.05 for c in report.correlations])
+    significant = np.array([c.p_value < alpha for c in report.correlations])
     # A tier that never occurs (or occurs everywhere), or a buffer in which
     # nothing succeeded (or everything did), has no correlation to show an
     # interval for.
@@ -351,7 +354,7 @@ def plot_report(report: CalibrationReport, path: str | os.PathLike[str]) -> None
     ax_r.axhline(0, color="black", linewidth=0.8)
     ax_r.set_xticks(x, tiers)
     ax_r.set_ylabel("point-biserial r with success")
-    ax_r.set_title(f"Tier vs success (n = {report.stats.trajectories}; grey: p >= 0.05)")
+    ax_r.set_title(f"Tier vs success (n = {report.stats.trajectories}; grey: p >= {alpha:g})")
 
     width = 0.38
     ax_w.bar(x - width / 2, before, width, label="before", color="tab:orange")
