@@ -660,6 +660,7 @@ def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
         (broken(steps="3"), r"state\['steps'\] must be a int"),
         (broken(window=True), r"state\['window'\] must be a int"),
         (broken(steps=0), r"state\['history'\] holds 1 steps, more than state\['steps'\]"),
+        (broken(steps=-1), r"state\['steps'\] must be a count, got -1"),
         (broken(history=[{**good["history"][0], "turns": [1, 2]}]),
          r"state\['history'\]\[0\]\['turns'\] must be 4 counts"),
         (broken(history=[{**good["history"][0], "successes": -1}]),

@@ -931,6 +931,8 @@ class OnlineCalibrator:
             **kwargs,
         )
         steps = _state_field(state, "steps", int)
+        if steps < 0:
+            raise InvalidInputError(f"state['steps'] must be a count, got {steps}")
         history = _state_field(state, "history", list)
         if steps < len(history) or len(history) > (online.history.maxlen or 0):
             raise InvalidInputError(
