@@ -848,6 +848,15 @@ def test_records_without_usable_outcomes_or_tiers_are_named():
     bad_tier = {**good, "turns": [{"role": "assistant", "tier": 3}]}
     with pytest.raises(InvalidInputError, match=r"record 0 .*tier must be a string, got 3"):
         tiered_from_records([bad_tier])
+    # Outcomes the buffer reader refuses are refused here too (bools and
+    # numeric strings were taken as numbers, NaN reached the statistics).
+    for outcome in (True, "1", float("nan"), float("inf"), 1e101):
+        with pytest.raises(InvalidInputError, match=r"record 0 .*outcome must be a number"):
+            tiered_from_records([{**good, "outcome": outcome}])
+    for outcome in (1, -2, 0.5, np.float32(1.0), np.int64(0), 1e100):
+        assert tiered_from_records([{**good, "outcome": outcome}]).outcome.tolist() == [
+            float(outcome)
+        ]
 
 
 def test_a_custom_estimator_needing_bigger_groups_is_taken(monkeypatch):

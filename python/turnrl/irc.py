@@ -8,6 +8,7 @@ Used by ``turnrl calibrate``; callable from Python the same way.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -75,10 +76,21 @@ def tiered_from_records(
     for i, record in enumerate(records):
         where = f"record {i} (task {record.get('task_id')!r}, sample {record.get('sample')!r})"
         try:
-            outcome[i] = float(record["outcome"])
+            value = record["outcome"]
             turns = list(record["turns"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInputError(f"{where}: no usable outcome or turns ({e!r})") from None
+        # As the buffer reader: a number (not a bool or a numeric string) of at
+        # most 1e100 in size, the estimators' limit.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, numbers.Real)
+            or not abs(float(value)) <= 1e100
+        ):
+            raise InvalidInputError(
+                f"{where}: outcome must be a number of at most 1e100 in size, got {value!r}"
+            )
+        outcome[i] = float(value)
         name = record.get("group")
         name = str(record.get("task_id") if name is None else name)
         group[i] = group_of.setdefault(name, len(group_of))
