@@ -32,7 +32,7 @@ from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 import turnrl  # noqa: E402
 from turnrl import envs  # noqa: E402
 from turnrl.engines import Completion, EngineAgent, TransformersEngine, _Request  # noqa: E402
-from turnrl.exceptions import InvalidInputError  # noqa: E402
+from turnrl.exceptions import InvalidInputError, UnknownNameError  # noqa: E402
 from turnrl.train import (  # noqa: E402
     GTPOConfig,
     GTPOTrainer,
@@ -1800,6 +1800,13 @@ def test_loss_settings_are_checked_when_the_config_is_made(field, value):
     with pytest.raises(InvalidInputError, match=field):
         GTPOConfig(**{field: value})
     GTPOConfig(eps_low=math.inf, eps_high=math.inf)  # no clip on either side
+
+
+@pytest.mark.parametrize(("field", "value"), [("agg", "token-mean"), ("backend", "cuda")])
+def test_unknown_loss_names_are_refused_when_the_config_is_made(field, value):
+    # Not after a whole step of rollouts, when the loss first sees them.
+    with pytest.raises(UnknownNameError, match=f"unknown {field} {value!r}"):
+        GTPOConfig(**{field: value})
 
 
 def test_load_policy_turns_gradient_checkpointing_on(tmp_path, tok, base_model):

@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from turnrl.advantages import compute_advantages, probe_batch
-from turnrl.exceptions import InvalidInputError
+from turnrl.exceptions import InvalidInputError, UnknownNameError
 
 if TYPE_CHECKING:
     import torch
@@ -765,6 +765,15 @@ class GTPOConfig:
     move the weights on no signal)."""
 
     def __post_init__(self) -> None:
+        from turnrl.kernels.fused_linear_gtpo import AGGREGATIONS, BACKENDS
+
+        # Names as the loss would refuse them, but before a step's rollouts.
+        for field, value, valid in (
+            ("agg", self.agg, AGGREGATIONS),
+            ("backend", self.backend, BACKENDS),
+        ):
+            if value not in valid:
+                raise UnknownNameError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
             raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
