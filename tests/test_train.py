@@ -32,7 +32,7 @@ from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 import turnrl  # noqa: E402
 from turnrl import envs  # noqa: E402
 from turnrl.engines import Completion, EngineAgent, TransformersEngine, _Request  # noqa: E402
-from turnrl.exceptions import InvalidInputError  # noqa: E402
+from turnrl.exceptions import InvalidInputError, UnknownNameError  # noqa: E402
 from turnrl.train import (  # noqa: E402
     GTPOConfig,
     GTPOTrainer,
@@ -456,6 +456,68 @@ def test_beta_needs_a_reference_and_soft_capped_heads_are_refused(base_model):
     plain.config.final_logit_softcapping = 30.0
     with pytest.raises(InvalidInputError, match="final_logit_softcapping"):
         GTPOTrainer(plain, opt)
+
+
+def _tiny_head_model(kind):
+    """A tiny causal LM whose logits are not ``decoder(x) @ lm_head.weight.T``."""
+    import transformers
+
+    small = dict(
+        vocab_size=48,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    if kind == "granite":  # logits / logits_scaling (IBM Granite 3.x)
+        config = transformers.GraniteConfig(logits_scaling=4.0, **small)
+        return transformers.GraniteForCausalLM(config)
+    if kind == "phi":  # an LM head with a bias (Phi-1.5, Phi-2)
+        model = transformers.PhiForCausalLM(transformers.PhiConfig(**small))
+        torch.nn.init.normal_(model.lm_head.bias)  # trained heads' biases are not 0
+        return model
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["granite", "phi"])
+def test_heads_whose_logits_are_not_the_plain_product_are_refused(kind):
+    from turnrl.kernels import fused_logprobs
+
+    model = _tiny_head_model(kind).eval()
+    ids = torch.tensor([[3, 7, 11, 5, 2]])
+    with torch.no_grad():
+        own = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        own = own.gather(-1, ids[0, 1:, None])[:, 0]
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0, :-1]
+        fused = fused_logprobs(hidden, model.get_output_embeddings().weight, ids[0, 1:])
+    # What the trainer would train on is not the model's policy.
+    assert (own - fused).abs().max() > 1e-2
+    with pytest.raises(InvalidInputError, match="plain linear head"):
+        GTPOTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "nested"),
+    [
+        ("lm_head_multiplier", 0.5, False),  # Falcon-H1
+        ("logits_scaling", 8.0, False),  # MiniCPM3, HyperCLOVA X
+        ("final_logit_softcapping", 30.0, True),  # a composite model's text config
+        ("logits_scaling", 16.0, True),  # Granite vision
+    ],
+)
+def test_logit_transforms_of_the_config_or_its_text_config_are_refused(
+    base_model, field, value, nested
+):
+    plain = copy.deepcopy(base_model)
+    if nested:
+        plain.config.text_config = copy.deepcopy(plain.config)
+        setattr(plain.config.text_config, field, value)
+    else:
+        setattr(plain.config, field, value)
+    with pytest.raises(InvalidInputError, match=field):
+        GTPOTrainer(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
 
 
 class _Saveable:
@@ -1738,6 +1800,13 @@ def test_loss_settings_are_checked_when_the_config_is_made(field, value):
     with pytest.raises(InvalidInputError, match=field):
         GTPOConfig(**{field: value})
     GTPOConfig(eps_low=math.inf, eps_high=math.inf)  # no clip on either side
+
+
+@pytest.mark.parametrize(("field", "value"), [("agg", "token-mean"), ("backend", "cuda")])
+def test_unknown_loss_names_are_refused_when_the_config_is_made(field, value):
+    # Not after a whole step of rollouts, when the loss first sees them.
+    with pytest.raises(UnknownNameError, match=f"unknown {field} {value!r}"):
+        GTPOConfig(**{field: value})
 
 
 def test_load_policy_turns_gradient_checkpointing_on(tmp_path, tok, base_model):

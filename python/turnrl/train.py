@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from turnrl.advantages import compute_advantages, probe_batch
-from turnrl.exceptions import InvalidInputError
+from turnrl.exceptions import InvalidInputError, UnknownNameError
 
 if TYPE_CHECKING:
     import torch
@@ -765,6 +765,15 @@ class GTPOConfig:
     move the weights on no signal)."""
 
     def __post_init__(self) -> None:
+        from turnrl.kernels.fused_linear_gtpo import AGGREGATIONS, BACKENDS
+
+        # Names as the loss would refuse them, but before a step's rollouts.
+        for field, value, valid in (
+            ("agg", self.agg, AGGREGATIONS),
+            ("backend", self.backend, BACKENDS),
+        ):
+            if value not in valid:
+                raise UnknownNameError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
             raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
@@ -970,15 +979,27 @@ def _all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
             flush(bucket)
 
 
+# Config fields with which transformers' causal LMs change the logits beyond
+# the LM head's product (a value of 1 changes nothing): Gemma 2's soft cap,
+# Cohere's logit_scale, Granite's and MiniCPM3's divisor and HyperCLOVA X's
+# factor (logits_scaling), Falcon-H1's lm_head_multiplier.
+_HEAD_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+)
+
+
 class GTPOTrainer:
     """Policy updates with the fused token-level GTPO loss.
 
     ``model`` is a Hugging Face causal LM, usually wrapped by PEFT
     (``peft.get_peft_model``): the decoder is run for hidden states and the
     LM head's weight goes to :func:`turnrl.kernels.gtpo_loss`, so the head
-    must be a plain linear layer (models that soft-cap or scale logits are
-    refused). Adapters that inject layers (LoRA and its kin) are applied
-    inside the decoder. With ``beta > 0`` the reference log-probs come from
+    must be a plain linear layer (models that soft-cap or scale logits, or
+    whose head has a bias, are refused). Adapters that inject layers (LoRA
+    and its kin) are applied inside the decoder. With ``beta > 0`` the reference log-probs come from
     ``ref_model``, or from ``model`` with its adapter disabled.
 
     Under an initialised ``torch.distributed`` group, every rank passes its
@@ -1021,11 +1042,25 @@ class GTPOTrainer:
                 "reads the head's weight, so that adapter would never train: leave lm_head out "
                 "of target_modules, or train it whole with modules_to_save=['lm_head']"
             )
-        for field in ("final_logit_softcapping", "logit_scale"):
-            if getattr(base.config, field, None) not in (None, 0, 1, 1.0):
-                raise InvalidInputError(
-                    f"the model's LM head applies {field}; the fused loss needs a plain linear head"
-                )
+        # The fused loss computes log-probs from decoder(x) @ head.weight.T alone:
+        # a model that transforms that product (or the hidden state before it)
+        # would be trained on log-probs that are not its policy's.
+        configs = [base.config]
+        with contextlib.suppress(AttributeError, TypeError, ValueError):
+            text = base.config.get_text_config(decoder=True)  # a composite model's text part
+            if text is not base.config:
+                configs.append(text)
+        for config in configs:
+            for field in _HEAD_TRANSFORMS:
+                if getattr(config, field, None) not in (None, 0, 1, 1.0):
+                    raise InvalidInputError(
+                        f"the model's LM head applies {field}; the fused loss needs a plain "
+                        "linear head"
+                    )
+        if getattr(head, "bias", None) is not None:
+            raise InvalidInputError(
+                "the model's LM head has a bias; the fused loss needs a plain linear head (no bias)"
+            )
         if self.config.beta and ref_model is None and not hasattr(model, "disable_adapter"):
             raise InvalidInputError("beta > 0 needs ref_model, or a PEFT model to disable")
         self.rank, self.world_size = _world()
