@@ -3126,6 +3126,32 @@ def test_records_without_a_group_are_grouped_by_task(tok):
     assert np.abs(expected).max() > 0
 
 
+def test_an_empty_group_name_is_a_group_as_the_buffer_reader_reads_it(tok, tmp_path):
+    """Group "" was taken for "no group": two tasks' records in group "" were
+    two groups, and "" of task "t" joined group "t", where the buffer reader,
+    and the calibration of the same records, see one group, and two."""
+    from turnrl.irc import tiered_from_batch, tiered_from_records
+
+    rng = random.Random(61)
+    records = [_record(rng, float(i % 2), "g") for i in range(6)]
+    for record, task, group in zip(
+        records, ["a", "a", "b", "b", "t", "t"], ["", "", "", "", "t", ""], strict=True
+    ):
+        record.update(task_id=task, group=group)
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="grpo")
+    groups = [0, 0, 0, 0, 1, 0]
+    path = tmp_path / "step.jsonl"
+    with turnrl.RolloutWriter(path) as writer:
+        writer.write_many(records)
+    assert tiered_from_batch(turnrl.read_rollouts(path)).group.tolist() == groups
+    assert tiered_from_records(records).group.tolist() == groups
+    rewards = [0.0] * int(batch.turn_offsets[-1])
+    expected = turnrl.compute_advantages(
+        "grpo", [r["outcome"] for r in records], groups, rewards, batch.turn_offsets
+    )
+    np.testing.assert_allclose(batch.turn_advantages, expected)
+
+
 def _char_ids(tok, text: str) -> list[int]:
     """Ids of ``text`` one character at a time: a tokenization a sampler can draw,
     not the one encoding the text gives."""

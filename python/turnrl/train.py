@@ -622,8 +622,10 @@ def build_batch(
             outcome[i] = float(record["outcome"])
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInputError(f"record {i} ({_where(record)}): bad outcome ({e})") from None
-        # A record without a group (or with group None) is its task's group.
-        name = str(record.get("group") or record.get("task_id"))
+        # A record without a group (or with group None) is its task's group;
+        # any other name, "" included, is a group, as the buffer reader reads it.
+        name = record.get("group")
+        name = str(record.get("task_id") if name is None else name)
         group[i] = group_ids.setdefault(name, len(group_ids))
         assistant = [t for t in record["turns"] if t.get("role") == "assistant"]
         turn_rewards += [_turn_reward(t, tier_rewards) for t in assistant]
