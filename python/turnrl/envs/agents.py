@@ -19,11 +19,40 @@ from typing import Any
 from turnrl.envs.users import ChatEndpoint, split_reasoning
 from turnrl.exceptions import TurnrlError
 
-__all__ = ["AgentError", "OpenAIAgent", "reply_from_text"]
+__all__ = ["AgentError", "ContextLengthExceeded", "OpenAIAgent", "reply_from_text"]
 
 
 class AgentError(TurnrlError, RuntimeError):
     """The policy's endpoint could not be reached or answered an error."""
+
+
+class ContextLengthExceeded(AgentError):
+    """The chat leaves the policy no room for a reply in its context.
+
+    Multi-turn episodes grow; once a prompt fills the model's context
+    (vLLM's ``--max-model-len``), no reply can be sampled after it.
+    :func:`turnrl.envs.run_episode` ends the episode there (``stop_reason``
+    ``"context_length"``) instead of failing it. ``prompt_tokens`` and
+    ``limit`` are the prompt's length and the context's, when known (a
+    served policy's refusal says them only in its message).
+    """
+
+    def __init__(
+        self, message: str, *, prompt_tokens: int | None = None, limit: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+    @classmethod
+    def no_room(cls, prompt_tokens: int, limit: int) -> ContextLengthExceeded:
+        """The error for a prompt of ``prompt_tokens`` tokens in a context of ``limit``."""
+        return cls(
+            f"the prompt has {prompt_tokens} tokens and the model's context holds {limit} "
+            "(its max_model_len): no room for a reply",
+            prompt_tokens=prompt_tokens,
+            limit=limit,
+        )
 
 
 class OpenAIAgent:
