@@ -881,6 +881,50 @@ def test_engine_agent_errors_reach_every_episode_of_the_batch(engine, message):
     assert agent.batches == []  # no batch completed
 
 
+def test_engine_agent_raises_an_exception_the_engine_gave_in_that_episode_alone():
+    from turnrl.envs import ContextLengthExceeded
+
+    class Crowded:
+        """Answers a chat that asks "too long" with the error, the others with text."""
+
+        def __init__(self):
+            self.calls: list[int] = []
+
+        def generate(self, conversations, tools=None):
+            self.calls.append(len(conversations))
+            return [
+                ContextLengthExceeded.no_room(40, 32)
+                if c[-1]["content"] == "too long"
+                else f"echo {c[-1]['content']}"
+                for c in conversations
+            ]
+
+    engine = Crowded()
+    agent = EngineAgent(engine, gather_window=0.5)
+    start = threading.Barrier(4)
+    answers: dict[str, object] = {}
+
+    def ask(text):
+        start.wait()
+        try:
+            answers[text] = agent([{"role": "user", "content": text}], TOOLS)["content"]
+        except ContextLengthExceeded as e:
+            answers[text] = e
+
+    texts = ["a", "too long", "b", "c"]
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert engine.calls == agent.batches == [4]
+    assert {t: answers[t] for t in "abc"} == {t: f"echo {t}" for t in "abc"}
+    error = answers["too long"]
+    assert isinstance(error, ContextLengthExceeded)
+    assert (error.prompt_tokens, error.limit) == (40, 32)
+    assert "the prompt has 40 tokens and the model's context holds 32" in str(error)
+
+
 def test_engine_agent_fails_instead_of_hanging_on_tools_it_cannot_group():
     import time
 

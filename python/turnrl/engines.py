@@ -4,7 +4,10 @@ An engine turns chats into completions: ``engine.generate(conversations,
 tools) -> list[Completion]`` (or plain strings), one raw completion text per
 chat (the tokens after the chat template's generation prompt, up to and
 without the end-of-turn token), whether the generation was cut at the
-token limit, and the token ids it sampled. Three engines share that interface:
+token limit, and the token ids it sampled; or, in one chat's place, the
+exception that chat alone gets (:class:`turnrl.envs.ContextLengthExceeded`
+when its prompt leaves the model's context no room for a reply). Three
+engines share that interface:
 
 * :class:`TransformersEngine`: the training model itself (``model.generate``),
   so rollouts always come from the current weights; for small models, tests
@@ -80,7 +83,13 @@ class Engine(Protocol):
     """Anything that completes a batch of chats."""
 
     def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> Sequence[Any]:
-        """One :class:`Completion` (or raw text) per chat, without the end-of-turn token."""
+        """One :class:`Completion` (or raw text) per chat, without the end-of-turn token.
+
+        An exception instance in a chat's place is that chat's answer alone:
+        :class:`EngineAgent` raises it in that chat's episode, and the others
+        get their completions (:class:`turnrl.envs.ContextLengthExceeded` for a
+        chat that no longer fits the model's context ends its episode). An
+        exception raised by ``generate`` fails every chat of the batch."""
         ...
 
 
@@ -854,7 +863,10 @@ class EngineAgent:
     gave its ids. Calls from several threads are gathered: while one ``generate`` runs, the
     requests that arrive wait, and the first of them to wake takes them all (at most
     ``max_batch``) into the next one; a request that is answered returns at once. An engine
-    error is raised in every episode whose request was in that batch.
+    error is raised in every episode whose request was in that batch; an exception the
+    engine gives in one chat's place (see :class:`Engine`) is raised in that episode alone,
+    :class:`turnrl.envs.ContextLengthExceeded` for a chat the model's context has no room
+    to answer, which :func:`turnrl.envs.run_episode` takes for the episode's end.
 
     Before a batch starts, its leader waits for requests still on their way: until none
     has come for ``gather_window`` seconds, the batch is full, or ten windows have passed.
@@ -978,9 +990,12 @@ class EngineAgent:
                     )
                 self.batches.append(len(requests))
                 for request, output in zip(requests, outputs, strict=True):
-                    if not isinstance(output, Completion):
-                        output = Completion(str(output))
-                    request.result = output
+                    if isinstance(output, Exception):
+                        request.error = output  # this chat's answer alone
+                    elif isinstance(output, Completion):
+                        request.result = output
+                    else:
+                        request.result = Completion(str(output))
                     request.done = True
         except BaseException as e:  # every episode still waiting in the batch hears of it
             for request in batch:
