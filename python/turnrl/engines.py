@@ -40,7 +40,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from turnrl.envs.agents import reply_from_text
+from turnrl.envs.agents import ContextLengthExceeded, reply_from_text
 from turnrl.exceptions import InvalidInputError
 from turnrl.train import _base_model, template_messages
 
@@ -366,6 +366,14 @@ class VLLMEngine:
     1, since a LoRA run never changes them). The next :meth:`generate`
     wakes it, as TRL's ``vllm_enable_sleep_mode`` and verl's cache freeing
     do for an engine that shares the trainer's GPU.
+
+    Each chat is fitted to the model's context (:attr:`max_model_len`, from
+    vLLM's model config, so ``max_model_len=`` in ``llm_kwargs`` sets it): a
+    chat whose prompt leaves fewer than ``max_new_tokens`` tokens of room is
+    sampled for at most that room (cut there, the reply is ``truncated``),
+    and one that leaves no room at all is answered
+    :class:`turnrl.envs.ContextLengthExceeded` alone, not generated, while
+    the other chats of the batch are.
     """
 
     def __init__(
@@ -398,6 +406,11 @@ class VLLMEngine:
         self._logprobs = logprobs
         self._processed = llm_kwargs.get("logprobs_mode") == "processed_logprobs"
         self.llm = LLM(model=model, **llm_kwargs)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.max_model_len: int | None = _llm_max_model_len(self.llm)
+        """The model's context length in tokens (prompt and reply), as vLLM has it;
+        None when this vLLM does not say (chats are then sent as they are)."""
         self._sampling_kwargs = {
             "top_p": top_p,
             "max_tokens": max_new_tokens,
@@ -461,13 +474,16 @@ class VLLMEngine:
         if temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
         other = copy.copy(self)
+        other.temperature = temperature
         other.sampling = self._sampling(temperature)
         return other
 
-    def _sampling(self, temperature: float) -> Any:
+    def _sampling(self, temperature: float, max_tokens: int | None = None) -> Any:
         from vllm import SamplingParams
 
         kwargs = dict(self._sampling_kwargs)
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
         # Under top-p the sampler draws from a renormalised nucleus, which the
         # trainer's softmax never is: every ratio would be below 1 (a turn's
         # product near 0) with no mismatch at all. Raw log-probs (before
@@ -476,20 +492,67 @@ class VLLMEngine:
             kwargs["logprobs"] = 0  # the sampled token's alone
         return SamplingParams(temperature=temperature, **kwargs)
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
-        """Complete all chats in one ``LLM.chat`` call (waking vLLM first if it sleeps)."""
+    def generate(
+        self, conversations: Sequence[Chat], tools: Tools = None
+    ) -> list[Completion | ContextLengthExceeded]:
+        """Complete all chats that fit the context in one ``LLM.chat`` call (waking
+        vLLM first if it sleeps); a chat with no room left is answered
+        :class:`~turnrl.envs.ContextLengthExceeded`."""
         if not conversations:
             return []
-        self.wake_up()
-        outputs = self.llm.chat(
-            [[dict(m) for m in c] for c in conversations],
-            self.sampling,
-            use_tqdm=False,
-            lora_request=self.lora,
-            tools=list(tools) if tools else None,
-            chat_template_kwargs=self.chat_template_kwargs or None,
-        )
-        return [self._completion(o.outputs[0]) for o in outputs]
+        chats = [[dict(m) for m in c] for c in conversations]
+        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(chats)
+        asked = list(range(len(chats)))
+        sampling: Any = self.sampling
+        limit = self.max_model_len
+        if limit is not None:
+            # In process, vLLM refuses a prompt of max_model_len tokens or more,
+            # and the refusal fails the whole LLM.chat call: LLM._add_request
+            # checks the prompt against the context with no output reserved
+            # (vllm/entrypoints/llm.py _get_cmpl_tok_params, then
+            # vllm/renderers/params.py), and the engine refuses a prompt as long
+            # as the context (vllm/v1/engine/input_processor.py
+            # _validate_prompt_len). A shorter prompt with more max_tokens than
+            # room is not refused: the scheduler stops it when the context is
+            # full (finish_reason "length", vllm/v1/core/sched/utils.py
+            # check_stop). So a chat with no room is left out, answered alone,
+            # and one with less room than max_new_tokens asks for that room,
+            # which gives the same reply explicitly, whatever vLLM's version.
+            tokenizer = self.llm.get_tokenizer()
+            per_room: dict[int, Any] = {}
+            params = []
+            asked = []
+            for i, chat in enumerate(chats):
+                length = _prompt_length(tokenizer, chat, tools, self.chat_template_kwargs)
+                room = limit - length
+                if room < 1:
+                    answers[i] = ContextLengthExceeded.no_room(length, limit)
+                    continue
+                asked.append(i)
+                if room >= self.max_new_tokens:
+                    params.append(self.sampling)
+                else:
+                    if room not in per_room:
+                        per_room[room] = self._sampling(self.temperature, room)
+                    params.append(per_room[room])
+            # LLM.chat pairs a list of SamplingParams with the chats one by one.
+            if any(p is not self.sampling for p in params):
+                sampling = params
+        if asked:
+            self.wake_up()
+            outputs = self.llm.chat(
+                [chats[i] for i in asked],
+                sampling,
+                use_tqdm=False,
+                lora_request=self.lora,
+                tools=list(tools) if tools else None,
+                chat_template_kwargs=self.chat_template_kwargs or None,
+            )
+            if len(outputs) != len(asked):
+                raise RuntimeError(f"vLLM gave {len(outputs)} outputs for {len(asked)} chats")
+            for i, output in zip(asked, outputs, strict=True):
+                answers[i] = self._completion(output.outputs[0])
+        return _filled(answers)
 
     def _completion(self, output: Any) -> Completion:
         # Training checks that the ids decode to the text and its end token
@@ -754,6 +817,47 @@ def _served_tokens(logprobs: Any) -> tuple[tuple[int, ...] | None, tuple[float, 
     ):
         return tuple(ids), None
     return tuple(ids), tuple(float(v) for v in values)
+
+
+def _filled(answers: Sequence[Any]) -> list[Any]:
+    """``answers`` as a list, every one given (an answer per chat, in order)."""
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        raise RuntimeError(f"no answer for chats {missing}")
+    return list(answers)
+
+
+def _llm_max_model_len(llm: Any) -> int | None:
+    """The context length of a ``vllm.LLM`` (its model config's ``max_model_len``),
+    or None where this vLLM keeps it elsewhere."""
+    config = getattr(llm, "model_config", None)  # newer vLLM keeps it on the LLM
+    engine = getattr(llm, "llm_engine", None)
+    if config is None:
+        config = getattr(engine, "model_config", None)
+    getter = getattr(engine, "get_model_config", None)
+    if config is None and callable(getter):
+        config = getter()  # older vLLM
+    value = getattr(config, "max_model_len", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def _prompt_length(
+    tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
+) -> int:
+    """How many tokens the prompt of ``conversation`` is, rendered as ``LLM.chat``
+    renders it (the chat template, then the tokens without special ones added)."""
+    rendered = tokenizer.apply_chat_template(
+        template_messages(conversation),
+        tools=list(tools) if tools else None,
+        add_generation_prompt=True,
+        tokenize=False,
+        **chat_template_kwargs,
+    )
+    if isinstance(rendered, str):
+        return len(tokenizer.encode(rendered, add_special_tokens=False))
+    return len(rendered)  # a tokenizer that renders to ids (vLLM's Mistral one)
 
 
 def _render_prompt(
