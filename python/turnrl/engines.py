@@ -29,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -578,11 +579,25 @@ class ServerEngine:
     The chat template is rendered here, with ``tokenizer`` (the trained
     model's, as :class:`TransformersEngine` renders it), and sent as token
     ids, so the server samples after exactly the prompt training will see.
-    All chats of a batch go in one request, which fails as a whole where
-    one prompt and ``max_new_tokens`` exceed the server's
-    ``--max-model-len`` (HTTP 400). Each request sets ``top_k``, ``min_p``
-    and the repetition penalty to off, over the defaults vLLM otherwise
-    takes from the model's ``generation_config.json``. The answer is the
+    The chats of a batch go in one request, fitted to the model's context,
+    since vLLM refuses a request as a whole (HTTP 400) where one prompt and
+    its ``max_tokens`` exceed the server's ``--max-model-len``. The context
+    is ``max_model_len`` when given, else the ``max_model_len`` the server's
+    ``/v1/models`` gives for ``model`` (asked once, when first needed). A
+    chat whose prompt leaves fewer than ``max_new_tokens`` tokens of room
+    asks for that room only (cut there, the reply is ``truncated``): chats
+    with the same budget share a request, and the requests go at the same
+    time. A chat that leaves no room is not sent: it is answered
+    :class:`turnrl.envs.ContextLengthExceeded`, while the other chats of the
+    batch are generated. With no limit known (a server that does not give
+    it, and no ``max_model_len``), all chats go in one request, which a
+    chat too long fails as a whole, and a warning says so once; a chat sent
+    alone that the server refuses for its length is still answered
+    :class:`~turnrl.envs.ContextLengthExceeded`.
+
+    Each request sets ``top_k``, ``min_p`` and the repetition penalty to
+    off, over the defaults vLLM otherwise takes from the model's
+    ``generation_config.json``. The answer is the
     raw text with special tokens (no tool-call or reasoning parser on the
     server's side), without the end token it stopped on, parsed by
     :class:`EngineAgent` as for the other engines, and, through vLLM's
@@ -623,12 +638,21 @@ class ServerEngine:
         max_retries: int = 4,
         backoff: float = 1.0,
         timeout: float = 600.0,
+        max_model_len: int | None = None,
     ) -> None:
         from turnrl.envs.agents import AgentError
         from turnrl.envs.users import ChatEndpoint
 
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if max_model_len is not None and (
+            isinstance(max_model_len, bool)
+            or not isinstance(max_model_len, int)
+            or max_model_len < 1
+        ):
+            raise InvalidInputError(
+                f"max_model_len must be a positive integer or None, got {max_model_len!r}"
+            )
         if temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
         self.endpoint = ChatEndpoint(
@@ -649,8 +673,11 @@ class ServerEngine:
         self.top_p = top_p
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.adapter_prefix = adapter_prefix
+        self.max_model_len = max_model_len
+        """The server's context length as given (None: asked of the server)."""
         # Shared with the engines with_temperature makes.
         self._adapter = _ServedAdapter()
+        self._served_limit = _ServedLimit()
 
     @property
     def model(self) -> str:
@@ -669,16 +696,105 @@ class ServerEngine:
         """The text the model is given for ``conversation``."""
         return _render_prompt(self.tokenizer, conversation, tools, self.chat_template_kwargs)
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
-        """Complete all chats in one request."""
-        from turnrl.envs.users import MalformedAnswer
+    def context_limit(self) -> int | None:
+        """The context length chats are fitted to: :attr:`max_model_len` when given,
+        else the ``max_model_len`` of ``model``'s card at the server's
+        ``/v1/models`` (asked once and kept, also by the engines
+        :meth:`with_temperature` makes; asked again while the server cannot be
+        reached); None when neither says."""
+        if self.max_model_len is not None:
+            return self.max_model_len
+        slot = self._served_limit
+        with slot.lock:
+            if not slot.asked:
+                slot.value, slot.asked = self._served_max_model_len()
+                if slot.asked and slot.value is None:
+                    warnings.warn(
+                        f"{self.endpoint.where}: its /v1/models gives no max_model_len, so "
+                        "one chat longer than the model's context fails its whole batch; "
+                        "give ServerEngine(max_model_len=...) (turnrl train --max-model-len)",
+                        stacklevel=3,
+                    )
+            return slot.value
 
+    def _served_max_model_len(self) -> tuple[int | None, bool]:
+        """The ``max_model_len`` the server's model list gives for the base model
+        (vLLM's model cards carry it; adapters' cards do not), and whether that
+        answer is final (False while the server cannot be reached)."""
+        oa = self.endpoint._openai
+        try:
+            page = self.endpoint.client.models.list()
+            cards = list(getattr(page, "data", None) or [])
+        except oa.APIStatusError as e:
+            # A server without the route (or that refuses it) will not give it later.
+            return None, not (e.status_code >= 500 or e.status_code in (408, 409, 429))
+        except (oa.APIConnectionError, oa.APITimeoutError):
+            return None, False
+        except Exception:  # an answer that is not a model list
+            return None, True
+        limits = [
+            _card_max_model_len(c) for c in cards if getattr(c, "id", None) == self.endpoint.model
+        ]
+        if all(limit is None for limit in limits):
+            # Served under another name: a vLLM server serves one model.
+            limits = [_card_max_model_len(c) for c in cards]
+        known = [limit for limit in limits if limit is not None]
+        return (min(known) if known else None), True
+
+    def generate(
+        self, conversations: Sequence[Chat], tools: Tools = None
+    ) -> list[Completion | ContextLengthExceeded]:
+        """Complete the chats, each asking for as many tokens as the context has
+        room for (up to ``max_new_tokens``): one request per budget, sent at
+        once; a chat with no room is answered
+        :class:`~turnrl.envs.ContextLengthExceeded`."""
         if not conversations:
             return []
         prompts = [
             self.tokenizer(self.prompt(c, tools), add_special_tokens=False)["input_ids"]
             for c in conversations
         ]
+        # vLLM's server refuses a whole /v1/completions request (HTTP 400)
+        # where one prompt plus max_tokens exceeds --max-model-len:
+        # CompletionRequest.build_tok_params reserves max_tokens of the context
+        # (vllm/entrypoints/openai/completion/protocol.py) and
+        # TokenizeParams._token_len_check refuses a longer prompt
+        # (vllm/renderers/params.py); older servers checked prompt +
+        # max_tokens > max_model_len in vllm/entrypoints/openai/serving_engine.py.
+        # It never shortens a max_tokens that was sent: get_max_tokens's
+        # clamp to the room left (vllm/entrypoints/serve/utils/api_utils.py)
+        # runs after that check and only counts where none was sent. So each
+        # chat asks for the room it has, and one with none is not sent.
+        limit = self.context_limit()
+        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(prompts)
+        by_budget: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompts):
+            budget = (
+                self.max_new_tokens if limit is None else min(self.max_new_tokens, limit - len(ids))
+            )
+            if limit is not None and budget < 1:
+                answers[i] = ContextLengthExceeded.no_room(len(ids), limit)
+            else:
+                by_budget.setdefault(budget, []).append(i)
+        groups = list(by_budget.items())
+        completed = _all_at_once(
+            [
+                functools.partial(self._complete, [prompts[i] for i in chats], budget, limit)
+                for budget, chats in groups
+            ]
+        )
+        for (_, chats), answer in zip(groups, completed, strict=True):
+            for i, completion in zip(chats, answer, strict=True):
+                answers[i] = completion
+        return _filled(answers)
+
+    def _complete(
+        self, prompts: list[list[int]], max_tokens: int, limit: int | None
+    ) -> list[Completion | ContextLengthExceeded]:
+        """One completions request: a completion of each prompt, ``max_tokens`` each."""
+        from turnrl.envs.agents import AgentError, _is_context_refusal
+        from turnrl.envs.users import MalformedAnswer
+
         # Log-probs come with the ids (the sampled token's alone); they are the
         # sampler's only where raw and processed ones agree.
         keep_logprobs = self.temperature == 1 and self.top_p == 1
@@ -699,7 +815,7 @@ class ServerEngine:
             answer = client.completions.create(
                 model=model,
                 prompt=prompts,
-                max_tokens=self.max_new_tokens,
+                max_tokens=max_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 logprobs=0,
@@ -712,7 +828,15 @@ class ServerEngine:
                 )
             return [self._completion(c, keep_logprobs) for c in choices]
 
-        return self.endpoint.request(send, answer="completion of each prompt")
+        try:
+            return list(self.endpoint.request(send, answer="completion of each prompt"))
+        except AgentError as e:
+            # The server found one prompt too long that was not counted so (its
+            # limit unknown here): that chat alone gets the error. Among others,
+            # which one it was is not known, and the request fails as a whole.
+            if len(prompts) == 1 and _is_context_refusal(e.__cause__):
+                return [ContextLengthExceeded(str(e), prompt_tokens=len(prompts[0]), limit=limit)]
+            raise
 
     def _completion(self, choice: Any, keep_logprobs: bool) -> Completion:
         text = choice.text if isinstance(choice.text, str) else ""
@@ -784,6 +908,58 @@ class ServerEngine:
 
 # Sent with every ServerEngine request, over the server's defaults.
 _NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+class _ServedLimit:
+    """The context length a :class:`ServerEngine` (and its copies) learned from its server."""
+
+    __slots__ = ("asked", "lock", "value")
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+        self.asked = False  # True once the server's answer is final
+        self.lock = threading.Lock()
+
+
+def _card_max_model_len(card: Any) -> int | None:
+    """A vLLM model card's ``max_model_len`` (an extra field to openai's Model)."""
+    value = getattr(card, "max_model_len", None)
+    if value is None:
+        value = (getattr(card, "model_extra", None) or {}).get("max_model_len")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def _all_at_once(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Each call's result, in order, the calls run at the same time: all but the
+    first on daemon threads (a request in flight holds up neither Ctrl-C nor the
+    end of the program), the first on this one. The first call's exception is
+    raised at once; another's once all have ended."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(at: int) -> None:
+        try:
+            results[at] = calls[at]()
+        except BaseException as e:  # raised on the caller's thread
+            errors[at] = e
+
+    threads = [
+        threading.Thread(target=run, args=(at,), name="turnrl-request", daemon=True)
+        for at in range(1, len(calls))
+    ]
+    for thread in threads:
+        thread.start()
+    results[0] = calls[0]()  # what it raises, an interrupt too, is raised at once
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 class _ServedAdapter:
