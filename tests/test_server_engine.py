@@ -557,5 +557,24 @@ def test_train_command_refuses_server_options_for_other_engines(tmp_path, capsys
     argv += ["--out", str(tmp_path / "run")]
     assert main([*argv, "--agent-url", "http://x/v1"]) == 2
     assert "--agent-url: for --engine server" in capsys.readouterr().err
+    assert main([*argv, "--engine", "vllm", "--max-model-len", "8192"]) == 2
+    assert "--max-model-len: for --engine server" in capsys.readouterr().err
     assert main([*argv, "--engine", "server", "--cache-implementation", "static"]) == 2
     assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
+
+
+def test_train_commands_max_model_len_reaches_the_server_engine(tok, fake_vllm, tmp_path, capsys):
+    from turnrl.cli import _server_engine, build_parser, expand_config
+
+    server = fake_vllm(tok, [], max_model_len=32768)
+    parser = build_parser()
+    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--out", str(tmp_path)]
+    argv += ["--engine", "server", "--agent-url", server.url]
+    for extra, want in (([], 32768), (["--max-model-len", "8192"], 8192)):
+        args = parser.parse_args(expand_config(parser, [*argv, *extra]))
+        engine, _ = _server_engine(args, tok, {}, tmp_path / "adapter", None, 0)
+        assert engine.context_limit() == want
+    assert server.model_lists == 1  # asked only when not given
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--max-model-len", "0"])
+    assert "--max-model-len: must be at least 1" in capsys.readouterr().err
