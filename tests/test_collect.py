@@ -559,3 +559,92 @@ def test_summary_pass_hat_k_is_tau_benchs(tasks, episodes, data):
     summary.task_outcomes["extra"] = [1.0] * (episodes + 1)
     with pytest.raises(turnrl.InvalidInputError, match=r"tasks have from .* written episodes"):
         summary.pass_hat_k(1)
+
+
+# How servers refuse a chat longer than the model's context (HTTP 400): vLLM's
+# first servers (serving_engine.py), its renderer (renderers/params.py), its
+# current release's wording, its engine's own check (v1/engine/input_processor.py),
+# and OpenAI's, with its code.
+CONTEXT_REFUSALS = [
+    {
+        "message": "This model's maximum context length is 8192 tokens. However, you requested "
+        "9000 tokens (8000 in the messages, 1000 in the completion). Please reduce the length "
+        "of the messages or completion.",
+        "type": "BadRequestError",
+        "code": 400,
+    },
+    {
+        "message": "You passed 8000 input tokens and requested 1000 output tokens. However, the "
+        "model's context length is only 8192 tokens, resulting in a maximum input length of "
+        "7192 tokens. Please reduce the length of the input prompt.",
+        "type": "BadRequestError",
+        "param": "input_tokens",
+        "code": 400,
+    },
+    {
+        "message": "This model's maximum context length is 8192 tokens. However, you requested "
+        "1000 output tokens and your prompt contains at least 7193 input tokens, for a total of "
+        "at least 8193 tokens. Please reduce the length of the input prompt or the number of "
+        "requested output tokens. (parameter=input_tokens, value=7193)",
+        "type": "BadRequestError",
+        "param": "input_tokens",
+        "code": 400,
+    },
+    {
+        "message": "The decoder prompt (length 8200) is longer than the maximum model length of "
+        "8192. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+        "type": "BadRequestError",
+        "code": 400,
+    },
+    {
+        "message": "Your input is too long for this model.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    },
+]
+
+
+@pytest.mark.parametrize("refusal", CONTEXT_REFUSALS)
+def test_a_chat_the_context_cannot_hold_ends_the_episode_unretried(chat_server, refusal):
+    refused = (400, json.dumps({"error": refusal}).encode())
+    server, url = chat_server(["Let me check.", refused])
+
+    class Asking:
+        def reset(self, task):
+            return "Hi."
+
+        def step(self, message):
+            return "Please go on."
+
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=3, backoff=0.0)
+    d = envs.load("synthetic:airline", seed=0)
+    rec = envs.run_episode(agent, d, d.tasks[0], Asking())
+    assert len(server.requests) == 2  # the refusal is not asked again
+    assert rec["meta"]["stop_reason"] == "context_length" and rec["meta"]["steps"] == 1
+    assert [t["role"] for t in rec["turns"]] == ["user", "assistant", "user"]
+    _, url = chat_server([refused])
+    with pytest.raises(envs.ContextLengthExceeded, match=r"answered HTTP 400") as e:
+        envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
+    assert refusal["message"] in str(e.value)
+
+
+def test_other_refusals_stay_agent_errors(chat_server):
+    other = {"message": "max_tokens must be at least 1, got -186.", "code": 400}
+    _, url = chat_server([(400, json.dumps({"error": other}).encode())])
+    with pytest.raises(envs.AgentError, match="max_tokens must be at least 1") as e:
+        envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
+    assert not isinstance(e.value, envs.ContextLengthExceeded)
+
+
+def test_collect_counts_episodes_the_context_ended(chat_server, tmp_path, capsys):
+    refused = (400, json.dumps({"error": CONTEXT_REFUSALS[2]}).encode())
+    _, url = chat_server([refused] * 4)
+    out = tmp_path / "ctx.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0:2"]
+    argv += ["--samples", "2", "--agent-model", "p", "--agent-url", url, "--user", "scripted"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 4 rollouts" in printed and "stops: context_length 4" in printed
+    records = list(turnrl.iter_rollout_records(out))
+    assert [r["meta"]["stop_reason"] for r in records] == ["context_length"] * 4

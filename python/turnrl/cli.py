@@ -605,6 +605,7 @@ def _train(args: argparse.Namespace) -> int:
             for option, value in (
                 ("--agent-url", args.agent_url),
                 ("--served-model-name", args.served_model_name),
+                ("--max-model-len", args.max_model_len),
             )
             if value is not None
         ]
@@ -726,6 +727,7 @@ def _server_engine(
         temperature=args.temperature,
         chat_template_kwargs=template,
         adapter_prefix=f"turnrl-{launch[0]}",
+        max_model_len=args.max_model_len,
     )
     # The server reads the adapter's files itself, so it gets an absolute path.
     saved = str(adapter.resolve())
@@ -1835,6 +1837,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--served-model-name",
         help="with --engine server: the base model's name at the server (default: --model)",
+    )
+    tr.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="with --engine server: the server's context length in tokens (its "
+        "--max-model-len); each reply is fitted to the room a chat leaves, and a chat with "
+        "none ends its episode (default: the max_model_len its /v1/models gives)",
     )
     tr.add_argument(
         "--vllm-gpu-memory",

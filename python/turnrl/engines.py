@@ -4,7 +4,10 @@ An engine turns chats into completions: ``engine.generate(conversations,
 tools) -> list[Completion]`` (or plain strings), one raw completion text per
 chat (the tokens after the chat template's generation prompt, up to and
 without the end-of-turn token), whether the generation was cut at the
-token limit, and the token ids it sampled. Three engines share that interface:
+token limit, and the token ids it sampled; or, in one chat's place, the
+exception that chat alone gets (:class:`turnrl.envs.ContextLengthExceeded`
+when its prompt leaves the model's context no room for a reply). Three
+engines share that interface:
 
 * :class:`TransformersEngine`: the training model itself (``model.generate``),
   so rollouts always come from the current weights; for small models, tests
@@ -26,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -37,7 +41,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from turnrl.envs.agents import reply_from_text
+from turnrl.envs.agents import ContextLengthExceeded, reply_from_text
 from turnrl.exceptions import InvalidInputError
 from turnrl.train import _base_model, template_messages
 
@@ -80,7 +84,13 @@ class Engine(Protocol):
     """Anything that completes a batch of chats."""
 
     def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> Sequence[Any]:
-        """One :class:`Completion` (or raw text) per chat, without the end-of-turn token."""
+        """One :class:`Completion` (or raw text) per chat, without the end-of-turn token.
+
+        An exception instance in a chat's place is that chat's answer alone:
+        :class:`EngineAgent` raises it in that chat's episode, and the others
+        get their completions (:class:`turnrl.envs.ContextLengthExceeded` for a
+        chat that no longer fits the model's context ends its episode). An
+        exception raised by ``generate`` fails every chat of the batch."""
         ...
 
 
@@ -357,6 +367,14 @@ class VLLMEngine:
     1, since a LoRA run never changes them). The next :meth:`generate`
     wakes it, as TRL's ``vllm_enable_sleep_mode`` and verl's cache freeing
     do for an engine that shares the trainer's GPU.
+
+    Each chat is fitted to the model's context (:attr:`max_model_len`, from
+    vLLM's model config, so ``max_model_len=`` in ``llm_kwargs`` sets it): a
+    chat whose prompt leaves fewer than ``max_new_tokens`` tokens of room is
+    sampled for at most that room (cut there, the reply is ``truncated``),
+    and one that leaves no room at all is answered
+    :class:`turnrl.envs.ContextLengthExceeded` alone, not generated, while
+    the other chats of the batch are.
     """
 
     def __init__(
@@ -389,6 +407,11 @@ class VLLMEngine:
         self._logprobs = logprobs
         self._processed = llm_kwargs.get("logprobs_mode") == "processed_logprobs"
         self.llm = LLM(model=model, **llm_kwargs)
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.max_model_len: int | None = _llm_max_model_len(self.llm)
+        """The model's context length in tokens (prompt and reply), as vLLM has it;
+        None when this vLLM does not say (chats are then sent as they are)."""
         self._sampling_kwargs = {
             "top_p": top_p,
             "max_tokens": max_new_tokens,
@@ -452,13 +475,16 @@ class VLLMEngine:
         if temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
         other = copy.copy(self)
+        other.temperature = temperature
         other.sampling = self._sampling(temperature)
         return other
 
-    def _sampling(self, temperature: float) -> Any:
+    def _sampling(self, temperature: float, max_tokens: int | None = None) -> Any:
         from vllm import SamplingParams
 
         kwargs = dict(self._sampling_kwargs)
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
         # Under top-p the sampler draws from a renormalised nucleus, which the
         # trainer's softmax never is: every ratio would be below 1 (a turn's
         # product near 0) with no mismatch at all. Raw log-probs (before
@@ -467,20 +493,67 @@ class VLLMEngine:
             kwargs["logprobs"] = 0  # the sampled token's alone
         return SamplingParams(temperature=temperature, **kwargs)
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
-        """Complete all chats in one ``LLM.chat`` call (waking vLLM first if it sleeps)."""
+    def generate(
+        self, conversations: Sequence[Chat], tools: Tools = None
+    ) -> list[Completion | ContextLengthExceeded]:
+        """Complete all chats that fit the context in one ``LLM.chat`` call (waking
+        vLLM first if it sleeps); a chat with no room left is answered
+        :class:`~turnrl.envs.ContextLengthExceeded`."""
         if not conversations:
             return []
-        self.wake_up()
-        outputs = self.llm.chat(
-            [[dict(m) for m in c] for c in conversations],
-            self.sampling,
-            use_tqdm=False,
-            lora_request=self.lora,
-            tools=list(tools) if tools else None,
-            chat_template_kwargs=self.chat_template_kwargs or None,
-        )
-        return [self._completion(o.outputs[0]) for o in outputs]
+        chats = [[dict(m) for m in c] for c in conversations]
+        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(chats)
+        asked = list(range(len(chats)))
+        sampling: Any = self.sampling
+        limit = self.max_model_len
+        if limit is not None:
+            # In process, vLLM refuses a prompt of max_model_len tokens or more,
+            # and the refusal fails the whole LLM.chat call: LLM._add_request
+            # checks the prompt against the context with no output reserved
+            # (vllm/entrypoints/llm.py _get_cmpl_tok_params, then
+            # vllm/renderers/params.py), and the engine refuses a prompt as long
+            # as the context (vllm/v1/engine/input_processor.py
+            # _validate_prompt_len). A shorter prompt with more max_tokens than
+            # room is not refused: the scheduler stops it when the context is
+            # full (finish_reason "length", vllm/v1/core/sched/utils.py
+            # check_stop). So a chat with no room is left out, answered alone,
+            # and one with less room than max_new_tokens asks for that room,
+            # which gives the same reply explicitly, whatever vLLM's version.
+            tokenizer = self.llm.get_tokenizer()
+            per_room: dict[int, Any] = {}
+            params = []
+            asked = []
+            for i, chat in enumerate(chats):
+                length = _prompt_length(tokenizer, chat, tools, self.chat_template_kwargs)
+                room = limit - length
+                if room < 1:
+                    answers[i] = ContextLengthExceeded.no_room(length, limit)
+                    continue
+                asked.append(i)
+                if room >= self.max_new_tokens:
+                    params.append(self.sampling)
+                else:
+                    if room not in per_room:
+                        per_room[room] = self._sampling(self.temperature, room)
+                    params.append(per_room[room])
+            # LLM.chat pairs a list of SamplingParams with the chats one by one.
+            if any(p is not self.sampling for p in params):
+                sampling = params
+        if asked:
+            self.wake_up()
+            outputs = self.llm.chat(
+                [chats[i] for i in asked],
+                sampling,
+                use_tqdm=False,
+                lora_request=self.lora,
+                tools=list(tools) if tools else None,
+                chat_template_kwargs=self.chat_template_kwargs or None,
+            )
+            if len(outputs) != len(asked):
+                raise RuntimeError(f"vLLM gave {len(outputs)} outputs for {len(asked)} chats")
+            for i, output in zip(asked, outputs, strict=True):
+                answers[i] = self._completion(output.outputs[0])
+        return _filled(answers)
 
     def _completion(self, output: Any) -> Completion:
         # Training checks that the ids decode to the text and its end token
@@ -506,11 +579,25 @@ class ServerEngine:
     The chat template is rendered here, with ``tokenizer`` (the trained
     model's, as :class:`TransformersEngine` renders it), and sent as token
     ids, so the server samples after exactly the prompt training will see.
-    All chats of a batch go in one request, which fails as a whole where
-    one prompt and ``max_new_tokens`` exceed the server's
-    ``--max-model-len`` (HTTP 400). Each request sets ``top_k``, ``min_p``
-    and the repetition penalty to off, over the defaults vLLM otherwise
-    takes from the model's ``generation_config.json``. The answer is the
+    The chats of a batch go in one request, fitted to the model's context,
+    since vLLM refuses a request as a whole (HTTP 400) where one prompt and
+    its ``max_tokens`` exceed the server's ``--max-model-len``. The context
+    is ``max_model_len`` when given, else the ``max_model_len`` the server's
+    ``/v1/models`` gives for ``model`` (asked once, when first needed). A
+    chat whose prompt leaves fewer than ``max_new_tokens`` tokens of room
+    asks for that room only (cut there, the reply is ``truncated``): chats
+    with the same budget share a request, and the requests go at the same
+    time. A chat that leaves no room is not sent: it is answered
+    :class:`turnrl.envs.ContextLengthExceeded`, while the other chats of the
+    batch are generated. With no limit known (a server that does not give
+    it, and no ``max_model_len``), all chats go in one request, which a
+    chat too long fails as a whole, and a warning says so once; a chat sent
+    alone that the server refuses for its length is still answered
+    :class:`~turnrl.envs.ContextLengthExceeded`.
+
+    Each request sets ``top_k``, ``min_p`` and the repetition penalty to
+    off, over the defaults vLLM otherwise takes from the model's
+    ``generation_config.json``. The answer is the
     raw text with special tokens (no tool-call or reasoning parser on the
     server's side), without the end token it stopped on, parsed by
     :class:`EngineAgent` as for the other engines, and, through vLLM's
@@ -551,12 +638,21 @@ class ServerEngine:
         max_retries: int = 4,
         backoff: float = 1.0,
         timeout: float = 600.0,
+        max_model_len: int | None = None,
     ) -> None:
         from turnrl.envs.agents import AgentError
         from turnrl.envs.users import ChatEndpoint
 
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if max_model_len is not None and (
+            isinstance(max_model_len, bool)
+            or not isinstance(max_model_len, int)
+            or max_model_len < 1
+        ):
+            raise InvalidInputError(
+                f"max_model_len must be a positive integer or None, got {max_model_len!r}"
+            )
         if temperature < 0:
             raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
         self.endpoint = ChatEndpoint(
@@ -577,8 +673,11 @@ class ServerEngine:
         self.top_p = top_p
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.adapter_prefix = adapter_prefix
+        self.max_model_len = max_model_len
+        """The server's context length as given (None: asked of the server)."""
         # Shared with the engines with_temperature makes.
         self._adapter = _ServedAdapter()
+        self._served_limit = _ServedLimit()
 
     @property
     def model(self) -> str:
@@ -597,16 +696,105 @@ class ServerEngine:
         """The text the model is given for ``conversation``."""
         return _render_prompt(self.tokenizer, conversation, tools, self.chat_template_kwargs)
 
-    def generate(self, conversations: Sequence[Chat], tools: Tools = None) -> list[Completion]:
-        """Complete all chats in one request."""
-        from turnrl.envs.users import MalformedAnswer
+    def context_limit(self) -> int | None:
+        """The context length chats are fitted to: :attr:`max_model_len` when given,
+        else the ``max_model_len`` of ``model``'s card at the server's
+        ``/v1/models`` (asked once and kept, also by the engines
+        :meth:`with_temperature` makes; asked again while the server cannot be
+        reached); None when neither says."""
+        if self.max_model_len is not None:
+            return self.max_model_len
+        slot = self._served_limit
+        with slot.lock:
+            if not slot.asked:
+                slot.value, slot.asked = self._served_max_model_len()
+                if slot.asked and slot.value is None:
+                    warnings.warn(
+                        f"{self.endpoint.where}: its /v1/models gives no max_model_len, so "
+                        "one chat longer than the model's context fails its whole batch; "
+                        "give ServerEngine(max_model_len=...) (turnrl train --max-model-len)",
+                        stacklevel=3,
+                    )
+            return slot.value
 
+    def _served_max_model_len(self) -> tuple[int | None, bool]:
+        """The ``max_model_len`` the server's model list gives for the base model
+        (vLLM's model cards carry it; adapters' cards do not), and whether that
+        answer is final (False while the server cannot be reached)."""
+        oa = self.endpoint._openai
+        try:
+            page = self.endpoint.client.models.list()
+            cards = list(getattr(page, "data", None) or [])
+        except oa.APIStatusError as e:
+            # A server without the route (or that refuses it) will not give it later.
+            return None, not (e.status_code >= 500 or e.status_code in (408, 409, 429))
+        except (oa.APIConnectionError, oa.APITimeoutError):
+            return None, False
+        except Exception:  # an answer that is not a model list
+            return None, True
+        limits = [
+            _card_max_model_len(c) for c in cards if getattr(c, "id", None) == self.endpoint.model
+        ]
+        if all(limit is None for limit in limits):
+            # Served under another name: a vLLM server serves one model.
+            limits = [_card_max_model_len(c) for c in cards]
+        known = [limit for limit in limits if limit is not None]
+        return (min(known) if known else None), True
+
+    def generate(
+        self, conversations: Sequence[Chat], tools: Tools = None
+    ) -> list[Completion | ContextLengthExceeded]:
+        """Complete the chats, each asking for as many tokens as the context has
+        room for (up to ``max_new_tokens``): one request per budget, sent at
+        once; a chat with no room is answered
+        :class:`~turnrl.envs.ContextLengthExceeded`."""
         if not conversations:
             return []
         prompts = [
             self.tokenizer(self.prompt(c, tools), add_special_tokens=False)["input_ids"]
             for c in conversations
         ]
+        # vLLM's server refuses a whole /v1/completions request (HTTP 400)
+        # where one prompt plus max_tokens exceeds --max-model-len:
+        # CompletionRequest.build_tok_params reserves max_tokens of the context
+        # (vllm/entrypoints/openai/completion/protocol.py) and
+        # TokenizeParams._token_len_check refuses a longer prompt
+        # (vllm/renderers/params.py); older servers checked prompt +
+        # max_tokens > max_model_len in vllm/entrypoints/openai/serving_engine.py.
+        # It never shortens a max_tokens that was sent: get_max_tokens's
+        # clamp to the room left (vllm/entrypoints/serve/utils/api_utils.py)
+        # runs after that check and only counts where none was sent. So each
+        # chat asks for the room it has, and one with none is not sent.
+        limit = self.context_limit()
+        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(prompts)
+        by_budget: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompts):
+            budget = (
+                self.max_new_tokens if limit is None else min(self.max_new_tokens, limit - len(ids))
+            )
+            if limit is not None and budget < 1:
+                answers[i] = ContextLengthExceeded.no_room(len(ids), limit)
+            else:
+                by_budget.setdefault(budget, []).append(i)
+        groups = list(by_budget.items())
+        completed = _all_at_once(
+            [
+                functools.partial(self._complete, [prompts[i] for i in chats], budget, limit)
+                for budget, chats in groups
+            ]
+        )
+        for (_, chats), answer in zip(groups, completed, strict=True):
+            for i, completion in zip(chats, answer, strict=True):
+                answers[i] = completion
+        return _filled(answers)
+
+    def _complete(
+        self, prompts: list[list[int]], max_tokens: int, limit: int | None
+    ) -> list[Completion | ContextLengthExceeded]:
+        """One completions request: a completion of each prompt, ``max_tokens`` each."""
+        from turnrl.envs.agents import AgentError, _is_context_refusal
+        from turnrl.envs.users import MalformedAnswer
+
         # Log-probs come with the ids (the sampled token's alone); they are the
         # sampler's only where raw and processed ones agree.
         keep_logprobs = self.temperature == 1 and self.top_p == 1
@@ -627,7 +815,7 @@ class ServerEngine:
             answer = client.completions.create(
                 model=model,
                 prompt=prompts,
-                max_tokens=self.max_new_tokens,
+                max_tokens=max_tokens,
                 temperature=self.temperature,
                 top_p=self.top_p,
                 logprobs=0,
@@ -640,7 +828,15 @@ class ServerEngine:
                 )
             return [self._completion(c, keep_logprobs) for c in choices]
 
-        return self.endpoint.request(send, answer="completion of each prompt")
+        try:
+            return list(self.endpoint.request(send, answer="completion of each prompt"))
+        except AgentError as e:
+            # The server found one prompt too long that was not counted so (its
+            # limit unknown here): that chat alone gets the error. Among others,
+            # which one it was is not known, and the request fails as a whole.
+            if len(prompts) == 1 and _is_context_refusal(e.__cause__):
+                return [ContextLengthExceeded(str(e), prompt_tokens=len(prompts[0]), limit=limit)]
+            raise
 
     def _completion(self, choice: Any, keep_logprobs: bool) -> Completion:
         text = choice.text if isinstance(choice.text, str) else ""
@@ -714,6 +910,58 @@ class ServerEngine:
 _NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
+class _ServedLimit:
+    """The context length a :class:`ServerEngine` (and its copies) learned from its server."""
+
+    __slots__ = ("asked", "lock", "value")
+
+    def __init__(self) -> None:
+        self.value: int | None = None
+        self.asked = False  # True once the server's answer is final
+        self.lock = threading.Lock()
+
+
+def _card_max_model_len(card: Any) -> int | None:
+    """A vLLM model card's ``max_model_len`` (an extra field to openai's Model)."""
+    value = getattr(card, "max_model_len", None)
+    if value is None:
+        value = (getattr(card, "model_extra", None) or {}).get("max_model_len")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def _all_at_once(calls: Sequence[Callable[[], Any]]) -> list[Any]:
+    """Each call's result, in order, the calls run at the same time: all but the
+    first on daemon threads (a request in flight holds up neither Ctrl-C nor the
+    end of the program), the first on this one. The first call's exception is
+    raised at once; another's once all have ended."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(at: int) -> None:
+        try:
+            results[at] = calls[at]()
+        except BaseException as e:  # raised on the caller's thread
+            errors[at] = e
+
+    threads = [
+        threading.Thread(target=run, args=(at,), name="turnrl-request", daemon=True)
+        for at in range(1, len(calls))
+    ]
+    for thread in threads:
+        thread.start()
+    results[0] = calls[0]()  # what it raises, an interrupt too, is raised at once
+    for thread in threads:
+        thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
+
+
 class _ServedAdapter:
     """The adapter a :class:`ServerEngine` (and its copies) asks for."""
 
@@ -745,6 +993,47 @@ def _served_tokens(logprobs: Any) -> tuple[tuple[int, ...] | None, tuple[float, 
     ):
         return tuple(ids), None
     return tuple(ids), tuple(float(v) for v in values)
+
+
+def _filled(answers: Sequence[Any]) -> list[Any]:
+    """``answers`` as a list, every one given (an answer per chat, in order)."""
+    missing = [i for i, a in enumerate(answers) if a is None]
+    if missing:
+        raise RuntimeError(f"no answer for chats {missing}")
+    return list(answers)
+
+
+def _llm_max_model_len(llm: Any) -> int | None:
+    """The context length of a ``vllm.LLM`` (its model config's ``max_model_len``),
+    or None where this vLLM keeps it elsewhere."""
+    config = getattr(llm, "model_config", None)  # newer vLLM keeps it on the LLM
+    engine = getattr(llm, "llm_engine", None)
+    if config is None:
+        config = getattr(engine, "model_config", None)
+    getter = getattr(engine, "get_model_config", None)
+    if config is None and callable(getter):
+        config = getter()  # older vLLM
+    value = getattr(config, "max_model_len", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def _prompt_length(
+    tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
+) -> int:
+    """How many tokens the prompt of ``conversation`` is, rendered as ``LLM.chat``
+    renders it (the chat template, then the tokens without special ones added)."""
+    rendered = tokenizer.apply_chat_template(
+        template_messages(conversation),
+        tools=list(tools) if tools else None,
+        add_generation_prompt=True,
+        tokenize=False,
+        **chat_template_kwargs,
+    )
+    if isinstance(rendered, str):
+        return len(tokenizer.encode(rendered, add_special_tokens=False))
+    return len(rendered)  # a tokenizer that renders to ids (vLLM's Mistral one)
 
 
 def _render_prompt(
@@ -854,7 +1143,10 @@ class EngineAgent:
     gave its ids. Calls from several threads are gathered: while one ``generate`` runs, the
     requests that arrive wait, and the first of them to wake takes them all (at most
     ``max_batch``) into the next one; a request that is answered returns at once. An engine
-    error is raised in every episode whose request was in that batch.
+    error is raised in every episode whose request was in that batch; an exception the
+    engine gives in one chat's place (see :class:`Engine`) is raised in that episode alone,
+    :class:`turnrl.envs.ContextLengthExceeded` for a chat the model's context has no room
+    to answer, which :func:`turnrl.envs.run_episode` takes for the episode's end.
 
     Before a batch starts, its leader waits for requests still on their way: until none
     has come for ``gather_window`` seconds, the batch is full, or ten windows have passed.
@@ -978,9 +1270,12 @@ class EngineAgent:
                     )
                 self.batches.append(len(requests))
                 for request, output in zip(requests, outputs, strict=True):
-                    if not isinstance(output, Completion):
-                        output = Completion(str(output))
-                    request.result = output
+                    if isinstance(output, Exception):
+                        request.error = output  # this chat's answer alone
+                    elif isinstance(output, Completion):
+                        request.result = output
+                    else:
+                        request.result = Completion(str(output))
                     request.done = True
         except BaseException as e:  # every episode still waiting in the batch hears of it
             for request in batch:

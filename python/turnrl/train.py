@@ -1715,8 +1715,15 @@ def evaluation_only(stats: Mapping[str, Any]) -> bool:
     return all(key == "step" or key.startswith("eval/") for key in stats)
 
 
-#: How run_episode can end an episode (``meta["stop_reason"]``).
-STOP_REASONS: tuple[str, ...] = ("user_stop", "transfer", "max_steps", "too_many_errors")
+#: How run_episode can end an episode (``meta["stop_reason"]``); ``context_length``:
+#: the chat outgrew the policy's context (:class:`turnrl.envs.ContextLengthExceeded`).
+STOP_REASONS: tuple[str, ...] = (
+    "user_stop",
+    "transfer",
+    "max_steps",
+    "too_many_errors",
+    "context_length",
+)
 
 
 def rollout_figures(

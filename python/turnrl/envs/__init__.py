@@ -25,7 +25,7 @@ from turnrl.envs._base import (
     ToolSpec,
     pass_hat_k,
 )
-from turnrl.envs.agents import AgentError, OpenAIAgent
+from turnrl.envs.agents import AgentError, ContextLengthExceeded, OpenAIAgent
 from turnrl.envs.judge import JudgeError, LLMJudge, NLJudge
 from turnrl.envs.runner import run_episode
 from turnrl.envs.users import LLMUser, ScriptedUser, UserSimulatorError
@@ -34,6 +34,7 @@ from turnrl.exceptions import InvalidInputError, UnknownNameError
 __all__ = [
     "Action",
     "AgentError",
+    "ContextLengthExceeded",
     "Domain",
     "Episode",
     "EpisodeRules",

@@ -13,17 +13,72 @@ for the agent, naming the problem; the calls around it still run.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from turnrl.envs.users import ChatEndpoint, split_reasoning
 from turnrl.exceptions import TurnrlError
 
-__all__ = ["AgentError", "OpenAIAgent", "reply_from_text"]
+__all__ = ["AgentError", "ContextLengthExceeded", "OpenAIAgent", "reply_from_text"]
 
 
 class AgentError(TurnrlError, RuntimeError):
     """The policy's endpoint could not be reached or answered an error."""
+
+
+class ContextLengthExceeded(AgentError):
+    """The chat leaves the policy no room for a reply in its context.
+
+    Multi-turn episodes grow; once a prompt fills the model's context
+    (vLLM's ``--max-model-len``), no reply can be sampled after it.
+    :func:`turnrl.envs.run_episode` ends the episode there (``stop_reason``
+    ``"context_length"``) instead of failing it. ``prompt_tokens`` and
+    ``limit`` are the prompt's length and the context's, when known (a
+    served policy's refusal says them only in its message).
+    """
+
+    def __init__(
+        self, message: str, *, prompt_tokens: int | None = None, limit: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+        self.limit = limit
+
+    @classmethod
+    def no_room(cls, prompt_tokens: int, limit: int) -> ContextLengthExceeded:
+        """The error for a prompt of ``prompt_tokens`` tokens in a context of ``limit``."""
+        return cls(
+            f"the prompt has {prompt_tokens} tokens and the model's context holds {limit} "
+            "(its max_model_len): no room for a reply",
+            prompt_tokens=prompt_tokens,
+            limit=limit,
+        )
+
+
+# How servers word a refusal for a prompt (plus max_tokens) longer than the
+# context, all HTTP 400: OpenAI and SGLang, and vLLM from its first servers on
+# ("This model's maximum context length is N tokens. However, you requested
+# ..."), vLLM's renderer ("... However, the model's context length is only N
+# tokens ...", vllm/renderers/params.py) and its engine's input check ("The
+# decoder prompt (length N) is longer than the maximum model length of M",
+# vllm/v1/engine/input_processor.py). OpenAI also gives the code
+# "context_length_exceeded".
+_CONTEXT_REFUSAL = re.compile(
+    r"maximum context length|context length is only|longer than the maximum model length",
+    re.IGNORECASE,
+)
+
+
+def _is_context_refusal(error: BaseException | None) -> bool:
+    """Whether ``error`` (an ``openai.APIStatusError``) is a server's refusal of
+    a prompt that leaves no room in the model's context."""
+    if getattr(error, "status_code", None) != 400:
+        return False
+    if getattr(error, "code", None) == "context_length_exceeded":
+        return True
+    message = getattr(error, "message", None)
+    return bool(_CONTEXT_REFUSAL.search(message if isinstance(message, str) else str(error)))
 
 
 class OpenAIAgent:
@@ -43,6 +98,12 @@ class OpenAIAgent:
     ``run_episode`` keeps it in the turn's record and sends it to no one.
     A reply the server cut at ``max_tokens`` (``finish_reason`` "length") is
     marked ``truncated``, so that training adds no end token it never sampled.
+    The server's refusal of a chat that no longer fits the model's context
+    (HTTP 400, "maximum context length", as vLLM and OpenAI word it) raises
+    :class:`ContextLengthExceeded`, without retrying: ``run_episode`` ends
+    the episode there. vLLM refuses a prompt that leaves fewer than
+    ``max_tokens`` tokens of room; with ``max_tokens`` None it caps the
+    reply at the room left instead.
     """
 
     def __init__(
@@ -87,7 +148,13 @@ class OpenAIAgent:
             params["tools"] = list(tools)
         if self.max_tokens is not None:
             params["max_tokens"] = self.max_tokens
-        reply, finish = self.endpoint.respond_finished(messages, **params)
+        try:
+            reply, finish = self.endpoint.respond_finished(messages, **params)
+        except AgentError as e:
+            # The endpoint raised its AgentError from the openai client's error.
+            if _is_context_refusal(e.__cause__):
+                raise ContextLengthExceeded(str(e)) from e.__cause__
+            raise
         cut = finish == "length"
         content = reply.content or ""
         # A reasoning parser's output: "reasoning" in current vLLM (which

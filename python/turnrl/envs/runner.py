@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from turnrl.envs._base import Domain, Task
+from turnrl.envs.agents import ContextLengthExceeded
 from turnrl.envs.judge import JudgeError, NLJudge
 from turnrl.envs.users import User
 from turnrl.exceptions import InvalidInputError
@@ -115,6 +116,15 @@ def run_episode(
     An episode that did not finish, or hit a limit, scores 0, as in both
     benchmarks; ``meta`` says why it stopped and holds the reward parts.
 
+    An agent that raises :class:`~turnrl.envs.ContextLengthExceeded` (the
+    chat no longer fits the policy's context: :class:`turnrl.engines.EngineAgent`
+    and :class:`~turnrl.envs.OpenAIAgent` raise it) ends the episode there,
+    as verl ends a multi-turn rollout that fills its context: ``stop_reason``
+    ``"context_length"``, no assistant turn for the reply that could not be
+    generated, and the reward of the state the episode reached, scored as
+    when the user ends it. Any other exception from the agent fails the
+    episode.
+
     tau2-bench tasks whose reward basis holds ``NL_ASSERTION`` (most of
     retail) also need every natural-language assertion met. ``nl_judge``
     (:class:`turnrl.envs.LLMJudge`, or any ``judge(turns, assertions) ->
@@ -165,9 +175,17 @@ def run_episode(
     if by_message:
         steps += 1
         check_limits()
+    out_of_context = False
     while not episode.done and limit_hit is None and (by_message or steps < limit):
         steps += 1
-        reply = agent(messages, tools)
+        try:
+            reply = agent(messages, tools)
+        except ContextLengthExceeded:
+            # No reply was generated, so there is no turn to record and the
+            # step did not happen.
+            steps -= 1
+            out_of_context = True
+            break
         content = reply.get("content") or ""
         written = list(reply.get("tool_calls") or [])
         # The calls past the cap are gone from the record and the chat alike,
@@ -280,8 +298,14 @@ def run_episode(
 
     if limit_hit is not None:
         stop_reason = limit_hit
+    elif out_of_context:
+        stop_reason = "context_length"
     result = episode.reward()
-    outcome = result.reward if episode.done and limit_hit is None else 0.0
+    # An episode the context ended is scored on the state it reached, as one
+    # the user ended (verl scores a rollout cut at its length limit so); a
+    # benchmark's own limits score 0.
+    finished = episode.done or out_of_context
+    outcome = result.reward if finished and limit_hit is None else 0.0
     assertions = (
         list(task.facts.get("nl_assertions") or []) if "NL_ASSERTION" in task.reward_basis else []
     )
