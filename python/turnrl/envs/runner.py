@@ -119,10 +119,10 @@ def run_episode(
     An agent that raises :class:`~turnrl.envs.ContextLengthExceeded` (the
     chat no longer fits the policy's context: :class:`turnrl.engines.EngineAgent`
     and :class:`~turnrl.envs.OpenAIAgent` raise it) ends the episode there,
-    as verl ends a multi-turn rollout that fills its context: ``stop_reason``
-    ``"context_length"``, no assistant turn for the reply that could not be
-    generated, and the reward of the state the episode reached, scored as
-    when the user ends it. Any other exception from the agent fails the
+    as a limit does: ``stop_reason`` ``"context_length"``, no assistant turn
+    for the reply that could not be generated, and a score of 0 (the task
+    was not finished, as when ``max_steps`` ends it; the reward parts of the
+    state reached are in ``meta``). Any other exception from the agent fails the
     episode.
 
     tau2-bench tasks whose reward basis holds ``NL_ASSERTION`` (most of
@@ -175,16 +175,16 @@ def run_episode(
     if by_message:
         steps += 1
         check_limits()
-    out_of_context = False
     while not episode.done and limit_hit is None and (by_message or steps < limit):
         steps += 1
         try:
             reply = agent(messages, tools)
         except ContextLengthExceeded:
             # No reply was generated, so there is no turn to record and the
-            # step did not happen.
+            # step did not happen. Unfinished, it scores 0 as a limit's end does
+            # (tau-bench scores an agent's error 0 too).
             steps -= 1
-            out_of_context = True
+            limit_hit = "context_length"
             break
         content = reply.get("content") or ""
         written = list(reply.get("tool_calls") or [])
@@ -298,14 +298,8 @@ def run_episode(
 
     if limit_hit is not None:
         stop_reason = limit_hit
-    elif out_of_context:
-        stop_reason = "context_length"
     result = episode.reward()
-    # An episode the context ended is scored on the state it reached, as one
-    # the user ended (verl scores a rollout cut at its length limit so); a
-    # benchmark's own limits score 0.
-    finished = episode.done or out_of_context
-    outcome = result.reward if finished and limit_hit is None else 0.0
+    outcome = result.reward if episode.done and limit_hit is None else 0.0
     assertions = (
         list(task.facts.get("nl_assertions") or []) if "NL_ASSERTION" in task.reward_basis else []
     )
