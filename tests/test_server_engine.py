@@ -79,6 +79,7 @@ class FakeVLLM(ThreadingHTTPServer):
         self.requests: list[tuple[str, dict]] = []  # every POST
         self.sampling: list[dict] = []  # the parameters each completion ran with
         self.fail_first = 0
+        self.refuse_next: tuple[int, str] | None = None  # (status, message) of one refusal
         self.lock = threading.Lock()
 
     @property
@@ -139,6 +140,9 @@ class _Handler(BaseHTTPRequestHandler):
             if server.fail_first > 0:
                 server.fail_first -= 1
                 return self._send(503, {"error": {"message": "busy"}})
+            if server.refuse_next is not None:
+                (status, message), server.refuse_next = server.refuse_next, None
+                return self._error(status, "BadRequestError", message)
             if self.path.endswith(("load_lora_adapter", "unload_lora_adapter")):
                 if not server.routes:
                     return self._send(404, {"detail": "Not Found"})
@@ -317,21 +321,29 @@ def test_a_given_max_model_len_is_used_and_the_server_not_asked(tok, fake_vllm):
             ServerEngine("base-model", tok, server.url, max_model_len=bad)
 
 
-def test_without_a_known_limit_the_batch_goes_as_one_request(tok, fake_vllm):
+def test_without_a_known_limit_a_refused_batch_goes_again_one_chat_a_request(tok, fake_vllm):
     """A server whose model list gives no max_model_len: all chats in one
-    request, which fails as a whole, as before; a chat sent alone that the
-    server refuses for its length is answered ContextLengthExceeded."""
-    server = fake_vllm(tok, [], max_model_len=300, cards_say_max_model_len=False)
+    request; refused for a prompt's length, each chat goes again alone, and
+    only those refused are answered ContextLengthExceeded (the whole batch
+    failed with the one chat)."""
+    server = fake_vllm(tok, [REPLY] * 2, max_model_len=300, cards_say_max_model_len=False)
     engine = ServerEngine("base-model", tok, server.url, max_new_tokens=32, backoff=0)
     long = _sized_chat(engine, tok, 290)
     with pytest.warns(UserWarning, match="gives no max_model_len"):
-        with pytest.raises(AgentError, match=r"HTTP 400.*context length is only 300 tokens"):
-            engine.generate([_chat("hi"), long])
-    (alone,) = engine.generate([long])
-    assert isinstance(alone, ContextLengthExceeded) and alone.prompt_tokens == 290
-    assert "context length is only 300 tokens" in str(alone)
+        short, refused = engine.generate([_chat("hi"), long])
+    assert short.text == REPLY and not short.truncated
+    assert isinstance(refused, ContextLengthExceeded) and refused.prompt_tokens == 290
+    assert refused.limit is None and "context length is only 300 tokens" in str(refused)
     assert server.model_lists == 1 and engine.context_limit() is None
-    assert [len(b["prompt"]) for _, b in server.requests] == [2, 1]
+    assert sorted(len(b["prompt"]) for _, b in server.requests) == [1, 1, 2]
+    # Every chat refused alone: each gets its own error, nothing is raised.
+    both = engine.generate([long, _sized_chat(engine, tok, 295)])
+    assert [type(e) for e in both] == [ContextLengthExceeded] * 2
+    assert [e.prompt_tokens for e in both] == [290, 295]
+    # Other refusals still fail the batch as a whole.
+    server.refuse_next = (400, "bad request: something else")
+    with pytest.raises(AgentError, match="something else"):
+        engine.generate([_chat("hi"), _chat("hello")])
 
 
 def test_only_the_episode_that_outgrew_the_context_ends(tok, fake_vllm):

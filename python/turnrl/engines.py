@@ -590,10 +590,11 @@ class ServerEngine:
     time. A chat that leaves no room is not sent: it is answered
     :class:`turnrl.envs.ContextLengthExceeded`, while the other chats of the
     batch are generated. With no limit known (a server that does not give
-    it, and no ``max_model_len``), all chats go in one request, which a
-    chat too long fails as a whole, and a warning says so once; a chat sent
-    alone that the server refuses for its length is still answered
-    :class:`~turnrl.envs.ContextLengthExceeded`.
+    it, and no ``max_model_len``), all chats go in one request with
+    ``max_new_tokens`` each, and a warning says so once: when the server
+    refuses it for a prompt's length, each chat is sent again alone, and
+    those it refuses are answered :class:`~turnrl.envs.ContextLengthExceeded`
+    (so is a chat with some room, but less than ``max_new_tokens``).
 
     Each request sets ``top_k``, ``min_p`` and the repetition penalty to
     off, over the defaults vLLM otherwise takes from the model's
@@ -711,8 +712,10 @@ class ServerEngine:
                 if slot.asked and slot.value is None:
                     warnings.warn(
                         f"{self.endpoint.where}: its /v1/models gives no max_model_len, so "
-                        "one chat longer than the model's context fails its whole batch; "
-                        "give ServerEngine(max_model_len=...) (turnrl train --max-model-len)",
+                        "a chat with less room than max_new_tokens left in the model's context "
+                        "ends its episode instead of getting a shorter reply, and its batch "
+                        "is sent again one chat a request; give ServerEngine(max_model_len=...) "
+                        "(turnrl train --max-model-len)",
                         stacklevel=3,
                     )
             return slot.value
@@ -831,12 +834,18 @@ class ServerEngine:
         try:
             return list(self.endpoint.request(send, answer="completion of each prompt"))
         except AgentError as e:
-            # The server found one prompt too long that was not counted so (its
+            # The server found a prompt too long that was not counted so (its
             # limit unknown here): that chat alone gets the error. Among others,
-            # which one it was is not known, and the request fails as a whole.
-            if len(prompts) == 1 and _is_context_refusal(e.__cause__):
+            # which one it was is not known: each goes again in a request of its
+            # own (at the same time), so the others are still answered.
+            if not _is_context_refusal(e.__cause__):
+                raise
+            if len(prompts) == 1:
                 return [ContextLengthExceeded(str(e), prompt_tokens=len(prompts[0]), limit=limit)]
-            raise
+            alone = _all_at_once(
+                [functools.partial(self._complete, [p], max_tokens, limit) for p in prompts]
+            )
+            return [answer for answers in alone for answer in answers]
 
     def _completion(self, choice: Any, keep_logprobs: bool) -> Completion:
         text = choice.text if isinstance(choice.text, str) else ""
