@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -80,6 +81,7 @@ class FakeVLLM(ThreadingHTTPServer):
         self.sampling: list[dict] = []  # the parameters each completion ran with
         self.fail_first = 0
         self.refuse_next: tuple[int, str] | None = None  # (status, message) of one refusal
+        self.delay = 0.0  # seconds each completions request takes
         self.lock = threading.Lock()
 
     @property
@@ -135,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         server: FakeVLLM = self.server  # type: ignore[assignment]
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if server.delay and self.path.endswith("/completions"):
+            time.sleep(server.delay)  # the adapter it asks for is checked after
         with server.lock:
             server.requests.append((self.path, body))
             if server.fail_first > 0:
@@ -479,6 +483,39 @@ def test_adapters_are_registered_switched_to_and_the_old_one_unloaded(tok, fake_
     before = len(server.requests)
     assert other.load_adapter(str(folder), register=False) == "run-1"
     assert len(server.requests) == before and other.model == "run-1"
+
+
+def test_a_load_waits_for_the_requests_asking_for_the_adapter_before(tok, fake_vllm, tmp_path):
+    """load_adapter while a generate is in flight: the old adapter was unloaded
+    under the request asking for it, and the server answered 404 for it."""
+    server = fake_vllm(tok, [REPLY] * 3)
+    engine = ServerEngine("base-model", tok, server.url, adapter_prefix="run", backoff=0)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    engine.load_adapter(str(folder))
+    server.delay = 0.5
+    answers = []
+    sampling = threading.Thread(target=lambda: answers.extend(engine.generate([_chat("hi")])))
+    sampling.start()
+    time.sleep(0.2)  # its request is at the server
+    assert engine.load_adapter(str(folder)) == "run-2"
+    sampling.join()
+    (answer,) = answers
+    assert answer.text == REPLY
+    asked = [b["model"] for p, b in server.requests if p.endswith("/completions")]
+    assert asked == ["run-1"]
+    # Loads from several threads take turns: every name is loaded once, and
+    # all but the last are unloaded.
+    server.delay = 0.0
+    loaders = [threading.Thread(target=engine.load_adapter, args=(str(folder),)) for _ in range(4)]
+    for loader in loaders:
+        loader.start()
+    for loader in loaders:
+        loader.join()
+    assert server.models == {"base-model", "run-6"} and server.engine_loras == ["run-6"]
+    (answer,) = engine.generate([_chat("hi")])
+    assert server.requests[-1][1]["model"] == "run-6"
 
 
 def test_server_errors_name_the_server_and_what_it_needs(tok, fake_vllm, tmp_path):

@@ -27,6 +27,7 @@ arrive while a generation is running into the next ``generate`` call.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -38,7 +39,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from turnrl.envs.agents import ContextLengthExceeded, reply_from_text
@@ -750,9 +751,16 @@ class ServerEngine:
         """Complete the chats, each asking for as many tokens as the context has
         room for (up to ``max_new_tokens``): one request per budget, sent at
         once; a chat with no room is answered
-        :class:`~turnrl.envs.ContextLengthExceeded`."""
+        :class:`~turnrl.envs.ContextLengthExceeded`. Waits for a
+        :meth:`load_adapter` in progress, and samples with one adapter throughout."""
         if not conversations:
             return []
+        with self._adapter.sampling():
+            return self._generate(conversations, tools)
+
+    def _generate(
+        self, conversations: Sequence[Chat], tools: Tools
+    ) -> list[Completion | ContextLengthExceeded]:
         prompts = [
             self.tokenizer(self.prompt(c, tools), add_special_tokens=False)["input_ids"]
             for c in conversations
@@ -868,7 +876,14 @@ class ServerEngine:
 
         With ``register=False`` nothing is sent: the adapter is one another
         process registered under ``name`` (under torchrun, rank 0 registers
-        it and the other ranks only switch to it)."""
+        it and the other ranks only switch to it). A load waits for the
+        :meth:`generate` calls in progress (the adapter before is unloaded
+        only once no request asks for it), and new ones wait for the load;
+        loads from several threads take turns."""
+        with self._adapter.changing():
+            return self._load_adapter(path, name, register)
+
+    def _load_adapter(self, path: str, name: str | None, register: bool) -> str:
         from turnrl.envs.agents import AgentError
 
         slot = self._adapter
@@ -972,13 +987,49 @@ def _all_at_once(calls: Sequence[Callable[[], Any]]) -> list[Any]:
 
 
 class _ServedAdapter:
-    """The adapter a :class:`ServerEngine` (and its copies) asks for."""
+    """The adapter a :class:`ServerEngine` (and its copies) asks for, and who is
+    using it: any number of generate calls, or one load at a time."""
 
-    __slots__ = ("count", "name")
+    __slots__ = ("count", "loading", "name", "sampling_calls", "turn")
 
     def __init__(self) -> None:
         self.name: str | None = None
         self.count = 0
+        self.sampling_calls = 0
+        self.loading = False
+        self.turn = threading.Condition()
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        """Held while requests ask for :attr:`name`: a load waits for it."""
+        with self.turn:
+            self.turn.wait_for(lambda: not self.loading)
+            self.sampling_calls += 1
+        try:
+            yield
+        finally:
+            with self.turn:
+                self.sampling_calls -= 1
+                self.turn.notify_all()
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Held while the adapter changes, once no request asks for the old one."""
+        with self.turn:
+            self.turn.wait_for(lambda: not self.loading)
+            self.loading = True  # new generate calls wait from here on
+            try:
+                self.turn.wait_for(lambda: self.sampling_calls == 0)
+            except BaseException:
+                self.loading = False
+                self.turn.notify_all()
+                raise
+        try:
+            yield
+        finally:
+            with self.turn:
+                self.loading = False
+                self.turn.notify_all()
 
 
 def _served_tokens(logprobs: Any) -> tuple[tuple[int, ...] | None, tuple[float, ...] | None]:
