@@ -606,8 +606,8 @@ def test_train_command_refuses_server_options_for_other_engines(tmp_path, capsys
     argv += ["--out", str(tmp_path / "run")]
     assert main([*argv, "--agent-url", "http://x/v1"]) == 2
     assert "--agent-url: for --engine server" in capsys.readouterr().err
-    assert main([*argv, "--engine", "vllm", "--max-model-len", "8192"]) == 2
-    assert "--max-model-len: for --engine server" in capsys.readouterr().err
+    assert main([*argv, "--max-model-len", "8192"]) == 2  # transformers: no limit to fit
+    assert "--max-model-len: for --engine vllm or server" in capsys.readouterr().err
     assert main([*argv, "--engine", "server", "--cache-implementation", "static"]) == 2
     assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
 

@@ -1892,6 +1892,38 @@ def test_train_command_puts_vllm_to_sleep_for_updates(tmp_path, tok, base_model,
     assert seen["events"] == ["sleep 1"]
 
 
+def test_collect_commands_max_model_len_reaches_vllm(tmp_path, monkeypatch, capsys):
+    from turnrl.cli import main
+
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0:1"]
+    argv += ["--samples", "1", "--user", "scripted", "--agent-model", "/m", "--engine", "vllm"]
+    argv += ["--max-tokens", "8", "--quiet", "--out", str(tmp_path / "out.jsonl")]
+    assert main([*argv, "--max-model-len", "4096"]) == 0
+    assert seen["init"]["max_model_len"] == 4096
+    assert main(argv) == 0
+    assert "max_model_len" not in seen["init"]
+    served = [a for a in argv if a not in ("--engine", "vllm")]
+    assert main([*served, "--max-model-len", "4096"]) == 2
+    assert "--max-model-len run a model here: add --engine" in capsys.readouterr().err
+
+
+def test_train_commands_max_model_len_reaches_vllm(tmp_path, tok, base_model, monkeypatch, capsys):
+    from turnrl.cli import main
+
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+    extra = ["--engine", "vllm", "--max-model-len", "4096"]
+    _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, [extra])
+    assert seen["init"]["max_model_len"] == 4096
+    _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, [["--engine", "vllm"]])
+    assert "max_model_len" not in seen["init"]  # vLLM's default: the model's own
+    argv = [*_TRAIN_ARGV, "--max-model-len", "4096", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    assert "--max-model-len: for --engine vllm or server" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -3061,6 +3093,8 @@ def test_a_trained_adapter_is_evaluated_by_rollouts_collect(
     assert "with --engine leave it out" in capsys.readouterr().err
     assert main([*argv, "--vllm-gpu-memory", "0.5", "--out", str(out)]) == 2
     assert "--vllm-gpu-memory is for --engine vllm" in capsys.readouterr().err
+    assert main([*argv, "--max-model-len", "4096", "--out", str(out)]) == 2
+    assert "--max-model-len is for --engine vllm" in capsys.readouterr().err
     # Without --engine they would be ignored: the base model scored as the adapter.
     served = [a for a in argv if a not in ("--engine", "transformers")]
     assert main([*served, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 2

@@ -313,6 +313,7 @@ def _collect(args: argparse.Namespace) -> int:
             "--dtype": args.dtype,
             "--device": args.device,
             "--cache-implementation": args.cache_implementation,
+            "--max-model-len": args.max_model_len,
         }
         given = [option for option, value in local.items() if value is not None]
         if given:
@@ -476,12 +477,17 @@ def _local_agent(args: argparse.Namespace) -> Any:
                 if args.vllm_gpu_memory is None
                 else {"gpu_memory_utilization": args.vllm_gpu_memory}
             ),
+            **({} if args.max_model_len is None else {"max_model_len": args.max_model_len}),
         )
         if args.adapter is not None:
             engine.load_adapter(str(args.adapter))
     else:
-        if args.vllm_gpu_memory is not None:
-            raise InvalidInputError("--vllm-gpu-memory is for --engine vllm")
+        for option, value in (
+            ("--vllm-gpu-memory", args.vllm_gpu_memory),
+            ("--max-model-len", args.max_model_len),
+        ):
+            if value is not None:
+                raise InvalidInputError(f"{option} is for --engine vllm")
         _check_cache_implementation(args, args.engine)
         model, tokenizer = load_model(
             args.agent_model,
@@ -605,12 +611,13 @@ def _train(args: argparse.Namespace) -> int:
             for option, value in (
                 ("--agent-url", args.agent_url),
                 ("--served-model-name", args.served_model_name),
-                ("--max-model-len", args.max_model_len),
             )
             if value is not None
         ]
         if given:
             raise InvalidInputError(f"{', '.join(given)}: for --engine server")
+    if args.max_model_len is not None and args.engine == "transformers":
+        raise InvalidInputError("--max-model-len: for --engine vllm or server")
     if not args.rollout_correction_cap >= 1:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
@@ -812,6 +819,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_lora_rank=vllm_lora_rank(args.lora_rank),
             gpu_memory_utilization=args.vllm_gpu_memory,
             sleep_mode=args.vllm_sleep,
+            **({} if args.max_model_len is None else {"max_model_len": args.max_model_len}),
         )
         if resume is not None:
             engine.load_adapter(str(adapter))
@@ -1710,6 +1718,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --engine vllm: share of GPU memory vLLM may take (default: vLLM's, 0.9)",
     )
     col.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="with --engine vllm: the context vLLM allocates, in tokens (default: the "
+        "model's); each reply is fitted to the room its chat leaves, and a chat with none "
+        "ends its episode",
+    )
+    col.add_argument(
         "--cache-implementation",
         choices=_CACHE_IMPLEMENTATIONS,
         help=_CACHE_IMPLEMENTATION_HELP,
@@ -1841,9 +1856,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--max-model-len",
         type=_positive_int,
-        help="with --engine server: the server's context length in tokens (its "
-        "--max-model-len); each reply is fitted to the room a chat leaves, and a chat with "
-        "none ends its episode (default: the max_model_len its /v1/models gives)",
+        help="the policy's context length in tokens: with --engine vllm, the one vLLM "
+        "allocates (default: the model's); with --engine server, the server's --max-model-len "
+        "(default: what its /v1/models gives). Each reply is fitted to the room its chat "
+        "leaves, and a chat with none ends its episode",
     )
     tr.add_argument(
         "--vllm-gpu-memory",
