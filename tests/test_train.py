@@ -520,6 +520,27 @@ def test_logit_transforms_of_the_config_or_its_text_config_are_refused(
         GTPOTrainer(plain, torch.optim.SGD(plain.parameters(), lr=0.1))
 
 
+def test_a_head_transform_no_config_field_names_is_found_by_the_probe(base_model):
+    """A model that scales the hidden state before its head in code (as MiniCPM
+    divides it by hidden_size / dim_model_base) has no config field to refuse:
+    a forward of two tokens shows its logits are not the product."""
+    scaled = copy.deepcopy(base_model)
+    scaled.lm_head.register_forward_pre_hook(lambda module, args: (args[0] * 0.25,))
+    with pytest.raises(InvalidInputError, match="logits are not its decoder's output"):
+        GTPOTrainer(scaled, torch.optim.SGD(scaled.parameters(), lr=0.1))
+    # The plain model passes, in bfloat16 too (its own product rounds), with
+    # LoRA dropout on, and stays in the mode it was in.
+    for dtype in (torch.float32, torch.bfloat16):
+        config = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+            init_lora_weights=False,
+        )  # fmt: skip
+        model = peft.get_peft_model(copy.deepcopy(base_model).to(dtype), config)
+        model.train()
+        GTPOTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        assert model.training
+
+
 class _Saveable:
     def __init__(self, payload, fail=False):
         self.payload, self.fail = payload, fail
@@ -2694,7 +2715,9 @@ def test_gradient_checkpointing_gives_the_same_step_and_modes_are_restored(tok, 
     for model in (plain, checkpointed):
         model.eval()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        results.append(GTPOTrainer(model, opt, cfg).step(batch))
+        trainer = GTPOTrainer(model, opt, cfg)
+        calls.clear()  # the trainer's probe of the head, when it was made
+        results.append(trainer.step(batch))
         assert not model.training  # put back as it was
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-6)
     # Checkpointed layers run their forward again in the backward.

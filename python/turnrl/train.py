@@ -993,6 +993,40 @@ _HEAD_TRANSFORMS = (
 )
 
 
+def _check_logits_are_the_head_product(model: Any) -> None:
+    """Refuse a model whose logits are not ``decoder(x) @ head.weight.T``, on a
+    forward of two tokens: the configuration fields checked by name cover the
+    known transforms, this the ones a model's code does without one (a scale
+    of the hidden state before the head, say). Dropout is off for the probe."""
+    import torch
+
+    base = _base_model(model)
+    weight = base.get_output_embeddings().weight
+    ids = torch.tensor([[0, min(1, weight.shape[0] - 1)]], device=weight.device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = getattr(model(input_ids=ids, use_cache=False), "logits", None)
+            out = base.get_decoder()(input_ids=ids, use_cache=False)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            product = hidden.float() @ weight.float().T
+    finally:
+        model.train(training)
+    if logits is None or tuple(logits.shape) != tuple(product.shape):
+        return  # not a causal LM's output to compare with
+    logits = logits.float()
+    # The model's own product rounds to its dtype (bfloat16: 2**-8 relative).
+    scale = max(1.0, float(product.abs().max()))
+    gap = float((logits - product).abs().max())
+    if not gap <= 0.02 * scale:
+        raise InvalidInputError(
+            f"the model's logits are not its decoder's output times the LM head's weight (off "
+            f"by up to {gap:.3g} on a probe, at logits up to {scale:.3g}): the fused loss needs "
+            "a plain linear head with nothing done to its input or output"
+        )
+
+
 class GTPOTrainer:
     """Policy updates with the fused token-level GTPO loss.
 
@@ -1063,6 +1097,7 @@ class GTPOTrainer:
             raise InvalidInputError(
                 "the model's LM head has a bias; the fused loss needs a plain linear head (no bias)"
             )
+        _check_logits_are_the_head_product(model)
         if self.config.beta and ref_model is None and not hasattr(model, "disable_adapter"):
             raise InvalidInputError("beta > 0 needs ref_model, or a PEFT model to disable")
         self.rank, self.world_size = _world()
