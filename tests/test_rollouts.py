@@ -83,10 +83,20 @@ def reference_lines(path: Path):
             yield number, raw
 
 
+def reference_stop_reason(rec):
+    """``meta["stop_reason"]`` when ``meta`` is an object and it a string, else None."""
+    meta = rec.get("meta")
+    if not isinstance(meta, dict):
+        return None
+    reason = meta.get("stop_reason")
+    return reason if isinstance(reason, str) else None
+
+
 def reference_read(paths):
     cols = {
         "task_id": [],
         "group": [],
+        "stop_reason": [],
         "sample": [],
         "outcome": [],
         "turn_offsets": [0],
@@ -104,6 +114,7 @@ def reference_read(paths):
                 continue
             cols["task_id"].append(rec["task_id"])
             cols["group"].append(rec["group"])
+            cols["stop_reason"].append(reference_stop_reason(rec))
             cols["sample"].append(rec["sample"])
             cols["outcome"].append(float(rec["outcome"]))
             cols["line"].append(number)
@@ -134,6 +145,13 @@ def assert_same_as_reference(batch: turnrl.RolloutBatch, paths):
     first_seen = list(dict.fromkeys(ref["group"]))
     assert batch.group_names == first_seen
     np.testing.assert_array_equal(batch.group_index, [first_seen.index(g) for g in ref["group"]])
+    # So are stop reasons, -1 where a record gives none.
+    assert batch.stop_reason == ref["stop_reason"]
+    reasons = list(dict.fromkeys(r for r in ref["stop_reason"] if r is not None))
+    assert batch.stop_reason_names == reasons
+    codes = [-1 if r is None else reasons.index(r) for r in ref["stop_reason"]]
+    np.testing.assert_array_equal(batch.stop_reason_index, np.array(codes, dtype=np.int64))
+    assert batch.stop_reason_index.dtype == np.int64
     assert batch.skipped == len(problems)
     got = [re.match(r"^(.*?):(\d+): \S", p) for p in batch.problems]
     assert [(m.group(1), int(m.group(2))) for m in got if m] == problems[:1000]
@@ -169,6 +187,33 @@ def turn(draw):
     return t
 
 
+STOP_REASONS = ["user_stop", "transfer", "max_steps", "too_many_errors", "context_length"]
+
+
+@st.composite
+def meta(draw):
+    """A record's ``meta``: often with a ``stop_reason``, sometimes one that is
+    no string, nested objects (holding their own ``stop_reason``) before or
+    after it, or no object at all."""
+    kind = draw(st.sampled_from(["object"] * 6 + ["not_object"]))
+    if kind == "not_object":
+        return draw(st.sampled_from([None, "user_stop", ["stop_reason", "max_steps"], 3, True]))
+    members = [("note", draw(texts))]
+    if draw(st.booleans()):
+        nested = {"stop_reason": draw(st.sampled_from(STOP_REASONS)), "r": [1, {"x": None}]}
+        members.append(("reward_info", nested))
+    if draw(st.integers(0, 3)):
+        reason = draw(
+            st.one_of(
+                st.sampled_from(STOP_REASONS),
+                st.text(max_size=8),
+                st.sampled_from([None, 0, 1.5, True, ["user_stop"], {"stop_reason": "x"}]),
+            )
+        )
+        members.insert(draw(st.integers(0, len(members))), ("stop_reason", reason))
+    return dict(members)
+
+
 @st.composite
 def record(draw):
     rec = {
@@ -178,8 +223,9 @@ def record(draw):
         "sample": draw(st.integers(-3, 2**40)),
         "outcome": draw(st.floats(allow_nan=False, allow_infinity=False, width=64)),
         "turns": draw(st.lists(turn(), max_size=6)),
-        "meta": {"note": draw(texts)},
     }
+    if draw(st.integers(0, 7)):
+        rec["meta"] = draw(meta())
     if draw(st.booleans()):
         rec["extra"] = [1, {"x": None}]
     return rec
@@ -187,6 +233,18 @@ def record(draw):
 
 def dumps(rec, ascii_: bool) -> str:
     return json.dumps(rec, ensure_ascii=ascii_)
+
+
+RAW_METAS = [
+    '{"stop_reason": "first", "stop_reason": "last"}',
+    '{"stop_reason": "first", "stop_reason": 2}',
+    '{"stop_re\\u0061son": "escaped key"}',
+    '{"stop_reason": "user_stop"}, "meta": 5',
+    '[], "meta": {"stop_reason": "second meta"}',
+    '{"stop_reason": "\\ud83d\\ude00 \\"q\\" \\\\ \\u00e9\\n"}',
+    '{"a": {"stop_reason": "inner"}, "stop_reason": "max_steps", "b": [{"c": "}"}]}',
+    ' { "stop_reason" : "spaced" } ',
+]
 
 
 @st.composite
@@ -197,7 +255,7 @@ def line(draw):
         st.sampled_from(
             ["ok"] * 6
             + ["truncated", "schema", "reward", "blank", "array", "missing", "float_sample"]
-            + ["nan", "tier", "turn_not_object", "garbage"]
+            + ["nan", "tier", "turn_not_object", "garbage", "raw_meta"]
         )
     )
     if kind == "truncated":
@@ -226,6 +284,10 @@ def line(draw):
         return dumps({**rec, "turns": ["assistant"]}, False)
     if kind == "garbage":
         return draw(st.sampled_from(["{", "}", "null", '"x"', "{}", "é"]))
+    if kind == "raw_meta":  # what json.dumps does not write: keys twice, escaped keys
+        raw = draw(st.sampled_from(RAW_METAS))
+        head = dumps({k: v for k, v in rec.items() if k != "meta"}, False)[:-1]
+        return head + ', "meta": ' + raw + "}"
     return text
 
 
