@@ -1023,6 +1023,10 @@ def _stats_from_records(records: list[dict], threshold: float) -> dict:
             if t["role"] == "assistant" and t.get("tier") is not None:
                 tiers.setdefault(t["tier"], []).append((i, t["reward"]))
     total = sum(counts)
+    stops: dict[str, list[bool]] = {}
+    for r, won in zip(records, success, strict=True):
+        reason = r["meta"].get("stop_reason")
+        stops.setdefault(reason if isinstance(reason, str) else "(none)", []).append(won)
     pass_hat = None
     if len(set(per_task.values())) == 1:
         n = next(iter(per_task.values()))
@@ -1051,6 +1055,9 @@ def _stats_from_records(records: list[dict], threshold: float) -> dict:
                 sum(success[i] for i in {i for i, _ in v}) / len({i for i, _ in v}),
             )
             for name, v in tiers.items()
+        },
+        "stop_reasons": {
+            name: (len(v), len(v) / len(records), sum(v) / len(v)) for name, v in stops.items()
         },
     }
 
@@ -1094,6 +1101,16 @@ def test_buffer_stats_are_the_records_figures(tmp_path_factory, records, thresho
         got = (row["turns"], row["turn_share"], row["mean_reward"], row["trajectories"])
         assert got == pytest.approx(want["tiers"][name][:4]), name
         assert row["success_rate"] == pytest.approx(want["tiers"][name][4]), name
+    reasons = stats["stop_reasons"]
+    assert set(reasons) == set(want["stop_reasons"])
+    for name, row in reasons.items():
+        got = (row["trajectories"], row["share"], row["success_rate"])
+        assert got == pytest.approx(want["stop_reasons"][name]), name
+    counts = [row["trajectories"] for name, row in reasons.items() if name != "(none)"]
+    assert counts == sorted(counts, reverse=True)  # most frequent first, none last
+    assert "(none)" not in reasons or list(reasons)[-1] == "(none)"
+    (one,) = stats["stop_reasons_per_file"]
+    assert one == {"file": str(path), "trajectories": len(records), "stop_reasons": reasons}
 
 
 def test_rollouts_stats_command(tmp_path, capsys):
@@ -1134,3 +1151,72 @@ def test_rollouts_stats_command(tmp_path, capsys):
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().out
     assert main(["calibrate", str(results), "--quiet"]) == 2
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().err
+
+
+def test_rollouts_stats_shows_how_episodes_ended(tmp_path, capsys):
+    from turnrl.cli import main
+
+    def write(name, ends):
+        with turnrl.RolloutWriter(tmp_path / name) as writer:
+            for i, (reason, outcome) in enumerate(ends):
+                meta = {} if reason is None else {"steps": 3, "stop_reason": reason}
+                writer.write(
+                    turnrl.rollout_record(f"{name}{i}", f"{name}{i}", 0, outcome, [], meta)
+                )
+        return str(tmp_path / name)
+
+    first = write(
+        "a.jsonl",
+        [("user_stop", 1.0), ("max_steps", 0.0), ("user_stop", 0.0), (None, 1.0)],
+    )
+    second = write(
+        "b.jsonl",
+        [("context_length", 0.0), ("user_stop", 1.0), ("context_length", 0.0), ("max_steps", 0.0)],
+    )
+    empty = write("c.jsonl", [])
+    # A malformed meta is no reason, and the line is still read.
+    with open(second, "a") as f:
+        f.write(json.dumps(turnrl.rollout_record("t9", "g9", 0, 1.0, [])).replace("{}", "[1]"))
+        f.write("\n")
+    assert main(["rollouts", "stats", first, second, empty, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("9 trajectories in 3 file(s); 9 tasks, 9 groups of 1\n")
+    lines = out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("stop reason")))
+    assert re.fullmatch(r"stop reason +traj\. +share +success", lines[at])
+    table = [line.split() for line in lines[at + 1 : at + 5]]
+    assert table == [
+        ["user_stop", "3", "33.3%", "0.667"],
+        ["max_steps", "2", "22.2%", "0.000"],
+        ["context_length", "2", "22.2%", "0.000"],
+        ["(none)", "2", "22.2%", "1.000"],
+    ]
+    assert lines[at + 5 :] == [
+        "stop reasons per file:",
+        f"  {first}: 4 trajectories; user_stop 2 (50.0%, success 0.500), max_steps 1 (25.0%, "
+        "success 0.000), (none) 1 (25.0%, success 1.000)",
+        f"  {second}: 5 trajectories; context_length 2 (40.0%, success 0.000), user_stop 1 "
+        "(20.0%, success 1.000), max_steps 1 (20.0%, success 0.000), (none) 1 (20.0%, success "
+        "1.000)",
+        f"  {empty}: no trajectories",
+    ]
+    # One file: the table only, as its file's figures are the total.
+    assert main(["rollouts", "stats", first, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "stop reasons per file" not in out
+    assert out.splitlines()[-1].split() == ["(none)", "1", "25.0%", "1.000"]
+    assert main(["rollouts", "stats", first, second, empty, "--json", "--quiet"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["stop_reasons"]) == ["user_stop", "max_steps", "context_length", "(none)"]
+    assert shown["stop_reasons"]["user_stop"] == {
+        "trajectories": 3,
+        "share": pytest.approx(1 / 3),
+        "success_rate": pytest.approx(2 / 3),
+    }
+    per_file = shown["stop_reasons_per_file"]
+    assert [(f["file"], f["trajectories"]) for f in per_file] == [
+        (first, 4),
+        (second, 5),
+        (empty, 0),
+    ]
+    assert per_file[2]["stop_reasons"] == {}

@@ -247,6 +247,13 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     and per tier: its turns, their share of all turns and mean reward, the
     trajectories holding it and their success rate. Turns without a tier
     are counted as ``unlabelled_turns``.
+
+    How episodes ended, from ``meta["stop_reason"]``: ``stop_reasons`` maps
+    each reason to its trajectories, their share of all trajectories and
+    their success rate, the most frequent first (ties in first-seen order),
+    trajectories whose record gives no reason last as ``"(none)"``;
+    ``stop_reasons_per_file`` has the same for each file (``file``,
+    ``trajectories``, ``stop_reasons``), in the order read.
     """
     from turnrl.calibration import check_success_threshold
 
@@ -301,6 +308,52 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
         },
         "unlabelled_turns": int((batch.turn_tiers == NO_TIER).sum()),
         "tiers": tiers,
+        "stop_reasons": _stop_reason_rows(batch, success, slice(None)),
+        "stop_reasons_per_file": [
+            {
+                "file": name,
+                "trajectories": int(count),
+                "stop_reasons": _stop_reason_rows(batch, success, batch.file_index == k),
+            }
+            for k, (name, count) in enumerate(
+                zip(
+                    batch.files,
+                    np.bincount(batch.file_index, minlength=len(batch.files)),
+                    strict=True,
+                )
+            )
+        ],
+    }
+
+
+_NONE_LABEL = "(none)"
+"""How :func:`buffer_stats` names the trajectories that give no stop reason."""
+
+
+def _stop_reason_rows(
+    batch: RolloutBatch, success: np.ndarray, rows: slice | np.ndarray
+) -> dict[str, dict[str, float | int]]:
+    """Trajectories, share and success rate per stop reason of ``rows``."""
+    codes = batch.stop_reason_index[rows]
+    won = success[rows]
+    total = int(codes.shape[0])
+    if not total:
+        return {}
+    # Code -1 (none) counts in the last slot.
+    names = [*batch.stop_reason_names, _NONE_LABEL]
+    slots = np.where(codes == NO_STOP_REASON, len(names) - 1, codes)
+    counts = np.bincount(slots, minlength=len(names))
+    wins = np.bincount(slots, weights=won, minlength=len(names))
+    # Most frequent first, ties in first-seen order; none last.
+    order = [*sorted(range(len(names) - 1), key=lambda k: -counts[k]), len(names) - 1]
+    return {
+        names[k]: {
+            "trajectories": int(counts[k]),
+            "share": int(counts[k]) / total,
+            "success_rate": float(wins[k] / counts[k]),
+        }
+        for k in order
+        if counts[k]
     }
 
 
