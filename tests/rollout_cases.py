@@ -11,8 +11,11 @@ from turnrl.calibration import DEFAULT_TIERS
 @st.composite
 def labelled_records(draw):
     """Records as run_episode writes them: groups in any order, tier names
-    known, new or None, user and tool turns between the assistant turns."""
+    known, new or None, user and tool turns between the assistant turns,
+    meta's stop_reason one of run_episode's, another writer's, not a string
+    or not there."""
     names = [*DEFAULT_TIERS, "custom", "x²", None]
+    stops = ["user_stop", "max_steps", "context_length", "other ✈", None, 3, "-"]
     records = []
     for i in range(draw(st.integers(0, 12))):
         turns = []
@@ -26,5 +29,7 @@ def labelled_records(draw):
         group = draw(st.sampled_from(["g/a", "g/b", "g/c"]))
         task = draw(st.sampled_from(["t1", "t2"]))
         outcome = draw(st.sampled_from([0.0, 0.5, 1.0]))
-        records.append(turnrl.rollout_record(task, group, i, outcome, turns))
+        stop = draw(st.sampled_from(stops))
+        meta = {} if stop == "-" else {"steps": len(turns), "stop_reason": stop}
+        records.append(turnrl.rollout_record(task, group, i, outcome, turns, meta))
     return records

@@ -83,10 +83,20 @@ def reference_lines(path: Path):
             yield number, raw
 
 
+def reference_stop_reason(rec):
+    """``meta["stop_reason"]`` when ``meta`` is an object and it a string, else None."""
+    meta = rec.get("meta")
+    if not isinstance(meta, dict):
+        return None
+    reason = meta.get("stop_reason")
+    return reason if isinstance(reason, str) else None
+
+
 def reference_read(paths):
     cols = {
         "task_id": [],
         "group": [],
+        "stop_reason": [],
         "sample": [],
         "outcome": [],
         "turn_offsets": [0],
@@ -104,6 +114,7 @@ def reference_read(paths):
                 continue
             cols["task_id"].append(rec["task_id"])
             cols["group"].append(rec["group"])
+            cols["stop_reason"].append(reference_stop_reason(rec))
             cols["sample"].append(rec["sample"])
             cols["outcome"].append(float(rec["outcome"]))
             cols["line"].append(number)
@@ -134,6 +145,13 @@ def assert_same_as_reference(batch: turnrl.RolloutBatch, paths):
     first_seen = list(dict.fromkeys(ref["group"]))
     assert batch.group_names == first_seen
     np.testing.assert_array_equal(batch.group_index, [first_seen.index(g) for g in ref["group"]])
+    # So are stop reasons, -1 where a record gives none.
+    assert batch.stop_reason == ref["stop_reason"]
+    reasons = list(dict.fromkeys(r for r in ref["stop_reason"] if r is not None))
+    assert batch.stop_reason_names == reasons
+    codes = [-1 if r is None else reasons.index(r) for r in ref["stop_reason"]]
+    np.testing.assert_array_equal(batch.stop_reason_index, np.array(codes, dtype=np.int64))
+    assert batch.stop_reason_index.dtype == np.int64
     assert batch.skipped == len(problems)
     got = [re.match(r"^(.*?):(\d+): \S", p) for p in batch.problems]
     assert [(m.group(1), int(m.group(2))) for m in got if m] == problems[:1000]
@@ -169,6 +187,33 @@ def turn(draw):
     return t
 
 
+STOP_REASONS = ["user_stop", "transfer", "max_steps", "too_many_errors", "context_length"]
+
+
+@st.composite
+def meta(draw):
+    """A record's ``meta``: often with a ``stop_reason``, sometimes one that is
+    no string, nested objects (holding their own ``stop_reason``) before or
+    after it, or no object at all."""
+    kind = draw(st.sampled_from(["object"] * 6 + ["not_object"]))
+    if kind == "not_object":
+        return draw(st.sampled_from([None, "user_stop", ["stop_reason", "max_steps"], 3, True]))
+    members = [("note", draw(texts))]
+    if draw(st.booleans()):
+        nested = {"stop_reason": draw(st.sampled_from(STOP_REASONS)), "r": [1, {"x": None}]}
+        members.append(("reward_info", nested))
+    if draw(st.integers(0, 3)):
+        reason = draw(
+            st.one_of(
+                st.sampled_from(STOP_REASONS),
+                st.text(max_size=8),
+                st.sampled_from([None, 0, 1.5, True, ["user_stop"], {"stop_reason": "x"}]),
+            )
+        )
+        members.insert(draw(st.integers(0, len(members))), ("stop_reason", reason))
+    return dict(members)
+
+
 @st.composite
 def record(draw):
     rec = {
@@ -178,8 +223,9 @@ def record(draw):
         "sample": draw(st.integers(-3, 2**40)),
         "outcome": draw(st.floats(allow_nan=False, allow_infinity=False, width=64)),
         "turns": draw(st.lists(turn(), max_size=6)),
-        "meta": {"note": draw(texts)},
     }
+    if draw(st.integers(0, 7)):
+        rec["meta"] = draw(meta())
     if draw(st.booleans()):
         rec["extra"] = [1, {"x": None}]
     return rec
@@ -187,6 +233,18 @@ def record(draw):
 
 def dumps(rec, ascii_: bool) -> str:
     return json.dumps(rec, ensure_ascii=ascii_)
+
+
+RAW_METAS = [
+    '{"stop_reason": "first", "stop_reason": "last"}',
+    '{"stop_reason": "first", "stop_reason": 2}',
+    '{"stop_re\\u0061son": "escaped key"}',
+    '{"stop_reason": "user_stop"}, "meta": 5',
+    '[], "meta": {"stop_reason": "second meta"}',
+    '{"stop_reason": "\\ud83d\\ude00 \\"q\\" \\\\ \\u00e9\\n"}',
+    '{"a": {"stop_reason": "inner"}, "stop_reason": "max_steps", "b": [{"c": "}"}]}',
+    ' { "stop_reason" : "spaced" } ',
+]
 
 
 @st.composite
@@ -197,7 +255,7 @@ def line(draw):
         st.sampled_from(
             ["ok"] * 6
             + ["truncated", "schema", "reward", "blank", "array", "missing", "float_sample"]
-            + ["nan", "tier", "turn_not_object", "garbage"]
+            + ["nan", "tier", "turn_not_object", "garbage", "raw_meta"]
         )
     )
     if kind == "truncated":
@@ -226,6 +284,10 @@ def line(draw):
         return dumps({**rec, "turns": ["assistant"]}, False)
     if kind == "garbage":
         return draw(st.sampled_from(["{", "}", "null", '"x"', "{}", "é"]))
+    if kind == "raw_meta":  # what json.dumps does not write: keys twice, escaped keys
+        raw = draw(st.sampled_from(RAW_METAS))
+        head = dumps({k: v for k, v in rec.items() if k != "meta"}, False)[:-1]
+        return head + ', "meta": ' + raw + "}"
     return text
 
 
@@ -961,6 +1023,10 @@ def _stats_from_records(records: list[dict], threshold: float) -> dict:
             if t["role"] == "assistant" and t.get("tier") is not None:
                 tiers.setdefault(t["tier"], []).append((i, t["reward"]))
     total = sum(counts)
+    stops: dict[str, list[bool]] = {}
+    for r, won in zip(records, success, strict=True):
+        reason = r["meta"].get("stop_reason")
+        stops.setdefault(reason if isinstance(reason, str) else "(none)", []).append(won)
     pass_hat = None
     if len(set(per_task.values())) == 1:
         n = next(iter(per_task.values()))
@@ -989,6 +1055,9 @@ def _stats_from_records(records: list[dict], threshold: float) -> dict:
                 sum(success[i] for i in {i for i, _ in v}) / len({i for i, _ in v}),
             )
             for name, v in tiers.items()
+        },
+        "stop_reasons": {
+            name: (len(v), len(v) / len(records), sum(v) / len(v)) for name, v in stops.items()
         },
     }
 
@@ -1032,6 +1101,16 @@ def test_buffer_stats_are_the_records_figures(tmp_path_factory, records, thresho
         got = (row["turns"], row["turn_share"], row["mean_reward"], row["trajectories"])
         assert got == pytest.approx(want["tiers"][name][:4]), name
         assert row["success_rate"] == pytest.approx(want["tiers"][name][4]), name
+    reasons = stats["stop_reasons"]
+    assert set(reasons) == set(want["stop_reasons"])
+    for name, row in reasons.items():
+        got = (row["trajectories"], row["share"], row["success_rate"])
+        assert got == pytest.approx(want["stop_reasons"][name]), name
+    counts = [row["trajectories"] for name, row in reasons.items() if name != "(none)"]
+    assert counts == sorted(counts, reverse=True)  # most frequent first, none last
+    assert "(none)" not in reasons or list(reasons)[-1] == "(none)"
+    (one,) = stats["stop_reasons_per_file"]
+    assert one == {"file": str(path), "trajectories": len(records), "stop_reasons": reasons}
 
 
 def test_rollouts_stats_command(tmp_path, capsys):
@@ -1072,3 +1151,72 @@ def test_rollouts_stats_command(tmp_path, capsys):
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().out
     assert main(["calibrate", str(results), "--quiet"]) == 2
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().err
+
+
+def test_rollouts_stats_shows_how_episodes_ended(tmp_path, capsys):
+    from turnrl.cli import main
+
+    def write(name, ends):
+        with turnrl.RolloutWriter(tmp_path / name) as writer:
+            for i, (reason, outcome) in enumerate(ends):
+                meta = {} if reason is None else {"steps": 3, "stop_reason": reason}
+                writer.write(
+                    turnrl.rollout_record(f"{name}{i}", f"{name}{i}", 0, outcome, [], meta)
+                )
+        return str(tmp_path / name)
+
+    first = write(
+        "a.jsonl",
+        [("user_stop", 1.0), ("max_steps", 0.0), ("user_stop", 0.0), (None, 1.0)],
+    )
+    second = write(
+        "b.jsonl",
+        [("context_length", 0.0), ("user_stop", 1.0), ("context_length", 0.0), ("max_steps", 0.0)],
+    )
+    empty = write("c.jsonl", [])
+    # A malformed meta is no reason, and the line is still read.
+    with open(second, "a") as f:
+        f.write(json.dumps(turnrl.rollout_record("t9", "g9", 0, 1.0, [])).replace("{}", "[1]"))
+        f.write("\n")
+    assert main(["rollouts", "stats", first, second, empty, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("9 trajectories in 3 file(s); 9 tasks, 9 groups of 1\n")
+    lines = out.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("stop reason")))
+    assert re.fullmatch(r"stop reason +traj\. +share +success", lines[at])
+    table = [line.split() for line in lines[at + 1 : at + 5]]
+    assert table == [
+        ["user_stop", "3", "33.3%", "0.667"],
+        ["max_steps", "2", "22.2%", "0.000"],
+        ["context_length", "2", "22.2%", "0.000"],
+        ["(none)", "2", "22.2%", "1.000"],
+    ]
+    assert lines[at + 5 :] == [
+        "stop reasons per file:",
+        f"  {first}: 4 trajectories; user_stop 2 (50.0%, success 0.500), max_steps 1 (25.0%, "
+        "success 0.000), (none) 1 (25.0%, success 1.000)",
+        f"  {second}: 5 trajectories; context_length 2 (40.0%, success 0.000), user_stop 1 "
+        "(20.0%, success 1.000), max_steps 1 (20.0%, success 0.000), (none) 1 (20.0%, success "
+        "1.000)",
+        f"  {empty}: no trajectories",
+    ]
+    # One file: the table only, as its file's figures are the total.
+    assert main(["rollouts", "stats", first, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "stop reasons per file" not in out
+    assert out.splitlines()[-1].split() == ["(none)", "1", "25.0%", "1.000"]
+    assert main(["rollouts", "stats", first, second, empty, "--json", "--quiet"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["stop_reasons"]) == ["user_stop", "max_steps", "context_length", "(none)"]
+    assert shown["stop_reasons"]["user_stop"] == {
+        "trajectories": 3,
+        "share": pytest.approx(1 / 3),
+        "success_rate": pytest.approx(2 / 3),
+    }
+    per_file = shown["stop_reasons_per_file"]
+    assert [(f["file"], f["trajectories"]) for f in per_file] == [
+        (first, 4),
+        (second, 5),
+        (empty, 0),
+    ]
+    assert per_file[2]["stop_reasons"] == {}

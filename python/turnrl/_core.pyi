@@ -3,7 +3,7 @@
 
 from collections.abc import Iterable, Mapping, Sequence
 from os import PathLike
-from typing import Any, final
+from typing import Any, TypedDict, final, type_check_only
 
 import numpy as np
 import numpy.typing as npt
@@ -153,12 +153,37 @@ class ReadProgress:
     @property
     def bytes(self) -> int: ...
 
+@type_check_only
+class _RolloutColumns(TypedDict):
+    """What read_rollouts returns: the fields of turnrl.RolloutBatch, which
+    documents each. Names are dictionary encoded in first-seen order."""
+
+    files: list[str]
+    file_index: npt.NDArray[np.int32]
+    line: npt.NDArray[np.int64]
+    task_index: npt.NDArray[np.int64]
+    task_names: list[str]
+    group_index: npt.NDArray[np.int64]
+    group_names: list[str]
+    # Code of each record's meta["stop_reason"] in stop_reason_names; -1 when
+    # meta is missing or not an object, or the key is missing or not a string.
+    stop_reason_index: npt.NDArray[np.int64]
+    stop_reason_names: list[str]
+    sample: npt.NDArray[np.int64]
+    outcome: npt.NDArray[np.float64]
+    turn_offsets: npt.NDArray[np.int64]
+    turn_rewards: npt.NDArray[np.float64]
+    turn_tiers: npt.NDArray[np.int16]
+    tier_names: list[str]
+    skipped: int
+    problems: list[str]
+
 def read_rollouts(
     paths: list[str | PathLike[str]],
     *,
     workers: int | None = None,
     progress: ReadProgress | None = None,
-) -> dict[str, Any]: ...
+) -> _RolloutColumns: ...
 def check_rollout_line(line: str) -> None: ...
 
 @final

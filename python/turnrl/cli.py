@@ -282,6 +282,28 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{tier:<{width}} {row['turns']:>8} {row['turn_share']:>6.1%} "
                 f"{row['mean_reward']:>+11.3f} {row['trajectories']:>7} {row['success_rate']:>7.3f}"
             )
+    reasons = stats["stop_reasons"]
+    width = max(12, *(len(reason) for reason in reasons))
+    header = ("stop reason", "traj.", "share", "success")
+    print(f"{header[0]:<{width}} " + "{:>8} {:>6} {:>7}".format(*header[1:]))
+    for reason, row in reasons.items():
+        print(
+            f"{reason:<{width}} {row['trajectories']:>8} {row['share']:>6.1%} "
+            f"{row['success_rate']:>7.3f}"
+        )
+    if len(stats["stop_reasons_per_file"]) > 1:
+        print("stop reasons per file:")
+        for one in stats["stop_reasons_per_file"]:
+            rows = ", ".join(
+                f"{reason} {row['trajectories']} ({row['share']:.1%}, success "
+                f"{row['success_rate']:.3f})"
+                for reason, row in one["stop_reasons"].items()
+            )
+            count = one["trajectories"]
+            print(
+                f"  {one['file']}: "
+                + (f"{count} trajectories; {rows}" if count else "no trajectories")
+            )
     return 0
 
 
@@ -1648,11 +1670,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sts = rollout_commands.add_parser(
         "stats",
-        help="what rollout buffers hold: trajectories, success, pass^k, turns and tiers",
+        help="what rollout buffers hold: trajectories, success, pass^k, turns, tiers and "
+        "stop reasons",
         description="Read rollout buffers (files or glob patterns, plain or zstd) and print "
         "their trajectories, tasks and groups, the success rate and tau-bench's pass^k (when "
-        "every task has as many trajectories), assistant turns, and per tier its turns, mean "
-        "reward and the success rate of the trajectories holding it.",
+        "every task has as many trajectories), assistant turns, per tier its turns, mean "
+        "reward and the success rate of the trajectories holding it, and how episodes ended "
+        "(meta's stop_reason, '(none)' where a record gives none): per reason its trajectories, "
+        "their share and success rate, over all files and, given several, per file.",
     )
     sts.add_argument("buffers", nargs="+", help="buffer files or glob patterns")
     sts.add_argument(

@@ -60,6 +60,7 @@ from turnrl.exceptions import InvalidInputError, TurnrlIOError
 
 __all__ = [
     "DEFAULT_TIERS",
+    "NO_STOP_REASON",
     "NO_TIER",
     "SCHEMA",
     "RolloutBatch",
@@ -83,6 +84,9 @@ DEFAULT_TIERS = ("gold", "soft", "read", "write", "error", "respond")
 
 NO_TIER = -1
 """Tier code of an assistant turn without a tier."""
+
+NO_STOP_REASON = -1
+"""Stop reason code of a trajectory whose ``meta`` says no ``stop_reason``."""
 
 PathArg = str | os.PathLike[str]
 Paths = PathArg | Sequence[PathArg]
@@ -131,10 +135,12 @@ class RolloutBatch:
     Trajectory ``i`` owns turns ``turn_offsets[i]:turn_offsets[i + 1]`` of
     ``turn_rewards`` and ``turn_tiers`` (assistant turns only). Strings are
     dictionary encoded in first-seen order: trajectory ``i``'s task is
-    ``task_names[task_index[i]]``, its group ``group_names[group_index[i]]``;
-    turn ``j``'s tier is ``tier_names[turn_tiers[j]]`` or none when the code
-    is :data:`NO_TIER`. ``group_index`` is what
-    :func:`turnrl.compute_advantages` takes as ``group``.
+    ``task_names[task_index[i]]``, its group ``group_names[group_index[i]]``,
+    how its episode ended ``stop_reason_names[stop_reason_index[i]]`` (or
+    not said when the code is :data:`NO_STOP_REASON`); turn ``j``'s tier is
+    ``tier_names[turn_tiers[j]]`` or none when the code is :data:`NO_TIER`.
+    ``group_index`` is what :func:`turnrl.compute_advantages` takes as
+    ``group``.
     """
 
     outcome: np.ndarray
@@ -144,6 +150,17 @@ class RolloutBatch:
     group_index: np.ndarray
     """int64 [B]: dense group id."""
     group_names: list[str]
+    stop_reason_index: np.ndarray
+    """int64 [B]: dense id of ``meta["stop_reason"]`` (``user_stop``,
+    ``transfer``, ``max_steps``, ``too_many_errors``, ``context_length`` as
+    turnrl's runner writes them, or any other string), -1 when ``meta`` is
+    missing or not an object or has no ``stop_reason``, or that is not a
+    string. ``meta`` is never checked beyond being JSON, so a record with a
+    malformed one is read all the same, with -1 here. Of a key given twice
+    the last counts, as with :func:`json.loads`; a lone surrogate escape
+    (``"\\ud800"``) in the name reads as U+FFFD."""
+    stop_reason_names: list[str]
+    """The stop reasons, in first-seen order over the files in order."""
     task_index: np.ndarray
     """int64 [B]: dense task id."""
     task_names: list[str]
@@ -191,6 +208,13 @@ class RolloutBatch:
         names = self.group_names
         return [names[i] for i in self.group_index.tolist()]
 
+    @property
+    def stop_reason(self) -> list[str | None]:
+        """Stop reason of every trajectory (decoded from ``stop_reason_index``),
+        ``None`` where the record gives none."""
+        names = self.stop_reason_names
+        return [names[i] if i >= 0 else None for i in self.stop_reason_index.tolist()]
+
     def tier_code(self, name: str) -> int:
         """Code of tier ``name`` in ``turn_tiers``, -1 when no turn has it."""
         try:
@@ -223,6 +247,13 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     and per tier: its turns, their share of all turns and mean reward, the
     trajectories holding it and their success rate. Turns without a tier
     are counted as ``unlabelled_turns``.
+
+    How episodes ended, from ``meta["stop_reason"]``: ``stop_reasons`` maps
+    each reason to its trajectories, their share of all trajectories and
+    their success rate, the most frequent first (ties in first-seen order),
+    trajectories whose record gives no reason last as ``"(none)"``;
+    ``stop_reasons_per_file`` has the same for each file (``file``,
+    ``trajectories``, ``stop_reasons``), in the order read.
     """
     from turnrl.calibration import check_success_threshold
 
@@ -277,6 +308,52 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
         },
         "unlabelled_turns": int((batch.turn_tiers == NO_TIER).sum()),
         "tiers": tiers,
+        "stop_reasons": _stop_reason_rows(batch, success, slice(None)),
+        "stop_reasons_per_file": [
+            {
+                "file": name,
+                "trajectories": int(count),
+                "stop_reasons": _stop_reason_rows(batch, success, batch.file_index == k),
+            }
+            for k, (name, count) in enumerate(
+                zip(
+                    batch.files,
+                    np.bincount(batch.file_index, minlength=len(batch.files)),
+                    strict=True,
+                )
+            )
+        ],
+    }
+
+
+_NONE_LABEL = "(none)"
+"""How :func:`buffer_stats` names the trajectories that give no stop reason."""
+
+
+def _stop_reason_rows(
+    batch: RolloutBatch, success: np.ndarray, rows: slice | np.ndarray
+) -> dict[str, dict[str, float | int]]:
+    """Trajectories, share and success rate per stop reason of ``rows``."""
+    codes = batch.stop_reason_index[rows]
+    won = success[rows]
+    total = int(codes.shape[0])
+    if not total:
+        return {}
+    # Code -1 (none) counts in the last slot.
+    names = [*batch.stop_reason_names, _NONE_LABEL]
+    slots = np.where(codes == NO_STOP_REASON, len(names) - 1, codes)
+    counts = np.bincount(slots, minlength=len(names))
+    wins = np.bincount(slots, weights=won, minlength=len(names))
+    # Most frequent first, ties in first-seen order; none last.
+    order = [*sorted(range(len(names) - 1), key=lambda k: -counts[k]), len(names) - 1]
+    return {
+        names[k]: {
+            "trajectories": int(counts[k]),
+            "share": int(counts[k]) / total,
+            "success_rate": float(wins[k] / counts[k]),
+        }
+        for k in order
+        if counts[k]
     }
 
 

@@ -1,6 +1,7 @@
 //! `cargo bench --bench buffer`: columnar reading of a ~20 MB rollout buffer
-//! (2 to 30 assistant turns, each followed by a multi-KB tool result), plain
-//! and zstd, on one thread and on all cores.
+//! (2 to 30 assistant turns, each followed by a multi-KB tool result, and a
+//! `meta` shaped as `run_episode` writes it: counters, `stop_reason`, then
+//! the nested `reward_info`), plain and zstd, on one thread and on all cores.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
@@ -35,12 +36,19 @@ fn make_buffer(dir: &std::path::Path, target_bytes: usize) -> (PathBuf, PathBuf,
                 &filler[..cut - cut % 2].trim_end_matches('\\')
             ));
         }
+        let outcome = next() % 2;
+        let stop = ["user_stop", "max_steps", "transfer", "context_length"][(next() % 4) as usize];
+        let meta = format!(
+            r#"{{"domain":"airline","steps":{k},"tool_errors":{},"dropped_calls":0,"stop_reason":"{stop}","reward_info":{{"reward":{outcome}.0,"info":{{"r_actions":{},"r_outputs":null,"outputs":{{"1000":true}},"gt_data_hash":"9f3a6c1e0b2d4f5a7c8e9d0b1a2c3e4f"}},"actions":[{{"name":"get_reservation_details","kwargs":{{"reservation_id":"R0X{i}"}}}}]}}}}"#,
+            next() % 3,
+            outcome == 1,
+        );
         let line = format!(
-            r#"{{"schema":"turnrl.rollout/1","task_id":"airline/train/{}","group":"step-1/airline/train/{}","sample":{},"outcome":{},"turns":[{}],"meta":{{}}}}"#,
+            r#"{{"schema":"turnrl.rollout/1","task_id":"airline/train/{}","group":"step-1/airline/train/{}","sample":{},"outcome":{},"turns":[{}],"meta":{meta}}}"#,
             i / 8,
             i / 8,
             i % 8,
-            next() % 2,
+            outcome,
             turns.join(",")
         );
         bytes += line.len() + 1;

@@ -4,17 +4,17 @@
 //! is called).
 //!
 //! The reader's product is columnar ([`RolloutColumns`]): per trajectory the
-//! outcome, sample, dictionary-encoded task id and group, and per assistant
-//! turn the reward and tier in CSR layout, which is what the advantage
-//! estimators and reward calibration consume. Gigabyte buffers are read in
-//! parallel twice over: files run side by side, and each file's decompressed
-//! stream is cut into blocks of whole lines that are parsed side by side while
-//! the next blocks are being read.
+//! outcome, sample, dictionary-encoded task id, group and `meta.stop_reason`,
+//! and per assistant turn the reward and tier in CSR layout, which is what
+//! the advantage estimators and reward calibration consume. Gigabyte buffers
+//! are read in parallel twice over: files run side by side, and each file's
+//! decompressed stream is cut into blocks of whole lines that are parsed side
+//! by side while the next blocks are being read.
 //!
 //! A line is read by a lazy scanner (`scan`) that borrows the few fields the
-//! columns need and skips everything else (contents, tool calls, `meta`,
-//! unknown keys) without building values, while still checking that the line
-//! is valid JSON.
+//! columns need and skips everything else (contents, tool calls, the rest of
+//! `meta`, unknown keys) without building values, while still checking that
+//! the line is valid JSON.
 //!
 //! Validation, the same for the reader and the writer:
 //! - the line is UTF-8 and one JSON object; blank lines are ignored (they
@@ -30,7 +30,9 @@
 //!   [`NO_TIER`]); one without `reward` has reward 0;
 //! - keys appear once; other keys (`meta`, `content`, `tool_calls`, unknown
 //!   extras) are not checked by the columnar reader and are kept verbatim by
-//!   the record reader.
+//!   the record reader. `meta.stop_reason` is read when `meta` is an object
+//!   and it a string ([`NO_STOP_REASON`] otherwise); whatever `meta` holds,
+//!   it is checked only as JSON, so it never makes a line bad.
 //!
 //! Anything else makes the line a [`Problem`] (file, line, reason): it is
 //! skipped and counted, and reading goes on.
@@ -67,6 +69,9 @@ pub const SCHEMA: &str = "turnrl.rollout/1";
 pub const DEFAULT_TIERS: [&str; 6] = ["gold", "soft", "read", "write", "error", "respond"];
 /// Tier code of an assistant turn with no (or a null) tier.
 pub const NO_TIER: i16 = -1;
+/// Stop reason code of a trajectory whose `meta` is missing or not an
+/// object, or has no `stop_reason`, or one that is not a string.
+pub const NO_STOP_REASON: i64 = -1;
 /// How many problems are kept with their text; all of them are counted.
 pub const MAX_PROBLEMS: usize = 1000;
 
@@ -119,8 +124,10 @@ impl fmt::Display for Problem {
 /// Trajectory `i` owns turns `turn_offsets[i]..turn_offsets[i + 1]`; only
 /// assistant turns are turns. Task ids, groups and tiers are dictionary
 /// encoded: `task_names[task_index[i]]`, `group_names[group_index[i]]`,
-/// `tier_names[turn_tiers[j]]` (or no tier when the code is [`NO_TIER`]).
-/// Task and group codes follow first appearance in file order.
+/// `stop_reason_names[stop_reason_index[i]]` (or none when the code is
+/// [`NO_STOP_REASON`]), `tier_names[turn_tiers[j]]` (or no tier when the
+/// code is [`NO_TIER`]). Task, group and stop reason codes follow first
+/// appearance in file order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolloutColumns {
     pub files: Vec<String>,
@@ -132,6 +139,10 @@ pub struct RolloutColumns {
     pub task_names: Vec<String>,
     pub group_index: Vec<i64>,
     pub group_names: Vec<String>,
+    /// Code of each trajectory's `meta.stop_reason` ([`NO_STOP_REASON`]
+    /// for none).
+    pub stop_reason_index: Vec<i64>,
+    pub stop_reason_names: Vec<String>,
     pub sample: Vec<i64>,
     pub outcome: Vec<f64>,
     pub turn_offsets: Vec<i64>,
@@ -154,6 +165,8 @@ impl RolloutColumns {
             task_names: vec![],
             group_index: vec![],
             group_names: vec![],
+            stop_reason_index: vec![],
+            stop_reason_names: vec![],
             sample: vec![],
             outcome: vec![],
             turn_offsets: vec![0],
@@ -208,6 +221,9 @@ fn is_blank(line: &[u8]) -> bool {
 // ---------------------------------------------------------------------------
 // Dictionaries
 
+/// Up to this many names, [`Dict::code`] looks a name up by comparing.
+const FEW_NAMES: usize = 8;
+
 /// Strings to dense codes in first-seen order.
 #[derive(Default)]
 struct Dict {
@@ -233,8 +249,15 @@ impl Dict {
                 return last;
             }
         }
-        let code = match self.codes.get(name) {
-            Some(&c) => c,
+        // A few names (stop reasons) are found sooner by comparing than by
+        // hashing.
+        let found = if self.names.len() <= FEW_NAMES {
+            self.names.iter().position(|n| n == name).map(|c| c as u32)
+        } else {
+            self.codes.get(name).copied()
+        };
+        let code = match found {
+            Some(c) => c,
             None => {
                 let c = self.names.len() as u32;
                 self.names.push(name.to_string());
@@ -264,6 +287,8 @@ fn tier_code(tiers: &mut Dict, name: &str) -> u32 {
 
 /// A block's code for an assistant turn without a tier.
 const PART_NO_TIER: u32 = u32::MAX;
+/// A block's code for a trajectory without a stop reason.
+const PART_NO_STOP: u32 = u32::MAX;
 
 /// The error for a buffer with more than [`MAX_TIERS`] distinct tier names:
 /// `name`, first seen at `file:line`, would be name number `MAX_TIERS + 1`.
@@ -875,6 +900,9 @@ struct Part {
     tasks: Dict,
     group: Vec<u32>,
     groups: Dict,
+    /// Block-local stop reason codes ([`PART_NO_STOP`] for none).
+    stop: Vec<u32>,
+    stops: Dict,
     sample: Vec<i64>,
     outcome: Vec<f64>,
     turn_counts: Vec<u32>,
@@ -917,6 +945,8 @@ impl Part {
             tasks: Dict::default(),
             group: vec![],
             groups: Dict::default(),
+            stop: vec![],
+            stops: Dict::default(),
             sample: vec![],
             outcome: vec![],
             turn_counts: vec![],
@@ -933,6 +963,10 @@ impl Part {
         self.line.push(number as i64);
         self.task.push(self.tasks.code(&head.task_id));
         self.group.push(self.groups.code(&head.group));
+        self.stop.push(match &head.stop_reason {
+            Some(name) => self.stops.code(name),
+            None => PART_NO_STOP,
+        });
         self.sample.push(head.sample);
         self.outcome.push(head.outcome);
         let mut count = 0u32;
@@ -1038,6 +1072,7 @@ struct Merger {
     out: RolloutColumns,
     tasks: Dict,
     groups: Dict,
+    stops: Dict,
     tiers: Dict,
 }
 
@@ -1047,6 +1082,7 @@ impl Merger {
             out: RolloutColumns::empty(files),
             tasks: Dict::default(),
             groups: Dict::default(),
+            stops: Dict::default(),
             tiers: Dict::seeded(&DEFAULT_TIERS),
         }
     }
@@ -1077,6 +1113,12 @@ impl Merger {
             .iter()
             .map(|n| self.groups.code(n) as i64)
             .collect();
+        let stop_map: Vec<i64> = part
+            .stops
+            .names
+            .iter()
+            .map(|n| self.stops.code(n) as i64)
+            .collect();
         out.file_index
             .extend(std::iter::repeat_n(file as i32, part.line.len()));
         out.line.extend_from_slice(&part.line);
@@ -1084,6 +1126,12 @@ impl Merger {
             .extend(part.task.iter().map(|&c| task_map[c as usize]));
         out.group_index
             .extend(part.group.iter().map(|&c| group_map[c as usize]));
+        // A block code is an index of `stop_map`, or PART_NO_STOP (no index).
+        out.stop_reason_index.extend(
+            part.stop
+                .iter()
+                .map(|&c| stop_map.get(c as usize).copied().unwrap_or(NO_STOP_REASON)),
+        );
         out.sample.extend_from_slice(&part.sample);
         out.outcome.extend_from_slice(&part.outcome);
         let mut end = *out.turn_offsets.last().unwrap_or(&0);
@@ -1117,6 +1165,7 @@ impl Merger {
     fn finish(mut self) -> RolloutColumns {
         self.out.task_names = self.tasks.names;
         self.out.group_names = self.groups.names;
+        self.out.stop_reason_names = self.stops.names;
         self.out.tier_names = self.tiers.names;
         self.out
     }
@@ -1950,6 +1999,38 @@ mod tests {
         )
     }
 
+    /// `line` (a record from [`record`]) with `meta` set to the JSON text `meta`.
+    fn with_meta(line: &str, meta: &str) -> String {
+        let at = line.rfind(r#","meta":{}"#).expect("a record() line");
+        format!("{},\"meta\":{meta}}}", &line[..at])
+    }
+
+    /// `line` without its `meta` key.
+    fn without_meta(line: &str) -> String {
+        line.replace(r#","meta":{}"#, "")
+    }
+
+    /// Each trajectory's stop reason, decoded from the columns.
+    fn stop_reasons(c: &RolloutColumns) -> Vec<Option<String>> {
+        c.stop_reason_index
+            .iter()
+            .map(|&k| (k != NO_STOP_REASON).then(|| c.stop_reason_names[k as usize].clone()))
+            .collect()
+    }
+
+    /// What Python's `json.loads` (and serde_json) give for the line's
+    /// `meta.stop_reason`: the last `meta` and, in it, the last
+    /// `stop_reason`, when `meta` is an object and that value a string.
+    fn stop_reason_by_serde(line: &str) -> Option<String> {
+        let value: serde_json::Value = serde_json::from_str(line).expect("valid JSON");
+        value
+            .get("meta")?
+            .as_object()?
+            .get("stop_reason")?
+            .as_str()
+            .map(str::to_string)
+    }
+
     const A_READ: &str = r#"{"role":"assistant","content":"x","tool_calls":[{"name":"f","arguments":{"a":1}}],"tier":"read","reward":0.5}"#;
     const A_GOLD: &str = r#"{"role":"assistant","content":"y\n\"q\"","tier":"gold","reward":1}"#;
     const A_BARE: &str = r#"{"role":"assistant","content":"z"}"#;
@@ -2133,6 +2214,343 @@ mod tests {
         assert!(check_line(escaped.as_bytes()).is_ok(), "{escaped}");
     }
 
+    #[test]
+    fn stop_reasons_are_read_from_meta_and_never_make_a_line_bad() {
+        let base = record("t", "g", 0, 1.0, A_READ);
+        // (meta as JSON text, or no meta key; the stop reason read)
+        let cases: &[(Option<&str>, Option<&str>)] = &[
+            (None, None),
+            (Some("{}"), None),
+            (Some(r#"{"stop_reason":"user_stop"}"#), Some("user_stop")),
+            (Some(r#"{"steps":3,"tool_errors":0}"#), None),
+            // Nested objects before and after the key; a nested key of the
+            // same name is not the record's.
+            (
+                Some(
+                    r#"{"domain":"airline","info":{"stop_reason":"inner","a":[{"b":null}]},"stop_reason":"max_steps","reward_info":{"stop_reason":"inner2","r":[1,{"c":"}"}]}}"#,
+                ),
+                Some("max_steps"),
+            ),
+            (Some(r#"{"reward_info":{"stop_reason":"inner"}}"#), None),
+            (Some(r#"{"x":["stop_reason","user_stop"]}"#), None),
+            // Not a string.
+            (Some(r#"{"stop_reason":7}"#), None),
+            (Some(r#"{"stop_reason":null}"#), None),
+            (Some(r#"{"stop_reason":true}"#), None),
+            (Some(r#"{"stop_reason":{"why":"user_stop"}}"#), None),
+            (Some(r#"{"stop_reason":["user_stop"]}"#), None),
+            // Escapes in the value and in the key.
+            (
+                Some(r#"{"stop_reason":"a\"b\\c\u00e9\n\/"}"#),
+                Some("a\"b\\cé\n/"),
+            ),
+            (
+                Some(r#"{"stop_re\u0061son":"escaped key"}"#),
+                Some("escaped key"),
+            ),
+            (Some(r#"{"stop_reason\u0020":"other key"}"#), None),
+            (
+                Some(r#"{"stop_reason":"\ud83d\ude00 pair"}"#),
+                Some("😀 pair"),
+            ),
+            (Some(r#"{"stop_reason":"✈ ünï"}"#), Some("✈ ünï")),
+            // A lone surrogate, which serde_json does not decode: kept, as
+            // U+FFFD.
+            (
+                Some(r#"{"stop_reason":"lone \ud800!"}"#),
+                Some("lone \u{fffd}!"),
+            ),
+            (
+                Some(r#"{"stop_reason":"\udc00\ud800"}"#),
+                Some("\u{fffd}\u{fffd}"),
+            ),
+            // The last of a key given twice, as Python's json.
+            (
+                Some(r#"{"stop_reason":"first","stop_reason":"last"}"#),
+                Some("last"),
+            ),
+            (Some(r#"{"stop_reason":"first","stop_reason":null}"#), None),
+            (Some(r#"{"stop_reason":"user_stop"},"meta":5"#), None),
+            (Some(r#"5,"meta":{"stop_reason":"second"}"#), Some("second")),
+            // meta that is not an object.
+            (Some(r#""user_stop""#), None),
+            (Some(r#"["stop_reason","user_stop"]"#), None),
+            (Some("null"), None),
+            (Some("-3.5e2"), None),
+            (
+                Some(" \t{ \"stop_reason\" :\r \"spaced\" } "),
+                Some("spaced"),
+            ),
+            (Some(r#"{"stop_reason":""}"#), Some("")),
+            (Some(r#"{"stop_reason":"user_stop"}"#), Some("user_stop")),
+        ];
+        let lines: Vec<String> = cases
+            .iter()
+            .map(|(meta, _)| match meta {
+                Some(meta) => with_meta(&base, meta),
+                None => without_meta(&base),
+            })
+            .collect();
+        for line in &lines {
+            assert_eq!(check_line(line.as_bytes()), Ok(()), "{line}");
+        }
+        let d = tempdir("stop-reasons");
+        let path = write_plain(&d, "s.jsonl", &lines.join("\n"));
+        let c = read_columns(&[&path]).unwrap();
+        assert_eq!(c.skipped, 0, "{:?}", c.problems);
+        let want: Vec<Option<String>> = cases.iter().map(|(_, r)| r.map(String::from)).collect();
+        assert_eq!(stop_reasons(&c), want);
+        let mut first_seen: Vec<String> = vec![];
+        for name in want.iter().flatten() {
+            if !first_seen.contains(name) {
+                first_seen.push(name.clone());
+            }
+        }
+        assert_eq!(c.stop_reason_names, first_seen);
+        // serde_json agrees wherever it decodes the line.
+        for (line, got) in lines.iter().zip(stop_reasons(&c)) {
+            if !line.contains(r"\ud800") {
+                assert_eq!(got, stop_reason_by_serde(line), "{line}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn bad_meta_is_as_bad_as_before_and_deep_meta_as_deep() {
+        // meta is checked as JSON, as any key the columns skip: the line is
+        // bad exactly when it would be under another key of the same length,
+        // with the same reason.
+        let base = record("t", "g", 0, 1.0, A_READ);
+        let mut metas: Vec<String> = [
+            r#"{"stop_reason":"x""#,
+            r#"{"stop_reason":}"#,
+            r#"{"stop_reason" "x"}"#,
+            r#"{"stop_reason":"x",}"#,
+            r#"{"stop_reason":"x\q"}"#,
+            r#"{"stop_reason":"bad \u12"}"#,
+            "{\"stop_reason\":\"tab\tinside\"}",
+            r#"{stop_reason:"x"}"#,
+            r#"{"a":[1,}"#,
+            r#"{"stop_reason":"x"}}"#,
+            r#"{"stop_reason":"x","stop_reason":NaN}"#,
+            r#"{"stop_reason":"x"]"#,
+            r#"{"#,
+            "",
+        ]
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+        // Nesting of 128 levels counted from the record passes, 129 fails.
+        for depth in [126, 127, 128, 129] {
+            metas.push(format!(
+                "{}{}",
+                "{\"a\":".repeat(depth - 1) + "{\"stop_reason\":\"deep\"",
+                "}".repeat(depth)
+            ));
+            metas.push(format!(
+                "{{\"stop_reason\":{}{}}}",
+                "[".repeat(depth),
+                "]".repeat(depth)
+            ));
+        }
+        for meta in &metas {
+            let line = with_meta(&base, meta);
+            let other = line.replace(r#""meta":"#, r#""mexa":"#);
+            assert_eq!(
+                check_line(line.as_bytes()),
+                check_line(other.as_bytes()),
+                "{line}"
+            );
+        }
+        let deep = |depth: usize| {
+            let meta =
+                "{\"a\":".repeat(depth - 1) + "{\"stop_reason\":\"deep\"" + &"}".repeat(depth);
+            check_line(with_meta(&base, &meta).as_bytes())
+        };
+        assert!(deep(128).is_ok());
+        assert!(deep(129).unwrap_err().contains("nesting deeper than 128"));
+    }
+
+    #[test]
+    fn stop_reasons_of_several_files_read_in_parallel_merge_like_groups() {
+        // Files plain and zstd, read side by side and each in small blocks:
+        // one list of names in first-seen order over the files in the order
+        // given, as group names are.
+        let d = tempdir("stop-files");
+        let reasons = [
+            "user_stop",
+            "transfer",
+            "max_steps",
+            "too_many_errors",
+            "context_length",
+        ];
+        let mut paths = vec![];
+        let mut want = vec![];
+        for f in 0..4usize {
+            let path = d.join(format!(
+                "f{f}.jsonl{}",
+                if f % 2 == 1 { ".zst" } else { "" }
+            ));
+            let compression = match f % 2 {
+                1 => Compression::Zstd(3),
+                _ => Compression::None,
+            };
+            let mut w = RolloutWriter::create(&path, compression).unwrap();
+            for i in 0..300usize {
+                let base = record(
+                    &format!("t{i}"),
+                    &format!("g{f}-{}", i / 8),
+                    i as i64,
+                    1.0,
+                    A_GOLD,
+                );
+                // Later files bring new names; some records have none.
+                let line = match (i * 7 + f) % 9 {
+                    0 => without_meta(&base),
+                    1 => with_meta(&base, r#"{"stop_reason":null}"#),
+                    k => with_meta(
+                        &base,
+                        &format!(
+                            r#"{{"steps":{i},"stop_reason":"{}","reward_info":{{"x":[{k}]}}}}"#,
+                            reasons[(k + f) % (2 + f).min(5)]
+                        ),
+                    ),
+                };
+                want.push(stop_reason_by_serde(&line));
+                w.write_line(&line).unwrap();
+            }
+            w.finish().unwrap();
+            paths.push(path);
+        }
+        let mut first_seen: Vec<String> = vec![];
+        for name in want.iter().flatten() {
+            if !first_seen.contains(name) {
+                first_seen.push(name.clone());
+            }
+        }
+        assert_eq!(first_seen.len(), 5);
+        let all = read_columns_with_workers(&paths, Some(4)).unwrap();
+        let one = read_columns_with_workers(&paths, Some(1)).unwrap();
+        assert_eq!(stop_reasons(&all), want);
+        assert_eq!(all.stop_reason_names, first_seen);
+        assert_eq!(all.stop_reason_index, one.stop_reason_index);
+        assert_eq!(all.stop_reason_names, one.stop_reason_names);
+        for blockwise in [false, true] {
+            let small = read_columns_with_block(&paths, 500, None, blockwise).unwrap();
+            assert_eq!(small.stop_reason_index, all.stop_reason_index);
+            assert_eq!(small.stop_reason_names, all.stop_reason_names);
+        }
+        // The files in another order: the names in their new first-seen order.
+        let reversed: Vec<&PathBuf> = paths.iter().rev().collect();
+        let back = read_columns(&reversed).unwrap();
+        let mut back_seen: Vec<String> = vec![];
+        for name in stop_reasons(&back).iter().flatten() {
+            if !back_seen.contains(name) {
+                back_seen.push(name.clone());
+            }
+        }
+        assert_eq!(back.stop_reason_names, back_seen);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// JSON text for `meta`: objects whose keys include `stop_reason` (also
+    /// escaped, and look-alikes), nested values, strings with escapes.
+    fn meta_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        const KEYS: &[&str] = &[
+            r#""stop_reason""#,
+            r#""stop_reason""#,
+            r#""stop_re\u0061son""#,
+            r#""stop_reason ""#,
+            r#""\"stop_reason\"""#,
+            r#""steps""#,
+            r#""reward_info""#,
+            r#""""#,
+        ];
+        const STRINGS: &[&str] = &[
+            r#""user_stop""#,
+            r#""max_steps""#,
+            r#""context_length""#,
+            r#""a\"b\\c\/""#,
+            r#""\u00e9\n\t""#,
+            r#""é ✈""#,
+            r#""""#,
+            r#""\ud83d\ude00""#,
+            r#""stop_reason""#,
+        ];
+        let leaf = prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("-1.5e3".to_string()),
+            Just("0".to_string()),
+            proptest::sample::select(STRINGS).prop_map(str::to_string),
+        ];
+        let value = leaf.prop_recursive(4, 40, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                proptest::collection::vec((proptest::sample::select(KEYS), inner), 0..5).prop_map(
+                    |m| {
+                        let members: Vec<String> =
+                            m.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                        format!("{{{}}}", members.join(" , "))
+                    }
+                ),
+            ]
+        });
+        // Strings are most of the members' values, so that the record's own
+        // `stop_reason` is often one.
+        let member = prop_oneof![
+            3 => proptest::sample::select(STRINGS).prop_map(str::to_string),
+            2 => value.clone(),
+        ];
+        let object = proptest::collection::vec((proptest::sample::select(KEYS), member), 0..6)
+            .prop_map(|m| {
+                let members: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                format!("{{{}}}", members.join(","))
+            });
+        prop_oneof![4 => object, 1 => value]
+    }
+
+    proptest::proptest! {
+        // The stop reason read is what serde_json (as Python's json) finds,
+        // and the line is good.
+        #[test]
+        fn stop_reason_matches_serde_json(meta in meta_text()) {
+            let line = with_meta(&record("t", "g", 0, 1.0, A_BARE), &meta);
+            let head = parse_head(line.as_bytes());
+            proptest::prop_assert!(head.is_ok(), "{} {:?}", line, head.err());
+            let got = head.unwrap().stop_reason.map(|s| s.into_owned());
+            proptest::prop_assert_eq!(got, stop_reason_by_serde(&line), "{}", line);
+        }
+
+        // Whatever meta holds, good or bad, the line is read as it was when
+        // meta was skipped unread: as under a key of the same length the
+        // reader skips, with the same reason.
+        #[test]
+        fn meta_is_checked_as_it_was(
+            meta in meta_text(),
+            cut in 0usize..80,
+            byte in proptest::sample::select(&b"{}[]\":,\\ x\x01\xff"[..]),
+            at in 0usize..200,
+        ) {
+            let mut bytes = meta.into_bytes();
+            if !bytes.is_empty() && at % 3 != 0 {
+                let at = at % bytes.len();
+                bytes[at] = byte;
+            }
+            if cut < 20 {
+                bytes.truncate(bytes.len().saturating_sub(cut));
+            }
+            let base = record("t", "g", 0, 1.0, A_BARE);
+            let at = base.rfind(r#""meta":{}"#).unwrap();
+            let line = [&base.as_bytes()[..at], b"\"meta\":", &bytes, b"}"].concat();
+            let other = [&base.as_bytes()[..at], b"\"mexa\":", &bytes, b"}"].concat();
+            proptest::prop_assert_eq!(check_line(&line), check_line(&other), "{}", String::from_utf8_lossy(&line));
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
@@ -2189,7 +2607,7 @@ mod tests {
         // record), trailing junk, wrong schema, and bytes that are not UTF-8.
         #[test]
         fn one_pass_equals_line_by_line(
-            pieces in proptest::collection::vec(0usize..14, 0..30),
+            pieces in proptest::collection::vec(0usize..15, 0..30),
             cut in 0usize..64,
         ) {
             let good = record("t", "g", 1, 1.0, &[A_READ, A_GOLD, USER].join(","));
@@ -2209,6 +2627,7 @@ mod tests {
                     10 => data.extend_from_slice("{\"schema\":\"é".as_bytes()),
                     11 => data.extend_from_slice(b"\r"),
                     12 => data.extend_from_slice(b"\"\\u12\n34\""),
+                    13 => data.extend_from_slice(with_meta(&good, r#"{"n":{"stop_reason":1},"stop_reason":"max_steps"}"#).as_bytes()),
                     _ => data.extend_from_slice(record("u", "g2", 3, 0.0, TOOL).as_bytes()),
                 }
             }
@@ -2222,8 +2641,11 @@ mod tests {
                 let tiers: Vec<String> = p.turn_tiers.iter().map(|&t| {
                     if t == PART_NO_TIER { String::new() } else { p.tiers.names[t as usize].clone() }
                 }).collect();
+                let stops: Vec<String> = p.stop.iter().map(|&t| {
+                    if t == PART_NO_STOP { String::new() } else { p.stops.names[t as usize].clone() }
+                }).collect();
                 (
-                    p.line.clone(), names(&p.tasks, &p.task), names(&p.groups, &p.group),
+                    p.line.clone(), names(&p.tasks, &p.task), names(&p.groups, &p.group), stops,
                     p.sample.clone(), p.outcome.clone(), p.turn_counts.clone(),
                     p.turn_rewards.clone(), tiers, p.skipped, p.problems.clone(), p.lines,
                 )
@@ -2247,6 +2669,10 @@ mod tests {
                 let line = match kind {
                     0 => String::new(),
                     1 => "{\"schema\":".to_string(),
+                    2 => with_meta(
+                        &record(&format!("t{i}"), "g", i as i64, 0.5, A_GOLD),
+                        &format!(r#"{{"stop_reason":"r{}"}}"#, (i * 7) % 4),
+                    ),
                     _ => record(&format!("t{i}"), &format!("g{}", i % 3), i as i64, 0.5, &vec![A_GOLD; turns].join(",")),
                 };
                 text.push_str(&line);
@@ -2262,6 +2688,8 @@ mod tests {
                 proptest::prop_assert_eq!(&small.line, &whole.line);
                 proptest::prop_assert_eq!(&small.turn_offsets, &whole.turn_offsets);
                 proptest::prop_assert_eq!(&small.group_index, &whole.group_index);
+                proptest::prop_assert_eq!(&small.stop_reason_index, &whole.stop_reason_index);
+                proptest::prop_assert_eq!(&small.stop_reason_names, &whole.stop_reason_names);
                 proptest::prop_assert_eq!(&small.problems, &whole.problems);
                 proptest::prop_assert_eq!(small.skipped, whole.skipped);
             }

@@ -58,6 +58,8 @@ pub fn read_rollouts<'py>(
     d.set_item("task_names", c.task_names)?;
     d.set_item("group_index", c.group_index.into_pyarray(py))?;
     d.set_item("group_names", c.group_names)?;
+    d.set_item("stop_reason_index", c.stop_reason_index.into_pyarray(py))?;
+    d.set_item("stop_reason_names", c.stop_reason_names)?;
     d.set_item("sample", c.sample.into_pyarray(py))?;
     d.set_item("outcome", c.outcome.into_pyarray(py))?;
     d.set_item("turn_offsets", c.turn_offsets.into_pyarray(py))?;

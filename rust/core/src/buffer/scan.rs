@@ -1,8 +1,9 @@
 //! A lazy, validating scanner for one `turnrl.rollout/1` line.
 //!
 //! It reads the few fields the columns need and skips everything else
-//! (contents, tool calls, `meta`) without building values, while still
-//! checking that the whole line is valid JSON and valid UTF-8. Most strings
+//! (contents, tool calls, all of `meta` but its `stop_reason`) without
+//! building values, while still checking that the whole line is valid JSON
+//! and valid UTF-8. Most strings
 //! end within 32 bytes and are found with one SSE2 look; longer ones are
 //! skipped 64 bytes at a time with bitmasks of quotes, backslashes, control
 //! characters and bytes above 0x7F; the
@@ -33,6 +34,11 @@ pub(super) struct RecordHead<'a> {
     pub sample: i64,
     pub outcome: f64,
     pub turns: Vec<TurnHead<'a>>,
+    /// `meta.stop_reason` when `meta` is an object and its `stop_reason` a
+    /// string (the last of each, if a key is given twice, as in Python's
+    /// `json`); `None` otherwise. Never makes a line bad: `meta` is checked
+    /// only as JSON, as any other key the columns do not need.
+    pub stop_reason: Option<Cow<'a, str>>,
 }
 
 const MAX_DEPTH: usize = 128;
@@ -732,6 +738,7 @@ impl<'a> Cursor<'a> {
     fn record_fields(&mut self) -> Scan<RecordHead<'a>> {
         let (mut schema, mut task_id, mut group) = (None, None, None);
         let (mut sample, mut outcome, mut turns) = (None, None, None);
+        let mut stop_reason = None;
         self.object(&|| "the line".into(), |c, key| {
             let name = || key.to_string();
             match key.as_ref() {
@@ -741,6 +748,10 @@ impl<'a> Cursor<'a> {
                 "sample" => put(&mut sample, c.integer(&name)?, &name),
                 "outcome" => put(&mut outcome, c.float(&name)?, &name),
                 "turns" => put(&mut turns, c.turns()?, &name),
+                "meta" => {
+                    stop_reason = c.meta_stop_reason()?;
+                    Ok(())
+                }
                 _ => c.skip_value(1),
             }
         })?;
@@ -752,7 +763,85 @@ impl<'a> Cursor<'a> {
             sample: sample.ok_or_else(|| missing("sample"))?,
             outcome: outcome.ok_or_else(|| missing("outcome"))?,
             turns: turns.ok_or_else(|| missing("turns"))?,
+            stop_reason,
         })
+    }
+
+    /// Skips the record's `meta` exactly as `skip_value(1)` does (the same
+    /// checks in the same order, so the same lines pass with the same
+    /// errors) and returns its `stop_reason` when `meta` is an object and
+    /// that member a string; the last member of that name counts. Keys are
+    /// compared decoded, so an escaped `stop_reason` key is that key.
+    #[inline(never)]
+    fn meta_stop_reason(&mut self) -> Scan<Option<Cow<'a, str>>> {
+        self.ws();
+        if self.peek() != Some(b'{') {
+            return self.skip_value(1).map(|()| None);
+        }
+        // Depth 1: within MAX_DEPTH, as skip_value(1) finds.
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(None);
+        }
+        let mut found = None;
+        loop {
+            self.expect(b'"', "expected a key")?;
+            let key = self.i;
+            let escaped = self.skip_string()?;
+            let is_stop = self.decoded_is(key, escaped, "stop_reason");
+            self.expect(b':', "expected ':'")?;
+            if is_stop {
+                self.ws();
+                found = if self.peek() == Some(b'"') {
+                    self.i += 1;
+                    let start = self.i;
+                    let escaped = self.skip_string()?;
+                    Some(self.decoded(start, escaped))
+                } else {
+                    self.skip_value(2)?;
+                    None
+                };
+            } else {
+                self.skip_value(2)?;
+            }
+            self.ws();
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    return Ok(found);
+                }
+                _ => return Err(self.syntax("expected ',' or a closing bracket")),
+            }
+        }
+    }
+
+    /// Whether the string skipped from `start` (just past its opening
+    /// quote) to the cursor (just past its closing quote) decodes to `want`.
+    fn decoded_is(&self, start: usize, escaped: bool, want: &str) -> bool {
+        let raw = &self.s[start..self.i - 1];
+        if !escaped {
+            return raw == want.as_bytes();
+        }
+        raw.len() >= want.len() && self.decoded(start, true) == want
+    }
+
+    /// The string skipped from `start` (just past its opening quote) to the
+    /// cursor (just past its closing quote), decoded. Unlike
+    /// [`Cursor::string`] it never fails: the scan has checked the string,
+    /// and a lone surrogate escape (which serde_json refuses to decode, and
+    /// Python's `json` keeps) becomes U+FFFD.
+    fn decoded(&self, start: usize, escaped: bool) -> Cow<'a, str> {
+        let text = self.text(start, self.i - 1);
+        if !escaped {
+            return Cow::Borrowed(text);
+        }
+        match serde_json::from_str::<String>(self.text(start - 1, self.i)) {
+            Ok(s) => Cow::Owned(s),
+            Err(_) => Cow::Owned(unescape_lossy(text)),
+        }
     }
 
     /// Checks that the whole text is one JSON value (for tests).
@@ -765,6 +854,66 @@ impl<'a> Cursor<'a> {
         }
         Ok(())
     }
+}
+
+/// The text of a JSON string (between its quotes, its escapes checked by
+/// the scan) decoded, with U+FFFD for each escaped surrogate that is not
+/// half of a pair.
+fn unescape_lossy(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    let hex = |chars: &mut std::str::Chars<'_>| -> Option<u32> {
+        let digits: String = chars.by_ref().take(4).collect();
+        u32::from_str_radix(&digits, 16).ok()
+    };
+    let mut pending_high: Option<u32> = None;
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            if pending_high.take().is_some() {
+                out.push('\u{fffd}');
+            }
+            out.push(c);
+            continue;
+        }
+        let e = chars.next().unwrap_or('\\');
+        if e != 'u' {
+            if pending_high.take().is_some() {
+                out.push('\u{fffd}');
+            }
+            out.push(match e {
+                'b' => '\u{8}',
+                'f' => '\u{c}',
+                'n' => '\n',
+                'r' => '\r',
+                't' => '\t',
+                other => other, // '"', '\\', '/'
+            });
+            continue;
+        }
+        let unit = hex(&mut chars).unwrap_or(0xFFFD);
+        match (pending_high.take(), unit) {
+            (Some(high), 0xDC00..=0xDFFF) => {
+                let code = 0x10000 + ((high - 0xD800) << 10) + (unit - 0xDC00);
+                out.push(char::from_u32(code).unwrap_or('\u{fffd}'));
+            }
+            (high, 0xD800..=0xDBFF) => {
+                if high.is_some() {
+                    out.push('\u{fffd}');
+                }
+                pending_high = Some(unit);
+            }
+            (high, _) => {
+                if high.is_some() {
+                    out.push('\u{fffd}');
+                }
+                out.push(char::from_u32(unit).unwrap_or('\u{fffd}'));
+            }
+        }
+    }
+    if pending_high.is_some() {
+        out.push('\u{fffd}');
+    }
+    out
 }
 
 fn put<T>(slot: &mut Option<T>, value: T, name: &dyn Fn() -> String) -> Scan<()> {
@@ -1064,6 +1213,55 @@ mod escape_tests {
                 let got = escaped_bits(bs, &mut c);
                 prop_assert_eq!((got, c), escaped_naive(bs, carry), "bs={:064b} carry={}", bs, carry);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod unescape_tests {
+    use super::unescape_lossy;
+    use proptest::prelude::*;
+
+    #[test]
+    fn lone_surrogates_become_replacement_characters() {
+        assert_eq!(unescape_lossy(r"a\ud800b"), "a\u{fffd}b");
+        assert_eq!(unescape_lossy(r"\udc00"), "\u{fffd}");
+        assert_eq!(unescape_lossy(r"\ud800\ud800\udc00"), "\u{fffd}\u{10000}");
+        assert_eq!(unescape_lossy(r"\ud83d\ude00\ud83d"), "😀\u{fffd}");
+        assert_eq!(unescape_lossy(r"\ud83d\n"), "\u{fffd}\n");
+        assert_eq!(
+            unescape_lossy(r#"\"\\\/\b\f\n\r\t\u00e9é"#),
+            "\"\\/\u{8}\u{c}\n\r\té\u{e9}"
+        );
+    }
+
+    const PARTS: &[&str] = &[
+        "a",
+        "é",
+        "✈",
+        r"\n",
+        r"\t",
+        r#"\""#,
+        r"\\",
+        r"\/",
+        r"\b",
+        r"\f",
+        r"\r",
+        r"\u0041",
+        r"\u00e9",
+        r"\u2708",
+        r"\ud83d\ude00",
+        r"\uDBFF\uDFFF",
+        " ",
+    ];
+
+    proptest! {
+        // Where serde_json decodes (no lone surrogate), the two agree.
+        #[test]
+        fn agrees_with_serde_json(parts in proptest::collection::vec(proptest::sample::select(PARTS), 0..20)) {
+            let body = parts.concat();
+            let want: String = serde_json::from_str(&format!("\"{body}\"")).unwrap();
+            prop_assert_eq!(unescape_lossy(&body), want);
         }
     }
 }
