@@ -214,6 +214,7 @@ def unbroken(tmp_path_factory, tok, base_model):
     "where, step, done",
     [
         ("start", 1, 1),  # done: the steps its checkpoint holds
+        ("saved", 1, 2),  # its metrics line not written yet
         ("evaluation", 1, 2),
         ("saving", 2, 2),
     ],

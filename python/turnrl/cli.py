@@ -941,6 +941,22 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         else []
     )
 
+    saved_stats = state.get("stats")
+    if rank == 0 and isinstance(saved_stats, Mapping):
+        # A run stopped between the save and the step's line: the line is in the checkpoint.
+        saved = first_step - 1
+        rows = _metrics_rows(metrics)
+        if not any(row.get("step") == saved and not evaluation_only(row) for row in rows):
+            print(
+                f"--resume: the line of step {saved} is missing from {metrics} (the run stopped "
+                f"just after saving it); it is written from {adapter / STATE_FILE}",
+                file=sys.stderr,
+            )
+            with metrics.open("a") as f:
+                f.write(metrics_line(saved, saved_stats) + "\n")
+            for logger in loggers:
+                logger.log(saved, saved_stats)
+
     def on_step(step: int, stats: dict[str, float]) -> None:
         if rank != 0:
             return
