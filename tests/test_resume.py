@@ -232,3 +232,38 @@ def test_a_resumed_run_ends_where_the_unbroken_run_ends(
             _run(main, _argv(tmp_path, tok, base_model, STEPS), run)
     _run(main, _argv(tmp_path, tok, base_model, STEPS - done), run, "--resume")
     assert _differences(unbroken, _final_state(run)) == []
+
+
+def test_a_resumed_vllm_engine_takes_the_saved_adapters_rank(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The adapter keeps its LoRA settings (a resumed run cannot change them):
+    vLLM's max_lora_rank must hold the saved adapter, not --lora-rank's default."""
+    from test_train import _fake_vllm
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model, "--lora-rank", "32")
+    assert main(argv) == 0
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+
+    class Reached(Exception):
+        pass
+
+    def train_loop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    forgotten = list(argv)
+    while "--lora-rank" in forgotten:  # the default, 16, once more
+        at = forgotten.index("--lora-rank")
+        del forgotten[at : at + 2]
+    with pytest.raises(Reached):
+        main([*forgotten, "--resume", "--engine", "vllm"])
+    assert seen["init"]["max_lora_rank"] == 32
+    err = capsys.readouterr().err
+    assert (
+        "the adapter keeps the LoRA rank it was saved with (32); --lora-rank 16 is not used" in err
+    )

@@ -797,6 +797,15 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         adapter=resume,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    # A resumed adapter keeps the LoRA shape it was saved with, whatever --lora-rank says.
+    lora = model.peft_config["default"]
+    lora_rank = max(int(r) for r in [lora.r, *(lora.rank_pattern or {}).values()])
+    if resume is not None and rank == 0 and lora.r != args.lora_rank:
+        print(
+            f"--resume: the adapter keeps the LoRA rank it was saved with ({lora.r}); "
+            f"--lora-rank {args.lora_rank} is not used",
+            file=sys.stderr,
+        )
     template = {"enable_thinking": False} if args.no_thinking else {}
     after_update = before_update = None
     if args.engine == "vllm":
@@ -807,7 +816,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             chat_template_kwargs=template,
-            max_lora_rank=vllm_lora_rank(args.lora_rank),
+            max_lora_rank=vllm_lora_rank(lora_rank),
             gpu_memory_utilization=args.vllm_gpu_memory,
             sleep_mode=args.vllm_sleep,
         )
