@@ -267,3 +267,44 @@ def test_a_resumed_vllm_engine_takes_the_saved_adapters_rank(
     assert (
         "the adapter keeps the LoRA rank it was saved with (32); --lora-rank 16 is not used" in err
     )
+
+
+def test_a_run_stopped_in_its_first_step_after_eval_before_resumes(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """Stopped before its first checkpoint, a run has no adapter, but its
+    metrics hold the evaluation before training: --resume starts it over
+    from step 0 (a fresh adapter is the base model: LoRA's B starts at 0),
+    without evaluating the starting policy twice."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    evaluated = []
+    real = turnrl.train._evaluate
+
+    def evaluate(*args, **kwargs):
+        evaluated.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
+    argv = _train_argv(tmp_path, tok, base_model, "--eval-every", "1", "--eval-tasks", "0:1")
+    argv += ["--eval-before", "--steps", "2"]
+    with monkeypatch.context() as patch:
+        _stop(patch, "start", 0)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and evaluated == ["before-step-0"]
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert "the starting policy was evaluated already" in capsys.readouterr().err
+    assert evaluated == ["before-step-0", "step-0", "step-1"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [-1, 0, 0, 1, 1]
+    # Once a step is in, its checkpoint is: metrics without an adapter are refused.
+    (run / "metrics.jsonl").write_text('{"step": -1, "eval/success_rate": 0.0}\n{"step": 0}\n')
+    import shutil
+
+    shutil.rmtree(run / "adapter")
+    assert main([*argv, "--resume"]) == 2
+    assert "has metrics but no adapter" in capsys.readouterr().err

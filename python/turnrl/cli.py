@@ -775,7 +775,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks wait for the recovery
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
-    if args.resume and resume is None and metrics.exists():
+    # Stopped in its first step, a run has no adapter and at most the evaluation before it.
+    started = [row for row in _metrics_rows(metrics) if row.get("step") != -1]
+    if args.resume and resume is None and started:
         raise InvalidInputError(
             f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
         )
@@ -889,6 +891,18 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             )
     if evaluation is not None and resume is not None:
         evaluation = _resumed_evaluation(evaluation, state, first_step, metrics, rank)
+    elif evaluation is not None and args.resume and evaluation.before_training:
+        import dataclasses
+
+        # A fresh adapter is the base model (LoRA's B starts at 0), as it was then.
+        if any("eval/success_rate" in row for row in _metrics_rows(metrics)):
+            if rank == 0:
+                print(
+                    f"--eval-before: the starting policy was evaluated already ({metrics}); "
+                    "it is not evaluated again",
+                    file=sys.stderr,
+                )
+            evaluation = dataclasses.replace(evaluation, before_training=False)
     tiers: Any = args.tiers or "naive"
     if args.calibrate_every is not None:
         tiers = _online_calibrator(args, state, adapter / STATE_FILE, resume is not None, rank)
