@@ -39,7 +39,7 @@ OPTIONS = [
     "--lr-schedule",
     "cosine",
     "--warmup-steps",
-    "2",
+    "3",  # into step 1: the stops at its start are within the warmup
     "--ppo-epochs",
     "2",
     "--calibrate-every",
