@@ -308,3 +308,44 @@ def test_a_run_stopped_in_its_first_step_after_eval_before_resumes(
     shutil.rmtree(run / "adapter")
     assert main([*argv, "--resume"]) == 2
     assert "has metrics but no adapter" in capsys.readouterr().err
+
+
+def test_a_best_adapter_a_kill_left_aside_is_put_back_by_any_resume(
+    tmp_path, tok, base_model, monkeypatch
+):
+    """Killed between the renames that replace OUT/best, a run leaves the
+    previous best aside; a --resume without --eval-every puts it back too
+    (merge-adapter and rollouts collect read OUT/best)."""
+    import os
+
+    from test_train import _faked_evaluations
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    _faked_evaluations(monkeypatch, tmp_path, {"step-0": 0.5, "step-1": 0.75})
+    argv = _train_argv(tmp_path, tok, base_model, "--steps", "2")
+    rename = os.replace
+
+    def replace(source, target):
+        if Path(source).name.startswith(".best.new-") or Path(target).name == "best":
+            raise _Killed
+        return rename(source, target)
+
+    first = [*argv, "--eval-every", "1"]
+    with monkeypatch.context() as patch:
+        real = turnrl.train.snapshot_adapter
+
+        def snapshot(source, target, **kwargs):
+            if Path(target).name == "best" and Path(target).exists():
+                patch.setattr(turnrl.train.os, "replace", replace)
+            return real(source, target, **kwargs)
+
+        patch.setattr(turnrl.train, "snapshot_adapter", snapshot)
+        with pytest.raises(_Killed):
+            main(first)
+    run = tmp_path / "run"
+    assert not (run / "best").exists()
+    assert main([*argv, "--steps", "1", "--resume"]) == 0
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 0
+    assert not list(run.glob(".best.old-*"))

@@ -771,6 +771,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     adapter, metrics = out / "adapter", out / "metrics.jsonl"
     if args.resume and rank == 0:
         recover_adapter(adapter)  # a run killed while saving left it aside
+        recover_adapter(out / "best")  # with or without --eval-every in this run
         _drop_cut_line(metrics)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks wait for the recovery
