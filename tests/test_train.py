@@ -2131,6 +2131,7 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     assert history[1]["tier_reward/gold"] == derived["gold"]
     # The checkpoint holds the calibrator, in the same swap as the adapter.
     state = json.loads((tmp_path / "ckpt" / "turnrl_state.json").read_text())
+    assert state.pop("stats")["recalibrated"] == 1.0  # the step's figures
     assert state == {
         "step": 1,
         "estimator": {"estimator": "gtpo_hybrid"},
@@ -2214,11 +2215,15 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
     assert [p.name for p in (run / "rollouts").iterdir()] == ["step-0.jsonl"]
     first = (run / "rollouts" / "step-0.jsonl").read_bytes()
-    assert json.loads((run / "adapter" / "turnrl_state.json").read_text()) == {
-        "step": 0,
-        "estimator": {"estimator": "gtpo_hybrid"},
+    saved = json.loads((run / "adapter" / "turnrl_state.json").read_text())
+    line = json.loads((run / "metrics.jsonl").read_text())
+    # The step's line but for the times, measured after the save.
+    assert saved.pop("stats") == {
+        k: v for k, v in line.items() if k != "step" and not k.startswith("time/")
     }
-    # Killed after the save, before the metrics line: the adapter says where to go on.
+    assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
+    # Killed after the save, before the metrics line: the adapter says where
+    # to go on, and holds the line.
     (run / "metrics.jsonl").write_text("")
 
     def scheduled_steps():
@@ -2232,8 +2237,10 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert "no optimizer state" not in err
     assert "this run's settings replace the checkpoint's: lr: 1e-05 -> 5e-06" in err
     assert scheduled_steps() == 2  # the resumed run went on from the saved schedule
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1]
+    assert f"the line of step 0 is missing from {run / 'metrics.jsonl'}" in err
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == [0, 1]
+    assert {k: v for k, v in line.items() if not k.startswith("time/")} == lines[0]
     assert json.loads((run / "adapter" / "turnrl_state.json").read_text())["step"] == 1
     # The resumed run numbers on: its buffer and groups do not take the first run's names.
     assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step-0.jsonl", "step-1.jsonl"]

