@@ -2248,6 +2248,15 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     groups = {r["group"] for r in turnrl.iter_rollout_records(run / "rollouts" / "step-1.jsonl")}
     assert all(g.startswith("step-1/") for g in groups)
     assert (run / "metrics.png").stat().st_size > 0
+    # A checkpoint without its optimizer state (a snapshot copied in, say): the
+    # moments start afresh, the schedule goes on from the steps done (it
+    # started at 0 again, warmup and all).
+    (run / "adapter" / "optimizer.pt").unlink()
+    assert main([*argv, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "no optimizer state; AdamW starts its moments afresh, and the learning-rate " in err
+    assert "schedule goes on from step 2" in err
+    assert scheduled_steps() == 3
     bad = [a if a != "float32" else "float33" for a in argv]
     assert main([*bad, "--resume"]) == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
@@ -3820,6 +3829,23 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
     cosine = [2.0 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)]
     assert rates("cosine", 2, 6, 7) == pytest.approx([1.0, 2.0, *cosine])
     assert rates("constant", 0, None, 2) == pytest.approx([2.0, 2.0])
+    # From a later step: as if the steps before had run, on a fresh optimizer
+    # or one another schedule had changed the rate of.
+    whole = rates("cosine", 2, 6, 7)
+    for start in range(7):
+        for earlier in (False, True):
+            optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+            if earlier:
+                lr_schedule(optimizer, "constant", warmup_steps=4)
+            schedule = lr_schedule(optimizer, "cosine", warmup_steps=2, total_steps=6, start=start)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(whole[start])
+            assert schedule.last_epoch == start
+            if start < 6:
+                optimizer.step()
+                schedule.step()
+                assert optimizer.param_groups[0]["lr"] == pytest.approx(whole[start + 1])
+    with pytest.raises(InvalidInputError, match="start must be a count"):
+        lr_schedule(optimizer, "constant", start=-1)
     with pytest.raises(InvalidInputError, match="constant or cosine"):
         rates("linear", 0, 3, 1)
     with pytest.raises(InvalidInputError, match="total_steps beyond"):

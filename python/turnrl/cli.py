@@ -954,10 +954,22 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     )
     if resume is not None:
         if not trainer.load_optimizer(adapter):
-            print(
-                f"--resume: {adapter} has no optimizer state; AdamW starts its moments afresh",
-                file=sys.stderr,
+            # The schedule goes on from where the steps done put it (each taken
+            # as an update: steps with no signal, which do not advance it, are
+            # not told apart without the saved state), not from its warmup.
+            trainer.scheduler = lr_schedule(
+                trainer.optimizer,
+                args.lr_schedule,
+                warmup_steps=args.warmup_steps,
+                total_steps=(first_step + args.steps) * args.ppo_epochs,
+                start=first_step * args.ppo_epochs,
             )
+            if rank == 0:
+                print(
+                    f"--resume: {adapter} has no optimizer state; AdamW starts its moments "
+                    f"afresh, and the learning-rate schedule goes on from step {first_step}",
+                    file=sys.stderr,
+                )
         elif trainer.resume_changes and rank == 0:
             print(
                 "--resume: this run's settings replace the checkpoint's: "

@@ -2415,6 +2415,7 @@ def lr_schedule(
     *,
     warmup_steps: int = 0,
     total_steps: int | None = None,
+    start: int = 0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate per optimizer step, as a factor of the optimizer's own.
 
@@ -2423,7 +2424,9 @@ def lr_schedule(
     cosine from the full rate towards 0, which it would reach at step
     ``total_steps`` (so the last of ``total_steps`` steps runs just above 0),
     as Hugging Face's cosine schedule does. Give it to :class:`GTPOTrainer`,
-    which steps it with the optimizer.
+    which steps it with the optimizer. ``start``: the optimizer steps taken
+    already, where the schedule goes on from (a resumed run without its
+    scheduler's saved state).
     """
     import torch
 
@@ -2431,6 +2434,8 @@ def lr_schedule(
         raise InvalidInputError(f"lr schedule must be constant or cosine, got {kind!r}")
     if warmup_steps < 0:
         raise InvalidInputError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise InvalidInputError(f"start must be a count of steps, got {start!r}")
     if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
         raise InvalidInputError("a cosine schedule needs total_steps beyond warmup_steps")
 
@@ -2443,7 +2448,12 @@ def lr_schedule(
         done = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * done))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if start:
+        # As torch resumes a schedule: the factors apply to each group's rate
+        # before any schedule (a schedule made before this one changed "lr").
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
 
 
 def load_policy(
