@@ -1930,6 +1930,28 @@ def test_collect_commands_max_model_len_reaches_vllm(tmp_path, monkeypatch, caps
     assert "--max-model-len run a model here: add --engine" in capsys.readouterr().err
 
 
+def test_train_command_seeds_torch_before_the_adapter_is_made(tmp_path, monkeypatch):
+    """--seed fixed the task order only: a fresh adapter's weights and the
+    sampling were drawn from whatever torch's stream held."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    class Reached(Exception):
+        pass
+
+    seeds = []
+
+    def load_policy(*args, **kwargs):
+        seeds.append(torch.initial_seed())
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "load_policy", load_policy)
+    for extra in (["--seed", "7"], [], ["--seed", "7"]):
+        with pytest.raises(Reached):
+            main([*_TRAIN_ARGV, "--out", str(tmp_path / "run"), *extra])
+    assert seeds == [7, 0, 7]
+
+
 def test_train_commands_max_model_len_reaches_vllm(tmp_path, tok, base_model, monkeypatch, capsys):
     from turnrl.cli import main
 

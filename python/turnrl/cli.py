@@ -819,6 +819,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             f"{out} holds a run already ({metrics.name}, {adapter.name}): continue it with "
             "--resume, or give another --out"
         )
+    # As TRL's set_seed: a fresh adapter's weights, then the sampling, from
+    # --seed (each rank its own stream; rank 0's adapter is every rank's).
+    torch.manual_seed(args.seed + rank)
     model, tokenizer = load_policy(
         args.model,
         dtype=args.dtype,
@@ -1896,7 +1899,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="task order and synthetic domain seed (default: %(default)s)",
+        help="seed of the task order, a synthetic domain, a fresh adapter's weights and "
+        "torch's sampling (default: %(default)s)",
     )
     tr.add_argument(
         "--steps", type=_positive_int, default=10, help="updates (default: %(default)s)"
