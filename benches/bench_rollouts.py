@@ -56,6 +56,9 @@ def tool_result(rng: random.Random) -> str:
     return json.dumps({"reservation_id": "ZFA04Y", "flights": flights, "note": "élan ✈"})
 
 
+STOP_REASONS = ("user_stop", "user_stop", "max_steps", "transfer")
+
+
 def make_record(rng: random.Random, index: int, results: list[str]) -> dict:
     turns: list[dict] = [{"role": "user", "content": "Hi! I need to change my flight, please."}]
     for _ in range(rng.randint(2, 30)):
@@ -82,7 +85,8 @@ def make_record(rng: random.Random, index: int, results: list[str]) -> dict:
         "sample": index % 8,
         "outcome": float(rng.random() < 0.5),
         "turns": turns,
-        "meta": {"model": "qwen3-4b", "seed": index},
+        # A stop reason, as run_episode writes: the reader returns it as a column.
+        "meta": {"model": "qwen3-4b", "seed": index, "stop_reason": STOP_REASONS[index % 4]},
     }
 
 
@@ -106,7 +110,9 @@ def orjson_columns(lines) -> dict:
     """The baseline: what a Python user writes to get the same columns."""
     group_codes: dict[str, int] = {}
     tier_codes = {t: i for i, t in enumerate(("gold", "soft", "read", "write", "error", "respond"))}
+    stop_codes: dict[str, int] = {}
     outcome, sample, group_index, offsets, rewards, tiers = [], [], [], [0], [], []
+    stop_reason = []
     skipped = 0
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -125,6 +131,11 @@ def orjson_columns(lines) -> dict:
         outcome.append(out)
         sample.append(smp)
         group_index.append(group_codes.setdefault(group, len(group_codes)))
+        meta = rec.get("meta")
+        reason = meta.get("stop_reason") if isinstance(meta, dict) else None
+        stop_reason.append(
+            stop_codes.setdefault(reason, len(stop_codes)) if isinstance(reason, str) else -1
+        )
         for turn in turns:
             if turn["role"] == "assistant":
                 rewards.append(float(turn.get("reward") or 0.0))
@@ -138,6 +149,7 @@ def orjson_columns(lines) -> dict:
         "turn_offsets": np.array(offsets, dtype=np.int64),
         "turn_rewards": np.array(rewards, dtype=np.float64),
         "turn_tiers": np.array(tiers, dtype=np.int16),
+        "stop_reason_index": np.array(stop_reason, dtype=np.int64),
         "skipped": skipped,
     }
 
@@ -204,6 +216,7 @@ def main() -> None:
             np.testing.assert_array_equal(one.turn_tiers, ref["turn_tiers"])
             np.testing.assert_array_equal(one.group_index, ref["group_index"])
             np.testing.assert_array_equal(one.outcome, ref["outcome"])
+            np.testing.assert_array_equal(one.stop_reason_index, ref["stop_reason_index"])
             rows.append((label, "orjson loop (1 core)", t_base, 1.0))
             rows.append((label, "read_rollouts workers=1", t_one, t_base / t_one))
             rows.append((label, "read_rollouts (all cores)", t_all, t_base / t_all))
