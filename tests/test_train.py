@@ -1930,6 +1930,26 @@ def test_collect_commands_max_model_len_reaches_vllm(tmp_path, monkeypatch, caps
     assert "--max-model-len run a model here: add --engine" in capsys.readouterr().err
 
 
+def test_a_non_finite_gradient_norm_applies_no_update_and_says_so(tok, base_model, monkeypatch):
+    rng = random.Random(29)
+    batch = build_batch(
+        [_record(rng, float(i % 2), "g") for i in range(2)], tok, system=SYSTEM, tools=TOOLS
+    )
+    model = _lora(base_model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    trainer = GTPOTrainer(model, optimizer, GTPOConfig(backend="torch", skip_zero_advantage=False))
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(math.nan))
+    with pytest.raises(
+        FloatingPointError, match="gradient norm is nan: this update was not applied"
+    ):
+        trainer.step(batch)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[name]) and p.grad is None, name
+    assert not optimizer.state  # AdamW never stepped
+
+
 def test_train_command_seeds_torch_before_the_adapter_is_made(tmp_path, monkeypatch):
     """--seed fixed the task order only: a fresh adapter's weights and the
     sampling were drawn from whatever torch's stream held."""

@@ -1218,7 +1218,12 @@ class GTPOTrainer:
                 norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
             if not math.isfinite(float(norm)):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise FloatingPointError(f"gradient norm is {float(norm)}; the step was skipped")
+                # Stopping beats skipping (verl's choice): weights that give NaN
+                # gradients once will again, and the last saved adapter is intact.
+                raise FloatingPointError(
+                    f"gradient norm is {float(norm)}: this update was not applied, and "
+                    "training stops (a lower learning rate, or --max-grad-norm, may help)"
+                )
             self.optimizer.step()
             if self.scheduler is not None:
                 # Per optimizer step: a step skipped for lack of signal does not count.
