@@ -850,7 +850,9 @@ def test_records_without_usable_outcomes_or_tiers_are_named():
         tiered_from_records([bad_tier])
     # Outcomes the buffer reader refuses are refused here too (bools and
     # numeric strings were taken as numbers, NaN reached the statistics).
-    for outcome in (True, "1", float("nan"), float("inf"), 1e101):
+    # An int too large for a float (json.loads gives one for 1 and 400 zeros)
+    # is beyond 1e100 too, not an OverflowError.
+    for outcome in (True, "1", float("nan"), float("inf"), 1e101, 10**400, -(10**400)):
         with pytest.raises(InvalidInputError, match=r"record 0 .*outcome must be a number"):
             tiered_from_records([{**good, "outcome": outcome}])
     for outcome in (1, -2, 0.5, np.float32(1.0), np.int64(0), 1e100):

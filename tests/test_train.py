@@ -541,6 +541,30 @@ def test_a_head_transform_no_config_field_names_is_found_by_the_probe(base_model
         assert model.training
 
 
+def test_the_probe_makes_no_fp32_copy_of_the_whole_head(base_model):
+    """The probe's fp32 product goes a slice of the head at a time: a copy of
+    the whole head in fp32 is more memory than the training step ever takes
+    (the fused loss multiplies in the head's dtype, chunk by chunk)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = copy.deepcopy(base_model).to(torch.bfloat16)
+    head = model.get_output_embeddings().weight
+
+    class Largest(TorchDispatchMode):
+        most = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.most = max(self.most, t.numel() * t.element_size())
+            return out
+
+    with Largest() as made:
+        GTPOTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert made.most < head.numel() * 4
+
+
 class _Saveable:
     def __init__(self, payload, fail=False):
         self.payload, self.fail = payload, fail

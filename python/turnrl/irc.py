@@ -81,11 +81,12 @@ def tiered_from_records(
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidInputError(f"{where}: no usable outcome or turns ({e!r})") from None
         # As the buffer reader: a number (not a bool or a numeric string) of at
-        # most 1e100 in size, the estimators' limit.
+        # most 1e100 in size, the estimators' limit (compared as it is: an int
+        # too large for a float is beyond it, not an OverflowError).
         if (
             isinstance(value, bool)
             or not isinstance(value, numbers.Real)
-            or not abs(float(value)) <= 1e100
+            or not abs(value) <= 1e100
         ):
             raise InvalidInputError(
                 f"{where}: outcome must be a number of at most 1e100 in size, got {value!r}"
