@@ -338,8 +338,9 @@ def test_batch_tier_rewards_replace_recorded_rewards_and_long_rows_are_cut(tok):
     assert cut.truncated_rows == int((lengths > limit).sum()) > 0
     assert torch.equal(cut.input_ids, plain.input_ids[:, :limit])
     assert torch.equal(cut.loss_mask, plain.loss_mask[:, :limit])
-    with pytest.raises(InvalidInputError, match="record 1"):
-        build_batch([records[0], {**records[1], "outcome": "x"}], tok, system=SYSTEM)
+    for bad in ("x", 10**400):  # a huge integer: OverflowError from float()
+        with pytest.raises(InvalidInputError, match="record 1"):
+            build_batch([records[0], {**records[1], "outcome": bad}], tok, system=SYSTEM)
 
 
 def _reference_loss(model, batch, cfg):

@@ -620,7 +620,7 @@ def build_batch(
     for i, record in enumerate(records):
         try:
             outcome[i] = float(record["outcome"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise InvalidInputError(f"record {i} ({_where(record)}): bad outcome ({e})") from None
         # A record without a group (or with group None) is its task's group;
         # any other name, "" included, is a group, as the buffer reader reads it.
