@@ -629,12 +629,29 @@ def test_a_chat_the_context_cannot_hold_ends_the_episode_unretried(chat_server, 
     assert refusal["message"] in str(e.value)
 
 
-def test_other_refusals_stay_agent_errors(chat_server):
-    other = {"message": "max_tokens must be at least 1, got -186.", "code": 400}
+@pytest.mark.parametrize(
+    "message",
+    [
+        "max_tokens must be at least 1, got -186.",
+        # A max_tokens the whole context could not hold, in vLLM's three
+        # wordings: every episode would end at its first turn, quietly.
+        "This model's maximum context length is 8192 tokens. However, you requested 9000 "
+        "tokens (10 in the messages, 8990 in the completion). Please reduce the length of "
+        "the messages or completion.",
+        "You passed 10 input tokens and requested 8192 output tokens. However, the model's "
+        "context length is only 8192 tokens, resulting in a maximum input length of 0 tokens.",
+        "This model's maximum context length is 8192 tokens. However, you requested 10000 "
+        "output tokens and your prompt contains at least 1 input tokens, for a total of at "
+        "least 10001 tokens.",
+    ],
+)
+def test_other_refusals_stay_agent_errors(chat_server, message):
+    other = {"message": message, "code": 400}
     _, url = chat_server([(400, json.dumps({"error": other}).encode())])
-    with pytest.raises(envs.AgentError, match="max_tokens must be at least 1") as e:
+    with pytest.raises(envs.AgentError, match="HTTP 400") as e:
         envs.OpenAIAgent("p", url, api_key="k")([{"role": "user", "content": "hi"}], [])
     assert not isinstance(e.value, envs.ContextLengthExceeded)
+    assert message in str(e.value)
 
 
 def test_collect_counts_episodes_the_context_ended(chat_server, tmp_path, capsys):

@@ -70,15 +70,32 @@ _CONTEXT_REFUSAL = re.compile(
 )
 
 
+# The context and the reply's share in those wordings: a max_tokens that the
+# whole context could not hold is a setting to fix, not an episode that grew.
+_CONTEXT_SIZE = re.compile(
+    r"(?:maximum context length is|context length is only) (\d+) tokens", re.IGNORECASE
+)
+_REPLY_SIZE = re.compile(r"(\d+) in the completion|requested (\d+) output tokens", re.IGNORECASE)
+
+
 def _is_context_refusal(error: BaseException | None) -> bool:
     """Whether ``error`` (an ``openai.APIStatusError``) is a server's refusal of
-    a prompt that leaves no room in the model's context."""
+    a prompt that leaves no room in the model's context. A refusal of a
+    ``max_tokens`` as large as the whole context, which every chat would get,
+    is not: it stays an error that names the setting."""
     if getattr(error, "status_code", None) != 400:
         return False
     if getattr(error, "code", None) == "context_length_exceeded":
         return True
     message = getattr(error, "message", None)
-    return bool(_CONTEXT_REFUSAL.search(message if isinstance(message, str) else str(error)))
+    text = message if isinstance(message, str) else str(error)
+    if not _CONTEXT_REFUSAL.search(text):
+        return False
+    context, reply = _CONTEXT_SIZE.search(text), _REPLY_SIZE.search(text)
+    if context and reply:
+        asked = int(reply.group(1) or reply.group(2))
+        return asked < int(context.group(1))
+    return True
 
 
 class OpenAIAgent:
