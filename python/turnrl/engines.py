@@ -647,11 +647,7 @@ class ServerEngine:
 
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if max_model_len is not None and (
-            isinstance(max_model_len, bool)
-            or not isinstance(max_model_len, int)
-            or max_model_len < 1
-        ):
+        if max_model_len is not None and _context_length(max_model_len) is None:
             raise InvalidInputError(
                 f"max_model_len must be a positive integer or None, got {max_model_len!r}"
             )
@@ -945,14 +941,19 @@ class _ServedLimit:
         self.lock = threading.Lock()
 
 
+def _context_length(value: Any) -> int | None:
+    """``value`` when it is a context length (a positive int), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
 def _card_max_model_len(card: Any) -> int | None:
     """A vLLM model card's ``max_model_len`` (an extra field to openai's Model)."""
     value = getattr(card, "max_model_len", None)
     if value is None:
         value = (getattr(card, "model_extra", None) or {}).get("max_model_len")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return None
-    return value
+    return _context_length(value)
 
 
 def _all_at_once(calls: Sequence[Callable[[], Any]]) -> list[Any]:
@@ -1074,9 +1075,7 @@ def _llm_max_model_len(llm: Any) -> int | None:
     if config is None and callable(getter):
         config = getter()  # older vLLM
     value = getattr(config, "max_model_len", None)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return None
-    return value
+    return _context_length(value)
 
 
 def _prompt_length(
@@ -1084,13 +1083,7 @@ def _prompt_length(
 ) -> int:
     """How many tokens the prompt of ``conversation`` is, rendered as ``LLM.chat``
     renders it (the chat template, then the tokens without special ones added)."""
-    rendered = tokenizer.apply_chat_template(
-        template_messages(conversation),
-        tools=list(tools) if tools else None,
-        add_generation_prompt=True,
-        tokenize=False,
-        **chat_template_kwargs,
-    )
+    rendered = _apply_template(tokenizer, conversation, tools, chat_template_kwargs)
     if isinstance(rendered, str):
         return len(tokenizer.encode(rendered, add_special_tokens=False))
     return len(rendered)  # a tokenizer that renders to ids (vLLM's Mistral one)
@@ -1099,14 +1092,19 @@ def _prompt_length(
 def _render_prompt(
     tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
 ) -> str:
-    return str(
-        tokenizer.apply_chat_template(
-            template_messages(conversation),
-            tools=list(tools) if tools else None,
-            add_generation_prompt=True,
-            tokenize=False,
-            **chat_template_kwargs,
-        )
+    return str(_apply_template(tokenizer, conversation, tools, chat_template_kwargs))
+
+
+def _apply_template(
+    tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
+) -> Any:
+    """The chat template's rendering of ``conversation`` up to the generation prompt."""
+    return tokenizer.apply_chat_template(
+        template_messages(conversation),
+        tools=list(tools) if tools else None,
+        add_generation_prompt=True,
+        tokenize=False,
+        **chat_template_kwargs,
     )
 
 
