@@ -268,6 +268,12 @@ impl Dict {
         self.last = Some(code);
         code
     }
+
+    /// This dictionary's code of each of `other`'s names, in `other`'s order
+    /// (the names new here added): how a part's codes become the whole read's.
+    fn codes_of(&mut self, other: &Dict) -> Vec<i64> {
+        other.names.iter().map(|n| self.code(n) as i64).collect()
+    }
 }
 
 /// Tier names a read can hold: codes are int16, so 0..=32767, the
@@ -1101,24 +1107,9 @@ impl Merger {
             }
         }
         let out = &mut self.out;
-        let task_map: Vec<i64> = part
-            .tasks
-            .names
-            .iter()
-            .map(|n| self.tasks.code(n) as i64)
-            .collect();
-        let group_map: Vec<i64> = part
-            .groups
-            .names
-            .iter()
-            .map(|n| self.groups.code(n) as i64)
-            .collect();
-        let stop_map: Vec<i64> = part
-            .stops
-            .names
-            .iter()
-            .map(|n| self.stops.code(n) as i64)
-            .collect();
+        let task_map = self.tasks.codes_of(&part.tasks);
+        let group_map = self.groups.codes_of(&part.groups);
+        let stop_map = self.stops.codes_of(&part.stops);
         out.file_index
             .extend(std::iter::repeat_n(file as i32, part.line.len()));
         out.line.extend_from_slice(&part.line);
