@@ -16,6 +16,7 @@ import threading
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1275,20 +1276,25 @@ class _WordTokenizer:
 
     def apply_chat_template(self, messages, tools=None, add_generation_prompt=False, **kwargs):
         assert add_generation_prompt and kwargs.get("tokenize") is False
-        return " ".join(str(m.get("content") or "") for m in messages)
+        names = [f"tool:{t['function']['name']}" for t in tools or []]
+        return " ".join([*names, *(str(m.get("content") or "") for m in messages)])
 
     def encode(self, text, add_special_tokens=True):
         assert add_special_tokens is False
-        return text.split()
+        return [len(word) for word in text.split()]
 
 
 def _fake_vllm(
-    monkeypatch, seen: dict, logprobs_mode: bool = False, max_model_len: int | None = None
+    monkeypatch,
+    seen: dict,
+    logprobs_mode: bool = False,
+    max_model_len: int | None = None,
+    tokenizer: Any = None,
 ) -> None:
     """A ``vllm`` module with the public names VLLMEngine uses, recording its calls.
     Completions are ``hello`` as ids [7, i], with log-probs when asked for. With
-    ``max_model_len``, the LLM's model config has it and its tokenizer counts
-    a chat's words (a vLLM too old to say has neither)."""
+    ``max_model_len``, the LLM's model config has it (a vLLM too old to say has
+    none). Its tokenizer is ``tokenizer``, else one token per word of a chat."""
     import dataclasses
     import sys
     import types
@@ -1301,7 +1307,7 @@ def _fake_vllm(
                 self.model_config = types.SimpleNamespace(max_model_len=max_model_len)
 
         def get_tokenizer(self):
-            return _WordTokenizer()
+            return _WordTokenizer() if tokenizer is None else tokenizer
 
         def sleep(self, level=1):
             assert not self.asleep
@@ -1313,14 +1319,15 @@ def _fake_vllm(
             self.asleep = False
             seen.setdefault("events", []).append("wake")
 
-        def chat(self, messages, sampling, **kwargs):
+        def generate(self, prompts, sampling, **kwargs):
             assert not self.asleep, "generating while asleep"
-            seen.setdefault("events", []).append("chat")
-            seen["chat"] = (messages, sampling, kwargs)
+            assert all(set(p) == {"prompt_token_ids"} for p in prompts), prompts
+            seen.setdefault("events", []).append("generate")
+            seen["generate"] = ([p["prompt_token_ids"] for p in prompts], sampling, kwargs)
             reasons = ["stop", "length"]
-            # A list of SamplingParams pairs with the chats one by one.
+            # A list of SamplingParams pairs with the prompts one by one.
             if isinstance(sampling, list):
-                assert len(sampling) == len(messages)
+                assert len(sampling) == len(prompts)
             asked = "logprobs" in (sampling[0] if isinstance(sampling, list) else sampling).kwargs
             return [
                 types.SimpleNamespace(
@@ -1339,7 +1346,7 @@ def _fake_vllm(
                         )
                     ]
                 )
-                for i in range(len(messages))
+                for i in range(len(prompts))
             ]
 
     class SamplingParams:
@@ -1384,24 +1391,62 @@ def test_vllm_engine_calls_vllms_public_api(monkeypatch):
         Completion("hello", token_ids=(7, 0)),
         Completion("hello", truncated=True, token_ids=(7, 1)),  # finish_reason "length"
     ]
-    _, sampling, kwargs = seen["chat"]
+    prompts, sampling, kwargs = seen["generate"]
+    # Rendered here (the word tokenizer writes each tool's name, then the
+    # messages) and sent as token ids; the ids are the words' lengths.
+    assert prompts == [[len(f"tool:{t['function']['name']}") for t in TOOLS] + [1]] * 2
     assert sampling.kwargs["skip_special_tokens"] is False and sampling.kwargs["max_tokens"] == 32
-    assert kwargs["lora_request"] is None and kwargs["tools"] == TOOLS
+    assert sampling.kwargs["spaces_between_special_tokens"] is False
+    assert kwargs == {"use_tqdm": False, "lora_request": None}
     engine.load_adapter("/ckpt")
     engine.load_adapter("/ckpt")
     engine.generate([[{"role": "user", "content": "a"}]])
-    assert seen["chat"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
+    assert seen["generate"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
     # An evaluation engine: the same LLM and adapter, its own temperature.
     greedy = engine.with_temperature(0.0)
     greedy.generate([chat])
-    assert seen["chat"][1].kwargs == {**sampling.kwargs, "temperature": 0.0}
-    assert seen["chat"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
+    assert seen["generate"][1].kwargs == {**sampling.kwargs, "temperature": 0.0}
+    assert seen["generate"][2]["lora_request"].args == ("turnrl-2", 2, "/ckpt")
     engine.load_adapter("/ckpt-3")  # the trainer's engine loads; evaluation follows it
     greedy.generate([chat])
-    assert seen["chat"][2]["lora_request"].args == ("turnrl-3", 3, "/ckpt-3")
+    assert seen["generate"][2]["lora_request"].args == ("turnrl-3", 3, "/ckpt-3")
     engine.generate([chat])
-    assert seen["chat"][1].kwargs["temperature"] == 0.8
+    assert seen["generate"][1].kwargs["temperature"] == 0.8
     assert greedy.llm is engine.llm
+
+
+def test_vllm_engine_samples_after_the_prompt_training_trains_on(monkeypatch, tok):
+    """The prompt vLLM is given for a turn is, token for token, the context
+    training puts before that turn's completion."""
+    domain = envs.load("synthetic:airline", seed=0)
+    user_id = domain.tasks[0].user_id
+    sent = []
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(list(messages)))
+        if len(sent) == 1:
+            # JSON text escapes "é" where a template's tojson writes it as it is.
+            arguments = json.dumps({"user_id": user_id, "note": "café"})
+            call = {"name": "get_user_details", "arguments": arguments}
+            return {
+                "content": "Let me look.",
+                "tool_calls": [{"id": "c1", "type": "function", "function": call}],
+            }
+        return {"content": "Anything else?"}
+
+    record = envs.run_episode(agent, domain, domain.tasks[0], envs.ScriptedUser(max_replies=1))
+    tools = domain.openai_tools()
+    rows = tokenize_rollout(record, tok, system=domain.policy, tools=tools, pack="never")
+    seen: dict = {}
+    _fake_vllm(monkeypatch, seen, tokenizer=tok)
+
+    from turnrl.engines import VLLMEngine
+
+    engine = VLLMEngine("/m", enable_lora=False)
+    for turn in (0, 1):
+        engine.generate([sent[turn]], tools)
+        ids, owner = rows.input_ids[turn], rows.token_turn[turn]
+        assert seen["generate"][0] == [ids[: owner.index(turn)]]
 
 
 def test_vllm_engine_fits_each_chat_to_the_context(monkeypatch):
@@ -1420,8 +1465,8 @@ def test_vllm_engine_fits_each_chat_to_the_context(monkeypatch):
 
     # Rooms: 17, 8 (max_new_tokens exactly), 1, 0, -5 and 5 tokens.
     out = engine.generate([chat(3), chat(12), chat(19), chat(20), chat(25), chat(15)])
-    messages, sampling, _ = seen["chat"]
-    assert [len(m[0]["content"].split()) for m in messages] == [3, 12, 19, 15]
+    prompts, sampling, _ = seen["generate"]
+    assert [len(ids) for ids in prompts] == [3, 12, 19, 15]
     assert sampling[0] is sampling[1] is engine.sampling
     assert sampling[2].kwargs == {**engine.sampling.kwargs, "max_tokens": 1}
     assert sampling[3].kwargs == {**engine.sampling.kwargs, "max_tokens": 5}
@@ -1431,21 +1476,21 @@ def test_vllm_engine_fits_each_chat_to_the_context(monkeypatch):
         assert (error.prompt_tokens, error.limit) == (words, 20)
     # Room enough for every chat: one SamplingParams for all, as before.
     engine.generate([chat(3), chat(12)])
-    assert seen["chat"][1] is engine.sampling
+    assert seen["generate"][1] is engine.sampling
     # An evaluation engine fits its chats at its own temperature.
     engine.with_temperature(0.0).generate([chat(15)])
-    assert [p.kwargs["temperature"] for p in seen["chat"][1]] == [0.0]
+    assert [p.kwargs["temperature"] for p in seen["generate"][1]] == [0.0]
     # No chat with room: nothing generated, and the agent raises the error.
     seen.clear()
     with pytest.raises(ContextLengthExceeded, match="the prompt has 20 tokens"):
         EngineAgent(engine)(chat(20), None)
-    assert "chat" not in seen
+    assert "generate" not in seen
     # A vLLM that does not say its context: the chats go as they are.
     _fake_vllm(monkeypatch, seen)
     blind = VLLMEngine("/m", max_new_tokens=8, enable_lora=False)
     assert blind.max_model_len is None
     blind.generate([chat(25)])
-    assert seen["chat"][1] is blind.sampling
+    assert seen["generate"][1] is blind.sampling
 
 
 def test_vllm_engine_sleeps_during_updates_and_wakes_to_generate(monkeypatch):
@@ -1475,7 +1520,7 @@ def test_vllm_engine_sleeps_during_updates_and_wakes_to_generate(monkeypatch):
     greedy.sleep()
     assert engine.asleep
     engine.generate([])  # no chats, no wake-up
-    assert seen["events"] == ["chat", "sleep 1", "wake", "chat", "chat", "sleep 1"]
+    assert seen["events"] == ["generate", "sleep 1", "wake", "generate", "generate", "sleep 1"]
 
 
 def test_vllm_engine_empties_the_cuda_cache_before_it_wakes(monkeypatch):
@@ -1495,7 +1540,7 @@ def test_vllm_engine_empties_the_cuda_cache_before_it_wakes(monkeypatch):
     engine.generate([chat])  # awake: nothing to free
     engine.sleep()
     engine.generate([chat])
-    assert seen["events"] == ["chat", "sleep 1", "empty", "wake", "chat"]
+    assert seen["events"] == ["generate", "sleep 1", "empty", "wake", "generate"]
 
 
 def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monkeypatch):
@@ -1511,17 +1556,17 @@ def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monk
         Completion("hello", token_ids=(7, 0), logprobs=(-0.25, -1.5)),
         Completion("hello", truncated=True, token_ids=(7, 1), logprobs=(-0.25, -2.5)),
     ]
-    assert seen["chat"][1].kwargs["logprobs"] == 0
+    assert seen["generate"][1].kwargs["logprobs"] == 0
     # Under top-p the nucleus is renormalised, which the trainer's softmax never is.
     VLLMEngine("/m", temperature=0.7, top_p=0.9, enable_lora=False).generate([chat])
-    assert "logprobs" not in seen["chat"][1].kwargs
+    assert "logprobs" not in seen["generate"][1].kwargs
     # Asked not to, or told another mode: no log-probs that are not the sampler's.
     VLLMEngine("/m", enable_lora=False, logprobs=False).generate([chat])
-    assert "logprobs_mode" not in seen["init"] and "logprobs" not in seen["chat"][1].kwargs
+    assert "logprobs_mode" not in seen["init"] and "logprobs" not in seen["generate"][1].kwargs
     VLLMEngine("/m", temperature=0.7, enable_lora=False, logprobs_mode="raw_logprobs").generate(
         [chat]
     )
-    assert "logprobs" not in seen["chat"][1].kwargs
+    assert "logprobs" not in seen["generate"][1].kwargs
 
     # An older vLLM gives log-probs before temperature and top-p: asked for at 1 and 1 only.
     _fake_vllm(monkeypatch, seen)

@@ -417,6 +417,9 @@ class VLLMEngine:
             "top_p": top_p,
             "max_tokens": max_new_tokens,
             "skip_special_tokens": False,
+            # The text then decodes as the tokenizer decodes the ids, which
+            # training checks before it trains on them (as ServerEngine asks).
+            "spaces_between_special_tokens": False,
         }
         self.sampling = self._sampling(temperature)
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -497,19 +500,28 @@ class VLLMEngine:
     def generate(
         self, conversations: Sequence[Chat], tools: Tools = None
     ) -> list[Completion | ContextLengthExceeded]:
-        """Complete all chats that fit the context in one ``LLM.chat`` call (waking
-        vLLM first if it sleeps); a chat with no room left is answered
-        :class:`~turnrl.envs.ContextLengthExceeded`."""
+        """Complete all chats that fit the context in one ``LLM.generate`` call
+        (waking vLLM first if it sleeps); a chat with no room left is answered
+        :class:`~turnrl.envs.ContextLengthExceeded`.
+
+        Each chat is rendered here, with vLLM's tokenizer and the same messages
+        training renders (:func:`turnrl.train.template_messages`), and given to
+        vLLM as token ids: ``LLM.chat`` would render it again, through its own
+        message parsing, which need not give the prompt training sees."""
         if not conversations:
             return []
-        chats = [[dict(m) for m in c] for c in conversations]
-        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(chats)
-        asked = list(range(len(chats)))
+        tokenizer = self.llm.get_tokenizer()
+        prompts = [
+            _prompt_ids(tokenizer, [dict(m) for m in c], tools, self.chat_template_kwargs)
+            for c in conversations
+        ]
+        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(prompts)
+        asked = list(range(len(prompts)))
         sampling: Any = self.sampling
         limit = self.max_model_len
         if limit is not None:
             # In process, vLLM refuses a prompt of max_model_len tokens or more,
-            # and the refusal fails the whole LLM.chat call: LLM._add_request
+            # and the refusal fails the whole LLM.generate call: LLM._add_request
             # checks the prompt against the context with no output reserved
             # (vllm/entrypoints/llm.py _get_cmpl_tok_params, then
             # vllm/renderers/params.py), and the engine refuses a prompt as long
@@ -520,15 +532,13 @@ class VLLMEngine:
             # check_stop). So a chat with no room is left out, answered alone,
             # and one with less room than max_new_tokens asks for that room,
             # which gives the same reply explicitly, whatever vLLM's version.
-            tokenizer = self.llm.get_tokenizer()
             per_room: dict[int, Any] = {}
             params = []
             asked = []
-            for i, chat in enumerate(chats):
-                length = _prompt_length(tokenizer, chat, tools, self.chat_template_kwargs)
-                room = limit - length
+            for i, ids in enumerate(prompts):
+                room = limit - len(ids)
                 if room < 1:
-                    answers[i] = ContextLengthExceeded.no_room(length, limit)
+                    answers[i] = ContextLengthExceeded.no_room(len(ids), limit)
                     continue
                 asked.append(i)
                 if room >= self.max_new_tokens:
@@ -537,21 +547,19 @@ class VLLMEngine:
                     if room not in per_room:
                         per_room[room] = self._sampling(self.temperature, room)
                     params.append(per_room[room])
-            # LLM.chat pairs a list of SamplingParams with the chats one by one.
+            # LLM.generate pairs a list of SamplingParams with the prompts one by one.
             if any(p is not self.sampling for p in params):
                 sampling = params
         if asked:
             self.wake_up()
-            outputs = self.llm.chat(
-                [chats[i] for i in asked],
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": prompts[i]} for i in asked],
                 sampling,
                 use_tqdm=False,
                 lora_request=self.lora,
-                tools=list(tools) if tools else None,
-                chat_template_kwargs=self.chat_template_kwargs or None,
             )
             if len(outputs) != len(asked):
-                raise RuntimeError(f"vLLM gave {len(outputs)} outputs for {len(asked)} chats")
+                raise RuntimeError(f"vLLM gave {len(outputs)} outputs for {len(asked)} prompts")
             for i, output in zip(asked, outputs, strict=True):
                 answers[i] = self._completion(output.outputs[0])
         return _filled(answers)
@@ -1078,15 +1086,16 @@ def _llm_max_model_len(llm: Any) -> int | None:
     return _context_length(value)
 
 
-def _prompt_length(
+def _prompt_ids(
     tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
-) -> int:
-    """How many tokens the prompt of ``conversation`` is, rendered as ``LLM.chat``
-    renders it (the chat template, then the tokens without special ones added)."""
+) -> list[int]:
+    """The token ids of the prompt of ``conversation``: the chat template's
+    text, encoded without special tokens added (the template writes its own),
+    as vLLM's ``LLM.chat`` and TransformersEngine encode it."""
     rendered = _apply_template(tokenizer, conversation, tools, chat_template_kwargs)
     if isinstance(rendered, str):
-        return len(tokenizer.encode(rendered, add_special_tokens=False))
-    return len(rendered)  # a tokenizer that renders to ids (vLLM's Mistral one)
+        return [int(i) for i in tokenizer.encode(rendered, add_special_tokens=False)]
+    return [int(i) for i in rendered]  # a tokenizer that renders to ids (vLLM's Mistral one)
 
 
 def _render_prompt(
