@@ -1290,11 +1290,14 @@ def _fake_vllm(
     logprobs_mode: bool = False,
     max_model_len: int | None = None,
     tokenizer: Any = None,
+    version: str = "0.10.2",
 ) -> None:
     """A ``vllm`` module with the public names VLLMEngine uses, recording its calls.
     Completions are ``hello`` as ids [7, i], with log-probs when asked for. With
     ``max_model_len``, the LLM's model config has it (a vLLM too old to say has
-    none). Its tokenizer is ``tokenizer``, else one token per word of a chat."""
+    none). Its tokenizer is ``tokenizer``, else one token per word of a chat.
+    With ``logprobs_mode``, vLLM's EngineArgs has that field (0.10.0 and later;
+    ``version`` is ``vllm.__version__``)."""
     import dataclasses
     import sys
     import types
@@ -1358,12 +1361,12 @@ def _fake_vllm(
             self.args = (name, lora_id, path)
 
     vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    vllm.LLM, vllm.SamplingParams, vllm.__version__ = LLM, SamplingParams, version
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = LoRARequest
     modules = {"vllm": vllm, "vllm.lora": lora, "vllm.lora.request": request}
-    if logprobs_mode:  # vLLM 0.10.2 and later
+    if logprobs_mode:
         arg_utils = types.ModuleType("vllm.engine.arg_utils")
         arg_utils.EngineArgs = dataclasses.make_dataclass(
             "EngineArgs", [("model", str), ("logprobs_mode", str, "raw_logprobs")]
@@ -1447,6 +1450,51 @@ def test_vllm_engine_samples_after_the_prompt_training_trains_on(monkeypatch, to
         engine.generate([sent[turn]], tools)
         ids, owner = rows.input_ids[turn], rows.token_turn[turn]
         assert seen["generate"][0] == [ids[: owner.index(turn)]]
+
+
+def test_vllm_engine_asks_mistral_common_to_render_ids(monkeypatch):
+    """vLLM's mistral_common tokenizer would encode a rendered prompt's control
+    tokens as plain text; from vLLM 0.13 it renders text when asked to."""
+    seen: dict = {}
+
+    class MistralTokenizer:  # the name vLLM's wrapper has
+        eos_token, eos_token_id = "</s>", 2
+
+        def apply_chat_template(self, messages, tools=None, tokenize=True, **kwargs):
+            return [1, 3, *(len(m["content"]) for m in messages), 4] if tokenize else "[INST]..."
+
+        def encode(self, text, add_special_tokens=True):
+            raise AssertionError("control tokens would be encoded as text")
+
+    _fake_vllm(monkeypatch, seen, tokenizer=MistralTokenizer())
+
+    from turnrl.engines import VLLMEngine
+
+    VLLMEngine("/m", enable_lora=False).generate([[{"role": "user", "content": "abc"}]])
+    assert seen["generate"][0] == [[1, 3, 3, 4]]
+
+
+def test_vllm_outputs_read_as_completions_or_an_episodes_error(tok):
+    from turnrl.engines import _vllm_completion
+    from turnrl.envs import AgentError
+
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = (9, 10, eos)
+    assert _vllm_completion(tok, "Hi", "stop", None, ids, None) == Completion("Hi", token_ids=ids)
+    # A stop token other than the end of sequence is kept as the turn's end.
+    stop = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert _vllm_completion(tok, "Hi", "stop", stop, ids, None).stop == "<|endoftext|>"
+    assert _vllm_completion(tok, "Hi", "stop", "END", ids, None).stop is None  # a stop string
+    # Cut at max_tokens.
+    cut = _vllm_completion(tok, "Hi th", "length", None, (9, 10), (-1.0, -2.0))
+    assert cut == Completion("Hi th", truncated=True, token_ids=(9, 10), logprobs=(-1.0, -2.0))
+    # vLLM before 0.12: the end token as the last one allowed is "length", its text kept.
+    done = _vllm_completion(tok, "Hi<|im_end|>", "length", None, ids, (-1.0, -2.0, -0.5))
+    assert done == Completion("Hi", token_ids=ids, logprobs=(-1.0, -2.0, -0.5))
+    # Not finished by vLLM: that chat's episode fails alone.
+    for reason in ("abort", "error", "repetition", None):
+        error = _vllm_completion(tok, "Hi", reason, None, ids, None)
+        assert isinstance(error, AgentError) and repr(reason) in str(error)
 
 
 def test_vllm_engine_fits_each_chat_to_the_context(monkeypatch):
@@ -1575,6 +1623,19 @@ def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monk
     assert engine.generate([chat])[0].logprobs is None
     assert engine.with_temperature(1.0).generate([chat])[0].logprobs == (-0.25, -1.5)
     assert VLLMEngine("/m", top_p=0.9, enable_lora=False).generate([chat])[0].logprobs is None
+
+    # vLLM 0.10.0 and 0.10.1 have the option, but their processed log-probs
+    # are before temperature: treated as an older vLLM.
+    for version in ("0.10.1.1", "0.10.0", "unknown"):
+        _fake_vllm(monkeypatch, seen, logprobs_mode=True, version=version)
+        engine = VLLMEngine("/m", temperature=0.7, enable_lora=False)
+        assert "logprobs_mode" not in seen["init"]
+        assert engine.generate([chat])[0].logprobs is None
+        assert engine.with_temperature(1.0).generate([chat])[0].logprobs == (-0.25, -1.5)
+    for version in ("0.10.2rc1", "0.11.0", "1.0.0.dev3+g1234"):
+        _fake_vllm(monkeypatch, seen, logprobs_mode=True, version=version)
+        VLLMEngine("/m", temperature=0.7, enable_lora=False)
+        assert seen["init"]["logprobs_mode"] == "processed_logprobs"
 
     # Through the agent onto the episode's record, never into a buffer.
     agent = EngineAgent(engine.with_temperature(1.0))

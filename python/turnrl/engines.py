@@ -36,13 +36,14 @@ import math
 import operator
 import os
 import queue
+import re
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from turnrl.envs.agents import ContextLengthExceeded, reply_from_text
+from turnrl.envs.agents import AgentError, ContextLengthExceeded, reply_from_text
 from turnrl.exceptions import InvalidInputError
 from turnrl.train import _base_model, template_messages
 
@@ -499,7 +500,7 @@ class VLLMEngine:
 
     def generate(
         self, conversations: Sequence[Chat], tools: Tools = None
-    ) -> list[Completion | ContextLengthExceeded]:
+    ) -> list[Completion | AgentError]:
         """Complete all chats that fit the context in one ``LLM.generate`` call
         (waking vLLM first if it sleeps); a chat with no room left is answered
         :class:`~turnrl.envs.ContextLengthExceeded`.
@@ -515,7 +516,7 @@ class VLLMEngine:
             _prompt_ids(tokenizer, [dict(m) for m in c], tools, self.chat_template_kwargs)
             for c in conversations
         ]
-        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(prompts)
+        answers: list[Completion | AgentError | None] = [None] * len(prompts)
         asked = list(range(len(prompts)))
         sampling: Any = self.sampling
         limit = self.max_model_len
@@ -564,21 +565,19 @@ class VLLMEngine:
                 answers[i] = self._completion(output.outputs[0])
         return _filled(answers)
 
-    def _completion(self, output: Any) -> Completion:
+    def _completion(self, output: Any) -> Completion | AgentError:
         # Training checks that the ids decode to the text and its end token
         # before it uses them (turnrl.train.tokenize_rollout).
         ids = getattr(output, "token_ids", None)
         token_ids = tuple(int(i) for i in ids) if ids is not None else None
-        logprobs = _sampled_logprobs(getattr(output, "logprobs", None), token_ids)
-        if output.finish_reason == "length":
-            return Completion(output.text, truncated=True, token_ids=token_ids, logprobs=logprobs)
-        # stop_reason: None for the end-of-sequence token, else the stop
-        # token's id (or a stop string, which is not generated text).
-        reason = getattr(output, "stop_reason", None)
-        stop = None
-        if isinstance(reason, int):
-            stop = self.llm.get_tokenizer().decode([reason], skip_special_tokens=False)
-        return Completion(output.text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+        return _vllm_completion(
+            self.llm.get_tokenizer(),
+            output.text,
+            output.finish_reason,
+            getattr(output, "stop_reason", None),
+            token_ids,
+            _sampled_logprobs(getattr(output, "logprobs", None), token_ids),
+        )
 
 
 class ServerEngine:
@@ -751,7 +750,7 @@ class ServerEngine:
 
     def generate(
         self, conversations: Sequence[Chat], tools: Tools = None
-    ) -> list[Completion | ContextLengthExceeded]:
+    ) -> list[Completion | AgentError]:
         """Complete the chats, each asking for as many tokens as the context has
         room for (up to ``max_new_tokens``): one request per budget, sent at
         once; a chat with no room is answered
@@ -764,7 +763,7 @@ class ServerEngine:
 
     def _generate(
         self, conversations: Sequence[Chat], tools: Tools
-    ) -> list[Completion | ContextLengthExceeded]:
+    ) -> list[Completion | AgentError]:
         prompts = [
             self.tokenizer(self.prompt(c, tools), add_special_tokens=False)["input_ids"]
             for c in conversations
@@ -781,7 +780,7 @@ class ServerEngine:
         # runs after that check and only counts where none was sent. So each
         # chat asks for the room it has, and one with none is not sent.
         limit = self.context_limit()
-        answers: list[Completion | ContextLengthExceeded | None] = [None] * len(prompts)
+        answers: list[Completion | AgentError | None] = [None] * len(prompts)
         by_budget: dict[int, list[int]] = {}
         for i, ids in enumerate(prompts):
             budget = (
@@ -805,9 +804,9 @@ class ServerEngine:
 
     def _complete(
         self, prompts: list[list[int]], max_tokens: int, limit: int | None
-    ) -> list[Completion | ContextLengthExceeded]:
+    ) -> list[Completion | AgentError]:
         """One completions request: a completion of each prompt, ``max_tokens`` each."""
-        from turnrl.envs.agents import AgentError, _is_context_refusal
+        from turnrl.envs.agents import _is_context_refusal
         from turnrl.envs.users import MalformedAnswer
 
         # Log-probs come with the ids (the sampled token's alone); they are the
@@ -826,7 +825,7 @@ class ServerEngine:
         }
         client, model = self.endpoint.client, self.model
 
-        def send() -> list[Completion]:
+        def send() -> list[Completion | AgentError]:
             answer = client.completions.create(
                 model=model,
                 prompt=prompts,
@@ -859,20 +858,19 @@ class ServerEngine:
             )
             return [answer for answers in alone for answer in answers]
 
-    def _completion(self, choice: Any, keep_logprobs: bool) -> Completion:
+    def _completion(self, choice: Any, keep_logprobs: bool) -> Completion | AgentError:
         text = choice.text if isinstance(choice.text, str) else ""
         token_ids, logprobs = _served_tokens(getattr(choice, "logprobs", None))
-        if not keep_logprobs:
-            logprobs = None
-        if choice.finish_reason == "length":
-            return Completion(text, truncated=True, token_ids=token_ids, logprobs=logprobs)
-        # vLLM's extension: the stop token's id when one other than the
-        # end-of-sequence token ended the generation.
-        reason = getattr(choice, "stop_reason", None)
-        stop = None
-        if isinstance(reason, int) and not isinstance(reason, bool):
-            stop = self.tokenizer.decode([reason], skip_special_tokens=False)
-        return Completion(text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+        return _vllm_completion(
+            self.tokenizer,
+            text,
+            choice.finish_reason,
+            # vLLM's extension: the stop token's id when one other than the
+            # end-of-sequence token ended the generation.
+            getattr(choice, "stop_reason", None),
+            token_ids,
+            logprobs if keep_logprobs else None,
+        )
 
     def load_adapter(self, path: str, *, name: str | None = None, register: bool = True) -> str:
         """Sample with the adapter saved at ``path`` from now on, under ``name``
@@ -1064,6 +1062,43 @@ def _served_tokens(logprobs: Any) -> tuple[tuple[int, ...] | None, tuple[float, 
     return tuple(ids), tuple(float(v) for v in values)
 
 
+def _vllm_completion(
+    tokenizer: Any,
+    text: str,
+    finish_reason: Any,
+    stop_reason: Any,
+    token_ids: tuple[int, ...] | None,
+    logprobs: tuple[float, ...] | None,
+) -> Completion | AgentError:
+    """A vLLM output (in process or served) as a :class:`Completion`, or, for a
+    reply vLLM did not finish (``finish_reason`` "abort", "error", ...), the
+    :class:`~turnrl.envs.AgentError` that ends that chat's episode alone.
+
+    ``stop_reason`` is None for the end-of-sequence token, else the stop
+    token's id (or a stop string, which is not generated text)."""
+    if finish_reason not in ("stop", "length"):
+        return AgentError(
+            f"vLLM did not finish the reply (finish_reason {finish_reason!r}) after "
+            f"{len(token_ids) if token_ids is not None else '?'} tokens"
+        )
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if finish_reason == "length":
+        if not (token_ids and isinstance(eos, int) and token_ids[-1] == eos):
+            return Completion(text, truncated=True, token_ids=token_ids, logprobs=logprobs)
+        # vLLM before 0.12 checks the length limit before the end token
+        # (check_stop in vllm/v1/core/sched/utils.py), so a reply whose last
+        # allowed token ends it comes back "length", with the end token's text
+        # still in it: it is finished, not cut.
+        eos_text = getattr(tokenizer, "eos_token", None)
+        if isinstance(eos_text, str) and eos_text and text.endswith(eos_text):
+            text = text[: -len(eos_text)]
+        return Completion(text, token_ids=token_ids, logprobs=logprobs)
+    stop = None
+    if isinstance(stop_reason, int) and not isinstance(stop_reason, bool):
+        stop = tokenizer.decode([stop_reason], skip_special_tokens=False)
+    return Completion(text, stop=stop, token_ids=token_ids, logprobs=logprobs)
+
+
 def _filled(answers: Sequence[Any]) -> list[Any]:
     """``answers`` as a list, every one given (an answer per chat, in order)."""
     missing = [i for i, a in enumerate(answers) if a is None]
@@ -1092,10 +1127,15 @@ def _prompt_ids(
     """The token ids of the prompt of ``conversation``: the chat template's
     text, encoded without special tokens added (the template writes its own),
     as vLLM's ``LLM.chat`` and TransformersEngine encode it."""
-    rendered = _apply_template(tokenizer, conversation, tools, chat_template_kwargs)
+    # vLLM's mistral_common tokenizer encodes text as plain text, control
+    # tokens ([INST], [AVAILABLE_TOOLS]) included, so it must render to ids
+    # itself, as vLLM's own renderer asks it to (vllm/renderers/mistral.py).
+    # Before vLLM 0.13 it rendered to ids whatever it was asked.
+    to_ids = type(tokenizer).__name__ == "MistralTokenizer"
+    rendered = _apply_template(tokenizer, conversation, tools, chat_template_kwargs, to_ids)
     if isinstance(rendered, str):
         return [int(i) for i in tokenizer.encode(rendered, add_special_tokens=False)]
-    return [int(i) for i in rendered]  # a tokenizer that renders to ids (vLLM's Mistral one)
+    return [int(i) for i in rendered]
 
 
 def _render_prompt(
@@ -1105,14 +1145,19 @@ def _render_prompt(
 
 
 def _apply_template(
-    tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
+    tokenizer: Any,
+    conversation: Chat,
+    tools: Tools,
+    chat_template_kwargs: Mapping[str, Any],
+    tokenize: bool = False,
 ) -> Any:
-    """The chat template's rendering of ``conversation`` up to the generation prompt."""
+    """The chat template's rendering of ``conversation`` up to the generation
+    prompt: its text, or with ``tokenize`` its token ids."""
     return tokenizer.apply_chat_template(
         template_messages(conversation),
         tools=list(tools) if tools else None,
         add_generation_prompt=True,
-        tokenize=False,
+        tokenize=tokenize,
         **chat_template_kwargs,
     )
 
@@ -1130,14 +1175,25 @@ def _release_cached_gpu_memory() -> None:
 
 
 def _takes_logprobs_mode() -> bool:
-    """Whether this vLLM has ``logprobs_mode`` (0.10.2 and later)."""
+    """Whether this vLLM's ``logprobs_mode="processed_logprobs"`` gives the
+    log-probs it sampled from (0.10.2 and later): 0.10.0 and 0.10.1 have the
+    option, but take them before temperature."""
     try:
+        import vllm
         from vllm.engine.arg_utils import EngineArgs
     except ImportError:
         return False
-    return dataclasses.is_dataclass(EngineArgs) and any(
+    has_mode = dataclasses.is_dataclass(EngineArgs) and any(
         field.name == "logprobs_mode" for field in dataclasses.fields(EngineArgs)
     )
+    return has_mode and _release(getattr(vllm, "__version__", None)) >= (0, 10, 2)
+
+
+def _release(version: Any) -> tuple[int, ...]:
+    """The release numbers of a version string ("0.10.2rc1" -> (0, 10, 2));
+    () when it has none."""
+    numbers = re.match(r"\d+(?:\.\d+)*", version) if isinstance(version, str) else None
+    return tuple(int(n) for n in numbers.group().split(".")) if numbers else ()
 
 
 def _sampled_logprobs(entries: Any, token_ids: tuple[int, ...] | None) -> tuple[float, ...] | None:
