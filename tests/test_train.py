@@ -3787,6 +3787,66 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
     assert sorted(flat) == sorted(i for t in turns for i in drawn[0 if t.get("tool_calls") else 1])
 
 
+def test_train_loop_reports_the_rows_it_cut_at_max_length(tmp_path, tok, base_model):
+    domain = envs.load("synthetic:airline", seed=0)
+    started = []
+
+    class Replies:
+        def generate(self, conversations, tools=None):
+            started.append(len(conversations))
+            return ["How can I help?" for _ in conversations]
+
+    batches = []
+
+    class Recording(GTPOTrainer):
+        def step(self, batch):
+            batches.append(batch)
+            return super().step(batch)
+
+    model = _lora(base_model)
+    trainer = Recording(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+
+    def run(**options):
+        return train_loop(
+            trainer,
+            domain,
+            lambda: EngineAgent(Replies()),
+            envs.ScriptedUser,
+            tok,
+            tasks=[domain.tasks[0].id],
+            steps=1,
+            tasks_per_step=1,
+            group_size=2,
+            pack="never",
+            progress=False,
+            **options,
+        )
+
+    # Refused before any rollout.
+    with pytest.raises(UnknownNameError, match="unknown truncation 'middle'"):
+        run(max_length=24, truncation="middle")
+    with pytest.raises(InvalidInputError, match="max_length must be at least 2, got 1"):
+        run(max_length=1)
+    assert not started
+    # Every per-turn row is longer than 24 tokens (its prompt holds the policy):
+    # "left" keeps each reply, "right" cuts them all off.
+    (stats,) = run(max_length=24, truncation="left")
+    (batch,) = batches
+    assert batch.input_ids.shape[1] == 24 and batch.loss_mask.any(dim=1).all()
+    assert stats["truncated_rows"] == batch.truncated_rows == batch.num_rows > 0
+    assert stats["untrained_rows"] == batch.untrained_rows == 0
+    with (
+        pytest.warns(UserWarning, match="truncation='left'"),
+        pytest.raises(InvalidInputError, match=r"no trained tokens \(\d+ row\(s\) lost all"),
+    ):
+        run(max_length=24)
+    assert batches[-1].untrained_rows == batches[-1].num_rows > 0
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(2, 50), st.integers(0, 3)), max_size=12),

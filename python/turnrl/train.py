@@ -1354,7 +1354,11 @@ class GTPOTrainer:
             # dr_grpo's default length is that of the rows of all ranks padded together.
             padded = int(_all_reduce([padded], self._device(), op="max")[0])
         if global_tokens == 0:
-            raise InvalidInputError("the batch has no trained tokens")
+            lost = batch.untrained_rows
+            raise InvalidInputError(
+                "the batch has no trained tokens"
+                + (f" ({lost} row(s) lost all theirs to the cut at max_length)" if lost else "")
+            )
         if ran_tokens == 0:  # no signal anywhere: nothing to run, no step to take
             self.steps += 1
             nothing = dict.fromkeys(self._stat_names(), float("nan"))
@@ -2075,6 +2079,7 @@ def train_loop(
     first_step: int = 0,
     mask_truncated: bool = False,
     pack: bool | str = True,
+    truncation: str = "right",
     calls_per_message: int | None = None,
     max_steps: int | None = None,
     evaluation: Evaluation | None = None,
@@ -2096,7 +2101,7 @@ def train_loop(
     engine). Failed episodes are left out of the batch and counted. Steps
     are numbered from ``first_step`` (a resumed run continues its numbering,
     so its buffers and groups do not take the earlier run's names).
-    ``mask_truncated`` and ``pack`` as :func:`build_batch`;
+    ``mask_truncated``, ``pack`` and ``truncation`` as :func:`build_batch`;
     ``calls_per_message`` and ``max_steps`` as
     :func:`turnrl.envs.run_episode` (``calls_per_message=1``: only the first
     tool call of a message runs, as in tau-bench's tool-calling agent).
@@ -2124,7 +2129,9 @@ def train_loop(
     for, is such a call for step ``first_step - 1``.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
-    ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
+    ``failed_episodes``, ``rows_per_episode``, ``truncated_rows`` and
+    ``untrained_rows`` (rows cut at ``max_length``, and those of them the cut
+    left nothing to train, as :class:`TrainBatch`), ``refused_completion_ids``,
     ``tier_reward/<tier>`` (the rewards the step's turns were given), the
     figures of :func:`rollout_figures` (turns, calls, errors, truncation,
     tokens, each tier's and each stop reason's share), ``time/rollouts``,
@@ -2163,6 +2170,12 @@ def train_loop(
         settings = {}
     # Refused now, not after a whole step of rollouts.
     compute_advantages(estimator, *probe_batch(), **params)
+    if truncation not in TRUNCATIONS:
+        raise UnknownNameError(
+            f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
+        )
+    if max_length is not None and max_length < 2:
+        raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
     calibrator: OnlineCalibrator | None = None
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):
@@ -2315,6 +2328,7 @@ def train_loop(
                     chat_template_kwargs=chat_template_kwargs,
                     mask_truncated=mask_truncated,
                     pack=pack,
+                    truncation=truncation,
                 )
                 # Episodes a user ended before any reply leave nothing to train here.
                 if any(t.get("role") == "assistant" for r in records for t in r["turns"])
@@ -2330,15 +2344,20 @@ def train_loop(
             sums = [
                 float(batch.num_rows),
                 float(batch.refused_ids),
+                float(batch.truncated_rows),
+                float(batch.untrained_rows),
                 *(value for _, total, count in figures for value in (total, count)),
             ]
             if world > 1:
                 sums = _all_reduce(sums, device)
-            rows, refused = sums[:2]
+            rows, refused, cut_rows, untrained_rows = sums[:4]
             for at, (name, _, _) in enumerate(figures):
-                total, count = sums[2 + 2 * at], sums[3 + 2 * at]
+                total, count = sums[4 + 2 * at], sums[5 + 2 * at]
                 stats[name] = total / count if count else math.nan
             stats["rows_per_episode"] = rows / episodes
+            # Rows cut at max_length, and those the cut left nothing to train.
+            stats["truncated_rows"] = cut_rows
+            stats["untrained_rows"] = untrained_rows
             # Sampled ids that did not decode to their text: an engine to look at.
             stats["refused_completion_ids"] = refused
             stats["success_rate"] = successes / episodes
