@@ -636,12 +636,13 @@ def build_batch(
       so a per-turn row keeps its reply and as much of the prompt before it
       as fits. The system prompt and earliest messages are gone, so the
       kept tokens are trained in a context the policy did not generate them
-      in: the trainer's log-probs of them are not the sampler's, even up to
-      numerics (PPO's ratio is unaffected: its behaviour log-probs are
+      in: the trainer's log-probs of them differ from the sampler's by more
+      than numerics (PPO's ratio is unaffected: its behaviour log-probs are
       computed on the same cut rows). Such a row's sampler log-probs are
       dropped (NaN), so :attr:`GTPOConfig.rollout_correction` neither
       weights nor masks its tokens for the lost context, and the step's
-      ``mismatch/`` figures stay about the engine. Its first kept token is
+      ``mismatch/`` figures stay about the engine (``mismatch/token_share``
+      counts its tokens as unknown). Its first kept token is
       not trained (no position predicts it) and is off the loss mask.
     - ``"error"``: raise :class:`InvalidInputError` naming the record and the
       row's length.
