@@ -334,8 +334,9 @@ def test_batch_tier_rewards_replace_recorded_rewards_and_long_rows_are_cut(tok):
     assert not np.allclose(plain.turn_advantages, recal.turn_advantages)
     lengths = plain.attention_mask.sum(dim=1)
     limit = int(lengths.min()) + 1
-    cut = build_batch(records, tok, system=SYSTEM, tools=TOOLS, max_length=limit)
-    assert cut.input_ids.shape[1] == limit
+    with pytest.warns(UserWarning, match="truncation='left'"):  # rows cut inside their prompt
+        cut = build_batch(records, tok, system=SYSTEM, tools=TOOLS, max_length=limit)
+    assert cut.input_ids.shape[1] == limit and cut.untrained_rows > 0
     assert cut.truncated_rows == int((lengths > limit).sum()) > 0
     assert torch.equal(cut.input_ids, plain.input_ids[:, :limit])
     assert torch.equal(cut.loss_mask, plain.loss_mask[:, :limit])
