@@ -705,7 +705,9 @@ def build_batch(
         sampled_turns += tokens.sampled_turns
         refused_ids += tokens.refused_ids
         cut = cut_turns[i] if mask_truncated else set()
-        known = tokens.sampler_logprobs or [None] * len(tokens.input_ids)
+        known: Sequence[list[float] | None] = tokens.sampler_logprobs or [None] * len(
+            tokens.input_ids
+        )
         rows_of = zip(tokens.input_ids, tokens.token_turn, known, strict=True)
         for r, (ids, owner, logprobs) in enumerate(rows_of):
             if cut:
