@@ -303,3 +303,18 @@ def test_max_grad_norm_zero_is_refused_naming_none(capsys):
     with pytest.raises(SystemExit):
         _parsed(["train", "--model", "m", "--env", "e", "--out", "o", "--max-grad-norm", "0"])
     assert "must be above 0, got '0' (none: no clipping)" in capsys.readouterr().err
+
+
+def test_truncation_is_one_of_the_named_modes_and_max_length_a_row_length(capsys):
+    import pytest
+
+    argv = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(argv).truncation == "right" and _parsed(argv).max_length is None
+    parsed = _parsed([*argv, "--max-length", "2", "--truncation", "left"])
+    assert parsed.truncation == "left" and parsed.max_length == 2
+    with pytest.raises(SystemExit):
+        _parsed([*argv, "--truncation", "middle"])
+    assert "argument --truncation: invalid choice: 'middle'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parsed([*argv, "--max-length", "1"])
+    assert "argument --max-length: must be at least 2, got '1'" in capsys.readouterr().err

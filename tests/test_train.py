@@ -15,6 +15,7 @@ import re
 import threading
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -334,14 +335,161 @@ def test_batch_tier_rewards_replace_recorded_rewards_and_long_rows_are_cut(tok):
     assert not np.allclose(plain.turn_advantages, recal.turn_advantages)
     lengths = plain.attention_mask.sum(dim=1)
     limit = int(lengths.min()) + 1
-    cut = build_batch(records, tok, system=SYSTEM, tools=TOOLS, max_length=limit)
-    assert cut.input_ids.shape[1] == limit
+    with pytest.warns(UserWarning, match="truncation='left'"):  # rows cut inside their prompt
+        cut = build_batch(records, tok, system=SYSTEM, tools=TOOLS, max_length=limit)
+    assert cut.input_ids.shape[1] == limit and cut.untrained_rows > 0
     assert cut.truncated_rows == int((lengths > limit).sum()) > 0
     assert torch.equal(cut.input_ids, plain.input_ids[:, :limit])
     assert torch.equal(cut.loss_mask, plain.loss_mask[:, :limit])
     for bad in ("x", 10**400):  # a huge integer: OverflowError from float()
         with pytest.raises(InvalidInputError, match="record 1"):
             build_batch([records[0], {**records[1], "outcome": bad}], tok, system=SYSTEM)
+
+
+def _cut_by_hand(full, limit, truncation):
+    """The rows of an uncut batch cut at ``limit`` by slicing them:
+    (ids, token_turn, advantages, sampler log-probs or None) per row."""
+    rows = []
+    for r in range(full.num_rows):
+        n = int(full.attention_mask[r].sum())
+        ids = full.input_ids[r, :n].tolist()
+        turn = full.token_turn[r, :n].tolist()
+        adv = full.advantages[r, :n].tolist()
+        lps = None if full.sampler_logprobs is None else full.sampler_logprobs[r, :n].tolist()
+        if n > limit and truncation == "right":
+            ids, turn, adv = ids[:limit], turn[:limit], adv[:limit]
+            lps = None if lps is None else lps[:limit]
+        elif n > limit:  # left: the last tokens; the first of them is predicted by none
+            ids, turn, adv = ids[n - limit :], [-1, *turn[n - limit + 1 :]], adv[n - limit :]
+            adv[0] = 0.0
+            lps = None if lps is None else [math.nan] * limit  # another context: dropped
+        rows.append((ids, turn, adv, lps))
+    return rows
+
+
+def _assert_rows(batch, rows):
+    """``batch`` holds exactly ``rows`` (as :func:`_cut_by_hand` gives them), right-padded."""
+    assert batch.num_rows == len(rows)
+    width = max(len(ids) for ids, _, _, _ in rows)
+    assert batch.input_ids.shape == (len(rows), width)
+    expected_lps = np.full((len(rows), width), np.nan, dtype=np.float32)
+    for r, (ids, turn, adv, lps) in enumerate(rows):
+        n, pad = len(ids), width - len(ids)
+        assert batch.input_ids[r, :n].tolist() == ids
+        assert batch.attention_mask[r].tolist() == [1] * n + [0] * pad
+        assert batch.token_turn[r].tolist() == turn + [-1] * pad
+        assert batch.loss_mask[r].tolist() == [t >= 0 for t in turn] + [False] * pad
+        assert batch.advantages[r].tolist() == adv + [0.0] * pad
+        if lps is not None:
+            expected_lps[r, :n] = lps
+    if batch.sampler_logprobs is None:
+        assert np.isnan(expected_lps).all()
+    else:
+        np.testing.assert_array_equal(batch.sampler_logprobs.numpy(), expected_lps)
+
+
+def _trains(turns):
+    return any(t >= 0 for t in turns)
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+@pytest.mark.parametrize("pack", ["exact", "never"])
+@pytest.mark.parametrize("truncation", ["right", "left"])
+def test_rows_longer_than_max_length_are_cut_as_truncation_says(
+    tok, truncation, pack, mask_truncated
+):
+    rng = random.Random(5)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(6)]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    for record in records[:3]:  # sampled ids with their log-probs on some turns
+        for k, turn in enumerate(t for t in record["turns"] if t["role"] == "assistant"):
+            if not turn.get("tool_calls"):
+                turn["completion"] = turn["content"]
+                turn["completion_ids"] = [*_char_ids(tok, turn["content"]), end]
+                turn["completion_logprobs"] = [
+                    -1.0 - k - j / 64 for j in range(len(turn["completion_ids"]))
+                ]
+    records[3]["turns"][1]["truncated"] = True  # its first reply hit the token limit
+    options = dict(system=SYSTEM, tools=TOOLS, pack=pack, mask_truncated=mask_truncated)
+    full = build_batch(records, tok, **options)
+    assert full.sampler_logprobs is not None and full.truncated_rows == 0
+    lengths = full.attention_mask.sum(dim=1).tolist()
+    if pack == "exact":  # ragged: packed conversations of several turns, and per-turn rows
+        assert 1 < full.num_rows < len(full.turn_advantages)
+        assert any(len(set(row.tolist()) - {-1}) > 1 for row in full.token_turn)
+    else:
+        assert full.num_rows == len(full.turn_advantages)
+    # Where each row's first trained token is: a cut before it leaves a
+    # per-turn row nothing under "right".
+    starts = sorted(row.tolist().index(True) for row in full.loss_mask if row.any())
+    longest = max(lengths)
+    limits = [longest, longest - 1, *sorted(set(lengths))[1:3], starts[len(starts) // 2], 2]
+    limits += [n - 1 for n in sorted(set(lengths))[:2]]
+    for limit in limits:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            batch = build_batch(records, tok, **options, max_length=limit, truncation=truncation)
+        rows = _cut_by_hand(full, limit, truncation)
+        _assert_rows(batch, rows)
+        np.testing.assert_array_equal(batch.row_trajectory, full.row_trajectory)
+        np.testing.assert_array_equal(batch.turn_advantages, full.turn_advantages)
+        assert batch.truncated_rows == sum(n > limit for n in lengths)
+        lost = sum(
+            _trains(full.token_turn[r].tolist()) and not _trains(rows[r][1])
+            for r in range(full.num_rows)
+        )
+        assert batch.untrained_rows == lost
+        said = [w for w in caught if "truncation='left'" in str(w.message)]
+        assert len(said) == (1 if truncation == "right" and lost else 0)
+    assert build_batch(records, tok, **options, max_length=longest).truncated_rows == 0
+    # Cut inside most per-turn rows' prompts: "right" leaves them nothing to
+    # train, "left" keeps every reply.
+    middle = starts[len(starts) // 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cut = build_batch(records, tok, **options, max_length=middle, truncation=truncation)
+    if pack == "never":
+        assert (cut.untrained_rows > 0) == (truncation == "right")
+        if truncation == "left":  # every turn still trained, but the masked one
+            assert cut.loss_mask.any(dim=1).sum() == full.loss_mask.any(dim=1).sum()
+
+
+def test_a_row_over_max_length_under_truncation_error_names_its_record(tok):
+    rng = random.Random(5)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(6)]
+    for pack, what in (("exact", "its conversation"), ("never", "the row of assistant turn")):
+        full = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=pack)
+        lengths = full.attention_mask.sum(dim=1).tolist()
+        longest = max(lengths)
+        i = int(full.row_trajectory[lengths.index(longest)])
+        # As long as max_length: taken whole.
+        same = build_batch(
+            records,
+            tok,
+            system=SYSTEM,
+            tools=TOOLS,
+            pack=pack,
+            max_length=longest,
+            truncation="error",
+        )
+        assert torch.equal(same.input_ids, full.input_ids) and same.truncated_rows == 0
+        with pytest.raises(InvalidInputError) as raised:
+            build_batch(
+                records,
+                tok,
+                system=SYSTEM,
+                tools=TOOLS,
+                pack=pack,
+                max_length=longest - 1,
+                truncation="error",
+            )
+        message = str(raised.value)
+        record = records[i]
+        assert message.startswith(f"record {i} ({record['task_id']!r} (group 'g{i % 2}'")
+        assert f"{what}" in message
+        assert f"is {longest} tokens, longer than max_length={longest - 1}" in message
+    with pytest.raises(UnknownNameError, match="unknown truncation 'middle'; valid: right, left"):
+        build_batch(records, tok, system=SYSTEM, truncation="middle")
 
 
 def _reference_loss(model, batch, cfg):
@@ -3746,6 +3894,66 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
     assert sorted(flat) == sorted(i for t in turns for i in drawn[0 if t.get("tool_calls") else 1])
 
 
+def test_train_loop_reports_the_rows_it_cut_at_max_length(tmp_path, tok, base_model):
+    domain = envs.load("synthetic:airline", seed=0)
+    started = []
+
+    class Replies:
+        def generate(self, conversations, tools=None):
+            started.append(len(conversations))
+            return ["How can I help?" for _ in conversations]
+
+    batches = []
+
+    class Recording(GTPOTrainer):
+        def step(self, batch):
+            batches.append(batch)
+            return super().step(batch)
+
+    model = _lora(base_model)
+    trainer = Recording(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+
+    def run(**options):
+        return train_loop(
+            trainer,
+            domain,
+            lambda: EngineAgent(Replies()),
+            envs.ScriptedUser,
+            tok,
+            tasks=[domain.tasks[0].id],
+            steps=1,
+            tasks_per_step=1,
+            group_size=2,
+            pack="never",
+            progress=False,
+            **options,
+        )
+
+    # Refused before any rollout.
+    with pytest.raises(UnknownNameError, match="unknown truncation 'middle'"):
+        run(max_length=24, truncation="middle")
+    with pytest.raises(InvalidInputError, match="max_length must be at least 2, got 1"):
+        run(max_length=1)
+    assert not started
+    # Every per-turn row is longer than 24 tokens (its prompt holds the policy):
+    # "left" keeps each reply, "right" cuts them all off.
+    (stats,) = run(max_length=24, truncation="left")
+    (batch,) = batches
+    assert batch.input_ids.shape[1] == 24 and batch.loss_mask.any(dim=1).all()
+    assert stats["truncated_rows"] == batch.truncated_rows == batch.num_rows > 0
+    assert stats["untrained_rows"] == batch.untrained_rows == 0
+    with (
+        pytest.warns(UserWarning, match="truncation='left'"),
+        pytest.raises(InvalidInputError, match=r"no trained tokens \(\d+ row\(s\) lost all"),
+    ):
+        run(max_length=24)
+    assert batches[-1].untrained_rows == batches[-1].num_rows > 0
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(st.tuples(st.integers(2, 50), st.integers(0, 3)), max_size=12),
@@ -4391,7 +4599,9 @@ def test_turns_left_untrained_have_no_advantage_in_the_steps_figures(tok):
     full = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False)
     prompts = sorted(int(row.tolist().index(True)) for row in full.loss_mask)
     cut = prompts[len(prompts) // 2]
-    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False, max_length=cut)
+    with pytest.warns(UserWarning, match="truncation='left'"):
+        batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, pack=False, max_length=cut)
+    assert batch.untrained_rows > 0
     got = _trained_turn_advantages(batch)
     seen = {
         (int(batch.row_trajectory[r]), k)

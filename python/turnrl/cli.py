@@ -1069,6 +1069,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             seed=args.seed,
             first_step=first_step,
             pack=args.pack,
+            truncation=args.truncation,
             mask_truncated=args.mask_truncated,
             calls_per_message=args.calls_per_message,
             max_steps=args.max_steps,
@@ -1538,6 +1539,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _row_length(text: str) -> int:
+    """argparse type: a token row length, at least 2 (one token to predict from, one to train)."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {text!r}")
+    return value
+
+
 def _positive_number(text: str) -> float:
     """argparse type: a finite float above 0."""
     value = _finite_number(text)
@@ -1586,7 +1595,7 @@ def _grad_norm(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
-    from turnrl.train import ROLLOUT_CORRECTIONS
+    from turnrl.train import ROLLOUT_CORRECTIONS, TRUNCATIONS
 
     parser = argparse.ArgumentParser(
         prog="turnrl",
@@ -2143,7 +2152,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo"],
         help="loss aggregation (default: %(default)s)",
     )
-    tr.add_argument("--max-length", type=int, help="cut token rows longer than this")
+    tr.add_argument(
+        "--max-length", type=_row_length, help="cut token rows longer than this (see --truncation)"
+    )
+    tr.add_argument(
+        "--truncation",
+        choices=TRUNCATIONS,
+        default="right",
+        help="what --max-length does to a longer row: keep its start (right; a per-turn row "
+        "then loses its reply first), keep its end (left: the reply, trained without the "
+        "start of its context), or stop with an error (default: %(default)s)",
+    )
     tr.add_argument(
         "--pack",
         choices=["exact", "rendered", "never"],

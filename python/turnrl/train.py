@@ -36,7 +36,8 @@ policy was given for it; otherwise each assistant turn becomes its own row
 (its prompt, untrained, then its completion). Either way every trained token
 is trained in the context it was generated in. (``pack="rendered"`` gives that
 up for earlier turns, for one row per conversation; see
-:func:`tokenize_rollout`.)
+:func:`tokenize_rollout`. So does ``truncation="left"`` for rows longer than
+``max_length``; see :func:`build_batch`.)
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ __all__ = [
     "ROLLOUT_CORRECTIONS",
     "STATE_FILE",
     "STOP_REASONS",
+    "TRUNCATIONS",
     "Evaluation",
     "GTPOConfig",
     "GTPOTrainer",
@@ -534,14 +536,19 @@ class TrainBatch:
     turn_offsets: np.ndarray
     outcome: np.ndarray
     truncated_rows: int
-    """Rows cut at ``max_length`` (their later tokens are not trained)."""
+    """Rows cut at ``max_length`` (the tokens cut off are not trained)."""
+    untrained_rows: int = 0
+    """Rows that had trained tokens and were left with none by the cut at
+    ``max_length``: they train nothing (the trainer does not run them). Under
+    ``truncation="right"``, a per-turn row cut inside its prompt."""
     sampled_turns: int = 0
     """Turns trained on their sampled token ids (see :func:`tokenize_rollout`)."""
     refused_ids: int = 0
     """Turns whose sampled ids did not decode to their text (encoded from text instead)."""
     sampler_logprobs: torch.Tensor | None = None
     """float32 [R, T]: the sampler's log-prob of each trained token, NaN where
-    unknown (see :attr:`GTPOConfig.rollout_correction`); None when none is known."""
+    unknown or not comparable (a row cut from the left, see :func:`build_batch`;
+    :attr:`GTPOConfig.rollout_correction`); None when none is known."""
     token_turn: torch.Tensor | None = None
     """int64 [R, T]: each token's assistant turn in its record, -1 where untrained
     (needed by the per-turn rollout corrections)."""
@@ -581,6 +588,17 @@ def _turn_reward(turn: Mapping[str, Any], tier_rewards: Mapping[str, float] | No
     return 0.0 if reward is None else float(reward)
 
 
+TRUNCATIONS = ("right", "left", "error")
+"""What :func:`build_batch` does with a row longer than ``max_length``."""
+
+_UNTRAINED_BY_RIGHT_CUT = (
+    "max_length cut every trained token off some token rows, which then train nothing "
+    "(TrainBatch.untrained_rows, the step's untrained_rows): truncation='right' keeps a "
+    "row's start, and a per-turn row's reply is at its end. truncation='left' "
+    "(turnrl train --truncation left) keeps the end, or raise max_length"
+)
+
+
 def build_batch(
     records: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -594,16 +612,44 @@ def build_batch(
     chat_template_kwargs: Mapping[str, Any] | None = None,
     pack: bool | str = True,
     mask_truncated: bool = False,
+    truncation: str = "right",
 ) -> TrainBatch:
     """Tokenize rollouts and give every generated token its turn's advantage.
 
     Turn rewards are ``tier_rewards[tier]`` when given (recalibrated tiers
     applied to an old buffer), else each turn's recorded ``reward`` (None
     counts 0). Groups are the records' ``group`` strings. ``system`` is the
-    system prompt, or a function of the record giving it. Rows longer than
-    ``max_length`` are cut (counted in ``truncated_rows``). With
+    system prompt, or a function of the record giving it. With
     ``mask_truncated``, turns whose generation hit the token limit (``truncated``
     on the turn) are not trained (TRL's ``mask_truncated_completions``).
+
+    A row longer than ``max_length`` is, by ``truncation`` (as verl's data
+    ``truncation``; counted in ``truncated_rows``):
+
+    - ``"right"`` (the default): cut to its first ``max_length`` tokens (TRL's
+      ``keep_start``). What is kept is trained in the context it was
+      generated in; what is cut is not trained. A packed conversation loses
+      its last turns, but a per-turn row (its prompt, then its reply) loses
+      its reply first: cut inside the prompt, it trains nothing. Such rows
+      are counted in ``untrained_rows``, and a warning says so.
+    - ``"left"``: cut to its last ``max_length`` tokens (TRL's ``keep_end``),
+      so a per-turn row keeps its reply and as much of the prompt before it
+      as fits. The system prompt and earliest messages are gone, so the
+      kept tokens are trained in a context the policy did not generate them
+      in: the trainer's log-probs of them differ from the sampler's by more
+      than numerics (PPO's ratio is unaffected: its behaviour log-probs are
+      computed on the same cut rows). Such a row's sampler log-probs are
+      dropped (NaN), so :attr:`GTPOConfig.rollout_correction` neither
+      weights nor masks its tokens for the lost context, and the step's
+      ``mismatch/`` figures stay about the engine (``mismatch/token_share``
+      counts its tokens as unknown). Its first kept token is
+      not trained (no position predicts it) and is off the loss mask.
+    - ``"error"``: raise :class:`InvalidInputError` naming the record and the
+      row's length.
+
+    ``token_turn`` and ``sampler_logprobs`` are cut with the ids. Advantages
+    are computed over whole trajectories before any cut, so a cut changes
+    no token's advantage; a turn none of whose tokens is left is untrained.
     """
     import torch
 
@@ -611,6 +657,10 @@ def build_batch(
         raise InvalidInputError("build_batch needs at least one record")
     if max_length is not None and max_length < 2:
         raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
+    if truncation not in TRUNCATIONS:
+        raise UnknownNameError(
+            f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
+        )
     group_ids: dict[str, int] = {}
     cut_turns: list[set[int]] = []  # per record, with mask_truncated
     outcome = np.empty(len(records), dtype=np.float64)
@@ -641,7 +691,7 @@ def build_batch(
     row_turns: list[list[int]] = []
     row_logprobs: list[list[float] | None] = []
     row_trajectory: list[int] = []
-    truncated = sampled_turns = refused_ids = 0
+    truncated = untrained = sampled_turns = refused_ids = 0
     for i, record in enumerate(records):
         prompt = system(record) if callable(system) else system
         tokens = tokenize_rollout(
@@ -655,20 +705,40 @@ def build_batch(
         sampled_turns += tokens.sampled_turns
         refused_ids += tokens.refused_ids
         cut = cut_turns[i] if mask_truncated else set()
-        known = tokens.sampler_logprobs or [None] * len(tokens.input_ids)
-        for ids, owner, logprobs in zip(tokens.input_ids, tokens.token_turn, known, strict=True):
+        known: Sequence[list[float] | None] = tokens.sampler_logprobs or [None] * len(
+            tokens.input_ids
+        )
+        rows_of = zip(tokens.input_ids, tokens.token_turn, known, strict=True)
+        for r, (ids, owner, logprobs) in enumerate(rows_of):
             if cut:
                 owner = [-1 if o in cut else o for o in owner]
             if max_length is not None and len(ids) > max_length:
-                ids, owner = ids[:max_length], owner[:max_length]
-                logprobs = None if logprobs is None else logprobs[:max_length]
+                if truncation == "error":
+                    what = "its conversation" if tokens.packed else f"the row of assistant turn {r}"
+                    raise InvalidInputError(
+                        f"record {i} ({_where(record)}): {what} is {len(ids)} tokens, longer "
+                        f"than max_length={max_length} (truncation='error')"
+                    )
+                had = any(o >= 0 for o in owner)
+                if truncation == "right":
+                    ids, owner = ids[:max_length], owner[:max_length]
+                    logprobs = None if logprobs is None else logprobs[:max_length]
+                else:
+                    # Nothing predicts the first kept token; the sampler's
+                    # log-probs are of the context that was cut off.
+                    ids, owner = ids[-max_length:], [-1, *owner[1 - max_length :]]
+                    logprobs = None
                 truncated += 1
+                untrained += had and not any(o >= 0 for o in owner)
             rows.append(ids)
             row_turns.append(owner)
             row_logprobs.append(logprobs)
             row_trajectory.append(i)
     if not rows:
         raise InvalidInputError("no record has an assistant turn to train on")
+    if untrained and truncation == "right":
+        # One text: the default filter shows it once, not at every step.
+        warnings.warn(_UNTRAINED_BY_RIGHT_CUT, stacklevel=2)
 
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
@@ -705,6 +775,7 @@ def build_batch(
         turn_offsets=offsets,
         outcome=outcome,
         truncated_rows=truncated,
+        untrained_rows=untrained,
         sampled_turns=sampled_turns,
         refused_ids=refused_ids,
     )
@@ -1286,7 +1357,11 @@ class GTPOTrainer:
             # dr_grpo's default length is that of the rows of all ranks padded together.
             padded = int(_all_reduce([padded], self._device(), op="max")[0])
         if global_tokens == 0:
-            raise InvalidInputError("the batch has no trained tokens")
+            lost = batch.untrained_rows
+            raise InvalidInputError(
+                "the batch has no trained tokens"
+                + (f" ({lost} row(s) lost all theirs to the cut at max_length)" if lost else "")
+            )
         if ran_tokens == 0:  # no signal anywhere: nothing to run, no step to take
             self.steps += 1
             nothing = dict.fromkeys(self._stat_names(), float("nan"))
@@ -2007,6 +2082,7 @@ def train_loop(
     first_step: int = 0,
     mask_truncated: bool = False,
     pack: bool | str = True,
+    truncation: str = "right",
     calls_per_message: int | None = None,
     max_steps: int | None = None,
     evaluation: Evaluation | None = None,
@@ -2028,7 +2104,7 @@ def train_loop(
     engine). Failed episodes are left out of the batch and counted. Steps
     are numbered from ``first_step`` (a resumed run continues its numbering,
     so its buffers and groups do not take the earlier run's names).
-    ``mask_truncated`` and ``pack`` as :func:`build_batch`;
+    ``mask_truncated``, ``pack`` and ``truncation`` as :func:`build_batch`;
     ``calls_per_message`` and ``max_steps`` as
     :func:`turnrl.envs.run_episode` (``calls_per_message=1``: only the first
     tool call of a message runs, as in tau-bench's tool-calling agent).
@@ -2056,7 +2132,9 @@ def train_loop(
     for, is such a call for step ``first_step - 1``.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
-    ``failed_episodes``, ``rows_per_episode``, ``refused_completion_ids``,
+    ``failed_episodes``, ``rows_per_episode``, ``truncated_rows`` and
+    ``untrained_rows`` (rows cut at ``max_length``, and those of them the cut
+    left nothing to train, as :class:`TrainBatch`), ``refused_completion_ids``,
     ``tier_reward/<tier>`` (the rewards the step's turns were given), the
     figures of :func:`rollout_figures` (turns, calls, errors, truncation,
     tokens, each tier's and each stop reason's share), ``time/rollouts``,
@@ -2095,6 +2173,12 @@ def train_loop(
         settings = {}
     # Refused now, not after a whole step of rollouts.
     compute_advantages(estimator, *probe_batch(), **params)
+    if truncation not in TRUNCATIONS:
+        raise UnknownNameError(
+            f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
+        )
+    if max_length is not None and max_length < 2:
+        raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
     calibrator: OnlineCalibrator | None = None
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):
@@ -2247,6 +2331,7 @@ def train_loop(
                     chat_template_kwargs=chat_template_kwargs,
                     mask_truncated=mask_truncated,
                     pack=pack,
+                    truncation=truncation,
                 )
                 # Episodes a user ended before any reply leave nothing to train here.
                 if any(t.get("role") == "assistant" for r in records for t in r["turns"])
@@ -2262,15 +2347,20 @@ def train_loop(
             sums = [
                 float(batch.num_rows),
                 float(batch.refused_ids),
+                float(batch.truncated_rows),
+                float(batch.untrained_rows),
                 *(value for _, total, count in figures for value in (total, count)),
             ]
             if world > 1:
                 sums = _all_reduce(sums, device)
-            rows, refused = sums[:2]
+            rows, refused, cut_rows, untrained_rows = sums[:4]
             for at, (name, _, _) in enumerate(figures):
-                total, count = sums[2 + 2 * at], sums[3 + 2 * at]
+                total, count = sums[4 + 2 * at], sums[5 + 2 * at]
                 stats[name] = total / count if count else math.nan
             stats["rows_per_episode"] = rows / episodes
+            # Rows cut at max_length, and those the cut left nothing to train.
+            stats["truncated_rows"] = cut_rows
+            stats["untrained_rows"] = untrained_rows
             # Sampled ids that did not decode to their text: an engine to look at.
             stats["refused_completion_ids"] = refused
             stats["success_rate"] = successes / episodes
