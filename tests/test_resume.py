@@ -3,9 +3,10 @@ where the unbroken run of N steps ends: the same adapter weights, AdamW
 moments, learning-rate schedule, calibrator, tasks drawn, snapshots, best
 adapter and metrics lines (all but the wall times).
 
-The policy's replies come from ``_HalfGold`` (deterministic: half of each
-task's episodes succeed), on one worker, so two runs differ only by what a
-stop and a resume lose.
+The policy's replies come from ``_Sampling``: ``_HalfGold`` (half of each
+task's episodes succeed) whose failing replies are drawn from torch's global
+generator, as a sampling engine's tokens are. On one worker, two runs differ
+only by what a stop and a resume lose, torch's generators included.
 """
 
 from __future__ import annotations
@@ -69,14 +70,31 @@ def base_model():
     return tiny_qwen3(seed=0)
 
 
+class _Sampling(_HalfGold):
+    """:class:`_HalfGold` whose failing replies are drawn from torch's global
+    generator (the one a transformers engine's ``do_sample`` draws from): a
+    resumed run replies as the unbroken run only if its generator goes on
+    from where the stopped run's stood."""
+
+    REPLIES = ("How can I help?", "What can I do for you?", "Tell me more.", "Hello there!")
+
+    def generate(self, conversations, tools=None):
+        return [
+            self.REPLIES[int(torch.randint(len(self.REPLIES), ()))]
+            if reply == "How can I help?"
+            else reply
+            for reply in super().generate(conversations, tools)
+        ]
+
+
 def _half_gold_engine(patch):
-    """Every run's engine is a fresh :class:`_HalfGold` (evaluating with itself)."""
+    """Every run's engine is a fresh :class:`_Sampling` (evaluating with itself)."""
     import turnrl.engines
 
     domain = envs.load("synthetic:airline", seed=0)
 
     def engine(*args, **kwargs):
-        made = _HalfGold(domain)
+        made = _Sampling(domain)
         made.with_temperature = lambda temperature: made
         return made
 
@@ -169,9 +187,9 @@ def _stop(patch, where: str, step: int):
         save, rename = turnrl.train.GTPOTrainer.save, os.replace
         dead = []
 
-        def saved(self, path, state=None):
+        def saved(self, path, state=None, **kwargs):
             dead.append(state["step"] == step and where == "saving")
-            made = save(self, path, state=state)
+            made = save(self, path, state=state, **kwargs)
             if state["step"] == step:
                 raise KeyboardInterrupt
             return made
@@ -349,3 +367,44 @@ def test_a_best_adapter_a_kill_left_aside_is_put_back_by_any_resume(
     assert main([*argv, "--steps", "1", "--resume"]) == 0
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 0
     assert not list(run.glob(".best.old-*"))
+
+
+def test_a_checkpoint_keeps_torchs_generators_and_one_without_them_resumes(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """Each checkpoint holds torch's generators as the step left them
+    (rng_state.pt, read with weights_only); --resume puts them back before
+    the first rollout. A checkpoint without the file (an older turnrl's)
+    resumes from --seed, saying so; a file that is no such state is refused."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main(argv) == 0
+    file = tmp_path / "run" / "adapter" / "rng_state.pt"
+    saved = torch.load(file, weights_only=True)
+    assert len(saved["ranks"]) == 1 and saved["ranks"][0]["cpu"].dtype == torch.uint8
+
+    class Reached(Exception):
+        pass
+
+    at_start = []
+
+    def train_loop(*args, **kwargs):
+        at_start.append(torch.get_rng_state())
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert torch.equal(at_start[-1], saved["ranks"][0]["cpu"])
+    file.unlink()
+    capsys.readouterr()
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert not torch.equal(at_start[-1], saved["ranks"][0]["cpu"])
+    err = capsys.readouterr().err
+    assert "holds no random number generator state (rng_state.pt); sampling goes on" in err
+    torch.save({"ranks": [{"cpu": torch.zeros(3)}]}, file)
+    assert main([*argv, "--resume"]) == 2
+    assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err

@@ -2338,8 +2338,8 @@ def _keep_each_saved_adapter(monkeypatch, folder):
 
     real_save = GTPOTrainer.save
 
-    def save(self, path, state=None):
-        saved = real_save(self, path, state=state)
+    def save(self, path, state=None, **kwargs):
+        saved = real_save(self, path, state=state, **kwargs)
         shutil.copytree(saved, folder / f"step-{state['step']}")
         return saved
 

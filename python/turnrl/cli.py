@@ -788,6 +788,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         _raise_together,
         evaluation_only,
         load_policy,
+        load_rng_state,
         lr_schedule,
         plot_history,
         recover_adapter,
@@ -993,7 +994,16 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 last_step=first_step + args.steps - 1,
                 resumed=resume is not None,
             )
-    except Exception as e:  # an unreadable best.json: every rank stops, not rank 0 alone
+        if resume is not None:
+            # Last: loading the policy and the rest drew from the generators --seed seeded.
+            missing = load_rng_state(adapter, rank)
+            if missing is not None and rank == 0:
+                print(
+                    f"--resume: {missing}; sampling goes on from --seed {args.seed}, not from "
+                    "where the stopped run left it",
+                    file=sys.stderr,
+                )
+    except Exception as e:  # an unreadable best.json or RNG state: every rank stops
         refused = e
     _raise_together(refused, trainer._device())
     make_user = _make_user(args, domain)
