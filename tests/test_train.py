@@ -3235,6 +3235,37 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
 
 
+def test_a_folder_holding_only_snapshots_is_another_runs(tmp_path, capsys):
+    """OUT/best or OUT/checkpoints without metrics or an adapter (moved away,
+    say) are still a run's: a new run would replace that best with its first
+    evaluated adapter and mix its snapshots in, and --resume has nothing to
+    continue from. Both are refused, before any model loads."""
+    from turnrl.cli import main
+
+    argv = ["train", "--model", "nowhere", "--env", "synthetic:airline", "--user", "scripted"]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-3").mkdir()
+    assert main([*argv, "--out", str(run)]) == 2
+    assert f"{run} holds a run already (checkpoints): continue it with --resume" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--resume", "--out", str(run)]) == 2
+    assert f"--resume: {run} has checkpoints but no adapter at {run / 'adapter'}" in (
+        capsys.readouterr().err
+    )
+    (run / "best").mkdir()
+    assert main([*argv, "--out", str(run)]) == 2
+    assert f"{run} holds a run already (best, checkpoints)" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--out", str(run)]) == 2
+    assert f"--resume: {run} has best and checkpoints but no adapter" in (capsys.readouterr().err)
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    assert main([*argv, "--out", str(run)]) == 2
+    assert f"{run} holds a run already (metrics.jsonl, best, checkpoints)" in (
+        capsys.readouterr().err
+    )
+
+
 def test_user_device_and_counts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import turnrl.train
     from turnrl.cli import main

@@ -808,16 +808,32 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks wait for the recovery
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
-    # Stopped in its first step, a run has no adapter and at most the evaluation before it.
+    # Stopped in its first step, a run has no adapter and at most the evaluation
+    # before it; OUT/best and the snapshots come after a step's checkpoint.
     started = [row for row in _metrics_rows(metrics) if row.get("step") != -1]
-    if args.resume and resume is None and started:
-        raise InvalidInputError(
-            f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
+    snapshots_there = [
+        name
+        for name, there in (
+            ("best", (out / "best").exists()),
+            ("checkpoints", any((out / "checkpoints").glob("step-*"))),
         )
-    if not args.resume and (metrics.exists() or (adapter / "adapter_config.json").exists()):
-        # A second run's lines, snapshots and best would mix with the first's.
+        if there
+    ]
+    if args.resume and resume is None and (started or snapshots_there):
         raise InvalidInputError(
-            f"{out} holds a run already ({metrics.name}, {adapter.name}): continue it with "
+            f"--resume: {out} has {'metrics' if started else ' and '.join(snapshots_there)} "
+            f"but no adapter at {adapter} to continue from"
+        )
+    held = [
+        *([metrics.name] if metrics.exists() else []),
+        *([adapter.name] if (adapter / "adapter_config.json").exists() else []),
+        *snapshots_there,
+    ]
+    if not args.resume and held:
+        # A second run's lines, snapshots and best would mix with the first's
+        # (its first evaluation would replace the best of another run).
+        raise InvalidInputError(
+            f"{out} holds a run already ({', '.join(held)}): continue it with "
             "--resume, or give another --out"
         )
     # As TRL's set_seed: a fresh adapter's weights, then the sampling, from
