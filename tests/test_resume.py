@@ -408,3 +408,50 @@ def test_a_checkpoint_keeps_torchs_generators_and_one_without_them_resumes(
     torch.save({"ranks": [{"cpu": torch.zeros(3)}]}, file)
     assert main([*argv, "--resume"]) == 2
     assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err
+
+
+def test_a_resume_that_draws_its_tasks_otherwise_says_so(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The checkpoint keeps what the steps' tasks are drawn from (--tasks-per-step,
+    --seed, the task pool): a resume with others names each change, old and new
+    (its steps do not get the tasks the unbroken run's would); one with the same
+    says nothing."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main(argv) == 0
+    state = json.loads((tmp_path / "run" / "adapter" / "turnrl_state.json").read_text())
+    assert state["task_draw"]["tasks_per_step"] == 2 and state["task_draw"]["tasks"] == 2
+
+    class Reached(Exception):
+        pass
+
+    def train_loop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    capsys.readouterr()
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert "draws its tasks otherwise" not in capsys.readouterr().err
+    changed = [*argv, "--resume", "--tasks-per-step", "1", "--seed", "7"]
+    with pytest.raises(Reached):
+        main(changed)
+    err = capsys.readouterr().err
+    assert (
+        "--resume: this run draws its tasks otherwise than the checkpoint's, so its steps are "
+        "not given the tasks an unbroken run's would: --tasks-per-step 2 -> 1; --seed 0 -> 7"
+    ) in err
+    assert "task pool" not in err
+    more = list(argv)
+    more[more.index("--tasks") + 1] = "0:3"
+    with pytest.raises(Reached):
+        main([*more, "--resume"])
+    err = capsys.readouterr().err
+    saved_ids = state["task_draw"]["task_ids"]
+    assert (
+        "draws its tasks otherwise" in err
+        and f"task pool 2 tasks (ids {saved_ids}) -> 3 tasks (ids " in err
+    )

@@ -43,6 +43,7 @@ from turnrl.train import (  # noqa: E402
     rollout_messages,
     save_adapter,
     step_tasks,
+    task_draw,
     tokenize_rollout,
     train_loop,
 )
@@ -2199,6 +2200,8 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     # The checkpoint holds the calibrator, in the same swap as the adapter.
     state = json.loads((tmp_path / "ckpt" / "turnrl_state.json").read_text())
     assert state.pop("stats")["recalibrated"] == 1.0  # the step's figures
+    # What the steps' tasks were drawn from: a resume with others is told.
+    assert state.pop("task_draw") == task_draw([task], 1, 0)
     assert state == {
         "step": 1,
         "estimator": {"estimator": "gtpo_hybrid"},
@@ -2288,6 +2291,7 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert saved.pop("stats") == {
         k: v for k, v in line.items() if k != "step" and not k.startswith("time/")
     }
+    assert saved.pop("task_draw").items() >= {"tasks_per_step": 2, "seed": 0, "tasks": 2}.items()
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.

@@ -792,6 +792,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         lr_schedule,
         plot_history,
         recover_adapter,
+        task_draw,
         train_loop,
     )
 
@@ -940,6 +941,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             print(
                 "--resume: this run's estimator settings replace the checkpoint's: "
                 + "; ".join(changed),
+                file=sys.stderr,
+            )
+    saved_draw = state.get("task_draw")
+    if isinstance(saved_draw, Mapping) and rank == 0:
+        pool = [domain.task(t) for t in tasks]
+        changed = _setting_changes(
+            _task_draw_options(saved_draw),
+            _task_draw_options(task_draw(pool, args.tasks_per_step, args.seed)),
+        )
+        if changed:
+            print(
+                "--resume: this run draws its tasks otherwise than the checkpoint's, so its "
+                "steps are not given the tasks an unbroken run's would: " + "; ".join(changed),
                 file=sys.stderr,
             )
     if evaluation is not None and resume is not None:
@@ -1467,6 +1481,15 @@ def _online_calibrator(
             file=sys.stderr,
         )
     return online
+
+
+def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:
+    """A :func:`turnrl.train.task_draw` as ``turnrl train``'s options name it."""
+    return {
+        "--tasks-per-step": draw.get("tasks_per_step"),
+        "--seed": draw.get("seed"),
+        "task pool": f"{draw.get('tasks')} tasks (ids {draw.get('task_ids')})",
+    }
 
 
 def _setting_changes(

@@ -95,6 +95,7 @@ __all__ = [
     "save_adapter",
     "snapshot_adapter",
     "step_tasks",
+    "task_draw",
     "template_messages",
     "tokenize_rollout",
     "train_loop",
@@ -2163,6 +2164,7 @@ def train_loop(
     So are the step's stats (``"stats"``, without its ``time/`` and
     ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
     save: a resumed run can still report a step a stop in between left out.
+    So is what the tasks are drawn from (``"task_draw"``, :func:`task_draw`).
     Every rank's torch generators (:func:`rng_state`) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
     makes it sample what the stopped run would have.
@@ -2240,6 +2242,7 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    draw = task_draw(pool, tasks_per_step, seed)
     _check_episode_options(max_steps, calls_per_message)
     eval_domain, eval_pool = domain, list[Any]()
     if evaluation is not None:
@@ -2404,7 +2407,7 @@ def train_loop(
             if calls_per_message is not None:
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
-            state: dict[str, Any] = {"step": step}
+            state: dict[str, Any] = {"step": step, "task_draw": draw}
             if settings:
                 state["estimator"] = settings
             if evaluation is not None:
@@ -2524,6 +2527,22 @@ def _gather_records_tiers(
     with on_device:
         dist.all_gather_object(gathered, light)
     return [record for share in gathered for record in share]
+
+
+def task_draw(pool: Sequence[Any], per_step: int, seed: int = 0) -> dict[str, Any]:
+    """What :func:`step_tasks` draws from, as :func:`train_loop` keeps it in each
+    checkpoint (``"task_draw"``): ``per_step``, ``seed``, the number of tasks
+    in ``pool`` and a digest of their ids in order. A resumed run with other
+    ones draws other tasks than the unbroken run would have."""
+    import hashlib
+
+    ids = json.dumps([str(getattr(t, "id", t)) for t in pool])
+    return {
+        "tasks_per_step": per_step,
+        "seed": seed,
+        "tasks": len(pool),
+        "task_ids": hashlib.sha256(ids.encode("utf-8")).hexdigest()[:12],
+    }
 
 
 def step_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int = 0) -> list[Any]:
