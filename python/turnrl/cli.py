@@ -782,6 +782,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     from turnrl.exceptions import InvalidInputError
     from turnrl.loggers import close_loggers, make_loggers, require_loggers
     from turnrl.train import (
+        RNG_FILE,
         STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
@@ -1027,7 +1028,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         if resume is not None:
             # Last: loading the policy and the rest drew from the generators --seed seeded.
             missing = load_rng_state(adapter, rank)
-            if missing is not None and rank == 0:
+            # Each rank lacking its own says so (a run resumed on more ranks).
+            if missing is not None and (rank == 0 or (adapter / RNG_FILE).exists()):
                 print(
                     f"--resume: {missing}; sampling goes on from --seed {args.seed}, not from "
                     "where the stopped run left it",
