@@ -259,6 +259,11 @@ def test_train_command_under_torchrun_splits_tasks_and_saves_once(tmp_path):
     assert state["step"] == 1
     # Calibrated on the whole step: both ranks' rollouts.
     assert [h["trajectories"] for h in state["calibrator"]["history"]] == [6, 6]
+    # Each rank's own torch generators (--seed + rank), kept by rank 0 in the
+    # checkpoint's swap for --resume to give back to each.
+    generators = torch.load(run / "adapter" / "rng_state.pt", weights_only=True)["ranks"]
+    assert len(generators) == 2
+    assert not torch.equal(generators[0]["cpu"], generators[1]["cpu"])
 
     def rewards_given(step: int, rank: int) -> list[tuple[str, float]]:
         records = turnrl.iter_rollout_records(run / "rollouts" / f"step-{step}.rank-{rank}.jsonl")

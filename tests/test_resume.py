@@ -3,9 +3,10 @@ where the unbroken run of N steps ends: the same adapter weights, AdamW
 moments, learning-rate schedule, calibrator, tasks drawn, snapshots, best
 adapter and metrics lines (all but the wall times).
 
-The policy's replies come from ``_HalfGold`` (deterministic: half of each
-task's episodes succeed), on one worker, so two runs differ only by what a
-stop and a resume lose.
+The policy's replies come from ``_Sampling``: ``_HalfGold`` (half of each
+task's episodes succeed) whose failing replies are drawn from torch's global
+generator, as a sampling engine's tokens are. On one worker, two runs differ
+only by what a stop and a resume lose, torch's generators included.
 """
 
 from __future__ import annotations
@@ -69,14 +70,31 @@ def base_model():
     return tiny_qwen3(seed=0)
 
 
+class _Sampling(_HalfGold):
+    """:class:`_HalfGold` whose failing replies are drawn from torch's global
+    generator (the one a transformers engine's ``do_sample`` draws from): a
+    resumed run replies as the unbroken run only if its generator goes on
+    from where the stopped run's stood."""
+
+    REPLIES = ("How can I help?", "What can I do for you?", "Tell me more.", "Hello there!")
+
+    def generate(self, conversations, tools=None):
+        return [
+            self.REPLIES[int(torch.randint(len(self.REPLIES), ()))]
+            if reply == "How can I help?"
+            else reply
+            for reply in super().generate(conversations, tools)
+        ]
+
+
 def _half_gold_engine(patch):
-    """Every run's engine is a fresh :class:`_HalfGold` (evaluating with itself)."""
+    """Every run's engine is a fresh :class:`_Sampling` (evaluating with itself)."""
     import turnrl.engines
 
     domain = envs.load("synthetic:airline", seed=0)
 
     def engine(*args, **kwargs):
-        made = _HalfGold(domain)
+        made = _Sampling(domain)
         made.with_temperature = lambda temperature: made
         return made
 
@@ -169,9 +187,9 @@ def _stop(patch, where: str, step: int):
         save, rename = turnrl.train.GTPOTrainer.save, os.replace
         dead = []
 
-        def saved(self, path, state=None):
+        def saved(self, path, state=None, **kwargs):
             dead.append(state["step"] == step and where == "saving")
-            made = save(self, path, state=state)
+            made = save(self, path, state=state, **kwargs)
             if state["step"] == step:
                 raise KeyboardInterrupt
             return made
@@ -349,3 +367,91 @@ def test_a_best_adapter_a_kill_left_aside_is_put_back_by_any_resume(
     assert main([*argv, "--steps", "1", "--resume"]) == 0
     assert json.loads((run / "best" / "best.json").read_text())["step"] == 0
     assert not list(run.glob(".best.old-*"))
+
+
+def test_a_checkpoint_keeps_torchs_generators_and_one_without_them_resumes(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """Each checkpoint holds torch's generators as the step left them
+    (rng_state.pt, read with weights_only); --resume puts them back before
+    the first rollout. A checkpoint without the file (an older turnrl's)
+    resumes from --seed, saying so; a file that is no such state is refused."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main(argv) == 0
+    file = tmp_path / "run" / "adapter" / "rng_state.pt"
+    saved = torch.load(file, weights_only=True)
+    assert len(saved["ranks"]) == 1 and saved["ranks"][0]["cpu"].dtype == torch.uint8
+
+    class Reached(Exception):
+        pass
+
+    at_start = []
+
+    def train_loop(*args, **kwargs):
+        at_start.append(torch.get_rng_state())
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert torch.equal(at_start[-1], saved["ranks"][0]["cpu"])
+    file.unlink()
+    capsys.readouterr()
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert not torch.equal(at_start[-1], saved["ranks"][0]["cpu"])
+    err = capsys.readouterr().err
+    assert "holds no random number generator state (rng_state.pt); sampling goes on" in err
+    torch.save({"ranks": [{"cpu": torch.zeros(3)}]}, file)
+    assert main([*argv, "--resume"]) == 2
+    assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err
+
+
+def test_a_resume_that_draws_its_tasks_otherwise_says_so(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The checkpoint keeps what the steps' tasks are drawn from (--tasks-per-step,
+    --seed, the task pool): a resume with others names each change, old and new
+    (its steps do not get the tasks the unbroken run's would); one with the same
+    says nothing."""
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main(argv) == 0
+    state = json.loads((tmp_path / "run" / "adapter" / "turnrl_state.json").read_text())
+    assert state["task_draw"]["tasks_per_step"] == 2 and state["task_draw"]["tasks"] == 2
+
+    class Reached(Exception):
+        pass
+
+    def train_loop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    capsys.readouterr()
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert "draws its tasks otherwise" not in capsys.readouterr().err
+    changed = [*argv, "--resume", "--tasks-per-step", "1", "--seed", "7"]
+    with pytest.raises(Reached):
+        main(changed)
+    err = capsys.readouterr().err
+    assert (
+        "--resume: this run draws its tasks otherwise than the checkpoint's, so its steps are "
+        "not given the tasks an unbroken run's would: --tasks-per-step 2 -> 1; --seed 0 -> 7"
+    ) in err
+    assert "task pool" not in err
+    more = list(argv)
+    more[more.index("--tasks") + 1] = "0:3"
+    with pytest.raises(Reached):
+        main([*more, "--resume"])
+    err = capsys.readouterr().err
+    saved_ids = state["task_draw"]["task_ids"]
+    assert (
+        "draws its tasks otherwise" in err
+        and f"task pool 2 tasks (ids {saved_ids}) -> 3 tasks (ids " in err
+    )

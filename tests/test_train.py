@@ -45,6 +45,7 @@ from turnrl.train import (  # noqa: E402
     rollout_messages,
     save_adapter,
     step_tasks,
+    task_draw,
     tokenize_rollout,
     train_loop,
 )
@@ -2453,6 +2454,8 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     # The checkpoint holds the calibrator, in the same swap as the adapter.
     state = json.loads((tmp_path / "ckpt" / "turnrl_state.json").read_text())
     assert state.pop("stats")["recalibrated"] == 1.0  # the step's figures
+    # What the steps' tasks were drawn from: a resume with others is told.
+    assert state.pop("task_draw") == task_draw([task], 1, 0)
     assert state == {
         "step": 1,
         "estimator": {"estimator": "gtpo_hybrid"},
@@ -2542,6 +2545,7 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     assert saved.pop("stats") == {
         k: v for k, v in line.items() if k != "step" and not k.startswith("time/")
     }
+    assert saved.pop("task_draw").items() >= {"tasks_per_step": 2, "seed": 0, "tasks": 2}.items()
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.
@@ -2592,8 +2596,8 @@ def _keep_each_saved_adapter(monkeypatch, folder):
 
     real_save = GTPOTrainer.save
 
-    def save(self, path, state=None):
-        saved = real_save(self, path, state=state)
+    def save(self, path, state=None, **kwargs):
+        saved = real_save(self, path, state=state, **kwargs)
         shutil.copytree(saved, folder / f"step-{state['step']}")
         return saved
 
@@ -3487,6 +3491,37 @@ def test_config_and_resume_refusals(tmp_path, capsys):
     static = ["--engine", "vllm", "--cache-implementation", "static", "--out", str(run)]
     assert main([*argv, *static]) == 2
     assert "--cache-implementation is for --engine transformers" in capsys.readouterr().err
+
+
+def test_a_folder_holding_only_snapshots_is_another_runs(tmp_path, capsys):
+    """OUT/best or OUT/checkpoints without metrics or an adapter (moved away,
+    say) are still a run's: a new run would replace that best with its first
+    evaluated adapter and mix its snapshots in, and --resume has nothing to
+    continue from. Both are refused, before any model loads."""
+    from turnrl.cli import main
+
+    argv = ["train", "--model", "nowhere", "--env", "synthetic:airline", "--user", "scripted"]
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-3").mkdir()
+    assert main([*argv, "--out", str(run)]) == 2
+    assert f"{run} holds a run already (checkpoints): continue it with --resume" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--resume", "--out", str(run)]) == 2
+    assert f"--resume: {run} has checkpoints but no adapter at {run / 'adapter'}" in (
+        capsys.readouterr().err
+    )
+    (run / "best").mkdir()
+    assert main([*argv, "--out", str(run)]) == 2
+    assert f"{run} holds a run already (best, checkpoints)" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--out", str(run)]) == 2
+    assert f"--resume: {run} has best and checkpoints but no adapter" in (capsys.readouterr().err)
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    assert main([*argv, "--out", str(run)]) == 2
+    assert f"{run} holds a run already (metrics.jsonl, best, checkpoints)" in (
+        capsys.readouterr().err
+    )
 
 
 def test_user_device_and_counts_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):

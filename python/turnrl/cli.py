@@ -782,15 +782,18 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     from turnrl.exceptions import InvalidInputError
     from turnrl.loggers import close_loggers, make_loggers, require_loggers
     from turnrl.train import (
+        RNG_FILE,
         STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
         _raise_together,
         evaluation_only,
         load_policy,
+        load_rng_state,
         lr_schedule,
         plot_history,
         recover_adapter,
+        task_draw,
         train_loop,
     )
 
@@ -807,16 +810,32 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other ranks wait for the recovery
     resume = adapter if args.resume and (adapter / "adapter_config.json").exists() else None
-    # Stopped in its first step, a run has no adapter and at most the evaluation before it.
+    # Stopped in its first step, a run has no adapter and at most the evaluation
+    # before it; OUT/best and the snapshots come after a step's checkpoint.
     started = [row for row in _metrics_rows(metrics) if row.get("step") != -1]
-    if args.resume and resume is None and started:
-        raise InvalidInputError(
-            f"--resume: {out} has metrics but no adapter at {adapter} to continue from"
+    snapshots_there = [
+        name
+        for name, there in (
+            ("best", (out / "best").exists()),
+            ("checkpoints", any((out / "checkpoints").glob("step-*"))),
         )
-    if not args.resume and (metrics.exists() or (adapter / "adapter_config.json").exists()):
-        # A second run's lines, snapshots and best would mix with the first's.
+        if there
+    ]
+    if args.resume and resume is None and (started or snapshots_there):
         raise InvalidInputError(
-            f"{out} holds a run already ({metrics.name}, {adapter.name}): continue it with "
+            f"--resume: {out} has {'metrics' if started else ' and '.join(snapshots_there)} "
+            f"but no adapter at {adapter} to continue from"
+        )
+    held = [
+        *([metrics.name] if metrics.exists() else []),
+        *([adapter.name] if (adapter / "adapter_config.json").exists() else []),
+        *snapshots_there,
+    ]
+    if not args.resume and held:
+        # A second run's lines, snapshots and best would mix with the first's
+        # (its first evaluation would replace the best of another run).
+        raise InvalidInputError(
+            f"{out} holds a run already ({', '.join(held)}): continue it with "
             "--resume, or give another --out"
         )
     # As TRL's set_seed: a fresh adapter's weights, then the sampling, from
@@ -925,6 +944,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 + "; ".join(changed),
                 file=sys.stderr,
             )
+    saved_draw = state.get("task_draw")
+    if isinstance(saved_draw, Mapping) and rank == 0:
+        pool = [domain.task(t) for t in tasks]
+        changed = _setting_changes(
+            _task_draw_options(saved_draw),
+            _task_draw_options(task_draw(pool, args.tasks_per_step, args.seed)),
+        )
+        if changed:
+            print(
+                "--resume: this run draws its tasks otherwise than the checkpoint's, so its "
+                "steps are not given the tasks an unbroken run's would: " + "; ".join(changed),
+                file=sys.stderr,
+            )
     if evaluation is not None and resume is not None:
         evaluation = _resumed_evaluation(evaluation, state, first_step, metrics, rank)
     elif evaluation is not None and args.resume and evaluation.before_training:
@@ -993,7 +1025,17 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 last_step=first_step + args.steps - 1,
                 resumed=resume is not None,
             )
-    except Exception as e:  # an unreadable best.json: every rank stops, not rank 0 alone
+        if resume is not None:
+            # Last: loading the policy and the rest drew from the generators --seed seeded.
+            missing = load_rng_state(adapter, rank)
+            # Each rank lacking its own says so (a run resumed on more ranks).
+            if missing is not None and (rank == 0 or (adapter / RNG_FILE).exists()):
+                print(
+                    f"--resume: {missing}; sampling goes on from --seed {args.seed}, not from "
+                    "where the stopped run left it",
+                    file=sys.stderr,
+                )
+    except Exception as e:  # an unreadable best.json or RNG state: every rank stops
         refused = e
     _raise_together(refused, trainer._device())
     make_user = _make_user(args, domain)
@@ -1442,6 +1484,15 @@ def _online_calibrator(
             file=sys.stderr,
         )
     return online
+
+
+def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:
+    """A :func:`turnrl.train.task_draw` as ``turnrl train``'s options name it."""
+    return {
+        "--tasks-per-step": draw.get("tasks_per_step"),
+        "--seed": draw.get("seed"),
+        "task pool": f"{draw.get('tasks')} tasks (ids {draw.get('task_ids')})",
+    }
 
 
 def _setting_changes(

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MERGE_FILE",
     "OPTIMIZER_FILE",
+    "RNG_FILE",
     "ROLLOUT_CORRECTIONS",
     "STATE_FILE",
     "STOP_REASONS",
@@ -84,16 +85,19 @@ __all__ = [
     "evaluation_only",
     "load_model",
     "load_policy",
+    "load_rng_state",
     "lr_schedule",
     "merge_adapter",
     "plan_micro_batches",
     "plot_history",
     "recover_adapter",
+    "rng_state",
     "rollout_figures",
     "rollout_messages",
     "save_adapter",
     "snapshot_adapter",
     "step_tasks",
+    "task_draw",
     "template_messages",
     "tokenize_rollout",
     "train_loop",
@@ -1504,11 +1508,22 @@ class GTPOTrainer:
             stats["rollout_is/capped_share"] = capped / known_tokens
         return stats
 
-    def save(self, path: str | os.PathLike[str], state: Mapping[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        state: Mapping[str, Any] | None = None,
+        rng_states: Sequence[Mapping[str, Any]] | None = None,
+    ) -> Path:
         """Write the model (the adapter alone for a PEFT model) and the optimizer's
-        and scheduler's state (``optimizer.pt``) with :func:`save_adapter`, in one swap."""
+        and scheduler's state (``optimizer.pt``) with :func:`save_adapter`, in one
+        swap; with ``rng_states`` (:func:`rng_state` of each rank) ``rng_state.pt`` too."""
         return save_adapter(
-            self.model, path, state=state, optimizer=self.optimizer, scheduler=self.scheduler
+            self.model,
+            path,
+            state=state,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            rng_states=rng_states,
         )
 
     def load_optimizer(self, path: str | os.PathLike[str]) -> bool:
@@ -1648,6 +1663,101 @@ def _optimizer_parameters(model: Any, optimizer: torch.optim.Optimizer) -> list[
 
 STATE_FILE = "turnrl_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch generators: the CPU's (``"cpu"``) and, once CUDA is
+    initialised, every CUDA device's (``"cuda"``, by device index; empty before).
+
+    What ``--seed`` seeds and what sampling (a transformers engine's
+    ``do_sample``), dropout and the like draw from; :func:`load_rng_state`
+    puts them back."""
+    import torch
+
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
+    }
+
+
+def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]:
+    """:func:`rng_state` of every rank, in rank order, on every rank."""
+    mine = rng_state()
+    if world == 1:
+        return [mine]
+    import torch
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world
+    # NCCL gathers objects through the current CUDA device: the rank's own.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
+    """Put back the torch generators of ``rank`` saved in the checkpoint ``path``
+    (``rng_state.pt``, written by :func:`train_loop` with each checkpoint), so a
+    resumed run samples what the stopped run would have sampled next.
+
+    The CUDA devices' states are put back on the devices this process has (a
+    checkpoint of a CPU run leaves them as they are). Returns None when the
+    state was put back, else why not: a checkpoint without the file (saved
+    by an older turnrl, or copied without it), or without a state for
+    ``rank`` (saved by fewer ranks). A file that is not such a state is
+    refused; it is read with ``weights_only``, never unpickled.
+    """
+    import torch
+
+    file = Path(path) / RNG_FILE
+    if not file.exists():
+        return f"{path} holds no random number generator state ({RNG_FILE})"
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InvalidInputError(f"{file}: not a random number generator state ({e})") from None
+    ranks = saved.get("ranks") if isinstance(saved, dict) else None
+
+    def byte_tensor(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+    if not isinstance(ranks, list) or not all(
+        isinstance(r, dict)
+        and byte_tensor(r.get("cpu"))
+        and isinstance(r.get("cuda"), list)
+        and all(map(byte_tensor, r["cuda"]))
+        for r in ranks
+    ):
+        raise InvalidInputError(f"{file}: not a random number generator state")
+    if rank >= len(ranks):
+        return f"{file} holds the states of {len(ranks)} rank(s), none for rank {rank}"
+    mine = ranks[rank]
+    try:
+        torch.set_rng_state(mine["cpu"])
+        if mine["cuda"] and torch.cuda.is_available():
+            for index, state in enumerate(mine["cuda"][: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
+    except Exception as e:
+        raise InvalidInputError(f"{file}: not a random number generator state ({e})") from None
+    return None
+
+
+@contextlib.contextmanager
+def _own_random_stream() -> Any:
+    """Run the block on torch generators seeded from a draw of the current
+    ones, and put the current ones back after it: what runs after the block
+    draws as if it had not run, and the block still draws anew each time."""
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        seed = int(torch.randint(0, 2**62, ()).item())
+        torch.default_generator.manual_seed(seed)
+        for index in devices:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def save_adapter(
@@ -1657,6 +1767,7 @@ def save_adapter(
     state: Mapping[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    rng_states: Sequence[Mapping[str, Any]] | None = None,
 ) -> Path:
     """``model.save_pretrained(path)`` without a moment where ``path`` is half written.
 
@@ -1671,7 +1782,9 @@ def save_adapter(
     weights as ``turnrl_state.json``, in the same swap (:func:`train_loop`
     keeps the step there, which ``--resume`` continues from), and so are the
     ``optimizer``'s and ``scheduler``'s states as ``optimizer.pt`` (AdamW's
-    moments: without them a resumed run restarts them from zero).
+    moments: without them a resumed run restarts them from zero), and
+    ``rng_states`` (:func:`rng_state` of each rank, in rank order) as
+    ``rng_state.pt`` (:func:`load_rng_state`).
     """
     target = Path(path)
 
@@ -1688,6 +1801,10 @@ def save_adapter(
                 "parameters": _optimizer_parameters(model, optimizer),
             }
             torch.save(states, staging / OPTIMIZER_FILE)
+        if rng_states is not None:
+            import torch
+
+            torch.save({"ranks": [dict(r) for r in rng_states]}, staging / RNG_FILE)
 
     _write_folder(target, write)
     return target
@@ -2123,13 +2240,20 @@ def train_loop(
     So are the step's stats (``"stats"``, without its ``time/`` and
     ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
     save: a resumed run can still report a step a stop in between left out.
+    So is what the tasks are drawn from (``"task_draw"``, :func:`task_draw`).
+    Every rank's torch generators (:func:`rng_state`) are saved beside it as
+    ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
+    makes it sample what the stopped run would have.
 
     ``evaluation`` (an :class:`Evaluation`) runs held-out episodes with the
     updated policy every few steps and adds their figures (``eval/...``) to
     those steps' stats. ``on_step`` gets them in a call of their own, after
     the step's (so that a run stopped during an evaluation has reported the
     step its checkpoint holds); the evaluation before training, when asked
-    for, is such a call for step ``first_step - 1``.
+    for, is such a call for step ``first_step - 1``. An evaluation draws
+    from torch generators of its own (seeded from a draw of the global ones,
+    which are put back after it), so the training steps sample the same
+    whether or when it runs.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``truncated_rows`` and
@@ -2202,6 +2326,7 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    draw = task_draw(pool, tasks_per_step, seed)
     _check_episode_options(max_steps, calls_per_message)
     eval_domain, eval_pool = domain, list[Any]()
     if evaluation is not None:
@@ -2249,20 +2374,23 @@ def train_loop(
         assert evaluation is not None
         if bar is not None:
             bar.set_postfix_str(f"evaluating ({name})")
-        return _evaluate(
-            evaluation,
-            eval_domain,
-            eval_pool,
-            make_agent,
-            make_user,
-            name,
-            tiers=dict(calibrator.rewards) if calibrator is not None else fixed_rewards,
-            calls_per_message=calls_per_message,
-            max_steps=max_steps,
-            workers=workers,
-            device=device,
-            together=together,
-        )
+        # The steps after it sample as though it had not run: a resumed run
+        # skips an evaluation the stopped run finished after its checkpoint.
+        with _own_random_stream():
+            return _evaluate(
+                evaluation,
+                eval_domain,
+                eval_pool,
+                make_agent,
+                make_user,
+                name,
+                tiers=dict(calibrator.rewards) if calibrator is not None else fixed_rewards,
+                calls_per_message=calls_per_message,
+                max_steps=max_steps,
+                workers=workers,
+                device=device,
+                together=together,
+            )
 
     try:
         if evaluation is not None and evaluation.before_training:
@@ -2369,7 +2497,7 @@ def train_loop(
             if calls_per_message is not None:
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
-            state: dict[str, Any] = {"step": step}
+            state: dict[str, Any] = {"step": step, "task_draw": draw}
             if settings:
                 state["estimator"] = settings
             if evaluation is not None:
@@ -2386,9 +2514,12 @@ def train_loop(
             # null: a resumed run writes the line a stop after the save kept out.
             state["stats"] = {k: v if math.isfinite(v) else None for k, v in stats.items()}
             if checkpoint is not None:
+                # Where every rank's generators stand before the next step's
+                # rollouts: load_rng_state puts them back on a resume.
+                rng_states = _gather_rng_states(world, device)
                 # Rank 0 writes; the others wait for it (after_update may load it).
                 if rank == 0:
-                    together(trainer.save, checkpoint, state=state)
+                    together(trainer.save, checkpoint, state=state, rng_states=rng_states)
                 else:
                     together(lambda: None)
             if after_update is not None:
@@ -2486,6 +2617,22 @@ def _gather_records_tiers(
     with on_device:
         dist.all_gather_object(gathered, light)
     return [record for share in gathered for record in share]
+
+
+def task_draw(pool: Sequence[Any], per_step: int, seed: int = 0) -> dict[str, Any]:
+    """What :func:`step_tasks` draws from, as :func:`train_loop` keeps it in each
+    checkpoint (``"task_draw"``): ``per_step``, ``seed``, the number of tasks
+    in ``pool`` and a digest of their ids in order. A resumed run with other
+    ones draws other tasks than the unbroken run would have."""
+    import hashlib
+
+    ids = json.dumps([str(getattr(t, "id", t)) for t in pool])
+    return {
+        "tasks_per_step": per_step,
+        "seed": seed,
+        "tasks": len(pool),
+        "task_ids": hashlib.sha256(ids.encode("utf-8")).hexdigest()[:12],
+    }
 
 
 def step_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int = 0) -> list[Any]:
