@@ -1584,11 +1584,23 @@ def _grad_norm(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{e} (none: no clipping)") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that takes options spelled in full only, not argparse's
+    abbreviations (``--mod`` for ``--model``): where options have two names a prefix
+    may pick one the user did not mean, and an option added later would change what
+    an abbreviation in someone's script means. Subcommands' parsers are of the
+    parser's own class, so they take none either."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     from turnrl.train import ROLLOUT_CORRECTIONS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="turnrl",
         description="Multi-turn RL for tool-calling agents: advantages, calibration, training.",
     )
@@ -2506,7 +2518,7 @@ def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
     if "-h" in argv or "--help" in argv:
         return argv  # help needs no file, even a broken one
     for token in argv:
-        # argparse would take --conf for --config, and the file would go unread.
+        # The parser takes no abbreviations; this says which option --conf was meant to be.
         written = token.partition("=")[0]
         if written != "--config" and len(written) > 3 and "--config".startswith(written):
             raise InvalidInputError(f"{written}: spell --config in full")
