@@ -331,6 +331,15 @@ def test_batch_tier_rewards_replace_recorded_rewards_and_long_rows_are_cut(tok):
         records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", tier_rewards=tiers
     )
     assert not np.allclose(plain.turn_advantages, recal.turn_advantages)
+    # A tier the table lacks is no 0: it names the tier, the record and the table's tiers.
+    odd = copy.deepcopy(records)
+    next(t for t in odd[1]["turns"] if t["role"] == "assistant")["tier"] = "handoff"
+    with pytest.raises(InvalidInputError) as refused:
+        build_batch(odd, tok, system=SYSTEM, tools=TOOLS, tier_rewards=tiers)
+    assert str(refused.value) == (
+        f"record 1 ({odd[1]['task_id']!r} (group 'g', sample 0)): tier 'handoff' has no "
+        "reward in the tier table (its tiers: read, respond, gold)"
+    )
     lengths = plain.attention_mask.sum(dim=1)
     limit = int(lengths.min()) + 1
     cut = build_batch(records, tok, system=SYSTEM, tools=TOOLS, max_length=limit)
