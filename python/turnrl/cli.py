@@ -282,11 +282,11 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{tier:<{width}} {row['turns']:>8} {row['turn_share']:>6.1%} "
                 f"{row['mean_reward']:>+11.3f} {row['trajectories']:>7} {row['success_rate']:>7.3f}"
             )
-    reasons = stats["stop_reasons"]
-    width = max(12, *(len(reason) for reason in reasons))
+    reasons = _stop_reason_labels(stats)
+    width = max(12, *(len(reason) for reason, _ in reasons))
     header = ("stop reason", "traj.", "share", "success")
     print(f"{header[0]:<{width}} " + "{:>8} {:>6} {:>7}".format(*header[1:]))
-    for reason, row in reasons.items():
+    for reason, row in reasons:
         print(
             f"{reason:<{width}} {row['trajectories']:>8} {row['share']:>6.1%} "
             f"{row['success_rate']:>7.3f}"
@@ -297,7 +297,7 @@ def _stats(args: argparse.Namespace) -> int:
             rows = ", ".join(
                 f"{reason} {row['trajectories']} ({row['share']:.1%}, success "
                 f"{row['success_rate']:.3f})"
-                for reason, row in one["stop_reasons"].items()
+                for reason, row in _stop_reason_labels(one)
             )
             count = one["trajectories"]
             print(
@@ -305,6 +305,22 @@ def _stats(args: argparse.Namespace) -> int:
                 + (f"{count} trajectories; {rows}" if count else "no trajectories")
             )
     return 0
+
+
+def _stop_reason_labels(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(label, figures)`` per stop reason of ``buffer_stats`` (or of one file's),
+    those without a reason last as ``(none)``. A reason that starts with ``(`` or
+    ``"`` is shown JSON-quoted, so that no reason reads as ``(none)`` or as
+    another reason."""
+    import json
+
+    rows = [
+        (json.dumps(reason) if reason.startswith(("(", '"')) else reason, row)
+        for reason, row in stats["stop_reasons"].items()
+    ]
+    if stats["no_stop_reason"] is not None:
+        rows.append(("(none)", stats["no_stop_reason"]))
+    return rows
 
 
 def _domain_and_tasks(args: argparse.Namespace) -> tuple[Any, list[Any]]:
@@ -1743,7 +1759,8 @@ def build_parser() -> argparse.ArgumentParser:
         "their trajectories, tasks and groups, the success rate and tau-bench's pass^k (when "
         "every task has as many trajectories), assistant turns, per tier its turns, mean "
         "reward and the success rate of the trajectories holding it, and how episodes ended "
-        "(meta's stop_reason, '(none)' where a record gives none): per reason its trajectories, "
+        "(meta's stop_reason, '(none)' where a record gives none; a reason starting with ( or \" "
+        "is shown quoted): per reason its trajectories, "
         "their share and success rate, over all files and, given several, per file.",
     )
     sts.add_argument("buffers", nargs="+", help="buffer files or glob patterns")
