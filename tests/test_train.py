@@ -1960,8 +1960,14 @@ def test_collect_commands_max_model_len_reaches_vllm(tmp_path, monkeypatch, caps
     assert main(argv) == 0
     assert "max_model_len" not in seen["init"]
     served = [a for a in argv if a not in ("--engine", "vllm")]
+    # Only vllm takes it: the transformers engine sizes no context.
     assert main([*served, "--max-model-len", "4096"]) == 2
-    assert "--max-model-len run a model here: add --engine" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "turnrl rollouts collect: error: --max-model-len run a model here: add --engine vllm\n"
+    )
+    # As was --vllm-gpu-memory, which went unread without --engine.
+    assert main([*served, "--vllm-gpu-memory", "0.5"]) == 2
+    assert "--vllm-gpu-memory run a model here: add --engine vllm\n" in capsys.readouterr().err
 
 
 def test_a_non_finite_gradient_norm_applies_no_update_and_says_so(tok, base_model, monkeypatch):
@@ -3213,9 +3219,17 @@ def test_a_trained_adapter_is_evaluated_by_rollouts_collect(
     # Without --engine they would be ignored: the base model scored as the adapter.
     served = [a for a in argv if a not in ("--engine", "transformers")]
     assert main([*served, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 2
-    assert "--adapter, --dtype, --device run a model here: add --engine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--adapter, --dtype, --device run a model here: add --engine transformers\n" in err
     assert main([*served, "--cache-implementation", "static", "--out", str(out)]) == 2
     assert "--device, --cache-implementation run a model here" in capsys.readouterr().err
+    # Options no one engine takes say which takes each.
+    assert main([*served, "--max-model-len", "64", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "--dtype, --device, --max-model-len run a model here, and no one engine takes them "
+        "all: --dtype is for --engine transformers; --device is for --engine transformers; "
+        "--max-model-len is for --engine vllm\n"
+    )
 
 
 def test_config_and_resume_refusals(tmp_path, capsys):

@@ -346,17 +346,28 @@ def _collect(args: argparse.Namespace) -> int:
     # requests into one generate call.
     agent: Any
     if args.engine is None:
+        # Per option of a model run here, the --engine values that take it.
         local = {
-            "--adapter": args.adapter,
-            "--dtype": args.dtype,
-            "--device": args.device,
-            "--cache-implementation": args.cache_implementation,
-            "--max-model-len": args.max_model_len,
+            "--adapter": (args.adapter, ("transformers", "vllm")),
+            "--dtype": (args.dtype, ("transformers",)),
+            "--device": (args.device, ("transformers",)),
+            "--cache-implementation": (args.cache_implementation, ("transformers",)),
+            "--max-model-len": (args.max_model_len, ("vllm",)),
+            "--vllm-gpu-memory": (args.vllm_gpu_memory, ("vllm",)),
         }
-        given = [option for option, value in local.items() if value is not None]
+        given = {option: engines for option, (value, engines) in local.items() if value is not None}
         if given:
+            common = [e for e in ("transformers", "vllm") if all(e in v for v in given.values())]
+            if common:
+                raise InvalidInputError(
+                    f"{', '.join(given)} run a model here: add --engine {' or '.join(common)}"
+                )
             raise InvalidInputError(
-                f"{', '.join(given)} run a model here: add --engine transformers (or vllm)"
+                f"{', '.join(given)} run a model here, and no one engine takes them all: "
+                + "; ".join(
+                    f"{option} is for --engine {' or '.join(engines)}"
+                    for option, engines in given.items()
+                )
             )
         agent = envs.OpenAIAgent(
             args.agent_model,
