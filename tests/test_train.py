@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -4271,6 +4272,33 @@ def test_a_base_read_from_gguf_is_merged_into_plain_weights(tmp_path, tok, base_
     with pytest.raises(InvalidInputError, match="quantized \\(GgufLinear\\)"):
         train_module.merge_adapter(adapter, tmp_path / "m2", model="x.gguf", dtype="float32")
     assert not (tmp_path / "m2").exists()
+
+
+def test_an_adapter_on_a_relative_model_folder_merges_from_another_folder(
+    tmp_path, tok, base_model, monkeypatch
+):
+    from turnrl import cli
+    from turnrl.train import load_policy
+
+    folder = tmp_path / "models" / "tiny"
+    base_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    policy, _ = load_policy("./models/tiny", dtype="float32", device="cpu", lora_rank=2)
+    adapter = save_adapter(policy, tmp_path / "run" / "adapter")
+    # As typed, PEFT would record "./models/tiny", a hub name from anywhere else.
+    recorded = json.loads((adapter / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == os.path.abspath(folder)
+    # A continued adapter names this run's base the same way.
+    again, _ = load_policy("models/tiny", dtype="float32", device="cpu", adapter=adapter)
+    assert again.peft_config["default"].base_model_name_or_path == os.path.abspath(folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["merge-adapter", str(adapter), "--out", "merged", "--dtype", "float32"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    merge = json.loads((elsewhere / "merged" / "turnrl_merge.json").read_text())
+    assert merge["base"] == os.path.abspath(folder)
 
 
 def test_a_hub_name_base_is_no_folder_to_protect(tmp_path, tok, base_model, monkeypatch):

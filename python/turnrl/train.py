@@ -2508,7 +2508,9 @@ def load_policy(
     are trained in ``dtype`` from then on); ``device`` defaults to CUDA
     when there is one. ``adapter`` continues from a saved adapter (a
     :func:`save_adapter` folder) instead of a fresh one (``lora_alpha``
-    defaults to twice the rank). ``gradient_checkpointing`` keeps only each
+    defaults to twice the rank). The adapter names a local ``model`` (its
+    ``base_model_name_or_path``) by its absolute path, so that
+    :func:`merge_adapter` finds it from any folder. ``gradient_checkpointing`` keeps only each
     decoder layer's input during the update and recomputes the rest in the
     backward (non-reentrant, as TRL and PEFT recommend for adapters):
     less activation memory for about a third more decoder time.
@@ -2528,10 +2530,13 @@ def load_policy(
             task_type="CAUSAL_LM",
         )
         policy = peft.get_peft_model(base, config)
-        if str(model).endswith(".gguf"):
-            # PEFT would record the GGUF file's folder, which loads as no model;
-            # merge_adapter reads the base from here.
-            policy.peft_config["default"].base_model_name_or_path = os.path.abspath(model)
+    # The adapter's adapter_config.json names its base, which merge_adapter loads
+    # by default: PEFT records the model as given, so a relative folder
+    # ("./models/tiny") would be read from another folder as a hub name, and a
+    # GGUF file as its folder, which loads as no model. A local one is recorded
+    # by its absolute path (a continued adapter included: this run's base).
+    if str(model).endswith(".gguf") or Path(model).exists():
+        policy.peft_config["default"].base_model_name_or_path = os.path.abspath(model)
     if gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise InvalidInputError(
