@@ -318,3 +318,42 @@ def test_truncation_is_one_of_the_named_modes_and_max_length_a_row_length(capsys
     with pytest.raises(SystemExit):
         _parsed([*argv, "--max-length", "1"])
     assert "argument --max-length: must be at least 2, got '1'" in capsys.readouterr().err
+
+
+def _commands(parser, words=()):
+    """(command words, parser) of each command that takes options, e.g. rollouts stats."""
+    from turnrl.cli import _subparsers
+
+    below = _subparsers(parser)
+    if below is None:
+        return [(list(words), parser)]
+    return [
+        leaf for name, child in below.choices.items() for leaf in _commands(child, (*words, name))
+    ]
+
+
+def test_options_are_taken_spelled_in_full_only(capsys):
+    from turnrl.cli import build_parser
+
+    # An abbreviation would pick --group-size here, and a new --group-... option would
+    # make it ambiguous.
+    with pytest.raises(SystemExit) as done:
+        main(["demo", "--group", "4"])
+    assert done.value.code == 2
+    assert "unrecognized arguments: --group 4" in capsys.readouterr().err
+    parser = build_parser()
+    assert not parser.allow_abbrev
+    for words, command in _commands(parser):
+        assert not command.allow_abbrev, words
+        given = list(words)  # what the command needs, so that only the abbreviation is wrong
+        for action in command._actions:
+            if action.required:
+                given += ["x"] if not action.option_strings else [action.option_strings[0], "x"]
+        names = {name for action in command._actions for name in action.option_strings}
+        for name in sorted(names):
+            prefix = name[:-1]
+            if not name.startswith("--") or len(prefix) < 3 or prefix in names:
+                continue
+            with pytest.raises(SystemExit):
+                parser.parse_args([*given, prefix])
+            assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err, (words, name)

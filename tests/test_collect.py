@@ -352,6 +352,12 @@ def test_cli_collect_runs_only_the_first_calls_per_message(chat_server, tmp_path
         ({"calls_per_message": 0}, "calls_per_message must be"),
         ({"max_steps": 0}, "max_steps must be a positive integer, got 0"),
         ({"max_steps": 2.5}, "max_steps must be a positive integer, got 2.5"),
+        # A tier the table lacks would fail every episode holding it (or count 0).
+        (
+            {"tiers": {"gold": 1.0, "read": 0.3, "write": 0.1, "error": -0.5}},
+            r"^tiers: no reward for tier soft, respond \(the table has gold, read, write, "
+            r"error; episodes are labelled gold, soft, read, write, error, respond\)$",
+        ),
     ],
 )
 def test_collect_refuses_bad_episode_options_before_any_episode(tmp_path, option, message):
@@ -367,6 +373,18 @@ def test_collect_refuses_bad_episode_options_before_any_episode(tmp_path, option
             **option,
         )
     assert made == [] and not (tmp_path / "none.jsonl").exists()
+
+
+def test_cli_collect_refuses_a_tier_file_without_a_tier(tmp_path, capsys):
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers]\ngold = 1.0\nsoft = 0.5\nread = 0.3\nwrite = 0.1\nerror = -0.5\n")
+    out = tmp_path / "b.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "p"]
+    argv += ["--agent-url", "http://127.0.0.1:9", "--user", "scripted", "--tiers", str(tiers)]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: tiers {tiers}: no reward for tier respond (the table has gold," in err
+    assert not out.exists()
 
 
 def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):

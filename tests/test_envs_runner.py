@@ -81,7 +81,7 @@ def test_runner_with_scripted_user_scores_gold_agent():
             task,
             envs.ScriptedUser(),
             labeler=simple_labeler,
-            tier_rewards={"gold": 1.0, "read": 0.0},
+            tier_rewards={"gold": 1.0, "read": 0.0, "respond": 0.0},
         )
         assert rec["schema"] == "turnrl.rollout/1" and rec["task_id"] == task.id
         assert rec["outcome"] == 1.0, rec["meta"]
@@ -94,6 +94,25 @@ def test_runner_with_scripted_user_scores_gold_agent():
         assert asst[-1]["tier"] == "respond" and asst[-1]["reward"] == 0.0
         assert all("tier" not in t for t in rec["turns"] if t["role"] != "assistant")
         json.dumps(rec)  # a JSONL line
+
+
+def test_a_tier_the_reward_table_lacks_fails_the_episode_naming_it():
+    d = envs.load("synthetic:airline", seed=3)
+    task = d.tasks[0]
+    # The gold agent ends with a reply (respond), which the table forgot: not a 0.
+    with pytest.raises(InvalidInputError) as refused:
+        envs.run_episode(
+            _gold_agent(task),
+            d,
+            task,
+            envs.ScriptedUser(),
+            labeler=simple_labeler,
+            tier_rewards={"gold": 1.0, "read": 0.0},
+            sample=2,
+        )
+    message = str(refused.value)
+    assert f"task {task.id!r} (group {task.id!r}, sample 2)" in message
+    assert "tier 'respond' has no reward in the tier table (its tiers: gold, read)" in message
 
 
 def test_runner_stops_on_transfer_and_on_step_limit():

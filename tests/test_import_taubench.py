@@ -110,6 +110,22 @@ def test_import_labels_tiers_against_gold(tmp_path: Path):
 
 
 @needs_tau_bench
+def test_a_tier_the_reward_table_lacks_names_the_entry(tmp_path: Path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([entry(0, 1.0, 0, [[]]), entry(1, 0.0, 0, [[]])]))
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers]\ngold = 1.0\nread = 0.3\n")  # no respond
+    out = tmp_path / "b.jsonl"
+    argv = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    assert main([*argv, "--root", str(TAU_BENCH), "--tiers", str(tiers), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"turnrl rollouts import-taubench: error: {path}: entry 0 (task_id 0): tier 'respond' "
+        "has no reward in the tier table (its tiers: gold, read)\n"
+    )
+    assert not out.exists()
+
+
+@needs_tau_bench
 def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(0, 1.0, 0, [[]]), entry(1, 1e101, 0, [[]])]))

@@ -1023,10 +1023,10 @@ def _stats_from_records(records: list[dict], threshold: float) -> dict:
             if t["role"] == "assistant" and t.get("tier") is not None:
                 tiers.setdefault(t["tier"], []).append((i, t["reward"]))
     total = sum(counts)
-    stops: dict[str, list[bool]] = {}
+    stops: dict[str | None, list[bool]] = {}  # None: no reason
     for r, won in zip(records, success, strict=True):
         reason = r["meta"].get("stop_reason")
-        stops.setdefault(reason if isinstance(reason, str) else "(none)", []).append(won)
+        stops.setdefault(reason if isinstance(reason, str) else None, []).append(won)
     pass_hat = None
     if len(set(per_task.values())) == 1:
         n = next(iter(per_task.values()))
@@ -1101,16 +1101,20 @@ def test_buffer_stats_are_the_records_figures(tmp_path_factory, records, thresho
         got = (row["turns"], row["turn_share"], row["mean_reward"], row["trajectories"])
         assert got == pytest.approx(want["tiers"][name][:4]), name
         assert row["success_rate"] == pytest.approx(want["tiers"][name][4]), name
-    reasons = stats["stop_reasons"]
-    assert set(reasons) == set(want["stop_reasons"])
-    for name, row in reasons.items():
+    reasons, none = stats["stop_reasons"], stats["no_stop_reason"]
+    assert set(reasons) | ({None} if none else set()) == set(want["stop_reasons"])
+    for name, row in [*reasons.items(), *([(None, none)] if none else [])]:
         got = (row["trajectories"], row["share"], row["success_rate"])
         assert got == pytest.approx(want["stop_reasons"][name]), name
-    counts = [row["trajectories"] for name, row in reasons.items() if name != "(none)"]
-    assert counts == sorted(counts, reverse=True)  # most frequent first, none last
-    assert "(none)" not in reasons or list(reasons)[-1] == "(none)"
+    counts = [row["trajectories"] for row in reasons.values()]
+    assert counts == sorted(counts, reverse=True)  # most frequent first
     (one,) = stats["stop_reasons_per_file"]
-    assert one == {"file": str(path), "trajectories": len(records), "stop_reasons": reasons}
+    assert one == {
+        "file": str(path),
+        "trajectories": len(records),
+        "stop_reasons": reasons,
+        "no_stop_reason": none,
+    }
 
 
 def test_rollouts_stats_command(tmp_path, capsys):
@@ -1207,11 +1211,16 @@ def test_rollouts_stats_shows_how_episodes_ended(tmp_path, capsys):
     assert out.splitlines()[-1].split() == ["(none)", "1", "25.0%", "1.000"]
     assert main(["rollouts", "stats", first, second, empty, "--json", "--quiet"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert list(shown["stop_reasons"]) == ["user_stop", "max_steps", "context_length", "(none)"]
+    assert list(shown["stop_reasons"]) == ["user_stop", "max_steps", "context_length"]
     assert shown["stop_reasons"]["user_stop"] == {
         "trajectories": 3,
         "share": pytest.approx(1 / 3),
         "success_rate": pytest.approx(2 / 3),
+    }
+    assert shown["no_stop_reason"] == {
+        "trajectories": 2,
+        "share": pytest.approx(2 / 9),
+        "success_rate": 1.0,
     }
     per_file = shown["stop_reasons_per_file"]
     assert [(f["file"], f["trajectories"]) for f in per_file] == [
@@ -1219,4 +1228,33 @@ def test_rollouts_stats_shows_how_episodes_ended(tmp_path, capsys):
         (second, 5),
         (empty, 0),
     ]
-    assert per_file[2]["stop_reasons"] == {}
+    assert per_file[2]["stop_reasons"] == {} and per_file[2]["no_stop_reason"] is None
+    assert per_file[0]["no_stop_reason"]["trajectories"] == 1
+
+
+def test_a_stop_reason_spelled_like_the_none_label_stays_apart(tmp_path, capsys):
+    from turnrl.cli import main
+    from turnrl.rollouts import buffer_stats
+
+    path = tmp_path / "b.jsonl"
+    ends = [("(none)", 0.0), ("(none)", 0.0), (None, 1.0), ('"x"', 1.0), ("x", 0.0)]
+    with turnrl.RolloutWriter(path) as writer:
+        for i, (reason, outcome) in enumerate(ends):
+            meta = {} if reason is None else {"stop_reason": reason}
+            writer.write(turnrl.rollout_record(f"t{i}", f"t{i}", 0, outcome, [], meta))
+    stats = buffer_stats(turnrl.read_rollouts(path))
+    assert {name: row["trajectories"] for name, row in stats["stop_reasons"].items()} == {
+        "(none)": 2,
+        '"x"': 1,
+        "x": 1,
+    }
+    assert stats["no_stop_reason"] == {"trajectories": 1, "share": 0.2, "success_rate": 1.0}
+    assert main(["rollouts", "stats", str(path), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("stop reason"))
+    assert [line.split() for line in lines[at + 1 :]] == [
+        ['"(none)"', "2", "40.0%", "0.000"],
+        ['"\\"x\\""', "1", "20.0%", "1.000"],
+        ["x", "1", "20.0%", "0.000"],
+        ["(none)", "1", "20.0%", "1.000"],
+    ]

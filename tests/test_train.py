@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import re
 import threading
@@ -334,6 +335,15 @@ def test_batch_tier_rewards_replace_recorded_rewards_and_long_rows_are_cut(tok):
         records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", tier_rewards=tiers
     )
     assert not np.allclose(plain.turn_advantages, recal.turn_advantages)
+    # A tier the table lacks is no 0: it names the tier, the record and the table's tiers.
+    odd = copy.deepcopy(records)
+    next(t for t in odd[1]["turns"] if t["role"] == "assistant")["tier"] = "handoff"
+    with pytest.raises(InvalidInputError) as refused:
+        build_batch(odd, tok, system=SYSTEM, tools=TOOLS, tier_rewards=tiers)
+    assert str(refused.value) == (
+        f"record 1 ({odd[1]['task_id']!r} (group 'g', sample 0)): tier 'handoff' has no "
+        "reward in the tier table (its tiers: read, respond, gold)"
+    )
     lengths = plain.attention_mask.sum(dim=1)
     limit = int(lengths.min()) + 1
     with pytest.warns(UserWarning, match="truncation='left'"):  # rows cut inside their prompt
@@ -2206,8 +2216,14 @@ def test_collect_commands_max_model_len_reaches_vllm(tmp_path, monkeypatch, caps
     assert main(argv) == 0
     assert "max_model_len" not in seen["init"]
     served = [a for a in argv if a not in ("--engine", "vllm")]
+    # Only vllm takes it: the transformers engine sizes no context.
     assert main([*served, "--max-model-len", "4096"]) == 2
-    assert "--max-model-len run a model here: add --engine" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "turnrl rollouts collect: error: --max-model-len run a model here: add --engine vllm\n"
+    )
+    # As was --vllm-gpu-memory, which went unread without --engine.
+    assert main([*served, "--vllm-gpu-memory", "0.5"]) == 2
+    assert "--vllm-gpu-memory run a model here: add --engine vllm\n" in capsys.readouterr().err
 
 
 def test_a_non_finite_gradient_norm_applies_no_update_and_says_so(tok, base_model, monkeypatch):
@@ -3462,9 +3478,17 @@ def test_a_trained_adapter_is_evaluated_by_rollouts_collect(
     # Without --engine they would be ignored: the base model scored as the adapter.
     served = [a for a in argv if a not in ("--engine", "transformers")]
     assert main([*served, "--adapter", str(tmp_path / "adapter"), "--out", str(out)]) == 2
-    assert "--adapter, --dtype, --device run a model here: add --engine" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--adapter, --dtype, --device run a model here: add --engine transformers\n" in err
     assert main([*served, "--cache-implementation", "static", "--out", str(out)]) == 2
     assert "--device, --cache-implementation run a model here" in capsys.readouterr().err
+    # Options no one engine takes say which takes each.
+    assert main([*served, "--max-model-len", "64", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith(
+        "--dtype, --device, --max-model-len run a model here, and no one engine takes them "
+        "all: --dtype is for --engine transformers; --device is for --engine transformers; "
+        "--max-model-len is for --engine vllm\n"
+    )
 
 
 def test_config_and_resume_refusals(tmp_path, capsys):
@@ -4597,6 +4621,33 @@ def test_a_base_read_from_gguf_is_merged_into_plain_weights(tmp_path, tok, base_
     with pytest.raises(InvalidInputError, match="quantized \\(GgufLinear\\)"):
         train_module.merge_adapter(adapter, tmp_path / "m2", model="x.gguf", dtype="float32")
     assert not (tmp_path / "m2").exists()
+
+
+def test_an_adapter_on_a_relative_model_folder_merges_from_another_folder(
+    tmp_path, tok, base_model, monkeypatch
+):
+    from turnrl import cli
+    from turnrl.train import load_policy
+
+    folder = tmp_path / "models" / "tiny"
+    base_model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    policy, _ = load_policy("./models/tiny", dtype="float32", device="cpu", lora_rank=2)
+    adapter = save_adapter(policy, tmp_path / "run" / "adapter")
+    # As typed, PEFT would record "./models/tiny", a hub name from anywhere else.
+    recorded = json.loads((adapter / "adapter_config.json").read_text())
+    assert recorded["base_model_name_or_path"] == os.path.abspath(folder)
+    # A continued adapter names this run's base the same way.
+    again, _ = load_policy("models/tiny", dtype="float32", device="cpu", adapter=adapter)
+    assert again.peft_config["default"].base_model_name_or_path == os.path.abspath(folder)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    argv = ["merge-adapter", str(adapter), "--out", "merged", "--dtype", "float32"]
+    assert cli.main([*argv, "--device", "cpu"]) == 0
+    merge = json.loads((elsewhere / "merged" / "turnrl_merge.json").read_text())
+    assert merge["base"] == os.path.abspath(folder)
 
 
 def test_a_hub_name_base_is_no_folder_to_protect(tmp_path, tok, base_model, monkeypatch):

@@ -137,6 +137,20 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
     return rewards
 
 
+def tier_reward(rewards: Mapping[str, float], tier: str, where: str) -> float:
+    """``rewards[tier]``, the reward a turn of ``tier`` gets from a tier table. A
+    tier the table lacks is an error naming ``where`` (the record), the tier and
+    the table's tiers: counted 0 it would quietly drop the turns of a tier the
+    table was meant to reward or penalise (a misspelt or forgotten key)."""
+    try:
+        return float(rewards[tier])
+    except KeyError:
+        listed = ", ".join(map(str, rewards)) or "none"
+        raise InvalidInputError(
+            f"{where}: tier {tier!r} has no reward in the tier table (its tiers: {listed})"
+        ) from None
+
+
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # The characters a TOML basic string must escape: the quote, the backslash and
 # the control characters U+0000-U+001F and U+007F (tab is escaped too).
@@ -294,7 +308,12 @@ class TieredRollouts:
         return int(self.turn_tiers.shape[0])
 
     def turn_rewards(self, rewards: Mapping[str, float]) -> np.ndarray:
-        """Per-turn rewards from a tier -> reward table (unknown or unlabelled: 0)."""
+        """Per-turn rewards from a tier -> reward table (unknown or unlabelled: 0).
+
+        Unlike the tables that reward turns for training, calibration's may lack
+        a tier: its starting table is the rewards to compare against (a preset
+        need not name a labeler's own tiers), it derives a reward for every tier
+        it counts, and a tier with reward 0 is exempt from the direction check."""
         table = np.array([rewards.get(tier, 0.0) for tier in self.tiers] + [0.0])
         # Code -1 (no tier) picks the trailing 0.
         return table[self.turn_tiers]

@@ -282,11 +282,11 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{tier:<{width}} {row['turns']:>8} {row['turn_share']:>6.1%} "
                 f"{row['mean_reward']:>+11.3f} {row['trajectories']:>7} {row['success_rate']:>7.3f}"
             )
-    reasons = stats["stop_reasons"]
-    width = max(12, *(len(reason) for reason in reasons))
+    reasons = _stop_reason_labels(stats)
+    width = max(12, *(len(reason) for reason, _ in reasons))
     header = ("stop reason", "traj.", "share", "success")
     print(f"{header[0]:<{width}} " + "{:>8} {:>6} {:>7}".format(*header[1:]))
-    for reason, row in reasons.items():
+    for reason, row in reasons:
         print(
             f"{reason:<{width}} {row['trajectories']:>8} {row['share']:>6.1%} "
             f"{row['success_rate']:>7.3f}"
@@ -297,7 +297,7 @@ def _stats(args: argparse.Namespace) -> int:
             rows = ", ".join(
                 f"{reason} {row['trajectories']} ({row['share']:.1%}, success "
                 f"{row['success_rate']:.3f})"
-                for reason, row in one["stop_reasons"].items()
+                for reason, row in _stop_reason_labels(one)
             )
             count = one["trajectories"]
             print(
@@ -305,6 +305,22 @@ def _stats(args: argparse.Namespace) -> int:
                 + (f"{count} trajectories; {rows}" if count else "no trajectories")
             )
     return 0
+
+
+def _stop_reason_labels(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(label, figures)`` per stop reason of ``buffer_stats`` (or of one file's),
+    those without a reason last as ``(none)``. A reason that starts with ``(`` or
+    ``"`` is shown JSON-quoted, so that no reason reads as ``(none)`` or as
+    another reason."""
+    import json
+
+    rows = [
+        (json.dumps(reason) if reason.startswith(("(", '"')) else reason, row)
+        for reason, row in stats["stop_reasons"].items()
+    ]
+    if stats["no_stop_reason"] is not None:
+        rows.append(("(none)", stats["no_stop_reason"]))
+    return rows
 
 
 def _domain_and_tasks(args: argparse.Namespace) -> tuple[Any, list[Any]]:
@@ -330,17 +346,28 @@ def _collect(args: argparse.Namespace) -> int:
     # requests into one generate call.
     agent: Any
     if args.engine is None:
+        # Per option of a model run here, the --engine values that take it.
         local = {
-            "--adapter": args.adapter,
-            "--dtype": args.dtype,
-            "--device": args.device,
-            "--cache-implementation": args.cache_implementation,
-            "--max-model-len": args.max_model_len,
+            "--adapter": (args.adapter, ("transformers", "vllm")),
+            "--dtype": (args.dtype, ("transformers",)),
+            "--device": (args.device, ("transformers",)),
+            "--cache-implementation": (args.cache_implementation, ("transformers",)),
+            "--max-model-len": (args.max_model_len, ("vllm",)),
+            "--vllm-gpu-memory": (args.vllm_gpu_memory, ("vllm",)),
         }
-        given = [option for option, value in local.items() if value is not None]
+        given = {option: engines for option, (value, engines) in local.items() if value is not None}
         if given:
+            common = [e for e in ("transformers", "vllm") if all(e in v for v in given.values())]
+            if common:
+                raise InvalidInputError(
+                    f"{', '.join(given)} run a model here: add --engine {' or '.join(common)}"
+                )
             raise InvalidInputError(
-                f"{', '.join(given)} run a model here: add --engine transformers (or vllm)"
+                f"{', '.join(given)} run a model here, and no one engine takes them all: "
+                + "; ".join(
+                    f"{option} is for --engine {' or '.join(engines)}"
+                    for option, engines in given.items()
+                )
             )
         agent = envs.OpenAIAgent(
             args.agent_model,
@@ -1644,11 +1671,23 @@ def _grad_norm(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{e} (none: no clipping)") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that takes options spelled in full only, not argparse's
+    abbreviations (``--mod`` for ``--model``): where options have two names a prefix
+    may pick one the user did not mean, and an option added later would change what
+    an abbreviation in someone's script means. Subcommands' parsers are of the
+    parser's own class, so they take none either."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
     from turnrl.train import ROLLOUT_CORRECTIONS, TRUNCATIONS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="turnrl",
         description="Multi-turn RL for tool-calling agents: advantages, calibration, training.",
     )
@@ -1791,7 +1830,8 @@ def build_parser() -> argparse.ArgumentParser:
         "their trajectories, tasks and groups, the success rate and tau-bench's pass^k (when "
         "every task has as many trajectories), assistant turns, per tier its turns, mean "
         "reward and the success rate of the trajectories holding it, and how episodes ended "
-        "(meta's stop_reason, '(none)' where a record gives none): per reason its trajectories, "
+        "(meta's stop_reason, '(none)' where a record gives none; a reason starting with ( or \" "
+        "is shown quoted): per reason its trajectories, "
         "their share and success rate, over all files and, given several, per file.",
     )
     sts.add_argument("buffers", nargs="+", help="buffer files or glob patterns")
@@ -2576,7 +2616,7 @@ def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
     if "-h" in argv or "--help" in argv:
         return argv  # help needs no file, even a broken one
     for token in argv:
-        # argparse would take --conf for --config, and the file would go unread.
+        # The parser takes no abbreviations; this says which option --conf was meant to be.
         written = token.partition("=")[0]
         if written != "--config" and len(written) > 3 and "--config".startswith(written):
             raise InvalidInputError(f"{written}: spell --config in full")

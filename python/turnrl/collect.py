@@ -139,7 +139,9 @@ def collect_rollouts(
     id (a prefix such as ``"step-0001/"`` keeps different policies' samples
     of a task apart when buffers are read together); a task listed ``k``
     times gets ``k * samples``, numbered on in its group. ``tiers`` (a preset,
-    TOML file or mapping) gives the per-turn rewards written beside the tiers.
+    TOML file or mapping) gives the per-turn rewards written beside the tiers;
+    it must name each of the labeller's tiers (gold, soft, read, write, error,
+    respond), since a tier it lacks would otherwise count 0 unseen.
     ``max_steps`` and ``calls_per_message`` are passed to
     :func:`turnrl.envs.run_episode` (``calls_per_message=1`` runs only the
     first call of a message, as tau-bench's tool-calling agent does).
@@ -174,7 +176,7 @@ def collect_rollouts(
     The buffer is written atomically (see :class:`turnrl.RolloutWriter`), its
     folder created if need be.
     """
-    from turnrl.calibration import load_tier_rewards
+    from turnrl.calibration import DEFAULT_TIERS, load_tier_rewards
     from turnrl.rollouts import RolloutWriter
 
     if samples < 1:
@@ -189,6 +191,16 @@ def collect_rollouts(
             f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}"
         )
     rewards = load_tier_rewards(tiers)
+    # Episodes are labelled by turnrl's labeller, with the six tiers of DEFAULT_TIERS.
+    # run_episode refuses a tier its table lacks, failing each episode that holds
+    # one: a table without one of them is refused here, before any episode runs.
+    missing = [tier for tier in DEFAULT_TIERS if tier not in rewards]
+    if missing:
+        where = "tiers" if isinstance(tiers, Mapping) else f"tiers {tiers}"
+        raise InvalidInputError(
+            f"{where}: no reward for tier {', '.join(missing)} (the table has "
+            f"{', '.join(rewards)}; episodes are labelled {', '.join(DEFAULT_TIERS)})"
+        )
     # A task listed twice (a training step's draw across two passes over the
     # pool) gets twice the samples, numbered on in its one group: two runs of
     # sample 0 would be two records with the same (group, sample).

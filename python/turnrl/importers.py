@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnrl.calibration import load_tier_rewards
+from turnrl.calibration import load_tier_rewards, tier_reward
 from turnrl.exceptions import InvalidInputError
 
 __all__ = ["ImportSummary", "import_taubench"]
@@ -102,7 +102,8 @@ def import_taubench(
             position; an integer that is both an id and the position of
             another task is refused as ambiguous).
         tiers: tier rewards (a preset name, a TOML file or a mapping) that
-            set each assistant turn's ``reward``.
+            set each assistant turn's ``reward``; a tier it lacks is an error
+            naming the entry, not a 0.
 
     Raises:
         InvalidInputError: an entry whose task (index or tau2 id) is not in
@@ -147,7 +148,9 @@ def import_taubench(
                     summary.unlabelled += 1
                     continue
                 turn["tier"] = tier
-                turn["reward"] = rewards.get(tier, 0.0)
+                turn["reward"] = tier_reward(
+                    rewards, tier, f"{results_path}: entry {index} (task_id {task_ref!r})"
+                )
                 summary.tiers[tier] += 1
             record["meta"]["gold_matched"] = list(labels.matched_gold)
             writer.write(record)

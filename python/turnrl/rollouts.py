@@ -249,11 +249,13 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     are counted as ``unlabelled_turns``.
 
     How episodes ended, from ``meta["stop_reason"]``: ``stop_reasons`` maps
-    each reason to its trajectories, their share of all trajectories and
-    their success rate, the most frequent first (ties in first-seen order),
-    trajectories whose record gives no reason last as ``"(none)"``;
+    each reason a record gives (any string, ``"(none)"`` included) to its
+    trajectories, their share of all trajectories and their success rate, the
+    most frequent first (ties in first-seen order); ``no_stop_reason`` has the
+    same figures for the trajectories whose record gives none (None when every
+    record gives one), apart, so that no reason's name can be taken for them;
     ``stop_reasons_per_file`` has the same for each file (``file``,
-    ``trajectories``, ``stop_reasons``), in the order read.
+    ``trajectories``, ``stop_reasons``, ``no_stop_reason``), in the order read.
     """
     from turnrl.calibration import check_success_threshold
 
@@ -308,12 +310,12 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
         },
         "unlabelled_turns": int((batch.turn_tiers == NO_TIER).sum()),
         "tiers": tiers,
-        "stop_reasons": _stop_reason_rows(batch, success, slice(None)),
+        **_stop_reason_rows(batch, success, slice(None)),
         "stop_reasons_per_file": [
             {
                 "file": name,
                 "trajectories": int(count),
-                "stop_reasons": _stop_reason_rows(batch, success, batch.file_index == k),
+                **_stop_reason_rows(batch, success, batch.file_index == k),
             }
             for k, (name, count) in enumerate(
                 zip(
@@ -326,34 +328,36 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     }
 
 
-_NONE_LABEL = "(none)"
-"""How :func:`buffer_stats` names the trajectories that give no stop reason."""
-
-
 def _stop_reason_rows(
     batch: RolloutBatch, success: np.ndarray, rows: slice | np.ndarray
-) -> dict[str, dict[str, float | int]]:
-    """Trajectories, share and success rate per stop reason of ``rows``."""
+) -> dict[str, Any]:
+    """Trajectories, share and success rate of ``rows`` per stop reason
+    (``stop_reasons``) and of those without one (``no_stop_reason``, None
+    when there are none)."""
     codes = batch.stop_reason_index[rows]
     won = success[rows]
     total = int(codes.shape[0])
     if not total:
-        return {}
-    # Code -1 (none) counts in the last slot.
-    names = [*batch.stop_reason_names, _NONE_LABEL]
-    slots = np.where(codes == NO_STOP_REASON, len(names) - 1, codes)
-    counts = np.bincount(slots, minlength=len(names))
-    wins = np.bincount(slots, weights=won, minlength=len(names))
-    # Most frequent first, ties in first-seen order; none last.
-    order = [*sorted(range(len(names) - 1), key=lambda k: -counts[k]), len(names) - 1]
-    return {
-        names[k]: {
+        return {"stop_reasons": {}, "no_stop_reason": None}
+    # Code -1 (no reason) counts in the last slot, which no name has.
+    names = batch.stop_reason_names
+    none = len(names)
+    slots = np.where(codes == NO_STOP_REASON, none, codes)
+    counts = np.bincount(slots, minlength=none + 1)
+    wins = np.bincount(slots, weights=won, minlength=none + 1)
+
+    def row(k: int) -> dict[str, float | int]:
+        return {
             "trajectories": int(counts[k]),
             "share": int(counts[k]) / total,
             "success_rate": float(wins[k] / counts[k]),
         }
-        for k in order
-        if counts[k]
+
+    # Most frequent first, ties in first-seen order.
+    order = sorted(range(none), key=lambda k: -counts[k])
+    return {
+        "stop_reasons": {names[k]: row(k) for k in order if counts[k]},
+        "no_stop_reason": row(none) if counts[none] else None,
     }
 
 

@@ -585,9 +585,13 @@ class TrainBatch:
         return int(self.loss_mask.sum())
 
 
-def _turn_reward(turn: Mapping[str, Any], tier_rewards: Mapping[str, float] | None) -> float:
+def _turn_reward(
+    turn: Mapping[str, Any], tier_rewards: Mapping[str, float] | None, where: str
+) -> float:
     if tier_rewards is not None and turn.get("tier") is not None:
-        return float(tier_rewards.get(turn["tier"], 0.0))
+        from turnrl.calibration import tier_reward
+
+        return tier_reward(tier_rewards, turn["tier"], where)
     reward = turn.get("reward")
     return 0.0 if reward is None else float(reward)
 
@@ -621,8 +625,9 @@ def build_batch(
     """Tokenize rollouts and give every generated token its turn's advantage.
 
     Turn rewards are ``tier_rewards[tier]`` when given (recalibrated tiers
-    applied to an old buffer), else each turn's recorded ``reward`` (None
-    counts 0). Groups are the records' ``group`` strings. ``system`` is the
+    applied to an old buffer; a tier the table lacks is an InvalidInputError
+    naming it, the record and the table's tiers), else each turn's recorded
+    ``reward`` (None counts 0). Groups are the records' ``group`` strings. ``system`` is the
     system prompt, or a function of the record giving it. With
     ``mask_truncated``, turns whose generation hit the token limit (``truncated``
     on the turn) are not trained (TRL's ``mask_truncated_completions``).
@@ -682,7 +687,8 @@ def build_batch(
         name = str(record.get("task_id") if name is None else name)
         group[i] = group_ids.setdefault(name, len(group_ids))
         assistant = [t for t in record["turns"] if t.get("role") == "assistant"]
-        turn_rewards += [_turn_reward(t, tier_rewards) for t in assistant]
+        where = f"record {i} ({_where(record)})"
+        turn_rewards += [_turn_reward(t, tier_rewards, where) for t in assistant]
         turn_offsets.append(len(turn_rewards))
         if mask_truncated:
             cut_turns.append({k for k, t in enumerate(assistant) if t.get("truncated")})
@@ -2227,9 +2233,11 @@ def train_loop(
     tool call of a message runs, as in tau-bench's tool-calling agent).
 
     ``tiers`` is a fixed tier -> reward table (a preset, TOML file or
-    mapping), or an :class:`turnrl.calibration.OnlineCalibrator`: Iterative
+    mapping, with a reward for each tier the labeller gives), or an
+    :class:`turnrl.calibration.OnlineCalibrator`: Iterative
     Reward Calibration during training. Each step's rollouts are then
-    rewarded with the calibrator's current rewards, and after the update
+    rewarded with the calibrator's current rewards (0 for a tier it has none
+    for yet, as calibration counts it), and after the update
     their tiers go to ``calibrator.update`` (on every rank, the whole step's
     rollouts), which re-derives the rewards for the steps after it every
     ``every`` steps. Its state is saved in the checkpoint's
@@ -2283,7 +2291,7 @@ def train_loop(
     ``on_step`` runs on every rank: write files from one). Rank 0 alone
     saves the checkpoint; every rank waits for it before ``after_update``.
     """
-    from turnrl.calibration import OnlineCalibrator, load_tier_rewards
+    from turnrl.calibration import DEFAULT_TIERS, OnlineCalibrator, load_tier_rewards
     from turnrl.collect import collect_rollouts
     from turnrl.envs.runner import _check_episode_options
     from turnrl.irc import tiered_from_records
@@ -2319,6 +2327,19 @@ def train_loop(
             )
     else:
         fixed_rewards = load_tier_rewards(tiers)
+
+    def episode_rewards() -> dict[str, float]:
+        """The table the episodes' turns are rewarded with: a fixed one as given
+        (collect_rollouts refuses one without a reward for each tier), the
+        calibrator's with 0 for the tiers it has no reward for yet. That one may
+        lack tiers: its starting table need not name every tier, and it derives
+        rewards for the tiers it has counted only; calibration itself counts a
+        tier its table lacks as 0, exempt from the direction check."""
+        if calibrator is None:
+            return fixed_rewards
+        known = dict.fromkeys((*DEFAULT_TIERS, *calibrator.tiers), 0.0)
+        return {**known, **calibrator.rewards}
+
     if steps < 1 or tasks_per_step < 1 or group_size < 1:
         raise InvalidInputError("steps, tasks_per_step and group_size must be at least 1")
     pool = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
@@ -2384,7 +2405,7 @@ def train_loop(
                 make_agent,
                 make_user,
                 name,
-                tiers=dict(calibrator.rewards) if calibrator is not None else fixed_rewards,
+                tiers=episode_rewards(),
                 calls_per_message=calls_per_message,
                 max_steps=max_steps,
                 workers=workers,
@@ -2420,7 +2441,7 @@ def train_loop(
                     out,
                     tasks=_rank_share(chosen, rank, world),
                     samples=group_size,
-                    tiers=rewards,
+                    tiers=episode_rewards(),
                     calls_per_message=calls_per_message,
                     max_steps=max_steps,
                     workers=workers,
@@ -2723,7 +2744,9 @@ def load_policy(
     are trained in ``dtype`` from then on); ``device`` defaults to CUDA
     when there is one. ``adapter`` continues from a saved adapter (a
     :func:`save_adapter` folder) instead of a fresh one (``lora_alpha``
-    defaults to twice the rank). ``gradient_checkpointing`` keeps only each
+    defaults to twice the rank). The adapter names a local ``model`` (its
+    ``base_model_name_or_path``) by its absolute path, so that
+    :func:`merge_adapter` finds it from any folder. ``gradient_checkpointing`` keeps only each
     decoder layer's input during the update and recomputes the rest in the
     backward (non-reentrant, as TRL and PEFT recommend for adapters):
     less activation memory for about a third more decoder time.
@@ -2743,10 +2766,13 @@ def load_policy(
             task_type="CAUSAL_LM",
         )
         policy = peft.get_peft_model(base, config)
-        if str(model).endswith(".gguf"):
-            # PEFT would record the GGUF file's folder, which loads as no model;
-            # merge_adapter reads the base from here.
-            policy.peft_config["default"].base_model_name_or_path = os.path.abspath(model)
+    # The adapter's adapter_config.json names its base, which merge_adapter loads
+    # by default: PEFT records the model as given, so a relative folder
+    # ("./models/tiny") would be read from another folder as a hub name, and a
+    # GGUF file as its folder, which loads as no model. A local one is recorded
+    # by its absolute path (a continued adapter included: this run's base).
+    if str(model).endswith(".gguf") or Path(model).exists():
+        policy.peft_config["default"].base_model_name_or_path = os.path.abspath(model)
     if gradient_checkpointing:
         if not getattr(base, "supports_gradient_checkpointing", False):
             raise InvalidInputError(

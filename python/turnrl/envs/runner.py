@@ -134,7 +134,8 @@ def run_episode(
     Tiers come from ``labeler(turns, gold_actions, tool_kinds)`` (one entry per
     turn, None for non-assistant turns), else from ``turnrl.label_tiers`` when
     it exists, else stay None. ``tier_rewards`` maps a tier to the per-turn
-    reward written beside it.
+    reward written beside it; a tier it lacks is an InvalidInputError naming
+    the tier, the task and the table's tiers (the episode fails), not a 0.
 
     Assistant turns keep what an agent gives for training: the raw
     ``completion`` text, ``truncated``, ``completion_end``, the sampled
@@ -324,7 +325,11 @@ def run_episode(
                 turn["tier"] = tier
     for turn in turns:
         if turn["role"] == "assistant" and tier_rewards is not None and turn["tier"] is not None:
-            turn["reward"] = float(tier_rewards.get(turn["tier"], 0.0))
+            from turnrl.calibration import tier_reward
+
+            named = group if group is not None else task.id
+            where = f"task {task.id!r} (group {named!r}, sample {sample!r})"
+            turn["reward"] = tier_reward(tier_rewards, turn["tier"], where)
 
     return {
         "schema": "turnrl.rollout/1",
