@@ -455,3 +455,31 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
         "draws its tasks otherwise" in err
         and f"task pool 2 tasks (ids {saved_ids}) -> 3 tasks (ids " in err
     )
+
+
+def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypatch):
+    """On a GPU the steps' sampling draws from the CUDA generator alone: an
+    evaluation's own stream must still differ from the last one's (and the
+    generators be put back after it)."""
+    from turnrl.train import _own_random_stream
+
+    cuda = {"state": torch.Generator().manual_seed(1).get_state()}
+    fake = torch.Generator()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=0: cuda["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device=0: cuda.update(state=s))
+    monkeypatch.setattr(torch.cuda, "default_generators", (fake,), raising=False)
+    torch.manual_seed(0)
+    drawn = []
+    for step in range(3):
+        moved = torch.Generator()
+        moved.set_state(cuda["state"])
+        torch.rand(4, generator=moved)  # the step's sampling, on the "GPU"
+        cuda["state"] = moved.get_state()
+        before = (torch.get_rng_state(), cuda["state"].clone())
+        with _own_random_stream():
+            drawn.append(torch.rand(3))
+        assert torch.equal(torch.get_rng_state(), before[0])
+        assert torch.equal(cuda["state"], before[1])
+    assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])

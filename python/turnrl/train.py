@@ -1752,14 +1752,22 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
 
 @contextlib.contextmanager
 def _own_random_stream() -> Any:
-    """Run the block on torch generators seeded from a draw of the current
-    ones, and put the current ones back after it: what runs after the block
-    draws as if it had not run, and the block still draws anew each time."""
+    """Run the block on torch generators seeded from the current ones' states,
+    and put the current ones back after it: what runs after the block draws
+    as if it had not run, and the block still draws anew each time."""
+    import hashlib
+
     import torch
 
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
-        seed = int(torch.randint(0, 2**62, ()).item())
+        # Every generator's state, not the CPU's alone: on a GPU the steps'
+        # sampling draws from the CUDA ones only, and a seed drawn from the
+        # CPU's would be the same at every evaluation.
+        digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+        for index in devices:
+            digest.update(torch.cuda.get_rng_state(index).numpy().tobytes())
+        seed = int.from_bytes(digest.digest()[:8], "little") >> 2
         torch.default_generator.manual_seed(seed)
         for index in devices:
             torch.cuda.default_generators[index].manual_seed(seed)
