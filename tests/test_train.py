@@ -2463,9 +2463,15 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     _, given, _ = rewards_given(1)
     assert given == {tier: derived.get(tier, 0.0) for tier in given}
     assert [h["recalibrated"] for h in history] == [1.0, 1.0]
+    # The rewards the turns were given: 0 for the tiers the starting table lacks,
+    # which the step's figures name too.
+    from turnrl.calibration import DEFAULT_TIERS
+
+    given_first = {**dict.fromkeys(DEFAULT_TIERS, 0.0), **load_tier_rewards(start)}
     assert {k: v for k, v in history[0].items() if k.startswith("tier_reward/")} == {
-        f"tier_reward/{tier}": value for tier, value in load_tier_rewards(start).items()
+        f"tier_reward/{tier}": value for tier, value in given_first.items()
     }
+    assert all(f"tier_share/{tier}" in history[0] for tier in DEFAULT_TIERS)
     assert history[1]["tier_reward/gold"] == derived["gold"]
     # The checkpoint holds the calibrator, in the same swap as the adapter.
     state = json.loads((tmp_path / "ckpt" / "turnrl_state.json").read_text())

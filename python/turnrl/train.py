@@ -2430,7 +2430,8 @@ def train_loop(
             # A function of (seed, step) alone: every rank draws the same tasks,
             # and a resumed run the ones an unbroken run would have.
             chosen = step_tasks(pool, step, tasks_per_step, seed)
-            rewards = dict(calibrator.rewards) if calibrator is not None else fixed_rewards
+            # What the step's turns are rewarded with, and the tiers its figures name.
+            rewards = dict(episode_rewards())
             _peak_memory(device, reset=True)
             started = time.perf_counter()
             keep: Any = (
@@ -2449,7 +2450,7 @@ def train_loop(
                     out,
                     tasks=_rank_share(chosen, rank, world),
                     samples=group_size,
-                    tiers=episode_rewards(),
+                    tiers=rewards,
                     calls_per_message=calls_per_message,
                     max_steps=max_steps,
                     workers=workers,
