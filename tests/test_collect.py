@@ -683,3 +683,16 @@ def test_collect_counts_episodes_the_context_ended(chat_server, tmp_path, capsys
     assert "wrote 4 rollouts" in printed and "stops: context_length 4" in printed
     records = list(turnrl.iter_rollout_records(out))
     assert [r["meta"]["stop_reason"] for r in records] == ["context_length"] * 4
+
+
+def test_cli_train_refuses_a_tier_file_without_a_tier_before_the_model_loads(tmp_path, capsys):
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text("[tiers]\ngold = 1.0\nsoft = 0.5\nread = 0.3\nwrite = 0.1\nerror = -0.5\n")
+    # No such model: loading it would fail with another message.
+    argv = ["train", "--model", str(tmp_path / "no-model"), "--env", "synthetic:airline"]
+    argv += ["--out", str(tmp_path / "run"), "--user", "scripted", "--tiers", str(tiers)]
+    assert main(argv) == 2
+    assert f"error: tiers {tiers}: no reward for tier respond (the table has gold," in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "adapter").exists()

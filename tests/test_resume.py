@@ -472,7 +472,7 @@ def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypat
     monkeypatch.setattr(torch.cuda, "default_generators", (fake,), raising=False)
     torch.manual_seed(0)
     drawn = []
-    for step in range(3):
+    for _ in range(3):
         moved = torch.Generator()
         moved.set_state(cuda["state"])
         torch.rand(4, generator=moved)  # the step's sampling, on the "GPU"

@@ -805,6 +805,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
 
     import torch
 
+    from turnrl.collect import episode_tier_rewards
     from turnrl.engines import EngineAgent, TransformersEngine
     from turnrl.exceptions import InvalidInputError
     from turnrl.loggers import close_loggers, make_loggers, require_loggers
@@ -826,6 +827,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
 
     if rank == 0:  # a missing tracker package fails now, not after the model loads
         require_loggers(args.report_to)
+    if args.tiers is not None and args.calibrate_every is None:
+        episode_tier_rewards(args.tiers)  # so does a table without a reward for each tier
     domain, tasks = _domain_and_tasks(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

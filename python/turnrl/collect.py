@@ -23,7 +23,7 @@ from turnrl.envs.runner import Agent, _check_episode_options, run_episode
 from turnrl.envs.users import User
 from turnrl.exceptions import InvalidInputError
 
-__all__ = ["CollectSummary", "collect_rollouts", "select_tasks"]
+__all__ = ["CollectSummary", "collect_rollouts", "episode_tier_rewards", "select_tasks"]
 
 
 @dataclass
@@ -111,6 +111,24 @@ def select_tasks(domain: Domain, spec: str) -> list[Task]:
     return chosen
 
 
+def episode_tier_rewards(tiers: str | Mapping[str, float]) -> dict[str, float]:
+    """The reward table ``tiers`` (a preset name, a TOML file or a mapping, as
+    :func:`turnrl.calibration.load_tier_rewards` reads it), refused with an
+    :class:`InvalidInputError` naming what is missing unless it rewards each of
+    the six tiers turnrl's labeller gives episodes' turns."""
+    from turnrl.calibration import DEFAULT_TIERS, load_tier_rewards
+
+    rewards = load_tier_rewards(tiers)
+    missing = [tier for tier in DEFAULT_TIERS if tier not in rewards]
+    if missing:
+        where = "tiers" if isinstance(tiers, Mapping) else f"tiers {tiers}"
+        raise InvalidInputError(
+            f"{where}: no reward for tier {', '.join(missing)} (the table has "
+            f"{', '.join(rewards)}; episodes are labelled {', '.join(DEFAULT_TIERS)})"
+        )
+    return rewards
+
+
 def collect_rollouts(
     domain: Domain,
     make_agent: Callable[[], Agent],
@@ -176,7 +194,6 @@ def collect_rollouts(
     The buffer is written atomically (see :class:`turnrl.RolloutWriter`), its
     folder created if need be.
     """
-    from turnrl.calibration import DEFAULT_TIERS, load_tier_rewards
     from turnrl.rollouts import RolloutWriter
 
     if samples < 1:
@@ -190,17 +207,9 @@ def collect_rollouts(
         raise InvalidInputError(
             f"max_consecutive_failures must be at least 1 or None, got {max_consecutive_failures}"
         )
-    rewards = load_tier_rewards(tiers)
-    # Episodes are labelled by turnrl's labeller, with the six tiers of DEFAULT_TIERS.
     # run_episode refuses a tier its table lacks, failing each episode that holds
     # one: a table without one of them is refused here, before any episode runs.
-    missing = [tier for tier in DEFAULT_TIERS if tier not in rewards]
-    if missing:
-        where = "tiers" if isinstance(tiers, Mapping) else f"tiers {tiers}"
-        raise InvalidInputError(
-            f"{where}: no reward for tier {', '.join(missing)} (the table has "
-            f"{', '.join(rewards)}; episodes are labelled {', '.join(DEFAULT_TIERS)})"
-        )
+    rewards = episode_tier_rewards(tiers)
     # A task listed twice (a training step's draw across two passes over the
     # pool) gets twice the samples, numbered on in its one group: two runs of
     # sample 0 would be two records with the same (group, sample).

@@ -2298,9 +2298,11 @@ def train_loop(
     update over the ranks. Stats are the whole step's on every rank (and
     ``on_step`` runs on every rank: write files from one). Rank 0 alone
     saves the checkpoint; every rank waits for it before ``after_update``.
+    Give every rank the same ``checkpoint``: every rank takes part in
+    gathering the ranks' generators for it.
     """
-    from turnrl.calibration import DEFAULT_TIERS, OnlineCalibrator, load_tier_rewards
-    from turnrl.collect import collect_rollouts
+    from turnrl.calibration import DEFAULT_TIERS, OnlineCalibrator
+    from turnrl.collect import collect_rollouts, episode_tier_rewards
     from turnrl.envs.runner import _check_episode_options
     from turnrl.irc import tiered_from_records
 
@@ -2334,7 +2336,7 @@ def train_loop(
                 "**estimator_params) as given to train_loop"
             )
     else:
-        fixed_rewards = load_tier_rewards(tiers)
+        fixed_rewards = episode_tier_rewards(tiers)  # refused now, not at the first rollout
 
     def episode_rewards() -> dict[str, float]:
         """The table the episodes' turns are rewarded with: a fixed one as given
