@@ -195,10 +195,9 @@ class TransformersEngine:
         if not conversations:
             return []
         tok = self.tokenizer
-        prompts = [self.prompt(c, tools) for c in conversations]
         stops = self.stop_ids()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded = [_prompt_ids(tok, c, tools, self.chat_template_kwargs) for c in conversations]
         width = max(len(e) for e in encoded)
         device = next(self.model.parameters()).device
         if "offloaded" in (self.cache_implementation or "") and device.type != "cuda":
@@ -562,16 +561,16 @@ class VLLMEngine:
             if len(outputs) != len(asked):
                 raise RuntimeError(f"vLLM gave {len(outputs)} outputs for {len(asked)} prompts")
             for i, output in zip(asked, outputs, strict=True):
-                answers[i] = self._completion(output.outputs[0])
+                answers[i] = self._completion(output.outputs[0], tokenizer)
         return _filled(answers)
 
-    def _completion(self, output: Any) -> Completion | AgentError:
+    def _completion(self, output: Any, tokenizer: Any) -> Completion | AgentError:
         # Training checks that the ids decode to the text and its end token
         # before it uses them (turnrl.train.tokenize_rollout).
         ids = getattr(output, "token_ids", None)
         token_ids = tuple(int(i) for i in ids) if ids is not None else None
         return _vllm_completion(
-            self.llm.get_tokenizer(),
+            tokenizer,
             output.text,
             output.finish_reason,
             getattr(output, "stop_reason", None),
@@ -765,8 +764,7 @@ class ServerEngine:
         self, conversations: Sequence[Chat], tools: Tools
     ) -> list[Completion | AgentError]:
         prompts = [
-            self.tokenizer(self.prompt(c, tools), add_special_tokens=False)["input_ids"]
-            for c in conversations
+            _prompt_ids(self.tokenizer, c, tools, self.chat_template_kwargs) for c in conversations
         ]
         # vLLM's server refuses a whole /v1/completions request (HTTP 400)
         # where one prompt plus max_tokens exceeds --max-model-len:
@@ -1124,9 +1122,9 @@ def _llm_max_model_len(llm: Any) -> int | None:
 def _prompt_ids(
     tokenizer: Any, conversation: Chat, tools: Tools, chat_template_kwargs: Mapping[str, Any]
 ) -> list[int]:
-    """The token ids of the prompt of ``conversation``: the chat template's
-    text, encoded without special tokens added (the template writes its own),
-    as vLLM's ``LLM.chat`` and TransformersEngine encode it."""
+    """The token ids of the prompt of ``conversation``, as every engine here
+    samples after it: the chat template's text, encoded without special
+    tokens added (the template writes its own), as vLLM's ``LLM.chat`` does."""
     # vLLM's mistral_common tokenizer encodes text as plain text, control
     # tokens ([INST], [AVAILABLE_TOOLS]) included, so it must render to ids
     # itself, as vLLM's own renderer asks it to (vllm/renderers/mistral.py).
