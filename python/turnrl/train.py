@@ -607,6 +607,16 @@ _UNTRAINED_BY_RIGHT_CUT = (
 )
 
 
+def _check_truncation(max_length: int | None, truncation: str) -> None:
+    """Refuse a ``max_length`` below 2 or an unknown ``truncation`` (:func:`build_batch`)."""
+    if max_length is not None and max_length < 2:
+        raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
+    if truncation not in TRUNCATIONS:
+        raise UnknownNameError(
+            f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
+        )
+
+
 def build_batch(
     records: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -664,12 +674,7 @@ def build_batch(
 
     if not records:
         raise InvalidInputError("build_batch needs at least one record")
-    if max_length is not None and max_length < 2:
-        raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
-    if truncation not in TRUNCATIONS:
-        raise UnknownNameError(
-            f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
-        )
+    _check_truncation(max_length, truncation)
     group_ids: dict[str, int] = {}
     cut_turns: list[set[int]] = []  # per record, with mask_truncated
     outcome = np.empty(len(records), dtype=np.float64)
@@ -2267,7 +2272,7 @@ def train_loop(
     the step's (so that a run stopped during an evaluation has reported the
     step its checkpoint holds); the evaluation before training, when asked
     for, is such a call for step ``first_step - 1``. An evaluation draws
-    from torch generators of its own (seeded from a draw of the global ones,
+    from torch generators of its own (seeded from the global ones' states,
     which are put back after it), so the training steps sample the same
     whether or when it runs.
 
@@ -2315,12 +2320,7 @@ def train_loop(
         settings = {}
     # Refused now, not after a whole step of rollouts.
     compute_advantages(estimator, *probe_batch(), **params)
-    if truncation not in TRUNCATIONS:
-        raise UnknownNameError(
-            f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
-        )
-    if max_length is not None and max_length < 2:
-        raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
+    _check_truncation(max_length, truncation)
     calibrator: OnlineCalibrator | None = None
     fixed_rewards: dict[str, float] = {}
     if isinstance(tiers, OnlineCalibrator):

@@ -323,13 +323,14 @@ def run_episode(
         for turn, tier in zip(turns, tiers, strict=True):
             if turn["role"] == "assistant":
                 turn["tier"] = tier
-    for turn in turns:
-        if turn["role"] == "assistant" and tier_rewards is not None and turn["tier"] is not None:
-            from turnrl.calibration import tier_reward
+    if tier_rewards is not None:
+        from turnrl.calibration import tier_reward
 
-            named = group if group is not None else task.id
-            where = f"task {task.id!r} (group {named!r}, sample {sample!r})"
-            turn["reward"] = tier_reward(tier_rewards, turn["tier"], where)
+        named = group if group is not None else task.id
+        where = f"task {task.id!r} (group {named!r}, sample {sample!r})"
+        for turn in turns:
+            if turn["role"] == "assistant" and turn["tier"] is not None:
+                turn["reward"] = tier_reward(tier_rewards, turn["tier"], where)
 
     return {
         "schema": "turnrl.rollout/1",
