@@ -2626,6 +2626,21 @@ def _keep_each_saved_adapter(monkeypatch, folder):
     monkeypatch.setattr(GTPOTrainer, "save", save)
 
 
+def _recording_trainer(base_model, batches: list, config: GTPOConfig) -> GTPOTrainer:
+    """A trainer of a fresh LoRA adapter (SGD, lr 0.1) that appends each batch
+    it steps on to ``batches``."""
+
+    class Recording(GTPOTrainer):
+        def step(self, batch):
+            batches.append(batch)
+            return super().step(batch)
+
+    model = _lora(base_model)
+    return Recording(
+        model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), config
+    )
+
+
 def _lora_weights(model_folder, adapter):
     """The LoRA weights of ``adapter`` as load_model (rollouts collect's loader) loads them."""
     from turnrl.train import load_model
@@ -3911,16 +3926,9 @@ def test_train_loop_trains_on_the_sampled_ids_and_buffers_hold_text(tmp_path, to
             return out
 
     batches = []
-
-    class Recording(GTPOTrainer):
-        def step(self, batch):
-            batches.append(batch)
-            return super().step(batch)
-
-    model = _lora(base_model)
-    trainer = Recording(
-        model,
-        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+    trainer = _recording_trainer(
+        base_model,
+        batches,
         # Both episodes are alike (no signal): run them anyway, to measure the sampler.
         GTPOConfig(micro_batch_size=4, backend="torch", skip_zero_advantage=False),
     )
@@ -3969,17 +3977,8 @@ def test_train_loop_reports_the_rows_it_cut_at_max_length(tmp_path, tok, base_mo
             return ["How can I help?" for _ in conversations]
 
     batches = []
-
-    class Recording(GTPOTrainer):
-        def step(self, batch):
-            batches.append(batch)
-            return super().step(batch)
-
-    model = _lora(base_model)
-    trainer = Recording(
-        model,
-        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-        GTPOConfig(micro_batch_size=4, backend="torch"),
+    trainer = _recording_trainer(
+        base_model, batches, GTPOConfig(micro_batch_size=4, backend="torch")
     )
 
     def run(**options):
