@@ -5,16 +5,20 @@ adapter and metrics lines (all but the wall times).
 
 The policy's replies come from ``_Sampling``: ``_HalfGold`` (half of each
 task's episodes succeed) whose failing replies are drawn from torch's global
-generator, as a sampling engine's tokens are. On one worker, two runs differ
-only by what a stop and a resume lose, torch's generators included.
+generator, as a sampling engine's tokens are, and from Python's ``random`` and
+numpy's global generator, as an environment's, a user simulator's or reward
+code's draws may be. On one worker, two runs differ only by what a stop and a
+resume lose, those generators included.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -72,15 +76,25 @@ def base_model():
 
 class _Sampling(_HalfGold):
     """:class:`_HalfGold` whose failing replies are drawn from torch's global
-    generator (the one a transformers engine's ``do_sample`` draws from): a
-    resumed run replies as the unbroken run only if its generator goes on
-    from where the stopped run's stood."""
+    generator (the one a transformers engine's ``do_sample`` draws from), then
+    from Python's ``random`` and numpy's global generator (which environments,
+    user simulators and reward code may draw from): a resumed run replies as
+    the unbroken run only if each generator goes on from where the stopped
+    run's stood."""
 
     REPLIES = ("How can I help?", "What can I do for you?", "Tell me more.", "Hello there!")
+    OPENINGS = ("Sure.", "Right.", "Well,", "So,", "Okay.", "Hmm.", "Yes.", "Now,")
+    CLOSINGS = ("Thanks!", "Go on.", "I see.", "Noted.", "Please.", "Fine.", "Great.", "Ah.")
 
     def generate(self, conversations, tools=None):
         return [
-            self.REPLIES[int(torch.randint(len(self.REPLIES), ()))]
+            " ".join(
+                (
+                    self.OPENINGS[random.randrange(len(self.OPENINGS))],
+                    self.REPLIES[int(torch.randint(len(self.REPLIES), ()))],
+                    self.CLOSINGS[int(np.random.randint(len(self.CLOSINGS)))],
+                )
+            )
             if reply == "How can I help?"
             else reply
             for reply in super().generate(conversations, tools)
@@ -369,21 +383,58 @@ def test_a_best_adapter_a_kill_left_aside_is_put_back_by_any_resume(
     assert not list(run.glob(".best.old-*"))
 
 
-def test_a_checkpoint_keeps_torchs_generators_and_one_without_them_resumes(
+def _global_states() -> dict:
+    """torch's CPU generator, Python's random and numpy's global generator, as they stand."""
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=True),
+    }
+
+
+def _same_global_states(a: dict, b: dict) -> bool:
+    _, a_key, *a_rest = a["numpy"]
+    _, b_key, *b_rest = b["numpy"]
+    return (
+        torch.equal(a["torch"], b["torch"])
+        and a["python"] == b["python"]
+        and np.array_equal(a_key, b_key)
+        and a_rest == b_rest
+    )
+
+
+def test_a_checkpoint_keeps_the_generators_and_one_without_them_resumes(
     tmp_path, tok, base_model, monkeypatch, capsys
 ):
-    """Each checkpoint holds torch's generators as the step left them
-    (rng_state.pt, read with weights_only); --resume puts them back before
-    the first rollout. A checkpoint without the file (an older turnrl's)
-    resumes from --seed, saying so; a file that is no such state is refused."""
+    """Each checkpoint holds torch's generators, Python's random and numpy's
+    global one as the step left them (rng_state.pt, read with weights_only);
+    --resume puts them back before the first rollout. A checkpoint without the
+    file, or with torch's generators alone (an older turnrl's), resumes from
+    --seed where it lacks them, saying so; a file that is no such state is
+    refused."""
     import turnrl.train
     from turnrl.cli import main
 
     argv = _train_argv(tmp_path, tok, base_model)
     assert main(argv) == 0
+    after_run = _global_states()
     file = tmp_path / "run" / "adapter" / "rng_state.pt"
     saved = torch.load(file, weights_only=True)
     assert len(saved["ranks"]) == 1 and saved["ranks"][0]["cpu"].dtype == torch.uint8
+    # Nothing draws after the checkpoint of the run's last step.
+    python, numpy = saved["ranks"][0]["python"], saved["ranks"][0]["numpy"]
+    assert (python["version"], tuple(python["state"].tolist()), python["gauss_next"]) == (
+        after_run["python"]
+    )
+    key = numpy["key"].numpy().astype(np.uint32)
+    assert _same_global_states(
+        after_run,
+        {
+            "torch": saved["ranks"][0]["cpu"],
+            "python": after_run["python"],
+            "numpy": ("MT19937", key, numpy["pos"], numpy["has_gauss"], numpy["gauss"]),
+        },
+    )
 
     class Reached(Exception):
         pass
@@ -391,21 +442,46 @@ def test_a_checkpoint_keeps_torchs_generators_and_one_without_them_resumes(
     at_start = []
 
     def train_loop(*args, **kwargs):
-        at_start.append(torch.get_rng_state())
+        at_start.append(_global_states())
         raise Reached
 
     monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    # Elsewhere first: --resume must move every generator back.
+    torch.manual_seed(123)
+    random.seed(123)
+    np.random.seed(123)
     with pytest.raises(Reached):
         main([*argv, "--resume"])
-    assert torch.equal(at_start[-1], saved["ranks"][0]["cpu"])
-    file.unlink()
+    assert _same_global_states(at_start[-1], after_run)
+
+    # An older turnrl's file: torch's generators only.
+    torch.save({"ranks": [{"cpu": saved["ranks"][0]["cpu"], "cuda": []}]}, file)
     capsys.readouterr()
     with pytest.raises(Reached):
         main([*argv, "--resume"])
-    assert not torch.equal(at_start[-1], saved["ranks"][0]["cpu"])
+    assert torch.equal(at_start[-1]["torch"], saved["ranks"][0]["cpu"])
+    random.seed(0)  # as --seed 0 leaves them
+    np.random.seed(0)
+    assert _same_global_states(at_start[-1], {**_global_states(), "torch": at_start[-1]["torch"]})
     err = capsys.readouterr().err
-    assert "holds no random number generator state (rng_state.pt); sampling goes on" in err
+    assert (
+        f"--resume: {file} holds no state of Python's random or numpy's global generator "
+        "(an older turnrl's); the generators it lacks go on from --seed 0"
+    ) in err
+
+    file.unlink()
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert not torch.equal(at_start[-1]["torch"], saved["ranks"][0]["cpu"])
+    err = capsys.readouterr().err
+    assert "holds no random number generator state (rng_state.pt); the generators it lacks" in err
+
     torch.save({"ranks": [{"cpu": torch.zeros(3)}]}, file)
+    assert main([*argv, "--resume"]) == 2
+    assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err
+    # A numpy state cut short is refused too.
+    cut = {**saved["ranks"][0], "numpy": {**numpy, "key": numpy["key"][:-1]}}
+    torch.save({"ranks": [cut]}, file)
     assert main([*argv, "--resume"]) == 2
     assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err
 
@@ -483,3 +559,34 @@ def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypat
         assert torch.equal(torch.get_rng_state(), before[0])
         assert torch.equal(cuda["state"], before[1])
     assert not torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[1], drawn[2])
+
+
+def test_an_evaluation_draws_from_random_and_numpy_streams_of_its_own():
+    """Environments, user simulators and reward code an evaluation runs may draw
+    from Python's random and numpy's global generator: the steps after it must
+    draw as if it had not run, and each evaluation must still draw anew, even
+    when the steps moved those generators alone (not torch's)."""
+    from turnrl.train import _own_random_stream
+
+    def step() -> tuple:
+        return random.random(), float(np.random.standard_normal())
+
+    def run(evaluate: bool) -> tuple[list, list]:
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        steps, evaluations = [], []
+        for _ in range(3):
+            steps.append(step())
+            if evaluate:
+                before = _global_states()
+                with _own_random_stream():
+                    evaluations.append(step())
+                assert _same_global_states(_global_states(), before)
+        return steps, evaluations
+
+    steps, evaluations = run(evaluate=True)
+    assert steps == run(evaluate=False)[0]
+    assert len(set(evaluations)) == len(evaluations)
+    # An evaluation is no continuation of the steps' own streams.
+    assert not set(evaluations) & set(steps)

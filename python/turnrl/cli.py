@@ -801,8 +801,10 @@ def _server_engine(
 def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> int:
     import json
     import os
+    import random
     from pathlib import Path
 
+    import numpy as np
     import torch
 
     from turnrl.collect import episode_tier_rewards
@@ -869,8 +871,12 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             "--resume, or give another --out"
         )
     # As TRL's set_seed: a fresh adapter's weights, then the sampling, from
-    # --seed (each rank its own stream; rank 0's adapter is every rank's).
+    # --seed (each rank its own stream; rank 0's adapter is every rank's), and
+    # random and numpy's global generator, which environments, user
+    # simulators and reward code may draw from.
     torch.manual_seed(args.seed + rank)
+    random.seed(args.seed + rank)
+    np.random.seed((args.seed + rank) % 2**32)  # numpy takes no negative seed
     model, tokenizer = load_policy(
         args.model,
         dtype=args.dtype,
@@ -1061,8 +1067,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             # Each rank lacking its own says so (a run resumed on more ranks).
             if missing is not None and (rank == 0 or (adapter / RNG_FILE).exists()):
                 print(
-                    f"--resume: {missing}; sampling goes on from --seed {args.seed}, not from "
-                    "where the stopped run left it",
+                    f"--resume: {missing}; the generators it lacks go on from --seed "
+                    f"{args.seed}, not from where the stopped run left them",
                     file=sys.stderr,
                 )
     except Exception as e:  # an unreadable best.json or RNG state: every rank stops
@@ -2002,8 +2008,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
-        help="seed of the task order, a synthetic domain, a fresh adapter's weights and "
-        "torch's sampling (default: %(default)s)",
+        help="seed of the task order, a synthetic domain, a fresh adapter's weights, "
+        "torch's sampling and Python's and numpy's global generators (default: %(default)s)",
     )
     tr.add_argument(
         "--steps", type=_positive_int, default=10, help="updates (default: %(default)s)"

@@ -1678,17 +1678,37 @@ RNG_FILE = "rng_state.pt"
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's torch generators: the CPU's (``"cpu"``) and, once CUDA is
-    initialised, every CUDA device's (``"cuda"``, by device index; empty before).
+    """This process's random number generators: torch's CPU one (``"cpu"``)
+    and, once CUDA is initialised, every CUDA device's (``"cuda"``, by device
+    index; empty before), Python's ``random`` (``"python"``) and numpy's
+    global one (``"numpy"``).
 
     What ``--seed`` seeds and what sampling (a transformers engine's
-    ``do_sample``), dropout and the like draw from; :func:`load_rng_state`
-    puts them back."""
+    ``do_sample``), dropout and the like draw from, and environments, user
+    simulators and reward code may (turnrl's own draw from generators of
+    their own); :func:`load_rng_state` puts them back. Every value is a
+    tensor or a plain value, so the state is saved and read back with
+    ``torch.load(weights_only=True)``."""
+    import random
+
     import torch
 
+    version, internal, gauss_next = random.getstate()
+    _, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {
         "cpu": torch.get_rng_state(),
         "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
+        "python": {
+            "version": version,
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
     }
 
 
@@ -1708,18 +1728,65 @@ def _gather_rng_states(world: int, device: torch.device) -> list[dict[str, Any]]
     return gathered
 
 
+# Python's random.getstate(): (version, 624 words and a position, gauss_next).
+_PYTHON_STATE_WORDS = 625
+# numpy's legacy MT19937 state: 624 words.
+_NUMPY_STATE_WORDS = 624
+
+
+def _is_words(value: Any, count: int) -> bool:
+    """A 1-D int64 tensor of ``count`` 32-bit words (a Mersenne Twister state)."""
+    import torch
+
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.int64
+        and value.shape == (count,)
+        and bool(((value >= 0) & (value < 2**32)).all())
+    )
+
+
+def _is_python_state(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and type(value.get("version")) is int
+        and _is_words(value.get("state"), _PYTHON_STATE_WORDS)
+        and (value.get("gauss_next") is None or type(value.get("gauss_next")) is float)
+    )
+
+
+def _is_numpy_state(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_words(value.get("key"), _NUMPY_STATE_WORDS)
+        and type(value.get("pos")) is int
+        and type(value.get("has_gauss")) is int
+        and type(value.get("gauss")) is float
+    )
+
+
+# What an older turnrl's rng_state.pt lacks, by key, as load_rng_state names it.
+_OLDER_LACKS = (("python", "Python's random"), ("numpy", "numpy's global generator"))
+
+
 def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
-    """Put back the torch generators of ``rank`` saved in the checkpoint ``path``
-    (``rng_state.pt``, written by :func:`train_loop` with each checkpoint), so a
-    resumed run samples what the stopped run would have sampled next.
+    """Put back the random number generators of ``rank`` saved in the
+    checkpoint ``path`` (``rng_state.pt``, written by :func:`train_loop` with
+    each checkpoint; :func:`rng_state`), so a resumed run samples what the
+    stopped run would have sampled next.
 
     The CUDA devices' states are put back on the devices this process has (a
-    checkpoint of a CPU run leaves them as they are). Returns None when the
-    state was put back, else why not: a checkpoint without the file (saved
-    by an older turnrl, or copied without it), or without a state for
-    ``rank`` (saved by fewer ranks). A file that is not such a state is
-    refused; it is read with ``weights_only``, never unpickled.
+    checkpoint of a CPU run leaves them as they are). Returns None when every
+    state was put back, else what was not: a checkpoint without the file
+    (saved by an older turnrl, or copied without it), or without a state for
+    ``rank`` (saved by fewer ranks), or with torch's generators but not
+    Python's ``random`` or numpy's global one (saved by an older turnrl: the
+    torch ones are put back, the others left as they are). A file that is
+    not such a state is refused; it is read with ``weights_only``, never
+    unpickled.
     """
+    import random
+
     import torch
 
     file = Path(path) / RNG_FILE
@@ -1739,6 +1806,9 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
         and byte_tensor(r.get("cpu"))
         and isinstance(r.get("cuda"), list)
         and all(map(byte_tensor, r["cuda"]))
+        # Absent from an older turnrl's file; present, they must be whole.
+        and ("python" not in r or _is_python_state(r["python"]))
+        and ("numpy" not in r or _is_numpy_state(r["numpy"]))
         for r in ranks
     ):
         raise InvalidInputError(f"{file}: not a random number generator state")
@@ -1750,33 +1820,61 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
         if mine["cuda"] and torch.cuda.is_available():
             for index, state in enumerate(mine["cuda"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(state, index)
+        if "python" in mine:
+            python = mine["python"]
+            words = tuple(int(w) for w in python["state"].tolist())
+            random.setstate((python["version"], words, python["gauss_next"]))
+        if "numpy" in mine:
+            saved_numpy = mine["numpy"]
+            key = saved_numpy["key"].numpy().astype(np.uint32)
+            np.random.set_state(
+                ("MT19937", key, saved_numpy["pos"], saved_numpy["has_gauss"], saved_numpy["gauss"])
+            )
     except Exception as e:
         raise InvalidInputError(f"{file}: not a random number generator state ({e})") from None
+    lacking = [name for part, name in _OLDER_LACKS if part not in mine]
+    if lacking:
+        return f"{file} holds no state of {' or '.join(lacking)} (an older turnrl's)"
     return None
 
 
 @contextlib.contextmanager
 def _own_random_stream() -> Any:
-    """Run the block on torch generators seeded from the current ones' states,
-    and put the current ones back after it: what runs after the block draws
-    as if it had not run, and the block still draws anew each time."""
+    """Run the block on generators seeded from the current ones' states (torch's,
+    Python's ``random`` and numpy's global one), and put the current ones back
+    after it: what runs after the block draws as if it had not run, and the
+    block still draws anew each time."""
     import hashlib
+    import random
 
     import torch
 
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    python_state = random.getstate()
+    numpy_state = np.random.get_state(legacy=True)
     with torch.random.fork_rng(devices=devices):
         # Every generator's state, not the CPU's alone: on a GPU the steps'
         # sampling draws from the CUDA ones only, and a seed drawn from the
-        # CPU's would be the same at every evaluation.
+        # CPU's would be the same at every evaluation; an environment may
+        # draw from random or numpy only.
         digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
         for index in devices:
             digest.update(torch.cuda.get_rng_state(index).numpy().tobytes())
+        digest.update(repr(python_state).encode())
+        digest.update(numpy_state[1].tobytes() + repr(numpy_state[2:]).encode())
         seed = int.from_bytes(digest.digest()[:8], "little") >> 2
         torch.default_generator.manual_seed(seed)
         for index in devices:
             torch.cuda.default_generators[index].manual_seed(seed)
-        yield
+        # Environments, user simulators and reward code an evaluation runs
+        # may draw from these: the steps after it must not see those draws.
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def save_adapter(
@@ -2262,7 +2360,8 @@ def train_loop(
     ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
     save: a resumed run can still report a step a stop in between left out.
     So is what the tasks are drawn from (``"task_draw"``, :func:`task_draw`).
-    Every rank's torch generators (:func:`rng_state`) are saved beside it as
+    Every rank's random number generators (:func:`rng_state`: torch's,
+    Python's ``random`` and numpy's global one) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
     makes it sample what the stopped run would have.
 
@@ -2272,9 +2371,10 @@ def train_loop(
     the step's (so that a run stopped during an evaluation has reported the
     step its checkpoint holds); the evaluation before training, when asked
     for, is such a call for step ``first_step - 1``. An evaluation draws
-    from torch generators of its own (seeded from the global ones' states,
-    which are put back after it), so the training steps sample the same
-    whether or when it runs.
+    from torch, ``random`` and numpy generators of its own (seeded from the
+    global ones' states, which are put back after it), so the training steps
+    (their environments, users and rewards included) draw the same whether
+    or when it runs.
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``truncated_rows`` and
