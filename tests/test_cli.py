@@ -320,6 +320,24 @@ def test_truncation_is_one_of_the_named_modes_and_max_length_a_row_length(capsys
     assert "argument --max-length: must be at least 2, got '1'" in capsys.readouterr().err
 
 
+def test_a_truncation_mode_without_max_length_is_refused_naming_both(tmp_path, capsys):
+    """Without --max-length no row is cut: --truncation left or error would do
+    nothing, silently. Refused before any model loads (there is none here)."""
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    for mode in ("left", "error"):
+        assert main([*argv, "--truncation", mode]) == 2
+        assert capsys.readouterr().err == (
+            f"turnrl train: error: --truncation {mode} says what --max-length does to a "
+            "longer row, and no row is cut without it: add --max-length N\n"
+        )
+        # From a config file too.
+        path = _config_file(tmp_path, ".toml", {"truncation": mode})
+        assert main([*argv, "--config", str(path)]) == 2
+        assert "--truncation " + mode + " says what --max-length does" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _commands(parser, words=()):
     """(command words, parser) of each command that takes options, e.g. rollouts stats."""
     from turnrl.cli import _subparsers

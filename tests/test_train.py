@@ -501,6 +501,15 @@ def test_a_row_over_max_length_under_truncation_error_names_its_record(tok):
         assert f"is {longest} tokens, longer than max_length={longest - 1}" in message
     with pytest.raises(UnknownNameError, match="unknown truncation 'middle'; valid: right, left"):
         build_batch(records, tok, system=SYSTEM, truncation="middle")
+    # Without max_length nothing is cut: a mode other than the default would do nothing.
+    assert build_batch(records, tok, system=SYSTEM, truncation="right").truncated_rows == 0
+    for mode in ("left", "error"):
+        with pytest.raises(InvalidInputError) as raised:
+            build_batch(records, tok, system=SYSTEM, truncation=mode)
+        assert str(raised.value) == (
+            f"truncation={mode!r} says what is done to rows longer than max_length, and "
+            "max_length is None: give max_length, or leave truncation at 'right'"
+        )
 
 
 def _reference_loss(model, batch, cfg):
@@ -4002,6 +4011,8 @@ def test_train_loop_reports_the_rows_it_cut_at_max_length(tmp_path, tok, base_mo
         run(max_length=24, truncation="middle")
     with pytest.raises(InvalidInputError, match="max_length must be at least 2, got 1"):
         run(max_length=1)
+    with pytest.raises(InvalidInputError, match="truncation='left' says what is done to rows"):
+        run(truncation="left")
     assert not started
     # Every per-turn row is longer than 24 tokens (its prompt holds the policy):
     # "left" keeps each reply, "right" cuts them all off.

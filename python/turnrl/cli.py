@@ -673,6 +673,11 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
+    if args.truncation != "right" and args.max_length is None:
+        raise InvalidInputError(
+            f"--truncation {args.truncation} says what --max-length does to a longer row, "
+            "and no row is cut without it: add --max-length N"
+        )
     _check_cache_implementation(args, args.engine)
     _check_user_and_device(args, args.device)
     rank, device, started_group = _start_data_parallel(args)

@@ -608,12 +608,19 @@ _UNTRAINED_BY_RIGHT_CUT = (
 
 
 def _check_truncation(max_length: int | None, truncation: str) -> None:
-    """Refuse a ``max_length`` below 2 or an unknown ``truncation`` (:func:`build_batch`)."""
+    """Refuse a ``max_length`` below 2, an unknown ``truncation``, or one other
+    than the default without a ``max_length`` (:func:`build_batch`)."""
     if max_length is not None and max_length < 2:
         raise InvalidInputError(f"max_length must be at least 2, got {max_length}")
     if truncation not in TRUNCATIONS:
         raise UnknownNameError(
             f"unknown truncation {truncation!r}; valid: {', '.join(TRUNCATIONS)}"
+        )
+    # Without a length nothing is cut, so it would do nothing, silently.
+    if max_length is None and truncation != "right":
+        raise InvalidInputError(
+            f"truncation={truncation!r} says what is done to rows longer than max_length, "
+            "and max_length is None: give max_length, or leave truncation at 'right'"
         )
 
 
@@ -665,6 +672,9 @@ def build_batch(
       not trained (no position predicts it) and is off the loss mask.
     - ``"error"``: raise :class:`InvalidInputError` naming the record and the
       row's length.
+
+    Without ``max_length`` no row is cut: a ``truncation`` other than
+    ``"right"`` is then refused (InvalidInputError), as it would do nothing.
 
     ``token_turn`` and ``sampler_logprobs`` are cut with the ids. Advantages
     are computed over whole trajectories before any cut, so a cut changes
