@@ -65,6 +65,7 @@ class FakeVLLM(ThreadingHTTPServer):
         max_cpu_loras=1,
         max_model_len=32768,
         cards_say_max_model_len=True,
+        length_first=False,
     ):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.tokenizer = tokenizer
@@ -75,6 +76,9 @@ class FakeVLLM(ThreadingHTTPServer):
         self.max_cpu_loras = max_cpu_loras
         self.max_model_len = max_model_len  # --max-model-len
         self.cards_say_max_model_len = cards_say_max_model_len  # False: another server
+        # True: vLLM before 0.12, which checks max_tokens before the end tokens,
+        # so an end token as the last one allowed is "length", its text kept.
+        self.length_first = length_first
         self.model_lists = 0  # GET /v1/models received
         self.engine_loras: list[str] = []  # what the engine holds, oldest first
         self.requests: list[tuple[str, dict]] = []  # every POST
@@ -210,19 +214,21 @@ class _Handler(BaseHTTPRequestHandler):
                 cut = len(ids) >= body["max_tokens"]
                 ids = ids[: body["max_tokens"]]
                 tokens = ids if cut else [*ids, end_id]
+                at_limit = server.length_first and len(tokens) == body["max_tokens"] and not cut
                 choices.append(
                     {
                         "index": index,
-                        # The token it stopped on is not detokenized.
-                        "text": tok.decode(ids, skip_special_tokens=False),
+                        # The token it stopped on is not detokenized; one
+                        # taken for a cut is.
+                        "text": tok.decode(tokens if at_limit else ids, skip_special_tokens=False),
                         "logprobs": {
                             "tokens": [f"token_id:{t}" for t in tokens],
                             "token_logprobs": [-0.5] * len(tokens),
                             "top_logprobs": [{f"token_id:{t}": -0.5} for t in tokens],
                             "text_offset": [0] * len(tokens),
                         },
-                        "finish_reason": "length" if cut else "stop",
-                        "stop_reason": None if cut or end == "<|im_end|>" else end_id,
+                        "finish_reason": "length" if cut or at_limit else "stop",
+                        "stop_reason": None if cut or at_limit or end == "<|im_end|>" else end_id,
                     }
                 )
             choices.reverse()  # the engine orders them by index
@@ -432,6 +438,35 @@ def test_a_stop_token_other_than_eos_is_the_completions_end(tok, fake_vllm):
     assert tok.decode(done.token_ids, skip_special_tokens=False) == done.text + done.stop
 
 
+def test_a_length_reply_ending_on_a_generation_config_end_is_finished(tok, fake_vllm):
+    """vLLM before 0.12 answers "length" for a reply whose last allowed token
+    is an end token, Qwen's <|endoftext|> (its generation config's, which
+    vLLM stops on) as <|im_end|>: given those ids, the engine reads it as
+    finished on that token, its text without the end, as training appends it."""
+    done = "All done."
+    room = len(tok(done, add_special_tokens=False)["input_ids"]) + 1  # the end is the last
+    replies = [(done, "<|endoftext|>"), done, done + " Then more.", (done, "<|endoftext|>")]
+    server = fake_vllm(tok, replies, length_first=True)
+    ends = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    engine = ServerEngine(
+        "base-model", tok, server.url, max_new_tokens=room, backoff=0, end_token_ids=ends
+    )
+    other, eos, ordinary = engine.generate([_chat("Thanks.")] * 3)
+    assert other.text == done and other.stop == "<|endoftext|>" and not other.truncated
+    assert eos.text == done and eos.stop is None and not eos.truncated
+    for finished in (other, eos):
+        assert len(finished.token_ids) == room
+        end = finished.stop or tok.eos_token
+        assert tok.decode(finished.token_ids, skip_special_tokens=False) == finished.text + end
+    assert ordinary.truncated and ordinary.stop is None and len(ordinary.token_ids) == room
+    # Without the generation config's ids, the reply on <|endoftext|> reads as cut.
+    plain = ServerEngine("base-model", tok, server.url, max_new_tokens=room, backoff=0)
+    (cut,) = plain.generate([_chat("Thanks.")])
+    assert cut.truncated and cut.text == done + "<|endoftext|>"
+    with pytest.raises(InvalidInputError, match="end_token_ids: end token ids must be"):
+        ServerEngine("base-model", tok, server.url, end_token_ids=["<|endoftext|>"])
+
+
 def test_cut_replies_and_logprobs_away_from_temperature_one(tok, fake_vllm):
     server = fake_vllm(tok, [CALL, CALL])
     engine = ServerEngine("base-model", tok, server.url, max_new_tokens=5, backoff=0)
@@ -621,8 +656,9 @@ def test_train_commands_max_model_len_reaches_the_server_engine(tok, fake_vllm, 
     argv += ["--engine", "server", "--agent-url", server.url]
     for extra, want in (([], 32768), (["--max-model-len", "8192"], 8192)):
         args = parser.parse_args(expand_config(parser, [*argv, *extra]))
-        engine, _ = _server_engine(args, tok, {}, tmp_path / "adapter", None, 0)
+        engine, _ = _server_engine(args, tok, {}, tmp_path / "adapter", None, 0, [7, 3])
         assert engine.context_limit() == want
+        assert engine.end_token_ids == (3, 7)  # the policy's generation config's
     assert server.model_lists == 1  # asked only when not given
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--max-model-len", "0"])

@@ -1459,13 +1459,15 @@ def _fake_vllm(
     max_model_len: int | None = None,
     tokenizer: Any = None,
     version: str = "0.10.2",
+    generation_config: dict | None = None,
 ) -> None:
     """A ``vllm`` module with the public names VLLMEngine uses, recording its calls.
     Completions are ``hello`` as ids [7, i], with log-probs when asked for. With
     ``max_model_len``, the LLM's model config has it (a vLLM too old to say has
     none). Its tokenizer is ``tokenizer``, else one token per word of a chat.
     With ``logprobs_mode``, vLLM's EngineArgs has that field (0.10.0 and later;
-    ``version`` is ``vllm.__version__``)."""
+    ``version`` is ``vllm.__version__``). With ``generation_config``, the model
+    config reads that (``try_get_generation_config``)."""
     import dataclasses
     import sys
     import types
@@ -1474,8 +1476,11 @@ def _fake_vllm(
         def __init__(self, **kwargs):
             seen["init"] = kwargs
             self.asleep = False
-            if max_model_len is not None:
-                self.model_config = types.SimpleNamespace(max_model_len=max_model_len)
+            if max_model_len is not None or generation_config is not None:
+                self.model_config = types.SimpleNamespace(
+                    max_model_len=max_model_len,
+                    try_get_generation_config=lambda: dict(generation_config or {}),
+                )
 
         def get_tokenizer(self):
             return _WordTokenizer() if tokenizer is None else tokenizer
@@ -1659,10 +1664,76 @@ def test_vllm_outputs_read_as_completions_or_an_episodes_error(tok):
     # vLLM before 0.12: the end token as the last one allowed is "length", its text kept.
     done = _vllm_completion(tok, "Hi<|im_end|>", "length", None, ids, (-1.0, -2.0, -0.5))
     assert done == Completion("Hi", token_ids=ids, logprobs=(-1.0, -2.0, -0.5))
+    # The same for another end token the generation config lists (Qwen's
+    # <|endoftext|>), which is then the turn's end: with its text as training
+    # appends it, the ids decode to the reply.
+    endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
+    ends = (eos, endoftext)
+    words = tuple(tok("All done.", add_special_tokens=False)["input_ids"])
+    other = (*words, endoftext)
+    lp = tuple(-0.5 for _ in other)
+    done = _vllm_completion(tok, "All done.<|endoftext|>", "length", None, other, lp, ends)
+    assert done == Completion("All done.", stop="<|endoftext|>", token_ids=other, logprobs=lp)
+    assert tok.decode(other, skip_special_tokens=False) == done.text + done.stop
+    # The tokenizer's eos among the end ids is no other end.
+    assert _vllm_completion(tok, "Hi<|im_end|>", "length", None, ids, None, ends).stop is None
+    # Without the generation config's ids it is taken for a cut reply.
+    cut = _vllm_completion(tok, "All done.<|endoftext|>", "length", None, other, lp)
+    assert cut.truncated and cut.text == "All done.<|endoftext|>"
+    # An ordinary last token is a cut, end ids or not.
+    cut = _vllm_completion(tok, "All done.", "length", None, words, None, ends)
+    assert cut == Completion("All done.", truncated=True, token_ids=words)
     # Not finished by vLLM: that chat's episode fails alone.
     for reason in ("abort", "error", "repetition", None):
         error = _vllm_completion(tok, "Hi", reason, None, ids, None)
         assert isinstance(error, AgentError) and repr(reason) in str(error)
+
+
+def test_vllm_engine_reads_a_length_reply_on_a_generation_config_end_as_finished(monkeypatch, tok):
+    """vLLM before 0.12 answers "length" for a reply whose last allowed token
+    is an end token, the generation config's (which vLLM stops on) as the
+    tokenizer's: the engine takes those ids from vLLM's model config."""
+    import types
+
+    seen: dict = {}
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    config = {"eos_token_id": [im_end, endoftext], "temperature": 0.7}
+    _fake_vllm(monkeypatch, seen, tokenizer=tok, generation_config=config)
+
+    from turnrl.engines import VLLMEngine
+
+    engine = VLLMEngine("/m", enable_lora=False, max_new_tokens=4)
+    assert engine.end_token_ids == tuple(sorted((im_end, endoftext)))
+    words = tok("All done.", add_special_tokens=False)["input_ids"]
+    ordinary = tok(" Then", add_special_tokens=False)["input_ids"]
+    endings = {"eos": [im_end], "other end": [endoftext], "ordinary": ordinary}
+
+    def generate(prompts, sampling, **kwargs):
+        return [
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(
+                        text=tok.decode([*words, *end], skip_special_tokens=False),
+                        finish_reason="length",
+                        token_ids=[*words, *end],
+                        logprobs=None,
+                    )
+                ]
+            )
+            for end in endings.values()
+        ]
+
+    engine.llm.generate = generate
+    chat = [{"role": "user", "content": "a"}]
+    eos_end, other_end, ordinary_end = engine.generate([chat] * 3)
+    assert eos_end == Completion("All done.", token_ids=(*words, im_end))
+    assert other_end == Completion("All done.", stop="<|endoftext|>", token_ids=(*words, endoftext))
+    assert ordinary_end == Completion(
+        "All done. Then", truncated=True, token_ids=(*words, *ordinary)
+    )
+    # A vLLM whose model config does not say: the tokenizer's eos alone.
+    _fake_vllm(monkeypatch, seen, tokenizer=tok)
+    assert VLLMEngine("/m", enable_lora=False).end_token_ids == ()
 
 
 def test_vllm_engine_fits_each_chat_to_the_context(monkeypatch):

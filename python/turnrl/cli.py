@@ -766,6 +766,7 @@ def _server_engine(
     adapter: Any,
     resume: Any,
     rank: int,
+    end_token_ids: Any = None,
 ) -> tuple[Any, Any]:
     """``--engine server``: the policy server's engine, with each saved adapter
     registered there by rank 0 (the other ranks switch to it after the step's
@@ -789,6 +790,7 @@ def _server_engine(
         chat_template_kwargs=template,
         adapter_prefix=f"turnrl-{launch[0]}",
         max_model_len=args.max_model_len,
+        end_token_ids=end_token_ids,
     )
     # The server reads the adapter's files itself, so it gets an absolute path.
     saved = str(adapter.resolve())
@@ -927,7 +929,12 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             engine.load_adapter(str(adapter))
 
     elif args.engine == "server":
-        engine, after_update = _server_engine(args, tokenizer, template, adapter, resume, rank)
+        # The end tokens the server stops on besides eos: the policy's
+        # generation config's, which vLLM reads from the same model.
+        ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        engine, after_update = _server_engine(
+            args, tokenizer, template, adapter, resume, rank, ends
+        )
     else:
         engine = TransformersEngine(
             model,

@@ -40,7 +40,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from turnrl.envs.agents import AgentError, ContextLengthExceeded, reply_from_text
@@ -376,6 +376,12 @@ class VLLMEngine:
     and one that leaves no room at all is answered
     :class:`turnrl.envs.ContextLengthExceeded` alone, not generated, while
     the other chats of the batch are.
+
+    vLLM stops on the end tokens of the model's generation config besides the
+    tokenizer's (Qwen's ``<|endoftext|>`` beside ``<|im_end|>``); vLLM before
+    0.12 answers a reply whose last allowed token is one of them "length".
+    The engine reads them from vLLM's model config (:attr:`end_token_ids`),
+    so such a reply is read as finished, on that end token, not cut.
     """
 
     def __init__(
@@ -413,6 +419,9 @@ class VLLMEngine:
         self.max_model_len: int | None = _llm_max_model_len(self.llm)
         """The model's context length in tokens (prompt and reply), as vLLM has it;
         None when this vLLM does not say (chats are then sent as they are)."""
+        self.end_token_ids: tuple[int, ...] = _llm_end_token_ids(self.llm)
+        """The end tokens vLLM stops on besides the tokenizer's eos: the model's
+        generation config's (Qwen's ``<|endoftext|>`` beside ``<|im_end|>``)."""
         self._sampling_kwargs = {
             "top_p": top_p,
             "max_tokens": max_new_tokens,
@@ -576,6 +585,7 @@ class VLLMEngine:
             getattr(output, "stop_reason", None),
             token_ids,
             _sampled_logprobs(getattr(output, "logprobs", None), token_ids),
+            self.end_token_ids,
         )
 
 
@@ -628,6 +638,14 @@ class ServerEngine:
     server (``--served-model-name``, by default what ``vllm serve`` was
     given). Endpoint options (``base_url``, ``api_key``, retries) as
     :class:`turnrl.envs.OpenAIAgent`'s.
+
+    ``end_token_ids`` are the end tokens the server stops on besides the
+    tokenizer's ``eos_token``: the model's generation config's
+    ``eos_token_id`` (``GenerationConfig.from_pretrained(path).eos_token_id``;
+    Qwen's lists ``<|endoftext|>`` beside ``<|im_end|>``), which vLLM adds to
+    every request's stop tokens. vLLM before 0.12 answers a reply whose last
+    allowed token is one of them ``"length"``: with them, it is read as
+    finished (on that end token), not cut.
     """
 
     def __init__(
@@ -647,6 +665,7 @@ class ServerEngine:
         backoff: float = 1.0,
         timeout: float = 600.0,
         max_model_len: int | None = None,
+        end_token_ids: int | Sequence[int] | None = None,
     ) -> None:
         from turnrl.envs.agents import AgentError
         from turnrl.envs.users import ChatEndpoint
@@ -679,6 +698,8 @@ class ServerEngine:
         self.adapter_prefix = adapter_prefix
         self.max_model_len = max_model_len
         """The server's context length as given (None: asked of the server)."""
+        self.end_token_ids: tuple[int, ...] = _end_token_ids(end_token_ids, "end_token_ids")
+        """The end tokens the server stops on besides the tokenizer's eos, as given."""
         # Shared with the engines with_temperature makes.
         self._adapter = _ServedAdapter()
         self._served_limit = _ServedLimit()
@@ -868,6 +889,7 @@ class ServerEngine:
             getattr(choice, "stop_reason", None),
             token_ids,
             logprobs if keep_logprobs else None,
+            self.end_token_ids,
         )
 
     def load_adapter(self, path: str, *, name: str | None = None, register: bool = True) -> str:
@@ -1067,13 +1089,16 @@ def _vllm_completion(
     stop_reason: Any,
     token_ids: tuple[int, ...] | None,
     logprobs: tuple[float, ...] | None,
+    end_ids: Collection[int] = (),
 ) -> Completion | AgentError:
     """A vLLM output (in process or served) as a :class:`Completion`, or, for a
     reply vLLM did not finish (``finish_reason`` "abort", "error", ...), the
     :class:`~turnrl.envs.AgentError` that ends that chat's episode alone.
 
     ``stop_reason`` is None for the end-of-sequence token, else the stop
-    token's id (or a stop string, which is not generated text)."""
+    token's id (or a stop string, which is not generated text). ``end_ids``
+    are the end tokens vLLM stops on besides the tokenizer's ``eos_token``
+    (the model's generation config's ``eos_token_id``)."""
     if finish_reason not in ("stop", "length"):
         return AgentError(
             f"vLLM did not finish the reply (finish_reason {finish_reason!r}) after "
@@ -1081,16 +1106,22 @@ def _vllm_completion(
         )
     eos = getattr(tokenizer, "eos_token_id", None)
     if finish_reason == "length":
-        if not (token_ids and isinstance(eos, int) and token_ids[-1] == eos):
+        last = token_ids[-1] if token_ids else None
+        if last is None or not (last == eos or last in end_ids):
             return Completion(text, truncated=True, token_ids=token_ids, logprobs=logprobs)
-        # vLLM before 0.12 checks the length limit before the end token
-        # (check_stop in vllm/v1/core/sched/utils.py), so a reply whose last
-        # allowed token ends it comes back "length", with the end token's text
-        # still in it: it is finished, not cut.
-        eos_text = getattr(tokenizer, "eos_token", None)
-        if isinstance(eos_text, str) and eos_text and text.endswith(eos_text):
-            text = text[: -len(eos_text)]
-        return Completion(text, token_ids=token_ids, logprobs=logprobs)
+        # vLLM before 0.12 checks the length limit before the end tokens, the
+        # generation config's as the tokenizer's (check_stop in
+        # vllm/v1/core/sched/utils.py), so a reply whose last allowed token
+        # ends it comes back "length", with the end token's text still in it
+        # (only a stop is left out of the text): it is finished, not cut.
+        if last == eos:
+            end_text, stop = getattr(tokenizer, "eos_token", None), None
+        else:
+            end_text = tokenizer.decode([last], skip_special_tokens=False)
+            stop = end_text
+        if isinstance(end_text, str) and end_text and text.endswith(end_text):
+            text = text[: -len(end_text)]
+        return Completion(text, stop=stop, token_ids=token_ids, logprobs=logprobs)
     stop = None
     if isinstance(stop_reason, int) and not isinstance(stop_reason, bool):
         stop = tokenizer.decode([stop_reason], skip_special_tokens=False)
@@ -1105,9 +1136,9 @@ def _filled(answers: Sequence[Any]) -> list[Any]:
     return list(answers)
 
 
-def _llm_max_model_len(llm: Any) -> int | None:
-    """The context length of a ``vllm.LLM`` (its model config's ``max_model_len``),
-    or None where this vLLM keeps it elsewhere."""
+def _llm_model_config(llm: Any) -> Any:
+    """A ``vllm.LLM``'s model config (vLLM's ``ModelConfig``), or None where this
+    vLLM keeps it elsewhere."""
     config = getattr(llm, "model_config", None)  # newer vLLM keeps it on the LLM
     engine = getattr(llm, "llm_engine", None)
     if config is None:
@@ -1115,8 +1146,45 @@ def _llm_max_model_len(llm: Any) -> int | None:
     getter = getattr(engine, "get_model_config", None)
     if config is None and callable(getter):
         config = getter()  # older vLLM
-    value = getattr(config, "max_model_len", None)
-    return _context_length(value)
+    return config
+
+
+def _llm_max_model_len(llm: Any) -> int | None:
+    """The context length of a ``vllm.LLM`` (its model config's ``max_model_len``),
+    or None where this vLLM keeps it elsewhere."""
+    return _context_length(getattr(_llm_model_config(llm), "max_model_len", None))
+
+
+def _end_token_ids(value: Any, where: str) -> tuple[int, ...]:
+    """A generation config's ``eos_token_id`` (None, one id or a list of them)
+    as a tuple of ids; anything else is refused, naming ``where`` it came from."""
+    if value is None:
+        return ()
+    ids = [value] if isinstance(value, int) else value
+    if (
+        isinstance(ids, (str, bytes, Mapping))
+        or not isinstance(ids, Collection)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ):
+        raise InvalidInputError(
+            f"{where}: end token ids must be a token id or a list of them, not {value!r}"
+        )
+    return tuple(sorted({int(i) for i in ids}))
+
+
+def _llm_end_token_ids(llm: Any) -> tuple[int, ...]:
+    """The end tokens a ``vllm.LLM`` stops on besides its tokenizer's eos: the
+    ``eos_token_id`` of the generation config its model config reads
+    (``ModelConfig.try_get_generation_config``: what vLLM's input processor
+    adds to every request's stop tokens, whichever ``generation_config``
+    source gives the sampling defaults); none where this vLLM does not say."""
+    getter = getattr(_llm_model_config(llm), "try_get_generation_config", None)
+    if not callable(getter):
+        return ()
+    fields = getter()
+    if not isinstance(fields, Mapping):
+        return ()
+    return _end_token_ids(fields.get("eos_token_id"), "vLLM's generation config")
 
 
 def _prompt_ids(
