@@ -415,9 +415,23 @@ def test_a_checkpoint_keeps_the_generators_and_one_without_them_resumes(
     import turnrl.train
     from turnrl.cli import main
 
+    real_step_tasks = turnrl.train.step_tasks
+
+    def step_tasks(*args, **kwargs):
+        # A step's environment drawing from random and numpy: the generators
+        # the checkpoint keeps are then no longer where --seed left them.
+        random.random()
+        np.random.random()
+        return real_step_tasks(*args, **kwargs)
+
     argv = _train_argv(tmp_path, tok, base_model)
-    assert main(argv) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(turnrl.train, "step_tasks", step_tasks)
+        assert main(argv) == 0
     after_run = _global_states()
+    random.seed(0)  # as --seed 0 leaves them
+    np.random.seed(0)
+    assert not _same_global_states({**_global_states(), "torch": after_run["torch"]}, after_run)
     file = tmp_path / "run" / "adapter" / "rng_state.pt"
     saved = torch.load(file, weights_only=True)
     assert len(saved["ranks"]) == 1 and saved["ranks"][0]["cpu"].dtype == torch.uint8
