@@ -7,8 +7,10 @@ loss, then reads the peak resident set size (``resource.getrusage``
 ``ru_maxrss``). The delta is the peak memory beyond the inputs (gradients of
 hidden and weight included: every variant must produce them). Variants:
 ``eager`` (the unfused loss), ``fused`` (``gtpo_loss``'s default schedule,
-``rows`` when gradients are taken) and ``fused-vocab`` (the ``vocab``
-schedule).
+``rows`` when gradients are taken), ``fused-vocab`` (the ``vocab``
+schedule) and ``fused-turn`` (one GSPO-token importance ratio per turn of
+``--turn-len`` tokens, ``segment_ids``: the ``vocab`` schedule, which
+segments need).
 
 Why RSS and not tracemalloc: torch's CPU tensors come from c10's allocator
 (``posix_memalign``), which tracemalloc never sees. Tensors this large are
@@ -41,6 +43,7 @@ def rss_kib():
     raise RuntimeError("no VmRSS")
 
 variant, n, h, v = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+turn_len = int(sys.argv[5])
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
 hidden = (torch.randn(n, h, generator=g)).requires_grad_(True)
@@ -56,7 +59,10 @@ mask = torch.rand(n, generator=g) > 0.1
 kw = dict(beta=0.04, entropy_coef=0.01, dual_clip=3.0, temperature=0.9)
 
 def run(hid, wei, tgt, a, o, r, m):
-    if variant.startswith("fused"):
+    if variant == "fused-turn":
+        turns = torch.arange(tgt.shape[0]) // turn_len
+        loss, _ = gtpo_loss(hid, wei, tgt, a, o, m, r, backend="torch", segment_ids=turns, **kw)
+    elif variant.startswith("fused"):
         schedule = variant.split("-")[1] if "-" in variant else "auto"
         loss, _ = gtpo_loss(hid, wei, tgt, a, o, m, r, backend="torch", schedule=schedule, **kw)
     else:
@@ -78,9 +84,9 @@ print(json.dumps({"variant": variant, "peak_delta_mib": (peak - base) / 1024,
 """
 
 
-def measure(variant: str, n: int, h: int, v: int) -> dict:
+def measure(variant: str, n: int, h: int, v: int, turn_len: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, variant, str(n), str(h), str(v)],
+        [sys.executable, "-c", CHILD, variant, str(n), str(h), str(v), str(turn_len)],
         check=True,
         capture_output=True,
         text=True,
@@ -93,6 +99,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--turn-len", type=int, default=256, help="tokens per turn of fused-turn")
     args = parser.parse_args()
     inputs_mib = (args.tokens + args.vocab) * args.hidden * 4 / 2**20
     logits_mib = args.tokens * args.vocab * 4 / 2**20
@@ -102,8 +109,8 @@ def main() -> None:
     )
     # "fused" is the default schedule (rows, since gradients are taken).
     results = [
-        measure(variant, args.tokens, args.hidden, args.vocab)
-        for variant in ("eager", "fused", "fused-vocab")
+        measure(variant, args.tokens, args.hidden, args.vocab, args.turn_len)
+        for variant in ("eager", "fused", "fused-vocab", "fused-turn")
     ]
     for r in results:
         print(

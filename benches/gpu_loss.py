@@ -8,6 +8,9 @@ bf16 hidden states and LM head, times forward+backward with
 * ``turnrl``: ``gtpo_loss(backend="triton")`` (per-token advantages), its
   default schedule (``rows``); ``vocab``: the ``vocab`` schedule;
   ``rowsR``: the ``rows`` schedule with R rows per block (``--row-blocks``);
+  ``turn``: one GSPO-token importance ratio per turn of ``--turn-len``
+  tokens (``segment_ids``; the ``vocab`` schedule, which segments need, so
+  compare it with ``vocab``); ``seq``: one per row;
 * ``eager``: ``torch_gtpo_loss``, the whole [N, V] logits upcast to fp32;
 * ``compile``: ``torch.compile`` of the same eager loss;
 * ``liger``: ``LigerFusedLinearGRPOLoss`` when liger-kernel is installed,
@@ -22,7 +25,8 @@ runs out of memory (or fails, with the error on stderr) is reported as
 OOM. Prints a table with ratios against eager and writes a CSV (--csv,
 default benches/results/gpu_loss.csv).
 
-Run: ``python benches/gpu_loss.py [--tokens 8192 32768] [--seq-len 1024]``.
+Run: ``python benches/gpu_loss.py [--tokens 8192 32768] [--seq-len 1024]
+[--turn-len 256]``.
 Without CUDA it exits with status 2 and says so.
 """
 
@@ -37,7 +41,7 @@ from pathlib import Path
 HIDDEN, VOCAB = 2560, 151936
 
 
-def _inputs(n: int, seq_len: int, torch):
+def _inputs(n: int, seq_len: int, turn_len: int, torch):
     if n % seq_len:
         raise SystemExit(f"--tokens {n} is not a multiple of --seq-len {seq_len}")
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -54,7 +58,11 @@ def _inputs(n: int, seq_len: int, torch):
 
     old = fused_logprobs(hidden, weight, targets, backend="triton")
     old = old + 0.05 * torch.randn(old.shape, device=dev, generator=g)
+    rows = torch.arange(b, device=dev)[:, None]
+    positions = torch.arange(seq_len, device=dev)[None, :]
     return dict(
+        turn_ids=rows * seq_len + positions // turn_len,
+        row_ids=rows.expand(b, seq_len),
         hidden=hidden,
         weight=weight,
         targets=targets,
@@ -96,7 +104,11 @@ def _variants(torch, row_blocks):
     def compiled_eager(x, h, w):
         return compiled(h, w, x["targets"], x["advantages"], x["old"], x["mask"])
 
+    def segmented(ids):
+        return lambda x, h, w: _turnrl_loss(x, h, w, segment_ids=x[ids])
+
     variants = {"turnrl": turnrl(), "vocab": turnrl("vocab")}
+    variants.update(turn=segmented("turn_ids"), seq=segmented("row_ids"))
     for rows in row_blocks:
         variants[f"rows{rows}"] = turnrl("rows", rows)
     variants.update(eager=eager, compile=compiled_eager)
@@ -199,6 +211,9 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument(
+        "--turn-len", type=int, default=256, help="tokens per turn of the turn variant"
+    )
+    parser.add_argument(
         "--row-blocks",
         type=int,
         nargs="*",
@@ -227,7 +242,7 @@ def main() -> int:
     variants = _variants(torch, args.row_blocks)
     rows = []
     for n in args.tokens:
-        x = _inputs(n, args.seq_len, torch)
+        x = _inputs(n, args.seq_len, args.turn_len, torch)
         results = {name: _measure(fn, x, torch, triton) for name, fn in variants.items()}
         results.update(_floors(x, torch, triton))
         eager_ms, eager_gib = results["eager"]

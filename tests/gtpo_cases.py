@@ -65,6 +65,50 @@ def make_case(
     return Case(hidden, weight, targets, advantages, old, mask, ref, kwargs)
 
 
+def add_segments(case: Case, seed: int, *, across_rows: bool = False) -> Case:
+    """Give ``case`` random ragged segments (``kwargs["segment_ids"]``), in place.
+
+    Each row is cut into runs of 1 to 4 tokens (many of length 1), each run a
+    segment with an id drawn from a wide range, negative ones included, not
+    in order. One run (not the first token) has all its tokens untrained;
+    the ids of untrained tokens are garbage: -1, or the id of a segment of
+    trained tokens elsewhere, which they must not join. With
+    ``across_rows``, the last run of each row and the first of the next
+    share an id: one segment across two rows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mask = case.mask.reshape(1, -1) if case.mask.dim() == 1 else case.mask
+    rows, length = mask.shape
+    runs: list[tuple[int, int, int]] = []  # (row, start, stop)
+    for r in range(rows):
+        start = 0
+        while start < length:
+            stop = min(length, start + int(torch.randint(1, 5, (1,), generator=g)))
+            runs.append((r, start, stop))
+            start = stop
+    ids = torch.randperm(10 * len(runs) + 10, generator=g)[: len(runs)] * 7919 - 40_000
+    grid = torch.empty(mask.shape, dtype=torch.int64)
+    for (r, start, stop), segment in zip(runs, ids.tolist(), strict=True):
+        grid[r, start:stop] = segment
+    if across_rows:
+        for r in range(rows - 1):
+            grid[r + 1, grid[r + 1] == grid[r + 1, 0]] = int(grid[r, -1])
+    untrainable = [run for run in runs if not (run[0] == 0 and run[1] == 0)]
+    if untrainable:
+        r, start, stop = untrainable[int(torch.randint(len(untrainable), (1,), generator=g))]
+        mask[r, start:stop] = False
+    garbage = torch.where(
+        torch.rand(mask.shape, generator=g) < 0.5,
+        torch.full_like(grid, -1),
+        grid.reshape(-1)[torch.randint(grid.numel(), mask.shape, generator=g)],
+    )
+    grid = torch.where(mask, grid, garbage)
+    case.mask = mask.reshape(case.mask.shape)
+    case.targets = torch.where(case.mask, case.targets, torch.full_like(case.targets, -100))
+    case.kwargs["segment_ids"] = grid.reshape(case.mask.shape)
+    return case
+
+
 def run_fused(case: Case, *, combine=None, backward_rounds: int = 1, **extra):
     """The fused loss and gradients of ``combine(loss)`` (default: the loss),
     after ``backward_rounds`` backward passes through one retained graph."""

@@ -375,3 +375,18 @@ def test_options_are_taken_spelled_in_full_only(capsys):
             with pytest.raises(SystemExit):
                 parser.parse_args([*given, prefix])
             assert f"unrecognized arguments: {prefix}" in capsys.readouterr().err, (words, name)
+
+
+def test_train_importance_level_is_parsed_from_the_line_and_from_a_config_file(tmp_path, capsys):
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).importance_level == "token"
+    for level in ("token", "turn", "sequence"):
+        assert _parsed([*train, "--importance-level", level]).importance_level == level
+    path = _config_file(tmp_path, ".toml", {"importance_level": "turn", "eps_low": 3e-4})
+    parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
+    assert (parsed.importance_level, parsed.eps_low) == ("turn", 3e-4)
+    with pytest.raises(SystemExit):
+        _parsed([*train, "--importance-level", "segment"])
+    assert "invalid choice: 'segment'" in capsys.readouterr().err

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    add_segments,
     assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
@@ -383,6 +384,22 @@ def _bad_call(**overrides):
         ({"beta": math.nan}, InvalidInputError, "beta must be finite"),
         ({"entropy_coef": math.inf}, InvalidInputError, "entropy_coef must be finite"),
         ({"temperature": 0.0}, InvalidInputError, "temperature"),
+        ({"segment_ids": torch.zeros(2, 4)}, InvalidInputError, "segment_ids has shape (2, 4)"),
+        (
+            {"segment_ids": torch.zeros(2, 5)},
+            InvalidInputError,
+            "segment_ids must be an integer tensor, got torch.float32",
+        ),
+        (
+            {"segment_ids": torch.zeros(2, 5, dtype=torch.bool)},
+            InvalidInputError,
+            "segment_ids must be an integer tensor",
+        ),
+        (
+            {"segment_ids": torch.zeros(2, 5, dtype=torch.long), "schedule": "rows"},
+            InvalidInputError,
+            "schedule='rows' cannot take segment_ids",
+        ),
         ({"weight": torch.zeros(30, 8, dtype=torch.float64)}, InvalidInputError, "dtype"),
         (
             {"weight": torch.zeros(30, 8, dtype=torch.bfloat16)},
@@ -720,3 +737,310 @@ def test_torch_backend_matches_reference_ragged_fp32(
     assert_close_to_reference(
         case, 1e-4, eager_slack=True, backend="torch", chunk_size=chunk, schedule=schedule
     )
+
+
+# ---------------------------------------------------------------------------
+# Segment (GSPO-token) importance ratios
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["auto", "vocab"])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"]
+)
+def test_segment_ratios_match_reference_moderate(agg, dtype, rtol, schedule):
+    seed = SEED + AGGS.index(agg)
+    case = add_segments(make_case(seed, (4, 48), 64, 1000, dtype, agg), seed)
+    stats = assert_close_to_reference(
+        case, rtol, backend="torch", chunk_size=300, schedule=schedule
+    )
+    assert 0.0 < float(stats["clip_frac"]) < 1.0, f"seed {seed}: no clipping exercised"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 3),
+    length=st.integers(1, 9),
+    hidden_size=st.integers(1, 12),
+    vocab=st.integers(1, 40),
+    chunk=st.integers(1, 50),
+    agg=st.sampled_from(AGGS),
+    flat=st.booleans(),
+    across_rows=st.booleans(),
+    temperature=st.sampled_from([0.5, 1.0, 1.7]),
+    beta=st.sampled_from([0.0, 0.2]),
+    entropy_coef=st.sampled_from([0.0, 0.05]),
+    dual_clip=st.sampled_from([None, 2.0]),
+)
+def test_segment_ratios_match_reference_ragged(
+    seed,
+    batch,
+    length,
+    hidden_size,
+    vocab,
+    chunk,
+    agg,
+    flat,
+    across_rows,
+    temperature,
+    beta,
+    entropy_coef,
+    dual_clip,
+):
+    """Runs of 1 to 4 tokens, one wholly untrained, garbage ids at untrained
+    tokens, segments across rows, [N] and [B, T] inputs; float64 (see the
+    token-level ragged test for why)."""
+    shape = (batch * length,) if flat else (batch, length)
+    case = make_case(
+        seed,
+        shape,
+        hidden_size,
+        vocab,
+        torch.float64,
+        agg,
+        beta=beta,
+        entropy_coef=entropy_coef,
+        temperature=temperature,
+        dual_clip=dual_clip,
+    )
+    add_segments(case, seed, across_rows=across_rows)
+    assert_close_to_reference(case, 1e-8, backend="torch", chunk_size=chunk)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 3),
+    length=st.integers(1, 9),
+    hidden_size=st.integers(1, 12),
+    vocab=st.integers(1, 40),
+    chunk=st.integers(1, 50),
+    agg=st.sampled_from(AGGS),
+)
+def test_segment_ratios_match_reference_ragged_fp32(
+    seed, batch, length, hidden_size, vocab, chunk, agg
+):
+    case = make_case(seed, (batch, length), hidden_size, vocab, torch.float32, agg)
+    add_segments(case, seed)
+    assert_close_to_reference(case, 1e-4, eager_slack=True, backend="torch", chunk_size=chunk)
+
+
+def _segment_call(case, segment_ids, **extra):
+    """Loss, gradients and statistics of ``case`` with these segment ids (torch, vocab)."""
+    kwargs = {**case.kwargs, "segment_ids": segment_ids, **extra}
+    hidden = case.hidden.clone().requires_grad_(True)
+    weight = case.weight.clone().requires_grad_(True)
+    loss, stats = gtpo_loss(
+        hidden,
+        weight,
+        case.targets,
+        case.advantages,
+        case.old,
+        case.mask,
+        case.ref,
+        backend="torch",
+        chunk_size=7,
+        **kwargs,
+    )
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad, stats
+
+
+def test_one_token_segments_are_the_token_level_loss():
+    """A segment of one token has that token's own ratio: the loss, both
+    gradients and every statistic are the token level's."""
+    case = make_case(SEED, (3, 8), 8, 30, torch.float64, "seq_mean_token_mean")
+    ids = torch.randperm(24, generator=torch.Generator().manual_seed(SEED)).view(3, 8) * 3 - 20
+    got = _segment_call(case, ids)
+    want = _segment_call(case, None)
+    for g, w in zip(got[:3], want[:3], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-13, atol=1e-15)
+    for name, value in want[3].items():
+        torch.testing.assert_close(got[3][name], value, rtol=1e-13, atol=1e-15, msg=name)
+
+
+def test_untrained_tokens_ids_and_values_do_not_matter_to_segments():
+    """Another id, NaN old log-probs and advantages at untrained tokens: the
+    same loss, gradients and statistics, bit for bit (a NaN summed into a
+    segment's mean through 0 * NaN would make the whole segment NaN)."""
+    case = add_segments(make_case(SEED, (3, 10), 8, 30, torch.float32, "token_mean"), SEED)
+    ids = case.kwargs.pop("segment_ids")
+    base = _segment_call(case, ids)
+    case.old = torch.where(case.mask, case.old, torch.full_like(case.old, math.nan))
+    case.advantages = torch.where(case.mask, case.advantages, math.inf)
+    case.ref = torch.where(case.mask, case.ref, -math.inf)
+    for other in (torch.full_like(ids, 99), ids.roll(1, dims=1)):
+        again = _segment_call(case, torch.where(case.mask, ids, other))
+        for a, b in zip(again[:3], base[:3], strict=True):
+            assert torch.equal(a, b)
+        for name, value in base[3].items():
+            assert torch.equal(again[3][name], value), name
+
+
+def test_a_wholly_untrained_segment_adds_nothing():
+    case = make_case(SEED, (2, 6), 8, 30, torch.float64, "token_mean")
+    ids = torch.tensor([[5, 5, 5, 6, 6, 6], [7, 7, 7, 7, 7, 7]])
+    case.mask = torch.ones(2, 6, dtype=torch.bool)
+    case.mask[0, 3:] = False  # segment 6: no trained token
+    case.mask[1] = False
+    case.targets = case.targets.clamp(min=0)
+    loss, g_hidden, g_weight, _ = _segment_call(case, ids)
+    assert torch.isfinite(loss)
+    assert not g_hidden[0, 3:].any() and not g_hidden[1].any()
+    # The same as the call on the trained tokens alone.
+    part = make_case(SEED, (2, 6), 8, 30, torch.float64, "token_mean")
+    for name in ("hidden", "targets", "advantages", "old", "ref"):
+        setattr(part, name, getattr(case, name)[0, :3])
+    part.mask = torch.ones(3, dtype=torch.bool)
+    want = _segment_call(part, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(loss, want[0], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(g_hidden[0, :3], want[1], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(g_weight, want[2], rtol=1e-12, atol=1e-15)
+
+
+def test_segment_ratio_value_and_gradient_by_hand():
+    """One segment of three tokens, no clipping: the ratio of each token is
+    exp(mean(l - old)), and d loss / d hidden_t is token t's own
+    d l_t / d hidden_t times -A_t w_t s (not s / 3, and no other token's)."""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    targets = torch.tensor([1, 4, 2])
+    with torch.no_grad():
+        logp_all = torch.log_softmax(hidden @ weight.T, -1)
+    logprob = logp_all[torch.arange(3), targets]
+    old = logprob + torch.tensor([0.1, -0.3, 0.05], dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+    ratio = math.exp(float((logprob - old).mean()))
+    w = 1 / 3  # token_mean
+    want_loss = float((-adv * ratio).sum()) * w
+    onehot = torch.nn.functional.one_hot(targets, 6).double()
+    dl_dh = (onehot - logp_all.exp()) @ weight  # d l_t / d hidden_t, row t
+    want_grad = (-adv * ratio * w)[:, None] * dl_dh
+    args = (targets, adv, old, torch.ones(3, dtype=torch.bool))
+    ids = torch.full((3,), 4)
+    for fn, extra in ((gtpo_loss, {"backend": "torch"}), (torch_gtpo_loss, {})):
+        h = hidden.clone().requires_grad_(True)
+        out = fn(h, weight, *args, eps_low=1.0, eps_high=1.0, segment_ids=ids, **extra)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(want_loss, rel=1e-12)
+        torch.testing.assert_close(h.grad, want_grad, rtol=1e-10, atol=1e-14)
+
+
+def test_segment_statistics_are_per_token_of_the_segment_ratio():
+    case = add_segments(make_case(SEED, (3, 20), 16, 97, torch.float64, "token_mean"), SEED)
+    ids = case.kwargs["segment_ids"]
+    *_, stats = _segment_call(case, ids, dual_clip=1.5)
+    t = case.kwargs["temperature"]
+    logp_all = torch.log_softmax(case.hidden @ case.weight.T / t, -1)
+    lp = logp_all.gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
+    m = case.mask
+    ratio = torch.zeros_like(lp)
+    for segment in set(ids[m].tolist()):
+        at = m & (ids == segment)
+        ratio[at] = torch.exp((lp - case.old)[at].mean())
+    lo, hi = 1 - case.kwargs["eps_low"], 1 + case.kwargs["eps_high"]
+    a = case.advantages
+    clipped = (-a * ratio.clamp(lo, hi)) > (-a * ratio)
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(lo, hi))
+    dual = (a < 0) & (pg > -a * 1.5)
+    expected = {
+        "ratio_mean": ratio[m].mean(),
+        "approx_kl": (case.old - lp)[m].mean(),
+        "clip_frac": clipped[m].double().mean(),
+        "dual_clip_frac": dual[m].double().mean(),
+    }
+    for key, value in expected.items():
+        assert float(stats[key]) == pytest.approx(float(value), rel=1e-12, abs=1e-14), key
+    assert 0 < float(stats["clip_frac"]) < 1 and 0 < float(stats["dual_clip_frac"]) < 1
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_segment_micro_batch_losses_add_up_to_the_whole_batch(agg):
+    """Segments within rows, rows split over two calls with the whole batch's counts."""
+    case = add_segments(make_case(SEED, (4, 6), 8, 30, torch.float64, agg), SEED)
+    ids = case.kwargs.pop("segment_ids")
+    if agg == "dr_grpo":
+        case.kwargs["max_len"] = 6
+
+    def run(rows, **extra):
+        hidden = case.hidden[rows].detach().requires_grad_(True)
+        weight = case.weight.detach().requires_grad_(True)
+        loss, _ = gtpo_loss(
+            hidden,
+            weight,
+            case.targets[rows],
+            case.advantages[rows].double(),
+            case.old[rows].double(),
+            case.mask[rows],
+            case.ref[rows].double(),
+            backend="torch",
+            segment_ids=ids[rows],
+            **case.kwargs,
+            **extra,
+        )
+        loss.backward()
+        return loss.detach(), hidden.grad, weight.grad
+
+    whole, grad_h, grad_w = run(slice(0, 4))
+    per_seq = case.mask.sum(dim=-1)
+    totals = dict(
+        global_tokens=int(case.mask.sum()),
+        global_sequences=4 if agg == "dr_grpo" else int((per_seq > 0).sum()),
+    )
+    parts = [run(slice(0, 1), **totals), run(slice(1, 4), **totals)]
+    assert torch.allclose(parts[0][0] + parts[1][0], whole, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(torch.cat([parts[0][1], parts[1][1]]), grad_h, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(parts[0][2] + parts[1][2], grad_w, rtol=1e-10, atol=1e-14)
+
+
+def test_auto_schedule_takes_vocab_with_segments(monkeypatch):
+    from turnrl.kernels import fused_linear_gtpo as gtpo
+
+    calls = []
+    real = dict(gtpo._ROWS)
+    monkeypatch.setitem(
+        gtpo._ROWS, "torch", lambda *a, **k: calls.append("rows") or real["torch"](*a, **k)
+    )
+    case = add_segments(make_case(SEED, (2, 4), 8, 30, torch.float32, "token_mean"), SEED)
+    run_fused(case, backend="torch")
+    assert calls == []
+
+
+def test_segment_ids_of_any_integer_type_and_device_sync_free_path():
+    """int32 ids give the int64 ids' loss; check_inputs=False takes segments too."""
+    case = add_segments(make_case(SEED, (2, 7), 8, 30, torch.float32, "token_mean"), SEED)
+    ids = case.kwargs.pop("segment_ids")
+    want = _segment_call(case, ids)
+    got = _segment_call(case, ids.to(torch.int32))
+    unchecked = _segment_call(case, ids, check_inputs=False)
+    for a, b, c in zip(got[:3], want[:3], unchecked[:3], strict=True):
+        assert torch.equal(a, b) and torch.equal(c, b)
+
+
+def test_a_stale_segments_log_ratio_is_clamped_as_a_tokens_is():
+    """A segment whose mean log-ratio is 30 has the ratio e**20, the token
+    level's clamp, and its tokens get no gradient from it (negative
+    advantages: the unclipped side); the reference agrees."""
+    case = make_case(SEED, (2, 5), 8, 30, torch.float64, "token_mean", beta=0.0, entropy_coef=0.0)
+    case.mask = torch.ones(2, 5, dtype=torch.bool)
+    case.targets = case.targets.clamp(min=0)
+    case.kwargs["dual_clip"] = None
+    ids = torch.tensor([[0, 0, 0, 1, 1], [2, 2, 3, 3, 3]])
+    with torch.no_grad():
+        logits = case.hidden @ case.weight.T / case.kwargs["temperature"]
+        lp = torch.log_softmax(logits, -1).gather(-1, case.targets[..., None])[..., 0]
+    stale = ids == 0
+    case.old = torch.where(stale, lp - 30.0 + torch.tensor([0.5, -0.5, 0.0, 0, 0]), case.old)
+    case.advantages = torch.where(stale, -1.0, case.advantages)
+    case.kwargs["segment_ids"] = ids
+    loss, g_hidden, _, stats = run_fused(case, backend="torch")
+    assert not g_hidden[stale].any()
+    assert float(stats["ratio_mean"]) > math.exp(20) * 3 / 10
+    assert float(stats["ratio_mean"]) < math.exp(21) * 3 / 10
+    want = run_reference(case)
+    torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_hidden, want[1], rtol=1e-10, atol=1e-14)

@@ -2234,7 +2234,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
 
     more = ["--entropy-coef", "0.01", "--dual-clip", "3", "--max-grad-norm", "none"]
     more += ["--weight-decay", "0.1", "--gradient-checkpointing", "--eps-high", "inf"]
-    more += ["--cache-implementation", "static"]
+    more += ["--cache-implementation", "static", "--importance-level", "turn"]
     calls = _train_command_up_to_the_loop(monkeypatch, tmp_path, tok, base_model, [[], more])
     assert [call["load"]["gradient_checkpointing"] for call in calls] == [False, True]
     engines = [call["args"][2]().engine for call in calls]
@@ -2244,6 +2244,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
     assert (defaults.entropy_coef, defaults.dual_clip, defaults.max_grad_norm) == (0.0, None, 1.0)
     assert (given.entropy_coef, given.dual_clip, given.max_grad_norm) == (0.01, 3.0, None)
     assert (defaults.eps_high, given.eps_high) == (0.28, math.inf)
+    assert (defaults.importance_level, given.importance_level) == ("token", "turn")
     decays = [t.optimizer.param_groups[0]["weight_decay"] for t in trainers]
     assert decays == [0.0, 0.1]
     # Refused by argparse, before the model loads.
@@ -2259,6 +2260,7 @@ def test_train_command_passes_training_options_on(tmp_path, tok, base_model, mon
         ["--temperature", "nan"],
         ["--lr", "nan"],
         ["--cache-implementation", "statc"],
+        ["--importance-level", "row"],
         ["--lr=-1e-5"],
     ):
         with pytest.raises(SystemExit):
@@ -2385,7 +2387,10 @@ def test_loss_settings_are_checked_when_the_config_is_made(field, value):
     GTPOConfig(eps_low=math.inf, eps_high=math.inf)  # no clip on either side
 
 
-@pytest.mark.parametrize(("field", "value"), [("agg", "token-mean"), ("backend", "cuda")])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("agg", "token-mean"), ("backend", "cuda"), ("importance_level", "seq")],
+)
 def test_unknown_loss_names_are_refused_when_the_config_is_made(field, value):
     # Not after a whole step of rollouts, when the loss first sees them.
     with pytest.raises(UnknownNameError, match=f"unknown {field} {value!r}"):
@@ -4785,3 +4790,104 @@ def test_turns_left_untrained_have_no_advantage_in_the_steps_figures(tok):
         for k in range(int(batch.turn_offsets[i + 1] - batch.turn_offsets[i])):
             assert math.isnan(got[batch.turn_offsets[i] + k]) == ((i, k) not in seen)
     assert np.isnan(got).any() and not np.isnan(got).all()
+
+
+def _stale_old(targets, turns, positions):
+    """Behaviour log-probs' offset from the trainer's own: a fixed function of
+    each token's id, turn and position, so both sides of a test can make it."""
+    return 0.3 * torch.sin(1.7 * targets + 0.9 * turns + 0.37 * positions)
+
+
+def _reference_segment_loss(model, batch, cfg, level):
+    """The whole batch's loss with one importance ratio per segment, by hand:
+    behaviour log-probs ``logp + _stale_old``, and per segment (a row's turn,
+    or a row) verl's GSPO-token ratio exp(sg[mean(logp - old)] + logp - sg[logp])."""
+    trained = batch.loss_mask[:, 1:]
+    targets = torch.where(trained, batch.input_ids[:, 1:], 0)
+    turns = batch.token_turn[:, 1:]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp_all = torch.log_softmax(logits[:, :-1].float() / cfg.temperature, -1)
+    logp = logp_all.gather(-1, targets[..., None])[..., 0]
+    positions = torch.arange(targets.shape[1]).expand_as(targets)
+    old = logp.detach() + _stale_old(targets, turns, positions)
+    log_ratio = torch.zeros_like(logp)
+    for r in range(logp.shape[0]):
+        units = set(turns[r][trained[r]].tolist()) if level == "turn" else {None}
+        for unit in units:
+            at = trained[r] if unit is None else trained[r] & (turns[r] == unit)
+            mean = (logp[r] - old[r])[at].mean().detach()
+            log_ratio[r] = torch.where(at, mean + logp[r] - logp[r].detach(), log_ratio[r])
+    ratio = torch.exp(log_ratio)
+    adv = batch.advantages[:, 1:]
+    clipped = ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+    loss = torch.where(trained, torch.maximum(-adv * ratio, -adv * clipped), 0.0)
+    assert cfg.agg == "seq_mean_token_mean"
+    counts = trained.sum(1)
+    return (loss.sum(1)[counts > 0] / counts[counts > 0]).mean(), ratio[trained]
+
+
+@pytest.mark.parametrize(
+    "level, pack", [("turn", True), ("turn", False), ("sequence", True), ("token", True)]
+)
+def test_a_step_shares_importance_ratios_as_the_plain_reference(
+    tok, base_model, monkeypatch, level, pack
+):
+    """Behaviour log-probs off the trainer's (so ratios are not 1 and some are
+    clipped), micro-batches of two rows: the step's gradients are those of
+    the per-segment reference loss; the token level's are not."""
+    rng = random.Random(43)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", pack=pack)
+    assert batch.token_turn is not None
+    # Several turns in some packed row, so that a turn is not a row there.
+    turns_per_row = [len(set(row[row >= 0].tolist())) for row in batch.token_turn]
+    assert max(turns_per_row) == 1 if not pack else max(turns_per_row) > 1
+    real_logprobs = GTPOTrainer._logprobs
+
+    def stale_logprobs(self, model, m):
+        return real_logprobs(self, model, m) + _stale_old(m.targets, m.turns, m.positions)
+
+    monkeypatch.setattr(GTPOTrainer, "_logprobs", stale_logprobs)
+    model = _lora(base_model)
+    reference = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _trainer(
+        model,
+        micro_batch_size=2,
+        agg="seq_mean_token_mean",
+        temperature=0.8,
+        eps_low=0.02,  # tight, as GSPO's are: some segments' ratios are clipped
+        eps_high=0.02,
+        importance_level=level,
+        skip_zero_advantage=False,  # statistics over every trained token
+    )
+    stats = trainer.step(batch)
+    cfg = trainer.config
+    # The token level is checked against the turn level's reference: it must differ.
+    unit = "turn" if level == "token" else level
+    loss, ratios = _reference_segment_loss(reference, batch, cfg, unit)
+    loss.backward()
+    ratio_mean = float(ratios.detach().mean())
+    assert stats["ratio_mean"] == pytest.approx(ratio_mean, rel=1e-4) or level == "token"
+    assert 0 < stats["clip_frac"] < 1
+    diffs = []
+    for name, p in model.named_parameters():
+        if name in before:
+            want = reference.get_parameter(name).grad
+            step = before[name] - p.detach()
+            scale = float(want.abs().max().clamp(min=1e-12))
+            diffs.append(float((step - want).abs().max()) / scale)
+    if level == "token":
+        assert max(diffs) > 1e-2  # the per-token ratios' gradient is another
+    else:
+        assert max(diffs) < 1e-3, diffs
+
+
+def test_turn_level_ratios_without_token_turns_are_a_clear_error(tok, base_model):
+    rng = random.Random(43)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(2)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    batch.token_turn = None
+    trainer = _trainer(_lora(base_model), importance_level="turn", skip_zero_advantage=False)
+    with pytest.raises(InvalidInputError, match=r"importance_level='turn' needs batch\.token_turn"):
+        trainer.step(batch)

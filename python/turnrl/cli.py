@@ -965,6 +965,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_grad_norm=args.max_grad_norm,
             temperature=args.temperature,
             agg=args.agg,
+            importance_level=args.importance_level,
             max_len=args.max_length,  # dr_grpo's constant length, when there is one
             rollout_correction=args.rollout_correction,
             rollout_correction_cap=args.rollout_correction_cap,
@@ -1706,7 +1707,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
-    from turnrl.train import ROLLOUT_CORRECTIONS, TRUNCATIONS
+    from turnrl.train import IMPORTANCE_LEVELS, ROLLOUT_CORRECTIONS, TRUNCATIONS
 
     parser = _Parser(
         prog="turnrl",
@@ -2263,6 +2264,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="token_mean",
         choices=["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo"],
         help="loss aggregation (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--importance-level",
+        choices=IMPORTANCE_LEVELS,
+        default="token",
+        help="which tokens share one importance ratio, GSPO-style (the geometric mean of "
+        "their ratios): each token its own (token), each assistant turn's (turn), or each "
+        "token row's (sequence: a packed conversation, else one turn); GSPO clips far "
+        "tighter, so set --eps-low/--eps-high (its paper: 3e-4/4e-4) (default: %(default)s)",
     )
     tr.add_argument(
         "--max-length", type=_row_length, help="cut token rows longer than this (see --truncation)"

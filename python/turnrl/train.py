@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from turnrl.calibration import OnlineCalibrator
 
 __all__ = [
+    "IMPORTANCE_LEVELS",
     "MERGE_FILE",
     "OPTIMIZER_FILE",
     "RNG_FILE",
@@ -808,6 +809,9 @@ def build_batch(
 
 ROLLOUT_CORRECTIONS = ("token_truncate", "token_mask", "turn_truncate", "turn_mask")
 
+IMPORTANCE_LEVELS = ("token", "turn", "sequence")
+"""The units :attr:`GTPOConfig.importance_level` shares an importance ratio over."""
+
 
 @dataclasses.dataclass
 class GTPOConfig:
@@ -855,6 +859,22 @@ class GTPOConfig:
     ``*_truncate`` caps w at ``rollout_correction_cap``, ``*_mask`` sets w
     above the cap to 0. None: no weighting (the mismatch is still reported)."""
     rollout_correction_cap: float = 2.0
+    importance_level: str = "token"
+    """Which trained tokens share one PPO importance ratio, as GSPO (arXiv
+    2507.18071) shares a sequence's: ``"token"`` (PPO's: each its own),
+    ``"turn"`` (each assistant turn of a row, the unit one generation
+    sampled and turnrl's advantages are given per) or ``"sequence"`` (each
+    token row, as in TRL's ``importance_sampling_level`` and verl's ``gspo``,
+    where a sequence is a row: a whole conversation when it is packed, one
+    turn when it is not, where it is the same as ``"turn"``; a
+    conversation's per-turn rows, which micro-batches may split, are not
+    one sequence). The shared ratio is GSPO-token's (verl's): the
+    geometric mean of the unit's trained tokens' ratios, each token keeping
+    its own advantage and its own gradient, scaled by that ratio; clipped
+    per token, as is ``clip_frac``. GSPO's clip range is much tighter than
+    a token's (its paper: ``eps_low=3e-4``, ``eps_high=4e-4``): set
+    ``eps_low`` and ``eps_high`` with it. Other than ``"token"``, the loss
+    runs its vocabulary schedule (four matmuls, not three)."""
     skip_zero_advantage: bool = True
     """Without a KL or entropy term, a row whose trained tokens all have
     advantage 0 adds exactly 0 to the loss and its gradient: it is not run
@@ -869,6 +889,7 @@ class GTPOConfig:
         for field, value, valid in (
             ("agg", self.agg, AGGREGATIONS),
             ("backend", self.backend, BACKENDS),
+            ("importance_level", self.importance_level, IMPORTANCE_LEVELS),
         ):
             if value not in valid:
                 raise UnknownNameError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
@@ -1275,6 +1296,7 @@ class GTPOTrainer:
             try:
                 for j, m in enumerate(micro):
                     hidden, head = self._trained_hidden(self.model, m)
+                    segment_ids = self._segment_ids(m)
                     loss, stats = gtpo_loss(
                         hidden,
                         head,
@@ -1294,6 +1316,7 @@ class GTPOTrainer:
                         backend=cfg.backend,
                         global_tokens=global_tokens,
                         global_sequences=global_sequences,
+                        segment_ids=segment_ids,
                     )
                     loss.backward()
                     loss_sum += float(loss.detach())
@@ -1333,6 +1356,25 @@ class GTPOTrainer:
             totals["loss"] = loss_sum
             totals["grad_norm"] = float(norm)
         return totals
+
+    def _segment_ids(self, m: _MicroBatch) -> torch.Tensor | None:
+        """The micro-batch's tokens' importance-ratio segments under
+        :attr:`GTPOConfig.importance_level` (None: one per token)."""
+        import torch
+
+        level = self.config.importance_level
+        if level == "token":
+            return None
+        rows = torch.arange(m.valid.shape[0], device=m.valid.device)[:, None]
+        if level == "sequence":
+            return rows.expand(m.valid.shape)
+        if m.turns is None:
+            raise InvalidInputError(
+                "importance_level='turn' needs batch.token_turn (build_batch fills it)"
+            )
+        # One id per (row, turn): a turn's index is far below 2**32, and the
+        # ids of untrained tokens (turn -1) are ignored by the loss.
+        return rows * 2**32 + m.turns
 
     def _stat_names(self) -> list[str]:
         """The statistics :func:`turnrl.kernels.gtpo_loss` reports under this config."""

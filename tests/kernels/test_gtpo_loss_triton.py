@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    add_segments,
     assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
@@ -41,6 +42,8 @@ SEED = int.from_bytes(os.urandom(4), "little")
 def _to_device(case):
     for name in ("hidden", "weight", "targets", "advantages", "old", "mask", "ref"):
         setattr(case, name, getattr(case, name).to(DEVICE))
+    if case.kwargs.get("segment_ids") is not None:
+        case.kwargs["segment_ids"] = case.kwargs["segment_ids"].to(DEVICE)
     return case
 
 
@@ -183,3 +186,36 @@ def test_triton_under_autocast_keeps_fp32_logits(schedule, chunk):
     assert_autocast_changes_nothing(
         case, DEVICE, backend="triton", schedule=schedule, chunk_size=chunk
     )
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"]
+)
+def test_triton_segment_ratios_match_reference(agg, dtype, rtol):
+    """GSPO-token segment ratios (``auto``: the vocabulary schedule), runs of
+    1 to 4 tokens, one wholly untrained, garbage ids at untrained tokens."""
+    seed = SEED + AGGS.index(agg)
+    case = _to_device(add_segments(make_case(seed, (3, 6), 16, 45, dtype, agg), seed))
+    assert_close_to_reference(case, rtol, backend="triton", chunk_size=16)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    batch=st.integers(1, 2),
+    length=st.integers(1, 6),
+    hidden_size=st.integers(1, 8),
+    vocab=st.integers(1, 70),
+    chunk=st.integers(1, 40),
+    agg=st.sampled_from(AGGS),
+    flat=st.booleans(),
+    across_rows=st.booleans(),
+)
+def test_triton_segment_ratios_ragged(
+    seed, batch, length, hidden_size, vocab, chunk, agg, flat, across_rows
+):
+    shape = (batch * length,) if flat else (batch, length)
+    case = make_case(seed, shape, hidden_size, vocab, torch.float32, agg)
+    case = _to_device(add_segments(case, seed, across_rows=across_rows))
+    assert_close_to_reference(case, 1e-4, eager_slack=True, backend="triton", chunk_size=chunk)

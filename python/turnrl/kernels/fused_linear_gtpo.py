@@ -13,6 +13,17 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
 and the loss is ``sum_t w_t * loss_t`` with aggregation weights ``w`` that only
 depend on the mask (see :func:`aggregation_weights`).
 
+With ``segment_ids`` (GSPO, arXiv 2507.18071, in its GSPO-token form, as
+verl's ``gspo`` loss), the ratio of token ``t`` in segment ``S`` is instead
+
+    log p_t  = clamp(sg[mean_{u in S, trained} (l_u - old_u)] + l_t - sg[l_t], -20, 20)
+
+(``sg``: stop-gradient): its value is the segment's length-normalised
+geometric-mean ratio, and ``d p_t / d l_t = p_t``, each token's own
+gradient scaled by the segment's ratio (the ``1 / |S|`` of GSPO's sequence
+gradient comes from a ``seq_mean`` aggregation, not from the ratio). The
+clip, the dual clip and the statistics then apply per token to that ratio.
+
 The [N, V] logits never exist at once. Two schedules share the kernels:
 
 * ``rows`` (the default when gradients are taken): blocks of ``R`` rows over
@@ -565,15 +576,24 @@ def stream_grad_triton(
 
 @dataclass(frozen=True)
 class TokenInputs:
-    """The per-token [N] inputs of the loss terms, flat."""
+    """The per-token [N] inputs of the loss terms, flat.
+
+    ``segments`` (:func:`_segment_index`) gives every token its segment's
+    ratio; None: its own. A block of rows cannot hold a segment's mean, so
+    segments exist only where all N tokens are at hand (the ``vocab``
+    schedule).
+    """
 
     old: torch.Tensor
     advantages: torch.Tensor
     ref: torch.Tensor | None
     agg_weights: torch.Tensor
     cfg: LossConfig
+    segments: torch.Tensor | None = None
 
     def block(self, start: int, stop: int) -> TokenInputs:
+        if self.segments is not None:
+            raise InvalidInputError("segment ratios need every token at once, not a block")
         return TokenInputs(
             self.old[start:stop],
             self.advantages[start:stop],
@@ -781,9 +801,21 @@ def token_terms(
     advantages: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     cfg: LossConfig,
+    segment_log_ratio: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per-token loss and its parts; differentiable in ``logprob`` and ``entropy``."""
-    log_ratio = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    """Per-token loss and its parts; differentiable in ``logprob`` and ``entropy``.
+
+    ``segment_log_ratio`` (per token, detached: :func:`_segment_log_ratios`)
+    replaces the value of each token's log-ratio and keeps its gradient, 1
+    by its own ``logprob`` (GSPO-token); None: the token's own ``logprob -
+    old_logprobs``.
+    """
+    if segment_log_ratio is None:
+        raw_log_ratio = logprob - old_logprobs
+    else:
+        # logprob - sg[logprob] is exactly 0 and has gradient 1.
+        raw_log_ratio = segment_log_ratio + (logprob - logprob.detach())
+    log_ratio = torch.clamp(raw_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
@@ -860,12 +892,49 @@ def aggregation_weights(
     raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
 
 
-def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> torch.Tensor:
+def _segment_index(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's segment as an int64 index in ``[0, N)``, flat: equal ids, equal index.
+
+    Ids may be any integers. A sort finds the equal ones, so the number of
+    segments never has to reach the host (``torch.unique`` would sync the
+    device, which ``check_inputs=False`` promises not to do).
+    """
+    ids = segment_ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(ids)
+    sorted_ids = ids[order]
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    index = torch.empty_like(ids)
+    index[order] = torch.cumsum(starts, 0) - 1
+    return index
+
+
+def _segment_log_ratios(
+    logprob: torch.Tensor, old: torch.Tensor, used: torch.Tensor, segments: torch.Tensor
+) -> torch.Tensor:
+    """Per token, detached: the mean of ``logprob - old`` over the used tokens of
+    its segment (``segments`` from :func:`_segment_index`), 0 for a segment with
+    none; the log of GSPO's length-normalised sequence ratio.
+
+    Tokens that are not ``used`` neither add to a mean nor count, and their
+    values (NaN padding included) are dropped before they are summed.
+    """
+    diff = torch.where(used, logprob.detach() - old.to(logprob.dtype), 0.0)
+    sums = torch.zeros_like(diff).index_add_(0, segments, diff)
+    counts = torch.zeros_like(diff).index_add_(0, segments, used.to(diff.dtype))
+    return (sums / counts.clamp(min=1.0))[segments]
+
+
+def _weighted_loss(
+    logprob, entropy, old, advantages, ref, agg_weights, cfg, segments=None
+) -> torch.Tensor:
     """``sum_t w_t * loss_t`` in the accumulation dtype of ``logprob``.
 
     Inputs at weight-0 tokens are replaced by zeros first, so garbage there
     (NaN or inf old log-probs, padding) reaches neither the loss nor, through
-    ``0 * NaN``, the gradients.
+    ``0 * NaN``, the gradients. With ``segments`` (:func:`_segment_index` of
+    every token), each token's ratio is its segment's (GSPO-token), the
+    segment's mean taken over its weight-nonzero tokens alone.
     """
     acc = logprob.dtype
     used = agg_weights != 0
@@ -873,13 +942,15 @@ def _weighted_loss(logprob, entropy, old, advantages, ref, agg_weights, cfg) -> 
     def clean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(used, x.to(acc), 0.0)
 
+    old = clean(old)
     terms = token_terms(
         logprob,
         entropy,
-        clean(old),
+        old,
         clean(advantages),
         None if ref is None else clean(ref),
         cfg,
+        None if segments is None else _segment_log_ratios(logprob, old, used, segments),
     )
     return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
 
@@ -894,6 +965,7 @@ def _block_loss(logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInput
         inputs.ref,
         inputs.agg_weights,
         inputs.cfg,
+        inputs.segments,
     )
 
 
@@ -955,6 +1027,8 @@ class GTPOLossFunction(torch.autograd.Function):
     tensors (``agg_weights`` already holds the mask and the aggregation).
     ``want_grads`` is whether autograd will ask for gradients (grad mode was
     on at the call), which a Function cannot see inside its forward.
+    ``segments`` (:func:`_segment_index`; ``vocab`` schedule only) gives each
+    token its segment's importance ratio.
     Returns the scalar loss, then detached per-token log-probs and entropies.
     """
 
@@ -974,11 +1048,17 @@ class GTPOLossFunction(torch.autograd.Function):
         chunk_size: int,
         schedule: str = "vocab",
         want_grads: bool = True,
+        segments: torch.Tensor | None = None,
     ):
         ctx.schedule = schedule
         ctx.cfg, ctx.temperature, ctx.backend = cfg, temperature, backend
         inputs = (hidden, weight, targets, advantages, old_logprobs, ref_logprobs, agg_weights)
         if schedule == "rows":
+            if segments is not None:
+                raise InvalidInputError(
+                    "segment ratios need every token's log-prob before any gradient: "
+                    "schedule='rows' cannot give them; use schedule='vocab'"
+                )
             need_hidden = want_grads and ctx.needs_input_grad[0]
             need_weight = want_grads and ctx.needs_input_grad[1]
             result, ctx.grads = _rows_pass(
@@ -994,9 +1074,9 @@ class GTPOLossFunction(torch.autograd.Function):
         stats = stats_fn(hidden, weight, targets, temperature, chunk_size)
         logprob, entropy = stats.logprob, stats.entropy
         loss = _weighted_loss(
-            logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg
+            logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg, segments
         )
-        ctx.save_for_backward(*inputs, *stats)
+        ctx.save_for_backward(*inputs, segments, *stats)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(logprob, entropy)
         return loss, logprob, entropy
@@ -1010,7 +1090,7 @@ class GTPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_loss: torch.Tensor):
-        nones = (None,) * 11
+        nones = (None,) * 12
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.schedule == "rows":
             # The gradients computed in the forward are for d loss = 1. They
@@ -1045,10 +1125,12 @@ class GTPOLossFunction(torch.autograd.Function):
         if not (need_hidden or need_weight):
             return (None, None, *nones)
 
-        hidden, weight, targets, advantages, old, ref, agg_weights, *saved = ctx.saved_tensors
+        hidden, weight, targets, advantages, old, ref, agg_weights, segments, *saved = (
+            ctx.saved_tensors
+        )
         _, grad_fn = _STREAMS[ctx.backend]
         stats = RowStats(*saved)
-        inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg)
+        inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg, segments)
         _, g_l, g_h = _token_grads(stats.logprob, stats.entropy, inputs)
         scale = grad_loss.to(stats.row_max.dtype)
         grad_h, grad_w = grad_fn(
@@ -1218,6 +1300,7 @@ def gtpo_loss(
     global_tokens: int | None = None,
     global_sequences: int | None = None,
     schedule: str = "auto",
+    segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1251,8 +1334,10 @@ def gtpo_loss(
             :func:`aggregation_weights`. ``dr_grpo`` then needs ``max_len``.
         backend: ``auto`` (Triton on CUDA, torch otherwise) | ``triton`` | ``torch``.
         schedule: ``auto`` (``rows`` when gradients will be taken, except
-            for fp16; else ``vocab``) | ``rows`` (not for fp16: its gradients
-            would be rounded before the loss scale is applied) | ``vocab``.
+            for fp16 or with ``segment_ids``; else ``vocab``) | ``rows`` (not
+            for fp16: its gradients would be rounded before the loss scale
+            is applied; nor with ``segment_ids``: a block's gradients would
+            be needed before the other blocks' log-probs are known) | ``vocab``.
             ``rows`` streams blocks of rows over the whole vocabulary and
             computes both gradients in the forward: three matmuls, one
             [R, V] fp32 tile (Liger-Kernel's choice). ``vocab`` streams
@@ -1268,6 +1353,19 @@ def gtpo_loss(
             ``ref_logprobs`` when ``beta != 0``) on trained tokens (one device
             sync each); shapes are always checked. Off, masked-out ids are
             still allowed and nothing syncs.
+        segment_ids: None (the default): each token's importance ratio is
+            its own, as PPO's. Given, an integer tensor of shape
+            ``hidden.shape[:-1]``: tokens with equal ids form a segment
+            (wherever they are, across rows too; ids may be any integers,
+            and those of untrained tokens are ignored), and each trained
+            token's ratio is its segment's, GSPO-token style (verl's
+            ``gspo``; see the module's notes): the value is
+            ``exp(mean(l - old))`` over the segment's trained tokens, the
+            gradient flows to each token's own log-prob. A segment with no
+            trained token adds nothing. GSPO's one ratio per row of a
+            [B, T] input: ``torch.arange(B)[:, None].expand(B, T)``. Each
+            call's segments are its own: under gradient accumulation a
+            segment must not span micro-batches.
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1279,7 +1377,11 @@ def gtpo_loss(
         gradients for ``hidden`` and ``weight``, and detached scalar tensors
         ``clip_frac``, ``approx_kl`` (mean ``old - new`` log-prob, as verl's
         ``ppo_kl``), ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``,
-        ``ref_kl``), all masked means over trained tokens.
+        ``ref_kl``), all masked means over trained tokens. With
+        ``segment_ids``, ``clip_frac``, ``dual_clip_frac`` and ``ratio_mean``
+        are of each trained token's segment ratio (as verl's ``gspo``
+        reports its clip fraction), so a segment counts once per trained
+        token; ``approx_kl`` stays the tokens' own.
     """
     _check_head(hidden, weight, temperature)
     token_shape = tuple(hidden.shape[:-1])
@@ -1289,8 +1391,15 @@ def gtpo_loss(
         ("old_logprobs", old_logprobs),
         ("mask", mask),
         ("ref_logprobs", ref_logprobs),
+        ("segment_ids", segment_ids),
     ):
         _check_token_tensor(name, t, token_shape, hidden.device)
+    if segment_ids is not None and (
+        segment_ids.dtype.is_floating_point
+        or segment_ids.dtype.is_complex
+        or segment_ids.dtype == torch.bool
+    ):
+        raise InvalidInputError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
     # Written so that NaN fails too: a NaN clip range or coefficient made the
@@ -1316,7 +1425,7 @@ def gtpo_loss(
             "dr_grpo over micro-batches needs max_len: each micro-batch's padded length differs"
         )
     resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
-    resolved_schedule = _resolve_schedule(schedule, hidden, weight)
+    resolved_schedule = _resolve_schedule(schedule, hidden, weight, segment_ids is not None)
 
     mask_b = mask != 0
     if check_inputs:
@@ -1354,6 +1463,7 @@ def gtpo_loss(
         old=old_logprobs.reshape(-1),
         ref=None if ref_logprobs is None else ref_logprobs.reshape(-1),
     )
+    segments = None if segment_ids is None else _segment_index(segment_ids)
     loss, logprob, entropy = _apply(
         h2,
         weight.contiguous(),
@@ -1364,22 +1474,26 @@ def gtpo_loss(
         resolved,
         chunk,
         resolved_schedule,
+        segments,
     )
     with torch.no_grad():
         acc = logprob.dtype
+        trained = mask_b.reshape(-1)
+        old = flat["old"].to(acc)
         terms = token_terms(
             logprob,
             entropy,
-            flat["old"].to(acc),
+            old,
             flat["advantages"].to(acc),
             None if flat["ref"] is None else flat["ref"].to(acc),
             cfg,
+            None if segments is None else _segment_log_ratios(logprob, old, trained, segments),
         )
-        stats = _stats(terms, logprob, entropy, flat["old"].to(acc), mask_b.reshape(-1))
+        stats = _stats(terms, logprob, entropy, old, trained)
     return loss, stats
 
 
-def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, schedule):
+def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, schedule, segments):
     with _autocast_off(h2.device.type):
         return GTPOLossFunction.apply(
             h2,
@@ -1395,12 +1509,26 @@ def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, sche
             chunk,
             schedule,
             torch.is_grad_enabled(),
+            segments,
         )
 
 
-def _resolve_schedule(schedule: str, hidden: torch.Tensor, weight: torch.Tensor) -> str:
+def _resolve_schedule(
+    schedule: str, hidden: torch.Tensor, weight: torch.Tensor, segmented: bool = False
+) -> str:
     if schedule not in SCHEDULES:
         raise UnknownNameError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    # A token's gradient needs its segment's mean log-ratio, so every token's
+    # log-prob before any gradient: the vocabulary schedule has them all after
+    # its forward; the row schedule takes a block's gradients in its forward.
+    if segmented:
+        if schedule == "rows":
+            raise InvalidInputError(
+                "schedule='rows' cannot take segment_ids: it computes a block's gradients "
+                "before the other blocks' log-probs (and so its segments' ratios) are known; "
+                "use schedule='vocab' (what 'auto' picks with segment_ids)"
+            )
+        return "vocab"
     # fp16 gradients need the loss scale (GradScaler's 65536) applied before
     # they are rounded, or small ones underflow; the rows schedule computes
     # them in the forward, before the scale is known.
@@ -1486,6 +1614,7 @@ def torch_gtpo_loss(
     temperature: float = 1.0,
     agg: str = "token_mean",
     max_len: int | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -1493,7 +1622,8 @@ def torch_gtpo_loss(
     bf16/fp16 (the usual eager recipe); fp64 inputs stay fp64.
 
     Written independently of the chunked path (log_softmax, gather, softmax
-    entropy, verl's max/min clipping) so the tests compare two derivations.
+    entropy, verl's max/min clipping, a loop over the segments of
+    ``segment_ids``) so the tests compare two derivations.
     """
     logits = hidden @ weight.T
     if logits.dtype in (torch.bfloat16, torch.float16):
@@ -1511,7 +1641,14 @@ def torch_gtpo_loss(
     old_logprobs = torch.where(valid, old_logprobs, zero)
     if ref_logprobs is not None:
         ref_logprobs = torch.where(valid, ref_logprobs, zero)
-    log_ratio = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = logprob - old_logprobs
+    if segment_ids is not None:
+        # GSPO-token, as verl writes it: sg[segment mean] + logprob - sg[logprob].
+        for segment in torch.unique(segment_ids[valid]).tolist():
+            members = valid & (segment_ids == segment)
+            mean = (logprob - old_logprobs)[members].mean().detach()
+            log_ratio = torch.where(members, mean + logprob - logprob.detach(), log_ratio)
+    log_ratio = torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
     pg_losses1 = -advantages * ratio
     pg_losses2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
