@@ -624,3 +624,45 @@ def test_plot_greys_correlations_by_the_calibration_alpha(tmp_path: Path, monkey
         assert list(colours[0]) == expected
     # Some tier tells the two levels apart.
     assert any(1e-60 <= p < 0.05 for p in p_values)
+
+
+def test_a_tier_the_starting_table_lacks_is_shown_missing(tmp_path: Path, capsys, monkeypatch):
+    """The before/after table and the plot showed a tier the --tiers table lacks
+    as reward +0.000, a reward nobody gave it."""
+    import matplotlib.axes
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    start = tmp_path / "start.toml"
+    start.write_text("[tiers]\ngold = 1.0\nread = 0.0\n")
+    assert main(["calibrate", str(path), "--tiers", str(start), "--quiet"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:8]}
+    assert set(rows) == set(DEFAULT_TIERS)
+    # Columns: tier, present, succ with, succ w/o, r, p, old, new, misaligned ...
+    for tier, row in rows.items():
+        assert row[6] == ("+1.000" if tier == "gold" else "+0.000" if tier == "read" else "—")
+        assert row[7] != "—"
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)), str(start))
+    heights, dashes = [], []
+    real_bar, real_annotate = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.annotate
+
+    def bar(self, x, height, *args, **kwargs):
+        heights.append(np.asarray(height, dtype=float))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    def annotate(self, text, xy, *args, **kwargs):
+        dashes.append((text, float(xy[0])))
+        return real_annotate(self, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", annotate)
+    plot_report(report, tmp_path / "p.png")
+    _, before, after = heights
+    tiers = [c.tier for c in report.correlations]
+    missing = [t not in ("gold", "read") for t in tiers]
+    assert np.isnan(before).tolist() == missing and not np.isnan(after).any()
+    assert before[tiers.index("gold")] == 1.0 and before[tiers.index("read")] == 0.0
+    assert [text for text, _ in dashes] == ["—"] * sum(missing)

@@ -8,6 +8,7 @@ Used by ``turnrl calibrate``; callable from Python the same way.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import threading
@@ -337,7 +338,8 @@ def plot_report(
 ) -> None:
     """Each tier's correlation with its confidence interval, and its reward
     before and after calibration, as a PNG. Correlations with a p-value of
-    ``alpha`` or more (the significance level the calibration used) are grey."""
+    ``alpha`` or more (the significance level the calibration used) are grey;
+    a tier a reward table lacks gets a dash instead of a bar."""
     plt = pyplot()
     tiers = [c.tier for c in report.correlations]
     x = np.arange(len(tiers))
@@ -354,8 +356,9 @@ def plot_report(
     )
     low = np.where(observed, low, r)
     high = np.where(observed, high, r)
-    before = np.array([report.initial.rewards.get(t, 0.0) for t in tiers])
-    after = np.array([report.rewards.get(t, 0.0) for t in tiers])
+    # A tier a table lacks has no bar (NaN draws none) and a dash, not a 0 bar.
+    before = np.array([report.initial.rewards.get(t, math.nan) for t in tiers])
+    after = np.array([report.rewards.get(t, math.nan) for t in tiers])
 
     fig, (ax_r, ax_w) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = np.where(significant, "tab:blue", "tab:gray")
@@ -372,6 +375,9 @@ def plot_report(
     width = 0.38
     ax_w.bar(x - width / 2, before, width, label="before", color="tab:orange")
     ax_w.bar(x + width / 2, after, width, label="calibrated", color="tab:green")
+    for offset, values in ((-width / 2, before), (width / 2, after)):
+        for at in np.flatnonzero(np.isnan(values)):
+            ax_w.annotate("—", (x[at] + offset, 0.0), ha="center", va="bottom", color="gray")
     ax_w.axhline(0, color="black", linewidth=0.8)
     ax_w.set_xticks(x, tiers)
     ax_w.set_ylabel("tier reward")
