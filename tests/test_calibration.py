@@ -872,3 +872,27 @@ def test_a_custom_estimator_needing_bigger_groups_is_taken(monkeypatch):
     monkeypatch.setitem(turnrl.advantages._REGISTRY, "four_or_more", four_or_more)
     online = OnlineCalibrator("naive", estimator="four_or_more")
     assert online.calibrate_kwargs == {"estimator": "four_or_more"}
+
+
+def test_a_tier_named_twice_is_refused_wherever_tiers_are_given():
+    """("good", "bad", "noise", "good"): rewards are keyed by name, so the second
+    "good" (no turns, r = 0) hid the first, and calibrate gave the tier that
+    predicted success best a reward of 0."""
+    from turnrl.irc import tiered_from_records
+
+    p = planted(seed=1, tasks=30)
+    twice = ("good", "bad", "noise", "good")
+    message = r"tiers \('good', 'bad', 'noise', 'good'\) name tier 'good' more than once"
+    with pytest.raises(InvalidInputError, match=message):
+        TieredRollouts(p.outcome, p.group, p.turn_offsets, p.turn_tiers, twice)
+    with pytest.raises(InvalidInputError, match=message):
+        TierStats.empty(twice)
+    with pytest.raises(InvalidInputError, match=message):
+        OnlineCalibrator("naive", tiers=twice)
+    record = turnrl.rollout_record("t", "g", 0, 1.0, [{"role": "assistant", "tier": "good"}])
+    with pytest.raises(InvalidInputError, match=message):
+        tiered_from_records([record], tiers=twice)
+    with pytest.raises(InvalidInputError, match="name tier 'bad' more than once"):
+        TierStats.from_rollouts(p).with_tiers(("good", "bad", "noise", "respond", "bad"))
+    # Named once, the tier keeps its reward.
+    assert calibrate(p, "naive").rewards["good"] > 0

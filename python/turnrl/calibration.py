@@ -272,8 +272,8 @@ class TieredRollouts:
             ``outcome`` differ in length, ``turn_offsets`` does not have
             length B + 1, start at 0, rise monotonically and end at the number
             of turns, or a tier code is neither -1 nor in
-            ``[0, len(tiers))`` (the message names the field and the first
-            bad position).
+            ``[0, len(tiers))``, or a tier is named twice in ``tiers`` (the
+            message names the field and the first bad position, or the tier).
     """
 
     outcome: np.ndarray
@@ -301,6 +301,7 @@ class TieredRollouts:
             )
         _check_offsets(self.turn_offsets, len(self.outcome), len(self.turn_tiers))
         _check_tier_codes(self.turn_tiers, len(self.tiers))
+        _check_unique_tiers(self.tiers)
 
     @property
     def num_turns(self) -> int:
@@ -352,6 +353,18 @@ def _check_offsets(turn_offsets: np.ndarray, trajectories: int, turns: int) -> N
         )
 
 
+def _check_unique_tiers(tiers: Sequence[str]) -> None:
+    """Each tier name once: rewards and correlations are looked up by name, so a
+    second entry would take (or hide) the first one's figures."""
+    seen: set[str] = set()
+    for tier in tiers:
+        if tier in seen:
+            raise InvalidInputError(
+                f"tiers {tuple(tiers)} name tier {tier!r} more than once; each tier once"
+            )
+        seen.add(tier)
+
+
 def _check_tier_codes(turn_tiers: np.ndarray, tiers: int) -> None:
     """Every code is -1 (unlabelled) or in ``[0, tiers)``; else an error naming
     the first bad turn."""
@@ -384,7 +397,8 @@ class TierCorrelation:
 
 @dataclass(frozen=True, eq=False)
 class TierStats:
-    """Additive per-tier sums; ``a + b`` merges shards exactly."""
+    """Additive per-tier sums; ``a + b`` merges shards exactly. Each tier is
+    named once (else :class:`~turnrl.exceptions.InvalidInputError`)."""
 
     tiers: tuple[str, ...]
     trajectories: int
@@ -394,6 +408,9 @@ class TierStats:
     turns: np.ndarray
     turns_sq: np.ndarray
     turns_success: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check_unique_tiers(self.tiers)
 
     @classmethod
     def empty(cls, tiers: Sequence[str] = DEFAULT_TIERS) -> TierStats:
