@@ -896,3 +896,27 @@ def test_a_tier_named_twice_is_refused_wherever_tiers_are_given():
         TierStats.from_rollouts(p).with_tiers(("good", "bad", "noise", "respond", "bad"))
     # Named once, the tier keeps its reward.
     assert calibrate(p, "naive").rewards["good"] > 0
+
+
+@pytest.mark.parametrize(
+    ("settings_", "message"),
+    [
+        ({"every": 2.5}, "every must be an integer >= 1, got 2.5"),
+        ({"every": "3"}, "every must be an integer >= 1, got '3'"),
+        ({"every": 0}, "every must be an integer >= 1, got 0"),
+        ({"window": 2.5}, "window must be an integer >= 1, got 2.5"),
+        ({"window": True}, "window must be an integer >= 1, got True"),
+        ({"min_trajectories": "64"}, "min_trajectories must be an integer >= 0, got '64'"),
+        ({"min_trajectories": None}, "min_trajectories must be an integer >= 0, got None"),
+        ({"min_trajectories": -1}, "min_trajectories must be an integer >= 0, got -1"),
+    ],
+)
+def test_window_every_and_min_trajectories_are_checked_when_it_is_made(settings_, message):
+    """They were not: every=2.5 ran and saved checkpoints that load() refused,
+    min_trajectories="64" failed with a TypeError at the first re-derivation."""
+    with pytest.raises(InvalidInputError, match=message):
+        OnlineCalibrator("naive", **settings_)
+    # What a calibrator is made with, its checkpoint restores.
+    online = OnlineCalibrator("naive", window=1, every=1, min_trajectories=0)
+    online.update(planted(seed=2, tasks=4))
+    assert OnlineCalibrator.from_state_dict(online.state_dict()).state_dict() == online.state_dict()

@@ -882,8 +882,16 @@ class OnlineCalibrator:
         min_trajectories: int = 64,
         **calibrate_kwargs: Any,
     ) -> None:
-        if window < 1 or every < 1:
-            raise InvalidInputError(f"window and every must be >= 1, got {window}, {every}")
+        # Checked as a checkpoint of it is read back (from_state_dict): a
+        # calibrator made with every=2.5 wrote checkpoints a resume refused, and
+        # min_trajectories="64" failed at the first re-derivation, steps in.
+        for name, value, least in (
+            ("window", window, 1),
+            ("every", every, 1),
+            ("min_trajectories", min_trajectories, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidInputError(f"{name} must be an integer >= {least}, got {value!r}")
         self.tiers = tuple(tiers)
         self.rewards = load_tier_rewards(initial_rewards)
         self.every = every
