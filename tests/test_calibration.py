@@ -920,3 +920,21 @@ def test_window_every_and_min_trajectories_are_checked_when_it_is_made(settings_
     online = OnlineCalibrator("naive", window=1, every=1, min_trajectories=0)
     online.update(planted(seed=2, tasks=4))
     assert OnlineCalibrator.from_state_dict(online.state_dict()).state_dict() == online.state_dict()
+
+
+def test_an_r_equal_to_min_abs_r_is_kept_as_scipy_computes_it():
+    """Presence 0,0,0,1,1,0,1,0,1 against success 0,0,0,0,0,1,1,1,1: r = 1/10
+    exactly (scipy: 0.1). It came out 0.09999999999999998, below min_abs_r =
+    0.1, and the tier was dropped. (Rust change: needs the rebuilt extension.)"""
+    rollouts = TieredRollouts(
+        np.array([0.0] * 5 + [1.0] * 4),
+        np.arange(9),
+        np.array([0, 0, 0, 0, 1, 2, 2, 3, 3, 4]),
+        np.zeros(4, dtype=np.int64),
+        ("gold",),
+    )
+    x = np.array([0, 0, 0, 1, 1, 0, 1, 0, 1.0])
+    (c,) = TierStats.from_rollouts(rollouts).correlations()
+    assert c.r == scipy_stats.pearsonr(x, rollouts.outcome).statistic == 0.1
+    rewards = rewards_from_correlations([c], alpha=1.0, min_abs_r=0.1)
+    assert rewards == {"gold": 1.0}
