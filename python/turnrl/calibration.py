@@ -664,6 +664,8 @@ class CalibrationReport:
     estimator: str = "gtpo_hybrid"
     estimator_params: dict[str, Any] = field(default_factory=dict)
     """The estimator's parameters the direction check ran with (beyond its defaults)."""
+    variable: str = "presence"
+    """What of each tier the correlations are of: ``presence`` (0/1) or turn ``count``."""
 
     @property
     def best(self) -> Iteration:
@@ -700,6 +702,7 @@ class CalibrationReport:
         return {
             "estimator": self.estimator,
             "estimator_params": dict(self.estimator_params),
+            "variable": self.variable,
             "trajectories": self.stats.trajectories,
             "successes": self.stats.successes,
             "converged": self.converged,
@@ -800,7 +803,7 @@ def calibrate(
             break
         iterations.append(check(len(iterations) + 1, rewards))
     return CalibrationReport(
-        stats, correlations, initial, iterations, estimator, dict(estimator_params)
+        stats, correlations, initial, iterations, estimator, dict(estimator_params), variable
     )
 
 

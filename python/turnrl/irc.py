@@ -347,12 +347,23 @@ def plot_report(
     low = np.array([c.ci_low for c in report.correlations])
     high = np.array([c.ci_high for c in report.correlations])
     significant = np.array([c.p_value < alpha for c in report.correlations])
-    # A tier that never occurs (or occurs everywhere), or a buffer in which
-    # nothing succeeded (or everything did), has no correlation to show an
-    # interval for.
-    n, successes = report.stats.trajectories, report.stats.successes
+    # A tier whose variable is constant (presence: in no rollout or in all;
+    # count: the same count in every one), or a buffer in which nothing
+    # succeeded (or everything did), has no correlation to show an interval
+    # for. A tier in every rollout has one for its count when that varies.
+    stats = report.stats
+    n, successes = stats.trajectories, stats.successes
+    at = {tier: t for t, tier in enumerate(stats.tiers)}
+
+    def varies(tier: str) -> bool:
+        t = at[tier]
+        if report.variable == "count":
+            # Exact integers: n * sum c^2 - (sum c)^2 > 0 unless every count is equal.
+            return n * int(stats.turns_sq[t]) - int(stats.turns[t]) ** 2 > 0
+        return 0 < int(stats.present[t]) < n
+
     observed = np.array(
-        [0 < c.support < n and 0 < successes < n for c in report.correlations], dtype=bool
+        [0 < successes < n and varies(c.tier) for c in report.correlations], dtype=bool
     )
     low = np.where(observed, low, r)
     high = np.where(observed, high, r)
@@ -369,7 +380,7 @@ def plot_report(
     ax_r.errorbar(x, r, yerr=yerr, fmt="none", ecolor="black", capsize=4)
     ax_r.axhline(0, color="black", linewidth=0.8)
     ax_r.set_xticks(x, tiers)
-    ax_r.set_ylabel("point-biserial r with success")
+    ax_r.set_ylabel(f"point-biserial r of tier {report.variable} with success")
     ax_r.set_title(f"Tier vs success (n = {report.stats.trajectories}; grey: p >= {alpha:g})")
 
     width = 0.38
