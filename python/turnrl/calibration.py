@@ -865,9 +865,14 @@ class OnlineCalibrator:
     latter): no tier can then tell success from failure, and zero rewards
     would leave groups with no signal at all, early in training when nothing
     succeeds yet. A held-back re-derivation is tried again at every step
-    until it happens. A
-    tier name first seen in a step joins ``tiers`` (the earlier steps' sums
-    for it are zero). ``calibrate_kwargs`` (``estimator``, ``target``,
+    until it happens. ``tiers`` are the tiers its statistics start with, each
+    named once; a tier name first seen in a step joins them (the earlier
+    steps' sums for it are zero), so leaving out built-in tiers changes
+    nothing but their order. Neither ``tiers`` nor ``initial_rewards`` need
+    name every tier: calibration counts a tier without a reward as 0 (exempt
+    from the direction check), :func:`turnrl.train.train_loop` rewards its
+    turns 0, and a re-derivation gives every tier it has counted a reward.
+    ``calibrate_kwargs`` (``estimator``, ``target``,
     ``alpha``, ...) are :func:`calibrate`'s and are checked when the
     calibrator is made.
     ``state_dict``/``load_state_dict`` (or ``save``/``load``, atomic JSON)
