@@ -624,3 +624,89 @@ def test_plot_greys_correlations_by_the_calibration_alpha(tmp_path: Path, monkey
         assert list(colours[0]) == expected
     # Some tier tells the two levels apart.
     assert any(1e-60 <= p < 0.05 for p in p_values)
+
+
+def test_a_tier_the_starting_table_lacks_is_shown_missing(tmp_path: Path, capsys, monkeypatch):
+    """The before/after table and the plot showed a tier the --tiers table lacks
+    as reward +0.000, a reward nobody gave it."""
+    import matplotlib.axes
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    start = tmp_path / "start.toml"
+    start.write_text("[tiers]\ngold = 1.0\nread = 0.0\n")
+    assert main(["calibrate", str(path), "--tiers", str(start), "--quiet"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:8]}
+    assert set(rows) == set(DEFAULT_TIERS)
+    # Columns: tier, present, succ with, succ w/o, r, p, old, new, misaligned ...
+    for tier, row in rows.items():
+        assert row[6] == ("+1.000" if tier == "gold" else "+0.000" if tier == "read" else "—")
+        assert row[7] != "—"
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)), str(start))
+    heights, dashes = [], []
+    real_bar, real_annotate = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.annotate
+
+    def bar(self, x, height, *args, **kwargs):
+        heights.append(np.asarray(height, dtype=float))
+        return real_bar(self, x, height, *args, **kwargs)
+
+    def annotate(self, text, xy, *args, **kwargs):
+        dashes.append((text, float(xy[0])))
+        return real_annotate(self, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate", annotate)
+    plot_report(report, tmp_path / "p.png")
+    _, before, after = heights
+    tiers = [c.tier for c in report.correlations]
+    missing = [t not in ("gold", "read") for t in tiers]
+    assert np.isnan(before).tolist() == missing and not np.isnan(after).any()
+    assert before[tiers.index("gold")] == 1.0 and before[tiers.index("read")] == 0.0
+    assert [text for text, _ in dashes] == ["—"] * sum(missing)
+
+
+def test_plot_draws_the_count_interval_of_a_tier_in_every_rollout(tmp_path: Path, monkeypatch):
+    """With --variable count, a tier in every rollout (respond, typically) has a
+    defined r when its count varies; the plot took its presence (constant) as
+    the variable and drew no interval."""
+    import matplotlib.axes
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(80):
+        success = bool(i % 2)
+        count = int(rng.integers(2, 5) if success else rng.integers(1, 4))
+        turns = [{"role": "assistant", "content": ".", "tier": "respond"}] * count
+        records.append(turnrl.rollout_record("t", f"g{i // 4}", i, float(success), turns))
+    path = tmp_path / "b.jsonl"
+    with RolloutWriter(path) as writer:
+        writer.write_many(records)
+    rollouts = tiered_from_batch(turnrl.read_rollouts(path))
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        drawn.append(np.asarray(yerr))
+        return real(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    for variable in ("count", "presence"):
+        report = calibrate(rollouts, "naive", variable=variable)
+        assert report.to_dict()["variable"] == variable
+        respond = [c.tier for c in report.correlations].index("respond")
+        c = report.correlations[respond]
+        drawn.clear()
+        plot_report(report, tmp_path / f"{variable}.png")
+        (yerr,) = drawn
+        if variable == "count":
+            assert c.r > 0 and -1 < c.ci_low < c.r < c.ci_high < 1
+            assert yerr[:, respond] == pytest.approx([c.r - c.ci_low, c.ci_high - c.r])
+        else:  # in every rollout: undefined, no interval
+            assert (c.r, c.ci_low, c.ci_high) == (0.0, -1.0, 1.0)
+            assert not yerr[:, respond].any()

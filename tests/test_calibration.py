@@ -872,3 +872,69 @@ def test_a_custom_estimator_needing_bigger_groups_is_taken(monkeypatch):
     monkeypatch.setitem(turnrl.advantages._REGISTRY, "four_or_more", four_or_more)
     online = OnlineCalibrator("naive", estimator="four_or_more")
     assert online.calibrate_kwargs == {"estimator": "four_or_more"}
+
+
+def test_a_tier_named_twice_is_refused_wherever_tiers_are_given():
+    """("good", "bad", "noise", "good"): rewards are keyed by name, so the second
+    "good" (no turns, r = 0) hid the first, and calibrate gave the tier that
+    predicted success best a reward of 0."""
+    from turnrl.irc import tiered_from_records
+
+    p = planted(seed=1, tasks=30)
+    twice = ("good", "bad", "noise", "good")
+    message = r"tiers \('good', 'bad', 'noise', 'good'\) name tier 'good' more than once"
+    with pytest.raises(InvalidInputError, match=message):
+        TieredRollouts(p.outcome, p.group, p.turn_offsets, p.turn_tiers, twice)
+    with pytest.raises(InvalidInputError, match=message):
+        TierStats.empty(twice)
+    with pytest.raises(InvalidInputError, match=message):
+        OnlineCalibrator("naive", tiers=twice)
+    record = turnrl.rollout_record("t", "g", 0, 1.0, [{"role": "assistant", "tier": "good"}])
+    with pytest.raises(InvalidInputError, match=message):
+        tiered_from_records([record], tiers=twice)
+    with pytest.raises(InvalidInputError, match="name tier 'bad' more than once"):
+        TierStats.from_rollouts(p).with_tiers(("good", "bad", "noise", "respond", "bad"))
+    # Named once, the tier keeps its reward.
+    assert calibrate(p, "naive").rewards["good"] > 0
+
+
+@pytest.mark.parametrize(
+    ("settings_", "message"),
+    [
+        ({"every": 2.5}, "every must be an integer >= 1, got 2.5"),
+        ({"every": "3"}, "every must be an integer >= 1, got '3'"),
+        ({"every": 0}, "every must be an integer >= 1, got 0"),
+        ({"window": 2.5}, "window must be an integer >= 1, got 2.5"),
+        ({"window": True}, "window must be an integer >= 1, got True"),
+        ({"min_trajectories": "64"}, "min_trajectories must be an integer >= 0, got '64'"),
+        ({"min_trajectories": None}, "min_trajectories must be an integer >= 0, got None"),
+        ({"min_trajectories": -1}, "min_trajectories must be an integer >= 0, got -1"),
+    ],
+)
+def test_window_every_and_min_trajectories_are_checked_when_it_is_made(settings_, message):
+    """They were not: every=2.5 ran and saved checkpoints that load() refused,
+    min_trajectories="64" failed with a TypeError at the first re-derivation."""
+    with pytest.raises(InvalidInputError, match=message):
+        OnlineCalibrator("naive", **settings_)
+    # What a calibrator is made with, its checkpoint restores.
+    online = OnlineCalibrator("naive", window=1, every=1, min_trajectories=0)
+    online.update(planted(seed=2, tasks=4))
+    assert OnlineCalibrator.from_state_dict(online.state_dict()).state_dict() == online.state_dict()
+
+
+def test_an_r_equal_to_min_abs_r_is_kept_as_scipy_computes_it():
+    """Presence 0,0,0,1,1,0,1,0,1 against success 0,0,0,0,0,1,1,1,1: r = 1/10
+    exactly (scipy: 0.1). It came out 0.09999999999999998, below min_abs_r =
+    0.1, and the tier was dropped. (Rust change: needs the rebuilt extension.)"""
+    rollouts = TieredRollouts(
+        np.array([0.0] * 5 + [1.0] * 4),
+        np.arange(9),
+        np.array([0, 0, 0, 0, 1, 2, 2, 3, 3, 4]),
+        np.zeros(4, dtype=np.int64),
+        ("gold",),
+    )
+    x = np.array([0, 0, 0, 1, 1, 0, 1, 0, 1.0])
+    (c,) = TierStats.from_rollouts(rollouts).correlations()
+    assert c.r == scipy_stats.pearsonr(x, rollouts.outcome).statistic == 0.1
+    rewards = rewards_from_correlations([c], alpha=1.0, min_abs_r=0.1)
+    assert rewards == {"gold": 1.0}

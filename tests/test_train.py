@@ -2574,6 +2574,45 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     ]
 
 
+def test_a_calibrator_naming_few_tiers_rewards_the_others_0_and_counts_them(tok, base_model):
+    """OnlineCalibrator(tiers=...) without the built-in tiers, and a starting
+    table naming one tier: the turns of the other tiers get 0 (as calibration
+    counts a tier its table lacks), not collect's missing-tier error mid-run,
+    and their tiers join the calibrator as its steps show them."""
+    from turnrl.calibration import DEFAULT_TIERS, OnlineCalibrator
+
+    domain = envs.load("synthetic:airline", seed=0)
+    online = OnlineCalibrator({"gold": 0.2}, tiers=("gold",), every=1, window=2, min_trajectories=1)
+    engine = _HalfGold(domain)  # half the episodes succeed
+    model = _lora(base_model)
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
+        GTPOConfig(micro_batch_size=4, backend="torch"),
+    )
+    history = train_loop(
+        trainer,
+        domain,
+        lambda: EngineAgent(engine),
+        envs.ScriptedUser,
+        tok,
+        tasks=[domain.tasks[0].id],
+        steps=2,
+        tasks_per_step=1,
+        group_size=6,
+        workers=2,
+        tiers=online,
+        progress=False,
+    )
+    assert [h["failed_episodes"] for h in history] == [0.0, 0.0]
+    first = {k: v for k, v in history[0].items() if k.startswith("tier_reward/")}
+    assert first == {f"tier_reward/{t}": 0.2 if t == "gold" else 0.0 for t in DEFAULT_TIERS}
+    # The step's tiers joined the calibrator, which derived a reward for each.
+    assert online.tiers[0] == "gold" and "respond" in online.tiers
+    assert set(online.rewards) == set(online.tiers) and online.rewards["gold"] > 0
+    assert history[1]["tier_reward/gold"] == online.reports[0].rewards["gold"]
+
+
 def _train_argv(tmp_path, tok, base_model, *extra: str) -> list[str]:
     """``turnrl train`` for one quick step of the tiny model on two synthetic tasks,
     writing to ``tmp_path / "run"``."""

@@ -272,8 +272,8 @@ class TieredRollouts:
             ``outcome`` differ in length, ``turn_offsets`` does not have
             length B + 1, start at 0, rise monotonically and end at the number
             of turns, or a tier code is neither -1 nor in
-            ``[0, len(tiers))`` (the message names the field and the first
-            bad position).
+            ``[0, len(tiers))``, or a tier is named twice in ``tiers`` (the
+            message names the field and the first bad position, or the tier).
     """
 
     outcome: np.ndarray
@@ -301,6 +301,7 @@ class TieredRollouts:
             )
         _check_offsets(self.turn_offsets, len(self.outcome), len(self.turn_tiers))
         _check_tier_codes(self.turn_tiers, len(self.tiers))
+        _check_unique_tiers(self.tiers)
 
     @property
     def num_turns(self) -> int:
@@ -352,6 +353,18 @@ def _check_offsets(turn_offsets: np.ndarray, trajectories: int, turns: int) -> N
         )
 
 
+def _check_unique_tiers(tiers: Sequence[str]) -> None:
+    """Each tier name once: rewards and correlations are looked up by name, so a
+    second entry would take (or hide) the first one's figures."""
+    seen: set[str] = set()
+    for tier in tiers:
+        if tier in seen:
+            raise InvalidInputError(
+                f"tiers {tuple(tiers)} name tier {tier!r} more than once; each tier once"
+            )
+        seen.add(tier)
+
+
 def _check_tier_codes(turn_tiers: np.ndarray, tiers: int) -> None:
     """Every code is -1 (unlabelled) or in ``[0, tiers)``; else an error naming
     the first bad turn."""
@@ -384,7 +397,8 @@ class TierCorrelation:
 
 @dataclass(frozen=True, eq=False)
 class TierStats:
-    """Additive per-tier sums; ``a + b`` merges shards exactly."""
+    """Additive per-tier sums; ``a + b`` merges shards exactly. Each tier is
+    named once (else :class:`~turnrl.exceptions.InvalidInputError`)."""
 
     tiers: tuple[str, ...]
     trajectories: int
@@ -394,6 +408,9 @@ class TierStats:
     turns: np.ndarray
     turns_sq: np.ndarray
     turns_success: np.ndarray
+
+    def __post_init__(self) -> None:
+        _check_unique_tiers(self.tiers)
 
     @classmethod
     def empty(cls, tiers: Sequence[str] = DEFAULT_TIERS) -> TierStats:
@@ -647,6 +664,8 @@ class CalibrationReport:
     estimator: str = "gtpo_hybrid"
     estimator_params: dict[str, Any] = field(default_factory=dict)
     """The estimator's parameters the direction check ran with (beyond its defaults)."""
+    variable: str = "presence"
+    """What of each tier the correlations are of: ``presence`` (0/1) or turn ``count``."""
 
     @property
     def best(self) -> Iteration:
@@ -683,6 +702,7 @@ class CalibrationReport:
         return {
             "estimator": self.estimator,
             "estimator_params": dict(self.estimator_params),
+            "variable": self.variable,
             "trajectories": self.stats.trajectories,
             "successes": self.stats.successes,
             "converged": self.converged,
@@ -783,7 +803,7 @@ def calibrate(
             break
         iterations.append(check(len(iterations) + 1, rewards))
     return CalibrationReport(
-        stats, correlations, initial, iterations, estimator, dict(estimator_params)
+        stats, correlations, initial, iterations, estimator, dict(estimator_params), variable
     )
 
 
@@ -845,9 +865,14 @@ class OnlineCalibrator:
     latter): no tier can then tell success from failure, and zero rewards
     would leave groups with no signal at all, early in training when nothing
     succeeds yet. A held-back re-derivation is tried again at every step
-    until it happens. A
-    tier name first seen in a step joins ``tiers`` (the earlier steps' sums
-    for it are zero). ``calibrate_kwargs`` (``estimator``, ``target``,
+    until it happens. ``tiers`` are the tiers its statistics start with, each
+    named once; a tier name first seen in a step joins them (the earlier
+    steps' sums for it are zero), so leaving out built-in tiers changes
+    nothing but their order. Neither ``tiers`` nor ``initial_rewards`` need
+    name every tier: calibration counts a tier without a reward as 0 (exempt
+    from the direction check), :func:`turnrl.train.train_loop` rewards its
+    turns 0, and a re-derivation gives every tier it has counted a reward.
+    ``calibrate_kwargs`` (``estimator``, ``target``,
     ``alpha``, ...) are :func:`calibrate`'s and are checked when the
     calibrator is made.
     ``state_dict``/``load_state_dict`` (or ``save``/``load``, atomic JSON)
@@ -865,8 +890,16 @@ class OnlineCalibrator:
         min_trajectories: int = 64,
         **calibrate_kwargs: Any,
     ) -> None:
-        if window < 1 or every < 1:
-            raise InvalidInputError(f"window and every must be >= 1, got {window}, {every}")
+        # Checked as a checkpoint of it is read back (from_state_dict): a
+        # calibrator made with every=2.5 wrote checkpoints a resume refused, and
+        # min_trajectories="64" failed at the first re-derivation, steps in.
+        for name, value, least in (
+            ("window", window, 1),
+            ("every", every, 1),
+            ("min_trajectories", min_trajectories, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidInputError(f"{name} must be an integer >= {least}, got {value!r}")
         self.tiers = tuple(tiers)
         self.rewards = load_tier_rewards(initial_rewards)
         self.every = every

@@ -185,11 +185,19 @@ def _print_calibration_table(report) -> None:
     )
     for c in report.correlations:
         old, new = before[c.tier], after[c.tier]
+        # A tier the table lacks is shown as missing, not as the 0 it is counted as.
+        old_reward = _table_reward(report.initial.rewards, c.tier)
+        new_reward = _table_reward(report.best.rewards, c.tier)
         print(
             f"  {c.tier:<10} {c.support:>8} {c.success_with:>9.3f} {c.success_without:>8.3f}"
-            f" {c.r:>+7.3f} {c.p_value:>9.2e} {old.reward:>+7.3f} {new.reward:>+7.3f}"
+            f" {c.r:>+7.3f} {c.p_value:>9.2e} {old_reward:>7} {new_reward:>7}"
             f" {old.misaligned:>7} -> {new.misaligned:<5}"
         )
+
+
+def _table_reward(rewards: Mapping[str, float], tier: str) -> str:
+    """A tier's reward as the calibration table prints it: "—" when the table lacks it."""
+    return f"{rewards[tier]:+.3f}" if tier in rewards else "—"
 
 
 def _import_taubench(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ Used by ``turnrl calibrate``; callable from Python the same way.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import threading
@@ -337,7 +338,8 @@ def plot_report(
 ) -> None:
     """Each tier's correlation with its confidence interval, and its reward
     before and after calibration, as a PNG. Correlations with a p-value of
-    ``alpha`` or more (the significance level the calibration used) are grey."""
+    ``alpha`` or more (the significance level the calibration used) are grey;
+    a tier a reward table lacks gets a dash instead of a bar."""
     plt = pyplot()
     tiers = [c.tier for c in report.correlations]
     x = np.arange(len(tiers))
@@ -345,17 +347,29 @@ def plot_report(
     low = np.array([c.ci_low for c in report.correlations])
     high = np.array([c.ci_high for c in report.correlations])
     significant = np.array([c.p_value < alpha for c in report.correlations])
-    # A tier that never occurs (or occurs everywhere), or a buffer in which
-    # nothing succeeded (or everything did), has no correlation to show an
-    # interval for.
-    n, successes = report.stats.trajectories, report.stats.successes
+    # A tier whose variable is constant (presence: in no rollout or in all;
+    # count: the same count in every one), or a buffer in which nothing
+    # succeeded (or everything did), has no correlation to show an interval
+    # for. A tier in every rollout has one for its count when that varies.
+    stats = report.stats
+    n, successes = stats.trajectories, stats.successes
+    at = {tier: t for t, tier in enumerate(stats.tiers)}
+
+    def varies(tier: str) -> bool:
+        t = at[tier]
+        if report.variable == "count":
+            # Exact integers: n * sum c^2 - (sum c)^2 > 0 unless every count is equal.
+            return n * int(stats.turns_sq[t]) - int(stats.turns[t]) ** 2 > 0
+        return 0 < int(stats.present[t]) < n
+
     observed = np.array(
-        [0 < c.support < n and 0 < successes < n for c in report.correlations], dtype=bool
+        [0 < successes < n and varies(c.tier) for c in report.correlations], dtype=bool
     )
     low = np.where(observed, low, r)
     high = np.where(observed, high, r)
-    before = np.array([report.initial.rewards.get(t, 0.0) for t in tiers])
-    after = np.array([report.rewards.get(t, 0.0) for t in tiers])
+    # A tier a table lacks has no bar (NaN draws none) and a dash, not a 0 bar.
+    before = np.array([report.initial.rewards.get(t, math.nan) for t in tiers])
+    after = np.array([report.rewards.get(t, math.nan) for t in tiers])
 
     fig, (ax_r, ax_w) = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = np.where(significant, "tab:blue", "tab:gray")
@@ -366,12 +380,15 @@ def plot_report(
     ax_r.errorbar(x, r, yerr=yerr, fmt="none", ecolor="black", capsize=4)
     ax_r.axhline(0, color="black", linewidth=0.8)
     ax_r.set_xticks(x, tiers)
-    ax_r.set_ylabel("point-biserial r with success")
+    ax_r.set_ylabel(f"point-biserial r of tier {report.variable} with success")
     ax_r.set_title(f"Tier vs success (n = {report.stats.trajectories}; grey: p >= {alpha:g})")
 
     width = 0.38
     ax_w.bar(x - width / 2, before, width, label="before", color="tab:orange")
     ax_w.bar(x + width / 2, after, width, label="calibrated", color="tab:green")
+    for offset, values in ((-width / 2, before), (width / 2, after)):
+        for at in np.flatnonzero(np.isnan(values)):
+            ax_w.annotate("—", (x[at] + offset, 0.0), ha="center", va="bottom", color="gray")
     ax_w.axhline(0, color="black", linewidth=0.8)
     ax_w.set_xticks(x, tiers)
     ax_w.set_ylabel("tier reward")

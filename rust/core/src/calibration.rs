@@ -169,7 +169,15 @@ impl TierSums {
             // a tiny but non-zero p-value; a perfect relation is exact here.
             cov.signum() as f64
         } else {
-            (cov as f64 / ((var_x as f64).sqrt() * (var_y as f64).sqrt())).clamp(-1.0, 1.0)
+            // One square root of the exact product, then one division: an r
+            // that is a ratio of integers comes out correctly rounded (2/20
+            // is 0.1, not 0.09999999999999998 as 2/(sqrt(20)*sqrt(20)) is),
+            // so a tie with --min-abs-r (0.1) is decided as scipy decides it.
+            let scale = match var_x.checked_mul(var_y) {
+                Some(product) => (product as f64).sqrt(),
+                None => (var_x as f64).sqrt() * (var_y as f64).sqrt(),
+            };
+            (cov as f64 / scale).clamp(-1.0, 1.0)
         };
         Correlation::new(r, self.trajectories, self.present[tier], confidence)
     }
@@ -581,6 +589,38 @@ mod tests {
             count.r < 0.0 && count.ci_low > -1.0 && count.ci_high < 1.0,
             "{count:?}"
         );
+    }
+
+    #[test]
+    fn a_rational_r_is_correctly_rounded() {
+        // Presence 0,0,0,1,1,0,1,0,1 against success 0,0,0,0,0,1,1,1,1:
+        // cov 2, both variances 20, r = 1/10 exactly. Two square roots gave
+        // 0.09999999999999998, below a min_abs_r of 0.1.
+        let mut sums = TierSums::new(1);
+        let outcome = [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        let offsets = [0, 0, 0, 0, 1, 2, 2, 3, 3, 4];
+        sums.accumulate(&outcome, &offsets, &[0, 0, 0, 0], 1.0)
+            .unwrap();
+        assert_eq!(sums.correlation(0, Variable::Presence, 0.95).r, 0.1);
+        // Every r = cov / var with equal variances (sx = sy) is the double
+        // nearest the fraction.
+        for n in 4..40i64 {
+            for sx in 1..n {
+                let var = n * sx - sx * sx;
+                for sxy in 0.max(2 * sx - n)..=sx {
+                    let cov = n * sxy - sx * sx;
+                    let sums = TierSums {
+                        trajectories: n as u64,
+                        successes: sx as u64,
+                        present: vec![sx as u64],
+                        present_success: vec![sxy as u64],
+                        ..TierSums::new(1)
+                    };
+                    let r = sums.correlation(0, Variable::Presence, 0.95).r;
+                    assert_eq!(r, cov as f64 / var as f64, "n {n} sx {sx} sxy {sxy}");
+                }
+            }
+        }
     }
 
     #[test]
