@@ -922,6 +922,19 @@ def test_window_every_and_min_trajectories_are_checked_when_it_is_made(settings_
     assert OnlineCalibrator.from_state_dict(online.state_dict()).state_dict() == online.state_dict()
 
 
+def test_numpy_integer_settings_are_integers():
+    """A window read from a numpy array is an integer: taken, and stored as a
+    Python int so that its checkpoint holds plain JSON."""
+    online = OnlineCalibrator(
+        "naive", window=np.int64(2), every=np.int32(1), min_trajectories=np.uint8(0)
+    )
+    online.update(planted(seed=2, tasks=4))
+    state = online.state_dict()
+    assert OnlineCalibrator.from_state_dict(state).state_dict() == state
+    assert type(online.every) is int and type(online.min_trajectories) is int
+    assert online.history.maxlen == 2
+
+
 def test_an_r_equal_to_min_abs_r_is_kept_as_scipy_computes_it():
     """Presence 0,0,0,1,1,0,1,0,1 against success 0,0,0,0,0,1,1,1,1: r = 1/10
     exactly (scipy: 0.1). It came out 0.09999999999999998, below min_abs_r =

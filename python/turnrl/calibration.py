@@ -898,8 +898,10 @@ class OnlineCalibrator:
             ("every", every, 1),
             ("min_trajectories", min_trajectories, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            # numpy integers are integers too (they were taken before the check).
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise InvalidInputError(f"{name} must be an integer >= {least}, got {value!r}")
+        window, every, min_trajectories = int(window), int(every), int(min_trajectories)
         self.tiers = tuple(tiers)
         self.rewards = load_tier_rewards(initial_rewards)
         self.every = every
