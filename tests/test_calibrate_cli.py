@@ -548,6 +548,21 @@ def test_plot_never_passes_negative_error_bars(tmp_path: Path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _drawn_errorbars(monkeypatch) -> list[np.ndarray]:
+    """The ``yerr`` of every error bar the plots draw from now on, in order."""
+    import matplotlib.axes
+
+    drawn: list[np.ndarray] = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def errorbar(self, x, y, yerr=None, **kwargs):
+        drawn.append(np.asarray(yerr))
+        return real(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    return drawn
+
+
 @pytest.mark.parametrize("outcome", [0.0, 1.0])
 def test_plot_draws_no_interval_when_no_rollout_succeeded_or_all_did(
     tmp_path: Path, monkeypatch, outcome
@@ -555,7 +570,6 @@ def test_plot_draws_no_interval_when_no_rollout_succeeded_or_all_did(
     """No success (early training) or no failure: every r is undefined (0).
     The plot drew the interval of an r of 0 measured on n rollouts around
     each tier, +-0.2 at n = 100, as if the data said the relation was small."""
-    import matplotlib.axes
 
     from turnrl.calibration import calibrate
     from turnrl.irc import plot_report, tiered_from_batch
@@ -565,14 +579,7 @@ def test_plot_draws_no_interval_when_no_rollout_succeeded_or_all_did(
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
     assert {c.r for c in report.correlations} == {0.0}
-    drawn = []
-    real = matplotlib.axes.Axes.errorbar
-
-    def errorbar(self, x, y, yerr=None, **kwargs):
-        drawn.append(np.asarray(yerr))
-        return real(self, x, y, yerr=yerr, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    drawn = _drawn_errorbars(monkeypatch)
     plot_report(report, tmp_path / "p.png")
     (yerr,) = drawn
     assert yerr.shape == (2, len(report.correlations)) and not yerr.any()
@@ -672,7 +679,6 @@ def test_plot_draws_the_count_interval_of_a_tier_in_every_rollout(tmp_path: Path
     """With --variable count, a tier in every rollout (respond, typically) has a
     defined r when its count varies; the plot took its presence (constant) as
     the variable and drew no interval."""
-    import matplotlib.axes
 
     from turnrl.calibration import calibrate
     from turnrl.irc import plot_report, tiered_from_batch
@@ -688,14 +694,7 @@ def test_plot_draws_the_count_interval_of_a_tier_in_every_rollout(tmp_path: Path
     with RolloutWriter(path) as writer:
         writer.write_many(records)
     rollouts = tiered_from_batch(turnrl.read_rollouts(path))
-    drawn = []
-    real = matplotlib.axes.Axes.errorbar
-
-    def errorbar(self, x, y, yerr=None, **kwargs):
-        drawn.append(np.asarray(yerr))
-        return real(self, x, y, yerr=yerr, **kwargs)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", errorbar)
+    drawn = _drawn_errorbars(monkeypatch)
     for variable in ("count", "presence"):
         report = calibrate(rollouts, "naive", variable=variable)
         assert report.to_dict()["variable"] == variable
