@@ -124,7 +124,12 @@ def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
     params = [p for p in model.parameters() if p.requires_grad]
     return GTPOTrainer(
         model,
-        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+        # eps well above Adam's 1e-8: a first Adam step is lr * g / (|g| + eps),
+        # so with eps 1e-8 a weight whose gradient is near 1e-8 turns the
+        # last-bit differences of two reduction orders into a step 1e-4 of
+        # the largest apart (seen with torch 2.15); 1e-3 keeps the step a
+        # smooth function of the gradient that both runs compute alike.
+        torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, eps=1e-3),
         GTPOConfig(backend="torch", temperature=0.7, **settings),
         ref_model=ref,
     )
