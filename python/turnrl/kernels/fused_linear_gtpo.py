@@ -592,8 +592,6 @@ class TokenInputs:
     segments: torch.Tensor | None = None
 
     def block(self, start: int, stop: int) -> TokenInputs:
-        if self.segments is not None:
-            raise InvalidInputError("segment ratios need every token at once, not a block")
         return TokenInputs(
             self.old[start:stop],
             self.advantages[start:stop],
@@ -1054,10 +1052,14 @@ class GTPOLossFunction(torch.autograd.Function):
         ctx.cfg, ctx.temperature, ctx.backend = cfg, temperature, backend
         inputs = (hidden, weight, targets, advantages, old_logprobs, ref_logprobs, agg_weights)
         if schedule == "rows":
+            # A token's gradient needs its segment's mean log-ratio, so every
+            # token's log-prob before any gradient: this schedule takes a
+            # block's gradients before the next block's log-probs exist.
             if segments is not None:
                 raise InvalidInputError(
-                    "segment ratios need every token's log-prob before any gradient: "
-                    "schedule='rows' cannot give them; use schedule='vocab'"
+                    "schedule='rows' cannot take segment_ids: it computes a block's gradients "
+                    "before the other blocks' log-probs (and so its segments' ratios) are known; "
+                    "use schedule='vocab' (what 'auto' picks with segment_ids)"
                 )
             need_hidden = want_grads and ctx.needs_input_grad[0]
             need_weight = want_grads and ctx.needs_input_grad[1]
@@ -1253,17 +1255,21 @@ def _check_finite_on_mask(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
             )
 
 
+def _check_integer_tensor(name: str, tensor: torch.Tensor) -> None:
+    dtype = tensor.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise InvalidInputError(f"{name} must be an integer tensor, got {dtype}")
+
+
 def _padding_to_token_0(targets: torch.Tensor, vocab: int) -> torch.Tensor:
     """Target ids outside the vocabulary (padding such as -100) point at token
     0, without checking them or syncing the device."""
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise InvalidInputError(f"target_ids must be an integer tensor, got {targets.dtype}")
+    _check_integer_tensor("target_ids", targets)
     return torch.where((targets < 0) | (targets >= vocab), 0, targets).to(torch.int64)
 
 
 def _check_targets(targets: torch.Tensor, mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
-    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise InvalidInputError(f"target_ids must be an integer tensor, got {targets.dtype}")
+    _check_integer_tensor("target_ids", targets)
     bad = (targets < 0) | (targets >= vocab)
     if mask is not None:
         bad &= mask
@@ -1394,12 +1400,8 @@ def gtpo_loss(
         ("segment_ids", segment_ids),
     ):
         _check_token_tensor(name, t, token_shape, hidden.device)
-    if segment_ids is not None and (
-        segment_ids.dtype.is_floating_point
-        or segment_ids.dtype.is_complex
-        or segment_ids.dtype == torch.bool
-    ):
-        raise InvalidInputError(f"segment_ids must be an integer tensor, got {segment_ids.dtype}")
+    if segment_ids is not None:
+        _check_integer_tensor("segment_ids", segment_ids)
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
     # Written so that NaN fails too: a NaN clip range or coefficient made the
@@ -1518,16 +1520,9 @@ def _resolve_schedule(
 ) -> str:
     if schedule not in SCHEDULES:
         raise UnknownNameError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    # A token's gradient needs its segment's mean log-ratio, so every token's
-    # log-prob before any gradient: the vocabulary schedule has them all after
-    # its forward; the row schedule takes a block's gradients in its forward.
-    if segmented:
-        if schedule == "rows":
-            raise InvalidInputError(
-                "schedule='rows' cannot take segment_ids: it computes a block's gradients "
-                "before the other blocks' log-probs (and so its segments' ratios) are known; "
-                "use schedule='vocab' (what 'auto' picks with segment_ids)"
-            )
+    # Segments need every token's log-prob before any gradient, which only the
+    # vocabulary schedule has (GTPOLossFunction refuses them on the rows one).
+    if segmented and schedule == "auto":
         return "vocab"
     # fp16 gradients need the loss scale (GradScaler's 65536) applied before
     # they are rounded, or small ones underflow; the rows schedule computes
