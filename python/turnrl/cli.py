@@ -816,10 +816,8 @@ def _server_engine(
 def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> int:
     import json
     import os
-    import random
     from pathlib import Path
 
-    import numpy as np
     import torch
 
     from turnrl.collect import episode_tier_rewards
@@ -832,6 +830,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         GTPOConfig,
         GTPOTrainer,
         _raise_together,
+        _seed_host_generators,
         evaluation_only,
         load_policy,
         load_rng_state,
@@ -890,8 +889,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     # random and numpy's global generator, which environments, user
     # simulators and reward code may draw from.
     torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    np.random.seed((args.seed + rank) % 2**32)  # numpy takes no negative seed
+    _seed_host_generators(args.seed + rank)
     model, tokenizer = load_policy(
         args.model,
         dtype=args.dtype,

@@ -1890,6 +1890,15 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
     return None
 
 
+def _seed_host_generators(seed: int) -> None:
+    """Seed Python's ``random`` and numpy's global generator, as ``--seed`` and
+    an evaluation's own stream do (numpy takes seeds in ``[0, 2**32)`` only)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 @contextlib.contextmanager
 def _own_random_stream() -> Any:
     """Run the block on generators seeded from the current ones' states (torch's,
@@ -1920,8 +1929,7 @@ def _own_random_stream() -> Any:
             torch.cuda.default_generators[index].manual_seed(seed)
         # Environments, user simulators and reward code an evaluation runs
         # may draw from these: the steps after it must not see those draws.
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        _seed_host_generators(seed)
         try:
             yield
         finally:
