@@ -387,8 +387,8 @@ def plot_report(
     ax_w.bar(x - width / 2, before, width, label="before", color="tab:orange")
     ax_w.bar(x + width / 2, after, width, label="calibrated", color="tab:green")
     for offset, values in ((-width / 2, before), (width / 2, after)):
-        for at in np.flatnonzero(np.isnan(values)):
-            ax_w.annotate("—", (x[at] + offset, 0.0), ha="center", va="bottom", color="gray")
+        for missing in np.flatnonzero(np.isnan(values)):
+            ax_w.annotate("—", (x[missing] + offset, 0.0), ha="center", va="bottom", color="gray")
     ax_w.axhline(0, color="black", linewidth=0.8)
     ax_w.set_xticks(x, tiers)
     ax_w.set_ylabel("tier reward")
