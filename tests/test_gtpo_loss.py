@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -828,24 +829,10 @@ def test_segment_ratios_match_reference_ragged_fp32(
 
 
 def _segment_call(case, segment_ids, **extra):
-    """Loss, gradients and statistics of ``case`` with these segment ids (torch, vocab)."""
+    """Loss, gradients and statistics of ``case`` with these segment ids (torch,
+    vocab); ``extra`` overrides the case's settings."""
     kwargs = {**case.kwargs, "segment_ids": segment_ids, **extra}
-    hidden = case.hidden.clone().requires_grad_(True)
-    weight = case.weight.clone().requires_grad_(True)
-    loss, stats = gtpo_loss(
-        hidden,
-        weight,
-        case.targets,
-        case.advantages,
-        case.old,
-        case.mask,
-        case.ref,
-        backend="torch",
-        chunk_size=7,
-        **kwargs,
-    )
-    loss.backward()
-    return loss.detach(), hidden.grad, weight.grad, stats
+    return run_fused(dataclasses.replace(case, kwargs=kwargs), backend="torch", chunk_size=7)
 
 
 def test_one_token_segments_are_the_token_level_loss():
