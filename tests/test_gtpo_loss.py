@@ -917,8 +917,10 @@ def test_segment_ratio_value_and_gradient_by_hand():
         torch.testing.assert_close(h.grad, want_grad, rtol=1e-10, atol=1e-14)
 
 
-def test_segment_statistics_are_per_token_of_the_segment_ratio():
-    case = add_segments(make_case(SEED, (3, 20), 16, 97, torch.float64, "token_mean"), SEED)
+def _segment_stats_and_reference(seed: int):
+    """gtpo_loss's statistics of a random segmented case (dual clip 1.5), and
+    the same statistics computed plainly from the segments' ratios."""
+    case = add_segments(make_case(seed, (3, 20), 16, 97, torch.float64, "token_mean"), seed)
     ids = case.kwargs["segment_ids"]
     *_, stats = _segment_call(case, ids, dual_clip=1.5)
     t = case.kwargs["temperature"]
@@ -940,9 +942,21 @@ def test_segment_statistics_are_per_token_of_the_segment_ratio():
         "clip_frac": clipped[m].double().mean(),
         "dual_clip_frac": dual[m].double().mean(),
     }
-    for key, value in expected.items():
-        assert float(stats[key]) == pytest.approx(float(value), rel=1e-12, abs=1e-14), key
-    assert 0 < float(stats["clip_frac"]) < 1 and 0 < float(stats["dual_clip_frac"]) < 1
+    return stats, expected
+
+
+def test_segment_statistics_are_per_token_of_the_segment_ratio():
+    # Some random cases clip no token twice (no negative advantage on a
+    # segment above 1.5): cases are drawn from SEED on until one clips both
+    # ways, and every case drawn must agree with the plain statistics.
+    for seed in range(SEED, SEED + 50):
+        stats, expected = _segment_stats_and_reference(seed)
+        for key, value in expected.items():
+            assert float(stats[key]) == pytest.approx(float(value), rel=1e-12, abs=1e-14), key
+        if 0 < float(stats["clip_frac"]) < 1 and 0 < float(stats["dual_clip_frac"]) < 1:
+            break
+    else:
+        pytest.fail(f"no case from seed {SEED} to {SEED + 49} clipped both ways")
 
 
 @pytest.mark.parametrize("agg", AGGS)
