@@ -11,4 +11,13 @@ import shutil
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The random fused-loss cases draw from this seed, fresh each run; the header
+# shows it so that a failure can be rerun with the same draw.
+os.environ.setdefault("TURNRL_TEST_SEED", str(int.from_bytes(os.urandom(4), "little")))
+
 from chat_server import chat_server  # noqa: F401  (the fixture, for every test module)
+
+
+def pytest_report_header() -> str:
+    seed = os.environ["TURNRL_TEST_SEED"]
+    return f"TURNRL_TEST_SEED={seed} (set it to draw the random fused-loss cases again)"

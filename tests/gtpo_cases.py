@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+
+def _test_seed() -> int:
+    """``TURNRL_TEST_SEED`` (conftest.py draws it when unset and prints it)."""
+    text = os.environ.get("TURNRL_TEST_SEED", "")
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"TURNRL_TEST_SEED must be an integer, got {text!r}") from None
+
+
+SEED = _test_seed()
 AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "dr_grpo")
 
 

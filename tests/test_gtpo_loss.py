@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    SEED,
     add_segments,
     assert_autocast_changes_nothing,
     assert_close_to_reference,
@@ -33,9 +34,6 @@ from turnrl.kernels.fused_linear_gtpo import (  # noqa: E402
     gtpo_loss,
     torch_gtpo_loss,
 )
-
-SEED = int.from_bytes(os.urandom(4), "little")
-
 
 # Chunk sizes per schedule: vocabulary columns (V = 1000: three full tiles and
 # a ragged one) or rows (192 rows: three full blocks and a ragged one).

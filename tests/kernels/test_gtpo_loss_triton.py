@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from gtpo_cases import (  # noqa: E402
     AGGS,
+    SEED,
     add_segments,
     assert_autocast_changes_nothing,
     assert_close_to_reference,
@@ -36,7 +37,6 @@ if not (ON_GPU or INTERPRETING):
         allow_module_level=True,
     )
 DEVICE = "cuda" if ON_GPU and not INTERPRETING else "cpu"
-SEED = int.from_bytes(os.urandom(4), "little")
 
 
 def _to_device(case):
