@@ -4,6 +4,7 @@ planted tiers, the loop, tier files and the online calibrator."""
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from dataclasses import astuple
 from pathlib import Path
@@ -872,6 +873,68 @@ def test_a_custom_estimator_needing_bigger_groups_is_taken(monkeypatch):
     monkeypatch.setitem(turnrl.advantages._REGISTRY, "four_or_more", four_or_more)
     online = OnlineCalibrator("naive", estimator="four_or_more")
     assert online.calibrate_kwargs == {"estimator": "four_or_more"}
+
+
+def _by_tier(iteration):
+    """An iteration's rewards and directions keyed by tier, whatever their order."""
+    return iteration.rewards, {d.tier: d for d in iteration.directions}
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts=tiered_batches(), data=st.data())
+def test_stats_given_in_another_tier_order_or_with_more_tiers_calibrate_as_the_rollouts_own(
+    rollouts, data
+):
+    """calibrate(stats=) matches the statistics' tiers to the rollouts' by name:
+    reordered, or with tiers the rollouts lack (zero sums), they give what the
+    rollouts' own statistics give, the extra tiers rewarded 0."""
+    if data.draw(st.booleans()):
+        rollouts = planted(seed=data.draw(st.integers(0, 3)), tasks=20)  # some tiers significant
+    extra = data.draw(st.lists(st.sampled_from(["x", "y"]), unique=True))
+    order = data.draw(st.permutations([*rollouts.tiers, *extra]))
+    stats = TierStats.from_rollouts(rollouts).with_tiers(order)
+    want = calibrate(rollouts, "naive", estimator="mt_grpo")
+    got = calibrate(rollouts, "naive", estimator="mt_grpo", stats=stats)
+    assert got.rewards == {**want.rewards, **dict.fromkeys(extra, 0.0)}
+    # NaN (a success rate with no trajectory to take it over) equals NaN here.
+    np.testing.assert_equal(
+        {c.tier: astuple(c) for c in got.correlations if c.tier not in extra},
+        {c.tier: astuple(c) for c in want.correlations},
+    )
+    assert len(got.iterations) == len(want.iterations)
+    for mine, theirs in zip(
+        [got.initial, *got.iterations], [want.initial, *want.iterations], strict=True
+    ):
+        rewards, directions = _by_tier(mine)
+        want_rewards, want_directions = _by_tier(theirs)
+        assert {t: v for t, v in rewards.items() if t not in extra} == want_rewards
+        assert directions == want_directions  # the direction check runs on the rollouts' tiers
+
+
+def test_stats_lacking_a_tier_of_the_rollouts_are_refused():
+    """Statistics without one of the rollouts' tiers gave that tier r = 0, so
+    reward 0 and an exempt direction check, unsaid; with other tier names
+    altogether every tier did (a calibration that 'converged' on nothing)."""
+    rollouts = planted(seed=1, tasks=30)
+    stats = TierStats.from_rollouts(rollouts)
+    assert calibrate(rollouts, "naive", stats=stats).rewards["good"] > 0
+    fewer = TierStats.from_rollouts(
+        TieredRollouts(
+            rollouts.outcome,
+            rollouts.group,
+            rollouts.turn_offsets,
+            np.where(rollouts.turn_tiers == 0, -1, rollouts.turn_tiers - 1),
+            rollouts.tiers[1:],
+        )
+    )
+    renamed = TierStats(("a", "b", "c", "d"), *astuple(stats)[1:])
+    for other, lacking in ((fewer, "['good']"), (renamed, "['good', 'bad', 'noise', 'respond']")):
+        message = (
+            rf"stats are over tiers {re.escape(str(other.tiers))} but the rollouts' tiers are "
+            rf"{re.escape(str(rollouts.tiers))}: {re.escape(lacking)} have no statistics"
+        )
+        with pytest.raises(InvalidInputError, match=message):
+            calibrate(rollouts, "naive", stats=other)
 
 
 def test_a_tier_named_twice_is_refused_wherever_tiers_are_given():

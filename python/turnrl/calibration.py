@@ -739,7 +739,10 @@ def calibrate(
     """Calibrate tier rewards on a batch of labelled rollouts.
 
     1. r_pb of each tier with success (``stats`` may be given precomputed,
-       e.g. merged from shards);
+       e.g. merged from shards; its tiers are matched to the rollouts' by
+       name, in any order, and may include more, which get rewards too;
+       statistics lacking a tier of the rollouts are refused, since that
+       tier's turns would silently get reward 0);
     2. rewards proportional to r_pb (:func:`rewards_from_correlations`);
     3. direction check with ``estimator``: per tier, the turns whose advantage
        has the opposite sign of r_pb;
@@ -776,7 +779,18 @@ def calibrate(
         _check_positive("max_reward", max_reward)
     cap = 2.0 * target if max_reward is None else max_reward
     start = load_tier_rewards(initial_rewards)
-    stats = stats if stats is not None else TierStats.from_rollouts(rollouts, success_threshold)
+    if stats is None:
+        stats = TierStats.from_rollouts(rollouts, success_threshold)
+    else:
+        # Rewards and the direction check look tiers up by name: a tier the
+        # statistics lack would get r = 0, reward 0 and an exemption, unsaid.
+        uncounted = [tier for tier in rollouts.tiers if tier not in stats.tiers]
+        if uncounted:
+            raise InvalidInputError(
+                f"stats are over tiers {stats.tiers} but the rollouts' tiers are "
+                f"{rollouts.tiers}: {uncounted} have no statistics; give stats of every "
+                "tier of the rollouts (TierStats.with_tiers adds a tier with zero sums)"
+            )
     correlations = stats.correlations(variable=variable, confidence=confidence)
 
     def check(index: int, rewards: dict[str, float]) -> Iteration:
