@@ -648,6 +648,71 @@ def test_a_restored_online_calibrator_goes_on_exactly_as_the_original(tmp_path, 
     assert [p.name for p in path.parent.iterdir()] == ["online.json"]  # no temporary left
 
 
+@st.composite
+def calibrator_steps(draw):
+    """Steps' labelled rollouts with tier lists drawn anew (none at all, some
+    unlabelled turns only, tiers joining late), outcomes 0 or 1, groups of 1-3."""
+    steps = []
+    for _ in range(draw(st.integers(1, 6))):
+        tiers = tuple(draw(st.lists(st.sampled_from(["a", "b", "c"]), unique=True)))
+        b = draw(st.integers(1, 8))
+        counts = draw(st.lists(st.integers(0, 4), min_size=b, max_size=b))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n = int(offsets[-1])
+        turn_tiers = draw(st.lists(st.integers(-1, len(tiers) - 1), min_size=n, max_size=n))
+        outcome = draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=b, max_size=b))
+        group = np.arange(b) // draw(st.integers(1, 3))
+        steps.append(TieredRollouts(outcome, group, offsets, turn_tiers, tiers))
+    return steps
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=calibrator_steps(), data=st.data())
+def test_every_state_an_online_calibrator_reaches_round_trips(steps, data):
+    """state_dict -> JSON -> from_state_dict -> state_dict gives the state back
+    after every step, and the restored calibrator goes on as the original. An
+    OnlineCalibrator(tiers=()) re-deriving before any tier was counted held
+    an empty rewards table, which from_state_dict (and its own next
+    re-derivation) refused."""
+    import json
+
+    tiers = data.draw(st.lists(st.sampled_from(["a", "b", "c"]), unique=True))
+    initial = data.draw(st.sampled_from(["naive", {"a": 0.3}, {"b": -0.1, "z": 1.0}]))
+    online = OnlineCalibrator(
+        initial,
+        tiers=tiers,
+        window=data.draw(st.integers(1, 3)),
+        every=data.draw(st.integers(1, 3)),
+        min_trajectories=data.draw(st.integers(0, 8)),
+        estimator=data.draw(st.sampled_from(["gtpo_hybrid", "mt_grpo", "grpo"])),
+    )
+    restored = OnlineCalibrator.from_state_dict(json.loads(json.dumps(online.state_dict())))
+    for rollouts in steps:
+        assert restored.update(rollouts) == online.update(rollouts)
+        state = online.state_dict()
+        assert restored.state_dict() == state
+        restored = OnlineCalibrator.from_state_dict(json.loads(json.dumps(state)))
+        assert restored.state_dict() == state
+
+
+def test_a_calibrator_that_counted_no_tier_holds_the_empty_table_and_goes_on():
+    """OnlineCalibrator(tiers=()) is a calibrator whose tiers all join as they
+    are seen: re-deriving before any is seen gives the empty table (every tier
+    0, as the all-zero table a calibrator listing tiers derives), which it
+    saves, restores and calibrates from."""
+    unlabelled = TieredRollouts([1.0, 0.0], [0, 0], [0, 1, 2], [-1, -1], ())
+    online = OnlineCalibrator(tiers=(), every=1, min_trajectories=1)
+    assert online.update(unlabelled) == {} and len(online.reports) == 1
+    listing = OnlineCalibrator(every=1, min_trajectories=1)
+    assert set(listing.update(unlabelled.with_tiers(DEFAULT_TIERS)).values()) == {0.0}
+    restored = OnlineCalibrator.from_state_dict(online.state_dict())
+    assert restored.rewards == {} and restored.update(unlabelled) == online.update(unlabelled)
+    labelled = planted(seed=2, tasks=30)
+    assert restored.update(labelled) == online.update(labelled)
+    assert online.rewards["good"] > 0 > online.rewards["bad"]
+    assert calibrate(labelled, {}).initial.rewards == {}  # an empty start: every tier 0
+
+
 def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
     online = _online()
     online.update(planted(seed=1, tasks=12))
