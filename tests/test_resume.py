@@ -500,6 +500,50 @@ def test_a_checkpoint_keeps_the_generators_and_one_without_them_resumes(
     assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err
 
 
+def test_a_note_the_same_on_every_rank_is_rank_0s_one_about_a_ranks_own_state_its_own(
+    tmp_path, capsys
+):
+    """Under torchrun every rank resumes its generators: a checkpoint without
+    the file, or an older turnrl's (torch's generators alone), is the same
+    news on every rank, said once, by rank 0 (every rank said it); a rank
+    the file holds no state for (a run resumed on more ranks) says so itself."""
+    from turnrl.cli import _resume_generators
+    from turnrl.train import RNG_FILE, rng_state
+
+    before = _global_states()
+    try:
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        now = rng_state()
+        older = {"cpu": now["cpu"], "cuda": []}
+        none_for_1 = "holds the states of 1 rank(s), none for rank 1"
+        cases = [  # what each rank says; a rank left out says nothing
+            ({"ranks": [older, older]}, {0: "(an older turnrl's)"}),
+            ({"ranks": [now]}, {1: none_for_1}),
+            ({"ranks": [older]}, {0: "(an older turnrl's)", 1: none_for_1}),
+            ({"ranks": [now, now]}, {}),
+            (None, {0: "holds no random number generator state (rng_state.pt)"}),
+        ]
+        for saved, notes in cases:
+            (adapter / RNG_FILE).unlink(missing_ok=True)
+            if saved is not None:
+                torch.save(saved, adapter / RNG_FILE)
+            said = {}
+            for rank in (0, 1):
+                _resume_generators(adapter, rank, 7)
+                err = capsys.readouterr().err
+                if err:
+                    said[rank] = err
+            assert list(said) == list(notes), (notes, said)
+            for rank, note in notes.items():
+                assert said[rank].count("--resume: ") == 1
+                assert note in said[rank] and "go on from --seed 7" in said[rank]
+    finally:
+        torch.set_rng_state(before["torch"])
+        random.setstate(before["python"])
+        np.random.set_state(before["numpy"])
+
+
 def test_a_resume_that_draws_its_tasks_otherwise_says_so(
     tmp_path, tok, base_model, monkeypatch, capsys
 ):

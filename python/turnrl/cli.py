@@ -825,7 +825,6 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     from turnrl.exceptions import InvalidInputError
     from turnrl.loggers import close_loggers, make_loggers, require_loggers
     from turnrl.train import (
-        RNG_FILE,
         STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
@@ -833,7 +832,6 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         _seed_host_generators,
         evaluation_only,
         load_policy,
-        load_rng_state,
         lr_schedule,
         plot_history,
         recover_adapter,
@@ -1082,14 +1080,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             )
         if resume is not None:
             # Last: loading the policy and the rest drew from the generators --seed seeded.
-            missing = load_rng_state(adapter, rank)
-            # Each rank lacking its own says so (a run resumed on more ranks).
-            if missing is not None and (rank == 0 or (adapter / RNG_FILE).exists()):
-                print(
-                    f"--resume: {missing}; the generators it lacks go on from --seed "
-                    f"{args.seed}, not from where the stopped run left them",
-                    file=sys.stderr,
-                )
+            _resume_generators(adapter, rank, args.seed)
     except Exception as e:  # an unreadable best.json or RNG state: every rank stops
         refused = e
     _raise_together(refused, trainer._device())
@@ -1539,6 +1530,22 @@ def _online_calibrator(
             file=sys.stderr,
         )
     return online
+
+
+def _resume_generators(adapter: Any, rank: int, seed: int) -> None:
+    """Put back this rank's generators saved with ``adapter`` and say what the
+    checkpoint lacks: a note that is the same on every rank (no file, an older
+    turnrl's file) on rank 0 only, one about this rank's own state (a run
+    resumed on more ranks) on each rank lacking it."""
+    from turnrl.train import _load_rng_state
+
+    missing, own = _load_rng_state(adapter, rank)
+    if missing is not None and (rank == 0 or own):
+        print(
+            f"--resume: {missing}; the generators it lacks go on from --seed "
+            f"{seed}, not from where the stopped run left them",
+            file=sys.stderr,
+        )
 
 
 def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:

@@ -1837,13 +1837,19 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
     not such a state is refused; it is read with ``weights_only``, never
     unpickled.
     """
+    return _load_rng_state(path, rank)[0]
+
+
+def _load_rng_state(path: str | os.PathLike[str], rank: int) -> tuple[str | None, bool]:
+    """:func:`load_rng_state`'s answer, and whether it is about ``rank`` alone
+    (the file holds no state for it), not the same on every rank."""
     import random
 
     import torch
 
     file = Path(path) / RNG_FILE
     if not file.exists():
-        return f"{path} holds no random number generator state ({RNG_FILE})"
+        return f"{path} holds no random number generator state ({RNG_FILE})", False
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1865,7 +1871,7 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
     ):
         raise InvalidInputError(f"{file}: not a random number generator state")
     if rank >= len(ranks):
-        return f"{file} holds the states of {len(ranks)} rank(s), none for rank {rank}"
+        return f"{file} holds the states of {len(ranks)} rank(s), none for rank {rank}", True
     mine = ranks[rank]
     try:
         torch.set_rng_state(mine["cpu"])
@@ -1886,8 +1892,8 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
         raise InvalidInputError(f"{file}: not a random number generator state ({e})") from None
     lacking = [name for part, name in _OLDER_LACKS if part not in mine]
     if lacking:
-        return f"{file} holds no state of {' or '.join(lacking)} (an older turnrl's)"
-    return None
+        return f"{file} holds no state of {' or '.join(lacking)} (an older turnrl's)", False
+    return None, False
 
 
 def _seed_host_generators(seed: int) -> None:
