@@ -828,6 +828,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
+        _loss_settings,
         _raise_together,
         _seed_host_generators,
         evaluation_only,
@@ -994,6 +995,17 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         if changed:
             print(
                 "--resume: this run's estimator settings replace the checkpoint's: "
+                + "; ".join(changed),
+                file=sys.stderr,
+            )
+    saved_loss = state.get("loss")  # absent from an older turnrl's checkpoint
+    if isinstance(saved_loss, Mapping) and rank == 0:
+        changed = _setting_changes(
+            _loss_options(saved_loss), _loss_options(_loss_settings(trainer.config))
+        )
+        if changed:
+            print(
+                "--resume: this run's loss settings replace the checkpoint's: "
                 + "; ".join(changed),
                 file=sys.stderr,
             )
@@ -1546,6 +1558,33 @@ def _resume_generators(adapter: Any, rank: int, seed: int) -> None:
             f"{seed}, not from where the stopped run left them",
             file=sys.stderr,
         )
+
+
+# GTPOConfig's fields that turnrl train's options set as they are; the others
+# (backend, and skip_zero_advantage, which --no-skip-zero-advantage turns off)
+# keep their field names in what a resume says.
+LOSS_OPTIONS = {
+    "micro_batch_size": "--micro-batch-size",
+    "micro_batch_tokens": "--micro-batch-tokens",
+    "ppo_epochs": "--ppo-epochs",
+    "eps_low": "--eps-low",
+    "eps_high": "--eps-high",
+    "dual_clip": "--dual-clip",
+    "beta": "--beta",
+    "entropy_coef": "--entropy-coef",
+    "temperature": "--temperature",
+    "agg": "--agg",
+    "max_grad_norm": "--max-grad-norm",
+    "max_len": "--max-length",
+    "rollout_correction": "--rollout-correction",
+    "rollout_correction_cap": "--rollout-correction-cap",
+    "importance_level": "--importance-level",
+}
+
+
+def _loss_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`turnrl.train._loss_settings` keyed as ``turnrl train``'s options name them."""
+    return {LOSS_OPTIONS.get(key, key): value for key, value in settings.items()}
 
 
 def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:

@@ -2422,6 +2422,8 @@ def train_loop(
     adapter, so a resumed run re-derives at the same steps. The estimator
     and its parameters are saved there too (``"estimator"``), when they are
     plain JSON values, and checked on a small batch before any rollout.
+    So are the trainer's loss settings (``"loss"``: the fields of its
+    :class:`GTPOConfig`, a float that is not finite as its string).
     So are the step's stats (``"stats"``, without its ``time/`` and
     ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
     save: a resumed run can still report a step a stop in between left out.
@@ -2484,6 +2486,8 @@ def train_loop(
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError):
         settings = {}
+    # So are the loss settings: a resume says which of them it changes.
+    loss = _loss_settings(trainer.config)
     # Refused now, not after a whole step of rollouts.
     compute_advantages(estimator, *probe_batch(), **params)
     _check_truncation(max_length, truncation)
@@ -2698,6 +2702,7 @@ def train_loop(
             state: dict[str, Any] = {"step": step, "task_draw": draw}
             if settings:
                 state["estimator"] = settings
+            state["loss"] = loss
             if evaluation is not None:
                 # A resumed run runs an evaluation that a stop cut short.
                 state["evaluation_due"] = evaluation.due(step, last_step)
@@ -2755,6 +2760,20 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def _loss_settings(config: GTPOConfig) -> dict[str, Any]:
+    """The fields of ``config`` as :func:`train_loop` keeps them in a checkpoint
+    (``"loss"``): those with plain JSON values, a float that is not finite (an
+    ``eps_high`` of inf: no clip on that side) as its string, as JSON has none."""
+    settings: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            settings[field.name] = value
+    return settings
 
 
 def _estimator_settings(calibrate_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
