@@ -4,6 +4,7 @@ planted tiers, the loop, tier files and the online calibrator."""
 from __future__ import annotations
 
 import math
+import re
 import tempfile
 from dataclasses import astuple
 from pathlib import Path
@@ -647,6 +648,71 @@ def test_a_restored_online_calibrator_goes_on_exactly_as_the_original(tmp_path, 
     assert [p.name for p in path.parent.iterdir()] == ["online.json"]  # no temporary left
 
 
+@st.composite
+def calibrator_steps(draw):
+    """Steps' labelled rollouts with tier lists drawn anew (none at all, some
+    unlabelled turns only, tiers joining late), outcomes 0 or 1, groups of 1-3."""
+    steps = []
+    for _ in range(draw(st.integers(1, 6))):
+        tiers = tuple(draw(st.lists(st.sampled_from(["a", "b", "c"]), unique=True)))
+        b = draw(st.integers(1, 8))
+        counts = draw(st.lists(st.integers(0, 4), min_size=b, max_size=b))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n = int(offsets[-1])
+        turn_tiers = draw(st.lists(st.integers(-1, len(tiers) - 1), min_size=n, max_size=n))
+        outcome = draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=b, max_size=b))
+        group = np.arange(b) // draw(st.integers(1, 3))
+        steps.append(TieredRollouts(outcome, group, offsets, turn_tiers, tiers))
+    return steps
+
+
+@settings(max_examples=80, deadline=None)
+@given(steps=calibrator_steps(), data=st.data())
+def test_every_state_an_online_calibrator_reaches_round_trips(steps, data):
+    """state_dict -> JSON -> from_state_dict -> state_dict gives the state back
+    after every step, and the restored calibrator goes on as the original. An
+    OnlineCalibrator(tiers=()) re-deriving before any tier was counted held
+    an empty rewards table, which from_state_dict (and its own next
+    re-derivation) refused."""
+    import json
+
+    tiers = data.draw(st.lists(st.sampled_from(["a", "b", "c"]), unique=True))
+    initial = data.draw(st.sampled_from(["naive", {"a": 0.3}, {"b": -0.1, "z": 1.0}]))
+    online = OnlineCalibrator(
+        initial,
+        tiers=tiers,
+        window=data.draw(st.integers(1, 3)),
+        every=data.draw(st.integers(1, 3)),
+        min_trajectories=data.draw(st.integers(0, 8)),
+        estimator=data.draw(st.sampled_from(["gtpo_hybrid", "mt_grpo", "grpo"])),
+    )
+    restored = OnlineCalibrator.from_state_dict(json.loads(json.dumps(online.state_dict())))
+    for rollouts in steps:
+        assert restored.update(rollouts) == online.update(rollouts)
+        state = online.state_dict()
+        assert restored.state_dict() == state
+        restored = OnlineCalibrator.from_state_dict(json.loads(json.dumps(state)))
+        assert restored.state_dict() == state
+
+
+def test_a_calibrator_that_counted_no_tier_holds_the_empty_table_and_goes_on():
+    """OnlineCalibrator(tiers=()) is a calibrator whose tiers all join as they
+    are seen: re-deriving before any is seen gives the empty table (every tier
+    0, as the all-zero table a calibrator listing tiers derives), which it
+    saves, restores and calibrates from."""
+    unlabelled = TieredRollouts([1.0, 0.0], [0, 0], [0, 1, 2], [-1, -1], ())
+    online = OnlineCalibrator(tiers=(), every=1, min_trajectories=1)
+    assert online.update(unlabelled) == {} and len(online.reports) == 1
+    listing = OnlineCalibrator(every=1, min_trajectories=1)
+    assert set(listing.update(unlabelled.with_tiers(DEFAULT_TIERS)).values()) == {0.0}
+    restored = OnlineCalibrator.from_state_dict(online.state_dict())
+    assert restored.rewards == {} and restored.update(unlabelled) == online.update(unlabelled)
+    labelled = planted(seed=2, tasks=30)
+    assert restored.update(labelled) == online.update(labelled)
+    assert online.rewards["good"] > 0 > online.rewards["bad"]
+    assert calibrate(labelled, {}).initial.rewards == {}  # an empty start: every tier 0
+
+
 def test_a_bad_calibrator_state_is_a_clear_error(tmp_path):
     online = _online()
     online.update(planted(seed=1, tasks=12))
@@ -872,6 +938,68 @@ def test_a_custom_estimator_needing_bigger_groups_is_taken(monkeypatch):
     monkeypatch.setitem(turnrl.advantages._REGISTRY, "four_or_more", four_or_more)
     online = OnlineCalibrator("naive", estimator="four_or_more")
     assert online.calibrate_kwargs == {"estimator": "four_or_more"}
+
+
+def _by_tier(iteration):
+    """An iteration's rewards and directions keyed by tier, whatever their order."""
+    return iteration.rewards, {d.tier: d for d in iteration.directions}
+
+
+@settings(max_examples=60, deadline=None)
+@given(rollouts=tiered_batches(), data=st.data())
+def test_stats_given_in_another_tier_order_or_with_more_tiers_calibrate_as_the_rollouts_own(
+    rollouts, data
+):
+    """calibrate(stats=) matches the statistics' tiers to the rollouts' by name:
+    reordered, or with tiers the rollouts lack (zero sums), they give what the
+    rollouts' own statistics give, the extra tiers rewarded 0."""
+    if data.draw(st.booleans()):
+        rollouts = planted(seed=data.draw(st.integers(0, 3)), tasks=20)  # some tiers significant
+    extra = data.draw(st.lists(st.sampled_from(["x", "y"]), unique=True))
+    order = data.draw(st.permutations([*rollouts.tiers, *extra]))
+    stats = TierStats.from_rollouts(rollouts).with_tiers(order)
+    want = calibrate(rollouts, "naive", estimator="mt_grpo")
+    got = calibrate(rollouts, "naive", estimator="mt_grpo", stats=stats)
+    assert got.rewards == {**want.rewards, **dict.fromkeys(extra, 0.0)}
+    # NaN (a success rate with no trajectory to take it over) equals NaN here.
+    np.testing.assert_equal(
+        {c.tier: astuple(c) for c in got.correlations if c.tier not in extra},
+        {c.tier: astuple(c) for c in want.correlations},
+    )
+    assert len(got.iterations) == len(want.iterations)
+    for mine, theirs in zip(
+        [got.initial, *got.iterations], [want.initial, *want.iterations], strict=True
+    ):
+        rewards, directions = _by_tier(mine)
+        want_rewards, want_directions = _by_tier(theirs)
+        assert {t: v for t, v in rewards.items() if t not in extra} == want_rewards
+        assert directions == want_directions  # the direction check runs on the rollouts' tiers
+
+
+def test_stats_lacking_a_tier_of_the_rollouts_are_refused():
+    """Statistics without one of the rollouts' tiers gave that tier r = 0, so
+    reward 0 and an exempt direction check, unsaid; with other tier names
+    altogether every tier did (a calibration that 'converged' on nothing)."""
+    rollouts = planted(seed=1, tasks=30)
+    stats = TierStats.from_rollouts(rollouts)
+    assert calibrate(rollouts, "naive", stats=stats).rewards["good"] > 0
+    fewer = TierStats.from_rollouts(
+        TieredRollouts(
+            rollouts.outcome,
+            rollouts.group,
+            rollouts.turn_offsets,
+            np.where(rollouts.turn_tiers == 0, -1, rollouts.turn_tiers - 1),
+            rollouts.tiers[1:],
+        )
+    )
+    renamed = TierStats(("a", "b", "c", "d"), *astuple(stats)[1:])
+    for other, lacking in ((fewer, "['good']"), (renamed, "['good', 'bad', 'noise', 'respond']")):
+        message = (
+            rf"stats are over tiers {re.escape(str(other.tiers))} but the rollouts' tiers are "
+            rf"{re.escape(str(rollouts.tiers))}: {re.escape(lacking)} have no statistics"
+        )
+        with pytest.raises(InvalidInputError, match=message):
+            calibrate(rollouts, "naive", stats=other)
 
 
 def test_a_tier_named_twice_is_refused_wherever_tiers_are_given():

@@ -500,6 +500,50 @@ def test_a_checkpoint_keeps_the_generators_and_one_without_them_resumes(
     assert "rng_state.pt: not a random number generator state" in capsys.readouterr().err
 
 
+def test_a_note_the_same_on_every_rank_is_rank_0s_one_about_a_ranks_own_state_its_own(
+    tmp_path, capsys
+):
+    """Under torchrun every rank resumes its generators: a checkpoint without
+    the file, or an older turnrl's (torch's generators alone), is the same
+    news on every rank, said once, by rank 0 (every rank said it); a rank
+    the file holds no state for (a run resumed on more ranks) says so itself."""
+    from turnrl.cli import _resume_generators
+    from turnrl.train import RNG_FILE, rng_state
+
+    before = _global_states()
+    try:
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        now = rng_state()
+        older = {"cpu": now["cpu"], "cuda": []}
+        none_for_1 = "holds the states of 1 rank(s), none for rank 1"
+        cases = [  # what each rank says; a rank left out says nothing
+            ({"ranks": [older, older]}, {0: "(an older turnrl's)"}),
+            ({"ranks": [now]}, {1: none_for_1}),
+            ({"ranks": [older]}, {0: "(an older turnrl's)", 1: none_for_1}),
+            ({"ranks": [now, now]}, {}),
+            (None, {0: "holds no random number generator state (rng_state.pt)"}),
+        ]
+        for saved, notes in cases:
+            (adapter / RNG_FILE).unlink(missing_ok=True)
+            if saved is not None:
+                torch.save(saved, adapter / RNG_FILE)
+            said = {}
+            for rank in (0, 1):
+                _resume_generators(adapter, rank, 7)
+                err = capsys.readouterr().err
+                if err:
+                    said[rank] = err
+            assert list(said) == list(notes), (notes, said)
+            for rank, note in notes.items():
+                assert said[rank].count("--resume: ") == 1
+                assert note in said[rank] and "go on from --seed 7" in said[rank]
+    finally:
+        torch.set_rng_state(before["torch"])
+        random.setstate(before["python"])
+        np.random.set_state(before["numpy"])
+
+
 def test_a_resume_that_draws_its_tasks_otherwise_says_so(
     tmp_path, tok, base_model, monkeypatch, capsys
 ):
@@ -545,6 +589,64 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
         "draws its tasks otherwise" in err
         and f"task pool 2 tasks (ids {saved_ids}) -> 3 tasks (ids " in err
     )
+
+
+def test_a_resume_with_other_loss_settings_says_which(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The checkpoint keeps the loss settings it was trained with (the trainer's
+    GTPOConfig, "loss"): a resume with others names each change, old and new,
+    by its option where one sets it (people change the clip range on purpose:
+    a note, not a refusal); one with the same says nothing, and a checkpoint
+    of an older turnrl, without them, resumes as it did."""
+    import argparse
+    import dataclasses
+
+    import turnrl.train
+    from turnrl.cli import LOSS_OPTIONS, build_parser, main
+    from turnrl.train import GTPOConfig
+
+    gspo = ["--importance-level", "sequence", "--eps-low", "0.0003", "--eps-high", "inf"]
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main([*argv, *gspo]) == 0
+    state_file = tmp_path / "run" / "adapter" / "turnrl_state.json"
+    state = json.loads(state_file.read_text())
+    fields = [f.name for f in dataclasses.fields(GTPOConfig)]
+    assert list(state["loss"]) == fields
+    assert state["loss"]["importance_level"] == "sequence" and state["loss"]["eps_low"] == 3e-4
+    assert state["loss"]["eps_high"] == "inf"  # JSON has no infinity
+
+    class Reached(Exception):
+        pass
+
+    def train_loop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    capsys.readouterr()
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume"])
+    assert "loss settings" not in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--beta", "0.01", "--no-skip-zero-advantage"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: --eps-low 0.0003 -> 0.2; "
+        "--eps-high inf -> 0.28; --beta 0.0 -> 0.01; --importance-level sequence -> token; "
+        "skip_zero_advantage True -> False\n"
+    ) in capsys.readouterr().err
+    # An older turnrl's checkpoint, without them.
+    del state["loss"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert "loss settings" not in capsys.readouterr().err
+    # Each option named is turnrl train's, setting the field as it is.
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    dests = {o: a.dest for a in commands.choices["train"]._actions for o in a.option_strings}
+    assert set(LOSS_OPTIONS) <= set(fields)
+    for field, option in LOSS_OPTIONS.items():
+        assert dests[option] == ("max_length" if field == "max_len" else field)
 
 
 def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypatch):

@@ -634,6 +634,48 @@ def test_train_command_samples_from_the_server_and_registers_each_adapter(
     assert next_path.endswith("/completions") and next_body["model"] == body["lora_name"]
 
 
+def test_train_command_gives_the_server_engine_the_policys_end_tokens(
+    tok, fake_vllm, tmp_path, monkeypatch
+):
+    """--engine server: the engine train_loop samples with knows the end tokens
+    of the policy's generation config (Qwen's lists <|endoftext|> beside
+    <|im_end|>), which vLLM stops on too; without them a reply cut on its
+    last allowed token by one of them is read as cut, not finished."""
+    pytest.importorskip("peft")
+    from tiny_qwen import tiny_qwen3
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    folder = tmp_path / "tiny"
+    model = tiny_qwen3(seed=0)
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    model.generation_config.eos_token_id = [im_end, endoftext]
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    server = fake_vllm(tok, [])
+
+    class Reached(Exception):
+        pass
+
+    engines = []
+
+    def train_loop(trainer, domain, make_agent, *args, **kwargs):
+        engines.append(make_agent().engine)
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    argv = ["train", "--model", str(folder), "--env", "synthetic:airline", "--tasks", "0:2"]
+    argv += ["--user", "scripted", "--lora-rank", "2", "--device", "cpu", "--quiet"]
+    argv += ["--dtype", "float32", "--out", str(tmp_path / "run")]
+    argv += ["--engine", "server", "--agent-url", server.url]
+    with pytest.raises(Reached):
+        main(argv)
+    (engine,) = engines
+    assert isinstance(engine, ServerEngine)
+    assert engine.end_token_ids == tuple(sorted((im_end, endoftext)))
+
+
 def test_train_command_refuses_server_options_for_other_engines(tmp_path, capsys):
     from turnrl.cli import main
 

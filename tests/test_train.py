@@ -8,6 +8,7 @@ own forward and the unfused torch loss, over the whole batch at once.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -2692,6 +2693,7 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         k: v for k, v in line.items() if k != "step" and not k.startswith("time/")
     }
     assert saved.pop("task_draw").items() >= {"tasks_per_step": 2, "seed": 0, "tasks": 2}.items()
+    assert saved.pop("loss") == dataclasses.asdict(configs[-1])  # the trainer's settings
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.

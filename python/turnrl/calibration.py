@@ -137,6 +137,16 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
     return rewards
 
 
+def _calibration_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> dict[str, float]:
+    """:func:`load_tier_rewards`, but an empty mapping is the empty table: every
+    tier 0, as calibration counts a tier without a reward. A calibrator that
+    re-derives its rewards before it has counted any tier holds that table,
+    and must go on from it and read it back."""
+    if isinstance(source, Mapping) and not source:
+        return {}
+    return load_tier_rewards(source)
+
+
 def tier_reward(rewards: Mapping[str, float], tier: str, where: str) -> float:
     """``rewards[tier]``, the reward a turn of ``tier`` gets from a tier table. A
     tier the table lacks is an error naming ``where`` (the record), the tier and
@@ -736,10 +746,15 @@ def calibrate(
     stats: TierStats | None = None,
     **estimator_params: Any,
 ) -> CalibrationReport:
-    """Calibrate tier rewards on a batch of labelled rollouts.
+    """Calibrate tier rewards on a batch of labelled rollouts, starting from
+    ``initial_rewards`` (a table as :func:`load_tier_rewards` reads, or an
+    empty mapping: every tier 0).
 
     1. r_pb of each tier with success (``stats`` may be given precomputed,
-       e.g. merged from shards);
+       e.g. merged from shards; its tiers are matched to the rollouts' by
+       name, in any order, and may include more, which get rewards too;
+       statistics lacking a tier of the rollouts are refused, since that
+       tier's turns would silently get reward 0);
     2. rewards proportional to r_pb (:func:`rewards_from_correlations`);
     3. direction check with ``estimator``: per tier, the turns whose advantage
        has the opposite sign of r_pb;
@@ -775,8 +790,19 @@ def calibrate(
     if max_reward is not None:
         _check_positive("max_reward", max_reward)
     cap = 2.0 * target if max_reward is None else max_reward
-    start = load_tier_rewards(initial_rewards)
-    stats = stats if stats is not None else TierStats.from_rollouts(rollouts, success_threshold)
+    start = _calibration_rewards(initial_rewards)
+    if stats is None:
+        stats = TierStats.from_rollouts(rollouts, success_threshold)
+    else:
+        # Rewards and the direction check look tiers up by name: a tier the
+        # statistics lack would get r = 0, reward 0 and an exemption, unsaid.
+        uncounted = [tier for tier in rollouts.tiers if tier not in stats.tiers]
+        if uncounted:
+            raise InvalidInputError(
+                f"stats are over tiers {stats.tiers} but the rollouts' tiers are "
+                f"{rollouts.tiers}: {uncounted} have no statistics; give stats of every "
+                "tier of the rollouts (TierStats.with_tiers adds a tier with zero sums)"
+            )
     correlations = stats.correlations(variable=variable, confidence=confidence)
 
     def check(index: int, rewards: dict[str, float]) -> Iteration:
@@ -872,7 +898,10 @@ class OnlineCalibrator:
     name every tier: calibration counts a tier without a reward as 0 (exempt
     from the direction check), :func:`turnrl.train.train_loop` rewards its
     turns 0, and a re-derivation gives every tier it has counted a reward.
-    ``calibrate_kwargs`` (``estimator``, ``target``,
+    With ``tiers=()`` every tier joins as it is seen; a re-derivation before
+    any is seen gives the empty table (every tier 0, as the all-zero table a
+    calibrator listing tiers derives then), so ``initial_rewards`` may be
+    empty too. ``calibrate_kwargs`` (``estimator``, ``target``,
     ``alpha``, ...) are :func:`calibrate`'s and are checked when the
     calibrator is made.
     ``state_dict``/``load_state_dict`` (or ``save``/``load``, atomic JSON)
@@ -903,7 +932,7 @@ class OnlineCalibrator:
                 raise InvalidInputError(f"{name} must be an integer >= {least}, got {value!r}")
         window, every, min_trajectories = int(window), int(every), int(min_trajectories)
         self.tiers = tuple(tiers)
-        self.rewards = load_tier_rewards(initial_rewards)
+        self.rewards = _calibration_rewards(initial_rewards)
         self.every = every
         self.min_trajectories = min_trajectories
         self.calibrate_kwargs = calibrate_kwargs

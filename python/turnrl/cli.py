@@ -825,15 +825,14 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     from turnrl.exceptions import InvalidInputError
     from turnrl.loggers import close_loggers, make_loggers, require_loggers
     from turnrl.train import (
-        RNG_FILE,
         STATE_FILE,
         GTPOConfig,
         GTPOTrainer,
+        _loss_settings,
         _raise_together,
         _seed_host_generators,
         evaluation_only,
         load_policy,
-        load_rng_state,
         lr_schedule,
         plot_history,
         recover_adapter,
@@ -999,6 +998,17 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 + "; ".join(changed),
                 file=sys.stderr,
             )
+    saved_loss = state.get("loss")  # absent from an older turnrl's checkpoint
+    if isinstance(saved_loss, Mapping) and rank == 0:
+        changed = _setting_changes(
+            _loss_options(saved_loss), _loss_options(_loss_settings(trainer.config))
+        )
+        if changed:
+            print(
+                "--resume: this run's loss settings replace the checkpoint's: "
+                + "; ".join(changed),
+                file=sys.stderr,
+            )
     saved_draw = state.get("task_draw")
     if isinstance(saved_draw, Mapping) and rank == 0:
         pool = [domain.task(t) for t in tasks]
@@ -1082,14 +1092,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             )
         if resume is not None:
             # Last: loading the policy and the rest drew from the generators --seed seeded.
-            missing = load_rng_state(adapter, rank)
-            # Each rank lacking its own says so (a run resumed on more ranks).
-            if missing is not None and (rank == 0 or (adapter / RNG_FILE).exists()):
-                print(
-                    f"--resume: {missing}; the generators it lacks go on from --seed "
-                    f"{args.seed}, not from where the stopped run left them",
-                    file=sys.stderr,
-                )
+            _resume_generators(adapter, rank, args.seed)
     except Exception as e:  # an unreadable best.json or RNG state: every rank stops
         refused = e
     _raise_together(refused, trainer._device())
@@ -1539,6 +1542,49 @@ def _online_calibrator(
             file=sys.stderr,
         )
     return online
+
+
+def _resume_generators(adapter: Any, rank: int, seed: int) -> None:
+    """Put back this rank's generators saved with ``adapter`` and say what the
+    checkpoint lacks: a note that is the same on every rank (no file, an older
+    turnrl's file) on rank 0 only, one about this rank's own state (a run
+    resumed on more ranks) on each rank lacking it."""
+    from turnrl.train import _load_rng_state
+
+    missing, own = _load_rng_state(adapter, rank)
+    if missing is not None and (rank == 0 or own):
+        print(
+            f"--resume: {missing}; the generators it lacks go on from --seed "
+            f"{seed}, not from where the stopped run left them",
+            file=sys.stderr,
+        )
+
+
+# GTPOConfig's fields that turnrl train's options set as they are; the others
+# (backend, and skip_zero_advantage, which --no-skip-zero-advantage turns off)
+# keep their field names in what a resume says.
+LOSS_OPTIONS = {
+    "micro_batch_size": "--micro-batch-size",
+    "micro_batch_tokens": "--micro-batch-tokens",
+    "ppo_epochs": "--ppo-epochs",
+    "eps_low": "--eps-low",
+    "eps_high": "--eps-high",
+    "dual_clip": "--dual-clip",
+    "beta": "--beta",
+    "entropy_coef": "--entropy-coef",
+    "temperature": "--temperature",
+    "agg": "--agg",
+    "max_grad_norm": "--max-grad-norm",
+    "max_len": "--max-length",
+    "rollout_correction": "--rollout-correction",
+    "rollout_correction_cap": "--rollout-correction-cap",
+    "importance_level": "--importance-level",
+}
+
+
+def _loss_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`turnrl.train._loss_settings` keyed as ``turnrl train``'s options name them."""
+    return {LOSS_OPTIONS.get(key, key): value for key, value in settings.items()}
 
 
 def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:

@@ -1837,13 +1837,19 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
     not such a state is refused; it is read with ``weights_only``, never
     unpickled.
     """
+    return _load_rng_state(path, rank)[0]
+
+
+def _load_rng_state(path: str | os.PathLike[str], rank: int) -> tuple[str | None, bool]:
+    """:func:`load_rng_state`'s answer, and whether it is about ``rank`` alone
+    (the file holds no state for it), not the same on every rank."""
     import random
 
     import torch
 
     file = Path(path) / RNG_FILE
     if not file.exists():
-        return f"{path} holds no random number generator state ({RNG_FILE})"
+        return f"{path} holds no random number generator state ({RNG_FILE})", False
     try:
         saved = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -1865,7 +1871,7 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
     ):
         raise InvalidInputError(f"{file}: not a random number generator state")
     if rank >= len(ranks):
-        return f"{file} holds the states of {len(ranks)} rank(s), none for rank {rank}"
+        return f"{file} holds the states of {len(ranks)} rank(s), none for rank {rank}", True
     mine = ranks[rank]
     try:
         torch.set_rng_state(mine["cpu"])
@@ -1886,8 +1892,8 @@ def load_rng_state(path: str | os.PathLike[str], rank: int = 0) -> str | None:
         raise InvalidInputError(f"{file}: not a random number generator state ({e})") from None
     lacking = [name for part, name in _OLDER_LACKS if part not in mine]
     if lacking:
-        return f"{file} holds no state of {' or '.join(lacking)} (an older turnrl's)"
-    return None
+        return f"{file} holds no state of {' or '.join(lacking)} (an older turnrl's)", False
+    return None, False
 
 
 def _seed_host_generators(seed: int) -> None:
@@ -2416,6 +2422,8 @@ def train_loop(
     adapter, so a resumed run re-derives at the same steps. The estimator
     and its parameters are saved there too (``"estimator"``), when they are
     plain JSON values, and checked on a small batch before any rollout.
+    So are the trainer's loss settings (``"loss"``: the fields of its
+    :class:`GTPOConfig`, a float that is not finite as its string).
     So are the step's stats (``"stats"``, without its ``time/`` and
     ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
     save: a resumed run can still report a step a stop in between left out.
@@ -2478,6 +2486,8 @@ def train_loop(
         json.dumps(settings, allow_nan=False)
     except (TypeError, ValueError):
         settings = {}
+    # So are the loss settings: a resume says which of them it changes.
+    loss = _loss_settings(trainer.config)
     # Refused now, not after a whole step of rollouts.
     compute_advantages(estimator, *probe_batch(), **params)
     _check_truncation(max_length, truncation)
@@ -2692,6 +2702,7 @@ def train_loop(
             state: dict[str, Any] = {"step": step, "task_draw": draw}
             if settings:
                 state["estimator"] = settings
+            state["loss"] = loss
             if evaluation is not None:
                 # A resumed run runs an evaluation that a stop cut short.
                 state["evaluation_due"] = evaluation.due(step, last_step)
@@ -2749,6 +2760,20 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def _loss_settings(config: GTPOConfig) -> dict[str, Any]:
+    """The fields of ``config`` as :func:`train_loop` keeps them in a checkpoint
+    (``"loss"``): those with plain JSON values, a float that is not finite (an
+    ``eps_high`` of inf: no clip on that side) as its string, as JSON has none."""
+    settings: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            value = str(value)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            settings[field.name] = value
+    return settings
 
 
 def _estimator_settings(calibrate_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
