@@ -5,7 +5,8 @@ slice of them, its LoRA adapter initialised with its own seed (the trainer
 must broadcast rank 0's). Rank 0 saves the trained weights and the stats.
 Then two steps of ``train_loop`` calibrating its tier rewards as it goes,
 each rank's share of a step succeeding in other proportions (one task always
-succeeds): rank 0 saves every rank's calibrator. Last, rank 1 fails in the
+succeeds): rank 0 saves every rank's calibrator. Then a step filtering
+groups by outcome in which one rank trains on nothing. Last, rank 1 fails in the
 middle of a step: both ranks must raise (rank 0 must not wait for ever for
 rank 1's gradients); each writes what it raised.
 
@@ -209,6 +210,42 @@ def silent_rank_loop(out: Path, rank: int, tok, base) -> None:
         (out / "silent.json").write_text(json.dumps(history))
 
 
+def filtering_loop(out: Path, rank: int, tok, base) -> None:
+    """One step of train_loop filtering groups by outcome over two rounds: of two
+    tasks, the one that always succeeds (no signal) lies on rank 0 in both rounds
+    (a seed where it does), so rank 0 trains on nothing and rank 1 on two groups."""
+    domain = envs.load("synthetic:airline", seed=0)
+    pool = list(domain.tasks[:2])
+    seed = next(
+        s
+        for s in range(100)
+        if turnrl.train.step_tasks(pool, 0, 2, s, 0)[0].id
+        == turnrl.train.step_tasks(pool, 0, 2, s, 1)[0].id
+    )
+    uniform = turnrl.train.step_tasks(pool, 0, 2, seed, 0)[0].id
+    engine = _HalfGold(domain, always=[uniform])  # one a rank: every other episode succeeds
+    history = train_loop(
+        trainer_for(base, {"micro_batch_size": 4}, seed=1 + rank),
+        domain,
+        lambda: EngineAgent(engine),
+        envs.ScriptedUser,
+        tok,
+        tasks=[task.id for task in pool],
+        steps=1,
+        tasks_per_step=2,
+        group_size=2,
+        seed=seed,
+        buffer_dir=out / "filtering",
+        filter_groups="outcome",
+        max_sampling_rounds=2,
+        progress=False,
+    )
+    histories: list = [None] * dist.get_world_size()
+    dist.all_gather_object(histories, history)
+    if rank == 0:
+        (out / "filtering.json").write_text(json.dumps({"uniform": uniform, "ranks": histories}))
+
+
 def main(out: Path) -> None:
     # A short timeout: a rank left waiting fails the test instead of hanging it.
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -232,6 +269,7 @@ def main(out: Path) -> None:
 
     calibrating_loop(out, rank, tok, base)
     silent_rank_loop(out, rank, tok, base)
+    filtering_loop(out, rank, tok, base)
 
     trainer = trainer_for(base, {"micro_batch_size": 2}, seed=1)
     batch = batch_of(scenario_records([3, 3])[3 * rank : 3 * rank + 3], tok)

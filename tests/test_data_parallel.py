@@ -183,6 +183,43 @@ def test_a_rank_whose_episodes_all_end_before_any_reply_still_steps(two_rank_ste
     assert stats["stop_reason/user_stop"] >= 0.5 and stats["turns_per_episode"] > 0
 
 
+def test_ranks_filter_groups_alike_and_a_rank_left_with_none_still_steps(two_rank_steps):
+    """Every rank runs the same rounds and trains the same groups (the plain filter
+    over both ranks' buffers: the groups whose outcomes differ); rank 0's groups
+    all lack signal, so it steps on an empty batch while rank 1 trains."""
+    out = two_rank_steps["folder"]
+    saved = json.loads((out / "filtering.json").read_text())
+    (stats,), (other,) = saved["ranks"]
+    assert stats == other
+    buffers = out / "filtering"
+    assert sorted(p.name for p in buffers.iterdir()) == [
+        "step-0.rank-0.jsonl",
+        "step-0.rank-1.jsonl",
+        "step-0.round-1.rank-0.jsonl",
+        "step-0.round-1.rank-1.jsonl",
+    ]
+    shares = {p.name: list(turnrl.iter_rollout_records(p)) for p in buffers.iterdir()}
+    records = [r for share in shares.values() for r in share]
+    outcomes: dict[str, set] = {}
+    for record in records:
+        outcomes.setdefault(record["group"], set()).add(record["outcome"])
+    kept = {group for group, seen in outcomes.items() if len(seen) > 1}
+    assert len(outcomes) == 4 and len(kept) == 2
+    # Rank 0 holds the task without signal in both rounds, rank 1 the kept groups.
+    for name, share in shares.items():
+        groups = {r["group"] for r in share}
+        if "rank-0" in name:
+            assert {r["task_id"] for r in share} == {saved["uniform"]} and not groups & kept
+        else:
+            assert groups <= kept
+    assert stats["filter/rounds"] == 2 and stats["filter/sampled_groups"] == 4
+    assert stats["filter/kept_groups"] == stats["filter/trained_groups"] == 2
+    assert stats["filter/missing_groups"] == 0
+    assert stats["episodes"] == len(records) == 8
+    assert stats["filter/trained_episodes"] == 4 and stats["trained_tokens"] > 0
+    assert stats["success_rate"] == sum(r["outcome"] for r in records) / 8
+
+
 def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):
     out = two_rank_steps["folder"]
     failed = (out / "error-rank-1.txt").read_text()

@@ -681,6 +681,17 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
+    if args.max_sampling_rounds is not None and args.filter_groups is None:
+        raise InvalidInputError(
+            "--max-sampling-rounds limits the rounds --filter-groups samples, and no group is "
+            "filtered without it: add --filter-groups outcome or advantage"
+        )
+    if args.filter_groups == "outcome" and args.group_size < 2:
+        raise InvalidInputError(
+            "--filter-groups outcome keeps the groups whose episodes' outcomes differ, and "
+            f"--group-size {args.group_size} gives each group one episode: use --group-size 2 "
+            "or more"
+        )
     if args.truncation != "right" and args.max_length is None:
         raise InvalidInputError(
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
@@ -1022,6 +1033,22 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 "steps are not given the tasks an unbroken run's would: " + "; ".join(changed),
                 file=sys.stderr,
             )
+    if resume is not None and rank == 0:
+        changed = _setting_changes(
+            _filtering_options(state.get("filter_groups")),
+            _filtering_options(
+                {
+                    "filter_groups": args.filter_groups,
+                    "max_sampling_rounds": args.max_sampling_rounds,
+                }
+            ),
+        )
+        if changed:
+            print(
+                "--resume: this run filters its groups otherwise than the checkpoint's, so its "
+                "steps are not given the groups an unbroken run's would: " + "; ".join(changed),
+                file=sys.stderr,
+            )
     if evaluation is not None and resume is not None:
         evaluation = _resumed_evaluation(evaluation, state, first_step, metrics, rank)
     elif evaluation is not None and args.resume and evaluation.before_training:
@@ -1174,6 +1201,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             calls_per_message=args.calls_per_message,
             max_steps=args.max_steps,
             evaluation=evaluation,
+            filter_groups=args.filter_groups,
+            max_sampling_rounds=args.max_sampling_rounds,
             progress=not args.quiet,
         )
         failed = False
@@ -1596,6 +1625,20 @@ def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _filtering_options(saved: Any) -> dict[str, Any]:
+    """Group filtering as ``turnrl train``'s options name it, from the checkpoint's
+    ``"filter_groups"`` (:func:`turnrl.train.train_loop`; none: no filtering)."""
+    from turnrl.train import DEFAULT_SAMPLING_ROUNDS
+
+    if not isinstance(saved, Mapping) or saved.get("filter_groups") is None:
+        return {"--filter-groups": "none"}
+    rounds = saved.get("max_sampling_rounds")
+    return {
+        "--filter-groups": saved["filter_groups"],
+        "--max-sampling-rounds": DEFAULT_SAMPLING_ROUNDS if rounds is None else rounds,
+    }
+
+
 def _setting_changes(
     before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = ""
 ) -> list[str]:
@@ -1759,7 +1802,13 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
-    from turnrl.train import IMPORTANCE_LEVELS, ROLLOUT_CORRECTIONS, TRUNCATIONS
+    from turnrl.train import (
+        DEFAULT_SAMPLING_ROUNDS,
+        FILTER_GROUPS,
+        IMPORTANCE_LEVELS,
+        ROLLOUT_CORRECTIONS,
+        TRUNCATIONS,
+    )
 
     parser = _Parser(
         prog="turnrl",
@@ -2053,8 +2102,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each update) and a simulated user, label the turns with tiers, compute per-turn "
         "advantages, and take a GTPO step with the fused loss; with --calibrate-every, "
         "re-derive the tier rewards from the recent steps' rollouts (Iterative Reward "
-        "Calibration) as it goes. Writes OUT/rollouts/step-N.jsonl "
-        "(for turnrl calibrate), OUT/adapter (after every step), OUT/metrics.jsonl and, with "
+        "Calibration) as it goes; with --filter-groups, leave out the groups without signal "
+        "and sample more tasks in their place. Writes OUT/rollouts/step-N.jsonl "
+        "(for turnrl calibrate; an extra sampling round's in step-N.round-R.jsonl), "
+        "OUT/adapter (after every step), OUT/metrics.jsonl and, with "
         "--plot, OUT/metrics.png; with --save-every, OUT/checkpoints/step-S, and with "
         "--eval-every, OUT/best. Under torchrun (for example torchrun --nproc-per-node 8 -m "
         "turnrl.cli train ...) every rank trains a replica on its share of each step's tasks "
@@ -2349,6 +2400,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask-truncated",
         action="store_true",
         help="do not train on replies cut at --max-new-tokens",
+    )
+    tr.add_argument(
+        "--filter-groups",
+        choices=FILTER_GROUPS,
+        help="DAPO's dynamic sampling (verl's filter_groups): leave out of the update the "
+        "groups without signal (outcome: every episode's reward the same, DAPO's criterion; "
+        "advantage: every trained turn's advantage 0 under --estimator, which keeps a group "
+        "whose turn rewards differ) and draw more tasks until the step has as many groups "
+        "with signal as it drew, up to --max-sampling-rounds rounds (default: no filtering)",
+    )
+    tr.add_argument(
+        "--max-sampling-rounds",
+        type=_positive_int,
+        metavar="N",
+        help="with --filter-groups: rounds of --tasks-per-step tasks a step collects at most, "
+        f"its own included (verl's max_num_gen_batches; default {DEFAULT_SAMPLING_ROUNDS})",
     )
     tr.add_argument(
         "--rollout-correction",

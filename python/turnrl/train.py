@@ -68,6 +68,8 @@ if TYPE_CHECKING:
     from turnrl.calibration import OnlineCalibrator
 
 __all__ = [
+    "DEFAULT_SAMPLING_ROUNDS",
+    "FILTER_GROUPS",
     "IMPORTANCE_LEVELS",
     "MERGE_FILE",
     "OPTIMIZER_FILE",
@@ -84,6 +86,7 @@ __all__ = [
     "build_batch",
     "enable_gradient_checkpointing",
     "evaluation_only",
+    "group_signal",
     "load_model",
     "load_policy",
     "load_rng_state",
@@ -597,6 +600,75 @@ def _turn_reward(
     return 0.0 if reward is None else float(reward)
 
 
+@dataclasses.dataclass
+class _AdvantageInputs:
+    """What the estimator reads of some records (:func:`_advantage_inputs`)."""
+
+    outcome: np.ndarray
+    group: np.ndarray
+    """int64 group index per record; ``group_names[g]`` is group g's name."""
+    group_names: list[str]
+    turn_rewards: np.ndarray
+    turn_offsets: np.ndarray
+    cut_turns: list[set[int]]
+    """Per record, its assistant turns ``mask_truncated`` leaves untrained (empty without it)."""
+
+    def advantages(self, estimator: str, params: Mapping[str, Any] | None) -> np.ndarray:
+        """One advantage per assistant turn, the records' turns concatenated."""
+        return compute_advantages(
+            estimator,
+            self.outcome,
+            self.group,
+            self.turn_rewards,
+            self.turn_offsets,
+            **dict(params or {}),
+        )
+
+
+def _advantage_inputs(
+    records: Sequence[Mapping[str, Any]],
+    tier_rewards: Mapping[str, float] | None,
+    mask_truncated: bool,
+) -> _AdvantageInputs:
+    """The records' outcomes, groups and assistant turns' rewards, as
+    :func:`build_batch` gives them to the estimator (and as group filtering in
+    :func:`train_loop` judges them)."""
+    group_ids: dict[str, int] = {}
+    cut_turns: list[set[int]] = []
+    outcome = np.empty(len(records), dtype=np.float64)
+    group = np.empty(len(records), dtype=np.int64)
+    turn_rewards: list[float] = []
+    turn_offsets = [0]
+    for i, record in enumerate(records):
+        try:
+            outcome[i] = float(record["outcome"])
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise InvalidInputError(f"record {i} ({_where(record)}): bad outcome ({e})") from None
+        group[i] = group_ids.setdefault(_group_name(record), len(group_ids))
+        assistant = [t for t in record["turns"] if t.get("role") == "assistant"]
+        where = f"record {i} ({_where(record)})"
+        turn_rewards += [_turn_reward(t, tier_rewards, where) for t in assistant]
+        turn_offsets.append(len(turn_rewards))
+        cut_turns.append(
+            {k for k, t in enumerate(assistant) if t.get("truncated")} if mask_truncated else set()
+        )
+    return _AdvantageInputs(
+        outcome=outcome,
+        group=group,
+        group_names=list(group_ids),
+        turn_rewards=np.asarray(turn_rewards, dtype=np.float64),
+        turn_offsets=np.asarray(turn_offsets, dtype=np.int64),
+        cut_turns=cut_turns,
+    )
+
+
+def _group_name(record: Mapping[str, Any]) -> str:
+    """A record's group: a record without one (or with group None) is its task's
+    group; any other name, "" included, is a group, as the buffer reader reads it."""
+    name = record.get("group")
+    return str(record.get("task_id") if name is None else name)
+
+
 TRUNCATIONS = ("right", "left", "error")
 """What :func:`build_batch` does with a row longer than ``max_length``."""
 
@@ -686,32 +758,9 @@ def build_batch(
     if not records:
         raise InvalidInputError("build_batch needs at least one record")
     _check_truncation(max_length, truncation)
-    group_ids: dict[str, int] = {}
-    cut_turns: list[set[int]] = []  # per record, with mask_truncated
-    outcome = np.empty(len(records), dtype=np.float64)
-    group = np.empty(len(records), dtype=np.int64)
-    turn_rewards: list[float] = []
-    turn_offsets = [0]
-    for i, record in enumerate(records):
-        try:
-            outcome[i] = float(record["outcome"])
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise InvalidInputError(f"record {i} ({_where(record)}): bad outcome ({e})") from None
-        # A record without a group (or with group None) is its task's group;
-        # any other name, "" included, is a group, as the buffer reader reads it.
-        name = record.get("group")
-        name = str(record.get("task_id") if name is None else name)
-        group[i] = group_ids.setdefault(name, len(group_ids))
-        assistant = [t for t in record["turns"] if t.get("role") == "assistant"]
-        where = f"record {i} ({_where(record)})"
-        turn_rewards += [_turn_reward(t, tier_rewards, where) for t in assistant]
-        turn_offsets.append(len(turn_rewards))
-        if mask_truncated:
-            cut_turns.append({k for k, t in enumerate(assistant) if t.get("truncated")})
-    offsets = np.asarray(turn_offsets, dtype=np.int64)
-    turn_adv = compute_advantages(
-        estimator, outcome, group, np.asarray(turn_rewards), offsets, **dict(estimator_params or {})
-    )
+    inputs = _advantage_inputs(records, tier_rewards, mask_truncated)
+    outcome, offsets, cut_turns = inputs.outcome, inputs.turn_offsets, inputs.cut_turns
+    turn_adv = inputs.advantages(estimator, estimator_params)
 
     rows: list[list[int]] = []
     row_turns: list[list[int]] = []
@@ -730,7 +779,7 @@ def build_batch(
         )
         sampled_turns += tokens.sampled_turns
         refused_ids += tokens.refused_ids
-        cut = cut_turns[i] if mask_truncated else set()
+        cut = cut_turns[i]
         known: Sequence[list[float] | None] = tokens.sampler_logprobs or [None] * len(
             tokens.input_ids
         )
@@ -1385,6 +1434,18 @@ class GTPOTrainer:
             names.append("ref_kl")
         return names
 
+    def _idle_step(self, trained_tokens: int, skipped_rows: int) -> dict[str, float]:
+        """A step with nothing to run (every rank agrees): no update, the stats say so."""
+        self.steps += 1
+        nothing = dict.fromkeys(self._stat_names(), float("nan"))
+        return {
+            **nothing,
+            "loss": 0.0,
+            "grad_norm": 0.0,
+            "trained_tokens": float(trained_tokens),
+            "skipped_rows": float(skipped_rows),
+        }
+
     def step(self, batch: TrainBatch) -> dict[str, float]:
         """Update the policy on one batch; returns mean loss and loss statistics.
 
@@ -1430,15 +1491,7 @@ class GTPOTrainer:
                 + (f" ({lost} row(s) lost all theirs to the cut at max_length)" if lost else "")
             )
         if ran_tokens == 0:  # no signal anywhere: nothing to run, no step to take
-            self.steps += 1
-            nothing = dict.fromkeys(self._stat_names(), float("nan"))
-            return {
-                **nothing,
-                "loss": 0.0,
-                "grad_norm": 0.0,
-                "trained_tokens": float(global_tokens),
-                "skipped_rows": float(skipped_rows),
-            }
+            return self._idle_step(global_tokens, skipped_rows)
         micro = self._micro_batches(batch, run)
         was_training = self.model.training
         attention_dropout: list[tuple[Any, float]] = []
@@ -2386,6 +2439,8 @@ def train_loop(
     calls_per_message: int | None = None,
     max_steps: int | None = None,
     evaluation: Evaluation | None = None,
+    filter_groups: str | None = None,
+    max_sampling_rounds: int | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -2443,6 +2498,40 @@ def train_loop(
     global ones' states, which are put back after it), so the training steps
     (their environments, users and rewards included) draw the same whether
     or when it runs.
+
+    ``filter_groups`` (``"outcome"`` or ``"advantage"``, :func:`group_signal`;
+    None, the default, filters nothing) is DAPO's dynamic sampling (verl's
+    ``algorithm.filter_groups``): a group without signal is left out of the
+    update, and while fewer groups have signal than the step drew (
+    ``tasks_per_step``, less any task drawn twice, which is one group), the
+    step draws ``tasks_per_step`` more tasks (:func:`step_tasks` with
+    ``sampling_round``: tasks the step has not drawn yet first) and collects
+    them too, up to ``max_sampling_rounds`` rounds in all
+    (:data:`DEFAULT_SAMPLING_ROUNDS` unless given; only with
+    ``filter_groups``). It then trains on the first groups with signal, in
+    the order round, then place in the round's draw, as many as it drew in
+    its first round, or on those there are when the rounds ran out (counted
+    in ``filter/missing_groups``, with a warning on rank 0 the first time; a
+    step with none takes no update). ``"outcome"`` keeps a group whose
+    outcomes differ (DAPO's criterion; refused with ``group_size`` 1);
+    ``"advantage"`` one with a non-zero advantage on a trained turn under
+    ``estimator``, which under the GTPO hybrid includes a group whose
+    outcomes are all equal but whose turn rewards differ. Extra rounds' groups
+    are named ``step-N/round-R/<task>`` and written to
+    ``buffer_dir/step-N.round-R.jsonl`` (``step-N.round-R.rank-K.jsonl``
+    under data parallelism). Nothing collected is lost: every episode,
+    filtered out or not, is in the buffers, goes to the calibrator, and
+    counts in ``success_rate``, ``episodes``, ``failed_episodes``,
+    ``dropped_calls`` and the episode figures (:func:`rollout_figures`), an
+    unbiased picture of the policy; ``tier_advantage/<tier>`` and
+    ``rows_per_episode`` are of the trained episodes. Such a step's stats add
+    ``filter/rounds``, ``filter/sampled_groups``, ``filter/kept_groups``
+    (those with signal), ``filter/kept_fraction`` (their share of those
+    sampled), ``filter/trained_groups``, ``filter/missing_groups`` and
+    ``filter/trained_episodes``. Every rank decides alike (the ranks'
+    verdicts are summed), so all run the same rounds and train the same
+    groups; a rank left with none steps on an empty batch. The setting is
+    saved in the checkpoint (``"filter_groups"``).
 
     Returns each step's stats, with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``truncated_rows`` and
@@ -2522,6 +2611,7 @@ def train_loop(
 
     if steps < 1 or tasks_per_step < 1 or group_size < 1:
         raise InvalidInputError("steps, tasks_per_step and group_size must be at least 1")
+    sampling_rounds = _check_group_filtering(filter_groups, max_sampling_rounds, group_size)
     pool = [domain.task(t) for t in (domain.tasks if tasks is None else tasks)]
     if not pool:
         raise InvalidInputError("train_loop needs at least one task")
@@ -2564,6 +2654,7 @@ def train_loop(
         return result
 
     history: list[dict[str, float]] = []
+    warned_short = False  # of a step that trains on fewer groups than it draws
     bar: Any = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -2599,9 +2690,6 @@ def train_loop(
             if on_step is not None:
                 on_step(first_step - 1, before)
         for step in range(first_step, first_step + steps):
-            # A function of (seed, step) alone: every rank draws the same tasks,
-            # and a resumed run the ones an unbroken run would have.
-            chosen = step_tasks(pool, step, tasks_per_step, seed)
             # What the step's turns are rewarded with, and the tiers its figures name.
             rewards = dict(episode_rewards())
             _peak_memory(device, reset=True)
@@ -2611,42 +2699,97 @@ def train_loop(
                 if buffer_dir is None
                 else contextlib.nullcontext(str(buffer_dir))
             )
+            summaries: list[Any] = []
+            # With filtering: every rank's groups with signal, in draw order
+            # (round, then place in the round's draw), and the step's group count.
+            signal_groups: list[str] = []
+            sampled_groups = target_groups = 0
             with keep as folder:
-                name = f"step-{step}.jsonl" if world == 1 else f"step-{step}.rank-{rank}.jsonl"
-                out = Path(folder) / name
-                summary = together(
-                    collect_rollouts,
-                    domain,
-                    make_agent,
-                    make_user,
-                    out,
-                    tasks=_rank_share(chosen, rank, world),
-                    samples=group_size,
-                    tiers=rewards,
-                    calls_per_message=calls_per_message,
-                    max_steps=max_steps,
-                    workers=workers,
-                    group_prefix=f"step-{step}/",
-                    progress=False,
-                    keep_records=True,  # with the sampled token ids the buffer leaves out
-                    on_episode=None if bar is None else _show_episodes(bar, world),
-                )
+                for sampling_round in range(sampling_rounds):
+                    # A function of (seed, step, round) alone: every rank draws the same
+                    # tasks, and a resumed run the ones an unbroken run would have.
+                    chosen = step_tasks(pool, step, tasks_per_step, seed, sampling_round)
+                    # Extra rounds' groups and buffers are named apart from the first's.
+                    extra = f"round-{sampling_round}" if sampling_round else ""
+                    prefix = f"step-{step}/" + (f"{extra}/" if extra else "")
+                    name = ".".join(
+                        [f"step-{step}", *([extra] if extra else []), "jsonl"]
+                        if world == 1
+                        else [f"step-{step}", *([extra] if extra else []), f"rank-{rank}", "jsonl"]
+                    )
+                    summary = together(
+                        collect_rollouts,
+                        domain,
+                        make_agent,
+                        make_user,
+                        Path(folder) / name,
+                        tasks=_rank_share(chosen, rank, world),
+                        samples=group_size,
+                        tiers=rewards,
+                        calls_per_message=calls_per_message,
+                        max_steps=max_steps,
+                        workers=workers,
+                        group_prefix=prefix,
+                        progress=False,
+                        keep_records=True,  # with the sampled token ids the buffer leaves out
+                        on_episode=None if bar is None else _show_episodes(bar, world),
+                    )
+                    summaries.append(summary)
+                    if filter_groups is None:
+                        break
+                    # A task drawn twice in a round is one group (collect_rollouts).
+                    names = [prefix + key for key in dict.fromkeys(t.id for t in chosen)]
+                    if not sampling_round:
+                        # As many groups as the step would train unfiltered.
+                        target_groups = len(names)
+                    signal = together(
+                        group_signal,
+                        summary.kept,
+                        filter_groups,
+                        estimator=estimator,
+                        estimator_params=estimator_params,
+                        mask_truncated=mask_truncated,
+                    )
+                    # Each group lies on one rank: the sum is every rank's verdicts.
+                    flags = [float(signal.get(n, False)) for n in names] + [float(summary.records)]
+                    if world > 1:
+                        flags = _all_reduce(flags, device)
+                    if not flags[-1]:
+                        first = summary.failures[0][2] if summary.failures else "none ran here"
+                        raise RuntimeError(
+                            f"step {step}, sampling round {sampling_round}: no episode finished "
+                            f"(first error: {first})"
+                        )
+                    sampled_groups += len(names)
+                    signal_groups += [n for n, flag in zip(names, flags, strict=False) if flag]
+                    if len(signal_groups) >= target_groups:
+                        break
                 if bar is not None:
                     bar.set_postfix_str("updating")
-                records = summary.kept
             collected = time.perf_counter()
-            episodes, failed, successes, dropped = (
-                float(summary.records),
-                float(len(summary.failures)),
-                float(sum(summary.outcomes)),
-                float(summary.dropped_calls),
+            # Every episode collected, filtered out or not: the buffers, the
+            # calibrator and the step's episode figures see them all.
+            collected_records = [r for summary in summaries for r in summary.kept]
+            trained_groups = set(signal_groups[:target_groups])
+            records = (
+                collected_records
+                if filter_groups is None
+                else [r for r in collected_records if _group_name(r) in trained_groups]
+            )
+            episodes, failed, successes, dropped, trained_episodes = (
+                float(sum(s.records for s in summaries)),
+                float(sum(len(s.failures) for s in summaries)),
+                float(sum(sum(s.outcomes) for s in summaries)),
+                float(sum(s.dropped_calls for s in summaries)),
+                float(len(records)),
             )
             if world > 1:
-                episodes, failed, successes, dropped = _all_reduce(
-                    [episodes, failed, successes, dropped], device
+                episodes, failed, successes, dropped, trained_episodes = _all_reduce(
+                    [episodes, failed, successes, dropped, trained_episodes], device
                 )
             if not episodes:
-                first = summary.failures[0][2] if summary.failures else "none ran here"
+                failures = [f for s in summaries for f in s.failures]
+                first = failures[0][2] if failures else "none ran here"
                 raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
             batch = (
                 together(
@@ -2670,10 +2813,26 @@ def train_loop(
             batched = time.perf_counter()
             if before_update is not None:
                 together(before_update)
-            stats = trainer.step(batch)
+            if filter_groups is not None and not trained_groups:
+                # No group of any round had signal, on any rank: nothing to train
+                # (trainer.step refuses a batch without trained tokens).
+                stats = trainer._idle_step(0, 0)
+            else:
+                stats = trainer.step(batch)
             updated = time.perf_counter()
-            # Every rank names the same figures: the tiers of the reward table.
-            figures = rollout_figures(records, list(rewards), _trained_turn_advantages(batch))
+            # Every rank names the same figures: the tiers of the reward table. The
+            # episodes' figures are of all collected; the tiers' advantages of those trained.
+            untrained = (
+                []
+                if filter_groups is None
+                else [r for r in collected_records if _group_name(r) not in trained_groups]
+            )
+            unseen = sum(t.get("role") == "assistant" for r in untrained for t in r["turns"])
+            figures = rollout_figures(
+                [*records, *untrained],
+                list(rewards),
+                np.concatenate([_trained_turn_advantages(batch), np.full(unseen, np.nan)]),
+            )
             sums = [
                 float(batch.num_rows),
                 float(batch.refused_ids),
@@ -2687,7 +2846,8 @@ def train_loop(
             for at, (name, _, _) in enumerate(figures):
                 total, count = sums[4 + 2 * at], sums[5 + 2 * at]
                 stats[name] = total / count if count else math.nan
-            stats["rows_per_episode"] = rows / episodes
+            # Per trained episode: every collected one, unless filtering left some out.
+            stats["rows_per_episode"] = rows / trained_episodes if trained_episodes else math.nan
             # Rows cut at max_length, and those the cut left nothing to train.
             stats["truncated_rows"] = cut_rows
             stats["untrained_rows"] = untrained_rows
@@ -2699,16 +2859,41 @@ def train_loop(
             if calls_per_message is not None:
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
+            if filter_groups is not None:
+                kept = len(signal_groups)
+                stats["filter/rounds"] = float(len(summaries))
+                stats["filter/sampled_groups"] = float(sampled_groups)
+                stats["filter/kept_groups"] = float(kept)
+                stats["filter/kept_fraction"] = kept / sampled_groups
+                stats["filter/trained_groups"] = float(len(trained_groups))
+                stats["filter/missing_groups"] = float(target_groups - len(trained_groups))
+                stats["filter/trained_episodes"] = trained_episodes
+                if len(trained_groups) < target_groups and not warned_short and rank == 0:
+                    warned_short = True
+                    warnings.warn(
+                        f"group filtering: step {step} trains on {len(trained_groups)} of "
+                        f"{target_groups} groups: {sampling_rounds} sampling round(s) found no "
+                        f"more with signal ({filter_groups!r}). Steps short of groups are "
+                        "counted in filter/missing_groups and not warned about again; raise "
+                        "max_sampling_rounds (--max-sampling-rounds) to sample more",
+                        stacklevel=2,
+                    )
             state: dict[str, Any] = {"step": step, "task_draw": draw}
             if settings:
                 state["estimator"] = settings
             state["loss"] = loss
+            if filter_groups is not None:
+                # Which groups a step trains on: a resumed run is checked against them.
+                state["filter_groups"] = {
+                    "filter_groups": filter_groups,
+                    "max_sampling_rounds": sampling_rounds,
+                }
             if evaluation is not None:
                 # A resumed run runs an evaluation that a stop cut short.
                 state["evaluation_due"] = evaluation.due(step, last_step)
             if calibrator is not None:
                 # Every rank calibrates on the whole step, so all derive the same rewards.
-                step_tiers = _gather_records_tiers(records, world, device)
+                step_tiers = _gather_records_tiers(collected_records, world, device)
                 calibrations = len(calibrator.reports)
                 together(calibrator.update, tiered_from_records(step_tiers, calibrator.tiers))
                 stats["recalibrated"] = float(len(calibrator.reports) > calibrations)
@@ -2774,6 +2959,100 @@ def _loss_settings(config: GTPOConfig) -> dict[str, Any]:
         if value is None or isinstance(value, (bool, int, float, str)):
             settings[field.name] = value
     return settings
+
+
+FILTER_GROUPS = ("outcome", "advantage")
+"""The criteria :func:`train_loop`'s ``filter_groups`` keeps a group by (:func:`group_signal`)."""
+
+DEFAULT_SAMPLING_ROUNDS = 3
+"""Rounds of collection a filtering :func:`train_loop` step runs at most, unless told."""
+
+
+def group_signal(
+    records: Sequence[Mapping[str, Any]],
+    criterion: str,
+    *,
+    estimator: str = "gtpo_hybrid",
+    estimator_params: Mapping[str, Any] | None = None,
+    tier_rewards: Mapping[str, float] | None = None,
+    mask_truncated: bool = False,
+) -> dict[str, bool]:
+    """Whether each group of ``records`` gives the update something to learn from,
+    by ``criterion`` (one of :data:`FILTER_GROUPS`), in the order the groups
+    first appear; dynamic sampling (DAPO, verl's ``filter_groups``) keeps the
+    groups with signal.
+
+    - ``"outcome"``: the group's outcomes (task rewards) are not all equal:
+      DAPO's criterion (verl keeps a group whose metric's std is above 0).
+    - ``"advantage"``: some turn of the group that the update would train
+      has a non-zero advantage under ``estimator`` and ``estimator_params``
+      (the turn rewards as :func:`build_batch` takes them: ``tier_rewards``
+      or the recorded ones; a turn ``mask_truncated`` leaves out does not
+      count). Under the GTPO hybrid (or MT-GRPO) a group whose outcomes are
+      all equal still has signal when its turns' rewards differ, which
+      ``"outcome"`` would throw away. Under ``norm="none"`` nearly every
+      group has some.
+
+    A group of one episode has no spread of outcomes. The groups of a record
+    list are independent: a group's verdict depends on its own records only.
+    """
+    if criterion not in FILTER_GROUPS:
+        raise UnknownNameError(
+            f"unknown filter_groups criterion {criterion!r}; valid: {', '.join(FILTER_GROUPS)}"
+        )
+    if not records:
+        return {}
+    inputs = _advantage_inputs(records, tier_rewards, mask_truncated)
+    signal = dict.fromkeys(inputs.group_names, False)
+    if criterion == "outcome":
+        for g, name in enumerate(inputs.group_names):
+            outcomes = inputs.outcome[inputs.group == g]
+            signal[name] = bool(np.any(outcomes != outcomes[0]))
+        return signal
+    advantages = inputs.advantages(estimator, estimator_params)
+    for i, cut in enumerate(inputs.cut_turns):
+        start, end = inputs.turn_offsets[i], inputs.turn_offsets[i + 1]
+        trained = [k for k in range(end - start) if k not in cut]
+        if np.any(advantages[start:end][trained] != 0):
+            signal[inputs.group_names[inputs.group[i]]] = True
+    return signal
+
+
+def _check_group_filtering(
+    filter_groups: str | None, max_sampling_rounds: int | None, group_size: int
+) -> int:
+    """The rounds of collection a :func:`train_loop` step may run (1 without
+    filtering), or an error naming the setting that is refused."""
+    if filter_groups is None:
+        if max_sampling_rounds is not None:
+            # It would do nothing, silently.
+            raise InvalidInputError(
+                f"max_sampling_rounds={max_sampling_rounds} limits group filtering's rounds, "
+                f"and filter_groups is None: give filter_groups ({' or '.join(FILTER_GROUPS)}), "
+                "or leave max_sampling_rounds out"
+            )
+        return 1
+    if filter_groups not in FILTER_GROUPS:
+        raise UnknownNameError(
+            f"unknown filter_groups {filter_groups!r}; valid: {', '.join(FILTER_GROUPS)}"
+        )
+    if filter_groups == "outcome" and group_size < 2:
+        raise InvalidInputError(
+            "filter_groups='outcome' keeps the groups whose outcomes differ, and a group of "
+            f"group_size={group_size} episode has one outcome: give group_size >= 2"
+        )
+    if max_sampling_rounds is None:
+        return DEFAULT_SAMPLING_ROUNDS
+    if isinstance(max_sampling_rounds, bool) or not isinstance(max_sampling_rounds, int):
+        raise InvalidInputError(
+            f"max_sampling_rounds must be an integer, got {max_sampling_rounds!r}"
+        )
+    if max_sampling_rounds < 1:
+        raise InvalidInputError(
+            f"max_sampling_rounds must be at least 1 (the step's own round), got "
+            f"{max_sampling_rounds}"
+        )
+    return max_sampling_rounds
 
 
 def _estimator_settings(calibrate_kwargs: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -2852,10 +3131,32 @@ def task_draw(pool: Sequence[Any], per_step: int, seed: int = 0) -> dict[str, An
     }
 
 
-def step_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int = 0) -> list[Any]:
+def step_tasks(
+    pool: Sequence[Any], step: int, per_step: int, seed: int = 0, sampling_round: int = 0
+) -> list[Any]:
     """The tasks of a :func:`train_loop` step: the ``step``-th ``per_step`` of an
     endless sequence of shuffles of ``pool``, each shuffle seeded by ``(seed, its
-    index)``, so every pass over the pool holds each task once."""
+    index)``, so every pass over the pool holds each task once.
+
+    ``sampling_round`` > 0: the tasks of the step's extra round of collection
+    under group filtering (``train_loop(filter_groups=...)``), a function of
+    ``(seed, step, sampling_round)`` alone, drawn from a shuffle of their own
+    (the rounds' draws leave the sequence above as it is): first the tasks the
+    step's earlier rounds did not draw, in that shuffle's order, then, when
+    those are too few, the ones they did (tasks are told apart by ``id``)."""
+    if sampling_round < 0:
+        raise InvalidInputError(f"sampling_round must be >= 0, got {sampling_round}")
+    if sampling_round:
+        drawn = {
+            _task_key(t)
+            for earlier in range(sampling_round)
+            for t in step_tasks(pool, step, per_step, seed, earlier)
+        }
+        # Four words: never the stream of a [seed, epoch] shuffle above.
+        order = np.random.default_rng([seed, step, sampling_round, 1]).permutation(len(pool))
+        fresh = [int(i) for i in order if _task_key(pool[i]) not in drawn]
+        ranked = fresh + [int(i) for i in order if _task_key(pool[i]) in drawn]
+        return [pool[ranked[k % len(ranked)]] for k in range(per_step)]
     shuffles: dict[int, np.ndarray] = {}
     chosen = []
     for position in range(step * per_step, (step + 1) * per_step):
@@ -2864,6 +3165,10 @@ def step_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int = 0) -> 
             shuffles[epoch] = np.random.default_rng([seed, epoch]).permutation(len(pool))
         chosen.append(pool[int(shuffles[epoch][at])])
     return chosen
+
+
+def _task_key(task: Any) -> str:
+    return str(getattr(task, "id", task))
 
 
 def _rank_share(chosen: Sequence[Any], rank: int, world: int) -> list[Any]:
