@@ -2564,6 +2564,7 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     assert state.pop("stats")["recalibrated"] == 1.0  # the step's figures
     # What the steps' tasks were drawn from: a resume with others is told.
     assert state.pop("task_draw") == task_draw([task], 1, 0)
+    assert state.pop("loss") == dataclasses.asdict(trainer.config)  # the trainer's settings
     assert state == {
         "step": 1,
         "estimator": {"estimator": "gtpo_hybrid"},
