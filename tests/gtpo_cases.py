@@ -77,6 +77,25 @@ def make_case(
     return Case(hidden, weight, targets, advantages, old, mask, ref, kwargs)
 
 
+def spread_ref(case: Case, seed: int) -> Case:
+    """Move ``case``'s reference log-probs far from the policy's, in place:
+    ``l_ref - l`` of std 2, so that k3's cap at 10 (``l_ref - l`` above about
+    2.53) and k1's sign both show, and the second and third tokens at +25 and
+    -25, past the log-ratio clamp at 20 either way."""
+    g = torch.Generator().manual_seed(seed)
+    temperature = case.kwargs["temperature"]
+    with torch.no_grad():
+        logits = case.hidden.double() @ case.weight.double().T / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
+    offset = 2.0 * torch.randn(lp.shape, generator=g, dtype=torch.float64)
+    far = offset.view(-1)[1:3]
+    far.copy_(torch.tensor([25.0, -25.0])[: far.numel()])
+    case.mask.view(-1)[:3] = True  # trained, with the id lp was taken at
+    case.targets = torch.where(case.mask, case.targets.clamp(min=0), case.targets)
+    case.ref = (lp + offset).float()
+    return case
+
+
 def add_segments(case: Case, seed: int, *, across_rows: bool = False) -> Case:
     """Give ``case`` random ragged segments (``kwargs["segment_ids"]``), in place.
 
@@ -149,8 +168,10 @@ def run_reference(case: Case, dtype: torch.dtype = torch.float64):
     """Unfused reference on the same (possibly bf16-rounded) inputs, in ``dtype``."""
     from turnrl.kernels.fused_linear_gtpo import torch_gtpo_loss
 
-    hidden = case.hidden.to(dtype).requires_grad_(True)
-    weight = case.weight.to(dtype).requires_grad_(True)
+    # detach: .to(dtype) of a tensor already in dtype is the tensor itself,
+    # which requires_grad_ would turn into a leaf of this graph.
+    hidden = case.hidden.detach().to(dtype).requires_grad_(True)
+    weight = case.weight.detach().to(dtype).requires_grad_(True)
     loss = torch_gtpo_loss(
         hidden,
         weight,

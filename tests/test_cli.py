@@ -390,3 +390,33 @@ def test_train_importance_level_is_parsed_from_the_line_and_from_a_config_file(t
     with pytest.raises(SystemExit):
         _parsed([*train, "--importance-level", "segment"])
     assert "invalid choice: 'segment'" in capsys.readouterr().err
+
+
+def test_train_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused(tmp_path, capsys):
+    """verl's names are taken as turnrl's; ``full`` and a misspelt name are
+    refused while parsing, before any model loads, from a config file too."""
+    import pytest
+
+    from turnrl.kernels.kl_estimators import KL_ESTIMATORS
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).kl_estimator == "k3"
+    for name in KL_ESTIMATORS:
+        assert _parsed([*train, "--kl-estimator", name]).kl_estimator == name
+    assert _parsed([*train, "--kl-estimator", "low_var_kl+"]).kl_estimator == "k3+"
+    with pytest.raises(SystemExit):
+        _parsed([*train, "--kl-estimator", "full"])
+    err = capsys.readouterr().err
+    assert (
+        "argument --kl-estimator: kl_estimator 'full' (verl's full KL) needs the reference" in err
+    )
+    with pytest.raises(SystemExit):
+        _parsed([*train, "--kl-estimator", "k4"])
+    assert "unknown kl_estimator 'k4'; valid: k1, k1+, abs, abs+, k2, k3, k3+" in (
+        capsys.readouterr().err
+    )
+    path = _config_file(tmp_path, ".toml", {"kl_estimator": "mse"})
+    assert _parsed(["train", "--config", str(path), *train[1:]]).kl_estimator == "k2"
+    path = _config_file(tmp_path, ".toml", {"kl_estimator": "k4"})
+    assert main(["train", "--config", str(path), *train[1:]]) == 2
+    assert "kl_estimator: unknown kl_estimator 'k4'" in capsys.readouterr().err

@@ -23,15 +23,19 @@ from gtpo_cases import (  # noqa: E402
     make_case,
     run_fused,
     run_reference,
+    spread_ref,
 )
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from turnrl.exceptions import InvalidInputError, UnknownNameError  # noqa: E402
 from turnrl.kernels.fused_linear_gtpo import (  # noqa: E402
+    KL_ESTIMATOR_ALIASES,
+    KL_ESTIMATORS,
     aggregation_weights,
     fused_logprobs,
     gtpo_loss,
+    kl_estimator_name,
     torch_gtpo_loss,
 )
 
@@ -383,6 +387,14 @@ def _bad_call(**overrides):
         ({"beta": math.nan}, InvalidInputError, "beta must be finite"),
         ({"entropy_coef": math.inf}, InvalidInputError, "entropy_coef must be finite"),
         ({"temperature": 0.0}, InvalidInputError, "temperature"),
+        (
+            {"kl_estimator": "k4"},
+            UnknownNameError,
+            "unknown kl_estimator 'k4'; valid: k1, k1+, abs, abs+, k2, k3, k3+ (or verl's kl, ",
+        ),
+        ({"kl_estimator": "full"}, UnknownNameError, "needs the reference policy's whole"),
+        ({"kl_estimator": "full+"}, UnknownNameError, "valid: k1, k1+, abs, abs+, k2, k3, k3+"),
+        ({"kl_estimator": None}, UnknownNameError, "unknown kl_estimator None"),
         ({"segment_ids": torch.zeros(2, 4)}, InvalidInputError, "segment_ids has shape (2, 4)"),
         (
             {"segment_ids": torch.zeros(2, 5)},
@@ -1043,3 +1055,180 @@ def test_a_stale_segments_log_ratio_is_clamped_as_a_tokens_is():
     want = run_reference(case)
     torch.testing.assert_close(loss, want[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(g_hidden, want[1], rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------
+# KL estimators (kl_estimator=): the fused loss against the reference, the
+# straight-through forms against k2 alone, each formula by hand.
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
+def test_every_kl_estimator_matches_the_reference(estimator, schedule, chunk, dtype, rtol):
+    """Reference log-probs far from the policy's (k3's cap, k1's sign and the
+    log-ratio clamp all reached) and a large beta, so the KL term's gradient
+    is not lost beside the policy gradient's."""
+    seed = SEED + KL_ESTIMATORS.index(estimator)
+    case = spread_ref(
+        make_case(seed, (3, 16), 24, 200, dtype, "seq_mean_token_mean", beta=0.7), seed
+    )
+    case.kwargs["kl_estimator"] = estimator
+    stats = assert_close_to_reference(
+        case, rtol, backend="torch", chunk_size=chunk, schedule=schedule
+    )
+    # ref_kl is k3's whatever the estimator; kl_loss the one beta weighs.
+    k3_case = dataclasses.replace(case, kwargs={**case.kwargs, "kl_estimator": "k3"})
+    k3 = run_fused(k3_case, backend="torch", chunk_size=chunk, schedule=schedule)[3]["ref_kl"]
+    assert float(stats["ref_kl"]) == float(k3)
+    assert ("kl_loss" in stats) == (estimator != "k3")
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+def test_every_kl_estimator_matches_the_reference_with_segments(estimator):
+    seed = SEED + 7 * KL_ESTIMATORS.index(estimator)
+    case = make_case(seed, (3, 9), 16, 50, torch.float64, "token_mean", beta=0.7)
+    add_segments(spread_ref(case, seed), seed)
+    case.kwargs["kl_estimator"] = estimator
+    assert_close_to_reference(case, 1e-10, backend="torch")
+
+
+def _kl_gradients_alone(case, estimator):
+    """The gradients of ``beta * sum_t w_t * kl_t`` (token_mean), plainly:
+    eager log-softmax in float64 and autograd through the named estimator's
+    formula alone."""
+    hidden = case.hidden.detach().double().requires_grad_(True)
+    weight = case.weight.detach().double().requires_grad_(True)
+    logits = hidden @ weight.T / case.kwargs["temperature"]
+    lp = torch.log_softmax(logits, -1).gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
+    x = torch.clamp(lp - case.ref.double(), -20, 20)
+    kl = {"k2": x**2 / 2, "k1": x, "abs": x.abs()}[estimator]
+    w = case.mask.double() / case.mask.sum()
+    (case.kwargs["beta"] * (w * kl).sum()).backward()
+    return hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("named", ["k1", "abs", "k3"])
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
+def test_a_straight_through_estimator_has_its_value_and_k2s_gradient(named, schedule):
+    """``named + "+"``: the loss of ``named``, and the gradient of the loss
+    without the KL plus that of k2's KL term alone, not ``named``'s."""
+    case = spread_ref(make_case(SEED, (2, 12), 16, 60, torch.float64, "token_mean", beta=0.7), SEED)
+    run = dict(backend="torch", chunk_size=5, schedule=schedule)
+    loss, g_hidden, g_weight, stats = run_fused(case, kl_estimator=named + "+", **run)
+    value, *named_grads, named_stats = run_fused(case, kl_estimator=named, **run)
+    assert float(loss) == pytest.approx(float(value), rel=1e-14, abs=1e-15)
+    for key in ("ref_kl", "kl_loss"):
+        if key in named_stats:
+            assert float(stats[key]) == float(named_stats[key]), key
+    without = dataclasses.replace(case, kwargs={**case.kwargs, "beta": 0.0})
+    _, h0, w0, _ = run_fused(without, **run)
+    k2_hidden, k2_weight = _kl_gradients_alone(case, "k2")
+    torch.testing.assert_close(g_hidden, h0 + k2_hidden, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(g_weight, w0 + k2_weight, rtol=1e-10, atol=1e-13)
+    # The KL term's gradient is there, and is not the named estimator's own.
+    assert float((g_hidden - named_grads[0]).abs().max()) > 1e-3 * float(k2_hidden.abs().max())
+    # k1's and abs's own gradients, from the same plain computation.
+    if named != "k3":
+        plain_hidden, _ = _kl_gradients_alone(case, named)
+        torch.testing.assert_close(named_grads[0], h0 + plain_hidden, rtol=1e-10, atol=1e-13)
+
+
+# (x = l - l_ref, value, d value / d l) of each estimator, by hand. Every
+# estimator sees x clamped at +-20 (no derivative past it); k3 is
+# exp(-x) + x - 1, with derivative 1 - exp(-x), capped at 10 (no derivative
+# there either).
+KL_BY_HAND = {
+    "k1": [(0.5, 0.5, 1.0), (-0.5, -0.5, 1.0), (30.0, 20.0, 0.0), (-30.0, -20.0, 0.0)],
+    "abs": [(0.5, 0.5, 1.0), (-0.5, 0.5, -1.0), (30.0, 20.0, 0.0), (-30.0, 20.0, 0.0)],
+    "k2": [(0.5, 0.125, 0.5), (-0.5, 0.125, -0.5), (-3.0, 4.5, -3.0), (30.0, 200.0, 0.0)],
+    "k3": [
+        (0.5, math.exp(-0.5) + 0.5 - 1, 1 - math.exp(-0.5)),
+        (-0.5, math.exp(0.5) - 0.5 - 1, 1 - math.exp(0.5)),
+        (-2.0, math.exp(2.0) - 2.0 - 1, 1 - math.exp(2.0)),
+        (-3.0, 10.0, 0.0),  # e**3 - 3 - 1 = 16.1: capped
+        (30.0, 10.0, 0.0),  # e**-20 + 20 - 1 = 19.000000002: capped too
+    ],
+}
+for _named in ("k1", "abs", "k3"):  # straight-through: the value named, k2's derivative
+    KL_BY_HAND[_named + "+"] = [
+        (x, value, x if abs(x) < 20 else 0.0) for x, value, _ in KL_BY_HAND[_named]
+    ]
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+def test_each_kl_estimator_by_hand(estimator):
+    """One token with advantage 0 and ratio 1, so the loss is ``beta * kl``
+    and its gradient ``beta * d kl / d l * d l / d hidden``, for the fused
+    loss on both schedules and the reference; ``kl_loss`` reports the value,
+    ``ref_kl`` k3's."""
+    assert set(KL_BY_HAND) == set(KL_ESTIMATORS)
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    target = torch.tensor([2])
+    with torch.no_grad():
+        logp_all = torch.log_softmax(hidden @ weight.T, -1)
+    logprob = logp_all[:, 2]
+    dl_dh = (torch.nn.functional.one_hot(target, 6).double() - logp_all.exp()) @ weight
+    beta = 0.3
+    k3_by_x = {x: value for x, value, _ in KL_BY_HAND["k3"]}
+    for x, value, slope in KL_BY_HAND[estimator]:
+        args = (target, torch.zeros(1, dtype=torch.float64), logprob.clone(), torch.tensor([True]))
+        ref = logprob - x
+        calls = [
+            (gtpo_loss, {"backend": "torch", "schedule": schedule, "chunk_size": 1})
+            for schedule in ("rows", "vocab")
+        ]
+        for fn, extra in [*calls, (torch_gtpo_loss, {})]:
+            h = hidden.clone().requires_grad_(True)
+            out = fn(h, weight, *args, ref, beta=beta, kl_estimator=estimator, **extra)
+            loss = out[0] if isinstance(out, tuple) else out
+            loss.backward()
+            where = (estimator, x, fn.__name__, extra.get("schedule"))
+            assert float(loss.detach()) == pytest.approx(beta * value, rel=1e-12), where
+            torch.testing.assert_close(
+                h.grad, beta * slope * dl_dh, rtol=1e-9, atol=1e-12, msg=str(where)
+            )
+            if isinstance(out, tuple):
+                stats = out[1]
+                if estimator != "k3":
+                    assert float(stats["kl_loss"]) == pytest.approx(value, rel=1e-12), where
+                if x in k3_by_x:
+                    assert float(stats["ref_kl"]) == pytest.approx(k3_by_x[x], rel=1e-12), where
+
+
+def test_verl_kl_loss_type_names_are_taken_and_full_is_refused_saying_why():
+    assert {alias: kl_estimator_name(alias) for alias in KL_ESTIMATOR_ALIASES} == {
+        "kl": "k1",
+        "kl+": "k1+",
+        "mse": "k2",
+        "mse+": "k2",
+        "k2+": "k2",
+        "low_var_kl": "k3",
+        "low_var_kl+": "k3+",
+    }
+    assert [kl_estimator_name(name) for name in KL_ESTIMATORS] == list(KL_ESTIMATORS)
+    case = spread_ref(make_case(SEED, (2, 6), 8, 30, torch.float64, "token_mean", beta=0.5), SEED)
+    for alias, name in KL_ESTIMATOR_ALIASES.items():
+        got = run_fused(case, backend="torch", kl_estimator=alias)
+        want = run_fused(case, backend="torch", kl_estimator=name)
+        for a, b in zip(got[:3], want[:3], strict=True):
+            assert torch.equal(a, b), alias
+        reference = run_reference(
+            dataclasses.replace(case, kwargs={**case.kwargs, "kl_estimator": alias})
+        )
+        torch.testing.assert_close(reference[0], want[0], rtol=1e-12, atol=1e-14)
+    with pytest.raises(UnknownNameError, match="needs the reference policy's whole distribution"):
+        kl_estimator_name("full")
+    with pytest.raises(UnknownNameError, match="unknown kl_estimator 'K3'"):
+        torch_gtpo_loss(*_one_token_args(), beta=0.1, kl_estimator="K3")
+
+
+def _one_token_args():
+    hidden = torch.ones(1, 2, dtype=torch.float64)
+    weight = torch.eye(2, dtype=torch.float64)
+    per_token = torch.zeros(1, dtype=torch.float64)
+    return hidden, weight, torch.tensor([0]), per_token, per_token, torch.tensor([True]), per_token

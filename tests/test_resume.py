@@ -634,6 +634,22 @@ def test_a_resume_with_other_loss_settings_says_which(
         "--eps-high inf -> 0.28; --beta 0.0 -> 0.01; --importance-level sequence -> token; "
         "skip_zero_advantage True -> False\n"
     ) in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--kl-estimator", "low_var_kl+"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: --kl-estimator k3 -> k3+\n"
+    ) in capsys.readouterr().err
+    # A checkpoint from before --kl-estimator trained with k3, its default.
+    del state["loss"]["kl_estimator"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume"])
+    assert "loss settings" not in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--kl-estimator", "k1"])
+    assert "loss settings replace the checkpoint's: --kl-estimator k3 -> k1\n" in (
+        capsys.readouterr().err
+    )
     # An older turnrl's checkpoint, without them.
     del state["loss"]
     state_file.write_text(json.dumps(state))

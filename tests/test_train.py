@@ -528,7 +528,11 @@ def _reference_loss(model, batch, cfg):
             ref_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             ref = torch.log_softmax(ref_logits.logits[:, :-1].float() / cfg.temperature, -1)
             ref = ref.gather(-1, targets[..., None])[..., 0]
-        loss = loss + cfg.beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+        if cfg.kl_estimator == "k3":
+            loss = loss + cfg.beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+        else:
+            assert cfg.kl_estimator == "k1"  # what the callers take
+            loss = loss + cfg.beta * (logp - ref)
     if cfg.entropy_coef:
         loss = loss + cfg.entropy_coef * (logp_all.exp() * logp_all).sum(-1)
     loss = loss * mask
@@ -544,18 +548,22 @@ def _reference_loss(model, batch, cfg):
 
 
 @pytest.mark.parametrize(
-    "agg, micro, beta, entropy_coef",
+    "agg, micro, beta, entropy_coef, kl_estimator",
     [
-        ("token_mean", 1, 0.0, 0.0),
-        ("token_mean", 5, 0.05, 0.01),
-        ("seq_mean_token_mean", 2, 0.0, 0.01),
-        ("dr_grpo", 3, 0.05, 0.0),
-        ("token_mean", "tokens", 0.0, 0.01),  # micro-batches by a padded-token budget
-        ("dr_grpo", "tokens", 0.0, 0.0),
-        ("seq_mean_token_sum", "tokens", 0.05, 0.0),
+        ("token_mean", 1, 0.0, 0.0, "k3"),
+        ("token_mean", 5, 0.05, 0.01, "k3"),
+        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3"),
+        ("dr_grpo", 3, 0.05, 0.0, "k3"),
+        ("token_mean", "tokens", 0.0, 0.01, "k3"),  # micro-batches by a padded-token budget
+        ("dr_grpo", "tokens", 0.0, 0.0, "k3"),
+        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3"),
+        # k1's gradient (a constant 1 per log-prob) is far from k3's.
+        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl"),
     ],
 )
-def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, beta, entropy_coef):
+def test_step_matches_the_whole_batch_reference(
+    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator
+):
     rng = random.Random(13)
     records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
@@ -570,6 +578,7 @@ def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, bet
         micro_batch_size=micro if isinstance(micro, int) else 4,
         micro_batch_tokens=budget if micro == "tokens" else None,
         beta=beta,
+        kl_estimator=kl_estimator,
         entropy_coef=entropy_coef,
         temperature=0.7,
         agg=agg,
@@ -605,6 +614,8 @@ def test_step_matches_the_whole_batch_reference(tok, base_model, agg, micro, bet
     assert stats["trained_tokens"] == float(batch.loss_mask[:, 1:].sum())
     if beta:
         assert stats["ref_kl"] > 0  # the adapter's random init moved the policy off the base
+        # k3's whatever the estimator; kl_loss, another's, is k1's mean log-ratio here.
+        assert ("kl_loss" in stats) == (kl_estimator != "k3")
 
 
 def test_ppo_epochs_take_several_steps_and_clip(tok, base_model):
@@ -2390,12 +2401,26 @@ def test_loss_settings_are_checked_when_the_config_is_made(field, value):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("agg", "token-mean"), ("backend", "cuda"), ("importance_level", "seq")],
+    [
+        ("agg", "token-mean"),
+        ("backend", "cuda"),
+        ("importance_level", "seq"),
+        ("kl_estimator", "k4"),
+    ],
 )
 def test_unknown_loss_names_are_refused_when_the_config_is_made(field, value):
     # Not after a whole step of rollouts, when the loss first sees them.
     with pytest.raises(UnknownNameError, match=f"unknown {field} {value!r}"):
         GTPOConfig(**{field: value})
+
+
+def test_the_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused():
+    # verl's name and turnrl's are one setting (a resume compares them).
+    assert GTPOConfig(kl_estimator="low_var_kl+").kl_estimator == "k3+"
+    assert GTPOConfig(kl_estimator="mse").kl_estimator == "k2"
+    assert GTPOConfig().kl_estimator == "k3"
+    with pytest.raises(UnknownNameError, match="needs the reference policy's whole distribution"):
+        GTPOConfig(kl_estimator="full")
 
 
 def test_load_policy_turns_gradient_checkpointing_on(tmp_path, tok, base_model):

@@ -976,6 +976,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             eps_low=args.eps_low,
             eps_high=args.eps_high,
             beta=args.beta,
+            kl_estimator=args.kl_estimator,
             entropy_coef=args.entropy_coef,
             dual_clip=args.dual_clip,
             max_grad_norm=args.max_grad_norm,
@@ -1011,8 +1012,11 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             )
     saved_loss = state.get("loss")  # absent from an older turnrl's checkpoint
     if isinstance(saved_loss, Mapping) and rank == 0:
+        # A setting the checkpoint lacks came after it (--kl-estimator): it
+        # trained at that setting's default.
+        saved = {**_loss_settings(GTPOConfig()), **saved_loss}
         changed = _setting_changes(
-            _loss_options(saved_loss), _loss_options(_loss_settings(trainer.config))
+            _loss_options(saved), _loss_options(_loss_settings(trainer.config))
         )
         if changed:
             print(
@@ -1600,6 +1604,7 @@ LOSS_OPTIONS = {
     "eps_high": "--eps-high",
     "dual_clip": "--dual-clip",
     "beta": "--beta",
+    "kl_estimator": "--kl-estimator",
     "entropy_coef": "--entropy-coef",
     "temperature": "--temperature",
     "agg": "--agg",
@@ -1756,6 +1761,17 @@ def _non_negative_number(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
     return value
+
+
+def _kl_estimator(text: str) -> str:
+    """argparse type: a KL estimator's name, as its canonical one (verl's ``low_var_kl``: k3)."""
+    from turnrl.exceptions import UnknownNameError
+    from turnrl.kernels.kl_estimators import kl_estimator_name
+
+    try:
+        return kl_estimator_name(text)
+    except UnknownNameError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _clip_width(text: str) -> float:
@@ -2331,6 +2347,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_number,
         default=0.0,
         help="KL to the base model (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--kl-estimator",
+        type=_kl_estimator,
+        default="k3",
+        help="the per-token KL estimate --beta weighs, of x = log(pi / pi_base): k3 "
+        "(exp(-x) + x - 1, verl's low_var_kl, TRL's), k1 (x), abs (|x|), k2 (x^2 / 2), or "
+        "k1+, abs+, k3+: that value with k2's gradient (verl's kl_loss_type; its names are "
+        "taken too) (default: %(default)s)",
     )
     tr.add_argument(
         "--entropy-coef",

@@ -882,7 +882,15 @@ class GTPOConfig:
     """verl's ``clip_ratio_c`` (> 1): the loss of a token with a negative
     advantage is capped at ``dual_clip`` times its advantage's size."""
     beta: float = 0.0
-    """k3 KL to the reference policy (the base model under a PEFT adapter)."""
+    """Weight of the KL to the reference policy (the base model under a PEFT
+    adapter), as estimated per token by ``kl_estimator``."""
+    kl_estimator: str = "k3"
+    """The per-token KL estimate ``beta`` weighs (verl's ``kl_loss_type``):
+    ``k3`` (verl's ``low_var_kl``, TRL's), ``k1``, ``abs``, ``k2``, or
+    ``k1+``/``abs+``/``k3+``: that value with ``k2``'s gradient; verl's names
+    are taken and kept as the canonical one (see
+    :func:`turnrl.kernels.fused_linear_gtpo.kl_estimator_name`). The
+    ``ref_kl`` statistic stays k3's; another estimator adds ``kl_loss``."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus, as verl's ``entropy_coeff``."""
     temperature: float = 1.0
@@ -932,7 +940,10 @@ class GTPOConfig:
     move the weights on no signal)."""
 
     def __post_init__(self) -> None:
-        from turnrl.kernels.fused_linear_gtpo import AGGREGATIONS, BACKENDS
+        from turnrl.kernels.fused_linear_gtpo import AGGREGATIONS, BACKENDS, kl_estimator_name
+
+        # verl's alias (low_var_kl) and its canonical name (k3) are one setting.
+        self.kl_estimator = kl_estimator_name(self.kl_estimator)
 
         # Names as the loss would refuse them, but before a step's rollouts.
         for field, value, valid in (
@@ -1358,6 +1369,7 @@ class GTPOTrainer:
                         eps_high=cfg.eps_high,
                         dual_clip=cfg.dual_clip,
                         beta=cfg.beta,
+                        kl_estimator=cfg.kl_estimator,
                         entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature,
                         agg=cfg.agg,
@@ -1432,6 +1444,8 @@ class GTPOTrainer:
             names.append("dual_clip_frac")
         if self.config.beta:
             names.append("ref_kl")
+            if self.config.kl_estimator != "k3":
+                names.append("kl_loss")
         return names
 
     def _idle_step(self, trained_tokens: int, skipped_rows: int) -> dict[str, float]:
@@ -1450,7 +1464,8 @@ class GTPOTrainer:
         """Update the policy on one batch; returns mean loss and loss statistics.
 
         Statistics are token-weighted over the rows that ran (``clip_frac``,
-        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term;
+        ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term,
+        ``kl_loss`` with a KL term of another ``kl_estimator`` than k3;
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
         the last epoch, ``trained_tokens`` and ``skipped_rows`` (rows left out
         for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);

@@ -10,6 +10,9 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     kl_t     = min(exp(d) - d - 1, 10),  d = clamp(ref_t - l_t, -20, 20)   (k3, verl's "low_var_kl")
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
+``kl_t`` is the ``kl_estimator`` of :data:`KL_ESTIMATORS` (k3 by default; see
+:func:`kl_estimator_name`), always of the clamped ``d``.
+
 and the loss is ``sum_t w_t * loss_t`` with aggregation weights ``w`` that only
 depend on the mask (see :func:`aggregation_weights`).
 
@@ -80,6 +83,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from turnrl.exceptions import InvalidInputError, UnknownNameError
+from turnrl.kernels.kl_estimators import KL_ESTIMATOR_ALIASES, KL_ESTIMATORS, kl_estimator_name
 
 try:  # Triton is optional: the torch backend needs only torch.
     import triton
@@ -94,11 +98,14 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "AGGREGATIONS",
     "BACKENDS",
+    "KL_ESTIMATORS",
+    "KL_ESTIMATOR_ALIASES",
     "SCHEDULES",
     "GTPOLossFunction",
     "aggregation_weights",
     "fused_logprobs",
     "gtpo_loss",
+    "kl_estimator_name",
     "torch_gtpo_loss",
 ]
 
@@ -110,6 +117,10 @@ SCHEDULES = ("auto", "rows", "vocab")
 LOG_RATIO_CLAMP = 20.0
 # The k3 KL of one token is capped, as verl's low_var_kl caps it: at the
 # log-ratio clamp alone one token could add e**20 (about 5e8) to the loss.
+# The other estimators need no cap (verl caps none of them): the log-ratio
+# clamp, which here applies to every estimator, already bounds k1 and abs by
+# 20 and k2 by 200, and their gradients by 1, 1 and 20. A cap would only take
+# a far-off token's gradient away, as it does k3's.
 KL_CLAMP = 10.0
 # Default tile budget: chunk_size * N elements per [N, Vc] logits tile. Every
 # chunk adds its share into grad_hidden ([N, H] fp32 read + written once per
@@ -790,6 +801,27 @@ class LossConfig:
     dual_clip: float | None = None
     beta: float = 0.0
     entropy_coef: float = 0.0
+    kl_estimator: str = "k3"
+    """A canonical name of :data:`KL_ESTIMATORS` (:func:`kl_estimator_name`)."""
+
+
+def _kl_penalty(d: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per token, the KL estimate ``estimator`` (canonical) of the clamped
+    ``d = log pi_ref - log pi``, given its capped k3 value ``k3``."""
+    base = estimator.removesuffix("+")
+    if base == "k3":
+        value = k3
+    elif base == "k1":
+        value = -d
+    elif base == "abs":
+        value = d.abs()
+    else:
+        value = 0.5 * d.square()
+    if base == estimator:
+        return value
+    # Straight-through: k2's gradient, the value named. k2 - sg[k2] is exactly 0.
+    k2 = 0.5 * d.square()
+    return (k2 - k2.detach()) + value.detach()
 
 
 def token_terms(
@@ -826,10 +858,14 @@ def token_terms(
     loss = pg
     if ref_logprobs is not None:
         d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        kl = torch.clamp(torch.exp(d) - d - 1.0, max=KL_CLAMP)
-        terms["ref_kl"] = kl
+        k3 = torch.clamp(torch.exp(d) - d - 1.0, max=KL_CLAMP)
+        # k3 whatever the estimator: the statistic stays comparable across runs.
+        terms["ref_kl"] = k3
+        penalty = _kl_penalty(d, k3, cfg.kl_estimator)
+        if cfg.kl_estimator != "k3":
+            terms["kl_loss"] = penalty
         if cfg.beta != 0.0:
-            loss = loss + cfg.beta * kl
+            loss = loss + cfg.beta * penalty
     if cfg.entropy_coef != 0.0:
         loss = loss - cfg.entropy_coef * entropy
     terms["loss"] = loss
@@ -1003,6 +1039,8 @@ def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[
         stats["dual_clip_frac"] = mean(terms["dual_clipped"])
     if "ref_kl" in terms:
         stats["ref_kl"] = mean(terms["ref_kl"])
+    if "kl_loss" in terms:
+        stats["kl_loss"] = mean(terms["kl_loss"])
     return stats
 
 
@@ -1307,6 +1345,7 @@ def gtpo_loss(
     global_sequences: int | None = None,
     schedule: str = "auto",
     segment_ids: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1322,12 +1361,12 @@ def gtpo_loss(
             ``mask[:, 1:]``.
         advantages, old_logprobs, mask: per position, ``hidden.shape[:-1]``;
             ``mask`` nonzero where the token is trained on.
-        ref_logprobs: reference-policy log-probs for the k3 KL term (needed when
+        ref_logprobs: reference-policy log-probs for the KL term (needed when
             ``beta != 0``; when given, ``stats["ref_kl"]`` is reported).
         eps_low, eps_high: ratio clip range ``[1 - eps_low, 1 + eps_high]``.
         dual_clip: verl's ``clip_ratio_c`` (> 1): caps the loss of negative
             advantages at ``-A * dual_clip``. ``None`` turns it off.
-        beta: k3 KL coefficient. entropy_coef: entropy bonus coefficient.
+        beta: KL coefficient. entropy_coef: entropy bonus coefficient.
         temperature: logits are divided by it (match the sampler's).
         agg: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum``
             | ``dr_grpo`` (see :func:`aggregation_weights`). An [N, H] input is
@@ -1372,6 +1411,15 @@ def gtpo_loss(
             [B, T] input: ``torch.arange(B)[:, None].expand(B, T)``. Each
             call's segments are its own: under gradient accumulation a
             segment must not span micro-batches.
+        kl_estimator: the per-token KL estimate ``beta`` weighs, of
+            ``x = clamp(l - ref, -20, 20)`` (verl's ``kl_loss_type``):
+            ``k3`` (the default, verl's ``low_var_kl``, TRL's only one:
+            ``exp(-x) + x - 1``, capped at 10), ``k1`` (``x``), ``abs``
+            (``|x|``), ``k2`` (``x**2 / 2``), or ``k1+``, ``abs+``, ``k3+``:
+            the value of the one named with the gradient of ``k2``
+            (straight-through; ``k2``'s gradient is the one whose mean is
+            the reverse KL's gradient on-policy). verl's names are taken
+            too (see :func:`kl_estimator_name`).
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1383,7 +1431,11 @@ def gtpo_loss(
         gradients for ``hidden`` and ``weight``, and detached scalar tensors
         ``clip_frac``, ``approx_kl`` (mean ``old - new`` log-prob, as verl's
         ``ppo_kl``), ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``,
-        ``ref_kl``), all masked means over trained tokens. With
+        ``ref_kl``, ``kl_loss``), all masked means over trained tokens.
+        ``ref_kl`` (with ``ref_logprobs``) is k3's estimate whatever
+        ``kl_estimator`` is, so that runs stay comparable; ``kl_loss`` (with
+        ``ref_logprobs`` and another ``kl_estimator`` than ``k3``) is the
+        estimate ``beta`` weighs, verl's ``kl_loss``. With
         ``segment_ids``, ``clip_frac``, ``dual_clip_frac`` and ``ratio_mean``
         are of each trained token's segment ratio (as verl's ``gspo``
         reports its clip fraction), so a segment counts once per trained
@@ -1404,6 +1456,7 @@ def gtpo_loss(
         _check_integer_tensor("segment_ids", segment_ids)
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
+    kl_estimator = kl_estimator_name(kl_estimator)
     # Written so that NaN fails too: a NaN clip range or coefficient made the
     # loss NaN while its gradients stayed finite.
     if not (eps_low >= 0 and eps_high >= 0):
@@ -1458,7 +1511,7 @@ def gtpo_loss(
         if chunk_size is None
         else _checked_chunk_size(chunk_size)
     )
-    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef)
+    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef, kl_estimator)
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
         advantages=advantages.reshape(-1),
@@ -1610,6 +1663,7 @@ def torch_gtpo_loss(
     agg: str = "token_mean",
     max_len: int | None = None,
     segment_ids: torch.Tensor | None = None,
+    kl_estimator: str = "k3",
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -1652,9 +1706,22 @@ def torch_gtpo_loss(
         pg_losses3 = -advantages * dual_clip
         clip_pg = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_pg), clip_pg)
     loss_t = clip_pg
+    estimator = kl_estimator_name(kl_estimator)
     if beta != 0.0:
-        d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        loss_t = loss_t + beta * torch.clamp(d.exp() - d - 1, max=KL_CLAMP)
+        # Schulman's estimators of KL(pi || pi_ref) at x = log(pi / pi_ref).
+        x = torch.clamp(logprob - ref_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        k2 = x**2 / 2
+        if estimator in ("k1", "k1+"):
+            kl = x
+        elif estimator in ("abs", "abs+"):
+            kl = torch.abs(x)
+        elif estimator == "k2":
+            kl = k2
+        else:
+            kl = torch.clamp(torch.exp(-x) - 1 + x, max=KL_CLAMP)
+        if estimator.endswith("+"):
+            kl = kl.detach() + (k2 - k2.detach())  # verl's straight-through
+        loss_t = loss_t + beta * kl
     if entropy_coef != 0.0:
         loss_t = loss_t - entropy_coef * entropy
     loss_t = torch.where(valid, loss_t, torch.zeros_like(loss_t))
