@@ -85,6 +85,38 @@ def test_extra_rounds_draw_tasks_the_step_has_not_drawn_and_leave_round_zero_alo
         step_tasks(pool, 0, 3, 0, -1)
 
 
+def _plain_round(pool, step, per_step, seed, sampling_round):
+    """step_tasks' extra round as its docstring says: tasks no earlier round drew
+    first, in the round's own shuffle's order, then those drawn."""
+    if not sampling_round:
+        return step_tasks(pool, step, per_step, seed)
+    drawn = {t for r in range(sampling_round) for t in _plain_round(pool, step, per_step, seed, r)}
+    order = [
+        pool[i]
+        for i in np.random.default_rng([seed, step, sampling_round, 1]).permutation(len(pool))
+    ]
+    ranked = [t for t in order if t not in drawn] + [t for t in order if t in drawn]
+    return [ranked[k % len(ranked)] for k in range(per_step)]
+
+
+def test_a_late_round_costs_a_shuffle_per_round_and_draws_as_the_plain_definition(monkeypatch):
+    rng = random.Random(0)
+    for _ in range(30):
+        pool = [f"t{i}" for i in range(rng.randint(1, 9))]
+        step, per_step, seed = rng.randint(0, 5), rng.randint(1, 6), rng.randint(0, 3)
+        for r in range(5):
+            assert step_tasks(pool, step, per_step, seed, r) == _plain_round(
+                pool, step, per_step, seed, r
+            )
+    # A late round is drawn from the rounds before it once each, not each of
+    # them anew from its own earlier ones (2**round shuffles: minutes at 20).
+    shuffles = []
+    default_rng = np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda s: shuffles.append(s) or default_rng(s))
+    step_tasks([f"t{i}" for i in range(50)], 0, 4, 0, 12)
+    assert len(shuffles) == 13
+
+
 # --------------------------------------------------------------------------
 # Which groups have signal
 

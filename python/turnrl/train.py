@@ -3161,17 +3161,24 @@ def step_tasks(
     those are too few, the ones they did (tasks are told apart by ``id``)."""
     if sampling_round < 0:
         raise InvalidInputError(f"sampling_round must be >= 0, got {sampling_round}")
-    if sampling_round:
-        drawn = {
-            _task_key(t)
-            for earlier in range(sampling_round)
-            for t in step_tasks(pool, step, per_step, seed, earlier)
-        }
-        # Four words: never the stream of a [seed, epoch] shuffle above.
-        order = np.random.default_rng([seed, step, sampling_round, 1]).permutation(len(pool))
-        fresh = [int(i) for i in order if _task_key(pool[i]) not in drawn]
-        ranked = fresh + [int(i) for i in order if _task_key(pool[i]) in drawn]
-        return [pool[ranked[k % len(ranked)]] for k in range(per_step)]
+    chosen = _first_round_tasks(pool, step, per_step, seed)
+    # Round by round, each from the tasks of those before it: drawing each
+    # earlier round anew from its own earlier ones took 2**sampling_round shuffles.
+    drawn = {_task_key(t) for t in chosen}
+    keys = [_task_key(t) for t in pool] if sampling_round else []
+    for extra in range(1, sampling_round + 1):
+        # Four words: never the stream of a [seed, epoch] shuffle (a SeedSequence
+        # pads shorter entropy with zero words).
+        order = np.random.default_rng([seed, step, extra, 1]).permutation(len(pool))
+        fresh = [int(i) for i in order if keys[i] not in drawn]
+        ranked = fresh + [int(i) for i in order if keys[i] in drawn]
+        chosen = [pool[ranked[k % len(ranked)]] for k in range(per_step)]
+        drawn.update(_task_key(t) for t in chosen)
+    return chosen
+
+
+def _first_round_tasks(pool: Sequence[Any], step: int, per_step: int, seed: int) -> list[Any]:
+    """:func:`step_tasks`' draw of ``step`` (its first round)."""
     shuffles: dict[int, np.ndarray] = {}
     chosen = []
     for position in range(step * per_step, (step + 1) * per_step):
