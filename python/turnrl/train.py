@@ -3003,13 +3003,17 @@ def group_signal(
       has a non-zero advantage under ``estimator`` and ``estimator_params``
       (the turn rewards as :func:`build_batch` takes them: ``tier_rewards``
       or the recorded ones; a turn ``mask_truncated`` leaves out does not
-      count). Under the GTPO hybrid (or MT-GRPO) a group whose outcomes are
-      all equal still has signal when its turns' rewards differ, which
-      ``"outcome"`` would throw away. Under ``norm="none"`` nearly every
-      group has some.
+      count; one :func:`build_batch`'s ``max_length`` cuts away does, as the
+      records are judged before they are tokenized). Under the GTPO hybrid
+      (or MT-GRPO) a group whose outcomes are all equal still has signal
+      when its turns' rewards differ, which ``"outcome"`` would throw away.
+      Under ``norm="none"`` nearly every group has some.
 
     A group of one episode has no spread of outcomes. The groups of a record
-    list are independent: a group's verdict depends on its own records only.
+    list are independent: a group's verdict depends on its own records only,
+    as the built-in estimators normalise within a group (a registered
+    estimator that normalises across groups is judged on ``records`` as given:
+    :func:`train_loop` gives it one round's groups on one rank).
     """
     if criterion not in FILTER_GROUPS:
         raise UnknownNameError(

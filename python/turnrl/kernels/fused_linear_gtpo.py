@@ -119,8 +119,9 @@ LOG_RATIO_CLAMP = 20.0
 # log-ratio clamp alone one token could add e**20 (about 5e8) to the loss.
 # The other estimators need no cap (verl caps none of them): the log-ratio
 # clamp, which here applies to every estimator, already bounds k1 and abs by
-# 20 and k2 by 200, and their gradients by 1, 1 and 20. A cap would only take
-# a far-off token's gradient away, as it does k3's.
+# 20 and k2 by 200, and their gradients by 1, 1 and 20. The clamp takes the
+# KL gradient of a token beyond it away, under every estimator (verl's k1, abs
+# and k2 keep theirs there); a cap would take it away nearer, as it does k3's.
 KL_CLAMP = 10.0
 # Default tile budget: chunk_size * N elements per [N, Vc] logits tile. Every
 # chunk adds its share into grad_hidden ([N, H] fp32 read + written once per
@@ -1418,8 +1419,9 @@ def gtpo_loss(
             (``|x|``), ``k2`` (``x**2 / 2``), or ``k1+``, ``abs+``, ``k3+``:
             the value of the one named with the gradient of ``k2``
             (straight-through; ``k2``'s gradient is the one whose mean is
-            the reverse KL's gradient on-policy). verl's names are taken
-            too (see :func:`kl_estimator_name`).
+            the reverse KL's gradient on-policy). A token with ``|l - ref|``
+            above 20 gets no KL gradient under any of them (the clamp's).
+            verl's names are taken too (see :func:`kl_estimator_name`).
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
