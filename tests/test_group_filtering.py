@@ -420,10 +420,18 @@ def test_train_loop_trains_the_first_groups_with_signal_and_keeps_every_episode(
 def test_train_loop_without_filtering_trains_every_group_of_its_one_round(
     tmp_path, tok, base_model, monkeypatch
 ):
+    # A stopped run's later rounds of this step are not this run's: they go. Other
+    # steps' rounds, and other names, stay.
+    stale = ["step-0.round-1.jsonl", "step-0.round-12.jsonl"]
+    kept = ["step-10.round-1.jsonl", "step-0.round-1.rank-0.jsonl", "step-0.round-x.jsonl"]
+    (tmp_path / "None").mkdir()
+    for name in stale + kept:
+        (tmp_path / "None" / name).write_text("")
     _, (stats,), built, calibrated, short = _filtering_run(
         tmp_path, tok, base_model, monkeypatch, None, steps=1
     )
-    assert sorted(p.name for p in (tmp_path / "None").iterdir()) == ["step-0.jsonl"]
+    names = sorted(p.name for p in (tmp_path / "None").iterdir())
+    assert names == sorted(["step-0.jsonl", *kept])
     records = list(turnrl.iter_rollout_records(tmp_path / "None" / "step-0.jsonl"))
     assert built == [{r["group"] for r in records}] and len(built[0]) == 2
     assert not any(key.startswith("filter/") for key in stats)

@@ -48,6 +48,7 @@ import json
 import math
 import operator
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -2537,8 +2538,11 @@ def train_loop(
     under data parallelism). Nothing collected is lost: every episode,
     filtered out or not, is in the buffers, goes to the calibrator, and
     counts in ``success_rate``, ``episodes``, ``failed_episodes``,
-    ``dropped_calls`` and the episode figures (:func:`rollout_figures`), an
-    unbiased picture of the policy; ``tier_advantage/<tier>`` and
+    ``dropped_calls`` and the episode figures (:func:`rollout_figures`), not
+    only the trained ones (a step samples again depending on its first
+    round's outcomes, so they are nearly, not exactly, the policy's own
+    rates); a step's extra-round buffers a stopped run left are deleted
+    before the step collects again; ``tier_advantage/<tier>`` and
     ``rows_per_episode`` are of the trained episodes. Such a step's stats add
     ``filter/rounds``, ``filter/sampled_groups``, ``filter/kept_groups``
     (those with signal), ``filter/kept_fraction`` (their share of those
@@ -2720,6 +2724,8 @@ def train_loop(
             signal_groups: list[str] = []
             sampled_groups = target_groups = 0
             with keep as folder:
+                if buffer_dir is not None:
+                    _remove_stale_rounds(Path(folder), step, rank, world)
                 for sampling_round in range(sampling_rounds):
                     # A function of (seed, step, round) alone: every rank draws the same
                     # tasks, and a resumed run the ones an unbroken run would have.
@@ -2960,6 +2966,20 @@ def train_loop(
         if bar is not None:
             bar.close()
     return history
+
+
+def _remove_stale_rounds(folder: Path, step: int, rank: int, world: int) -> None:
+    """Delete this rank's extra sampling rounds' buffers of ``step`` left by a run
+    that stopped before saving the step. The step is collected again, its first
+    round's buffer written over; a later round it does not run this time would
+    otherwise stay, and ``turnrl calibrate`` would read the stopped run's
+    episodes beside this run's."""
+    suffix = r"\.jsonl" if world == 1 else rf"\.rank-{rank}\.jsonl"
+    stale = re.compile(rf"step-{step}\.round-[1-9][0-9]*{suffix}")
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if stale.fullmatch(entry.name) and entry.is_file():
+                os.unlink(entry.path)
 
 
 def _loss_settings(config: GTPOConfig) -> dict[str, Any]:
