@@ -81,7 +81,7 @@ def spread_ref(case: Case, seed: int) -> Case:
     """Move ``case``'s reference log-probs far from the policy's, in place:
     ``l_ref - l`` of std 2, so that k3's cap at 10 (``l_ref - l`` above about
     2.53) and k1's sign both show, and the second and third tokens at +25 and
-    -25, past the log-ratio clamp at 20 either way."""
+    -25, past k3's clamp at 20 either way (which k1, abs and k2 do not have)."""
     g = torch.Generator().manual_seed(seed)
     temperature = case.kwargs["temperature"]
     with torch.no_grad():

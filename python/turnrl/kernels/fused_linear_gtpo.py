@@ -11,7 +11,7 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
 ``kl_t`` is the ``kl_estimator`` of :data:`KL_ESTIMATORS` (k3 by default; see
-:func:`kl_estimator_name`), always of the clamped ``d``.
+:func:`kl_estimator_name`); only k3 clamps ``d``, the others have no exp.
 
 and the loss is ``sum_t w_t * loss_t`` with aggregation weights ``w`` that only
 depend on the mask (see :func:`aggregation_weights`).
@@ -117,11 +117,10 @@ SCHEDULES = ("auto", "rows", "vocab")
 LOG_RATIO_CLAMP = 20.0
 # The k3 KL of one token is capped, as verl's low_var_kl caps it: at the
 # log-ratio clamp alone one token could add e**20 (about 5e8) to the loss.
-# The other estimators need no cap (verl caps none of them): the log-ratio
-# clamp, which here applies to every estimator, already bounds k1 and abs by
-# 20 and k2 by 200, and their gradients by 1, 1 and 20. The clamp takes the
-# KL gradient of a token beyond it away, under every estimator (verl's k1, abs
-# and k2 keep theirs there); a cap would take it away nearer, as it does k3's.
+# The other estimators have no exp, so neither the log-ratio clamp nor a cap
+# (verl applies neither to them): either would take the KL gradient away from
+# exactly the tokens that have drifted furthest from the reference, which k2's
+# (x, growing with the drift) is there to pull back.
 KL_CLAMP = 10.0
 # Default tile budget: chunk_size * N elements per [N, Vc] logits tile. Every
 # chunk adds its share into grad_hidden ([N, H] fp32 read + written once per
@@ -806,22 +805,22 @@ class LossConfig:
     """A canonical name of :data:`KL_ESTIMATORS` (:func:`kl_estimator_name`)."""
 
 
-def _kl_penalty(d: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per token, the KL estimate ``estimator`` (canonical) of the clamped
-    ``d = log pi_ref - log pi``, given its capped k3 value ``k3``."""
+def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per token, the KL estimate ``estimator`` (canonical) at ``x = log pi -
+    log pi_ref`` (not clamped), given the capped k3 value ``k3``."""
     base = estimator.removesuffix("+")
     if base == "k3":
         value = k3
     elif base == "k1":
-        value = -d
+        value = x
     elif base == "abs":
-        value = d.abs()
+        value = x.abs()
     else:
-        value = 0.5 * d.square()
+        value = 0.5 * x.square()
     if base == estimator:
         return value
     # Straight-through: k2's gradient, the value named. k2 - sg[k2] is exactly 0.
-    k2 = 0.5 * d.square()
+    k2 = 0.5 * x.square()
     return (k2 - k2.detach()) + value.detach()
 
 
@@ -858,11 +857,12 @@ def token_terms(
         pg = torch.where(advantages < 0, torch.minimum(pg, floor), pg)
     loss = pg
     if ref_logprobs is not None:
-        d = torch.clamp(ref_logprobs - logprob, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        x = logprob - ref_logprobs
+        d = torch.clamp(-x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         k3 = torch.clamp(torch.exp(d) - d - 1.0, max=KL_CLAMP)
         # k3 whatever the estimator: the statistic stays comparable across runs.
         terms["ref_kl"] = k3
-        penalty = _kl_penalty(d, k3, cfg.kl_estimator)
+        penalty = _kl_penalty(x, k3, cfg.kl_estimator)
         if cfg.kl_estimator != "k3":
             terms["kl_loss"] = penalty
         if cfg.beta != 0.0:
@@ -1413,15 +1413,14 @@ def gtpo_loss(
             call's segments are its own: under gradient accumulation a
             segment must not span micro-batches.
         kl_estimator: the per-token KL estimate ``beta`` weighs, of
-            ``x = clamp(l - ref, -20, 20)`` (verl's ``kl_loss_type``):
-            ``k3`` (the default, verl's ``low_var_kl``, TRL's only one:
-            ``exp(-x) + x - 1``, capped at 10), ``k1`` (``x``), ``abs``
+            ``x = l - ref`` (verl's ``kl_loss_type``): ``k3`` (the
+            default, verl's ``low_var_kl``, TRL's only one: ``exp(-x) + x -
+            1`` with ``x`` clamped at ±20, capped at 10), ``k1`` (``x``), ``abs``
             (``|x|``), ``k2`` (``x**2 / 2``), or ``k1+``, ``abs+``, ``k3+``:
             the value of the one named with the gradient of ``k2``
             (straight-through; ``k2``'s gradient is the one whose mean is
-            the reverse KL's gradient on-policy). A token with ``|l - ref|``
-            above 20 gets no KL gradient under any of them (the clamp's).
-            verl's names are taken too (see :func:`kl_estimator_name`).
+            the reverse KL's gradient on-policy). Only ``k3`` is clamped and
+            capped, as in verl. verl's names are taken too (see :func:`kl_estimator_name`).
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1711,7 +1710,8 @@ def torch_gtpo_loss(
     estimator = kl_estimator_name(kl_estimator)
     if beta != 0.0:
         # Schulman's estimators of KL(pi || pi_ref) at x = log(pi / pi_ref).
-        x = torch.clamp(logprob - ref_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        # Only k3 has an exp to overflow: only its x is clamped, as verl does.
+        x = logprob - ref_logprobs
         k2 = x**2 / 2
         if estimator in ("k1", "k1+"):
             kl = x
@@ -1720,7 +1720,8 @@ def torch_gtpo_loss(
         elif estimator == "k2":
             kl = k2
         else:
-            kl = torch.clamp(torch.exp(-x) - 1 + x, max=KL_CLAMP)
+            x3 = torch.clamp(x, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            kl = torch.clamp(torch.exp(-x3) - 1 + x3, max=KL_CLAMP)
         if estimator.endswith("+"):
             kl = kl.detach() + (k2 - k2.detach())  # verl's straight-through
         loss_t = loss_t + beta * kl
