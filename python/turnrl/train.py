@@ -2976,6 +2976,8 @@ def _remove_stale_rounds(folder: Path, step: int, rank: int, world: int) -> None
     episodes beside this run's."""
     suffix = r"\.jsonl" if world == 1 else rf"\.rank-{rank}\.jsonl"
     stale = re.compile(rf"step-{step}\.round-[1-9][0-9]*{suffix}")
+    if not folder.is_dir():  # a first step: the writer makes it
+        return
     with os.scandir(folder) as entries:
         for entry in entries:
             if stale.fullmatch(entry.name) and entry.is_file():
