@@ -251,6 +251,22 @@ def unbroken(tmp_path_factory, tok, base_model):
         ("saving", 2, 2),
     ],
 )
+class _ReachedTrainLoop(Exception):
+    """``turnrl train`` got as far as calling ``train_loop``."""
+
+
+def _stop_at_train_loop(monkeypatch) -> type[Exception]:
+    """Make ``turnrl train`` stop where it would call ``train_loop`` (what it
+    prints before that is what a test reads); returns the exception raised."""
+    import turnrl.train
+
+    def train_loop(*args, **kwargs):
+        raise _ReachedTrainLoop
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    return _ReachedTrainLoop
+
+
 def test_a_resumed_run_ends_where_the_unbroken_run_ends(
     tmp_path, tok, base_model, monkeypatch, unbroken, where, step, done
 ):
@@ -273,7 +289,6 @@ def test_a_resumed_vllm_engine_takes_the_saved_adapters_rank(
     vLLM's max_lora_rank must hold the saved adapter, not --lora-rank's default."""
     from test_train import _fake_vllm
 
-    import turnrl.train
     from turnrl.cli import main
 
     argv = _train_argv(tmp_path, tok, base_model, "--lora-rank", "32")
@@ -281,13 +296,7 @@ def test_a_resumed_vllm_engine_takes_the_saved_adapters_rank(
     seen: dict = {}
     _fake_vllm(monkeypatch, seen)
 
-    class Reached(Exception):
-        pass
-
-    def train_loop(*args, **kwargs):
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    Reached = _stop_at_train_loop(monkeypatch)
     forgotten = list(argv)
     while "--lora-rank" in forgotten:  # the default, 16, once more
         at = forgotten.index("--lora-rank")
@@ -551,7 +560,6 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
     --seed, the task pool): a resume with others names each change, old and new
     (its steps do not get the tasks the unbroken run's would); one with the same
     says nothing."""
-    import turnrl.train
     from turnrl.cli import main
 
     argv = _train_argv(tmp_path, tok, base_model)
@@ -559,13 +567,7 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
     state = json.loads((tmp_path / "run" / "adapter" / "turnrl_state.json").read_text())
     assert state["task_draw"]["tasks_per_step"] == 2 and state["task_draw"]["tasks"] == 2
 
-    class Reached(Exception):
-        pass
-
-    def train_loop(*args, **kwargs):
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    Reached = _stop_at_train_loop(monkeypatch)
     capsys.readouterr()
     with pytest.raises(Reached):
         main([*argv, "--resume"])
@@ -602,7 +604,6 @@ def test_a_resume_with_other_loss_settings_says_which(
     import argparse
     import dataclasses
 
-    import turnrl.train
     from turnrl.cli import LOSS_OPTIONS, build_parser, main
     from turnrl.train import GTPOConfig
 
@@ -616,13 +617,7 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert state["loss"]["importance_level"] == "sequence" and state["loss"]["eps_low"] == 3e-4
     assert state["loss"]["eps_high"] == "inf"  # JSON has no infinity
 
-    class Reached(Exception):
-        pass
-
-    def train_loop(*args, **kwargs):
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    Reached = _stop_at_train_loop(monkeypatch)
     capsys.readouterr()
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])
