@@ -4385,6 +4385,40 @@ def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path)
     assert (tmp_path / "m.png").stat().st_size > 0
 
 
+def test_plots_show_group_filtering_when_the_steps_filtered(monkeypatch, tmp_path):
+    """The share of groups with signal and the sampling rounds get panels of
+    their own when a run filtered groups, and none when it did not."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from turnrl.train import plot_history
+
+    drawn: list[dict[str, list]] = []
+    save = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        drawn.append(
+            {
+                ax.get_title(): [list(line.get_ydata()) for line in ax.get_lines()]
+                for ax in fig.axes
+                if ax.get_visible()
+            }
+        )
+        return save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    plain = [{"step": i, "loss": 0.1, "success_rate": 0.5} for i in range(3)]
+    filtered = [
+        {**row, "filter/kept_fraction": 0.25 * i, "filter/rounds": 1.0 + i}
+        for i, row in enumerate(plain)
+    ]
+    plot_history(plain, tmp_path / "plain.png")
+    plot_history(filtered, tmp_path / "filtered.png")
+    assert not any("group filtering" in title for title in drawn[0])
+    assert drawn[1]["sampled groups with signal (group filtering)"] == [[0.0, 0.25, 0.5]]
+    assert drawn[1]["sampling rounds of the step (group filtering)"] == [[1.0, 2.0, 3.0]]
+
+
 def test_peak_memory_is_the_cuda_allocators_high_water_mark_in_gib(monkeypatch, tmp_path):
     from turnrl.train import _peak_memory, plot_history
 

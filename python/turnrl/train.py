@@ -3518,8 +3518,9 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     share of the turns (``tier_share/<tier>``) and mean advantage
     (``tier_advantage/<tier>``), the held-out evaluations
     (``eval/...``), the time each part of a step took (``time/...``), its
-    peak GPU memory (``memory/...``) and the sampler's gap to the trained
-    model (``mismatch/...``).
+    peak GPU memory (``memory/...``), the sampler's gap to the trained
+    model (``mismatch/...``) and, under group filtering, the share of sampled
+    groups with signal and the rounds of sampling (``filter/...``).
     Entries are placed at their ``"step"`` (a ``metrics.jsonl`` line), else at
     their index."""
     try:
@@ -3545,6 +3546,18 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         ("share of the step's turns in each tier", keys("tier_share/"), "tier_share/", True),
         ("mean advantage of each tier's turns", keys("tier_advantage/"), "tier_advantage/", False),
         ("held-out evaluation after the step", evaluated, "eval/", True),
+        (
+            "sampled groups with signal (group filtering)",
+            [k for k in ("filter/kept_fraction",) if k in keys("filter/")],
+            None,
+            True,
+        ),
+        (
+            "sampling rounds of the step (group filtering)",
+            [k for k in ("filter/rounds",) if k in keys("filter/")],
+            None,
+            False,
+        ),
         ("seconds each part of the step took", keys("time/"), "time/", False),
         ("peak GPU memory of the step (GiB)", keys("memory/"), "memory/", False),
         (
