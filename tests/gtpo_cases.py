@@ -96,6 +96,22 @@ def spread_ref(case: Case, seed: int) -> Case:
     return case
 
 
+def inside_and_outside_the_clip(case: Case, seed: int) -> Case:
+    """Bring every other token's old log-prob within 0.05 of the policy's, in
+    place, so its ratio lies inside ``[0.8, 1.28]``: a small case then has
+    tokens inside the clip range as well as outside, whatever the seed (a
+    log-ratio noise of std 1 leaves about 18 in 100 inside)."""
+    g = torch.Generator().manual_seed(seed)
+    temperature = case.kwargs["temperature"]
+    with torch.no_grad():
+        logits = case.hidden.double() @ case.weight.double().T / temperature
+        lp = torch.log_softmax(logits, -1).gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
+    near = lp + 0.1 * (torch.rand(lp.shape, generator=g, dtype=torch.float64) - 0.5)
+    every_other = torch.arange(lp.numel()).reshape(lp.shape) % 2 == 0
+    case.old = torch.where(every_other, near, case.old.double()).to(case.old.dtype)
+    return case
+
+
 def add_segments(case: Case, seed: int, *, across_rows: bool = False) -> Case:
     """Give ``case`` random ragged segments (``kwargs["segment_ids"]``), in place.
 

@@ -20,6 +20,7 @@ from gtpo_cases import (  # noqa: E402
     assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
+    inside_and_outside_the_clip,
     make_case,
     run_fused,
     run_reference,
@@ -32,6 +33,7 @@ from turnrl.exceptions import InvalidInputError, UnknownNameError  # noqa: E402
 from turnrl.kernels.fused_linear_gtpo import (  # noqa: E402
     KL_ESTIMATOR_ALIASES,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     aggregation_weights,
     fused_logprobs,
     gtpo_loss,
@@ -395,6 +397,16 @@ def _bad_call(**overrides):
         ({"kl_estimator": "full"}, UnknownNameError, "needs the reference policy's whole"),
         ({"kl_estimator": "full+"}, UnknownNameError, "valid: k1, k1+, abs, abs+, k2, k3, k3+"),
         ({"kl_estimator": None}, UnknownNameError, "unknown kl_estimator None"),
+        (
+            {"policy_loss": "grpo"},
+            UnknownNameError,
+            "unknown policy_loss 'grpo'; valid: ppo, cispo",
+        ),
+        (
+            {"policy_loss": "cispo", "dual_clip": 3.0},
+            InvalidInputError,
+            "dual_clip has no meaning with policy_loss='cispo'",
+        ),
         ({"segment_ids": torch.zeros(2, 4)}, InvalidInputError, "segment_ids has shape (2, 4)"),
         (
             {"segment_ids": torch.zeros(2, 5)},
@@ -1230,3 +1242,153 @@ def _one_token_args():
     weight = torch.eye(2, dtype=torch.float64)
     per_token = torch.zeros(1, dtype=torch.float64)
     return hidden, weight, torch.tensor([0]), per_token, per_token, torch.tensor([True]), per_token
+
+
+# ---------------------------------------------------------------------------
+# CISPO (policy_loss="cispo"): the fused loss against the reference, by hand,
+# and the point of it: a token outside the clip range keeps its gradient.
+
+
+def _cispo_case(seed, shape, hidden_size, vocab, dtype, agg, **kwargs):
+    """make_case's inputs (log-ratio noise of std 1: many weights clipped on
+    each side of ``[0.8, 1.28]``), every other token's inside, under CISPO,
+    which takes no dual clip."""
+    case = make_case(seed, shape, hidden_size, vocab, dtype, agg, dual_clip=None, **kwargs)
+    case.kwargs["policy_loss"] = "cispo"
+    return inside_and_outside_the_clip(case, seed)
+
+
+@pytest.mark.parametrize(("beta", "entropy_coef"), [(0.0, 0.0), (0.7, 0.01)])
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
+def test_cispo_matches_the_reference(schedule, chunk, dtype, rtol, beta, entropy_coef):
+    agg = "seq_mean_token_mean" if beta else "token_mean"
+    case = _cispo_case(SEED, (3, 16), 24, 200, dtype, agg, beta=beta, entropy_coef=entropy_coef)
+    stats = assert_close_to_reference(
+        case, rtol, backend="torch", chunk_size=chunk, schedule=schedule
+    )
+    # Not PPO's loss: its clipped tokens have no gradient, CISPO's do.
+    ppo = dataclasses.replace(case, kwargs={**case.kwargs, "policy_loss": "ppo"})
+    assert float((run_reference(ppo)[1] - run_reference(case)[1]).abs().max()) > 1e-3
+    assert 0.0 < float(stats["clip_frac"]) < 1.0
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_cispo_matches_the_reference_with_segments(agg):
+    case = _cispo_case(SEED + 3, (3, 9), 16, 50, torch.float64, agg, beta=0.7)
+    add_segments(case, SEED + 3, across_rows=agg == "token_mean")
+    assert_close_to_reference(case, 1e-10, backend="torch")
+
+
+def test_cispo_clip_frac_counts_the_clipped_weights_plainly():
+    """``clip_frac`` is the share of trained tokens whose weight ``r`` lies
+    outside ``[1 - eps_low, 1 + eps_high]`` (either side, either advantage
+    sign); ``ratio_mean`` is the mean ``r``; with segments ``r`` is the
+    segment's. Counted here from eager log-probs, token by token."""
+    for segmented in (False, True):
+        case = _cispo_case(SEED, (3, 12), 16, 60, torch.float64, "token_mean")
+        case.kwargs["eps_low"], case.kwargs["eps_high"] = 0.3, 0.5
+        if segmented:
+            add_segments(case, SEED)
+        stats = run_fused(case, backend="torch")[3]
+        with torch.no_grad():
+            logits = case.hidden @ case.weight.T / case.kwargs["temperature"]
+            lp = torch.log_softmax(logits, -1)
+            lp = lp.gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
+        ratios, clipped = [], 0
+        for b, t in case.mask.nonzero().tolist():
+            x = float(lp[b, t] - case.old[b, t])
+            if segmented:
+                members = case.mask & (
+                    case.kwargs["segment_ids"] == case.kwargs["segment_ids"][b, t]
+                )
+                x = float((lp - case.old.double())[members].mean())
+            r = math.exp(x)
+            ratios.append(r)
+            clipped += r < 0.7 or r > 1.5
+        assert 0 < clipped < len(ratios)
+        assert float(stats["clip_frac"]) == pytest.approx(clipped / len(ratios), abs=1e-12)
+        assert float(stats["ratio_mean"]) == pytest.approx(sum(ratios) / len(ratios), rel=1e-6)
+
+
+# (log-ratio x, CISPO's weight w = clip(e**x, 0.8, 1.28)): inside the range,
+# past each end, and far past either (beyond the ±20 clamp of the ratio).
+CISPO_BY_HAND = [
+    (0.1, math.exp(0.1)),
+    (1.0, 1.28),
+    (-1.0, 0.8),
+    (30.0, 1.28),
+    (-30.0, 0.8),
+]
+
+
+@pytest.mark.parametrize(("x", "w"), CISPO_BY_HAND)
+@pytest.mark.parametrize("advantage", [1.5, -0.7])
+def test_cispo_by_hand(x, w, advantage):
+    """One token: the loss is ``-w A`` and its gradient exactly
+    ``-w A d log pi / d hidden`` with ``w`` the clipped weight, detached
+    (a weight with a gradient would add ``-A dw/dl``), for both schedules
+    and the reference; ``clip_frac`` is 1 exactly when ``w`` is clipped."""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    target = torch.tensor([2])
+    with torch.no_grad():
+        logp_all = torch.log_softmax(hidden @ weight.T, -1)
+    logprob = logp_all[:, 2]
+    dl_dh = (torch.nn.functional.one_hot(target, 6).double() - logp_all.exp()) @ weight
+    args = (target, torch.tensor([advantage], dtype=torch.float64), logprob - x, torch.tensor([1]))
+    kwargs = dict(eps_low=0.2, eps_high=0.28, policy_loss="cispo")
+    calls = [
+        (gtpo_loss, {"backend": "torch", "schedule": schedule, "chunk_size": 1})
+        for schedule in ("rows", "vocab")
+    ]
+    for fn, extra in [*calls, (torch_gtpo_loss, {})]:
+        h = hidden.clone().requires_grad_(True)
+        out = fn(h, weight, *args, **kwargs, **extra)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        where = (fn.__name__, extra.get("schedule"))
+        assert float(loss.detach()) == pytest.approx(-w * advantage, rel=1e-12), where
+        torch.testing.assert_close(
+            h.grad, -w * advantage * dl_dh, rtol=1e-10, atol=1e-14, msg=str(where)
+        )
+        if isinstance(out, tuple):
+            assert float(out[1]["clip_frac"]) == float(abs(x) >= 1.0), where
+
+
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
+def test_a_token_far_outside_the_clip_range_keeps_its_gradient_under_cispo_alone(schedule):
+    """A positive advantage at ``r = 3`` and a negative one at ``r = 0.3``:
+    PPO's clip gives both no gradient at all, CISPO gives each
+    ``-w A d log pi``: the point of CISPO."""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    targets = torch.tensor([2, 5])
+    with torch.no_grad():
+        logprob = torch.log_softmax(hidden @ weight.T, -1)[torch.arange(2), targets]
+    old = logprob - torch.tensor([math.log(3.0), math.log(0.3)], dtype=torch.float64)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    grads = {}
+    for policy_loss in POLICY_LOSSES:
+        h = hidden.clone().requires_grad_(True)
+        loss, stats = gtpo_loss(
+            h, weight, targets, advantages, old, torch.tensor([1, 1]),
+            eps_low=0.2, eps_high=0.28, policy_loss=policy_loss,
+            backend="torch", schedule=schedule,
+        )  # fmt: skip
+        loss.backward()
+        grads[policy_loss] = h.grad
+        assert float(stats["clip_frac"]) == 1.0, policy_loss
+    assert torch.equal(grads["ppo"], torch.zeros_like(hidden))
+    assert bool((grads["cispo"].abs().sum(-1) > 1e-3).all())
+
+
+def test_cispo_refusals_name_the_choice():
+    with pytest.raises(UnknownNameError, match="unknown policy_loss 'CISPO'; valid: ppo, cispo"):
+        torch_gtpo_loss(*_one_token_args(), policy_loss="CISPO")
+    with pytest.raises(InvalidInputError, match="dual_clip has no meaning"):
+        torch_gtpo_loss(*_one_token_args(), policy_loss="cispo", dual_clip=3.0)

@@ -21,6 +21,7 @@ from gtpo_cases import (  # noqa: E402
     assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
+    inside_and_outside_the_clip,
     make_case,
     run_fused,
     spread_ref,
@@ -76,6 +77,26 @@ def test_triton_kl_estimators_match_reference(estimator, schedule, chunk):
     assert_close_to_reference(
         _to_device(case), 1e-5, backend="triton", chunk_size=chunk, schedule=schedule
     )
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_triton_cispo_matches_reference(schedule, chunk, beta):
+    """policy_loss='cispo' (the per-token terms are torch on either backend;
+    this checks that the kernels get CISPO's gradients)."""
+    case = make_case(SEED, (3, 6), 16, 45, torch.float32, "token_mean", beta=beta, dual_clip=None)
+    case.kwargs["policy_loss"] = "cispo"
+    inside_and_outside_the_clip(case, SEED)
+    assert_close_to_reference(
+        _to_device(case), 1e-5, backend="triton", chunk_size=chunk, schedule=schedule
+    )
+
+
+def test_triton_cispo_with_segments():
+    case = make_case(SEED, (2, 7), 8, 40, torch.float32, "seq_mean_token_mean", dual_clip=None)
+    add_segments(inside_and_outside_the_clip(case, SEED), SEED)
+    case.kwargs["policy_loss"] = "cispo"
+    assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
 
 
 def test_triton_straight_through_kl_with_segments():

@@ -7,6 +7,8 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     p_t      = exp(clamp(l_t - old_t, -20, 20))
     pg_t     = max(-A_t * p_t, -A_t * clip(p_t, 1 - eps_low, 1 + eps_high))
     pg_t     = min(pg_t, -A_t * dual_clip)   where A_t < 0   (only with dual_clip, as verl)
+    pg_t     = -sg(clip(p_t, 1 - eps_low, 1 + eps_high)) * A_t * (1 + l_t - sg(l_t))
+                                                    (instead, with policy_loss="cispo")
     kl_t     = min(exp(d) - d - 1, 10),  d = clamp(ref_t - l_t, -20, 20)   (k3, verl's "low_var_kl")
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
@@ -84,6 +86,7 @@ from torch.autograd.function import once_differentiable
 
 from turnrl.exceptions import InvalidInputError, UnknownNameError
 from turnrl.kernels.kl_estimators import KL_ESTIMATOR_ALIASES, KL_ESTIMATORS, kl_estimator_name
+from turnrl.kernels.policy_losses import POLICY_LOSSES, check_policy_loss
 
 try:  # Triton is optional: the torch backend needs only torch.
     import triton
@@ -100,6 +103,7 @@ __all__ = [
     "BACKENDS",
     "KL_ESTIMATORS",
     "KL_ESTIMATOR_ALIASES",
+    "POLICY_LOSSES",
     "SCHEDULES",
     "GTPOLossFunction",
     "aggregation_weights",
@@ -803,6 +807,8 @@ class LossConfig:
     entropy_coef: float = 0.0
     kl_estimator: str = "k3"
     """A canonical name of :data:`KL_ESTIMATORS` (:func:`kl_estimator_name`)."""
+    policy_loss: str = "ppo"
+    """One of :data:`POLICY_LOSSES`."""
 
 
 def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -847,10 +853,21 @@ def token_terms(
         raw_log_ratio = segment_log_ratio + (logprob - logprob.detach())
     log_ratio = torch.clamp(raw_log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    pg = torch.maximum(unclipped, clipped)
-    terms = {"ratio": ratio, "clipped": clipped > unclipped}
+    if cfg.policy_loss == "cispo":
+        # The clipped weight is detached and multiplies d log pi, so a token
+        # outside the clip range keeps its gradient (the point of CISPO). Its
+        # own log-ratio (unclamped) carries the gradient: the clamp at ±20
+        # would take it away beyond. The value, -w * A, is PPO's surrogate at
+        # r = w (what an on-policy step, w = r = 1, reports under both).
+        low, high = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        weight = torch.clamp(ratio, low, high).detach()
+        pg = -weight * advantages * (1.0 + (raw_log_ratio - raw_log_ratio.detach()))
+        terms = {"ratio": ratio, "clipped": (ratio < low) | (ratio > high)}
+    else:
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+        pg = torch.maximum(unclipped, clipped)
+        terms = {"ratio": ratio, "clipped": clipped > unclipped}
     if cfg.dual_clip is not None:
         floor = -advantages * cfg.dual_clip
         terms["dual_clipped"] = (advantages < 0) & (pg > floor)
@@ -1347,6 +1364,7 @@ def gtpo_loss(
     schedule: str = "auto",
     segment_ids: torch.Tensor | None = None,
     kl_estimator: str = "k3",
+    policy_loss: str = "ppo",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1364,9 +1382,12 @@ def gtpo_loss(
             ``mask`` nonzero where the token is trained on.
         ref_logprobs: reference-policy log-probs for the KL term (needed when
             ``beta != 0``; when given, ``stats["ref_kl"]`` is reported).
-        eps_low, eps_high: ratio clip range ``[1 - eps_low, 1 + eps_high]``.
+        eps_low, eps_high: ratio clip range ``[1 - eps_low, 1 + eps_high]``
+            (of the importance weight under ``cispo``; ``eps_low >= 1``
+            leaves no lower bound).
         dual_clip: verl's ``clip_ratio_c`` (> 1): caps the loss of negative
-            advantages at ``-A * dual_clip``. ``None`` turns it off.
+            advantages at ``-A * dual_clip``. ``None`` turns it off. Refused
+            with ``policy_loss="cispo"``.
         beta: KL coefficient. entropy_coef: entropy bonus coefficient.
         temperature: logits are divided by it (match the sampler's).
         agg: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum``
@@ -1421,6 +1442,18 @@ def gtpo_loss(
             (straight-through; ``k2``'s gradient is the one whose mean is
             the reverse KL's gradient on-policy). Only ``k3`` is clamped and
             capped, as in verl. verl's names are taken too (see :func:`kl_estimator_name`).
+        policy_loss: the policy-gradient term, one of :data:`POLICY_LOSSES`:
+            ``ppo`` (the default: PPO's clipped surrogate, above) or
+            ``cispo`` (MiniMax-M1, arXiv 2506.13585): ``pg_t = -sg(w_t) *
+            A_t * log pi_t`` with the weight ``w_t = clip(r_t, 1 - eps_low,
+            1 + eps_high)`` detached, so every trained token gets the
+            gradient ``-w_t A_t d log pi_t``, a clipped one too (PPO gives a
+            clipped token none). Its value is ``-w_t A_t``, PPO's surrogate
+            at ``r_t = w_t`` (TRL and verl report ``-w_t A_t log pi_t``: the
+            same gradient). ``r_t`` is the segment's ratio with
+            ``segment_ids``. CISPO's ``eps_high`` is far larger than PPO's
+            (ScaleRL: a cap of 5 on ``r``, ``eps_high=4``; ``eps_low=1``
+            for no lower bound, as the paper).
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1430,7 +1463,8 @@ def gtpo_loss(
     Returns:
         ``(loss, stats)``: a scalar fp32 (fp64 for fp64 inputs) loss with
         gradients for ``hidden`` and ``weight``, and detached scalar tensors
-        ``clip_frac``, ``approx_kl`` (mean ``old - new`` log-prob, as verl's
+        ``clip_frac`` (``cispo``: the share whose weight was clipped, on
+        either side), ``approx_kl`` (mean ``old - new`` log-prob, as verl's
         ``ppo_kl``), ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``,
         ``ref_kl``, ``kl_loss``), all masked means over trained tokens.
         ``ref_kl`` (with ``ref_logprobs``) is k3's estimate whatever
@@ -1458,6 +1492,12 @@ def gtpo_loss(
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
     kl_estimator = kl_estimator_name(kl_estimator)
+    policy_loss = check_policy_loss(policy_loss)
+    if policy_loss == "cispo" and dual_clip is not None:
+        raise InvalidInputError(
+            "dual_clip has no meaning with policy_loss='cispo': its weight is already clipped "
+            "at 1 - eps_low and 1 + eps_high whatever the advantage's sign; leave dual_clip None"
+        )
     # Written so that NaN fails too: a NaN clip range or coefficient made the
     # loss NaN while its gradients stayed finite.
     if not (eps_low >= 0 and eps_high >= 0):
@@ -1512,7 +1552,7 @@ def gtpo_loss(
         if chunk_size is None
         else _checked_chunk_size(chunk_size)
     )
-    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef, kl_estimator)
+    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef, kl_estimator, policy_loss)
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
         advantages=advantages.reshape(-1),
@@ -1665,6 +1705,7 @@ def torch_gtpo_loss(
     max_len: int | None = None,
     segment_ids: torch.Tensor | None = None,
     kl_estimator: str = "k3",
+    policy_loss: str = "ppo",
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -1700,13 +1741,20 @@ def torch_gtpo_loss(
             log_ratio = torch.where(members, mean + logprob - logprob.detach(), log_ratio)
     log_ratio = torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
-    pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    clip_pg = torch.maximum(pg_losses1, pg_losses2)
-    if dual_clip is not None:
-        pg_losses3 = -advantages * dual_clip
-        clip_pg = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_pg), clip_pg)
-    loss_t = clip_pg
+    if check_policy_loss(policy_loss) == "cispo":
+        if dual_clip is not None:
+            raise InvalidInputError("dual_clip has no meaning with policy_loss='cispo'")
+        # -sg(w) * A * log pi, shifted by a constant so that its value is -w * A.
+        is_weight = torch.clamp(ratio, 1 - eps_low, 1 + eps_high).detach()
+        loss_t = -is_weight * advantages * torch.exp(logprob - logprob.detach())
+    else:
+        pg_losses1 = -advantages * ratio
+        pg_losses2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        clip_pg = torch.maximum(pg_losses1, pg_losses2)
+        if dual_clip is not None:
+            pg_losses3 = -advantages * dual_clip
+            clip_pg = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_pg), clip_pg)
+        loss_t = clip_pg
     estimator = kl_estimator_name(kl_estimator)
     if beta != 0.0:
         # Schulman's estimators of KL(pi || pi_ref) at x = log(pi / pi_ref).
