@@ -392,6 +392,37 @@ def test_train_importance_level_is_parsed_from_the_line_and_from_a_config_file(t
     assert "invalid choice: 'segment'" in capsys.readouterr().err
 
 
+def test_train_policy_loss_is_parsed_and_cispo_with_dual_clip_is_refused(tmp_path, capsys):
+    """--policy-loss ppo|cispo, from the line and a config file; an unknown one
+    is refused while parsing, and cispo with --dual-clip (which has no meaning
+    for it) before any model loads (there is none here)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).policy_loss == "ppo"
+    for name in ("ppo", "cispo"):
+        assert _parsed([*train, "--policy-loss", name]).policy_loss == name
+    path = _config_file(tmp_path, ".toml", {"policy_loss": "cispo", "eps_high": 4.0})
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.policy_loss, parsed.eps_high) == ("cispo", 4.0)
+    with pytest.raises(SystemExit):
+        _parsed([*train, "--policy-loss", "gspo"])
+    assert "argument --policy-loss: invalid choice: 'gspo'" in capsys.readouterr().err
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    want = (
+        "turnrl train: error: --dual-clip caps PPO's loss of a negative advantage, and "
+        "--policy-loss cispo clips its weight on both sides whatever the sign: leave "
+        "--dual-clip out\n"
+    )
+    assert main([*argv, "--policy-loss", "cispo", "--dual-clip", "3"]) == 2
+    assert capsys.readouterr().err == want
+    path = _config_file(tmp_path, ".toml", {"policy_loss": "cispo", "dual_clip": 3.0})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert capsys.readouterr().err == want
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused(tmp_path, capsys):
     """verl's names are taken as turnrl's; ``full`` and a misspelt name are
     refused while parsing, before any model loads, from a config file too."""

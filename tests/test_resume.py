@@ -634,12 +634,24 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert (
         "--resume: this run's loss settings replace the checkpoint's: --kl-estimator k3 -> k3+\n"
     ) in capsys.readouterr().err
-    # A checkpoint from before --kl-estimator trained with k3, its default.
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--policy-loss", "cispo"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: --policy-loss ppo -> cispo\n"
+    ) in capsys.readouterr().err
+    # A checkpoint from before --kl-estimator and --policy-loss trained with
+    # their defaults, k3 and ppo.
     del state["loss"]["kl_estimator"]
+    del state["loss"]["policy_loss"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])
     assert "loss settings" not in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--policy-loss", "cispo"])
+    assert "loss settings replace the checkpoint's: --policy-loss ppo -> cispo\n" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume", "--kl-estimator", "k1"])
     assert "loss settings replace the checkpoint's: --kl-estimator k3 -> k1\n" in (

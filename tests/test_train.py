@@ -522,7 +522,12 @@ def _reference_loss(model, batch, cfg):
     logp = logp_all.gather(-1, targets[..., None])[..., 0]
     adv = batch.advantages[:, 1:]
     ratio = torch.exp(logp - logp.detach())  # on-policy: the behaviour policy is the same
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
+    if cfg.policy_loss == "cispo":
+        # -sg(w) * A * log pi, valued -w * A; on-policy w = 1.
+        weight = ratio.detach().clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
+        loss = -weight * adv * (1 + logp - logp.detach())
+    else:
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
     if cfg.beta:
         with torch.no_grad(), model.disable_adapter():
             ref_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -548,21 +553,24 @@ def _reference_loss(model, batch, cfg):
 
 
 @pytest.mark.parametrize(
-    "agg, micro, beta, entropy_coef, kl_estimator",
+    "agg, micro, beta, entropy_coef, kl_estimator, policy_loss",
     [
-        ("token_mean", 1, 0.0, 0.0, "k3"),
-        ("token_mean", 5, 0.05, 0.01, "k3"),
-        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3"),
-        ("dr_grpo", 3, 0.05, 0.0, "k3"),
-        ("token_mean", "tokens", 0.0, 0.01, "k3"),  # micro-batches by a padded-token budget
-        ("dr_grpo", "tokens", 0.0, 0.0, "k3"),
-        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3"),
+        ("token_mean", 1, 0.0, 0.0, "k3", "ppo"),
+        ("token_mean", 5, 0.05, 0.01, "k3", "ppo"),
+        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3", "ppo"),
+        ("dr_grpo", 3, 0.05, 0.0, "k3", "ppo"),
+        ("token_mean", "tokens", 0.0, 0.01, "k3", "ppo"),  # micro-batches by a padded-token budget
+        ("dr_grpo", "tokens", 0.0, 0.0, "k3", "ppo"),
+        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3", "ppo"),
         # k1's gradient (a constant 1 per log-prob) is far from k3's.
-        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl"),
+        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo"),
+        # On-policy (w = r = 1) CISPO's step is PPO's; its off-policy steps are
+        # test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips's.
+        ("seq_mean_token_mean", 3, 0.05, 0.01, "k3", "cispo"),
     ],
 )
 def test_step_matches_the_whole_batch_reference(
-    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator
+    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator, policy_loss
 ):
     rng = random.Random(13)
     records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
@@ -579,6 +587,7 @@ def test_step_matches_the_whole_batch_reference(
         micro_batch_tokens=budget if micro == "tokens" else None,
         beta=beta,
         kl_estimator=kl_estimator,
+        policy_loss=policy_loss,
         entropy_coef=entropy_coef,
         temperature=0.7,
         agg=agg,
@@ -628,6 +637,82 @@ def test_ppo_epochs_take_several_steps_and_clip(tok, base_model):
     stats = GTPOTrainer(model, opt, cfg).step(batch)
     # The later epochs see a moved policy: ratios off 1, some clipped.
     assert stats["clip_frac"] > 0 and stats["approx_kl"] != 0
+
+
+def test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips(tok, base_model):
+    """Later epochs see a moved policy, many of its ratios outside a tight clip
+    range. The trainer's second epoch (with the same first one: on-policy,
+    CISPO's step is PPO's) against the plain loss on those ratios: under
+    PPO a clipped token adds nothing, under CISPO ``-w A d log pi``."""
+    rng = random.Random(17)
+    records = [_record(rng, float(i % 2), "g") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    model = _lora(base_model)
+    steps = {}
+    for policy_loss in ("ppo", "cispo"):
+        lora = copy.deepcopy(model)
+        cfg = GTPOConfig(
+            ppo_epochs=2, eps_low=0.01, eps_high=0.01, policy_loss=policy_loss,
+            max_grad_norm=None, backend="torch", skip_zero_advantage=False,
+        )  # fmt: skip
+        params = [p for p in lora.parameters() if p.requires_grad]
+        trainer = GTPOTrainer(lora, torch.optim.SGD(params, lr=50.0), cfg)
+        # The old log-probs the trainer takes (before its first epoch) and the
+        # policy after that epoch: the plain loss of the second epoch on them.
+        old = _plain_logprobs(lora, batch, 1.0)
+        seen = _record_each_step(trainer.optimizer, lora)
+        stats = trainer.step(batch)
+        steps[policy_loss] = (old, seen, stats)
+    assert steps["ppo"][2]["clip_frac"] > 0 and steps["cispo"][2]["clip_frac"] > 0
+    for policy_loss, (old, seen, _) in steps.items():
+        # seen[1]: the parameters after the second step; recompute the second
+        # epoch's gradient plainly from the first step's parameters.
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in probe.named_parameters():
+                if n in seen[0]:
+                    p.copy_(seen[0][n])
+        cfg = GTPOConfig(eps_low=0.01, eps_high=0.01, policy_loss=policy_loss)
+        _off_policy_loss(probe, batch, old, cfg).backward()
+        for n, p in probe.named_parameters():
+            if n in seen[0]:
+                step = seen[0][n] - seen[1][n]
+                scale = float((50.0 * p.grad).abs().max().clamp(min=1e-12))
+                assert float((step - 50.0 * p.grad).abs().max()) <= 1e-3 * scale, (policy_loss, n)
+    # CISPO's second step is not PPO's: the tokens PPO clips still pull.
+    first = next(iter(steps["ppo"][1][0]))
+    assert not torch.allclose(steps["ppo"][1][1][first], steps["cispo"][1][1][first])
+
+
+def _record_each_step(optimizer, model):
+    """After each ``optimizer.step()``, a copy of ``model``'s trained parameters
+    is appended to the list returned."""
+    seen = []
+    step = optimizer.step
+
+    def recorded(*args, **kwargs):
+        out = step(*args, **kwargs)
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return out
+
+    optimizer.step = recorded
+    return seen
+
+
+def _off_policy_loss(model, batch, old, cfg):
+    """token_mean of the plain per-token loss at ratios to ``old`` (temperature 1)."""
+    mask = batch.loss_mask[:, 1:]
+    targets = torch.where(mask, batch.input_ids[:, 1:], 0)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets[..., None])[..., 0]
+    adv = batch.advantages[:, 1:]
+    ratio = torch.exp(logp - old)
+    low, high = 1 - cfg.eps_low, 1 + cfg.eps_high
+    if cfg.policy_loss == "cispo":
+        loss = -ratio.detach().clamp(low, high) * adv * logp
+    else:
+        loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
+    return (loss * mask).sum() / mask.sum()
 
 
 def test_beta_needs_a_reference_and_soft_capped_heads_are_refused(base_model):
@@ -2406,12 +2491,21 @@ def test_loss_settings_are_checked_when_the_config_is_made(field, value):
         ("backend", "cuda"),
         ("importance_level", "seq"),
         ("kl_estimator", "k4"),
+        ("policy_loss", "grpo"),
     ],
 )
 def test_unknown_loss_names_are_refused_when_the_config_is_made(field, value):
     # Not after a whole step of rollouts, when the loss first sees them.
     with pytest.raises(UnknownNameError, match=f"unknown {field} {value!r}"):
         GTPOConfig(**{field: value})
+
+
+def test_cispo_takes_no_dual_clip():
+    with pytest.raises(
+        InvalidInputError, match="dual_clip has no meaning with policy_loss='cispo'"
+    ):
+        GTPOConfig(policy_loss="cispo", dual_clip=3.0)
+    GTPOConfig(policy_loss="ppo", dual_clip=3.0)
 
 
 def test_the_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused():
@@ -4692,16 +4786,19 @@ def _reference_weights(log_ratio, known, turn, mode, cap):
 
 
 @pytest.mark.parametrize(
-    "mode, pack",
+    "mode, pack, policy_loss",
     [
-        (None, False),
-        ("token_truncate", False),
-        ("token_mask", True),
-        ("turn_truncate", True),
-        ("turn_mask", False),
+        (None, False, "ppo"),
+        ("token_truncate", False, "ppo"),
+        ("token_mask", True, "ppo"),
+        ("turn_truncate", True, "ppo"),
+        ("turn_mask", False, "ppo"),
+        ("token_truncate", True, "cispo"),  # it weighs CISPO's policy-gradient term too
     ],
 )
-def test_rollout_correction_weights_advantages_as_the_plain_formula(tok, base_model, mode, pack):
+def test_rollout_correction_weights_advantages_as_the_plain_formula(
+    tok, base_model, mode, pack, policy_loss
+):
     rng = random.Random(41)
     records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo", pack=pack)
@@ -4732,7 +4829,12 @@ def test_rollout_correction_weights_advantages_as_the_plain_formula(tok, base_mo
         lora = copy.deepcopy(model)
         before = {n: p.detach().clone() for n, p in lora.named_parameters() if p.requires_grad}
         trainer = _trainer(
-            lora, micro_batch_size=2, temperature=temperature, rollout_correction_cap=cap, **config
+            lora,
+            micro_batch_size=2,
+            temperature=temperature,
+            rollout_correction_cap=cap,
+            policy_loss=policy_loss,
+            **config,
         )
         stats.append(trainer.step(b))
         steps.append({n: before[n] - p.detach() for n, p in lora.named_parameters() if n in before})

@@ -679,6 +679,11 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
         )
+    if args.policy_loss == "cispo" and args.dual_clip is not None:
+        raise InvalidInputError(
+            "--dual-clip caps PPO's loss of a negative advantage, and --policy-loss cispo "
+            "clips its weight on both sides whatever the sign: leave --dual-clip out"
+        )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
     if args.max_sampling_rounds is not None and args.filter_groups is None:
@@ -973,6 +978,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             micro_batch_tokens=args.micro_batch_tokens,
             skip_zero_advantage=args.skip_zero_advantage,
             ppo_epochs=args.ppo_epochs,
+            policy_loss=args.policy_loss,
             eps_low=args.eps_low,
             eps_high=args.eps_high,
             beta=args.beta,
@@ -1600,6 +1606,7 @@ LOSS_OPTIONS = {
     "micro_batch_size": "--micro-batch-size",
     "micro_batch_tokens": "--micro-batch-tokens",
     "ppo_epochs": "--ppo-epochs",
+    "policy_loss": "--policy-loss",
     "eps_low": "--eps-low",
     "eps_high": "--eps-high",
     "dual_clip": "--dual-clip",
@@ -1818,6 +1825,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``turnrl`` command."""
+    from turnrl.kernels.policy_losses import POLICY_LOSSES
     from turnrl.train import (
         DEFAULT_SAMPLING_ROUNDS,
         FILTER_GROUPS,
@@ -2362,6 +2370,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_finite_number,
         default=0.0,
         help="weight of the entropy bonus, as verl's entropy_coeff (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--policy-loss",
+        choices=POLICY_LOSSES,
+        default="ppo",
+        help="the policy-gradient term: ppo (the clipped surrogate; a clipped token has no "
+        "gradient) or cispo (MiniMax-M1: the clipped importance weight, detached, times "
+        "-A grad log pi, so every token keeps a gradient; give it a far larger --eps-high, "
+        "ScaleRL's cap of 5 on the weight is --eps-low 1 --eps-high 4) (default: %(default)s)",
     )
     tr.add_argument(
         "--dual-clip",

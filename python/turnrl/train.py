@@ -875,13 +875,21 @@ class GTPOConfig:
     (a row longer than this is a micro-batch of its own)."""
     ppo_epochs: int = 1
     """Optimizer steps on one batch (the first is on-policy: ratio 1)."""
+    policy_loss: str = "ppo"
+    """The policy-gradient term: ``"ppo"`` (PPO's clipped surrogate; a token
+    whose ratio is clipped has no gradient) or ``"cispo"`` (MiniMax-M1, arXiv
+    2506.13585: the importance weight ``clip(r, 1 - eps_low, 1 + eps_high)``
+    is detached and multiplies ``-A d log pi``, so every token keeps a
+    gradient). CISPO's ``eps_high`` is far above PPO's (ScaleRL caps the
+    weight at 5: ``eps_high=4``; ``eps_low=1`` leaves no lower bound, as
+    the paper). It takes no ``dual_clip``."""
     eps_low: float = 0.2
-    """The ratio is clipped to ``[1 - eps_low, 1 + eps_high]``."""
+    """The ratio (CISPO's weight) is clipped to ``[1 - eps_low, 1 + eps_high]``."""
     eps_high: float = 0.2
     """Above ``eps_low`` for DAPO's clip-higher."""
     dual_clip: float | None = None
     """verl's ``clip_ratio_c`` (> 1): the loss of a token with a negative
-    advantage is capped at ``dual_clip`` times its advantage's size."""
+    advantage is capped at ``dual_clip`` times its advantage's size (PPO only)."""
     beta: float = 0.0
     """Weight of the KL to the reference policy (the base model under a PEFT
     adapter), as estimated per token by ``kl_estimator``."""
@@ -941,7 +949,12 @@ class GTPOConfig:
     move the weights on no signal)."""
 
     def __post_init__(self) -> None:
-        from turnrl.kernels.fused_linear_gtpo import AGGREGATIONS, BACKENDS, kl_estimator_name
+        from turnrl.kernels.fused_linear_gtpo import (
+            AGGREGATIONS,
+            BACKENDS,
+            POLICY_LOSSES,
+            kl_estimator_name,
+        )
 
         # verl's alias (low_var_kl) and its canonical name (k3) are one setting.
         self.kl_estimator = kl_estimator_name(self.kl_estimator)
@@ -951,6 +964,7 @@ class GTPOConfig:
             ("agg", self.agg, AGGREGATIONS),
             ("backend", self.backend, BACKENDS),
             ("importance_level", self.importance_level, IMPORTANCE_LEVELS),
+            ("policy_loss", self.policy_loss, POLICY_LOSSES),
         ):
             if value not in valid:
                 raise UnknownNameError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
@@ -970,6 +984,11 @@ class GTPOConfig:
         if self.dual_clip is not None and not 1 < self.dual_clip < math.inf:
             raise InvalidInputError(
                 f"dual_clip must be finite and > 1 (verl's clip_ratio_c), got {self.dual_clip}"
+            )
+        if self.dual_clip is not None and self.policy_loss == "cispo":
+            raise InvalidInputError(
+                "dual_clip has no meaning with policy_loss='cispo' (its weight is clipped at "
+                "1 - eps_low and 1 + eps_high whatever the advantage's sign); leave it None"
             )
         if not 0 <= self.beta < math.inf:
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta}")
@@ -1371,6 +1390,7 @@ class GTPOTrainer:
                         dual_clip=cfg.dual_clip,
                         beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator,
+                        policy_loss=cfg.policy_loss,
                         entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature,
                         agg=cfg.agg,
