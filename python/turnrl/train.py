@@ -875,14 +875,6 @@ class GTPOConfig:
     (a row longer than this is a micro-batch of its own)."""
     ppo_epochs: int = 1
     """Optimizer steps on one batch (the first is on-policy: ratio 1)."""
-    policy_loss: str = "ppo"
-    """The policy-gradient term: ``"ppo"`` (PPO's clipped surrogate; a token
-    whose ratio is clipped has no gradient) or ``"cispo"`` (MiniMax-M1, arXiv
-    2506.13585: the importance weight ``clip(r, 1 - eps_low, 1 + eps_high)``
-    is detached and multiplies ``-A d log pi``, so every token keeps a
-    gradient). CISPO's ``eps_high`` is far above PPO's (ScaleRL caps the
-    weight at 5: ``eps_high=4``; ``eps_low=1`` leaves no lower bound, as
-    the paper). It takes no ``dual_clip``."""
     eps_low: float = 0.2
     """The ratio (CISPO's weight) is clipped to ``[1 - eps_low, 1 + eps_high]``."""
     eps_high: float = 0.2
@@ -893,13 +885,6 @@ class GTPOConfig:
     beta: float = 0.0
     """Weight of the KL to the reference policy (the base model under a PEFT
     adapter), as estimated per token by ``kl_estimator``."""
-    kl_estimator: str = "k3"
-    """The per-token KL estimate ``beta`` weighs (verl's ``kl_loss_type``):
-    ``k3`` (verl's ``low_var_kl``, TRL's), ``k1``, ``abs``, ``k2``, or
-    ``k1+``/``abs+``/``k3+``: that value with ``k2``'s gradient; verl's names
-    are taken and kept as the canonical one (see
-    :func:`turnrl.kernels.fused_linear_gtpo.kl_estimator_name`). The
-    ``ref_kl`` statistic stays k3's; another estimator adds ``kl_loss``."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus, as verl's ``entropy_coeff``."""
     temperature: float = 1.0
@@ -947,6 +932,22 @@ class GTPOConfig:
     (statistics are then over the rows that ran), and a batch with no other
     row takes no optimizer step at all (AdamW's momentum would otherwise
     move the weights on no signal)."""
+    # Fields added after the others stay at the end, so positional use keeps working.
+    kl_estimator: str = "k3"
+    """The per-token KL estimate ``beta`` weighs (verl's ``kl_loss_type``):
+    ``k3`` (verl's ``low_var_kl``, TRL's), ``k1``, ``abs``, ``k2``, or
+    ``k1+``/``abs+``/``k3+``: that value with ``k2``'s gradient; verl's names
+    are taken and kept as the canonical one (see
+    :func:`turnrl.kernels.fused_linear_gtpo.kl_estimator_name`). The
+    ``ref_kl`` statistic stays k3's; another estimator adds ``kl_loss``."""
+    policy_loss: str = "ppo"
+    """The policy-gradient term: ``"ppo"`` (PPO's clipped surrogate; a token
+    whose ratio is clipped has no gradient) or ``"cispo"`` (MiniMax-M1, arXiv
+    2506.13585: the importance weight ``clip(r, 1 - eps_low, 1 + eps_high)``
+    is detached and multiplies ``-A d log pi``, so every token keeps a
+    gradient). CISPO's ``eps_high`` is far above PPO's (ScaleRL caps the
+    weight at 5: ``eps_high=4``; ``eps_low=1`` leaves no lower bound, as
+    the paper). It takes no ``dual_clip``."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
