@@ -242,15 +242,6 @@ def unbroken(tmp_path_factory, tok, base_model):
     return _final_state(folder / "run")
 
 
-@pytest.mark.parametrize(
-    "where, step, done",
-    [
-        ("start", 1, 1),  # done: the steps its checkpoint holds
-        ("saved", 1, 2),  # its metrics line not written yet
-        ("evaluation", 1, 2),
-        ("saving", 2, 2),
-    ],
-)
 class _ReachedTrainLoop(Exception):
     """``turnrl train`` got as far as calling ``train_loop``."""
 
@@ -267,6 +258,15 @@ def _stop_at_train_loop(monkeypatch) -> type[Exception]:
     return _ReachedTrainLoop
 
 
+@pytest.mark.parametrize(
+    "where, step, done",
+    [
+        ("start", 1, 1),  # done: the steps its checkpoint holds
+        ("saved", 1, 2),  # its metrics line not written yet
+        ("evaluation", 1, 2),
+        ("saving", 2, 2),
+    ],
+)
 def test_a_resumed_run_ends_where_the_unbroken_run_ends(
     tmp_path, tok, base_model, monkeypatch, unbroken, where, step, done
 ):
