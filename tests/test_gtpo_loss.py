@@ -1168,6 +1168,20 @@ for _named in ("k1", "abs", "k3"):  # straight-through: the value named, k2's de
     KL_BY_HAND[_named + "+"] = [(x, value, x) for x, value, _ in KL_BY_HAND[_named]]
 
 
+def _one_token():
+    """One fp64 token of a 6-word vocabulary (target 2): ``hidden`` [1, 4],
+    ``weight`` [6, 4], ``target``, its log-prob and ``d log pi / d hidden``
+    (``(onehot - p) @ weight``), for the by-hand checks."""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    target = torch.tensor([2])
+    with torch.no_grad():
+        logp_all = torch.log_softmax(hidden @ weight.T, -1)
+    dl_dh = (torch.nn.functional.one_hot(target, 6).double() - logp_all.exp()) @ weight
+    return hidden, weight, target, logp_all[:, 2], dl_dh
+
+
 @pytest.mark.parametrize("estimator", KL_ESTIMATORS)
 def test_each_kl_estimator_by_hand(estimator):
     """One token with advantage 0 and ratio 1, so the loss is ``beta * kl``
@@ -1175,14 +1189,7 @@ def test_each_kl_estimator_by_hand(estimator):
     loss on both schedules and the reference; ``kl_loss`` reports the value,
     ``ref_kl`` k3's."""
     assert set(KL_BY_HAND) == set(KL_ESTIMATORS)
-    g = torch.Generator().manual_seed(SEED)
-    hidden = torch.randn(1, 4, generator=g, dtype=torch.float64)
-    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    target = torch.tensor([2])
-    with torch.no_grad():
-        logp_all = torch.log_softmax(hidden @ weight.T, -1)
-    logprob = logp_all[:, 2]
-    dl_dh = (torch.nn.functional.one_hot(target, 6).double() - logp_all.exp()) @ weight
+    hidden, weight, target, logprob, dl_dh = _one_token()
     beta = 0.3
     k3_by_x = {x: value for x, value, _ in KL_BY_HAND["k3"]}
     for x, value, slope in KL_BY_HAND[estimator]:
@@ -1331,14 +1338,7 @@ def test_cispo_by_hand(x, w, advantage):
     ``-w A d log pi / d hidden`` with ``w`` the clipped weight, detached
     (a weight with a gradient would add ``-A dw/dl``), for both schedules
     and the reference; ``clip_frac`` is 1 exactly when ``w`` is clipped."""
-    g = torch.Generator().manual_seed(SEED)
-    hidden = torch.randn(1, 4, generator=g, dtype=torch.float64)
-    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    target = torch.tensor([2])
-    with torch.no_grad():
-        logp_all = torch.log_softmax(hidden @ weight.T, -1)
-    logprob = logp_all[:, 2]
-    dl_dh = (torch.nn.functional.one_hot(target, 6).double() - logp_all.exp()) @ weight
+    hidden, weight, target, logprob, dl_dh = _one_token()
     args = (target, torch.tensor([advantage], dtype=torch.float64), logprob - x, torch.tensor([1]))
     kwargs = dict(eps_low=0.2, eps_high=0.28, policy_loss="cispo")
     calls = [
