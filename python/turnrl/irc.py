@@ -52,6 +52,13 @@ def tiered_from_batch(batch: Any) -> TieredRollouts:
     )
 
 
+def _group_name(record: Mapping[str, Any]) -> str:
+    """A record's group: a record without one (or with group None) is its task's
+    group; any other name, "" included, is a group, as the buffer reader reads it."""
+    name = record.get("group")
+    return str(record.get("task_id") if name is None else name)
+
+
 def tiered_from_records(
     records: Sequence[Mapping[str, Any]], tiers: Sequence[str] = DEFAULT_TIERS
 ) -> TieredRollouts:
@@ -93,9 +100,7 @@ def tiered_from_records(
                 f"{where}: outcome must be a number of at most 1e100 in size, got {value!r}"
             )
         outcome[i] = float(value)
-        name = record.get("group")
-        name = str(record.get("task_id") if name is None else name)
-        group[i] = group_of.setdefault(name, len(group_of))
+        group[i] = group_of.setdefault(_group_name(record), len(group_of))
         for turn in turns:
             if not isinstance(turn, Mapping) or turn.get("role") != "assistant":
                 continue

@@ -62,6 +62,7 @@ import numpy as np
 
 from turnrl.advantages import compute_advantages, probe_batch
 from turnrl.exceptions import InvalidInputError, UnknownNameError
+from turnrl.irc import _group_name
 
 if TYPE_CHECKING:
     import torch
@@ -661,13 +662,6 @@ def _advantage_inputs(
         turn_offsets=np.asarray(turn_offsets, dtype=np.int64),
         cut_turns=cut_turns,
     )
-
-
-def _group_name(record: Mapping[str, Any]) -> str:
-    """A record's group: a record without one (or with group None) is its task's
-    group; any other name, "" included, is a group, as the buffer reader reads it."""
-    name = record.get("group")
-    return str(record.get("task_id") if name is None else name)
 
 
 TRUNCATIONS = ("right", "left", "error")
@@ -2752,13 +2746,10 @@ def train_loop(
                     # tasks, and a resumed run the ones an unbroken run would have.
                     chosen = step_tasks(pool, step, tasks_per_step, seed, sampling_round)
                     # Extra rounds' groups and buffers are named apart from the first's.
-                    extra = f"round-{sampling_round}" if sampling_round else ""
-                    prefix = f"step-{step}/" + (f"{extra}/" if extra else "")
-                    name = ".".join(
-                        [f"step-{step}", *([extra] if extra else []), "jsonl"]
-                        if world == 1
-                        else [f"step-{step}", *([extra] if extra else []), f"rank-{rank}", "jsonl"]
-                    )
+                    extra = [f"round-{sampling_round}"] if sampling_round else []
+                    prefix = "".join(f"{part}/" for part in (f"step-{step}", *extra))
+                    ranked = [f"rank-{rank}"] if world > 1 else []
+                    name = ".".join([f"step-{step}", *extra, *ranked, "jsonl"])
                     summary = together(
                         collect_rollouts,
                         domain,
@@ -2813,11 +2804,10 @@ def train_loop(
             # calibrator and the step's episode figures see them all.
             collected_records = [r for summary in summaries for r in summary.kept]
             trained_groups = set(signal_groups[:target_groups])
-            records = (
-                collected_records
-                if filter_groups is None
-                else [r for r in collected_records if _group_name(r) in trained_groups]
-            )
+            records, untrained = collected_records, []
+            if filter_groups is not None:
+                records = [r for r in collected_records if _group_name(r) in trained_groups]
+                untrained = [r for r in collected_records if _group_name(r) not in trained_groups]
             episodes, failed, successes, dropped, trained_episodes = (
                 float(sum(s.records for s in summaries)),
                 float(sum(len(s.failures) for s in summaries)),
@@ -2864,11 +2854,6 @@ def train_loop(
             updated = time.perf_counter()
             # Every rank names the same figures: the tiers of the reward table. The
             # episodes' figures are of all collected; the tiers' advantages of those trained.
-            untrained = (
-                []
-                if filter_groups is None
-                else [r for r in collected_records if _group_name(r) not in trained_groups]
-            )
             unseen = sum(t.get("role") == "assistant" for r in untrained for t in r["turns"])
             figures = rollout_figures(
                 [*records, *untrained],
@@ -3184,7 +3169,7 @@ def task_draw(pool: Sequence[Any], per_step: int, seed: int = 0) -> dict[str, An
     ones draws other tasks than the unbroken run would have."""
     import hashlib
 
-    ids = json.dumps([str(getattr(t, "id", t)) for t in pool])
+    ids = json.dumps([_task_key(t) for t in pool])
     return {
         "tasks_per_step": per_step,
         "seed": seed,
