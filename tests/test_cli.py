@@ -451,3 +451,18 @@ def test_train_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused(tm
     path = _config_file(tmp_path, ".toml", {"kl_estimator": "k4"})
     assert main(["train", "--config", str(path), *train[1:]]) == 2
     assert "kl_estimator: unknown kl_estimator 'k4'" in capsys.readouterr().err
+
+
+def test_resume_notes_spell_a_switched_off_setting_as_the_options_do():
+    """A setting switched off (None) reads ``none``, as ``--max-grad-norm none``
+    is typed, not Python's ``None``; one a side lacks reads ``default``; equal
+    ones are not named."""
+    from turnrl.cli import _setting_changes
+
+    before = {"--max-grad-norm": 1.0, "--dual-clip": None, "--beta": 0.0}
+    after = {"--max-grad-norm": None, "--dual-clip": 3.0, "--beta": 0.0, "--agg": "token_mean"}
+    assert _setting_changes(before, after, "loss ") == [
+        "loss --max-grad-norm 1.0 -> none",
+        "loss --dual-clip none -> 3.0",
+        "loss --agg default -> token_mean",
+    ]

@@ -1655,9 +1655,16 @@ def _setting_changes(
     before: Mapping[str, Any], after: Mapping[str, Any], prefix: str = ""
 ) -> list[str]:
     """``"<prefix><key> <before> -> <after>"`` for every key whose value differs
-    (a key left out is the default)."""
+    (a key left out is the default; a setting switched off, None, is spelt
+    ``none`` as the options take it)."""
+
+    def shown(settings: Mapping[str, Any], key: str) -> Any:
+        if key not in settings:
+            return "default"
+        return "none" if settings[key] is None else settings[key]
+
     return [
-        f"{prefix}{key} {before.get(key, 'default')} -> {after.get(key, 'default')}"
+        f"{prefix}{key} {shown(before, key)} -> {shown(after, key)}"
         for key in dict.fromkeys([*before, *after])
         if before.get(key) != after.get(key)
     ]
