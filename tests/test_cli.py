@@ -400,7 +400,7 @@ def test_train_policy_loss_is_parsed_and_cispo_with_dual_clip_is_refused(tmp_pat
 
     train = ["train", "--model", "m", "--env", "e", "--out", "o"]
     assert _parsed(train).policy_loss == "ppo"
-    for name in ("ppo", "cispo"):
+    for name in ("ppo", "cispo", "sapo"):
         assert _parsed([*train, "--policy-loss", name]).policy_loss == name
     path = _config_file(tmp_path, ".toml", {"policy_loss": "cispo", "eps_high": 4.0})
     parsed = _parsed(["train", "--config", str(path), *train[1:]])
@@ -420,6 +420,45 @@ def test_train_policy_loss_is_parsed_and_cispo_with_dual_clip_is_refused(tmp_pat
     path = _config_file(tmp_path, ".toml", {"policy_loss": "cispo", "dual_clip": 3.0})
     assert main([*argv, "--config", str(path)]) == 2
     assert capsys.readouterr().err == want
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_sapo_temperatures_are_parsed_and_refused_where_they_do_nothing(tmp_path, capsys):
+    """--sapo-tau-pos/--sapo-tau-neg, from the line and a config file, must be
+    finite and > 0 (refused while parsing), and are refused without
+    --policy-loss sapo (they would change nothing), as --dual-clip is with
+    it, before any model loads (there is none here)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o", "--policy-loss", "sapo"]
+    parsed = _parsed(train)
+    assert (parsed.policy_loss, parsed.sapo_tau_pos, parsed.sapo_tau_neg) == ("sapo", None, None)
+    parsed = _parsed([*train, "--sapo-tau-pos", "0.5", "--sapo-tau-neg", "2"])
+    assert (parsed.sapo_tau_pos, parsed.sapo_tau_neg) == (0.5, 2.0)
+    path = _config_file(tmp_path, ".toml", {"policy_loss": "sapo", "sapo_tau_neg": 3.0})
+    parsed = _parsed(["train", "--config", str(path), *train[1:7]])
+    assert (parsed.policy_loss, parsed.sapo_tau_neg) == ("sapo", 3.0)
+    for bad in ("0", "-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--sapo-tau-neg", bad])
+        assert "argument --sapo-tau-neg: must be" in capsys.readouterr().err
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--sapo-tau-pos", "2", "--sapo-tau-neg", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --sapo-tau-pos, --sapo-tau-neg: SAPO's temperatures, for "
+        "--policy-loss sapo alone (this run's is ppo)\n"
+    )
+    path = _config_file(tmp_path, ".toml", {"policy_loss": "cispo", "sapo_tau_neg": 2.0})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert "--sapo-tau-neg: SAPO's temperatures, for --policy-loss sapo alone (this run's " in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--policy-loss", "sapo", "--dual-clip", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --dual-clip caps PPO's loss of a negative advantage, and "
+        "--policy-loss sapo's gate already bounds it: leave --dual-clip out\n"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -33,7 +33,6 @@ from turnrl.exceptions import InvalidInputError, UnknownNameError  # noqa: E402
 from turnrl.kernels.fused_linear_gtpo import (  # noqa: E402
     KL_ESTIMATOR_ALIASES,
     KL_ESTIMATORS,
-    POLICY_LOSSES,
     aggregation_weights,
     fused_logprobs,
     gtpo_loss,
@@ -400,13 +399,26 @@ def _bad_call(**overrides):
         (
             {"policy_loss": "grpo"},
             UnknownNameError,
-            "unknown policy_loss 'grpo'; valid: ppo, cispo",
+            "unknown policy_loss 'grpo'; valid: ppo, cispo, sapo",
         ),
         (
             {"policy_loss": "cispo", "dual_clip": 3.0},
             InvalidInputError,
             "dual_clip has no meaning with policy_loss='cispo'",
         ),
+        (
+            {"policy_loss": "sapo", "dual_clip": 3.0},
+            InvalidInputError,
+            "dual_clip has no meaning with policy_loss='sapo'",
+        ),
+        (
+            {"sapo_tau_pos": 0.0},
+            InvalidInputError,
+            "sapo_tau_pos must be finite and > 0 (SAPO's temperature), got 0.0",
+        ),
+        ({"sapo_tau_neg": -1.0}, InvalidInputError, "sapo_tau_neg must be finite and > 0"),
+        ({"sapo_tau_neg": math.nan}, InvalidInputError, "sapo_tau_neg must be finite and > 0"),
+        ({"sapo_tau_pos": math.inf}, InvalidInputError, "sapo_tau_pos must be finite and > 0"),
         ({"segment_ids": torch.zeros(2, 4)}, InvalidInputError, "segment_ids has shape (2, 4)"),
         (
             {"segment_ids": torch.zeros(2, 5)},
@@ -1373,7 +1385,7 @@ def test_a_token_far_outside_the_clip_range_keeps_its_gradient_under_cispo_alone
     old = logprob - torch.tensor([math.log(3.0), math.log(0.3)], dtype=torch.float64)
     advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
     grads = {}
-    for policy_loss in POLICY_LOSSES:
+    for policy_loss in ("ppo", "cispo"):
         h = hidden.clone().requires_grad_(True)
         loss, stats = gtpo_loss(
             h, weight, targets, advantages, old, torch.tensor([1, 1]),
@@ -1388,7 +1400,142 @@ def test_a_token_far_outside_the_clip_range_keeps_its_gradient_under_cispo_alone
 
 
 def test_cispo_refusals_name_the_choice():
-    with pytest.raises(UnknownNameError, match="unknown policy_loss 'CISPO'; valid: ppo, cispo"):
+    with pytest.raises(
+        UnknownNameError, match="unknown policy_loss 'CISPO'; valid: ppo, cispo, sapo"
+    ):
         torch_gtpo_loss(*_one_token_args(), policy_loss="CISPO")
     with pytest.raises(InvalidInputError, match="dual_clip has no meaning"):
         torch_gtpo_loss(*_one_token_args(), policy_loss="cispo", dual_clip=3.0)
+
+
+# ---------------------------------------------------------------------------
+# SAPO (policy_loss="sapo"): the fused loss against the reference, by hand,
+# and the point of it: a gradient that fades off-policy instead of a cut.
+
+
+def _sapo_case(seed, shape, hidden_size, vocab, dtype, agg, *, taus=(0.8, 2.5), **kwargs):
+    """make_case's inputs (log-ratio noise of std 1, both advantage signs)
+    under SAPO, with temperatures far enough apart that one taken for the
+    other changes the loss."""
+    case = make_case(seed, shape, hidden_size, vocab, dtype, agg, dual_clip=None, **kwargs)
+    case.kwargs.update(policy_loss="sapo", sapo_tau_pos=taus[0], sapo_tau_neg=taus[1])
+    return inside_and_outside_the_clip(case, seed)
+
+
+@pytest.mark.parametrize(("beta", "entropy_coef"), [(0.0, 0.0), (0.7, 0.01)])
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
+def test_sapo_matches_the_reference(schedule, chunk, dtype, rtol, beta, entropy_coef):
+    agg = "seq_mean_token_mean" if beta else "token_mean"
+    case = _sapo_case(SEED, (3, 16), 24, 200, dtype, agg, beta=beta, entropy_coef=entropy_coef)
+    assert bool((case.advantages[case.mask] > 0).any() & (case.advantages[case.mask] < 0).any())
+    stats = assert_close_to_reference(
+        case, rtol, backend="torch", chunk_size=chunk, schedule=schedule
+    )
+    assert float(stats["clip_frac"]) == 0.0  # SAPO clips nothing
+    # Neither PPO's loss nor SAPO's with the temperatures swapped.
+    for other in ({"policy_loss": "ppo"}, {"sapo_tau_pos": 2.5, "sapo_tau_neg": 0.8}):
+        changed = dataclasses.replace(case, kwargs={**case.kwargs, **other})
+        assert float((run_reference(changed)[1] - run_reference(case)[1]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_sapo_matches_the_reference_with_segments(agg):
+    case = _sapo_case(SEED + 3, (3, 9), 16, 50, torch.float64, agg, beta=0.7)
+    add_segments(case, SEED + 3, across_rows=agg == "token_mean")
+    assert_close_to_reference(case, 1e-10, backend="torch")
+
+
+def _sapo_gate(x, advantage, tau_pos, tau_neg):
+    """SAPO by hand at log-ratio ``x``: the loss ``-A f(r)`` and its
+    derivative by ``log pi``, ``-A * 4 s (1 - s) * r``."""
+    tau = tau_pos if advantage > 0 else tau_neg
+    r = math.exp(x)
+    s = 1.0 / (1.0 + math.exp(-tau * (r - 1.0)))
+    return -advantage * s * 4.0 / tau, -advantage * 4.0 * s * (1.0 - s) * r
+
+
+@pytest.mark.parametrize("x", [0.0, math.log(1.5), math.log(0.5)])
+@pytest.mark.parametrize("advantage", [1.5, -0.7])
+def test_sapo_by_hand(x, advantage):
+    """One token at ``r = 1, 1.5, 0.5``, either sign (so either temperature):
+    the loss is ``-A sigmoid(tau (r - 1)) 4 / tau`` and its gradient
+    ``-A * 4 s (1 - s) * r * d log pi / d hidden``, which at ``r = 1`` is the
+    plain policy gradient ``-A d log pi`` whatever ``tau``; both schedules
+    and the reference; ``clip_frac`` 0."""
+    hidden, weight, target, logprob, dl_dh = _one_token()
+    args = (target, torch.tensor([advantage], dtype=torch.float64), logprob - x, torch.tensor([1]))
+    taus = dict(sapo_tau_pos=0.8, sapo_tau_neg=2.5)
+    value, slope = _sapo_gate(x, advantage, 0.8, 2.5)
+    if x == 0.0:
+        assert slope == pytest.approx(-advantage, rel=1e-15)
+    calls = [
+        (gtpo_loss, {"backend": "torch", "schedule": schedule, "chunk_size": 1})
+        for schedule in ("rows", "vocab")
+    ]
+    for fn, extra in [*calls, (torch_gtpo_loss, {})]:
+        h = hidden.clone().requires_grad_(True)
+        out = fn(h, weight, *args, policy_loss="sapo", **taus, **extra)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        where = (fn.__name__, extra.get("schedule"))
+        assert float(loss.detach()) == pytest.approx(value, rel=1e-12), where
+        torch.testing.assert_close(h.grad, slope * dl_dh, rtol=1e-10, atol=1e-14, msg=str(where))
+        if isinstance(out, tuple):
+            assert float(out[1]["clip_frac"]) == 0.0, where
+
+
+@pytest.mark.parametrize("schedule", ["rows", "vocab"])
+def test_a_token_far_off_policy_gets_a_small_gradient_under_sapo_and_none_under_ppo(schedule):
+    """A positive advantage at ``r = 10`` and a negative one at ``r = 0.05``
+    (outside PPO's clip range on the side where it cuts): PPO gives both no
+    gradient, SAPO (default temperatures) a faded one, ``-A * 4 s (1 - s) *
+    r d log pi``, far smaller than the on-policy ``-A d log pi`` but not
+    zero. (Nearer, at ``r = 3`` with ``tau = 1``, the factor ``r`` outweighs
+    the gate: SAPO's gradient is then larger than on-policy.)"""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    targets = torch.tensor([2, 5])
+    with torch.no_grad():
+        logp_all = torch.log_softmax(hidden @ weight.T, -1)
+    logprob = logp_all[torch.arange(2), targets]
+    dl_dh = (torch.nn.functional.one_hot(targets, 6).double() - logp_all.exp()) @ weight
+    x = [math.log(10.0), math.log(0.05)]
+    old = logprob - torch.tensor(x, dtype=torch.float64)
+    advantages = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    grads = {}
+    for policy_loss in ("ppo", "sapo"):
+        h = hidden.clone().requires_grad_(True)
+        loss, _ = gtpo_loss(
+            h, weight, targets, advantages, old, torch.tensor([1, 1]),
+            eps_low=0.2, eps_high=0.28, policy_loss=policy_loss,
+            backend="torch", schedule=schedule,
+        )  # fmt: skip
+        loss.backward()
+        grads[policy_loss] = h.grad
+    assert torch.equal(grads["ppo"], torch.zeros_like(hidden))
+    for t in range(2):
+        slope = _sapo_gate(x[t], float(advantages[t]), 1.0, 1.05)[1]
+        assert 1e-3 < abs(slope) < 0.05  # faded, not cut off
+        torch.testing.assert_close(grads["sapo"][t], slope / 2 * dl_dh[t], rtol=1e-10, atol=1e-14)
+
+
+def test_a_large_sapo_temperature_closes_the_gate_without_overflow():
+    """``tau`` in the thousands: a token off-policy by 10% gets no gradient
+    (a hard gate), an on-policy one still the plain ``-A d log pi``; all
+    finite."""
+    hidden, weight, target, logprob, dl_dh = _one_token()
+    for x, want in ((0.0, -1.0), (math.log(1.1), 0.0), (math.log(0.9), 0.0)):
+        for advantage in (1.0, -1.0):
+            h = hidden.clone().requires_grad_(True)
+            loss, _ = gtpo_loss(
+                h, weight, target, torch.tensor([advantage], dtype=torch.float64),
+                logprob - x, torch.tensor([1]), policy_loss="sapo",
+                sapo_tau_pos=5000.0, sapo_tau_neg=5000.0, backend="torch",
+            )  # fmt: skip
+            loss.backward()
+            assert bool(torch.isfinite(loss)), (x, advantage)
+            torch.testing.assert_close(h.grad, want * advantage * dl_dh, rtol=1e-9, atol=1e-12)

@@ -628,10 +628,18 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert (
         "--resume: this run's loss settings replace the checkpoint's: --policy-loss ppo -> cispo\n"
     ) in capsys.readouterr().err
-    # A checkpoint from before --kl-estimator and --policy-loss trained with
-    # their defaults, k3 and ppo.
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--policy-loss", "sapo", "--sapo-tau-neg", "2"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: --policy-loss ppo -> sapo; "
+        "--sapo-tau-neg 1.05 -> 2.0\n"
+    ) in capsys.readouterr().err
+    # A checkpoint from before --kl-estimator, --policy-loss and SAPO's
+    # temperatures trained with their defaults, k3 and ppo (whose loss the
+    # temperatures do not change).
     del state["loss"]["kl_estimator"]
     del state["loss"]["policy_loss"]
+    del state["loss"]["sapo_tau_pos"], state["loss"]["sapo_tau_neg"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])
@@ -639,6 +647,11 @@ def test_a_resume_with_other_loss_settings_says_which(
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume", "--policy-loss", "cispo"])
     assert "loss settings replace the checkpoint's: --policy-loss ppo -> cispo\n" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--policy-loss", "sapo", "--sapo-tau-pos", "0.5"])
+    assert "replace the checkpoint's: --policy-loss ppo -> sapo; --sapo-tau-pos 1.0 -> 0.5\n" in (
         capsys.readouterr().err
     )
     with pytest.raises(Reached):

@@ -503,6 +503,12 @@ def test_a_row_over_max_length_under_truncation_error_names_its_record(tok):
         )
 
 
+def _sapo_gate(ratio, adv, cfg):
+    """SAPO's f(r) = sigmoid(tau (r - 1)) * 4 / tau, tau by the advantage's sign."""
+    tau = torch.where(adv > 0, cfg.sapo_tau_pos, cfg.sapo_tau_neg).to(ratio.dtype)
+    return torch.sigmoid(tau * (ratio - 1)) * 4 / tau
+
+
 def _reference_loss(model, batch, cfg):
     """The whole batch at once: full logits from the model's own forward, the loss by hand."""
     mask = batch.loss_mask[:, 1:].to(torch.float32)
@@ -516,6 +522,8 @@ def _reference_loss(model, batch, cfg):
         # -sg(w) * A * log pi, valued -w * A; on-policy w = 1.
         weight = ratio.detach().clamp(1 - cfg.eps_low, 1 + cfg.eps_high)
         loss = -weight * adv * (1 + logp - logp.detach())
+    elif cfg.policy_loss == "sapo":
+        loss = -adv * _sapo_gate(ratio, adv, cfg)
     else:
         loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
     if cfg.beta:
@@ -557,6 +565,9 @@ def _reference_loss(model, batch, cfg):
         # On-policy (w = r = 1) CISPO's step is PPO's; its off-policy steps are
         # test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips's.
         ("seq_mean_token_mean", 3, 0.05, 0.01, "k3", "cispo"),
+        # On-policy SAPO's gradient is PPO's too, its value -2 A / tau (each
+        # sign's tau); off-policy, test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips.
+        ("token_mean", 2, 0.05, 0.01, "k3", "sapo"),
     ],
 )
 def test_step_matches_the_whole_batch_reference(
@@ -578,6 +589,8 @@ def test_step_matches_the_whole_batch_reference(
         beta=beta,
         kl_estimator=kl_estimator,
         policy_loss=policy_loss,
+        sapo_tau_pos=0.8,  # far apart: one taken for the other changes the loss
+        sapo_tau_neg=2.5,
         entropy_coef=entropy_coef,
         temperature=0.7,
         agg=agg,
@@ -633,17 +646,19 @@ def test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips(tok, base_model):
     """Later epochs see a moved policy, many of its ratios outside a tight clip
     range. The trainer's second epoch (with the same first one: on-policy,
     CISPO's step is PPO's) against the plain loss on those ratios: under
-    PPO a clipped token adds nothing, under CISPO ``-w A d log pi``."""
+    PPO a clipped token adds nothing, under CISPO ``-w A d log pi``; under
+    SAPO (no clip) each token ``-A 4 s (1 - s) r d log pi``."""
     rng = random.Random(17)
     records = [_record(rng, float(i % 2), "g") for i in range(4)]
     batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
     model = _lora(base_model)
     steps = {}
-    for policy_loss in ("ppo", "cispo"):
+    taus = dict(sapo_tau_pos=0.8, sapo_tau_neg=2.5)
+    for policy_loss in ("ppo", "cispo", "sapo"):
         lora = copy.deepcopy(model)
         cfg = GTPOConfig(
             ppo_epochs=2, eps_low=0.01, eps_high=0.01, policy_loss=policy_loss,
-            max_grad_norm=None, backend="torch", skip_zero_advantage=False,
+            max_grad_norm=None, backend="torch", skip_zero_advantage=False, **taus,
         )  # fmt: skip
         params = [p for p in lora.parameters() if p.requires_grad]
         trainer = GTPOTrainer(lora, torch.optim.SGD(params, lr=50.0), cfg)
@@ -654,6 +669,7 @@ def test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips(tok, base_model):
         stats = trainer.step(batch)
         steps[policy_loss] = (old, seen, stats)
     assert steps["ppo"][2]["clip_frac"] > 0 and steps["cispo"][2]["clip_frac"] > 0
+    assert steps["sapo"][2]["clip_frac"] == 0.0
     for policy_loss, (old, seen, _) in steps.items():
         # seen[1]: the parameters after the second step; recompute the second
         # epoch's gradient plainly from the first step's parameters.
@@ -662,7 +678,7 @@ def test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips(tok, base_model):
             for n, p in probe.named_parameters():
                 if n in seen[0]:
                     p.copy_(seen[0][n])
-        cfg = GTPOConfig(eps_low=0.01, eps_high=0.01, policy_loss=policy_loss)
+        cfg = GTPOConfig(eps_low=0.01, eps_high=0.01, policy_loss=policy_loss, **taus)
         _off_policy_loss(probe, batch, old, cfg).backward()
         for n, p in probe.named_parameters():
             if n in seen[0]:
@@ -700,6 +716,8 @@ def _off_policy_loss(model, batch, old, cfg):
     low, high = 1 - cfg.eps_low, 1 + cfg.eps_high
     if cfg.policy_loss == "cispo":
         loss = -ratio.detach().clamp(low, high) * adv * logp
+    elif cfg.policy_loss == "sapo":
+        loss = -adv * _sapo_gate(ratio, adv, cfg)
     else:
         loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
     return (loss * mask).sum() / mask.sum()
@@ -2496,6 +2514,17 @@ def test_cispo_takes_no_dual_clip():
     ):
         GTPOConfig(policy_loss="cispo", dual_clip=3.0)
     GTPOConfig(policy_loss="ppo", dual_clip=3.0)
+
+
+def test_sapo_takes_no_dual_clip_and_positive_finite_temperatures():
+    with pytest.raises(InvalidInputError, match="dual_clip has no meaning with policy_loss='sapo'"):
+        GTPOConfig(policy_loss="sapo", dual_clip=3.0)
+    for field in ("sapo_tau_pos", "sapo_tau_neg"):
+        for value in (0.0, -1.0, math.nan, math.inf):
+            with pytest.raises(InvalidInputError, match=f"{field} must be finite and > 0"):
+                GTPOConfig(policy_loss="sapo", **{field: value})
+    config = GTPOConfig(policy_loss="sapo", sapo_tau_pos=0.5, sapo_tau_neg=3.0)
+    assert (config.sapo_tau_pos, config.sapo_tau_neg) == (0.5, 3.0)
 
 
 def test_the_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused():
@@ -4784,6 +4813,7 @@ def _reference_weights(log_ratio, known, turn, mode, cap):
         ("turn_truncate", True, "ppo"),
         ("turn_mask", False, "ppo"),
         ("token_truncate", True, "cispo"),  # it weighs CISPO's policy-gradient term too
+        ("turn_mask", True, "sapo"),  # and SAPO's
     ],
 )
 def test_rollout_correction_weights_advantages_as_the_plain_formula(

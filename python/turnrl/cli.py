@@ -684,6 +684,24 @@ def _train(args: argparse.Namespace) -> int:
             "--dual-clip caps PPO's loss of a negative advantage, and --policy-loss cispo "
             "clips its weight on both sides whatever the sign: leave --dual-clip out"
         )
+    if args.policy_loss == "sapo" and args.dual_clip is not None:
+        raise InvalidInputError(
+            "--dual-clip caps PPO's loss of a negative advantage, and --policy-loss sapo's "
+            "gate already bounds it: leave --dual-clip out"
+        )
+    sapo_taus = [
+        option
+        for option, value in (
+            ("--sapo-tau-pos", args.sapo_tau_pos),
+            ("--sapo-tau-neg", args.sapo_tau_neg),
+        )
+        if value is not None
+    ]
+    if sapo_taus and args.policy_loss != "sapo":
+        raise InvalidInputError(
+            f"{', '.join(sapo_taus)}: SAPO's temperatures, for --policy-loss sapo alone "
+            f"(this run's is {args.policy_loss})"
+        )
     if args.vllm_sleep and args.engine != "vllm":
         raise InvalidInputError("--vllm-sleep puts vLLM to sleep during updates: add --engine vllm")
     if args.max_sampling_rounds is not None and args.filter_groups is None:
@@ -979,6 +997,15 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             skip_zero_advantage=args.skip_zero_advantage,
             ppo_epochs=args.ppo_epochs,
             policy_loss=args.policy_loss,
+            # None: not given, the field's default (which a resume compares).
+            **{
+                field: value
+                for field, value in (
+                    ("sapo_tau_pos", args.sapo_tau_pos),
+                    ("sapo_tau_neg", args.sapo_tau_neg),
+                )
+                if value is not None
+            },
             eps_low=args.eps_low,
             eps_high=args.eps_high,
             beta=args.beta,
@@ -1607,6 +1634,8 @@ LOSS_OPTIONS = {
     "micro_batch_tokens": "--micro-batch-tokens",
     "ppo_epochs": "--ppo-epochs",
     "policy_loss": "--policy-loss",
+    "sapo_tau_pos": "--sapo-tau-pos",
+    "sapo_tau_neg": "--sapo-tau-neg",
     "eps_low": "--eps-low",
     "eps_high": "--eps-high",
     "dual_clip": "--dual-clip",
@@ -1839,6 +1868,7 @@ def build_parser() -> argparse.ArgumentParser:
         IMPORTANCE_LEVELS,
         ROLLOUT_CORRECTIONS,
         TRUNCATIONS,
+        GTPOConfig,
     )
 
     parser = _Parser(
@@ -2383,10 +2413,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=POLICY_LOSSES,
         default="ppo",
         help="the policy-gradient term: ppo (the clipped surrogate; a clipped token has no "
-        "gradient) or cispo (MiniMax-M1: the clipped importance weight, detached, times "
+        "gradient), cispo (MiniMax-M1: the clipped importance weight, detached, times "
         "-A grad log pi, so every token keeps a gradient; give it a far larger --eps-high, "
-        "ScaleRL's cap of 5 on the weight is --eps-low 1 --eps-high 4) (default: %(default)s)",
+        "ScaleRL's cap of 5 on the weight is --eps-low 1 --eps-high 4) or sapo (Qwen's SAPO: "
+        "a smooth gate -A sigmoid(tau (r - 1)) 4 / tau instead of the clip, the plain policy "
+        "gradient on-policy, fading off it; --eps-low/--eps-high unused) (default: %(default)s)",
     )
+    for sign, default, whose in (
+        ("pos", GTPOConfig.sapo_tau_pos, "positive"),
+        ("neg", GTPOConfig.sapo_tau_neg, "other"),
+    ):
+        tr.add_argument(
+            f"--sapo-tau-{sign}",
+            type=_positive_number,
+            metavar="TAU",
+            help=f"with --policy-loss sapo: the gate's temperature of the {whose} advantages' "
+            "tokens (TRL's sapo_temperature_" + sign + "); the larger, the faster the gate "
+            f"closes off-policy (default: {default}, the paper's)",
+        )
     tr.add_argument(
         "--dual-clip",
         type=_above_one,

@@ -941,7 +941,19 @@ class GTPOConfig:
     is detached and multiplies ``-A d log pi``, so every token keeps a
     gradient). CISPO's ``eps_high`` is far above PPO's (ScaleRL caps the
     weight at 5: ``eps_high=4``; ``eps_low=1`` leaves no lower bound, as
-    the paper). It takes no ``dual_clip``."""
+    the paper). It takes no ``dual_clip``. Or ``"sapo"`` (SAPO, Qwen, arXiv
+    2511.20347): a smooth gate instead of the clip, ``-A sigmoid(tau (r -
+    1)) 4 / tau``, whose gradient ``-A 4 s (1 - s) r d log pi`` is the plain
+    policy gradient at ``r = 1`` and fades off-policy; ``eps_low`` and
+    ``eps_high`` are unused, ``dual_clip`` refused, ``clip_frac`` 0."""
+    sapo_tau_pos: float = 1.0
+    """SAPO's temperature ``tau`` of tokens with a positive advantage (TRL's
+    ``sapo_temperature_pos``); finite and > 0. Only ``policy_loss="sapo"``
+    uses it."""
+    sapo_tau_neg: float = 1.05
+    """SAPO's ``tau`` of the other tokens (TRL's ``sapo_temperature_neg``; the
+    paper closes the gate faster on negative advantages, whose updates spread
+    over the whole vocabulary)."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
@@ -985,6 +997,16 @@ class GTPOConfig:
                 "dual_clip has no meaning with policy_loss='cispo' (its weight is clipped at "
                 "1 - eps_low and 1 + eps_high whatever the advantage's sign); leave it None"
             )
+        if self.dual_clip is not None and self.policy_loss == "sapo":
+            raise InvalidInputError(
+                "dual_clip has no meaning with policy_loss='sapo' (its gate already bounds the "
+                "loss of a negative advantage at -A * 4 / sapo_tau_neg); leave it None"
+            )
+        for name, tau in (("sapo_tau_pos", self.sapo_tau_pos), ("sapo_tau_neg", self.sapo_tau_neg)):
+            if not 0 < tau < math.inf:
+                raise InvalidInputError(
+                    f"{name} must be finite and > 0 (SAPO's temperature), got {tau}"
+                )
         if not 0 <= self.beta < math.inf:
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta}")
         if not math.isfinite(self.entropy_coef):
@@ -1386,6 +1408,8 @@ class GTPOTrainer:
                         beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator,
                         policy_loss=cfg.policy_loss,
+                        sapo_tau_pos=cfg.sapo_tau_pos,
+                        sapo_tau_neg=cfg.sapo_tau_neg,
                         entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature,
                         agg=cfg.agg,

@@ -99,6 +99,26 @@ def test_triton_cispo_with_segments():
     assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
 
 
+@pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_triton_sapo_matches_reference(schedule, chunk, beta):
+    """policy_loss='sapo' with temperatures far apart and both advantage
+    signs (the kernels get SAPO's gradients)."""
+    case = make_case(SEED, (3, 6), 16, 45, torch.float32, "token_mean", beta=beta, dual_clip=None)
+    case.kwargs.update(policy_loss="sapo", sapo_tau_pos=0.8, sapo_tau_neg=2.5)
+    inside_and_outside_the_clip(case, SEED)
+    assert_close_to_reference(
+        _to_device(case), 1e-5, backend="triton", chunk_size=chunk, schedule=schedule
+    )
+
+
+def test_triton_sapo_with_segments():
+    case = make_case(SEED, (2, 7), 8, 40, torch.float32, "seq_mean_token_mean", dual_clip=None)
+    add_segments(inside_and_outside_the_clip(case, SEED), SEED)
+    case.kwargs.update(policy_loss="sapo", sapo_tau_pos=0.8, sapo_tau_neg=2.5)
+    assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
+
+
 def test_triton_straight_through_kl_with_segments():
     case = make_case(SEED, (2, 7), 8, 40, torch.float32, "seq_mean_token_mean", beta=0.7)
     add_segments(spread_ref(case, SEED), SEED)

@@ -9,6 +9,8 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     pg_t     = min(pg_t, -A_t * dual_clip)   where A_t < 0   (only with dual_clip, as verl)
     pg_t     = -sg(clip(p_t, 1 - eps_low, 1 + eps_high)) * A_t * (1 + l_t - sg(l_t))
                                                     (instead, with policy_loss="cispo")
+    pg_t     = -A_t * sigmoid(tau_t * (p_t - 1)) * 4 / tau_t
+               tau_t = tau_pos where A_t > 0, else tau_neg   (instead, with policy_loss="sapo")
     kl_t     = min(exp(d) - d - 1, 10),  d = clamp(ref_t - l_t, -20, 20)   (k3, verl's "low_var_kl")
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
@@ -27,7 +29,8 @@ verl's ``gspo`` loss), the ratio of token ``t`` in segment ``S`` is instead
 geometric-mean ratio, and ``d p_t / d l_t = p_t``, each token's own
 gradient scaled by the segment's ratio (the ``1 / |S|`` of GSPO's sequence
 gradient comes from a ``seq_mean`` aggregation, not from the ratio). The
-clip, the dual clip and the statistics then apply per token to that ratio.
+clip, the dual clip, SAPO's gate and the statistics then apply per token to
+that ratio.
 
 The [N, V] logits never exist at once. Two schedules share the kernels:
 
@@ -809,6 +812,10 @@ class LossConfig:
     """A canonical name of :data:`KL_ESTIMATORS` (:func:`kl_estimator_name`)."""
     policy_loss: str = "ppo"
     """One of :data:`POLICY_LOSSES`."""
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
+    """SAPO's gate temperatures (``policy_loss="sapo"``), of tokens with
+    ``A > 0`` and the others."""
 
 
 def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -828,6 +835,15 @@ def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tens
     # Straight-through: k2's gradient, the value named. k2 - sg[k2] is exactly 0.
     k2 = 0.5 * x.square()
     return (k2 - k2.detach()) + value.detach()
+
+
+def _check_sapo_taus(tau_pos: float, tau_neg: float) -> None:
+    # Written so that NaN fails too.
+    for name, tau in (("sapo_tau_pos", tau_pos), ("sapo_tau_neg", tau_neg)):
+        if not 0 < tau < math.inf:
+            raise InvalidInputError(
+                f"{name} must be finite and > 0 (SAPO's temperature), got {tau}"
+            )
 
 
 def token_terms(
@@ -863,6 +879,15 @@ def token_terms(
         weight = torch.clamp(ratio, low, high).detach()
         pg = -weight * advantages * (1.0 + (raw_log_ratio - raw_log_ratio.detach()))
         terms = {"ratio": ratio, "clipped": (ratio < low) | (ratio > high)}
+    elif cfg.policy_loss == "sapo":
+        # A smooth gate instead of the clip: d pg / d l = -A * 4 s (1 - s) * r
+        # (s the sigmoid), -A at r = 1 whatever tau, fading off-policy.
+        # Nothing is clipped: clip_frac is 0, as verl reports for SAPO.
+        tau = torch.where(
+            advantages > 0, ratio.new_tensor(cfg.sapo_tau_pos), ratio.new_tensor(cfg.sapo_tau_neg)
+        )
+        pg = -advantages * torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
+        terms = {"ratio": ratio, "clipped": torch.zeros_like(ratio, dtype=torch.bool)}
     else:
         unclipped = -advantages * ratio
         clipped = -advantages * torch.clamp(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
@@ -1365,6 +1390,8 @@ def gtpo_loss(
     segment_ids: torch.Tensor | None = None,
     kl_estimator: str = "k3",
     policy_loss: str = "ppo",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1384,10 +1411,10 @@ def gtpo_loss(
             ``beta != 0``; when given, ``stats["ref_kl"]`` is reported).
         eps_low, eps_high: ratio clip range ``[1 - eps_low, 1 + eps_high]``
             (of the importance weight under ``cispo``; ``eps_low >= 1``
-            leaves no lower bound).
+            leaves no lower bound; unused under ``sapo``).
         dual_clip: verl's ``clip_ratio_c`` (> 1): caps the loss of negative
             advantages at ``-A * dual_clip``. ``None`` turns it off. Refused
-            with ``policy_loss="cispo"``.
+            with ``policy_loss="cispo"`` or ``"sapo"``.
         beta: KL coefficient. entropy_coef: entropy bonus coefficient.
         temperature: logits are divided by it (match the sampler's).
         agg: ``token_mean`` | ``seq_mean_token_mean`` | ``seq_mean_token_sum``
@@ -1453,7 +1480,22 @@ def gtpo_loss(
             same gradient). ``r_t`` is the segment's ratio with
             ``segment_ids``. CISPO's ``eps_high`` is far larger than PPO's
             (ScaleRL: a cap of 5 on ``r``, ``eps_high=4``; ``eps_low=1``
-            for no lower bound, as the paper).
+            for no lower bound, as the paper). Or ``sapo`` (SAPO, Qwen,
+            arXiv 2511.20347; TRL's ``loss_type="sapo"``, verl's ``sapo``):
+            a smooth gate instead of the clip, ``pg_t = -A_t *
+            sigmoid(tau_t (r_t - 1)) * 4 / tau_t``, whose gradient is
+            ``-A_t * 4 s_t (1 - s_t) * r_t * d log pi_t`` (``s_t`` the
+            sigmoid): the plain policy gradient at ``r_t = 1``, fading
+            smoothly off-policy, never cut off. Its value at ``r_t = 1``
+            is ``-2 A_t / tau_t``. ``eps_low``/``eps_high`` are unused and
+            ``dual_clip`` refused; ``r_t`` is the clamped ratio (the
+            segment's with ``segment_ids``), as verl's.
+        sapo_tau_pos, sapo_tau_neg: SAPO's temperatures ``tau_t`` of tokens
+            with ``A_t > 0`` and of the others (TRL's
+            ``sapo_temperature_pos``/``_neg``, verl's ``tau_pos``/``tau_neg``;
+            the paper's 1.0 and 1.05 by default): finite and > 0; the
+            larger, the faster the gate closes off-policy. Used by
+            ``policy_loss="sapo"`` alone.
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1464,9 +1506,10 @@ def gtpo_loss(
         ``(loss, stats)``: a scalar fp32 (fp64 for fp64 inputs) loss with
         gradients for ``hidden`` and ``weight``, and detached scalar tensors
         ``clip_frac`` (``cispo``: the share whose weight was clipped, on
-        either side), ``approx_kl`` (mean ``old - new`` log-prob, as verl's
-        ``ppo_kl``), ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``,
-        ``ref_kl``, ``kl_loss``), all masked means over trained tokens.
+        either side; ``sapo``: 0, it clips nothing, as verl reports),
+        ``approx_kl`` (mean ``old - new`` log-prob, as verl's ``ppo_kl``),
+        ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``, ``ref_kl``,
+        ``kl_loss``), all masked means over trained tokens.
         ``ref_kl`` (with ``ref_logprobs``) is k3's estimate whatever
         ``kl_estimator`` is, so that runs stay comparable; ``kl_loss`` (with
         ``ref_logprobs`` and another ``kl_estimator`` than ``k3``) is the
@@ -1498,6 +1541,12 @@ def gtpo_loss(
             "dual_clip has no meaning with policy_loss='cispo': its weight is already clipped "
             "at 1 - eps_low and 1 + eps_high whatever the advantage's sign; leave dual_clip None"
         )
+    if policy_loss == "sapo" and dual_clip is not None:
+        raise InvalidInputError(
+            "dual_clip has no meaning with policy_loss='sapo': its gate already bounds the "
+            "loss of a negative advantage at -A * 4 / sapo_tau_neg; leave dual_clip None"
+        )
+    _check_sapo_taus(sapo_tau_pos, sapo_tau_neg)
     # Written so that NaN fails too: a NaN clip range or coefficient made the
     # loss NaN while its gradients stayed finite.
     if not (eps_low >= 0 and eps_high >= 0):
@@ -1552,7 +1601,17 @@ def gtpo_loss(
         if chunk_size is None
         else _checked_chunk_size(chunk_size)
     )
-    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef, kl_estimator, policy_loss)
+    cfg = LossConfig(
+        eps_low,
+        eps_high,
+        dual_clip,
+        beta,
+        entropy_coef,
+        kl_estimator,
+        policy_loss,
+        sapo_tau_pos,
+        sapo_tau_neg,
+    )
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
         advantages=advantages.reshape(-1),
@@ -1706,6 +1765,8 @@ def torch_gtpo_loss(
     segment_ids: torch.Tensor | None = None,
     kl_estimator: str = "k3",
     policy_loss: str = "ppo",
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -1741,12 +1802,19 @@ def torch_gtpo_loss(
             log_ratio = torch.where(members, mean + logprob - logprob.detach(), log_ratio)
     log_ratio = torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = log_ratio.exp()
-    if check_policy_loss(policy_loss) == "cispo":
-        if dual_clip is not None:
-            raise InvalidInputError("dual_clip has no meaning with policy_loss='cispo'")
+    policy_loss = check_policy_loss(policy_loss)
+    _check_sapo_taus(sapo_tau_pos, sapo_tau_neg)
+    if policy_loss in ("cispo", "sapo") and dual_clip is not None:
+        raise InvalidInputError(f"dual_clip has no meaning with policy_loss={policy_loss!r}")
+    if policy_loss == "cispo":
         # -sg(w) * A * log pi, shifted by a constant so that its value is -w * A.
         is_weight = torch.clamp(ratio, 1 - eps_low, 1 + eps_high).detach()
         loss_t = -is_weight * advantages * torch.exp(logprob - logprob.detach())
+    elif policy_loss == "sapo":
+        # The paper's gate f(r) = sigmoid(tau (r - 1)) * 4 / tau, per token.
+        temperature_t = torch.full_like(ratio, sapo_tau_neg)
+        temperature_t[advantages > 0] = sapo_tau_pos
+        loss_t = -advantages * torch.sigmoid(temperature_t * (ratio - 1)) * 4.0 / temperature_t
     else:
         pg_losses1 = -advantages * ratio
         pg_losses2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)

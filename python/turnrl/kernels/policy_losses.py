@@ -13,8 +13,10 @@ __all__ = ["POLICY_LOSSES", "check_policy_loss"]
 # a token whose ratio is clipped has no gradient. cispo (MiniMax-M1, arXiv
 # 2506.13585): the importance weight is clipped and detached instead,
 # -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * log pi, so every token keeps
-# a gradient.
-POLICY_LOSSES = ("ppo", "cispo")
+# a gradient. sapo (SAPO, Qwen, arXiv 2511.20347): a smooth gate instead of
+# the clip, -A * sigmoid(tau (r - 1)) * 4 / tau with tau = tau_pos if A > 0
+# else tau_neg; its gradient fades off-policy and is never cut off.
+POLICY_LOSSES = ("ppo", "cispo", "sapo")
 
 
 def check_policy_loss(name: str) -> str:
