@@ -288,6 +288,57 @@ def test_config_values_the_options_refuse_name_the_file_and_key(tmp_path, capsys
     assert "spell --config in full" in capsys.readouterr().err
 
 
+def test_top_p_and_top_k_are_parsed_checked_and_kept_from_rollout_correction(tmp_path, capsys):
+    """--top-p and --top-k, from the line and a config file, for train and collect;
+    out-of-range values refused while parsing (in a config file too, naming it),
+    and --rollout-correction under either before any model loads (there is none
+    here): its sampler log-probs are not asked for there."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    collect = ["rollouts", "collect", "--env", "e", "--agent-model", "m", "--out", "o"]
+    for command in (train, collect):
+        parsed = _parsed(command)
+        assert (parsed.top_p, parsed.top_k) == (None, None)
+        parsed = _parsed([*command, "--top-p", "0.95", "--top-k", "20"])
+        assert (parsed.top_p, parsed.top_k) == (0.95, 20)
+        assert _parsed([*command, "--top-p", "1", "--top-k", "0"]).top_k == 0
+        for option, value, why in [
+            ("--top-p", "0", "must be above 0 and at most 1, got '0'"),
+            ("--top-p", "1.5", "must be above 0 and at most 1, got '1.5'"),
+            ("--top-p", "nan", "must be a finite number"),
+            ("--top-k", "-3", "must be a positive integer, or 0 for off, got '-3'"),
+            ("--top-k", "x", "not an integer: 'x'"),
+        ]:
+            with pytest.raises(SystemExit):
+                _parsed([*command, f"{option}={value}"])
+            assert f"argument {option}: {why}" in capsys.readouterr().err
+    path = _config_file(tmp_path, ".toml", {"top_p": 0.8, "top_k": 20})
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.top_p, parsed.top_k) == (0.8, 20)
+    path = _config_file(tmp_path, ".json", {"top-k": 20.0})  # a whole float, as for --steps
+    assert _parsed(["train", "--config", str(path), *train[1:]]).top_k == 20
+    path = _config_file(tmp_path, ".json", {"top_p": 1.5})
+    assert main(["train", "--config", str(path), *train[1:]]) == 2
+    assert f"--config {path}: top_p: must be above 0 and at most 1" in capsys.readouterr().err
+
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--engine", "vllm"]
+    argv += ["--rollout-correction", "token_mask"]
+    assert main([*argv, "--top-k", "20"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --rollout-correction weighs each token by the trainer's softmax "
+        "over the sampler's, and under --top-k 20 the sampler draws from a truncated, "
+        "renormalised distribution whose log-probs are not asked for: leave --top-k out, or "
+        "--rollout-correction\n"
+    )
+    assert main([*argv, "--top-p", "0.9", "--top-k", "20"]) == 2
+    assert "under --top-p 0.9 and --top-k 20 the sampler" in capsys.readouterr().err
+    # Off, they leave the correction as it was (refused here for the missing model only).
+    assert main([*argv, "--top-p", "1", "--top-k", "0"]) != 0
+    assert "--rollout-correction weighs" not in capsys.readouterr().err
+
+
 def test_help_needs_no_config_file(tmp_path, capsys):
     import pytest
 

@@ -41,6 +41,23 @@ def test_openai_agent_sends_tools_and_returns_structured_calls(chat_server):
     ]
 
 
+def test_openai_agent_sends_top_p_and_top_k_only_when_given(chat_server):
+    import pytest
+
+    from turnrl.exceptions import InvalidInputError
+
+    srv, url = chat_server([], default="Hello.")
+    chat = [{"role": "user", "content": "hi"}]
+    envs.OpenAIAgent("p", url, api_key="k")(chat, [])
+    assert "top_p" not in srv.requests[-1][1] and "top_k" not in srv.requests[-1][1]
+    envs.OpenAIAgent("p", url, api_key="k", top_p=0.8, top_k=20, extra_body={"x": 1})(chat, [])
+    body = srv.requests[-1][1]
+    assert (body["top_p"], body["top_k"], body["x"]) == (0.8, 20, 1)
+    for bad in ({"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"top_k": 2.5}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            envs.OpenAIAgent("p", url, api_key="k", **bad)
+
+
 def test_replies_cut_at_max_tokens_are_recorded_as_truncated(chat_server):
     d = envs.load("synthetic:airline", seed=0)
     cut_call = _call("c1", "get_user_details", {"user_id": d.tasks[0].user_id})
@@ -308,6 +325,16 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     sent = [body for _, body in server.requests[served:]]
     assert sent and all(b["chat_template_kwargs"] == {"enable_thinking": False} for b in sent)
     assert len(list(turnrl.iter_rollout_records(out))) == 4
+    # Not given, --top-p and --top-k are not sent (the server's defaults apply).
+    assert all("top_p" not in b and "top_k" not in b for _, b in server.requests)
+    served = len(server.requests)
+    assert main([*argv, "--top-p", "0.95", "--top-k", "20", "--no-thinking"]) == 0
+    sent = [body for _, body in server.requests[served:]]
+    assert sent and all((b["top_p"], b["top_k"]) == (0.95, 20) for b in sent)
+    assert all(b["chat_template_kwargs"] == {"enable_thinking": False} for b in sent)
+    served = len(server.requests)
+    assert main([*argv, "--top-k", "0"]) == 0  # off: the server's default overridden
+    assert all(b["top_k"] == -1 for _, b in server.requests[served:])
     assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
     assert "--user llm needs --user-model" in capsys.readouterr().err
     # A local folder as --agent-model, without --engine, is asked for by name at the

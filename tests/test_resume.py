@@ -582,6 +582,54 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
     )
 
 
+def test_a_resume_with_other_sampling_settings_says_which(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The checkpoint keeps the rollouts' --top-p and --top-k ("sampling"): a
+    resume with others names each change, old and new, as for the loss
+    settings (--temperature among them); one with the same says nothing, nor
+    does one from a checkpoint of an older turnrl, without them."""
+    from turnrl.cli import main
+
+    sampling = ["--top-p", "0.95", "--top-k", "20"]
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main([*argv, *sampling]) == 0
+    state_file = tmp_path / "run" / "adapter" / "turnrl_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["sampling"] == {"--top-p": 0.95, "--top-k": 20}
+
+    Reached = _stop_at_train_loop(monkeypatch)
+    capsys.readouterr()
+    import turnrl.train
+
+    def train_loop(trainer, domain, make_agent, *args, **kwargs):
+        engines.extend([make_agent().engine, kwargs["evaluation"].make_agent().engine])
+        raise Reached
+
+    engines: list = []
+    with monkeypatch.context() as patched:
+        patched.setattr(turnrl.train, "train_loop", train_loop)
+        with pytest.raises(Reached):
+            main([*argv, *sampling, "--resume", "--eval-every", "1", "--eval-temperature", "0.5"])
+    # The rollouts' engine samples with them, and so does evaluation's (above temperature 0).
+    assert [(e.temperature, e.top_p, e.top_k) for e in engines] == [
+        (1.0, 0.95, 20),
+        (0.5, 0.95, 20),
+    ]
+    assert "sampling settings" not in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--top-k", "5"])
+    assert (
+        "--resume: this run's sampling settings replace the checkpoint's: --top-p 0.95 -> 1.0; "
+        "--top-k 20 -> 5\n"
+    ) in capsys.readouterr().err
+    del state["sampling"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--top-k", "5"])
+    assert "sampling settings" not in capsys.readouterr().err
+
+
 def test_a_resume_with_other_loss_settings_says_which(
     tmp_path, tok, base_model, monkeypatch, capsys
 ):

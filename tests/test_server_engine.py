@@ -699,3 +699,44 @@ def test_train_commands_max_model_len_reaches_the_server_engine(tok, fake_vllm, 
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--max-model-len", "0"])
     assert "--max-model-len: must be at least 1" in capsys.readouterr().err
+
+
+def test_top_p_and_top_k_reach_the_server_and_drop_the_log_probs(tok, fake_vllm):
+    server = fake_vllm(tok, ["Sure.", "Sure.", "Sure.", "Sure."])
+    engine = ServerEngine("base-model", tok, server.url, top_p=0.95, top_k=20, backoff=0)
+    (nucleus,) = engine.generate([_chat("Hi.")])
+    # The request's own top_k replaces the neutral -1; min_p and the penalty stay off.
+    assert server.sampling[-1] == {
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": 20,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+    }
+    # A truncated, renormalised distribution's log-probs are not the trainer's softmax's.
+    assert nucleus.token_ids is not None and nucleus.logprobs is None
+    # with_temperature keeps them (evaluation samples as the rollouts do).
+    engine.with_temperature(0.6).generate([_chat("Hi.")])
+    assert (server.sampling[-1]["top_p"], server.sampling[-1]["top_k"]) == (0.95, 20)
+    # top_k alone drops the log-probs too; top_k 0 is off, as None.
+    (top_k_only,) = ServerEngine("base-model", tok, server.url, top_k=5, backoff=0).generate(
+        [_chat("Hi.")]
+    )
+    assert server.sampling[-1]["top_k"] == 5 and top_k_only.logprobs is None
+    (off,) = ServerEngine("base-model", tok, server.url, top_k=0, backoff=0).generate(
+        [_chat("Hi.")]
+    )
+    assert server.sampling[-1]["top_k"] == -1 and off.logprobs is not None
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("top_p", 0.0), ("top_p", 1.5), ("top_p", "0.9"), ("top_k", -3), ("top_k", 2.5)],
+)
+def test_engines_refuse_a_top_p_or_top_k_out_of_range(tok, option, value):
+    from turnrl.engines import TransformersEngine
+
+    with pytest.raises(InvalidInputError, match=option):
+        ServerEngine("base-model", tok, "http://127.0.0.1:9/v1", **{option: value})
+    with pytest.raises(InvalidInputError, match=option):
+        TransformersEngine(None, tok, **{option: value})

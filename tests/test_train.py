@@ -1351,6 +1351,21 @@ def test_engine_agent_parses_calls_and_keeps_the_raw_completion():
     assert reply["completion"].startswith("<think>plan</think>")
 
 
+def test_transformers_engine_top_k_1_samples_the_greedy_tokens(tok, base_model):
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "I would like to change my flight to Boston, please."}],
+    ]
+    greedy = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=0.0)
+    torch.manual_seed(0)
+    sampled = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=1.0, top_k=1)
+    assert sampled.generate(chats) == greedy.generate(chats)
+    # Without top_k the random tiny model's softmax is flat enough to leave it.
+    torch.manual_seed(0)
+    unrestricted = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=1.0)
+    assert unrestricted.generate(chats) != greedy.generate(chats)
+
+
 def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
     model = copy.deepcopy(base_model)
     # The model's generation config must not reach the rollouts.
@@ -1959,6 +1974,19 @@ def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monk
         [chat]
     )
     assert "logprobs" not in seen["generate"][1].kwargs
+
+    # So is the top k (renormalised too); 0 is off, as None. Neither is sent when off.
+    VLLMEngine("/m", temperature=0.7, top_k=20, enable_lora=False).generate([chat])
+    assert seen["generate"][1].kwargs["top_k"] == 20
+    assert "logprobs" not in seen["generate"][1].kwargs
+    engine = VLLMEngine("/m", temperature=0.7, top_p=0.95, top_k=20, enable_lora=False)
+    engine.with_temperature(1.0).generate([chat])
+    assert (seen["generate"][1].kwargs["top_p"], seen["generate"][1].kwargs["top_k"]) == (0.95, 20)
+    assert "logprobs" not in seen["generate"][1].kwargs
+    VLLMEngine("/m", temperature=0.7, top_k=0, enable_lora=False).generate([chat])
+    assert "top_k" not in seen["generate"][1].kwargs and seen["generate"][1].kwargs["logprobs"] == 0
+    with pytest.raises(InvalidInputError, match="top_k"):
+        VLLMEngine("/m", top_k=-1, enable_lora=False)
 
     # An older vLLM gives log-probs before temperature and top-p: asked for at 1 and 1 only.
     _fake_vllm(monkeypatch, seen)
@@ -3515,6 +3543,11 @@ def test_transformers_engine_pads_left_stops_and_reports_truncation(tok):
     config = model.seen["config"]
     assert config.do_sample and config.temperature == 0.7 and config.top_p == 0.9
     assert config.top_k == 0
+    # A top_k is given to generate, and kept by with_temperature (not at 0: greedy).
+    engine = TransformersEngine(model, tok, max_new_tokens=8, temperature=0.7, top_k=20)
+    engine.with_temperature(0.6).generate(chats)
+    config = model.seen["config"]
+    assert config.do_sample and (config.temperature, config.top_k) == (0.6, 20)
     # The model's own generation config is stood in for by a bare one, then put back.
     own = model.seen["own"]
     assert own.repetition_penalty is None and own.suppress_tokens is None

@@ -381,6 +381,8 @@ def _collect(args: argparse.Namespace) -> int:
             args.agent_model,
             args.agent_url,
             temperature=args.agent_temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
             max_tokens=args.max_tokens,
             # vLLM and SGLang pass these to the chat template.
             extra_body={"chat_template_kwargs": {"enable_thinking": False}}
@@ -513,6 +515,7 @@ def _local_agent(args: argparse.Namespace) -> Any:
     options = {
         "max_new_tokens": args.max_tokens or 1024,
         "temperature": args.agent_temperature,
+        **_sampling(args),
         "chat_template_kwargs": template,
     }
     if args.engine == "vllm":
@@ -661,6 +664,18 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             "--rollout-correction corrects for vLLM's sampling: add --engine vllm or server "
             "(the transformers engine samples from the trained model itself)"
+        )
+    truncating = [
+        f"{option} {value}"
+        for option, value in (("--top-p", args.top_p), ("--top-k", args.top_k))
+        if value not in (None, 1.0 if option == "--top-p" else 0)
+    ]
+    if args.rollout_correction is not None and truncating:
+        raise InvalidInputError(
+            "--rollout-correction weighs each token by the trainer's softmax over the "
+            f"sampler's, and under {' and '.join(truncating)} the sampler draws from a "
+            "truncated, renormalised distribution whose log-probs are not asked for: leave "
+            f"{' and '.join(t.split()[0] for t in truncating)} out, or --rollout-correction"
         )
     if args.engine != "server":
         given = [
@@ -829,6 +844,7 @@ def _server_engine(
         args.agent_url,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        **_sampling(args),
         chat_template_kwargs=template,
         adapter_prefix=f"turnrl-{launch[0]}",
         max_model_len=args.max_model_len,
@@ -953,6 +969,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             args.model,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
+            **_sampling(args),
             chat_template_kwargs=template,
             max_lora_rank=vllm_lora_rank(lora_rank),
             gpu_memory_utilization=args.vllm_gpu_memory,
@@ -980,6 +997,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             tokenizer,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
+            **_sampling(args),
             chat_template_kwargs=template,
             cache_implementation=args.cache_implementation,
         )
@@ -1068,6 +1086,17 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             print(
                 "--resume: this run draws its tasks otherwise than the checkpoint's, so its "
                 "steps are not given the tasks an unbroken run's would: " + "; ".join(changed),
+                file=sys.stderr,
+            )
+    saved_sampling = state.get("sampling")  # absent from an older turnrl's checkpoint
+    if isinstance(saved_sampling, Mapping) and rank == 0:
+        changed = _setting_changes(
+            {**_sampling_options(None), **saved_sampling}, _sampling_options(args)
+        )
+        if changed:
+            print(
+                "--resume: this run's sampling settings replace the checkpoint's: "
+                + "; ".join(changed),
                 file=sys.stderr,
             )
     if resume is not None and rank == 0:
@@ -1240,6 +1269,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             evaluation=evaluation,
             filter_groups=args.filter_groups,
             max_sampling_rounds=args.max_sampling_rounds,
+            sampling=_sampling_options(args),
             progress=not args.quiet,
         )
         failed = False
@@ -1798,6 +1828,38 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _top_p(text: str) -> float:
+    """argparse type: nucleus sampling's share of the probability mass, in (0, 1]."""
+    value = _finite_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text!r}")
+    return value
+
+
+def _top_k(text: str) -> int:
+    """argparse type: how many of the likeliest tokens sampling keeps; 0: all (off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, or 0 for off, got {text!r}")
+    return value
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """--top-p and --top-k as an engine's ``top_p`` and ``top_k`` (not given: off)."""
+    return {"top_p": 1.0 if args.top_p is None else args.top_p, "top_k": args.top_k or None}
+
+
+def _sampling_options(args: argparse.Namespace | None) -> dict[str, Any]:
+    """The rollouts' --top-p and --top-k as a checkpoint keeps them (``"sampling"``),
+    keyed by option, off as 1 and 0; ``args`` None: the defaults."""
+    top_p = None if args is None else args.top_p
+    top_k = None if args is None else args.top_k
+    return {"--top-p": 1.0 if top_p is None else top_p, "--top-k": top_k or 0}
+
+
 def _non_negative_number(text: str) -> float:
     """argparse type: a finite float of at least 0."""
     value = _finite_number(text)
@@ -2101,6 +2163,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling temperature of the policy (default: %(default)s)",
     )
     col.add_argument(
+        "--top-p",
+        type=_top_p,
+        help="nucleus sampling: the policy samples from the likeliest tokens holding this "
+        "share of the probability (default: a served policy's server's own default, else 1: "
+        "all tokens)",
+    )
+    col.add_argument(
+        "--top-k",
+        type=_top_k,
+        help="the policy samples from its K likeliest tokens only; 0: all (default: a served "
+        "policy's server's own default, else 0)",
+    )
+    col.add_argument(
         "--max-tokens",
         "--max-new-tokens",
         type=_positive_int,
@@ -2259,6 +2334,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_number,
         default=1.0,
         help="sampling temperature (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--top-p",
+        type=_top_p,
+        help="nucleus sampling of the rollouts (and of evaluation above temperature 0): the "
+        "likeliest tokens holding this share of the probability (default: 1, all); no "
+        "sampler log-probs then, so no --rollout-correction",
+    )
+    tr.add_argument(
+        "--top-k",
+        type=_top_k,
+        help="the rollouts (and evaluation above temperature 0) sample from the K likeliest "
+        "tokens only; 0: all (default: 0); no sampler log-probs then, so no "
+        "--rollout-correction",
     )
     tr.add_argument(
         "--no-thinking",
@@ -2833,7 +2922,8 @@ def _config_tokens(
             raise InvalidInputError(
                 f"--config {where}: {key} takes a value like the command line's; got {value!r}"
             )
-        if isinstance(value, float) and value.is_integer() and action.type in (int, _positive_int):
+        integral = action.type in (int, _positive_int, _top_k)
+        if isinstance(value, float) and value.is_integer() and integral:
             value = int(value)  # 1e3 for --steps
         if isinstance(value, list):
             several = action.nargs in ("+", "*")

@@ -101,12 +101,14 @@ class TransformersEngine:
 
     Chats are rendered with the tokenizer's chat template
     (``chat_template_kwargs`` as for training), left-padded into one batch,
-    and sampled with ``temperature`` and ``top_p`` (greedy at temperature 0).
+    and sampled with ``temperature``, ``top_p`` and ``top_k`` (greedy at
+    temperature 0; ``top_k`` None or 0: off).
     Special tokens stay in the text (tool-call tags can be special tokens);
     the completion stops before the tokenizer's end-of-turn (``eos_token``),
     the pad token or an end token of the model's generation config. Nothing
     else of the model's generation config applies (no repetition penalty,
-    top-k or min-p): rollouts come from the softmax the loss models. The
+    top-k unless asked for, or min-p): rollouts come from the softmax the
+    loss models. The
     model is put in eval mode while generating (no dropout) and back in its
     mode after.
 
@@ -132,6 +134,7 @@ class TransformersEngine:
         max_new_tokens: int = 512,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         cache_implementation: str | None = None,
     ) -> None:
@@ -143,7 +146,9 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.top_p = top_p
+        self.top_p = _checked_top_p(top_p)
+        self.top_k = _checked_top_k(top_k)
+        """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.cache_implementation = _checked_cache_implementation(cache_implementation)
 
@@ -156,6 +161,7 @@ class TransformersEngine:
             max_new_tokens=self.max_new_tokens,
             temperature=temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             chat_template_kwargs=self.chat_template_kwargs,
             cache_implementation=self.cache_implementation,
         )
@@ -214,8 +220,8 @@ class TransformersEngine:
             attention[row, width - len(e) :] = 1
         sampling: dict[str, Any] = {"do_sample": self.temperature > 0}
         if self.temperature > 0:
-            # top_k=0: transformers' own default would keep the top 50 only.
-            sampling.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+            # top_k=0 when off: transformers' own default would keep the top 50 only.
+            sampling.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0)
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             eos_token_id=sorted(stops) or None,
@@ -358,8 +364,9 @@ class VLLMEngine:
     log-probability of every sampled token, from the distribution it sampled
     (``logprobs_mode="processed_logprobs"``: after temperature), which the
     trainer's (the softmax at the same temperature) is compared with. None
-    are asked for under ``top_p`` < 1 (the nucleus is renormalised, which
-    the trainer's softmax is not), nor, with a vLLM too old for that mode
+    are asked for under ``top_p`` < 1 or a ``top_k`` (the nucleus, or the
+    top k tokens, are renormalised, which the trainer's softmax is not),
+    nor, with a vLLM too old for that mode
     (its log-probs are before temperature), at a temperature other than 1.
 
     With ``sleep_mode``, vLLM is made with ``enable_sleep_mode`` and
@@ -391,6 +398,7 @@ class VLLMEngine:
         max_new_tokens: int = 1024,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         enable_lora: bool = True,
         max_lora_rank: int = 64,
@@ -398,6 +406,7 @@ class VLLMEngine:
         sleep_mode: bool = False,
         **llm_kwargs: Any,
     ) -> None:
+        top_p, top_k = _checked_top_p(top_p), _checked_top_k(top_k)
         try:
             from vllm import LLM
         except ImportError:
@@ -416,6 +425,9 @@ class VLLMEngine:
         self.llm = LLM(model=model, **llm_kwargs)
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
         self.max_model_len: int | None = _llm_max_model_len(self.llm)
         """The model's context length in tokens (prompt and reply), as vLLM has it;
         None when this vLLM does not say (chats are then sent as they are)."""
@@ -424,6 +436,9 @@ class VLLMEngine:
         generation config's (Qwen's ``<|endoftext|>`` beside ``<|im_end|>``)."""
         self._sampling_kwargs = {
             "top_p": top_p,
+            # Left out when off: SamplingParams' default is off in every vLLM
+            # (-1 in older ones, which refuse 0; 0 in newer ones).
+            **({} if top_k is None else {"top_k": top_k}),
             "max_tokens": max_new_tokens,
             "skip_special_tokens": False,
             # The text then decodes as the tokenizer decodes the ids, which
@@ -498,11 +513,15 @@ class VLLMEngine:
         kwargs = dict(self._sampling_kwargs)
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
-        # Under top-p the sampler draws from a renormalised nucleus, which the
-        # trainer's softmax never is: every ratio would be below 1 (a turn's
-        # product near 0) with no mismatch at all. Raw log-probs (before
-        # temperature) are the sampler's only at temperature 1.
-        if self._logprobs and kwargs["top_p"] == 1 and (self._processed or temperature == 1):
+        # Under top-p or top-k the sampler draws from a renormalised nucleus,
+        # which the trainer's softmax never is: every ratio would be below 1
+        # (a turn's product near 0) with no mismatch at all. Raw log-probs
+        # (before temperature) are the sampler's only at temperature 1.
+        if (
+            self._logprobs
+            and _full_softmax(self.top_p, self.top_k)
+            and (self._processed or temperature == 1)
+        ):
             kwargs["logprobs"] = 0  # the sampled token's alone
         return SamplingParams(temperature=temperature, **kwargs)
 
@@ -613,14 +632,16 @@ class ServerEngine:
     those it refuses are answered :class:`~turnrl.envs.ContextLengthExceeded`
     (so is a chat with some room, but less than ``max_new_tokens``).
 
-    Each request sets ``top_k``, ``min_p`` and the repetition penalty to
-    off, over the defaults vLLM otherwise takes from the model's
+    Each request sets ``top_p`` and ``top_k`` as given (``top_k`` None or
+    0: off), and ``min_p`` and the repetition penalty to off, over the
+    defaults vLLM otherwise takes from the model's
     ``generation_config.json``. The answer is the
     raw text with special tokens (no tool-call or reasoning parser on the
     server's side), without the end token it stopped on, parsed by
     :class:`EngineAgent` as for the other engines, and, through vLLM's
     ``return_tokens_as_token_ids``, the sampled token ids, end token
-    included; at temperature 1 and ``top_p`` 1, their log-probs too (for
+    included; at temperature 1, ``top_p`` 1 and no ``top_k``, their
+    log-probs too (for
     :attr:`turnrl.train.GTPOConfig.rollout_correction`): there vLLM's
     default ``--logprobs-mode raw_logprobs`` (before temperature) and
     ``processed_logprobs`` are the sampler's (the ``*_logits`` modes give
@@ -659,6 +680,7 @@ class ServerEngine:
         max_new_tokens: int = 512,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         adapter_prefix: str = "turnrl",
         max_retries: int = 4,
@@ -693,7 +715,9 @@ class ServerEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.top_p = top_p
+        self.top_p = _checked_top_p(top_p)
+        self.top_k = _checked_top_k(top_k)
+        """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.adapter_prefix = adapter_prefix
         self.max_model_len = max_model_len
@@ -829,8 +853,9 @@ class ServerEngine:
         from turnrl.envs.users import MalformedAnswer
 
         # Log-probs come with the ids (the sampled token's alone); they are the
-        # sampler's only where raw and processed ones agree.
-        keep_logprobs = self.temperature == 1 and self.top_p == 1
+        # sampler's only where raw and processed ones agree, and of the
+        # trainer's softmax only with no nucleus or top k renormalised.
+        keep_logprobs = self.temperature == 1 and _full_softmax(self.top_p, self.top_k)
         extra = {
             "skip_special_tokens": False,
             "spaces_between_special_tokens": False,
@@ -841,6 +866,7 @@ class ServerEngine:
             # come from the softmax the loss models, as TransformersEngine's.
             # top_k -1 (off): older vLLM (0.8 included) refuses 0.
             **_NEUTRAL_SAMPLING,
+            **({} if self.top_k is None else {"top_k": self.top_k}),
         }
         client, model = self.endpoint.client, self.model
 
@@ -952,8 +978,34 @@ class ServerEngine:
             raise AgentError(f"{where}: {type(e).__name__}: {e}") from e
 
 
-# Sent with every ServerEngine request, over the server's defaults.
+# Sent with every ServerEngine request, over the server's defaults (top_k
+# replaced by the engine's own when it has one).
 _NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def _checked_top_p(top_p: float) -> float:
+    """``top_p`` once checked: nucleus sampling keeps a share in (0, 1] of the mass."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    return float(top_p)
+
+
+def _checked_top_k(top_k: int | None) -> int | None:
+    """``top_k`` as the engines keep it: a positive int, or None for off (0, as
+    TRL's and transformers' ``top_k``, is off too)."""
+    if top_k is None or (top_k == 0 and not isinstance(top_k, bool)):
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InvalidInputError(
+            f"top_k must be a positive integer, or None or 0 for off, got {top_k!r}"
+        )
+    return top_k
+
+
+def _full_softmax(top_p: float, top_k: int | None) -> bool:
+    """Whether a sampler with ``top_p`` and ``top_k`` draws from the whole softmax
+    (the trainer's), so that its log-probs are comparable with the trainer's."""
+    return top_p == 1 and top_k is None
 
 
 class _ServedLimit:

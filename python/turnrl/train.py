@@ -1662,9 +1662,10 @@ class GTPOTrainer:
                 self._warned_no_sampler = True
                 warnings.warn(
                     f"rollout_correction={cfg.rollout_correction!r} is set, but no trained token "
-                    "has a sampler log-prob (an engine that gives none, VLLMEngine under "
-                    "top_p < 1, or a vLLM before 0.10.2 at a temperature other than 1): the "
-                    "step is not corrected",
+                    "has a sampler log-prob (an engine that gives none, one sampling under "
+                    "top_p < 1 or a top_k, whose truncated, renormalised distribution is not "
+                    "the trainer's softmax, or a vLLM before 0.10.2 at a temperature other "
+                    "than 1): the step is not corrected",
                     stacklevel=3,
                 )
             return {}
@@ -2496,6 +2497,7 @@ def train_loop(
     evaluation: Evaluation | None = None,
     filter_groups: str | None = None,
     max_sampling_rounds: int | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -2538,6 +2540,9 @@ def train_loop(
     ``memory/`` figures, NaN as null), which ``on_step`` gets only after the
     save: a resumed run can still report a step a stop in between left out.
     So is what the tasks are drawn from (``"task_draw"``, :func:`task_draw`).
+    So is ``sampling``, when given: how the rollouts are sampled beyond the
+    trainer's temperature (plain JSON values, as ``turnrl train``'s
+    ``{"--top-p": 0.95, "--top-k": 20}``), for a resumed run to compare.
     Every rank's random number generators (:func:`rng_state`: torch's,
     Python's ``random`` and numpy's global one) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
@@ -2933,6 +2938,8 @@ def train_loop(
             if settings:
                 state["estimator"] = settings
             state["loss"] = loss
+            if sampling is not None:
+                state["sampling"] = dict(sampling)
             if filter_groups is not None:
                 # Which groups a step trains on: a resumed run is checked against them.
                 state["filter_groups"] = {

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from turnrl.envs.users import ChatEndpoint, split_reasoning
-from turnrl.exceptions import TurnrlError
+from turnrl.exceptions import InvalidInputError, TurnrlError
 
 __all__ = ["AgentError", "ContextLengthExceeded", "OpenAIAgent", "reply_from_text"]
 
@@ -121,6 +121,11 @@ class OpenAIAgent:
     the episode there. vLLM refuses a prompt that leaves fewer than
     ``max_tokens`` tokens of room; with ``max_tokens`` None it caps the
     reply at the room left instead.
+
+    ``top_p`` and ``top_k`` (None: not sent, so the server's defaults apply,
+    which for vLLM are the model's generation config's) are sent with each
+    request; ``top_k`` in the body beside the OpenAI parameters, as vLLM and
+    SGLang take it, 0 (off) as -1, which every vLLM takes for off.
     """
 
     def __init__(
@@ -131,6 +136,8 @@ class OpenAIAgent:
         *,
         api_key_env: str = "OPENAI_API_KEY",
         temperature: float = 1.0,
+        top_p: float | None = None,
+        top_k: int | None = None,
         max_tokens: int | None = None,
         max_retries: int = 4,
         backoff: float = 1.0,
@@ -139,6 +146,19 @@ class OpenAIAgent:
         fmt: str = "auto",
         extra_body: dict[str, Any] | None = None,
     ) -> None:
+        if top_p is not None and (
+            isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
+        ):
+            raise InvalidInputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0
+        ):
+            raise InvalidInputError(
+                f"top_k must be a positive integer, 0 for off, or None, got {top_k!r}"
+            )
+        if top_k is not None:
+            extra_body = {**(extra_body or {}), "top_k": top_k or -1}
+        self.top_p = top_p
         self.endpoint = ChatEndpoint(
             model,
             base_url,
@@ -165,6 +185,8 @@ class OpenAIAgent:
             params["tools"] = list(tools)
         if self.max_tokens is not None:
             params["max_tokens"] = self.max_tokens
+        if self.top_p is not None:
+            params["top_p"] = self.top_p
         try:
             reply, finish = self.endpoint.respond_finished(messages, **params)
         except AgentError as e:
