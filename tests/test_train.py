@@ -2861,6 +2861,7 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     }
     assert saved.pop("task_draw").items() >= {"tasks_per_step": 2, "seed": 0, "tasks": 2}.items()
     assert saved.pop("loss") == dataclasses.asdict(configs[-1])  # the trainer's settings
+    assert saved.pop("sampling") == {"--top-p": 1.0, "--top-k": 0}  # neither given: off
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.
