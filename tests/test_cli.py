@@ -451,3 +451,27 @@ def test_train_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused(tm
     path = _config_file(tmp_path, ".toml", {"kl_estimator": "k4"})
     assert main(["train", "--config", str(path), *train[1:]]) == 2
     assert "kl_estimator: unknown kl_estimator 'k4'" in capsys.readouterr().err
+
+
+def test_train_kl_correction_is_parsed_and_refused_without_beta(tmp_path, capsys):
+    """--kl-correction, from the line and a config file; without --beta (no KL
+    term for it to weight) it is refused before any model loads."""
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).kl_correction is False
+    assert _parsed([*train, "--kl-correction", "--beta", "0.1"]).kl_correction is True
+    path = _config_file(tmp_path, ".toml", {"kl_correction": True, "beta": 0.1})
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.kl_correction, parsed.beta) == (True, 0.1)
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    want = (
+        "turnrl train: error: --kl-correction weights the KL term by pi / pi_old, and there is "
+        "none without --beta: add --beta (above 0)\n"
+    )
+    for extra in ([], ["--beta", "0"]):
+        assert main([*argv, "--kl-correction", *extra]) == 2
+        assert capsys.readouterr().err == want
+    path = _config_file(tmp_path, ".toml", {"kl_correction": True})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert capsys.readouterr().err == want
+    assert not (tmp_path / "run").exists()

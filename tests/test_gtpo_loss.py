@@ -1252,6 +1252,101 @@ def _one_token_args():
 
 
 # ---------------------------------------------------------------------------
+# kl_correction (DeepSeek-V3.2): the KL estimate weighted by the token's own
+# ratio pi / pi_old, its gradient kept.
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+def test_kl_correction_matches_the_reference(estimator, schedule, chunk):
+    """Every estimator, both schedules, fp64: old log-probs of noise std 1
+    (ratios far from 1, some past the PPO clip) and reference log-probs far
+    from the policy's (k3's cap and clamp)."""
+    seed = SEED + 3 * KL_ESTIMATORS.index(estimator)
+    case = spread_ref(
+        make_case(seed, (3, 16), 24, 200, torch.float64, "token_mean", beta=0.7), seed
+    )
+    case.kwargs.update(kl_estimator=estimator, kl_correction=True)
+    stats = assert_close_to_reference(
+        case, 1e-10, backend="torch", chunk_size=chunk, schedule=schedule
+    )
+    uncorrected = dataclasses.replace(case, kwargs={**case.kwargs, "kl_correction": False})
+    plain = run_fused(uncorrected, backend="torch", chunk_size=chunk, schedule=schedule)
+    # The correction changes the loss, and kl_loss is the corrected estimate.
+    assert abs(float(stats["kl_loss"]) - float(plain[3].get("kl_loss", plain[3]["ref_kl"]))) > 1e-3
+    assert float(stats["ref_kl"]) == float(plain[3]["ref_kl"])
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+def test_kl_correction_matches_the_reference_in_fp32(schedule, chunk):
+    case = make_case(SEED, (3, 16), 24, 200, torch.float32, "seq_mean_token_mean", beta=0.7)
+    case.kwargs["kl_correction"] = True
+    assert_close_to_reference(case, 1e-5, backend="torch", chunk_size=chunk, schedule=schedule)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k1", "k3+"])
+def test_kl_correction_with_segments_weighs_by_the_tokens_own_ratio(estimator):
+    """With segments the PPO ratio is the segment's, the KL's weight the
+    token's own: the reference (its own loop) agrees, and the loss is not
+    that of the segment's ratio weighing the KL."""
+    case = make_case(SEED, (3, 9), 16, 50, torch.float64, "token_mean", beta=0.7)
+    add_segments(spread_ref(case, SEED), SEED)
+    case.kwargs.update(kl_estimator=estimator, kl_correction=True)
+    assert_close_to_reference(case, 1e-10, backend="torch")
+    assert_close_to_reference(case, 1e-10, backend="torch", schedule="vocab", chunk_size=7)
+
+
+def _one_token_kl(r, *, kl_correction, estimator, x=0.7, fn=gtpo_loss, **extra):
+    """Loss and d loss / d hidden of one token with advantage 0 (no policy
+    gradient), ratio ``r`` and ``l - l_ref = x``."""
+    hidden, weight, target, logprob, _ = _one_token()
+    h = hidden.clone().requires_grad_(True)
+    old = logprob - math.log(r)
+    zero = torch.zeros(1, dtype=torch.float64)
+    out = fn(
+        h, weight, target, zero, old, torch.tensor([True]), logprob - x,
+        beta=0.3, kl_estimator=estimator, kl_correction=kl_correction, **extra,
+    )  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return float(loss.detach()), h.grad
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3", "k2"])
+@pytest.mark.parametrize("r", [1.0, 1.5, 0.4])
+def test_kl_correction_by_hand(estimator, r):
+    """One token at ratio r, x = l - l_ref = 0.7: the corrected loss is
+    ``beta * r * k`` and its gradient ``beta * r * (k + dk/dl) * dl/dh``
+    (the ratio is not detached: d r / d l = r); uncorrected, ``beta * k``
+    and ``beta * dk/dl * dl/dh``. At r = 1 the values agree and the
+    gradients differ by ``beta * k * dl/dh``."""
+    *_, dl_dh = _one_token()
+    beta, x = 0.3, 0.7
+    k, slope = {
+        "k1": (x, 1.0),
+        "k2": (x * x / 2, x),
+        "k3": (math.exp(-x) + x - 1, 1 - math.exp(-x)),
+    }[estimator]
+    calls = [
+        (gtpo_loss, {"backend": "torch", "schedule": schedule, "chunk_size": 1})
+        for schedule in ("rows", "vocab")
+    ]
+    for fn, extra in [*calls, (torch_gtpo_loss, {})]:
+        where = (fn.__name__, extra.get("schedule"))
+        value, grad = _one_token_kl(r, kl_correction=True, estimator=estimator, fn=fn, **extra)
+        assert value == pytest.approx(beta * r * k, rel=1e-12), where
+        torch.testing.assert_close(grad, beta * r * (k + slope) * dl_dh, rtol=1e-9, atol=1e-12)
+        value, grad = _one_token_kl(r, kl_correction=False, estimator=estimator, fn=fn, **extra)
+        assert value == pytest.approx(beta * k, rel=1e-12), where
+        torch.testing.assert_close(grad, beta * slope * dl_dh, rtol=1e-9, atol=1e-12)
+
+
+def test_kl_correction_is_refused_unless_a_bool():
+    with pytest.raises(InvalidInputError, match="kl_correction must be a bool"):
+        gtpo_loss(*_one_token_args(), beta=0.1, kl_correction=1)
+
+
+# ---------------------------------------------------------------------------
 # CISPO (policy_loss="cispo"): the fused loss against the reference, by hand,
 # and the point of it: a token outside the clip range keeps its gradient.
 

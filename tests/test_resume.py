@@ -628,10 +628,17 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert (
         "--resume: this run's loss settings replace the checkpoint's: --policy-loss ppo -> cispo\n"
     ) in capsys.readouterr().err
-    # A checkpoint from before --kl-estimator and --policy-loss trained with
-    # their defaults, k3 and ppo.
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--beta", "0.01", "--kl-correction"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: --beta 0.0 -> 0.01; "
+        "--kl-correction False -> True\n"
+    ) in capsys.readouterr().err
+    # A checkpoint from before --kl-estimator, --policy-loss and
+    # --kl-correction trained with their defaults, k3, ppo and none.
     del state["loss"]["kl_estimator"]
     del state["loss"]["policy_loss"]
+    del state["loss"]["kl_correction"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])

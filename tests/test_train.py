@@ -524,10 +524,13 @@ def _reference_loss(model, batch, cfg):
             ref = torch.log_softmax(ref_logits.logits[:, :-1].float() / cfg.temperature, -1)
             ref = ref.gather(-1, targets[..., None])[..., 0]
         if cfg.kl_estimator == "k3":
-            loss = loss + cfg.beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
         else:
             assert cfg.kl_estimator == "k1"  # what the callers take
-            loss = loss + cfg.beta * (logp - ref)
+            kl = logp - ref
+        if cfg.kl_correction:
+            kl = ratio * kl  # DeepSeek-V3.2's weight pi / pi_old, not detached
+        loss = loss + cfg.beta * kl
     if cfg.entropy_coef:
         loss = loss + cfg.entropy_coef * (logp_all.exp() * logp_all).sum(-1)
     loss = loss * mask
@@ -543,24 +546,35 @@ def _reference_loss(model, batch, cfg):
 
 
 @pytest.mark.parametrize(
-    "agg, micro, beta, entropy_coef, kl_estimator, policy_loss",
+    "agg, micro, beta, entropy_coef, kl_estimator, policy_loss, options",
     [
-        ("token_mean", 1, 0.0, 0.0, "k3", "ppo"),
-        ("token_mean", 5, 0.05, 0.01, "k3", "ppo"),
-        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3", "ppo"),
-        ("dr_grpo", 3, 0.05, 0.0, "k3", "ppo"),
-        ("token_mean", "tokens", 0.0, 0.01, "k3", "ppo"),  # micro-batches by a padded-token budget
-        ("dr_grpo", "tokens", 0.0, 0.0, "k3", "ppo"),
-        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3", "ppo"),
+        ("token_mean", 1, 0.0, 0.0, "k3", "ppo", {}),
+        ("token_mean", 5, 0.05, 0.01, "k3", "ppo", {}),
+        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3", "ppo", {}),
+        ("dr_grpo", 3, 0.05, 0.0, "k3", "ppo", {}),
+        (
+            "token_mean",
+            "tokens",
+            0.0,
+            0.01,
+            "k3",
+            "ppo",
+            {},
+        ),  # micro-batches by a padded-token budget
+        ("dr_grpo", "tokens", 0.0, 0.0, "k3", "ppo", {}),
+        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3", "ppo", {}),
         # k1's gradient (a constant 1 per log-prob) is far from k3's.
-        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo"),
+        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo", {}),
         # On-policy (w = r = 1) CISPO's step is PPO's; its off-policy steps are
         # test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips's.
-        ("seq_mean_token_mean", 3, 0.05, 0.01, "k3", "cispo"),
+        ("seq_mean_token_mean", 3, 0.05, 0.01, "k3", "cispo", {}),
+        # kl_correction on-policy: r = 1 in value, d r = d log pi in gradient.
+        ("token_mean", 2, 0.5, 0.0, "k3", "ppo", {"kl_correction": True}),
+        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo", {"kl_correction": True}),
     ],
 )
 def test_step_matches_the_whole_batch_reference(
-    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator, policy_loss
+    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator, policy_loss, options
 ):
     rng = random.Random(13)
     records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
@@ -583,6 +597,7 @@ def test_step_matches_the_whole_batch_reference(
         agg=agg,
         max_grad_norm=None,
         backend="torch",
+        **options,
     )
     model = _lora(base_model)
     reference = copy.deepcopy(model)
@@ -614,7 +629,7 @@ def test_step_matches_the_whole_batch_reference(
     if beta:
         assert stats["ref_kl"] > 0  # the adapter's random init moved the policy off the base
         # k3's whatever the estimator; kl_loss, another's, is k1's mean log-ratio here.
-        assert ("kl_loss" in stats) == (kl_estimator != "k3")
+        assert ("kl_loss" in stats) == (kl_estimator != "k3" or cfg.kl_correction)
 
 
 def test_ppo_epochs_take_several_steps_and_clip(tok, base_model):
@@ -2496,6 +2511,14 @@ def test_cispo_takes_no_dual_clip():
     ):
         GTPOConfig(policy_loss="cispo", dual_clip=3.0)
     GTPOConfig(policy_loss="ppo", dual_clip=3.0)
+
+
+def test_kl_correction_needs_a_kl_term_and_a_bool():
+    with pytest.raises(InvalidInputError, match="kl_correction weights the KL term, and beta=0"):
+        GTPOConfig(kl_correction=True)
+    with pytest.raises(InvalidInputError, match="kl_correction must be a bool, got 1"):
+        GTPOConfig(kl_correction=1, beta=0.1)
+    assert GTPOConfig(kl_correction=True, beta=0.1).kl_correction
 
 
 def test_the_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused():

@@ -942,6 +942,14 @@ class GTPOConfig:
     gradient). CISPO's ``eps_high`` is far above PPO's (ScaleRL caps the
     weight at 5: ``eps_high=4``; ``eps_low=1`` leaves no lower bound, as
     the paper). It takes no ``dual_clip``."""
+    kl_correction: bool = False
+    """DeepSeek-V3.2's unbiased KL estimate (TRL's ``use_bias_correction_kl``):
+    each token's KL estimate is weighted by its own ratio ``pi / pi_old``,
+    gradient kept, since the tokens were sampled from ``pi_old`` (a later
+    PPO epoch's policy is not it). The first epoch's value is unchanged (r =
+    1), its gradient gains ``beta * kl_t * d log pi_t``: for ``k1`` and
+    ``k3`` the gradient is then the reverse KL's own. Needs ``beta > 0``;
+    ``kl_loss`` is then reported (the corrected estimate)."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
@@ -987,6 +995,12 @@ class GTPOConfig:
             )
         if not 0 <= self.beta < math.inf:
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta}")
+        if not isinstance(self.kl_correction, bool):
+            raise InvalidInputError(f"kl_correction must be a bool, got {self.kl_correction!r}")
+        if self.kl_correction and self.beta == 0:
+            raise InvalidInputError(
+                "kl_correction weights the KL term, and beta=0 leaves none: set beta > 0"
+            )
         if not math.isfinite(self.entropy_coef):
             raise InvalidInputError(f"entropy_coef must be finite, got {self.entropy_coef}")
         if not 0 < self.temperature < math.inf:
@@ -1386,6 +1400,7 @@ class GTPOTrainer:
                         beta=cfg.beta,
                         kl_estimator=cfg.kl_estimator,
                         policy_loss=cfg.policy_loss,
+                        kl_correction=cfg.kl_correction,
                         entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature,
                         agg=cfg.agg,
@@ -1460,7 +1475,7 @@ class GTPOTrainer:
             names.append("dual_clip_frac")
         if self.config.beta:
             names.append("ref_kl")
-            if self.config.kl_estimator != "k3":
+            if self.config.kl_estimator != "k3" or self.config.kl_correction:
                 names.append("kl_loss")
         return names
 
@@ -1481,7 +1496,8 @@ class GTPOTrainer:
 
         Statistics are token-weighted over the rows that ran (``clip_frac``,
         ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term,
-        ``kl_loss`` with a KL term of another ``kl_estimator`` than k3;
+        ``kl_loss`` with a KL term of another ``kl_estimator`` than k3 or
+        with ``kl_correction``;
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
         the last epoch, ``trained_tokens`` and ``skipped_rows`` (rows left out
         for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);

@@ -79,6 +79,24 @@ def test_triton_kl_estimators_match_reference(estimator, schedule, chunk):
     )
 
 
+@pytest.mark.parametrize("estimator", ["k3", "k1"])
+@pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)
+def test_triton_kl_correction_matches_reference(estimator, schedule, chunk):
+    """kl_correction: the KL weighted by each token's own ratio, gradient kept."""
+    case = spread_ref(make_case(SEED, (3, 6), 16, 45, torch.float32, "token_mean", beta=0.7), SEED)
+    case.kwargs.update(kl_estimator=estimator, kl_correction=True)
+    assert_close_to_reference(
+        _to_device(case), 1e-5, backend="triton", chunk_size=chunk, schedule=schedule
+    )
+
+
+def test_triton_kl_correction_with_segments():
+    case = make_case(SEED, (2, 7), 8, 40, torch.float32, "seq_mean_token_mean", beta=0.7)
+    add_segments(spread_ref(case, SEED), SEED)
+    case.kwargs["kl_correction"] = True
+    assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
+
+
 @pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)
 @pytest.mark.parametrize("beta", [0.0, 0.7])
 def test_triton_cispo_matches_reference(schedule, chunk, beta):

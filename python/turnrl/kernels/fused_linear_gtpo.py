@@ -10,6 +10,7 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     pg_t     = -sg(clip(p_t, 1 - eps_low, 1 + eps_high)) * A_t * (1 + l_t - sg(l_t))
                                                     (instead, with policy_loss="cispo")
     kl_t     = min(exp(d) - d - 1, 10),  d = clamp(ref_t - l_t, -20, 20)   (k3, verl's "low_var_kl")
+    kl_t     = exp(clamp(l_t - old_t, -20, 20)) * kl_t   (with kl_correction: not detached)
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
 ``kl_t`` is the ``kl_estimator`` of :data:`KL_ESTIMATORS` (k3 by default; see
@@ -809,6 +810,8 @@ class LossConfig:
     """A canonical name of :data:`KL_ESTIMATORS` (:func:`kl_estimator_name`)."""
     policy_loss: str = "ppo"
     """One of :data:`POLICY_LOSSES`."""
+    kl_correction: bool = False
+    """Weight the KL estimate by the token's own ratio ``pi / pi_old`` (DeepSeek-V3.2)."""
 
 
 def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -880,7 +883,15 @@ def token_terms(
         # k3 whatever the estimator: the statistic stays comparable across runs.
         terms["ref_kl"] = k3
         penalty = _kl_penalty(x, k3, cfg.kl_estimator)
-        if cfg.kl_estimator != "k3":
+        if cfg.kl_correction:
+            # The tokens were sampled from pi_old: E_old[r * k] is E_pi[k]. The
+            # ratio is the token's own (the KL is per token, whatever segment
+            # shares its PPO ratio), clamped as PPO's, and not detached: the
+            # gradient of E_old[r * k] is E_pi[k * d log pi + d k], which for
+            # k1 and k3 is the reverse KL's own gradient (TRL does the same).
+            own = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            penalty = torch.exp(own) * penalty
+        if cfg.kl_estimator != "k3" or cfg.kl_correction:
             terms["kl_loss"] = penalty
         if cfg.beta != 0.0:
             loss = loss + cfg.beta * penalty
@@ -1365,6 +1376,7 @@ def gtpo_loss(
     segment_ids: torch.Tensor | None = None,
     kl_estimator: str = "k3",
     policy_loss: str = "ppo",
+    kl_correction: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1454,6 +1466,17 @@ def gtpo_loss(
             ``segment_ids``. CISPO's ``eps_high`` is far larger than PPO's
             (ScaleRL: a cap of 5 on ``r``, ``eps_high=4``; ``eps_low=1``
             for no lower bound, as the paper).
+        kl_correction: DeepSeek-V3.2's unbiased KL estimate (arXiv
+            2512.02556, TRL's ``use_bias_correction_kl``): the tokens were
+            sampled from ``pi_old``, so the KL estimate is weighted by the
+            token's own ratio ``r_t = exp(clamp(l_t - old_t, -20, 20))``
+            (its own even with ``segment_ids``: the KL is per token), not
+            detached: ``beta * r_t * kl_t``. The gradient of its mean is then
+            ``E_pi[kl_t d l_t + d kl_t]``, for ``k1`` and ``k3`` the reverse
+            KL's own gradient (without it, ``k3``'s is not). On-policy
+            (``r_t = 1``) the value is the same, the gradient is not: it
+            gains ``beta * kl_t * d l_t``. ``stats["kl_loss"]`` is then the
+            corrected estimate. Nothing without a KL term (``beta=0``).
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1498,6 +1521,8 @@ def gtpo_loss(
             "dual_clip has no meaning with policy_loss='cispo': its weight is already clipped "
             "at 1 - eps_low and 1 + eps_high whatever the advantage's sign; leave dual_clip None"
         )
+    if not isinstance(kl_correction, bool):
+        raise InvalidInputError(f"kl_correction must be a bool, got {kl_correction!r}")
     # Written so that NaN fails too: a NaN clip range or coefficient made the
     # loss NaN while its gradients stayed finite.
     if not (eps_low >= 0 and eps_high >= 0):
@@ -1552,7 +1577,9 @@ def gtpo_loss(
         if chunk_size is None
         else _checked_chunk_size(chunk_size)
     )
-    cfg = LossConfig(eps_low, eps_high, dual_clip, beta, entropy_coef, kl_estimator, policy_loss)
+    cfg = LossConfig(
+        eps_low, eps_high, dual_clip, beta, entropy_coef, kl_estimator, policy_loss, kl_correction
+    )
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
         advantages=advantages.reshape(-1),
@@ -1706,6 +1733,7 @@ def torch_gtpo_loss(
     segment_ids: torch.Tensor | None = None,
     kl_estimator: str = "k3",
     policy_loss: str = "ppo",
+    kl_correction: bool = False,
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -1772,6 +1800,13 @@ def torch_gtpo_loss(
             kl = torch.clamp(torch.exp(-x3) - 1 + x3, max=KL_CLAMP)
         if estimator.endswith("+"):
             kl = kl.detach() + (k2 - k2.detach())  # verl's straight-through
+        if kl_correction:
+            # DeepSeek-V3.2's importance weight: this token's own pi / pi_old,
+            # with its gradient (TRL's coef_1 * per_token_kl).
+            own_ratio = torch.exp(
+                torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            )
+            kl = own_ratio * kl
         loss_t = loss_t + beta * kl
     if entropy_coef != 0.0:
         loss_t = loss_t - entropy_coef * entropy
