@@ -475,3 +475,19 @@ def test_train_kl_correction_is_parsed_and_refused_without_beta(tmp_path, capsys
     assert main([*argv, "--config", str(path)]) == 2
     assert capsys.readouterr().err == want
     assert not (tmp_path / "run").exists()
+
+
+def test_train_off_policy_mask_takes_a_positive_finite_delta(tmp_path, capsys):
+    """--off-policy-mask DELTA, from the line and a config file; 0, a negative,
+    NaN or an infinity are refused while parsing."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).off_policy_mask is None
+    assert _parsed([*train, "--off-policy-mask", "0.5"]).off_policy_mask == 0.5
+    path = _config_file(tmp_path, ".toml", {"off_policy_mask": 0.25})
+    assert _parsed(["train", "--config", str(path), *train[1:]]).off_policy_mask == 0.25
+    for bad in ("0", "-0.5", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--off-policy-mask", bad])
+        assert "argument --off-policy-mask: must be" in capsys.readouterr().err, bad

@@ -634,11 +634,18 @@ def test_a_resume_with_other_loss_settings_says_which(
         "--resume: this run's loss settings replace the checkpoint's: --beta 0.0 -> 0.01; "
         "--kl-correction False -> True\n"
     ) in capsys.readouterr().err
-    # A checkpoint from before --kl-estimator, --policy-loss and
-    # --kl-correction trained with their defaults, k3, ppo and none.
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--off-policy-mask", "0.5"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "--off-policy-mask None -> 0.5\n"
+    ) in capsys.readouterr().err
+    # A checkpoint from before --kl-estimator, --policy-loss, --kl-correction
+    # and --off-policy-mask trained with their defaults, k3, ppo and none.
     del state["loss"]["kl_estimator"]
     del state["loss"]["policy_loss"]
     del state["loss"]["kl_correction"]
+    del state["loss"]["off_policy_mask"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])

@@ -518,6 +518,19 @@ def _reference_loss(model, batch, cfg):
         loss = -weight * adv * (1 + logp - logp.detach())
     else:
         loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
+    if cfg.off_policy_mask is not None:
+        # DeepSeek-V3.2 Eq. 9 per (row, assistant turn): the sampler's log-probs
+        # where known, else the policy's own (on-policy: the trainer's old).
+        known = batch.sampler_logprobs[:, 1:]
+        sampler = torch.where(torch.isnan(known), logp.detach(), known)
+        turns, trained = batch.token_turn[:, 1:], mask.bool()
+        keep = torch.ones_like(trained)
+        for r in range(trained.shape[0]):
+            for turn in torch.unique(turns[r][trained[r]]).tolist():
+                members = trained[r] & (turns[r] == turn)
+                if float((sampler[r] - logp[r].detach())[members].mean()) > cfg.off_policy_mask:
+                    keep[r] &= ~(members & (adv[r] < 0))
+        loss = torch.where(keep, loss, 0.0)
     if cfg.beta:
         with torch.no_grad(), model.disable_adapter():
             ref_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -571,6 +584,9 @@ def _reference_loss(model, batch, cfg):
         # kl_correction on-policy: r = 1 in value, d r = d log pi in gradient.
         ("token_mean", 2, 0.5, 0.0, "k3", "ppo", {"kl_correction": True}),
         ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo", {"kl_correction": True}),
+        # Sampler log-probs 1 above the policy's on even turns, 3 below on odd.
+        ("token_mean", 2, 0.05, 0.01, "k3", "ppo", {"off_policy_mask": 0.5}),
+        ("seq_mean_token_mean", "tokens", 0.0, 0.0, "k3", "ppo", {"off_policy_mask": 0.5}),
     ],
 )
 def test_step_matches_the_whole_batch_reference(
@@ -600,6 +616,8 @@ def test_step_matches_the_whole_batch_reference(
         **options,
     )
     model = _lora(base_model)
+    if cfg.off_policy_mask is not None:
+        _drift_every_other_turn(model, batch, cfg.temperature)
     reference = copy.deepcopy(model)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -626,10 +644,30 @@ def test_step_matches_the_whole_batch_reference(
         else:
             assert torch.equal(p, before[name]), f"{name} is frozen but changed"
     assert stats["trained_tokens"] == float(batch.loss_mask[:, 1:].sum())
+    if cfg.off_policy_mask is not None:
+        # Some turns are masked, not all (the policy's own log-probs stand in
+        # where the sampler's are unknown: the first row's).
+        assert 0 < stats["off_policy_masked"] < 0.5
     if beta:
         assert stats["ref_kl"] > 0  # the adapter's random init moved the policy off the base
         # k3's whatever the estimator; kl_loss, another's, is k1's mean log-ratio here.
         assert ("kl_loss" in stats) == (kl_estimator != "k3" or cfg.kl_correction)
+
+
+def _drift_every_other_turn(model, batch, temperature):
+    """Give ``batch`` sampler log-probs: the policy's own, plus 1 on even
+    assistant turns and minus 3 on odd ones (a mean log(pi_sampler / pi) of
+    1 and -3: a packed row of both, as one unit, would mostly stay under a
+    delta of 0.5, its even turns not), unknown (NaN) on the first row."""
+    targets = torch.where(batch.loss_mask[:, 1:], batch.input_ids[:, 1:], 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+        logp = logp.gather(-1, targets[..., None])[..., 0]
+    turns = batch.token_turn[:, 1:]
+    sampler = logp + torch.where(turns % 2 == 0, 1.0, -3.0)
+    sampler[0] = math.nan
+    batch.sampler_logprobs = torch.cat([torch.full_like(sampler[:, :1], math.nan), sampler], 1)
 
 
 def test_ppo_epochs_take_several_steps_and_clip(tok, base_model):
@@ -2511,6 +2549,13 @@ def test_cispo_takes_no_dual_clip():
     ):
         GTPOConfig(policy_loss="cispo", dual_clip=3.0)
     GTPOConfig(policy_loss="ppo", dual_clip=3.0)
+
+
+@pytest.mark.parametrize("delta", [0.0, -0.5, math.nan, math.inf, True])
+def test_off_policy_mask_must_be_a_positive_finite_delta(delta):
+    with pytest.raises(InvalidInputError, match=r"off_policy_mask .*must be finite and > 0"):
+        GTPOConfig(off_policy_mask=delta)
+    assert GTPOConfig(off_policy_mask=0.5).off_policy_mask == 0.5
 
 
 def test_kl_correction_needs_a_kl_term_and_a_bool():

@@ -989,6 +989,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             beta=args.beta,
             kl_estimator=args.kl_estimator,
             kl_correction=args.kl_correction,
+            off_policy_mask=args.off_policy_mask,
             entropy_coef=args.entropy_coef,
             dual_clip=args.dual_clip,
             max_grad_norm=args.max_grad_norm,
@@ -1619,6 +1620,7 @@ LOSS_OPTIONS = {
     "beta": "--beta",
     "kl_estimator": "--kl-estimator",
     "kl_correction": "--kl-correction",
+    "off_policy_mask": "--off-policy-mask",
     "entropy_coef": "--entropy-coef",
     "temperature": "--temperature",
     "agg": "--agg",
@@ -2378,6 +2380,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight each token's KL estimate by its ratio pi / pi_old, gradient kept "
         "(DeepSeek-V3.2's unbiased estimate, TRL's use_bias_correction_kl): the tokens were "
         "sampled from pi_old, which later --ppo-epochs have moved from; needs --beta",
+    )
+    tr.add_argument(
+        "--off-policy-mask",
+        type=_positive_number,
+        metavar="DELTA",
+        help="DeepSeek-V3.2's off-policy sequence masking (TRL's off_policy_mask_threshold; "
+        "its example 0.5): an assistant turn with a negative advantage whose mean "
+        "log(pi_sampler / pi) over its trained tokens exceeds DELTA gets no policy gradient "
+        "(its KL and entropy terms stay) (default: off)",
     )
     tr.add_argument(
         "--entropy-coef",
