@@ -556,3 +556,43 @@ def test_resume_notes_spell_a_switched_off_setting_as_the_options_do():
         "loss --dual-clip none -> 3.0",
         "loss --agg default -> token_mean",
     ]
+
+
+def test_train_kl_correction_is_parsed_and_refused_without_beta(tmp_path, capsys):
+    """--kl-correction, from the line and a config file; without --beta (no KL
+    term for it to weight) it is refused before any model loads."""
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).kl_correction is False
+    assert _parsed([*train, "--kl-correction", "--beta", "0.1"]).kl_correction is True
+    path = _config_file(tmp_path, ".toml", {"kl_correction": True, "beta": 0.1})
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.kl_correction, parsed.beta) == (True, 0.1)
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    want = (
+        "turnrl train: error: --kl-correction weights the KL term by pi / pi_old, and there is "
+        "none without --beta: add --beta (above 0)\n"
+    )
+    for extra in ([], ["--beta", "0"]):
+        assert main([*argv, "--kl-correction", *extra]) == 2
+        assert capsys.readouterr().err == want
+    path = _config_file(tmp_path, ".toml", {"kl_correction": True})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert capsys.readouterr().err == want
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_off_policy_mask_takes_a_positive_finite_delta(tmp_path, capsys):
+    """--off-policy-mask DELTA, from the line and a config file; 0, a negative,
+    NaN or an infinity are refused while parsing."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).off_policy_mask is None
+    assert _parsed([*train, "--off-policy-mask", "0.5"]).off_policy_mask == 0.5
+    path = _config_file(tmp_path, ".toml", {"off_policy_mask": 0.25})
+    assert _parsed(["train", "--config", str(path), *train[1:]]).off_policy_mask == 0.25
+    for bad in ("0", "-0.5", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--off-policy-mask", bad])
+        assert "argument --off-policy-mask: must be" in capsys.readouterr().err, bad

@@ -1264,6 +1264,101 @@ def _one_token_args():
 
 
 # ---------------------------------------------------------------------------
+# kl_correction (DeepSeek-V3.2): the KL estimate weighted by the token's own
+# ratio pi / pi_old, its gradient kept.
+
+
+@pytest.mark.parametrize("estimator", KL_ESTIMATORS)
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+def test_kl_correction_matches_the_reference(estimator, schedule, chunk):
+    """Every estimator, both schedules, fp64: old log-probs of noise std 1
+    (ratios far from 1, some past the PPO clip) and reference log-probs far
+    from the policy's (k3's cap and clamp)."""
+    seed = SEED + 3 * KL_ESTIMATORS.index(estimator)
+    case = spread_ref(
+        make_case(seed, (3, 16), 24, 200, torch.float64, "token_mean", beta=0.7), seed
+    )
+    case.kwargs.update(kl_estimator=estimator, kl_correction=True)
+    stats = assert_close_to_reference(
+        case, 1e-10, backend="torch", chunk_size=chunk, schedule=schedule
+    )
+    uncorrected = dataclasses.replace(case, kwargs={**case.kwargs, "kl_correction": False})
+    plain = run_fused(uncorrected, backend="torch", chunk_size=chunk, schedule=schedule)
+    # The correction changes the loss, and kl_loss is the corrected estimate.
+    assert abs(float(stats["kl_loss"]) - float(plain[3].get("kl_loss", plain[3]["ref_kl"]))) > 1e-3
+    assert float(stats["ref_kl"]) == float(plain[3]["ref_kl"])
+
+
+@pytest.mark.parametrize(("schedule", "chunk"), [("rows", 5), ("vocab", 70)])
+def test_kl_correction_matches_the_reference_in_fp32(schedule, chunk):
+    case = make_case(SEED, (3, 16), 24, 200, torch.float32, "seq_mean_token_mean", beta=0.7)
+    case.kwargs["kl_correction"] = True
+    assert_close_to_reference(case, 1e-5, backend="torch", chunk_size=chunk, schedule=schedule)
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k1", "k3+"])
+def test_kl_correction_with_segments_weighs_by_the_tokens_own_ratio(estimator):
+    """With segments the PPO ratio is the segment's, the KL's weight the
+    token's own: the reference (its own loop) agrees, and the loss is not
+    that of the segment's ratio weighing the KL."""
+    case = make_case(SEED, (3, 9), 16, 50, torch.float64, "token_mean", beta=0.7)
+    add_segments(spread_ref(case, SEED), SEED)
+    case.kwargs.update(kl_estimator=estimator, kl_correction=True)
+    assert_close_to_reference(case, 1e-10, backend="torch")
+    assert_close_to_reference(case, 1e-10, backend="torch", schedule="vocab", chunk_size=7)
+
+
+def _one_token_kl(r, *, kl_correction, estimator, x=0.7, fn=gtpo_loss, **extra):
+    """Loss and d loss / d hidden of one token with advantage 0 (no policy
+    gradient), ratio ``r`` and ``l - l_ref = x``."""
+    hidden, weight, target, logprob, _ = _one_token()
+    h = hidden.clone().requires_grad_(True)
+    old = logprob - math.log(r)
+    zero = torch.zeros(1, dtype=torch.float64)
+    out = fn(
+        h, weight, target, zero, old, torch.tensor([True]), logprob - x,
+        beta=0.3, kl_estimator=estimator, kl_correction=kl_correction, **extra,
+    )  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return float(loss.detach()), h.grad
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3", "k2"])
+@pytest.mark.parametrize("r", [1.0, 1.5, 0.4])
+def test_kl_correction_by_hand(estimator, r):
+    """One token at ratio r, x = l - l_ref = 0.7: the corrected loss is
+    ``beta * r * k`` and its gradient ``beta * r * (k + dk/dl) * dl/dh``
+    (the ratio is not detached: d r / d l = r); uncorrected, ``beta * k``
+    and ``beta * dk/dl * dl/dh``. At r = 1 the values agree and the
+    gradients differ by ``beta * k * dl/dh``."""
+    *_, dl_dh = _one_token()
+    beta, x = 0.3, 0.7
+    k, slope = {
+        "k1": (x, 1.0),
+        "k2": (x * x / 2, x),
+        "k3": (math.exp(-x) + x - 1, 1 - math.exp(-x)),
+    }[estimator]
+    calls = [
+        (gtpo_loss, {"backend": "torch", "schedule": schedule, "chunk_size": 1})
+        for schedule in ("rows", "vocab")
+    ]
+    for fn, extra in [*calls, (torch_gtpo_loss, {})]:
+        where = (fn.__name__, extra.get("schedule"))
+        value, grad = _one_token_kl(r, kl_correction=True, estimator=estimator, fn=fn, **extra)
+        assert value == pytest.approx(beta * r * k, rel=1e-12), where
+        torch.testing.assert_close(grad, beta * r * (k + slope) * dl_dh, rtol=1e-9, atol=1e-12)
+        value, grad = _one_token_kl(r, kl_correction=False, estimator=estimator, fn=fn, **extra)
+        assert value == pytest.approx(beta * k, rel=1e-12), where
+        torch.testing.assert_close(grad, beta * slope * dl_dh, rtol=1e-9, atol=1e-12)
+
+
+def test_kl_correction_is_refused_unless_a_bool():
+    with pytest.raises(InvalidInputError, match="kl_correction must be a bool"):
+        gtpo_loss(*_one_token_args(), beta=0.1, kl_correction=1)
+
+
+# ---------------------------------------------------------------------------
 # CISPO (policy_loss="cispo"): the fused loss against the reference, by hand,
 # and the point of it: a token outside the clip range keeps its gradient.
 
@@ -1539,3 +1634,199 @@ def test_a_large_sapo_temperature_closes_the_gate_without_overflow():
             loss.backward()
             assert bool(torch.isfinite(loss)), (x, advantage)
             torch.testing.assert_close(h.grad, want * advantage * dl_dh, rtol=1e-9, atol=1e-12)
+
+
+# off_policy_mask (DeepSeek-V3.2 Eq. 9): a unit's negative-advantage tokens lose
+# their policy-gradient term when the unit's mean log(pi_old / pi) exceeds delta.
+
+
+def _drifted(case, offsets):
+    """Move each row's old log-probs by ``offsets[row]`` (in place) over
+    make_case's noise of std 1, so whole rows sit far above or below a delta."""
+    shift = torch.tensor(offsets, dtype=torch.float64)[:, None]
+    case.old = (case.old.double() + shift).to(case.old.dtype)
+    return case
+
+
+def _masked_share(case, delta, units):
+    """The share of trained tokens the mask drops, counted plainly, unit by unit."""
+    with torch.no_grad():
+        logits = case.hidden.double() @ case.weight.double().T / case.kwargs["temperature"]
+        lp = torch.log_softmax(logits, -1).gather(-1, case.targets.clamp(min=0)[..., None])[..., 0]
+    masked = 0
+    for unit in torch.unique(units[case.mask]).tolist():
+        members = case.mask & (units == unit)
+        if float((case.old.double() - lp)[members].mean()) > delta:
+            masked += int((members & (case.advantages < 0)).sum())
+    return masked / int(case.mask.sum())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
+def test_off_policy_mask_matches_the_reference(dtype, rtol, agg):
+    """Rows (the default unit) drifted by +1.5, 0 and -1.5 (the last row has
+    no trained token), delta 0.5: the first row's negative-advantage tokens
+    are masked, the others' not; KL and entropy terms on. The statistic is
+    the plain share."""
+    case = _drifted(make_case(SEED, (4, 16), 24, 200, dtype, agg), [1.5, 0.0, -1.5, 2.0])
+    case.kwargs["off_policy_mask"] = 0.5
+    stats = assert_close_to_reference(case, rtol, backend="torch", chunk_size=70)
+    rows = torch.arange(4)[:, None].expand(4, 16)
+    share = _masked_share(case, 0.5, rows)
+    assert 0 < share < 0.5
+    assert float(stats["off_policy_masked"]) == pytest.approx(share, rel=1e-6)
+    unmasked = dataclasses.replace(case, kwargs={**case.kwargs, "off_policy_mask": None})
+    masked_loss = run_fused(case, backend="torch")[0]
+    assert abs(float(run_fused(unmasked, backend="torch")[0]) - float(masked_loss)) > 1e-4
+
+
+@pytest.mark.parametrize("explicit_units", [False, True])
+def test_off_policy_mask_with_segments_and_units_matches_the_reference(explicit_units):
+    """Without off_policy_units the segments are the units; with them (here a
+    row's halves) the units are theirs and the segments only share ratios."""
+    case = _drifted(make_case(SEED, (3, 12), 16, 50, torch.float64, "token_mean"), [1.2, 0.2, -1])
+    add_segments(case, SEED)
+    case.kwargs["off_policy_mask"] = 0.3
+    if explicit_units:
+        case.kwargs["off_policy_units"] = torch.arange(6).repeat_interleave(6).reshape(3, 12)
+    stats = assert_close_to_reference(case, 1e-10, backend="torch", chunk_size=7)
+    units = case.kwargs.get("off_policy_units", case.kwargs["segment_ids"])
+    share = _masked_share(case, 0.3, units)
+    assert share > 0
+    assert float(stats["off_policy_masked"]) == pytest.approx(share, rel=1e-12)
+
+
+def _three_tokens(drift, advantage, delta=0.5, fn=gtpo_loss, **extra):
+    """One row of three fp64 tokens whose old log-probs sit ``drift`` above
+    the policy's (mean log(pi_old / pi) = drift), every advantage
+    ``advantage``; the loss and d loss / d hidden."""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    target = torch.tensor([2, 0, 5])
+    with torch.no_grad():
+        lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, target[:, None])[:, 0]
+    old = lp + drift + torch.tensor([0.2, -0.3, 0.1])  # the mean is drift
+    h = hidden.clone().requires_grad_(True)
+    adv = torch.full((3,), advantage, dtype=torch.float64)
+    out = fn(
+        h, weight, target, adv, old, torch.ones(3, dtype=torch.bool),
+        eps_low=10.0, eps_high=10.0, off_policy_mask=delta, **extra,
+    )  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return float(loss.detach()), h.grad, (out[1] if isinstance(out, tuple) else None)
+
+
+@pytest.mark.parametrize("fn", [gtpo_loss, torch_gtpo_loss])
+def test_off_policy_mask_by_hand_just_above_and_just_below_delta(fn):
+    """A sequence whose mean log(pi_old / pi) is delta + 1e-6 with A < 0
+    gets no loss and no gradient (no clip at eps 10: the plain surrogate
+    would pull); at delta - 1e-6 it keeps PPO's surrogate, as with A > 0 on
+    either side."""
+    extra = {"backend": "torch", "schedule": "vocab"} if fn is gtpo_loss else {}
+    delta = 0.5
+    for drift, advantage, masked in [
+        (delta + 1e-6, -1.0, True),
+        (delta - 1e-6, -1.0, False),
+        (delta + 1e-6, 1.0, False),
+        (delta - 1e-6, 1.0, False),
+        (-delta - 1e-6, -1.0, False),  # the policy above pi_old: not the drift tested
+    ]:
+        value, grad, stats = _three_tokens(drift, advantage, delta, fn, **extra)
+        plain, plain_grad, _ = _three_tokens(drift, advantage, None, fn, **extra)
+        where = (drift, advantage)
+        assert plain != 0 and float(plain_grad.abs().max()) > 1e-3
+        if masked:
+            assert value == 0.0 and float(grad.abs().max()) == 0.0, where
+        else:
+            assert value == plain, where
+            assert torch.equal(grad, plain_grad), where
+        if stats is not None:
+            assert float(stats["off_policy_masked"]) == float(masked), where
+
+
+def test_off_policy_mask_keeps_the_kl_and_entropy_terms():
+    """A masked sequence still pulls towards the reference and the entropy."""
+    value, _, _ = _three_tokens(0.6, -1.0, 0.5, gtpo_loss, backend="torch")
+    assert value == 0.0
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    targets, mask = torch.tensor([2, 0, 5]), torch.ones(3, dtype=torch.bool)
+    with torch.no_grad():
+        lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, targets[:, None])[:, 0]
+    old, ref = lp + 0.6, lp - 0.4
+    kw = dict(beta=0.3, entropy_coef=0.01, backend="torch", eps_low=10.0, eps_high=10.0)
+    adv = torch.full((3,), -1.0, dtype=torch.float64)
+    masked = gtpo_loss(hidden, weight, targets, adv, old, mask, ref, off_policy_mask=0.5, **kw)[0]
+    kl_and_entropy = gtpo_loss(hidden, weight, targets, zero, old, mask, ref, **kw)[0]
+    assert float(masked) == pytest.approx(float(kl_and_entropy), rel=1e-14)
+    assert float(masked) != 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"off_policy_mask": 0.0}, "off_policy_mask .* must be a finite number above 0"),
+        ({"off_policy_mask": -0.5}, "off_policy_mask .* must be a finite number above 0"),
+        ({"off_policy_mask": math.nan}, "off_policy_mask .* must be a finite number above 0"),
+        ({"off_policy_mask": math.inf}, "off_policy_mask .* must be a finite number above 0"),
+        ({"off_policy_mask": True}, "off_policy_mask .* must be a finite number above 0"),
+        ({"off_policy_units": torch.zeros(1, dtype=torch.int64)}, "off_policy_mask, which is None"),
+        (
+            {"off_policy_mask": 0.5, "off_policy_units": torch.zeros(1)},
+            "off_policy_units must be an integer tensor",
+        ),
+        (
+            {"off_policy_mask": 0.5, "off_policy_units": torch.zeros(2, dtype=torch.int64)},
+            "off_policy_units has shape",
+        ),
+    ],
+)
+def test_off_policy_mask_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        gtpo_loss(*_one_token_args(), **kwargs)
+
+
+def test_off_policy_mask_takes_the_vocab_schedule_and_rows_refuses_it():
+    case = make_case(SEED, (2, 6), 8, 30, torch.float64, "token_mean")
+    with pytest.raises(InvalidInputError, match="schedule='rows' cannot take off_policy_mask"):
+        run_fused(case, backend="torch", schedule="rows", off_policy_mask=0.5)
+    auto = run_fused(case, backend="torch", off_policy_mask=0.5)
+    vocab = run_fused(case, backend="torch", schedule="vocab", off_policy_mask=0.5)
+    for a, b in zip(auto[:3], vocab[:3], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_off_policy_mask_tests_the_sampling_logprobs_when_given():
+    """With sampling_logprobs the units' drift is theirs, not old_logprobs':
+    rows whose sampler log-probs sit 1.5 above (with old_logprobs close to
+    the policy) are masked; NaN at untrained tokens does not matter."""
+    case = make_case(SEED, (4, 16), 24, 200, torch.float64, "token_mean")
+    sampling = _drifted(dataclasses.replace(case), [1.5, 0.0, -1.5, 2.0]).old
+    sampling = torch.where(case.mask, sampling, torch.nan)
+    case.kwargs.update(off_policy_mask=0.5, sampling_logprobs=sampling)
+    stats = assert_close_to_reference(case, 1e-10, backend="torch", chunk_size=70)
+    rows = torch.arange(4)[:, None].expand(4, 16)
+    share = _masked_share(dataclasses.replace(case, old=sampling), 0.5, rows)
+    assert share > 0
+    assert float(stats["off_policy_masked"]) == pytest.approx(share, rel=1e-12)
+    # old_logprobs alone (noise of std 1 about the policy) masks less.
+    without = {k: v for k, v in case.kwargs.items() if k != "sampling_logprobs"}
+    plain = run_fused(dataclasses.replace(case, kwargs=without), backend="torch")[3]
+    assert float(plain["off_policy_masked"]) < share
+
+
+def test_sampling_logprobs_are_refused_without_the_mask_or_non_finite_on_a_trained_token():
+    hidden, weight, targets, adv, old, mask, ref = _one_token_args()
+    with pytest.raises(InvalidInputError, match="sampling_logprobs are for off_policy_mask alone"):
+        gtpo_loss(hidden, weight, targets, adv, old, mask, ref, sampling_logprobs=old)
+    with pytest.raises(InvalidInputError, match=r"sampling_logprobs\[0\] = nan is not finite"):
+        gtpo_loss(
+            hidden, weight, targets, adv, old, mask, ref,
+            off_policy_mask=0.5, sampling_logprobs=torch.full_like(old, torch.nan),
+        )  # fmt: skip

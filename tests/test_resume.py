@@ -682,12 +682,26 @@ def test_a_resume_with_other_loss_settings_says_which(
         "--resume: this run's loss settings replace the checkpoint's: --policy-loss ppo -> sapo; "
         "--sapo-tau-neg 1.05 -> 2.0\n"
     ) in capsys.readouterr().err
-    # A checkpoint from before --kl-estimator, --policy-loss and SAPO's
-    # temperatures trained with their defaults, k3 and ppo (whose loss the
-    # temperatures do not change).
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--beta", "0.01", "--kl-correction"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: --beta 0.0 -> 0.01; "
+        "--kl-correction False -> True\n"
+    ) in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--off-policy-mask", "0.5"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "--off-policy-mask none -> 0.5\n"
+    ) in capsys.readouterr().err
+    # A checkpoint from before --kl-estimator, --policy-loss, SAPO's
+    # temperatures, --kl-correction and --off-policy-mask trained with their
+    # defaults: k3, ppo (whose loss the temperatures do not change), none.
     del state["loss"]["kl_estimator"]
     del state["loss"]["policy_loss"]
     del state["loss"]["sapo_tau_pos"], state["loss"]["sapo_tau_neg"]
+    del state["loss"]["kl_correction"]
+    del state["loss"]["off_policy_mask"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])

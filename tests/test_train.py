@@ -526,16 +526,32 @@ def _reference_loss(model, batch, cfg):
         loss = -adv * _sapo_gate(ratio, adv, cfg)
     else:
         loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
+    if cfg.off_policy_mask is not None:
+        # DeepSeek-V3.2 Eq. 9 per (row, assistant turn): the sampler's log-probs
+        # where known, else the policy's own (on-policy: the trainer's old).
+        known = batch.sampler_logprobs[:, 1:]
+        sampler = torch.where(torch.isnan(known), logp.detach(), known)
+        turns, trained = batch.token_turn[:, 1:], mask.bool()
+        keep = torch.ones_like(trained)
+        for r in range(trained.shape[0]):
+            for turn in torch.unique(turns[r][trained[r]]).tolist():
+                members = trained[r] & (turns[r] == turn)
+                if float((sampler[r] - logp[r].detach())[members].mean()) > cfg.off_policy_mask:
+                    keep[r] &= ~(members & (adv[r] < 0))
+        loss = torch.where(keep, loss, 0.0)
     if cfg.beta:
         with torch.no_grad(), model.disable_adapter():
             ref_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             ref = torch.log_softmax(ref_logits.logits[:, :-1].float() / cfg.temperature, -1)
             ref = ref.gather(-1, targets[..., None])[..., 0]
         if cfg.kl_estimator == "k3":
-            loss = loss + cfg.beta * (torch.exp(ref - logp) - (ref - logp) - 1)
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
         else:
             assert cfg.kl_estimator == "k1"  # what the callers take
-            loss = loss + cfg.beta * (logp - ref)
+            kl = logp - ref
+        if cfg.kl_correction:
+            kl = ratio * kl  # DeepSeek-V3.2's weight pi / pi_old, not detached
+        loss = loss + cfg.beta * kl
     if cfg.entropy_coef:
         loss = loss + cfg.entropy_coef * (logp_all.exp() * logp_all).sum(-1)
     loss = loss * mask
@@ -551,27 +567,41 @@ def _reference_loss(model, batch, cfg):
 
 
 @pytest.mark.parametrize(
-    "agg, micro, beta, entropy_coef, kl_estimator, policy_loss",
+    "agg, micro, beta, entropy_coef, kl_estimator, policy_loss, options",
     [
-        ("token_mean", 1, 0.0, 0.0, "k3", "ppo"),
-        ("token_mean", 5, 0.05, 0.01, "k3", "ppo"),
-        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3", "ppo"),
-        ("dr_grpo", 3, 0.05, 0.0, "k3", "ppo"),
-        ("token_mean", "tokens", 0.0, 0.01, "k3", "ppo"),  # micro-batches by a padded-token budget
-        ("dr_grpo", "tokens", 0.0, 0.0, "k3", "ppo"),
-        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3", "ppo"),
+        ("token_mean", 1, 0.0, 0.0, "k3", "ppo", {}),
+        ("token_mean", 5, 0.05, 0.01, "k3", "ppo", {}),
+        ("seq_mean_token_mean", 2, 0.0, 0.01, "k3", "ppo", {}),
+        ("dr_grpo", 3, 0.05, 0.0, "k3", "ppo", {}),
+        (
+            "token_mean",
+            "tokens",
+            0.0,
+            0.01,
+            "k3",
+            "ppo",
+            {},
+        ),  # micro-batches by a padded-token budget
+        ("dr_grpo", "tokens", 0.0, 0.0, "k3", "ppo", {}),
+        ("seq_mean_token_sum", "tokens", 0.05, 0.0, "k3", "ppo", {}),
         # k1's gradient (a constant 1 per log-prob) is far from k3's.
-        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo"),
+        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo", {}),
         # On-policy (w = r = 1) CISPO's step is PPO's; its off-policy steps are
         # test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips's.
-        ("seq_mean_token_mean", 3, 0.05, 0.01, "k3", "cispo"),
+        ("seq_mean_token_mean", 3, 0.05, 0.01, "k3", "cispo", {}),
         # On-policy SAPO's gradient is PPO's too, its value -2 A / tau (each
         # sign's tau); off-policy, test_cispo_keeps_the_gradient_of_the_tokens_ppo_clips.
-        ("token_mean", 2, 0.05, 0.01, "k3", "sapo"),
+        ("token_mean", 2, 0.05, 0.01, "k3", "sapo", {}),
+        # kl_correction on-policy: r = 1 in value, d r = d log pi in gradient.
+        ("token_mean", 2, 0.5, 0.0, "k3", "ppo", {"kl_correction": True}),
+        ("seq_mean_token_sum", "tokens", 0.5, 0.0, "kl", "ppo", {"kl_correction": True}),
+        # Sampler log-probs 1 above the policy's on even turns, 3 below on odd.
+        ("token_mean", 2, 0.05, 0.01, "k3", "ppo", {"off_policy_mask": 0.5}),
+        ("seq_mean_token_mean", "tokens", 0.0, 0.0, "k3", "ppo", {"off_policy_mask": 0.5}),
     ],
 )
 def test_step_matches_the_whole_batch_reference(
-    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator, policy_loss
+    tok, base_model, agg, micro, beta, entropy_coef, kl_estimator, policy_loss, options
 ):
     rng = random.Random(13)
     records = [_record(rng, float(i % 3 == 0), f"g{i % 2}", reasoning=i == 1) for i in range(5)]
@@ -596,8 +626,11 @@ def test_step_matches_the_whole_batch_reference(
         agg=agg,
         max_grad_norm=None,
         backend="torch",
+        **options,
     )
     model = _lora(base_model)
+    if cfg.off_policy_mask is not None:
+        _drift_every_other_turn(model, batch, cfg.temperature)
     reference = copy.deepcopy(model)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -624,10 +657,30 @@ def test_step_matches_the_whole_batch_reference(
         else:
             assert torch.equal(p, before[name]), f"{name} is frozen but changed"
     assert stats["trained_tokens"] == float(batch.loss_mask[:, 1:].sum())
+    if cfg.off_policy_mask is not None:
+        # Some turns are masked, not all (the policy's own log-probs stand in
+        # where the sampler's are unknown: the first row's).
+        assert 0 < stats["off_policy_masked"] < 0.5
     if beta:
         assert stats["ref_kl"] > 0  # the adapter's random init moved the policy off the base
         # k3's whatever the estimator; kl_loss, another's, is k1's mean log-ratio here.
-        assert ("kl_loss" in stats) == (kl_estimator != "k3")
+        assert ("kl_loss" in stats) == (kl_estimator != "k3" or cfg.kl_correction)
+
+
+def _drift_every_other_turn(model, batch, temperature):
+    """Give ``batch`` sampler log-probs: the policy's own, plus 1 on even
+    assistant turns and minus 3 on odd ones (a mean log(pi_sampler / pi) of
+    1 and -3: a packed row of both, as one unit, would mostly stay under a
+    delta of 0.5, its even turns not), unknown (NaN) on the first row."""
+    targets = torch.where(batch.loss_mask[:, 1:], batch.input_ids[:, 1:], 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[:, :-1].float() / temperature, -1)
+        logp = logp.gather(-1, targets[..., None])[..., 0]
+    turns = batch.token_turn[:, 1:]
+    sampler = logp + torch.where(turns % 2 == 0, 1.0, -3.0)
+    sampler[0] = math.nan
+    batch.sampler_logprobs = torch.cat([torch.full_like(sampler[:, :1], math.nan), sampler], 1)
 
 
 def test_ppo_epochs_take_several_steps_and_clip(tok, base_model):
@@ -2553,6 +2606,21 @@ def test_sapo_takes_no_dual_clip_and_positive_finite_temperatures():
                 GTPOConfig(policy_loss="sapo", **{field: value})
     config = GTPOConfig(policy_loss="sapo", sapo_tau_pos=0.5, sapo_tau_neg=3.0)
     assert (config.sapo_tau_pos, config.sapo_tau_neg) == (0.5, 3.0)
+
+
+@pytest.mark.parametrize("delta", [0.0, -0.5, math.nan, math.inf, True])
+def test_off_policy_mask_must_be_a_positive_finite_delta(delta):
+    with pytest.raises(InvalidInputError, match=r"off_policy_mask .*must be finite and > 0"):
+        GTPOConfig(off_policy_mask=delta)
+    assert GTPOConfig(off_policy_mask=0.5).off_policy_mask == 0.5
+
+
+def test_kl_correction_needs_a_kl_term_and_a_bool():
+    with pytest.raises(InvalidInputError, match="kl_correction weights the KL term, and beta=0"):
+        GTPOConfig(kl_correction=True)
+    with pytest.raises(InvalidInputError, match="kl_correction must be a bool, got 1"):
+        GTPOConfig(kl_correction=1, beta=0.1)
+    assert GTPOConfig(kl_correction=True, beta=0.1).kl_correction
 
 
 def test_the_kl_estimator_is_kept_by_its_canonical_name_and_full_is_refused():

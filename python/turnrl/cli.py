@@ -694,6 +694,11 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
         )
+    if args.kl_correction and not args.beta > 0:
+        raise InvalidInputError(
+            "--kl-correction weights the KL term by pi / pi_old, and there is none without "
+            "--beta: add --beta (above 0)"
+        )
     if args.policy_loss == "cispo" and args.dual_clip is not None:
         raise InvalidInputError(
             "--dual-clip caps PPO's loss of a negative advantage, and --policy-loss cispo "
@@ -1028,6 +1033,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             eps_high=args.eps_high,
             beta=args.beta,
             kl_estimator=args.kl_estimator,
+            kl_correction=args.kl_correction,
+            off_policy_mask=args.off_policy_mask,
             entropy_coef=args.entropy_coef,
             dual_clip=args.dual_clip,
             max_grad_norm=args.max_grad_norm,
@@ -1671,6 +1678,8 @@ LOSS_OPTIONS = {
     "dual_clip": "--dual-clip",
     "beta": "--beta",
     "kl_estimator": "--kl-estimator",
+    "kl_correction": "--kl-correction",
+    "off_policy_mask": "--off-policy-mask",
     "entropy_coef": "--entropy-coef",
     "temperature": "--temperature",
     "agg": "--agg",
@@ -2490,6 +2499,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(exp(-x) + x - 1, verl's low_var_kl, TRL's), k1 (x), abs (|x|), k2 (x^2 / 2), or "
         "k1+, abs+, k3+: that value with k2's gradient (verl's kl_loss_type; its names are "
         "taken too) (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--kl-correction",
+        action="store_true",
+        help="weight each token's KL estimate by its ratio pi / pi_old, gradient kept "
+        "(DeepSeek-V3.2's unbiased estimate, TRL's use_bias_correction_kl): the tokens were "
+        "sampled from pi_old, which later --ppo-epochs have moved from; needs --beta",
+    )
+    tr.add_argument(
+        "--off-policy-mask",
+        type=_positive_number,
+        metavar="DELTA",
+        help="DeepSeek-V3.2's off-policy sequence masking (TRL's off_policy_mask_threshold; "
+        "its example 0.5): an assistant turn with a negative advantage whose mean "
+        "log(pi_sampler / pi) over its trained tokens exceeds DELTA gets no policy gradient "
+        "(its KL and entropy terms stay) (default: off)",
     )
     tr.add_argument(
         "--entropy-coef",

@@ -954,6 +954,26 @@ class GTPOConfig:
     """SAPO's ``tau`` of the other tokens (TRL's ``sapo_temperature_neg``; the
     paper closes the gate faster on negative advantages, whose updates spread
     over the whole vocabulary)."""
+    kl_correction: bool = False
+    """DeepSeek-V3.2's unbiased KL estimate (TRL's ``use_bias_correction_kl``):
+    each token's KL estimate is weighted by its own ratio ``pi / pi_old``,
+    gradient kept, since the tokens were sampled from ``pi_old`` (a later
+    PPO epoch's policy is not it). The first epoch's value is unchanged (r =
+    1), its gradient gains ``beta * kl_t * d log pi_t``: for ``k1`` and
+    ``k3`` the gradient is then the reverse KL's own. Needs ``beta > 0``;
+    ``kl_loss`` is then reported (the corrected estimate)."""
+    off_policy_mask: float | None = None
+    """DeepSeek-V3.2's off-policy sequence masking (Eq. 9; TRL's
+    ``off_policy_mask_threshold``), its ``delta`` (TRL's example: 0.5): the
+    negative-advantage tokens of an assistant turn (the unit one generation
+    sampled, the advantages' unit; a row when the batch has no
+    ``token_turn``) whose mean ``log(pi_sampler / pi)`` over its trained
+    tokens exceeds ``delta`` get no policy-gradient term (their KL and
+    entropy terms stay). ``pi_sampler`` is the sampler's log-prob where
+    known (``TrainBatch.sampler_logprobs``), the trainer's own at the
+    step's start elsewhere, so the mask sees the engine's mismatch and the
+    drift of later PPO epochs. ``off_policy_masked`` reports the share of
+    trained tokens masked. The loss then runs its vocabulary schedule."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
@@ -1009,6 +1029,19 @@ class GTPOConfig:
                 )
         if not 0 <= self.beta < math.inf:
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta}")
+        if not isinstance(self.kl_correction, bool):
+            raise InvalidInputError(f"kl_correction must be a bool, got {self.kl_correction!r}")
+        if self.off_policy_mask is not None and (
+            isinstance(self.off_policy_mask, bool) or not 0 < self.off_policy_mask < math.inf
+        ):
+            raise InvalidInputError(
+                "off_policy_mask (DeepSeek-V3.2's delta) must be finite and > 0, or None, "
+                f"got {self.off_policy_mask!r}"
+            )
+        if self.kl_correction and self.beta == 0:
+            raise InvalidInputError(
+                "kl_correction weights the KL term, and beta=0 leaves none: set beta > 0"
+            )
         if not math.isfinite(self.entropy_coef):
             raise InvalidInputError(f"entropy_coef must be finite, got {self.entropy_coef}")
         if not 0 < self.temperature < math.inf:
@@ -1410,6 +1443,10 @@ class GTPOTrainer:
                         policy_loss=cfg.policy_loss,
                         sapo_tau_pos=cfg.sapo_tau_pos,
                         sapo_tau_neg=cfg.sapo_tau_neg,
+                        kl_correction=cfg.kl_correction,
+                        off_policy_mask=cfg.off_policy_mask,
+                        off_policy_units=self._off_policy_units(m),
+                        sampling_logprobs=self._sampling_logprobs(m, old[j]),
                         entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature,
                         agg=cfg.agg,
@@ -1477,6 +1514,26 @@ class GTPOTrainer:
         # ids of untrained tokens (turn -1) are ignored by the loss.
         return rows * 2**32 + m.turns
 
+    def _off_policy_units(self, m: _MicroBatch) -> torch.Tensor | None:
+        """The off-policy mask's units: each (row, assistant turn); None (each
+        row, the loss's default) without the mask or the batch's turns."""
+        import torch
+
+        if self.config.off_policy_mask is None or m.turns is None:
+            return None
+        rows = torch.arange(m.valid.shape[0], device=m.valid.device)[:, None]
+        return rows * 2**32 + m.turns
+
+    def _sampling_logprobs(self, m: _MicroBatch, old: torch.Tensor) -> torch.Tensor | None:
+        """The off-policy mask's sampling log-probs: the sampler's where known,
+        ``old`` (the trainer's at the step's start) elsewhere."""
+        import torch
+
+        if self.config.off_policy_mask is None or m.sampler_logprobs is None:
+            return None
+        known = ~torch.isnan(m.sampler_logprobs)
+        return torch.where(known, m.sampler_logprobs.to(old.dtype), old)
+
     def _stat_names(self) -> list[str]:
         """The statistics :func:`turnrl.kernels.gtpo_loss` reports under this config."""
         names = ["clip_frac", "approx_kl", "entropy", "ratio_mean"]
@@ -1484,8 +1541,10 @@ class GTPOTrainer:
             names.append("dual_clip_frac")
         if self.config.beta:
             names.append("ref_kl")
-            if self.config.kl_estimator != "k3":
+            if self.config.kl_estimator != "k3" or self.config.kl_correction:
                 names.append("kl_loss")
+        if self.config.off_policy_mask is not None:
+            names.append("off_policy_masked")
         return names
 
     def _idle_step(self, trained_tokens: int, skipped_rows: int) -> dict[str, float]:
@@ -1505,7 +1564,8 @@ class GTPOTrainer:
 
         Statistics are token-weighted over the rows that ran (``clip_frac``,
         ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term,
-        ``kl_loss`` with a KL term of another ``kl_estimator`` than k3;
+        ``kl_loss`` with a KL term of another ``kl_estimator`` than k3 or
+        with ``kl_correction``, ``off_policy_masked`` with ``off_policy_mask``;
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
         the last epoch, ``trained_tokens`` and ``skipped_rows`` (rows left out
         for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);

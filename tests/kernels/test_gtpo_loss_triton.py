@@ -44,8 +44,9 @@ DEVICE = "cuda" if ON_GPU and not INTERPRETING else "cpu"
 def _to_device(case):
     for name in ("hidden", "weight", "targets", "advantages", "old", "mask", "ref"):
         setattr(case, name, getattr(case, name).to(DEVICE))
-    if case.kwargs.get("segment_ids") is not None:
-        case.kwargs["segment_ids"] = case.kwargs["segment_ids"].to(DEVICE)
+    for name in ("segment_ids", "sampling_logprobs"):
+        if case.kwargs.get(name) is not None:
+            case.kwargs[name] = case.kwargs[name].to(DEVICE)
     return case
 
 
@@ -77,6 +78,36 @@ def test_triton_kl_estimators_match_reference(estimator, schedule, chunk):
     assert_close_to_reference(
         _to_device(case), 1e-5, backend="triton", chunk_size=chunk, schedule=schedule
     )
+
+
+@pytest.mark.parametrize("estimator", ["k3", "k1"])
+@pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)
+def test_triton_kl_correction_matches_reference(estimator, schedule, chunk):
+    """kl_correction: the KL weighted by each token's own ratio, gradient kept."""
+    case = spread_ref(make_case(SEED, (3, 6), 16, 45, torch.float32, "token_mean", beta=0.7), SEED)
+    case.kwargs.update(kl_estimator=estimator, kl_correction=True)
+    assert_close_to_reference(
+        _to_device(case), 1e-5, backend="triton", chunk_size=chunk, schedule=schedule
+    )
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_triton_off_policy_mask_matches_reference(segments):
+    """off_policy_mask (the vocab schedule): rows drifted above and below delta,
+    sampler log-probs of their own; units the rows, or the segments."""
+    case = make_case(SEED, (3, 6), 16, 45, torch.float32, "token_mean")
+    shift = torch.tensor([1.5, 0.0, -1.5])[:, None]
+    case.kwargs.update(off_policy_mask=0.5, sampling_logprobs=case.old + shift)
+    if segments:
+        add_segments(case, SEED)
+    assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
+
+
+def test_triton_kl_correction_with_segments():
+    case = make_case(SEED, (2, 7), 8, 40, torch.float32, "seq_mean_token_mean", beta=0.7)
+    add_segments(spread_ref(case, SEED), SEED)
+    case.kwargs["kl_correction"] = True
+    assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
 
 
 @pytest.mark.parametrize(("schedule", "chunk"), SCHEDULE_CHUNKS)

@@ -12,6 +12,10 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     pg_t     = -A_t * sigmoid(tau_t * (p_t - 1)) * 4 / tau_t
                tau_t = tau_pos where A_t > 0, else tau_neg   (instead, with policy_loss="sapo")
     kl_t     = min(exp(d) - d - 1, 10),  d = clamp(ref_t - l_t, -20, 20)   (k3, verl's "low_var_kl")
+    kl_t     = exp(clamp(l_t - old_t, -20, 20)) * kl_t   (with kl_correction: not detached)
+    pg_t     = 0   where A_t < 0 and sg[mean_{u in U, trained} (s_u - l_u)] > delta
+                   (with off_policy_mask=delta; U: the token's unit, s: the sampler's
+                   log-probs, old by default; DeepSeek-V3.2 Eq. 9)
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
 ``kl_t`` is the ``kl_estimator`` of :data:`KL_ESTIMATORS` (k3 by default; see
@@ -608,6 +612,10 @@ class TokenInputs:
     agg_weights: torch.Tensor
     cfg: LossConfig
     segments: torch.Tensor | None = None
+    units: torch.Tensor | None = None
+    """The off-policy mask's units (:func:`_segment_index`), vocab schedule only."""
+    sampling: torch.Tensor | None = None
+    """The off-policy mask's sampling log-probs (with ``units``)."""
 
     def block(self, start: int, stop: int) -> TokenInputs:
         return TokenInputs(
@@ -816,6 +824,12 @@ class LossConfig:
     sapo_tau_neg: float = 1.05
     """SAPO's gate temperatures (``policy_loss="sapo"``), of tokens with
     ``A > 0`` and the others."""
+    kl_correction: bool = False
+    """Weight the KL estimate by the token's own ratio ``pi / pi_old`` (DeepSeek-V3.2)."""
+    off_policy_mask: float | None = None
+    """DeepSeek-V3.2's delta: a unit's policy gradient is dropped where its
+    advantage is negative and its mean ``s - l`` (``s``: the sampling
+    log-probs) exceeds it."""
 
 
 def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -854,13 +868,16 @@ def token_terms(
     ref_logprobs: torch.Tensor | None,
     cfg: LossConfig,
     segment_log_ratio: torch.Tensor | None = None,
+    unit_log_ratio: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token loss and its parts; differentiable in ``logprob`` and ``entropy``.
 
     ``segment_log_ratio`` (per token, detached: :func:`_segment_log_ratios`)
     replaces the value of each token's log-ratio and keeps its gradient, 1
     by its own ``logprob`` (GSPO-token); None: the token's own ``logprob -
-    old_logprobs``.
+    old_logprobs``. ``unit_log_ratio`` (per token, detached: the mean of
+    ``logprob`` less the sampling log-probs over the token's off-policy-mask
+    unit) is needed with ``cfg.off_policy_mask``.
     """
     if segment_log_ratio is None:
         raw_log_ratio = logprob - old_logprobs
@@ -897,6 +914,18 @@ def token_terms(
         floor = -advantages * cfg.dual_clip
         terms["dual_clipped"] = (advantages < 0) & (pg > floor)
         pg = torch.where(advantages < 0, torch.minimum(pg, floor), pg)
+    if cfg.off_policy_mask is not None:
+        # DeepSeek-V3.2's off-policy sequence masking (Eq. 9): a unit that
+        # the policy has moved far from (mean s - l over it, a KL estimate
+        # between the sampler and the policy, above delta) and whose
+        # advantage is negative teaches nothing reliable:
+        # its policy gradient is dropped. From detached values; the KL and
+        # entropy terms stay (as DeepSeek's and TRL's).
+        if unit_log_ratio is None:
+            raise InvalidInputError("off_policy_mask needs each token's unit_log_ratio")
+        masked = (advantages < 0) & (-unit_log_ratio.detach() > cfg.off_policy_mask)
+        terms["off_policy_masked"] = masked
+        pg = torch.where(masked, torch.zeros_like(pg), pg)
     loss = pg
     if ref_logprobs is not None:
         x = logprob - ref_logprobs
@@ -905,7 +934,15 @@ def token_terms(
         # k3 whatever the estimator: the statistic stays comparable across runs.
         terms["ref_kl"] = k3
         penalty = _kl_penalty(x, k3, cfg.kl_estimator)
-        if cfg.kl_estimator != "k3":
+        if cfg.kl_correction:
+            # The tokens were sampled from pi_old: E_old[r * k] is E_pi[k]. The
+            # ratio is the token's own (the KL is per token, whatever segment
+            # shares its PPO ratio), clamped as PPO's, and not detached: the
+            # gradient of E_old[r * k] is E_pi[k * d log pi + d k], which for
+            # k1 and k3 is the reverse KL's own gradient (TRL does the same).
+            own = torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            penalty = torch.exp(own) * penalty
+        if cfg.kl_estimator != "k3" or cfg.kl_correction:
             terms["kl_loss"] = penalty
         if cfg.beta != 0.0:
             loss = loss + cfg.beta * penalty
@@ -1003,7 +1040,16 @@ def _segment_log_ratios(
 
 
 def _weighted_loss(
-    logprob, entropy, old, advantages, ref, agg_weights, cfg, segments=None
+    logprob,
+    entropy,
+    old,
+    advantages,
+    ref,
+    agg_weights,
+    cfg,
+    segments=None,
+    units=None,
+    sampling=None,
 ) -> torch.Tensor:
     """``sum_t w_t * loss_t`` in the accumulation dtype of ``logprob``.
 
@@ -1028,6 +1074,7 @@ def _weighted_loss(
         None if ref is None else clean(ref),
         cfg,
         None if segments is None else _segment_log_ratios(logprob, old, used, segments),
+        None if units is None else _segment_log_ratios(logprob, clean(sampling), used, units),
     )
     return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
 
@@ -1043,6 +1090,8 @@ def _block_loss(logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInput
         inputs.agg_weights,
         inputs.cfg,
         inputs.segments,
+        inputs.units,
+        inputs.sampling,
     )
 
 
@@ -1084,6 +1133,8 @@ def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[
         stats["ref_kl"] = mean(terms["ref_kl"])
     if "kl_loss" in terms:
         stats["kl_loss"] = mean(terms["kl_loss"])
+    if "off_policy_masked" in terms:
+        stats["off_policy_masked"] = mean(terms["off_policy_masked"])
     return stats
 
 
@@ -1128,6 +1179,8 @@ class GTPOLossFunction(torch.autograd.Function):
         schedule: str = "vocab",
         want_grads: bool = True,
         segments: torch.Tensor | None = None,
+        units: torch.Tensor | None = None,
+        sampling: torch.Tensor | None = None,
     ):
         ctx.schedule = schedule
         ctx.cfg, ctx.temperature, ctx.backend = cfg, temperature, backend
@@ -1136,6 +1189,12 @@ class GTPOLossFunction(torch.autograd.Function):
             # A token's gradient needs its segment's mean log-ratio, so every
             # token's log-prob before any gradient: this schedule takes a
             # block's gradients before the next block's log-probs exist.
+            if units is not None:
+                raise InvalidInputError(
+                    "schedule='rows' cannot take off_policy_mask: a unit's mean log-ratio needs "
+                    "every token's log-prob before any block's gradients; use schedule='vocab' "
+                    "(what 'auto' picks with off_policy_mask)"
+                )
             if segments is not None:
                 raise InvalidInputError(
                     "schedule='rows' cannot take segment_ids: it computes a block's gradients "
@@ -1157,9 +1216,18 @@ class GTPOLossFunction(torch.autograd.Function):
         stats = stats_fn(hidden, weight, targets, temperature, chunk_size)
         logprob, entropy = stats.logprob, stats.entropy
         loss = _weighted_loss(
-            logprob, entropy, old_logprobs, advantages, ref_logprobs, agg_weights, cfg, segments
+            logprob,
+            entropy,
+            old_logprobs,
+            advantages,
+            ref_logprobs,
+            agg_weights,
+            cfg,
+            segments,
+            units,
+            sampling,
         )
-        ctx.save_for_backward(*inputs, segments, *stats)
+        ctx.save_for_backward(*inputs, segments, units, sampling, *stats)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(logprob, entropy)
         return loss, logprob, entropy
@@ -1173,7 +1241,7 @@ class GTPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_loss: torch.Tensor):
-        nones = (None,) * 12
+        nones = (None,) * 14
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.schedule == "rows":
             # The gradients computed in the forward are for d loss = 1. They
@@ -1208,12 +1276,11 @@ class GTPOLossFunction(torch.autograd.Function):
         if not (need_hidden or need_weight):
             return (None, None, *nones)
 
-        hidden, weight, targets, advantages, old, ref, agg_weights, segments, *saved = (
-            ctx.saved_tensors
-        )
+        hidden, weight, targets, advantages, old, ref, agg_weights, *rest = ctx.saved_tensors
+        segments, units, sampling, *saved = rest
         _, grad_fn = _STREAMS[ctx.backend]
         stats = RowStats(*saved)
-        inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg, segments)
+        inputs = TokenInputs(old, advantages, ref, agg_weights, ctx.cfg, segments, units, sampling)
         _, g_l, g_h = _token_grads(stats.logprob, stats.entropy, inputs)
         scale = grad_loss.to(stats.row_max.dtype)
         grad_h, grad_w = grad_fn(
@@ -1392,6 +1459,10 @@ def gtpo_loss(
     policy_loss: str = "ppo",
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    kl_correction: bool = False,
+    off_policy_mask: float | None = None,
+    off_policy_units: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1496,6 +1567,42 @@ def gtpo_loss(
             the paper's 1.0 and 1.05 by default): finite and > 0; the
             larger, the faster the gate closes off-policy. Used by
             ``policy_loss="sapo"`` alone.
+        kl_correction: DeepSeek-V3.2's unbiased KL estimate (arXiv
+            2512.02556, TRL's ``use_bias_correction_kl``): the tokens were
+            sampled from ``pi_old``, so the KL estimate is weighted by the
+            token's own ratio ``r_t = exp(clamp(l_t - old_t, -20, 20))``
+            (its own even with ``segment_ids``: the KL is per token), not
+            detached: ``beta * r_t * kl_t``. The gradient of its mean is then
+            ``E_pi[kl_t d l_t + d kl_t]``, for ``k1`` and ``k3`` the reverse
+            KL's own gradient (without it, ``k3``'s is not). On-policy
+            (``r_t = 1``) the value is the same, the gradient is not: it
+            gains ``beta * kl_t * d l_t``. ``stats["kl_loss"]`` is then the
+            corrected estimate. Nothing without a KL term (``beta=0``).
+        off_policy_mask: DeepSeek-V3.2's off-policy sequence masking (Eq. 9;
+            TRL's ``off_policy_mask_threshold``), ``delta > 0`` (TRL's
+            example: 0.5); None (the default) turns it off. A trained token
+            whose advantage is negative, in a unit whose trained tokens'
+            mean ``old - l`` (a KL estimate between ``pi_old`` and the
+            policy, from detached values) is above ``delta``, gets no
+            policy-gradient term (its KL and entropy terms stay);
+            ``stats["off_policy_masked"]`` is the share of trained tokens
+            so masked. ``old`` is ``sampling_logprobs``, or
+            ``old_logprobs`` where that is None. Runs the ``vocab``
+            schedule (``auto`` picks it; ``rows`` refuses it): a unit's mean
+            needs every token's log-prob first.
+        off_policy_units: the mask's units, an integer tensor as
+            ``segment_ids`` (equal ids, one unit; untrained tokens'
+            ignored); None: ``segment_ids`` when given, else each row of a
+            [B, T] input (an [N, H] input is one). turnrl's trainer gives
+            each assistant turn (the unit one generation sampled, the
+            advantages' unit). Refused without ``off_policy_mask``.
+        sampling_logprobs: the log-probs of the policy that sampled the
+            tokens (the inference engine's, which differ from the trainer's
+            ``old_logprobs``), for ``off_policy_mask`` alone (as TRL's
+            ``sampling_per_token_logps``), so that the mask sees the
+            engine's mismatch as well as the drift of later PPO epochs;
+            finite on trained tokens. None: ``old_logprobs``. Refused
+            without ``off_policy_mask``.
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1509,7 +1616,8 @@ def gtpo_loss(
         either side; ``sapo``: 0, it clips nothing, as verl reports),
         ``approx_kl`` (mean ``old - new`` log-prob, as verl's ``ppo_kl``),
         ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``, ``ref_kl``,
-        ``kl_loss``), all masked means over trained tokens.
+        ``kl_loss``, ``off_policy_masked``), all masked means over trained
+        tokens.
         ``ref_kl`` (with ``ref_logprobs``) is k3's estimate whatever
         ``kl_estimator`` is, so that runs stay comparable; ``kl_loss`` (with
         ``ref_logprobs`` and another ``kl_estimator`` than ``k3``) is the
@@ -1532,6 +1640,28 @@ def gtpo_loss(
         _check_token_tensor(name, t, token_shape, hidden.device)
     if segment_ids is not None:
         _check_integer_tensor("segment_ids", segment_ids)
+    if off_policy_mask is not None and (
+        isinstance(off_policy_mask, bool)
+        or not isinstance(off_policy_mask, (int, float))
+        or not 0 < off_policy_mask < math.inf
+    ):
+        raise InvalidInputError(
+            f"off_policy_mask (DeepSeek-V3.2's delta) must be a finite number above 0, or None, "
+            f"got {off_policy_mask!r}"
+        )
+    if off_policy_units is not None:
+        if off_policy_mask is None:
+            raise InvalidInputError(
+                "off_policy_units are the units of off_policy_mask, which is None: give it"
+            )
+        _check_token_tensor("off_policy_units", off_policy_units, token_shape, hidden.device)
+        _check_integer_tensor("off_policy_units", off_policy_units)
+    if sampling_logprobs is not None:
+        if off_policy_mask is None:
+            raise InvalidInputError(
+                "sampling_logprobs are for off_policy_mask alone, which is None: give it"
+            )
+        _check_token_tensor("sampling_logprobs", sampling_logprobs, token_shape, hidden.device)
     if agg not in AGGREGATIONS:
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
     kl_estimator = kl_estimator_name(kl_estimator)
@@ -1547,6 +1677,8 @@ def gtpo_loss(
             "loss of a negative advantage at -A * 4 / sapo_tau_neg; leave dual_clip None"
         )
     _check_sapo_taus(sapo_tau_pos, sapo_tau_neg)
+    if not isinstance(kl_correction, bool):
+        raise InvalidInputError(f"kl_correction must be a bool, got {kl_correction!r}")
     # Written so that NaN fails too: a NaN clip range or coefficient made the
     # loss NaN while its gradients stayed finite.
     if not (eps_low >= 0 and eps_high >= 0):
@@ -1570,7 +1702,9 @@ def gtpo_loss(
             "dr_grpo over micro-batches needs max_len: each micro-batch's padded length differs"
         )
     resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
-    resolved_schedule = _resolve_schedule(schedule, hidden, weight, segment_ids is not None)
+    resolved_schedule = _resolve_schedule(
+        schedule, hidden, weight, segment_ids is not None or off_policy_mask is not None
+    )
 
     mask_b = mask != 0
     if check_inputs:
@@ -1578,6 +1712,8 @@ def gtpo_loss(
         _check_finite_on_mask(mask_b, advantages=advantages, old_logprobs=old_logprobs)
         if ref_logprobs is not None and beta != 0.0:
             _check_finite_on_mask(mask_b, ref_logprobs=ref_logprobs)
+        if sampling_logprobs is not None:
+            _check_finite_on_mask(mask_b, sampling_logprobs=sampling_logprobs)
         targets = _check_targets(target_ids, mask_b, weight.shape[0])
     else:
         targets = _padding_to_token_0(target_ids, weight.shape[0])
@@ -1611,6 +1747,8 @@ def gtpo_loss(
         policy_loss,
         sapo_tau_pos,
         sapo_tau_neg,
+        kl_correction,
+        None if off_policy_mask is None else float(off_policy_mask),
     )
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
@@ -1618,7 +1756,20 @@ def gtpo_loss(
         old=old_logprobs.reshape(-1),
         ref=None if ref_logprobs is None else ref_logprobs.reshape(-1),
     )
+    sampling = None
+    if off_policy_mask is not None:
+        chosen = old_logprobs if sampling_logprobs is None else sampling_logprobs
+        sampling = chosen.reshape(-1)
     segments = None if segment_ids is None else _segment_index(segment_ids)
+    units = None
+    if off_policy_mask is not None:
+        if off_policy_units is not None:
+            units = _segment_index(off_policy_units)
+        elif segments is not None:
+            units = segments
+        else:  # each row its own unit; an [N, H] input is one row
+            rows = torch.arange(mask2d.shape[0], device=hidden.device)[:, None]
+            units = rows.expand(mask2d.shape).reshape(-1)
     loss, logprob, entropy = _apply(
         h2,
         weight.contiguous(),
@@ -1630,6 +1781,8 @@ def gtpo_loss(
         chunk,
         resolved_schedule,
         segments,
+        units,
+        sampling,
     )
     with torch.no_grad():
         acc = logprob.dtype
@@ -1643,12 +1796,28 @@ def gtpo_loss(
             None if flat["ref"] is None else flat["ref"].to(acc),
             cfg,
             None if segments is None else _segment_log_ratios(logprob, old, trained, segments),
+            None
+            if units is None
+            else _segment_log_ratios(logprob, sampling.to(acc), trained, units),
         )
         stats = _stats(terms, logprob, entropy, old, trained)
     return loss, stats
 
 
-def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, schedule, segments):
+def _apply(
+    h2,
+    weight,
+    flat,
+    agg_weights,
+    cfg,
+    temperature,
+    backend,
+    chunk,
+    schedule,
+    segments,
+    units,
+    sampling,
+):
     with _autocast_off(h2.device.type):
         return GTPOLossFunction.apply(
             h2,
@@ -1665,6 +1834,8 @@ def _apply(h2, weight, flat, agg_weights, cfg, temperature, backend, chunk, sche
             schedule,
             torch.is_grad_enabled(),
             segments,
+            units,
+            sampling,
         )
 
 
@@ -1767,6 +1938,10 @@ def torch_gtpo_loss(
     policy_loss: str = "ppo",
     sapo_tau_pos: float = 1.0,
     sapo_tau_neg: float = 1.05,
+    kl_correction: bool = False,
+    off_policy_mask: float | None = None,
+    off_policy_units: torch.Tensor | None = None,
+    sampling_logprobs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -1823,6 +1998,24 @@ def torch_gtpo_loss(
             pg_losses3 = -advantages * dual_clip
             clip_pg = torch.where(advantages < 0, torch.minimum(pg_losses3, clip_pg), clip_pg)
         loss_t = clip_pg
+    if off_policy_mask is not None:
+        # DeepSeek-V3.2 Eq. 9, unit by unit: drop the policy-gradient term of
+        # a negative-advantage token whose unit's mean log(pi_old / pi) > delta.
+        if off_policy_units is None:
+            off_policy_units = segment_ids
+        if off_policy_units is None and valid.dim() == 1:
+            off_policy_units = torch.zeros_like(valid, dtype=torch.int64)  # one sequence
+        elif off_policy_units is None:
+            rows = torch.arange(valid.shape[0], device=valid.device)
+            off_policy_units = rows[:, None].expand(valid.shape)
+        keep = torch.ones_like(valid)
+        for unit in torch.unique(off_policy_units[valid]).tolist():
+            members = valid & (off_policy_units == unit)
+            behaviour = old_logprobs if sampling_logprobs is None else sampling_logprobs
+            drift = (behaviour - logprob)[members].mean().detach()
+            if drift > off_policy_mask:
+                keep = keep & ~(members & (advantages < 0))
+        loss_t = torch.where(keep, loss_t, torch.zeros_like(loss_t))
     estimator = kl_estimator_name(kl_estimator)
     if beta != 0.0:
         # Schulman's estimators of KL(pi || pi_ref) at x = log(pi / pi_ref).
@@ -1840,6 +2033,13 @@ def torch_gtpo_loss(
             kl = torch.clamp(torch.exp(-x3) - 1 + x3, max=KL_CLAMP)
         if estimator.endswith("+"):
             kl = kl.detach() + (k2 - k2.detach())  # verl's straight-through
+        if kl_correction:
+            # DeepSeek-V3.2's importance weight: this token's own pi / pi_old,
+            # with its gradient (TRL's coef_1 * per_token_kl).
+            own_ratio = torch.exp(
+                torch.clamp(logprob - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+            )
+            kl = own_ratio * kl
         loss_t = loss_t + beta * kl
     if entropy_coef != 0.0:
         loss_t = loss_t - entropy_coef * entropy
