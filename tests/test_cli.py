@@ -596,3 +596,14 @@ def test_train_off_policy_mask_takes_a_positive_finite_delta(tmp_path, capsys):
         with pytest.raises(SystemExit):
             _parsed([*train, "--off-policy-mask", bad])
         assert "argument --off-policy-mask: must be" in capsys.readouterr().err, bad
+    # The transformers engine (the default) samples from the trained model: with
+    # one epoch there is nothing to compare, refused before any model loads.
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--off-policy-mask", "0.5"]
+    assert main(argv) == 2
+    assert "--off-policy-mask drops the turns the policy has moved away from" in (
+        capsys.readouterr().err
+    )
+    for more in (["--ppo-epochs", "2"], ["--engine", "vllm"]):
+        main([*argv, *more])
+        assert "--off-policy-mask drops" not in capsys.readouterr().err, more

@@ -5001,6 +5001,27 @@ def test_a_correction_with_no_sampler_logprobs_says_so_once(tok, base_model):
         trainer.step(batch)  # once per trainer
 
 
+def test_an_off_policy_mask_with_nothing_to_compare_says_so_once(tok, base_model):
+    """With no sampler log-probs and one PPO epoch the mask compares the policy
+    with itself and can mask nothing: a warning, once per trainer; with two
+    epochs the second compares with the first, and nothing is said."""
+    import warnings
+
+    rng = random.Random(41)
+    records = [_record(rng, float(i % 2), f"g{i % 2}") for i in range(4)]
+    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    assert batch.sampler_logprobs is None
+    trainer = _trainer(_lora(base_model), off_policy_mask=0.5)
+    with pytest.warns(UserWarning, match="off_policy_mask=0.5 compares the sampler's log-probs"):
+        stats = trainer.step(batch)
+    assert stats["off_policy_masked"] == 0.0
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.step(batch)  # once per trainer
+        _trainer(_lora(base_model), off_policy_mask=0.5, ppo_epochs=2).step(batch)
+    assert not [w for w in said if "off_policy_mask" in str(w.message)]
+
+
 def test_rollout_correction_settings_are_checked():
     with pytest.raises(InvalidInputError, match="token_truncate, token_mask, turn_truncate"):
         GTPOConfig(rollout_correction="sequence")

@@ -694,6 +694,14 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
         )
+    if args.off_policy_mask is not None and args.engine == "transformers" and args.ppo_epochs == 1:
+        # Without sampler log-probs the mask compares the policy with itself.
+        raise InvalidInputError(
+            "--off-policy-mask drops the turns the policy has moved away from since they were "
+            "sampled, and the transformers engine samples from the trained model itself, so "
+            "with one --ppo-epochs nothing moves: add --engine vllm or server, or --ppo-epochs 2 "
+            "or more"
+        )
     if args.kl_correction and not args.beta > 0:
         raise InvalidInputError(
             "--kl-correction weights the KL term by pi / pi_old, and there is none without "

@@ -1363,6 +1363,7 @@ class GTPOTrainer:
                     dist.broadcast(p.data, src=0)
         self.steps = 0
         self._warned_no_sampler = False
+        self._warned_no_mask = False
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -1726,6 +1727,18 @@ class GTPOTrainer:
                     "top_p < 1 or a top_k, whose truncated, renormalised distribution is not "
                     "the trainer's softmax, or a vLLM before 0.10.2 at a temperature other "
                     "than 1): the step is not corrected",
+                    stacklevel=3,
+                )
+            if cfg.off_policy_mask is not None and cfg.ppo_epochs == 1 and not self._warned_no_mask:
+                # The policy is then the one that scored the step's tokens:
+                # every unit's drift is 0 and nothing is ever masked.
+                self._warned_no_mask = True
+                warnings.warn(
+                    f"off_policy_mask={cfg.off_policy_mask} compares the sampler's log-probs with "
+                    "the policy's, and no trained token has a sampler log-prob; with "
+                    "ppo_epochs=1 the policy is the one that scored the step's tokens, so no "
+                    "turn is masked (give an engine that records sampler log-probs, or "
+                    "ppo_epochs > 1)",
                     stacklevel=3,
                 )
             return {}
