@@ -607,3 +607,21 @@ def test_train_off_policy_mask_takes_a_positive_finite_delta(tmp_path, capsys):
     for more in (["--ppo-epochs", "2"], ["--engine", "vllm"]):
         main([*argv, *more])
         assert "--off-policy-mask drops" not in capsys.readouterr().err, more
+
+
+def test_train_off_policy_mask_refused_under_truncated_sampling_at_one_epoch(tmp_path, capsys):
+    """Under --top-p < 1 or a --top-k no engine asks for sampler log-probs, so
+    with one --ppo-epochs the mask compares the policy with itself: refused
+    before the model loads, as with the transformers engine."""
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--off-policy-mask", "0.5"]
+    argv += ["--engine", "vllm"]
+    for sampling in (["--top-p", "0.9"], ["--top-k", "20"], ["--top-p", "0.9", "--top-k", "5"]):
+        assert main([*argv, *sampling]) == 2, sampling
+        err = capsys.readouterr().err
+        assert "--off-policy-mask drops the turns" in err, sampling
+        assert sampling[0] in err, sampling
+    # Switched off explicitly, or a second epoch to drift in: not this refusal.
+    for more in (["--top-p", "1", "--top-k", "0"], ["--top-k", "20", "--ppo-epochs", "2"]):
+        main([*argv, *more])
+        assert "--off-policy-mask drops" not in capsys.readouterr().err, more

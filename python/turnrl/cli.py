@@ -702,6 +702,15 @@ def _train(args: argparse.Namespace) -> int:
             "with one --ppo-epochs nothing moves: add --engine vllm or server, or --ppo-epochs 2 "
             "or more"
         )
+    if args.off_policy_mask is not None and truncating and args.ppo_epochs == 1:
+        # No engine asks for sampler log-probs under a truncated distribution.
+        raise InvalidInputError(
+            "--off-policy-mask drops the turns the policy has moved away from since they were "
+            f"sampled, and under {' and '.join(truncating)} no engine keeps the sampler's "
+            "log-probs (its distribution is truncated and renormalised), so with one "
+            "--ppo-epochs the policy is compared with itself: add --ppo-epochs 2 or more, or "
+            f"leave {' and '.join(t.split()[0] for t in truncating)} out"
+        )
     if args.kl_correction and not args.beta > 0:
         raise InvalidInputError(
             "--kl-correction weights the KL term by pi / pi_old, and there is none without "

@@ -1620,8 +1620,8 @@ def gtpo_loss(
         tokens.
         ``ref_kl`` (with ``ref_logprobs``) is k3's estimate whatever
         ``kl_estimator`` is, so that runs stay comparable; ``kl_loss`` (with
-        ``ref_logprobs`` and another ``kl_estimator`` than ``k3``) is the
-        estimate ``beta`` weighs, verl's ``kl_loss``. With
+        ``ref_logprobs`` and another ``kl_estimator`` than ``k3``, or with
+        ``kl_correction``) is the estimate ``beta`` weighs, verl's ``kl_loss``. With
         ``segment_ids``, ``clip_frac``, ``dual_clip_frac`` and ``ratio_mean``
         are of each trained token's segment ratio (as verl's ``gspo``
         reports its clip fraction), so a segment counts once per trained
