@@ -625,3 +625,11 @@ def test_train_off_policy_mask_refused_under_truncated_sampling_at_one_epoch(tmp
     for more in (["--top-p", "1", "--top-k", "0"], ["--top-k", "20", "--ppo-epochs", "2"]):
         main([*argv, *more])
         assert "--off-policy-mask drops" not in capsys.readouterr().err, more
+    # A served model's log-probs are kept at temperature 1 alone.
+    server = [*argv[:-2], "--engine", "server", "--agent-url", "http://127.0.0.1:9/v1"]
+    assert main([*server, "--temperature", "0.7"]) == 2
+    err = capsys.readouterr().err
+    assert "--off-policy-mask drops the turns" in err and "--temperature 0.7" in err
+    for more in (["--temperature", "1"], ["--temperature", "0.7", "--ppo-epochs", "2"]):
+        main([*server, *more])
+        assert "--off-policy-mask drops" not in capsys.readouterr().err, more

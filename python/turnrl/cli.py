@@ -711,6 +711,21 @@ def _train(args: argparse.Namespace) -> int:
             "--ppo-epochs the policy is compared with itself: add --ppo-epochs 2 or more, or "
             f"leave {' and '.join(t.split()[0] for t in truncating)} out"
         )
+    if (
+        args.off_policy_mask is not None
+        and args.engine == "server"
+        and args.temperature != 1
+        and args.ppo_epochs == 1
+    ):
+        # ServerEngine keeps log-probs at temperature 1 alone: vLLM's default
+        # raw ones are before temperature, not the sampler's.
+        raise InvalidInputError(
+            "--off-policy-mask drops the turns the policy has moved away from since they were "
+            f"sampled, and at --temperature {args.temperature} the server engine keeps no "
+            "sampler log-probs (a served vLLM's are taken before temperature), so with one "
+            "--ppo-epochs the policy is compared with itself: add --ppo-epochs 2 or more, or "
+            "sample at --temperature 1"
+        )
     if args.kl_correction and not args.beta > 0:
         raise InvalidInputError(
             "--kl-correction weights the KL term by pi / pi_old, and there is none without "
