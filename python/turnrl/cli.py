@@ -694,38 +694,31 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
         )
-    if args.off_policy_mask is not None and args.engine == "transformers" and args.ppo_epochs == 1:
+    if args.off_policy_mask is not None and args.ppo_epochs == 1:
         # Without sampler log-probs the mask compares the policy with itself.
-        raise InvalidInputError(
-            "--off-policy-mask drops the turns the policy has moved away from since they were "
-            "sampled, and the transformers engine samples from the trained model itself, so "
-            "with one --ppo-epochs nothing moves: add --engine vllm or server, or --ppo-epochs 2 "
-            "or more"
-        )
-    if args.off_policy_mask is not None and truncating and args.ppo_epochs == 1:
-        # No engine asks for sampler log-probs under a truncated distribution.
-        raise InvalidInputError(
-            "--off-policy-mask drops the turns the policy has moved away from since they were "
-            f"sampled, and under {' and '.join(truncating)} no engine keeps the sampler's "
-            "log-probs (its distribution is truncated and renormalised), so with one "
-            "--ppo-epochs the policy is compared with itself: add --ppo-epochs 2 or more, or "
-            f"leave {' and '.join(t.split()[0] for t in truncating)} out"
-        )
-    if (
-        args.off_policy_mask is not None
-        and args.engine == "server"
-        and args.temperature != 1
-        and args.ppo_epochs == 1
-    ):
-        # ServerEngine keeps log-probs at temperature 1 alone: vLLM's default
-        # raw ones are before temperature, not the sampler's.
-        raise InvalidInputError(
-            "--off-policy-mask drops the turns the policy has moved away from since they were "
-            f"sampled, and at --temperature {args.temperature} the server engine keeps no "
-            "sampler log-probs (a served vLLM's are taken before temperature), so with one "
-            "--ppo-epochs the policy is compared with itself: add --ppo-epochs 2 or more, or "
-            "sample at --temperature 1"
-        )
+        no_sampler, remedy = None, ""
+        if args.engine == "transformers":
+            no_sampler = "the transformers engine samples from the trained model itself"
+            remedy = "add --engine vllm or server"
+        elif truncating:
+            no_sampler = (
+                f"under {' and '.join(truncating)} no engine keeps the sampler's log-probs "
+                "(its distribution is truncated and renormalised)"
+            )
+            remedy = f"leave {' and '.join(t.split()[0] for t in truncating)} out"
+        elif args.engine == "server" and args.temperature != 1:
+            # A served vLLM's default raw log-probs are before temperature.
+            no_sampler = (
+                f"at --temperature {args.temperature} the server engine keeps no sampler "
+                "log-probs (a served vLLM's are taken before temperature)"
+            )
+            remedy = "sample at --temperature 1"
+        if no_sampler is not None:
+            raise InvalidInputError(
+                "--off-policy-mask drops the turns the policy has moved away from since they "
+                f"were sampled, and {no_sampler}, so with one --ppo-epochs the policy is "
+                f"compared with itself: add --ppo-epochs 2 or more, or {remedy}"
+            )
     if args.kl_correction and not args.beta > 0:
         raise InvalidInputError(
             "--kl-correction weights the KL term by pi / pi_old, and there is none without "
