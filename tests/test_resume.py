@@ -689,10 +689,11 @@ def test_a_resume_with_other_loss_settings_says_which(
         "--kl-correction False -> True\n"
     ) in capsys.readouterr().err
     with pytest.raises(Reached):
-        main([*argv, *gspo, "--resume", "--off-policy-mask", "0.5"])
+        # A second epoch: the transformers engine keeps no sampler log-probs.
+        main([*argv, *gspo, "--resume", "--off-policy-mask", "0.5", "--ppo-epochs", "2"])
     assert (
         "--resume: this run's loss settings replace the checkpoint's: "
-        "--off-policy-mask none -> 0.5\n"
+        "--ppo-epochs 1 -> 2; --off-policy-mask none -> 0.5\n"
     ) in capsys.readouterr().err
     # A checkpoint from before --kl-estimator, --policy-loss, SAPO's
     # temperatures, --kl-correction and --off-policy-mask trained with their
