@@ -582,6 +582,31 @@ def test_train_kl_correction_is_parsed_and_refused_without_beta(tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_train_top_entropy_quantile_takes_a_share(tmp_path, capsys):
+    """--top-entropy-quantile RHO, from the line and a config file, 1.0 by
+    default; outside [0, 1], NaN or an infinity refused while parsing (before
+    any model loads)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).top_entropy_quantile == 1.0
+    for text, want in (("0.2", 0.2), ("0", 0.0), ("1", 1.0)):
+        assert _parsed([*train, "--top-entropy-quantile", text]).top_entropy_quantile == want
+    path = _config_file(tmp_path, ".toml", {"top_entropy_quantile": 0.25})
+    assert _parsed(["train", "--config", str(path), *train[1:]]).top_entropy_quantile == 0.25
+    for bad in ("-0.1", "1.5", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--top-entropy-quantile", bad])
+        assert "argument --top-entropy-quantile: " in capsys.readouterr().err, bad
+    path = _config_file(tmp_path, ".toml", {"top_entropy_quantile": 2})
+    argv = ["train", "--config", str(path), "--model", str(tmp_path / "nowhere")]
+    assert main([*argv, "--env", "synthetic:airline", "--out", str(tmp_path / "run")]) == 2
+    assert "top_entropy_quantile: must be at least 0 and at most 1, got '2'" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_off_policy_mask_takes_a_positive_finite_delta(tmp_path, capsys):
     """--off-policy-mask DELTA, from the line and a config file; 0, a negative,
     NaN or an infinity are refused while parsing."""

@@ -1840,3 +1840,179 @@ def test_sampling_logprobs_are_refused_without_the_mask_or_non_finite_on_a_train
             hidden, weight, targets, adv, old, mask, ref,
             off_policy_mask=0.5, sampling_logprobs=torch.full_like(old, torch.nan),
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# top_entropy_quantile (arXiv 2506.01939, TRL's option): only the trained tokens
+# with the highest entropies keep their policy-gradient term.
+
+
+def _entropies(case):
+    """Each token's entropy, plainly, in fp64."""
+    with torch.no_grad():
+        logits = case.hidden.double() @ case.weight.double().T / case.kwargs["temperature"]
+        p = torch.softmax(logits, -1)
+        return -(p * torch.log(p)).sum(-1)
+
+
+def _top_entropy_share(case, rho):
+    """The share of trained tokens that TRL's rule keeps: ``H >=
+    torch.quantile(trained H, 1 - rho)``."""
+    h = _entropies(case)
+    threshold = torch.quantile(h[case.mask], 1.0 - rho)
+    return int((case.mask & (h >= threshold)).sum()) / int(case.mask.sum())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rtol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
+@pytest.mark.parametrize("rho", [0.2, 0.5, 0.0])
+def test_top_entropy_quantile_matches_the_reference(dtype, rho, rtol):
+    """Values and gradients against the reference (its own sort and index),
+    with KL and entropy terms on; the statistic is TRL's share (its
+    torch.quantile); the loss differs from the one keeping every token."""
+    case = make_case(SEED, (4, 16), 24, 200, dtype, "seq_mean_token_mean")
+    case.kwargs["top_entropy_quantile"] = rho
+    stats = assert_close_to_reference(case, rtol, backend="torch", chunk_size=70)
+    share = _top_entropy_share(case, rho)
+    assert float(stats["top_entropy_frac"]) == pytest.approx(share, rel=1e-6)
+    assert 0 < share < rho + 0.05
+    every = dataclasses.replace(case, kwargs={**case.kwargs, "top_entropy_quantile": 1.0})
+    assert abs(float(run_fused(every, backend="torch")[0]) - float(run_fused(case)[0])) > 1e-4
+
+
+def test_top_entropy_quantile_with_segments_and_the_off_policy_mask_matches_the_reference():
+    """With GSPO segments and the off-policy mask on the same tokens: a token
+    keeps its policy gradient only where both keep it."""
+    case = _drifted(make_case(SEED, (3, 12), 16, 50, torch.float64, "token_mean"), [1.2, 0.2, -1])
+    add_segments(case, SEED)
+    case.kwargs.update(off_policy_mask=0.3, top_entropy_quantile=0.4)
+    stats = assert_close_to_reference(case, 1e-10, backend="torch", chunk_size=7)
+    assert float(stats["top_entropy_frac"]) == pytest.approx(_top_entropy_share(case, 0.4))
+    assert float(stats["off_policy_masked"]) > 0
+
+
+def test_top_entropy_quantile_one_is_the_default_loss_bit_for_bit():
+    """rho = 1 changes nothing: the same loss, gradients and statistics (no
+    top_entropy_frac), on the rows schedule that auto picks by default."""
+    case = make_case(SEED, (3, 10), 16, 50, torch.float32, "token_mean")
+    plain = run_fused(case, backend="torch", chunk_size=4)
+    one = run_fused(case, backend="torch", chunk_size=4, top_entropy_quantile=1.0)
+    rows = run_fused(case, backend="torch", chunk_size=4, top_entropy_quantile=1.0, schedule="rows")
+    for a, b, c in zip(plain[:3], one[:3], rows[:3], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert plain[3].keys() == one[3].keys() and "top_entropy_frac" not in one[3]
+    assert all(torch.equal(plain[3][k], one[3][k]) for k in plain[3])
+
+
+def _five_tokens(rho, fn=gtpo_loss, ties=False, **extra):
+    """Five fp64 tokens over a vocabulary of 4 whose entropies grow with
+    their index (hidden = s * e_0 with s = 4, 3, 2, 1, 0: the last is
+    uniform, entropy log 4), a sixth untrained token as uniform (the largest
+    entropy: it would be kept, were it counted), every advantage 1, no clip;
+    ``ties``: tokens 3 and 4 both uniform. The loss and d loss / d hidden."""
+    scales = [4.0, 3.0, 2.0, 0.0 if ties else 1.0, 0.0, 0.0]
+    hidden = torch.zeros(6, 2, dtype=torch.float64)
+    hidden[:, 0] = torch.tensor(scales, dtype=torch.float64)
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.0]], dtype=torch.float64)
+    target = torch.tensor([1, 1, 1, 1, 1, 0])
+    with torch.no_grad():
+        lp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, target[:, None])[:, 0]
+    h = hidden.clone().requires_grad_(True)
+    mask = torch.tensor([True] * 5 + [False])
+    out = fn(
+        h, weight, target, torch.ones(6, dtype=torch.float64), lp, mask,
+        eps_low=10.0, eps_high=10.0, top_entropy_quantile=rho, **extra,
+    )  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    return float(loss.detach()), h.grad, (out[1] if isinstance(out, tuple) else None)
+
+
+@pytest.mark.parametrize("fn", [gtpo_loss, torch_gtpo_loss])
+def test_top_entropy_quantile_by_hand_keeps_the_forking_tokens(fn):
+    """Five trained tokens, entropies increasing: rho 0.4 keeps the top two
+    (torch.quantile at 0.6 lies between the 3rd and the 4th), rho 0 the top
+    one, rho 1 all; a tie at the threshold keeps both tied tokens (>=, as
+    TRL), and the untrained sixth (uniform) is neither counted nor kept. A
+    kept token's gradient is the plain one, a dropped one's 0 (on-policy,
+    A = 1: each token's loss is -1, its gradient its own)."""
+    extra = {"backend": "torch"} if fn is gtpo_loss else {}
+    for rho, ties, kept in [
+        (0.4, False, [3, 4]),
+        (0.2, False, [4]),  # quantile 0.8: exactly the 5th
+        (0.0, False, [4]),
+        (1.0, False, [0, 1, 2, 3, 4]),
+        (0.0, True, [3, 4]),  # both at the maximum
+        (0.2, True, [3, 4]),
+        (0.5, False, [2, 3, 4]),  # quantile 0.5: exactly the 3rd, kept
+    ]:
+        value, grad, stats = _five_tokens(rho, fn, ties, **extra)
+        _, plain, _ = _five_tokens(1.0, fn, ties, **extra)
+        where = (rho, ties)
+        assert value == pytest.approx(-len(kept) / 5, rel=1e-14), where
+        for t in range(6):
+            if t in kept:
+                torch.testing.assert_close(grad[t], plain[t], rtol=1e-14, atol=0)
+                assert float(grad[t].abs().max()) > 0, where
+            else:
+                assert float(grad[t].abs().max()) == 0.0, (where, t)
+        if stats is not None and rho < 1:
+            assert float(stats["top_entropy_frac"]) == len(kept) / 5, where
+
+
+@pytest.mark.parametrize("fn", [gtpo_loss, torch_gtpo_loss])
+@pytest.mark.parametrize("rho", [0.0, 0.3, 1.0])
+def test_top_entropy_quantile_keeps_a_lone_trained_token(fn, rho):
+    """One trained token is its own quantile whatever rho: kept."""
+    extra = {"backend": "torch"} if fn is gtpo_loss else {}
+    hidden, weight, targets, _, old, mask, _ = _one_token_args()
+    out = fn(hidden, weight, targets, torch.ones(1, dtype=torch.float64), old, mask,
+             top_entropy_quantile=rho, **extra)  # fmt: skip
+    loss = out[0] if isinstance(out, tuple) else out
+    assert float(loss) < 0
+
+
+def test_top_entropy_quantile_keeps_the_kl_and_entropy_terms():
+    """Dropped tokens still pull towards the reference and the entropy (as
+    TRL adds beta * KL after its entropy mask)."""
+    g = torch.Generator().manual_seed(SEED)
+    hidden = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    targets, mask = torch.tensor([2, 0, 5, 1, 3]), torch.ones(5, dtype=torch.bool)
+    with torch.no_grad():
+        logits = hidden @ weight.T
+        lp = torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+        p = torch.softmax(logits, -1)
+        entropy = -(p * p.log()).sum(-1)
+        kept = entropy == entropy.max()
+    old, ref = lp + 0.1, lp - 0.4
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.0, 0.7], dtype=torch.float64)
+    kw = dict(beta=0.3, entropy_coef=0.01, backend="torch", eps_low=10.0, eps_high=10.0)
+    h = hidden.clone().requires_grad_(True)
+    loss = gtpo_loss(h, weight, targets, adv, old, mask, ref, top_entropy_quantile=0.0, **kw)[0]
+    loss.backward()
+    h0 = hidden.clone().requires_grad_(True)
+    kept_adv = torch.where(kept, adv, torch.zeros_like(adv))
+    want = gtpo_loss(h0, weight, targets, kept_adv, old, mask, ref, **kw)[0]
+    want.backward()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-14)
+    torch.testing.assert_close(h.grad, h0.grad, rtol=1e-13, atol=0)
+    assert float(h.grad[~kept].abs().min()) > 0  # the KL and entropy terms' gradient
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.5, math.nan, math.inf, True, "0.2", None])
+def test_top_entropy_quantile_bad_values_are_refused(rho):
+    for fn in (gtpo_loss, torch_gtpo_loss):
+        with pytest.raises(InvalidInputError, match=r"top_entropy_quantile .* in \[0, 1\]"):
+            fn(*_one_token_args(), top_entropy_quantile=rho)
+
+
+def test_top_entropy_quantile_takes_the_vocab_schedule_and_rows_refuses_it():
+    case = make_case(SEED, (2, 6), 8, 30, torch.float64, "token_mean")
+    with pytest.raises(InvalidInputError, match="schedule='rows' cannot take top_entropy_quantile"):
+        run_fused(case, backend="torch", schedule="rows", top_entropy_quantile=0.2)
+    auto = run_fused(case, backend="torch", top_entropy_quantile=0.2)
+    vocab = run_fused(case, backend="torch", schedule="vocab", top_entropy_quantile=0.2)
+    for a, b in zip(auto[:3], vocab[:3], strict=True):
+        assert torch.equal(a, b)

@@ -689,6 +689,12 @@ def test_a_resume_with_other_loss_settings_says_which(
         "--kl-correction False -> True\n"
     ) in capsys.readouterr().err
     with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--top-entropy-quantile", "0.2"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "--top-entropy-quantile 1.0 -> 0.2\n"
+    ) in capsys.readouterr().err
+    with pytest.raises(Reached):
         # A second epoch: the transformers engine keeps no sampler log-probs.
         main([*argv, *gspo, "--resume", "--off-policy-mask", "0.5", "--ppo-epochs", "2"])
     assert (
@@ -696,13 +702,15 @@ def test_a_resume_with_other_loss_settings_says_which(
         "--ppo-epochs 1 -> 2; --off-policy-mask none -> 0.5\n"
     ) in capsys.readouterr().err
     # A checkpoint from before --kl-estimator, --policy-loss, SAPO's
-    # temperatures, --kl-correction and --off-policy-mask trained with their
-    # defaults: k3, ppo (whose loss the temperatures do not change), none.
+    # temperatures, --kl-correction, --off-policy-mask and
+    # --top-entropy-quantile trained with their defaults: k3, ppo (whose loss
+    # the temperatures do not change), none, every token.
     del state["loss"]["kl_estimator"]
     del state["loss"]["policy_loss"]
     del state["loss"]["sapo_tau_pos"], state["loss"]["sapo_tau_neg"]
     del state["loss"]["kl_correction"]
     del state["loss"]["off_policy_mask"]
+    del state["loss"]["top_entropy_quantile"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume"])

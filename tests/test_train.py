@@ -509,8 +509,10 @@ def _sapo_gate(ratio, adv, cfg):
     return torch.sigmoid(tau * (ratio - 1)) * 4 / tau
 
 
-def _reference_loss(model, batch, cfg):
-    """The whole batch at once: full logits from the model's own forward, the loss by hand."""
+def _reference_loss(model, batch, cfg, micro_rows=()):
+    """The whole batch at once: full logits from the model's own forward, the
+    loss by hand; ``micro_rows``: the rows of each micro-batch, for
+    ``top_entropy_quantile``."""
     mask = batch.loss_mask[:, 1:].to(torch.float32)
     targets = torch.where(batch.loss_mask[:, 1:], batch.input_ids[:, 1:], 0)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -539,6 +541,18 @@ def _reference_loss(model, batch, cfg):
                 if float((sampler[r] - logp[r].detach())[members].mean()) > cfg.off_policy_mask:
                     keep[r] &= ~(members & (adv[r] < 0))
         loss = torch.where(keep, loss, 0.0)
+    if cfg.top_entropy_quantile != 1.0:
+        # The forking tokens of each micro-batch (its trained tokens'
+        # entropies, TRL's torch.quantile and >=); the KL and entropy stay.
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        forking = torch.zeros_like(mask, dtype=torch.bool)
+        for rows in micro_rows:
+            trained = torch.zeros_like(forking)
+            trained[rows] = mask[rows].bool()
+            threshold = torch.quantile(entropy[trained].double(), 1 - cfg.top_entropy_quantile)
+            forking |= trained & (entropy >= threshold)
+        loss = torch.where(forking, loss, 0.0)
     if cfg.beta:
         with torch.no_grad(), model.disable_adapter():
             ref_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -598,6 +612,9 @@ def _reference_loss(model, batch, cfg):
         # Sampler log-probs 1 above the policy's on even turns, 3 below on odd.
         ("token_mean", 2, 0.05, 0.01, "k3", "ppo", {"off_policy_mask": 0.5}),
         ("seq_mean_token_mean", "tokens", 0.0, 0.0, "k3", "ppo", {"off_policy_mask": 0.5}),
+        # The forking tokens, each micro-batch's own quantile (one row each: a
+        # quantile over the whole batch fails); KL and entropy on.
+        ("token_mean", 1, 0.05, 0.01, "k3", "ppo", {"top_entropy_quantile": 0.3}),
     ],
 )
 def test_step_matches_the_whole_batch_reference(
@@ -629,6 +646,12 @@ def test_step_matches_the_whole_batch_reference(
         **options,
     )
     model = _lora(base_model)
+    if cfg.top_entropy_quantile != 1.0:
+        # The random tiny model's entropies all lie within 4e-4 of log V, where
+        # fp32 rounding orders them differently in the kernel and the
+        # reference: a sharper head spreads them (from 0.2 to 9.5 at 8x).
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(8.0)
     if cfg.off_policy_mask is not None:
         _drift_every_other_turn(model, batch, cfg.temperature)
     reference = copy.deepcopy(model)
@@ -638,7 +661,14 @@ def test_step_matches_the_whole_batch_reference(
         model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0), cfg
     ).step(batch)
 
-    loss = _reference_loss(reference, batch, cfg)
+    # The trainer's micro-batches (every row with a trained token runs: beta or
+    # entropy_coef is on wherever top_entropy_quantile is).
+    micro_rows = plan_micro_batches(
+        batch.attention_mask.sum(dim=1).tolist(),
+        batch.loss_mask[:, 1:].sum(dim=1).tolist(),
+        rows=cfg.micro_batch_size,
+    )
+    loss = _reference_loss(reference, batch, cfg, micro_rows)
     loss.backward()
     with torch.no_grad():  # statistics are means over the batch's trained tokens
         logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -661,6 +691,9 @@ def test_step_matches_the_whole_batch_reference(
         # Some turns are masked, not all (the policy's own log-probs stand in
         # where the sampler's are unknown: the first row's).
         assert 0 < stats["off_policy_masked"] < 0.5
+    if cfg.top_entropy_quantile != 1.0:
+        # n - ceil(0.7 (n - 1)) of each micro-batch's n trained tokens
+        assert 0.25 < stats["top_entropy_frac"] <= 0.35
     if beta:
         assert stats["ref_kl"] > 0  # the adapter's random init moved the policy off the base
         # k3's whatever the estimator; kl_loss, another's, is k1's mean log-ratio here.
@@ -2613,6 +2646,14 @@ def test_off_policy_mask_must_be_a_positive_finite_delta(delta):
     with pytest.raises(InvalidInputError, match=r"off_policy_mask .*must be finite and > 0"):
         GTPOConfig(off_policy_mask=delta)
     assert GTPOConfig(off_policy_mask=0.5).off_policy_mask == 0.5
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.5, math.nan, math.inf, True, "0.2"])
+def test_top_entropy_quantile_must_be_a_share(rho):
+    with pytest.raises(InvalidInputError, match=r"top_entropy_quantile .*in \[0, 1\]"):
+        GTPOConfig(top_entropy_quantile=rho)
+    for rho in (0, 0.0, 0.2, 1.0):
+        assert GTPOConfig(top_entropy_quantile=rho).top_entropy_quantile == rho
 
 
 def test_kl_correction_needs_a_kl_term_and_a_bool():

@@ -1060,6 +1060,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             kl_estimator=args.kl_estimator,
             kl_correction=args.kl_correction,
             off_policy_mask=args.off_policy_mask,
+            top_entropy_quantile=args.top_entropy_quantile,
             entropy_coef=args.entropy_coef,
             dual_clip=args.dual_clip,
             max_grad_norm=args.max_grad_norm,
@@ -1705,6 +1706,7 @@ LOSS_OPTIONS = {
     "kl_estimator": "--kl-estimator",
     "kl_correction": "--kl-correction",
     "off_policy_mask": "--off-policy-mask",
+    "top_entropy_quantile": "--top-entropy-quantile",
     "entropy_coef": "--entropy-coef",
     "temperature": "--temperature",
     "agg": "--agg",
@@ -1867,6 +1869,14 @@ def _top_p(text: str) -> float:
     value = _finite_number(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    """argparse type: a share, a number in [0, 1]."""
+    value = _finite_number(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and at most 1, got {text!r}")
     return value
 
 
@@ -2540,6 +2550,16 @@ def build_parser() -> argparse.ArgumentParser:
         "its example 0.5): an assistant turn with a negative advantage whose mean "
         "log(pi_sampler / pi) over its trained tokens exceeds DELTA gets no policy gradient "
         "(its KL and entropy terms stay) (default: off)",
+    )
+    tr.add_argument(
+        "--top-entropy-quantile",
+        type=_share,
+        default=1.0,
+        metavar="RHO",
+        help="train the policy gradient on the share RHO of each micro-batch's trained tokens "
+        "with the highest entropy alone ('Beyond the 80/20 Rule', arXiv 2506.01939; TRL's "
+        "top_entropy_quantile; the paper's 0.2); the others keep their KL and entropy terms "
+        "(default: %(default)s, every token)",
     )
     tr.add_argument(
         "--entropy-coef",

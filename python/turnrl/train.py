@@ -974,6 +974,16 @@ class GTPOConfig:
     step's start elsewhere, so the mask sees the engine's mismatch and the
     drift of later PPO epochs. ``off_policy_masked`` reports the share of
     trained tokens masked. The loss then runs its vocabulary schedule."""
+    top_entropy_quantile: float = 1.0
+    """"Beyond the 80/20 Rule" (arXiv 2506.01939; TRL's
+    ``top_entropy_quantile``), rho in [0, 1]: only the share rho of trained
+    tokens with the highest entropy (the "forking" tokens; the paper's 0.2)
+    keep their policy-gradient term, the others keep their KL and entropy
+    terms alone. The quantile is taken over each micro-batch's trained
+    tokens (one ``gtpo_loss`` call; per rank under data parallelism, where
+    TRL gathers its processes'), as TRL's ``H >= torch.quantile(H, 1 -
+    rho)``; ``top_entropy_frac`` reports the share kept. 1.0 (the default)
+    keeps every token; below it the loss runs its vocabulary schedule."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
@@ -1037,6 +1047,12 @@ class GTPOConfig:
             raise InvalidInputError(
                 "off_policy_mask (DeepSeek-V3.2's delta) must be finite and > 0, or None, "
                 f"got {self.off_policy_mask!r}"
+            )
+        rho = self.top_entropy_quantile
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
+            raise InvalidInputError(
+                "top_entropy_quantile (the share of highest-entropy tokens that keep their "
+                f"policy gradient) must be a number in [0, 1], got {rho!r}"
             )
         if self.kl_correction and self.beta == 0:
             raise InvalidInputError(
@@ -1448,6 +1464,7 @@ class GTPOTrainer:
                         off_policy_mask=cfg.off_policy_mask,
                         off_policy_units=self._off_policy_units(m),
                         sampling_logprobs=self._sampling_logprobs(m, old[j]),
+                        top_entropy_quantile=cfg.top_entropy_quantile,
                         entropy_coef=cfg.entropy_coef,
                         temperature=cfg.temperature,
                         agg=cfg.agg,
@@ -1546,6 +1563,8 @@ class GTPOTrainer:
                 names.append("kl_loss")
         if self.config.off_policy_mask is not None:
             names.append("off_policy_masked")
+        if self.config.top_entropy_quantile != 1.0:
+            names.append("top_entropy_frac")
         return names
 
     def _idle_step(self, trained_tokens: int, skipped_rows: int) -> dict[str, float]:
@@ -1566,7 +1585,8 @@ class GTPOTrainer:
         Statistics are token-weighted over the rows that ran (``clip_frac``,
         ``approx_kl``, ``entropy``, ``ratio_mean``, ``ref_kl`` with a KL term,
         ``kl_loss`` with a KL term of another ``kl_estimator`` than k3 or
-        with ``kl_correction``, ``off_policy_masked`` with ``off_policy_mask``;
+        with ``kl_correction``, ``off_policy_masked`` with ``off_policy_mask``,
+        ``top_entropy_frac`` with ``top_entropy_quantile`` below 1;
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
         the last epoch, ``trained_tokens`` and ``skipped_rows`` (rows left out
         for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);

@@ -103,6 +103,18 @@ def test_triton_off_policy_mask_matches_reference(segments):
     assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
 
 
+@pytest.mark.parametrize("segments", [False, True])
+def test_triton_top_entropy_quantile_matches_reference(segments):
+    """top_entropy_quantile (the vocab schedule): the kernels' fp32 entropies
+    choose the same forking tokens as the reference's, with the off-policy
+    mask on too."""
+    case = make_case(SEED, (3, 6), 16, 45, torch.float32, "token_mean")
+    case.kwargs.update(top_entropy_quantile=0.3, off_policy_mask=0.5)
+    if segments:
+        add_segments(case, SEED)
+    assert_close_to_reference(_to_device(case), 1e-5, backend="triton", chunk_size=16)
+
+
 def test_triton_kl_correction_with_segments():
     case = make_case(SEED, (2, 7), 8, 40, torch.float32, "seq_mean_token_mean", beta=0.7)
     add_segments(spread_ref(case, SEED), SEED)

@@ -16,6 +16,9 @@ Per token ``t`` (``z = hidden @ weight.T / temperature``)::
     pg_t     = 0   where A_t < 0 and sg[mean_{u in U, trained} (s_u - l_u)] > delta
                    (with off_policy_mask=delta; U: the token's unit, s: the sampler's
                    log-probs, old by default; DeepSeek-V3.2 Eq. 9)
+    pg_t     = 0   where H_t < sg[H_(j)],  j = ceil((1 - rho) (n - 1))
+                   (with top_entropy_quantile=rho < 1; H_(0) <= ... <= H_(n-1): the
+                   entropies of the call's n trained tokens, sorted; arXiv 2506.01939)
     loss_t   = pg_t + beta * kl_t - entropy_coef * H_t
 
 ``kl_t`` is the ``kl_estimator`` of :data:`KL_ESTIMATORS` (k3 by default; see
@@ -830,6 +833,9 @@ class LossConfig:
     """DeepSeek-V3.2's delta: a unit's policy gradient is dropped where its
     advantage is negative and its mean ``s - l`` (``s``: the sampling
     log-probs) exceeds it."""
+    top_entropy_quantile: float = 1.0
+    """rho: only the share rho of trained tokens with the highest entropies
+    keeps its policy gradient (arXiv 2506.01939); 1.0 keeps every token."""
 
 
 def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -869,6 +875,7 @@ def token_terms(
     cfg: LossConfig,
     segment_log_ratio: torch.Tensor | None = None,
     unit_log_ratio: torch.Tensor | None = None,
+    top_entropy: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-token loss and its parts; differentiable in ``logprob`` and ``entropy``.
 
@@ -877,7 +884,9 @@ def token_terms(
     by its own ``logprob`` (GSPO-token); None: the token's own ``logprob -
     old_logprobs``. ``unit_log_ratio`` (per token, detached: the mean of
     ``logprob`` less the sampling log-probs over the token's off-policy-mask
-    unit) is needed with ``cfg.off_policy_mask``.
+    unit) is needed with ``cfg.off_policy_mask``. ``top_entropy`` (per
+    token, a bool: :func:`_top_entropy_tokens`) is needed with
+    ``cfg.top_entropy_quantile < 1``.
     """
     if segment_log_ratio is None:
         raw_log_ratio = logprob - old_logprobs
@@ -926,6 +935,14 @@ def token_terms(
         masked = (advantages < 0) & (-unit_log_ratio.detach() > cfg.off_policy_mask)
         terms["off_policy_masked"] = masked
         pg = torch.where(masked, torch.zeros_like(pg), pg)
+    if cfg.top_entropy_quantile != 1.0:
+        # Beyond the 80/20 rule (arXiv 2506.01939): only the high-entropy
+        # "forking" tokens carry the policy gradient. The KL and entropy
+        # terms stay on every token (as TRL's top_entropy_quantile).
+        if top_entropy is None:
+            raise InvalidInputError("top_entropy_quantile < 1 needs each token's top_entropy")
+        terms["top_entropy"] = top_entropy
+        pg = torch.where(top_entropy, pg, torch.zeros_like(pg))
     loss = pg
     if ref_logprobs is not None:
         x = logprob - ref_logprobs
@@ -1039,6 +1056,27 @@ def _segment_log_ratios(
     return (sums / counts.clamp(min=1.0))[segments]
 
 
+def _top_entropy_tokens(entropy: torch.Tensor, used: torch.Tensor, rho: float) -> torch.Tensor:
+    """Per token, whether it is a used token among the share ``rho`` of used
+    tokens with the highest entropy: ``H_t >= H_(j)``, ``H_(j)`` the
+    ``j = ceil((1 - rho) (n - 1))``-th smallest of the ``n`` used tokens'
+    entropies (0-based; detached).
+
+    That is the set that TRL's ``H >= torch.quantile(H, 1 - rho)`` keeps
+    (linear interpolation lands in ``(H_(j-1), H_(j)]``), taken as the
+    order statistic itself so that no interpolation's rounding decides a
+    tie; ties at ``H_(j)`` are all kept. ``rho = 0`` keeps the tokens of
+    the largest entropy, ``rho = 1`` every used token. No host sync.
+    """
+    h = entropy.detach()
+    n = used.sum()
+    j = torch.ceil((1.0 - rho) * (n - 1).to(torch.float64)).to(torch.int64).clamp(min=0)
+    # Used tokens first, largest entropy first: the j-th smallest of n is at n - 1 - j.
+    descending = torch.sort(torch.where(used, h, -math.inf), descending=True).values
+    threshold = descending[(n - 1 - j).clamp(min=0)]
+    return used & (h >= threshold)
+
+
 def _weighted_loss(
     logprob,
     entropy,
@@ -1057,7 +1095,8 @@ def _weighted_loss(
     (NaN or inf old log-probs, padding) reaches neither the loss nor, through
     ``0 * NaN``, the gradients. With ``segments`` (:func:`_segment_index` of
     every token), each token's ratio is its segment's (GSPO-token), the
-    segment's mean taken over its weight-nonzero tokens alone.
+    segment's mean taken over its weight-nonzero tokens alone, as is the
+    top-entropy selection of ``cfg.top_entropy_quantile``.
     """
     acc = logprob.dtype
     used = agg_weights != 0
@@ -1075,8 +1114,14 @@ def _weighted_loss(
         cfg,
         None if segments is None else _segment_log_ratios(logprob, old, used, segments),
         None if units is None else _segment_log_ratios(logprob, clean(sampling), used, units),
+        _top_entropy_or_none(entropy, used, cfg),
     )
     return torch.where(used, agg_weights.to(acc) * terms["loss"], 0.0).sum()
+
+
+def _top_entropy_or_none(entropy, used, cfg: LossConfig) -> torch.Tensor | None:
+    rho = cfg.top_entropy_quantile
+    return None if rho == 1.0 else _top_entropy_tokens(entropy, used, rho)
 
 
 def _block_loss(logprob: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs) -> torch.Tensor:
@@ -1135,6 +1180,8 @@ def _stats(terms: dict[str, torch.Tensor], logprob, entropy, old, mask) -> dict[
         stats["kl_loss"] = mean(terms["kl_loss"])
     if "off_policy_masked" in terms:
         stats["off_policy_masked"] = mean(terms["off_policy_masked"])
+    if "top_entropy" in terms:
+        stats["top_entropy_frac"] = mean(terms["top_entropy"])
     return stats
 
 
@@ -1194,6 +1241,12 @@ class GTPOLossFunction(torch.autograd.Function):
                     "schedule='rows' cannot take off_policy_mask: a unit's mean log-ratio needs "
                     "every token's log-prob before any block's gradients; use schedule='vocab' "
                     "(what 'auto' picks with off_policy_mask)"
+                )
+            if cfg.top_entropy_quantile != 1.0:
+                raise InvalidInputError(
+                    "schedule='rows' cannot take top_entropy_quantile < 1: the entropy quantile "
+                    "needs every token's entropy before any block's gradients; use "
+                    "schedule='vocab' (what 'auto' picks with top_entropy_quantile < 1)"
                 )
             if segments is not None:
                 raise InvalidInputError(
@@ -1403,6 +1456,15 @@ def _check_finite_on_mask(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
             )
 
 
+def _check_top_entropy_quantile(rho: Any) -> None:
+    # Written so that NaN fails too.
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
+        raise InvalidInputError(
+            f"top_entropy_quantile (the share rho of highest-entropy tokens that keep their "
+            f"policy gradient) must be a number in [0, 1], got {rho!r}"
+        )
+
+
 def _check_integer_tensor(name: str, tensor: torch.Tensor) -> None:
     dtype = tensor.dtype
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
@@ -1463,6 +1525,7 @@ def gtpo_loss(
     off_policy_mask: float | None = None,
     off_policy_units: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level GTPO loss of a linear LM head, without the [N, V] logits.
 
@@ -1603,6 +1666,23 @@ def gtpo_loss(
             engine's mismatch as well as the drift of later PPO epochs;
             finite on trained tokens. None: ``old_logprobs``. Refused
             without ``off_policy_mask``.
+        top_entropy_quantile: rho in [0, 1], "Beyond the 80/20 Rule"
+            (arXiv 2506.01939; TRL's ``top_entropy_quantile``; the paper's
+            0.2): only the trained tokens whose entropy ``H_t`` is at least
+            the ``1 - rho`` quantile of this call's trained tokens'
+            entropies keep their policy-gradient term; the KL and entropy
+            terms stay on every token (as TRL's). The quantile is TRL's
+            ``torch.quantile(H, 1 - rho)`` with ``H >= threshold``, taken
+            exactly as the order statistic it selects: the ``j = ceil((1 -
+            rho) (n - 1))``-th smallest (0-based) of the ``n`` trained
+            entropies, ties at it all kept; ``rho = 0`` keeps the
+            largest-entropy tokens alone. It is over this call's tokens (a
+            micro-batch in turnrl's trainer; TRL's is per forward, gathered
+            across its processes). From detached entropies;
+            ``stats["top_entropy_frac"]`` is the share of trained tokens
+            kept. 1.0 (the default) changes nothing. Below 1 it runs the
+            ``vocab`` schedule (``auto`` picks it; ``rows`` refuses it):
+            the quantile needs every token's entropy first.
 
     fp64 inputs always run on the torch backend (``auto``); the Triton
     kernels compute in fp32, and ``backend="triton"`` refuses fp64. A
@@ -1616,8 +1696,8 @@ def gtpo_loss(
         either side; ``sapo``: 0, it clips nothing, as verl reports),
         ``approx_kl`` (mean ``old - new`` log-prob, as verl's ``ppo_kl``),
         ``entropy``, ``ratio_mean`` (+ ``dual_clip_frac``, ``ref_kl``,
-        ``kl_loss``, ``off_policy_masked``), all masked means over trained
-        tokens.
+        ``kl_loss``, ``off_policy_masked``, ``top_entropy_frac``), all
+        masked means over trained tokens.
         ``ref_kl`` (with ``ref_logprobs``) is k3's estimate whatever
         ``kl_estimator`` is, so that runs stay comparable; ``kl_loss`` (with
         ``ref_logprobs`` and another ``kl_estimator`` than ``k3``, or with
@@ -1649,6 +1729,7 @@ def gtpo_loss(
             f"off_policy_mask (DeepSeek-V3.2's delta) must be a finite number above 0, or None, "
             f"got {off_policy_mask!r}"
         )
+    _check_top_entropy_quantile(top_entropy_quantile)
     if off_policy_units is not None:
         if off_policy_mask is None:
             raise InvalidInputError(
@@ -1703,7 +1784,10 @@ def gtpo_loss(
         )
     resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
     resolved_schedule = _resolve_schedule(
-        schedule, hidden, weight, segment_ids is not None or off_policy_mask is not None
+        schedule,
+        hidden,
+        weight,
+        segment_ids is not None or off_policy_mask is not None or top_entropy_quantile != 1.0,
     )
 
     mask_b = mask != 0
@@ -1749,6 +1833,7 @@ def gtpo_loss(
         sapo_tau_neg,
         kl_correction,
         None if off_policy_mask is None else float(off_policy_mask),
+        float(top_entropy_quantile),
     )
     flat = dict(
         targets=targets.reshape(-1).contiguous(),
@@ -1799,6 +1884,7 @@ def gtpo_loss(
             None
             if units is None
             else _segment_log_ratios(logprob, sampling.to(acc), trained, units),
+            _top_entropy_or_none(entropy, trained, cfg),
         )
         stats = _stats(terms, logprob, entropy, old, trained)
     return loss, stats
@@ -1942,6 +2028,7 @@ def torch_gtpo_loss(
     off_policy_mask: float | None = None,
     off_policy_units: torch.Tensor | None = None,
     sampling_logprobs: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
 ) -> torch.Tensor:
     """Unfused reference: the whole [N, V] logits, eager autograd.
 
@@ -2016,6 +2103,17 @@ def torch_gtpo_loss(
             if drift > off_policy_mask:
                 keep = keep & ~(members & (advantages < 0))
         loss_t = torch.where(keep, loss_t, torch.zeros_like(loss_t))
+    _check_top_entropy_quantile(top_entropy_quantile)
+    if top_entropy_quantile != 1.0:
+        # The forking tokens: an entropy at least the (1 - rho) quantile of the
+        # trained tokens' (torch.quantile's linear interpolation rounded up to
+        # the sorted value it lands below: the same set under >=).
+        trained_entropies = sorted(entropy.detach()[valid].tolist())
+        if trained_entropies:
+            position = (1.0 - top_entropy_quantile) * (len(trained_entropies) - 1)
+            threshold = trained_entropies[math.ceil(position)]
+            forking = valid & (entropy.detach() >= threshold)
+            loss_t = torch.where(forking, loss_t, torch.zeros_like(loss_t))
     estimator = kl_estimator_name(kl_estimator)
     if beta != 0.0:
         # Schulman's estimators of KL(pi || pi_ref) at x = log(pi / pi_ref).
