@@ -1293,7 +1293,11 @@ def test_kl_correction_matches_the_reference(estimator, schedule, chunk):
 def test_kl_correction_matches_the_reference_in_fp32(schedule, chunk):
     case = make_case(SEED, (3, 16), 24, 200, torch.float32, "seq_mean_token_mean", beta=0.7)
     case.kwargs["kl_correction"] = True
-    assert_close_to_reference(case, 1e-5, backend="torch", chunk_size=chunk, schedule=schedule)
+    # The ratios (e^N(0,1)) weigh the KL gradients: fp32 rounding grows with
+    # them, as eager fp32's does (about one seed in thirty passed 1e-5).
+    assert_close_to_reference(
+        case, 1e-5, eager_slack=True, backend="torch", chunk_size=chunk, schedule=schedule
+    )
 
 
 @pytest.mark.parametrize("estimator", ["k3", "k1", "k3+"])
