@@ -990,6 +990,10 @@ class GTPOConfig:
             AGGREGATIONS,
             BACKENDS,
             POLICY_LOSSES,
+            _check_dual_clip_for,
+            _check_kl_correction,
+            _check_sapo_taus,
+            _check_top_entropy_quantile,
             kl_estimator_name,
         )
 
@@ -1022,25 +1026,11 @@ class GTPOConfig:
             raise InvalidInputError(
                 f"dual_clip must be finite and > 1 (verl's clip_ratio_c), got {self.dual_clip}"
             )
-        if self.dual_clip is not None and self.policy_loss == "cispo":
-            raise InvalidInputError(
-                "dual_clip has no meaning with policy_loss='cispo' (its weight is clipped at "
-                "1 - eps_low and 1 + eps_high whatever the advantage's sign); leave it None"
-            )
-        if self.dual_clip is not None and self.policy_loss == "sapo":
-            raise InvalidInputError(
-                "dual_clip has no meaning with policy_loss='sapo' (its gate already bounds the "
-                "loss of a negative advantage at -A * 4 / sapo_tau_neg); leave it None"
-            )
-        for name, tau in (("sapo_tau_pos", self.sapo_tau_pos), ("sapo_tau_neg", self.sapo_tau_neg)):
-            if not 0 < tau < math.inf:
-                raise InvalidInputError(
-                    f"{name} must be finite and > 0 (SAPO's temperature), got {tau}"
-                )
+        _check_dual_clip_for(self.policy_loss, self.dual_clip)
+        _check_sapo_taus(self.sapo_tau_pos, self.sapo_tau_neg)
         if not 0 <= self.beta < math.inf:
             raise InvalidInputError(f"beta must be finite and >= 0, got {self.beta}")
-        if not isinstance(self.kl_correction, bool):
-            raise InvalidInputError(f"kl_correction must be a bool, got {self.kl_correction!r}")
+        _check_kl_correction(self.kl_correction)
         if self.off_policy_mask is not None and (
             isinstance(self.off_policy_mask, bool) or not 0 < self.off_policy_mask < math.inf
         ):
@@ -1048,12 +1038,7 @@ class GTPOConfig:
                 "off_policy_mask (DeepSeek-V3.2's delta) must be finite and > 0, or None, "
                 f"got {self.off_policy_mask!r}"
             )
-        rho = self.top_entropy_quantile
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 <= rho <= 1:
-            raise InvalidInputError(
-                "top_entropy_quantile (the share of highest-entropy tokens that keep their "
-                f"policy gradient) must be a number in [0, 1], got {rho!r}"
-            )
+        _check_top_entropy_quantile(self.top_entropy_quantile)
         if self.kl_correction and self.beta == 0:
             raise InvalidInputError(
                 "kl_correction weights the KL term, and beta=0 leaves none: set beta > 0"

@@ -857,6 +857,28 @@ def _kl_penalty(x: torch.Tensor, k3: torch.Tensor, estimator: str) -> torch.Tens
     return (k2 - k2.detach()) + value.detach()
 
 
+# Why each policy loss but PPO's takes no dual clip.
+_DUAL_CLIP_CONFLICTS = {
+    "cispo": "its weight is already clipped at 1 - eps_low and 1 + eps_high whatever the "
+    "advantage's sign",
+    "sapo": "its gate already bounds the loss of a negative advantage at -A * 4 / sapo_tau_neg",
+}
+
+
+def _check_dual_clip_for(policy_loss: str, dual_clip: float | None) -> None:
+    reason = _DUAL_CLIP_CONFLICTS.get(policy_loss)
+    if reason is not None and dual_clip is not None:
+        raise InvalidInputError(
+            f"dual_clip has no meaning with policy_loss={policy_loss!r}: {reason}; leave "
+            "dual_clip None"
+        )
+
+
+def _check_kl_correction(kl_correction: Any) -> None:
+    if not isinstance(kl_correction, bool):
+        raise InvalidInputError(f"kl_correction must be a bool, got {kl_correction!r}")
+
+
 def _check_sapo_taus(tau_pos: float, tau_neg: float) -> None:
     # Written so that NaN fails too.
     for name, tau in (("sapo_tau_pos", tau_pos), ("sapo_tau_neg", tau_neg)):
@@ -1233,26 +1255,16 @@ class GTPOLossFunction(torch.autograd.Function):
         ctx.cfg, ctx.temperature, ctx.backend = cfg, temperature, backend
         inputs = (hidden, weight, targets, advantages, old_logprobs, ref_logprobs, agg_weights)
         if schedule == "rows":
-            # A token's gradient needs its segment's mean log-ratio, so every
-            # token's log-prob before any gradient: this schedule takes a
-            # block's gradients before the next block's log-probs exist.
-            if units is not None:
+            # This schedule takes a block's gradients before the next block's
+            # log-probs exist; some settings need every token's first.
+            whole = _needs_every_token_first(
+                segments is not None, units is not None, cfg.top_entropy_quantile
+            )
+            if whole:
+                name, why = whole[0]
                 raise InvalidInputError(
-                    "schedule='rows' cannot take off_policy_mask: a unit's mean log-ratio needs "
-                    "every token's log-prob before any block's gradients; use schedule='vocab' "
-                    "(what 'auto' picks with off_policy_mask)"
-                )
-            if cfg.top_entropy_quantile != 1.0:
-                raise InvalidInputError(
-                    "schedule='rows' cannot take top_entropy_quantile < 1: the entropy quantile "
-                    "needs every token's entropy before any block's gradients; use "
-                    "schedule='vocab' (what 'auto' picks with top_entropy_quantile < 1)"
-                )
-            if segments is not None:
-                raise InvalidInputError(
-                    "schedule='rows' cannot take segment_ids: it computes a block's gradients "
-                    "before the other blocks' log-probs (and so its segments' ratios) are known; "
-                    "use schedule='vocab' (what 'auto' picks with segment_ids)"
+                    f"schedule='rows' cannot take {name}: {why}; use schedule='vocab' (what "
+                    f"'auto' picks with {name})"
                 )
             need_hidden = want_grads and ctx.needs_input_grad[0]
             need_weight = want_grads and ctx.needs_input_grad[1]
@@ -1747,19 +1759,9 @@ def gtpo_loss(
         raise UnknownNameError(f"unknown agg {agg!r}; valid: {', '.join(AGGREGATIONS)}")
     kl_estimator = kl_estimator_name(kl_estimator)
     policy_loss = check_policy_loss(policy_loss)
-    if policy_loss == "cispo" and dual_clip is not None:
-        raise InvalidInputError(
-            "dual_clip has no meaning with policy_loss='cispo': its weight is already clipped "
-            "at 1 - eps_low and 1 + eps_high whatever the advantage's sign; leave dual_clip None"
-        )
-    if policy_loss == "sapo" and dual_clip is not None:
-        raise InvalidInputError(
-            "dual_clip has no meaning with policy_loss='sapo': its gate already bounds the "
-            "loss of a negative advantage at -A * 4 / sapo_tau_neg; leave dual_clip None"
-        )
+    _check_dual_clip_for(policy_loss, dual_clip)
     _check_sapo_taus(sapo_tau_pos, sapo_tau_neg)
-    if not isinstance(kl_correction, bool):
-        raise InvalidInputError(f"kl_correction must be a bool, got {kl_correction!r}")
+    _check_kl_correction(kl_correction)
     # Written so that NaN fails too: a NaN clip range or coefficient made the
     # loss NaN while its gradients stayed finite.
     if not (eps_low >= 0 and eps_high >= 0):
@@ -1783,12 +1785,10 @@ def gtpo_loss(
             "dr_grpo over micro-batches needs max_len: each micro-batch's padded length differs"
         )
     resolved = _resolve_backend(backend, hidden.device, hidden.dtype)
-    resolved_schedule = _resolve_schedule(
-        schedule,
-        hidden,
-        weight,
-        segment_ids is not None or off_policy_mask is not None or top_entropy_quantile != 1.0,
+    whole_pass = _needs_every_token_first(
+        segment_ids is not None, off_policy_mask is not None, top_entropy_quantile
     )
+    resolved_schedule = _resolve_schedule(schedule, hidden, weight, bool(whole_pass))
 
     mask_b = mask != 0
     if check_inputs:
@@ -1841,13 +1841,11 @@ def gtpo_loss(
         old=old_logprobs.reshape(-1),
         ref=None if ref_logprobs is None else ref_logprobs.reshape(-1),
     )
-    sampling = None
+    segments = None if segment_ids is None else _segment_index(segment_ids)
+    sampling = units = None
     if off_policy_mask is not None:
         chosen = old_logprobs if sampling_logprobs is None else sampling_logprobs
         sampling = chosen.reshape(-1)
-    segments = None if segment_ids is None else _segment_index(segment_ids)
-    units = None
-    if off_policy_mask is not None:
         if off_policy_units is not None:
             units = _segment_index(off_policy_units)
         elif segments is not None:
@@ -1925,14 +1923,44 @@ def _apply(
         )
 
 
+def _needs_every_token_first(
+    segmented: bool, masked: bool, top_entropy_quantile: float
+) -> list[tuple[str, str]]:
+    """The settings of a call whose per-token terms need every token's
+    log-prob or entropy before any gradient, which only the vocabulary
+    schedule has (the rows one takes a block's gradients before the next
+    block's log-probs exist): each with why, as the rows schedule refuses it."""
+    return [
+        (name, why)
+        for name, wanted, why in (
+            (
+                "off_policy_mask",
+                masked,
+                "a unit's mean log-ratio needs every token's log-prob before any block's gradients",
+            ),
+            (
+                "top_entropy_quantile < 1",
+                top_entropy_quantile != 1.0,
+                "the entropy quantile needs every token's entropy before any block's gradients",
+            ),
+            (
+                "segment_ids",
+                segmented,
+                "it computes a block's gradients before the other blocks' log-probs (and so "
+                "its segments' ratios) are known",
+            ),
+        )
+        if wanted
+    ]
+
+
 def _resolve_schedule(
-    schedule: str, hidden: torch.Tensor, weight: torch.Tensor, segmented: bool = False
+    schedule: str, hidden: torch.Tensor, weight: torch.Tensor, whole_pass: bool = False
 ) -> str:
     if schedule not in SCHEDULES:
         raise UnknownNameError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    # Segments need every token's log-prob before any gradient, which only the
-    # vocabulary schedule has (GTPOLossFunction refuses them on the rows one).
-    if segmented and schedule == "auto":
+    # See _needs_every_token_first (GTPOLossFunction refuses them on the rows one).
+    if whole_pass and schedule == "auto":
         return "vocab"
     # fp16 gradients need the loss scale (GradScaler's 65536) applied before
     # they are rounded, or small ones underflow; the rows schedule computes
@@ -2066,8 +2094,7 @@ def torch_gtpo_loss(
     ratio = log_ratio.exp()
     policy_loss = check_policy_loss(policy_loss)
     _check_sapo_taus(sapo_tau_pos, sapo_tau_neg)
-    if policy_loss in ("cispo", "sapo") and dual_clip is not None:
-        raise InvalidInputError(f"dual_clip has no meaning with policy_loss={policy_loss!r}")
+    _check_dual_clip_for(policy_loss, dual_clip)
     if policy_loss == "cispo":
         # -sg(w) * A * log pi, shifted by a constant so that its value is -w * A.
         is_weight = torch.clamp(ratio, 1 - eps_low, 1 + eps_high).detach()
