@@ -665,10 +665,13 @@ def _train(args: argparse.Namespace) -> int:
             "--rollout-correction corrects for vLLM's sampling: add --engine vllm or server "
             "(the transformers engine samples from the trained model itself)"
         )
+    # The sampling options set to something other than off (all tokens).
     truncating = [
         f"{option} {value}"
-        for option, value in (("--top-p", args.top_p), ("--top-k", args.top_k))
-        if value not in (None, 1.0 if option == "--top-p" else 0)
+        for (option, value), off in zip(
+            _sampling_options(args).items(), _sampling_options(None).values(), strict=True
+        )
+        if value != off
     ]
     if args.rollout_correction is not None and truncating:
         raise InvalidInputError(
@@ -1837,12 +1840,17 @@ def _logger_names(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
+def _integer(text: str) -> int:
+    """argparse type: an integer."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
     return value
@@ -1882,10 +1890,7 @@ def _share(text: str) -> float:
 
 def _top_k(text: str) -> int:
     """argparse type: how many of the likeliest tokens sampling keeps; 0: all (off)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    value = _integer(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, or 0 for off, got {text!r}")
     return value
