@@ -43,7 +43,13 @@ import warnings
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from turnrl.envs.agents import AgentError, ContextLengthExceeded, reply_from_text
+from turnrl.envs.agents import (
+    AgentError,
+    ContextLengthExceeded,
+    _check_top_k,
+    _check_top_p,
+    reply_from_text,
+)
 from turnrl.exceptions import InvalidInputError
 from turnrl.train import _base_model, template_messages
 
@@ -146,7 +152,7 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.top_p = _checked_top_p(top_p)
+        self.top_p = _check_top_p(top_p)
         self.top_k = _checked_top_k(top_k)
         """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -406,7 +412,7 @@ class VLLMEngine:
         sleep_mode: bool = False,
         **llm_kwargs: Any,
     ) -> None:
-        top_p, top_k = _checked_top_p(top_p), _checked_top_k(top_k)
+        top_p, top_k = _check_top_p(top_p), _checked_top_k(top_k)
         try:
             from vllm import LLM
         except ImportError:
@@ -715,7 +721,7 @@ class ServerEngine:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.top_p = _checked_top_p(top_p)
+        self.top_p = _check_top_p(top_p)
         self.top_k = _checked_top_k(top_k)
         """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
@@ -983,23 +989,10 @@ class ServerEngine:
 _NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
-def _checked_top_p(top_p: float) -> float:
-    """``top_p`` once checked: nucleus sampling keeps a share in (0, 1] of the mass."""
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise InvalidInputError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    return float(top_p)
-
-
 def _checked_top_k(top_k: int | None) -> int | None:
     """``top_k`` as the engines keep it: a positive int, or None for off (0, as
     TRL's and transformers' ``top_k``, is off too)."""
-    if top_k is None or (top_k == 0 and not isinstance(top_k, bool)):
-        return None
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise InvalidInputError(
-            f"top_k must be a positive integer, or None or 0 for off, got {top_k!r}"
-        )
-    return top_k
+    return None if top_k is None else _check_top_k(top_k) or None
 
 
 def _full_softmax(top_p: float, top_k: int | None) -> bool:

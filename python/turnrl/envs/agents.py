@@ -78,6 +78,24 @@ _CONTEXT_SIZE = re.compile(
 _REPLY_SIZE = re.compile(r"(\d+) in the completion|requested (\d+) output tokens", re.IGNORECASE)
 
 
+def _check_top_p(top_p: Any) -> float:
+    """``top_p`` as a float, or :class:`InvalidInputError`: nucleus sampling keeps
+    a share in (0, 1] of the probability mass."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    return float(top_p)
+
+
+def _check_top_k(top_k: Any) -> int:
+    """``top_k``, or :class:`InvalidInputError`: how many of the likeliest tokens
+    sampling keeps, 0 for all (off)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InvalidInputError(
+            f"top_k must be a positive integer, or 0 or None for off, got {top_k!r}"
+        )
+    return top_k
+
+
 def _is_context_refusal(error: BaseException | None) -> bool:
     """Whether ``error`` (an ``openai.APIStatusError``) is a server's refusal of
     a prompt that leaves no room in the model's context. A refusal of a
@@ -146,18 +164,10 @@ class OpenAIAgent:
         fmt: str = "auto",
         extra_body: dict[str, Any] | None = None,
     ) -> None:
-        if top_p is not None and (
-            isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1
-        ):
-            raise InvalidInputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-        if top_k is not None and (
-            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0
-        ):
-            raise InvalidInputError(
-                f"top_k must be a positive integer, 0 for off, or None, got {top_k!r}"
-            )
+        if top_p is not None:
+            _check_top_p(top_p)
         if top_k is not None:
-            extra_body = {**(extra_body or {}), "top_k": top_k or -1}
+            extra_body = {**(extra_body or {}), "top_k": _check_top_k(top_k) or -1}
         self.top_p = top_p
         self.endpoint = ChatEndpoint(
             model,
