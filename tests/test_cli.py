@@ -474,6 +474,30 @@ def test_train_policy_loss_is_parsed_and_cispo_with_dual_clip_is_refused(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_train_min_lr_ratio_is_a_share_and_needs_a_decaying_schedule(tmp_path, capsys):
+    """--min-lr-ratio is parsed as a share of --lr and refused, before any model
+    loads, under --lr-schedule constant (nothing decays to it)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    parsed = _parsed(train)
+    assert (parsed.lr_schedule, parsed.min_lr_ratio) == ("constant", 0.0)
+    parsed = _parsed([*train, "--lr-schedule", "linear", "--min-lr-ratio", "0.1"])
+    assert (parsed.lr_schedule, parsed.min_lr_ratio) == ("linear", 0.1)
+    for bad in ("-0.1", "1.5", "nan"):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--min-lr-ratio", bad])
+        assert "argument --min-lr-ratio: must be " in capsys.readouterr().err
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--min-lr-ratio", "0.1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --min-lr-ratio is the floor a decaying schedule falls to, and "
+        "--lr-schedule constant does not fall: add --lr-schedule linear or cosine\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_sapo_temperatures_are_parsed_and_refused_where_they_do_nothing(tmp_path, capsys):
     """--sapo-tau-pos/--sapo-tau-neg, from the line and a config file, must be
     finite and > 0 (refused while parsing), and are refused without

@@ -2953,6 +2953,8 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         "--no-skip-zero-advantage",  # every step is an optimizer step
         "--lr-schedule",
         "cosine",
+        "--min-lr-ratio",
+        "0.5",
     )
     assert main(argv) == 0
     assert "trained 1 steps" in capsys.readouterr().out
@@ -2991,6 +2993,9 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines] == [0, 1]
     assert {k: v for k, v in line.items() if not k.startswith("time/")} == lines[0]
+    # Each step's rate: the first at the full 1e-5; the second, at the resumed
+    # run's 5e-6, halfway down its cosine of two steps to the floor of half.
+    assert [row["lr"] for row in lines] == pytest.approx([1e-5, 5e-6 * (0.5 + 0.5 * 0.5)])
     assert json.loads((run / "adapter" / "turnrl_state.json").read_text())["step"] == 1
     # The resumed run numbers on: its buffer and groups do not take the first run's names.
     assert sorted(p.name for p in (run / "rollouts").iterdir()) == ["step-0.jsonl", "step-1.jsonl"]
@@ -4673,6 +4678,15 @@ def test_plots_show_group_filtering_when_the_steps_filtered(monkeypatch, tmp_pat
     assert not any("group filtering" in title for title in drawn[0])
     assert drawn[1]["sampled groups with signal (group filtering)"] == [[0.0, 0.25, 0.5]]
     assert drawn[1]["sampling rounds of the step (group filtering)"] == [[1.0, 2.0, 3.0]]
+    # The learning rate gets a panel when a schedule moved it, and none when it held.
+    held = [{**row, "lr": 1e-5} for row in plain]
+    warmed = [{**row, "lr": 1e-5 * (i + 1) / 3} for i, row in enumerate(plain)]
+    plot_history(held, tmp_path / "held.png")
+    plot_history(warmed, tmp_path / "warmed.png")
+    assert not any("learning rate" in title for title in drawn[2])
+    assert drawn[3]["learning rate of the step's update"] == [
+        pytest.approx([1e-5 / 3, 2e-5 / 3, 1e-5])
+    ]
 
 
 def test_peak_memory_is_the_cuda_allocators_high_water_mark_in_gib(monkeypatch, tmp_path):
@@ -4718,6 +4732,29 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
     cosine = [2.0 * 0.5 * (1 + math.cos(math.pi * t / 4)) for t in range(5)]
     assert rates("cosine", 2, 6, 7) == pytest.approx([1.0, 2.0, *cosine])
     assert rates("constant", 0, None, 2) == pytest.approx([2.0, 2.0])
+    # Hugging Face's linear schedule: max(0, (total - step) / (total - warmup)).
+    linear = [2.0 * max(0.0, (6 - step) / (6 - 2)) for step in range(2, 7)]
+    assert rates("linear", 2, 6, 7) == pytest.approx([1.0, 2.0, *linear])
+    # A floor: Hugging Face's cosine_with_min_lr (min_lr_rate), verl's min_lr_ratio.
+    floored = [2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t / 4))) for t in range(5)]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = lr_schedule(optimizer, "cosine", warmup_steps=2, total_steps=6, min_lr_ratio=0.1)
+    seen = []
+    for _ in range(9):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([1.0, 2.0, *floored, 0.2, 0.2])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule = lr_schedule(optimizer, "linear", total_steps=4, min_lr_ratio=0.5, start=2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(2.0 * (0.5 + 0.5 * 0.5))
+    for bad in (-0.1, 1.5, float("nan"), True, "0.1"):
+        with pytest.raises(InvalidInputError, match="min_lr_ratio must lie in"):
+            lr_schedule(optimizer, "cosine", total_steps=4, min_lr_ratio=bad)
+    with pytest.raises(InvalidInputError, match="floor of a decaying schedule"):
+        lr_schedule(optimizer, "constant", min_lr_ratio=0.1)
+    with pytest.raises(InvalidInputError, match="a linear schedule needs total_steps"):
+        lr_schedule(optimizer, "linear", warmup_steps=2)
     # From a later step: as if the steps before had run, on a fresh optimizer
     # or one another schedule had changed the rate of.
     whole = rates("cosine", 2, 6, 7)
@@ -4735,8 +4772,8 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
                 assert optimizer.param_groups[0]["lr"] == pytest.approx(whole[start + 1])
     with pytest.raises(InvalidInputError, match="start must be a count"):
         lr_schedule(optimizer, "constant", start=-1)
-    with pytest.raises(InvalidInputError, match="constant or cosine"):
-        rates("linear", 0, 3, 1)
+    with pytest.raises(InvalidInputError, match="constant, linear or cosine"):
+        rates("step", 0, 3, 1)
     with pytest.raises(InvalidInputError, match="total_steps beyond"):
         rates("cosine", 3, 3, 1)
     # The trainer steps it with the optimizer: each epoch, never on a step with no signal.
@@ -4746,12 +4783,14 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
     trainer = GTPOTrainer(
         model, optimizer, GTPOConfig(backend="torch", ppo_epochs=2), scheduler=schedule
     )
-    trainer.step(_zeroed_batch(tok, rows=[]))
+    stats = trainer.step(_zeroed_batch(tok, rows=[]))
     assert schedule.last_epoch == 2
+    assert stats["lr"] == pytest.approx(0.1 * 2 / 10)  # the rate of the step's last update
     nothing = _zeroed_batch(tok, rows=[])
     nothing.advantages.zero_()
-    trainer.step(nothing)
+    stats = trainer.step(nothing)
     assert schedule.last_epoch == 2
+    assert stats["lr"] == pytest.approx(0.1 * 3 / 10)  # no update: the next one's rate
 
 
 @given(st.integers(1, 9), st.integers(1, 7), st.integers(0, 3), st.integers(0, 12))

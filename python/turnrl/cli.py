@@ -763,6 +763,11 @@ def _train(args: argparse.Namespace) -> int:
             f"--group-size {args.group_size} gives each group one episode: use --group-size 2 "
             "or more"
         )
+    if args.min_lr_ratio and args.lr_schedule == "constant":
+        raise InvalidInputError(
+            "--min-lr-ratio is the floor a decaying schedule falls to, and --lr-schedule "
+            "constant does not fall: add --lr-schedule linear or cosine"
+        )
     if args.truncation != "right" and args.max_length is None:
         raise InvalidInputError(
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
@@ -1180,6 +1185,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         args.lr_schedule,
         warmup_steps=args.warmup_steps,
         total_steps=(first_step + args.steps) * args.ppo_epochs,
+        min_lr_ratio=args.min_lr_ratio,
     )
     if resume is not None:
         if not trainer.load_optimizer(adapter):
@@ -1192,6 +1198,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 warmup_steps=args.warmup_steps,
                 total_steps=(first_step + args.steps) * args.ppo_epochs,
                 start=first_step * args.ppo_epochs,
+                min_lr_ratio=args.min_lr_ratio,
             )
             if rank == 0:
                 print(
@@ -2476,10 +2483,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--lr-schedule",
-        choices=["constant", "cosine"],
+        choices=["constant", "linear", "cosine"],
         default="constant",
-        help="after the warmup: constant, or half a cosine towards 0 over the run's steps "
+        help="after the warmup: constant, or down along a straight line (linear, TRL's "
+        "default) or half a cosine towards --min-lr-ratio of --lr over the run's steps "
         "(--steps more after a --resume) (default: %(default)s)",
+    )
+    tr.add_argument(
+        "--min-lr-ratio",
+        type=_share,
+        default=0.0,
+        help="with --lr-schedule linear or cosine: the share of --lr the schedule decays "
+        "towards, in [0, 1] (verl's min_lr_ratio) (default: %(default)s)",
     )
     tr.add_argument(
         "--warmup-steps",

@@ -1490,12 +1490,14 @@ class GTPOTrainer:
                     f"gradient norm is {float(norm)}: this update was not applied, and "
                     "training stops (a lower learning rate, or --max-grad-norm, may help)"
                 )
+            rate = float(self.optimizer.param_groups[0]["lr"])
             self.optimizer.step()
             if self.scheduler is not None:
                 # Per optimizer step: a step skipped for lack of signal does not count.
                 self.scheduler.step()
             totals["loss"] = loss_sum
             totals["grad_norm"] = float(norm)
+            totals["lr"] = rate
         return totals
 
     def _segment_ids(self, m: _MicroBatch) -> torch.Tensor | None:
@@ -1560,6 +1562,7 @@ class GTPOTrainer:
             **nothing,
             "loss": 0.0,
             "grad_norm": 0.0,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
             "trained_tokens": float(trained_tokens),
             "skipped_rows": float(skipped_rows),
         }
@@ -1573,7 +1576,9 @@ class GTPOTrainer:
         with ``kl_correction``, ``off_policy_masked`` with ``off_policy_mask``,
         ``top_entropy_frac`` with ``top_entropy_quantile`` below 1;
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
-        the last epoch, ``trained_tokens`` and ``skipped_rows`` (rows left out
+        the last epoch, ``lr`` (the first parameter group's learning rate at
+        the step's last update; on a step with none, the rate the next will
+        take), ``trained_tokens`` and ``skipped_rows`` (rows left out
         for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);
         under data parallelism, over every rank's batch (each rank gets the
         same figures).
@@ -3349,28 +3354,40 @@ def lr_schedule(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     start: int = 0,
+    min_lr_ratio: float = 0.0,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The learning rate per optimizer step, as a factor of the optimizer's own.
 
     Linear warmup over ``warmup_steps`` (the first step at ``1 / warmup_steps``
-    of the rate, the last at the full rate), then ``constant``, or half a
-    cosine from the full rate towards 0, which it would reach at step
-    ``total_steps`` (so the last of ``total_steps`` steps runs just above 0),
-    as Hugging Face's cosine schedule does. Give it to :class:`GTPOTrainer`,
-    which steps it with the optimizer. ``start``: the optimizer steps taken
-    already, where the schedule goes on from (a resumed run without its
-    scheduler's saved state).
+    of the rate, the last at the full rate), then ``constant``, or down from
+    the full rate along a straight line (``linear``, Hugging Face's and TRL's
+    default) or half a cosine (``cosine``) towards ``min_lr_ratio`` of it,
+    which it would reach at step ``total_steps`` (so the last of
+    ``total_steps`` steps runs just above it), as Hugging Face's schedules do;
+    ``min_lr_ratio`` is verl's name, Hugging Face's ``min_lr_rate``. Give it
+    to :class:`GTPOTrainer`, which steps it with the optimizer. ``start``: the
+    optimizer steps taken already, where the schedule goes on from (a resumed
+    run without its scheduler's saved state).
     """
     import torch
 
-    if kind not in ("constant", "cosine"):
-        raise InvalidInputError(f"lr schedule must be constant or cosine, got {kind!r}")
+    if kind not in ("constant", "linear", "cosine"):
+        raise InvalidInputError(f"lr schedule must be constant, linear or cosine, got {kind!r}")
+    if isinstance(min_lr_ratio, bool) or not (
+        isinstance(min_lr_ratio, (int, float)) and 0.0 <= min_lr_ratio <= 1.0
+    ):
+        raise InvalidInputError(f"min_lr_ratio must lie in [0, 1], got {min_lr_ratio!r}")
+    if kind == "constant" and min_lr_ratio:
+        # A floor under a rate that never falls would be ignored without a word.
+        raise InvalidInputError(
+            "min_lr_ratio is the floor of a decaying schedule; give kind='linear' or 'cosine'"
+        )
     if warmup_steps < 0:
         raise InvalidInputError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise InvalidInputError(f"start must be a count of steps, got {start!r}")
-    if kind == "cosine" and (total_steps is None or total_steps <= warmup_steps):
-        raise InvalidInputError("a cosine schedule needs total_steps beyond warmup_steps")
+    if kind != "constant" and (total_steps is None or total_steps <= warmup_steps):
+        raise InvalidInputError(f"a {kind} schedule needs total_steps beyond warmup_steps")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -3379,7 +3396,8 @@ def lr_schedule(
             return 1.0
         assert total_steps is not None
         done = min((step - warmup_steps) / (total_steps - warmup_steps), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * done))
+        decay = 1.0 - done if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     if start:
         # As torch resumes a schedule: the factors apply to each group's rate
@@ -3631,7 +3649,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     """A :func:`train_loop` run as a PNG: success rate, loss and KL per step;
     when the history has them, each tier's reward (``tier_reward/<tier>``),
     share of the turns (``tier_share/<tier>``) and mean advantage
-    (``tier_advantage/<tier>``), the held-out evaluations
+    (``tier_advantage/<tier>``), a learning rate that changes (``lr``), the held-out evaluations
     (``eval/...``), the time each part of a step took (``time/...``), its
     peak GPU memory (``memory/...``), the sampler's gap to the trained
     model (``mismatch/...``) and, under group filtering, the share of sampled
@@ -3654,6 +3672,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         [k for k in keys("eval/") if k == "eval/success_rate" or k.startswith("eval/pass^")],
         key=lambda k: (k != "eval/success_rate", int(k.partition("^")[2] or 0)),
     )
+    rates = {h["lr"] for h in history if h.get("lr") is not None}
     # (title, keys, legend labels' prefix, y from 0 to 1); a panel without keys is left out.
     panels = [
         *((title, [key], None, False) for key, title in _STEP_PLOTS.items()),
@@ -3661,6 +3680,8 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
         ("share of the step's turns in each tier", keys("tier_share/"), "tier_share/", True),
         ("mean advantage of each tier's turns", keys("tier_advantage/"), "tier_advantage/", False),
         ("held-out evaluation after the step", evaluated, "eval/", True),
+        # Only a schedule (warmup, decay) makes the rate worth a panel.
+        ("learning rate of the step's update", ["lr"] if len(rates) > 1 else [], None, False),
         (
             "sampled groups with signal (group filtering)",
             [k for k in ("filter/kept_fraction",) if k in keys("filter/")],
