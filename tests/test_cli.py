@@ -220,6 +220,8 @@ def test_the_readmes_config_file_is_one(tmp_path):
 
 
 def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys):
+    import json
+
     import pytest
 
     # Values that start with "-" are values, not options.
@@ -240,6 +242,40 @@ def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys
     path.write_text('{"max_grad_norm": null, "report_to": null}')
     parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
     assert (parsed.max_grad_norm, parsed.report_to) == (None, [])
+    # The options off by default take none too, so the command line can switch
+    # off what a file set (and what --resume prints as none is a value they take).
+    off = ["dual_clip", "off_policy_mask", "max_length", "micro_batch_tokens"]
+    path = tmp_path / "null.json"
+    path.write_text(json.dumps(dict.fromkeys(off)))
+    parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
+    assert [getattr(parsed, name) for name in off] == [None] * 4
+    values = {"dual_clip": 3.0, "off_policy_mask": 0.5, "max_length": 512}
+    values |= {"micro_batch_tokens": 1e3, "filter_groups": "outcome"}
+    path = _config_file(tmp_path, ".toml", {**values, "rollout_correction": "token_mask"})
+    train = ["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"]
+    parsed = _parsed(train)
+    assert [getattr(parsed, name) for name in off] == [3.0, 0.5, 512, 1000]
+    nones = [f"--{name.replace('_', '-')}" for name in [*off, "filter_groups"]]
+    parsed = _parsed(
+        [*train, *(a for option in nones for a in (option, "none")), "--dual-clip", "None"]
+    )
+    assert [getattr(parsed, name) for name in off] == [None] * 4
+    assert (parsed.filter_groups, parsed.rollout_correction) == ("none", "token_mask")
+    for option, bad in [("--dual-clip", "nones"), ("--max-length", "0"), ("--filter-groups", "x")]:
+        with pytest.raises(SystemExit):
+            _parsed([*train, option, bad])
+        assert f"argument {option}: " in capsys.readouterr().err
+    # The choices' none is the option's None once the command runs: nothing
+    # filtered for --max-sampling-rounds, no correction for the transformers engine.
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--filter-groups", "none", "--max-sampling-rounds", "2"]) == 2
+    assert "--max-sampling-rounds limits the rounds --filter-groups samples" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--rollout-correction", "none", "--user", "llm"]) == 2
+    err = capsys.readouterr().err
+    assert "--rollout-correction" not in err and "--user-model" in err  # refused further on
     # A file starting with a byte-order mark.
     path = tmp_path / "bom.json"
     path.write_bytes(b'\xef\xbb\xbf{"lr": 3e-5}')

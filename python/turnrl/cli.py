@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from turnrl import __version__
@@ -641,6 +642,11 @@ def _merge_adapter(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from turnrl.exceptions import InvalidInputError
+
+    # "none": the option's default, given to switch off what a --config file set.
+    for name in ("filter_groups", "rollout_correction"):
+        if getattr(args, name) == "none":
+            setattr(args, name, None)
 
     evaluation_options = {
         "--eval-split": args.eval_split,
@@ -1965,6 +1971,20 @@ def _grad_norm(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{e} (none: no clipping)") from None
 
 
+def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type: what ``parse`` takes, or ``none`` for the option's default, off;
+    so a command line can switch off what a --config file set, and what --resume
+    prints as ``none`` is a value the option takes."""
+
+    @functools.wraps(parse)
+    def parse_or_none(text: str) -> Any:
+        if text.strip().lower() == "none":
+            return None
+        return parse(text)
+
+    return parse_or_none
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser that takes options spelled in full only, not argparse's
     abbreviations (``--mod`` for ``--model``): where options have two names a prefix
@@ -2518,7 +2538,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--micro-batch-tokens",
-        type=int,
+        type=_or_none(int),
         help="instead of --micro-batch-size: padded tokens per forward/backward (rows x the "
         "longest), rows grouped longest first",
     )
@@ -2564,7 +2584,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--off-policy-mask",
-        type=_positive_number,
+        type=_or_none(_positive_number),
         metavar="DELTA",
         help="DeepSeek-V3.2's off-policy sequence masking (TRL's off_policy_mask_threshold; "
         "its example 0.5): an assistant turn with a negative advantage whose mean "
@@ -2612,7 +2632,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     tr.add_argument(
         "--dual-clip",
-        type=_above_one,
+        type=_or_none(_above_one),
         help="verl's clip_ratio_c: the loss of a token with a negative advantage is capped "
         "at this many times the advantage's size (default: no cap)",
     )
@@ -2650,7 +2670,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tighter, so set --eps-low/--eps-high (its paper: 3e-4/4e-4) (default: %(default)s)",
     )
     tr.add_argument(
-        "--max-length", type=_row_length, help="cut token rows longer than this (see --truncation)"
+        "--max-length",
+        type=_or_none(_row_length),
+        help="cut token rows longer than this (see --truncation)",
     )
     tr.add_argument(
         "--truncation",
@@ -2675,7 +2697,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--filter-groups",
-        choices=FILTER_GROUPS,
+        choices=[*FILTER_GROUPS, "none"],
         help="DAPO's dynamic sampling (verl's filter_groups): leave out of the update the "
         "groups without signal (outcome: every episode's reward the same, DAPO's criterion; "
         "advantage: every trained turn's advantage 0 under --estimator, which keeps a group "
@@ -2691,7 +2713,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--rollout-correction",
-        choices=ROLLOUT_CORRECTIONS,
+        choices=[*ROLLOUT_CORRECTIONS, "none"],
         help="with --engine vllm: weight each token's advantage by pi_train / pi_vllm of the "
         "token or of its turn, capped (truncate) or zeroed above the cap (mask), as TRL's "
         "vllm_importance_sampling_mode (default: none; the mismatch is reported either way)",
@@ -3006,13 +3028,16 @@ def _config_tokens(
             if value:
                 tokens.append(flag)
             continue
-        if value is None and action.type in (_grad_norm, _logger_names):
+        takes_none = action.type in (_grad_norm, _logger_names) or (
+            action.choices is not None and "none" in action.choices
+        )
+        if value is None and (takes_none or hasattr(action.type, "__wrapped__")):
             value = "none"  # JSON's and YAML's null for an option that takes none
         if isinstance(value, (bool, dict)) or value is None:
             raise InvalidInputError(
                 f"--config {where}: {key} takes a value like the command line's; got {value!r}"
             )
-        integral = action.type in (int, _positive_int, _top_k)
+        integral = getattr(action.type, "__wrapped__", action.type) in (int, _positive_int, _top_k)
         if isinstance(value, float) and value.is_integer() and integral:
             value = int(value)  # 1e3 for --steps
         if isinstance(value, list):
