@@ -663,29 +663,16 @@ impl<'s> Accumulators<'s> {
             squares,
             inv_scale,
         } = self;
-        let extremes = min.iter().zip(max.iter());
-        for (((inv, &sq), &n), (&lo, &hi)) in inv_scale
-            .iter_mut()
-            .zip(squares.iter())
-            .zip(count.iter())
-            .zip(extremes)
-        {
-            // One value, or all values equal: exactly 0, whatever the
-            // rounding of the mean. (The scale is NaN where n is 1; the
-            // select drops it.) So is a set whose squared deviations all
-            // underflow (values of 1e-170 with eps = 0): its std is 0 and
-            // the reciprocal infinite, which would give inf and NaN.
-            let scale = match params.norm {
-                Norm::Std => 1.0 / ((sq / (n - 1.0)).sqrt() + params.eps),
-                Norm::Rloo => n / (n - 1.0),
-                _ => 1.0,
-            };
-            let usable = scale < f64::INFINITY;
-            *inv = if (n <= 1.0) | (hi <= lo) | !usable {
-                0.0
-            } else {
-                scale
-            };
+        // One loop per norm: a select among several norms' scales inside
+        // the loop computed every one of them in each lane.
+        let eps = params.eps;
+        let lanes = [&*squares, &*count, &*min, &*max];
+        match params.norm {
+            Norm::Std => reciprocal_scales(inv_scale, lanes, |sq, n| {
+                1.0 / ((sq / (n - 1.0)).sqrt() + eps)
+            }),
+            Norm::Rloo => reciprocal_scales(inv_scale, lanes, |_, n| n / (n - 1.0)),
+            _ => reciprocal_scales(inv_scale, lanes, |_, _| 1.0),
         }
         if let Some(batch) = batch {
             // The batch's divisor where the group's set does not normalise
@@ -726,6 +713,36 @@ impl<'s> Accumulators<'s> {
                 *hi = if v > *hi { v } else { *hi };
             }
         }
+    }
+}
+
+/// Each position's reciprocal scale, `scale(M2, n)`, or 0 where its set
+/// normalises to 0.
+#[inline(always)]
+fn reciprocal_scales(
+    inv_scale: &mut [f64],
+    [squares, count, min, max]: [&[f64]; 4],
+    scale: impl Fn(f64, f64) -> f64,
+) {
+    let extremes = min.iter().zip(max.iter());
+    for (((inv, &sq), &n), (&lo, &hi)) in inv_scale
+        .iter_mut()
+        .zip(squares.iter())
+        .zip(count.iter())
+        .zip(extremes)
+    {
+        // One value, or all values equal: exactly 0, whatever the
+        // rounding of the mean. (The scale is NaN where n is 1; the
+        // select drops it.) So is a set whose squared deviations all
+        // underflow (values of 1e-170 with eps = 0): its std is 0 and
+        // the reciprocal infinite, which would give inf and NaN.
+        let scale = scale(sq, n);
+        let usable = scale < f64::INFINITY;
+        *inv = if (n <= 1.0) | (hi <= lo) | !usable {
+            0.0
+        } else {
+            scale
+        };
     }
 }
 
