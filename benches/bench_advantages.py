@@ -1,11 +1,13 @@
 """Advantage estimators: turnrl (Rust) vs vectorised numpy vs a verl-style loop.
 
-    python benches/bench_advantages.py [--sizes 1000 64000 1000000] [--repeat 5]
+    python benches/bench_advantages.py [--sizes 1000 64000 1000000] [--repeat 5] [--norm std]
 
 Prints, per size, the best-of-N wall time of each implementation, the speedup
 ratios of turnrl over the baselines measured in the same run, and nanoseconds
 per turn (constant across sizes when time is linear in the number of turns).
-Results are checked against each other before anything is timed.
+Results are checked against each other before anything is timed. The
+baselines normalise as ``norm="std"`` does; under another ``--norm`` only
+turnrl is timed.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ def best_time(fn, repeat: int) -> float:
     return best
 
 
-def bench_size(size: int, repeat: int, loop_max: int) -> None:
+def bench_size(size: int, repeat: int, loop_max: int, norm: str = "std") -> None:
     """Time every implementation on one generated batch and print its rows."""
     outcome, group, rewards, offsets = make_batch(size)
     n_turns = len(rewards)
 
     def rust(estimator: str = "gtpo_hybrid"):
-        return turnrl.compute_advantages(estimator, outcome, group, rewards, offsets)
+        return turnrl.compute_advantages(estimator, outcome, group, rewards, offsets, norm=norm)
 
     def vectorised():
         return numpy_gtpo_hybrid(outcome, group, rewards, offsets)
@@ -47,11 +49,19 @@ def bench_size(size: int, repeat: int, loop_max: int) -> None:
     def loop():
         return loop_gtpo_hybrid(outcome, group, rewards, offsets)
 
-    want = rust()
-    np.testing.assert_allclose(vectorised(), want, atol=1e-6)
     # Small batches get more rounds (up to 300): a best of 15 sub-millisecond
     # calls still caught the thread pool waking up.
     rounds = max(repeat, min(300, 10_000_000 // max(n_turns, 1)))
+    if norm != "std":  # the baselines normalise as std does
+        for estimator in ("gtpo_hybrid", "grpo", "mt_grpo"):
+            t_est = best_time(lambda estimator=estimator: rust(estimator), rounds)
+            print(
+                f"{n_turns:>9} {estimator:>12} {t_est * 1e3:>10.3f} {'-':>10} {'-':>10}"
+                f" {'-':>8} {'-':>8} {t_est / n_turns * 1e9:>8.2f}"
+            )
+        return
+    want = rust()
+    np.testing.assert_allclose(vectorised(), want, atol=1e-6)
     t_rust = best_time(rust, rounds)
     t_numpy = best_time(vectorised, rounds)
     if n_turns <= loop_max:
@@ -79,14 +89,23 @@ def main() -> None:
     parser.add_argument(
         "--loop-max", type=int, default=1_000_000, help="skip the Python loop above this many turns"
     )
+    parser.add_argument(
+        "--norm",
+        default="std",
+        choices=["std", "mean", "none", "rloo", "batch"],
+        help="the estimators' norm (default: %(default)s; the baselines only under std)",
+    )
     args = parser.parse_args()
-    print(f"cores: {os.cpu_count()}, numpy {np.__version__}, turnrl {turnrl.__version__}")
+    print(
+        f"cores: {os.cpu_count()}, numpy {np.__version__}, turnrl {turnrl.__version__}, "
+        f"norm {args.norm}"
+    )
     print(
         f"{'turns':>9} {'estimator':>12} {'turnrl ms':>10} {'numpy ms':>10} {'loop ms':>10}"
         f" {'x numpy':>8} {'x loop':>8} {'ns/turn':>8}"
     )
     for size in args.sizes:
-        bench_size(size, args.repeat, args.loop_max)
+        bench_size(size, args.repeat, args.loop_max, args.norm)
 
 
 if __name__ == "__main__":

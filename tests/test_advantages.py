@@ -13,6 +13,7 @@ from turnrl.exceptions import InvalidInputError, UnknownNameError
 from reference import reference_advantages, reference_broadcast
 
 ESTIMATORS = ["grpo", "mt_grpo", "gtpo_hybrid"]
+NORMS = ["std", "mean", "none", "rloo", "batch"]
 REWARD_LEVELS = [-1.0, -0.1, 0.0, 0.1, 0.3, 1.0]
 
 
@@ -54,7 +55,7 @@ def ragged_batches(draw):
 params_strategy = st.fixed_dictionaries(
     {},
     optional={
-        "norm": st.sampled_from(["std", "mean", "none"]),
+        "norm": st.sampled_from(NORMS),
         "eps": st.sampled_from([1e-6, 1e-4, 0.1]),
         "gamma": st.sampled_from([0.0, 0.5, 0.9, 1.0]),
         "lam": st.sampled_from([0.0, 0.3, 1.0, -0.5]),
@@ -115,7 +116,7 @@ def test_lam_too_large_to_stay_finite_is_refused(estimator):
         with pytest.raises(InvalidInputError, match=r"lam must be at most 1e100 in size"):
             turnrl.compute_advantages(estimator, outcome, group, np.zeros(6), offsets, lam=lam)
     for lam in (1e100, -1e100):
-        for norm in ("std", "mean", "none"):
+        for norm in NORMS:
             got = turnrl.compute_advantages(
                 estimator,
                 outcome,
@@ -143,14 +144,46 @@ def test_parallel_path_matches_reference():
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("turn_norm", ["position", "pooled"])
+def test_batch_norm_parallel_path_matches_reference(turn_norm):
+    """norm="batch" gathers the batch's statistics in a first pass, in
+    parallel above 32k turns; its result is the serial definition's."""
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 41, size=2400)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    group = rng.permutation(np.arange(2400) // 6)
+    outcome = rng.choice([0.0, 0.5, 1.0], size=2400)
+    rewards = rng.choice(REWARD_LEVELS, size=offsets[-1])
+    assert offsets[-1] > 40_000
+    params = {"norm": "batch", "turn_norm": turn_norm}
+    for estimator in ESTIMATORS:
+        got = turnrl.compute_advantages(estimator, outcome, group, rewards, offsets, **params)
+        want = reference_advantages(estimator, outcome, group, rewards, offsets, **params)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", [n for n in NORMS if n != "none"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_single_member_and_constant_groups_give_exact_zero(estimator):
+def test_single_member_and_constant_groups_give_exact_zero(estimator, norm):
     outcome = [1.0, 0.7, 0.7, 0.7]
     group = [5, 9, 9, 9]
     rewards = [0.3, 0.3, 0.1, 0.3, 0.1, 0.3, 0.1]
     offsets = [0, 1, 3, 5, 7]
-    got = turnrl.compute_advantages(estimator, outcome, group, rewards, offsets)
+    got = turnrl.compute_advantages(estimator, outcome, group, rewards, offsets, norm=norm)
     assert np.array_equal(got, np.zeros(7))
+
+
+def test_rloo_is_leave_one_out_and_batch_scales_by_the_batch_std():
+    outcome = np.array([1.0, 0.0, 0.0, 10.0, 0.0])
+    group = [3, 3, 3, 1, 1]
+    offsets = np.arange(6)
+    rloo = turnrl.compute_advantages("grpo", outcome, group, np.zeros(5), offsets, norm="rloo")
+    np.testing.assert_allclose(rloo, [1.0, -0.5, -0.5, 10.0, -10.0])
+    batch = turnrl.compute_advantages(
+        "grpo", outcome, group, np.zeros(5), offsets, norm="batch", eps=0.0
+    )
+    std = outcome.std(ddof=1)  # of the raw outcomes of both groups
+    np.testing.assert_allclose(batch, np.array([2 / 3, -1 / 3, -1 / 3, 5, -5]) / std)
 
 
 def test_hybrid_rewards_a_read_inside_a_success():
@@ -201,7 +234,7 @@ def test_bad_input_is_a_value_error_naming_the_row(args, message):
 def test_unknown_names_list_the_valid_ones():
     with pytest.raises(UnknownNameError, match="gtpo_hybrid"):
         turnrl.compute_advantages("ppo", [1.0], [0], [0.0], [0, 1])
-    with pytest.raises(ValueError, match="expected one of: std, mean, none"):
+    with pytest.raises(ValueError, match="expected one of: std, mean, none, rloo, batch"):
         turnrl.compute_advantages("grpo", [1.0], [0], [0.0], [0, 1], norm="z")
     with pytest.raises(ValueError, match="position, pooled"):
         turnrl.compute_advantages("grpo", [1.0], [0], [0.0], [0, 1], turn_norm="x")

@@ -392,6 +392,26 @@ def test_max_grad_norm_zero_is_refused_naming_none(capsys):
     assert "must be above 0, got '0' (none: no clipping)" in capsys.readouterr().err
 
 
+def test_norm_takes_every_group_normalisation_the_core_has(capsys):
+    import pytest
+
+    import turnrl
+    from turnrl.advantages import probe_batch
+    from turnrl.cli import _estimator_params
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    calibrate = ["calibrate", "buffer.jsonl"]
+    for norm in ("std", "mean", "none", "rloo", "batch"):
+        for argv in (train, calibrate):
+            params = _estimator_params(_parsed([*argv, "--norm", norm]))
+            assert params["norm"] == norm
+            # Every name offered is one the core runs.
+            turnrl.compute_advantages("gtpo_hybrid", *probe_batch(), **params)
+    with pytest.raises(SystemExit):
+        _parsed([*train, "--norm", "group"])
+    assert "choose from std, mean, none, rloo, batch" in capsys.readouterr().err.replace("'", "")
+
+
 def test_truncation_is_one_of_the_named_modes_and_max_length_a_row_length(capsys):
     import pytest
 

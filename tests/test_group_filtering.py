@@ -168,6 +168,10 @@ def test_group_signal_is_a_plain_filter_over_each_group():
             ("mt_grpo", {"turn_norm": "pooled"}),
             ("grpo", None),
             ("gtpo_hybrid", {"norm": "mean"}),
+            # Scaled by the std of every group's values, yet 0 or not by its group alone.
+            ("gtpo_hybrid", {"norm": "batch"}),
+            ("mt_grpo", {"norm": "batch", "turn_norm": "pooled"}),
+            ("grpo", {"norm": "rloo"}),
         ):
             mask = rng.random() < 0.5
             for criterion in ("outcome", "advantage"):

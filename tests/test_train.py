@@ -3413,6 +3413,25 @@ def test_train_command_evaluates_greedily_as_it_trains(tmp_path, tok, base_model
     assert [line["step"] for line in metrics_lines()][6:] == [3, 3]
 
 
+def test_train_command_trains_with_norm_batch(tmp_path, tok, base_model, monkeypatch):
+    """--norm batch end to end: a step that trains (half of each group
+    succeeds), its norm saved with the checkpoint (a resume names a change
+    of it as of any estimator setting)."""
+    import turnrl.engines
+    from turnrl.cli import main
+
+    domain = envs.load("synthetic:airline", seed=0)
+    monkeypatch.setattr(turnrl.engines, "TransformersEngine", lambda *a, **k: _HalfGold(domain))
+    argv = _train_argv(tmp_path, tok, base_model)
+    run = tmp_path / "run"
+
+    assert main([*argv, "--norm", "batch"]) == 0
+    state = json.loads((run / "adapter" / "turnrl_state.json").read_text())
+    assert state["estimator"] == {"estimator": "gtpo_hybrid", "norm": "batch"}
+    line = json.loads((run / "metrics.jsonl").read_text())
+    assert line["trained_tokens"] > 0 and line["skipped_rows"] == 0
+
+
 def test_train_command_calibrates_and_resumes_its_calibrator(
     tmp_path, tok, base_model, capsys, monkeypatch
 ):

@@ -71,8 +71,12 @@ _REGISTRY: dict[str, EstimatorFn] = {}
 def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
     """Register ``fn`` as estimator ``name`` (decorator).
 
-    Re-registering the same function is a no-op; registering a different
-    function under a taken name is an error.
+    ``fn`` gets the keyword parameters :func:`compute_advantages` is given
+    as they are: ``norm`` among them when given, any string (the built-in
+    names, ``"batch"`` included, are only a convention it may follow; the
+    batch it gets is the whole call's, so ``"batch"`` statistics are its
+    own to take). Re-registering the same function is a no-op; registering
+    a different function under a taken name is an error.
     """
 
     def decorate(fn: EstimatorFn) -> EstimatorFn:
@@ -176,7 +180,15 @@ def compute_advantages(
         group: group id per trajectory (any integers, any order), length B.
         turn_rewards: reward r[i, k] of every turn, trajectories concatenated.
         turn_offsets: length B + 1, from 0 to ``len(turn_rewards)``.
-        **params: ``norm`` (``"std"`` | ``"mean"`` | ``"none"``), ``eps``
+        **params: ``norm``: ``"std"`` (subtract the group's mean, divide
+            by its sample std + ``eps``), ``"mean"`` (subtract the mean),
+            ``"none"``, ``"rloo"`` (subtract the mean of the set's other
+            values: ``n / (n - 1)`` times the deviation, no std) or
+            ``"batch"`` (subtract the group's mean, divide by the sample std
+            + ``eps`` of the same kind of raw values over the whole batch:
+            every outcome, every turn-k value under ``turn_norm="position"``,
+            every turn value under ``"pooled"``; TRL's
+            ``scale_rewards="batch"``); ``eps``
             (1e-6; finite, >= 0), ``gamma`` (``gtpo_hybrid``: 0.9; a
             discount factor in [0, 1]), ``lam`` (``mt_grpo``: 1.0,
             ``gtpo_hybrid``: 0.3; at most 1e100 in size), ``turn_norm``
@@ -184,7 +196,8 @@ def compute_advantages(
 
     Returns:
         float64 array with one advantage per turn. Groups of one trajectory
-        and constant sets normalise to 0, and so does a set whose std is 0
+        and constant sets normalise to 0, and so does a set whose std (under
+        ``norm="batch"``, the batch's) is 0
         although its values differ (``eps=0`` and deviations whose squares
         underflow); no NaN or infinity is ever returned (rewards and
         outcomes must be finite and at most 1e100 in size, and ``lam`` at

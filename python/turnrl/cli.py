@@ -1806,9 +1806,12 @@ def _add_estimator_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--norm",
-        choices=["std", "mean", "none"],
+        choices=["std", "mean", "none", "rloo", "batch"],
         help="group normalisation: subtract the mean and divide by the std (default), only "
-        "subtract the mean (Dr. GRPO), or neither",
+        "subtract the mean (Dr. GRPO), neither, subtract the mean of the group's other "
+        "rollouts (rloo: RLOO's leave-one-out baseline), or subtract the group's mean and "
+        "divide by the std over the whole batch (batch: TRL's scale_rewards='batch'; under "
+        "torchrun, over the rank's share)",
     )
 
 

@@ -747,6 +747,8 @@ def build_batch(
     ``token_turn`` and ``sampler_logprobs`` are cut with the ids. Advantages
     are computed over whole trajectories before any cut, so a cut changes
     no token's advantage; a turn none of whose tokens is left is untrained.
+    Under ``norm="batch"`` the batch whose std scales them is ``records``
+    (in :func:`train_loop` under torchrun, the rank's share of the step).
     """
     import torch
 
@@ -3153,7 +3155,10 @@ def group_signal(
 
     A group of one episode has no spread of outcomes. The groups of a record
     list are independent: a group's verdict depends on its own records only,
-    as the built-in estimators normalise within a group (a registered
+    as the built-in estimators normalise within a group (``norm="batch"``
+    divides by a std over the whole list, but whether a value comes out 0
+    still depends on its group alone, bar a std that underflows with
+    ``eps=0``; a registered
     estimator that normalises across groups is judged on ``records`` as given:
     :func:`train_loop` gives it one round's groups on one rank).
     """

@@ -22,16 +22,27 @@ pub enum Norm {
     Mean,
     /// Leave values as they are.
     None,
+    /// Subtract the mean of the set's other values (a leave-one-out
+    /// baseline, RLOO): `v_i - mean_{j != i} v_j = n / (n - 1) * (v_i - mean)`.
+    Rloo,
+    /// Subtract the group's mean, divide by the sample standard deviation
+    /// (ddof = 1) + eps of the same kind of value over the whole batch: the
+    /// outcomes of every trajectory, the values at turn k of every trajectory
+    /// (`TurnNorm::Position`) or every turn value (`TurnNorm::Pooled`). The
+    /// std is of the raw values, as TRL's `scale_rewards="batch"` takes it.
+    Batch,
 }
 
 impl Norm {
-    pub const NAMES: [&'static str; 3] = ["std", "mean", "none"];
+    pub const NAMES: [&'static str; 5] = ["std", "mean", "none", "rloo", "batch"];
 
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "std" => Ok(Norm::Std),
             "mean" => Ok(Norm::Mean),
             "none" => Ok(Norm::None),
+            "rloo" => Ok(Norm::Rloo),
+            "batch" => Ok(Norm::Batch),
             _ => Err(unknown("norm", name, &Self::NAMES)),
         }
     }
@@ -256,6 +267,19 @@ fn trajectory_of_turn(turn_offsets: &[i64], turn: usize) -> usize {
 pub struct Scratch {
     outcome_adv: Vec<f64>,
     positions: PositionStats,
+    /// What [`Pass::Gather`] has gathered so far.
+    moments: BatchMoments,
+}
+
+/// What running an estimator over a group does. [`Norm::Batch`] takes two
+/// runs: one gathers every group's statistics, the next writes advantages.
+#[derive(Clone, Copy)]
+enum Pass<'b> {
+    /// Write the advantages; `Norm::Batch` divides by these batch scales.
+    Advantages(&'b BatchScales),
+    /// Only add the group's values to `Scratch::moments` (`out` is left
+    /// holding anything).
+    Gather,
 }
 
 /// One group's trajectories, as an estimator sees them. `out[m]` is where the
@@ -265,6 +289,117 @@ pub struct GroupView<'g, 'r, 'o> {
     pub rewards: &'g [&'r [f64]],
     pub out: &'g mut [&'o mut [f64]],
     pub scratch: &'g mut Scratch,
+    pass: Pass<'g>,
+}
+
+/// Count, mean and sum of squared deviations from the mean (M2) of a set of
+/// values; two sets' moments merge into those of their union (Chan, Golub
+/// and LeVeque's parallel formula), exactly up to rounding.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Moments {
+    count: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    /// The moments of `values`, in two passes (the mean, then M2).
+    fn of(values: impl Iterator<Item = f64> + Clone) -> Moments {
+        let (count, sum) = values
+            .clone()
+            .fold((0.0, 0.0), |(n, s), v| (n + 1.0, s + v));
+        if count == 0.0 {
+            return Moments::default();
+        }
+        let mean = sum / count;
+        let m2 = values.map(|v| (v - mean) * (v - mean)).sum();
+        Moments { count, mean, m2 }
+    }
+
+    fn merge(self, other: Moments) -> Moments {
+        if other.count == 0.0 {
+            return self;
+        }
+        if self.count == 0.0 {
+            return other;
+        }
+        let count = self.count + other.count;
+        let delta = other.mean - self.mean;
+        Moments {
+            count,
+            mean: self.mean + delta * (other.count / count),
+            m2: self.m2 + other.m2 + delta * delta * (self.count * other.count / count),
+        }
+    }
+
+    /// The sample std (ddof = 1) + eps to divide by, or 0 where the values
+    /// normalise to 0: fewer than two, or a std so small (0 with eps = 0 when
+    /// the squared deviations underflow) that its reciprocal is infinite.
+    fn scale(&self, eps: f64) -> f64 {
+        let scale = (self.m2 / (self.count - 1.0)).sqrt() + eps;
+        if self.count > 1.0 && 1.0 / scale < f64::INFINITY {
+            scale
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The batch-wide moments `Norm::Batch` divides by, gathered group by group:
+/// of the outcomes, of all turn values, and of the values at each turn index.
+#[derive(Debug, Clone, Default)]
+struct BatchMoments {
+    outcome: Moments,
+    pooled: Moments,
+    position: Vec<Moments>,
+}
+
+impl BatchMoments {
+    fn merge(mut self, other: BatchMoments) -> BatchMoments {
+        self.outcome = self.outcome.merge(other.outcome);
+        self.pooled = self.pooled.merge(other.pooled);
+        if self.position.len() < other.position.len() {
+            self.position
+                .resize(other.position.len(), Moments::default());
+        }
+        for (mine, theirs) in self.position.iter_mut().zip(other.position) {
+            *mine = mine.merge(theirs);
+        }
+        self
+    }
+
+    /// Adds one group's per-position moments, as [`Accumulators::gather`]
+    /// leaves them in `positions`, at turn indices 0..max_turns.
+    fn add_positions(&mut self, positions: &PositionStats, max_turns: usize) {
+        if self.position.len() < max_turns {
+            self.position.resize(max_turns, Moments::default());
+        }
+        let group = positions
+            .count
+            .iter()
+            .zip(&positions.mean)
+            .zip(&positions.squares);
+        for (batch, ((&count, &mean), &m2)) in self.position.iter_mut().zip(group.take(max_turns)) {
+            *batch = batch.merge(Moments { count, mean, m2 });
+        }
+    }
+
+    fn scales(&self, eps: f64) -> BatchScales {
+        BatchScales {
+            outcome: self.outcome.scale(eps),
+            pooled: self.pooled.scale(eps),
+            position: self.position.iter().map(|m| m.scale(eps)).collect(),
+        }
+    }
+}
+
+/// The divisors of `Norm::Batch` (see [`Moments::scale`]; 0 where the
+/// values normalise to 0).
+#[derive(Debug, Clone, Default)]
+struct BatchScales {
+    outcome: f64,
+    pooled: f64,
+    position: Vec<f64>,
 }
 
 /// How a normalised turn value combines with its member's outcome advantage:
@@ -279,10 +414,21 @@ impl GroupView<'_, '_, '_> {
     /// GN(R): the group-normalised outcome of each member, left in
     /// `scratch.outcome_adv`.
     fn normalize_outcome(&mut self, params: &Params) {
-        let adv = &mut self.scratch.outcome_adv;
+        let Scratch {
+            outcome_adv: adv,
+            moments,
+            ..
+        } = &mut *self.scratch;
         adv.clear();
         adv.extend_from_slice(self.outcome);
-        normalize_in_place(adv, params.norm, params.eps);
+        match self.pass {
+            Pass::Advantages(batch) => {
+                normalize_in_place(adv, params.norm, params.eps, batch.outcome)
+            }
+            Pass::Gather => {
+                moments.outcome = moments.outcome.merge(Moments::of(adv.iter().copied()))
+            }
+        }
     }
 
     /// Writes `w.turn * GN_k(value[m, k]) + w.outcome * GN(R[m])` for every
@@ -300,6 +446,7 @@ impl GroupView<'_, '_, '_> {
         let Scratch {
             outcome_adv,
             positions,
+            moments,
         } = &mut *self.scratch;
         // Member-major passes over contiguous slices cut to each member's
         // length: no bounds checks, and all of a group's data sits in L1.
@@ -341,7 +488,18 @@ impl GroupView<'_, '_, '_> {
                     }
                 }
                 acc.count_members(self.out.iter().map(|turns| turns.len()));
-                acc.finish(self.out, params)
+                match self.pass {
+                    Pass::Advantages(batch) => {
+                        let batch =
+                            (params.norm == Norm::Batch).then(|| &batch.position[..max_turns]);
+                        acc.finish(self.out, params, batch)
+                    }
+                    Pass::Gather => {
+                        acc.gather(self.out);
+                        moments.add_positions(positions, max_turns);
+                        return;
+                    }
+                }
             }
             TurnNorm::Pooled => {
                 for (m, (turns, rewards)) in self.out.iter_mut().zip(self.rewards).enumerate() {
@@ -352,7 +510,14 @@ impl GroupView<'_, '_, '_> {
                     }
                 }
                 let all = self.out.iter().flat_map(|turns| turns.iter().copied());
-                let (mean, inv_scale) = match stats(all, params.norm, params.eps) {
+                let batch = match self.pass {
+                    Pass::Advantages(batch) => batch.pooled,
+                    Pass::Gather => {
+                        moments.pooled = moments.pooled.merge(Moments::of(all));
+                        return;
+                    }
+                };
+                let (mean, inv_scale) = match stats(all, params.norm, params.eps, batch) {
                     Some((mean, scale)) => (mean, 1.0 / scale),
                     None => (0.0, 0.0),
                 };
@@ -434,8 +599,14 @@ impl<'s> Accumulators<'s> {
     }
 
     /// Turns the sums gathered over `values` into each position's mean and
-    /// reciprocal scale (0 where the set normalises to 0).
-    fn finish(self, values: &[&mut [f64]], params: &Params) -> (&'s [f64], &'s [f64]) {
+    /// reciprocal scale (0 where the set normalises to 0). `batch` holds the
+    /// divisors of `Norm::Batch` at each position (and only under it).
+    fn finish(
+        self,
+        values: &[&mut [f64]],
+        params: &Params,
+        batch: Option<&[f64]>,
+    ) -> (&'s [f64], &'s [f64]) {
         // The divisions and square roots here are a large part of an
         // estimator's time, and four lanes do them in half the instructions
         // of the two that x86-64's baseline allows. The operations and their
@@ -447,17 +618,43 @@ impl<'s> Accumulators<'s> {
                 acc: Accumulators<'s>,
                 values: &[&mut [f64]],
                 params: &Params,
+                batch: Option<&[f64]>,
             ) -> (&'s [f64], &'s [f64]) {
-                acc.finish_lanes(values, params)
+                acc.finish_lanes(values, params, batch)
             }
             // SAFETY: the CPU supports AVX2, checked just above.
-            return unsafe { avx2(self, values, params) };
+            return unsafe { avx2(self, values, params, batch) };
         }
-        self.finish_lanes(values, params)
+        self.finish_lanes(values, params, batch)
+    }
+
+    /// Turns the sums gathered over `values` into each position's mean and
+    /// sum of squared deviations (M2), left in `mean` and `squares`.
+    fn gather(mut self, values: &[&mut [f64]]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            #[target_feature(enable = "avx2")]
+            fn avx2(acc: &mut Accumulators<'_>, values: &[&mut [f64]]) {
+                acc.moments_lanes(values)
+            }
+            // SAFETY: the CPU supports AVX2, checked just above.
+            return unsafe { avx2(&mut self, values) };
+        }
+        self.moments_lanes(values)
     }
 
     #[inline(always)]
-    fn finish_lanes(self, values: &[&mut [f64]], params: &Params) -> (&'s [f64], &'s [f64]) {
+    fn finish_lanes(
+        mut self,
+        values: &[&mut [f64]],
+        params: &Params,
+        batch: Option<&[f64]>,
+    ) -> (&'s [f64], &'s [f64]) {
+        if params.norm == Norm::None {
+            self.mean.fill(0.0);
+            return (self.mean, self.inv_scale);
+        }
+        self.moments_lanes(values);
         let Accumulators {
             count,
             mean,
@@ -466,10 +663,41 @@ impl<'s> Accumulators<'s> {
             squares,
             inv_scale,
         } = self;
-        if params.norm == Norm::None {
-            mean.fill(0.0);
-            return (mean, inv_scale);
+        // One loop per norm: a select among several norms' scales inside
+        // the loop computed every one of them in each lane.
+        let eps = params.eps;
+        let lanes = [&*squares, &*count, &*min, &*max];
+        match params.norm {
+            Norm::Std => reciprocal_scales(inv_scale, lanes, |sq, n| {
+                1.0 / ((sq / (n - 1.0)).sqrt() + eps)
+            }),
+            Norm::Rloo => reciprocal_scales(inv_scale, lanes, |_, n| n / (n - 1.0)),
+            _ => reciprocal_scales(inv_scale, lanes, |_, _| 1.0),
         }
+        if let Some(batch) = batch {
+            // The batch's divisor where the group's set does not normalise
+            // to 0 (an `inv` of 1 above); a divisor of 0 gives 0.
+            for (inv, &divisor) in inv_scale.iter_mut().zip(batch) {
+                let scale = 1.0 / divisor;
+                let usable = scale < f64::INFINITY;
+                *inv = if (*inv == 0.0) | !usable { 0.0 } else { scale };
+            }
+        }
+        (mean, inv_scale)
+    }
+
+    /// Each position's mean (from the sums in `mean`), the sum of squared
+    /// deviations from it and the extremes.
+    #[inline(always)]
+    fn moments_lanes(&mut self, values: &[&mut [f64]]) {
+        let Accumulators {
+            count,
+            mean,
+            min,
+            max,
+            squares,
+            ..
+        } = self;
         // Zipped slices and branch-free selects, so these loops vectorise:
         // which positions normalise to 0 is data-dependent, and as branches
         // they were mispredicted often enough to cost more than the divisions.
@@ -485,36 +713,48 @@ impl<'s> Accumulators<'s> {
                 *hi = if v > *hi { v } else { *hi };
             }
         }
-        let extremes = min.iter().zip(max.iter());
-        for (((inv, &sq), &n), (&lo, &hi)) in inv_scale
-            .iter_mut()
-            .zip(squares.iter())
-            .zip(count.iter())
-            .zip(extremes)
-        {
-            // One value, or all values equal: exactly 0, whatever the
-            // rounding of the mean. (The scale is NaN where n is 1; the
-            // select drops it.) So is a set whose squared deviations all
-            // underflow (values of 1e-170 with eps = 0): its std is 0 and
-            // the reciprocal infinite, which would give inf and NaN.
-            let scale = match params.norm {
-                Norm::Std => 1.0 / ((sq / (n - 1.0)).sqrt() + params.eps),
-                _ => 1.0,
-            };
-            let usable = scale < f64::INFINITY;
-            *inv = if (n <= 1.0) | (hi <= lo) | !usable {
-                0.0
-            } else {
-                scale
-            };
-        }
-        (mean, inv_scale)
+    }
+}
+
+/// Each position's reciprocal scale, `scale(M2, n)`, or 0 where its set
+/// normalises to 0.
+#[inline(always)]
+fn reciprocal_scales(
+    inv_scale: &mut [f64],
+    [squares, count, min, max]: [&[f64]; 4],
+    scale: impl Fn(f64, f64) -> f64,
+) {
+    let extremes = min.iter().zip(max.iter());
+    for (((inv, &sq), &n), (&lo, &hi)) in inv_scale
+        .iter_mut()
+        .zip(squares.iter())
+        .zip(count.iter())
+        .zip(extremes)
+    {
+        // One value, or all values equal: exactly 0, whatever the
+        // rounding of the mean. (The scale is NaN where n is 1; the
+        // select drops it.) So is a set whose squared deviations all
+        // underflow (values of 1e-170 with eps = 0): its std is 0 and
+        // the reciprocal infinite, which would give inf and NaN.
+        let scale = scale(sq, n);
+        let usable = scale < f64::INFINITY;
+        *inv = if (n <= 1.0) | (hi <= lo) | !usable {
+            0.0
+        } else {
+            scale
+        };
     }
 }
 
 /// Mean and the factor to divide deviations by; `None` when the set
-/// normalises to 0 (one value, or all values equal, under std or mean).
-fn stats(values: impl Iterator<Item = f64> + Clone, norm: Norm, eps: f64) -> Option<(f64, f64)> {
+/// normalises to 0 (one value, or all values equal, under any norm but
+/// none). `batch` is the divisor of `Norm::Batch` (0: normalise to 0).
+fn stats(
+    values: impl Iterator<Item = f64> + Clone,
+    norm: Norm,
+    eps: f64,
+    batch: f64,
+) -> Option<(f64, f64)> {
     let mut n = 0usize;
     let mut sum = 0.0;
     let mut first = f64::NAN;
@@ -532,6 +772,8 @@ fn stats(values: impl Iterator<Item = f64> + Clone, norm: Norm, eps: f64) -> Opt
         Norm::None => Some((0.0, 1.0)),
         _ if n <= 1 || constant => None,
         Norm::Mean => Some((sum / n as f64, 1.0)),
+        Norm::Rloo => Some((sum / n as f64, (n - 1) as f64 / n as f64)),
+        Norm::Batch => (batch > 0.0).then_some((sum / n as f64, batch)),
         Norm::Std => {
             let mean = sum / n as f64;
             let ss: f64 = values.map(|v| (v - mean) * (v - mean)).sum();
@@ -544,9 +786,9 @@ fn stats(values: impl Iterator<Item = f64> + Clone, norm: Norm, eps: f64) -> Opt
     }
 }
 
-/// Normalises one set of values in place.
-pub fn normalize_in_place(values: &mut [f64], norm: Norm, eps: f64) {
-    match stats(values.iter().copied(), norm, eps) {
+/// Normalises one set of values in place (`batch`: as in [`stats`]).
+fn normalize_in_place(values: &mut [f64], norm: Norm, eps: f64, batch: f64) {
+    match stats(values.iter().copied(), norm, eps, batch) {
         None => values.fill(0.0),
         Some((mean, scale)) => values.iter_mut().for_each(|v| *v = (*v - mean) / scale),
     }
@@ -721,26 +963,58 @@ pub fn run_estimator(run: EstimatorFn, batch: &Batch, params: &Params, out: &mut
         rest = tail;
     }
 
+    let parallel = batch.turn_rewards.len() >= PARALLEL_MIN_TURNS;
     let run_group =
-        |scratch: &mut Scratch, (range, out): (std::ops::Range<usize>, &mut [&mut [f64]])| {
+        |scratch: &mut Scratch,
+         pass: Pass,
+         (range, out): (&std::ops::Range<usize>, &mut [&mut [f64]])| {
             let mut view = GroupView {
                 outcome: &member_outcome[range.clone()],
-                rewards: &member_rewards[range],
+                rewards: &member_rewards[range.clone()],
                 out,
                 scratch,
+                pass,
             };
             run(&mut view, params);
         };
-    if batch.turn_rewards.len() >= PARALLEL_MIN_TURNS {
+
+    // Norm::Batch divides by statistics of the whole batch, so a first run
+    // over every group gathers them. Blocks of groups gather on their own and
+    // merge in block order, so the result does not depend on the threads.
+    let scales = if params.norm == Norm::Batch {
+        const BLOCK: usize = 64;
+        let gather_block = |block: &mut [(std::ops::Range<usize>, &mut [&mut [f64]])]| {
+            let mut scratch = Scratch::default();
+            for (range, out) in block.iter_mut() {
+                run_group(&mut scratch, Pass::Gather, (range, out));
+            }
+            scratch.moments
+        };
+        let blocks: Vec<BatchMoments> = if parallel {
+            chunks.par_chunks_mut(BLOCK).map(gather_block).collect()
+        } else {
+            chunks.chunks_mut(BLOCK).map(gather_block).collect()
+        };
+        let moments = blocks.into_iter().reduce(BatchMoments::merge);
+        moments.unwrap_or_default().scales(params.eps)
+    } else {
+        BatchScales::default()
+    };
+
+    let write = |scratch: &mut Scratch,
+                 (range, out): (std::ops::Range<usize>, &mut [&mut [f64]])| {
+        run_group(scratch, Pass::Advantages(&scales), (&range, out))
+    };
+    if parallel {
         chunks
             .into_par_iter()
             .with_min_len(64)
-            .for_each_init(Scratch::default, run_group);
+            .for_each_init(Scratch::default, write);
     } else {
         let mut scratch = Scratch::default();
         chunks
             .into_iter()
-            .for_each(|chunk| run_group(&mut scratch, chunk));
+            .for_each(|chunk| write(&mut scratch, chunk));
     }
 }
 
@@ -964,7 +1238,11 @@ mod tests {
     /// The statistics of ragged member values, as `turn_advantages` gathers
     /// them, finished through `finish` (AVX2 where the CPU has it) and through
     /// the same code compiled for the baseline target.
-    fn finish_both(values: &mut [Vec<f64>], params: &Params) -> [(Vec<f64>, Vec<f64>); 2] {
+    fn finish_both(
+        values: &mut [Vec<f64>],
+        params: &Params,
+        batch: Option<&[f64]>,
+    ) -> [(Vec<f64>, Vec<f64>); 2] {
         let max_turns = values.iter().map(Vec::len).max().unwrap_or(0);
         let views: Vec<&mut [f64]> = values.iter_mut().map(|v| &mut v[..]).collect();
         [false, true].map(|baseline| {
@@ -976,10 +1254,11 @@ mod tests {
                 }
             }
             acc.count_members(views.iter().map(|turns| turns.len()));
+            let batch = batch.map(|b| &b[..max_turns]);
             let (mean, inv) = if baseline {
-                acc.finish_lanes(&views, params)
+                acc.finish_lanes(&views, params, batch)
             } else {
-                acc.finish(&views, params)
+                acc.finish(&views, params, batch)
             };
             (mean.to_vec(), inv.to_vec())
         })
@@ -995,11 +1274,16 @@ mod tests {
                 ),
                 1..12,
             ),
-            norm in proptest::sample::select(vec![Norm::Std, Norm::Mean, Norm::None]),
+            norm in proptest::sample::select(vec![Norm::Std, Norm::Mean, Norm::None, Norm::Rloo, Norm::Batch]),
+            divisors in proptest::collection::vec(
+                proptest::prop_oneof![0.0f64..3.0, proptest::sample::select(vec![0.0, 1e-320])],
+                40,
+            ),
         ) {
             let mut values = values;
             let params = Params { norm, ..Params::default() };
-            let [dispatched, baseline] = finish_both(&mut values, &params);
+            let batch = (norm == Norm::Batch).then_some(&divisors[..]);
+            let [dispatched, baseline] = finish_both(&mut values, &params, batch);
             let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             proptest::prop_assert_eq!(bits(&dispatched.0), bits(&baseline.0));
             proptest::prop_assert_eq!(bits(&dispatched.1), bits(&baseline.1));

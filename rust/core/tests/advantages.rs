@@ -74,9 +74,22 @@ fn batches(max_traj: usize, max_turns: usize) -> impl Strategy<Value = Owned> {
     })
 }
 
+/// Every norm under which each group's advantages depend on that group alone.
+const GROUP_NORMS: [Norm; 4] = [Norm::Std, Norm::Mean, Norm::None, Norm::Rloo];
+
 fn params() -> impl Strategy<Value = Params> {
+    params_of(GROUP_NORMS.to_vec())
+}
+
+fn any_params() -> impl Strategy<Value = Params> {
+    let mut norms = GROUP_NORMS.to_vec();
+    norms.push(Norm::Batch);
+    params_of(norms)
+}
+
+fn params_of(norms: Vec<Norm>) -> impl Strategy<Value = Params> {
     (
-        prop::sample::select(vec![Norm::Std, Norm::Mean, Norm::None]),
+        prop::sample::select(norms),
         prop::sample::select(vec![TurnNorm::Position, TurnNorm::Pooled]),
         prop::option::of(0.0f64..1.0),
         prop::option::of(-1.0f64..2.0),
@@ -92,7 +105,7 @@ fn params() -> impl Strategy<Value = Params> {
 
 proptest! {
     #[test]
-    fn finite_and_shaped_like_the_input(b in batches(40, 30), p in params()) {
+    fn finite_and_shaped_like_the_input(b in batches(40, 30), p in any_params()) {
         for est in ESTIMATORS {
             let adv = b.run(est.name, &p);
             for (turns, rewards) in adv.iter().zip(&b.rewards) {
@@ -154,7 +167,7 @@ fn parallel_path_equals_group_by_group() {
 
 fn all_params(eps: f64, lam: Option<f64>) -> Vec<Params> {
     let mut out = vec![];
-    for norm in [Norm::Std, Norm::Mean, Norm::None] {
+    for norm in [Norm::Std, Norm::Mean, Norm::None, Norm::Rloo, Norm::Batch] {
         for turn_norm in [TurnNorm::Position, TurnNorm::Pooled] {
             out.push(Params {
                 norm,
@@ -203,7 +216,7 @@ proptest! {
     fn eps_zero_gives_finite_advantages_at_any_scale(
         b in batches(12, 6),
         exponent in prop::sample::select(vec![-320i32, -300, -200, -170, -160, -100, 0]),
-        p in params(),
+        p in any_params(),
     ) {
         // The same batches scaled down until squares underflow, eps = 0.
         let scale = 10f64.powi(exponent);
@@ -263,6 +276,245 @@ fn lam_is_bounded_so_advantages_stay_finite() {
                 err.to_string().contains("lam must be at most 1e100"),
                 "{err}"
             );
+        }
+    }
+}
+
+/// Sample std (ddof = 1) + eps of a set, or `None` where it normalises to 0.
+fn naive_scale(values: &[f64], eps: f64) -> Option<f64> {
+    let n = values.len() as f64;
+    if values.len() < 2 {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / (n - 1.0);
+    let scale = var.sqrt() + eps;
+    (1.0 / scale < f64::INFINITY).then_some(scale)
+}
+
+/// GN of one set, written from the definitions; `batch` is the set of the
+/// same kind of values over the whole batch (`Norm::Batch` only).
+fn naive_normalize(set: &[f64], batch: &[f64], norm: Norm, eps: f64) -> Vec<f64> {
+    let n = set.len();
+    if norm == Norm::None {
+        return set.to_vec();
+    }
+    if n <= 1 || set.iter().all(|&v| v == set[0]) {
+        return vec![0.0; n];
+    }
+    let mean = set.iter().sum::<f64>() / n as f64;
+    match norm {
+        Norm::Mean => set.iter().map(|v| v - mean).collect(),
+        Norm::Std => match naive_scale(set, eps) {
+            Some(scale) => set.iter().map(|v| (v - mean) / scale).collect(),
+            None => vec![0.0; n],
+        },
+        // Leave one out, literally: the mean of the other n - 1 values.
+        Norm::Rloo => (0..n)
+            .map(|i| {
+                let others: f64 = (0..n).filter(|&j| j != i).map(|j| set[j]).sum();
+                set[i] - others / (n - 1) as f64
+            })
+            .collect(),
+        Norm::Batch => match naive_scale(batch, eps) {
+            Some(scale) => set.iter().map(|v| (v - mean) / scale).collect(),
+            None => vec![0.0; n],
+        },
+        Norm::None => unreachable!(),
+    }
+}
+
+/// Every estimator over every group, one set at a time, from the definitions.
+fn naive(b: &Owned, estimator: &str, p: &Params) -> Vec<Vec<f64>> {
+    let gamma = p.gamma.unwrap_or(0.9);
+    let values: Vec<Vec<f64>> = match estimator {
+        "mt_grpo" => b.rewards.clone(),
+        _ => (0..b.rewards.len())
+            .map(|i| {
+                let r = &b.rewards[i];
+                let k_i = r.len();
+                (0..k_i)
+                    .map(|k| {
+                        (k..k_i)
+                            .map(|l| gamma.powi((l - k) as i32) * r[l])
+                            .sum::<f64>()
+                            + gamma.powi((k_i - k) as i32) * b.outcome[i]
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    let mut ids = b.group.clone();
+    ids.sort();
+    ids.dedup();
+    let mut outcome_adv = vec![0.0; b.outcome.len()];
+    let mut turn_adv: Vec<Vec<f64>> = values.iter().map(|v| vec![0.0; v.len()]).collect();
+    let all_turns: Vec<f64> = values.iter().flatten().copied().collect();
+    for id in ids {
+        let members: Vec<usize> = (0..b.group.len()).filter(|&i| b.group[i] == id).collect();
+        let set: Vec<f64> = members.iter().map(|&i| b.outcome[i]).collect();
+        for (&i, v) in members
+            .iter()
+            .zip(naive_normalize(&set, &b.outcome, p.norm, p.eps))
+        {
+            outcome_adv[i] = v;
+        }
+        match p.turn_norm {
+            TurnNorm::Pooled => {
+                let set: Vec<f64> = members.iter().flat_map(|&i| values[i].clone()).collect();
+                let mut normed = naive_normalize(&set, &all_turns, p.norm, p.eps).into_iter();
+                for &i in &members {
+                    for slot in turn_adv[i].iter_mut() {
+                        *slot = normed.next().unwrap();
+                    }
+                }
+            }
+            TurnNorm::Position => {
+                let longest = members.iter().map(|&i| values[i].len()).max().unwrap_or(0);
+                for k in 0..longest {
+                    let having: Vec<usize> = members
+                        .iter()
+                        .copied()
+                        .filter(|&i| values[i].len() > k)
+                        .collect();
+                    let set: Vec<f64> = having.iter().map(|&i| values[i][k]).collect();
+                    let batch: Vec<f64> = values
+                        .iter()
+                        .filter(|v| v.len() > k)
+                        .map(|v| v[k])
+                        .collect();
+                    for (&i, v) in having
+                        .iter()
+                        .zip(naive_normalize(&set, &batch, p.norm, p.eps))
+                    {
+                        turn_adv[i][k] = v;
+                    }
+                }
+            }
+        }
+    }
+    (0..b.rewards.len())
+        .map(|i| {
+            let turns = turn_adv[i].iter();
+            match estimator {
+                "grpo" => vec![outcome_adv[i]; b.rewards[i].len()],
+                "mt_grpo" => turns
+                    .map(|t| outcome_adv[i] + p.lam.unwrap_or(1.0) * t)
+                    .collect(),
+                _ => turns
+                    .map(|t| t + p.lam.unwrap_or(0.3) * outcome_adv[i])
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn assert_close(got: &[Vec<f64>], want: &[Vec<f64>], what: &str) -> Result<(), TestCaseError> {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        prop_assert_eq!(g.len(), w.len());
+        for (k, (a, b)) in g.iter().zip(w).enumerate() {
+            prop_assert!(
+                (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
+                "{} trajectory {} turn {}: {} vs {}",
+                what,
+                i,
+                k,
+                a,
+                b
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn every_norm_matches_the_definitions(b in batches(40, 12), p in any_params()) {
+        for est in ESTIMATORS {
+            let got = b.run(est.name, &p);
+            assert_close(&got, &naive(&b, est.name, &p), &format!("{} {:?}", est.name, p))?;
+        }
+    }
+}
+
+#[test]
+fn batch_norm_divides_by_the_batch_std_of_raw_values() {
+    // Two groups whose outcomes differ in spread: under std each group gets
+    // +-0.707, under batch both are divided by the one std of all outcomes.
+    let b = Owned {
+        outcome: vec![1.0, 0.0, 10.0, 0.0, 5.0],
+        group: vec![3, 3, 1, 1, 8],
+        rewards: vec![vec![0.0]; 5],
+    };
+    let p = Params {
+        norm: Norm::Batch,
+        eps: 0.0,
+        ..Params::default()
+    };
+    let adv = b.run("grpo", &p);
+    let outcome = &b.outcome;
+    let mean = outcome.iter().sum::<f64>() / 5.0;
+    let std = (outcome.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 4.0).sqrt();
+    let want = [0.5 / std, -0.5 / std, 5.0 / std, -5.0 / std, 0.0];
+    for (got, want) in adv.iter().zip(want) {
+        assert!((got[0] - want).abs() < 1e-12, "{adv:?} vs {want}");
+    }
+    // RLOO: v_i minus the mean of the others; a group of one is 0.
+    let p = Params {
+        norm: Norm::Rloo,
+        ..Params::default()
+    };
+    let adv = b.run("grpo", &p);
+    assert_eq!(
+        adv.iter().map(|a| a[0]).collect::<Vec<_>>(),
+        [1.0, -1.0, 10.0, -10.0, 0.0]
+    );
+}
+
+#[test]
+fn batch_norm_is_the_same_on_any_number_of_threads() {
+    // Above the parallel threshold, groups interleaved; the batch statistics
+    // merge in a fixed order, so results are identical bit for bit.
+    let mut state = 11u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        state >> 33
+    };
+    let mut b = Owned {
+        outcome: vec![],
+        group: vec![],
+        rewards: vec![],
+    };
+    let mut turns = 0;
+    while turns < 2 * PARALLEL_MIN_TURNS {
+        let k = (next() % 40) as usize;
+        b.group.push((next() % 700) as i64);
+        b.outcome.push((next() % 3) as f64 / 2.0);
+        b.rewards
+            .push((0..k).map(|_| (next() % 7) as f64 / 10.0 - 0.2).collect());
+        turns += k;
+    }
+    for turn_norm in [TurnNorm::Position, TurnNorm::Pooled] {
+        let p = Params {
+            norm: Norm::Batch,
+            turn_norm,
+            ..Params::default()
+        };
+        for est in ESTIMATORS {
+            let on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| b.run(est.name, &p))
+            };
+            let one = on(1);
+            assert_eq!(one, on(3), "{} {turn_norm:?}", est.name);
+            assert_close(&one, &naive(&b, est.name, &p), est.name).unwrap();
         }
     }
 }
