@@ -768,6 +768,14 @@ def _train(args: argparse.Namespace) -> int:
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
         )
+    updates = args.steps * args.ppo_epochs
+    if args.lr_schedule == "cosine" and not args.resume and updates <= args.warmup_steps:
+        # A resumed run's schedule also spans the steps done, known from its checkpoint.
+        raise InvalidInputError(
+            f"--lr-schedule cosine decays the rate after --warmup-steps {args.warmup_steps}, "
+            f"and the run takes {updates} optimizer steps (--steps {args.steps} x --ppo-epochs "
+            f"{args.ppo_epochs}): give fewer --warmup-steps or more --steps"
+        )
     _check_cache_implementation(args, args.engine)
     _check_user_and_device(args, args.device)
     rank, device, started_group = _start_data_parallel(args)
@@ -1856,6 +1864,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
 def _row_length(text: str) -> int:
     """argparse type: a token row length, at least 2 (one token to predict from, one to train)."""
     value = _positive_int(text)
@@ -2483,7 +2499,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--warmup-steps",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="optimizer steps of linear learning-rate warmup (default: %(default)s)",
     )
@@ -2503,7 +2519,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--micro-batch-tokens",
-        type=int,
+        type=_positive_int,
         help="instead of --micro-batch-size: padded tokens per forward/backward (rows x the "
         "longest), rows grouped longest first",
     )
@@ -2997,7 +3013,7 @@ def _config_tokens(
             raise InvalidInputError(
                 f"--config {where}: {key} takes a value like the command line's; got {value!r}"
             )
-        integral = action.type in (int, _positive_int, _top_k)
+        integral = action.type in (int, _positive_int, _non_negative_int, _row_length, _top_k)
         if isinstance(value, float) and value.is_integer() and integral:
             value = int(value)  # 1e3 for --steps
         if isinstance(value, list):
