@@ -1182,12 +1182,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             f"--calibrate-every this run uses --tiers {tiers} as they are",
             file=sys.stderr,
         )
-    # The schedule runs to the last step of this run (a resumed run's included).
+    # The schedule runs to the last step of this run (a resumed run's included),
+    # counted in optimizer steps: the steps done took the checkpoint's
+    # --ppo-epochs each (an older checkpoint's, not kept, are taken as this
+    # run's), so a resume with fewer does not find its schedule run out.
+    saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
+    if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
+        saved_epochs = args.ppo_epochs
+    updates_done = first_step * saved_epochs
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
         warmup_steps=args.warmup_steps,
-        total_steps=(first_step + args.steps) * args.ppo_epochs,
+        total_steps=updates_done + args.steps * args.ppo_epochs,
     )
     if resume is not None:
         if not trainer.load_optimizer(adapter):
@@ -1198,8 +1205,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 trainer.optimizer,
                 args.lr_schedule,
                 warmup_steps=args.warmup_steps,
-                total_steps=(first_step + args.steps) * args.ppo_epochs,
-                start=first_step * args.ppo_epochs,
+                total_steps=updates_done + args.steps * args.ppo_epochs,
+                start=updates_done,
             )
             if rank == 0:
                 print(
