@@ -412,6 +412,56 @@ def test_norm_takes_every_group_normalisation_the_core_has(capsys):
     assert "choose from std, mean, none, rloo, batch" in capsys.readouterr().err.replace("'", "")
 
 
+def test_micro_batch_tokens_warmup_and_a_cosine_too_short_are_refused_before_the_model(
+    tmp_path, capsys
+):
+    """--micro-batch-tokens below 1 and a negative --warmup-steps are refused
+    while parsing (from a config file too, whose 4000.0 is an integer as for the
+    other integer options), and a new run's cosine schedule with no optimizer
+    step after its warmup before any model loads, naming the options (the
+    trainer and the schedule refused them only after the model had loaded)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed([*train, "--micro-batch-tokens", "3000"]).micro_batch_tokens == 3000
+    assert _parsed([*train, "--warmup-steps", "0"]).warmup_steps == 0
+    for option, bad, why in (
+        ("--micro-batch-tokens", "0", "must be at least 1"),
+        ("--micro-batch-tokens", "-5", "must be at least 1"),
+        ("--warmup-steps", "-1", "must be at least 0"),
+    ):
+        with pytest.raises(SystemExit):
+            _parsed([*train, option, bad])
+        assert f"argument {option}: {why}, got '{bad}'" in capsys.readouterr().err
+    path = _config_file(
+        tmp_path, ".json", {"micro_batch_tokens": 4e3, "warmup_steps": 1e1, "max_length": 4e3}
+    )
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.micro_batch_tokens, parsed.warmup_steps, parsed.max_length) == (4000, 10, 4000)
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    path = _config_file(tmp_path, ".toml", {"micro_batch_tokens": 0})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert "micro_batch_tokens: must be at least 1, got '0'" in capsys.readouterr().err
+    cosine = [*argv, "--lr-schedule", "cosine", "--warmup-steps", "4", "--steps", "2"]
+    assert main([*argv, "--lr-schedule", "linear", "--warmup-steps", "2", "--steps", "2"]) == 2
+    assert "--lr-schedule linear decays the rate after --warmup-steps 2, " in (
+        capsys.readouterr().err
+    )
+    for epochs in ("1", "2"):
+        assert main([*cosine, "--ppo-epochs", epochs]) == 2
+        assert capsys.readouterr().err == (
+            "turnrl train: error: --lr-schedule cosine decays the rate after --warmup-steps 4, "
+            f"and the run takes {2 * int(epochs)} optimizer steps (--steps 2 x --ppo-epochs "
+            f"{epochs}): give fewer --warmup-steps or more --steps\n"
+        )
+    assert not (tmp_path / "run").exists()
+    # Three epochs leave two steps after the warmup; a constant schedule has no decay.
+    for more in (["--ppo-epochs", "3"], ["--lr-schedule", "constant"]):
+        main([*cosine, *more])
+        assert "--lr-schedule cosine decays" not in capsys.readouterr().err, more
+
+
 def test_truncation_is_one_of_the_named_modes_and_max_length_a_row_length(capsys):
     import pytest
 

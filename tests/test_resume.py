@@ -745,6 +745,40 @@ def test_a_resume_with_other_loss_settings_says_which(
         assert dests[option] == ("max_length" if field == "max_len" else field)
 
 
+def test_a_resume_with_fewer_ppo_epochs_goes_on_along_its_schedule(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The cosine schedule counts optimizer steps: the steps done took the
+    checkpoint's --ppo-epochs each, the steps to run this run's. A resume with
+    fewer epochs used to count the steps done at its own, so the schedule had
+    run out (its rate 0) before the resumed run's first step."""
+    import math
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model, "--lr-schedule", "cosine", "--lr", "1e-3")
+    argv += ["--no-skip-zero-advantage"]  # every step is an optimizer step
+    assert main([*argv, "--ppo-epochs", "2"]) == 0  # 1 step: 2 updates
+    Reached = _stop_at_train_loop(monkeypatch)
+    rates = []
+
+    def train_loop(trainer, *args, **kwargs):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    # 2 updates done of 2 + 1: half a cosine at 2/3, with AdamW's state or without.
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3))
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--ppo-epochs", "1"])
+    (tmp_path / "run" / "adapter" / "optimizer.pt").unlink()
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--ppo-epochs", "1"])
+    assert rates == [pytest.approx(expected)] * 2
+    assert "--ppo-epochs 2 -> 1" in capsys.readouterr().err
+
+
 def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypatch):
     """On a GPU the steps' sampling draws from the CUDA generator alone: an
     evaluation's own stream must still differ from the last one's (and the

@@ -779,6 +779,15 @@ def _train(args: argparse.Namespace) -> int:
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
         )
+    updates = args.steps * args.ppo_epochs
+    if args.lr_schedule != "constant" and not args.resume and updates <= args.warmup_steps:
+        # A resumed run's schedule also spans the steps done, known from its checkpoint.
+        raise InvalidInputError(
+            f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
+            f"{args.warmup_steps}, "
+            f"and the run takes {updates} optimizer steps (--steps {args.steps} x --ppo-epochs "
+            f"{args.ppo_epochs}): give fewer --warmup-steps or more --steps"
+        )
     _check_cache_implementation(args, args.engine)
     _check_user_and_device(args, args.device)
     rank, device, started_group = _start_data_parallel(args)
@@ -1185,12 +1194,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             f"--calibrate-every this run uses --tiers {tiers} as they are",
             file=sys.stderr,
         )
-    # The schedule runs to the last step of this run (a resumed run's included).
+    # The schedule runs to the last step of this run (a resumed run's included),
+    # counted in optimizer steps: the steps done took the checkpoint's
+    # --ppo-epochs each (an older checkpoint's, not kept, are taken as this
+    # run's), so a resume with fewer does not find its schedule run out.
+    saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
+    if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
+        saved_epochs = args.ppo_epochs
+    updates_done = first_step * saved_epochs
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
         warmup_steps=args.warmup_steps,
-        total_steps=(first_step + args.steps) * args.ppo_epochs,
+        total_steps=updates_done + args.steps * args.ppo_epochs,
         min_lr_ratio=args.min_lr_ratio,
     )
     if resume is not None:
@@ -1202,8 +1218,8 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 trainer.optimizer,
                 args.lr_schedule,
                 warmup_steps=args.warmup_steps,
-                total_steps=(first_step + args.steps) * args.ppo_epochs,
-                start=first_step * args.ppo_epochs,
+                total_steps=updates_done + args.steps * args.ppo_epochs,
+                start=updates_done,
                 min_lr_ratio=args.min_lr_ratio,
             )
             if rank == 0:
@@ -1872,6 +1888,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
 def _row_length(text: str) -> int:
     """argparse type: a token row length, at least 2 (one token to predict from, one to train)."""
     value = _positive_int(text)
@@ -2521,7 +2545,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--warmup-steps",
-        type=int,
+        type=_non_negative_int,
         default=0,
         help="optimizer steps of linear learning-rate warmup (default: %(default)s)",
     )
@@ -2541,7 +2565,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--micro-batch-tokens",
-        type=_or_none(int),
+        type=_or_none(_positive_int),
         help="instead of --micro-batch-size: padded tokens per forward/backward (rows x the "
         "longest), rows grouped longest first",
     )
@@ -3040,7 +3064,13 @@ def _config_tokens(
             raise InvalidInputError(
                 f"--config {where}: {key} takes a value like the command line's; got {value!r}"
             )
-        integral = getattr(action.type, "__wrapped__", action.type) in (int, _positive_int, _top_k)
+        integral = getattr(action.type, "__wrapped__", action.type) in (
+            int,
+            _positive_int,
+            _non_negative_int,
+            _row_length,
+            _top_k,
+        )
         if isinstance(value, float) and value.is_integer() and integral:
             value = int(value)  # 1e3 for --steps
         if isinstance(value, list):
