@@ -375,6 +375,84 @@ def test_top_p_and_top_k_are_parsed_checked_and_kept_from_rollout_correction(tmp
     assert "--rollout-correction weighs" not in capsys.readouterr().err
 
 
+def test_min_p_and_repetition_penalty_are_parsed_checked_and_kept_from_rollout_correction(
+    tmp_path, capsys
+):
+    """--min-p and --repetition-penalty as --top-p and --top-k: from the line and
+    a config file, for train and collect; out-of-range values refused while
+    parsing (in a config file too, naming it), and --rollout-correction and a
+    one-epoch --off-policy-mask under either before any model loads (the
+    sampler's log-probs are not asked for: a renormalised floor, penalised logits)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    collect = ["rollouts", "collect", "--env", "e", "--agent-model", "m", "--out", "o"]
+    for command in (train, collect):
+        parsed = _parsed(command)
+        assert (parsed.min_p, parsed.repetition_penalty) == (None, None)
+        parsed = _parsed([*command, "--min-p", "0.05", "--repetition-penalty", "1.1"])
+        assert (parsed.min_p, parsed.repetition_penalty) == (0.05, 1.1)
+        parsed = _parsed([*command, "--min-p", "0", "--repetition-penalty", "0.9"])
+        assert (parsed.min_p, parsed.repetition_penalty) == (0.0, 0.9)
+        assert _parsed([*command, "--min-p", "1"]).min_p == 1.0
+        for option, value, why in [
+            ("--min-p", "-0.1", "must be at least 0 and at most 1, got '-0.1'"),
+            ("--min-p", "1.5", "must be at least 0 and at most 1, got '1.5'"),
+            ("--min-p", "nan", "must be a finite number"),
+            ("--repetition-penalty", "0", "must be above 0, got '0'"),
+            ("--repetition-penalty", "-1.1", "must be above 0, got '-1.1'"),
+            ("--repetition-penalty", "inf", "must be a finite number"),
+        ]:
+            with pytest.raises(SystemExit):
+                _parsed([*command, f"{option}={value}"])
+            assert f"argument {option}: {why}" in capsys.readouterr().err
+    path = _config_file(tmp_path, ".toml", {"min_p": 0.1, "repetition_penalty": 1.2})
+    parsed = _parsed(["train", "--config", str(path), *train[1:]])
+    assert (parsed.min_p, parsed.repetition_penalty) == (0.1, 1.2)
+    path = _config_file(tmp_path, ".json", {"repetition-penalty": 1})  # a whole number
+    assert (
+        _parsed(["rollouts", "collect", "--config", str(path), *collect[2:]]).repetition_penalty
+        == 1.0
+    )
+    path = _config_file(tmp_path, ".json", {"min_p": 2})
+    assert main(["train", "--config", str(path), *train[1:]]) == 2
+    assert f"--config {path}: min_p: must be at least 0 and at most 1" in capsys.readouterr().err
+
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--engine", "vllm"]
+    correction = [*argv, "--rollout-correction", "token_mask"]
+    assert main([*correction, "--repetition-penalty", "1.1"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --rollout-correction weighs each token by the trainer's softmax "
+        "over the sampler's, and under --repetition-penalty 1.1 the sampler draws from a "
+        "penalised distribution whose log-probs are not asked for: leave --repetition-penalty "
+        "out, or --rollout-correction\n"
+    )
+    assert main([*correction, "--min-p", "0.05"]) == 2
+    assert "under --min-p 0.05 the sampler draws from a truncated, renormalised distribution" in (
+        capsys.readouterr().err
+    )
+    assert main([*correction, "--top-k", "20", "--repetition-penalty", "1.1"]) == 2
+    assert (
+        "under --top-k 20 and --repetition-penalty 1.1 the sampler draws from a truncated, "
+        "renormalised and penalised distribution"
+    ) in capsys.readouterr().err
+    mask = [*argv, "--off-policy-mask", "0.5"]
+    for sampling in (["--min-p", "0.05"], ["--repetition-penalty", "0.9"]):
+        assert main([*mask, *sampling]) == 2, sampling
+        err = capsys.readouterr().err
+        assert "--off-policy-mask drops the turns" in err, sampling
+        assert f"under {' '.join(sampling)} no engine keeps the sampler's log-probs" in err
+        assert f"leave {sampling[0]} out" in err, sampling
+    assert "(its distribution is penalised)" in err
+    # Off, they leave the correction and the mask as they were (refused here for
+    # the missing model only).
+    for refused in (correction, mask):
+        assert main([*refused, "--min-p", "0", "--repetition-penalty", "1"]) != 0
+        err = capsys.readouterr().err
+        assert "--rollout-correction weighs" not in err and "--off-policy-mask drops" not in err
+
+
 def test_help_needs_no_config_file(tmp_path, capsys):
     import pytest
 

@@ -53,9 +53,62 @@ def test_openai_agent_sends_top_p_and_top_k_only_when_given(chat_server):
     envs.OpenAIAgent("p", url, api_key="k", top_p=0.8, top_k=20, extra_body={"x": 1})(chat, [])
     body = srv.requests[-1][1]
     assert (body["top_p"], body["top_k"], body["x"]) == (0.8, 20, 1)
-    for bad in ({"top_p": 0}, {"top_p": 1.5}, {"top_k": -1}, {"top_k": 2.5}):
+    for off in (0, -1):  # off, vLLM's -1 included: sent as -1, over the server's default
+        envs.OpenAIAgent("p", url, api_key="k", top_k=off)(chat, [])
+        assert srv.requests[-1][1]["top_k"] == -1, off
+    for bad in ({"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}, {"top_k": 2.5}):
         with pytest.raises(InvalidInputError, match=next(iter(bad))):
             envs.OpenAIAgent("p", url, api_key="k", **bad)
+
+
+def test_openai_agent_sends_min_p_and_repetition_penalty_only_when_given(chat_server):
+    import pytest
+
+    from turnrl.exceptions import InvalidInputError
+
+    srv, url = chat_server([], default="Hello.")
+    chat = [{"role": "user", "content": "hi"}]
+    envs.OpenAIAgent("p", url, api_key="k")(chat, [])
+    assert "min_p" not in srv.requests[-1][1] and "repetition_penalty" not in srv.requests[-1][1]
+    agent = envs.OpenAIAgent(
+        "p", url, api_key="k", min_p=0.05, repetition_penalty=1.1, extra_body={"x": 1}
+    )
+    agent(chat, [])
+    body = srv.requests[-1][1]
+    assert (body["min_p"], body["repetition_penalty"], body["x"]) == (0.05, 1.1, 1)
+    assert "top_k" not in body
+    # Given at their off values, they are sent: over the server's defaults.
+    envs.OpenAIAgent("p", url, api_key="k", min_p=0, repetition_penalty=1)(chat, [])
+    body = srv.requests[-1][1]
+    assert (body["min_p"], body["repetition_penalty"]) == (0.0, 1.0)
+    for bad in ({"min_p": 1.5}, {"min_p": -0.1}, {"repetition_penalty": 0}):
+        with pytest.raises(InvalidInputError, match=next(iter(bad))):
+            envs.OpenAIAgent("p", url, api_key="k", **bad)
+
+
+def test_collect_local_engines_sample_with_the_sampling_options(monkeypatch):
+    """collect's --engine builds its engine with --top-p, --top-k, --min-p and
+    --repetition-penalty, off where not given."""
+    from turnrl import cli, engines
+
+    made = []
+
+    class Recorder:
+        def __init__(self, model, **kwargs):
+            made.append(kwargs)
+
+    monkeypatch.setattr(engines, "VLLMEngine", Recorder)
+    parser = cli.build_parser()
+    argv = ["rollouts", "collect", "--env", "e", "--agent-model", "m", "--out", "o"]
+    argv += ["--engine", "vllm"]
+    cli._local_agent(parser.parse_args(argv))
+    sampling = ["--top-p", "0.9", "--top-k", "5", "--min-p", "0.1", "--repetition-penalty", "1.2"]
+    cli._local_agent(parser.parse_args([*argv, *sampling]))
+    taken = [{k: m[k] for k in ("top_p", "top_k", "min_p", "repetition_penalty")} for m in made]
+    assert taken == [
+        {"top_p": 1.0, "top_k": None, "min_p": 0.0, "repetition_penalty": 1.0},
+        {"top_p": 0.9, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2},
+    ]
 
 
 def test_replies_cut_at_max_tokens_are_recorded_as_truncated(chat_server):
@@ -335,6 +388,13 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     served = len(server.requests)
     assert main([*argv, "--top-k", "0"]) == 0  # off: the server's default overridden
     assert all(b["top_k"] == -1 for _, b in server.requests[served:])
+    # Nor are --min-p and --repetition-penalty, until given (off values included).
+    assert all("min_p" not in b and "repetition_penalty" not in b for _, b in server.requests)
+    for (min_p, penalty), sent_as in (("0.05", "1.1"), (0.05, 1.1)), (("0", "1"), (0.0, 1.0)):
+        served = len(server.requests)
+        assert main([*argv, "--min-p", min_p, "--repetition-penalty", penalty]) == 0
+        sent = [body for _, body in server.requests[served:]]
+        assert sent and all((b["min_p"], b["repetition_penalty"]) == sent_as for b in sent)
     assert main([*argv[:-2], "--user", "llm", "--out", str(out)]) == 2
     assert "--user llm needs --user-model" in capsys.readouterr().err
     # A local folder as --agent-model, without --engine, is asked for by name at the

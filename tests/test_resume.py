@@ -585,18 +585,25 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
 def test_a_resume_with_other_sampling_settings_says_which(
     tmp_path, tok, base_model, monkeypatch, capsys
 ):
-    """The checkpoint keeps the rollouts' --top-p and --top-k ("sampling"): a
-    resume with others names each change, old and new, as for the loss
-    settings (--temperature among them); one with the same says nothing, nor
-    does one from a checkpoint of an older turnrl, without them."""
+    """The checkpoint keeps the rollouts' --top-p, --top-k, --min-p and
+    --repetition-penalty ("sampling"): a resume with others names each change,
+    old and new, as for the loss settings (--temperature among them); one with
+    the same says nothing, nor does one from a checkpoint of an older turnrl,
+    without them (or without the last two, taken at their off values)."""
     from turnrl.cli import main
 
-    sampling = ["--top-p", "0.95", "--top-k", "20"]
+    sampling = ["--top-p", "0.95", "--top-k", "20", "--min-p", "0.05"]
+    sampling += ["--repetition-penalty", "1.1"]
     argv = _train_argv(tmp_path, tok, base_model)
     assert main([*argv, *sampling]) == 0
     state_file = tmp_path / "run" / "adapter" / "turnrl_state.json"
     state = json.loads(state_file.read_text())
-    assert state["sampling"] == {"--top-p": 0.95, "--top-k": 20}
+    assert state["sampling"] == {
+        "--top-p": 0.95,
+        "--top-k": 20,
+        "--min-p": 0.05,
+        "--repetition-penalty": 1.1,
+    }
 
     Reached = _stop_at_train_loop(monkeypatch)
     capsys.readouterr()
@@ -612,16 +619,28 @@ def test_a_resume_with_other_sampling_settings_says_which(
         with pytest.raises(Reached):
             main([*argv, *sampling, "--resume", "--eval-every", "1", "--eval-temperature", "0.5"])
     # The rollouts' engine samples with them, and so does evaluation's (above temperature 0).
-    assert [(e.temperature, e.top_p, e.top_k) for e in engines] == [
-        (1.0, 0.95, 20),
-        (0.5, 0.95, 20),
+    assert [(e.temperature, e.top_p, e.top_k, e.min_p, e.repetition_penalty) for e in engines] == [
+        (1.0, 0.95, 20, 0.05, 1.1),
+        (0.5, 0.95, 20, 0.05, 1.1),
     ]
     assert "sampling settings" not in capsys.readouterr().err
     with pytest.raises(Reached):
-        main([*argv, "--resume", "--top-k", "5"])
+        main([*argv, "--resume", "--top-k", "5", "--repetition-penalty", "1.2"])
     assert (
         "--resume: this run's sampling settings replace the checkpoint's: --top-p 0.95 -> 1.0; "
-        "--top-k 20 -> 5\n"
+        "--top-k 20 -> 5; --min-p 0.05 -> 0.0; --repetition-penalty 1.1 -> 1.2\n"
+    ) in capsys.readouterr().err
+    # A checkpoint of the turnrl before --min-p and --repetition-penalty: taken
+    # at their off values, so only a change from those is named.
+    state["sampling"] = {"--top-p": 0.95, "--top-k": 20}
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--top-p", "0.95", "--top-k", "20"])
+    assert "sampling settings" not in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--top-p", "0.95", "--top-k", "20", "--min-p", "0.1"])
+    assert (
+        "--resume: this run's sampling settings replace the checkpoint's: --min-p 0.0 -> 0.1\n"
     ) in capsys.readouterr().err
     del state["sampling"]
     state_file.write_text(json.dumps(state))

@@ -23,6 +23,7 @@ with the real Qwen tokenizer and ended with ``<|im_end|>``.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import warnings
@@ -727,16 +728,79 @@ def test_top_p_and_top_k_reach_the_server_and_drop_the_log_probs(tok, fake_vllm)
         [_chat("Hi.")]
     )
     assert server.sampling[-1]["top_k"] == -1 and off.logprobs is not None
+    # vLLM's own off, -1, is taken as off too.
+    (off,) = ServerEngine("base-model", tok, server.url, top_k=-1, backoff=0).generate(
+        [_chat("Hi.")]
+    )
+    assert server.sampling[-1]["top_k"] == -1 and off.logprobs is not None
+
+
+def test_min_p_and_repetition_penalty_reach_the_server_and_drop_the_log_probs(tok, fake_vllm):
+    server = fake_vllm(tok, ["Sure."] * 6)
+    engine = ServerEngine(
+        "base-model", tok, server.url, min_p=0.05, repetition_penalty=1.1, backoff=0
+    )
+    (shaped,) = engine.generate([_chat("Hi.")])
+    # They replace the neutral values; top_k stays off.
+    assert server.sampling[-1] == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+    }
+    # Neither draws from the trainer's softmax: the ids alone are kept.
+    assert shaped.token_ids is not None and shaped.logprobs is None
+    # with_temperature keeps them (evaluation samples as the rollouts do).
+    engine.with_temperature(0.0).generate([_chat("Hi.")])
+    assert server.sampling[-1]["min_p"] == 0.05
+    assert server.sampling[-1]["repetition_penalty"] == 1.1
+    # Each alone drops the log-probs too.
+    for option, value in (("min_p", 0.05), ("repetition_penalty", 1.1)):
+        alone = ServerEngine("base-model", tok, server.url, backoff=0, **{option: value})
+        (completion,) = alone.generate([_chat("Hi.")])
+        assert server.sampling[-1][option] == value and completion.logprobs is None, option
+    # Off (min_p 0, the penalty 1) they are sent at those values, over the
+    # model's generation config's penalty, and the log-probs are kept.
+    off_engine = ServerEngine(
+        "base-model", tok, server.url, min_p=0, repetition_penalty=1, backoff=0
+    )
+    (off,) = off_engine.generate([_chat("Hi.")])
+    assert (server.sampling[-1]["min_p"], server.sampling[-1]["repetition_penalty"]) == (0.0, 1.0)
+    assert off.logprobs is not None
 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("top_p", 0.0), ("top_p", 1.5), ("top_p", "0.9"), ("top_k", -3), ("top_k", 2.5)],
+    [
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_p", "0.9"),
+        ("top_k", -3),
+        ("top_k", -2),
+        ("top_k", 2.5),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("min_p", math.nan),
+        ("min_p", True),
+        ("min_p", "0.1"),
+        ("repetition_penalty", 0),
+        ("repetition_penalty", -1.1),
+        ("repetition_penalty", math.inf),
+        ("repetition_penalty", math.nan),
+        ("repetition_penalty", "1.1"),
+    ],
 )
-def test_engines_refuse_a_top_p_or_top_k_out_of_range(tok, option, value):
-    from turnrl.engines import TransformersEngine
+def test_engines_refuse_sampling_options_out_of_range(tok, option, value):
+    """One check of each option, shared by the engines and OpenAIAgent (the
+    vLLM engine checks before it imports vLLM)."""
+    from turnrl.engines import TransformersEngine, VLLMEngine
 
     with pytest.raises(InvalidInputError, match=option):
         ServerEngine("base-model", tok, "http://127.0.0.1:9/v1", **{option: value})
     with pytest.raises(InvalidInputError, match=option):
         TransformersEngine(None, tok, **{option: value})
+    with pytest.raises(InvalidInputError, match=option):
+        VLLMEngine("/m", enable_lora=False, **{option: value})
+    with pytest.raises(InvalidInputError, match=option):
+        envs.OpenAIAgent("p", "http://127.0.0.1:9/v1", api_key="k", **{option: value})

@@ -1446,10 +1446,57 @@ def test_transformers_engine_top_k_1_samples_the_greedy_tokens(tok, base_model):
     torch.manual_seed(0)
     sampled = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=1.0, top_k=1)
     assert sampled.generate(chats) == greedy.generate(chats)
+    # min_p 1 keeps the likeliest token alone too.
+    torch.manual_seed(0)
+    floor = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=1.0, min_p=1.0)
+    assert floor.generate(chats) == greedy.generate(chats)
     # Without top_k the random tiny model's softmax is flat enough to leave it.
     torch.manual_seed(0)
     unrestricted = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=1.0)
     assert unrestricted.generate(chats) != greedy.generate(chats)
+    torch.manual_seed(0)
+    low_floor = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=1.0, min_p=1e-9)
+    assert low_floor.generate(chats) != greedy.generate(chats)
+
+
+def test_transformers_engine_repetition_penalty_is_a_plain_penalised_decode(tok, base_model):
+    """The tiny model under repetition_penalty, greedy and sampled with top_k 1,
+    against a greedy decode written out: each step's logits of the tokens seen
+    so far (prompt and reply) divided by the penalty, multiplied where negative."""
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "user", "content": "I would like to change my flight to Boston, please."}],
+    ]
+    penalty = 1.5
+    plain = TransformersEngine(base_model, tok, max_new_tokens=8, temperature=0.0)
+    stops = plain.stop_ids()
+
+    def penalised_greedy(chat):
+        ids = tok(plain.prompt(chat), add_special_tokens=False)["input_ids"]
+        reply = []
+        while len(reply) < 8 and not (reply and reply[-1] in stops):
+            with torch.no_grad():
+                logits = base_model(torch.tensor([ids + reply])).logits[0, -1].double()
+            seen = torch.tensor(sorted(set(ids + reply)))
+            logits[seen] = torch.where(
+                logits[seen] > 0, logits[seen] / penalty, logits[seen] * penalty
+            )
+            reply.append(int(logits.argmax()))
+        return tuple(reply)
+
+    expected = [penalised_greedy(c) for c in chats]
+    greedy = TransformersEngine(
+        base_model, tok, max_new_tokens=8, temperature=0.0, repetition_penalty=penalty
+    )
+    assert [c.token_ids for c in greedy.generate(chats)] == expected
+    # Sampling takes it too (top_k 1: the likeliest of the penalised logits).
+    torch.manual_seed(0)
+    sampled = TransformersEngine(
+        base_model, tok, max_new_tokens=8, temperature=1.0, top_k=1, repetition_penalty=penalty
+    )
+    assert [c.token_ids for c in sampled.generate(chats)] == expected
+    # The penalty changes this model's replies (its plain greedy ones repeat the prompt's).
+    assert [c.token_ids for c in plain.generate(chats)] != expected
 
 
 def test_transformers_engine_batches_like_one_at_a_time(tok, base_model):
@@ -2069,10 +2116,35 @@ def test_vllm_engine_keeps_the_samplers_logprobs_when_they_are_the_samplers(monk
     engine.with_temperature(1.0).generate([chat])
     assert (seen["generate"][1].kwargs["top_p"], seen["generate"][1].kwargs["top_k"]) == (0.95, 20)
     assert "logprobs" not in seen["generate"][1].kwargs
-    VLLMEngine("/m", temperature=0.7, top_k=0, enable_lora=False).generate([chat])
-    assert "top_k" not in seen["generate"][1].kwargs and seen["generate"][1].kwargs["logprobs"] == 0
+    for off in (0, -1):  # vLLM's own off, -1, is off too
+        VLLMEngine("/m", temperature=0.7, top_k=off, enable_lora=False).generate([chat])
+        kwargs = seen["generate"][1].kwargs
+        assert "top_k" not in kwargs and kwargs["logprobs"] == 0, off
     with pytest.raises(InvalidInputError, match="top_k"):
-        VLLMEngine("/m", top_k=-1, enable_lora=False)
+        VLLMEngine("/m", top_k=-2, enable_lora=False)
+
+    # min_p and the repetition penalty reach SamplingParams, and drop the
+    # log-probs (a renormalised floor, penalised logits); neither is sent when off.
+    engine = VLLMEngine(
+        "/m", temperature=0.7, min_p=0.05, repetition_penalty=1.1, enable_lora=False
+    )
+    engine.generate([chat])
+    kwargs = seen["generate"][1].kwargs
+    assert (kwargs["min_p"], kwargs["repetition_penalty"]) == (0.05, 1.1)
+    assert "logprobs" not in kwargs
+    engine.with_temperature(0.0).generate([chat])
+    kwargs = seen["generate"][1].kwargs
+    assert (kwargs["min_p"], kwargs["repetition_penalty"]) == (0.05, 1.1)
+    for option, value in (("min_p", 0.05), ("repetition_penalty", 1.1)):
+        VLLMEngine("/m", temperature=0.7, enable_lora=False, **{option: value}).generate([chat])
+        kwargs = seen["generate"][1].kwargs
+        assert kwargs[option] == value and "logprobs" not in kwargs, option
+    VLLMEngine("/m", temperature=0.7, min_p=0, repetition_penalty=1, enable_lora=False).generate(
+        [chat]
+    )
+    kwargs = seen["generate"][1].kwargs
+    assert "min_p" not in kwargs and "repetition_penalty" not in kwargs
+    assert kwargs["logprobs"] == 0
 
     # An older vLLM gives log-probs before temperature and top-p: asked for at 1 and 1 only.
     _fake_vllm(monkeypatch, seen)
@@ -2972,7 +3044,12 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     }
     assert saved.pop("task_draw").items() >= {"tasks_per_step": 2, "seed": 0, "tasks": 2}.items()
     assert saved.pop("loss") == dataclasses.asdict(configs[-1])  # the trainer's settings
-    assert saved.pop("sampling") == {"--top-p": 1.0, "--top-k": 0}  # neither given: off
+    assert saved.pop("sampling") == {  # none given: off
+        "--top-p": 1.0,
+        "--top-k": 0,
+        "--min-p": 0.0,
+        "--repetition-penalty": 1.0,
+    }
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.
@@ -3682,6 +3759,7 @@ def test_transformers_engine_pads_left_stops_and_reports_truncation(tok):
     engine.with_temperature(0.6).generate(chats)
     config = model.seen["config"]
     assert config.do_sample and (config.temperature, config.top_k) == (0.6, 20)
+    assert not {"min_p", "repetition_penalty"} & set(config.to_diff_dict())  # off: not given
     # The model's own generation config is stood in for by a bare one, then put back.
     own = model.seen["own"]
     assert own.repetition_penalty is None and own.suppress_tokens is None
@@ -3697,6 +3775,28 @@ def test_transformers_engine_pads_left_stops_and_reports_truncation(tok):
     model.answers = [[*hello, 151668]]
     reply = EngineAgent(engine)(chats[0], None)
     assert reply["completion_end"] == "</think>" and "truncated" not in reply
+
+
+def test_transformers_engine_gives_generate_min_p_and_the_repetition_penalty(tok):
+    """generate gets min_p when sampling and the repetition penalty at every
+    temperature (greedy takes it too, as vLLM's); nothing of either when off."""
+    hello = tok("Hello there", add_special_tokens=False)["input_ids"]
+    model = _RecordingModel([[*hello, tok.eos_token_id]])
+    chats = [[{"role": "user", "content": "Hi"}]]
+    for off in ({}, {"min_p": 0.0, "repetition_penalty": 1.0}):
+        TransformersEngine(model, tok, temperature=0.7, **off).generate(chats)
+        given = model.seen["config"].to_diff_dict()  # what differs from a bare config
+        assert "min_p" not in given and "repetition_penalty" not in given, off
+    engine = TransformersEngine(model, tok, temperature=0.7, min_p=0.1, repetition_penalty=1.2)
+    engine.generate(chats)
+    config = model.seen["config"]
+    assert config.do_sample and (config.min_p, config.repetition_penalty) == (0.1, 1.2)
+    engine.with_temperature(0.6).generate(chats)
+    config = model.seen["config"]
+    assert (config.temperature, config.min_p, config.repetition_penalty) == (0.6, 0.1, 1.2)
+    engine.with_temperature(0.0).generate(chats)
+    config = model.seen["config"]
+    assert not config.do_sample and config.min_p is None and config.repetition_penalty == 1.2
 
 
 def test_a_separate_reference_model_is_used_in_eval_mode(tok, base_model):

@@ -384,6 +384,8 @@ def _collect(args: argparse.Namespace) -> int:
             temperature=args.agent_temperature,
             top_p=args.top_p,
             top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
             max_tokens=args.max_tokens,
             # vLLM and SGLang pass these to the chat template.
             extra_body={"chat_template_kwargs": {"enable_thinking": False}}
@@ -671,7 +673,8 @@ def _train(args: argparse.Namespace) -> int:
             "--rollout-correction corrects for vLLM's sampling: add --engine vllm or server "
             "(the transformers engine samples from the trained model itself)"
         )
-    # The sampling options set to something other than off (all tokens).
+    # The sampling options set to something other than off (the whole softmax),
+    # and what they make of it.
     truncating = [
         f"{option} {value}"
         for (option, value), off in zip(
@@ -679,11 +682,18 @@ def _train(args: argparse.Namespace) -> int:
         )
         if value != off
     ]
+    # --top-p, --top-k and --min-p keep some tokens and renormalise; the
+    # repetition penalty reshapes the logits.
+    penalised = [t for t in truncating if t.startswith("--repetition-penalty ")]
+    reshaped = " and ".join(
+        (["truncated, renormalised"] if len(truncating) > len(penalised) else [])
+        + (["penalised"] if penalised else [])
+    )
     if args.rollout_correction is not None and truncating:
         raise InvalidInputError(
             "--rollout-correction weighs each token by the trainer's softmax over the "
             f"sampler's, and under {' and '.join(truncating)} the sampler draws from a "
-            "truncated, renormalised distribution whose log-probs are not asked for: leave "
+            f"{reshaped} distribution whose log-probs are not asked for: leave "
             f"{' and '.join(t.split()[0] for t in truncating)} out, or --rollout-correction"
         )
     if args.engine != "server":
@@ -712,7 +722,7 @@ def _train(args: argparse.Namespace) -> int:
         elif truncating:
             no_sampler = (
                 f"under {' and '.join(truncating)} no engine keeps the sampler's log-probs "
-                "(its distribution is truncated and renormalised)"
+                f"(its distribution is {reshaped})"
             )
             remedy = f"leave {' and '.join(t.split()[0] for t in truncating)} out"
         elif args.engine == "server" and args.temperature != 1:
@@ -1937,16 +1947,28 @@ def _top_k(text: str) -> int:
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    """--top-p and --top-k as an engine's ``top_p`` and ``top_k`` (not given: off)."""
-    return {"top_p": 1.0 if args.top_p is None else args.top_p, "top_k": args.top_k or None}
+    """--top-p, --top-k, --min-p and --repetition-penalty as an engine's ``top_p``,
+    ``top_k``, ``min_p`` and ``repetition_penalty`` (not given: off)."""
+    options = _sampling_options(args)
+    return {
+        "top_p": options["--top-p"],
+        "top_k": options["--top-k"] or None,
+        "min_p": options["--min-p"],
+        "repetition_penalty": options["--repetition-penalty"],
+    }
 
 
 def _sampling_options(args: argparse.Namespace | None) -> dict[str, Any]:
-    """The rollouts' --top-p and --top-k as a checkpoint keeps them (``"sampling"``),
-    keyed by option, off as 1 and 0; ``args`` None: the defaults."""
-    top_p = None if args is None else args.top_p
-    top_k = None if args is None else args.top_k
-    return {"--top-p": 1.0 if top_p is None else top_p, "--top-k": top_k or 0}
+    """The rollouts' --top-p, --top-k, --min-p and --repetition-penalty as a
+    checkpoint keeps them (``"sampling"``), keyed by option, off as 1, 0, 0 and
+    1; ``args`` None: the defaults."""
+    given = {
+        "--top-p": (None if args is None else args.top_p, 1.0),
+        "--top-k": (None if args is None else args.top_k, 0),
+        "--min-p": (None if args is None else args.min_p, 0.0),
+        "--repetition-penalty": (None if args is None else args.repetition_penalty, 1.0),
+    }
+    return {option: off if value is None else value for option, (value, off) in given.items()}
 
 
 def _non_negative_number(text: str) -> float:
@@ -2279,6 +2301,18 @@ def build_parser() -> argparse.ArgumentParser:
         "policy's server's own default, else 0)",
     )
     col.add_argument(
+        "--min-p",
+        type=_share,
+        help="the policy samples from the tokens at least this share as likely as its likeliest "
+        "only; 0: all (default: a served policy's server's own default, else 0)",
+    )
+    col.add_argument(
+        "--repetition-penalty",
+        type=_positive_number,
+        help="penalise the tokens already in the prompt or the reply (above 1: less likely); "
+        "1: off (default: a served policy's server's own default, else 1)",
+    )
+    col.add_argument(
         "--max-tokens",
         "--max-new-tokens",
         type=_positive_int,
@@ -2451,6 +2485,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the rollouts (and evaluation above temperature 0) sample from the K likeliest "
         "tokens only; 0: all (default: 0); no sampler log-probs then, so no "
         "--rollout-correction",
+    )
+    tr.add_argument(
+        "--min-p",
+        type=_share,
+        help="the rollouts (and evaluation above temperature 0) sample from the tokens at "
+        "least this share as likely as the likeliest only; 0: all (default: 0); no sampler "
+        "log-probs then, so no --rollout-correction",
+    )
+    tr.add_argument(
+        "--repetition-penalty",
+        type=_positive_number,
+        help="the rollouts (and evaluation, greedy included) penalise the tokens already in the "
+        "prompt or the reply (above 1: less likely); 1: off (default: 1); no sampler "
+        "log-probs then, so no --rollout-correction",
     )
     tr.add_argument(
         "--no-thinking",

@@ -46,6 +46,8 @@ from typing import Any, Protocol
 from turnrl.envs.agents import (
     AgentError,
     ContextLengthExceeded,
+    _check_min_p,
+    _check_repetition_penalty,
     _check_top_k,
     _check_top_p,
     reply_from_text,
@@ -107,13 +109,15 @@ class TransformersEngine:
 
     Chats are rendered with the tokenizer's chat template
     (``chat_template_kwargs`` as for training), left-padded into one batch,
-    and sampled with ``temperature``, ``top_p`` and ``top_k`` (greedy at
-    temperature 0; ``top_k`` None or 0: off).
+    and sampled with ``temperature``, ``top_p``, ``top_k`` and ``min_p``
+    (greedy at temperature 0; ``top_k`` None or 0: off; ``min_p`` 0: off),
+    and ``repetition_penalty`` (1: off), which applies at temperature 0 too
+    (greedy takes the likeliest token of the penalised logits, as vLLM's).
     Special tokens stay in the text (tool-call tags can be special tokens);
     the completion stops before the tokenizer's end-of-turn (``eos_token``),
     the pad token or an end token of the model's generation config. Nothing
     else of the model's generation config applies (no repetition penalty,
-    top-k unless asked for, or min-p): rollouts come from the softmax the
+    top-k or min-p unless asked for): rollouts come from the softmax the
     loss models. The
     model is put in eval mode while generating (no dropout) and back in its
     mode after.
@@ -141,6 +145,8 @@ class TransformersEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         cache_implementation: str | None = None,
     ) -> None:
@@ -155,6 +161,11 @@ class TransformersEngine:
         self.top_p = _check_top_p(top_p)
         self.top_k = _checked_top_k(top_k)
         """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
+        self.min_p = _check_min_p(min_p)
+        """Sampling keeps the tokens at least ``min_p`` times as likely as the
+        likeliest (0: all)."""
+        self.repetition_penalty = _check_repetition_penalty(repetition_penalty)
+        """The penalty on the tokens already in the prompt or the reply (1: none)."""
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.cache_implementation = _checked_cache_implementation(cache_implementation)
 
@@ -168,6 +179,8 @@ class TransformersEngine:
             temperature=temperature,
             top_p=self.top_p,
             top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
             chat_template_kwargs=self.chat_template_kwargs,
             cache_implementation=self.cache_implementation,
         )
@@ -228,6 +241,11 @@ class TransformersEngine:
         if self.temperature > 0:
             # top_k=0 when off: transformers' own default would keep the top 50 only.
             sampling.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or 0)
+            if self.min_p:
+                sampling["min_p"] = self.min_p
+        if self.repetition_penalty != 1:
+            # Greedy decoding takes it too (it reshapes the logits, as vLLM's).
+            sampling["repetition_penalty"] = self.repetition_penalty
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             eos_token_id=sorted(stops) or None,
@@ -370,10 +388,12 @@ class VLLMEngine:
     log-probability of every sampled token, from the distribution it sampled
     (``logprobs_mode="processed_logprobs"``: after temperature), which the
     trainer's (the softmax at the same temperature) is compared with. None
-    are asked for under ``top_p`` < 1 or a ``top_k`` (the nucleus, or the
-    top k tokens, are renormalised, which the trainer's softmax is not),
-    nor, with a vLLM too old for that mode
-    (its log-probs are before temperature), at a temperature other than 1.
+    are asked for under ``top_p`` < 1, a ``top_k``, a ``min_p`` above 0 (the
+    nucleus, the top k tokens, or those above the min-p floor, are
+    renormalised, which the trainer's softmax is not) or a
+    ``repetition_penalty`` other than 1 (which reshapes the logits), nor,
+    with a vLLM too old for that mode (its log-probs are before
+    temperature), at a temperature other than 1.
 
     With ``sleep_mode``, vLLM is made with ``enable_sleep_mode`` and
     :meth:`sleep` gives its GPU memory back while the trainer runs: the KV
@@ -405,6 +425,8 @@ class VLLMEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         enable_lora: bool = True,
         max_lora_rank: int = 64,
@@ -413,6 +435,8 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ) -> None:
         top_p, top_k = _check_top_p(top_p), _checked_top_k(top_k)
+        min_p = _check_min_p(min_p)
+        repetition_penalty = _check_repetition_penalty(repetition_penalty)
         try:
             from vllm import LLM
         except ImportError:
@@ -434,6 +458,11 @@ class VLLMEngine:
         self.top_p = top_p
         self.top_k = top_k
         """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
+        self.min_p = min_p
+        """Sampling keeps the tokens at least ``min_p`` times as likely as the
+        likeliest (0: all)."""
+        self.repetition_penalty = repetition_penalty
+        """The penalty on the tokens already in the prompt or the reply (1: none)."""
         self.max_model_len: int | None = _llm_max_model_len(self.llm)
         """The model's context length in tokens (prompt and reply), as vLLM has it;
         None when this vLLM does not say (chats are then sent as they are)."""
@@ -445,6 +474,9 @@ class VLLMEngine:
             # Left out when off: SamplingParams' default is off in every vLLM
             # (-1 in older ones, which refuse 0; 0 in newer ones).
             **({} if top_k is None else {"top_k": top_k}),
+            # Left out when off too (SamplingParams' defaults, 0 and 1).
+            **({} if min_p == 0 else {"min_p": min_p}),
+            **({} if repetition_penalty == 1 else {"repetition_penalty": repetition_penalty}),
             "max_tokens": max_new_tokens,
             "skip_special_tokens": False,
             # The text then decodes as the tokenizer decodes the ids, which
@@ -519,15 +551,12 @@ class VLLMEngine:
         kwargs = dict(self._sampling_kwargs)
         if max_tokens is not None:
             kwargs["max_tokens"] = max_tokens
-        # Under top-p or top-k the sampler draws from a renormalised nucleus,
-        # which the trainer's softmax never is: every ratio would be below 1
-        # (a turn's product near 0) with no mismatch at all. Raw log-probs
+        # Under top-p, top-k or min-p the sampler draws from a renormalised
+        # nucleus, which the trainer's softmax never is: every ratio would be
+        # below 1 (a turn's product near 0) with no mismatch at all; under a
+        # repetition penalty from logits the trainer never sees. Raw log-probs
         # (before temperature) are the sampler's only at temperature 1.
-        if (
-            self._logprobs
-            and _full_softmax(self.top_p, self.top_k)
-            and (self._processed or temperature == 1)
-        ):
+        if self._logprobs and _full_softmax(self) and (self._processed or temperature == 1):
             kwargs["logprobs"] = 0  # the sampled token's alone
         return SamplingParams(temperature=temperature, **kwargs)
 
@@ -638,15 +667,16 @@ class ServerEngine:
     those it refuses are answered :class:`~turnrl.envs.ContextLengthExceeded`
     (so is a chat with some room, but less than ``max_new_tokens``).
 
-    Each request sets ``top_p`` and ``top_k`` as given (``top_k`` None or
-    0: off), and ``min_p`` and the repetition penalty to off, over the
+    Each request sets ``top_p``, ``top_k``, ``min_p`` and
+    ``repetition_penalty`` as given, their off values included (``top_k``
+    None or 0 as -1, ``min_p`` 0, ``repetition_penalty`` 1), over the
     defaults vLLM otherwise takes from the model's
     ``generation_config.json``. The answer is the
     raw text with special tokens (no tool-call or reasoning parser on the
     server's side), without the end token it stopped on, parsed by
     :class:`EngineAgent` as for the other engines, and, through vLLM's
     ``return_tokens_as_token_ids``, the sampled token ids, end token
-    included; at temperature 1, ``top_p`` 1 and no ``top_k``, their
+    included; at temperature 1 with every one of those off, their
     log-probs too (for
     :attr:`turnrl.train.GTPOConfig.rollout_correction`): there vLLM's
     default ``--logprobs-mode raw_logprobs`` (before temperature) and
@@ -687,6 +717,8 @@ class ServerEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
+        min_p: float = 0.0,
+        repetition_penalty: float = 1.0,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         adapter_prefix: str = "turnrl",
         max_retries: int = 4,
@@ -724,6 +756,11 @@ class ServerEngine:
         self.top_p = _check_top_p(top_p)
         self.top_k = _checked_top_k(top_k)
         """Sampling keeps the ``top_k`` likeliest tokens only (None: all)."""
+        self.min_p = _check_min_p(min_p)
+        """Sampling keeps the tokens at least ``min_p`` times as likely as the
+        likeliest (0: all)."""
+        self.repetition_penalty = _check_repetition_penalty(repetition_penalty)
+        """The penalty on the tokens already in the prompt or the reply (1: none)."""
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.adapter_prefix = adapter_prefix
         self.max_model_len = max_model_len
@@ -860,8 +897,8 @@ class ServerEngine:
 
         # Log-probs come with the ids (the sampled token's alone); they are the
         # sampler's only where raw and processed ones agree, and of the
-        # trainer's softmax only with no nucleus or top k renormalised.
-        keep_logprobs = self.temperature == 1 and _full_softmax(self.top_p, self.top_k)
+        # trainer's softmax only with nothing truncated, renormalised or penalised.
+        keep_logprobs = self.temperature == 1 and _full_softmax(self)
         extra = {
             "skip_special_tokens": False,
             "spaces_between_special_tokens": False,
@@ -869,10 +906,12 @@ class ServerEngine:
             # What a request leaves out, vLLM takes from the model's
             # generation_config.json (``--generation-config auto``, its
             # default): Qwen's top_k 20, min_p, a repetition penalty. Rollouts
-            # come from the softmax the loss models, as TransformersEngine's.
+            # come from the softmax the loss models, as TransformersEngine's:
+            # each is sent, at its neutral value when off.
             # top_k -1 (off): older vLLM (0.8 included) refuses 0.
-            **_NEUTRAL_SAMPLING,
-            **({} if self.top_k is None else {"top_k": self.top_k}),
+            "top_k": -1 if self.top_k is None else self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
         }
         client, model = self.endpoint.client, self.model
 
@@ -984,21 +1023,22 @@ class ServerEngine:
             raise AgentError(f"{where}: {type(e).__name__}: {e}") from e
 
 
-# Sent with every ServerEngine request, over the server's defaults (top_k
-# replaced by the engine's own when it has one).
-_NEUTRAL_SAMPLING = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
-
-
 def _checked_top_k(top_k: int | None) -> int | None:
     """``top_k`` as the engines keep it: a positive int, or None for off (0, as
     TRL's and transformers' ``top_k``, is off too)."""
     return None if top_k is None else _check_top_k(top_k) or None
 
 
-def _full_softmax(top_p: float, top_k: int | None) -> bool:
-    """Whether a sampler with ``top_p`` and ``top_k`` draws from the whole softmax
+def _full_softmax(engine: Any) -> bool:
+    """Whether an engine's sampler, with its ``top_p``, ``top_k``, ``min_p`` and
+    ``repetition_penalty``, draws from the whole softmax of the model's logits
     (the trainer's), so that its log-probs are comparable with the trainer's."""
-    return top_p == 1 and top_k is None
+    return (
+        engine.top_p == 1
+        and engine.top_k is None
+        and engine.min_p == 0
+        and engine.repetition_penalty == 1
+    )
 
 
 class _ServedLimit:

@@ -1736,9 +1736,9 @@ class GTPOTrainer:
                 warnings.warn(
                     f"rollout_correction={cfg.rollout_correction!r} is set, but no trained token "
                     "has a sampler log-prob (an engine that gives none, one sampling under "
-                    "top_p < 1 or a top_k, whose truncated, renormalised distribution is not "
-                    "the trainer's softmax, or a vLLM before 0.10.2 at a temperature other "
-                    "than 1): the step is not corrected",
+                    "top_p < 1, a top_k, a min_p or a repetition_penalty, whose truncated, "
+                    "renormalised or penalised distribution is not the trainer's softmax, or a "
+                    "vLLM before 0.10.2 at a temperature other than 1): the step is not corrected",
                     stacklevel=3,
                 )
             if cfg.off_policy_mask is not None and cfg.ppo_epochs == 1 and not self._warned_no_mask:
@@ -2627,7 +2627,8 @@ def train_loop(
     So is what the tasks are drawn from (``"task_draw"``, :func:`task_draw`).
     So is ``sampling``, when given: how the rollouts are sampled beyond the
     trainer's temperature (plain JSON values, as ``turnrl train``'s
-    ``{"--top-p": 0.95, "--top-k": 20}``), for a resumed run to compare.
+    ``{"--top-p": 0.95, "--top-k": 20, "--min-p": 0.0, "--repetition-penalty": 1.0}``),
+    for a resumed run to compare.
     Every rank's random number generators (:func:`rng_state`: torch's,
     Python's ``random`` and numpy's global one) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``

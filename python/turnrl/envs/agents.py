@@ -13,6 +13,7 @@ for the agent, naming the problem; the calls around it still run.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,12 +89,35 @@ def _check_top_p(top_p: Any) -> float:
 
 def _check_top_k(top_k: Any) -> int:
     """``top_k``, or :class:`InvalidInputError`: how many of the likeliest tokens
-    sampling keeps, 0 for all (off)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+    sampling keeps, 0 for all (off); -1, vLLM's off, is taken as 0."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
         raise InvalidInputError(
-            f"top_k must be a positive integer, or 0 or None for off, got {top_k!r}"
+            f"top_k must be a positive integer, or 0, -1 or None for off, got {top_k!r}"
         )
-    return top_k
+    return max(top_k, 0)
+
+
+def _check_min_p(min_p: Any) -> float:
+    """``min_p`` as a float, or :class:`InvalidInputError`: sampling keeps the
+    tokens at least ``min_p`` times as likely as the likeliest, 0 for all (off)."""
+    if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0 <= min_p <= 1:
+        raise InvalidInputError(f"min_p must be a number in [0, 1] (0: off), got {min_p!r}")
+    return float(min_p)
+
+
+def _check_repetition_penalty(penalty: Any) -> float:
+    """``repetition_penalty`` as a float, or :class:`InvalidInputError`: the
+    factor dividing (multiplying, if negative) the logits of the tokens already
+    in the prompt or the reply, finite and above 0, 1 for none (off)."""
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, (int, float))
+        or not (math.isfinite(penalty) and penalty > 0)
+    ):
+        raise InvalidInputError(
+            f"repetition_penalty must be a finite number above 0 (1: off), got {penalty!r}"
+        )
+    return float(penalty)
 
 
 def _is_context_refusal(error: BaseException | None) -> bool:
@@ -140,10 +164,12 @@ class OpenAIAgent:
     ``max_tokens`` tokens of room; with ``max_tokens`` None it caps the
     reply at the room left instead.
 
-    ``top_p`` and ``top_k`` (None: not sent, so the server's defaults apply,
-    which for vLLM are the model's generation config's) are sent with each
-    request; ``top_k`` in the body beside the OpenAI parameters, as vLLM and
-    SGLang take it, 0 (off) as -1, which every vLLM takes for off.
+    ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` (None: not
+    sent, so the server's defaults apply, which for vLLM are the model's
+    generation config's) are sent with each request; all but ``top_p`` in the
+    body beside the OpenAI parameters, as vLLM and SGLang take them, ``top_k``
+    0 (off) as -1, which every vLLM takes for off. Given at their off values
+    (``min_p`` 0, ``repetition_penalty`` 1), they are sent, over the server's.
     """
 
     def __init__(
@@ -156,6 +182,8 @@ class OpenAIAgent:
         temperature: float = 1.0,
         top_p: float | None = None,
         top_k: int | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
         max_tokens: int | None = None,
         max_retries: int = 4,
         backoff: float = 1.0,
@@ -166,8 +194,16 @@ class OpenAIAgent:
     ) -> None:
         if top_p is not None:
             _check_top_p(top_p)
+        # Beside the OpenAI parameters (the openai client has no argument for them).
+        sampling: dict[str, Any] = {}
         if top_k is not None:
-            extra_body = {**(extra_body or {}), "top_k": _check_top_k(top_k) or -1}
+            sampling["top_k"] = _check_top_k(top_k) or -1
+        if min_p is not None:
+            sampling["min_p"] = _check_min_p(min_p)
+        if repetition_penalty is not None:
+            sampling["repetition_penalty"] = _check_repetition_penalty(repetition_penalty)
+        if sampling:
+            extra_body = {**(extra_body or {}), **sampling}
         self.top_p = top_p
         self.endpoint = ChatEndpoint(
             model,
