@@ -249,6 +249,17 @@ def test_config_values_are_taken_as_the_command_line_takes_them(tmp_path, capsys
     path.write_text(json.dumps(dict.fromkeys(off)))
     parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
     assert [getattr(parsed, name) for name in off] == [None] * 4
+    path.write_text('{"filter_groups": null, "rollout_correction": null}')
+    parsed = _parsed(["train", "--config", str(path), "--model", "m", "--env", "e", "--out", "o"])
+    assert (parsed.filter_groups, parsed.rollout_correction) == ("none", "none")
+    # --norm none is a norm (no normalisation), not --norm's default: null is refused
+    # there, not taken as none.
+    path.write_text('{"norm": null}')
+    for command in (["train", "--model", "m", "--env", "e", "--out", "o"], ["calibrate", "b"]):
+        assert main([command[0], "--config", str(path), *command[1:]]) == 2
+        assert capsys.readouterr().err.endswith(
+            f"--config {path}: norm takes a value like the command line's; got None\n"
+        )
     values = {"dual_clip": 3.0, "off_policy_mask": 0.5, "max_length": 512}
     values |= {"micro_batch_tokens": 1e3, "filter_groups": "outcome"}
     path = _config_file(tmp_path, ".toml", {**values, "rollout_correction": "token_mask"})

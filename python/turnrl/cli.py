@@ -646,7 +646,7 @@ def _train(args: argparse.Namespace) -> int:
     from turnrl.exceptions import InvalidInputError
 
     # "none": the option's default, given to switch off what a --config file set.
-    for name in ("filter_groups", "rollout_correction"):
+    for name in _CHOICES_OFF_AS_NONE:
         if getattr(args, name) == "none":
             setattr(args, name, None)
 
@@ -2020,6 +2020,11 @@ def _grad_norm(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{e} (none: no clipping)") from None
 
 
+# The options with choices whose "none" is their default, off (None once parsed);
+# elsewhere (--norm) "none" is a value like the others.
+_CHOICES_OFF_AS_NONE = ("filter_groups", "rollout_correction")
+
+
 def _or_none(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """argparse type: what ``parse`` takes, or ``none`` for the option's default, off;
     so a command line can switch off what a --config file set, and what --resume
@@ -3103,8 +3108,9 @@ def _config_tokens(
             if value:
                 tokens.append(flag)
             continue
+        # Not every choice of "none" is off: --norm none is a norm, not --norm's default.
         takes_none = action.type in (_grad_norm, _logger_names) or (
-            action.choices is not None and "none" in action.choices
+            action.dest in _CHOICES_OFF_AS_NONE
         )
         if value is None and (takes_none or hasattr(action.type, "__wrapped__")):
             value = "none"  # JSON's and YAML's null for an option that takes none
