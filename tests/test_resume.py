@@ -798,6 +798,32 @@ def test_a_resume_with_fewer_ppo_epochs_goes_on_along_its_schedule(
     assert "--ppo-epochs 2 -> 1" in capsys.readouterr().err
 
 
+def test_a_resumed_schedule_with_no_step_after_its_warmup_is_refused_naming_the_options(
+    tmp_path, tok, base_model, capsys
+):
+    """A new run's decaying schedule that ends within its warmup is refused
+    before the model loads; a --resume'd one (or a --resume with nothing to
+    resume yet) was refused by lr_schedule, naming its Python parameters."""
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model)
+    cosine = ["--lr-schedule", "cosine", "--warmup-steps", "4", "--steps", "2"]
+    assert main([*argv, "--resume", *cosine]) == 2  # nothing to resume: a new run
+    assert capsys.readouterr().err.endswith(
+        "turnrl train: error: --lr-schedule cosine decays the rate after --warmup-steps 4, "
+        "and the run takes 2 optimizer steps (--steps 2 x --ppo-epochs 1): give fewer "
+        "--warmup-steps or more --steps\n"
+    )
+    assert main([*argv, "--ppo-epochs", "2"]) == 0  # 1 step: 2 updates
+    linear = ["--lr-schedule", "linear", "--warmup-steps", "4", "--steps", "1"]
+    assert main([*argv, "--resume", *linear, "--ppo-epochs", "2"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "turnrl train: error: --lr-schedule linear decays the rate after --warmup-steps 4, "
+        "and the run takes 4 optimizer steps (2 done at the checkpoint's --ppo-epochs 2, and "
+        "--steps 1 x --ppo-epochs 2): give fewer --warmup-steps or more --steps\n"
+    )
+
+
 def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypatch):
     """On a GPU the steps' sampling draws from the CUDA generator alone: an
     evaluation's own stream must still differ from the last one's (and the

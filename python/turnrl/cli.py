@@ -1212,11 +1212,26 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
         saved_epochs = args.ppo_epochs
     updates_done = first_step * saved_epochs
+    updates = updates_done + args.steps * args.ppo_epochs
+    if args.lr_schedule != "constant" and updates <= args.warmup_steps:
+        # What _train refuses for a new run before the model loads, for a
+        # --resume'd one (or a --resume with nothing to resume yet).
+        done = (
+            f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}, and "
+            if updates_done
+            else ""
+        )
+        raise InvalidInputError(
+            f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
+            f"{args.warmup_steps}, and the run takes {updates} optimizer steps ({done}--steps "
+            f"{args.steps} x --ppo-epochs {args.ppo_epochs}): give fewer --warmup-steps or more "
+            "--steps"
+        )
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
         warmup_steps=args.warmup_steps,
-        total_steps=updates_done + args.steps * args.ppo_epochs,
+        total_steps=updates,
         min_lr_ratio=args.min_lr_ratio,
     )
     if resume is not None:
@@ -1228,7 +1243,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 trainer.optimizer,
                 args.lr_schedule,
                 warmup_steps=args.warmup_steps,
-                total_steps=updates_done + args.steps * args.ppo_epochs,
+                total_steps=updates,
                 start=updates_done,
                 min_lr_ratio=args.min_lr_ratio,
             )
