@@ -1851,8 +1851,9 @@ def _add_estimator_options(parser: argparse.ArgumentParser) -> None:
         help="group normalisation: subtract the mean and divide by the std (default), only "
         "subtract the mean (Dr. GRPO), neither, subtract the mean of the group's other "
         "rollouts (rloo: RLOO's leave-one-out baseline), or subtract the group's mean and "
-        "divide by the std over the whole batch (batch: TRL's scale_rewards='batch'; under "
-        "torchrun, over the rank's share)",
+        "divide by the std over the whole batch (batch: TRL's scale_rewards='batch'; the "
+        "batch is a training step's rollouts, the rank's share under torchrun, and "
+        "calibrate's the rollouts it reads)",
     )
 
 
