@@ -582,6 +582,49 @@ def test_a_resume_that_draws_its_tasks_otherwise_says_so(
     )
 
 
+def test_a_resume_with_another_learning_rate_schedule_says_which(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The checkpoint keeps --lr-schedule, --warmup-steps and --min-lr-ratio
+    ("schedule"): a resume that leaves them off (the schedule would go on as
+    constant) or changes them names each change; one with the same says
+    nothing, nor does one from a checkpoint of an older turnrl, without them."""
+    from turnrl.cli import main
+
+    schedule = ["--lr-schedule", "cosine", "--warmup-steps", "1", "--min-lr-ratio", "0.1"]
+    argv = _train_argv(tmp_path, tok, base_model)
+    assert main([*argv, *schedule, "--steps", "2"]) == 0
+    state_file = tmp_path / "run" / "adapter" / "turnrl_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["schedule"] == {
+        "--lr-schedule": "cosine",
+        "--warmup-steps": 1,
+        "--min-lr-ratio": 0.1,
+    }
+    Reached = _stop_at_train_loop(monkeypatch)
+    capsys.readouterr()
+    with pytest.raises(Reached):
+        main([*argv, *schedule, "--resume"])
+    assert "learning-rate schedule" not in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert (
+        "--resume: this run's learning-rate schedule replaces the checkpoint's: "
+        "--lr-schedule cosine -> constant; --warmup-steps 1 -> 0; --min-lr-ratio 0.1 -> 0.0\n"
+    ) in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *schedule[:4], "--lr-schedule", "linear", "--resume"])
+    assert (
+        "--resume: this run's learning-rate schedule replaces the checkpoint's: "
+        "--lr-schedule cosine -> linear; --min-lr-ratio 0.1 -> 0.0\n"
+    ) in capsys.readouterr().err
+    del state["schedule"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert "learning-rate schedule" not in capsys.readouterr().err
+
+
 def test_a_resume_with_other_sampling_settings_says_which(
     tmp_path, tok, base_model, monkeypatch, capsys
 ):

@@ -3050,6 +3050,8 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
         "--min-p": 0.0,
         "--repetition-penalty": 1.0,
     }
+    schedule = {"--lr-schedule": "cosine", "--warmup-steps": 0, "--min-lr-ratio": 0.5}
+    assert saved.pop("schedule") == schedule
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.

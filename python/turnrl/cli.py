@@ -1165,6 +1165,19 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
                 + "; ".join(changed),
                 file=sys.stderr,
             )
+    saved_schedule = state.get("schedule")  # absent from an older turnrl's checkpoint
+    if isinstance(saved_schedule, Mapping) and rank == 0:
+        # A schedule left off a resumed command (its --lr-schedule cosine,
+        # say) would otherwise go on as constant without a word.
+        changed = _setting_changes(
+            {**_schedule_options(None), **saved_schedule}, _schedule_options(args)
+        )
+        if changed:
+            print(
+                "--resume: this run's learning-rate schedule replaces the checkpoint's: "
+                + "; ".join(changed),
+                file=sys.stderr,
+            )
     if resume is not None and rank == 0:
         changed = _setting_changes(
             _filtering_options(state.get("filter_groups")),
@@ -1360,6 +1373,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             filter_groups=args.filter_groups,
             max_sampling_rounds=args.max_sampling_rounds,
             sampling=_sampling_options(args),
+            schedule=_schedule_options(args),
             progress=not args.quiet,
         )
         failed = False
@@ -1985,6 +1999,18 @@ def _sampling_options(args: argparse.Namespace | None) -> dict[str, Any]:
         "--repetition-penalty": (None if args is None else args.repetition_penalty, 1.0),
     }
     return {option: off if value is None else value for option, (value, off) in given.items()}
+
+
+def _schedule_options(args: argparse.Namespace | None) -> dict[str, Any]:
+    """The learning-rate schedule's options as a checkpoint keeps them
+    (``"schedule"``); ``args`` None: the defaults."""
+    if args is None:
+        return {"--lr-schedule": "constant", "--warmup-steps": 0, "--min-lr-ratio": 0.0}
+    return {
+        "--lr-schedule": args.lr_schedule,
+        "--warmup-steps": args.warmup_steps,
+        "--min-lr-ratio": args.min_lr_ratio,
+    }
 
 
 def _non_negative_number(text: str) -> float:

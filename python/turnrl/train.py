@@ -2583,6 +2583,7 @@ def train_loop(
     filter_groups: str | None = None,
     max_sampling_rounds: int | None = None,
     sampling: Mapping[str, Any] | None = None,
+    schedule: Mapping[str, Any] | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -2628,7 +2629,9 @@ def train_loop(
     So is ``sampling``, when given: how the rollouts are sampled beyond the
     trainer's temperature (plain JSON values, as ``turnrl train``'s
     ``{"--top-p": 0.95, "--top-k": 20, "--min-p": 0.0, "--repetition-penalty": 1.0}``),
-    for a resumed run to compare.
+    for a resumed run to compare, and so is ``schedule``, when given: the
+    learning-rate schedule's settings (as ``turnrl train``'s
+    ``{"--lr-schedule": "cosine", "--warmup-steps": 10, "--min-lr-ratio": 0.0}``).
     Every rank's random number generators (:func:`rng_state`: torch's,
     Python's ``random`` and numpy's global one) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
@@ -3026,6 +3029,8 @@ def train_loop(
             state["loss"] = loss
             if sampling is not None:
                 state["sampling"] = dict(sampling)
+            if schedule is not None:
+                state["schedule"] = dict(schedule)
             if filter_groups is not None:
                 # Which groups a step trains on: a resumed run is checked against them.
                 state["filter_groups"] = {
