@@ -669,6 +669,32 @@ def test_train_policy_loss_is_parsed_and_cispo_with_dual_clip_is_refused(tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+def test_gpu_memory_shares_and_the_rank_timeout_are_refused_out_of_range(capsys):
+    """--vllm-gpu-memory (train and collect) is a share of a GPU, above 0 and at
+    most 1, and --dist-timeout a positive number of minutes, refused while
+    parsing (argparse took any float, which vLLM or torch.distributed refused
+    only after the model had loaded)."""
+    import pytest
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    collect = ["rollouts", "collect", "--env", "e", "--agent-model", "m", "--out", "o"]
+    parsed = _parsed([*train, "--vllm-gpu-memory", "0.9", "--dist-timeout", "30"])
+    assert (parsed.vllm_gpu_memory, parsed.dist_timeout) == (0.9, 30.0)
+    assert _parsed(train).vllm_gpu_memory == 0.4
+    assert _parsed([*collect, "--vllm-gpu-memory", "1"]).vllm_gpu_memory == 1.0
+    for argv, option, bad in [
+        (train, "--vllm-gpu-memory", "1.5"),
+        (train, "--vllm-gpu-memory", "0"),
+        (train, "--vllm-gpu-memory", "nan"),
+        (collect, "--vllm-gpu-memory", "2"),
+        (train, "--dist-timeout", "0"),
+        (train, "--dist-timeout", "-5"),
+    ]:
+        with pytest.raises(SystemExit):
+            _parsed([*argv, option, bad])
+        assert f"argument {option}: must be " in capsys.readouterr().err, (option, bad)
+
+
 def test_train_min_lr_ratio_is_a_share_and_needs_a_decaying_schedule(tmp_path, capsys):
     """--min-lr-ratio is parsed as a share of --lr and refused, before any model
     loads, under --lr-schedule constant (nothing decays to it)."""

@@ -1968,6 +1968,14 @@ def _share(text: str) -> float:
     return value
 
 
+def _memory_share(text: str) -> float:
+    """argparse type: a share of a GPU's memory, above 0 and at most 1."""
+    value = _finite_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text!r}")
+    return value
+
+
 def _top_k(text: str) -> int:
     """argparse type: how many of the likeliest tokens sampling keeps; 0: all (off)."""
     value = _integer(text)
@@ -2312,7 +2320,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--vllm-gpu-memory",
-        type=_positive_number,
+        type=_memory_share,
         help="with --engine vllm: share of GPU memory vLLM may take (default: vLLM's, 0.9)",
     )
     col.add_argument(
@@ -2489,7 +2497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--vllm-gpu-memory",
-        type=float,
+        type=_memory_share,
         default=0.4,
         help="share of GPU memory vLLM may take, beside the trained model (default: %(default)s)",
     )
@@ -2849,7 +2857,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", default="bfloat16", help="model dtype (default: %(default)s)")
     tr.add_argument(
         "--dist-timeout",
-        type=float,
+        type=_positive_number,
         default=120.0,
         help="under torchrun: minutes a rank waits for the others (their rollouts) before the "
         "job fails (default: %(default)s)",
