@@ -789,15 +789,9 @@ def _train(args: argparse.Namespace) -> int:
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
         )
-    updates = args.steps * args.ppo_epochs
-    if args.lr_schedule != "constant" and not args.resume and updates <= args.warmup_steps:
+    if not args.resume:
         # A resumed run's schedule also spans the steps done, known from its checkpoint.
-        raise InvalidInputError(
-            f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
-            f"{args.warmup_steps}, "
-            f"and the run takes {updates} optimizer steps (--steps {args.steps} x --ppo-epochs "
-            f"{args.ppo_epochs}): give fewer --warmup-steps or more --steps"
-        )
+        _check_schedule_decays(args)
     _check_cache_implementation(args, args.engine)
     _check_user_and_device(args, args.device)
     rank, device, started_group = _start_data_parallel(args)
@@ -924,6 +918,30 @@ def _server_engine(
         engine.load_adapter(saved, register=rank == 0)
 
     return engine, after_update
+
+
+def _check_schedule_decays(
+    args: argparse.Namespace, updates_done: int = 0, saved_epochs: int | None = None
+) -> None:
+    """Refuses a decaying --lr-schedule with no optimizer step after --warmup-steps
+    over this run's steps and ``updates_done`` (the optimizer steps a resumed
+    run's checkpoint took, at its ``saved_epochs`` per step), naming the options."""
+    from turnrl.exceptions import InvalidInputError
+
+    updates = updates_done + args.steps * args.ppo_epochs
+    if args.lr_schedule == "constant" or updates > args.warmup_steps:
+        return
+    done = (
+        f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}, and "
+        if updates_done
+        else ""
+    )
+    raise InvalidInputError(
+        f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
+        f"{args.warmup_steps}, and the run takes {updates} optimizer steps ({done}--steps "
+        f"{args.steps} x --ppo-epochs {args.ppo_epochs}): give fewer --warmup-steps or more "
+        "--steps"
+    )
 
 
 def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> int:
@@ -1120,80 +1138,52 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     saved_estimator = state.get("estimator")
     if isinstance(saved_estimator, Mapping) and rank == 0:
         now = {"estimator": args.estimator, **_estimator_params(args)}
-        changed = _setting_changes(saved_estimator, now)
-        if changed:
-            print(
-                "--resume: this run's estimator settings replace the checkpoint's: "
-                + "; ".join(changed),
-                file=sys.stderr,
-            )
+        _note_setting_changes(
+            "this run's estimator settings replace the checkpoint's", saved_estimator, now
+        )
     saved_loss = state.get("loss")  # absent from an older turnrl's checkpoint
     if isinstance(saved_loss, Mapping) and rank == 0:
         # A setting the checkpoint lacks came after it (--kl-estimator): it
         # trained at that setting's default.
         saved = {**_loss_settings(GTPOConfig()), **saved_loss}
-        changed = _setting_changes(
-            _loss_options(saved), _loss_options(_loss_settings(trainer.config))
+        _note_setting_changes(
+            "this run's loss settings replace the checkpoint's",
+            _loss_options(saved),
+            _loss_options(_loss_settings(trainer.config)),
         )
-        if changed:
-            print(
-                "--resume: this run's loss settings replace the checkpoint's: "
-                + "; ".join(changed),
-                file=sys.stderr,
-            )
     saved_draw = state.get("task_draw")
     if isinstance(saved_draw, Mapping) and rank == 0:
         pool = [domain.task(t) for t in tasks]
-        changed = _setting_changes(
+        _note_setting_changes(
+            "this run draws its tasks otherwise than the checkpoint's, so its steps are not "
+            "given the tasks an unbroken run's would",
             _task_draw_options(saved_draw),
             _task_draw_options(task_draw(pool, args.tasks_per_step, args.seed)),
         )
-        if changed:
-            print(
-                "--resume: this run draws its tasks otherwise than the checkpoint's, so its "
-                "steps are not given the tasks an unbroken run's would: " + "; ".join(changed),
-                file=sys.stderr,
-            )
     saved_sampling = state.get("sampling")  # absent from an older turnrl's checkpoint
     if isinstance(saved_sampling, Mapping) and rank == 0:
-        changed = _setting_changes(
-            {**_sampling_options(None), **saved_sampling}, _sampling_options(args)
+        _note_setting_changes(
+            "this run's sampling settings replace the checkpoint's",
+            {**_sampling_options(None), **saved_sampling},
+            _sampling_options(args),
         )
-        if changed:
-            print(
-                "--resume: this run's sampling settings replace the checkpoint's: "
-                + "; ".join(changed),
-                file=sys.stderr,
-            )
     saved_schedule = state.get("schedule")  # absent from an older turnrl's checkpoint
     if isinstance(saved_schedule, Mapping) and rank == 0:
         # A schedule left off a resumed command (its --lr-schedule cosine,
         # say) would otherwise go on as constant without a word.
-        changed = _setting_changes(
-            {**_schedule_options(None), **saved_schedule}, _schedule_options(args)
+        _note_setting_changes(
+            "this run's learning-rate schedule replaces the checkpoint's",
+            {**_schedule_options(None), **saved_schedule},
+            _schedule_options(args),
         )
-        if changed:
-            print(
-                "--resume: this run's learning-rate schedule replaces the checkpoint's: "
-                + "; ".join(changed),
-                file=sys.stderr,
-            )
     if resume is not None and rank == 0:
-        changed = _setting_changes(
+        now = {"filter_groups": args.filter_groups, "max_sampling_rounds": args.max_sampling_rounds}
+        _note_setting_changes(
+            "this run filters its groups otherwise than the checkpoint's, so its steps are not "
+            "given the groups an unbroken run's would",
             _filtering_options(state.get("filter_groups")),
-            _filtering_options(
-                {
-                    "filter_groups": args.filter_groups,
-                    "max_sampling_rounds": args.max_sampling_rounds,
-                }
-            ),
+            _filtering_options(now),
         )
-        if changed:
-            print(
-                "--resume: this run filters its groups otherwise than the checkpoint's, so its "
-                "steps are not given the groups an unbroken run's would: " + "; ".join(changed),
-                file=sys.stderr,
-            )
     if evaluation is not None and resume is not None:
         evaluation = _resumed_evaluation(evaluation, state, first_step, metrics, rank)
     elif evaluation is not None and args.resume and evaluation.before_training:
@@ -1226,20 +1216,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         saved_epochs = args.ppo_epochs
     updates_done = first_step * saved_epochs
     updates = updates_done + args.steps * args.ppo_epochs
-    if args.lr_schedule != "constant" and updates <= args.warmup_steps:
-        # What _train refuses for a new run before the model loads, for a
-        # --resume'd one (or a --resume with nothing to resume yet).
-        done = (
-            f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}, and "
-            if updates_done
-            else ""
-        )
-        raise InvalidInputError(
-            f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
-            f"{args.warmup_steps}, and the run takes {updates} optimizer steps ({done}--steps "
-            f"{args.steps} x --ppo-epochs {args.ppo_epochs}): give fewer --warmup-steps or more "
-            "--steps"
-        )
+    # What _train refuses for a new run before the model loads, for a
+    # --resume'd one (or a --resume with nothing to resume yet).
+    _check_schedule_decays(args, updates_done, saved_epochs)
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
@@ -1834,6 +1813,14 @@ def _setting_changes(
         for key in dict.fromkeys([*before, *after])
         if before.get(key) != after.get(key)
     ]
+
+
+def _note_setting_changes(what: str, before: Mapping[str, Any], after: Mapping[str, Any]) -> None:
+    """Prints ``--resume: <what>: <changes>`` (:func:`_setting_changes`) when a
+    setting differs; a note, not a refusal."""
+    changed = _setting_changes(before, after)
+    if changed:
+        print(f"--resume: {what}: " + "; ".join(changed), file=sys.stderr)
 
 
 TURN_NORM_HELP = (
