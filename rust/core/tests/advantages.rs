@@ -130,10 +130,17 @@ proptest! {
     }
 }
 
-#[test]
-fn parallel_path_equals_group_by_group() {
-    // A batch above the parallel threshold, groups interleaved.
-    let mut state = 7u64;
+/// A batch of twice the parallel threshold's turns from a fixed generator
+/// (`seed`): trajectories of `min_turns` to `min_turns + 39` turns in `groups`
+/// interleaved groups, their outcomes and rewards made from draws.
+fn large_batch(
+    seed: u64,
+    min_turns: usize,
+    groups: u64,
+    outcome: impl Fn(u64) -> f64,
+    reward: impl Fn(u64) -> f64,
+) -> Owned {
+    let mut state = seed;
     let mut next = move || {
         state = state
             .wrapping_mul(6364136223846793005)
@@ -147,13 +154,25 @@ fn parallel_path_equals_group_by_group() {
     };
     let mut turns = 0;
     while turns < 2 * PARALLEL_MIN_TURNS {
-        let k = 1 + (next() % 40) as usize;
-        b.group.push((next() % 500) as i64);
-        b.outcome.push((next() % 2) as f64);
-        b.rewards
-            .push((0..k).map(|_| (next() % 7) as f64 / 10.0).collect());
+        let k = min_turns + (next() % 40) as usize;
+        b.group.push((next() % groups) as i64);
+        b.outcome.push(outcome(next()));
+        b.rewards.push((0..k).map(|_| reward(next())).collect());
         turns += k;
     }
+    b
+}
+
+#[test]
+fn parallel_path_equals_group_by_group() {
+    // A batch above the parallel threshold, groups interleaved.
+    let b = large_batch(
+        7,
+        1,
+        500,
+        |draw| (draw % 2) as f64,
+        |draw| (draw % 7) as f64 / 10.0,
+    );
     for est in ESTIMATORS {
         let whole = b.run(est.name, &Params::default());
         for id in [0, 17, 499] {
@@ -477,27 +496,13 @@ fn batch_norm_divides_by_the_batch_std_of_raw_values() {
 fn batch_norm_is_the_same_on_any_number_of_threads() {
     // Above the parallel threshold, groups interleaved; the batch statistics
     // merge in a fixed order, so results are identical bit for bit.
-    let mut state = 11u64;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        state >> 33
-    };
-    let mut b = Owned {
-        outcome: vec![],
-        group: vec![],
-        rewards: vec![],
-    };
-    let mut turns = 0;
-    while turns < 2 * PARALLEL_MIN_TURNS {
-        let k = (next() % 40) as usize;
-        b.group.push((next() % 700) as i64);
-        b.outcome.push((next() % 3) as f64 / 2.0);
-        b.rewards
-            .push((0..k).map(|_| (next() % 7) as f64 / 10.0 - 0.2).collect());
-        turns += k;
-    }
+    let b = large_batch(
+        11,
+        0,
+        700,
+        |draw| (draw % 3) as f64 / 2.0,
+        |draw| (draw % 7) as f64 / 10.0 - 0.2,
+    );
     for turn_norm in [TurnNorm::Position, TurnNorm::Pooled] {
         let p = Params {
             norm: Norm::Batch,
