@@ -350,11 +350,13 @@ def test_top_p_and_top_k_are_parsed_checked_and_kept_from_rollout_correction(tmp
         parsed = _parsed([*command, "--top-p", "0.95", "--top-k", "20"])
         assert (parsed.top_p, parsed.top_k) == (0.95, 20)
         assert _parsed([*command, "--top-p", "1", "--top-k", "0"]).top_k == 0
+        # vLLM's and SGLang's word for off.
+        assert _parsed([*command, "--top-k=-1"]).top_k == 0
         for option, value, why in [
             ("--top-p", "0", "must be above 0 and at most 1, got '0'"),
             ("--top-p", "1.5", "must be above 0 and at most 1, got '1.5'"),
             ("--top-p", "nan", "must be a finite number"),
-            ("--top-k", "-3", "must be a positive integer, or 0 for off, got '-3'"),
+            ("--top-k", "-3", "must be a positive integer, or 0 (or vLLM's -1) for off, got '-3'"),
             ("--top-k", "x", "not an integer: 'x'"),
         ]:
             with pytest.raises(SystemExit):

@@ -1964,11 +1964,14 @@ def _memory_share(text: str) -> float:
 
 
 def _top_k(text: str) -> int:
-    """argparse type: how many of the likeliest tokens sampling keeps; 0: all (off)."""
+    """argparse type: how many of the likeliest tokens sampling keeps; 0 or
+    vLLM's -1: all (off, given as 0)."""
     value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, or 0 for off, got {text!r}")
-    return value
+    if value < -1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer, or 0 (or vLLM's -1) for off, got {text!r}"
+        )
+    return max(value, 0)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -2339,7 +2342,7 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument(
         "--top-k",
         type=_top_k,
-        help="the policy samples from its K likeliest tokens only; 0: all (default: a served "
+        help="the policy samples from its K likeliest tokens only; 0 or -1: all (default: a served "
         "policy's server's own default, else 0)",
     )
     col.add_argument(
@@ -2525,7 +2528,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k",
         type=_top_k,
         help="the rollouts (and evaluation above temperature 0) sample from the K likeliest "
-        "tokens only; 0: all (default: 0); no sampler log-probs then, so no "
+        "tokens only; 0 or -1: all (default: 0); no sampler log-probs then, so no "
         "--rollout-correction",
     )
     tr.add_argument(
