@@ -168,6 +168,28 @@ def test_a_number_the_estimators_cannot_take_is_a_bad_line(tmp_path: Path, capsy
     assert f"{10 * 8 - 1} trajectories" in captured.out
 
 
+def test_the_bad_lines_note_says_how_many_the_report_lists(tmp_path: Path, capsys):
+    """The reader keeps the first 1000 problems of a file: past them, the note
+    on stderr does not say that --report lists every bad line."""
+    good = [json.dumps(r) for r in planted_records(4, 2)]
+    few, many = tmp_path / "few.jsonl", tmp_path / "many.jsonl"
+    few.write_text("\n".join([*good, "{bad"]) + "\n")
+    many.write_text("\n".join([*good, *["{bad"] * 1005]) + "\n")
+    report = tmp_path / "report.json"
+    assert main(["calibrate", str(few), str(many), "--quiet", "--report", str(report)]) == 0
+    err = capsys.readouterr().err
+    written = json.loads(report.read_text())
+    assert written["skipped_lines"] == 1006 and len(written["problems"]) == 1001
+    assert "all listed" not in err
+    assert "... and 986 more (--report lists 1001 of the 1006: at most 1000 per file)" in err
+    assert main(["calibrate", str(few), "--quiet"]) == 0
+    assert "skipped 1 bad line(s):" in capsys.readouterr().err
+    twenty_one = tmp_path / "twenty_one.jsonl"
+    twenty_one.write_text("\n".join([*good, *["{bad"] * 21]) + "\n")
+    assert main(["calibrate", str(twenty_one), "--quiet"]) == 0
+    assert "... and 1 more (all listed in --report)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "options",
     [

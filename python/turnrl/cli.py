@@ -116,7 +116,13 @@ def _calibrate(args: argparse.Namespace) -> int:
         for line in problems[:20]:
             print(f"  {line}", file=sys.stderr)
         if skipped > 20:
-            print(f"  ... and {skipped - 20} more (all listed in --report)", file=sys.stderr)
+            # The reader keeps the first 1000 problems of each file, all counted.
+            listed = (
+                "all listed in --report"
+                if len(problems) == skipped
+                else f"--report lists {len(problems)} of the {skipped}: at most 1000 per file"
+            )
+            print(f"  ... and {skipped - 20} more ({listed})", file=sys.stderr)
     if len(rollouts.outcome) == 0:
         hint = _results_hint(problems)
         print(
