@@ -2129,7 +2129,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="rollouts per task (default: %(default)s)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)"
+    )
     demo.add_argument(
         "--estimators",
         nargs="+",
