@@ -570,6 +570,36 @@ def test_plot_never_passes_negative_error_bars(tmp_path: Path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_interrupted_plot_leaves_the_old_one(tmp_path: Path, monkeypatch):
+    """--plot is written beside its name and renamed over it, as --out and
+    --report are: Ctrl-C while saving left part of a PNG over the old plot."""
+    import matplotlib.figure
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
+    plot = tmp_path / "plots" / "p.png"
+    plot_report(report, plot)
+    old = plot.read_bytes()
+
+    def savefig(self, target, **kwargs):
+        part = b"\x89PNG\r\n\x1a\n"  # the start of a PNG, as an interrupted save leaves
+        if isinstance(target, (str, os.PathLike)):
+            Path(target).write_bytes(part)
+        else:
+            target.write(part)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(KeyboardInterrupt):
+        plot_report(report, plot)
+    assert plot.read_bytes() == old
+    assert [p.name for p in plot.parent.iterdir()] == ["p.png"]  # no temporary file left
+
+
 def _drawn_errorbars(monkeypatch) -> list[np.ndarray]:
     """The ``yerr`` of every error bar the plots draw from now on, in order."""
     import matplotlib.axes
