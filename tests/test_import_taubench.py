@@ -235,23 +235,17 @@ def test_tau2_results_name_tasks_by_id_not_position(tmp_path: Path):
 
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps([entry(999, 1.0, 0, [[]])]))
-    code = main(
-        [
-            "rollouts",
-            "import-taubench",
-            str(path),
-            "--env",
-            "taubench:airline",
-            "--root",
-            str(TAU_BENCH),
-            "--out",
-            str(tmp_path / "b.jsonl"),
-        ]
-    )
-    assert code == 2
-    assert "entry 0" in capsys.readouterr().err
-    assert not (tmp_path / "b.jsonl").exists()
+    argv = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    argv += ["--root", str(TAU_BENCH), "--out", str(tmp_path / "b.jsonl")]
+    # An index past the split says so (it read "is not a task index", as a name does).
+    for task_id, message in (
+        (999, "entry 0: taubench:airline: task index 999 out of range (0..49)"),
+        ("first", "entry 0: task_id 'first' is not a task index"),
+    ):
+        path.write_text(json.dumps([entry(task_id, 1.0, 0, [[]])]))
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "b.jsonl").exists()
 
 
 def raw_call(call_id: str, name: str, arguments_text: str) -> dict:
