@@ -474,6 +474,18 @@ def test_cli_collect_refuses_a_tier_file_without_a_tier(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_collect_refuses_a_judge_url_without_a_judge_model(chat_server, tmp_path, capsys):
+    """Without --judge-model no judge runs: a --judge-url alone was dropped unsaid,
+    and tau2's natural-language assertions went unchecked in the outcomes."""
+    server, url = chat_server([], default="How can I help?")
+    out = tmp_path / "b.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0"]
+    argv += ["--agent-model", "p", "--agent-url", url, "--user", "scripted", "--quiet"]
+    assert main([*argv, "--judge-url", url, "--out", str(out)]) == 2
+    assert "--judge-url is the judge's (--judge-model)" in capsys.readouterr().err
+    assert server.requests == [] and not out.exists()
+
+
 def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):
     d = envs.load("synthetic:airline", seed=0)
     task = d.tasks[0]

@@ -354,6 +354,12 @@ def _collect(args: argparse.Namespace) -> int:
     from turnrl.exceptions import InvalidInputError
 
     _check_user_and_device(args, args.device if args.engine == "transformers" else None)
+    if args.judge_url and not args.judge_model:
+        # No judge runs without a model: the assertions would go unchecked, unsaid.
+        raise InvalidInputError(
+            "--judge-url is the judge's (--judge-model): give the judge model too, or leave "
+            "--judge-url out"
+        )
     domain, tasks = _domain_and_tasks(args)
 
     # One agent for every episode: an OpenAIAgent keeps no conversation and
