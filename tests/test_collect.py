@@ -486,6 +486,18 @@ def test_cli_collect_refuses_a_judge_url_without_a_judge_model(chat_server, tmp_
     assert server.requests == [] and not out.exists()
 
 
+def test_cli_collect_refuses_a_negative_failure_limit_while_parsing(capsys):
+    """0 is never; below it was refused by collect_rollouts in its own words
+    ("max_consecutive_failures ... or None"), which the command line has not."""
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "p"]
+    argv += ["--user", "scripted", "--out", "never.jsonl", "--max-consecutive-failures", "-1"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "argument --max-consecutive-failures: must be at least 0, got '-1'" in (
+        capsys.readouterr().err
+    )
+
+
 def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):
     d = envs.load("synthetic:airline", seed=0)
     task = d.tasks[0]

@@ -2414,7 +2414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--max-consecutive-failures",
-        type=int,
+        type=_non_negative_int,
         default=16,
         help="cancel the episodes not yet started after this many failures in a row; 0 never "
         "(default: %(default)s)",
