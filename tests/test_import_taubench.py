@@ -126,6 +126,20 @@ def test_a_tier_the_reward_table_lacks_names_the_entry(tmp_path: Path, capsys):
 
 
 @needs_tau_bench
+def test_an_import_without_assistant_turns_says_so(tmp_path: Path, capsys):
+    """It printed "assistant turns by tier: " and nothing after it."""
+    path, out = tmp_path / "results.json", tmp_path / "b.jsonl"
+    argv = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    argv += ["--root", str(TAU_BENCH), "--out", str(out)]
+    user_only = {"task_id": 0, "reward": 0.0, "traj": [{"role": "user", "content": "hi"}]}
+    for results, wrote in (([], "wrote 0 rollouts"), ([user_only], "wrote 1 rollouts")):
+        path.write_text(json.dumps(results))
+        assert main(argv) == 0
+        assert capsys.readouterr().out == f"{wrote} to {out}; no assistant turns\n"
+        assert len(read_rollouts(out).outcome) == len(results)
+
+
+@needs_tau_bench
 def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(0, 1.0, 0, [[]]), entry(1, 1e101, 0, [[]])]))

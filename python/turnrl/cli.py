@@ -214,8 +214,12 @@ def _import_taubench(args: argparse.Namespace) -> int:
         args.results, args.out, args.env, root=args.root, split=args.split, tiers=args.tiers
     )
     counts = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
+    if counts:
+        turns = f"assistant turns by tier: {counts}"
+    else:
+        turns = "no labelled assistant turns" if summary.unlabelled else "no assistant turns"
     print(
-        f"wrote {summary.records} rollouts to {args.out}; assistant turns by tier: {counts}"
+        f"wrote {summary.records} rollouts to {args.out}; {turns}"
         + (f"; {summary.unlabelled} unlabelled" if summary.unlabelled else "")
     )
     return 0
