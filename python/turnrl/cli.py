@@ -124,7 +124,7 @@ def _calibrate(args: argparse.Namespace) -> int:
             )
             print(f"  ... and {skipped - 20} more ({listed})", file=sys.stderr)
     if len(rollouts.outcome) == 0:
-        hint = _results_hint(problems)
+        hint = _results_hint(paths, problems)
         print(
             f"turnrl calibrate: error: no trajectories in {len(paths)} input file(s){hint}",
             file=sys.stderr,
@@ -225,19 +225,32 @@ def _import_taubench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _results_hint(problems: Sequence[str]) -> str:
-    """When a buffer's bad lines are JSON lists, as a tau-bench results file
-    (one list of runs) is, the command that converts such a file."""
-    import re
-
-    found = (re.match(r"(.+):\d+: bad record: .*expected an object, got \[", p) for p in problems)
-    listed = sorted({m.group(1) for m in found if m})
+def _results_hint(files: Sequence[str], problems: Sequence[str]) -> str:
+    """When files with bad lines hold a JSON list, as a tau-bench results file
+    (one list of runs) does, the command that converts such a file."""
+    listed = [
+        name
+        for name in files
+        if any(p.startswith(f"{name}:") for p in problems) and _starts_a_json_list(name)
+    ]
     if not listed:
         return ""
     return (
         f"; {', '.join(listed)} holds a JSON list, as tau-bench's results files do: convert "
         "one with turnrl rollouts import-taubench RESULTS --env ... --out BUFFER"
     )
+
+
+def _starts_a_json_list(path: str) -> bool:
+    """Whether the file's text starts with ``[``: a JSON list, on one line or (as
+    tau-bench writes its results, with indent=2) over many, which no line of a
+    buffer is."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -266,9 +279,8 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
     skipped = f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else ""
     if not stats["trajectories"]:
-        print(
-            f"no trajectories in {stats['files']} file(s){skipped}{_results_hint(batch.problems)}"
-        )
+        hint = _results_hint(batch.files, batch.problems)
+        print(f"no trajectories in {stats['files']} file(s){skipped}{hint}")
         return 0
     sizes = stats["group_size"]
     print(
