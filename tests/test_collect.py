@@ -792,6 +792,8 @@ def test_collect_counts_episodes_the_context_ended(chat_server, tmp_path, capsys
     assert main([*argv, "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "wrote 4 rollouts" in printed and "stops: context_length 4" in printed
+    # Refused at the first request, no episode has a turn (it read "by tier: " and no more).
+    assert "stops: context_length 4; no assistant turns\n" in printed
     records = list(turnrl.iter_rollout_records(out))
     assert [r["meta"]["stop_reason"] for r in records] == ["context_length"] * 4
 

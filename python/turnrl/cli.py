@@ -464,10 +464,10 @@ def _collect(args: argparse.Namespace) -> int:
             if summary.dropped_calls
             else ""
         )
+        turns = f"assistant turns by tier: {tiers}" if tiers else "no assistant turns"
         print(
             f"wrote {summary.records} rollouts to {args.out}: success "
-            f"{summary.success_rate:.3f}; stops: {stops}; assistant turns by tier: {tiers}"
-            + dropped
+            f"{summary.success_rate:.3f}; stops: {stops}; {turns}" + dropped
         )
         _print_pass_hat_k(summary)
     for task_id, sample, error in summary.failures:
