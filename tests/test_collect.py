@@ -592,6 +592,27 @@ def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
     assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
 
 
+def test_cli_collect_names_the_failed_episodes_when_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: the episodes that failed before it are named, as at a normal end
+    (only the count of those written was said)."""
+    import turnrl.collect
+
+    def interrupted(*args, summary, **kwargs):
+        summary.records = 1
+        summary.failures.append(("synthetic/1", 0, "AgentError: endpoint down"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(turnrl.collect, "collect_rollouts", interrupted)
+    out = tmp_path / "b.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "p"]
+    argv += ["--agent-url", "http://127.0.0.1:9", "--user", "scripted", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: 1 finished rollouts written to {out}" in err
+    assert "failed: task synthetic/1 sample 0: AgentError: endpoint down" in err
+    assert "1 episodes failed and were not written" in err
+
+
 def test_a_second_interrupt_while_waiting_still_writes_the_finished_episodes(
     chat_server, tmp_path, monkeypatch
 ):

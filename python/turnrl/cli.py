@@ -455,6 +455,10 @@ def _collect(args: argparse.Namespace) -> int:
             else f"interrupted: nothing finished; {args.out} left as it was",
             file=sys.stderr,
         )
+        # Those that failed before the interrupt, as at a normal end.
+        _print_failures(summary)
+        if summary.failures:
+            print(_failure_count(summary), file=sys.stderr)
         return 130
     if summary.records:
         tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
@@ -470,8 +474,7 @@ def _collect(args: argparse.Namespace) -> int:
             f"{summary.success_rate:.3f}; stops: {stops}; {turns}" + dropped
         )
         _print_pass_hat_k(summary)
-    for task_id, sample, error in summary.failures:
-        print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
+    _print_failures(summary)
     if summary.aborted:
         print(f"stopped early: {summary.aborted}", file=sys.stderr)
     if not summary.records:
@@ -485,12 +488,19 @@ def _collect(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     if summary.failures or summary.aborted:
-        print(
-            f"{len(summary.failures)} episodes failed and were not written",
-            file=sys.stderr,
-        )
+        print(_failure_count(summary), file=sys.stderr)
         return 1
     return 0
+
+
+def _print_failures(summary: Any) -> None:
+    """Each failed episode: its task, sample and error, on stderr."""
+    for task_id, sample, error in summary.failures:
+        print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
+
+
+def _failure_count(summary: Any) -> str:
+    return f"{len(summary.failures)} episodes failed and were not written"
 
 
 def _print_pass_hat_k(summary: Any) -> None:
