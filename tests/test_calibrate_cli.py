@@ -168,6 +168,28 @@ def test_a_number_the_estimators_cannot_take_is_a_bad_line(tmp_path: Path, capsy
     assert f"{10 * 8 - 1} trajectories" in captured.out
 
 
+def test_the_bad_lines_note_says_how_many_the_report_lists(tmp_path: Path, capsys):
+    """The reader keeps the first 1000 problems of a file: past them, the note
+    on stderr does not say that --report lists every bad line."""
+    good = [json.dumps(r) for r in planted_records(4, 2)]
+    few, many = tmp_path / "few.jsonl", tmp_path / "many.jsonl"
+    few.write_text("\n".join([*good, "{bad"]) + "\n")
+    many.write_text("\n".join([*good, *["{bad"] * 1005]) + "\n")
+    report = tmp_path / "report.json"
+    assert main(["calibrate", str(few), str(many), "--quiet", "--report", str(report)]) == 0
+    err = capsys.readouterr().err
+    written = json.loads(report.read_text())
+    assert written["skipped_lines"] == 1006 and len(written["problems"]) == 1001
+    assert "all listed" not in err
+    assert "... and 986 more (--report lists 1001 of the 1006: at most 1000 per file)" in err
+    assert main(["calibrate", str(few), "--quiet"]) == 0
+    assert "skipped 1 bad line(s):" in capsys.readouterr().err
+    twenty_one = tmp_path / "twenty_one.jsonl"
+    twenty_one.write_text("\n".join([*good, *["{bad"] * 21]) + "\n")
+    assert main(["calibrate", str(twenty_one), "--quiet"]) == 0
+    assert "... and 1 more (all listed in --report)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -546,6 +568,36 @@ def test_plot_never_passes_negative_error_bars(tmp_path: Path):
     ]
     plot_report(dataclasses.replace(report, correlations=shifted), tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_interrupted_plot_leaves_the_old_one(tmp_path: Path, monkeypatch):
+    """--plot is written beside its name and renamed over it, as --out and
+    --report are: Ctrl-C while saving left part of a PNG over the old plot."""
+    import matplotlib.figure
+
+    from turnrl.calibration import calibrate
+    from turnrl.irc import plot_report, tiered_from_batch
+
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 20)))
+    report = calibrate(tiered_from_batch(turnrl.read_rollouts(path)))
+    plot = tmp_path / "plots" / "p.png"
+    plot_report(report, plot)
+    old = plot.read_bytes()
+
+    def savefig(self, target, **kwargs):
+        part = b"\x89PNG\r\n\x1a\n"  # the start of a PNG, as an interrupted save leaves
+        if isinstance(target, (str, os.PathLike)):
+            Path(target).write_bytes(part)
+        else:
+            target.write(part)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(KeyboardInterrupt):
+        plot_report(report, plot)
+    assert plot.read_bytes() == old
+    assert [p.name for p in plot.parent.iterdir()] == ["p.png"]  # no temporary file left
 
 
 def _drawn_errorbars(monkeypatch) -> list[np.ndarray]:

@@ -402,6 +402,12 @@ def test_tier_file_errors_name_the_file_and_tier(tmp_path):
         load_tier_rewards(bad)
     with pytest.raises(OSError, match="no such tier file"):
         load_tier_rewards(tmp_path / "missing.toml")
+    # Bytes that are not UTF-8 (a file saved in Latin-1): named, not a UnicodeDecodeError.
+    bad.write_bytes(b"[tiers]\nr\xe9ponse = 0.0\n")
+    with pytest.raises(
+        InvalidInputError, match=r"bad.toml: not UTF-8 text \(invalid continuation byte at byte 9\)"
+    ):
+        load_tier_rewards(bad)
 
 
 @pytest.mark.parametrize(

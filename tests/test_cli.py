@@ -37,6 +37,10 @@ def test_cli_demo_prints_naive_and_calibrated(capsys):
         with pytest.raises(SystemExit):
             main(["demo", option, "0"])
         assert f"argument {option}: must be at least 1, got '0'" in capsys.readouterr().err
+    # numpy's generator takes no negative seed: refused while parsing, not a traceback.
+    with pytest.raises(SystemExit):
+        main(["demo", "--seed", "-1"])
+    assert "argument --seed: must be at least 0, got '-1'" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

@@ -474,6 +474,30 @@ def test_cli_collect_refuses_a_tier_file_without_a_tier(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_collect_refuses_a_judge_url_without_a_judge_model(chat_server, tmp_path, capsys):
+    """Without --judge-model no judge runs: a --judge-url alone was dropped unsaid,
+    and tau2's natural-language assertions went unchecked in the outcomes."""
+    server, url = chat_server([], default="How can I help?")
+    out = tmp_path / "b.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0"]
+    argv += ["--agent-model", "p", "--agent-url", url, "--user", "scripted", "--quiet"]
+    assert main([*argv, "--judge-url", url, "--out", str(out)]) == 2
+    assert "--judge-url is the judge's (--judge-model)" in capsys.readouterr().err
+    assert server.requests == [] and not out.exists()
+
+
+def test_cli_collect_refuses_a_negative_failure_limit_while_parsing(capsys):
+    """0 is never; below it was refused by collect_rollouts in its own words
+    ("max_consecutive_failures ... or None"), which the command line has not."""
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "p"]
+    argv += ["--user", "scripted", "--out", "never.jsonl", "--max-consecutive-failures", "-1"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "argument --max-consecutive-failures: must be at least 0, got '-1'" in (
+        capsys.readouterr().err
+    )
+
+
 def test_think_text_stays_out_of_what_the_user_and_the_reward_see(chat_server):
     d = envs.load("synthetic:airline", seed=0)
     task = d.tasks[0]
@@ -566,6 +590,27 @@ def test_an_interrupt_keeps_the_finished_episodes(chat_server, tmp_path):
     assert len(made) <= 4
     written = [r["task_id"] for r in turnrl.iter_rollout_records(out)]
     assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
+
+
+def test_cli_collect_names_the_failed_episodes_when_interrupted(tmp_path, monkeypatch, capsys):
+    """Ctrl-C: the episodes that failed before it are named, as at a normal end
+    (only the count of those written was said)."""
+    import turnrl.collect
+
+    def interrupted(*args, summary, **kwargs):
+        summary.records = 1
+        summary.failures.append(("synthetic/1", 0, "AgentError: endpoint down"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(turnrl.collect, "collect_rollouts", interrupted)
+    out = tmp_path / "b.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--agent-model", "p"]
+    argv += ["--agent-url", "http://127.0.0.1:9", "--user", "scripted", "--out", str(out)]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: 1 finished rollouts written to {out}" in err
+    assert "failed: task synthetic/1 sample 0: AgentError: endpoint down" in err
+    assert "1 episodes failed and were not written" in err
 
 
 def test_a_second_interrupt_while_waiting_still_writes_the_finished_episodes(
@@ -768,6 +813,8 @@ def test_collect_counts_episodes_the_context_ended(chat_server, tmp_path, capsys
     assert main([*argv, "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "wrote 4 rollouts" in printed and "stops: context_length 4" in printed
+    # Refused at the first request, no episode has a turn (it read "by tier: " and no more).
+    assert "stops: context_length 4; no assistant turns\n" in printed
     records = list(turnrl.iter_rollout_records(out))
     assert [r["meta"]["stop_reason"] for r in records] == ["context_length"] * 4
 

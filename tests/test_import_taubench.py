@@ -126,6 +126,20 @@ def test_a_tier_the_reward_table_lacks_names_the_entry(tmp_path: Path, capsys):
 
 
 @needs_tau_bench
+def test_an_import_without_assistant_turns_says_so(tmp_path: Path, capsys):
+    """It printed "assistant turns by tier: " and nothing after it."""
+    path, out = tmp_path / "results.json", tmp_path / "b.jsonl"
+    argv = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    argv += ["--root", str(TAU_BENCH), "--out", str(out)]
+    user_only = {"task_id": 0, "reward": 0.0, "traj": [{"role": "user", "content": "hi"}]}
+    for results, wrote in (([], "wrote 0 rollouts"), ([user_only], "wrote 1 rollouts")):
+        path.write_text(json.dumps(results))
+        assert main(argv) == 0
+        assert capsys.readouterr().out == f"{wrote} to {out}; no assistant turns\n"
+        assert len(read_rollouts(out).outcome) == len(results)
+
+
+@needs_tau_bench
 def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(0, 1.0, 0, [[]]), entry(1, 1e101, 0, [[]])]))
@@ -235,23 +249,17 @@ def test_tau2_results_name_tasks_by_id_not_position(tmp_path: Path):
 
 def test_import_rejects_unknown_task_index(tmp_path: Path, capsys):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps([entry(999, 1.0, 0, [[]])]))
-    code = main(
-        [
-            "rollouts",
-            "import-taubench",
-            str(path),
-            "--env",
-            "taubench:airline",
-            "--root",
-            str(TAU_BENCH),
-            "--out",
-            str(tmp_path / "b.jsonl"),
-        ]
-    )
-    assert code == 2
-    assert "entry 0" in capsys.readouterr().err
-    assert not (tmp_path / "b.jsonl").exists()
+    argv = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    argv += ["--root", str(TAU_BENCH), "--out", str(tmp_path / "b.jsonl")]
+    # An index past the split says so (it read "is not a task index", as a name does).
+    for task_id, message in (
+        (999, "entry 0: taubench:airline: task index 999 out of range (0..49)"),
+        ("first", "entry 0: task_id 'first' is not a task index"),
+    ):
+        path.write_text(json.dumps([entry(task_id, 1.0, 0, [[]])]))
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "b.jsonl").exists()
 
 
 def raw_call(call_id: str, name: str, arguments_text: str) -> dict:

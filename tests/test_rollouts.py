@@ -1155,6 +1155,16 @@ def test_rollouts_stats_command(tmp_path, capsys):
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().out
     assert main(["calibrate", str(results), "--quiet"]) == 2
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().err
+    # tau-bench writes its results with indent=2: the list's "[" is a line of its own,
+    # and no line is a record (the hint was given only for a list on one line).
+    entries = [{"task_id": t, "reward": 1.0, "info": {}, "traj": []} for t in range(2)]
+    results.write_text("\ufeff" + json.dumps(entries, indent=2))
+    assert main(["rollouts", "stats", str(results), str(path), "--quiet"]) == 0
+    assert "holds a JSON list" not in capsys.readouterr().out  # the buffer has records
+    assert main(["rollouts", "stats", str(results), "--quiet"]) == 0
+    assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().out
+    assert main(["calibrate", str(results), str(empty), "--quiet"]) == 2
+    assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().err
 
 
 def test_rollouts_stats_shows_how_episodes_ended(tmp_path, capsys):

@@ -91,7 +91,7 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
 
     Raises:
         TurnrlIOError: the file does not exist.
-        InvalidInputError: the file is not TOML, ``tiers`` is not a table, a
+        InvalidInputError: the file is not UTF-8 TOML, ``tiers`` is not a table, a
             file with a ``[tiers]`` table has other top-level keys, a tier name
             is not a string, a reward is not a finite number, or there are no
             tiers (the message names the file, or ``mapping``, and the key).
@@ -112,6 +112,10 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
             raise TurnrlIOError(f"{path}: no such tier file (or use a preset: {presets})") from None
         except tomllib.TOMLDecodeError as err:
             raise InvalidInputError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:  # TOML is UTF-8; tomllib lets this through
+            raise InvalidInputError(
+                f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from None
         if "tiers" in document:
             tiers = document["tiers"]
             if not isinstance(tiers, dict):

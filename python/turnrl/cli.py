@@ -116,9 +116,15 @@ def _calibrate(args: argparse.Namespace) -> int:
         for line in problems[:20]:
             print(f"  {line}", file=sys.stderr)
         if skipped > 20:
-            print(f"  ... and {skipped - 20} more (all listed in --report)", file=sys.stderr)
+            # The reader keeps the first 1000 problems of each file, all counted.
+            listed = (
+                "all listed in --report"
+                if len(problems) == skipped
+                else f"--report lists {len(problems)} of the {skipped}: at most 1000 per file"
+            )
+            print(f"  ... and {skipped - 20} more ({listed})", file=sys.stderr)
     if len(rollouts.outcome) == 0:
-        hint = _results_hint(problems)
+        hint = _results_hint(paths, problems)
         print(
             f"turnrl calibrate: error: no trajectories in {len(paths)} input file(s){hint}",
             file=sys.stderr,
@@ -208,26 +214,43 @@ def _import_taubench(args: argparse.Namespace) -> int:
         args.results, args.out, args.env, root=args.root, split=args.split, tiers=args.tiers
     )
     counts = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
+    if counts:
+        turns = f"assistant turns by tier: {counts}"
+    else:
+        turns = "no labelled assistant turns" if summary.unlabelled else "no assistant turns"
     print(
-        f"wrote {summary.records} rollouts to {args.out}; assistant turns by tier: {counts}"
+        f"wrote {summary.records} rollouts to {args.out}; {turns}"
         + (f"; {summary.unlabelled} unlabelled" if summary.unlabelled else "")
     )
     return 0
 
 
-def _results_hint(problems: Sequence[str]) -> str:
-    """When a buffer's bad lines are JSON lists, as a tau-bench results file
-    (one list of runs) is, the command that converts such a file."""
-    import re
-
-    found = (re.match(r"(.+):\d+: bad record: .*expected an object, got \[", p) for p in problems)
-    listed = sorted({m.group(1) for m in found if m})
+def _results_hint(files: Sequence[str], problems: Sequence[str]) -> str:
+    """When files with bad lines hold a JSON list, as a tau-bench results file
+    (one list of runs) does, the command that converts such a file."""
+    listed = [
+        name
+        for name in files
+        if any(p.startswith(f"{name}:") for p in problems) and _starts_a_json_list(name)
+    ]
     if not listed:
         return ""
     return (
         f"; {', '.join(listed)} holds a JSON list, as tau-bench's results files do: convert "
         "one with turnrl rollouts import-taubench RESULTS --env ... --out BUFFER"
     )
+
+
+def _starts_a_json_list(path: str) -> bool:
+    """Whether the file's text starts with ``[``: a JSON list, on one line or (as
+    tau-bench writes its results, with indent=2) over many, which no line of a
+    buffer is."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -256,9 +279,8 @@ def _stats(args: argparse.Namespace) -> int:
         return 0
     skipped = f" ({stats['skipped_lines']} bad lines skipped)" if stats["skipped_lines"] else ""
     if not stats["trajectories"]:
-        print(
-            f"no trajectories in {stats['files']} file(s){skipped}{_results_hint(batch.problems)}"
-        )
+        hint = _results_hint(batch.files, batch.problems)
+        print(f"no trajectories in {stats['files']} file(s){skipped}{hint}")
         return 0
     sizes = stats["group_size"]
     print(
@@ -348,6 +370,12 @@ def _collect(args: argparse.Namespace) -> int:
     from turnrl.exceptions import InvalidInputError
 
     _check_user_and_device(args, args.device if args.engine == "transformers" else None)
+    if args.judge_url and not args.judge_model:
+        # No judge runs without a model: the assertions would go unchecked, unsaid.
+        raise InvalidInputError(
+            "--judge-url is the judge's (--judge-model): give the judge model too, or leave "
+            "--judge-url out"
+        )
     domain, tasks = _domain_and_tasks(args)
 
     # One agent for every episode: an OpenAIAgent keeps no conversation and
@@ -427,6 +455,10 @@ def _collect(args: argparse.Namespace) -> int:
             else f"interrupted: nothing finished; {args.out} left as it was",
             file=sys.stderr,
         )
+        # Those that failed before the interrupt, as at a normal end.
+        _print_failures(summary)
+        if summary.failures:
+            print(_failure_count(summary), file=sys.stderr)
         return 130
     if summary.records:
         tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
@@ -436,14 +468,13 @@ def _collect(args: argparse.Namespace) -> int:
             if summary.dropped_calls
             else ""
         )
+        turns = f"assistant turns by tier: {tiers}" if tiers else "no assistant turns"
         print(
             f"wrote {summary.records} rollouts to {args.out}: success "
-            f"{summary.success_rate:.3f}; stops: {stops}; assistant turns by tier: {tiers}"
-            + dropped
+            f"{summary.success_rate:.3f}; stops: {stops}; {turns}" + dropped
         )
         _print_pass_hat_k(summary)
-    for task_id, sample, error in summary.failures:
-        print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
+    _print_failures(summary)
     if summary.aborted:
         print(f"stopped early: {summary.aborted}", file=sys.stderr)
     if not summary.records:
@@ -457,12 +488,19 @@ def _collect(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     if summary.failures or summary.aborted:
-        print(
-            f"{len(summary.failures)} episodes failed and were not written",
-            file=sys.stderr,
-        )
+        print(_failure_count(summary), file=sys.stderr)
         return 1
     return 0
+
+
+def _print_failures(summary: Any) -> None:
+    """Each failed episode: its task, sample and error, on stderr."""
+    for task_id, sample, error in summary.failures:
+        print(f"failed: task {task_id} sample {sample}: {error}", file=sys.stderr)
+
+
+def _failure_count(summary: Any) -> str:
+    return f"{len(summary.failures)} episodes failed and were not written"
 
 
 def _print_pass_hat_k(summary: Any) -> None:
@@ -2126,7 +2164,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="rollouts per task (default: %(default)s)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)"
+    )
     demo.add_argument(
         "--estimators",
         nargs="+",
@@ -2403,7 +2443,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--max-consecutive-failures",
-        type=int,
+        type=_non_negative_int,
         default=16,
         help="cancel the episodes not yet started after this many failures in a row; 0 never "
         "(default: %(default)s)",

@@ -35,9 +35,12 @@ def _task_at(domain: Any, task_ref: Any) -> Any:
     """tau-bench (v1): ``task_id`` is the task's position in the split (its
     ``run.py`` numbers the split's tasks from 0)."""
     try:
-        return domain.task(int(task_ref))
+        index = int(task_ref)
     except (TypeError, ValueError):
         raise InvalidInputError(f"task_id {task_ref!r} is not a task index") from None
+    # Outside the split, the domain says so and gives the range (its error is
+    # a ValueError too: caught above, it read as a task_id of the wrong kind).
+    return domain.task(index)
 
 
 def _tau2_task_finder(domain: Any) -> Any:

@@ -25,6 +25,7 @@ from turnrl.calibration import (
     CalibrationReport,
     TieredRollouts,
     TierStats,
+    _new_temp_file,
     _write_text_atomic,
     check_success_threshold,
 )
@@ -344,7 +345,8 @@ def plot_report(
     """Each tier's correlation with its confidence interval, and its reward
     before and after calibration, as a PNG. Correlations with a p-value of
     ``alpha`` or more (the significance level the calibration used) are grey;
-    a tier a reward table lacks gets a dash instead of a bar."""
+    a tier a reward table lacks gets a dash instead of a bar. The file is
+    written beside ``path`` and renamed over it (its folder made if need be)."""
     plt = pyplot()
     tiers = [c.tier for c in report.correlations]
     x = np.arange(len(tiers))
@@ -405,7 +407,18 @@ def plot_report(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # PNG whatever the name ends with: matplotlib would pick the format from
-    # the suffix, refuse an unknown one, and add ".png" to a name without.
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    # Written beside the name and renamed over it, as the tier file and the
+    # report are: an interrupted or failed save leaves the old plot, not part
+    # of a new one.
+    fd, tmp = _new_temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            # PNG whatever the name ends with: matplotlib would pick the format
+            # from the suffix, refuse an unknown one, and add ".png" to a name without.
+            fig.savefig(fh, dpi=120, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
