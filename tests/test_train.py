@@ -5014,6 +5014,11 @@ def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, c
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(other)
     with pytest.raises(InvalidInputError, match="does not fit the base model"):
         merge_adapter(adapter, tmp_path / "m", model=other, dtype="float32", device="cpu")
+    # A torch dtype that weights are not loaded in (a cast would not quantise).
+    for dtype in ("int8", "float8_e4m3fn", "bool"):
+        with pytest.raises(InvalidInputError, match=f"dtype '{dtype}' is not one a model's"):
+            merge_adapter(adapter, tmp_path / "m", dtype=dtype, device="cpu")
+    assert not (tmp_path / "m").exists()
 
     # An adapter config without its base: the base must be given.
     config_file = adapter / "adapter_config.json"

@@ -3642,6 +3642,12 @@ def _load_base(model: str | os.PathLike[str], dtype: str, device: str | None) ->
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise InvalidInputError(f"unknown dtype {dtype!r}; try bfloat16, float16 or float32")
+    # Integer and float8 weights need a quantisation recipe, not a cast.
+    if torch_dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise InvalidInputError(
+            f"dtype {dtype!r} is not one a model's weights are loaded in; try bfloat16, "
+            "float16 or float32"
+        )
     where = device or ("cuda" if torch.cuda.is_available() else "cpu")
     source, extra = str(model), {}
     if source.endswith(".gguf") and not os.path.isfile(source):
