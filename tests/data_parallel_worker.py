@@ -5,8 +5,11 @@ slice of them, its LoRA adapter initialised with its own seed (the trainer
 must broadcast rank 0's). Rank 0 saves the trained weights and the stats.
 Then two steps of ``train_loop`` calibrating its tier rewards as it goes,
 each rank's share of a step succeeding in other proportions (one task always
-succeeds): rank 0 saves every rank's calibrator. Then a step filtering
-groups by outcome in which one rank trains on nothing. Last, rank 1 fails in the
+succeeds), under ``norm="batch"`` (whose std must be the whole step's): rank
+0 saves every rank's calibrator. Then a step in which one rank's episodes
+end before any reply, and a step filtering groups by outcome in which one
+rank trains on nothing (both under ``norm="batch"``: a rank with nothing to
+train still takes part in gathering the step's batch). Last, rank 1 fails in the
 middle of a step: both ranks must raise (rank 0 must not wait for ever for
 rank 1's gradients); each writes what it raised.
 
@@ -38,6 +41,7 @@ from turnrl.train import (
     GTPOConfig,
     GTPOTrainer,
     TrainBatch,
+    _step_turn_advantages,
     build_batch,
     train_loop,
 )
@@ -77,6 +81,13 @@ SCENARIOS = {
         [3, 3],
         [slice(0, 6), slice(6, 6)],
     ),
+    "batch_norm_over_the_whole_step": (
+        # norm="batch": the std is the step's, both ranks' outcomes and turns
+        # (each rank's own would be another: 2 of 6 outcomes on rank 0).
+        dict(micro_batch_size=2, norm="batch"),
+        [2, 4],
+        [slice(0, 2), slice(2, 6)],
+    ),
 }
 
 
@@ -89,13 +100,33 @@ def scenario_records(group_sizes: list[int]) -> list[dict]:
     return records
 
 
-def batch_of(records: list[dict], tok, silent: int = 0, sampler: bool = False) -> TrainBatch:
-    """The records' batch, the first ``silent`` records' advantages set to 0; with
-    ``sampler``, sampler log-probs on the trained tokens near the tiny model's
-    (about -12), a function of each token and its place in its row."""
+def batch_of(
+    records: list[dict], tok, silent: int = 0, sampler: bool = False, norm: str | None = None
+) -> TrainBatch:
+    """The records' batch (``mt_grpo``, under ``norm`` when given), the first
+    ``silent`` records' advantages set to 0; with ``sampler``, sampler
+    log-probs on the trained tokens near the tiny model's (about -12), a
+    function of each token and its place in its row. Under torchrun with
+    ``norm``, the advantages take the whole step (every rank's records) as
+    the batch, as train_loop's do."""
+    params = None if norm is None else {"norm": norm}
+    step_advantages = None
+    if params is not None and dist.is_initialized():
+        # Every rank gathers, one without records included.
+        step_advantages = _step_turn_advantages(
+            records, "mt_grpo", params, device=torch.device("cpu")
+        )
     if not records:
         return TrainBatch.empty()
-    batch = build_batch(records, tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo")
+    batch = build_batch(
+        records,
+        tok,
+        system=SYSTEM,
+        tools=TOOLS,
+        estimator="mt_grpo",
+        estimator_params=params,
+        turn_advantages=step_advantages,
+    )
     batch.advantages[torch.from_numpy(batch.row_trajectory < silent)] = 0.0
     if sampler:
         place = torch.arange(batch.input_ids.shape[1])[None, :]
@@ -110,6 +141,7 @@ def trainer_for(base, scenario: dict, seed: int) -> GTPOTrainer:
     settings.pop("bucket", None)
     settings.pop("silent", None)
     settings.pop("sampler", None)
+    settings.pop("norm", None)
     torch.manual_seed(seed)
     model = peft.get_peft_model(
         copy.deepcopy(base),
@@ -142,7 +174,8 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
     domain = envs.load("synthetic:airline", seed=0)
     tasks = [task.id for task in domain.tasks[:2]]
     engine = _HalfGold(domain, always=tasks[:1])
-    online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1)
+    # norm="batch": the trained advantages' std must be the whole step's.
+    online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1, norm="batch")
     evaluation = Evaluation(
         tasks=[task.id for task in domain.tasks[2:5]],
         every=5,
@@ -166,6 +199,7 @@ def calibrating_loop(out: Path, rank: int, tok, base) -> None:
         tasks_per_step=2,
         group_size=4,
         tiers=online,
+        estimator_params={"norm": "batch"},
         buffer_dir=out / "calibrating",
         evaluation=evaluation,
         progress=False,
@@ -203,6 +237,8 @@ def silent_rank_loop(out: Path, rank: int, tok, base) -> None:
         steps=1,
         tasks_per_step=2,
         group_size=2,
+        # Rank 0, with nothing to train, still takes part in gathering the step's batch.
+        estimator_params={"norm": "batch"},
         buffer_dir=out / "silent",
         progress=False,
     )
@@ -235,6 +271,8 @@ def filtering_loop(out: Path, rank: int, tok, base) -> None:
         tasks_per_step=2,
         group_size=2,
         seed=seed,
+        # Rank 0, left with no group, still takes part in gathering the step's batch.
+        estimator_params={"norm": "batch"},
         buffer_dir=out / "filtering",
         filter_groups="outcome",
         max_sampling_rounds=2,
@@ -258,7 +296,9 @@ def main(out: Path) -> None:
         trainer = trainer_for(base, scenario, seed=1 + rank)
         silent = scenario.get("silent", 0) - slices[rank].start
         sampler = scenario.get("sampler", False)
-        stats = trainer.step(batch_of(records[slices[rank]], tok, silent=silent, sampler=sampler))
+        norm = scenario.get("norm")
+        share = records[slices[rank]]
+        stats = trainer.step(batch_of(share, tok, silent=silent, sampler=sampler, norm=norm))
         trained = {
             n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad
         }

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -33,7 +35,16 @@ from turnrl import envs  # noqa: E402
 from turnrl.calibration import load_tier_rewards  # noqa: E402
 from turnrl.exceptions import InvalidInputError  # noqa: E402
 from turnrl.irc import tiered_from_batch  # noqa: E402
-from turnrl.train import GTPOConfig, GTPOTrainer, _rank_share, train_loop  # noqa: E402
+from turnrl.train import (  # noqa: E402
+    GTPOConfig,
+    GTPOTrainer,
+    _rank_share,
+    _rank_turn_advantages,
+    _step_turn_advantages,
+    _takes_the_whole_batch,
+    build_batch,
+    train_loop,
+)
 
 TESTS = Path(__file__).parent
 
@@ -67,6 +78,7 @@ def test_a_two_rank_step_is_the_one_process_step_on_all_rows(two_rank_steps, nam
         qwen_tokenizer(),
         silent=scenario.get("silent", 0),
         sampler=scenario.get("sampler", False),
+        norm=scenario.get("norm"),
     )
     stats = trainer.step(batch)
     if "rollout_correction" in scenario:  # the figures are there, and the cap mattered
@@ -100,7 +112,7 @@ def test_ranks_calibrate_alike_on_the_whole_step(two_rank_steps):
     states = json.loads((out / "calibrators.json").read_text())
     assert states[0] == states[1]
     # What one calibrator makes of each whole step, both ranks' buffers read together.
-    online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1)
+    online = OnlineCalibrator("naive", every=1, window=2, min_trajectories=1, norm="batch")
     for step in (0, 1):
         shares = [out / "calibrating" / f"step-{step}.rank-{rank}.jsonl" for rank in (0, 1)]
         batch = turnrl.read_rollouts(shares)
@@ -148,8 +160,9 @@ def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
         records = [r for share in shares for r in turnrl.iter_rollout_records(share)]
         assert {len(list(turnrl.iter_rollout_records(share))) for share in shares} == {4}
         tiers = [k.removeprefix("tier_reward/") for k in histories[0][step] if "tier_reward/" in k]
-        # The whole step's turn advantages (train_loop's default estimator, the
-        # recorded rewards), for each tier's mean advantage.
+        # The whole step's turn advantages (train_loop's estimator, norm="batch"
+        # with the whole step as the batch, the recorded rewards), for each
+        # tier's mean advantage.
         groups = {name: i for i, name in enumerate(dict.fromkeys(r["group"] for r in records))}
         turns = [[t for t in r["turns"] if t["role"] == "assistant"] for r in records]
         advantages = turnrl.compute_advantages(
@@ -158,6 +171,7 @@ def test_rollout_figures_are_the_whole_steps_on_every_rank(two_rank_steps):
             np.array([groups[r["group"]] for r in records], dtype=np.int64),
             np.array([t["reward"] for ts in turns for t in ts], dtype=np.float64),
             np.cumsum([0] + [len(ts) for ts in turns]).astype(np.int64),
+            norm="batch",
         )
         figures = rollout_figures(records, tiers, advantages)
         assert any(name.startswith("tier_advantage/") and count for name, _, count in figures)
@@ -225,6 +239,107 @@ def test_a_rank_that_fails_mid_step_stops_the_others_too(two_rank_steps):
     failed = (out / "error-rank-1.txt").read_text()
     assert failed.startswith("InvalidInputError") and "not finite" in failed
     assert (out / "error-rank-0.txt").read_text().startswith("RuntimeError: another rank failed")
+
+
+@st.composite
+def ragged_shares(draw):
+    """One to four ranks' advantage inputs: a rank may have no trajectory, a
+    group one trajectory, a trajectory no turn; every rank numbers its groups
+    from 0, so ids coincide across ranks."""
+    shares = []
+    for _ in range(draw(st.integers(1, 4))):
+        sizes = draw(st.lists(st.integers(1, 4), max_size=3))
+        group = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+        outcome = np.array(
+            draw(
+                st.lists(st.sampled_from([0.0, 0.5, 1.0]), min_size=group.size, max_size=group.size)
+            )
+        )
+        counts = draw(st.lists(st.integers(0, 3), min_size=group.size, max_size=group.size))
+        values = st.sampled_from([0.0, 0.3, -0.1, 1.0])
+        rewards = np.array(draw(st.lists(values, min_size=sum(counts), max_size=sum(counts))))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        shares.append((outcome, group, rewards.astype(np.float64), offsets))
+    return shares
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shares=ragged_shares(),
+    estimator=st.sampled_from(["grpo", "mt_grpo", "gtpo_hybrid"]),
+    turn_norm=st.sampled_from(["position", "pooled"]),
+)
+def test_each_rank_gets_its_slice_of_the_advantages_of_all_ranks_rows(shares, estimator, turn_norm):
+    """Each rank's slice is that of one process's advantages on every rank's
+    rows, each rank's groups apart from the others' even where their ids
+    coincide; under a norm within groups, the rank's own advantages."""
+    whole = (
+        np.concatenate([s[0] for s in shares]),
+        # One process on all the rows: a group id of its own for each (rank, group).
+        np.concatenate([100 * rank + s[1] for rank, s in enumerate(shares)]),
+        np.concatenate([s[2] for s in shares]),
+        np.concatenate([[0], np.cumsum(np.concatenate([np.diff(s[3]) for s in shares]))]),
+    )
+    for norm in ("batch", "std", "rloo"):
+        params = {"norm": norm, "turn_norm": turn_norm}
+        expected = turnrl.compute_advantages(estimator, *whole, **params)
+        slices = [_rank_turn_advantages(shares, r, estimator, params) for r in range(len(shares))]
+        assert [len(a) for a in slices] == [len(s[2]) for s in shares]
+        np.testing.assert_array_equal(np.concatenate(slices), expected)
+        if norm != "batch":  # nothing crosses groups: gathering changes no bit
+            for share, mine in zip(shares, slices, strict=True):
+                own = turnrl.compute_advantages(estimator, *share, **params)
+                np.testing.assert_array_equal(mine, own)
+
+
+def test_two_ranks_groups_of_one_id_stay_two_groups():
+    share = (np.array([0.0, 1.0]), np.array([0, 0]), np.zeros(0), np.zeros(3, dtype=np.int64))
+    other = (np.array([1.0, 1.0]), np.array([0, 0]), np.zeros(0), np.zeros(3, dtype=np.int64))
+    params = {"norm": "batch"}
+    apart = [_rank_turn_advantages([share, other], r, "grpo", params) for r in (0, 1)]
+    assert [a.size for a in apart] == [0, 0]  # no turns, nothing to give
+    turned = [(o, g, np.ones(2), np.arange(3)) for o, g, _, _ in (share, other)]
+    mine, theirs = (_rank_turn_advantages(turned, r, "grpo", params) for r in (0, 1))
+    # Rank 1's group is all successes: 0, not pulled below the mean of one merged group.
+    assert theirs.tolist() == [0.0, 0.0] and mine[0] < 0 < mine[1]
+
+
+def test_only_an_estimator_that_may_look_across_groups_gathers_the_step(monkeypatch):
+    from turnrl import advantages
+
+    assert not _takes_the_whole_batch("gtpo_hybrid", None)
+    assert not _takes_the_whole_batch("mt_grpo", {"norm": "std", "turn_norm": "pooled"})
+    assert _takes_the_whole_batch("grpo", {"norm": "batch"})
+
+    def python_estimator(batch, **params):
+        return np.zeros_like(batch.turn_rewards)
+
+    # Registered for this test only.
+    monkeypatch.setitem(advantages._REGISTRY, "test_dp_python_estimator", python_estimator)
+    assert _takes_the_whole_batch("test_dp_python_estimator", None)
+
+
+def test_build_batch_trains_the_advantages_it_is_given():
+    """One process: the gathered advantages are build_batch's own, and given
+    advantages replace the estimator's, refused when they do not fit."""
+    records, tok = scenario_records([2, 4]), qwen_tokenizer()
+    options = dict(system="You help.", tools=None, estimator="mt_grpo")
+    params = {"norm": "batch"}
+    own = build_batch(records, tok, **options, estimator_params=params)
+    gathered = _step_turn_advantages(records, "mt_grpo", params, device=torch.device("cpu"))
+    np.testing.assert_array_equal(gathered, own.turn_advantages)
+    given_values = np.linspace(-1, 1, len(own.turn_advantages))
+    batch = build_batch(records, tok, **options, turn_advantages=given_values)
+    np.testing.assert_array_equal(batch.turn_advantages, given_values)
+    trained = batch.loss_mask
+    flat = batch.turn_offsets[batch.row_trajectory][:, None] + batch.token_turn.clamp(min=0).numpy()
+    np.testing.assert_allclose(batch.advantages[trained], given_values[flat][trained.numpy()], 1e-6)
+    turns = len(given_values)
+    with pytest.raises(InvalidInputError, match=rf"one value per assistant turn .*\({turns}\)"):
+        build_batch(records, tok, **options, turn_advantages=given_values[1:])
+    given_values[3] = np.nan
+    with pytest.raises(InvalidInputError, match=r"turn_advantages\[3\] is nan, not finite"):
+        build_batch(records, tok, **options, turn_advantages=given_values)
 
 
 def test_each_task_of_a_step_goes_to_one_rank():

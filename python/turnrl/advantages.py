@@ -75,8 +75,10 @@ def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
     as they are: ``norm`` among them when given, any string (the built-in
     names, ``"batch"`` included, are only a convention it may follow; the
     batch it gets is the whole call's, so ``"batch"`` statistics are its
-    own to take). Re-registering the same function is a no-op; registering
-    a different function under a taken name is an error.
+    own to take; :func:`turnrl.train.train_loop` calls it on a step's
+    trained rollouts, every rank's under torchrun). Re-registering the same
+    function is a no-op; registering a different function under a taken
+    name is an error.
     """
 
     def decorate(fn: EstimatorFn) -> EstimatorFn:

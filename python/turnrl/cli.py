@@ -1891,7 +1891,7 @@ def _add_estimator_options(parser: argparse.ArgumentParser) -> None:
         "subtract the mean (Dr. GRPO), neither, subtract the mean of the group's other "
         "rollouts (rloo: RLOO's leave-one-out baseline), or subtract the group's mean and "
         "divide by the std over the whole batch (batch: TRL's scale_rewards='batch'; the "
-        "batch is a training step's rollouts, the rank's share under torchrun, and "
+        "batch is the rollouts a training step trains on, every rank's under torchrun, and "
         "calibrate's the rollouts it reads)",
     )
 

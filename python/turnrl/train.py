@@ -60,11 +60,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from turnrl.advantages import compute_advantages, probe_batch
+from turnrl.advantages import compute_advantages, get_estimator, make_batch, probe_batch
 from turnrl.exceptions import InvalidInputError, UnknownNameError
 from turnrl.irc import _group_name
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
     import torch
 
     from turnrl.calibration import OnlineCalibrator
@@ -692,6 +693,21 @@ def _check_truncation(max_length: int | None, truncation: str) -> None:
         )
 
 
+def _given_turn_advantages(values: npt.ArrayLike, turns: int) -> np.ndarray:
+    """:func:`build_batch`'s ``turn_advantages`` as float64, or an error saying
+    what is wrong with them: not one finite value per assistant turn."""
+    given = np.asarray(values, dtype=np.float64)
+    if given.shape != (turns,):
+        raise InvalidInputError(
+            f"turn_advantages must hold one value per assistant turn of the records ({turns}), "
+            f"got shape {given.shape}"
+        )
+    bad = np.flatnonzero(~np.isfinite(given))
+    if bad.size:
+        raise InvalidInputError(f"turn_advantages[{bad[0]}] is {given[bad[0]]}, not finite")
+    return given
+
+
 def build_batch(
     records: Sequence[Mapping[str, Any]],
     tokenizer: Any,
@@ -706,6 +722,7 @@ def build_batch(
     pack: bool | str = True,
     mask_truncated: bool = False,
     truncation: str = "right",
+    turn_advantages: npt.ArrayLike | None = None,
 ) -> TrainBatch:
     """Tokenize rollouts and give every generated token its turn's advantage.
 
@@ -747,8 +764,16 @@ def build_batch(
     ``token_turn`` and ``sampler_logprobs`` are cut with the ids. Advantages
     are computed over whole trajectories before any cut, so a cut changes
     no token's advantage; a turn none of whose tokens is left is untrained.
-    Under ``norm="batch"`` the batch whose std scales them is ``records``
-    (in :func:`train_loop` under torchrun, the rank's share of the step).
+    Under ``norm="batch"`` the batch whose std scales them is ``records``.
+
+    ``turn_advantages``, when given, are the advantages to train with instead
+    of the estimator's on ``records``: one float per assistant turn of
+    ``records``, their turns concatenated in order (the estimator's layout);
+    ``estimator`` and ``estimator_params`` are then unused. :func:`train_loop`
+    under torchrun passes the rank's slice of the advantages of the whole
+    step's records when the estimator may take statistics across groups
+    (``norm="batch"``, a registered estimator), so that the batch is the
+    step's, not the rank's share.
     """
     import torch
 
@@ -757,7 +782,10 @@ def build_batch(
     _check_truncation(max_length, truncation)
     inputs = _advantage_inputs(records, tier_rewards, mask_truncated)
     outcome, offsets, cut_turns = inputs.outcome, inputs.turn_offsets, inputs.cut_turns
-    turn_adv = inputs.advantages(estimator, estimator_params)
+    if turn_advantages is None:
+        turn_adv = inputs.advantages(estimator, estimator_params)
+    else:
+        turn_adv = _given_turn_advantages(turn_advantages, len(inputs.turn_rewards))
 
     rows: list[list[int]] = []
     row_turns: list[list[int]] = []
@@ -2709,7 +2737,12 @@ def train_loop(
     groups of its share (task ``j`` of the step goes to rank ``j % world
     size``, so ``tasks_per_step`` must be at least the world size), writes
     them to ``buffer_dir/step-N.rank-R.jsonl``, and the trainer sums the
-    update over the ranks. Stats are the whole step's on every rank (and
+    update over the ranks. Under ``norm="batch"``, and with a registered
+    Python estimator, the batch the advantages are computed on is the
+    step's trained records of every rank (the ranks gather each other's
+    outcomes, groups and turn rewards), so the ranks train as one process
+    on all their rows would; with ``filter_groups``, the groups the step
+    trains, of every round. Stats are the whole step's on every rank (and
     ``on_step`` runs on every rank: write files from one). Rank 0 alone
     saves the checkpoint; every rank waits for it before ``after_update``.
     Give every rank the same ``checkpoint``: every rank takes part in
@@ -2941,6 +2974,19 @@ def train_loop(
                 failures = [f for s in summaries for f in s.failures]
                 first = failures[0][2] if failures else "none ran here"
                 raise RuntimeError(f"step {step}: no episode finished (first error: {first})")
+            # The batch an estimator that looks across groups (norm="batch")
+            # sees is the whole step's (the trained groups of every rank), as
+            # in one process, not the rank's share.
+            step_advantages = None
+            if world > 1 and _takes_the_whole_batch(estimator, estimator_params):
+                step_advantages = _step_turn_advantages(
+                    records,
+                    estimator,
+                    estimator_params,
+                    device=device,
+                    mask_truncated=mask_truncated,
+                    together=together,
+                )
             batch = (
                 together(
                     build_batch,
@@ -2955,6 +3001,7 @@ def train_loop(
                     mask_truncated=mask_truncated,
                     pack=pack,
                     truncation=truncation,
+                    turn_advantages=step_advantages,
                 )
                 # Episodes a user ended before any reply leave nothing to train here.
                 if any(t.get("role") == "assistant" for r in records for t in r["turns"])
@@ -3166,7 +3213,9 @@ def group_signal(
     still depends on its group alone, bar a std that underflows with
     ``eps=0``; a registered
     estimator that normalises across groups is judged on ``records`` as given:
-    :func:`train_loop` gives it one round's groups on one rank).
+    :func:`train_loop` gives it one round's groups on one rank, while the
+    update's advantages are computed on the trained groups of every round
+    and rank).
     """
     if criterion not in FILTER_GROUPS:
         raise UnknownNameError(
@@ -3276,6 +3325,14 @@ def _gather_records_tiers(
     ]
     if world == 1:
         return light
+    return [record for share in _all_gather_objects(light, world, device) for record in share]
+
+
+def _all_gather_objects(value: Any, world: int, device: torch.device) -> list[Any]:
+    """``value`` (picklable) from every rank, in rank order: the same list on
+    all of them; ``[value]`` without other ranks."""
+    if world == 1:
+        return [value]
     import torch
     import torch.distributed as dist
 
@@ -3283,8 +3340,93 @@ def _gather_records_tiers(
     # NCCL gathers objects through the current CUDA device: the rank's own.
     on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with on_device:
-        dist.all_gather_object(gathered, light)
-    return [record for share in gathered for record in share]
+        dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _takes_the_whole_batch(estimator: str, params: Mapping[str, Any] | None) -> bool:
+    """Whether ``estimator`` under ``params`` may take statistics across groups,
+    so that its advantages on a rank's share of a step can differ from those
+    on the whole step: under ``norm="batch"``, or a registered Python
+    estimator (what it does with its batch is its own). A built-in under any
+    other norm normalises each group alone, and a group lies on one rank."""
+    built_in = getattr(get_estimator(estimator), "_validates_itself", False)
+    return not built_in or dict(params or {}).get("norm") == "batch"
+
+
+_AdvantageShare = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""One rank's (outcome, group, turn_rewards, turn_offsets), as the estimator takes them."""
+
+
+def _rank_turn_advantages(
+    shares: Sequence[_AdvantageShare],
+    rank: int,
+    estimator: str,
+    estimator_params: Mapping[str, Any] | None,
+) -> np.ndarray:
+    """The turn advantages of ``shares[rank]``, with every share together as the batch.
+
+    ``shares`` are the ranks' advantage inputs in rank order. They are
+    concatenated, each share's group ids renumbered past the earlier
+    shares' (a group never spans shares: two shares' groups of one id stay
+    two groups, as each rank's groups were; :func:`train_loop` gives each
+    task of a step, so each group, to one rank), the estimator runs once on
+    the concatenation, and the turns of ``shares[rank]``'s trajectories come
+    back in its layout. A share may have no trajectory, and a trajectory no turn.
+    """
+    outcomes, groups, rewards, counts = [], [], [], []
+    next_group = 0
+    for outcome, group, turn_rewards, turn_offsets in shares:
+        _, ids = np.unique(np.asarray(group, dtype=np.int64), return_inverse=True)
+        ids = ids.reshape(-1).astype(np.int64)
+        groups.append(ids + next_group)
+        next_group += int(ids.max()) + 1 if ids.size else 0
+        outcomes.append(np.asarray(outcome, dtype=np.float64))
+        rewards.append(np.asarray(turn_rewards, dtype=np.float64))
+        counts.append(np.diff(np.asarray(turn_offsets, dtype=np.int64)))
+    turn_counts = np.concatenate([np.zeros(0, dtype=np.int64), *counts])
+    advantages = compute_advantages(
+        estimator,
+        np.concatenate([np.zeros(0), *outcomes]),
+        np.concatenate([np.zeros(0, dtype=np.int64), *groups]),
+        np.concatenate([np.zeros(0), *rewards]),
+        np.concatenate([[0], np.cumsum(turn_counts)]).astype(np.int64),
+        **dict(estimator_params or {}),
+    )
+    start = sum(len(r) for r in rewards[:rank])
+    return advantages[start : start + len(rewards[rank])]
+
+
+def _step_turn_advantages(
+    records: Sequence[Mapping[str, Any]],
+    estimator: str,
+    estimator_params: Mapping[str, Any] | None,
+    *,
+    device: torch.device,
+    mask_truncated: bool = False,
+    together: Callable[..., Any] | None = None,
+) -> np.ndarray:
+    """The turn advantages of this rank's ``records`` (as :func:`build_batch`'s
+    ``turn_advantages``) with the whole step, every rank's records, as the
+    batch: each rank's advantage inputs (outcomes, group ids, turn rewards: a
+    few numbers per trajectory) are gathered, and every rank runs the
+    estimator on all of them and keeps its own turns
+    (:func:`_rank_turn_advantages`). A collective: every rank calls it, one
+    without records included. ``together`` runs each local part so that a
+    rank's error is raised on every rank (:func:`train_loop`'s); a bad value
+    is named by its place in this rank's records, as :func:`build_batch` names it.
+    """
+    rank, world = _world()
+
+    def run_here(work: Callable[..., Any], *args: Any) -> Any:
+        return work(*args)
+
+    run = together or run_here
+    inputs = run(_advantage_inputs, records, None, mask_truncated)
+    share = (inputs.outcome, inputs.group, inputs.turn_rewards, inputs.turn_offsets)
+    run(make_batch, *share)  # a NaN is refused here, named by this rank's record
+    shares = _all_gather_objects(share, world, device)
+    return run(_rank_turn_advantages, shares, rank, estimator, estimator_params)
 
 
 def task_draw(pool: Sequence[Any], per_step: int, seed: int = 0) -> dict[str, Any]:
