@@ -235,6 +235,9 @@ def test_estimator_options_reach_the_direction_check(buffers, tmp_path: Path, op
         ("--success-threshold", "nan", "--success-threshold: must be a finite number"),
         # Was refused only after every buffer had been read, however large.
         ("--max-iterations", "0", "--max-iterations: must be at least 1"),
+        # As rollouts stats checks it; was refused after the estimator check, as
+        # "workers must be at least 1", the library's word.
+        ("--workers", "0", "--workers: must be at least 1"),
     ],
 )
 def test_option_values_are_checked(buffers, capsys, option, value, message):

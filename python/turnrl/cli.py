@@ -2243,7 +2243,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--plot", help="write a plot of correlations and rewards (PNG)")
     cal.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=None,
         help="reader threads, shared by the files read at once (default: every core)",
     )
