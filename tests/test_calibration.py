@@ -410,6 +410,22 @@ def test_tier_file_errors_name_the_file_and_tier(tmp_path):
         load_tier_rewards(bad)
 
 
+def test_a_tier_file_may_start_with_a_byte_order_mark(tmp_path):
+    """Some editors save UTF-8 with a BOM; --config files and buffers skip it,
+    and tomllib refused it as invalid TOML."""
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_bytes(b"\xef\xbb\xbf[tiers]\ngold = 1.0\nread = -0.25\n")
+    assert load_tier_rewards(tiers) == {"gold": 1.0, "read": -0.25}
+    # Only at the very start: elsewhere it is a character TOML refuses.
+    tiers.write_bytes(b"[tiers]\n\xef\xbb\xbfgold = 1.0\n")
+    with pytest.raises(InvalidInputError, match="not valid TOML"):
+        load_tier_rewards(tiers)
+    # A bad byte after the mark is named at its place in the file.
+    tiers.write_bytes(b"\xef\xbb\xbf[tiers]\nr\xe9ponse = 0.0\n")
+    with pytest.raises(InvalidInputError, match=r"invalid continuation byte at byte 12\)"):
+        load_tier_rewards(tiers)
+
+
 @pytest.mark.parametrize(
     "tier",
     [

@@ -85,9 +85,13 @@ def _checked_reward(where: object, tier: str, value: object) -> float:
     return float(value)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> dict[str, float]:
     """Tier rewards from a preset name (``naive``, ``sparse``), a mapping, or a
-    TOML file with a ``[tiers]`` table (or top-level ``tier = reward`` keys).
+    TOML file with a ``[tiers]`` table (or top-level ``tier = reward`` keys);
+    a UTF-8 byte-order mark at the file's start is skipped.
 
     Raises:
         TurnrlIOError: the file does not exist.
@@ -105,17 +109,20 @@ def load_tier_rewards(source: str | os.PathLike[str] | Mapping[str, float]) -> d
         path = Path(source)
         where = str(path)
         try:
-            with path.open("rb") as fh:
-                document = tomllib.load(fh)
+            data = path.read_bytes()
         except FileNotFoundError:
             presets = ", ".join(PRESETS)
             raise TurnrlIOError(f"{path}: no such tier file (or use a preset: {presets})") from None
+        # A byte-order mark (some editors write one) is no content, as for
+        # --config files and buffers; tomllib refuses it.
+        text = data.removeprefix(_BOM)
+        try:
+            document = tomllib.loads(text.decode("utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise InvalidInputError(f"{path}: not valid TOML: {err}") from None
-        except UnicodeDecodeError as err:  # TOML is UTF-8; tomllib lets this through
-            raise InvalidInputError(
-                f"{path}: not UTF-8 text ({err.reason} at byte {err.start})"
-            ) from None
+        except UnicodeDecodeError as err:  # TOML is UTF-8
+            at = err.start + len(data) - len(text)  # the byte's place in the file
+            raise InvalidInputError(f"{path}: not UTF-8 text ({err.reason} at byte {at})") from None
         if "tiers" in document:
             tiers = document["tiers"]
             if not isinstance(tiers, dict):
