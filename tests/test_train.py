@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shutil
 import threading
 import time
 import types
@@ -4984,6 +4985,29 @@ def test_merge_adapter_gives_the_adapted_model_without_peft(tmp_path, tok, base_
     assert cli.main([*argv, "--device", "cpu"]) == 2
     assert cli.main([*argv, "--device", "cpu", "--overwrite"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "merged", "run"]
+
+
+def test_merge_adapter_overwrites_a_file_or_link_and_leaves_nothing_aside(
+    tmp_path, tok, base_model
+):
+    """The old --out was moved aside as .NAME.old-* and removed with rmtree, which
+    fails on a file or a link: it stayed behind, hidden."""
+    from turnrl import cli
+
+    _, adapter = _saved_adapter(tmp_path, tok, base_model)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "weights.bin").write_bytes(b"other")
+    out = tmp_path / "merged"
+    argv = ["merge-adapter", str(adapter), "--out", str(out), "--dtype", "float32"]
+    for make_old in (lambda: out.write_text("an old file"), lambda: out.symlink_to(kept)):
+        make_old()
+        assert cli.main([*argv, "--device", "cpu", "--overwrite"]) == 0
+        assert (out / "turnrl_merge.json").is_file() and not out.is_symlink()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "kept", "merged", "run"]
+        shutil.rmtree(out)
+    # The folder a replaced link named is left as it was.
+    assert [p.name for p in kept.iterdir()] == ["weights.bin"]
 
 
 def test_merge_adapter_refuses_what_it_cannot_merge(tmp_path, tok, base_model, capsys):

@@ -2218,10 +2218,11 @@ def save_adapter(
 def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
     """``write(staging)`` into a new folder beside ``target``, then swapped into place.
 
-    A folder already at ``target`` is moved aside first and removed once the
-    new one is there; a failed ``write`` or rename leaves ``target`` as it
-    was, and a process killed between the two renames leaves the previous
-    folder aside for :func:`recover_adapter`. Leftovers of killed writes of
+    What is already at ``target`` (a folder, a file or a link) is moved aside
+    first and removed once the new folder is there (a link, not what it
+    names); a failed ``write`` or rename leaves ``target`` as it was, and a
+    process killed between the two renames leaves the previous folder aside
+    for :func:`recover_adapter`. Leftovers of killed writes of
     ``target`` are removed after a successful one.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -2250,7 +2251,13 @@ def _write_folder(target: Path, write: Callable[[Path], None]) -> None:
         *target.parent.glob(f".{target.name}.old-*"),
         *target.parent.glob(f".{target.name}.new-*"),
     ):
-        shutil.rmtree(leftover, ignore_errors=True)
+        # What was at target may have been a file or a link, which rmtree
+        # refuses (a link is removed, not what it points to).
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
 
 
 def snapshot_adapter(
