@@ -378,6 +378,16 @@ def test_cli_collect(chat_server, tmp_path, capsys):
     sent = [body for _, body in server.requests[served:]]
     assert sent and all(b["chat_template_kwargs"] == {"enable_thinking": False} for b in sent)
     assert len(list(turnrl.iter_rollout_records(out))) == 4
+    # One episode per task: pass^1, as the README's "k = 1, 2, 4, ... up to that
+    # number" and rollouts stats give it (it was left out).
+    capsys.readouterr()
+    samples = argv.index("--samples") + 1
+    assert main([*argv[:samples], "1", *argv[samples + 1 :]]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 rollouts" in printed
+    assert "pass^1 0.000 (2 tasks x 1 episode)" in printed
+    assert main(["rollouts", "stats", str(out), "--quiet"]) == 0
+    assert "pass^1 0.000" in capsys.readouterr().out
     # Not given, --top-p and --top-k are not sent (the server's defaults apply).
     assert all("top_p" not in b and "top_k" not in b for _, b in server.requests)
     served = len(server.requests)

@@ -517,10 +517,13 @@ def _print_pass_hat_k(summary: Any) -> None:
     from turnrl.envs._base import pass_hat_ks
 
     episodes = counts.pop()
-    if episodes < 2:
+    if episodes < 1:
         return
+    # pass^1 of one episode per task too: the share of tasks whose outcome is
+    # 1, which the success rate (a mean of outcomes) is not when some are partial.
     shown = ", ".join(f"pass^{k} {summary.pass_hat_k(k):.3f}" for k in pass_hat_ks(episodes))
-    print(f"{shown} ({len(summary.task_outcomes)} tasks x {episodes} episodes)")
+    noun = "episode" if episodes == 1 else "episodes"
+    print(f"{shown} ({len(summary.task_outcomes)} tasks x {episodes} {noun})")
 
 
 # The LoRA ranks vLLM's engine takes as max_lora_rank.
