@@ -286,6 +286,37 @@ def test_outputs_that_cannot_be_written_fail_in_one_line(buffers, tmp_path: Path
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_output_naming_an_input_or_another_output_is_refused(
+    buffers, tmp_path: Path, capsys, monkeypatch
+):
+    """--report over one of its own buffers replaced the rollouts with the report."""
+    folder, plain, packed = buffers
+    (folder / "link.jsonl.zst").symlink_to(packed)
+    monkeypatch.chdir(folder)
+    before = {p: p.read_bytes() for p in (plain, packed)}
+    inputs = [str(folder / "step*.jsonl*")]
+    for option, target, named in (
+        ("--out", str(plain), plain),
+        ("--report", "step0.jsonl", plain),  # relative
+        ("--plot", "./link.jsonl.zst", packed),  # a link to it
+    ):
+        assert main(["calibrate", *inputs, option, target, "--quiet"]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (
+            f"turnrl calibrate: error: {option} {target}: the output cannot replace the "
+            f"input buffer ({named})\n"
+        )
+        assert captured.out == ""  # refused before reading
+    assert {p: p.read_bytes() for p in (plain, packed)} == before
+    # Two outputs under one name: the later would replace the earlier.
+    assert main(["calibrate", *inputs, "--out", "c.toml", "--report", "./c.toml"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl calibrate: error: --report ./c.toml: --out c.toml writes the same file; give "
+        "each output its own name\n"
+    )
+    assert not (folder / "c.toml").exists()
+
+
 def test_misaligned_counts_do_not_depend_on_file_order(tmp_path: Path, capsys):
     """A turn whose return equals its group's mean has advantage 0 in exact
     arithmetic; rounding gave it a sign that depended on the group's order."""

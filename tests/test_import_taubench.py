@@ -140,6 +140,28 @@ def test_an_import_without_assistant_turns_says_so(tmp_path: Path, capsys):
 
 
 @needs_tau_bench
+def test_an_out_that_is_the_results_file_is_refused(tmp_path: Path, capsys, monkeypatch):
+    """--out naming the results file (by another path to it too) replaced the
+    results with the buffer made from them."""
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([entry(0, 1.0, 0, [[]])]))
+    before = path.read_bytes()
+    (tmp_path / "link.json").symlink_to(path)
+    monkeypatch.chdir(tmp_path)
+    argv = ["rollouts", "import-taubench", str(path), "--env", "taubench:airline"]
+    for out in (str(path), "results.json", "./link.json"):
+        assert main([*argv, "--root", str(TAU_BENCH), "--out", out]) == 2
+        assert capsys.readouterr().err == (
+            f"turnrl rollouts import-taubench: error: --out {out}: the buffer cannot replace "
+            f"the results file it is made from ({path})\n"
+        )
+        assert path.read_bytes() == before
+    with pytest.raises(InvalidInputError, match="cannot replace the results file"):
+        write_taubench_buffer("results.json", "link.json")
+    assert path.read_bytes() == before
+
+
+@needs_tau_bench
 def test_a_reward_the_buffer_cannot_hold_names_its_entry_and_task(tmp_path: Path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps([entry(0, 1.0, 0, [[]]), entry(1, 1e101, 0, [[]])]))

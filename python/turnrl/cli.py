@@ -78,14 +78,21 @@ def _calibrate(args: argparse.Namespace) -> int:
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
     from turnrl.exceptions import InvalidInputError
     from turnrl.irc import load_buffers, plot_report, pyplot, write_json_atomic
-    from turnrl.rollouts import expand_paths
+    from turnrl.rollouts import _check_not_input, _same_path, expand_paths
 
     paths = expand_paths(args.buffers)
     initial = load_tier_rewards(args.tiers)
+    outputs = [
+        (option, target)
+        for option, target in (
+            ("--out", args.out),
+            ("--report", args.report),
+            ("--plot", args.plot),
+        )
+        if target is not None
+    ]
     # Checked before the (possibly long) calibration, not after it.
-    for option, target in (("--out", args.out), ("--report", args.report), ("--plot", args.plot)):
-        if target is None:
-            continue
+    for k, (option, target) in enumerate(outputs):
         if os.path.isdir(target):
             raise InvalidInputError(f"{option} {target}: is a folder; give a file name")
         parent = os.path.dirname(os.path.abspath(target))
@@ -93,6 +100,16 @@ def _calibrate(args: argparse.Namespace) -> int:
             parent = os.path.dirname(parent)
         if not os.path.isdir(parent):
             raise InvalidInputError(f"{option} {target}: {parent} is a file, not a folder")
+        # Written over an input it would replace the rollouts; over another
+        # output, that output.
+        for path in paths:
+            _check_not_input(target, path, "the output cannot replace the input buffer", option)
+        for earlier, name in outputs[:k]:
+            if _same_path(target, name):
+                raise InvalidInputError(
+                    f"{option} {target}: {earlier} {name} writes the same file; give each "
+                    "output its own name"
+                )
     if args.plot:
         pyplot()
     # Estimator settings it refuses (--gamma 2, --lam 1e308) are found before
@@ -209,7 +226,9 @@ def _table_reward(rewards: Mapping[str, float], tier: str) -> str:
 
 def _import_taubench(args: argparse.Namespace) -> int:
     from turnrl.importers import import_taubench
+    from turnrl.rollouts import RESULTS_REPLACED, _check_not_input
 
+    _check_not_input(args.out, args.results, RESULTS_REPLACED, "--out")
     summary = import_taubench(
         args.results, args.out, args.env, root=args.root, split=args.split, tiers=args.tiers
     )

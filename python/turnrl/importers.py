@@ -109,7 +109,8 @@ def import_taubench(
             naming the entry, not a 0.
 
     Raises:
-        InvalidInputError: an entry whose task (index or tau2 id) is not in
+        InvalidInputError: ``out_path`` is ``results_path`` (by any path to
+            it), an entry whose task (index or tau2 id) is not in
             the split, or
             a malformed results file or entry (one whose turns the labelling
             refuses, e.g. text with a lone surrogate, included): the message
@@ -117,8 +118,14 @@ def import_taubench(
     """
     from turnrl import envs
     from turnrl.args import label_tiers
-    from turnrl.rollouts import RolloutWriter, read_taubench_results
+    from turnrl.rollouts import (
+        RESULTS_REPLACED,
+        RolloutWriter,
+        _check_not_input,
+        read_taubench_results,
+    )
 
+    _check_not_input(out_path, results_path, RESULTS_REPLACED)
     domain = envs.load(env, root=root, split=split)
     rewards = load_tier_rewards(tiers)
     tool_kinds = domain.tool_kinds

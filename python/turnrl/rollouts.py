@@ -76,6 +76,9 @@ __all__ = [
     "write_taubench_buffer",
 ]
 
+#: Why a buffer written over the tau-bench results it is made from is refused.
+RESULTS_REPLACED = "the buffer cannot replace the results file it is made from"
+
 SCHEMA = "turnrl.rollout/1"
 """The ``schema`` value of every record."""
 
@@ -126,6 +129,25 @@ def expand_paths(paths: Paths) -> list[str]:
     if not out:
         raise InvalidInputError("no rollout files given")
     return out
+
+
+def _same_path(a: PathArg, b: PathArg) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same path once made absolute
+    and its links resolved, or (both existing) the same inode, a hard link's too."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one is not there (yet)
+        return False
+
+
+def _check_not_input(out: PathArg, source: PathArg, what: str, option: str = "") -> None:
+    """Refuse an output ``out`` (given as ``option``, e.g. ``"--out"``) that would
+    replace the input ``source`` it is made from; ``what`` says which is which."""
+    if _same_path(out, source):
+        named = f"{option} {out}" if option else str(out)
+        raise InvalidInputError(f"{named}: {what} ({source})")
 
 
 @dataclass(frozen=True)
@@ -953,7 +975,9 @@ def write_taubench_buffer(
     compress: Compress = "auto",
     keep_system: bool = False,
 ) -> int:
-    """Convert a tau-bench results file into a rollout buffer; returns the record count."""
+    """Convert a tau-bench results file into a rollout buffer; returns the record
+    count. An ``out_path`` that is ``results_path`` (by any path to it) is refused."""
+    _check_not_input(out_path, results_path, RESULTS_REPLACED)
     records = read_taubench_results(results_path, env, split, keep_system=keep_system)
     with RolloutWriter(out_path, compress) as writer:
         return writer.write_many(records)
