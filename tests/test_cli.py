@@ -49,6 +49,49 @@ def test_console_script_is_installed():
     assert done.stdout.startswith("turnrl ")
 
 
+def _run_turnrl(argv, before="", stdout_closed=True):
+    """``turnrl ARGV`` in a new interpreter (``before`` run first), its stdout a pipe
+    whose reader is gone (closed before the command can write) or that is read."""
+    code = f"import sys\n{before}\nfrom turnrl.cli import main\nsys.exit(main(sys.argv[1:]))"
+    run = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert run.stdout is not None and run.stderr is not None
+    if stdout_closed:
+        run.stdout.close()
+        out = b""
+    else:
+        out = run.stdout.read()
+    err = run.stderr.read().decode()
+    return run.wait(), out, err
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    """`turnrl rollouts stats ... | head` ended with "error: [Errno 32] Broken pipe"
+    (exit 2), and output still buffered at exit with a BrokenPipeError traceback."""
+    buffer = tmp_path / "b.jsonl"
+    record = '{"schema": "turnrl.rollout/1", "task_id": "t", "group": "g", "sample": 0, '
+    buffer.write_text(record + '"outcome": 1.0, "turns": []}\n')
+    for argv in (
+        ["rollouts", "stats", str(buffer), "--quiet"],
+        ["rollouts", "stats", str(buffer), "--quiet", "--json"],
+        ["demo", "--tasks", "4", "--group-size", "2"],
+    ):
+        code, _, err = _run_turnrl(argv)
+        assert (code, err) == (141, ""), argv  # 128 + SIGPIPE, as a tool SIGPIPE ends
+    # argparse's help ignores a failed write itself (and exits 0); nothing at exit either.
+    assert _run_turnrl(["calibrate", "--help"])[2] == ""
+    # A broken pipe that is not stdout's (a socket, say) is still an error.
+    broken = "import turnrl.cli\ndef run(args): raise BrokenPipeError(32, 'Broken pipe')"
+    code, out, err = _run_turnrl(
+        ["rollouts", "stats", str(buffer)],
+        before=f"{broken}\nturnrl.cli._stats = run",
+        stdout_closed=False,
+    )
+    assert (code, out) == (2, b"")
+    assert err == "turnrl rollouts stats: error: [Errno 32] Broken pipe\n"
+
+
 def test_every_option_with_a_default_says_it_in_its_help():
     import argparse
 

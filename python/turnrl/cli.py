@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -3282,10 +3283,31 @@ def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[
     return [*words, *tokens, *rest[len(words) :], "--config", path]
 
 
+#: The exit status of a command whose stdout's reader has gone (``| head``):
+#: 128 + SIGPIPE, as the shell reports a tool the signal ends.
+CLOSED_STDOUT_STATUS = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``turnrl`` command. Errors in the input (missing
     files, bad tier files, no usable lines) and outputs that cannot be
-    written print one line and exit 2."""
+    written print one line and exit 2. A stdout whose reader has gone (``turnrl
+    rollouts stats ... | head``) ends the command quietly with status 141."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader gone shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        # As Python's documentation advises: the rest of the output goes
+        # nowhere, so the flush at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return CLOSED_STDOUT_STATUS
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from turnrl.exceptions import TurnrlError
 
     parser = build_parser()
@@ -3299,9 +3321,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except (TurnrlError, OSError) as err:  # OSError: an output that cannot be written
+        if isinstance(err, BrokenPipeError) and _stdout_gone():
+            raise
         command = " ".join(filter(None, (args.command, getattr(args, "rollouts_command", None))))
         print(f"turnrl {command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) its reader has closed: what a
+    BrokenPipeError from printing means, and one from elsewhere (a socket of
+    the command's own) does not."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+    except (ImportError, AttributeError):  # no poll (Windows): taken as stdout's
+        return True
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":
