@@ -633,6 +633,55 @@ def test_a_truncation_mode_without_max_length_is_refused_naming_both(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+def test_the_builtin_estimators_parameters_are_the_cores():
+    """The --gamma/--lam table the unused-option notes come from, against what
+    changes each built-in's advantages."""
+    from turnrl.advantages import compute_advantages, probe_batch
+    from turnrl.cli import _BUILTIN_TAKES
+
+    batch = probe_batch()
+    for estimator in ("grpo", "mt_grpo", "gtpo_hybrid"):
+        default = compute_advantages(estimator, *batch)
+        for name, value in (("gamma", 0.5), ("lam", 2.0)):
+            moved = compute_advantages(estimator, *batch, **{name: value})
+            assert (name in _BUILTIN_TAKES[estimator]) == (not np.allclose(moved, default))
+
+
+def test_an_estimator_option_the_estimator_does_not_use_is_noted(tmp_path, capsys):
+    """calibrate --estimator grpo --gamma 0.5 ran as if --gamma were not given,
+    unsaid; so did train. A note, not a refusal: a config file may set them for
+    another estimator."""
+    buffer = tmp_path / "b.jsonl"
+    records = (
+        f'{{"schema": "turnrl.rollout/1", "task_id": "t", "group": "g", "sample": {k}, '
+        f'"outcome": {k % 2}, "turns": [{{"role": "assistant", "tier": "read"}}]}}\n'
+        for k in range(4)
+    )
+    buffer.write_text("".join(records))
+    calibrate = ["calibrate", str(buffer), "--quiet", "--gamma", "0.5", "--lam", "2"]
+    assert main([*calibrate, "--estimator", "grpo"]) == 0
+    assert capsys.readouterr().err == (
+        "turnrl calibrate: note: --gamma 0.5 is not used: --estimator grpo has no gamma "
+        "(it is gtpo_hybrid's)\n"
+        "turnrl calibrate: note: --lam 2 is not used: --estimator grpo has no lam "
+        "(it is mt_grpo and gtpo_hybrid's)\n"
+    )
+    assert main([*calibrate, "--estimator", "mt_grpo"]) == 0
+    assert capsys.readouterr().err == (
+        "turnrl calibrate: note: --gamma 0.5 is not used: --estimator mt_grpo has no gamma "
+        "(it is gtpo_hybrid's)\n"
+    )
+    assert main(calibrate) == 0  # gtpo_hybrid takes both
+    assert "note" not in capsys.readouterr().err
+    # train too (here refused for another option after the note, before any model).
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--truncation", "left"]
+    assert main([*argv, "--estimator", "grpo", "--lam", "0.3"]) == 2
+    assert capsys.readouterr().err.startswith(
+        "turnrl train: note: --lam 0.3 is not used: --estimator grpo has no lam"
+    )
+
+
 def _commands(parser, words=()):
     """(command words, parser) of each command that takes options, e.g. rollouts stats."""
     from turnrl.cli import _subparsers

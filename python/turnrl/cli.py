@@ -113,6 +113,7 @@ def _calibrate(args: argparse.Namespace) -> int:
                 )
     if args.plot:
         pyplot()
+    _note_unused_estimator_options(args, "calibrate")
     # Estimator settings it refuses (--gamma 2, --lam 1e308) are found before
     # the buffers are read, on a small batch.
     compute_advantages(args.estimator, *probe_batch(), **_estimator_params(args))
@@ -710,6 +711,8 @@ def _train(args: argparse.Namespace) -> int:
     for name in _CHOICES_OFF_AS_NONE:
         if getattr(args, name) == "none":
             setattr(args, name, None)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        _note_unused_estimator_options(args, "train")
 
     evaluation_options = {
         "--eval-split": args.eval_split,
@@ -1917,6 +1920,30 @@ def _add_estimator_options(parser: argparse.ArgumentParser) -> None:
         "batch is the rollouts a training step trains on, every rank's under torchrun, and "
         "calibrate's the rollouts it reads)",
     )
+
+
+# The --gamma and --lam each built-in estimator takes (test_cli checks this
+# against the core). A registered Python estimator gets every one given.
+_BUILTIN_TAKES = {"grpo": (), "mt_grpo": ("lam",), "gtpo_hybrid": ("gamma", "lam")}
+
+
+def _note_unused_estimator_options(args: argparse.Namespace, command: str) -> None:
+    """A note on stderr per --gamma or --lam the chosen built-in estimator has
+    no use for. Not refused: a --config file shared by runs of several
+    estimators sets them for some, and a checkpoint's settings count an unused
+    parameter as the same (train_loop compares their advantages)."""
+    takes = _BUILTIN_TAKES.get(args.estimator)
+    if takes is None:
+        return
+    for name in ("gamma", "lam"):
+        value = getattr(args, name)
+        if value is not None and name not in takes:
+            users = " and ".join(e for e, params in _BUILTIN_TAKES.items() if name in params)
+            print(
+                f"turnrl {command}: note: --{name} {value:g} is not used: --estimator "
+                f"{args.estimator} has no {name} (it is {users}'s)",
+                file=sys.stderr,
+            )
 
 
 def _estimator_params(args: argparse.Namespace) -> dict[str, Any]:
