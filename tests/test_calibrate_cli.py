@@ -679,15 +679,55 @@ def test_calibrate_warns_when_success_does_not_vary(tmp_path: Path, capsys, outc
     path = tmp_path / "flat.jsonl"
     records = [{**r, "outcome": outcome} for r in planted_records(0, 5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "tiers.toml"
-    assert main(["calibrate", str(path), "--quiet", "--out", str(out)]) == 0
+    out, report = tmp_path / "tiers.toml", tmp_path / "report.json"
+    assert (
+        main(["calibrate", str(path), "--quiet", "--out", str(out), "--report", str(report)]) == 0
+    )
     err = capsys.readouterr().err
     assert f"warning: {which} of 40 succeeded" in err and "--success-threshold 1" in err
     assert set(load_tier_rewards(str(out)).values()) == {0.0}
+    # The report keeps the warning (the line after "warning: ").
+    (warning,) = json.loads(report.read_text())["warnings"]
+    assert warning.startswith(f"{which} of 40 succeeded") and warning in err
     # Mixed outcomes: no warning.
     path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 5)))
     assert main(["calibrate", str(path), "--quiet"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_calibrate_warns_when_no_turn_has_a_tier(tmp_path: Path, capsys):
+    """Buffers without tiers (an unlabelled export) calibrated to all-zero rewards
+    and "converged", with no word of why."""
+    path = tmp_path / "untiered.jsonl"
+    records = list(planted_records(0, 5))
+    for record in records:
+        for turn in record["turns"]:
+            turn.pop("tier", None)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out, report = tmp_path / "tiers.toml", tmp_path / "report.json"
+    assert (
+        main(["calibrate", str(path), "--quiet", "--out", str(out), "--report", str(report)]) == 0
+    )
+    turns = sum(len(r["turns"]) // 2 for r in records)
+    warning = (
+        f"none of the {turns} assistant turns has a tier: there is nothing to calibrate, and "
+        "every calibrated tier reward is 0; give buffers with tier-labelled turns, as turnrl "
+        "rollouts collect and import-taubench write them"
+    )
+    assert capsys.readouterr().err == f"turnrl calibrate: warning: {warning}\n"
+    assert set(load_tier_rewards(str(out)).values()) == {0.0}
+    assert json.loads(report.read_text())["warnings"] == [warning]
+    # No assistant turn at all: the same.
+    for record in records:
+        record["turns"] = [t for t in record["turns"] if t["role"] != "assistant"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["calibrate", str(path), "--quiet"]) == 0
+    assert "warning: no assistant turns: there is nothing to calibrate" in capsys.readouterr().err
+    # Tiered buffers: no warning, and an empty list in the report.
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_records(0, 5)))
+    assert main(["calibrate", str(path), "--quiet", "--report", str(report)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads(report.read_text())["warnings"] == []
 
 
 def test_plot_greys_correlations_by_the_calibration_alpha(tmp_path: Path, monkeypatch):

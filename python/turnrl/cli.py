@@ -149,17 +149,32 @@ def _calibrate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # Said on stderr and kept in --report, not refused: what the method gives
+    # such data, but rarely what was meant.
+    warnings: list[str] = []
+
+    def warn(text: str) -> None:
+        print(f"turnrl calibrate: warning: {text}", file=sys.stderr)
+        warnings.append(text)
+
     if stats.successes in (0, stats.trajectories):
         # Nothing to correlate with: every r_pb is undefined (0), so every
-        # calibrated reward comes out 0. Said, not refused: it is what the
-        # method gives, but rarely what was meant.
+        # calibrated reward comes out 0.
         which = "no trajectory" if stats.successes == 0 else "every trajectory"
-        print(
-            f"turnrl calibrate: warning: {which} of {stats.trajectories} succeeded (outcome >= "
-            f"--success-threshold {args.success_threshold:g}): tier presence cannot be "
-            "correlated with success, and every calibrated tier reward is 0; calibrate on "
-            "rollouts with both outcomes",
-            file=sys.stderr,
+        warn(
+            f"{which} of {stats.trajectories} succeeded (outcome >= --success-threshold "
+            f"{args.success_threshold:g}): tier presence cannot be correlated with success, "
+            "and every calibrated tier reward is 0; calibrate on rollouts with both outcomes"
+        )
+    if not (rollouts.turn_tiers >= 0).any():
+        # No tier is present anywhere: every r_pb is 0 again, and every tier
+        # is exempt, so the loop "converges" at once.
+        turns = rollouts.num_turns
+        which = f"none of the {turns} assistant turns has a tier" if turns else "no assistant turns"
+        warn(
+            f"{which}: there is nothing to calibrate, and every calibrated tier reward is 0; "
+            "give buffers with tier-labelled turns, as turnrl rollouts collect and "
+            "import-taubench write them"
         )
     report = calibrate(
         rollouts,
@@ -193,7 +208,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     if args.report:
         data = report.to_dict()
-        data.update(inputs=paths, skipped_lines=skipped, problems=problems)
+        data.update(inputs=paths, skipped_lines=skipped, problems=problems, warnings=warnings)
         write_json_atomic(data, args.report)
         print(f"wrote {args.report}")
     if args.plot:
