@@ -1167,6 +1167,75 @@ def test_rollouts_stats_command(tmp_path, capsys):
     assert hint + "turnrl rollouts import-taubench" in capsys.readouterr().err
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.integers(0, 3), st.integers(-2, 2)), max_size=30),
+)
+def test_the_first_repeated_pair_is_found_as_a_loop_finds_it(pairs):
+    from turnrl.rollouts import _first_repeat
+
+    group = np.array([g for g, _ in pairs], dtype=np.int64)
+    sample = np.array([s for _, s in pairs], dtype=np.int64)
+    first_row: dict[tuple[int, int], int] = {}
+    repeats = []
+    for row, pair in enumerate(pairs):
+        if pair in first_row:
+            repeats.append((row, first_row[pair]))
+        first_row.setdefault(pair, row)
+    want = (len(repeats), *repeats[0]) if repeats else None
+    assert _first_repeat(group, sample) == want
+
+
+def test_rollouts_read_twice_are_said_to_count_twice(tmp_path, capsys):
+    """A buffer passed with its .zst copy (or holding its lines twice) doubled
+    every figure of stats and calibrate, unsaid. Warned, not refused: separate
+    runs that wrote the same groups are rollouts too."""
+    from turnrl.cli import main
+
+    turn = {"role": "assistant", "content": "x", "tier": "gold", "reward": 1.0}
+    records = [
+        turnrl.rollout_record(f"t{i % 2}", f"g{i % 2}", i // 2, float(i % 3 == 0), [turn])
+        for i in range(4)
+    ]
+    plain, packed = tmp_path / "b.jsonl", tmp_path / "b.jsonl.zst"
+    for path in (plain, packed):
+        with turnrl.RolloutWriter(path) as writer:
+            writer.write_many(records)
+    found = {
+        "trajectories": 4,
+        "group": "g0",
+        "sample": 0,
+        "at": f"{packed}:1",
+        "first_at": f"{plain}:1",
+    }
+    warning = (
+        "4 trajectories have the group and sample of an earlier one, the first group 'g0' "
+        f"sample 0 at {packed}:1 (as at {plain}:1): the same rollouts read twice"
+    )
+    assert main(["rollouts", "stats", str(plain), str(packed), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"turnrl rollouts stats: warning: {warning}")
+    assert "8 trajectories in 2 file(s)" in out  # counted twice, as said
+    assert main(["rollouts", "stats", str(plain), str(packed), "--quiet", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["repeated_samples"] == found and warning in err
+    report = tmp_path / "report.json"
+    assert main(["calibrate", str(plain), str(packed), "--quiet", "--report", str(report)]) == 0
+    assert f"turnrl calibrate: warning: {warning}" in capsys.readouterr().err
+    assert any(w.startswith(warning) for w in json.loads(report.read_text())["warnings"])
+    # One file holding its lines twice: named at its own lines.
+    plain.write_text(plain.read_text() * 2)
+    assert main(["rollouts", "stats", str(plain), "--quiet", "--json"]) == 0
+    repeated = json.loads(capsys.readouterr().out)["repeated_samples"]
+    assert repeated == {**found, "at": f"{plain}:5", "first_at": f"{plain}:1"}
+    # Distinct pairs: nothing said.
+    assert main(["rollouts", "stats", str(packed), "--quiet", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["repeated_samples"] is None and err == ""
+    assert main(["calibrate", str(packed), "--quiet", "--report", str(report)]) == 0
+    assert "group and sample" not in capsys.readouterr().err
+
+
 def test_rollouts_stats_shows_how_episodes_ended(tmp_path, capsys):
     from turnrl.cli import main
 

@@ -78,7 +78,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     from turnrl.advantages import compute_advantages, probe_batch
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
     from turnrl.exceptions import InvalidInputError
-    from turnrl.irc import load_buffers, plot_report, pyplot, write_json_atomic
+    from turnrl.irc import (
+        load_buffers,
+        plot_report,
+        pyplot,
+        repeated_samples,
+        write_json_atomic,
+    )
     from turnrl.rollouts import _check_not_input, _same_path, expand_paths
 
     paths = expand_paths(args.buffers)
@@ -166,6 +172,9 @@ def _calibrate(args: argparse.Namespace) -> int:
             f"{args.success_threshold:g}): tier presence cannot be correlated with success, "
             "and every calibrated tier reward is 0; calibrate on rollouts with both outcomes"
         )
+    repeats = repeated_samples(shards, rollouts)
+    if repeats is not None:
+        warn(_repeats_warning(repeats))
     if not (rollouts.turn_tiers >= 0).any():
         # No tier is present anywhere: every r_pb is 0 again, and every tier
         # is exempt, so the loop "converges" at once.
@@ -310,6 +319,9 @@ def _stats(args: argparse.Namespace) -> int:
     if batch.skipped > 20:
         print(f"skipped {batch.skipped - 20} more bad line(s)", file=sys.stderr)
     stats = buffer_stats(batch, args.success_threshold)
+    if stats["repeated_samples"] is not None:
+        warning = _repeats_warning(stats["repeated_samples"])
+        print(f"turnrl rollouts stats: warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -372,6 +384,20 @@ def _stats(args: argparse.Namespace) -> int:
                 + (f"{count} trajectories; {rows}" if count else "no trajectories")
             )
     return 0
+
+
+def _repeats_warning(repeats: Mapping[str, Any]) -> str:
+    """The warning for trajectories that repeat an earlier one's group and sample
+    (``buffer_stats``' ``repeated_samples``). A warning, not a refusal: separate
+    runs that wrote the same groups are rollouts too, and nothing is dropped."""
+    return (
+        f"{repeats['trajectories']} trajectories have the group and sample of an earlier "
+        f"one, the first group {repeats['group']!r} sample {repeats['sample']} at "
+        f"{repeats['at']} (as at {repeats['first_at']}): the same rollouts read twice (a "
+        "buffer and a copy of it, a file holding its lines twice) count twice in every "
+        "figure; separate runs' rollouts keep apart in groups of their own (rollouts "
+        "collect --group-prefix)"
+    )
 
 
 def _stop_reason_labels(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:

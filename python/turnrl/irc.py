@@ -36,6 +36,7 @@ __all__ = [
     "load_buffers",
     "plot_report",
     "read_shard",
+    "repeated_samples",
     "tiered_from_batch",
     "tiered_from_records",
     "write_json_atomic",
@@ -137,6 +138,12 @@ class Shard:
     bytes_read: int
     skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    sample: np.ndarray | None = None
+    """int64 [B]: each trajectory's sample (None: not known)."""
+    file_index: np.ndarray | None = None
+    """int32 [B]: each trajectory's file, an index into ``files``."""
+    line: np.ndarray | None = None
+    """int64 [B]: each trajectory's line in its file."""
 
 
 def read_shard(
@@ -156,6 +163,9 @@ def read_shard(
         bytes_read=sum(os.path.getsize(p) for p in paths),
         skipped=batch.skipped,
         problems=list(batch.problems),
+        sample=batch.sample,
+        file_index=batch.file_index,
+        line=batch.line,
     )
 
 
@@ -183,6 +193,37 @@ def _merge(shards: Sequence[Shard], tiers: Sequence[str]) -> TieredRollouts:
         tuple(tiers),
     )
     return merged
+
+
+def repeated_samples(shards: Sequence[Shard], merged: TieredRollouts) -> dict[str, Any] | None:
+    """The trajectories of ``shards`` (merged by :func:`load_buffers` into
+    ``merged``) with the group and sample of an earlier one, as
+    :func:`turnrl.rollouts.buffer_stats` gives them in ``repeated_samples``:
+    how many, and the first with its place and the place of the one it
+    repeats; None when there are none, or when a shard lacks its samples."""
+    from turnrl.rollouts import _repeated_samples
+
+    if not shards or any(
+        s.sample is None or s.file_index is None or s.line is None for s in shards
+    ):
+        return None
+    starts = np.cumsum([0] + [len(s.rollouts.outcome) for s in shards])
+
+    def shard_row(row: int) -> tuple[Shard, int]:
+        k = int(np.searchsorted(starts, row, side="right")) - 1
+        return shards[k], row - int(starts[k])
+
+    def group_name(row: int) -> str:
+        shard, at = shard_row(row)
+        return shard.group_names[int(shard.rollouts.group[at])]
+
+    def place(row: int) -> str:
+        shard, at = shard_row(row)
+        assert shard.file_index is not None and shard.line is not None
+        return f"{shard.files[int(shard.file_index[at])]}:{int(shard.line[at])}"
+
+    sample = np.concatenate([s.sample for s in shards if s.sample is not None])
+    return _repeated_samples(merged.group, sample, group_name, place)
 
 
 def load_buffers(

@@ -278,6 +278,12 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     record gives one), apart, so that no reason's name can be taken for them;
     ``stop_reasons_per_file`` has the same for each file (``file``,
     ``trajectories``, ``stop_reasons``, ``no_stop_reason``), in the order read.
+
+    ``repeated_samples`` counts the trajectories with the group and sample
+    of an earlier one and names the first (None when there are none): the
+    same rollouts read twice (a buffer and a compressed copy of it, or a file
+    holding its lines twice) count twice in every figure, and the rollouts of
+    separate runs that wrote the same groups merge into them.
     """
     from turnrl.calibration import check_success_threshold
 
@@ -332,6 +338,12 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
         },
         "unlabelled_turns": int((batch.turn_tiers == NO_TIER).sum()),
         "tiers": tiers,
+        "repeated_samples": _repeated_samples(
+            batch.group_index,
+            batch.sample,
+            lambda row: batch.group_names[batch.group_index[row]],
+            lambda row: f"{batch.files[batch.file_index[row]]}:{batch.line[row]}",
+        ),
         **_stop_reason_rows(batch, success, slice(None)),
         "stop_reasons_per_file": [
             {
@@ -347,6 +359,54 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
                 )
             )
         ],
+    }
+
+
+def _first_repeat(group: np.ndarray, sample: np.ndarray) -> tuple[int, int, int] | None:
+    """Rows with the (group, sample) pair of an earlier row: how many, the first
+    of them in row order and the earlier row it repeats (the pair's first);
+    None when every pair is distinct. One stable sort of the pairs, so
+    millions of rows take about a second."""
+    if group.shape[0] < 2:
+        return None
+    order = np.lexsort((sample, group))  # stable: a pair's rows in row order
+    ordered_group, ordered_sample = group[order], sample[order]
+    repeats = np.flatnonzero(
+        (ordered_group[1:] == ordered_group[:-1]) & (ordered_sample[1:] == ordered_sample[:-1])
+    )
+    if not repeats.size:
+        return None
+    at = repeats[np.argmin(order[repeats + 1])] + 1  # where in `order` the first repeat is
+    start = at - 1
+    while start > 0 and (ordered_group[start - 1], ordered_sample[start - 1]) == (
+        ordered_group[at],
+        ordered_sample[at],
+    ):
+        start -= 1
+    return int(repeats.size), int(order[at]), int(order[start])
+
+
+def _repeated_samples(
+    group: np.ndarray,
+    sample: np.ndarray,
+    group_name: Callable[[int], str],
+    place: Callable[[int], str],
+) -> dict[str, Any] | None:
+    """What :func:`buffer_stats` says of trajectories whose (group, sample) an
+    earlier one has (``group_name(row)`` and ``place(row)``, "file:line", name
+    them), or None when there are none: ``trajectories`` (how many), and the
+    first such, ``group``, ``sample``, ``at``, and ``first_at`` (the one it
+    repeats)."""
+    found = _first_repeat(group, sample)
+    if found is None:
+        return None
+    count, row, earlier = found
+    return {
+        "trajectories": count,
+        "group": group_name(row),
+        "sample": int(sample[row]),
+        "at": place(row),
+        "first_at": place(earlier),
     }
 
 
