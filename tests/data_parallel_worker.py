@@ -46,7 +46,8 @@ from turnrl.train import (
     train_loop,
 )
 
-# name: (config, records per group, each rank's slice of the records)
+# name: (config, records per group, each rank's slice of the records[, the
+# order of the records one process's step is to take])
 SCENARIOS = {
     "token_mean_kl_two_epochs": (
         dict(micro_batch_size=2, beta=0.05, entropy_coef=0.01, ppo_epochs=2, max_grad_norm=0.5),
@@ -88,7 +89,39 @@ SCENARIOS = {
         [2, 4],
         [slice(0, 2), slice(2, 6)],
     ),
+    "two_mini_batches_of_each_ranks_groups": (
+        # Rank 0's parts g0 | g1, rank 1's g2 | g3: the optimizer steps are on
+        # g0 + g2 and g1 + g3, one process's parts of the records in that
+        # order (``order``); dr_grpo's length is each part's longest row's.
+        dict(micro_batch_size=2, agg="dr_grpo", mini_batches=2, ppo_epochs=2, max_grad_norm=0.5),
+        [2, 2, 2, 2],
+        [slice(0, 4), slice(4, 8)],
+        [0, 1, 4, 5, 2, 3, 6, 7],
+    ),
+    "two_mini_batches_one_part_empty_on_a_rank": (
+        # Rank 1's one group of one record is its first part (advantage 0:
+        # skipped, its tokens counted), its second part empty; one process:
+        # g0 + g3 | g1 + g2.
+        dict(micro_batch_size=2, agg="seq_mean_token_sum", mini_batches=2),
+        [2, 2, 2, 1],
+        [slice(0, 6), slice(6, 7)],
+        [0, 1, 6, 2, 3, 4, 5],
+    ),
+    "two_mini_batches_one_rank_empty": (
+        dict(micro_batch_size=3, mini_batches=2, beta=0.05),
+        [3, 3],
+        [slice(0, 6), slice(6, 6)],
+    ),
 }
+
+
+def one_process_records(name: str) -> list[dict]:
+    """The records of scenario ``name`` in the order one process takes them
+    for the ranks' step (that of its ``order``, where it has one: the
+    ranks' k-th mini-batches together are one process's k-th)."""
+    _, sizes, _, *order = SCENARIOS[name]
+    records = scenario_records(sizes)
+    return [records[i] for i in order[0]] if order else records
 
 
 def scenario_records(group_sizes: list[int]) -> list[dict]:
@@ -290,7 +323,7 @@ def main(out: Path) -> None:
     rank = dist.get_rank()
     tok, base = qwen_tokenizer(), tiny_qwen3(seed=0)
     default_bucket = turnrl.train._BUCKET_ELEMENTS
-    for name, (scenario, sizes, slices) in SCENARIOS.items():
+    for name, (scenario, sizes, slices, *_) in SCENARIOS.items():
         turnrl.train._BUCKET_ELEMENTS = scenario.get("bucket", default_bucket)
         records = scenario_records(sizes)
         trainer = trainer_for(base, scenario, seed=1 + rank)

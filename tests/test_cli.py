@@ -1001,3 +1001,57 @@ def test_train_off_policy_mask_refused_under_truncated_sampling_at_one_epoch(tmp
     for more in (["--temperature", "1"], ["--temperature", "0.7", "--ppo-epochs", "2"]):
         main([*server, *more])
         assert "--off-policy-mask drops" not in capsys.readouterr().err, more
+
+
+def test_mini_batches_is_a_count_and_a_second_one_is_off_policy(tmp_path, capsys):
+    """--mini-batches (1 by default) is an integer of at least 1, from a config
+    file too, where null is not taken (it is a count, nothing to switch off);
+    a new run's schedule counts it among its optimizer steps, and a second
+    mini-batch, whose policy has moved, lifts the refusal of a one-epoch
+    --off-policy-mask, as a second epoch does."""
+    import pytest
+
+    from turnrl.exceptions import InvalidInputError
+
+    train = ["train", "--model", "m", "--env", "e", "--out", "o"]
+    assert _parsed(train).mini_batches == 1
+    assert _parsed([*train, "--mini-batches", "4"]).mini_batches == 4
+    for bad, why in (("0", "must be at least 1"), ("-2", "must be at least 1")):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--mini-batches", bad])
+        assert f"argument --mini-batches: {why}, got '{bad}'" in capsys.readouterr().err
+    for bad in ("1.5", "two", "none"):
+        with pytest.raises(SystemExit):
+            _parsed([*train, "--mini-batches", bad])
+        assert f"argument --mini-batches: not an integer: '{bad}'" in capsys.readouterr().err
+    path = _config_file(tmp_path, ".json", {"mini_batches": 2.0})
+    assert _parsed(["train", "--config", str(path), *train[1:]]).mini_batches == 2
+    path = _config_file(tmp_path, ".json", {"mini-batches": 3})
+    assert _parsed(["train", "--config", str(path), *train[1:]]).mini_batches == 3
+    for value, why in ((0, "mini_batches: must be at least 1, got '0'"), (None, "takes a value")):
+        path = _config_file(tmp_path, ".json", {"mini_batches": value})
+        with pytest.raises(InvalidInputError, match=why):
+            _parsed(["train", "--config", str(path), *train[1:]])
+
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    cosine = [*argv, "--lr-schedule", "cosine", "--warmup-steps", "4", "--steps", "2"]
+    assert main([*cosine, "--mini-batches", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --lr-schedule cosine decays the rate after --warmup-steps 4, "
+        "and the run takes 4 optimizer steps (--steps 2 x --ppo-epochs 1 x --mini-batches 2): "
+        "give fewer --warmup-steps or more --steps\n"
+    )
+    # Three mini-batches leave two optimizer steps after the warmup.
+    main([*cosine, "--mini-batches", "3"])
+    assert "--lr-schedule cosine decays" not in capsys.readouterr().err
+
+    # The transformers engine keeps no sampler log-probs: one epoch of one
+    # mini-batch compares the policy with itself; a second mini-batch does not.
+    mask = [*argv, "--off-policy-mask", "0.5"]
+    assert main(mask) == 2
+    err = capsys.readouterr().err
+    assert "with one --ppo-epochs and one --mini-batches the policy is compared with itself" in err
+    assert "(or --mini-batches 2 or more)" in err
+    main([*mask, "--mini-batches", "2"])
+    assert "--off-policy-mask drops" not in capsys.readouterr().err

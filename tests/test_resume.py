@@ -841,6 +841,53 @@ def test_a_resume_with_fewer_ppo_epochs_goes_on_along_its_schedule(
     assert "--ppo-epochs 2 -> 1" in capsys.readouterr().err
 
 
+def test_a_resume_counts_the_checkpoints_mini_batches_in_its_schedule(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The steps done took the checkpoint's --mini-batches optimizer steps each
+    (kept in its loss settings, and named when a resume changes it); a
+    checkpoint from before --mini-batches took one."""
+    import math
+
+    import turnrl.train
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model, "--lr-schedule", "cosine", "--lr", "1e-3")
+    argv += ["--no-skip-zero-advantage"]  # every part is an optimizer step
+    assert main([*argv, "--mini-batches", "2"]) == 0  # 1 step of two groups: 2 updates
+    run = tmp_path / "run"
+    (line,) = [json.loads(text) for text in (run / "metrics.jsonl").read_text().splitlines()]
+    assert line["updates"] == 2
+    state_file = run / "adapter" / "turnrl_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["loss"]["mini_batches"] == 2
+    Reached = _stop_at_train_loop(monkeypatch)
+    rates = []
+
+    def train_loop(trainer, *args, **kwargs):
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+        raise Reached
+
+    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    # 2 updates done of 2 + 1: half a cosine at 2/3, with AdamW's state or without.
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3))
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert "--mini-batches 2 -> 1" in capsys.readouterr().err
+    (run / "adapter" / "optimizer.pt").unlink()
+    with pytest.raises(Reached):
+        main([*argv, "--resume", "--ppo-epochs", "1"])
+    assert rates == [pytest.approx(expected)] * 2
+    assert "--mini-batches 2 -> 1" in capsys.readouterr().err
+    # An older checkpoint, without the key: 1 update done of 1 + 1, no note.
+    del state["loss"]["mini_batches"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, "--resume"])
+    assert rates[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
+    assert "loss settings" not in capsys.readouterr().err
+
+
 def test_a_resumed_schedule_with_no_step_after_its_warmup_is_refused_naming_the_options(
     tmp_path, tok, base_model, capsys
 ):

@@ -44,6 +44,7 @@ from turnrl.train import (  # noqa: E402
     _same_advantages,
     build_batch,
     lr_schedule,
+    mini_batch_parts,
     plan_micro_batches,
     rollout_messages,
     save_adapter,
@@ -2671,12 +2672,18 @@ def test_train_commands_max_model_len_reaches_vllm(tmp_path, tok, base_model, mo
         ("temperature", 0.0),
         ("max_grad_norm", 0.0),
         ("max_grad_norm", math.nan),
+        ("mini_batches", 0),
+        ("mini_batches", -2),
+        ("mini_batches", 2.0),
+        ("mini_batches", True),
+        ("mini_batches", "2"),
     ],
 )
 def test_loss_settings_are_checked_when_the_config_is_made(field, value):
     with pytest.raises(InvalidInputError, match=field):
         GTPOConfig(**{field: value})
     GTPOConfig(eps_low=math.inf, eps_high=math.inf)  # no clip on either side
+    assert GTPOConfig(mini_batches=np.int64(3)).mini_batches == 3  # any integer, kept as an int
 
 
 @pytest.mark.parametrize(
@@ -5467,3 +5474,132 @@ def test_turn_level_ratios_without_token_turns_are_a_clear_error(tok, base_model
     trainer = _trainer(_lora(base_model), importance_level="turn", skip_zero_advantage=False)
     with pytest.raises(InvalidInputError, match=r"importance_level='turn' needs batch\.token_turn"):
         trainer.step(batch)
+
+
+def _mini_batch_records(pack: bool) -> list[dict]:
+    """Six records of three groups, interleaved (g0, g1, g0, g2, g1, g2), each
+    group one success and one failure."""
+    rng = random.Random(23)
+    groups = ["g0", "g1", "g0", "g2", "g1", "g2"]
+    return [_record(rng, float(i in (0, 1, 3)), g, reasoning=i == 4) for i, g in enumerate(groups)]
+
+
+@pytest.mark.parametrize(
+    "agg, pack",
+    [("token_mean", True), ("seq_mean_token_sum", False), ("dr_grpo", True)],
+)
+def test_mini_batches_step_each_part_as_a_batch_of_its_own_from_the_steps_start(
+    tok, base_model, agg, pack
+):
+    """mini_batches=2, one epoch: two optimizer steps, the first on the first
+    group (g0, whose records are not next to each other), the second on the
+    other two (a turn's rows of one record together). Each is the step a
+    batch of that part's records alone takes (its own token and sequence
+    counts, dr_grpo's padded length its longest row's), except that the
+    second takes its ratios to the log-probs of the step's start, not of the
+    policy the first step left: the reference trainer is given those."""
+    records = _mini_batch_records(pack)
+    build = dict(system=SYSTEM, tools=TOOLS, estimator="mt_grpo", pack=pack)
+    batch = build_batch(records, tok, **build)
+    parts = mini_batch_parts(batch.trajectory_group, 2)
+    assert parts.tolist() == [0, 1, 0, 1, 1, 1]
+    config = dict(agg=agg, micro_batch_size=2, eps_low=0.05, eps_high=0.05)
+    model = _lora(base_model)
+    start, reference = copy.deepcopy(model), copy.deepcopy(model)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _trainer(model, lr=5.0, mini_batches=2, **config)
+    seen = _record_each_step(trainer.optimizer, model)
+    stats = trainer.step(batch)
+    assert stats["updates"] == 2.0 and len(seen) == 2
+
+    by_hand = _trainer(reference, lr=5.0, **config)
+    # The behaviour log-probs of the step's start, whatever the policy now.
+    by_hand._logprobs = lambda _, micro: GTPOTrainer._logprobs(by_hand, start, micro)
+    expected = _record_each_step(by_hand.optimizer, reference)
+    steps, counts = [], []
+    for k in (0, 1):
+        mine = [r for r, at in zip(records, parts, strict=True) if at == k]
+        part = build_batch(mine, tok, **build)
+        steps.append(by_hand.step(part))
+        trained = part.loss_mask[:, 1:]
+        ran = (trained & (part.advantages[:, 1:] != 0)).any(dim=1)
+        counts.append((int(trained.sum()), int(trained[ran].sum())))
+    assert steps[1]["approx_kl"] > 1e-4  # off the step's start's policy
+    for k in (0, 1):
+        for name in initial:
+            want = expected[k][name] - (expected[k - 1][name] if k else initial[name])
+            got = seen[k][name] - (seen[k - 1][name] if k else initial[name])
+            scale = max(float(want.abs().max()), 1e-12)
+            assert float((got - want).abs().max()) <= 1e-3 * scale, (k, name)
+    (tokens0, ran0), (tokens1, ran1) = counts
+    loss = (tokens0 * steps[0]["loss"] + tokens1 * steps[1]["loss"]) / (tokens0 + tokens1)
+    assert stats["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-7)
+    for name in ("approx_kl", "clip_frac", "entropy", "ratio_mean"):
+        mean = (ran0 * steps[0][name] + ran1 * steps[1][name]) / (ran0 + ran1)
+        assert stats[name] == pytest.approx(mean, rel=1e-4, abs=1e-7), name
+    assert stats["grad_norm"] == pytest.approx((steps[0]["grad_norm"] + steps[1]["grad_norm"]) / 2)
+    assert stats["trained_tokens"] == tokens0 + tokens1 and stats["lr"] == 5.0
+
+
+def test_mini_batches_count_in_the_schedule_and_a_part_without_signal_takes_no_step(
+    tok, base_model
+):
+    """Each mini-batch's update steps the schedule: after one step of two
+    mini-batches it stands where two updates put it, ``lr`` the second's rate.
+    A part with nothing to run (no signal, or no trajectory) takes no step,
+    nor a step of the schedule; ``updates`` counts those taken (an epoch's
+    parts are the same every epoch)."""
+    batch = build_batch(
+        _mini_batch_records(True), tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo"
+    )
+    rates = []
+    for config in (dict(mini_batches=2), dict(ppo_epochs=2)):
+        trainer = _trainer(_lora(base_model), lr=1.0, **config)
+        trainer.scheduler = lr_schedule(trainer.optimizer, "linear", total_steps=4)
+        stats = trainer.step(batch)
+        assert stats["updates"] == 2.0 and trainer.scheduler.last_epoch == 2
+        assert stats["lr"] == pytest.approx(0.75)  # the second update's: (4 - 1) / 4
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    assert rates == [pytest.approx(0.5)] * 2
+    silent = copy.deepcopy(batch)
+    first = torch.from_numpy(mini_batch_parts(batch.trajectory_group, 2)[batch.row_trajectory] == 0)
+    silent.advantages[first] = 0.0
+    trainer = _trainer(_lora(base_model), lr=1.0, mini_batches=2, ppo_epochs=3)
+    trainer.scheduler = lr_schedule(trainer.optimizer, "linear", total_steps=12)
+    stats = trainer.step(silent)
+    assert stats["updates"] == 3.0 and trainer.scheduler.last_epoch == 3
+    assert stats["skipped_rows"] == float(first.sum()) > 0
+    # Seven parts for six trajectories (three groups): one a trajectory, the last empty.
+    trainer = _trainer(_lora(base_model), lr=1.0, mini_batches=7)
+    assert mini_batch_parts(batch.trajectory_group, 7).tolist() == [0, 2, 1, 4, 3, 5]
+    assert trainer.step(batch)["updates"] == 6.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 6), max_size=30), st.integers(1, 6))
+def test_mini_batch_parts_keep_groups_whole_and_even(groups, parts):
+    part_of = mini_batch_parts(groups, parts)
+    assert len(part_of) == len(groups) and set(part_of.tolist()) <= set(range(parts))
+    order = list(dict.fromkeys(groups))  # groups as they first appear
+    members = [[i for i, g in enumerate(groups) if g == group] for group in order]
+    along = [int(part_of[i]) for m in members for i in m]
+    assert along == sorted(along)  # consecutive runs in that order
+    sizes = [int((part_of == k).sum()) for k in range(parts)]
+    if len(order) < parts:  # cut by trajectories, as evenly as they go
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+        return
+    assert all(len({int(part_of[i]) for i in m}) == 1 for m in members)  # groups whole
+    assert all(sizes)
+    # Each cut is at the group boundary nearest its even share, among those
+    # that leave every part a group.
+    ends = np.cumsum([0, *(len(m) for m in members)])
+    cuts = np.cumsum(sizes)[:-1]
+    for k, cut in enumerate(cuts, start=1):
+        at = int(np.flatnonzero(ends == cut)[0])
+        before = np.flatnonzero(ends == cuts[k - 2])[0] if k > 1 else 0
+        allowed = ends[before + 1 : len(members) - (parts - k) + 1]
+        best = min(abs(parts * int(e) - k * len(groups)) for e in allowed)
+        assert abs(parts * int(ends[at]) - k * len(groups)) == best
+    if len(set(len(m) for m in members)) == 1 and len(members) % parts == 0:
+        assert len(set(sizes)) == 1  # equal groups in equal numbers: equal parts
+    assert mini_batch_parts(groups, 1).tolist() == [0] * len(groups)

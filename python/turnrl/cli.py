@@ -818,8 +818,9 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--rollout-correction-cap must be at least 1, got {args.rollout_correction_cap}"
         )
-    if args.off_policy_mask is not None and args.ppo_epochs == 1:
-        # Without sampler log-probs the mask compares the policy with itself.
+    if args.off_policy_mask is not None and args.ppo_epochs == 1 and args.mini_batches == 1:
+        # Without sampler log-probs the mask compares the policy with itself
+        # (after a second epoch's or mini-batch's first update it has moved).
         no_sampler, remedy = None, ""
         if args.engine == "transformers":
             no_sampler = "the transformers engine samples from the trained model itself"
@@ -840,8 +841,9 @@ def _train(args: argparse.Namespace) -> int:
         if no_sampler is not None:
             raise InvalidInputError(
                 "--off-policy-mask drops the turns the policy has moved away from since they "
-                f"were sampled, and {no_sampler}, so with one --ppo-epochs the policy is "
-                f"compared with itself: add --ppo-epochs 2 or more, or {remedy}"
+                f"were sampled, and {no_sampler}, so with one --ppo-epochs and one "
+                "--mini-batches the policy is compared with itself: add --ppo-epochs 2 or "
+                f"more (or --mini-batches 2 or more), or {remedy}"
             )
     if args.kl_correction and not args.beta > 0:
         raise InvalidInputError(
@@ -1026,26 +1028,33 @@ def _server_engine(
 
 
 def _check_schedule_decays(
-    args: argparse.Namespace, updates_done: int = 0, saved_epochs: int | None = None
+    args: argparse.Namespace,
+    updates_done: int = 0,
+    saved_epochs: int | None = None,
+    saved_mini_batches: int = 1,
 ) -> None:
     """Refuses a decaying --lr-schedule with no optimizer step after --warmup-steps
     over this run's steps and ``updates_done`` (the optimizer steps a resumed
-    run's checkpoint took, at its ``saved_epochs`` per step), naming the options."""
+    run's checkpoint took, at its ``saved_epochs`` x ``saved_mini_batches``
+    per step), naming the options."""
     from turnrl.exceptions import InvalidInputError
 
-    updates = updates_done + args.steps * args.ppo_epochs
+    updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     if args.lr_schedule == "constant" or updates > args.warmup_steps:
         return
+    # Named when not 1, so that a run without mini-batches reads as it did.
+    saved_parts = f" x --mini-batches {saved_mini_batches}" if saved_mini_batches != 1 else ""
+    parts = f" x --mini-batches {args.mini_batches}" if args.mini_batches != 1 else ""
     done = (
-        f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}, and "
+        f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}{saved_parts}, and "
         if updates_done
         else ""
     )
     raise InvalidInputError(
         f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
         f"{args.warmup_steps}, and the run takes {updates} optimizer steps ({done}--steps "
-        f"{args.steps} x --ppo-epochs {args.ppo_epochs}): give fewer --warmup-steps or more "
-        "--steps"
+        f"{args.steps} x --ppo-epochs {args.ppo_epochs}{parts}): give fewer --warmup-steps or "
+        "more --steps"
     )
 
 
@@ -1200,6 +1209,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             micro_batch_tokens=args.micro_batch_tokens,
             skip_zero_advantage=args.skip_zero_advantage,
             ppo_epochs=args.ppo_epochs,
+            mini_batches=args.mini_batches,
             policy_loss=args.policy_loss,
             # None: not given, the field's default (which a resume compares).
             **{
@@ -1314,16 +1324,20 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         )
     # The schedule runs to the last step of this run (a resumed run's included),
     # counted in optimizer steps: the steps done took the checkpoint's
-    # --ppo-epochs each (an older checkpoint's, not kept, are taken as this
-    # run's), so a resume with fewer does not find its schedule run out.
+    # --ppo-epochs x --mini-batches each (an older checkpoint's epochs, not
+    # kept, are taken as this run's; its mini-batches, from before there
+    # were any, as 1), so a resume with fewer does not find its schedule run out.
     saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
     if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
         saved_epochs = args.ppo_epochs
-    updates_done = first_step * saved_epochs
-    updates = updates_done + args.steps * args.ppo_epochs
+    saved_parts = saved_loss.get("mini_batches") if isinstance(saved_loss, Mapping) else None
+    if isinstance(saved_parts, bool) or not isinstance(saved_parts, int) or saved_parts < 1:
+        saved_parts = 1
+    updates_done = first_step * saved_epochs * saved_parts
+    updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     # What _train refuses for a new run before the model loads, for a
     # --resume'd one (or a --resume with nothing to resume yet).
-    _check_schedule_decays(args, updates_done, saved_epochs)
+    _check_schedule_decays(args, updates_done, saved_epochs, saved_parts)
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
@@ -1851,6 +1865,7 @@ LOSS_OPTIONS = {
     "micro_batch_size": "--micro-batch-size",
     "micro_batch_tokens": "--micro-batch-tokens",
     "ppo_epochs": "--ppo-epochs",
+    "mini_batches": "--mini-batches",
     "policy_loss": "--policy-loss",
     "sapo_tau_pos": "--sapo-tau-pos",
     "sapo_tau_neg": "--sapo-tau-neg",
@@ -2797,7 +2812,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--ppo-epochs",
         type=_positive_int,
         default=1,
-        help="optimizer steps per batch of rollouts (default: %(default)s)",
+        help="passes over each step's rollouts, each taking --mini-batches optimizer steps "
+        "(default: %(default)s)",
+    )
+    tr.add_argument(
+        "--mini-batches",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="optimizer steps per epoch: the step's rollouts (each rank's share under "
+        "torchrun) are cut into N parts, a task's group kept in one where the groups allow, "
+        "the same parts every epoch, each one step whose loss is its own mean (verl's "
+        "ppo_mini_batch_size as a count, TRL's steps_per_generation; the log-probs the "
+        "ratios are taken to are the step's start's, so every part after the first is "
+        "off-policy) (default: %(default)s)",
     )
     tr.add_argument(
         "--eps-low",
@@ -2831,7 +2859,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="weight each token's KL estimate by its ratio pi / pi_old, gradient kept "
         "(DeepSeek-V3.2's unbiased estimate, TRL's use_bias_correction_kl): the tokens were "
-        "sampled from pi_old, which later --ppo-epochs have moved from; needs --beta",
+        "sampled from pi_old, which later --ppo-epochs or --mini-batches have moved from; "
+        "needs --beta",
     )
     tr.add_argument(
         "--off-policy-mask",

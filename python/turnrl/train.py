@@ -563,6 +563,10 @@ class TrainBatch:
     token_turn: torch.Tensor | None = None
     """int64 [R, T]: each token's assistant turn in its record, -1 where untrained
     (needed by the per-turn rollout corrections)."""
+    trajectory_group: np.ndarray | None = None
+    """int64, one per trajectory: its group's index (groups numbered in the
+    order they first appear), which :attr:`GTPOConfig.mini_batches` keeps
+    together; None: unknown, each trajectory taken as a group of its own."""
 
     @classmethod
     def empty(cls) -> TrainBatch:
@@ -878,6 +882,7 @@ def build_batch(
         untrained_rows=untrained,
         sampled_turns=sampled_turns,
         refused_ids=refused_ids,
+        trajectory_group=inputs.group,
     )
 
 
@@ -898,7 +903,8 @@ class GTPOConfig:
     the longest of them) per forward/backward, as verl's dynamic batch size
     (a row longer than this is a micro-batch of its own)."""
     ppo_epochs: int = 1
-    """Optimizer steps on one batch (the first is on-policy: ratio 1)."""
+    """Passes over one batch, each taking one optimizer step per mini-batch
+    (:attr:`mini_batches`; the first step is on-policy: ratio 1)."""
     eps_low: float = 0.2
     """The ratio (CISPO's weight) is clipped to ``[1 - eps_low, 1 + eps_high]``."""
     eps_high: float = 0.2
@@ -988,8 +994,8 @@ class GTPOConfig:
     """DeepSeek-V3.2's unbiased KL estimate (TRL's ``use_bias_correction_kl``):
     each token's KL estimate is weighted by its own ratio ``pi / pi_old``,
     gradient kept, since the tokens were sampled from ``pi_old`` (a later
-    PPO epoch's policy is not it). The first epoch's value is unchanged (r =
-    1), its gradient gains ``beta * kl_t * d log pi_t``: for ``k1`` and
+    PPO epoch's or mini-batch's policy is not it). The first update's value
+    is unchanged (r = 1), its gradient gains ``beta * kl_t * d log pi_t``: for ``k1`` and
     ``k3`` the gradient is then the reverse KL's own. Needs ``beta > 0``;
     ``kl_loss`` is then reported (the corrected estimate)."""
     off_policy_mask: float | None = None
@@ -1002,7 +1008,7 @@ class GTPOConfig:
     entropy terms stay). ``pi_sampler`` is the sampler's log-prob where
     known (``TrainBatch.sampler_logprobs``), the trainer's own at the
     step's start elsewhere, so the mask sees the engine's mismatch and the
-    drift of later PPO epochs. ``off_policy_masked`` reports the share of
+    drift of later PPO epochs and mini-batches. ``off_policy_masked`` reports the share of
     trained tokens masked. The loss then runs its vocabulary schedule."""
     top_entropy_quantile: float = 1.0
     """"Beyond the 80/20 Rule" (arXiv 2506.01939; TRL's
@@ -1014,6 +1020,21 @@ class GTPOConfig:
     TRL gathers its processes'), as TRL's ``H >= torch.quantile(H, 1 -
     rho)``; ``top_entropy_frac`` reports the share kept. 1.0 (the default)
     keeps every token; below it the loss runs its vocabulary schedule."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch (verl's ``ppo_mini_batch_size`` as a count,
+    TRL's ``steps_per_generation``): each epoch the batch's trajectories are
+    split into this many consecutive parts, whole groups kept together
+    (split at the group boundaries nearest an even split by trajectory
+    count; with fewer groups than parts, by trajectories, the first parts
+    one longer), the same parts in the same order every epoch (verl's
+    default: no shuffle), and each part takes one optimizer step whose loss
+    is that part's alone, its denominators (tokens, sequences, ``dr_grpo``'s
+    padded length) counted over it, as a batch of those rows would be. The
+    behaviour and reference log-probs are taken once, before the first, so
+    every part after the first is off-policy. Under data parallelism each
+    rank splits its own share, and part k of every rank makes up one
+    optimizer step. A part with nothing to train on any rank takes no step
+    (as :attr:`skip_zero_advantage`'s batch)."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
@@ -1041,6 +1062,18 @@ class GTPOConfig:
                 raise UnknownNameError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
             raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
+        try:  # a count: an int (numpy's too), not a float or a bool
+            mini_batches = (
+                None if isinstance(self.mini_batches, bool) else operator.index(self.mini_batches)
+            )
+        except TypeError:
+            mini_batches = None
+        if mini_batches is None or mini_batches < 1:
+            raise InvalidInputError(
+                "mini_batches (optimizer steps per epoch) must be an integer of at least 1, "
+                f"got {self.mini_batches!r}"
+            )
+        self.mini_batches = mini_batches
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
             raise InvalidInputError(
                 f"micro_batch_tokens must be at least 1, got {self.micro_batch_tokens}"
@@ -1144,6 +1177,63 @@ class _MicroBatch:
             sampler_logprobs=sampler,
             turns=turns,
         )
+
+
+@dataclasses.dataclass
+class _MiniBatch:
+    """One optimizer step's rows (:attr:`GTPOConfig.mini_batches`): this
+    rank's micro-batches of them, and the counts over every rank's that its
+    loss is divided by."""
+
+    micro: list[_MicroBatch]
+    tokens: int
+    """Trained tokens (the rows skipped for having no signal too)."""
+    sequences: int
+    """Sequences as ``agg`` counts them."""
+    ran_tokens: int
+    """Trained tokens of the rows that run: 0, and the step is not taken."""
+    max_len: int
+    """``dr_grpo``'s constant length."""
+
+
+def mini_batch_parts(trajectory_group: Sequence[int] | np.ndarray, parts: int) -> np.ndarray:
+    """Which of ``parts`` mini-batches each trajectory falls in (int64, one per
+    trajectory), given each trajectory's group (:attr:`GTPOConfig.mini_batches`).
+
+    Groups are taken in the order they first appear, each with its
+    trajectories in order, and cut into ``parts`` consecutive runs of whole
+    groups: the k-th cut at the group boundary nearest ``k / parts`` of the
+    trajectories (the earlier on a tie), every part at least one group. With
+    fewer groups than parts, the trajectories in that order are cut as
+    evenly as they go (the first parts one longer; with fewer trajectories
+    than parts, the last parts empty). The same groups give the same parts.
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise InvalidInputError(f"parts must be an integer of at least 1, got {parts!r}")
+    groups = np.asarray(trajectory_group, dtype=np.int64).reshape(-1)
+    count = len(groups)
+    part_of = np.zeros(count, dtype=np.int64)
+    if parts == 1 or count == 0:
+        return part_of
+    _, first = np.unique(groups, return_index=True)
+    members = [np.flatnonzero(groups == groups[i]) for i in np.sort(first)]
+    if len(members) < parts:
+        order = np.concatenate(members)
+        for k, chunk in enumerate(np.array_split(order, parts)):
+            part_of[chunk] = k
+        return part_of
+    # ends[j]: trajectories in the first j groups.
+    ends = np.cumsum([0, *(len(m) for m in members)])
+    cuts = [0]
+    for k in range(1, parts):
+        # Room for the parts after this one, a group each.
+        candidates = np.arange(cuts[-1] + 1, len(members) - (parts - k) + 1)
+        cuts.append(int(candidates[np.argmin(np.abs(parts * ends[candidates] - k * count))]))
+    cuts.append(len(members))
+    for k in range(parts):
+        for m in members[cuts[k] : cuts[k + 1]]:
+            part_of[m] = k
+    return part_of
 
 
 def plan_micro_batches(
@@ -1433,102 +1523,140 @@ class GTPOTrainer:
 
     def _update(
         self,
-        micro: list[_MicroBatch],
+        parts: list[_MiniBatch],
+        old: list[list[torch.Tensor]],
+        ref: list[list[torch.Tensor | None]],
+        ran_tokens: int,
+        global_tokens: int,
+    ) -> dict[str, float]:
+        """``ppo_epochs`` passes over the mini-batches, one optimizer step each,
+        accumulating that mini-batch's micro-batches' gradients (a mini-batch
+        no rank runs anything of takes none). Statistics: those of the last
+        pass, token-weighted over its mini-batches; ``loss`` weighted by each
+        mini-batch's trained tokens (under ``token_mean``, the step's mean);
+        ``grad_norm`` their mean; ``lr`` the last update's; ``updates`` all
+        passes' optimizer steps."""
+        cfg = self.config
+        totals: dict[str, float] = {}
+        updates = 0
+        for epoch in range(cfg.ppo_epochs):
+            totals = {}
+            loss = 0.0
+            norms: list[float] = []
+            rate = float(self.optimizer.param_groups[0]["lr"])
+            for k, part in enumerate(parts):
+                if part.ran_tokens == 0:
+                    continue  # nothing to run on any rank: no step on no signal
+                part_totals, part_loss, norm, rate = self._optimizer_step(
+                    part, old[k], ref[k], ran_tokens
+                )
+                updates += 1
+                if epoch == cfg.ppo_epochs - 1:
+                    # The first mini-batch's figures as they are, so that one
+                    # mini-batch reports exactly what the whole batch gives.
+                    for name, value in part_totals.items():
+                        totals[name] = totals[name] + value if name in totals else value
+                    weighted = part_loss * (part.tokens / global_tokens)
+                    loss = loss + weighted if norms else weighted
+                    norms.append(norm)
+            totals["loss"] = loss
+            totals["grad_norm"] = sum(norms) / len(norms) if norms else 0.0
+            totals["lr"] = rate
+        totals["updates"] = float(updates)
+        return totals
+
+    def _optimizer_step(
+        self,
+        part: _MiniBatch,
         old: list[torch.Tensor],
         ref: list[torch.Tensor | None],
-        max_len: int,
-        global_tokens: int,
-        global_sequences: int,
         ran_tokens: int,
-    ) -> dict[str, float]:
-        """``ppo_epochs`` optimizer steps, each accumulating every micro-batch's gradients."""
+    ) -> tuple[dict[str, float], float, float, float]:
+        """One optimizer step on ``part``, accumulating every micro-batch's
+        gradients; its statistics weighted by their share of ``ran_tokens``,
+        its loss, gradient norm (before clipping) and learning rate."""
         import torch
 
         from turnrl.kernels import gtpo_loss
 
         cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for _ in range(cfg.ppo_epochs):
+        loss_sum = 0.0
+        # A rank's own failure (non-finite inputs, say) must reach the
+        # others before they wait for its gradients.
+        error: Exception | None = None
+        try:
+            for j, m in enumerate(part.micro):
+                hidden, head = self._trained_hidden(self.model, m)
+                segment_ids = self._segment_ids(m)
+                loss, stats = gtpo_loss(
+                    hidden,
+                    head,
+                    m.targets,
+                    m.advantages,
+                    old[j],
+                    m.valid,
+                    ref[j],
+                    eps_low=cfg.eps_low,
+                    eps_high=cfg.eps_high,
+                    dual_clip=cfg.dual_clip,
+                    beta=cfg.beta,
+                    kl_estimator=cfg.kl_estimator,
+                    policy_loss=cfg.policy_loss,
+                    sapo_tau_pos=cfg.sapo_tau_pos,
+                    sapo_tau_neg=cfg.sapo_tau_neg,
+                    kl_correction=cfg.kl_correction,
+                    off_policy_mask=cfg.off_policy_mask,
+                    off_policy_units=self._off_policy_units(m),
+                    sampling_logprobs=self._sampling_logprobs(m, old[j]),
+                    top_entropy_quantile=cfg.top_entropy_quantile,
+                    entropy_coef=cfg.entropy_coef,
+                    temperature=cfg.temperature,
+                    agg=cfg.agg,
+                    max_len=part.max_len,
+                    backend=cfg.backend,
+                    # The mini-batch's counts: its step's loss is its own mean.
+                    global_tokens=part.tokens,
+                    global_sequences=part.sequences,
+                    segment_ids=segment_ids,
+                )
+                loss.backward()
+                loss_sum += float(loss.detach())
+                weight = float(m.valid.sum()) / ran_tokens
+                for name, value in stats.items():
+                    totals[name] = totals.get(name, 0.0) + weight * float(value)
+        except Exception as e:
+            error = e
+        _raise_together(error, self._device())
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.world_size > 1:
+            # Each rank's loss is already divided by the global counts, so
+            # the sum of the ranks' gradients is the whole mini-batch's
+            # gradient. A rank with nothing in it joins with no gradients.
+            _all_reduce_grads(params)
+            names = self._stat_names()
+            summed = _all_reduce([loss_sum, *(totals.get(n, 0.0) for n in names)], self._device())
+            loss_sum, totals = summed[0], dict(zip(names, summed[1:], strict=True))
+        if cfg.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
+        if not math.isfinite(float(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            totals = {}
-            loss_sum = 0.0
-            # A rank's own failure (non-finite inputs, say) must reach the
-            # others before they wait for its gradients.
-            error: Exception | None = None
-            try:
-                for j, m in enumerate(micro):
-                    hidden, head = self._trained_hidden(self.model, m)
-                    segment_ids = self._segment_ids(m)
-                    loss, stats = gtpo_loss(
-                        hidden,
-                        head,
-                        m.targets,
-                        m.advantages,
-                        old[j],
-                        m.valid,
-                        ref[j],
-                        eps_low=cfg.eps_low,
-                        eps_high=cfg.eps_high,
-                        dual_clip=cfg.dual_clip,
-                        beta=cfg.beta,
-                        kl_estimator=cfg.kl_estimator,
-                        policy_loss=cfg.policy_loss,
-                        sapo_tau_pos=cfg.sapo_tau_pos,
-                        sapo_tau_neg=cfg.sapo_tau_neg,
-                        kl_correction=cfg.kl_correction,
-                        off_policy_mask=cfg.off_policy_mask,
-                        off_policy_units=self._off_policy_units(m),
-                        sampling_logprobs=self._sampling_logprobs(m, old[j]),
-                        top_entropy_quantile=cfg.top_entropy_quantile,
-                        entropy_coef=cfg.entropy_coef,
-                        temperature=cfg.temperature,
-                        agg=cfg.agg,
-                        max_len=max_len,
-                        backend=cfg.backend,
-                        global_tokens=global_tokens,
-                        global_sequences=global_sequences,
-                        segment_ids=segment_ids,
-                    )
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                    weight = float(m.valid.sum()) / ran_tokens
-                    for name, value in stats.items():
-                        totals[name] = totals.get(name, 0.0) + weight * float(value)
-            except Exception as e:
-                error = e
-            _raise_together(error, self._device())
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            if self.world_size > 1:
-                # Each rank's loss is already divided by the global counts, so
-                # the sum of the ranks' gradients is the whole batch's gradient.
-                _all_reduce_grads(params)
-                names = self._stat_names()
-                summed = _all_reduce(
-                    [loss_sum, *(totals.get(n, 0.0) for n in names)], self._device()
-                )
-                loss_sum, totals = summed[0], dict(zip(names, summed[1:], strict=True))
-            if cfg.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            else:
-                grads = [p.grad.norm() for p in params if p.grad is not None]
-                norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.tensor(0.0)
-            if not math.isfinite(float(norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                # Stopping beats skipping (verl's choice): weights that give NaN
-                # gradients once will again, and the last saved adapter is intact.
-                raise FloatingPointError(
-                    f"gradient norm is {float(norm)}: this update was not applied, and "
-                    "training stops (a lower learning rate, or --max-grad-norm, may help)"
-                )
-            rate = float(self.optimizer.param_groups[0]["lr"])
-            self.optimizer.step()
-            if self.scheduler is not None:
-                # Per optimizer step: a step skipped for lack of signal does not count.
-                self.scheduler.step()
-            totals["loss"] = loss_sum
-            totals["grad_norm"] = float(norm)
-            totals["lr"] = rate
-        return totals
+            # Stopping beats skipping (verl's choice): weights that give NaN
+            # gradients once will again, and the last saved adapter is intact.
+            raise FloatingPointError(
+                f"gradient norm is {float(norm)}: this update was not applied, and "
+                "training stops (a lower learning rate, or --max-grad-norm, may help)"
+            )
+        rate = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        if self.scheduler is not None:
+            # Per optimizer step: a step skipped for lack of signal does not count.
+            self.scheduler.step()
+        return totals, loss_sum, float(norm), rate
 
     def _segment_ids(self, m: _MicroBatch) -> torch.Tensor | None:
         """The micro-batch's tokens' importance-ratio segments under
@@ -1593,6 +1721,7 @@ class GTPOTrainer:
             "loss": 0.0,
             "grad_norm": 0.0,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "updates": 0.0,
             "trained_tokens": float(trained_tokens),
             "skipped_rows": float(skipped_rows),
         }
@@ -1608,10 +1737,15 @@ class GTPOTrainer:
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
         the last epoch, ``lr`` (the first parameter group's learning rate at
         the step's last update; on a step with none, the rate the next will
-        take), ``trained_tokens`` and ``skipped_rows`` (rows left out
-        for having no signal, see :attr:`GTPOConfig.skip_zero_advantage`);
-        under data parallelism, over every rank's batch (each rank gets the
-        same figures).
+        take), ``updates`` (the optimizer steps taken), ``trained_tokens`` and
+        ``skipped_rows`` (rows left out for having no signal, see
+        :attr:`GTPOConfig.skip_zero_advantage`); under data parallelism, over
+        every rank's batch (each rank gets the same figures). With several
+        :attr:`GTPOConfig.mini_batches`, the statistics are the last epoch's
+        over all its mini-batches, each at the policy it was trained at:
+        ``loss`` their losses weighted by their trained tokens (under
+        ``token_mean``, the mean over the batch's tokens), ``grad_norm`` the
+        mean of their norms.
 
         The LM head runs only at the positions that predict a trained token
         (the decoder still sees every token): prompts, tool results and user
@@ -1622,24 +1756,37 @@ class GTPOTrainer:
         cfg = self.config
         trained = batch.loss_mask[:, 1:]
         has_tokens = trained.any(dim=1)
-        global_tokens = int(trained.sum())
-        global_sequences = (
-            batch.num_rows  # dr_grpo counts every sequence, the seq_mean modes those trained
-            if cfg.agg == "dr_grpo"
-            else int(has_tokens.sum())
-        )
         run = has_tokens
         if cfg.skip_zero_advantage and not cfg.beta and not cfg.entropy_coef:
             run = (trained & (batch.advantages[:, 1:] != 0)).any(dim=1)
-        ran_tokens = int(trained[run].sum())
         skipped_rows = int((has_tokens & ~run).sum())
-        padded = batch.input_ids.shape[1]
+        # Each mini-batch's rows, and the counts its loss is divided by: those
+        # a batch of its rows alone would have.
+        if cfg.mini_batches == 1:
+            members = [torch.ones(batch.num_rows, dtype=torch.bool)]
+            padded = [batch.input_ids.shape[1]]
+        else:
+            row_part = torch.from_numpy(self._row_parts(batch))
+            members = [row_part == k for k in range(cfg.mini_batches)]
+            lengths = batch.attention_mask.sum(dim=1)
+            padded = [int(lengths[rows].max()) if bool(rows.any()) else 0 for rows in members]
+        tokens = [int(trained[rows].sum()) for rows in members]
+        sequences = [
+            int(rows.sum())  # dr_grpo counts every sequence, the seq_mean modes those trained
+            if cfg.agg == "dr_grpo"
+            else int((has_tokens & rows).sum())
+            for rows in members
+        ]
+        ran = [int(trained[run & rows].sum()) for rows in members]
         if self.world_size > 1:
-            counts = [global_tokens, global_sequences, ran_tokens, skipped_rows]
+            counts = [*tokens, *sequences, *ran, skipped_rows]
             summed = [int(c) for c in _all_reduce(counts, self._device())]
-            global_tokens, global_sequences, ran_tokens, skipped_rows = summed
+            n = cfg.mini_batches
+            tokens, sequences, ran = summed[:n], summed[n : 2 * n], summed[2 * n : 3 * n]
+            skipped_rows = summed[-1]
             # dr_grpo's default length is that of the rows of all ranks padded together.
-            padded = int(_all_reduce([padded], self._device(), op="max")[0])
+            padded = [int(v) for v in _all_reduce(padded, self._device(), op="max")]
+        global_tokens, ran_tokens = sum(tokens), sum(ran)
         if global_tokens == 0:
             lost = batch.untrained_rows
             raise InvalidInputError(
@@ -1648,7 +1795,18 @@ class GTPOTrainer:
             )
         if ran_tokens == 0:  # no signal anywhere: nothing to run, no step to take
             return self._idle_step(global_tokens, skipped_rows)
-        micro = self._micro_batches(batch, run)
+        parts = [
+            _MiniBatch(
+                micro=self._micro_batches(batch, run & rows),
+                tokens=tokens[k],
+                sequences=sequences[k],
+                ran_tokens=ran[k],
+                # dr_grpo divides by a constant length, not the token count.
+                max_len=cfg.max_len if cfg.max_len is not None else padded[k] - 1,
+            )
+            for k, rows in enumerate(members)
+        ]
+        micro = [m for part in parts for m in part.micro]
         was_training = self.model.training
         attention_dropout: list[tuple[Any, float]] = []
         self.model.eval()
@@ -1657,6 +1815,8 @@ class GTPOTrainer:
             ref: list[torch.Tensor | None] = [None] * len(micro)
             error: Exception | None = None
             try:
+                # Once, before the first update: every mini-batch's behaviour
+                # policy is the one that sampled (scored) the step.
                 old = [self._logprobs(self.model, m) for m in micro]
                 if cfg.beta:
                     for j, m in enumerate(micro):
@@ -1682,11 +1842,15 @@ class GTPOTrainer:
                     attention_dropout.append((module, rate))
                     module.attention_dropout = 0.0
             mismatch = self._correct_for_sampler(micro, old, ran_tokens)
-            # dr_grpo divides by a constant length, not the token count.
-            max_len = cfg.max_len if cfg.max_len is not None else padded - 1
-            totals = self._update(
-                micro, old, ref, max_len, global_tokens, global_sequences, ran_tokens
-            )
+            # Each mini-batch's share of the log-probs, in the order its micro-batches ran.
+            old_of: list[list[torch.Tensor]] = []
+            ref_of: list[list[torch.Tensor | None]] = []
+            at = 0
+            for part in parts:
+                old_of.append(old[at : at + len(part.micro)])
+                ref_of.append(ref[at : at + len(part.micro)])
+                at += len(part.micro)
+            totals = self._update(parts, old_of, ref_of, ran_tokens, global_tokens)
         finally:
             for module, rate in attention_dropout:
                 module.attention_dropout = rate
@@ -1697,6 +1861,20 @@ class GTPOTrainer:
         totals["trained_tokens"] = float(global_tokens)
         totals["skipped_rows"] = float(skipped_rows)
         return totals
+
+    def _row_parts(self, batch: TrainBatch) -> np.ndarray:
+        """Each row's mini-batch (:func:`mini_batch_parts` of the batch's trajectories)."""
+        count = len(batch.outcome)
+        if batch.num_rows:
+            count = max(count, int(batch.row_trajectory.max()) + 1)
+        groups = batch.trajectory_group
+        if groups is None:
+            groups = np.arange(count)  # unknown: each trajectory a group of its own
+        elif len(groups) != count:
+            raise InvalidInputError(
+                f"batch.trajectory_group has {len(groups)} entries for {count} trajectories"
+            )
+        return mini_batch_parts(groups, self.config.mini_batches)[batch.row_trajectory]
 
     def _correct_for_sampler(
         self, micro: list[_MicroBatch], old: list[torch.Tensor], ran_tokens: int
@@ -1769,16 +1947,18 @@ class GTPOTrainer:
                     "vLLM before 0.10.2 at a temperature other than 1): the step is not corrected",
                     stacklevel=3,
                 )
-            if cfg.off_policy_mask is not None and cfg.ppo_epochs == 1 and not self._warned_no_mask:
+            one_update = cfg.ppo_epochs == 1 and cfg.mini_batches == 1
+            if cfg.off_policy_mask is not None and one_update and not self._warned_no_mask:
                 # The policy is then the one that scored the step's tokens:
-                # every unit's drift is 0 and nothing is ever masked.
+                # every unit's drift is 0 and nothing is ever masked. (After
+                # a second epoch's or mini-batch's first update it has moved.)
                 self._warned_no_mask = True
                 warnings.warn(
                     f"off_policy_mask={cfg.off_policy_mask} compares the sampler's log-probs with "
                     "the policy's, and no trained token has a sampler log-prob; with "
-                    "ppo_epochs=1 the policy is the one that scored the step's tokens, so no "
-                    "turn is masked (give an engine that records sampler log-probs, or "
-                    "ppo_epochs > 1)",
+                    "ppo_epochs=1 and mini_batches=1 the policy is the one that scored the "
+                    "step's tokens, so no turn is masked (give an engine that records sampler "
+                    "log-probs, or ppo_epochs > 1 or mini_batches > 1)",
                     stacklevel=3,
                 )
             return {}
