@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import turnrl
@@ -1337,3 +1337,313 @@ def test_a_stop_reason_spelled_like_the_none_label_stays_apart(tmp_path, capsys)
         ["x", "1", "20.0%", "0.000"],
         ["(none)", "1", "20.0%", "1.000"],
     ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    records=st.deferred(lambda: __import__("rollout_cases").labelled_records()),
+    cut=st.integers(0, 12),
+    threshold=st.sampled_from([0.5, 1.0]),
+)
+@example(  # the second file's tasks are not the first ones read
+    records=[
+        turnrl.rollout_record(task, task, i, outcome, [], {})
+        for i, (task, outcome) in enumerate([("t1", 1.0), ("t2", 1.0), ("t2", 0.0)])
+    ],
+    cut=1,
+    threshold=1.0,
+)
+def test_buffer_stats_per_file_are_each_files_figures(tmp_path_factory, records, cut, threshold):
+    """per_file (what rollouts stats --plot compares) holds, for each file, the
+    figures the totals would have of that file alone."""
+    from turnrl.envs import pass_hat_k
+    from turnrl.rollouts import buffer_stats
+
+    folder = tmp_path_factory.mktemp("per-file")
+    parts = [records[:cut], records[cut:], []]
+    paths = [folder / f"{k}.jsonl" for k in range(len(parts))]
+    for path, part in zip(paths, parts, strict=True):
+        with turnrl.RolloutWriter(path) as writer:
+            writer.write_many(part)
+    stats = buffer_stats(turnrl.read_rollouts(paths), threshold)
+    assert json.loads(json.dumps(stats)) == stats  # plain JSON values
+    assert [one["file"] for one in stats["per_file"]] == [str(p) for p in paths]
+    for one, part in zip(stats["per_file"], parts, strict=True):
+        alone = buffer_stats(turnrl.read_rollouts(folder / Path(one["file"]).name), threshold)
+        assert one["trajectories"] == len(part)
+        if not part:
+            assert one == {
+                "file": one["file"],
+                "trajectories": 0,
+                "tasks": 0,
+                "mean_outcome": None,
+                "success_rate": None,
+                "pass_hat_k": None,
+                "assistant_turns": 0,
+                "unlabelled_turns": 0,
+                "tiers": {},
+            }
+            continue
+        want = _stats_from_records(part, threshold)
+        for key in ("trajectories", "tasks", "assistant_turns"):
+            assert one[key] == want[key], key
+        assert one["unlabelled_turns"] == want["unlabelled"]
+        assert one["mean_outcome"] == pytest.approx(want["mean_outcome"])
+        assert one["success_rate"] == pytest.approx(want["success_rate"])
+        # The same figures as the file read alone (tiers in the order of all files).
+        assert one["pass_hat_k"] == alone["pass_hat_k"]
+        if want["pass_hat"] is None:
+            assert one["pass_hat_k"] is None
+        else:  # turnrl.envs' pass^k of the file's records
+            results = [(r["task_id"], float(r["outcome"] >= threshold)) for r in part]
+            for k, value in one["pass_hat_k"].items():
+                assert value == pytest.approx(pass_hat_k(results, int(k))), k
+        assert set(one["tiers"]) == set(alone["tiers"])
+        for name, row in one["tiers"].items():
+            assert row == pytest.approx(alone["tiers"][name]), name
+            got = (row["turns"], row["turn_share"], row["mean_reward"], row["trajectories"])
+            assert got == pytest.approx(want["tiers"][name][:4]), name
+            assert row["success_rate"] == pytest.approx(want["tiers"][name][4]), name
+
+
+def _stats_files(tmp_path: Path) -> list[str]:
+    """Three buffers: a.jsonl (2 tasks x 2, tiers gold and read, two stop
+    reasons and one without), b.jsonl (task t0 twice, t1 once: pass^k
+    undefined; gold only, one stop reason) and an empty c.jsonl."""
+
+    def write(name, rows):
+        with turnrl.RolloutWriter(tmp_path / name) as writer:
+            for i, (task, outcome, tiers, reason) in enumerate(rows):
+                turns = [
+                    {"role": "assistant", "content": ".", "tier": tier, "reward": 0.5}
+                    for tier in tiers
+                ]
+                meta = {} if reason is None else {"stop_reason": reason}
+                writer.write(turnrl.rollout_record(task, f"{name}/{task}", i, outcome, turns, meta))
+        return str(tmp_path / name)
+
+    return [
+        write(
+            "a.jsonl",
+            [
+                ("t0", 1.0, ["gold", "read"], "user_stop"),
+                ("t0", 0.0, ["read", "read"], "max_steps"),
+                ("t1", 1.0, ["gold"], "user_stop"),
+                ("t1", 1.0, [], None),
+            ],
+        ),
+        write(
+            "b.jsonl",
+            [
+                ("t0", 1.0, ["gold"], "user_stop"),
+                ("t0", 0.0, ["gold", "gold"], "user_stop"),
+                ("t1", 0.0, ["gold"], "user_stop"),
+            ],
+        ),
+        write("c.jsonl", []),
+    ]
+
+
+def _drawn(fig) -> dict:
+    """What a buffer_stats_figure shows, read back from the figure: pass^k
+    lines ({label: {k: value}}), the legend's texts there, and per bar panel
+    its x tick labels and {series: heights} (NaN: no bar)."""
+    axes = {ax.get_gid(): ax for ax in fig.axes}
+    assert set(axes) == {"pass_hat_k", "tier_share", "tier_success", "stop_reasons"}
+    pass_ax = axes["pass_hat_k"]
+    drawn = {
+        "pass_hat_k": {
+            line.get_label(): dict(zip(line.get_xdata(), line.get_ydata(), strict=True))
+            for line in pass_ax.lines
+        },
+        "pass_legend": [t.get_text() for t in pass_ax.get_legend().get_texts()]
+        if pass_ax.get_legend()
+        else [],
+        "texts": {gid: [t.get_text() for t in ax.texts] for gid, ax in axes.items()},
+    }
+    for gid in ("tier_share", "tier_success", "stop_reasons"):
+        ax = axes[gid]
+        drawn[gid] = (
+            [t.get_text() for t in ax.get_xticklabels()],
+            {c.get_label(): [p.get_height() for p in c] for c in ax.containers},
+        )
+    return drawn
+
+
+def _heights_equal(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w), (got, want)
+
+
+def test_the_stats_plot_draws_the_stats_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from turnrl.rollouts import buffer_stats, buffer_stats_figure
+
+    files = _stats_files(tmp_path)
+    nan = float("nan")
+    # One file: only "all", which is the file.
+    stats = buffer_stats(turnrl.read_rollouts(files[0]))
+    fig = buffer_stats_figure(stats)
+    try:
+        drawn = _drawn(fig)
+        assert fig._suptitle.get_text() == f"Rollout buffer {files[0]}"
+    finally:
+        plt.close(fig)
+    assert drawn["pass_hat_k"] == {"all": {1: 0.75, 2: 0.5}}
+    assert stats["pass_hat_k"] == {"1": 0.75, "2": 0.5}
+    assert drawn["tier_share"][0] == ["gold", "read"]
+    _heights_equal(drawn["tier_share"][1]["all"], [2 / 5, 3 / 5])
+    _heights_equal(drawn["tier_success"][1]["all"], [1.0, 0.5])
+    assert drawn["stop_reasons"][0] == ["user_stop", "max_steps", "(none)"]
+    _heights_equal(drawn["stop_reasons"][1]["all"], [0.5, 0.25, 0.25])
+
+    # Several files: a line and bars per file, and a line of all files; pass^k
+    # undefined for b (unequal trajectories per task), c (none) and all of them,
+    # said in the legend.
+    stats = buffer_stats(turnrl.read_rollouts(files))
+    fig = buffer_stats_figure(stats)
+    try:
+        drawn = _drawn(fig)
+        title = fig._suptitle.get_text().replace("\n", " ")
+    finally:
+        plt.close(fig)
+    folder = f"{tmp_path}/".replace(os.sep, "/")
+    assert title == f"3 rollout buffers in {folder}: a.jsonl, b.jsonl, c.jsonl"
+    assert drawn["pass_hat_k"] == {"a.jsonl": {1: 0.75, 2: 0.5}}
+    assert drawn["pass_legend"] == [
+        "a.jsonl",
+        "b.jsonl: undefined (unequal trajectories per task)",
+        "c.jsonl: undefined (no trajectories)",
+        "all files: undefined (unequal trajectories per task)",
+    ]
+    per_file = stats["per_file"]
+    assert drawn["tier_share"][0] == list(stats["tiers"]) == ["gold", "read"]
+    assert list(drawn["tier_share"][1]) == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    for label, one in zip(("a.jsonl", "b.jsonl"), per_file, strict=False):
+        tiers = one["tiers"]
+        want = [tiers[t]["turn_share"] if t in tiers else 0.0 for t in ("gold", "read")]
+        _heights_equal(drawn["tier_share"][1][label], want)
+        want = [tiers[t]["success_rate"] if t in tiers else nan for t in ("gold", "read")]
+        _heights_equal(drawn["tier_success"][1][label], want)
+    _heights_equal(drawn["tier_share"][1]["b.jsonl"], [1.0, 0.0])  # b has no read turn
+    _heights_equal(drawn["tier_success"][1]["b.jsonl"], [1 / 3, nan])  # ... so no success bar
+    _heights_equal(drawn["tier_share"][1]["c.jsonl"], [nan, nan])  # no trajectories
+    assert drawn["stop_reasons"][0] == ["user_stop", "max_steps", "(none)"]
+    _heights_equal(drawn["stop_reasons"][1]["a.jsonl"], [0.5, 0.25, 0.25])
+    _heights_equal(drawn["stop_reasons"][1]["b.jsonl"], [1.0, 0.0, 0.0])  # one reason only
+    _heights_equal(drawn["stop_reasons"][1]["c.jsonl"], [nan, nan, nan])
+    assert stats["stop_reasons_per_file"][1]["stop_reasons"]["user_stop"]["share"] == 1.0
+
+    # No tier on any turn, and no stop reason: said in the panels, nothing drawn.
+    bare = tmp_path / "bare.jsonl"
+    with turnrl.RolloutWriter(bare) as writer:
+        for i in range(2):
+            turn = {"role": "assistant", "content": "."}
+            writer.write(turnrl.rollout_record("t", "g", i, 1.0, [turn], {}))
+    fig = buffer_stats_figure(buffer_stats(turnrl.read_rollouts(bare)))
+    try:
+        drawn = _drawn(fig)
+    finally:
+        plt.close(fig)
+    assert drawn["pass_hat_k"] == {"all": {1: 1.0, 2: 1.0}}
+    for gid in ("tier_share", "tier_success"):
+        assert drawn["texts"][gid] == ["none of the 2 assistant turns has a tier"]
+        assert drawn[gid][1] == {}
+    assert drawn["stop_reasons"][0] == ["(none)"]
+    _heights_equal(drawn["stop_reasons"][1]["all"], [1.0])
+    # Nothing at all: every panel says so.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    fig = buffer_stats_figure(buffer_stats(turnrl.read_rollouts(empty)))
+    try:
+        drawn = _drawn(fig)
+    finally:
+        plt.close(fig)
+    assert drawn["pass_hat_k"] == {}
+    assert drawn["texts"]["pass_hat_k"] == ["pass^k undefined\nall: undefined (no trajectories)"]
+    assert drawn["texts"]["tier_share"] == ["no trajectories"]
+    assert drawn["texts"]["stop_reasons"] == ["no trajectories"]
+    with pytest.raises(InvalidInputError, match="per_file"):
+        buffer_stats_figure({"files": 1})
+
+
+def test_long_file_names_are_shortened_below_their_shared_folder():
+    from turnrl.rollouts import _short_names
+
+    assert _short_names(["runs/base/s.jsonl", "runs/rl/s.jsonl"]) == (
+        "runs/",
+        ["base/s.jsonl", "rl/s.jsonl"],
+    )
+    assert _short_names(["/a/b.jsonl"]) == ("/a/", ["b.jsonl"])
+    assert _short_names(["b.jsonl", "c.jsonl"]) == ("", ["b.jsonl", "c.jsonl"])
+    long = "x" * 40
+    folder, names = _short_names([f"r/{long}-step-1.jsonl", f"r/{long}-step-2.jsonl"])
+    assert folder == "r/"
+    assert names == [f"{'x' * 15}…xxx-step-{k}.jsonl" for k in (1, 2)]
+    assert all(len(n) == 32 for n in names)
+    # Names that elide alike are numbered rather than shown the same.
+    _, names = _short_names([f"r/{long}-a-{long}", f"r/{long}-b-{long}"])
+    assert names[0].startswith("1: ") and names[1].startswith("2: ")
+
+
+def test_rollouts_stats_plot(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from turnrl.cli import main
+    from turnrl.rollouts import buffer_stats
+
+    files = _stats_files(tmp_path)
+    plot = tmp_path / "plots" / "stats.png"
+    assert main(["rollouts", "stats", *files, "--quiet", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote {plot}\n") and "7 trajectories in 3 file(s)" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # With --json, stdout is the JSON alone; a PNG whatever the name ends with.
+    for name in ("stats", "stats.txt"):
+        args = ["rollouts", "stats", files[0], "--json", "--quiet", "--plot", str(tmp_path / name)]
+        assert main(args) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out) == buffer_stats(turnrl.read_rollouts(files[0]))
+        assert captured.err == f"wrote {tmp_path / name}\n"
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Outputs that cannot be written, or that are an input: refused (exit 2)
+    # before anything is read.
+    def reading(*args, **kwargs):
+        raise AssertionError("read before the output was checked")
+
+    monkeypatch.setattr("turnrl.rollouts.read_rollouts", reading)
+    (tmp_path / "link.jsonl").symlink_to(files[0])
+    before = Path(files[0]).read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for target, message in (
+        (str(tmp_path), f"--plot {tmp_path}: is a folder; give a file name"),
+        (f"{files[1]}/x.png", f"--plot {files[1]}/x.png: {files[1]} is a file, not a folder"),
+        ("a.jsonl", "--plot a.jsonl: the output cannot replace the input buffer"),
+        ("link.jsonl", "--plot link.jsonl: the output cannot replace the input buffer"),
+    ):
+        assert main(["rollouts", "stats", *files, "--quiet", "--plot", target]) == 2, target
+        captured = capsys.readouterr()
+        assert captured.err == f"turnrl rollouts stats: error: {message}" + (
+            f" ({files[0]})\n" if "replace" in message else "\n"
+        )
+        assert captured.out == ""
+    assert Path(files[0]).read_bytes() == before
+    monkeypatch.undo()
+
+    # A save that fails leaves the old plot, and no temporary file.
+    old = plot.read_bytes()
+
+    def savefig(self, target, **kwargs):
+        target.write(b"\x89PNG\r\n\x1a\n")  # the start of a PNG, as a failed save leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    assert main(["rollouts", "stats", *files, "--quiet", "--plot", str(plot)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert plot.read_bytes() == old
+    assert [p.name for p in plot.parent.iterdir()] == ["stats.png"]

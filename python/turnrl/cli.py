@@ -77,7 +77,6 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     from turnrl.advantages import compute_advantages, probe_batch
     from turnrl.calibration import calibrate, load_tier_rewards, save_tier_rewards
-    from turnrl.exceptions import InvalidInputError
     from turnrl.irc import (
         load_buffers,
         plot_report,
@@ -85,38 +84,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         repeated_samples,
         write_json_atomic,
     )
-    from turnrl.rollouts import _check_not_input, _same_path, expand_paths
+    from turnrl.rollouts import expand_paths
 
     paths = expand_paths(args.buffers)
     initial = load_tier_rewards(args.tiers)
-    outputs = [
-        (option, target)
-        for option, target in (
-            ("--out", args.out),
-            ("--report", args.report),
-            ("--plot", args.plot),
-        )
-        if target is not None
-    ]
     # Checked before the (possibly long) calibration, not after it.
-    for k, (option, target) in enumerate(outputs):
-        if os.path.isdir(target):
-            raise InvalidInputError(f"{option} {target}: is a folder; give a file name")
-        parent = os.path.dirname(os.path.abspath(target))
-        while not os.path.exists(parent):  # folders that do not exist yet are made
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise InvalidInputError(f"{option} {target}: {parent} is a file, not a folder")
-        # Written over an input it would replace the rollouts; over another
-        # output, that output.
-        for path in paths:
-            _check_not_input(target, path, "the output cannot replace the input buffer", option)
-        for earlier, name in outputs[:k]:
-            if _same_path(target, name):
-                raise InvalidInputError(
-                    f"{option} {target}: {earlier} {name} writes the same file; give each "
-                    "output its own name"
-                )
+    _check_outputs([("--out", args.out), ("--report", args.report), ("--plot", args.plot)], paths)
     if args.plot:
         pyplot()
     _note_unused_estimator_options(args, "calibrate")
@@ -226,6 +199,36 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[str]) -> None:
+    """Refuse, before anything is read, an output (``(option, name)``; None:
+    not asked for) that cannot be written (a folder, or under a file), that is
+    one of the ``inputs`` (by any path to it), or that another output names."""
+    import os
+
+    from turnrl.exceptions import InvalidInputError
+    from turnrl.rollouts import _check_not_input, _same_path
+
+    given = [(option, target) for option, target in outputs if target is not None]
+    for k, (option, target) in enumerate(given):
+        if os.path.isdir(target):
+            raise InvalidInputError(f"{option} {target}: is a folder; give a file name")
+        parent = os.path.dirname(os.path.abspath(target))
+        while not os.path.exists(parent):  # folders that do not exist yet are made
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise InvalidInputError(f"{option} {target}: {parent} is a file, not a folder")
+        # Written over an input it would replace the rollouts; over another
+        # output, that output.
+        for path in inputs:
+            _check_not_input(target, path, "the output cannot replace the input buffer", option)
+        for earlier, name in given[:k]:
+            if _same_path(target, name):
+                raise InvalidInputError(
+                    f"{option} {target}: {earlier} {name} writes the same file; give each "
+                    "output its own name"
+                )
+
+
 def _print_calibration_table(report) -> None:
     before = {d.tier: d for d in report.initial.directions}
     after = {d.tier: d for d in report.best.directions}
@@ -305,10 +308,22 @@ def _stats(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from turnrl.calibration import check_success_threshold
-    from turnrl.rollouts import buffer_stats, expand_paths, read_rollouts
+    from turnrl.rollouts import (
+        _stop_reason_labels,
+        buffer_stats,
+        expand_paths,
+        plot_buffer_stats,
+        read_rollouts,
+    )
 
     check_success_threshold(args.success_threshold)
     paths = expand_paths(args.buffers)
+    # Checked before the buffers are read, not after.
+    _check_outputs([("--plot", args.plot)], paths)
+    if args.plot:
+        from turnrl.irc import pyplot
+
+        pyplot()  # matplotlib missing: said now
     total = sum(os.path.getsize(p) for p in paths)
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="reading", disable=args.quiet or None
@@ -322,6 +337,10 @@ def _stats(args: argparse.Namespace) -> int:
     if stats["repeated_samples"] is not None:
         warning = _repeats_warning(stats["repeated_samples"])
         print(f"turnrl rollouts stats: warning: {warning}", file=sys.stderr)
+    if args.plot:
+        plot_buffer_stats(stats, args.plot)
+        # stdout holds only the JSON under --json.
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(stats, indent=2))
         return 0
@@ -398,22 +417,6 @@ def _repeats_warning(repeats: Mapping[str, Any]) -> str:
         "figure; separate runs' rollouts keep apart in groups of their own (rollouts "
         "collect --group-prefix)"
     )
-
-
-def _stop_reason_labels(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """``(label, figures)`` per stop reason of ``buffer_stats`` (or of one file's),
-    those without a reason last as ``(none)``. A reason that starts with ``(`` or
-    ``"`` is shown JSON-quoted, so that no reason reads as ``(none)`` or as
-    another reason."""
-    import json
-
-    rows = [
-        (json.dumps(reason) if reason.startswith(("(", '"')) else reason, row)
-        for reason, row in stats["stop_reasons"].items()
-    ]
-    if stats["no_stop_reason"] is not None:
-        rows.append(("(none)", stats["no_stop_reason"]))
-    return rows
 
 
 def _domain_and_tasks(args: argparse.Namespace) -> tuple[Any, list[Any]]:
@@ -2404,6 +2407,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an outcome at or above this is a success (default: %(default)s)",
     )
     sts.add_argument("--json", action="store_true", help="print the figures as JSON")
+    sts.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="write a plot of the figures (PNG): pass^k against k, per tier its share of the "
+        "turns and the success rate of the trajectories holding it, and the stop reasons, "
+        "per file given several",
+    )
     sts.add_argument("--workers", type=_positive_int, help="reading threads (default: all cores)")
     sts.add_argument("--quiet", action="store_true", help="no progress bar")
     sts.set_defaults(run=_stats)

@@ -446,20 +446,26 @@ def plot_report(
     )
     ax_w.legend()
     fig.tight_layout()
+    try:
+        _save_png_atomic(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _save_png_atomic(fig: Any, path: str | os.PathLike[str]) -> None:
+    """Save matplotlib figure ``fig`` as a PNG at ``path`` (its folder made if
+    need be), whatever the name ends with: matplotlib would pick the format
+    from the suffix, refuse an unknown one, and add ".png" to a name without.
+    Written beside the name and renamed over it, as the tier file and the
+    report are: an interrupted or failed save leaves the old plot, not part
+    of a new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the name and renamed over it, as the tier file and the
-    # report are: an interrupted or failed save leaves the old plot, not part
-    # of a new one.
     fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as fh:
-            # PNG whatever the name ends with: matplotlib would pick the format
-            # from the suffix, refuse an unknown one, and add ".png" to a name without.
             fig.savefig(fh, dpi=120, format="png")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    finally:
-        plt.close(fig)

@@ -67,8 +67,10 @@ __all__ = [
     "RolloutRecordIterator",
     "RolloutWriter",
     "buffer_stats",
+    "buffer_stats_figure",
     "expand_paths",
     "iter_rollout_records",
+    "plot_buffer_stats",
     "read_rollouts",
     "read_taubench_results",
     "rollout_record",
@@ -279,6 +281,14 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     ``stop_reasons_per_file`` has the same for each file (``file``,
     ``trajectories``, ``stop_reasons``, ``no_stop_reason``), in the order read.
 
+    ``per_file`` has, for each file in the order read, its ``file``,
+    ``trajectories``, ``tasks``, ``mean_outcome``, ``success_rate``,
+    ``pass_hat_k`` (of its own trajectories: None when its tasks have
+    different numbers of them), ``assistant_turns``, ``unlabelled_turns`` and
+    ``tiers``, as the totals have them: the figures that compare buffers (a
+    base model and a trained one, two training steps).
+    :func:`plot_buffer_stats` draws them.
+
     ``repeated_samples`` counts the trajectories with the group and sample
     of an earlier one and names the first (None when there are none): the
     same rollouts read twice (a buffer and a compressed copy of it, or a file
@@ -292,16 +302,7 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     success = batch.outcome >= success_threshold
     group_sizes = np.bincount(batch.group_index, minlength=len(batch.group_names))
     task_sizes = np.bincount(batch.task_index, minlength=len(batch.task_names))
-    pass_hat: dict[str, float] | None = None
-    sizes = set(task_sizes.tolist()) - {0}
-    if len(sizes) == 1:
-        from turnrl.envs import pass_hat_k
-        from turnrl.envs._base import pass_hat_ks
-
-        episodes = sizes.pop()
-        # Successes as the success rate counts them (tau-bench's rule is outcome 1).
-        results = list(zip(batch.task_index.tolist(), success.astype(float).tolist(), strict=True))
-        pass_hat = {str(k): pass_hat_k(results, k) for k in pass_hat_ks(episodes)}
+    pass_hat = _pass_hat(batch.task_index, success)
     counts = batch.turn_counts
     owner = np.repeat(np.arange(trajectories), counts)
     tiers: dict[str, dict[str, float | int]] = {}
@@ -359,7 +360,94 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
                 )
             )
         ],
+        "per_file": _per_file_figures(batch, success),
     }
+
+
+def _pass_hat(task_index: np.ndarray, success: np.ndarray) -> dict[str, float] | None:
+    """tau-bench's pass^k of these trajectories at k = 1, 2, 4, ... (a success
+    as the success rate counts it; tau-bench's rule is outcome 1), or None
+    when their tasks have different numbers of trajectories or there are none."""
+    tasks, task_of, sizes = np.unique(task_index, return_inverse=True, return_counts=True)
+    if not tasks.size or (sizes != sizes[0]).any():
+        return None
+    from turnrl.envs._base import pass_hat_ks
+
+    # turnrl.envs.pass_hat_k's mean over tasks of C(c, k) / C(n, k), with the
+    # n + 1 values it can take worked out once: millions of rows in numpy.
+    n = int(sizes[0])
+    wins = np.bincount(task_of, weights=success, minlength=tasks.size).astype(np.int64)
+    return {
+        str(k): float(
+            np.array([math.comb(c, k) / math.comb(n, k) for c in range(n + 1)])[wins].mean()
+        )
+        for k in pass_hat_ks(n)
+    }
+
+
+def _per_file_figures(batch: RolloutBatch, success: np.ndarray) -> list[dict[str, Any]]:
+    """:func:`buffer_stats`' ``per_file``: each file's trajectories, tasks, mean
+    outcome, success rate, pass^k, assistant and unlabelled turns and tiers,
+    the same figures as the totals. Worked out with one sort of the rows by
+    file and counts over (file, tier) pairs, not a pass over every row per
+    file: a glob can name thousands of files."""
+    files = len(batch.files)
+    trajectories = np.bincount(batch.file_index, minlength=files)
+    outcome_sums = np.bincount(batch.file_index, weights=batch.outcome, minlength=files)
+    successes = np.bincount(batch.file_index, weights=success, minlength=files)
+    counts = batch.turn_counts
+    turns = np.bincount(batch.file_index, weights=counts, minlength=files).astype(np.int64)
+    by_file = np.argsort(batch.file_index, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(trajectories)])
+    # Turn j belongs to trajectory owner[j]; tier codes shift by one so that
+    # "no tier" (-1) has slot 0.
+    owner = np.repeat(np.arange(batch.num_trajectories), counts)
+    turn_file = batch.file_index[owner].astype(np.int64)
+    slots = len(batch.tier_names) + 1
+    turn_slot = turn_file * slots + batch.turn_tiers.astype(np.int64) + 1
+    tier_turns = np.bincount(turn_slot, minlength=files * slots).reshape(files, slots)
+    tier_reward_sums = np.bincount(
+        turn_slot, weights=batch.turn_rewards, minlength=files * slots
+    ).reshape(files, slots)
+    # The trajectories holding each tier: one (trajectory, tier) pair each.
+    tiered = batch.turn_tiers >= 0
+    pairs = np.unique(owner[tiered] * slots + batch.turn_tiers[tiered].astype(np.int64) + 1)
+    holder, holder_slot = pairs // slots, pairs % slots
+    pair_slot = batch.file_index[holder].astype(np.int64) * slots + holder_slot
+    holders = np.bincount(pair_slot, minlength=files * slots).reshape(files, slots)
+    holder_successes = np.bincount(
+        pair_slot, weights=success[holder], minlength=files * slots
+    ).reshape(files, slots)
+    out = []
+    for k, name in enumerate(batch.files):
+        rows = by_file[starts[k] : starts[k + 1]]
+        count = int(trajectories[k])
+        out.append(
+            {
+                "file": name,
+                "trajectories": count,
+                "tasks": int(np.unique(batch.task_index[rows]).size),
+                "mean_outcome": float(outcome_sums[k] / count) if count else None,
+                "success_rate": float(successes[k] / count) if count else None,
+                "pass_hat_k": _pass_hat(batch.task_index[rows], success[rows]),
+                "assistant_turns": int(turns[k]),
+                "unlabelled_turns": int(tier_turns[k, 0]),
+                "tiers": {
+                    tier: {
+                        "turns": int(tier_turns[k, code + 1]),
+                        "turn_share": int(tier_turns[k, code + 1]) / int(turns[k]),
+                        "mean_reward": float(
+                            tier_reward_sums[k, code + 1] / tier_turns[k, code + 1]
+                        ),
+                        "trajectories": int(holders[k, code + 1]),
+                        "success_rate": float(holder_successes[k, code + 1] / holders[k, code + 1]),
+                    }
+                    for code, tier in enumerate(batch.tier_names)
+                    if tier_turns[k, code + 1]
+                },
+            }
+        )
+    return out
 
 
 def _first_repeat(group: np.ndarray, sample: np.ndarray) -> tuple[int, int, int] | None:
@@ -441,6 +529,255 @@ def _stop_reason_rows(
         "stop_reasons": {names[k]: row(k) for k in order if counts[k]},
         "no_stop_reason": row(none) if counts[none] else None,
     }
+
+
+def _stop_reason_labels(stats: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(label, figures)`` per stop reason of :func:`buffer_stats` (or of one
+    file's), those without a reason last as ``(none)``. A reason that starts
+    with ``(`` or ``"`` is shown JSON-quoted, so that no reason reads as
+    ``(none)`` or as another reason."""
+    rows = [
+        (json.dumps(reason) if reason.startswith(("(", '"')) else reason, row)
+        for reason, row in stats["stop_reasons"].items()
+    ]
+    if stats["no_stop_reason"] is not None:
+        rows.append(("(none)", stats["no_stop_reason"]))
+    return rows
+
+
+def _short_names(files: Sequence[str], width: int = 32) -> tuple[str, list[str]]:
+    """The folder the files share (``""`` when none) and each file's name
+    below it, middle-elided to ``width`` characters; names that elide alike
+    are numbered, so that no two files share a label."""
+    parts = [name.replace(os.sep, "/").split("/") for name in files]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    folder = "/".join(parts[0][:common]) + "/" if common else ""
+    names = [_elide("/".join(p[common:]), width) for p in parts]
+    if len(set(names)) < len(names):
+        names = [f"{k + 1}: {name}" for k, name in enumerate(names)]
+    return folder, names
+
+
+def _elide(text: str, width: int) -> str:
+    """``text`` cut in the middle to ``width`` characters (both ends tell
+    files apart: a run's name and a step number)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head) :]
+
+
+def buffer_stats_figure(stats: Mapping[str, Any]) -> Any:
+    """A matplotlib ``Figure`` of :func:`buffer_stats`' figures (what
+    ``turnrl rollouts stats --json`` prints), drawn from nothing else.
+
+    Four panels, each found by its ``gid``: ``"pass_hat_k"``, pass^k against
+    k, one line per file and one of all files given several (only ``"all"``
+    given one), where it is undefined (tasks with different numbers of
+    trajectories, or none) said in the legend; ``"tier_share"``, each tier's
+    share of the assistant turns, and ``"tier_success"``, the success rate of
+    the trajectories holding it, bars grouped per file (a file without the
+    tier has no success bar, a dash); ``"stop_reasons"``, the share of
+    trajectories per stop reason (``(none)`` last), per file. Files are
+    labelled by their names below the folder they share, in one legend at
+    the top. The caller closes the figure (``matplotlib.pyplot.close``);
+    :func:`plot_buffer_stats` writes it as a PNG."""
+    import textwrap
+
+    from turnrl.irc import pyplot
+
+    if "per_file" not in stats or "stop_reasons_per_file" not in stats:
+        raise InvalidInputError(
+            "stats: no per_file or stop_reasons_per_file figures; give what buffer_stats "
+            "(or turnrl rollouts stats --json) returns"
+        )
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import PercentFormatter
+
+    files = [one["file"] for one in stats["per_file"]]
+    folder, names = _short_names(files)
+    # Bars per file given several (the comparison), else of "all", which is the file.
+    if len(files) > 1:
+        series = [
+            (name, {**one, **stops})
+            for name, one, stops in zip(
+                names, stats["per_file"], stats["stop_reasons_per_file"], strict=True
+            )
+        ]
+        lines = [*series, ("all files", stats)]
+        title = f"{len(files)} rollout buffers" + (f" in {folder}" if folder else "")
+        title += ": " + ", ".join(names)
+    else:
+        series = [("all", stats)]
+        lines = series
+        title = f"Rollout buffer {_elide(files[0], 100) if files else ''}"
+    colors = {name: f"C{k % 10}" for k, (name, _) in enumerate(series)}
+    colors["all files"] = "black"
+    nan = float("nan")
+
+    fig, axes = plt.subplot_mosaic(
+        [["pass_hat_k", "stop_reasons"], ["tier_share", "tier_share"], ["tier_success"] * 2],
+        figsize=(13, 12),
+    )
+    for gid, ax in axes.items():
+        ax.set_gid(gid)
+
+    # pass^k against k; a series without it is named in the legend, with why.
+    ax = axes["pass_hat_k"]
+    undefined: list[str] = []
+    shown_ks: set[int] = set()
+    for name, one in lines:
+        values = one["pass_hat_k"]
+        if values is None:
+            why = "no trajectories" if not one["trajectories"] else "unequal trajectories per task"
+            undefined.append(f"{name}: undefined ({why})")
+            continue
+        ks = [int(k) for k in values]
+        shown_ks.update(ks)
+        ax.plot(
+            ks,
+            list(values.values()),
+            marker="o",
+            label=name,
+            color=colors[name],
+            linestyle="--" if name == "all files" else "-",
+        )
+    if shown_ks:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(shown_ks), [str(k) for k in sorted(shown_ks)])
+        ax.minorticks_off()
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], linestyle="none") for _ in undefined]
+        ax.legend(handles, labels + undefined, fontsize="small", loc="upper right")
+    else:
+        ax.set_xticks([])
+        ax.text(
+            0.5,
+            0.5,
+            "pass^k undefined\n" + "\n".join(undefined),
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("k (trajectories of a task that must all succeed)")
+    ax.set_ylabel("pass^k")
+    ax.set_title("tau-bench pass^k")
+
+    def bars(
+        ax: Any, categories: list[str], values: list[list[float]], empty: str, *, whole: bool
+    ) -> None:
+        """Bars of ``values[s][c]`` per category, grouped by series; NaN draws
+        none, with a dash unless the series has no value at all (a file with
+        no trajectories, which its legend label says). On the whole 0 to 1
+        scale when ``whole`` (rates), else up to the highest bar (shares of
+        many tiers are small)."""
+        if not categories:
+            ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            return
+        x = np.arange(len(categories))
+        width = 0.8 / len(series)
+        for s, ((name, _), heights) in enumerate(zip(series, values, strict=True)):
+            at = x - 0.4 + width * (s + 0.5)
+            ax.bar(at, heights, width, label=name, color=colors[name])
+            missing = np.isnan(heights)
+            if not missing.all():
+                for c in np.flatnonzero(missing):
+                    ax.annotate("—", (at[c], 0.0), ha="center", va="bottom", color="gray")
+        labels = [_elide(c, 24) for c in categories]
+        crowded = len(categories) > 6 or max(len(c) for c in labels) > 10
+        ax.set_xticks(x, labels, rotation=30 if crowded else 0, ha="right" if crowded else "center")
+        highest = float(np.nanmax(values, initial=0.0))
+        ax.set_ylim(0, 1.05 if whole or highest > 0.8 else max(highest * 1.15, 0.01))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+
+    if not stats["trajectories"]:
+        no_tiers = "no trajectories"
+    elif not stats["assistant_turns"]:
+        no_tiers = "no assistant turns"
+    else:
+        no_tiers = f"none of the {stats['assistant_turns']} assistant turns has a tier"
+    tiers = list(stats["tiers"])
+    bars(
+        axes["tier_share"],
+        tiers,
+        # A tier a file lacks is 0 of its turns; a file without turns has no share.
+        [
+            [one["tiers"][t]["turn_share"] if t in one["tiers"] else 0.0 for t in tiers]
+            if one["assistant_turns"]
+            else [nan] * len(tiers)
+            for _, one in series
+        ],
+        no_tiers,
+        whole=False,
+    )
+    axes["tier_share"].set_ylabel("share of assistant turns")
+    axes["tier_share"].set_title("Assistant turns per tier")
+    bars(
+        axes["tier_success"],
+        tiers,
+        [
+            [one["tiers"][t]["success_rate"] if t in one["tiers"] else nan for t in tiers]
+            for _, one in series
+        ],
+        no_tiers,
+        whole=True,
+    )
+    axes["tier_success"].set_ylabel("success rate")
+    axes["tier_success"].set_title("Success rate of the trajectories holding each tier")
+
+    reasons = [label for label, _ in _stop_reason_labels(stats)]
+    shares = []
+    for _, one in series:
+        rows = dict(_stop_reason_labels(one))
+        # A reason a file lacks is 0 of its trajectories; a file without any has no share.
+        if one["trajectories"]:
+            shares.append([rows[r]["share"] if r in rows else 0.0 for r in reasons])
+        else:
+            shares.append([nan] * len(reasons))
+    bars(axes["stop_reasons"], reasons, shares, "no trajectories", whole=True)
+    axes["stop_reasons"].set_ylabel("share of trajectories")
+    axes["stop_reasons"].set_title("How episodes ended (meta's stop_reason)")
+
+    # The title, then one legend of the files' colours for every bar panel,
+    # then the panels below both (placed by their drawn sizes).
+    title_text = fig.suptitle("\n".join(textwrap.wrap(title, 110)), y=0.995, va="top")
+    title_text.set_in_layout(False)  # its room is kept below: tight_layout would keep it again
+    renderer = fig.canvas.get_renderer()
+    top = title_text.get_window_extent(renderer).y0 / fig.bbox.height
+    if len(series) > 1:
+        legend = fig.legend(
+            [Patch(color=colors[name]) for name, _ in series],
+            [name if one["trajectories"] else f"{name} (no trajectories)" for name, one in series],
+            loc="upper center",
+            bbox_to_anchor=(0.5, top),
+            ncol=min(len(series), 3),
+            fontsize="small",
+            frameon=False,
+        )
+        top = legend.get_window_extent(renderer).y0 / fig.bbox.height
+    fig.tight_layout(rect=(0, 0, 1, top))
+    return fig
+
+
+def plot_buffer_stats(stats: Mapping[str, Any], path: PathArg) -> None:
+    """:func:`buffer_stats_figure` of ``stats`` written as a PNG at ``path``
+    (whatever its suffix; its folder made if need be), beside the name and
+    renamed over it: a failed save leaves the old file. What
+    ``turnrl rollouts stats --plot`` writes."""
+    from turnrl.irc import _save_png_atomic, pyplot
+
+    fig = buffer_stats_figure(stats)
+    try:
+        _save_png_atomic(fig, path)
+    finally:
+        pyplot().close(fig)
 
 
 def read_rollouts(
