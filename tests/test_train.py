@@ -4775,6 +4775,28 @@ def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path)
     assert (tmp_path / "m.png").stat().st_size > 0
 
 
+def test_a_failed_plot_save_leaves_the_last_plot(monkeypatch, tmp_path):
+    """metrics.png is rewritten after every step: a save that fails (a full
+    disk, a run stopped mid-save) leaves the step before's, and no temporary file."""
+    matplotlib = pytest.importorskip("matplotlib")
+    from turnrl.train import plot_history
+
+    plot = tmp_path / "metrics.png"
+    plot_history([{"step": 0, "loss": 0.5}], plot)
+    old = plot.read_bytes()
+    assert old.startswith(b"\x89PNG")
+
+    def savefig(self, target, **kwargs):
+        target.write(b"\x89PNG\r\n\x1a\n")  # the start of a PNG, as a failed save leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space left"):
+        plot_history([{"step": 0, "loss": 0.5}, {"step": 1, "loss": 0.25}], plot)
+    assert plot.read_bytes() == old
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.png"]
+
+
 def test_plots_show_group_filtering_when_the_steps_filtered(monkeypatch, tmp_path):
     """The share of groups with signal and the sampling rounds get panels of
     their own when a run filtered groups, and none when it did not."""

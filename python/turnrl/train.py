@@ -4087,10 +4087,13 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=120)
-    plt.close(fig)
+    from turnrl.irc import _save_png_atomic
+
+    try:
+        # Rewritten after every step: a run stopped mid-save keeps the last plot.
+        _save_png_atomic(fig, path)
+    finally:
+        plt.close(fig)
 
 
 _STEP_PLOTS = {
