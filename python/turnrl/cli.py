@@ -3389,19 +3389,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``turnrl`` command. Errors in the input (missing
     files, bad tier files, no usable lines) and outputs that cannot be
     written print one line and exit 2. A stdout whose reader has gone (``turnrl
-    rollouts stats ... | head``) ends the command quietly with status 141."""
+    rollouts stats ... | head``) ends the command quietly with status 141,
+    unless the command failed too: its error (a traceback, an interrupt, a
+    status other than 0) is what it ends with then."""
     try:
-        try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # a reader gone shows here, not at the interpreter's exit
-    except BrokenPipeError:
-        # As Python's documentation advises: the rest of the output goes
-        # nowhere, so the flush at exit does not fail again.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        status = _main(argv)
+    except BrokenPipeError:  # stdout's: _main reports any other
+        _discard_stdout()
         return CLOSED_STDOUT_STATUS
+    except BaseException:
+        # The command's own failure is the one to report: a flush failing
+        # as well must not turn it into a quiet 141.
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _discard_stdout()
+        raise
+    try:
+        sys.stdout.flush()  # a reader gone shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        _discard_stdout()
+        # A failure's status (2, its error said on stderr) says more than the pipe's.
+        return status or CLOSED_STDOUT_STATUS
+    return status
+
+
+def _discard_stdout() -> None:
+    """Send the rest of stdout's output to devnull, as Python's documentation
+    advises for a reader gone, so that the flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _main(argv: Sequence[str] | None) -> int:
