@@ -854,6 +854,31 @@ def test_train_min_lr_ratio_is_a_share_and_needs_a_decaying_schedule(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+def test_train_refuses_more_mini_batches_than_a_step_has_rollouts(tmp_path, capsys):
+    """Each rollout is in one part, so parts past a step's rollouts (--tasks-per-step
+    x --group-size) held none, every step: fewer optimizer steps than asked for,
+    unsaid, and a learning-rate schedule counting them never ran its course.
+    Refused before any model loads, from a config file too."""
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    argv += ["--tasks-per-step", "2", "--group-size", "3"]
+    want = (
+        "turnrl train: error: --mini-batches 7 cuts each step's rollouts into 7 parts, and a "
+        "step has 6 (--tasks-per-step 2 x --group-size 3): the parts past them would never "
+        "take an optimizer step, which the learning-rate schedule counts; give --mini-batches "
+        "6 or fewer\n"
+    )
+    assert main([*argv, "--mini-batches", "7"]) == 2
+    assert capsys.readouterr().err == want
+    path = _config_file(tmp_path, ".toml", {"mini_batches": 7})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert capsys.readouterr().err == want
+    assert not (tmp_path / "run").exists()
+    # As many as the rollouts pass this check (and fail later, on the missing model).
+    assert main([*argv, "--mini-batches", "6"]) == 2
+    assert "--mini-batches" not in capsys.readouterr().err
+
+
 def test_train_sapo_temperatures_are_parsed_and_refused_where_they_do_nothing(tmp_path, capsys):
     """--sapo-tau-pos/--sapo-tau-neg, from the line and a config file, must be
     finite and > 0 (refused while parsing), and are refused without

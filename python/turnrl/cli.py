@@ -896,6 +896,17 @@ def _train(args: argparse.Namespace) -> int:
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
         )
+    rollouts = args.tasks_per_step * args.group_size
+    if args.mini_batches > rollouts:
+        # Parts past the step's rollouts would hold none, every step: no
+        # optimizer step, while the schedule counts one for each.
+        raise InvalidInputError(
+            f"--mini-batches {args.mini_batches} cuts each step's rollouts into "
+            f"{args.mini_batches} parts, and a step has {rollouts} (--tasks-per-step "
+            f"{args.tasks_per_step} x --group-size {args.group_size}): the parts past them "
+            "would never take an optimizer step, which the learning-rate schedule counts; "
+            f"give --mini-batches {rollouts} or fewer"
+        )
     if not args.resume:
         # A resumed run's schedule also spans the steps done, known from its checkpoint.
         _check_schedule_decays(args)
