@@ -111,6 +111,12 @@ def _calibrate(args: argparse.Namespace) -> int:
         # output, that output.
         for path in paths:
             _check_not_input(target, path, "the output cannot replace the input buffer", option)
+        # The report or plot over the --tiers file would replace the table
+        # with JSON or a PNG; --out over it is the table calibrated in place.
+        if option != "--out" and os.path.isfile(args.tiers):
+            _check_not_input(
+                target, args.tiers, "the output cannot replace the --tiers file", option
+            )
         for earlier, name in outputs[:k]:
             if _same_path(target, name):
                 raise InvalidInputError(
