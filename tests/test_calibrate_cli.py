@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import turnrl
-from turnrl.calibration import DEFAULT_TIERS, TierStats, load_tier_rewards
+from turnrl.calibration import DEFAULT_TIERS, TierStats, load_tier_rewards, save_tier_rewards
 from turnrl.cli import main
 from turnrl.exceptions import InvalidInputError, TurnrlIOError
 from turnrl.irc import load_buffers, read_shard
@@ -315,6 +315,29 @@ def test_an_output_naming_an_input_or_another_output_is_refused(
         "each output its own name\n"
     )
     assert not (folder / "c.toml").exists()
+
+
+def test_a_report_or_plot_naming_the_tiers_file_is_refused(buffers, tmp_path: Path, capsys):
+    """--report or --plot over the --tiers file replaced the reward table with a
+    JSON report or a PNG; --out over it writes the calibrated table in its place."""
+    _, plain, _ = buffers
+    tiers = tmp_path / "tiers.toml"
+    save_tier_rewards(load_tier_rewards("naive"), tiers)
+    before = tiers.read_bytes()
+    argv = ["calibrate", str(plain), "--tiers", str(tiers), "--quiet"]
+    (tmp_path / "link.toml").symlink_to(tiers)
+    for option, target in (("--report", str(tiers)), ("--plot", str(tmp_path / "link.toml"))):
+        assert main([*argv, option, target]) == 2
+        captured = capsys.readouterr()
+        assert captured.err == (
+            f"turnrl calibrate: error: {option} {target}: the output cannot replace the "
+            f"--tiers file ({tiers})\n"
+        )
+        assert captured.out == ""  # refused before reading
+        assert tiers.read_bytes() == before
+    assert main([*argv, "--out", str(tiers)]) == 0
+    assert f"wrote {tiers}" in capsys.readouterr().out
+    assert set(load_tier_rewards(tiers)) == set(DEFAULT_TIERS)
 
 
 def test_misaligned_counts_do_not_depend_on_file_order(tmp_path: Path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,12 +50,19 @@ def test_console_script_is_installed():
     assert done.stdout.startswith("turnrl ")
 
 
-def _run_turnrl(argv, before="", stdout_closed=True):
+def _run_turnrl(argv, before="", stdout_closed=True, buffered=False):
     """``turnrl ARGV`` in a new interpreter (``before`` run first), its stdout a pipe
-    whose reader is gone (closed before the command can write) or that is read."""
+    whose reader is gone (closed before the command can write) or that is read;
+    ``buffered``: block-buffered, as a pipe is by default (without
+    PYTHONUNBUFFERED, which a test runner may set), so that a print to it
+    fails only at a flush."""
     code = f"import sys\n{before}\nfrom turnrl.cli import main\nsys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if not (buffered and k == "PYTHONUNBUFFERED")}
     run = subprocess.Popen(
-        [sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-c", code, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     assert run.stdout is not None and run.stderr is not None
     if stdout_closed:
@@ -90,6 +98,35 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
     )
     assert (code, out) == (2, b"")
     assert err == "turnrl rollouts stats: error: [Errno 32] Broken pipe\n"
+
+
+def test_a_command_that_fails_with_its_stdout_closed_still_reports_its_failure(tmp_path):
+    """The output a failing command had printed, buffered, failed to flush at its
+    end with a BrokenPipeError, which replaced the failure: a traceback (a bug)
+    went unseen and an error's status 2 became a quiet 141."""
+    buffer = tmp_path / "b.jsonl"
+    record = '{"schema": "turnrl.rollout/1", "task_id": "t", "group": "g", "sample": 0, '
+    buffer.write_text(record + '"outcome": 1.0, "turns": []}\n')
+    argv = ["rollouts", "stats", str(buffer)]
+    command = "import turnrl.cli\nfrom turnrl.exceptions import InvalidInputError\n"
+    for ending, expected in (
+        ("raise RuntimeError('a bug')", 1),
+        ("raise InvalidInputError('bad input')", 2),
+        ("return 0", 141),
+    ):
+        run = f"def run(args):\n    print('some output')\n    {ending}\nturnrl.cli._stats = run"
+        code, _, err = _run_turnrl(argv, before=command + run, buffered=True)
+        assert code == expected, (ending, err)
+        assert "BrokenPipeError" not in err
+        if expected == 1:
+            assert err.rstrip().endswith("RuntimeError: a bug")
+        elif expected == 2:
+            assert err == "turnrl rollouts stats: error: bad input\n"
+        else:
+            assert err == ""
+    # Buffered output of a command that succeeds, flushed in main: quiet, 141.
+    for quiet in (["--quiet"], ["--quiet", "--json"]):
+        assert _run_turnrl([*argv, *quiet], buffered=True)[:3:2] == (141, "")
 
 
 def test_every_option_with_a_default_says_it_in_its_help():
@@ -815,6 +852,31 @@ def test_train_min_lr_ratio_is_a_share_and_needs_a_decaying_schedule(tmp_path, c
         "--lr-schedule constant does not fall: add --lr-schedule linear or cosine\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_more_mini_batches_than_a_step_has_rollouts(tmp_path, capsys):
+    """Each rollout is in one part, so parts past a step's rollouts (--tasks-per-step
+    x --group-size) held none, every step: fewer optimizer steps than asked for,
+    unsaid, and a learning-rate schedule counting them never ran its course.
+    Refused before any model loads, from a config file too."""
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    argv += ["--tasks-per-step", "2", "--group-size", "3"]
+    want = (
+        "turnrl train: error: --mini-batches 7 cuts each step's rollouts into 7 parts, and a "
+        "step has 6 (--tasks-per-step 2 x --group-size 3): the parts past them would never "
+        "take an optimizer step, which the learning-rate schedule counts; give --mini-batches "
+        "6 or fewer\n"
+    )
+    assert main([*argv, "--mini-batches", "7"]) == 2
+    assert capsys.readouterr().err == want
+    path = _config_file(tmp_path, ".toml", {"mini_batches": 7})
+    assert main([*argv, "--config", str(path)]) == 2
+    assert capsys.readouterr().err == want
+    assert not (tmp_path / "run").exists()
+    # As many as the rollouts pass this check (and fail later, on the missing model).
+    assert main([*argv, "--mini-batches", "6"]) == 2
+    assert "--mini-batches" not in capsys.readouterr().err
 
 
 def test_train_sapo_temperatures_are_parsed_and_refused_where_they_do_nothing(tmp_path, capsys):

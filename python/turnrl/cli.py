@@ -90,6 +90,16 @@ def _calibrate(args: argparse.Namespace) -> int:
     initial = load_tier_rewards(args.tiers)
     # Checked before the (possibly long) calibration, not after it.
     _check_outputs([("--out", args.out), ("--report", args.report), ("--plot", args.plot)], paths)
+    # The report or plot over the --tiers file would replace the table with
+    # JSON or a PNG; --out over it is the table calibrated in place.
+    if os.path.isfile(args.tiers):
+        from turnrl.rollouts import _check_not_input
+
+        for option, target in (("--report", args.report), ("--plot", args.plot)):
+            if target is not None:
+                _check_not_input(
+                    target, args.tiers, "the output cannot replace the --tiers file", option
+                )
     if args.plot:
         pyplot()
     _note_unused_estimator_options(args, "calibrate")
@@ -898,6 +908,17 @@ def _train(args: argparse.Namespace) -> int:
         raise InvalidInputError(
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
+        )
+    rollouts = args.tasks_per_step * args.group_size
+    if args.mini_batches > rollouts:
+        # Parts past the step's rollouts would hold none, every step: no
+        # optimizer step, while the schedule counts one for each.
+        raise InvalidInputError(
+            f"--mini-batches {args.mini_batches} cuts each step's rollouts into "
+            f"{args.mini_batches} parts, and a step has {rollouts} (--tasks-per-step "
+            f"{args.tasks_per_step} x --group-size {args.group_size}): the parts past them "
+            "would never take an optimizer step, which the learning-rate schedule counts; "
+            f"give --mini-batches {rollouts} or fewer"
         )
     if not args.resume:
         # A resumed run's schedule also spans the steps done, known from its checkpoint.
@@ -3399,19 +3420,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``turnrl`` command. Errors in the input (missing
     files, bad tier files, no usable lines) and outputs that cannot be
     written print one line and exit 2. A stdout whose reader has gone (``turnrl
-    rollouts stats ... | head``) ends the command quietly with status 141."""
+    rollouts stats ... | head``) ends the command quietly with status 141,
+    unless the command failed too: its error (a traceback, an interrupt, a
+    status other than 0) is what it ends with then."""
     try:
-        try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # a reader gone shows here, not at the interpreter's exit
-    except BrokenPipeError:
-        # As Python's documentation advises: the rest of the output goes
-        # nowhere, so the flush at exit does not fail again.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        status = _main(argv)
+    except BrokenPipeError:  # stdout's: _main reports any other
+        _discard_stdout()
         return CLOSED_STDOUT_STATUS
+    except BaseException:
+        # The command's own failure is the one to report: a flush failing
+        # as well must not turn it into a quiet 141.
+        try:
+            sys.stdout.flush()
+        except OSError:
+            _discard_stdout()
+        raise
+    try:
+        sys.stdout.flush()  # a reader gone shows here, not at the interpreter's exit
+    except BrokenPipeError:
+        _discard_stdout()
+        # A failure's status (2, its error said on stderr) says more than the pipe's.
+        return status or CLOSED_STDOUT_STATUS
+    return status
+
+
+def _discard_stdout() -> None:
+    """Send the rest of stdout's output to devnull, as Python's documentation
+    advises for a reader gone, so that the flush at exit does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def _main(argv: Sequence[str] | None) -> int:
