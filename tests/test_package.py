@@ -46,3 +46,23 @@ def test_stubs_match_extension():
         text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_names_the_readme_gives_are_public():
+    """A ``turnrl.<module>.<name>`` the README tells users to call is in that
+    module's ``__all__`` (what ``from turnrl.<module> import *`` and the
+    documentation tools take as its public API), as its siblings are."""
+    import importlib
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = []
+    for module_name, name in sorted(
+        set(re.findall(r"\bturnrl\.([a-z_]+)\.([A-Za-z_][A-Za-z0-9_]*)", readme))
+    ):
+        module = importlib.import_module(f"turnrl.{module_name}")
+        if hasattr(module, "__path__") and importlib.util.find_spec(f"{module.__name__}.{name}"):
+            continue  # a module of a subpackage (turnrl.envs.users), not a name
+        if name not in getattr(module, "__all__", ()):
+            missing.append(f"turnrl.{module_name}.{name}")
+    assert not missing, missing

@@ -95,6 +95,7 @@ __all__ = [
     "load_rng_state",
     "lr_schedule",
     "merge_adapter",
+    "mini_batch_parts",
     "plan_micro_batches",
     "plot_history",
     "recover_adapter",
