@@ -2593,9 +2593,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a LoRA policy with GTPO on a domain (rollouts, advantages, updates)",
         description="Each step: run --group-size episodes of --tasks-per-step tasks with the "
-        "policy being trained (transformers generate, or vLLM with the adapter reloaded after "
-        "each update) and a simulated user, label the turns with tiers, compute per-turn "
-        "advantages, and take a GTPO step with the fused loss; with --calibrate-every, "
+        "policy being trained (transformers generate, or vLLM or a vLLM server with the "
+        "adapter reloaded after each step) and a simulated user, label the turns with tiers, "
+        "compute per-turn advantages, and take --ppo-epochs x --mini-batches optimizer steps "
+        "with the fused GTPO loss; with --calibrate-every, "
         "re-derive the tier rewards from the recent steps' rollouts (Iterative Reward "
         "Calibration) as it goes; with --filter-groups, leave out the groups without signal "
         "and sample more tasks in their place. Writes OUT/rollouts/step-N.jsonl "
@@ -2623,7 +2624,11 @@ def build_parser() -> argparse.ArgumentParser:
         "torch's sampling and Python's and numpy's global generators (default: %(default)s)",
     )
     tr.add_argument(
-        "--steps", type=_positive_int, default=10, help="updates (default: %(default)s)"
+        "--steps",
+        type=_positive_int,
+        default=10,
+        help="training steps, each its rollouts and then --ppo-epochs x --mini-batches "
+        "optimizer steps; after --resume, the steps still to run (default: %(default)s)",
     )
     tr.add_argument(
         "--tasks-per-step",

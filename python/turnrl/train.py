@@ -1418,7 +1418,9 @@ class GTPOTrainer:
     batch, holding whole groups; the trainable weights are broadcast from
     rank 0 here, token and sequence counts and gradients are summed over the
     ranks in :meth:`step`, and every rank takes the same optimizer step: the
-    step one process would take on all the ranks' rows. A rank may bring an
+    step one process would take on all the ranks' rows (with
+    :attr:`GTPOConfig.mini_batches`, on part k of every rank's batch, each
+    rank cutting its own into parts). A rank may bring an
     empty batch (:meth:`TrainBatch.empty`). Gradients are summed once per
     optimizer step, after the micro-batches (for LoRA they are a few
     megabytes); the frozen weights must be the same everywhere (the same
