@@ -5625,3 +5625,14 @@ def test_mini_batch_parts_keep_groups_whole_and_even(groups, parts):
     if len(set(len(m) for m in members)) == 1 and len(members) % parts == 0:
         assert len(set(sizes)) == 1  # equal groups in equal numbers: equal parts
     assert mini_batch_parts(groups, 1).tolist() == [0] * len(groups)
+
+
+def test_mini_batch_parts_takes_a_numpy_count_as_gtpoconfig_does():
+    """GTPOConfig(mini_batches=np.int64(2)) is taken, and the count it keeps is
+    what a caller passes on: mini_batch_parts refused a numpy integer as 'not
+    an integer', naming the 2 it was."""
+    groups = [0, 0, 1, 1, 2, 2]
+    assert mini_batch_parts(groups, np.int64(2)).tolist() == mini_batch_parts(groups, 2).tolist()
+    for bad in (0, -1, True, 2.0, np.float64(2.0), "2"):
+        with pytest.raises(InvalidInputError, match="parts must be an integer of at least 1"):
+            mini_batch_parts(groups, bad)
