@@ -1209,8 +1209,13 @@ def mini_batch_parts(trajectory_group: Sequence[int] | np.ndarray, parts: int) -
     evenly as they go (the first parts one longer; with fewer trajectories
     than parts, the last parts empty). The same groups give the same parts.
     """
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+    try:  # a count: an int (numpy's too, as GTPOConfig takes), not a float or a bool
+        count = None if isinstance(parts, bool) else operator.index(parts)
+    except TypeError:
+        count = None
+    if count is None or count < 1:
         raise InvalidInputError(f"parts must be an integer of at least 1, got {parts!r}")
+    parts = count
     groups = np.asarray(trajectory_group, dtype=np.int64).reshape(-1)
     count = len(groups)
     part_of = np.zeros(count, dtype=np.int64)
