@@ -2908,7 +2908,8 @@ def train_loop(
     groups; a rank left with none steps on an empty batch. The setting is
     saved in the checkpoint (``"filter_groups"``).
 
-    Returns each step's stats, with ``success_rate``, ``episodes``,
+    Returns each step's stats: those of ``trainer.step`` (the loss
+    statistics, ``grad_norm``, ``lr``, ``updates``, ...), with ``success_rate``, ``episodes``,
     ``failed_episodes``, ``rows_per_episode``, ``truncated_rows`` and
     ``untrained_rows`` (rows cut at ``max_length``, and those of them the cut
     left nothing to train, as :class:`TrainBatch`), ``refused_completion_ids``,
