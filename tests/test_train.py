@@ -4776,8 +4776,9 @@ def test_metrics_lines_are_strict_json_and_plots_take_unmeasured_steps(tmp_path)
 
 
 def test_a_failed_plot_save_leaves_the_last_plot(monkeypatch, tmp_path):
-    """metrics.png is rewritten after every step: a save that fails (a full
-    disk, a run stopped mid-save) leaves the step before's, and no temporary file."""
+    """metrics.png is redrawn at the end of each run, a resumed one's too: a
+    save that fails (a full disk, a run stopped mid-save) leaves the plot
+    before it, and no temporary file."""
     matplotlib = pytest.importorskip("matplotlib")
     from turnrl.train import plot_history
 

@@ -4099,7 +4099,7 @@ def plot_history(history: Sequence[Mapping[str, float]], path: str | os.PathLike
     from turnrl.irc import _save_png_atomic
 
     try:
-        # Rewritten after every step: a run stopped mid-save keeps the last plot.
+        # A resumed run redraws it: a save stopped or failed keeps the one before.
         _save_png_atomic(fig, path)
     finally:
         plt.close(fig)
