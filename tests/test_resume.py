@@ -888,6 +888,86 @@ def test_a_resume_counts_the_checkpoints_mini_batches_in_its_schedule(
     assert "loss settings" not in capsys.readouterr().err
 
 
+class _SignalOnOddSteps(_HalfGold):
+    """:class:`_HalfGold` whose even steps have no signal: every episode of
+    them fails. Each step draws each task once, in a group of two (``--tasks
+    0:2 --tasks-per-step 2 --group-size 2``), so a task's episodes 4s..4s+3
+    are steps 2s and 2s + 1; in the odd step one of the two succeeds."""
+
+    def generate(self, conversations, tools=None):
+        replies = []
+        for chat in conversations:
+            task = self.tasks[chat[1]["content"]]
+            if chat[-1]["role"] == "tool":
+                replies.append(" ".join(task.outputs) or "Done.")
+                continue
+            gold = False
+            if not any(m["role"] == "assistant" for m in chat):
+                with self.lock:
+                    seen = self.first_turns.get(task.id, 0)
+                    self.first_turns[task.id] = seen + 1
+                gold = seen % 4 == 2
+            calls = "".join(
+                f"<tool_call>{json.dumps(a.as_call())}</tool_call>" for a in task.actions
+            )
+            replies.append(calls if gold else "How can I help?")
+        return replies
+
+
+def test_steps_without_signal_step_the_schedule_and_a_resume_without_its_state_knows_it(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """Every planned optimizer step (--ppo-epochs a step) steps the schedule,
+    taken or skipped for lack of signal: in a run whose steps 0 and 2 have
+    none, each step's ``lr`` is the schedule's at its last planned update
+    (warmup and cosine alike), and the schedule ends at the run's end. A run
+    stopped after two steps and resumed from a checkpoint without
+    ``optimizer.pt`` (AdamW's moments start afresh) goes on from exactly
+    where the unbroken run's schedule stood, as does one resumed with it."""
+    import turnrl.engines
+    from turnrl.cli import main
+
+    domain = envs.load("synthetic:airline", seed=0)
+    monkeypatch.setattr(
+        turnrl.engines, "TransformersEngine", lambda *args, **kwargs: _SignalOnOddSteps(domain)
+    )
+    options = ["--lr", "1e-3", "--lr-schedule", "cosine", "--warmup-steps", "3"]
+    argv = _train_argv(tmp_path, tok, base_model, *options, "--ppo-epochs", "2")
+    argv = argv[: argv.index("--out")]
+
+    def run(name: str, steps: int, *extra: str) -> Path:
+        steps_at = argv.index("--steps") + 1
+        command = [*argv[:steps_at], str(steps), *argv[steps_at + 1 :], *extra]
+        _run(main, command, tmp_path / name)
+        return tmp_path / name
+
+    def schedule(out: Path) -> tuple[list, dict]:
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        saved = torch.load(out / "adapter" / "optimizer.pt", weights_only=True)["scheduler"]
+        return [(row["updates"], row["lr"]) for row in lines], saved
+
+    def rate(k: int) -> float:  # planned update k's: warmup over 3, cosine to 8
+        if k < 3:
+            return 1e-3 * (k + 1) / 3
+        return 1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 3) / 5))
+
+    rows, saved = schedule(run("unbroken", 4))
+    assert [updates for updates, _ in rows] == [0, 2, 0, 2]
+    assert [lr for _, lr in rows] == pytest.approx([rate(1), rate(3), rate(5), rate(7)])
+    assert saved["last_epoch"] == 8 and saved["_last_lr"] == pytest.approx([0.0])
+    for keep in (False, True):
+        stopped = run(f"stopped-{keep}", 2)
+        if not keep:
+            (stopped / "adapter" / "optimizer.pt").unlink()
+        capsys.readouterr()
+        resumed_rows, resumed = schedule(run(stopped.name, 2, "--resume"))
+        assert ("no optimizer state" in capsys.readouterr().err) is not keep
+        assert [updates for updates, _ in resumed_rows] == [0, 2, 0, 2]
+        assert [lr for _, lr in resumed_rows] == pytest.approx([lr for _, lr in rows])
+        assert resumed["last_epoch"] == 8
+        assert resumed["_last_lr"] == pytest.approx(saved["_last_lr"])
+
+
 def test_a_resumed_schedule_with_no_step_after_its_warmup_is_refused_naming_the_options(
     tmp_path, tok, base_model, capsys
 ):

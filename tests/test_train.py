@@ -4928,21 +4928,58 @@ def test_learning_rate_schedules_warm_up_then_hold_or_decay(tok, base_model):
         rates("step", 0, 3, 1)
     with pytest.raises(InvalidInputError, match="total_steps beyond"):
         rates("cosine", 3, 3, 1)
-    # The trainer steps it with the optimizer: each epoch, never on a step with no signal.
+
+
+def test_the_schedule_steps_past_every_planned_update_taken_or_skipped(tok, base_model):
+    """The trainer steps the schedule once per planned optimizer step (each
+    epoch), whether the update is taken or skipped for lack of signal: the
+    rate of planned step k is the schedule's at k, whatever was skipped
+    before it. A step with no signal leaves AdamW as it was (no moments, no
+    step count moved); its ``lr`` is the rate its last planned update would
+    have run at. torch's warning about a scheduler stepped before the
+    optimizer (a run whose first step has no signal) is not raised."""
+
+    def rate(k: int) -> float:  # linear, warmup 2, to 12, floor 0.1 of 0.1
+        if k < 2:
+            return 0.1 * (k + 1) / 2
+        return 0.1 * (0.1 + 0.9 * max(0.0, (12 - k) / 10))
+
     model = _lora(base_model)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    schedule = lr_schedule(optimizer, "constant", warmup_steps=10)
-    trainer = GTPOTrainer(
-        model, optimizer, GTPOConfig(backend="torch", ppo_epochs=2), scheduler=schedule
+    trainer = _trainer(model, "adamw", lr=0.1, ppo_epochs=2)
+    schedule = lr_schedule(
+        trainer.optimizer, "linear", warmup_steps=2, total_steps=12, min_lr_ratio=0.1
     )
-    stats = trainer.step(_zeroed_batch(tok, rows=[]))
-    assert schedule.last_epoch == 2
-    assert stats["lr"] == pytest.approx(0.1 * 2 / 10)  # the rate of the step's last update
+    trainer.scheduler = schedule
     nothing = _zeroed_batch(tok, rows=[])
     nothing.advantages.zero_()
-    stats = trainer.step(nothing)
-    assert schedule.last_epoch == 2
-    assert stats["lr"] == pytest.approx(0.1 * 3 / 10)  # no update: the next one's rate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = trainer.step(nothing)  # planned steps 0 and 1, both skipped
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    assert stats["updates"] == 0.0 and schedule.last_epoch == 2
+    assert stats["lr"] == pytest.approx(rate(1))  # the last planned update's
+    assert trainer.optimizer.state_dict()["state"] == {}  # AdamW has not stepped
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rate(2))
+    stats = trainer.step(_zeroed_batch(tok, rows=[]))  # planned steps 2 and 3, taken
+    assert stats["updates"] == 2.0 and schedule.last_epoch == 4
+    assert stats["lr"] == pytest.approx(rate(3))  # the rate of the step's last update
+    moments = copy.deepcopy(trainer.optimizer.state_dict()["state"])
+    assert {float(s["step"]) for s in moments.values()} == {2.0}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    stats = trainer.step(nothing)  # planned steps 4 and 5, skipped
+    assert stats["updates"] == 0.0 and schedule.last_epoch == 6
+    assert stats["lr"] == pytest.approx(rate(5))
+    after = trainer.optimizer.state_dict()["state"]
+    assert moments.keys() == after.keys()
+    for key, saved in moments.items():
+        for name, value in saved.items():
+            assert torch.equal(value, after[key][name]), (key, name)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), weights[n]), n
+    stats = trainer.step(_zeroed_batch(tok, rows=[]))  # planned steps 6 and 7
+    assert stats["lr"] == pytest.approx(rate(7)) and schedule.last_epoch == 8
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rate(8))
 
 
 @given(st.integers(1, 9), st.integers(1, 7), st.integers(0, 3), st.integers(0, 12))
@@ -5569,9 +5606,10 @@ def test_mini_batches_count_in_the_schedule_and_a_part_without_signal_takes_no_s
 ):
     """Each mini-batch's update steps the schedule: after one step of two
     mini-batches it stands where two updates put it, ``lr`` the second's rate.
-    A part with nothing to run (no signal, or no trajectory) takes no step,
-    nor a step of the schedule; ``updates`` counts those taken (an epoch's
-    parts are the same every epoch)."""
+    A part with nothing to run (no signal, or no trajectory) takes no
+    optimizer step but steps the schedule all the same (it counts the steps
+    planned: each epoch's each part); ``updates`` counts those taken (an
+    epoch's parts are the same every epoch), ``lr`` is the last taken's."""
     batch = build_batch(
         _mini_batch_records(True), tok, system=SYSTEM, tools=TOOLS, estimator="mt_grpo"
     )
@@ -5584,18 +5622,33 @@ def test_mini_batches_count_in_the_schedule_and_a_part_without_signal_takes_no_s
         assert stats["lr"] == pytest.approx(0.75)  # the second update's: (4 - 1) / 4
         rates.append(trainer.optimizer.param_groups[0]["lr"])
     assert rates == [pytest.approx(0.5)] * 2
-    silent = copy.deepcopy(batch)
-    first = torch.from_numpy(mini_batch_parts(batch.trajectory_group, 2)[batch.row_trajectory] == 0)
-    silent.advantages[first] = 0.0
-    trainer = _trainer(_lora(base_model), lr=1.0, mini_batches=2, ppo_epochs=3)
-    trainer.scheduler = lr_schedule(trainer.optimizer, "linear", total_steps=12)
-    stats = trainer.step(silent)
-    assert stats["updates"] == 3.0 and trainer.scheduler.last_epoch == 3
-    assert stats["skipped_rows"] == float(first.sum()) > 0
+    row_part = mini_batch_parts(batch.trajectory_group, 2)[batch.row_trajectory]
+    # Planned steps 0..5 (three epochs of two parts): the last one taken is
+    # the last epoch's second part (5) where the first is silent, its first (4)
+    # where the second is; linear over 12 from 1.0: (12 - k) / 12.
+    for silent_part, last_taken in ((0, 5), (1, 4)):
+        silent = copy.deepcopy(batch)
+        rows = torch.from_numpy(row_part == silent_part)
+        silent.advantages[rows] = 0.0
+        trainer = _trainer(_lora(base_model), lr=1.0, mini_batches=2, ppo_epochs=3)
+        trainer.scheduler = lr_schedule(trainer.optimizer, "linear", total_steps=12)
+        stats = trainer.step(silent)
+        assert stats["updates"] == 3.0 and trainer.scheduler.last_epoch == 6
+        assert stats["lr"] == pytest.approx((12 - last_taken) / 12)
+        assert stats["skipped_rows"] == float(rows.sum()) > 0
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(6 / 12)
+        # A step with no signal at all: every planned step, epochs x parts.
+        silent.advantages.zero_()
+        stats = trainer.step(silent)
+        assert stats["updates"] == 0.0 and trainer.scheduler.last_epoch == 12
+        assert stats["lr"] == pytest.approx(1 / 12)  # planned step 11's rate
     # Seven parts for six trajectories (three groups): one a trajectory, the last empty.
     trainer = _trainer(_lora(base_model), lr=1.0, mini_batches=7)
+    trainer.scheduler = lr_schedule(trainer.optimizer, "linear", total_steps=14)
     assert mini_batch_parts(batch.trajectory_group, 7).tolist() == [0, 2, 1, 4, 3, 5]
-    assert trainer.step(batch)["updates"] == 6.0
+    stats = trainer.step(batch)
+    assert stats["updates"] == 6.0 and trainer.scheduler.last_epoch == 7
+    assert stats["lr"] == pytest.approx(9 / 14)  # the sixth part's (5), not the empty seventh's
 
 
 @settings(max_examples=300, deadline=None)

@@ -1059,8 +1059,8 @@ def _check_schedule_decays(
 ) -> None:
     """Refuses a decaying --lr-schedule with no optimizer step after --warmup-steps
     over this run's steps and ``updates_done`` (the optimizer steps a resumed
-    run's checkpoint took, at its ``saved_epochs`` x ``saved_mini_batches``
-    per step), naming the options."""
+    run's checkpoint planned, at its ``saved_epochs`` x ``saved_mini_batches``
+    per step, taken or skipped), naming the options."""
     from turnrl.exceptions import InvalidInputError
 
     updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
@@ -1347,10 +1347,11 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             file=sys.stderr,
         )
     # The schedule runs to the last step of this run (a resumed run's included),
-    # counted in optimizer steps: the steps done took the checkpoint's
-    # --ppo-epochs x --mini-batches each (an older checkpoint's epochs, not
-    # kept, are taken as this run's; its mini-batches, from before there
-    # were any, as 1), so a resume with fewer does not find its schedule run out.
+    # counted in planned optimizer steps, taken or skipped for lack of signal:
+    # the steps done planned the checkpoint's --ppo-epochs x --mini-batches
+    # each (an older checkpoint's epochs, not kept, are taken as this run's;
+    # its mini-batches, from before there were any, as 1), so a resume with
+    # fewer does not find its schedule run out.
     saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
     if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
         saved_epochs = args.ppo_epochs
@@ -1371,9 +1372,9 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     )
     if resume is not None:
         if not trainer.load_optimizer(adapter):
-            # The schedule goes on from where the steps done put it (each taken
-            # as an update: steps with no signal, which do not advance it, are
-            # not told apart without the saved state), not from its warmup.
+            # The schedule goes on from where the steps done put it, not from
+            # its warmup: every planned update steps it, those skipped for lack
+            # of signal included, so the steps done say exactly where it stands.
             trainer.scheduler = lr_schedule(
                 trainer.optimizer,
                 args.lr_schedule,

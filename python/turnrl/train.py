@@ -962,7 +962,8 @@ class GTPOConfig:
     advantage 0 adds exactly 0 to the loss and its gradient: it is not run
     (statistics are then over the rows that ran), and a batch with no other
     row takes no optimizer step at all (AdamW's momentum would otherwise
-    move the weights on no signal)."""
+    move the weights on no signal), though its planned steps still step the
+    trainer's learning-rate scheduler."""
     # Fields added after the others stay at the end, so positional use keeps working.
     kl_estimator: str = "k3"
     """The per-token KL estimate ``beta`` weighs (verl's ``kl_loss_type``):
@@ -1035,7 +1036,8 @@ class GTPOConfig:
     every part after the first is off-policy. Under data parallelism each
     rank splits its own share, and part k of every rank makes up one
     optimizer step. A part with nothing to train on any rank takes no step
-    (as :attr:`skip_zero_advantage`'s batch)."""
+    (as :attr:`skip_zero_advantage`'s batch), but steps the learning-rate
+    scheduler as if it had."""
 
     def __post_init__(self) -> None:
         from turnrl.kernels.fused_linear_gtpo import (
@@ -1539,11 +1541,11 @@ class GTPOTrainer:
     ) -> dict[str, float]:
         """``ppo_epochs`` passes over the mini-batches, one optimizer step each,
         accumulating that mini-batch's micro-batches' gradients (a mini-batch
-        no rank runs anything of takes none). Statistics: those of the last
-        pass, token-weighted over its mini-batches; ``loss`` weighted by each
-        mini-batch's trained tokens (under ``token_mean``, the step's mean);
-        ``grad_norm`` their mean; ``lr`` the last update's; ``updates`` all
-        passes' optimizer steps."""
+        no rank runs anything of takes none, but steps the schedule all the
+        same). Statistics: those of the last pass, token-weighted over its
+        mini-batches; ``loss`` weighted by each mini-batch's trained tokens
+        (under ``token_mean``, the step's mean); ``grad_norm`` their mean;
+        ``lr`` the last update's; ``updates`` all passes' optimizer steps."""
         cfg = self.config
         totals: dict[str, float] = {}
         updates = 0
@@ -1554,7 +1556,10 @@ class GTPOTrainer:
             rate = float(self.optimizer.param_groups[0]["lr"])
             for k, part in enumerate(parts):
                 if part.ran_tokens == 0:
-                    continue  # nothing to run on any rank: no step on no signal
+                    # Nothing to run on any rank: no step on no signal, but
+                    # the schedule goes on (it follows the steps planned).
+                    self._skip_updates(1)
+                    continue
                 part_totals, part_loss, norm, rate = self._optimizer_step(
                     part, old[k], ref[k], ran_tokens
                 )
@@ -1662,9 +1667,33 @@ class GTPOTrainer:
         rate = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         if self.scheduler is not None:
-            # Per optimizer step: a step skipped for lack of signal does not count.
+            # Per planned optimizer step; those skipped for lack of signal
+            # count too (_skip_updates).
             self.scheduler.step()
         return totals, loss_sum, float(norm), rate
+
+    def _skip_updates(self, count: int) -> float:
+        """Step the scheduler past ``count`` planned optimizer steps not taken
+        (no signal): the schedule follows training progress, the steps planned,
+        so that it reaches its end with the run and a resume knows where it
+        stands from the steps done. AdamW is left as it is (no moments, no
+        step count moved). Returns the rate the last of them would have run at."""
+        rate = float(self.optimizer.param_groups[0]["lr"])
+        if self.scheduler is None:
+            return rate
+        with warnings.catch_warnings():
+            # torch warns when a scheduler's first step comes before any
+            # optimizer step, as if the caller had them in the wrong order;
+            # here the optimizer step was skipped on purpose.
+            warnings.filterwarnings(
+                "ignore",
+                message=re.escape("Detected call of `lr_scheduler.step()` before"),
+                category=UserWarning,
+            )
+            for _ in range(count):
+                rate = float(self.optimizer.param_groups[0]["lr"])
+                self.scheduler.step()
+        return rate
 
     def _segment_ids(self, m: _MicroBatch) -> torch.Tensor | None:
         """The micro-batch's tokens' importance-ratio segments under
@@ -1721,14 +1750,18 @@ class GTPOTrainer:
         return names
 
     def _idle_step(self, trained_tokens: int, skipped_rows: int) -> dict[str, float]:
-        """A step with nothing to run (every rank agrees): no update, the stats say so."""
+        """A step with nothing to run (every rank agrees): no update, the stats
+        say so; the schedule steps past each of its planned updates
+        (``ppo_epochs`` x ``mini_batches``), ``lr`` the last one's rate."""
+        cfg = self.config
+        rate = self._skip_updates(cfg.ppo_epochs * cfg.mini_batches)
         self.steps += 1
         nothing = dict.fromkeys(self._stat_names(), float("nan"))
         return {
             **nothing,
             "loss": 0.0,
             "grad_norm": 0.0,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "lr": rate,
             "updates": 0.0,
             "trained_tokens": float(trained_tokens),
             "skipped_rows": float(skipped_rows),
@@ -1744,8 +1777,9 @@ class GTPOTrainer:
         ``top_entropy_frac`` with ``top_entropy_quantile`` below 1;
         NaN when none ran) plus ``grad_norm`` (before clipping), ``loss`` of
         the last epoch, ``lr`` (the first parameter group's learning rate at
-        the step's last update; on a step with none, the rate the next will
-        take), ``updates`` (the optimizer steps taken), ``trained_tokens`` and
+        the step's last update; on a step with none, the rate its last
+        planned update would have run at), ``updates`` (the optimizer steps
+        taken), ``trained_tokens`` and
         ``skipped_rows`` (rows left out for having no signal, see
         :attr:`GTPOConfig.skip_zero_advantage`); under data parallelism, over
         every rank's batch (each rank gets the same figures). With several
@@ -1754,6 +1788,12 @@ class GTPOTrainer:
         ``loss`` their losses weighted by their trained tokens (under
         ``token_mean``, the mean over the batch's tokens), ``grad_norm`` the
         mean of their norms.
+
+        A ``scheduler`` steps once per planned optimizer step, each epoch's
+        each mini-batch, whether the update was taken or skipped for lack of
+        signal (a step with none steps it ``ppo_epochs`` x ``mini_batches``
+        times): the schedule follows training progress, as verl's and
+        Hugging Face's do, and ends where it was set to.
 
         The LM head runs only at the positions that predict a trained token
         (the decoder still sees every token): prompts, tool results and user
@@ -3714,9 +3754,10 @@ def lr_schedule(
     which it would reach at step ``total_steps`` (so the last of
     ``total_steps`` steps runs just above it), as Hugging Face's schedules do;
     ``min_lr_ratio`` is verl's name, Hugging Face's ``min_lr_rate``. Give it
-    to :class:`GTPOTrainer`, which steps it with the optimizer. ``start``: the
-    optimizer steps taken already, where the schedule goes on from (a resumed
-    run without its scheduler's saved state).
+    to :class:`GTPOTrainer`, which steps it once per planned optimizer step,
+    taken or skipped for lack of signal. ``start``: the planned optimizer
+    steps done already, where the schedule goes on from (a resumed run
+    without its scheduler's saved state).
     """
     import torch
 
