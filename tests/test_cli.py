@@ -719,6 +719,31 @@ def test_an_estimator_option_the_estimator_does_not_use_is_noted(tmp_path, capsy
     )
 
 
+def test_train_notes_loss_options_its_run_has_no_term_for(tmp_path, capsys):
+    """--kl-estimator without --beta and --rollout-correction-cap without
+    --rollout-correction are noted (not refused: a shared --config file may
+    set them), before the run is refused here for another option."""
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run"), "--truncation", "left"]
+    assert main([*argv, "--kl-estimator", "k1", "--rollout-correction-cap", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "turnrl train: note: --kl-estimator k1 is not used: it estimates the KL that --beta "
+        "weighs, and --beta is 0\n"
+        "turnrl train: note: --rollout-correction-cap 3 is not used: it caps "
+        "--rollout-correction, which is off\n"
+    )
+    # With their terms, or at their defaults, nothing is said.
+    given = ["--beta", "0.1", "--kl-estimator", "k1", "--rollout-correction-cap", "2"]
+    for extra in (
+        [],
+        given,
+        ["--rollout-correction-cap", "3", "--engine", "vllm", "--rollout-correction", "token_mask"],
+    ):
+        assert main([*argv, *extra]) == 2
+        assert "note" not in capsys.readouterr().err
+
+
 def _commands(parser, words=()):
     """(command words, parser) of each command that takes options, e.g. rollouts stats."""
     from turnrl.cli import _subparsers

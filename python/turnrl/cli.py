@@ -767,6 +767,7 @@ def _train(args: argparse.Namespace) -> int:
             setattr(args, name, None)
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         _note_unused_estimator_options(args, "train")
+        _note_unused_loss_options(args)
 
     evaluation_options = {
         "--eval-split": args.eval_split,
@@ -2025,6 +2026,26 @@ def _note_unused_estimator_options(args: argparse.Namespace, command: str) -> No
                 f"{args.estimator} has no {name} (it is {users}'s)",
                 file=sys.stderr,
             )
+
+
+def _note_unused_loss_options(args: argparse.Namespace) -> None:
+    """A note on stderr for --kl-estimator without --beta and
+    --rollout-correction-cap without --rollout-correction, set away from
+    their defaults: each shapes a term the run does not have. Notes, not
+    refusals, as for --gamma and --lam: a --config file may set them for
+    runs that have the term."""
+    if not args.beta and args.kl_estimator != "k3":
+        print(
+            f"turnrl train: note: --kl-estimator {args.kl_estimator} is not used: it estimates "
+            "the KL that --beta weighs, and --beta is 0",
+            file=sys.stderr,
+        )
+    if args.rollout_correction is None and args.rollout_correction_cap != 2.0:
+        print(
+            f"turnrl train: note: --rollout-correction-cap {args.rollout_correction_cap:g} is "
+            "not used: it caps --rollout-correction, which is off",
+            file=sys.stderr,
+        )
 
 
 def _estimator_params(args: argparse.Namespace) -> dict[str, Any]:
