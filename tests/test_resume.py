@@ -235,12 +235,15 @@ class _ReachedTrainLoop(Exception):
     """``turnrl train`` got as far as calling ``train_loop``."""
 
 
-def _stop_at_train_loop(monkeypatch) -> type[Exception]:
+def _stop_at_train_loop(monkeypatch, rates: list[float] | None = None) -> type[Exception]:
     """Make ``turnrl train`` stop where it would call ``train_loop`` (what it
-    prints before that is what a test reads); returns the exception raised."""
+    prints before that is what a test reads); returns the exception raised.
+    With ``rates``, each stop appends the trainer's learning rate there."""
     import turnrl.train
 
-    def train_loop(*args, **kwargs):
+    def train_loop(trainer, *args, **kwargs):
+        if rates is not None:
+            rates.append(trainer.optimizer.param_groups[0]["lr"])
         raise _ReachedTrainLoop
 
     monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
@@ -816,20 +819,13 @@ def test_a_resume_with_fewer_ppo_epochs_goes_on_along_its_schedule(
     run out (its rate 0) before the resumed run's first step."""
     import math
 
-    import turnrl.train
     from turnrl.cli import main
 
     argv = _train_argv(tmp_path, tok, base_model, "--lr-schedule", "cosine", "--lr", "1e-3")
     argv += ["--no-skip-zero-advantage"]  # every step is an optimizer step
     assert main([*argv, "--ppo-epochs", "2"]) == 0  # 1 step: 2 updates
-    Reached = _stop_at_train_loop(monkeypatch)
-    rates = []
-
-    def train_loop(trainer, *args, **kwargs):
-        rates.append(trainer.optimizer.param_groups[0]["lr"])
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    rates: list[float] = []
+    Reached = _stop_at_train_loop(monkeypatch, rates)
     # 2 updates done of 2 + 1: half a cosine at 2/3, with AdamW's state or without.
     expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3))
     with pytest.raises(Reached):
@@ -849,7 +845,6 @@ def test_a_resume_counts_the_checkpoints_mini_batches_in_its_schedule(
     checkpoint from before --mini-batches took one."""
     import math
 
-    import turnrl.train
     from turnrl.cli import main
 
     argv = _train_argv(tmp_path, tok, base_model, "--lr-schedule", "cosine", "--lr", "1e-3")
@@ -861,14 +856,8 @@ def test_a_resume_counts_the_checkpoints_mini_batches_in_its_schedule(
     state_file = run / "adapter" / "turnrl_state.json"
     state = json.loads(state_file.read_text())
     assert state["loss"]["mini_batches"] == 2
-    Reached = _stop_at_train_loop(monkeypatch)
-    rates = []
-
-    def train_loop(trainer, *args, **kwargs):
-        rates.append(trainer.optimizer.param_groups[0]["lr"])
-        raise Reached
-
-    monkeypatch.setattr(turnrl.train, "train_loop", train_loop)
+    rates: list[float] = []
+    Reached = _stop_at_train_loop(monkeypatch, rates)
     # 2 updates done of 2 + 1: half a cosine at 2/3, with AdamW's state or without.
     expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 3))
     with pytest.raises(Reached):
@@ -894,24 +883,8 @@ class _SignalOnOddSteps(_HalfGold):
     0:2 --tasks-per-step 2 --group-size 2``), so a task's episodes 4s..4s+3
     are steps 2s and 2s + 1; in the odd step one of the two succeeds."""
 
-    def generate(self, conversations, tools=None):
-        replies = []
-        for chat in conversations:
-            task = self.tasks[chat[1]["content"]]
-            if chat[-1]["role"] == "tool":
-                replies.append(" ".join(task.outputs) or "Done.")
-                continue
-            gold = False
-            if not any(m["role"] == "assistant" for m in chat):
-                with self.lock:
-                    seen = self.first_turns.get(task.id, 0)
-                    self.first_turns[task.id] = seen + 1
-                gold = seen % 4 == 2
-            calls = "".join(
-                f"<tool_call>{json.dumps(a.as_call())}</tool_call>" for a in task.actions
-            )
-            replies.append(calls if gold else "How can I help?")
-        return replies
+    def is_gold(self, task, seen: int) -> bool:
+        return seen % 4 == 2
 
 
 def test_steps_without_signal_step_the_schedule_and_a_resume_without_its_state_knows_it(

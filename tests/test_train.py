@@ -2815,12 +2815,16 @@ class _HalfGold:
                 with self.lock:
                     seen = self.first_turns.get(task.id, 0)
                     self.first_turns[task.id] = seen + 1
-                gold = task.id in self.always or seen % 2 == 0
+                gold = self.is_gold(task, seen)
             calls = "".join(
                 f"<tool_call>{json.dumps(a.as_call())}</tool_call>" for a in task.actions
             )
             replies.append(calls if gold else "How can I help?")
         return replies
+
+    def is_gold(self, task, seen: int) -> bool:
+        """Whether the task's episode after ``seen`` earlier ones makes the gold calls."""
+        return task.id in self.always or seen % 2 == 0
 
 
 def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model, monkeypatch):
