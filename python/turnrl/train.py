@@ -1065,13 +1065,8 @@ class GTPOConfig:
                 raise UnknownNameError(f"unknown {field} {value!r}; valid: {', '.join(valid)}")
         if self.micro_batch_size < 1 or self.ppo_epochs < 1:
             raise InvalidInputError("micro_batch_size and ppo_epochs must be at least 1")
-        try:  # a count: an int (numpy's too), not a float or a bool
-            mini_batches = (
-                None if isinstance(self.mini_batches, bool) else operator.index(self.mini_batches)
-            )
-        except TypeError:
-            mini_batches = None
-        if mini_batches is None or mini_batches < 1:
+        mini_batches = _positive_count(self.mini_batches)
+        if mini_batches is None:
             raise InvalidInputError(
                 "mini_batches (optimizer steps per epoch) must be an integer of at least 1, "
                 f"got {self.mini_batches!r}"
@@ -1199,6 +1194,18 @@ class _MiniBatch:
     """``dr_grpo``'s constant length."""
 
 
+def _positive_count(value: Any) -> int | None:
+    """``value`` as a count of at least 1: an int (numpy's too), not a float or
+    a bool; None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    try:
+        count = operator.index(value)
+    except TypeError:
+        return None
+    return count if count >= 1 else None
+
+
 def mini_batch_parts(trajectory_group: Sequence[int] | np.ndarray, parts: int) -> np.ndarray:
     """Which of ``parts`` mini-batches each trajectory falls in (int64, one per
     trajectory), given each trajectory's group (:attr:`GTPOConfig.mini_batches`).
@@ -1211,11 +1218,8 @@ def mini_batch_parts(trajectory_group: Sequence[int] | np.ndarray, parts: int) -
     evenly as they go (the first parts one longer; with fewer trajectories
     than parts, the last parts empty). The same groups give the same parts.
     """
-    try:  # a count: an int (numpy's too, as GTPOConfig takes), not a float or a bool
-        count = None if isinstance(parts, bool) else operator.index(parts)
-    except TypeError:
-        count = None
-    if count is None or count < 1:
+    count = _positive_count(parts)
+    if count is None:
         raise InvalidInputError(f"parts must be an integer of at least 1, got {parts!r}")
     parts = count
     groups = np.asarray(trajectory_group, dtype=np.int64).reshape(-1)
