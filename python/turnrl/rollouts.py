@@ -304,21 +304,7 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
     task_sizes = np.bincount(batch.task_index, minlength=len(batch.task_names))
     pass_hat = _pass_hat(batch.task_index, success)
     counts = batch.turn_counts
-    owner = np.repeat(np.arange(trajectories), counts)
-    tiers: dict[str, dict[str, float | int]] = {}
-    for code, name in enumerate(batch.tier_names):
-        at = batch.turn_tiers == code
-        turns = int(at.sum())
-        if not turns:
-            continue
-        holders = np.unique(owner[at])
-        tiers[name] = {
-            "turns": turns,
-            "turn_share": turns / batch.num_turns,
-            "mean_reward": float(batch.turn_rewards[at].mean()),
-            "trajectories": int(holders.size),
-            "success_rate": float(success[holders].mean()),
-        }
+    (labelled,) = _tier_figures(batch, success, np.zeros(trajectories, dtype=np.int64), 1)
     return {
         "files": len(batch.files),
         "trajectories": trajectories,
@@ -337,8 +323,8 @@ def buffer_stats(batch: RolloutBatch, success_threshold: float = 1.0) -> dict[st
             "mean": float(counts.mean()) if trajectories else None,
             "max": int(counts.max()) if trajectories else 0,
         },
-        "unlabelled_turns": int((batch.turn_tiers == NO_TIER).sum()),
-        "tiers": tiers,
+        "unlabelled_turns": labelled["unlabelled_turns"],
+        "tiers": labelled["tiers"],
         "repeated_samples": _repeated_samples(
             batch.group_index,
             batch.sample,
@@ -395,29 +381,9 @@ def _per_file_figures(batch: RolloutBatch, success: np.ndarray) -> list[dict[str
     trajectories = np.bincount(batch.file_index, minlength=files)
     outcome_sums = np.bincount(batch.file_index, weights=batch.outcome, minlength=files)
     successes = np.bincount(batch.file_index, weights=success, minlength=files)
-    counts = batch.turn_counts
-    turns = np.bincount(batch.file_index, weights=counts, minlength=files).astype(np.int64)
     by_file = np.argsort(batch.file_index, kind="stable")
     starts = np.concatenate([[0], np.cumsum(trajectories)])
-    # Turn j belongs to trajectory owner[j]; tier codes shift by one so that
-    # "no tier" (-1) has slot 0.
-    owner = np.repeat(np.arange(batch.num_trajectories), counts)
-    turn_file = batch.file_index[owner].astype(np.int64)
-    slots = len(batch.tier_names) + 1
-    turn_slot = turn_file * slots + batch.turn_tiers.astype(np.int64) + 1
-    tier_turns = np.bincount(turn_slot, minlength=files * slots).reshape(files, slots)
-    tier_reward_sums = np.bincount(
-        turn_slot, weights=batch.turn_rewards, minlength=files * slots
-    ).reshape(files, slots)
-    # The trajectories holding each tier: one (trajectory, tier) pair each.
-    tiered = batch.turn_tiers >= 0
-    pairs = np.unique(owner[tiered] * slots + batch.turn_tiers[tiered].astype(np.int64) + 1)
-    holder, holder_slot = pairs // slots, pairs % slots
-    pair_slot = batch.file_index[holder].astype(np.int64) * slots + holder_slot
-    holders = np.bincount(pair_slot, minlength=files * slots).reshape(files, slots)
-    holder_successes = np.bincount(
-        pair_slot, weights=success[holder], minlength=files * slots
-    ).reshape(files, slots)
+    labels = _tier_figures(batch, success, batch.file_index, files)
     out = []
     for k, name in enumerate(batch.files):
         rows = by_file[starts[k] : starts[k + 1]]
@@ -430,20 +396,55 @@ def _per_file_figures(batch: RolloutBatch, success: np.ndarray) -> list[dict[str
                 "mean_outcome": float(outcome_sums[k] / count) if count else None,
                 "success_rate": float(successes[k] / count) if count else None,
                 "pass_hat_k": _pass_hat(batch.task_index[rows], success[rows]),
-                "assistant_turns": int(turns[k]),
-                "unlabelled_turns": int(tier_turns[k, 0]),
+                **labels[k],
+            }
+        )
+    return out
+
+
+def _tier_figures(
+    batch: RolloutBatch, success: np.ndarray, trajectory_key: np.ndarray, keys: int
+) -> list[dict[str, Any]]:
+    """For each of ``keys`` sets of trajectories (``trajectory_key[i]`` is
+    trajectory i's; a file, or one set for the totals), :func:`buffer_stats`'
+    ``assistant_turns``, ``unlabelled_turns`` and ``tiers``. Counts over
+    (set, tier) slots, not a pass over the turns per tier or per set: a glob
+    can name thousands of files."""
+    # Turn j belongs to trajectory owner[j]; tier codes shift by one so that
+    # "no tier" (NO_TIER, -1) has slot 0.
+    owner = np.repeat(np.arange(batch.num_trajectories), batch.turn_counts)
+    trajectory_key = trajectory_key.astype(np.int64)
+    slots = len(batch.tier_names) + 1
+    cells = keys * slots
+    turn_slot = trajectory_key[owner] * slots + batch.turn_tiers.astype(np.int64) + 1
+    turns = np.bincount(turn_slot, minlength=cells).reshape(keys, slots)
+    reward_sums = np.bincount(turn_slot, weights=batch.turn_rewards, minlength=cells)
+    reward_sums = reward_sums.reshape(keys, slots)
+    # The trajectories holding each tier: one (trajectory, tier) pair each.
+    tiered = batch.turn_tiers >= 0
+    pairs = np.unique(owner[tiered] * slots + batch.turn_tiers[tiered].astype(np.int64) + 1)
+    holder, holder_slot = pairs // slots, pairs % slots
+    pair_slot = trajectory_key[holder] * slots + holder_slot
+    holders = np.bincount(pair_slot, minlength=cells).reshape(keys, slots)
+    holder_successes = np.bincount(pair_slot, weights=success[holder], minlength=cells)
+    holder_successes = holder_successes.reshape(keys, slots)
+    out = []
+    for k in range(keys):
+        all_turns = int(turns[k].sum())
+        out.append(
+            {
+                "assistant_turns": all_turns,
+                "unlabelled_turns": int(turns[k, 0]),
                 "tiers": {
                     tier: {
-                        "turns": int(tier_turns[k, code + 1]),
-                        "turn_share": int(tier_turns[k, code + 1]) / int(turns[k]),
-                        "mean_reward": float(
-                            tier_reward_sums[k, code + 1] / tier_turns[k, code + 1]
-                        ),
+                        "turns": int(turns[k, code + 1]),
+                        "turn_share": int(turns[k, code + 1]) / all_turns,
+                        "mean_reward": float(reward_sums[k, code + 1] / turns[k, code + 1]),
                         "trajectories": int(holders[k, code + 1]),
                         "success_rate": float(holder_successes[k, code + 1] / holders[k, code + 1]),
                     }
                     for code, tier in enumerate(batch.tier_names)
-                    if tier_turns[k, code + 1]
+                    if turns[k, code + 1]
                 },
             }
         )
