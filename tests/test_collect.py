@@ -226,6 +226,47 @@ def test_answers_that_are_not_chat_completions_are_retried_then_named(chat_serve
         agent([{"role": "user", "content": "hi"}], [])
 
 
+def _completion_with(message):
+    """A chat completion's body whose one choice holds ``message`` as given."""
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    body = {"id": "x", "object": "chat.completion", "created": 0, "model": "p", "choices": [choice]}
+    return json.dumps(body).encode()
+
+
+# Choices whose message is not an assistant message: text in its place, content
+# that is not text (a number; a list of parts, as some hosted APIs answer), tool
+# calls that are not a list of calls, a call without its function.
+NOT_MESSAGES = [
+    "Sure.",
+    {"role": "assistant", "content": 5},
+    {"role": "assistant", "content": [{"type": "text", "text": "Sure."}]},
+    {"role": "assistant", "content": "x", "tool_calls": {"id": "c1"}},
+    {"role": "assistant", "content": "x", "tool_calls": ["c1"]},
+    {"role": "assistant", "content": "x", "tool_calls": [{"id": "c1", "type": "function"}]},
+    {"role": "assistant", "content": "x", "tool_calls": [{"id": "c1", "function": None}]},
+]
+
+
+@pytest.mark.parametrize("message", NOT_MESSAGES)
+def test_a_choice_that_is_not_a_chat_message_is_retried_then_named(chat_server, message):
+    chat = [{"role": "user", "content": "hi"}]
+    server, url = chat_server([_completion_with(message), "fine"])
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.0)
+    assert agent(chat, [])["content"] == "fine"
+    assert len(server.requests) == 2
+    _, url = chat_server([_completion_with(message)] * 2)
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.0)
+    with pytest.raises(envs.AgentError, match=r"agent policy at .* answered no chat completion"):
+        agent(chat, [])
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([_completion_with(message)] * 2)
+    user = envs.LLMUser("u", url, api_key="k", max_retries=1, backoff=0.0)
+    with pytest.raises(
+        envs.UserSimulatorError, match=r"user simulator at .* answered no chat completion"
+    ):
+        user.reset(d.tasks[0])
+
+
 def test_think_text_beside_server_parsed_calls_is_reasoning(chat_server):
     """A hermes tool parser without a reasoning parser leaves Qwen3's thinking
     in the content next to the calls it parsed."""

@@ -129,10 +129,10 @@ class ChatEndpoint:
     environment variable named by ``api_key_env``. Transient failures
     (connection, timeout, rate limit, 5xx, 408 and 409, and an answer that is
     not a chat completion: cut-off JSON, a proxy's HTML page, a choice without
-    a message) are retried ``max_retries`` times
-    with exponential backoff; then ``error`` (an exception type) says which
-    endpoint failed, as ``what`` (for example "user simulator"). ``openai``
-    is imported only when an endpoint is created.
+    a message or with one that is not an assistant message) are retried
+    ``max_retries`` times with exponential backoff; then ``error`` (an
+    exception type) says which endpoint failed, as ``what`` (for example
+    "user simulator"). ``openai`` is imported only when an endpoint is created.
     """
 
     def __init__(
@@ -262,8 +262,31 @@ def _first_choice(res: Any) -> tuple[Any, str | None]:
     message = getattr(choices[0], "message", None)
     if message is None:
         raise MalformedAnswer("a choice without a message")
+    _check_message(message)
     finish = getattr(choices[0], "finish_reason", None)
     return message, finish if isinstance(finish, str) else None
+
+
+def _check_message(message: Any) -> None:
+    """:class:`MalformedAnswer` unless ``message`` reads as an assistant message:
+    text or null content, and tool calls (if any) a list of calls with a function.
+    The openai client does not check what it reads, and the agent and the users
+    would otherwise fail on such a message with an error that names no endpoint."""
+    if not hasattr(message, "content"):
+        raise MalformedAnswer(f"a choice whose message is not a message: {str(message)[:200]!r}")
+    content = message.content
+    if content is not None and not isinstance(content, str):
+        raise MalformedAnswer(f"a message whose content is not text: {str(content)[:200]!r}")
+    calls = getattr(message, "tool_calls", None)
+    if calls is None:
+        return
+    if not isinstance(calls, list) or not all(
+        getattr(call, "function", None) is not None and hasattr(call.function, "name")
+        for call in calls
+    ):
+        raise MalformedAnswer(
+            f"a message whose tool_calls are not calls with a function: {str(calls)[:200]!r}"
+        )
 
 
 _WS = " \t\n\r\x0b\x0c"  # what turnrl.parse_tool_calls trims: ASCII whitespace
