@@ -571,6 +571,30 @@ def test_server_errors_name_the_server_and_what_it_needs(tok, fake_vllm, tmp_pat
         engine.generate([_chat("hi")])
 
 
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"text": "a", "finish_reason": "stop"}, {"text": "b", "finish_reason": "stop"}],
+        [None, {"index": 1, "text": "b", "finish_reason": "stop"}],
+        ["a", "b"],
+    ],
+    ids=["no index", "null choice", "text choices"],
+)
+def test_choices_that_are_not_completions_are_retried_then_named(tok, chat_server, choices):
+    """A completions answer whose choices carry no index (or are not choices)
+    is not a completion of each prompt: retried, then named, not a TypeError."""
+    body = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": choices}
+    done = [{"index": i, "text": "Done.", "finish_reason": "stop"} for i in (0, 1)]
+    fine = dict(body, choices=done)
+    server, url = chat_server([json.dumps(body).encode(), json.dumps(fine).encode()])
+    engine = ServerEngine("m", tok, url, backoff=0, max_retries=1, max_model_len=4096)
+    assert [c.text for c in engine.generate([_chat("hi"), _chat("bye")])] == ["Done.", "Done."]
+    assert len(server.requests) == 2
+    server.replies = [json.dumps(body).encode()] * 2
+    with pytest.raises(AgentError, match=r"policy server at .* answered no completion of each"):
+        engine.generate([_chat("hi"), _chat("bye")])
+
+
 def test_engine_agent_parses_the_servers_raw_text(tok, fake_vllm):
     server = fake_vllm(tok, [f"<think>look the user up</think>{CALL}"])
     agent = EngineAgent(ServerEngine("base-model", tok, server.url, backoff=0))

@@ -925,12 +925,22 @@ class ServerEngine:
                 logprobs=0,
                 extra_body=extra,
             )
-            choices = sorted(getattr(answer, "choices", None) or [], key=lambda c: c.index)
-            if [c.index for c in choices] != list(range(len(prompts))):
+            choices = getattr(answer, "choices", None)
+            choices = choices if isinstance(choices, list) else []
+            # The client does not check what it reads: a choice may be null,
+            # text, or lack its index, which orders the choices by prompt.
+            at = [getattr(c, "index", None) for c in choices]
+            if not all(isinstance(i, int) for i in at):
+                raise MalformedAnswer(
+                    f"{len(choices)} choices for {len(prompts)} prompts, not all with an index: "
+                    "not a completion of each"
+                )
+            if sorted(at) != list(range(len(prompts))):
                 raise MalformedAnswer(
                     f"{len(choices)} choices for {len(prompts)} prompts: not a completion of each"
                 )
-            return [self._completion(c, keep_logprobs) for c in choices]
+            in_order = sorted(zip(at, choices, strict=True), key=lambda pair: pair[0])
+            return [self._completion(c, keep_logprobs) for _, c in in_order]
 
         try:
             return list(self.endpoint.request(send, answer="completion of each prompt"))
@@ -949,12 +959,12 @@ class ServerEngine:
             return [answer for answers in alone for answer in answers]
 
     def _completion(self, choice: Any, keep_logprobs: bool) -> Completion | AgentError:
-        text = choice.text if isinstance(choice.text, str) else ""
+        text = getattr(choice, "text", None)
         token_ids, logprobs = _served_tokens(getattr(choice, "logprobs", None))
         return _vllm_completion(
             self.tokenizer,
-            text,
-            choice.finish_reason,
+            text if isinstance(text, str) else "",
+            getattr(choice, "finish_reason", None),
             # vLLM's extension: the stop token's id when one other than the
             # end-of-sequence token ended the generation.
             getattr(choice, "stop_reason", None),
