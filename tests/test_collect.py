@@ -284,6 +284,26 @@ def test_think_text_beside_server_parsed_calls_is_reasoning(chat_server):
     assert agent([{"role": "user", "content": "hi"}], [])["reasoning"] == "parsed\n\nmore"
 
 
+def test_think_text_beside_a_servers_reasoning_is_kept_with_or_without_calls(chat_server):
+    """The server's reasoning parser gave some reasoning and more thinking was
+    left in the content: both are kept, whether the server parsed the calls
+    or they are read from the text (where none is there too)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    text_call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    _, url = chat_server(
+        [
+            {"content": "<think>more</think>Done.", "reasoning": "parsed", "tool_calls": [call]},
+            {"content": "<think>more</think>Done.", "reasoning": "parsed"},
+            {"content": f"<think>more</think>{text_call}", "reasoning": "parsed"},
+        ]
+    )
+    agent = envs.OpenAIAgent("p", url, api_key="k")
+    for content, calls in (("Done.", 1), ("Done.", 0), ("", 1)):
+        reply = agent([{"role": "user", "content": "hi"}], [])
+        assert reply["reasoning"] == "parsed\n\nmore"
+        assert (reply["content"], len(reply["tool_calls"])) == (content, calls)
+
+
 def test_errors_before_any_request_are_not_retried(chat_server):
     server, url = chat_server(["fine"])
     agent = envs.OpenAIAgent("p", url, api_key="k", max_tokens=float("nan"), backoff=10.0)

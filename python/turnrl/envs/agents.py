@@ -289,8 +289,9 @@ def reply_from_text(
     ``tools`` schemas for XML calls); one that does not parse becomes
     ``{"error": reason}``, which the agent gets back as an error observation,
     in its place among the others (calls keep the order they were written in).
-    ``<think>`` text becomes ``reasoning`` and never reaches the user or the
-    reward's checks. ``completion`` keeps the raw text, which is what
+    ``<think>`` text becomes ``reasoning`` (after the ``reasoning`` given, a
+    server's reasoning parser's, when there is one) and never reaches the user
+    or the reward's checks. ``completion`` keeps the raw text, which is what
     :func:`turnrl.train.tokenize_rollout` trains on.
     """
     from turnrl import parse_tool_calls
@@ -311,6 +312,8 @@ def reply_from_text(
     return {
         "content": parsed.content if found else text,
         "tool_calls": calls,
-        "reasoning": reasoning or parsed.reasoning or None,
+        # Thinking left in the text beside a server's parsed reasoning is kept
+        # too, as OpenAIAgent keeps it beside calls the server parsed.
+        "reasoning": "\n\n".join(r for r in (reasoning, parsed.reasoning) if r) or None,
         "completion": text,
     }
