@@ -828,3 +828,23 @@ def test_engines_refuse_sampling_options_out_of_range(tok, option, value):
         VLLMEngine("/m", enable_lora=False, **{option: value})
     with pytest.raises(InvalidInputError, match=option):
         envs.OpenAIAgent("p", "http://127.0.0.1:9/v1", api_key="k", **{option: value})
+
+
+@pytest.mark.parametrize("value", [-0.5, math.nan, math.inf, True, "0.7"])
+def test_engines_refuse_a_temperature_that_is_not_a_finite_number_at_least_0(tok, value):
+    """A NaN temperature is not above 0: TransformersEngine sampled greedily,
+    unsaid, and a served one failed every request."""
+    from turnrl.engines import TransformersEngine, VLLMEngine
+
+    server = ServerEngine("base-model", tok, "http://127.0.0.1:9/v1")
+    local = TransformersEngine(None, tok)
+    for make in (
+        lambda: ServerEngine("base-model", tok, "http://127.0.0.1:9/v1", temperature=value),
+        lambda: TransformersEngine(None, tok, temperature=value),
+        lambda: VLLMEngine("/m", enable_lora=False, temperature=value),
+        lambda: envs.OpenAIAgent("p", "http://127.0.0.1:9/v1", api_key="k", temperature=value),
+        lambda: server.with_temperature(value),
+        lambda: local.with_temperature(value),
+    ):
+        with pytest.raises(InvalidInputError, match="temperature"):
+            make()
