@@ -312,6 +312,29 @@ def test_errors_before_any_request_are_not_retried(chat_server):
     assert server.requests == []
 
 
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"max_retries": -1},
+        {"max_retries": 1.5},
+        {"max_retries": True},
+        {"backoff": -1.0},
+        {"backoff": math.nan},
+        {"timeout": 0},
+        {"timeout": -1.0},
+        {"timeout": math.inf},
+    ],
+)
+def test_endpoints_refuse_retry_options_out_of_range(option):
+    """Refused when made, naming the option: max_retries -1 sent nothing and
+    said the endpoint was unreachable after 0 attempts; a negative backoff
+    failed in time.sleep after the first failure."""
+    (name,) = option
+    for make in (envs.OpenAIAgent, envs.LLMUser, envs.LLMJudge):
+        with pytest.raises(turnrl.InvalidInputError, match=name):
+            make("m", "http://127.0.0.1:9/v1", api_key="k", **option)
+
+
 def test_think_text_in_the_middle_is_taken_out_as_the_text_parser_does(chat_server):
     text = "Let me check your reservation. <think>need the user id</think> One moment."
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

@@ -8,6 +8,7 @@ ends the episode.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -150,6 +151,7 @@ class ChatEndpoint:
         what: str = "chat model",
         error: type[Exception] = RuntimeError,
     ) -> None:
+        _check_retry_options(max_retries, backoff, timeout)
         try:
             import openai
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -241,6 +243,30 @@ class ChatEndpoint:
         raise self.error(
             f"{where} {failed} after {self.max_retries + 1} attempts: {type(last).__name__}: {last}"
         ) from last
+
+
+def _check_retry_options(max_retries: Any, backoff: Any, timeout: Any) -> None:
+    """:class:`InvalidInputError` naming the option unless ``max_retries`` is an
+    integer, 0 or more, ``backoff`` a finite number of seconds, 0 or more, and
+    ``timeout`` a finite number of seconds above 0 (or None: no timeout). A
+    negative ``max_retries`` would send nothing and call the endpoint unreachable;
+    a negative ``backoff`` would fail in ``time.sleep`` after the first failure."""
+
+    def number(value: Any) -> bool:
+        return (
+            not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        )
+
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise InvalidInputError(f"max_retries must be an integer, 0 or more, got {max_retries!r}")
+    if not (number(backoff) and backoff >= 0):
+        raise InvalidInputError(
+            f"backoff must be a finite number of seconds, 0 or more, got {backoff!r}"
+        )
+    if timeout is not None and not (number(timeout) and timeout > 0):
+        raise InvalidInputError(
+            f"timeout must be a finite number of seconds above 0, or None, got {timeout!r}"
+        )
 
 
 class MalformedAnswer(Exception):
