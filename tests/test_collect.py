@@ -226,6 +226,47 @@ def test_answers_that_are_not_chat_completions_are_retried_then_named(chat_serve
         agent([{"role": "user", "content": "hi"}], [])
 
 
+def _completion_with(message):
+    """A chat completion's body whose one choice holds ``message`` as given."""
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    body = {"id": "x", "object": "chat.completion", "created": 0, "model": "p", "choices": [choice]}
+    return json.dumps(body).encode()
+
+
+# Choices whose message is not an assistant message: text in its place, content
+# that is not text (a number; a list of parts, as some hosted APIs answer), tool
+# calls that are not a list of calls, a call without its function.
+NOT_MESSAGES = [
+    "Sure.",
+    {"role": "assistant", "content": 5},
+    {"role": "assistant", "content": [{"type": "text", "text": "Sure."}]},
+    {"role": "assistant", "content": "x", "tool_calls": {"id": "c1"}},
+    {"role": "assistant", "content": "x", "tool_calls": ["c1"]},
+    {"role": "assistant", "content": "x", "tool_calls": [{"id": "c1", "type": "function"}]},
+    {"role": "assistant", "content": "x", "tool_calls": [{"id": "c1", "function": None}]},
+]
+
+
+@pytest.mark.parametrize("message", NOT_MESSAGES)
+def test_a_choice_that_is_not_a_chat_message_is_retried_then_named(chat_server, message):
+    chat = [{"role": "user", "content": "hi"}]
+    server, url = chat_server([_completion_with(message), "fine"])
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.0)
+    assert agent(chat, [])["content"] == "fine"
+    assert len(server.requests) == 2
+    _, url = chat_server([_completion_with(message)] * 2)
+    agent = envs.OpenAIAgent("p", url, api_key="k", max_retries=1, backoff=0.0)
+    with pytest.raises(envs.AgentError, match=r"agent policy at .* answered no chat completion"):
+        agent(chat, [])
+    d = envs.load("synthetic:airline", seed=0)
+    _, url = chat_server([_completion_with(message)] * 2)
+    user = envs.LLMUser("u", url, api_key="k", max_retries=1, backoff=0.0)
+    with pytest.raises(
+        envs.UserSimulatorError, match=r"user simulator at .* answered no chat completion"
+    ):
+        user.reset(d.tasks[0])
+
+
 def test_think_text_beside_server_parsed_calls_is_reasoning(chat_server):
     """A hermes tool parser without a reasoning parser leaves Qwen3's thinking
     in the content next to the calls it parsed."""
@@ -243,12 +284,55 @@ def test_think_text_beside_server_parsed_calls_is_reasoning(chat_server):
     assert agent([{"role": "user", "content": "hi"}], [])["reasoning"] == "parsed\n\nmore"
 
 
+def test_think_text_beside_a_servers_reasoning_is_kept_with_or_without_calls(chat_server):
+    """The server's reasoning parser gave some reasoning and more thinking was
+    left in the content: both are kept, whether the server parsed the calls
+    or they are read from the text (where none is there too)."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    text_call = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
+    _, url = chat_server(
+        [
+            {"content": "<think>more</think>Done.", "reasoning": "parsed", "tool_calls": [call]},
+            {"content": "<think>more</think>Done.", "reasoning": "parsed"},
+            {"content": f"<think>more</think>{text_call}", "reasoning": "parsed"},
+        ]
+    )
+    agent = envs.OpenAIAgent("p", url, api_key="k")
+    for content, calls in (("Done.", 1), ("Done.", 0), ("", 1)):
+        reply = agent([{"role": "user", "content": "hi"}], [])
+        assert reply["reasoning"] == "parsed\n\nmore"
+        assert (reply["content"], len(reply["tool_calls"])) == (content, calls)
+
+
 def test_errors_before_any_request_are_not_retried(chat_server):
     server, url = chat_server(["fine"])
     agent = envs.OpenAIAgent("p", url, api_key="k", max_tokens=float("nan"), backoff=10.0)
     with pytest.raises(ValueError, match="JSON"):
         agent([{"role": "user", "content": "hi"}], [])
     assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"max_retries": -1},
+        {"max_retries": 1.5},
+        {"max_retries": True},
+        {"backoff": -1.0},
+        {"backoff": math.nan},
+        {"timeout": 0},
+        {"timeout": -1.0},
+        {"timeout": math.inf},
+    ],
+)
+def test_endpoints_refuse_retry_options_out_of_range(option):
+    """Refused when made, naming the option: max_retries -1 sent nothing and
+    said the endpoint was unreachable after 0 attempts; a negative backoff
+    failed in time.sleep after the first failure."""
+    (name,) = option
+    for make in (envs.OpenAIAgent, envs.LLMUser, envs.LLMJudge):
+        with pytest.raises(turnrl.InvalidInputError, match=name):
+            make("m", "http://127.0.0.1:9/v1", api_key="k", **option)
 
 
 def test_think_text_in_the_middle_is_taken_out_as_the_text_parser_does(chat_server):

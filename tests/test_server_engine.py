@@ -571,6 +571,30 @@ def test_server_errors_name_the_server_and_what_it_needs(tok, fake_vllm, tmp_pat
         engine.generate([_chat("hi")])
 
 
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [{"text": "a", "finish_reason": "stop"}, {"text": "b", "finish_reason": "stop"}],
+        [None, {"index": 1, "text": "b", "finish_reason": "stop"}],
+        ["a", "b"],
+    ],
+    ids=["no index", "null choice", "text choices"],
+)
+def test_choices_that_are_not_completions_are_retried_then_named(tok, chat_server, choices):
+    """A completions answer whose choices carry no index (or are not choices)
+    is not a completion of each prompt: retried, then named, not a TypeError."""
+    body = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": choices}
+    done = [{"index": i, "text": "Done.", "finish_reason": "stop"} for i in (0, 1)]
+    fine = dict(body, choices=done)
+    server, url = chat_server([json.dumps(body).encode(), json.dumps(fine).encode()])
+    engine = ServerEngine("m", tok, url, backoff=0, max_retries=1, max_model_len=4096)
+    assert [c.text for c in engine.generate([_chat("hi"), _chat("bye")])] == ["Done.", "Done."]
+    assert len(server.requests) == 2
+    server.replies = [json.dumps(body).encode()] * 2
+    with pytest.raises(AgentError, match=r"policy server at .* answered no completion of each"):
+        engine.generate([_chat("hi"), _chat("bye")])
+
+
 def test_engine_agent_parses_the_servers_raw_text(tok, fake_vllm):
     server = fake_vllm(tok, [f"<think>look the user up</think>{CALL}"])
     agent = EngineAgent(ServerEngine("base-model", tok, server.url, backoff=0))
@@ -804,3 +828,23 @@ def test_engines_refuse_sampling_options_out_of_range(tok, option, value):
         VLLMEngine("/m", enable_lora=False, **{option: value})
     with pytest.raises(InvalidInputError, match=option):
         envs.OpenAIAgent("p", "http://127.0.0.1:9/v1", api_key="k", **{option: value})
+
+
+@pytest.mark.parametrize("value", [-0.5, math.nan, math.inf, True, "0.7"])
+def test_engines_refuse_a_temperature_that_is_not_a_finite_number_at_least_0(tok, value):
+    """A NaN temperature is not above 0: TransformersEngine sampled greedily,
+    unsaid, and a served one failed every request."""
+    from turnrl.engines import TransformersEngine, VLLMEngine
+
+    server = ServerEngine("base-model", tok, "http://127.0.0.1:9/v1")
+    local = TransformersEngine(None, tok)
+    for make in (
+        lambda: ServerEngine("base-model", tok, "http://127.0.0.1:9/v1", temperature=value),
+        lambda: TransformersEngine(None, tok, temperature=value),
+        lambda: VLLMEngine("/m", enable_lora=False, temperature=value),
+        lambda: envs.OpenAIAgent("p", "http://127.0.0.1:9/v1", api_key="k", temperature=value),
+        lambda: server.with_temperature(value),
+        lambda: local.with_temperature(value),
+    ):
+        with pytest.raises(InvalidInputError, match="temperature"):
+            make()

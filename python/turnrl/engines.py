@@ -48,6 +48,7 @@ from turnrl.envs.agents import (
     ContextLengthExceeded,
     _check_min_p,
     _check_repetition_penalty,
+    _check_temperature,
     _check_top_k,
     _check_top_p,
     reply_from_text,
@@ -152,8 +153,7 @@ class TransformersEngine:
     ) -> None:
         if max_new_tokens < 1:
             raise InvalidInputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        temperature = _check_temperature(temperature)
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -434,6 +434,7 @@ class VLLMEngine:
         sleep_mode: bool = False,
         **llm_kwargs: Any,
     ) -> None:
+        temperature = _check_temperature(temperature)
         top_p, top_k = _check_top_p(top_p), _checked_top_k(top_k)
         min_p = _check_min_p(min_p)
         repetition_penalty = _check_repetition_penalty(repetition_penalty)
@@ -538,8 +539,7 @@ class VLLMEngine:
         """The same ``vllm.LLM`` and adapter, sampling at ``temperature`` (0: greedy).
 
         Loading an adapter into either engine switches both."""
-        if temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        temperature = _check_temperature(temperature)
         other = copy.copy(self)
         other.temperature = temperature
         other.sampling = self._sampling(temperature)
@@ -736,8 +736,7 @@ class ServerEngine:
             raise InvalidInputError(
                 f"max_model_len must be a positive integer or None, got {max_model_len!r}"
             )
-        if temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        temperature = _check_temperature(temperature)
         self.endpoint = ChatEndpoint(
             model,
             base_url,
@@ -778,8 +777,7 @@ class ServerEngine:
 
     def with_temperature(self, temperature: float) -> ServerEngine:
         """The same server and adapter, sampling at ``temperature`` (0: greedy)."""
-        if temperature < 0:
-            raise InvalidInputError(f"temperature must be >= 0, got {temperature}")
+        temperature = _check_temperature(temperature)
         other = copy.copy(self)
         other.temperature = temperature
         return other
@@ -925,12 +923,22 @@ class ServerEngine:
                 logprobs=0,
                 extra_body=extra,
             )
-            choices = sorted(getattr(answer, "choices", None) or [], key=lambda c: c.index)
-            if [c.index for c in choices] != list(range(len(prompts))):
+            choices = getattr(answer, "choices", None)
+            choices = choices if isinstance(choices, list) else []
+            # The client does not check what it reads: a choice may be null,
+            # text, or lack its index, which orders the choices by prompt.
+            at = [getattr(c, "index", None) for c in choices]
+            if not all(isinstance(i, int) for i in at):
+                raise MalformedAnswer(
+                    f"{len(choices)} choices for {len(prompts)} prompts, not all with an index: "
+                    "not a completion of each"
+                )
+            if sorted(at) != list(range(len(prompts))):
                 raise MalformedAnswer(
                     f"{len(choices)} choices for {len(prompts)} prompts: not a completion of each"
                 )
-            return [self._completion(c, keep_logprobs) for c in choices]
+            in_order = sorted(zip(at, choices, strict=True), key=lambda pair: pair[0])
+            return [self._completion(c, keep_logprobs) for _, c in in_order]
 
         try:
             return list(self.endpoint.request(send, answer="completion of each prompt"))
@@ -949,12 +957,12 @@ class ServerEngine:
             return [answer for answers in alone for answer in answers]
 
     def _completion(self, choice: Any, keep_logprobs: bool) -> Completion | AgentError:
-        text = choice.text if isinstance(choice.text, str) else ""
+        text = getattr(choice, "text", None)
         token_ids, logprobs = _served_tokens(getattr(choice, "logprobs", None))
         return _vllm_completion(
             self.tokenizer,
-            text,
-            choice.finish_reason,
+            text if isinstance(text, str) else "",
+            getattr(choice, "finish_reason", None),
             # vLLM's extension: the stop token's id when one other than the
             # end-of-sequence token ended the generation.
             getattr(choice, "stop_reason", None),

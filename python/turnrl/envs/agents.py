@@ -79,6 +79,22 @@ _CONTEXT_SIZE = re.compile(
 _REPLY_SIZE = re.compile(r"(\d+) in the completion|requested (\d+) output tokens", re.IGNORECASE)
 
 
+def _check_temperature(temperature: Any) -> float:
+    """``temperature`` as a float, or :class:`InvalidInputError`: a finite number,
+    0 or more (0: greedy). NaN compares as neither above nor below 0, so it
+    would slip past a plain ``< 0`` check and sample greedily, or fail every
+    request to a server."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
+        raise InvalidInputError(
+            f"temperature must be a finite number, 0 or more (0: greedy), got {temperature!r}"
+        )
+    return float(temperature)
+
+
 def _check_top_p(top_p: Any) -> float:
     """``top_p`` as a float, or :class:`InvalidInputError`: nucleus sampling keeps
     a share in (0, 1] of the probability mass."""
@@ -192,6 +208,7 @@ class OpenAIAgent:
         fmt: str = "auto",
         extra_body: dict[str, Any] | None = None,
     ) -> None:
+        temperature = _check_temperature(temperature)
         if top_p is not None:
             _check_top_p(top_p)
         # Beside the OpenAI parameters (the openai client has no argument for them).
@@ -289,8 +306,9 @@ def reply_from_text(
     ``tools`` schemas for XML calls); one that does not parse becomes
     ``{"error": reason}``, which the agent gets back as an error observation,
     in its place among the others (calls keep the order they were written in).
-    ``<think>`` text becomes ``reasoning`` and never reaches the user or the
-    reward's checks. ``completion`` keeps the raw text, which is what
+    ``<think>`` text becomes ``reasoning`` (after the ``reasoning`` given, a
+    server's reasoning parser's, when there is one) and never reaches the user
+    or the reward's checks. ``completion`` keeps the raw text, which is what
     :func:`turnrl.train.tokenize_rollout` trains on.
     """
     from turnrl import parse_tool_calls
@@ -311,6 +329,8 @@ def reply_from_text(
     return {
         "content": parsed.content if found else text,
         "tool_calls": calls,
-        "reasoning": reasoning or parsed.reasoning or None,
+        # Thinking left in the text beside a server's parsed reasoning is kept
+        # too, as OpenAIAgent keeps it beside calls the server parsed.
+        "reasoning": "\n\n".join(r for r in (reasoning, parsed.reasoning) if r) or None,
         "completion": text,
     }

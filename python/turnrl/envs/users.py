@@ -8,6 +8,7 @@ ends the episode.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -129,10 +130,10 @@ class ChatEndpoint:
     environment variable named by ``api_key_env``. Transient failures
     (connection, timeout, rate limit, 5xx, 408 and 409, and an answer that is
     not a chat completion: cut-off JSON, a proxy's HTML page, a choice without
-    a message) are retried ``max_retries`` times
-    with exponential backoff; then ``error`` (an exception type) says which
-    endpoint failed, as ``what`` (for example "user simulator"). ``openai``
-    is imported only when an endpoint is created.
+    a message or with one that is not an assistant message) are retried
+    ``max_retries`` times with exponential backoff; then ``error`` (an
+    exception type) says which endpoint failed, as ``what`` (for example
+    "user simulator"). ``openai`` is imported only when an endpoint is created.
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class ChatEndpoint:
         what: str = "chat model",
         error: type[Exception] = RuntimeError,
     ) -> None:
+        _check_retry_options(max_retries, backoff, timeout)
         try:
             import openai
         except ImportError as e:  # pragma: no cover - depends on the install
@@ -243,6 +245,30 @@ class ChatEndpoint:
         ) from last
 
 
+def _check_retry_options(max_retries: Any, backoff: Any, timeout: Any) -> None:
+    """:class:`InvalidInputError` naming the option unless ``max_retries`` is an
+    integer, 0 or more, ``backoff`` a finite number of seconds, 0 or more, and
+    ``timeout`` a finite number of seconds above 0 (or None: no timeout). A
+    negative ``max_retries`` would send nothing and call the endpoint unreachable;
+    a negative ``backoff`` would fail in ``time.sleep`` after the first failure."""
+
+    def number(value: Any) -> bool:
+        return (
+            not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        )
+
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise InvalidInputError(f"max_retries must be an integer, 0 or more, got {max_retries!r}")
+    if not (number(backoff) and backoff >= 0):
+        raise InvalidInputError(
+            f"backoff must be a finite number of seconds, 0 or more, got {backoff!r}"
+        )
+    if timeout is not None and not (number(timeout) and timeout > 0):
+        raise InvalidInputError(
+            f"timeout must be a finite number of seconds above 0, or None, got {timeout!r}"
+        )
+
+
 class MalformedAnswer(Exception):
     """A 200 answer that is not a chat completion (or not what was asked for)."""
 
@@ -262,8 +288,31 @@ def _first_choice(res: Any) -> tuple[Any, str | None]:
     message = getattr(choices[0], "message", None)
     if message is None:
         raise MalformedAnswer("a choice without a message")
+    _check_message(message)
     finish = getattr(choices[0], "finish_reason", None)
     return message, finish if isinstance(finish, str) else None
+
+
+def _check_message(message: Any) -> None:
+    """:class:`MalformedAnswer` unless ``message`` reads as an assistant message:
+    text or null content, and tool calls (if any) a list of calls with a function.
+    The openai client does not check what it reads, and the agent and the users
+    would otherwise fail on such a message with an error that names no endpoint."""
+    if not hasattr(message, "content"):
+        raise MalformedAnswer(f"a choice whose message is not a message: {str(message)[:200]!r}")
+    content = message.content
+    if content is not None and not isinstance(content, str):
+        raise MalformedAnswer(f"a message whose content is not text: {str(content)[:200]!r}")
+    calls = getattr(message, "tool_calls", None)
+    if calls is None:
+        return
+    if not isinstance(calls, list) or not all(
+        getattr(call, "function", None) is not None and hasattr(call.function, "name")
+        for call in calls
+    ):
+        raise MalformedAnswer(
+            f"a message whose tool_calls are not calls with a function: {str(calls)[:200]!r}"
+        )
 
 
 _WS = " \t\n\r\x0b\x0c"  # what turnrl.parse_tool_calls trims: ASCII whitespace
