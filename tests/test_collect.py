@@ -514,7 +514,8 @@ def test_cli_collect_runs_only_the_first_calls_per_message(chat_server, tmp_path
         *("--quiet", "--out", str(out)),
     ]
     assert main([*argv, "--calls-per-message", "1"]) == 0
-    assert "2 tool calls dropped by --calls-per-message" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 tool calls not run (past --calls-per-message or a transfer)" in printed
     (record,) = turnrl.iter_rollout_records(out)
     first = record["turns"][1]
     assert first["tool_calls"] == [{"name": "calculate", "arguments": {"expression": "0+1"}}]

@@ -438,6 +438,28 @@ def test_first_call_only_leaves_a_later_write_undone_and_labelled_by_what_ran():
     assert tiers == {None: "gold", 1: "read"}
 
 
+@pytest.mark.parametrize("cap", [None, 5])
+def test_calls_after_a_transfer_are_dropped_and_the_turn_labelled_by_what_ran(cap):
+    d = envs.load("synthetic:airline", seed=0)
+    task = d.tasks[0]
+    assert task.facts["kind"] == "cancel" and task.actions
+    transfer = {"name": "transfer_to_human_agents", "arguments": {"summary": "x"}}
+    gold = [a.as_call() for a in task.actions]
+    agent, _ = _one_message_agent([transfer, *gold])
+    rec = envs.run_episode(agent, d, task, envs.ScriptedUser(), calls_per_message=cap)
+    alone, _ = _one_message_agent([transfer])
+    transfer_only = envs.run_episode(alone, d, task, envs.ScriptedUser())
+    first = rec["turns"][1]
+    assert rec["meta"]["stop_reason"] == "transfer" and rec["outcome"] == 0.0
+    # The gold write after the transfer never ran: neither in the record nor
+    # judged, but counted.
+    assert first["tool_calls"] == [transfer] and first["tool_call_ids"] == ["call_1_0"]
+    assert first["dropped_calls"] == rec["meta"]["dropped_calls"] == len(gold)
+    assert first["tier"] == transfer_only["turns"][1]["tier"] != "gold"
+    assert [t["name"] for t in rec["turns"] if t["role"] == "tool"] == [transfer["name"]]
+    assert first["completion"] == "raw calls text"
+
+
 def test_a_malformed_first_call_is_the_one_kept():
     d = envs.load("synthetic:airline", seed=0)
     agent, sent = _one_message_agent([{"error": "invalid JSON"}, *CALCULATIONS[:2]])

@@ -539,7 +539,7 @@ def _collect(args: argparse.Namespace) -> int:
         tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
         stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common())
         dropped = (
-            f"; {summary.dropped_calls} tool calls dropped by --calls-per-message"
+            f"; {summary.dropped_calls} tool calls not run (past --calls-per-message or a transfer)"
             if summary.dropped_calls
             else ""
         )

@@ -96,9 +96,10 @@ def run_episode(
     :class:`turnrl.envs.OpenAIAgent` is such an agent for a policy served
     behind an OpenAI-compatible endpoint (vLLM). Every tool call in a message
     is run, in order, or only the first ``calls_per_message`` of them
-    (``1`` is what tau-bench's tool-calling agent does). The calls left out
-    are neither run nor recorded nor shown to the agent again; the turn's
-    ``dropped_calls`` and ``meta["dropped_calls"]`` count them, and a raw
+    (``1`` is what tau-bench's tool-calling agent does). The calls left out,
+    and those after a call that ends the episode (tau-bench's transfer to a
+    human), are neither run nor recorded nor shown to the agent again; the
+    turn's ``dropped_calls`` and ``meta["dropped_calls"]`` count them, and a raw
     ``completion`` (from agents that parse calls from text) still holds them;
     of calls a server parsed, only the count is kept. A message without tool
     calls goes to the user.
@@ -256,7 +257,7 @@ def run_episode(
         messages.append(assistant_msg)
         if calls:
             episode.say_with_calls(content)
-            for name, args, call_id, problem in calls:
+            for ran, (name, args, call_id, problem) in enumerate(calls, start=1):
                 if problem is not None:
                     obs, error = f"Error: {problem}", True
                 else:
@@ -277,6 +278,15 @@ def run_episode(
                 )
                 if episode.done:
                     stop_reason = "transfer"
+                    # The calls after the transfer never ran: dropped as the
+                    # calls past calls_per_message are, so that the turn is
+                    # labelled (a gold write it never made) by what ran.
+                    unrun = len(calls) - ran
+                    if unrun:
+                        del turn["tool_calls"][ran:], turn["tool_call_ids"][ran:]
+                        del assistant_msg["tool_calls"][ran:]
+                        turn["dropped_calls"] = turn.get("dropped_calls", 0) + unrun
+                        dropped_calls += unrun
                     break
             if by_message:
                 steps += 1
