@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
 from turnrl import envs
+from turnrl.exceptions import InvalidInputError
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 TAU2 = SHARED / "tau2-bench"
@@ -257,3 +259,151 @@ def test_a_transfer_is_a_tool_call_and_the_user_ends_the_episode():
     roles = [turn["role"] for turn in record["turns"]]
     assert roles == ["user", "assistant", "tool", "assistant", "user"]
     assert record["meta"]["steps"] == 5 and record["meta"]["tool_errors"] == 0
+
+
+# --- what the agent is shown: tau2's system prompt and the orchestrator's greeting
+
+
+def _recording_agent(task):
+    """Looks the user up, then answers: (agent, the chats it was sent)."""
+    sent: list[list[dict]] = []
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(list(messages)))
+        if len(sent) == 1:
+            return {"tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "x"}}]}
+        return {"content": "Anything else?"}
+
+    return agent, sent
+
+
+def test_a_tau2_agent_is_shown_tau2s_prompt_and_greeting_and_training_renders_them(tok):
+    from turnrl.envs import tau2
+    from turnrl.train import rollout_messages, template_messages, tokenize_rollout
+
+    d = envs.load("tau2:airline", root=TAU2, split="test")
+    # The shared copy holds tau2's data only: turnrl's own instruction text.
+    assert not (TAU2 / tau2.AGENT_SOURCE).exists()
+    assert d.system_prompt == (
+        f"<instructions>\n{tau2.BUILTIN_AGENT_INSTRUCTION}\n</instructions>\n"
+        f"<policy>\n{d.policy}\n</policy>"
+    )
+    greeting = "Hi! How can I help you today?"
+    assert d.rules.greeting == greeting
+    task = d.tasks[0]
+    agent, sent = _recording_agent(task)
+    user = envs.ScriptedUser(max_replies=1)
+    record = envs.run_episode(agent, d, task, user)
+    opening = record["turns"][0]
+    assert opening["role"] == "user"
+    assert sent[0] == [
+        {"role": "system", "content": d.system_prompt},
+        {"role": "assistant", "content": greeting},
+        {"role": "user", "content": opening["content"]},
+    ]
+    # No turn of the record: the agent's two messages are its only turns, and
+    # tau2 counts no step for the greeting: the opening, the call, its run,
+    # the reply and the user's stop are five.
+    assert [t["role"] for t in record["turns"]] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
+    assert record["meta"]["steps"] == 5 and record["meta"]["stop_reason"] == "user_stop"
+
+    rebuilt = rollout_messages(record, d.system_prompt, d.rules.greeting)
+    for chat in sent:
+        assert template_messages(rebuilt[: len(chat)]) == template_messages(chat)
+    tokens = tokenize_rollout(
+        record,
+        tok,
+        system=d.system_prompt,
+        greeting=d.rules.greeting,
+        tools=d.openai_tools(),
+        pack="never",
+    )
+    assert len(tokens.input_ids) == 2  # one row per assistant turn, none for the greeting
+    for ids, owner in zip(tokens.input_ids, tokens.token_turn, strict=True):
+        prompt = tok.decode([i for i, o in zip(ids, owner, strict=True) if o < 0])
+        trained = tok.decode([i for i, o in zip(ids, owner, strict=True) if o >= 0])
+        assert greeting in prompt and greeting not in trained
+        assert prompt.index("<instructions>") < prompt.index(greeting)
+        assert prompt.index(greeting) < prompt.index(opening["content"])
+
+
+def test_build_batch_renders_the_greeting_in_every_prompt(tok):
+    from turnrl.train import build_batch
+
+    d = envs.load("tau2:retail", root=TAU2, split="test")
+    task = d.tasks[0]
+    agent, _ = _recording_agent(task)
+    record = envs.run_episode(agent, d, task, envs.ScriptedUser(max_replies=1))
+    batch = build_batch(
+        [record],
+        tok,
+        system=d.system_prompt,
+        greeting=lambda r: d.rules.greeting,
+        tools=d.openai_tools(),
+        pack="never",
+    )
+    for row, mask in zip(batch.input_ids.tolist(), batch.loss_mask.tolist(), strict=True):
+        prompt = tok.decode([i for i, m in zip(row, mask, strict=True) if not m])
+        assert prompt.count(d.rules.greeting) == 1
+    assert int(batch.loss_mask.any(dim=1).sum()) == 2
+
+
+def _checkout_with_agent_source(tmp_path, source):
+    """A tau2-bench checkout: the shared data beside a planted agent module."""
+    (tmp_path / "data").symlink_to(TAU2 / "data")
+    agent_dir = tmp_path / "src" / "tau2" / "agent"
+    agent_dir.mkdir(parents=True)
+    (agent_dir / "llm_agent.py").write_text(source)
+    return tmp_path
+
+
+def test_a_checkouts_agent_prompt_is_read_not_executed(tmp_path):
+    marker = tmp_path / "RAN"
+    root = _checkout_with_agent_source(
+        tmp_path,
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('imported')\n"
+        'AGENT_INSTRUCTION = """\nPlanted instruction {not a field}.\n""".strip()\n'
+        "SYSTEM_PROMPT: str = '''\n<rules>\n{agent_instruction}\n</rules>\n"
+        "{domain_policy}\n{{literal}}\n'''.strip()\n",
+    )
+    d = envs.load("tau2:airline", root=root, split="test")
+    assert d.system_prompt == (
+        f"<rules>\nPlanted instruction {{not a field}}.\n</rules>\n{d.policy}\n{{literal}}"
+    )
+    assert not marker.exists()
+    # A checkout whose constants are not literals: an error naming the file.
+    (root / "src" / "tau2" / "agent" / "llm_agent.py").write_text(
+        "AGENT_INSTRUCTION = make()\nSYSTEM_PROMPT = '{agent_instruction}'\n"
+    )
+    with pytest.raises(InvalidInputError, match=r"llm_agent.py:1: AGENT_INSTRUCTION is not a"):
+        envs.load("tau2:airline", root=root, split="test")
+    (root / "src" / "tau2" / "agent" / "llm_agent.py").write_text("SYSTEM_PROMPT = 'x'\n")
+    with pytest.raises(InvalidInputError, match=r"llm_agent.py: no module-level AGENT_INSTR"):
+        envs.load("tau2:airline", root=root, split="test")
+    (root / "src" / "tau2" / "agent" / "llm_agent.py").write_text(
+        "AGENT_INSTRUCTION = 'a'\nSYSTEM_PROMPT = '{agent_instruction} {other}'\n"
+    )
+    with pytest.raises(InvalidInputError, match=r"SYSTEM_PROMPT is not a template of"):
+        envs.load("tau2:airline", root=root, split="test")
+
+
+def test_tau_bench_agents_see_the_policy_alone_and_no_greeting():
+    if (SHARED / "tau-bench" / "tau_bench").is_dir():
+        wiki = envs.load("taubench:airline", root=SHARED / "tau-bench")
+        assert wiki.system_prompt == wiki.policy and wiki.rules.greeting is None
+    d = envs.load("synthetic:airline", seed=0)
+    assert d.system_prompt == d.policy and d.rules.greeting is None
+    task = d.tasks[0]
+    agent, sent = _recording_agent(task)
+    record = envs.run_episode(agent, d, task, envs.ScriptedUser(max_replies=1))
+    assert sent[0] == [
+        {"role": "system", "content": d.policy},
+        {"role": "user", "content": record["turns"][0]["content"]},
+    ]

@@ -4195,8 +4195,8 @@ def test_rollout_messages_rebuild_the_chat_the_agent_was_sent(tau2, calls_per_me
         envs.ScriptedUser(max_replies=2),
         calls_per_message=calls_per_message,
     )
-    rebuilt = rollout_messages(record, domain.policy)
-    assert len(sent[1][2]["tool_calls"]) == (calls_per_message or 3)
+    rebuilt = rollout_messages(record, domain.system_prompt, domain.rules.greeting)
+    assert len(sent[1][2 + tau2]["tool_calls"]) == (calls_per_message or 3)
     for chat in sent:
         assert template_messages(rebuilt[: len(chat)]) == template_messages(chat)
 

@@ -112,12 +112,19 @@ __all__ = [
 ]
 
 
-def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict[str, Any]]:
+def rollout_messages(
+    record: Mapping[str, Any], system: str | None, greeting: str | None = None
+) -> list[dict[str, Any]]:
     """The chat of a rollout record as OpenAI-style messages, as the agent was sent it.
 
-    ``system`` is the system prompt (the domain's policy: records do not hold
-    it). Tool calls and results carry the ids the agent was shown (recorded
-    by :func:`turnrl.envs.run_episode`, or each call's own ``id`` as tau-bench
+    ``system`` is the system prompt (``domain.system_prompt``: records do not
+    hold it), and ``greeting`` the assistant message the agent was shown
+    before the user's first line (``domain.rules.greeting``: tau2-bench's
+    orchestrator's, None for tau-bench), which is no turn of the record.
+    Both come from the domain as it is now, so a buffer collected before a
+    domain's prompt changed re-renders with the new one. Tool calls and
+    results carry the ids the agent was shown (recorded by
+    :func:`turnrl.envs.run_episode`, or each call's own ``id`` as tau-bench
     imports keep it; older records get ``call_{turn}_{i}``);
     reasoning is left out, as the agent was never sent its earlier reasoning.
     Arguments are dicts, or JSON text as the agent was sent them (a call's
@@ -129,6 +136,8 @@ def rollout_messages(record: Mapping[str, Any], system: str | None) -> list[dict
     messages: list[dict[str, Any]] = []
     if system is not None:
         messages.append({"role": "system", "content": system})
+    if greeting is not None:
+        messages.append({"role": "assistant", "content": greeting})
     step = 0
     for index, turn in enumerate(turns):
         if not isinstance(turn, Mapping) or turn.get("role") not in ("assistant", "tool", "user"):
@@ -261,13 +270,17 @@ def tokenize_rollout(
     tools: Sequence[Mapping[str, Any]] | None = None,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     pack: bool | str = True,
+    greeting: str | None = None,
 ) -> TokenizedRollout:
     """Token ids of a rollout as the policy saw and generated them.
 
     Args:
         record: a ``turnrl.rollout/1`` record.
         tokenizer: a Hugging Face tokenizer with a chat template.
-        system: the system prompt the agent was given (the domain's policy).
+        system: the system prompt the agent was given (``domain.system_prompt``).
+        greeting: the assistant message shown before the user's first line
+            (``domain.rules.greeting``; tau2-bench's), part of every prompt,
+            never trained: see :func:`rollout_messages`.
         tools: the OpenAI tool schemas it was given (``domain.openai_tools()``).
         chat_template_kwargs: passed to ``apply_chat_template`` (for example
             ``{"enable_thinking": False}``), as they were when generating.
@@ -302,11 +315,12 @@ def tokenize_rollout(
     ``completion_logprobs`` (one finite float per sampled id) go with the
     ids it is trained on, and are dropped with them.
     """
-    messages = rollout_messages(record, system)
+    messages = rollout_messages(record, system, greeting)
     kwargs = dict(chat_template_kwargs or {})
     turns = [t for t in record["turns"] if t["role"] == "assistant"]
-    first = 0 if system is None else 1
-    assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    # The record's messages start after the system prompt and the greeting.
+    first = (system is not None) + (greeting is not None)
+    assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= first]
     eos = getattr(tokenizer, "eos_token", None)
 
     def render(upto: int, generation: bool, last: dict[str, Any] | None = None) -> str:
@@ -718,6 +732,7 @@ def build_batch(
     tokenizer: Any,
     *,
     system: str | Callable[[Mapping[str, Any]], str | None] | None,
+    greeting: str | Callable[[Mapping[str, Any]], str | None] | None = None,
     tools: Sequence[Mapping[str, Any]] | None = None,
     estimator: str = "gtpo_hybrid",
     estimator_params: Mapping[str, Any] | None = None,
@@ -735,7 +750,9 @@ def build_batch(
     applied to an old buffer; a tier the table lacks is an InvalidInputError
     naming it, the record and the table's tiers), else each turn's recorded
     ``reward`` (None counts 0). Groups are the records' ``group`` strings. ``system`` is the
-    system prompt, or a function of the record giving it. With
+    system prompt (``domain.system_prompt``), or a function of the record giving it;
+    ``greeting`` likewise the assistant message shown before the user's
+    first line (``domain.rules.greeting``; see :func:`rollout_messages`). With
     ``mask_truncated``, turns whose generation hit the token limit (``truncated``
     on the turn) are not trained (TRL's ``mask_truncated_completions``).
 
@@ -803,6 +820,7 @@ def build_batch(
             record,
             tokenizer,
             system=prompt,
+            greeting=greeting(record) if callable(greeting) else greeting,
             tools=tools,
             chat_template_kwargs=chat_template_kwargs,
             pack=pack,
@@ -3232,7 +3250,8 @@ def train_loop(
                     build_batch,
                     records,
                     tokenizer,
-                    system=domain.policy,
+                    system=domain.system_prompt,
+                    greeting=domain.rules.greeting,
                     tools=domain.openai_tools(),
                     estimator=estimator,
                     estimator_params=estimator_params,

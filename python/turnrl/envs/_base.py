@@ -29,6 +29,9 @@ STOP_TOKEN = "###STOP###"
 # tau2-bench's user simulator also ends a conversation with these.
 TRANSFER_TOKEN = "###TRANSFER###"
 OUT_OF_SCOPE_TOKEN = "###OUT-OF-SCOPE###"
+# What the agent "said" first in both benchmarks' chats, before the user's
+# opening line: tau2-bench's orchestrator puts it in the agent's chat too.
+AGENT_GREETING = "Hi! How can I help you today?"
 ToolKind = Literal["read", "write"]
 
 
@@ -46,12 +49,18 @@ class EpisodeRules:
     * ``max_errors``: tool errors after which the episode ends with reward 0
       (tau2-bench: 10); None for no limit.
     * ``stop_tokens``: a user message holding one ends the episode.
+    * ``greeting``: an assistant message the agent is shown before the user's
+      opening line (tau2-bench's orchestrator starts every chat with
+      :data:`AGENT_GREETING`), or None (tau-bench: the chat starts with the
+      user). It is no turn of the record: never trained, never labelled,
+      and no step (tau2 counts it as none).
     """
 
     max_steps: int = 30
     step_unit: Literal["assistant", "message"] = "assistant"
     max_errors: int | None = None
     stop_tokens: tuple[str, ...] = (STOP_TOKEN,)
+    greeting: str | None = None
 
 
 TAU_BENCH_RULES = EpisodeRules()
@@ -60,6 +69,7 @@ TAU2_BENCH_RULES = EpisodeRules(
     step_unit="message",
     max_errors=10,
     stop_tokens=(STOP_TOKEN, TRANSFER_TOKEN, OUT_OF_SCOPE_TOKEN),
+    greeting=AGENT_GREETING,
 )
 
 
@@ -265,7 +275,12 @@ class Episode:
 
 
 class Domain:
-    """A set of tools over a database, a policy, and tasks with gold actions."""
+    """A set of tools over a database, a policy, and tasks with gold actions.
+
+    ``system_prompt`` is the system message the benchmark's agent is shown:
+    the policy itself unless given (tau-bench), the policy wrapped in
+    tau2-bench's agent instructions for ``tau2:*`` domains.
+    """
 
     def __init__(
         self,
@@ -278,8 +293,10 @@ class Domain:
         unknown_tool: Callable[[str], str] = lambda name: f"Unknown action {name}",
         text_with_calls_counts: bool = False,
         rules: EpisodeRules = TAU_BENCH_RULES,
+        system_prompt: str | None = None,
     ) -> None:
         self.name = name
+        self._system_prompt = system_prompt
         self.rules = rules
         # tau2-bench checks every assistant message with text for the
         # information to communicate, those that also call tools included;
@@ -292,6 +309,13 @@ class Domain:
         self._specs = {t.name: t for t in tools}
         self._unknown_tool = unknown_tool
         self._gold: dict[str, Store] = {}
+
+    @property
+    def system_prompt(self) -> str:
+        """The agent's system message: :func:`turnrl.envs.run_episode` sends it,
+        and training re-renders chats with it (``turnrl.train.build_batch``'s
+        ``system``)."""
+        return self.policy if self._system_prompt is None else self._system_prompt
 
     @property
     def tools(self) -> list[dict[str, Any]]:

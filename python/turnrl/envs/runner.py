@@ -88,8 +88,14 @@ def run_episode(
 ) -> dict[str, Any]:
     """Run one episode and return it as a ``turnrl.rollout/1`` record.
 
-    ``agent(messages, tools)`` gets the chat so far (system prompt = the
-    domain's policy) and the OpenAI tool schemas, and returns an assistant
+    ``agent(messages, tools)`` gets the chat so far and the OpenAI tool
+    schemas, as the domain's benchmark shows its agent: the system prompt
+    ``domain.system_prompt`` (tau-bench: the policy; tau2-bench: the policy
+    in tau2's agent instructions), then, where ``domain.rules.greeting`` is
+    set (tau2-bench), that greeting as an assistant message, then the user's
+    first line. The greeting is not a turn of the record and not a step;
+    :func:`turnrl.train.rollout_messages` puts it back when given it. The
+    agent returns an assistant
     message: ``content`` and optional ``tool_calls`` (OpenAI shape,
     ``{"name", "arguments"}``, or ``{"error": reason}`` for a call that could
     not be read, which the agent gets back as an error).
@@ -153,10 +159,12 @@ def run_episode(
     episode = domain.new_episode(task)
     tools = domain.openai_tools()
     opening = user.reset(task)
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": domain.policy},
-        {"role": "user", "content": opening},
-    ]
+    messages: list[dict[str, Any]] = [{"role": "system", "content": domain.system_prompt}]
+    if rules.greeting is not None:
+        # tau2's orchestrator opens the agent's chat with its greeting, which
+        # the user answers: shown to the agent, but no turn and no step.
+        messages.append({"role": "assistant", "content": rules.greeting})
+    messages.append({"role": "user", "content": opening})
     turns: list[dict[str, Any]] = [{"role": "user", "content": opening}]
     stop_reason = "max_steps"
     steps = tool_errors = dropped_calls = 0

@@ -11,10 +11,16 @@ the assertions are in the task's ``facts``, and
 
 Both domains run tau2's own tool semantics (:mod:`turnrl.envs.airline_tau2`,
 :mod:`turnrl.envs.retail_tau2`) on records shaped as tau2's models dump them.
+
+The agent is shown what tau2-bench's LLM agent is shown: a system message
+that puts the policy after the agent's instructions
+(:func:`agent_system_prompt`), then the orchestrator's greeting as an
+assistant message (``EpisodeRules.greeting``) before the user's first line.
 """
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,96 @@ from turnrl.exceptions import InvalidInputError
 
 SPLITS = ("train", "test", "base")
 _DB_CACHE: dict[str, dict[str, Any]] = {}
+
+#: Where a tau2-bench checkout defines its LLM agent's prompt text.
+AGENT_SOURCE = Path("src", "tau2", "agent", "llm_agent.py")
+#: The instruction text, in turnrl's words, for a checkout without
+#: :data:`AGENT_SOURCE` (a data-only copy): what tau2's agent is told.
+BUILTIN_AGENT_INSTRUCTION = (
+    "You are a customer service agent. Help the user within the rules of the <policy> below.\n"
+    "A turn is one of two things:\n"
+    "- a message to the user, or\n"
+    "- a tool call.\n"
+    "Never both in one turn.\n"
+    "\n"
+    "Be helpful, and keep to the policy at all times. Any JSON you write must be valid."
+)
+#: How the system message puts the instruction and the policy together.
+BUILTIN_SYSTEM_TEMPLATE = (
+    "<instructions>\n{agent_instruction}\n</instructions>\n<policy>\n{domain_policy}\n</policy>"
+)
+_PROMPT_NAMES = {"AGENT_INSTRUCTION": "instruction", "SYSTEM_PROMPT": "template"}
+
+
+def _string_value(node: ast.AST) -> str | None:
+    """A string literal, or one with ``.strip()`` (``lstrip``, ``rstrip``)
+    called on it with no arguments, as tau2 writes its prompts; else None."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if (
+        isinstance(node, ast.Call)
+        and not node.args
+        and not node.keywords
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("strip", "lstrip", "rstrip")
+    ):
+        inner = _string_value(node.func.value)
+        return None if inner is None else getattr(inner, node.func.attr)()
+    return None
+
+
+def read_agent_prompt(root: Path) -> tuple[str, str] | None:
+    """``(AGENT_INSTRUCTION, SYSTEM_PROMPT)`` of the checkout's
+    :data:`AGENT_SOURCE`, read with ``ast`` (never imported or run); None
+    when the checkout has no such file. A file that does not define both
+    as string literals is an :class:`InvalidInputError` naming it."""
+    path = root / AGENT_SOURCE
+    if not path.is_file():
+        return None
+    try:
+        tree = ast.parse(read_text(path), filename=str(path))
+    except SyntaxError as e:
+        raise InvalidInputError(f"{path}:{e.lineno}: not valid Python ({e.msg})") from e
+    found: dict[str, str] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value = stmt.targets[0], stmt.value
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target, value = stmt.target, stmt.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in _PROMPT_NAMES:
+            text = _string_value(value)
+            if text is None:
+                raise InvalidInputError(
+                    f"{path}:{stmt.lineno}: {target.id} is not a string literal; "
+                    "turnrl reads the agent's prompt text without running tau2's code"
+                )
+            found[target.id] = text
+    missing = [name for name in _PROMPT_NAMES if name not in found]
+    if missing:
+        raise InvalidInputError(
+            f"{path}: no module-level {' or '.join(missing)}; turnrl reads tau2's agent "
+            "prompt from them"
+        )
+    return found["AGENT_INSTRUCTION"], found["SYSTEM_PROMPT"]
+
+
+def agent_system_prompt(policy: str, root: Path) -> str:
+    """The system message tau2-bench's LLM agent gets for ``policy``: the
+    checkout's own instruction text and template when it has
+    :data:`AGENT_SOURCE`, else :data:`BUILTIN_AGENT_INSTRUCTION` in
+    :data:`BUILTIN_SYSTEM_TEMPLATE`. Both place ``{agent_instruction}`` and
+    ``{domain_policy}`` with ``str.format``, as tau2 does."""
+    read = read_agent_prompt(root)
+    instruction, template = read or (BUILTIN_AGENT_INSTRUCTION, BUILTIN_SYSTEM_TEMPLATE)
+    try:
+        return template.format(agent_instruction=instruction, domain_policy=policy)
+    except (KeyError, IndexError, ValueError) as e:
+        raise InvalidInputError(
+            f"{root / AGENT_SOURCE}: SYSTEM_PROMPT is not a template of "
+            f"{{agent_instruction}} and {{domain_policy}} ({type(e).__name__}: {e})"
+        ) from e
 
 
 _LEG_ORDER = ("flight_number", "origin", "destination", "date", "price")
@@ -161,16 +257,19 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
             f"{base / 'split_tasks.json'}: {split} names unknown tasks {missing}"
         )
     tools = TAU2_TOOLS if domain == "airline" else retail_tau2.TAU2_TOOLS
+    policy = read_text(base / "policy.md")
     return Domain(
         name=f"tau2:{domain}",
         tables=tables,
         tools=tools,
         tasks=[by_id[i] for i in wanted],
-        policy=read_text(base / "policy.md"),
+        policy=policy,
+        system_prompt=agent_system_prompt(policy, root),
         unknown_tool=lambda name: f"Error: Tool '{name}' not found.",
         text_with_calls_counts=True,
         # tau2-bench's orchestrator: a transfer is an ordinary tool call (the
-        # user simulator then says ###TRANSFER###), 100 steps, 10 tool errors.
+        # user simulator then says ###TRANSFER###), 100 steps, 10 tool errors,
+        # and the agent's chat opens with the orchestrator's greeting.
         terminate_tools=(),
         rules=TAU2_BENCH_RULES,
     )

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
-from turnrl.envs._base import STOP_TOKEN, Task
+from turnrl.envs._base import AGENT_GREETING, STOP_TOKEN, Task
 from turnrl.exceptions import InvalidInputError, TurnrlError
 
 _T = TypeVar("_T")
@@ -120,7 +120,8 @@ TAU2_SYSTEM_PROMPT = (
 - If the instruction gives you too little to go on, reply with '###OUT-OF-SCOPE###' alone."""
 )
 
-OPENING = "Hi! How can I help you today?"
+# What the simulated user hears first, as in both benchmarks.
+OPENING = AGENT_GREETING
 
 
 class ChatEndpoint:
