@@ -542,3 +542,19 @@ def test_other_agent_errors_still_fail_the_episode():
 
     with pytest.raises(envs.AgentError, match="down"):
         envs.run_episode(broken, d, 0, envs.ScriptedUser())
+
+
+def test_tau_bench_never_checks_the_users_opening_for_a_stop():
+    """tau-bench's agent loop answers whatever reset returned; only replies end it."""
+    d = envs.load("synthetic:airline", seed=0)
+    sent = []
+
+    def agent(messages, tools):
+        sent.append(messages[-1]["content"])
+        return {"content": "How can I help?"}
+
+    user = _ListUser("###STOP### Hi, I need help.", ["Thanks.", "###STOP###"])
+    rec = envs.run_episode(agent, d, 0, user)
+    assert sent == ["###STOP### Hi, I need help.", "Thanks."]
+    assert [t["role"] for t in rec["turns"]] == ["user", "assistant", "user", "assistant", "user"]
+    assert rec["meta"]["stop_reason"] == "user_stop" and rec["meta"]["steps"] == 2

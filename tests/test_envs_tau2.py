@@ -407,3 +407,21 @@ def test_tau_bench_agents_see_the_policy_alone_and_no_greeting():
         {"role": "system", "content": d.policy},
         {"role": "user", "content": record["turns"][0]["content"]},
     ]
+
+
+@pytest.mark.parametrize("opening", ["###STOP###", "ok ###TRANSFER###", "###OUT-OF-SCOPE###"])
+def test_tau2_ends_an_episode_the_users_opening_stops(opening):
+    class Stopping:
+        def reset(self, task):
+            return opening
+
+        def step(self, message):
+            raise AssertionError("the user is not asked again")
+
+    def agent(messages, tools):
+        raise AssertionError("the agent is not asked")
+
+    d = envs.load("tau2:airline", root=TAU2, split="test")
+    rec = envs.run_episode(agent, d, 0, Stopping())
+    assert rec["turns"] == [{"role": "user", "content": opening}]
+    assert rec["meta"]["stop_reason"] == "user_stop" and rec["meta"]["steps"] == 1

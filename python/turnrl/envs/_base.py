@@ -49,6 +49,10 @@ class EpisodeRules:
     * ``max_errors``: tool errors after which the episode ends with reward 0
       (tau2-bench: 10); None for no limit.
     * ``stop_tokens``: a user message holding one ends the episode.
+    * ``stop_on_opening``: whether that holds for the user's first message
+      too. tau2-bench's orchestrator checks every user message; tau-bench
+      checks only the replies (its agent loop never looks at what ``reset``
+      returns), so there the agent answers an opening that holds one.
     * ``greeting``: an assistant message the agent is shown before the user's
       opening line (tau2-bench's orchestrator starts every chat with
       :data:`AGENT_GREETING`), or None (tau-bench: the chat starts with the
@@ -61,6 +65,7 @@ class EpisodeRules:
     max_errors: int | None = None
     stop_tokens: tuple[str, ...] = (STOP_TOKEN,)
     greeting: str | None = None
+    stop_on_opening: bool = False
 
 
 TAU_BENCH_RULES = EpisodeRules()
@@ -70,6 +75,7 @@ TAU2_BENCH_RULES = EpisodeRules(
     max_errors=10,
     stop_tokens=(STOP_TOKEN, TRANSFER_TOKEN, OUT_OF_SCOPE_TOKEN),
     greeting=AGENT_GREETING,
+    stop_on_opening=True,
 )
 
 

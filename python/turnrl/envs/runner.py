@@ -113,10 +113,11 @@ def run_episode(
     The episode ends as the domain's benchmark ends it (``domain.rules``,
     :class:`~turnrl.envs.EpisodeRules`):
 
-    * tau-bench: the user says ``###STOP###``, the agent transfers to a
-      human agent, or ``max_steps`` assistant messages (default 30) pass;
+    * tau-bench: the user says ``###STOP###`` (in a reply: its opening line
+      is not checked, as tau-bench does not check it), the agent transfers
+      to a human agent, or ``max_steps`` assistant messages (default 30) pass;
     * tau2-bench: the user says ``###STOP###``, ``###TRANSFER###`` or
-      ``###OUT-OF-SCOPE###``, ``max_steps`` steps pass (default 100,
+      ``###OUT-OF-SCOPE###`` (its opening line too), ``max_steps`` steps pass (default 100,
       counting user messages, assistant messages and tool executions, as
       tau2's orchestrator does), or 10 tool calls have failed.
 
@@ -179,9 +180,11 @@ def run_episode(
         if rules.max_errors is not None and tool_errors >= rules.max_errors:
             limit_hit = "too_many_errors"
 
-    episode.hear(opening)
-    if episode.done:
-        stop_reason = "user_stop"
+    if rules.stop_on_opening:
+        # tau-bench never checks the opening for ###STOP###; tau2 does.
+        episode.hear(opening)
+        if episode.done:
+            stop_reason = "user_stop"
     if by_message:
         steps += 1
         check_limits()
