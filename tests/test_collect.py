@@ -729,6 +729,70 @@ def test_a_second_interrupt_while_waiting_still_writes_the_finished_episodes(
     assert len(written) == summary.records and written[:2] == [t.id for t in d.tasks[:2]]
 
 
+@pytest.mark.parametrize("how", ["sigint", "raise"])
+@pytest.mark.parametrize("where", ["before the write", "after the write"])
+def test_an_interrupt_as_an_episode_is_written_keeps_it_once_and_counts_it(
+    tmp_path, monkeypatch, where, how
+):
+    """Ctrl-C as the second finished episode is taken: it used to be marked
+    taken before it was written (lost, when the interrupt came before the
+    write) and counted after (the summary one short of the buffer, or the
+    buffer dropped when it was the first)."""
+    import signal
+
+    import turnrl.collect
+    import turnrl.rollouts
+
+    calls = []
+
+    def interrupt():
+        if how == "sigint":
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does
+        else:
+            raise KeyboardInterrupt
+
+    def on_second(real):
+        def patched(*args):
+            calls.append(1)
+            if where == "after the write":
+                real(*args)
+            if len(calls) == 2:
+                interrupt()
+            return real(*args) if where == "before the write" else None
+
+        return patched
+
+    if where == "before the write":
+        monkeypatch.setattr(
+            turnrl.collect, "_without_token_ids", on_second(turnrl.collect._without_token_ids)
+        )
+    else:
+        monkeypatch.setattr(
+            turnrl.rollouts.RolloutWriter, "write", on_second(turnrl.rollouts.RolloutWriter.write)
+        )
+    d = envs.load("synthetic:airline", seed=0)
+    out = tmp_path / "b.jsonl"
+    summary = CollectSummary()
+    with pytest.raises(KeyboardInterrupt):
+        collect_rollouts(
+            d,
+            lambda: lambda messages, tools: {"content": "Done."},
+            envs.ScriptedUser,
+            out,
+            tasks=d.tasks[:4],
+            workers=1,
+            progress=False,
+            summary=summary,
+        )
+    assert summary.aborted == "interrupted"
+    written = [r["task_id"] for r in turnrl.iter_rollout_records(out)]
+    # The episode being written when the interrupt came is in the buffer once,
+    # and the summary counts what the buffer holds.
+    assert written[:2] == [t.id for t in d.tasks[:2]] and len(set(written)) == len(written)
+    assert summary.records == len(written) == len(summary.outcomes)
+    assert sum(map(len, summary.task_outcomes.values())) == len(written)
+
+
 def test_a_task_listed_twice_gets_twice_the_samples_in_one_group(tmp_path):
     d = envs.load("synthetic:airline", seed=0)
     out = tmp_path / "twice.jsonl"

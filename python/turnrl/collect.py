@@ -9,9 +9,12 @@ advantage estimators. ``turnrl rollouts collect`` is the command line form.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +178,9 @@ def collect_rollouts(
       episodes not yet started are cancelled (``aborted`` says why); those
       finished are written.
     * An interrupt (Ctrl-C) cancels the episodes not yet started, waits for
-      those running, writes those finished and raises again.
+      those running, writes those finished and raises again. One that comes
+      while an episode is written and counted waits until it is, so
+      ``summary.records`` counts what the buffer holds.
     * With no episode to write, ``out`` is left as it was.
 
     ``summary`` (optional) is filled in place, so a caller still has it when
@@ -244,32 +249,41 @@ def collect_rollouts(
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), unit="episode", desc=f"collect {domain.name}")
+    # An episode is taken once it is written and counted (or counted as
+    # failed), never before: the interrupt handler below takes every finished
+    # episode not taken yet, and one that is in the buffer is not written twice.
     taken: set[Any] = set()
+    written: set[Any] = set()
 
     def take(future: Any) -> bool:
-        """Write or count one finished episode; True if it failed."""
-        taken.add(future)
+        """Write and count one finished episode; True if it failed."""
         task_id, sample = futures[future]
         try:
             record = future.result()
         except Exception as e:  # any episode's failure is reported, the others kept
-            summary.failures.append((task_id, sample, f"{type(e).__name__}: {e}"))
+            with _interrupts_held():
+                summary.failures.append((task_id, sample, f"{type(e).__name__}: {e}"))
+                taken.add(future)
             return True
-        try:
-            writer.write(_without_token_ids(record))
-        except InvalidInputError as e:  # a record the buffer format refuses
-            summary.failures.append((task_id, sample, f"not written: {e}"))
-            return True
-        if keep_records:
-            summary.kept.append(record)
-        summary.records += 1
-        summary.outcomes.append(float(record["outcome"]))
-        summary.task_outcomes.setdefault(task_id, []).append(float(record["outcome"]))
-        summary.stop_reasons[record["meta"]["stop_reason"]] += 1
-        summary.dropped_calls += record["meta"]["dropped_calls"]
-        for turn in record["turns"]:
-            if turn["role"] == "assistant" and turn.get("tier") is not None:
-                summary.tiers[str(turn["tier"])] += 1
+        except BaseException:  # the episode itself was interrupted: nothing to write
+            taken.add(future)
+            raise
+        # Ctrl-C waits while the record is written and counted, so that the
+        # summary always counts what the buffer holds.
+        with _interrupts_held():
+            if future not in written:
+                before = writer.written
+                try:
+                    writer.write(_without_token_ids(record))
+                except InvalidInputError as e:  # a record the buffer format refuses
+                    summary.failures.append((task_id, sample, f"not written: {e}"))
+                    taken.add(future)
+                    return True
+                finally:
+                    if writer.written > before:
+                        written.add(future)
+            _count(summary, record, task_id, keep_records)
+            taken.add(future)
         return False
 
     futures: dict[Any, tuple[str, int]] = {}
@@ -294,6 +308,9 @@ def collect_rollouts(
                 bar.set_postfix(success=f"{summary.success_rate:.2f}", failed=len(summary.failures))
             if on_episode is not None:
                 on_episode(len(taken), len(jobs))
+        pool.shutdown(wait=True)
+        with _interrupts_held():
+            _finish(writer, summary)
     except BaseException:
         summary.aborted = "interrupted"
         running = sum(f.running() for f in futures)
@@ -308,18 +325,63 @@ def collect_rollouts(
         except BaseException:  # interrupted again: keep what has finished, wait no more
             pool.shutdown(wait=False, cancel_futures=True)
         finally:
-            # Whatever happens, the finished episodes are written.
-            for future in futures:
-                if future.done() and not future.cancelled() and future not in taken:
-                    take(future)
-            _finish(writer, summary)
+            # Whatever happens, the finished episodes are written: a further
+            # Ctrl-C waits until they are.
+            with _interrupts_held():
+                for future in futures:
+                    if future.done() and not future.cancelled() and future not in taken:
+                        if isinstance(future.exception(), (Exception, type(None))):
+                            take(future)
+                        else:  # the episode itself was interrupted: nothing to write
+                            taken.add(future)
+                _finish(writer, summary)
         raise
     finally:
         if bar is not None:
             bar.close()
-    pool.shutdown(wait=True)
-    _finish(writer, summary)
     return summary
+
+
+def _count(summary: CollectSummary, record: dict[str, Any], task_id: str, keep: bool) -> None:
+    """Add a written record to the summary."""
+    if keep:
+        summary.kept.append(record)
+    summary.records += 1
+    summary.outcomes.append(float(record["outcome"]))
+    summary.task_outcomes.setdefault(task_id, []).append(float(record["outcome"]))
+    summary.stop_reasons[record["meta"]["stop_reason"]] += 1
+    summary.dropped_calls += record["meta"]["dropped_calls"]
+    for turn in record["turns"]:
+        if turn["role"] == "assistant" and turn.get("tier") is not None:
+            summary.tiers[str(turn["tier"])] += 1
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) back until the block ends, then deliver it to the
+    handler that was there (Python's raises KeyboardInterrupt after the block).
+
+    Only the main thread receives signals; elsewhere the block just runs.
+    Nested blocks hold it until the outermost ends.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is None  # a handler not set from Python
+    ):
+        yield
+        return
+    caught: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    except ValueError:  # not the main interpreter's main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
 
 
 _IN_MEMORY_ONLY = ("completion_ids", "completion_logprobs")
@@ -335,6 +397,8 @@ def _without_token_ids(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finish(writer: Any, summary: CollectSummary) -> None:
+    if writer.closed:  # finished already, when Ctrl-C came just after
+        return
     if summary.records:
         writer.close()
     else:
