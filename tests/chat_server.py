@@ -7,8 +7,8 @@ request with the next of ``replies`` (a text, or a message dict with
 ``tool_calls``), then ``default``, after ``fail_first`` 503s, and returns it
 with its ``/v1`` URL; ``server.requests`` holds every (path, body) received.
 A reply that is ``bytes`` is sent as the whole body with status 200, and a
-``(status, bytes)`` pair with that status: answers that are not chat
-completions.
+``(status, bytes)`` pair with that status (``(status, bytes, headers)``
+with those headers too): answers that are not chat completions.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         reply = server.replies.pop(0) if server.replies else server.default
         if isinstance(reply, (bytes, tuple)):
-            status, raw = (200, reply) if isinstance(reply, bytes) else reply
+            status, raw, *more = (200, reply) if isinstance(reply, bytes) else reply
             self.send_response(status)
+            for name, value in (more[0] if more else {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()

@@ -558,3 +558,30 @@ def test_tau_bench_never_checks_the_users_opening_for_a_stop():
     assert sent == ["###STOP### Hi, I need help.", "Thanks."]
     assert [t["role"] for t in rec["turns"]] == ["user", "assistant", "user", "assistant", "user"]
     assert rec["meta"]["stop_reason"] == "user_stop" and rec["meta"]["steps"] == 2
+
+
+def test_retry_after_is_waited_on_capped_and_never_below_the_backoff(chat_server, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    from turnrl.envs import users
+
+    waits = []
+    monkeypatch.setattr(users.time, "sleep", waits.append)
+    busy = b'{"error": {"message": "busy"}}'
+    # An HTTP date 2 minutes ahead: capped at 60 s whatever the clock's second.
+    later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=120), usegmt=True)
+    answers = [
+        (429, busy, {"Retry-After": "7"}),  # backoff 1 s: the 7 s asked
+        (503, busy, {"Retry-After": later}),  # backoff 2 s: a date, capped at 60 s
+        (429, busy, {"Retry-After": "3600"}),  # backoff 4 s: capped at 60 s
+        (503, busy, {"Retry-After": "soon"}),  # unreadable: the backoff, 8 s
+        (429, busy, {"Retry-After": "1.5"}),  # less than the backoff (16 s): 16 s
+        (500, busy, {"Retry-After": "40"}),  # not a 429 or 503: the backoff, 32 s
+        (429, busy, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}),  # past: 64 s backoff
+        "Hello.",
+    ]
+    _, url = chat_server(answers)
+    endpoint = users.ChatEndpoint("m", url, api_key="k", max_retries=7, backoff=1.0)
+    assert endpoint.complete([{"role": "user", "content": "hi"}]) == "Hello."
+    assert waits == [7.0, 60.0, 60.0, 8.0, 16.0, 32.0, 64.0]

@@ -7,12 +7,14 @@ ends the episode.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
 from typing import Any, Protocol, TypeVar
 
 from turnrl.envs._base import AGENT_GREETING, STOP_TOKEN, Task
@@ -123,6 +125,10 @@ TAU2_SYSTEM_PROMPT = (
 # What the simulated user hears first, as in both benchmarks.
 OPENING = AGENT_GREETING
 
+#: The longest wait a ``Retry-After`` header gets from :class:`ChatEndpoint`,
+#: in seconds: a server asking for an hour is not waited on for an hour.
+MAX_RETRY_AFTER = 60.0
+
 
 class ChatEndpoint:
     """A chat model behind an OpenAI-compatible endpoint, with retries.
@@ -134,7 +140,10 @@ class ChatEndpoint:
     a message or with one that is not an assistant message) are retried
     ``max_retries`` times with exponential backoff; then ``error`` (an
     exception type) says which endpoint failed, as ``what`` (for example
-    "user simulator"). ``openai`` is imported only when an endpoint is created.
+    "user simulator"). A 429 or 503 answer's ``Retry-After`` header (seconds
+    or an HTTP date) lengthens the wait before the next try to what it asks,
+    up to :data:`MAX_RETRY_AFTER` seconds; the wait is never shorter than
+    the backoff's. ``openai`` is imported only when an endpoint is created.
     """
 
     def __init__(
@@ -235,7 +244,11 @@ class ChatEndpoint:
                 # a key that is not ASCII for one, come before any request.)
                 last = e
             if attempt < self.max_retries:
-                time.sleep(self.backoff * 2**attempt)
+                wait = self.backoff * 2**attempt
+                asked = _retry_after(last)
+                if asked is not None:
+                    wait = max(wait, min(asked, MAX_RETRY_AFTER))
+                time.sleep(wait)
         failed = (
             f"answered no {answer}"
             if isinstance(last, (MalformedAnswer, json.JSONDecodeError))
@@ -244,6 +257,29 @@ class ChatEndpoint:
         raise self.error(
             f"{where} {failed} after {self.max_retries + 1} attempts: {type(last).__name__}: {last}"
         ) from last
+
+
+def _retry_after(error: Exception | None) -> float | None:
+    """The seconds a 429 or 503 answer's ``Retry-After`` header asks a client
+    to wait (a number of seconds, or an HTTP date, 0 when past); None for
+    another answer or a header that is missing or reads as neither."""
+    if getattr(error, "status_code", None) not in (429, 503):
+        return None
+    headers = getattr(getattr(error, "response", None), "headers", None)
+    value = headers.get("retry-after") if headers is not None else None
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP date is GMT
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _check_retry_options(max_retries: Any, backoff: Any, timeout: Any) -> None:
