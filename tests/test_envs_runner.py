@@ -585,3 +585,19 @@ def test_retry_after_is_waited_on_capped_and_never_below_the_backoff(chat_server
     endpoint = users.ChatEndpoint("m", url, api_key="k", max_retries=7, backoff=1.0)
     assert endpoint.complete([{"role": "user", "content": "hi"}]) == "Hello."
     assert waits == [7.0, 60.0, 60.0, 8.0, 16.0, 32.0, 64.0]
+
+
+def test_an_llm_user_prompt_of_ones_own_may_hold_braces(chat_server):
+    _, url = chat_server(["Hi."])
+    template = 'Answer as JSON: {"reply": "..."}. {{literal}} Your task: {instruction}'
+    user = envs.LLMUser("u", url, api_key="k", system_prompt=template)
+    task = envs.load("synthetic:airline", seed=0).tasks[0]
+    assert user.reset(task) == "Hi."
+    assert user.messages[0]["content"] == (
+        'Answer as JSON: {"reply": "..."}. {{literal}} Your task: ' + task.instruction
+    )
+    # Without the one placeholder the user would not know its task: refused, named.
+    with pytest.raises(InvalidInputError, match=r"system_prompt has no \{instruction\}"):
+        envs.LLMUser("u", url, api_key="k", system_prompt="Be a customer {name}.")
+    with pytest.raises(InvalidInputError, match="system_prompt must be text"):
+        envs.LLMUser("u", url, api_key="k", system_prompt=None)

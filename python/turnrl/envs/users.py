@@ -435,7 +435,10 @@ class LLMUser:
     ``###STOP###`` when done); the agent's messages are the "user" side of
     that conversation, starting with "Hi! How can I help you today?". For
     tau2-bench domains pass ``system_prompt=TAU2_SYSTEM_PROMPT``, which adds
-    tau2's ``###TRANSFER###`` and ``###OUT-OF-SCOPE###`` endings.
+    tau2's ``###TRANSFER###`` and ``###OUT-OF-SCOPE###`` endings. A
+    ``system_prompt`` of your own must hold ``{instruction}``, where the
+    task's instruction goes; nothing else in it is a placeholder (braces of
+    JSON in it, ``{{`` included, stay as written: it is not ``str.format``).
     ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and the
     environment variable named by ``api_key_env`` (``OPENAI_API_KEY``).
     Transient failures (connection, timeout, rate limit, 5xx) are retried
@@ -471,6 +474,7 @@ class LLMUser:
             what="user simulator",
             error=UserSimulatorError,
         )
+        _fill_instruction(system_prompt, "")  # refused now, not at the first episode
         self.model = model
         self.base_url = self.endpoint.base_url
         self.system_prompt = system_prompt
@@ -479,7 +483,7 @@ class LLMUser:
 
     def reset(self, task: Task) -> str:
         self.messages = [
-            {"role": "system", "content": self.system_prompt.format(instruction=task.instruction)},
+            {"role": "system", "content": _fill_instruction(self.system_prompt, task.instruction)},
             {"role": "user", "content": OPENING},
         ]
         return self._reply()
@@ -494,3 +498,22 @@ class LLMUser:
         _, text = split_reasoning(self.endpoint.complete(self.messages))
         self.messages.append({"role": "assistant", "content": text})
         return text
+
+
+_INSTRUCTION_FIELD = "{instruction}"
+
+
+def _fill_instruction(template: Any, instruction: str) -> str:
+    """``template`` (an :class:`LLMUser` system prompt) with the task's
+    instruction in place of every ``{instruction}``, the rest as written, or
+    an :class:`InvalidInputError` saying what is wrong with it."""
+    if not isinstance(template, str):
+        raise InvalidInputError(
+            f"LLMUser system_prompt must be text, got {type(template).__name__}"
+        )
+    if _INSTRUCTION_FIELD not in template:
+        raise InvalidInputError(
+            "LLMUser system_prompt has no {instruction}, where the task's instruction "
+            "goes: the simulated user would not know what it wants"
+        )
+    return template.replace(_INSTRUCTION_FIELD, instruction)
