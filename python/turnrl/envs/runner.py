@@ -117,9 +117,9 @@ def run_episode(
       is not checked, as tau-bench does not check it), the agent transfers
       to a human agent, or ``max_steps`` assistant messages (default 30) pass;
     * tau2-bench: the user says ``###STOP###``, ``###TRANSFER###`` or
-      ``###OUT-OF-SCOPE###`` (its opening line too), ``max_steps`` steps pass (default 100,
-      counting user messages, assistant messages and tool executions, as
-      tau2's orchestrator does), or 10 tool calls have failed.
+      ``###OUT-OF-SCOPE###`` (its opening line too), ``max_steps`` steps
+      pass (default 100, counting user messages, assistant messages and tool
+      executions, as tau2's orchestrator does), or 10 tool calls have failed.
 
     An episode that did not finish, or hit a limit, scores 0, as in both
     benchmarks; ``meta`` says why it stopped and holds the reward parts.
