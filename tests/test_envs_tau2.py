@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from turnrl import envs
-from turnrl.exceptions import InvalidInputError
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 TAU2 = SHARED / "tau2-bench"
@@ -378,20 +377,27 @@ def test_a_checkouts_agent_prompt_is_read_not_executed(tmp_path):
         f"<rules>\nPlanted instruction {{not a field}}.\n</rules>\n{d.policy}\n{{literal}}"
     )
     assert not marker.exists()
-    # A checkout whose constants are not literals: an error naming the file.
-    (root / "src" / "tau2" / "agent" / "llm_agent.py").write_text(
-        "AGENT_INSTRUCTION = make()\nSYSTEM_PROMPT = '{agent_instruction}'\n"
-    )
-    with pytest.raises(InvalidInputError, match=r"llm_agent.py:1: AGENT_INSTRUCTION is not a"):
-        envs.load("tau2:airline", root=root, split="test")
-    (root / "src" / "tau2" / "agent" / "llm_agent.py").write_text("SYSTEM_PROMPT = 'x'\n")
-    with pytest.raises(InvalidInputError, match=r"llm_agent.py: no module-level AGENT_INSTR"):
-        envs.load("tau2:airline", root=root, split="test")
-    (root / "src" / "tau2" / "agent" / "llm_agent.py").write_text(
-        "AGENT_INSTRUCTION = 'a'\nSYSTEM_PROMPT = '{agent_instruction} {other}'\n"
-    )
-    with pytest.raises(InvalidInputError, match=r"SYSTEM_PROMPT is not a template of"):
-        envs.load("tau2:airline", root=root, split="test")
+    # A checkout laid out otherwise: its data loads, and the agent gets the
+    # built-in instructions, with a warning naming the file and the line.
+    builtin = envs.load("tau2:airline", root=TAU2, split="test").system_prompt
+    source = root / "src" / "tau2" / "agent" / "llm_agent.py"
+    for text, warned in [
+        (
+            "AGENT_INSTRUCTION = make()\nSYSTEM_PROMPT = '{agent_instruction}'\n",
+            r"llm_agent.py:1: AGENT_INSTRUCTION is not a string literal",
+        ),
+        ("SYSTEM_PROMPT = 'x'\n", r"llm_agent.py: no module-level AGENT_INSTRUCTION"),
+        (
+            "AGENT_INSTRUCTION = 'a'\nSYSTEM_PROMPT = '{agent_instruction} {other}'\n",
+            r"SYSTEM_PROMPT is not a template of",
+        ),
+        ("AGENT_INSTRUCTION = (\n", r"llm_agent.py:1: not valid Python"),
+    ]:
+        source.write_text(text)
+        with pytest.warns(UserWarning, match=warned + r".*built-in tau2 instructions instead"):
+            d = envs.load("tau2:airline", root=root, split="test")
+        assert d.system_prompt == builtin
+        assert d.tasks and d.tools
 
 
 def test_tau_bench_agents_see_the_policy_alone_and_no_greeting():

@@ -21,6 +21,7 @@ assistant message (``EpisodeRules.greeting``) before the user's first line.
 from __future__ import annotations
 
 import ast
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +112,28 @@ def agent_system_prompt(policy: str, root: Path) -> str:
     checkout's own instruction text and template when it has
     :data:`AGENT_SOURCE`, else :data:`BUILTIN_AGENT_INSTRUCTION` in
     :data:`BUILTIN_SYSTEM_TEMPLATE`. Both place ``{agent_instruction}`` and
-    ``{domain_policy}`` with ``str.format``, as tau2 does."""
-    read = read_agent_prompt(root)
-    instruction, template = read or (BUILTIN_AGENT_INSTRUCTION, BUILTIN_SYSTEM_TEMPLATE)
+    ``{domain_policy}`` with ``str.format``, as tau2 does. A checkout whose
+    file cannot be read so (another tau2 layout) gets the built-in text with
+    a warning naming the file: its data still loads."""
     try:
-        return template.format(agent_instruction=instruction, domain_policy=policy)
-    except (KeyError, IndexError, ValueError) as e:
-        raise InvalidInputError(
-            f"{root / AGENT_SOURCE}: SYSTEM_PROMPT is not a template of "
-            f"{{agent_instruction}} and {{domain_policy}} ({type(e).__name__}: {e})"
-        ) from e
+        read = read_agent_prompt(root)
+        if read is not None:
+            instruction, template = read
+            try:
+                return template.format(agent_instruction=instruction, domain_policy=policy)
+            except (KeyError, IndexError, ValueError) as e:
+                raise InvalidInputError(
+                    f"{root / AGENT_SOURCE}: SYSTEM_PROMPT is not a template of "
+                    f"{{agent_instruction}} and {{domain_policy}} ({type(e).__name__}: {e})"
+                ) from e
+    except InvalidInputError as e:
+        warnings.warn(
+            f"{e}; the agent is shown turnrl's built-in tau2 instructions instead",
+            stacklevel=2,
+        )
+    return BUILTIN_SYSTEM_TEMPLATE.format(
+        agent_instruction=BUILTIN_AGENT_INSTRUCTION, domain_policy=policy
+    )
 
 
 _LEG_ORDER = ("flight_number", "origin", "destination", "date", "price")
