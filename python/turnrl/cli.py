@@ -1053,28 +1053,20 @@ def _server_engine(
 
 
 def _check_schedule_decays(
-    args: argparse.Namespace,
-    updates_done: int = 0,
-    saved_epochs: int | None = None,
-    saved_mini_batches: int = 1,
+    args: argparse.Namespace, updates_done: int = 0, done_how: str = ""
 ) -> None:
     """Refuses a decaying --lr-schedule with no optimizer step after --warmup-steps
     over this run's steps and ``updates_done`` (the optimizer steps a resumed
-    run's checkpoint planned, at its ``saved_epochs`` x ``saved_mini_batches``
-    per step, taken or skipped), naming the options."""
+    run's checkpoint planned, taken or skipped; ``done_how`` says how they
+    were counted), naming the options."""
     from turnrl.exceptions import InvalidInputError
 
     updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     if args.lr_schedule == "constant" or updates > args.warmup_steps:
         return
     # Named when not 1, so that a run without mini-batches reads as it did.
-    saved_parts = f" x --mini-batches {saved_mini_batches}" if saved_mini_batches != 1 else ""
     parts = f" x --mini-batches {args.mini_batches}" if args.mini_batches != 1 else ""
-    done = (
-        f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}{saved_parts}, and "
-        if updates_done
-        else ""
-    )
+    done = f"{updates_done} done {done_how}, and " if updates_done else ""
     raise InvalidInputError(
         f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
         f"{args.warmup_steps}, and the run takes {updates} optimizer steps ({done}--steps "
@@ -1348,22 +1340,30 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             file=sys.stderr,
         )
     # The schedule runs to the last step of this run (a resumed run's included),
-    # counted in planned optimizer steps, taken or skipped for lack of signal:
-    # the steps done planned the checkpoint's --ppo-epochs x --mini-batches
-    # each (an older checkpoint's epochs, not kept, are taken as this run's;
-    # its mini-batches, from before there were any, as 1), so a resume with
-    # fewer does not find its schedule run out.
-    saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
-    if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
-        saved_epochs = args.ppo_epochs
-    saved_parts = saved_loss.get("mini_batches") if isinstance(saved_loss, Mapping) else None
-    if isinstance(saved_parts, bool) or not isinstance(saved_parts, int) or saved_parts < 1:
-        saved_parts = 1
-    updates_done = first_step * saved_epochs * saved_parts
+    # counted in planned optimizer steps, taken or skipped for lack of signal.
+    # The checkpoint counts those of the steps done ("planned_updates"), each
+    # at the --ppo-epochs x --mini-batches it ran with, so a resume with fewer
+    # does not find its schedule run out. An older checkpoint without the
+    # count is taken to have planned its last settings' each (its epochs, not
+    # kept either, taken as this run's; its mini-batches, from before there
+    # were any, as 1): right unless an earlier resume changed them.
+    updates_done = state.get("planned_updates")
+    if isinstance(updates_done, bool) or not isinstance(updates_done, int) or updates_done < 0:
+        saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
+        if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
+            saved_epochs = args.ppo_epochs
+        saved_parts = saved_loss.get("mini_batches") if isinstance(saved_loss, Mapping) else None
+        if isinstance(saved_parts, bool) or not isinstance(saved_parts, int) or saved_parts < 1:
+            saved_parts = 1
+        updates_done = first_step * saved_epochs * saved_parts
+        parts = f" x --mini-batches {saved_parts}" if saved_parts != 1 else ""
+        done_how = f"at the checkpoint's --ppo-epochs {saved_epochs}{parts}"
+    else:
+        done_how = "by the checkpoint"
     updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     # What _train refuses for a new run before the model loads, for a
     # --resume'd one (or a --resume with nothing to resume yet).
-    _check_schedule_decays(args, updates_done, saved_epochs, saved_parts)
+    _check_schedule_decays(args, updates_done, done_how)
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
@@ -1498,6 +1498,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_sampling_rounds=args.max_sampling_rounds,
             sampling=_sampling_options(args),
             schedule=_schedule_options(args),
+            updates_done=updates_done,
             progress=not args.quiet,
         )
         failed = False

@@ -2851,6 +2851,7 @@ def train_loop(
     max_sampling_rounds: int | None = None,
     sampling: Mapping[str, Any] | None = None,
     schedule: Mapping[str, Any] | None = None,
+    updates_done: int | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -2899,6 +2900,13 @@ def train_loop(
     for a resumed run to compare, and so is ``schedule``, when given: the
     learning-rate schedule's settings (as ``turnrl train``'s
     ``{"--lr-schedule": "cosine", "--warmup-steps": 10, "--min-lr-ratio": 0.0}``).
+    So is the count of planned optimizer steps (``"planned_updates"``: each
+    step's ``ppo_epochs`` x ``mini_batches``, taken or skipped for lack of
+    signal, the learning-rate scheduler steps once for each) from the run's
+    start to this step: ``updates_done`` (those of the steps before
+    ``first_step``, a resumed run's checkpoint's count) plus this run's.
+    Without ``updates_done`` the steps before ``first_step`` are counted at
+    the trainer's own ``ppo_epochs`` x ``mini_batches``.
     Every rank's random number generators (:func:`rng_state`: torch's,
     Python's ``random`` and numpy's global one) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
@@ -3042,6 +3050,13 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    if updates_done is None:
+        updates_done = first_step * trainer.config.ppo_epochs * trainer.config.mini_batches
+    elif isinstance(updates_done, bool) or not isinstance(updates_done, int) or updates_done < 0:
+        raise InvalidInputError(f"updates_done must be a count of steps, got {updates_done!r}")
+    # Where the schedule stands after each step: a resume that changes
+    # --ppo-epochs or --mini-batches cannot work it out from the steps done.
+    planned_updates = updates_done
     draw = task_draw(pool, tasks_per_step, seed)
     _check_episode_options(max_steps, calls_per_message)
     eval_domain, eval_pool = domain, list[Any]()
@@ -3310,7 +3325,12 @@ def train_loop(
                         "max_sampling_rounds (--max-sampling-rounds) to sample more",
                         stacklevel=2,
                     )
-            state: dict[str, Any] = {"step": step, "task_draw": draw}
+            planned_updates += trainer.config.ppo_epochs * trainer.config.mini_batches
+            state: dict[str, Any] = {
+                "step": step,
+                "planned_updates": planned_updates,
+                "task_draw": draw,
+            }
             if settings:
                 state["estimator"] = settings
             state["loss"] = loss
