@@ -706,7 +706,13 @@ def test_a_resume_with_other_loss_settings_says_which(
     import argparse
     import dataclasses
 
-    from turnrl.cli import LOSS_OPTIONS, build_parser, main
+    from turnrl.cli import (
+        LOSS_FIELDS_WITHOUT_OPTIONS,
+        LOSS_OPTIONS,
+        LOSS_SWITCHES_OFF,
+        build_parser,
+        main,
+    )
     from turnrl.train import GTPOConfig
 
     gspo = ["--importance-level", "sequence", "--eps-low", "0.0003", "--eps-high", "inf"]
@@ -729,7 +735,13 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert (
         "--resume: this run's loss settings replace the checkpoint's: --eps-low 0.0003 -> 0.2; "
         "--eps-high inf -> 0.28; --beta 0.0 -> 0.01; --importance-level sequence -> token; "
-        "skip_zero_advantage True -> False\n"
+        "--no-skip-zero-advantage not given -> given\n"
+    ) in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--no-skip-zero-advantage"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "--no-skip-zero-advantage not given -> given\n"
     ) in capsys.readouterr().err
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume", "--kl-estimator", "low_var_kl+"])
@@ -795,6 +807,17 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert "loss settings replace the checkpoint's: --kl-estimator k3 -> k1\n" in (
         capsys.readouterr().err
     )
+    # A checkpoint of a Python run may hold a backend no option sets, and a
+    # run that gave --no-skip-zero-advantage is told it no longer does.
+    state["loss"]["backend"] = "torch"
+    state["loss"]["skip_zero_advantage"] = False
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "GTPOConfig.backend torch -> auto; --no-skip-zero-advantage given -> not given\n"
+    ) in capsys.readouterr().err
     # An older turnrl's checkpoint, without them.
     del state["loss"]
     state_file.write_text(json.dumps(state))
@@ -805,9 +828,14 @@ def test_a_resume_with_other_loss_settings_says_which(
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     dests = {o: a.dest for a in commands.choices["train"]._actions for o in a.option_strings}
-    assert set(LOSS_OPTIONS) <= set(fields)
+    named = [*LOSS_OPTIONS, *LOSS_SWITCHES_OFF, *LOSS_FIELDS_WITHOUT_OPTIONS]
+    assert sorted(named) == sorted(fields)  # a new field is named one way or another
     for field, option in LOSS_OPTIONS.items():
         assert dests[option] == ("max_length" if field == "max_len" else field)
+    actions = {o: a for a in commands.choices["train"]._actions for o in a.option_strings}
+    for field, option in LOSS_SWITCHES_OFF.items():
+        assert dests[option] == field and isinstance(actions[option], argparse._StoreFalseAction)
+    assert not set(LOSS_FIELDS_WITHOUT_OPTIONS) & set(dests.values())
 
 
 def test_a_resume_with_fewer_ppo_epochs_goes_on_along_its_schedule(

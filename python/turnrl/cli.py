@@ -1885,9 +1885,8 @@ def _resume_generators(adapter: Any, rank: int, seed: int) -> None:
         )
 
 
-# GTPOConfig's fields that turnrl train's options set as they are; the others
-# (backend, and skip_zero_advantage, which --no-skip-zero-advantage turns off)
-# keep their field names in what a resume says.
+# GTPOConfig's fields that turnrl train's options set as they are; for the
+# others see LOSS_SWITCHES_OFF and LOSS_FIELDS_WITHOUT_OPTIONS.
 LOSS_OPTIONS = {
     "micro_batch_size": "--micro-batch-size",
     "micro_batch_tokens": "--micro-batch-tokens",
@@ -1915,9 +1914,28 @@ LOSS_OPTIONS = {
 }
 
 
+# GTPOConfig's booleans that a turnrl train flag turns off (True: not given).
+LOSS_SWITCHES_OFF = {"skip_zero_advantage": "--no-skip-zero-advantage"}
+
+# GTPOConfig's fields no turnrl train option sets (a checkpoint of a Python
+# run may hold another value): a resume names them as the Python API does.
+LOSS_FIELDS_WITHOUT_OPTIONS = ("backend",)
+
+
 def _loss_options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`turnrl.train._loss_settings` keyed as ``turnrl train``'s options name them."""
-    return {LOSS_OPTIONS.get(key, key): value for key, value in settings.items()}
+    """:func:`turnrl.train._loss_settings` as a user of ``turnrl train`` gave
+    them: keyed by the option that sets each (a flag that turns a setting off
+    as ``given`` or ``not given``), a field no option sets as
+    ``GTPOConfig.<field>``."""
+    options: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in LOSS_OPTIONS:
+            options[LOSS_OPTIONS[key]] = value
+        elif key in LOSS_SWITCHES_OFF and isinstance(value, bool):
+            options[LOSS_SWITCHES_OFF[key]] = "not given" if value else "given"
+        else:  # backend, or a field of another turnrl's
+            options[f"GTPOConfig.{key}"] = value
+    return options
 
 
 def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:
