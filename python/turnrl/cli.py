@@ -921,6 +921,21 @@ def _train(args: argparse.Namespace) -> int:
             "would never take an optimizer step, which the learning-rate schedule counts; "
             f"give --mini-batches {rollouts} or fewer"
         )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    share = -(-args.tasks_per_step // world)  # tasks dealt out in turn: rank 0's
+    if world > 1 and args.tasks_per_step >= world and args.mini_batches > share * args.group_size:
+        # Each rank cuts its own share into the parts, and part k of every
+        # rank is one optimizer step: with more parts than the busiest rank
+        # has rollouts, the last are empty on every rank, every step. A step
+        # that draws a task twice gives its rank more, but not every step does.
+        raise InvalidInputError(
+            f"--mini-batches {args.mini_batches} cuts each rank's share of a step's rollouts "
+            f"into {args.mini_batches} parts, and under torchrun's {world} ranks the busiest "
+            f"rank's share is {share * args.group_size} ({share} of --tasks-per-step "
+            f"{args.tasks_per_step}, dealt out in turn, x --group-size {args.group_size}): the "
+            "parts past it would never take an optimizer step, which the learning-rate "
+            f"schedule counts; give --mini-batches {share * args.group_size} or fewer"
+        )
     if not args.resume:
         # A resumed run's schedule also spans the steps done, known from its checkpoint.
         _check_schedule_decays(args)
@@ -2902,7 +2917,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the same parts every epoch, each one step whose loss is its own mean (verl's "
         "ppo_mini_batch_size as a count, TRL's steps_per_generation; the log-probs the "
         "ratios are taken to are the step's start's, so every part after the first is "
-        "off-policy) (default: %(default)s)",
+        "off-policy); at most the step's rollouts (--tasks-per-step x --group-size), under "
+        "torchrun the busiest rank's share (--tasks-per-step / ranks, rounded up, x "
+        "--group-size), so that no part is empty on every rank (default: %(default)s)",
     )
     tr.add_argument(
         "--eps-low",
