@@ -904,6 +904,52 @@ def test_train_refuses_more_mini_batches_than_a_step_has_rollouts(tmp_path, caps
     assert "--mini-batches" not in capsys.readouterr().err
 
 
+def test_train_under_torchrun_refuses_more_mini_batches_than_the_busiest_rank_has(
+    tmp_path, capsys, monkeypatch
+):
+    """Under torchrun each rank cuts its own share into the parts and part k of
+    every rank is one optimizer step: parts past the busiest rank's share
+    (the step's tasks dealt out in turn: rank 0's, --tasks-per-step over the
+    ranks rounded up, x --group-size) are empty on every rank, every step.
+    Refused before any model loads, naming the bound and the share."""
+    import turnrl.cli
+
+    class Started(Exception):
+        """Got past the checks to joining the process group."""
+
+    def start(args):
+        raise Started
+
+    monkeypatch.setattr(turnrl.cli, "_start_data_parallel", start)
+    argv = ["train", "--model", str(tmp_path / "nowhere"), "--env", "synthetic:airline"]
+    argv += ["--user", "scripted", "--out", str(tmp_path / "run")]
+    argv += ["--tasks-per-step", "3", "--group-size", "2"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([*argv, "--mini-batches", "5"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --mini-batches 5 cuts each rank's share of a step's rollouts into "
+        "5 parts, and under torchrun's 2 ranks the busiest rank's share is 4 (2 of "
+        "--tasks-per-step 3, dealt out in turn, x --group-size 2): the parts past it would "
+        "never take an optimizer step, which the learning-rate schedule counts; give "
+        "--mini-batches 4 or fewer\n"
+    )
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(Started):
+        main([*argv, "--mini-batches", "4"])
+    monkeypatch.setenv("WORLD_SIZE", "3")  # a task a rank: 2 rollouts each
+    assert main([*argv, "--mini-batches", "3"]) == 2
+    assert "the busiest rank's share is 2 (1 of --tasks-per-step 3" in capsys.readouterr().err
+    with pytest.raises(Started):
+        main([*argv, "--mini-batches", "2"])
+    # Fewer tasks than ranks: train_loop refuses that, naming it.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(Started):
+        main([*argv, "--mini-batches", "6"])
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the step's 6 rollouts
+    with pytest.raises(Started):
+        main([*argv, "--mini-batches", "6"])
+
+
 def test_train_sapo_temperatures_are_parsed_and_refused_where_they_do_nothing(tmp_path, capsys):
     """--sapo-tau-pos/--sapo-tau-neg, from the line and a config file, must be
     finite and > 0 (refused while parsing), and are refused without

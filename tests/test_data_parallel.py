@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -348,6 +349,50 @@ def test_build_batch_trains_the_advantages_it_is_given():
     given_values[3] = np.nan
     with pytest.raises(InvalidInputError, match=r"turn_advantages\[3\] is nan, not finite"):
         build_batch(records, tok, **options, turn_advantages=given_values)
+
+
+def test_a_reward_that_is_not_finite_is_named_with_its_rank_and_buffers(monkeypatch):
+    """Under torchrun an outcome or reward the estimator refuses is named by its
+    place in its rank's records (as one process names it), and, as that place
+    is the rank's alone, by the rank, the rank's buffers of the step and the
+    record's task, group and sample; one process's error is as it was."""
+    records = copy.deepcopy(scenario_records([2, 3]))
+    for i, record in enumerate(records):
+        record.update(task_id=f"t{i}", sample=i)
+    records[3]["outcome"] = float("nan")
+    params, cpu = {"norm": "batch"}, torch.device("cpu")
+    refused = r"outcome\[3\] is NaN \(trajectory 3\); outcomes must be finite"
+    with pytest.raises(InvalidInputError, match=f"^{refused}"):
+        _step_turn_advantages(records, "mt_grpo", params, device=cpu, step=3)
+    monkeypatch.setattr(turnrl.train, "_world", lambda: (1, 2))  # refused before any gather
+    with pytest.raises(InvalidInputError) as ranked:
+        _step_turn_advantages(records, "mt_grpo", params, device=cpu, step=3)
+    message = str(ranked.value)
+    assert re.match(f"rank 1 of 2: {refused}", message), message
+    assert "this rank's 5 record(s) of step 3 alone" in message
+    assert "step-3.rank-1.jsonl, and step-3.round-K.rank-1.jsonl under group" in message
+    assert message.endswith("record 3, is task 't3' (group 'g1', sample 3))")
+    # A turn's reward, in build_batch's own advantages (any other norm).
+    records[3]["outcome"] = 1.0
+    (first, *_) = [t for t in records[4]["turns"] if t["role"] == "assistant"]
+    first["reward"] = float("inf")
+    options = dict(system="You help.", tools=None, estimator="mt_grpo")
+    tok = qwen_tokenizer()
+    refused = r"turn_rewards\[\d+\] is inf \(trajectory 4, turn 0\)"
+    with pytest.raises(InvalidInputError, match=f"^{refused}"):
+        build_batch(records, tok, **options)
+    on_rank = turnrl.train._naming_the_rank(build_batch, records, 1, 2, step=5)
+    with pytest.raises(InvalidInputError) as ranked:
+        on_rank(records, tok, **options)
+    message = str(ranked.value)
+    assert re.match(f"rank 1 of 2: {refused}", message), message
+    assert "step-5.rank-1.jsonl" in message and "record 4, is task 't4'" in message
+    # An error about anything else names the rank and buffers, and no record.
+    with pytest.raises(InvalidInputError) as other:
+        turnrl.train._naming_the_rank(build_batch, [], 1, 2, step=5)([], tok, **options)
+    assert str(other.value).startswith("rank 1 of 2: build_batch needs at least one record (")
+    assert "step-5.rank-1.jsonl" in str(other.value) and "is task" not in str(other.value)
+    assert turnrl.train._naming_the_rank(build_batch, records, 0, 1) is build_batch
 
 
 def test_each_task_of_a_step_goes_to_one_rank():

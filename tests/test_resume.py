@@ -706,7 +706,13 @@ def test_a_resume_with_other_loss_settings_says_which(
     import argparse
     import dataclasses
 
-    from turnrl.cli import LOSS_OPTIONS, build_parser, main
+    from turnrl.cli import (
+        LOSS_FIELDS_WITHOUT_OPTIONS,
+        LOSS_OPTIONS,
+        LOSS_SWITCHES_OFF,
+        build_parser,
+        main,
+    )
     from turnrl.train import GTPOConfig
 
     gspo = ["--importance-level", "sequence", "--eps-low", "0.0003", "--eps-high", "inf"]
@@ -729,7 +735,13 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert (
         "--resume: this run's loss settings replace the checkpoint's: --eps-low 0.0003 -> 0.2; "
         "--eps-high inf -> 0.28; --beta 0.0 -> 0.01; --importance-level sequence -> token; "
-        "skip_zero_advantage True -> False\n"
+        "--no-skip-zero-advantage not given -> given\n"
+    ) in capsys.readouterr().err
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume", "--no-skip-zero-advantage"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "--no-skip-zero-advantage not given -> given\n"
     ) in capsys.readouterr().err
     with pytest.raises(Reached):
         main([*argv, *gspo, "--resume", "--kl-estimator", "low_var_kl+"])
@@ -795,6 +807,17 @@ def test_a_resume_with_other_loss_settings_says_which(
     assert "loss settings replace the checkpoint's: --kl-estimator k3 -> k1\n" in (
         capsys.readouterr().err
     )
+    # A checkpoint of a Python run may hold a backend no option sets, and a
+    # run that gave --no-skip-zero-advantage is told it no longer does.
+    state["loss"]["backend"] = "torch"
+    state["loss"]["skip_zero_advantage"] = False
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main([*argv, *gspo, "--resume"])
+    assert (
+        "--resume: this run's loss settings replace the checkpoint's: "
+        "GTPOConfig.backend torch -> auto; --no-skip-zero-advantage given -> not given\n"
+    ) in capsys.readouterr().err
     # An older turnrl's checkpoint, without them.
     del state["loss"]
     state_file.write_text(json.dumps(state))
@@ -805,9 +828,14 @@ def test_a_resume_with_other_loss_settings_says_which(
     parser = build_parser()
     (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     dests = {o: a.dest for a in commands.choices["train"]._actions for o in a.option_strings}
-    assert set(LOSS_OPTIONS) <= set(fields)
+    named = [*LOSS_OPTIONS, *LOSS_SWITCHES_OFF, *LOSS_FIELDS_WITHOUT_OPTIONS]
+    assert sorted(named) == sorted(fields)  # a new field is named one way or another
     for field, option in LOSS_OPTIONS.items():
         assert dests[option] == ("max_length" if field == "max_len" else field)
+    actions = {o: a for a in commands.choices["train"]._actions for o in a.option_strings}
+    for field, option in LOSS_SWITCHES_OFF.items():
+        assert dests[option] == field and isinstance(actions[option], argparse._StoreFalseAction)
+    assert not set(LOSS_FIELDS_WITHOUT_OPTIONS) & set(dests.values())
 
 
 def test_a_resume_with_fewer_ppo_epochs_goes_on_along_its_schedule(
@@ -868,13 +896,58 @@ def test_a_resume_counts_the_checkpoints_mini_batches_in_its_schedule(
         main([*argv, "--resume", "--ppo-epochs", "1"])
     assert rates == [pytest.approx(expected)] * 2
     assert "--mini-batches 2 -> 1" in capsys.readouterr().err
-    # An older checkpoint, without the key: 1 update done of 1 + 1, no note.
-    del state["loss"]["mini_batches"]
+    # An older checkpoint, without the key (nor its count of planned updates):
+    # 1 update done of 1 + 1, no note.
+    del state["loss"]["mini_batches"], state["planned_updates"]
     state_file.write_text(json.dumps(state))
     with pytest.raises(Reached):
         main([*argv, "--resume"])
     assert rates[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert "loss settings" not in capsys.readouterr().err
+
+
+def test_a_run_resumed_twice_with_other_epochs_and_mini_batches_counts_each_runs_own(
+    tmp_path, tok, base_model, monkeypatch, capsys
+):
+    """The checkpoint counts the planned optimizer steps of every step done
+    ("planned_updates"), each at the --ppo-epochs x --mini-batches it ran
+    with: a run resumed twice, the first time with other settings, goes on
+    along its schedule from there, with AdamW's state or without. Worked
+    out from the steps done at the checkpoint's last settings, the second
+    resume counted the first run's steps at the second's (8 done, not 6).
+    An older checkpoint, without the count, is still worked out so."""
+    from turnrl.cli import main
+
+    argv = _train_argv(tmp_path, tok, base_model, "--lr-schedule", "cosine", "--lr", "1e-3")
+    argv += ["--no-skip-zero-advantage", "--steps", "2"]  # every part an optimizer step
+    assert main(argv) == 0  # steps 0 and 1 at 1 epoch: 2 planned updates
+    state_file = tmp_path / "run" / "adapter" / "turnrl_state.json"
+    assert json.loads(state_file.read_text())["planned_updates"] == 2
+    # Steps 2 and 3 at 2 epochs x 2 mini-batches (two groups a step): 8 more.
+    assert main([*argv, "--resume", "--ppo-epochs", "2", "--mini-batches", "2"]) == 0
+    state = json.loads(state_file.read_text())
+    assert state["step"] == 3 and state["planned_updates"] == 10
+    rates: list[float] = []
+    Reached = _stop_at_train_loop(monkeypatch, rates)
+
+    def rate(done: int, total: int) -> float:  # cosine, no warmup
+        return 1e-3 * 0.5 * (1 + math.cos(math.pi * done / total))
+
+    # 10 updates done, then 2 steps x 1 epoch x 2 mini-batches: 14 in all.
+    resume = [*argv, "--resume", "--mini-batches", "2"]
+    with pytest.raises(Reached):
+        main(resume)
+    (tmp_path / "run" / "adapter" / "optimizer.pt").unlink()
+    with pytest.raises(Reached):
+        main(resume)
+    assert rates == [pytest.approx(rate(10, 14))] * 2
+    assert "--ppo-epochs 2 -> 1" in capsys.readouterr().err
+    # An older checkpoint: 4 steps taken at its last settings, 4 x 2 x 2 = 16 of 20.
+    del state["planned_updates"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(Reached):
+        main(resume)
+    assert rates[-1] == pytest.approx(rate(16, 20))
 
 
 class _SignalOnOddSteps(_HalfGold):
@@ -962,9 +1035,16 @@ def test_a_resumed_schedule_with_no_step_after_its_warmup_is_refused_naming_the_
     assert main([*argv, "--resume", *linear, "--ppo-epochs", "2"]) == 2
     assert capsys.readouterr().err.endswith(
         "turnrl train: error: --lr-schedule linear decays the rate after --warmup-steps 4, "
-        "and the run takes 4 optimizer steps (2 done at the checkpoint's --ppo-epochs 2, and "
+        "and the run takes 4 optimizer steps (2 done by the checkpoint, and "
         "--steps 1 x --ppo-epochs 2): give fewer --warmup-steps or more --steps\n"
     )
+    # An older checkpoint, without its count: the steps done at its settings.
+    state_file = tmp_path / "run" / "adapter" / "turnrl_state.json"
+    state = json.loads(state_file.read_text())
+    del state["planned_updates"]
+    state_file.write_text(json.dumps(state))
+    assert main([*argv, "--resume", *linear, "--ppo-epochs", "2"]) == 2
+    assert "(2 done at the checkpoint's --ppo-epochs 2, and --steps 1" in capsys.readouterr().err
 
 
 def test_each_evaluation_samples_anew_when_only_a_gpus_generator_moved(monkeypatch):

@@ -2924,6 +2924,7 @@ def test_train_loop_calibrates_tier_rewards_as_it_goes(tmp_path, tok, base_model
     # What the steps' tasks were drawn from: a resume with others is told.
     assert state.pop("task_draw") == task_draw([task], 1, 0)
     assert state.pop("loss") == dataclasses.asdict(trainer.config)  # the trainer's settings
+    assert state.pop("planned_updates") == 2  # two steps of one planned update each
     assert state == {
         "step": 1,
         "estimator": {"estimator": "gtpo_hybrid"},
@@ -3064,6 +3065,7 @@ def test_train_command_trains_resumes_and_plots(tmp_path, tok, base_model, capsy
     }
     schedule = {"--lr-schedule": "cosine", "--warmup-steps": 0, "--min-lr-ratio": 0.5}
     assert saved.pop("schedule") == schedule
+    assert saved.pop("planned_updates") == 1  # one step at one epoch and one mini-batch
     assert saved == {"step": 0, "estimator": {"estimator": "gtpo_hybrid"}}
     # Killed after the save, before the metrics line: the adapter says where
     # to go on, and holds the line.

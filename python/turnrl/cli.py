@@ -921,6 +921,21 @@ def _train(args: argparse.Namespace) -> int:
             "would never take an optimizer step, which the learning-rate schedule counts; "
             f"give --mini-batches {rollouts} or fewer"
         )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    share = -(-args.tasks_per_step // world)  # tasks dealt out in turn: rank 0's
+    if world > 1 and args.tasks_per_step >= world and args.mini_batches > share * args.group_size:
+        # Each rank cuts its own share into the parts, and part k of every
+        # rank is one optimizer step: with more parts than the busiest rank
+        # has rollouts, the last are empty on every rank, every step. A step
+        # that draws a task twice gives its rank more, but not every step does.
+        raise InvalidInputError(
+            f"--mini-batches {args.mini_batches} cuts each rank's share of a step's rollouts "
+            f"into {args.mini_batches} parts, and under torchrun's {world} ranks the busiest "
+            f"rank's share is {share * args.group_size} ({share} of --tasks-per-step "
+            f"{args.tasks_per_step}, dealt out in turn, x --group-size {args.group_size}): the "
+            "parts past it would never take an optimizer step, which the learning-rate "
+            f"schedule counts; give --mini-batches {share * args.group_size} or fewer"
+        )
     if not args.resume:
         # A resumed run's schedule also spans the steps done, known from its checkpoint.
         _check_schedule_decays(args)
@@ -1053,28 +1068,20 @@ def _server_engine(
 
 
 def _check_schedule_decays(
-    args: argparse.Namespace,
-    updates_done: int = 0,
-    saved_epochs: int | None = None,
-    saved_mini_batches: int = 1,
+    args: argparse.Namespace, updates_done: int = 0, done_how: str = ""
 ) -> None:
     """Refuses a decaying --lr-schedule with no optimizer step after --warmup-steps
     over this run's steps and ``updates_done`` (the optimizer steps a resumed
-    run's checkpoint planned, at its ``saved_epochs`` x ``saved_mini_batches``
-    per step, taken or skipped), naming the options."""
+    run's checkpoint planned, taken or skipped; ``done_how`` says how they
+    were counted), naming the options."""
     from turnrl.exceptions import InvalidInputError
 
     updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     if args.lr_schedule == "constant" or updates > args.warmup_steps:
         return
     # Named when not 1, so that a run without mini-batches reads as it did.
-    saved_parts = f" x --mini-batches {saved_mini_batches}" if saved_mini_batches != 1 else ""
     parts = f" x --mini-batches {args.mini_batches}" if args.mini_batches != 1 else ""
-    done = (
-        f"{updates_done} done at the checkpoint's --ppo-epochs {saved_epochs}{saved_parts}, and "
-        if updates_done
-        else ""
-    )
+    done = f"{updates_done} done {done_how}, and " if updates_done else ""
     raise InvalidInputError(
         f"--lr-schedule {args.lr_schedule} decays the rate after --warmup-steps "
         f"{args.warmup_steps}, and the run takes {updates} optimizer steps ({done}--steps "
@@ -1348,22 +1355,30 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             file=sys.stderr,
         )
     # The schedule runs to the last step of this run (a resumed run's included),
-    # counted in planned optimizer steps, taken or skipped for lack of signal:
-    # the steps done planned the checkpoint's --ppo-epochs x --mini-batches
-    # each (an older checkpoint's epochs, not kept, are taken as this run's;
-    # its mini-batches, from before there were any, as 1), so a resume with
-    # fewer does not find its schedule run out.
-    saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
-    if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
-        saved_epochs = args.ppo_epochs
-    saved_parts = saved_loss.get("mini_batches") if isinstance(saved_loss, Mapping) else None
-    if isinstance(saved_parts, bool) or not isinstance(saved_parts, int) or saved_parts < 1:
-        saved_parts = 1
-    updates_done = first_step * saved_epochs * saved_parts
+    # counted in planned optimizer steps, taken or skipped for lack of signal.
+    # The checkpoint counts those of the steps done ("planned_updates"), each
+    # at the --ppo-epochs x --mini-batches it ran with, so a resume with fewer
+    # does not find its schedule run out. An older checkpoint without the
+    # count is taken to have planned its last settings' each (its epochs, not
+    # kept either, taken as this run's; its mini-batches, from before there
+    # were any, as 1): right unless an earlier resume changed them.
+    updates_done = state.get("planned_updates")
+    if isinstance(updates_done, bool) or not isinstance(updates_done, int) or updates_done < 0:
+        saved_epochs = saved_loss.get("ppo_epochs") if isinstance(saved_loss, Mapping) else None
+        if isinstance(saved_epochs, bool) or not isinstance(saved_epochs, int) or saved_epochs < 1:
+            saved_epochs = args.ppo_epochs
+        saved_parts = saved_loss.get("mini_batches") if isinstance(saved_loss, Mapping) else None
+        if isinstance(saved_parts, bool) or not isinstance(saved_parts, int) or saved_parts < 1:
+            saved_parts = 1
+        updates_done = first_step * saved_epochs * saved_parts
+        parts = f" x --mini-batches {saved_parts}" if saved_parts != 1 else ""
+        done_how = f"at the checkpoint's --ppo-epochs {saved_epochs}{parts}"
+    else:
+        done_how = "by the checkpoint"
     updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     # What _train refuses for a new run before the model loads, for a
     # --resume'd one (or a --resume with nothing to resume yet).
-    _check_schedule_decays(args, updates_done, saved_epochs, saved_parts)
+    _check_schedule_decays(args, updates_done, done_how)
     trainer.scheduler = lr_schedule(
         trainer.optimizer,
         args.lr_schedule,
@@ -1498,6 +1513,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
             max_sampling_rounds=args.max_sampling_rounds,
             sampling=_sampling_options(args),
             schedule=_schedule_options(args),
+            updates_done=updates_done,
             progress=not args.quiet,
         )
         failed = False
@@ -1884,9 +1900,8 @@ def _resume_generators(adapter: Any, rank: int, seed: int) -> None:
         )
 
 
-# GTPOConfig's fields that turnrl train's options set as they are; the others
-# (backend, and skip_zero_advantage, which --no-skip-zero-advantage turns off)
-# keep their field names in what a resume says.
+# GTPOConfig's fields that turnrl train's options set as they are; for the
+# others see LOSS_SWITCHES_OFF and LOSS_FIELDS_WITHOUT_OPTIONS.
 LOSS_OPTIONS = {
     "micro_batch_size": "--micro-batch-size",
     "micro_batch_tokens": "--micro-batch-tokens",
@@ -1914,9 +1929,28 @@ LOSS_OPTIONS = {
 }
 
 
+# GTPOConfig's booleans that a turnrl train flag turns off (True: not given).
+LOSS_SWITCHES_OFF = {"skip_zero_advantage": "--no-skip-zero-advantage"}
+
+# GTPOConfig's fields no turnrl train option sets (a checkpoint of a Python
+# run may hold another value): a resume names them as the Python API does.
+LOSS_FIELDS_WITHOUT_OPTIONS = ("backend",)
+
+
 def _loss_options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`turnrl.train._loss_settings` keyed as ``turnrl train``'s options name them."""
-    return {LOSS_OPTIONS.get(key, key): value for key, value in settings.items()}
+    """:func:`turnrl.train._loss_settings` as a user of ``turnrl train`` gave
+    them: keyed by the option that sets each (a flag that turns a setting off
+    as ``given`` or ``not given``), a field no option sets as
+    ``GTPOConfig.<field>``."""
+    options: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key in LOSS_OPTIONS:
+            options[LOSS_OPTIONS[key]] = value
+        elif key in LOSS_SWITCHES_OFF and isinstance(value, bool):
+            options[LOSS_SWITCHES_OFF[key]] = "not given" if value else "given"
+        else:  # backend, or a field of another turnrl's
+            options[f"GTPOConfig.{key}"] = value
+    return options
 
 
 def _task_draw_options(draw: Mapping[str, Any]) -> dict[str, Any]:
@@ -2883,7 +2917,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the same parts every epoch, each one step whose loss is its own mean (verl's "
         "ppo_mini_batch_size as a count, TRL's steps_per_generation; the log-probs the "
         "ratios are taken to are the step's start's, so every part after the first is "
-        "off-policy) (default: %(default)s)",
+        "off-policy); at most the step's rollouts (--tasks-per-step x --group-size), under "
+        "torchrun the busiest rank's share (--tasks-per-step / ranks, rounded up, x "
+        "--group-size), so that no part is empty on every rank (default: %(default)s)",
     )
     tr.add_argument(
         "--eps-low",

@@ -684,6 +684,69 @@ def _advantage_inputs(
     )
 
 
+def _first_unfit_record(records: Sequence[Mapping[str, Any]]) -> int | None:
+    """The index of the first of ``records`` whose outcome, or else whose
+    assistant turns' recorded reward, the estimator refuses (not finite or
+    above 1e100 in size), in the order the estimator checks them; None when
+    none is, or when the records cannot be read so far."""
+    try:
+        inputs = _advantage_inputs(records, None, False)
+    except (InvalidInputError, KeyError, TypeError, ValueError):
+        return None
+
+    def unfit(values: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore"):
+            return np.flatnonzero(~(np.abs(values) <= 1e100))  # NaN too
+
+    outcomes = unfit(inputs.outcome)
+    if outcomes.size:
+        return int(outcomes[0])
+    turns = unfit(inputs.turn_rewards)
+    if turns.size:
+        return int(np.searchsorted(inputs.turn_offsets, turns[0], side="right") - 1)
+    return None
+
+
+def _naming_the_rank(
+    work: Callable[..., Any],
+    records: Sequence[Mapping[str, Any]],
+    rank: int,
+    world: int,
+    step: int | None = None,
+) -> Callable[..., Any]:
+    """``work`` on this rank's ``records``, an :class:`InvalidInputError` it
+    raises said again naming the rank (under torchrun, ``world`` > 1): such
+    an error names a record or trajectory by its place in this rank's
+    records, which only its rank's buffers hold (``step-N.rank-R.jsonl``,
+    ``step-N.round-K.rank-R.jsonl``). A record whose outcome or reward is
+    not finite is named by its task, group and sample too. One process:
+    ``work`` as it is."""
+    if world == 1:
+        return work
+
+    def on_rank(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return work(*args, **kwargs)
+        except InvalidInputError as e:
+            at = "" if step is None else f" of step {step}"
+            name = "step-N" if step is None else f"step-{step}"
+            bad = _first_unfit_record(records)
+            record = (
+                ""
+                if bad is None
+                else f"; the first whose outcome or reward is refused, record {bad}, is task "
+                f"{_where(records[bad])}"
+            )
+            raise InvalidInputError(
+                f"rank {rank} of {world}: {e} (places count among this rank's "
+                f"{len(records)} record(s){at} alone, which its buffers hold: "
+                f"{name}.rank-{rank}.jsonl, and {name}.round-K.rank-{rank}.jsonl under group "
+                f"filtering{record})"
+            ) from None
+
+    return on_rank
+
+
 TRUNCATIONS = ("right", "left", "error")
 """What :func:`build_batch` does with a row longer than ``max_length``."""
 
@@ -2869,6 +2932,7 @@ def train_loop(
     max_sampling_rounds: int | None = None,
     sampling: Mapping[str, Any] | None = None,
     schedule: Mapping[str, Any] | None = None,
+    updates_done: int | None = None,
 ) -> list[dict[str, float]]:
     """Collect groups of rollouts with the current policy, update it, repeat.
 
@@ -2917,6 +2981,13 @@ def train_loop(
     for a resumed run to compare, and so is ``schedule``, when given: the
     learning-rate schedule's settings (as ``turnrl train``'s
     ``{"--lr-schedule": "cosine", "--warmup-steps": 10, "--min-lr-ratio": 0.0}``).
+    So is the count of planned optimizer steps (``"planned_updates"``: each
+    step's ``ppo_epochs`` x ``mini_batches``, taken or skipped for lack of
+    signal, the learning-rate scheduler steps once for each) from the run's
+    start to this step: ``updates_done`` (those of the steps before
+    ``first_step``, a resumed run's checkpoint's count) plus this run's.
+    Without ``updates_done`` the steps before ``first_step`` are counted at
+    the trainer's own ``ppo_epochs`` x ``mini_batches``.
     Every rank's random number generators (:func:`rng_state`: torch's,
     Python's ``random`` and numpy's global one) are saved beside it as
     ``rng_state.pt``: :func:`load_rng_state` before a resumed ``train_loop``
@@ -3060,6 +3131,13 @@ def train_loop(
         raise InvalidInputError("train_loop needs at least one task")
     if first_step < 0:
         raise InvalidInputError(f"first_step must be >= 0, got {first_step}")
+    if updates_done is None:
+        updates_done = first_step * trainer.config.ppo_epochs * trainer.config.mini_batches
+    elif isinstance(updates_done, bool) or not isinstance(updates_done, int) or updates_done < 0:
+        raise InvalidInputError(f"updates_done must be a count of steps, got {updates_done!r}")
+    # Where the schedule stands after each step: a resume that changes
+    # --ppo-epochs or --mini-batches cannot work it out from the steps done.
+    planned_updates = updates_done
     draw = task_draw(pool, tasks_per_step, seed)
     _check_episode_options(max_steps, calls_per_message)
     eval_domain, eval_pool = domain, list[Any]()
@@ -3185,7 +3263,7 @@ def train_loop(
                         # As many groups as the step would train unfiltered.
                         target_groups = len(names)
                     signal = together(
-                        group_signal,
+                        _naming_the_rank(group_signal, summary.kept, rank, world, step),
                         summary.kept,
                         filter_groups,
                         estimator=estimator,
@@ -3244,10 +3322,11 @@ def train_loop(
                     device=device,
                     mask_truncated=mask_truncated,
                     together=together,
+                    step=step,
                 )
             batch = (
                 together(
-                    build_batch,
+                    _naming_the_rank(build_batch, records, rank, world, step),
                     records,
                     tokenizer,
                     system=domain.system_prompt,
@@ -3329,7 +3408,12 @@ def train_loop(
                         "max_sampling_rounds (--max-sampling-rounds) to sample more",
                         stacklevel=2,
                     )
-            state: dict[str, Any] = {"step": step, "task_draw": draw}
+            planned_updates += trainer.config.ppo_epochs * trainer.config.mini_batches
+            state: dict[str, Any] = {
+                "step": step,
+                "planned_updates": planned_updates,
+                "task_draw": draw,
+            }
             if settings:
                 state["estimator"] = settings
             state["loss"] = loss
@@ -3664,6 +3748,7 @@ def _step_turn_advantages(
     device: torch.device,
     mask_truncated: bool = False,
     together: Callable[..., Any] | None = None,
+    step: int | None = None,
 ) -> np.ndarray:
     """The turn advantages of this rank's ``records`` (as :func:`build_batch`'s
     ``turn_advantages``) with the whole step, every rank's records, as the
@@ -3673,7 +3758,8 @@ def _step_turn_advantages(
     (:func:`_rank_turn_advantages`). A collective: every rank calls it, one
     without records included. ``together`` runs each local part so that a
     rank's error is raised on every rank (:func:`train_loop`'s); a bad value
-    is named by its place in this rank's records, as :func:`build_batch` names it.
+    is named by its place in this rank's records, as :func:`build_batch` names
+    it, and by the rank and the buffers of ``step`` (:func:`_naming_the_rank`).
     """
     rank, world = _world()
 
@@ -3681,9 +3767,15 @@ def _step_turn_advantages(
         return work(*args)
 
     run = together or run_here
-    inputs = run(_advantage_inputs, records, None, mask_truncated)
+    inputs = run(
+        _naming_the_rank(_advantage_inputs, records, rank, world, step),
+        records,
+        None,
+        mask_truncated,
+    )
     share = (inputs.outcome, inputs.group, inputs.turn_rewards, inputs.turn_offsets)
-    run(make_batch, *share)  # a NaN is refused here, named by this rank's record
+    # A NaN is refused here, named by this rank's record.
+    run(_naming_the_rank(make_batch, records, rank, world, step), *share)
     shares = _all_gather_objects(share, world, device)
     return run(_rank_turn_advantages, shares, rank, estimator, estimator_params)
 
