@@ -257,3 +257,14 @@ def test_a_transfer_is_a_tool_call_and_the_user_ends_the_episode():
     roles = [turn["role"] for turn in record["turns"]]
     assert roles == ["user", "assistant", "tool", "assistant", "user"]
     assert record["meta"]["steps"] == 5 and record["meta"]["tool_errors"] == 0
+
+
+@pytest.mark.parametrize("domain_name", ["airline", "retail"])
+def test_an_argument_named_data_is_just_unknown_to_tau2(domain_name):
+    # tau2-bench has no data keyword of its own (tau-bench's invoke has).
+    d = envs.load(f"tau2:{domain_name}", root=TAU2, split="base")
+    ep = d.new_episode(0)
+    tools = "AirlineTools" if domain_name == "airline" else "RetailTools"
+    assert ep.call("get_user_details", {"user_id": "x", "data": {}}) == (
+        f"Error: {tools}.get_user_details() got an unexpected keyword argument 'data'"
+    )

@@ -208,6 +208,26 @@ def test_episodes_are_isolated_and_base_untouched():
 
 
 @needs_tau
+@pytest.mark.parametrize("name", ["airline", "retail"])
+def test_an_argument_named_data_clashes_with_tau_bench_s_own_data_keyword(name):
+    # tau-bench calls invoke(data=..., **arguments): Python refuses a second
+    # "data" at the call, naming invoke with its module, before any other check.
+    d = envs.load(f"taubench:{name}", root=TAU, split="test")
+    ep = d.new_episode(0)
+    expected = (
+        f"Error: tau_bench.envs.{name}.tools.get_user_details.GetUserDetails.invoke() "
+        "got multiple values for keyword argument 'data'"
+    )
+    assert ep.call("get_user_details", {"user_id": "x", "data": {}}) == expected
+    assert ep.call("get_user_details", {"zip": 1, "data": None}) == expected
+    assert ep.call("calculate", {"data": 1}) == (
+        f"Error: tau_bench.envs.{name}.tools.calculate.Calculate.invoke() "
+        "got multiple values for keyword argument 'data'"
+    )
+    assert ep.store.overlay == {}
+
+
+@needs_tau
 def test_airline_error_texts():
     d = envs.load("taubench:airline", root=TAU)
     ep = d.new_episode(0)
