@@ -268,3 +268,25 @@ def test_an_argument_named_data_is_just_unknown_to_tau2(domain_name):
     assert ep.call("get_user_details", {"user_id": "x", "data": {}}) == (
         f"Error: {tools}.get_user_details() got an unexpected keyword argument 'data'"
     )
+
+
+@pytest.mark.parametrize("domain_name", ["airline", "retail"])
+def test_arguments_named_like_make_tool_call_s_own_fail_there(domain_name):
+    # tau2-bench runs env.make_tool_call(name, requestor=..., **arguments):
+    # "requestor" clashes at the call (wherever it is), "self" and "tool_name"
+    # with its parameters (the first in order), before the tool is reached.
+    d = envs.load(f"tau2:{domain_name}", root=TAU2, split="base")
+    ep = d.new_episode(0)
+    requestor = (
+        "Error: tau2.environment.environment.Environment.make_tool_call() "
+        "got multiple values for keyword argument 'requestor'"
+    )
+    assert ep.call("get_user_details", {"user_id": "x", "requestor": "user"}) == requestor
+    assert ep.call("get_user_details", {"self": 1, "zip": 2, "requestor": 3}) == requestor
+    assert ep.call("get_user_details", {"user_id": "x", "self": 1}) == (
+        "Error: Environment.make_tool_call() got multiple values for argument 'self'"
+    )
+    assert ep.call("calculate", {"zip": 1, "tool_name": "x", "self": 1}) == (
+        "Error: Environment.make_tool_call() got multiple values for argument 'tool_name'"
+    )
+    assert ep.last_error and ep.store.overlay == {}

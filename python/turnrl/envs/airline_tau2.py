@@ -528,6 +528,13 @@ def get_flight_status(store: Store, flight_number: Any, date: Any) -> str:
     return str(_instance(store, flight_number, date)["status"])
 
 
+# tau2-bench runs a tool call as make_tool_call(name, requestor=..., **arguments)
+# on its Environment: agent arguments of these names fail there.
+_MAKE_TOOL_CALL = "Environment.make_tool_call"
+CALL_KEYWORDS = {"requestor": f"tau2.environment.environment.{_MAKE_TOOL_CALL}"}
+WRAPPER_PARAMS = {"self": _MAKE_TOOL_CALL, "tool_name": _MAKE_TOOL_CALL}
+
+
 def _spec(fn: Any, kind: str, description: str, **params: Any) -> ToolSpec:
     return ToolSpec(
         name=fn.__name__,
@@ -537,6 +544,8 @@ def _spec(fn: Any, kind: str, description: str, **params: Any) -> ToolSpec:
         params=params,
         required=tuple(params),
         invoke_name=f"AirlineTools.{fn.__name__}",
+        call_keywords=CALL_KEYWORDS,
+        wrapper_params=WRAPPER_PARAMS,
     )
 
 
