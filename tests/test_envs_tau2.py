@@ -290,3 +290,26 @@ def test_arguments_named_like_make_tool_call_s_own_fail_there(domain_name):
         "Error: Environment.make_tool_call() got multiple values for argument 'tool_name'"
     )
     assert ep.last_error and ep.store.overlay == {}
+
+
+def test_a_baggage_payment_is_a_whole_amount_as_tau2_s_payment_model_makes_it():
+    d = envs.load("tau2:airline", root=TAU2, split="base")
+    ep = d.new_episode(0)
+    rid, gift_card = "4WQ150", "gift_card_3576581"  # no paid bags, $245 on the card
+    bags = {"reservation_id": rid, "total_baggages": 6, "payment_id": gift_card}
+    obs = json.loads(ep.call("update_reservation_baggages", {**bags, "nonfree_baggages": 1.0}))
+    assert obs["payment_history"][-1] == {"payment_id": gift_card, "amount": 50}
+    assert type(obs["payment_history"][-1]["amount"]) is int and obs["nonfree_baggages"] == 1.0
+    # A fractional total fails in the Payment model, after the card was charged.
+    assert ep.call("update_reservation_baggages", {**bags, "nonfree_baggages": 1.01}) == (
+        "Error: 1 validation error for Payment\n"
+        "amount\n"
+        "  Input should be a valid integer, got a number with a fractional part "
+        "[type=int_from_float, input_value=0.5000000000000004, input_type=float]\n"
+        "    For further information visit https://errors.pydantic.dev/2.12/v/int_from_float"
+    )
+    assert (
+        ep.store.get("users", "chen_jackson_3290")["payment_methods"][gift_card]["amount"] == 194.5
+    )
+    assert ep.store.get("reservations", rid)["nonfree_baggages"] == 1.0
+    assert len(ep.store.get("reservations", rid)["payment_history"]) == 2

@@ -230,7 +230,10 @@ def _payment_for_update(
     if method["source"] == "gift_card":
         store.mut("users", user_id)["payment_methods"][payment_id]["amount"] -= total_price
     if total_price != 0:
-        return {"payment_id": payment_id, "amount": total_price}
+        # tau2's Payment model types the amount int: a float total (bags
+        # given as 2.0) is stored whole, a fractional one refused, after the
+        # gift card was charged, as there.
+        return {"payment_id": payment_id, "amount": _coerce("Payment", "amount", int, total_price)}
     return None
 
 
