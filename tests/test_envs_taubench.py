@@ -343,6 +343,11 @@ def test_calculate_takes_long_sums_as_upstreams_eval_does():
     want = sum(sign * t for sign, t in zip(signs, terms, strict=True))
     assert calculate(expression.removeprefix("+ ")) == str(round(float(want), 2))
     assert calculate("-" * 2000 + "5") == "5.0"
+    # Past what eval's compilation takes (about 3,000 terms; 10,000 from
+    # Python 3.13), upstream answers with the compiler's text.
+    assert calculate("+".join(["1"] * 20_000)) == (
+        "Error: maximum recursion depth exceeded during compilation"
+    )
 
 
 EVAL_NEEDS_A_STRING = "Error: eval() arg 1 must be a string, bytes or code object"
