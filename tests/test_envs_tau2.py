@@ -313,3 +313,18 @@ def test_a_baggage_payment_is_a_whole_amount_as_tau2_s_payment_model_makes_it():
     )
     assert ep.store.get("reservations", rid)["nonfree_baggages"] == 1.0
     assert len(ep.store.get("reservations", rid)["payment_history"]) == 2
+
+
+def test_tau2_retail_schemas_type_a_cancel_reason_as_tau2_does():
+    # tau2's cancel_pending_order takes any string and refuses other reasons
+    # itself (tau-bench's schema had an enum); the schema must not narrow it.
+    d = envs.load("tau2:retail", root=TAU2, split="base")
+    schema = next(t for t in d.tools if t["function"]["name"] == "cancel_pending_order")
+    reason = schema["function"]["parameters"]["properties"]["reason"]
+    assert reason["type"] == "string" and "enum" not in reason
+    assert "'no longer needed'" in reason["description"]
+    assert "'ordered by mistake'" in reason["description"]
+    ep = d.new_episode(0)
+    assert ep.call("cancel_pending_order", {"order_id": "#W2611340", "reason": "x"}) == (
+        "Error: Non-pending order cannot be cancelled"
+    )
