@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -327,6 +328,16 @@ def test_calculate_matches_python_on_safe_inputs():
     ]:
         assert calculate(expr) == expected, expr
     assert calculate("9 ** 9 ** 9").startswith("Error")
+    # Implicit products are calls for eval: the callee and the arguments are
+    # evaluated, then calling a number fails; compiling them warns
+    # (SyntaxWarning), which must not reach the caller.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calculate("2(3 + 4)") == "Error: 'int' object is not callable"
+        assert calculate("(1 + 0.5)(2)(3)") == "Error: 'float' object is not callable"
+        assert calculate("()(1)") == "Error: 'tuple' object is not callable"
+        assert calculate("2(1 / 0)") == "Error: division by zero"
+        assert calculate("2()") == "Error: 'int' object is not callable"
     assert calculate("__import__('os')") == "Error: invalid characters in expression"
 
 
