@@ -431,3 +431,74 @@ def test_tau2_ends_an_episode_the_users_opening_stops(opening):
     rec = envs.run_episode(agent, d, 0, Stopping())
     assert rec["turns"] == [{"role": "user", "content": opening}]
     assert rec["meta"]["stop_reason"] == "user_stop" and rec["meta"]["steps"] == 1
+
+
+@pytest.mark.parametrize("domain_name", ["airline", "retail"])
+def test_an_argument_named_data_is_just_unknown_to_tau2(domain_name):
+    # tau2-bench has no data keyword of its own (tau-bench's invoke has).
+    d = envs.load(f"tau2:{domain_name}", root=TAU2, split="base")
+    ep = d.new_episode(0)
+    tools = "AirlineTools" if domain_name == "airline" else "RetailTools"
+    assert ep.call("get_user_details", {"user_id": "x", "data": {}}) == (
+        f"Error: {tools}.get_user_details() got an unexpected keyword argument 'data'"
+    )
+
+
+@pytest.mark.parametrize("domain_name", ["airline", "retail"])
+def test_arguments_named_like_make_tool_call_s_own_fail_there(domain_name):
+    # tau2-bench runs env.make_tool_call(name, requestor=..., **arguments):
+    # "requestor" clashes at the call (wherever it is), "self" and "tool_name"
+    # with its parameters (the first in order), before the tool is reached.
+    d = envs.load(f"tau2:{domain_name}", root=TAU2, split="base")
+    ep = d.new_episode(0)
+    requestor = (
+        "Error: tau2.environment.environment.Environment.make_tool_call() "
+        "got multiple values for keyword argument 'requestor'"
+    )
+    assert ep.call("get_user_details", {"user_id": "x", "requestor": "user"}) == requestor
+    assert ep.call("get_user_details", {"self": 1, "zip": 2, "requestor": 3}) == requestor
+    assert ep.call("get_user_details", {"user_id": "x", "self": 1}) == (
+        "Error: Environment.make_tool_call() got multiple values for argument 'self'"
+    )
+    assert ep.call("calculate", {"zip": 1, "tool_name": "x", "self": 1}) == (
+        "Error: Environment.make_tool_call() got multiple values for argument 'tool_name'"
+    )
+    assert ep.last_error and ep.store.overlay == {}
+
+
+def test_a_baggage_payment_is_a_whole_amount_as_tau2_s_payment_model_makes_it():
+    d = envs.load("tau2:airline", root=TAU2, split="base")
+    ep = d.new_episode(0)
+    rid, gift_card = "4WQ150", "gift_card_3576581"  # no paid bags, $245 on the card
+    bags = {"reservation_id": rid, "total_baggages": 6, "payment_id": gift_card}
+    obs = json.loads(ep.call("update_reservation_baggages", {**bags, "nonfree_baggages": 1.0}))
+    assert obs["payment_history"][-1] == {"payment_id": gift_card, "amount": 50}
+    assert type(obs["payment_history"][-1]["amount"]) is int and obs["nonfree_baggages"] == 1.0
+    # A fractional total fails in the Payment model, after the card was charged.
+    assert ep.call("update_reservation_baggages", {**bags, "nonfree_baggages": 1.01}) == (
+        "Error: 1 validation error for Payment\n"
+        "amount\n"
+        "  Input should be a valid integer, got a number with a fractional part "
+        "[type=int_from_float, input_value=0.5000000000000004, input_type=float]\n"
+        "    For further information visit https://errors.pydantic.dev/2.12/v/int_from_float"
+    )
+    assert (
+        ep.store.get("users", "chen_jackson_3290")["payment_methods"][gift_card]["amount"] == 194.5
+    )
+    assert ep.store.get("reservations", rid)["nonfree_baggages"] == 1.0
+    assert len(ep.store.get("reservations", rid)["payment_history"]) == 2
+
+
+def test_tau2_retail_schemas_type_a_cancel_reason_as_tau2_does():
+    # tau2's cancel_pending_order takes any string and refuses other reasons
+    # itself (tau-bench's schema had an enum); the schema must not narrow it.
+    d = envs.load("tau2:retail", root=TAU2, split="base")
+    schema = next(t for t in d.tools if t["function"]["name"] == "cancel_pending_order")
+    reason = schema["function"]["parameters"]["properties"]["reason"]
+    assert reason["type"] == "string" and "enum" not in reason
+    assert "'no longer needed'" in reason["description"]
+    assert "'ordered by mistake'" in reason["description"]
+    ep = d.new_episode(0)
+    assert ep.call("cancel_pending_order", {"order_id": "#W2611340", "reason": "x"}) == (
+        "Error: Non-pending order cannot be cancelled"
+    )

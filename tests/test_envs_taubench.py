@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,26 @@ def test_episodes_are_isolated_and_base_untouched():
 
 
 @needs_tau
+@pytest.mark.parametrize("name", ["airline", "retail"])
+def test_an_argument_named_data_clashes_with_tau_bench_s_own_data_keyword(name):
+    # tau-bench calls invoke(data=..., **arguments): Python refuses a second
+    # "data" at the call, naming invoke with its module, before any other check.
+    d = envs.load(f"taubench:{name}", root=TAU, split="test")
+    ep = d.new_episode(0)
+    expected = (
+        f"Error: tau_bench.envs.{name}.tools.get_user_details.GetUserDetails.invoke() "
+        "got multiple values for keyword argument 'data'"
+    )
+    assert ep.call("get_user_details", {"user_id": "x", "data": {}}) == expected
+    assert ep.call("get_user_details", {"zip": 1, "data": None}) == expected
+    assert ep.call("calculate", {"data": 1}) == (
+        f"Error: tau_bench.envs.{name}.tools.calculate.Calculate.invoke() "
+        "got multiple values for keyword argument 'data'"
+    )
+    assert ep.store.overlay == {}
+
+
+@needs_tau
 def test_airline_error_texts():
     d = envs.load("taubench:airline", root=TAU)
     ep = d.new_episode(0)
@@ -307,6 +328,16 @@ def test_calculate_matches_python_on_safe_inputs():
     ]:
         assert calculate(expr) == expected, expr
     assert calculate("9 ** 9 ** 9").startswith("Error")
+    # Implicit products are calls for eval: the callee and the arguments are
+    # evaluated, then calling a number fails; compiling them warns
+    # (SyntaxWarning), which must not reach the caller.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert calculate("2(3 + 4)") == "Error: 'int' object is not callable"
+        assert calculate("(1 + 0.5)(2)(3)") == "Error: 'float' object is not callable"
+        assert calculate("()(1)") == "Error: 'tuple' object is not callable"
+        assert calculate("2(1 / 0)") == "Error: division by zero"
+        assert calculate("2()") == "Error: 'int' object is not callable"
     assert calculate("__import__('os')") == "Error: invalid characters in expression"
 
 
@@ -323,6 +354,11 @@ def test_calculate_takes_long_sums_as_upstreams_eval_does():
     want = sum(sign * t for sign, t in zip(signs, terms, strict=True))
     assert calculate(expression.removeprefix("+ ")) == str(round(float(want), 2))
     assert calculate("-" * 2000 + "5") == "5.0"
+    # Past what eval's compilation takes (about 3,000 terms; 10,000 from
+    # Python 3.13), upstream answers with the compiler's text.
+    assert calculate("+".join(["1"] * 20_000)) == (
+        "Error: maximum recursion depth exceeded during compilation"
+    )
 
 
 EVAL_NEEDS_A_STRING = "Error: eval() arg 1 must be a string, bytes or code object"

@@ -154,6 +154,15 @@ class ToolSpec:
     ``fn(store, **arguments)`` returns the observation string or raises; the
     episode turns exceptions into ``Error: ...``. ``invoke_name`` is the name
     tau-bench's argument errors mention (``BookReservation.invoke``).
+
+    The benchmark's own call passes arguments of its own beside the agent's;
+    an agent argument of the same name fails there, before the tool runs, with
+    Python's text naming the called function. ``call_keywords`` maps each
+    keyword the call passes to the module-qualified function Python names
+    (tau-bench: ``data``, naming ``tau_bench.envs.airline.tools.
+    book_reservation.BookReservation.invoke``); ``wrapper_params`` maps the
+    parameters of a wrapper the arguments go through to its name (tau2-bench:
+    ``self`` and ``tool_name`` of ``Environment.make_tool_call``).
     """
 
     name: str
@@ -164,6 +173,8 @@ class ToolSpec:
     required: tuple[str, ...]
     invoke_name: str
     checkout_schema: Mapping[str, Any] | None = None
+    call_keywords: Mapping[str, str] = field(default_factory=dict)
+    wrapper_params: Mapping[str, str] = field(default_factory=dict)
 
     def schema(self) -> dict[str, Any]:
         """OpenAI function schema, with the read/write tag as ``kind`` beside it.
@@ -189,11 +200,20 @@ class ToolSpec:
 
 
 def _argument_error(spec: ToolSpec, arguments: Mapping[str, Any]) -> str | None:
-    """The TypeError text Python gives tau-bench's ``invoke(data=..., **arguments)``."""
+    """The TypeError text Python gives the benchmark's call of the tool
+    (tau-bench's ``invoke(data=..., **arguments)``, tau2-bench's
+    ``make_tool_call(name, requestor=..., **arguments)``), in Python's order:
+    a clash with the call's own keywords wherever it is, then the first clash
+    with a wrapper's parameters, then the first unknown argument, then the
+    missing ones."""
+    for key in arguments:
+        if key in spec.call_keywords:
+            return f"{spec.call_keywords[key]}() got multiple values for keyword argument '{key}'"
+    for key in arguments:
+        if key in spec.wrapper_params:
+            return f"{spec.wrapper_params[key]}() got multiple values for argument '{key}'"
     where = f"{spec.invoke_name}()"
     for key in arguments:
-        if key == "data":
-            return f"{where} got multiple values for keyword argument 'data'"
         if key not in spec.params:
             return f"{where} got an unexpected keyword argument '{key}'"
     missing = [p for p in spec.params if p not in arguments]

@@ -3,9 +3,10 @@
 tau-bench filters the expression to digits, ``+-*/().`` and spaces, then
 evaluates it as Python and returns ``str(round(float(result), 2))``. The same
 characters admit ``**`` and ``//``, so both are supported; the expression is
-parsed with :mod:`ast` and walked, and only numeric literals and the four
-operators (plus power and floor division) are accepted. Python's own
-operators do the arithmetic, so results and error texts match upstream.
+parsed with :mod:`ast` and walked, and only numeric literals, the four
+operators (plus power and floor division) and calls (which fail, as calling a
+number does) are accepted. Python's own operators do the arithmetic, so
+results and error texts match upstream.
 """
 
 from __future__ import annotations
@@ -79,6 +80,18 @@ def _eval(root: ast.AST) -> Any:
                 left = values.pop()
                 op = _power if isinstance(node.op, ast.Pow) else _BINOPS[type(node.op)]
                 values.append(op(left, right))
+        elif isinstance(node, ast.Call) and not any(isinstance(a, ast.Starred) for a in node.args):
+            # "2(3 + 4)", models' implicit product: eval evaluates the callee
+            # and the arguments (a division by zero there comes first), then
+            # fails to call a number.
+            if not children_done:
+                stack.append((node, True))
+                stack += [(a, False) for a in reversed(node.args)]
+                stack.append((node.func, False))
+            else:
+                del values[len(values) - len(node.args) :]
+                callee = values.pop()
+                raise TypeError(f"'{type(callee).__name__}' object is not callable")
         elif isinstance(node, ast.Tuple):
             if not children_done:
                 stack.append((node, True))
@@ -108,7 +121,15 @@ def calculate(expression: Any) -> str:
         return EVAL_NEEDS_A_STRING
     try:
         # eval, which tau-bench uses, strips leading spaces and tabs.
-        tree = ast.parse(expression.lstrip(" \t"), filename="<string>", mode="eval")
+        source = expression.lstrip(" \t")
+        try:
+            tree = ast.parse(source, filename="<string>", mode="eval")
+        except RecursionError:
+            # Too deep to parse (a sum of thousands of terms): eval's own
+            # compilation refuses it too, with its text; compiling runs
+            # nothing. Only here, as compile warns of other things (2(3)).
+            compile(source, "<string>", "eval")
+            raise
         return str(round(float(_eval(tree)), 2))
     except Exception as e:
         return f"Error: {e}"

@@ -10,6 +10,7 @@ Arguments arrive as private copies (see :class:`~turnrl.envs.Episode`).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from turnrl.envs._base import ToolSpec
@@ -358,8 +359,17 @@ _RESERVATION_ID = _s("Reservation id, for example 'ZFA04Y'.")
 _CABIN = {"type": "string", "enum": CABINS}
 
 
+def in_package(spec: ToolSpec, package: str) -> ToolSpec:
+    """``spec`` as tau-bench's ``package`` (``airline``, ``retail``) defines it:
+    its ``invoke`` lives in ``tau_bench.envs.<package>.tools.<tool name>``,
+    which Python names when an agent argument ``data`` clashes with the
+    environment's own ``invoke(data=...)``."""
+    module = f"tau_bench.envs.{package}.tools.{spec.name}"
+    return replace(spec, call_keywords={"data": f"{module}.{spec.invoke_name}"})
+
+
 def _spec(fn: Any, kind: str, invoke: str, description: str, **params: Any) -> ToolSpec:
-    return ToolSpec(
+    spec = ToolSpec(
         name=fn.__name__,
         kind=kind,  # type: ignore[arg-type]
         fn=fn,
@@ -368,6 +378,7 @@ def _spec(fn: Any, kind: str, invoke: str, description: str, **params: Any) -> T
         required=tuple(params),
         invoke_name=f"{invoke}.invoke",
     )
+    return in_package(spec, "airline")
 
 
 def calculate_tool(store: Store, expression: Any) -> str:

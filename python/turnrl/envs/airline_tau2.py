@@ -230,7 +230,10 @@ def _payment_for_update(
     if method["source"] == "gift_card":
         store.mut("users", user_id)["payment_methods"][payment_id]["amount"] -= total_price
     if total_price != 0:
-        return {"payment_id": payment_id, "amount": total_price}
+        # tau2's Payment model types the amount int: a float total (bags
+        # given as 2.0) is stored whole, a fractional one refused, after the
+        # gift card was charged, as there.
+        return {"payment_id": payment_id, "amount": _coerce("Payment", "amount", int, total_price)}
     return None
 
 
@@ -528,6 +531,13 @@ def get_flight_status(store: Store, flight_number: Any, date: Any) -> str:
     return str(_instance(store, flight_number, date)["status"])
 
 
+# tau2-bench runs a tool call as make_tool_call(name, requestor=..., **arguments)
+# on its Environment: agent arguments of these names fail there.
+_MAKE_TOOL_CALL = "Environment.make_tool_call"
+CALL_KEYWORDS = {"requestor": f"tau2.environment.environment.{_MAKE_TOOL_CALL}"}
+WRAPPER_PARAMS = {"self": _MAKE_TOOL_CALL, "tool_name": _MAKE_TOOL_CALL}
+
+
 def _spec(fn: Any, kind: str, description: str, **params: Any) -> ToolSpec:
     return ToolSpec(
         name=fn.__name__,
@@ -537,6 +547,8 @@ def _spec(fn: Any, kind: str, description: str, **params: Any) -> ToolSpec:
         params=params,
         required=tuple(params),
         invoke_name=f"AirlineTools.{fn.__name__}",
+        call_keywords=CALL_KEYWORDS,
+        wrapper_params=WRAPPER_PARAMS,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from turnrl.envs._base import ToolSpec
 from turnrl.envs._db import Store
-from turnrl.envs.airline import CALCULATE, THINK, TRANSFER, _s, _spec
+from turnrl.envs.airline import CALCULATE, THINK, TRANSFER, _s, _spec, in_package
 
 CANCEL_REASONS = ["no longer needed", "ordered by mistake"]
 
@@ -321,7 +321,7 @@ _ADDRESS = {
 }
 _CONFIRM = " Explain the details to the user and get an explicit yes before calling."
 
-V1_TOOLS: list[ToolSpec] = [
+_TOOLS: list[ToolSpec] = [
     CALCULATE,
     _spec(
         cancel_pending_order,
@@ -433,3 +433,4 @@ V1_TOOLS: list[ToolSpec] = [
     THINK,
     TRANSFER,
 ]
+V1_TOOLS: list[ToolSpec] = [in_package(t, "retail") for t in _TOOLS]

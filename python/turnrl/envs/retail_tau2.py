@@ -11,6 +11,7 @@ onto every swapped item. Records are shaped as tau2's models dump them (see
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from turnrl.envs import retail
@@ -376,9 +377,19 @@ def _spec(fn: Any, kind: str, like: str | None = None, **params: Any) -> ToolSpe
     return ToolSpec(**{**spec.__dict__, "invoke_name": f"RetailTools.{fn.__name__}"})
 
 
+def _any_reason(spec: ToolSpec) -> ToolSpec:
+    """tau2 types a cancel reason as any string (tau-bench's schema had an
+    enum) and refuses other reasons in the tool; its schema says so."""
+    reason = {
+        "type": "string",
+        "description": "Why it is cancelled: 'no longer needed' or 'ordered by mistake'.",
+    }
+    return replace(spec, params={**spec.params, "reason": reason})
+
+
 TAU2_TOOLS: list[ToolSpec] = [
     _spec(calculate_tool, "read"),
-    _spec(cancel_pending_order, "write"),
+    _any_reason(_spec(cancel_pending_order, "write")),
     _spec(exchange_delivered_order_items, "write"),
     _spec(find_user_id_by_name_zip, "read"),
     _spec(find_user_id_by_email, "read"),
