@@ -20,6 +20,7 @@ rank 1's gradients); each writes what it raised.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import json
 import random
@@ -259,6 +260,9 @@ def silent_rank_loop(out: Path, rank: int, tok, base) -> None:
     """One step of train_loop in which rank 0's episodes all end before any reply:
     it has no turn to train, the other rank has."""
     domain = envs.load("synthetic:airline", seed=0)
+    # tau-bench's rules let the agent answer an opening that stops; tau2's,
+    # which end the episode there, are the ones under which this happens.
+    domain.rules = dataclasses.replace(domain.rules, stop_on_opening=True)
     tasks = [task.id for task in domain.tasks[:2]]
     history = train_loop(
         trainer_for(base, {"micro_batch_size": 4}, seed=1 + rank),
