@@ -261,8 +261,9 @@ class ChatEndpoint:
 
 def _retry_after(error: Exception | None) -> float | None:
     """The seconds a 429 or 503 answer's ``Retry-After`` header asks a client
-    to wait (a number of seconds, or an HTTP date, 0 when past); None for
-    another answer or a header that is missing or reads as neither."""
+    to wait (a number of seconds, inf when too long for a float, or an HTTP
+    date, 0 when past); None for another answer or a header that is missing
+    or reads as neither."""
     if getattr(error, "status_code", None) not in (429, 503):
         return None
     headers = getattr(getattr(error, "response", None), "headers", None)
@@ -279,7 +280,9 @@ def _retry_after(error: Exception | None) -> float | None:
         if when.tzinfo is None:  # an HTTP date is GMT
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - datetime.now(timezone.utc)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    # A count too long for a float reads as inf: the longest wait, which the
+    # caller caps, not none at all.
+    return None if math.isnan(seconds) else max(0.0, seconds)
 
 
 def _check_retry_options(max_retries: Any, backoff: Any, timeout: Any) -> None:
