@@ -323,12 +323,18 @@ def test_errors_before_any_request_are_not_retried(chat_server):
         {"timeout": 0},
         {"timeout": -1.0},
         {"timeout": math.inf},
+        {"temperature": math.nan},
+        {"temperature": -0.5},
+        {"temperature": math.inf},
+        {"temperature": "0.7"},
     ],
 )
-def test_endpoints_refuse_retry_options_out_of_range(option):
+def test_endpoints_refuse_sampling_and_retry_options_out_of_range(option):
     """Refused when made, naming the option: max_retries -1 sent nothing and
     said the endpoint was unreachable after 0 attempts; a negative backoff
-    failed in time.sleep after the first failure."""
+    failed in time.sleep after the first failure; a NaN temperature went to
+    the user's and the judge's endpoints, refused there at the first episode
+    (the agent's was checked already)."""
     (name,) = option
     for make in (envs.OpenAIAgent, envs.LLMUser, envs.LLMJudge):
         with pytest.raises(turnrl.InvalidInputError, match=name):

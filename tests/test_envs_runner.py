@@ -587,6 +587,25 @@ def test_retry_after_is_waited_on_capped_and_never_below_the_backoff(chat_server
     assert waits == [7.0, 60.0, 60.0, 8.0, 16.0, 32.0, 64.0]
 
 
+def test_a_retry_after_too_long_for_a_float_is_capped_not_ignored(chat_server, monkeypatch):
+    from turnrl.envs import users
+
+    waits = []
+    monkeypatch.setattr(users.time, "sleep", waits.append)
+    busy = b'{"error": {"message": "busy"}}'
+    answers = [
+        # A count of seconds (any number of digits) past float's range asks
+        # for longer than an hour does: the cap, not the backoff's 1 s.
+        (429, busy, {"Retry-After": "9" * 400}),
+        (503, busy, {"Retry-After": "nan"}),  # no number of seconds: the backoff, 2 s
+        "Hello.",
+    ]
+    _, url = chat_server(answers)
+    endpoint = users.ChatEndpoint("m", url, api_key="k", max_retries=2, backoff=1.0)
+    assert endpoint.complete([{"role": "user", "content": "hi"}]) == "Hello."
+    assert waits == [users.MAX_RETRY_AFTER, 2.0]
+
+
 def test_an_llm_user_prompt_of_ones_own_may_hold_braces(chat_server):
     _, url = chat_server(["Hi."])
     template = 'Answer as JSON: {"reply": "..."}. {{literal}} Your task: {instruction}'

@@ -332,7 +332,8 @@ def test_a_tau2_agent_is_shown_tau2s_prompt_and_greeting_and_training_renders_th
         assert prompt.index(greeting) < prompt.index(opening["content"])
 
 
-def test_build_batch_renders_the_greeting_in_every_prompt(tok):
+@pytest.mark.parametrize("pack", ["never", "exact", "rendered"])
+def test_build_batch_renders_the_greeting_in_every_prompt(tok, pack):
     from turnrl.train import build_batch
 
     d = envs.load("tau2:retail", root=TAU2, split="test")
@@ -345,12 +346,16 @@ def test_build_batch_renders_the_greeting_in_every_prompt(tok):
         system=d.system_prompt,
         greeting=lambda r: d.rules.greeting,
         tools=d.openai_tools(),
-        pack="never",
+        pack=pack,
     )
     for row, mask in zip(batch.input_ids.tolist(), batch.loss_mask.tolist(), strict=True):
         prompt = tok.decode([i for i, m in zip(row, mask, strict=True) if not m])
-        assert prompt.count(d.rules.greeting) == 1
-    assert int(batch.loss_mask.any(dim=1).sum()) == 2
+        trained = tok.decode([i for i, m in zip(row, mask, strict=True) if m])
+        assert prompt.count(d.rules.greeting) == 1 and d.rules.greeting not in trained
+        assert trained.count("<|im_end|>") == (1 if pack == "never" else 2)
+    # Both replies are trained, in a row each or packed in one (the greeting is
+    # no turn: exact packing finds each reply's context to be its prompt).
+    assert int(batch.loss_mask.any(dim=1).sum()) == (2 if pack == "never" else 1)
 
 
 def _checkout_with_agent_source(tmp_path, source):

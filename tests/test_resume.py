@@ -1035,7 +1035,7 @@ def test_a_resumed_schedule_with_no_step_after_its_warmup_is_refused_naming_the_
     assert main([*argv, "--resume", *linear, "--ppo-epochs", "2"]) == 2
     assert capsys.readouterr().err.endswith(
         "turnrl train: error: --lr-schedule linear decays the rate after --warmup-steps 4, "
-        "and the run takes 4 optimizer steps (2 done by the checkpoint, and "
+        "and the run takes 4 optimizer steps (2 done as the checkpoint counts them, and "
         "--steps 1 x --ppo-epochs 2): give fewer --warmup-steps or more --steps\n"
     )
     # An older checkpoint, without its count: the steps done at its settings.

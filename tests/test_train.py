@@ -2471,6 +2471,43 @@ def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_mo
     assert all(len(c[-2]["tool_calls"]) == 1 and c[-3]["role"] == "user" for c in after_tools)
 
 
+def test_train_loop_counts_the_calls_after_a_transfer_without_a_cap(tmp_path, tok, base_model):
+    # The calls after a tau-bench transfer are dropped with or without
+    # --calls-per-message, and each step's dropped_calls counts them either way.
+    domain = envs.load("synthetic:airline", seed=0)
+    task = domain.tasks[0]
+    call = '<tool_call>{"name": "%s", "arguments": %s}</tool_call>'
+    text = call % ("transfer_to_human_agents", '{"summary": "x"}')
+    text += call % ("calculate", '{"expression": "1+1"}')
+
+    class TransferThenCalculate:
+        def generate(self, conversations, tools=None):
+            return [text for _ in conversations]
+
+    model = _lora(base_model)
+    trainer = GTPOTrainer(
+        model,
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0),
+        GTPOConfig(micro_batch_size=4, backend="torch", skip_zero_advantage=False),
+    )
+    (stats,) = train_loop(
+        trainer,
+        domain,
+        lambda: EngineAgent(TransferThenCalculate()),
+        envs.ScriptedUser,
+        tok,
+        buffer_dir=tmp_path,
+        tasks=[task.id],
+        steps=1,
+        tasks_per_step=1,
+        group_size=2,
+        progress=False,
+    )
+    records = list(turnrl.iter_rollout_records(tmp_path / "step-0.jsonl"))
+    assert [r["meta"]["dropped_calls"] for r in records] == [1, 1]
+    assert stats["dropped_calls"] == 2
+
+
 _TRAIN_ARGV = ["train", "--model", "m", "--env", "synthetic:airline", "--user", "scripted"]
 _TRAIN_ARGV += ["--device", "cpu", "--quiet"]
 

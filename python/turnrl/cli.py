@@ -1374,7 +1374,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
         parts = f" x --mini-batches {saved_parts}" if saved_parts != 1 else ""
         done_how = f"at the checkpoint's --ppo-epochs {saved_epochs}{parts}"
     else:
-        done_how = "by the checkpoint"
+        done_how = "as the checkpoint counts them"
     updates = updates_done + args.steps * args.ppo_epochs * args.mini_batches
     # What _train refuses for a new run before the model loads, for a
     # --resume'd one (or a --resume with nothing to resume yet).

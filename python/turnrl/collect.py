@@ -40,7 +40,8 @@ class CollectSummary:
     task_outcomes: dict[str, list[float]] = field(default_factory=dict)
     tiers: Counter[str] = field(default_factory=Counter)
     stop_reasons: Counter[str] = field(default_factory=Counter)
-    #: Tool calls left unrun by ``calls_per_message``, over the written episodes.
+    #: Tool calls left unrun, past ``calls_per_message`` or after a call that
+    #: ended the episode (tau-bench's transfer), over the written episodes.
     dropped_calls: int = 0
     #: (task id, sample, error) of each episode that raised; none of them is written.
     failures: list[tuple[str, int, str]] = field(default_factory=list)

@@ -3055,11 +3055,13 @@ def train_loop(
     trainer process's peak PyTorch memory over the step, the largest
     rank's; a vLLM engine's own process is not counted),
     with a calibrator ``recalibrated`` (1.0 when the rewards were re-derived
-    after the step), and with ``calls_per_message`` ``dropped_calls`` (tool
-    calls left out) added. The batch is built from the records in memory, so turns are
-    trained on the token ids the engine sampled (the buffer files hold text
-    only); ``refused_completion_ids`` counts turns whose ids did not decode
-    to their text and were encoded from it instead.
+    after the step), and with ``calls_per_message``, or in a domain whose
+    tools can end an episode (tau-bench's transfer), ``dropped_calls`` (tool
+    calls left unrun, past the cap or after such a call) added. The batch is
+    built from the records in memory, so turns are trained on the token ids
+    the engine sampled (the buffer files hold text only);
+    ``refused_completion_ids`` counts turns whose ids did not decode to their
+    text and were encoded from it instead.
 
     Data parallel (every rank of a ``torchrun`` job calls this with its own
     replica and engine): every rank draws the same tasks and collects the
@@ -3386,7 +3388,9 @@ def train_loop(
             stats["success_rate"] = successes / episodes
             stats["episodes"] = episodes
             stats["failed_episodes"] = failed
-            if calls_per_message is not None:
+            if calls_per_message is not None or domain.terminate_tools:
+                # Calls past the cap, and those after a call that ends the
+                # episode (tau-bench's transfer), which never ran either.
                 stats["dropped_calls"] = dropped
             stats.update({f"tier_reward/{tier}": value for tier, value in rewards.items()})
             if filter_groups is not None:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from turnrl.envs.users import ChatEndpoint, split_reasoning
+from turnrl.envs.users import ChatEndpoint, _check_temperature, split_reasoning
 from turnrl.exceptions import InvalidInputError, TurnrlError
 
 __all__ = ["AgentError", "ContextLengthExceeded", "OpenAIAgent", "reply_from_text"]
@@ -77,22 +77,6 @@ _CONTEXT_SIZE = re.compile(
     r"(?:maximum context length is|context length is only) (\d+) tokens", re.IGNORECASE
 )
 _REPLY_SIZE = re.compile(r"(\d+) in the completion|requested (\d+) output tokens", re.IGNORECASE)
-
-
-def _check_temperature(temperature: Any) -> float:
-    """``temperature`` as a float, or :class:`InvalidInputError`: a finite number,
-    0 or more (0: greedy). NaN compares as neither above nor below 0, so it
-    would slip past a plain ``< 0`` check and sample greedily, or fail every
-    request to a server."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not (math.isfinite(temperature) and temperature >= 0)
-    ):
-        raise InvalidInputError(
-            f"temperature must be a finite number, 0 or more (0: greedy), got {temperature!r}"
-        )
-    return float(temperature)
 
 
 def _check_top_p(top_p: Any) -> float:

@@ -144,6 +144,8 @@ class ChatEndpoint:
     or an HTTP date) lengthens the wait before the next try to what it asks,
     up to :data:`MAX_RETRY_AFTER` seconds; the wait is never shorter than
     the backoff's. ``openai`` is imported only when an endpoint is created.
+    A ``temperature`` that is not a finite number, 0 or more, or retry
+    options out of range are an :class:`InvalidInputError` when it is made.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class ChatEndpoint:
         what: str = "chat model",
         error: type[Exception] = RuntimeError,
     ) -> None:
+        temperature = _check_temperature(temperature)
         _check_retry_options(max_retries, backoff, timeout)
         try:
             import openai
@@ -261,8 +264,9 @@ class ChatEndpoint:
 
 def _retry_after(error: Exception | None) -> float | None:
     """The seconds a 429 or 503 answer's ``Retry-After`` header asks a client
-    to wait (a number of seconds, or an HTTP date, 0 when past); None for
-    another answer or a header that is missing or reads as neither."""
+    to wait (a number of seconds, inf when too long for a float, or an HTTP
+    date, 0 when past); None for another answer or a header that is missing
+    or reads as neither."""
     if getattr(error, "status_code", None) not in (429, 503):
         return None
     headers = getattr(getattr(error, "response", None), "headers", None)
@@ -279,7 +283,25 @@ def _retry_after(error: Exception | None) -> float | None:
         if when.tzinfo is None:  # an HTTP date is GMT
             when = when.replace(tzinfo=timezone.utc)
         seconds = (when - datetime.now(timezone.utc)).total_seconds()
-    return max(0.0, seconds) if math.isfinite(seconds) else None
+    # A count too long for a float reads as inf: the longest wait, which the
+    # caller caps, not none at all.
+    return None if math.isnan(seconds) else max(0.0, seconds)
+
+
+def _check_temperature(temperature: Any) -> float:
+    """``temperature`` as a float, or :class:`InvalidInputError`: a finite number,
+    0 or more (0: greedy). NaN compares as neither above nor below 0, so it
+    would slip past a plain ``< 0`` check and sample greedily, or fail every
+    request to a server."""
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
+        raise InvalidInputError(
+            f"temperature must be a finite number, 0 or more (0: greedy), got {temperature!r}"
+        )
+    return float(temperature)
 
 
 def _check_retry_options(max_retries: Any, backoff: Any, timeout: Any) -> None:
