@@ -74,7 +74,8 @@ def read_agent_prompt(root: Path) -> tuple[str, str] | None:
     """``(AGENT_INSTRUCTION, SYSTEM_PROMPT)`` of the checkout's
     :data:`AGENT_SOURCE`, read with ``ast`` (never imported or run); None
     when the checkout has no such file. A file that does not define both
-    as string literals is an :class:`InvalidInputError` naming it."""
+    as string literals, or whose template does not place them, is an
+    :class:`InvalidInputError` naming it."""
     path = root / AGENT_SOURCE
     if not path.is_file():
         return None
@@ -104,7 +105,15 @@ def read_agent_prompt(root: Path) -> tuple[str, str] | None:
             f"{path}: no module-level {' or '.join(missing)}; turnrl reads tau2's agent "
             "prompt from them"
         )
-    return found["AGENT_INSTRUCTION"], found["SYSTEM_PROMPT"]
+    instruction, template = found["AGENT_INSTRUCTION"], found["SYSTEM_PROMPT"]
+    try:  # what the template's fields and braces allow does not depend on the values
+        template.format(agent_instruction=instruction, domain_policy="")
+    except (KeyError, IndexError, ValueError) as e:
+        raise InvalidInputError(
+            f"{path}: SYSTEM_PROMPT is not a template of "
+            f"{{agent_instruction}} and {{domain_policy}} ({type(e).__name__}: {e})"
+        ) from e
+    return instruction, template
 
 
 def agent_system_prompt(policy: str, root: Path) -> str:
@@ -117,23 +126,14 @@ def agent_system_prompt(policy: str, root: Path) -> str:
     a warning naming the file: its data still loads."""
     try:
         read = read_agent_prompt(root)
-        if read is not None:
-            instruction, template = read
-            try:
-                return template.format(agent_instruction=instruction, domain_policy=policy)
-            except (KeyError, IndexError, ValueError) as e:
-                raise InvalidInputError(
-                    f"{root / AGENT_SOURCE}: SYSTEM_PROMPT is not a template of "
-                    f"{{agent_instruction}} and {{domain_policy}} ({type(e).__name__}: {e})"
-                ) from e
     except InvalidInputError as e:
         warnings.warn(
             f"{e}; the agent is shown turnrl's built-in tau2 instructions instead",
             stacklevel=2,
         )
-    return BUILTIN_SYSTEM_TEMPLATE.format(
-        agent_instruction=BUILTIN_AGENT_INSTRUCTION, domain_policy=policy
-    )
+        read = None
+    instruction, template = read or (BUILTIN_AGENT_INSTRUCTION, BUILTIN_SYSTEM_TEMPLATE)
+    return template.format(agent_instruction=instruction, domain_policy=policy)
 
 
 _LEG_ORDER = ("flight_number", "origin", "destination", "date", "price")
