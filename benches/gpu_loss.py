@@ -11,6 +11,13 @@ bf16 hidden states and LM head, times forward+backward with
   ``turn``: one GSPO-token importance ratio per turn of ``--turn-len``
   tokens (``segment_ids``; the ``vocab`` schedule, which segments need, so
   compare it with ``vocab``); ``seq``: one per row;
+* the loss's options, each alone on the default schedule (``--no-options``
+  leaves them out): ``cispo`` and ``sapo`` (``policy_loss``), ``kl-k3`` and
+  ``kl-k2`` (``beta=0.04`` against reference log-probs, the two
+  ``kl_estimator`` forms with different gradients), ``kl-corr``
+  (``kl_correction``), ``entropy`` (``entropy_coef=0.01``), ``opmask``
+  (``off_policy_mask=0.5``, one unit per row) and ``top-ent``
+  (``top_entropy_quantile=0.2``);
 * ``eager``: ``torch_gtpo_loss``, the whole [N, V] logits upcast to fp32;
 * ``compile``: ``torch.compile`` of the same eager loss;
 * ``liger``: ``LigerFusedLinearGRPOLoss`` when liger-kernel is installed,
@@ -26,7 +33,7 @@ OOM. Prints a table with ratios against eager and writes a CSV (--csv,
 default benches/results/gpu_loss.csv).
 
 Run: ``python benches/gpu_loss.py [--tokens 8192 32768] [--seq-len 1024]
-[--turn-len 256]``.
+[--turn-len 256] [--row-blocks ...] [--no-options]``.
 Without CUDA it exits with status 2 and says so.
 """
 
@@ -58,6 +65,7 @@ def _inputs(n: int, seq_len: int, turn_len: int, torch):
 
     old = fused_logprobs(hidden, weight, targets, backend="triton")
     old = old + 0.05 * torch.randn(old.shape, device=dev, generator=g)
+    ref = old + 0.05 * torch.randn(old.shape, device=dev, generator=g)
     rows = torch.arange(b, device=dev)[:, None]
     positions = torch.arange(seq_len, device=dev)[None, :]
     return dict(
@@ -70,6 +78,7 @@ def _inputs(n: int, seq_len: int, turn_len: int, torch):
         advantages=advantages,
         seq_adv=seq_adv,
         old=old,
+        ref=ref,
     )
 
 
@@ -90,7 +99,33 @@ def _turnrl_loss(x, h, w, **options):
     return loss
 
 
-def _variants(torch, row_blocks):
+def _option_variants():
+    """Each loss option alone, on the default schedule."""
+
+    def with_options(ref=False, units=False, **options):
+        def loss(x, h, w):
+            extra = dict(options)
+            if ref:
+                extra["ref_logprobs"] = x["ref"]
+            if units:
+                extra["off_policy_units"] = x["row_ids"]
+            return _turnrl_loss(x, h, w, **extra)
+
+        return loss
+
+    return {
+        "cispo": with_options(policy_loss="cispo", eps_low=1.0, eps_high=4.0),
+        "sapo": with_options(policy_loss="sapo"),
+        "kl-k3": with_options(ref=True, beta=0.04),
+        "kl-k2": with_options(ref=True, beta=0.04, kl_estimator="k2"),
+        "kl-corr": with_options(ref=True, beta=0.04, kl_correction=True),
+        "entropy": with_options(entropy_coef=0.01),
+        "opmask": with_options(units=True, off_policy_mask=0.5),
+        "top-ent": with_options(top_entropy_quantile=0.2),
+    }
+
+
+def _variants(torch, row_blocks, options=True):
     from turnrl.kernels.fused_linear_gtpo import torch_gtpo_loss
 
     def turnrl(schedule="auto", chunk_size=None):
@@ -111,6 +146,8 @@ def _variants(torch, row_blocks):
     variants.update(turn=segmented("turn_ids"), seq=segmented("row_ids"))
     for rows in row_blocks:
         variants[f"rows{rows}"] = turnrl("rows", rows)
+    if options:
+        variants.update(_option_variants())
     variants.update(eager=eager, compile=compiled_eager)
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -221,6 +258,11 @@ def main() -> int:
         help="also time the rows schedule with these rows per block",
     )
     parser.add_argument(
+        "--no-options",
+        action="store_true",
+        help="leave out the loss-option variants (cispo, sapo, kl-*, entropy, ...)",
+    )
+    parser.add_argument(
         "--csv", type=Path, default=Path(__file__).parent / "results" / "gpu_loss.csv"
     )
     args = parser.parse_args()
@@ -239,7 +281,7 @@ def main() -> int:
         )
         return 2
     device = torch.cuda.get_device_name()
-    variants = _variants(torch, args.row_blocks)
+    variants = _variants(torch, args.row_blocks, options=not args.no_options)
     rows = []
     for n in args.tokens:
         x = _inputs(n, args.seq_len, args.turn_len, torch)

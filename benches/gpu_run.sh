@@ -98,7 +98,7 @@ cli)
     # (one rank, so the NCCL code paths run), with a KL term and no zero-advantage
     # skipping so that every update runs the fused loss (the first run with gradient
     # checkpointing), and once more with --cache-implementation static (and the engine's
-    # CUDA tests); then merged and reloaded.
+    # CUDA tests), and with the loss's options (CISPO and SAPO); then merged and reloaded.
     set_up_there || exit 1
     random_qwen /tmp/qwen-random 256 768 2 4 2 64 || exit 1
     common=(--model /tmp/qwen-random --env synthetic:airline --user scripted --steps 2
@@ -114,6 +114,16 @@ cli)
     python3 -m turnrl.cli train "${common[@]}" --cache-implementation static \
         --out /tmp/run-static 2>&1 | tee "$out/train_static.log" || status=1
     cp /tmp/run-static/metrics.jsonl "$out/metrics_static.jsonl"
+    # The loss's options through the compiled kernels: CISPO with every option on (turn-level
+    # ratios, k2 KL with its correction, off-policy masking, entropy, top-entropy tokens), then SAPO
+    # with sequence-level ratios.
+    python3 -m turnrl.cli train "${common[@]}" --policy-loss cispo --eps-low 1.0 --eps-high 4.0 \
+        --importance-level turn --kl-estimator k2 --kl-correction --off-policy-mask 0.5 \
+        --ppo-epochs 2 --entropy-coef 0.01 --top-entropy-quantile 0.5 --out /tmp/run-cispo 2>&1 \
+        | tee "$out/train_cispo.log" || status=1
+    python3 -m turnrl.cli train "${common[@]}" --policy-loss sapo --importance-level sequence \
+        --kl-estimator k1+ --out /tmp/run-sapo 2>&1 | tee "$out/train_sapo.log" || status=1
+    cat /tmp/run-cispo/metrics.jsonl /tmp/run-sapo/metrics.jsonl > "$out/metrics_options.jsonl"
     python3 -m pytest -q -p no:cacheprovider tests/test_train.py -k "static or compiled" 2>&1 \
         | tee "$out/static_tests.log" || status=1
     python3 -m turnrl.cli merge-adapter /tmp/run-one/adapter --out /tmp/merged 2>&1 \
