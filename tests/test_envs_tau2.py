@@ -738,3 +738,25 @@ def test_the_shared_tasks_render_as_tau2_renders_them():
             assert task.user_system_prompt.startswith(
                 users.TAU2_USER_GUIDELINES + "\n\n<scenario>\n"
             )
+
+
+def test_the_cli_s_llm_user_is_shown_the_task_s_tau2_prompt(tmp_path, chat_server, capsys):
+    pytest.importorskip("openai")
+    from turnrl.cli import main
+
+    root = _checkout_with_tasks(tmp_path / "tau2", _SCENARIOS, "# Planted guidelines\n")
+    agent_srv, agent_url = chat_server([], default="Which reservation?")
+    user_srv, user_url = chat_server(["Hi, cancel my trip."], default="###STOP###")
+    out = tmp_path / "c.jsonl"
+    argv = ["rollouts", "collect", "--env", "tau2:airline", "--root", str(root)]
+    argv += ["--split", "test", "--tasks", "0", "--samples", "1", "--quiet"]
+    argv += ["--agent-model", "p", "--agent-url", agent_url]
+    argv += ["--user", "llm", "--user-model", "u", "--user-url", user_url, "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    scenario = _RENDERED["s1"]
+    system = f"# Planted guidelines\n\n\n<scenario>\n{scenario}\n</scenario>"
+    assert user_srv.requests[0][1]["messages"] == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Hi! How can I help you today?"},
+    ]
+    assert agent_srv.requests
