@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -619,4 +620,51 @@ def test_an_llm_user_prompt_of_ones_own_may_hold_braces(chat_server):
     with pytest.raises(InvalidInputError, match=r"system_prompt has no \{instruction\}"):
         envs.LLMUser("u", url, api_key="k", system_prompt="Be a customer {name}.")
     with pytest.raises(InvalidInputError, match="system_prompt must be text"):
-        envs.LLMUser("u", url, api_key="k", system_prompt=None)
+        envs.LLMUser("u", url, api_key="k", system_prompt=3)
+
+
+TAU = Path(__file__).parents[1].parent / "shared" / "tau-bench"
+
+
+@pytest.mark.parametrize("name", ["synthetic:airline", "taubench:airline", "taubench:retail"])
+def test_a_tau_bench_llm_user_is_shown_tau_benchs_layout(chat_server, name):
+    """tau-bench's user simulator: a system message of one line saying whom it
+    plays, a blank line, "Instruction: " and the task's instruction, a blank
+    line, "Rules:" and one rule a line (six, the last on ###STOP###); then the
+    greeting as a "user" message, and only the agent's messages without tool
+    calls, each as a "user" message."""
+    pytest.importorskip("openai")
+    if name.startswith("taubench:"):
+        if not (TAU / "tau_bench").is_dir():
+            pytest.skip(f"tau-bench data not found at {TAU}")
+        d = envs.load(name, root=TAU, split="test")
+    else:
+        d = envs.load(name, seed=0)
+    task = d.tasks[0]
+    assert task.user_system_prompt is None
+    srv, url = chat_server(["Hi, I need help.", "###STOP###"])
+
+    def agent(messages, tools):
+        if len(messages) == 2:
+            return {"content": "One moment.", "tool_calls": [task.gold_actions[0]]}
+        return {"content": "Done."}
+
+    rec = envs.run_episode(agent, d, task, envs.LLMUser("u", url, api_key="k"))
+    assert rec["meta"]["stop_reason"] == "user_stop"
+    system = envs.users.DEFAULT_SYSTEM_PROMPT.replace("{instruction}", task.instruction)
+    greeting = {"role": "user", "content": "Hi! How can I help you today?"}
+    assert [body["messages"] for _, body in srv.requests] == [
+        [{"role": "system", "content": system}, greeting],
+        [
+            {"role": "system", "content": system},
+            greeting,
+            {"role": "assistant", "content": "Hi, I need help."},
+            {"role": "user", "content": "Done."},
+        ],
+    ]
+    intro, after = system.split("\n\n", 1)
+    head = f"Instruction: {task.instruction}\n\nRules:\n"
+    assert intro.startswith("You are") and "\n" not in intro and after.startswith(head)
+    rules = after[len(head) :].split("\n")
+    assert len(rules) == 6 and all(rule.startswith("- ") for rule in rules)
+    assert "'###STOP###'" in rules[3] and "TRANSFER" not in system

@@ -507,3 +507,256 @@ def test_tau2_retail_schemas_type_a_cancel_reason_as_tau2_does():
     assert ep.call("cancel_pending_order", {"order_id": "#W2611340", "reason": "x"}) == (
         "Error: Non-pending order cannot be cancelled"
     )
+
+
+# The user simulator: what tau2-bench's own is shown. Two planted tasks with
+# the scenario rendered by hand as tau2 renders it (str(task.user_scenario)):
+# a persona, structured instructions (a null unknown_info left out, every
+# line of a field indented by a tab under its title, blank lines kept bare),
+# and plain-string instructions.
+_SCENARIOS = [
+    {
+        "id": "s1",
+        "user_scenario": {
+            "persona": "Patient; speaks briefly.",
+            "instructions": {
+                "domain": "airline",
+                "reason_for_call": "Cancel reservation ABC123.\n\nIt was booked last week.",
+                "known_info": "You are Ann Lee.\nYour user id is ann_lee_1.",
+                "unknown_info": None,
+                "task_instructions": "Ask for a refund.\n\nStop once it is cancelled.",
+            },
+        },
+        "evaluation_criteria": {"actions": [], "reward_basis": ["DB"]},
+    },
+    {
+        "id": "s2",
+        "user_scenario": {
+            "persona": None,
+            "instructions": "You are Bob (user id bob_2).\nAsk which flights leave tomorrow.",
+        },
+        "evaluation_criteria": {"actions": [], "reward_basis": ["DB"]},
+    },
+]
+_RENDERED = {
+    "s1": (
+        "Persona:\n"
+        "\tPatient; speaks briefly.\n"
+        "Instructions:\n"
+        "\tDomain: airline\n"
+        "\tReason for call:\n"
+        "\t\tCancel reservation ABC123.\n"
+        "\n"
+        "\t\tIt was booked last week.\n"
+        "\tKnown info:\n"
+        "\t\tYou are Ann Lee.\n"
+        "\t\tYour user id is ann_lee_1.\n"
+        "\tTask instructions:\n"
+        "\t\tAsk for a refund.\n"
+        "\n"
+        "\t\tStop once it is cancelled."
+    ),
+    "s2": "Instructions:\n\tYou are Bob (user id bob_2).\n\tAsk which flights leave tomorrow.",
+}
+
+
+def _checkout_with_tasks(tmp_path, tasks, guidelines=None):
+    """A tau2-bench checkout: the shared airline data with ``tasks`` in a
+    ``test`` split, and ``guidelines`` (text or bytes) as its user simulator's
+    guidelines file when given."""
+    base = tmp_path / "data" / "tau2" / "domains" / "airline"
+    base.mkdir(parents=True)
+    for name in ("db.json", "policy.md"):
+        (base / name).symlink_to(TAU2 / "data" / "tau2" / "domains" / "airline" / name)
+    (base / "tasks.json").write_text(json.dumps(tasks))
+    (base / "split_tasks.json").write_text(json.dumps({"test": [t["id"] for t in tasks]}))
+    if guidelines is not None:
+        path = tmp_path / "data" / "tau2" / "user_simulator" / "simulation_guidelines.md"
+        path.parent.mkdir(parents=True)
+        if isinstance(guidelines, bytes):
+            path.write_bytes(guidelines)
+        else:
+            path.write_text(guidelines)
+    return tmp_path
+
+
+def _talking_agent(sent):
+    """Looks the user up with a word to it (hidden from the user: a message
+    with calls goes to the tools), then asks a question, then says it is done."""
+
+    def agent(messages, tools):
+        sent.append(copy.deepcopy(list(messages)))
+        if len(sent) == 1:
+            return {
+                "content": "Let me look you up.",
+                "tool_calls": [{"name": "get_user_details", "arguments": {"user_id": "x"}}],
+            }
+        return {"content": "Which reservation?" if len(sent) == 2 else "It is cancelled."}
+
+    return agent
+
+
+@pytest.mark.parametrize("task_id", ["s1", "s2"])
+@pytest.mark.parametrize("planted", [True, False])
+def test_a_tau2_llm_user_is_shown_tau2s_guidelines_then_the_scenario(
+    tmp_path, chat_server, task_id, planted
+):
+    pytest.importorskip("openai")
+    from turnrl.envs import users
+
+    # A full checkout's own guidelines file, read as text (tau2's place for a
+    # runtime persona's guidelines emptied, as its default persona leaves it);
+    # a data-only copy gets turnrl's wording of the same guidelines.
+    planted_text = "# Planted guidelines\nEnd with ###STOP###.\n<PERSONA_GUIDELINES>\n"
+    root = _checkout_with_tasks(tmp_path, _SCENARIOS, planted_text if planted else None)
+    guidelines = "# Planted guidelines\nEnd with ###STOP###.\n\n" if planted else None
+    if not planted:
+        guidelines = users.TAU2_USER_GUIDELINES
+        for token in ("###STOP###", "###TRANSFER###", "###OUT-OF-SCOPE###"):
+            assert token in guidelines
+    d = envs.load("tau2:airline", root=root, split="test")
+    task = d.task(f"airline/test/{task_id}")
+    scenario = _RENDERED[task_id]
+    assert task.instruction == scenario
+    system = f"{guidelines}\n\n<scenario>\n{scenario}\n</scenario>"
+    assert task.user_system_prompt == system
+
+    srv, url = chat_server(["Hi, I need to cancel a trip.", "ABC123.", "###STOP###"])
+    sent = []
+    user = envs.LLMUser("sim", url, api_key="k")
+    record = envs.run_episode(_talking_agent(sent), d, task, user)
+    assert record["meta"]["stop_reason"] == "user_stop"
+    # The user sees the greeting as the first "user" message, then the agent's
+    # text-only messages as "user" messages and its own replies as "assistant"
+    # ones; the message with a tool call (and its words) never reaches it.
+    greeting = {"role": "user", "content": "Hi! How can I help you today?"}
+    chats = [body["messages"] for _, body in srv.requests]
+    assert chats == [
+        [{"role": "system", "content": system}, greeting],
+        [
+            {"role": "system", "content": system},
+            greeting,
+            {"role": "assistant", "content": "Hi, I need to cancel a trip."},
+            {"role": "user", "content": "Which reservation?"},
+        ],
+        [
+            {"role": "system", "content": system},
+            greeting,
+            {"role": "assistant", "content": "Hi, I need to cancel a trip."},
+            {"role": "user", "content": "Which reservation?"},
+            {"role": "assistant", "content": "ABC123."},
+            {"role": "user", "content": "It is cancelled."},
+        ],
+    ]
+    # A prompt of one's own still gets the task's instruction (here the
+    # rendered scenario) in place of {instruction}, and nothing else.
+    _, url = chat_server(["Hi."])
+    own = envs.LLMUser("sim", url, api_key="k", system_prompt="Play: {instruction} {{x}}")
+    own.reset(task)
+    assert own.messages[0] == {"role": "system", "content": f"Play: {scenario} {{{{x}}}}"}
+    # turnrl's tau2 template is the built-in guidelines in the same layout.
+    tau2_own = envs.LLMUser("sim", url, api_key="k", system_prompt=users.TAU2_SYSTEM_PROMPT)
+    tau2_own.reset(task)
+    assert tau2_own.messages[0]["content"] == (
+        f"{users.TAU2_USER_GUIDELINES}\n\n<scenario>\n{scenario}\n</scenario>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("plant", "why"),
+    [
+        ("bytes", r"cannot be read as text \(UnicodeDecodeError"),
+        ("folder", r"cannot be read as text \(IsADirectoryError"),
+    ],
+)
+def test_an_unreadable_user_guidelines_file_warns_and_the_builtin_text_is_shown(
+    tmp_path, plant, why
+):
+    from turnrl.envs import users
+
+    root = _checkout_with_tasks(
+        tmp_path, _SCENARIOS, b"\xff\xfe not utf-8" if plant == "bytes" else None
+    )
+    if plant == "folder":
+        (root / "data" / "tau2" / "user_simulator" / "simulation_guidelines.md").mkdir(parents=True)
+    with pytest.warns(
+        UserWarning,
+        match=r"simulation_guidelines\.md: "
+        + why
+        + r".*the user simulator is shown turnrl's built-in tau2 guidelines instead",
+    ):
+        d = envs.load("tau2:airline", root=root, split="test")
+    for task in d.tasks:
+        assert task.user_system_prompt == (
+            f"{users.TAU2_USER_GUIDELINES}\n\n<scenario>\n{task.instruction}\n</scenario>"
+        )
+
+
+@pytest.mark.parametrize(
+    ("scenario", "said"),
+    [
+        ({"instructions": 3}, r"instructions must be text or an object"),
+        (
+            {"instructions": {"domain": "airline", "reason_for_call": "r"}},
+            r"instructions\.task_instructions must be text, got None",
+        ),
+        (
+            {"instructions": {**_SCENARIOS[0]["user_scenario"]["instructions"], "known_info": 1}},
+            r"instructions\.known_info must be text or null, got 1",
+        ),
+        ({"persona": ["p"], "instructions": "i"}, r"persona must be text or null"),
+        (None, r"expected an object, got NoneType"),
+    ],
+)
+def test_a_scenario_tau2_would_refuse_is_refused_naming_the_task(tmp_path, scenario, said):
+    from turnrl.exceptions import InvalidInputError
+
+    bad = {**_SCENARIOS[1], "user_scenario": scenario}
+    root = _checkout_with_tasks(tmp_path, [_SCENARIOS[0], bad])
+    with pytest.raises(InvalidInputError, match=r"tasks\.json: task 1: user_scenario: " + said):
+        envs.load("tau2:airline", root=root, split="test")
+
+
+def test_the_shared_tasks_render_as_tau2_renders_them():
+    """Every shared task's instruction holds all of its scenario's text, each
+    line under a tab, below "Instructions:" (tau2's rendering, checked by hand
+    above; the shared copy has no guidelines file: turnrl's wording)."""
+    from turnrl.envs import users
+
+    for name in ("airline", "retail"):
+        raw = {
+            str(t["id"]): t["user_scenario"]
+            for t in json.loads((TAU2 / "data/tau2/domains" / name / "tasks.json").read_text())
+        }
+        for task in envs.load(f"tau2:{name}", root=TAU2, split="base").tasks:
+            scenario = raw[task.facts["tau2_id"]]
+            assert task.instruction.startswith("Instructions:\n\tDomain: ")
+            for key, value in scenario["instructions"].items():
+                if value is not None and key != "domain":
+                    for line in value.splitlines():
+                        assert line.strip() == "" or f"\t\t{line}\n" in task.instruction + "\n"
+            assert task.user_system_prompt.startswith(
+                users.TAU2_USER_GUIDELINES + "\n\n<scenario>\n"
+            )
+
+
+def test_the_cli_s_llm_user_is_shown_the_task_s_tau2_prompt(tmp_path, chat_server, capsys):
+    pytest.importorskip("openai")
+    from turnrl.cli import main
+
+    root = _checkout_with_tasks(tmp_path / "tau2", _SCENARIOS, "# Planted guidelines\n")
+    agent_srv, agent_url = chat_server([], default="Which reservation?")
+    user_srv, user_url = chat_server(["Hi, cancel my trip."], default="###STOP###")
+    out = tmp_path / "c.jsonl"
+    argv = ["rollouts", "collect", "--env", "tau2:airline", "--root", str(root)]
+    argv += ["--split", "test", "--tasks", "0", "--samples", "1", "--quiet"]
+    argv += ["--agent-model", "p", "--agent-url", agent_url]
+    argv += ["--user", "llm", "--user-model", "u", "--user-url", user_url, "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    scenario = _RENDERED["s1"]
+    system = f"# Planted guidelines\n\n\n<scenario>\n{scenario}\n</scenario>"
+    assert user_srv.requests[0][1]["messages"] == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Hi! How can I help you today?"},
+    ]
+    assert agent_srv.requests

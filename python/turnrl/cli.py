@@ -501,7 +501,7 @@ def _collect(args: argparse.Namespace) -> int:
     def make_agent() -> Any:
         return agent
 
-    make_user = _make_user(args, domain)
+    make_user = _make_user(args)
 
     judge = envs.LLMJudge(args.judge_model, args.judge_url) if args.judge_model else None
     summary = CollectSummary()
@@ -722,22 +722,20 @@ def _check_cache_implementation(args: argparse.Namespace, engine: str) -> None:
         )
 
 
-def _make_user(args: argparse.Namespace, domain: Any) -> Any:
-    """The simulated user factory the --user options ask for."""
+def _make_user(args: argparse.Namespace) -> Any:
+    """The simulated user factory the --user options ask for. An LLM user is
+    shown each task's benchmark prompt (tau-bench's layout, or tau2's
+    guidelines and scenario), as :class:`turnrl.envs.LLMUser` does by default."""
     from turnrl import envs
-    from turnrl.envs._base import TRANSFER_TOKEN
-    from turnrl.envs.users import DEFAULT_SYSTEM_PROMPT, TAU2_SYSTEM_PROMPT
     from turnrl.exceptions import InvalidInputError
 
     if args.user == "scripted":
         return envs.ScriptedUser
     if not args.user_model:
         raise InvalidInputError("--user llm needs --user-model (or use --user scripted)")
-    tau2 = TRANSFER_TOKEN in domain.rules.stop_tokens
-    prompt = TAU2_SYSTEM_PROMPT if tau2 else DEFAULT_SYSTEM_PROMPT
 
     def make_user() -> envs.LLMUser:
-        return envs.LLMUser(args.user_model, args.user_url, system_prompt=prompt)
+        return envs.LLMUser(args.user_model, args.user_url)
 
     return make_user
 
@@ -1431,7 +1429,7 @@ def _train_on_rank(args: argparse.Namespace, rank: int, device: str | None) -> i
     except Exception as e:  # an unreadable best.json or RNG state: every rank stops
         refused = e
     _raise_together(refused, trainer._device())
-    make_user = _make_user(args, domain)
+    make_user = _make_user(args)
     # Made here, after the checks above, so that a refused run leaves no
     # tracker run behind.
     loggers = (

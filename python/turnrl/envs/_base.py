@@ -98,6 +98,12 @@ class Task:
     ``outputs`` are strings an agent message must contain (tau-bench);
     ``communicate_info`` the same for tau2-bench, and ``reward_basis`` which
     checks count (``"DB"``, ``"COMMUNICATE"``; tau-bench tasks use both).
+    ``instruction`` is what the simulated user is told to do (tau-bench: the
+    task's instruction; tau2-bench: its ``user_scenario`` rendered as tau2
+    renders it). ``user_system_prompt`` is the whole system message the
+    benchmark's own LLM user simulator is shown for the task, where it
+    differs from tau-bench's layout (tau2-bench tasks), else None:
+    :class:`turnrl.envs.LLMUser` then fills its template with ``instruction``.
     """
 
     id: str
@@ -108,6 +114,7 @@ class Task:
     communicate_info: tuple[str, ...] = ()
     reward_basis: tuple[str, ...] = ("DB", "OUTPUTS")
     facts: Mapping[str, Any] = field(default_factory=dict)
+    user_system_prompt: str | None = None
 
     @property
     def gold_actions(self) -> list[dict[str, Any]]:

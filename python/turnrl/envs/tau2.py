@@ -16,11 +16,16 @@ The agent is shown what tau2-bench's LLM agent is shown: a system message
 that puts the policy after the agent's instructions
 (:func:`agent_system_prompt`), then the orchestrator's greeting as an
 assistant message (``EpisodeRules.greeting``) before the user's first line.
+The user simulator is shown what tau2's is: each task's
+``user_system_prompt`` holds tau2's user guidelines (:func:`user_guidelines`)
+and then the task's scenario as tau2 renders it (:func:`scenario_text`,
+also the task's ``instruction``).
 """
 
 from __future__ import annotations
 
 import ast
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from typing import Any
 from turnrl.envs import retail_tau2
 from turnrl.envs._base import TAU2_BENCH_RULES, Action, Domain, Task, read_json, read_text
 from turnrl.envs.airline_tau2 import TAU2_TOOLS
+from turnrl.envs.users import TAU2_USER_GUIDELINES, tau2_user_system_prompt
 from turnrl.exceptions import InvalidInputError
 
 SPLITS = ("train", "test", "base")
@@ -136,6 +142,46 @@ def agent_system_prompt(policy: str, root: Path) -> str:
     return template.format(agent_instruction=instruction, domain_policy=policy)
 
 
+#: Where a tau2-bench checkout keeps its user simulator's guidelines (the
+#: ones for a user without tools of its own, as in airline and retail).
+USER_GUIDELINES_SOURCE = Path("data", "tau2", "user_simulator", "simulation_guidelines.md")
+# tau2 puts a runtime persona's extra guidelines here; its default persona
+# adds none, so the place is emptied.
+_PERSONA_PLACE = "<PERSONA_GUIDELINES>"
+
+
+def read_user_guidelines(root: Path) -> str | None:
+    """The text of the checkout's :data:`USER_GUIDELINES_SOURCE` as tau2 shows
+    it to its default user simulator (a ``<PERSONA_GUIDELINES>`` place
+    emptied); None when the checkout has no such file (a data-only copy).
+    One that is there but cannot be read as UTF-8 text is an
+    :class:`InvalidInputError` naming it."""
+    path = root / USER_GUIDELINES_SOURCE
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidInputError(f"{path}: cannot be read as text ({type(e).__name__}: {e})") from e
+    return text.replace(_PERSONA_PLACE, "")
+
+
+def user_guidelines(root: Path) -> str:
+    """The guidelines tau2-bench's user simulator is shown: the checkout's
+    own (:func:`read_user_guidelines`), else turnrl's wording of them,
+    :data:`turnrl.envs.users.TAU2_USER_GUIDELINES`. A file that is there but
+    unreadable gets the built-in text with a warning naming it."""
+    try:
+        text = read_user_guidelines(root)
+    except InvalidInputError as e:
+        warnings.warn(
+            f"{e}; the user simulator is shown turnrl's built-in tau2 guidelines instead",
+            stacklevel=2,
+        )
+        text = None
+    return TAU2_USER_GUIDELINES if text is None else text
+
+
 _LEG_ORDER = ("flight_number", "origin", "destination", "date", "price")
 _METHOD_ORDER = {
     "credit_card": ("source", "id", "brand", "last_four"),
@@ -172,26 +218,67 @@ def _airline_model_shape(tables: dict[str, Any]) -> dict[str, Any]:
     return {**tables, "reservations": reservations, "users": users}
 
 
-def _instruction(scenario: dict[str, Any]) -> str:
-    """The user simulator's instruction text from a tau2 ``user_scenario``."""
+def _indented(text: str) -> str:
+    # tau2 indents each field with textwrap.indent: a tab before every line
+    # that is not blank.
+    return textwrap.indent(text, "\t")
+
+
+def scenario_text(scenario: Any, where: str = "user_scenario") -> str:
+    """A tau2 ``user_scenario`` as tau2-bench renders it for its user
+    simulator (``str(task.user_scenario)``): ``Persona:`` and the persona
+    when it has one, then ``Instructions:`` and the instructions, each
+    indented by a tab. Structured instructions read ``Domain: ...``, then
+    ``Reason for call:``, ``Known info:`` and ``Unknown info:`` (those two
+    when not null) and ``Task instructions:``, each over its text indented
+    by a tab; plain-string instructions are their text. A scenario tau2's
+    data model would refuse is an :class:`InvalidInputError` naming
+    ``where``."""
+    if not isinstance(scenario, dict):
+        raise InvalidInputError(f"{where}: expected an object, got {type(scenario).__name__}")
+
+    def text(value: Any, name: str, optional: bool) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            kind = "text or null" if optional else "text"
+            raise InvalidInputError(f"{where}: {name} must be {kind}, got {value!r}")
+        return value
+
     inst = scenario.get("instructions")
-    if isinstance(inst, str):
-        parts = [inst]
+    if isinstance(inst, dict):
+        fields = {
+            key: text(inst.get(key), f"instructions.{key}", optional)
+            for key, optional in (
+                ("domain", False),
+                ("reason_for_call", False),
+                ("known_info", True),
+                ("unknown_info", True),
+                ("task_instructions", False),
+            )
+        }
+        lines = [
+            f"Domain: {fields['domain']}",
+            f"Reason for call:\n{_indented(fields['reason_for_call'] or '')}",
+        ]
+        for key, title in (("known_info", "Known info"), ("unknown_info", "Unknown info")):
+            if fields[key] is not None:
+                lines.append(f"{title}:\n{_indented(fields[key] or '')}")
+        lines.append(f"Task instructions:\n{_indented(fields['task_instructions'] or '')}")
+        instructions = "\n".join(lines)
+    elif isinstance(inst, str):
+        instructions = inst
     else:
-        inst = inst or {}
-        parts = []
-        for key, title in (
-            ("domain", "Domain"),
-            ("reason_for_call", "Reason for call"),
-            ("known_info", "Known info"),
-            ("unknown_info", "Unknown info"),
-            ("task_instructions", "Task instructions"),
-        ):
-            if inst.get(key):
-                parts.append(f"{title}:\n{inst[key]}")
-    if scenario.get("persona"):
-        parts.insert(0, f"Persona:\n{scenario['persona']}")
-    return "\n\n".join(parts)
+        raise InvalidInputError(
+            f"{where}: instructions must be text or an object of domain, reason_for_call, "
+            f"known_info, unknown_info and task_instructions, got {inst!r}"
+        )
+    out = []
+    persona = text(scenario.get("persona"), "persona", True)
+    if persona is not None:
+        out += ["Persona:", _indented(persona)]
+    out += ["Instructions:", _indented(instructions)]
+    return "\n".join(out)
 
 
 def _user_id(task: dict[str, Any]) -> str:
@@ -206,7 +293,7 @@ def _user_id(task: dict[str, Any]) -> str:
     return ""
 
 
-def _task(raw: Any, where: str, domain: str, split: str) -> Task:
+def _task(raw: Any, where: str, domain: str, split: str, guidelines: str) -> Task:
     if not isinstance(raw, dict) or "id" not in raw:
         raise InvalidInputError(f"{where}: a task must be an object with an id")
     crit = raw.get("evaluation_criteria") or {}
@@ -218,10 +305,11 @@ def _task(raw: Any, where: str, domain: str, split: str) -> Task:
             continue
         actions.append(Action(a["name"], a.get("arguments") or {}))
     basis = tuple(crit.get("reward_basis") or ("DB", "COMMUNICATE"))
+    scenario = scenario_text(raw.get("user_scenario"), f"{where}: user_scenario")
     return Task(
         id=f"{domain}/{split}/{raw['id']}",
         user_id=_user_id(raw),
-        instruction=_instruction(raw.get("user_scenario") or {}),
+        instruction=scenario,
         actions=tuple(actions),
         communicate_info=tuple(str(c) for c in crit.get("communicate_info") or ()),
         reward_basis=basis,
@@ -230,6 +318,7 @@ def _task(raw: Any, where: str, domain: str, split: str) -> Task:
             "nl_assertions": list(crit.get("nl_assertions") or []),
             "description": raw.get("description"),
         },
+        user_system_prompt=tau2_user_system_prompt(guidelines, scenario),
     )
 
 
@@ -260,9 +349,10 @@ def load(domain: str, root: Path, split: str | None) -> Domain:
     if split not in splits:
         raise InvalidInputError(f"{base / 'split_tasks.json'}: no split {split!r}")
     wanted = [str(i) for i in splits[split]]
+    guidelines = user_guidelines(root)
     by_id = {}
     for i, raw in enumerate(raw_tasks):
-        t = _task(raw, f"{base / 'tasks.json'}: task {i}", domain, split)
+        t = _task(raw, f"{base / 'tasks.json'}: task {i}", domain, split, guidelines)
         by_id[str(raw["id"])] = t
     missing = [i for i in wanted if i not in by_id]
     if missing:

@@ -26,11 +26,13 @@ __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "STOP_TOKEN",
     "TAU2_SYSTEM_PROMPT",
+    "TAU2_USER_GUIDELINES",
     "ChatEndpoint",
     "LLMUser",
     "ScriptedUser",
     "User",
     "UserSimulatorError",
+    "tau2_user_system_prompt",
 ]
 
 
@@ -99,6 +101,9 @@ class ScriptedUser:
         return STOP_TOKEN
 
 
+# tau-bench's layout: one line saying who the model plays, a blank line,
+# "Instruction: ..." on its own, a blank line, then "Rules:" with one rule a
+# line. The rules are tau-bench's six, in its order, in turnrl's words.
 DEFAULT_SYSTEM_PROMPT = """You are playing a customer who talks with a customer service agent.
 
 Instruction: {instruction}
@@ -106,21 +111,53 @@ Instruction: {instruction}
 Rules:
 - Write one line at a time, as the customer's next message.
 - Reveal the instruction bit by bit; give only what the current step needs.
-- Never invent facts the instruction does not give. If the agent asks for something
-  you were not told (an order id, a date), say you don't remember or don't have it.
+- Never invent facts the instruction does not give. If the agent asks for something \
+you were not told (an order id, a date), say you don't remember or don't have it.
 - When the instruction's goal is met, reply with '###STOP###' alone to end the chat.
 - Don't recite the instruction; say things in your own words.
 - Keep the conversation natural and true to the personality in the instruction."""
 
-# tau2-bench's user simulator also ends the chat when transferred to a human
-# (###TRANSFER###) or when its scenario cannot go on (###OUT-OF-SCOPE###);
-# tau2 domains end an episode on either (turnrl.envs.EpisodeRules).
-TAU2_SYSTEM_PROMPT = (
-    DEFAULT_SYSTEM_PROMPT
-    + """
-- If the agent transfers you to another agent, reply with '###TRANSFER###' alone.
-- If the instruction gives you too little to go on, reply with '###OUT-OF-SCOPE###' alone."""
-)
+#: tau2-bench's global user simulation guidelines (its
+#: ``data/tau2/user_simulator/simulation_guidelines.md``) in turnrl's words:
+#: the same rules in the same sections and order, the same three tokens
+#: (tau2 domains end an episode on any of them, :class:`turnrl.envs.EpisodeRules`).
+#: What a tau2 domain shows the user when its checkout lacks that file (a
+#: data-only copy). It ends with a newline, as the file does.
+TAU2_USER_GUIDELINES = """# How to play the customer
+You are a customer who has contacted a customer service representative.
+Play that customer realistically, and keep to the scenario you are given.
+
+## Principles
+- Send one message at a time, as a natural conversation goes.
+- Keep strictly to the instructions of your scenario.
+- Never make up information the scenario does not give you. Whatever it leaves out, \
+you do not know or do not have.
+- Do not repeat the instructions word for word; say what they mean in your own words.
+- Give information a piece at a time: wait until the agent asks for something before \
+you give it.
+
+## Ending the conversation
+- Keep the conversation going until the task is done.
+- When the goal of your instructions is met, send '###STOP###' to end the conversation.
+- If you are transferred to another agent, send '###TRANSFER###' to say so.
+- If the scenario does not give you enough to go on with the conversation, send \
+'###OUT-OF-SCOPE###' to end it.
+Above all: a realistic, natural conversation that keeps strictly to your instructions \
+and stays in character.
+"""
+
+
+def tau2_user_system_prompt(guidelines: str, scenario: str) -> str:
+    """The system message tau2-bench's user simulator is shown: the
+    ``guidelines`` text as it is, a blank line, then ``scenario`` (the
+    task's rendered ``user_scenario``) between ``<scenario>`` lines."""
+    return f"{guidelines}\n\n<scenario>\n{scenario}\n</scenario>"
+
+
+#: An :class:`LLMUser` template in tau2-bench's layout, with
+#: :data:`TAU2_USER_GUIDELINES`: what a tau2 task without a
+#: ``user_system_prompt`` of its own (made by hand) would be shown.
+TAU2_SYSTEM_PROMPT = tau2_user_system_prompt(TAU2_USER_GUIDELINES, "{instruction}")
 
 # What the simulated user hears first, as in both benchmarks.
 OPENING = AGENT_GREETING
@@ -452,15 +489,31 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 class LLMUser:
     """A user simulated by a chat model behind any OpenAI-compatible endpoint.
 
-    Prompted as tau-bench's user simulator works: a system prompt with the task
-    instruction and the rules (one line at a time, no invented facts,
-    ``###STOP###`` when done); the agent's messages are the "user" side of
-    that conversation, starting with "Hi! How can I help you today?". For
-    tau2-bench domains pass ``system_prompt=TAU2_SYSTEM_PROMPT``, which adds
-    tau2's ``###TRANSFER###`` and ``###OUT-OF-SCOPE###`` endings. A
-    ``system_prompt`` of your own must hold ``{instruction}``, where the
-    task's instruction goes; nothing else in it is a placeholder (braces of
-    JSON in it, ``{{`` included, stay as written: it is not ``str.format``).
+    It is shown what the task's benchmark shows its own LLM user simulator:
+
+    * the system message: for a tau2-bench task, the task's
+      ``user_system_prompt`` (tau2's user simulation guidelines, then the
+      task's scenario between ``<scenario>`` lines; see
+      :func:`turnrl.envs.load`); for a tau-bench task (and any task without
+      one), :data:`DEFAULT_SYSTEM_PROMPT` with the task's instruction, in
+      tau-bench's layout (who it plays, ``Instruction: ...``, ``Rules:``);
+    * then the agent's greeting, "Hi! How can I help you today?", as a
+      "user" message, which its first reply answers, and after that each
+      agent message it is sent as a "user" message, its own replies as
+      "assistant" messages. :func:`turnrl.envs.run_episode` sends it the
+      text of agent messages without tool calls only, as both benchmarks do.
+
+    ``###STOP###`` in a reply ends the episode (tau2 domains also end on
+    ``###TRANSFER###`` and ``###OUT-OF-SCOPE###``, which tau2's guidelines
+    teach). A thinking model's ``<think>`` reasoning is cut from its replies:
+    the agent gets the rest, and the user's own history keeps the rest only.
+
+    A ``system_prompt`` of your own replaces the benchmark's for every task:
+    it must hold ``{instruction}``, where the task's instruction goes (for
+    a tau2 task, its rendered scenario); nothing else in it is a placeholder
+    (braces of JSON in it, ``{{`` included, stay as written: it is not
+    ``str.format``). :data:`TAU2_SYSTEM_PROMPT` is tau2's layout with
+    turnrl's wording of its guidelines.
     ``base_url`` and ``api_key`` default to ``OPENAI_BASE_URL`` and the
     environment variable named by ``api_key_env`` (``OPENAI_API_KEY``).
     Transient failures (connection, timeout, rate limit, 5xx) are retried
@@ -480,7 +533,7 @@ class LLMUser:
         max_retries: int = 4,
         backoff: float = 1.0,
         timeout: float = 60.0,
-        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        system_prompt: str | None = None,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         self.endpoint = ChatEndpoint(
@@ -496,16 +549,26 @@ class LLMUser:
             what="user simulator",
             error=UserSimulatorError,
         )
-        _fill_instruction(system_prompt, "")  # refused now, not at the first episode
+        if system_prompt is not None:
+            _fill_instruction(system_prompt, "")  # refused now, not at the first episode
         self.model = model
         self.base_url = self.endpoint.base_url
+        #: The template of one's own, or None: the benchmark's prompt per task.
         self.system_prompt = system_prompt
         self.client = self.endpoint.client
         self.messages: list[dict[str, str]] = []
 
+    def system_message(self, task: Task) -> str:
+        """The system message this user is shown for ``task`` (see the class)."""
+        if self.system_prompt is not None:
+            return _fill_instruction(self.system_prompt, task.instruction)
+        if task.user_system_prompt is not None:
+            return task.user_system_prompt
+        return _fill_instruction(DEFAULT_SYSTEM_PROMPT, task.instruction)
+
     def reset(self, task: Task) -> str:
         self.messages = [
-            {"role": "system", "content": _fill_instruction(self.system_prompt, task.instruction)},
+            {"role": "system", "content": self.system_message(task)},
             {"role": "user", "content": OPENING},
         ]
         return self._reply()
