@@ -524,6 +524,10 @@ def _collect(args: argparse.Namespace) -> int:
             summary=summary,  # filled in place, so an interrupt still reports it
         )
     except KeyboardInterrupt:
+        if summary.finished:
+            # Ctrl-C came as the finished buffer was closed: report the run as it ended.
+            print("interrupted after the collection ended: nothing was lost", file=sys.stderr)
+            return _collect_report(args, summary)
         print(
             f"interrupted: {summary.records} finished rollouts written to {args.out}"
             if summary.records
@@ -535,6 +539,11 @@ def _collect(args: argparse.Namespace) -> int:
         if summary.failures:
             print(_failure_count(summary), file=sys.stderr)
         return 130
+    return _collect_report(args, summary)
+
+
+def _collect_report(args: argparse.Namespace, summary: Any) -> int:
+    """What a collection that ended wrote and what failed; the exit code."""
     if summary.records:
         tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
         stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common())
