@@ -719,8 +719,8 @@ def _naming_the_rank(
     an error names a record or trajectory by its place in this rank's
     records, which only its rank's buffers hold (``step-N.rank-R.jsonl``,
     ``step-N.round-K.rank-R.jsonl``). A record whose outcome or reward is
-    not finite is named by its task, group and sample too. One process:
-    ``work`` as it is."""
+    not finite is named by its task, group and sample too; a rank with no
+    records says so instead. One process: ``work`` as it is."""
     if world == 1:
         return work
 
@@ -730,6 +730,14 @@ def _naming_the_rank(
         except InvalidInputError as e:
             at = "" if step is None else f" of step {step}"
             name = "step-N" if step is None else f"step-{step}"
+            if not records:
+                # No place to look up: the note says so rather than send
+                # someone to buffers with nothing of this rank's to train.
+                raise InvalidInputError(
+                    f"rank {rank} of {world}: {e} (this rank has no record{at} to train, none "
+                    f"in {name}.rank-{rank}.jsonl or {name}.round-K.rank-{rank}.jsonl: the "
+                    "error names none of its records)"
+                ) from None
             bad = _first_unfit_record(records)
             record = (
                 ""
