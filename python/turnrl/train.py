@@ -2905,6 +2905,50 @@ def _peak_memory(device: torch.device, reset: bool = False) -> dict[str, float]:
     }
 
 
+def _python_option(name: str, value: int) -> str:
+    return f"{name}={value}"
+
+
+def _check_mini_batches(
+    mini_batches: int,
+    tasks_per_step: int,
+    group_size: int,
+    world: int = 1,
+    spell: Callable[[str, int], str] = _python_option,
+) -> None:
+    """Refuse more mini-batches than a step has rollouts (``tasks_per_step`` x
+    ``group_size``) or, under data parallelism (``world`` ranks, at least
+    ``tasks_per_step`` of them dealt a task), than the busiest rank's share:
+    the parts past them would hold none, every step, and never take the
+    optimizer step the learning-rate schedule counts for each. ``spell``
+    writes an option with its value as the caller's user gives it
+    (``turnrl train``: ``--mini-batches 7``; Python: ``mini_batches=7``)."""
+    rollouts = tasks_per_step * group_size
+    if mini_batches > rollouts:
+        raise InvalidInputError(
+            f"{spell('mini_batches', mini_batches)} cuts each step's rollouts into "
+            f"{mini_batches} parts, and a step has {rollouts} "
+            f"({spell('tasks_per_step', tasks_per_step)} x {spell('group_size', group_size)}): "
+            "the parts past them would never take an optimizer step, which the learning-rate "
+            f"schedule counts; give {spell('mini_batches', rollouts)} or fewer"
+        )
+    share = -(-tasks_per_step // world)  # tasks dealt out in turn: rank 0's
+    if world > 1 and tasks_per_step >= world and mini_batches > share * group_size:
+        # Each rank cuts its own share into the parts, and part k of every
+        # rank is one optimizer step: with more parts than the busiest rank
+        # has rollouts, the last are empty on every rank, every step. A step
+        # that draws a task twice gives its rank more, but not every step does.
+        raise InvalidInputError(
+            f"{spell('mini_batches', mini_batches)} cuts each rank's share of a step's "
+            f"rollouts into {mini_batches} parts, and under torchrun's {world} ranks the "
+            f"busiest rank's share is {share * group_size} ({share} of "
+            f"{spell('tasks_per_step', tasks_per_step)}, dealt out in turn, x "
+            f"{spell('group_size', group_size)}): the parts past it would never take an "
+            "optimizer step, which the learning-rate schedule counts; give "
+            f"{spell('mini_batches', share * group_size)} or fewer"
+        )
+
+
 def train_loop(
     trainer: GTPOTrainer,
     domain: Any,
@@ -3171,6 +3215,8 @@ def train_loop(
             f"the trainer was made for {trainer.world_size} rank(s) and the process group has "
             f"{world}: make the GTPOTrainer after torch.distributed.init_process_group"
         )
+    # The trainer's (GTPOConfig) mini-batches: refused as turnrl train refuses them.
+    _check_mini_batches(trainer.config.mini_batches, tasks_per_step, group_size, world)
     device = trainer._device()
 
     def together(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
