@@ -799,6 +799,69 @@ def test_an_interrupt_as_an_episode_is_written_keeps_it_once_and_counts_it(
     assert sum(map(len, summary.task_outcomes.values())) == len(written)
 
 
+def _sigint_on(monkeypatch, method):
+    """Ctrl-C (a real SIGINT) as ``RolloutWriter.<method>`` is first called."""
+    import signal
+
+    import turnrl.rollouts
+
+    real = getattr(turnrl.rollouts.RolloutWriter, method)
+    calls = []
+
+    def patched(self, *args):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, *args)
+
+    monkeypatch.setattr(turnrl.rollouts.RolloutWriter, method, patched)
+
+
+def test_an_interrupt_as_the_finished_buffer_closes_loses_nothing(tmp_path, monkeypatch):
+    """Ctrl-C during the final close, every episode written and counted: it
+    still raises (a caller stops), but the summary says the run had ended,
+    where it used to say "interrupted"."""
+    _sigint_on(monkeypatch, "close")
+    d = envs.load("synthetic:airline", seed=0)
+    out = tmp_path / "b.jsonl"
+    summary = CollectSummary()
+    with pytest.raises(KeyboardInterrupt):
+        collect_rollouts(
+            d,
+            lambda: lambda messages, tools: {"content": "Done."},
+            envs.ScriptedUser,
+            out,
+            tasks=d.tasks[:3],
+            workers=1,
+            progress=False,
+            summary=summary,
+        )
+    assert summary.finished and summary.aborted is None
+    assert summary.records == len(list(turnrl.iter_rollout_records(out))) == 3
+
+
+@pytest.mark.parametrize(("method", "code"), [("close", 0), ("write", 130)])
+def test_cli_collect_interrupted_at_the_close_succeeds_and_before_it_does_not(
+    chat_server, tmp_path, monkeypatch, capsys, method, code
+):
+    """A Ctrl-C at the final close used to exit 130 "interrupted" with every
+    episode written; one while episodes remain is still an interruption."""
+    _, url = chat_server([], default="How can I help?")
+    _sigint_on(monkeypatch, method)
+    out = tmp_path / "c.jsonl"
+    argv = ["rollouts", "collect", "--env", "synthetic:airline", "--tasks", "0:3", "--samples", "1"]
+    argv += ["--agent-model", "p", "--agent-url", url, "--user", "scripted", "--workers", "1"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == code
+    captured = capsys.readouterr()
+    written = len(list(turnrl.iter_rollout_records(out)))
+    if code == 0:
+        assert written == 3 and "wrote 3 rollouts" in captured.out
+        assert "interrupted after the collection ended: nothing was lost" in captured.err
+    else:
+        assert written < 3 and "wrote" not in captured.out
+        assert f"interrupted: {written} finished rollouts written to {out}" in captured.err
+
+
 def test_a_task_listed_twice_gets_twice_the_samples_in_one_group(tmp_path):
     d = envs.load("synthetic:airline", seed=0)
     out = tmp_path / "twice.jsonl"

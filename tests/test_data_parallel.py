@@ -395,6 +395,20 @@ def test_a_reward_that_is_not_finite_is_named_with_its_rank_and_buffers(monkeypa
     assert turnrl.train._naming_the_rank(build_batch, records, 0, 1) is build_batch
 
 
+def test_a_rank_with_no_records_is_not_sent_to_its_buffers():
+    """A rank's error with no records of its own: the note used to say that
+    "this rank's 0 record(s)" were what its buffers hold, as if a place in
+    them were named; it says plainly that the rank has none."""
+    with pytest.raises(InvalidInputError) as ranked:
+        turnrl.train._naming_the_rank(build_batch, [], 1, 2, step=5)(
+            [], qwen_tokenizer(), system=""
+        )
+    message = str(ranked.value)
+    assert message.startswith("rank 1 of 2: build_batch needs at least one record (")
+    assert "this rank has no record of step 5 to train" in message
+    assert "0 record(s)" not in message and "which its buffers hold" not in message
+
+
 def test_each_task_of_a_step_goes_to_one_rank():
     tasks = [types.SimpleNamespace(id=i) for i in "CAABDCE"]
     shares = [_rank_share(tasks, rank, 3) for rank in range(3)]

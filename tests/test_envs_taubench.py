@@ -14,6 +14,7 @@ import pytest
 from turnrl import envs
 from turnrl.envs._calc import calculate
 from turnrl.envs._db import canonical, same_state
+from turnrl.exceptions import InvalidInputError
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 TAU = SHARED / "tau-bench"
@@ -548,3 +549,12 @@ def test_checkout_tool_schemas_are_read_not_executed(tmp_path):
     assert {t["function"]["description"] for t in builtin.tools} != {"EXACT UPSTREAM TEXT"}
     assert "EXACT UPSTREAM TEXT" not in json.dumps(builtin.tools)
     assert not (Path.cwd() / "PWNED").exists() and not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("name", ["tau2:airline", "tau2:retail"])
+@pytest.mark.parametrize("schemas", ["auto", "builtin", "checkout"])
+def test_tau2_domains_refuse_schemas_instead_of_ignoring_it(tmp_path, name, schemas):
+    # tau2-bench has no schema text to read (its code builds them), so no
+    # value of schemas= could be honoured: it is refused, naming both.
+    with pytest.raises(InvalidInputError, match=rf"{name}: schemas={schemas!r} is for taubench"):
+        envs.load(name, root=tmp_path, schemas=schemas)

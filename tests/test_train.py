@@ -2415,6 +2415,47 @@ def test_train_loop_evaluates_held_out_tasks_with_its_own_agent(
             )
 
 
+@pytest.mark.parametrize(
+    ("world", "mini_batches", "refused"),
+    [
+        (
+            1,
+            7,
+            "mini_batches=7 cuts each step's rollouts into 7 parts, and a step has 6 "
+            "(tasks_per_step=3 x group_size=2)",
+        ),
+        (1, 6, None),
+        (
+            2,
+            5,
+            "mini_batches=5 cuts each rank's share of a step's rollouts into 5 parts, and "
+            "under torchrun's 2 ranks the busiest rank's share is 4 (2 of tasks_per_step=3",
+        ),
+        (2, 4, None),
+    ],
+)
+def test_train_loop_refuses_more_mini_batches_than_a_step_has_rollouts(
+    monkeypatch, world, mini_batches, refused
+):
+    """The trainer's mini_batches past a step's rollouts (the busiest rank's
+    share under torchrun) leave parts empty every step, never stepped though
+    the schedule counts them: turnrl train refuses them, and train_loop from
+    Python used to take them. Refused before any model work: this trainer
+    has no model, and one that passes the check fails on that."""
+    monkeypatch.setattr(turnrl.train, "_world", lambda: (0, world))
+    trainer = types.SimpleNamespace(config=GTPOConfig(mini_batches=mini_batches), world_size=world)
+    domain = envs.load("synthetic:airline", seed=0)
+    run = dict(steps=1, tasks_per_step=3, group_size=2, progress=False)
+    if refused is None:
+        with pytest.raises(AttributeError, match="_device"):  # past the checks
+            train_loop(trainer, domain, None, None, None, **run)
+        return
+    with pytest.raises(InvalidInputError) as raised:
+        train_loop(trainer, domain, None, None, None, **run)
+    assert str(raised.value).startswith(refused), raised.value
+    assert str(raised.value).endswith(f"give mini_batches={6 if world == 1 else 4} or fewer")
+
+
 def test_train_loop_runs_only_the_first_calls_per_message(tmp_path, tok, base_model, monkeypatch):
     import turnrl.collect
 

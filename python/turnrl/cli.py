@@ -524,6 +524,10 @@ def _collect(args: argparse.Namespace) -> int:
             summary=summary,  # filled in place, so an interrupt still reports it
         )
     except KeyboardInterrupt:
+        if summary.finished:
+            # Ctrl-C came as the finished buffer was closed: report the run as it ended.
+            print("interrupted after the collection ended: nothing was lost", file=sys.stderr)
+            return _collect_report(args, summary)
         print(
             f"interrupted: {summary.records} finished rollouts written to {args.out}"
             if summary.records
@@ -535,6 +539,11 @@ def _collect(args: argparse.Namespace) -> int:
         if summary.failures:
             print(_failure_count(summary), file=sys.stderr)
         return 130
+    return _collect_report(args, summary)
+
+
+def _collect_report(args: argparse.Namespace, summary: Any) -> int:
+    """What a collection that ended wrote and what failed; the exit code."""
     if summary.records:
         tiers = ", ".join(f"{tier} {n}" for tier, n in summary.tiers.most_common())
         stops = ", ".join(f"{why} {n}" for why, n in summary.stop_reasons.most_common())
@@ -758,6 +767,7 @@ def _merge_adapter(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from turnrl.exceptions import InvalidInputError
+    from turnrl.train import _check_mini_batches
 
     # "none": the option's default, given to switch off what a --config file set.
     for name in _CHOICES_OFF_AS_NONE:
@@ -908,32 +918,13 @@ def _train(args: argparse.Namespace) -> int:
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
         )
-    rollouts = args.tasks_per_step * args.group_size
-    if args.mini_batches > rollouts:
-        # Parts past the step's rollouts would hold none, every step: no
-        # optimizer step, while the schedule counts one for each.
-        raise InvalidInputError(
-            f"--mini-batches {args.mini_batches} cuts each step's rollouts into "
-            f"{args.mini_batches} parts, and a step has {rollouts} (--tasks-per-step "
-            f"{args.tasks_per_step} x --group-size {args.group_size}): the parts past them "
-            "would never take an optimizer step, which the learning-rate schedule counts; "
-            f"give --mini-batches {rollouts} or fewer"
-        )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    share = -(-args.tasks_per_step // world)  # tasks dealt out in turn: rank 0's
-    if world > 1 and args.tasks_per_step >= world and args.mini_batches > share * args.group_size:
-        # Each rank cuts its own share into the parts, and part k of every
-        # rank is one optimizer step: with more parts than the busiest rank
-        # has rollouts, the last are empty on every rank, every step. A step
-        # that draws a task twice gives its rank more, but not every step does.
-        raise InvalidInputError(
-            f"--mini-batches {args.mini_batches} cuts each rank's share of a step's rollouts "
-            f"into {args.mini_batches} parts, and under torchrun's {world} ranks the busiest "
-            f"rank's share is {share * args.group_size} ({share} of --tasks-per-step "
-            f"{args.tasks_per_step}, dealt out in turn, x --group-size {args.group_size}): the "
-            "parts past it would never take an optimizer step, which the learning-rate "
-            f"schedule counts; give --mini-batches {share * args.group_size} or fewer"
-        )
+    _check_mini_batches(
+        args.mini_batches,
+        args.tasks_per_step,
+        args.group_size,
+        int(os.environ.get("WORLD_SIZE", "1")),
+        spell=lambda name, value: f"--{name.replace('_', '-')} {value}",
+    )
     if not args.resume:
         # A resumed run's schedule also spans the steps done, known from its checkpoint.
         _check_schedule_decays(args)

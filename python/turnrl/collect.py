@@ -47,6 +47,10 @@ class CollectSummary:
     failures: list[tuple[str, int, str]] = field(default_factory=list)
     #: Why the episodes not yet started were cancelled; None if all ran.
     aborted: str | None = None
+    #: True once the collection has ended on its own (every episode ended, or
+    #: the rest were cancelled after failures) and the buffer is closed: an
+    #: interrupt raised after that lost nothing.
+    finished: bool = False
     #: The written records as they were in memory, sampled token ids
     #: (``completion_ids``) included, when ``keep_records`` was asked for.
     kept: list[dict[str, Any]] = field(default_factory=list)
@@ -181,7 +185,9 @@ def collect_rollouts(
     * An interrupt (Ctrl-C) cancels the episodes not yet started, waits for
       those running, writes those finished and raises again. One that comes
       while an episode is written and counted waits until it is, so
-      ``summary.records`` counts what the buffer holds.
+      ``summary.records`` counts what the buffer holds. One that comes as
+      the buffer is closed at the end still raises, after the close, with
+      ``summary.finished`` set: nothing was lost.
     * With no episode to write, ``out`` is left as it was.
 
     ``summary`` (optional) is filled in place, so a caller still has it when
@@ -312,7 +318,10 @@ def collect_rollouts(
         pool.shutdown(wait=True)
         with _interrupts_held():
             _finish(writer, summary)
+            summary.finished = True
     except BaseException:
+        if summary.finished:  # Ctrl-C held back while the buffer closed: all is written
+            raise
         summary.aborted = "interrupted"
         running = sum(f.running() for f in futures)
         if running and bar is not None:

@@ -719,8 +719,8 @@ def _naming_the_rank(
     an error names a record or trajectory by its place in this rank's
     records, which only its rank's buffers hold (``step-N.rank-R.jsonl``,
     ``step-N.round-K.rank-R.jsonl``). A record whose outcome or reward is
-    not finite is named by its task, group and sample too. One process:
-    ``work`` as it is."""
+    not finite is named by its task, group and sample too; a rank with no
+    records says so instead. One process: ``work`` as it is."""
     if world == 1:
         return work
 
@@ -730,6 +730,14 @@ def _naming_the_rank(
         except InvalidInputError as e:
             at = "" if step is None else f" of step {step}"
             name = "step-N" if step is None else f"step-{step}"
+            if not records:
+                # No place to look up: the note says so rather than send
+                # someone to buffers with nothing of this rank's to train.
+                raise InvalidInputError(
+                    f"rank {rank} of {world}: {e} (this rank has no record{at} to train, none "
+                    f"in {name}.rank-{rank}.jsonl or {name}.round-K.rank-{rank}.jsonl: the "
+                    "error names none of its records)"
+                ) from None
             bad = _first_unfit_record(records)
             record = (
                 ""
@@ -2897,6 +2905,50 @@ def _peak_memory(device: torch.device, reset: bool = False) -> dict[str, float]:
     }
 
 
+def _python_option(name: str, value: int) -> str:
+    return f"{name}={value}"
+
+
+def _check_mini_batches(
+    mini_batches: int,
+    tasks_per_step: int,
+    group_size: int,
+    world: int = 1,
+    spell: Callable[[str, int], str] = _python_option,
+) -> None:
+    """Refuse more mini-batches than a step has rollouts (``tasks_per_step`` x
+    ``group_size``) or, under data parallelism (``world`` ranks, at least
+    ``tasks_per_step`` of them dealt a task), than the busiest rank's share:
+    the parts past them would hold none, every step, and never take the
+    optimizer step the learning-rate schedule counts for each. ``spell``
+    writes an option with its value as the caller's user gives it
+    (``turnrl train``: ``--mini-batches 7``; Python: ``mini_batches=7``)."""
+    rollouts = tasks_per_step * group_size
+    if mini_batches > rollouts:
+        raise InvalidInputError(
+            f"{spell('mini_batches', mini_batches)} cuts each step's rollouts into "
+            f"{mini_batches} parts, and a step has {rollouts} "
+            f"({spell('tasks_per_step', tasks_per_step)} x {spell('group_size', group_size)}): "
+            "the parts past them would never take an optimizer step, which the learning-rate "
+            f"schedule counts; give {spell('mini_batches', rollouts)} or fewer"
+        )
+    share = -(-tasks_per_step // world)  # tasks dealt out in turn: rank 0's
+    if world > 1 and tasks_per_step >= world and mini_batches > share * group_size:
+        # Each rank cuts its own share into the parts, and part k of every
+        # rank is one optimizer step: with more parts than the busiest rank
+        # has rollouts, the last are empty on every rank, every step. A step
+        # that draws a task twice gives its rank more, but not every step does.
+        raise InvalidInputError(
+            f"{spell('mini_batches', mini_batches)} cuts each rank's share of a step's "
+            f"rollouts into {mini_batches} parts, and under torchrun's {world} ranks the "
+            f"busiest rank's share is {share * group_size} ({share} of "
+            f"{spell('tasks_per_step', tasks_per_step)}, dealt out in turn, x "
+            f"{spell('group_size', group_size)}): the parts past it would never take an "
+            "optimizer step, which the learning-rate schedule counts; give "
+            f"{spell('mini_batches', share * group_size)} or fewer"
+        )
+
+
 def train_loop(
     trainer: GTPOTrainer,
     domain: Any,
@@ -3163,6 +3215,8 @@ def train_loop(
             f"the trainer was made for {trainer.world_size} rank(s) and the process group has "
             f"{world}: make the GTPOTrainer after torch.distributed.init_process_group"
         )
+    # The trainer's (GTPOConfig) mini-batches: refused as turnrl train refuses them.
+    _check_mini_batches(trainer.config.mini_batches, tasks_per_step, group_size, world)
     device = trainer._device()
 
     def together(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

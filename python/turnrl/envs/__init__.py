@@ -76,7 +76,9 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
     defaults to ``"test"``. ``synthetic:airline`` takes ``seed`` and the sizes
     documented in :func:`turnrl.envs.synthetic.generate`. ``taubench:*``
     takes ``schemas="auto"`` (use the checkout's own tool schemas when its
-    ``tools/*.py`` are present) or ``"builtin"``.
+    ``tools/*.py`` are present) or ``"builtin"``. ``tau2:*`` refuses
+    ``schemas``: tau2-bench builds its tool schemas by running its own code,
+    which turnrl never runs, so its domains always show turnrl's schemas.
     """
     family, _, domain = name.partition(":")
     if name not in _NAMES:
@@ -85,6 +87,14 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
         from turnrl.envs import synthetic
 
         return synthetic.load(split=split, **kw)
+    if family == "tau2" and "schemas" in kw:
+        # No value could be honoured: tau2-bench's schemas exist only once its
+        # code has run (they are built from its tool functions' signatures).
+        raise InvalidInputError(
+            f"{name}: schemas={kw['schemas']!r} is for taubench:* domains only; tau2-bench "
+            "builds its tool schemas by running its own code, which turnrl never runs, so "
+            "tau2 domains always show turnrl's own schemas (leave schemas out)"
+        )
     schemas = kw.pop("schemas", "auto")
     if kw:
         raise InvalidInputError(f"{name}: unexpected options {sorted(kw)}")
