@@ -840,6 +840,27 @@ def test_an_interrupt_as_the_finished_buffer_closes_loses_nothing(tmp_path, monk
     assert summary.records == len(list(turnrl.iter_rollout_records(out))) == 3
 
 
+def test_an_interrupt_with_a_summary_that_finished_before_still_writes_what_finished(
+    tmp_path, monkeypatch
+):
+    """A summary filled by an earlier collection that ended (``finished``) and
+    passed again: a Ctrl-C while episodes remain used to be taken for one at
+    the close, so the finished episodes were never written and the summary
+    still said the run had ended."""
+    d = envs.load("synthetic:airline", seed=0)
+    agent = lambda: lambda messages, tools: {"content": "Done."}  # noqa: E731
+    run = dict(tasks=d.tasks[:3], workers=1, progress=False)
+    summary = collect_rollouts(d, agent, envs.ScriptedUser, tmp_path / "a.jsonl", **run)
+    assert summary.finished
+    _sigint_on(monkeypatch, "write")
+    out = tmp_path / "b.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        collect_rollouts(d, agent, envs.ScriptedUser, out, **run, summary=summary)
+    assert not summary.finished and summary.aborted == "interrupted"
+    written = len(list(turnrl.iter_rollout_records(out)))
+    assert written >= 1 and summary.records == 3 + written
+
+
 @pytest.mark.parametrize(("method", "code"), [("close", 0), ("write", 130)])
 def test_cli_collect_interrupted_at_the_close_succeeds_and_before_it_does_not(
     chat_server, tmp_path, monkeypatch, capsys, method, code

@@ -49,7 +49,8 @@ class CollectSummary:
     aborted: str | None = None
     #: True once the collection has ended on its own (every episode ended, or
     #: the rest were cancelled after failures) and the buffer is closed: an
-    #: interrupt raised after that lost nothing.
+    #: interrupt raised after that lost nothing. Set False as a collection
+    #: starts, so a summary passed again speaks of the latest one.
     finished: bool = False
     #: The written records as they were in memory, sampled token ids
     #: (``completion_ids``) included, when ``keep_records`` was asked for.
@@ -231,6 +232,9 @@ def collect_rollouts(
         listed[task.id] = (task, listed[task.id][1] + 1 if task.id in listed else 1)
     jobs = [(task, sample) for task, times in listed.values() for sample in range(times * samples)]
     summary = CollectSummary() if summary is None else summary
+    # This collection's end, not an earlier one's (a summary passed again):
+    # the interrupt handler below trusts it to mean everything is written.
+    summary.finished = False
     for task_id in listed:
         summary.task_outcomes.setdefault(task_id, [])
 
