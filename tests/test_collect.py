@@ -654,6 +654,36 @@ def test_consecutive_failures_cancel_the_rest(tmp_path):
     assert len(summary.failures) in (3, 4) and summary.records == 0
 
 
+def test_a_summary_passed_again_says_how_the_latest_collection_ended(tmp_path):
+    """``aborted`` is the latest collection's: a summary passed again after a
+    run cancelled for failures in a row used to keep saying so after a run
+    that ran every episode, and, already set, stopped the next run's own
+    cancelling (every episode against a dead endpoint was tried)."""
+    d = envs.load("synthetic:airline", seed=0)
+    run = dict(workers=1, max_consecutive_failures=3, progress=False)
+    summary = collect_rollouts(
+        d, _down_agent, envs.ScriptedUser, tmp_path / "a.jsonl", tasks=d.tasks[:10], **run
+    )
+    assert summary.aborted == "3 episodes failed in a row"
+    done = lambda: lambda messages, tools: {"content": "Done."}  # noqa: E731
+    collect_rollouts(
+        d, done, envs.ScriptedUser, tmp_path / "b.jsonl", tasks=d.tasks[:2], summary=summary, **run
+    )
+    assert summary.aborted is None and summary.records == 2
+    failed = len(summary.failures)
+    collect_rollouts(
+        d,
+        _down_agent,
+        envs.ScriptedUser,
+        tmp_path / "c.jsonl",
+        tasks=d.tasks[:10],
+        summary=summary,
+        **run,
+    )
+    assert summary.aborted == "3 episodes failed in a row"
+    assert len(summary.failures) - failed in (3, 4)
+
+
 def _collect_interrupted_at_the_third_episode(chat_server, tmp_path):
     """Collect 8 episodes on one worker, with Ctrl-C arriving as the third
     starts: (domain, summary, buffer path, agents made)."""
@@ -838,6 +868,27 @@ def test_an_interrupt_as_the_finished_buffer_closes_loses_nothing(tmp_path, monk
         )
     assert summary.finished and summary.aborted is None
     assert summary.records == len(list(turnrl.iter_rollout_records(out))) == 3
+
+
+def test_an_interrupt_with_a_summary_that_finished_before_still_writes_what_finished(
+    tmp_path, monkeypatch
+):
+    """A summary filled by an earlier collection that ended (``finished``) and
+    passed again: a Ctrl-C while episodes remain used to be taken for one at
+    the close, so the finished episodes were never written and the summary
+    still said the run had ended."""
+    d = envs.load("synthetic:airline", seed=0)
+    agent = lambda: lambda messages, tools: {"content": "Done."}  # noqa: E731
+    run = dict(tasks=d.tasks[:3], workers=1, progress=False)
+    summary = collect_rollouts(d, agent, envs.ScriptedUser, tmp_path / "a.jsonl", **run)
+    assert summary.finished
+    _sigint_on(monkeypatch, "write")
+    out = tmp_path / "b.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        collect_rollouts(d, agent, envs.ScriptedUser, out, **run, summary=summary)
+    assert not summary.finished and summary.aborted == "interrupted"
+    written = len(list(turnrl.iter_rollout_records(out)))
+    assert written >= 1 and summary.records == 3 + written
 
 
 @pytest.mark.parametrize(("method", "code"), [("close", 0), ("write", 130)])

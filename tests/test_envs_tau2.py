@@ -662,6 +662,19 @@ def test_a_tau2_llm_user_is_shown_tau2s_guidelines_then_the_scenario(
     )
 
 
+def test_a_guidelines_file_with_crlf_and_a_bom_reads_as_tau2_reads_it(tmp_path):
+    # tau2 reads the file with open(path, "r"): line ends become "\n", and a
+    # UTF-8 byte-order mark stays, as a character; the user is shown the same.
+    raw = "\ufeff# Guidelines\r\nSay ###STOP###.\r\n<PERSONA_GUIDELINES>\r\n".encode()
+    root = _checkout_with_tasks(tmp_path, _SCENARIOS, raw)
+    path = root / "data" / "tau2" / "user_simulator" / "simulation_guidelines.md"
+    with open(path, encoding="utf-8") as file:  # tau2's read (UTF-8 is its locale's here)
+        tau2_text = file.read().replace("<PERSONA_GUIDELINES>", "")
+    assert tau2_text == "\ufeff# Guidelines\nSay ###STOP###.\n\n"
+    task = envs.load("tau2:airline", root=root, split="test").task("airline/test/s2")
+    assert task.user_system_prompt == (f"{tau2_text}\n\n<scenario>\n{_RENDERED['s2']}\n</scenario>")
+
+
 @pytest.mark.parametrize(
     ("plant", "why"),
     [

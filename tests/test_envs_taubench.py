@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -558,3 +560,20 @@ def test_tau2_domains_refuse_schemas_instead_of_ignoring_it(tmp_path, name, sche
     # value of schemas= could be honoured: it is refused, naming both.
     with pytest.raises(InvalidInputError, match=rf"{name}: schemas={schemas!r} is for taubench"):
         envs.load(name, root=tmp_path, schemas=schemas)
+
+
+@pytest.mark.parametrize("options", [{"schemas": "builtin"}, {"n_user": 3, "seed": 1}])
+def test_synthetic_domains_refuse_options_they_do_not_take(options):
+    # As the other families refuse theirs: a TypeError from the generator,
+    # naming neither the domain nor the options it takes, used to come out.
+    unknown = sorted(set(options) - {"seed"})
+    with pytest.raises(
+        InvalidInputError,
+        match=rf"synthetic:airline: unexpected options {re.escape(str(unknown))}; it takes "
+        "seed, n_users, n_routes and n_tasks",
+    ):
+        envs.load("synthetic:airline", **options)
+    assert len(envs.load("synthetic:airline", seed=1, n_users=2, n_tasks=3).tasks) == 3
+    # The options load lets through are the generator's own.
+    taken = list(inspect.signature(envs.synthetic.generate).parameters)
+    assert taken == ["seed", "n_users", "n_routes", "n_tasks"]

@@ -45,11 +45,13 @@ class CollectSummary:
     dropped_calls: int = 0
     #: (task id, sample, error) of each episode that raised; none of them is written.
     failures: list[tuple[str, int, str]] = field(default_factory=list)
-    #: Why the episodes not yet started were cancelled; None if all ran.
+    #: Why the episodes not yet started were cancelled; None if all ran (the
+    #: latest collection's, as ``finished`` is).
     aborted: str | None = None
     #: True once the collection has ended on its own (every episode ended, or
     #: the rest were cancelled after failures) and the buffer is closed: an
-    #: interrupt raised after that lost nothing.
+    #: interrupt raised after that lost nothing. Set False as a collection
+    #: starts, so a summary passed again speaks of the latest one.
     finished: bool = False
     #: The written records as they were in memory, sampled token ids
     #: (``completion_ids``) included, when ``keep_records`` was asked for.
@@ -191,7 +193,8 @@ def collect_rollouts(
     * With no episode to write, ``out`` is left as it was.
 
     ``summary`` (optional) is filled in place, so a caller still has it when
-    an interrupt propagates.
+    an interrupt propagates. One passed again adds this collection's counts
+    to those it holds; ``aborted`` and ``finished`` say how this one ended.
 
     The sampled token ids an agent keeps on its turns (``completion_ids``,
     and the sampler's ``completion_logprobs``) are not written: buffers hold
@@ -231,6 +234,10 @@ def collect_rollouts(
         listed[task.id] = (task, listed[task.id][1] + 1 if task.id in listed else 1)
     jobs = [(task, sample) for task, times in listed.values() for sample in range(times * samples)]
     summary = CollectSummary() if summary is None else summary
+    # How this collection ends, not an earlier one (a summary passed again):
+    # the interrupt handler below trusts finished to mean everything is
+    # written, and a set aborted would keep failures in a row from cancelling.
+    summary.finished, summary.aborted = False, None
     for task_id in listed:
         summary.task_outcomes.setdefault(task_id, [])
 

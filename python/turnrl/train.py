@@ -2917,8 +2917,8 @@ def _check_mini_batches(
     spell: Callable[[str, int], str] = _python_option,
 ) -> None:
     """Refuse more mini-batches than a step has rollouts (``tasks_per_step`` x
-    ``group_size``) or, under data parallelism (``world`` ranks, at least
-    ``tasks_per_step`` of them dealt a task), than the busiest rank's share:
+    ``group_size``) or, under data parallelism (``world`` ranks, each dealt a
+    task: ``tasks_per_step`` >= ``world``), than the busiest rank's share:
     the parts past them would hold none, every step, and never take the
     optimizer step the learning-rate schedule counts for each. ``spell``
     writes an option with its value as the caller's user gives it

@@ -63,6 +63,10 @@ _NAMES = (
 )
 
 
+# What synthetic:airline takes: the seed and turnrl.envs.synthetic.generate's sizes.
+_SYNTHETIC_OPTIONS = ("seed", "n_users", "n_routes", "n_tasks")
+
+
 def domain_names() -> list[str]:
     """Names ``load`` accepts."""
     return list(_NAMES)
@@ -74,7 +78,8 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
     ``root`` is a tau-bench checkout for ``taubench:*`` and a tau2-bench
     checkout for ``tau2:*`` (required for both; nothing is bundled). ``split``
     defaults to ``"test"``. ``synthetic:airline`` takes ``seed`` and the sizes
-    documented in :func:`turnrl.envs.synthetic.generate`. ``taubench:*``
+    documented in :func:`turnrl.envs.synthetic.generate`, and refuses other
+    options as the other families do. ``taubench:*``
     takes ``schemas="auto"`` (use the checkout's own tool schemas when its
     ``tools/*.py`` are present) or ``"builtin"``. ``tau2:*`` refuses
     ``schemas``: tau2-bench builds its tool schemas by running its own code,
@@ -86,6 +91,12 @@ def load(name: str, root: str | Path | None = None, split: str | None = None, **
     if family == "synthetic":
         from turnrl.envs import synthetic
 
+        unknown = sorted(set(kw) - set(_SYNTHETIC_OPTIONS))
+        if unknown:
+            raise InvalidInputError(
+                f"{name}: unexpected options {unknown}; it takes "
+                f"{', '.join(_SYNTHETIC_OPTIONS[:-1])} and {_SYNTHETIC_OPTIONS[-1]}"
+            )
         return synthetic.load(split=split, **kw)
     if family == "tau2" and "schemas" in kw:
         # No value could be honoured: tau2-bench's schemas exist only once its

@@ -103,7 +103,12 @@ class Task:
     renders it). ``user_system_prompt`` is the whole system message the
     benchmark's own LLM user simulator is shown for the task, where it
     differs from tau-bench's layout (tau2-bench tasks), else None:
-    :class:`turnrl.envs.LLMUser` then fills its template with ``instruction``.
+    :class:`turnrl.envs.LLMUser` then fills its template with ``instruction``
+    (tau-bench's, unless given its own). It holds the instruction: a task
+    made from a tau2 task with another ``instruction`` (``dataclasses.replace``)
+    needs its own ``user_system_prompt`` too (None, or
+    :func:`turnrl.envs.users.tau2_user_system_prompt`), or the user is still
+    shown the old scenario.
     """
 
     id: str

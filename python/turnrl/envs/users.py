@@ -154,8 +154,10 @@ def tau2_user_system_prompt(guidelines: str, scenario: str) -> str:
 
 
 #: An :class:`LLMUser` template in tau2-bench's layout, with
-#: :data:`TAU2_USER_GUIDELINES`: what a tau2 task without a
-#: ``user_system_prompt`` of its own (made by hand) would be shown.
+#: :data:`TAU2_USER_GUIDELINES`. A task without a ``user_system_prompt``
+#: (one made by hand) is shown :data:`DEFAULT_SYSTEM_PROMPT`, which teaches
+#: ``###STOP###`` alone: give this as ``system_prompt=`` to show such tau2
+#: tasks tau2's layout and endings.
 TAU2_SYSTEM_PROMPT = tau2_user_system_prompt(TAU2_USER_GUIDELINES, "{instruction}")
 
 # What the simulated user hears first, as in both benchmarks.
