@@ -941,10 +941,16 @@ def test_train_under_torchrun_refuses_more_mini_batches_than_the_busiest_rank_ha
     assert "the busiest rank's share is 2 (1 of --tasks-per-step 3" in capsys.readouterr().err
     with pytest.raises(Started):
         main([*argv, "--mini-batches", "2"])
-    # Fewer tasks than ranks: train_loop refuses that, naming it.
+    # Fewer tasks than ranks: refused here too, in the CLI's spelling, before
+    # any rank loads the model (train_loop refuses it only after).
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(Started):
-        main([*argv, "--mini-batches", "6"])
+    assert main([*argv, "--mini-batches", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "turnrl train: error: --tasks-per-step 3 gives some of torchrun's 4 ranks no task, "
+        "and each rank collects whole groups: give --tasks-per-step 4 or more, or start "
+        "fewer ranks\n"
+    )
+    assert not (tmp_path / "run").exists()
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the step's 6 rollouts
     with pytest.raises(Started):
         main([*argv, "--mini-batches", "6"])

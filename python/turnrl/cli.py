@@ -918,11 +918,19 @@ def _train(args: argparse.Namespace) -> int:
             f"--truncation {args.truncation} says what --max-length does to a longer row, "
             "and no row is cut without it: add --max-length N"
         )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tasks_per_step < world:
+        # train_loop refuses it too, but only once every rank has loaded the model.
+        raise InvalidInputError(
+            f"--tasks-per-step {args.tasks_per_step} gives some of torchrun's {world} ranks "
+            "no task, and each rank collects whole groups: give --tasks-per-step "
+            f"{world} or more, or start fewer ranks"
+        )
     _check_mini_batches(
         args.mini_batches,
         args.tasks_per_step,
         args.group_size,
-        int(os.environ.get("WORLD_SIZE", "1")),
+        world,
         spell=lambda name, value: f"--{name.replace('_', '-')} {value}",
     )
     if not args.resume:
