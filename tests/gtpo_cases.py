@@ -156,9 +156,10 @@ def add_segments(case: Case, seed: int, *, across_rows: bool = False) -> Case:
     return case
 
 
-def run_fused(case: Case, *, combine=None, backward_rounds: int = 1, **extra):
-    """The fused loss and gradients of ``combine(loss)`` (default: the loss),
-    after ``backward_rounds`` backward passes through one retained graph."""
+def fused_loss(case: Case, **options):
+    """``gtpo_loss`` on fresh leaf copies of the case's hidden states and head,
+    with the case's options overridden by ``options``: (hidden, weight, loss,
+    stats), nothing run backward yet."""
     from turnrl.kernels.fused_linear_gtpo import gtpo_loss
 
     hidden = case.hidden.clone().requires_grad_(True)
@@ -171,9 +172,15 @@ def run_fused(case: Case, *, combine=None, backward_rounds: int = 1, **extra):
         case.old,
         case.mask,
         case.ref,
-        **case.kwargs,
-        **extra,
+        **{**case.kwargs, **options},
     )
+    return hidden, weight, loss, stats
+
+
+def run_fused(case: Case, *, combine=None, backward_rounds: int = 1, **extra):
+    """The fused loss and gradients of ``combine(loss)`` (default: the loss),
+    after ``backward_rounds`` backward passes through one retained graph."""
+    hidden, weight, loss, stats = fused_loss(case, **extra)
     out = loss if combine is None else combine(loss)
     for _ in range(backward_rounds):
         out.backward(retain_graph=backward_rounds > 1)

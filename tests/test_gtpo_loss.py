@@ -20,6 +20,7 @@ from gtpo_cases import (  # noqa: E402
     assert_autocast_changes_nothing,
     assert_close_to_reference,
     assert_peaked_rows_keep_precision,
+    fused_loss,
     inside_and_outside_the_clip,
     make_case,
     run_fused,
@@ -194,19 +195,7 @@ def test_masked_tokens_do_not_matter_to_the_reference_either():
 
 
 def _loss_and_grads(case):
-    hidden = case.hidden.clone().requires_grad_(True)
-    weight = case.weight.clone().requires_grad_(True)
-    loss, _ = gtpo_loss(
-        hidden,
-        weight,
-        case.targets,
-        case.advantages,
-        case.old,
-        case.mask,
-        case.ref,
-        backend="torch",
-        **case.kwargs,
-    )
+    hidden, weight, loss, _ = fused_loss(case, backend="torch")
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
 

@@ -26,9 +26,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from gtpo_cases import SEED, add_segments, make_case  # noqa: E402
-
-from turnrl.kernels.fused_linear_gtpo import gtpo_loss  # noqa: E402
+from gtpo_cases import SEED, add_segments, fused_loss, make_case  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 pytestmark = pytest.mark.skipif(
@@ -61,21 +59,7 @@ VOCAB_ONLY = {
 
 
 def _loss_and_backward(case, check_backward: bool, **options) -> None:
-    hidden = case.hidden.clone().requires_grad_(True)
-    weight = case.weight.clone().requires_grad_(True)
-    kwargs = {**case.kwargs, **options}
-    loss, stats = gtpo_loss(
-        hidden,
-        weight,
-        case.targets,
-        case.advantages,
-        case.old,
-        case.mask,
-        case.ref,
-        backend="triton",
-        check_inputs=False,
-        **kwargs,
-    )
+    _, _, loss, stats = fused_loss(case, backend="triton", check_inputs=False, **options)
     # The statistics stay on the GPU: reading them is the caller's choice.
     assert all(value.device.type == "cuda" for value in stats.values())
     if check_backward:
