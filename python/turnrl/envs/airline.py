@@ -369,7 +369,7 @@ def in_package(spec: ToolSpec, package: str) -> ToolSpec:
 
 
 def _spec(fn: Any, kind: str, invoke: str, description: str, **params: Any) -> ToolSpec:
-    spec = ToolSpec(
+    return ToolSpec(
         name=fn.__name__,
         kind=kind,  # type: ignore[arg-type]
         fn=fn,
@@ -378,7 +378,6 @@ def _spec(fn: Any, kind: str, invoke: str, description: str, **params: Any) -> T
         required=tuple(params),
         invoke_name=f"{invoke}.invoke",
     )
-    return in_package(spec, "airline")
 
 
 def calculate_tool(store: Store, expression: Any) -> str:
@@ -411,7 +410,7 @@ TRANSFER = _spec(
     summary=_s("Summary of the user's issue."),
 )
 
-V1_TOOLS: list[ToolSpec] = [
+_TOOLS: list[ToolSpec] = [
     _spec(
         book_reservation,
         "write",
@@ -515,5 +514,6 @@ V1_TOOLS: list[ToolSpec] = [
         passengers=_obj_array("Every passenger of the reservation.", _PASSENGER),
     ),
 ]
+V1_TOOLS: list[ToolSpec] = [in_package(t, "airline") for t in _TOOLS]
 
 __all__ = ["AIRPORTS", "V1_TOOLS", "copy_json"]
