@@ -374,7 +374,7 @@ def _spec(fn: Any, kind: str, like: str | None = None, **params: Any) -> ToolSpe
         base.description if base else params.pop("_description"),
         **(dict(base.params) if base else params),
     )
-    return ToolSpec(**{**spec.__dict__, "invoke_name": f"RetailTools.{fn.__name__}"})
+    return replace(spec, invoke_name=f"RetailTools.{fn.__name__}")
 
 
 def _any_reason(spec: ToolSpec) -> ToolSpec:
